@@ -1,0 +1,41 @@
+# Every target sets up what it needs: a .venv with the project and its test extras.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench clean qemu-deps
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m jobcore.demo $(DEMO_ARGS)
+
+# QEMU from Debian's packages, installed only when missing (tests never skip for lack of it).
+qemu-deps:
+	@command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null || { \
+	  echo "installing qemu-system-x86 and qemu-utils"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends qemu-system-x86 qemu-utils; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check jobcore drivers tests benchmarks
+	$(BIN)/ruff format --check jobcore drivers tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: $(STAMP) qemu-deps lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

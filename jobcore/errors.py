@@ -1,0 +1,78 @@
+"""The exception tree of jobcore.
+
+    JobError                    base of everything jobcore raises on purpose
+     ├── XMLError               a job, backup or checkpoint document is malformed or refused
+     ├── InvalidURI             a connection URI names no driver or is malformed
+     ├── NoSuchDomain           no domain of that name on the connection
+     ├── NoSuchJob              no active or retained job with that UUID (or alias)
+     ├── JobConflict            admission refused: another job holds a resource
+     ├── OperationInvalid       a verb the job's state (or type) does not accept
+     ├── QueueTimeout           a queued job was not admitted in time
+     ├── Unsupported            the driver does not implement that operation
+     └── DriverError            the hypervisor failed; the message carries its text
+
+Cancellation (anyio/trio) is never wrapped into these: it stays a BaseException.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+
+class JobError(Exception):
+    """Base of every error jobcore raises on purpose."""
+
+
+class XMLError(JobError):
+    """A document is malformed, invalid against its schema, or refused (hostile, too large).
+
+    ``line`` is the 1-based line of the offending node when known.
+    """
+
+    def __init__(self, message: str, *, line: int | None = None) -> None:
+        self.line = line
+        super().__init__(f"{message} (line {line})" if line is not None else message)
+
+
+class InvalidURI(JobError):
+    """A connection URI is malformed or names a scheme no driver registered."""
+
+
+class NoSuchDomain(JobError):
+    """No domain of that name exists on the connection."""
+
+
+class NoSuchJob(JobError):
+    """No active or retained job matches."""
+
+
+class JobConflict(JobError):
+    """A job cannot be admitted because another job holds a contested resource."""
+
+    def __init__(self, message: str, *, holder: uuid.UUID, resource: str) -> None:
+        self.holder = holder
+        self.resource = resource
+        super().__init__(message)
+
+
+class OperationInvalid(JobError):
+    """A verb was refused: the job's state or type does not accept it."""
+
+    def __init__(self, message: str, *, job: uuid.UUID | None = None,
+                 state: str | None = None, verb: str | None = None) -> None:
+        self.job = job
+        self.state = state
+        self.verb = verb
+        super().__init__(message)
+
+
+class QueueTimeout(JobError):
+    """A job that asked to queue was not admitted before its timeout."""
+
+
+class Unsupported(JobError):
+    """The driver does not implement the requested operation or job type."""
+
+
+class DriverError(JobError):
+    """The hypervisor reported a failure; the message carries its text."""

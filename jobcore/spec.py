@@ -1,0 +1,134 @@
+"""Typed job descriptions: one frozen value class per job type.
+
+A spec is what ``JobBegin`` hands the engine and the engine hands a driver; it is what the
+universal ``<job>`` XML parses into and formats from (jobcore.xml). Values are normalised:
+bandwidth in bytes/s whatever unit was written, durations in seconds or milliseconds as
+named, chain positions as an index or a file, identities as ``uuid.UUID``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import ClassVar
+
+from attrs import field, frozen, validators
+
+from jobcore.backup import BackupDef, CheckpointDef
+
+
+class JobType(str):
+    """The name of a job type.
+
+    An open enumeration: the four built-in types are class attributes, and a driver may
+    register more (jobcore.registry). Compares equal to its plain string.
+    """
+
+    __slots__ = ()
+
+    BACKUP: ClassVar[JobType]
+    BLOCKPULL: ClassVar[JobType]
+    BLOCKCOMMIT: ClassVar[JobType]
+    MIGRATION: ClassVar[JobType]
+
+    def __repr__(self) -> str:
+        return f"JobType({str.__repr__(self)})"
+
+
+JobType.BACKUP = JobType("backup")
+JobType.BLOCKPULL = JobType("blockpull")
+JobType.BLOCKCOMMIT = JobType("blockcommit")
+JobType.MIGRATION = JobType("migration")
+
+
+def _non_negative(_inst: object, attribute: object, value: int | float | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{getattr(attribute, 'name', '?')} must not be negative")
+
+
+@frozen
+class ChainRef:
+    """A position in a disk's backing chain: ``index`` (0 = active layer) or ``file``."""
+
+    index: int | None = field(default=None, validator=_non_negative)
+    file: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.index is None) == (self.file is None):
+            raise ValueError("a chain position names exactly one of index or file")
+
+
+@frozen
+class JobOptions:
+    """Scheduling options common to every job type (jobcore's additions to the job XML)."""
+
+    #: wait in a FIFO queue when a resource is busy instead of failing with JobConflict
+    queue: bool = False
+    #: seconds a queued job waits before it fails with QueueTimeout; None = forever
+    queue_timeout: float | None = field(default=None, validator=_non_negative)
+    #: higher runs first among queued jobs; FIFO within one priority
+    priority: int = field(default=0, validator=validators.and_(validators.ge(-1000),
+                                                              validators.le(1000)))
+    #: seconds an ended job keeps its final info and stats; None = the connection default
+    retention: float | None = field(default=None, validator=_non_negative)
+
+
+@frozen
+class BackupJobSpec:
+    backup: BackupDef = BackupDef()
+    checkpoint: CheckpointDef | None = None
+    uuid: uuid.UUID | None = None
+    options: JobOptions = JobOptions()
+
+    TYPE: ClassVar[JobType] = JobType.BACKUP
+
+
+@frozen
+class BlockPullSpec:
+    disk: str
+    base: ChainRef | None = None  # None: pull everything below top
+    top: ChainRef | None = None  # None: the active layer (index 0)
+    bandwidth: int | None = field(default=None, validator=_non_negative)  # bytes/s
+    uuid: uuid.UUID | None = None
+    options: JobOptions = JobOptions()
+
+    TYPE: ClassVar[JobType] = JobType.BLOCKPULL
+
+
+@frozen
+class BlockCommitSpec:
+    disk: str
+    top: ChainRef | None = None  # None: the active layer -> active commit
+    base: ChainRef | None = None  # None: the deepest layer
+    pivot: bool = False  # active commit: pivot once ready instead of waiting in 'ready'
+    delete: bool = False
+    shallow: bool = False
+    bandwidth: int | None = field(default=None, validator=_non_negative)
+    uuid: uuid.UUID | None = None
+    options: JobOptions = JobOptions()
+
+    TYPE: ClassVar[JobType] = JobType.BLOCKCOMMIT
+
+    @property
+    def active(self) -> bool:
+        """True when the commit's top is the active layer (it goes through 'ready')."""
+        return self.top is None or self.top.index == 0
+
+
+@frozen
+class MigrationSpec:
+    destination: str  # a connection URI, e.g. 'sim:///other' or 'qemu:///session'
+    live: bool = False
+    postcopy: bool = False
+    persistent: bool = False
+    undefine_source: bool = False
+    bandwidth: int | None = field(default=None, validator=_non_negative)  # bytes/s
+    downtime_limit: int | None = field(default=None, validator=_non_negative)  # ms
+    uuid: uuid.UUID | None = None
+    options: JobOptions = JobOptions()
+
+    TYPE: ClassVar[JobType] = JobType.MIGRATION
+
+
+#: Built-in specs. Registered types bring their own classes, which must have
+#: ``uuid``, ``options`` and a ``TYPE`` class attribute (see jobcore.registry.JobSpec).
+BuiltinSpec = BackupJobSpec | BlockPullSpec | BlockCommitSpec | MigrationSpec
