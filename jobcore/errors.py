@@ -76,3 +76,8 @@ class Unsupported(JobError):
 
 class DriverError(JobError):
     """The hypervisor reported a failure; the message carries its text."""
+
+
+class InvalidArgument(JobError):
+    """An argument is wrong for the domain: unknown disk, chain index out of range, a
+    duplicate job UUID, …"""

@@ -68,6 +68,8 @@ class JobTypeInfo:
     operation: int
     #: stats key family that progress maps to: 'disk' (disk_total, …) or 'data'
     progress_keys: str = "disk"
+    #: checks a spec against the domain and fills defaults (spec, domain, wall time)
+    prepare: Callable[[Any, DomainInfo, float], Any] | None = None
 
 
 class Registry:

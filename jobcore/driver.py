@@ -1,0 +1,153 @@
+"""The narrow, async protocol between the engine and a hypervisor driver.
+
+A driver never sees XML: it receives typed specs (jobcore.spec) wrapped in a ``DriverJob``
+and reports back through that job's ``JobReporter``. The engine owns every state
+transition; a driver only *reports* (progress, ready, completed, failed, cancelled,
+paused-by-error) and *acts* on verbs (start, cancel, pause, resume, complete, set_speed).
+
+Drivers register by URI scheme under the entry-point group ``jobcore.drivers``; the entry
+point names a class with ``scheme`` and an async context manager ``connect(uri, tg)``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Protocol
+
+from attrs import field, frozen
+
+from jobcore.spec import JobType
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from jobcore.uri import URI
+
+
+@frozen
+class DiskInfo:
+    """One disk of a domain: its target name and backing chain (index 0 = active layer)."""
+
+    name: str
+    chain: tuple[str, ...] = field(converter=tuple)  # file paths, active layer first
+    format: str = "qcow2"
+    virtual_size: int = 0
+
+    @property
+    def source(self) -> str:
+        return self.chain[0]
+
+
+@frozen
+class DomainInfo:
+    name: str
+    uuid: uuid.UUID
+    disks: tuple[DiskInfo, ...] = field(converter=tuple)
+    memory: int = 0  # bytes
+    running: bool = True
+
+    def disk(self, name: str) -> DiskInfo | None:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        return None
+
+
+class JobReporter(Protocol):
+    """How a driver tells the engine about a job. Call from the event loop's thread."""
+
+    def progress(self, processed: int, total: int,
+                 extra: Mapping[str, int | str] | None = None) -> None:
+        """Bytes done of ``total``; ``extra``: more libvirt-named stats (memory_*, …)."""
+
+    def ready(self) -> None:
+        """The job converged and waits for ``complete`` (active commit, pull backup)."""
+
+    def completed(self, extra: Mapping[str, int | str] | None = None) -> None:
+        """The work finished successfully."""
+
+    def failed(self, errmsg: str) -> None:
+        """The work failed; ``errmsg`` carries the hypervisor's text."""
+
+    def cancelled(self) -> None:
+        """A cancel requested by the engine took effect."""
+
+    def domain_moved(self, uri: str) -> None:
+        """A migration moved the domain to the host of ``uri``."""
+
+
+@frozen
+class DriverJob:
+    """A job as a driver sees it."""
+
+    uuid: uuid.UUID
+    type: JobType
+    domain: str
+    spec: Any
+    reporter: JobReporter
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Monotonic seconds."""
+
+    def wall(self) -> float:
+        """Seconds since the epoch."""
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+
+class DriverConnection(Protocol):
+    """One open connection of a driver to its hypervisor (a host)."""
+
+    uri: str
+    clock: Clock
+
+    def supports(self, job_type: JobType) -> bool: ...
+
+    async def list_domains(self) -> list[DomainInfo]: ...
+
+    async def lookup_domain(self, name: str) -> DomainInfo:
+        """Raise jobcore.errors.NoSuchDomain when there is none."""
+
+    async def create_domain(self, xml: str) -> DomainInfo:
+        """Start a domain from the libvirt-style domain XML subset (optional)."""
+
+    async def destroy_domain(self, name: str) -> None: ...
+
+    async def start(self, job: DriverJob) -> None:
+        """Begin the work; return once it is under way. Raise DriverError if refused.
+
+        Reports (progress, completion) may arrive before or after this returns.
+        """
+
+    async def cancel(self, job: DriverJob) -> None:
+        """Request cancellation; report ``cancelled()`` (or failed/completed) when done."""
+
+    async def pause(self, job: DriverJob) -> None: ...
+
+    async def resume(self, job: DriverJob) -> None: ...
+
+    async def complete(self, job: DriverJob) -> None:
+        """Finish a job waiting in 'ready' (pivot, or end a pull backup); report completed."""
+
+    async def set_speed(self, job: DriverJob, bandwidth: int | None) -> None: ...
+
+
+class Driver(Protocol):
+    """What the ``jobcore.drivers`` entry point names."""
+
+    scheme: str
+
+    def connect(self, uri: URI, tg: TaskGroup) -> AbstractAsyncContextManager[
+            DriverConnection]:
+        """Open a connection; its background tasks run in ``tg`` (owned by the engine)."""

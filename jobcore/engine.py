@@ -1,0 +1,395 @@
+"""The job engine of one connection: admission, the single transition function, verbs,
+driver reports, retention, stats and events.
+
+Everything here runs on the connection's event loop. State changes are synchronous (no
+``await`` between a check and the change it guards), so no locks are needed; the only
+awaits are driver calls, around which the engine re-checks what may have moved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import attrs
+from anyio.abc import TaskGroup
+
+from jobcore import constants as C
+from jobcore.driver import DriverConnection, DriverJob
+from jobcore.errors import (
+    DriverError,
+    InvalidArgument,
+    JobError,
+    NoSuchJob,
+    QueueTimeout,
+    Unsupported,
+)
+from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
+from jobcore.info import JobInfo
+from jobcore.lifecycle import LEGACY_JOB_TYPE, TRANSITIONS, JobState, Verb, check_verb
+from jobcore.log import get_logger
+from jobcore.registry import registry
+from jobcore.store import JobRecord, JobStore, MemoryJobStore
+
+S = JobState
+
+#: Seconds an ended job keeps its final info and stats unless its XML says otherwise.
+DEFAULT_RETENTION = 600.0
+
+_log = get_logger("jobcore.engine")
+
+
+class InvalidTransition(AssertionError):
+    """The engine (or a driver report) tried a move the transition table forbids: a bug."""
+
+
+class Engine:
+    def __init__(self, dconn: DriverConnection, tg: TaskGroup, *,
+                 store: JobStore | None = None,
+                 retention: float = DEFAULT_RETENTION) -> None:
+        self.dconn = dconn
+        self.tg = tg
+        self.clock = dconn.clock
+        self.store: JobStore = store if store is not None else MemoryJobStore()
+        self.retention = retention
+        self.events = EventHub()
+        from jobcore.scheduler import Scheduler
+
+        self.scheduler = Scheduler()
+        self._seq = itertools.count()
+        self._closed = False
+        #: domain name -> URI of the host a migration moved it to
+        self.domain_location: dict[str, str] = {}
+
+    # ---- admission -------------------------------------------------------------------
+
+    async def begin(self, domain: str, spec: Any, flags: int = 0) -> JobRecord:
+        """Admit and start a job; return once it runs (or is queued, when asked)."""
+        if self._closed:
+            raise JobError("the connection is closed")
+        info = registry.for_spec(spec)
+        if not self.dconn.supports(info.type):
+            raise Unsupported(f"driver '{self.dconn.uri}' does not support job type "
+                              f"'{info.type}'")
+        dom = await self.dconn.lookup_domain(domain)
+        now = self.clock.now()
+        self._purge(now)
+        if info.prepare is not None:
+            spec = info.prepare(spec, dom, self.clock.wall())
+        job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
+        if self.store.get(job_id) is not None:
+            raise InvalidArgument(f"a job with UUID '{job_id}' already exists")
+        options = spec.options
+        ticket = self.scheduler.ticket(job_id, info.claims(spec, dom), options.priority)
+        if options.queue or flags & C.JOB_BEGIN_QUEUE:
+            admitted = self.scheduler.admit_or_enqueue(ticket)
+        else:
+            self.scheduler.try_admit(ticket)  # raises JobConflict
+            admitted = True
+        rec = JobRecord(
+            uuid=job_id, type=info.type, info=info, domain=dom.name, spec=spec,
+            state=S.RUNNING if admitted else S.QUEUED, seq=next(self._seq), ticket=ticket,
+            retention=self.retention if options.retention is None else options.retention,
+            created_wall=self.clock.wall(), created=now,
+            bandwidth=getattr(spec, "bandwidth", None))
+        self.store.add(rec)
+        self._emit_state(rec, None)
+        if admitted:
+            await self._start(rec, raise_errors=True)
+        elif options.queue_timeout is not None:
+            self.tg.start_soon(self._expire_queued, rec, options.queue_timeout)
+        return rec
+
+    async def _start(self, rec: JobRecord, *, raise_errors: bool) -> None:
+        rec.started = self.clock.now()
+        rec.driver_job = DriverJob(rec.uuid, rec.type, rec.domain, rec.spec,
+                                   _Reporter(self, rec))
+        rec.starting = True
+        error: JobError | None = None
+        try:
+            await self.dconn.start(rec.driver_job)
+        except JobError as exc:
+            error = exc
+        except Exception as exc:  # a driver bug must not take the engine down
+            error = DriverError(f"{type(exc).__name__}: {exc}")
+        finally:
+            rec.starting = False
+            if rec.start_done is not None:
+                rec.start_done.set()
+                rec.start_done = None
+        if error is not None:
+            if rec.state.active:
+                self._finish(rec, S.FAILED, errmsg=str(error))
+            if raise_errors:
+                raise error
+
+    async def _expire_queued(self, rec: JobRecord, timeout: float) -> None:
+        await anyio.sleep(timeout)
+        if rec.state is S.QUEUED:
+            self._finish(rec, S.FAILED, errmsg=str(QueueTimeout(
+                f"job '{rec.uuid}' was not admitted within {timeout:g} s")))
+
+    # ---- the one transition function -------------------------------------------------
+
+    def _transition(self, rec: JobRecord, new: JobState) -> None:
+        old = rec.state
+        if new not in TRANSITIONS[old]:
+            raise InvalidTransition(f"job '{rec.uuid}': {old} -> {new} is not allowed")
+        rec.state = new
+        if new.terminal:
+            rec.ended = self.clock.now()
+            rec.ended_wall = self.clock.wall()
+            self.store.ended(rec, rec.ended + rec.retention)
+        self._emit_state(rec, old)
+        if new.terminal:
+            self._ended(rec)
+
+    def _finish(self, rec: JobRecord, state: JobState, *, errmsg: str | None = None) -> None:
+        if rec.state.terminal:
+            return
+        if errmsg is not None:
+            rec.errmsg = errmsg
+        if state is S.CANCELLED and rec.state is not S.QUEUED and rec.state is not S.ABORTING:
+            self._transition(rec, S.ABORTING)  # a cancel the hypervisor did on its own
+        self._transition(rec, state)
+
+    def _ended(self, rec: JobRecord) -> None:
+        if self.events.active:
+            self.events.emit(JobEvent(EventKind.FINAL, rec.uuid, rec.type, rec.domain,
+                                      rec.state, None, rec.processed, rec.total,
+                                      self.clock.wall(), self.stats(rec)))
+        if rec.done is not None:
+            rec.done.set()
+        rec.driver_job = None
+        for ticket in self.scheduler.release(rec.ticket):
+            waiting = self.store.get(ticket.job)
+            if waiting is not None and waiting.state is S.QUEUED:
+                self._transition(waiting, S.RUNNING)
+                self.tg.start_soon(self._start_queued, waiting)
+        if rec.log is not None:
+            rec.log.info("job ended", state=str(rec.state), errmsg=rec.errmsg)
+
+    async def _start_queued(self, rec: JobRecord) -> None:
+        await self._start(rec, raise_errors=False)
+
+    def _emit_state(self, rec: JobRecord, old: JobState | None) -> None:
+        if rec.log is not None:
+            rec.log.debug("state", previous=str(old), state=str(rec.state))
+        if self.events.active:
+            self.events.emit(JobEvent(EventKind.STATE, rec.uuid, rec.type, rec.domain,
+                                      rec.state, old, rec.processed, rec.total,
+                                      self.clock.wall()))
+
+    # ---- verbs -----------------------------------------------------------------------
+
+    async def _started(self, rec: JobRecord) -> None:
+        while rec.starting:
+            if rec.start_done is None:
+                rec.start_done = anyio.Event()
+            await rec.start_done.wait()
+
+    async def abort(self, rec: JobRecord) -> None:
+        await self._started(rec)
+        target = check_verb(rec.uuid, rec.state, Verb.ABORT)
+        if target.terminal:  # a queued job ends at once
+            self._finish(rec, target)
+            return
+        self._transition(rec, target)
+        try:
+            await self.dconn.cancel(rec.driver_job)
+        except Exception as exc:
+            error = _as_job_error(exc)
+            self._finish(rec, S.FAILED, errmsg=f"abort failed: {error}")
+            raise error from exc
+
+    async def pause(self, rec: JobRecord) -> None:
+        await self._verb(rec, Verb.PAUSE, "pause")
+        rec.user_paused = True
+
+    async def resume(self, rec: JobRecord) -> None:
+        await self._verb(rec, Verb.RESUME, "resume")
+        rec.user_paused = False
+
+    async def complete(self, rec: JobRecord) -> None:
+        await self._verb(rec, Verb.COMPLETE, "complete")
+
+    async def _verb(self, rec: JobRecord, verb: Verb, method: str) -> None:
+        await self._started(rec)
+        old = rec.state
+        target = check_verb(rec.uuid, old, verb)
+        self._transition(rec, target)
+        try:
+            await getattr(self.dconn, method)(rec.driver_job)
+        except Exception as exc:
+            if rec.state is target and old in TRANSITIONS[target]:
+                self._transition(rec, old)  # the hypervisor refused: roll back
+            raise _as_job_error(exc) from exc
+
+    async def set_speed(self, rec: JobRecord, bandwidth: int | None) -> None:
+        await self._started(rec)
+        check_verb(rec.uuid, rec.state, Verb.SET_SPEED)
+        if bandwidth is not None and bandwidth < 0:
+            raise InvalidArgument("bandwidth must not be negative")
+        if not hasattr(rec.spec, "bandwidth"):
+            raise Unsupported(f"job type '{rec.type}' has no bandwidth")
+        if rec.state is S.QUEUED:
+            rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)
+        else:
+            try:
+                await self.dconn.set_speed(rec.driver_job, bandwidth)
+            except Exception as exc:
+                raise _as_job_error(exc) from exc
+        rec.bandwidth = bandwidth
+
+    # ---- queries ---------------------------------------------------------------------
+
+    def _purge(self, now: float | None = None) -> None:
+        self.store.purge(self.clock.now() if now is None else now)
+
+    def lookup(self, job: uuid.UUID) -> JobRecord:
+        self._purge()
+        rec = self.store.get(job)
+        if rec is None:
+            raise NoSuchJob(f"no job with UUID '{job}'")
+        return rec
+
+    def legacy_job(self, domain: str) -> JobRecord | None:
+        """The domain's legacy job: earliest-begun active domain-level job, else the most
+        recently ended one still retained."""
+        self._purge()
+        return (self.store.active_domain_job(domain)
+                or self.store.last_ended_domain_job(domain))
+
+    def domain_jobs(self, domain: str) -> list[JobRecord]:
+        self._purge()
+        return list(self.store.domain_jobs(domain))
+
+    def info(self, rec: JobRecord) -> JobInfo:
+        return JobInfo(
+            uuid=rec.uuid, type=rec.type, domain=rec.domain, state=rec.state,
+            processed=rec.processed, total=rec.total, time_elapsed=self._elapsed_ms(rec),
+            created=rec.created_wall,
+            started=None if rec.started is None else
+            rec.created_wall + (rec.started - rec.created),
+            ended=rec.ended_wall, errmsg=rec.errmsg, bandwidth=rec.bandwidth)
+
+    def _elapsed_ms(self, rec: JobRecord) -> int:
+        end = rec.ended if rec.ended is not None else self.clock.now()
+        return max(0, math.floor((end - rec.created) * 1000))
+
+    def stats(self, rec: JobRecord) -> dict[str, Any]:
+        """libvirt-named stats (virDomainGetJobStats keys) plus 'uuid' and 'state'."""
+        st: dict[str, Any] = {
+            "type": LEGACY_JOB_TYPE[rec.state],
+            "operation": rec.info.operation,
+            "time_elapsed": self._elapsed_ms(rec),
+        }
+        prefix = rec.info.progress_keys
+        st[f"{prefix}_total"] = rec.total
+        st[f"{prefix}_processed"] = rec.processed
+        st[f"{prefix}_remaining"] = max(0, rec.total - rec.processed)
+        st.update(rec.extra)
+        if rec.state.terminal:
+            st["success"] = rec.state is S.COMPLETED
+        if rec.errmsg is not None:
+            st["errmsg"] = rec.errmsg
+        st["uuid"] = str(rec.uuid)
+        st["state"] = str(rec.state)
+        return st
+
+    async def wait(self, rec: JobRecord, timeout: float | None = None) -> JobInfo:
+        if rec.state.active:
+            if rec.done is None:
+                rec.done = anyio.Event()
+            done = rec.done
+            if timeout is None:
+                await done.wait()
+            else:
+                with anyio.fail_after(timeout):
+                    await done.wait()
+        return self.info(rec)
+
+    def subscribe(self, flt: EventFilter | None = None,
+                  maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
+        return self.events.subscribe(flt, maxlen)
+
+    # ---- driver reports (through _Reporter) ------------------------------------------
+
+    def _report_progress(self, rec: JobRecord, processed: int, total: int,
+                         extra: Mapping[str, int | str] | None) -> None:
+        if rec.state.terminal:
+            return
+        rec.processed, rec.total = processed, total
+        if extra:
+            rec.extra.update(extra)
+        if self.events.active:
+            self.events.emit(JobEvent(EventKind.PROGRESS, rec.uuid, rec.type, rec.domain,
+                                      rec.state, None, processed, total, self.clock.wall()))
+
+    def _report_ready(self, rec: JobRecord) -> None:
+        if rec.state is S.RUNNING:
+            self._transition(rec, S.READY)
+        elif rec.state is S.PAUSED:
+            self._transition(rec, S.STANDBY)
+        else:
+            _log.debug("ready report ignored", job=str(rec.uuid), state=str(rec.state))
+
+    def _report_end(self, rec: JobRecord, state: JobState, errmsg: str | None,
+                    extra: Mapping[str, int | str] | None = None) -> None:
+        if rec.state.terminal or rec.state is S.QUEUED:
+            _log.warning("end report ignored", job=str(rec.uuid), state=str(rec.state),
+                         reported=str(state))
+            return
+        if extra:
+            rec.extra.update(extra)
+        if state is S.COMPLETED and rec.total:
+            rec.processed = rec.total
+        self._finish(rec, state, errmsg=errmsg)
+
+    # ---- shutdown --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Fail every job still active (the driver is going away) and end subscriptions."""
+        if self._closed:
+            return
+        self._closed = True
+        for rec in self.store.active_jobs():
+            self._finish(rec, S.FAILED, errmsg="the connection was closed")
+        self.events.close()
+
+
+class _Reporter:
+    """The JobReporter a driver gets for one job."""
+
+    __slots__ = ("_engine", "_rec")
+
+    def __init__(self, engine: Engine, rec: JobRecord) -> None:
+        self._engine = engine
+        self._rec = rec
+
+    def progress(self, processed: int, total: int,
+                 extra: Mapping[str, int | str] | None = None) -> None:
+        self._engine._report_progress(self._rec, processed, total, extra)
+
+    def ready(self) -> None:
+        self._engine._report_ready(self._rec)
+
+    def completed(self, extra: Mapping[str, int | str] | None = None) -> None:
+        self._engine._report_end(self._rec, S.COMPLETED, None, extra)
+
+    def failed(self, errmsg: str) -> None:
+        self._engine._report_end(self._rec, S.FAILED, errmsg)
+
+    def cancelled(self) -> None:
+        self._engine._report_end(self._rec, S.CANCELLED, None)
+
+    def domain_moved(self, uri: str) -> None:
+        self._engine.domain_location[self._rec.domain] = uri
+
+
+def _as_job_error(exc: BaseException) -> JobError:
+    return exc if isinstance(exc, JobError) else DriverError(f"{type(exc).__name__}: {exc}")

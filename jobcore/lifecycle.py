@@ -1,0 +1,133 @@
+"""Job states, verbs, and the two tables that govern them.
+
+The tables are data: ``TRANSITIONS`` (which state may follow which) and ``VERBS`` (which
+user verb each state accepts). The engine's single ``transition()`` consults the first;
+``check_verb()`` consults the second; design/lifecycle.md and the property tests are
+generated from / checked against the same objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+
+from jobcore import constants as C
+from jobcore.errors import OperationInvalid
+
+
+class JobState(enum.StrEnum):
+    #: waiting for a contested resource (only when the caller asked to queue)
+    QUEUED = "queued"
+    #: doing its work
+    RUNNING = "running"
+    #: stopped by the user; ``resume`` returns it to running
+    PAUSED = "paused"
+    #: converged, waiting for ``complete`` (active commit, pull backup)
+    READY = "ready"
+    #: paused while ready; ``resume`` returns it to ready
+    STANDBY = "standby"
+    #: ``complete`` was accepted: pivoting or finishing
+    COMPLETING = "completing"
+    #: ``abort`` was accepted: the hypervisor is cancelling
+    ABORTING = "aborting"
+    #: ended successfully (terminal)
+    COMPLETED = "completed"
+    #: ended with an error; ``errmsg`` says why (terminal)
+    FAILED = "failed"
+    #: ended by ``abort`` (terminal)
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def active(self) -> bool:
+        return self not in TERMINAL
+
+
+S = JobState
+TERMINAL: frozenset[JobState] = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
+
+#: Jobs are created in one of these states.
+INITIAL: frozenset[JobState] = frozenset({S.QUEUED, S.RUNNING})
+
+#: from-state -> the states it may move to. Terminal states are absorbing.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
+    S.RUNNING: frozenset({S.PAUSED, S.READY, S.ABORTING, S.COMPLETED, S.FAILED}),
+    # the work may end, or converge, while a pause takes effect
+    S.PAUSED: frozenset({S.RUNNING, S.STANDBY, S.ABORTING, S.COMPLETED, S.FAILED}),
+    S.READY: frozenset({S.STANDBY, S.COMPLETING, S.ABORTING, S.COMPLETED, S.FAILED}),
+    S.STANDBY: frozenset({S.READY, S.COMPLETING, S.ABORTING, S.COMPLETED, S.FAILED}),
+    # back to ready when the hypervisor refuses the completion
+    S.COMPLETING: frozenset({S.COMPLETED, S.FAILED, S.READY}),
+    # a cancel can lose the race against the end of the work: the job then completes
+    S.ABORTING: frozenset({S.CANCELLED, S.FAILED, S.COMPLETED}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+
+class Verb(enum.StrEnum):
+    ABORT = "abort"
+    PAUSE = "pause"
+    RESUME = "resume"
+    COMPLETE = "complete"
+    SET_SPEED = "set-speed"
+
+
+#: verb -> the states that accept it (the job's type may refuse further; see engine).
+VERBS: dict[Verb, frozenset[JobState]] = {
+    Verb.ABORT: frozenset({S.QUEUED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY}),
+    Verb.PAUSE: frozenset({S.RUNNING, S.READY}),
+    Verb.RESUME: frozenset({S.PAUSED, S.STANDBY}),
+    Verb.COMPLETE: frozenset({S.READY, S.STANDBY}),
+    Verb.SET_SPEED: frozenset({S.QUEUED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY}),
+}
+
+#: What the verb moves the job to, when accepted (abort of a queued job ends it at once).
+VERB_TARGET: dict[tuple[Verb, JobState], JobState] = {
+    **{(Verb.ABORT, s): S.ABORTING for s in VERBS[Verb.ABORT] if s is not S.QUEUED},
+    (Verb.ABORT, S.QUEUED): S.CANCELLED,
+    (Verb.PAUSE, S.RUNNING): S.PAUSED,
+    (Verb.PAUSE, S.READY): S.STANDBY,
+    (Verb.RESUME, S.PAUSED): S.RUNNING,
+    (Verb.RESUME, S.STANDBY): S.READY,
+    (Verb.COMPLETE, S.READY): S.COMPLETING,
+    (Verb.COMPLETE, S.STANDBY): S.COMPLETING,
+}
+
+#: JobState -> virDomainJobType for the legacy calls.
+LEGACY_JOB_TYPE: dict[JobState, int] = {
+    **{s: C.VIR_DOMAIN_JOB_UNBOUNDED for s in JobState if s.active},
+    S.COMPLETED: C.VIR_DOMAIN_JOB_COMPLETED,
+    S.FAILED: C.VIR_DOMAIN_JOB_FAILED,
+    S.CANCELLED: C.VIR_DOMAIN_JOB_CANCELLED,
+}
+
+
+def transition_allowed(old: JobState, new: JobState) -> bool:
+    return new in TRANSITIONS[old]
+
+
+def check_verb(job: uuid.UUID, state: JobState, verb: Verb) -> JobState:
+    """Return the state ``verb`` moves the job to, or raise OperationInvalid."""
+    if state not in VERBS[verb]:
+        raise OperationInvalid(
+            f"job '{job}' in state '{state}' cannot accept verb '{verb}'",
+            job=job, state=str(state), verb=str(verb))
+    return VERB_TARGET.get((verb, state), state)
+
+
+def _check_tables() -> None:
+    for verb, states in VERBS.items():
+        for state in states:
+            target = VERB_TARGET.get((verb, state), state)
+            assert target == state or target in TRANSITIONS[state], (verb, state)
+    for state in TERMINAL:
+        assert not TRANSITIONS[state]
+
+
+_check_tables()

@@ -1,0 +1,224 @@
+"""Admission of jobs: resource claims, the conflict matrix, and FIFO queues.
+
+Each spec yields claims (``Claim(resource, mode)``) on a domain, its disks and backup
+target files. Two claims on the same resource conflict when the matrix says their modes
+do. Admission looks only at the claimed resources' holders and waiters, so its cost does
+not grow with the number of jobs.
+"""
+
+from __future__ import annotations
+
+import enum
+import bisect
+import itertools
+import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from attrs import define, field, frozen
+
+from jobcore.errors import JobConflict
+
+if TYPE_CHECKING:
+    from jobcore.driver import DomainInfo
+    from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, MigrationSpec
+
+
+class Mode(enum.StrEnum):
+    #: the whole domain, alone (migration)
+    DOMAIN_EXCLUSIVE = "domain-exclusive"
+    #: the domain, alongside other shared holders (every other job)
+    DOMAIN_SHARED = "domain-shared"
+    #: a disk's backing chain is rewritten (block pull, block commit)
+    CHAIN = "chain"
+    #: a disk is read as of a point in time (backup)
+    READ = "read"
+    #: a file is written (backup target or scratch)
+    WRITE = "write"
+
+
+#: mode -> the modes it conflicts with on the same resource. Symmetric; checked below.
+CONFLICTS: dict[Mode, frozenset[Mode]] = {
+    Mode.DOMAIN_EXCLUSIVE: frozenset({Mode.DOMAIN_EXCLUSIVE, Mode.DOMAIN_SHARED}),
+    Mode.DOMAIN_SHARED: frozenset({Mode.DOMAIN_EXCLUSIVE}),
+    Mode.CHAIN: frozenset({Mode.CHAIN, Mode.READ}),
+    Mode.READ: frozenset({Mode.CHAIN}),
+    Mode.WRITE: frozenset({Mode.WRITE}),
+}
+assert all(a in CONFLICTS[b] for a in Mode for b in CONFLICTS[a]), "matrix must be symmetric"
+
+
+@frozen
+class Claim:
+    resource: str  # 'domain:vm1', 'disk:vm1/vda', 'file:/path'
+    mode: Mode
+
+
+def domain_resource(domain: str) -> str:
+    return f"domain:{domain}"
+
+
+def disk_resource(domain: str, disk: str) -> str:
+    return f"disk:{domain}/{disk}"
+
+
+def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
+    claims = [Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED)]
+    for disk in spec.backup.included_disks():
+        claims.append(Claim(disk_resource(dom.name, disk.name), Mode.READ))
+        if disk.store is not None:
+            claims.append(Claim(f"file:{disk.store.path}", Mode.WRITE))
+    return tuple(claims)
+
+
+def chain_claims(spec: BlockPullSpec | BlockCommitSpec, dom: DomainInfo) -> tuple[Claim, ...]:
+    return (Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED),
+            Claim(disk_resource(dom.name, spec.disk), Mode.CHAIN))
+
+
+def migration_claims(spec: MigrationSpec, dom: DomainInfo) -> tuple[Claim, ...]:
+    return (Claim(domain_resource(dom.name), Mode.DOMAIN_EXCLUSIVE),)
+
+
+@define(eq=False)
+class Ticket:
+    """A job's claims, as held or waited on in the scheduler."""
+
+    job: uuid.UUID
+    claims: tuple[Claim, ...]
+    priority: int = 0
+    seq: int = 0
+    waiting: bool = False
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (-self.priority, self.seq)
+
+
+@define(eq=False)
+class _Resource:
+    holders: dict[Mode, dict[uuid.UUID, None]] = field(factory=dict)
+    #: (order, seq-unique ticket, mode), kept sorted: the FIFO queue of this resource
+    waiters: list[tuple[tuple[int, int], Ticket, Mode]] = field(factory=list)
+
+    def conflicting_holder(self, mode: Mode) -> uuid.UUID | None:
+        for other in CONFLICTS[mode]:
+            held = self.holders.get(other)
+            if held:
+                return next(iter(held))
+        return None
+
+    def earlier_conflicting_waiter(self, mode: Mode, ticket: Ticket) -> uuid.UUID | None:
+        for order, waiter, wmode in self.waiters:
+            if order >= ticket.order:
+                break
+            if wmode in CONFLICTS[mode]:
+                return waiter.job
+        return None
+
+    def remove_waiter(self, ticket: Ticket) -> None:
+        self.waiters = [w for w in self.waiters if w[1] is not ticket]
+
+    def empty(self) -> bool:
+        return not self.waiters and not any(self.holders.values())
+
+
+class Scheduler:
+    """Holds the claims of admitted jobs and the queues of waiting ones."""
+
+    def __init__(self) -> None:
+        self._resources: dict[str, _Resource] = {}
+        self._seq = itertools.count()
+
+    def _res(self, name: str) -> _Resource:
+        res = self._resources.get(name)
+        if res is None:
+            res = self._resources[name] = _Resource()
+        return res
+
+    def ticket(self, job: uuid.UUID, claims: tuple[Claim, ...], priority: int = 0) -> Ticket:
+        return Ticket(job, claims, priority, next(self._seq))
+
+    def conflict(self, ticket: Ticket) -> tuple[uuid.UUID, Claim] | None:
+        """The first holder or earlier waiter that keeps ``ticket`` out, if any."""
+        for claim in ticket.claims:
+            res = self._resources.get(claim.resource)
+            if res is None:
+                continue
+            holder = res.conflicting_holder(claim.mode)
+            if holder is None:
+                holder = res.earlier_conflicting_waiter(claim.mode, ticket)
+            if holder is not None and holder != ticket.job:
+                return holder, claim
+        return None
+
+    def try_admit(self, ticket: Ticket) -> None:
+        """Admit now or raise JobConflict naming the holder and the resource."""
+        found = self.conflict(ticket)
+        if found is not None:
+            holder, claim = found
+            raise JobConflict(
+                f"job conflicts with job '{holder}' holding '{claim.resource}'"
+                f" ({', '.join(sorted(m.value for m in CONFLICTS[claim.mode]))}"
+                f" excludes {claim.mode.value})",
+                holder=holder, resource=claim.resource)
+        self._hold(ticket)
+
+    def admit_or_enqueue(self, ticket: Ticket) -> bool:
+        """Admit now (True) or put the ticket in the FIFO queues (False)."""
+        if self.conflict(ticket) is None:
+            self._hold(ticket)
+            return True
+        ticket.waiting = True
+        for claim in ticket.claims:
+            bisect.insort(self._res(claim.resource).waiters,
+                          (ticket.order, ticket, claim.mode), key=lambda w: w[0])
+        return False
+
+    def _hold(self, ticket: Ticket) -> None:
+        for claim in ticket.claims:
+            self._res(claim.resource).holders.setdefault(claim.mode, {})[ticket.job] = None
+
+    def release(self, ticket: Ticket) -> list[Ticket]:
+        """Drop a ticket (held or waiting); return waiting tickets admitted as a result."""
+        touched: list[_Resource] = []
+        for claim in ticket.claims:
+            res = self._resources.get(claim.resource)
+            if res is None:
+                continue
+            if ticket.waiting:
+                res.remove_waiter(ticket)
+            else:
+                held = res.holders.get(claim.mode)
+                if held is not None:
+                    held.pop(ticket.job, None)
+            touched.append(res)
+        ticket.waiting = False
+        return self._wake(touched, {claim.resource for claim in ticket.claims})
+
+    def _wake(self, touched: Iterable[_Resource], names: set[str]) -> list[Ticket]:
+        candidates = sorted({id(t): t for res in touched for _, t, _ in res.waiters}.values(),
+                            key=lambda t: t.order)
+        admitted: list[Ticket] = []
+        for ticket in candidates:
+            if self.conflict(ticket) is None:
+                self._dequeue(ticket)
+                self._hold(ticket)
+                admitted.append(ticket)
+        for name in names:
+            res = self._resources.get(name)
+            if res is not None and res.empty():
+                del self._resources[name]
+        return admitted
+
+    def _dequeue(self, ticket: Ticket) -> None:
+        for claim in ticket.claims:
+            self._resources[claim.resource].remove_waiter(ticket)
+        ticket.waiting = False
+
+    def holders(self, resource: str) -> dict[Mode, list[uuid.UUID]]:
+        res = self._resources.get(resource)
+        return {} if res is None else {m: list(h) for m, h in res.holders.items() if h}
+
+    def resource_count(self) -> int:
+        return len(self._resources)
