@@ -1,0 +1,342 @@
+"""The qemu driver's connection: domains, their processes, jobs and the progress poller."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import sniffio
+import structlog
+from attrs import define, field
+
+from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
+from drivers.qemu.domxml import DomainDef, parse_domain
+from drivers.qemu.images import backing_chain
+from drivers.qemu.jobs import (
+    BackupRunner,
+    BlockCommitRunner,
+    BlockPullRunner,
+    MigrationRunner,
+    Phase,
+    Runner,
+)
+from drivers.qemu.process import QemuProcess
+from drivers.qemu.rundir import RunDir, run_dir_of
+from jobcore.driver import DomainInfo, DriverJob, SystemClock
+from jobcore.errors import DriverError, NoSuchDomain, OperationInvalid, Unsupported, XMLError
+from jobcore.spec import JobType
+from jobcore.uri import URI, parse_uri
+
+log = structlog.get_logger(__name__)
+
+POLL_INTERVAL = 0.25
+_RUNNERS: dict[str, type[Runner]] = {
+    JobType.BACKUP: BackupRunner,
+    JobType.BLOCKPULL: BlockPullRunner,
+    JobType.BLOCKCOMMIT: BlockCommitRunner,
+    JobType.MIGRATION: MigrationRunner,
+}
+
+
+@define(eq=False)
+class QemuConnection:
+    """A DriverConnection to QEMU processes the driver starts and owns."""
+
+    uri: str
+    run_dir: Path
+    tg: anyio.abc.TaskGroup
+    clock: SystemClock = field(factory=SystemClock)
+    domains: dict[str, Domain] = field(factory=dict)
+    runners: dict[uuid.UUID, Runner] = field(factory=dict)
+    closed: bool = False
+    _work: anyio.Event = field(factory=anyio.Event)
+    _scopes: set[anyio.CancelScope] = field(factory=set)
+    _creating: set[str] = field(factory=set)
+
+    # ---------------------------------------------------------------- domains
+
+    def supports(self, job_type: JobType) -> bool:
+        return job_type in _RUNNERS
+
+    async def list_domains(self) -> list[DomainInfo]:
+        return [d.info() for d in self.domains.values()]
+
+    def _domain(self, name: str) -> Domain:
+        try:
+            return self.domains[name]
+        except KeyError:
+            raise NoSuchDomain(f"no domain with matching name '{name}'") from None
+
+    async def lookup_domain(self, name: str) -> DomainInfo:
+        return self._domain(name).info()
+
+    async def create_domain(self, xml: str) -> DomainInfo:
+        self._check_open()
+        ddef = parse_domain(xml)
+        old = self.domains.get(ddef.name)
+        if ddef.name in self._creating or (old is not None and old.process.alive):
+            raise OperationInvalid(f"domain '{ddef.name}' already exists")
+        self._creating.add(ddef.name)
+        try:
+            disks = await self._read_disks(ddef)
+            proc = await self._spawn(ddef.name, 0, ddef.memory, incoming=False)
+            domain = Domain(ddef.name, ddef.uuid, ddef.memory, disks, proc)
+            try:
+                await self._add_disks(domain, proc)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await proc.stop("domain creation failed")
+                raise
+            self.domains[ddef.name] = domain
+        finally:
+            self._creating.discard(ddef.name)
+        log.info("domain created", domain=ddef.name, pid=proc.pid)
+        return domain.info()
+
+    async def _read_disks(self, ddef: DomainDef) -> dict[str, Disk]:
+        disks: dict[str, Disk] = {}
+        counter = 0
+        for d in ddef.disks:
+            if not os.path.exists(d.source):
+                raise XMLError(f"domain XML: disk '{d.target}' source '{d.source}' does not exist")
+            chain = await backing_chain(d.source, d.format)
+            layers = []
+            for img in chain:
+                layers.append(Layer(f"{d.target}-L{counter}", img.filename, img.format))
+                counter += 1
+            disks[d.target] = Disk(d.target, layers, chain[0].virtual_size)
+        return disks
+
+    async def _add_disks(self, domain: Domain, proc: QemuProcess) -> None:
+        for disk in domain.disks.values():
+            below: str | None = None
+            for layer in reversed(disk.layers):
+                await proc.execute("blockdev-add", blockdev_args(layer, below))
+                below = layer.node
+
+    async def _spawn(self, name: str, gen: int, memory: int, *, incoming: bool) -> QemuProcess:
+        extra = ["-m", f"{max(memory >> 20, 1)}M"] if memory else []
+        proc = await QemuProcess.spawn(self.run_dir, name, f"{name}.{gen}", extra,
+                                       incoming=incoming)  # fmt: skip
+        self.tg.start_soon(self._run_process, proc)
+        return proc
+
+    @contextlib.contextmanager
+    def _background(self) -> Iterator[None]:
+        """Scope of a background task, cancelled when the connection closes."""
+        with anyio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                yield
+            finally:
+                self._scopes.discard(scope)
+
+    async def _run_process(self, proc: QemuProcess) -> None:
+        with self._background():
+            await proc.run(self._process_exited)
+
+    def _process_exited(self, proc: QemuProcess) -> None:
+        for domain in self.domains.values():
+            if domain.process is proc and proc.exit_reason is None:
+                log.warning("qemu died", domain=domain.name, pid=proc.pid,
+                            status=proc.proc.returncode, stderr=proc.stderr_tail())  # fmt: skip
+
+    async def destroy_domain(self, name: str) -> None:
+        domain = self._domain(name)
+        await domain.process.stop("was destroyed")
+        del self.domains[name]
+
+    # ------------------------------------------------------- test/admin hooks
+
+    def pid(self, name: str) -> int:
+        """The pid of the domain's QEMU (admins and tests)."""
+        return self._domain(name).process.pid
+
+    def pids(self) -> list[int]:
+        return [d.process.pid for d in self.domains.values()]
+
+    async def guest_io(self, name: str, disk: str, command: str) -> str:
+        """Run a qemu-io command as the guest would, then flush (so images can be compared).
+
+        Writes enter at the disk's top (through any backup filter), like guest writes do.
+        """
+        domain = self._domain(name)
+        node = domain.disk(disk).top_node
+        out = await domain.process.hmp(f'qemu-io {node} "{command}"')
+        await domain.process.hmp(f'qemu-io {node} "flush"')
+        return out
+
+    async def qmp(self, name: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """A raw QMP command on the domain's process (diagnostics and tests)."""
+        return await self._domain(name).process.execute(cmd, args)
+
+    # ------------------------------------------------------------------- jobs
+
+    async def start(self, job: DriverJob) -> None:
+        self._check_open()
+        cls = _RUNNERS.get(job.type)
+        if cls is None:
+            raise Unsupported(f"the qemu driver does not run '{job.type}' jobs")
+        if job.uuid in self.runners:
+            raise OperationInvalid(f"job {job.uuid} is already running", job=job.uuid)
+        domain = self._domain(job.domain)
+        if not domain.process.alive:
+            raise DriverError(f"domain '{job.domain}' is not running")
+        runner = cls(conn=self, job=job, domain=domain, proc=domain.process)
+        runner.log.info("starting")
+        await runner.start()
+        self.runners[job.uuid] = runner
+        self.tg.start_soon(self._supervise, runner)
+        self._work.set()
+
+    async def _supervise(self, runner: Runner) -> None:
+        try:
+            with self._background():
+                await runner.supervise()
+        finally:
+            self.runners.pop(runner.job.uuid, None)
+            runner.phase = Phase.ENDED
+
+    def _runner(self, job: DriverJob) -> Runner:
+        runner = self.runners.get(job.uuid)
+        if runner is None:
+            raise OperationInvalid(f"job {job.uuid} is not running on this connection",
+                                   job=job.uuid)  # fmt: skip
+        return runner
+
+    async def cancel(self, job: DriverJob) -> None:
+        await self._runner(job).cancel()
+
+    async def pause(self, job: DriverJob) -> None:
+        await self._runner(job).pause()
+
+    async def resume(self, job: DriverJob) -> None:
+        await self._runner(job).resume()
+
+    async def complete(self, job: DriverJob) -> None:
+        await self._runner(job).complete()
+
+    async def set_speed(self, job: DriverJob, bandwidth: int | None) -> None:
+        await self._runner(job).set_speed(bandwidth)
+
+    async def _poller(self) -> None:
+        """One progress poller per connection: query-jobs per busy process, 4 times a second."""
+        with self._background():
+            while True:
+                if not self.runners:
+                    self._work = anyio.Event()
+                    await self._work.wait()
+                runners = list(self.runners.values())
+                procs = {r.proc for r in runners if r.subjobs and r.proc.alive}
+                for proc in procs:
+                    try:
+                        infos = await proc.execute("query-jobs")
+                    except DriverError:
+                        continue
+                    for info in infos:
+                        sj = proc.subjobs.get(str(info.get("id")))
+                        if sj is not None and not sj.done.is_set():
+                            sj.current = int(info.get("current-progress", 0))
+                            sj.total = int(info.get("total-progress", 0))
+                for runner in runners:
+                    if runner.phase in (Phase.RUNNING, Phase.READY):
+                        await runner.poll()
+                        runner.report_progress()
+                await anyio.sleep(POLL_INTERVAL)
+
+    # ---------------------------------------------------------------- migration
+
+    def check_migration_destination(self, destination: str) -> str:
+        dest = parse_uri(destination)
+        if dest.driver != "qemu" or dest.transport or dest.path != "/session":
+            raise Unsupported(
+                f"the qemu driver migrates to qemu:///session only, not '{destination}'"
+            )
+        if run_dir_of(dest) != self.run_dir:
+            raise Unsupported(
+                "the qemu driver migrates only between processes of one run directory "
+                f"({self.run_dir})"
+            )
+        return destination
+
+    async def spawn_incoming(self, domain: Domain) -> QemuProcess:
+        domain.generation += 1
+        proc = await self._spawn(domain.name, domain.generation, domain.memory, incoming=True)
+        try:
+            await self._add_disks(domain, proc)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await proc.stop("migration destination setup failed")
+            raise
+        return proc
+
+    async def discard_process(self, proc: QemuProcess, reason: str) -> None:
+        await proc.stop(reason)
+
+    async def adopt_migrated(self, domain: Domain, dest: QemuProcess) -> None:
+        source = domain.process
+        domain.process = dest
+        await source.stop("was left after migration")
+
+    # ----------------------------------------------------------------- closing
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise DriverError("the qemu connection is closed")
+
+    async def aclose(self) -> None:
+        """Stop every process this connection started; reap them all."""
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            procs = {d.process for d in self.domains.values()}
+            for runner in self.runners.values():
+                procs.add(runner.proc)
+                dest = getattr(runner, "dest", None)
+                if isinstance(dest, QemuProcess):
+                    procs.add(dest)
+            async with anyio.create_task_group() as tg:
+                for proc in procs:
+                    tg.start_soon(proc.stop, "was stopped: connection closed")
+            for scope in list(self._scopes):
+                scope.cancel()
+            self.domains.clear()
+
+
+def _require_asyncio() -> None:
+    try:
+        lib = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        lib = "none"
+    if lib != "asyncio":
+        raise Unsupported(
+            f"the qemu driver needs the asyncio backend (qemu.qmp is asyncio-only), not {lib}"
+        )
+
+
+class QemuDriver:
+    """``qemu:///session[?dir=RUN_DIR]``: real QEMU processes over QMP."""
+
+    scheme = "qemu"
+
+    @contextlib.asynccontextmanager
+    async def connect(self, uri: URI, tg: anyio.abc.TaskGroup) -> AsyncIterator[QemuConnection]:
+        _require_asyncio()
+        if uri.path != "/session" or uri.transport or uri.host:
+            raise Unsupported(f"the qemu driver serves qemu:///session only, not '{uri}'")
+        run_dir = RunDir(run_dir_of(uri))
+        run_dir.acquire()
+        conn = QemuConnection(uri=str(uri), run_dir=run_dir.path, tg=tg)
+        try:
+            tg.start_soon(conn._poller)
+            yield conn
+        finally:
+            try:
+                await conn.aclose()
+            finally:
+                run_dir.release()

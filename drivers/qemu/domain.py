@@ -1,0 +1,97 @@
+"""A domain as the driver keeps it: its process and each disk's block-node chain.
+
+Every layer of every backing chain is its own monitor-owned node (``blockdev-add`` bottom
+up, each naming the one below with ``backing``), so after a stream or a commit the layers
+that left the chain can be deleted one by one, and the active layer is simply whichever
+node is now the chain's top.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import uuid
+from typing import Any
+
+from attrs import define, field
+
+from drivers.qemu.process import QemuProcess
+from jobcore.driver import DiskInfo, DomainInfo
+
+
+@define
+class Layer:
+    node: str
+    file: str
+    format: str
+
+
+@define
+class Disk:
+    name: str
+    layers: list[Layer]  # active layer first
+    virtual_size: int
+    #: backup filter nodes above the active layer, oldest (outermost) first
+    filters: list[str] = field(factory=list)
+
+    @property
+    def active(self) -> Layer:
+        return self.layers[0]
+
+    @property
+    def top_node(self) -> str:
+        """Where guest-like I/O enters: the outermost backup filter, else the active layer."""
+        return self.filters[0] if self.filters else self.active.node
+
+    def info(self) -> DiskInfo:
+        return DiskInfo(
+            name=self.name,
+            chain=tuple(layer.file for layer in self.layers),
+            format=self.active.format,
+            virtual_size=self.virtual_size,
+        )
+
+
+@define(eq=False)
+class Domain:
+    name: str
+    uuid: uuid.UUID
+    memory: int
+    disks: dict[str, Disk]
+    process: QemuProcess
+    generation: int = 0
+    _counter: itertools.count[int] = field(factory=itertools.count)
+
+    def info(self) -> DomainInfo:
+        return DomainInfo(
+            name=self.name,
+            uuid=self.uuid,
+            disks=tuple(d.info() for d in self.disks.values()),
+            memory=self.memory,
+            running=self.process.alive,
+        )
+
+    def disk(self, name: str) -> Disk:
+        from jobcore.errors import DriverError
+
+        try:
+            return self.disks[name]
+        except KeyError:
+            raise DriverError(f"domain '{self.name}' has no disk '{name}'") from None
+
+    def new_node_name(self, prefix: str) -> str:
+        """A fresh node name (QEMU allows at most 31 characters)."""
+        clean = re.sub(r"[^A-Za-z0-9_]", "_", prefix)[:12] or "n"
+        return f"{clean}-{next(self._counter)}"
+
+
+def blockdev_args(layer: Layer, backing: str | None) -> dict[str, Any]:
+    """``blockdev-add`` arguments opening one layer over ``backing`` (a node, or none)."""
+    args: dict[str, Any] = {
+        "driver": layer.format,
+        "node-name": layer.node,
+        "file": {"driver": "file", "filename": layer.file},
+    }
+    if layer.format == "qcow2":
+        args["backing"] = backing
+    return args

@@ -1,0 +1,53 @@
+"""qemu-img helpers: read backing chains and create target/scratch images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+import anyio
+from attrs import frozen
+
+from jobcore.errors import DriverError
+
+QEMU_IMG = "qemu-img"
+
+
+@frozen
+class ImageInfo:
+    filename: str
+    format: str
+    virtual_size: int
+
+
+def qemu_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise DriverError(f"{name} not found: install qemu-system-x86 and qemu-utils")
+    return path
+
+
+async def _run(*args: str) -> str:
+    result = await anyio.run_process([qemu_binary(QEMU_IMG), *args], check=False)
+    if result.returncode != 0:
+        err = result.stderr.decode(errors="replace").strip()
+        raise DriverError(f"qemu-img {args[0]} failed: {err}")
+    return result.stdout.decode()
+
+
+async def backing_chain(path: str, fmt: str) -> list[ImageInfo]:
+    """The image's chain, active layer first (``qemu-img info --backing-chain``)."""
+    out = await _run("info", "-U", "--backing-chain", "--output=json", "-f", fmt, path)
+    data: Any = json.loads(out)
+    entries = data if isinstance(data, list) else [data]
+    return [
+        ImageInfo(
+            filename=str(e["filename"]), format=str(e["format"]), virtual_size=int(e["virtual-size"])
+        )
+        for e in entries
+    ]
+
+
+async def create_image(path: str, fmt: str, size: int) -> None:
+    await _run("create", "-q", "-f", fmt, path, str(size))

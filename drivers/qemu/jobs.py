@@ -1,0 +1,859 @@
+"""Job runners: one class per job type, each mapping a jobcore job onto QEMU jobs.
+
+A runner's ``start()`` issues the QMP commands and returns once QEMU accepted them (its
+refusal is a DriverError carrying QEMU's text). Its ``supervise()`` runs in the engine's
+task group: it waits for the QEMU jobs' outcome (BLOCK_JOB_COMPLETED / _CANCELLED events,
+or the process exiting), updates the driver's view of the backing chains, cleans up, and
+reports exactly one terminal outcome. Verbs (pause, resume, set_speed, cancel, complete)
+are forwarded to QEMU; the *user* paused flag is tracked here, never derived from QEMU's
+status, which flips paused/running on its own whenever the block graph is drained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+from attrs import define, field
+
+from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
+from drivers.qemu.images import create_image
+from drivers.qemu.process import Outcome, QemuProcess, SubJob
+from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport
+from jobcore.driver import DriverJob
+from jobcore.errors import DriverError, OperationInvalid, Unsupported
+from jobcore.spec import (
+    BackupJobSpec,
+    BlockCommitSpec,
+    BlockPullSpec,
+    ChainRef,
+    MigrationSpec,
+)
+
+if TYPE_CHECKING:
+    from drivers.qemu.connection import QemuConnection
+
+CLEANUP_TIMEOUT = 10.0
+#: QEMU's migration default is 32 MiB/s; "no limit" has to be said explicitly.
+UNLIMITED_MIGRATION_BANDWIDTH = 1 << 40
+
+
+class Phase(enum.Enum):
+    """Where a runner is, from the driver's side (the engine owns the job's state)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    READY = "ready"
+    ENDING = "ending"
+    ENDED = "ended"
+
+
+def _verb_error(exc: DriverError, job: DriverJob, verb: str) -> Exception:
+    text = str(exc)
+    if "cannot accept command verb" in text or "already paused" in text or "not paused" in text:
+        return OperationInvalid(text, job=job.uuid, verb=verb)
+    return exc
+
+
+@define(eq=False)
+class Runner:
+    conn: QemuConnection
+    job: DriverJob
+    domain: Domain
+    proc: QemuProcess
+    subjobs: list[SubJob] = field(factory=list)
+    phase: Phase = Phase.STARTING
+    user_paused: bool = False
+    cancel_requested: bool = False
+    complete_requested: bool = False
+    end_requested: anyio.Event = field(factory=anyio.Event)
+    log: Any = None
+    short: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        self.short = self.job.uuid.hex[:8]
+        self.log = structlog.get_logger(__name__).bind(
+            job=str(self.job.uuid), job_type=str(self.job.type), domain=self.job.domain
+        )
+
+    # ------------------------------------------------------------ subclass API
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def supervise(self) -> None:
+        raise NotImplementedError
+
+    def report_progress(self) -> None:
+        """Called by the connection's poller after it refreshed the subjobs' counters."""
+        total = sum(sj.total for sj in self.subjobs)
+        done = sum(sj.current for sj in self.subjobs)
+        self.report("progress", done, total)
+
+    async def poll(self) -> None:
+        """Extra polling for runners that are not QEMU jobs (migration)."""
+
+    # ----------------------------------------------------------------- helpers
+
+    def report(self, what: str, *args: Any) -> None:
+        """Call a reporter method; the engine refusing a report must not kill the driver."""
+        try:
+            getattr(self.job.reporter, what)(*args)
+        except Exception:
+            self.log.exception("reporter refused a report", report=what)
+
+    def job_id(self, kind: str, disk: str | None = None) -> str:
+        return f"{kind}-{self.short}" + (f"-{disk}" if disk else "")
+
+    def track(self, job_id: str) -> SubJob:
+        """Register a QEMU job id *before* creating it: its events may beat the reply."""
+        sj = SubJob(job_id)
+        self.proc.subjobs[job_id] = sj
+        self.subjobs.append(sj)
+        return sj
+
+    def untrack(self) -> None:
+        for sj in self.subjobs:
+            self.proc.subjobs.pop(sj.id, None)
+
+    async def wait_subjobs(self) -> None:
+        for sj in self.subjobs:
+            await sj.done.wait()
+
+    def outcome(self) -> tuple[Outcome, str | None]:
+        """Combined outcome of the QEMU jobs: any failure wins, then cancel, then success."""
+        for sj in self.subjobs:
+            if sj.outcome is Outcome.FAILED:
+                return Outcome.FAILED, sj.error or "job failed"
+        if any(sj.outcome is Outcome.CANCELLED for sj in self.subjobs):
+            return Outcome.CANCELLED, None
+        return Outcome.COMPLETED, None
+
+    async def _each(self, verb: str, cmd: str, args: Mapping[str, Any]) -> None:
+        for sj in self.subjobs:
+            if sj.done.is_set():
+                continue
+            try:
+                await self.proc.execute(cmd, {**args, "id": sj.id} if "device" not in args
+                                        else {**args, "device": sj.id})  # fmt: skip
+            except DriverError as exc:
+                raise _verb_error(exc, self.job, verb) from None
+
+    def _require_active(self, verb: str) -> None:
+        if self.phase in (Phase.ENDING, Phase.ENDED) or self.cancel_requested:
+            raise OperationInvalid(
+                f"job {self.job.uuid} is ending and cannot accept '{verb}'",
+                job=self.job.uuid, verb=verb,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------- verbs
+
+    async def pause(self) -> None:
+        self._require_active("pause")
+        if self.user_paused:
+            raise OperationInvalid(f"job {self.job.uuid} is already paused",
+                                   job=self.job.uuid, state="paused", verb="pause")  # fmt: skip
+        await self._each("pause", "job-pause", {})
+        self.user_paused = True
+
+    async def resume(self) -> None:
+        self._require_active("resume")
+        if not self.user_paused:
+            raise OperationInvalid(f"job {self.job.uuid} is not paused",
+                                   job=self.job.uuid, verb="resume")  # fmt: skip
+        await self._each("resume", "job-resume", {})
+        self.user_paused = False
+
+    async def set_speed(self, bandwidth: int | None) -> None:
+        self._require_active("set-speed")
+        await self._each("set-speed", "block-job-set-speed", {"device": "", "speed": bandwidth or 0})
+
+    async def cancel(self) -> None:
+        if self.phase is Phase.ENDED:
+            raise OperationInvalid(f"job {self.job.uuid} has ended",
+                                   job=self.job.uuid, verb="cancel")  # fmt: skip
+        self.cancel_requested = True
+        self.end_requested.set()
+        for sj in self.subjobs:
+            if not sj.done.is_set():
+                with contextlib.suppress(DriverError):  # it may have just ended
+                    await self.proc.execute("job-cancel", {"id": sj.id})
+
+    async def complete(self) -> None:
+        raise OperationInvalid(
+            f"a {self.job.type} job does not wait for 'complete'", job=self.job.uuid,
+            verb="complete",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ common
+
+    async def del_nodes(self, nodes: list[str]) -> None:
+        for node in nodes:
+            try:
+                await self.proc.execute("blockdev-del", {"node-name": node})
+            except DriverError as exc:
+                self.log.warning("blockdev-del failed", node=node, error=str(exc))
+
+    def end(self, outcome: Outcome, errmsg: str | None, extra: Mapping[str, Any] | None = None
+            ) -> None:  # fmt: skip
+        self.phase = Phase.ENDED
+        self.untrack()
+        self.log.info("job ended", outcome=outcome.value, error=errmsg)
+        if outcome is Outcome.COMPLETED:
+            self.report("completed", extra)
+        elif outcome is Outcome.CANCELLED:
+            self.report("cancelled")
+        else:
+            self.report("failed", errmsg or "job failed")
+
+
+def resolve_index(disk: Disk, ref: ChainRef | None, default: int) -> int:
+    if ref is None:
+        return default
+    if ref.index is not None:
+        if ref.index >= len(disk.layers):
+            raise DriverError(
+                f"disk '{disk.name}' has no backing chain index {ref.index} "
+                f"(chain length {len(disk.layers)})"
+            )
+        return ref.index
+    for i, layer in enumerate(disk.layers):
+        if ref.file is not None and os.path.realpath(layer.file) == os.path.realpath(ref.file):
+            return i
+    raise DriverError(f"file '{ref.file}' is not in the backing chain of disk '{disk.name}'")
+
+
+# =============================================================================== backup
+
+
+@define
+class _BackupDisk:
+    disk: Disk
+    spec: BackupDisk
+    path: str
+    fmt: str
+    node: str
+    created: bool
+    filter: str
+    job_id: str
+    export_id: str = ""
+    export_name: str = ""
+    export_bitmap: str | None = None
+    incremental: str | None = None
+
+
+@define(eq=False)
+class BackupRunner(Runner):
+    disks: list[_BackupDisk] = field(factory=list)
+    checkpoint_bitmaps: list[tuple[str, str]] = field(factory=list)  # (node, bitmap)
+    server_socket: str | None = None
+    server_started: bool = False
+
+    @property
+    def spec(self) -> BackupJobSpec:
+        spec = self.job.spec
+        assert isinstance(spec, BackupJobSpec)
+        return spec
+
+    @property
+    def pull(self) -> bool:
+        return self.spec.backup.effective_mode is BackupMode.PULL
+
+    def _suffix(self) -> str:
+        ckpt = self.spec.checkpoint
+        return ckpt.name if ckpt is not None and ckpt.name else str(int(time.time()))
+
+    def _incremental_of(self, d: BackupDisk) -> str | None:
+        if d.backupmode is DiskBackupMode.FULL:
+            return None
+        name = d.incremental or self.spec.backup.incremental
+        if d.backupmode is DiskBackupMode.INCREMENTAL and not name:
+            raise DriverError(f"disk '{d.name}': incremental backup without a checkpoint")
+        return name
+
+    async def _prepare_disks(self) -> None:
+        suffix = self._suffix()
+        included = self.spec.backup.included_disks()
+        if not included:
+            raise DriverError("the backup includes no disk")
+        for d in included:
+            disk = self.domain.disk(d.name)
+            path = d.store.path if d.store else f"{disk.active.file}.{suffix}"
+            fmt = (d.store.format if d.store else None) or "qcow2"
+            if self.pull and fmt != "qcow2":
+                raise DriverError(f"pull mode backup for disk '{d.name}' requires qcow2 driver")
+            created = False
+            if self.pull or not os.path.exists(path):
+                if os.path.exists(path):
+                    raise DriverError(f"scratch file '{path}' already exists")
+                await create_image(path, fmt, disk.virtual_size)
+                created = True
+            bd = _BackupDisk(
+                disk=disk, spec=d, path=path, fmt=fmt, created=created,
+                node=self.domain.new_node_name(("s" if self.pull else "t") + self.short),
+                filter=self.domain.new_node_name("f" + self.short),
+                job_id=self.job_id("backup", d.name), incremental=self._incremental_of(d),
+            )  # fmt: skip
+            self.disks.append(bd)
+            args = blockdev_args(Layer(bd.node, path, fmt),
+                                 disk.active.node if self.pull else None)  # fmt: skip
+            await self.proc.execute("blockdev-add", args)
+
+    def _checkpoint_actions(self) -> list[dict[str, Any]]:
+        ckpt = self.spec.checkpoint
+        if ckpt is None:
+            return []
+        name = self._suffix()
+        chosen = {c.name: c for c in ckpt.disks}
+        actions = []
+        for bd in self.disks:
+            cd = chosen.get(bd.disk.name)
+            if ckpt.disks and cd is None:
+                continue
+            if cd is not None and cd.checkpoint is not None and cd.checkpoint.value == "no":
+                continue
+            bitmap = (cd.bitmap if cd is not None else None) or name
+            node = bd.disk.active.node
+            self.checkpoint_bitmaps.append((node, bitmap))
+            actions.append({"type": "block-dirty-bitmap-add",
+                            "data": {"node": node, "name": bitmap, "persistent": True}})  # fmt: skip
+        return actions
+
+    async def _start_server(self) -> None:
+        server = self.spec.backup.server
+        if server is None or server.transport is ServerTransport.UNIX:
+            sock = (server.socket if server else None) or str(
+                self.conn.run_dir / f"{self.domain.name}.backup-{self.short}.sock"
+            )
+            self.server_socket = sock
+            addr: dict[str, Any] = {"type": "unix", "path": sock}
+        elif server.transport in (None, ServerTransport.TCP):
+            if not server.port:
+                raise DriverError("<domainbackup> must specify TCP port for now")
+            host = server.name or "localhost"
+            if host not in ("localhost", "127.0.0.1", "::1"):
+                raise Unsupported("the qemu driver serves pull backups on loopback only")
+            addr = {"type": "inet", "host": host, "port": str(server.port)}
+        else:
+            raise Unsupported(f"NBD server transport '{server.transport}' is not supported")
+        await self.proc.execute("nbd-server-start", {"addr": addr})
+        self.server_started = True
+
+    async def start(self) -> None:
+        try:
+            if self.pull:
+                await self._start_server()
+            await self._prepare_disks()
+            actions = self._checkpoint_actions()
+            for bd in self.disks:
+                data: dict[str, Any] = {
+                    "job-id": bd.job_id, "device": bd.disk.active.node, "target": bd.node,
+                    "sync": "none" if self.pull else "full", "filter-node-name": bd.filter,
+                }  # fmt: skip
+                if bd.incremental and self.pull:
+                    bd.export_bitmap = bd.spec.exportbitmap or f"backup-{bd.disk.name}"
+                    node = bd.disk.active.node
+                    actions += [
+                        {"type": "block-dirty-bitmap-add", "data": {
+                            "node": node, "name": bd.export_bitmap, "persistent": False,
+                            "disabled": True}},
+                        {"type": "block-dirty-bitmap-merge", "data": {
+                            "node": node, "target": bd.export_bitmap,
+                            "bitmaps": [bd.incremental]}},
+                    ]  # fmt: skip
+                elif bd.incremental:
+                    # sync=bitmap with mode never: the checkpoint's bitmap keeps tracking
+                    # (sync=incremental would clear it, breaking the next backup from it).
+                    data.update({"sync": "bitmap", "bitmap": bd.incremental,
+                                 "bitmap-mode": "never"})  # fmt: skip
+                self.track(bd.job_id)
+                actions.append({"type": "blockdev-backup", "data": data})
+            await self.proc.execute("transaction", {
+                "actions": actions, "properties": {"completion-mode": "grouped"}
+            })  # fmt: skip
+        except BaseException:
+            self.untrack()
+            with anyio.CancelScope(shield=True):
+                self.checkpoint_bitmaps.clear()  # the transaction did not happen
+                await self._cleanup(keep_checkpoint=False, nodes_only=False)
+            raise
+        for bd in self.disks:
+            bd.disk.filters.append(bd.filter)
+        if self.pull:
+            await self._add_exports()
+        self.phase = Phase.RUNNING
+
+    async def _add_exports(self) -> None:
+        for bd in self.disks:
+            bd.export_id = self.domain.new_node_name("e" + self.short)
+            bd.export_name = bd.spec.exportname or bd.disk.name
+            args: dict[str, Any] = {
+                "type": "nbd", "id": bd.export_id, "node-name": bd.node,
+                "name": bd.export_name, "writable": False,
+            }  # fmt: skip
+            if bd.export_bitmap:
+                args["bitmaps"] = [bd.export_bitmap]
+            try:
+                await self.proc.execute("block-export-add", args)
+            except DriverError:
+                bd.export_id = ""
+                with anyio.CancelScope(shield=True):
+                    await self.cancel()
+                    await self._finish(Outcome.CANCELLED, None, report=False)
+                raise
+
+    async def supervise(self) -> None:
+        reported = False
+        try:
+            if self.pull:
+                self.phase = Phase.READY
+                self.report("ready")
+                async with anyio.create_task_group() as tg:
+
+                    async def _watch(sj: SubJob) -> None:
+                        await sj.done.wait()
+                        tg.cancel_scope.cancel()
+
+                    for sj in self.subjobs:
+                        tg.start_soon(_watch, sj)
+                    await self.end_requested.wait()
+                    tg.cancel_scope.cancel()
+            await self.wait_subjobs()
+            outcome, err = self.outcome()
+            if self.pull and outcome is not Outcome.FAILED:
+                outcome = Outcome.COMPLETED if self.complete_requested else Outcome.CANCELLED
+            with anyio.CancelScope(shield=True):
+                await self._finish(outcome, err, report=True)
+            reported = True
+        finally:
+            if not reported:
+                with anyio.CancelScope(shield=True):
+                    await self._finish(Outcome.CANCELLED, None, report=False)
+
+    async def _finish(self, outcome: Outcome, err: str | None, *, report: bool) -> None:
+        self.phase = Phase.ENDING
+        if self.pull:
+            await self._teardown_pull()
+        for bd in self.disks:
+            if bd.filter in bd.disk.filters:
+                bd.disk.filters.remove(bd.filter)
+        await self._cleanup(keep_checkpoint=outcome is Outcome.COMPLETED,
+                            nodes_only=outcome is Outcome.COMPLETED and not self.pull)  # fmt: skip
+        if report:
+            extra: dict[str, int | str] = {}
+            if outcome is Outcome.COMPLETED and not self.pull:
+                total = sum(sj.total for sj in self.subjobs)
+                self.report("progress", total, total)
+            self.end(outcome, err, extra or None)
+        else:
+            self.phase = Phase.ENDED
+            self.untrack()
+
+    async def _teardown_pull(self) -> None:
+        with anyio.move_on_after(CLEANUP_TIMEOUT):
+            for bd in self.disks:
+                if not bd.export_id or not self.proc.alive:
+                    continue
+                gone = self.proc.export_deleted.setdefault(bd.export_id, anyio.Event())
+                try:
+                    await self.proc.execute("block-export-del",
+                                            {"id": bd.export_id, "mode": "hard"})  # fmt: skip
+                    await gone.wait()
+                except DriverError as exc:
+                    self.log.warning("block-export-del failed", error=str(exc))
+                finally:
+                    self.proc.export_deleted.pop(bd.export_id, None)
+            for sj in self.subjobs:
+                if not sj.done.is_set() and self.proc.alive:
+                    with contextlib.suppress(DriverError):
+                        await self.proc.execute("job-cancel", {"id": sj.id})
+            for sj in self.subjobs:
+                await sj.done.wait()
+
+    async def _cleanup(self, *, keep_checkpoint: bool, nodes_only: bool) -> None:
+        """Close targets/scratch nodes (flushing them), then drop what must not survive."""
+        with anyio.move_on_after(CLEANUP_TIMEOUT):
+            alive = self.proc.alive
+            if alive:
+                await self.del_nodes([bd.node for bd in self.disks])
+                for bd in self.disks:
+                    if bd.export_bitmap:
+                        with contextlib.suppress(DriverError):
+                            await self.proc.execute("block-dirty-bitmap-remove", {
+                                "node": bd.disk.active.node, "name": bd.export_bitmap})  # fmt: skip
+                if not keep_checkpoint:
+                    for node, bitmap in self.checkpoint_bitmaps:
+                        with contextlib.suppress(DriverError):
+                            await self.proc.execute("block-dirty-bitmap-remove",
+                                                    {"node": node, "name": bitmap})  # fmt: skip
+                if self.server_started:
+                    with contextlib.suppress(DriverError):
+                        await self.proc.execute("nbd-server-stop")
+            self.server_started = False
+            if self.server_socket:
+                Path(self.server_socket).unlink(missing_ok=True)
+            if not nodes_only:
+                for bd in self.disks:
+                    if bd.created:
+                        Path(bd.path).unlink(missing_ok=True)
+
+    def report_progress(self) -> None:
+        if self.phase is not Phase.RUNNING and self.phase is not Phase.READY:
+            return
+        done = sum(sj.current for sj in self.subjobs)
+        total = sum(sj.total for sj in self.subjobs)
+        if self.pull:
+            self.report("progress", 0, 0, {"disk_temp_used": done, "disk_temp_total": total})
+        else:
+            self.report("progress", done, total)
+
+    async def pause(self) -> None:
+        if self.pull:
+            raise OperationInvalid("a pull-mode backup cannot be paused; its client paces it",
+                                   job=self.job.uuid, verb="pause")  # fmt: skip
+        await super().pause()
+
+    async def resume(self) -> None:
+        if self.pull:
+            raise OperationInvalid("a pull-mode backup is never paused",
+                                   job=self.job.uuid, verb="resume")  # fmt: skip
+        await super().resume()
+
+    async def set_speed(self, bandwidth: int | None) -> None:
+        if self.pull:
+            raise OperationInvalid("a pull-mode backup has no speed; its client paces it",
+                                   job=self.job.uuid, verb="set-speed")  # fmt: skip
+        await super().set_speed(bandwidth)
+
+    async def cancel(self) -> None:
+        if self.pull:
+            if self.phase is Phase.ENDED or self.end_requested.is_set():
+                raise OperationInvalid(f"job {self.job.uuid} is already ending",
+                                       job=self.job.uuid, verb="cancel")  # fmt: skip
+            self.cancel_requested = True
+            self.end_requested.set()
+            return
+        await super().cancel()
+
+    async def complete(self) -> None:
+        if not self.pull:
+            await super().complete()
+        if self.phase is Phase.ENDED or self.end_requested.is_set():
+            raise OperationInvalid(f"job {self.job.uuid} is already ending",
+                                   job=self.job.uuid, verb="complete")  # fmt: skip
+        self.complete_requested = True
+        self.end_requested.set()
+
+
+# ========================================================================= block pull
+
+
+@define(eq=False)
+class BlockPullRunner(Runner):
+    disk: Disk | None = None
+    top: int = 0
+    base: int | None = None
+    nothing_to_do: bool = False
+
+    async def start(self) -> None:
+        spec = self.job.spec
+        assert isinstance(spec, BlockPullSpec)
+        disk = self.disk = self.domain.disk(spec.disk)
+        self.top = resolve_index(disk, spec.top, 0)
+        self.base = resolve_index(disk, spec.base, -1) if spec.base is not None else None
+        if self.base is not None and self.base <= self.top:
+            raise DriverError(f"base (index {self.base}) must be below top (index {self.top})")
+        last_below = len(disk.layers) - 1
+        if self.top == last_below or self.base == self.top + 1:
+            self.nothing_to_do = True  # no backing below top, or nothing between
+            self.phase = Phase.RUNNING
+            return
+        args: dict[str, Any] = {"job-id": self.job_id("pull", disk.name),
+                                "device": disk.layers[self.top].node}  # fmt: skip
+        if self.base is not None:
+            args["base-node"] = disk.layers[self.base].node
+        if spec.bandwidth:
+            args["speed"] = spec.bandwidth
+        self.track(args["job-id"])
+        try:
+            await self.proc.execute("block-stream", args)
+        except BaseException:
+            self.untrack()
+            raise
+        self.phase = Phase.RUNNING
+
+    async def supervise(self) -> None:
+        if self.nothing_to_do:
+            self.report("progress", 0, 0)
+            self.end(Outcome.COMPLETED, None)
+            return
+        await self.wait_subjobs()
+        outcome, err = self.outcome()
+        if outcome is Outcome.COMPLETED:
+            assert self.disk is not None
+            stop = self.base if self.base is not None else len(self.disk.layers)
+            removed = self.disk.layers[self.top + 1 : stop]
+            del self.disk.layers[self.top + 1 : stop]
+            with anyio.CancelScope(shield=True):
+                await self.del_nodes([layer.node for layer in removed])
+            total = sum(sj.total for sj in self.subjobs)
+            self.report("progress", total, total)
+        self.end(outcome, err)
+
+
+# ======================================================================= block commit
+
+
+@define(eq=False)
+class BlockCommitRunner(Runner):
+    disk: Disk | None = None
+    top: int = 0
+    base: int = 0
+
+    @property
+    def spec(self) -> BlockCommitSpec:
+        spec = self.job.spec
+        assert isinstance(spec, BlockCommitSpec)
+        return spec
+
+    @property
+    def active(self) -> bool:
+        return self.top == 0
+
+    async def start(self) -> None:
+        spec = self.spec
+        disk = self.disk = self.domain.disk(spec.disk)
+        if len(disk.layers) < 2:
+            raise DriverError(f"disk '{disk.name}' has no backing chain to commit into")
+        self.top = resolve_index(disk, spec.top, 0)
+        default_base = self.top + 1 if spec.shallow else len(disk.layers) - 1
+        self.base = resolve_index(disk, spec.base, default_base)
+        if self.base <= self.top:
+            raise DriverError(f"base (index {self.base}) must be below top (index {self.top})")
+        args: dict[str, Any] = {
+            "job-id": self.job_id("commit", disk.name), "device": disk.active.node,
+            "base-node": disk.layers[self.base].node,
+        }  # fmt: skip
+        if not self.active:
+            args["top-node"] = disk.layers[self.top].node
+        if spec.bandwidth:
+            args["speed"] = spec.bandwidth
+        self.track(args["job-id"])
+        try:
+            await self.proc.execute("block-commit", args)
+        except BaseException:
+            self.untrack()
+            raise
+        self.phase = Phase.RUNNING
+
+    async def supervise(self) -> None:
+        (sj,) = self.subjobs
+        if self.active:
+            async with anyio.create_task_group() as tg:
+
+                async def _ended() -> None:
+                    await sj.done.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(_ended)
+                await sj.ready.wait()
+                tg.cancel_scope.cancel()
+            if not sj.done.is_set() and not self.cancel_requested:
+                self.phase = Phase.READY
+                self.report("progress", sj.total, sj.total)
+                self.report("ready")
+                if self.spec.pivot:
+                    with contextlib.suppress(OperationInvalid, DriverError):
+                        await self.complete()
+        await sj.done.wait()
+        outcome, err = self.outcome()
+        if outcome is Outcome.COMPLETED:
+            assert self.disk is not None
+            removed = self.disk.layers[self.top : self.base]
+            del self.disk.layers[self.top : self.base]
+            with anyio.CancelScope(shield=True):
+                await self.del_nodes([layer.node for layer in removed])
+            if self.spec.delete:
+                for layer in removed:
+                    Path(layer.file).unlink(missing_ok=True)
+            self.report("progress", sj.total, sj.total)
+        self.end(outcome, err)
+
+    async def complete(self) -> None:
+        if not self.active:
+            await super().complete()
+        (sj,) = self.subjobs
+        if self.phase is not Phase.READY and not sj.ready.is_set():
+            raise OperationInvalid(f"job {self.job.uuid} is not ready", job=self.job.uuid,
+                                   state=self.phase.value, verb="complete")  # fmt: skip
+        self.complete_requested = True
+        try:
+            await self.proc.execute("job-complete", {"id": sj.id})
+        except DriverError as exc:
+            raise _verb_error(exc, self.job, "complete") from None
+        self.phase = Phase.ENDING
+
+
+# ========================================================================== migration
+
+
+_MIGRATION_TERMINAL = {"completed", "failed", "cancelled"}
+
+
+@define(eq=False)
+class MigrationRunner(Runner):
+    dest: QemuProcess | None = None
+    dest_uri: str = ""
+    status: str = "none"
+    status_changed: anyio.Event = field(factory=anyio.Event)
+    last_stats: dict[str, int | str] = field(factory=dict)
+
+    @property
+    def spec(self) -> MigrationSpec:
+        spec = self.job.spec
+        assert isinstance(spec, MigrationSpec)
+        return spec
+
+    def _on_status(self, status: str) -> None:
+        self.status = status
+        self.status_changed.set()
+        self.status_changed = anyio.Event()
+
+    async def start(self) -> None:
+        spec = self.spec
+        self.dest_uri = self.conn.check_migration_destination(spec.destination)
+        if spec.postcopy:
+            raise Unsupported("post-copy migration is not supported by the qemu driver")
+        self.dest = await self.conn.spawn_incoming(self.domain)
+        try:
+            sock = self.conn.run_dir / f"{self.dest.stem}.mig.sock"
+            params: dict[str, Any] = {
+                "max-bandwidth": spec.bandwidth or UNLIMITED_MIGRATION_BANDWIDTH}
+            if spec.downtime_limit is not None:
+                params["downtime-limit"] = spec.downtime_limit
+            await self.proc.execute("migrate-set-parameters", params)
+            await self.dest.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            self.proc.on_migration = self._on_status
+            await self.proc.execute("migrate", {"uri": f"unix:{sock}"})
+        except BaseException:
+            self.proc.on_migration = None
+            with anyio.CancelScope(shield=True):
+                await self.conn.discard_process(self.dest, "migration did not start")
+            raise
+        self.phase = Phase.RUNNING
+
+    async def supervise(self) -> None:
+        assert self.dest is not None
+        dest = self.dest
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def _died(p: QemuProcess) -> None:
+                    await p.exited.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(_died, self.proc)
+                while self.status not in _MIGRATION_TERMINAL:
+                    await self.status_changed.wait()
+                tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                if self.status == "completed":
+                    await self.poll()
+                    # the destination runs once it has seen the end of the stream
+                    with anyio.move_on_after(CLEANUP_TIMEOUT):
+                        while dest.alive:
+                            st = await dest.execute("query-status")
+                            if st.get("status") == "running":
+                                break
+                            await anyio.sleep(0.02)
+                    if not dest.alive:
+                        self.end(Outcome.FAILED, "the destination QEMU exited after migration")
+                        return
+                    await self.conn.adopt_migrated(self.domain, dest)
+                    self.report("domain_moved", self.dest_uri)
+                    self.end(Outcome.COMPLETED, None, dict(self.last_stats))
+                    return
+                if self.status == "failed":
+                    err = "migration failed"
+                    with contextlib.suppress(DriverError):
+                        info = await self.proc.execute("query-migrate")
+                        err = str(info.get("error-desc") or err)
+                    await self.conn.discard_process(dest, "migration failed")
+                    self.end(Outcome.FAILED, err)
+                    return
+                await self.conn.discard_process(dest, "migration ended")
+                if self.status == "cancelled":
+                    self.end(Outcome.CANCELLED, None)
+                else:  # source died
+                    reason = self.proc.exit_reason or f"exited with status {self.proc.proc.returncode}"
+                    self.end(Outcome.FAILED,
+                             f"QEMU process {self.proc.pid} of domain '{self.domain.name}' "
+                             f"{reason}")  # fmt: skip
+        finally:
+            self.proc.on_migration = None
+            if self.phase is not Phase.ENDED:
+                with anyio.CancelScope(shield=True):
+                    await self.conn.discard_process(dest, "migration abandoned")
+
+    async def poll(self) -> None:
+        if not self.proc.alive:
+            return
+        try:
+            info = await self.proc.execute("query-migrate")
+        except DriverError:
+            return
+        ram = info.get("ram") or {}
+        stats: dict[str, int | str] = {}
+        for key, name in (("total", "memory_total"), ("transferred", "memory_processed"),
+                          ("remaining", "memory_remaining"), ("duplicate", "memory_constant"),
+                          ("normal", "memory_normal"), ("normal-bytes", "memory_normal_bytes"),
+                          ("dirty-pages-rate", "memory_dirty_rate"),
+                          ("page-size", "memory_page_size"),
+                          ("dirty-sync-count", "memory_iteration"),
+                          ("postcopy-requests", "memory_postcopy_requests")):  # fmt: skip
+            if key in ram:
+                stats[name] = int(ram[key])
+        if "mbps" in ram:
+            stats["memory_bps"] = int(float(ram["mbps"]) * 1_000_000 / 8)
+        for key, name in (("downtime", "downtime"), ("setup-time", "setup_time"),
+                          ("total-time", "time_elapsed_migration")):  # fmt: skip
+            if key in info:
+                stats[name] = int(info[key])
+        if "downtime" not in info and "expected-downtime" in info:
+            stats["downtime"] = int(info["expected-downtime"])
+        total = int(ram.get("total", 0))
+        done = int(ram.get("transferred", 0))
+        stats.update(data_total=total, data_processed=min(done, total),
+                     data_remaining=int(ram.get("remaining", 0)))  # fmt: skip
+        self.last_stats = stats
+        if self.phase is Phase.RUNNING:
+            self.report("progress", min(done, total), total, dict(stats))
+
+    def report_progress(self) -> None:
+        """Migration progress is reported from ``poll``."""
+
+    async def pause(self) -> None:
+        raise Unsupported("a migration cannot be paused")
+
+    async def resume(self) -> None:
+        raise Unsupported("a migration cannot be paused or resumed")
+
+    async def set_speed(self, bandwidth: int | None) -> None:
+        self._require_active("set-speed")
+        await self.proc.execute("migrate-set-parameters",
+                                {"max-bandwidth": bandwidth or UNLIMITED_MIGRATION_BANDWIDTH})
+
+    async def cancel(self) -> None:
+        if self.phase is Phase.ENDED:
+            raise OperationInvalid(f"job {self.job.uuid} has ended", job=self.job.uuid,
+                                   verb="cancel")  # fmt: skip
+        self.cancel_requested = True
+        with contextlib.suppress(DriverError):
+            await self.proc.execute("migrate_cancel")

@@ -1,0 +1,154 @@
+"""Helpers for the real-QEMU tests: a recording reporter, images, and process checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+from attrs import define, field
+
+from jobcore.driver import DriverJob
+from jobcore.spec import JobType
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@define(eq=False)
+class RecordingReporter:
+    """A JobReporter that records every report and lets a test await them."""
+
+    events: list[tuple[str, Any]] = field(factory=list)
+    progress_calls: list[tuple[int, int, dict[str, int | str]]] = field(factory=list)
+    _changed: anyio.Event = field(factory=anyio.Event)
+
+    def _note(self, kind: str, value: Any = None) -> None:
+        self.events.append((kind, value))
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def progress(self, processed: int, total: int,
+                 extra: Mapping[str, int | str] | None = None) -> None:  # fmt: skip
+        self.progress_calls.append((processed, total, dict(extra or {})))
+
+    def ready(self) -> None:
+        self._note("ready")
+
+    def completed(self, extra: Mapping[str, int | str] | None = None) -> None:
+        self._note("completed", dict(extra or {}))
+
+    def failed(self, errmsg: str) -> None:
+        self._note("failed", errmsg)
+
+    def cancelled(self) -> None:
+        self._note("cancelled")
+
+    def domain_moved(self, uri: str) -> None:
+        self._note("domain_moved", uri)
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.events]
+
+    @property
+    def terminal(self) -> tuple[str, Any] | None:
+        for kind, value in self.events:
+            if kind in TERMINAL:
+                return kind, value
+        return None
+
+    async def wait_for(self, kind: str, timeout: float = 30.0) -> Any:
+        with anyio.fail_after(timeout):
+            while True:
+                for k, v in self.events:
+                    if k == kind:
+                        return v
+                if kind != "ready" and self.terminal is not None:
+                    raise AssertionError(f"wanted {kind}, job ended with {self.terminal}")
+                await self._changed.wait()
+
+    async def wait_end(self, timeout: float = 30.0) -> tuple[str, Any]:
+        with anyio.fail_after(timeout):
+            while self.terminal is None:
+                await self._changed.wait()
+        assert self.terminal is not None
+        return self.terminal
+
+
+def make_job(job_type: JobType, domain: str, spec: Any) -> tuple[DriverJob, RecordingReporter]:
+    rep = RecordingReporter()
+    return DriverJob(uuid.uuid4(), job_type, domain, spec, rep), rep
+
+
+def run(*argv: str) -> str:
+    res = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr}{res.stdout}")
+    return res.stdout
+
+
+def create(path: Path, size: str = "32M", backing: Path | None = None) -> Path:
+    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        args += ["-b", str(backing), "-F", "qcow2"]
+    run(*args, str(path), size)
+    return path
+
+
+def write(path: Path, *commands: str) -> None:
+    """qemu-io writes into an image that no QEMU has open, e.g. 'write -P 0x5a 0 4M'."""
+    args = ["qemu-io", "-f", "qcow2"]
+    for c in commands:
+        args += ["-c", c]
+    run(*args, str(path))
+
+
+def compare(a: str | Path, b: str | Path, *extra: str) -> None:
+    """``qemu-img compare -U`` (identical or AssertionError); a/b may be NBD URIs."""
+    run("qemu-img", "compare", "-U", *extra, str(a), str(b))
+
+
+def differs(a: str | Path, b: str | Path) -> bool:
+    res = subprocess.run(["qemu-img", "compare", "-U", "-q", str(a), str(b)], check=False)
+    return res.returncode == 1
+
+
+def alive(pid: int) -> bool:
+    """True when ``pid`` is a live (not zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def domain_xml(name: str, disks: Mapping[str, Path], memory_mib: int = 0) -> str:
+    devs = "".join(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{path}'/><target dev='{dev}'/></disk>"
+        for dev, path in disks.items()
+    )
+    mem = f"<memory unit='MiB'>{memory_mib}</memory>" if memory_mib else ""
+    return f"<domain><name>{name}</name>{mem}<devices>{devs}</devices></domain>"
+
+
+def qemu_children() -> set[int]:
+    """QEMU processes that are children of this test process."""
+    me = os.getpid()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == me and comm.startswith("qemu-system"):
+            found.add(int(entry.name))
+    return found
