@@ -1,0 +1,108 @@
+"""Engine benchmarks, each against a baseline in the same run:
+
+1. begin→completed throughput of instant sim jobs vs bare anyio task+event (target ≤ 5×);
+2. begin cost with 10,000 active jobs vs with 100 (target ≤ 1.5×);
+3. memory per active job (target ≤ 8 KiB).
+
+    python -m benchmarks.bench_engine
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import tracemalloc
+
+import anyio
+
+import jobcore
+from jobcore.spec import BackupJobSpec, BlockPullSpec
+from jobcore.backup import BackupDef, BackupDisk, BackupStore
+
+N_THROUGHPUT = 5000
+
+
+async def baseline_tasks(n: int) -> float:
+    """n × (spawn a task that sets an event; await the event)."""
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            done = anyio.Event()
+            tg.start_soon(_set, done)
+            await done.wait()
+    return time.perf_counter() - start
+
+
+async def _set(ev: anyio.Event) -> None:
+    ev.set()
+
+
+def _backup_spec(i: int) -> BackupJobSpec:
+    return BackupJobSpec(BackupDef(disks=(BackupDisk(
+        "vdb", type=None, store=BackupStore(f"/bench/{i}.qcow2")),)))
+
+
+async def instant_jobs(n: int) -> float:
+    async with jobcore.connect("sim:///default?rate=0", retention=0) as conn:
+        dom = await conn.lookup_domain("vm1")
+        specs = [_backup_spec(i) for i in range(n)]
+        start = time.perf_counter()
+        for spec in specs:
+            job = await dom.job_begin_spec(spec)
+            await job.wait()
+        return time.perf_counter() - start
+
+
+async def begin_cost(active: int, samples: int = 2000) -> tuple[float, int]:
+    """Mean seconds per begin with ``active`` jobs already running (manual clock: they
+    stay active), and the bytes those jobs take."""
+    async with jobcore.connect("sim:///default?clock=manual") as conn:
+        dom = await conn.lookup_domain("vm1")
+        specs = [_backup_spec(i) for i in range(active + samples)]
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for spec in specs[:active]:
+            await dom.job_begin_spec(spec)
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        start = time.perf_counter()
+        for spec in specs[active:]:
+            await dom.job_begin_spec(spec)
+        return (time.perf_counter() - start) / samples, used
+
+
+async def run() -> dict[str, float]:
+    await instant_jobs(200)  # warm up imports and caches
+    base = min([await baseline_tasks(N_THROUGHPUT) for _ in range(3)])
+    jobs = min([await instant_jobs(N_THROUGHPUT) for _ in range(3)])
+    small, _ = await begin_cost(100)
+    big, mem = await begin_cost(10_000)
+    small2, _ = await begin_cost(100)
+    small = min(small, small2)
+    return {
+        "baseline_per_s": N_THROUGHPUT / base,
+        "jobs_per_s": N_THROUGHPUT / jobs,
+        "throughput_ratio": jobs / base,
+        "begin_us_100": small * 1e6,
+        "begin_us_10000": big * 1e6,
+        "begin_ratio": big / small,
+        "bytes_per_active_job": mem / 10_000,
+    }
+
+
+def main() -> None:
+    r = anyio.run(run)
+    print(f"bare anyio task+event : {r['baseline_per_s']:10.0f} /s")
+    print(f"instant sim jobs      : {r['jobs_per_s']:10.0f} /s  "
+          f"ratio {r['throughput_ratio']:.2f}x (target <= 5x)")
+    print(f"begin, 100 active     : {r['begin_us_100']:10.1f} us")
+    print(f"begin, 10,000 active  : {r['begin_us_10000']:10.1f} us  "
+          f"ratio {r['begin_ratio']:.2f}x (target <= 1.5x)")
+    print(f"memory per active job : {r['bytes_per_active_job']:10.0f} B "
+          f"(target <= 8192 B)")
+
+
+if __name__ == "__main__":
+    main()

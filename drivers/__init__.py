@@ -1,0 +1,1 @@
+"""Reference hypervisor drivers of jobcore: ``sim`` (embedded) and ``qemu`` (real QEMU)."""

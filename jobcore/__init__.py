@@ -1,0 +1,106 @@
+"""jobcore: every long-running domain operation is a job object with a UUID.
+
+Async API: ``async with jobcore.connect(uri) as conn``; blocking, libvirt-flavoured
+facade: ``jobcore.open(uri)`` and the ``Job*`` functions. See README.md and design/.
+"""
+
+from jobcore.api import LEGACY_DOMAIN_JOB_UUID, Connection, Domain, Job, connect
+from jobcore.constants import *  # noqa: F403  (libvirt's names and values)
+from jobcore.errors import (
+    DriverError,
+    InvalidArgument,
+    InvalidURI,
+    JobConflict,
+    JobError,
+    NoSuchDomain,
+    NoSuchJob,
+    OperationInvalid,
+    QueueTimeout,
+    Unsupported,
+    XMLError,
+)
+from jobcore.events import EventFilter, EventKind, JobEvent, Subscription
+from jobcore.facade import (
+    BlockingConnection,
+    BlockingDomain,
+    BlockingJob,
+    JobAbort,
+    JobBegin,
+    JobComplete,
+    JobFree,
+    JobGetInfo,
+    JobGetStats,
+    JobGetType,
+    JobGetUUID,
+    JobGetUUIDString,
+    JobGetXMLDesc,
+    JobLookupByUUID,
+    JobPause,
+    JobResume,
+    JobSetSpeed,
+    JobWait,
+    open,
+)
+from jobcore.info import JobInfo
+from jobcore.lifecycle import JobState, Verb
+from jobcore.spec import (
+    BackupJobSpec,
+    BlockCommitSpec,
+    BlockPullSpec,
+    ChainRef,
+    JobOptions,
+    JobType,
+    MigrationSpec,
+)
+
+__all__ = [
+    "LEGACY_DOMAIN_JOB_UUID",
+    "BackupJobSpec",
+    "BlockCommitSpec",
+    "BlockPullSpec",
+    "BlockingConnection",
+    "BlockingDomain",
+    "BlockingJob",
+    "ChainRef",
+    "Connection",
+    "Domain",
+    "DriverError",
+    "EventFilter",
+    "EventKind",
+    "InvalidArgument",
+    "InvalidURI",
+    "Job",
+    "JobAbort",
+    "JobBegin",
+    "JobComplete",
+    "JobConflict",
+    "JobError",
+    "JobEvent",
+    "JobFree",
+    "JobGetInfo",
+    "JobGetStats",
+    "JobGetType",
+    "JobGetUUID",
+    "JobGetUUIDString",
+    "JobGetXMLDesc",
+    "JobInfo",
+    "JobLookupByUUID",
+    "JobOptions",
+    "JobPause",
+    "JobResume",
+    "JobSetSpeed",
+    "JobState",
+    "JobType",
+    "JobWait",
+    "MigrationSpec",
+    "NoSuchDomain",
+    "NoSuchJob",
+    "OperationInvalid",
+    "QueueTimeout",
+    "Subscription",
+    "Unsupported",
+    "Verb",
+    "XMLError",
+    "connect",
+    "open",
+]

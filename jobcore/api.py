@@ -1,0 +1,321 @@
+"""The async API: connections, domains and job handles (anyio; asyncio and trio)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import attrs
+
+from jobcore import constants as C
+from jobcore.driver import DomainInfo, DriverConnection
+from jobcore.drivers import load_driver
+from jobcore.engine import DEFAULT_RETENTION, Engine
+from jobcore.errors import InvalidArgument, NoSuchJob, OperationInvalid
+from jobcore.events import EventFilter, EventHub, EventKind, Subscription
+from jobcore.info import JobInfo
+from jobcore.lifecycle import JobState
+from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, ChainRef, JobType
+from jobcore.store import JobRecord
+from jobcore.uri import parse_uri
+from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
+
+#: The reserved UUID of "the domain job" (design/legacy.md), fixed forever:
+#: uuid5(NAMESPACE_URL, 'jobcore:legacy-domain-job'). No job is ever given it.
+LEGACY_DOMAIN_JOB_UUID = uuid.UUID("352d1551-dd56-5c91-9f5e-66d1a79be98c")
+
+MiB = 1 << 20
+
+
+def as_uuid(value: str | bytes | uuid.UUID) -> uuid.UUID:
+    """A UUID from its string form, 16 raw bytes, or a uuid.UUID."""
+    try:
+        if isinstance(value, uuid.UUID):
+            return value
+        if isinstance(value, bytes | bytearray):
+            return uuid.UUID(bytes=bytes(value))
+        return uuid.UUID(str(value))
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"invalid job UUID {value!r}") from None
+
+
+class Connection:
+    """An open connection to a hypervisor driver, owning its engine and tasks."""
+
+    def __init__(self, uri: str, dconn: DriverConnection, engine: Engine) -> None:
+        self.uri = uri
+        self.driver = dconn
+        self.engine = engine
+
+    async def lookup_domain(self, name: str) -> Domain:
+        info = await self.driver.lookup_domain(name)
+        return Domain(self, info.name, info.uuid)
+
+    async def list_domains(self) -> list[Domain]:
+        return [Domain(self, d.name, d.uuid) for d in await self.driver.list_domains()]
+
+    async def create_domain(self, xml: str) -> Domain:
+        info = await self.driver.create_domain(xml)
+        return Domain(self, info.name, info.uuid)
+
+    async def job_lookup_by_uuid(self, dom: Domain, job: str | bytes | uuid.UUID) -> Job:
+        """Look a job up by UUID; ``LEGACY_DOMAIN_JOB_UUID`` resolves to the domain's
+        legacy job at call time (the handle returned is that concrete job)."""
+        job_id = as_uuid(job)
+        if job_id == LEGACY_DOMAIN_JOB_UUID:
+            rec = self.engine.legacy_job(dom.name)
+            if rec is None:
+                raise NoSuchJob(f"domain '{dom.name}' has no active or retained domain job")
+            return Job(self, rec)
+        rec = self.engine.lookup(job_id)
+        if rec.domain != dom.name:
+            raise NoSuchJob(f"no job with UUID '{job_id}' on domain '{dom.name}'")
+        return Job(self, rec)
+
+    def subscribe(self, *, domain: str | None = None, job: uuid.UUID | None = None,
+                  types: Iterable[str] | None = None, kinds: Iterable[EventKind] | None = None,
+                  maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
+        """A bounded, filtered event queue; close it (or use ``with``) when done."""
+        return self.engine.subscribe(EventFilter(
+            domain, job, None if types is None else frozenset(map(str, types)),
+            None if kinds is None else frozenset(kinds)), maxlen)
+
+
+class Domain:
+    """A domain handle. After a migration it follows the domain (see ``uri``)."""
+
+    def __init__(self, conn: Connection, name: str, dom_uuid: uuid.UUID) -> None:
+        self.conn = conn
+        self.name = name
+        self.uuid = dom_uuid
+
+    def __repr__(self) -> str:
+        return f"<Domain {self.name!r} on {self.uri!r}>"
+
+    @property
+    def uri(self) -> str:
+        """The URI of the host the domain runs on now."""
+        return self.conn.engine.domain_location.get(self.name, self.conn.uri)
+
+    async def info(self) -> DomainInfo:
+        return await self.conn.driver.lookup_domain(self.name)
+
+    async def destroy(self) -> None:
+        await self.conn.driver.destroy_domain(self.name)
+
+    async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> Job:
+        """Parse a ``<job>`` document and begin it (JobBegin)."""
+        return await self.job_begin_spec(parse_job(job_xml), flags)
+
+    async def job_begin_spec(self, spec: Any, flags: int = 0) -> Job:
+        """Begin a job from a typed spec (what ``job_begin`` does after parsing)."""
+        return Job(self.conn, await self.conn.engine.begin(self.name, spec, flags))
+
+    async def list_jobs(self) -> list[Job]:
+        """Active and retained jobs of the domain, in the order they began."""
+        return [Job(self.conn, r) for r in self.conn.engine.domain_jobs(self.name)]
+
+    # ---- legacy calls (libvirt-python virDomain methods) -----------------------------
+
+    def _legacy_active(self) -> JobRecord | None:
+        rec = self.conn.engine.legacy_job(self.name)
+        return rec if rec is not None and rec.state.active else None
+
+    async def job_info(self) -> list[int]:
+        """virDomainGetJobInfo: [type, timeElapsed, timeRemaining, dataTotal,
+        dataProcessed, dataRemaining, memTotal, memProcessed, memRemaining, fileTotal,
+        fileProcessed, fileRemaining]."""
+        rec = self._legacy_active()
+        if rec is None:
+            return [C.VIR_DOMAIN_JOB_NONE] + [0] * 11
+        st = self.conn.engine.stats(rec)
+        mem = [st.get(f"memory_{k}", 0) for k in ("total", "processed", "remaining")]
+        disk = [st.get(f"disk_{k}", 0) for k in ("total", "processed", "remaining")]
+        data = [m + d for m, d in zip(mem, disk, strict=True)]
+        return [st["type"], st["time_elapsed"], 0, *data, *mem, *disk]
+
+    async def job_stats(self, flags: int = 0) -> dict[str, Any]:
+        """virDomainGetJobStats: the legacy job's stats, or with
+        VIR_DOMAIN_JOB_STATS_COMPLETED the last ended one's (read once unless
+        VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)."""
+        engine = self.conn.engine
+        if not flags & C.VIR_DOMAIN_JOB_STATS_COMPLETED:
+            rec = self._legacy_active()
+            return {"type": C.VIR_DOMAIN_JOB_NONE} if rec is None else engine.stats(rec)
+        rec = engine.legacy_job(self.name)
+        if rec is None or rec.state.active or rec.legacy_stats_read:
+            return {"type": C.VIR_DOMAIN_JOB_NONE}
+        if not flags & C.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED:
+            rec.legacy_stats_read = True
+        return engine.stats(rec)
+
+    async def abort_job(self) -> int:
+        """virDomainAbortJob. As in libvirt, aborting a pull-mode backup that is serving
+        its export ends it successfully (its consumer is done)."""
+        rec = self._legacy_active()
+        if rec is None:
+            raise OperationInvalid("no job is active on the domain")
+        if (isinstance(rec.spec, BackupJobSpec) and rec.spec.backup.effective_mode == "pull"
+                and rec.state in (JobState.READY, JobState.STANDBY)):
+            await self.conn.engine.complete(rec)
+        else:
+            await self.conn.engine.abort(rec)
+        return 0
+
+    async def backup_begin(self, backup_xml: str | None, checkpoint_xml: str | None = None,
+                           flags: int = 0) -> int:
+        backup = parse_backup(backup_xml or "<domainbackup/>")
+        checkpoint = None if checkpoint_xml is None else parse_checkpoint(checkpoint_xml)
+        await self.job_begin_spec(BackupJobSpec(backup, checkpoint))
+        return 0
+
+    async def backup_get_xml_desc(self, flags: int = 0) -> str:
+        rec = self._legacy_active()
+        if rec is None or not isinstance(rec.spec, BackupJobSpec):
+            raise NoSuchJob("no domain backup job present")
+        return format_backup(rec.spec.backup)
+
+    def _chain_job(self, disk: str) -> JobRecord | None:
+        return self.conn.engine.store.chain_job(self.name, disk)
+
+    async def block_job_info(self, disk: str, flags: int = 0) -> dict[str, int]:
+        """virDomainGetBlockJobInfo: {'type', 'bandwidth', 'cur', 'end'} or {}."""
+        rec = self._chain_job(disk)
+        if rec is None:
+            return {}
+        if isinstance(rec.spec, BlockPullSpec):
+            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL
+        elif isinstance(rec.spec, BlockCommitSpec) and rec.spec.active:
+            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+        else:
+            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT
+        bandwidth = rec.bandwidth or 0
+        if not flags & C.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES:
+            bandwidth //= MiB
+        cur, end = rec.processed, rec.total
+        if end == 0:  # as libvirt: never show a finished-looking 0/0 for a live job
+            cur, end = (1, 1) if rec.state in (JobState.READY, JobState.STANDBY) else (0, 1)
+        elif cur == end and rec.state not in (JobState.READY, JobState.STANDBY):
+            cur -= 1
+        return {"type": kind, "bandwidth": bandwidth, "cur": cur, "end": end}
+
+    async def block_job_abort(self, disk: str, flags: int = 0) -> int:
+        rec = self._chain_job(disk)
+        if rec is None:
+            raise OperationInvalid(f"disk '{disk}' does not have an active block job")
+        engine = self.conn.engine
+        if flags & C.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT:
+            if rec.state not in (JobState.READY, JobState.STANDBY):
+                raise OperationInvalid(f"block job '{rec.uuid}' not ready for pivot yet",
+                                       job=rec.uuid, state=str(rec.state), verb="complete")
+            await engine.complete(rec)
+        else:
+            await engine.abort(rec)
+        if not flags & C.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC:
+            await engine.wait(rec)
+        return 0
+
+    async def block_pull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
+        await self.job_begin_spec(BlockPullSpec(
+            disk, bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)))
+        return 0
+
+    async def block_commit(self, disk: str, base: str | None, top: str | None,
+                           bandwidth: int = 0, flags: int = 0) -> int:
+        info = await self.info()
+        chain = info.disk(disk)
+        top_ref = None if top is None else ChainRef(file=top)
+        if chain is not None and (top is None or top == chain.source) \
+                and not flags & C.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE:
+            raise InvalidArgument("commit of the active layer requires "
+                                  "VIR_DOMAIN_BLOCK_COMMIT_ACTIVE")
+        await self.job_begin_spec(BlockCommitSpec(
+            disk, top=top_ref, base=None if base is None else ChainRef(file=base),
+            delete=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_DELETE),
+            shallow=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW),
+            bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES)))
+        return 0
+
+
+def _bandwidth(value: int, flags: int, bytes_flag: int) -> int | None:
+    if value < 0:
+        raise InvalidArgument("bandwidth must not be negative")
+    if value == 0:
+        return None
+    return value if flags & bytes_flag else value * MiB
+
+
+class Job:
+    """A handle on one concrete job. ``uuid`` and ``type`` need no round trip."""
+
+    def __init__(self, conn: Connection, rec: JobRecord) -> None:
+        self.conn = conn
+        self._rec = rec
+        self.uuid: uuid.UUID = rec.uuid
+        self.type: JobType = rec.type
+        self.domain: str = rec.domain
+
+    def __repr__(self) -> str:
+        return f"<Job {self.uuid} {self.type} on {self.domain!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and other.uuid == self.uuid
+
+    def __hash__(self) -> int:
+        return hash(self.uuid)
+
+    @property
+    def state(self) -> JobState:
+        return self._rec.state
+
+    async def info(self) -> JobInfo:
+        return self.conn.engine.info(self._rec)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.conn.engine.stats(self._rec)
+
+    async def wait(self, timeout: float | None = None) -> JobInfo:
+        """Until the job ends; returns its final info. TimeoutError after ``timeout``."""
+        return await self.conn.engine.wait(self._rec, timeout)
+
+    async def abort(self) -> None:
+        await self.conn.engine.abort(self._rec)
+
+    async def pause(self) -> None:
+        await self.conn.engine.pause(self._rec)
+
+    async def resume(self) -> None:
+        await self.conn.engine.resume(self._rec)
+
+    async def complete(self) -> None:
+        await self.conn.engine.complete(self._rec)
+
+    async def set_speed(self, bandwidth: int | None) -> None:
+        """Bandwidth in bytes/s; None or 0 lifts the limit."""
+        await self.conn.engine.set_speed(self._rec, bandwidth or None)
+
+    async def xml_desc(self) -> str:
+        """The job XML with its UUID and the effective (aligned, defaulted) values."""
+        return format_job(attrs.evolve(self._rec.spec, uuid=self._rec.uuid))
+
+    def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
+        return self.conn.subscribe(job=self.uuid, maxlen=maxlen)
+
+
+@asynccontextmanager
+async def connect(uri: str = "sim:///default", *,
+                  retention: float = DEFAULT_RETENTION) -> AsyncIterator[Connection]:
+    """Open a connection; everything it started is cancelled when the block exits."""
+    parsed = parse_uri(uri)
+    driver = load_driver(parsed)
+    async with anyio.create_task_group() as tg:
+        async with driver.connect(parsed, tg) as dconn:
+            engine = Engine(dconn, tg, retention=retention)
+            try:
+                yield Connection(uri, dconn, engine)
+            finally:
+                engine.close()
+        tg.cancel_scope.cancel()

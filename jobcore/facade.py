@@ -1,0 +1,308 @@
+"""The blocking, libvirt-flavoured facade: a thin synchronous wrapper over the async API.
+
+``open()`` starts one event loop on a daemon thread per connection and runs every call
+there through an anyio blocking portal; nothing here re-implements behaviour. An unclosed
+connection never keeps the process alive: the thread is a daemon, and an ``atexit`` hook
+closes what is still open (so drivers can reap their processes).
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal
+
+from jobcore.api import Connection, Domain, Job, as_uuid, connect
+from jobcore.driver import DriverConnection
+from jobcore.engine import DEFAULT_RETENTION
+from jobcore.errors import JobError
+from jobcore.info import JobInfo
+from jobcore.spec import JobType
+
+T = TypeVar("T")
+
+_open_connections: weakref.WeakSet[BlockingConnection] = weakref.WeakSet()
+
+
+class BlockingConnection:
+    """virConnect-like. Create with ``jobcore.open(uri)``."""
+
+    def __init__(self, uri: str, *, backend: str = "asyncio",
+                 retention: float = DEFAULT_RETENTION) -> None:
+        self.uri = uri
+        self._portal: BlockingPortal | None = None
+        self._cm: AbstractContextManager[Connection] | None = None
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        async def main() -> None:
+            try:
+                async with BlockingPortal() as portal:
+                    self._portal = portal
+                    started.set()
+                    await portal.sleep_until_stopped()
+            except BaseException as exc:  # surfaced to the opening thread
+                failure.append(exc)
+                started.set()
+                raise
+
+        self._thread = threading.Thread(
+            target=lambda: anyio.run(main, backend=backend), daemon=True,
+            name=f"jobcore {uri}")
+        self._thread.start()
+        started.wait()
+        if failure or self._portal is None:
+            raise JobError(f"cannot start the event loop for '{uri}'")
+        try:
+            self._cm = self._portal.wrap_async_context_manager(
+                connect(uri, retention=retention))
+            self.aconn: Connection = self._cm.__enter__()
+        except BaseException:
+            self._cm = None
+            self._stop_loop()
+            raise
+        _open_connections.add(self)
+
+    def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        if self._portal is None or self._cm is None:
+            raise JobError("the connection is closed")
+        return self._portal.call(fn, *args)
+
+    def _stop_loop(self) -> None:
+        if self._portal is not None:
+            try:
+                self._portal.stop_from_external_thread()
+            except RuntimeError:
+                pass
+            self._thread.join(timeout=10)
+            self._portal = None
+
+    def close(self) -> int:
+        """Close the connection: jobs it runs end, drivers clean up. Idempotent."""
+        cm, self._cm = self._cm, None
+        if cm is not None:
+            try:
+                cm.__exit__(None, None, None)
+            finally:
+                self._stop_loop()
+                _open_connections.discard(self)
+        return 0
+
+    def isAlive(self) -> bool:
+        return self._cm is not None
+
+    @property
+    def driver(self) -> DriverConnection:
+        """The driver connection (e.g. the sim's clock and failure injection)."""
+        return self.aconn.driver
+
+    def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """Run a coroutine function on this connection's event loop."""
+        return self._call(fn, *args)
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a plain function on the event loop's thread (for driver helpers)."""
+        if self._portal is None:
+            raise JobError("the connection is closed")
+        return self._portal.call(_sync_to_async(fn), *args)
+
+    def lookupByName(self, name: str) -> BlockingDomain:
+        return BlockingDomain(self, self._call(self.aconn.lookup_domain, name))
+
+    def listAllDomains(self, flags: int = 0) -> list[BlockingDomain]:
+        return [BlockingDomain(self, d) for d in self._call(self.aconn.list_domains)]
+
+    def createXML(self, xml: str, flags: int = 0) -> BlockingDomain:
+        return BlockingDomain(self, self._call(self.aconn.create_domain, xml))
+
+    def getURI(self) -> str:
+        return self.uri
+
+    def __enter__(self) -> BlockingConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sync_to_async(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
+    async def wrapper(*args: Any) -> T:
+        return fn(*args)
+
+    return wrapper
+
+
+class BlockingDomain:
+    """virDomain-like: the legacy calls keep libvirt-python's names and return shapes."""
+
+    def __init__(self, conn: BlockingConnection, dom: Domain) -> None:
+        self.conn = conn
+        self.adom = dom
+
+    def __repr__(self) -> str:
+        return f"<BlockingDomain {self.adom.name!r}>"
+
+    def name(self) -> str:
+        return self.adom.name
+
+    def UUIDString(self) -> str:
+        return str(self.adom.uuid)
+
+    def connect(self) -> BlockingConnection:
+        return self.conn
+
+    def destroy(self) -> int:
+        self.conn._call(self.adom.destroy)
+        return 0
+
+    def jobInfo(self) -> list[int]:
+        return self.conn._call(self.adom.job_info)
+
+    def jobStats(self, flags: int = 0) -> dict[str, Any]:
+        return self.conn._call(self.adom.job_stats, flags)
+
+    def abortJob(self) -> int:
+        return self.conn._call(self.adom.abort_job)
+
+    def backupBegin(self, backupXML: str | None, checkpointXML: str | None = None,
+                    flags: int = 0) -> int:
+        return self.conn._call(self.adom.backup_begin, backupXML, checkpointXML, flags)
+
+    def backupGetXMLDesc(self, flags: int = 0) -> str:
+        return self.conn._call(self.adom.backup_get_xml_desc, flags)
+
+    def blockJobInfo(self, disk: str, flags: int = 0) -> dict[str, int]:
+        return self.conn._call(self.adom.block_job_info, disk, flags)
+
+    def blockJobAbort(self, disk: str, flags: int = 0) -> int:
+        return self.conn._call(self.adom.block_job_abort, disk, flags)
+
+    def blockPull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
+        return self.conn._call(self.adom.block_pull, disk, bandwidth, flags)
+
+    def blockCommit(self, disk: str, base: str | None, top: str | None, bandwidth: int = 0,
+                    flags: int = 0) -> int:
+        return self.conn._call(self.adom.block_commit, disk, base, top, bandwidth, flags)
+
+    def listJobs(self) -> list[BlockingJob]:
+        return [BlockingJob(self.conn, j) for j in self.conn._call(self.adom.list_jobs)]
+
+
+class BlockingJob:
+    """virDomainJob-like handle; use the module functions (JobGetType, …) on it."""
+
+    def __init__(self, conn: BlockingConnection, job: Job) -> None:
+        self.conn = conn
+        self.ajob = job
+        self.freed = False
+
+    def __repr__(self) -> str:
+        return f"<BlockingJob {self.ajob.uuid} {self.ajob.type}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockingJob) and other.ajob == self.ajob
+
+    def __hash__(self) -> int:
+        return hash(self.ajob)
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        return self.ajob.uuid
+
+    @property
+    def type(self) -> JobType:
+        return self.ajob.type
+
+    def _live(self) -> Job:
+        if self.freed:
+            raise JobError("the job handle was freed")
+        return self.ajob
+
+
+def open(uri: str = "sim:///default", *, backend: str = "asyncio",  # noqa: A001
+         retention: float = DEFAULT_RETENTION) -> BlockingConnection:
+    """Open a blocking connection (its event loop runs on its own daemon thread)."""
+    return BlockingConnection(uri, backend=backend, retention=retention)
+
+
+def JobBegin(dom: BlockingDomain, job_xml: str | bytes, flags: int = 0) -> BlockingJob:
+    return BlockingJob(dom.conn, dom.conn._call(dom.adom.job_begin, job_xml, flags))
+
+
+def JobLookupByUUID(dom: BlockingDomain, job_uuid: str | bytes | uuid.UUID) -> BlockingJob:
+    return BlockingJob(dom.conn, dom.conn._call(dom.conn.aconn.job_lookup_by_uuid, dom.adom,
+                                                as_uuid(job_uuid)))
+
+
+def JobGetType(job: BlockingJob) -> JobType:
+    return job._live().type
+
+
+def JobGetUUID(job: BlockingJob) -> bytes:
+    return job._live().uuid.bytes
+
+
+def JobGetUUIDString(job: BlockingJob) -> str:
+    return str(job._live().uuid)
+
+
+def JobGetXMLDesc(job: BlockingJob, flags: int = 0) -> str:
+    return job.conn._call(job._live().xml_desc)
+
+
+def JobGetInfo(job: BlockingJob) -> JobInfo:
+    return job.conn._call(job._live().info)
+
+
+def JobGetStats(job: BlockingJob, flags: int = 0) -> dict[str, Any]:
+    return job.conn._call(job._live().stats)
+
+
+def JobAbort(job: BlockingJob, flags: int = 0) -> int:
+    job.conn._call(job._live().abort)
+    return 0
+
+
+def JobPause(job: BlockingJob, flags: int = 0) -> int:
+    job.conn._call(job._live().pause)
+    return 0
+
+
+def JobResume(job: BlockingJob, flags: int = 0) -> int:
+    job.conn._call(job._live().resume)
+    return 0
+
+
+def JobComplete(job: BlockingJob, flags: int = 0) -> int:
+    job.conn._call(job._live().complete)
+    return 0
+
+
+def JobSetSpeed(job: BlockingJob, bandwidth: int, flags: int = 0) -> int:
+    job.conn._call(job._live().set_speed, bandwidth)
+    return 0
+
+
+def JobWait(job: BlockingJob, timeout: float | None = None) -> JobInfo:
+    return job.conn._call(job._live().wait, timeout)
+
+
+def JobFree(job: BlockingJob) -> int:
+    job.freed = True
+    return 0
+
+
+@atexit.register
+def _close_open_connections() -> None:
+    for conn in list(_open_connections):
+        try:
+            conn.close()
+        except Exception:  # best effort at interpreter exit
+            pass

@@ -1,0 +1,384 @@
+"""A reusable lifecycle and scheduling test kit for any jobcore driver.
+
+``JobLifecycleMachine`` is a hypothesis ``RuleBasedStateMachine`` that opens a blocking
+connection to a driver URI, begins jobs from templates (each with a caller-chosen UUID),
+and applies random abort/pause/resume/complete/set-speed verbs, time steps and injected
+failures, while checking after every step:
+
+* every observed state change is an edge of ``jobcore.lifecycle.TRANSITIONS``;
+* a refused verb is refused only in a state whose verb-table row forbids it;
+* terminal states are absorbing and every job gets exactly one FINAL event;
+* jobs holding conflicting claims are never admitted together;
+* ``LEGACY_DOMAIN_JOB_UUID`` resolves per the alias rule;
+* queued jobs of equal priority contending for one resource start in FIFO order;
+* no job is lost: every begun job can be looked up and, at teardown, ends.
+
+A driver author subclasses it, sets ``URI`` and ``BACKEND``, overrides ``templates()``
+(and ``advance()`` if time is not a manual sim clock), and runs
+``TestCase = MyMachine.TestCase``. See tests/test_lifecycle_kit.py for the sim driver.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import attrs
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from jobcore import constants as C
+from jobcore.api import LEGACY_DOMAIN_JOB_UUID
+from jobcore.errors import DriverError, InvalidArgument, JobConflict, NoSuchJob, OperationInvalid
+from jobcore.events import EventKind, JobEvent, Subscription
+from jobcore.facade import BlockingConnection, BlockingDomain, BlockingJob
+from jobcore.facade import JobBegin as _JobBegin
+from jobcore.facade import JobLookupByUUID as _JobLookupByUUID
+from jobcore.facade import open as _open
+from jobcore.lifecycle import INITIAL, TRANSITIONS, VERBS, JobState, Verb
+from jobcore.scheduler import CONFLICTS
+
+
+@attrs.frozen
+class JobTemplate:
+    """A job the machine may begin: ``make(uuid, queue)`` returns the job XML."""
+
+    name: str
+    domain: str
+    domain_level: bool
+    make: Callable[[uuid.UUID, bool], str]
+
+
+def _options(job: uuid.UUID, queue: bool) -> str:
+    return f"<uuid>{job}</uuid>" + ("<queue/>" if queue else "")
+
+
+def sim_templates() -> list[JobTemplate]:
+    """Jobs of every type on the sim driver's ``vm1``."""
+
+    def backup(disk: str, mode: str = "push") -> Callable[[uuid.UUID, bool], str]:
+        def make(job: uuid.UUID, queue: bool) -> str:
+            store = "scratch" if mode == "pull" else "target"
+            server = "<server transport='unix' socket='/tmp/kit.sock'/>" if mode == "pull" \
+                else ""
+            return (f"<job type='backup'>{_options(job, queue)}<domainbackup mode='{mode}'>"
+                    f"{server}<disks><disk name='{disk}' type='file'>"
+                    f"<{store} file='/kit/{job}.{disk}'/></disk></disks></domainbackup></job>")
+        return make
+
+    def chain(kind: str, body: str) -> Callable[[uuid.UUID, bool], str]:
+        return lambda job, queue: (f"<job type='{kind}'>{_options(job, queue)}{body}</job>")
+
+    def migration(dest: str) -> Callable[[uuid.UUID, bool], str]:
+        return lambda job, queue: (f"<job type='migration'>{_options(job, queue)}"
+                                   f"<destination uri='{dest}'/></job>")
+
+    return [
+        JobTemplate("backup-vda", "vm1", True, backup("vda")),
+        JobTemplate("backup-vdb", "vm1", True, backup("vdb")),
+        JobTemplate("pull-backup-vdb", "vm1", True, backup("vdb", "pull")),
+        JobTemplate("blockpull-vda", "vm1", False, chain("blockpull", "<disk name='vda'/>")),
+        JobTemplate("commit-vda-active", "vm1", False,
+                    chain("blockcommit", "<disk name='vda'/>")),
+        JobTemplate("commit-vdb", "vm1", False, chain("blockcommit", "<disk name='vdb'/>")),
+        JobTemplate("migrate-away", "vm1", True, migration("sim:///kitdest")),
+        JobTemplate("backup-vm2", "vm2", True, backup("vda")),
+    ]
+
+
+@attrs.define
+class _Seen:
+    template: JobTemplate
+    job: BlockingJob | None
+    order: int
+    queued_at_begin: bool = False
+    states: list[JobState] = attrs.field(factory=list)
+    finals: int = 0
+    ended_order: int | None = None
+    started_order: int | None = None
+
+
+class JobLifecycleMachine(RuleBasedStateMachine):
+    URI: ClassVar[str] = "sim:///default?clock=manual"
+    BACKEND: ClassVar[str] = "asyncio"
+    #: seconds an ended job is retained; long, so the alias model needs no expiry
+    RETENTION: ClassVar[float] = 1e9
+
+    def templates(self) -> list[JobTemplate]:
+        return sim_templates()
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass: a manual sim clock is advanced, other drivers really wait."""
+        clock = getattr(self.conn.driver, "clock", None)
+        if clock is not None and getattr(clock, "manual", False):
+            self.conn.run_sync(clock.advance, seconds)
+        else:
+            time.sleep(min(seconds, 0.2) / 10)
+
+    def inject_failure(self, at: float) -> bool:
+        inject = getattr(self.conn.driver, "inject_failure", None)
+        if inject is None:
+            return False
+        self.conn.run_sync(inject, None, at, "kit-injected failure")
+        return True
+
+    # ---- setup and bookkeeping -------------------------------------------------------
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conn: BlockingConnection = _open(self.URI, backend=self.BACKEND,
+                                              retention=self.RETENTION)
+        self.sub: Subscription = self.conn.run_sync(
+            lambda: self.conn.aconn.subscribe(maxlen=1 << 20))
+        self.domains: dict[str, BlockingDomain] = {}
+        self.seen: dict[uuid.UUID, _Seen] = {}
+        self._order = 0
+        self._ends = 0
+        self._starts = 0
+        self.tmpl = self.templates()
+
+    @initialize()
+    def _lookup_domains(self) -> None:
+        for t in self.tmpl:
+            if t.domain not in self.domains:
+                self.domains[t.domain] = self.conn.lookupByName(t.domain)
+
+    def teardown(self) -> None:
+        try:
+            self._drain_all()
+        finally:
+            self.conn.close()
+
+    def _drain_events(self) -> None:
+        events: list[JobEvent] = self.conn.run_sync(self._take_events)
+        for ev in events:
+            seen = self.seen.get(ev.job)
+            assert seen is not None, f"event for a job never begun: {ev}"
+            assert ev.lost_before == 0, "the kit's subscription must not lose events"
+            if ev.kind is EventKind.STATE:
+                last = seen.states[-1] if seen.states else None
+                assert ev.previous == last, (ev, seen.states)
+                if last is None:
+                    assert ev.state in INITIAL, ev
+                else:
+                    assert ev.state in TRANSITIONS[last], f"{last} -> {ev.state} not allowed"
+                seen.states.append(ev.state)
+                if ev.state is JobState.RUNNING and seen.started_order is None:
+                    self._starts += 1
+                    seen.started_order = self._starts
+            elif ev.kind is EventKind.FINAL:
+                assert seen.states and seen.states[-1].terminal, "FINAL before terminal state"
+                assert ev.stats is not None and ev.stats["state"] == str(seen.states[-1])
+                seen.finals += 1
+                assert seen.finals == 1, "more than one FINAL event"
+                self._ends += 1
+                seen.ended_order = self._ends
+
+    def _take_events(self) -> list[JobEvent]:
+        out = []
+        while (ev := self.sub.get_nowait()) is not None:
+            out.append(ev)
+        return out
+
+    def _state(self, seen: _Seen) -> JobState | None:
+        return seen.states[-1] if seen.states else None
+
+    def _live(self) -> list[_Seen]:
+        return [s for s in self.seen.values()
+                if s.job is not None and (self._state(s) or JobState.RUNNING).active]
+
+    # ---- rules -----------------------------------------------------------------------
+
+    @rule(data=st.data(), queue=st.booleans())
+    def begin(self, data: st.DataObject, queue: bool) -> None:
+        tmpl = data.draw(st.sampled_from(self.tmpl), label="template")
+        job_id = uuid.uuid4()
+        self._order += 1
+        seen = _Seen(tmpl, None, self._order)
+        self.seen[job_id] = seen
+        dom = self.domains[tmpl.domain]
+        try:
+            job = _JobBegin(dom, tmpl.make(job_id, queue))
+        except JobConflict as exc:
+            assert not queue, "a queueing begin must not fail with JobConflict"
+            holder = self.seen.get(exc.holder)
+            assert holder is not None and holder.job is not None, "holder must be a known job"
+            self._drain_events()
+            holder_state = self._state(holder)
+            assert holder_state is not None and holder_state.active, \
+                f"conflict named a job that is {holder_state}"
+            del self.seen[job_id]
+            return
+        except (DriverError, InvalidArgument):
+            # refused by the hypervisor at start: the job exists and ended failed
+            job = _JobLookupByUUID(dom, job_id)
+        assert job.uuid == job_id
+        seen.job = job
+        self._drain_events()
+        state = self._state(seen)
+        assert state is not None
+        seen.queued_at_begin = state is JobState.QUEUED
+        if state is JobState.QUEUED:
+            assert queue, "only a caller asking to queue sees 'queued'"
+
+    def _verb(self, data: st.DataObject, verb: Verb, call: Callable[[BlockingJob], Any]) -> None:
+        live = self._live()
+        if not live:
+            return
+        seen = data.draw(st.sampled_from(live), label="job")
+        assert seen.job is not None
+        try:
+            call(seen.job)
+        except OperationInvalid as exc:
+            if exc.state is not None and exc.verb == str(verb):
+                assert JobState(exc.state) not in VERBS[verb], \
+                    f"{verb} refused in {exc.state}, which accepts it"
+        except DriverError:
+            pass  # the hypervisor refused: the engine rolled back or failed the job
+        self._drain_events()
+
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        from jobcore.facade import JobAbort
+        self._verb(data, Verb.ABORT, JobAbort)
+
+    @rule(data=st.data())
+    def pause(self, data: st.DataObject) -> None:
+        from jobcore.facade import JobPause
+        self._verb(data, Verb.PAUSE, JobPause)
+
+    @rule(data=st.data())
+    def resume(self, data: st.DataObject) -> None:
+        from jobcore.facade import JobResume
+        self._verb(data, Verb.RESUME, JobResume)
+
+    @rule(data=st.data())
+    def complete(self, data: st.DataObject) -> None:
+        from jobcore.facade import JobComplete
+        self._verb(data, Verb.COMPLETE, JobComplete)
+
+    @rule(data=st.data(), speed=st.sampled_from([0, 1 << 20, 1 << 30]))
+    def set_speed(self, data: st.DataObject, speed: int) -> None:
+        from jobcore.facade import JobSetSpeed
+        self._verb(data, Verb.SET_SPEED, lambda j: JobSetSpeed(j, speed))
+
+    @rule(seconds=st.sampled_from([0.0, 0.5, 2.0, 5.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.advance(seconds)
+        self.conn.run_sync(lambda: None)  # let the loop run once
+        self._drain_events()
+
+    @precondition(lambda self: bool(self._live()))
+    @rule(at=st.sampled_from([0.0, 0.3, 0.9]))
+    def failure(self, at: float) -> None:
+        self.inject_failure(at)
+
+    # ---- invariants ------------------------------------------------------------------
+
+    @invariant()
+    def no_conflicting_jobs_are_admitted_together(self) -> None:
+        if not hasattr(self, "conn"):
+            return
+        self._drain_events()
+        engine = self.conn.aconn.engine
+        admitted = [engine.lookup(j) for j, s in self.seen.items()
+                    if s.job is not None and self._state(s) not in (None, JobState.QUEUED)
+                    and (self._state(s) or JobState.RUNNING).active]
+        for i, a in enumerate(admitted):
+            for b in admitted[i + 1:]:
+                for ca in a.ticket.claims:
+                    for cb in b.ticket.claims:
+                        assert not (ca.resource == cb.resource and cb.mode in CONFLICTS[ca.mode]), \
+                            f"{a.uuid} and {b.uuid} both hold {ca.resource}"
+
+    @invariant()
+    def legacy_alias_follows_the_rule(self) -> None:
+        if not hasattr(self, "conn"):
+            return
+        for name, dom in self.domains.items():
+            mine = [s for s in self.seen.values() if s.template.domain == name
+                    and s.template.domain_level and s.job is not None]
+            active = [s for s in mine if (self._state(s) or JobState.RUNNING).active]
+            ended = [s for s in mine if s.ended_order is not None]
+            if active:
+                expected = min(active, key=lambda s: s.order)
+            elif ended:
+                expected = max(ended, key=lambda s: s.ended_order or 0)
+            else:
+                try:
+                    got = _JobLookupByUUID(dom, LEGACY_DOMAIN_JOB_UUID)
+                except NoSuchJob:
+                    continue
+                # a job may have ended between our event drain and the lookup
+                raise AssertionError(f"alias resolved to {got.uuid} with no domain job")
+            got = _JobLookupByUUID(dom, LEGACY_DOMAIN_JOB_UUID)
+            self._drain_events()
+            if got.uuid != (expected.job.uuid if expected.job else None):
+                # events may have moved on between the model and the call: recompute once
+                active = [s for s in mine if (self._state(s) or JobState.RUNNING).active]
+                assert active or ended
+                assert got.uuid in {s.job.uuid for s in mine if s.job is not None}
+                expected = min(active, key=lambda s: s.order) if active else \
+                    max(ended, key=lambda s: s.ended_order or 0)
+                assert expected.job is not None and got.uuid == expected.job.uuid
+
+    @invariant()
+    def queued_jobs_start_in_fifo_order(self) -> None:
+        if not hasattr(self, "conn"):
+            return
+        engine = self.conn.aconn.engine
+        queued = [s for s in self.seen.values() if s.queued_at_begin and s.job is not None]
+        for a in queued:
+            for b in queued:
+                if a.order >= b.order or a.started_order is None or b.started_order is None:
+                    continue
+                ra, rb = engine.lookup(a.job.uuid), engine.lookup(b.job.uuid)  # type: ignore[union-attr]
+                contended = any(ca.resource == cb.resource and cb.mode in CONFLICTS[ca.mode]
+                                for ca in ra.ticket.claims for cb in rb.ticket.claims)
+                if contended and ra.ticket.priority == rb.ticket.priority:
+                    assert a.started_order < b.started_order, \
+                        f"{b.job.uuid} started before earlier queued {a.job.uuid}"  # type: ignore[union-attr]
+
+    # ---- teardown: nothing is lost ---------------------------------------------------
+
+    def _drain_all(self) -> None:
+        from jobcore.facade import JobAbort, JobGetInfo, JobWait
+        for _ in range(50):
+            self._drain_events()
+            live = self._live()
+            if not live:
+                break
+            for seen in live:
+                assert seen.job is not None
+                try:
+                    JobAbort(seen.job)
+                except (OperationInvalid, DriverError):
+                    pass
+            self.advance(30.0)
+            for seen in live:
+                assert seen.job is not None
+                try:
+                    JobWait(seen.job, timeout=5.0 if not self._manual() else 0.5)
+                except TimeoutError:
+                    pass
+        self._drain_events()
+        for job_id, seen in self.seen.items():
+            assert seen.job is not None
+            info = JobGetInfo(seen.job)
+            assert JobState(info["state"]).terminal, f"job {job_id} never ended: {info['state']}"
+            assert seen.finals == 1, f"job {job_id} got {seen.finals} FINAL events"
+            stats = self.conn.run(seen.job.ajob.stats)
+            assert stats["type"] in (C.VIR_DOMAIN_JOB_COMPLETED, C.VIR_DOMAIN_JOB_FAILED,
+                                     C.VIR_DOMAIN_JOB_CANCELLED)
+
+    def _manual(self) -> bool:
+        clock = getattr(self.conn.driver, "clock", None)
+        return bool(getattr(clock, "manual", False))

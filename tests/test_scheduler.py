@@ -1,0 +1,177 @@
+"""Admission rules: the contract's default conflicts, FIFO queues, priorities."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jobcore.errors import JobConflict
+from jobcore.scheduler import CONFLICTS, Claim, Mode, Scheduler, Ticket
+
+DOM = "domain:vm1"
+VDA = "disk:vm1/vda"
+VDB = "disk:vm1/vdb"
+
+
+def backup(*disks: str, target: str | None = None) -> tuple[Claim, ...]:
+    claims = [Claim(DOM, Mode.DOMAIN_SHARED)] + [Claim(d, Mode.READ) for d in disks]
+    if target:
+        claims.append(Claim(f"file:{target}", Mode.WRITE))
+    return tuple(claims)
+
+
+def chain(disk: str) -> tuple[Claim, ...]:
+    return (Claim(DOM, Mode.DOMAIN_SHARED), Claim(disk, Mode.CHAIN))
+
+
+MIGRATION = (Claim(DOM, Mode.DOMAIN_EXCLUSIVE),)
+
+
+def admit(s: Scheduler, claims: tuple[Claim, ...]) -> Ticket:
+    t = s.ticket(uuid.uuid4(), claims)
+    s.try_admit(t)
+    return t
+
+
+def test_contract_default_conflicts() -> None:
+    s = Scheduler()
+    b1 = admit(s, backup(VDA, VDB, target="/t1"))
+    admit(s, backup(VDA, target="/t2"))  # backups of the same disk run together
+    with pytest.raises(JobConflict) as err:  # a backup reading vda excludes a pull of vda
+        admit(s, chain(VDA))
+    assert err.value.resource == VDA and err.value.holder == b1.job
+    assert str(b1.job) in str(err.value) and VDA in str(err.value)
+    with pytest.raises(JobConflict):  # migration excludes every other job
+        admit(s, MIGRATION)
+    with pytest.raises(JobConflict) as err2:  # same target file
+        admit(s, backup(VDB, target="/t1"))
+    assert err2.value.resource == "file:/t1"
+
+
+def test_chain_jobs_on_one_disk_exclude_each_other_not_across_disks() -> None:
+    s = Scheduler()
+    pull = admit(s, chain(VDA))
+    admit(s, chain(VDB))
+    with pytest.raises(JobConflict) as err:
+        admit(s, chain(VDA))
+    assert err.value.holder == pull.job
+    s.release(pull)
+    admit(s, chain(VDA))
+
+
+def test_migration_excludes_and_is_excluded() -> None:
+    s = Scheduler()
+    mig = admit(s, MIGRATION)
+    for claims in (chain(VDA), backup(VDB), MIGRATION):
+        with pytest.raises(JobConflict) as err:
+            admit(s, claims)
+        assert err.value.holder == mig.job and err.value.resource == DOM
+    s.release(mig)
+    admit(s, chain(VDA))
+    with pytest.raises(JobConflict):
+        admit(s, MIGRATION)
+
+
+def test_queue_is_fifo_and_release_admits_in_order() -> None:
+    s = Scheduler()
+    holder = admit(s, chain(VDA))
+    waiters = [s.ticket(uuid.uuid4(), chain(VDA)) for _ in range(3)]
+    for w in waiters:
+        assert s.admit_or_enqueue(w) is False
+    # a non-queueing job may not jump the queue either
+    with pytest.raises(JobConflict) as err:
+        admit(s, chain(VDA))
+    assert err.value.holder in {holder.job, waiters[0].job}
+    order = []
+    current = holder
+    for _ in waiters:
+        woken = s.release(current)
+        assert len(woken) == 1
+        order.append(woken[0])
+        current = woken[0]
+    assert order == waiters
+    assert s.release(current) == []
+    assert s.resource_count() == 0
+
+
+def test_priority_orders_the_queue() -> None:
+    s = Scheduler()
+    holder = admit(s, MIGRATION)
+    low = s.ticket(uuid.uuid4(), chain(VDA), priority=0)
+    high = s.ticket(uuid.uuid4(), chain(VDA), priority=10)
+    s.admit_or_enqueue(low)
+    s.admit_or_enqueue(high)
+    assert s.release(holder) == [high]
+    assert s.release(high) == [low]
+
+
+def test_non_conflicting_waiters_are_admitted_together() -> None:
+    s = Scheduler()
+    mig = admit(s, MIGRATION)
+    a = s.ticket(uuid.uuid4(), backup(VDA, target="/a"))
+    b = s.ticket(uuid.uuid4(), chain(VDB))
+    s.admit_or_enqueue(a)
+    s.admit_or_enqueue(b)
+    assert set(map(id, s.release(mig))) == {id(a), id(b)}
+
+
+def test_cancelled_waiter_unblocks_those_behind_it() -> None:
+    s = Scheduler()
+    admit(s, backup(VDA, target="/x"))
+    pull = s.ticket(uuid.uuid4(), chain(VDA))
+    s.admit_or_enqueue(pull)
+    b2 = s.ticket(uuid.uuid4(), chain(VDB))
+    assert s.admit_or_enqueue(b2) is True  # no conflict with the waiting vda pull
+    s.release(pull)  # the waiter goes away
+    assert s.conflict(s.ticket(uuid.uuid4(), backup(VDA, target="/y"))) is None
+
+
+def test_conflict_matrix_is_symmetric() -> None:
+    for a in Mode:
+        for b in CONFLICTS[a]:
+            assert a in CONFLICTS[b]
+
+
+claims_strategy = st.sampled_from([
+    backup(VDA, target="/a"), backup(VDB, target="/b"), backup(VDA, VDB, target="/c"),
+    backup(VDA, target="/a"), chain(VDA), chain(VDB), MIGRATION])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), claims_strategy, st.integers(0, 2),
+                          st.integers(0, 30)), max_size=40))
+def test_conflicting_tickets_are_never_held_together(
+        ops: list[tuple[bool, tuple[Claim, ...], int, int]]) -> None:
+    s = Scheduler()
+    held: list[Ticket] = []
+    queued: list[Ticket] = []
+    for queue, claims, prio, release_pick in ops:
+        if held and release_pick % 3 == 0:
+            victim = held.pop(release_pick % len(held))
+            for t in s.release(victim):
+                queued.remove(t)
+                held.append(t)
+        t = s.ticket(uuid.uuid4(), claims, prio)
+        if queue:
+            (held if s.admit_or_enqueue(t) else queued).append(t)
+        else:
+            try:
+                s.try_admit(t)
+                held.append(t)
+            except JobConflict:
+                pass
+        for i, x in enumerate(held):
+            for y in held[i + 1:]:
+                for cx in x.claims:
+                    for cy in y.claims:
+                        assert not (cx.resource == cy.resource and cy.mode in CONFLICTS[cx.mode])
+    # draining releases every waiter eventually (nothing is lost)
+    while held:
+        for t in s.release(held.pop()):
+            queued.remove(t)
+            held.append(t)
+    assert queued == []
+    assert s.resource_count() == 0
