@@ -52,6 +52,8 @@ class QemuConnection:
     run_dir: Path
     tg: anyio.abc.TaskGroup
     clock: SystemClock = field(factory=SystemClock)
+    #: default speed limit of push backups in bytes/s (``?backup_bandwidth=``; 0: none)
+    backup_bandwidth: int = 0
     domains: dict[str, Domain] = field(factory=dict)
     runners: dict[uuid.UUID, Runner] = field(factory=dict)
     closed: bool = False
@@ -169,8 +171,15 @@ class QemuConnection:
         domain = self._domain(name)
         node = domain.disk(disk).top_node
         out = await domain.process.hmp(f'qemu-io {node} "{command}"')
-        await domain.process.hmp(f'qemu-io {node} "flush"')
+        await self.flush(name)
         return out
+
+    async def flush(self, name: str) -> None:
+        """Flush every layer of every disk, so outside readers see current qcow2 metadata."""
+        domain = self._domain(name)
+        for disk in domain.disks.values():
+            for layer in disk.layers:
+                await domain.process.hmp(f'qemu-io {layer.node} "flush"')
 
     async def qmp(self, name: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """A raw QMP command on the domain's process (diagnostics and tests)."""
@@ -331,7 +340,12 @@ class QemuDriver:
             raise Unsupported(f"the qemu driver serves qemu:///session only, not '{uri}'")
         run_dir = RunDir(run_dir_of(uri))
         run_dir.acquire()
-        conn = QemuConnection(uri=str(uri), run_dir=run_dir.path, tg=tg)
+        try:
+            bandwidth = int(uri.param("backup_bandwidth") or 0)
+        except ValueError:
+            raise Unsupported(f"backup_bandwidth in '{uri}' must be bytes/s") from None
+        conn = QemuConnection(uri=str(uri), run_dir=run_dir.path, tg=tg,
+                              backup_bandwidth=max(bandwidth, 0))  # fmt: skip
         try:
             tg.start_soon(conn._poller)
             yield conn

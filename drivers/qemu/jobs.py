@@ -333,14 +333,14 @@ class BackupRunner(Runner):
                 self.conn.run_dir / f"{self.domain.name}.backup-{self.short}.sock"
             )
             self.server_socket = sock
-            addr: dict[str, Any] = {"type": "unix", "path": sock}
+            addr: dict[str, Any] = {"type": "unix", "data": {"path": sock}}
         elif server.transport in (None, ServerTransport.TCP):
             if not server.port:
                 raise DriverError("<domainbackup> must specify TCP port for now")
             host = server.name or "localhost"
             if host not in ("localhost", "127.0.0.1", "::1"):
                 raise Unsupported("the qemu driver serves pull backups on loopback only")
-            addr = {"type": "inet", "host": host, "port": str(server.port)}
+            addr = {"type": "inet", "data": {"host": host, "port": str(server.port)}}
         else:
             raise Unsupported(f"NBD server transport '{server.transport}' is not supported")
         await self.proc.execute("nbd-server-start", {"addr": addr})
@@ -357,6 +357,9 @@ class BackupRunner(Runner):
                     "job-id": bd.job_id, "device": bd.disk.active.node, "target": bd.node,
                     "sync": "none" if self.pull else "full", "filter-node-name": bd.filter,
                 }  # fmt: skip
+                speed = getattr(self.spec, "bandwidth", None) or self.conn.backup_bandwidth
+                if speed and not self.pull:
+                    data["speed"] = speed
                 if bd.incremental and self.pull:
                     bd.export_bitmap = bd.spec.exportbitmap or f"backup-{bd.disk.name}"
                     node = bd.disk.active.node
@@ -375,9 +378,9 @@ class BackupRunner(Runner):
                                  "bitmap-mode": "never"})  # fmt: skip
                 self.track(bd.job_id)
                 actions.append({"type": "blockdev-backup", "data": data})
-            await self.proc.execute("transaction", {
-                "actions": actions, "properties": {"completion-mode": "grouped"}
-            })  # fmt: skip
+            # Not completion-mode=grouped: QEMU refuses it next to bitmap actions. A
+            # failing disk cancels its siblings in supervise() instead.
+            await self.proc.execute("transaction", {"actions": actions})
         except BaseException:
             self.untrack()
             with anyio.CancelScope(shield=True):
@@ -425,10 +428,14 @@ class BackupRunner(Runner):
                         tg.start_soon(_watch, sj)
                     await self.end_requested.wait()
                     tg.cancel_scope.cancel()
-            await self.wait_subjobs()
+                with anyio.CancelScope(shield=True):
+                    await self._teardown_pull()  # the fleecing jobs end when cancelled
+            else:
+                await self._wait_all_or_first_failure()
             outcome, err = self.outcome()
-            if self.pull and outcome is not Outcome.FAILED:
+            if self.pull and not (outcome is Outcome.FAILED and not self.end_requested.is_set()):
                 outcome = Outcome.COMPLETED if self.complete_requested else Outcome.CANCELLED
+                err = None
             with anyio.CancelScope(shield=True):
                 await self._finish(outcome, err, report=True)
             reported = True
@@ -436,6 +443,19 @@ class BackupRunner(Runner):
             if not reported:
                 with anyio.CancelScope(shield=True):
                     await self._finish(Outcome.CANCELLED, None, report=False)
+
+    async def _wait_all_or_first_failure(self) -> None:
+        async def _watch(sj: SubJob) -> None:
+            await sj.done.wait()
+            if sj.outcome is Outcome.FAILED:
+                for other in self.subjobs:
+                    if not other.done.is_set() and self.proc.alive:
+                        with contextlib.suppress(DriverError):
+                            await self.proc.execute("job-cancel", {"id": other.id})
+
+        async with anyio.create_task_group() as tg:
+            for sj in self.subjobs:
+                tg.start_soon(_watch, sj)
 
     async def _finish(self, outcome: Outcome, err: str | None, *, report: bool) -> None:
         self.phase = Phase.ENDING
