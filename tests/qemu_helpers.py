@@ -31,8 +31,9 @@ class RecordingReporter:
         self._changed.set()
         self._changed = anyio.Event()
 
-    def progress(self, processed: int, total: int,
-                 extra: Mapping[str, int | str] | None = None) -> None:  # fmt: skip
+    def progress(
+        self, processed: int, total: int, extra: Mapping[str, int | str] | None = None
+    ) -> None:
         self.progress_calls.append((processed, total, dict(extra or {})))
 
     def ready(self) -> None:
@@ -61,8 +62,8 @@ class RecordingReporter:
                 return kind, value
         return None
 
-    async def wait_for(self, kind: str, timeout: float = 30.0) -> Any:
-        with anyio.fail_after(timeout):
+    async def wait_for(self, kind: str, within: float = 30.0) -> Any:
+        with anyio.fail_after(within):
             while True:
                 for k, v in self.events:
                     if k == kind:
@@ -71,8 +72,8 @@ class RecordingReporter:
                     raise AssertionError(f"wanted {kind}, job ended with {self.terminal}")
                 await self._changed.wait()
 
-    async def wait_end(self, timeout: float = 30.0) -> tuple[str, Any]:
-        with anyio.fail_after(timeout):
+    async def wait_end(self, within: float = 30.0) -> tuple[str, Any]:
+        with anyio.fail_after(within):
             while self.terminal is None:
                 await self._changed.wait()
         assert self.terminal is not None
@@ -87,7 +88,9 @@ def make_job(job_type: JobType, domain: str, spec: Any) -> tuple[DriverJob, Reco
 def run(*argv: str) -> str:
     res = subprocess.run(argv, capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr}{res.stdout}")
+        raise AssertionError(
+            f"{' '.join(argv)} failed ({res.returncode}): {res.stderr}{res.stdout}"
+        )
     return res.stdout
 
 
@@ -152,3 +155,17 @@ def qemu_children() -> set[int]:
         if ppid == me and comm.startswith("qemu-system"):
             found.add(int(entry.name))
     return found
+
+
+def kill_and_reap(pids: set[int]) -> None:
+    """Last resort after a failed test: no QEMU may leak into the next one."""
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def cmdline(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -15,6 +15,19 @@ from pathlib import Path
 
 import anyio
 import pytest
+from qemu_helpers import (
+    alive,
+    cmdline,
+    compare,
+    create,
+    differs,
+    domain_xml,
+    kill_and_reap,
+    make_job,
+    qemu_children,
+    run,
+    write,
+)
 
 from drivers.qemu import QemuConnection, QemuDriver
 from jobcore.backup import (
@@ -44,17 +57,6 @@ from jobcore.spec import (
     MigrationSpec,
 )
 from jobcore.uri import parse_uri
-from tests.qemu_helpers import (
-    alive,
-    compare,
-    create,
-    differs,
-    domain_xml,
-    make_job,
-    qemu_children,
-    run,
-    write,
-)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
 MiB = 1 << 20
@@ -81,36 +83,41 @@ async def session(tmp_path: Path, query: str = "") -> AsyncIterator[QemuConnecti
             tg.cancel_scope.cancel()
     finally:
         leaked = (qemu_children() - before) | {p for p in seen if alive(p)}
-        for pid in leaked:  # do not let one failure leak into the next test
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        kill_and_reap(leaked)  # do not let one failure leak into the next test
         assert not leaked, f"QEMU processes survived the test: {leaked}"
 
 
-def push_spec(disks: dict[str, Path], *, incremental: str | None = None,
-              checkpoint: str | None = None) -> BackupJobSpec:  # fmt: skip
+def backup_disks(disks: dict[str, Path], incremental: str | None) -> tuple[BackupDisk, ...]:
     mode = DiskBackupMode.INCREMENTAL if incremental else DiskBackupMode.FULL
-    return BackupJobSpec(
-        BackupDef(
-            mode=BackupMode.PUSH, incremental=incremental,
-            disks=tuple(BackupDisk(name, True, StoreType.FILE, mode, incremental,
-                                   store=BackupStore(str(path), "qcow2"))
-                        for name, path in disks.items()),
-        ),
-        checkpoint=CheckpointDef(name=checkpoint) if checkpoint else None,
-    )  # fmt: skip
+    store = {name: BackupStore(str(path), "qcow2") for name, path in disks.items()}
+    return tuple(
+        [
+            BackupDisk(name, True, StoreType.FILE, mode, incremental, store=store[name])
+            for name in disks
+        ]
+    )
 
 
-def pull_spec(disks: dict[str, Path], socket: Path, *, incremental: str | None = None
-              ) -> BackupJobSpec:  # fmt: skip
-    mode = DiskBackupMode.INCREMENTAL if incremental else DiskBackupMode.FULL
-    return BackupJobSpec(BackupDef(
-        mode=BackupMode.PULL, incremental=incremental,
-        server=BackupServer(ServerTransport.UNIX, socket=str(socket)),
-        disks=tuple(BackupDisk(name, True, StoreType.FILE, mode, incremental,
-                               store=BackupStore(str(path), "qcow2"))
-                    for name, path in disks.items()),
-    ))  # fmt: skip
+def push_spec(
+    disks: dict[str, Path], *, incremental: str | None = None, checkpoint: str | None = None
+) -> BackupJobSpec:
+    backup = BackupDef(
+        mode=BackupMode.PUSH, incremental=incremental, disks=backup_disks(disks, incremental)
+    )
+    return BackupJobSpec(backup, CheckpointDef(name=checkpoint) if checkpoint else None)
+
+
+def pull_spec(
+    disks: dict[str, Path], socket: Path, *, incremental: str | None = None
+) -> BackupJobSpec:
+    server = BackupServer(ServerTransport.UNIX, socket=str(socket))
+    backup = BackupDef(
+        mode=BackupMode.PULL,
+        incremental=incremental,
+        server=server,
+        disks=backup_disks(disks, incremental),
+    )
+    return BackupJobSpec(backup)
 
 
 async def bitmaps(conn: QemuConnection, domain: str, disk: str) -> set[str]:
@@ -133,13 +140,16 @@ async def test_domain_lifecycle_chain_and_refusals(tmp_path: Path) -> None:
         assert [d.chain for d in info.disks] == [(str(top), str(base)), (str(other),)]
         assert info.disks[0].virtual_size == 32 * MiB
         pid = conn.pid("vm1")
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert cmdline[cmdline.index(b"-name") + 1] == b"vm1"
+        argv = cmdline(pid)
+        assert argv[argv.index(b"-name") + 1] == b"vm1"
         assert [d.name for d in await conn.list_domains()] == ["vm1"]
         with pytest.raises(OperationInvalid):
             await conn.create_domain(domain_xml("vm1", {"vda": other}))
-        for bad in ("<domain><name>x</name>", "<!DOCTYPE d [<!ENTITY e 'x'>]><domain/>",
-                    domain_xml("x", {"vda": tmp_path / "missing.qcow2"})):  # fmt: skip
+        for bad in (
+            "<domain><name>x</name>",
+            "<!DOCTYPE d [<!ENTITY e 'x'>]><domain/>",
+            domain_xml("x", {"vda": tmp_path / "missing.qcow2"}),
+        ):
             with pytest.raises(XMLError):
                 await conn.create_domain(bad)
         with pytest.raises(NoSuchDomain):
@@ -147,8 +157,9 @@ async def test_domain_lifecycle_chain_and_refusals(tmp_path: Path) -> None:
         # the run directory is locked while this connection owns it
         async with anyio.create_task_group() as tg:
             with pytest.raises(DriverError, match="in use"):
-                async with QemuDriver().connect(parse_uri(f"qemu:///session?dir={tmp_path / 'run'}"),
-                                                tg):  # fmt: skip
+                async with QemuDriver().connect(
+                    parse_uri(f"qemu:///session?dir={tmp_path / 'run'}"), tg
+                ):
                     pass
         await conn.destroy_domain("vm1")
         assert not alive(pid)
@@ -161,9 +172,10 @@ async def test_trio_is_refused_clearly(tmp_path: Path) -> None:
         async with anyio.create_task_group() as tg:
             try:
                 async with QemuDriver().connect(parse_uri("qemu:///session"), tg):
-                    return "connected"
+                    pass
             except Unsupported as exc:
                 return str(exc)
+        return "connected"
 
     message = await anyio.to_thread.run_sync(lambda: anyio.run(main, backend="trio"))
     assert "asyncio" in message
@@ -188,8 +200,9 @@ async def test_push_full_then_incremental_from_checkpoint(tmp_path: Path) -> Non
         await conn.guest_io("vm1", "vda", "write -P 0x77 2M 3M")
         await conn.guest_io("vm1", "vda", "write -P 0x78 30M 1M")
         assert differs(src, full)
-        job, rep = make_job(JobType.BACKUP, "vm1",
-                            push_spec({"vda": inc}, incremental="c1", checkpoint="c2"))  # fmt: skip
+        job, rep = make_job(
+            JobType.BACKUP, "vm1", push_spec({"vda": inc}, incremental="c1", checkpoint="c2")
+        )
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         processed, total, _ = rep.progress_calls[-1]
@@ -228,8 +241,9 @@ async def test_refused_backup_raises_qemu_text(tmp_path: Path) -> None:
     src = create(tmp_path / "src.qcow2")
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}))
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": tmp_path / "i.qcow2"},
-                                                             incremental="nosuch"))  # fmt: skip
+        job, rep = make_job(
+            JobType.BACKUP, "vm1", push_spec({"vda": tmp_path / "i.qcow2"}, incremental="nosuch")
+        )
         with pytest.raises(DriverError, match="nosuch"):
             await conn.start(job)
         assert not (tmp_path / "i.qcow2").exists()
@@ -246,16 +260,18 @@ async def test_pull_backup_exports_point_in_time_and_dirty_bitmap(tmp_path: Path
     scratch = tmp_path / "scratch.qcow2"
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}))
-        push, prep = make_job(JobType.BACKUP, "vm1",
-                              push_spec({"vda": tmp_path / "f.qcow2"}, checkpoint="c1"))  # fmt: skip
+        push, prep = make_job(
+            JobType.BACKUP, "vm1", push_spec({"vda": tmp_path / "f.qcow2"}, checkpoint="c1")
+        )
         await conn.start(push)
         assert (await prep.wait_end())[0] == "completed"
         await conn.guest_io("vm1", "vda", "write -P 0x33 16M 1M")
         t0 = tmp_path / "t0.qcow2"
         run("qemu-img", "convert", "-U", "-O", "qcow2", str(src), str(t0))
 
-        job, rep = make_job(JobType.BACKUP, "vm1", pull_spec({"vda": scratch}, sock,
-                                                            incremental="c1"))  # fmt: skip
+        job, rep = make_job(
+            JobType.BACKUP, "vm1", pull_spec({"vda": scratch}, sock, incremental="c1")
+        )
         await conn.start(job)
         await rep.wait_for("ready")
         assert scratch.exists()
@@ -266,9 +282,14 @@ async def test_pull_backup_exports_point_in_time_and_dirty_bitmap(tmp_path: Path
         run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(pulled))
         compare(t0, pulled, "-F", "raw")
         assert differs(src, pulled)
-        dirty = run("qemu-img", "map", "--output=json", "--image-opts",
-                    f"driver=nbd,export=vda,server.type=unix,server.path={sock},"
-                    "x-dirty-bitmap=qemu:dirty-bitmap:backup-vda")  # fmt: skip
+        dirty = run(
+            "qemu-img",
+            "map",
+            "--output=json",
+            "--image-opts",
+            f"driver=nbd,export=vda,server.type=unix,server.path={sock},"
+            "x-dirty-bitmap=qemu:dirty-bitmap:backup-vda",
+        )
         # x-dirty-bitmap inverts the meaning: data=false marks the dirty extents
         extents = [(e["start"], e["length"]) for e in json.loads(dirty) if not e["data"]]
         assert extents == [(16 * MiB, 1 * MiB)]
@@ -319,12 +340,13 @@ def chain_of(path: Path) -> list[str]:
 
 
 async def test_block_pull_with_base_and_whole_chain(tmp_path: Path) -> None:
-    base, mid, top, ref = three_layers(tmp_path)
+    base, _mid, top, ref = three_layers(tmp_path)
     lone = create(tmp_path / "lone.qcow2", "16M")
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": top, "vdb": lone}))
-        job, rep = make_job(JobType.BLOCKPULL, "vm1",
-                            BlockPullSpec("vda", base=ChainRef(file=str(base))))  # fmt: skip
+        job, rep = make_job(
+            JobType.BLOCKPULL, "vm1", BlockPullSpec("vda", base=ChainRef(file=str(base)))
+        )
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         info = await conn.lookup_domain("vm1")
@@ -364,9 +386,10 @@ async def test_block_commit_intermediate(tmp_path: Path) -> None:
 
 
 async def test_block_commit_active_ready_then_complete_or_auto_pivot(tmp_path: Path) -> None:
-    base, mid, top, ref = three_layers(tmp_path)
-    b2, m2, t2, ref2 = three_layers(tmp_path / "second" if (tmp_path / "second").mkdir() is None
-                                    else tmp_path)  # fmt: skip
+    base, _mid, top, ref = three_layers(tmp_path)
+    second = tmp_path / "second"
+    second.mkdir()
+    b2, m2, t2, ref2 = three_layers(second)
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": top, "vdb": t2}))
         job, rep = make_job(JobType.BLOCKCOMMIT, "vm1", BlockCommitSpec("vda"))
@@ -383,8 +406,9 @@ async def test_block_commit_active_ready_then_complete_or_auto_pivot(tmp_path: P
         run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 1M", str(ref_after))
         compare(base, ref_after, "-F", "raw")
 
-        job, rep = make_job(JobType.BLOCKCOMMIT, "vm1",
-                            BlockCommitSpec("vdb", base=ChainRef(index=1), pivot=True))  # fmt: skip
+        job, rep = make_job(
+            JobType.BLOCKCOMMIT, "vm1", BlockCommitSpec("vdb", base=ChainRef(index=1), pivot=True)
+        )
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         assert rep.kinds == ["ready", "completed"]

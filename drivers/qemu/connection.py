@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from attrs import define, field
 
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.domxml import DomainDef, parse_domain
-from drivers.qemu.images import backing_chain
+from drivers.qemu.images import backing_chain, exists
 from drivers.qemu.jobs import (
     BackupRunner,
     BlockCommitRunner,
@@ -105,7 +104,7 @@ class QemuConnection:
         disks: dict[str, Disk] = {}
         counter = 0
         for d in ddef.disks:
-            if not os.path.exists(d.source):
+            if not exists(d.source):
                 raise XMLError(f"domain XML: disk '{d.target}' source '{d.source}' does not exist")
             chain = await backing_chain(d.source, d.format)
             layers = []
@@ -124,8 +123,9 @@ class QemuConnection:
 
     async def _spawn(self, name: str, gen: int, memory: int, *, incoming: bool) -> QemuProcess:
         extra = ["-m", f"{max(memory >> 20, 1)}M"] if memory else []
-        proc = await QemuProcess.spawn(self.run_dir, name, f"{name}.{gen}", extra,
-                                       incoming=incoming)  # fmt: skip
+        proc = await QemuProcess.spawn(
+            self.run_dir, name, f"{name}.{gen}", extra, incoming=incoming
+        )
         self.tg.start_soon(self._run_process, proc)
         return proc
 
@@ -146,8 +146,13 @@ class QemuConnection:
     def _process_exited(self, proc: QemuProcess) -> None:
         for domain in self.domains.values():
             if domain.process is proc and proc.exit_reason is None:
-                log.warning("qemu died", domain=domain.name, pid=proc.pid,
-                            status=proc.proc.returncode, stderr=proc.stderr_tail())  # fmt: skip
+                log.warning(
+                    "qemu died",
+                    domain=domain.name,
+                    pid=proc.pid,
+                    status=proc.proc.returncode,
+                    stderr=proc.stderr_tail(),
+                )
 
     async def destroy_domain(self, name: str) -> None:
         domain = self._domain(name)
@@ -215,8 +220,9 @@ class QemuConnection:
     def _runner(self, job: DriverJob) -> Runner:
         runner = self.runners.get(job.uuid)
         if runner is None:
-            raise OperationInvalid(f"job {job.uuid} is not running on this connection",
-                                   job=job.uuid)  # fmt: skip
+            raise OperationInvalid(
+                f"job {job.uuid} is not running on this connection", job=job.uuid
+            )
         return runner
 
     async def cancel(self, job: DriverJob) -> None:
@@ -344,8 +350,9 @@ class QemuDriver:
             bandwidth = int(uri.param("backup_bandwidth") or 0)
         except ValueError:
             raise Unsupported(f"backup_bandwidth in '{uri}' must be bytes/s") from None
-        conn = QemuConnection(uri=str(uri), run_dir=run_dir.path, tg=tg,
-                              backup_bandwidth=max(bandwidth, 0))  # fmt: skip
+        conn = QemuConnection(
+            uri=str(uri), run_dir=run_dir.path, tg=tg, backup_bandwidth=max(bandwidth, 0)
+        )
         try:
             tg.start_soon(conn._poller)
             yield conn

@@ -44,9 +44,10 @@ class Disk:
         return self.filters[0] if self.filters else self.active.node
 
     def info(self) -> DiskInfo:
+        chain: tuple[str, ...] = tuple(layer.file for layer in self.layers)
         return DiskInfo(
             name=self.name,
-            chain=tuple(layer.file for layer in self.layers),
+            chain=chain,
             format=self.active.format,
             virtual_size=self.virtual_size,
         )
@@ -63,10 +64,11 @@ class Domain:
     _counter: itertools.count[int] = field(factory=itertools.count)
 
     def info(self) -> DomainInfo:
+        disks: tuple[DiskInfo, ...] = tuple(d.info() for d in self.disks.values())
         return DomainInfo(
             name=self.name,
             uuid=self.uuid,
-            disks=tuple(d.info() for d in self.disks.values()),
+            disks=disks,
             memory=self.memory,
             running=self.process.alive,
         )

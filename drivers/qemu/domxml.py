@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Any
 
 from attrs import frozen
 from lxml import etree
@@ -19,9 +20,18 @@ MAX_XML = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}$")
 _DEV_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 _UNITS = {
-    "b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
-    "mb": 1000**2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3,
-}  # fmt: skip
+    "b": 1,
+    "bytes": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mb": 1000**2,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gb": 1000**3,
+}
 
 
 @frozen
@@ -41,13 +51,19 @@ class DomainDef:
 
 def _parser() -> etree.XMLParser:
     return etree.XMLParser(
-        resolve_entities=False, no_network=True, dtd_validation=False, load_dtd=False,
-        huge_tree=False, remove_comments=True, remove_pis=True,
-    )  # fmt: skip
+        resolve_entities=False,
+        no_network=True,
+        dtd_validation=False,
+        load_dtd=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
 
 
 def _fail(msg: str, el: etree._Element | None = None) -> XMLError:
-    return XMLError(f"domain XML: {msg}", line=el.sourceline if el is not None else None)
+    line = el.sourceline if el is not None else None
+    return XMLError(f"domain XML: {msg}", line=line if isinstance(line, int) else None)
 
 
 def parse_domain(xml: str | bytes) -> DomainDef:
@@ -59,7 +75,8 @@ def parse_domain(xml: str | bytes) -> DomainDef:
     except etree.XMLSyntaxError as exc:
         raise XMLError(f"domain XML: {exc.msg}", line=exc.lineno) from None
     tree = root.getroottree()
-    if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
+    docinfo: Any = tree.docinfo
+    if docinfo.doctype or docinfo.internalDTD is not None:
         raise _fail("DTDs are refused", root)
     if root.tag != "domain":
         raise _fail(f"root element must be <domain>, not <{root.tag}>", root)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -43,7 +46,9 @@ async def backing_chain(path: str, fmt: str) -> list[ImageInfo]:
     entries = data if isinstance(data, list) else [data]
     return [
         ImageInfo(
-            filename=str(e["filename"]), format=str(e["format"]), virtual_size=int(e["virtual-size"])
+            filename=str(e["filename"]),
+            format=str(e["format"]),
+            virtual_size=int(e["virtual-size"]),
         )
         for e in entries
     ]
@@ -51,3 +56,14 @@ async def backing_chain(path: str, fmt: str) -> list[ImageInfo]:
 
 async def create_image(path: str, fmt: str, size: int) -> None:
     await _run("create", "-q", "-f", fmt, path, str(size))
+
+
+def exists(path: str | Path) -> bool:
+    """Local stat; cheap enough to call from the event loop."""
+    return os.path.exists(path)
+
+
+def remove_files(paths: Iterable[str | Path]) -> None:
+    """Remove files the driver created (targets, scratch, sockets); missing ones are fine."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)

@@ -16,7 +16,6 @@ import enum
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -24,7 +23,7 @@ import structlog
 from attrs import define, field
 
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
-from drivers.qemu.images import create_image
+from drivers.qemu.images import create_image, exists, remove_files
 from drivers.qemu.process import Outcome, QemuProcess, SubJob
 from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport
 from jobcore.driver import DriverJob
@@ -141,8 +140,10 @@ class Runner:
             if sj.done.is_set():
                 continue
             try:
-                await self.proc.execute(cmd, {**args, "id": sj.id} if "device" not in args
-                                        else {**args, "device": sj.id})  # fmt: skip
+                await self.proc.execute(
+                    cmd,
+                    {**args, "id": sj.id} if "device" not in args else {**args, "device": sj.id},
+                )
             except DriverError as exc:
                 raise _verb_error(exc, self.job, verb) from None
 
@@ -150,35 +151,44 @@ class Runner:
         if self.phase in (Phase.ENDING, Phase.ENDED) or self.cancel_requested:
             raise OperationInvalid(
                 f"job {self.job.uuid} is ending and cannot accept '{verb}'",
-                job=self.job.uuid, verb=verb,
-            )  # fmt: skip
+                job=self.job.uuid,
+                verb=verb,
+            )
 
     # ------------------------------------------------------------------- verbs
 
     async def pause(self) -> None:
         self._require_active("pause")
         if self.user_paused:
-            raise OperationInvalid(f"job {self.job.uuid} is already paused",
-                                   job=self.job.uuid, state="paused", verb="pause")  # fmt: skip
+            raise OperationInvalid(
+                f"job {self.job.uuid} is already paused",
+                job=self.job.uuid,
+                state="paused",
+                verb="pause",
+            )
         await self._each("pause", "job-pause", {})
         self.user_paused = True
 
     async def resume(self) -> None:
         self._require_active("resume")
         if not self.user_paused:
-            raise OperationInvalid(f"job {self.job.uuid} is not paused",
-                                   job=self.job.uuid, verb="resume")  # fmt: skip
+            raise OperationInvalid(
+                f"job {self.job.uuid} is not paused", job=self.job.uuid, verb="resume"
+            )
         await self._each("resume", "job-resume", {})
         self.user_paused = False
 
     async def set_speed(self, bandwidth: int | None) -> None:
         self._require_active("set-speed")
-        await self._each("set-speed", "block-job-set-speed", {"device": "", "speed": bandwidth or 0})
+        await self._each(
+            "set-speed", "block-job-set-speed", {"device": "", "speed": bandwidth or 0}
+        )
 
     async def cancel(self) -> None:
         if self.phase is Phase.ENDED:
-            raise OperationInvalid(f"job {self.job.uuid} has ended",
-                                   job=self.job.uuid, verb="cancel")  # fmt: skip
+            raise OperationInvalid(
+                f"job {self.job.uuid} has ended", job=self.job.uuid, verb="cancel"
+            )
         self.cancel_requested = True
         self.end_requested.set()
         for sj in self.subjobs:
@@ -188,9 +198,10 @@ class Runner:
 
     async def complete(self) -> None:
         raise OperationInvalid(
-            f"a {self.job.type} job does not wait for 'complete'", job=self.job.uuid,
+            f"a {self.job.type} job does not wait for 'complete'",
+            job=self.job.uuid,
             verb="complete",
-        )  # fmt: skip
+        )
 
     # ------------------------------------------------------------------ common
 
@@ -201,8 +212,9 @@ class Runner:
             except DriverError as exc:
                 self.log.warning("blockdev-del failed", node=node, error=str(exc))
 
-    def end(self, outcome: Outcome, errmsg: str | None, extra: Mapping[str, Any] | None = None
-            ) -> None:  # fmt: skip
+    def end(
+        self, outcome: Outcome, errmsg: str | None, extra: Mapping[str, Any] | None = None
+    ) -> None:
         self.phase = Phase.ENDED
         self.untrack()
         self.log.info("job ended", outcome=outcome.value, error=errmsg)
@@ -290,20 +302,24 @@ class BackupRunner(Runner):
             if self.pull and fmt != "qcow2":
                 raise DriverError(f"pull mode backup for disk '{d.name}' requires qcow2 driver")
             created = False
-            if self.pull or not os.path.exists(path):
-                if os.path.exists(path):
+            if self.pull or not exists(path):
+                if exists(path):
                     raise DriverError(f"scratch file '{path}' already exists")
                 await create_image(path, fmt, disk.virtual_size)
                 created = True
             bd = _BackupDisk(
-                disk=disk, spec=d, path=path, fmt=fmt, created=created,
+                disk=disk,
+                spec=d,
+                path=path,
+                fmt=fmt,
+                created=created,
                 node=self.domain.new_node_name(("s" if self.pull else "t") + self.short),
                 filter=self.domain.new_node_name("f" + self.short),
-                job_id=self.job_id("backup", d.name), incremental=self._incremental_of(d),
-            )  # fmt: skip
+                job_id=self.job_id("backup", d.name),
+                incremental=self._incremental_of(d),
+            )
             self.disks.append(bd)
-            args = blockdev_args(Layer(bd.node, path, fmt),
-                                 disk.active.node if self.pull else None)  # fmt: skip
+            args = blockdev_args(Layer(bd.node, path, fmt), disk.active.node if self.pull else None)
             await self.proc.execute("blockdev-add", args)
 
     def _checkpoint_actions(self) -> list[dict[str, Any]]:
@@ -322,8 +338,12 @@ class BackupRunner(Runner):
             bitmap = (cd.bitmap if cd is not None else None) or name
             node = bd.disk.active.node
             self.checkpoint_bitmaps.append((node, bitmap))
-            actions.append({"type": "block-dirty-bitmap-add",
-                            "data": {"node": node, "name": bitmap, "persistent": True}})  # fmt: skip
+            actions.append(
+                {
+                    "type": "block-dirty-bitmap-add",
+                    "data": {"node": node, "name": bitmap, "persistent": True},
+                }
+            )
         return actions
 
     async def _start_server(self) -> None:
@@ -354,9 +374,12 @@ class BackupRunner(Runner):
             actions = self._checkpoint_actions()
             for bd in self.disks:
                 data: dict[str, Any] = {
-                    "job-id": bd.job_id, "device": bd.disk.active.node, "target": bd.node,
-                    "sync": "none" if self.pull else "full", "filter-node-name": bd.filter,
-                }  # fmt: skip
+                    "job-id": bd.job_id,
+                    "device": bd.disk.active.node,
+                    "target": bd.node,
+                    "sync": "none" if self.pull else "full",
+                    "filter-node-name": bd.filter,
+                }
                 speed = getattr(self.spec, "bandwidth", None) or self.conn.backup_bandwidth
                 if speed and not self.pull:
                     data["speed"] = speed
@@ -364,18 +387,30 @@ class BackupRunner(Runner):
                     bd.export_bitmap = bd.spec.exportbitmap or f"backup-{bd.disk.name}"
                     node = bd.disk.active.node
                     actions += [
-                        {"type": "block-dirty-bitmap-add", "data": {
-                            "node": node, "name": bd.export_bitmap, "persistent": False,
-                            "disabled": True}},
-                        {"type": "block-dirty-bitmap-merge", "data": {
-                            "node": node, "target": bd.export_bitmap,
-                            "bitmaps": [bd.incremental]}},
-                    ]  # fmt: skip
+                        {
+                            "type": "block-dirty-bitmap-add",
+                            "data": {
+                                "node": node,
+                                "name": bd.export_bitmap,
+                                "persistent": False,
+                                "disabled": True,
+                            },
+                        },
+                        {
+                            "type": "block-dirty-bitmap-merge",
+                            "data": {
+                                "node": node,
+                                "target": bd.export_bitmap,
+                                "bitmaps": [bd.incremental],
+                            },
+                        },
+                    ]
                 elif bd.incremental:
                     # sync=bitmap with mode never: the checkpoint's bitmap keeps tracking
                     # (sync=incremental would clear it, breaking the next backup from it).
-                    data.update({"sync": "bitmap", "bitmap": bd.incremental,
-                                 "bitmap-mode": "never"})  # fmt: skip
+                    data.update(
+                        {"sync": "bitmap", "bitmap": bd.incremental, "bitmap-mode": "never"}
+                    )
                 self.track(bd.job_id)
                 actions.append({"type": "blockdev-backup", "data": data})
             # Not completion-mode=grouped: QEMU refuses it next to bitmap actions. A
@@ -398,9 +433,12 @@ class BackupRunner(Runner):
             bd.export_id = self.domain.new_node_name("e" + self.short)
             bd.export_name = bd.spec.exportname or bd.disk.name
             args: dict[str, Any] = {
-                "type": "nbd", "id": bd.export_id, "node-name": bd.node,
-                "name": bd.export_name, "writable": False,
-            }  # fmt: skip
+                "type": "nbd",
+                "id": bd.export_id,
+                "node-name": bd.node,
+                "name": bd.export_name,
+                "writable": False,
+            }
             if bd.export_bitmap:
                 args["bitmaps"] = [bd.export_bitmap]
             try:
@@ -464,8 +502,10 @@ class BackupRunner(Runner):
         for bd in self.disks:
             if bd.filter in bd.disk.filters:
                 bd.disk.filters.remove(bd.filter)
-        await self._cleanup(keep_checkpoint=outcome is Outcome.COMPLETED,
-                            nodes_only=outcome is Outcome.COMPLETED and not self.pull)  # fmt: skip
+        await self._cleanup(
+            keep_checkpoint=outcome is Outcome.COMPLETED,
+            nodes_only=outcome is Outcome.COMPLETED and not self.pull,
+        )
         if report:
             extra: dict[str, int | str] = {}
             if outcome is Outcome.COMPLETED and not self.pull:
@@ -483,8 +523,9 @@ class BackupRunner(Runner):
                     continue
                 gone = self.proc.export_deleted.setdefault(bd.export_id, anyio.Event())
                 try:
-                    await self.proc.execute("block-export-del",
-                                            {"id": bd.export_id, "mode": "hard"})  # fmt: skip
+                    await self.proc.execute(
+                        "block-export-del", {"id": bd.export_id, "mode": "hard"}
+                    )
                     await gone.wait()
                 except DriverError as exc:
                     self.log.warning("block-export-del failed", error=str(exc))
@@ -506,23 +547,24 @@ class BackupRunner(Runner):
                 for bd in self.disks:
                     if bd.export_bitmap:
                         with contextlib.suppress(DriverError):
-                            await self.proc.execute("block-dirty-bitmap-remove", {
-                                "node": bd.disk.active.node, "name": bd.export_bitmap})  # fmt: skip
+                            await self.proc.execute(
+                                "block-dirty-bitmap-remove",
+                                {"node": bd.disk.active.node, "name": bd.export_bitmap},
+                            )
                 if not keep_checkpoint:
                     for node, bitmap in self.checkpoint_bitmaps:
                         with contextlib.suppress(DriverError):
-                            await self.proc.execute("block-dirty-bitmap-remove",
-                                                    {"node": node, "name": bitmap})  # fmt: skip
+                            await self.proc.execute(
+                                "block-dirty-bitmap-remove", {"node": node, "name": bitmap}
+                            )
                 if self.server_started:
                     with contextlib.suppress(DriverError):
                         await self.proc.execute("nbd-server-stop")
             self.server_started = False
             if self.server_socket:
-                Path(self.server_socket).unlink(missing_ok=True)
+                remove_files([self.server_socket])
             if not nodes_only:
-                for bd in self.disks:
-                    if bd.created:
-                        Path(bd.path).unlink(missing_ok=True)
+                remove_files(bd.path for bd in self.disks if bd.created)
 
     def report_progress(self) -> None:
         if self.phase is not Phase.RUNNING and self.phase is not Phase.READY:
@@ -536,27 +578,35 @@ class BackupRunner(Runner):
 
     async def pause(self) -> None:
         if self.pull:
-            raise OperationInvalid("a pull-mode backup cannot be paused; its client paces it",
-                                   job=self.job.uuid, verb="pause")  # fmt: skip
+            raise OperationInvalid(
+                "a pull-mode backup cannot be paused; its client paces it",
+                job=self.job.uuid,
+                verb="pause",
+            )
         await super().pause()
 
     async def resume(self) -> None:
         if self.pull:
-            raise OperationInvalid("a pull-mode backup is never paused",
-                                   job=self.job.uuid, verb="resume")  # fmt: skip
+            raise OperationInvalid(
+                "a pull-mode backup is never paused", job=self.job.uuid, verb="resume"
+            )
         await super().resume()
 
     async def set_speed(self, bandwidth: int | None) -> None:
         if self.pull:
-            raise OperationInvalid("a pull-mode backup has no speed; its client paces it",
-                                   job=self.job.uuid, verb="set-speed")  # fmt: skip
+            raise OperationInvalid(
+                "a pull-mode backup has no speed; its client paces it",
+                job=self.job.uuid,
+                verb="set-speed",
+            )
         await super().set_speed(bandwidth)
 
     async def cancel(self) -> None:
         if self.pull:
             if self.phase is Phase.ENDED or self.end_requested.is_set():
-                raise OperationInvalid(f"job {self.job.uuid} is already ending",
-                                       job=self.job.uuid, verb="cancel")  # fmt: skip
+                raise OperationInvalid(
+                    f"job {self.job.uuid} is already ending", job=self.job.uuid, verb="cancel"
+                )
             self.cancel_requested = True
             self.end_requested.set()
             return
@@ -566,8 +616,9 @@ class BackupRunner(Runner):
         if not self.pull:
             await super().complete()
         if self.phase is Phase.ENDED or self.end_requested.is_set():
-            raise OperationInvalid(f"job {self.job.uuid} is already ending",
-                                   job=self.job.uuid, verb="complete")  # fmt: skip
+            raise OperationInvalid(
+                f"job {self.job.uuid} is already ending", job=self.job.uuid, verb="complete"
+            )
         self.complete_requested = True
         self.end_requested.set()
 
@@ -595,8 +646,10 @@ class BlockPullRunner(Runner):
             self.nothing_to_do = True  # no backing below top, or nothing between
             self.phase = Phase.RUNNING
             return
-        args: dict[str, Any] = {"job-id": self.job_id("pull", disk.name),
-                                "device": disk.layers[self.top].node}  # fmt: skip
+        args: dict[str, Any] = {
+            "job-id": self.job_id("pull", disk.name),
+            "device": disk.layers[self.top].node,
+        }
         if self.base is not None:
             args["base-node"] = disk.layers[self.base].node
         if spec.bandwidth:
@@ -658,9 +711,10 @@ class BlockCommitRunner(Runner):
         if self.base <= self.top:
             raise DriverError(f"base (index {self.base}) must be below top (index {self.top})")
         args: dict[str, Any] = {
-            "job-id": self.job_id("commit", disk.name), "device": disk.active.node,
+            "job-id": self.job_id("commit", disk.name),
+            "device": disk.active.node,
             "base-node": disk.layers[self.base].node,
-        }  # fmt: skip
+        }
         if not self.active:
             args["top-node"] = disk.layers[self.top].node
         if spec.bandwidth:
@@ -701,8 +755,7 @@ class BlockCommitRunner(Runner):
             with anyio.CancelScope(shield=True):
                 await self.del_nodes([layer.node for layer in removed])
             if self.spec.delete:
-                for layer in removed:
-                    Path(layer.file).unlink(missing_ok=True)
+                remove_files(layer.file for layer in removed)
             self.report("progress", sj.total, sj.total)
         self.end(outcome, err)
 
@@ -711,8 +764,12 @@ class BlockCommitRunner(Runner):
             await super().complete()
         (sj,) = self.subjobs
         if self.phase is not Phase.READY and not sj.ready.is_set():
-            raise OperationInvalid(f"job {self.job.uuid} is not ready", job=self.job.uuid,
-                                   state=self.phase.value, verb="complete")  # fmt: skip
+            raise OperationInvalid(
+                f"job {self.job.uuid} is not ready",
+                job=self.job.uuid,
+                state=self.phase.value,
+                verb="complete",
+            )
         self.complete_requested = True
         try:
             await self.proc.execute("job-complete", {"id": sj.id})
@@ -755,7 +812,8 @@ class MigrationRunner(Runner):
         try:
             sock = self.conn.run_dir / f"{self.dest.stem}.mig.sock"
             params: dict[str, Any] = {
-                "max-bandwidth": spec.bandwidth or UNLIMITED_MIGRATION_BANDWIDTH}
+                "max-bandwidth": spec.bandwidth or UNLIMITED_MIGRATION_BANDWIDTH
+            }
             if spec.downtime_limit is not None:
                 params["downtime-limit"] = spec.downtime_limit
             await self.proc.execute("migrate-set-parameters", params)
@@ -812,10 +870,13 @@ class MigrationRunner(Runner):
                 if self.status == "cancelled":
                     self.end(Outcome.CANCELLED, None)
                 else:  # source died
-                    reason = self.proc.exit_reason or f"exited with status {self.proc.proc.returncode}"
-                    self.end(Outcome.FAILED,
-                             f"QEMU process {self.proc.pid} of domain '{self.domain.name}' "
-                             f"{reason}")  # fmt: skip
+                    reason = (
+                        self.proc.exit_reason or f"exited with status {self.proc.proc.returncode}"
+                    )
+                    self.end(
+                        Outcome.FAILED,
+                        f"QEMU process {self.proc.pid} of domain '{self.domain.name}' {reason}",
+                    )
         finally:
             self.proc.on_migration = None
             if self.phase is not Phase.ENDED:
@@ -831,27 +892,38 @@ class MigrationRunner(Runner):
             return
         ram = info.get("ram") or {}
         stats: dict[str, int | str] = {}
-        for key, name in (("total", "memory_total"), ("transferred", "memory_processed"),
-                          ("remaining", "memory_remaining"), ("duplicate", "memory_constant"),
-                          ("normal", "memory_normal"), ("normal-bytes", "memory_normal_bytes"),
-                          ("dirty-pages-rate", "memory_dirty_rate"),
-                          ("page-size", "memory_page_size"),
-                          ("dirty-sync-count", "memory_iteration"),
-                          ("postcopy-requests", "memory_postcopy_requests")):  # fmt: skip
+        for key, name in (
+            ("total", "memory_total"),
+            ("transferred", "memory_processed"),
+            ("remaining", "memory_remaining"),
+            ("duplicate", "memory_constant"),
+            ("normal", "memory_normal"),
+            ("normal-bytes", "memory_normal_bytes"),
+            ("dirty-pages-rate", "memory_dirty_rate"),
+            ("page-size", "memory_page_size"),
+            ("dirty-sync-count", "memory_iteration"),
+            ("postcopy-requests", "memory_postcopy_requests"),
+        ):
             if key in ram:
                 stats[name] = int(ram[key])
         if "mbps" in ram:
             stats["memory_bps"] = int(float(ram["mbps"]) * 1_000_000 / 8)
-        for key, name in (("downtime", "downtime"), ("setup-time", "setup_time"),
-                          ("total-time", "time_elapsed_migration")):  # fmt: skip
+        for key, name in (
+            ("downtime", "downtime"),
+            ("setup-time", "setup_time"),
+            ("total-time", "time_elapsed_migration"),
+        ):
             if key in info:
                 stats[name] = int(info[key])
         if "downtime" not in info and "expected-downtime" in info:
             stats["downtime"] = int(info["expected-downtime"])
         total = int(ram.get("total", 0))
         done = int(ram.get("transferred", 0))
-        stats.update(data_total=total, data_processed=min(done, total),
-                     data_remaining=int(ram.get("remaining", 0)))  # fmt: skip
+        stats.update(
+            data_total=total,
+            data_processed=min(done, total),
+            data_remaining=int(ram.get("remaining", 0)),
+        )
         self.last_stats = stats
         if self.phase is Phase.RUNNING:
             self.report("progress", min(done, total), total, dict(stats))
@@ -867,13 +939,15 @@ class MigrationRunner(Runner):
 
     async def set_speed(self, bandwidth: int | None) -> None:
         self._require_active("set-speed")
-        await self.proc.execute("migrate-set-parameters",
-                                {"max-bandwidth": bandwidth or UNLIMITED_MIGRATION_BANDWIDTH})
+        await self.proc.execute(
+            "migrate-set-parameters", {"max-bandwidth": bandwidth or UNLIMITED_MIGRATION_BANDWIDTH}
+        )
 
     async def cancel(self) -> None:
         if self.phase is Phase.ENDED:
-            raise OperationInvalid(f"job {self.job.uuid} has ended", job=self.job.uuid,
-                                   verb="cancel")  # fmt: skip
+            raise OperationInvalid(
+                f"job {self.job.uuid} has ended", job=self.job.uuid, verb="cancel"
+            )
         self.cancel_requested = True
         with contextlib.suppress(DriverError):
             await self.proc.execute("migrate_cancel")

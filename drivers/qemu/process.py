@@ -24,7 +24,7 @@ import structlog
 from attrs import define, field
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
 
-from drivers.qemu.images import qemu_binary
+from drivers.qemu.images import exists, qemu_binary
 from jobcore.errors import DriverError
 
 log = structlog.get_logger(__name__)
@@ -38,6 +38,11 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _open_log(path: Path) -> int:
+    """The QEMU's stdout/stderr file (a small local file, opened synchronously)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
 
 class Outcome(enum.Enum):
@@ -110,13 +115,25 @@ class QemuProcess:
         qmp_path = run_dir / f"{stem}.qmp"
         qmp_path.unlink(missing_ok=True)
         argv = [
-            qemu_binary(QEMU_SYSTEM), "-name", name, "-machine", "none", "-nodefaults",
-            "-display", "none", "-no-user-config", "-qmp", f"unix:{qmp_path},server=on,wait=off",
-            "-pidfile", str(run_dir / f"{stem}.pid"), *extra,
-        ]  # fmt: skip
+            qemu_binary(QEMU_SYSTEM),
+            "-name",
+            name,
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-user-config",
+            "-qmp",
+            f"unix:{qmp_path},server=on,wait=off",
+            "-pidfile",
+            str(run_dir / f"{stem}.pid"),
+            *extra,
+        ]
         if incoming:
             argv += ["-incoming", "defer"]
-        with open(run_dir / f"{stem}.log", "wb") as errlog:
+        errlog = _open_log(run_dir / f"{stem}.log")
+        try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -124,14 +141,17 @@ class QemuProcess:
                 stderr=errlog,
                 preexec_fn=_die_with_parent,
             )
+        finally:
+            os.close(errlog)
         qmp = QMPClient(stem)
         self = cls(name=name, stem=stem, run_dir=run_dir, proc=proc, qmp=qmp)
         log.info("qemu started", domain=name, pid=proc.pid, argv=" ".join(argv))
         try:
             await self._connect(qmp_path)
-            await self.execute("migrate-set-capabilities", {
-                "capabilities": [{"capability": "events", "state": True}]
-            })  # fmt: skip
+            await self.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "events", "state": True}]},
+            )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.stop("start failed")
@@ -146,7 +166,7 @@ class QemuProcess:
                         f"QEMU for domain '{self.name}' exited with status "
                         f"{self.proc.returncode} at start: {self.stderr_tail()}"
                     )
-                if path.exists():
+                if exists(path):
                     try:
                         await self.qmp.connect(str(path))
                     except ConnectError:
@@ -156,7 +176,9 @@ class QemuProcess:
                         self.qmp.register_listener(self._listener)
                         return
                 await anyio.sleep(0.01)
-        raise DriverError(f"QEMU for domain '{self.name}' did not open QMP within {CONNECT_TIMEOUT}s")
+        raise DriverError(
+            f"QEMU for domain '{self.name}' did not open QMP within {CONNECT_TIMEOUT}s"
+        )
 
     # --------------------------------------------------------------------- QMP
 
@@ -208,7 +230,8 @@ class QemuProcess:
         assert self._listener is not None
         async for event in self._listener:
             try:
-                self._on_event(event["event"], event.get("data") or {})
+                data = event.get("data")
+                self._on_event(str(event["event"]), data if isinstance(data, dict) else {})
             except Exception:  # an odd event must not kill the router
                 log.exception("event routing failed", domain=self.name, qmp_event=dict(event))
 
@@ -251,16 +274,16 @@ class QemuProcess:
             if ev is not None:
                 ev.set()
 
-    async def stop(self, reason: str, timeout: float = QUIT_TIMEOUT) -> None:
-        """End the process: ``quit``, SIGKILL after ``timeout``; always reaped on return."""
+    async def stop(self, reason: str, grace: float = QUIT_TIMEOUT) -> None:
+        """End the process: ``quit``, SIGKILL after ``grace`` s; always reaped on return."""
         if self.exit_reason is None:
             self.exit_reason = reason
         with anyio.CancelScope(shield=True):
             if self.proc.returncode is None:
                 with contextlib.suppress(Exception):
-                    with anyio.move_on_after(timeout / 2):
+                    with anyio.move_on_after(grace / 2):
                         await self.qmp.execute("quit")
-                with anyio.move_on_after(timeout):
+                with anyio.move_on_after(grace):
                     await self.proc.wait()
             if self.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -88,6 +88,8 @@ def _is_our_qemu(pid: int, run_dir: Path) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(cmdline) and b"qemu" in cmdline[0] and any(
-        str(run_dir).encode() in arg for arg in cmdline
+    return (
+        bool(cmdline)
+        and b"qemu" in cmdline[0]
+        and any(str(run_dir).encode() in arg for arg in cmdline)
     )
