@@ -67,3 +67,13 @@ def remove_files(paths: Iterable[str | Path]) -> None:
     """Remove files the driver created (targets, scratch, sockets); missing ones are fine."""
     for path in paths:
         Path(path).unlink(missing_ok=True)
+
+
+def fsync_files(paths: Iterable[str | Path]) -> None:
+    """Make finished targets durable (blocking: run it in a worker thread)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -23,7 +23,7 @@ import structlog
 from attrs import define, field
 
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
-from drivers.qemu.images import create_image, exists, remove_files
+from drivers.qemu.images import create_image, exists, fsync_files, remove_files
 from drivers.qemu.process import Outcome, QemuProcess, SubJob
 from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport
 from jobcore.driver import DriverJob
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from drivers.qemu.connection import QemuConnection
 
 CLEANUP_TIMEOUT = 10.0
+COPY_CHUNK = 64 << 20
 #: QEMU's migration default is 32 MiB/s; "no limit" has to be said explicitly.
 UNLIMITED_MIGRATION_BANDWIDTH = 1 << 40
 
@@ -320,6 +321,9 @@ class BackupRunner(Runner):
             )
             self.disks.append(bd)
             args = blockdev_args(Layer(bd.node, path, fmt), disk.active.node if self.pull else None)
+            # Like qemu-img convert's destination: no flush per qcow2 metadata update (they
+            # halve the throughput); a push target is fsynced once, after it is closed.
+            args["cache"] = {"no-flush": True}
             await self.proc.execute("blockdev-add", args)
 
     def _checkpoint_actions(self) -> list[dict[str, Any]]:
@@ -379,6 +383,9 @@ class BackupRunner(Runner):
                     "target": bd.node,
                     "sync": "none" if self.pull else "full",
                     "filter-node-name": bd.filter,
+                    # copy_file_range between the images where the kernel can (block-copy
+                    # falls back to read/write by itself), in chunks of up to 64 MiB
+                    "x-perf": {"use-copy-range": True, "max-chunk": COPY_CHUNK},
                 }
                 speed = getattr(self.spec, "bandwidth", None) or self.conn.backup_bandwidth
                 if speed and not self.pull:
@@ -506,6 +513,8 @@ class BackupRunner(Runner):
             keep_checkpoint=outcome is Outcome.COMPLETED,
             nodes_only=outcome is Outcome.COMPLETED and not self.pull,
         )
+        if outcome is Outcome.COMPLETED and not self.pull:
+            await anyio.to_thread.run_sync(fsync_files, [bd.path for bd in self.disks])
         if report:
             extra: dict[str, int | str] = {}
             if outcome is Outcome.COMPLETED and not self.pull:
