@@ -16,8 +16,8 @@ import tracemalloc
 import anyio
 
 import jobcore
-from jobcore.spec import BackupJobSpec, BlockPullSpec
 from jobcore.backup import BackupDef, BackupDisk, BackupStore
+from jobcore.spec import BackupJobSpec
 
 N_THROUGHPUT = 5000
 

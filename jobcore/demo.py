@@ -52,9 +52,10 @@ async def run(uri: str, console: Console) -> int:
             except jobcore.JobConflict as exc:
                 console.print(f"[yellow]refused[/] block commit of vda: {exc}")
             finals: dict[Any, dict[str, Any]] = {}
-            with Progress(TextColumn("{task.description:<28}"), BarColumn(),
-                          TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[state]}"),
-                          TimeElapsedColumn(), console=console) as progress:
+            columns = (TextColumn("{task.description:<28}"), BarColumn(),
+                       TextColumn("{task.percentage:>5.1f}%"),
+                       TextColumn("{task.fields[state]}"), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
                 bars: dict[Any, TaskID] = {
                     job.uuid: progress.add_task(f"{job.type} {str(job.uuid)[:8]}", total=1,
                                                 state="running")

@@ -121,6 +121,12 @@ class Engine:
             if rec.start_done is not None:
                 rec.start_done.set()
                 rec.start_done = None
+        if error is None and rec.bandwidth != getattr(rec.spec, "bandwidth", None) \
+                and rec.state.active:
+            try:  # a speed set while queued, on a spec without a bandwidth field
+                await self.dconn.set_speed(rec.driver_job, rec.bandwidth)
+            except JobError as exc:
+                _log.warning("queued speed not applied", job=str(rec.uuid), error=str(exc))
         if error is not None:
             if rec.state.active:
                 self._finish(rec, S.FAILED, errmsg=str(error))
@@ -234,10 +240,10 @@ class Engine:
         check_verb(rec.uuid, rec.state, Verb.SET_SPEED)
         if bandwidth is not None and bandwidth < 0:
             raise InvalidArgument("bandwidth must not be negative")
-        if not hasattr(rec.spec, "bandwidth"):
-            raise Unsupported(f"job type '{rec.type}' has no bandwidth")
         if rec.state is S.QUEUED:
-            rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)
+            if hasattr(rec.spec, "bandwidth"):
+                rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)
+            # other specs get it from the driver's set_speed once started (_start)
         else:
             try:
                 await self.dconn.set_speed(rec.driver_job, bandwidth)

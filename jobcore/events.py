@@ -4,11 +4,11 @@ Every state change emits a ``STATE`` event; progress reports emit ``PROGRESS``; 
 a job emits exactly one ``FINAL`` event carrying its final stats (libvirt's JOB_COMPLETED).
 
 Each subscriber has its own bounded buffer. The engine never waits for a subscriber: when
-a buffer is full, the oldest PROGRESS event in it is dropped first (progress is
-superseded by the next one anyway); if there is none, the oldest event is dropped. Every
+a buffer is full, the oldest PROGRESS event in it is dropped (progress is superseded by
+the next one anyway); if there is none, the oldest STATE event (the job's current state
+stays readable with ``job.info()``); FINAL events, which carry final stats, go last. Every
 drop is counted in ``Subscription.lost`` and the next event handed out carries the
-count in ``lost_before``, so a consumer knows it missed something and can re-read
-``job.info()``.
+count in ``lost_before``, so a consumer knows it missed something.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ class EventKind(enum.StrEnum):
     STATE = "state"
     PROGRESS = "progress"
     FINAL = "final"
+
+
+#: which events a full buffer gives up first
+_DROP_ORDER = (EventKind.PROGRESS, EventKind.STATE)
 
 
 @frozen
@@ -84,10 +88,14 @@ class Subscription:
             self._wakeup = None
 
     def _drop_one(self) -> None:
-        for i, old in enumerate(self._buf):
-            if old.kind is EventKind.PROGRESS:
-                del self._buf[i]
-                break
+        for kind in _DROP_ORDER:
+            for i, old in enumerate(self._buf):
+                if old.kind is kind:
+                    del self._buf[i]
+                    break
+            else:
+                continue
+            break
         else:
             self._buf.popleft()
         self.lost += 1

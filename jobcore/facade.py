@@ -9,6 +9,7 @@ closes what is still open (so drivers can reap their processes).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import uuid
 import weakref
@@ -77,10 +78,8 @@ class BlockingConnection:
 
     def _stop_loop(self) -> None:
         if self._portal is not None:
-            try:
-                self._portal.stop_from_external_thread()
-            except RuntimeError:
-                pass
+            with contextlib.suppress(RuntimeError):
+                self._portal.call(self._portal.stop, True)
             self._thread.join(timeout=10)
             self._portal = None
 
@@ -226,7 +225,7 @@ class BlockingJob:
         return self.ajob
 
 
-def open(uri: str = "sim:///default", *, backend: str = "asyncio",  # noqa: A001
+def open(uri: str = "sim:///default", *, backend: str = "asyncio",
          retention: float = DEFAULT_RETENTION) -> BlockingConnection:
     """Open a blocking connection (its event loop runs on its own daemon thread)."""
     return BlockingConnection(uri, backend=backend, retention=retention)
@@ -302,7 +301,5 @@ def JobFree(job: BlockingJob) -> int:
 @atexit.register
 def _close_open_connections() -> None:
     for conn in list(_open_connections):
-        try:
+        with contextlib.suppress(Exception):  # best effort at interpreter exit
             conn.close()
-        except Exception:  # best effort at interpreter exit
-            pass

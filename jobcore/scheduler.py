@@ -8,8 +8,8 @@ not grow with the number of jobs.
 
 from __future__ import annotations
 
-import enum
 import bisect
+import enum
 import itertools
 import uuid
 from collections.abc import Iterable

@@ -20,6 +20,7 @@ A driver author subclasses it, sets ``URI`` and ``BACKEND``, overrides ``templat
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -44,17 +45,33 @@ from jobcore.facade import JobBegin as _JobBegin
 from jobcore.facade import JobLookupByUUID as _JobLookupByUUID
 from jobcore.facade import open as _open
 from jobcore.lifecycle import INITIAL, TRANSITIONS, VERBS, JobState, Verb
-from jobcore.scheduler import CONFLICTS
 
 
 @attrs.frozen
 class JobTemplate:
-    """A job the machine may begin: ``make(uuid, queue)`` returns the job XML."""
+    """A job the machine may begin: ``make(uuid, queue)`` returns the job XML.
+
+    ``exclusive``, ``reads`` and ``chains`` describe the job for the contract's conflict
+    rules, independently of the engine's own claims: a migration is exclusive; a backup
+    reads its disks; a block pull or commit changes its disk's chain.
+    """
 
     name: str
     domain: str
     domain_level: bool
     make: Callable[[uuid.UUID, bool], str]
+    exclusive: bool = False
+    reads: frozenset[str] = frozenset()
+    chains: frozenset[str] = frozenset()
+
+
+def contract_conflict(a: JobTemplate, b: JobTemplate) -> bool:
+    """The contract's default conflicts between two jobs (backup targets are unique in
+    the kit's templates, so file conflicts never arise)."""
+    if a.domain != b.domain:
+        return False
+    return (a.exclusive or b.exclusive or bool(a.chains & b.chains)
+            or bool(a.reads & b.chains) or bool(a.chains & b.reads))
 
 
 def _options(job: uuid.UUID, queue: bool) -> str:
@@ -81,16 +98,20 @@ def sim_templates() -> list[JobTemplate]:
         return lambda job, queue: (f"<job type='migration'>{_options(job, queue)}"
                                    f"<destination uri='{dest}'/></job>")
 
+    vda, vdb = frozenset({"vda"}), frozenset({"vdb"})
     return [
-        JobTemplate("backup-vda", "vm1", True, backup("vda")),
-        JobTemplate("backup-vdb", "vm1", True, backup("vdb")),
-        JobTemplate("pull-backup-vdb", "vm1", True, backup("vdb", "pull")),
-        JobTemplate("blockpull-vda", "vm1", False, chain("blockpull", "<disk name='vda'/>")),
+        JobTemplate("backup-vda", "vm1", True, backup("vda"), reads=vda),
+        JobTemplate("backup-vdb", "vm1", True, backup("vdb"), reads=vdb),
+        JobTemplate("pull-backup-vdb", "vm1", True, backup("vdb", "pull"), reads=vdb),
+        JobTemplate("blockpull-vda", "vm1", False, chain("blockpull", "<disk name='vda'/>"),
+                    chains=vda),
         JobTemplate("commit-vda-active", "vm1", False,
-                    chain("blockcommit", "<disk name='vda'/>")),
-        JobTemplate("commit-vdb", "vm1", False, chain("blockcommit", "<disk name='vdb'/>")),
-        JobTemplate("migrate-away", "vm1", True, migration("sim:///kitdest")),
-        JobTemplate("backup-vm2", "vm2", True, backup("vda")),
+                    chain("blockcommit", "<disk name='vda'/>"), chains=vda),
+        JobTemplate("commit-vdb", "vm1", False, chain("blockcommit", "<disk name='vdb'/>"),
+                    chains=vdb),
+        JobTemplate("migrate-away", "vm1", True, migration("sim:///kitdest"),
+                    exclusive=True),
+        JobTemplate("backup-vm2", "vm2", True, backup("vda"), reads=vda),
     ]
 
 
@@ -217,7 +238,10 @@ class JobLifecycleMachine(RuleBasedStateMachine):
                 f"conflict named a job that is {holder_state}"
             del self.seen[job_id]
             return
-        except (DriverError, InvalidArgument):
+        except InvalidArgument:
+            del self.seen[job_id]  # refused before admission: no job was created
+            return
+        except DriverError:
             # refused by the hypervisor at start: the job exists and ended failed
             job = _JobLookupByUUID(dom, job_id)
         assert job.uuid == job_id
@@ -288,16 +312,13 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         if not hasattr(self, "conn"):
             return
         self._drain_events()
-        engine = self.conn.aconn.engine
-        admitted = [engine.lookup(j) for j, s in self.seen.items()
+        admitted = [s for s in self.seen.values()
                     if s.job is not None and self._state(s) not in (None, JobState.QUEUED)
                     and (self._state(s) or JobState.RUNNING).active]
         for i, a in enumerate(admitted):
             for b in admitted[i + 1:]:
-                for ca in a.ticket.claims:
-                    for cb in b.ticket.claims:
-                        assert not (ca.resource == cb.resource and cb.mode in CONFLICTS[ca.mode]), \
-                            f"{a.uuid} and {b.uuid} both hold {ca.resource}"
+                assert not contract_conflict(a.template, b.template), \
+                    f"{a.template.name} and {b.template.name} run together"
 
     @invariant()
     def legacy_alias_follows_the_rule(self) -> None:
@@ -334,16 +355,12 @@ class JobLifecycleMachine(RuleBasedStateMachine):
     def queued_jobs_start_in_fifo_order(self) -> None:
         if not hasattr(self, "conn"):
             return
-        engine = self.conn.aconn.engine
         queued = [s for s in self.seen.values() if s.queued_at_begin and s.job is not None]
         for a in queued:
             for b in queued:
                 if a.order >= b.order or a.started_order is None or b.started_order is None:
                     continue
-                ra, rb = engine.lookup(a.job.uuid), engine.lookup(b.job.uuid)  # type: ignore[union-attr]
-                contended = any(ca.resource == cb.resource and cb.mode in CONFLICTS[ca.mode]
-                                for ca in ra.ticket.claims for cb in rb.ticket.claims)
-                if contended and ra.ticket.priority == rb.ticket.priority:
+                if contract_conflict(a.template, b.template):
                     assert a.started_order < b.started_order, \
                         f"{b.job.uuid} started before earlier queued {a.job.uuid}"  # type: ignore[union-attr]
 
@@ -358,17 +375,13 @@ class JobLifecycleMachine(RuleBasedStateMachine):
                 break
             for seen in live:
                 assert seen.job is not None
-                try:
+                with contextlib.suppress(OperationInvalid, DriverError):
                     JobAbort(seen.job)
-                except (OperationInvalid, DriverError):
-                    pass
             self.advance(30.0)
             for seen in live:
                 assert seen.job is not None
-                try:
+                with contextlib.suppress(TimeoutError):
                     JobWait(seen.job, timeout=5.0 if not self._manual() else 0.5)
-                except TimeoutError:
-                    pass
         self._drain_events()
         for job_id, seen in self.seen.items():
             assert seen.job is not None

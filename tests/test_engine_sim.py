@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import jobcore
@@ -27,16 +28,19 @@ async def conn() -> AsyncIterator[Connection]:
 async def step(conn: Connection, seconds: float) -> None:
     conn.driver.clock.advance(seconds)  # type: ignore[attr-defined]
     for _ in range(3):
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
 
-def backup_xml(disk: str = "vda", target: str | None = None, mode: str = "push",
-               extra: str = "") -> str:
+def backup_xml(
+    disk: str = "vda", target: str | None = None, mode: str = "push", extra: str = ""
+) -> str:
     store = "scratch" if mode == "pull" else "target"
     target = target or f"/backups/{uuid.uuid4()}.qcow2"
-    return (f"<job type='backup'>{extra}<domainbackup mode='{mode}'><disks>"
-            f"<disk name='{disk}' type='file'><{store} file='{target}'/></disk>"
-            f"</disks></domainbackup></job>")
+    return (
+        f"<job type='backup'>{extra}<domainbackup mode='{mode}'><disks>"
+        f"<disk name='{disk}' type='file'><{store} file='{target}'/></disk>"
+        f"</disks></domainbackup></job>"
+    )
 
 
 PULL_VDA = "<job type='blockpull'><disk name='vda'/></job>"
@@ -95,8 +99,10 @@ async def test_parallel_backup_and_pull_and_refused_conflict(conn: Connection) -
 
 async def test_migration_excludes_everything_and_moves_the_domain(conn: Connection) -> None:
     dom = await conn.lookup_domain("vm1")
-    mig = await dom.job_begin("<job type='migration'><destination uri='sim:///other'/>"
-                              "<downtime-limit unit='ms'>20</downtime-limit></job>")
+    mig = await dom.job_begin(
+        "<job type='migration'><destination uri='sim:///other'/>"
+        "<downtime-limit unit='ms'>20</downtime-limit></job>"
+    )
     with pytest.raises(jobcore.JobConflict) as err:
         await dom.job_begin(PULL_VDA)
     assert err.value.holder == mig.uuid and err.value.resource == "domain:vm1"
@@ -188,8 +194,9 @@ async def test_queueing_is_fifo_with_timeout(conn: Connection) -> None:
     dom = await conn.lookup_domain("vm1")
     holder = await dom.job_begin(PULL_VDA)
     q1 = await dom.job_begin(backup_xml("vda", extra="<queue/>"))
-    q2 = await dom.job_begin("<job type='blockcommit'><queue/><disk name='vda'/>"
-                             "<top index='1'/></job>")
+    q2 = await dom.job_begin(
+        "<job type='blockcommit'><queue/><disk name='vda'/><top index='1'/></job>"
+    )
     q3 = await dom.job_begin(backup_xml("vda", extra="<queue timeout='0.05'/>"))
     assert [q.state for q in (q1, q2, q3)] == [JobState.QUEUED] * 3
     info = await q3.wait(timeout=5)  # real-time timeout while queued
@@ -276,11 +283,15 @@ async def test_bad_input_is_refused_and_loses_nothing(conn: Connection) -> None:
     running = await dom.job_begin(backup_xml("vdb"))
     bad = [
         ("<job type='blockpull'><disk name='vdz'/></job>", jobcore.InvalidArgument),
-        ("<job type='blockpull'><disk name='vda'/><base index='7'/></job>",
-         jobcore.InvalidArgument),
+        (
+            "<job type='blockpull'><disk name='vda'/><base index='7'/></job>",
+            jobcore.InvalidArgument,
+        ),
         ("<job type='blockcommit'><disk name='vdb'/></job>", jobcore.InvalidArgument),
-        ("<job type='blockpull'><disk name='vda'/><base index='0'/><top index='1'/></job>",
-         jobcore.InvalidArgument),
+        (
+            "<job type='blockpull'><disk name='vda'/><base index='0'/><top index='1'/></job>",
+            jobcore.InvalidArgument,
+        ),
         ("<job type='nonsense'/>", jobcore.XMLError),
         ("<job", jobcore.XMLError),
         (backup_xml("vdq"), jobcore.JobError),
@@ -325,8 +336,7 @@ async def test_xml_desc_has_uuid_and_effective_values(conn: Connection) -> None:
     assert parsed.uuid == job.uuid
 
 
-async def test_slow_subscriber_loses_progress_first_and_never_stalls(
-        conn: Connection) -> None:
+async def test_slow_subscriber_loses_progress_first_and_never_stalls(conn: Connection) -> None:
     dom = await conn.lookup_domain("vm1")
     with conn.subscribe(maxlen=4) as sub:
         jobs = [await dom.job_begin(backup_xml("vdb")) for _ in range(3)]

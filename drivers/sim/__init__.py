@@ -250,6 +250,7 @@ class SimConnection:
         self._jobs[job.uuid] = sj
         if isinstance(job.spec, BackupJobSpec) and job.spec.backup.effective_mode \
                 is BackupMode.PULL:
+            sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
             for disk in job.spec.backup.included_disks():
                 if disk.store is not None:
                     self.host.files.add(disk.store.path)
