@@ -22,6 +22,7 @@ from qemu_helpers import (
     create,
     differs,
     domain_xml,
+    free_port,
     kill_and_reap,
     make_job,
     qemu_children,
@@ -502,3 +503,66 @@ async def test_migration_cancel_keeps_source_and_reaps_destination(tmp_path: Pat
         with pytest.raises(Unsupported):
             bad, _ = make_job(JobType.MIGRATION, "vm1", MigrationSpec("sim:///other"))
             await conn.start(bad)
+
+
+async def test_migration_fails_with_qemu_text_when_destination_dies(tmp_path: Path) -> None:
+    src = create(tmp_path / "src.qcow2")
+    async with session(tmp_path) as conn:
+        await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=64))
+        pid = conn.pid("vm1")
+        spec = MigrationSpec(f"qemu:///session?dir={tmp_path / 'run'}", bandwidth=16 * 1024)
+        job, rep = make_job(JobType.MIGRATION, "vm1", spec)
+        before = qemu_children()
+        await conn.start(job)
+        (dest_pid,) = qemu_children() - before
+        await anyio.sleep(0.3)
+        os.kill(dest_pid, signal.SIGKILL)
+        kind, msg = await rep.wait_end()
+        assert kind == "failed" and msg  # QEMU's own error text
+        assert "domain_moved" not in rep.kinds
+        assert conn.pid("vm1") == pid
+        assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+
+
+async def test_closing_the_connection_mid_job_reaps_and_cleans(tmp_path: Path) -> None:
+    src = create(tmp_path / "src.qcow2")
+    write(src, "write -P 0x42 0 16M")
+    target = tmp_path / "t.qcow2"
+    async with session(tmp_path, "&backup_bandwidth=1048576") as conn:
+        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        pid = conn.pid("vm1")
+        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": target}))
+        await conn.start(job)
+        assert target.exists()
+    assert not alive(pid)
+    assert not target.exists()
+    assert rep.terminal is None or rep.terminal[0] == "failed"
+    # the run directory is free again, and holds no stale pid files
+    assert not list((tmp_path / "run").glob("*.pid"))
+    async with session(tmp_path) as conn:
+        assert await conn.list_domains() == []
+
+
+async def test_pull_backup_over_tcp_loopback(tmp_path: Path) -> None:
+    src = create(tmp_path / "src.qcow2")
+    write(src, "write -P 0x5c 1M 3M")
+    port = free_port()
+    async with session(tmp_path) as conn:
+        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        server = BackupServer(ServerTransport.TCP, name="127.0.0.1", port=port)
+        disk = BackupDisk(
+            "vda",
+            True,
+            StoreType.FILE,
+            DiskBackupMode.FULL,
+            exportname="disk0",
+            store=BackupStore(str(tmp_path / "sc.qcow2")),
+        )
+        spec = BackupJobSpec(BackupDef(mode=BackupMode.PULL, server=server, disks=(disk,)))
+        job, rep = make_job(JobType.BACKUP, "vm1", spec)
+        await conn.start(job)
+        await rep.wait_for("ready")
+        compare(f"nbd://127.0.0.1:{port}/disk0", src, "-f", "raw")
+        await conn.complete(job)
+        assert (await rep.wait_end())[0] == "completed"
+        assert not (tmp_path / "sc.qcow2").exists()

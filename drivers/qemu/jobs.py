@@ -133,7 +133,14 @@ class Runner:
             if sj.outcome is Outcome.FAILED:
                 return Outcome.FAILED, sj.error or "job failed"
         if any(sj.outcome is Outcome.CANCELLED for sj in self.subjobs):
-            return Outcome.CANCELLED, None
+            if self.cancel_requested:
+                return Outcome.CANCELLED, None
+            # nobody asked: QEMU cancelled it (e.g. while quitting), so the job failed
+            reason = self.proc.exit_reason or "was cancelled by QEMU"
+            return (
+                Outcome.FAILED,
+                f"QEMU process {self.proc.pid} of domain '{self.domain.name}' {reason}",
+            )
         return Outcome.COMPLETED, None
 
     async def _each(self, verb: str, cmd: str, args: Mapping[str, Any]) -> None:

@@ -283,6 +283,8 @@ class QemuProcess:
                 with contextlib.suppress(Exception):
                     with anyio.move_on_after(grace / 2):
                         await self.qmp.execute("quit")
+                        # hang up before QEMU does, so its closing is not a reset
+                        await self.qmp.disconnect()
                 with anyio.move_on_after(grace):
                     await self.proc.wait()
             if self.proc.returncode is None:
@@ -293,11 +295,3 @@ class QemuProcess:
                 with anyio.move_on_after(1):
                     await self.qmp.disconnect()
             self._mark_exited()
-
-    def kill_now(self) -> None:
-        """Synchronous last resort (interpreter exit): SIGKILL and reap."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.proc.pid, 0)
