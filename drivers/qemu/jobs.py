@@ -15,7 +15,7 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -26,7 +26,7 @@ from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.images import create_image, exists, fsync_files, remove_files
 from drivers.qemu.process import Outcome, QemuProcess, SubJob
 from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport
-from jobcore.driver import DriverJob
+from jobcore.driver import DriverJob, JobReporter
 from jobcore.errors import DriverError, OperationInvalid, Unsupported
 from jobcore.spec import (
     BackupJobSpec,
@@ -95,19 +95,24 @@ class Runner:
         """Called by the connection's poller after it refreshed the subjobs' counters."""
         total = sum(sj.total for sj in self.subjobs)
         done = sum(sj.current for sj in self.subjobs)
-        self.report("progress", done, total)
+        self.progress(done, total)
 
     async def poll(self) -> None:
         """Extra polling for runners that are not QEMU jobs (migration)."""
 
     # ----------------------------------------------------------------- helpers
 
-    def report(self, what: str, *args: Any) -> None:
-        """Call a reporter method; the engine refusing a report must not kill the driver."""
+    def report(self, call: Callable[[JobReporter], None]) -> None:
+        """Make one report; the engine refusing a report must not kill the driver."""
         try:
-            getattr(self.job.reporter, what)(*args)
+            call(self.job.reporter)
         except Exception:
-            self.log.exception("reporter refused a report", report=what)
+            self.log.exception("reporter refused a report")
+
+    def progress(
+        self, processed: int, total: int, extra: Mapping[str, int | str] | None = None
+    ) -> None:
+        self.report(lambda r: r.progress(processed, total, extra))
 
     def job_id(self, kind: str, disk: str | None = None) -> str:
         return f"{kind}-{self.short}" + (f"-{disk}" if disk else "")
@@ -143,15 +148,13 @@ class Runner:
             )
         return Outcome.COMPLETED, None
 
-    async def _each(self, verb: str, cmd: str, args: Mapping[str, Any]) -> None:
+    async def _each(self, verb: str, cmd: str, key: str = "id", **extra: Any) -> None:
+        """Apply a verb to every QEMU job still running; QEMU's refusal is OperationInvalid."""
         for sj in self.subjobs:
             if sj.done.is_set():
                 continue
             try:
-                await self.proc.execute(
-                    cmd,
-                    {**args, "id": sj.id} if "device" not in args else {**args, "device": sj.id},
-                )
+                await self.proc.execute(cmd, {key: sj.id, **extra})
             except DriverError as exc:
                 raise _verb_error(exc, self.job, verb) from None
 
@@ -174,7 +177,7 @@ class Runner:
                 state="paused",
                 verb="pause",
             )
-        await self._each("pause", "job-pause", {})
+        await self._each("pause", "job-pause")
         self.user_paused = True
 
     async def resume(self) -> None:
@@ -183,14 +186,12 @@ class Runner:
             raise OperationInvalid(
                 f"job {self.job.uuid} is not paused", job=self.job.uuid, verb="resume"
             )
-        await self._each("resume", "job-resume", {})
+        await self._each("resume", "job-resume")
         self.user_paused = False
 
     async def set_speed(self, bandwidth: int | None) -> None:
         self._require_active("set-speed")
-        await self._each(
-            "set-speed", "block-job-set-speed", {"device": "", "speed": bandwidth or 0}
-        )
+        await self._each("set-speed", "block-job-set-speed", "device", speed=bandwidth or 0)
 
     async def cancel(self) -> None:
         if self.phase is Phase.ENDED:
@@ -221,17 +222,17 @@ class Runner:
                 self.log.warning("blockdev-del failed", node=node, error=str(exc))
 
     def end(
-        self, outcome: Outcome, errmsg: str | None, extra: Mapping[str, Any] | None = None
+        self, outcome: Outcome, errmsg: str | None, extra: Mapping[str, int | str] | None = None
     ) -> None:
         self.phase = Phase.ENDED
         self.untrack()
         self.log.info("job ended", outcome=outcome.value, error=errmsg)
         if outcome is Outcome.COMPLETED:
-            self.report("completed", extra)
+            self.report(lambda r: r.completed(extra))
         elif outcome is Outcome.CANCELLED:
-            self.report("cancelled")
+            self.report(lambda r: r.cancelled())
         else:
-            self.report("failed", errmsg or "job failed")
+            self.report(lambda r: r.failed(errmsg or "job failed"))
 
 
 def resolve_index(disk: Disk, ref: ChainRef | None, default: int) -> int:
@@ -469,7 +470,7 @@ class BackupRunner(Runner):
         try:
             if self.pull:
                 self.phase = Phase.READY
-                self.report("ready")
+                self.report(lambda r: r.ready())
                 async with anyio.create_task_group() as tg:
 
                     async def _watch(sj: SubJob) -> None:
@@ -526,7 +527,7 @@ class BackupRunner(Runner):
             extra: dict[str, int | str] = {}
             if outcome is Outcome.COMPLETED and not self.pull:
                 total = sum(sj.total for sj in self.subjobs)
-                self.report("progress", total, total)
+                self.progress(total, total)
             self.end(outcome, err, extra or None)
         else:
             self.phase = Phase.ENDED
@@ -588,9 +589,9 @@ class BackupRunner(Runner):
         done = sum(sj.current for sj in self.subjobs)
         total = sum(sj.total for sj in self.subjobs)
         if self.pull:
-            self.report("progress", 0, 0, {"disk_temp_used": done, "disk_temp_total": total})
+            self.progress(0, 0, {"disk_temp_used": done, "disk_temp_total": total})
         else:
-            self.report("progress", done, total)
+            self.progress(done, total)
 
     async def pause(self) -> None:
         if self.pull:
@@ -680,7 +681,7 @@ class BlockPullRunner(Runner):
 
     async def supervise(self) -> None:
         if self.nothing_to_do:
-            self.report("progress", 0, 0)
+            self.progress(0, 0)
             self.end(Outcome.COMPLETED, None)
             return
         await self.wait_subjobs()
@@ -693,7 +694,7 @@ class BlockPullRunner(Runner):
             with anyio.CancelScope(shield=True):
                 await self.del_nodes([layer.node for layer in removed])
             total = sum(sj.total for sj in self.subjobs)
-            self.report("progress", total, total)
+            self.progress(total, total)
         self.end(outcome, err)
 
 
@@ -757,8 +758,8 @@ class BlockCommitRunner(Runner):
                 tg.cancel_scope.cancel()
             if not sj.done.is_set() and not self.cancel_requested:
                 self.phase = Phase.READY
-                self.report("progress", sj.total, sj.total)
-                self.report("ready")
+                self.progress(sj.total, sj.total)
+                self.report(lambda r: r.ready())
                 if self.spec.pivot:
                     with contextlib.suppress(OperationInvalid, DriverError):
                         await self.complete()
@@ -772,7 +773,7 @@ class BlockCommitRunner(Runner):
                 await self.del_nodes([layer.node for layer in removed])
             if self.spec.delete:
                 remove_files(layer.file for layer in removed)
-            self.report("progress", sj.total, sj.total)
+            self.progress(sj.total, sj.total)
         self.end(outcome, err)
 
     async def complete(self) -> None:
@@ -871,7 +872,7 @@ class MigrationRunner(Runner):
                         self.end(Outcome.FAILED, "the destination QEMU exited after migration")
                         return
                     await self.conn.adopt_migrated(self.domain, dest)
-                    self.report("domain_moved", self.dest_uri)
+                    self.report(lambda r: r.domain_moved(self.dest_uri))
                     self.end(Outcome.COMPLETED, None, dict(self.last_stats))
                     return
                 if self.status == "failed":
@@ -942,7 +943,7 @@ class MigrationRunner(Runner):
         )
         self.last_stats = stats
         if self.phase is Phase.RUNNING:
-            self.report("progress", min(done, total), total, dict(stats))
+            self.progress(min(done, total), total, dict(stats))
 
     def report_progress(self) -> None:
         """Migration progress is reported from ``poll``."""
