@@ -460,6 +460,10 @@ async def test_migration_moves_domain_and_data_still_served(tmp_path: Path) -> N
     run_dir = tmp_path / "run"
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=32))
+        full = tmp_path / "full.qcow2"
+        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": full}, checkpoint="c1"))
+        await conn.start(job)
+        assert (await rep.wait_end())[0] == "completed"
         old_pid = conn.pid("vm1")
         dest = f"qemu:///session?dir={run_dir}"
         spec = MigrationSpec(dest, live=True, bandwidth=2 * 1024 * MiB, downtime_limit=300)
@@ -474,12 +478,16 @@ async def test_migration_moves_domain_and_data_still_served(tmp_path: Path) -> N
         assert (await conn.lookup_domain("vm1")).running
         params = await conn.qmp("vm1", "query-status")
         assert params["status"] == "running"
-        # the migrated domain still serves its disk: back it up and compare
+        # the migrated domain still serves its disk, and its checkpoint came along:
+        # an incremental backup from c1 chained on the full one equals the source
+        assert "c1" in await bitmaps(conn, "vm1", "vda")
         await conn.guest_io("vm1", "vda", "write -P 0x62 8M 1M")
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": tmp_path / "m.qcow2"}))
+        inc = tmp_path / "inc.qcow2"
+        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": inc}, incremental="c1"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
-        compare(src, tmp_path / "m.qcow2")
+        run("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(full), "-F", "qcow2", str(inc))
+        compare(src, inc)
 
 
 async def test_migration_cancel_keeps_source_and_reaps_destination(tmp_path: Path) -> None:
