@@ -4,7 +4,15 @@ A test checks that design/tables.md is exactly this output."""
 
 from __future__ import annotations
 
-from jobcore.lifecycle import TERMINAL, TRANSITIONS, VERB_TARGET, VERBS, JobState, Verb
+from jobcore.lifecycle import (
+    STATE_DOC,
+    TERMINAL,
+    TRANSITIONS,
+    VERB_TARGET,
+    VERBS,
+    JobState,
+    Verb,
+)
 from jobcore.scheduler import CONFLICTS, Mode
 
 
@@ -28,7 +36,7 @@ def render() -> str:
     ]
     for s in JobState:
         kind = "terminal" if s in TERMINAL else "active"
-        lines.append(f"- `{s.value}` ({kind})")
+        lines.append(f"- `{s.value}` ({kind}): {STATE_DOC[s]}")
     lines += ["", "## Transitions (row: from, column: to)", ""]
     cells = {(a.value, b.value): "✓" for a in JobState for b in TRANSITIONS[a]}
     lines += _grid(states, states, cells, "from \\ to")

@@ -16,25 +16,15 @@ from jobcore.errors import OperationInvalid
 
 
 class JobState(enum.StrEnum):
-    #: waiting for a contested resource (only when the caller asked to queue)
     QUEUED = "queued"
-    #: doing its work
     RUNNING = "running"
-    #: stopped by the user; ``resume`` returns it to running
     PAUSED = "paused"
-    #: converged, waiting for ``complete`` (active commit, pull backup)
     READY = "ready"
-    #: paused while ready; ``resume`` returns it to ready
     STANDBY = "standby"
-    #: ``complete`` was accepted: pivoting or finishing
     COMPLETING = "completing"
-    #: ``abort`` was accepted: the hypervisor is cancelling
     ABORTING = "aborting"
-    #: ended successfully (terminal)
     COMPLETED = "completed"
-    #: ended with an error; ``errmsg`` says why (terminal)
     FAILED = "failed"
-    #: ended by ``abort`` (terminal)
     CANCELLED = "cancelled"
 
     @property
@@ -48,6 +38,19 @@ class JobState(enum.StrEnum):
 
 S = JobState
 TERMINAL: frozenset[JobState] = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
+
+STATE_DOC: dict[JobState, str] = {
+    S.QUEUED: "waiting for a contested resource (only when the caller asked to queue)",
+    S.RUNNING: "doing its work",
+    S.PAUSED: "stopped by the user; `resume` returns it to running",
+    S.READY: "converged, waiting for `complete` (active commit, pull backup)",
+    S.STANDBY: "paused while ready; `resume` returns it to ready",
+    S.COMPLETING: "`complete` was accepted: pivoting or finishing",
+    S.ABORTING: "`abort` was accepted: the hypervisor is cancelling",
+    S.COMPLETED: "ended successfully",
+    S.FAILED: "ended with an error; `errmsg` says why",
+    S.CANCELLED: "ended by `abort`",
+}
 
 #: Jobs are created in one of these states.
 INITIAL: frozenset[JobState] = frozenset({S.QUEUED, S.RUNNING})
