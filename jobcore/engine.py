@@ -9,6 +9,7 @@ awaits are driver calls, around which the engine re-checks what may have moved.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import uuid
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import anyio
 import attrs
 from anyio.abc import TaskGroup
+from structlog.stdlib import BoundLogger
 
 from jobcore import constants as C
 from jobcore.driver import DriverConnection, DriverJob
@@ -41,6 +43,14 @@ S = JobState
 DEFAULT_RETENTION = 600.0
 
 _log = get_logger("jobcore.engine")
+_stdlib_log = logging.getLogger("jobcore.engine")
+
+
+def job_log(rec: JobRecord) -> BoundLogger:
+    """The job's logger, with its UUID, type and domain bound (made on first use)."""
+    if rec.log is None:
+        rec.log = _log.bind(job=str(rec.uuid), type=str(rec.type), domain=rec.domain)
+    return rec.log
 
 
 class InvalidTransition(AssertionError):
@@ -97,6 +107,8 @@ class Engine:
             created_wall=self.clock.wall(), created=now,
             bandwidth=getattr(spec, "bandwidth", None))
         self.store.add(rec)
+        if _stdlib_log.isEnabledFor(logging.INFO):
+            job_log(rec).info("job began", state=str(rec.state))
         self._emit_state(rec, None)
         if admitted:
             await self._start(rec, raise_errors=True)
@@ -126,7 +138,7 @@ class Engine:
             try:  # a speed set while queued, on a spec without a bandwidth field
                 await self.dconn.set_speed(rec.driver_job, rec.bandwidth)
             except JobError as exc:
-                _log.warning("queued speed not applied", job=str(rec.uuid), error=str(exc))
+                job_log(rec).warning("queued speed not applied", error=str(exc))
         if error is not None:
             if rec.state.active:
                 self._finish(rec, S.FAILED, errmsg=str(error))
@@ -176,15 +188,15 @@ class Engine:
             if waiting is not None and waiting.state is S.QUEUED:
                 self._transition(waiting, S.RUNNING)
                 self.tg.start_soon(self._start_queued, waiting)
-        if rec.log is not None:
-            rec.log.info("job ended", state=str(rec.state), errmsg=rec.errmsg)
+        if _stdlib_log.isEnabledFor(logging.INFO):
+            job_log(rec).info("job ended", state=str(rec.state), errmsg=rec.errmsg)
 
     async def _start_queued(self, rec: JobRecord) -> None:
         await self._start(rec, raise_errors=False)
 
     def _emit_state(self, rec: JobRecord, old: JobState | None) -> None:
-        if rec.log is not None:
-            rec.log.debug("state", previous=str(old), state=str(rec.state))
+        if _stdlib_log.isEnabledFor(logging.DEBUG):
+            job_log(rec).debug("state", previous=str(old), state=str(rec.state))
         if self.events.active:
             self.events.emit(JobEvent(EventKind.STATE, rec.uuid, rec.type, rec.domain,
                                       rec.state, old, rec.processed, rec.total,
@@ -342,12 +354,12 @@ class Engine:
         elif rec.state is S.PAUSED:
             self._transition(rec, S.STANDBY)
         else:
-            _log.debug("ready report ignored", job=str(rec.uuid), state=str(rec.state))
+            job_log(rec).debug("ready report ignored", state=str(rec.state))
 
     def _report_end(self, rec: JobRecord, state: JobState, errmsg: str | None,
                     extra: Mapping[str, int | str] | None = None) -> None:
         if rec.state.terminal or rec.state is S.QUEUED:
-            _log.warning("end report ignored", job=str(rec.uuid), state=str(rec.state),
+            job_log(rec).warning("end report ignored", state=str(rec.state),
                          reported=str(state))
             return
         if extra:

@@ -357,3 +357,16 @@ async def test_closing_the_connection_fails_active_jobs() -> None:
         job = await dom.job_begin(backup_xml("vda"))
     assert job.state is JobState.FAILED
     assert "closed" in ((await job.info())["errmsg"] or "")
+
+
+async def test_job_logs_carry_uuid_type_and_domain(conn: Connection,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    dom = await conn.lookup_domain("vm1")
+    with caplog.at_level("INFO", logger="jobcore"):
+        job = await dom.job_begin(backup_xml("vdb"))
+        await step(conn, 3)
+        await job.wait(1)
+    entries = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
+    mine = [e for e in entries if e.get("job") == str(job.uuid)]
+    assert {e["event"] for e in mine} >= {"job began", "job ended"}
+    assert all(e["type"] == "backup" and e["domain"] == "vm1" for e in mine)
