@@ -466,7 +466,7 @@ async def test_migration_moves_domain_and_data_still_served(tmp_path: Path) -> N
         assert (await rep.wait_end())[0] == "completed"
         old_pid = conn.pid("vm1")
         dest = f"qemu:///session?dir={run_dir}"
-        spec = MigrationSpec(dest, live=True, bandwidth=2 * 1024 * MiB, downtime_limit=300)
+        spec = MigrationSpec(dest, live=False, bandwidth=2 * 1024 * MiB, downtime_limit=300)
         job, rep = make_job(JobType.MIGRATION, "vm1", spec)
         await conn.start(job)
         kind, extra = await rep.wait_end()
@@ -500,6 +500,8 @@ async def test_migration_cancel_keeps_source_and_reaps_destination(tmp_path: Pat
         before = qemu_children()
         await conn.start(job)
         (dest_pid,) = qemu_children() - before
+        # not <live/>: the source is paused while it migrates, and resumed after the cancel
+        assert (await conn.qmp("vm1", "query-status"))["status"] in ("paused", "finish-migrate")
         with pytest.raises(Unsupported):
             await conn.pause(job)
         await anyio.sleep(0.5)

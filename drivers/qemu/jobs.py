@@ -808,6 +808,7 @@ class MigrationRunner(Runner):
     status: str = "none"
     status_changed: anyio.Event = field(factory=anyio.Event)
     last_stats: dict[str, int | str] = field(factory=dict)
+    source_paused: bool = False
 
     @property
     def spec(self) -> MigrationSpec:
@@ -835,12 +836,16 @@ class MigrationRunner(Runner):
                 params["downtime-limit"] = spec.downtime_limit
             await self.proc.execute("migrate-set-parameters", params)
             await self.dest.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            if not spec.live:  # as libvirt: an offline-style migration pauses the guest
+                await self.proc.execute("stop")
+                self.source_paused = True
             self.proc.on_migration = self._on_status
             await self.proc.execute("migrate", {"uri": f"unix:{sock}"})
         except BaseException:
             self.proc.on_migration = None
             with anyio.CancelScope(shield=True):
                 await self.conn.discard_process(self.dest, "migration did not start")
+                await self._resume_source()
             raise
         self.phase = Phase.RUNNING
 
@@ -861,15 +866,12 @@ class MigrationRunner(Runner):
             with anyio.CancelScope(shield=True):
                 if self.status == "completed":
                     await self.poll()
-                    # the destination runs once it has seen the end of the stream
-                    with anyio.move_on_after(CLEANUP_TIMEOUT):
-                        while dest.alive:
-                            st = await dest.execute("query-status")
-                            if st.get("status") == "running":
-                                break
-                            await anyio.sleep(0.02)
-                    if not dest.alive:
-                        self.end(Outcome.FAILED, "the destination QEMU exited after migration")
+                    try:
+                        await self._run_destination(dest)
+                    except (DriverError, TimeoutError) as exc:
+                        await self.conn.discard_process(dest, "did not take over the domain")
+                        await self._resume_source()
+                        self.end(Outcome.FAILED, f"the destination did not start: {exc}")
                         return
                     await self.conn.adopt_migrated(self.domain, dest)
                     self.report(lambda r: r.domain_moved(self.dest_uri))
@@ -881,9 +883,11 @@ class MigrationRunner(Runner):
                         info = await self.proc.execute("query-migrate")
                         err = str(info.get("error-desc") or err)
                     await self.conn.discard_process(dest, "migration failed")
+                    await self._resume_source()
                     self.end(Outcome.FAILED, err)
                     return
                 await self.conn.discard_process(dest, "migration ended")
+                await self._resume_source()
                 if self.status == "cancelled":
                     self.end(Outcome.CANCELLED, None)
                 else:  # source died
@@ -899,6 +903,24 @@ class MigrationRunner(Runner):
             if self.phase is not Phase.ENDED:
                 with anyio.CancelScope(shield=True):
                     await self.conn.discard_process(dest, "migration abandoned")
+
+    async def _run_destination(self, dest: QemuProcess) -> None:
+        """Wait until the destination has taken over; resume it if the source was paused."""
+        with anyio.fail_after(CLEANUP_TIMEOUT):
+            while True:
+                status = (await dest.execute("query-status")).get("status")
+                if status == "running":
+                    return
+                if status == "paused":
+                    await dest.execute("cont")
+                    return
+                await anyio.sleep(0.02)
+
+    async def _resume_source(self) -> None:
+        if self.source_paused and self.proc.alive:
+            with contextlib.suppress(DriverError):
+                await self.proc.execute("cont")
+        self.source_paused = False
 
     async def poll(self) -> None:
         if not self.proc.alive:
