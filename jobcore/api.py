@@ -75,6 +75,14 @@ class Connection:
             raise NoSuchJob(f"no job with UUID '{job_id}' on domain '{dom.name}'")
         return Job(self, rec)
 
+    async def lookup_job(self, job: str | bytes | uuid.UUID) -> Job:
+        """Look a job up by UUID on any domain of the connection (no alias here: the
+        legacy domain job UUID needs a domain, see ``job_lookup_by_uuid``)."""
+        job_id = as_uuid(job)
+        if job_id == LEGACY_DOMAIN_JOB_UUID:
+            raise InvalidArgument("the legacy domain job UUID names no job without a domain")
+        return Job(self, self.engine.lookup(job_id))
+
     def subscribe(self, *, domain: str | None = None, job: uuid.UUID | None = None,
                   types: Iterable[str] | None = None, kinds: Iterable[EventKind] | None = None,
                   maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
@@ -153,16 +161,12 @@ class Domain:
         return engine.stats(rec)
 
     async def abort_job(self) -> int:
-        """virDomainAbortJob. As in libvirt, aborting a pull-mode backup that is serving
-        its export ends it successfully (its consumer is done)."""
+        """virDomainAbortJob: abort the legacy job (a pull-mode backup serving its export
+        ends successfully, as in libvirt)."""
         rec = self._legacy_active()
         if rec is None:
             raise OperationInvalid("no job is active on the domain")
-        if (isinstance(rec.spec, BackupJobSpec) and rec.spec.backup.effective_mode == "pull"
-                and rec.state in (JobState.READY, JobState.STANDBY)):
-            await self.conn.engine.complete(rec)
-        else:
-            await self.conn.engine.abort(rec)
+        await self.conn.engine.abort(rec)
         return 0
 
     async def backup_begin(self, backup_xml: str | None, checkpoint_xml: str | None = None,
@@ -308,8 +312,15 @@ class Job:
 @asynccontextmanager
 async def connect(uri: str = "sim:///default", *,
                   retention: float = DEFAULT_RETENTION) -> AsyncIterator[Connection]:
-    """Open a connection; everything it started is cancelled when the block exits."""
+    """Open a connection; everything it started is cancelled when the block exits.
+    ``DRIVER+unix:///PATH?socket=SOCKET`` URIs are served by jobd (jobcore.remote)."""
     parsed = parse_uri(uri)
+    if parsed.transport == "unix":
+        from jobcore.remote import connect_remote
+
+        async with connect_remote(parsed, retention=retention) as remote:
+            yield remote
+        return
     driver = load_driver(parsed)
     async with anyio.create_task_group() as tg:
         async with driver.connect(parsed, tg) as dconn:

@@ -15,7 +15,6 @@ BUILTIN = {
     "sim": "drivers.sim:SimDriver",
     "qemu": "drivers.qemu:QemuDriver",
 }
-REMOTE = "jobcore.remote:RemoteDriver"
 
 
 def _load(target: str) -> Any:
@@ -27,12 +26,8 @@ def load_driver(uri: URI) -> Driver:
     if uri.transport is not None:
         if uri.transport != "unix":
             raise InvalidURI(f"unsupported transport '{uri.transport}' in '{uri}'")
-        try:
-            cls = _load(REMOTE)
-        except (ImportError, AttributeError):
-            raise InvalidURI("the remote (jobd) client is not available") from None
-        driver: Driver = cls()
-        return driver
+        raise InvalidURI(f"'{uri}' names a jobd socket, not a driver: open it with "
+                         "jobcore.connect()")
     for ep in entry_points(group="jobcore.drivers"):
         if ep.name == uri.driver:
             loaded: Driver = ep.load()()

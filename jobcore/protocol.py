@@ -1,0 +1,652 @@
+"""The jobd wire protocol: frames, typed messages and value codecs (design/daemon.md).
+
+A frame is a 4-byte big-endian body length followed by a msgpack body of at most
+``MAX_FRAME`` bytes. Every body is a msgpack array whose first item is the message type:
+
+    REQUEST  [0, id, method, [args…]]            client -> daemon
+    REPLY    [1, id, result]                     daemon -> client
+    ERROR    [2, id, class, message, {fields}]   daemon -> client (id 0: not tied to a request)
+    EVENT    [3, sub_id, [event…]]               daemon -> client (a subscribed job event)
+    CANCEL   [4, id]                             client -> daemon (stop serving request id)
+    SUB_END  [5, sub_id]                         daemon -> client (the subscription ended)
+
+The first request of a connection is ``hello [version, driver_uri]``. UUIDs travel as 16
+raw bytes. Wire values are decoded into the typed messages and values below right at the
+edge (``decode_message``, ``decode_*``); nothing else in jobcore sees wire lists or maps.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import struct
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import msgpack  # type: ignore[import-untyped]
+from attrs import frozen
+
+from jobcore import errors
+from jobcore.driver import DiskInfo, DomainInfo
+from jobcore.errors import JobError
+from jobcore.events import EventKind, JobEvent
+from jobcore.info import JobInfo
+from jobcore.lifecycle import JobState
+from jobcore.spec import JobType
+
+#: Bumped on any incompatible change; a daemon refuses a client of another version.
+PROTOCOL_VERSION = 1
+#: Largest frame body either side accepts (a bigger length prefix ends the connection).
+MAX_FRAME = 4 << 20
+HEADER = struct.Struct(">I")
+#: Names of the sockets inside a run directory.
+RW_SOCKET = "jobd.sock"
+RO_SOCKET = "jobd-ro.sock"
+
+
+class ProtocolError(JobError):
+    """A peer sent something that is not the jobd protocol (bad frame, bad message)."""
+
+
+class AccessDenied(JobError):
+    """The daemon refused the call: read-only socket, or the peer's uid is not allowed."""
+
+
+class DaemonUnreachable(JobError):
+    """No daemon answers at the socket, or the connection to it was lost."""
+
+
+class MsgType(enum.IntEnum):
+    REQUEST = 0
+    REPLY = 1
+    ERROR = 2
+    EVENT = 3
+    CANCEL = 4
+    SUB_END = 5
+
+
+class Arg(enum.Enum):
+    """The wire type of one request argument (validated and converted on decode)."""
+
+    STR = "str"
+    OPT_STR = "str|nil"
+    TEXT = "str|bin"  # XML documents: str, or bytes as the local API accepts
+    INT = "int"
+    OPT_FLOAT = "float|nil"
+    UUID = "uuid"
+    OPT_UUID = "uuid|nil"
+    OPT_STRS = "[str]|nil"
+
+
+@frozen
+class MethodSpec:
+    args: tuple[Arg, ...]
+    writes: bool  # refused on the read-only socket
+
+
+class Method(enum.StrEnum):
+    HELLO = "hello"
+    # connection
+    LIST_DOMAINS = "list_domains"
+    LOOKUP_DOMAIN = "lookup_domain"
+    CREATE_DOMAIN = "create_domain"
+    JOB_LOOKUP_BY_UUID = "job_lookup_by_uuid"
+    LOOKUP_JOB = "lookup_job"
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    # domain
+    DOMAIN_INFO = "domain_info"
+    DOMAIN_DESTROY = "domain_destroy"
+    JOB_BEGIN = "job_begin"
+    LIST_JOBS = "list_jobs"
+    LEGACY_JOB_INFO = "legacy_job_info"
+    LEGACY_JOB_STATS = "legacy_job_stats"
+    LEGACY_ABORT_JOB = "legacy_abort_job"
+    BACKUP_BEGIN = "backup_begin"
+    BACKUP_GET_XML_DESC = "backup_get_xml_desc"
+    BLOCK_JOB_INFO = "block_job_info"
+    BLOCK_JOB_ABORT = "block_job_abort"
+    BLOCK_PULL = "block_pull"
+    BLOCK_COMMIT = "block_commit"
+    # job
+    JOB_INFO = "job_info"
+    JOB_STATS = "job_stats"
+    JOB_WAIT = "job_wait"
+    JOB_ABORT = "job_abort"
+    JOB_PAUSE = "job_pause"
+    JOB_RESUME = "job_resume"
+    JOB_COMPLETE = "job_complete"
+    JOB_SET_SPEED = "job_set_speed"
+    JOB_XML_DESC = "job_xml_desc"
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self]
+
+
+A = Arg
+METHODS: dict[Method, MethodSpec] = {
+    Method.HELLO: MethodSpec((A.INT, A.STR), False),
+    Method.LIST_DOMAINS: MethodSpec((), False),
+    Method.LOOKUP_DOMAIN: MethodSpec((A.STR,), False),
+    Method.CREATE_DOMAIN: MethodSpec((A.TEXT,), True),
+    Method.JOB_LOOKUP_BY_UUID: MethodSpec((A.STR, A.UUID), False),
+    Method.LOOKUP_JOB: MethodSpec((A.UUID,), False),
+    # sub_id is the request id; domain, job, types, kinds, maxlen
+    Method.SUBSCRIBE: MethodSpec((A.OPT_STR, A.OPT_UUID, A.OPT_STRS, A.OPT_STRS, A.INT), False),
+    Method.UNSUBSCRIBE: MethodSpec((A.INT,), False),
+    Method.DOMAIN_INFO: MethodSpec((A.STR,), False),
+    Method.DOMAIN_DESTROY: MethodSpec((A.STR,), True),
+    Method.JOB_BEGIN: MethodSpec((A.STR, A.TEXT, A.INT), True),
+    Method.LIST_JOBS: MethodSpec((A.STR,), False),
+    Method.LEGACY_JOB_INFO: MethodSpec((A.STR,), False),
+    Method.LEGACY_JOB_STATS: MethodSpec((A.STR, A.INT), False),
+    Method.LEGACY_ABORT_JOB: MethodSpec((A.STR,), True),
+    Method.BACKUP_BEGIN: MethodSpec((A.STR, A.OPT_STR, A.OPT_STR, A.INT), True),
+    Method.BACKUP_GET_XML_DESC: MethodSpec((A.STR, A.INT), False),
+    Method.BLOCK_JOB_INFO: MethodSpec((A.STR, A.STR, A.INT), False),
+    Method.BLOCK_JOB_ABORT: MethodSpec((A.STR, A.STR, A.INT), True),
+    Method.BLOCK_PULL: MethodSpec((A.STR, A.STR, A.INT, A.INT), True),
+    Method.BLOCK_COMMIT: MethodSpec((A.STR, A.STR, A.OPT_STR, A.OPT_STR, A.INT, A.INT), True),
+    Method.JOB_INFO: MethodSpec((A.UUID,), False),
+    Method.JOB_STATS: MethodSpec((A.UUID,), False),
+    Method.JOB_WAIT: MethodSpec((A.UUID, A.OPT_FLOAT), False),
+    Method.JOB_ABORT: MethodSpec((A.UUID,), True),
+    Method.JOB_PAUSE: MethodSpec((A.UUID,), True),
+    Method.JOB_RESUME: MethodSpec((A.UUID,), True),
+    Method.JOB_COMPLETE: MethodSpec((A.UUID,), True),
+    Method.JOB_SET_SPEED: MethodSpec((A.UUID, A.INT), True),
+    Method.JOB_XML_DESC: MethodSpec((A.UUID,), False),
+}
+del A
+
+#: A validated request argument: what ``Arg`` converts a wire value to.
+ArgValue: TypeAlias = str | bytes | int | float | uuid.UUID | tuple[str, ...] | None
+#: A plain wire value (what msgpack carries).
+Wire: TypeAlias = Any
+
+
+# ---- typed messages -------------------------------------------------------------------
+
+
+@frozen
+class Request:
+    id: int
+    method: Method
+    args: tuple[ArgValue, ...]
+
+
+@frozen
+class Reply:
+    id: int
+    result: Wire  # decoded by the caller, which knows the method's result type
+
+
+@frozen
+class ErrorReply:
+    id: int
+    error: str  # exception class name
+    message: str
+    fields: Mapping[str, Wire]
+
+
+@frozen
+class EventPush:
+    sub_id: int
+    event: JobEvent
+
+
+@frozen
+class Cancel:
+    id: int
+
+
+@frozen
+class SubscriptionEnd:
+    sub_id: int
+
+
+Message: TypeAlias = Request | Reply | ErrorReply | EventPush | Cancel | SubscriptionEnd
+
+
+class BadRequest(ProtocolError):
+    """A frame decoded but is not a valid message; ``request_id`` when one could be read."""
+
+    def __init__(self, message: str, request_id: int = 0) -> None:
+        self.request_id = request_id
+        super().__init__(message)
+
+
+# ---- frames ---------------------------------------------------------------------------
+
+
+def _pack(body: Wire) -> bytes:
+    data: bytes = msgpack.packb(body, use_bin_type=True)
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return HEADER.pack(len(data)) + data
+
+
+def frame_length(header: bytes) -> int:
+    """The body length a 4-byte header announces; ProtocolError if over the limit."""
+    (length,) = HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    return int(length)
+
+
+def encode_message(msg: Message) -> bytes:
+    """A complete frame (header and body) for ``msg``."""
+    match msg:
+        case Request(id=rid, method=method, args=args):
+            return _pack([MsgType.REQUEST, rid, str(method), [_wire_arg(a) for a in args]])
+        case Reply(id=rid, result=result):
+            return _pack([MsgType.REPLY, rid, result])
+        case ErrorReply(id=rid, error=name, message=text, fields=fields):
+            return _pack([MsgType.ERROR, rid, name, text, dict(fields)])
+        case EventPush(sub_id=sid, event=ev):
+            return _pack([MsgType.EVENT, sid, encode_event(ev)])
+        case Cancel(id=rid):
+            return _pack([MsgType.CANCEL, rid])
+        case SubscriptionEnd(sub_id=sid):
+            return _pack([MsgType.SUB_END, sid])
+    raise TypeError(f"not a protocol message: {msg!r}")
+
+
+def _wire_arg(value: ArgValue) -> Wire:
+    if isinstance(value, uuid.UUID):
+        return value.bytes
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def decode_message(body: bytes) -> Message:
+    """A typed message from a frame body; BadRequest if it is not one."""
+    try:
+        raw = msgpack.unpackb(
+            body, raw=False, strict_map_key=True, use_list=True, max_buffer_size=MAX_FRAME
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise BadRequest(f"frame body is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(raw, list) or len(raw) < 2 or not _is_int(raw[0]) or not _is_int(raw[1]):
+        raise BadRequest("a message is an array [type, id, …]")
+    rid = int(raw[1])
+    try:
+        kind = MsgType(raw[0])
+    except ValueError:
+        raise BadRequest(f"unknown message type {raw[0]}", rid) from None
+    try:
+        return _decode_by_type(kind, rid, raw)
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise BadRequest(f"malformed {kind.name} message: {exc}", rid) from None
+
+
+def _decode_by_type(kind: MsgType, rid: int, raw: list[Wire]) -> Message:
+    if kind is MsgType.REQUEST:
+        if len(raw) != 4 or not isinstance(raw[2], str) or not isinstance(raw[3], list):
+            raise BadRequest("a request is [0, id, method, [args]]", rid)
+        try:
+            method = Method(raw[2])
+        except ValueError:
+            raise BadRequest(f"unknown method '{raw[2][:64]}'", rid) from None
+        return Request(rid, method, _decode_args(method, raw[3], rid))
+    if kind is MsgType.REPLY:
+        _expect_len(raw, 3)
+        return Reply(rid, raw[2])
+    if kind is MsgType.ERROR:
+        _expect_len(raw, 5)
+        if (
+            not isinstance(raw[2], str)
+            or not isinstance(raw[3], str)
+            or not isinstance(raw[4], dict)
+        ):
+            raise ValueError("an error is [2, id, class, message, {fields}]")
+        return ErrorReply(rid, raw[2], raw[3], raw[4])
+    if kind is MsgType.EVENT:
+        _expect_len(raw, 3)
+        return EventPush(rid, decode_event(raw[2]))
+    if kind is MsgType.CANCEL:
+        _expect_len(raw, 2)
+        return Cancel(rid)
+    _expect_len(raw, 2)
+    return SubscriptionEnd(rid)
+
+
+def _expect_len(raw: list[Wire], n: int) -> None:
+    if len(raw) != n:
+        raise ValueError(f"expected {n} items, got {len(raw)}")
+
+
+def _is_int(value: Wire) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _decode_args(method: Method, raw: list[Wire], rid: int) -> tuple[ArgValue, ...]:
+    spec = method.spec
+    if len(raw) != len(spec.args):
+        raise BadRequest(f"'{method}' takes {len(spec.args)} arguments, got {len(raw)}", rid)
+    out: list[ArgValue] = []
+    for i, (kind, value) in enumerate(zip(spec.args, raw, strict=True)):
+        converted = _convert_arg(kind, value)
+        if converted is _INVALID:
+            raise BadRequest(f"'{method}' argument {i + 1} must be {kind.value}", rid)
+        out.append(converted)  # type: ignore[arg-type]
+    return tuple(out)
+
+
+_INVALID = object()
+
+
+def _convert_arg(kind: Arg, value: Wire) -> ArgValue | object:
+    if value is None and kind in (Arg.OPT_STR, Arg.OPT_FLOAT, Arg.OPT_UUID, Arg.OPT_STRS):
+        return None
+    if kind in (Arg.STR, Arg.OPT_STR):
+        return value if isinstance(value, str) else _INVALID
+    if kind is Arg.TEXT:
+        return value if isinstance(value, str | bytes) else _INVALID
+    if kind is Arg.INT:
+        return value if _is_int(value) else _INVALID
+    if kind is Arg.OPT_FLOAT:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else _INVALID
+    if kind in (Arg.UUID, Arg.OPT_UUID):
+        return uuid.UUID(bytes=value) if isinstance(value, bytes) and len(value) == 16 else _INVALID
+    if isinstance(value, list) and len(value) <= 64 and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return _INVALID
+
+
+# ---- values ---------------------------------------------------------------------------
+
+
+def _uuid(value: Wire) -> uuid.UUID:
+    if not isinstance(value, bytes) or len(value) != 16:
+        raise ValueError("a UUID travels as 16 bytes")
+    return uuid.UUID(bytes=value)
+
+
+def _opt_uuid(value: Wire) -> uuid.UUID | None:
+    return None if value is None else _uuid(value)
+
+
+def _str(value: Wire) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _opt_str(value: Wire) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _int(value: Wire) -> int:
+    if not _is_int(value):
+        raise ValueError(f"expected an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def _opt_int(value: Wire) -> int | None:
+    return None if value is None else _int(value)
+
+
+def _float(value: Wire) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _opt_float(value: Wire) -> float | None:
+    return None if value is None else _float(value)
+
+
+def _items(value: Wire, n: int) -> list[Wire]:
+    if not isinstance(value, list) or len(value) != n:
+        raise ValueError(f"expected an array of {n} items")
+    return value
+
+
+def encode_job_info(info: JobInfo) -> Wire:
+    return [
+        info.uuid.bytes,
+        str(info.type),
+        info.domain,
+        str(info.state),
+        info.processed,
+        info.total,
+        info.time_elapsed,
+        info.created,
+        info.started,
+        info.ended,
+        info.errmsg,
+        info.bandwidth,
+    ]
+
+
+def decode_job_info(value: Wire) -> JobInfo:
+    v = _items(value, 12)
+    return JobInfo(
+        uuid=_uuid(v[0]),
+        type=JobType(_str(v[1])),
+        domain=_str(v[2]),
+        state=JobState(_str(v[3])),
+        processed=_int(v[4]),
+        total=_int(v[5]),
+        time_elapsed=_int(v[6]),
+        created=_float(v[7]),
+        started=_opt_float(v[8]),
+        ended=_opt_float(v[9]),
+        errmsg=_opt_str(v[10]),
+        bandwidth=_opt_int(v[11]),
+    )
+
+
+@frozen
+class DomainRef:
+    name: str
+    uuid: uuid.UUID
+
+
+def encode_domain_ref(name: str, dom_uuid: uuid.UUID) -> Wire:
+    return [name, dom_uuid.bytes]
+
+
+def decode_domain_ref(value: Wire) -> DomainRef:
+    v = _items(value, 2)
+    return DomainRef(_str(v[0]), _uuid(v[1]))
+
+
+@frozen
+class JobRef:
+    """What a job handle needs locally: identity (no round trip) and last known state."""
+
+    uuid: uuid.UUID
+    type: JobType
+    domain: str
+    state: JobState
+
+
+def encode_job_ref(job_uuid: uuid.UUID, job_type: str, domain: str, state: JobState) -> Wire:
+    return [job_uuid.bytes, str(job_type), domain, str(state)]
+
+
+def decode_job_ref(value: Wire) -> JobRef:
+    v = _items(value, 4)
+    return JobRef(_uuid(v[0]), JobType(_str(v[1])), _str(v[2]), JobState(_str(v[3])))
+
+
+def encode_domain_info(info: DomainInfo) -> Wire:
+    return [
+        info.name,
+        info.uuid.bytes,
+        [[d.name, list(d.chain), d.format, d.virtual_size] for d in info.disks],
+        info.memory,
+        info.running,
+    ]
+
+
+def decode_domain_info(value: Wire) -> DomainInfo:
+    v = _items(value, 5)
+    if not isinstance(v[2], list) or not isinstance(v[4], bool):
+        raise ValueError("malformed domain info")
+    disks: list[DiskInfo] = []
+    for d in v[2]:
+        dv = _items(d, 4)
+        if not isinstance(dv[1], list):
+            raise ValueError("malformed disk chain")
+        chain: Any = tuple(_str(f) for f in dv[1])  # attrs' tuple converter confuses mypy
+        disks.append(DiskInfo(_str(dv[0]), chain, _str(dv[2]), _int(dv[3])))
+    all_disks: Any = tuple(disks)
+    return DomainInfo(_str(v[0]), _uuid(v[1]), all_disks, _int(v[3]), v[4])
+
+
+Scalar: TypeAlias = int | float | str | bool | None
+
+
+def decode_params(value: Wire) -> dict[str, Any]:
+    """A typed-parameter dict (stats, block job info): string keys, scalar values."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a map of typed parameters")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, int | float | str | bool | type(None)):
+            raise ValueError(f"bad typed parameter {k!r}")
+    return dict(value)
+
+
+def decode_int_list(value: Wire) -> list[int]:
+    if not isinstance(value, list):
+        raise ValueError("expected an array of integers")
+    return [_int(x) for x in value]
+
+
+def encode_event(ev: JobEvent) -> Wire:
+    return [
+        str(ev.kind),
+        ev.job.bytes,
+        str(ev.type),
+        ev.domain,
+        str(ev.state),
+        None if ev.previous is None else str(ev.previous),
+        ev.processed,
+        ev.total,
+        ev.timestamp,
+        None if ev.stats is None else dict(ev.stats),
+        ev.lost_before,
+    ]
+
+
+def decode_event(value: Wire) -> JobEvent:
+    v = _items(value, 11)
+    prev = _opt_str(v[5])
+    return JobEvent(
+        EventKind(_str(v[0])),
+        _uuid(v[1]),
+        _str(v[2]),
+        _str(v[3]),
+        JobState(_str(v[4])),
+        None if prev is None else JobState(prev),
+        _int(v[6]),
+        _int(v[7]),
+        _float(v[8]),
+        None if v[9] is None else decode_params(v[9]),
+        _int(v[10]),
+    )
+
+
+@frozen
+class ServerHello:
+    version: int
+    readonly: bool
+    uri: str  # the driver URI the daemon opened for this client
+
+
+def encode_server_hello(hello: ServerHello) -> Wire:
+    return [hello.version, hello.readonly, hello.uri]
+
+
+def decode_server_hello(value: Wire) -> ServerHello:
+    v = _items(value, 3)
+    if not isinstance(v[1], bool):
+        raise ValueError("malformed hello reply")
+    return ServerHello(_int(v[0]), v[1], _str(v[2]))
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+_ERROR_CLASSES: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, JobError)
+}
+_ERROR_CLASSES.update(
+    {
+        c.__name__: c
+        for c in (ProtocolError, BadRequest, AccessDenied, DaemonUnreachable, TimeoutError)
+    }
+)
+
+
+def error_reply(request_id: int, exc: BaseException) -> ErrorReply:
+    """The ERROR message for an exception (class name, message, typed fields)."""
+    fields: dict[str, Wire] = {}
+    if isinstance(exc, errors.JobConflict):
+        fields = {"holder": exc.holder.bytes, "resource": exc.resource}
+    elif isinstance(exc, errors.OperationInvalid):
+        fields = {
+            "job": None if exc.job is None else exc.job.bytes,
+            "state": exc.state,
+            "verb": exc.verb,
+        }
+    elif isinstance(exc, errors.XMLError):
+        fields = {"line": exc.line}
+    name = type(exc).__name__ if type(exc).__name__ in _ERROR_CLASSES else "JobError"
+    message = str(exc)
+    if isinstance(exc, errors.XMLError) and exc.line is not None:
+        message = message.removesuffix(f" (line {exc.line})")
+    return ErrorReply(request_id, name, message, fields)
+
+
+def _field(fields: Mapping[str, Wire], key: str, conv: Callable[[Wire], Any]) -> Any:
+    try:
+        return conv(fields.get(key))
+    except ValueError:
+        return None
+
+
+def raise_error(reply: ErrorReply) -> Exception:
+    """The exception an ERROR message stands for, as the same jobcore class."""
+    cls = _ERROR_CLASSES.get(reply.error, JobError)
+    f = reply.fields
+    if cls is errors.JobConflict:
+        holder = _field(f, "holder", _uuid) or uuid.UUID(int=0)
+        return errors.JobConflict(
+            reply.message, holder=holder, resource=_field(f, "resource", _str) or ""
+        )
+    if cls is errors.OperationInvalid:
+        return errors.OperationInvalid(
+            reply.message,
+            job=_field(f, "job", _opt_uuid),
+            state=_field(f, "state", _opt_str),
+            verb=_field(f, "verb", _opt_str),
+        )
+    if cls is errors.XMLError:
+        return errors.XMLError(reply.message, line=_field(f, "line", _opt_int))
+    if cls is BadRequest:
+        return BadRequest(reply.message, reply.id)
+    try:
+        return cls(reply.message)
+    except TypeError:  # a class with required keyword fields this version does not know
+        return JobError(reply.message)
+
+
+def default_run_dir() -> Path:
+    """Where jobd and jobctl look by default: ``$XDG_RUNTIME_DIR/jobcore``, else
+    ``/tmp/jobcore-UID``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "jobcore"
+    return Path(tempfile.gettempdir()) / f"jobcore-{os.getuid()}"

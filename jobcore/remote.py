@@ -1,0 +1,533 @@
+"""The jobd client: ``DRIVER+unix:///PATH?socket=SOCKET`` connections.
+
+``jobcore.connect("sim+unix:///default?socket=DIR/jobd.sock")`` yields a
+``RemoteConnection``; its domains and jobs are ``RemoteDomain`` and ``RemoteJob``. They
+subclass the in-process classes and override every method with a round trip to jobd, so
+the async API and the blocking facade work unchanged. A job handle's ``uuid``, ``type``
+and ``domain`` are local (no round trip); ``state`` is the state last seen by a call on
+that handle. Engine internals (``conn.engine``, ``conn.driver``) do not exist remotely.
+
+One connection is one UNIX socket with two tasks in the connection's task group: a writer
+draining a bounded queue of frames (so requests go out in call order) and a reader
+dispatching replies to their callers and events to subscriptions. Works on asyncio and
+trio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import SocketStream, TaskGroup
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from jobcore.api import Connection, Domain, Job, as_uuid
+from jobcore.driver import DomainInfo
+from jobcore.engine import DEFAULT_RETENTION
+from jobcore.errors import InvalidURI, JobError
+from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
+from jobcore.info import JobInfo
+from jobcore.lifecycle import JobState
+from jobcore.log import get_logger
+from jobcore.protocol import (
+    HEADER,
+    PROTOCOL_VERSION,
+    RW_SOCKET,
+    ArgValue,
+    Cancel,
+    DaemonUnreachable,
+    DomainRef,
+    ErrorReply,
+    EventPush,
+    JobRef,
+    Method,
+    ProtocolError,
+    Reply,
+    Request,
+    SubscriptionEnd,
+    Wire,
+    decode_domain_info,
+    decode_domain_ref,
+    decode_int_list,
+    decode_job_info,
+    decode_job_ref,
+    decode_message,
+    decode_params,
+    decode_server_hello,
+    default_run_dir,
+    encode_message,
+    frame_length,
+    raise_error,
+)
+from jobcore.uri import URI, parse_uri
+
+T = TypeVar("T")
+
+#: Frames queued for the writer before a caller waits (subscribe() never waits).
+OUTGOING_BUFFER = 256
+#: Calls in flight on one connection; more wait for a slot.
+MAX_IN_FLIGHT = 1024
+
+_log = get_logger("jobcore.remote")
+
+
+class _Pending:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: Wire = None
+        self.error: BaseException | None = None
+
+
+class _RemoteHub(EventHub):
+    """The client end of one daemon-side subscription: a hub with a single subscriber
+    whose buffer (and loss policy) is jobcore.events' own."""
+
+    def __init__(self, session: _Session, sub_id: int) -> None:
+        super().__init__()
+        self._session = session
+        self.sub_id = sub_id
+
+    def deliver(self, ev: JobEvent) -> None:
+        for sub in self._subs:
+            sub.lost += ev.lost_before  # events the daemon dropped for this subscriber
+        self.emit(ev)
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        super().unsubscribe(sub)
+        self._session.drop_subscription(self.sub_id)
+
+
+class _Session:
+    """One socket to jobd: request/reply matching, event routing, ordered writes."""
+
+    def __init__(self, stream: SocketStream, tg: TaskGroup) -> None:
+        self._stream = stream
+        self._tg = tg
+        self._out_send, self._out_recv = anyio.create_memory_object_stream[bytes](OUTGOING_BUFFER)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._hubs: dict[int, _RemoteHub] = {}
+        self._slots = anyio.Semaphore(MAX_IN_FLIGHT)
+        self._lost: JobError | None = None
+
+    # ---- calls ------------------------------------------------------------------------
+
+    async def call(self, method: Method, *args: ArgValue) -> Wire:
+        if self._lost is not None:
+            raise self._lost
+        async with self._slots:
+            rid = next(self._ids)
+            frame = encode_message(Request(rid, method, args))
+            pending = self._pending[rid] = _Pending()
+            try:
+                await self._out_send.send(frame)
+                await pending.done.wait()
+            except anyio.get_cancelled_exc_class():
+                if not pending.done.is_set():
+                    self._send_nowait(Cancel(rid))
+                raise
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                raise self._lost or DaemonUnreachable("the connection to jobd is closed") from None
+            finally:
+                self._pending.pop(rid, None)
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    async def call_as(self, decode: Callable[[Wire], T], method: Method, *args: ArgValue) -> T:
+        result = await self.call(method, *args)
+        try:
+            return decode(result)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"malformed reply to '{method}': {exc}") from None
+
+    def _send_nowait(self, msg: Request | Cancel) -> bool:
+        try:
+            self._out_send.send_nowait(encode_message(msg))
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return False
+        return True
+
+    # ---- subscriptions ----------------------------------------------------------------
+
+    def subscribe(self, flt: EventFilter, maxlen: int) -> Subscription:
+        """Register at once (the request is queued before any later call, so no event of
+        a job begun afterwards is missed); the daemon filters, the hub buffers."""
+        if self._lost is not None:
+            raise self._lost
+        sub_id = next(self._ids)
+        hub = _RemoteHub(self, sub_id)
+        sub = hub.subscribe(flt, maxlen)
+        request = Request(
+            sub_id,
+            Method.SUBSCRIBE,
+            (
+                flt.domain,
+                flt.job,
+                None if flt.types is None else tuple(sorted(flt.types)),
+                None if flt.kinds is None else tuple(sorted(map(str, flt.kinds))),
+                maxlen,
+            ),
+        )
+        if not self._send_nowait(request):
+            raise JobError("too many requests queued for jobd; subscribe again later")
+        self._hubs[sub_id] = hub
+        return sub
+
+    def drop_subscription(self, sub_id: int) -> None:
+        if self._hubs.pop(sub_id, None) is not None and self._lost is None:
+            self._send_nowait(Request(next(self._ids), Method.UNSUBSCRIBE, (sub_id,)))
+
+    # ---- the two tasks ----------------------------------------------------------------
+
+    async def writer(self) -> None:
+        try:
+            async with self._out_recv:
+                async for frame in self._out_recv:
+                    await self._stream.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self.lose(DaemonUnreachable(f"the connection to jobd was lost: {exc}"))
+
+    async def reader(self) -> None:
+        receive = BufferedByteReceiveStream(self._stream)
+        try:
+            while True:
+                length = frame_length(await receive.receive_exactly(HEADER.size))
+                self._dispatch(decode_message(await receive.receive_exactly(length)))
+        except (
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            OSError,
+        ):
+            self.lose(DaemonUnreachable("the connection to jobd was lost"))
+        except ProtocolError as exc:
+            self.lose(ProtocolError(f"jobd sent an invalid frame: {exc}"))
+
+    def _dispatch(self, msg: object) -> None:
+        if isinstance(msg, Reply):
+            pending = self._pending.get(msg.id)
+            if pending is not None:
+                pending.result = msg.result
+                pending.done.set()
+        elif isinstance(msg, ErrorReply):
+            pending = self._pending.get(msg.id)
+            if pending is not None:
+                pending.error = raise_error(msg)
+                pending.done.set()
+            elif msg.id in self._hubs:
+                _log.warning("subscription refused", error=msg.error, message=msg.message)
+                self._hubs[msg.id].close()
+            else:
+                _log.warning("jobd reported an error", error=msg.error, message=msg.message)
+                if msg.id == 0:  # not tied to a request: the daemon is dropping us
+                    self.lose(raise_error(msg))
+        elif isinstance(msg, EventPush):
+            hub = self._hubs.get(msg.sub_id)
+            if hub is not None:
+                hub.deliver(msg.event)
+        elif isinstance(msg, SubscriptionEnd):
+            hub = self._hubs.get(msg.sub_id)
+            if hub is not None:
+                hub.close()
+        else:
+            _log.warning("unexpected message from jobd", message=type(msg).__name__)
+
+    def lose(self, error: BaseException) -> None:
+        """The connection is gone: fail every call in flight, end every subscription."""
+        if self._lost is not None:
+            return
+        self._lost = error if isinstance(error, JobError) else JobError(str(error))
+        for pending in list(self._pending.values()):
+            pending.error = self._lost
+            pending.done.set()
+        for hub in list(self._hubs.values()):
+            hub.close()
+        self._hubs.clear()
+        self._out_send.close()
+
+    def close(self) -> None:
+        self.lose(DaemonUnreachable("the connection is closed"))
+
+
+class RemoteConnection(Connection):
+    """A connection served by jobd (see the module docstring)."""
+
+    def __init__(self, uri: str, session: _Session, *, readonly: bool, driver_uri: str) -> None:
+        # The engine-side attributes of Connection (engine, driver) do not exist here.
+        self.uri = uri
+        self._session = session
+        #: the socket is the daemon's read-only one: writes raise AccessDenied
+        self.readonly = readonly
+        #: the URI of the driver connection the daemon serves this connection from
+        self.driver_uri = driver_uri
+
+    def __repr__(self) -> str:
+        return f"<RemoteConnection {self.uri!r}>"
+
+    def _domain(self, ref: DomainRef) -> RemoteDomain:
+        return RemoteDomain(self, ref.name, ref.uuid)
+
+    def _job(self, ref: JobRef) -> RemoteJob:
+        return RemoteJob(self, ref)
+
+    async def lookup_domain(self, name: str) -> RemoteDomain:
+        return self._domain(
+            await self._session.call_as(decode_domain_ref, Method.LOOKUP_DOMAIN, name)
+        )
+
+    async def list_domains(self) -> list[Domain]:
+        refs = await self._session.call_as(_list_of(decode_domain_ref), Method.LIST_DOMAINS)
+        return [self._domain(r) for r in refs]
+
+    async def create_domain(self, xml: str) -> RemoteDomain:
+        return self._domain(
+            await self._session.call_as(decode_domain_ref, Method.CREATE_DOMAIN, xml)
+        )
+
+    async def job_lookup_by_uuid(self, dom: Domain, job: str | bytes | uuid.UUID) -> Job:
+        return self._job(
+            await self._session.call_as(
+                decode_job_ref, Method.JOB_LOOKUP_BY_UUID, dom.name, as_uuid(job)
+            )
+        )
+
+    async def lookup_job(self, job: str | bytes | uuid.UUID) -> Job:
+        return self._job(
+            await self._session.call_as(decode_job_ref, Method.LOOKUP_JOB, as_uuid(job))
+        )
+
+    def subscribe(
+        self,
+        *,
+        domain: str | None = None,
+        job: uuid.UUID | None = None,
+        types: Iterable[str] | None = None,
+        kinds: Iterable[EventKind] | None = None,
+        maxlen: int = EventHub.DEFAULT_BUFFER,
+    ) -> Subscription:
+        if maxlen < 1:
+            raise ValueError("an event buffer holds at least one event")
+        return self._session.subscribe(
+            EventFilter(
+                domain,
+                job,
+                None if types is None else frozenset(map(str, types)),
+                None if kinds is None else frozenset(EventKind(k) for k in kinds),
+            ),
+            maxlen,
+        )
+
+
+def _list_of(decode: Callable[[Wire], T]) -> Callable[[Wire], list[T]]:
+    def decode_list(value: Wire) -> list[T]:
+        if not isinstance(value, list):
+            raise ValueError("expected an array")
+        return [decode(v) for v in value]
+
+    return decode_list
+
+
+def _none(value: Wire) -> None:
+    if value is not None:
+        raise ValueError("expected no result")
+
+
+def _int(value: Wire) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("expected an integer")
+    return value
+
+
+def _text(value: Wire) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+class RemoteDomain(Domain):
+    """A domain handle served by jobd."""
+
+    conn: RemoteConnection
+
+    def __init__(self, conn: RemoteConnection, name: str, dom_uuid: uuid.UUID) -> None:
+        super().__init__(conn, name, dom_uuid)
+        self._session = conn._session
+
+    @property
+    def uri(self) -> str:
+        """The URI this handle was reached through."""
+        return self.conn.uri
+
+    async def info(self) -> DomainInfo:
+        return await self._session.call_as(decode_domain_info, Method.DOMAIN_INFO, self.name)
+
+    async def destroy(self) -> None:
+        await self._session.call_as(_none, Method.DOMAIN_DESTROY, self.name)
+
+    async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> Job:
+        return self.conn._job(
+            await self._session.call_as(decode_job_ref, Method.JOB_BEGIN, self.name, job_xml, flags)
+        )
+
+    async def job_begin_spec(self, spec: Any, flags: int = 0) -> Job:
+        """A typed spec travels as its job XML (jobcore.xml.format_job)."""
+        from jobcore.xml import format_job
+
+        return await self.job_begin(format_job(spec), flags)
+
+    async def list_jobs(self) -> list[Job]:
+        refs = await self._session.call_as(_list_of(decode_job_ref), Method.LIST_JOBS, self.name)
+        return [self.conn._job(r) for r in refs]
+
+    async def job_info(self) -> list[int]:
+        return await self._session.call_as(decode_int_list, Method.LEGACY_JOB_INFO, self.name)
+
+    async def job_stats(self, flags: int = 0) -> dict[str, Any]:
+        return await self._session.call_as(decode_params, Method.LEGACY_JOB_STATS, self.name, flags)
+
+    async def abort_job(self) -> int:
+        return await self._session.call_as(_int, Method.LEGACY_ABORT_JOB, self.name)
+
+    async def backup_begin(
+        self, backup_xml: str | None, checkpoint_xml: str | None = None, flags: int = 0
+    ) -> int:
+        return await self._session.call_as(
+            _int, Method.BACKUP_BEGIN, self.name, backup_xml, checkpoint_xml, flags
+        )
+
+    async def backup_get_xml_desc(self, flags: int = 0) -> str:
+        return await self._session.call_as(_text, Method.BACKUP_GET_XML_DESC, self.name, flags)
+
+    async def block_job_info(self, disk: str, flags: int = 0) -> dict[str, int]:
+        return await self._session.call_as(
+            decode_params, Method.BLOCK_JOB_INFO, self.name, disk, flags
+        )
+
+    async def block_job_abort(self, disk: str, flags: int = 0) -> int:
+        return await self._session.call_as(_int, Method.BLOCK_JOB_ABORT, self.name, disk, flags)
+
+    async def block_pull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
+        return await self._session.call_as(
+            _int, Method.BLOCK_PULL, self.name, disk, bandwidth, flags
+        )
+
+    async def block_commit(
+        self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
+    ) -> int:
+        return await self._session.call_as(
+            _int, Method.BLOCK_COMMIT, self.name, disk, base, top, bandwidth, flags
+        )
+
+
+class RemoteJob(Job):
+    """A job handle served by jobd. ``uuid``, ``type`` and ``domain`` need no round trip;
+    ``state`` is the state last seen by a call on this handle."""
+
+    conn: RemoteConnection
+
+    def __init__(self, conn: RemoteConnection, ref: JobRef) -> None:
+        # Job.__init__ wants an engine record; a remote handle holds only its identity.
+        self.conn = conn
+        self._session = conn._session
+        self.uuid = ref.uuid
+        self.type = ref.type
+        self.domain = ref.domain
+        self._state = ref.state
+
+    @property
+    def state(self) -> JobState:
+        return self._state
+
+    def _seen(self, info: JobInfo) -> JobInfo:
+        self._state = info.state
+        return info
+
+    async def info(self) -> JobInfo:
+        return self._seen(await self._session.call_as(decode_job_info, Method.JOB_INFO, self.uuid))
+
+    async def stats(self) -> dict[str, Any]:
+        stats = await self._session.call_as(decode_params, Method.JOB_STATS, self.uuid)
+        if isinstance(stats.get("state"), str):
+            self._state = JobState(stats["state"])
+        return stats
+
+    async def wait(self, timeout: float | None = None) -> JobInfo:
+        return self._seen(
+            await self._session.call_as(decode_job_info, Method.JOB_WAIT, self.uuid, timeout)
+        )
+
+    async def _verb(self, method: Method, *args: ArgValue) -> None:
+        await self._session.call_as(_none, method, self.uuid, *args)
+
+    async def abort(self) -> None:
+        await self._verb(Method.JOB_ABORT)
+
+    async def pause(self) -> None:
+        await self._verb(Method.JOB_PAUSE)
+
+    async def resume(self) -> None:
+        await self._verb(Method.JOB_RESUME)
+
+    async def complete(self) -> None:
+        await self._verb(Method.JOB_COMPLETE)
+
+    async def set_speed(self, bandwidth: int | None) -> None:
+        await self._verb(Method.JOB_SET_SPEED, bandwidth or 0)
+
+    async def xml_desc(self) -> str:
+        return await self._session.call_as(_text, Method.JOB_XML_DESC, self.uuid)
+
+    def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
+        return self.conn.subscribe(job=self.uuid, maxlen=maxlen)
+
+
+def socket_path(uri: URI) -> Path:
+    """The daemon socket a ``DRIVER+unix`` URI names (``?socket=``), else the default
+    run directory's read-write socket."""
+    given = uri.param("socket")
+    return Path(given) if given else default_run_dir() / RW_SOCKET
+
+
+@asynccontextmanager
+async def connect_remote(
+    uri: str | URI, *, retention: float = DEFAULT_RETENTION
+) -> AsyncIterator[RemoteConnection]:
+    """Open a connection to jobd. ``retention`` is the daemon's business (its config);
+    it is accepted for signature compatibility with ``jobcore.connect``."""
+    parsed = parse_uri(uri) if isinstance(uri, str) else uri
+    if parsed.transport != "unix":
+        raise InvalidURI(f"'{parsed}' is not a DRIVER+unix URI")
+    path = socket_path(parsed)
+    try:
+        stream = await anyio.connect_unix(path)
+    except OSError as exc:
+        raise DaemonUnreachable(f"cannot reach jobd at '{path}': {exc.strerror or exc}") from None
+    body_error: Exception | None = None
+    async with stream, anyio.create_task_group() as tg:
+        session = _Session(stream, tg)
+        tg.start_soon(session.reader)
+        tg.start_soon(session.writer)
+        try:
+            hello = await session.call_as(
+                decode_server_hello, Method.HELLO, PROTOCOL_VERSION, parsed.without_transport()
+            )
+            try:
+                yield RemoteConnection(
+                    str(parsed), session, readonly=hello.readonly, driver_uri=hello.uri
+                )
+            except Exception as exc:  # re-raised as is, not wrapped by the task group
+                body_error = exc
+        finally:
+            session.close()
+            tg.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
