@@ -6,6 +6,7 @@ from __future__ import annotations
 import attrs
 
 from jobcore import constants as C
+from jobcore.backup import BackupMode
 from jobcore import scheduler
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.errors import InvalidArgument, JobError
@@ -26,11 +27,20 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> BackupJ
     checkpoint = spec.checkpoint
     if checkpoint is not None and checkpoint.name is None:
         checkpoint = attrs.evolve(checkpoint, name=str(int(wall)))
-    suffix = checkpoint.name if checkpoint is not None and checkpoint.name else str(int(wall))
+    # libvirt names default targets '<source>.<checkpoint name or Unix time>'; parallel
+    # backups are possible here, so a time suffix also carries the job's UUID prefix.
+    if checkpoint is not None and checkpoint.name:
+        suffix = checkpoint.name
+    else:
+        suffix = f"{int(wall)}" + (f"-{spec.uuid.hex[:8]}" if spec.uuid else "")
     backup = align_backup(spec.backup, {d.name: d.source for d in dom.disks}, suffix)
     if not backup.included_disks():
         raise InvalidArgument("no disks selected for backup")
     return attrs.evolve(spec, backup=backup, checkpoint=checkpoint)
+
+
+def is_pull_backup(spec: BackupJobSpec) -> bool:
+    return spec.backup.effective_mode is BackupMode.PULL
 
 
 def _disk(dom: DomainInfo, name: str) -> DiskInfo:
@@ -91,7 +101,8 @@ def builtin_type_infos() -> tuple[JobTypeInfo, ...]:
     return (
         JobTypeInfo(JobType.BACKUP, BackupJobSpec, codecs.BACKUP_CODEC,
                     scheduler.backup_claims, domain_level=True,
-                    operation=C.VIR_DOMAIN_JOB_OPERATION_BACKUP, prepare=prepare_backup),
+                    operation=C.VIR_DOMAIN_JOB_OPERATION_BACKUP, prepare=prepare_backup,
+                    abort_completes=is_pull_backup),
         JobTypeInfo(JobType.BLOCKPULL, BlockPullSpec, codecs.BLOCKPULL_CODEC,
                     scheduler.chain_claims, domain_level=False,
                     operation=C.VIR_DOMAIN_JOB_OPERATION_UNKNOWN, prepare=prepare_pull),

@@ -88,11 +88,13 @@ class Engine:
         dom = await self.dconn.lookup_domain(domain)
         now = self.clock.now()
         self._purge(now)
-        if info.prepare is not None:
-            spec = info.prepare(spec, dom, self.clock.wall())
         job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
         if self.store.get(job_id) is not None:
             raise InvalidArgument(f"a job with UUID '{job_id}' already exists")
+        if spec.uuid is None:
+            spec = attrs.evolve(spec, uuid=job_id)
+        if info.prepare is not None:
+            spec = info.prepare(spec, dom, self.clock.wall())
         options = spec.options
         ticket = self.scheduler.ticket(job_id, info.claims(spec, dom), options.priority)
         if options.queue or flags & C.JOB_BEGIN_QUEUE:
@@ -216,9 +218,14 @@ class Engine:
         if target.terminal:  # a queued job ends at once
             self._finish(rec, target)
             return
+        ends_well = (rec.info.abort_completes is not None and rec.info.abort_completes(rec.spec)
+                     and rec.state in (S.READY, S.STANDBY))
         self._transition(rec, target)
         try:
-            await self.dconn.cancel(rec.driver_job)
+            if ends_well:  # e.g. a pull backup: its consumer is done (as in libvirt)
+                await self.dconn.complete(rec.driver_job)
+            else:
+                await self.dconn.cancel(rec.driver_job)
         except Exception as exc:
             error = _as_job_error(exc)
             self._finish(rec, S.FAILED, errmsg=f"abort failed: {error}")

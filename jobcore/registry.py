@@ -70,6 +70,9 @@ class JobTypeInfo:
     progress_keys: str = "disk"
     #: checks a spec against the domain and fills defaults (spec, domain, wall time)
     prepare: Callable[[Any, DomainInfo, float], Any] | None = None
+    #: ``abort`` of a job in 'ready' ends it successfully when this says so (libvirt's
+    #: pull-mode backup: aborting tells the hypervisor its consumer is done)
+    abort_completes: Callable[[Any], bool] | None = None
 
 
 class Registry:
