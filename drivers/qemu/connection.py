@@ -11,7 +11,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import sniffio
-import structlog
 from attrs import define, field
 
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
@@ -29,10 +28,11 @@ from drivers.qemu.process import QemuProcess
 from drivers.qemu.rundir import RunDir, run_dir_of
 from jobcore.driver import DomainInfo, DriverJob, SystemClock
 from jobcore.errors import DriverError, NoSuchDomain, OperationInvalid, Unsupported, XMLError
+from jobcore.log import get_logger
 from jobcore.spec import JobType
 from jobcore.uri import URI, parse_uri
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 POLL_INTERVAL = 0.25
 _RUNNERS: dict[str, type[Runner]] = {
@@ -247,23 +247,30 @@ class QemuConnection:
                 if not self.runners:
                     self._work = anyio.Event()
                     await self._work.wait()
-                runners = list(self.runners.values())
-                procs = {r.proc for r in runners if r.subjobs and r.proc.alive}
-                for proc in procs:
-                    try:
-                        infos = await proc.execute("query-jobs")
-                    except DriverError:
-                        continue
-                    for info in infos:
-                        sj = proc.subjobs.get(str(info.get("id")))
-                        if sj is not None and not sj.done.is_set():
-                            sj.current = int(info.get("current-progress", 0))
-                            sj.total = int(info.get("total-progress", 0))
-                for runner in runners:
-                    if runner.phase in (Phase.RUNNING, Phase.READY):
-                        await runner.poll()
-                        runner.report_progress()
+                try:
+                    await self._poll_once()
+                except Exception:  # progress is best effort; the poller must not die
+                    log.exception("progress poll failed")
                 await anyio.sleep(POLL_INTERVAL)
+
+    async def _poll_once(self) -> None:
+        """One round: query-jobs once per busy process, then every runner reports."""
+        runners = list(self.runners.values())
+        procs = {r.proc for r in runners if r.subjobs and r.proc.alive}
+        for proc in procs:
+            try:
+                infos = await proc.execute("query-jobs")
+            except DriverError:
+                continue
+            for info in infos:
+                sj = proc.subjobs.get(str(info.get("id")))
+                if sj is not None and not sj.done.is_set():
+                    sj.current = int(info.get("current-progress", 0))
+                    sj.total = int(info.get("total-progress", 0))
+        for runner in runners:
+            if runner.phase in (Phase.RUNNING, Phase.READY):
+                await runner.poll()
+                runner.report_progress()
 
     # ---------------------------------------------------------------- migration
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import structlog
 from attrs import define, field
+from structlog.stdlib import BoundLogger
 
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.images import create_image, exists, fsync_files, remove_files
@@ -28,6 +28,7 @@ from drivers.qemu.process import Outcome, QemuProcess, SubJob
 from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport
 from jobcore.driver import DriverJob, JobReporter
 from jobcore.errors import DriverError, OperationInvalid, Unsupported
+from jobcore.log import get_logger
 from jobcore.spec import (
     BackupJobSpec,
     BlockCommitSpec,
@@ -74,12 +75,12 @@ class Runner:
     cancel_requested: bool = False
     complete_requested: bool = False
     end_requested: anyio.Event = field(factory=anyio.Event)
-    log: Any = None
+    log: BoundLogger = field(init=False)
     short: str = ""
 
     def __attrs_post_init__(self) -> None:
         self.short = self.job.uuid.hex[:8]
-        self.log = structlog.get_logger(__name__).bind(
+        self.log = get_logger(__name__).bind(
             job=str(self.job.uuid), job_type=str(self.job.type), domain=self.job.domain
         )
 

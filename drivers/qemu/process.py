@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import structlog
 from attrs import define, field
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
 
 from drivers.qemu.images import exists, qemu_binary
 from jobcore.errors import DriverError
+from jobcore.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 QEMU_SYSTEM = "qemu-system-x86_64"
 CONNECT_TIMEOUT = 10.0

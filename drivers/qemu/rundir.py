@@ -15,13 +15,13 @@ import signal
 import tempfile
 from pathlib import Path
 
-import structlog
 from attrs import define, field
 
 from jobcore.errors import DriverError
+from jobcore.log import get_logger
 from jobcore.uri import URI
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def default_run_dir() -> Path:
