@@ -176,3 +176,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def corrupt_first_cluster(path: Path) -> None:
+    """Point the qcow2 L2 entry of guest offset 0 at an unaligned host offset.
+
+    QEMU detects it on the first read of that cluster and fails the request with EIO
+    (and flags the image corrupt), which makes a block job fail for real.
+    """
+    with path.open("r+b") as f:
+        f.seek(40)  # l1_table_offset
+        l1_offset = int.from_bytes(f.read(8), "big")
+        f.seek(l1_offset)
+        l2_offset = int.from_bytes(f.read(8), "big") & 0x00FF_FFFF_FFFF_FE00
+        f.seek(l2_offset)
+        entry = int.from_bytes(f.read(8), "big")
+        assert entry & 0x00FF_FFFF_FFFF_FE00, "guest cluster 0 must be allocated"
+        f.seek(l2_offset)
+        f.write((entry + 512).to_bytes(8, "big"))

@@ -19,6 +19,7 @@ from qemu_helpers import (
     alive,
     cmdline,
     compare,
+    corrupt_first_cluster,
     create,
     differs,
     domain_xml,
@@ -236,6 +237,25 @@ async def test_push_cancel_mid_job_removes_target_and_checkpoint(tmp_path: Path)
         assert await rep.wait_end() == ("cancelled", None)
         assert not target.exists()
         assert "cx" not in await bitmaps(conn, "vm1", "vda")
+
+
+async def test_backup_failing_in_qemu_reports_its_error_and_cleans(tmp_path: Path) -> None:
+    src = create(tmp_path / "src.qcow2")
+    write(src, "write -P 0x42 0 8M")
+    corrupt_first_cluster(src)
+    target = tmp_path / "t.qcow2"
+    async with session(tmp_path) as conn:
+        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": target}, checkpoint="c9"))
+        await conn.start(job)
+        kind, msg = await rep.wait_end()
+        assert kind == "failed"
+        # QEMU's own text from BLOCK_JOB_COMPLETED (7.2 says "No medium found": the node is
+        # taken offline once flagged corrupt), not a process death
+        assert msg and "QEMU process" not in msg
+        assert not target.exists()
+        assert "c9" not in await bitmaps(conn, "vm1", "vda")  # checkpoint not kept
+        assert alive(conn.pid("vm1"))
 
 
 async def test_refused_backup_raises_qemu_text(tmp_path: Path) -> None:
