@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -194,3 +195,30 @@ def corrupt_first_cluster(path: Path) -> None:
         assert entry & 0x00FF_FFFF_FFFF_FE00, "guest cluster 0 must be allocated"
         f.seek(l2_offset)
         f.write((entry + 512).to_bytes(8, "big"))
+
+
+def start_orphan_qemu(run_dir: Path) -> subprocess.Popen[bytes]:
+    """A QEMU as a dead driver would leave it: running, with its pid file in ``run_dir``."""
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{run_dir}/old.0.qmp,server=on,wait=off",
+         "-pidfile", f"{run_dir}/old.0.pid"],
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not (run_dir / "old.0.pid").exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the orphan QEMU did not start")
+        time.sleep(0.02)
+    return proc
+
+
+def ended_by(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    """Reap ``proc`` (killing it if it is still running) and return its exit status."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return 0

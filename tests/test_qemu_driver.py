@@ -23,11 +23,13 @@ from qemu_helpers import (
     create,
     differs,
     domain_xml,
+    ended_by,
     free_port,
     kill_and_reap,
     make_job,
     qemu_children,
     run,
+    start_orphan_qemu,
     write,
 )
 
@@ -167,6 +169,18 @@ async def test_domain_lifecycle_chain_and_refusals(tmp_path: Path) -> None:
         assert not alive(pid)
         with pytest.raises(NoSuchDomain):
             await conn.lookup_domain("vm1")
+
+
+async def test_new_owner_kills_qemu_left_by_a_dead_owner(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    orphan = start_orphan_qemu(run_dir)
+    try:
+        async with session(tmp_path):
+            assert not (run_dir / "old.0.pid").exists()
+    finally:
+        status = ended_by(orphan)
+    assert status == -signal.SIGKILL
 
 
 async def test_trio_is_refused_clearly(tmp_path: Path) -> None:
