@@ -25,7 +25,7 @@ from structlog.stdlib import BoundLogger
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.images import create_image, exists, fsync_files, remove_files
 from drivers.qemu.process import Outcome, QemuProcess, SubJob
-from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport
+from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport, StoreType
 from jobcore.driver import DriverJob, JobReporter
 from jobcore.errors import DriverError, OperationInvalid, Unsupported
 from jobcore.log import get_logger
@@ -307,6 +307,8 @@ class BackupRunner(Runner):
             raise DriverError("the backup includes no disk")
         for d in included:
             disk = self.domain.disk(d.name)
+            if d.type is StoreType.BLOCK:
+                raise Unsupported(f"disk '{d.name}': block-device backup stores are not supported")
             path = d.store.path if d.store else f"{disk.active.file}.{suffix}"
             fmt = (d.store.format if d.store else None) or "qcow2"
             if self.pull and fmt != "qcow2":
