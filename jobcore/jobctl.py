@@ -766,6 +766,8 @@ def events(
         kinds = [EventKind.STATE, EventKind.FINAL] if no_progress else None
         seen = 0
         with conn.subscribe(domain=domain, job=job_id, kinds=kinds) as sub:
+            await conn.list_domains()  # one round trip: the subscription is in place
+            click.echo(f"jobctl: watching events on {ctx.uri} (Ctrl-C to stop)", err=True)
             async for ev in sub:
                 if as_json:
                     _json(event_json(ev))
