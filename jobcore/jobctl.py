@@ -367,7 +367,10 @@ async def follow(
 
 async def _next(events: jobcore.Subscription) -> JobEvent | None:
     with anyio.move_on_after(1.0):
-        return await events.get()
+        try:
+            return await events.get()
+        except anyio.EndOfStream:  # the connection is gone: the waiter reports why
+            await anyio.sleep_forever()
     return None
 
 

@@ -233,6 +233,13 @@ def peer_credentials(stream: SocketStream) -> PeerCred | None:
     return PeerCred(pid, uid, gid)
 
 
+def leaf_error(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups from task groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 class _ClientGone(Exception):
     """Sending to a client failed or timed out: it is disconnected."""
 
@@ -331,11 +338,14 @@ class DriverConnections:
                 _log.info("driver connection opened", uri=key)
                 await self._stop.wait()
                 _log.info("closing driver connection", uri=key)
-        except JobError as exc:
-            slot.error = exc
-        except Exception as exc:  # a driver bug must not take the daemon down
-            _log.exception("driver connection failed", uri=key)
-            slot.error = DriverError(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a driver failure must not take the daemon down
+            leaf = leaf_error(exc)
+            if isinstance(leaf, JobError):
+                _log.warning("driver connection failed", uri=key, error=str(leaf))
+                slot.error = leaf
+            else:
+                _log.exception("driver connection failed", uri=key)
+                slot.error = DriverError(f"{type(leaf).__name__}: {leaf}")
         finally:
             if self._slots.get(key) is slot:
                 del self._slots[key]
@@ -409,9 +419,9 @@ class Daemon:
     async def _serve(self, task_status: anyio.abc.TaskStatus[None], handle_signals: bool) -> None:
         others = self.config.allowed_uids - {os.getuid(), 0}
         rw_mode = 0o666 if others else 0o600  # SO_PEERCRED decides; the mode is a fence
-        async with anyio.create_task_group() as tg:
-            rw = await anyio.create_unix_listener(self.rw_path, mode=rw_mode)
-            ro = await anyio.create_unix_listener(self.ro_path, mode=0o666)
+        rw = await anyio.create_unix_listener(self.rw_path, mode=rw_mode)
+        ro = await anyio.create_unix_listener(self.ro_path, mode=0o666)
+        async with rw, ro, anyio.create_task_group() as tg:
             if handle_signals:
                 tg.start_soon(self._signals, tg.cancel_scope)
             tg.start_soon(rw.serve, partial(self._client, readonly=False), tg)
@@ -455,25 +465,28 @@ class Daemon:
         try:
             async with stream, anyio.create_task_group() as tg:
                 client = _Client(cid, stream, readonly, tg, log)
-                if not allowed:
-                    await client.send(
-                        error_reply(
-                            0, AccessDenied("access denied: your uid is not allowed by jobd")
+                try:
+                    if not allowed:
+                        await client.send(
+                            error_reply(
+                                0, AccessDenied("access denied: your uid is not allowed by jobd")
+                            )
                         )
-                    )
-                elif self._clients > self.config.max_clients:
-                    log.warning("too many clients", limit=self.config.max_clients)
-                    await client.send(
-                        error_reply(
-                            0,
-                            JobError(f"jobd is busy: {self.config.max_clients} clients connected"),
+                    elif self._clients > self.config.max_clients:
+                        log.warning("too many clients", limit=self.config.max_clients)
+                        await client.send(
+                            error_reply(
+                                0,
+                                JobError(
+                                    f"jobd is busy: {self.config.max_clients} clients connected"
+                                ),
+                            )
                         )
-                    )
-                else:
-                    await self._read_loop(client)
+                    else:
+                        await self._read_loop(client)
+                except _ClientGone:
+                    pass
                 tg.cancel_scope.cancel()
-        except _ClientGone:
-            pass
         except Exception:
             log.exception("client session failed")
         finally:
@@ -816,8 +829,11 @@ def run_daemon(config: DaemonConfig) -> int:
     except DaemonAlreadyRunning as exc:
         click.echo(f"jobd: {exc}", err=True)
         return EXIT_ALREADY_RUNNING
-    except OSError as exc:
-        click.echo(f"jobd: cannot serve in '{config.run_dir}': {exc}", err=True)
+    except Exception as exc:
+        leaf = leaf_error(exc)
+        if not isinstance(leaf, OSError | JobError):
+            raise
+        click.echo(f"jobd: cannot serve in '{config.run_dir}': {leaf}", err=True)
         return 1
     return 0
 

@@ -396,7 +396,7 @@ def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
     assert daemon.stop() == 0
     assert not daemon.sock.exists() and not daemon.ro_sock.exists()
     assert not (daemon.run_dir / "jobd.pid").exists()
-    logs = [json.loads(line) for line in daemon.log().splitlines()]
+    logs = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
     assert any(e["event"] == "shutting down" and e["signal"] == "SIGTERM" for e in logs)
     assert any(e["event"] == "client connected" and e["peer_uid"] == os.getuid() for e in logs)
     assert logs[-1]["event"] == "jobd stopped"
@@ -422,8 +422,7 @@ def test_config_file_and_uid_allow_list(tmp_path: Path) -> None:
         f"run_dir = '{tmp_path / 'run'}'\nallowed_uids = [{os.getuid() + 4242}]"
         "\nretention = 5\nlog_level = 'warning'\n"
     )
-    daemon = Jobd(tmp_path / "ignored", "--config", str(config))
-    daemon.run_dir = tmp_path / "run"
+    daemon = Jobd(tmp_path / "run", "--config", str(config))
     try:
         daemon.wait_ready()
         denied = jobctl(daemon.uri(), "domains")
