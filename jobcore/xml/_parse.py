@@ -1,0 +1,177 @@
+"""Hostile-input-safe parsing and validation, and the error shape of jobcore.xml.
+
+Every failure is an ``XMLError`` whose message names the element (and attribute, where
+one is at fault) and whose ``line`` is the 1-based source line: ``<disk name='vda'>
+attribute 'exportname': requires pull mode (line 7)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NoReturn
+
+from lxml import etree
+
+from jobcore.errors import XMLError
+from jobcore.xml._schema import Schema
+
+#: documents larger than this many bytes (UTF-8 for str input) are refused unparsed
+MAX_DOCUMENT_BYTES = 1 << 20
+#: deepest element nesting accepted anywhere (libxml2 itself stops at 256)
+MAX_DEPTH = 64
+
+_local = threading.local()
+
+
+def _parser(forced_utf8: bool) -> etree.XMLParser:
+    """The per-thread parser (lxml parsers must not be shared between threads)."""
+    name = "utf8_parser" if forced_utf8 else "parser"
+    parser: etree.XMLParser | None = getattr(_local, name, None)
+    if parser is None:
+        parser = etree.XMLParser(
+            encoding="utf-8" if forced_utf8 else None,
+            resolve_entities=False,
+            no_network=True,
+            load_dtd=False,
+            dtd_validation=False,
+            attribute_defaults=False,
+            huge_tree=False,
+            collect_ids=False,
+            remove_blank_text=False,
+            strip_cdata=True,
+        )
+        setattr(_local, name, parser)
+    return parser
+
+
+def describe(el: etree._Element, attr: str | None = None) -> str:
+    """``<disk name='vda'>`` (the element, identified by its name if it has one), plus
+    `` attribute 'x'`` when an attribute is at fault."""
+    tag = el.tag if isinstance(el.tag, str) else "?"
+    name = el.get("name")
+    where = (
+        f"<{tag} name='{name}'>" if name is not None and tag != "domaincheckpoint" else f"<{tag}>"
+    )
+    return f"{where} attribute '{attr}'" if attr is not None else where
+
+
+def line_of(node: etree._Element) -> int | None:
+    line = node.sourceline
+    return line if isinstance(line, int) else None
+
+
+def fail(el: etree._Element, message: str, attr: str | None = None) -> NoReturn:
+    raise XMLError(f"{describe(el, attr)}: {message}", line=line_of(el))
+
+
+def parse_document(doc: str | bytes, root: str) -> etree._Element:
+    """Parse ``doc`` safely and check that its root element is ``<root>``.
+
+    No DTD (a DOCTYPE is refused), no entity expansion, no network or file access,
+    nothing over MAX_DOCUMENT_BYTES, nothing nested deeper than libxml2's limit.
+    """
+    forced_utf8 = isinstance(doc, str)
+    data: bytes
+    if isinstance(doc, str):
+        if len(doc) > MAX_DOCUMENT_BYTES:
+            _too_large(len(doc))
+        try:
+            data = doc.encode("utf-8")
+        except UnicodeError as exc:
+            raise XMLError(f"<{root}> document is not valid text: {exc}") from None
+    elif isinstance(doc, bytes | bytearray | memoryview):
+        data = bytes(doc)
+    else:
+        raise XMLError(f"<{root}> document must be str or bytes, not {type(doc).__name__}")
+    if len(data) > MAX_DOCUMENT_BYTES:
+        _too_large(len(data))
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise XMLError(
+            f"<{root}> document: DOCTYPE and entity declarations are refused",
+            line=data.count(b"\n", 0, max(data.find(b"<!DOCTYPE"), 0)) + 1,
+        )
+    try:
+        el = etree.fromstring(data, _parser(forced_utf8))
+    except etree.XMLSyntaxError as exc:
+        msg = (exc.msg or "malformed").strip()
+        raise XMLError(
+            f"<{root}> document is not well-formed XML: {msg}", line=exc.lineno or None
+        ) from None
+    except (ValueError, LookupError, UnicodeError) as exc:
+        raise XMLError(f"<{root}> document cannot be parsed: {exc}") from None
+    if el is None:
+        raise XMLError(f"<{root}> document is empty")
+    if getattr(
+        el.getroottree().docinfo, "doctype", None
+    ):  # a DOCTYPE in an encoding the scan missed
+        raise XMLError(f"<{root}> document: DOCTYPE declarations are refused", line=1)
+    if el.tag != root:
+        tag = el.tag if isinstance(el.tag, str) else "?"
+        raise XMLError(f"<{tag}>: expected a <{root}> document", line=line_of(el))
+    return el
+
+
+def _too_large(size: int) -> NoReturn:
+    raise XMLError(
+        f"document of {size} bytes refused: the limit is {MAX_DOCUMENT_BYTES} bytes (1 MiB)"
+    )
+
+
+#: libxml2 messages that say the most, best first
+_SPECIFIC = (
+    "Invalid attribute",
+    "doesn't allow value",
+    "Error validating value",
+    "Error validating datatype",
+    "Did not expect",
+    "Expecting",
+    "Extra element",
+    "has extra content",
+    "Invalid sequence",
+    "failed to validate attributes",
+    "failed to validate content",
+)
+
+
+def _best(log: etree._ListErrorLog) -> etree._LogEntry | None:
+    entries = list(log)
+    for key in _SPECIFIC:
+        for entry in entries:
+            if key in entry.message:
+                return entry
+    return entries[0] if entries else None
+
+
+def validate(schema: Schema, el: etree._Element, what: str) -> None:
+    """Validate ``el`` (a parsed document root) against ``schema``; an XMLError names the
+    element at fault (its path and, for a bad value, the value) and its line."""
+    if schema.rng.validate(el):
+        return
+    diagnostic = schema.diagnostic()
+    diagnostic.validate(el)
+    best = _best(diagnostic.error_log) or _best(schema.rng.error_log)
+    if best is None:
+        raise XMLError(f"invalid <{what}> document", line=line_of(el))
+    message = best.message.strip()
+    path = best.path or ""
+    detail = ""
+    if path and ("datatype" in message or "value" in message):
+        nodes = el.getroottree().xpath(path)
+        if isinstance(nodes, list) and nodes and isinstance(nodes[0], etree._Element):
+            text = (nodes[0].text or "").strip()
+            if text:
+                detail = f" (value '{text[:80]}')"
+    where = f" at {path}" if path else ""
+    raise XMLError(
+        f"invalid <{what}> document{where}: {message}{detail}", line=best.line or line_of(el)
+    )
+
+
+def check_depth(el: etree._Element, limit: int = MAX_DEPTH) -> None:
+    """Refuse a subtree nested deeper than ``limit`` (used on content kept verbatim)."""
+    stack: list[tuple[etree._Element, int]] = [(el, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            fail(node, f"nested deeper than {limit} levels")
+        stack.extend((child, depth + 1) for child in node)

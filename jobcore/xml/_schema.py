@@ -1,0 +1,140 @@
+"""Loading and composing the packaged RelaxNG schemas.
+
+The files under ``schemas/`` are real grammars (usable with xmllint), but jobcore never
+lets libxml2 resolve ``<include>``: it reads the packaged files itself and merges their
+``<define>``s into one in-memory grammar, so compiling a schema touches no path or URL
+taken from input.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterable
+from importlib import resources
+
+from lxml import etree
+
+RNG_NS = "http://relaxng.org/ns/structure/1.0"
+XSD_TYPES = "http://www.w3.org/2001/XMLSchema-datatypes"
+_R = f"{{{RNG_NS}}}"
+
+
+@functools.cache
+def _module_root(name: str) -> etree._Element:
+    text = resources.files("jobcore.xml").joinpath("schemas", name).read_bytes()
+    return etree.fromstring(text, etree.XMLParser(no_network=True, resolve_entities=False))
+
+
+def module_defines(name: str) -> list[etree._Element]:
+    """The ``<define>`` elements of a packaged grammar file, without its includes."""
+    return [d for d in _module_root(name) if d.tag == f"{_R}define"]
+
+
+def _with_datatypes(define: etree._Element) -> etree._Element:
+    """A copy of ``define`` that names the XSD datatype library explicitly (the attribute
+    is inherited in the file it came from, not in the grammar it is moved to)."""
+    copy = etree.fromstring(etree.tostring(define))
+    copy.set("datatypeLibrary", XSD_TYPES)
+    return copy
+
+
+def defines_text(*modules: str, only: Iterable[str] | None = None) -> str:
+    """The defines of packaged files as a RelaxNG fragment string (a codec's ``schema``)."""
+    wanted = None if only is None else set(only)
+    parts = [
+        etree.tostring(_with_datatypes(d), encoding="unicode")
+        for m in modules
+        for d in module_defines(m)
+        if wanted is None or d.get("name") in wanted
+    ]
+    return "\n".join(parts)
+
+
+def fragment_defines(fragment: str) -> list[etree._Element]:
+    """Parse a codec's schema fragment (one or more ``<define>``s, RelaxNG namespace
+    implied) into define elements."""
+    wrapped = f"<grammar xmlns='{RNG_NS}' datatypeLibrary='{XSD_TYPES}'>{fragment}</grammar>"
+    root = etree.fromstring(
+        wrapped.encode(), etree.XMLParser(no_network=True, resolve_entities=False)
+    )
+    return [_with_datatypes(d) for d in root if d.tag == f"{_R}define"]
+
+
+class Schema:
+    """A compiled grammar, plus (compiled on first use) its diagnostic twin.
+
+    libxml2 reports a failure inside ``<interleave>`` only as "Extra element X in
+    interleave" on the parent. The twin reads every interleave as ``zeroOrMore(choice)``,
+    which libxml2 validates child by child, so after a failure it names the element (and
+    line) at fault; it is never used to accept a document.
+    """
+
+    def __init__(self, grammar: etree._Element) -> None:
+        self._grammar = grammar
+        self.rng = etree.RelaxNG(grammar)
+        self._diagnostic: etree.RelaxNG | None = None
+
+    def diagnostic(self) -> etree.RelaxNG:
+        if self._diagnostic is None:
+            grammar = etree.fromstring(etree.tostring(self._grammar))
+            for node in list(grammar.iter(f"{_R}interleave")):
+                node.tag = f"{_R}zeroOrMore"
+                choice = etree.SubElement(node, f"{_R}choice")
+                for child in list(node):
+                    if child is not choice:
+                        choice.append(child)
+            self._diagnostic = etree.RelaxNG(grammar)
+        return self._diagnostic
+
+
+def compose(start: etree._Element, defines: Iterable[etree._Element]) -> Schema:
+    """Compile a grammar of ``start`` (a RelaxNG pattern) and ``defines``; a define name
+    given twice must have the same content."""
+    grammar = etree.fromstring(f"<grammar xmlns='{RNG_NS}' datatypeLibrary='{XSD_TYPES}'/>")
+    etree.SubElement(grammar, f"{_R}start").append(start)
+    seen: dict[str, bytes] = {}
+    for d in defines:
+        name = d.get("name", "")
+        body = etree.tostring(d)
+        if name in seen:
+            if seen[name] != body:
+                raise ValueError(f"RelaxNG define '{name}' is given twice, differently")
+            continue
+        seen[name] = body
+        grammar.append(etree.fromstring(body))
+    return Schema(grammar)
+
+
+def ref(name: str) -> etree._Element:
+    el = etree.Element(f"{_R}ref")
+    el.set("name", name)
+    return el
+
+
+def base_defines() -> list[etree._Element]:
+    """Defines every jobcore grammar has: the shared datatypes and the job-common ones."""
+    return [
+        _with_datatypes(d)
+        for m in ("types.rng", "jobtypes.rng")
+        for d in module_defines(m)
+        if m == "types.rng"
+        or not d.get("name", "").startswith(
+            ("job-backup", "job-blockpull", "job-blockcommit", "job-migration")
+        )
+    ]
+
+
+_local = threading.local()
+
+
+def document_schema(root: str, modules: tuple[str, ...]) -> Schema:
+    """The compiled, per-thread-cached schema of a standalone document ``<root>``."""
+    cache: dict[str, Schema] | None = getattr(_local, "documents", None)
+    if cache is None:
+        cache = _local.documents = {}
+    schema = cache.get(root)
+    if schema is None:
+        defines = [_with_datatypes(d) for m in ("types.rng", *modules) for d in module_defines(m)]
+        schema = cache[root] = compose(ref(root), defines)
+    return schema

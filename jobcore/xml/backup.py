@@ -1,0 +1,409 @@
+"""libvirt's ``<domainbackup>``: element <-> BackupDef, and virDomainBackupAlignDisks.
+
+The parser keeps what the document says (``None`` = not written); ``align_backup`` fills
+libvirt's defaults against a domain. The formatter writes attributes and children in
+libvirt's order, so an aligned definition formats as libvirt formats it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+
+import attrs
+from lxml import etree
+
+from jobcore.backup import (
+    BackupDef,
+    BackupDisk,
+    BackupMode,
+    BackupServer,
+    BackupStore,
+    DiskBackupMode,
+    Encryption,
+    EncryptionCipher,
+    EncryptionFormat,
+    EncryptionIvgen,
+    EncryptionSecret,
+    SecLabel,
+    ServerTransport,
+    StoreType,
+)
+from jobcore.errors import InvalidArgument, XMLError
+from jobcore.xml._parse import fail
+
+_YES_NO = {"yes": True, "no": False}
+_ELEMENT = etree.Element  # tag filter: elements only, no comments
+
+
+def _text(el: etree._Element) -> str | None:
+    """Element text as libvirt reads it: an empty element is absent."""
+    return el.text or None
+
+
+# --- parse ---------------------------------------------------------------------------
+
+
+def parse_backup_element(el: etree._Element) -> BackupDef:
+    """A schema-valid ``<domainbackup>`` element -> BackupDef, with libvirt's semantic
+    checks (which the schema cannot express) reported at the offending element."""
+    mode_attr = el.get("mode")
+    mode = BackupMode(mode_attr) if mode_attr is not None else None
+    pull = mode is BackupMode.PULL
+    incremental: str | None = None
+    server: BackupServer | None = None
+    disks: list[BackupDisk] = []
+    disk_els: list[etree._Element] = []
+    for child in el.iterchildren(_ELEMENT):
+        tag = child.tag
+        if tag == "incremental":
+            incremental = _text(child)
+        elif tag == "server":
+            if not pull:
+                fail(child, "use of <server> requires pull mode backup")
+            server = _parse_server(child)
+        elif tag == "disks":
+            seen: set[str] = set()
+            for disk_el in child.iterchildren(_ELEMENT):
+                disk = _parse_disk(disk_el, pull)
+                if disk.name in seen:
+                    fail(disk_el, f"disk '{disk.name}' is named twice")
+                seen.add(disk.name)
+                disks.append(disk)
+                disk_els.append(disk_el)
+    for disk, disk_el in zip(disks, disk_els, strict=True):
+        if (
+            disk.backupmode is DiskBackupMode.INCREMENTAL
+            and disk.incremental is None
+            and incremental is None
+        ):
+            fail(
+                disk_el,
+                "backupmode='incremental' needs a checkpoint: set the disk's "
+                "'incremental' attribute or the backup's <incremental>",
+                "backupmode",
+            )
+    return BackupDef(mode=mode, incremental=incremental, server=server, disks=tuple(disks))
+
+
+def _parse_server(el: etree._Element) -> BackupServer:
+    get = el.get
+    transport_attr = get("transport")
+    transport = ServerTransport(transport_attr) if transport_attr is not None else None
+    kind = transport or ServerTransport.TCP
+    needs = {
+        ServerTransport.TCP: "name",
+        ServerTransport.UNIX: "socket",
+        ServerTransport.FD: "fdgroup",
+    }[kind]
+    if get(needs) is None:
+        fail(el, f"transport '{kind}' needs attribute '{needs}'")
+    for other in ("name", "port", "socket", "fdgroup"):
+        if (
+            other != needs
+            and get(other) is not None
+            and not (other == "port" and kind is ServerTransport.TCP)
+        ):
+            fail(el, f"not allowed with transport '{kind}'", other)
+    port_attr = get("port")
+    port = None
+    if port_attr is not None:
+        port = int(port_attr)
+        if not 0 < port < 65536:
+            fail(el, f"port {port} is out of range 1..65535", "port")
+    tls_attr = get("tls")
+    return BackupServer(
+        transport=transport,
+        name=get("name"),
+        port=port,
+        socket=get("socket"),
+        fdgroup=get("fdgroup"),
+        tls=_YES_NO[tls_attr] if tls_attr is not None else None,
+    )
+
+
+def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
+    get = el.get
+    name = get("name", "")
+    backup_attr = get("backup")
+    if backup_attr == "no":  # libvirt ignores every other setting of an excluded disk
+        return BackupDisk(name=name, backup=False)
+    if not pull:
+        for attr in ("exportname", "exportbitmap"):
+            if get(attr) is not None:
+                fail(el, "only a pull mode backup exports disks", attr)
+    type_attr = get("type")
+    store_type = StoreType(type_attr) if type_attr is not None else None
+    mode_attr = get("backupmode")
+    backupmode = DiskBackupMode(mode_attr) if mode_attr is not None else None
+    incremental = get("incremental")
+    if backupmode is DiskBackupMode.FULL and incremental is not None:
+        fail(el, "a disk with backupmode='full' takes no checkpoint", "incremental")
+    index_attr = get("index")
+    driver: str | None = None
+    store: BackupStore | None = None
+    for child in el.iterchildren(_ELEMENT):
+        if child.tag == "driver":
+            driver = child.get("type")
+            if pull and driver != "qcow2":
+                fail(child, f"pull mode backup for disk '{name}' requires qcow2 driver", "type")
+        else:
+            want = "scratch" if pull else "target"
+            if child.tag != want:
+                fail(
+                    child,
+                    f"a {'pull' if pull else 'push'} mode backup writes to "
+                    f"<{want}>, not <{child.tag}>",
+                )
+            store = _parse_store(child, store_type or StoreType.FILE)
+    if store is not None and driver is not None:
+        store = attrs.evolve(store, format=driver)
+        driver = None
+    try:
+        return BackupDisk(
+            name=name,
+            backup=True if backup_attr == "yes" else None,
+            type=store_type,
+            backupmode=backupmode,
+            incremental=incremental,
+            exportname=get("exportname"),
+            exportbitmap=get("exportbitmap"),
+            store=store,
+            driver=driver,
+            index=int(index_attr) if index_attr is not None else None,
+        )
+    except ValueError as exc:
+        fail(el, str(exc))
+
+
+def _parse_store(el: etree._Element, store_type: StoreType) -> BackupStore:
+    want, other = ("dev", "file") if store_type is StoreType.BLOCK else ("file", "dev")
+    path = el.get(want)
+    if path is None:
+        fail(el, f"a disk of type '{store_type}' names its {el.tag} with '{want}'", other)
+    seclabels: list[SecLabel] = []
+    encryption: Encryption | None = None
+    for child in el.iterchildren(_ELEMENT):
+        if child.tag == "seclabel":
+            seclabels.append(_parse_seclabel(child))
+        else:
+            encryption = _parse_encryption(child)
+    return BackupStore(path=path, seclabels=tuple(seclabels), encryption=encryption)
+
+
+def _parse_seclabel(el: etree._Element) -> SecLabel:
+    label_el = el.find("label")
+    relabel = el.get("relabel")
+    try:
+        return SecLabel(
+            model=el.get("model"),
+            relabel=relabel != "no",
+            labelskip=el.get("labelskip") == "yes",
+            label=label_el.text if label_el is not None else None,
+        )
+    except ValueError as exc:
+        fail(el, str(exc))
+
+
+def _parse_encryption(el: etree._Element) -> Encryption:
+    secret_el = el.find("secret")
+    cipher_el = el.find("cipher")
+    ivgen_el = el.find("ivgen")
+    assert secret_el is not None  # the schema requires it
+    secret_uuid = secret_el.get("uuid")
+    try:
+        secret = EncryptionSecret(
+            uuid=uuid.UUID(secret_uuid) if secret_uuid is not None else None,
+            usage=secret_el.get("usage"),
+        )
+        return Encryption(
+            secret=secret,
+            format=EncryptionFormat(el.get("format", "luks")),
+            engine=el.get("engine"),
+            cipher=None
+            if cipher_el is None
+            else EncryptionCipher(
+                name=cipher_el.get("name", ""),
+                size=int(cipher_el.get("size", "0")),
+                mode=cipher_el.get("mode"),
+                hash=cipher_el.get("hash"),
+            ),
+            ivgen=None
+            if ivgen_el is None
+            else EncryptionIvgen(name=ivgen_el.get("name", ""), hash=ivgen_el.get("hash")),
+        )
+    except ValueError as exc:
+        fail(el, str(exc))
+
+
+# --- format --------------------------------------------------------------------------
+
+
+def _sub(parent: etree._Element, tag: str, **attributes: str | None) -> etree._Element:
+    el = etree.SubElement(parent, tag)
+    for key, value in attributes.items():
+        if value is not None:
+            el.set(key, value)
+    return el
+
+
+def _yes_no(value: bool | None) -> str | None:
+    return None if value is None else ("yes" if value else "no")
+
+
+def build_backup_element(defn: BackupDef, parent: etree._Element | None = None) -> etree._Element:
+    """BackupDef -> ``<domainbackup>`` element (appended to ``parent`` if given)."""
+    el = (
+        etree.Element("domainbackup")
+        if parent is None
+        else etree.SubElement(parent, "domainbackup")
+    )
+    if defn.mode is not None:
+        el.set("mode", str(defn.mode))
+    pull = defn.effective_mode is BackupMode.PULL
+    if defn.incremental is not None:
+        etree.SubElement(el, "incremental").text = defn.incremental
+    if defn.server is not None:
+        if not pull:
+            raise XMLError("<server>: use of <server> requires pull mode backup")
+        s = defn.server
+        _sub(
+            el,
+            "server",
+            transport=s.transport and str(s.transport),
+            tls=_yes_no(s.tls),
+            name=s.name,
+            port=None if s.port is None else str(s.port),
+            socket=s.socket,
+            fdgroup=s.fdgroup,
+        )
+    if defn.disks:
+        disks = etree.SubElement(el, "disks")
+        for disk in defn.disks:
+            _format_disk(disks, disk, pull)
+    return el
+
+
+def _format_disk(parent: etree._Element, disk: BackupDisk, pull: bool) -> None:
+    el = _sub(parent, "disk", name=disk.name, backup=_yes_no(disk.backup))
+    if disk.backup is False:
+        return
+    for key, value in (
+        ("type", disk.type and str(disk.type)),
+        ("backupmode", disk.backupmode and str(disk.backupmode)),
+        ("incremental", disk.incremental),
+        ("exportname", disk.exportname),
+        ("exportbitmap", disk.exportbitmap),
+        ("index", None if disk.index is None else str(disk.index)),
+    ):
+        if value is not None:
+            el.set(key, value)
+    store = disk.store
+    driver = store.format if store is not None else disk.driver
+    if driver is not None:
+        _sub(el, "driver", type=driver)
+    if store is None:
+        return
+    block = disk.type is StoreType.BLOCK
+    store_el = _sub(el, "scratch" if pull else "target", **{"dev" if block else "file": store.path})
+    for label in store.seclabels:
+        sl = _sub(store_el, "seclabel", model=label.model)
+        if label.labelskip:
+            sl.set("labelskip", "yes")
+        else:
+            sl.set("relabel", "yes" if label.relabel else "no")
+        if label.label is not None:
+            etree.SubElement(sl, "label").text = label.label
+    enc = store.encryption
+    if enc is not None:
+        enc_el = _sub(store_el, "encryption", format=str(enc.format), engine=enc.engine)
+        _sub(
+            enc_el,
+            "secret",
+            type="passphrase",
+            uuid=None if enc.secret.uuid is None else str(enc.secret.uuid),
+            usage=enc.secret.usage,
+        )
+        if enc.cipher is not None:
+            _sub(
+                enc_el,
+                "cipher",
+                name=enc.cipher.name,
+                size=str(enc.cipher.size),
+                mode=enc.cipher.mode,
+                hash=enc.cipher.hash,
+            )
+        if enc.ivgen is not None:
+            _sub(enc_el, "ivgen", name=enc.ivgen.name, hash=enc.ivgen.hash)
+
+
+# --- align ---------------------------------------------------------------------------
+
+
+def align_backup(spec: BackupDef, disks: Mapping[str, str], suffix: str) -> BackupDef:
+    """libvirt's virDomainBackupAlignDisks against a domain whose disks are ``disks``
+    (name -> source path, in domain order).
+
+    Listed disks must exist and are completed (backup='yes', type file, backupmode and
+    incremental from the top level, target/scratch ``<source>.<suffix>``); the domain's
+    other disks follow as backup='no' — or, when the backup lists no disk at all, are all
+    backed up. Raises InvalidArgument for a disk the domain does not have.
+    """
+    if not disks:
+        raise InvalidArgument("domain must have at least one disk to perform backup")
+    listed: set[str] = set()
+    for disk in spec.disks:
+        if disk.name not in disks:
+            raise InvalidArgument(f"no disk named '{disk.name}' in the domain")
+        if disk.name in listed:
+            raise InvalidArgument(f"disk '{disk.name}' specified twice")
+        listed.add(disk.name)
+    backup_all = not spec.disks
+    out: list[BackupDisk] = []
+    for disk in spec.disks:
+        out.append(
+            _align_disk(spec, disk, disks[disk.name], suffix) if disk.backup is not False else disk
+        )
+    for name, source in disks.items():
+        if name in listed:
+            continue
+        out.append(
+            _align_disk(spec, BackupDisk(name=name), source, suffix)
+            if backup_all
+            else BackupDisk(name=name, backup=False)
+        )
+    server = spec.server
+    if server is not None and server.transport is None:
+        server = attrs.evolve(server, transport=ServerTransport.TCP)
+    return attrs.evolve(spec, mode=spec.effective_mode, server=server, disks=tuple(out))
+
+
+def _align_disk(spec: BackupDef, disk: BackupDisk, source: str, suffix: str) -> BackupDisk:
+    incremental = disk.incremental
+    mode = disk.backupmode
+    if mode is None:
+        mode = (
+            DiskBackupMode.INCREMENTAL if spec.incremental or incremental else DiskBackupMode.FULL
+        )
+    if mode is DiskBackupMode.INCREMENTAL and incremental is None:
+        incremental = spec.incremental
+        if incremental is None:
+            raise InvalidArgument(
+                f"'incremental' backup mode of disk '{disk.name}' "
+                "requires setting 'incremental' field for disk or backup"
+            )
+    store = disk.store
+    store_type = disk.type or StoreType.FILE
+    if store is None:
+        if store_type is StoreType.BLOCK:
+            raise InvalidArgument(f"refusing to generate a file name for block disk '{disk.name}'")
+        store = BackupStore(path=f"{source}.{suffix}", format=disk.driver)
+    return attrs.evolve(
+        disk,
+        backup=True,
+        type=store_type,
+        backupmode=mode,
+        incremental=incremental,
+        store=store,
+        driver=None,
+    )

@@ -1,0 +1,182 @@
+"""The XML codecs of the four built-in job types (see jobcore.registry.XMLCodec).
+
+Each codec's ``schema`` is its ``job-TYPE`` RelaxNG define (plus, for backup, the
+``<domainbackup>`` and ``<domaincheckpoint>`` defines), taken from the packaged files.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from attrs import define
+from lxml import etree
+
+from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, JobOptions, MigrationSpec
+from jobcore.xml import _schema
+from jobcore.xml._parse import fail
+from jobcore.xml.backup import build_backup_element, parse_backup_element
+from jobcore.xml.checkpoint import build_checkpoint_element, parse_checkpoint_element
+from jobcore.xml.job import (
+    build_bandwidth,
+    build_chain_ref,
+    parse_bandwidth,
+    parse_chain_ref,
+)
+
+_ELEMENT = etree.Element
+
+
+def _flag(parent: etree._Element, tag: str, on: bool) -> None:
+    if on:
+        etree.SubElement(parent, tag)
+
+
+def _checked(job: etree._Element, spec_class: type[Any], **values: Any) -> Any:
+    try:
+        return spec_class(**values)
+    except (ValueError, TypeError) as exc:
+        fail(job, str(exc))
+
+
+@define
+class BackupCodec:
+    schema: str
+
+    def parse(
+        self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
+    ) -> BackupJobSpec:
+        backup_el = job.find("domainbackup")
+        checkpoint_el = job.find("domaincheckpoint")
+        backup = parse_backup_element(backup_el) if backup_el is not None else None
+        checkpoint = parse_checkpoint_element(checkpoint_el) if checkpoint_el is not None else None
+        spec: BackupJobSpec = _checked(
+            job,
+            BackupJobSpec,
+            checkpoint=checkpoint,
+            uuid=uuid,
+            options=options,
+            **({"backup": backup} if backup is not None else {}),
+        )
+        return spec
+
+    def format(self, spec: Any, job: etree._Element) -> None:
+        assert isinstance(spec, BackupJobSpec)
+        build_backup_element(spec.backup, job)
+        if spec.checkpoint is not None:
+            build_checkpoint_element(spec.checkpoint, job)
+
+
+@define
+class BlockPullCodec:
+    schema: str
+
+    def parse(
+        self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
+    ) -> BlockPullSpec:
+        values: dict[str, Any] = {}
+        for child in job.iterchildren(_ELEMENT):
+            tag = child.tag
+            if tag == "disk":
+                values["disk"] = child.get("name")
+            elif tag in ("base", "top"):
+                values[tag] = parse_chain_ref(child)
+            elif tag == "bandwidth":
+                values["bandwidth"] = parse_bandwidth(child)
+        spec: BlockPullSpec = _checked(job, BlockPullSpec, uuid=uuid, options=options, **values)
+        return spec
+
+    def format(self, spec: Any, job: etree._Element) -> None:
+        assert isinstance(spec, BlockPullSpec)
+        etree.SubElement(job, "disk").set("name", spec.disk)
+        if spec.base is not None:
+            build_chain_ref(job, "base", spec.base)
+        if spec.top is not None:
+            build_chain_ref(job, "top", spec.top)
+        if spec.bandwidth is not None:
+            build_bandwidth(job, spec.bandwidth)
+
+
+@define
+class BlockCommitCodec:
+    schema: str
+
+    def parse(
+        self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
+    ) -> BlockCommitSpec:
+        values: dict[str, Any] = {}
+        for child in job.iterchildren(_ELEMENT):
+            tag = child.tag
+            if tag == "disk":
+                values["disk"] = child.get("name")
+            elif tag in ("base", "top"):
+                values[tag] = parse_chain_ref(child)
+            elif tag in ("pivot", "delete", "shallow"):
+                values[tag] = True
+            elif tag == "bandwidth":
+                values["bandwidth"] = parse_bandwidth(child)
+        spec: BlockCommitSpec = _checked(job, BlockCommitSpec, uuid=uuid, options=options, **values)
+        return spec
+
+    def format(self, spec: Any, job: etree._Element) -> None:
+        assert isinstance(spec, BlockCommitSpec)
+        etree.SubElement(job, "disk").set("name", spec.disk)
+        if spec.top is not None:
+            build_chain_ref(job, "top", spec.top)
+        if spec.base is not None:
+            build_chain_ref(job, "base", spec.base)
+        _flag(job, "pivot", spec.pivot)
+        _flag(job, "delete", spec.delete)
+        _flag(job, "shallow", spec.shallow)
+        if spec.bandwidth is not None:
+            build_bandwidth(job, spec.bandwidth)
+
+
+@define
+class MigrationCodec:
+    schema: str
+
+    def parse(
+        self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
+    ) -> MigrationSpec:
+        values: dict[str, Any] = {}
+        for child in job.iterchildren(_ELEMENT):
+            tag = child.tag
+            if tag == "destination":
+                values["destination"] = child.get("uri")
+            elif tag in ("live", "postcopy", "persistent"):
+                values[tag] = True
+            elif tag == "undefine-source":
+                values["undefine_source"] = True
+            elif tag == "bandwidth":
+                values["bandwidth"] = parse_bandwidth(child)
+            elif tag == "downtime-limit":
+                factor = 1000 if child.get("unit") == "s" else 1
+                values["downtime_limit"] = int(child.text or "") * factor
+        spec: MigrationSpec = _checked(job, MigrationSpec, uuid=uuid, options=options, **values)
+        return spec
+
+    def format(self, spec: Any, job: etree._Element) -> None:
+        assert isinstance(spec, MigrationSpec)
+        etree.SubElement(job, "destination").set("uri", spec.destination)
+        _flag(job, "live", spec.live)
+        _flag(job, "postcopy", spec.postcopy)
+        _flag(job, "persistent", spec.persistent)
+        _flag(job, "undefine-source", spec.undefine_source)
+        if spec.bandwidth is not None:
+            build_bandwidth(job, spec.bandwidth)
+        if spec.downtime_limit is not None:
+            limit = etree.SubElement(job, "downtime-limit")
+            limit.set("unit", "ms")
+            limit.text = str(spec.downtime_limit)
+
+
+BACKUP_CODEC = BackupCodec(
+    _schema.defines_text("jobtypes.rng", only=("job-backup",))
+    + _schema.defines_text("backup.rng", "checkpoint.rng")
+)
+BLOCKPULL_CODEC = BlockPullCodec(_schema.defines_text("jobtypes.rng", only=("job-blockpull",)))
+BLOCKCOMMIT_CODEC = BlockCommitCodec(
+    _schema.defines_text("jobtypes.rng", only=("job-blockcommit",))
+)
+MIGRATION_CODEC = MigrationCodec(_schema.defines_text("jobtypes.rng", only=("job-migration",)))

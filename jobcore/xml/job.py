@@ -1,0 +1,285 @@
+"""The universal ``<job type='…'>`` document, and the standalone backup/checkpoint ones.
+
+``parse_job`` reads the type, looks it up in ``jobcore.registry.registry``, validates the
+document once against that type's compiled grammar (common children interleaved with the
+type's ``job-TYPE`` define; compiled per thread and rebuilt when the type's registration
+changes), parses the common children (uuid, queue, priority, retention) and hands the
+element to the type's codec.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from lxml import etree
+
+from jobcore.backup import BackupDef, CheckpointDef
+from jobcore.errors import JobError, XMLError
+from jobcore.registry import JobTypeInfo, registry
+from jobcore.spec import ChainRef, JobOptions
+from jobcore.xml import _schema
+from jobcore.xml._parse import fail, parse_document, validate
+from jobcore.xml._write import serialize
+from jobcore.xml.backup import build_backup_element, parse_backup_element
+from jobcore.xml.checkpoint import build_checkpoint_element, parse_checkpoint_element
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+#: children of <job> that jobcore.xml parses itself, whatever the type
+COMMON_CHILDREN = frozenset({"uuid", "queue", "priority", "retention"})
+
+#: bandwidth units -> bytes/s multiplier
+BANDWIDTH_UNITS = {"bytes/s": 1, "B/s": 1, "KiB/s": 1 << 10, "MiB/s": 1 << 20, "GiB/s": 1 << 30}
+_FORMAT_UNITS = (("GiB/s", 1 << 30), ("MiB/s", 1 << 20), ("KiB/s", 1 << 10))
+MAX_ULLONG = (1 << 64) - 1
+
+
+# --- standalone documents --------------------------------------------------------------
+
+
+def parse_backup(doc: str | bytes) -> BackupDef:
+    """A ``<domainbackup>`` document -> BackupDef (nothing aligned: see align_backup)."""
+    return _guarded(_parse_backup, doc)
+
+
+def _parse_backup(doc: str | bytes) -> BackupDef:
+    el = parse_document(doc, "domainbackup")
+    validate(_schema.document_schema("domainbackup", ("backup.rng",)), el, "domainbackup")
+    return parse_backup_element(el)
+
+
+def format_backup(defn: BackupDef) -> str:
+    return _guarded(lambda d: serialize(build_backup_element(d)), defn)
+
+
+def parse_checkpoint(doc: str | bytes) -> CheckpointDef:
+    """A ``<domaincheckpoint>`` document (creation or redefinition) -> CheckpointDef."""
+    return _guarded(_parse_checkpoint, doc)
+
+
+def _parse_checkpoint(doc: str | bytes) -> CheckpointDef:
+    el = parse_document(doc, "domaincheckpoint")
+    validate(
+        _schema.document_schema("domaincheckpoint", ("checkpoint.rng",)), el, "domaincheckpoint"
+    )
+    return parse_checkpoint_element(el)
+
+
+def format_checkpoint(defn: CheckpointDef) -> str:
+    return _guarded(lambda d: serialize(build_checkpoint_element(d)), defn)
+
+
+def _guarded(fn: Callable[[_A], _R], arg: _A) -> _R:
+    """Run ``fn(arg)``; anything but an XMLError becomes one (nothing else escapes)."""
+    try:
+        return fn(arg)
+    except XMLError:
+        raise
+    except JobError as exc:
+        raise XMLError(str(exc)) from None
+    except (
+        ValueError,
+        TypeError,
+        LookupError,
+        UnicodeError,
+        AttributeError,
+        AssertionError,
+        RecursionError,
+        MemoryError,
+        etree.LxmlError,
+    ) as exc:
+        raise XMLError(f"refused: {type(exc).__name__}: {exc}") from None
+
+
+# --- the <job> grammar -----------------------------------------------------------------
+
+_local = threading.local()
+
+
+def job_schema(info: JobTypeInfo) -> _schema.Schema:
+    """The compiled grammar of ``<job type='TYPE'>``, cached per thread and per
+    registration (a re-registered type gets a new grammar)."""
+    cache: dict[str, tuple[object, str, _schema.Schema]] | None = getattr(_local, "jobs", None)
+    if cache is None:
+        cache = _local.jobs = {}
+    name = str(info.type)
+    hit = cache.get(name)
+    schema_text = info.codec.schema
+    if hit is not None and hit[0] is info.codec and hit[1] == schema_text:
+        return hit[2]
+    rng = _schema.RNG_NS
+    start = etree.fromstring(
+        f"<element xmlns='{rng}' name='job'><interleave><ref name='job-common'/><group>"
+        f"<attribute name='type'><value>{name}</value></attribute>"
+        f"<ref name='job-{name}'/></group></interleave></element>".encode()
+    )
+    compiled = _schema.compose(
+        start, [*_schema.base_defines(), *_schema.fragment_defines(schema_text)]
+    )
+    cache[name] = (info.codec, schema_text, compiled)
+    return compiled
+
+
+# --- common children -------------------------------------------------------------------
+
+
+def parse_seconds(el: etree._Element, attr: str) -> float:
+    value = float(el.get(attr, ""))
+    if not math.isfinite(value):
+        fail(el, "must be a finite number of seconds", attr)
+    return value
+
+
+def format_seconds(value: float) -> str:
+    """Shortest text that reads back as the same float: '30', '2.5', '1e-05'."""
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
+    job_uuid = None
+    queue = False
+    timeout = retention = None
+    priority = 0
+    for child in job.iterchildren(*COMMON_CHILDREN):
+        tag = child.tag
+        if tag == "uuid":
+            try:
+                job_uuid = uuid.UUID((child.text or "").strip())
+            except ValueError:
+                fail(child, f"'{child.text}' is not a UUID")
+        elif tag == "queue":
+            queue = True
+            if child.get("timeout") is not None:
+                timeout = parse_seconds(child, "timeout")
+        elif tag == "priority":
+            priority = int(child.text or "")
+        else:
+            retention = parse_seconds(child, "seconds")
+    try:
+        options = JobOptions(
+            queue=queue, queue_timeout=timeout, priority=priority, retention=retention
+        )
+    except ValueError as exc:
+        fail(job, str(exc))
+    return job_uuid, options
+
+
+def _format_common(job: etree._Element, spec_uuid: uuid.UUID | None, options: JobOptions) -> None:
+    if spec_uuid is not None:
+        etree.SubElement(job, "uuid").text = str(spec_uuid)
+    if options.queue:
+        q = etree.SubElement(job, "queue")
+        if options.queue_timeout is not None:
+            q.set("timeout", format_seconds(options.queue_timeout))
+    elif options.queue_timeout is not None:
+        raise XMLError("<queue>: a queue timeout needs queue=True")
+    if options.priority != 0:
+        etree.SubElement(job, "priority").text = str(options.priority)
+    if options.retention is not None:
+        etree.SubElement(job, "retention").set("seconds", format_seconds(options.retention))
+
+
+# --- helpers for type codecs -------------------------------------------------------------
+
+
+def parse_bandwidth(el: etree._Element) -> int:
+    """``<bandwidth unit='…'>N</bandwidth>`` -> bytes/s."""
+    value = int(el.text or "") * BANDWIDTH_UNITS[el.get("unit", "bytes/s")]
+    if value > MAX_ULLONG:
+        fail(el, f"{value} bytes/s is too large")
+    return value
+
+
+def build_bandwidth(parent: etree._Element, value: int, tag: str = "bandwidth") -> None:
+    """bytes/s -> ``<bandwidth>`` in the largest unit that holds it exactly."""
+    unit = "bytes/s"
+    number = value
+    for name, factor in _FORMAT_UNITS:
+        if value and value % factor == 0:
+            unit, number = name, value // factor
+            break
+    el = etree.SubElement(parent, tag)
+    el.set("unit", unit)
+    el.text = str(number)
+
+
+def parse_chain_ref(el: etree._Element) -> ChainRef:
+    index = el.get("index")
+    return ChainRef(index=int(index)) if index is not None else ChainRef(file=el.get("file"))
+
+
+def build_chain_ref(parent: etree._Element, tag: str, ref: ChainRef) -> None:
+    el = etree.SubElement(parent, tag)
+    if ref.index is not None:
+        el.set("index", str(ref.index))
+    else:
+        el.set("file", ref.file or "")
+
+
+# --- <job> ---------------------------------------------------------------------------------
+
+
+def parse_job(doc: str | bytes) -> Any:
+    """A ``<job type='…'>`` document -> the type's spec (e.g. BackupJobSpec)."""
+    return _guarded(_parse_job, doc)
+
+
+def _parse_job(doc: str | bytes) -> Any:
+    job = parse_document(doc, "job")
+    type_name = job.get("type")
+    if type_name is None:
+        fail(job, "the job type is missing", "type")
+    try:
+        info = registry.get(type_name)
+    except JobError:
+        fail(job, f"unknown job type '{type_name}'", "type")
+    validate(job_schema(info), job, "job")
+    job_uuid, options = _parse_common(job)
+    return info.codec.parse(job, job_uuid, options)
+
+
+def format_job(spec: Any) -> str:
+    """A spec -> its canonical ``<job>`` document."""
+    return _guarded(_format_job, spec)
+
+
+def _format_job(spec: Any) -> str:
+    try:
+        info = registry.for_spec(spec)
+    except JobError:
+        raise XMLError(f"<job>: no job type is registered for {type(spec).__name__}") from None
+    job = etree.Element("job")
+    job.set("type", str(info.type))
+    _format_common(job, spec.uuid, spec.options)
+    info.codec.format(spec, job)
+    return serialize(job)
+
+
+__all__ = [
+    "BANDWIDTH_UNITS",
+    "COMMON_CHILDREN",
+    "build_backup_element",
+    "build_bandwidth",
+    "build_chain_ref",
+    "build_checkpoint_element",
+    "format_backup",
+    "format_checkpoint",
+    "format_job",
+    "format_seconds",
+    "job_schema",
+    "parse_backup",
+    "parse_backup_element",
+    "parse_bandwidth",
+    "parse_chain_ref",
+    "parse_checkpoint",
+    "parse_checkpoint_element",
+    "parse_job",
+    "parse_seconds",
+]
