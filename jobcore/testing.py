@@ -38,7 +38,14 @@ from hypothesis.stateful import (
 
 from jobcore import constants as C
 from jobcore.api import LEGACY_DOMAIN_JOB_UUID
-from jobcore.errors import DriverError, InvalidArgument, JobConflict, NoSuchJob, OperationInvalid
+from jobcore.errors import (
+    DriverError,
+    InvalidArgument,
+    JobConflict,
+    NoSuchJob,
+    OperationInvalid,
+    Unsupported,
+)
 from jobcore.events import EventKind, JobEvent, Subscription
 from jobcore.facade import BlockingConnection, BlockingDomain, BlockingJob
 from jobcore.facade import JobBegin as _JobBegin
@@ -265,7 +272,7 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             if exc.state is not None and exc.verb == str(verb):
                 assert JobState(exc.state) not in VERBS[verb], \
                     f"{verb} refused in {exc.state}, which accepts it"
-        except DriverError:
+        except (DriverError, Unsupported):
             pass  # the hypervisor refused: the engine rolled back or failed the job
         self._drain_events()
 
@@ -375,7 +382,7 @@ class JobLifecycleMachine(RuleBasedStateMachine):
                 break
             for seen in live:
                 assert seen.job is not None
-                with contextlib.suppress(OperationInvalid, DriverError):
+                with contextlib.suppress(OperationInvalid, DriverError, Unsupported):
                     JobAbort(seen.job)
             self.advance(30.0)
             for seen in live:
