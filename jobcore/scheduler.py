@@ -80,6 +80,14 @@ def migration_claims(spec: MigrationSpec, dom: DomainInfo) -> tuple[Claim, ...]:
     return (Claim(domain_resource(dom.name), Mode.DOMAIN_EXCLUSIVE),)
 
 
+@frozen
+class Conflict:
+    holder: uuid.UUID
+    mode: Mode  # the holder's (or earlier waiter's) mode
+    claim: Claim  # the claim it blocks
+    waiting: bool  # the blocker is queued, not holding
+
+
 @define(eq=False)
 class Ticket:
     """A job's claims, as held or waited on in the scheduler."""
@@ -101,19 +109,20 @@ class _Resource:
     #: (order, seq-unique ticket, mode), kept sorted: the FIFO queue of this resource
     waiters: list[tuple[tuple[int, int], Ticket, Mode]] = field(factory=list)
 
-    def conflicting_holder(self, mode: Mode) -> uuid.UUID | None:
+    def conflicting_holder(self, mode: Mode) -> tuple[uuid.UUID, Mode] | None:
         for other in CONFLICTS[mode]:
             held = self.holders.get(other)
             if held:
-                return next(iter(held))
+                return next(iter(held)), other
         return None
 
-    def earlier_conflicting_waiter(self, mode: Mode, ticket: Ticket) -> uuid.UUID | None:
+    def earlier_conflicting_waiter(self, mode: Mode,
+                                   ticket: Ticket) -> tuple[uuid.UUID, Mode] | None:
         for order, waiter, wmode in self.waiters:
             if order >= ticket.order:
                 break
             if wmode in CONFLICTS[mode]:
-                return waiter.job
+                return waiter.job, wmode
         return None
 
     def remove_waiter(self, ticket: Ticket) -> None:
@@ -139,29 +148,30 @@ class Scheduler:
     def ticket(self, job: uuid.UUID, claims: tuple[Claim, ...], priority: int = 0) -> Ticket:
         return Ticket(job, claims, priority, next(self._seq))
 
-    def conflict(self, ticket: Ticket) -> tuple[uuid.UUID, Claim] | None:
-        """The first holder or earlier waiter that keeps ``ticket`` out, if any."""
+    def conflict(self, ticket: Ticket) -> Conflict | None:
+        """The first holder, or earlier waiter, that keeps ``ticket`` out, if any."""
         for claim in ticket.claims:
             res = self._resources.get(claim.resource)
             if res is None:
                 continue
-            holder = res.conflicting_holder(claim.mode)
-            if holder is None:
-                holder = res.earlier_conflicting_waiter(claim.mode, ticket)
-            if holder is not None and holder != ticket.job:
-                return holder, claim
+            found = res.conflicting_holder(claim.mode)
+            waiting = found is None
+            if found is None:
+                found = res.earlier_conflicting_waiter(claim.mode, ticket)
+            if found is not None and found[0] != ticket.job:
+                return Conflict(found[0], found[1], claim, waiting)
         return None
 
     def try_admit(self, ticket: Ticket) -> None:
         """Admit now or raise JobConflict naming the holder and the resource."""
         found = self.conflict(ticket)
         if found is not None:
-            holder, claim = found
+            role = "queued before it for" if found.waiting else "holding"
             raise JobConflict(
-                f"job conflicts with job '{holder}' holding '{claim.resource}'"
-                f" ({', '.join(sorted(m.value for m in CONFLICTS[claim.mode]))}"
-                f" excludes {claim.mode.value})",
-                holder=holder, resource=claim.resource)
+                f"job '{ticket.job}' conflicts with job '{found.holder}' {role} "
+                f"'{found.claim.resource}' ({found.mode.value} excludes "
+                f"{found.claim.mode.value})",
+                holder=found.holder, resource=found.claim.resource)
         self._hold(ticket)
 
     def admit_or_enqueue(self, ticket: Ticket) -> bool:
