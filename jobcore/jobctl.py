@@ -101,12 +101,9 @@ def _classify(exc: BaseException) -> tuple[ExitCode, str]:
 def _leaf(exc: BaseException) -> BaseException:
     """The one real error inside (nested) exception groups from task groups."""
     while isinstance(exc, BaseExceptionGroup):
-        real = [
-            e
-            for e in exc.exceptions
-            if not isinstance(e, anyio.get_cancelled_exc_class() | KeyboardInterrupt)
-        ]
-        exc = (real or list(exc.exceptions))[0]
+        inner: list[BaseException] = list(exc.exceptions)
+        real = [e for e in inner if isinstance(e, Exception)]
+        exc = (real or inner)[0]
     return exc
 
 
@@ -155,7 +152,7 @@ def run(ctx: Ctx, body: Callable[[Connection], Awaitable[int | None]]) -> NoRetu
         status, message = _classify(leaf)
         if status is ExitCode.UNREACHABLE and "cannot reach" in message:
             message += " (is jobd running? start it with 'jobctl daemon')"
-        ctx.err.print(f"jobctl: error: {message}", markup=False, highlight=False, soft_wrap=True)
+        click.echo(f"jobctl: error: {message}", err=True)
         sys.exit(status)
     sys.exit(code or 0)
 
@@ -561,10 +558,10 @@ def begin(domain: str, file: Any, wait_: bool, timeout: float | None, queue: boo
         if not (wait_ or ctx.embedded):
             return ExitCode.OK
         if ctx.embedded and not wait_:
-            ctx.err.print(
+            click.echo(
                 f"jobctl: no jobd: the job runs on the embedded {EMBEDDED_URI} and "
                 "lives only as long as this command, so waiting for it",
-                markup=False,
+                err=True,
             )
         final = await follow(ctx, conn, job, timeout)
         _report_final(final)
@@ -756,10 +753,10 @@ def events(
     """Stream job events (one line, or JSON object, per event) until Ctrl-C."""
     ctx = _ctx()
     if ctx.embedded:
-        ctx.err.print(
+        click.echo(
             f"jobctl: note: on the embedded {EMBEDDED_URI} no other command's jobs "
             "are visible; start jobd to watch them",
-            markup=False,
+            err=True,
         )
 
     async def body(conn: Connection) -> None:

@@ -135,7 +135,10 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
     try:
         config = DaemonConfig()
         if "run_dir" in values:
-            config = _evolve(config, run_dir=Path(_typed(values, "run_dir", str)))
+            run_dir = values["run_dir"]
+            if not isinstance(run_dir, str | Path):
+                raise ConfigError("run_dir must be a string")
+            config = _evolve(config, run_dir=Path(run_dir))
         if "allowed_uids" in values:
             uids = values["allowed_uids"]
             if not isinstance(uids, list | tuple | frozenset) or not all(
@@ -377,7 +380,7 @@ class Daemon:
         self._client_ids = 0
         self._clients = 0
         self.drivers: DriverConnections | None = None
-        self._serving = anyio.CancelScope()
+        self._serving: anyio.CancelScope | None = None
 
     @property
     def rw_path(self) -> Path:
@@ -389,7 +392,8 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop accepting and close every client; driver connections then close."""
-        self._serving.cancel()
+        if self._serving is not None:
+            self._serving.cancel()
 
     async def run(
         self,
@@ -405,6 +409,7 @@ class Daemon:
             async with anyio.create_task_group() as drivers_tg:
                 self.drivers = DriverConnections(drivers_tg, cfg.retention)
                 try:
+                    self._serving = anyio.CancelScope()
                     with self._serving:
                         await self._serve(task_status, handle_signals)
                 finally:

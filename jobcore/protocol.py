@@ -268,9 +268,7 @@ def _wire_arg(value: ArgValue) -> Wire:
 def decode_message(body: bytes) -> Message:
     """A typed message from a frame body; BadRequest if it is not one."""
     try:
-        raw = msgpack.unpackb(
-            body, raw=False, strict_map_key=True, use_list=True, max_buffer_size=MAX_FRAME
-        )
+        raw = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise BadRequest(f"frame body is not msgpack: {type(exc).__name__}") from None
     if not isinstance(raw, list) or len(raw) < 2 or not _is_int(raw[0]) or not _is_int(raw[1]):

@@ -224,12 +224,13 @@ class _Session:
                 pending.error = raise_error(msg)
                 pending.done.set()
             elif msg.id in self._hubs:
-                _log.warning("subscription refused", error=msg.error, message=msg.message)
+                _log.debug("subscription refused", error=msg.error, message=msg.message)
                 self._hubs[msg.id].close()
             else:
-                _log.warning("jobd reported an error", error=msg.error, message=msg.message)
                 if msg.id == 0:  # not tied to a request: the daemon is dropping us
                     self.lose(raise_error(msg))
+                else:
+                    _log.debug("error for a request nobody waits for", error=msg.error)
         elif isinstance(msg, EventPush):
             hub = self._hubs.get(msg.sub_id)
             if hub is not None:
@@ -520,11 +521,15 @@ async def connect_remote(
             hello = await session.call_as(
                 decode_server_hello, Method.HELLO, PROTOCOL_VERSION, parsed.without_transport()
             )
+            conn = RemoteConnection(
+                str(parsed), session, readonly=hello.readonly, driver_uri=hello.uri
+            )
+        except Exception as exc:  # raised as is below, not wrapped by the task group
+            body_error = exc
+        else:
             try:
-                yield RemoteConnection(
-                    str(parsed), session, readonly=hello.readonly, driver_uri=hello.uri
-                )
-            except Exception as exc:  # re-raised as is, not wrapped by the task group
+                yield conn
+            except Exception as exc:
                 body_error = exc
         finally:
             session.close()
