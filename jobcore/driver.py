@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from attrs import field, frozen
+from attrs import frozen
 
 from jobcore.spec import JobType
 
@@ -32,7 +32,7 @@ class DiskInfo:
     """One disk of a domain: its target name and backing chain (index 0 = active layer)."""
 
     name: str
-    chain: tuple[str, ...] = field(converter=tuple)  # file paths, active layer first
+    chain: tuple[str, ...]  # file paths, active layer first
     format: str = "qcow2"
     virtual_size: int = 0
 
@@ -45,7 +45,7 @@ class DiskInfo:
 class DomainInfo:
     name: str
     uuid: uuid.UUID
-    disks: tuple[DiskInfo, ...] = field(converter=tuple)
+    disks: tuple[DiskInfo, ...]
     memory: int = 0  # bytes
     running: bool = True
 

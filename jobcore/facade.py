@@ -15,7 +15,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -74,7 +74,7 @@ class BlockingConnection:
     def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         if self._portal is None or self._cm is None:
             raise JobError("the connection is closed")
-        return self._portal.call(fn, *args)
+        return cast(T, self._portal.call(fn, *args))
 
     def _stop_loop(self) -> None:
         if self._portal is not None:
@@ -110,7 +110,7 @@ class BlockingConnection:
         """Run a plain function on the event loop's thread (for driver helpers)."""
         if self._portal is None:
             raise JobError("the connection is closed")
-        return self._portal.call(_sync_to_async(fn), *args)
+        return cast(T, self._portal.call(_sync_to_async(fn), *args))
 
     def lookupByName(self, name: str) -> BlockingDomain:
         return BlockingDomain(self, self._call(self.aconn.lookup_domain, name))

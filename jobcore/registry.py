@@ -7,6 +7,7 @@ RelaxNG fragment), how its spec claims resources, and how it shows up in legacy 
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -57,7 +58,7 @@ class XMLCodec(Protocol):
 @frozen
 class JobTypeInfo:
     type: JobType
-    spec_class: type[Any]
+    spec_class: builtins.type[Any]
     codec: XMLCodec
     #: resources a spec of this type needs on a domain (jobcore.scheduler)
     claims: Callable[[Any, DomainInfo], tuple[Claim, ...]]

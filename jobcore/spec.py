@@ -9,7 +9,7 @@ named, chain positions as an index or a file, identities as ``uuid.UUID``.
 from __future__ import annotations
 
 import uuid
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from attrs import field, frozen, validators
 
@@ -40,7 +40,7 @@ JobType.BLOCKCOMMIT = JobType("blockcommit")
 JobType.MIGRATION = JobType("migration")
 
 
-def _non_negative(_inst: object, attribute: object, value: int | float | None) -> None:
+def _non_negative(_inst: object, attribute: object, value: Any) -> None:
     if value is not None and value < 0:
         raise ValueError(f"{getattr(attribute, 'name', '?')} must not be negative")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from attrs import field, frozen
+from attrs import frozen
 
 from jobcore.errors import InvalidURI
 
@@ -17,7 +17,7 @@ class URI:
     transport: str | None  # e.g. 'unix' in 'sim+unix:///default'
     host: str
     path: str  # e.g. '/default', '/session'
-    params: tuple[tuple[str, str], ...] = field(converter=tuple, default=())
+    params: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -55,4 +55,4 @@ def parse_uri(text: str) -> URI:
                                         strict_parsing=bool(parts.query))
     except ValueError:
         raise InvalidURI(f"invalid query in URI '{text}'") from None
-    return URI(driver, transport or None, parts.netloc, parts.path or "/", params)
+    return URI(driver, transport or None, parts.netloc, parts.path or "/", tuple(params))

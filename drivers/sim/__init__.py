@@ -269,13 +269,13 @@ class SimConnection:
         """Bytes of work, whether the job converges to ready, and its initial extra stats."""
         if isinstance(spec, BackupJobSpec):
             total = 0
-            for disk in spec.backup.included_disks():
-                sim_disk = dom.disks[disk.name]
-                incremental = disk.incremental or spec.backup.incremental
-                if incremental is not None and disk.backupmode != "full":
+            for bdisk in spec.backup.included_disks():
+                sim_disk = dom.disks[bdisk.name]
+                incremental = bdisk.incremental or spec.backup.incremental
+                if incremental is not None and bdisk.backupmode != "full":
                     if incremental not in dom.checkpoints:
                         raise DriverError(f"Checkpoint '{incremental}' for incremental "
-                                          f"backup of disk '{disk.name}' not found")
+                                          f"backup of disk '{bdisk.name}' not found")
                     total += sim_disk.virtual_size // INCREMENTAL_FRACTION
                 else:
                     total += sim_disk.virtual_size
@@ -445,9 +445,9 @@ class SimConnection:
             raise DriverError(f"domain '{job.domain}' vanished") from None
         if isinstance(spec, BackupJobSpec):
             if spec.backup.effective_mode is BackupMode.PUSH:
-                for disk in spec.backup.included_disks():
-                    if disk.store is not None:
-                        self.host.files.add(disk.store.path)
+                for bdisk in spec.backup.included_disks():
+                    if bdisk.store is not None:
+                        self.host.files.add(bdisk.store.path)
             if spec.checkpoint is not None and spec.checkpoint.name is not None:
                 dom.checkpoints[spec.checkpoint.name] = tuple(
                     d.name for d in spec.backup.included_disks())
