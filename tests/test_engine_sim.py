@@ -380,3 +380,9 @@ async def test_job_logs_carry_uuid_type_and_domain(
     mine = [e for e in entries if e.get("job") == str(job.uuid)]
     assert {e["event"] for e in mine} >= {"job began", "job ended"}
     assert all(e["type"] == "backup" and e["domain"] == "vm1" for e in mine)
+
+
+async def test_errors_in_the_connection_block_come_out_unwrapped() -> None:
+    with pytest.raises(jobcore.NoSuchDomain):
+        async with jobcore.connect(MANUAL) as c:
+            await c.lookup_domain("nope")

@@ -173,6 +173,8 @@ class SimConnection:
         self._wakeup = anyio.Event()
         self._injections: list[_Injection] = []
         self._next_progress = math.inf
+        self._scope = anyio.CancelScope()
+        self._stopped = False
 
     def _new_host(self, name: str, *, seed: bool) -> SimHost:
         host = SimHost(name)
@@ -365,7 +367,17 @@ class SimConnection:
     def _poke(self) -> None:
         self._wakeup.set()
 
+    def stop(self) -> None:
+        """End the scheduler loop (the connection is closing)."""
+        self._stopped = True
+        self._scope.cancel()
+
     async def run(self) -> None:
+        with self._scope:
+            if not self._stopped:
+                await self._loop()
+
+    async def _loop(self) -> None:
         while True:
             self._wakeup = anyio.Event()
             now = self.clock.now()
@@ -510,11 +522,10 @@ class SimDriver:
         if uri.host:
             raise InvalidURI(f"the sim driver is local: no host allowed in '{uri}'")
         conn = SimConnection(uri, tg)
-        async with anyio.create_task_group() as own:
-            own.start_soon(conn.run)
-            try:
-                yield conn
-            finally:
-                own.cancel_scope.cancel()
+        tg.start_soon(conn.run)
+        try:
+            yield conn
+        finally:
+            conn.stop()
 
 
