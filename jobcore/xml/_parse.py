@@ -64,15 +64,26 @@ def fail(el: etree._Element, message: str, attr: str | None = None) -> NoReturn:
     raise XMLError(f"{describe(el, attr)}: {message}", line=line_of(el))
 
 
+def once(seen: set[str], child: etree._Element) -> None:
+    """Refuse a second ``child`` of the same tag (the fast grammars leave it to us)."""
+    tag = str(child.tag)
+    if tag in seen:
+        fail(child, f"<{tag}> may appear only once here")
+    seen.add(tag)
+
+
 def parse_document(doc: str | bytes, root: str) -> etree._Element:
     """Parse ``doc`` safely and check that its root element is ``<root>``.
 
     No DTD (a DOCTYPE is refused), no entity expansion, no network or file access,
     nothing over MAX_DOCUMENT_BYTES, nothing nested deeper than libxml2's limit.
     """
-    forced_utf8 = isinstance(doc, str)
+    forced_utf8 = False
     data: bytes
-    if isinstance(doc, str):
+    if type(doc) is bytes:
+        data = doc
+    elif isinstance(doc, str):
+        forced_utf8 = True
         if len(doc) > MAX_DOCUMENT_BYTES:
             _too_large(len(doc))
         try:
@@ -85,10 +96,13 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
         raise XMLError(f"<{root}> document must be str or bytes, not {type(doc).__name__}")
     if len(data) > MAX_DOCUMENT_BYTES:
         _too_large(len(data))
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+    # Markup declarations are refused before libxml2 sees them. '!' is rare in XML, so a
+    # one-byte scan (memchr) decides whether the slower substring scans are needed.
+    if b"!" in data and (b"<!DOCTYPE" in data or b"<!ENTITY" in data):
+        at = max(data.find(b"<!DOCTYPE"), data.find(b"<!ENTITY"), 0)
         raise XMLError(
             f"<{root}> document: DOCTYPE and entity declarations are refused",
-            line=data.count(b"\n", 0, max(data.find(b"<!DOCTYPE"), 0)) + 1,
+            line=data.count(b"\n", 0, at) + 1,
         )
     try:
         el = etree.fromstring(data, _parser(forced_utf8))
@@ -101,9 +115,13 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
         raise XMLError(f"<{root}> document cannot be parsed: {exc}") from None
     if el is None:
         raise XMLError(f"<{root}> document is empty")
-    if getattr(
-        el.getroottree().docinfo, "doctype", None
-    ):  # a DOCTYPE in an encoding the scan missed
+    # A DOCTYPE the byte scan could not see: bytes in another encoding (UTF-16 starts with
+    # a BOM or NUL, anything else declares its encoding). str input was scanned as UTF-8.
+    if (
+        not forced_utf8
+        and (data[:1] != b"<" or b"encoding" in data[:256])
+        and getattr(el.getroottree().docinfo, "doctype", None)
+    ):
         raise XMLError(f"<{root}> document: DOCTYPE declarations are refused", line=1)
     if el.tag != root:
         tag = el.tag if isinstance(el.tag, str) else "?"

@@ -70,15 +70,20 @@ class Schema:
     line) at fault; it is never used to accept a document.
     """
 
-    def __init__(self, grammar: etree._Element) -> None:
+    def __init__(self, grammar: etree._Element, fast: bool = False) -> None:
         self._grammar = grammar
-        self.rng = etree.RelaxNG(grammar)
         self._diagnostic: etree.RelaxNG | None = None
+        #: ``fast``: enforce the twin itself (validates faster than the interleaves) and
+        #: leave "at most once" and "required" children to the parser (built-in types)
+        self.rng = self.diagnostic() if fast else etree.RelaxNG(grammar)
 
     def diagnostic(self) -> etree.RelaxNG:
         if self._diagnostic is None:
             grammar = etree.fromstring(etree.tostring(self._grammar))
+            defines = {d.get("name", ""): d for d in grammar.iter(f"{_R}define")}
             for node in list(grammar.iter(f"{_R}interleave")):
+                if _has_attributes(node, defines, set()):
+                    continue  # attributes may not repeat: leave attribute interleaves
                 node.tag = f"{_R}zeroOrMore"
                 choice = etree.SubElement(node, f"{_R}choice")
                 for child in list(node):
@@ -88,9 +93,36 @@ class Schema:
         return self._diagnostic
 
 
-def compose(start: etree._Element, defines: Iterable[etree._Element]) -> Schema:
+def _has_attributes(
+    pattern: etree._Element, defines: dict[str, etree._Element], seen: set[str]
+) -> bool:
+    """Does ``pattern`` match attributes of the element it sits in (refs followed)?"""
+    for child in pattern:
+        tag = child.tag
+        if tag == f"{_R}attribute":
+            return True
+        if tag == f"{_R}element":
+            continue
+        if tag == f"{_R}ref":
+            name = child.get("name", "")
+            if name not in seen and name in defines:
+                seen.add(name)
+                if _has_attributes(defines[name], defines, seen):
+                    return True
+        elif _has_attributes(child, defines, seen):
+            return True
+    return False
+
+
+def compose(
+    start: etree._Element,
+    defines: Iterable[etree._Element],
+    relaxed: frozenset[str] = frozenset(),
+    fast: bool = False,
+) -> Schema:
     """Compile a grammar of ``start`` (a RelaxNG pattern) and ``defines``; a define name
-    given twice must have the same content."""
+    given twice must have the same content. Defines named in ``relaxed`` match any text
+    (their values are checked by the caller: see jobcore.xml._types)."""
     grammar = etree.fromstring(f"<grammar xmlns='{RNG_NS}' datatypeLibrary='{XSD_TYPES}'/>")
     etree.SubElement(grammar, f"{_R}start").append(start)
     seen: dict[str, bytes] = {}
@@ -102,8 +134,13 @@ def compose(start: etree._Element, defines: Iterable[etree._Element]) -> Schema:
                 raise ValueError(f"RelaxNG define '{name}' is given twice, differently")
             continue
         seen[name] = body
-        grammar.append(etree.fromstring(body))
-    return Schema(grammar)
+        copy = etree.fromstring(body)
+        if name in relaxed:
+            for child in list(copy):
+                copy.remove(child)
+            etree.SubElement(copy, f"{_R}text")
+        grammar.append(copy)
+    return Schema(grammar, fast)
 
 
 def ref(name: str) -> etree._Element:
@@ -128,7 +165,7 @@ def base_defines() -> list[etree._Element]:
 _local = threading.local()
 
 
-def document_schema(root: str, modules: tuple[str, ...]) -> Schema:
+def document_schema(root: str, modules: tuple[str, ...], relaxed: frozenset[str]) -> Schema:
     """The compiled, per-thread-cached schema of a standalone document ``<root>``."""
     cache: dict[str, Schema] | None = getattr(_local, "documents", None)
     if cache is None:
@@ -136,5 +173,5 @@ def document_schema(root: str, modules: tuple[str, ...]) -> Schema:
     schema = cache.get(root)
     if schema is None:
         defines = [_with_datatypes(d) for m in ("types.rng", *modules) for d in module_defines(m)]
-        schema = cache[root] = compose(ref(root), defines)
+        schema = cache[root] = compose(ref(root), defines, relaxed, fast=True)
     return schema

@@ -30,7 +30,8 @@ from jobcore.backup import (
     StoreType,
 )
 from jobcore.errors import InvalidArgument, XMLError
-from jobcore.xml._parse import fail
+from jobcore.xml import _types as T
+from jobcore.xml._parse import fail, once
 
 _YES_NO = {"yes": True, "no": False}
 _ELEMENT = etree.Element  # tag filter: elements only, no comments
@@ -54,7 +55,9 @@ def parse_backup_element(el: etree._Element) -> BackupDef:
     server: BackupServer | None = None
     disks: list[BackupDisk] = []
     disk_els: list[etree._Element] = []
+    top: set[str] = set()
     for child in el.iterchildren(_ELEMENT):
+        once(top, child)
         tag = child.tag
         if tag == "incremental":
             incremental = _text(child)
@@ -114,17 +117,17 @@ def _parse_server(el: etree._Element) -> BackupServer:
     tls_attr = get("tls")
     return BackupServer(
         transport=transport,
-        name=get("name"),
+        name=T.attr(el, "name", "hostName"),
         port=port,
-        socket=get("socket"),
-        fdgroup=get("fdgroup"),
+        socket=T.attr(el, "socket", "absFilePath"),
+        fdgroup=T.attr(el, "fdgroup", "nonEmpty"),
         tls=_YES_NO[tls_attr] if tls_attr is not None else None,
     )
 
 
 def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
     get = el.get
-    name = get("name", "")
+    name = T.check(el, "name", get("name", ""), "diskTargetDev")
     backup_attr = get("backup")
     if backup_attr == "no":  # libvirt ignores every other setting of an excluded disk
         return BackupDisk(name=name, backup=False)
@@ -136,20 +139,22 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
     store_type = StoreType(type_attr) if type_attr is not None else None
     mode_attr = get("backupmode")
     backupmode = DiskBackupMode(mode_attr) if mode_attr is not None else None
-    incremental = get("incremental")
+    incremental = T.attr(el, "incremental", "nonEmpty")
     if backupmode is DiskBackupMode.FULL and incremental is not None:
         fail(el, "a disk with backupmode='full' takes no checkpoint", "incremental")
     index_attr = get("index")
     driver: str | None = None
     store: BackupStore | None = None
+    seen: set[str] = set()
     for child in el.iterchildren(_ELEMENT):
+        once(seen, child)
         if child.tag == "driver":
             driver = child.get("type")
             if pull and driver != "qcow2":
                 fail(child, f"pull mode backup for disk '{name}' requires qcow2 driver", "type")
         else:
             want = "scratch" if pull else "target"
-            if child.tag != want:
+            if child.tag != want or store is not None:
                 fail(
                     child,
                     f"a {'pull' if pull else 'push'} mode backup writes to "
@@ -166,8 +171,8 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
             type=store_type,
             backupmode=backupmode,
             incremental=incremental,
-            exportname=get("exportname"),
-            exportbitmap=get("exportbitmap"),
+            exportname=T.attr(el, "exportname", "nonEmpty"),
+            exportbitmap=T.attr(el, "exportbitmap", "nonEmpty"),
             store=store,
             driver=driver,
             index=int(index_attr) if index_attr is not None else None,
@@ -178,7 +183,7 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
 
 def _parse_store(el: etree._Element, store_type: StoreType) -> BackupStore:
     want, other = ("dev", "file") if store_type is StoreType.BLOCK else ("file", "dev")
-    path = el.get(want)
+    path = T.attr(el, want, "absFilePath")
     if path is None:
         fail(el, f"a disk of type '{store_type}' names its {el.tag} with '{want}'", other)
     seclabels: list[SecLabel] = []
@@ -186,6 +191,8 @@ def _parse_store(el: etree._Element, store_type: StoreType) -> BackupStore:
     for child in el.iterchildren(_ELEMENT):
         if child.tag == "seclabel":
             seclabels.append(_parse_seclabel(child))
+        elif encryption is not None:
+            fail(child, "<encryption> may appear only once here")
         else:
             encryption = _parse_encryption(child)
     return BackupStore(path=path, seclabels=tuple(seclabels), encryption=encryption)
@@ -196,25 +203,30 @@ def _parse_seclabel(el: etree._Element) -> SecLabel:
     relabel = el.get("relabel")
     try:
         return SecLabel(
-            model=el.get("model"),
+            model=T.attr(el, "model", "nonEmpty"),
             relabel=relabel != "no",
             labelskip=el.get("labelskip") == "yes",
-            label=label_el.text if label_el is not None else None,
+            label=T.text(label_el, "nonEmpty") if label_el is not None else None,
         )
     except ValueError as exc:
         fail(el, str(exc))
 
 
 def _parse_encryption(el: etree._Element) -> Encryption:
-    secret_el = el.find("secret")
-    cipher_el = el.find("cipher")
-    ivgen_el = el.find("ivgen")
-    assert secret_el is not None  # the schema requires it
-    secret_uuid = secret_el.get("uuid")
+    found: dict[str, etree._Element] = {}
+    for child in el.iterchildren(_ELEMENT):
+        once(set(found), child)
+        found[str(child.tag)] = child
+    secret_el = found.get("secret")
+    cipher_el = found.get("cipher")
+    ivgen_el = found.get("ivgen")
+    if secret_el is None:
+        fail(el, "an <encryption> needs a <secret>")
+    secret_uuid = T.attr(secret_el, "uuid", "secretUUID")
     try:
         secret = EncryptionSecret(
             uuid=uuid.UUID(secret_uuid) if secret_uuid is not None else None,
-            usage=secret_el.get("usage"),
+            usage=T.attr(secret_el, "usage", "nonEmpty"),
         )
         return Encryption(
             secret=secret,
@@ -223,14 +235,17 @@ def _parse_encryption(el: etree._Element) -> Encryption:
             cipher=None
             if cipher_el is None
             else EncryptionCipher(
-                name=cipher_el.get("name", ""),
+                name=T.check(cipher_el, "name", cipher_el.get("name", ""), "nonEmpty"),
                 size=int(cipher_el.get("size", "0")),
-                mode=cipher_el.get("mode"),
-                hash=cipher_el.get("hash"),
+                mode=T.attr(cipher_el, "mode", "nonEmpty"),
+                hash=T.attr(cipher_el, "hash", "nonEmpty"),
             ),
             ivgen=None
             if ivgen_el is None
-            else EncryptionIvgen(name=ivgen_el.get("name", ""), hash=ivgen_el.get("hash")),
+            else EncryptionIvgen(
+                name=T.check(ivgen_el, "name", ivgen_el.get("name", ""), "nonEmpty"),
+                hash=T.attr(ivgen_el, "hash", "nonEmpty"),
+            ),
         )
     except ValueError as exc:
         fail(el, str(exc))

@@ -10,7 +10,8 @@ from __future__ import annotations
 from lxml import etree
 
 from jobcore.backup import CheckpointDef, CheckpointDisk, CheckpointKind
-from jobcore.xml._parse import check_depth, fail, parse_document
+from jobcore.xml import _types as T
+from jobcore.xml._parse import check_depth, fail, once, parse_document
 from jobcore.xml._write import verbatim
 
 _ELEMENT = etree.Element
@@ -21,14 +22,16 @@ def parse_checkpoint_element(el: etree._Element) -> CheckpointDef:
     name = description = parent = domain = None
     creation_time: int | None = None
     disks: list[CheckpointDisk] = []
+    top: set[str] = set()
     for child in el.iterchildren(_ELEMENT):
+        once(top, child)
         tag = child.tag
         if tag == "name":
-            name = (child.text or "").strip()
+            name = T.text(child, "checkpointName")
         elif tag == "description":
             description = child.text or None
         elif tag == "parent":
-            parent = (child[0].text or "").strip()
+            parent = T.text(child[0], "checkpointName")
         elif tag == "creationTime":
             creation_time = int(child.text or "")
         elif tag == "disks":
@@ -60,9 +63,9 @@ def _parse_disk(el: etree._Element) -> CheckpointDisk:
                 fail(el, "only a disk with checkpoint='bitmap' has a bitmap", attr)
     size = el.get("size")
     return CheckpointDisk(
-        name=el.get("name", ""),
+        name=T.check(el, "name", el.get("name", ""), "diskTargetDev", "absFilePath"),
         checkpoint=kind,
-        bitmap=el.get("bitmap"),
+        bitmap=T.attr(el, "bitmap", "nonEmpty"),
         size=int(size) if size is not None else None,
     )
 

@@ -14,7 +14,8 @@ from lxml import etree
 
 from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, JobOptions, MigrationSpec
 from jobcore.xml import _schema
-from jobcore.xml._parse import fail
+from jobcore.xml import _types as T
+from jobcore.xml._parse import fail, once
 from jobcore.xml.backup import build_backup_element, parse_backup_element
 from jobcore.xml.checkpoint import build_checkpoint_element, parse_checkpoint_element
 from jobcore.xml.job import (
@@ -33,6 +34,9 @@ def _flag(parent: etree._Element, tag: str, on: bool) -> None:
 
 
 def _checked(job: etree._Element, spec_class: type[Any], **values: Any) -> Any:
+    for required in ("disk", "destination"):
+        if required in spec_class.__init__.__annotations__ and required not in values:
+            fail(job, f"a {job.get('type')} job needs a <{required}>")
     try:
         return spec_class(**values)
     except (ValueError, TypeError) as exc:
@@ -46,6 +50,9 @@ class BackupCodec:
     def parse(
         self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
     ) -> BackupJobSpec:
+        seen: set[str] = set()
+        for child in job.iterchildren("domainbackup", "domaincheckpoint"):
+            once(seen, child)
         backup_el = job.find("domainbackup")
         checkpoint_el = job.find("domaincheckpoint")
         backup = parse_backup_element(backup_el) if backup_el is not None else None
@@ -75,10 +82,12 @@ class BlockPullCodec:
         self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
     ) -> BlockPullSpec:
         values: dict[str, Any] = {}
+        seen: set[str] = set()
         for child in job.iterchildren(_ELEMENT):
+            once(seen, child)
             tag = child.tag
             if tag == "disk":
-                values["disk"] = child.get("name")
+                values["disk"] = T.attr(child, "name", "nonEmpty")
             elif tag in ("base", "top"):
                 values[tag] = parse_chain_ref(child)
             elif tag == "bandwidth":
@@ -105,10 +114,12 @@ class BlockCommitCodec:
         self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
     ) -> BlockCommitSpec:
         values: dict[str, Any] = {}
+        seen: set[str] = set()
         for child in job.iterchildren(_ELEMENT):
+            once(seen, child)
             tag = child.tag
             if tag == "disk":
-                values["disk"] = child.get("name")
+                values["disk"] = T.attr(child, "name", "nonEmpty")
             elif tag in ("base", "top"):
                 values[tag] = parse_chain_ref(child)
             elif tag in ("pivot", "delete", "shallow"):
@@ -140,10 +151,12 @@ class MigrationCodec:
         self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
     ) -> MigrationSpec:
         values: dict[str, Any] = {}
+        seen: set[str] = set()
         for child in job.iterchildren(_ELEMENT):
+            once(seen, child)
             tag = child.tag
             if tag == "destination":
-                values["destination"] = child.get("uri")
+                values["destination"] = T.attr(child, "uri", "nonEmpty")
             elif tag in ("live", "postcopy", "persistent"):
                 values[tag] = True
             elif tag == "undefine-source":
@@ -180,3 +193,5 @@ BLOCKCOMMIT_CODEC = BlockCommitCodec(
     _schema.defines_text("jobtypes.rng", only=("job-blockcommit",))
 )
 MIGRATION_CODEC = MigrationCodec(_schema.defines_text("jobtypes.rng", only=("job-migration",)))
+
+BUILTIN_CODEC_CLASSES = (BackupCodec, BlockPullCodec, BlockCommitCodec, MigrationCodec)

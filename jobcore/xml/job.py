@@ -22,7 +22,9 @@ from jobcore.errors import JobError, XMLError
 from jobcore.registry import JobTypeInfo, registry
 from jobcore.spec import ChainRef, JobOptions
 from jobcore.xml import _schema
-from jobcore.xml._parse import fail, parse_document, validate
+from jobcore.xml import _types as T
+from jobcore.xml._parse import fail, once, parse_document, validate
+from jobcore.xml._types import RELAXED
 from jobcore.xml._write import serialize
 from jobcore.xml.backup import build_backup_element, parse_backup_element
 from jobcore.xml.checkpoint import build_checkpoint_element, parse_checkpoint_element
@@ -49,7 +51,7 @@ def parse_backup(doc: str | bytes) -> BackupDef:
 
 def _parse_backup(doc: str | bytes) -> BackupDef:
     el = parse_document(doc, "domainbackup")
-    validate(_schema.document_schema("domainbackup", ("backup.rng",)), el, "domainbackup")
+    validate(_schema.document_schema("domainbackup", ("backup.rng",), RELAXED), el, "domainbackup")
     return parse_backup_element(el)
 
 
@@ -65,7 +67,9 @@ def parse_checkpoint(doc: str | bytes) -> CheckpointDef:
 def _parse_checkpoint(doc: str | bytes) -> CheckpointDef:
     el = parse_document(doc, "domaincheckpoint")
     validate(
-        _schema.document_schema("domaincheckpoint", ("checkpoint.rng",)), el, "domaincheckpoint"
+        _schema.document_schema("domaincheckpoint", ("checkpoint.rng",), RELAXED),
+        el,
+        "domaincheckpoint",
     )
     return parse_checkpoint_element(el)
 
@@ -114,12 +118,20 @@ def job_schema(info: JobTypeInfo) -> _schema.Schema:
         return hit[2]
     rng = _schema.RNG_NS
     start = etree.fromstring(
-        f"<element xmlns='{rng}' name='job'><interleave><ref name='job-common'/><group>"
+        f"<element xmlns='{rng}' name='job'>"
         f"<attribute name='type'><value>{name}</value></attribute>"
-        f"<ref name='job-{name}'/></group></interleave></element>".encode()
+        f"<interleave><ref name='job-common'/><ref name='job-{name}'/></interleave>"
+        "</element>".encode()
     )
+    # only the built-in parsers check the relaxed datatypes themselves
+    from jobcore.xml import codecs
+
+    builtin = isinstance(info.codec, codecs.BUILTIN_CODEC_CLASSES)
     compiled = _schema.compose(
-        start, [*_schema.base_defines(), *_schema.fragment_defines(schema_text)]
+        start,
+        [*_schema.base_defines(), *_schema.fragment_defines(schema_text)],
+        RELAXED if builtin else frozenset(),
+        fast=builtin,
     )
     cache[name] = (info.codec, schema_text, compiled)
     return compiled
@@ -129,7 +141,7 @@ def job_schema(info: JobTypeInfo) -> _schema.Schema:
 
 
 def parse_seconds(el: etree._Element, attr: str) -> float:
-    value = float(el.get(attr, ""))
+    value = float(T.check(el, attr, el.get(attr, ""), "seconds"))
     if not math.isfinite(value):
         fail(el, "must be a finite number of seconds", attr)
     return value
@@ -147,7 +159,9 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
     queue = False
     timeout = retention = None
     priority = 0
+    seen: set[str] = set()
     for child in job.iterchildren(*COMMON_CHILDREN):
+        once(seen, child)
         tag = child.tag
         if tag == "uuid":
             try:
@@ -212,7 +226,9 @@ def build_bandwidth(parent: etree._Element, value: int, tag: str = "bandwidth") 
 
 def parse_chain_ref(el: etree._Element) -> ChainRef:
     index = el.get("index")
-    return ChainRef(index=int(index)) if index is not None else ChainRef(file=el.get("file"))
+    if index is not None:
+        return ChainRef(index=int(index))
+    return ChainRef(file=T.attr(el, "file", "nonEmpty"))
 
 
 def build_chain_ref(parent: etree._Element, tag: str, ref: ChainRef) -> None:
