@@ -224,6 +224,6 @@ def test_checkpoint_internal_outputs_are_rejected(name: str) -> None:
 
 def test_checkpoint_outputs_cover_the_corpus() -> None:
     names = _names(CHECKPOINT_OUT)
-    assert sorted(REDEFINE + ["internal-active-invalid.xml", "internal-inactive-invalid.xml"]) == (
+    assert sorted([*REDEFINE, "internal-active-invalid.xml", "internal-inactive-invalid.xml"]) == (
         names
     )

@@ -7,6 +7,7 @@ attribute 'exportname': requires pull mode (line 7)``.
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import NoReturn
 
@@ -99,7 +100,7 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
     # Markup declarations are refused before libxml2 sees them. '!' is rare in XML, so a
     # one-byte scan (memchr) decides whether the slower substring scans are needed.
     if b"!" in data and (b"<!DOCTYPE" in data or b"<!ENTITY" in data):
-        at = max(data.find(b"<!DOCTYPE"), data.find(b"<!ENTITY"), 0)
+        at = min(i for i in (data.find(b"<!DOCTYPE"), data.find(b"<!ENTITY")) if i >= 0)
         raise XMLError(
             f"<{root}> document: DOCTYPE and entity declarations are refused",
             line=data.count(b"\n", 0, at) + 1,
@@ -160,6 +161,21 @@ def _best(log: etree._ListErrorLog) -> etree._LogEntry | None:
     return entries[0] if entries else None
 
 
+_BAD_ATTR = re.compile(r"Invalid attribute (\S+) for element")
+
+
+def _node(root: etree._Element, path: str) -> etree._Element | None:
+    if not path:
+        return None
+    try:
+        nodes = root.getroottree().xpath(path)
+    except etree.XPathError:
+        return None
+    if isinstance(nodes, list) and nodes and isinstance(nodes[0], etree._Element):
+        return nodes[0]
+    return None
+
+
 def validate(schema: Schema, el: etree._Element, what: str) -> None:
     """Validate ``el`` (a parsed document root) against ``schema``; an XMLError names the
     element at fault (its path and, for a bad value, the value) and its line."""
@@ -173,12 +189,14 @@ def validate(schema: Schema, el: etree._Element, what: str) -> None:
     message = best.message.strip()
     path = best.path or ""
     detail = ""
-    if path and ("datatype" in message or "value" in message):
-        nodes = el.getroottree().xpath(path)
-        if isinstance(nodes, list) and nodes and isinstance(nodes[0], etree._Element):
-            text = (nodes[0].text or "").strip()
-            if text:
-                detail = f" (value '{text[:80]}')"
+    node = _node(el, path)
+    if node is not None:
+        attr = _BAD_ATTR.match(message)
+        value = node.get(attr.group(1)) if attr else None
+        if value is None and ("datatype" in message or "value" in message):
+            value = (node.text or "").strip() or None
+        if value is not None and f"'{value}'" not in message:
+            detail = f" (value '{value[:80]}')"
     where = f" at {path}" if path else ""
     raise XMLError(
         f"invalid <{what}> document{where}: {message}{detail}", line=best.line or line_of(el)
