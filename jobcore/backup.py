@@ -73,6 +73,8 @@ class SecLabel:
     label: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.labelskip and not self.relabel:
+            raise ValueError("labelskip='yes' is written instead of relabel")
         if self.label is not None and (not self.relabel or self.labelskip):
             raise ValueError("a seclabel with relabel='no' or labelskip takes no <label>")
         if self.label is None and self.relabel and not self.labelskip:

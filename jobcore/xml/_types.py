@@ -50,7 +50,28 @@ def _regex(kind: str) -> re.Pattern[str]:
     ]
     if not patterns:  # minLength 1
         return re.compile(r"(?s).+")
-    return re.compile("|".join(f"(?:{p})" for p in patterns))
+    return re.compile("|".join(f"(?:{_xsd_to_python(p)})" for p in patterns))
+
+
+def _xsd_to_python(pattern: str) -> str:
+    """XSD regex -> Python: the only difference our patterns meet is that XSD's '.' does
+    not match CR or LF."""
+    out: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[":
+            in_class = True
+        elif char == "]":
+            in_class = False
+        elif char == "." and not in_class:
+            out.append("[^\\n\\r]")
+            continue
+        out.append(char)
+    return "".join(out)
 
 
 def check(el: etree._Element, attr: str | None, value: str, *kinds: str) -> str:
