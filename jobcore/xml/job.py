@@ -56,7 +56,9 @@ def _parse_backup(doc: str | bytes) -> BackupDef:
 
 
 def format_backup(defn: BackupDef) -> str:
-    return _guarded(lambda d: serialize(build_backup_element(d)), defn)
+    return _guarded(
+        lambda d: _self_checked(serialize(build_backup_element(d)), _parse_backup), defn
+    )
 
 
 def parse_checkpoint(doc: str | bytes) -> CheckpointDef:
@@ -75,7 +77,19 @@ def _parse_checkpoint(doc: str | bytes) -> CheckpointDef:
 
 
 def format_checkpoint(defn: CheckpointDef) -> str:
-    return _guarded(lambda d: serialize(build_checkpoint_element(d)), defn)
+    return _guarded(
+        lambda d: _self_checked(serialize(build_checkpoint_element(d)), _parse_checkpoint), defn
+    )
+
+
+def _self_checked(text: str, parse: Callable[[str], object]) -> str:
+    """``text`` if its own parser accepts it: a spec that breaks a rule of the format
+    (e.g. an export name in push mode) fails here, not in whoever reads it back."""
+    try:
+        parse(text)
+    except XMLError as exc:
+        raise XMLError(f"cannot format: the document would be refused: {exc}") from None
+    return text
 
 
 def _guarded(fn: Callable[[_A], _R], arg: _A) -> _R:
@@ -275,7 +289,7 @@ def _format_job(spec: Any) -> str:
     job.set("type", str(info.type))
     _format_common(job, spec.uuid, spec.options)
     info.codec.format(spec, job)
-    return serialize(job)
+    return _self_checked(serialize(job), _parse_job)
 
 
 __all__ = [
