@@ -227,3 +227,24 @@ def test_checkpoint_outputs_cover_the_corpus() -> None:
     assert sorted([*REDEFINE, "internal-active-invalid.xml", "internal-inactive-invalid.xml"]) == (
         names
     )
+
+
+def test_kept_domain_is_laid_out_like_libvirt() -> None:
+    doc = (
+        "<domaincheckpoint><name>c1</name>\n"
+        "\t<domain type='kvm' xmlns:q='urn:q'><name>a&apos;b</name><!-- note -->"
+        "<description>mixed <b>bold</b> text</description>"
+        "<q:extra q:attr='1'/></domain></domaincheckpoint>"
+    )
+    parsed = parse_checkpoint(doc)
+    assert parsed.domain == (
+        "<domain xmlns:q='urn:q' type='kvm'>\n"
+        "  <name>a&apos;b</name>\n"
+        "  <!-- note -->\n"
+        "  <description>mixed <b>bold</b> text</description>\n"
+        "  <q:extra q:attr='1'/>\n"
+        "</domain>"
+    )
+    out = format_checkpoint(parsed)
+    assert "\n  <domain xmlns:q='urn:q' type='kvm'>\n    <name>" in out
+    assert parse_checkpoint(out) == parsed

@@ -38,7 +38,8 @@ def _parser(forced_utf8: bool) -> etree.XMLParser:
             attribute_defaults=False,
             huge_tree=False,
             collect_ids=False,
-            remove_blank_text=False,
+            # whitespace-only text between elements is never significant here
+            remove_blank_text=True,
             strip_cdata=True,
         )
         setattr(_local, name, parser)
@@ -204,7 +205,7 @@ def validate(schema: Schema, el: etree._Element, what: str) -> None:
 
 
 def check_depth(el: etree._Element, limit: int = MAX_DEPTH) -> None:
-    """Refuse a subtree nested deeper than ``limit`` (used on content kept verbatim)."""
+    """Refuse a subtree nested deeper than ``limit`` (used on content kept as written)."""
     stack: list[tuple[etree._Element, int]] = [(el, 1)]
     while stack:
         node, depth = stack.pop()

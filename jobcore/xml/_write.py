@@ -2,14 +2,13 @@
 
 Elements one per line with 2-space indentation, attributes in single quotes in the order
 they were set, empty elements self-closed, text escaped as libvirt escapes it (``< > & ' "``)
-and a final newline. A subtree marked verbatim (a checkpoint's embedded ``<domain>``) keeps
-its own whitespace, re-indented to where it is written.
+and a final newline. An element with text between its children (mixed content) is written
+as it is, without added whitespace.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 from lxml import etree
 
@@ -82,8 +81,8 @@ def _blank(text: str | None) -> bool:
     return text is None or text.strip() == ""
 
 
-def _raw(el: etree._Element, ws: Callable[[str], str], out: list[str], top: bool) -> None:
-    """Write ``el`` as it is, passing its whitespace-only text through ``ws``."""
+def _raw(el: etree._Element, out: list[str], top: bool) -> None:
+    """Write ``el`` as it is: its text and tails untouched but escaped."""
     if isinstance(el, etree._Comment):
         out.append(f"<!--{el.text or ''}-->")
         return
@@ -98,56 +97,44 @@ def _raw(el: etree._Element, ws: Callable[[str], str], out: list[str], top: bool
         out.append("/>")
         return
     out.append(">")
-    _text(el.text, ws, out)
+    if el.text:
+        out.append(esc_text(el.text))
     for child in el:
-        _raw(child, ws, out, False)
-        _text(child.tail, ws, out)
+        _raw(child, out, False)
+        if child.tail:
+            out.append(esc_text(child.tail))
     tag = el.tag
     assert isinstance(tag, str)
     out.append(f"</{_qname(el, tag)}>")
 
 
-def _text(text: str | None, ws: Callable[[str], str], out: list[str]) -> None:
-    if text:
-        out.append(ws(text) if _blank(text) else esc_text(text))
-
-
-def verbatim(el: etree._Element, ws: Callable[[str], str] = lambda t: t) -> str:
-    """``el`` as standalone XML text, its own whitespace kept (through ``ws``)."""
-    out: list[str] = []
-    _raw(el, ws, out, True)
-    return "".join(out)
-
-
-#: (parent tag, child tag) pairs written verbatim rather than re-indented
-VERBATIM_CHILDREN = frozenset({("domaincheckpoint", "domain")})
+def _mixed(el: etree._Element) -> bool:
+    """Text between child elements is content: such an element is written as it is."""
+    return not _blank(el.text) or any(not _blank(child.tail) for child in el)
 
 
 def _pretty(el: etree._Element, level: int, out: list[str]) -> None:
     indent = "  " * level
-    if not isinstance(el.tag, str):  # comment or PI in a tree a codec built
+    if not isinstance(el.tag, str):  # comment or PI
         out.append(indent)
-        _raw(el, lambda t: t, out, False)
+        _raw(el, out, False)
         out.append("\n")
         return
-    children = list(el)
-    if not children:
+    if len(el) == 0:
         out.append(indent + _start(el, level == 0))
         if el.text:
             out.append(f">{esc_text(el.text, f'<{el.tag}>')}</{_qname(el, el.tag)}>\n")
         else:
             out.append("/>\n")
         return
-    out.append(indent + _start(el, level == 0) + ">")
-    if not _blank(el.text):
-        out.append(esc_text(el.text or "", f"<{el.tag}>"))
-    out.append("\n")
-    inner = "  " * (level + 1)
-    for child in children:
-        if (el.tag, child.tag) in VERBATIM_CHILDREN:
-            out.append(inner + verbatim(child, lambda t: t.replace("\n", "\n" + inner)) + "\n")
-        else:
-            _pretty(child, level + 1, out)
+    if _mixed(el):
+        out.append(indent)
+        _raw(el, out, level == 0)
+        out.append("\n")
+        return
+    out.append(indent + _start(el, level == 0) + ">\n")
+    for child in el:
+        _pretty(child, level + 1, out)
     out.append(f"{indent}</{_qname(el, el.tag)}>\n")
 
 

@@ -1,8 +1,9 @@
 """libvirt's ``<domaincheckpoint>``: element <-> CheckpointDef.
 
 Settable at creation: name, description, disks. Read-only, accepted for redefinition:
-creationTime, parent, and the embedded ``<domain>``, which is kept verbatim (its
-whitespace re-indented, nothing else touched) and never interpreted.
+creationTime, parent, and the embedded ``<domain>``, which is kept as written (elements,
+attribute order, text, comments, namespaces), laid out as libvirt lays it out, and never
+interpreted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from lxml import etree
 from jobcore.backup import CheckpointDef, CheckpointDisk, CheckpointKind
 from jobcore.xml import _types as T
 from jobcore.xml._parse import check_depth, fail, once, parse_document
-from jobcore.xml._write import verbatim
+from jobcore.xml._write import serialize
 
 _ELEMENT = etree.Element
 
@@ -70,23 +71,10 @@ def _parse_disk(el: etree._Element) -> CheckpointDisk:
     )
 
 
-def _indent_of(el: etree._Element) -> str:
-    """The whitespace before ``el`` on its line, as written in the source."""
-    prev = el.getprevious()
-    before = prev.tail if prev is not None else el.getparent().text  # type: ignore[union-attr]
-    if not before or "\n" not in before:
-        return ""
-    last = before.rsplit("\n", 1)[1]
-    return last if last.strip() == "" else ""
-
-
 def _domain_text(el: etree._Element) -> str:
-    """The ``<domain>`` subtree as standalone text, dedented to column 0."""
+    """The ``<domain>`` subtree as standalone text in libvirt's layout (column 0)."""
     check_depth(el)
-    indent = _indent_of(el)
-    if not indent:
-        return verbatim(el)
-    return verbatim(el, lambda t: t.replace("\n" + indent, "\n"))
+    return serialize(el).rstrip("\n")
 
 
 def build_checkpoint_element(
