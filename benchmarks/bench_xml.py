@@ -73,8 +73,10 @@ def main() -> None:
     print(f"raw lxml.etree.fromstring : {raw:8.2f} us/call")
     print(f"parse + validate          : {checked:8.2f} us/call  ratio {checked / raw:.2f}")
     print(f"parse_job (typed spec)    : {full:8.2f} us/call  ratio {full / raw:.2f}")
-    print(f"target: parse + validate within 2.0x of raw -> "
-          f"{'met' if checked / raw <= 2.0 else 'NOT met'}")
+    print(
+        f"target: parse + validate within 2.0x of raw -> "
+        f"{'met' if checked / raw <= 2.0 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def fail(el: etree._Element, message: str, attr: str | None = None) -> NoReturn:
 
 def once(seen: set[str], child: etree._Element) -> None:
     """Refuse a second ``child`` of the same tag (the fast grammars leave it to us)."""
-    tag = str(child.tag)
+    tag = child.tag
+    assert isinstance(tag, str)
     if tag in seen:
         fail(child, f"<{tag}> may appear only once here")
     seen.add(tag)

@@ -74,10 +74,13 @@ def _xsd_to_python(pattern: str) -> str:
     return "".join(out)
 
 
+_MATCH = {kind: _regex(kind).fullmatch for kind in RELAXED}
+
+
 def check(el: etree._Element, attr: str | None, value: str, *kinds: str) -> str:
     """``value`` (of ``attr``, or of the element's text) if it matches one of ``kinds``."""
     for kind in kinds:
-        if _regex(kind).fullmatch(value):
+        if _MATCH[kind](value):
             return value
     what = " or ".join(_WHAT[k] for k in kinds)
     fail(el, f"'{value[:80]}' is not a valid {what}", attr)

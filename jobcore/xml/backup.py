@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from typing import cast
 
 import attrs
 from lxml import etree
@@ -125,8 +126,13 @@ def _parse_server(el: etree._Element) -> BackupServer:
     )
 
 
+_STORE_TYPES = {t.value: t for t in StoreType}
+_DISK_MODES = {m.value: m for m in DiskBackupMode}
+
+
 def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
-    get = el.get
+    # one call into lxml for all attributes (str keys and values: no bytes from a parse)
+    get = cast("dict[str, str]", dict(el.items())).get
     name = T.check(el, "name", get("name", ""), "diskTargetDev")
     backup_attr = get("backup")
     if backup_attr == "no":  # libvirt ignores every other setting of an excluded disk
@@ -136,15 +142,17 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
             if get(attr) is not None:
                 fail(el, "only a pull mode backup exports disks", attr)
     type_attr = get("type")
-    store_type = StoreType(type_attr) if type_attr is not None else None
+    store_type = _STORE_TYPES[type_attr] if type_attr is not None else None
     mode_attr = get("backupmode")
-    backupmode = DiskBackupMode(mode_attr) if mode_attr is not None else None
-    incremental = T.attr(el, "incremental", "nonEmpty")
+    backupmode = _DISK_MODES[mode_attr] if mode_attr is not None else None
+    incremental = get("incremental")
+    if incremental is not None:
+        T.check(el, "incremental", incremental, "nonEmpty")
     if backupmode is DiskBackupMode.FULL and incremental is not None:
         fail(el, "a disk with backupmode='full' takes no checkpoint", "incremental")
     index_attr = get("index")
     driver: str | None = None
-    store: BackupStore | None = None
+    store_el: etree._Element | None = None
     seen: set[str] = set()
     for child in el.iterchildren(_ELEMENT):
         once(seen, child)
@@ -154,16 +162,23 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
                 fail(child, f"pull mode backup for disk '{name}' requires qcow2 driver", "type")
         else:
             want = "scratch" if pull else "target"
-            if child.tag != want or store is not None:
+            if child.tag != want or store_el is not None:
                 fail(
                     child,
                     f"a {'pull' if pull else 'push'} mode backup writes to "
                     f"<{want}>, not <{child.tag}>",
                 )
-            store = _parse_store(child, store_type or StoreType.FILE)
-    if store is not None and driver is not None:
-        store = attrs.evolve(store, format=driver)
+            store_el = child
+    store = None
+    if store_el is not None:
+        store = _parse_store(store_el, store_type or StoreType.FILE, driver)
         driver = None
+    exportname = get("exportname")
+    if exportname is not None:
+        T.check(el, "exportname", exportname, "nonEmpty")
+    exportbitmap = get("exportbitmap")
+    if exportbitmap is not None:
+        T.check(el, "exportbitmap", exportbitmap, "nonEmpty")
     try:
         return BackupDisk(
             name=name,
@@ -171,8 +186,8 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
             type=store_type,
             backupmode=backupmode,
             incremental=incremental,
-            exportname=T.attr(el, "exportname", "nonEmpty"),
-            exportbitmap=T.attr(el, "exportbitmap", "nonEmpty"),
+            exportname=exportname,
+            exportbitmap=exportbitmap,
             store=store,
             driver=driver,
             index=int(index_attr) if index_attr is not None else None,
@@ -181,7 +196,7 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
         fail(el, str(exc))
 
 
-def _parse_store(el: etree._Element, store_type: StoreType) -> BackupStore:
+def _parse_store(el: etree._Element, store_type: StoreType, fmt: str | None) -> BackupStore:
     want, other = ("dev", "file") if store_type is StoreType.BLOCK else ("file", "dev")
     path = T.attr(el, want, "absFilePath")
     if path is None:
@@ -195,7 +210,7 @@ def _parse_store(el: etree._Element, store_type: StoreType) -> BackupStore:
             fail(child, "<encryption> may appear only once here")
         else:
             encryption = _parse_encryption(child)
-    return BackupStore(path=path, seclabels=tuple(seclabels), encryption=encryption)
+    return BackupStore(path=path, format=fmt, seclabels=tuple(seclabels), encryption=encryption)
 
 
 def _parse_seclabel(el: etree._Element) -> SecLabel:
