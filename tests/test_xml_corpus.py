@@ -12,7 +12,7 @@ import pytest
 from lxml import etree
 
 from jobcore.backup import CheckpointDef, CheckpointDisk, CheckpointKind
-from jobcore.errors import XMLError
+from jobcore.errors import InvalidArgument, XMLError
 from jobcore.xml import (
     align_backup,
     format_backup,
@@ -248,3 +248,35 @@ def test_kept_domain_is_laid_out_like_libvirt() -> None:
     out = format_checkpoint(parsed)
     assert "\n  <domain xmlns:q='urn:q' type='kvm'>\n    <name>" in out
     assert parse_checkpoint(out) == parsed
+
+
+def test_align_refuses_what_the_domain_does_not_have() -> None:
+    backup = parse_backup(
+        "<domainbackup><disks><disk name='vdz' type='file'/></disks></domainbackup>"
+    )
+    with pytest.raises(InvalidArgument, match="vdz"):
+        align_backup(backup, {"vda": "/i/vda.qcow2"}, "S")
+    with pytest.raises(InvalidArgument, match="at least one disk"):
+        align_backup(parse_backup("<domainbackup/>"), {}, "S")
+    block = parse_backup(
+        "<domainbackup><disks><disk name='vda' type='block'/></disks></domainbackup>"
+    )
+    with pytest.raises(InvalidArgument, match="block"):
+        align_backup(block, {"vda": "/dev/sda"}, "S")
+
+
+def test_align_order_and_defaults() -> None:
+    backup = parse_backup(
+        "<domainbackup><incremental>c0</incremental><disks>"
+        "<disk name='vdc' type='file'><driver type='raw'/></disk>"
+        "<disk name='vda' backup='no'/></disks></domainbackup>"
+    )
+    aligned = align_backup(backup, {"vda": "/i/a", "vdb": "/i/b", "vdc": "/i/c"}, "chk1")
+    assert [(d.name, d.backup) for d in aligned.disks] == [
+        ("vdc", True),
+        ("vda", False),
+        ("vdb", False),
+    ]
+    vdc = aligned.disks[0]
+    assert vdc.store is not None and vdc.store.path == "/i/c.chk1" and vdc.store.format == "raw"
+    assert vdc.backupmode is not None and vdc.incremental == "c0" and vdc.driver is None

@@ -88,17 +88,17 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
     elif isinstance(doc, str):
         forced_utf8 = True
         if len(doc) > MAX_DOCUMENT_BYTES:
-            _too_large(len(doc))
+            _too_large(root, len(doc))
         try:
             data = doc.encode("utf-8")
         except UnicodeError as exc:
-            raise XMLError(f"<{root}> document is not valid text: {exc}") from None
+            raise XMLError(f"<{root}> document is not valid text: {exc}", line=1) from None
     elif isinstance(doc, bytes | bytearray | memoryview):
         data = bytes(doc)
     else:
-        raise XMLError(f"<{root}> document must be str or bytes, not {type(doc).__name__}")
+        raise XMLError(f"<{root}> document must be str or bytes, not {type(doc).__name__}", line=1)
     if len(data) > MAX_DOCUMENT_BYTES:
-        _too_large(len(data))
+        _too_large(root, len(data))
     # Markup declarations are refused before libxml2 sees them. '!' is rare in XML, so a
     # one-byte scan (memchr) decides whether the slower substring scans are needed.
     if b"!" in data and (b"<!DOCTYPE" in data or b"<!ENTITY" in data):
@@ -115,9 +115,9 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
             f"<{root}> document is not well-formed XML: {msg}", line=exc.lineno or None
         ) from None
     except (ValueError, LookupError, UnicodeError) as exc:
-        raise XMLError(f"<{root}> document cannot be parsed: {exc}") from None
+        raise XMLError(f"<{root}> document cannot be parsed: {exc}", line=1) from None
     if el is None:
-        raise XMLError(f"<{root}> document is empty")
+        raise XMLError(f"<{root}> document is empty", line=1)
     # A DOCTYPE the byte scan could not see: bytes in another encoding (UTF-16 starts with
     # a BOM or NUL, anything else declares its encoding). str input was scanned as UTF-8.
     if (
@@ -132,9 +132,12 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
     return el
 
 
-def _too_large(size: int) -> NoReturn:
+def _too_large(root: str, size: int) -> NoReturn:
+    # line 1: the whole document, from its first line, is refused
     raise XMLError(
-        f"document of {size} bytes refused: the limit is {MAX_DOCUMENT_BYTES} bytes (1 MiB)"
+        f"<{root}> document of {size} bytes refused: the limit is {MAX_DOCUMENT_BYTES} bytes "
+        "(1 MiB)",
+        line=1,
     )
 
 
