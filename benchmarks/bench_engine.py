@@ -38,8 +38,9 @@ async def _set(ev: anyio.Event) -> None:
 
 
 def _backup_spec(i: int) -> BackupJobSpec:
-    return BackupJobSpec(BackupDef(disks=(BackupDisk(
-        "vdb", type=None, store=BackupStore(f"/bench/{i}.qcow2")),)))
+    return BackupJobSpec(
+        BackupDef(disks=(BackupDisk("vdb", type=None, store=BackupStore(f"/bench/{i}.qcow2")),))
+    )
 
 
 async def instant_jobs(n: int) -> float:
@@ -114,15 +115,20 @@ async def run() -> dict[str, float]:
 def main() -> None:
     r = anyio.run(run)
     print(f"bare anyio task+event : {r['baseline_per_s']:10.0f} /s")
-    print(f"instant sim jobs      : {r['jobs_per_s']:10.0f} /s  "
-          f"ratio {r['throughput_ratio']:.2f}x (target <= 5x)")
+    print(
+        f"instant sim jobs      : {r['jobs_per_s']:10.0f} /s  "
+        f"ratio {r['throughput_ratio']:.2f}x (target <= 5x)"
+    )
     print(f"begin, 100 active     : {r['begin_us_100']:10.1f} us")
-    print(f"begin, 10,000 active  : {r['begin_us_10000']:10.1f} us  "
-          f"ratio {r['begin_ratio']:.2f}x (target <= 1.5x)")
-    print(f"  same, heap not frozen: ratio {r['begin_ratio_with_gc']:.2f}x "
-          "(one full GC pass over the bigger heap falls in the window)")
-    print(f"memory per active job : {r['bytes_per_active_job']:10.0f} B "
-          f"(target <= 8192 B)")
+    print(
+        f"begin, 10,000 active  : {r['begin_us_10000']:10.1f} us  "
+        f"ratio {r['begin_ratio']:.2f}x (target <= 1.5x)"
+    )
+    print(
+        f"  same, heap not frozen: ratio {r['begin_ratio_with_gc']:.2f}x "
+        "(one full GC pass over the bigger heap falls in the window)"
+    )
+    print(f"memory per active job : {r['bytes_per_active_job']:10.0f} B (target <= 8192 B)")
 
 
 if __name__ == "__main__":

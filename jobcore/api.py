@@ -83,13 +83,25 @@ class Connection:
             raise InvalidArgument("the legacy domain job UUID names no job without a domain")
         return Job(self, self.engine.lookup(job_id))
 
-    def subscribe(self, *, domain: str | None = None, job: uuid.UUID | None = None,
-                  types: Iterable[str] | None = None, kinds: Iterable[EventKind] | None = None,
-                  maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
+    def subscribe(
+        self,
+        *,
+        domain: str | None = None,
+        job: uuid.UUID | None = None,
+        types: Iterable[str] | None = None,
+        kinds: Iterable[EventKind] | None = None,
+        maxlen: int = EventHub.DEFAULT_BUFFER,
+    ) -> Subscription:
         """A bounded, filtered event queue; close it (or use ``with``) when done."""
-        return self.engine.subscribe(EventFilter(
-            domain, job, None if types is None else frozenset(map(str, types)),
-            None if kinds is None else frozenset(kinds)), maxlen)
+        return self.engine.subscribe(
+            EventFilter(
+                domain,
+                job,
+                None if types is None else frozenset(map(str, types)),
+                None if kinds is None else frozenset(kinds),
+            ),
+            maxlen,
+        )
 
 
 class Domain:
@@ -169,8 +181,9 @@ class Domain:
         await self.conn.engine.abort(rec)
         return 0
 
-    async def backup_begin(self, backup_xml: str | None, checkpoint_xml: str | None = None,
-                           flags: int = 0) -> int:
+    async def backup_begin(
+        self, backup_xml: str | None, checkpoint_xml: str | None = None, flags: int = 0
+    ) -> int:
         backup = parse_backup(backup_xml or "<domainbackup/>")
         checkpoint = None if checkpoint_xml is None else parse_checkpoint(checkpoint_xml)
         await self.job_begin_spec(BackupJobSpec(backup, checkpoint))
@@ -213,8 +226,12 @@ class Domain:
         engine = self.conn.engine
         if flags & C.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT:
             if rec.state not in (JobState.READY, JobState.STANDBY):
-                raise OperationInvalid(f"block job '{rec.uuid}' not ready for pivot yet",
-                                       job=rec.uuid, state=str(rec.state), verb="complete")
+                raise OperationInvalid(
+                    f"block job '{rec.uuid}' not ready for pivot yet",
+                    job=rec.uuid,
+                    state=str(rec.state),
+                    verb="complete",
+                )
             await engine.complete(rec)
         else:
             await engine.abort(rec)
@@ -223,24 +240,38 @@ class Domain:
         return 0
 
     async def block_pull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
-        await self.job_begin_spec(BlockPullSpec(
-            disk, bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)))
+        await self.job_begin_spec(
+            BlockPullSpec(
+                disk,
+                bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES),
+            )
+        )
         return 0
 
-    async def block_commit(self, disk: str, base: str | None, top: str | None,
-                           bandwidth: int = 0, flags: int = 0) -> int:
+    async def block_commit(
+        self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
+    ) -> int:
         info = await self.info()
         chain = info.disk(disk)
         top_ref = None if top is None else ChainRef(file=top)
-        if chain is not None and (top is None or top == chain.source) \
-                and not flags & C.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE:
-            raise InvalidArgument("commit of the active layer requires "
-                                  "VIR_DOMAIN_BLOCK_COMMIT_ACTIVE")
-        await self.job_begin_spec(BlockCommitSpec(
-            disk, top=top_ref, base=None if base is None else ChainRef(file=base),
-            delete=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_DELETE),
-            shallow=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW),
-            bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES)))
+        if (
+            chain is not None
+            and (top is None or top == chain.source)
+            and not flags & C.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+        ):
+            raise InvalidArgument(
+                "commit of the active layer requires VIR_DOMAIN_BLOCK_COMMIT_ACTIVE"
+            )
+        await self.job_begin_spec(
+            BlockCommitSpec(
+                disk,
+                top=top_ref,
+                base=None if base is None else ChainRef(file=base),
+                delete=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_DELETE),
+                shallow=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW),
+                bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES),
+            )
+        )
         return 0
 
 
@@ -310,8 +341,9 @@ class Job:
 
 
 @asynccontextmanager
-async def connect(uri: str = "sim:///default", *,
-                  retention: float = DEFAULT_RETENTION) -> AsyncIterator[Connection]:
+async def connect(
+    uri: str = "sim:///default", *, retention: float = DEFAULT_RETENTION
+) -> AsyncIterator[Connection]:
     """Open a connection; everything it started is cancelled when the block exits.
     ``DRIVER+unix:///PATH?socket=SOCKET`` URIs are served by jobd (jobcore.remote)."""
     parsed = parse_uri(uri)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import attrs
 
 from jobcore import constants as C
-from jobcore.backup import BackupMode
 from jobcore import scheduler
+from jobcore.backup import BackupMode
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.errors import InvalidArgument, JobError
 from jobcore.registry import JobTypeInfo
@@ -57,12 +57,15 @@ def _index(disk: DiskInfo, ref: ChainRef | None, what: str, default: int) -> int
         try:
             return disk.chain.index(ref.file)
         except ValueError:
-            raise InvalidArgument(f"{what} '{ref.file}' is not in the backing chain of "
-                                  f"disk '{disk.name}'") from None
+            raise InvalidArgument(
+                f"{what} '{ref.file}' is not in the backing chain of disk '{disk.name}'"
+            ) from None
     assert ref.index is not None
     if ref.index >= len(disk.chain):
-        raise InvalidArgument(f"{what} index {ref.index} is out of range: disk "
-                              f"'{disk.name}' has {len(disk.chain)} layers")
+        raise InvalidArgument(
+            f"{what} index {ref.index} is out of range: disk "
+            f"'{disk.name}' has {len(disk.chain)} layers"
+        )
     return ref.index
 
 
@@ -72,8 +75,9 @@ def prepare_pull(spec: BlockPullSpec, dom: DomainInfo, wall: float) -> BlockPull
     base = None if spec.base is None else _index(disk, spec.base, "base", 0)
     if base is not None and base <= top:
         raise InvalidArgument(f"base (index {base}) must lie below top (index {top})")
-    return attrs.evolve(spec, top=ChainRef(index=top),
-                        base=None if base is None else ChainRef(index=base))
+    return attrs.evolve(
+        spec, top=ChainRef(index=top), base=None if base is None else ChainRef(index=base)
+    )
 
 
 def prepare_commit(spec: BlockCommitSpec, dom: DomainInfo, wall: float) -> BlockCommitSpec:
@@ -99,18 +103,42 @@ def prepare_migration(spec: MigrationSpec, dom: DomainInfo, wall: float) -> Migr
 
 def builtin_type_infos() -> tuple[JobTypeInfo, ...]:
     return (
-        JobTypeInfo(JobType.BACKUP, BackupJobSpec, codecs.BACKUP_CODEC,
-                    scheduler.backup_claims, domain_level=True,
-                    operation=C.VIR_DOMAIN_JOB_OPERATION_BACKUP, prepare=prepare_backup,
-                    abort_completes=is_pull_backup),
-        JobTypeInfo(JobType.BLOCKPULL, BlockPullSpec, codecs.BLOCKPULL_CODEC,
-                    scheduler.chain_claims, domain_level=False,
-                    operation=C.VIR_DOMAIN_JOB_OPERATION_UNKNOWN, prepare=prepare_pull),
-        JobTypeInfo(JobType.BLOCKCOMMIT, BlockCommitSpec, codecs.BLOCKCOMMIT_CODEC,
-                    scheduler.chain_claims, domain_level=False,
-                    operation=C.VIR_DOMAIN_JOB_OPERATION_UNKNOWN, prepare=prepare_commit),
-        JobTypeInfo(JobType.MIGRATION, MigrationSpec, codecs.MIGRATION_CODEC,
-                    scheduler.migration_claims, domain_level=True,
-                    operation=C.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT, progress_keys="data",
-                    prepare=prepare_migration),
+        JobTypeInfo(
+            JobType.BACKUP,
+            BackupJobSpec,
+            codecs.BACKUP_CODEC,
+            scheduler.backup_claims,
+            domain_level=True,
+            operation=C.VIR_DOMAIN_JOB_OPERATION_BACKUP,
+            prepare=prepare_backup,
+            abort_completes=is_pull_backup,
+        ),
+        JobTypeInfo(
+            JobType.BLOCKPULL,
+            BlockPullSpec,
+            codecs.BLOCKPULL_CODEC,
+            scheduler.chain_claims,
+            domain_level=False,
+            operation=C.VIR_DOMAIN_JOB_OPERATION_UNKNOWN,
+            prepare=prepare_pull,
+        ),
+        JobTypeInfo(
+            JobType.BLOCKCOMMIT,
+            BlockCommitSpec,
+            codecs.BLOCKCOMMIT_CODEC,
+            scheduler.chain_claims,
+            domain_level=False,
+            operation=C.VIR_DOMAIN_JOB_OPERATION_UNKNOWN,
+            prepare=prepare_commit,
+        ),
+        JobTypeInfo(
+            JobType.MIGRATION,
+            MigrationSpec,
+            codecs.MIGRATION_CODEC,
+            scheduler.migration_claims,
+            domain_level=True,
+            operation=C.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT,
+            progress_keys="data",
+            prepare=prepare_migration,
+        ),
     )

@@ -52,14 +52,20 @@ async def run(uri: str, console: Console) -> int:
             except jobcore.JobConflict as exc:
                 console.print(f"[yellow]refused[/] block commit of vda: {exc}")
             finals: dict[Any, dict[str, Any]] = {}
-            columns = (TextColumn("{task.description:<28}"), BarColumn(),
-                       TextColumn("{task.percentage:>5.1f}%"),
-                       TextColumn("{task.fields[state]}"), TimeElapsedColumn())
+            columns = (
+                TextColumn("{task.description:<28}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>5.1f}%"),
+                TextColumn("{task.fields[state]}"),
+                TimeElapsedColumn(),
+            )
             with Progress(*columns, console=console) as progress:
                 bars: dict[Any, TaskID] = {
-                    job.uuid: progress.add_task(f"{job.type} {str(job.uuid)[:8]}", total=1,
-                                                state="running")
-                    for job in (backup, pull)}
+                    job.uuid: progress.add_task(
+                        f"{job.type} {str(job.uuid)[:8]}", total=1, state="running"
+                    )
+                    for job in (backup, pull)
+                }
                 async for ev in events:
                     bar = bars.get(ev.job)
                     if bar is None:

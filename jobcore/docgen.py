@@ -16,10 +16,10 @@ from jobcore.lifecycle import (
 from jobcore.scheduler import CONFLICTS, Mode
 
 
-def _grid(rows: list[str], cols: list[str], cell: dict[tuple[str, str], str],
-          corner: str) -> list[str]:
-    out = [f"| {corner} | " + " | ".join(cols) + " |",
-           "|---" * (len(cols) + 1) + "|"]
+def _grid(
+    rows: list[str], cols: list[str], cell: dict[tuple[str, str], str], corner: str
+) -> list[str]:
+    out = [f"| {corner} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         out.append(f"| **{r}** | " + " | ".join(cell.get((r, c), "") for c in cols) + " |")
     return out
@@ -40,18 +40,21 @@ def render() -> str:
     lines += ["", "## Transitions (row: from, column: to)", ""]
     cells = {(a.value, b.value): "✓" for a in JobState for b in TRANSITIONS[a]}
     lines += _grid(states, states, cells, "from \\ to")
-    lines += ["", "## Verbs (✓ accepted; the cell names the state the verb moves the job to)",
-              ""]
+    lines += ["", "## Verbs (✓ accepted; the cell names the state the verb moves the job to)", ""]
     vcells = {}
     for verb in Verb:
         for state in VERBS[verb]:
             target = VERB_TARGET.get((verb, state), state)
             vcells[(verb.value, state.value)] = "✓" if target == state else f"→ {target.value}"
     lines += _grid([v.value for v in Verb], states, vcells, "verb \\ state")
-    lines += ["", "A refused verb raises `OperationInvalid`: "
-              "`job '<uuid>' in state '<state>' cannot accept verb '<verb>'`.",
-              "", "## Conflict matrix (✗: two claims on one resource cannot be held together)",
-              ""]
+    lines += [
+        "",
+        "A refused verb raises `OperationInvalid`: "
+        "`job '<uuid>' in state '<state>' cannot accept verb '<verb>'`.",
+        "",
+        "## Conflict matrix (✗: two claims on one resource cannot be held together)",
+        "",
+    ]
     modes = [m.value for m in Mode]
     ccells = {(a.value, b.value): "✗" for a in Mode for b in CONFLICTS[a]}
     lines += _grid(modes, modes, ccells, "mode")

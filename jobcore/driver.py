@@ -59,8 +59,9 @@ class DomainInfo:
 class JobReporter(Protocol):
     """How a driver tells the engine about a job. Call from the event loop's thread."""
 
-    def progress(self, processed: int, total: int,
-                 extra: Mapping[str, int | str] | None = None) -> None:
+    def progress(
+        self, processed: int, total: int, extra: Mapping[str, int | str] | None = None
+    ) -> None:
         """Bytes done of ``total``; ``extra``: more libvirt-named stats (memory_*, …)."""
 
     def ready(self) -> None:
@@ -148,6 +149,5 @@ class Driver(Protocol):
 
     scheme: str
 
-    def connect(self, uri: URI, tg: TaskGroup) -> AbstractAsyncContextManager[
-            DriverConnection]:
+    def connect(self, uri: URI, tg: TaskGroup) -> AbstractAsyncContextManager[DriverConnection]:
         """Open a connection; its background tasks run in ``tg`` (owned by the engine)."""

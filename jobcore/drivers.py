@@ -26,8 +26,9 @@ def load_driver(uri: URI) -> Driver:
     if uri.transport is not None:
         if uri.transport != "unix":
             raise InvalidURI(f"unsupported transport '{uri.transport}' in '{uri}'")
-        raise InvalidURI(f"'{uri}' names a jobd socket, not a driver: open it with "
-                         "jobcore.connect()")
+        raise InvalidURI(
+            f"'{uri}' names a jobd socket, not a driver: open it with jobcore.connect()"
+        )
     for ep in entry_points(group="jobcore.drivers"):
         if ep.name == uri.driver:
             loaded: Driver = ep.load()()

@@ -58,9 +58,14 @@ class InvalidTransition(AssertionError):
 
 
 class Engine:
-    def __init__(self, dconn: DriverConnection, tg: TaskGroup, *,
-                 store: JobStore | None = None,
-                 retention: float = DEFAULT_RETENTION) -> None:
+    def __init__(
+        self,
+        dconn: DriverConnection,
+        tg: TaskGroup,
+        *,
+        store: JobStore | None = None,
+        retention: float = DEFAULT_RETENTION,
+    ) -> None:
         self.dconn = dconn
         self.tg = tg
         self.clock = dconn.clock
@@ -83,8 +88,7 @@ class Engine:
             raise JobError("the connection is closed")
         info = registry.for_spec(spec)
         if not self.dconn.supports(info.type):
-            raise Unsupported(f"driver '{self.dconn.uri}' does not support job type "
-                              f"'{info.type}'")
+            raise Unsupported(f"driver '{self.dconn.uri}' does not support job type '{info.type}'")
         dom = await self.dconn.lookup_domain(domain)
         now = self.clock.now()
         self._purge(now)
@@ -103,11 +107,19 @@ class Engine:
             self.scheduler.try_admit(ticket)  # raises JobConflict
             admitted = True
         rec = JobRecord(
-            uuid=job_id, type=info.type, info=info, domain=dom.name, spec=spec,
-            state=S.RUNNING if admitted else S.QUEUED, seq=next(self._seq), ticket=ticket,
+            uuid=job_id,
+            type=info.type,
+            info=info,
+            domain=dom.name,
+            spec=spec,
+            state=S.RUNNING if admitted else S.QUEUED,
+            seq=next(self._seq),
+            ticket=ticket,
             retention=self.retention if options.retention is None else options.retention,
-            created_wall=self.clock.wall(), created=now,
-            bandwidth=getattr(spec, "bandwidth", None))
+            created_wall=self.clock.wall(),
+            created=now,
+            bandwidth=getattr(spec, "bandwidth", None),
+        )
         self.store.add(rec)
         if _stdlib_log.isEnabledFor(logging.INFO):
             job_log(rec).info("job began", state=str(rec.state))
@@ -120,8 +132,7 @@ class Engine:
 
     async def _start(self, rec: JobRecord, *, raise_errors: bool) -> None:
         rec.started = self.clock.now()
-        rec.driver_job = DriverJob(rec.uuid, rec.type, rec.domain, rec.spec,
-                                   _Reporter(self, rec))
+        rec.driver_job = DriverJob(rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec))
         rec.starting = True
         error: JobError | None = None
         try:
@@ -135,8 +146,11 @@ class Engine:
             if rec.start_done is not None:
                 rec.start_done.set()
                 rec.start_done = None
-        if error is None and rec.bandwidth != getattr(rec.spec, "bandwidth", None) \
-                and rec.state.active:
+        if (
+            error is None
+            and rec.bandwidth != getattr(rec.spec, "bandwidth", None)
+            and rec.state.active
+        ):
             try:  # a speed set while queued, on a spec without a bandwidth field
                 await self.dconn.set_speed(rec.driver_job, rec.bandwidth)
             except JobError as exc:
@@ -150,8 +164,11 @@ class Engine:
     async def _expire_queued(self, rec: JobRecord, timeout: float) -> None:
         await anyio.sleep(timeout)
         if rec.state is S.QUEUED:
-            self._finish(rec, S.FAILED, errmsg=str(QueueTimeout(
-                f"job '{rec.uuid}' was not admitted within {timeout:g} s")))
+            self._finish(
+                rec,
+                S.FAILED,
+                errmsg=str(QueueTimeout(f"job '{rec.uuid}' was not admitted within {timeout:g} s")),
+            )
 
     # ---- the one transition function -------------------------------------------------
 
@@ -179,9 +196,20 @@ class Engine:
 
     def _ended(self, rec: JobRecord) -> None:
         if self.events.active:
-            self.events.emit(JobEvent(EventKind.FINAL, rec.uuid, rec.type, rec.domain,
-                                      rec.state, None, rec.processed, rec.total,
-                                      self.clock.wall(), self.stats(rec)))
+            self.events.emit(
+                JobEvent(
+                    EventKind.FINAL,
+                    rec.uuid,
+                    rec.type,
+                    rec.domain,
+                    rec.state,
+                    None,
+                    rec.processed,
+                    rec.total,
+                    self.clock.wall(),
+                    self.stats(rec),
+                )
+            )
         if rec.done is not None:
             rec.done.set()
         rec.driver_job = None
@@ -200,9 +228,19 @@ class Engine:
         if _stdlib_log.isEnabledFor(logging.DEBUG):
             job_log(rec).debug("state", previous=str(old), state=str(rec.state))
         if self.events.active:
-            self.events.emit(JobEvent(EventKind.STATE, rec.uuid, rec.type, rec.domain,
-                                      rec.state, old, rec.processed, rec.total,
-                                      self.clock.wall()))
+            self.events.emit(
+                JobEvent(
+                    EventKind.STATE,
+                    rec.uuid,
+                    rec.type,
+                    rec.domain,
+                    rec.state,
+                    old,
+                    rec.processed,
+                    rec.total,
+                    self.clock.wall(),
+                )
+            )
 
     # ---- verbs -----------------------------------------------------------------------
 
@@ -218,8 +256,11 @@ class Engine:
         if target.terminal:  # a queued job ends at once
             self._finish(rec, target)
             return
-        ends_well = (rec.info.abort_completes is not None and rec.info.abort_completes(rec.spec)
-                     and rec.state in (S.READY, S.STANDBY))
+        ends_well = (
+            rec.info.abort_completes is not None
+            and rec.info.abort_completes(rec.spec)
+            and rec.state in (S.READY, S.STANDBY)
+        )
         self._transition(rec, target)
         try:
             if ends_well:  # e.g. a pull backup: its consumer is done (as in libvirt)
@@ -286,8 +327,7 @@ class Engine:
         """The domain's legacy job: earliest-begun active domain-level job, else the most
         recently ended one still retained."""
         self._purge()
-        return (self.store.active_domain_job(domain)
-                or self.store.last_ended_domain_job(domain))
+        return self.store.active_domain_job(domain) or self.store.last_ended_domain_job(domain)
 
     def domain_jobs(self, domain: str) -> list[JobRecord]:
         self._purge()
@@ -295,12 +335,19 @@ class Engine:
 
     def info(self, rec: JobRecord) -> JobInfo:
         return JobInfo(
-            uuid=rec.uuid, type=rec.type, domain=rec.domain, state=rec.state,
-            processed=rec.processed, total=rec.total, time_elapsed=self._elapsed_ms(rec),
+            uuid=rec.uuid,
+            type=rec.type,
+            domain=rec.domain,
+            state=rec.state,
+            processed=rec.processed,
+            total=rec.total,
+            time_elapsed=self._elapsed_ms(rec),
             created=rec.created_wall,
-            started=None if rec.started is None else
-            rec.created_wall + (rec.started - rec.created),
-            ended=rec.ended_wall, errmsg=rec.errmsg, bandwidth=rec.bandwidth)
+            started=None if rec.started is None else rec.created_wall + (rec.started - rec.created),
+            ended=rec.ended_wall,
+            errmsg=rec.errmsg,
+            bandwidth=rec.bandwidth,
+        )
 
     def _elapsed_ms(self, rec: JobRecord) -> int:
         end = rec.ended if rec.ended is not None else self.clock.now()
@@ -338,22 +385,35 @@ class Engine:
                     await done.wait()
         return self.info(rec)
 
-    def subscribe(self, flt: EventFilter | None = None,
-                  maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
+    def subscribe(
+        self, flt: EventFilter | None = None, maxlen: int = EventHub.DEFAULT_BUFFER
+    ) -> Subscription:
         return self.events.subscribe(flt, maxlen)
 
     # ---- driver reports (through _Reporter) ------------------------------------------
 
-    def _report_progress(self, rec: JobRecord, processed: int, total: int,
-                         extra: Mapping[str, int | str] | None) -> None:
+    def _report_progress(
+        self, rec: JobRecord, processed: int, total: int, extra: Mapping[str, int | str] | None
+    ) -> None:
         if rec.state.terminal:
             return
         rec.processed, rec.total = processed, total
         if extra:
             rec.extra.update(extra)
         if self.events.active:
-            self.events.emit(JobEvent(EventKind.PROGRESS, rec.uuid, rec.type, rec.domain,
-                                      rec.state, None, processed, total, self.clock.wall()))
+            self.events.emit(
+                JobEvent(
+                    EventKind.PROGRESS,
+                    rec.uuid,
+                    rec.type,
+                    rec.domain,
+                    rec.state,
+                    None,
+                    processed,
+                    total,
+                    self.clock.wall(),
+                )
+            )
 
     def _report_ready(self, rec: JobRecord) -> None:
         if rec.state is S.RUNNING:
@@ -363,11 +423,15 @@ class Engine:
         else:
             job_log(rec).debug("ready report ignored", state=str(rec.state))
 
-    def _report_end(self, rec: JobRecord, state: JobState, errmsg: str | None,
-                    extra: Mapping[str, int | str] | None = None) -> None:
+    def _report_end(
+        self,
+        rec: JobRecord,
+        state: JobState,
+        errmsg: str | None,
+        extra: Mapping[str, int | str] | None = None,
+    ) -> None:
         if rec.state.terminal or rec.state is S.QUEUED:
-            job_log(rec).warning("end report ignored", state=str(rec.state),
-                         reported=str(state))
+            job_log(rec).warning("end report ignored", state=str(rec.state), reported=str(state))
             return
         if extra:
             rec.extra.update(extra)
@@ -396,8 +460,9 @@ class _Reporter:
         self._engine = engine
         self._rec = rec
 
-    def progress(self, processed: int, total: int,
-                 extra: Mapping[str, int | str] | None = None) -> None:
+    def progress(
+        self, processed: int, total: int, extra: Mapping[str, int | str] | None = None
+    ) -> None:
         self._engine._report_progress(self._rec, processed, total, extra)
 
     def ready(self) -> None:

@@ -58,8 +58,14 @@ class JobConflict(JobError):
 class OperationInvalid(JobError):
     """A verb was refused: the job's state or type does not accept it."""
 
-    def __init__(self, message: str, *, job: uuid.UUID | None = None,
-                 state: str | None = None, verb: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        job: uuid.UUID | None = None,
+        state: str | None = None,
+        verb: str | None = None,
+    ) -> None:
         self.job = job
         self.state = state
         self.verb = verb

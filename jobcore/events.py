@@ -60,10 +60,12 @@ class EventFilter:
     kinds: frozenset[EventKind] | None = None
 
     def matches(self, ev: JobEvent) -> bool:
-        return ((self.domain is None or ev.domain == self.domain)
-                and (self.job is None or ev.job == self.job)
-                and (self.types is None or ev.type in self.types)
-                and (self.kinds is None or ev.kind in self.kinds))
+        return (
+            (self.domain is None or ev.domain == self.domain)
+            and (self.job is None or ev.job == self.job)
+            and (self.types is None or ev.type in self.types)
+            and (self.kinds is None or ev.kind in self.kinds)
+        )
 
 
 @define(eq=False)
@@ -106,8 +108,19 @@ class Subscription:
             return None
         ev = self._buf.popleft()
         if self._pending_lost:
-            ev = JobEvent(ev.kind, ev.job, ev.type, ev.domain, ev.state, ev.previous,
-                          ev.processed, ev.total, ev.timestamp, ev.stats, self._pending_lost)
+            ev = JobEvent(
+                ev.kind,
+                ev.job,
+                ev.type,
+                ev.domain,
+                ev.state,
+                ev.previous,
+                ev.processed,
+                ev.total,
+                ev.timestamp,
+                ev.stats,
+                self._pending_lost,
+            )
             self._pending_lost = 0
         return ev
 
@@ -152,8 +165,9 @@ class EventHub:
     def __init__(self) -> None:
         self._subs: list[Subscription] = []
 
-    def subscribe(self, flt: EventFilter | None = None,
-                  maxlen: int = DEFAULT_BUFFER) -> Subscription:
+    def subscribe(
+        self, flt: EventFilter | None = None, maxlen: int = DEFAULT_BUFFER
+    ) -> Subscription:
         if maxlen < 1:
             raise ValueError("an event buffer holds at least one event")
         sub = Subscription(flt or EventFilter(), maxlen, self)

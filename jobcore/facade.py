@@ -35,8 +35,9 @@ _open_connections: weakref.WeakSet[BlockingConnection] = weakref.WeakSet()
 class BlockingConnection:
     """virConnect-like. Create with ``jobcore.open(uri)``."""
 
-    def __init__(self, uri: str, *, backend: str = "asyncio",
-                 retention: float = DEFAULT_RETENTION) -> None:
+    def __init__(
+        self, uri: str, *, backend: str = "asyncio", retention: float = DEFAULT_RETENTION
+    ) -> None:
         self.uri = uri
         self._portal: BlockingPortal | None = None
         self._cm: AbstractContextManager[Connection] | None = None
@@ -55,15 +56,14 @@ class BlockingConnection:
                 raise
 
         self._thread = threading.Thread(
-            target=lambda: anyio.run(main, backend=backend), daemon=True,
-            name=f"jobcore {uri}")
+            target=lambda: anyio.run(main, backend=backend), daemon=True, name=f"jobcore {uri}"
+        )
         self._thread.start()
         started.wait()
         if failure or self._portal is None:
             raise JobError(f"cannot start the event loop for '{uri}'")
         try:
-            self._cm = self._portal.wrap_async_context_manager(
-                connect(uri, retention=retention))
+            self._cm = self._portal.wrap_async_context_manager(connect(uri, retention=retention))
             self.aconn: Connection = self._cm.__enter__()
         except BaseException:
             self._cm = None
@@ -170,8 +170,9 @@ class BlockingDomain:
     def abortJob(self) -> int:
         return self.conn._call(self.adom.abort_job)
 
-    def backupBegin(self, backupXML: str | None, checkpointXML: str | None = None,
-                    flags: int = 0) -> int:
+    def backupBegin(
+        self, backupXML: str | None, checkpointXML: str | None = None, flags: int = 0
+    ) -> int:
         return self.conn._call(self.adom.backup_begin, backupXML, checkpointXML, flags)
 
     def backupGetXMLDesc(self, flags: int = 0) -> str:
@@ -186,8 +187,9 @@ class BlockingDomain:
     def blockPull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
         return self.conn._call(self.adom.block_pull, disk, bandwidth, flags)
 
-    def blockCommit(self, disk: str, base: str | None, top: str | None, bandwidth: int = 0,
-                    flags: int = 0) -> int:
+    def blockCommit(
+        self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
+    ) -> int:
         return self.conn._call(self.adom.block_commit, disk, base, top, bandwidth, flags)
 
     def listJobs(self) -> list[BlockingJob]:
@@ -225,8 +227,9 @@ class BlockingJob:
         return self.ajob
 
 
-def open(uri: str = "sim:///default", *, backend: str = "asyncio",
-         retention: float = DEFAULT_RETENTION) -> BlockingConnection:
+def open(
+    uri: str = "sim:///default", *, backend: str = "asyncio", retention: float = DEFAULT_RETENTION
+) -> BlockingConnection:
     """Open a blocking connection (its event loop runs on its own daemon thread)."""
     return BlockingConnection(uri, backend=backend, retention=retention)
 
@@ -236,8 +239,9 @@ def JobBegin(dom: BlockingDomain, job_xml: str | bytes, flags: int = 0) -> Block
 
 
 def JobLookupByUUID(dom: BlockingDomain, job_uuid: str | bytes | uuid.UUID) -> BlockingJob:
-    return BlockingJob(dom.conn, dom.conn._call(dom.conn.aconn.job_lookup_by_uuid, dom.adom,
-                                                as_uuid(job_uuid)))
+    return BlockingJob(
+        dom.conn, dom.conn._call(dom.conn.aconn.job_lookup_by_uuid, dom.adom, as_uuid(job_uuid))
+    )
 
 
 def JobGetType(job: BlockingJob) -> JobType:

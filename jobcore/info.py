@@ -11,8 +11,21 @@ from attrs import frozen
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobType
 
-_KEYS = ("uuid", "type", "domain", "state", "processed", "total", "progress",
-         "time_elapsed", "created", "started", "ended", "errmsg", "bandwidth")
+_KEYS = (
+    "uuid",
+    "type",
+    "domain",
+    "state",
+    "processed",
+    "total",
+    "progress",
+    "time_elapsed",
+    "created",
+    "started",
+    "ended",
+    "errmsg",
+    "bandwidth",
+)
 
 
 @frozen

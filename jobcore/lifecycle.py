@@ -120,7 +120,10 @@ def check_verb(job: uuid.UUID, state: JobState, verb: Verb) -> JobState:
     if state not in VERBS[verb]:
         raise OperationInvalid(
             f"job '{job}' in state '{state}' cannot accept verb '{verb}'",
-            job=job, state=str(state), verb=str(verb))
+            job=job,
+            state=str(state),
+            verb=str(verb),
+        )
     return VERB_TARGET.get((verb, state), state)
 
 

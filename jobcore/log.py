@@ -23,8 +23,8 @@ _PROCESSORS: list[Any] = [
 
 def get_logger(name: str = "jobcore", **bound: Any) -> structlog.stdlib.BoundLogger:
     logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
-        logging.getLogger(name), processors=_PROCESSORS,
-        wrapper_class=structlog.stdlib.BoundLogger)
+        logging.getLogger(name), processors=_PROCESSORS, wrapper_class=structlog.stdlib.BoundLogger
+    )
     return logger.bind(**bound) if bound else logger
 
 
@@ -32,13 +32,19 @@ def configure(level: int = logging.INFO, *, json: bool | None = None) -> None:
     """Send jobcore's logs to stderr: JSON when not on a terminal (or when asked)."""
     if json is None:
         json = not sys.stderr.isatty()
-    renderer: Any = (structlog.processors.JSONRenderer() if json
-                     else structlog.dev.ConsoleRenderer(colors=False))
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        foreign_pre_chain=[structlog.stdlib.add_log_level,
-                           structlog.processors.TimeStamper(fmt="iso")]))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso"),
+            ],
+        )
+    )
     root = logging.getLogger("jobcore")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -49,8 +49,9 @@ class XMLCodec(Protocol):
 
     schema: str
 
-    def parse(self, job: etree._Element, uuid: uuid.UUID | None,
-              options: JobOptions) -> JobSpec: ...
+    def parse(
+        self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
+    ) -> JobSpec: ...
 
     def format(self, spec: JobSpec, job: etree._Element) -> None: ...
 

@@ -72,8 +72,10 @@ def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
 
 
 def chain_claims(spec: BlockPullSpec | BlockCommitSpec, dom: DomainInfo) -> tuple[Claim, ...]:
-    return (Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED),
-            Claim(disk_resource(dom.name, spec.disk), Mode.CHAIN))
+    return (
+        Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED),
+        Claim(disk_resource(dom.name, spec.disk), Mode.CHAIN),
+    )
 
 
 def migration_claims(spec: MigrationSpec, dom: DomainInfo) -> tuple[Claim, ...]:
@@ -116,8 +118,9 @@ class _Resource:
                 return next(iter(held)), other
         return None
 
-    def earlier_conflicting_waiter(self, mode: Mode,
-                                   ticket: Ticket) -> tuple[uuid.UUID, Mode] | None:
+    def earlier_conflicting_waiter(
+        self, mode: Mode, ticket: Ticket
+    ) -> tuple[uuid.UUID, Mode] | None:
         for order, waiter, wmode in self.waiters:
             if order >= ticket.order:
                 break
@@ -171,7 +174,9 @@ class Scheduler:
                 f"job '{ticket.job}' conflicts with job '{found.holder}' {role} "
                 f"'{found.claim.resource}' ({found.mode.value} excludes "
                 f"{found.claim.mode.value})",
-                holder=found.holder, resource=found.claim.resource)
+                holder=found.holder,
+                resource=found.claim.resource,
+            )
         self._hold(ticket)
 
     def admit_or_enqueue(self, ticket: Ticket) -> bool:
@@ -181,8 +186,11 @@ class Scheduler:
             return True
         ticket.waiting = True
         for claim in ticket.claims:
-            bisect.insort(self._res(claim.resource).waiters,
-                          (ticket.order, ticket, claim.mode), key=lambda w: w[0])
+            bisect.insort(
+                self._res(claim.resource).waiters,
+                (ticket.order, ticket, claim.mode),
+                key=lambda w: w[0],
+            )
         return False
 
     def _hold(self, ticket: Ticket) -> None:
@@ -207,8 +215,9 @@ class Scheduler:
         return self._wake(touched, {claim.resource for claim in ticket.claims})
 
     def _wake(self, touched: Iterable[_Resource], names: set[str]) -> list[Ticket]:
-        candidates = sorted({id(t): t for res in touched for _, t, _ in res.waiters}.values(),
-                            key=lambda t: t.order)
+        candidates = sorted(
+            {id(t): t for res in touched for _, t, _ in res.waiters}.values(), key=lambda t: t.order
+        )
         admitted: list[Ticket] = []
         for ticket in candidates:
             if self.conflict(ticket) is None:

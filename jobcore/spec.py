@@ -66,8 +66,9 @@ class JobOptions:
     #: seconds a queued job waits before it fails with QueueTimeout; None = forever
     queue_timeout: float | None = field(default=None, validator=_non_negative)
     #: higher runs first among queued jobs; FIFO within one priority
-    priority: int = field(default=0, validator=validators.and_(validators.ge(-1000),
-                                                              validators.le(1000)))
+    priority: int = field(
+        default=0, validator=validators.and_(validators.ge(-1000), validators.le(1000))
+    )
     #: seconds an ended job keeps its final info and stats; None = the connection default
     retention: float | None = field(default=None, validator=_non_negative)
 

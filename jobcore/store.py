@@ -143,8 +143,11 @@ class MemoryJobStore:
 
     def chain_job(self, domain: str, disk: str) -> JobRecord | None:
         for rec in self._by_domain.get(domain, {}).values():
-            if (rec.state.active and not rec.domain_level
-                    and getattr(rec.spec, "disk", None) == disk):
+            if (
+                rec.state.active
+                and not rec.domain_level
+                and getattr(rec.spec, "disk", None) == disk
+            ):
                 return rec
         return None
 

@@ -77,8 +77,13 @@ def contract_conflict(a: JobTemplate, b: JobTemplate) -> bool:
     the kit's templates, so file conflicts never arise)."""
     if a.domain != b.domain:
         return False
-    return (a.exclusive or b.exclusive or bool(a.chains & b.chains)
-            or bool(a.reads & b.chains) or bool(a.chains & b.reads))
+    return (
+        a.exclusive
+        or b.exclusive
+        or bool(a.chains & b.chains)
+        or bool(a.reads & b.chains)
+        or bool(a.chains & b.reads)
+    )
 
 
 def _options(job: uuid.UUID, queue: bool) -> str:
@@ -91,33 +96,42 @@ def sim_templates() -> list[JobTemplate]:
     def backup(disk: str, mode: str = "push") -> Callable[[uuid.UUID, bool], str]:
         def make(job: uuid.UUID, queue: bool) -> str:
             store = "scratch" if mode == "pull" else "target"
-            server = "<server transport='unix' socket='/tmp/kit.sock'/>" if mode == "pull" \
-                else ""
-            return (f"<job type='backup'>{_options(job, queue)}<domainbackup mode='{mode}'>"
-                    f"{server}<disks><disk name='{disk}' type='file'>"
-                    f"<{store} file='/kit/{job}.{disk}'/></disk></disks></domainbackup></job>")
+            server = "<server transport='unix' socket='/tmp/kit.sock'/>" if mode == "pull" else ""
+            return (
+                f"<job type='backup'>{_options(job, queue)}<domainbackup mode='{mode}'>"
+                f"{server}<disks><disk name='{disk}' type='file'>"
+                f"<{store} file='/kit/{job}.{disk}'/></disk></disks></domainbackup></job>"
+            )
+
         return make
 
     def chain(kind: str, body: str) -> Callable[[uuid.UUID, bool], str]:
-        return lambda job, queue: (f"<job type='{kind}'>{_options(job, queue)}{body}</job>")
+        return lambda job, queue: f"<job type='{kind}'>{_options(job, queue)}{body}</job>"
 
     def migration(dest: str) -> Callable[[uuid.UUID, bool], str]:
-        return lambda job, queue: (f"<job type='migration'>{_options(job, queue)}"
-                                   f"<destination uri='{dest}'/></job>")
+        return lambda job, queue: (
+            f"<job type='migration'>{_options(job, queue)}<destination uri='{dest}'/></job>"
+        )
 
     vda, vdb = frozenset({"vda"}), frozenset({"vdb"})
     return [
         JobTemplate("backup-vda", "vm1", True, backup("vda"), reads=vda),
         JobTemplate("backup-vdb", "vm1", True, backup("vdb"), reads=vdb),
         JobTemplate("pull-backup-vdb", "vm1", True, backup("vdb", "pull"), reads=vdb),
-        JobTemplate("blockpull-vda", "vm1", False, chain("blockpull", "<disk name='vda'/>"),
-                    chains=vda),
-        JobTemplate("commit-vda-active", "vm1", False,
-                    chain("blockcommit", "<disk name='vda'/>"), chains=vda),
-        JobTemplate("commit-vdb", "vm1", False, chain("blockcommit", "<disk name='vdb'/>"),
-                    chains=vdb),
-        JobTemplate("migrate-away", "vm1", True, migration("sim:///kitdest"),
-                    exclusive=True),
+        JobTemplate(
+            "blockpull-vda", "vm1", False, chain("blockpull", "<disk name='vda'/>"), chains=vda
+        ),
+        JobTemplate(
+            "commit-vda-active",
+            "vm1",
+            False,
+            chain("blockcommit", "<disk name='vda'/>"),
+            chains=vda,
+        ),
+        JobTemplate(
+            "commit-vdb", "vm1", False, chain("blockcommit", "<disk name='vdb'/>"), chains=vdb
+        ),
+        JobTemplate("migrate-away", "vm1", True, migration("sim:///kitdest"), exclusive=True),
         JobTemplate("backup-vm2", "vm2", True, backup("vda"), reads=vda),
     ]
 
@@ -162,10 +176,12 @@ class JobLifecycleMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conn: BlockingConnection = _open(self.URI, backend=self.BACKEND,
-                                              retention=self.RETENTION)
+        self.conn: BlockingConnection = _open(
+            self.URI, backend=self.BACKEND, retention=self.RETENTION
+        )
         self.sub: Subscription = self.conn.run_sync(
-            lambda: self.conn.aconn.subscribe(maxlen=1 << 20))
+            lambda: self.conn.aconn.subscribe(maxlen=1 << 20)
+        )
         self.domains: dict[str, BlockingDomain] = {}
         self.seen: dict[uuid.UUID, _Seen] = {}
         self._order = 0
@@ -220,8 +236,11 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         return seen.states[-1] if seen.states else None
 
     def _live(self) -> list[_Seen]:
-        return [s for s in self.seen.values()
-                if s.job is not None and (self._state(s) or JobState.RUNNING).active]
+        return [
+            s
+            for s in self.seen.values()
+            if s.job is not None and (self._state(s) or JobState.RUNNING).active
+        ]
 
     # ---- rules -----------------------------------------------------------------------
 
@@ -241,8 +260,9 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             assert holder is not None and holder.job is not None, "holder must be a known job"
             self._drain_events()
             holder_state = self._state(holder)
-            assert holder_state is not None and holder_state.active, \
+            assert holder_state is not None and holder_state.active, (
                 f"conflict named a job that is {holder_state}"
+            )
             del self.seen[job_id]
             return
         except InvalidArgument:
@@ -270,8 +290,9 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             call(seen.job)
         except OperationInvalid as exc:
             if exc.state is not None and exc.verb == str(verb):
-                assert JobState(exc.state) not in VERBS[verb], \
+                assert JobState(exc.state) not in VERBS[verb], (
                     f"{verb} refused in {exc.state}, which accepts it"
+                )
         except (DriverError, Unsupported):
             pass  # the hypervisor refused: the engine rolled back or failed the job
         self._drain_events()
@@ -279,26 +300,31 @@ class JobLifecycleMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def abort(self, data: st.DataObject) -> None:
         from jobcore.facade import JobAbort
+
         self._verb(data, Verb.ABORT, JobAbort)
 
     @rule(data=st.data())
     def pause(self, data: st.DataObject) -> None:
         from jobcore.facade import JobPause
+
         self._verb(data, Verb.PAUSE, JobPause)
 
     @rule(data=st.data())
     def resume(self, data: st.DataObject) -> None:
         from jobcore.facade import JobResume
+
         self._verb(data, Verb.RESUME, JobResume)
 
     @rule(data=st.data())
     def complete(self, data: st.DataObject) -> None:
         from jobcore.facade import JobComplete
+
         self._verb(data, Verb.COMPLETE, JobComplete)
 
     @rule(data=st.data(), speed=st.sampled_from([0, 1 << 20, 1 << 30]))
     def set_speed(self, data: st.DataObject, speed: int) -> None:
         from jobcore.facade import JobSetSpeed
+
         self._verb(data, Verb.SET_SPEED, lambda j: JobSetSpeed(j, speed))
 
     @rule(seconds=st.sampled_from([0.0, 0.5, 2.0, 5.0]))
@@ -319,21 +345,29 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         if not hasattr(self, "conn"):
             return
         self._drain_events()
-        admitted = [s for s in self.seen.values()
-                    if s.job is not None and self._state(s) not in (None, JobState.QUEUED)
-                    and (self._state(s) or JobState.RUNNING).active]
+        admitted = [
+            s
+            for s in self.seen.values()
+            if s.job is not None
+            and self._state(s) not in (None, JobState.QUEUED)
+            and (self._state(s) or JobState.RUNNING).active
+        ]
         for i, a in enumerate(admitted):
-            for b in admitted[i + 1:]:
-                assert not contract_conflict(a.template, b.template), \
+            for b in admitted[i + 1 :]:
+                assert not contract_conflict(a.template, b.template), (
                     f"{a.template.name} and {b.template.name} run together"
+                )
 
     @invariant()
     def legacy_alias_follows_the_rule(self) -> None:
         if not hasattr(self, "conn"):
             return
         for name, dom in self.domains.items():
-            mine = [s for s in self.seen.values() if s.template.domain == name
-                    and s.template.domain_level and s.job is not None]
+            mine = [
+                s
+                for s in self.seen.values()
+                if s.template.domain == name and s.template.domain_level and s.job is not None
+            ]
             active = [s for s in mine if (self._state(s) or JobState.RUNNING).active]
             ended = [s for s in mine if s.ended_order is not None]
             if active:
@@ -354,8 +388,11 @@ class JobLifecycleMachine(RuleBasedStateMachine):
                 active = [s for s in mine if (self._state(s) or JobState.RUNNING).active]
                 assert active or ended
                 assert got.uuid in {s.job.uuid for s in mine if s.job is not None}
-                expected = min(active, key=lambda s: s.order) if active else \
-                    max(ended, key=lambda s: s.ended_order or 0)
+                expected = (
+                    min(active, key=lambda s: s.order)
+                    if active
+                    else max(ended, key=lambda s: s.ended_order or 0)
+                )
                 assert expected.job is not None and got.uuid == expected.job.uuid
 
     @invariant()
@@ -368,13 +405,16 @@ class JobLifecycleMachine(RuleBasedStateMachine):
                 if a.order >= b.order or a.started_order is None or b.started_order is None:
                     continue
                 if contract_conflict(a.template, b.template):
-                    assert a.started_order < b.started_order, \
-                        f"{b.job.uuid} started before earlier queued {a.job.uuid}"  # type: ignore[union-attr]
+                    assert a.started_order < b.started_order, (
+                        f"{b.template.name} #{b.order} started before earlier queued "
+                        f"{a.template.name} #{a.order}"
+                    )
 
     # ---- teardown: nothing is lost ---------------------------------------------------
 
     def _drain_all(self) -> None:
         from jobcore.facade import JobAbort, JobGetInfo, JobWait
+
         for _ in range(50):
             self._drain_events()
             live = self._live()
@@ -396,8 +436,11 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             assert JobState(info["state"]).terminal, f"job {job_id} never ended: {info['state']}"
             assert seen.finals == 1, f"job {job_id} got {seen.finals} FINAL events"
             stats = self.conn.run(seen.job.ajob.stats)
-            assert stats["type"] in (C.VIR_DOMAIN_JOB_COMPLETED, C.VIR_DOMAIN_JOB_FAILED,
-                                     C.VIR_DOMAIN_JOB_CANCELLED)
+            assert stats["type"] in (
+                C.VIR_DOMAIN_JOB_COMPLETED,
+                C.VIR_DOMAIN_JOB_FAILED,
+                C.VIR_DOMAIN_JOB_CANCELLED,
+            )
 
     def _manual(self) -> bool:
         clock = getattr(self.conn.driver, "clock", None)

@@ -51,8 +51,9 @@ def parse_uri(text: str) -> URI:
     if not driver.isidentifier():
         raise InvalidURI(f"invalid driver name in URI '{text}'")
     try:
-        params = urllib.parse.parse_qsl(parts.query, keep_blank_values=True,
-                                        strict_parsing=bool(parts.query))
+        params = urllib.parse.parse_qsl(
+            parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)
+        )
     except ValueError:
         raise InvalidURI(f"invalid query in URI '{text}'") from None
     return URI(driver, transport or None, parts.netloc, parts.path or "/", tuple(params))

@@ -10,8 +10,9 @@ DESIGN = Path(__file__).resolve().parents[1] / "design"
 
 
 def test_tables_md_is_generated_from_the_code() -> None:
-    assert (DESIGN / "tables.md").read_text() == docgen.render(), \
+    assert (DESIGN / "tables.md").read_text() == docgen.render(), (
         "design/tables.md is stale: run `python -m jobcore.docgen > design/tables.md`"
+    )
 
 
 def test_every_design_page_linked_from_the_overview_exists() -> None:

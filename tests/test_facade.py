@@ -14,8 +14,10 @@ import pytest
 import jobcore
 from jobcore.facade import BlockingConnection, BlockingDomain
 
-BACKUP = ("<domainbackup><disks><disk name='vdb' type='file'>"
-          "<target file='/b/vdb.qcow2'/></disk></disks></domainbackup>")
+BACKUP = (
+    "<domainbackup><disks><disk name='vdb' type='file'>"
+    "<target file='/b/vdb.qcow2'/></disk></disks></domainbackup>"
+)
 
 
 @pytest.fixture
@@ -89,7 +91,8 @@ def test_legacy_domain_job_calls(conn: BlockingConnection) -> None:
     once = dom.jobStats(jobcore.VIR_DOMAIN_JOB_STATS_COMPLETED)
     assert once["type"] == jobcore.VIR_DOMAIN_JOB_COMPLETED
     assert dom.jobStats(jobcore.VIR_DOMAIN_JOB_STATS_COMPLETED) == {
-        "type": jobcore.VIR_DOMAIN_JOB_NONE}
+        "type": jobcore.VIR_DOMAIN_JOB_NONE
+    }
     # the job itself is still retained and reachable through the alias
     job = jobcore.JobLookupByUUID(dom, jobcore.LEGACY_DOMAIN_JOB_UUID)
     assert jobcore.JobGetInfo(job)["state"] == "completed"
@@ -99,9 +102,11 @@ def test_legacy_domain_job_calls(conn: BlockingConnection) -> None:
 
 def test_legacy_abort_of_pull_backup_completes_it(conn: BlockingConnection) -> None:
     dom = conn.lookupByName("vm2")
-    pull = ("<domainbackup mode='pull'><server transport='unix' socket='/tmp/s'/><disks>"
-            "<disk name='vdb' type='file'><scratch file='/s/vdb'/></disk></disks>"
-            "</domainbackup>")
+    pull = (
+        "<domainbackup mode='pull'><server transport='unix' socket='/tmp/s'/><disks>"
+        "<disk name='vdb' type='file'><scratch file='/s/vdb'/></disk></disks>"
+        "</domainbackup>"
+    )
     dom.backupBegin(pull)
     advance(conn, 0)
     assert dom.abortJob() == 0
@@ -134,8 +139,13 @@ def test_legacy_block_job_calls(conn: BlockingConnection) -> None:
     info = dom.blockJobInfo("vda")
     assert info["type"] == jobcore.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
     assert info["cur"] == info["end"]
-    assert dom.blockJobAbort("vda", jobcore.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
-                             | jobcore.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC) == 0
+    assert (
+        dom.blockJobAbort(
+            "vda",
+            jobcore.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT | jobcore.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC,
+        )
+        == 0
+    )
     advance(conn, 0)
     assert dom.blockJobInfo("vda") == {}
     assert conn.run_sync(lambda: None) is None
@@ -160,8 +170,7 @@ def test_unclosed_connection_does_not_keep_the_process_alive() -> None:
         print("began")
     """)
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "began" in out.stdout
     assert time.monotonic() - started < 30

@@ -6,8 +6,12 @@ from hypothesis import HealthCheck, settings
 
 from jobcore.testing import JobLifecycleMachine
 
-KIT_SETTINGS = settings(max_examples=30, stateful_step_count=30, deadline=None,
-                        suppress_health_check=[HealthCheck.too_slow])
+KIT_SETTINGS = settings(
+    max_examples=30,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 class SimOnAsyncio(JobLifecycleMachine):

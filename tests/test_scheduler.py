@@ -135,16 +135,29 @@ def test_conflict_matrix_is_symmetric() -> None:
             assert a in CONFLICTS[b]
 
 
-claims_strategy = st.sampled_from([
-    backup(VDA, target="/a"), backup(VDB, target="/b"), backup(VDA, VDB, target="/c"),
-    backup(VDA, target="/a"), chain(VDA), chain(VDB), MIGRATION])
+claims_strategy = st.sampled_from(
+    [
+        backup(VDA, target="/a"),
+        backup(VDB, target="/b"),
+        backup(VDA, VDB, target="/c"),
+        backup(VDA, target="/a"),
+        chain(VDA),
+        chain(VDB),
+        MIGRATION,
+    ]
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), claims_strategy, st.integers(0, 2),
-                          st.integers(0, 30)), max_size=40))
+@given(
+    st.lists(
+        st.tuples(st.booleans(), claims_strategy, st.integers(0, 2), st.integers(0, 30)),
+        max_size=40,
+    )
+)
 def test_conflicting_tickets_are_never_held_together(
-        ops: list[tuple[bool, tuple[Claim, ...], int, int]]) -> None:
+    ops: list[tuple[bool, tuple[Claim, ...], int, int]],
+) -> None:
     s = Scheduler()
     held: list[Ticket] = []
     queued: list[Ticket] = []
@@ -164,7 +177,7 @@ def test_conflicting_tickets_are_never_held_together(
             except JobConflict:
                 pass
         for i, x in enumerate(held):
-            for y in held[i + 1:]:
+            for y in held[i + 1 :]:
                 for cx in x.claims:
                     for cy in y.claims:
                         assert not (cx.resource == cy.resource and cy.mode in CONFLICTS[cx.mode])

@@ -71,18 +71,24 @@ class SimDomain:
     checkpoints: dict[str, tuple[str, ...]] = field(factory=dict)  # name -> disks
 
     def info(self) -> DomainInfo:
-        return DomainInfo(self.name, self.uuid, tuple(d.info() for d in self.disks.values()),
-                          self.memory)
+        return DomainInfo(
+            self.name, self.uuid, tuple(d.info() for d in self.disks.values()), self.memory
+        )
 
 
 def default_domain(name: str) -> SimDomain:
     base = f"/var/lib/sim/{name}"
     return SimDomain(
-        name, uuid.uuid5(uuid.NAMESPACE_URL, f"sim:{name}"),
-        {"vda": SimDisk("vda", [f"{base}/vda.qcow2", f"{base}/vda.1.qcow2",
-                                f"{base}/vda.2.qcow2"], GiB),
-         "vdb": SimDisk("vdb", [f"{base}/vdb.qcow2"], 512 * MiB)},
-        512 * MiB)
+        name,
+        uuid.uuid5(uuid.NAMESPACE_URL, f"sim:{name}"),
+        {
+            "vda": SimDisk(
+                "vda", [f"{base}/vda.qcow2", f"{base}/vda.1.qcow2", f"{base}/vda.2.qcow2"], GiB
+            ),
+            "vdb": SimDisk("vdb", [f"{base}/vdb.qcow2"], 512 * MiB),
+        },
+        512 * MiB,
+    )
 
 
 @define
@@ -159,8 +165,9 @@ class SimConnection:
         clock_kind = uri.param("clock", "real")
         if clock_kind not in ("real", "manual"):
             raise InvalidURI(f"clock must be 'real' or 'manual' in '{uri}'")
-        self.clock: RealClock | ManualClock = ManualClock() if clock_kind == "manual" \
-            else RealClock()
+        self.clock: RealClock | ManualClock = (
+            ManualClock() if clock_kind == "manual" else RealClock()
+        )
         if isinstance(self.clock, ManualClock):
             self.clock.on_advance(self._poke)
         self.host_name = uri.name or "default"
@@ -186,8 +193,12 @@ class SimConnection:
     # ---- DriverConnection: domains -------------------------------------------------
 
     def supports(self, job_type: JobType) -> bool:
-        return job_type in (JobType.BACKUP, JobType.BLOCKPULL, JobType.BLOCKCOMMIT,
-                            JobType.MIGRATION)
+        return job_type in (
+            JobType.BACKUP,
+            JobType.BLOCKPULL,
+            JobType.BLOCKCOMMIT,
+            JobType.MIGRATION,
+        )
 
     async def list_domains(self) -> list[DomainInfo]:
         return [d.info() for d in self.host.domains.values()]
@@ -200,8 +211,7 @@ class SimConnection:
         connection's handles follow their domains."""
         dom = self.host.domains.get(name)
         if dom is None:
-            dom = next((h.domains[name] for h in self.hosts.values() if name in h.domains),
-                       None)
+            dom = next((h.domains[name] for h in self.hosts.values() if name in h.domains), None)
         if dom is None:
             raise NoSuchDomain(f"domain '{name}' not found on '{self.uri}'")
         return dom
@@ -219,8 +229,9 @@ class SimConnection:
 
     # ---- failure injection ----------------------------------------------------------
 
-    def inject_failure(self, job_type: str | None = None, at: float = 0.5,
-                       message: str = "simulated I/O error") -> None:
+    def inject_failure(
+        self, job_type: str | None = None, at: float = 0.5, message: str = "simulated I/O error"
+    ) -> None:
         """Make the next started job (of ``job_type``, if given) fail at fraction ``at``."""
         if not 0 <= at <= 1:
             raise ValueError("at is a fraction between 0 and 1")
@@ -246,12 +257,21 @@ class SimConnection:
         rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
         fail = self._take_injection(str(job.type))
         fail_at = None if fail is None else int(total * fail.at)
-        sj = SimJob(job, total, rate, converges, fail_at,
-                    "" if fail is None else fail.message,
-                    base_time=self.clock.now(), extra=extra)
+        sj = SimJob(
+            job,
+            total,
+            rate,
+            converges,
+            fail_at,
+            "" if fail is None else fail.message,
+            base_time=self.clock.now(),
+            extra=extra,
+        )
         self._jobs[job.uuid] = sj
-        if isinstance(job.spec, BackupJobSpec) and job.spec.backup.effective_mode \
-                is BackupMode.PULL:
+        if (
+            isinstance(job.spec, BackupJobSpec)
+            and job.spec.backup.effective_mode is BackupMode.PULL
+        ):
             sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
             for disk in job.spec.backup.included_disks():
                 if disk.store is not None:
@@ -276,8 +296,10 @@ class SimConnection:
                 incremental = bdisk.incremental or spec.backup.incremental
                 if incremental is not None and bdisk.backupmode != "full":
                     if incremental not in dom.checkpoints:
-                        raise DriverError(f"Checkpoint '{incremental}' for incremental "
-                                          f"backup of disk '{bdisk.name}' not found")
+                        raise DriverError(
+                            f"Checkpoint '{incremental}' for incremental "
+                            f"backup of disk '{bdisk.name}' not found"
+                        )
                     total += sim_disk.virtual_size // INCREMENTAL_FRACTION
                 else:
                     total += sim_disk.virtual_size
@@ -288,12 +310,18 @@ class SimConnection:
             disk = dom.disks[spec.disk]
             top = spec.top.index if spec.top and spec.top.index is not None else 0
             if isinstance(spec, BlockPullSpec):
-                base = spec.base.index if spec.base and spec.base.index is not None \
+                base = (
+                    spec.base.index
+                    if spec.base and spec.base.index is not None
                     else len(disk.chain)
+                )
                 layers = base - top - 1
                 return disk.virtual_size * layers // max(1, len(disk.chain)), False, {}
-            base = spec.base.index if spec.base and spec.base.index is not None \
+            base = (
+                spec.base.index
+                if spec.base and spec.base.index is not None
                 else len(disk.chain) - 1
+            )
             layers = base - top
             return (disk.virtual_size * layers // max(1, len(disk.chain)), top == 0, {})
         if isinstance(spec, MigrationSpec):
@@ -305,9 +333,18 @@ class SimConnection:
             target = self.hosts.get(dest.name or "default")
             if target is not None and dom.name in target.domains:
                 raise DriverError(f"domain '{dom.name}' already exists on the destination")
-            return dom.memory, False, {"memory_total": dom.memory, "memory_processed": 0,
-                                       "memory_remaining": dom.memory, "disk_total": 0,
-                                       "disk_processed": 0, "disk_remaining": 0}
+            return (
+                dom.memory,
+                False,
+                {
+                    "memory_total": dom.memory,
+                    "memory_processed": 0,
+                    "memory_remaining": dom.memory,
+                    "disk_total": 0,
+                    "disk_processed": 0,
+                    "disk_remaining": 0,
+                },
+            )
         raise Unsupported(f"sim cannot run job type '{getattr(spec, 'TYPE', '?')}'")
 
     def _job(self, job: DriverJob) -> SimJob:
@@ -462,19 +499,23 @@ class SimConnection:
                         self.host.files.add(bdisk.store.path)
             if spec.checkpoint is not None and spec.checkpoint.name is not None:
                 dom.checkpoints[spec.checkpoint.name] = tuple(
-                    d.name for d in spec.backup.included_disks())
+                    d.name for d in spec.backup.included_disks()
+                )
             return {}
         if isinstance(spec, BlockPullSpec):
             disk = dom.disks[spec.disk]
             top = spec.top.index if spec.top and spec.top.index is not None else 0
             base = spec.base.index if spec.base and spec.base.index is not None else None
-            disk.chain = disk.chain[:top + 1] + ([] if base is None else disk.chain[base:])
+            disk.chain = disk.chain[: top + 1] + ([] if base is None else disk.chain[base:])
             return {}
         if isinstance(spec, BlockCommitSpec):
             disk = dom.disks[spec.disk]
             top = spec.top.index if spec.top and spec.top.index is not None else 0
-            base = spec.base.index if spec.base and spec.base.index is not None \
+            base = (
+                spec.base.index
+                if spec.base and spec.base.index is not None
                 else len(disk.chain) - 1
+            )
             disk.chain = disk.chain[:top] + disk.chain[base:]
             return {}
         if isinstance(spec, MigrationSpec):
@@ -527,5 +568,3 @@ class SimDriver:
             yield conn
         finally:
             conn.stop()
-
-
