@@ -333,8 +333,10 @@ class Job:
         await self.conn.engine.set_speed(self._rec, bandwidth or None)
 
     async def xml_desc(self) -> str:
-        """The job XML with its UUID and the effective (aligned, defaulted) values."""
-        return format_job(attrs.evolve(self._rec.spec, uuid=self._rec.uuid))
+        """The job XML with its UUID, its state and the effective (aligned, defaulted)
+        values; it parses back into the same spec."""
+        rec = self._rec
+        return format_job(attrs.evolve(rec.spec, uuid=rec.uuid), state=str(rec.state))
 
     def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
         return self.conn.subscribe(job=self.uuid, maxlen=maxlen)

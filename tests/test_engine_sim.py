@@ -341,6 +341,7 @@ async def test_xml_desc_has_uuid_and_effective_values(conn: Connection) -> None:
     desc = await job.xml_desc()
     assert str(job.uuid) in desc
     assert "/var/lib/sim/vm1/vda.qcow2." in desc and "backup='yes'" in desc
+    assert "<state>running</state>" in desc
     parsed = jobcore.xml.parse_job(desc)
     assert parsed.uuid == job.uuid
 

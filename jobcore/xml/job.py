@@ -33,7 +33,7 @@ _A = TypeVar("_A")
 _R = TypeVar("_R")
 
 #: children of <job> that jobcore.xml parses itself, whatever the type
-COMMON_CHILDREN = frozenset({"uuid", "queue", "priority", "retention"})
+COMMON_CHILDREN = frozenset({"uuid", "state", "queue", "priority", "retention"})
 
 #: bandwidth units -> bytes/s multiplier
 BANDWIDTH_UNITS = {"bytes/s": 1, "B/s": 1, "KiB/s": 1 << 10, "MiB/s": 1 << 20, "GiB/s": 1 << 30}
@@ -186,6 +186,8 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
             queue = True
             if child.get("timeout") is not None:
                 timeout = parse_seconds(child, "timeout")
+        elif tag == "state":
+            pass  # read-only: a described job's state, as JobGetXMLDesc writes it
         elif tag == "priority":
             priority = int(child.text or "")
         else:
@@ -199,9 +201,13 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
     return job_uuid, options
 
 
-def _format_common(job: etree._Element, spec_uuid: uuid.UUID | None, options: JobOptions) -> None:
+def _format_common(
+    job: etree._Element, spec_uuid: uuid.UUID | None, options: JobOptions, state: str | None
+) -> None:
     if spec_uuid is not None:
         etree.SubElement(job, "uuid").text = str(spec_uuid)
+    if state is not None:
+        etree.SubElement(job, "state").text = state
     if options.queue:
         q = etree.SubElement(job, "queue")
         if options.queue_timeout is not None:
@@ -275,19 +281,20 @@ def _parse_job(doc: str | bytes) -> Any:
     return info.codec.parse(job, job_uuid, options)
 
 
-def format_job(spec: Any) -> str:
-    """A spec -> its canonical ``<job>`` document."""
-    return _guarded(_format_job, spec)
+def format_job(spec: Any, *, state: str | None = None) -> str:
+    """A spec -> its canonical ``<job>`` document; ``state`` adds the read-only
+    ``<state>`` element of a described job (JobGetXMLDesc)."""
+    return _guarded(lambda s: _format_job(s, state), spec)
 
 
-def _format_job(spec: Any) -> str:
+def _format_job(spec: Any, state: str | None = None) -> str:
     try:
         info = registry.for_spec(spec)
     except JobError:
         raise XMLError(f"<job>: no job type is registered for {type(spec).__name__}") from None
     job = etree.Element("job")
     job.set("type", str(info.type))
-    _format_common(job, spec.uuid, spec.options)
+    _format_common(job, spec.uuid, spec.options, state)
     info.codec.format(spec, job)
     return _self_checked(serialize(job), _parse_job)
 
