@@ -356,18 +356,17 @@ async def connect(
             yield remote
         return
     driver = load_driver(parsed)
-    # An error raised by the caller's block is re-raised as itself after the task group
-    # closes, not wrapped in an ExceptionGroup; cancellation passes through untouched.
-    body_error: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        async with driver.connect(parsed, tg) as dconn:
-            engine = Engine(dconn, tg, retention=retention)
-            try:
-                yield Connection(uri, dconn, engine)
-            except Exception as exc:
-                body_error = exc
-            finally:
-                engine.close()
-        tg.cancel_scope.cancel()
-    if body_error is not None:
-        raise body_error
+    try:
+        async with anyio.create_task_group() as tg:
+            async with driver.connect(parsed, tg) as dconn:
+                engine = Engine(dconn, tg, retention=retention)
+                try:
+                    yield Connection(uri, dconn, engine)
+                finally:
+                    engine.close()
+            tg.cancel_scope.cancel()
+    except ExceptionGroup as group:
+        # one error (the caller's, or the driver's) comes out as itself, not wrapped
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
