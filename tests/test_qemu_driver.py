@@ -431,6 +431,7 @@ async def test_block_commit_active_ready_then_complete_or_auto_pivot(tmp_path: P
         await rep.wait_for("ready")
         await anyio.sleep(0.2)
         assert rep.terminal is None  # waits in ready for complete()
+        await conn.pause(job)  # QEMU: standby; complete() must still finish the job
         await conn.complete(job)
         assert (await rep.wait_end())[0] == "completed"
         assert (await conn.lookup_domain("vm1")).disks[0].chain == (str(base),)

@@ -793,6 +793,11 @@ class BlockCommitRunner(Runner):
         self.complete_requested = True
         try:
             await self.proc.execute("job-complete", {"id": sj.id})
+            if self.user_paused:
+                # QEMU accepts complete in standby but pivots only once resumed: finishing
+                # is what was asked, so let it run
+                await self.proc.execute("job-resume", {"id": sj.id})
+                self.user_paused = False
         except DriverError as exc:
             raise _verb_error(exc, self.job, "complete") from None
         self.phase = Phase.ENDING
