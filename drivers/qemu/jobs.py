@@ -551,6 +551,7 @@ class BackupRunner(Runner):
                     self.log.warning("block-export-del failed", error=str(exc))
                 finally:
                     self.proc.export_deleted.pop(bd.export_id, None)
+                    bd.export_id = ""  # teardown is idempotent
             for sj in self.subjobs:
                 if not sj.done.is_set() and self.proc.alive:
                     with contextlib.suppress(DriverError):
