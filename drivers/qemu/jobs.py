@@ -959,7 +959,6 @@ class MigrationRunner(Runner):
         for key, name in (
             ("downtime", "downtime"),
             ("setup-time", "setup_time"),
-            ("total-time", "time_elapsed_migration"),
         ):
             if key in info:
                 stats[name] = int(info[key])
