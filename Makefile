@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean qemu-deps
+.PHONY: demo demo-qemu test lint typecheck unit bench clean qemu-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m jobcore.demo $(DEMO_ARGS)
+
+# The same demo on real QEMU processes and fresh qcow2 images.
+demo-qemu: $(STAMP) qemu-deps
+	$(BIN)/python -m jobcore.demo --qemu
 
 # QEMU from Debian's packages, installed only when missing (tests never skip for lack of it).
 qemu-deps:
