@@ -17,6 +17,6 @@ def test_tables_md_is_generated_from_the_code() -> None:
 
 def test_every_design_page_linked_from_the_overview_exists() -> None:
     overview = (DESIGN / "README.md").read_text()
-    for page in ("tables.md", "scheduling.md", "legacy.md", "xml.md"):
+    for page in ("tables.md", "scheduling.md", "legacy.md", "xml.md", "qemu.md", "daemon.md"):
         assert f"({page})" in overview
         assert (DESIGN / page).exists(), page
