@@ -23,9 +23,7 @@ from jobcore.store import JobRecord
 from jobcore.uri import parse_uri
 from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
 
-#: The reserved UUID of "the domain job" (design/legacy.md), fixed forever:
-#: uuid5(NAMESPACE_URL, 'jobcore:legacy-domain-job'). No job is ever given it.
-LEGACY_DOMAIN_JOB_UUID = uuid.UUID("352d1551-dd56-5c91-9f5e-66d1a79be98c")
+LEGACY_DOMAIN_JOB_UUID = C.LEGACY_DOMAIN_JOB_UUID
 
 MiB = 1 << 20
 

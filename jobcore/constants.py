@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid as _uuid
+
 # virDomainJobType
 VIR_DOMAIN_JOB_NONE = 0
 VIR_DOMAIN_JOB_BOUNDED = 1
@@ -68,3 +70,7 @@ VIR_DOMAIN_EVENT_ID_JOB_COMPLETED = 21
 
 # jobcore's own JobBegin flags (no libvirt counterpart).
 JOB_BEGIN_QUEUE = 1 << 0  # wait in a FIFO queue instead of failing with JobConflict
+
+#: The reserved UUID of "the domain job" (design/legacy.md), fixed forever:
+#: uuid5(NAMESPACE_URL, 'jobcore:legacy-domain-job'). No job is ever given it.
+LEGACY_DOMAIN_JOB_UUID = _uuid.UUID("352d1551-dd56-5c91-9f5e-66d1a79be98c")

@@ -35,6 +35,7 @@ from jobcore.info import JobInfo
 from jobcore.lifecycle import LEGACY_JOB_TYPE, TRANSITIONS, JobState, Verb, check_verb
 from jobcore.log import get_logger
 from jobcore.registry import registry
+from jobcore.scheduler import Scheduler
 from jobcore.store import JobRecord, JobStore, MemoryJobStore
 
 S = JobState
@@ -72,8 +73,6 @@ class Engine:
         self.store: JobStore = store if store is not None else MemoryJobStore()
         self.retention = retention
         self.events = EventHub()
-        from jobcore.scheduler import Scheduler
-
         self.scheduler = Scheduler()
         self._seq = itertools.count()
         self._closed = False
@@ -95,6 +94,8 @@ class Engine:
         job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
         if self.store.get(job_id) is not None:
             raise InvalidArgument(f"a job with UUID '{job_id}' already exists")
+        if job_id == C.LEGACY_DOMAIN_JOB_UUID:
+            raise InvalidArgument(f"'{job_id}' is reserved for the legacy domain job alias")
         if spec.uuid is None:
             spec = attrs.evolve(spec, uuid=job_id)
         if info.prepare is not None:

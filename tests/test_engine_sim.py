@@ -242,6 +242,9 @@ async def test_caller_chosen_uuid_lookup_and_duplicate(conn: Connection) -> None
         await dom.job_begin(backup_xml("vdb", extra=f"<uuid>{chosen}</uuid>"))
     with pytest.raises(jobcore.NoSuchJob):
         await conn.job_lookup_by_uuid(dom, uuid.uuid4())
+    reserved = jobcore.LEGACY_DOMAIN_JOB_UUID
+    with pytest.raises(jobcore.InvalidArgument, match="reserved"):
+        await dom.job_begin(backup_xml("vdb", extra=f"<uuid>{reserved}</uuid>"))
     vm2 = await conn.lookup_domain("vm2")
     with pytest.raises(jobcore.NoSuchJob):
         await conn.job_lookup_by_uuid(vm2, chosen)
