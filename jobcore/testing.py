@@ -66,7 +66,7 @@ class JobTemplate:
     name: str
     domain: str
     domain_level: bool
-    make: Callable[[uuid.UUID, bool], str]
+    make: Callable[[uuid.UUID, bool], str]  # MakeXML
     exclusive: bool = False
     reads: frozenset[str] = frozenset()
     chains: frozenset[str] = frozenset()
@@ -86,38 +86,52 @@ def contract_conflict(a: JobTemplate, b: JobTemplate) -> bool:
     )
 
 
+#: builds a job's XML from its UUID and whether it asks to queue
+MakeXML = Callable[[uuid.UUID, bool], str]
+
+
 def _options(job: uuid.UUID, queue: bool) -> str:
     return f"<uuid>{job}</uuid>" + ("<queue/>" if queue else "")
 
 
-def sim_templates() -> list[JobTemplate]:
-    """Jobs of every type on the sim driver's ``vm1``."""
+def backup_job(disk: str, store_dir: str, mode: str = "push") -> MakeXML:
+    """A backup of one disk into ``store_dir/<uuid>.<disk>`` (push target or pull scratch;
+    a pull backup serves ``store_dir/<uuid>.sock``)."""
 
-    def backup(disk: str, mode: str = "push") -> Callable[[uuid.UUID, bool], str]:
-        def make(job: uuid.UUID, queue: bool) -> str:
-            store = "scratch" if mode == "pull" else "target"
-            server = "<server transport='unix' socket='/tmp/kit.sock'/>" if mode == "pull" else ""
-            return (
-                f"<job type='backup'>{_options(job, queue)}<domainbackup mode='{mode}'>"
-                f"{server}<disks><disk name='{disk}' type='file'>"
-                f"<{store} file='/kit/{job}.{disk}'/></disk></disks></domainbackup></job>"
-            )
-
-        return make
-
-    def chain(kind: str, body: str) -> Callable[[uuid.UUID, bool], str]:
-        return lambda job, queue: f"<job type='{kind}'>{_options(job, queue)}{body}</job>"
-
-    def migration(dest: str) -> Callable[[uuid.UUID, bool], str]:
-        return lambda job, queue: (
-            f"<job type='migration'>{_options(job, queue)}<destination uri='{dest}'/></job>"
+    def make(job: uuid.UUID, queue: bool) -> str:
+        store = "scratch" if mode == "pull" else "target"
+        server = (
+            f"<server transport='unix' socket='{store_dir}/{job}.sock'/>" if mode == "pull" else ""
+        )
+        return (
+            f"<job type='backup'>{_options(job, queue)}<domainbackup mode='{mode}'>"
+            f"{server}<disks><disk name='{disk}' type='file'>"
+            f"<{store} file='{store_dir}/{job}.{disk}'/></disk></disks></domainbackup></job>"
         )
 
+    return make
+
+
+def chain_job(kind: str, body: str) -> MakeXML:
+    """A block pull or commit: ``body`` holds the type's children."""
+    return lambda job, queue: f"<job type='{kind}'>{_options(job, queue)}{body}</job>"
+
+
+def migration_job(destination: str, extra: str = "") -> MakeXML:
+    return lambda job, queue: (
+        f"<job type='migration'>{_options(job, queue)}<destination uri='{destination}'/>"
+        f"{extra}</job>"
+    )
+
+
+def sim_templates() -> list[JobTemplate]:
+    """Jobs of every type on the sim driver's ``vm1`` and ``vm2``."""
+    backup, chain, migration = backup_job, chain_job, migration_job
     vda, vdb = frozenset({"vda"}), frozenset({"vdb"})
     return [
-        JobTemplate("backup-vda", "vm1", True, backup("vda"), reads=vda),
-        JobTemplate("backup-vdb", "vm1", True, backup("vdb"), reads=vdb),
-        JobTemplate("pull-backup-vdb", "vm1", True, backup("vdb", "pull"), reads=vdb),
+        JobTemplate("backup-vda", "vm1", True, backup("vda", "/kit"), reads=vda),
+        JobTemplate("backup-vdb", "vm1", True, backup("vdb", "/kit"), reads=vdb),
+        JobTemplate("pull-backup-vdb", "vm1", True, backup("vdb", "/kit", "pull"), reads=vdb),
         JobTemplate(
             "blockpull-vda", "vm1", False, chain("blockpull", "<disk name='vda'/>"), chains=vda
         ),
@@ -132,7 +146,7 @@ def sim_templates() -> list[JobTemplate]:
             "commit-vdb", "vm1", False, chain("blockcommit", "<disk name='vdb'/>"), chains=vdb
         ),
         JobTemplate("migrate-away", "vm1", True, migration("sim:///kitdest"), exclusive=True),
-        JobTemplate("backup-vm2", "vm2", True, backup("vda"), reads=vda),
+        JobTemplate("backup-vm2", "vm2", True, backup("vda", "/kit"), reads=vda),
     ]
 
 

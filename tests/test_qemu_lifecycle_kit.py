@@ -11,14 +11,19 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from jobcore.testing import JobLifecycleMachine, JobTemplate
+from jobcore.testing import (
+    JobLifecycleMachine,
+    JobTemplate,
+    MakeXML,
+    backup_job,
+    chain_job,
+    migration_job,
+)
 
 pytestmark = pytest.mark.qemu
 SETTLE = 0.03
@@ -54,10 +59,6 @@ def _xml(name: str, disks: dict[str, Path]) -> str:
     return f"<domain><name>{name}</name><devices>{devs}</devices></domain>"
 
 
-def _opts(job: uuid.UUID, queue: bool) -> str:
-    return f"<uuid>{job}</uuid>" + ("<queue/>" if queue else "")
-
-
 class QemuKit(JobLifecycleMachine):
     BACKEND = "asyncio"
 
@@ -89,32 +90,16 @@ class QemuKit(JobLifecycleMachine):
             shutil.rmtree(self.work, ignore_errors=True)
 
     def templates(self) -> list[JobTemplate]:
-        work = self.work
+        work = str(self.work)
 
-        def backup(disk: str, mode: str = "push") -> Callable[[uuid.UUID, bool], str]:
-            def make(job: uuid.UUID, queue: bool) -> str:
-                store = "scratch" if mode == "pull" else "target"
-                server = (
-                    f"<server transport='unix' socket='{work}/{job}.sock'/>"
-                    if mode == "pull"
-                    else ""
-                )
-                return (
-                    f"<job type='backup'>{_opts(job, queue)}<domainbackup mode='{mode}'>"
-                    f"{server}<disks><disk name='{disk}' type='file'>"
-                    f"<{store} file='{work}/{job}.{disk}'/></disk></disks></domainbackup></job>"
-                )
+        def backup(disk: str, mode: str = "push") -> MakeXML:
+            return backup_job(disk, work, mode)
 
-            return make
+        chain = chain_job
 
-        def chain(kind: str, body: str) -> Callable[[uuid.UUID, bool], str]:
-            return lambda job, queue: f"<job type='{kind}'>{_opts(job, queue)}{body}</job>"
-
-        def migration() -> Callable[[uuid.UUID, bool], str]:
-            return lambda job, queue: (
-                f"<job type='migration'>{_opts(job, queue)}"
-                f"<destination uri='qemu:///session?dir={work / 'run'}'/>"
-                "<bandwidth unit='KiB/s'>64</bandwidth></job>"
+        def migration() -> MakeXML:
+            return migration_job(
+                f"qemu:///session?dir={work}/run", "<bandwidth unit='KiB/s'>64</bandwidth>"
             )
 
         vda, vdb = frozenset({"vda"}), frozenset({"vdb"})
