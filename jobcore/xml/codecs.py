@@ -75,12 +75,17 @@ class BackupCodec:
 
 
 @define
-class BlockPullCodec:
-    schema: str
+class ChainJobCodec:
+    """Block pull and block commit: a disk, chain positions, flags, a bandwidth."""
 
-    def parse(
-        self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
-    ) -> BlockPullSpec:
+    schema: str
+    spec_class: type[BlockPullSpec] | type[BlockCommitSpec]
+    #: the chain positions in the order they are written
+    refs: tuple[str, ...]
+    #: the type's empty flag elements (``<pivot/>`` …), in the order they are written
+    flags: tuple[str, ...] = ()
+
+    def parse(self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions) -> Any:
         values: dict[str, Any] = {}
         seen: set[str] = set()
         for child in job.iterchildren(_ELEMENT):
@@ -88,57 +93,23 @@ class BlockPullCodec:
             tag = child.tag
             if tag == "disk":
                 values["disk"] = T.attr(child, "name", "nonEmpty")
-            elif tag in ("base", "top"):
+            elif tag in self.refs:
                 values[tag] = parse_chain_ref(child)
-            elif tag == "bandwidth":
-                values["bandwidth"] = parse_bandwidth(child)
-        spec: BlockPullSpec = _checked(job, BlockPullSpec, uuid=uuid, options=options, **values)
-        return spec
-
-    def format(self, spec: Any, job: etree._Element) -> None:
-        assert isinstance(spec, BlockPullSpec)
-        etree.SubElement(job, "disk").set("name", spec.disk)
-        if spec.base is not None:
-            build_chain_ref(job, "base", spec.base)
-        if spec.top is not None:
-            build_chain_ref(job, "top", spec.top)
-        if spec.bandwidth is not None:
-            build_bandwidth(job, spec.bandwidth)
-
-
-@define
-class BlockCommitCodec:
-    schema: str
-
-    def parse(
-        self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
-    ) -> BlockCommitSpec:
-        values: dict[str, Any] = {}
-        seen: set[str] = set()
-        for child in job.iterchildren(_ELEMENT):
-            once(seen, child)
-            tag = child.tag
-            if tag == "disk":
-                values["disk"] = T.attr(child, "name", "nonEmpty")
-            elif tag in ("base", "top"):
-                values[tag] = parse_chain_ref(child)
-            elif tag in ("pivot", "delete", "shallow"):
+            elif tag in self.flags:
                 values[tag] = True
             elif tag == "bandwidth":
                 values["bandwidth"] = parse_bandwidth(child)
-        spec: BlockCommitSpec = _checked(job, BlockCommitSpec, uuid=uuid, options=options, **values)
-        return spec
+        return _checked(job, self.spec_class, uuid=uuid, options=options, **values)
 
     def format(self, spec: Any, job: etree._Element) -> None:
-        assert isinstance(spec, BlockCommitSpec)
+        assert isinstance(spec, self.spec_class)
         etree.SubElement(job, "disk").set("name", spec.disk)
-        if spec.top is not None:
-            build_chain_ref(job, "top", spec.top)
-        if spec.base is not None:
-            build_chain_ref(job, "base", spec.base)
-        _flag(job, "pivot", spec.pivot)
-        _flag(job, "delete", spec.delete)
-        _flag(job, "shallow", spec.shallow)
+        for tag in self.refs:
+            ref = getattr(spec, tag)
+            if ref is not None:
+                build_chain_ref(job, tag, ref)
+        for tag in self.flags:
+            _flag(job, tag, getattr(spec, tag))
         if spec.bandwidth is not None:
             build_bandwidth(job, spec.bandwidth)
 
@@ -188,10 +159,15 @@ BACKUP_CODEC = BackupCodec(
     _schema.defines_text("jobtypes.rng", only=("job-backup",))
     + _schema.defines_text("backup.rng", "checkpoint.rng")
 )
-BLOCKPULL_CODEC = BlockPullCodec(_schema.defines_text("jobtypes.rng", only=("job-blockpull",)))
-BLOCKCOMMIT_CODEC = BlockCommitCodec(
-    _schema.defines_text("jobtypes.rng", only=("job-blockcommit",))
+BLOCKPULL_CODEC = ChainJobCodec(
+    _schema.defines_text("jobtypes.rng", only=("job-blockpull",)), BlockPullSpec, ("base", "top")
+)
+BLOCKCOMMIT_CODEC = ChainJobCodec(
+    _schema.defines_text("jobtypes.rng", only=("job-blockcommit",)),
+    BlockCommitSpec,
+    ("top", "base"),
+    ("pivot", "delete", "shallow"),
 )
 MIGRATION_CODEC = MigrationCodec(_schema.defines_text("jobtypes.rng", only=("job-migration",)))
 
-BUILTIN_CODEC_CLASSES = (BackupCodec, BlockPullCodec, BlockCommitCodec, MigrationCodec)
+BUILTIN_CODEC_CLASSES = (BackupCodec, ChainJobCodec, MigrationCodec)
