@@ -217,6 +217,7 @@ class Engine:
         for ticket in self.scheduler.release(rec.ticket):
             waiting = self.store.get(ticket.job)
             if waiting is not None and waiting.state is S.QUEUED:
+                waiting.starting = True  # verbs wait until the driver has it
                 self._transition(waiting, S.RUNNING)
                 self.tg.start_soon(self._start_queued, waiting)
         if _stdlib_log.isEnabledFor(logging.INFO):
@@ -275,11 +276,9 @@ class Engine:
 
     async def pause(self, rec: JobRecord) -> None:
         await self._verb(rec, Verb.PAUSE, "pause")
-        rec.user_paused = True
 
     async def resume(self, rec: JobRecord) -> None:
         await self._verb(rec, Verb.RESUME, "resume")
-        rec.user_paused = False
 
     async def complete(self, rec: JobRecord) -> None:
         await self._verb(rec, Verb.COMPLETE, "complete")

@@ -47,7 +47,6 @@ class JobRecord:
     extra: dict[str, int | str] = field(factory=dict)
     errmsg: str | None = None
     bandwidth: int | None = None
-    user_paused: bool = False
     #: driver.start() is under way
     starting: bool = False
     #: set once driver.start() returned (or failed); verbs wait for it

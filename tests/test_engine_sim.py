@@ -390,3 +390,21 @@ async def test_errors_in_the_connection_block_come_out_unwrapped() -> None:
     with pytest.raises(jobcore.NoSuchDomain):
         async with jobcore.connect(MANUAL) as c:
             await c.lookup_domain("nope")
+
+
+async def test_verbs_on_a_job_just_admitted_from_the_queue_wait_for_its_start(
+    conn: Connection,
+) -> None:
+    dom = await conn.lookup_domain("vm1")
+    holder = await dom.job_begin(PULL_VDA)
+    queued = await dom.job_begin(backup_xml("vda", extra="<queue/>"))
+    conn.driver.crash()  # type: ignore[attr-defined]  # the holder fails synchronously
+    conn.driver.restart()  # type: ignore[attr-defined]
+    assert holder.state.terminal and st(queued) is JobState.RUNNING
+    # admitted: the driver start runs in a task; a verb right now must wait for it
+    await queued.pause()
+    assert st(queued) is JobState.PAUSED
+    await queued.resume()
+    await queued.abort()
+    await step(conn, 0)
+    assert (await queued.wait(1))["state"] == "cancelled"
