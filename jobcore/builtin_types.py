@@ -85,11 +85,11 @@ def prepare_commit(spec: BlockCommitSpec, dom: DomainInfo, wall: float) -> Block
     if len(disk.chain) < 2:
         raise InvalidArgument(f"disk '{disk.name}' has no backing file to commit into")
     top = _index(disk, spec.top, "top", 0)
-    base = _index(disk, spec.base, "base", len(disk.chain) - 1)
+    # as libvirt's VIR_DOMAIN_BLOCK_COMMIT_SHALLOW: without a base, shallow means the
+    # top's own backing file instead of the bottom of the chain
+    base = _index(disk, spec.base, "base", top + 1 if spec.shallow else len(disk.chain) - 1)
     if base <= top:
         raise InvalidArgument(f"base (index {base}) must lie below top (index {top})")
-    if spec.shallow and base != top + 1:
-        raise InvalidArgument("a shallow commit's base is the top's backing file")
     return attrs.evolve(spec, top=ChainRef(index=top), base=ChainRef(index=base))
 
 

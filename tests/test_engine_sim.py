@@ -408,3 +408,24 @@ async def test_verbs_on_a_job_just_admitted_from_the_queue_wait_for_its_start(
     await queued.abort()
     await step(conn, 0)
     assert (await queued.wait(1))["state"] == "cancelled"
+
+
+async def test_shallow_commit_defaults_base_to_the_tops_backing_file(conn: Connection) -> None:
+    dom = await conn.lookup_domain("vm1")
+    job = await dom.job_begin(
+        "<job type='blockcommit'><disk name='vda'/><top index='1'/><shallow/></job>"
+    )
+    assert "<base index='2'/>" in await job.xml_desc()
+    await step(conn, 10)
+    assert (await job.wait(1))["state"] == "completed"
+    # the contract's example, all elements at once: the base given wins over shallow
+    vm2 = await conn.lookup_domain("vm2")
+    full = await vm2.job_begin(
+        "<job type='blockcommit'><disk name='vda'/><top index='0'/><base index='2'/>"
+        "<pivot/><delete/><shallow/><bandwidth unit='MiB/s'>100</bandwidth></job>"
+    )
+    await step(conn, 10)
+    await step(conn, 0)
+    assert (await full.wait(1))["state"] == "completed"
+    disk = (await vm2.info()).disk("vda")
+    assert disk is not None and len(disk.chain) == 1
