@@ -13,7 +13,7 @@ import contextlib
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar, cast
 
@@ -24,6 +24,7 @@ from jobcore.api import Connection, Domain, Job, as_uuid, connect
 from jobcore.driver import DriverConnection
 from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import JobError
+from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.info import JobInfo
 from jobcore.spec import JobType
 
@@ -124,6 +125,20 @@ class BlockingConnection:
     def getURI(self) -> str:
         return self.uri
 
+    def subscribe(
+        self,
+        *,
+        domain: str | None = None,
+        job: uuid.UUID | None = None,
+        types: Iterable[str] | None = None,
+        maxlen: int = EventHub.DEFAULT_BUFFER,
+    ) -> BlockingSubscription:
+        """Job events without polling: iterate, or ``get(timeout)``; ``close()`` when done."""
+        sub = self.run_sync(
+            lambda: self.aconn.subscribe(domain=domain, job=job, types=types, maxlen=maxlen)
+        )
+        return BlockingSubscription(self, sub)
+
     def __enter__(self) -> BlockingConnection:
         return self
 
@@ -136,6 +151,44 @@ def _sync_to_async(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]
         return fn(*args)
 
     return wrapper
+
+
+class BlockingSubscription:
+    """A blocking view of an event subscription (see jobcore.events for the loss policy)."""
+
+    def __init__(self, conn: BlockingConnection, sub: Subscription) -> None:
+        self.conn = conn
+        self.sub = sub
+
+    def get(self, timeout: float | None = None) -> JobEvent:
+        """The next event; TimeoutError after ``timeout`` seconds without one."""
+
+        async def next_event() -> JobEvent:
+            with anyio.fail_after(timeout):
+                return await self.sub.get()
+
+        return self.conn._call(next_event)
+
+    def __iter__(self) -> Iterator[JobEvent]:
+        while True:
+            try:
+                yield self.get()
+            except anyio.EndOfStream:
+                return
+
+    @property
+    def lost(self) -> int:
+        return self.sub.lost
+
+    def close(self) -> None:
+        if self.conn.isAlive():
+            self.conn.run_sync(self.sub.close)
+
+    def __enter__(self) -> BlockingSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class BlockingDomain:

@@ -174,3 +174,22 @@ def test_unclosed_connection_does_not_keep_the_process_alive() -> None:
     assert out.returncode == 0, out.stderr
     assert "began" in out.stdout
     assert time.monotonic() - started < 30
+
+
+def test_blocking_subscription_delivers_events_without_polling(conn: BlockingConnection) -> None:
+    dom = conn.lookupByName("vm1")
+    with conn.subscribe(domain="vm1") as events:
+        job = jobcore.JobBegin(dom, f"<job type='backup'>{BACKUP}</job>")
+        first = events.get(timeout=5)
+        assert first.job == job.uuid and first.state is jobcore.JobState.RUNNING
+        with pytest.raises(TimeoutError):  # manual clock: nothing ends until we advance
+            while True:
+                assert events.get(timeout=0.05).kind is not jobcore.EventKind.FINAL
+        advance(conn, 3)
+        kinds = []
+        for ev in events:
+            kinds.append(ev.kind)
+            if ev.kind is jobcore.EventKind.FINAL:
+                assert ev.stats is not None and ev.stats["success"] is True
+                break
+    assert jobcore.EventKind.STATE in kinds
