@@ -729,49 +729,29 @@ async def _h_list_jobs(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
     return [_ref(c, j) for j in await (await _domain(c, a[0])).list_jobs()]
 
 
-@_handles(Method.LEGACY_JOB_INFO)
-async def _h_legacy_info(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _domain(c, a[0])).job_info()
+def _domain_call(name: str) -> Handler:
+    """A legacy virDomain call: the Domain method ``name`` with the request's other
+    arguments, its plain result sent back as is."""
+
+    async def handler(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+        result: Wire = await getattr(await _domain(c, a[0]), name)(*a[1:])
+        return result
+
+    return handler
 
 
-@_handles(Method.LEGACY_JOB_STATS)
-async def _h_legacy_stats(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _domain(c, a[0])).job_stats(a[1])
-
-
-@_handles(Method.LEGACY_ABORT_JOB)
-async def _h_legacy_abort(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _domain(c, a[0])).abort_job()
-
-
-@_handles(Method.BACKUP_BEGIN)
-async def _h_backup_begin(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _domain(c, a[0])).backup_begin(a[1], a[2], a[3])
-
-
-@_handles(Method.BACKUP_GET_XML_DESC)
-async def _h_backup_xml(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _domain(c, a[0])).backup_get_xml_desc(a[1])
-
-
-@_handles(Method.BLOCK_JOB_INFO)
-async def _h_block_job_info(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _domain(c, a[0])).block_job_info(a[1], a[2])
-
-
-@_handles(Method.BLOCK_JOB_ABORT)
-async def _h_block_job_abort(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _domain(c, a[0])).block_job_abort(a[1], a[2])
-
-
-@_handles(Method.BLOCK_PULL)
-async def _h_block_pull(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _domain(c, a[0])).block_pull(a[1], a[2], a[3])
-
-
-@_handles(Method.BLOCK_COMMIT)
-async def _h_block_commit(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _domain(c, a[0])).block_commit(a[1], a[2], a[3], a[4], a[5])
+for _method, _name in (
+    (Method.LEGACY_JOB_INFO, "job_info"),
+    (Method.LEGACY_JOB_STATS, "job_stats"),
+    (Method.LEGACY_ABORT_JOB, "abort_job"),
+    (Method.BACKUP_BEGIN, "backup_begin"),
+    (Method.BACKUP_GET_XML_DESC, "backup_get_xml_desc"),
+    (Method.BLOCK_JOB_INFO, "block_job_info"),
+    (Method.BLOCK_JOB_ABORT, "block_job_abort"),
+    (Method.BLOCK_PULL, "block_pull"),
+    (Method.BLOCK_COMMIT, "block_commit"),
+):
+    _HANDLERS[_method] = _domain_call(_name)
 
 
 @_handles(Method.JOB_INFO)
