@@ -91,15 +91,7 @@ class Connection:
         maxlen: int = EventHub.DEFAULT_BUFFER,
     ) -> Subscription:
         """A bounded, filtered event queue; close it (or use ``with``) when done."""
-        return self.engine.subscribe(
-            EventFilter(
-                domain,
-                job,
-                None if types is None else frozenset(map(str, types)),
-                None if kinds is None else frozenset(kinds),
-            ),
-            maxlen,
-        )
+        return self.engine.subscribe(EventFilter.of(domain, job, types, kinds), maxlen)
 
 
 class Domain:

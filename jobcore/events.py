@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import anyio
@@ -58,6 +58,22 @@ class EventFilter:
     job: uuid.UUID | None = None
     types: frozenset[str] | None = None
     kinds: frozenset[EventKind] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        domain: str | None = None,
+        job: uuid.UUID | None = None,
+        types: Iterable[str] | None = None,
+        kinds: Iterable[EventKind | str] | None = None,
+    ) -> EventFilter:
+        """A filter from ``subscribe()``'s keyword arguments (any iterables)."""
+        return cls(
+            domain,
+            job,
+            None if types is None else frozenset(map(str, types)),
+            None if kinds is None else frozenset(EventKind(k) for k in kinds),
+        )
 
     def matches(self, ev: JobEvent) -> bool:
         return (

@@ -317,15 +317,7 @@ class RemoteConnection(Connection):
     ) -> Subscription:
         if maxlen < 1:
             raise ValueError("an event buffer holds at least one event")
-        return self._session.subscribe(
-            EventFilter(
-                domain,
-                job,
-                None if types is None else frozenset(map(str, types)),
-                None if kinds is None else frozenset(EventKind(k) for k in kinds),
-            ),
-            maxlen,
-        )
+        return self._session.subscribe(EventFilter.of(domain, job, types, kinds), maxlen)
 
 
 def _list_of(decode: Callable[[Wire], T]) -> Callable[[Wire], list[T]]:
