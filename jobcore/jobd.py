@@ -69,6 +69,7 @@ from jobcore.protocol import (
     error_reply,
     frame_length,
 )
+from jobcore.rundir import ensure_private_dir
 from jobcore.uri import parse_uri
 
 #: jobd's exit status when another daemon holds the run directory.
@@ -402,7 +403,7 @@ class Daemon:
         handle_signals: bool = True,
     ) -> None:
         cfg = self.config
-        cfg.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(cfg.run_dir, what="jobd run directory")
         lock = RunDirLock(cfg.run_dir)
         lock.acquire()
         try:

@@ -200,7 +200,8 @@ def corrupt_first_cluster(path: Path) -> None:
 def start_orphan_qemu(run_dir: Path) -> subprocess.Popen[bytes]:
     """A QEMU as a dead driver would leave it: running, with its pid file in ``run_dir``."""
     proc = subprocess.Popen(
-        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+        ["qemu-system-x86_64", "-name", "old", "-machine", "none", "-nodefaults",
+         "-display", "none",
          "-qmp", f"unix:{run_dir}/old.0.qmp,server=on,wait=off",
          "-pidfile", f"{run_dir}/old.0.pid"],
     )  # fmt: skip

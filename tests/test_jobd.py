@@ -41,7 +41,7 @@ class Jobd:
 
     def __init__(self, run_dir: Path, *args: str) -> None:
         self.run_dir = run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_path = run_dir.parent / f"{run_dir.name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(

@@ -173,7 +173,7 @@ async def test_domain_lifecycle_chain_and_refusals(tmp_path: Path) -> None:
 
 async def test_new_owner_kills_qemu_left_by_a_dead_owner(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(mode=0o700)
     orphan = start_orphan_qemu(run_dir)
     try:
         async with session(tmp_path):

@@ -351,20 +351,20 @@ class QemuDriver:
         _require_asyncio()
         if uri.path != "/session" or uri.transport or uri.host:
             raise Unsupported(f"the qemu driver serves qemu:///session only, not '{uri}'")
-        run_dir = RunDir(run_dir_of(uri))
-        run_dir.acquire()
-        try:
+        try:  # every parameter is checked before the run directory is locked
             bandwidth = int(uri.param("backup_bandwidth") or 0)
         except ValueError:
             raise Unsupported(f"backup_bandwidth in '{uri}' must be bytes/s") from None
-        conn = QemuConnection(
-            uri=str(uri), run_dir=run_dir.path, tg=tg, backup_bandwidth=max(bandwidth, 0)
-        )
-        try:
-            tg.start_soon(conn._poller)
-            yield conn
-        finally:
+        run_dir = RunDir(run_dir_of(uri))
+        run_dir.acquire()
+        try:  # and from here on, every way out releases it
+            conn = QemuConnection(
+                uri=str(uri), run_dir=run_dir.path, tg=tg, backup_bandwidth=max(bandwidth, 0)
+            )
             try:
-                await conn.aclose()
+                tg.start_soon(conn._poller)
+                yield conn
             finally:
-                run_dir.release()
+                await conn.aclose()
+        finally:
+            run_dir.release()

@@ -31,17 +31,43 @@ def qemu_binary(name: str) -> str:
     return path
 
 
+class QemuImgFailed(DriverError):
+    """``qemu-img`` exited non-zero; ``stderr`` is its text."""
+
+    def __init__(self, command: str, stderr: str) -> None:
+        self.stderr = stderr
+        super().__init__(f"qemu-img {command} failed: {stderr}")
+
+
 async def _run(*args: str) -> str:
     result = await anyio.run_process([qemu_binary(QEMU_IMG), *args], check=False)
     if result.returncode != 0:
-        err = result.stderr.decode(errors="replace").strip()
-        raise DriverError(f"qemu-img {args[0]} failed: {err}")
+        raise QemuImgFailed(args[0], result.stderr.decode(errors="replace").strip())
     return result.stdout.decode()
+
+
+def unreadable_image(path: str, fmt: str, qemu_img_text: str) -> str:
+    """What to tell the user when ``qemu-img info`` cannot open a disk's image."""
+    text = qemu_img_text.removeprefix("qemu-img: ")
+    if "backing" in text:
+        return (
+            f"the backing chain of image '{path}' cannot be opened ({text}): check that "
+            f"every backing file exists, with 'qemu-img info --backing-chain {path}'"
+        )
+    if "No such file" in text or "Permission denied" in text:
+        return f"cannot read image '{path}' ({text})"
+    return (
+        f"image '{path}' is not a valid {fmt} image ({text}): check it with "
+        f"'qemu-img check -f {fmt} {path}', or give its real format in <driver type=...>"
+    )
 
 
 async def backing_chain(path: str, fmt: str) -> list[ImageInfo]:
     """The image's chain, active layer first (``qemu-img info --backing-chain``)."""
-    out = await _run("info", "-U", "--backing-chain", "--output=json", "-f", fmt, path)
+    try:
+        out = await _run("info", "-U", "--backing-chain", "--output=json", "-f", fmt, path)
+    except QemuImgFailed as exc:
+        raise DriverError(unreadable_image(path, fmt, exc.stderr)) from None
     data: Any = json.loads(out)
     entries = data if isinstance(data, list) else [data]
     return [

@@ -25,6 +25,7 @@ from structlog.stdlib import BoundLogger
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.images import create_image, exists, fsync_files, remove_files
 from drivers.qemu.process import Outcome, QemuProcess, SubJob
+from drivers.qemu.rundir import migration_socket, nbd_socket
 from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport, StoreType
 from jobcore.driver import DriverJob, JobReporter
 from jobcore.errors import DriverError, OperationInvalid, Unsupported
@@ -365,7 +366,7 @@ class BackupRunner(Runner):
         server = self.spec.backup.server
         if server is None or server.transport is ServerTransport.UNIX:
             sock = (server.socket if server else None) or str(
-                self.conn.run_dir / f"{self.domain.name}.backup-{self.short}.sock"
+                nbd_socket(self.conn.run_dir, self.domain.name, self.short)
             )
             self.server_socket = sock
             addr: dict[str, Any] = {"type": "unix", "data": {"path": sock}}
@@ -837,7 +838,7 @@ class MigrationRunner(Runner):
             raise Unsupported("post-copy migration is not supported by the qemu driver")
         self.dest = await self.conn.spawn_incoming(self.domain)
         try:
-            sock = self.conn.run_dir / f"{self.dest.stem}.mig.sock"
+            sock = migration_socket(self.conn.run_dir, self.dest.stem)
             params: dict[str, Any] = {
                 "max-bandwidth": spec.bandwidth or UNLIMITED_MIGRATION_BANDWIDTH
             }

@@ -1,20 +1,24 @@
 """One QEMU process: spawn, QMP session, event routing, and guaranteed reaping.
 
 Every process gets ``-name``, ``-machine none``, ``-nodefaults``, ``-display none``, QMP on a
-UNIX socket in the run directory and a pid file there. It is started with
-``PR_SET_PDEATHSIG=SIGKILL`` so it dies with the driver's thread even if the driver never
-reaches its cleanup, and ``stop()`` always ends in a reaped child: ``quit`` over QMP, then
-SIGKILL after a timeout.
+UNIX socket in the run directory and a pid file there. It runs in a session of its own
+(``start_new_session``: a terminal's Ctrl-C reaches the driver, which stops QEMU in order,
+not QEMU directly) with no inherited file descriptors, and no code runs in the child between
+fork and exec. ``stop()`` always ends in a reaped child: ``quit`` over QMP, then SIGKILL
+after a timeout. A driver killed without cleanup leaves its QEMUs running; the next owner of
+the run directory finds and kills them by their pid files (``rundir.RunDir.reap_stale``).
+
+QEMU's refusals that name no file (a locked image, a corrupt qcow2 taken offline) are
+rewritten by ``explain`` into texts that name the image and say what to do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
 import os
-import signal
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from attrs import define, field
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
 
 from drivers.qemu.images import exists, qemu_binary
+from drivers.qemu.rundir import log_file, pid_file, qmp_socket
 from jobcore.errors import DriverError
 from jobcore.log import get_logger
 
@@ -32,12 +37,26 @@ log = get_logger(__name__)
 QEMU_SYSTEM = "qemu-system-x86_64"
 CONNECT_TIMEOUT = 10.0
 QUIT_TIMEOUT = 3.0
-_PR_SET_PDEATHSIG = 1
+#: QEMU's image-locking refusal ("Failed to get "write" lock", "Failed to get shared …")
+_LOCK_REFUSAL = re.compile(r'Failed to get (?:shared )?"[^"]+" lock')
+#: what QEMU says about a node it took offline (qcow2 flagged corrupt: ENOMEDIUM and kin)
+_OFFLINE = ("No medium found", "is not inserted", "is ejected")
+_MARKED_CORRUPT = "Image is corrupt; cannot be opened read/write"
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def locked_image(file: str, qemu_text: str) -> str:
+    return (
+        f"image '{file}' is in use by another process (QEMU: {qemu_text}): stop the other "
+        "user of the file (another domain, qemu-img, qemu-nbd, a VM) or give a copy"
+    )
+
+
+def corrupt_image(file: str, qemu_text: str) -> str:
+    return (
+        f"image '{file}' is not a valid qcow2 image: its metadata is corrupt (QEMU: "
+        f"{qemu_text}); check it with 'qemu-img check {file}' while nothing uses it "
+        "('-r all' repairs; keep a copy first), or restore it from a backup"
+    )
 
 
 def _open_log(path: Path) -> int:
@@ -85,6 +104,10 @@ class QemuProcess:
     export_deleted: dict[str, anyio.Event] = field(factory=dict)
     exit_reason: str | None = None  # why the driver ended it on purpose
     exited: anyio.Event = field(factory=anyio.Event)
+    #: image file of each node opened with ``blockdev-add`` (to name files in errors)
+    node_files: dict[str, str] = field(factory=dict)
+    #: node → QEMU's message, for nodes QEMU reported corrupt (``BLOCK_IMAGE_CORRUPTED``)
+    corrupt: dict[str, str] = field(factory=dict)
     _listener: EventListener | None = None
 
     @property
@@ -97,7 +120,7 @@ class QemuProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / f"{self.stem}.log"
+        return log_file(self.run_dir, self.stem)
 
     def stderr_tail(self, limit: int = 400) -> str:
         try:
@@ -112,7 +135,7 @@ class QemuProcess:
     async def spawn(
         cls, run_dir: Path, name: str, stem: str, extra: list[str], *, incoming: bool = False
     ) -> QemuProcess:
-        qmp_path = run_dir / f"{stem}.qmp"
+        qmp_path = qmp_socket(run_dir, stem)
         qmp_path.unlink(missing_ok=True)
         argv = [
             qemu_binary(QEMU_SYSTEM),
@@ -127,19 +150,21 @@ class QemuProcess:
             "-qmp",
             f"unix:{qmp_path},server=on,wait=off",
             "-pidfile",
-            str(run_dir / f"{stem}.pid"),
+            str(pid_file(run_dir, stem)),
             *extra,
         ]
         if incoming:
             argv += ["-incoming", "defer"]
-        errlog = _open_log(run_dir / f"{stem}.log")
+        errlog = _open_log(log_file(run_dir, stem))
         try:
+            # no preexec_fn: running Python between fork and exec is unsafe with threads
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=errlog,
                 stderr=errlog,
-                preexec_fn=_die_with_parent,
+                start_new_session=True,
+                close_fds=True,
             )
         finally:
             os.close(errlog)
@@ -187,15 +212,32 @@ class QemuProcess:
         if not self.alive:
             raise DriverError(f"QEMU process of domain '{self.name}' is not running")
         try:
-            return await self.qmp.execute(cmd, args)
+            result = await self.qmp.execute(cmd, args)
         except ExecuteError as exc:
-            raise DriverError(str(exc)) from None
+            raise DriverError(self.explain(str(exc), _opened_file(cmd, args))) from None
         except (ExecInterruptedError, ConnectError) as exc:
             raise DriverError(f"QEMU process of domain '{self.name}' went away: {exc}") from None
         except Exception as exc:  # StateError and other connection-level failures
             if not self.alive:
                 raise DriverError(f"QEMU process of domain '{self.name}' exited") from None
             raise DriverError(f"QMP {cmd} failed: {exc}") from None
+        if cmd == "blockdev-add" and args is not None:
+            file = _opened_file(cmd, args)
+            if file is not None:
+                self.node_files[str(args["node-name"])] = file
+        return result
+
+    def explain(self, text: str, file: str | None = None) -> str:
+        """QEMU's error text, rewritten to name the image and what to do when QEMU's own
+        text does not: a lock held by another process, a qcow2 QEMU found corrupt."""
+        if file is not None and _LOCK_REFUSAL.search(text):
+            return locked_image(file, text)
+        if file is not None and _MARKED_CORRUPT in text:
+            return corrupt_image(file, text)
+        if self.corrupt and any(marker in text for marker in _OFFLINE):
+            node, why = next(iter(self.corrupt.items()))
+            return corrupt_image(self.node_files.get(node, f"of node {node}"), f"{why}; {text}")
+        return text
 
     async def hmp(self, command_line: str) -> str:
         out = await self.execute("human-monitor-command", {"command-line": command_line})
@@ -222,8 +264,8 @@ class QemuProcess:
             sj.finish(Outcome.FAILED, msg)
         for ev in self.export_deleted.values():
             ev.set()
-        (self.run_dir / f"{self.stem}.pid").unlink(missing_ok=True)
-        (self.run_dir / f"{self.stem}.qmp").unlink(missing_ok=True)
+        pid_file(self.run_dir, self.stem).unlink(missing_ok=True)
+        qmp_socket(self.run_dir, self.stem).unlink(missing_ok=True)
         log.info("qemu exited", domain=self.name, pid=self.pid, status=self.proc.returncode)
 
     async def _route_events(self) -> None:
@@ -255,7 +297,7 @@ class QemuProcess:
                 sj.outcome = sj.outcome or Outcome.CANCELLED
             elif data.get("error"):
                 sj.outcome = sj.outcome or Outcome.FAILED
-                sj.error = sj.error or str(data["error"])
+                sj.error = sj.error or self.explain(str(data["error"]))
             else:
                 sj.outcome = sj.outcome or Outcome.COMPLETED
             sj.current = int(data.get("offset", sj.current))
@@ -264,6 +306,10 @@ class QemuProcess:
             sj = self.subjobs.get(str(data.get("device")))
             if sj is not None:
                 sj.ready.set()
+        elif name == "BLOCK_IMAGE_CORRUPTED":
+            node = str(data.get("node-name") or data.get("device") or "?")
+            self.corrupt.setdefault(node, str(data.get("msg", "corrupt metadata")))
+            log.warning("qemu found a corrupt image", domain=self.name, **data)
         elif name == "BLOCK_JOB_ERROR":
             log.warning("block job I/O error", domain=self.name, **data)
         elif name == "MIGRATION":
@@ -295,3 +341,15 @@ class QemuProcess:
                 with anyio.move_on_after(1):
                     await self.qmp.disconnect()
             self._mark_exited()
+
+
+def _opened_file(cmd: str, args: dict[str, Any] | None) -> str | None:
+    """The image file a ``blockdev-add`` opens (``file: {driver: file, filename}``)."""
+    if cmd != "blockdev-add" or args is None:
+        return None
+    inner = args.get("file")
+    if isinstance(inner, dict) and isinstance(inner.get("filename"), str):
+        return str(inner["filename"])
+    if isinstance(args.get("filename"), str):
+        return str(args["filename"])
+    return None

@@ -1,9 +1,16 @@
 """The run directory: where a connection keeps its sockets, logs and pid files.
 
 One connection owns one run directory at a time, enforced by an ``fcntl`` lock on
-``RUN_DIR/lock``. Every QEMU process the driver starts writes ``NAME.GEN.pid`` there; a
-connection that finds pid files left by a previous owner that died (the lock was free)
-kills those processes before it starts anything, so a crashed driver never leaks QEMU.
+``RUN_DIR/lock``. The directory must be private (``jobcore.rundir``: a real directory,
+owned by the user, not writable by group or others; a missing one is created 0700).
+
+Every file the driver puts there has a name built here, and cleanup touches only names of
+these shapes (``NAME.GEN.pid``, ``NAME.GEN.qmp``, ``NAME.GEN.mig.sock``,
+``NAME.backup-XXXXXXXX.sock``, ``NAME.GEN.log``, ``lock``): other programs' files in the
+directory are never removed. A connection that finds pid files left by a previous owner
+that died (the lock was free) kills a process only when it can prove the driver started
+it: a ``qemu-system-*`` of this user whose command line names this domain, this pid file
+and this QMP socket. A pid file that points at anything else is just stale.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import signal
+import stat
 import tempfile
 from pathlib import Path
 
@@ -19,9 +28,45 @@ from attrs import define, field
 
 from jobcore.errors import DriverError
 from jobcore.log import get_logger
+from jobcore.rundir import UnsafeRunDir, ensure_private_dir
 from jobcore.uri import URI
 
 log = get_logger(__name__)
+
+LOCK = "lock"
+#: stems are ``NAME.GEN`` (domain name, process generation)
+_PID = re.compile(r"^(?P<stem>(?P<name>.+)\.\d+)\.pid$")
+_SOCKETS = (
+    re.compile(r"^.+\.\d+\.qmp$"),  # QMP of one process
+    re.compile(r"^.+\.\d+\.mig\.sock$"),  # migration into one process
+    re.compile(r"^.+\.backup-[0-9a-f]{8}\.sock$"),  # default NBD socket of a pull backup
+)
+
+
+def pid_file(run_dir: Path, stem: str) -> Path:
+    return run_dir / f"{stem}.pid"
+
+
+def qmp_socket(run_dir: Path, stem: str) -> Path:
+    return run_dir / f"{stem}.qmp"
+
+
+def log_file(run_dir: Path, stem: str) -> Path:
+    return run_dir / f"{stem}.log"
+
+
+def migration_socket(run_dir: Path, stem: str) -> Path:
+    return run_dir / f"{stem}.mig.sock"
+
+
+def nbd_socket(run_dir: Path, domain: str, short: str) -> Path:
+    """A pull backup's NBD socket when its XML names none (``short``: 8 hex digits)."""
+    return run_dir / f"{domain}.backup-{short}.sock"
+
+
+def is_driver_socket(name: str) -> bool:
+    """True for a file name the driver gives its sockets."""
+    return any(p.match(name) for p in _SOCKETS)
 
 
 def default_run_dir() -> Path:
@@ -32,21 +77,32 @@ def default_run_dir() -> Path:
 
 
 def run_dir_of(uri: URI) -> Path:
-    """The run directory named by ``?dir=`` or the per-user default, absolute."""
+    """The run directory named by ``?dir=`` or the per-user default, absolute.
+
+    Symbolic links in the parents are resolved; the directory itself is not followed (a
+    run directory that is a symbolic link is refused when the connection opens).
+    """
     named = uri.param("dir")
-    return Path(named).resolve() if named else default_run_dir().resolve()
+    path = Path(os.path.abspath(named or default_run_dir()))
+    return path.parent.resolve() / path.name
 
 
 @define
 class RunDir:
-    """A locked run directory. ``acquire`` raises DriverError when another owner holds it."""
+    """A locked run directory. ``acquire`` raises DriverError when another owner holds it
+    or when the directory is not private."""
 
     path: Path
     _fd: int | None = field(default=None, init=False)
 
     def acquire(self) -> None:
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            ensure_private_dir(self.path, what="qemu run directory")
+        except UnsafeRunDir as exc:
+            raise DriverError(str(exc)) from None
+        except OSError as exc:
+            raise DriverError(f"cannot create qemu run directory {self.path}: {exc}") from None
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -55,7 +111,11 @@ class RunDir:
                 f"run directory {self.path} is in use by another qemu driver connection"
             ) from None
         self._fd = fd
-        self.reap_stale()
+        try:
+            self.reap_stale()
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         if self._fd is not None:
@@ -64,32 +124,76 @@ class RunDir:
             self._fd = None
 
     def pidfile(self, stem: str) -> Path:
-        return self.path / f"{stem}.pid"
+        return pid_file(self.path, stem)
 
     def reap_stale(self) -> None:
-        """Kill QEMU processes recorded by a previous owner of this directory."""
-        for pidfile in self.path.glob("*.pid"):
+        """Kill QEMU processes a previous owner started; remove its pid files and sockets.
+
+        Only names the driver gives its files are considered; a pid file is removed, and
+        its process killed only when ``_started_by_driver`` proves it is ours.
+        """
+        with os.scandir(self.path) as entries:
+            names = sorted(entry.name for entry in entries)
+        for name in names:
+            path = self.path / name
             try:
-                pid = int(pidfile.read_text().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
-            if pid > 0 and _is_our_qemu(pid, self.path):
-                log.warning("killing leftover qemu", pid=pid, pidfile=str(pidfile))
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            pidfile.unlink(missing_ok=True)
-        for leftover in self.path.glob("*.sock"):
-            leftover.unlink(missing_ok=True)
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            pid_match = _PID.match(name)
+            if pid_match and stat.S_ISREG(st.st_mode):
+                self._reap_pidfile(path, pid_match["stem"], pid_match["name"])
+            elif is_driver_socket(name) and stat.S_ISSOCK(st.st_mode):
+                log.info("removing stale socket", path=str(path))
+                path.unlink(missing_ok=True)
+
+    def _reap_pidfile(self, path: Path, stem: str, name: str) -> None:
+        try:
+            pid = int(path.read_text().strip() or "0")
+        except (OSError, ValueError):
+            pid = 0
+        if pid > 0 and _started_by_driver(pid, self.path, stem, name):
+            log.warning("killing leftover qemu", pid=pid, pidfile=str(path))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        elif pid > 0:
+            log.info("stale pid file: not a process the driver started", pid=pid, pidfile=str(path))
+        path.unlink(missing_ok=True)
 
 
-def _is_our_qemu(pid: int, run_dir: Path) -> bool:
-    """True when ``pid`` is a QEMU whose command line points into ``run_dir``."""
+def _argument(argv: list[bytes], option: bytes) -> bytes | None:
+    """The value after ``option`` in ``argv`` (last one wins, as in QEMU)."""
+    value = None
+    for i, arg in enumerate(argv[:-1]):
+        if arg == option:
+            value = argv[i + 1]
+    return value
+
+
+def _started_by_driver(pid: int, run_dir: Path, stem: str, name: str) -> bool:
+    """True when ``pid`` is a QEMU of this user started as the driver starts them for
+    ``stem``: ``-name NAME``, ``-pidfile RUN_DIR/STEM.pid``, ``-qmp unix:RUN_DIR/STEM.qmp,…``."""
+    proc = Path(f"/proc/{pid}")
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        status = (proc / "status").read_text()
     except OSError:
         return False
-    return (
-        bool(cmdline)
-        and b"qemu" in cmdline[0]
-        and any(str(run_dir).encode() in arg for arg in cmdline)
+    uid = next(
+        (int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:")), -1
     )
+    if uid != os.getuid() or not os.path.basename(argv[0]).startswith(b"qemu-system"):
+        return False
+    qmp = _argument(argv, b"-qmp") or b""
+    pidfile = _argument(argv, b"-pidfile")
+    return (
+        _argument(argv, b"-name") == os.fsencode(name)
+        and pidfile is not None
+        and _same_path(pidfile, pid_file(run_dir, stem))
+        and qmp.startswith(b"unix:")
+        and _same_path(qmp.removeprefix(b"unix:").split(b",")[0], qmp_socket(run_dir, stem))
+    )
+
+
+def _same_path(arg: bytes, path: Path) -> bool:
+    return os.path.realpath(os.fsdecode(arg)) == os.path.realpath(path)

@@ -1,0 +1,82 @@
+"""Private run directories: where jobd and the qemu driver put sockets and pid files.
+
+A run directory is trusted only when nobody else can change what is in it: it must be a
+real directory (not a symbolic link), owned by the user running the process, and not
+writable by group or others. Otherwise another user could pre-create it (``/tmp`` is
+shared) and rename our sockets away or put their own in place. ``ensure_private_dir``
+creates a missing directory (and missing parents) with mode 0700 and refuses an existing
+one that fails these rules, with a message saying why and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+class UnsafeRunDir(PermissionError):
+    """An existing run directory that another user could tamper with."""
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def ensure_private_dir(path: Path, *, what: str = "run directory") -> Path:
+    """Create ``path`` with mode 0700 (and its missing parents), or check the existing one.
+
+    Returns the absolute path. Raises ``UnsafeRunDir`` for a symbolic link, a non-directory,
+    a directory owned by another uid or writable by group/others; other ``OSError`` when it
+    cannot be created.
+    """
+    path = _absolute(path)
+    missing: list[Path] = []
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue  # created meanwhile by someone else: the check below decides
+        os.chmod(directory, 0o700)  # whatever the umask took away from the owner
+    check_private_dir(path, what=what)
+    return path
+
+
+def check_private_dir(path: Path, *, what: str = "run directory") -> None:
+    """Raise ``UnsafeRunDir`` unless ``path`` is a directory only this user can change."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise UnsafeRunDir(f"{what} {path} does not exist") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeRunDir(
+            f"{what} {path} is a symbolic link (to {os.readlink(path)}); it is refused "
+            "because whoever controls the link decides where the sockets go: name the "
+            "real directory instead, or remove the link"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeRunDir(
+            f"{what} {path} exists and is not a directory: remove it or choose another one"
+        )
+    uid = os.getuid()
+    if st.st_uid != uid:
+        raise UnsafeRunDir(
+            f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {uid}); another "
+            "user may have created it to take over its sockets: remove it (as its owner or "
+            "root) or choose another directory"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = " and ".join(
+            name
+            for bit, name in ((stat.S_IWGRP, "group"), (stat.S_IWOTH, "others"))
+            if st.st_mode & bit
+        )
+        raise UnsafeRunDir(
+            f"{what} {path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}), so "
+            f"they could replace its sockets: run 'chmod 700 {path}' or choose another "
+            "directory"
+        )
