@@ -102,7 +102,13 @@ class RunDir:
             raise DriverError(str(exc)) from None
         except OSError as exc:
             raise DriverError(f"cannot create qemu run directory {self.path}: {exc}") from None
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(self.path / LOCK, flags, 0o600)
+        except OSError as exc:
+            raise DriverError(
+                f"cannot open the lock file of qemu run directory {self.path}: {exc}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
