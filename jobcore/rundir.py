@@ -1,8 +1,9 @@
 """Private run directories: where jobd and the qemu driver put sockets and pid files.
 
 A run directory is trusted only when nobody else can change what is in it: it must be a
-real directory (not a symbolic link), owned by the user running the process, and not
-writable by group or others. Otherwise another user could pre-create it (``/tmp`` is
+real directory (not a symbolic link), owned by the user running the process, not writable
+by group or others, and not inside a world-writable directory without the sticky bit
+(where anyone could rename it away). Otherwise another user could pre-create it (``/tmp`` is
 shared) and rename our sockets away or put their own in place. ``ensure_private_dir``
 creates a missing directory (and missing parents) with mode 0700 and refuses an existing
 one that fails these rules, with a message saying why and what to do.
@@ -36,6 +37,8 @@ def ensure_private_dir(path: Path, *, what: str = "run directory") -> Path:
     while not os.path.lexists(probe) and probe != probe.parent:
         missing.append(probe)
         probe = probe.parent
+    if missing:  # nothing is created inside a directory where it could be swapped
+        _check_ancestors(missing[-1], what, path)
     for directory in reversed(missing):
         try:
             os.mkdir(directory, 0o700)
@@ -80,3 +83,22 @@ def check_private_dir(path: Path, *, what: str = "run directory") -> None:
             f"they could replace its sockets: run 'chmod 700 {path}' or choose another "
             "directory"
         )
+    _check_ancestors(path, what, path)
+
+
+def _check_ancestors(entry: Path, what: str, path: Path) -> None:
+    """Refuse ``path`` when a directory above ``entry`` lets anyone rename entries in it: a
+    world-writable directory without the sticky bit (``/tmp`` has it, so it is fine)."""
+    ancestor = Path(os.path.realpath(entry.parent))
+    while True:
+        st = os.stat(ancestor)
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise UnsafeRunDir(
+                f"{what} {path} is inside {ancestor}, which everyone may write and which has "
+                f"no sticky bit (mode {stat.S_IMODE(st.st_mode):04o}), so others could move "
+                f"{path} away and put their own in its place: choose a directory under a "
+                f"private parent, or run 'chmod o-w {ancestor}' (or 'chmod +t')"
+            )
+        if ancestor == ancestor.parent:
+            return
+        ancestor = ancestor.parent

@@ -278,6 +278,18 @@ async def test_random_bytes_named_qcow2_is_not_a_valid_qcow2(tmp_path: Path) -> 
     assert f"qemu-img check -f qcow2 {bogus}" in msg
 
 
+async def test_missing_backing_file_is_named_as_such(tmp_path: Path) -> None:
+    base = create(tmp_path / "base.qcow2")
+    top = create(tmp_path / "top.qcow2", backing=base)
+    base.unlink()
+    async with session(tmp_path / "run") as conn:
+        with pytest.raises(DriverError) as err:
+            await conn.create_domain(domain_xml("vm1", {"vda": top}))
+    msg = str(err.value)
+    assert f"the backing chain of image '{top}' cannot be opened" in msg
+    assert str(base) in msg and "No such file" in msg
+
+
 async def test_corrupt_qcow2_found_during_a_job_is_named(tmp_path: Path) -> None:
     src = create(tmp_path / "src.qcow2")
     write(src, "write -P 0x42 0 8M")

@@ -58,6 +58,17 @@ def test_symlink_is_refused_even_to_a_private_directory(tmp_path: Path) -> None:
         ensure_private_dir(link)
 
 
+def test_inside_a_world_writable_non_sticky_parent_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may rename entries here: our run dir could be swapped
+    with pytest.raises(UnsafeRunDir, match=f"inside {shared}, which everyone may write"):
+        ensure_private_dir(shared / "run")
+    assert not (shared / "run").exists()  # refused before anything was created there
+    shared.chmod(0o1777)  # sticky, like /tmp: only the owner may rename its entries
+    assert mode(ensure_private_dir(shared / "run")) == 0o700
+
+
 def test_not_a_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "run").write_text("x")
     with pytest.raises(UnsafeRunDir, match="not a directory"):

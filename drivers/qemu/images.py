@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -49,7 +50,8 @@ async def _run(*args: str) -> str:
 def unreadable_image(path: str, fmt: str, qemu_img_text: str) -> str:
     """What to tell the user when ``qemu-img info`` cannot open a disk's image."""
     text = qemu_img_text.removeprefix("qemu-img: ")
-    if "backing" in text:
+    named = set(re.findall(r"'([^']+)'", text))
+    if "backing" in text or named - {path}:  # qemu-img names the layer it failed on
         return (
             f"the backing chain of image '{path}' cannot be opened ({text}): check that "
             f"every backing file exists, with 'qemu-img info --backing-chain {path}'"
