@@ -198,7 +198,9 @@ def corrupt_first_cluster(path: Path) -> None:
 
 
 def start_orphan_qemu(run_dir: Path) -> subprocess.Popen[bytes]:
-    """A QEMU as a dead driver would leave it: running, with its pid file in ``run_dir``."""
+    """A QEMU as a dead driver would leave it: running, with its pid file in ``run_dir``
+    (and the run directory's ``lock``, which every owner creates)."""
+    (run_dir / "lock").touch()
     proc = subprocess.Popen(
         ["qemu-system-x86_64", "-name", "old", "-machine", "none", "-nodefaults",
          "-display", "none",

@@ -109,6 +109,7 @@ def push_spec(disk: str, target: Path) -> BackupJobSpec:
 async def test_cleanup_removes_only_the_drivers_files(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
+    (run / "lock").touch()  # a driver owned it before
     sleeper = spawn("sleep", "1000")
     try:
         # other programs' files: a jobd sharing the directory, a user's notes and socket
@@ -135,6 +136,19 @@ async def test_cleanup_removes_only_the_drivers_files(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+async def test_a_directory_no_driver_owned_is_not_cleaned(tmp_path: Path) -> None:
+    """No ``lock`` file: no driver ever owned it, so files of the driver's naming in it
+    belong to someone else (``?dir=`` pointed at a directory of theirs)."""
+    run = tmp_path / "theirs"
+    run.mkdir(mode=0o700)
+    unix_socket_file(run / "app.1.qmp")
+    (run / "svc.1.pid").write_text("999999999\n")
+    async with session(run):
+        assert (run / "app.1.qmp").exists() and (run / "svc.1.pid").exists()
+    async with session(run):  # now it has been ours: the same names count as ours
+        assert not (run / "app.1.qmp").exists() and not (run / "svc.1.pid").exists()
 
 
 async def test_cleanup_kills_only_qemu_it_can_prove_it_started(tmp_path: Path) -> None:

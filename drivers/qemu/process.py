@@ -236,7 +236,7 @@ class QemuProcess:
             return corrupt_image(file, text)
         if self.corrupt and any(marker in text for marker in _OFFLINE):
             node, why = next(iter(self.corrupt.items()))
-            return corrupt_image(self.node_files.get(node, f"of node {node}"), f"{why}; {text}")
+            return corrupt_image(self.node_files.get(node, node), f"{why}; {text}")
         return text
 
     async def hmp(self, command_line: str) -> str:

@@ -7,7 +7,8 @@ owned by the user, not writable by group or others; a missing one is created 070
 Every file the driver puts there has a name built here, and cleanup touches only names of
 these shapes (``NAME.GEN.pid``, ``NAME.GEN.qmp``, ``NAME.GEN.mig.sock``,
 ``NAME.backup-XXXXXXXX.sock``, ``NAME.GEN.log``, ``lock``): other programs' files in the
-directory are never removed. A connection that finds pid files left by a previous owner
+directory are never removed, and a directory without a ``lock`` file (no driver ever
+owned it) is not cleaned at all. A connection that finds pid files left by a previous owner
 that died (the lock was free) kills a process only when it can prove the driver started
 it: a ``qemu-system-*`` of this user whose command line names this domain, this pid file
 and this QMP socket. A pid file that points at anything else is just stale.
@@ -102,6 +103,8 @@ class RunDir:
             raise DriverError(str(exc)) from None
         except OSError as exc:
             raise DriverError(f"cannot create qemu run directory {self.path}: {exc}") from None
+        # a directory that never had a lock never had an owner: nothing in it is ours
+        used_before = os.path.lexists(self.path / LOCK)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             fd = os.open(self.path / LOCK, flags, 0o600)
@@ -117,6 +120,8 @@ class RunDir:
                 f"run directory {self.path} is in use by another qemu driver connection"
             ) from None
         self._fd = fd
+        if not used_before:
+            return
         try:
             self.reap_stale()
         except BaseException:
