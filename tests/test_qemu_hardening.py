@@ -132,6 +132,7 @@ async def test_cleanup_removes_only_the_drivers_files(tmp_path: Path) -> None:
             for kept in ("jobd.sock", "jobd.pid", "notes.txt", "something.sock", "keep.0.qmp"):
                 assert (run / kept).exists(), kept
             assert (run / "notes.txt").read_text() == "mine"
+            await anyio.sleep(0.3)  # a SIGKILL sent at open would have landed by now
             assert sleeper.poll() is None, "an unrelated process named by a pid file was killed"
     finally:
         sleeper.kill()
@@ -169,6 +170,7 @@ async def test_cleanup_kills_only_qemu_it_can_prove_it_started(tmp_path: Path) -
             await anyio.sleep(0.02)
         async with session(run):
             assert not (run / "old.0.pid").exists() and not (run / "stale.0.pid").exists()
+            await anyio.sleep(0.3)  # a SIGKILL sent at open would have landed by now
             assert alive(theirs.pid), "a QEMU the driver did not start was killed"
     finally:
         orphan_status = ended_by(orphan)
