@@ -194,29 +194,59 @@ async def test_sim_failed_or_aborted_push_removes_only_what_it_created() -> None
 
 
 @pytest.mark.anyio
-async def test_reuse_external_flag_means_reuse_not_queue() -> None:
+async def test_reuse_external_flag_means_reuse_not_queue(tmp_path: Path) -> None:
     """JobBegin's libvirt flag REUSE_EXTERNAL (1) and jobcore's JOB_BEGIN_QUEUE are
     different bits; the flag reaches the driver as the prepared spec's field."""
-    from drivers.sim import SimFile
-
-    assert JOB_BEGIN_QUEUE & REUSE == 0
+    vda, vdb = tmp_path / "vda.qcow2", tmp_path / "vdb.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(vda), str(GiB))
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(vdb), str(VDB_SIZE))
     async with jobcore.connect("sim:///default?clock=manual") as conn:
-        files = sim(conn).host.files
-        files["/b/vda.qcow2"] = SimFile("qcow2", GiB)
-        files["/b/vdb.qcow2"] = SimFile("qcow2", VDB_SIZE)
         dom = await conn.lookup_domain("vm1")
         await dom.job_begin("<job type='blockpull'><disk name='vda'/></job>")
         # REUSE_EXTERNAL is no request to queue: a conflicting backup still fails fast
         with pytest.raises(jobcore.JobConflict):
-            await dom.job_begin(push("vda", "/b/vda.qcow2"), REUSE)
-        queued = await dom.job_begin(push("vda", "/b/new.qcow2"), JOB_BEGIN_QUEUE)
+            await dom.job_begin(push("vda", vda), REUSE)
+        queued = await dom.job_begin(push("vda", tmp_path / "new.qcow2"), JOB_BEGIN_QUEUE)
         assert queued.state is JobState.QUEUED
         assert conn.engine.lookup(queued.uuid).spec.reuse_external is False
-        reused = await dom.job_begin(push("vdb", "/b/vdb.qcow2"), REUSE)
+        reused = await dom.job_begin(push("vdb", vdb), REUSE)
         assert reused.state is JobState.RUNNING
         rec = conn.engine.lookup(reused.uuid)
         assert rec.spec.reuse_external is True and rec.driver_job.spec.reuse_external is True
-        assert "reuse" not in await reused.xml_desc()  # a begin flag, not part of the XML
+        assert "<reuse" not in await reused.xml_desc()  # a begin flag, not in the XML
+    assert JOB_BEGIN_QUEUE & REUSE == 0
+
+
+# ---- through jobd -------------------------------------------------------------------
+
+
+def test_jobd_refuses_an_existing_target_and_passes_reuse_external(tmp_path: Path) -> None:
+    from test_jobd import Jobd
+
+    image = tmp_path / "vdb.qcow2"  # a real file: jobd's sim host sees it as existing
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(VDB_SIZE))
+    kept = snapshot(image)
+    daemon = Jobd(tmp_path / "run").wait_ready()
+    try:
+        conn = jobcore.open(daemon.uri("clock=manual"))
+        try:
+            dom = conn.lookupByName("vm1")
+            with pytest.raises(InvalidArgument, match=f"store '{image}' for backup of 'vdb'"):
+                dom.backupBegin(domainbackup("vdb", image))
+            with pytest.raises(InvalidArgument, match="exists"):
+                jobcore.JobBegin(dom, push("vdb", image))
+            assert dom.listJobs() == []
+            with pytest.raises(InvalidArgument, match="'blockpull' job"):
+                jobcore.JobBegin(dom, "<job type='blockpull'><disk name='vda'/></job>", REUSE)
+            reused = jobcore.JobBegin(dom, push("vdb", image), REUSE)
+            assert jobcore.JobGetInfo(reused)["state"] == "running"
+            jobcore.JobAbort(reused)
+            assert jobcore.JobWait(reused, timeout=10)["state"] == "cancelled"
+        finally:
+            conn.close()
+    finally:
+        daemon.stop()
+    assert snapshot(image) == kept
 
 
 # ---- qemu ---------------------------------------------------------------------------
@@ -315,3 +345,12 @@ async def test_qemu_failed_or_aborted_push_removes_created_target(
         assert (await job.wait(30)).state is JobState.CANCELLED
         assert reused.exists()
         run("qemu-img", "check", "-q", str(reused))
+        # a pull backup's reused scratch file stays too (a created one goes: test_qemu_api)
+        scratch = tmp_path / "scratch.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", str(scratch), "256M")
+        job = await dom.job_begin(pull("vda", scratch, tmp_path / "nbd.sock"), REUSE)
+        await wait_state(job, JobState.READY)
+        await job.abort()
+        assert (await job.wait(30)).state is JobState.COMPLETED
+        assert scratch.exists()
+        run("qemu-img", "check", "-q", str(scratch))
