@@ -76,6 +76,11 @@ async def create_new_image(path: str, fmt: str, size: int) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileExistsError:
         return False
+    except OSError as exc:
+        raise DriverError(
+            f"cannot create backup file '{path}': {exc.strerror or exc}; "
+            "check that its directory exists and is writable"
+        ) from None
     os.close(fd)
     try:
         await create_image(path, fmt, size)
