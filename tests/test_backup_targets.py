@@ -152,7 +152,7 @@ async def test_sim_treats_a_real_file_as_existing_and_never_writes_it(tmp_path: 
 
 @pytest.mark.anyio
 async def test_sim_failed_or_aborted_push_removes_only_what_it_created() -> None:
-    async with jobcore.connect(f"sim:///default?rate={64 * MiB}") as conn:
+    async with jobcore.connect(f"sim:///default?rate={GiB}") as conn:
         host = sim(conn).host
         dom = await conn.lookup_domain("vm1")
         # created, then aborted: gone (and it existed while the job ran)
