@@ -16,6 +16,7 @@ from jobcore.drivers import load_driver
 from jobcore.engine import DEFAULT_RETENTION, Engine
 from jobcore.errors import InvalidArgument, NoSuchJob, OperationInvalid
 from jobcore.events import EventFilter, EventHub, EventKind, Subscription
+from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, ChainRef, JobType
@@ -118,10 +119,12 @@ class Domain:
 
     async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> Job:
         """Parse a ``<job>`` document and begin it (JobBegin)."""
+        check_flags("JobBegin", flags)  # the bits of any type; the engine checks the type's
         return await self.job_begin_spec(parse_job(job_xml), flags)
 
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> Job:
-        """Begin a job from a typed spec (what ``job_begin`` does after parsing)."""
+        """Begin a job from a typed spec (what ``job_begin`` does after parsing); the
+        engine refuses flag bits the spec's type does not accept (jobcore.flags)."""
         return Job(self.conn, await self.conn.engine.begin(self.name, spec, flags))
 
     async def list_jobs(self) -> list[Job]:
@@ -151,6 +154,7 @@ class Domain:
         """virDomainGetJobStats: the legacy job's stats, or with
         VIR_DOMAIN_JOB_STATS_COMPLETED the last ended one's (read once unless
         VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)."""
+        check_flags("jobStats", flags)
         engine = self.conn.engine
         if not flags & C.VIR_DOMAIN_JOB_STATS_COMPLETED:
             rec = self._legacy_active()
@@ -174,12 +178,16 @@ class Domain:
     async def backup_begin(
         self, backup_xml: str | None, checkpoint_xml: str | None = None, flags: int = 0
     ) -> int:
+        """virDomainBackupBegin; VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL reuses existing
+        target/scratch files (without it, an existing one is refused)."""
+        check_flags("backupBegin", flags)
         backup = parse_backup(backup_xml or "<domainbackup/>")
         checkpoint = None if checkpoint_xml is None else parse_checkpoint(checkpoint_xml)
-        await self.job_begin_spec(BackupJobSpec(backup, checkpoint))
+        await self.job_begin_spec(BackupJobSpec(backup, checkpoint), flags)
         return 0
 
     async def backup_get_xml_desc(self, flags: int = 0) -> str:
+        check_flags("backupGetXMLDesc", flags)
         rec = self._legacy_active()
         if rec is None or not isinstance(rec.spec, BackupJobSpec):
             raise NoSuchJob("no domain backup job present")
@@ -189,9 +197,12 @@ class Domain:
         return self.conn.engine.store.chain_job(self.name, disk)
 
     async def block_job_info(self, disk: str, flags: int = 0) -> dict[str, int]:
-        """virDomainGetBlockJobInfo: {'type', 'bandwidth', 'cur', 'end'} or {}."""
+        """virDomainGetBlockJobInfo: {'type', 'bandwidth', 'cur', 'end'}, or {} when the
+        disk has no block job; a disk the domain does not have is an InvalidArgument."""
+        check_flags("blockJobInfo", flags)
         rec = self._chain_job(disk)
         if rec is None:
+            await self._require_disk(disk)
             return {}
         if isinstance(rec.spec, BlockPullSpec):
             kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL
@@ -209,9 +220,15 @@ class Domain:
             cur -= 1
         return {"type": kind, "bandwidth": bandwidth, "cur": cur, "end": end}
 
+    async def _require_disk(self, disk: str) -> None:
+        if (await self.info()).disk(disk) is None:
+            raise InvalidArgument(f"disk '{disk}' not found in domain '{self.name}'")
+
     async def block_job_abort(self, disk: str, flags: int = 0) -> int:
+        check_flags("blockJobAbort", flags)
         rec = self._chain_job(disk)
         if rec is None:
+            await self._require_disk(disk)
             raise OperationInvalid(f"disk '{disk}' does not have an active block job")
         engine = self.conn.engine
         if flags & C.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT:
@@ -230,6 +247,7 @@ class Domain:
         return 0
 
     async def block_pull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
+        check_flags("blockPull", flags)
         await self.job_begin_spec(
             BlockPullSpec(
                 disk,
@@ -241,6 +259,7 @@ class Domain:
     async def block_commit(
         self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
     ) -> int:
+        check_flags("blockCommit", flags)
         info = await self.info()
         chain = info.disk(disk)
         top_ref = None if top is None else ChainRef(file=top)

@@ -68,8 +68,10 @@ VIR_DOMAIN_EVENT_ID_BLOCK_JOB = 8
 VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2 = 16
 VIR_DOMAIN_EVENT_ID_JOB_COMPLETED = 21
 
-# jobcore's own JobBegin flags (no libvirt counterpart).
-JOB_BEGIN_QUEUE = 1 << 0  # wait in a FIFO queue instead of failing with JobConflict
+# jobcore's own JobBegin flags (no libvirt counterpart). They live from bit 16 up, out of
+# the space of libvirt's per-call flags, because JobBegin also takes those (a backup job
+# takes VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL = 1 << 0); see jobcore.flags.
+JOB_BEGIN_QUEUE = 1 << 16  # wait in a FIFO queue instead of failing with JobConflict
 
 #: The reserved UUID of "the domain job" (design/legacy.md), fixed forever:
 #: uuid5(NAMESPACE_URL, 'jobcore:legacy-domain-job'). No job is ever given it.

@@ -1,9 +1,11 @@
-"""Render the lifecycle and conflict tables (the data in jobcore.lifecycle and
-jobcore.scheduler) as markdown: ``python -m jobcore.docgen > design/tables.md``.
+"""Render the lifecycle, conflict and flag tables (the data in jobcore.lifecycle,
+jobcore.scheduler and jobcore.flags) as markdown: ``python -m jobcore.docgen > design/tables.md``.
 A test checks that design/tables.md is exactly this output."""
 
 from __future__ import annotations
 
+from jobcore import constants as C
+from jobcore.flags import FLAG_NAMES, JOB_BEGIN_TYPE_FLAG_NAMES
 from jobcore.lifecycle import (
     STATE_DOC,
     TERMINAL,
@@ -58,6 +60,24 @@ def render() -> str:
     modes = [m.value for m in Mode]
     ccells = {(a.value, b.value): "✗" for a in Mode for b in CONFLICTS[a]}
     lines += _grid(modes, modes, ccells, "mode")
+    lines += [
+        "",
+        "## Accepted flags (jobcore.flags)",
+        "",
+        "Any other bit, a negative value or one wider than 64 bits raises `InvalidArgument`"
+        " (`unsupported flags (0x…) in function CALL`), as libvirt's virCheckFlags.",
+        "",
+        "| call | accepted flags |",
+        "|---|---|",
+    ]
+
+    def names(ns: tuple[str, ...]) -> str:
+        return ", ".join(f"`{n}` ({int(getattr(C, n)):#x})" for n in ns) or "none (0)"
+
+    for call, ns in FLAG_NAMES.items():
+        lines.append(f"| `{call}` | {names(ns)} |")
+    for job_type, ns in JOB_BEGIN_TYPE_FLAG_NAMES.items():
+        lines.append(f"| `JobBegin` of a `{job_type}` job | also {names(ns)} |")
     lines.append("")
     return "\n".join(lines)
 

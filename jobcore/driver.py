@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import frozen
 
+from jobcore.errors import InvalidArgument
 from jobcore.spec import JobType
 
 if TYPE_CHECKING:
@@ -54,6 +55,43 @@ class DomainInfo:
             if d.name == name:
                 return d
         return None
+
+
+# ---- backup targets and scratch files (libvirt's rule, the same text on every driver) --
+
+REUSE_HINT = "VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL"
+
+
+def store_exists(path: str, disk: str) -> InvalidArgument:
+    """A target/scratch file that exists, for a backup that would create it."""
+    return InvalidArgument(
+        f"store '{path}' for backup of '{disk}' exists: name a file that does not exist, or "
+        f"pass {REUSE_HINT} to reuse this one (it is never overwritten otherwise)"
+    )
+
+
+def store_missing(path: str, disk: str) -> InvalidArgument:
+    """A target/scratch file that does not exist, for a backup told to reuse it."""
+    return InvalidArgument(
+        f"missing store '{path}' for backup of '{disk}': {REUSE_HINT} reuses an existing "
+        "file; create it first (qemu-img create -f FORMAT FILE SIZE) or drop the flag"
+    )
+
+
+def store_unusable(path: str, disk: str, why: str) -> InvalidArgument:
+    """A file given with REUSE_EXTERNAL that cannot hold the disk's backup."""
+    return InvalidArgument(
+        f"store '{path}' for backup of '{disk}' cannot be reused: {why}; "
+        "create a fitting image or let the backup create a new file"
+    )
+
+
+def store_in_use(path: str, disk: str, owner: str) -> InvalidArgument:
+    """A target/scratch file that is a disk image of a domain: never written."""
+    return InvalidArgument(
+        f"store '{path}' for backup of '{disk}' is {owner}: a backup never writes "
+        "into a disk image; name another file"
+    )
 
 
 class JobReporter(Protocol):
@@ -124,6 +162,11 @@ class DriverConnection(Protocol):
         """Start a domain from the libvirt-style domain XML subset (optional)."""
 
     async def destroy_domain(self, name: str) -> None: ...
+
+    # Optional: ``async def check_job(self, spec: Any, dom: DomainInfo) -> None`` refuses a
+    # prepared spec before the job exists (raise a JobError; e.g. a backup target that
+    # exists). The engine calls it, when the driver has it, before admission; ``start``
+    # must still re-check what may have changed since (a queued job starts later).
 
     async def start(self, job: DriverJob) -> None:
         """Begin the work; return once it is under way. Raise DriverError if refused.

@@ -31,6 +31,7 @@ from jobcore.errors import (
     Unsupported,
 )
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
+from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import LEGACY_JOB_TYPE, TRANSITIONS, JobState, Verb, check_verb
 from jobcore.log import get_logger
@@ -86,20 +87,27 @@ class Engine:
         if self._closed:
             raise JobError("the connection is closed")
         info = registry.for_spec(spec)
+        check_flags("JobBegin", flags, job_type=info.type)
+        if flags & C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL:  # only a backup accepts it
+            spec = attrs.evolve(spec, reuse_external=True)
         if not self.dconn.supports(info.type):
             raise Unsupported(f"driver '{self.dconn.uri}' does not support job type '{info.type}'")
         dom = await self.dconn.lookup_domain(domain)
-        now = self.clock.now()
-        self._purge(now)
         job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
-        if self.store.get(job_id) is not None:
-            raise InvalidArgument(f"a job with UUID '{job_id}' already exists")
-        if job_id == C.LEGACY_DOMAIN_JOB_UUID:
-            raise InvalidArgument(f"'{job_id}' is reserved for the legacy domain job alias")
         if spec.uuid is None:
             spec = attrs.evolve(spec, uuid=job_id)
         if info.prepare is not None:
             spec = info.prepare(spec, dom, self.clock.wall())
+        check_job = getattr(self.dconn, "check_job", None)
+        if check_job is not None:  # the driver refuses before the job exists (targets, …)
+            await check_job(spec, dom)
+        # no await from here until the record is stored: the UUID check holds
+        now = self.clock.now()
+        self._purge(now)
+        if self.store.get(job_id) is not None:
+            raise InvalidArgument(f"a job with UUID '{job_id}' already exists")
+        if job_id == C.LEGACY_DOMAIN_JOB_UUID:
+            raise InvalidArgument(f"'{job_id}' is reserved for the legacy domain job alias")
         options = spec.options
         ticket = self.scheduler.ticket(job_id, info.claims(spec, dom), options.priority)
         if options.queue or flags & C.JOB_BEGIN_QUEUE:

@@ -25,6 +25,7 @@ from jobcore.driver import DriverConnection
 from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import JobError
 from jobcore.events import EventHub, JobEvent, Subscription
+from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.spec import JobType
 
@@ -117,9 +118,11 @@ class BlockingConnection:
         return BlockingDomain(self, self._call(self.aconn.lookup_domain, name))
 
     def listAllDomains(self, flags: int = 0) -> list[BlockingDomain]:
+        check_flags("listAllDomains", flags)
         return [BlockingDomain(self, d) for d in self._call(self.aconn.list_domains)]
 
     def createXML(self, xml: str, flags: int = 0) -> BlockingDomain:
+        check_flags("createXML", flags)
         return BlockingDomain(self, self._call(self.aconn.create_domain, xml))
 
     def getURI(self) -> str:
@@ -310,6 +313,7 @@ def JobGetUUIDString(job: BlockingJob) -> str:
 
 
 def JobGetXMLDesc(job: BlockingJob, flags: int = 0) -> str:
+    check_flags("JobGetXMLDesc", flags)
     return job.conn._call(job._live().xml_desc)
 
 
@@ -318,30 +322,36 @@ def JobGetInfo(job: BlockingJob) -> JobInfo:
 
 
 def JobGetStats(job: BlockingJob, flags: int = 0) -> dict[str, Any]:
+    check_flags("JobGetStats", flags)
     return job.conn._call(job._live().stats)
 
 
 def JobAbort(job: BlockingJob, flags: int = 0) -> int:
+    check_flags("JobAbort", flags)
     job.conn._call(job._live().abort)
     return 0
 
 
 def JobPause(job: BlockingJob, flags: int = 0) -> int:
+    check_flags("JobPause", flags)
     job.conn._call(job._live().pause)
     return 0
 
 
 def JobResume(job: BlockingJob, flags: int = 0) -> int:
+    check_flags("JobResume", flags)
     job.conn._call(job._live().resume)
     return 0
 
 
 def JobComplete(job: BlockingJob, flags: int = 0) -> int:
+    check_flags("JobComplete", flags)
     job.conn._call(job._live().complete)
     return 0
 
 
 def JobSetSpeed(job: BlockingJob, bandwidth: int, flags: int = 0) -> int:
+    check_flags("JobSetSpeed", flags)
     job.conn._call(job._live().set_speed, bandwidth)
     return 0
 

@@ -31,6 +31,7 @@ from jobcore.driver import DomainInfo
 from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import InvalidURI, JobError
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
+from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
@@ -367,6 +368,7 @@ class RemoteDomain(Domain):
         await self._session.call_as(_none, Method.DOMAIN_DESTROY, self.name)
 
     async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> Job:
+        check_flags("JobBegin", flags)  # here too: a bad mask never goes on the wire
         return self.conn._job(
             await self._session.call_as(decode_job_ref, Method.JOB_BEGIN, self.name, job_xml, flags)
         )
@@ -385,6 +387,7 @@ class RemoteDomain(Domain):
         return await self._session.call_as(decode_int_list, Method.LEGACY_JOB_INFO, self.name)
 
     async def job_stats(self, flags: int = 0) -> dict[str, Any]:
+        check_flags("jobStats", flags)  # here too: a bad mask never goes on the wire
         return await self._session.call_as(decode_params, Method.LEGACY_JOB_STATS, self.name, flags)
 
     async def abort_job(self) -> int:
@@ -393,22 +396,27 @@ class RemoteDomain(Domain):
     async def backup_begin(
         self, backup_xml: str | None, checkpoint_xml: str | None = None, flags: int = 0
     ) -> int:
+        check_flags("backupBegin", flags)  # here too: a bad mask never goes on the wire
         return await self._session.call_as(
             _int, Method.BACKUP_BEGIN, self.name, backup_xml, checkpoint_xml, flags
         )
 
     async def backup_get_xml_desc(self, flags: int = 0) -> str:
+        check_flags("backupGetXMLDesc", flags)  # here too: a bad mask never goes on the wire
         return await self._session.call_as(_text, Method.BACKUP_GET_XML_DESC, self.name, flags)
 
     async def block_job_info(self, disk: str, flags: int = 0) -> dict[str, int]:
+        check_flags("blockJobInfo", flags)  # here too: a bad mask never goes on the wire
         return await self._session.call_as(
             decode_params, Method.BLOCK_JOB_INFO, self.name, disk, flags
         )
 
     async def block_job_abort(self, disk: str, flags: int = 0) -> int:
+        check_flags("blockJobAbort", flags)  # here too: a bad mask never goes on the wire
         return await self._session.call_as(_int, Method.BLOCK_JOB_ABORT, self.name, disk, flags)
 
     async def block_pull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
+        check_flags("blockPull", flags)  # here too: a bad mask never goes on the wire
         return await self._session.call_as(
             _int, Method.BLOCK_PULL, self.name, disk, bandwidth, flags
         )
@@ -416,6 +424,7 @@ class RemoteDomain(Domain):
     async def block_commit(
         self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
     ) -> int:
+        check_flags("blockCommit", flags)  # here too: a bad mask never goes on the wire
         return await self._session.call_as(
             _int, Method.BLOCK_COMMIT, self.name, disk, base, top, bandwidth, flags
         )

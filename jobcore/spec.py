@@ -79,6 +79,10 @@ class BackupJobSpec:
     checkpoint: CheckpointDef | None = None
     uuid: uuid.UUID | None = None
     options: JobOptions = JobOptions()
+    #: VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL: targets and scratch files exist already and
+    #: are used as they are (after a format and size check), never created nor removed.
+    #: Set by the engine from JobBegin's flags; not part of the job XML.
+    reuse_external: bool = False
 
     TYPE: ClassVar[JobType] = JobType.BACKUP
 

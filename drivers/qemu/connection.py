@@ -23,13 +23,14 @@ from drivers.qemu.jobs import (
     MigrationRunner,
     Phase,
     Runner,
+    check_backup_job,
 )
 from drivers.qemu.process import QemuProcess
 from drivers.qemu.rundir import RunDir, run_dir_of
 from jobcore.driver import DomainInfo, DriverJob, SystemClock
 from jobcore.errors import DriverError, NoSuchDomain, OperationInvalid, Unsupported, XMLError
 from jobcore.log import get_logger
-from jobcore.spec import JobType
+from jobcore.spec import BackupJobSpec, JobType
 from jobcore.uri import URI, parse_uri
 
 log = get_logger(__name__)
@@ -191,6 +192,11 @@ class QemuConnection:
         return await self._domain(name).process.execute(cmd, args)
 
     # ------------------------------------------------------------------- jobs
+
+    async def check_job(self, spec: Any, dom: DomainInfo) -> None:
+        """Before admission: refuse a backup's existing (or unusable reused) files."""
+        if isinstance(spec, BackupJobSpec):
+            await check_backup_job(self, spec, self._domain(dom.name))
 
     async def start(self, job: DriverJob) -> None:
         self._check_open()

@@ -82,8 +82,40 @@ async def backing_chain(path: str, fmt: str) -> list[ImageInfo]:
     ]
 
 
+async def image_info(path: str) -> ImageInfo:
+    """One image's format (probed) and virtual size, read-only (``qemu-img info -U``)."""
+    data: Any = json.loads(await _run("info", "-U", "--output=json", path))
+    return ImageInfo(
+        filename=str(data["filename"]),
+        format=str(data["format"]),
+        virtual_size=int(data["virtual-size"]),
+    )
+
+
 async def create_image(path: str, fmt: str, size: int) -> None:
     await _run("create", "-q", "-f", fmt, path, str(size))
+
+
+async def create_new_image(path: str, fmt: str, size: int) -> bool:
+    """Create an image at ``path`` only if nothing is there (not even a dangling symlink):
+    the name is claimed with O_EXCL first, so an existing file is never opened for
+    writing. False when something exists; on failure nothing is left behind."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise DriverError(
+            f"cannot create backup file '{path}': {exc.strerror or exc}; "
+            "check that its directory exists and is writable"
+        ) from None
+    os.close(fd)
+    try:
+        await create_image(path, fmt, size)
+    except BaseException:
+        remove_files([path])
+        raise
+    return True
 
 
 def exists(path: str | Path) -> bool:

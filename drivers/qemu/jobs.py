@@ -23,12 +23,19 @@ from attrs import define, field
 from structlog.stdlib import BoundLogger
 
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
-from drivers.qemu.images import create_image, exists, fsync_files, remove_files
+from drivers.qemu.images import create_new_image, fsync_files, image_info, remove_files
 from drivers.qemu.process import Outcome, QemuProcess, SubJob
 from drivers.qemu.rundir import migration_socket, nbd_socket
 from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport, StoreType
-from jobcore.driver import DriverJob, JobReporter
-from jobcore.errors import DriverError, OperationInvalid, Unsupported
+from jobcore.driver import (
+    DriverJob,
+    JobReporter,
+    store_exists,
+    store_in_use,
+    store_missing,
+    store_unusable,
+)
+from jobcore.errors import DriverError, InvalidArgument, OperationInvalid, Unsupported
 from jobcore.log import get_logger
 from jobcore.spec import (
     BackupJobSpec,
@@ -256,6 +263,73 @@ def resolve_index(disk: Disk, ref: ChainRef | None, default: int) -> int:
 # =============================================================================== backup
 
 
+def image_owner(conn: QemuConnection, path: str) -> str | None:
+    """Which domain's disk image ``path`` is (any layer of any chain), if any."""
+    real = os.path.realpath(path)
+    for dom in conn.domains.values():
+        for disk in dom.disks.values():
+            if any(os.path.realpath(layer.file) == real for layer in disk.layers):
+                return f"an image of disk '{disk.name}' of domain '{dom.name}'"
+    return None
+
+
+def _refuse_present(
+    conn: QemuConnection, reuse: bool, stores: list[tuple[str, str, str, int]]
+) -> None:
+    """The local part of check_backup_stores (a few stat calls, no I/O on the files)."""
+    named: dict[str, str] = {}
+    for disk, path, _fmt, _size in stores:
+        real = os.path.realpath(path)
+        if real in named:
+            raise InvalidArgument(f"store '{path}' is named for disks '{named[real]}' and '{disk}'")
+        named[real] = disk
+        owner = image_owner(conn, path)
+        if owner is not None:
+            raise store_in_use(path, disk, owner)
+        present = os.path.lexists(path)  # a dangling symlink exists too
+        if present and not reuse:
+            raise store_exists(path, disk)
+        if not present and reuse:
+            raise store_missing(path, disk)
+
+
+async def check_backup_stores(
+    conn: QemuConnection, reuse: bool, stores: list[tuple[str, str, str, int]]
+) -> None:
+    """libvirt's rule for (disk, path, format, disk size) of each target/scratch file: an
+    existing file (a dangling symlink too) is refused unless ``reuse``
+    (VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL), and a reused one must exist with that format
+    and the disk's virtual size (QEMU's backup job refuses another size). Nothing is
+    opened for writing; a disk image of a domain is refused even with ``reuse``."""
+    _refuse_present(conn, reuse, stores)
+    if not reuse:
+        return
+    for disk, path, fmt, size in stores:
+        try:
+            info = await image_info(path)
+        except DriverError as exc:
+            raise store_unusable(path, disk, f"it cannot be read as an image ({exc})") from None
+        if info.format != fmt:
+            raise store_unusable(path, disk, f"its format is '{info.format}', not '{fmt}'")
+        if info.virtual_size != size:
+            raise store_unusable(
+                path,
+                disk,
+                f"its virtual size is {info.virtual_size} bytes, disk '{disk}' has {size}",
+            )
+
+
+async def check_backup_job(conn: QemuConnection, spec: BackupJobSpec, domain: Domain) -> None:
+    """Before admission: the stores the prepared spec names (see check_backup_stores)."""
+    stores = []
+    for d in spec.backup.included_disks():
+        if d.store is None or d.type is StoreType.BLOCK or d.name not in domain.disks:
+            continue  # start() names the default file, or refuses
+        fmt = d.store.format or "qcow2"
+        stores.append((d.name, d.store.path, fmt, domain.disks[d.name].virtual_size))
+    await check_backup_stores(conn, spec.reuse_external, stores)
+
+
 @define
 class _BackupDisk:
     disk: Disk
@@ -306,6 +380,7 @@ class BackupRunner(Runner):
         included = self.spec.backup.included_disks()
         if not included:
             raise DriverError("the backup includes no disk")
+        stores: list[tuple[BackupDisk, Disk, str, str]] = []
         for d in included:
             disk = self.domain.disk(d.name)
             if d.type is StoreType.BLOCK:
@@ -314,11 +389,18 @@ class BackupRunner(Runner):
             fmt = (d.store.format if d.store else None) or "qcow2"
             if self.pull and fmt != "qcow2":
                 raise DriverError(f"pull mode backup for disk '{d.name}' requires qcow2 driver")
+            stores.append((d, disk, path, fmt))
+        # checked before admission too; again here, as a queued job starts later
+        reuse = self.spec.reuse_external
+        await check_backup_stores(
+            self.conn, reuse, [(d.name, p, f, disk.virtual_size) for d, disk, p, f in stores]
+        )
+        for d, disk, path, fmt in stores:
+            # libvirt's rule: create unless REUSE_EXTERNAL; only created files are removed
             created = False
-            if self.pull or not exists(path):
-                if exists(path):
-                    raise DriverError(f"scratch file '{path}' already exists")
-                await create_image(path, fmt, disk.virtual_size)
+            if not reuse:
+                if not await create_new_image(path, fmt, disk.virtual_size):
+                    raise store_exists(path, d.name)  # appeared since the check
                 created = True
             bd = _BackupDisk(
                 disk=disk,

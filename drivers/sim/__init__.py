@@ -10,6 +10,13 @@ One scheduler loop per connection drives every job from a heap of deadlines, so 
 a job costs O(log n) whatever the number of jobs. Failure injection: ``?fail_at=F`` makes
 every job fail at fraction F of its work; ``inject_failure()`` targets the next job of a
 type; ``crash()`` fails every job at once, as a hypervisor that died would.
+
+Backup targets and scratch files follow libvirt's rule (design/xml.md): a file that exists
+— a domain's disk image, an earlier backup's output, a file the host has (``files``), or a
+real file at that path on this machine — is refused unless the job was begun with
+VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, and then it must have the target's format and the
+disk's size. The simulation never writes real files: what a job creates goes into
+``files``, and leaves it again when the job fails or is aborted (scratch files always).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import enum
 import heapq
 import itertools
 import math
+import os
+import stat
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -25,12 +34,27 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from attrs import define, field
+from attrs import define, field, frozen
 
 from drivers.sim.clock import ManualClock, RealClock
-from jobcore.backup import BackupMode
-from jobcore.driver import DiskInfo, DomainInfo, DriverJob
-from jobcore.errors import DriverError, InvalidURI, NoSuchDomain, OperationInvalid, Unsupported
+from jobcore.backup import BackupMode, StoreType
+from jobcore.driver import (
+    DiskInfo,
+    DomainInfo,
+    DriverJob,
+    store_exists,
+    store_in_use,
+    store_missing,
+    store_unusable,
+)
+from jobcore.errors import (
+    DriverError,
+    InvalidArgument,
+    InvalidURI,
+    NoSuchDomain,
+    OperationInvalid,
+    Unsupported,
+)
 from jobcore.log import get_logger
 from jobcore.spec import (
     BackupJobSpec,
@@ -91,11 +115,42 @@ def default_domain(name: str) -> SimDomain:
     )
 
 
+@frozen
+class SimFile:
+    """A simulated image file: its format and virtual size."""
+
+    format: str
+    virtual_size: int
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def probe_real_file(path: str) -> SimFile | str:
+    """A real file's format and virtual size (qcow2 header, else raw), read-only and
+    without following it into a FIFO or device; a string says why it is unusable."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return "it is not a regular file"
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, 32)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if head[:4] == QCOW2_MAGIC and len(head) >= 32:
+        return SimFile("qcow2", int.from_bytes(head[24:32], "big"))
+    return SimFile("raw", st.st_size)
+
+
 @define
 class SimHost:
     name: str
     domains: dict[str, SimDomain] = field(factory=dict)
-    files: set[str] = field(factory=set)  # backup targets and scratch files that exist
+    #: backup targets and scratch files that exist on the host, by path
+    files: dict[str, SimFile] = field(factory=dict)
 
 
 class Phase(enum.Enum):
@@ -119,6 +174,8 @@ class SimJob:
     outcome: str = "completed"  # for Phase.FINISH: completed | cancelled | failed
     version: int = 0
     extra: dict[str, int | str] = field(factory=dict)
+    #: target/scratch files this job created (removed again unless a push completes)
+    created: tuple[str, ...] = ()
 
     def processed(self, now: float) -> int:
         if self.paused or self.phase is not Phase.COPY:
@@ -246,12 +303,84 @@ class SimConnection:
     def restart(self) -> None:
         self.crashed = False
 
+    # ---- backup targets ------------------------------------------------------------
+
+    def _host_of(self, domain: str) -> SimHost:
+        name = self.domain_host(domain)
+        return self.hosts[name] if name is not None else self.host
+
+    def _image_owner(self, path: str) -> str | None:
+        for host in self.hosts.values():
+            for dom in host.domains.values():
+                for disk in dom.disks.values():
+                    if path in disk.chain:
+                        return f"an image of disk '{disk.name}' of domain '{dom.name}'"
+        return None
+
+    def _existing(self, host: SimHost, path: str) -> SimFile | str | None:
+        """The file at ``path``: simulated, else a real one on this machine, else None."""
+        known = host.files.get(path)
+        if known is not None:
+            return known
+        if os.path.lexists(path):  # a dangling symlink exists too
+            return probe_real_file(path)
+        return None
+
+    def _check_stores(self, spec: BackupJobSpec, dom: SimDomain) -> list[tuple[str, SimFile]]:
+        """Refuse targets/scratch files as libvirt does; return the files the job creates."""
+        host = self._host_of(dom.name)
+        creates: list[tuple[str, SimFile]] = []
+        named: dict[str, str] = {}
+        for bdisk in spec.backup.included_disks():
+            store = bdisk.store
+            if store is None or bdisk.type is StoreType.BLOCK:
+                continue  # a block device is the caller's (libvirt checks files only)
+            path = store.path
+            if path in named:
+                raise InvalidArgument(
+                    f"store '{path}' is named for disks '{named[path]}' and '{bdisk.name}'"
+                )
+            named[path] = bdisk.name
+            owner = self._image_owner(path)
+            if owner is not None:
+                raise store_in_use(path, bdisk.name, owner)
+            fmt = store.format or "qcow2"
+            size = dom.disks[bdisk.name].virtual_size
+            existing = self._existing(host, path)
+            if not spec.reuse_external:
+                if existing is not None:
+                    raise store_exists(path, bdisk.name)
+                creates.append((path, SimFile(fmt, size)))
+            elif existing is None:
+                raise store_missing(path, bdisk.name)
+            elif isinstance(existing, str):
+                raise store_unusable(path, bdisk.name, existing)
+            elif existing.format != fmt:
+                raise store_unusable(
+                    path, bdisk.name, f"its format is '{existing.format}', not '{fmt}'"
+                )
+            elif existing.virtual_size != size:
+                raise store_unusable(
+                    path,
+                    bdisk.name,
+                    f"its virtual size is {existing.virtual_size} bytes, "
+                    f"disk '{bdisk.name}' has {size}",
+                )
+        return creates
+
+    async def check_job(self, spec: Any, dom: DomainInfo) -> None:
+        """Before admission: refuse a backup's existing (or unusable reused) files."""
+        if isinstance(spec, BackupJobSpec):
+            self._check_stores(spec, self._domain(dom.name))
+
     # ---- DriverConnection: jobs ----------------------------------------------------
 
     async def start(self, job: DriverJob) -> None:
         if self.crashed:
             raise DriverError("the simulated hypervisor is not running")
         dom = self._domain(job.domain)
+        # again: a queued job starts later, and files may have appeared meanwhile
+        creates = self._check_stores(job.spec, dom) if isinstance(job.spec, BackupJobSpec) else []
         total, converges, extra = self._plan(job.spec, dom)
         bandwidth = getattr(job.spec, "bandwidth", None)
         rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
@@ -266,16 +395,15 @@ class SimConnection:
             "" if fail is None else fail.message,
             base_time=self.clock.now(),
             extra=extra,
+            created=tuple(path for path, _ in creates),
         )
         self._jobs[job.uuid] = sj
+        self._host_of(dom.name).files.update(creates)
         if (
             isinstance(job.spec, BackupJobSpec)
             and job.spec.backup.effective_mode is BackupMode.PULL
         ):
             sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
-            for disk in job.spec.backup.included_disks():
-                if disk.store is not None:
-                    self.host.files.add(disk.store.path)
         job.reporter.progress(0, total, extra)
         self._schedule(sj)
 
@@ -476,7 +604,7 @@ class SimConnection:
                 extra.update(self._apply(job))
             except DriverError as exc:
                 outcome, errmsg = "failed", str(exc)
-        self._cleanup(job, outcome)
+        self._cleanup(sj, outcome)
         if outcome == "completed":
             self._update_extra(sj, sj.total)
             extra.update(sj.extra)
@@ -493,10 +621,6 @@ class SimConnection:
         except NoSuchDomain:
             raise DriverError(f"domain '{job.domain}' vanished") from None
         if isinstance(spec, BackupJobSpec):
-            if spec.backup.effective_mode is BackupMode.PUSH:
-                for bdisk in spec.backup.included_disks():
-                    if bdisk.store is not None:
-                        self.host.files.add(bdisk.store.path)
             if spec.checkpoint is not None and spec.checkpoint.name is not None:
                 dom.checkpoints[spec.checkpoint.name] = tuple(
                     d.name for d in spec.backup.included_disks()
@@ -532,15 +656,16 @@ class SimConnection:
             return {"downtime": 30 if limit is None else min(limit, 30)}
         return {}
 
-    def _cleanup(self, job: DriverJob, outcome: str) -> None:
-        spec = job.spec
+    def _cleanup(self, sj: SimJob, outcome: str) -> None:
+        spec = sj.job.spec
         if not isinstance(spec, BackupJobSpec):
             return
-        pull = spec.backup.effective_mode is BackupMode.PULL
-        for disk in spec.backup.included_disks():
-            # scratch files always go; push targets stay only after success
-            if disk.store is not None and (pull or outcome != "completed"):
-                self.host.files.discard(disk.store.path)
+        # files the job created: scratch files always go, push targets stay only after
+        # success; reused files (REUSE_EXTERNAL) are never the job's to remove
+        if spec.backup.effective_mode is BackupMode.PULL or outcome != "completed":
+            files = self._host_of(sj.job.domain).files
+            for path in sj.created:
+                files.pop(path, None)
 
     def domain_host(self, name: str) -> str | None:
         """The name of the host in this world that holds domain ``name`` now."""
