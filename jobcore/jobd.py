@@ -324,7 +324,9 @@ class _Client:
     slot: Any = None
     #: a hello is being served (it may wait for a driver connection to open)
     in_hello: bool = False
-    #: when the daemon last read a frame from this client
+    #: set once a hello succeeded
+    hello_done: anyio.Event = field(factory=anyio.Event)
+    #: when the daemon last read a frame from this client (or saw it busy)
     last_frame: float = field(factory=anyio.current_time)
     #: the read loop's scope; the watchdog cancels it to expel the client
     reading: anyio.CancelScope = field(factory=anyio.CancelScope)
@@ -780,10 +782,10 @@ class Daemon:
         (when ``idle_timeout`` is set) one idle that long: no frame read, no request in
         flight, no subscription."""
         cfg = self.config
-        deadline = anyio.current_time() + cfg.hello_timeout
-        while client.conn is None:
-            await anyio.sleep(max(deadline - anyio.current_time(), 0.1))
-            if client.conn is None and not client.in_hello and anyio.current_time() >= deadline:
+        with anyio.move_on_after(cfg.hello_timeout):
+            await client.hello_done.wait()
+        while not client.hello_done.is_set():
+            if not client.in_hello:
                 client.log.info("no hello in time", timeout=cfg.hello_timeout)
                 client.expel(
                     ProtocolError(
@@ -792,13 +794,16 @@ class Daemon:
                     )
                 )
                 return
+            await anyio.sleep(0.1)  # a hello is opening its driver connection
         if cfg.idle_timeout <= 0:
             return
         while True:
-            idle_until = client.last_frame + cfg.idle_timeout
             now = anyio.current_time()
-            if now < idle_until or client.requests or client.subs:
-                await anyio.sleep(max(idle_until - now, min(cfg.idle_timeout, 1.0)))
+            if client.requests or client.subs:
+                client.last_frame = now  # busy counts as activity
+            idle_until = client.last_frame + cfg.idle_timeout
+            if now < idle_until:
+                await anyio.sleep(max(idle_until - now, 0.05))
                 continue
             client.log.info("idle client closed", timeout=cfg.idle_timeout)
             client.expel(
@@ -897,6 +902,7 @@ class Daemon:
         finally:
             client.in_hello = False
         client.slot, client.conn = slot, slot.conn
+        client.hello_done.set()
         client.log.info("hello", uri=slot.target.uri)
         return encode_server_hello(ServerHello(PROTOCOL_VERSION, client.readonly, slot.target.uri))
 
