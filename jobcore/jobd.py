@@ -1158,13 +1158,22 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "--config",
                 "config_file",
                 type=click.Path(dir_okay=False, path_type=Path),
-                help="TOML file: run_dir, allowed_uids, retention, log_level, max_clients.",
+                help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
+                "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout.",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
             ),
             click.option(
                 "--retention", type=float, help="Seconds ended jobs are kept [default: 600]."
+            ),
+            click.option(
+                "--allow-uri",
+                "allowed_uris",
+                multiple=True,
+                metavar="PATTERN",
+                help="Driver URI clients may open (fnmatch; repeatable; replaces the config's "
+                f"allowed_uris) [default: {' '.join(DEFAULT_ALLOWED_URIS)}].",
             ),
         ]
     ):
@@ -1173,10 +1182,20 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def start_from_options(
-    run_dir: Path | None, config_file: Path | None, log_level: str | None, retention: float | None
+    run_dir: Path | None,
+    config_file: Path | None,
+    log_level: str | None,
+    retention: float | None,
+    allowed_uris: tuple[str, ...] = (),
 ) -> int:
     try:
-        config = load_config(config_file, run_dir=run_dir, log_level=log_level, retention=retention)
+        config = load_config(
+            config_file,
+            run_dir=run_dir,
+            log_level=log_level,
+            retention=retention,
+            allowed_uris=list(allowed_uris) or None,
+        )
     except ConfigError as exc:
         click.echo(f"jobd: {exc}", err=True)
         return EXIT_CONFIG
@@ -1186,11 +1205,15 @@ def start_from_options(
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @daemon_options
 def main(
-    run_dir: Path | None, config_file: Path | None, log_level: str | None, retention: float | None
+    run_dir: Path | None,
+    config_file: Path | None,
+    log_level: str | None,
+    retention: float | None,
+    allowed_uris: tuple[str, ...],
 ) -> None:
     """jobd: serve the jobcore API over UNIX sockets in RUN_DIR (jobd.sock read-write,
     jobd-ro.sock read-only), in the foreground, until SIGTERM or SIGINT."""
-    sys.exit(start_from_options(run_dir, config_file, log_level, retention))
+    sys.exit(start_from_options(run_dir, config_file, log_level, retention, allowed_uris))
 
 
 if __name__ == "__main__":

@@ -144,6 +144,17 @@ def test_allowed_uris(tmp_path: Path) -> None:
             rw.close()
     finally:
         daemon.stop()
+    by_option = Jobd(tmp_path / "run2", "--allow-uri", "sim:///x*", "--allow-uri", "sim:///y")
+    try:
+        by_option.wait_ready()
+        rw = Raw(by_option.sock)
+        try:
+            assert "not in allowed_uris" in refused(rw.hello("sim:///default"), "AccessDenied")
+            assert ok(rw.hello("sim:///y"))
+        finally:
+            rw.close()
+    finally:
+        by_option.stop()
 
 
 def test_default_allow_list_refuses_other_qemu_dirs(jobd: Jobd, tmp_path: Path) -> None:
