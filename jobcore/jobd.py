@@ -401,12 +401,15 @@ def resolve_driver_uri(uri_text: str, driver: Driver | None = None) -> DriverTar
     params = tuple((k, v) for k, v in uri.params if k != "socket")
     check_uri_params(driver, attrs.evolve(uri, params=params))
     identity_of = getattr(driver, "identity", None)
-    # a driver that says nothing: every parameter is part of the identity
-    identity = tuple(sorted(params if identity_of is None else identity_of(uri)))
+    state_of = getattr(driver, "state_dir", None)
+    try:
+        # a driver that says nothing: every parameter is part of the identity
+        identity = tuple(sorted(params if identity_of is None else identity_of(uri)))
+        state_dir = None if state_of is None else Path(state_of(uri)).resolve()
+    except (OSError, ValueError) as exc:  # e.g. a NUL byte or a loop in a dir= path
+        raise InvalidArgument(f"invalid parameter in '{uri_text}': {exc}") from None
     names = {k for k, _ in identity}
     config = tuple(sorted((k, v) for k, v in params if k not in names))
-    state_of = getattr(driver, "state_dir", None)
-    state_dir = None if state_of is None else Path(state_of(uri)).resolve()
     key = _with_query(f"{uri.driver}://{uri.host}{uri.path}", identity)
     defaults = tuple(sorted(getattr(driver, "uri_defaults", {}).items()))
     return DriverTarget(key, config, state_dir, defaults)

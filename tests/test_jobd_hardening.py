@@ -194,6 +194,9 @@ def test_unknown_uri_parameter_refused_through_jobd(jobd: Jobd) -> None:
     try:
         message = refused(rw.hello("sim:///default?nosuchparam=1"), "InvalidArgument")
         assert "'nosuchparam'" in message
+        message = refused(rw.hello("qemu:///session?dir=%00"), "InvalidArgument")
+        assert "null byte" in message
+        assert ok(rw.hello("sim:///default"))  # the session went on
     finally:
         rw.close()
     proc = jobctl(jobd.uri("nosuchparam=1"), "domains")

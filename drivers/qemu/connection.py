@@ -350,7 +350,7 @@ class QemuDriver:
 
     def identity(self, uri: URI) -> tuple[tuple[str, str], ...]:
         """``dir`` selects another run directory (other QEMU processes), resolved."""
-        return (("dir", str(run_dir_of(uri))),) if uri.param("dir") else ()
+        return (("dir", str(run_dir_of(uri))),) if uri.param("dir") is not None else ()
 
     def state_dir(self, uri: URI) -> Path:
         """The run directory the connection would lock, write and clean up."""
