@@ -506,10 +506,18 @@ class DriverConnections:
             )
         while True:
             slot = self._slots.get(target.key)
-            if slot is None or not slot.closing.is_set():
+            if slot is not None and slot.closing.is_set():
+                await slot.gone.wait()  # closing for idleness: open it afresh
+                continue
+            if slot is not None:
+                conflict = slot.contradiction(target.config)
+                if conflict is not None:
+                    raise InvalidArgument(
+                        f"'{target.key}' is open as '{slot.target.uri}'; '{uri_text}' "
+                        f"contradicts it with {conflict}: name the same parameters or none, "
+                        "or another host"
+                    )
                 break
-            await slot.gone.wait()  # closing for idleness: open it afresh
-        if slot is None:
             if readonly:
                 raise AccessDenied(
                     f"the read-only socket can only attach to connections jobd already "
@@ -525,15 +533,10 @@ class DriverConnections:
                 raise JobError("jobd is shutting down")
             if len(self._slots) >= MAX_DRIVER_CONNECTIONS:
                 await self._evict(target.key)
+                continue  # another hello may have opened this identity meanwhile
             slot = self._slots[target.key] = _DriverSlot(target, busy_at=anyio.current_time())
             self._tg.start_soon(self._hold, slot)
-        else:
-            conflict = slot.contradiction(target.config)
-            if conflict is not None:
-                raise InvalidArgument(
-                    f"'{target.key}' is open as '{slot.target.uri}'; '{uri_text}' contradicts "
-                    f"it with {conflict}: name the same parameters or none, or another host"
-                )
+            break
         slot.clients += 1
         try:
             await slot.ready.wait()
@@ -722,8 +725,11 @@ class Daemon:
             peer_uid=None if peer is None else peer.uid,
         )
         log.info("client connected", peer_gid=None if peer is None else peer.gid, allowed=allowed)
-        self._clients[readonly] += 1
+        # only admitted sessions count: refused peers (lingering to read why) do not
         limit = self.config.max_ro_clients if readonly else self.config.max_clients
+        admitted = allowed and self._clients[readonly] < limit
+        if admitted:
+            self._clients[readonly] += 1
         client: _Client | None = None
         try:
             async with stream, anyio.create_task_group() as tg:
@@ -733,7 +739,7 @@ class Daemon:
                         await self._farewell(
                             client, AccessDenied("access denied: your uid is not allowed by jobd")
                         )
-                    elif self._clients[readonly] > limit:
+                    elif not admitted:
                         log.warning("too many clients", limit=limit)
                         name = RO_SOCKET if readonly else RW_SOCKET
                         await self._farewell(
@@ -755,7 +761,8 @@ class Daemon:
         except Exception:
             log.exception("client session failed")
         finally:
-            self._clients[readonly] -= 1
+            if admitted:
+                self._clients[readonly] -= 1
             if client is not None and client.slot is not None and self.drivers is not None:
                 self.drivers.release(client.slot)
                 client.slot = None

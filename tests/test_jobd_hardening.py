@@ -3,6 +3,7 @@ refused client is told (issue 8: items 3, 6, 7, 24 and the 5 MiB XML of 28)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -19,6 +20,7 @@ import jobcore
 from jobcore.errors import InvalidArgument, XMLError
 from jobcore.jobctl import ExitCode
 from jobcore.protocol import AccessDenied, DaemonBusy, DaemonUnreachable
+from jobcore.remote import RemoteConnection
 
 MiB = 1 << 20
 
@@ -227,6 +229,32 @@ def test_one_sim_host_per_name_whatever_the_query(jobd: Jobd, tmp_path: Path) ->
         assert jobctl(jobd.uri(host="after"), "domains").returncode == 0
     finally:
         first.close()
+
+
+def test_concurrent_hellos_share_one_host(jobd: Jobd) -> None:
+    uri = jobd.uri("rate=1000", host="fresh")
+    seen: list[str] = []
+
+    async def client(i: int) -> None:
+        async with jobcore.connect(uri) as conn:
+            assert isinstance(conn, RemoteConnection)
+            seen.append(conn.driver_uri)
+            if i == 0:
+                job = await (await conn.lookup_domain("vm1")).job_begin(
+                    BACKUP_VDB.format(tag="fresh")
+                )
+                seen.append(str(job.uuid))
+            await anyio.sleep(0.3)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+                tg.start_soon(client, i)
+
+    anyio.run(main)
+    assert seen.count("sim:///fresh?rate=1000") == 12
+    jobs = jobctl(jobd.uri(host="fresh"), "list", "--json")
+    assert [j["uuid"] for j in json.loads(jobs.stdout)] == [s for s in seen if "sim" not in s]
 
 
 def test_idle_driver_connections_are_closed(jobd: Jobd) -> None:
