@@ -321,7 +321,7 @@ class _Client:
     jobs: OrderedDict[uuid.UUID, Job] = field(factory=OrderedDict)
     domains: OrderedDict[str, Domain] = field(factory=OrderedDict)
     #: the driver connection this session is attached to (after hello)
-    slot: Any = None
+    slot: _DriverSlot | None = None
     #: a hello is being served (it may wait for a driver connection to open)
     in_hello: bool = False
     #: set once a hello succeeded
@@ -480,9 +480,6 @@ class DriverConnections:
         self._slots: dict[str, _DriverSlot] = {}
         self._drivers: dict[str, Driver] = {}
         self._stop = anyio.Event()
-
-    def __len__(self) -> int:
-        return len(self._slots)
 
     def resolve(self, uri_text: str) -> DriverTarget:
         uri = parse_uri(uri_text)
