@@ -751,6 +751,8 @@ class Daemon:
                         with client.reading:
                             await self._read_loop(client)
                         if client.expelled is not None:
+                            self._clients[readonly] -= 1  # lingering does not hold a place
+                            admitted = False
                             await self._farewell(client, client.expelled)
                 except _ClientGone:
                     pass
