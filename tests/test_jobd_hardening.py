@@ -81,7 +81,12 @@ def serves(daemon: Jobd) -> None:
     assert daemon.proc.poll() is None
     listed = jobctl(daemon.uri(), "domains", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert jobctl(daemon.uri(readonly=True), "domains").returncode == 0
+    holder = Raw(daemon.sock)  # keeps sim:///default open for the read-only client
+    try:
+        assert ok(holder.hello("sim:///default"))
+        assert jobctl(daemon.uri(readonly=True), "domains").returncode == 0
+    finally:
+        holder.close()
 
 
 # ---- item 3: the read-only socket opens nothing; allowed_uris ------------------------------
@@ -337,7 +342,12 @@ def test_idle_timeout(tmp_path: Path) -> None:
 def test_silent_readonly_crowd_does_not_lock_out_writers(jobd: Jobd) -> None:
     crowd = [Raw(jobd.ro_sock) for _ in range(300)]  # never say hello
     try:
-        time.sleep(0.3)  # all accepted
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until jobd has accepted the whole crowd
+            lines = [json.loads(x) for x in jobd.log().splitlines() if x.startswith("{")]
+            if sum(e["event"] == "client connected" and e["socket"] == "ro" for e in lines) >= 300:
+                break
+            time.sleep(0.05)
         listed = jobctl(jobd.uri(), "domains")
         assert listed.returncode == 0, listed.stderr
         busy = jobctl(jobd.uri(readonly=True), "domains")
