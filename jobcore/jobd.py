@@ -492,15 +492,6 @@ class DriverConnections:
         """The driver connection a hello names, opened if needed (read-write clients
         only); the caller holds it until ``release``."""
         target = self.resolve(uri_text)
-        if (
-            self._run_dir is not None
-            and target.state_dir is not None
-            and _overlaps(target.state_dir, self._run_dir)
-        ):
-            raise AccessDenied(
-                f"'{target.key}' would use '{target.state_dir}', which overlaps jobd's run "
-                f"directory '{self._run_dir}': name another directory"
-            )
         while True:
             slot = self._slots.get(target.key)
             if slot is not None and slot.closing.is_set():
@@ -520,6 +511,15 @@ class DriverConnections:
                     f"the read-only socket can only attach to connections jobd already "
                     f"serves, and '{target.key}' is not open: open it on the read-write "
                     "socket first"
+                )
+            if (
+                self._run_dir is not None
+                and target.state_dir is not None
+                and _overlaps(target.state_dir, self._run_dir)
+            ):  # whatever allowed_uris says: the driver would clean up jobd's own files
+                raise AccessDenied(
+                    f"'{target.key}' would use '{target.state_dir}', which overlaps jobd's run "
+                    f"directory '{self._run_dir}': name another directory"
                 )
             if not any(fnmatch.fnmatchcase(target.key, p) for p in self._allowed):
                 raise AccessDenied(

@@ -96,7 +96,8 @@ def test_readonly_hello_cannot_make_qemu_delete_jobd_files(jobd: Jobd) -> None:
     ro = Raw(jobd.ro_sock)
     try:
         message = refused(ro.hello(f"qemu:///session?dir={jobd.run_dir}"), "AccessDenied")
-        assert "overlaps jobd's run directory" in message
+        assert "read-only socket can only attach" in message
+        assert f"'qemu:///session?dir={jobd.run_dir.resolve()}' is not open" in message
         message = refused(ro.hello("qemu:///session"), "AccessDenied")
         assert "read-only socket can only attach" in message and "qemu:///session" in message
     finally:
@@ -109,10 +110,12 @@ def test_no_client_may_point_qemu_at_jobd_run_dir(tmp_path: Path) -> None:
     allow_all = "allowed_uris = ['sim:///*', 'qemu:///session*']\n"
     daemon = daemon_with(tmp_path, allow_all)
     try:
-        for bad in (daemon.run_dir, daemon.run_dir / "sub", daemon.run_dir / ".." / "run"):
+        run = daemon.run_dir
+        for bad in (run, run / "sub", run / ".." / "run", run.parent):
             rw = Raw(daemon.sock)
             try:
                 message = refused(rw.hello(f"qemu:///session?dir={bad}"), "AccessDenied")
+                assert "overlaps jobd's run directory" in message
                 assert str(daemon.run_dir.resolve()) in message
             finally:
                 rw.close()
