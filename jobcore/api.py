@@ -12,7 +12,7 @@ import attrs
 
 from jobcore import constants as C
 from jobcore.driver import DomainInfo, DriverConnection
-from jobcore.drivers import load_driver
+from jobcore.drivers import check_uri_params, load_driver
 from jobcore.engine import DEFAULT_RETENTION, Engine
 from jobcore.errors import InvalidArgument, NoSuchJob, OperationInvalid
 from jobcore.events import EventFilter, EventHub, EventKind, Subscription
@@ -365,6 +365,7 @@ async def connect(
             yield remote
         return
     driver = load_driver(parsed)
+    check_uri_params(driver, parsed)
     try:
         async with anyio.create_task_group() as tg:
             async with driver.connect(parsed, tg) as dconn:

@@ -188,7 +188,15 @@ class DriverConnection(Protocol):
 
 
 class Driver(Protocol):
-    """What the ``jobcore.drivers`` entry point names."""
+    """What the ``jobcore.drivers`` entry point names.
+
+    Optional attributes (looked up with ``getattr``; see jobcore.drivers):
+    ``uri_params`` (a frozenset of the URI query parameters the driver reads: any other
+    is refused with InvalidArgument), ``identity(uri)`` (the parameters, normalised, that
+    select a different host or state rather than configure one; jobd keys its shared
+    driver connections by them) and ``state_dir(uri)`` (the directory the connection
+    would write to, which jobd refuses when it overlaps its own run directory).
+    """
 
     scheme: str
 

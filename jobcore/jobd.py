@@ -3,16 +3,18 @@
     jobd --run-dir DIR [--config FILE] [--log-level LEVEL]
 
 Serves the jobcore API over ``DIR/jobd.sock`` (read-write) and ``DIR/jobd-ro.sock``
-(read-only). Driver connections are opened on demand, one per distinct driver URI that
-clients name (the URI without ``socket``, query parameters sorted): every client naming
-``sim:///default`` shares one simulated host; ``sim:///default?rate=0`` is another one.
-They live until the daemon stops, so jobs outlive the clients that began them.
+(read-only). Driver connections are opened on demand by read-write clients, one per
+driver identity (``sim:///NAME`` whatever the query; ``qemu:///session`` and its ``dir``):
+every client naming ``sim:///default`` shares one simulated host, configured by the hello
+that opened it. They outlive the clients that began jobs on them and are closed once they
+have had no client and no job for ``driver_idle_timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import logging
 import os
 import signal
@@ -29,12 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import click
 from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from attrs import define, field, frozen
 
 from jobcore.api import Connection, Domain, Job, connect
+from jobcore.driver import Driver
+from jobcore.drivers import check_uri_params, load_driver
 from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import DriverError, InvalidArgument, InvalidURI, JobError
 from jobcore.events import EventKind, Subscription
@@ -48,6 +53,8 @@ from jobcore.protocol import (
     ArgValue,
     BadRequest,
     Cancel,
+    DaemonBusy,
+    DaemonUnreachable,
     ErrorReply,
     EventPush,
     Message,
@@ -78,7 +85,16 @@ EXIT_ALREADY_RUNNING = 9
 EXIT_CONFIG = 2
 
 PID_FILE = "jobd.pid"
+#: Clients per socket (read-write and read-only are counted separately).
 MAX_CLIENTS = 256
+#: Seconds a connection has to complete ``hello``.
+HELLO_TIMEOUT = 10.0
+#: Seconds a driver connection without clients and jobs stays open.
+DRIVER_IDLE_TIMEOUT = 60.0
+#: Driver URIs clients may open by default (fnmatch patterns on the driver identity).
+DEFAULT_ALLOWED_URIS = ("sim:///*", "qemu:///session")
+#: Seconds a refused client gets to read the reason before the daemon closes.
+FAREWELL_LINGER = 2.0
 MAX_DRIVER_CONNECTIONS = 32
 #: Requests one client may have running at once; the daemon stops reading it beyond.
 MAX_IN_FLIGHT = 256
@@ -110,16 +126,39 @@ class DaemonConfig:
     #: seconds ended jobs keep their info and stats unless their XML says otherwise
     retention: float = DEFAULT_RETENTION
     log_level: str = "info"
+    #: clients on the read-write socket
     max_clients: int = MAX_CLIENTS
+    #: clients on the read-only socket (counted apart: they cannot starve writers)
+    max_ro_clients: int = MAX_CLIENTS
+    #: fnmatch patterns of the driver identities a read-write client may open
+    allowed_uris: tuple[str, ...] = DEFAULT_ALLOWED_URIS
+    #: seconds a connection has to complete hello
+    hello_timeout: float = HELLO_TIMEOUT
+    #: seconds without a frame, request in flight or subscription before a client is
+    #: disconnected; 0: never
+    idle_timeout: float = 0.0
+    #: seconds a driver connection with no client and no job (active or retained) stays
+    driver_idle_timeout: float = DRIVER_IDLE_TIMEOUT
 
 
-_CONFIG_KEYS = {"run_dir", "allowed_uids", "retention", "log_level", "max_clients"}
+_CONFIG_KEYS = {
+    "run_dir",
+    "allowed_uids",
+    "retention",
+    "log_level",
+    "max_clients",
+    "max_ro_clients",
+    "allowed_uris",
+    "hello_timeout",
+    "idle_timeout",
+    "driver_idle_timeout",
+}
 _LEVELS = {"debug", "info", "warning", "error"}
 
 
 def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
-    """The configuration from a TOML file (keys: run_dir, allowed_uids, retention,
-    log_level, max_clients), then ``overrides`` that are not None."""
+    """The configuration from a TOML file (keys: ``_CONFIG_KEYS``), then ``overrides``
+    that are not None."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -157,11 +196,32 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             if level not in _LEVELS:
                 raise ConfigError(f"log_level must be one of {', '.join(sorted(_LEVELS))}")
             config = _evolve(config, log_level=level)
-        if "max_clients" in values:
-            limit = _typed(values, "max_clients", int)
-            if not 1 <= limit <= 65536:
-                raise ConfigError("max_clients must be between 1 and 65536")
-            config = _evolve(config, max_clients=limit)
+        for key in ("max_clients", "max_ro_clients"):
+            if key in values:
+                limit = _typed(values, key, int)
+                if not 1 <= limit <= 65536:
+                    raise ConfigError(f"{key} must be between 1 and 65536")
+                config = _evolve(config, **{key: limit})
+        if "allowed_uris" in values:
+            patterns = values["allowed_uris"]
+            if not isinstance(patterns, list | tuple) or not all(
+                isinstance(p, str) and p for p in patterns
+            ):
+                raise ConfigError("allowed_uris must be a list of URI patterns")
+            config = _evolve(config, allowed_uris=tuple(patterns))
+        for key, minimum in (("hello_timeout", 0.01), ("idle_timeout", 0.0)):
+            if key in values:
+                seconds = values[key]
+                if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                    raise ConfigError(f"{key} must be a number of seconds")
+                if seconds < minimum or seconds > 86400:
+                    raise ConfigError(f"{key} must be between {minimum} and 86400 seconds")
+                config = _evolve(config, **{key: float(seconds)})
+        if "driver_idle_timeout" in values:
+            seconds = values["driver_idle_timeout"]
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+                raise ConfigError("driver_idle_timeout must be a number of seconds >= 0")
+            config = _evolve(config, driver_idle_timeout=float(seconds))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
@@ -175,8 +235,6 @@ def _typed(values: dict[str, Any], key: str, kind: type[Any]) -> Any:
 
 
 def _evolve(config: DaemonConfig, **changes: Any) -> DaemonConfig:
-    import attrs
-
     return attrs.evolve(config, **changes)
 
 
@@ -263,6 +321,22 @@ class _Client:
     subs: dict[int, Subscription] = field(factory=dict)
     jobs: OrderedDict[uuid.UUID, Job] = field(factory=OrderedDict)
     domains: OrderedDict[str, Domain] = field(factory=OrderedDict)
+    #: the driver connection this session is attached to (after hello)
+    slot: _DriverSlot | None = None
+    #: a hello is being served (it may wait for a driver connection to open)
+    in_hello: bool = False
+    #: set once a hello succeeded
+    hello_done: anyio.Event = field(factory=anyio.Event)
+    #: when the daemon last read a frame from this client (or saw it busy)
+    last_frame: float = field(factory=anyio.current_time)
+    #: the read loop's scope; the watchdog cancels it to expel the client
+    reading: anyio.CancelScope = field(factory=anyio.CancelScope)
+    #: why the watchdog expels the client (sent to it once the read loop stopped)
+    expelled: JobError | None = None
+
+    def expel(self, error: JobError) -> None:
+        self.expelled = error
+        self.reading.cancel()
 
     async def send(self, msg: Message) -> None:
         try:
@@ -291,56 +365,213 @@ class _Client:
 # ---- driver connections -----------------------------------------------------------------
 
 
-@define(eq=False)
-class _DriverSlot:
-    ready: anyio.Event = field(factory=anyio.Event)
-    conn: Connection | None = None
-    error: JobError | None = None
+@frozen
+class DriverTarget:
+    """What a hello names, resolved: ``key`` is the driver connection's identity (the URI
+    without transport, ``socket`` and configuration parameters, with the driver's identity
+    parameters normalised); ``config`` the other parameters, sorted."""
+
+    key: str
+    config: tuple[tuple[str, str], ...]
+    #: the directory the driver connection would write to, when the driver says
+    state_dir: Path | None = None
+    #: the driver's defaults for configuration parameters it declares (``uri_defaults``)
+    defaults: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def uri(self) -> str:
+        """The URI the driver connection is opened with."""
+        return _with_query(self.key, self.config)
 
 
-def driver_key(uri_text: str) -> str:
-    """The identity of a driver connection: the URI without transport and ``socket``,
-    query parameters sorted."""
+def _with_query(base: str, params: tuple[tuple[str, str], ...]) -> str:
+    if not params:
+        return base
+    sep = "&" if "?" in base else "?"
+    return base + sep + urllib.parse.urlencode(params, safe="/")
+
+
+def resolve_driver_uri(uri_text: str, driver: Driver | None = None) -> DriverTarget:
+    """The driver connection a client's URI names; unknown parameters (for drivers that
+    declare theirs) are refused with InvalidArgument."""
     uri = parse_uri(uri_text)
     if uri.transport is not None:
         raise InvalidURI(f"jobd serves driver URIs, not '{uri_text}'")
-    params = sorted((k, v) for k, v in uri.params if k != "socket")
-    query = urllib.parse.urlencode(params)
-    return f"{uri.driver}://{uri.host}{uri.path}" + (f"?{query}" if query else "")
+    if driver is None:
+        driver = load_driver(uri)
+    params = tuple((k, v) for k, v in uri.params if k != "socket")
+    check_uri_params(driver, attrs.evolve(uri, params=params))
+    identity_of = getattr(driver, "identity", None)
+    state_of = getattr(driver, "state_dir", None)
+    try:
+        # a driver that says nothing: every parameter is part of the identity
+        identity = tuple(sorted(params if identity_of is None else identity_of(uri)))
+        state_dir = None if state_of is None else Path(state_of(uri)).resolve()
+    except (OSError, ValueError) as exc:  # e.g. a NUL byte or a loop in a dir= path
+        raise InvalidArgument(f"invalid parameter in '{uri_text}': {exc}") from None
+    names = {k for k, _ in identity}
+    config = tuple(sorted((k, v) for k, v in params if k not in names))
+    key = _with_query(f"{uri.driver}://{uri.host}{uri.path}", identity)
+    defaults = tuple(sorted(getattr(driver, "uri_defaults", {}).items()))
+    return DriverTarget(key, config, state_dir, defaults)
+
+
+def driver_key(uri_text: str) -> str:
+    """The identity of the driver connection a URI names (see DriverTarget)."""
+    return resolve_driver_uri(uri_text).key
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+@define(eq=False)
+class _DriverSlot:
+    target: DriverTarget
+    ready: anyio.Event = field(factory=anyio.Event)
+    #: set to close the connection (idle, or the daemon stops)
+    closing: anyio.Event = field(factory=anyio.Event)
+    #: set once the connection is closed and the slot is free
+    gone: anyio.Event = field(factory=anyio.Event)
+    conn: Connection | None = None
+    error: JobError | None = None
+    #: client sessions attached (hello done, not yet disconnected)
+    clients: int = 0
+    #: when the slot was last seen with a client or a job
+    busy_at: float = 0.0
+
+    def has_jobs(self) -> bool:
+        """Active or retained jobs (ended jobs keep their info for the retention period,
+        so the connection holding them stays)."""
+        if self.conn is None:
+            return False
+        engine = self.conn.engine
+        engine.store.purge(engine.clock.now())
+        return len(engine.store) > 0
+
+    def contradiction(self, config: tuple[tuple[str, str], ...]) -> str | None:
+        """The first parameter of ``config`` that differs from the connection's own
+        (given when it was opened, else the driver's declared default), as text."""
+        have = dict(self.target.defaults) | dict(self.target.config)
+        for k, v in config:
+            if have.get(k) != v:
+                current = f"{k}={have[k]}" if k in have else f"no {k} (the driver's default)"
+                return f"{k}={v} where the open connection has {current}"
+        return None
 
 
 class DriverConnections:
-    """Driver connections opened on demand, shared by all clients naming the same URI."""
+    """Driver connections opened on demand, shared by all clients naming the same
+    identity, closed when they stay without client and job for ``idle_timeout``."""
 
-    def __init__(self, tg: TaskGroup, retention: float) -> None:
+    def __init__(
+        self,
+        tg: TaskGroup,
+        retention: float,
+        *,
+        allowed: tuple[str, ...] = DEFAULT_ALLOWED_URIS,
+        run_dir: Path | None = None,
+        idle_timeout: float = DRIVER_IDLE_TIMEOUT,
+    ) -> None:
         self._tg = tg
         self._retention = retention
+        self._allowed = allowed
+        self._run_dir = None if run_dir is None else run_dir.resolve()
+        self._idle_timeout = idle_timeout
         self._slots: dict[str, _DriverSlot] = {}
+        self._drivers: dict[str, Driver] = {}
         self._stop = anyio.Event()
 
-    async def get(self, uri_text: str) -> tuple[str, Connection]:
-        key = driver_key(uri_text)
-        slot = self._slots.get(key)
-        if slot is None:
+    def resolve(self, uri_text: str) -> DriverTarget:
+        uri = parse_uri(uri_text)
+        driver = self._drivers.get(uri.driver)
+        if driver is None and uri.transport is None:
+            driver = self._drivers[uri.driver] = load_driver(uri)
+        return resolve_driver_uri(uri_text, driver)
+
+    async def attach(self, uri_text: str, *, readonly: bool) -> _DriverSlot:
+        """The driver connection a hello names, opened if needed (read-write clients
+        only); the caller holds it until ``release``."""
+        target = self.resolve(uri_text)
+        while True:
+            slot = self._slots.get(target.key)
+            if slot is not None and slot.closing.is_set():
+                await slot.gone.wait()  # closing for idleness: open it afresh
+                continue
+            if slot is not None:
+                conflict = slot.contradiction(target.config)
+                if conflict is not None:
+                    raise InvalidArgument(
+                        f"'{target.key}' is open as '{slot.target.uri}'; '{uri_text}' "
+                        f"contradicts it with {conflict}: name the same parameters or none, "
+                        "or another host"
+                    )
+                break
+            if readonly:
+                raise AccessDenied(
+                    f"the read-only socket can only attach to connections jobd already "
+                    f"serves, and '{target.key}' is not open: open it on the read-write "
+                    "socket first"
+                )
+            if (
+                self._run_dir is not None
+                and target.state_dir is not None
+                and _overlaps(target.state_dir, self._run_dir)
+            ):  # whatever allowed_uris says: the driver would clean up jobd's own files
+                raise AccessDenied(
+                    f"'{target.key}' would use '{target.state_dir}', which overlaps jobd's run "
+                    f"directory '{self._run_dir}': name another directory"
+                )
+            if not any(fnmatch.fnmatchcase(target.key, p) for p in self._allowed):
+                raise AccessDenied(
+                    f"jobd does not open '{target.key}': it is not in allowed_uris "
+                    f"({', '.join(self._allowed) or 'empty'})"
+                )
             if self._stop.is_set():
                 raise JobError("jobd is shutting down")
             if len(self._slots) >= MAX_DRIVER_CONNECTIONS:
-                raise JobError(f"jobd serves at most {MAX_DRIVER_CONNECTIONS} driver connections")
-            slot = self._slots[key] = _DriverSlot()
-            self._tg.start_soon(self._hold, key, slot)
-        await slot.ready.wait()
-        if slot.error is not None:
-            raise slot.error
-        assert slot.conn is not None
-        return key, slot.conn
-
-    async def _hold(self, key: str, slot: _DriverSlot) -> None:
+                await self._evict(target.key)
+                continue  # another hello may have opened this identity meanwhile
+            slot = self._slots[target.key] = _DriverSlot(target, busy_at=anyio.current_time())
+            self._tg.start_soon(self._hold, slot)
+            break
+        slot.clients += 1
         try:
-            async with connect(key, retention=self._retention) as conn:
+            await slot.ready.wait()
+        except BaseException:
+            self.release(slot)
+            raise
+        if slot.error is not None:
+            self.release(slot)
+            raise slot.error
+        return slot
+
+    def release(self, slot: _DriverSlot) -> None:
+        slot.clients -= 1
+        slot.busy_at = anyio.current_time()
+
+    async def _evict(self, key: str) -> None:
+        """Make room: close the driver connection idle the longest (no client, no job),
+        else refuse."""
+        idle = [s for s in self._slots.values() if not s.clients and not s.has_jobs()]
+        if not idle:
+            raise JobError(
+                f"jobd serves at most {MAX_DRIVER_CONNECTIONS} driver connections and all "
+                f"have clients or jobs: '{key}' cannot be opened now, retry later"
+            )
+        victim = min(idle, key=lambda s: s.busy_at)
+        _log.info("closing idle driver connection to make room", uri=victim.target.key)
+        victim.closing.set()
+        await victim.gone.wait()
+
+    async def _hold(self, slot: _DriverSlot) -> None:
+        key = slot.target.key
+        try:
+            async with connect(slot.target.uri, retention=self._retention) as conn:
                 slot.conn = conn
                 slot.ready.set()
-                _log.info("driver connection opened", uri=key)
-                await self._stop.wait()
+                _log.info("driver connection opened", uri=slot.target.uri)
+                await self._until_idle(slot)
                 _log.info("closing driver connection", uri=key)
         except Exception as exc:  # a driver failure must not take the daemon down
             leaf = leaf_error(exc)
@@ -351,14 +582,32 @@ class DriverConnections:
                 _log.exception("driver connection failed", uri=key)
                 slot.error = DriverError(f"{type(leaf).__name__}: {leaf}")
         finally:
+            slot.closing.set()
             if self._slots.get(key) is slot:
                 del self._slots[key]
             if slot.error is None and not slot.ready.is_set():
                 slot.error = JobError("jobd is shutting down")
             slot.ready.set()
+            slot.gone.set()
+
+    async def _until_idle(self, slot: _DriverSlot) -> None:
+        """Return when the daemon stops, or when the connection has had no client and
+        no job for the idle timeout."""
+        interval = min(max(self._idle_timeout / 4, 0.05), 1.0)
+        while not slot.closing.is_set():
+            with anyio.move_on_after(interval):
+                await slot.closing.wait()
+            now = anyio.current_time()
+            if slot.clients or slot.has_jobs():
+                slot.busy_at = now
+            elif now - slot.busy_at >= self._idle_timeout:
+                _log.info("driver connection idle", uri=slot.target.key, idle_s=self._idle_timeout)
+                return
 
     def close(self) -> None:
         self._stop.set()
+        for slot in list(self._slots.values()):
+            slot.closing.set()
 
 
 # ---- the daemon -------------------------------------------------------------------------
@@ -379,7 +628,8 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self._client_ids = 0
-        self._clients = 0
+        #: connected clients per socket (readonly flag)
+        self._clients = {False: 0, True: 0}
         self.drivers: DriverConnections | None = None
         self._serving: anyio.CancelScope | None = None
 
@@ -408,7 +658,13 @@ class Daemon:
         lock.acquire()
         try:
             async with anyio.create_task_group() as drivers_tg:
-                self.drivers = DriverConnections(drivers_tg, cfg.retention)
+                self.drivers = DriverConnections(
+                    drivers_tg,
+                    cfg.retention,
+                    allowed=cfg.allowed_uris,
+                    run_dir=cfg.run_dir,
+                    idle_timeout=cfg.driver_idle_timeout,
+                )
                 try:
                     self._serving = anyio.CancelScope()
                     with self._serving:
@@ -467,37 +723,106 @@ class Daemon:
             peer_uid=None if peer is None else peer.uid,
         )
         log.info("client connected", peer_gid=None if peer is None else peer.gid, allowed=allowed)
-        self._clients += 1
+        # only admitted sessions count: refused peers (lingering to read why) do not
+        limit = self.config.max_ro_clients if readonly else self.config.max_clients
+        admitted = allowed and self._clients[readonly] < limit
+        if admitted:
+            self._clients[readonly] += 1
+        client: _Client | None = None
         try:
             async with stream, anyio.create_task_group() as tg:
                 client = _Client(cid, stream, readonly, tg, log)
                 try:
                     if not allowed:
-                        await client.send(
-                            error_reply(
-                                0, AccessDenied("access denied: your uid is not allowed by jobd")
-                            )
+                        await self._farewell(
+                            client, AccessDenied("access denied: your uid is not allowed by jobd")
                         )
-                    elif self._clients > self.config.max_clients:
-                        log.warning("too many clients", limit=self.config.max_clients)
-                        await client.send(
-                            error_reply(
-                                0,
-                                JobError(
-                                    f"jobd is busy: {self.config.max_clients} clients connected"
-                                ),
-                            )
+                    elif not admitted:
+                        log.warning("too many clients", limit=limit)
+                        name = RO_SOCKET if readonly else RW_SOCKET
+                        await self._farewell(
+                            client,
+                            DaemonBusy(
+                                f"jobd is busy: {limit} clients are connected to {name}; "
+                                "retry later"
+                            ),
                         )
                     else:
-                        await self._read_loop(client)
+                        tg.start_soon(self._watchdog, client)
+                        with client.reading:
+                            await self._read_loop(client)
+                        if client.expelled is not None:
+                            self._clients[readonly] -= 1  # lingering does not hold a place
+                            admitted = False
+                            await self._farewell(client, client.expelled)
                 except _ClientGone:
                     pass
                 tg.cancel_scope.cancel()
         except Exception:
             log.exception("client session failed")
         finally:
-            self._clients -= 1
+            if admitted:
+                self._clients[readonly] -= 1
+            if client is not None and client.slot is not None and self.drivers is not None:
+                self.drivers.release(client.slot)
+                client.slot = None
             log.info("client disconnected")
+
+    async def _farewell(self, client: _Client, error: JobError) -> None:
+        """Refuse a client so that it reads why: send the error frame (id 0), shut our
+        side, then read and discard until the client closes (at most FAREWELL_LINGER s).
+        Closing at once while its hello is unread would make its write fail and it would
+        report a lost connection instead of the reason."""
+        await client.send(error_reply(0, error))
+        with anyio.move_on_after(FAREWELL_LINGER):
+            try:
+                await client.stream.send_eof()
+                while True:
+                    await client.stream.receive(65536)
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                OSError,
+            ):
+                pass
+
+    async def _watchdog(self, client: _Client) -> None:
+        """Close a connection that has not completed hello within ``hello_timeout``, and
+        (when ``idle_timeout`` is set) one idle that long: no frame read, no request in
+        flight, no subscription."""
+        cfg = self.config
+        with anyio.move_on_after(cfg.hello_timeout):
+            await client.hello_done.wait()
+        while not client.hello_done.is_set():
+            if not client.in_hello:
+                client.log.info("no hello in time", timeout=cfg.hello_timeout)
+                client.expel(
+                    ProtocolError(
+                        f"no successful hello within {cfg.hello_timeout:g} s: jobd closed "
+                        "the connection"
+                    )
+                )
+                return
+            await anyio.sleep(0.1)  # a hello is opening its driver connection
+        if cfg.idle_timeout <= 0:
+            return
+        while True:
+            now = anyio.current_time()
+            if client.requests or client.subs:
+                client.last_frame = now  # busy counts as activity
+            idle_until = client.last_frame + cfg.idle_timeout
+            if now < idle_until:
+                await anyio.sleep(max(idle_until - now, 0.05))
+                continue
+            client.log.info("idle client closed", timeout=cfg.idle_timeout)
+            client.expel(
+                DaemonUnreachable(
+                    f"jobd closed the connection after {cfg.idle_timeout:g} s without a "
+                    "request or subscription (idle_timeout)"
+                )
+            )
+            return
 
     async def _read_loop(self, client: _Client) -> None:
         receive = BufferedByteReceiveStream(client.stream)
@@ -512,6 +837,7 @@ class Daemon:
                     await client.send(error_reply(0, exc))
                     return
                 body = await receive.receive_exactly(length)
+                client.last_frame = anyio.current_time()
                 try:
                     msg = decode_message(body)
                 except BadRequest as exc:
@@ -580,9 +906,15 @@ class Daemon:
         if client.conn is not None:
             raise BadRequest("'hello' was already sent")
         assert self.drivers is not None and isinstance(uri, str)
-        key, client.conn = await self.drivers.get(uri)
-        client.log.info("hello", uri=key)
-        return encode_server_hello(ServerHello(PROTOCOL_VERSION, client.readonly, key))
+        client.in_hello = True
+        try:
+            slot = await self.drivers.attach(uri, readonly=client.readonly)
+        finally:
+            client.in_hello = False
+        client.slot, client.conn = slot, slot.conn
+        client.hello_done.set()
+        client.log.info("hello", uri=slot.target.uri)
+        return encode_server_hello(ServerHello(PROTOCOL_VERSION, client.readonly, slot.target.uri))
 
     def _subscribe(self, client: _Client, sub_id: int, args: tuple[ArgValue, ...]) -> None:
         domain, job, types, kinds, maxlen = args
@@ -836,13 +1168,22 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "--config",
                 "config_file",
                 type=click.Path(dir_okay=False, path_type=Path),
-                help="TOML file: run_dir, allowed_uids, retention, log_level, max_clients.",
+                help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
+                "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout.",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
             ),
             click.option(
                 "--retention", type=float, help="Seconds ended jobs are kept [default: 600]."
+            ),
+            click.option(
+                "--allow-uri",
+                "allowed_uris",
+                multiple=True,
+                metavar="PATTERN",
+                help="Driver URI clients may open (fnmatch; repeatable; replaces the config's "
+                f"allowed_uris) [default: {' '.join(DEFAULT_ALLOWED_URIS)}].",
             ),
         ]
     ):
@@ -851,10 +1192,20 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def start_from_options(
-    run_dir: Path | None, config_file: Path | None, log_level: str | None, retention: float | None
+    run_dir: Path | None,
+    config_file: Path | None,
+    log_level: str | None,
+    retention: float | None,
+    allowed_uris: tuple[str, ...] = (),
 ) -> int:
     try:
-        config = load_config(config_file, run_dir=run_dir, log_level=log_level, retention=retention)
+        config = load_config(
+            config_file,
+            run_dir=run_dir,
+            log_level=log_level,
+            retention=retention,
+            allowed_uris=list(allowed_uris) or None,
+        )
     except ConfigError as exc:
         click.echo(f"jobd: {exc}", err=True)
         return EXIT_CONFIG
@@ -864,11 +1215,15 @@ def start_from_options(
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @daemon_options
 def main(
-    run_dir: Path | None, config_file: Path | None, log_level: str | None, retention: float | None
+    run_dir: Path | None,
+    config_file: Path | None,
+    log_level: str | None,
+    retention: float | None,
+    allowed_uris: tuple[str, ...],
 ) -> None:
     """jobd: serve the jobcore API over UNIX sockets in RUN_DIR (jobd.sock read-write,
     jobd-ro.sock read-only), in the foreground, until SIGTERM or SIGINT."""
-    sys.exit(start_from_options(run_dir, config_file, log_level, retention))
+    sys.exit(start_from_options(run_dir, config_file, log_level, retention, allowed_uris))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ class DaemonUnreachable(JobError):
     """No daemon answers at the socket, or the connection to it was lost."""
 
 
+class DaemonBusy(DaemonUnreachable):
+    """The daemon refused the connection: it serves its maximum number of clients on that
+    socket. Like an unreachable daemon, retrying later may work."""
+
+
 class MsgType(enum.IntEnum):
     REQUEST = 0
     REPLY = 1
@@ -583,7 +588,14 @@ _ERROR_CLASSES: dict[str, type[Exception]] = {
 _ERROR_CLASSES.update(
     {
         c.__name__: c
-        for c in (ProtocolError, BadRequest, AccessDenied, DaemonUnreachable, TimeoutError)
+        for c in (
+            ProtocolError,
+            BadRequest,
+            AccessDenied,
+            DaemonUnreachable,
+            DaemonBusy,
+            TimeoutError,
+        )
     }
 )
 

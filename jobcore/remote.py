@@ -73,6 +73,8 @@ T = TypeVar("T")
 OUTGOING_BUFFER = 256
 #: Calls in flight on one connection; more wait for a slot.
 MAX_IN_FLIGHT = 1024
+#: Seconds the reader gets to take the daemon's last frames when a write failed.
+READ_AFTER_WRITE_FAILURE = 2.0
 
 _log = get_logger("jobcore.remote")
 
@@ -117,6 +119,7 @@ class _Session:
         self._hubs: dict[int, _RemoteHub] = {}
         self._slots = anyio.Semaphore(MAX_IN_FLIGHT)
         self._lost: JobError | None = None
+        self._reader_done = anyio.Event()
 
     # ---- calls ------------------------------------------------------------------------
 
@@ -194,6 +197,10 @@ class _Session:
                 async for frame in self._out_recv:
                     await self._stream.send(frame)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            # The daemon may have said why before it closed (a refusal, a timeout): the
+            # reader takes that frame first, then the generic loss applies.
+            with anyio.move_on_after(READ_AFTER_WRITE_FAILURE):
+                await self._reader_done.wait()
             self.lose(DaemonUnreachable(f"the connection to jobd was lost: {exc}"))
 
     async def reader(self) -> None:
@@ -212,6 +219,8 @@ class _Session:
             self.lose(DaemonUnreachable("the connection to jobd was lost"))
         except ProtocolError as exc:
             self.lose(ProtocolError(f"jobd sent an invalid frame: {exc}"))
+        finally:
+            self._reader_done.set()
 
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, Reply):
@@ -347,6 +356,18 @@ def _text(value: Wire) -> str:
     return value
 
 
+def _check_size(xml: str | bytes, root: str) -> None:
+    """Refuse a document over the XML size limit here, with the parser's own XMLError,
+    rather than let it fail as an oversized frame (jobd checks again)."""
+    from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document
+
+    if not isinstance(xml, str | bytes):
+        return  # the protocol's argument check names the wrong type
+    size = len(xml) if isinstance(xml, bytes) else len(xml.encode("utf-8", "surrogatepass"))
+    if size > MAX_DOCUMENT_BYTES:
+        parse_document(xml, root)  # raises the size XMLError before any parsing
+
+
 class RemoteDomain(Domain):
     """A domain handle served by jobd."""
 
@@ -369,6 +390,7 @@ class RemoteDomain(Domain):
 
     async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> Job:
         check_flags("JobBegin", flags)  # here too: a bad mask never goes on the wire
+        _check_size(job_xml, "job")
         return self.conn._job(
             await self._session.call_as(decode_job_ref, Method.JOB_BEGIN, self.name, job_xml, flags)
         )
@@ -397,6 +419,10 @@ class RemoteDomain(Domain):
         self, backup_xml: str | None, checkpoint_xml: str | None = None, flags: int = 0
     ) -> int:
         check_flags("backupBegin", flags)  # here too: a bad mask never goes on the wire
+        if backup_xml is not None:
+            _check_size(backup_xml, "domainbackup")
+        if checkpoint_xml is not None:
+            _check_size(checkpoint_xml, "domaincheckpoint")
         return await self._session.call_as(
             _int, Method.BACKUP_BEGIN, self.name, backup_xml, checkpoint_xml, flags
         )

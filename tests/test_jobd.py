@@ -59,9 +59,11 @@ class Jobd:
     def ro_sock(self) -> Path:
         return self.run_dir / "jobd-ro.sock"
 
-    def uri(self, query: str = "", *, readonly: bool = False) -> str:
+    def uri(self, query: str = "", *, readonly: bool = False, host: str = "default") -> str:
+        """A client URI; a simulated host's parameters are set by the hello that opens it,
+        so tests wanting another rate name another host."""
         path = self.ro_sock if readonly else self.sock
-        return f"sim+unix:///default?socket={path}" + (f"&{query}" if query else "")
+        return f"sim+unix:///{host}?socket={path}" + (f"&{query}" if query else "")
 
     def wait_ready(self, timeout: float = 15.0) -> Jobd:
         deadline = time.monotonic() + timeout
@@ -142,7 +144,7 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_begin_list_info_stats_dumpxml_abort(jobd: Jobd, tmp_path: Path) -> None:
-    uri = jobd.uri(f"rate={4 * MiB}")  # slow: a vdb backup would take two minutes
+    uri = jobd.uri(f"rate={4 * MiB}", host="slow")  # slow: a vdb backup would take two minutes
     xml = write(tmp_path, "b.xml", BACKUP_VDB.format(tag="t1"))
     began = jobctl(uri, "begin", "vm1", xml)
     assert began.returncode == 0, began.stderr
@@ -183,7 +185,7 @@ def test_begin_list_info_stats_dumpxml_abort(jobd: Jobd, tmp_path: Path) -> None
 
 
 def test_begin_wait_shows_progress(jobd: Jobd, tmp_path: Path) -> None:
-    uri = jobd.uri(f"rate={512 * MiB}")  # a vdb backup takes about a second
+    uri = jobd.uri(f"rate={512 * MiB}", host="r512m")  # a vdb backup takes about a second
     xml = BACKUP_VDB.format(tag="t2")
     done = jobctl(uri, "begin", "vm2", "-", "--wait", stdin=xml)
     assert done.returncode == 0, done.stderr
@@ -196,7 +198,7 @@ def test_begin_wait_shows_progress(jobd: Jobd, tmp_path: Path) -> None:
 
 
 def test_conflict_and_refusals_exit_codes(jobd: Jobd, tmp_path: Path) -> None:
-    uri = jobd.uri(f"rate={2 * MiB}")
+    uri = jobd.uri(f"rate={2 * MiB}", host="r2m")
     holder = jobctl(uri, "begin", "vm1", write(tmp_path, "b.xml", BACKUP_VDA.format(tag="c")))
     assert holder.returncode == 0, holder.stderr
     refused = jobctl(uri, "begin", "vm1", write(tmp_path, "p.xml", PULL_VDA))
@@ -218,7 +220,7 @@ def test_conflict_and_refusals_exit_codes(jobd: Jobd, tmp_path: Path) -> None:
 
 
 def test_events_stream(jobd: Jobd, tmp_path: Path) -> None:
-    uri = jobd.uri(f"rate={1024 * MiB}")
+    uri = jobd.uri(f"rate={1024 * MiB}", host="r1g")
     watcher = subprocess.Popen(
         [
             sys.executable,
@@ -260,21 +262,21 @@ def test_events_stream(jobd: Jobd, tmp_path: Path) -> None:
 
 
 def test_read_only_socket_refuses_writes(jobd: Jobd, tmp_path: Path) -> None:
-    ro = jobd.uri(f"rate={4 * MiB}", readonly=True)
+    ro = jobd.uri(f"rate={4 * MiB}", readonly=True, host="slow")
     refused = jobctl(ro, "begin", "vm1", write(tmp_path, "b.xml", BACKUP_VDB.format(tag="r")))
     assert refused.returncode == ExitCode.DENIED
     assert "read-only" in one_line_error(refused)
     listed = jobctl(ro, "list", "--json")
     assert listed.returncode == 0 and isinstance(json.loads(listed.stdout), list)
     rw_job = jobctl(
-        jobd.uri(f"rate={4 * MiB}"),
+        jobd.uri(f"rate={4 * MiB}", host="slow"),
         "begin",
         "vm1",
         write(tmp_path, "b2.xml", BACKUP_VDB.format(tag="r2")),
     ).stdout.strip()
     assert json.loads(jobctl(ro, "stats", rw_job, "--json").stdout)["uuid"] == rw_job
     assert jobctl(ro, "abort", rw_job).returncode == ExitCode.DENIED
-    assert jobctl(jobd.uri(f"rate={4 * MiB}"), "abort", rw_job).returncode == 0
+    assert jobctl(jobd.uri(f"rate={4 * MiB}", host="slow"), "abort", rw_job).returncode == 0
 
 
 # ---- the protocol under abuse -----------------------------------------------------------
@@ -344,7 +346,7 @@ def test_vanishing_client_affects_nobody(jobd: Jobd) -> None:
 
 
 def test_many_concurrent_clients(jobd: Jobd) -> None:
-    uri = jobd.uri("rate=0")
+    uri = jobd.uri("rate=0", host="instant")
     states: list[str] = []
 
     async def client(i: int) -> None:

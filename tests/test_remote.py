@@ -128,7 +128,7 @@ async def test_read_only_connection(jobd: Jobd, anyio_backend: str) -> None:
 async def test_slow_subscriber_loses_events_not_the_final_one(
     jobd: Jobd, anyio_backend: str
 ) -> None:
-    async with jobcore.connect(jobd.uri(f"rate={1024 * MiB}")) as conn:
+    async with jobcore.connect(jobd.uri(f"rate={1024 * MiB}", host="r1g")) as conn:
         dom = await conn.lookup_domain("vm1")
         with conn.subscribe(domain="vm1", maxlen=2) as events:
             job = await dom.job_begin(BACKUP_VDA.format(tag=f"slow-{anyio_backend}"))

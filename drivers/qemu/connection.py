@@ -351,6 +351,16 @@ class QemuDriver:
     """``qemu:///session[?dir=RUN_DIR]``: real QEMU processes over QMP."""
 
     scheme = "qemu"
+    #: the query parameters connect() reads; any other is refused
+    uri_params = frozenset({"dir", "backup_bandwidth"})
+
+    def identity(self, uri: URI) -> tuple[tuple[str, str], ...]:
+        """``dir`` selects another run directory (other QEMU processes), resolved."""
+        return (("dir", str(run_dir_of(uri))),) if uri.param("dir") is not None else ()
+
+    def state_dir(self, uri: URI) -> Path:
+        """The run directory the connection would lock, write and clean up."""
+        return run_dir_of(uri)
 
     @contextlib.asynccontextmanager
     async def connect(self, uri: URI, tg: anyio.abc.TaskGroup) -> AsyncIterator[QemuConnection]:

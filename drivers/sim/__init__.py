@@ -682,6 +682,14 @@ class SimDriver:
     """The ``jobcore.drivers`` entry point for ``sim://``."""
 
     scheme = "sim"
+    #: the query parameters SimConnection reads; any other is refused
+    uri_params = frozenset({"rate", "fail_at", "clock"})
+    #: what an absent parameter means (jobd compares a hello's parameters with these)
+    uri_defaults = {"rate": str(DEFAULT_RATE), "clock": "real"}
+
+    def identity(self, uri: URI) -> tuple[tuple[str, str], ...]:
+        """None of sim's parameters selects another host: ``sim:///NAME`` is the host."""
+        return ()
 
     @asynccontextmanager
     async def connect(self, uri: URI, tg: TaskGroup) -> AsyncIterator[SimConnection]:
