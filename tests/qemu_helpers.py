@@ -208,7 +208,9 @@ def start_orphan_qemu(run_dir: Path) -> subprocess.Popen[bytes]:
          "-pidfile", f"{run_dir}/old.0.pid"],
     )  # fmt: skip
     deadline = time.monotonic() + 10
-    while not (run_dir / "old.0.pid").exists():
+    pidfile = run_dir / "old.0.pid"
+    # QEMU creates the pid file before it writes the pid: wait for the content
+    while not (pidfile.exists() and pidfile.read_text().strip()):
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
             proc.wait()
