@@ -36,8 +36,14 @@ from attrs import define, field, frozen
 
 from jobcore.api import Connection, Domain, Job, connect
 from jobcore.engine import DEFAULT_RETENTION
-from jobcore.errors import DriverError, InvalidArgument, InvalidURI, JobError
-from jobcore.events import EventKind, Subscription
+from jobcore.errors import (
+    DriverError,
+    InvalidArgument,
+    InvalidURI,
+    JobError,
+    SubscriptionOverflow,
+)
+from jobcore.events import EndReason, EventKind, Subscription
 from jobcore.log import configure, get_logger
 from jobcore.protocol import (
     HEADER,
@@ -83,6 +89,8 @@ MAX_DRIVER_CONNECTIONS = 32
 MAX_IN_FLIGHT = 256
 MAX_SUBSCRIPTIONS = 64
 MAX_EVENT_BUFFER = 4096
+#: Events a subscription may lose since its buffer was last empty before jobd ends it.
+SUBSCRIBER_LOST_LIMIT = 10_000
 #: Job and domain handles a client session keeps (so its handles outlive retention).
 HANDLE_CACHE = 4096
 #: A client that does not take a frame within this many seconds is disconnected.
@@ -110,9 +118,19 @@ class DaemonConfig:
     retention: float = DEFAULT_RETENTION
     log_level: str = "info"
     max_clients: int = MAX_CLIENTS
+    #: a subscription that lost more events than this since its buffer was last empty is
+    #: ended (SUB_END 'overflow' with the lost count); 0: never
+    subscriber_lost_limit: int = SUBSCRIBER_LOST_LIMIT
 
 
-_CONFIG_KEYS = {"run_dir", "allowed_uids", "retention", "log_level", "max_clients"}
+_CONFIG_KEYS = {
+    "run_dir",
+    "allowed_uids",
+    "retention",
+    "log_level",
+    "max_clients",
+    "subscriber_lost_limit",
+}
 _LEVELS = {"debug", "info", "warning", "error"}
 
 
@@ -161,6 +179,11 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             if not 1 <= limit <= 65536:
                 raise ConfigError("max_clients must be between 1 and 65536")
             config = _evolve(config, max_clients=limit)
+        if "subscriber_lost_limit" in values:
+            lost_limit = _typed(values, "subscriber_lost_limit", int)
+            if lost_limit < 0:
+                raise ConfigError("subscriber_lost_limit must be >= 0 (0: never end one)")
+            config = _evolve(config, subscriber_lost_limit=lost_limit)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
@@ -602,15 +625,23 @@ class Daemon:
             kinds=kind_set,
             maxlen=buffer,
         )
+        sub.lost_limit = self.config.subscriber_lost_limit or None
         client.subs[sub_id] = sub
         client.tg.start_soon(self._forward, client, sub_id, sub)
 
     async def _forward(self, client: _Client, sub_id: int, sub: Subscription) -> None:
         """Push a subscription's events; a slow client fills its bounded buffer and loses
-        events as jobcore.events documents, the engine never waits for it."""
+        events as jobcore.events documents, the engine never waits for it. One that stays
+        behind past ``subscriber_lost_limit`` gets SUB_END 'overflow' with the count."""
         try:
-            async for ev in sub:
-                await client.send(EventPush(sub_id, ev))
+            try:
+                async for ev in sub:
+                    await client.send(EventPush(sub_id, ev))
+            except SubscriptionOverflow as exc:
+                client.subs.pop(sub_id, None)
+                client.log.warning("subscriber fell behind: subscription ended", lost=exc.lost)
+                await client.send(SubscriptionEnd(sub_id, exc.lost, EndReason.OVERFLOW))
+                return
             if client.subs.pop(sub_id, None) is not None:  # ended by the daemon side
                 await client.send(SubscriptionEnd(sub_id))
         except _ClientGone:

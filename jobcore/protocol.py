@@ -9,6 +9,8 @@ A frame is a 4-byte big-endian body length followed by a msgpack body of at most
     EVENT    [3, sub_id, [event…]]               daemon -> client (a subscribed job event)
     CANCEL   [4, id]                             client -> daemon (stop serving request id)
     SUB_END  [5, sub_id]                         daemon -> client (the subscription ended)
+             [5, sub_id, lost, reason]           … ended for a reason other than 'closed'
+                                                 (reason 'overflow': the client fell behind)
 
 The first request of a connection is ``hello [version, driver_uri]``. UUIDs travel as 16
 raw bytes. Wire values are decoded into the typed messages and values below right at the
@@ -33,7 +35,7 @@ from attrs import frozen
 from jobcore import errors
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.errors import JobError
-from jobcore.events import EventKind, JobEvent
+from jobcore.events import EndReason, EventKind, JobEvent
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobType
@@ -208,6 +210,9 @@ class Cancel:
 @frozen
 class SubscriptionEnd:
     sub_id: int
+    #: every event the daemon-side subscription lost (carried when not 0)
+    lost: int = 0
+    reason: EndReason = EndReason.CLOSED
 
 
 Message: TypeAlias = Request | Reply | ErrorReply | EventPush | Cancel | SubscriptionEnd
@@ -252,8 +257,10 @@ def encode_message(msg: Message) -> bytes:
             return _pack([MsgType.EVENT, sid, encode_event(ev)])
         case Cancel(id=rid):
             return _pack([MsgType.CANCEL, rid])
-        case SubscriptionEnd(sub_id=sid):
-            return _pack([MsgType.SUB_END, sid])
+        case SubscriptionEnd(sub_id=sid, lost=lost, reason=reason):
+            if lost == 0 and reason is EndReason.CLOSED:  # the form every client reads
+                return _pack([MsgType.SUB_END, sid])
+            return _pack([MsgType.SUB_END, sid, lost, str(reason)])
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -311,8 +318,12 @@ def _decode_by_type(kind: MsgType, rid: int, raw: list[Wire]) -> Message:
     if kind is MsgType.CANCEL:
         _expect_len(raw, 2)
         return Cancel(rid)
-    _expect_len(raw, 2)
-    return SubscriptionEnd(rid)
+    if len(raw) == 2:
+        return SubscriptionEnd(rid)
+    _expect_len(raw, 4)
+    # a reason this version does not know still ends the subscription
+    reason = EndReason(raw[3]) if raw[3] in set(EndReason) else EndReason.CLOSED
+    return SubscriptionEnd(rid, max(0, _int(raw[2])), reason)
 
 
 def _expect_len(raw: list[Wire], n: int) -> None:

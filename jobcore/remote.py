@@ -93,11 +93,21 @@ class _RemoteHub(EventHub):
         super().__init__()
         self._session = session
         self.sub_id = sub_id
+        #: events the daemon reported lost so far (the lost_before of delivered events)
+        self._reported_lost = 0
 
     def deliver(self, ev: JobEvent) -> None:
+        self._reported_lost += ev.lost_before
         for sub in self._subs:
             sub.lost += ev.lost_before  # events the daemon dropped for this subscriber
         self.emit(ev)
+
+    def ended(self, end: SubscriptionEnd) -> None:
+        """The daemon ended the subscription: the subscriber ends the same way, with the
+        daemon's losses not yet reported added to its own."""
+        unreported = max(0, end.lost - self._reported_lost)
+        for sub in self._subs:
+            sub.end(end.reason, unreported)
 
     def unsubscribe(self, sub: Subscription) -> None:
         super().unsubscribe(sub)
@@ -236,9 +246,9 @@ class _Session:
             if hub is not None:
                 hub.deliver(msg.event)
         elif isinstance(msg, SubscriptionEnd):
-            hub = self._hubs.get(msg.sub_id)
+            hub = self._hubs.pop(msg.sub_id, None)  # gone daemon-side: no UNSUBSCRIBE
             if hub is not None:
-                hub.close()
+                hub.ended(msg)
         else:
             _log.warning("unexpected message from jobd", message=type(msg).__name__)
 
