@@ -34,7 +34,7 @@ from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from attrs import define, field, frozen
 
-from jobcore.api import Connection, Domain, Job, connect
+from jobcore.api import Connection, Domain, Job, connect, uuid_prefix
 from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import (
     DriverError,
@@ -47,6 +47,7 @@ from jobcore.events import EndReason, EventKind, Subscription
 from jobcore.log import configure, get_logger
 from jobcore.protocol import (
     HEADER,
+    MAX_FRAME,
     PROTOCOL_VERSION,
     RO_SOCKET,
     RW_SOCKET,
@@ -75,6 +76,7 @@ from jobcore.protocol import (
     error_reply,
     frame_length,
 )
+from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.uri import parse_uri
 
 #: jobd's exit status when another daemon holds the run directory.
@@ -91,6 +93,8 @@ MAX_SUBSCRIPTIONS = 64
 MAX_EVENT_BUFFER = 4096
 #: Events a subscription may lose since its buffer was last empty before jobd ends it.
 SUBSCRIBER_LOST_LIMIT = 10_000
+#: Job refs one LIST_JOBS_PAGE or FIND_JOBS reply holds at most.
+MAX_LIST_PAGE = 1000
 #: Job and domain handles a client session keeps (so its handles outlive retention).
 HANDLE_CACHE = 4096
 #: A client that does not take a frame within this many seconds is disconnected.
@@ -121,6 +125,9 @@ class DaemonConfig:
     #: a subscription that lost more events than this since its buffer was last empty is
     #: ended (SUB_END 'overflow' with the lost count); 0: never
     subscriber_lost_limit: int = SUBSCRIBER_LOST_LIMIT
+    #: ended jobs kept at most per domain and in all, per driver connection (oldest go)
+    max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN
+    max_retained: int = DEFAULT_MAX_RETAINED
 
 
 _CONFIG_KEYS = {
@@ -130,6 +137,8 @@ _CONFIG_KEYS = {
     "log_level",
     "max_clients",
     "subscriber_lost_limit",
+    "max_retained_per_domain",
+    "max_retained",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -184,6 +193,12 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             if lost_limit < 0:
                 raise ConfigError("subscriber_lost_limit must be >= 0 (0: never end one)")
             config = _evolve(config, subscriber_lost_limit=lost_limit)
+        for key in ("max_retained_per_domain", "max_retained"):
+            if key in values:
+                cap = _typed(values, key, int)
+                if cap < 0:
+                    raise ConfigError(f"{key} must be a number of jobs >= 0")
+                config = _evolve(config, **{key: cap})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
@@ -334,9 +349,10 @@ def driver_key(uri_text: str) -> str:
 class DriverConnections:
     """Driver connections opened on demand, shared by all clients naming the same URI."""
 
-    def __init__(self, tg: TaskGroup, retention: float) -> None:
+    def __init__(self, tg: TaskGroup, retention: float, **retained: int) -> None:
         self._tg = tg
         self._retention = retention
+        self._retained = retained  # max_retained_per_domain, max_retained
         self._slots: dict[str, _DriverSlot] = {}
         self._stop = anyio.Event()
 
@@ -358,7 +374,7 @@ class DriverConnections:
 
     async def _hold(self, key: str, slot: _DriverSlot) -> None:
         try:
-            async with connect(key, retention=self._retention) as conn:
+            async with connect(key, retention=self._retention, **self._retained) as conn:
                 slot.conn = conn
                 slot.ready.set()
                 _log.info("driver connection opened", uri=key)
@@ -430,7 +446,12 @@ class Daemon:
         lock.acquire()
         try:
             async with anyio.create_task_group() as drivers_tg:
-                self.drivers = DriverConnections(drivers_tg, cfg.retention)
+                self.drivers = DriverConnections(
+                    drivers_tg,
+                    cfg.retention,
+                    max_retained_per_domain=cfg.max_retained_per_domain,
+                    max_retained=cfg.max_retained,
+                )
                 try:
                     self._serving = anyio.CancelScope()
                     with self._serving:
@@ -755,9 +776,49 @@ async def _h_job_begin(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
     return _ref(c, job)
 
 
+def _ref_size(domain: str) -> int:
+    """An upper bound of one job ref's wire size (the UUID, type, state and the domain's
+    name): replies of refs stay within half a frame by it."""
+    return 64 + len(domain.encode())
+
+
+def _page_size(domain: str, limit: int) -> int:
+    """Refs of one domain's jobs one page holds: ``limit`` within 1 and MAX_LIST_PAGE,
+    and fewer if the domain's name is so long that they would not fit half a frame."""
+    return max(1, min(limit, MAX_LIST_PAGE, MAX_FRAME // 2 // _ref_size(domain)))
+
+
 @_handles(Method.LIST_JOBS)
 async def _h_list_jobs(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return [_ref(c, j) for j in await (await _domain(c, a[0])).list_jobs()]
+    dom = await _domain(c, a[0])
+    jobs = await dom.list_jobs()
+    if len(jobs) * _ref_size(dom.name) > MAX_FRAME // 2:
+        raise JobError(
+            f"domain '{dom.name}' has {len(jobs)} jobs, more than one reply holds: list them "
+            f"page by page with '{Method.LIST_JOBS_PAGE}' (as jobcore's client does)"
+        )
+    return [_ref(c, j) for j in jobs]
+
+
+@_handles(Method.LIST_JOBS_PAGE)
+async def _h_list_jobs_page(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+    dom = await _domain(c, a[0])
+    conn = _conn(c)
+    recs, cursor = conn.engine.domain_jobs_page(dom.name, a[1], _page_size(dom.name, a[2]))
+    return [[_ref(c, Job(conn, r)) for r in recs], cursor]
+
+
+@_handles(Method.FIND_JOBS)
+async def _h_find_jobs(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+    conn = _conn(c)
+    refs: list[Wire] = []
+    size = 0
+    for rec in conn.engine.find_jobs(uuid_prefix(a[0]), max(1, min(a[1], MAX_LIST_PAGE))):
+        size += _ref_size(rec.domain)
+        if refs and size > MAX_FRAME // 2:
+            break  # the caller asked for more than a reply holds: it gets the first ones
+        refs.append(_ref(c, Job(conn, rec)))
+    return refs
 
 
 def _domain_call(name: str) -> Handler:

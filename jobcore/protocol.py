@@ -104,7 +104,9 @@ class Method(enum.StrEnum):
     DOMAIN_INFO = "domain_info"
     DOMAIN_DESTROY = "domain_destroy"
     JOB_BEGIN = "job_begin"
-    LIST_JOBS = "list_jobs"
+    LIST_JOBS = "list_jobs"  # every job in one reply: kept for older clients
+    LIST_JOBS_PAGE = "list_jobs_page"
+    FIND_JOBS = "find_jobs"
     LEGACY_JOB_INFO = "legacy_job_info"
     LEGACY_JOB_STATS = "legacy_job_stats"
     LEGACY_ABORT_JOB = "legacy_abort_job"
@@ -145,6 +147,10 @@ METHODS: dict[Method, MethodSpec] = {
     Method.DOMAIN_DESTROY: MethodSpec((A.STR,), True),
     Method.JOB_BEGIN: MethodSpec((A.STR, A.TEXT, A.INT), True),
     Method.LIST_JOBS: MethodSpec((A.STR,), False),
+    # domain, cursor (-1: the start), limit -> [[job ref…], next cursor | nil]
+    Method.LIST_JOBS_PAGE: MethodSpec((A.STR, A.INT, A.INT), False),
+    # UUID prefix (hex digits), limit -> [job ref…] in UUID order
+    Method.FIND_JOBS: MethodSpec((A.STR, A.INT), False),
     Method.LEGACY_JOB_INFO: MethodSpec((A.STR,), False),
     Method.LEGACY_JOB_STATS: MethodSpec((A.STR, A.INT), False),
     Method.LEGACY_ABORT_JOB: MethodSpec((A.STR,), True),
@@ -486,6 +492,14 @@ def encode_job_ref(job_uuid: uuid.UUID, job_type: str, domain: str, state: JobSt
 def decode_job_ref(value: Wire) -> JobRef:
     v = _items(value, 4)
     return JobRef(_uuid(v[0]), JobType(_str(v[1])), _str(v[2]), JobState(_str(v[3])))
+
+
+def decode_job_page(value: Wire) -> tuple[list[JobRef], int | None]:
+    """A LIST_JOBS_PAGE reply: the page's job refs and the next page's cursor."""
+    v = _items(value, 2)
+    if not isinstance(v[0], list):
+        raise ValueError("a page is [[job ref…], next cursor | nil]")
+    return [decode_job_ref(r) for r in v[0]], _opt_int(v[1])
 
 
 def encode_domain_info(info: DomainInfo) -> Wire:

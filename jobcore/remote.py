@@ -26,7 +26,7 @@ import anyio
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from jobcore.api import Connection, Domain, Job, as_uuid
+from jobcore.api import Connection, Domain, Job, as_uuid, uuid_prefix
 from jobcore.driver import DomainInfo
 from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import InvalidURI, JobError
@@ -55,6 +55,7 @@ from jobcore.protocol import (
     decode_domain_ref,
     decode_int_list,
     decode_job_info,
+    decode_job_page,
     decode_job_ref,
     decode_message,
     decode_params,
@@ -72,6 +73,8 @@ T = TypeVar("T")
 OUTGOING_BUFFER = 256
 #: Calls in flight on one connection; more wait for a slot.
 MAX_IN_FLIGHT = 1024
+#: Jobs asked for per LIST_JOBS_PAGE round trip (jobd may send fewer).
+LIST_PAGE = 1000
 
 _log = get_logger("jobcore.remote")
 
@@ -316,6 +319,12 @@ class RemoteConnection(Connection):
             await self._session.call_as(decode_job_ref, Method.LOOKUP_JOB, as_uuid(job))
         )
 
+    async def find_jobs(self, prefix: str, limit: int = 16) -> list[Job]:
+        refs = await self._session.call_as(
+            _list_of(decode_job_ref), Method.FIND_JOBS, uuid_prefix(prefix), limit
+        )
+        return [self._job(r) for r in refs]
+
     def subscribe(
         self,
         *,
@@ -388,8 +397,15 @@ class RemoteDomain(Domain):
         return await self.job_begin(format_job(spec), flags)
 
     async def list_jobs(self) -> list[Job]:
-        refs = await self._session.call_as(_list_of(decode_job_ref), Method.LIST_JOBS, self.name)
-        return [self.conn._job(r) for r in refs]
+        """Every job of the domain, fetched page by page (no reply outgrows a frame)."""
+        jobs: list[Job] = []
+        cursor: int | None = -1
+        while cursor is not None:
+            refs, cursor = await self._session.call_as(
+                decode_job_page, Method.LIST_JOBS_PAGE, self.name, cursor, LIST_PAGE
+            )
+            jobs += [self.conn._job(r) for r in refs]
+        return jobs
 
     async def job_info(self) -> list[int]:
         return await self._session.call_as(decode_int_list, Method.LEGACY_JOB_INFO, self.name)
