@@ -4,6 +4,7 @@ pages, and found by UUID prefix through the store's index."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import anyio.lowlevel
 import pytest
@@ -95,14 +96,14 @@ async def test_a_reused_uuid_is_not_purged_by_the_evicted_jobs_deadline() -> Non
     async with jobcore.connect(
         "sim:///default?rate=0&clock=manual", retention=10, max_retained_per_domain=1
     ) as conn:
-        clock = conn.driver.clock
+        clock: Any = conn.driver.clock  # the sim's ManualClock
         chosen = uuid.uuid4()
         mine = f"<job type='blockpull'><uuid>{chosen}</uuid><disk name='vda'/></job>"
         await run_instant(conn, "vm1", 1, mine)  # ends at t=0: deadline t=10
         await run_instant(conn, "vm1", 1)  # evicts it
         with pytest.raises(NoSuchJob):
             await conn.lookup_job(chosen)
-        clock.advance(5)  # type: ignore[attr-defined]
+        clock.advance(5)
         await anyio.lowlevel.checkpoint()
         await run_instant(conn, "vm1", 1, mine)  # the same UUID again: deadline t=15
         clock.advance(6)  # t=11: the first deadline has passed, not the new one
