@@ -145,7 +145,8 @@ _LEVELS = {"debug", "info", "warning", "error"}
 
 def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
     """The configuration from a TOML file (keys: run_dir, allowed_uids, retention,
-    log_level, max_clients), then ``overrides`` that are not None."""
+    log_level, max_clients, subscriber_lost_limit, max_retained_per_domain,
+    max_retained), then ``overrides`` that are not None."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -927,7 +928,10 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "--config",
                 "config_file",
                 type=click.Path(dir_okay=False, path_type=Path),
-                help="TOML file: run_dir, allowed_uids, retention, log_level, max_clients.",
+                help=(
+                    "TOML file: run_dir, allowed_uids, retention, log_level, max_clients, "
+                    "subscriber_lost_limit, max_retained_per_domain, max_retained."
+                ),
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
