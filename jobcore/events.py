@@ -136,7 +136,9 @@ class Subscription:
     closed: bool = False
     end_reason: EndReason | None = None
 
-    def __len__(self) -> int:
+    @property
+    def buffered(self) -> int:
+        """Events waiting to be read."""
         return self._size
 
     def _push(self, entry: _Entry) -> None:
