@@ -7,8 +7,11 @@ jobd allows) and then never reads its socket again. The ratio of the two times i
 cost that subscriber imposes on everyone else (target <= 1.2x). jobd's RSS (VmRSS, and
 the peak VmHWM) is read from /proc at the end of each side.
 
-    python -m benchmarks.bench_subscribers          # N=2000
-    BENCH_SUBSCRIBER_JOBS=5000 python -m benchmarks.bench_subscribers
+    python -m benchmarks.bench_subscribers          # N=2000, best of 3 rounds
+    BENCH_SUBSCRIBER_JOBS=5000 BENCH_SUBSCRIBER_ROUNDS=1 python -m benchmarks.bench_subscribers
+
+A second side, 64 never-read subscriptions (as many as jobd grants one client), shows
+what one client could do before drops were O(1).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ N_JOBS = int(os.environ.get("BENCH_SUBSCRIBER_JOBS", "2000"))
 #: jobs begun before the timed ones, on both sides alike: enough events to fill the
 #: never-reading subscriber's buffer, so the timed jobs meet a full one
 N_PREFILL = int(os.environ.get("BENCH_SUBSCRIBER_PREFILL", "1500"))
+ROUNDS = int(os.environ.get("BENCH_SUBSCRIBER_ROUNDS", "3"))
 DRIVER = "sim:///default?rate=0"
 #: the largest event buffer jobd grants a subscriber (jobd.MAX_EVENT_BUFFER)
 SUB_BUFFER = 4096
@@ -101,13 +105,21 @@ def measure(n: int, *, subs: int, config: str | None = None) -> tuple[float, int
 
 
 def main() -> None:
-    none, rss_none, peak_none = measure(N_JOBS, subs=0)
-    rows = [("no subscriber", none, rss_none, peak_none)]
-    for subs in (1, 64):
-        t, rss, peak = measure(N_JOBS, subs=subs)
-        rows.append((f"{subs} never-read subscription(s)", t, rss, peak))
-    print(f"{N_JOBS} instant jobs through jobd after {N_PREFILL} others (one client, sequential):")
-    for name, t, rss, peak in rows:
+    # rounds alternate the sides and each keeps its best time: the machine's noise
+    # (other processes) then weighs on both alike
+    best: dict[int, tuple[float, int, int]] = {}
+    for _ in range(ROUNDS):
+        for subs in (0, 1, 64):
+            t, rss, peak = measure(N_JOBS, subs=subs)
+            if subs not in best or t < best[subs][0]:
+                best[subs] = (t, rss, peak)
+    none = best[0][0]
+    print(
+        f"{N_JOBS} instant jobs through jobd after {N_PREFILL} others "
+        f"(one client, sequential; best of {ROUNDS}):"
+    )
+    for subs, (t, rss, peak) in best.items():
+        name = "no subscriber" if subs == 0 else f"{subs} never-read subscription(s)"
         print(
             f"  {name:32s} {t:7.2f} s  {t / none:5.2f}x  "
             f"jobd RSS {rss / 1024:6.1f} MiB (peak {peak / 1024:.1f})"
