@@ -46,9 +46,18 @@ def calls_per_second(conn: BlockingConnection, n: int = N_CALLS) -> float:
     return n / elapsed
 
 
-def _start_jobd(run_dir: Path) -> subprocess.Popen[bytes]:
+def _start_jobd(run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobcore.jobd", "--run-dir", str(run_dir), "--log-level", "error"],
+        [
+            sys.executable,
+            "-m",
+            "jobcore.jobd",
+            "--run-dir",
+            str(run_dir),
+            "--log-level",
+            "error",
+            *extra,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -16,6 +16,7 @@ from jobcore.errors import (
     NoSuchJob,
     OperationInvalid,
     QueueTimeout,
+    SubscriptionOverflow,
     Unsupported,
     XMLError,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "OperationInvalid",
     "QueueTimeout",
     "Subscription",
+    "SubscriptionOverflow",
     "Unsupported",
     "Verb",
     "XMLError",

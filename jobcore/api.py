@@ -20,7 +20,7 @@ from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, ChainRef, JobType
-from jobcore.store import JobRecord
+from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN, JobRecord
 from jobcore.uri import parse_uri
 from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
 
@@ -39,6 +39,15 @@ def as_uuid(value: str | bytes | uuid.UUID) -> uuid.UUID:
         return uuid.UUID(str(value))
     except (ValueError, TypeError):
         raise InvalidArgument(f"invalid job UUID {value!r}") from None
+
+
+def uuid_prefix(text: str) -> str:
+    """The hex digits of a UUID prefix (dashes dropped, lower case); InvalidArgument if
+    it is not 1 to 32 hex digits."""
+    digits = text.replace("-", "").lower()
+    if not 1 <= len(digits) <= 32 or any(ch not in "0123456789abcdef" for ch in digits):
+        raise InvalidArgument(f"'{text}' is not a UUID prefix (1 to 32 hex digits)")
+    return digits
 
 
 class Connection:
@@ -81,6 +90,12 @@ class Connection:
         if job_id == LEGACY_DOMAIN_JOB_UUID:
             raise InvalidArgument("the legacy domain job UUID names no job without a domain")
         return Job(self, self.engine.lookup(job_id))
+
+    async def find_jobs(self, prefix: str, limit: int = 16) -> list[Job]:
+        """Up to ``limit`` active or retained jobs whose UUID starts with ``prefix`` (hex
+        digits; dashes ignored), in UUID order, found by an index: how a short form of a
+        UUID is resolved (two results mean it is ambiguous)."""
+        return [Job(self, r) for r in self.engine.find_jobs(uuid_prefix(prefix), limit)]
 
     def subscribe(
         self,
@@ -353,10 +368,18 @@ class Job:
 
 @asynccontextmanager
 async def connect(
-    uri: str = "sim:///default", *, retention: float = DEFAULT_RETENTION
+    uri: str = "sim:///default",
+    *,
+    retention: float = DEFAULT_RETENTION,
+    max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
+    max_retained: int = DEFAULT_MAX_RETAINED,
 ) -> AsyncIterator[Connection]:
     """Open a connection; everything it started is cancelled when the block exits.
-    ``DRIVER+unix:///PATH?socket=SOCKET`` URIs are served by jobd (jobcore.remote)."""
+    ``DRIVER+unix:///PATH?socket=SOCKET`` URIs are served by jobd (jobcore.remote).
+
+    Ended jobs are kept ``retention`` seconds (unless their XML says otherwise), at most
+    ``max_retained_per_domain`` per domain and ``max_retained`` in all: past a cap the
+    oldest ended go first. Through jobd, the daemon's configuration decides these."""
     parsed = parse_uri(uri)
     if parsed.transport == "unix":
         from jobcore.remote import connect_remote
@@ -369,7 +392,13 @@ async def connect(
     try:
         async with anyio.create_task_group() as tg:
             async with driver.connect(parsed, tg) as dconn:
-                engine = Engine(dconn, tg, retention=retention)
+                engine = Engine(
+                    dconn,
+                    tg,
+                    retention=retention,
+                    max_retained_per_domain=max_retained_per_domain,
+                    max_retained=max_retained,
+                )
                 try:
                     yield Connection(uri, dconn, engine)
                 finally:

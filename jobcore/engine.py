@@ -37,7 +37,13 @@ from jobcore.lifecycle import LEGACY_JOB_TYPE, TRANSITIONS, JobState, Verb, chec
 from jobcore.log import get_logger
 from jobcore.registry import registry
 from jobcore.scheduler import Scheduler
-from jobcore.store import JobRecord, JobStore, MemoryJobStore
+from jobcore.store import (
+    DEFAULT_MAX_RETAINED,
+    DEFAULT_MAX_RETAINED_PER_DOMAIN,
+    JobRecord,
+    JobStore,
+    MemoryJobStore,
+)
 
 S = JobState
 
@@ -67,11 +73,20 @@ class Engine:
         *,
         store: JobStore | None = None,
         retention: float = DEFAULT_RETENTION,
+        max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
+        max_retained: int = DEFAULT_MAX_RETAINED,
     ) -> None:
         self.dconn = dconn
         self.tg = tg
         self.clock = dconn.clock
-        self.store: JobStore = store if store is not None else MemoryJobStore()
+        # the caps bound a store made here; a store passed in has its own
+        self.store: JobStore = (
+            store
+            if store is not None
+            else MemoryJobStore(
+                max_retained_per_domain=max_retained_per_domain, max_retained=max_retained
+            )
+        )
         self.retention = retention
         self.events = EventHub()
         self.scheduler = Scheduler()
@@ -340,6 +355,20 @@ class Engine:
     def domain_jobs(self, domain: str) -> list[JobRecord]:
         self._purge()
         return list(self.store.domain_jobs(domain))
+
+    def domain_jobs_page(
+        self, domain: str, after: int = -1, limit: int = 1000
+    ) -> tuple[list[JobRecord], int | None]:
+        """A page of the domain's jobs in begin order from cursor ``after`` (-1: the
+        start), and the next page's cursor (None: no more). Jobs begun meanwhile come on
+        later pages; none is listed twice."""
+        self._purge()
+        return self.store.domain_jobs_page(domain, after, limit)
+
+    def find_jobs(self, prefix: str, limit: int) -> list[JobRecord]:
+        """Up to ``limit`` jobs whose UUID's hex digits start with ``prefix``."""
+        self._purge()
+        return self.store.find_prefix(prefix, limit)
 
     def info(self, rec: JobRecord) -> JobInfo:
         return JobInfo(

@@ -8,6 +8,7 @@
      ├── JobConflict            admission refused: another job holds a resource
      ├── OperationInvalid       a verb the job's state (or type) does not accept
      ├── QueueTimeout           a queued job was not admitted in time
+     ├── SubscriptionOverflow   an event subscriber fell too far behind and was ended
      ├── Unsupported            the driver does not implement that operation
      └── DriverError            the hypervisor failed; the message carries its text
 
@@ -74,6 +75,15 @@ class OperationInvalid(JobError):
 
 class QueueTimeout(JobError):
     """A job that asked to queue was not admitted before its timeout."""
+
+
+class SubscriptionOverflow(JobError):
+    """An event subscription was ended because its consumer lost more events than its
+    limit allows without catching up; ``lost`` is every event it lost."""
+
+    def __init__(self, message: str, *, lost: int) -> None:
+        self.lost = lost
+        super().__init__(message)
 
 
 class Unsupported(JobError):

@@ -8,7 +8,13 @@ a buffer is full, the oldest PROGRESS event in it is dropped (progress is supers
 the next one anyway); if there is none, the oldest STATE event (the job's current state
 stays readable with ``job.info()``); FINAL events, which carry final stats, go last. Every
 drop is counted in ``Subscription.lost`` and the next event handed out carries the
-count in ``lost_before``, so a consumer knows it missed something.
+count in ``lost_before``, so a consumer knows it missed something. Pushing, dropping and
+reading are O(1) whatever the buffer's size (one FIFO per kind, see ``Subscription``).
+
+A subscription given a ``lost_limit`` is ended once its consumer has lost more than that
+many events since its buffer was last empty: ``get()`` then hands out what the buffer
+still holds and raises ``SubscriptionOverflow`` (with the lost count). jobd sets one on
+every subscription it serves (``subscriber_lost_limit``).
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import enum
 import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
 from attrs import define, field, frozen
 
+from jobcore.errors import SubscriptionOverflow
 from jobcore.lifecycle import JobState
 
 
@@ -84,45 +91,92 @@ class EventFilter:
         )
 
 
+class EndReason(enum.StrEnum):
+    """Why a subscription stopped taking events."""
+
+    #: its consumer or its connection closed it
+    CLOSED = "closed"
+    #: its consumer lost more events than ``lost_limit`` without catching up
+    OVERFLOW = "overflow"
+
+
+#: buffer slot of each kind, in the order a full buffer gives them up
+_SLOT = {kind: i for i, kind in enumerate((*_DROP_ORDER, EventKind.FINAL))}
+#: (the hub's emission number, the event): made once per emit, shared by every buffer
+_Entry: TypeAlias = tuple[int, JobEvent]
+
+
 @define(eq=False)
 class Subscription:
-    """A filtered, bounded event queue. Iterate it (async) or call ``get()``."""
+    """A filtered, bounded event queue. Iterate it (async) or call ``get()``.
+
+    The buffer is one FIFO per event kind, each entry tagged with the hub's emission
+    number: a push appends, a drop pops the head of the first non-empty FIFO in drop
+    order, and a read pops the oldest of the (at most three) heads, so every operation is
+    O(1) whatever the buffer's size.
+
+    ``lost_limit``: once the consumer has lost more than this many events since its
+    buffer was last empty, the subscription ends (``end_reason`` is OVERFLOW): it takes
+    no more events, what it holds can still be read, and then ``get()`` raises
+    ``SubscriptionOverflow`` carrying ``lost``. None (the default in-process): never.
+    """
 
     filter: EventFilter
     maxlen: int
     _hub: EventHub
-    _buf: deque[JobEvent] = field(factory=deque)
+    lost_limit: int | None = None
+    _fifos: tuple[deque[_Entry], ...] = field(factory=lambda: tuple(deque() for _ in _SLOT))
+    _size: int = 0
     _wakeup: anyio.Event | None = None
+    #: events dropped (or refused once ended by overflow) over the subscription's life
     lost: int = 0
     _pending_lost: int = 0
+    #: events lost since the buffer was last empty
+    _lost_since_empty: int = 0
     closed: bool = False
+    end_reason: EndReason | None = None
 
-    def _push(self, ev: JobEvent) -> None:
-        if len(self._buf) >= self.maxlen:
+    @property
+    def buffered(self) -> int:
+        """Events waiting to be read."""
+        return self._size
+
+    def _push(self, entry: _Entry) -> None:
+        if self._size >= self.maxlen:
+            if self.lost_limit is not None and self._lost_since_empty >= self.lost_limit:
+                self.end(EndReason.OVERFLOW, lost=1)  # this event is lost too
+                return
             self._drop_one()
-        self._buf.append(ev)
+        else:
+            self._size += 1
+        self._fifos[_SLOT[entry[1].kind]].append(entry)
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
 
     def _drop_one(self) -> None:
-        for kind in _DROP_ORDER:
-            for i, old in enumerate(self._buf):
-                if old.kind is kind:
-                    del self._buf[i]
-                    break
-            else:
-                continue
-            break
-        else:
-            self._buf.popleft()
-        self.lost += 1
-        self._pending_lost += 1
+        for fifo in self._fifos:  # progress, then state, then final
+            if fifo:
+                fifo.popleft()
+                break
+        self._count_lost(1)
+
+    def _count_lost(self, n: int) -> None:
+        self.lost += n
+        self._pending_lost += n
+        self._lost_since_empty += n
 
     def get_nowait(self) -> JobEvent | None:
-        if not self._buf:
+        oldest: deque[_Entry] | None = None
+        for fifo in self._fifos:
+            if fifo and (oldest is None or fifo[0][0] < oldest[0][0]):
+                oldest = fifo
+        if oldest is None:
             return None
-        ev = self._buf.popleft()
+        ev = oldest.popleft()[1]
+        self._size -= 1
+        if not self._size:
+            self._lost_since_empty = 0
         if self._pending_lost:
             ev = JobEvent(
                 ev.kind,
@@ -135,16 +189,26 @@ class Subscription:
                 ev.total,
                 ev.timestamp,
                 ev.stats,
-                self._pending_lost,
+                ev.lost_before + self._pending_lost,
             )
             self._pending_lost = 0
         return ev
 
     async def get(self) -> JobEvent:
+        """The next event; at the end ``anyio.EndOfStream`` (closed) or
+        ``SubscriptionOverflow`` (ended by its ``lost_limit``)."""
         while True:
             ev = self.get_nowait()
             if ev is not None:
                 return ev
+            if self.end_reason is EndReason.OVERFLOW:
+                limit = "" if self.lost_limit is None else f" (limit {self.lost_limit})"
+                raise SubscriptionOverflow(
+                    f"the event subscription was ended: its consumer lost {self.lost} "
+                    f"events without catching up{limit}; read events faster or "
+                    "subscribe with a bigger buffer",
+                    lost=self.lost,
+                )
             if self.closed:
                 raise anyio.EndOfStream
             if self._wakeup is None:
@@ -160,13 +224,20 @@ class Subscription:
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
 
-    def close(self) -> None:
+    def end(self, reason: EndReason, lost: int = 0) -> None:
+        """Stop taking events (``lost`` more counted as lost); buffered ones stay
+        readable. For connections that end a subscription on the peer's word."""
+        self.lost += lost  # after every buffered event: no lost_before carries them
         if not self.closed:
             self.closed = True
+            self.end_reason = reason
             self._hub.unsubscribe(self)
             if self._wakeup is not None:
                 self._wakeup.set()
                 self._wakeup = None
+
+    def close(self) -> None:
+        self.end(EndReason.CLOSED)
 
     def __enter__(self) -> Subscription:
         return self
@@ -179,30 +250,39 @@ class EventHub:
     DEFAULT_BUFFER = 1024
 
     def __init__(self) -> None:
-        self._subs: list[Subscription] = []
+        # replaced, never mutated: emit() iterates it while a push may end a subscriber
+        self._subs: tuple[Subscription, ...] = ()
+        self._emitted = 0
 
     def subscribe(
-        self, flt: EventFilter | None = None, maxlen: int = DEFAULT_BUFFER
+        self,
+        flt: EventFilter | None = None,
+        maxlen: int = DEFAULT_BUFFER,
+        lost_limit: int | None = None,
     ) -> Subscription:
         if maxlen < 1:
             raise ValueError("an event buffer holds at least one event")
-        sub = Subscription(flt or EventFilter(), maxlen, self)
-        self._subs.append(sub)
+        if lost_limit is not None and lost_limit < 0:
+            raise ValueError("lost_limit must be None or >= 0")
+        sub = Subscription(flt or EventFilter(), maxlen, self, lost_limit)
+        self._subs = (*self._subs, sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         if sub in self._subs:
-            self._subs.remove(sub)
+            self._subs = tuple(s for s in self._subs if s is not sub)
 
     @property
     def active(self) -> bool:
         return bool(self._subs)
 
     def emit(self, ev: JobEvent) -> None:
+        entry = (self._emitted, ev)
+        self._emitted += 1
         for sub in self._subs:
             if sub.filter.matches(ev):
-                sub._push(ev)
+                sub._push(entry)
 
     def close(self) -> None:
-        for sub in list(self._subs):
+        for sub in self._subs:
             sub.close()

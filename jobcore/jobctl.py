@@ -313,8 +313,12 @@ def _exit_for(info: JobInfo) -> ExitCode:
 # ---- resolving arguments ----------------------------------------------------------------
 
 
+#: Matching UUIDs an ambiguous prefix's error lists.
+_PREFIX_SHOWN = 3
+
+
 async def resolve_job(conn: Connection, text: str) -> Job:
-    """A job from its UUID, or from a unique prefix of one (searched on every domain)."""
+    """A job from its UUID, or from a unique prefix of one (any domain's)."""
     try:
         return await conn.lookup_job(uuid.UUID(text))
     except ValueError:
@@ -322,13 +326,15 @@ async def resolve_job(conn: Connection, text: str) -> Job:
     prefix = text.lower().replace("-", "")
     if len(prefix) < 4 or any(ch not in "0123456789abcdef" for ch in prefix):
         raise Refusal(ExitCode.USAGE, f"'{text}' is not a job UUID (or a prefix of 4+ hex digits)")
-    found: list[Job] = []
-    for dom in await conn.list_domains():
-        found += [j for j in await dom.list_jobs() if j.uuid.hex.startswith(prefix)]
+    found = await conn.find_jobs(prefix, limit=_PREFIX_SHOWN + 1)  # the store's UUID index
     if not found:
         raise NoSuchJob(f"no job with a UUID starting with '{text}'")
     if len(found) > 1:
-        raise Refusal(ExitCode.USAGE, f"'{text}' matches {len(found)} jobs: use more digits")
+        shown = ", ".join(str(j.uuid) for j in found[:_PREFIX_SHOWN])
+        more = " and more" if len(found) > _PREFIX_SHOWN else ""
+        raise Refusal(
+            ExitCode.USAGE, f"'{text}' matches several jobs ({shown}{more}): use more digits"
+        )
     return found[0]
 
 

@@ -37,15 +37,22 @@ from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from attrs import define, field, frozen
 
-from jobcore.api import Connection, Domain, Job, connect
+from jobcore.api import Connection, Domain, Job, connect, uuid_prefix
 from jobcore.driver import Driver
 from jobcore.drivers import check_uri_params, load_driver
 from jobcore.engine import DEFAULT_RETENTION
-from jobcore.errors import DriverError, InvalidArgument, InvalidURI, JobError
-from jobcore.events import EventKind, Subscription
+from jobcore.errors import (
+    DriverError,
+    InvalidArgument,
+    InvalidURI,
+    JobError,
+    SubscriptionOverflow,
+)
+from jobcore.events import EndReason, EventKind, Subscription
 from jobcore.log import configure, get_logger
 from jobcore.protocol import (
     HEADER,
+    MAX_FRAME,
     PROTOCOL_VERSION,
     RO_SOCKET,
     RW_SOCKET,
@@ -77,6 +84,7 @@ from jobcore.protocol import (
     frame_length,
 )
 from jobcore.rundir import ensure_private_dir
+from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.uri import parse_uri
 
 #: jobd's exit status when another daemon holds the run directory.
@@ -100,6 +108,10 @@ MAX_DRIVER_CONNECTIONS = 32
 MAX_IN_FLIGHT = 256
 MAX_SUBSCRIPTIONS = 64
 MAX_EVENT_BUFFER = 4096
+#: Events a subscription may lose since its buffer was last empty before jobd ends it.
+SUBSCRIBER_LOST_LIMIT = 10_000
+#: Job refs one LIST_JOBS_PAGE or FIND_JOBS reply holds at most.
+MAX_LIST_PAGE = 1000
 #: Job and domain handles a client session keeps (so its handles outlive retention).
 HANDLE_CACHE = 4096
 #: A client that does not take a frame within this many seconds is disconnected.
@@ -139,6 +151,12 @@ class DaemonConfig:
     idle_timeout: float = 0.0
     #: seconds a driver connection with no client and no job (active or retained) stays
     driver_idle_timeout: float = DRIVER_IDLE_TIMEOUT
+    #: a subscription that lost more events than this since its buffer was last empty is
+    #: ended (SUB_END 'overflow' with the lost count); 0: never
+    subscriber_lost_limit: int = SUBSCRIBER_LOST_LIMIT
+    #: ended jobs kept at most per domain and in all, per driver connection (oldest go)
+    max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN
+    max_retained: int = DEFAULT_MAX_RETAINED
 
 
 _CONFIG_KEYS = {
@@ -152,6 +170,9 @@ _CONFIG_KEYS = {
     "hello_timeout",
     "idle_timeout",
     "driver_idle_timeout",
+    "subscriber_lost_limit",
+    "max_retained_per_domain",
+    "max_retained",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -222,6 +243,17 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
                 raise ConfigError("driver_idle_timeout must be a number of seconds >= 0")
             config = _evolve(config, driver_idle_timeout=float(seconds))
+        if "subscriber_lost_limit" in values:
+            lost_limit = _typed(values, "subscriber_lost_limit", int)
+            if lost_limit < 0:
+                raise ConfigError("subscriber_lost_limit must be >= 0 (0: never end one)")
+            config = _evolve(config, subscriber_lost_limit=lost_limit)
+        for key in ("max_retained_per_domain", "max_retained"):
+            if key in values:
+                cap = _typed(values, key, int)
+                if cap < 0:
+                    raise ConfigError(f"{key} must be a number of jobs >= 0")
+                config = _evolve(config, **{key: cap})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
@@ -472,12 +504,14 @@ class DriverConnections:
         allowed: tuple[str, ...] = DEFAULT_ALLOWED_URIS,
         run_dir: Path | None = None,
         idle_timeout: float = DRIVER_IDLE_TIMEOUT,
+        **retained: int,
     ) -> None:
         self._tg = tg
         self._retention = retention
         self._allowed = allowed
         self._run_dir = None if run_dir is None else run_dir.resolve()
         self._idle_timeout = idle_timeout
+        self._retained = retained  # max_retained_per_domain, max_retained
         self._slots: dict[str, _DriverSlot] = {}
         self._drivers: dict[str, Driver] = {}
         self._stop = anyio.Event()
@@ -567,7 +601,9 @@ class DriverConnections:
     async def _hold(self, slot: _DriverSlot) -> None:
         key = slot.target.key
         try:
-            async with connect(slot.target.uri, retention=self._retention) as conn:
+            async with connect(
+                slot.target.uri, retention=self._retention, **self._retained
+            ) as conn:
                 slot.conn = conn
                 slot.ready.set()
                 _log.info("driver connection opened", uri=slot.target.uri)
@@ -664,6 +700,8 @@ class Daemon:
                     allowed=cfg.allowed_uris,
                     run_dir=cfg.run_dir,
                     idle_timeout=cfg.driver_idle_timeout,
+                    max_retained_per_domain=cfg.max_retained_per_domain,
+                    max_retained=cfg.max_retained,
                 )
                 try:
                     self._serving = anyio.CancelScope()
@@ -935,15 +973,23 @@ class Daemon:
             kinds=kind_set,
             maxlen=buffer,
         )
+        sub.lost_limit = self.config.subscriber_lost_limit or None
         client.subs[sub_id] = sub
         client.tg.start_soon(self._forward, client, sub_id, sub)
 
     async def _forward(self, client: _Client, sub_id: int, sub: Subscription) -> None:
         """Push a subscription's events; a slow client fills its bounded buffer and loses
-        events as jobcore.events documents, the engine never waits for it."""
+        events as jobcore.events documents, the engine never waits for it. One that stays
+        behind past ``subscriber_lost_limit`` gets SUB_END 'overflow' with the count."""
         try:
-            async for ev in sub:
-                await client.send(EventPush(sub_id, ev))
+            try:
+                async for ev in sub:
+                    await client.send(EventPush(sub_id, ev))
+            except SubscriptionOverflow as exc:
+                client.subs.pop(sub_id, None)
+                client.log.warning("subscriber fell behind: subscription ended", lost=exc.lost)
+                await client.send(SubscriptionEnd(sub_id, exc.lost, EndReason.OVERFLOW))
+                return
             if client.subs.pop(sub_id, None) is not None:  # ended by the daemon side
                 await client.send(SubscriptionEnd(sub_id))
         except _ClientGone:
@@ -1057,9 +1103,49 @@ async def _h_job_begin(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
     return _ref(c, job)
 
 
+def _ref_size(domain: str) -> int:
+    """An upper bound of one job ref's wire size (the UUID, type, state and the domain's
+    name): replies of refs stay within half a frame by it."""
+    return 64 + len(domain.encode())
+
+
+def _page_size(domain: str, limit: int) -> int:
+    """Refs of one domain's jobs one page holds: ``limit`` within 1 and MAX_LIST_PAGE,
+    and fewer if the domain's name is so long that they would not fit half a frame."""
+    return max(1, min(limit, MAX_LIST_PAGE, MAX_FRAME // 2 // _ref_size(domain)))
+
+
 @_handles(Method.LIST_JOBS)
 async def _h_list_jobs(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return [_ref(c, j) for j in await (await _domain(c, a[0])).list_jobs()]
+    dom = await _domain(c, a[0])
+    jobs = await dom.list_jobs()
+    if len(jobs) * _ref_size(dom.name) > MAX_FRAME // 2:
+        raise JobError(
+            f"domain '{dom.name}' has {len(jobs)} jobs, more than one reply holds: list them "
+            f"page by page with '{Method.LIST_JOBS_PAGE}' (as jobcore's client does)"
+        )
+    return [_ref(c, j) for j in jobs]
+
+
+@_handles(Method.LIST_JOBS_PAGE)
+async def _h_list_jobs_page(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+    dom = await _domain(c, a[0])
+    conn = _conn(c)
+    recs, cursor = conn.engine.domain_jobs_page(dom.name, a[1], _page_size(dom.name, a[2]))
+    return [[_ref(c, Job(conn, r)) for r in recs], cursor]
+
+
+@_handles(Method.FIND_JOBS)
+async def _h_find_jobs(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+    conn = _conn(c)
+    refs: list[Wire] = []
+    size = 0
+    for rec in conn.engine.find_jobs(uuid_prefix(a[0]), max(1, min(a[1], MAX_LIST_PAGE))):
+        size += _ref_size(rec.domain)
+        if refs and size > MAX_FRAME // 2:
+            break  # the caller asked for more than a reply holds: it gets the first ones
+        refs.append(_ref(c, Job(conn, rec)))
+    return refs
 
 
 def _domain_call(name: str) -> Handler:
@@ -1169,7 +1255,8 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "config_file",
                 type=click.Path(dir_okay=False, path_type=Path),
                 help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
-                "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout.",
+                "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout, "
+                "subscriber_lost_limit, max_retained_per_domain, max_retained.",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."

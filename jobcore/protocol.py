@@ -9,6 +9,8 @@ A frame is a 4-byte big-endian body length followed by a msgpack body of at most
     EVENT    [3, sub_id, [event…]]               daemon -> client (a subscribed job event)
     CANCEL   [4, id]                             client -> daemon (stop serving request id)
     SUB_END  [5, sub_id]                         daemon -> client (the subscription ended)
+             [5, sub_id, lost, reason]           … ended for a reason other than 'closed'
+                                                 (reason 'overflow': the client fell behind)
 
 The first request of a connection is ``hello [version, driver_uri]``. UUIDs travel as 16
 raw bytes. Wire values are decoded into the typed messages and values below right at the
@@ -33,7 +35,7 @@ from attrs import frozen
 from jobcore import errors
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.errors import JobError
-from jobcore.events import EventKind, JobEvent
+from jobcore.events import EndReason, EventKind, JobEvent
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobType
@@ -107,7 +109,9 @@ class Method(enum.StrEnum):
     DOMAIN_INFO = "domain_info"
     DOMAIN_DESTROY = "domain_destroy"
     JOB_BEGIN = "job_begin"
-    LIST_JOBS = "list_jobs"
+    LIST_JOBS = "list_jobs"  # every job in one reply: kept for older clients
+    LIST_JOBS_PAGE = "list_jobs_page"
+    FIND_JOBS = "find_jobs"
     LEGACY_JOB_INFO = "legacy_job_info"
     LEGACY_JOB_STATS = "legacy_job_stats"
     LEGACY_ABORT_JOB = "legacy_abort_job"
@@ -148,6 +152,10 @@ METHODS: dict[Method, MethodSpec] = {
     Method.DOMAIN_DESTROY: MethodSpec((A.STR,), True),
     Method.JOB_BEGIN: MethodSpec((A.STR, A.TEXT, A.INT), True),
     Method.LIST_JOBS: MethodSpec((A.STR,), False),
+    # domain, cursor (-1: the start), limit -> [[job ref…], next cursor | nil]
+    Method.LIST_JOBS_PAGE: MethodSpec((A.STR, A.INT, A.INT), False),
+    # UUID prefix (hex digits), limit -> [job ref…] in UUID order
+    Method.FIND_JOBS: MethodSpec((A.STR, A.INT), False),
     Method.LEGACY_JOB_INFO: MethodSpec((A.STR,), False),
     Method.LEGACY_JOB_STATS: MethodSpec((A.STR, A.INT), False),
     Method.LEGACY_ABORT_JOB: MethodSpec((A.STR,), True),
@@ -213,6 +221,9 @@ class Cancel:
 @frozen
 class SubscriptionEnd:
     sub_id: int
+    #: every event the daemon-side subscription lost (carried when not 0)
+    lost: int = 0
+    reason: EndReason = EndReason.CLOSED
 
 
 Message: TypeAlias = Request | Reply | ErrorReply | EventPush | Cancel | SubscriptionEnd
@@ -257,8 +268,10 @@ def encode_message(msg: Message) -> bytes:
             return _pack([MsgType.EVENT, sid, encode_event(ev)])
         case Cancel(id=rid):
             return _pack([MsgType.CANCEL, rid])
-        case SubscriptionEnd(sub_id=sid):
-            return _pack([MsgType.SUB_END, sid])
+        case SubscriptionEnd(sub_id=sid, lost=lost, reason=reason):
+            if lost == 0 and reason is EndReason.CLOSED:  # the form every client reads
+                return _pack([MsgType.SUB_END, sid])
+            return _pack([MsgType.SUB_END, sid, lost, str(reason)])
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -316,8 +329,12 @@ def _decode_by_type(kind: MsgType, rid: int, raw: list[Wire]) -> Message:
     if kind is MsgType.CANCEL:
         _expect_len(raw, 2)
         return Cancel(rid)
-    _expect_len(raw, 2)
-    return SubscriptionEnd(rid)
+    if len(raw) == 2:
+        return SubscriptionEnd(rid)
+    _expect_len(raw, 4)
+    # a reason this version does not know still ends the subscription
+    reason = EndReason(raw[3]) if raw[3] in set(EndReason) else EndReason.CLOSED
+    return SubscriptionEnd(rid, max(0, _int(raw[2])), reason)
 
 
 def _expect_len(raw: list[Wire], n: int) -> None:
@@ -480,6 +497,14 @@ def encode_job_ref(job_uuid: uuid.UUID, job_type: str, domain: str, state: JobSt
 def decode_job_ref(value: Wire) -> JobRef:
     v = _items(value, 4)
     return JobRef(_uuid(v[0]), JobType(_str(v[1])), _str(v[2]), JobState(_str(v[3])))
+
+
+def decode_job_page(value: Wire) -> tuple[list[JobRef], int | None]:
+    """A LIST_JOBS_PAGE reply: the page's job refs and the next page's cursor."""
+    v = _items(value, 2)
+    if not isinstance(v[0], list):
+        raise ValueError("a page is [[job ref…], next cursor | nil]")
+    return [decode_job_ref(r) for r in v[0]], _opt_int(v[1])
 
 
 def encode_domain_info(info: DomainInfo) -> Wire:

@@ -26,7 +26,7 @@ import anyio
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from jobcore.api import Connection, Domain, Job, as_uuid
+from jobcore.api import Connection, Domain, Job, as_uuid, uuid_prefix
 from jobcore.driver import DomainInfo
 from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import InvalidURI, JobError
@@ -56,6 +56,7 @@ from jobcore.protocol import (
     decode_domain_ref,
     decode_int_list,
     decode_job_info,
+    decode_job_page,
     decode_job_ref,
     decode_message,
     decode_params,
@@ -75,6 +76,8 @@ OUTGOING_BUFFER = 256
 MAX_IN_FLIGHT = 1024
 #: Seconds the reader gets to take the daemon's last frames when a write failed.
 READ_AFTER_WRITE_FAILURE = 2.0
+#: Jobs asked for per LIST_JOBS_PAGE round trip (jobd may send fewer).
+LIST_PAGE = 1000
 
 _log = get_logger("jobcore.remote")
 
@@ -96,11 +99,21 @@ class _RemoteHub(EventHub):
         super().__init__()
         self._session = session
         self.sub_id = sub_id
+        #: events the daemon reported lost so far (the lost_before of delivered events)
+        self._reported_lost = 0
 
     def deliver(self, ev: JobEvent) -> None:
+        self._reported_lost += ev.lost_before
         for sub in self._subs:
             sub.lost += ev.lost_before  # events the daemon dropped for this subscriber
         self.emit(ev)
+
+    def ended(self, end: SubscriptionEnd) -> None:
+        """The daemon ended the subscription: the subscriber ends the same way, with the
+        daemon's losses not yet reported added to its own."""
+        unreported = max(0, end.lost - self._reported_lost)
+        for sub in self._subs:
+            sub.end(end.reason, unreported)
 
     def unsubscribe(self, sub: Subscription) -> None:
         super().unsubscribe(sub)
@@ -246,9 +259,9 @@ class _Session:
             if hub is not None:
                 hub.deliver(msg.event)
         elif isinstance(msg, SubscriptionEnd):
-            hub = self._hubs.get(msg.sub_id)
+            hub = self._hubs.pop(msg.sub_id, None)  # gone daemon-side: no UNSUBSCRIBE
             if hub is not None:
-                hub.close()
+                hub.ended(msg)
         else:
             _log.warning("unexpected message from jobd", message=type(msg).__name__)
 
@@ -315,6 +328,12 @@ class RemoteConnection(Connection):
         return self._job(
             await self._session.call_as(decode_job_ref, Method.LOOKUP_JOB, as_uuid(job))
         )
+
+    async def find_jobs(self, prefix: str, limit: int = 16) -> list[Job]:
+        refs = await self._session.call_as(
+            _list_of(decode_job_ref), Method.FIND_JOBS, uuid_prefix(prefix), limit
+        )
+        return [self._job(r) for r in refs]
 
     def subscribe(
         self,
@@ -402,8 +421,15 @@ class RemoteDomain(Domain):
         return await self.job_begin(format_job(spec), flags)
 
     async def list_jobs(self) -> list[Job]:
-        refs = await self._session.call_as(_list_of(decode_job_ref), Method.LIST_JOBS, self.name)
-        return [self.conn._job(r) for r in refs]
+        """Every job of the domain, fetched page by page (no reply outgrows a frame)."""
+        jobs: list[Job] = []
+        cursor: int | None = -1
+        while cursor is not None:
+            refs, cursor = await self._session.call_as(
+                decode_job_page, Method.LIST_JOBS_PAGE, self.name, cursor, LIST_PAGE
+            )
+            jobs += [self.conn._job(r) for r in refs]
+        return jobs
 
     async def job_info(self) -> list[int]:
         return await self._session.call_as(decode_int_list, Method.LEGACY_JOB_INFO, self.name)

@@ -3,13 +3,20 @@
 ``JobRecord`` is the engine's mutable bookkeeping for one job. ``JobStore`` is the one
 interface behind which records live (in memory here; a durable store can implement the
 same methods). Every lookup is O(1): by UUID, a domain's earliest active domain-level job,
-a domain's most recently ended retained domain-level job.
+a domain's most recently ended retained domain-level job. A page of a domain's jobs (from
+a cursor) and the jobs whose UUID starts with given hex digits are found by bisection.
+
+Retention: an ended record stays until its deadline (``ended`` + its retention), and at
+most ``max_retained_per_domain`` ended records per domain and ``max_retained`` in all
+stay: past either cap the oldest ended go first. Active records are never evicted.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -63,12 +70,23 @@ class JobRecord:
         return self.info.domain_level
 
 
+#: Ended jobs a domain keeps at most (the oldest ended go first).
+DEFAULT_MAX_RETAINED_PER_DOMAIN = 1000
+#: Ended jobs a store keeps at most over all domains (the oldest ended go first).
+DEFAULT_MAX_RETAINED = 10_000
+
+
 class JobStore(Protocol):
     def add(self, rec: JobRecord) -> None: ...
     def get(self, job: uuid.UUID) -> JobRecord | None: ...
     def ended(self, rec: JobRecord, expires: float) -> None: ...
     def purge(self, now: float) -> list[JobRecord]: ...
     def domain_jobs(self, domain: str) -> Iterator[JobRecord]: ...
+    def domain_jobs_page(
+        self, domain: str, after: int, limit: int
+    ) -> tuple[list[JobRecord], int | None]: ...
+    def find_prefix(self, digits: str, limit: int) -> list[JobRecord]: ...
+    def retained_count(self) -> int: ...
     def active_domain_job(self, domain: str) -> JobRecord | None: ...
     def last_ended_domain_job(self, domain: str) -> JobRecord | None: ...
     def chain_job(self, domain: str, disk: str) -> JobRecord | None: ...
@@ -78,15 +96,32 @@ class JobStore(Protocol):
 
 
 class MemoryJobStore:
-    """Records in dicts; ended records expire by a heap of deadlines."""
+    """Records in dicts; ended records expire by a heap of deadlines and by the caps."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
+        max_retained: int = DEFAULT_MAX_RETAINED,
+    ) -> None:
+        if max_retained_per_domain < 0 or max_retained < 0:
+            raise ValueError("retained-job caps must be >= 0")
+        self.max_retained_per_domain = max_retained_per_domain
+        self.max_retained = max_retained
         self._jobs: dict[uuid.UUID, JobRecord] = {}
         self._by_domain: dict[str, dict[uuid.UUID, JobRecord]] = {}
+        # domain -> the seqs of its jobs, ascending (begin order); seq -> record
+        self._domain_seqs: dict[str, list[int]] = {}
+        self._by_seq: dict[int, JobRecord] = {}
+        # every job's UUID as an int, ascending: prefix lookups bisect it
+        self._uuid_ints: list[int] = []
         # domain -> active domain-level jobs in begin order
         self._active_dl: dict[str, dict[uuid.UUID, JobRecord]] = {}
         # domain -> retained domain-level jobs in end order
         self._ended_dl: dict[str, dict[uuid.UUID, JobRecord]] = {}
+        # retained ended jobs in end order, in all and per domain (the caps evict the first)
+        self._retained: OrderedDict[uuid.UUID, JobRecord] = OrderedDict()
+        self._retained_by_domain: dict[str, OrderedDict[uuid.UUID, JobRecord]] = {}
         self._expiry: list[tuple[float, int, uuid.UUID]] = []
         self._active: dict[uuid.UUID, JobRecord] = {}
 
@@ -96,12 +131,22 @@ class MemoryJobStore:
     def active_count(self) -> int:
         return len(self._active)
 
+    def retained_count(self) -> int:
+        return len(self._retained)
+
     def active_jobs(self) -> list[JobRecord]:
         return list(self._active.values())
 
     def add(self, rec: JobRecord) -> None:
         self._jobs[rec.uuid] = rec
         self._by_domain.setdefault(rec.domain, {})[rec.uuid] = rec
+        seqs = self._domain_seqs.setdefault(rec.domain, [])
+        if seqs and seqs[-1] > rec.seq:
+            bisect.insort(seqs, rec.seq)
+        else:
+            seqs.append(rec.seq)  # the usual case: seqs grow
+        self._by_seq[rec.seq] = rec
+        bisect.insort(self._uuid_ints, rec.uuid.int)
         self._active[rec.uuid] = rec
         if rec.domain_level:
             self._active_dl.setdefault(rec.domain, {})[rec.uuid] = rec
@@ -114,23 +159,83 @@ class MemoryJobStore:
         if rec.domain_level:
             _pop(self._active_dl, rec.domain, rec.uuid)
             self._ended_dl.setdefault(rec.domain, {})[rec.uuid] = rec
+        self._retained[rec.uuid] = rec
+        in_domain = self._retained_by_domain.setdefault(rec.domain, OrderedDict())
+        in_domain[rec.uuid] = rec
         heapq.heappush(self._expiry, (expires, rec.seq, rec.uuid))
+        while len(in_domain) > self.max_retained_per_domain:
+            self._remove(next(iter(in_domain.values())))
+        while len(self._retained) > self.max_retained:
+            self._remove(next(iter(self._retained.values())))
+        if len(self._expiry) > 2 * len(self._retained) + 1024:
+            # deadlines of evicted records: drop them before they pile up
+            self._expiry = [e for e in self._expiry if self._is_current(e[2], e[1])]
+            heapq.heapify(self._expiry)
+
+    def _is_current(self, job: uuid.UUID, seq: int) -> bool:
+        rec = self._jobs.get(job)
+        return rec is not None and rec.seq == seq
 
     def purge(self, now: float) -> list[JobRecord]:
         gone: list[JobRecord] = []
         while self._expiry and self._expiry[0][0] <= now:
-            _, _, job = heapq.heappop(self._expiry)
-            rec = self._jobs.pop(job, None)
-            if rec is None:
+            _, seq, job = heapq.heappop(self._expiry)
+            rec = self._jobs.get(job)
+            if rec is None or rec.seq != seq:  # evicted already (the UUID may be reused)
                 continue
-            _pop(self._by_domain, rec.domain, job)
-            if rec.domain_level:
-                _pop(self._ended_dl, rec.domain, job)
+            self._remove(rec)
             gone.append(rec)
         return gone
 
+    def _remove(self, rec: JobRecord) -> None:
+        """Forget an ended record everywhere."""
+        job = rec.uuid
+        del self._jobs[job]
+        _pop(self._by_domain, rec.domain, job)
+        seqs = self._domain_seqs[rec.domain]
+        del seqs[bisect.bisect_left(seqs, rec.seq)]
+        if not seqs:
+            del self._domain_seqs[rec.domain]
+        del self._by_seq[rec.seq]
+        del self._uuid_ints[bisect.bisect_left(self._uuid_ints, job.int)]
+        if rec.domain_level:
+            _pop(self._ended_dl, rec.domain, job)
+        self._retained.pop(job, None)
+        in_domain = self._retained_by_domain.get(rec.domain)
+        if in_domain is not None:
+            in_domain.pop(job, None)
+            if not in_domain:
+                del self._retained_by_domain[rec.domain]
+
     def domain_jobs(self, domain: str) -> Iterator[JobRecord]:
         return iter(list(self._by_domain.get(domain, {}).values()))
+
+    def domain_jobs_page(
+        self, domain: str, after: int, limit: int
+    ) -> tuple[list[JobRecord], int | None]:
+        """Up to ``limit`` of the domain's jobs that began after the one whose seq is
+        ``after`` (-1: from the first), in begin order, and the cursor of the next page
+        (None: this was the last)."""
+        seqs = self._domain_seqs.get(domain, [])
+        start = bisect.bisect_right(seqs, after)
+        chunk = seqs[start : start + max(1, limit)]
+        more = start + len(chunk) < len(seqs)
+        return [self._by_seq[s] for s in chunk], chunk[-1] if more else None
+
+    def find_prefix(self, digits: str, limit: int) -> list[JobRecord]:
+        """Up to ``limit`` jobs whose UUID's 32 hex digits start with ``digits`` (1 to 32
+        hex digits, any case), in UUID order."""
+        if not 1 <= len(digits) <= 32:
+            raise ValueError("a UUID prefix has 1 to 32 hex digits")
+        shift = 4 * (32 - len(digits))
+        low = int(digits, 16) << shift
+        high = low + (1 << shift)
+        found: list[JobRecord] = []
+        i = bisect.bisect_left(self._uuid_ints, low)
+        while i < len(self._uuid_ints) and self._uuid_ints[i] < high and len(found) < limit:
+            found.append(self._jobs[uuid.UUID(int=self._uuid_ints[i])])
+            i += 1
+        return found
 
     def active_domain_job(self, domain: str) -> JobRecord | None:
         jobs = self._active_dl.get(domain)
