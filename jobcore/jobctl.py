@@ -706,7 +706,7 @@ def list_(domain: str | None, show_all: bool, as_json: bool) -> None:
             )
             return
         if ctx.out.is_terminal:
-            table = Table(box=None, header_style="bold")
+            table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
             table.add_column("UUID", no_wrap=True, min_width=36, overflow="fold")  # never cut
             for col in ("Domain", "Type", "State", "Progress", "Elapsed"):
                 table.add_column(col, justify="right" if col in ("Progress", "Elapsed") else "left")
