@@ -21,7 +21,8 @@ import pytest
 from qemu_helpers import create, domain_xml
 from test_jobd import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 
-from jobcore.jobctl import ExitCode, parse_bandwidth
+from jobcore import jobctl as cli
+from jobcore.jobctl import ExitCode
 
 MiB = 1 << 20
 JOBCTL = Path(sys.executable).with_name("jobctl")  # the installed console script
@@ -178,13 +179,13 @@ def test_version() -> None:
     ],
 )
 def test_bandwidth_units_as_libvirt(text: str, value: int) -> None:
-    assert parse_bandwidth(text) == value
+    assert cli.parse_bandwidth(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "fast", "1.5M", "-1", "10Mbit", "10 MiB/h", "9" * 30])
 def test_bad_bandwidth_is_refused_with_the_units(text: str) -> None:
     with pytest.raises(ValueError, match=r"MiB|too large"):
-        parse_bandwidth(text)
+        cli.parse_bandwidth(text)
 
 
 def test_set_speed(jobd: Jobd, tmp_path: Path) -> None:
