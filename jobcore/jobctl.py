@@ -50,7 +50,7 @@ from jobcore.errors import (
 )
 from jobcore.events import EventKind, JobEvent
 from jobcore.info import JobInfo
-from jobcore.jobd import daemon_options
+from jobcore.jobd import daemon_options, start_from_options
 from jobcore.lifecycle import JobState
 from jobcore.protocol import RW_SOCKET, AccessDenied, DaemonUnreachable, default_run_dir
 from jobcore.uri import parse_uri
@@ -594,8 +594,6 @@ def _ctx() -> Ctx:
 @daemon_options
 def daemon(**options: Any) -> None:
     """Run jobd (same as the jobd command; in the foreground unless --daemon)."""
-    from jobcore.jobd import start_from_options
-
     sys.exit(start_from_options(**options))
 
 

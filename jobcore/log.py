@@ -10,7 +10,7 @@ loggers have a ``NullHandler``: unless the application configures logging nothin
 or any handler, records appear as that handler formats them.
 
 Every job's logger has its UUID, type and domain bound (``job_logger``). Applications that
-want jobcore's own rendering (jobd, the demo) call ``configure()``: JSON lines or console
+want jobcore's own rendering (jobd) call ``configure()``: JSON lines or console
 lines, on stderr or in a file that logrotate may rotate.
 """
 
