@@ -3,11 +3,11 @@
 A library must not print. jobcore's loggers (``jobcore.*``, ``drivers.*``) are stdlib loggers
 wrapped by structlog with processors of their own (``structlog.wrap_logger``), so they
 neither need nor touch the application's ``structlog.configure()``. Each call becomes one
-stdlib record whose message is a readable line (``job ended state=failed job=…``) and which
-carries the structured event under ``record.jobcore_event``. The ``jobcore`` and ``drivers``
-loggers have a ``NullHandler``: unless the application configures logging nothing is shown
-(not even warnings through stdlib's last-resort handler); with ``logging.basicConfig()``
-or any handler, records appear as that handler formats them.
+stdlib record whose ``msg`` is the structured event, a dict (``LogEvent``) that reads as a
+line (``job ended state=failed job=…``) wherever stdlib formats it. The ``jobcore`` and
+``drivers`` loggers have a ``NullHandler``: unless the application configures logging,
+nothing is shown (not even warnings through stdlib's last-resort handler); with
+``logging.basicConfig()`` or any handler, records appear as that handler formats them.
 
 Every job's logger has its UUID, type and domain bound (``job_logger``). Applications that
 want jobcore's own rendering (jobd) call ``configure()``: JSON lines or console
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,6 @@ import structlog
 
 #: The stdlib loggers jobcore logs under; each gets a NullHandler at import.
 LIBRARY_LOGGERS = ("jobcore", "drivers")
-#: The attribute of a stdlib ``LogRecord`` that holds the structured event.
-EVENT_ATTR = "jobcore_event"
 
 for _name in LIBRARY_LOGGERS:
     logging.getLogger(_name).addHandler(logging.NullHandler())
@@ -42,16 +40,22 @@ def _text(value: Any) -> str:
     return text
 
 
+class LogEvent(dict[str, Any]):
+    """A structured event as a stdlib record's ``msg``: a dict for formatters that know
+    it (``configure()``'s, structlog's ``ProcessorFormatter``), a readable
+    ``event key=value …`` line for every other one (``str(record.msg)``)."""
+
+    def __str__(self) -> str:
+        name = str(self.get("event", ""))
+        return name + "".join(f" {k}={_text(v)}" for k, v in self.items() if k != "event")
+
+
 def _to_stdlib(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
-    """The last processor: a readable message for any stdlib handler, the structured
-    event in ``extra`` for ``configure()``'s formatter, ``exc_info`` passed through."""
+    """The last processor: the event as the record's message, ``exc_info`` passed to
+    stdlib (which renders the traceback)."""
     exc_info = event.pop("exc_info", None)
-    name = str(event.get("event", ""))
-    message = name + "".join(f" {k}={_text(v)}" for k, v in event.items() if k != "event")
-    kwargs: dict[str, Any] = {"extra": {EVENT_ATTR: dict(event)}}
-    if exc_info:
-        kwargs["exc_info"] = exc_info
-    return (message,), kwargs
+    kwargs: dict[str, Any] = {"exc_info": exc_info} if exc_info else {}
+    return (LogEvent(event),), kwargs
 
 
 _PROCESSORS: list[Any] = [structlog.stdlib.filter_by_level, _to_stdlib]
@@ -79,12 +83,11 @@ class EventFormatter(logging.Formatter):
         )
 
     def format(self, record: logging.LogRecord) -> str:
-        stored: Mapping[str, Any] | None = getattr(record, EVENT_ATTR, None)
-        event: dict[str, Any] = (
-            dict(stored) if stored is not None else {"event": record.getMessage()}
-        )
-        if stored is None and not record.name.startswith(("jobcore", "drivers", "jobd")):
-            event["logger"] = record.name
+        event: dict[str, Any]
+        if isinstance(record.msg, LogEvent) and not record.args:
+            event = dict(record.msg)
+        else:  # a plain stdlib record (jobd's handler serves only jobd's and jobcore's)
+            event = {"event": record.getMessage()}
         event["level"] = record.levelname.lower()
         event["timestamp"] = (
             datetime.fromtimestamp(record.created, tz=UTC).isoformat().replace("+00:00", "Z")
