@@ -998,6 +998,7 @@ def start_from_options(
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @daemon_options
+@click.version_option(package_name="jobcore", prog_name="jobd")
 def main(**options: Any) -> None:
     """jobd: serve the jobcore API over UNIX sockets in RUN_DIR (jobd.sock read-write,
     jobd-ro.sock read-only) until SIGTERM or SIGINT; in the foreground unless --daemon."""
@@ -1005,4 +1006,4 @@ def main(**options: Any) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="jobd")

@@ -159,6 +159,10 @@ def test_version() -> None:
         cwd=ROOT,
     )
     assert shown.stdout == f"jobctl, version {importlib.metadata.version('jobcore')}\n"
+    jobd = subprocess.run(
+        [sys.executable, "-m", "jobcore.jobd", "--version"], capture_output=True, text=True
+    )
+    assert jobd.stdout == f"jobd, version {importlib.metadata.version('jobcore')}\n"
 
 
 @pytest.mark.parametrize(
