@@ -79,12 +79,12 @@ def test_readme_tour_runs(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
         (run_dir,) = tmp_path.glob("tmp.*/run")
+        log = run_dir.parent / "jobd.log"
         deadline = time.monotonic() + 15
-        while (run_dir / "jobd.pid").exists() and time.monotonic() < deadline:
+        while '"event": "jobd stopped"' not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not (run_dir / "jobd.pid").exists(), "jobd did not stop on SIGTERM"
-        log = (run_dir.parent / "jobd.log").read_text()
-        assert '"event": "jobd stopped"' in log
+        assert '"event": "jobd stopped"' in log.read_text(), "jobd did not stop on SIGTERM"
+        assert not (run_dir / "jobd.pid").exists()
         assert done.stdout.startswith("Name ")  # jobctl domains came first
         assert "completed" in done.stderr  # jobctl wait "$B"
     finally:
