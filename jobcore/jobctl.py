@@ -10,8 +10,11 @@ Every read command takes ``--json``. Exit status: see ``ExitCode``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
+import os
+import re
 import socket
 import sys
 import time
@@ -23,6 +26,7 @@ from typing import Any, NoReturn
 import anyio
 import click
 from attrs import frozen
+from click.shell_completion import CompletionItem
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -46,6 +50,7 @@ from jobcore.errors import (
 )
 from jobcore.events import EventKind, JobEvent
 from jobcore.info import JobInfo
+from jobcore.jobd import daemon_options, start_from_options
 from jobcore.lifecycle import JobState
 from jobcore.protocol import RW_SOCKET, AccessDenied, DaemonUnreachable, default_run_dir
 from jobcore.uri import parse_uri
@@ -66,8 +71,9 @@ class ExitCode(enum.IntEnum):
     NOT_FOUND = 7  # no such domain or job
     DENIED = 8  # read-only socket, or uid not allowed
     DAEMON_RUNNING = 9  # `jobctl daemon`: another jobd serves the run directory
-    TIMEOUT = 10  # `wait --timeout` expired
+    TIMEOUT = 10  # `wait --timeout` / `begin --wait --timeout` expired
     INTERRUPTED = 130  # Ctrl-C
+    BROKEN_PIPE = 141  # stdout closed early (`jobctl list | head`): 128 + SIGPIPE, quietly
 
 
 class Refusal(Exception):
@@ -144,17 +150,36 @@ def run(ctx: Ctx, body: Callable[[Connection], Awaitable[int | None]]) -> NoRetu
     try:
         code = anyio.run(main)
     except KeyboardInterrupt:
-        sys.exit(ExitCode.INTERRUPTED)
+        _exit(ExitCode.INTERRUPTED)
     except BaseException as exc:
         leaf = _leaf(exc)
         if isinstance(leaf, SystemExit | KeyboardInterrupt):
             raise leaf from None
+        if isinstance(leaf, BrokenPipeError):  # socket errors arrive as ConnectionLost
+            _broken_pipe()
         status, message = _classify(leaf)
         if status is ExitCode.UNREACHABLE and "cannot reach" in message:
             message += " (is jobd running? start it with 'jobctl daemon')"
-        click.echo(f"jobctl: error: {message}", err=True)
-        sys.exit(status)
-    sys.exit(code or 0)
+        _exit(status, f"jobctl: error: {message}")
+    _exit(code or 0)
+
+
+def _exit(status: int, message: str | None = None) -> NoReturn:
+    """Exit with ``status`` after flushing stdout (a reader that went away is not an
+    error worth a traceback: exit BROKEN_PIPE quietly, as a killed-by-SIGPIPE tool would)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _broken_pipe()
+    if message is not None:
+        click.echo(message, err=True)
+    sys.exit(status)
+
+
+def _broken_pipe() -> NoReturn:
+    with open(os.devnull, "wb") as null:  # nothing left to flush at interpreter exit
+        os.dup2(null.fileno(), sys.stdout.fileno())
+    sys.exit(ExitCode.BROKEN_PIPE)
 
 
 def _json(value: Any) -> None:
@@ -354,7 +379,8 @@ async def follow(
 
         async def waiter(scope: anyio.CancelScope) -> None:
             nonlocal final
-            final = await job.wait(timeout)
+            with contextlib.suppress(TimeoutError):  # reported below, with the state
+                final = await job.wait(timeout)
             scope.cancel()
 
         async with anyio.create_task_group() as tg:
@@ -364,7 +390,12 @@ async def follow(
                     await _bar(ctx, job, info, events)
                 else:
                     await _lines(job, info, events)
-    assert final is not None
+    if final is None:
+        state = (await job.info()).state
+        raise Refusal(
+            ExitCode.TIMEOUT,
+            f"job {job.uuid} did not end within {timeout or 0:g} s (state: {state})",
+        )
     return final
 
 
@@ -435,6 +466,86 @@ async def _lines(job: Job, info: JobInfo, events: jobcore.Subscription) -> None:
             show(f"{state} {pct:5.1f}% {capacity(ev.processed)}/{capacity(ev.total)}")
 
 
+# ---- bandwidth arguments -----------------------------------------------------------------
+
+#: libvirt's scaled-integer suffixes (virScaleInteger): a bare letter or ``XiB`` is a power of
+#: 1024, ``XB`` a power of 1000; ``/s`` may follow.
+_SCALE = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
+_BANDWIDTH = re.compile(r"(?P<n>\d+)\s*(?P<unit>(?P<p>[kmgtpe])(?P<base>i?b)?|b)?(?:/s)?", re.I)
+MAX_BANDWIDTH = (1 << 63) - 1
+
+
+def parse_bandwidth(text: str) -> int:
+    """Bytes per second from ``1048576``, ``100MiB``, ``100M``, ``1GB/s``, … (0: unlimited)."""
+    m = _BANDWIDTH.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(
+            f"'{text}' is not a bandwidth: give bytes/s (e.g. 1048576) or an integer with a "
+            "unit: B, KiB, MiB, GiB, TiB, PiB, EiB (or K, M, G, … the same), "
+            "KB, MB, GB, TB, PB, EB (powers of 1000); '/s' may follow"
+        )
+    base = 1000 if (m["base"] or "").lower() == "b" else 1024
+    value: int = int(m["n"]) * pow(base, _SCALE[(m["p"] or "").lower()])
+    if value > MAX_BANDWIDTH:
+        raise ValueError(f"'{text}' is too large (at most {MAX_BANDWIDTH} bytes/s)")
+    return value
+
+
+def _bandwidth_arg(click_ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_bandwidth(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), click_ctx, param) from None
+
+
+# ---- shell completion -------------------------------------------------------------------
+
+
+def _completions(
+    click_ctx: click.Context, fetch: Callable[[Connection], Awaitable[list[str]]]
+) -> list[str]:
+    """Names ``fetch`` gets from the command line's connection within 3 s; nothing on any
+    error (completion must never print or hang)."""
+    uri = click_ctx.find_root().params.get("uri") or default_uri()
+
+    async def main() -> list[str]:
+        with anyio.move_on_after(3.0):
+            async with jobcore.connect(uri) as conn:
+                return await fetch(conn)
+        return []
+
+    try:
+        return anyio.run(main)
+    except BaseException:
+        return []
+
+
+async def _domain_names(conn: Connection) -> list[str]:
+    return [d.name for d in await conn.list_domains()]
+
+
+async def _job_ids(conn: Connection) -> list[str]:
+    ids: list[str] = []
+    for dom in await conn.list_domains():
+        ids += [str(j.uuid) for j in await dom.list_jobs()]
+    return ids
+
+
+def complete_domain(
+    click_ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    names = _completions(click_ctx, _domain_names)
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
+def complete_job(
+    click_ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    fetch = _domain_names if click_ctx.params.get("legacy") else _job_ids
+    names = _completions(click_ctx, fetch)
+    return [CompletionItem(n) for n in names if n.startswith(incomplete.lower())]
+
+
 # ---- commands ---------------------------------------------------------------------------
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -451,6 +562,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
     "[env JOBCORE_URI; default: the local jobd if running, else the "
     "embedded sim:///default].",
 )
+@click.version_option(package_name="jobcore", prog_name="jobctl")
 @click.pass_context
 def main(click_ctx: click.Context, uri: str | None) -> None:
     """jobctl: begin, watch and steer jobcore jobs.
@@ -458,7 +570,13 @@ def main(click_ctx: click.Context, uri: str | None) -> None:
     \b
     Exit status: 0 success, 1 error, 2 usage, 3 job failed, 4 job cancelled,
     5 conflict, 6 daemon unreachable, 7 no such domain/job, 8 access denied,
-    9 daemon already running, 10 timeout.
+    9 daemon already running, 10 timeout, 141 stdout closed (e.g. by head).
+
+    \b
+    Shell completion (domains and job UUIDs come from the connection):
+      bash: eval "$(_JOBCTL_COMPLETE=bash_source jobctl)"   in ~/.bashrc
+      zsh:  eval "$(_JOBCTL_COMPLETE=zsh_source jobctl)"    in ~/.zshrc
+      fish: _JOBCTL_COMPLETE=fish_source jobctl | source    in config.fish
     """
     if click_ctx.invoked_subcommand == "daemon":
         return
@@ -479,26 +597,10 @@ def _ctx() -> Ctx:
 
 
 @main.command()
-@click.option(
-    "--run-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Directory of the sockets and pid file [default: {default_run_dir()}].",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="TOML file: run_dir, allowed_uids, retention, log_level, max_clients.",
-)
-@click.option("--log-level", type=click.Choice(["debug", "error", "info", "warning"]))
-@click.option("--retention", type=float, help="Seconds ended jobs are kept [default: 600].")
-def daemon(
-    run_dir: Path | None, config_file: Path | None, log_level: str | None, retention: float | None
-) -> None:
-    """Run jobd in the foreground (same as the jobd command)."""
-    from jobcore.jobd import start_from_options
-
-    sys.exit(start_from_options(run_dir, config_file, log_level, retention))
+@daemon_options
+def daemon(**options: Any) -> None:
+    """Run jobd (same as the jobd command; in the foreground unless --daemon)."""
+    sys.exit(start_from_options(**options))
 
 
 @main.command()
@@ -546,7 +648,7 @@ def domains(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("domain")
+@click.argument("domain", shell_complete=complete_domain)
 @click.argument("file", type=click.File("rb"))
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job to end, with progress.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
@@ -584,7 +686,7 @@ def _report_final(info: JobInfo) -> None:
 
 
 @main.command(name="list")
-@click.option("--domain", "-d", help="Only this domain's jobs.")
+@click.option("--domain", "-d", shell_complete=complete_domain, help="Only this domain's jobs.")
 @click.option("--all", "-a", "show_all", is_flag=True, help="Also ended jobs still retained.")
 @json_option
 def list_(domain: str | None, show_all: bool, as_json: bool) -> None:
@@ -608,8 +710,9 @@ def list_(domain: str | None, show_all: bool, as_json: bool) -> None:
             )
             return
         if ctx.out.is_terminal:
-            table = Table(box=None, header_style="bold")
-            for col in ("UUID", "Domain", "Type", "State", "Progress", "Elapsed"):
+            table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
+            table.add_column("UUID", no_wrap=True, min_width=36, overflow="fold")  # never cut
+            for col in ("Domain", "Type", "State", "Progress", "Elapsed"):
                 table.add_column(col, justify="right" if col in ("Progress", "Elapsed") else "left")
             for i in infos:
                 table.add_row(
@@ -635,7 +738,7 @@ def list_(domain: str | None, show_all: bool, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("target")
+@click.argument("target", shell_complete=complete_job)
 @click.option(
     "--legacy",
     is_flag=True,
@@ -678,7 +781,7 @@ def info(target: str, legacy: bool, completed: bool, keep_completed: bool, as_js
 
 
 @main.command()
-@click.argument("job")
+@click.argument("job", shell_complete=complete_job)
 @json_option
 def stats(job: str, as_json: bool) -> None:
     """Show a job's libvirt-named statistics."""
@@ -696,7 +799,7 @@ def stats(job: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("job")
+@click.argument("job", shell_complete=complete_job)
 def dumpxml(job: str) -> None:
     """Print a job's XML with its UUID and effective values."""
     ctx = _ctx()
@@ -709,7 +812,7 @@ def dumpxml(job: str) -> None:
 
 def _verb_command(name: str, doc: str) -> None:
     @main.command(name=name, help=doc)
-    @click.argument("job")
+    @click.argument("job", shell_complete=complete_job)
     def command(job: str) -> None:
         ctx = _ctx()
 
@@ -727,8 +830,66 @@ _verb_command("resume", "Resume a paused job.")
 _verb_command("complete", "Complete a job waiting in 'ready' (pivot, end a pull backup).")
 
 
+@main.command(name="set-speed")
+@click.argument("job", shell_complete=complete_job)
+@click.argument("bandwidth", callback=_bandwidth_arg)
+def set_speed(job: str, bandwidth: int) -> None:
+    """Set a job's bandwidth limit; 0 lifts it.
+
+    BANDWIDTH is bytes/s, or an integer with a unit as in libvirt: 100MiB (or 100M,
+    100MiB/s) is 100 x 1024^2 bytes/s, 100MB is 100 x 1000^2; B, K, M, G, T, P, E."""
+    ctx = _ctx()
+
+    async def body(conn: Connection) -> None:
+        handle = await resolve_job(conn, job)
+        await handle.set_speed(bandwidth or None)
+        limit = f"{capacity(bandwidth)}/s" if bandwidth else "unlimited"
+        click.echo(f"{handle.uuid}: bandwidth {limit}")
+
+    run(ctx, body)
+
+
+@main.group()
+def domain() -> None:
+    """Create and destroy domains (qemu:///session; sim's domains are built in)."""
+
+
+@domain.command(name="create")
+@click.argument("file", type=click.File("rb"))
+def domain_create(file: Any) -> None:
+    """Create and start a domain from the domain XML in FILE ('-' reads stdin)."""
+    ctx = _ctx()
+    xml = file.read()
+    if ctx.embedded:
+        click.echo(
+            f"jobctl: note: on the embedded {ctx.uri} the domain lives only as long as this "
+            "command; start jobd to keep it",
+            err=True,
+        )
+
+    async def body(conn: Connection) -> None:
+        text = xml.decode("utf-8", errors="replace") if isinstance(xml, bytes) else xml
+        dom = await conn.create_domain(text)
+        click.echo(f"Domain '{dom.name}' created from {file.name}")
+
+    run(ctx, body)
+
+
+@domain.command(name="destroy")
+@click.argument("name", shell_complete=complete_domain)
+def domain_destroy(name: str) -> None:
+    """Stop domain NAME at once (its QEMU process ends; its active jobs fail)."""
+    ctx = _ctx()
+
+    async def body(conn: Connection) -> None:
+        await (await conn.lookup_domain(name)).destroy()
+        click.echo(f"Domain '{name}' destroyed")
+
+    run(ctx, body)
+
+
 @main.command()
-@click.argument("job")
+@click.argument("job", shell_complete=complete_job)
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 10).")
 @json_option
 def wait(job: str, timeout: float | None, as_json: bool) -> None:
@@ -748,8 +909,8 @@ def wait(job: str, timeout: float | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--domain", "-d", help="Only this domain's jobs.")
-@click.option("--job", "job_filter", help="Only this job (UUID).")
+@click.option("--domain", "-d", shell_complete=complete_domain, help="Only this domain's jobs.")
+@click.option("--job", "job_filter", shell_complete=complete_job, help="Only this job (UUID).")
 @click.option("--count", "-n", type=click.IntRange(min=1), help="Stop after N events.")
 @click.option("--no-progress", is_flag=True, help="Only state changes and final events.")
 @json_option
@@ -767,6 +928,8 @@ def events(
 
     async def body(conn: Connection) -> None:
         job_id = None
+        if domain is not None:
+            await conn.lookup_domain(domain)  # NoSuchDomain: exit 7, not a silent wait
         if job_filter is not None:
             job_id = (await resolve_job(conn, job_filter)).uuid
         kinds = [EventKind.STATE, EventKind.FINAL] if no_progress else None
@@ -788,4 +951,4 @@ def events(
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="jobctl")

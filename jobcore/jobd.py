@@ -21,6 +21,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import tomllib
 import urllib.parse
 import uuid
@@ -35,7 +36,7 @@ import attrs
 import click
 from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 
 from jobcore.api import Connection, Domain, Job, connect, uuid_prefix
 from jobcore.driver import Driver
@@ -118,6 +119,10 @@ HANDLE_CACHE = 4096
 SEND_TIMEOUT = 30.0
 #: Seconds the driver connections get to close at shutdown.
 SHUTDOWN_GRACE = 10.0
+#: A line a client can provoke at will (malformed frame, refused request) is logged once
+#: per connection; repeats are counted and the count logged at most this often, and at
+#: disconnect.
+NOISE_INTERVAL = 60.0
 
 _log = get_logger("jobd")
 
@@ -157,6 +162,8 @@ class DaemonConfig:
     #: ended jobs kept at most per domain and in all, per driver connection (oldest go)
     max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN
     max_retained: int = DEFAULT_MAX_RETAINED
+    #: log to this file (JSON lines, reopened after logrotate moves it) instead of stderr
+    log_file: Path | None = None
 
 
 _CONFIG_KEYS = {
@@ -173,6 +180,7 @@ _CONFIG_KEYS = {
     "subscriber_lost_limit",
     "max_retained_per_domain",
     "max_retained",
+    "log_file",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -254,6 +262,11 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
                 if cap < 0:
                     raise ConfigError(f"{key} must be a number of jobs >= 0")
                 config = _evolve(config, **{key: cap})
+        if "log_file" in values:
+            log_file = values["log_file"]
+            if not isinstance(log_file, str | Path) or not str(log_file):
+                raise ConfigError("log_file must be a file name")
+            config = _evolve(config, log_file=Path(log_file))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
@@ -339,6 +352,41 @@ class _ClientGone(Exception):
 
 
 @define(eq=False)
+class _Noise:
+    """Rate limit for the log lines one connection can provoke at will: the first of each
+    kind is logged; later ones are counted, and the count is logged (``"KIND repeated"``,
+    ``count=N``, the last one's fields) once NOISE_INTERVAL has passed since the last line
+    of that kind, and at disconnect (``flush``)."""
+
+    log: Any
+    clock: Callable[[], float] = time.monotonic
+    #: kind -> [level, repeats not yet logged, clock time of the last line, last fields]
+    _kinds: dict[str, list[Any]] = field(factory=dict)
+
+    def line(self, level: str, kind: str, **fields: Any) -> None:
+        now = self.clock()
+        entry = self._kinds.get(kind)
+        if entry is None:
+            self._kinds[kind] = [level, 0, now, fields]
+            getattr(self.log, level)(kind, **fields)
+            return
+        entry[1] += 1
+        entry[3] = fields
+        if now - entry[2] >= NOISE_INTERVAL:
+            self._summary(kind, entry, now)
+
+    def flush(self) -> None:
+        now = self.clock()
+        for kind, entry in self._kinds.items():
+            if entry[1]:
+                self._summary(kind, entry, now)
+
+    def _summary(self, kind: str, entry: list[Any], now: float) -> None:
+        getattr(self.log, entry[0])(f"{kind} repeated", count=entry[1], last=entry[3])
+        entry[1], entry[2] = 0, now
+
+
+@define(eq=False)
 class _Client:
     """One client socket's session state."""
 
@@ -369,6 +417,8 @@ class _Client:
     def expel(self, error: JobError) -> None:
         self.expelled = error
         self.reading.cancel()
+
+    noise: _Noise = field(default=Factory(lambda self: _Noise(self.log), takes_self=True))
 
     async def send(self, msg: Message) -> None:
         try:
@@ -804,6 +854,8 @@ class Daemon:
             if client is not None and client.slot is not None and self.drivers is not None:
                 self.drivers.release(client.slot)
                 client.slot = None
+            if client is not None:
+                client.noise.flush()
             log.info("client disconnected")
 
     async def _farewell(self, client: _Client, error: JobError) -> None:
@@ -879,7 +931,7 @@ class Daemon:
                 try:
                     msg = decode_message(body)
                 except BadRequest as exc:
-                    client.log.warning("malformed frame", error=str(exc))
+                    client.noise.line("warning", "malformed frame", error=str(exc))
                     await client.send(error_reply(exc.request_id, exc))
                     continue
                 await self._accept(client, msg, slots)
@@ -929,7 +981,12 @@ class Daemon:
                 await client.send(Reply(msg.id, None))
                 return
         except JobError as exc:
-            client.log.info("request refused", method=str(msg.method), error=type(exc).__name__)
+            client.noise.line(
+                "info",
+                "request refused",
+                method=str(msg.method),
+                error=f"{type(exc).__name__}: {exc}",
+            )
             await client.send(error_reply(msg.id, exc))
             return
         await slots.acquire()
@@ -1099,7 +1156,8 @@ async def _h_domain_destroy(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
 @_handles(Method.JOB_BEGIN)
 async def _h_job_begin(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
     job = await (await _domain(c, a[0])).job_begin(a[1], a[2])
-    c.log.info("job begun", job=str(job.uuid), type=str(job.type), domain=job.domain)
+    # the engine logs the job's one "job began" info line; this adds who began it
+    c.log.debug("job begun", job=str(job.uuid), type=str(job.type), domain=job.domain)
     return _ref(c, job)
 
 
@@ -1192,7 +1250,7 @@ def _verb(name: str) -> Handler:
     async def handler(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
         job = await _job(c, a[0])
         await getattr(job, name)()
-        c.log.info("job verb", job=str(job.uuid), verb=name)
+        c.log.debug("job verb", job=str(job.uuid), verb=name)  # info: begin and end only
         return None
 
     return handler
@@ -1225,16 +1283,35 @@ assert not _MISSING, f"methods without a handler: {_MISSING}"
 # ---- entry point ------------------------------------------------------------------------
 
 
-def run_daemon(config: DaemonConfig) -> int:
-    """Run jobd in the foreground until SIGTERM/SIGINT; the process exit status."""
-    configure(getattr(logging, config.log_level.upper()))
+def run_daemon(config: DaemonConfig, *, detach: bool = False) -> int:
+    """Run jobd until SIGTERM/SIGINT; the process exit status.
+
+    In the foreground, or with ``detach`` (``--daemon``) in a child process: the calling
+    process returns 0 only once both sockets accept connections, or the child's exit status
+    if it could not start (libvirtd's ``--daemon`` behaves the same way)."""
+    ready = _nothing
+    if detach:
+        status, ready = _detach(config)
+        if status is not None:
+            return status
     try:
-        anyio.run(Daemon(config).run)
-    except DaemonAlreadyRunning as exc:
-        click.echo(f"jobd: {exc}", err=True)
-        return EXIT_ALREADY_RUNNING
+        configure(getattr(logging, config.log_level.upper()), log_file=config.log_file)
+    except OSError as exc:
+        click.echo(f"jobd: cannot open log file '{config.log_file}': {exc.strerror}", err=True)
+        return 1
+
+    async def serve() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(Daemon(config).run)
+            ready()
+
+    try:
+        anyio.run(serve)
     except Exception as exc:
         leaf = leaf_error(exc)
+        if isinstance(leaf, DaemonAlreadyRunning):
+            click.echo(f"jobd: {leaf}", err=True)
+            return EXIT_ALREADY_RUNNING
         if not isinstance(leaf, OSError | JobError):
             raise
         click.echo(f"jobd: cannot serve in '{config.run_dir}': {leaf}", err=True)
@@ -1242,7 +1319,41 @@ def run_daemon(config: DaemonConfig) -> int:
     return 0
 
 
+def _nothing() -> None:
+    pass
+
+
+def _detach(config: DaemonConfig) -> tuple[int | None, Callable[[], None]]:
+    """Fork. The parent gets the exit status to return: 0 once the child reports that it
+    serves, else the child's own status. The child gets None and the function that reports
+    readiness (and then, with a log file, lets go of the caller's stderr)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            if pipe.read(1) == b"R":
+                return 0, _nothing
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) or 1, _nothing
+    os.close(read_end)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+
+    def ready() -> None:
+        os.write(write_end, b"R")
+        os.close(write_end)
+        if config.log_file is not None:
+            os.dup2(null, 2)  # the caller's terminal or pipe is not held open
+        os.close(null)
+
+    return None, ready
+
+
 def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """jobd's options, shared by ``jobd`` and ``jobctl daemon``."""
     for option in reversed(
         [
             click.option(
@@ -1256,10 +1367,16 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Path(dir_okay=False, path_type=Path),
                 help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
                 "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout, "
-                "subscriber_lost_limit, max_retained_per_domain, max_retained.",
+                "subscriber_lost_limit, max_retained_per_domain, max_retained, log_file.",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
+            ),
+            click.option(
+                "--log-file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="Log to this file (JSON lines) instead of stderr; reopened when "
+                "logrotate moves it away.",
             ),
             click.option(
                 "--retention", type=float, help="Seconds ended jobs are kept [default: 600]."
@@ -1271,6 +1388,14 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 metavar="PATTERN",
                 help="Driver URI clients may open (fnmatch; repeatable; replaces the config's "
                 f"allowed_uris) [default: {' '.join(DEFAULT_ALLOWED_URIS)}].",
+            ),
+            click.option(
+                "-d",
+                "--daemon",
+                "detach",
+                is_flag=True,
+                help="Detach: return (exit 0) once the sockets accept connections, or "
+                "fail with jobd's exit status; the pid is in RUN_DIR/jobd.pid.",
             ),
         ]
     ):
@@ -1284,6 +1409,8 @@ def start_from_options(
     log_level: str | None,
     retention: float | None,
     allowed_uris: tuple[str, ...] = (),
+    log_file: Path | None = None,
+    detach: bool = False,
 ) -> int:
     try:
         config = load_config(
@@ -1292,26 +1419,22 @@ def start_from_options(
             log_level=log_level,
             retention=retention,
             allowed_uris=list(allowed_uris) or None,
+            log_file=log_file,
         )
     except ConfigError as exc:
         click.echo(f"jobd: {exc}", err=True)
         return EXIT_CONFIG
-    return run_daemon(config)
+    return run_daemon(config, detach=detach)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @daemon_options
-def main(
-    run_dir: Path | None,
-    config_file: Path | None,
-    log_level: str | None,
-    retention: float | None,
-    allowed_uris: tuple[str, ...],
-) -> None:
+@click.version_option(package_name="jobcore", prog_name="jobd")
+def main(**options: Any) -> None:
     """jobd: serve the jobcore API over UNIX sockets in RUN_DIR (jobd.sock read-write,
-    jobd-ro.sock read-only), in the foreground, until SIGTERM or SIGINT."""
-    sys.exit(start_from_options(run_dir, config_file, log_level, retention, allowed_uris))
+    jobd-ro.sock read-only) until SIGTERM or SIGINT; in the foreground unless --daemon."""
+    sys.exit(start_from_options(**options))
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="jobd")

@@ -1,56 +1,125 @@
 """structlog loggers for jobcore, routed through the stdlib ``logging`` tree.
 
-A library must not print: unless the application configures logging, only warnings and
-errors reach stderr (stdlib's last-resort handler). Every job's logger has its UUID, type
-and domain bound (``job_logger``). Applications (jobd, the demo) call ``configure()``.
+A library must not print. jobcore's loggers (``jobcore.*``, ``drivers.*``) are stdlib loggers
+wrapped by structlog with processors of their own (``structlog.wrap_logger``), so they
+neither need nor touch the application's ``structlog.configure()``. Each call becomes one
+stdlib record whose ``msg`` is the structured event, a dict (``LogEvent``) that reads as a
+line (``job ended state=failed job=…``) wherever stdlib formats it. The ``jobcore`` and
+``drivers`` loggers have a ``NullHandler``: unless the application configures logging,
+nothing is shown (not even warnings through stdlib's last-resort handler); with
+``logging.basicConfig()`` or any handler, records appear as that handler formats them.
+
+Every job's logger has its UUID, type and domain bound (``job_logger``). Applications that
+want jobcore's own rendering (jobd) call ``configure()``: JSON lines or console
+lines, on stderr or in a file that logrotate may rotate.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
+from collections.abc import MutableMapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-_PROCESSORS: list[Any] = [
-    structlog.stdlib.filter_by_level,
-    structlog.stdlib.add_log_level,
-    structlog.processors.TimeStamper(fmt="iso"),
-    structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-]
+#: The stdlib loggers jobcore logs under; each gets a NullHandler at import.
+LIBRARY_LOGGERS = ("jobcore", "drivers")
+
+for _name in LIBRARY_LOGGERS:
+    logging.getLogger(_name).addHandler(logging.NullHandler())
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    if not text or any(ch in text for ch in " \t\n\"'=") or text != text.strip():
+        return repr(text)
+    return text
+
+
+class LogEvent(dict[str, Any]):
+    """A structured event as a stdlib record's ``msg``: a dict for formatters that know
+    it (``configure()``'s, structlog's ``ProcessorFormatter``), a readable
+    ``event key=value …`` line for every other one (``str(record.msg)``)."""
+
+    def __str__(self) -> str:
+        name = str(self.get("event", ""))
+        return name + "".join(f" {k}={_text(v)}" for k, v in self.items() if k != "event")
+
+
+def _to_stdlib(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    """The last processor: the event as the record's message, ``exc_info`` passed to
+    stdlib (which renders the traceback)."""
+    exc_info = event.pop("exc_info", None)
+    kwargs: dict[str, Any] = {"exc_info": exc_info} if exc_info else {}
+    return (LogEvent(event),), kwargs
+
+
+_PROCESSORS: list[Any] = [structlog.stdlib.filter_by_level, _to_stdlib]
 
 
 def get_logger(name: str = "jobcore", **bound: Any) -> structlog.stdlib.BoundLogger:
+    """A structlog logger over the stdlib logger ``name``, independent of any global
+    structlog configuration."""
     logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
         logging.getLogger(name), processors=_PROCESSORS, wrapper_class=structlog.stdlib.BoundLogger
     )
     return logger.bind(**bound) if bound else logger
 
 
-def configure(level: int = logging.INFO, *, json: bool | None = None) -> None:
-    """Send jobcore's logs to stderr: JSON when not on a terminal (or when asked)."""
-    if json is None:
-        json = not sys.stderr.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[
-                structlog.stdlib.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso"),
-            ],
+class EventFormatter(logging.Formatter):
+    """Renders a record as structlog would: its structured event (or, for a plain stdlib
+    record, its message) with ``level`` and ``timestamp``, as JSON or a console line."""
+
+    def __init__(self, *, json: bool) -> None:
+        super().__init__()
+        self._renderer: Any = (
+            structlog.processors.JSONRenderer()
+            if json
+            else structlog.dev.ConsoleRenderer(colors=False)
         )
-    )
-    root = logging.getLogger("jobcore")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    for name in ("drivers", "jobd"):
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, Any]
+        if isinstance(record.msg, LogEvent) and not record.args:
+            event = dict(record.msg)
+        else:  # a plain stdlib record (jobd's handler serves only jobd's and jobcore's)
+            event = {"event": record.getMessage()}
+        event["level"] = record.levelname.lower()
+        event["timestamp"] = (
+            datetime.fromtimestamp(record.created, tz=UTC).isoformat().replace("+00:00", "Z")
+        )
+        if record.exc_info:
+            event["exc_info"] = record.exc_info
+            event = dict(structlog.processors.format_exc_info(None, "", event))
+        return str(self._renderer(None, record.levelname.lower(), event))
+
+
+def configure(
+    level: int = logging.INFO, *, json: bool | None = None, log_file: Path | None = None
+) -> None:
+    """Send jobcore's and jobd's logs to stderr, or to ``log_file`` (reopened when
+    logrotate moves it away: ``logging.handlers.WatchedFileHandler``). JSON when the
+    output is not a terminal (a file never is) or when asked."""
+    handler: logging.Handler
+    if log_file is not None:
+        handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+        if json is None:
+            json = True
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        if json is None:
+            json = not sys.stderr.isatty()
+    handler.setFormatter(EventFormatter(json=json))
+    for name in (*LIBRARY_LOGGERS, "jobd"):
         lg = logging.getLogger(name)
-        lg.handlers[:] = [handler]
+        for old in lg.handlers[:]:
+            lg.removeHandler(old)
+            if not isinstance(old, logging.NullHandler):
+                old.close()
+        lg.addHandler(handler)
         lg.setLevel(level)
         lg.propagate = False

@@ -1,0 +1,277 @@
+"""jobctl as a user meets it (issue 8, item 27): whole UUIDs on an 80-column terminal, quiet
+pipes, timeouts and unknown domains that say what happened, --version, set-speed, domain
+create/destroy, shell completion."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qemu_helpers import create, domain_xml
+from test_jobd import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
+
+from jobcore import jobctl as cli
+from jobcore.jobctl import ExitCode
+
+MiB = 1 << 20
+JOBCTL = Path(sys.executable).with_name("jobctl")  # the installed console script
+
+
+@pytest.fixture(scope="module")
+def jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobd]:
+    daemon = Jobd(tmp_path_factory.mktemp("jobctl") / "run").wait_ready()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def _slow_job(jobd: Jobd, tmp_path: Path, domain: str = "vm1") -> tuple[str, str]:
+    """A block pull at 1 MiB/s (minutes of work) and the URI it runs on."""
+    uri = jobd.uri("rate=1048576")
+    began = jobctl(uri, "begin", domain, write(tmp_path, "pull.xml", PULL_VDA))
+    assert began.returncode == 0, began.stderr
+    return uri, began.stdout.strip()
+
+
+def _env(uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["JOBCORE_URI"] = uri
+    return env
+
+
+def _run_on_terminal(argv: list[str], env: dict[str, str], columns: int = 80) -> str:
+    """Run ``argv`` with stdin/stdout/stderr on a pseudo-terminal of ``columns``."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        proc.wait(10)
+    assert proc.returncode == 0, out
+    return out.decode(errors="replace")
+
+
+def test_list_never_truncates_uuids_on_80_columns(jobd: Jobd, tmp_path: Path) -> None:
+    uri, job = _slow_job(jobd, tmp_path)
+    try:
+        shown = _run_on_terminal([sys.executable, "-m", "jobcore.jobctl", "list"], _env(uri))
+        assert job in shown, shown  # whole, on one line: a copied UUID works
+        assert "…" not in shown
+    finally:
+        jobctl(uri, "abort", job)
+
+
+def test_closed_stdout_is_quiet_exit_141(jobd: Jobd, tmp_path: Path) -> None:
+    uri, job = _slow_job(jobd, tmp_path)
+    try:
+        # `jobctl events | head -n 1`: the reader goes away while events keep coming
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobcore.jobctl", "events", "--job", job],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(uri),
+            cwd=ROOT,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert job in proc.stdout.readline().decode()
+        proc.stdout.close()
+        assert proc.wait(30) == ExitCode.BROKEN_PIPE and ExitCode.BROKEN_PIPE.value == 141
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert "Error" not in err and "Traceback" not in err, err
+        # `jobctl domains | true`: the reader is gone before the first write
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        done = subprocess.run(
+            [sys.executable, "-m", "jobcore.jobctl", "domains"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=_env(uri),
+            cwd=ROOT,
+            check=False,
+            timeout=30,
+        )
+        os.close(write_end)
+        assert (done.returncode, done.stderr) == (141, b"")
+    finally:
+        jobctl(uri, "abort", job)
+
+
+def test_wait_timeout_names_job_duration_and_state(jobd: Jobd, tmp_path: Path) -> None:
+    uri, job = _slow_job(jobd, tmp_path)
+    try:
+        waited = jobctl(uri, "wait", "--timeout", "1", "--json", job)
+        assert waited.returncode == ExitCode.TIMEOUT and ExitCode.TIMEOUT.value == 10
+        assert waited.stderr == (
+            f"jobctl: error: job {job} did not end within 1 s (state: running)\n"
+        )
+        plain = jobctl(uri, "wait", "--timeout", "0.5", job)  # progress lines, then the reason
+        assert plain.returncode == ExitCode.TIMEOUT
+        assert plain.stderr.splitlines()[-1] == (
+            f"jobctl: error: job {job} did not end within 0.5 s (state: running)"
+        )
+    finally:
+        jobctl(uri, "abort", job)
+
+
+def test_events_for_an_unknown_domain_fail_at_once(jobd: Jobd) -> None:
+    started = time.monotonic()
+    watched = jobctl(jobd.uri(), "events", "--domain", "nosuchvm", timeout=20)
+    assert watched.returncode == ExitCode.NOT_FOUND
+    assert "domain 'nosuchvm' not found" in watched.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_version() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "jobcore.jobctl", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert shown.stdout == f"jobctl, version {importlib.metadata.version('jobcore')}\n"
+    jobd = subprocess.run(
+        [sys.executable, "-m", "jobcore.jobd", "--version"], capture_output=True, text=True
+    )
+    assert jobd.stdout == f"jobd, version {importlib.metadata.version('jobcore')}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("0", 0),
+        ("1048576", MiB),
+        ("512B", 512),
+        ("100MiB", 100 * MiB),
+        ("100M", 100 * MiB),
+        ("100mib/s", 100 * MiB),
+        ("100MB", 100_000_000),
+        ("2k", 2048),
+        ("3KiB/s", 3072),
+        ("1G", 1 << 30),
+        ("1GB/s", 10**9),
+        ("2T", 2 << 40),
+    ],
+)
+def test_bandwidth_units_as_libvirt(text: str, value: int) -> None:
+    assert cli.parse_bandwidth(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "fast", "1.5M", "-1", "10Mbit", "10 MiB/h", "9" * 30])
+def test_bad_bandwidth_is_refused_with_the_units(text: str) -> None:
+    with pytest.raises(ValueError, match=r"MiB|too large"):
+        cli.parse_bandwidth(text)
+
+
+def test_set_speed(jobd: Jobd, tmp_path: Path) -> None:
+    uri, job = _slow_job(jobd, tmp_path)
+    try:
+        done = jobctl(uri, "set-speed", job[:8], "100MiB")
+        assert (done.returncode, done.stdout) == (0, f"{job}: bandwidth 100.000 MiB/s\n")
+        assert json.loads(jobctl(uri, "info", job, "--json").stdout)["bandwidth"] == 100 * MiB
+        assert jobctl(uri, "set-speed", job, "0").stdout == f"{job}: bandwidth unlimited\n"
+        bad = jobctl(uri, "set-speed", job, "lots")
+        assert bad.returncode == ExitCode.USAGE and "KiB, MiB" in bad.stderr
+    finally:
+        jobctl(uri, "abort", job)
+
+
+@pytest.mark.qemu
+def test_domain_create_and_destroy_through_jobd(tmp_path: Path) -> None:
+    daemon = Jobd(tmp_path / "run").wait_ready()
+    try:
+        uri = f"qemu+unix:///session?socket={daemon.sock}&dir={tmp_path / 'qemu'}"
+        disk = create(tmp_path / "vda.qcow2")
+        xml = write(tmp_path, "dom.xml", domain_xml("cli1", {"vda": disk}))
+        made = jobctl(uri, "domain", "create", xml, timeout=60)
+        assert (made.returncode, made.stdout) == (0, f"Domain 'cli1' created from {xml}\n")
+        listed = json.loads(jobctl(uri, "domains", "--json").stdout)
+        assert [(d["name"], d["running"]) for d in listed] == [("cli1", True)]
+        pidfiles = list((tmp_path / "qemu").glob("*.pid"))
+        assert pidfiles
+        pid = int(pidfiles[0].read_text())
+        gone = jobctl(uri, "domain", "destroy", "cli1", timeout=60)
+        assert (gone.returncode, gone.stdout) == (0, "Domain 'cli1' destroyed\n")
+        assert json.loads(jobctl(uri, "domains", "--json").stdout) == []
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in _status(pid)
+        again = jobctl(uri, "domain", "destroy", "cli1")
+        assert again.returncode == ExitCode.NOT_FOUND, again.stderr
+        ro = uri.replace(str(daemon.sock), str(daemon.ro_sock))
+        assert jobctl(ro, "domain", "create", xml).returncode == ExitCode.DENIED
+    finally:
+        daemon.stop()
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "zombie"
+
+
+def _complete(uri: str, *words: str) -> list[str]:
+    env = _env(uri)
+    env.update(
+        _JOBCTL_COMPLETE="bash_complete",
+        COMP_WORDS=" ".join(["jobctl", *words]),
+        COMP_CWORD=str(len(words)),
+    )
+    done = subprocess.run(
+        [str(JOBCTL)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=30, check=True
+    )
+    return [line for line in done.stdout.splitlines() if line]
+
+
+def test_shell_completion_script_and_live_names(jobd: Jobd, tmp_path: Path) -> None:
+    for shell, marker in (("bash", "complete -o nosort -F _jobctl_completion jobctl"),
+                          ("zsh", "compdef _jobctl_completion jobctl"),
+                          ("fish", "complete --no-files --command jobctl")):  # fmt: skip
+        env = {**os.environ, "_JOBCTL_COMPLETE": f"{shell}_source"}
+        script = subprocess.run(
+            [str(JOBCTL)], capture_output=True, text=True, env=env, check=True, timeout=30
+        ).stdout
+        assert marker in script, script
+    uri, job = _slow_job(jobd, tmp_path)
+    try:
+        assert f"plain,{job}" in _complete(uri, "abort", "")
+        assert _complete(uri, "abort", job[:6]) == [f"plain,{job}"]
+        assert _complete(uri, "begin", "") == ["plain,vm1", "plain,vm2"]
+        assert _complete(uri, "events", "--domain", "vm") == ["plain,vm1", "plain,vm2"]
+        assert _complete(uri, "info", "--legacy", "vm2") == ["plain,vm2"]
+        began = jobctl(uri, "begin", "vm2", write(tmp_path, "b.xml", BACKUP_VDB.format(tag="cc")))
+        other = began.stdout.strip()
+        assert f"plain,{other}" in _complete(uri, "set-speed", "")
+        jobctl(uri, "abort", other)
+        gone = f"sim+unix:///default?socket={tmp_path}/none.sock"
+        assert _complete(gone, "abort", "") == []  # no daemon: no names, no noise
+    finally:
+        jobctl(uri, "abort", job)
