@@ -207,9 +207,10 @@ def test_set_speed(jobd: Jobd, tmp_path: Path) -> None:
 
 @pytest.mark.qemu
 def test_domain_create_and_destroy_through_jobd(tmp_path: Path) -> None:
-    daemon = Jobd(tmp_path / "run").wait_ready()
+    qemu_dir = tmp_path / "qemu"
+    daemon = Jobd(tmp_path / "run", "--allow-uri", f"qemu:///session?dir={qemu_dir}").wait_ready()
     try:
-        uri = f"qemu+unix:///session?socket={daemon.sock}&dir={tmp_path / 'qemu'}"
+        uri = f"qemu+unix:///session?socket={daemon.sock}&dir={qemu_dir}"
         disk = create(tmp_path / "vda.qcow2")
         xml = write(tmp_path, "dom.xml", domain_xml("cli1", {"vda": disk}))
         made = jobctl(uri, "domain", "create", xml, timeout=60)
