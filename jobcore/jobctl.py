@@ -653,7 +653,15 @@ def domains(as_json: bool) -> None:
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job to end, with progress.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 @click.option("--queue", is_flag=True, help="Queue behind conflicting jobs instead of failing.")
-def begin(domain: str, file: Any, wait_: bool, timeout: float | None, queue: bool) -> None:
+@click.option(
+    "--reuse-external",
+    is_flag=True,
+    help="Backup: write into existing target and scratch files (their format and size must "
+    "fit) instead of refusing them (VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL).",
+)
+def begin(
+    domain: str, file: Any, wait_: bool, timeout: float | None, queue: bool, reuse_external: bool
+) -> None:
     """Begin the job described by the job XML in FILE ('-' reads stdin) on DOMAIN and print
     its UUID."""
     ctx = _ctx()
@@ -661,7 +669,10 @@ def begin(domain: str, file: Any, wait_: bool, timeout: float | None, queue: boo
 
     async def body(conn: Connection) -> int:
         dom: Domain = await conn.lookup_domain(domain)
-        job = await dom.job_begin(xml, C.JOB_BEGIN_QUEUE if queue else 0)
+        flags = (C.JOB_BEGIN_QUEUE if queue else 0) | (
+            C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if reuse_external else 0
+        )
+        job = await dom.job_begin(xml, flags)
         click.echo(str(job.uuid))
         if not (wait_ or ctx.embedded):
             return ExitCode.OK

@@ -276,3 +276,21 @@ def test_shell_completion_script_and_live_names(jobd: Jobd, tmp_path: Path) -> N
         assert _complete(gone, "abort", "") == []  # no daemon: no names, no noise
     finally:
         jobctl(uri, "abort", job)
+
+
+def test_begin_reuse_external(jobd: Jobd, tmp_path: Path) -> None:
+    image = tmp_path / "kept.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "512M"], check=True)
+    before = image.read_bytes()
+    uri = jobd.uri("rate=1048576")
+    xml = write(tmp_path, "b.xml", BACKUP_VDB.replace("/b/{tag}-vdb.qcow2", str(image)))
+    refused = jobctl(uri, "begin", "vm2", xml)
+    assert refused.returncode != 0 and f"store '{image}' for backup of 'vdb' exists" in refused.stderr
+    assert "REUSE_EXTERNAL" in refused.stderr
+    assert image.read_bytes() == before
+    began = jobctl(uri, "begin", "--reuse-external", "vm2", xml)
+    assert began.returncode == 0, began.stderr
+    job = began.stdout.strip()
+    assert json.loads(jobctl(uri, "info", job, "--json").stdout)["state"] == "running"
+    assert jobctl(uri, "abort", job).returncode == 0
+    assert image.exists()  # a reused file is never removed
