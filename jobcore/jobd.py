@@ -18,8 +18,6 @@ import fnmatch
 import logging
 import os
 import signal
-import socket
-import struct
 import sys
 import time
 import tomllib
@@ -34,7 +32,7 @@ from typing import Any
 import anyio
 import attrs
 import click
-from anyio.abc import SocketAttribute, SocketStream, TaskGroup
+from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from attrs import Factory, define, field, frozen
 
@@ -83,6 +81,7 @@ from jobcore.protocol import (
     encode_server_hello,
     error_reply,
     frame_length,
+    peer_credentials,
 )
 from jobcore.rundir import ensure_private_dir
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
@@ -320,24 +319,6 @@ class RunDirLock:
 
 
 # ---- peers ------------------------------------------------------------------------------
-
-
-@frozen
-class PeerCred:
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_credentials(stream: SocketStream) -> PeerCred | None:
-    """The connecting process's pid/uid/gid (SO_PEERCRED; Linux)."""
-    so_peercred = getattr(socket, "SO_PEERCRED", None)
-    if so_peercred is None:
-        return None
-    sock = stream.extra(SocketAttribute.raw_socket)
-    raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid, uid, gid)
 
 
 def leaf_error(exc: BaseException) -> BaseException:

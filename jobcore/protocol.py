@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import socket
 import struct
 import tempfile
 import uuid
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import msgpack  # type: ignore[import-untyped]
+from anyio.abc import SocketAttribute, SocketStream
 from attrs import frozen
 
 from jobcore import errors
@@ -60,6 +62,42 @@ class AccessDenied(JobError):
 
 class DaemonUnreachable(JobError):
     """No daemon answers at the socket, or the connection to it was lost."""
+
+
+@frozen
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(stream: SocketStream) -> PeerCred | None:
+    """The process at the other end of a UNIX socket: pid/uid/gid (SO_PEERCRED; Linux)."""
+    so_peercred = getattr(socket, "SO_PEERCRED", None)
+    if so_peercred is None:
+        return None
+    sock = stream.extra(SocketAttribute.raw_socket)
+    raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCred(pid, uid, gid)
+
+
+def check_daemon_peer(stream: SocketStream, path: Path) -> None:
+    """Refuse a daemon socket served by another user than us or root: whoever could create
+    the socket (a pre-made run directory, a shared /tmp) could otherwise read our requests
+    and answer them."""
+    try:
+        peer = peer_credentials(stream)
+    except OSError:
+        peer = None
+    if peer is None:
+        return  # no SO_PEERCRED on this platform: the run directory's rules must do
+    if peer.uid not in (os.getuid(), 0):
+        raise AccessDenied(
+            f"the daemon at '{path}' runs as uid {peer.uid} (pid {peer.pid}), neither you "
+            f"(uid {os.getuid()}) nor root: refusing to talk to it; check who created "
+            f"'{path.parent}'"
+        )
 
 
 class DaemonBusy(DaemonUnreachable):

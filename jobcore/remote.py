@@ -39,6 +39,7 @@ from jobcore.protocol import (
     HEADER,
     PROTOCOL_VERSION,
     RW_SOCKET,
+    AccessDenied,
     ArgValue,
     Cancel,
     DaemonUnreachable,
@@ -52,6 +53,7 @@ from jobcore.protocol import (
     Request,
     SubscriptionEnd,
     Wire,
+    check_daemon_peer,
     decode_domain_info,
     decode_domain_ref,
     decode_int_list,
@@ -565,6 +567,11 @@ async def connect_remote(
         stream = await anyio.connect_unix(path)
     except OSError as exc:
         raise DaemonUnreachable(f"cannot reach jobd at '{path}': {exc.strerror or exc}") from None
+    try:
+        check_daemon_peer(stream, path)
+    except AccessDenied:
+        await stream.aclose()
+        raise
     body_error: Exception | None = None
     async with stream, anyio.create_task_group() as tg:
         session = _Session(stream, tg)

@@ -285,7 +285,8 @@ def test_begin_reuse_external(jobd: Jobd, tmp_path: Path) -> None:
     uri = jobd.uri("rate=1048576")
     xml = write(tmp_path, "b.xml", BACKUP_VDB.replace("/b/{tag}-vdb.qcow2", str(image)))
     refused = jobctl(uri, "begin", "vm2", xml)
-    assert refused.returncode != 0 and f"store '{image}' for backup of 'vdb' exists" in refused.stderr
+    assert refused.returncode != 0
+    assert f"store '{image}' for backup of 'vdb' exists" in refused.stderr
     assert "REUSE_EXTERNAL" in refused.stderr
     assert image.read_bytes() == before
     began = jobctl(uri, "begin", "--reuse-external", "vm2", xml)

@@ -435,3 +435,54 @@ async def test_five_mib_xml_gets_the_xml_limit(jobd: Jobd, anyio_backend: str) -
         assert "1 MiB" in message
     finally:
         rw.close()
+
+
+# ---- clients talk only to a daemon of their own user (or root) ------------------------
+
+
+def fake_daemon_as(uid: int, path: Path) -> int:
+    """A forked child, running as ``uid``, listening on ``path`` and never answering (the
+    peer credentials a client sees are the listener's at listen())."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: socket calls only, then _exit
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(str(path))
+            s.listen(8)
+            os.write(ready_w, b"R")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"R"
+    os.close(ready_r)
+    return pid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a process as another uid needs root")
+def test_client_refuses_a_daemon_of_another_user() -> None:
+    import shutil
+    import signal
+    import tempfile
+
+    other = 12345
+    base = Path(tempfile.mkdtemp(prefix="jobcore-other-"))  # pytest's tmp is root-only
+    os.chmod(base, 0o711)
+    run_dir = base / "run"
+    run_dir.mkdir(mode=0o700)
+    os.chown(run_dir, other, other)
+    sock = run_dir / "jobd.sock"
+    fake = fake_daemon_as(other, sock)
+    try:
+        with pytest.raises(AccessDenied, match=f"runs as uid {other}.*refusing to talk to it"):
+            jobcore.open(f"sim+unix:///default?socket={sock}")
+        denied = jobctl(f"sim+unix:///default?socket={sock}", "domains")
+        assert denied.returncode == ExitCode.DENIED
+        assert f"runs as uid {other}" in one_line_error(denied)
+    finally:
+        os.kill(fake, signal.SIGKILL)
+        os.waitpid(fake, 0)
+        shutil.rmtree(base)
