@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import NoReturn
+from collections.abc import Iterable, Mapping
+from typing import NoReturn, TypeVar
 
 from lxml import etree
 
@@ -22,6 +23,7 @@ MAX_DOCUMENT_BYTES = 1 << 20
 MAX_DEPTH = 64
 
 _local = threading.local()
+_V = TypeVar("_V")
 
 
 def _parser(forced_utf8: bool) -> etree.XMLParser:
@@ -64,6 +66,23 @@ def line_of(node: etree._Element) -> int | None:
 
 def fail(el: etree._Element, message: str, attr: str | None = None) -> NoReturn:
     raise XMLError(f"{describe(el, attr)}: {message}", line=line_of(el))
+
+
+def one_of(values: Iterable[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+def choice(
+    el: etree._Element, attr: str, value: str | None, allowed: Mapping[str, _V]
+) -> _V | None:
+    """``value`` (of attribute ``attr``; None when absent) as one of ``allowed``, exactly
+    as written (the grammar's token values would also take it padded with spaces)."""
+    if value is None:
+        return None
+    try:
+        return allowed[value]
+    except KeyError:
+        fail(el, f"'{value[:80]}' is not one of {one_of(allowed)}", attr)
 
 
 def once(seen: set[str], child: etree._Element) -> None:
@@ -110,9 +129,12 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
     try:
         el = etree.fromstring(data, _parser(forced_utf8))
     except etree.XMLSyntaxError as exc:
-        msg = (exc.msg or "malformed").strip()
+        line, column = exc.position
+        # lxml appends the position to libxml2's text; XMLError adds the line itself
+        msg = (exc.msg or "malformed").strip().removesuffix(f", line {line}, column {column}")
         raise XMLError(
-            f"<{root}> document is not well-formed XML: {msg}", line=exc.lineno or None
+            f"<{root}> document is not well-formed XML: {msg}, at column {column}",
+            line=line or None,
         ) from None
     except (ValueError, LookupError, UnicodeError) as exc:
         raise XMLError(f"<{root}> document cannot be parsed: {exc}", line=1) from None
@@ -202,6 +224,13 @@ def validate(schema: Schema, el: etree._Element, what: str) -> None:
             value = (node.text or "").strip() or None
         if value is not None and f"'{value}'" not in message:
             detail = f" (value '{value[:80]}')"
+        allowed = (
+            schema.allowed_values(str(node.tag), attr.group(1))
+            if attr is not None and isinstance(node.tag, str)
+            else ()
+        )
+        if allowed and value is not None:
+            detail = f" (value '{value[:80]}'; allowed: {one_of(allowed)})"
     where = f" at {path}" if path else ""
     raise XMLError(
         f"invalid <{what}> document{where}: {message}{detail}", line=best.line or line_of(el)
