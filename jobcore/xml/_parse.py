@@ -7,6 +7,7 @@ attribute 'exportname': requires pull mode (line 7)``.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -94,19 +95,23 @@ def once(seen: set[str], child: etree._Element) -> None:
     seen.add(tag)
 
 
-def parse_document(doc: str | bytes, root: str) -> etree._Element:
+def parse_document(
+    doc: str | bytes, root: str, max_bytes: int | None = MAX_DOCUMENT_BYTES
+) -> etree._Element:
     """Parse ``doc`` safely and check that its root element is ``<root>``.
 
     No DTD (a DOCTYPE is refused), no entity expansion, no network or file access,
-    nothing over MAX_DOCUMENT_BYTES, nothing nested deeper than libxml2's limit.
+    nothing over ``max_bytes`` (None: jobcore's own output, checked after formatting,
+    which may outgrow the input it came from), nothing nested deeper than libxml2's limit.
     """
+    limit = math.inf if max_bytes is None else max_bytes
     forced_utf8 = False
     data: bytes
     if type(doc) is bytes:
         data = doc
     elif isinstance(doc, str):
         forced_utf8 = True
-        if len(doc) > MAX_DOCUMENT_BYTES:
+        if len(doc) > limit:
             _too_large(root, len(doc))
         try:
             data = doc.encode("utf-8")
@@ -116,7 +121,7 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
         data = bytes(doc)
     else:
         raise XMLError(f"<{root}> document must be str or bytes, not {type(doc).__name__}", line=1)
-    if len(data) > MAX_DOCUMENT_BYTES:
+    if len(data) > limit:
         _too_large(root, len(data))
     # Markup declarations are refused before libxml2 sees them. '!' is rare in XML, so a
     # one-byte scan (memchr) decides whether the slower substring scans are needed.

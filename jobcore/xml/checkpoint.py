@@ -108,5 +108,5 @@ def build_checkpoint_element(
             if disk.size is not None:
                 d.set("size", str(disk.size))
     if defn.domain is not None:
-        el.append(parse_document(defn.domain, "domain"))
+        el.append(parse_document(defn.domain, "domain", max_bytes=None))  # our own text
     return el

@@ -23,7 +23,7 @@ from jobcore.registry import JobTypeInfo, registry
 from jobcore.spec import ChainRef, JobOptions
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
-from jobcore.xml._parse import choice, fail, once, parse_document, validate
+from jobcore.xml._parse import MAX_DOCUMENT_BYTES, choice, fail, once, parse_document, validate
 from jobcore.xml._types import RELAXED
 from jobcore.xml._write import serialize
 from jobcore.xml.backup import build_backup_element, parse_backup_element
@@ -49,8 +49,8 @@ def parse_backup(doc: str | bytes) -> BackupDef:
     return _guarded(_parse_backup, doc)
 
 
-def _parse_backup(doc: str | bytes) -> BackupDef:
-    el = parse_document(doc, "domainbackup")
+def _parse_backup(doc: str | bytes, max_bytes: int | None = MAX_DOCUMENT_BYTES) -> BackupDef:
+    el = parse_document(doc, "domainbackup", max_bytes)
     validate(_schema.document_schema("domainbackup", ("backup.rng",), RELAXED), el, "domainbackup")
     return parse_backup_element(el)
 
@@ -66,8 +66,10 @@ def parse_checkpoint(doc: str | bytes) -> CheckpointDef:
     return _guarded(_parse_checkpoint, doc)
 
 
-def _parse_checkpoint(doc: str | bytes) -> CheckpointDef:
-    el = parse_document(doc, "domaincheckpoint")
+def _parse_checkpoint(
+    doc: str | bytes, max_bytes: int | None = MAX_DOCUMENT_BYTES
+) -> CheckpointDef:
+    el = parse_document(doc, "domaincheckpoint", max_bytes)
     validate(
         _schema.document_schema("domaincheckpoint", ("checkpoint.rng",), RELAXED),
         el,
@@ -82,11 +84,12 @@ def format_checkpoint(defn: CheckpointDef) -> str:
     )
 
 
-def _self_checked(text: str, parse: Callable[[str], object]) -> str:
+def _self_checked(text: str, parse: Callable[[str, int | None], object]) -> str:
     """``text`` if its own parser accepts it: a spec that breaks a rule of the format
-    (e.g. an export name in push mode) fails here, not in whoever reads it back."""
+    (e.g. an export name in push mode) fails here, not in whoever reads it back. The input
+    size limit is not applied: formatting may make a document larger than its input."""
     try:
-        parse(text)
+        parse(text, None)
     except XMLError as exc:
         raise XMLError(f"cannot format: the document would be refused: {exc}") from None
     return text
@@ -261,8 +264,8 @@ def parse_job(doc: str | bytes) -> Any:
     return _guarded(_parse_job, doc)
 
 
-def _parse_job(doc: str | bytes) -> Any:
-    job = parse_document(doc, "job")
+def _parse_job(doc: str | bytes, max_bytes: int | None = MAX_DOCUMENT_BYTES) -> Any:
+    job = parse_document(doc, "job", max_bytes)
     type_name = job.get("type")
     if type_name is None:
         fail(job, "the job type is missing", "type")
