@@ -469,12 +469,11 @@ class Engine:
             ordinary = (report is Report.PROGRESS and rec.state.terminal) or (
                 report is Report.READY and rec.state in (S.READY, S.STANDBY)
             )
-            job_log(rec).log(
-                logging.DEBUG if ordinary else logging.WARNING,
-                "driver report ignored",
-                report=str(report),
-                state=str(rec.state),
-            )
+            level = logging.DEBUG if ordinary else logging.WARNING
+            if _stdlib_log.isEnabledFor(level):
+                job_log(rec).log(
+                    level, "driver report ignored", report=str(report), state=str(rec.state)
+                )
             return
         if extra:
             rec.extra.update(extra)
