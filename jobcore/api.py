@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 import attrs
+from anyio.lowlevel import RunVar
 
 from jobcore import constants as C
 from jobcore.driver import DomainInfo, DriverConnection
@@ -27,6 +29,58 @@ from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoin
 LEGACY_DOMAIN_JOB_UUID = C.LEGACY_DOMAIN_JOB_UUID
 
 MiB = 1 << 20
+
+#: XML documents (and specs that format to about as much) larger than this are parsed and
+#: formatted on a worker thread: a 1 MiB document takes a few hundred milliseconds, which
+#: must not stall the event loop (jobd's only one) for every other client.
+XML_THREAD_BYTES = 64 * 1024
+#: at most this many such documents are parsed or formatted at once per event loop, so
+#: the memory their trees take stays bounded; more wait their turn
+XML_THREADS = 2
+_xml_limiter: RunVar[anyio.CapacityLimiter] = RunVar("jobcore_xml_limiter")
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+
+async def xml_work(fn: Callable[[_A], _R], arg: _A, size: int) -> _R:
+    """``fn(arg)`` (a parse or format of about ``size`` bytes): inline when small, else on
+    a worker thread, at most XML_THREADS at once."""
+    if size <= XML_THREAD_BYTES:
+        return fn(arg)
+    try:
+        limiter = _xml_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(XML_THREADS)
+        _xml_limiter.set(limiter)
+    return await anyio.to_thread.run_sync(fn, arg, limiter=limiter)
+
+
+def text_weight(value: object, budget: int = XML_THREAD_BYTES) -> int:
+    """About how much text ``value`` (a spec) formats to, counted only until it passes
+    ``budget``: the lengths of its strings plus a little per field and item."""
+    total = 0
+    stack = [value]
+    while stack and total <= budget:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item) + 8
+        elif isinstance(item, tuple | list | frozenset | set):
+            stack.extend(item)
+            total += 8
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+            total += 8 * len(item)
+        elif attrs.has(type(item)):
+            stack.extend(getattr(item, f.name) for f in attrs.fields(type(item)))  # type: ignore[arg-type]
+            total += 16
+        else:
+            total += 8
+    return total
+
+
+def _doc_size(doc: str | bytes | None) -> int:
+    return len(doc) if isinstance(doc, str | bytes | bytearray) else 0
 
 
 def as_uuid(value: str | bytes | uuid.UUID) -> uuid.UUID:
@@ -135,7 +189,8 @@ class Domain:
     async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> Job:
         """Parse a ``<job>`` document and begin it (JobBegin)."""
         check_flags("JobBegin", flags)  # the bits of any type; the engine checks the type's
-        return await self.job_begin_spec(parse_job(job_xml), flags)
+        spec = await xml_work(parse_job, job_xml, _doc_size(job_xml))
+        return await self.job_begin_spec(spec, flags)
 
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> Job:
         """Begin a job from a typed spec (what ``job_begin`` does after parsing); the
@@ -196,8 +251,13 @@ class Domain:
         """virDomainBackupBegin; VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL reuses existing
         target/scratch files (without it, an existing one is refused)."""
         check_flags("backupBegin", flags)
-        backup = parse_backup(backup_xml or "<domainbackup/>")
-        checkpoint = None if checkpoint_xml is None else parse_checkpoint(checkpoint_xml)
+        backup_doc = backup_xml or "<domainbackup/>"
+        backup = await xml_work(parse_backup, backup_doc, _doc_size(backup_doc))
+        checkpoint = (
+            None
+            if checkpoint_xml is None
+            else await xml_work(parse_checkpoint, checkpoint_xml, _doc_size(checkpoint_xml))
+        )
         await self.job_begin_spec(BackupJobSpec(backup, checkpoint), flags)
         return 0
 
@@ -206,7 +266,8 @@ class Domain:
         rec = self._legacy_active()
         if rec is None or not isinstance(rec.spec, BackupJobSpec):
             raise NoSuchJob("no domain backup job present")
-        return format_backup(rec.spec.backup)
+        backup = rec.spec.backup
+        return await xml_work(format_backup, backup, text_weight(backup))
 
     def _chain_job(self, disk: str) -> JobRecord | None:
         return self.conn.engine.store.chain_job(self.name, disk)
@@ -360,7 +421,9 @@ class Job:
         """The job XML with its UUID, its state and the effective (aligned, defaulted)
         values; it parses back into the same spec."""
         rec = self._rec
-        return format_job(attrs.evolve(rec.spec, uuid=rec.uuid), state=str(rec.state))
+        spec = attrs.evolve(rec.spec, uuid=rec.uuid)
+        state = str(rec.state)
+        return await xml_work(lambda s: format_job(s, state=state), spec, text_weight(spec))
 
     def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
         return self.conn.subscribe(job=self.uuid, maxlen=maxlen)

@@ -7,12 +7,14 @@ from __future__ import annotations
 from jobcore import constants as C
 from jobcore.flags import FLAG_NAMES, JOB_BEGIN_TYPE_FLAG_NAMES
 from jobcore.lifecycle import (
+    REPORT_TARGET,
     STATE_DOC,
     TERMINAL,
     TRANSITIONS,
     VERB_TARGET,
     VERBS,
     JobState,
+    Report,
     Verb,
 )
 from jobcore.scheduler import CONFLICTS, Mode
@@ -52,7 +54,21 @@ def render() -> str:
     lines += [
         "",
         "A refused verb raises `OperationInvalid`: "
-        "`job '<uuid>' in state '<state>' cannot accept verb '<verb>'`.",
+        "`job '<uuid>' in state '<state>' cannot accept verb '<verb>'`. The state changes",
+        "only once the driver has accepted the verb; a verb the driver refuses changes nothing.",
+        "",
+        "## Driver reports (the states a report moves the job through; ✓: no state change)",
+        "",
+    ]
+    rcells = {
+        (r.value, s.value): " ".join(f"→ {p.value}" for p in path) or "✓"
+        for (r, s), path in REPORT_TARGET.items()
+    }
+    lines += _grid([r.value for r in Report], states, rcells, "report \\ state")
+    lines += [
+        "",
+        "An empty cell: the report makes no sense in that state; it is logged and ignored",
+        "(no state change, no event).",
         "",
         "## Conflict matrix (✗: two claims on one resource cannot be held together)",
         "",

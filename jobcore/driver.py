@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument
@@ -130,11 +131,17 @@ class DriverJob:
 
 
 class Clock(Protocol):
+    """The connection's time: the engine's timers (a queue timeout) run on it, so a
+    simulated clock moves them as it moves the hypervisor."""
+
     def now(self) -> float:
         """Monotonic seconds."""
 
     def wall(self) -> float:
         """Seconds since the epoch."""
+
+    async def wait_until(self, deadline: float) -> None:
+        """Return once ``now()`` has reached ``deadline``."""
 
 
 class SystemClock:
@@ -143,6 +150,14 @@ class SystemClock:
 
     def wall(self) -> float:
         return time.time()
+
+    async def wait_until(self, deadline: float) -> None:
+        await wait_until_monotonic(deadline)
+
+
+async def wait_until_monotonic(deadline: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``deadline``."""
+    await anyio.sleep(max(0.0, deadline - time.monotonic()))
 
 
 class DriverConnection(Protocol):

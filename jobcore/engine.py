@@ -2,8 +2,10 @@
 driver reports, retention, stats and events.
 
 Everything here runs on the connection's event loop. State changes are synchronous (no
-``await`` between a check and the change it guards), so no locks are needed; the only
-awaits are driver calls, around which the engine re-checks what may have moved.
+``await`` between a check and the change it guards); the only awaits are driver calls.
+A state changes only once the driver has done what it was asked (events never report
+what did not happen); verbs on one job run one at a time, and each driver call is
+shielded from cancellation so the engine's record and the driver's never disagree.
 """
 
 from __future__ import annotations
@@ -27,13 +29,24 @@ from jobcore.errors import (
     InvalidArgument,
     JobError,
     NoSuchJob,
+    OperationInvalid,
     QueueTimeout,
     Unsupported,
 )
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
-from jobcore.lifecycle import LEGACY_JOB_TYPE, TRANSITIONS, JobState, Verb, check_verb
+from jobcore.lifecycle import (
+    LEGACY_JOB_TYPE,
+    REPORT_TARGET,
+    TRANSITIONS,
+    VERB_TARGET,
+    VERBS,
+    JobState,
+    Report,
+    Verb,
+    check_verb,
+)
 from jobcore.log import get_logger
 from jobcore.registry import registry
 from jobcore.scheduler import Scheduler
@@ -49,6 +62,8 @@ S = JobState
 
 #: Seconds an ended job keeps its final info and stats unless its XML says otherwise.
 DEFAULT_RETENTION = 600.0
+#: errmsg of the jobs a closing connection ends
+CLOSED = "the connection was closed"
 
 _log = get_logger("jobcore.engine")
 _stdlib_log = logging.getLogger("jobcore.engine")
@@ -117,6 +132,8 @@ class Engine:
         if check_job is not None:  # the driver refuses before the job exists (targets, …)
             await check_job(spec, dom)
         # no await from here until the record is stored: the UUID check holds
+        if self._closed:
+            raise JobError("the connection is closed")
         now = self.clock.now()
         self._purge(now)
         if self.store.get(job_id) is not None:
@@ -155,38 +172,48 @@ class Engine:
         return rec
 
     async def _start(self, rec: JobRecord, *, raise_errors: bool) -> None:
+        if self._closed or rec.state.terminal:  # never start a job on a closing engine
+            _start_finished(rec)
+            return
         rec.started = self.clock.now()
         rec.driver_job = DriverJob(rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec))
         rec.starting = True
         error: JobError | None = None
+        cause: Exception | None = None
         try:
-            await self.dconn.start(rec.driver_job)
+            # Shielded: a begin cancelled now (its client went away) would leave a job the
+            # driver may or may not have. The start completes and the job is tracked; the
+            # caller's cancellation takes effect when begin returns.
+            with anyio.CancelScope(shield=True):
+                await self.dconn.start(rec.driver_job)
         except JobError as exc:
             error = exc
         except Exception as exc:  # a driver bug must not take the engine down
-            error = DriverError(f"{type(exc).__name__}: {exc}")
+            job_log(rec).exception("driver start raised", driver=self.dconn.uri)
+            error, cause = DriverError(f"{type(exc).__name__}: {exc}"), exc
         finally:
-            rec.starting = False
-            if rec.start_done is not None:
-                rec.start_done.set()
-                rec.start_done = None
+            _start_finished(rec)
         if (
             error is None
             and rec.bandwidth != getattr(rec.spec, "bandwidth", None)
             and rec.state.active
         ):
             try:  # a speed set while queued, on a spec without a bandwidth field
-                await self.dconn.set_speed(rec.driver_job, rec.bandwidth)
+                with anyio.CancelScope(shield=True):
+                    await self.dconn.set_speed(rec.driver_job, rec.bandwidth)
             except JobError as exc:
                 job_log(rec).warning("queued speed not applied", error=str(exc))
         if error is not None:
             if rec.state.active:
                 self._finish(rec, S.FAILED, errmsg=str(error))
             if raise_errors:
+                if cause is not None:
+                    raise error from cause
                 raise error
 
     async def _expire_queued(self, rec: JobRecord, timeout: float) -> None:
-        await anyio.sleep(timeout)
+        # the connection's clock, not wall time: a manual (simulated) clock expires it too
+        await self.clock.wait_until(rec.created + timeout)
         if rec.state is S.QUEUED:
             self._finish(
                 rec,
@@ -210,12 +237,12 @@ class Engine:
             self._ended(rec)
 
     def _finish(self, rec: JobRecord, state: JobState, *, errmsg: str | None = None) -> None:
+        """End an active job: the engine's own ends (a failed start, a queue timeout, a
+        closing connection, the abort of a queued job), straight to ``state``."""
         if rec.state.terminal:
             return
         if errmsg is not None:
             rec.errmsg = errmsg
-        if state is S.CANCELLED and rec.state is not S.QUEUED and rec.state is not S.ABORTING:
-            self._transition(rec, S.ABORTING)  # a cancel the hypervisor did on its own
         self._transition(rec, state)
 
     def _ended(self, rec: JobRecord) -> None:
@@ -239,7 +266,11 @@ class Engine:
         rec.driver_job = None
         for ticket in self.scheduler.release(rec.ticket):
             waiting = self.store.get(ticket.job)
-            if waiting is not None and waiting.state is S.QUEUED:
+            if waiting is None or waiting.state is not S.QUEUED:
+                continue
+            if self._closed:  # a closing engine starts nothing
+                self._finish(waiting, S.FAILED, errmsg=CLOSED)
+            else:
                 waiting.starting = True  # verbs wait until the driver has it
                 self._transition(waiting, S.RUNNING)
                 self.tg.start_soon(self._start_queued, waiting)
@@ -268,6 +299,12 @@ class Engine:
             )
 
     # ---- verbs -----------------------------------------------------------------------
+    #
+    # A verb changes the job's state only once the driver has accepted it: a refused
+    # verb leaves no trace in the job's state or its events. Verbs on one job run one at
+    # a time (a second verb waits for the first, then is checked against the state the
+    # first left); driver reports may still arrive while the driver works, so the state
+    # the verb moves the job to is decided after the driver call, from the state then.
 
     async def _started(self, rec: JobRecord) -> None:
         while rec.starting:
@@ -275,27 +312,35 @@ class Engine:
                 rec.start_done = anyio.Event()
             await rec.start_done.wait()
 
-    async def abort(self, rec: JobRecord) -> None:
-        await self._started(rec)
-        target = check_verb(rec.uuid, rec.state, Verb.ABORT)
-        if target.terminal:  # a queued job ends at once
-            self._finish(rec, target)
-            return
-        ends_well = (
-            rec.info.abort_completes is not None
-            and rec.info.abort_completes(rec.spec)
-            and rec.state in (S.READY, S.STANDBY)
-        )
-        self._transition(rec, target)
+    def _verb_lock(self, rec: JobRecord) -> anyio.Lock:
+        if rec.verb_lock is None:
+            rec.verb_lock = anyio.Lock()
+        return rec.verb_lock
+
+    async def _drive(self, rec: JobRecord, method: str, *args: Any) -> None:
+        """Call the driver about ``rec``, shielded from cancellation: once asked, the
+        driver's answer is awaited so the job's state follows what the driver did."""
         try:
-            if ends_well:  # e.g. a pull backup: its consumer is done (as in libvirt)
-                await self.dconn.complete(rec.driver_job)
-            else:
-                await self.dconn.cancel(rec.driver_job)
+            with anyio.CancelScope(shield=True):
+                await getattr(self.dconn, method)(rec.driver_job, *args)
         except Exception as exc:
-            error = _as_job_error(exc)
-            self._finish(rec, S.FAILED, errmsg=f"abort failed: {error}")
-            raise error from exc
+            raise _as_job_error(exc) from exc
+
+    async def abort(self, rec: JobRecord) -> None:
+        async with self._verb_lock(rec):
+            await self._started(rec)
+            target = check_verb(rec.uuid, rec.state, Verb.ABORT)
+            if target.terminal:  # a queued job ends at once
+                self._finish(rec, target)
+                return
+            ends_well = (
+                rec.info.abort_completes is not None
+                and rec.info.abort_completes(rec.spec)
+                and rec.state in (S.READY, S.STANDBY)
+            )
+            # e.g. a pull backup: its consumer is done (as in libvirt)
+            await self._drive(rec, "complete" if ends_well else "cancel")
+            self._accepted(rec, Verb.ABORT)
 
     async def pause(self, rec: JobRecord) -> None:
         await self._verb(rec, Verb.PAUSE, "pause")
@@ -307,32 +352,47 @@ class Engine:
         await self._verb(rec, Verb.COMPLETE, "complete")
 
     async def _verb(self, rec: JobRecord, verb: Verb, method: str) -> None:
-        await self._started(rec)
-        old = rec.state
-        target = check_verb(rec.uuid, old, verb)
-        self._transition(rec, target)
-        try:
-            await getattr(self.dconn, method)(rec.driver_job)
-        except Exception as exc:
-            if rec.state is target and old in TRANSITIONS[target]:
-                self._transition(rec, old)  # the hypervisor refused: roll back
-            raise _as_job_error(exc) from exc
+        async with self._verb_lock(rec):
+            await self._started(rec)
+            check_verb(rec.uuid, rec.state, verb)
+            await self._drive(rec, method)
+            self._accepted(rec, verb)
+
+    def _accepted(self, rec: JobRecord, verb: Verb) -> None:
+        """The driver accepted ``verb``: move the job to the verb's target from the state
+        it is in now (a report may have moved it, e.g. to 'ready', meanwhile)."""
+        state = rec.state
+        if state.terminal:
+            # the job ended while the driver worked: an abort or complete has its way
+            # (the job is over); a pause or resume did not happen
+            if verb in (Verb.PAUSE, Verb.RESUME):
+                raise OperationInvalid(
+                    f"job '{rec.uuid}' ended ('{state}') before the {verb} took effect",
+                    job=rec.uuid,
+                    state=str(state),
+                    verb=str(verb),
+                )
+            return
+        if state not in VERBS[verb]:  # a report moved it where the verb means nothing
+            job_log(rec).warning("accepted verb left the state as it is", verb=str(verb))
+            return
+        target = VERB_TARGET.get((verb, state), state)
+        if target is not state:
+            self._transition(rec, target)
 
     async def set_speed(self, rec: JobRecord, bandwidth: int | None) -> None:
-        await self._started(rec)
-        check_verb(rec.uuid, rec.state, Verb.SET_SPEED)
         if bandwidth is not None and bandwidth < 0:
             raise InvalidArgument("bandwidth must not be negative")
-        if rec.state is S.QUEUED:
-            if hasattr(rec.spec, "bandwidth"):
-                rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)
-            # other specs get it from the driver's set_speed once started (_start)
-        else:
-            try:
-                await self.dconn.set_speed(rec.driver_job, bandwidth)
-            except Exception as exc:
-                raise _as_job_error(exc) from exc
-        rec.bandwidth = bandwidth
+        async with self._verb_lock(rec):
+            await self._started(rec)
+            check_verb(rec.uuid, rec.state, Verb.SET_SPEED)
+            if rec.state is S.QUEUED:
+                if hasattr(rec.spec, "bandwidth"):
+                    rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)
+                # other specs get it from the driver's set_speed once started (_start)
+            else:
+                await self._drive(rec, "set_speed", bandwidth)
+            rec.bandwidth = bandwidth
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -429,14 +489,46 @@ class Engine:
 
     # ---- driver reports (through _Reporter) ------------------------------------------
 
-    def _report_progress(
-        self, rec: JobRecord, processed: int, total: int, extra: Mapping[str, int | str] | None
+    def _report(
+        self,
+        rec: JobRecord,
+        report: Report,
+        *,
+        errmsg: str | None = None,
+        extra: Mapping[str, int | str] | None = None,
+        progress: tuple[int, int] | None = None,
     ) -> None:
-        if rec.state.terminal:
+        """Apply a driver report as ``lifecycle.REPORT_TARGET`` says; a report that makes
+        no sense in the job's state is logged and ignored (nothing changes, no event)."""
+        path = REPORT_TARGET.get((report, rec.state))
+        if path is None:
+            # a late progress tick or a repeated 'ready' is ordinary; anything else is not
+            ordinary = (report is Report.PROGRESS and rec.state.terminal) or (
+                report is Report.READY and rec.state in (S.READY, S.STANDBY)
+            )
+            level = logging.DEBUG if ordinary else logging.WARNING
+            if _stdlib_log.isEnabledFor(level):
+                job_log(rec).log(
+                    level, "driver report ignored", report=str(report), state=str(rec.state)
+                )
             return
-        rec.processed, rec.total = processed, total
         if extra:
             rec.extra.update(extra)
+        if progress is not None:
+            rec.processed, rec.total = progress
+        if report is Report.PROGRESS:
+            self._progress(rec)
+            return
+        if report is Report.COMPLETED and rec.total:
+            rec.processed = rec.total
+        if errmsg is not None:
+            rec.errmsg = errmsg
+        elif report is Report.CANCELLED and path[-1] is S.FAILED:
+            rec.errmsg = f"the hypervisor cancelled the job while it was {rec.state}"
+        for state in path:
+            self._transition(rec, state)
+
+    def _progress(self, rec: JobRecord) -> None:
         if self.events.active:
             self.events.emit(
                 JobEvent(
@@ -446,45 +538,24 @@ class Engine:
                     rec.domain,
                     rec.state,
                     None,
-                    processed,
-                    total,
+                    rec.processed,
+                    rec.total,
                     self.clock.wall(),
                 )
             )
 
-    def _report_ready(self, rec: JobRecord) -> None:
-        if rec.state is S.RUNNING:
-            self._transition(rec, S.READY)
-        elif rec.state is S.PAUSED:
-            self._transition(rec, S.STANDBY)
-        else:
-            job_log(rec).debug("ready report ignored", state=str(rec.state))
-
-    def _report_end(
-        self,
-        rec: JobRecord,
-        state: JobState,
-        errmsg: str | None,
-        extra: Mapping[str, int | str] | None = None,
-    ) -> None:
-        if rec.state.terminal or rec.state is S.QUEUED:
-            job_log(rec).warning("end report ignored", state=str(rec.state), reported=str(state))
-            return
-        if extra:
-            rec.extra.update(extra)
-        if state is S.COMPLETED and rec.total:
-            rec.processed = rec.total
-        self._finish(rec, state, errmsg=errmsg)
-
     # ---- shutdown --------------------------------------------------------------------
 
     def close(self) -> None:
-        """Fail every job still active (the driver is going away) and end subscriptions."""
+        """Fail every job still active (the driver is going away) and end subscriptions.
+        Queued jobs fail first, so the resources the others free admit nothing; nothing
+        is started on the driver once this ran."""
         if self._closed:
             return
         self._closed = True
-        for rec in self.store.active_jobs():
-            self._finish(rec, S.FAILED, errmsg="the connection was closed")
+        active = self.store.active_jobs()
+        for rec in [r for r in active if r.state is S.QUEUED] + active:
+            self._finish(rec, S.FAILED, errmsg=CLOSED)
         self.events.close()
 
 
@@ -500,22 +571,30 @@ class _Reporter:
     def progress(
         self, processed: int, total: int, extra: Mapping[str, int | str] | None = None
     ) -> None:
-        self._engine._report_progress(self._rec, processed, total, extra)
+        self._engine._report(self._rec, Report.PROGRESS, extra=extra, progress=(processed, total))
 
     def ready(self) -> None:
-        self._engine._report_ready(self._rec)
+        self._engine._report(self._rec, Report.READY)
 
     def completed(self, extra: Mapping[str, int | str] | None = None) -> None:
-        self._engine._report_end(self._rec, S.COMPLETED, None, extra)
+        self._engine._report(self._rec, Report.COMPLETED, extra=extra)
 
     def failed(self, errmsg: str) -> None:
-        self._engine._report_end(self._rec, S.FAILED, errmsg)
+        self._engine._report(self._rec, Report.FAILED, errmsg=errmsg)
 
     def cancelled(self) -> None:
-        self._engine._report_end(self._rec, S.CANCELLED, None)
+        self._engine._report(self._rec, Report.CANCELLED)
 
     def domain_moved(self, uri: str) -> None:
         self._engine.domain_location[self._rec.domain] = uri
+
+
+def _start_finished(rec: JobRecord) -> None:
+    """The driver start is over (or will not happen): verbs waiting for it may go on."""
+    rec.starting = False
+    if rec.start_done is not None:
+        rec.start_done.set()
+        rec.start_done = None
 
 
 def _as_job_error(exc: BaseException) -> JobError:

@@ -23,7 +23,7 @@ from anyio.from_thread import BlockingPortal
 from jobcore.api import Connection, Domain, Job, as_uuid, connect
 from jobcore.driver import DriverConnection
 from jobcore.engine import DEFAULT_RETENTION
-from jobcore.errors import JobError
+from jobcore.errors import InvalidArgument, JobError
 from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 _open_connections: weakref.WeakSet[BlockingConnection] = weakref.WeakSet()
 
+#: the event loops ``open(backend=…)`` can run a connection on (anyio's backends)
+BACKENDS = ("asyncio", "trio")
+
 
 class BlockingConnection:
     """virConnect-like. Create with ``jobcore.open(uri)``."""
@@ -40,6 +43,11 @@ class BlockingConnection:
     def __init__(
         self, uri: str, *, backend: str = "asyncio", retention: float = DEFAULT_RETENTION
     ) -> None:
+        if backend not in BACKENDS:
+            raise InvalidArgument(
+                f"unknown event loop backend {backend!r}: use one of "
+                + ", ".join(repr(b) for b in BACKENDS)
+            )
         self.uri = uri
         self._portal: BlockingPortal | None = None
         self._cm: AbstractContextManager[Connection] | None = None
@@ -57,13 +65,23 @@ class BlockingConnection:
                 started.set()
                 raise
 
-        self._thread = threading.Thread(
-            target=lambda: anyio.run(main, backend=backend), daemon=True, name=f"jobcore {uri}"
-        )
+        def run_loop() -> None:
+            try:
+                anyio.run(main, backend=backend)
+            except BaseException as exc:  # e.g. the backend's library is not installed
+                if not started.is_set():
+                    failure.append(exc)
+                    started.set()
+
+        self._thread = threading.Thread(target=run_loop, daemon=True, name=f"jobcore {uri}")
         self._thread.start()
         started.wait()
         if failure or self._portal is None:
-            raise JobError(f"cannot start the event loop for '{uri}'")
+            cause = failure[0] if failure else None
+            raise JobError(
+                f"cannot start the {backend} event loop for '{uri}'"
+                + (f": {type(cause).__name__}: {cause}" if cause is not None else "")
+            ) from cause
         try:
             self._cm = self._portal.wrap_async_context_manager(connect(uri, retention=retention))
             self.aconn: Connection = self._cm.__enter__()

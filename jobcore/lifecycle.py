@@ -1,9 +1,10 @@
 """Job states, verbs, and the two tables that govern them.
 
-The tables are data: ``TRANSITIONS`` (which state may follow which) and ``VERBS`` (which
-user verb each state accepts). The engine's single ``transition()`` consults the first;
-``check_verb()`` consults the second; design/lifecycle.md and the property tests are
-generated from / checked against the same objects.
+The tables are data: ``TRANSITIONS`` (which state may follow which), ``VERBS`` (which
+user verb each state accepts) and ``REPORT_TARGET`` (what a driver report does in each
+state). The engine's single ``transition()`` consults the first; ``check_verb()`` the
+second; the engine's report handling the third. design/tables.md and the property tests
+are generated from / checked against the same objects.
 """
 
 from __future__ import annotations
@@ -102,6 +103,36 @@ VERB_TARGET: dict[tuple[Verb, JobState], JobState] = {
     (Verb.COMPLETE, S.STANDBY): S.COMPLETING,
 }
 
+
+class Report(enum.StrEnum):
+    """What a driver tells the engine about a job (``JobReporter``'s methods)."""
+
+    PROGRESS = "progress"
+    READY = "ready"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: The states in which the driver has the job: started and not yet ended.
+DRIVER_STATES: frozenset[JobState] = frozenset(s for s in JobState if s.active) - {S.QUEUED}
+
+#: (report, state) -> the states the report moves the job through, in order (empty: no
+#: state change, e.g. progress). A report in a state not listed makes no sense there (a
+#: late or duplicate report, a driver bug): the engine logs it and ignores it.
+REPORT_TARGET: dict[tuple[Report, JobState], tuple[JobState, ...]] = {
+    **{(Report.PROGRESS, s): () for s in DRIVER_STATES},
+    (Report.READY, S.RUNNING): (S.READY,),
+    (Report.READY, S.PAUSED): (S.STANDBY,),
+    **{(Report.COMPLETED, s): (S.COMPLETED,) for s in DRIVER_STATES},
+    **{(Report.FAILED, s): (S.FAILED,) for s in DRIVER_STATES},
+    # a cancel the hypervisor did on its own passes through 'aborting'
+    **{(Report.CANCELLED, s): (S.ABORTING, S.CANCELLED) for s in VERBS[Verb.ABORT] - {S.QUEUED}},
+    (Report.CANCELLED, S.ABORTING): (S.CANCELLED,),
+    # the hypervisor dropped a job it was finishing: it has ended, and not as asked
+    (Report.CANCELLED, S.COMPLETING): (S.FAILED,),
+}
+
 #: JobState -> virDomainJobType for the legacy calls.
 LEGACY_JOB_TYPE: dict[JobState, int] = {
     **{s: C.VIR_DOMAIN_JOB_UNBOUNDED for s in JobState if s.active},
@@ -134,6 +165,10 @@ def _check_tables() -> None:
             assert target == state or target in TRANSITIONS[state], (verb, state)
     for state in TERMINAL:
         assert not TRANSITIONS[state]
+    for (_, state), path in REPORT_TARGET.items():
+        assert state in DRIVER_STATES, state
+        for a, b in zip((state, *path), path, strict=False):
+            assert b in TRANSITIONS[a], (state, path)
 
 
 _check_tables()

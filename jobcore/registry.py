@@ -78,20 +78,32 @@ class JobTypeInfo:
 
 
 class Registry:
+    """Job types by name. The built-in types are loaded on first use (they import
+    jobcore.xml, which imports this module); every thread waits for that load to finish,
+    so no caller ever sees a registry without them."""
+
     def __init__(self) -> None:
         self._types: dict[str, JobTypeInfo] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._builtins_loaded = False
+        self._loading = False
 
     def _load_builtins(self) -> None:
-        if not self._builtins_loaded:
-            with self._lock:
-                if not self._builtins_loaded:
-                    self._builtins_loaded = True
-                    from jobcore import builtin_types
+        if self._builtins_loaded:
+            return
+        with self._lock:
+            # _loading: a call made by the load itself, on this thread (the lock is ours)
+            if self._builtins_loaded or self._loading:
+                return
+            self._loading = True
+            try:
+                from jobcore import builtin_types
 
-                    for info in builtin_types.builtin_type_infos():
-                        self._types.setdefault(str(info.type), info)
+                for info in builtin_types.builtin_type_infos():
+                    self._types.setdefault(str(info.type), info)
+                self._builtins_loaded = True  # only once they are all there
+            finally:
+                self._loading = False
 
     def register(self, info: JobTypeInfo, *, replace: bool = False) -> None:
         self._load_builtins()

@@ -60,6 +60,8 @@ class JobRecord:
     start_done: anyio.Event | None = None
     #: set when the job reaches a terminal state
     done: anyio.Event | None = None
+    #: held while a verb is under way: verbs on one job run one at a time
+    verb_lock: anyio.Lock | None = None
     #: the legacy jobStats(COMPLETED) without KEEP_COMPLETED consumed this job's stats
     legacy_stats_read: bool = False
     driver_job: Any = None

@@ -205,7 +205,8 @@ async def test_queueing_is_fifo_with_timeout(conn: Connection) -> None:
     )
     q3 = await dom.job_begin(backup_xml("vda", extra="<queue timeout='0.05'/>"))
     assert [q.state for q in (q1, q2, q3)] == [JobState.QUEUED] * 3
-    info = await q3.wait(timeout=5)  # real-time timeout while queued
+    await step(conn, 0.05)  # the timeout runs on the connection's (manual) clock
+    info = await q3.wait(timeout=5)
     assert info["state"] == "failed" and "not admitted" in (info["errmsg"] or "")
     with pytest.raises(jobcore.JobConflict) as err:  # no overtaking the queue
         await dom.job_begin(backup_xml("vda"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -193,3 +194,41 @@ def test_blocking_subscription_delivers_events_without_polling(conn: BlockingCon
                 assert ev.stats is not None and ev.stats["success"] is True
                 break
     assert jobcore.EventKind.STATE in kinds
+
+
+def test_an_unknown_backend_is_refused_at_once() -> None:
+    """It used to hang forever (the loop thread died before it could say so)."""
+    code = textwrap.dedent("""
+        import jobcore
+        try:
+            jobcore.open("sim:///default", backend="nonsense")
+        except jobcore.InvalidArgument as exc:
+            print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (
+        "unknown event loop backend 'nonsense': use one of 'asyncio', 'trio'"
+    )
+
+
+def test_an_event_loop_that_cannot_start_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_run(*args: object, **kwargs: object) -> None:
+        raise ModuleNotFoundError("No module named 'trio'")
+
+    monkeypatch.setattr("jobcore.facade.anyio.run", broken_run)
+    errors: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            jobcore.open("sim:///default", backend="trio")
+        except BaseException as exc:
+            errors.append(exc)
+
+    opener = threading.Thread(target=attempt, daemon=True)
+    opener.start()
+    opener.join(10)
+    assert not opener.is_alive(), "open() hangs"
+    assert len(errors) == 1 and isinstance(errors[0], jobcore.JobError)
+    assert "cannot start the trio event loop for 'sim:///default'" in str(errors[0])
+    assert isinstance(errors[0].__cause__, ModuleNotFoundError)

@@ -4,6 +4,9 @@ grammar."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -13,7 +16,7 @@ from attrs import frozen
 from lxml import etree
 
 from jobcore.errors import XMLError
-from jobcore.registry import JobTypeInfo, registry
+from jobcore.registry import JobTypeInfo, Registry, registry
 from jobcore.spec import JobOptions, JobType
 from jobcore.xml import format_job, parse_job
 from jobcore.xml.job import build_bandwidth, parse_bandwidth
@@ -131,3 +134,60 @@ def test_unregistered_type_is_an_xml_error() -> None:
     assert "test-snapshot" in str(err.value)
     with pytest.raises(XMLError):
         format_job(SnapshotSpec("a"))
+
+
+FIRST_USE_RACE = """
+import threading
+from jobcore.registry import registry
+
+N = 8
+barrier = threading.Barrier(N)
+errors = []
+
+
+def lookup():
+    barrier.wait()  # all at once, on the registry's very first use
+    try:
+        registry.get("backup")
+    except Exception as exc:
+        errors.append(repr(exc))
+
+
+threads = [threading.Thread(target=lookup) for _ in range(N)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(len(errors), errors[:1])
+"""
+
+
+def test_first_use_of_the_registry_from_many_threads_at_once() -> None:
+    """A fresh process each time, so the built-in types really load on first use."""
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, "-c", FIRST_USE_RACE],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert out.stdout.strip() == "0 []", out.stdout + out.stderr
+
+
+def test_a_fresh_registry_loads_the_builtins_once_for_all_threads() -> None:
+    fresh = Registry()
+    barrier = threading.Barrier(8)
+    found: list[str] = []
+
+    def lookup() -> None:
+        barrier.wait()
+        found.append(str(fresh.get("backup").type))
+
+    threads = [threading.Thread(target=lookup) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert found == ["backup"] * 8
+    assert set(fresh.all()) == {"backup", "blockpull", "blockcommit", "migration"}

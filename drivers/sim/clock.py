@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable
 
 import anyio
+
+from jobcore.driver import wait_until_monotonic
 
 
 class RealClock:
@@ -26,6 +30,9 @@ class RealClock:
         with anyio.move_on_after(None if math.isinf(delay) else delay):
             await wakeup.wait()
 
+    async def wait_until(self, deadline: float) -> None:
+        await wait_until_monotonic(deadline)
+
 
 class ManualClock:
     """Time moves only when ``advance()`` is called: deterministic tests."""
@@ -36,6 +43,8 @@ class ManualClock:
         self._now = start
         self._wall_offset = wall - start
         self._listeners: list[Callable[[], None]] = []
+        self._timers: list[tuple[float, int, anyio.Event]] = []
+        self._timer_seq = itertools.count()
 
     def now(self) -> float:
         return self._now
@@ -51,9 +60,19 @@ class ManualClock:
         if seconds < 0:
             raise ValueError("time does not go backwards")
         self._now += seconds
+        while self._timers and self._timers[0][0] <= self._now:
+            heapq.heappop(self._timers)[2].set()
         for callback in self._listeners:
             callback()
 
     async def sleep_until(self, deadline: float, wakeup: anyio.Event) -> None:
         if deadline > self._now:
             await wakeup.wait()
+
+    async def wait_until(self, deadline: float) -> None:
+        """Return once ``advance()`` has moved the clock to ``deadline``."""
+        if deadline <= self._now:
+            return
+        reached = anyio.Event()
+        heapq.heappush(self._timers, (deadline, next(self._timer_seq), reached))
+        await reached.wait()

@@ -7,9 +7,11 @@ attribute 'exportname': requires pull mode (line 7)``.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
-from typing import NoReturn
+from collections.abc import Iterable, Mapping
+from typing import NoReturn, TypeVar
 
 from lxml import etree
 
@@ -22,6 +24,7 @@ MAX_DOCUMENT_BYTES = 1 << 20
 MAX_DEPTH = 64
 
 _local = threading.local()
+_V = TypeVar("_V")
 
 
 def _parser(forced_utf8: bool) -> etree.XMLParser:
@@ -66,6 +69,23 @@ def fail(el: etree._Element, message: str, attr: str | None = None) -> NoReturn:
     raise XMLError(f"{describe(el, attr)}: {message}", line=line_of(el))
 
 
+def one_of(values: Iterable[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+def choice(
+    el: etree._Element, attr: str, value: str | None, allowed: Mapping[str, _V]
+) -> _V | None:
+    """``value`` (of attribute ``attr``; None when absent) as one of ``allowed``, exactly
+    as written (the grammar's token values would also take it padded with spaces)."""
+    if value is None:
+        return None
+    try:
+        return allowed[value]
+    except KeyError:
+        fail(el, f"'{value[:80]}' is not one of {one_of(allowed)}", attr)
+
+
 def once(seen: set[str], child: etree._Element) -> None:
     """Refuse a second ``child`` of the same tag (the fast grammars leave it to us)."""
     tag = child.tag
@@ -75,19 +95,23 @@ def once(seen: set[str], child: etree._Element) -> None:
     seen.add(tag)
 
 
-def parse_document(doc: str | bytes, root: str) -> etree._Element:
+def parse_document(
+    doc: str | bytes, root: str, max_bytes: int | None = MAX_DOCUMENT_BYTES
+) -> etree._Element:
     """Parse ``doc`` safely and check that its root element is ``<root>``.
 
     No DTD (a DOCTYPE is refused), no entity expansion, no network or file access,
-    nothing over MAX_DOCUMENT_BYTES, nothing nested deeper than libxml2's limit.
+    nothing over ``max_bytes`` (None: jobcore's own output, checked after formatting,
+    which may outgrow the input it came from), nothing nested deeper than libxml2's limit.
     """
+    limit = math.inf if max_bytes is None else max_bytes
     forced_utf8 = False
     data: bytes
     if type(doc) is bytes:
         data = doc
     elif isinstance(doc, str):
         forced_utf8 = True
-        if len(doc) > MAX_DOCUMENT_BYTES:
+        if len(doc) > limit:
             _too_large(root, len(doc))
         try:
             data = doc.encode("utf-8")
@@ -97,7 +121,7 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
         data = bytes(doc)
     else:
         raise XMLError(f"<{root}> document must be str or bytes, not {type(doc).__name__}", line=1)
-    if len(data) > MAX_DOCUMENT_BYTES:
+    if len(data) > limit:
         _too_large(root, len(data))
     # Markup declarations are refused before libxml2 sees them. '!' is rare in XML, so a
     # one-byte scan (memchr) decides whether the slower substring scans are needed.
@@ -110,9 +134,12 @@ def parse_document(doc: str | bytes, root: str) -> etree._Element:
     try:
         el = etree.fromstring(data, _parser(forced_utf8))
     except etree.XMLSyntaxError as exc:
-        msg = (exc.msg or "malformed").strip()
+        line, column = exc.position
+        # lxml appends the position to libxml2's text; XMLError adds the line itself
+        msg = (exc.msg or "malformed").strip().removesuffix(f", line {line}, column {column}")
         raise XMLError(
-            f"<{root}> document is not well-formed XML: {msg}", line=exc.lineno or None
+            f"<{root}> document is not well-formed XML: {msg}, at column {column}",
+            line=line or None,
         ) from None
     except (ValueError, LookupError, UnicodeError) as exc:
         raise XMLError(f"<{root}> document cannot be parsed: {exc}", line=1) from None
@@ -202,6 +229,13 @@ def validate(schema: Schema, el: etree._Element, what: str) -> None:
             value = (node.text or "").strip() or None
         if value is not None and f"'{value}'" not in message:
             detail = f" (value '{value[:80]}')"
+        allowed = (
+            schema.allowed_values(str(node.tag), attr.group(1))
+            if attr is not None and isinstance(node.tag, str)
+            else ()
+        )
+        if allowed and value is not None:
+            detail = f" (value '{value[:80]}'; allowed: {one_of(allowed)})"
     where = f" at {path}" if path else ""
     raise XMLError(
         f"invalid <{what}> document{where}: {message}{detail}", line=best.line or line_of(el)

@@ -73,6 +73,7 @@ class Schema:
     def __init__(self, grammar: etree._Element, fast: bool = False) -> None:
         self._grammar = grammar
         self._diagnostic: etree.RelaxNG | None = None
+        self._allowed: dict[tuple[str, str], tuple[str, ...]] = {}
         #: ``fast``: enforce the twin itself (validates faster than the interleaves) and
         #: leave "at most once" and "required" children to the parser (built-in types)
         self.rng = self.diagnostic() if fast else etree.RelaxNG(grammar)
@@ -91,6 +92,74 @@ class Schema:
                         choice.append(child)
             self._diagnostic = etree.RelaxNG(grammar)
         return self._diagnostic
+
+    def allowed_values(self, element: str, attr: str) -> tuple[str, ...]:
+        """The values attribute ``attr`` of ``<element>`` may take, when the grammar lists
+        them (a ``<choice>`` of ``<value>``s); empty when it takes free text."""
+        key = (element, attr)
+        found = self._allowed.get(key)
+        if found is None:
+            defines = {d.get("name", ""): d for d in self._grammar.iter(f"{_R}define")}
+            values: list[str] = []
+            for el in self._grammar.iter(f"{_R}element"):
+                if el.get("name") != element:
+                    continue
+                for pattern in _own(el, f"{_R}attribute", defines, set()):
+                    if pattern.get("name") == attr:
+                        listed = _values(pattern, defines, set())
+                        if listed is None:
+                            values = []
+                            break
+                        values += listed
+            found = self._allowed[key] = tuple(dict.fromkeys(values))
+        return found
+
+
+def _own(
+    pattern: etree._Element, tag: str, defines: dict[str, etree._Element], seen: set[str]
+) -> list[etree._Element]:
+    """The ``tag`` patterns of the element ``pattern`` itself (refs followed, nested
+    elements not entered)."""
+    out: list[etree._Element] = []
+    for child in pattern:
+        if child.tag == tag:
+            out.append(child)
+        elif child.tag == f"{_R}ref":
+            name = child.get("name", "")
+            if name not in seen and name in defines:
+                seen.add(name)
+                out += _own(defines[name], tag, defines, seen)
+        elif child.tag != f"{_R}element":
+            out += _own(child, tag, defines, seen)
+    return out
+
+
+def _values(
+    pattern: etree._Element, defines: dict[str, etree._Element], seen: set[str]
+) -> list[str] | None:
+    """The ``<value>``s a pattern is a choice of, or None when it takes anything else."""
+    out: list[str] = []
+    for child in pattern:
+        tag = child.tag
+        if tag == f"{_R}value":
+            out.append((child.text or "").strip())
+        elif tag == f"{_R}choice":
+            inner = _values(child, defines, seen)
+            if inner is None:
+                return None
+            out += inner
+        elif tag == f"{_R}ref" and child.get("name", "") in defines:
+            name = child.get("name", "")
+            if name in seen:
+                continue
+            seen.add(name)
+            inner = _values(defines[name], defines, seen)
+            if inner is None:
+                return None
+            out += inner
+        elif isinstance(tag, str):  # data, text, anything open-ended
+            return None
+    return out
 
 
 def _has_attributes(

@@ -32,7 +32,7 @@ from jobcore.backup import (
 )
 from jobcore.errors import InvalidArgument, XMLError
 from jobcore.xml import _types as T
-from jobcore.xml._parse import fail, once
+from jobcore.xml._parse import choice, fail, once
 
 _YES_NO = {"yes": True, "no": False}
 _ELEMENT = etree.Element  # tag filter: elements only, no comments
@@ -49,8 +49,7 @@ def _text(el: etree._Element) -> str | None:
 def parse_backup_element(el: etree._Element) -> BackupDef:
     """A schema-valid ``<domainbackup>`` element -> BackupDef, with libvirt's semantic
     checks (which the schema cannot express) reported at the offending element."""
-    mode_attr = el.get("mode")
-    mode = BackupMode(mode_attr) if mode_attr is not None else None
+    mode = choice(el, "mode", el.get("mode"), _MODES)
     pull = mode is BackupMode.PULL
     incremental: str | None = None
     server: BackupServer | None = None
@@ -92,8 +91,7 @@ def parse_backup_element(el: etree._Element) -> BackupDef:
 
 def _parse_server(el: etree._Element) -> BackupServer:
     get = el.get
-    transport_attr = get("transport")
-    transport = ServerTransport(transport_attr) if transport_attr is not None else None
+    transport = choice(el, "transport", get("transport"), _TRANSPORTS)
     kind = transport or ServerTransport.TCP
     needs = {
         ServerTransport.TCP: "name",
@@ -115,19 +113,21 @@ def _parse_server(el: etree._Element) -> BackupServer:
         port = int(port_attr)
         if not 0 < port < 65536:
             fail(el, f"port {port} is out of range 1..65535", "port")
-    tls_attr = get("tls")
+    tls = choice(el, "tls", get("tls"), _YES_NO)
     return BackupServer(
         transport=transport,
         name=T.attr(el, "name", "hostName"),
         port=port,
         socket=T.attr(el, "socket", "absFilePath"),
         fdgroup=T.attr(el, "fdgroup", "nonEmpty"),
-        tls=_YES_NO[tls_attr] if tls_attr is not None else None,
+        tls=tls,
     )
 
 
 _STORE_TYPES = {t.value: t for t in StoreType}
 _DISK_MODES = {m.value: m for m in DiskBackupMode}
+_MODES = {m.value: m for m in BackupMode}
+_TRANSPORTS = {t.value: t for t in ServerTransport}
 
 
 def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
@@ -135,16 +135,15 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
     get = cast("dict[str, str]", dict(el.items())).get
     name = T.check(el, "name", get("name", ""), "diskTargetDev")
     backup_attr = get("backup")
-    if backup_attr == "no":  # libvirt ignores every other setting of an excluded disk
+    included = choice(el, "backup", backup_attr, _YES_NO)
+    if included is False:  # libvirt ignores every other setting of an excluded disk
         return BackupDisk(name=name, backup=False)
     if not pull:
         for attr in ("exportname", "exportbitmap"):
             if get(attr) is not None:
                 fail(el, "only a pull mode backup exports disks", attr)
-    type_attr = get("type")
-    store_type = _STORE_TYPES[type_attr] if type_attr is not None else None
-    mode_attr = get("backupmode")
-    backupmode = _DISK_MODES[mode_attr] if mode_attr is not None else None
+    store_type = choice(el, "type", get("type"), _STORE_TYPES)
+    backupmode = choice(el, "backupmode", get("backupmode"), _DISK_MODES)
     incremental = get("incremental")
     if incremental is not None:
         T.check(el, "incremental", incremental, "nonEmpty")
@@ -182,7 +181,7 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
     try:
         return BackupDisk(
             name=name,
-            backup=True if backup_attr == "yes" else None,
+            backup=included,
             type=store_type,
             backupmode=backupmode,
             incremental=incremental,

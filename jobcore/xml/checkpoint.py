@@ -12,7 +12,7 @@ from lxml import etree
 
 from jobcore.backup import CheckpointDef, CheckpointDisk, CheckpointKind
 from jobcore.xml import _types as T
-from jobcore.xml._parse import check_depth, fail, once, parse_document
+from jobcore.xml._parse import check_depth, choice, fail, once, parse_document
 from jobcore.xml._write import serialize
 
 _ELEMENT = etree.Element
@@ -55,9 +55,11 @@ def parse_checkpoint_element(el: etree._Element) -> CheckpointDef:
     )
 
 
+_KINDS = {k.value: k for k in CheckpointKind}
+
+
 def _parse_disk(el: etree._Element) -> CheckpointDisk:
-    kind_attr = el.get("checkpoint")
-    kind = CheckpointKind(kind_attr) if kind_attr is not None else None
+    kind = choice(el, "checkpoint", el.get("checkpoint"), _KINDS)
     if kind is CheckpointKind.NO:
         for attr in ("bitmap", "size"):
             if el.get(attr) is not None:
@@ -106,5 +108,5 @@ def build_checkpoint_element(
             if disk.size is not None:
                 d.set("size", str(disk.size))
     if defn.domain is not None:
-        el.append(parse_document(defn.domain, "domain"))
+        el.append(parse_document(defn.domain, "domain", max_bytes=None))  # our own text
     return el
