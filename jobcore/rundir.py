@@ -2,8 +2,9 @@
 
 A run directory is trusted only when nobody else can change what is in it: it must be a
 real directory (not a symbolic link), owned by the user running the process, not writable
-by group or others, and not inside a world-writable directory without the sticky bit
-(where anyone could rename it away). Otherwise another user could pre-create it (``/tmp`` is
+by group or others, and not inside a directory that someone else could rename it out of
+(one owned by another user than us or root, or one writable by group or others without
+the sticky bit). Otherwise another user could pre-create it (``/tmp`` is
 shared) and rename our sockets away or put their own in place. ``ensure_private_dir``
 creates a missing directory (and missing parents) with mode 0700 and refuses an existing
 one that fails these rules, with a message saying why and what to do.
@@ -87,17 +88,26 @@ def check_private_dir(path: Path, *, what: str = "run directory") -> None:
 
 
 def _check_ancestors(entry: Path, what: str, path: Path) -> None:
-    """Refuse ``path`` when a directory above ``entry`` lets anyone rename entries in it: a
-    world-writable directory without the sticky bit (``/tmp`` has it, so it is fine)."""
+    """Refuse ``path`` when a directory above ``entry`` lets someone else rename entries in
+    it: one owned by another user than us or root (its owner may rename anything in it),
+    or one writable by group or others without the sticky bit (``/tmp`` has it)."""
+    uid = os.getuid()
     ancestor = Path(os.path.realpath(entry.parent))
     while True:
         st = os.stat(ancestor)
-        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        if st.st_uid not in (uid, 0):
             raise UnsafeRunDir(
-                f"{what} {path} is inside {ancestor}, which everyone may write and which has "
+                f"{what} {path} is inside {ancestor}, which belongs to uid {st.st_uid}, not to "
+                f"you (uid {uid}) or root, so its owner could move {path} away and put their "
+                "own in its place: choose a directory under one of your own or root's"
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            who = "everyone" if st.st_mode & stat.S_IWOTH else "its group"
+            raise UnsafeRunDir(
+                f"{what} {path} is inside {ancestor}, which {who} may write and which has "
                 f"no sticky bit (mode {stat.S_IMODE(st.st_mode):04o}), so others could move "
                 f"{path} away and put their own in its place: choose a directory under a "
-                f"private parent, or run 'chmod o-w {ancestor}' (or 'chmod +t')"
+                f"private parent, or run 'chmod go-w {ancestor}' (or 'chmod +t')"
             )
         if ancestor == ancestor.parent:
             return

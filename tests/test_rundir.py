@@ -69,6 +69,27 @@ def test_inside_a_world_writable_non_sticky_parent_is_refused(tmp_path: Path) ->
     assert mode(ensure_private_dir(shared / "run")) == 0o700
 
 
+def test_inside_a_group_writable_non_sticky_parent_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "team"
+    shared.mkdir()
+    shared.chmod(0o770)  # the group may rename entries here
+    with pytest.raises(UnsafeRunDir, match=f"inside {shared}, which its group may write"):
+        ensure_private_dir(shared / "run")
+    assert not (shared / "run").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another uid needs root")
+def test_inside_a_parent_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "theirs"
+    parent.mkdir(mode=0o755)
+    os.chown(parent, 12345, 12345)  # its owner may rename the run dir away at any time
+    with pytest.raises(UnsafeRunDir, match=f"inside {parent}, which belongs to uid 12345"):
+        ensure_private_dir(parent / "run")
+    (parent / "run").mkdir(mode=0o700)  # pre-made: refused all the same
+    with pytest.raises(UnsafeRunDir, match="belongs to uid 12345"):
+        ensure_private_dir(parent / "run")
+
+
 def test_not_a_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "run").write_text("x")
     with pytest.raises(UnsafeRunDir, match="not a directory"):
