@@ -266,6 +266,8 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         seen = _Seen(tmpl, None, self._order)
         self.seen[job_id] = seen
         dom = self.domains[tmpl.domain]
+        self._drain_events()
+        ends_before = self._ends  # a holder may end on its own right after the refusal
         try:
             job = _JobBegin(dom, tmpl.make(job_id, queue))
         except JobConflict as exc:
@@ -274,9 +276,10 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             assert holder is not None and holder.job is not None, "holder must be a known job"
             self._drain_events()
             holder_state = self._state(holder)
-            assert holder_state is not None and holder_state.active, (
-                f"conflict named a job that is {holder_state}"
-            )
+            assert holder_state is not None, "the holder's state must be known"
+            assert holder_state.active or (
+                holder.ended_order is not None and holder.ended_order > ends_before
+            ), f"conflict named a job that was already {holder_state} before the begin"
             del self.seen[job_id]
             return
         except InvalidArgument:
