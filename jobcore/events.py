@@ -256,38 +256,6 @@ class Subscription:
         self.close()
 
 
-class _Axis(enum.Enum):
-    """What an index key of ``EventHub`` is about."""
-
-    JOB = "job"
-    DOMAIN = "domain"
-    TYPE = "type"
-    KIND = "kind"
-    #: filters on none of the above: every event is a candidate
-    ANY = "any"
-
-
-_IndexKey: TypeAlias = tuple[_Axis, object]
-_ANY_KEY: _IndexKey = (_Axis.ANY, None)
-
-
-def _index_keys(flt: EventFilter) -> tuple[_IndexKey, ...]:
-    """Where a subscription is filed: under its job if it names one, else its domain,
-    else each of its types, else each of its kinds, else ANY. An event has one job, one
-    domain, one type and one kind, so it finds a subscription under at most one key, and
-    it finds every subscription it matches (an empty set of types or kinds matches
-    nothing: no key)."""
-    if flt.job is not None:
-        return ((_Axis.JOB, flt.job),)
-    if flt.domain is not None:
-        return ((_Axis.DOMAIN, flt.domain),)
-    if flt.types is not None:
-        return tuple((_Axis.TYPE, t) for t in flt.types)
-    if flt.kinds is not None:
-        return tuple((_Axis.KIND, k) for k in flt.kinds)
-    return (_ANY_KEY,)
-
-
 @define(eq=False)
 class _Bucket:
     """The subscriptions filed under one index key, in subscription order. ``emit``
@@ -311,23 +279,46 @@ class _Bucket:
         return self._snapshot
 
 
+#: one table of the index (job, domain, type or kind -> bucket)
+_Table: TypeAlias = dict[Any, _Bucket]
+
+
 class EventHub:
     """Hands each event to the subscriptions whose filter matches it.
 
-    Subscriptions are indexed by filter (``_index_keys``): ``emit`` looks up the event's
-    job, domain, type and kind and the unfiltered ones, and checks the whole filter
-    (``EventFilter.matches``) only on the subscriptions found there, so its cost follows
-    the subscriptions that can match, not all of them. (Domain and job are looked up by
-    hash: ``str`` and ``uuid.UUID`` values, as ``EventFilter`` declares.)
+    Subscriptions are indexed by filter: one filed under its job if it names one, else
+    its domain, else each of its types, else each of its kinds, else with those that
+    take every event. An event has one job, one domain, one type and one kind, so
+    ``emit`` finds each subscription that can match it exactly once (an empty set of
+    types or kinds matches nothing and is filed nowhere), and checks the whole filter
+    (``EventFilter.matches``) only on those: its cost follows the subscriptions that can
+    match, not all of them. (Domain and job are looked up by hash: ``str`` and
+    ``uuid.UUID`` values, as ``EventFilter`` declares.)
     """
 
     DEFAULT_BUFFER = 1024
 
     def __init__(self) -> None:
-        self._index: dict[_IndexKey, _Bucket] = {}
-        #: every live subscription and the keys it is filed under
-        self._keys: dict[Subscription, tuple[_IndexKey, ...]] = {}
+        self._by_job: _Table = {}
+        self._by_domain: _Table = {}
+        self._by_type: _Table = {}
+        self._by_kind: _Table = {}
+        #: the subscriptions filtering on none of the four (the key is always None)
+        self._by_nothing: _Table = {}
+        #: every live subscription and where it is filed
+        self._keys: dict[Subscription, tuple[tuple[_Table, object], ...]] = {}
         self._emitted = 0
+
+    def _filed_under(self, flt: EventFilter) -> tuple[tuple[_Table, object], ...]:
+        if flt.job is not None:
+            return ((self._by_job, flt.job),)
+        if flt.domain is not None:
+            return ((self._by_domain, flt.domain),)
+        if flt.types is not None:
+            return tuple((self._by_type, t) for t in flt.types)
+        if flt.kinds is not None:
+            return tuple((self._by_kind, k) for k in flt.kinds)
+        return ((self._by_nothing, None),)
 
     def subscribe(
         self,
@@ -340,12 +331,12 @@ class EventHub:
         if lost_limit is not None and lost_limit < 0:
             raise ValueError("lost_limit must be None or >= 0")
         sub = Subscription(flt or EventFilter(), maxlen, self, lost_limit)
-        keys = _index_keys(sub.filter)
+        keys = self._filed_under(sub.filter)
         self._keys[sub] = keys
-        for key in keys:
-            bucket = self._index.get(key)
+        for table, key in keys:
+            bucket = table.get(key)
             if bucket is None:
-                bucket = self._index[key] = _Bucket()
+                bucket = table[key] = _Bucket()
             bucket.add(sub)
         return sub
 
@@ -353,11 +344,11 @@ class EventHub:
         keys = self._keys.pop(sub, None)
         if keys is None:
             return
-        for key in keys:
-            bucket = self._index[key]
+        for table, key in keys:
+            bucket = table[key]
             bucket.discard(sub)
             if not bucket.members:
-                del self._index[key]  # emit only looks keys up: safe mid-emit
+                del table[key]  # emit only looks keys up: safe mid-emit
 
     @property
     def active(self) -> bool:
@@ -373,18 +364,28 @@ class EventHub:
         """The live subscriptions, as a tuple (ending them while iterating it is safe)."""
         return tuple(self._keys)
 
+    def _indexed(self) -> int:
+        """Buckets in the index (for tests: none stays once its subscriptions are gone)."""
+        tables = (self._by_job, self._by_domain, self._by_type, self._by_kind)
+        return sum(map(len, tables)) + len(self._by_nothing)
+
     def emit(self, ev: JobEvent) -> None:
         entry = (self._emitted, ev)
         self._emitted += 1
-        index = self._index
-        for key in (
-            (_Axis.JOB, ev.job),
-            (_Axis.DOMAIN, ev.domain),
-            (_Axis.TYPE, ev.type),
-            (_Axis.KIND, ev.kind),
-            _ANY_KEY,
+        # an empty table is skipped: no hashing of a key nobody is filed under
+        by_job, by_domain, by_type, by_kind = (
+            self._by_job,
+            self._by_domain,
+            self._by_type,
+            self._by_kind,
+        )
+        for bucket in (
+            by_job.get(ev.job) if by_job else None,
+            by_domain.get(ev.domain) if by_domain else None,
+            by_type.get(ev.type) if by_type else None,
+            by_kind.get(ev.kind) if by_kind else None,
+            self._by_nothing.get(None),
         ):
-            bucket = index.get(key)
             if bucket is not None:
                 for sub in bucket.snapshot():
                     # closed: ended earlier in this emit, it takes no more events

@@ -136,7 +136,7 @@ def test_indexed_hub_behaves_as_scanning_every_subscription(ops: list[Any]) -> N
     live = sum(not s.closed for s in subs[0])
     assert hubs[0].subscriptions == live
     hubs[0].close()
-    assert hubs[0].subscriptions == 0 and not hubs[0]._index
+    assert hubs[0].subscriptions == 0 and not hubs[0]._indexed()
 
 
 class CountingMatches:
@@ -218,7 +218,7 @@ def test_subscriptions_ending_mid_emit_leave_the_index_and_the_emit_whole() -> N
     assert all(s.buffered == 1 for s in ending) and all(s.buffered == 3 for s in after)
     for sub in after:
         sub.close()
-    assert hub.subscriptions == 0 and not hub._index and not hub.active
+    assert hub.subscriptions == 0 and not hub._indexed() and not hub.active
 
 
 def test_a_subscription_filed_under_several_keys_is_checked_once_per_event(
