@@ -17,7 +17,7 @@ A second case: ``BENCH_IDLE_SUBS`` (16,000) idle subscriptions vs none, in the s
 Idle read-only clients (64 subscriptions each, half filtered on a domain that has no
 jobs, half on job UUIDs that never run) receive nothing; the jobs' time with them over
 the time without is what the hub's filter index saves (target <= 1.2x; scanning every
-subscription per event made it ~12x).
+subscription per event made it ~10x).
 
     BENCH_SUBSCRIBER_CASES=idle python -m benchmarks.bench_subscribers
     BENCH_IDLE_SUBS=4000 BENCH_IDLE_JOBS=500 BENCH_SUBSCRIBER_CASES=idle python -m ...

@@ -312,7 +312,7 @@ def test_jobd_caps_subscriptions_of_all_clients(capped: Jobd) -> None:
         assert _subscribe_when_free(b)[0] == 1
         assert b.subscribe()[0] == 1
         assert _refused(b.subscribe())
-        # b gives one back; c takes it with a 1-event buffer on every event, never read
+        # b gives one back; c takes it: vm1's events, a 1-event buffer, never read
         assert b.call("unsubscribe", [b_third[1]])[0] == 1
         c = RawClient(capped.sock)
         try:
