@@ -15,6 +15,11 @@ A subscription given a ``lost_limit`` is ended once its consumer has lost more t
 many events since its buffer was last empty: ``get()`` then hands out what the buffer
 still holds and raises ``SubscriptionOverflow`` (with the lost count). jobd sets one on
 every subscription it serves (``subscriber_lost_limit``).
+
+The hub indexes subscriptions by their filter (see ``EventHub``): an event touches only
+the subscriptions that name its job, its domain, its type or its kind, and those that
+filter on none of these, so idle subscriptions filtered on other jobs or domains cost an
+event nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import anyio
@@ -125,6 +130,9 @@ class Subscription:
     maxlen: int
     _hub: EventHub
     lost_limit: int | None = None
+    #: called once when the subscription ends (closed or overflow), after the hub let it
+    #: go; jobd counts its subscriptions with it
+    on_end: Callable[[Subscription], None] | None = None
     _fifos: tuple[deque[_Entry], ...] = field(factory=lambda: tuple(deque() for _ in _SLOT))
     _size: int = 0
     _wakeup: anyio.Event | None = None
@@ -235,6 +243,8 @@ class Subscription:
             if self._wakeup is not None:
                 self._wakeup.set()
                 self._wakeup = None
+            if self.on_end is not None:
+                self.on_end(self)
 
     def close(self) -> None:
         self.end(EndReason.CLOSED)
@@ -246,13 +256,69 @@ class Subscription:
         self.close()
 
 
+@define(eq=False)
+class _Bucket:
+    """The subscriptions filed under one index key, in subscription order. ``emit``
+    iterates ``snapshot()``, a tuple rebuilt only after a change: a subscription that
+    ends mid-emit (its push overflowed) changes the members, not the tuple being read."""
+
+    members: dict[Subscription, None] = field(factory=dict)
+    _snapshot: tuple[Subscription, ...] | None = None
+
+    def add(self, sub: Subscription) -> None:
+        self.members[sub] = None
+        self._snapshot = None
+
+    def discard(self, sub: Subscription) -> None:
+        del self.members[sub]
+        self._snapshot = None
+
+    def snapshot(self) -> tuple[Subscription, ...]:
+        if self._snapshot is None:
+            self._snapshot = tuple(self.members)
+        return self._snapshot
+
+
+#: one table of the index (job, domain, type or kind -> bucket)
+_Table: TypeAlias = dict[Any, _Bucket]
+
+
 class EventHub:
+    """Hands each event to the subscriptions whose filter matches it.
+
+    Subscriptions are indexed by filter: one filed under its job if it names one, else
+    its domain, else each of its types, else each of its kinds, else with those that
+    take every event. An event has one job, one domain, one type and one kind, so
+    ``emit`` finds each subscription that can match it exactly once (an empty set of
+    types or kinds matches nothing and is filed nowhere), and checks the whole filter
+    (``EventFilter.matches``) only on those: its cost follows the subscriptions that can
+    match, not all of them. (Domain and job are looked up by hash: ``str`` and
+    ``uuid.UUID`` values, as ``EventFilter`` declares.)
+    """
+
     DEFAULT_BUFFER = 1024
 
     def __init__(self) -> None:
-        # replaced, never mutated: emit() iterates it while a push may end a subscriber
-        self._subs: tuple[Subscription, ...] = ()
+        self._by_job: _Table = {}
+        self._by_domain: _Table = {}
+        self._by_type: _Table = {}
+        self._by_kind: _Table = {}
+        #: the subscriptions filtering on none of the four (the key is always None)
+        self._by_nothing: _Table = {}
+        #: every live subscription and where it is filed
+        self._keys: dict[Subscription, tuple[tuple[_Table, object], ...]] = {}
         self._emitted = 0
+
+    def _filed_under(self, flt: EventFilter) -> tuple[tuple[_Table, object], ...]:
+        if flt.job is not None:
+            return ((self._by_job, flt.job),)
+        if flt.domain is not None:
+            return ((self._by_domain, flt.domain),)
+        if flt.types is not None:
+            return tuple((self._by_type, t) for t in flt.types)
+        if flt.kinds is not None:
+            return tuple((self._by_kind, k) for k in flt.kinds)
+        return ((self._by_nothing, None),)
 
     def subscribe(
         self,
@@ -265,24 +331,67 @@ class EventHub:
         if lost_limit is not None and lost_limit < 0:
             raise ValueError("lost_limit must be None or >= 0")
         sub = Subscription(flt or EventFilter(), maxlen, self, lost_limit)
-        self._subs = (*self._subs, sub)
+        keys = self._filed_under(sub.filter)
+        self._keys[sub] = keys
+        for table, key in keys:
+            bucket = table.get(key)
+            if bucket is None:
+                bucket = table[key] = _Bucket()
+            bucket.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        if sub in self._subs:
-            self._subs = tuple(s for s in self._subs if s is not sub)
+        keys = self._keys.pop(sub, None)
+        if keys is None:
+            return
+        for table, key in keys:
+            bucket = table[key]
+            bucket.discard(sub)
+            if not bucket.members:
+                del table[key]  # emit only looks keys up: safe mid-emit
 
     @property
     def active(self) -> bool:
-        return bool(self._subs)
+        return bool(self._keys)
+
+    @property
+    def subscriptions(self) -> int:
+        """Live subscriptions (not yet closed or ended)."""
+        return len(self._keys)
+
+    @property
+    def _subs(self) -> tuple[Subscription, ...]:
+        """The live subscriptions, as a tuple (ending them while iterating it is safe)."""
+        return tuple(self._keys)
+
+    def _indexed(self) -> int:
+        """Buckets in the index (for tests: none stays once its subscriptions are gone)."""
+        tables = (self._by_job, self._by_domain, self._by_type, self._by_kind)
+        return sum(map(len, tables)) + len(self._by_nothing)
 
     def emit(self, ev: JobEvent) -> None:
         entry = (self._emitted, ev)
         self._emitted += 1
-        for sub in self._subs:
-            if sub.filter.matches(ev):
-                sub._push(entry)
+        # an empty table is skipped: no hashing of a key nobody is filed under
+        by_job, by_domain, by_type, by_kind = (
+            self._by_job,
+            self._by_domain,
+            self._by_type,
+            self._by_kind,
+        )
+        for bucket in (
+            by_job.get(ev.job) if by_job else None,
+            by_domain.get(ev.domain) if by_domain else None,
+            by_type.get(ev.type) if by_type else None,
+            by_kind.get(ev.kind) if by_kind else None,
+            self._by_nothing.get(None),
+        ):
+            if bucket is not None:
+                for sub in bucket.snapshot():
+                    # closed: ended earlier in this emit, it takes no more events
+                    if not sub.closed and sub.filter.matches(ev):
+                        sub._push(entry)
 
     def close(self) -> None:
-        for sub in self._subs:
+        for sub in list(self._keys):
             sub.close()

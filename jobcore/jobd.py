@@ -107,6 +107,8 @@ MAX_DRIVER_CONNECTIONS = 32
 #: Requests one client may have running at once; the daemon stops reading it beyond.
 MAX_IN_FLIGHT = 256
 MAX_SUBSCRIPTIONS = 64
+#: Subscriptions of all clients together (``max_subscriptions``).
+MAX_ALL_SUBSCRIPTIONS = 16384
 MAX_EVENT_BUFFER = 4096
 #: Events a subscription may lose since its buffer was last empty before jobd ends it.
 SUBSCRIBER_LOST_LIMIT = 10_000
@@ -158,6 +160,8 @@ class DaemonConfig:
     #: a subscription that lost more events than this since its buffer was last empty is
     #: ended (SUB_END 'overflow' with the lost count); 0: never
     subscriber_lost_limit: int = SUBSCRIBER_LOST_LIMIT
+    #: live subscriptions of all clients together (each client has at most 64)
+    max_subscriptions: int = MAX_ALL_SUBSCRIPTIONS
     #: ended jobs kept at most per domain and in all, per driver connection (oldest go)
     max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN
     max_retained: int = DEFAULT_MAX_RETAINED
@@ -177,6 +181,7 @@ _CONFIG_KEYS = {
     "idle_timeout",
     "driver_idle_timeout",
     "subscriber_lost_limit",
+    "max_subscriptions",
     "max_retained_per_domain",
     "max_retained",
     "log_file",
@@ -255,6 +260,11 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             if lost_limit < 0:
                 raise ConfigError("subscriber_lost_limit must be >= 0 (0: never end one)")
             config = _evolve(config, subscriber_lost_limit=lost_limit)
+        if "max_subscriptions" in values:
+            cap = _typed(values, "max_subscriptions", int)
+            if not 1 <= cap <= 1 << 20:
+                raise ConfigError(f"max_subscriptions must be between 1 and {1 << 20}")
+            config = _evolve(config, max_subscriptions=cap)
         for key in ("max_retained_per_domain", "max_retained"):
             if key in values:
                 cap = _typed(values, key, int)
@@ -697,6 +707,8 @@ class Daemon:
         self._client_ids = 0
         #: connected clients per socket (readonly flag)
         self._clients = {False: 0, True: 0}
+        #: live subscriptions of all clients (``max_subscriptions``)
+        self._subscriptions = 0
         self.drivers: DriverConnections | None = None
         self._serving: anyio.CancelScope | None = None
 
@@ -999,6 +1011,13 @@ class Daemon:
             raise InvalidArgument(f"at most {MAX_SUBSCRIPTIONS} subscriptions per client")
         if sub_id in client.subs:
             raise InvalidArgument(f"subscription {sub_id} exists")
+        cap = self.config.max_subscriptions
+        if self._subscriptions >= cap:
+            raise InvalidArgument(
+                f"jobd serves its maximum of {cap} subscriptions (all clients together, "
+                "max_subscriptions in its config): close subscriptions you no longer need, "
+                "retry later, or raise max_subscriptions"
+            )
         try:
             kind_set = [EventKind(str(k)) for k in kinds] if isinstance(kinds, tuple) else None
         except ValueError:
@@ -1012,8 +1031,13 @@ class Daemon:
             maxlen=buffer,
         )
         sub.lost_limit = self.config.subscriber_lost_limit or None
+        self._subscriptions += 1
+        sub.on_end = self._subscription_ended
         client.subs[sub_id] = sub
         client.tg.start_soon(self._forward, client, sub_id, sub)
+
+    def _subscription_ended(self, sub: Subscription) -> None:
+        self._subscriptions -= 1
 
     async def _forward(self, client: _Client, sub_id: int, sub: Subscription) -> None:
         """Push a subscription's events; a slow client fills its bounded buffer and loses
@@ -1348,7 +1372,8 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Path(dir_okay=False, path_type=Path),
                 help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
                 "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout, "
-                "subscriber_lost_limit, max_retained_per_domain, max_retained, log_file.",
+                "subscriber_lost_limit, max_subscriptions, max_retained_per_domain, max_retained, "
+                "log_file.",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
