@@ -33,7 +33,7 @@ from typing import Any, TypeAlias
 import anyio
 from attrs import define, field, frozen
 
-from jobcore.errors import SubscriptionOverflow
+from jobcore.errors import JobError, SubscriptionOverflow
 from jobcore.lifecycle import JobState
 
 
@@ -103,6 +103,8 @@ class EndReason(enum.StrEnum):
     CLOSED = "closed"
     #: its consumer lost more events than ``lost_limit`` without catching up
     OVERFLOW = "overflow"
+    #: the daemon refused it (a remote subscription): ``get()`` raises the refusal
+    REFUSED = "refused"
 
 
 #: buffer slot of each kind, in the order a full buffer gives them up
@@ -143,6 +145,8 @@ class Subscription:
     _lost_since_empty: int = 0
     closed: bool = False
     end_reason: EndReason | None = None
+    #: why the daemon refused the subscription (REFUSED), raised by ``get()``
+    refusal: JobError | None = None
 
     @property
     def buffered(self) -> int:
@@ -217,6 +221,8 @@ class Subscription:
                     "subscribe with a bigger buffer",
                     lost=self.lost,
                 )
+            if self.refusal is not None:
+                raise self.refusal
             if self.closed:
                 raise anyio.EndOfStream
             if self._wakeup is None:

@@ -30,7 +30,7 @@ from jobcore.api import Connection, Domain, Job, as_uuid, uuid_prefix
 from jobcore.driver import DomainInfo
 from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import InvalidURI, JobError
-from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
+from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
@@ -116,6 +116,12 @@ class _RemoteHub(EventHub):
         unreported = max(0, end.lost - self._reported_lost)
         for sub in self._subs:
             sub.end(end.reason, unreported)
+
+    def refused(self, error: JobError) -> None:
+        """The daemon refused the subscription: its consumer gets ``error``."""
+        for sub in self._subs:
+            sub.refusal = error
+            sub.end(EndReason.REFUSED)
 
     def unsubscribe(self, sub: Subscription) -> None:
         super().unsubscribe(sub)
@@ -250,7 +256,10 @@ class _Session:
                 pending.done.set()
             elif msg.id in self._hubs:
                 _log.debug("subscription refused", error=msg.error, message=msg.message)
-                self._hubs[msg.id].close()
+                error = raise_error(msg)
+                self._hubs[msg.id].refused(
+                    error if isinstance(error, JobError) else JobError(str(error))
+                )
             else:
                 if msg.id == 0:  # not tied to a request: the daemon is dropping us
                     self.lose(raise_error(msg))

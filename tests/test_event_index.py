@@ -358,3 +358,25 @@ def test_config_checks_max_subscriptions(tmp_path: Path) -> None:
     path.write_text("max_subscriptions = 100\n")
     assert load_config(path).max_subscriptions == 100
     assert load_config(None).max_subscriptions == 16384
+
+
+def test_a_refused_remote_subscription_raises_the_refusal(tmp_path: Path) -> None:
+    """The daemon's refusal reaches the consumer: iterating the subscription raises it,
+    rather than ending as if the stream were simply over."""
+    config = tmp_path / "jobd.toml"
+    config.write_text("max_subscriptions = 1\n")
+    daemon = Jobd(tmp_path / "run", "--config", str(config)).wait_ready()
+
+    async def main() -> None:
+        async with jobcore.connect(daemon.uri()) as conn:
+            with conn.subscribe(domain="vm1") as first, conn.subscribe(domain="vm2") as second:
+                with pytest.raises(jobcore.InvalidArgument, match="max_subscriptions"):
+                    with anyio.fail_after(10):
+                        async for _ in second:
+                            pass
+                assert not first.closed
+
+    try:
+        anyio.run(main)
+    finally:
+        daemon.stop()
