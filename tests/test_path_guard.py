@@ -149,6 +149,24 @@ async def test_guard_sees_prepared_paths_before_the_driver() -> None:
                 "<domainbackup><disks><disk name='vda'><target file='/x/t'/></disk></disks>"
                 "</domainbackup>"
             )
+        # a pull backup's scratch file and NBD socket; a migration's layers
+        seen = dom.path_guard = Recorder(refuse="/run/u/nbd.sock")
+        with pytest.raises(AccessDenied, match=re.escape("refused /run/u/nbd.sock")):
+            await dom.job_begin(
+                "<job type='backup'><domainbackup mode='pull'>"
+                "<server transport='unix' socket='/run/u/nbd.sock'/><disks><disk name='vda'>"
+                "<scratch file='/run/u/vda.scratch'/></disk></disks></domainbackup></job>"
+            )
+        kinds = {u.path: (u.access, u.kind, u.what) for u in seen.uses}
+        assert kinds["/run/u/vda.scratch"] == (
+            Access.WRITE,
+            PathKind.FILE,
+            "scratch file of disk 'vda'",
+        )
+        assert kinds["/run/u/nbd.sock"][:2] == (Access.WRITE, PathKind.SOCKET)
+        dom.path_guard = Recorder(refuse="/var/lib/sim/vm1/vdb.qcow2")
+        with pytest.raises(AccessDenied, match=re.escape("refused /var/lib/sim/vm1/vdb.qcow2")):
+            await dom.job_begin("<job type='migration'><destination uri='sim:///elsewhere'/></job>")
         assert len(await dom.list_jobs()) == before
 
 
