@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -21,6 +22,8 @@ from jobcore.events import EventFilter, EventHub, EventKind, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
+from jobcore.paths import PathGuard
+from jobcore.protocol import AccessDenied
 from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, ChainRef, JobType
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN, JobRecord
 from jobcore.uri import parse_uri
@@ -119,8 +122,20 @@ class Connection:
     async def list_domains(self) -> list[Domain]:
         return [Domain(self, d.name, d.uuid) for d in await self.driver.list_domains()]
 
-    async def create_domain(self, xml: str) -> Domain:
-        info = await self.driver.create_domain(xml)
+    async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> Domain:
+        """Start a domain from its XML; ``path_guard`` (jobcore.paths) sees the files the
+        driver would open (disk images and their backing chains) before it opens them,
+        and a driver that takes no guard is refused one."""
+        create: Any = self.driver.create_domain
+        if path_guard is None:
+            info = await create(xml)
+        else:
+            if "path_guard" not in inspect.signature(create).parameters:
+                raise AccessDenied(
+                    f"driver '{self.driver.uri}' cannot check the files a domain definition "
+                    "names: only jobd's own uid and root may create domains on it"
+                )
+            info = await create(xml, path_guard=path_guard)
         return Domain(self, info.name, info.uuid)
 
     async def job_lookup_by_uuid(self, dom: Domain, job: str | bytes | uuid.UUID) -> Job:
@@ -167,10 +182,20 @@ class Connection:
 class Domain:
     """A domain handle. After a migration it follows the domain (see ``uri``)."""
 
-    def __init__(self, conn: Connection, name: str, dom_uuid: uuid.UUID) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        name: str,
+        dom_uuid: uuid.UUID,
+        *,
+        path_guard: PathGuard | None = None,
+    ) -> None:
         self.conn = conn
         self.name = name
         self.uuid = dom_uuid
+        #: sees the host files of every job this handle begins (jobcore.paths): jobd's
+        #: handles for a client it confines carry that client's guard
+        self.path_guard = path_guard
 
     def __repr__(self) -> str:
         return f"<Domain {self.name!r} on {self.uri!r}>"
@@ -194,8 +219,10 @@ class Domain:
 
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> Job:
         """Begin a job from a typed spec (what ``job_begin`` does after parsing); the
-        engine refuses flag bits the spec's type does not accept (jobcore.flags)."""
-        return Job(self.conn, await self.conn.engine.begin(self.name, spec, flags))
+        engine refuses flag bits the spec's type does not accept (jobcore.flags). The
+        handle's ``path_guard`` sees the host files the prepared spec names."""
+        rec = await self.conn.engine.begin(self.name, spec, flags, path_guard=self.path_guard)
+        return Job(self.conn, rec)
 
     async def list_jobs(self) -> list[Job]:
         """Active and retained jobs of the domain, in the order they began."""

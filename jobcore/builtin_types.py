@@ -7,9 +7,10 @@ import attrs
 
 from jobcore import constants as C
 from jobcore import scheduler
-from jobcore.backup import BackupMode
+from jobcore.backup import BackupMode, ServerTransport
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.errors import InvalidArgument, JobError
+from jobcore.paths import Access, PathKind, PathUse
 from jobcore.registry import JobTypeInfo
 from jobcore.spec import (
     BackupJobSpec,
@@ -101,6 +102,57 @@ def prepare_migration(spec: MigrationSpec, dom: DomainInfo, wall: float) -> Migr
     return spec
 
 
+def _chain_uses(disk: DiskInfo, writes: set[int]) -> list[PathUse]:
+    return [
+        PathUse(
+            path,
+            Access.WRITE if i in writes else Access.READ,
+            f"layer {i} of disk '{disk.name}'",
+        )
+        for i, path in enumerate(disk.chain)
+    ]
+
+
+def backup_paths(spec: BackupJobSpec, dom: DomainInfo) -> list[PathUse]:
+    """A prepared backup: each included disk's chain (read), its target or scratch
+    file (created or, reused, written) and a UNIX socket its NBD server names."""
+    uses: list[PathUse] = []
+    for d in spec.backup.included_disks():
+        disk = dom.disk(d.name)
+        if disk is not None:
+            uses.extend(_chain_uses(disk, set()))
+        if d.store is not None:
+            role = "scratch file" if is_pull_backup(spec) else "target"
+            uses.append(PathUse(d.store.path, Access.WRITE, f"{role} of disk '{d.name}'"))
+    server = spec.backup.server
+    if server is not None and server.transport is ServerTransport.UNIX and server.socket:
+        uses.append(PathUse(server.socket, Access.WRITE, "NBD server socket", PathKind.SOCKET))
+    return uses
+
+
+def pull_paths(spec: BlockPullSpec, dom: DomainInfo) -> list[PathUse]:
+    """A prepared pull writes its top layer and reads the chain below."""
+    disk = _disk(dom, spec.disk)
+    top = 0 if spec.top is None or spec.top.index is None else spec.top.index
+    return _chain_uses(disk, {top})
+
+
+def commit_paths(spec: BlockCommitSpec, dom: DomainInfo) -> list[PathUse]:
+    """A prepared commit writes its base (and, with ``delete``, removes the layers from
+    top to just above base); it reads the rest of the chain."""
+    disk = _disk(dom, spec.disk)
+    top = 0 if spec.top is None or spec.top.index is None else spec.top.index
+    base = len(disk.chain) - 1 if spec.base is None or spec.base.index is None else spec.base.index
+    writes = {base} | (set(range(top, base)) if spec.delete else set())
+    return _chain_uses(disk, writes)
+
+
+def migration_paths(spec: MigrationSpec, dom: DomainInfo) -> list[PathUse]:
+    """The destination opens every layer of every disk again (the active ones for
+    writing); the files it makes for itself (sockets, logs) are the driver's own."""
+    return [u for disk in dom.disks for u in _chain_uses(disk, {0})]
+
+
 def builtin_type_infos() -> tuple[JobTypeInfo, ...]:
     return (
         JobTypeInfo(
@@ -112,6 +164,7 @@ def builtin_type_infos() -> tuple[JobTypeInfo, ...]:
             operation=C.VIR_DOMAIN_JOB_OPERATION_BACKUP,
             prepare=prepare_backup,
             abort_completes=is_pull_backup,
+            paths=backup_paths,
         ),
         JobTypeInfo(
             JobType.BLOCKPULL,
@@ -121,6 +174,7 @@ def builtin_type_infos() -> tuple[JobTypeInfo, ...]:
             domain_level=False,
             operation=C.VIR_DOMAIN_JOB_OPERATION_UNKNOWN,
             prepare=prepare_pull,
+            paths=pull_paths,
         ),
         JobTypeInfo(
             JobType.BLOCKCOMMIT,
@@ -130,6 +184,7 @@ def builtin_type_infos() -> tuple[JobTypeInfo, ...]:
             domain_level=False,
             operation=C.VIR_DOMAIN_JOB_OPERATION_UNKNOWN,
             prepare=prepare_commit,
+            paths=commit_paths,
         ),
         JobTypeInfo(
             JobType.MIGRATION,
@@ -140,5 +195,6 @@ def builtin_type_infos() -> tuple[JobTypeInfo, ...]:
             operation=C.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT,
             progress_keys="data",
             prepare=prepare_migration,
+            paths=migration_paths,
         ),
     )

@@ -174,7 +174,13 @@ class DriverConnection(Protocol):
         """Raise jobcore.errors.NoSuchDomain when there is none."""
 
     async def create_domain(self, xml: str) -> DomainInfo:
-        """Start a domain from the libvirt-style domain XML subset (optional)."""
+        """Start a domain from the libvirt-style domain XML subset (optional).
+
+        Optional keyword ``path_guard`` (jobcore.paths.PathGuard): a driver that opens
+        host files the XML names accepts it and, when given one, calls it with each of
+        them before opening it: the disk sources first, then the backing files found in
+        them. A driver without the parameter is refused a guard (jobd's confined clients
+        cannot create domains on it)."""
 
     async def destroy_domain(self, name: str) -> None: ...
 

@@ -48,6 +48,8 @@ from jobcore.lifecycle import (
     check_verb,
 )
 from jobcore.log import get_logger
+from jobcore.paths import PathGuard
+from jobcore.protocol import AccessDenied
 from jobcore.registry import registry
 from jobcore.scheduler import Scheduler
 from jobcore.store import (
@@ -112,8 +114,12 @@ class Engine:
 
     # ---- admission -------------------------------------------------------------------
 
-    async def begin(self, domain: str, spec: Any, flags: int = 0) -> JobRecord:
-        """Admit and start a job; return once it runs (or is queued, when asked)."""
+    async def begin(
+        self, domain: str, spec: Any, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> JobRecord:
+        """Admit and start a job; return once it runs (or is queued, when asked).
+        ``path_guard`` sees the host files the prepared spec names (its type's ``paths``)
+        before the driver looks at any of them."""
         if self._closed:
             raise JobError("the connection is closed")
         info = registry.for_spec(spec)
@@ -128,6 +134,13 @@ class Engine:
             spec = attrs.evolve(spec, uuid=job_id)
         if info.prepare is not None:
             spec = info.prepare(spec, dom, self.clock.wall())
+        if path_guard is not None:
+            if info.paths is None:
+                raise AccessDenied(
+                    f"job type '{info.type}' does not list the files it touches: only jobd's "
+                    "own uid and root may begin it"
+                )
+            path_guard(info.paths(spec, dom))
         check_job = getattr(self.dconn, "check_job", None)
         if check_job is not None:  # the driver refuses before the job exists (targets, …)
             await check_job(spec, dom)

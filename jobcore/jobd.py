@@ -49,6 +49,7 @@ from jobcore.errors import (
 )
 from jobcore.events import EndReason, EventKind, Subscription
 from jobcore.log import configure, get_logger
+from jobcore.paths import PathGuard, owner_guard
 from jobcore.protocol import (
     HEADER,
     MAX_FRAME,
@@ -404,6 +405,9 @@ class _Client:
     reading: anyio.CancelScope = field(factory=anyio.CancelScope)
     #: why the watchdog expels the client (sent to it once the read loop stopped)
     expelled: JobError | None = None
+    #: confines the files this client's requests may make jobd touch (a peer whose uid
+    #: is neither jobd's own nor root: jobcore.paths.owner_guard); None: unconfined
+    guard: PathGuard | None = None
 
     def expel(self, error: JobError) -> None:
         self.expelled = error
@@ -564,9 +568,10 @@ class DriverConnections:
             driver = self._drivers[uri.driver] = load_driver(uri)
         return resolve_driver_uri(uri_text, driver)
 
-    async def attach(self, uri_text: str, *, readonly: bool) -> _DriverSlot:
+    async def attach(self, uri_text: str, *, readonly: bool, confined: bool = False) -> _DriverSlot:
         """The driver connection a hello names, opened if needed (read-write clients
-        only); the caller holds it until ``release``."""
+        only; a ``confined`` one only in the driver's default state directory); the
+        caller holds it until ``release``."""
         target = self.resolve(uri_text)
         while True:
             slot = self._slots.get(target.key)
@@ -596,6 +601,16 @@ class DriverConnections:
                 raise AccessDenied(
                     f"'{target.key}' would use '{target.state_dir}', which overlaps jobd's run "
                     f"directory '{self._run_dir}': name another directory"
+                )
+            if (
+                confined
+                and target.state_dir is not None
+                and target.state_dir != self.resolve(target.key.split("?", 1)[0]).state_dir
+            ):  # jobd would create, lock and clean up a directory this client chose
+                raise AccessDenied(
+                    f"'{target.key}' would use state directory '{target.state_dir}', which "
+                    "your uid (neither jobd's own nor root) may not choose: name none, or "
+                    "attach to a connection jobd's own user opened"
                 )
             if not any(fnmatch.fnmatchcase(target.key, p) for p in self._allowed):
                 raise AccessDenied(
@@ -813,6 +828,8 @@ class Daemon:
         try:
             async with stream, anyio.create_task_group() as tg:
                 client = _Client(cid, stream, readonly, tg, log)
+                if peer is not None and peer.uid not in (os.getuid(), 0):
+                    client.guard = owner_guard(peer.uid)
                 try:
                     if not allowed:
                         await self._farewell(
@@ -996,7 +1013,9 @@ class Daemon:
         assert self.drivers is not None and isinstance(uri, str)
         client.in_hello = True
         try:
-            slot = await self.drivers.attach(uri, readonly=client.readonly)
+            slot = await self.drivers.attach(
+                uri, readonly=client.readonly, confined=client.guard is not None
+            )
         finally:
             client.in_hello = False
         client.slot, client.conn = slot, slot.conn
@@ -1099,6 +1118,7 @@ async def _domain(client: _Client, name: str) -> Domain:
     dom = client.domains.get(name)
     if dom is None:
         dom = await _conn(client).lookup_domain(name)
+        dom.path_guard = client.guard  # every job this client begins on it is checked
         client.domains[name] = dom
         if len(client.domains) > HANDLE_CACHE:
             client.domains.popitem(last=False)
@@ -1132,7 +1152,7 @@ async def _h_lookup_domain(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
 
 @_handles(Method.CREATE_DOMAIN)
 async def _h_create_domain(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    dom = await _conn(c).create_domain(_text(a[0]))
+    dom = await _conn(c).create_domain(_text(a[0]), path_guard=c.guard)
     return encode_domain_ref(dom.name, dom.uuid)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from attrs import frozen
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from lxml import etree
 
     from jobcore.driver import DomainInfo
+    from jobcore.paths import PathUse
     from jobcore.scheduler import Claim
 
 
@@ -75,6 +76,10 @@ class JobTypeInfo:
     #: ``abort`` of a job in 'ready' ends it successfully when this says so (libvirt's
     #: pull-mode backup: aborting tells the hypervisor its consumer is done)
     abort_completes: Callable[[Any], bool] | None = None
+    #: the host files a prepared spec makes the driver read, create or write (its disk
+    #: images, targets, sockets): what a path guard checks (jobcore.paths). A type without
+    #: it cannot be begun by a client jobd confines to its own files.
+    paths: Callable[[Any, DomainInfo], Iterable[PathUse]] | None = None
 
 
 class Registry:

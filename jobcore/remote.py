@@ -29,12 +29,13 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from jobcore.api import Connection, Domain, Job, as_uuid, uuid_prefix
 from jobcore.driver import DomainInfo
 from jobcore.engine import DEFAULT_RETENTION
-from jobcore.errors import InvalidURI, JobError
+from jobcore.errors import InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
+from jobcore.paths import PathGuard
 from jobcore.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -323,7 +324,9 @@ class RemoteConnection(Connection):
         refs = await self._session.call_as(_list_of(decode_domain_ref), Method.LIST_DOMAINS)
         return [self._domain(r) for r in refs]
 
-    async def create_domain(self, xml: str) -> RemoteDomain:
+    async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> RemoteDomain:
+        if path_guard is not None:  # the files are on jobd's host: jobd guards them
+            raise InvalidArgument("a path guard applies to in-process connections only")
         return self._domain(
             await self._session.call_as(decode_domain_ref, Method.CREATE_DOMAIN, xml)
         )

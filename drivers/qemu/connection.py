@@ -30,6 +30,7 @@ from drivers.qemu.rundir import RunDir, run_dir_of
 from jobcore.driver import DomainInfo, DriverJob, SystemClock
 from jobcore.errors import DriverError, NoSuchDomain, OperationInvalid, Unsupported, XMLError
 from jobcore.log import get_logger
+from jobcore.paths import Access, PathGuard, PathUse
 from jobcore.spec import BackupJobSpec, JobType
 from jobcore.uri import URI, parse_uri
 
@@ -78,7 +79,7 @@ class QemuConnection:
     async def lookup_domain(self, name: str) -> DomainInfo:
         return self._domain(name).info()
 
-    async def create_domain(self, xml: str) -> DomainInfo:
+    async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> DomainInfo:
         self._check_open()
         ddef = parse_domain(xml)
         old = self.domains.get(ddef.name)
@@ -86,7 +87,7 @@ class QemuConnection:
             raise OperationInvalid(f"domain '{ddef.name}' already exists")
         self._creating.add(ddef.name)
         try:
-            disks = await self._read_disks(ddef)
+            disks = await self._read_disks(ddef, path_guard)
             proc = await self._spawn(ddef.name, 0, ddef.memory, incoming=False)
             domain = Domain(ddef.name, ddef.uuid, ddef.memory, disks, proc)
             try:
@@ -101,13 +102,21 @@ class QemuConnection:
         log.info("domain created", domain=ddef.name, pid=proc.pid)
         return domain.info()
 
-    async def _read_disks(self, ddef: DomainDef) -> dict[str, Disk]:
+    async def _read_disks(self, ddef: DomainDef, guard: PathGuard | None) -> dict[str, Disk]:
         disks: dict[str, Disk] = {}
         counter = 0
         for d in ddef.disks:
+            what = f"source of disk '{d.target}'"
+            if guard is not None:  # before qemu-img reads a byte of it
+                guard([PathUse(d.source, Access.WRITE, what)])
             if not exists(d.source):
                 raise XMLError(f"domain XML: disk '{d.target}' source '{d.source}' does not exist")
             chain = await backing_chain(d.source, d.format)
+            if guard is not None:  # qemu-img read their headers; QEMU has opened nothing
+                guard(
+                    PathUse(img.filename, Access.READ, f"backing file {i} of disk '{d.target}'")
+                    for i, img in enumerate(chain[1:], 1)
+                )
             layers = []
             for img in chain:
                 layers.append(Layer(f"{d.target}-L{counter}", img.filename, img.format))

@@ -56,6 +56,7 @@ from jobcore.errors import (
     Unsupported,
 )
 from jobcore.log import get_logger
+from jobcore.paths import PathGuard
 from jobcore.spec import (
     BackupJobSpec,
     BlockCommitSpec,
@@ -273,7 +274,7 @@ class SimConnection:
             raise NoSuchDomain(f"domain '{name}' not found on '{self.uri}'")
         return dom
 
-    async def create_domain(self, xml: str) -> DomainInfo:
+    async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> DomainInfo:
         raise Unsupported("the sim driver's domains are built in; createXML is for qemu")
 
     async def destroy_domain(self, name: str) -> None:
