@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import os
+import secrets
 import socket
 import stat
 import time
@@ -492,33 +492,52 @@ def _fd_lock(proc: QemuProcess) -> anyio.Lock:
     return lock
 
 
+#: the longest UNIX socket path (sun_path holds 108 bytes with its NUL)
+MAX_SOCKET_PATH = 107
+
+
 def listen_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
     """Create and listen on a UNIX socket at ``path``, and return it with the (st_dev,
-    st_ino) of the socket file. ``bind`` fails if anything is at ``path``: nothing is ever
-    unlinked to make room (QEMU would unlink whatever is there before binding)."""
+    st_ino) of the socket file.
+
+    Nothing is ever unlinked to make room: the socket is bound under a fresh random name in
+    the same directory and hard-linked to ``path`` (``link`` fails if anything is there,
+    even a dangling symlink), then the random name is removed. QEMU unlinks the name a
+    listening socket was bound to when it closes it (and, given a path, whatever is there
+    before binding): that name is the random one, which nobody uses."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise InvalidArgument(
+            f"NBD socket '{path}' of the pull backup is longer than a UNIX socket path can "
+            f"be ({MAX_SOCKET_PATH} bytes): name a shorter one"
+        )
+    temp = os.path.join(os.path.dirname(path), f".nbd-{secrets.token_hex(6)}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
-            sock.bind(path)
+            sock.bind(temp)
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise _socket_exists(path) from None
             if exc.errno is None:  # Python's own refusal: "AF_UNIX path too long"
                 raise InvalidArgument(
-                    f"NBD socket '{path}' of the pull backup cannot be created: {exc} "
-                    "(a UNIX socket path has at most 107 bytes): name a shorter one"
+                    f"NBD socket '{path}' of the pull backup cannot be created: its "
+                    f"directory's name is too long for a UNIX socket: name a shorter path"
                 ) from None
             raise DriverError(
                 f"cannot create NBD socket '{path}' of the pull backup: "
                 f"{exc.strerror or exc}; check that its directory exists and is writable"
             ) from None
         try:
-            st = os.lstat(path)
             sock.listen(16)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                raise _socket_exists(path) from None
+            except OSError as exc:
+                raise DriverError(
+                    f"cannot create NBD socket '{path}' of the pull backup: {exc.strerror or exc}"
+                ) from None
+            st = os.lstat(path)
+        finally:
+            os.unlink(temp)
     except BaseException:
         sock.close()
         raise
@@ -866,6 +885,11 @@ class BackupRunner(Runner):
 
     async def _cleanup(self, *, keep_checkpoint: bool, nodes_only: bool) -> None:
         """Close targets/scratch nodes (flushing them), then drop what must not survive."""
+        # first, the socket file, if it is still the one we created (while QEMU listens on
+        # it, its inode cannot be another file's)
+        if self.server_socket and self.server_socket_id:
+            remove_own_socket(self.server_socket, self.server_socket_id)
+            self.server_socket_id = None
         with anyio.move_on_after(CLEANUP_TIMEOUT):
             alive = self.proc.alive
             if alive:
@@ -883,12 +907,10 @@ class BackupRunner(Runner):
                             await self.proc.execute(
                                 "block-dirty-bitmap-remove", {"node": node, "name": bitmap}
                             )
-                if self.server_started:
-                    with contextlib.suppress(DriverError):
-                        await self.proc.execute("nbd-server-stop")
+            if alive and self.server_started:
+                with contextlib.suppress(DriverError):
+                    await self.proc.execute("nbd-server-stop")
             self.server_started = False
-            if self.server_socket and self.server_socket_id:  # only the socket we created
-                remove_own_socket(self.server_socket, self.server_socket_id)
             if not nodes_only:
                 remove_files(bd.path for bd in self.disks if bd.created)
 
