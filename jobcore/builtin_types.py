@@ -7,7 +7,7 @@ import attrs
 
 from jobcore import constants as C
 from jobcore import scheduler
-from jobcore.backup import BackupMode, ServerTransport
+from jobcore.backup import BackupDef, BackupMode, ServerTransport
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.errors import InvalidArgument, JobError
 from jobcore.paths import Access, PathKind, PathUse
@@ -37,7 +37,23 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> BackupJ
     backup = align_backup(spec.backup, {d.name: d.source for d in dom.disks}, suffix)
     if not backup.included_disks():
         raise InvalidArgument("no disks selected for backup")
-    return attrs.evolve(spec, backup=backup, checkpoint=checkpoint)
+    return attrs.evolve(spec, backup=_normalized_files(backup), checkpoint=checkpoint)
+
+
+def _normalized_files(backup: BackupDef) -> BackupDef:
+    """Target/scratch files and the NBD socket in one spelling (scheduler.normalize_path):
+    the file a job claims is the file its driver checks and writes, however it was
+    written ('/d//t', '/d/./t', a symlinked directory)."""
+    disks = tuple(
+        attrs.evolve(d, store=attrs.evolve(d.store, path=scheduler.normalize_path(d.store.path)))
+        if d.store is not None
+        else d
+        for d in backup.disks
+    )
+    server = backup.server
+    if server is not None and server.socket:
+        server = attrs.evolve(server, socket=scheduler.normalize_path(server.socket))
+    return attrs.evolve(backup, disks=disks, server=server)
 
 
 def is_pull_backup(spec: BackupJobSpec) -> bool:

@@ -84,7 +84,7 @@ from jobcore.protocol import (
     frame_length,
     peer_credentials,
 )
-from jobcore.rundir import ensure_private_dir
+from jobcore.rundir import ensure_private_dir, reserve_dir, unreserve_dir
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.uri import parse_uri
 
@@ -750,6 +750,7 @@ class Daemon:
         ensure_private_dir(cfg.run_dir, what="jobd run directory")
         lock = RunDirLock(cfg.run_dir)
         lock.acquire()
+        reserve_dir(cfg.run_dir)  # no job may name its files (an NBD socket) among jobd's
         try:
             async with anyio.create_task_group() as drivers_tg:
                 self.drivers = DriverConnections(
@@ -771,6 +772,7 @@ class Daemon:
         finally:
             for path in (self.rw_path, self.ro_path):
                 path.unlink(missing_ok=True)
+            unreserve_dir(cfg.run_dir)
             lock.release()
             _log.info("jobd stopped")
 

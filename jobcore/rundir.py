@@ -14,11 +14,43 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 
 class UnsafeRunDir(PermissionError):
     """An existing run directory that another user could tamper with."""
+
+
+_reserved_lock = threading.Lock()
+#: resolved run directory -> how many users in this process hold it reserved
+_reserved: dict[str, int] = {}
+
+
+def reserve_dir(path: Path) -> None:
+    """Mark ``path`` as a run directory of this process (until ``unreserve_dir``): drivers
+    refuse to create files a job names there (``reserved_dir_holding``)."""
+    key = os.path.realpath(path)
+    with _reserved_lock:
+        _reserved[key] = _reserved.get(key, 0) + 1
+
+
+def unreserve_dir(path: Path) -> None:
+    key = os.path.realpath(path)
+    with _reserved_lock:
+        count = _reserved.pop(key, 0) - 1
+        if count > 0:
+            _reserved[key] = count
+
+
+def reserved_dir_holding(path: str) -> str | None:
+    """The reserved run directory ``path`` (already normalized) lies in, if any."""
+    with _reserved_lock:
+        reserved = list(_reserved)
+    for directory in reserved:
+        if path == directory or path.startswith(directory.rstrip("/") + "/"):
+            return directory
+    return None
 
 
 def _absolute(path: Path) -> Path:

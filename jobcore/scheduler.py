@@ -11,12 +11,14 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
+import os
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from attrs import define, field, frozen
 
+from jobcore.backup import BackupMode, ServerTransport
 from jobcore.errors import JobConflict
 
 if TYPE_CHECKING:
@@ -62,12 +64,44 @@ def disk_resource(domain: str, disk: str) -> str:
     return f"disk:{domain}/{disk}"
 
 
+def normalize_path(path: str) -> str:
+    """One spelling per file: the directory resolved (``//``, ``.``, ``..`` and symbolic
+    links, as the kernel would), the last component kept as written (a symbolic link there
+    is the caller's business: drivers refuse an existing name). A few ``lstat`` calls."""
+    if not os.path.isabs(path):
+        path = os.path.join(os.getcwd(), path)
+    head, tail = os.path.split(path)
+    if tail in ("", ".", ".."):
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(head), tail)
+
+
+def file_resource(path: str) -> str:
+    """The resource of a file a job writes or creates (target, scratch, NBD socket)."""
+    return f"file:{normalize_path(path)}"
+
+
+def backup_socket(spec: BackupJobSpec) -> str | None:
+    """The UNIX socket a pull backup names for its NBD server, if it names one."""
+    server = spec.backup.server
+    if spec.backup.effective_mode is not BackupMode.PULL or server is None:
+        return None
+    if server.transport is not ServerTransport.UNIX or not server.socket:
+        return None
+    return server.socket
+
+
 def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
     claims = [Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED)]
+    files: dict[str, None] = {}
     for disk in spec.backup.included_disks():
         claims.append(Claim(disk_resource(dom.name, disk.name), Mode.READ))
         if disk.store is not None:
-            claims.append(Claim(f"file:{disk.store.path}", Mode.WRITE))
+            files[file_resource(disk.store.path)] = None
+    sock = backup_socket(spec)
+    if sock is not None:  # the NBD server creates it: two jobs must not share it
+        files[file_resource(sock)] = None
+    claims.extend(Claim(name, Mode.WRITE) for name in files)
     return tuple(claims)
 
 

@@ -31,6 +31,7 @@ from jobcore.driver import DomainInfo, DriverJob, SystemClock
 from jobcore.errors import DriverError, NoSuchDomain, OperationInvalid, Unsupported, XMLError
 from jobcore.log import get_logger
 from jobcore.paths import Access, PathGuard, PathUse
+from jobcore.rundir import reserve_dir, unreserve_dir
 from jobcore.spec import BackupJobSpec, JobType
 from jobcore.uri import URI, parse_uri
 
@@ -382,6 +383,7 @@ class QemuDriver:
             raise Unsupported(f"backup_bandwidth in '{uri}' must be bytes/s") from None
         run_dir = RunDir(run_dir_of(uri))
         run_dir.acquire()
+        reserve_dir(run_dir.path)  # no job of any connection may name its files there
         try:  # and from here on, every way out releases it
             conn = QemuConnection(
                 uri=str(uri), run_dir=run_dir.path, tg=tg, backup_bandwidth=max(bandwidth, 0)
@@ -392,4 +394,5 @@ class QemuDriver:
             finally:
                 await conn.aclose()
         finally:
+            unreserve_dir(run_dir.path)
             run_dir.release()

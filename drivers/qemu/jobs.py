@@ -14,7 +14,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import secrets
+import socket
+import stat
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +41,8 @@ from jobcore.driver import (
 )
 from jobcore.errors import DriverError, InvalidArgument, OperationInvalid, Unsupported
 from jobcore.log import get_logger
+from jobcore.rundir import reserved_dir_holding
+from jobcore.scheduler import normalize_path
 from jobcore.spec import (
     BackupJobSpec,
     BlockCommitSpec,
@@ -124,18 +130,28 @@ class Runner:
         self.report(lambda r: r.progress(processed, total, extra))
 
     def job_id(self, kind: str, disk: str | None = None) -> str:
-        return f"{kind}-{self.short}" + (f"-{disk}" if disk else "")
+        """The QEMU job id: the job's whole UUID, so that no two jobs ever share one (two
+        caller-chosen UUIDs may share any prefix)."""
+        return f"{kind}-{self.job.uuid.hex}" + (f"-{disk}" if disk else "")
 
     def track(self, job_id: str) -> SubJob:
-        """Register a QEMU job id *before* creating it: its events may beat the reply."""
+        """Register a QEMU job id *before* creating it: its events may beat the reply. An id
+        another job registered is refused (never taken over)."""
+        if job_id in self.proc.subjobs:
+            raise DriverError(
+                f"QEMU job id '{job_id}' is in use by another job of domain "
+                f"'{self.domain.name}'; job {self.job.uuid} is not started"
+            )
         sj = SubJob(job_id)
         self.proc.subjobs[job_id] = sj
         self.subjobs.append(sj)
         return sj
 
     def untrack(self) -> None:
+        """Drop this runner's own QEMU job ids (an id is dropped only if it is ours)."""
         for sj in self.subjobs:
-            self.proc.subjobs.pop(sj.id, None)
+            if self.proc.subjobs.get(sj.id) is sj:
+                del self.proc.subjobs[sj.id]
 
     async def wait_subjobs(self) -> None:
         for sj in self.subjobs:
@@ -273,6 +289,16 @@ def image_owner(conn: QemuConnection, path: str) -> str | None:
     return None
 
 
+def run_dir_holding(conn: QemuConnection, path: str) -> str | None:
+    """The run directory (this connection's, or one jobd or another connection of this
+    process reserved) that ``path`` would be created in, if any."""
+    real = normalize_path(path)
+    own = os.path.realpath(conn.run_dir)
+    if real == own or real.startswith(own.rstrip("/") + "/"):
+        return own
+    return reserved_dir_holding(real)
+
+
 def _refuse_present(
     conn: QemuConnection, reuse: bool, stores: list[tuple[str, str, str, int]]
 ) -> None:
@@ -286,6 +312,12 @@ def _refuse_present(
         owner = image_owner(conn, path)
         if owner is not None:
             raise store_in_use(path, disk, owner)
+        held = run_dir_holding(conn, path)
+        if held is not None:
+            raise InvalidArgument(
+                f"store '{path}' for backup of '{disk}' is inside the run directory '{held}', "
+                "whose files belong to jobd and the qemu driver: name a file elsewhere"
+            )
         present = os.path.lexists(path)  # a dangling symlink exists too
         if present and not reuse:
             raise store_exists(path, disk)
@@ -319,8 +351,109 @@ async def check_backup_stores(
             )
 
 
+#: the only hosts a TCP NBD server binds to: NBD without TLS has no authentication
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _disk_names(spec: BackupJobSpec) -> str:
+    names = [d.name for d in spec.backup.included_disks()]
+    return ("disk " if len(names) == 1 else "disks ") + ", ".join(f"'{n}'" for n in names)
+
+
+def check_nbd_socket(conn: QemuConnection, path: str) -> None:
+    """A socket a pull backup names: not inside a run directory, and nothing there yet
+    (lstat: a dangling symlink counts). Binding it later fails if anything appeared."""
+    held = run_dir_holding(conn, path)
+    if held is not None:
+        raise InvalidArgument(
+            f"NBD socket '{path}' of the pull backup is inside the run directory '{held}', "
+            "whose files belong to jobd and the qemu driver: name a socket path elsewhere"
+        )
+    if os.path.lexists(path):
+        raise _socket_exists(path)
+
+
+def _socket_exists(path: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"NBD socket '{path}' of the pull backup exists: a pull backup creates its socket and "
+        "never replaces a file (not even with VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, which "
+        "reuses target and scratch images only): name a path where nothing is, or remove "
+        "the file if it is a stale socket of yours"
+    )
+
+
+def check_pull_server(conn: QemuConnection, spec: BackupJobSpec) -> None:
+    """A pull backup's <server>, before anything starts: what the driver cannot serve as
+    asked is refused, never served otherwise (TLS in clear text, another address)."""
+    if spec.backup.effective_mode is not BackupMode.PULL:
+        return
+    server = spec.backup.server
+    if server is not None and server.tls:
+        raise Unsupported(
+            f"pull backup of {_disk_names(spec)}: <server tls='yes'> asks for an NBD server "
+            "with TLS, and the qemu driver has no TLS credentials configured (it would export "
+            "the disk in clear text): leave tls out, or use a unix socket"
+        )
+    if server is None or server.transport is ServerTransport.UNIX:
+        if server is not None and server.socket:
+            check_nbd_socket(conn, server.socket)
+        return
+    if server.transport is ServerTransport.TCP or server.transport is None:
+        if not server.port:
+            raise DriverError("<domainbackup> must specify TCP port for now")
+        host = server.name or "localhost"
+        if host not in LOOPBACK_HOSTS:
+            raise Unsupported(
+                f"pull backup of {_disk_names(spec)}: the qemu driver serves NBD on loopback "
+                f"only (localhost, 127.0.0.1, ::1), not on '{host}': NBD without TLS lets "
+                "anyone who reaches the port read the disk; use a unix socket or localhost"
+            )
+        return
+    raise Unsupported(f"NBD server transport '{server.transport}' is not supported")
+
+
+async def node_bitmaps(proc: QemuProcess) -> dict[str, set[str]]:
+    """node name -> the names of the dirty bitmaps QEMU has on it."""
+    nodes = await proc.execute("query-named-block-nodes", {"flat": True})
+    return {
+        str(n.get("node-name")): {str(b.get("name")) for b in n.get("dirty-bitmaps") or ()}
+        for n in nodes
+    }
+
+
+def export_bitmap_exists(disk: str, bitmap: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"disk '{disk}': export bitmap '{bitmap}' of the pull backup already exists on the "
+        "disk (a checkpoint's bitmap, or another backup's), and a backup never takes over a "
+        "bitmap it did not create: name another one with exportbitmap='…'"
+    )
+
+
+async def check_export_bitmaps(spec: BackupJobSpec, domain: Domain) -> None:
+    """An incremental pull backup's export bitmaps must not exist yet (default
+    'backup-<disk>'): the job creates them, and removes only what it created."""
+    if spec.backup.effective_mode is not BackupMode.PULL or not domain.process.alive:
+        return
+    wanted = [
+        (d.name, d.exportbitmap or f"backup-{d.name}")
+        for d in spec.backup.included_disks()
+        if d.name in domain.disks
+        and d.backupmode is not DiskBackupMode.FULL
+        and (d.incremental or spec.backup.incremental)
+    ]
+    if not wanted:
+        return
+    existing = await node_bitmaps(domain.process)
+    for name, bitmap in wanted:
+        if bitmap in existing.get(domain.disks[name].active.node, ()):
+            raise export_bitmap_exists(name, bitmap)
+
+
 async def check_backup_job(conn: QemuConnection, spec: BackupJobSpec, domain: Domain) -> None:
-    """Before admission: the stores the prepared spec names (see check_backup_stores)."""
+    """Before admission: the pull server (check_pull_server), the export bitmaps
+    (check_export_bitmaps) and the stores the prepared spec names (check_backup_stores)."""
+    check_pull_server(conn, spec)
+    await check_export_bitmaps(spec, domain)
     stores = []
     for d in spec.backup.included_disks():
         if d.store is None or d.type is StoreType.BLOCK or d.name not in domain.disks:
@@ -343,14 +476,92 @@ class _BackupDisk:
     export_id: str = ""
     export_name: str = ""
     export_bitmap: str | None = None
+    #: the transaction that adds the export bitmap succeeded: only then is it ours to remove
+    export_bitmap_created: bool = False
     incremental: str | None = None
+
+
+#: one fd at a time over a QEMU's QMP socket: ``getfd`` takes the last fd QEMU received
+_FD_LOCKS: weakref.WeakKeyDictionary[QemuProcess, anyio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _fd_lock(proc: QemuProcess) -> anyio.Lock:
+    lock = _FD_LOCKS.get(proc)
+    if lock is None:
+        lock = _FD_LOCKS[proc] = anyio.Lock()
+    return lock
+
+
+#: the longest UNIX socket path (sun_path holds 108 bytes with its NUL)
+MAX_SOCKET_PATH = 107
+
+
+def listen_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """Create and listen on a UNIX socket at ``path``, and return it with the (st_dev,
+    st_ino) of the socket file.
+
+    Nothing is ever unlinked to make room: the socket is bound under a fresh random name in
+    the same directory and hard-linked to ``path`` (``link`` fails if anything is there,
+    even a dangling symlink), then the random name is removed. QEMU unlinks the name a
+    listening socket was bound to when it closes it (and, given a path, whatever is there
+    before binding): that name is the random one, which nobody uses."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise InvalidArgument(
+            f"NBD socket '{path}' of the pull backup is longer than a UNIX socket path can "
+            f"be ({MAX_SOCKET_PATH} bytes): name a shorter one"
+        )
+    temp = os.path.join(os.path.dirname(path), f".nbd-{secrets.token_hex(6)}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.bind(temp)
+        except OSError as exc:
+            if exc.errno is None:  # Python's own refusal: "AF_UNIX path too long"
+                raise InvalidArgument(
+                    f"NBD socket '{path}' of the pull backup cannot be created: its "
+                    f"directory's name is too long for a UNIX socket: name a shorter path"
+                ) from None
+            raise DriverError(
+                f"cannot create NBD socket '{path}' of the pull backup: "
+                f"{exc.strerror or exc}; check that its directory exists and is writable"
+            ) from None
+        try:
+            sock.listen(16)
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                raise _socket_exists(path) from None
+            except OSError as exc:
+                raise DriverError(
+                    f"cannot create NBD socket '{path}' of the pull backup: {exc.strerror or exc}"
+                ) from None
+            st = os.lstat(path)
+        finally:
+            os.unlink(temp)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (st.st_dev, st.st_ino)
+
+
+def remove_own_socket(path: str, ident: tuple[int, int]) -> None:
+    """Unlink ``path`` only while it is still the socket file the driver created."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+        os.unlink(path)
 
 
 @define(eq=False)
 class BackupRunner(Runner):
     disks: list[_BackupDisk] = field(factory=list)
-    checkpoint_bitmaps: list[tuple[str, str]] = field(factory=list)  # (node, bitmap)
+    #: (node, bitmap) of checkpoints this job's transaction created (never before it ran)
+    checkpoint_bitmaps: list[tuple[str, str]] = field(factory=list)
     server_socket: str | None = None
+    #: (st_dev, st_ino) of the socket file the driver created at ``server_socket``
+    server_socket_id: tuple[int, int] | None = None
     server_started: bool = False
 
     @property
@@ -420,7 +631,8 @@ class BackupRunner(Runner):
             args["cache"] = {"no-flush": True}
             await self.proc.execute("blockdev-add", args)
 
-    def _checkpoint_actions(self) -> list[dict[str, Any]]:
+    def _checkpoint_actions(self, bitmaps: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """The transaction actions creating the checkpoint's bitmaps, listed in ``bitmaps``."""
         ckpt = self.spec.checkpoint
         if ckpt is None:
             return []
@@ -435,7 +647,7 @@ class BackupRunner(Runner):
                 continue
             bitmap = (cd.bitmap if cd is not None else None) or name
             node = bd.disk.active.node
-            self.checkpoint_bitmaps.append((node, bitmap))
+            bitmaps.append((node, bitmap))
             actions.append(
                 {
                     "type": "block-dirty-bitmap-add",
@@ -445,31 +657,54 @@ class BackupRunner(Runner):
         return actions
 
     async def _start_server(self) -> None:
+        check_pull_server(self.conn, self.spec)  # again: a queued job starts later
         server = self.spec.backup.server
-        if server is None or server.transport is ServerTransport.UNIX:
-            sock = (server.socket if server else None) or str(
-                nbd_socket(self.conn.run_dir, self.domain.name, self.short)
-            )
-            self.server_socket = sock
-            addr: dict[str, Any] = {"type": "unix", "data": {"path": sock}}
-        elif server.transport in (None, ServerTransport.TCP):
-            if not server.port:
-                raise DriverError("<domainbackup> must specify TCP port for now")
+        if server is not None and server.transport is not ServerTransport.UNIX:
+            assert server.port  # check_pull_server: TCP on loopback with a port
             host = server.name or "localhost"
-            if host not in ("localhost", "127.0.0.1", "::1"):
-                raise Unsupported("the qemu driver serves pull backups on loopback only")
-            addr = {"type": "inet", "data": {"host": host, "port": str(server.port)}}
-        else:
-            raise Unsupported(f"NBD server transport '{server.transport}' is not supported")
-        await self.proc.execute("nbd-server-start", {"addr": addr})
-        self.server_started = True
+            addr: dict[str, Any] = {
+                "type": "inet",
+                "data": {"host": host, "port": str(server.port)},
+            }
+            await self.proc.execute("nbd-server-start", {"addr": addr})
+            self.server_started = True
+            return
+        path = (server.socket if server else None) or str(
+            nbd_socket(self.conn.run_dir, self.domain.name, self.short)
+        )
+        # The driver binds the socket and hands QEMU the listening fd: QEMU given a path
+        # unlinks whatever is there first, and its file would be QEMU's to replace.
+        listener, ident = listen_unix(path)
+        self.server_socket, self.server_socket_id = path, ident
+        fdname = f"nbd-{self.job.uuid.hex}"
+        try:
+            async with _fd_lock(self.proc):
+                try:
+                    self.proc.qmp.send_fd_scm(listener.fileno())
+                except Exception as exc:
+                    raise DriverError(f"cannot pass the NBD socket to QEMU: {exc}") from None
+                await self.proc.execute("getfd", {"fdname": fdname})
+            try:
+                await self.proc.execute(
+                    "nbd-server-start", {"addr": {"type": "fd", "data": {"str": fdname}}}
+                )
+            except BaseException:
+                with anyio.CancelScope(shield=True), contextlib.suppress(DriverError):
+                    await self.proc.execute("closefd", {"fdname": fdname})
+                raise
+            self.server_started = True
+        finally:
+            listener.close()  # QEMU holds its own copy
 
     async def start(self) -> None:
         try:
             if self.pull:
                 await self._start_server()
             await self._prepare_disks()
-            actions = self._checkpoint_actions()
+            checkpoint_bitmaps: list[tuple[str, str]] = []
+            actions = self._checkpoint_actions(checkpoint_bitmaps)
+            incremental_pull = self.pull and any(bd.incremental for bd in self.disks)
+            existing = await node_bitmaps(self.proc) if incremental_pull else {}
             for bd in self.disks:
                 data: dict[str, Any] = {
                     "job-id": bd.job_id,
@@ -487,6 +722,8 @@ class BackupRunner(Runner):
                 if bd.incremental and self.pull:
                     bd.export_bitmap = bd.spec.exportbitmap or f"backup-{bd.disk.name}"
                     node = bd.disk.active.node
+                    if bd.export_bitmap in existing.get(node, ()):
+                        raise export_bitmap_exists(bd.disk.name, bd.export_bitmap)
                     actions += [
                         {
                             "type": "block-dirty-bitmap-add",
@@ -520,9 +757,13 @@ class BackupRunner(Runner):
         except BaseException:
             self.untrack()
             with anyio.CancelScope(shield=True):
-                self.checkpoint_bitmaps.clear()  # the transaction did not happen
+                # the transaction did not happen: no bitmap is this job's to remove
                 await self._cleanup(keep_checkpoint=False, nodes_only=False)
             raise
+        # from here on, the bitmaps the transaction created are this job's
+        self.checkpoint_bitmaps = checkpoint_bitmaps
+        for bd in self.disks:
+            bd.export_bitmap_created = bd.export_bitmap is not None
         for bd in self.disks:
             bd.disk.filters.append(bd.filter)
         if self.pull:
@@ -644,12 +885,17 @@ class BackupRunner(Runner):
 
     async def _cleanup(self, *, keep_checkpoint: bool, nodes_only: bool) -> None:
         """Close targets/scratch nodes (flushing them), then drop what must not survive."""
+        # first, the socket file, if it is still the one we created (while QEMU listens on
+        # it, its inode cannot be another file's)
+        if self.server_socket and self.server_socket_id:
+            remove_own_socket(self.server_socket, self.server_socket_id)
+            self.server_socket_id = None
         with anyio.move_on_after(CLEANUP_TIMEOUT):
             alive = self.proc.alive
             if alive:
                 await self.del_nodes([bd.node for bd in self.disks])
                 for bd in self.disks:
-                    if bd.export_bitmap:
+                    if bd.export_bitmap and bd.export_bitmap_created:
                         with contextlib.suppress(DriverError):
                             await self.proc.execute(
                                 "block-dirty-bitmap-remove",
@@ -661,12 +907,10 @@ class BackupRunner(Runner):
                             await self.proc.execute(
                                 "block-dirty-bitmap-remove", {"node": node, "name": bitmap}
                             )
-                if self.server_started:
-                    with contextlib.suppress(DriverError):
-                        await self.proc.execute("nbd-server-stop")
+            if alive and self.server_started:
+                with contextlib.suppress(DriverError):
+                    await self.proc.execute("nbd-server-stop")
             self.server_started = False
-            if self.server_socket:
-                remove_files([self.server_socket])
             if not nodes_only:
                 remove_files(bd.path for bd in self.disks if bd.created)
 
