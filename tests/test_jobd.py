@@ -65,18 +65,23 @@ class Jobd:
         path = self.ro_sock if readonly else self.sock
         return f"sim+unix:///{host}?socket={path}" + (f"&{query}" if query else "")
 
+    def _accepts(self) -> bool:
+        """Both sockets take connections (a socket file exists before it listens)."""
+        for path in (self.sock, self.ro_sock):
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(path))
+                except OSError:
+                    return False
+        return True
+
     def wait_ready(self, timeout: float = 15.0) -> Jobd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"jobd exited {self.proc.returncode}: {self.log()}")
-            if self.sock.exists() and self.ro_sock.exists():
-                with socket.socket(socket.AF_UNIX) as s:
-                    try:
-                        s.connect(str(self.sock))
-                        return self
-                    except OSError:
-                        pass
+            if self.sock.exists() and self.ro_sock.exists() and self._accepts():
+                return self
             time.sleep(0.05)
         raise AssertionError(f"jobd did not start: {self.log()}")
 
