@@ -37,8 +37,17 @@ class LimitedJobd(Jobd):
         self.log_path = run_dir.parent / f"{run_dir.name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
-            ["prlimit", f"--nofile={nofile}", "--", sys.executable, "-m", "jobcore.jobd"]
-            + ["--run-dir", str(run_dir), *args],
+            [
+                "prlimit",
+                f"--nofile={nofile}",
+                "--",
+                sys.executable,
+                "-m",
+                "jobcore.jobd",
+                "--run-dir",
+                str(run_dir),
+                *args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             cwd=ROOT,
@@ -246,16 +255,29 @@ def test_slow_reader_gets_every_reply(jobd: Jobd) -> None:
 # ---- M3: frames that never complete ---------------------------------------------------------
 
 
-def send_some(sock: socket.socket, data: bytes) -> int:
-    """Send what the socket takes without blocking; the byte count."""
-    sock.setblocking(False)
-    sent = 0
-    try:
-        while sent < len(data):
-            sent += sock.send(data[sent : sent + 1 << 20])
-    except BlockingIOError:
-        pass
-    finally:
+def pump(data: dict[socket.socket, bytes], patience: float = 1.5) -> dict[socket.socket, int]:
+    """Send each socket its data without blocking, until all is sent or nothing moved for
+    ``patience`` seconds (the daemon stopped reading); the bytes sent per socket."""
+    sent = dict.fromkeys(data, 0)
+    for sock in data:
+        sock.setblocking(False)
+    still = time.monotonic()
+    while any(sent[s] < len(d) for s, d in data.items()):
+        moved = False
+        for sock, chunk in data.items():
+            try:
+                n = sock.send(chunk[sent[sock] : sent[sock] + (1 << 20)])
+            except BlockingIOError:
+                continue
+            sent[sock] += n
+            moved = moved or n > 0
+        if moved:
+            still = time.monotonic()
+        elif time.monotonic() - still > patience:
+            break
+        else:
+            time.sleep(0.01)
+    for sock in data:
         sock.settimeout(10)
     return sent
 
@@ -266,12 +288,9 @@ def test_stalled_frames_hold_bounded_memory(jobd: Jobd) -> None:
     body = b"\x00" * ((4 << 20) - 1)
     holder = Raw(jobd.sock)  # opens sim:///default for the read-only clients
     base = rss(jobd.proc.pid)
-    stalled = []
-    for _ in range(48):
-        client = Raw(jobd.ro_sock)
-        sent = send_some(client.sock, struct.pack(">I", 4 << 20) + body)
-        assert sent > 4
-        stalled.append(client)
+    stalled = [Raw(jobd.ro_sock) for _ in range(48)]
+    sent = pump({c.sock: struct.pack(">I", 4 << 20) + body for c in stalled})
+    assert all(n > 4 for n in sent.values())
     limit = 110 * MiB
     peak = peak_rss(jobd.proc.pid, 3, base + limit)
     assert peak - base < limit, f"jobd grew by {(peak - base) // MiB} MiB"
