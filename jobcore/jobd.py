@@ -1060,6 +1060,7 @@ class Daemon:
                     if msg is not None and await self._accept(client, msg, slots, share):
                         held = 0  # the request's task gives it back
                 finally:
+                    msg = None  # not held while the next frame is awaited
                     if held:
                         self._receiving.release(held)
         except (
@@ -1260,24 +1261,32 @@ class Daemon:
         slots: anyio.Semaphore,
         share: int,
     ) -> None:
+        """Serve one request: ``share`` is the bytes of max_receive_buffer its frame holds
+        (given back once the handler is done with its arguments)."""
+        rid, method = req.id, req.method
         reply: Message | None = None
-        bulky = req.method in _BULKY
+        bulky = False  # holding client.bulky: few big results at a time, each counted once
         try:
-            if bulky:  # few big results at a time: each is counted once encoded
-                await client.bulky.acquire()
             with scope:
+                if method in _BULKY:
+                    await client.bulky.acquire()
+                    bulky = True
                 await anyio.lowlevel.checkpoint()  # a CANCEL that came first stops it here
                 # a client that does not take its replies gets no more computed for it
                 await client.queued.below_limit()
                 try:
-                    reply = Reply(req.id, await _HANDLERS[req.method](self, client, req.args))
+                    reply = Reply(rid, await _HANDLERS[method](self, client, req.args))
                 except (JobError, TimeoutError) as exc:
-                    reply = error_reply(req.id, exc)
+                    reply = error_reply(rid, exc)
                 except Exception as exc:
-                    client.log.exception("request failed", method=str(req.method))
+                    client.log.exception("request failed", method=str(method))
                     reply = error_reply(
-                        req.id, JobError(f"internal error in jobd: {type(exc).__name__}: {exc}")
+                        rid, JobError(f"internal error in jobd: {type(exc).__name__}: {exc}")
                     )
+            del req  # its arguments (an XML document, say) are not needed any more
+            if share:
+                self._receiving.release(share)
+                share = 0
             if reply is not None:
                 frame = client.encode(reply)
                 reply = None  # the frame alone is held (and counted) while it waits
@@ -1292,7 +1301,7 @@ class Daemon:
                 client.bulky.release()
             if share:
                 self._receiving.release(share)
-            client.requests.pop(req.id, None)
+            client.requests.pop(rid, None)
             slots.release()
 
 
@@ -1632,7 +1641,8 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Path(dir_okay=False, path_type=Path),
                 help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
                 "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout, "
-                "subscriber_lost_limit, max_retained_per_domain, max_retained, log_file.",
+                "subscriber_lost_limit, max_retained_per_domain, max_retained, log_file, "
+                "frame_timeout, max_receive_buffer.",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
@@ -1697,7 +1707,8 @@ def start_from_options(
 @click.version_option(package_name="jobcore", prog_name="jobd")
 def main(**options: Any) -> None:
     """jobd: serve the jobcore API over UNIX sockets in RUN_DIR (jobd.sock read-write,
-    jobd-ro.sock read-only) until SIGTERM or SIGINT; in the foreground unless --daemon."""
+    jobd-ro.sock read-only) until SIGTERM or SIGINT (SIGHUP reopens a moved log file); in
+    the foreground unless --daemon."""
     sys.exit(start_from_options(**options))
 
 
