@@ -19,6 +19,8 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 from test_jobd import ROOT, Jobd, _frame, _recv
 
+from jobcore.jobd import ConfigError, load_config
+
 MiB = 1 << 20
 SLOW_PULL = "<job type='blockpull'><disk name='vda'/></job>"  # runs for ages at rate=1
 BIG_DESC = 400_000
@@ -313,6 +315,48 @@ def test_stalled_frame_is_closed_after_frame_timeout(tmp_path: Path) -> None:
         assert holder.call(2, "list_domains")[0] == 1
     finally:
         daemon.stop()
+
+
+def test_big_frame_waits_for_the_receive_budget(tmp_path: Path) -> None:
+    """A big frame arriving while stalled ones hold all of max_receive_buffer is read once
+    they are expelled (within its own frame_timeout), not refused."""
+    config = config_file(tmp_path, f"frame_timeout = 2\nmax_receive_buffer = {4 * MiB}\n")
+    daemon = Jobd(tmp_path / "run", "--config", config).wait_ready()
+    try:
+        holder = Raw(daemon.sock)
+        hog = Raw(daemon.ro_sock)
+        pump({hog.sock: struct.pack(">I", 4 << 20) + b"\x00" * (1 << 20)}, patience=0.2)
+        time.sleep(1)  # the hog's deadline comes a second before the next frame's
+        name = "x" * 100_000
+        late = Raw(daemon.ro_sock)
+        late.send([0, 7, "lookup_domain", [name]])
+        reply = late.recv()
+        assert reply[:3] == [2, 7, "NoSuchDomain"], reply[:4]
+        expelled = hog.recv()
+        assert expelled[:3] == [2, 0, "ProtocolError"] and "frame_timeout" in expelled[3]
+        assert holder.call(2, "list_domains")[0] == 1
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("frame_timeout", float("nan")),
+        ("frame_timeout", 0),
+        ("frame_timeout", True),
+        ("max_receive_buffer", (4 << 20) - 1),
+        ("max_receive_buffer", 1.5e8),
+    ],
+)
+def test_io_config_values_checked(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, **{key: value})
+
+
+def test_io_config_values_taken() -> None:
+    config = load_config(None, frame_timeout=2, max_receive_buffer=8 << 20)
+    assert (config.frame_timeout, config.max_receive_buffer) == (2.0, 8 << 20)
 
 
 # ---- M13: SIGHUP ----------------------------------------------------------------------------
