@@ -17,6 +17,7 @@ import fcntl
 import fnmatch
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -30,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 import click
-from anyio.abc import SocketStream, TaskGroup
+from anyio.abc import SocketListener, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from attrs import Factory, define, field, frozen
 
@@ -48,7 +50,7 @@ from jobcore.errors import (
     SubscriptionOverflow,
 )
 from jobcore.events import EndReason, EventKind, Subscription
-from jobcore.log import configure, get_logger
+from jobcore.log import configure, get_logger, reopen_log_files
 from jobcore.paths import PathGuard, owner_guard
 from jobcore.protocol import (
     HEADER,
@@ -119,6 +121,31 @@ MAX_LIST_PAGE = 1000
 HANDLE_CACHE = 4096
 #: A client that does not take a frame within this many seconds is disconnected.
 SEND_TIMEOUT = 30.0
+#: Bytes of encoded replies and events one client may have waiting to be sent; beyond, the
+#: daemon reads no new request from it and starts no request of its until they drain.
+MAX_QUEUED_SEND = 8 << 20
+#: Requests of methods whose reply may be big (``_BULKY``) one client may have computing
+#: at a time (their replies are counted in MAX_QUEUED_SEND only once encoded).
+MAX_BULKY = 2
+#: Seconds a client has to complete a frame once its header arrived.
+FRAME_TIMEOUT = 30.0
+#: Bytes the frames being received from all clients may hold at once.
+MAX_RECEIVE_BUFFER = 64 << 20
+#: Frame bodies up to this size are read without a share of MAX_RECEIVE_BUFFER (at most
+#: max_clients + max_ro_clients of them are partly read at a time).
+SMALL_FRAME = 64 << 10
+#: File descriptors jobd needs beside one per client (listeners, driver connections, QMP
+#: sockets, log file, …): max_clients + max_ro_clients + this must fit RLIMIT_NOFILE.
+FD_HEADROOM = 64
+#: accept() that fails for want of file descriptors or memory is retried after this many
+#: seconds, doubling up to ACCEPT_BACKOFF_MAX while it keeps failing.
+ACCEPT_BACKOFF = 0.1
+ACCEPT_BACKOFF_MAX = 1.0
+_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors about the one connection being accepted (it is dropped, jobd goes on).
+_ACCEPT_TRANSIENT = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN, errno.EPERM, errno.ETIMEDOUT}
+)
 #: Seconds the driver connections get to close at shutdown.
 SHUTDOWN_GRACE = 10.0
 #: A line a client can provoke at will (malformed frame, refused request) is logged once
@@ -168,6 +195,10 @@ class DaemonConfig:
     max_retained: int = DEFAULT_MAX_RETAINED
     #: log to this file (JSON lines, reopened after logrotate moves it) instead of stderr
     log_file: Path | None = None
+    #: seconds a client has to complete a frame once its header arrived
+    frame_timeout: float = FRAME_TIMEOUT
+    #: bytes the partly received frames of all clients may hold at once
+    max_receive_buffer: int = MAX_RECEIVE_BUFFER
 
 
 _CONFIG_KEYS = {
@@ -186,6 +217,8 @@ _CONFIG_KEYS = {
     "max_retained_per_domain",
     "max_retained",
     "log_file",
+    "frame_timeout",
+    "max_receive_buffer",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -277,6 +310,23 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             if not isinstance(log_file, str | Path) or not str(log_file):
                 raise ConfigError("log_file must be a file name")
             config = _evolve(config, log_file=Path(log_file))
+        if "frame_timeout" in values:
+            seconds = values["frame_timeout"]
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0.01 <= seconds <= 86400
+            ):
+                raise ConfigError("frame_timeout must be a number of seconds within 0.01 and 86400")
+            config = _evolve(config, frame_timeout=float(seconds))
+        if "max_receive_buffer" in values:
+            size = _typed(values, "max_receive_buffer", int)
+            if not MAX_FRAME <= size <= 1 << 40:
+                raise ConfigError(
+                    f"max_receive_buffer must be a number of bytes within {MAX_FRAME} (one "
+                    "frame) and 2^40"
+                )
+            config = _evolve(config, max_receive_buffer=size)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
@@ -343,6 +393,14 @@ class _ClientGone(Exception):
     """Sending to a client failed or timed out: it is disconnected."""
 
 
+class _FrameLate(Exception):
+    """A client did not complete a frame in time: ``error`` says why it is expelled."""
+
+    def __init__(self, error: JobError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @define(eq=False)
 class _Noise:
     """Rate limit for the log lines one connection can provoke at will: the first of each
@@ -376,6 +434,34 @@ class _Noise:
     def _summary(self, kind: str, entry: list[Any], now: float) -> None:
         getattr(self.log, entry[0])(f"{kind} repeated", count=entry[1], last=entry[3])
         entry[1], entry[2] = 0, now
+
+
+@define(eq=False)
+class _ByteBudget:
+    """Bytes held against a limit; waiters are woken whenever some are given back."""
+
+    limit: int
+    used: int = 0
+    _changed: anyio.Event = field(factory=anyio.Event)
+
+    async def reserve(self, n: int) -> None:
+        """Take ``n`` bytes once they fit (at once when nothing is held, so that one
+        frame bigger than the limit still goes through, alone)."""
+        while self.used and self.used + n > self.limit:
+            await self._changed.wait()
+        self.used += n
+
+    async def below_limit(self) -> None:
+        while self.used >= self.limit:
+            await self._changed.wait()
+
+    def add(self, n: int) -> None:
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._changed.set()
+        self._changed = anyio.Event()
 
 
 @define(eq=False)
@@ -414,14 +500,26 @@ class _Client:
         self.reading.cancel()
 
     noise: _Noise = field(default=Factory(lambda self: _Noise(self.log), takes_self=True))
+    #: bytes of encoded frames waiting for (or in) ``stream.send``: MAX_QUEUED_SEND
+    queued: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_QUEUED_SEND))
+    #: requests of _BULKY methods being served and not yet counted in ``queued``
+    bulky: anyio.Semaphore = field(factory=lambda: anyio.Semaphore(MAX_BULKY))
 
     async def send(self, msg: Message) -> None:
+        await self.send_frame(self.encode(msg))
+
+    @staticmethod
+    def encode(msg: Message) -> bytes:
         try:
-            frame = encode_message(msg)
+            return encode_message(msg)
         except ProtocolError as exc:  # a reply over the frame limit
             if not isinstance(msg, Reply):
                 raise
-            frame = encode_message(error_reply(msg.id, exc))
+            return encode_message(error_reply(msg.id, exc))
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Send one encoded frame, counted in ``queued`` until the client took it."""
+        self.queued.add(len(frame))
         try:
             async with self.send_lock:
                 with anyio.fail_after(SEND_TIMEOUT):
@@ -430,6 +528,8 @@ class _Client:
             self.log.info("client dropped", reason=type(exc).__name__)
             self.tg.cancel_scope.cancel()
             raise _ClientGone from None
+        finally:
+            self.queued.release(len(frame))
 
     def remember(self, job: Job) -> Job:
         self.jobs[job.uuid] = job
@@ -726,6 +826,9 @@ class Daemon:
         self._subscriptions = 0
         self.drivers: DriverConnections | None = None
         self._serving: anyio.CancelScope | None = None
+        #: bytes of the frames being received from all clients (max_receive_buffer)
+        self._receiving = _ByteBudget(config.max_receive_buffer)
+        self._accept_noise = _Noise(_log)
 
     @property
     def rw_path(self) -> Path:
@@ -784,8 +887,8 @@ class Daemon:
         async with rw, ro, anyio.create_task_group() as tg:
             if handle_signals:
                 tg.start_soon(self._signals, tg.cancel_scope)
-            tg.start_soon(rw.serve, partial(self._client, readonly=False), tg)
-            tg.start_soon(ro.serve, partial(self._client, readonly=True), tg)
+            tg.start_soon(self._accept_loop, rw, False, tg)
+            tg.start_soon(self._accept_loop, ro, True, tg)
             _log.info(
                 "jobd ready",
                 pid=os.getpid(),
@@ -796,9 +899,46 @@ class Daemon:
             )
             task_status.started()
 
+    async def _accept_loop(self, listener: SocketListener, readonly: bool, tg: TaskGroup) -> None:
+        """Accept clients until cancelled. Running out of file descriptors (or kernel
+        memory) is not fatal: it is logged (rate-limited), accept() is retried after a
+        back-off, and the connections wait in the listen backlog meanwhile."""
+        name = RO_SOCKET if readonly else RW_SOCKET
+        backoff = ACCEPT_BACKOFF
+        while True:
+            try:
+                stream = await listener.accept()
+            except (anyio.BrokenResourceError, OSError) as exc:
+                cause = exc if isinstance(exc, OSError) else exc.__cause__
+                code = getattr(cause, "errno", None)
+                if code in _ACCEPT_TRANSIENT:
+                    continue
+                if code not in _ACCEPT_EXHAUSTED:
+                    raise
+                self._accept_noise.line(
+                    "error",
+                    "cannot accept connections",
+                    socket=name,
+                    error=os.strerror(code),
+                    retry_s=backoff,
+                )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                continue
+            if backoff > ACCEPT_BACKOFF:
+                _log.info("accepting connections again", socket=name)
+                backoff = ACCEPT_BACKOFF
+            tg.start_soon(partial(self._client, stream, readonly=readonly))
+
     async def _signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """SIGTERM and SIGINT stop jobd; SIGHUP reopens the log file if it was moved
+        (logrotate's postrotate) and jobd goes on serving."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    reopen_log_files()
+                    _log.info("SIGHUP: log file reopened if it was moved; still serving")
+                    continue
                 _log.info("shutting down", signal=signal.Signals(signum).name)
                 scope.cancel()
                 return
@@ -931,6 +1071,7 @@ class Daemon:
         slots = anyio.Semaphore(MAX_IN_FLIGHT)
         try:
             while True:
+                await client.queued.below_limit()  # replies first: the client must drain
                 header = await receive.receive_exactly(HEADER.size)
                 try:
                     length = frame_length(header)
@@ -938,15 +1079,21 @@ class Daemon:
                     client.log.warning("oversized frame", error=str(exc))
                     await client.send(error_reply(0, exc))
                     return
-                body = await receive.receive_exactly(length)
-                client.last_frame = anyio.current_time()
                 try:
-                    msg = decode_message(body)
-                except BadRequest as exc:
-                    client.noise.line("warning", "malformed frame", error=str(exc))
-                    await client.send(error_reply(exc.request_id, exc))
-                    continue
-                await self._accept(client, msg, slots)
+                    msg, share = await self._receive_body(client, receive, length)
+                except _FrameLate as late:
+                    client.log.info("frame not completed in time", error=str(late.error))
+                    client.expelled = late.error
+                    return
+                client.last_frame = anyio.current_time()
+                held = share
+                try:
+                    if msg is not None and await self._accept(client, msg, slots, share):
+                        held = 0  # the request's task gives it back
+                finally:
+                    msg = None  # not held while the next frame is awaited
+                    if held:
+                        self._receiving.release(held)
         except (
             anyio.EndOfStream,
             anyio.IncompleteRead,
@@ -960,12 +1107,68 @@ class Daemon:
                 sub.close()
             client.subs.clear()
 
-    async def _accept(self, client: _Client, msg: Message, slots: anyio.Semaphore) -> None:
+    async def _receive_body(
+        self, client: _Client, receive: BufferedByteReceiveStream, length: int
+    ) -> tuple[Message | None, int]:
+        """A frame's body, decoded (None if it was malformed: the client was answered),
+        read within ``frame_timeout`` in chunks as the bytes arrive, and the share of
+        ``max_receive_buffer`` it holds: bodies over SMALL_FRAME first take ``length``
+        bytes of it, waiting (within the same deadline) while the frames of others hold
+        it; the caller gives the share back once the request is served."""
+        cfg = self.config
+        share = length if length > SMALL_FRAME else 0
+        reserved = False
+        kept = False
+        try:
+            with anyio.fail_after(cfg.frame_timeout):
+                if share:
+                    await self._receiving.reserve(share)
+                    reserved = True
+                chunks: list[bytes] = []
+                remaining = length
+                while remaining:
+                    chunk = await receive.receive(min(remaining, 65536))
+                    chunks.append(chunk)
+                    remaining -= len(chunk)
+            body = b"".join(chunks)
+            del chunks
+            try:
+                msg = decode_message(body)
+            except BadRequest as exc:
+                client.noise.line("warning", "malformed frame", error=str(exc))
+                await client.send(error_reply(exc.request_id, exc))
+                return None, 0
+            kept = True
+            return msg, share
+        except TimeoutError:
+            if share and not reserved:
+                raise _FrameLate(
+                    DaemonBusy(
+                        f"jobd's receive buffers (max_receive_buffer, {cfg.max_receive_buffer} "
+                        f"bytes) stayed full for {cfg.frame_timeout:g} s: a frame of {length} "
+                        "bytes could not be read; jobd closed the connection, retry later"
+                    )
+                ) from None
+            raise _FrameLate(
+                ProtocolError(
+                    f"a frame of {length} bytes was not completed within "
+                    f"{cfg.frame_timeout:g} s (frame_timeout): jobd closed the connection"
+                )
+            ) from None
+        finally:
+            if reserved and not kept:
+                self._receiving.release(share)
+
+    async def _accept(
+        self, client: _Client, msg: Message, slots: anyio.Semaphore, share: int = 0
+    ) -> bool:
+        """Serve or start serving one message; True if a request task took over ``share``
+        (bytes of max_receive_buffer it gives back when done)."""
         if isinstance(msg, Cancel):
             scope = client.requests.get(msg.id)
             if scope is not None:
                 scope.cancel()
-            return
+            return False
         if not isinstance(msg, Request):
             await client.send(
                 error_reply(
@@ -973,11 +1176,11 @@ class Daemon:
                     BadRequest("clients send requests only"),
                 )
             )
-            return
+            return False
         try:
             if msg.method is Method.HELLO:
                 await client.send(Reply(msg.id, await self._hello(client, msg.args)))
-                return
+                return False
             if client.conn is None:
                 raise BadRequest("the first request must be 'hello'", msg.id)
             if client.readonly and msg.method.spec.writes:
@@ -985,13 +1188,13 @@ class Daemon:
             if msg.method is Method.SUBSCRIBE:
                 self._subscribe(client, msg.id, msg.args)
                 await client.send(Reply(msg.id, None))
-                return
+                return False
             if msg.method is Method.UNSUBSCRIBE:
                 sub = client.subs.pop(_arg_int(msg.args[0]), None)
                 if sub is not None:
                     sub.close()
                 await client.send(Reply(msg.id, None))
-                return
+                return False
         except JobError as exc:
             client.noise.line(
                 "info",
@@ -1000,9 +1203,24 @@ class Daemon:
                 error=f"{type(exc).__name__}: {exc}",
             )
             await client.send(error_reply(msg.id, exc))
-            return
+            return False
+        if msg.id in client.requests:  # its CANCEL could not tell the two apart
+            client.noise.line("info", "request refused", method=str(msg.method), error="id reused")
+            await client.send(
+                error_reply(
+                    msg.id,
+                    BadRequest(
+                        f"request id {msg.id} is already in flight on this connection: give "
+                        "each request an id of its own",
+                        msg.id,
+                    ),
+                )
+            )
+            return False
         await slots.acquire()
-        client.tg.start_soon(self._run_request, client, msg, slots)
+        client.requests[msg.id] = scope = anyio.CancelScope()  # a CANCEL finds it at once
+        client.tg.start_soon(self._run_request, client, msg, scope, slots, share)
+        return True
 
     async def _hello(self, client: _Client, args: tuple[ArgValue, ...]) -> Wire:
         version, uri = args
@@ -1080,26 +1298,55 @@ class Daemon:
         finally:
             sub.close()
 
-    async def _run_request(self, client: _Client, req: Request, slots: anyio.Semaphore) -> None:
+    async def _run_request(
+        self,
+        client: _Client,
+        req: Request,
+        scope: anyio.CancelScope,
+        slots: anyio.Semaphore,
+        share: int,
+    ) -> None:
+        """Serve one request: ``share`` is the bytes of max_receive_buffer its frame holds
+        (given back once the handler is done with its arguments)."""
+        rid, method = req.id, req.method
         reply: Message | None = None
+        bulky = False  # holding client.bulky: few big results at a time, each counted once
         try:
-            with anyio.CancelScope() as scope:
-                client.requests[req.id] = scope
+            with scope:
+                if method in _BULKY:
+                    await client.bulky.acquire()
+                    bulky = True
+                await anyio.lowlevel.checkpoint()  # a CANCEL that came first stops it here
+                # a client that does not take its replies gets no more computed for it
+                await client.queued.below_limit()
                 try:
-                    reply = Reply(req.id, await _HANDLERS[req.method](self, client, req.args))
+                    reply = Reply(rid, await _HANDLERS[method](self, client, req.args))
                 except (JobError, TimeoutError) as exc:
-                    reply = error_reply(req.id, exc)
+                    reply = error_reply(rid, exc)
                 except Exception as exc:
-                    client.log.exception("request failed", method=str(req.method))
+                    client.log.exception("request failed", method=str(method))
                     reply = error_reply(
-                        req.id, JobError(f"internal error in jobd: {type(exc).__name__}: {exc}")
+                        rid, JobError(f"internal error in jobd: {type(exc).__name__}: {exc}")
                     )
+            del req  # its arguments (an XML document, say) are not needed any more
+            if share:
+                self._receiving.release(share)
+                share = 0
             if reply is not None:
-                await client.send(reply)
+                frame = client.encode(reply)
+                reply = None  # the frame alone is held (and counted) while it waits
+                if bulky:  # the next one starts once this frame is counted in queued
+                    client.bulky.release()
+                    bulky = False
+                await client.send_frame(frame)
         except _ClientGone:
             pass
         finally:
-            client.requests.pop(req.id, None)
+            if bulky:
+                client.bulky.release()
+            if share:
+                self._receiving.release(share)
+            client.requests.pop(rid, None)
             slots.release()
 
 
@@ -1303,6 +1550,23 @@ async def _h_xml_desc(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
     return await (await _job(c, a[0])).xml_desc()
 
 
+#: Methods whose reply may be big (XML, lists, typed parameters): see MAX_BULKY. The others
+#: reply with a few hundred bytes at most (a ref, a job's info, nil).
+_BULKY = frozenset(
+    {
+        Method.LIST_DOMAINS,
+        Method.DOMAIN_INFO,
+        Method.LIST_JOBS,
+        Method.LIST_JOBS_PAGE,
+        Method.FIND_JOBS,
+        Method.LEGACY_JOB_STATS,
+        Method.BACKUP_GET_XML_DESC,
+        Method.BLOCK_JOB_INFO,
+        Method.JOB_STATS,
+        Method.JOB_XML_DESC,
+    }
+)
+
 _MISSING = set(Method) - set(_HANDLERS) - {Method.HELLO, Method.SUBSCRIBE, Method.UNSUBSCRIBE}
 assert not _MISSING, f"methods without a handler: {_MISSING}"
 
@@ -1316,6 +1580,10 @@ def run_daemon(config: DaemonConfig, *, detach: bool = False) -> int:
     In the foreground, or with ``detach`` (``--daemon``) in a child process: the calling
     process returns 0 only once both sockets accept connections, or the child's exit status
     if it could not start (libvirtd's ``--daemon`` behaves the same way)."""
+    fd_problem = raise_fd_limit(config)
+    if fd_problem is not None:
+        click.echo(f"jobd: {fd_problem}", err=True)
+        return EXIT_CONFIG
     ready = _nothing
     if detach:
         status, ready = _detach(config)
@@ -1348,6 +1616,31 @@ def run_daemon(config: DaemonConfig, *, detach: bool = False) -> int:
 
 def _nothing() -> None:
     pass
+
+
+def raise_fd_limit(config: DaemonConfig) -> str | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; what is wrong if the clients
+    ``config`` allows, plus FD_HEADROOM, still do not fit (None when they do)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        for target in (hard, 1 << 20):  # an infinite hard limit: the kernel's nr_open
+            if target == resource.RLIM_INFINITY or target <= soft:
+                continue
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (OSError, ValueError):
+                continue
+            soft = target
+            break
+    needed = config.max_clients + config.max_ro_clients + FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return (
+            f"max_clients ({config.max_clients}) + max_ro_clients ({config.max_ro_clients}) + "
+            f"{FD_HEADROOM} file descriptors for jobd itself = {needed}, more than the open "
+            f"file limit allows ({soft}; hard limit {hard}): lower max_clients or "
+            "max_ro_clients, or raise the limit (ulimit -n, systemd's LimitNOFILE=)"
+        )
+    return None
 
 
 def _detach(config: DaemonConfig) -> tuple[int | None, Callable[[], None]]:
@@ -1395,7 +1688,7 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
                 "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout, "
                 "subscriber_lost_limit, max_subscriptions, max_retained_per_domain, max_retained, "
-                "log_file.",
+                "log_file, frame_timeout, max_receive_buffer.",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
@@ -1460,7 +1753,8 @@ def start_from_options(
 @click.version_option(package_name="jobcore", prog_name="jobd")
 def main(**options: Any) -> None:
     """jobd: serve the jobcore API over UNIX sockets in RUN_DIR (jobd.sock read-write,
-    jobd-ro.sock read-only) until SIGTERM or SIGINT; in the foreground unless --daemon."""
+    jobd-ro.sock read-only) until SIGTERM or SIGINT (SIGHUP reopens a moved log file); in
+    the foreground unless --daemon."""
     sys.exit(start_from_options(**options))
 
 

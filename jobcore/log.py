@@ -98,6 +98,19 @@ class EventFormatter(logging.Formatter):
         return str(self._renderer(None, record.levelname.lower(), event))
 
 
+def reopen_log_files() -> None:
+    """Reopen the file ``configure()`` logs to if it was moved away or deleted (jobd on
+    SIGHUP, as logrotate's postrotate sends it); the next line would reopen it anyway."""
+    for name in (*LIBRARY_LOGGERS, "jobd"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.handlers.WatchedFileHandler):
+                handler.acquire()
+                try:
+                    handler.reopenIfNeeded()
+                finally:
+                    handler.release()
+
+
 def configure(
     level: int = logging.INFO, *, json: bool | None = None, log_file: Path | None = None
 ) -> None:
