@@ -50,6 +50,7 @@ from jobcore.lifecycle import (
 from jobcore.log import get_logger
 from jobcore.registry import registry
 from jobcore.scheduler import Scheduler
+from jobcore.spec import MAX_INT64
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -383,6 +384,10 @@ class Engine:
     async def set_speed(self, rec: JobRecord, bandwidth: int | None) -> None:
         if bandwidth is not None and bandwidth < 0:
             raise InvalidArgument("bandwidth must not be negative")
+        if bandwidth is not None and bandwidth > MAX_INT64:
+            raise InvalidArgument(
+                f"bandwidth {bandwidth} bytes/s is too large: the maximum is {MAX_INT64} bytes/s"
+            )
         async with self._verb_lock(rec):
             await self._started(rec)
             check_verb(rec.uuid, rec.state, Verb.SET_SPEED)

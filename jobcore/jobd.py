@@ -408,6 +408,13 @@ class _Client:
             if not isinstance(msg, Reply):
                 raise
             frame = encode_message(error_reply(msg.id, exc))
+        except (OverflowError, TypeError, ValueError) as exc:  # a value msgpack cannot encode
+            if not isinstance(msg, Reply):
+                raise
+            self.log.error("reply not encodable", id=msg.id, error=str(exc))
+            frame = encode_message(
+                error_reply(msg.id, JobError(f"internal error: the reply cannot be encoded: {exc}"))
+            )
         try:
             async with self.send_lock:
                 with anyio.fail_after(SEND_TIMEOUT):
