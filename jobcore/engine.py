@@ -50,7 +50,7 @@ from jobcore.lifecycle import (
 from jobcore.log import get_logger
 from jobcore.registry import registry
 from jobcore.scheduler import Scheduler
-from jobcore.spec import MAX_INT64
+from jobcore.spec import MAX_INT64, MAX_SECONDS
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -81,6 +81,20 @@ class InvalidTransition(AssertionError):
     """The engine (or a driver report) tried a move the transition table forbids: a bug."""
 
 
+def check_timeout(timeout: float | None) -> float | None:
+    """A wait's ``timeout`` in seconds: None or +inf (no limit, returned as None) or a number
+    >= 0; InvalidArgument for NaN, a negative number or anything else."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidArgument(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidArgument(
+            f"timeout {timeout} is not a number of seconds >= 0 (None waits without limit)"
+        )
+    return None if math.isinf(timeout) else float(timeout)
+
+
 class Engine:
     def __init__(
         self,
@@ -103,7 +117,11 @@ class Engine:
                 max_retained_per_domain=max_retained_per_domain, max_retained=max_retained
             )
         )
-        self.retention = retention
+        if not (isinstance(retention, int | float) and 0 <= retention <= MAX_SECONDS):
+            raise InvalidArgument(
+                f"retention {retention} is not a number of seconds in 0…{MAX_SECONDS:.0f}"
+            )
+        self.retention = float(retention)
         self.events = EventHub()
         self.scheduler = Scheduler()
         self._seq = itertools.count()
@@ -476,6 +494,7 @@ class Engine:
         return st
 
     async def wait(self, rec: JobRecord, timeout: float | None = None) -> JobInfo:
+        timeout = check_timeout(timeout)
         if rec.state.active:
             if rec.done is None:
                 rec.done = anyio.Event()

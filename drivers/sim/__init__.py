@@ -229,7 +229,9 @@ class SimConnection:
         self._tg = tg
         if not uri.name:
             raise InvalidURI(f"'{uri}' names no simulated host: write sim:///NAME")
-        rate = _number_param(uri, "rate", "a finite number of bytes/s >= 0 (0: instant)", 0.0, math.inf)
+        rate = _number_param(
+            uri, "rate", "a finite number of bytes/s >= 0 (0: instant)", 0.0, math.inf
+        )
         self._fail_at = _number_param(uri, "fail_at", "a fraction in 0…1", 0.0, 1.0)
         if rate is None:
             rate = float(DEFAULT_RATE)

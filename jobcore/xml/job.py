@@ -42,8 +42,6 @@ _FORMAT_UNITS = (("GiB/s", 1 << 30), ("MiB/s", 1 << 20), ("KiB/s", 1 << 10))
 MAX_BANDWIDTH = MAX_INT64
 #: the largest ``<downtime-limit>`` after conversion, in ms
 MAX_DOWNTIME_MS = MAX_INT64
-#: ``<priority>`` bounds
-MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 
 
 # --- standalone documents --------------------------------------------------------------
@@ -192,8 +190,6 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
             pass  # read-only: a described job's state, as JobGetXMLDesc writes it
         elif tag == "priority":
             priority = int(child.text or "")
-            if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-                fail(child, f"{priority} is out of range: {MIN_PRIORITY}…{MAX_PRIORITY}")
         else:
             retention = parse_seconds(child, "seconds")
     try:
@@ -331,8 +327,8 @@ __all__ = [
     "parse_bandwidth",
     "parse_chain_ref",
     "parse_checkpoint",
-    "parse_downtime",
     "parse_checkpoint_element",
+    "parse_downtime",
     "parse_job",
     "parse_seconds",
 ]
