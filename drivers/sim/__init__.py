@@ -4,7 +4,10 @@ Each connection owns a private simulated *world* of hosts; the host it opens hol
 running domains, ``vm1`` and ``vm2`` (disk ``vda``: 1 GiB, a 3-layer backing chain; disk
 ``vdb``: 512 MiB, no backing; 512 MiB of memory). Work advances at ``rate`` bytes/s of
 simulated copying (``?rate=N``, default 256 MiB/s; ``rate=0`` means instant). With
-``?clock=manual`` time moves only when a test calls ``clock.advance()``.
+``?clock=manual`` time moves only when a test calls ``clock.advance()``. Parameters are
+checked when the connection opens (``rate`` finite and >= 0, ``fail_at`` in 0…1,
+``clock`` real or manual): anything else is InvalidArgument naming it. ``sim:///`` (no
+name) is refused. Migrations add hosts to the world, at most MAX_HOSTS in all.
 
 One scheduler loop per connection drives every job from a heap of deadlines, so starting
 a job costs O(log n) whatever the number of jobs. Failure injection: ``?fail_at=F`` makes
