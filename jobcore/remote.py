@@ -29,7 +29,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from jobcore.api import Connection, Domain, Job, as_uuid, uuid_prefix
 from jobcore.driver import DomainInfo
 from jobcore.engine import DEFAULT_RETENTION, check_timeout
-from jobcore.errors import InvalidURI, JobError
+from jobcore.errors import InvalidArgument, InvalidURI, JobError
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
@@ -152,7 +152,10 @@ class _Session:
             raise self._lost
         async with self._slots:
             rid = next(self._ids)
-            frame = encode_message(Request(rid, method, args))
+            try:
+                frame = encode_message(Request(rid, method, args))
+            except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int >= 2**64
+                raise InvalidArgument(f"{method}: an argument cannot be sent: {exc}") from None
             pending = self._pending[rid] = _Pending()
             try:
                 await self._out_send.send(frame)

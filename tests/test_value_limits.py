@@ -412,3 +412,19 @@ def test_limits_match_the_code() -> None:
     from jobcore.spec import MAX_INT64 as SPEC_MAX
 
     assert (SPEC_MAX, drivers.sim.MAX_HOSTS) == (MAX_INT64, SIM_HOSTS)
+
+
+def test_remote_arguments_that_cannot_be_encoded_are_invalid(jobd: Jobd) -> None:
+    async def main() -> None:
+        async with jobcore.connect(jobd.uri("rate=1000", host="m5r")) as conn:
+            dom = await conn.lookup_domain("vm1")
+            with pytest.raises(InvalidArgument, match="block_pull"):
+                await dom.block_pull("vda", 2**64, 0)
+            job = await dom.job_begin(PULL.format(disk="vda"))
+            with pytest.raises(InvalidArgument, match="too large"):
+                await job.set_speed(2**63)  # encodable: jobd refuses it
+            with pytest.raises(InvalidArgument):
+                await job.set_speed(2**64)
+            await job.abort()
+
+    anyio.run(main)
