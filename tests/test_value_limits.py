@@ -428,3 +428,18 @@ def test_remote_arguments_that_cannot_be_encoded_are_invalid(jobd: Jobd) -> None
             await job.abort()
 
     anyio.run(main)
+
+
+def test_blocking_event_get_refuses_a_nan_timeout() -> None:
+    conn = jobcore.open("sim:///default?rate=1000")
+    try:
+        events = conn.subscribe(domain="vm1")
+        try:
+            with pytest.raises(InvalidArgument, match="timeout"):
+                events.get(timeout=math.nan)
+            with pytest.raises(TimeoutError):
+                events.get(timeout=0.01)
+        finally:
+            events.close()
+    finally:
+        conn.close()
