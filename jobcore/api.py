@@ -24,7 +24,14 @@ from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.paths import PathGuard
 from jobcore.protocol import AccessDenied
-from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, ChainRef, JobType
+from jobcore.spec import (
+    MAX_INT64,
+    BackupJobSpec,
+    BlockCommitSpec,
+    BlockPullSpec,
+    ChainRef,
+    JobType,
+)
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN, JobRecord
 from jobcore.uri import parse_uri
 from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
@@ -392,7 +399,18 @@ def _bandwidth(value: int, flags: int, bytes_flag: int) -> int | None:
         raise InvalidArgument("bandwidth must not be negative")
     if value == 0:
         return None
-    return value if flags & bytes_flag else value * MiB
+    if flags & bytes_flag:
+        if value > MAX_INT64:
+            raise InvalidArgument(
+                f"bandwidth {value} bytes/s is too large: the maximum is {MAX_INT64} bytes/s"
+            )
+        return value
+    if value > MAX_INT64 // MiB:
+        raise InvalidArgument(
+            f"bandwidth {value} MiB/s is too large: the maximum is {MAX_INT64 // MiB} MiB/s"
+            " (pass the BANDWIDTH_BYTES flag for bytes/s)"
+        )
+    return value * MiB
 
 
 class Job:

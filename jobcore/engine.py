@@ -52,6 +52,7 @@ from jobcore.paths import PathGuard
 from jobcore.protocol import AccessDenied
 from jobcore.registry import registry
 from jobcore.scheduler import Scheduler
+from jobcore.spec import MAX_INT64, MAX_SECONDS
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -82,6 +83,20 @@ class InvalidTransition(AssertionError):
     """The engine (or a driver report) tried a move the transition table forbids: a bug."""
 
 
+def check_timeout(timeout: float | None) -> float | None:
+    """A wait's ``timeout`` in seconds: None or +inf (no limit, returned as None) or a number
+    >= 0; InvalidArgument for NaN, a negative number or anything else."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidArgument(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidArgument(
+            f"timeout {timeout} is not a number of seconds >= 0 (None waits without limit)"
+        )
+    return None if math.isinf(timeout) else float(timeout)
+
+
 class Engine:
     def __init__(
         self,
@@ -104,7 +119,11 @@ class Engine:
                 max_retained_per_domain=max_retained_per_domain, max_retained=max_retained
             )
         )
-        self.retention = retention
+        if not (isinstance(retention, int | float) and 0 <= retention <= MAX_SECONDS):
+            raise InvalidArgument(
+                f"retention {retention} is not a number of seconds in 0…{MAX_SECONDS:.0f}"
+            )
+        self.retention = float(retention)
         self.events = EventHub()
         self.scheduler = Scheduler()
         self._seq = itertools.count()
@@ -396,6 +415,10 @@ class Engine:
     async def set_speed(self, rec: JobRecord, bandwidth: int | None) -> None:
         if bandwidth is not None and bandwidth < 0:
             raise InvalidArgument("bandwidth must not be negative")
+        if bandwidth is not None and bandwidth > MAX_INT64:
+            raise InvalidArgument(
+                f"bandwidth {bandwidth} bytes/s is too large: the maximum is {MAX_INT64} bytes/s"
+            )
         async with self._verb_lock(rec):
             await self._started(rec)
             check_verb(rec.uuid, rec.state, Verb.SET_SPEED)
@@ -484,6 +507,7 @@ class Engine:
         return st
 
     async def wait(self, rec: JobRecord, timeout: float | None = None) -> JobInfo:
+        timeout = check_timeout(timeout)
         if rec.state.active:
             if rec.done is None:
                 rec.done = anyio.Event()

@@ -22,7 +22,7 @@ from anyio.from_thread import BlockingPortal
 
 from jobcore.api import Connection, Domain, Job, as_uuid, connect
 from jobcore.driver import DriverConnection
-from jobcore.engine import DEFAULT_RETENTION
+from jobcore.engine import DEFAULT_RETENTION, check_timeout
 from jobcore.errors import InvalidArgument, JobError
 from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.flags import check_flags
@@ -183,6 +183,7 @@ class BlockingSubscription:
 
     def get(self, timeout: float | None = None) -> JobEvent:
         """The next event; TimeoutError after ``timeout`` seconds without one."""
+        timeout = check_timeout(timeout)
 
         async def next_event() -> JobEvent:
             with anyio.fail_after(timeout):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
 import os
 import re
 import socket
@@ -54,6 +55,7 @@ from jobcore.jobd import daemon_options, start_from_options
 from jobcore.lifecycle import JobState
 from jobcore.protocol import RW_SOCKET, AccessDenied, DaemonUnreachable, default_run_dir
 from jobcore.uri import parse_uri
+from jobcore.xml._parse import MAX_DOCUMENT_BYTES
 
 EMBEDDED_URI = "sim:///default"
 
@@ -174,6 +176,25 @@ def _exit(status: int, message: str | None = None) -> NoReturn:
     if message is not None:
         click.echo(message, err=True)
     sys.exit(status)
+
+
+def _read_xml(file: Any, root: str) -> bytes:
+    """At most the XML size limit of ``file`` (plus one byte, to tell a file over the
+    limit, which is refused here: /dev/zero or an endless pipe never fills memory)."""
+    data: bytes = file.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        _exit(
+            ExitCode.ERROR,
+            f"jobctl: error: {file.name}: <{root}> document refused: it is larger than the "
+            f"limit of {MAX_DOCUMENT_BYTES} bytes (1 MiB)",
+        )
+    return data
+
+
+def _timeout_option(_ctx: click.Context, _param: click.Parameter, value: float | None) -> Any:
+    if value is not None and (math.isnan(value) or value < 0):
+        raise click.BadParameter(f"{value} is not a number of seconds >= 0")
+    return value
 
 
 def _broken_pipe() -> NoReturn:
@@ -651,7 +672,12 @@ def domains(as_json: bool) -> None:
 @click.argument("domain", shell_complete=complete_domain)
 @click.argument("file", type=click.File("rb"))
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the job to end, with progress.")
-@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option(
+    "--timeout",
+    type=float,
+    callback=_timeout_option,
+    help="With --wait: give up after this many seconds.",
+)
 @click.option("--queue", is_flag=True, help="Queue behind conflicting jobs instead of failing.")
 @click.option(
     "--reuse-external",
@@ -665,7 +691,7 @@ def begin(
     """Begin the job described by the job XML in FILE ('-' reads stdin) on DOMAIN and print
     its UUID."""
     ctx = _ctx()
-    xml = file.read()
+    xml = _read_xml(file, "job")
 
     async def body(conn: Connection) -> int:
         dom: Domain = await conn.lookup_domain(domain)
@@ -870,7 +896,7 @@ def domain() -> None:
 def domain_create(file: Any) -> None:
     """Create and start a domain from the domain XML in FILE ('-' reads stdin)."""
     ctx = _ctx()
-    xml = file.read()
+    xml = _read_xml(file, "domain")
     if ctx.embedded:
         click.echo(
             f"jobctl: note: on the embedded {ctx.uri} the domain lives only as long as this "
@@ -901,7 +927,12 @@ def domain_destroy(name: str) -> None:
 
 @main.command()
 @click.argument("job", shell_complete=complete_job)
-@click.option("--timeout", type=float, help="Give up after this many seconds (exit 10).")
+@click.option(
+    "--timeout",
+    type=float,
+    callback=_timeout_option,
+    help="Give up after this many seconds (exit 10).",
+)
 @json_option
 def wait(job: str, timeout: float | None, as_json: bool) -> None:
     """Wait for a job to end, with live progress; exit 0 completed, 3 failed, 4 cancelled."""

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import fnmatch
 import logging
+import math
 import os
 import resource
 import signal
@@ -87,6 +88,7 @@ from jobcore.protocol import (
     peer_credentials,
 )
 from jobcore.rundir import ensure_private_dir, reserve_dir, unreserve_dir
+from jobcore.spec import MAX_SECONDS
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.uri import parse_uri
 
@@ -254,10 +256,7 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
                 raise ConfigError("allowed_uids must be a list of uids")
             config = _evolve(config, allowed_uids=frozenset(uids))
         if "retention" in values:
-            retention = values["retention"]
-            if not isinstance(retention, int | float) or retention < 0:
-                raise ConfigError("retention must be a number of seconds >= 0")
-            config = _evolve(config, retention=float(retention))
+            config = _evolve(config, retention=_seconds(values, "retention", 0.0, MAX_SECONDS))
         if "log_level" in values:
             level = _typed(values, "log_level", str).lower()
             if level not in _LEVELS:
@@ -276,19 +275,13 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             ):
                 raise ConfigError("allowed_uris must be a list of URI patterns")
             config = _evolve(config, allowed_uris=tuple(patterns))
-        for key, minimum in (("hello_timeout", 0.01), ("idle_timeout", 0.0)):
+        for key, minimum, maximum in (
+            ("hello_timeout", 0.01, 86400.0),
+            ("idle_timeout", 0.0, 86400.0),
+            ("driver_idle_timeout", 0.0, MAX_SECONDS),
+        ):
             if key in values:
-                seconds = values[key]
-                if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-                    raise ConfigError(f"{key} must be a number of seconds")
-                if seconds < minimum or seconds > 86400:
-                    raise ConfigError(f"{key} must be between {minimum} and 86400 seconds")
-                config = _evolve(config, **{key: float(seconds)})
-        if "driver_idle_timeout" in values:
-            seconds = values["driver_idle_timeout"]
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
-                raise ConfigError("driver_idle_timeout must be a number of seconds >= 0")
-            config = _evolve(config, driver_idle_timeout=float(seconds))
+                config = _evolve(config, **{key: _seconds(values, key, minimum, maximum)})
         if "subscriber_lost_limit" in values:
             lost_limit = _typed(values, "subscriber_lost_limit", int)
             if lost_limit < 0:
@@ -330,6 +323,17 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
+
+
+def _seconds(values: dict[str, Any], key: str, minimum: float, maximum: float) -> float:
+    """``values[key]`` as a finite number of seconds in minimum…maximum (NaN and the
+    infinities compare false with everything, so they are refused by name)."""
+    value = values[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise ConfigError(f"{key} must be between {minimum:g} and {maximum:g} seconds, not {value}")
+    return float(value)
 
 
 def _typed(values: dict[str, Any], key: str, kind: type[Any]) -> Any:
@@ -508,14 +512,20 @@ class _Client:
     async def send(self, msg: Message) -> None:
         await self.send_frame(self.encode(msg))
 
-    @staticmethod
-    def encode(msg: Message) -> bytes:
+    def encode(self, msg: Message) -> bytes:
         try:
             return encode_message(msg)
         except ProtocolError as exc:  # a reply over the frame limit
             if not isinstance(msg, Reply):
                 raise
             return encode_message(error_reply(msg.id, exc))
+        except (OverflowError, TypeError, ValueError) as exc:  # a value msgpack cannot encode
+            if not isinstance(msg, Reply):
+                raise
+            self.log.error("reply not encodable", id=msg.id, error=str(exc))
+            return encode_message(
+                error_reply(msg.id, JobError(f"internal error: the reply cannot be encoded: {exc}"))
+            )
 
     async def send_frame(self, frame: bytes) -> None:
         """Send one encoded frame, counted in ``queued`` until the client took it."""

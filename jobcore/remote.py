@@ -28,7 +28,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from jobcore.api import Connection, Domain, Job, as_uuid, uuid_prefix
 from jobcore.driver import DomainInfo
-from jobcore.engine import DEFAULT_RETENTION
+from jobcore.engine import DEFAULT_RETENTION, check_timeout
 from jobcore.errors import InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
@@ -79,6 +79,13 @@ OUTGOING_BUFFER = 256
 MAX_IN_FLIGHT = 1024
 #: Seconds the reader gets to take the daemon's last frames when a write failed.
 READ_AFTER_WRITE_FAILURE = 2.0
+#: Seconds jobd has to answer hello (it may first open the driver connection) before the
+#: connection is given up with DaemonUnreachable: a socket that accepts and never answers
+#: (not jobd, or a hung one) does not hang the client.
+HELLO_TIMEOUT = 30.0
+#: Seconds jobd has to send the rest of a frame once its header arrived; then the
+#: connection is lost (DaemonUnreachable). Waiting *between* frames has no limit.
+FRAME_TIMEOUT = 30.0
 #: Jobs asked for per LIST_JOBS_PAGE round trip (jobd may send fewer).
 LIST_PAGE = 1000
 
@@ -132,9 +139,11 @@ class _RemoteHub(EventHub):
 class _Session:
     """One socket to jobd: request/reply matching, event routing, ordered writes."""
 
-    def __init__(self, stream: SocketStream, tg: TaskGroup) -> None:
+    def __init__(self, stream: SocketStream, tg: TaskGroup, where: str = "jobd") -> None:
         self._stream = stream
         self._tg = tg
+        #: who is at the other end, for messages: "jobd at '/run/…/jobd.sock'"
+        self.where = where
         self._out_send, self._out_recv = anyio.create_memory_object_stream[bytes](OUTGOING_BUFFER)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -150,7 +159,10 @@ class _Session:
             raise self._lost
         async with self._slots:
             rid = next(self._ids)
-            frame = encode_message(Request(rid, method, args))
+            try:
+                frame = encode_message(Request(rid, method, args))
+            except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int >= 2**64
+                raise InvalidArgument(f"{method}: an argument cannot be sent: {exc}") from None
             pending = self._pending[rid] = _Pending()
             try:
                 await self._out_send.send(frame)
@@ -230,7 +242,16 @@ class _Session:
         try:
             while True:
                 length = frame_length(await receive.receive_exactly(HEADER.size))
-                self._dispatch(decode_message(await receive.receive_exactly(length)))
+                with anyio.move_on_after(FRAME_TIMEOUT):
+                    self._dispatch(decode_message(await receive.receive_exactly(length)))
+                    continue
+                self.lose(
+                    DaemonUnreachable(
+                        f"{self.where} sent the header of a {length}-byte frame but not the "
+                        f"rest within {FRAME_TIMEOUT:g} s"
+                    )
+                )
+                return
         except (
             anyio.EndOfStream,
             anyio.IncompleteRead,
@@ -529,6 +550,7 @@ class RemoteJob(Job):
         return stats
 
     async def wait(self, timeout: float | None = None) -> JobInfo:
+        timeout = check_timeout(timeout)
         return self._seen(
             await self._session.call_as(decode_job_info, Method.JOB_WAIT, self.uuid, timeout)
         )
@@ -586,13 +608,19 @@ async def connect_remote(
         raise
     body_error: Exception | None = None
     async with stream, anyio.create_task_group() as tg:
-        session = _Session(stream, tg)
+        session = _Session(stream, tg, f"jobd at '{path}'")
         tg.start_soon(session.reader)
         tg.start_soon(session.writer)
         try:
-            hello = await session.call_as(
-                decode_server_hello, Method.HELLO, PROTOCOL_VERSION, parsed.without_transport()
-            )
+            with anyio.move_on_after(HELLO_TIMEOUT) as hello_scope:
+                hello = await session.call_as(
+                    decode_server_hello, Method.HELLO, PROTOCOL_VERSION, parsed.without_transport()
+                )
+            if hello_scope.cancelled_caught:
+                raise DaemonUnreachable(
+                    f"jobd at '{path}' did not answer hello within {HELLO_TIMEOUT:g} s "
+                    "(is it jobd? is it hung?)"
+                )
             conn = RemoteConnection(
                 str(parsed), session, readonly=hello.readonly, driver_uri=hello.uri
             )

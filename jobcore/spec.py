@@ -8,6 +8,7 @@ named, chain positions as an index or a file, identities as ``uuid.UUID``.
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any, ClassVar
 
@@ -40,9 +41,37 @@ JobType.BLOCKCOMMIT = JobType("blockcommit")
 JobType.MIGRATION = JobType("migration")
 
 
+#: the largest bandwidth (bytes/s) and downtime limit (ms) a spec holds: QEMU's ``speed``
+#: and ``max-bandwidth`` are int64, and every value must fit the daemon protocol
+MAX_INT64 = (1 << 63) - 1
+#: the longest queue timeout or retention (seconds): about 31.7 years
+MAX_SECONDS = 1e9
+
+
 def _non_negative(_inst: object, attribute: object, value: Any) -> None:
     if value is not None and value < 0:
         raise ValueError(f"{getattr(attribute, 'name', '?')} must not be negative")
+
+
+def _int64(_inst: object, attribute: object, value: Any) -> None:
+    """None or an integer in 0…MAX_INT64 (bytes/s, ms)."""
+    _non_negative(_inst, attribute, value)
+    if value is not None and value > MAX_INT64:
+        raise ValueError(
+            f"{getattr(attribute, 'name', '?')} {value} is too large: the maximum is {MAX_INT64}"
+        )
+
+
+def _seconds(_inst: object, attribute: object, value: Any) -> None:
+    """None or a finite number of seconds in 0…MAX_SECONDS."""
+    name = getattr(attribute, "name", "?")
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds, not {value}")
+    _non_negative(_inst, attribute, value)
+    if value > MAX_SECONDS:
+        raise ValueError(f"{name} {value} s is too long: the maximum is {MAX_SECONDS:.0f} s")
 
 
 @frozen
@@ -64,13 +93,13 @@ class JobOptions:
     #: wait in a FIFO queue when a resource is busy instead of failing with JobConflict
     queue: bool = False
     #: seconds a queued job waits before it fails with QueueTimeout; None = forever
-    queue_timeout: float | None = field(default=None, validator=_non_negative)
+    queue_timeout: float | None = field(default=None, validator=_seconds)
     #: higher runs first among queued jobs; FIFO within one priority
     priority: int = field(
         default=0, validator=validators.and_(validators.ge(-1000), validators.le(1000))
     )
     #: seconds an ended job keeps its final info and stats; None = the connection default
-    retention: float | None = field(default=None, validator=_non_negative)
+    retention: float | None = field(default=None, validator=_seconds)
 
 
 @frozen
@@ -92,7 +121,7 @@ class BlockPullSpec:
     disk: str
     base: ChainRef | None = None  # None: pull everything below top
     top: ChainRef | None = None  # None: the active layer (index 0)
-    bandwidth: int | None = field(default=None, validator=_non_negative)  # bytes/s
+    bandwidth: int | None = field(default=None, validator=_int64)  # bytes/s
     uuid: uuid.UUID | None = None
     options: JobOptions = JobOptions()
 
@@ -107,7 +136,7 @@ class BlockCommitSpec:
     pivot: bool = False  # active commit: pivot once ready instead of waiting in 'ready'
     delete: bool = False
     shallow: bool = False
-    bandwidth: int | None = field(default=None, validator=_non_negative)
+    bandwidth: int | None = field(default=None, validator=_int64)
     uuid: uuid.UUID | None = None
     options: JobOptions = JobOptions()
 
@@ -126,8 +155,8 @@ class MigrationSpec:
     postcopy: bool = False
     persistent: bool = False
     undefine_source: bool = False
-    bandwidth: int | None = field(default=None, validator=_non_negative)  # bytes/s
-    downtime_limit: int | None = field(default=None, validator=_non_negative)  # ms
+    bandwidth: int | None = field(default=None, validator=_int64)  # bytes/s
+    downtime_limit: int | None = field(default=None, validator=_int64)  # ms
     uuid: uuid.UUID | None = None
     options: JobOptions = JobOptions()
 

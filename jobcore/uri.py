@@ -56,4 +56,31 @@ def parse_uri(text: str) -> URI:
         )
     except ValueError:
         raise InvalidURI(f"invalid query in URI '{text}'") from None
-    return URI(driver, transport or None, parts.netloc, parts.path or "/", tuple(params))
+    path = parts.path or "/"
+    odd = _odd_path(path)
+    if odd is not None:
+        raise InvalidURI(
+            f"invalid path '{path[:200]}' in URI '{text[:200]}': {odd}; write it as "
+            "DRIVER:///NAME (one leading slash, no empty, '.' or '..' segments, no trailing "
+            "slash, no percent-encoding)"
+        )
+    return URI(driver, transport or None, parts.netloc, path, tuple(params))
+
+
+def _odd_path(path: str) -> str | None:
+    """Why ``path`` is not in its one canonical spelling (None if it is): two spellings of
+    one name would otherwise open two connections (two simulated hosts) with one name."""
+    if path == "/":
+        return None
+    if not path.startswith("/"):
+        return "it must start with '/'"
+    if "%" in path:
+        return "percent-encoding is refused"
+    if path.endswith("/"):
+        return "a trailing '/' is refused"
+    segments = path[1:].split("/")
+    if "" in segments:
+        return "an empty segment ('//') is refused"
+    if "." in segments or ".." in segments:
+        return "'.' and '..' segments are refused"
+    return None

@@ -47,7 +47,7 @@ from jobcore.backup import (
     DiskBackupMode,
     StoreType,
 )
-from jobcore.errors import DriverError, Unsupported
+from jobcore.errors import DriverError, InvalidArgument, Unsupported
 from jobcore.spec import BackupJobSpec, JobType
 from jobcore.uri import parse_uri
 
@@ -81,7 +81,7 @@ async def open_fails(run_dir: Path, query: str = "") -> str:
         try:
             async with QemuDriver().connect(parse_uri(f"qemu:///session?dir={run_dir}{query}"), tg):
                 pass
-        except (DriverError, Unsupported) as exc:
+        except (DriverError, Unsupported, InvalidArgument) as exc:
             return str(exc)
     raise AssertionError(f"opening qemu:///session?dir={run_dir}{query} succeeded")
 

@@ -58,13 +58,14 @@ xml_chars = st.characters(
 text = st.text(xml_chars, min_size=1, max_size=12)
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
+i64 = st.integers(0, 2**63 - 1)  # bandwidth (bytes/s) and downtime (ms) limits
 disk_names = st.from_regex(r"(vd|sd|hd|xvd)[a-z0-9_]{1,4}", fullmatch=True)
 abs_paths = st.builds(
     lambda s: "/" + s, st.text(xml_chars.filter(lambda c: c not in "\n\r"), min_size=1)
 )
 host_names = st.from_regex(r"[a-zA-Z0-9.:\-]{1,20}", fullmatch=True)
 checkpoint_names = st.from_regex(r"[a-zA-Z0-9_\-][a-zA-Z0-9_\-.]{0,15}", fullmatch=True)
-seconds = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
+seconds = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False)
 PUSH_FORMATS = ["raw", "qcow2", "qed", "vmdk", "luks", "dir", "vpc"]
 
 options = st.builds(
@@ -217,7 +218,7 @@ job_specs = st.one_of(
         disk=text,
         base=st.none() | chain_refs,
         top=st.none() | chain_refs,
-        bandwidth=st.none() | u64,
+        bandwidth=st.none() | i64,
         uuid=st.none() | st.uuids(),
         options=options,
     ),
@@ -229,7 +230,7 @@ job_specs = st.one_of(
         pivot=st.booleans(),
         delete=st.booleans(),
         shallow=st.booleans(),
-        bandwidth=st.none() | u64,
+        bandwidth=st.none() | i64,
         uuid=st.none() | st.uuids(),
         options=options,
     ),
@@ -240,8 +241,8 @@ job_specs = st.one_of(
         postcopy=st.booleans(),
         persistent=st.booleans(),
         undefine_source=st.booleans(),
-        bandwidth=st.none() | u64,
-        downtime_limit=st.none() | u64,
+        bandwidth=st.none() | i64,
+        downtime_limit=st.none() | i64,
         uuid=st.none() | st.uuids(),
         options=options,
     ),

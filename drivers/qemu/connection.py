@@ -28,11 +28,18 @@ from drivers.qemu.jobs import (
 from drivers.qemu.process import QemuProcess
 from drivers.qemu.rundir import RunDir, run_dir_of
 from jobcore.driver import DomainInfo, DriverJob, SystemClock
-from jobcore.errors import DriverError, NoSuchDomain, OperationInvalid, Unsupported, XMLError
+from jobcore.errors import (
+    DriverError,
+    InvalidArgument,
+    NoSuchDomain,
+    OperationInvalid,
+    Unsupported,
+    XMLError,
+)
 from jobcore.log import get_logger
 from jobcore.paths import Access, PathGuard, PathUse
 from jobcore.rundir import reserve_dir, unreserve_dir
-from jobcore.spec import BackupJobSpec, JobType
+from jobcore.spec import MAX_INT64, BackupJobSpec, JobType
 from jobcore.uri import URI, parse_uri
 
 log = get_logger(__name__)
@@ -357,6 +364,19 @@ def _require_asyncio() -> None:
         )
 
 
+def _backup_bandwidth(uri: URI) -> int:
+    """``?backup_bandwidth=N``: an integer number of bytes/s in 0…2^63-1 (QEMU's int64
+    ``speed``; 0: no limit); InvalidArgument naming it otherwise."""
+    text = uri.param("backup_bandwidth") or "0"
+    value = int(text) if text.isascii() and text.isdigit() else -1
+    if not 0 <= value <= MAX_INT64:
+        raise InvalidArgument(
+            f"backup_bandwidth={text[:80]!r} in '{uri}': it must be an integer number of "
+            f"bytes/s from 0 (no limit) to {MAX_INT64}"
+        )
+    return value
+
+
 class QemuDriver:
     """``qemu:///session[?dir=RUN_DIR]``: real QEMU processes over QMP."""
 
@@ -377,16 +397,14 @@ class QemuDriver:
         _require_asyncio()
         if uri.path != "/session" or uri.transport or uri.host:
             raise Unsupported(f"the qemu driver serves qemu:///session only, not '{uri}'")
-        try:  # every parameter is checked before the run directory is locked
-            bandwidth = int(uri.param("backup_bandwidth") or 0)
-        except ValueError:
-            raise Unsupported(f"backup_bandwidth in '{uri}' must be bytes/s") from None
+        # every parameter is checked before the run directory is locked
+        bandwidth = _backup_bandwidth(uri)
         run_dir = RunDir(run_dir_of(uri))
         run_dir.acquire()
         reserve_dir(run_dir.path)  # no job of any connection may name its files there
         try:  # and from here on, every way out releases it
             conn = QemuConnection(
-                uri=str(uri), run_dir=run_dir.path, tg=tg, backup_bandwidth=max(bandwidth, 0)
+                uri=str(uri), run_dir=run_dir.path, tg=tg, backup_bandwidth=bandwidth
             )
             try:
                 tg.start_soon(conn._poller)

@@ -4,7 +4,10 @@ Each connection owns a private simulated *world* of hosts; the host it opens hol
 running domains, ``vm1`` and ``vm2`` (disk ``vda``: 1 GiB, a 3-layer backing chain; disk
 ``vdb``: 512 MiB, no backing; 512 MiB of memory). Work advances at ``rate`` bytes/s of
 simulated copying (``?rate=N``, default 256 MiB/s; ``rate=0`` means instant). With
-``?clock=manual`` time moves only when a test calls ``clock.advance()``.
+``?clock=manual`` time moves only when a test calls ``clock.advance()``. Parameters are
+checked when the connection opens (``rate`` finite and >= 0, ``fail_at`` in 0…1,
+``clock`` real or manual): anything else is InvalidArgument naming it. ``sim:///`` (no
+name) is refused. Migrations add hosts to the world, at most MAX_HOSTS in all.
 
 One scheduler loop per connection drives every job from a heap of deadlines, so starting
 a job costs O(log n) whatever the number of jobs. Failure injection: ``?fail_at=F`` makes
@@ -73,6 +76,8 @@ MiB = 1 << 20
 DEFAULT_RATE = 256 * MiB
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports of a running job
 INCREMENTAL_FRACTION = 8  # an incremental backup copies 1/8 of the disk
+#: simulated hosts one connection's world holds at most (its own and migration targets)
+MAX_HOSTS = 64
 
 _log = get_logger("drivers.sim")
 
@@ -198,6 +203,21 @@ class SimJob:
         return self.base_time + (target - self.base_bytes) / self.rate
 
 
+def _number_param(uri: URI, name: str, what: str, low: float, high: float) -> float | None:
+    """URI parameter ``name`` as a finite number in low…high (None when absent or empty);
+    InvalidArgument naming it and its value otherwise."""
+    text = uri.param(name)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidArgument(f"{name}={text[:80]!r} in '{uri}': it must be {what}")
+    return value
+
+
 @define
 class _Injection:
     job_type: str | None
@@ -211,18 +231,20 @@ class SimConnection:
     def __init__(self, uri: URI, tg: TaskGroup) -> None:
         self.uri = str(uri)
         self._tg = tg
-        try:
-            rate = float(uri.param("rate", str(DEFAULT_RATE)) or DEFAULT_RATE)
-            fail_at = uri.param("fail_at")
-            self._fail_at = None if fail_at is None else float(fail_at)
-        except ValueError:
-            raise InvalidURI(f"invalid numeric parameter in '{uri}'") from None
-        if rate < 0 or (self._fail_at is not None and not 0 <= self._fail_at <= 1):
-            raise InvalidURI(f"out-of-range parameter in '{uri}'")
+        if not uri.name:
+            raise InvalidURI(f"'{uri}' names no simulated host: write sim:///NAME")
+        rate = _number_param(
+            uri, "rate", "a finite number of bytes/s >= 0 (0: instant)", 0.0, math.inf
+        )
+        self._fail_at = _number_param(uri, "fail_at", "a fraction in 0…1", 0.0, 1.0)
+        if rate is None:
+            rate = float(DEFAULT_RATE)
         self.rate = math.inf if rate == 0 else rate
         clock_kind = uri.param("clock", "real")
         if clock_kind not in ("real", "manual"):
-            raise InvalidURI(f"clock must be 'real' or 'manual' in '{uri}'")
+            raise InvalidArgument(
+                f"clock={str(clock_kind)[:80]!r} in '{uri}': it must be 'real' or 'manual'"
+            )
         self.clock: RealClock | ManualClock = (
             ManualClock() if clock_kind == "manual" else RealClock()
         )
@@ -230,6 +252,8 @@ class SimConnection:
             self.clock.on_advance(self._poke)
         self.host_name = uri.name or "default"
         self.hosts: dict[str, SimHost] = {}
+        #: domain name -> the host holding it (every lookup is O(1), whatever the hosts)
+        self._where: dict[str, str] = {}
         self.host = self._new_host(self.host_name, seed=True)
         self.crashed = False
         self._jobs: dict[uuid.UUID, SimJob] = {}
@@ -243,8 +267,15 @@ class SimConnection:
 
     def _new_host(self, name: str, *, seed: bool) -> SimHost:
         host = SimHost(name)
+        if len(self.hosts) >= MAX_HOSTS:
+            raise InvalidArgument(
+                f"cannot add simulated host '{name[:80]}' to the world of '{self.uri}': it "
+                f"has {len(self.hosts)} hosts, the limit (drivers.sim.MAX_HOSTS); migrate "
+                "to a host it has"
+            )
         if seed:
             host.domains = {n: default_domain(n) for n in ("vm1", "vm2")}
+            self._where.update((n, name) for n in host.domains)
         self.hosts[name] = host
         return host
 
@@ -267,9 +298,8 @@ class SimConnection:
     def _domain(self, name: str) -> SimDomain:
         """A domain of this host or, once migrated, of another host of this world: the
         connection's handles follow their domains."""
-        dom = self.host.domains.get(name)
-        if dom is None:
-            dom = next((h.domains[name] for h in self.hosts.values() if name in h.domains), None)
+        where = self._where.get(name)
+        dom = None if where is None else self.hosts[where].domains.get(name)
         if dom is None:
             raise NoSuchDomain(f"domain '{name}' not found on '{self.uri}'")
         return dom
@@ -284,6 +314,7 @@ class SimConnection:
                 self._end(sj, "failed", "domain was destroyed")
         source = self.hosts[self.domain_host(name) or self.host_name]
         del source.domains[name]
+        self._where.pop(name, None)
 
     # ---- failure injection ----------------------------------------------------------
 
@@ -311,11 +342,11 @@ class SimConnection:
         return self.hosts[name] if name is not None else self.host
 
     def _image_owner(self, path: str) -> str | None:
-        for host in self.hosts.values():
-            for dom in host.domains.values():
-                for disk in dom.disks.values():
-                    if path in disk.chain:
-                        return f"an image of disk '{disk.name}' of domain '{dom.name}'"
+        for name, host_name in self._where.items():
+            dom = self.hosts[host_name].domains[name]
+            for disk in dom.disks.values():
+                if path in disk.chain:
+                    return f"an image of disk '{disk.name}' of domain '{dom.name}'"
         return None
 
     def _existing(self, host: SimHost, path: str) -> SimFile | str | None:
@@ -457,11 +488,22 @@ class SimConnection:
             dest = parse_uri(spec.destination)
             if dest.driver != "sim":
                 raise DriverError(f"cannot migrate from sim to '{spec.destination}'")
-            if (dest.name or "default") == self.domain_host(dom.name):
+            if not dest.name or dest.host or dest.transport:
+                raise InvalidURI(
+                    f"migration destination '{spec.destination[:200]}': a simulated host is "
+                    "named sim:///NAME"
+                )
+            if dest.name == self.domain_host(dom.name):
                 raise DriverError("the migration destination is the source host")
-            target = self.hosts.get(dest.name or "default")
+            target = self.hosts.get(dest.name)
             if target is not None and dom.name in target.domains:
                 raise DriverError(f"domain '{dom.name}' already exists on the destination")
+            if target is None and len(self.hosts) >= MAX_HOSTS:
+                raise InvalidArgument(
+                    f"cannot migrate to '{spec.destination[:200]}': the world of '{self.uri}' "
+                    f"has {len(self.hosts)} simulated hosts, the limit (drivers.sim.MAX_HOSTS);"
+                    " migrate to a host it has"
+                )
             return (
                 dom.memory,
                 False,
@@ -645,13 +687,14 @@ class SimConnection:
             return {}
         if isinstance(spec, MigrationSpec):
             dest = parse_uri(spec.destination)
-            name = dest.name or "default"
+            name = dest.name
             target = self.hosts.get(name) or self._new_host(name, seed=False)
             if dom.name in target.domains:
                 raise DriverError(f"domain '{dom.name}' already exists on the destination")
             source = self.hosts[self.domain_host(dom.name) or self.host_name]
             del source.domains[dom.name]
             target.domains[dom.name] = dom
+            self._where[dom.name] = name
             job.reporter.domain_moved(str(dest))
             limit = spec.downtime_limit
             return {"downtime": 30 if limit is None else min(limit, 30)}
@@ -670,10 +713,7 @@ class SimConnection:
 
     def domain_host(self, name: str) -> str | None:
         """The name of the host in this world that holds domain ``name`` now."""
-        for host in self.hosts.values():
-            if name in host.domains:
-                return host.name
-        return None
+        return self._where.get(name)
 
     def job_count(self) -> int:
         return len(self._jobs)

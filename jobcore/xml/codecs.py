@@ -23,6 +23,7 @@ from jobcore.xml.job import (
     build_chain_ref,
     parse_bandwidth,
     parse_chain_ref,
+    parse_downtime,
 )
 
 _ELEMENT = etree.Element
@@ -135,8 +136,7 @@ class MigrationCodec:
             elif tag == "bandwidth":
                 values["bandwidth"] = parse_bandwidth(child)
             elif tag == "downtime-limit":
-                factor = 1000 if child.get("unit") == "s" else 1
-                values["downtime_limit"] = int(child.text or "") * factor
+                values["downtime_limit"] = parse_downtime(child)
         spec: MigrationSpec = _checked(job, MigrationSpec, uuid=uuid, options=options, **values)
         return spec
 

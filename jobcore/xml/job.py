@@ -20,7 +20,7 @@ from lxml import etree
 from jobcore.backup import BackupDef, CheckpointDef
 from jobcore.errors import JobError, XMLError
 from jobcore.registry import JobTypeInfo, registry
-from jobcore.spec import ChainRef, JobOptions
+from jobcore.spec import MAX_INT64, MAX_SECONDS, ChainRef, JobOptions
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES, choice, fail, once, parse_document, validate
@@ -38,7 +38,10 @@ COMMON_CHILDREN = frozenset({"uuid", "state", "queue", "priority", "retention"})
 #: bandwidth units -> bytes/s multiplier
 BANDWIDTH_UNITS = {"bytes/s": 1, "B/s": 1, "KiB/s": 1 << 10, "MiB/s": 1 << 20, "GiB/s": 1 << 30}
 _FORMAT_UNITS = (("GiB/s", 1 << 30), ("MiB/s", 1 << 20), ("KiB/s", 1 << 10))
-MAX_ULLONG = (1 << 64) - 1
+#: the largest bandwidth after conversion, in bytes/s (QEMU's int64 ``speed``)
+MAX_BANDWIDTH = MAX_INT64
+#: the largest ``<downtime-limit>`` after conversion, in ms
+MAX_DOWNTIME_MS = MAX_INT64
 
 
 # --- standalone documents --------------------------------------------------------------
@@ -153,6 +156,8 @@ def parse_seconds(el: etree._Element, attr: str) -> float:
     value = float(T.check(el, attr, el.get(attr, ""), "seconds"))
     if not math.isfinite(value):
         fail(el, "must be a finite number of seconds", attr)
+    if value > MAX_SECONDS:
+        fail(el, f"{value:g} s is too long: the maximum is {MAX_SECONDS:.0f} s", attr)
     return value
 
 
@@ -223,8 +228,17 @@ def parse_bandwidth(el: etree._Element) -> int:
     factor = choice(el, "unit", el.get("unit", "bytes/s"), BANDWIDTH_UNITS)
     assert factor is not None
     value = int(el.text or "") * factor
-    if value > MAX_ULLONG:
-        fail(el, f"{value} bytes/s is too large")
+    if value > MAX_BANDWIDTH:
+        fail(el, f"{value} bytes/s is too large: the maximum is {MAX_BANDWIDTH} bytes/s")
+    return value
+
+
+def parse_downtime(el: etree._Element) -> int:
+    """``<downtime-limit unit='ms|s'>N</downtime-limit>`` -> milliseconds."""
+    factor = 1000 if el.get("unit") == "s" else 1
+    value = int(el.text or "") * factor
+    if value > MAX_DOWNTIME_MS:
+        fail(el, f"{value} ms is too large: the maximum is {MAX_DOWNTIME_MS} ms")
     return value
 
 
@@ -314,6 +328,7 @@ __all__ = [
     "parse_chain_ref",
     "parse_checkpoint",
     "parse_checkpoint_element",
+    "parse_downtime",
     "parse_job",
     "parse_seconds",
 ]
