@@ -215,12 +215,19 @@ async def test_backing_file_protocol_names_never_make_the_driver_connect(tmp_pat
         run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(mid), "-F", "qcow2",
             str(top), "32M")  # fmt: skip
         evil.append((top, nbd_url))
+        # a qcow2 whose header names an external data file (QEMU opens it with the layer)
+        data_file = tmp_path / "datafile.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o",
+            f"data_file={tmp_path / 'data.raw'}", str(data_file), "32M")  # fmt: skip
+        run("qemu-img", "amend", "-f", "qcow2", "-o", f"data_file={nbd_url}", str(data_file))
         async with session(tmp_path / "run") as conn:
             for path, name in evil:
                 with pytest.raises(DriverError) as err:
                     await conn.create_domain(domain_xml("vm1", {"vda": path}))
                 msg = str(err.value)
                 assert f"names backing file '{name}', a protocol name" in msg, msg
+            with pytest.raises(DriverError, match=f"external file \\('{nbd_url}'\\)"):
+                await conn.create_domain(domain_xml("vm1", {"vda": data_file}))
             assert not conn.domains
     assert hits == [], f"the driver connected to 127.0.0.1:{port} {len(hits)} times"
 

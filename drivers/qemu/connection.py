@@ -149,6 +149,7 @@ class QemuConnection:
             await proc.run(self._process_exited)
 
     def _process_exited(self, proc: QemuProcess) -> None:
+        self._unresponsive.discard(proc)
         for domain in self.domains.values():
             if domain.process is proc and proc.exit_reason is None:
                 log.warning(

@@ -5,7 +5,8 @@ that does not finish is killed and is a DriverError. Backing chains are read one
 time (``qemu-img info`` never opens a backing file by itself without ``--backing-chain``),
 so a backing file string in an image header is checked before anything opens it: it must
 name a local regular file (relative names are resolved against the image's directory);
-protocol names (``nbd://…``, ``json:{…}``, any ``scheme:`` prefix) are refused.
+protocol names (``nbd://…``, ``json:{…}``, any ``scheme:`` prefix) are refused, and so is a
+qcow2 layer with an external data file (QEMU would open the name its header holds).
 """
 
 from __future__ import annotations
@@ -188,6 +189,14 @@ async def backing_chain(path: str, fmt: str) -> list[ImageInfo]:
             raise DriverError(
                 f"layer '{current}' of image '{path}' is a {layer_fmt} image: the qemu "
                 f"driver opens {' and '.join(sorted(LAYER_FORMATS))} layers only"
+            )
+        specific = data.get("format-specific")
+        extra = specific.get("data") if isinstance(specific, dict) else None
+        if isinstance(extra, dict) and extra.get("data-file") is not None:
+            # QEMU would open the file (or URL) named in the header when the layer opens
+            raise DriverError(
+                f"layer '{current}' of image '{path}' keeps its data in an external file "
+                f"('{extra['data-file']}'): the qemu driver does not open qcow2 data files"
             )
         chain.append(ImageInfo(current, layer_fmt, int(data["virtual-size"])))
         below = _backing_of(current, data)
