@@ -411,3 +411,17 @@ async def test_two_domains_share_a_base_image(tmp_path: Path) -> None:
         await conn.guest_io("B", "vda", "write -P 0xcc 0 1M")  # B still works on its own
     compare(a, expected)
     assert "backing file" not in run("qemu-img", "info", "-U", str(a))
+
+
+async def test_a_qmp_timeout_crosses_the_wire_as_driver_error() -> None:
+    """jobd sends an error by its jobcore class: the driver's own subclasses of DriverError
+    (QmpTimeout, qemu-img failures) must arrive as DriverError, not as a bare JobError."""
+    from jobcore.protocol import error_reply, raise_error
+
+    exc = process.QmpTimeout("QEMU for domain 'A' did not answer QMP 'job-cancel' within 1 s")
+    reply = error_reply(7, exc)
+    assert reply.error == "DriverError"
+    back = raise_error(reply)
+    assert type(back) is DriverError and str(back) == str(exc)
+    assert error_reply(8, images.QemuImgFailed("create", "boom")).error == "DriverError"
+    assert error_reply(9, ValueError("x")).error == "JobError"
