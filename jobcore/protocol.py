@@ -676,7 +676,10 @@ def error_reply(request_id: int, exc: BaseException) -> ErrorReply:
         }
     elif isinstance(exc, errors.XMLError):
         fields = {"line": exc.line}
-    name = type(exc).__name__ if type(exc).__name__ in _ERROR_CLASSES else "JobError"
+    # a driver's own subclass (e.g. the qemu driver's QmpTimeout) travels as its jobcore class
+    name = next(
+        (c.__name__ for c in type(exc).__mro__ if _ERROR_CLASSES.get(c.__name__) is c), "JobError"
+    )
     message = str(exc)
     if isinstance(exc, errors.XMLError) and exc.line is not None:
         message = message.removesuffix(f" (line {exc.line})")

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 from attrs import define, field
 
+from drivers.qemu.rundir import LOCK, LOCK_MARKER, escape_option
 from jobcore.driver import DriverJob
 from jobcore.spec import JobType
 
@@ -197,14 +198,20 @@ def corrupt_first_cluster(path: Path) -> None:
         f.write((entry + 512).to_bytes(8, "big"))
 
 
+def mark_driver_owned(run_dir: Path) -> None:
+    """Leave the lock file every owner of a run directory writes (with its marker line)."""
+    (run_dir / LOCK).write_text(LOCK_MARKER)
+
+
 def start_orphan_qemu(run_dir: Path) -> subprocess.Popen[bytes]:
     """A QEMU as a dead driver would leave it: running, with its pid file in ``run_dir``
-    (and the run directory's ``lock``, which every owner creates)."""
-    (run_dir / "lock").touch()
+    (and the run directory's marked lock file, which every owner creates)."""
+    mark_driver_owned(run_dir)
+    qmp = escape_option(f"{run_dir}/old.0.qmp")
     proc = subprocess.Popen(
         ["qemu-system-x86_64", "-name", "old", "-machine", "none", "-nodefaults",
          "-display", "none",
-         "-qmp", f"unix:{run_dir}/old.0.qmp,server=on,wait=off",
+         "-qmp", f"unix:{qmp},server=on,wait=off",
          "-pidfile", f"{run_dir}/old.0.pid"],
     )  # fmt: skip
     deadline = time.monotonic() + 10

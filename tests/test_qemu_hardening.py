@@ -32,6 +32,7 @@ from qemu_helpers import (
     ended_by,
     kill_and_reap,
     make_job,
+    mark_driver_owned,
     qemu_children,
     start_orphan_qemu,
     write,
@@ -39,6 +40,7 @@ from qemu_helpers import (
 
 import jobcore
 from drivers.qemu import QemuConnection, QemuDriver
+from drivers.qemu.rundir import LOCK
 from jobcore.backup import (
     BackupDef,
     BackupDisk,
@@ -109,7 +111,7 @@ def push_spec(disk: str, target: Path) -> BackupJobSpec:
 async def test_cleanup_removes_only_the_drivers_files(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
-    (run / "lock").touch()  # a driver owned it before
+    mark_driver_owned(run)  # a driver owned it before
     sleeper = spawn("sleep", "1000")
     try:
         # other programs' files: a jobd sharing the directory, a user's notes and socket
@@ -140,7 +142,7 @@ async def test_cleanup_removes_only_the_drivers_files(tmp_path: Path) -> None:
 
 
 async def test_a_directory_no_driver_owned_is_not_cleaned(tmp_path: Path) -> None:
-    """No ``lock`` file: no driver ever owned it, so files of the driver's naming in it
+    """No marked lock file: no driver ever owned it, so files of the driver's naming in it
     belong to someone else (``?dir=`` pointed at a directory of theirs)."""
     run = tmp_path / "theirs"
     run.mkdir(mode=0o700)
@@ -211,14 +213,14 @@ async def test_unsafe_run_directories_are_refused(tmp_path: Path) -> None:
     open_dir.chmod(0o777)
     msg = await open_fails(open_dir)
     assert "writable by group and others" in msg and f"chmod 700 {open_dir}" in msg
-    assert not (open_dir / "lock").exists()
+    assert not (open_dir / LOCK).exists()
 
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
     (tmp_path / "link").symlink_to(real)
     msg = await open_fails(tmp_path / "link")
     assert "symbolic link" in msg
-    assert not (real / "lock").exists()
+    assert not (real / LOCK).exists()
 
     if os.getuid() == 0:  # CI runs as root: a directory made by "another user"
         theirs = tmp_path / "theirs"

@@ -25,7 +25,7 @@ from drivers.qemu.jobs import (
     Runner,
     check_backup_job,
 )
-from drivers.qemu.process import QemuProcess
+from drivers.qemu.process import QemuProcess, QmpTimeout
 from drivers.qemu.rundir import RunDir, run_dir_of
 from jobcore.driver import DomainInfo, DriverJob, SystemClock
 from jobcore.errors import (
@@ -69,6 +69,9 @@ class QemuConnection:
     _work: anyio.Event = field(factory=anyio.Event)
     _scopes: set[anyio.CancelScope] = field(factory=set)
     _creating: set[str] = field(factory=set)
+    #: processes with a poll in flight, and those whose last poll timed out
+    _polling: set[QemuProcess] = field(factory=set)
+    _unresponsive: set[QemuProcess] = field(factory=set)
 
     # ---------------------------------------------------------------- domains
 
@@ -136,7 +139,8 @@ class QemuConnection:
         for disk in domain.disks.values():
             below: str | None = None
             for layer in reversed(disk.layers):
-                await proc.execute("blockdev-add", blockdev_args(layer, below))
+                args = blockdev_args(layer, below, read_only=layer is not disk.active)
+                await proc.execute("blockdev-add", args)
                 below = layer.node
 
     async def _spawn(self, name: str, gen: int, memory: int, *, incoming: bool) -> QemuProcess:
@@ -162,6 +166,7 @@ class QemuConnection:
             await proc.run(self._process_exited)
 
     def _process_exited(self, proc: QemuProcess) -> None:
+        self._unresponsive.discard(proc)
         for domain in self.domains.values():
             if domain.process is proc and proc.exit_reason is None:
                 log.warning(
@@ -264,36 +269,56 @@ class QemuConnection:
         await self._runner(job).set_speed(bandwidth)
 
     async def _poller(self) -> None:
-        """One progress poller per connection: query-jobs per busy process, 4 times a second."""
+        """One progress poller per connection, 4 times a second while jobs run: each round
+        starts one poll task per busy process that is not still busy with the last one, so
+        a QEMU that stops answering holds back its own jobs' progress only."""
         with self._background():
-            while True:
-                if not self.runners:
-                    self._work = anyio.Event()
-                    await self._work.wait()
-                try:
-                    await self._poll_once()
-                except Exception:  # progress is best effort; the poller must not die
-                    log.exception("progress poll failed")
-                await anyio.sleep(POLL_INTERVAL)
+            async with anyio.create_task_group() as tg:
+                while True:
+                    if not self.runners:
+                        self._work = anyio.Event()
+                        await self._work.wait()
+                    self._poll_round(tg)
+                    await anyio.sleep(POLL_INTERVAL)
 
-    async def _poll_once(self) -> None:
-        """One round: query-jobs once per busy process, then every runner reports."""
-        runners = list(self.runners.values())
-        procs = {r.proc for r in runners if r.subjobs and r.proc.alive}
-        for proc in procs:
-            try:
-                infos = await proc.execute("query-jobs")
-            except DriverError:
-                continue
-            for info in infos:
-                sj = proc.subjobs.get(str(info.get("id")))
-                if sj is not None and not sj.done.is_set():
-                    sj.current = int(info.get("current-progress", 0))
-                    sj.total = int(info.get("total-progress", 0))
-        for runner in runners:
-            if runner.phase in (Phase.RUNNING, Phase.READY):
-                await runner.poll()
-                runner.report_progress()
+    def _poll_round(self, tg: anyio.abc.TaskGroup) -> None:
+        by_proc: dict[QemuProcess, list[Runner]] = {}
+        for runner in self.runners.values():
+            by_proc.setdefault(runner.proc, []).append(runner)
+        for proc, runners in by_proc.items():
+            if proc not in self._polling:
+                self._polling.add(proc)
+                tg.start_soon(self._poll_process, proc, runners)
+
+    async def _poll_process(self, proc: QemuProcess, runners: list[Runner]) -> None:
+        """query-jobs once on one process, then each of its runners reports progress."""
+        try:
+            if any(r.subjobs for r in runners) and proc.alive:
+                try:
+                    infos = await proc.execute("query-jobs")
+                except QmpTimeout as exc:  # its jobs go on; their progress waits
+                    if proc not in self._unresponsive:
+                        self._unresponsive.add(proc)
+                        log.warning("progress poll timed out", domain=proc.name, error=str(exc))
+                    return
+                except DriverError:
+                    return
+                if proc in self._unresponsive:
+                    self._unresponsive.discard(proc)
+                    log.info("qemu answers again", domain=proc.name, pid=proc.pid)
+                for info in infos:
+                    sj = proc.subjobs.get(str(info.get("id")))
+                    if sj is not None and not sj.done.is_set():
+                        sj.current = int(info.get("current-progress", 0))
+                        sj.total = int(info.get("total-progress", 0))
+            for runner in runners:
+                if runner.phase in (Phase.RUNNING, Phase.READY):
+                    await runner.poll()
+                    runner.report_progress()
+        except Exception:  # progress is best effort; the poller must not die
+            log.exception("progress poll failed", domain=proc.name)
+        finally:
+            self._polling.discard(proc)
 
     # ---------------------------------------------------------------- migration
 

@@ -1,9 +1,12 @@
 """A domain as the driver keeps it: its process and each disk's block-node chain.
 
 Every layer of every backing chain is its own monitor-owned node (``blockdev-add`` bottom
-up, each naming the one below with ``backing``), so after a stream or a commit the layers
-that left the chain can be deleted one by one, and the active layer is simply whichever
-node is now the chain's top.
+up, each naming the one below with ``backing``, the bottom one ``backing: null``), so QEMU
+never opens a file an image header names, after a stream or a commit the layers that left
+the chain can be deleted one by one, and the active layer is simply whichever node is now
+the chain's top. Layers below the active one are opened read-only, so domains can share a
+base image; block-stream and block-commit reopen read-write what they write, for as long
+as they write it.
 """
 
 from __future__ import annotations
@@ -87,13 +90,15 @@ class Domain:
         return f"{clean}-{next(self._counter)}"
 
 
-def blockdev_args(layer: Layer, backing: str | None) -> dict[str, Any]:
+def blockdev_args(layer: Layer, backing: str | None, *, read_only: bool = False) -> dict[str, Any]:
     """``blockdev-add`` arguments opening one layer over ``backing`` (a node, or none)."""
     args: dict[str, Any] = {
         "driver": layer.format,
         "node-name": layer.node,
         "file": {"driver": "file", "filename": layer.file},
     }
+    if read_only:
+        args["read-only"] = True
     if layer.format == "qcow2":
         args["backing"] = backing
     return args

@@ -1,4 +1,13 @@
-"""qemu-img helpers: read backing chains and create target/scratch images."""
+"""qemu-img helpers: read backing chains and create target/scratch images.
+
+Every ``qemu-img`` run has a time limit (``QEMU_IMG_TIMEOUT``, whatever the URI says): one
+that does not finish is killed and is a DriverError. Backing chains are read one layer at a
+time (``qemu-img info`` never opens a backing file by itself without ``--backing-chain``),
+so a backing file string in an image header is checked before anything opens it: it must
+name a local regular file (relative names are resolved against the image's directory);
+protocol names (``nbd://…``, ``json:{…}``, any ``scheme:`` prefix) are refused, and so is a
+qcow2 layer with an external data file (QEMU would open the name its header holds).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,8 @@ import json
 import os
 import re
 import shutil
+import stat
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +27,13 @@ from attrs import frozen
 from jobcore.errors import DriverError
 
 QEMU_IMG = "qemu-img"
+#: seconds one qemu-img run may take before it is killed (a constant, not a URI parameter)
+QEMU_IMG_TIMEOUT = 60.0
+#: the longest backing chain the driver opens (layers, the active one included)
+MAX_CHAIN = 64
+#: the formats a chain layer may have: the driver opens each layer itself (``backing``
+#: names the node below), which it does for these formats only
+LAYER_FORMATS = frozenset({"qcow2", "raw"})
 
 
 @frozen
@@ -41,7 +59,16 @@ class QemuImgFailed(DriverError):
 
 
 async def _run(*args: str) -> str:
-    result = await anyio.run_process([qemu_binary(QEMU_IMG), *args], check=False)
+    argv = [qemu_binary(QEMU_IMG), *args]
+    with anyio.move_on_after(QEMU_IMG_TIMEOUT) as scope:
+        # cancelled (timeout or caller), anyio kills and reaps the process
+        result = await anyio.run_process(argv, check=False, stdin=subprocess.DEVNULL)
+    if scope.cancelled_caught:
+        raise DriverError(
+            f"'qemu-img {' '.join(args)}' did not finish within {QEMU_IMG_TIMEOUT:g} s "
+            "and was killed: check that the file is a readable regular file on a storage "
+            "that answers"
+        )
     if result.returncode != 0:
         raise QemuImgFailed(args[0], result.stderr.decode(errors="replace").strip())
     return result.stdout.decode()
@@ -64,26 +91,123 @@ def unreadable_image(path: str, fmt: str, qemu_img_text: str) -> str:
     )
 
 
-async def backing_chain(path: str, fmt: str) -> list[ImageInfo]:
-    """The image's chain, active layer first (``qemu-img info --backing-chain``)."""
+def regular_file(path: str, what: str) -> None:
+    """Refuse anything but an existing regular file (after symlinks): a FIFO would block
+    whoever opens it, a device or directory is no ``<disk type='file'>`` image."""
     try:
-        out = await _run("info", "-U", "--backing-chain", "--output=json", "-f", fmt, path)
-    except QemuImgFailed as exc:
-        raise DriverError(unreadable_image(path, fmt, exc.stderr)) from None
-    data: Any = json.loads(out)
-    entries = data if isinstance(data, list) else [data]
-    return [
-        ImageInfo(
-            filename=str(e["filename"]),
-            format=str(e["format"]),
-            virtual_size=int(e["virtual-size"]),
+        st = os.stat(path)
+    except OSError as exc:
+        raise DriverError(f"cannot read {what} '{path}' ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a block device"
+            if stat.S_ISBLK(st.st_mode)
+            else "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "not a regular file"
         )
-        for e in entries
-    ]
+        raise DriverError(
+            f"{what} '{path}' is {kind}: a file disk's image must be a regular file "
+            "(block devices are not supported)"
+        )
+
+
+#: QEMU takes a name with ':' before any '/' as ``protocol:rest`` (``nbd:``, ``json:``…)
+_PROTOCOL = re.compile(r"^[^/]*:")
+
+
+def _backing_of(layer: str, data: dict[str, Any]) -> tuple[str, str | None] | None:
+    """The local file (and recorded format) a layer's header names as its backing file."""
+    name = data.get("backing-filename")
+    if name is None:
+        return None
+    name = str(name)
+    if _PROTOCOL.match(name):
+        raise DriverError(
+            f"image '{layer}' names backing file '{name}', a protocol name, not a local "
+            "file: the qemu driver opens local backing files only (rebase the image onto a "
+            "local file with 'qemu-img rebase -u -b FILE')"
+        )
+    path = name if name.startswith("/") else os.path.join(os.path.dirname(layer), name)
+    fmt = data.get("backing-filename-format")
+    return path, (str(fmt) if fmt is not None else None)
+
+
+async def _layer_info(path: str, fmt: str | None, top: str) -> dict[str, Any]:
+    """``qemu-img info`` of one layer: it reads that file's header only."""
+    args = ["info", "-U", "--output=json"] + (["-f", fmt] if fmt else []) + [path]
+    try:
+        out = await _run(*args)
+    except QemuImgFailed as exc:
+        if path == top:
+            raise DriverError(unreadable_image(path, fmt or "qcow2", exc.stderr)) from None
+        raise DriverError(
+            f"the backing chain of image '{top}' cannot be opened (layer '{path}': "
+            f"{exc.stderr.removeprefix('qemu-img: ')}): check it with 'qemu-img info {path}'"
+        ) from None
+    data: Any = json.loads(out)
+    if not isinstance(data, dict):
+        raise DriverError(f"qemu-img info '{path}': unexpected output")
+    return data
+
+
+def _check_layer(top: str, current: str, chain: list[ImageInfo], seen: set[str]) -> None:
+    """Local checks before qemu-img opens a layer (a few stat calls)."""
+    if not chain:
+        regular_file(current, "image")
+    else:
+        try:
+            regular_file(current, "backing file")
+        except DriverError as exc:
+            raise DriverError(
+                f"the backing chain of image '{top}' cannot be opened ({exc}): check that "
+                f"every backing file exists, with 'qemu-img info {chain[-1].filename}'"
+            ) from None
+    real = os.path.realpath(current)
+    if real in seen:
+        raise DriverError(f"the backing chain of image '{top}' loops at '{current}'")
+    seen.add(real)
+    if len(chain) == MAX_CHAIN:
+        raise DriverError(f"the backing chain of image '{top}' is longer than {MAX_CHAIN} layers")
+
+
+async def backing_chain(path: str, fmt: str) -> list[ImageInfo]:
+    """The image's chain, active layer first, read one layer at a time: each backing file
+    is checked (a local regular file, no protocol, no loop, at most MAX_CHAIN layers)
+    before qemu-img opens it."""
+    chain: list[ImageInfo] = []
+    seen: set[str] = set()
+    current: str = path
+    cur_fmt: str | None = fmt
+    while True:
+        _check_layer(path, current, chain, seen)
+        data = await _layer_info(current, cur_fmt, path)
+        layer_fmt = str(data["format"])
+        if layer_fmt not in LAYER_FORMATS:
+            raise DriverError(
+                f"layer '{current}' of image '{path}' is a {layer_fmt} image: the qemu "
+                f"driver opens {' and '.join(sorted(LAYER_FORMATS))} layers only"
+            )
+        specific = data.get("format-specific")
+        extra = specific.get("data") if isinstance(specific, dict) else None
+        if isinstance(extra, dict) and extra.get("data-file") is not None:
+            # QEMU would open the file (or URL) named in the header when the layer opens
+            raise DriverError(
+                f"layer '{current}' of image '{path}' keeps its data in an external file "
+                f"('{extra['data-file']}'): the qemu driver does not open qcow2 data files"
+            )
+        chain.append(ImageInfo(current, layer_fmt, int(data["virtual-size"])))
+        below = _backing_of(current, data)
+        if below is None:
+            return chain
+        current, cur_fmt = below
 
 
 async def image_info(path: str) -> ImageInfo:
     """One image's format (probed) and virtual size, read-only (``qemu-img info -U``)."""
+    regular_file(path, "image")
     data: Any = json.loads(await _run("info", "-U", "--output=json", path))
     return ImageInfo(
         filename=str(data["filename"]),

@@ -28,7 +28,7 @@ from structlog.stdlib import BoundLogger
 
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.images import create_new_image, fsync_files, image_info, remove_files
-from drivers.qemu.process import Outcome, QemuProcess, SubJob
+from drivers.qemu.process import Outcome, QemuProcess, QmpTimeout, SubJob
 from drivers.qemu.rundir import migration_socket, nbd_socket
 from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport, StoreType
 from jobcore.driver import (
@@ -227,8 +227,12 @@ class Runner:
         self.end_requested.set()
         for sj in self.subjobs:
             if not sj.done.is_set():
-                with contextlib.suppress(DriverError):  # it may have just ended
+                try:
                     await self.proc.execute("job-cancel", {"id": sj.id})
+                except QmpTimeout:  # QEMU does not answer: say so, do not pretend
+                    raise
+                except DriverError:  # it may have just ended
+                    pass
 
     async def complete(self) -> None:
         raise OperationInvalid(
@@ -1323,5 +1327,9 @@ class MigrationRunner(Runner):
                 f"job {self.job.uuid} has ended", job=self.job.uuid, verb="cancel"
             )
         self.cancel_requested = True
-        with contextlib.suppress(DriverError):
+        try:
             await self.proc.execute("migrate_cancel")
+        except QmpTimeout:
+            raise
+        except DriverError:
+            pass

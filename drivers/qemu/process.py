@@ -10,6 +10,11 @@ the run directory finds and kills them by their pid files (``rundir.RunDir.reap_
 
 QEMU's refusals that name no file (a locked image, a corrupt qcow2 taken offline) are
 rewritten by ``explain`` into texts that name the image and say what to do.
+
+Every QMP command has a time limit (``QMP_TIMEOUT``; a QEMU that is stopped or stuck in the
+kernel never answers): past it the command raises ``QmpTimeout``, a DriverError naming the
+domain and the command. The command may still run once QEMU wakes up (its late reply is
+dropped); the session stays usable.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from attrs import define, field
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
 
 from drivers.qemu.images import exists, qemu_binary
-from drivers.qemu.rundir import log_file, pid_file, qmp_socket
+from drivers.qemu.rundir import escape_option, log_file, pid_file, qmp_socket
 from jobcore.errors import DriverError
 from jobcore.log import get_logger
 
@@ -37,6 +42,8 @@ log = get_logger(__name__)
 QEMU_SYSTEM = "qemu-system-x86_64"
 CONNECT_TIMEOUT = 10.0
 QUIT_TIMEOUT = 3.0
+#: seconds a QMP command may take before it is a QmpTimeout (tests lower it)
+QMP_TIMEOUT = 10.0
 #: QEMU's image-locking refusal ("Failed to get "write" lock", "Failed to get shared …")
 _LOCK_REFUSAL = re.compile(r'Failed to get (?:shared )?"[^"]+" lock')
 #: what QEMU says about a node it took offline (qcow2 flagged corrupt: ENOMEDIUM and kin)
@@ -62,6 +69,10 @@ def corrupt_image(file: str, qemu_text: str) -> str:
 def _open_log(path: Path) -> int:
     """The QEMU's stdout/stderr file (a small local file, opened synchronously)."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+
+class QmpTimeout(DriverError):
+    """QEMU did not answer a QMP command in time (stopped, or stuck in the kernel)."""
 
 
 class Outcome(enum.Enum):
@@ -148,7 +159,7 @@ class QemuProcess:
             "none",
             "-no-user-config",
             "-qmp",
-            f"unix:{qmp_path},server=on,wait=off",
+            f"unix:{escape_option(str(qmp_path))},server=on,wait=off",
             "-pidfile",
             str(pid_file(run_dir, stem)),
             *extra,
@@ -207,25 +218,44 @@ class QemuProcess:
 
     # --------------------------------------------------------------------- QMP
 
-    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        """Run a QMP command. QEMU's refusal raises DriverError with its text."""
+    async def execute(
+        self, cmd: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Run a QMP command. QEMU's refusal raises DriverError with its text; no answer
+        within ``timeout`` (default ``QMP_TIMEOUT``) s raises QmpTimeout."""
         if not self.alive:
             raise DriverError(f"QEMU process of domain '{self.name}' is not running")
+        limit = QMP_TIMEOUT if timeout is None else timeout
         try:
-            result = await self.qmp.execute(cmd, args)
+            with anyio.move_on_after(limit) as scope:
+                result = await self.qmp.execute(cmd, args)
         except ExecuteError as exc:
-            raise DriverError(self.explain(str(exc), _opened_file(cmd, args))) from None
+            raise DriverError(self.explain(str(exc), self._file_of(cmd, args))) from None
         except (ExecInterruptedError, ConnectError) as exc:
             raise DriverError(f"QEMU process of domain '{self.name}' went away: {exc}") from None
         except Exception as exc:  # StateError and other connection-level failures
             if not self.alive:
                 raise DriverError(f"QEMU process of domain '{self.name}' exited") from None
             raise DriverError(f"QMP {cmd} failed: {exc}") from None
+        if scope.cancelled_caught:
+            raise QmpTimeout(
+                f"QEMU for domain '{self.name}' did not answer QMP '{cmd}' within {limit:g} s "
+                f"(process {self.pid} is stopped or stuck; check it, e.g. its state in "
+                f"/proc/{self.pid}/status)"
+            )
         if cmd == "blockdev-add" and args is not None:
             file = _opened_file(cmd, args)
             if file is not None:
                 self.node_files[str(args["node-name"])] = file
         return result
+
+    def _file_of(self, cmd: str, args: dict[str, Any] | None) -> str | None:
+        """The image a command opens or needs to write (to name it in QEMU's refusal)."""
+        opened = _opened_file(cmd, args)
+        if opened is not None or args is None:
+            return opened
+        node = {"block-commit": "base-node", "block-stream": "device"}.get(cmd)
+        return self.node_files.get(str(args.get(node))) if node else None
 
     def explain(self, text: str, file: str | None = None) -> str:
         """QEMU's error text, rewritten to name the image and what to do when QEMU's own

@@ -1,14 +1,17 @@
 """The run directory: where a connection keeps its sockets, logs and pid files.
 
 One connection owns one run directory at a time, enforced by an ``fcntl`` lock on
-``RUN_DIR/lock``. The directory must be private (``jobcore.rundir``: a real directory,
-owned by the user, not writable by group or others; a missing one is created 0700).
+``RUN_DIR/jobcore-qemu.lock``, a file whose first line is ``LOCK_MARKER``. The directory
+must be private (``jobcore.rundir``: a real directory, owned by the user, not writable by
+group or others; a missing one is created 0700). Paths go into QEMU option strings with
+``,`` doubled (``escape_option``), so a comma in the run directory's path is just a comma.
 
 Every file the driver puts there has a name built here, and cleanup touches only names of
 these shapes (``NAME.GEN.pid``, ``NAME.GEN.qmp``, ``NAME.GEN.mig.sock``,
-``NAME.backup-XXXXXXXX.sock``, ``NAME.GEN.log``, ``lock``): other programs' files in the
-directory are never removed, and a directory without a ``lock`` file (no driver ever
-owned it) is not cleaned at all. A connection that finds pid files left by a previous owner
+``NAME.backup-XXXXXXXX.sock``, ``NAME.GEN.log``, ``jobcore-qemu.lock``): other programs'
+files in the directory are never removed, and a directory without that lock file holding
+the marker line (no driver ever owned it; another program's ``lock`` does not count) is
+not cleaned at all. A connection that finds pid files left by a previous owner
 that died (the lock was free) kills a process only when it can prove the driver started
 it: a ``qemu-system-*`` of this user whose command line names this domain, this pid file
 and this QMP socket. A pid file that points at anything else is just stale.
@@ -34,7 +37,9 @@ from jobcore.uri import URI
 
 log = get_logger(__name__)
 
-LOCK = "lock"
+LOCK = "jobcore-qemu.lock"
+#: the lock file's content: a directory counts as the driver's only if its lock says this
+LOCK_MARKER = "jobcore qemu driver run directory: do not remove while in use\n"
 #: stems are ``NAME.GEN`` (domain name, process generation)
 _PID = re.compile(r"^(?P<stem>(?P<name>.+)\.\d+)\.pid$")
 _SOCKETS = (
@@ -103,8 +108,8 @@ class RunDir:
             raise DriverError(str(exc)) from None
         except OSError as exc:
             raise DriverError(f"cannot create qemu run directory {self.path}: {exc}") from None
-        # a directory that never had a lock never had an owner: nothing in it is ours
-        used_before = os.path.lexists(self.path / LOCK)
+        # a directory whose lock file lacks the marker never had an owner: nothing in it is ours
+        used_before = _is_marked(self.path / LOCK)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             fd = os.open(self.path / LOCK, flags, 0o600)
@@ -121,6 +126,14 @@ class RunDir:
             ) from None
         self._fd = fd
         if not used_before:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, LOCK_MARKER.encode(), 0)
+            except OSError as exc:
+                self.release()
+                raise DriverError(
+                    f"cannot write the lock file of qemu run directory {self.path}: {exc}"
+                ) from None
             return
         try:
             self.reap_stale()
@@ -172,6 +185,20 @@ class RunDir:
         path.unlink(missing_ok=True)
 
 
+def _is_marked(lock: Path) -> bool:
+    """True when ``lock`` is a regular file that starts with the driver's marker line."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return os.pread(fd, len(LOCK_MARKER), 0) == LOCK_MARKER.encode()
+    finally:
+        os.close(fd)
+
+
 def _argument(argv: list[bytes], option: bytes) -> bytes | None:
     """The value after ``option`` in ``argv`` (last one wins, as in QEMU)."""
     value = None
@@ -202,8 +229,27 @@ def _started_by_driver(pid: int, run_dir: Path, stem: str, name: str) -> bool:
         and pidfile is not None
         and _same_path(pidfile, pid_file(run_dir, stem))
         and qmp.startswith(b"unix:")
-        and _same_path(qmp.removeprefix(b"unix:").split(b",")[0], qmp_socket(run_dir, stem))
+        and _same_path(first_option_value(qmp.removeprefix(b"unix:")), qmp_socket(run_dir, stem))
     )
+
+
+def escape_option(value: str) -> str:
+    """A value inside a QEMU ``-option a,b=c`` string: QEMU reads ``,,`` as one comma."""
+    return value.replace(",", ",,")
+
+
+def first_option_value(arg: bytes) -> bytes:
+    """The first value of a QEMU option string, up to its first unescaped comma."""
+    out = bytearray()
+    i = 0
+    while i < len(arg):
+        if arg[i : i + 1] == b",":
+            if arg[i + 1 : i + 2] != b",":
+                break
+            i += 1
+        out += arg[i : i + 1]
+        i += 1
+    return bytes(out)
 
 
 def _same_path(arg: bytes, path: Path) -> bool:
