@@ -401,7 +401,7 @@ class SQLiteJobStore(MemoryJobStore):
         expired: list[str] = []
         count = 0
         for row, spec in rows:
-            (job_s, type_s, domain, state_s, xml, claims_s, priority, created, started,
+            (job_s, type_s, domain, state_s, _xml, claims_s, priority, created, started,
              ended, processed, total, stats_s, errmsg, bandwidth, retention, expires,
              event_seq) = row  # fmt: skip
             state = JobState(state_s)
@@ -504,10 +504,9 @@ class SQLiteJobStore(MemoryJobStore):
     def defer(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once every write queued so far is committed (at once if none is
         waiting, or while the store's writes fail)."""
-        if self._committed >= self._queued or self.error is not None:
-            if not self._outbox:
-                fn()
-                return
+        if (self._committed >= self._queued or self.error is not None) and not self._outbox:
+            fn()
+            return
         self._outbox.append((self._queued, fn))
 
     async def sync(self, *, raise_errors: bool = True) -> None:
