@@ -32,6 +32,7 @@ from jobcore.errors import (
     NoSuchJob,
     OperationInvalid,
     QueueTimeout,
+    StoreError,
     Unsupported,
 )
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
@@ -58,7 +59,7 @@ from jobcore.store import (
     JobStore,
     MemoryJobStore,
 )
-from jobcore.store_sqlite import SQLiteJobStore, StoreError
+from jobcore.store_sqlite import SQLiteJobStore
 
 S = JobState
 
@@ -598,7 +599,6 @@ class Engine:
 
     def _progress(self, rec: JobRecord) -> None:
         if self._dstore is not None:  # written at most every PROGRESS_INTERVAL per job
-            self._dstore.progress(rec)
             event = JobEvent(
                 EventKind.PROGRESS,
                 rec.uuid,
@@ -610,7 +610,9 @@ class Engine:
                 rec.total,
                 self.clock.wall(),
             )
+            # after the writes before it, not its own: progress is no durability point
             self._dstore.defer(functools.partial(self._publish, event))
+            self._dstore.progress(rec)
         elif self.events.active:
             self.events.emit(
                 JobEvent(

@@ -45,6 +45,7 @@ from jobcore.errors import (
     InvalidArgument,
     InvalidURI,
     JobError,
+    StoreError,
     SubscriptionOverflow,
 )
 from jobcore.events import EndReason, EventKind, Subscription
@@ -85,7 +86,7 @@ from jobcore.protocol import (
 )
 from jobcore.rundir import ensure_private_dir
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN, DEFAULT_STORE_URL
-from jobcore.store_sqlite import StoreError, open_database, parse_store_url
+from jobcore.store_sqlite import open_database, parse_store_url
 from jobcore.uri import parse_uri
 
 #: jobd's exit status when another daemon holds the run directory.

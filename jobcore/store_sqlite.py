@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from attrs import frozen
 
-from jobcore.errors import InvalidArgument, JobError
+from jobcore.errors import InvalidArgument, JobError, StoreError
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.registry import registry
@@ -58,6 +59,8 @@ _log = get_logger("jobcore.store")
 
 #: seconds between two progress writes of one job (state changes are written at once)
 PROGRESS_INTERVAL = 2.0
+#: seconds a write nobody waits for (a purge, a progress tick) may wait for a batch
+FLUSH_DELAY = 0.25
 #: seconds between retries of a batch that could not be committed (full disk, I/O error)
 RETRY_INTERVAL = 1.0
 #: errmsg presented for a job that was active in the store when it was opened: recovery
@@ -89,17 +92,15 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
                 bandwidth INTEGER,
                 retention REAL NOT NULL,
                 expires REAL,
-                event_seq INTEGER NOT NULL DEFAULT 0
+                event_seq INTEGER NOT NULL DEFAULT 0,
+                started_after REAL,
+                elapsed REAL
             )""",
             "CREATE INDEX jobs_scope ON jobs (scope)",
         ),
     ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-class StoreError(JobError):
-    """The job store cannot be opened or written (corrupt, locked, newer schema, full)."""
 
 
 @frozen
@@ -285,7 +286,7 @@ class SQLiteDatabase:
             return self.conn.execute(
                 "SELECT uuid, type, domain, state, xml, claims, priority, created, started,"
                 " ended, processed, total, stats, errmsg, bandwidth, retention, expires,"
-                " event_seq FROM jobs WHERE scope = ? ORDER BY rowid",
+                " event_seq, started_after, elapsed FROM jobs WHERE scope = ? ORDER BY rowid",
                 (scope,),
             ).fetchall()
 
@@ -395,15 +396,12 @@ class SQLiteJobStore(MemoryJobStore):
         rows, self._rows = self._rows, []
         now_wall, now = clock.wall(), clock.now()
 
-        def mono(wall: float | None) -> float | None:
-            return None if wall is None else now + (wall - now_wall)
-
         expired: list[str] = []
         count = 0
         for row, spec in rows:
-            (job_s, type_s, domain, state_s, _xml, claims_s, priority, created, started,
+            (job_s, type_s, domain, state_s, _xml, claims_s, priority, created, _started,
              ended, processed, total, stats_s, errmsg, bandwidth, retention, expires,
-             event_seq) = row  # fmt: skip
+             event_seq, started_after, elapsed) = row  # fmt: skip
             state = JobState(state_s)
             if state.terminal and expires is not None and expires <= now_wall:
                 expired.append(job_s)
@@ -422,8 +420,10 @@ class SQLiteJobStore(MemoryJobStore):
                 ticket=ticket(job, claims, priority),
                 retention=retention,
                 created_wall=created,
-                created=mono(created) or now,
-                started=mono(started),
+                # a loaded record's clock readings are offsets from its begin (exact, so
+                # time_elapsed and info.started read as before the restart)
+                created=0.0,
+                started=started_after,
                 processed=processed,
                 total=total,
                 extra=json.loads(stats_s),
@@ -433,14 +433,14 @@ class SQLiteJobStore(MemoryJobStore):
             self._event_seq[job] = event_seq
             MemoryJobStore.add(self, rec)
             if state.terminal:
-                rec.ended = mono(ended)
+                rec.ended = elapsed
                 rec.ended_wall = ended
                 deadline = math.inf if expires is None else now + (expires - now_wall)
             else:  # no recovery yet: say so, keep the row as it is for the next jobd
                 self.unrecovered.add(job)
                 rec.state = JobState.FAILED
                 rec.errmsg = UNRECOVERED
-                rec.ended, rec.ended_wall = now, now_wall
+                rec.ended, rec.ended_wall = max(0.0, now_wall - created), now_wall
                 deadline = math.inf
             MemoryJobStore.ended(self, rec, deadline)
             count += 1
@@ -460,6 +460,10 @@ class SQLiteJobStore(MemoryJobStore):
     def _queue(self, op: Op) -> None:
         self._pending.append(op)
         self._queued += 1
+        if len(self._pending) == 1:
+            self._wakeup()
+
+    def _wakeup(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
@@ -508,6 +512,7 @@ class SQLiteJobStore(MemoryJobStore):
             fn()
             return
         self._outbox.append((self._queued, fn))
+        self._wakeup()
 
     async def sync(self, *, raise_errors: bool = True) -> None:
         """Wait until every write queued so far is committed. While commits fail:
@@ -520,6 +525,7 @@ class SQLiteJobStore(MemoryJobStore):
                 return
             if self._changed is None:
                 self._changed = anyio.Event()
+            self._wakeup()
             await self._changed.wait()
 
     def _run_outbox(self, upto: int | None) -> None:
@@ -534,10 +540,22 @@ class SQLiteJobStore(MemoryJobStore):
         """The writer: commit queued writes in batches on a worker thread until
         cancelled (after ``drain``)."""
         while True:
-            if not self._pending:
+            # commit at once when someone waits for it (a sync, a held-back event), else
+            # within FLUSH_DELAY (purges, progress): lone writes join the next batch
+            deadline = math.inf
+            while True:
+                if self._pending and (self._changed is not None or self._outbox):
+                    break
+                if self._pending:
+                    if deadline == math.inf:
+                        deadline = anyio.current_time() + FLUSH_DELAY
+                    elif anyio.current_time() >= deadline:
+                        break
                 self._wake = anyio.Event()
-                await self._wake.wait()
+                with anyio.CancelScope(deadline=deadline):
+                    await self._wake.wait()
                 self._wake = None
+            await anyio.lowlevel.checkpoint()  # what this tick still queues joins in
             await self._commit_once()
             if self.error is not None:
                 await anyio.sleep(RETRY_INTERVAL)
@@ -631,6 +649,8 @@ def _update(rec: JobRecord, event_seq: int) -> Op:
     values = (
         str(rec.state),
         started,
+        None if rec.started is None else rec.started - rec.created,
+        None if rec.ended is None else rec.ended - rec.created,
         rec.ended_wall,
         rec.processed,
         rec.total,
@@ -644,8 +664,9 @@ def _update(rec: JobRecord, event_seq: int) -> Op:
 
     def op(conn: sqlite3.Connection) -> None:
         conn.execute(
-            "UPDATE jobs SET state = ?, started = ?, ended = ?, processed = ?, total = ?,"
-            " stats = ?, errmsg = ?, bandwidth = ?, expires = ?, event_seq = ? WHERE uuid = ?",
+            "UPDATE jobs SET state = ?, started = ?, started_after = ?, elapsed = ?, ended = ?,"
+            " processed = ?, total = ?, stats = ?, errmsg = ?, bandwidth = ?, expires = ?,"
+            " event_seq = ? WHERE uuid = ?",
             values,
         )
 
