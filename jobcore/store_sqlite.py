@@ -373,6 +373,7 @@ class SQLiteJobStore(MemoryJobStore):
         # callbacks waiting for the commit of the writes queued before them
         self._outbox: deque[tuple[int, Callable[[], None]]] = deque()
         self._wake: anyio.Event | None = None
+        self._inflight: anyio.Event | None = None
         self._changed: anyio.Event | None = None
         #: the last commit failed (full disk, I/O error): new jobs are refused, writes
         #: are kept and retried, events are no longer held back
@@ -561,6 +562,19 @@ class SQLiteJobStore(MemoryJobStore):
                 await anyio.sleep(RETRY_INTERVAL)
 
     async def _commit_once(self) -> None:
+        # one batch in flight at a time: batches commit in queue order
+        while self._inflight is not None:
+            await self._inflight.wait()
+        if not self._pending:
+            return
+        self._inflight = anyio.Event()
+        try:
+            await self._commit_batch()
+        finally:
+            inflight, self._inflight = self._inflight, None
+            inflight.set()
+
+    async def _commit_batch(self) -> None:
         ops, upto = self._pending, self._queued
         self._pending = []
         try:
