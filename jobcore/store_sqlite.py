@@ -524,6 +524,9 @@ class SQLiteJobStore(MemoryJobStore):
                 if raise_errors:
                     raise self.error
                 return
+            if self._inflight is None and self._pending:
+                await self._commit_once()  # in the caller: no hand-off to the writer task
+                continue
             if self._changed is None:
                 self._changed = anyio.Event()
             self._wakeup()
