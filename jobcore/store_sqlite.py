@@ -576,6 +576,8 @@ class SQLiteJobStore(MemoryJobStore):
         finally:
             inflight, self._inflight = self._inflight, None
             inflight.set()
+            if self._pending:  # kept after a failure, or queued meanwhile: the writer's
+                self._wakeup()
 
     async def _commit_batch(self) -> None:
         ops, upto = self._pending, self._queued
