@@ -138,11 +138,6 @@ def parse_store_url(url: str) -> StoreURL:
     return StoreURL("sqlite", Path(urllib.parse.unquote(parts.path)), synchronous)
 
 
-def store_scope(driver_uri: str) -> str:
-    """The scope of a driver connection's jobs: its URI without the query."""
-    return driver_uri.split("?", 1)[0]
-
-
 # ---- the database file ----------------------------------------------------------------
 
 _databases: dict[Path, SQLiteDatabase] = {}

@@ -4,6 +4,7 @@ durability points, kill -9, a corrupt, locked, newer-schema or full store, jobd 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,39 @@ async def test_events_wait_for_the_commit_only_with_a_durable_store(
                 ev = now
             assert ev is not None and ev.kind is EventKind.STATE and ev.state is JobState.FAILED
             assert (await sub.get()).kind is EventKind.FINAL
+
+
+async def test_progress_is_written_at_most_every_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobcore.store_sqlite as store_sqlite
+
+    monkeypatch.setattr(store_sqlite, "PROGRESS_INTERVAL", 0.25)
+    writes: list[float] = []
+    build = store_sqlite._progress
+
+    def counted(rec: Any) -> Any:
+        writes.append(time.monotonic())
+        return build(rec)
+
+    monkeypatch.setattr(store_sqlite, "_progress", counted)
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect(f"sim:///default?rate={512 * MiB}", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(backup("prog"))  # 512 MiB at 512 MiB/s: about 1 s
+        ticks = 0
+        with job.events() as sub:
+            async for ev in sub:
+                if ev.kind is EventKind.PROGRESS:
+                    ticks += 1
+                    await anyio.sleep(0.05)  # the writer commits meanwhile
+                    assert rows(path)[str(job.uuid)]["processed"] <= ev.processed
+                if ev.kind is EventKind.FINAL:
+                    break
+    gaps = [b - a for a, b in itertools.pairwise(writes)]
+    assert len(writes) >= 2 and all(g >= 0.25 for g in gaps), gaps
+    assert ticks > len(writes), (ticks, len(writes))
+    assert rows(path)[str(job.uuid)]["processed"] == 512 * MiB
 
 
 # ---- kill -9 --------------------------------------------------------------------------------
