@@ -6,6 +6,8 @@ Everything here runs on the connection's event loop. State changes are synchrono
 A state changes only once the driver has done what it was asked (events never report
 what did not happen); verbs on one job run one at a time, and each driver call is
 shielded from cancellation so the engine's record and the driver's never disagree.
+With a durable store (design/store.md) begin, a queued job's start and wait also await
+the store's commit, and each event is emitted once the state it reports is committed.
 """
 
 from __future__ import annotations
