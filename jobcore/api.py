@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -32,7 +33,15 @@ from jobcore.spec import (
     ChainRef,
     JobType,
 )
-from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN, JobRecord
+from jobcore.store import (
+    DEFAULT_MAX_RETAINED,
+    DEFAULT_MAX_RETAINED_PER_DOMAIN,
+    DEFAULT_STORE_URL,
+    JobRecord,
+    JobStore,
+    open_store,
+)
+from jobcore.store_sqlite import SQLiteJobStore, parse_store_url
 from jobcore.uri import parse_uri
 from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
 
@@ -481,28 +490,52 @@ async def connect(
     retention: float = DEFAULT_RETENTION,
     max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
     max_retained: int = DEFAULT_MAX_RETAINED,
+    store: str | None = None,
 ) -> AsyncIterator[Connection]:
     """Open a connection; everything it started is cancelled when the block exits.
     ``DRIVER+unix:///PATH?socket=SOCKET`` URIs are served by jobd (jobcore.remote).
 
     Ended jobs are kept ``retention`` seconds (unless their XML says otherwise), at most
     ``max_retained_per_domain`` per domain and ``max_retained`` in all: past a cap the
-    oldest ended go first. Through jobd, the daemon's configuration decides these."""
+    oldest ended go first. Through jobd, the daemon's configuration decides these.
+
+    ``store`` names the job store (``memory:``, the default, or ``sqlite:///ABS/PATH``:
+    jobs are written there and the ended jobs already in it are loaded; design/store.md).
+    Through jobd the daemon's store is the daemon's config: ``store`` is refused."""
     parsed = parse_uri(uri)
     if parsed.transport == "unix":
+        if store is not None:
+            raise InvalidArgument(
+                f"'{uri}' is served by jobd, whose job store is the daemon's config "
+                "(jobd --store URL): connect without store="
+            )
         from jobcore.remote import connect_remote
 
         async with connect_remote(parsed, retention=retention) as remote:
             yield remote
         return
+    store_url = DEFAULT_STORE_URL if store is None else store
+    durable = parse_store_url(store_url).kind != "memory"  # InvalidArgument if malformed
     driver = load_driver(parsed)
     check_uri_params(driver, parsed)
+    jstore: JobStore | None = None
+    if durable:  # opening checks and loads the file: off the event loop
+        jstore = await anyio.to_thread.run_sync(
+            functools.partial(
+                open_store,
+                store_url,
+                scope=f"{parsed.driver}://{parsed.host}{parsed.path}",
+                max_retained_per_domain=max_retained_per_domain,
+                max_retained=max_retained,
+            )
+        )
     try:
         async with anyio.create_task_group() as tg:
             async with driver.connect(parsed, tg) as dconn:
                 engine = Engine(
                     dconn,
                     tg,
+                    store=jstore,
                     retention=retention,
                     max_retained_per_domain=max_retained_per_domain,
                     max_retained=max_retained,
@@ -511,9 +544,13 @@ async def connect(
                     yield Connection(uri, dconn, engine)
                 finally:
                     engine.close()
+                    await engine.drain()
             tg.cancel_scope.cancel()
     except ExceptionGroup as group:
         # one error (the caller's, or the driver's) comes out as itself, not wrapped
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+    finally:
+        if isinstance(jstore, SQLiteJobStore):
+            jstore.close()

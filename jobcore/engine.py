@@ -6,10 +6,13 @@ Everything here runs on the connection's event loop. State changes are synchrono
 A state changes only once the driver has done what it was asked (events never report
 what did not happen); verbs on one job run one at a time, and each driver call is
 shielded from cancellation so the engine's record and the driver's never disagree.
+With a durable store (design/store.md) begin, a queued job's start and wait also await
+the store's commit, and each event is emitted once the state it reports is committed.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -31,6 +34,7 @@ from jobcore.errors import (
     NoSuchJob,
     OperationInvalid,
     QueueTimeout,
+    StoreError,
     Unsupported,
 )
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
@@ -60,6 +64,7 @@ from jobcore.store import (
     JobStore,
     MemoryJobStore,
 )
+from jobcore.store_sqlite import SQLiteJobStore
 
 S = JobState
 
@@ -130,6 +135,11 @@ class Engine:
         self._closed = False
         #: domain name -> URI of the host a migration moved it to
         self.domain_location: dict[str, str] = {}
+        # ---- durability (design/store.md): None for the memory store, which pays nothing
+        self._dstore = self.store if isinstance(self.store, SQLiteJobStore) else None
+        if self._dstore is not None:
+            self._dstore.restore(self.clock, self._seq, self.scheduler.ticket)
+            tg.start_soon(self._dstore.run)
 
     # ---- admission -------------------------------------------------------------------
 
@@ -141,6 +151,8 @@ class Engine:
         before the driver looks at any of them."""
         if self._closed:
             raise JobError("the connection is closed")
+        if self._dstore is not None:
+            self._dstore.check_writable()  # a full disk refuses new jobs
         info = registry.for_spec(spec)
         check_flags("JobBegin", flags, job_type=info.type)
         if flags & C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL:  # only a backup accepts it
@@ -197,11 +209,26 @@ class Engine:
         if _stdlib_log.isEnabledFor(logging.INFO):
             job_log(rec).info("job began", state=str(rec.state))
         self._emit_state(rec, None)
+        if self._dstore is not None:  # durability: on disk before the driver starts it
+            await self._persisted(rec, admitted)
         if admitted:
             await self._start(rec, raise_errors=True)
         elif options.queue_timeout is not None:
             self.tg.start_soon(self._expire_queued, rec, options.queue_timeout)
         return rec
+
+    async def _persisted(self, rec: JobRecord, admitted: bool) -> None:
+        """Wait (shielded) until the new job's row is committed; if the store cannot
+        write it, the job fails unstarted and begin raises the StoreError."""
+        assert self._dstore is not None
+        rec.starting = admitted  # verbs wait for the start meanwhile
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._dstore.sync()
+        except StoreError as exc:
+            _start_finished(rec)
+            self._finish(rec, S.FAILED, errmsg=str(exc))
+            raise
 
     async def _start(self, rec: JobRecord, *, raise_errors: bool) -> None:
         if self._closed or rec.state.terminal:  # never start a job on a closing engine
@@ -264,6 +291,8 @@ class Engine:
             rec.ended = self.clock.now()
             rec.ended_wall = self.clock.wall()
             self.store.ended(rec, rec.ended + rec.retention)
+        if self._dstore is not None:  # durability: the row follows (event after commit)
+            self._dstore.changed(rec)
         self._emit_state(rec, old)
         if new.terminal:
             self._ended(rec)
@@ -278,7 +307,21 @@ class Engine:
         self._transition(rec, state)
 
     def _ended(self, rec: JobRecord) -> None:
-        if self.events.active:
+        if self._dstore is not None:  # durability: final event and waiters after commit
+            final = JobEvent(
+                EventKind.FINAL,
+                rec.uuid,
+                rec.type,
+                rec.domain,
+                rec.state,
+                None,
+                rec.processed,
+                rec.total,
+                self.clock.wall(),
+                self.stats(rec),
+            )
+            self._dstore.defer(functools.partial(self._final, rec, final))
+        elif self.events.active:
             self.events.emit(
                 JobEvent(
                     EventKind.FINAL,
@@ -293,7 +336,7 @@ class Engine:
                     self.stats(rec),
                 )
             )
-        if rec.done is not None:
+        if rec.done is not None and self._dstore is None:
             rec.done.set()
         rec.driver_job = None
         for ticket in self.scheduler.release(rec.ticket):
@@ -310,12 +353,38 @@ class Engine:
             job_log(rec).info("job ended", state=str(rec.state), errmsg=rec.errmsg)
 
     async def _start_queued(self, rec: JobRecord) -> None:
+        if self._dstore is not None:  # durability: 'running' on disk before the start
+            with anyio.CancelScope(shield=True):
+                await self._dstore.sync(raise_errors=False)
         await self._start(rec, raise_errors=False)
+
+    def _publish(self, event: JobEvent) -> None:
+        """Emit an event held back until its state was committed (durable store)."""
+        if self.events.active:
+            self.events.emit(event)
+
+    def _final(self, rec: JobRecord, event: JobEvent) -> None:
+        self._publish(event)
+        if rec.done is not None:
+            rec.done.set()
 
     def _emit_state(self, rec: JobRecord, old: JobState | None) -> None:
         if _stdlib_log.isEnabledFor(logging.DEBUG):
             job_log(rec).debug("state", previous=str(old), state=str(rec.state))
-        if self.events.active:
+        if self._dstore is not None:
+            event = JobEvent(
+                EventKind.STATE,
+                rec.uuid,
+                rec.type,
+                rec.domain,
+                rec.state,
+                old,
+                rec.processed,
+                rec.total,
+                self.clock.wall(),
+            )
+            self._dstore.defer(functools.partial(self._publish, event))
+        elif self.events.active:
             self.events.emit(
                 JobEvent(
                     EventKind.STATE,
@@ -517,6 +586,8 @@ class Engine:
             else:
                 with anyio.fail_after(timeout):
                     await done.wait()
+        if self._dstore is not None:  # the outcome is on disk before a waiter learns it
+            await self._dstore.sync(raise_errors=False)
         return self.info(rec)
 
     def subscribe(
@@ -566,7 +637,22 @@ class Engine:
             self._transition(rec, state)
 
     def _progress(self, rec: JobRecord) -> None:
-        if self.events.active:
+        if self._dstore is not None:  # written at most every PROGRESS_INTERVAL per job
+            event = JobEvent(
+                EventKind.PROGRESS,
+                rec.uuid,
+                rec.type,
+                rec.domain,
+                rec.state,
+                None,
+                rec.processed,
+                rec.total,
+                self.clock.wall(),
+            )
+            # after the writes before it, not its own: progress is no durability point
+            self._dstore.defer(functools.partial(self._publish, event))
+            self._dstore.progress(rec)
+        elif self.events.active:
             self.events.emit(
                 JobEvent(
                     EventKind.PROGRESS,
@@ -593,7 +679,15 @@ class Engine:
         active = self.store.active_jobs()
         for rec in [r for r in active if r.state is S.QUEUED] + active:
             self._finish(rec, S.FAILED, errmsg=CLOSED)
-        self.events.close()
+        if self._dstore is not None:  # after the events held back for a commit
+            self._dstore.defer(self.events.close)
+        else:
+            self.events.close()
+
+    async def drain(self) -> None:
+        """After ``close``: commit what the store holds and emit what waits for it."""
+        if self._dstore is not None:
+            await self._dstore.drain()
 
 
 class _Reporter:

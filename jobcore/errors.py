@@ -97,3 +97,8 @@ class DriverError(JobError):
 class InvalidArgument(JobError):
     """An argument is wrong for the domain: unknown disk, chain index out of range, a
     duplicate job UUID, …"""
+
+
+class StoreError(JobError):
+    """The job store cannot be opened (corrupt, locked by another process, a newer
+    schema) or written (no space left: new jobs are refused)."""

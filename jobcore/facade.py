@@ -41,7 +41,12 @@ class BlockingConnection:
     """virConnect-like. Create with ``jobcore.open(uri)``."""
 
     def __init__(
-        self, uri: str, *, backend: str = "asyncio", retention: float = DEFAULT_RETENTION
+        self,
+        uri: str,
+        *,
+        backend: str = "asyncio",
+        retention: float = DEFAULT_RETENTION,
+        store: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidArgument(
@@ -83,7 +88,9 @@ class BlockingConnection:
                 + (f": {type(cause).__name__}: {cause}" if cause is not None else "")
             ) from cause
         try:
-            self._cm = self._portal.wrap_async_context_manager(connect(uri, retention=retention))
+            self._cm = self._portal.wrap_async_context_manager(
+                connect(uri, retention=retention, store=store)
+            )
             self.aconn: Connection = self._cm.__enter__()
         except BaseException:
             self._cm = None
@@ -303,10 +310,15 @@ class BlockingJob:
 
 
 def open(
-    uri: str = "sim:///default", *, backend: str = "asyncio", retention: float = DEFAULT_RETENTION
+    uri: str = "sim:///default",
+    *,
+    backend: str = "asyncio",
+    retention: float = DEFAULT_RETENTION,
+    store: str | None = None,
 ) -> BlockingConnection:
-    """Open a blocking connection (its event loop runs on its own daemon thread)."""
-    return BlockingConnection(uri, backend=backend, retention=retention)
+    """Open a blocking connection (its event loop runs on its own daemon thread);
+    ``store``: the job store URL (``memory:`` by default, or ``sqlite:///ABS/PATH``)."""
+    return BlockingConnection(uri, backend=backend, retention=retention, store=store)
 
 
 def JobBegin(dom: BlockingDomain, job_xml: str | bytes, flags: int = 0) -> BlockingJob:

@@ -48,6 +48,7 @@ from jobcore.errors import (
     InvalidArgument,
     InvalidURI,
     JobError,
+    StoreError,
     SubscriptionOverflow,
 )
 from jobcore.events import EndReason, EventKind, Subscription
@@ -89,7 +90,8 @@ from jobcore.protocol import (
 )
 from jobcore.rundir import ensure_private_dir, reserve_dir, unreserve_dir
 from jobcore.spec import MAX_SECONDS
-from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
+from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN, DEFAULT_STORE_URL
+from jobcore.store_sqlite import open_database, parse_store_url
 from jobcore.uri import parse_uri
 
 #: jobd's exit status when another daemon holds the run directory.
@@ -201,6 +203,9 @@ class DaemonConfig:
     frame_timeout: float = FRAME_TIMEOUT
     #: bytes the partly received frames of all clients may hold at once
     max_receive_buffer: int = MAX_RECEIVE_BUFFER
+    #: the job store: 'memory:' or 'sqlite:///ABS/PATH' (interim default 'memory:' until
+    #: recovery exists: design/store.md)
+    store: str = DEFAULT_STORE_URL
 
 
 _CONFIG_KEYS = {
@@ -221,6 +226,7 @@ _CONFIG_KEYS = {
     "log_file",
     "frame_timeout",
     "max_receive_buffer",
+    "store",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -320,6 +326,13 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
                     "frame) and 2^40"
                 )
             config = _evolve(config, max_receive_buffer=size)
+        if "store" in values:
+            store = _typed(values, "store", str)
+            try:
+                parse_store_url(store)
+            except InvalidArgument as exc:
+                raise ConfigError(f"store: {exc}") from None
+            config = _evolve(config, store=store)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
@@ -659,6 +672,7 @@ class DriverConnections:
         allowed: tuple[str, ...] = DEFAULT_ALLOWED_URIS,
         run_dir: Path | None = None,
         idle_timeout: float = DRIVER_IDLE_TIMEOUT,
+        store: str | None = None,
         **retained: int,
     ) -> None:
         self._tg = tg
@@ -667,6 +681,7 @@ class DriverConnections:
         self._run_dir = None if run_dir is None else run_dir.resolve()
         self._idle_timeout = idle_timeout
         self._retained = retained  # max_retained_per_domain, max_retained
+        self._store = store  # the job store URL every driver connection uses
         self._slots: dict[str, _DriverSlot] = {}
         self._drivers: dict[str, Driver] = {}
         self._stop = anyio.Event()
@@ -768,7 +783,7 @@ class DriverConnections:
         key = slot.target.key
         try:
             async with connect(
-                slot.target.uri, retention=self._retention, **self._retained
+                slot.target.uri, retention=self._retention, store=self._store, **self._retained
             ) as conn:
                 slot.conn = conn
                 slot.ready.set()
@@ -863,8 +878,14 @@ class Daemon:
         ensure_private_dir(cfg.run_dir, what="jobd run directory")
         lock = RunDirLock(cfg.run_dir)
         lock.acquire()
+        store_db = None
         reserve_dir(cfg.run_dir)  # no job may name its files (an NBD socket) among jobd's
         try:
+            store_url = parse_store_url(cfg.store)
+            if store_url.path is not None:  # a bad store stops jobd here, before serving
+                store_db = await anyio.to_thread.run_sync(
+                    open_database, store_url.path, store_url.synchronous
+                )
             async with anyio.create_task_group() as drivers_tg:
                 self.drivers = DriverConnections(
                     drivers_tg,
@@ -874,6 +895,7 @@ class Daemon:
                     idle_timeout=cfg.driver_idle_timeout,
                     max_retained_per_domain=cfg.max_retained_per_domain,
                     max_retained=cfg.max_retained,
+                    store=cfg.store,
                 )
                 try:
                     self._serving = anyio.CancelScope()
@@ -883,6 +905,8 @@ class Daemon:
                     self.drivers.close()
                     drivers_tg.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_GRACE
         finally:
+            if store_db is not None:
+                store_db.release()
             for path in (self.rw_path, self.ro_path):
                 path.unlink(missing_ok=True)
             unreserve_dir(cfg.run_dir)
@@ -1617,6 +1641,9 @@ def run_daemon(config: DaemonConfig, *, detach: bool = False) -> int:
         if isinstance(leaf, DaemonAlreadyRunning):
             click.echo(f"jobd: {leaf}", err=True)
             return EXIT_ALREADY_RUNNING
+        if isinstance(leaf, StoreError):  # corrupt, locked, newer schema: it says what
+            click.echo(f"jobd: {leaf}", err=True)
+            return 1
         if not isinstance(leaf, OSError | JobError):
             raise
         click.echo(f"jobd: cannot serve in '{config.run_dir}': {leaf}", err=True)
@@ -1698,7 +1725,13 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
                 "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout, "
                 "subscriber_lost_limit, max_subscriptions, max_retained_per_domain, max_retained, "
-                "log_file, frame_timeout, max_receive_buffer.",
+                "log_file, frame_timeout, max_receive_buffer, store.",
+            ),
+            click.option(
+                "--store",
+                metavar="URL",
+                help="Job store: 'memory:' or 'sqlite:///ABS/PATH' [default: memory:, "
+                "interim until recovery exists].",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
@@ -1742,6 +1775,7 @@ def start_from_options(
     allowed_uris: tuple[str, ...] = (),
     log_file: Path | None = None,
     detach: bool = False,
+    store: str | None = None,
 ) -> int:
     try:
         config = load_config(
@@ -1751,6 +1785,7 @@ def start_from_options(
             retention=retention,
             allowed_uris=list(allowed_uris) or None,
             log_file=log_file,
+            store=store,
         )
     except ConfigError as exc:
         click.echo(f"jobd: {exc}", err=True)

@@ -1,0 +1,82 @@
+"""The durable store's cost: begin→completed of instant sim jobs with the SQLite store
+vs the memory store, in the same run (issue 10's target: ≥ 0.5× the memory store's
+throughput).
+
+Two shapes: one client beginning and waiting for one job at a time (every job waits for
+two commits: its row before the driver starts it, its end before the waiter learns it),
+and ``CLIENTS`` clients at once (their writes share commits: group commit). The SQLite
+file is on the temporary directory's file system, ``synchronous=FULL`` (the default) and
+``NORMAL``.
+
+    python -m benchmarks.bench_store
+    BENCH_STORE_JOBS=5000 python -m benchmarks.bench_store
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+import jobcore
+from jobcore.backup import BackupDef, BackupDisk, BackupStore
+from jobcore.spec import BackupJobSpec
+
+N_JOBS = int(os.environ.get("BENCH_STORE_JOBS", "2000"))
+CLIENTS = 32
+
+
+def _spec(i: int) -> BackupJobSpec:
+    return BackupJobSpec(
+        BackupDef(disks=(BackupDisk("vdb", type=None, store=BackupStore(f"/bench/{i}.qcow2")),))
+    )
+
+
+async def jobs_per_second(n: int, clients: int, store: str | None) -> float:
+    # retention 0: ended jobs go at once, as in bench_engine (the rows are deleted too)
+    async with jobcore.connect("sim:///default?rate=0", retention=0, store=store) as conn:
+        dom = await conn.lookup_domain("vm1")
+        per = n // clients
+        specs = [[_spec(c * per + i) for i in range(per)] for c in range(clients)]
+
+        async def client(mine: list[BackupJobSpec]) -> None:
+            for spec in mine:
+                job = await dom.job_begin_spec(spec)
+                await job.wait()
+
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for mine in specs:
+                tg.start_soon(client, mine)
+        return per * clients / (time.perf_counter() - start)
+
+
+def measure(n: int = N_JOBS) -> list[tuple[str, float, float, float]]:
+    """(shape, memory jobs/s, sqlite jobs/s, ratio) for each shape and synchronous mode."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        for clients in (1, CLIENTS):
+            memory = anyio.run(jobs_per_second, n, clients, None)
+            for sync in ("full", "normal"):
+                path = Path(tmp) / f"jobs-{clients}-{sync}.sqlite"
+                url = f"sqlite://{path}?synchronous={sync}"
+                sqlite = anyio.run(jobs_per_second, n, clients, url)
+                shape = f"{clients} client{'s' if clients > 1 else ''}, synchronous={sync}"
+                rows.append((shape, memory, sqlite, sqlite / memory))
+    return rows
+
+
+def main() -> None:
+    print(f"begin→completed of {N_JOBS:,d} instant sim jobs: SQLite store vs memory store")
+    for shape, memory, sqlite, ratio in measure():
+        print(
+            f"  {shape:32s} memory {memory:8,.0f} jobs/s  sqlite {sqlite:8,.0f} jobs/s  "
+            f"ratio {ratio:.2f}× (target ≥ 0.5×)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,548 @@
+"""The durable job store (sqlite:///ABS/PATH): round trips across close and reopen, the
+durability points, kill -9, a corrupt, locked, newer-schema or full store, jobd --store."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from test_jobd import BACKUP_VDB, Jobd, jobctl, write
+
+import jobcore
+from jobcore.errors import InvalidArgument, StoreError
+from jobcore.events import EventKind, JobEvent
+from jobcore.jobd import ConfigError, load_config
+from jobcore.lifecycle import JobState
+from jobcore.store_sqlite import SCHEMA_VERSION, UNRECOVERED, parse_store_url
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+
+
+def backup(tag: str) -> str:
+    return BACKUP_VDB.format(tag=tag)
+
+
+def url(path: Path) -> str:
+    return f"sqlite://{path}"
+
+
+def rows(path: Path) -> dict[str, dict[str, Any]]:
+    """The jobs table, read with a connection of its own (as another process would)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {r["uuid"]: dict(r) for r in conn.execute("SELECT * FROM jobs")}
+    finally:
+        conn.close()
+
+
+def same_view(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a == b
+
+
+# ---- URLs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["sqlite://rel/jobs.sqlite", "sqlite:jobs.sqlite", "sqlite:///", "postgres://x/y", ""]
+)
+def test_bad_store_url_is_refused_by_name(bad: str) -> None:
+    with pytest.raises(InvalidArgument, match=f"'{bad}'" if bad else "store URL"):
+        parse_store_url(bad)
+    with pytest.raises(InvalidArgument):
+        anyio.run(_open_with_store, bad)
+
+
+async def _open_with_store(store: str) -> None:
+    async with jobcore.connect("sim:///default", store=store):
+        pass
+
+
+def test_remote_uri_refuses_store(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="daemon's config"):
+        anyio.run(_remote_with_store, tmp_path)
+
+
+async def _remote_with_store(tmp_path: Path) -> None:
+    async with jobcore.connect(
+        f"sim+unix:///default?socket={tmp_path}/jobd.sock", store=url(tmp_path / "j.sqlite")
+    ):
+        pass
+
+
+def test_jobd_store_config_key(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(f"store = '{url(tmp_path / 'j.sqlite')}'\n")
+    assert load_config(good).store == url(tmp_path / "j.sqlite")
+    assert load_config(None).store == "memory:"  # interim default (design/store.md)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("store = 'sqlite://relative.sqlite'\n")
+    with pytest.raises(ConfigError, match=r"relative\.sqlite"):
+        load_config(bad)
+
+
+# ---- round trips --------------------------------------------------------------------------
+
+
+async def test_ended_jobs_survive_close_and_reopen(tmp_path: Path) -> None:
+    store = url(tmp_path / "jobs.sqlite")
+    before: dict[uuid.UUID, tuple[Any, Any, str]] = {}
+    async with jobcore.connect(f"sim:///default?rate={4096 * MiB}", store=store) as conn:
+        dom = await conn.lookup_domain("vm1")
+        conn.driver.inject_failure(at=0.5, message="disk on fire")  # type: ignore[attr-defined]
+        for i in range(4):
+            job = await dom.job_begin(backup(f"rt{i}"))
+            await job.wait()
+            before[job.uuid] = (await job.info(), await job.stats(), await job.xml_desc())
+        slow = await dom.job_begin("<job type='blockpull'><disk name='vda'/></job>")
+        await slow.abort()
+        await slow.wait()
+        before[slow.uuid] = (await slow.info(), await slow.stats(), await slow.xml_desc())
+    states = sorted(str(v[0].state) for v in before.values())
+    assert states == ["cancelled", "completed", "completed", "completed", "failed"]
+    async with jobcore.connect("sim:///default?rate=0", store=store) as conn:
+        dom = await conn.lookup_domain("vm1")
+        listed = [j.uuid for j in await dom.list_jobs()]
+        assert listed == list(before)  # begin order is kept
+        for job_id, (info, stats, xml) in before.items():
+            job = await conn.lookup_job(job_id)
+            assert await job.info() == info
+            same_view(await job.stats(), stats)
+            assert await job.xml_desc() == xml
+        first = next(iter(before))
+        found = await conn.find_jobs(str(first)[:8])
+        assert first in [j.uuid for j in found]
+        failed = next(i for i, _, _ in before.values() if i.state is JobState.FAILED)
+        assert failed.errmsg is not None and "disk on fire" in failed.errmsg
+
+
+async def test_retention_expiry_survives_reopen(tmp_path: Path) -> None:
+    store = url(tmp_path / "jobs.sqlite")
+    async with jobcore.connect("sim:///default?rate=0", store=store, retention=0.3) as conn:
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(backup("exp"))
+        await job.wait()
+        gone = job.uuid
+        keep_xml = backup("keep").replace(
+            "<job type='backup'>", "<job type='backup'><retention seconds='3600'/>"
+        )
+        kept = await dom.job_begin(keep_xml)
+        await kept.wait()
+    await anyio.sleep(0.4)
+    async with jobcore.connect("sim:///default?rate=0", store=store) as conn:
+        with pytest.raises(jobcore.NoSuchJob):
+            await conn.lookup_job(gone)
+        assert (await (await conn.lookup_job(kept.uuid)).info()).state is JobState.COMPLETED
+    assert str(gone) not in rows(tmp_path / "jobs.sqlite")  # the expired row was deleted
+
+
+def test_facade_round_trip(tmp_path: Path) -> None:
+    store = url(tmp_path / "jobs.sqlite")
+    conn = jobcore.open("sim:///default?rate=0", store=store)
+    try:
+        dom = conn.lookupByName("vm1")
+        job = jobcore.JobBegin(dom, backup("facade"))
+        jobcore.JobWait(job)
+        info, stats = jobcore.JobGetInfo(job), jobcore.JobGetStats(job)
+        job_id = jobcore.JobGetUUIDString(job)
+    finally:
+        conn.close()
+    conn = jobcore.open("sim:///default?rate=0", store=store, backend="trio")
+    try:
+        again = jobcore.JobLookupByUUID(conn.lookupByName("vm1"), job_id)
+        assert jobcore.JobGetInfo(again) == info
+        assert jobcore.JobGetStats(again) == stats
+    finally:
+        conn.close()
+
+
+# ---- durability points --------------------------------------------------------------------
+
+
+async def test_state_is_on_disk_before_its_event(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    seen: list[tuple[str, str, str, int]] = []  # kind, job, state, on-disk event_seq
+    async with jobcore.connect(f"sim:///default?rate={256 * MiB}", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        with conn.subscribe() as sub:
+            jobs = [await dom.job_begin(backup(f"dp{i}")) for i in range(3)]
+            # every job is on disk once JobBegin returned
+            assert {str(j.uuid) for j in jobs} <= set(rows(path))
+            await jobs[1].pause()
+            await jobs[1].resume()
+            await jobs[2].abort()
+            finals = 0
+            counts: dict[str, int] = {}
+            async for ev in sub:
+                row = rows(path)[str(ev.job)]
+                if ev.kind is EventKind.STATE:
+                    counts[str(ev.job)] = counts.get(str(ev.job), 0) + 1
+                    # the state change this event reports is written already
+                    assert row["event_seq"] >= counts[str(ev.job)], (ev, row)
+                    if ev.state.terminal:
+                        assert row["state"] == str(ev.state)
+                if ev.kind is EventKind.FINAL:
+                    assert row["state"] == str(ev.state)
+                    stats = json.loads(row["stats"])
+                    assert row["ended"] is not None and row["expires"] is not None
+                    assert ev.stats is not None
+                    assert row["processed"] == ev.stats["disk_processed"]
+                    assert all(ev.stats[k] == v for k, v in stats.items())
+                    finals += 1
+                    if finals == 3:
+                        break
+                seen.append((str(ev.kind), str(ev.job), str(ev.state), row["event_seq"]))
+    assert sum(1 for k, *_ in seen if k == "state") >= 3 + 2 + 3  # begin, pause/resume, ends
+
+
+async def test_wait_returns_only_once_the_end_is_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect("sim:///default?rate=0", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        for i in range(20):
+            job = await dom.job_begin(backup(f"w{i}"))
+            info = await job.wait()
+            assert rows(path)[str(job.uuid)]["state"] == str(info.state) == "completed"
+
+
+@pytest.mark.parametrize("durable", [False, True])
+async def test_events_wait_for_the_commit_only_with_a_durable_store(
+    tmp_path: Path, durable: bool
+) -> None:
+    """The memory store pays nothing: an event is emitted within the transition. With
+    SQLite it is held back until the state it reports is committed."""
+    store = url(tmp_path / "jobs.sqlite") if durable else None
+    async with jobcore.connect(f"sim:///default?rate={MiB}", store=store) as conn:
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(backup("mem"))
+        assert (conn.engine._dstore is not None) is durable
+        with conn.subscribe(job=job.uuid) as sub:
+            conn.engine._finish(conn.engine.lookup(job.uuid), JobState.FAILED, errmsg="x")
+            now = sub.get_nowait()  # no await since the state changed
+            if durable:
+                assert now is None
+                assert rows(tmp_path / "jobs.sqlite")[str(job.uuid)]["state"] == "running"
+                got = await sub.get()
+                while got.kind is EventKind.PROGRESS:  # the start's, held back meanwhile
+                    got = await sub.get()
+                ev: JobEvent | None = got
+                assert rows(tmp_path / "jobs.sqlite")[str(job.uuid)]["state"] == "failed"
+            else:
+                ev = now
+            assert ev is not None and ev.kind is EventKind.STATE and ev.state is JobState.FAILED
+            assert (await sub.get()).kind is EventKind.FINAL
+
+
+async def test_progress_is_written_at_most_every_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobcore.store_sqlite as store_sqlite
+
+    monkeypatch.setattr(store_sqlite, "PROGRESS_INTERVAL", 0.25)
+    writes: list[float] = []
+    build = store_sqlite._progress
+
+    def counted(rec: Any) -> Any:
+        writes.append(time.monotonic())
+        return build(rec)
+
+    monkeypatch.setattr(store_sqlite, "_progress", counted)
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect(f"sim:///default?rate={512 * MiB}", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(backup("prog"))  # 512 MiB at 512 MiB/s: about 1 s
+        ticks = 0
+        with job.events() as sub:
+            async for ev in sub:
+                if ev.kind is EventKind.PROGRESS:
+                    ticks += 1
+                    await anyio.sleep(0.05)  # the writer commits meanwhile
+                    assert rows(path)[str(job.uuid)]["processed"] <= ev.processed
+                if ev.kind is EventKind.FINAL:
+                    break
+    gaps = [b - a for a, b in itertools.pairwise(writes)]
+    assert len(writes) >= 2 and all(g >= 0.25 for g in gaps), gaps
+    assert ticks > len(writes), (ticks, len(writes))
+    assert rows(path)[str(job.uuid)]["processed"] == 512 * MiB
+
+
+# ---- kill -9 --------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, anyio, jobcore
+    XML = sys.argv[2]
+    async def main():
+        async with jobcore.connect("sim:///default?rate={rate}", store=sys.argv[1]) as conn:
+            dom = await conn.lookup_domain("vm1")
+            async with anyio.create_task_group() as tg:
+                async def one(i):
+                    job = await dom.job_begin(XML.replace("TAG", str(i)))
+                    print(job.uuid, flush=True)
+                for i in range(int(sys.argv[3])):
+                    tg.start_soon(one, i)
+                    if i == int(sys.argv[4]):
+                        await anyio.sleep(0.01)
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    await anyio.sleep(0)
+    anyio.run(main, backend=sys.argv[5])
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_kill_9_keeps_every_begun_job(tmp_path: Path, backend: str) -> None:
+    path = tmp_path / "jobs.sqlite"
+    xml = backup("k-TAG")
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD.format(rate=64 * MiB), url(path), xml, "400", "300", backend],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    begun = proc.stdout.split()
+    assert len(begun) > 50, proc.stdout
+    on_disk = rows(path)
+    missing = [u for u in begun if u not in on_disk]
+    assert not missing, f"{len(missing)} of {len(begun)} begun jobs are not in the store"
+    active = {u for u, r in on_disk.items() if r["state"] == "running"}
+    assert active, "the kill came while jobs ran"
+    anyio.run(_reopen_after_kill, path, begun, active, backend=backend)
+    # the rows of the jobs that were active are left as they were, for recovery
+    assert {u for u, r in rows(path).items() if r["state"] == "running"} == active
+
+
+async def _reopen_after_kill(path: Path, begun: list[str], active: set[str]) -> None:
+    async with jobcore.connect("sim:///default", store=url(path)) as conn:
+        for job_id in begun:
+            info = await (await conn.lookup_job(job_id)).info()
+            if job_id in active:
+                assert info.state is JobState.FAILED and info.errmsg == UNRECOVERED
+            else:
+                assert info.state is JobState.COMPLETED, info
+
+
+# ---- bad stores -----------------------------------------------------------------------------
+
+
+async def test_corrupt_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    path.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+    with pytest.raises(StoreError, match=f"'{path}'.*corrupt.*move it away"):
+        async with jobcore.connect("sim:///default", store=url(path)):
+            pass
+    assert path.stat().st_size == 16 + 8192  # left as it was
+    other = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE mine (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not a job store"):
+        async with jobcore.connect("sim:///default", store=url(other)):
+            pass
+
+
+async def test_corrupt_page_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect("sim:///default?rate=0", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        for i in range(40):
+            await (await dom.job_begin(backup(f"c{i}"))).wait()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 2 * page
+    data[page:] = os.urandom(len(data) - page)  # every page but the header's
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"'{path}'.*corrupt"):
+        async with jobcore.connect("sim:///default", store=url(path)):
+            pass
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect("sim:///default", store=url(path)):
+        pass
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 98}")
+    conn.close()
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 98}, newer"):
+        async with jobcore.connect("sim:///default", store=url(path)):
+            pass
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, anyio, jobcore
+    async def main():
+        async with jobcore.connect("sim:///default", store=sys.argv[1]):
+            print("open", flush=True)
+            await anyio.to_thread.run_sync(sys.stdin.read)
+    anyio.run(main)
+    """
+)
+
+
+def test_store_locked_by_another_process_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, url(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        with pytest.raises(StoreError, match=f"'{path}' is in use by another process"):
+            anyio.run(_open_with_store, url(path))
+    finally:
+        holder.communicate("", timeout=30)
+    anyio.run(_open_with_store, url(path))  # free again
+
+
+async def test_same_scope_twice_in_one_process_is_refused(tmp_path: Path) -> None:
+    store = url(tmp_path / "jobs.sqlite")
+    async with jobcore.connect("sim:///default", store=store):
+        with pytest.raises(StoreError, match="already serves a connection to 'sim:///default'"):
+            async with jobcore.connect("sim:///default", store=store):
+                pass
+        async with jobcore.connect("sim:///other", store=store) as other:  # its own scope
+            dom = await other.lookup_domain("vm1")
+            await (await dom.job_begin(backup("o"))).abort()
+
+
+# ---- a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Any:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, f"cannot mount a 1 MiB tmpfs (needs root): {done.stderr}"
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _fill(path: Path) -> None:
+    """Fill the file system ``path`` is on (unbuffered writes until ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
+async def test_full_disk_refuses_new_jobs_and_spares_running_ones(small_fs: Path) -> None:
+    path = small_fs / "jobs.sqlite"
+    async with jobcore.connect(f"sim:///default?rate={128 * MiB}", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        running = await dom.job_begin(backup("run"))  # about 4 s
+        filler = small_fs / "filler"
+        _fill(filler)
+        refused: StoreError | None = None
+        began = 0
+        with conn.subscribe(job=running.uuid) as sub:
+            for i in range(3000):
+                try:
+                    job = await dom.job_begin(backup(f"full{i}"))
+                except StoreError as exc:
+                    refused = exc
+                    break
+                began += 1
+                await job.abort()
+            assert refused is not None, f"{began} jobs began on a full disk"
+            assert str(refused) == f"no space left for the job store at {path}"
+            with pytest.raises(StoreError, match="no space left"):  # refused at once now
+                await dom.job_begin(backup("again"))
+            # the running job goes on: progress and its end reach subscribers
+            info = await running.wait(timeout=30)
+            assert info.state is JobState.COMPLETED
+            kinds = []
+            async for ev in sub:
+                kinds.append(ev.kind)
+                if ev.kind is EventKind.FINAL:
+                    break
+            assert EventKind.PROGRESS in kinds
+        filler.unlink()  # space again: the kept writes land, new jobs are accepted
+        await anyio.sleep(1.5)
+        job = await dom.job_begin(backup("after"))
+        await job.abort()
+        await job.wait()
+        ended = rows(path)
+        assert ended[str(running.uuid)]["state"] == "completed"
+        assert ended[str(job.uuid)]["state"] == "cancelled"
+
+
+# ---- jobd --store -------------------------------------------------------------------------
+
+
+def test_jobd_store_survives_restart(tmp_path: Path) -> None:
+    store = url(tmp_path / "state" / "jobs.sqlite")
+    run_dir = tmp_path / "run"
+    daemon = Jobd(run_dir, "--store", store).wait_ready()
+    try:
+        uri = daemon.uri("rate=0")
+        done = []
+        for i in range(3):
+            began = jobctl(uri, "begin", "vm1", write(tmp_path, f"b{i}.xml", backup(f"d{i}")))
+            assert began.returncode == 0, began.stderr
+            done.append(began.stdout.strip())
+            assert jobctl(uri, "wait", done[-1]).returncode == 0
+        before = {u: json.loads(jobctl(uri, "info", u, "--json").stdout) for u in done}
+    finally:
+        assert daemon.stop() == 0
+    daemon = Jobd(run_dir, "--store", store).wait_ready()
+    try:
+        for job_id, info in before.items():
+            shown = jobctl(daemon.uri(), "info", job_id, "--json")
+            assert shown.returncode == 0, shown.stderr
+            assert json.loads(shown.stdout) == info
+            assert info["state"] == "completed"
+        # a second jobd on another run dir cannot take the same store
+        other = Jobd(tmp_path / "run2", "--store", store)
+        assert other.proc.wait(30) == 1
+        assert "is in use by another process" in other.log()
+        other.stop()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_jobd_refuses_to_start_on_a_corrupt_store(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    path.write_bytes(b"not a database at all" * 100)
+    daemon = Jobd(tmp_path / "run", "--store", url(path))
+    assert daemon.proc.wait(30) == 1
+    log = daemon.log()
+    daemon.stop()
+    assert f"jobd: the job store '{path}' is corrupt" in log
+    assert not (tmp_path / "run" / "jobd.sock").exists()
