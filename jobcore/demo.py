@@ -137,7 +137,7 @@ async def scenario(
     table = Table(title="final stats (libvirt's keys)")
     table.add_column("key")
     for job in (backup, pull):
-        table.add_column(f"{job.type} {str(job.uuid)[:8]}")
+        table.add_column(f"{job.type} {str(job.uuid)[:8]}", overflow="fold")  # whole UUIDs
     for key in sorted({k for st in finals.values() for k in st}):
         table.add_row(key, *(str(finals.get(j.uuid, {}).get(key, "")) for j in (backup, pull)))
     console.print(table)
