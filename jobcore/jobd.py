@@ -57,6 +57,7 @@ from jobcore.protocol import (
     HEADER,
     MAX_FRAME,
     PROTOCOL_VERSION,
+    REQUEST_LIMITS,
     RO_SOCKET,
     RW_SOCKET,
     AccessDenied,
@@ -1163,7 +1164,7 @@ class Daemon:
             body = b"".join(chunks)
             del chunks
             try:
-                msg = decode_message(body)
+                msg = decode_message(body, REQUEST_LIMITS)
             except BadRequest as exc:
                 client.noise.line("warning", "malformed frame", error=str(exc))
                 await client.send(error_reply(exc.request_id, exc))
