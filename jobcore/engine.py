@@ -14,7 +14,7 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -130,6 +130,9 @@ class Engine:
         self._closed = False
         #: domain name -> URI of the host a migration moved it to
         self.domain_location: dict[str, str] = {}
+        #: where else a job UUID is taken (jobd: its other driver connections), as the
+        #: name of the place that has it, or None: begin refuses those UUIDs too
+        self.uuid_owner: Callable[[uuid.UUID], str | None] | None = None
 
     # ---- admission -------------------------------------------------------------------
 
@@ -170,6 +173,11 @@ class Engine:
         self._purge(now)
         if self.store.get(job_id) is not None:
             raise InvalidArgument(f"a job with UUID '{job_id}' already exists")
+        owner = None if self.uuid_owner is None else self.uuid_owner(job_id)
+        if owner is not None:  # checked and stored with no await between: race-free
+            raise InvalidArgument(
+                f"a job with UUID '{job_id}' already exists (on '{owner}'): choose another UUID"
+            )
         if job_id == C.LEGACY_DOMAIN_JOB_UUID:
             raise InvalidArgument(f"'{job_id}' is reserved for the legacy domain job alias")
         options = spec.options

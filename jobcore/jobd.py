@@ -699,6 +699,17 @@ class DriverConnections:
             driver = self._drivers[uri.driver] = load_driver(uri)
         return resolve_driver_uri(uri_text, driver)
 
+    def uuid_owner(self, job: uuid.UUID) -> str | None:
+        """The driver connection (its URI) that has a job ``job``, live or retained."""
+        for slot in self._slots.values():
+            if slot.conn is None:
+                continue
+            engine = slot.conn.engine
+            engine.store.purge(engine.clock.now())
+            if engine.store.get(job) is not None:
+                return slot.target.key
+        return None
+
     async def attach(self, uri_text: str, *, readonly: bool, confined: bool = False) -> _DriverSlot:
         """The driver connection a hello names, opened if needed (read-write clients
         only; a ``confined`` one only in the driver's default state directory); the
@@ -792,6 +803,7 @@ class DriverConnections:
                 slot.target.uri, retention=self._retention, **self._retained
             ) as conn:
                 slot.conn = conn
+                conn.engine.uuid_owner = self.uuid_owner  # job UUIDs are unique daemon-wide
                 slot.ready.set()
                 _log.info("driver connection opened", uri=slot.target.uri)
                 await self._until_idle(slot)
