@@ -17,7 +17,7 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -70,6 +70,10 @@ S = JobState
 
 #: Seconds an ended job keeps its final info and stats unless its XML says otherwise.
 DEFAULT_RETENTION = 600.0
+#: Seconds a driver's ``start`` may take before the engine gives up on it (the job fails and
+#: the driver is told to cancel): a bound independent of any driver's own time limits, so a
+#: hung hypervisor cannot hold a (shielded) start, and with it jobd's shutdown, forever.
+DEFAULT_START_TIMEOUT = 60.0
 #: errmsg of the jobs a closing connection ends
 CLOSED = "the connection was closed"
 
@@ -112,6 +116,7 @@ class Engine:
         retention: float = DEFAULT_RETENTION,
         max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
         max_retained: int = DEFAULT_MAX_RETAINED,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
     ) -> None:
         self.dconn = dconn
         self.tg = tg
@@ -129,12 +134,20 @@ class Engine:
                 f"retention {retention} is not a number of seconds in 0…{MAX_SECONDS:.0f}"
             )
         self.retention = float(retention)
+        if not (isinstance(start_timeout, int | float) and 0 < start_timeout <= MAX_SECONDS):
+            raise InvalidArgument(
+                f"start_timeout {start_timeout} is not a number of seconds in 0…{MAX_SECONDS:.0f}"
+            )
+        self.start_timeout = float(start_timeout)
         self.events = EventHub()
         self.scheduler = Scheduler()
         self._seq = itertools.count()
         self._closed = False
         #: domain name -> URI of the host a migration moved it to
         self.domain_location: dict[str, str] = {}
+        #: where else a job UUID is taken (jobd: its other driver connections), as the
+        #: name of the place that has it, or None: begin refuses those UUIDs too
+        self.uuid_owner: Callable[[uuid.UUID], str | None] | None = None
         # ---- durability (design/store.md): None for the memory store, which pays nothing
         self._dstore = self.store if isinstance(self.store, SQLiteJobStore) else None
         if self._dstore is not None:
@@ -182,6 +195,11 @@ class Engine:
         self._purge(now)
         if self.store.get(job_id) is not None:
             raise InvalidArgument(f"a job with UUID '{job_id}' already exists")
+        owner = None if self.uuid_owner is None else self.uuid_owner(job_id)
+        if owner is not None:  # checked and stored with no await between: race-free
+            raise InvalidArgument(
+                f"a job with UUID '{job_id}' already exists (on '{owner}'): choose another UUID"
+            )
         if job_id == C.LEGACY_DOMAIN_JOB_UUID:
             raise InvalidArgument(f"'{job_id}' is reserved for the legacy domain job alias")
         options = spec.options
@@ -235,16 +253,26 @@ class Engine:
             _start_finished(rec)
             return
         rec.started = self.clock.now()
-        rec.driver_job = DriverJob(rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec))
+        rec.driver_job = job = DriverJob(
+            rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec)
+        )
         rec.starting = True
         error: JobError | None = None
         cause: Exception | None = None
+        bound = anyio.CancelScope()  # replaced by the start's deadline scope
         try:
             # Shielded: a begin cancelled now (its client went away) would leave a job the
             # driver may or may not have. The start completes and the job is tracked; the
             # caller's cancellation takes effect when begin returns.
             with anyio.CancelScope(shield=True):
-                await self.dconn.start(rec.driver_job)
+                with anyio.move_on_after(self.start_timeout) as bound:
+                    await self.dconn.start(job)
+                if bound.cancelled_caught:
+                    error = DriverError(
+                        f"driver '{self.dconn.uri}' did not start job '{rec.uuid}' within "
+                        f"{self.start_timeout:g} s (the hypervisor may be stopped or stuck): "
+                        "the job failed and the driver was told to cancel it"
+                    )
         except JobError as exc:
             error = exc
         except Exception as exc:  # a driver bug must not take the engine down
@@ -265,10 +293,24 @@ class Engine:
         if error is not None:
             if rec.state.active:
                 self._finish(rec, S.FAILED, errmsg=str(error))
+            if bound.cancelled_caught:  # failed first: a cancel report cannot change that
+                with anyio.CancelScope(shield=True):
+                    await self._cancel_unstarted(rec, job)
             if raise_errors:
                 if cause is not None:
                     raise error from cause
                 raise error
+
+    async def _cancel_unstarted(self, rec: JobRecord, job: DriverJob) -> None:
+        """Tell the driver to cancel (and clean up) a job whose start timed out; the cancel
+        has the same bound (called shielded, from ``_start``)."""
+        try:
+            with anyio.move_on_after(self.start_timeout):
+                await self.dconn.cancel(job)
+        except JobError as exc:  # e.g. the driver never got far enough to know the job
+            job_log(rec).info("cancel after a start timeout refused", error=str(exc))
+        except Exception:
+            job_log(rec).exception("driver cancel raised", driver=self.dconn.uri)
 
     async def _expire_queued(self, rec: JobRecord, timeout: float) -> None:
         # the connection's clock, not wall time: a manual (simulated) clock expires it too

@@ -58,6 +58,7 @@ from jobcore.protocol import (
     HEADER,
     MAX_FRAME,
     PROTOCOL_VERSION,
+    REQUEST_LIMITS,
     RO_SOCKET,
     RW_SOCKET,
     AccessDenied,
@@ -250,10 +251,7 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
     try:
         config = DaemonConfig()
         if "run_dir" in values:
-            run_dir = values["run_dir"]
-            if not isinstance(run_dir, str | Path):
-                raise ConfigError("run_dir must be a string")
-            config = _evolve(config, run_dir=Path(run_dir))
+            config = _evolve(config, run_dir=_abs_path(values, "run_dir"))
         if "allowed_uids" in values:
             uids = values["allowed_uids"]
             if not isinstance(uids, list | tuple | frozenset) or not all(
@@ -305,10 +303,7 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
                     raise ConfigError(f"{key} must be a number of jobs >= 0")
                 config = _evolve(config, **{key: cap})
         if "log_file" in values:
-            log_file = values["log_file"]
-            if not isinstance(log_file, str | Path) or not str(log_file):
-                raise ConfigError("log_file must be a file name")
-            config = _evolve(config, log_file=Path(log_file))
+            config = _evolve(config, log_file=_abs_path(values, "log_file"))
         if "frame_timeout" in values:
             seconds = values["frame_timeout"]
             if (
@@ -336,6 +331,32 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
+
+
+def _abs_path(values: dict[str, Any], key: str) -> Path:
+    """``values[key]`` as an absolute path: a non-empty string without NUL that starts with
+    ``/`` (a relative one would depend on the directory jobd happens to start in; the CLI
+    resolves its own options against the cwd first: ``cli_path``)."""
+    value = values[key]
+    if not isinstance(value, str | Path):
+        raise ConfigError(f"{key} must be a string (an absolute path)")
+    text = str(value)
+    if not text or "\0" in text:
+        raise ConfigError(f"{key} must be a non-empty absolute path without NUL, not {text!r}")
+    if not os.path.isabs(text):
+        raise ConfigError(f"{key} must be an absolute path, not {text!r}")
+    return Path(text)
+
+
+def cli_path(value: str | Path | None, option: str) -> Path | None:
+    """A path from a command-line option, resolved against the current directory (as a
+    shell user means it); empty or NUL-containing: ConfigError."""
+    if value is None:
+        return None
+    text = str(value)
+    if not text or "\0" in text:
+        raise ConfigError(f"{option} must be a non-empty path without NUL, not {text!r}")
+    return Path(os.path.abspath(text))
 
 
 def _seconds(values: dict[str, Any], key: str, minimum: float, maximum: float) -> float:
@@ -693,6 +714,17 @@ class DriverConnections:
             driver = self._drivers[uri.driver] = load_driver(uri)
         return resolve_driver_uri(uri_text, driver)
 
+    def uuid_owner(self, job: uuid.UUID) -> str | None:
+        """The driver connection (its URI) that has a job ``job``, live or retained."""
+        for slot in self._slots.values():
+            if slot.conn is None:
+                continue
+            engine = slot.conn.engine
+            engine.store.purge(engine.clock.now())
+            if engine.store.get(job) is not None:
+                return slot.target.key
+        return None
+
     async def attach(self, uri_text: str, *, readonly: bool, confined: bool = False) -> _DriverSlot:
         """The driver connection a hello names, opened if needed (read-write clients
         only; a ``confined`` one only in the driver's default state directory); the
@@ -786,6 +818,7 @@ class DriverConnections:
                 slot.target.uri, retention=self._retention, store=self._store, **self._retained
             ) as conn:
                 slot.conn = conn
+                conn.engine.uuid_owner = self.uuid_owner  # job UUIDs are unique daemon-wide
                 slot.ready.set()
                 _log.info("driver connection opened", uri=slot.target.uri)
                 await self._until_idle(slot)
@@ -1167,7 +1200,7 @@ class Daemon:
             body = b"".join(chunks)
             del chunks
             try:
-                msg = decode_message(body)
+                msg = decode_message(body, REQUEST_LIMITS)
             except BadRequest as exc:
                 client.noise.line("warning", "malformed frame", error=str(exc))
                 await client.send(error_reply(exc.request_id, exc))
@@ -1715,7 +1748,7 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         [
             click.option(
                 "--run-dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                type=click.Path(file_okay=False),
                 help=f"Directory of the sockets and pid file [default: {default_run_dir()}].",
             ),
             click.option(
@@ -1738,7 +1771,7 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--log-file",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=click.Path(dir_okay=False),
                 help="Log to this file (JSON lines) instead of stderr; reopened when "
                 "logrotate moves it away.",
             ),
@@ -1768,23 +1801,23 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def start_from_options(
-    run_dir: Path | None,
+    run_dir: str | Path | None,
     config_file: Path | None,
     log_level: str | None,
     retention: float | None,
     allowed_uris: tuple[str, ...] = (),
-    log_file: Path | None = None,
+    log_file: str | Path | None = None,
     detach: bool = False,
     store: str | None = None,
 ) -> int:
     try:
         config = load_config(
             config_file,
-            run_dir=run_dir,
+            run_dir=cli_path(run_dir, "--run-dir"),
             log_level=log_level,
             retention=retention,
             allowed_uris=list(allowed_uris) or None,
-            log_file=log_file,
+            log_file=cli_path(log_file, "--log-file"),
             store=store,
         )
     except ConfigError as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import sys
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
@@ -98,6 +99,30 @@ class EventFormatter(logging.Formatter):
         return str(self._renderer(None, record.levelname.lower(), event))
 
 
+class PrivateLogFileHandler(logging.handlers.WatchedFileHandler):
+    """A ``WatchedFileHandler`` whose file is created mode 0600 (jobd's log holds peer uids,
+    pids, URIs and paths) and never opened through a symbolic link (``O_NOFOLLOW``: a link
+    planted at the path, at start or after rotation, fails with ELOOP instead of being
+    appended to). An existing file keeps its mode."""
+
+    def _open(self) -> Any:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.baseFilename, flags, 0o600)
+        try:
+            return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # the stdlib reopens (after rotation) outside its own error handling: a link planted
+        # at the path (ELOOP) or a vanished directory would raise out of the logging call
+        try:
+            super().emit(record)
+        except OSError:
+            self.handleError(record)  # stderr, as for any other failed write
+
+
 def reopen_log_files() -> None:
     """Reopen the file ``configure()`` logs to if it was moved away or deleted (jobd on
     SIGHUP, as logrotate's postrotate sends it); the next line would reopen it anyway."""
@@ -107,6 +132,8 @@ def reopen_log_files() -> None:
                 handler.acquire()
                 try:
                     handler.reopenIfNeeded()
+                except OSError:
+                    pass  # the next line retries the open and reports the failure
                 finally:
                     handler.release()
 
@@ -119,7 +146,7 @@ def configure(
     output is not a terminal (a file never is) or when asked."""
     handler: logging.Handler
     if log_file is not None:
-        handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+        handler = PrivateLogFileHandler(log_file, encoding="utf-8")
         if json is None:
             json = True
     else:

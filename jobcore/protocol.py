@@ -321,12 +321,69 @@ def _wire_arg(value: ArgValue) -> Wire:
     return value
 
 
-def decode_message(body: bytes) -> Message:
-    """A typed message from a frame body; BadRequest if it is not one."""
+@frozen
+class DecodeLimits:
+    """Bounds on what one frame body may decode into. msgpack turns each 1-byte item (an
+    empty map) into a Python object of ~70 bytes, so 4 MiB of them would cost ~300 MiB and
+    a quarter second of the event loop before any type check: the lengths of one array or
+    map are checked from their headers, and every decoded array and map (1 + its length)
+    is counted against ``max_items`` as it completes, which stops the decode early."""
+
+    max_array_len: int
+    max_map_len: int
+    max_items: int
+
+
+#: What jobd decodes from a client: a request is ``[0, id, method, [args…]]`` whose widest
+#: argument is a subscribe filter (a list of event kinds or job types); strings and bytes
+#: (a job or domain XML document) may fill the frame.
+REQUEST_LIMITS = DecodeLimits(max_array_len=256, max_map_len=32, max_items=4096)
+#: What a client decodes from its daemon (already checked to be the expected peer): pages
+#: of job refs, domain lists, events, error fields; bounded by the frame itself.
+REPLY_LIMITS = DecodeLimits(max_array_len=MAX_FRAME, max_map_len=MAX_FRAME, max_items=MAX_FRAME)
+
+
+class _ItemBudget:
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def _take(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise ValueError("message has too many items")
+
+    def array(self, value: list[Any]) -> list[Any]:
+        self._take(1 + len(value))
+        return value
+
+    def map(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        self._take(1 + len(value))
+        return value
+
+
+def decode_message(body: bytes, limits: DecodeLimits = REPLY_LIMITS) -> Message:
+    """A typed message from a frame body; BadRequest if it is not one or if it decodes
+    into more than ``limits`` allow (jobd passes ``REQUEST_LIMITS``)."""
+    budget = _ItemBudget(limits.max_items)
     try:
-        raw = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        raw = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=MAX_FRAME,
+            max_bin_len=MAX_FRAME,
+            max_ext_len=0,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            list_hook=budget.array,
+            object_hook=budget.map,
+        )
     except Exception as exc:  # msgpack raises several unrelated types
-        raise BadRequest(f"frame body is not msgpack: {type(exc).__name__}") from None
+        raise BadRequest(
+            f"frame body is not msgpack within the message limits: {type(exc).__name__}: "
+            f"{str(exc)[:120]}"
+        ) from None
     if not isinstance(raw, list) or len(raw) < 2 or not _is_int(raw[0]) or not _is_int(raw[1]):
         raise BadRequest("a message is an array [type, id, …]")
     rid = int(raw[1])
