@@ -32,7 +32,7 @@ import anyio
 from attrs import define, field
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
 
-from drivers.qemu.images import data_file_of, exists, qemu_binary
+from drivers.qemu.images import exists, qemu_binary
 from drivers.qemu.rundir import escape_option, log_file, pid_file, qmp_socket
 from jobcore.errors import DriverError
 from jobcore.log import get_logger
@@ -255,21 +255,20 @@ class QemuProcess:
         """A qcow2 node the driver opened without naming a data file must have none: one
         its header names (written there after the driver read the header, by whoever
         owns the image) is closed again, with the node, before any I/O reaches it."""
-        nodes = await self.execute("query-named-block-nodes", {"flat": True})
-        for info in nodes:
-            if info.get("node-name") != node:
-                continue
-            image = info.get("image")
-            name = data_file_of(image) if isinstance(image, dict) else None
-            if name is None:
-                return
+        # the graph, not query-named-block-nodes: that one reads the image (allocation,
+        # a corrupt qcow2 is marked so by it); the graph is QEMU's own bookkeeping
+        graph = await self.execute("x-debug-query-block-graph")
+        ids = {n.get("id") for n in graph.get("nodes", ()) if n.get("name") == node}
+        if any(
+            e.get("parent") in ids and e.get("name") == "data-file" for e in graph.get("edges", ())
+        ):
             with contextlib.suppress(DriverError):
                 await self.execute("blockdev-del", {"node-name": node})
             self.node_files.pop(node, None)
             raise DriverError(
-                f"image '{file or node}' keeps its data in an external file ('{name}') "
-                "that its header names: the qemu driver does not open qcow2 data files "
-                "(the header changed after the driver read it)"
+                f"image '{file or node}' keeps its data in an external file its header "
+                "names: the qemu driver does not open qcow2 data files (the header changed "
+                "after the driver read it); QEMU closed the image again"
             )
 
     def _file_of(self, cmd: str, args: dict[str, Any] | None) -> str | None:
