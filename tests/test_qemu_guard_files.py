@@ -26,6 +26,7 @@ from test_qemu_driver import session
 
 import drivers.qemu.connection as qconn
 import drivers.qemu.images as images
+import drivers.qemu.jobs as qjobs
 import jobcore
 from jobcore import VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, JobState
 from jobcore.errors import DriverError, InvalidArgument
@@ -146,6 +147,35 @@ async def test_qemu_img_create_writes_the_claimed_file(
     assert created is not None
     assert list(victim_dir.iterdir()) == []  # qemu-img wrote nothing through the link
     assert "file format: qcow2" in run("qemu-img", "info", str(moved[0] / "t.qcow2"))
+
+
+async def test_target_swapped_before_qemu_opens_it_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = create(tmp_path / "src.qcow2", "16M")
+    write(src, "write -P 0x5a 0 1M")
+    d = tmp_path / "d"
+    d.mkdir()
+    victim_dir = tmp_path / "victim"
+    victim_dir.mkdir()
+    victim = create(victim_dir / "t.qcow2", "16M")  # someone else's image, same name
+    before = victim.read_bytes()
+    real = qjobs.create_new_image
+
+    async def create_then_swap(path: str, fmt: str, size: int) -> Any:
+        created = await real(path, fmt, size)
+        swap_for_link(d, victim_dir)  # before the driver's blockdev-add opens the path
+        return created
+
+    monkeypatch.setattr(qjobs, "create_new_image", create_then_swap)
+    async with jobcore.connect(f"qemu:///session?dir={tmp_path / 'run'}") as conn:
+        dom = await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        with pytest.raises(DriverError, match="changed while the backup started"):
+            job = await dom.job_begin(push("vda", d / "t.qcow2"))
+            await job.wait(30)
+        await dom.destroy()
+    assert victim.read_bytes() == before
+    assert (tmp_path / "d.old" / "t.qcow2").exists()
 
 
 def _data_file_image(path: Path, data_file: Path, size: str = "16M") -> Path:

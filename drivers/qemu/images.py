@@ -260,6 +260,32 @@ def owned_file(path: str) -> OwnedFile | None:
     return OwnedFile(path, _ident(st), _ident(dir_st))
 
 
+def file_ident(path: str, disk: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of an existing store (symbolic links followed, as QEMU does)."""
+    try:
+        return _ident(os.stat(path))
+    except OSError as exc:
+        raise DriverError(
+            f"store '{path}' for backup of '{disk}' cannot be examined ({exc.strerror or exc})"
+        ) from None
+
+
+def holds_inode(pid: int, ident: tuple[int, int]) -> bool:
+    """Whether process ``pid`` (a QEMU of ours) has the file ``ident`` open."""
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if _ident(os.stat(os.path.join(fds, name))) == ident:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _open_dir(path: str) -> int:
     return os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 

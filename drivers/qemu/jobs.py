@@ -30,7 +30,9 @@ from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.images import (
     OwnedFile,
     create_new_image,
+    file_ident,
     fsync_files,
+    holds_inode,
     image_info,
     remove_created,
 )
@@ -624,6 +626,9 @@ class BackupRunner(Runner):
                 created = await create_new_image(path, fmt, disk.virtual_size)
                 if created is None:
                     raise store_exists(path, d.name)  # appeared since the check
+                ident = created.ident
+            else:
+                ident = file_ident(path, d.name)
             bd = _BackupDisk(
                 disk=disk,
                 spec=d,
@@ -641,6 +646,16 @@ class BackupRunner(Runner):
             # halve the throughput); a push target is fsynced once, after it is closed.
             args["cache"] = {"no-flush": True}
             await self.proc.execute("blockdev-add", args)
+            if not holds_inode(self.proc.pid, ident):
+                # QEMU opens by path: the path named another file by then (a directory
+                # or the file swapped since the driver created or checked it)
+                with contextlib.suppress(DriverError):
+                    await self.proc.execute("blockdev-del", {"node-name": bd.node})
+                raise DriverError(
+                    f"store '{path}' for backup of '{d.name}' changed while the backup "
+                    "started (QEMU found another file at that path than the one the driver "
+                    "created or checked): nothing was written to it; begin the backup again"
+                )
 
     def _checkpoint_actions(self, bitmaps: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """The transaction actions creating the checkpoint's bitmaps, listed in ``bitmaps``."""
