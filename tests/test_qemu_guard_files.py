@@ -211,7 +211,7 @@ async def test_header_rewritten_after_the_check_is_closed_again(
     image = create(tmp_path / "disk.qcow2", "16M")
     victim = tmp_path / "victim.raw"
     victim.write_bytes(b"V" * (16 << 20))
-    real = qconn.backing_chain
+    real = images.backing_chain
 
     async def chain_then_rewrite(path: str, fmt: str) -> list[images.ImageInfo]:
         chain = await real(path, fmt)
