@@ -160,7 +160,7 @@ async def test_target_swapped_before_qemu_opens_it_is_not_written(
     victim_dir.mkdir()
     victim = create(victim_dir / "t.qcow2", "16M")  # someone else's image, same name
     before = victim.read_bytes()
-    real = qjobs.create_new_image
+    real = images.create_new_image
 
     async def create_then_swap(path: str, fmt: str, size: int) -> Any:
         created = await real(path, fmt, size)
