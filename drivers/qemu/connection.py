@@ -15,7 +15,7 @@ from attrs import define, field
 
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.domxml import DomainDef, parse_domain
-from drivers.qemu.images import backing_chain, exists
+from drivers.qemu.images import backing_chain, exists, owned_file
 from drivers.qemu.jobs import (
     BackupRunner,
     BlockCommitRunner,
@@ -130,7 +130,11 @@ class QemuConnection:
                 )
             layers = []
             for img in chain:
-                layers.append(Layer(f"{d.target}-L{counter}", img.filename, img.format))
+                layers.append(
+                    Layer(
+                        f"{d.target}-L{counter}", img.filename, img.format, owned_file(img.filename)
+                    )
+                )
                 counter += 1
             disks[d.target] = Disk(d.target, layers, chain[0].virtual_size)
         return disks

@@ -18,6 +18,7 @@ from typing import Any
 
 from attrs import define, field
 
+from drivers.qemu.images import OwnedFile
 from drivers.qemu.process import QemuProcess
 from jobcore.driver import DiskInfo, DomainInfo
 
@@ -27,6 +28,9 @@ class Layer:
     node: str
     file: str
     format: str
+    #: the file (and its directory) as found when the chain was read: what a block
+    #: commit's ``<delete/>`` may remove (None: never removed)
+    owned: OwnedFile | None = None
 
 
 @define

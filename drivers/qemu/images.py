@@ -135,6 +135,26 @@ def _backing_of(layer: str, data: dict[str, Any]) -> tuple[str, str | None] | No
     return path, (str(fmt) if fmt is not None else None)
 
 
+def data_file_of(data: dict[str, Any]) -> str | None:
+    """The external data file a qcow2's ``qemu-img info`` (or QMP ImageInfo) names."""
+    specific = data.get("format-specific")
+    extra = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(extra, dict) and extra.get("data-file") is not None:
+        return str(extra["data-file"])
+    return None
+
+
+def refuse_data_file(data: dict[str, Any], what: str) -> None:
+    """Refuse a qcow2 whose header names an external data file: QEMU would open the file
+    (or URL) the header names, which no guard has checked."""
+    name = data_file_of(data)
+    if name is not None:
+        raise DriverError(
+            f"{what} keeps its data in an external file ('{name}'): the qemu driver does not "
+            "open qcow2 data files"
+        )
+
+
 async def _layer_info(path: str, fmt: str | None, top: str) -> dict[str, Any]:
     """``qemu-img info`` of one layer: it reads that file's header only."""
     args = ["info", "-U", "--output=json"] + (["-f", fmt] if fmt else []) + [path]
@@ -190,14 +210,7 @@ async def backing_chain(path: str, fmt: str) -> list[ImageInfo]:
                 f"layer '{current}' of image '{path}' is a {layer_fmt} image: the qemu "
                 f"driver opens {' and '.join(sorted(LAYER_FORMATS))} layers only"
             )
-        specific = data.get("format-specific")
-        extra = specific.get("data") if isinstance(specific, dict) else None
-        if isinstance(extra, dict) and extra.get("data-file") is not None:
-            # QEMU would open the file (or URL) named in the header when the layer opens
-            raise DriverError(
-                f"layer '{current}' of image '{path}' keeps its data in an external file "
-                f"('{extra['data-file']}'): the qemu driver does not open qcow2 data files"
-            )
+        refuse_data_file(data, f"layer '{current}' of image '{path}'")
         chain.append(ImageInfo(current, layer_fmt, int(data["virtual-size"])))
         below = _backing_of(current, data)
         if below is None:
@@ -209,6 +222,7 @@ async def image_info(path: str) -> ImageInfo:
     """One image's format (probed) and virtual size, read-only (``qemu-img info -U``)."""
     regular_file(path, "image")
     data: Any = json.loads(await _run("info", "-U", "--output=json", path))
+    refuse_data_file(data, f"image '{path}'")
     return ImageInfo(
         filename=str(data["filename"]),
         format=str(data["format"]),
@@ -220,26 +234,101 @@ async def create_image(path: str, fmt: str, size: int) -> None:
     await _run("create", "-q", "-f", fmt, path, str(size))
 
 
-async def create_new_image(path: str, fmt: str, size: int) -> bool:
-    """Create an image at ``path`` only if nothing is there (not even a dangling symlink):
-    the name is claimed with O_EXCL first, so an existing file is never opened for
-    writing. False when something exists; on failure nothing is left behind."""
+@frozen
+class OwnedFile:
+    """A file the driver may remove (one it created, or a layer it opened): its path, and
+    the (st_dev, st_ino) of the file and of its directory then, so that removing it never
+    follows a directory that was swapped (for a symbolic link, another directory) since."""
+
+    path: str
+    ident: tuple[int, int]
+    dir_ident: tuple[int, int]
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def owned_file(path: str) -> OwnedFile | None:
+    """``path``'s file (lstat: a symbolic link is itself) and directory as they are now;
+    None when either cannot be examined."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileExistsError:
+        st = os.lstat(path)
+        dir_st = os.stat(os.path.dirname(path) or ".")
+    except OSError:
+        return None
+    return OwnedFile(path, _ident(st), _ident(dir_st))
+
+
+def file_ident(path: str, disk: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of an existing store (symbolic links followed, as QEMU does)."""
+    try:
+        return _ident(os.stat(path))
+    except OSError as exc:
+        raise DriverError(
+            f"store '{path}' for backup of '{disk}' cannot be examined ({exc.strerror or exc})"
+        ) from None
+
+
+def holds_inode(pid: int, ident: tuple[int, int]) -> bool:
+    """Whether process ``pid`` (a QEMU of ours) has the file ``ident`` open."""
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
         return False
+    for name in names:
+        try:
+            if _ident(os.stat(os.path.join(fds, name))) == ident:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _open_dir(path: str) -> int:
+    return os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+async def create_new_image(path: str, fmt: str, size: int) -> OwnedFile | None:
+    """Create an image at ``path`` only if nothing is there (not even a dangling symlink):
+    the name is claimed with O_EXCL first, in the directory opened once, so an existing
+    file is never opened for writing; qemu-img then writes the claimed file through
+    ``/proc/<pid>/fd/<fd>`` (the same inode, whatever happens to the path meanwhile).
+    None when something exists; on failure nothing is left behind."""
+    try:
+        dir_fd = _open_dir(path)
     except OSError as exc:
         raise DriverError(
             f"cannot create backup file '{path}': {exc.strerror or exc}; "
             "check that its directory exists and is writable"
         ) from None
-    os.close(fd)
     try:
-        await create_image(path, fmt, size)
-    except BaseException:
-        remove_files([path])
-        raise
-    return True
+        name = os.path.basename(path)
+        try:
+            fd = os.open(
+                name,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=dir_fd,
+            )
+        except FileExistsError:
+            return None
+        except OSError as exc:
+            raise DriverError(
+                f"cannot create backup file '{path}': {exc.strerror or exc}; "
+                "check that its directory exists and is writable"
+            ) from None
+        created = OwnedFile(path, _ident(os.fstat(fd)), _ident(os.fstat(dir_fd)))
+        try:
+            await create_image(f"/proc/{os.getpid()}/fd/{fd}", fmt, size)
+        except BaseException:
+            os.close(fd)
+            remove_created([created])
+            raise
+        os.close(fd)
+        return created
+    finally:
+        os.close(dir_fd)
 
 
 def exists(path: str | Path) -> bool:
@@ -247,10 +336,35 @@ def exists(path: str | Path) -> bool:
     return os.path.exists(path)
 
 
-def remove_files(paths: Iterable[str | Path]) -> None:
-    """Remove files the driver created (targets, scratch, sockets); missing ones are fine."""
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
+def remove_created(files: Iterable[OwnedFile]) -> list[str]:
+    """Remove files the driver created, each only while its path still names that file in
+    that directory: the directory is opened (once), its inode compared with the one it
+    had at creation, then the name in it is checked with lstat (a symbolic link is not
+    followed) and unlinked relative to the opened directory. A missing file is fine; a
+    path that now names something else is left alone. Returns the paths left alone."""
+    kept: list[str] = []
+    for f in files:
+        try:
+            dir_fd = _open_dir(f.path)
+        except OSError:
+            kept.append(f.path)  # the directory is gone or no longer one
+            continue
+        try:
+            if _ident(os.fstat(dir_fd)) != f.dir_ident:
+                kept.append(f.path)
+                continue
+            name = os.path.basename(f.path)
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if _ident(st) != f.ident:
+                kept.append(f.path)
+                continue
+            os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+    return kept
 
 
 def fsync_files(paths: Iterable[str | Path]) -> None:

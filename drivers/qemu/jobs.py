@@ -27,7 +27,15 @@ from attrs import define, field
 from structlog.stdlib import BoundLogger
 
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
-from drivers.qemu.images import create_new_image, fsync_files, image_info, remove_files
+from drivers.qemu.images import (
+    OwnedFile,
+    create_new_image,
+    file_ident,
+    fsync_files,
+    holds_inode,
+    image_info,
+    remove_created,
+)
 from drivers.qemu.process import Outcome, QemuProcess, QmpTimeout, SubJob
 from drivers.qemu.rundir import migration_socket, nbd_socket
 from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport, StoreType
@@ -474,7 +482,8 @@ class _BackupDisk:
     path: str
     fmt: str
     node: str
-    created: bool
+    #: the file the job created (None: reused), the only kind it removes
+    created: OwnedFile | None
     filter: str
     job_id: str
     export_id: str = ""
@@ -612,11 +621,14 @@ class BackupRunner(Runner):
         )
         for d, disk, path, fmt in stores:
             # libvirt's rule: create unless REUSE_EXTERNAL; only created files are removed
-            created = False
+            created = None
             if not reuse:
-                if not await create_new_image(path, fmt, disk.virtual_size):
+                created = await create_new_image(path, fmt, disk.virtual_size)
+                if created is None:
                     raise store_exists(path, d.name)  # appeared since the check
-                created = True
+                ident = created.ident
+            else:
+                ident = file_ident(path, d.name)
             bd = _BackupDisk(
                 disk=disk,
                 spec=d,
@@ -634,6 +646,16 @@ class BackupRunner(Runner):
             # halve the throughput); a push target is fsynced once, after it is closed.
             args["cache"] = {"no-flush": True}
             await self.proc.execute("blockdev-add", args)
+            if not holds_inode(self.proc.pid, ident):
+                # QEMU opens by path: the path named another file by then (a directory
+                # or the file swapped since the driver created or checked it)
+                with contextlib.suppress(DriverError):
+                    await self.proc.execute("blockdev-del", {"node-name": bd.node})
+                raise DriverError(
+                    f"store '{path}' for backup of '{d.name}' changed while the backup "
+                    "started (QEMU found another file at that path than the one the driver "
+                    "created or checked): nothing was written to it; begin the backup again"
+                )
 
     def _checkpoint_actions(self, bitmaps: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """The transaction actions creating the checkpoint's bitmaps, listed in ``bitmaps``."""
@@ -916,7 +938,7 @@ class BackupRunner(Runner):
                     await self.proc.execute("nbd-server-stop")
             self.server_started = False
             if not nodes_only:
-                remove_files(bd.path for bd in self.disks if bd.created)
+                remove_created(bd.created for bd in self.disks if bd.created is not None)
 
     def report_progress(self) -> None:
         if self.phase is not Phase.RUNNING and self.phase is not Phase.READY:
@@ -1107,7 +1129,7 @@ class BlockCommitRunner(Runner):
             with anyio.CancelScope(shield=True):
                 await self.del_nodes([layer.node for layer in removed])
             if self.spec.delete:
-                remove_files(layer.file for layer in removed)
+                remove_created(layer.owned for layer in removed if layer.owned is not None)
             self.progress(sj.total, sj.total)
         self.end(outcome, err)
 

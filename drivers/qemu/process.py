@@ -247,7 +247,29 @@ class QemuProcess:
             file = _opened_file(cmd, args)
             if file is not None:
                 self.node_files[str(args["node-name"])] = file
+            if args.get("driver") == "qcow2" and "data-file" not in args:
+                await self._refuse_header_data_file(str(args["node-name"]), file)
         return result
+
+    async def _refuse_header_data_file(self, node: str, file: str | None) -> None:
+        """A qcow2 node the driver opened without naming a data file must have none: one
+        its header names (written there after the driver read the header, by whoever
+        owns the image) is closed again, with the node, before any I/O reaches it."""
+        # the graph, not query-named-block-nodes: that one reads the image (allocation,
+        # a corrupt qcow2 is marked so by it); the graph is QEMU's own bookkeeping
+        graph = await self.execute("x-debug-query-block-graph")
+        ids = {n.get("id") for n in graph.get("nodes", ()) if n.get("name") == node}
+        if any(
+            e.get("parent") in ids and e.get("name") == "data-file" for e in graph.get("edges", ())
+        ):
+            with contextlib.suppress(DriverError):
+                await self.execute("blockdev-del", {"node-name": node})
+            self.node_files.pop(node, None)
+            raise DriverError(
+                f"image '{file or node}' keeps its data in an external file its header "
+                "names: the qemu driver does not open qcow2 data files (the header changed "
+                "after the driver read it); QEMU closed the image again"
+            )
 
     def _file_of(self, cmd: str, args: dict[str, Any] | None) -> str | None:
         """The image a command opens or needs to write (to name it in QEMU's refusal)."""
