@@ -17,13 +17,13 @@ import pytest
 from test_jobd import Jobd, _frame, _recv, jobctl
 
 from jobcore.jobctl import ExitCode
-from jobcore.jobd import (
-    MAX_RO_CLIENTS_PER_UID,
-    MAX_RO_SUBSCRIPTIONS_PER_UID,
-    PRE_HELLO_FRAME,
-    ConfigError,
-    load_config,
-)
+from jobcore.jobd import ConfigError, load_config
+
+# jobd's defaults (spelled out, so that this file also runs, and fails, against a jobd
+# without them)
+MAX_RO_CLIENTS_PER_UID = 64
+MAX_RO_SUBSCRIPTIONS_PER_UID = 256
+PRE_HELLO_FRAME = 64 << 10
 
 PULL = "<job type='blockpull'><disk name='vda'/></job>"
 BIG_DESC = (
@@ -93,6 +93,13 @@ def rss_kib(pid: int) -> int:
 
 
 def test_fairness_config_keys_are_checked() -> None:
+    import jobcore.jobd as jobd_module
+
+    assert (
+        jobd_module.MAX_RO_CLIENTS_PER_UID,
+        jobd_module.MAX_RO_SUBSCRIPTIONS_PER_UID,
+        jobd_module.PRE_HELLO_FRAME,
+    ) == (MAX_RO_CLIENTS_PER_UID, MAX_RO_SUBSCRIPTIONS_PER_UID, PRE_HELLO_FRAME)
     config = load_config(
         None,
         max_ro_clients_per_uid=8,
