@@ -1913,7 +1913,10 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
                 "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout, "
                 "subscriber_lost_limit, max_subscriptions, max_retained_per_domain, max_retained, "
-                "log_file, frame_timeout, max_receive_buffer.",
+                "log_file, frame_timeout, max_receive_buffer, max_ro_clients_per_uid, "
+                "ro_idle_timeout, max_ro_subscriptions, max_ro_subscriptions_per_uid, "
+                "ro_max_event_buffer, max_queued_send, max_ro_queued_send, "
+                "max_ro_receive_buffer.",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
