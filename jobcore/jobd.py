@@ -169,6 +169,10 @@ MAX_RO_SUBSCRIPTIONS = 4096
 MAX_RO_SUBSCRIPTIONS_PER_UID = 256
 #: A read-only subscription's buffer holds at most this many events (``ro_max_event_buffer``).
 RO_MAX_EVENT_BUFFER = 256
+#: A read-only subscription that lost more events than this since its buffer was last
+#: empty is ended (``ro_subscriber_lost_limit``; as subscriber_lost_limit, 0: never), so a
+#: never-reading one stops costing each event a push soon.
+RO_SUBSCRIBER_LOST_LIMIT = 1000
 #: Bytes of encoded frames waiting to be sent to all clients of one socket together
 #: (``max_queued_send``, ``max_ro_queued_send``): past it, the daemon reads no new request
 #: from that socket's clients and starts none of theirs until they drain.
@@ -240,6 +244,8 @@ class DaemonConfig:
     max_ro_subscriptions_per_uid: int = MAX_RO_SUBSCRIPTIONS_PER_UID
     #: events one read-only subscription buffers at most (its maxlen is clamped to it)
     ro_max_event_buffer: int = RO_MAX_EVENT_BUFFER
+    #: subscriber_lost_limit for read-only subscriptions
+    ro_subscriber_lost_limit: int = RO_SUBSCRIBER_LOST_LIMIT
     #: bytes of replies and events waiting to be sent, all clients of a socket together
     max_queued_send: int = MAX_QUEUED_SEND_TOTAL
     max_ro_queued_send: int = MAX_RO_QUEUED_SEND_TOTAL
@@ -270,6 +276,7 @@ _CONFIG_KEYS = {
     "max_ro_subscriptions",
     "max_ro_subscriptions_per_uid",
     "ro_max_event_buffer",
+    "ro_subscriber_lost_limit",
     "max_queued_send",
     "max_ro_queued_send",
     "max_ro_receive_buffer",
@@ -384,6 +391,7 @@ _FAIRNESS_COUNTS = (
     ("max_ro_subscriptions", 1, 1 << 20),
     ("max_ro_subscriptions_per_uid", 1, 1 << 20),
     ("ro_max_event_buffer", 1, MAX_EVENT_BUFFER),
+    ("ro_subscriber_lost_limit", 0, 1 << 40),
     ("max_queued_send", MAX_QUEUED_SEND, 1 << 40),
     ("max_ro_queued_send", MAX_QUEUED_SEND, 1 << 40),
     ("max_ro_receive_buffer", MAX_FRAME, 1 << 40),
@@ -1247,7 +1255,11 @@ class Daemon:
         slots = anyio.Semaphore(MAX_IN_FLIGHT)
         try:
             while True:
-                await client.drained()  # replies first: the client (and its socket) must drain
+                # replies first: the client (and, once it said hello, its socket) must drain
+                if client.conn is None:
+                    await client.queued.below_limit()
+                else:
+                    await client.drained()
                 header = await receive.receive_exactly(HEADER.size)
                 try:
                     length = frame_length(header)
@@ -1479,7 +1491,9 @@ class Daemon:
             kinds=kind_set,
             maxlen=buffer,
         )
-        sub.lost_limit = self.config.subscriber_lost_limit or None
+        sub.lost_limit = (
+            cfg.ro_subscriber_lost_limit if readonly else cfg.subscriber_lost_limit
+        ) or None
         self._subscriptions[readonly] += 1
         if readonly:
             self._ro_subscriptions_of[client.uid] += 1
@@ -1915,8 +1929,8 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "subscriber_lost_limit, max_subscriptions, max_retained_per_domain, max_retained, "
                 "log_file, frame_timeout, max_receive_buffer, max_ro_clients_per_uid, "
                 "ro_idle_timeout, max_ro_subscriptions, max_ro_subscriptions_per_uid, "
-                "ro_max_event_buffer, max_queued_send, max_ro_queued_send, "
-                "max_ro_receive_buffer.",
+                "ro_max_event_buffer, ro_subscriber_lost_limit, max_queued_send, "
+                "max_ro_queued_send, max_ro_receive_buffer.",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
