@@ -108,6 +108,7 @@ def test_fairness_config_keys_are_checked() -> None:
         max_ro_subscriptions=100,
         max_ro_subscriptions_per_uid=10,
         ro_max_event_buffer=16,
+        ro_subscriber_lost_limit=0,
         max_ro_queued_send=16 << 20,
         max_queued_send=64 << 20,
         max_ro_receive_buffer=8 << 20,
@@ -204,6 +205,31 @@ def test_readonly_subscription_buffers_are_clamped(jobd: Jobd) -> None:
     # the read-only buffer held at most 256 events (4096 were asked for), the others
     # were counted as lost
     assert events <= 256 + 2 and events + lost >= 600, (events, lost)
+
+
+def test_never_reading_readonly_subscription_is_ended_early(tmp_path: Path) -> None:
+    """ro_subscriber_lost_limit (default 1000) ends a read-only subscription that keeps
+    losing events long before subscriber_lost_limit (10000) would."""
+    daemon = daemon_with(tmp_path, "ro_subscriber_lost_limit = 50\n")
+    try:
+        rw = Raw(daemon.sock, "sim:///default?rate=0", timeout=60)
+        job = ok(rw.call("job_begin", "vm1", BIG_DESC.format("x" * 400_000), 0))
+        ro = Raw(daemon.ro_sock, timeout=60)
+        ro.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        ro.send("job_xml_desc", job[0])  # unread: the subscription's buffer fills
+        sub = ro.send("subscribe", None, None, None, None, 8)
+        watcher = Raw(daemon.sock)
+        assert watcher.call("subscribe", None, None, None, None, 8)[0] == 1  # rw: 10000
+        time.sleep(0.3)
+        for i in range(100):
+            rw.call("job_begin", "vm2" if i % 2 else "vm1", PULL, 0)
+        ro.sock.settimeout(5)
+        while (msg := ro.recv())[0] != 5:
+            pass
+        assert msg[:2] == [5, sub] and msg[3] == "overflow" and msg[2] > 50, msg
+        assert watcher.call("list_domains")[0] == 1
+    finally:
+        daemon.stop()
 
 
 # ---- M-C: the read-only socket's send budget ------------------------------------------------
