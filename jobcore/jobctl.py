@@ -978,6 +978,8 @@ def events(
         seen = 0
         with conn.subscribe(domain=domain, job=job_id, kinds=kinds) as sub:
             await conn.list_domains()  # one round trip: the subscription is in place
+            if sub.refusal is not None:  # the daemon refused it: say why, not "watching"
+                raise sub.refusal
             click.echo(f"jobctl: watching events on {ctx.uri} (Ctrl-C to stop)", err=True)
             async for ev in sub:
                 if as_json:

@@ -25,7 +25,7 @@ import time
 import tomllib
 import urllib.parse
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -158,6 +158,39 @@ SHUTDOWN_GRACE = 10.0
 #: disconnect.
 NOISE_INTERVAL = 60.0
 
+# Read-only fairness (design/daemon.md, "Read-only and read-write fairness"): the read-only
+# socket (mode 0666: any local user) has budgets of its own, so whatever its clients do,
+# read-write clients keep theirs.
+#: Read-only connections one uid may hold (``max_ro_clients_per_uid``).
+MAX_RO_CLIENTS_PER_UID = 64
+#: Seconds a read-only client without a request in flight or subscription stays connected
+#: (``ro_idle_timeout``; 0: never).
+RO_IDLE_TIMEOUT = 300.0
+#: Subscriptions of all read-only clients together (``max_ro_subscriptions``), and of the
+#: read-only clients of one uid (``max_ro_subscriptions_per_uid``).
+MAX_RO_SUBSCRIPTIONS = 4096
+MAX_RO_SUBSCRIPTIONS_PER_UID = 256
+#: A read-only subscription's buffer holds at most this many events (``ro_max_event_buffer``).
+RO_MAX_EVENT_BUFFER = 256
+#: A read-only subscription that lost more events than this since its buffer was last
+#: empty is ended (``ro_subscriber_lost_limit``; as subscriber_lost_limit, 0: never), so a
+#: never-reading one stops costing each event a push soon.
+RO_SUBSCRIBER_LOST_LIMIT = 1000
+#: Bytes of encoded frames waiting to be sent to all clients of one socket together
+#: (``max_queued_send``, ``max_ro_queued_send``): past it, the daemon reads no new request
+#: from that socket's clients and starts none of theirs until they drain.
+MAX_QUEUED_SEND_TOTAL = 256 << 20
+MAX_RO_QUEUED_SEND_TOTAL = 64 << 20
+#: Requests of _BULKY methods all read-only clients together may have computing at a time.
+MAX_RO_BULKY = 16
+#: The read-only socket's own receive budget (``max_ro_receive_buffer``).
+MAX_RO_RECEIVE_BUFFER = 16 << 20
+#: Bytes of received frames one client may hold at once (at least one frame).
+MAX_CLIENT_RECEIVE = 2 * MAX_FRAME
+#: A frame before hello may be at most this big (hello is tiny): a bigger one is refused
+#: with an error frame and the connection is closed.
+PRE_HELLO_FRAME = 64 << 10
+
 _log = get_logger("jobd")
 
 
@@ -202,11 +235,28 @@ class DaemonConfig:
     log_file: Path | None = None
     #: seconds a client has to complete a frame once its header arrived
     frame_timeout: float = FRAME_TIMEOUT
-    #: bytes the partly received frames of all clients may hold at once
+    #: bytes the partly received frames of all read-write clients may hold at once
     max_receive_buffer: int = MAX_RECEIVE_BUFFER
     #: the job store: 'memory:' or 'sqlite:///ABS/PATH' (interim default 'memory:' until
     #: recovery exists: design/store.md)
     store: str = DEFAULT_STORE_URL
+    # ---- read-only fairness: the read-only socket's own budgets -------------------------
+    #: read-only connections of one uid
+    max_ro_clients_per_uid: int = MAX_RO_CLIENTS_PER_UID
+    #: idle seconds before a read-only client is closed (as idle_timeout); 0: never
+    ro_idle_timeout: float = RO_IDLE_TIMEOUT
+    #: live subscriptions of all read-only clients together, and of one uid's
+    max_ro_subscriptions: int = MAX_RO_SUBSCRIPTIONS
+    max_ro_subscriptions_per_uid: int = MAX_RO_SUBSCRIPTIONS_PER_UID
+    #: events one read-only subscription buffers at most (its maxlen is clamped to it)
+    ro_max_event_buffer: int = RO_MAX_EVENT_BUFFER
+    #: subscriber_lost_limit for read-only subscriptions
+    ro_subscriber_lost_limit: int = RO_SUBSCRIBER_LOST_LIMIT
+    #: bytes of replies and events waiting to be sent, all clients of a socket together
+    max_queued_send: int = MAX_QUEUED_SEND_TOTAL
+    max_ro_queued_send: int = MAX_RO_QUEUED_SEND_TOTAL
+    #: bytes the partly received frames of all read-only clients may hold at once
+    max_ro_receive_buffer: int = MAX_RO_RECEIVE_BUFFER
 
 
 _CONFIG_KEYS = {
@@ -228,6 +278,15 @@ _CONFIG_KEYS = {
     "frame_timeout",
     "max_receive_buffer",
     "store",
+    "max_ro_clients_per_uid",
+    "ro_idle_timeout",
+    "max_ro_subscriptions",
+    "max_ro_subscriptions_per_uid",
+    "ro_max_event_buffer",
+    "ro_subscriber_lost_limit",
+    "max_queued_send",
+    "max_ro_queued_send",
+    "max_ro_receive_buffer",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -328,6 +387,7 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             except InvalidArgument as exc:
                 raise ConfigError(f"store: {exc}") from None
             config = _evolve(config, store=store)
+        config = _fairness_config(config, values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
@@ -357,6 +417,33 @@ def cli_path(value: str | Path | None, option: str) -> Path | None:
     if not text or "\0" in text:
         raise ConfigError(f"{option} must be a non-empty path without NUL, not {text!r}")
     return Path(os.path.abspath(text))
+
+
+#: the read-only fairness keys that are counts or sizes: (key, minimum, maximum)
+_FAIRNESS_COUNTS = (
+    ("max_ro_clients_per_uid", 1, 65536),
+    ("max_ro_subscriptions", 1, 1 << 20),
+    ("max_ro_subscriptions_per_uid", 1, 1 << 20),
+    ("ro_max_event_buffer", 1, MAX_EVENT_BUFFER),
+    ("ro_subscriber_lost_limit", 0, 1 << 40),
+    ("max_queued_send", MAX_QUEUED_SEND, 1 << 40),
+    ("max_ro_queued_send", MAX_QUEUED_SEND, 1 << 40),
+    ("max_ro_receive_buffer", MAX_FRAME, 1 << 40),
+)
+
+
+def _fairness_config(config: DaemonConfig, values: dict[str, Any]) -> DaemonConfig:
+    """The read-only fairness keys of ``values`` applied to ``config``."""
+    for key, minimum, maximum in _FAIRNESS_COUNTS:
+        if key in values:
+            n = _typed(values, key, int)
+            if not minimum <= n <= maximum:
+                raise ConfigError(f"{key} must be between {minimum} and {maximum}, not {n}")
+            config = _evolve(config, **{key: n})
+    if "ro_idle_timeout" in values:
+        seconds = _seconds(values, "ro_idle_timeout", 0.0, 86400.0)
+        config = _evolve(config, ro_idle_timeout=seconds)
+    return config
 
 
 def _seconds(values: dict[str, Any], key: str, minimum: float, maximum: float) -> float:
@@ -542,6 +629,20 @@ class _Client:
     queued: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_QUEUED_SEND))
     #: requests of _BULKY methods being served and not yet counted in ``queued``
     bulky: anyio.Semaphore = field(factory=lambda: anyio.Semaphore(MAX_BULKY))
+    #: the peer's uid (None: unknown)
+    uid: int | None = None
+    #: the socket's budget of queued frames, shared by all its clients
+    socket_queued: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_QUEUED_SEND_TOTAL))
+    #: bytes of received frames this client holds (MAX_CLIENT_RECEIVE)
+    receiving: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_CLIENT_RECEIVE))
+
+    async def drained(self) -> None:
+        """Return once this client's and its socket's queued frames are below limit."""
+        while True:
+            await self.queued.below_limit()
+            await self.socket_queued.below_limit()
+            if self.queued.used < self.queued.limit:
+                return
 
     async def send(self, msg: Message) -> None:
         await self.send_frame(self.encode(msg))
@@ -562,8 +663,10 @@ class _Client:
             )
 
     async def send_frame(self, frame: bytes) -> None:
-        """Send one encoded frame, counted in ``queued`` until the client took it."""
+        """Send one encoded frame, counted in ``queued`` (and the socket's budget) until
+        the client took it."""
         self.queued.add(len(frame))
+        self.socket_queued.add(len(frame))
         try:
             async with self.send_lock:
                 with anyio.fail_after(SEND_TIMEOUT):
@@ -574,6 +677,7 @@ class _Client:
             raise _ClientGone from None
         finally:
             self.queued.release(len(frame))
+            self.socket_queued.release(len(frame))
 
     def remember(self, job: Job) -> Job:
         self.jobs[job.uuid] = job
@@ -656,8 +760,11 @@ class _DriverSlot:
     gone: anyio.Event = field(factory=anyio.Event)
     conn: Connection | None = None
     error: JobError | None = None
-    #: client sessions attached (hello done, not yet disconnected)
+    #: read-write client sessions attached (hello done, not yet disconnected)
     clients: int = 0
+    #: read-only sessions attached: they neither keep the connection open nor stop its
+    #: eviction; they are expelled when it closes
+    readers: set[_Client] = field(factory=set)
     #: when the slot was last seen with a client or a job
     busy_at: float = 0.0
 
@@ -727,8 +834,9 @@ class DriverConnections:
 
     async def attach(self, uri_text: str, *, readonly: bool, confined: bool = False) -> _DriverSlot:
         """The driver connection a hello names, opened if needed (read-write clients
-        only; a ``confined`` one only in the driver's default state directory); the
-        caller holds it until ``release``."""
+        only; a ``confined`` one only in the driver's default state directory); a
+        read-write caller holds it until ``release``, a read-only one (not counted: it adds
+        itself to ``readers``) does not hold it."""
         target = self.resolve(uri_text)
         while True:
             slot = self._slots.get(target.key)
@@ -782,6 +890,15 @@ class DriverConnections:
             slot = self._slots[target.key] = _DriverSlot(target, busy_at=anyio.current_time())
             self._tg.start_soon(self._hold, slot)
             break
+        if readonly:
+            await slot.ready.wait()
+            if slot.error is not None:
+                raise slot.error
+            if slot.closing.is_set():
+                raise DaemonUnreachable(
+                    f"the driver connection '{slot.target.key}' is closing: retry later"
+                )
+            return slot
         slot.clients += 1
         try:
             await slot.ready.wait()
@@ -798,8 +915,8 @@ class DriverConnections:
         slot.busy_at = anyio.current_time()
 
     async def _evict(self, key: str) -> None:
-        """Make room: close the driver connection idle the longest (no client, no job),
-        else refuse."""
+        """Make room: close the driver connection idle the longest (no read-write client,
+        no job; read-only clients attached to it are expelled), else refuse."""
         idle = [s for s in self._slots.values() if not s.clients and not s.has_jobs()]
         if not idle:
             raise JobError(
@@ -833,6 +950,15 @@ class DriverConnections:
                 slot.error = DriverError(f"{type(leaf).__name__}: {leaf}")
         finally:
             slot.closing.set()
+            for reader in list(slot.readers):
+                reader.expel(
+                    DaemonUnreachable(
+                        f"jobd closed the driver connection '{key}' (no read-write client "
+                        "and no job on it, or jobd stops): reconnect once a read-write "
+                        "client opened it again"
+                    )
+                )
+            slot.readers.clear()
             if self._slots.get(key) is slot:
                 del self._slots[key]
             if slot.error is None and not slot.ready.is_set():
@@ -880,12 +1006,26 @@ class Daemon:
         self._client_ids = 0
         #: connected clients per socket (readonly flag)
         self._clients = {False: 0, True: 0}
-        #: live subscriptions of all clients (``max_subscriptions``)
-        self._subscriptions = 0
+        #: live subscriptions per socket (``max_subscriptions``, ``max_ro_subscriptions``)
+        self._subscriptions = {False: 0, True: 0}
+        #: read-only connections and subscriptions per uid
+        self._ro_clients_of: Counter[int | None] = Counter()
+        self._ro_subscriptions_of: Counter[int | None] = Counter()
         self.drivers: DriverConnections | None = None
         self._serving: anyio.CancelScope | None = None
-        #: bytes of the frames being received from all clients (max_receive_buffer)
-        self._receiving = _ByteBudget(config.max_receive_buffer)
+        #: bytes of the frames being received, per socket (max_receive_buffer,
+        #: max_ro_receive_buffer)
+        self._receiving = {
+            False: _ByteBudget(config.max_receive_buffer),
+            True: _ByteBudget(config.max_ro_receive_buffer),
+        }
+        #: bytes of frames waiting to be sent, per socket (max_queued_send, max_ro_queued_send)
+        self._queued = {
+            False: _ByteBudget(config.max_queued_send),
+            True: _ByteBudget(config.max_ro_queued_send),
+        }
+        #: bulky requests computing for all read-only clients together
+        self._ro_bulky = anyio.Semaphore(MAX_RO_BULKY)
         self._accept_noise = _Noise(_log)
 
     @property
@@ -1029,14 +1169,36 @@ class Daemon:
         )
         log.info("client connected", peer_gid=None if peer is None else peer.gid, allowed=allowed)
         # only admitted sessions count: refused peers (lingering to read why) do not
-        limit = self.config.max_ro_clients if readonly else self.config.max_clients
+        cfg = self.config
+        uid = None if peer is None else peer.uid
+        limit = cfg.max_ro_clients if readonly else cfg.max_clients
         admitted = allowed and self._clients[readonly] < limit
+        busy = (
+            f"jobd is busy: {limit} clients are connected to "
+            f"{RO_SOCKET if readonly else RW_SOCKET}; retry later"
+        )
+        if admitted and readonly and self._ro_clients_of[uid] >= cfg.max_ro_clients_per_uid:
+            admitted = False
+            busy = (
+                f"jobd is busy: uid {uid} has {cfg.max_ro_clients_per_uid} connections to "
+                f"{RO_SOCKET} (max_ro_clients_per_uid): close some, or retry later"
+            )
         if admitted:
             self._clients[readonly] += 1
+            if readonly:
+                self._ro_clients_of[uid] += 1
         client: _Client | None = None
         try:
             async with stream, anyio.create_task_group() as tg:
-                client = _Client(cid, stream, readonly, tg, log)
+                client = _Client(
+                    cid,
+                    stream,
+                    readonly,
+                    tg,
+                    log,
+                    uid=uid,
+                    socket_queued=self._queued[readonly],
+                )
                 if peer is not None and peer.uid not in (os.getuid(), 0):
                     client.guard = owner_guard(peer.uid)
                 try:
@@ -1046,21 +1208,15 @@ class Daemon:
                         )
                     elif not admitted:
                         log.warning("too many clients", limit=limit)
-                        name = RO_SOCKET if readonly else RW_SOCKET
-                        await self._farewell(
-                            client,
-                            DaemonBusy(
-                                f"jobd is busy: {limit} clients are connected to {name}; "
-                                "retry later"
-                            ),
-                        )
+                        await self._farewell(client, DaemonBusy(busy))
                     else:
                         tg.start_soon(self._watchdog, client)
                         with client.reading:
                             await self._read_loop(client)
                         if client.expelled is not None:
-                            self._clients[readonly] -= 1  # lingering does not hold a place
+                            self._unadmit(readonly, uid)  # lingering does not hold a place
                             admitted = False
+                            self._detach(client)
                             await self._farewell(client, client.expelled)
                 except _ClientGone:
                     pass
@@ -1069,13 +1225,28 @@ class Daemon:
             log.exception("client session failed")
         finally:
             if admitted:
-                self._clients[readonly] -= 1
-            if client is not None and client.slot is not None and self.drivers is not None:
-                self.drivers.release(client.slot)
-                client.slot = None
+                self._unadmit(readonly, uid)
             if client is not None:
+                self._detach(client)
                 client.noise.flush()
             log.info("client disconnected")
+
+    def _unadmit(self, readonly: bool, uid: int | None) -> None:
+        self._clients[readonly] -= 1
+        if readonly:
+            self._ro_clients_of[uid] -= 1
+            if not self._ro_clients_of[uid]:
+                del self._ro_clients_of[uid]
+
+    def _detach(self, client: _Client) -> None:
+        """Let go of the client's driver connection (counted for read-write clients)."""
+        slot, client.slot = client.slot, None
+        if slot is None:
+            return
+        if client.readonly:
+            slot.readers.discard(client)
+        elif self.drivers is not None:
+            self.drivers.release(slot)
 
     async def _farewell(self, client: _Client, error: JobError) -> None:
         """Refuse a client so that it reads why: send the error frame (id 0), shut our
@@ -1114,21 +1285,24 @@ class Daemon:
                 )
                 return
             await anyio.sleep(0.1)  # a hello is opening its driver connection
-        if cfg.idle_timeout <= 0:
+        timeout, key = cfg.idle_timeout, "idle_timeout"
+        if client.readonly and cfg.ro_idle_timeout > 0 and not 0 < timeout <= cfg.ro_idle_timeout:
+            timeout, key = cfg.ro_idle_timeout, "ro_idle_timeout"
+        if timeout <= 0:
             return
         while True:
             now = anyio.current_time()
             if client.requests or client.subs:
                 client.last_frame = now  # busy counts as activity
-            idle_until = client.last_frame + cfg.idle_timeout
+            idle_until = client.last_frame + timeout
             if now < idle_until:
                 await anyio.sleep(max(idle_until - now, 0.05))
                 continue
-            client.log.info("idle client closed", timeout=cfg.idle_timeout)
+            client.log.info("idle client closed", timeout=timeout)
             client.expel(
                 DaemonUnreachable(
-                    f"jobd closed the connection after {cfg.idle_timeout:g} s without a "
-                    "request or subscription (idle_timeout)"
+                    f"jobd closed the connection after {timeout:g} s without a "
+                    f"request or subscription ({key})"
                 )
             )
             return
@@ -1138,10 +1312,20 @@ class Daemon:
         slots = anyio.Semaphore(MAX_IN_FLIGHT)
         try:
             while True:
-                await client.queued.below_limit()  # replies first: the client must drain
+                # replies first: the client (and, once it said hello, its socket) must drain
+                if client.conn is None:
+                    await client.queued.below_limit()
+                else:
+                    await client.drained()
                 header = await receive.receive_exactly(HEADER.size)
                 try:
                     length = frame_length(header)
+                    if length > PRE_HELLO_FRAME and client.conn is None and not client.in_hello:
+                        raise ProtocolError(
+                            f"a frame of {length} bytes before hello: jobd takes at most "
+                            f"{PRE_HELLO_FRAME} bytes until a hello succeeded; it closed the "
+                            "connection"
+                        )
                 except ProtocolError as exc:  # framing is lost: answer and hang up
                     client.log.warning("oversized frame", error=str(exc))
                     await client.send(error_reply(0, exc))
@@ -1160,7 +1344,7 @@ class Daemon:
                 finally:
                     msg = None  # not held while the next frame is awaited
                     if held:
-                        self._receiving.release(held)
+                        self._release_received(client, held)
         except (
             anyio.EndOfStream,
             anyio.IncompleteRead,
@@ -1186,10 +1370,16 @@ class Daemon:
         share = length if length > SMALL_FRAME else 0
         reserved = False
         kept = False
+        budget = self._receiving[client.readonly]
         try:
             with anyio.fail_after(cfg.frame_timeout):
                 if share:
-                    await self._receiving.reserve(share)
+                    await client.receiving.reserve(share)  # its own share first
+                    try:
+                        await budget.reserve(share)
+                    except BaseException:
+                        client.receiving.release(share)
+                        raise
                     reserved = True
                 chunks: list[bytes] = []
                 remaining = length
@@ -1209,9 +1399,10 @@ class Daemon:
             return msg, share
         except TimeoutError:
             if share and not reserved:
+                key = "max_ro_receive_buffer" if client.readonly else "max_receive_buffer"
                 raise _FrameLate(
                     DaemonBusy(
-                        f"jobd's receive buffers (max_receive_buffer, {cfg.max_receive_buffer} "
+                        f"jobd's receive buffers ({key}, {budget.limit} "
                         f"bytes) stayed full for {cfg.frame_timeout:g} s: a frame of {length} "
                         "bytes could not be read; jobd closed the connection, retry later"
                     )
@@ -1224,7 +1415,11 @@ class Daemon:
             ) from None
         finally:
             if reserved and not kept:
-                self._receiving.release(share)
+                self._release_received(client, share)
+
+    def _release_received(self, client: _Client, share: int) -> None:
+        client.receiving.release(share)
+        self._receiving[client.readonly].release(share)
 
     async def _accept(
         self, client: _Client, msg: Message, slots: anyio.Semaphore, share: int = 0
@@ -1306,6 +1501,8 @@ class Daemon:
         finally:
             client.in_hello = False
         client.slot, client.conn = slot, slot.conn
+        if client.readonly:
+            slot.readers.add(client)  # expelled if the connection closes
         client.hello_done.set()
         client.log.info("hello", uri=slot.target.uri)
         return encode_server_hello(ServerHello(PROTOCOL_VERSION, client.readonly, slot.target.uri))
@@ -1317,18 +1514,33 @@ class Daemon:
             raise InvalidArgument(f"at most {MAX_SUBSCRIPTIONS} subscriptions per client")
         if sub_id in client.subs:
             raise InvalidArgument(f"subscription {sub_id} exists")
-        cap = self.config.max_subscriptions
-        if self._subscriptions >= cap:
+        cfg, readonly = self.config, client.readonly
+        cap, key = (
+            (cfg.max_ro_subscriptions, "max_ro_subscriptions")
+            if readonly
+            else (cfg.max_subscriptions, "max_subscriptions")
+        )
+        if self._subscriptions[readonly] >= cap:
+            where = "read-only clients" if readonly else "read-write clients"
             raise InvalidArgument(
-                f"jobd serves its maximum of {cap} subscriptions (all clients together, "
-                "max_subscriptions in its config): close subscriptions you no longer need, "
-                "retry later, or raise max_subscriptions"
+                f"jobd serves its maximum of {cap} subscriptions (all {where} together, "
+                f"{key} in its config): close subscriptions you no longer need, "
+                f"retry later, or raise {key}"
+            )
+        per_uid = cfg.max_ro_subscriptions_per_uid
+        if readonly and self._ro_subscriptions_of[client.uid] >= per_uid:
+            raise InvalidArgument(
+                f"uid {client.uid} has its maximum of {per_uid} subscriptions on {RO_SOCKET} "
+                "(max_ro_subscriptions_per_uid in jobd's config): close subscriptions you no "
+                "longer need, or retry later"
             )
         try:
             kind_set = [EventKind(str(k)) for k in kinds] if isinstance(kinds, tuple) else None
         except ValueError:
             raise InvalidArgument(f"unknown event kind in {kinds!r}") from None
-        buffer = min(max(1, _arg_int(maxlen)), MAX_EVENT_BUFFER)
+        buffer = min(
+            max(1, _arg_int(maxlen)), cfg.ro_max_event_buffer if readonly else MAX_EVENT_BUFFER
+        )
         sub = client.conn.subscribe(
             domain=domain if isinstance(domain, str) else None,
             job=job if isinstance(job, uuid.UUID) else None,
@@ -1336,14 +1548,22 @@ class Daemon:
             kinds=kind_set,
             maxlen=buffer,
         )
-        sub.lost_limit = self.config.subscriber_lost_limit or None
-        self._subscriptions += 1
-        sub.on_end = self._subscription_ended
+        sub.lost_limit = (
+            cfg.ro_subscriber_lost_limit if readonly else cfg.subscriber_lost_limit
+        ) or None
+        self._subscriptions[readonly] += 1
+        if readonly:
+            self._ro_subscriptions_of[client.uid] += 1
+        sub.on_end = partial(self._subscription_ended, readonly, client.uid)
         client.subs[sub_id] = sub
         client.tg.start_soon(self._forward, client, sub_id, sub)
 
-    def _subscription_ended(self, sub: Subscription) -> None:
-        self._subscriptions -= 1
+    def _subscription_ended(self, readonly: bool, uid: int | None, sub: Subscription) -> None:
+        self._subscriptions[readonly] -= 1
+        if readonly:
+            self._ro_subscriptions_of[uid] -= 1
+            if not self._ro_subscriptions_of[uid]:
+                del self._ro_subscriptions_of[uid]
 
     async def _forward(self, client: _Client, sub_id: int, sub: Subscription) -> None:
         """Push a subscription's events; a slow client fills its bounded buffer and loses
@@ -1378,14 +1598,18 @@ class Daemon:
         rid, method = req.id, req.method
         reply: Message | None = None
         bulky = False  # holding client.bulky: few big results at a time, each counted once
+        ro_bulky = False  # and (read-only) the socket's
         try:
             with scope:
                 if method in _BULKY:
                     await client.bulky.acquire()
                     bulky = True
+                    if client.readonly:
+                        await self._ro_bulky.acquire()
+                        ro_bulky = True
                 await anyio.lowlevel.checkpoint()  # a CANCEL that came first stops it here
-                # a client that does not take its replies gets no more computed for it
-                await client.queued.below_limit()
+                # a client (or socket) that does not take its replies gets no more computed
+                await client.drained()
                 try:
                     reply = Reply(rid, await _HANDLERS[method](self, client, req.args))
                 except (JobError, TimeoutError) as exc:
@@ -1397,22 +1621,27 @@ class Daemon:
                     )
             del req  # its arguments (an XML document, say) are not needed any more
             if share:
-                self._receiving.release(share)
+                self._release_received(client, share)
                 share = 0
             if reply is not None:
                 frame = client.encode(reply)
                 reply = None  # the frame alone is held (and counted) while it waits
                 if bulky:  # the next one starts once this frame is counted in queued
-                    client.bulky.release()
+                    client.bulky.release()  # (send_frame counts it before it yields)
                     bulky = False
+                    if ro_bulky:
+                        self._ro_bulky.release()
+                        ro_bulky = False
                 await client.send_frame(frame)
         except _ClientGone:
             pass
         finally:
             if bulky:
                 client.bulky.release()
+            if ro_bulky:
+                self._ro_bulky.release()
             if share:
-                self._receiving.release(share)
+                self._release_received(client, share)
             client.requests.pop(rid, None)
             slots.release()
 
@@ -1758,7 +1987,10 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="TOML file: run_dir, allowed_uids, allowed_uris, retention, log_level, "
                 "max_clients, max_ro_clients, hello_timeout, idle_timeout, driver_idle_timeout, "
                 "subscriber_lost_limit, max_subscriptions, max_retained_per_domain, max_retained, "
-                "log_file, frame_timeout, max_receive_buffer, store.",
+                "log_file, frame_timeout, max_receive_buffer, max_ro_clients_per_uid, "
+                "ro_idle_timeout, max_ro_subscriptions, max_ro_subscriptions_per_uid, "
+                "ro_max_event_buffer, ro_subscriber_lost_limit, max_queued_send, "
+                "max_ro_queued_send, max_ro_receive_buffer, store.",
             ),
             click.option(
                 "--store",

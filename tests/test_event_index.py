@@ -293,10 +293,11 @@ def _subscribe_when_free(client: RawClient, timeout: float = 10.0) -> list[Any]:
 
 
 def test_jobd_caps_subscriptions_of_all_clients(capped: Jobd) -> None:
-    """max_subscriptions = 5 across clients (read-write and read-only alike): the sixth is
+    """max_subscriptions = 5 across the read-write socket's clients (the read-only socket
+    has max_ro_subscriptions of its own: tests/test_jobd_fairness.py): the sixth is
     refused with a message naming the limit; unsubscribing, disconnecting and an end by
     overflow each give a place back."""
-    a, b = RawClient(capped.sock), RawClient(capped.ro_sock)
+    a, b = RawClient(capped.sock), RawClient(capped.sock)
     try:
         a_subs = [a.subscribe() for _ in range(3)]
         assert all(r[0] == 1 for r in a_subs)
