@@ -348,36 +348,26 @@ class Engine:
             rec.errmsg = errmsg
         self._transition(rec, state)
 
+    def _final_event(self, rec: JobRecord) -> JobEvent:
+        """The job's one FINAL event, carrying its final stats (libvirt's JOB_COMPLETED)."""
+        return JobEvent(
+            EventKind.FINAL,
+            rec.uuid,
+            rec.type,
+            rec.domain,
+            rec.state,
+            None,
+            rec.processed,
+            rec.total,
+            self.clock.wall(),
+            self.stats(rec),
+        )
+
     def _ended(self, rec: JobRecord) -> None:
         if self._dstore is not None:  # durability: final event and waiters after commit
-            final = JobEvent(
-                EventKind.FINAL,
-                rec.uuid,
-                rec.type,
-                rec.domain,
-                rec.state,
-                None,
-                rec.processed,
-                rec.total,
-                self.clock.wall(),
-                self.stats(rec),
-            )
-            self._dstore.defer(functools.partial(self._final, rec, final))
+            self._dstore.defer(functools.partial(self._final, rec, self._final_event(rec)))
         elif self.events.active:
-            self.events.emit(
-                JobEvent(
-                    EventKind.FINAL,
-                    rec.uuid,
-                    rec.type,
-                    rec.domain,
-                    rec.state,
-                    None,
-                    rec.processed,
-                    rec.total,
-                    self.clock.wall(),
-                    self.stats(rec),
-                )
-            )
+            self.events.emit(self._final_event(rec))
         if rec.done is not None and self._dstore is None:
             rec.done.set()
         rec.driver_job = None
