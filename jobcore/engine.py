@@ -348,26 +348,29 @@ class Engine:
             rec.errmsg = errmsg
         self._transition(rec, state)
 
-    def _final_event(self, rec: JobRecord) -> JobEvent:
-        """The job's one FINAL event, carrying its final stats (libvirt's JOB_COMPLETED)."""
+    def _event(self, rec: JobRecord, kind: EventKind, previous: JobState | None = None) -> JobEvent:
+        """An event of ``rec`` as it is now; a FINAL one carries the final stats (libvirt's
+        JOB_COMPLETED)."""
         return JobEvent(
-            EventKind.FINAL,
+            kind,
             rec.uuid,
             rec.type,
             rec.domain,
             rec.state,
-            None,
+            previous,
             rec.processed,
             rec.total,
             self.clock.wall(),
-            self.stats(rec),
+            self.stats(rec) if kind is EventKind.FINAL else None,
         )
 
     def _ended(self, rec: JobRecord) -> None:
         if self._dstore is not None:  # durability: final event and waiters after commit
-            self._dstore.defer(functools.partial(self._final, rec, self._final_event(rec)))
+            self._dstore.defer(
+                functools.partial(self._final, rec, self._event(rec, EventKind.FINAL))
+            )
         elif self.events.active:
-            self.events.emit(self._final_event(rec))
+            self.events.emit(self._event(rec, EventKind.FINAL))
         if rec.done is not None and self._dstore is None:
             rec.done.set()
         rec.driver_job = None
@@ -403,33 +406,12 @@ class Engine:
     def _emit_state(self, rec: JobRecord, old: JobState | None) -> None:
         if _stdlib_log.isEnabledFor(logging.DEBUG):
             job_log(rec).debug("state", previous=str(old), state=str(rec.state))
-        if self._dstore is not None:
-            event = JobEvent(
-                EventKind.STATE,
-                rec.uuid,
-                rec.type,
-                rec.domain,
-                rec.state,
-                old,
-                rec.processed,
-                rec.total,
-                self.clock.wall(),
+        if self._dstore is not None:  # durability: the event after the commit
+            self._dstore.defer(
+                functools.partial(self._publish, self._event(rec, EventKind.STATE, old))
             )
-            self._dstore.defer(functools.partial(self._publish, event))
         elif self.events.active:
-            self.events.emit(
-                JobEvent(
-                    EventKind.STATE,
-                    rec.uuid,
-                    rec.type,
-                    rec.domain,
-                    rec.state,
-                    old,
-                    rec.processed,
-                    rec.total,
-                    self.clock.wall(),
-                )
-            )
+            self.events.emit(self._event(rec, EventKind.STATE, old))
 
     # ---- verbs -----------------------------------------------------------------------
     #
@@ -670,34 +652,13 @@ class Engine:
 
     def _progress(self, rec: JobRecord) -> None:
         if self._dstore is not None:  # written at most every PROGRESS_INTERVAL per job
-            event = JobEvent(
-                EventKind.PROGRESS,
-                rec.uuid,
-                rec.type,
-                rec.domain,
-                rec.state,
-                None,
-                rec.processed,
-                rec.total,
-                self.clock.wall(),
-            )
             # after the writes before it, not its own: progress is no durability point
-            self._dstore.defer(functools.partial(self._publish, event))
+            self._dstore.defer(
+                functools.partial(self._publish, self._event(rec, EventKind.PROGRESS))
+            )
             self._dstore.progress(rec)
         elif self.events.active:
-            self.events.emit(
-                JobEvent(
-                    EventKind.PROGRESS,
-                    rec.uuid,
-                    rec.type,
-                    rec.domain,
-                    rec.state,
-                    None,
-                    rec.processed,
-                    rec.total,
-                    self.clock.wall(),
-                )
-            )
+            self.events.emit(self._event(rec, EventKind.PROGRESS))
 
     # ---- shutdown --------------------------------------------------------------------
 
