@@ -7,6 +7,7 @@ facade: ``jobcore.open(uri)`` and the ``Job*`` functions. See README.md and desi
 from jobcore.api import LEGACY_DOMAIN_JOB_UUID, Connection, Domain, Job, connect
 from jobcore.constants import *  # noqa: F403  (libvirt's names and values)
 from jobcore.errors import (
+    AccessDenied,
     DriverError,
     InvalidArgument,
     InvalidURI,
@@ -57,6 +58,7 @@ from jobcore.spec import (
 
 __all__ = [
     "LEGACY_DOMAIN_JOB_UUID",
+    "AccessDenied",
     "BackupJobSpec",
     "BlockCommitSpec",
     "BlockPullSpec",

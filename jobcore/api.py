@@ -18,13 +18,12 @@ from jobcore import constants as C
 from jobcore.driver import DomainInfo, DriverConnection
 from jobcore.drivers import check_uri_params, load_driver
 from jobcore.engine import DEFAULT_RETENTION, Engine
-from jobcore.errors import InvalidArgument, NoSuchJob, OperationInvalid
+from jobcore.errors import AccessDenied, InvalidArgument, NoSuchJob, OperationInvalid
 from jobcore.events import EventFilter, EventHub, EventKind, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.paths import PathGuard
-from jobcore.protocol import AccessDenied
 from jobcore.spec import (
     MAX_INT64,
     BackupJobSpec,

@@ -28,6 +28,7 @@ from structlog.stdlib import BoundLogger
 from jobcore import constants as C
 from jobcore.driver import DriverConnection, DriverJob
 from jobcore.errors import (
+    AccessDenied,
     DriverError,
     InvalidArgument,
     JobError,
@@ -53,7 +54,6 @@ from jobcore.lifecycle import (
 )
 from jobcore.log import get_logger
 from jobcore.paths import PathGuard
-from jobcore.protocol import AccessDenied
 from jobcore.registry import registry
 from jobcore.scheduler import Scheduler
 from jobcore.spec import MAX_INT64, MAX_SECONDS

@@ -86,6 +86,11 @@ class SubscriptionOverflow(JobError):
         super().__init__(message)
 
 
+class AccessDenied(JobError):
+    """The call is not allowed to this caller: a read-only connection, a uid jobd does not
+    allow, or a file a confined uid may not make jobd touch."""
+
+
 class Unsupported(JobError):
     """The driver does not implement the requested operation or job type."""
 

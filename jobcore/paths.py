@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from attrs import frozen
 
-from jobcore.protocol import AccessDenied
+from jobcore.errors import AccessDenied
 
 
 class Access(enum.StrEnum):

@@ -36,6 +36,7 @@ from attrs import frozen
 
 from jobcore import errors
 from jobcore.driver import DiskInfo, DomainInfo
+from jobcore.errors import AccessDenied as AccessDenied  # re-exported: part of the protocol
 from jobcore.errors import JobError
 from jobcore.events import EndReason, EventKind, JobEvent
 from jobcore.info import JobInfo
@@ -54,10 +55,6 @@ RO_SOCKET = "jobd-ro.sock"
 
 class ProtocolError(JobError):
     """A peer sent something that is not the jobd protocol (bad frame, bad message)."""
-
-
-class AccessDenied(JobError):
-    """The daemon refused the call: read-only socket, or the peer's uid is not allowed."""
 
 
 class DaemonUnreachable(JobError):
@@ -711,7 +708,6 @@ _ERROR_CLASSES.update(
         for c in (
             ProtocolError,
             BadRequest,
-            AccessDenied,
             DaemonUnreachable,
             DaemonBusy,
             TimeoutError,
