@@ -318,19 +318,11 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             ):
                 raise ConfigError("allowed_uids must be a list of uids")
             config = _evolve(config, allowed_uids=frozenset(uids))
-        if "retention" in values:
-            config = _evolve(config, retention=_seconds(values, "retention", 0.0, MAX_SECONDS))
         if "log_level" in values:
             level = _typed(values, "log_level", str).lower()
             if level not in _LEVELS:
                 raise ConfigError(f"log_level must be one of {', '.join(sorted(_LEVELS))}")
             config = _evolve(config, log_level=level)
-        for key in ("max_clients", "max_ro_clients"):
-            if key in values:
-                limit = _typed(values, key, int)
-                if not 1 <= limit <= 65536:
-                    raise ConfigError(f"{key} must be between 1 and 65536")
-                config = _evolve(config, **{key: limit})
         if "allowed_uris" in values:
             patterns = values["allowed_uris"]
             if not isinstance(patterns, list | tuple) or not all(
@@ -338,48 +330,8 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             ):
                 raise ConfigError("allowed_uris must be a list of URI patterns")
             config = _evolve(config, allowed_uris=tuple(patterns))
-        for key, minimum, maximum in (
-            ("hello_timeout", 0.01, 86400.0),
-            ("idle_timeout", 0.0, 86400.0),
-            ("driver_idle_timeout", 0.0, MAX_SECONDS),
-        ):
-            if key in values:
-                config = _evolve(config, **{key: _seconds(values, key, minimum, maximum)})
-        if "subscriber_lost_limit" in values:
-            lost_limit = _typed(values, "subscriber_lost_limit", int)
-            if lost_limit < 0:
-                raise ConfigError("subscriber_lost_limit must be >= 0 (0: never end one)")
-            config = _evolve(config, subscriber_lost_limit=lost_limit)
-        if "max_subscriptions" in values:
-            cap = _typed(values, "max_subscriptions", int)
-            if not 1 <= cap <= 1 << 20:
-                raise ConfigError(f"max_subscriptions must be between 1 and {1 << 20}")
-            config = _evolve(config, max_subscriptions=cap)
-        for key in ("max_retained_per_domain", "max_retained"):
-            if key in values:
-                cap = _typed(values, key, int)
-                if cap < 0:
-                    raise ConfigError(f"{key} must be a number of jobs >= 0")
-                config = _evolve(config, **{key: cap})
         if "log_file" in values:
             config = _evolve(config, log_file=_abs_path(values, "log_file"))
-        if "frame_timeout" in values:
-            seconds = values["frame_timeout"]
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not 0.01 <= seconds <= 86400
-            ):
-                raise ConfigError("frame_timeout must be a number of seconds within 0.01 and 86400")
-            config = _evolve(config, frame_timeout=float(seconds))
-        if "max_receive_buffer" in values:
-            size = _typed(values, "max_receive_buffer", int)
-            if not MAX_FRAME <= size <= 1 << 40:
-                raise ConfigError(
-                    f"max_receive_buffer must be a number of bytes within {MAX_FRAME} (one "
-                    "frame) and 2^40"
-                )
-            config = _evolve(config, max_receive_buffer=size)
         if "store" in values:
             store = _typed(values, "store", str)
             try:
@@ -387,7 +339,15 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             except InvalidArgument as exc:
                 raise ConfigError(f"store: {exc}") from None
             config = _evolve(config, store=store)
-        config = _fairness_config(config, values)
+        for key, minimum, maximum in _COUNTS:
+            if key in values:
+                n = _typed(values, key, int)
+                if not minimum <= n <= maximum:
+                    raise ConfigError(f"{key} must be between {minimum} and {maximum}, not {n}")
+                config = _evolve(config, **{key: n})
+        for key, low, high in _SECONDS:
+            if key in values:
+                config = _evolve(config, **{key: _seconds(values, key, low, high)})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
     return config
@@ -419,8 +379,16 @@ def cli_path(value: str | Path | None, option: str) -> Path | None:
     return Path(os.path.abspath(text))
 
 
-#: the read-only fairness keys that are counts or sizes: (key, minimum, maximum)
-_FAIRNESS_COUNTS = (
+#: config keys that are counts or sizes: (key, minimum, maximum)
+_COUNTS = (
+    ("max_clients", 1, 65536),
+    ("max_ro_clients", 1, 65536),
+    ("subscriber_lost_limit", 0, 1 << 40),  # 0: never end one
+    ("max_subscriptions", 1, 1 << 20),
+    ("max_retained_per_domain", 0, 1 << 40),
+    ("max_retained", 0, 1 << 40),
+    ("max_receive_buffer", MAX_FRAME, 1 << 40),  # at least one frame
+    # read-only fairness: the read-only socket's own budgets
     ("max_ro_clients_per_uid", 1, 65536),
     ("max_ro_subscriptions", 1, 1 << 20),
     ("max_ro_subscriptions_per_uid", 1, 1 << 20),
@@ -430,20 +398,15 @@ _FAIRNESS_COUNTS = (
     ("max_ro_queued_send", MAX_QUEUED_SEND, 1 << 40),
     ("max_ro_receive_buffer", MAX_FRAME, 1 << 40),
 )
-
-
-def _fairness_config(config: DaemonConfig, values: dict[str, Any]) -> DaemonConfig:
-    """The read-only fairness keys of ``values`` applied to ``config``."""
-    for key, minimum, maximum in _FAIRNESS_COUNTS:
-        if key in values:
-            n = _typed(values, key, int)
-            if not minimum <= n <= maximum:
-                raise ConfigError(f"{key} must be between {minimum} and {maximum}, not {n}")
-            config = _evolve(config, **{key: n})
-    if "ro_idle_timeout" in values:
-        seconds = _seconds(values, "ro_idle_timeout", 0.0, 86400.0)
-        config = _evolve(config, ro_idle_timeout=seconds)
-    return config
+#: config keys that are seconds: (key, minimum, maximum)
+_SECONDS = (
+    ("retention", 0.0, MAX_SECONDS),
+    ("hello_timeout", 0.01, 86400.0),
+    ("idle_timeout", 0.0, 86400.0),
+    ("driver_idle_timeout", 0.0, MAX_SECONDS),
+    ("frame_timeout", 0.01, 86400.0),
+    ("ro_idle_timeout", 0.0, 86400.0),
+)
 
 
 def _seconds(values: dict[str, Any], key: str, minimum: float, maximum: float) -> float:
