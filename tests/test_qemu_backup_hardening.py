@@ -31,8 +31,8 @@ from test_jobd import write as write_file
 
 import jobcore
 from drivers.qemu import QemuConnection
-from drivers.qemu.jobs import BackupRunner
 from drivers.qemu.process import SubJob
+from drivers.qemu.runners.backup import BackupRunner
 from jobcore import JOB_BEGIN_QUEUE, VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, JobState
 from jobcore.api import Domain, Job
 from jobcore.backup import BackupDef, BackupDisk

@@ -26,7 +26,7 @@ from test_qemu_driver import session
 
 import drivers.qemu.connection as qconn
 import drivers.qemu.images as images
-import drivers.qemu.jobs as qjobs
+import drivers.qemu.runners.backup as qbackup
 import jobcore
 from jobcore import VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, JobState
 from jobcore.errors import DriverError, InvalidArgument
@@ -167,7 +167,7 @@ async def test_target_swapped_before_qemu_opens_it_is_not_written(
         swap_for_link(d, victim_dir)  # before the driver's blockdev-add opens the path
         return created
 
-    monkeypatch.setattr(qjobs, "create_new_image", create_then_swap)
+    monkeypatch.setattr(qbackup, "create_new_image", create_then_swap)
     async with jobcore.connect(f"qemu:///session?dir={tmp_path / 'run'}") as conn:
         dom = await conn.create_domain(domain_xml("vm1", {"vda": src}))
         with pytest.raises(DriverError, match="changed while the backup started"):

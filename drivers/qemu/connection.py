@@ -16,17 +16,13 @@ from attrs import define, field
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.domxml import DomainDef, parse_domain
 from drivers.qemu.images import backing_chain, exists, owned_file
-from drivers.qemu.jobs import (
-    BackupRunner,
-    BlockCommitRunner,
-    BlockPullRunner,
-    MigrationRunner,
-    Phase,
-    Runner,
-    check_backup_job,
-)
 from drivers.qemu.process import QemuProcess, QmpTimeout
 from drivers.qemu.rundir import RunDir, run_dir_of
+from drivers.qemu.runners.backup import BackupRunner
+from drivers.qemu.runners.backup_checks import check_backup_job
+from drivers.qemu.runners.base import Phase, Runner
+from drivers.qemu.runners.chain import BlockCommitRunner, BlockPullRunner
+from drivers.qemu.runners.migration import MigrationRunner
 from jobcore.driver import DomainInfo, DriverJob, SystemClock
 from jobcore.errors import (
     DriverError,
@@ -45,6 +41,8 @@ from jobcore.uri import URI, parse_uri
 log = get_logger(__name__)
 
 POLL_INTERVAL = 0.25
+#: the runner of each job type (each implements base.Runner; they reach this connection
+#: through runners.host.Host only)
 _RUNNERS: dict[str, type[Runner]] = {
     JobType.BACKUP: BackupRunner,
     JobType.BLOCKPULL: BlockPullRunner,

@@ -1,0 +1,111 @@
+"""Backup in the simulation: push and pull, incremental from a checkpoint, the checkpoint
+a backup creates, and libvirt's rules for its target and scratch files (design/xml.md).
+
+The simulation never writes real files: what a backup creates goes into its host's
+``files``, and leaves it again when the job fails or is aborted (scratch files always).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from drivers.sim.job import Behaviour, Plan, SimJob
+from drivers.sim.world import SimDomain, SimFile, SimWorld
+from jobcore.backup import BackupMode, StoreType
+from jobcore.driver import (
+    DriverJob,
+    store_exists,
+    store_in_use,
+    store_missing,
+    store_unusable,
+)
+from jobcore.errors import DriverError, InvalidArgument
+from jobcore.spec import BackupJobSpec
+
+INCREMENTAL_FRACTION = 8  # an incremental backup copies 1/8 of the disk
+
+
+def check_stores(world: SimWorld, spec: BackupJobSpec, dom: SimDomain) -> list[tuple[str, SimFile]]:
+    """Refuse targets/scratch files as libvirt does; return the files the job creates."""
+    host = world.host_of(dom.name)
+    creates: list[tuple[str, SimFile]] = []
+    named: dict[str, str] = {}
+    for bdisk in spec.backup.included_disks():
+        store = bdisk.store
+        if store is None or bdisk.type is StoreType.BLOCK:
+            continue  # a block device is the caller's (libvirt checks files only)
+        path = store.path
+        if path in named:
+            raise InvalidArgument(
+                f"store '{path}' is named for disks '{named[path]}' and '{bdisk.name}'"
+            )
+        named[path] = bdisk.name
+        owner = world.image_owner(path)
+        if owner is not None:
+            raise store_in_use(path, bdisk.name, owner)
+        fmt = store.format or "qcow2"
+        size = dom.disks[bdisk.name].virtual_size
+        existing = world.existing(host, path)
+        if not spec.reuse_external:
+            if existing is not None:
+                raise store_exists(path, bdisk.name)
+            creates.append((path, SimFile(fmt, size)))
+        elif existing is None:
+            raise store_missing(path, bdisk.name)
+        elif isinstance(existing, str):
+            raise store_unusable(path, bdisk.name, existing)
+        elif existing.format != fmt:
+            raise store_unusable(
+                path, bdisk.name, f"its format is '{existing.format}', not '{fmt}'"
+            )
+        elif existing.virtual_size != size:
+            raise store_unusable(
+                path,
+                bdisk.name,
+                f"its virtual size is {existing.virtual_size} bytes, "
+                f"disk '{bdisk.name}' has {size}",
+            )
+    return creates
+
+
+def plan(world: SimWorld, spec: Any, dom: SimDomain) -> Plan:
+    assert isinstance(spec, BackupJobSpec)
+    total = 0
+    for bdisk in spec.backup.included_disks():
+        sim_disk = dom.disks[bdisk.name]
+        incremental = bdisk.incremental or spec.backup.incremental
+        if incremental is not None and bdisk.backupmode != "full":
+            if incremental not in dom.checkpoints:
+                raise DriverError(
+                    f"Checkpoint '{incremental}' for incremental "
+                    f"backup of disk '{bdisk.name}' not found"
+                )
+            total += sim_disk.virtual_size // INCREMENTAL_FRACTION
+        else:
+            total += sim_disk.virtual_size
+    if spec.backup.effective_mode is BackupMode.PULL:
+        return total, True, {"disk_temp_used": 0, "disk_temp_total": total}
+    return total, False, {}
+
+
+def apply(world: SimWorld, job: DriverJob, dom: SimDomain) -> Mapping[str, int | str]:
+    spec = job.spec
+    assert isinstance(spec, BackupJobSpec)
+    if spec.checkpoint is not None and spec.checkpoint.name is not None:
+        dom.checkpoints[spec.checkpoint.name] = tuple(d.name for d in spec.backup.included_disks())
+    return {}
+
+
+def ended(world: SimWorld, sj: SimJob, outcome: str) -> None:
+    spec = sj.job.spec
+    assert isinstance(spec, BackupJobSpec)
+    # files the job created: scratch files always go, push targets stay only after
+    # success; reused files (REUSE_EXTERNAL) are never the job's to remove
+    if spec.backup.effective_mode is BackupMode.PULL or outcome != "completed":
+        files = world.host_of(sj.job.domain).files
+        for path in sj.created:
+            files.pop(path, None)
+
+
+BEHAVIOUR = Behaviour(plan=plan, apply=apply, ended=ended)

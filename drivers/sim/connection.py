@@ -1,0 +1,384 @@
+"""The sim driver's connection (a DriverConnection over its simulated world) and SimDriver.
+
+One scheduler loop per connection drives every job from a heap of deadlines, so starting
+a job costs O(log n) whatever the number of jobs. What each job type does to the world is
+its family's Behaviour (``backup``, ``chain``, ``migration``), picked from ``_BEHAVIOURS``.
+Failure injection: ``?fail_at=F`` makes every job fail at fraction F of its work;
+``inject_failure()`` targets the next job of a type; ``crash()`` fails every job at once,
+as a hypervisor that died would.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from attrs import define
+
+from drivers.sim import backup, chain, migration
+from drivers.sim.clock import ManualClock, RealClock
+from drivers.sim.job import Behaviour, Phase, SimJob
+from drivers.sim.world import MiB, SimWorld
+from jobcore.backup import BackupMode
+from jobcore.driver import DomainInfo, DriverJob
+from jobcore.errors import (
+    DriverError,
+    InvalidArgument,
+    InvalidURI,
+    NoSuchDomain,
+    OperationInvalid,
+    Unsupported,
+)
+from jobcore.paths import PathGuard
+from jobcore.spec import BackupJobSpec, BlockCommitSpec, JobType
+from jobcore.uri import URI
+
+DEFAULT_RATE = 256 * MiB
+PROGRESS_INTERVAL = 0.1  # seconds between progress reports of a running job
+#: what each job type does to the world
+_BEHAVIOURS: dict[JobType, Behaviour] = {
+    JobType.BACKUP: backup.BEHAVIOUR,
+    JobType.BLOCKPULL: chain.BEHAVIOUR,
+    JobType.BLOCKCOMMIT: chain.BEHAVIOUR,
+    JobType.MIGRATION: migration.BEHAVIOUR,
+}
+
+
+def _number_param(uri: URI, name: str, what: str, low: float, high: float) -> float | None:
+    """URI parameter ``name`` as a finite number in low…high (None when absent or empty);
+    InvalidArgument naming it and its value otherwise."""
+    text = uri.param(name)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidArgument(f"{name}={text[:80]!r} in '{uri}': it must be {what}")
+    return value
+
+
+@define
+class _Injection:
+    job_type: str | None
+    at: float
+    message: str
+
+
+class SimConnection:
+    """A connection to one simulated host (a DriverConnection)."""
+
+    def __init__(self, uri: URI, tg: TaskGroup) -> None:
+        self.uri = str(uri)
+        self._tg = tg
+        if not uri.name:
+            raise InvalidURI(f"'{uri}' names no simulated host: write sim:///NAME")
+        rate = _number_param(
+            uri, "rate", "a finite number of bytes/s >= 0 (0: instant)", 0.0, math.inf
+        )
+        self._fail_at = _number_param(uri, "fail_at", "a fraction in 0…1", 0.0, 1.0)
+        if rate is None:
+            rate = float(DEFAULT_RATE)
+        self.rate = math.inf if rate == 0 else rate
+        clock_kind = uri.param("clock", "real")
+        if clock_kind not in ("real", "manual"):
+            raise InvalidArgument(
+                f"clock={str(clock_kind)[:80]!r} in '{uri}': it must be 'real' or 'manual'"
+            )
+        self.clock: RealClock | ManualClock = (
+            ManualClock() if clock_kind == "manual" else RealClock()
+        )
+        if isinstance(self.clock, ManualClock):
+            self.clock.on_advance(self._poke)
+        self.host_name = uri.name or "default"
+        self.world = SimWorld(self.uri, self.host_name)
+        #: the connection's own host
+        self.host = self.world.home
+        self.crashed = False
+        self._jobs: dict[uuid.UUID, SimJob] = {}
+        self._heap: list[tuple[float, int, int, SimJob]] = []
+        self._seq = itertools.count()
+        self._wakeup = anyio.Event()
+        self._injections: list[_Injection] = []
+        self._next_progress = math.inf
+        self._scope = anyio.CancelScope()
+        self._stopped = False
+
+    # ---- DriverConnection: domains -------------------------------------------------
+
+    def supports(self, job_type: JobType) -> bool:
+        return job_type in _BEHAVIOURS
+
+    async def list_domains(self) -> list[DomainInfo]:
+        return [d.info() for d in self.host.domains.values()]
+
+    async def lookup_domain(self, name: str) -> DomainInfo:
+        return self.world.domain(name).info()
+
+    async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> DomainInfo:
+        raise Unsupported("the sim driver's domains are built in; createXML is for qemu")
+
+    async def destroy_domain(self, name: str) -> None:
+        self.world.domain(name)
+        for sj in list(self._jobs.values()):
+            if sj.job.domain == name:
+                self._end(sj, "failed", "domain was destroyed")
+        source = self.world.hosts[self.world.domain_host(name) or self.host_name]
+        del source.domains[name]
+        self.world.where.pop(name, None)
+
+    # ---- failure injection ----------------------------------------------------------
+
+    def inject_failure(
+        self, job_type: str | None = None, at: float = 0.5, message: str = "simulated I/O error"
+    ) -> None:
+        """Make the next started job (of ``job_type``, if given) fail at fraction ``at``."""
+        if not 0 <= at <= 1:
+            raise ValueError("at is a fraction between 0 and 1")
+        self._injections.append(_Injection(job_type, at, message))
+
+    def crash(self) -> None:
+        """The hypervisor dies: every job fails; starts fail until ``restart()``."""
+        self.crashed = True
+        for sj in list(self._jobs.values()):
+            self._end(sj, "failed", "simulated hypervisor crash: the process exited")
+
+    def restart(self) -> None:
+        self.crashed = False
+
+    async def check_job(self, spec: Any, dom: DomainInfo) -> None:
+        """Before admission: refuse a backup's existing (or unusable reused) files."""
+        if isinstance(spec, BackupJobSpec):
+            backup.check_stores(self.world, spec, self.world.domain(dom.name))
+
+    # ---- DriverConnection: jobs ----------------------------------------------------
+
+    async def start(self, job: DriverJob) -> None:
+        if self.crashed:
+            raise DriverError("the simulated hypervisor is not running")
+        dom = self.world.domain(job.domain)
+        # again: a queued job starts later, and files may have appeared meanwhile
+        creates = (
+            backup.check_stores(self.world, job.spec, dom)
+            if isinstance(job.spec, BackupJobSpec)
+            else []
+        )
+        total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
+        bandwidth = getattr(job.spec, "bandwidth", None)
+        rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
+        fail = self._take_injection(str(job.type))
+        fail_at = None if fail is None else int(total * fail.at)
+        sj = SimJob(
+            job,
+            total,
+            rate,
+            converges,
+            fail_at,
+            "" if fail is None else fail.message,
+            base_time=self.clock.now(),
+            extra=extra,
+            created=tuple(path for path, _ in creates),
+        )
+        self._jobs[job.uuid] = sj
+        self.world.host_of(dom.name).files.update(creates)
+        if (
+            isinstance(job.spec, BackupJobSpec)
+            and job.spec.backup.effective_mode is BackupMode.PULL
+        ):
+            sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
+        job.reporter.progress(0, total, extra)
+        self._schedule(sj)
+
+    def _take_injection(self, job_type: str) -> _Injection | None:
+        for i, inj in enumerate(self._injections):
+            if inj.job_type in (None, job_type):
+                return self._injections.pop(i)
+        if self._fail_at is not None:
+            return _Injection(None, self._fail_at, "simulated failure")
+        return None
+
+    def _behaviour(self, job_type: JobType) -> Behaviour:
+        behaviour = _BEHAVIOURS.get(job_type)
+        if behaviour is None:
+            raise Unsupported(f"sim cannot run job type '{job_type}'")
+        return behaviour
+
+    def _job(self, job: DriverJob) -> SimJob:
+        sj = self._jobs.get(job.uuid)
+        if sj is None:
+            raise OperationInvalid(f"job '{job.uuid}' is not running on '{self.uri}'")
+        return sj
+
+    def _rebase(self, sj: SimJob) -> None:
+        now = self.clock.now()
+        sj.base_bytes = sj.processed(now)
+        sj.base_time = now
+
+    async def cancel(self, job: DriverJob) -> None:
+        sj = self._job(job)
+        self._rebase(sj)
+        sj.phase, sj.outcome, sj.paused = Phase.FINISH, "cancelled", False
+        self._schedule(sj)
+
+    async def pause(self, job: DriverJob) -> None:
+        sj = self._job(job)
+        self._rebase(sj)
+        sj.paused = True
+        self._schedule(sj)
+
+    async def resume(self, job: DriverJob) -> None:
+        sj = self._job(job)
+        self._rebase(sj)
+        sj.paused = False
+        self._schedule(sj)
+
+    async def complete(self, job: DriverJob) -> None:
+        sj = self._job(job)
+        if sj.phase is not Phase.READY:
+            raise OperationInvalid(f"job '{job.uuid}' is not ready")
+        sj.base_time = self.clock.now()
+        sj.phase, sj.outcome, sj.paused = Phase.FINISH, "completed", False
+        self._schedule(sj)
+
+    async def set_speed(self, job: DriverJob, bandwidth: int | None) -> None:
+        sj = self._job(job)
+        self._rebase(sj)
+        sj.rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
+        self._schedule(sj)
+
+    # ---- the scheduler loop ---------------------------------------------------------
+
+    def _schedule(self, sj: SimJob) -> None:
+        sj.version += 1
+        deadline = sj.deadline()
+        if not math.isinf(deadline):
+            heapq.heappush(self._heap, (deadline, next(self._seq), sj.version, sj))
+        if math.isinf(self._next_progress):
+            self._next_progress = self.clock.now() + PROGRESS_INTERVAL
+        self._poke()
+
+    def _poke(self) -> None:
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        """End the scheduler loop (the connection is closing)."""
+        self._stopped = True
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        with self._scope:
+            if not self._stopped:
+                await self._loop()
+
+    async def _loop(self) -> None:
+        while True:
+            self._wakeup = anyio.Event()
+            now = self.clock.now()
+            while self._heap and self._heap[0][0] <= now:
+                _, _, version, sj = heapq.heappop(self._heap)
+                if version == sj.version and sj.job.uuid in self._jobs:
+                    self._due(sj, now)
+            if now >= self._next_progress:
+                self._report_progress(now)
+            next_at = min(self._heap[0][0] if self._heap else math.inf, self._next_progress)
+            await self.clock.sleep_until(next_at, self._wakeup)
+
+    def _report_progress(self, now: float) -> None:
+        running = False
+        for sj in self._jobs.values():
+            if sj.phase is Phase.COPY and not sj.paused:
+                running = True
+                done = sj.processed(now)
+                self._update_extra(sj, done)
+                sj.job.reporter.progress(done, sj.total, sj.extra)
+        self._next_progress = now + PROGRESS_INTERVAL if running else math.inf
+
+    def _update_extra(self, sj: SimJob, done: int) -> None:
+        if "memory_total" in sj.extra:
+            sj.extra["memory_processed"] = done
+            sj.extra["memory_remaining"] = sj.total - done
+
+    def _due(self, sj: SimJob, now: float) -> None:
+        if sj.phase is Phase.FINISH:
+            self._end(sj, sj.outcome, None)
+            return
+        done = sj.processed(now)
+        if sj.fail_at is not None and done >= sj.fail_at:
+            self._end(sj, "failed", f"{sj.fail_message} at {done} of {sj.total} bytes")
+        elif done >= sj.total:
+            if sj.converges:
+                sj.base_bytes, sj.phase = float(sj.total), Phase.READY
+                self._update_extra(sj, sj.total)
+                sj.job.reporter.progress(sj.total, sj.total, sj.extra)
+                sj.job.reporter.ready()
+                spec = sj.job.spec
+                if isinstance(spec, BlockCommitSpec) and spec.pivot and sj.phase is Phase.READY:
+                    sj.base_time = now
+                    sj.phase, sj.outcome = Phase.FINISH, "completed"
+                    self._schedule(sj)
+            else:
+                self._end(sj, "completed", None)
+        else:  # rate or pause changed since this deadline was computed
+            self._schedule(sj)
+
+    def _end(self, sj: SimJob, outcome: str, errmsg: str | None) -> None:
+        """Apply the job's effect on the simulated host and report how it ended."""
+        del self._jobs[sj.job.uuid]
+        sj.version += 1
+        job = sj.job
+        extra = dict(sj.extra)
+        behaviour = self._behaviour(job.type)
+        if outcome == "completed":
+            try:
+                try:
+                    dom = self.world.domain(job.domain)
+                except NoSuchDomain:
+                    raise DriverError(f"domain '{job.domain}' vanished") from None
+                extra.update(behaviour.apply(self.world, job, dom))
+            except DriverError as exc:
+                outcome, errmsg = "failed", str(exc)
+        behaviour.ended(self.world, sj, outcome)
+        if outcome == "completed":
+            self._update_extra(sj, sj.total)
+            extra.update(sj.extra)
+            job.reporter.completed(extra)
+        elif outcome == "cancelled":
+            job.reporter.cancelled()
+        else:
+            job.reporter.failed(errmsg or "failed")
+
+    def job_count(self) -> int:
+        return len(self._jobs)
+
+
+class SimDriver:
+    """The ``jobcore.drivers`` entry point for ``sim://``."""
+
+    scheme = "sim"
+    #: the query parameters SimConnection reads; any other is refused
+    uri_params = frozenset({"rate", "fail_at", "clock"})
+    #: what an absent parameter means (jobd compares a hello's parameters with these)
+    uri_defaults = {"rate": str(DEFAULT_RATE), "clock": "real"}
+
+    def identity(self, uri: URI) -> tuple[tuple[str, str], ...]:
+        """None of sim's parameters selects another host: ``sim:///NAME`` is the host."""
+        return ()
+
+    @asynccontextmanager
+    async def connect(self, uri: URI, tg: TaskGroup) -> AsyncIterator[SimConnection]:
+        if uri.host:
+            raise InvalidURI(f"the sim driver is local: no host allowed in '{uri}'")
+        conn = SimConnection(uri, tg)
+        tg.start_soon(conn.run)
+        try:
+            yield conn
+        finally:
+            conn.stop()
