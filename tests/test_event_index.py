@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from test_jobd import Jobd, _frame, _recv
 
 import jobcore
+from jobcore.daemon.config import ConfigError, load_config
 from jobcore.events import (
     EndReason,
     EventFilter,
@@ -28,7 +29,6 @@ from jobcore.events import (
     Subscription,
     _Entry,
 )
-from jobcore.jobd import ConfigError, load_config
 from jobcore.lifecycle import JobState
 
 JOBS = [uuid.UUID(int=i) for i in range(1, 4)]

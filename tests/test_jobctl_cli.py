@@ -160,7 +160,7 @@ def test_version() -> None:
     )
     assert shown.stdout == f"jobctl, version {importlib.metadata.version('jobcore')}\n"
     jobd = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobd", "--version"], capture_output=True, text=True
+        [sys.executable, "-m", "jobcore.daemon", "--version"], capture_output=True, text=True
     )
     assert jobd.stdout == f"jobd, version {importlib.metadata.version('jobcore')}\n"
 

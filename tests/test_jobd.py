@@ -45,7 +45,7 @@ class Jobd:
         self.log_path = run_dir.parent / f"{run_dir.name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jobcore.jobd", "--run-dir", str(run_dir), *args],
+            [sys.executable, "-m", "jobcore.daemon", "--run-dir", str(run_dir), *args],
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             cwd=ROOT,
@@ -375,7 +375,7 @@ def test_many_concurrent_clients(jobd: Jobd) -> None:
 
 def test_second_daemon_on_same_run_dir_is_refused(jobd: Jobd) -> None:
     second = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobd", "--run-dir", str(jobd.run_dir)],
+        [sys.executable, "-m", "jobcore.daemon", "--run-dir", str(jobd.run_dir)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -415,7 +415,7 @@ def test_config_file_and_uid_allow_list(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("colour = 'blue'\n")
     refused = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobd", "--config", str(bad)],
+        [sys.executable, "-m", "jobcore.daemon", "--config", str(bad)],
         capture_output=True,
         text=True,
         timeout=30,

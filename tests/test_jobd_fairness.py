@@ -16,8 +16,8 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 from test_jobd import Jobd, _frame, _recv, jobctl
 
+from jobcore.daemon.config import ConfigError, load_config
 from jobcore.jobctl import ExitCode
-from jobcore.jobd import ConfigError, load_config
 
 # jobd's defaults (spelled out, so that this file also runs, and fails, against a jobd
 # without them)
@@ -94,7 +94,7 @@ def rss_kib(pid: int) -> int:
 
 
 def test_fairness_config_keys_are_checked() -> None:
-    import jobcore.jobd as jobd_module
+    import jobcore.daemon.config as jobd_module
 
     assert (
         jobd_module.MAX_RO_CLIENTS_PER_UID,

@@ -19,7 +19,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 from test_jobd import ROOT, Jobd, _frame, _recv
 
-from jobcore.jobd import ConfigError, load_config
+from jobcore.daemon.config import ConfigError, load_config
 
 MiB = 1 << 20
 SLOW_PULL = "<job type='blockpull'><disk name='vda'/></job>"  # runs for ages at rate=1
@@ -45,7 +45,7 @@ class LimitedJobd(Jobd):
                 "--",
                 sys.executable,
                 "-m",
-                "jobcore.jobd",
+                "jobcore.daemon",
                 "--run-dir",
                 str(run_dir),
                 *args,

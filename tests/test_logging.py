@@ -238,7 +238,8 @@ def test_log_file_is_reopened_after_logrotate_moves_it(tmp_path: Path) -> None:
 
 
 def test_noise_limit_logs_the_count_periodically() -> None:
-    from jobcore import jobd
+    from jobcore.daemon.config import NOISE_INTERVAL
+    from jobcore.daemon.sessions import _Noise
 
     lines: list[tuple[str, dict[str, object]]] = []
 
@@ -247,10 +248,10 @@ def test_noise_limit_logs_the_count_periodically() -> None:
             lines.append((event, fields))
 
     now = [100.0]
-    noise = jobd._Noise(Log(), lambda: now[0])
+    noise = _Noise(Log(), lambda: now[0])
     for i in range(5):
         noise.line("warning", "malformed frame", n=i)
-    now[0] += jobd.NOISE_INTERVAL
+    now[0] += NOISE_INTERVAL
     noise.line("warning", "malformed frame", n=5)  # the interval is over: the count so far
     noise.line("warning", "malformed frame", n=6)
     noise.flush()  # at disconnect

@@ -19,12 +19,12 @@ import msgpack  # type: ignore[import-untyped]
 from qemu_helpers import create, domain_xml, kill_and_reap
 from test_jobd import ROOT, _frame, _recv
 
-from jobcore.jobd import SHUTDOWN_GRACE
+from jobcore.daemon.config import SHUTDOWN_GRACE
 
 QMP_TIMEOUT = 1.0
 _LAUNCH = (
     "import sys, drivers.qemu.process as p; p.QMP_TIMEOUT = float(sys.argv[1]); "
-    "from jobcore.jobd import main; main(sys.argv[2:], prog_name='jobd')"
+    "from jobcore.daemon.main import main; main(sys.argv[2:], prog_name='jobd')"
 )
 
 

@@ -110,7 +110,7 @@ def test_directory_of_another_uid_is_refused(
 def jobd(
     run_dir: Path | None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    args = [sys.executable, "-m", "jobcore.jobd"]
+    args = [sys.executable, "-m", "jobcore.daemon"]
     if run_dir is not None:
         args += ["--run-dir", str(run_dir)]
     # a refused run directory makes jobd exit at once; before the fix it served (timeout)

@@ -22,8 +22,9 @@ from test_jobd import Jobd, _frame, _recv, jobctl
 
 import jobcore
 from jobcore import InvalidArgument, InvalidURI, JobState, XMLError
+from jobcore.daemon.config import ConfigError, load_config
+from jobcore.daemon.sessions import _Client
 from jobcore.jobctl import ExitCode
-from jobcore.jobd import ConfigError, _Client, load_config
 from jobcore.protocol import Reply, decode_message
 from jobcore.uri import parse_uri
 from jobcore.xml import format_job, parse_job
@@ -255,7 +256,7 @@ def test_config_seconds_must_be_finite(key: str, value: float, tmp_path: Path) -
 def test_jobd_retention_nan_on_the_command_line_is_a_usage_error(tmp_path: Path) -> None:
     run_dir = str(tmp_path / "run")
     done = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobd", "--run-dir", run_dir, "--retention", "nan"],
+        [sys.executable, "-m", "jobcore.daemon", "--run-dir", run_dir, "--retention", "nan"],
         capture_output=True,
         text=True,
         timeout=30,
