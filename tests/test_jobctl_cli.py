@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jobd_helpers import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 from qemu_helpers import create, domain_xml
-from test_jobd import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 
 from jobcore import jobctl as cli
 from jobcore.jobctl import ExitCode

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_jobd import ROOT, Jobd
+from jobd_helpers import ROOT, Jobd
 
 from jobcore.daemon.config import ConfigError, load_config
 from jobcore.daemon.main import EXIT_CONFIG

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
-from test_jobd import BACKUP_VDB, Jobd, jobctl, write
+from jobd_helpers import BACKUP_VDB, Jobd, jobctl, write
 
 import jobcore
 from jobcore.daemon.config import ConfigError, load_config
