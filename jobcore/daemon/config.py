@@ -1,6 +1,7 @@
 """jobd's configuration: every limit and default (the numbers below), ``DaemonConfig``, and
 ``load_config``, which checks a TOML file and command-line overrides against the tables of
-counts (``_COUNTS``) and seconds (``_SECONDS``) (design/daemon.md, "Configuration").
+counts (``_COUNTS``) and seconds (``_SECONDS``) (design/daemon.md, "Connections: limits
+and timeouts").
 """
 
 from __future__ import annotations
