@@ -51,7 +51,7 @@ def _start_jobd(run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "jobcore.jobd",
+            "jobcore.daemon",
             "--run-dir",
             str(run_dir),
             "--log-level",

@@ -107,3 +107,13 @@ class InvalidArgument(JobError):
 class StoreError(JobError):
     """The job store cannot be opened (corrupt, locked by another process, a newer
     schema) or written (no space left: new jobs are refused)."""
+
+
+def leaf_error(exc: BaseException) -> BaseException:
+    """The one real error inside (nested) exception groups from task groups: at each level
+    the first ``Exception`` member (a cancellation beside it is not what went wrong), else
+    the first member. Anything that is not a group is returned as is."""
+    while isinstance(exc, BaseExceptionGroup):
+        members = exc.exceptions
+        exc = next((e for e in members if isinstance(e, Exception)), members[0])
+    return exc

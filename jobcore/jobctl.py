@@ -42,6 +42,7 @@ from rich.table import Table
 import jobcore
 from jobcore import constants as C
 from jobcore.api import Connection, Domain, Job
+from jobcore.daemon.main import daemon_options, start_from_options
 from jobcore.errors import (
     InvalidURI,
     JobConflict,
@@ -51,7 +52,6 @@ from jobcore.errors import (
 )
 from jobcore.events import EventKind, JobEvent
 from jobcore.info import JobInfo
-from jobcore.jobd import daemon_options, start_from_options
 from jobcore.lifecycle import JobState
 from jobcore.protocol import RW_SOCKET, AccessDenied, DaemonUnreachable, default_run_dir
 from jobcore.uri import parse_uri

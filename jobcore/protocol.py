@@ -24,7 +24,6 @@ import math
 import os
 import socket
 import struct
-import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,6 +40,7 @@ from jobcore.errors import JobError
 from jobcore.events import EndReason, EventKind, JobEvent
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
+from jobcore.rundir import user_run_dir
 from jobcore.spec import JobType
 
 #: Bumped on any incompatible change; a daemon refuses a client of another version.
@@ -774,8 +774,5 @@ def raise_error(reply: ErrorReply) -> Exception:
 
 def default_run_dir() -> Path:
     """Where jobd and jobctl look by default: ``$XDG_RUNTIME_DIR/jobcore``, else
-    ``/tmp/jobcore-UID``."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "jobcore"
-    return Path(tempfile.gettempdir()) / f"jobcore-{os.getuid()}"
+    ``/tmp/jobcore-UID`` (``jobcore.rundir.user_run_dir``)."""
+    return user_run_dir("jobcore")

@@ -8,14 +8,28 @@ the sticky bit). Otherwise another user could pre-create it (``/tmp`` is
 shared) and rename our sockets away or put their own in place. ``ensure_private_dir``
 creates a missing directory (and missing parents) with mode 0700 and refuses an existing
 one that fails these rules, with a message saying why and what to do.
+
+``user_run_dir`` is the one rule for default run directories (jobd's and the qemu
+driver's); ``jobcore.filelock`` gives each run directory its one owner.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import threading
 from pathlib import Path
+
+
+def user_run_dir(name: str) -> Path:
+    """The per-user default run directory ``name``: ``$XDG_RUNTIME_DIR/NAME`` when
+    XDG_RUNTIME_DIR names a directory this user may write, else ``TMPDIR/NAME-UID``
+    (``/tmp/NAME-UID``). jobd's is ``jobcore``, the qemu driver's ``jobcore-qemu``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
+        return Path(runtime) / name
+    return Path(tempfile.gettempdir()) / f"{name}-{os.getuid()}"
 
 
 class UnsafeRunDir(PermissionError):

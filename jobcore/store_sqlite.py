@@ -20,10 +20,8 @@ other processes (``flock`` on ``PATH.lock``) for as long as it is open.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
-import os
 import sqlite3
 import threading
 import time
@@ -40,6 +38,7 @@ import anyio.to_thread
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument, JobError, StoreError
+from jobcore.filelock import FileLock, LockHeld
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.registry import registry
@@ -165,31 +164,28 @@ class SQLiteDatabase:
         self.scopes: set[str] = set()
         #: serialises use of ``conn`` (worker threads, maybe of several event loops)
         self.lock = threading.Lock()
-        self._lock_fd = self._take_lock()
+        self._file_lock = self._take_lock()
         try:
             self.conn = self._connect(synchronous)
         except BaseException:
-            os.close(self._lock_fd)
+            self._file_lock.release()
             raise
 
-    def _take_lock(self) -> int:
-        lock_path = Path(f"{self.path}.lock")
+    def _take_lock(self) -> FileLock:
+        lock = FileLock(Path(f"{self.path}.lock"), follow_symlinks=True)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot open the job store '{self.path}': {exc.strerror} ({lock_path})"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            lock.acquire()
+        except LockHeld:
             raise StoreError(
                 f"the job store '{self.path}' is in use by another process (it holds "
-                f"'{lock_path}'): stop it, or give this one another store"
+                f"'{lock.path}'): stop it, or give this one another store"
             ) from None
-        return fd
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the job store '{self.path}': {exc.strerror} ({lock.path})"
+            ) from None
+        return lock
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         what = f"the job store '{self.path}'"
@@ -274,7 +270,7 @@ class SQLiteDatabase:
             try:
                 self.conn.close()
             finally:
-                os.close(self._lock_fd)
+                self._file_lock.release()
 
     def load(self, scope: str) -> list[tuple[Any, ...]]:
         with self.lock:

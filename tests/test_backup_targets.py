@@ -221,7 +221,7 @@ async def test_reuse_external_flag_means_reuse_not_queue(tmp_path: Path) -> None
 
 
 def test_jobd_refuses_an_existing_target_and_passes_reuse_external(tmp_path: Path) -> None:
-    from test_jobd import Jobd
+    from jobd_helpers import Jobd
 
     image = tmp_path / "vdb.qcow2"  # a real file: jobd's sim host sees it as existing
     run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(VDB_SIZE))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
-from test_jobd import Jobd, _frame, _recv
+from jobd_helpers import Jobd, frame, read_msg
 from test_jobd_io import peak_rss, rss
 
 from jobcore.lifecycle import JobState
@@ -67,12 +67,12 @@ def test_jobd_memory_stays_bounded_on_an_amplifying_frame(tmp_path: Path) -> Non
         before = rss(daemon.proc.pid)
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(daemon.sock))
-            s.sendall(_frame(msgpack.packb([0, 1, "hello", [1, "sim:///default"]])))
-            assert _recv(s)[0] == 1
+            s.sendall(frame(msgpack.packb([0, 1, "hello", [1, "sim:///default"]])))
+            assert read_msg(s)[0] == 1
             for i in range(3):
                 body = _EMPTY_MAPS[:2] + bytes([2 + i]) + _EMPTY_MAPS[3:]  # request id 2+i
-                s.sendall(_frame(body))
-                reply = _recv(s)
+                s.sendall(frame(body))
+                reply = read_msg(s)
                 assert reply[0] == 2, reply  # an error reply
                 assert "BadRequest" in str(reply) or "message limits" in str(reply), reply
             peak = peak_rss(daemon.proc.pid, 0.5, before + (64 << 20))

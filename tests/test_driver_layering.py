@@ -11,7 +11,7 @@ import pytest
 
 #: what a driver must never import, directly or through another module; a module that
 #: moves is renamed here (a name missing from the graph fails the test)
-ENGINE_SIDE = ("jobcore.engine", "jobcore.api", "jobcore.jobd", "jobcore.remote")
+ENGINE_SIDE = ("jobcore.engine", "jobcore.api", "jobcore.daemon", "jobcore.remote")
 
 
 @pytest.fixture(scope="module")

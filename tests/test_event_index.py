@@ -3,7 +3,6 @@ with exactly the semantics of scanning them all; jobd caps subscriptions of all 
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections import Counter
@@ -12,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgpack  # type: ignore[import-untyped]
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_jobd import Jobd, _frame, _recv
+from jobd_helpers import Jobd, RawClient, daemon_with
 
 import jobcore
+from jobcore.daemon.config import ConfigError, load_config
 from jobcore.events import (
     EndReason,
     EventFilter,
@@ -28,7 +27,6 @@ from jobcore.events import (
     Subscription,
     _Entry,
 )
-from jobcore.jobd import ConfigError, load_config
 from jobcore.lifecycle import JobState
 
 JOBS = [uuid.UUID(int=i) for i in range(1, 4)]
@@ -239,37 +237,17 @@ def test_a_subscription_filed_under_several_keys_is_checked_once_per_event(
 
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobd]:
-    base = tmp_path_factory.mktemp("subcap")
-    config = base / "jobd.toml"
-    config.write_text("max_subscriptions = 5\nsubscriber_lost_limit = 1\n")
-    daemon = Jobd(base / "run", "--config", str(config)).wait_ready()
-    try:
+    config = "max_subscriptions = 5\nsubscriber_lost_limit = 1\n"
+    with daemon_with(tmp_path_factory.mktemp("subcap"), config) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
-class RawClient:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(20)
-        self.sock.connect(str(path))
-        self.rid = 100
-        assert self.call("hello", [1, "sim:///default?rate=0"])[0] == 1
+def client(path: Path) -> RawClient:
+    return RawClient.ready(path, "sim:///default?rate=0", timeout=20)
 
-    def call(self, method: str, args: list[Any]) -> list[Any]:
-        self.rid += 1
-        self.sock.sendall(_frame(msgpack.packb([0, self.rid, method, args], use_bin_type=True)))
-        while True:
-            msg: list[Any] = _recv(self.sock)
-            if msg[0] in (1, 2) and msg[1] == self.rid:
-                return msg
 
-    def subscribe(self, domain: str = "no-such-domain", buffer: int = 16) -> list[Any]:
-        return self.call("subscribe", [domain, None, None, None, buffer])
-
-    def close(self) -> None:
-        self.sock.close()
+def subscribe(client: RawClient, domain: str = "no-such-domain", buffer: int = 16) -> list[Any]:
+    return client.call("subscribe", domain, None, None, None, buffer)
 
 
 def _refused(reply: list[Any]) -> bool:
@@ -280,12 +258,12 @@ def _refused(reply: list[Any]) -> bool:
     return True
 
 
-def _subscribe_when_free(client: RawClient, timeout: float = 10.0) -> list[Any]:
+def _subscribe_when_free(raw: RawClient, timeout: float = 10.0) -> list[Any]:
     """Subscribe once jobd has let another subscription go (a disconnect is seen by
     jobd's reader some time after the client closed)."""
     deadline = time.monotonic() + timeout
     while True:
-        reply = client.subscribe()
+        reply = subscribe(raw)
         if reply[0] == 1 or time.monotonic() > deadline:
             return reply
         assert _refused(reply)
@@ -297,45 +275,45 @@ def test_jobd_caps_subscriptions_of_all_clients(capped: Jobd) -> None:
     has max_ro_subscriptions of its own: tests/test_jobd_fairness.py): the sixth is
     refused with a message naming the limit; unsubscribing, disconnecting and an end by
     overflow each give a place back."""
-    a, b = RawClient(capped.sock), RawClient(capped.sock)
+    a, b = client(capped.sock), client(capped.sock)
     try:
-        a_subs = [a.subscribe() for _ in range(3)]
+        a_subs = [subscribe(a) for _ in range(3)]
         assert all(r[0] == 1 for r in a_subs)
-        assert [b.subscribe()[0] for _ in range(2)] == [1, 1]
-        assert _refused(b.subscribe()) and _refused(a.subscribe())
+        assert [subscribe(b)[0] for _ in range(2)] == [1, 1]
+        assert _refused(subscribe(b)) and _refused(subscribe(a))
         # a unsubscribes one: b gets its place, then the cap holds again
-        assert a.call("unsubscribe", [a_subs[0][1]])[0] == 1
-        b_third = b.subscribe()
+        assert a.call("unsubscribe", a_subs[0][1])[0] == 1
+        b_third = subscribe(b)
         assert b_third[0] == 1
-        assert _refused(b.subscribe())
+        assert _refused(subscribe(b))
         # a disconnects with 2: b gets 2 places
         a.close()
         assert _subscribe_when_free(b)[0] == 1
-        assert b.subscribe()[0] == 1
-        assert _refused(b.subscribe())
+        assert subscribe(b)[0] == 1
+        assert _refused(subscribe(b))
         # b gives one back; c takes it: vm1's events, a 1-event buffer, never read
-        assert b.call("unsubscribe", [b_third[1]])[0] == 1
-        c = RawClient(capped.sock)
+        assert b.call("unsubscribe", b_third[1])[0] == 1
+        c = client(capped.sock)
         try:
-            overflowing = c.subscribe(domain="vm1", buffer=1)
+            overflowing = subscribe(c, domain="vm1", buffer=1)
             assert overflowing[0] == 1
-            assert _refused(b.subscribe())
+            assert _refused(subscribe(b))
             anyio.run(_instant_jobs, capped.uri("rate=0"), 1000)
-            while (msg := _recv(c.sock))[0] == 3:  # pushed before it fell behind
+            while (msg := c.recv())[0] == 3:  # pushed before it fell behind
                 pass
             assert msg[:2] == [5, overflowing[1]] and msg[3] == "overflow", msg
             # c's subscription ended by overflow: its place is free again
-            assert b.subscribe()[0] == 1
-            assert _refused(b.subscribe())
+            assert subscribe(b)[0] == 1
+            assert _refused(subscribe(b))
         finally:
             c.close()
     finally:
         b.close()
     # every place comes back once the clients are gone
-    d = RawClient(capped.sock)
+    d = client(capped.sock)
     try:
         assert _subscribe_when_free(d)[0] == 1
-        got = [d.subscribe()[0] for _ in range(5)]
+        got = [subscribe(d)[0] for _ in range(5)]
         assert got[:4] == [1, 1, 1, 1] and got[4] == 2
     finally:
         d.close()

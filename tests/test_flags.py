@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_jobd import Jobd
+from jobd_helpers import Jobd
 
 import jobcore
 from jobcore import (

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jobd_helpers import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 from qemu_helpers import create, domain_xml
-from test_jobd import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 
 from jobcore import jobctl as cli
 from jobcore.jobctl import ExitCode
@@ -160,7 +160,7 @@ def test_version() -> None:
     )
     assert shown.stdout == f"jobctl, version {importlib.metadata.version('jobcore')}\n"
     jobd = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobd", "--version"], capture_output=True, text=True
+        [sys.executable, "-m", "jobcore.daemon", "--version"], capture_output=True, text=True
     )
     assert jobd.stdout == f"jobd, version {importlib.metadata.version('jobcore')}\n"
 

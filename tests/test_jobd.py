@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -12,92 +11,27 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgpack  # type: ignore[import-untyped]
 import pytest
+from jobd_helpers import (
+    BACKUP_VDA,
+    BACKUP_VDB,
+    PULL_VDA,
+    ROOT,
+    Jobd,
+    MiB,
+    frame,
+    jobctl,
+    one_line_error,
+    read_msg,
+    write,
+)
 
 import jobcore
 from jobcore.jobctl import ExitCode
-
-ROOT = Path(__file__).resolve().parents[1]
-MiB = 1 << 20
-BACKUP_VDB = """<job type='backup'>
-  <domainbackup><disks>
-    <disk name='vdb' type='file'><target file='/b/{tag}-vdb.qcow2'/></disk>
-  </disks></domainbackup>
-</job>"""
-BACKUP_VDA = """<job type='backup'>
-  <domainbackup><disks>
-    <disk name='vda' type='file'><target file='/b/{tag}-vda.qcow2'/></disk>
-    <disk name='vdb' backup='no'/>
-  </disks></domainbackup>
-</job>"""
-PULL_VDA = "<job type='blockpull'><disk name='vda'/></job>"
-
-
-class Jobd:
-    """A jobd process on its own run directory."""
-
-    def __init__(self, run_dir: Path, *args: str) -> None:
-        self.run_dir = run_dir
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.log_path = run_dir.parent / f"{run_dir.name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jobcore.jobd", "--run-dir", str(run_dir), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-            cwd=ROOT,
-        )
-
-    @property
-    def sock(self) -> Path:
-        return self.run_dir / "jobd.sock"
-
-    @property
-    def ro_sock(self) -> Path:
-        return self.run_dir / "jobd-ro.sock"
-
-    def uri(self, query: str = "", *, readonly: bool = False, host: str = "default") -> str:
-        """A client URI; a simulated host's parameters are set by the hello that opens it,
-        so tests wanting another rate name another host."""
-        path = self.ro_sock if readonly else self.sock
-        return f"sim+unix:///{host}?socket={path}" + (f"&{query}" if query else "")
-
-    def _accepts(self) -> bool:
-        """Both sockets take connections (a socket file exists before it listens)."""
-        for path in (self.sock, self.ro_sock):
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(str(path))
-                except OSError:
-                    return False
-        return True
-
-    def wait_ready(self, timeout: float = 15.0) -> Jobd:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"jobd exited {self.proc.returncode}: {self.log()}")
-            if self.sock.exists() and self.ro_sock.exists() and self._accepts():
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"jobd did not start: {self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -107,42 +41,6 @@ def jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobd]:
         yield daemon
     finally:
         daemon.stop()
-
-
-def jobctl(
-    uri: str | None,
-    *args: str,
-    stdin: str | None = None,
-    timeout: float = 30,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("JOBCORE_URI", None)
-    if uri is not None:
-        full_env["JOBCORE_URI"] = uri
-    return subprocess.run(
-        [sys.executable, "-m", "jobcore.jobctl", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=ROOT,
-        check=False,
-    )
-
-
-def write(tmp_path: Path, name: str, text: str) -> str:
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("jobctl: error: ")
-    return lines[0]
 
 
 # ---- jobctl against a running jobd ------------------------------------------------------
@@ -287,31 +185,11 @@ def test_read_only_socket_refuses_writes(jobd: Jobd, tmp_path: Path) -> None:
 # ---- the protocol under abuse -----------------------------------------------------------
 
 
-def _frame(body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + body
-
-
-def _recv(sock: socket.socket) -> list[object]:
-    header = b""
-    while len(header) < 4:
-        chunk = sock.recv(4 - len(header))
-        assert chunk, "connection closed"
-        header += chunk
-    (length,) = struct.unpack(">I", header)
-    body = b""
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        assert chunk, "connection closed"
-        body += chunk
-    msg: list[object] = msgpack.unpackb(body)
-    return msg
-
-
 def test_malformed_frames_get_error_replies(jobd: Jobd) -> None:
     with socket.socket(socket.AF_UNIX) as bystander, socket.socket(socket.AF_UNIX) as s:
         bystander.connect(str(jobd.sock))
-        bystander.sendall(_frame(msgpack.packb([0, 1, "hello", [1, "sim:///default"]])))
-        assert _recv(bystander)[:2] == [1, 1]
+        bystander.sendall(frame(msgpack.packb([0, 1, "hello", [1, "sim:///default"]])))
+        assert read_msg(bystander)[:2] == [1, 1]
         s.settimeout(10)
         s.connect(str(jobd.sock))
         for garbage in (
@@ -321,32 +199,32 @@ def test_malformed_frames_get_error_replies(jobd: Jobd) -> None:
             msgpack.packb([0, 8, "lookup_domain", [42]]),
             msgpack.packb([9, 9]),
         ):
-            s.sendall(_frame(garbage))
-            reply = _recv(s)
+            s.sendall(frame(garbage))
+            reply = read_msg(s)
             assert reply[0] == 2 and reply[2] == "BadRequest", reply
-        assert _recv_after(s, [0, 8, "lookup_domain", ["vm1"]])[0] == 2  # hello first
-        assert _recv_after(s, [0, 10, "hello", [1, "sim:///default"]])[:2] == [1, 10]
-        reply = _recv_after(s, [0, 11, "lookup_domain", ["vm1"]])
-        assert reply[:2] == [1, 11] and reply[2][0] == "vm1"  # type: ignore[index]
+        assert call_raw(s, [0, 8, "lookup_domain", ["vm1"]])[0] == 2  # hello first
+        assert call_raw(s, [0, 10, "hello", [1, "sim:///default"]])[:2] == [1, 10]
+        reply = call_raw(s, [0, 11, "lookup_domain", ["vm1"]])
+        assert reply[:2] == [1, 11] and reply[2][0] == "vm1"
         s.sendall(struct.pack(">I", 64 << 20))  # over the frame limit: answered, hung up
-        assert _recv(s)[0] == 2
+        assert read_msg(s)[0] == 2
         assert s.recv(1) == b""
-        bystander.sendall(_frame(msgpack.packb([0, 2, "list_domains", []])))
-        assert _recv(bystander)[:2] == [1, 2]
+        bystander.sendall(frame(msgpack.packb([0, 2, "list_domains", []])))
+        assert read_msg(bystander)[:2] == [1, 2]
 
 
-def _recv_after(sock: socket.socket, msg: list[object]) -> list[object]:
-    sock.sendall(_frame(msgpack.packb(msg)))
-    return _recv(sock)
+def call_raw(sock: socket.socket, msg: list[object]) -> list[Any]:
+    sock.sendall(frame(msgpack.packb(msg)))
+    return read_msg(sock)
 
 
 def test_vanishing_client_affects_nobody(jobd: Jobd) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(jobd.sock))
-        s.sendall(_frame(msgpack.packb([0, 1, "hello", [1, "sim:///default"]])))
-        _recv(s)
-        s.sendall(_frame(msgpack.packb([0, 2, "subscribe", [None, None, None, None, 16]])))
-        s.sendall(_frame(msgpack.packb([0, 3, "list_domains", []]))[:5])  # half a frame
+        s.sendall(frame(msgpack.packb([0, 1, "hello", [1, "sim:///default"]])))
+        read_msg(s)
+        s.sendall(frame(msgpack.packb([0, 2, "subscribe", [None, None, None, None, 16]])))
+        s.sendall(frame(msgpack.packb([0, 3, "list_domains", []]))[:5])  # half a frame
     assert jobctl(jobd.uri(), "domains", "--json").returncode == 0
 
 
@@ -375,7 +253,7 @@ def test_many_concurrent_clients(jobd: Jobd) -> None:
 
 def test_second_daemon_on_same_run_dir_is_refused(jobd: Jobd) -> None:
     second = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobd", "--run-dir", str(jobd.run_dir)],
+        [sys.executable, "-m", "jobcore.daemon", "--run-dir", str(jobd.run_dir)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -415,7 +293,7 @@ def test_config_file_and_uid_allow_list(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("colour = 'blue'\n")
     refused = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobd", "--config", str(bad)],
+        [sys.executable, "-m", "jobcore.daemon", "--config", str(bad)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -12,12 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
 import pytest
-from test_jobd import Jobd, _frame, _recv, jobctl
+from jobd_helpers import Jobd, RawClient, daemon_with, jobctl, ok
 
+from jobcore.daemon.config import ConfigError, load_config
 from jobcore.jobctl import ExitCode
-from jobcore.jobd import ConfigError, load_config
 
 # jobd's defaults (spelled out, so that this file also runs, and fails, against a jobd
 # without them)
@@ -33,12 +32,6 @@ BIG_DESC = (
 )
 
 
-def daemon_with(tmp_path: Path, config: str = "") -> Jobd:
-    path = tmp_path / "jobd.toml"
-    path.write_text(config)
-    return Jobd(tmp_path / "run", "--config", str(path)).wait_ready()
-
-
 @pytest.fixture
 def jobd(tmp_path: Path) -> Iterator[Jobd]:
     daemon = daemon_with(tmp_path)
@@ -46,44 +39,6 @@ def jobd(tmp_path: Path) -> Iterator[Jobd]:
         yield daemon
     finally:
         daemon.stop()
-
-
-class Raw:
-    """A hand-driven client socket."""
-
-    def __init__(self, path: Path, uri: str | None = "sim:///default", timeout: float = 10) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self._ids = 0
-        self.hello: list[Any] | None = None
-        if uri is not None:
-            self.hello = self.call("hello", 1, uri)
-
-    def send(self, method: str, *args: object) -> int:
-        self._ids += 1
-        self.sock.sendall(_frame(msgpack.packb([0, self._ids, method, list(args)])))
-        return self._ids
-
-    def recv(self) -> list[Any]:
-        msg: list[Any] = _recv(self.sock)
-        return msg
-
-    def call(self, method: str, *args: object) -> list[Any]:
-        rid = self.send(method, *args)
-        while True:
-            msg = self.recv()
-            if msg[0] in (1, 2) and msg[1] in (rid, 0):
-                return msg
-
-    def closed(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except OSError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def rss_kib(pid: int) -> int:
@@ -94,7 +49,7 @@ def rss_kib(pid: int) -> int:
 
 
 def test_fairness_config_keys_are_checked() -> None:
-    import jobcore.jobd as jobd_module
+    import jobcore.daemon.config as jobd_module
 
     assert (
         jobd_module.MAX_RO_CLIENTS_PER_UID,
@@ -132,8 +87,8 @@ def test_fairness_config_keys_are_checked() -> None:
 def test_readonly_subscriptions_do_not_use_up_the_read_write_share(tmp_path: Path) -> None:
     daemon = daemon_with(tmp_path, "max_subscriptions = 8\n")
     try:
-        rw = Raw(daemon.sock)
-        ro = Raw(daemon.ro_sock)
+        rw = RawClient(daemon.sock)
+        ro = RawClient(daemon.ro_sock)
         for _ in range(8):
             assert ro.call("subscribe", None, None, None, None, 16)[0] == 1
         # the read-only client's 8 do not count against the read-write socket's 8
@@ -152,8 +107,8 @@ def test_readonly_subscriptions_do_not_use_up_the_read_write_share(tmp_path: Pat
 
 
 def test_one_uid_gets_a_bounded_share_of_readonly_subscriptions(jobd: Jobd) -> None:
-    rw = Raw(jobd.sock)
-    clients = [Raw(jobd.ro_sock) for _ in range(MAX_RO_SUBSCRIPTIONS_PER_UID // 64 + 1)]
+    rw = RawClient(jobd.sock)
+    clients = [RawClient(jobd.ro_sock) for _ in range(MAX_RO_SUBSCRIPTIONS_PER_UID // 64 + 1)]
     placed = refusals = 0
     for ro in clients:
         for _ in range(64):
@@ -180,14 +135,14 @@ def _pull_file(jobd: Jobd) -> Path:
 
 
 def test_readonly_subscription_buffers_are_clamped(jobd: Jobd) -> None:
-    rw = Raw(jobd.sock, "sim:///default?rate=0", timeout=60)
+    rw = RawClient(jobd.sock, "sim:///default?rate=0", timeout=60)
     job = ok(rw.call("job_begin", "vm1", BIG_DESC.format("x" * 400_000), 0))
-    ro = Raw(jobd.ro_sock, timeout=60)
+    ro = RawClient(jobd.ro_sock, timeout=60)
     ro.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     # a 400 KB reply the client does not read blocks its connection: every event waits
     # in its subscription's buffer
-    ro.send("job_xml_desc", job[0])
-    sub = ro.send("subscribe", None, None, None, None, 4096)
+    ro.request("job_xml_desc", job[0])
+    sub = ro.request("subscribe", None, None, None, None, 4096)
     time.sleep(0.3)
     for i in range(300):  # 3 events per job
         rw.call("job_begin", "vm2" if i % 2 else "vm1", PULL, 0)
@@ -212,13 +167,13 @@ def test_never_reading_readonly_subscription_is_ended_early(tmp_path: Path) -> N
     losing events long before subscriber_lost_limit (10000) would."""
     daemon = daemon_with(tmp_path, "ro_subscriber_lost_limit = 50\n")
     try:
-        rw = Raw(daemon.sock, "sim:///default?rate=0", timeout=60)
+        rw = RawClient(daemon.sock, "sim:///default?rate=0", timeout=60)
         job = ok(rw.call("job_begin", "vm1", BIG_DESC.format("x" * 400_000), 0))
-        ro = Raw(daemon.ro_sock, timeout=60)
+        ro = RawClient(daemon.ro_sock, timeout=60)
         ro.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        ro.send("job_xml_desc", job[0])  # unread: the subscription's buffer fills
-        sub = ro.send("subscribe", None, None, None, None, 8)
-        watcher = Raw(daemon.sock)
+        ro.request("job_xml_desc", job[0])  # unread: the subscription's buffer fills
+        sub = ro.request("subscribe", None, None, None, None, 8)
+        watcher = RawClient(daemon.sock)
         assert watcher.call("subscribe", None, None, None, None, 8)[0] == 1  # rw: 10000
         time.sleep(0.3)
         for i in range(100):
@@ -238,16 +193,16 @@ def test_never_reading_readonly_subscription_is_ended_early(tmp_path: Path) -> N
 def test_never_reading_readonly_clients_pin_a_bounded_amount_of_replies(tmp_path: Path) -> None:
     daemon = daemon_with(tmp_path)  # max_ro_queued_send: 64 MiB
     try:
-        rw = Raw(daemon.sock, "sim:///default?rate=1", timeout=60)
+        rw = RawClient(daemon.sock, "sim:///default?rate=1", timeout=60)
         job = ok(rw.call("job_begin", "vm1", BIG_DESC.format("x" * 400_000), 0))
         base = rss_kib(daemon.proc.pid)
         clients = []
         for _ in range(CLIENTS):  # 8 MiB each would be 200 MiB
-            ro = Raw(daemon.ro_sock, timeout=0.2)
+            ro = RawClient(daemon.ro_sock, timeout=0.2)
             ro.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             for _ in range(64):
                 try:
-                    ro.send("job_xml_desc", job[0])
+                    ro.request("job_xml_desc", job[0])
                 except TimeoutError:
                     break
             clients.append(ro)
@@ -269,7 +224,7 @@ def test_never_reading_readonly_clients_pin_a_bounded_amount_of_replies(tmp_path
 
 def test_big_frame_before_hello_is_refused(jobd: Jobd) -> None:
     for path in (jobd.ro_sock, jobd.sock):
-        raw = Raw(path, None)
+        raw = RawClient(path, None)
         raw.sock.sendall(struct.pack(">I", PRE_HELLO_FRAME + 1))
         reply = raw.recv()
         assert reply[0] == 2 and reply[1] == 0 and "before hello" in reply[3], reply
@@ -279,10 +234,10 @@ def test_big_frame_before_hello_is_refused(jobd: Jobd) -> None:
 def test_readonly_frames_do_not_hold_the_read_write_receive_budget(tmp_path: Path) -> None:
     daemon = daemon_with(tmp_path, "frame_timeout = 8\n")
     try:
-        rw = Raw(daemon.sock, timeout=30)
+        rw = RawClient(daemon.sock, timeout=30)
         attackers = []
         for _ in range(20):  # 20 x 4 MiB: more than the whole 64 MiB budget
-            ro = Raw(daemon.ro_sock)
+            ro = RawClient(daemon.ro_sock)
             ro.sock.sendall(struct.pack(">I", (4 << 20) - 1) + b"\x00")
             attackers.append(ro)
         time.sleep(0.5)
@@ -300,11 +255,11 @@ def test_readonly_frames_do_not_hold_the_read_write_receive_budget(tmp_path: Pat
 def test_readonly_clients_do_not_pin_driver_connections(jobd: Jobd) -> None:
     readers = []
     for i in range(32):
-        opener = Raw(jobd.sock, f"sim:///h{i}")
-        readers.append(Raw(jobd.ro_sock, f"sim:///h{i}"))
+        opener = RawClient(jobd.sock, f"sim:///h{i}")
+        readers.append(RawClient(jobd.ro_sock, f"sim:///h{i}"))
         opener.close()
     time.sleep(0.3)
-    newcomer = Raw(jobd.sock, "sim:///newhost", timeout=20)
+    newcomer = RawClient(jobd.sock, "sim:///newhost", timeout=20)
     assert newcomer.hello is not None and newcomer.hello[0] == 1, newcomer.hello
     # the reader of the evicted connection was told why and disconnected
     told = []
@@ -323,15 +278,15 @@ def test_readonly_clients_do_not_pin_driver_connections(jobd: Jobd) -> None:
 
 
 def test_one_uid_cannot_hold_every_readonly_slot(jobd: Jobd) -> None:
-    rw = Raw(jobd.sock)
-    held = [Raw(jobd.ro_sock) for _ in range(MAX_RO_CLIENTS_PER_UID)]
+    rw = RawClient(jobd.sock)
+    held = [RawClient(jobd.ro_sock) for _ in range(MAX_RO_CLIENTS_PER_UID)]
     assert all(h.hello is not None and h.hello[0] == 1 for h in held)
-    one_more = Raw(jobd.ro_sock)
+    one_more = RawClient(jobd.ro_sock)
     assert one_more.hello is not None and one_more.hello[:3] == [2, 0, "DaemonBusy"]
     assert "max_ro_clients_per_uid" in one_more.hello[3]
     held.pop().close()
     time.sleep(0.2)
-    assert Raw(jobd.ro_sock).hello == ok_hello(True)
+    assert RawClient(jobd.ro_sock).hello == ok_hello(True)
     assert rw.hello == ok_hello(False)
 
 
@@ -342,9 +297,9 @@ def ok_hello(readonly: bool) -> list[Any]:
 def test_idle_readonly_clients_are_closed(tmp_path: Path) -> None:
     daemon = daemon_with(tmp_path, "ro_idle_timeout = 0.5\n")
     try:
-        rw = Raw(daemon.sock)
-        idle = Raw(daemon.ro_sock)
-        watching = Raw(daemon.ro_sock)
+        rw = RawClient(daemon.sock)
+        idle = RawClient(daemon.ro_sock)
+        watching = RawClient(daemon.ro_sock)
         assert watching.call("subscribe", None, None, None, None, 16)[0] == 1
         time.sleep(1.5)
         msg = idle.recv()
@@ -355,8 +310,3 @@ def test_idle_readonly_clients_are_closed(tmp_path: Path) -> None:
         assert rw.call("list_domains")[0] == 1
     finally:
         daemon.stop()
-
-
-def ok(reply: list[Any]) -> Any:
-    assert reply[0] == 1, reply
-    return reply[2]

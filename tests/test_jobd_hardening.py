@@ -9,12 +9,18 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
-import msgpack  # type: ignore[import-untyped]
 import pytest
-from test_jobd import BACKUP_VDB, Jobd, _frame, _recv, jobctl, one_line_error
+from jobd_helpers import (
+    BACKUP_VDB,
+    Jobd,
+    RawClient,
+    daemon_with,
+    jobctl,
+    ok,
+    one_line_error,
+)
 
 import jobcore
 from jobcore.errors import InvalidArgument, XMLError
@@ -25,13 +31,6 @@ from jobcore.remote import RemoteConnection
 MiB = 1 << 20
 
 
-def daemon_with(tmp_path: Path, config: str = "") -> Jobd:
-    """A jobd on its own run directory with extra TOML configuration."""
-    path = tmp_path / "jobd.toml"
-    path.write_text(config)
-    return Jobd(tmp_path / "run", "--config", str(path)).wait_ready()
-
-
 @pytest.fixture
 def jobd(tmp_path: Path) -> Iterator[Jobd]:
     daemon = daemon_with(tmp_path, "driver_idle_timeout = 0.3\n")
@@ -39,32 +38,6 @@ def jobd(tmp_path: Path) -> Iterator[Jobd]:
         yield daemon
     finally:
         daemon.stop()
-
-
-class Raw:
-    """A hand-driven client socket (no jobcore client code in the way)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(10)
-        self.sock.connect(str(path))
-        self._ids = 0
-
-    def call(self, method: str, *args: object) -> list[object]:
-        self._ids += 1
-        self.sock.sendall(_frame(msgpack.packb([0, self._ids, method, list(args)])))
-        return _recv(self.sock)
-
-    def hello(self, uri: str) -> list[object]:
-        return self.call("hello", 1, uri)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def ok(reply: list[object]) -> Any:
-    assert reply[0] == 1, reply
-    return reply[2]
 
 
 def refused(reply: list[object], error: str) -> str:
@@ -81,9 +54,9 @@ def serves(daemon: Jobd) -> None:
     assert daemon.proc.poll() is None
     listed = jobctl(daemon.uri(), "domains", "--json")
     assert listed.returncode == 0, listed.stderr
-    holder = Raw(daemon.sock)  # keeps sim:///default open for the read-only client
+    holder = RawClient(daemon.sock, None)  # keeps sim:///default open for the read-only client
     try:
-        assert ok(holder.hello("sim:///default"))
+        assert ok(holder.say_hello("sim:///default"))
         assert jobctl(daemon.uri(readonly=True), "domains").returncode == 0
     finally:
         holder.close()
@@ -93,12 +66,12 @@ def serves(daemon: Jobd) -> None:
 
 
 def test_readonly_hello_cannot_make_qemu_delete_jobd_files(jobd: Jobd) -> None:
-    ro = Raw(jobd.ro_sock)
+    ro = RawClient(jobd.ro_sock, None)
     try:
-        message = refused(ro.hello(f"qemu:///session?dir={jobd.run_dir}"), "AccessDenied")
+        message = refused(ro.say_hello(f"qemu:///session?dir={jobd.run_dir}"), "AccessDenied")
         assert "read-only socket can only attach" in message
         assert f"'qemu:///session?dir={jobd.run_dir.resolve()}' is not open" in message
-        message = refused(ro.hello("qemu:///session"), "AccessDenied")
+        message = refused(ro.say_hello("qemu:///session"), "AccessDenied")
         assert "read-only socket can only attach" in message and "qemu:///session" in message
     finally:
         ro.close()
@@ -112,9 +85,9 @@ def test_no_client_may_point_qemu_at_jobd_run_dir(tmp_path: Path) -> None:
     try:
         run = daemon.run_dir
         for bad in (run, run / "sub", run / ".." / "run", run.parent):
-            rw = Raw(daemon.sock)
+            rw = RawClient(daemon.sock, None)
             try:
-                message = refused(rw.hello(f"qemu:///session?dir={bad}"), "AccessDenied")
+                message = refused(rw.say_hello(f"qemu:///session?dir={bad}"), "AccessDenied")
                 assert "overlaps jobd's run directory" in message
                 assert str(daemon.run_dir.resolve()) in message
             finally:
@@ -125,17 +98,17 @@ def test_no_client_may_point_qemu_at_jobd_run_dir(tmp_path: Path) -> None:
 
 
 def test_readonly_attaches_only_to_open_connections(jobd: Jobd) -> None:
-    ro = Raw(jobd.ro_sock)
-    rw = Raw(jobd.sock)
+    ro = RawClient(jobd.ro_sock, None)
+    rw = RawClient(jobd.sock, None)
     try:
-        message = refused(ro.hello("sim:///default"), "AccessDenied")
+        message = refused(ro.say_hello("sim:///default"), "AccessDenied")
         assert "'sim:///default' is not open" in message
-        assert ok(rw.hello(f"sim:///default?rate={8 * MiB}")) == [
+        assert ok(rw.say_hello(f"sim:///default?rate={8 * MiB}")) == [
             1,
             False,
             f"sim:///default?rate={8 * MiB}",
         ]
-        assert ok(ro.hello("sim:///default")) == [1, True, f"sim:///default?rate={8 * MiB}"]
+        assert ok(ro.say_hello("sim:///default")) == [1, True, f"sim:///default?rate={8 * MiB}"]
         assert ok(ro.call("lookup_domain", "vm1"))[0] == "vm1"
     finally:
         ro.close()
@@ -145,11 +118,11 @@ def test_readonly_attaches_only_to_open_connections(jobd: Jobd) -> None:
 def test_allowed_uris(tmp_path: Path) -> None:
     daemon = daemon_with(tmp_path, "allowed_uris = ['sim:///lab-*']\n")
     try:
-        rw = Raw(daemon.sock)
+        rw = RawClient(daemon.sock, None)
         try:
-            message = refused(rw.hello("sim:///default"), "AccessDenied")
+            message = refused(rw.say_hello("sim:///default"), "AccessDenied")
             assert "not in allowed_uris" in message and "sim:///lab-*" in message
-            assert ok(rw.hello("sim:///lab-1"))
+            assert ok(rw.say_hello("sim:///lab-1"))
         finally:
             rw.close()
     finally:
@@ -157,10 +130,10 @@ def test_allowed_uris(tmp_path: Path) -> None:
     by_option = Jobd(tmp_path / "run2", "--allow-uri", "sim:///x*", "--allow-uri", "sim:///y")
     try:
         by_option.wait_ready()
-        rw = Raw(by_option.sock)
+        rw = RawClient(by_option.sock, None)
         try:
-            assert "not in allowed_uris" in refused(rw.hello("sim:///default"), "AccessDenied")
-            assert ok(rw.hello("sim:///y"))
+            assert "not in allowed_uris" in refused(rw.say_hello("sim:///default"), "AccessDenied")
+            assert ok(rw.say_hello("sim:///y"))
         finally:
             rw.close()
     finally:
@@ -168,9 +141,9 @@ def test_allowed_uris(tmp_path: Path) -> None:
 
 
 def test_default_allow_list_refuses_other_qemu_dirs(jobd: Jobd, tmp_path: Path) -> None:
-    rw = Raw(jobd.sock)
+    rw = RawClient(jobd.sock, None)
     try:
-        message = refused(rw.hello(f"qemu:///session?dir={tmp_path / 'q'}"), "AccessDenied")
+        message = refused(rw.say_hello(f"qemu:///session?dir={tmp_path / 'q'}"), "AccessDenied")
         assert "allowed_uris" in message
     finally:
         rw.close()
@@ -200,13 +173,13 @@ async def test_unknown_uri_parameters_refused_in_process(tmp_path: Path) -> None
 
 
 def test_unknown_uri_parameter_refused_through_jobd(jobd: Jobd) -> None:
-    rw = Raw(jobd.sock)
+    rw = RawClient(jobd.sock, None)
     try:
-        message = refused(rw.hello("sim:///default?nosuchparam=1"), "InvalidArgument")
+        message = refused(rw.say_hello("sim:///default?nosuchparam=1"), "InvalidArgument")
         assert "'nosuchparam'" in message
-        message = refused(rw.hello("qemu:///session?dir=%00"), "InvalidArgument")
+        message = refused(rw.say_hello("qemu:///session?dir=%00"), "InvalidArgument")
         assert "null byte" in message
-        assert ok(rw.hello("sim:///default"))  # the session went on
+        assert ok(rw.say_hello("sim:///default"))  # the session went on
     finally:
         rw.close()
     proc = jobctl(jobd.uri("nosuchparam=1"), "domains")
@@ -214,20 +187,20 @@ def test_unknown_uri_parameter_refused_through_jobd(jobd: Jobd) -> None:
 
 
 def test_one_sim_host_per_name_whatever_the_query(jobd: Jobd, tmp_path: Path) -> None:
-    first = Raw(jobd.sock)
+    first = RawClient(jobd.sock, None)
     try:
-        assert ok(first.hello("sim:///default?rate=1000"))
+        assert ok(first.say_hello("sim:///default?rate=1000"))
         job = ok(first.call("job_begin", "vm1", BACKUP_VDB.format(tag="one"), 0))
         others = []
         for i in range(1, 40):  # 40 hellos with distinct query strings
-            other = Raw(jobd.sock)
+            other = RawClient(jobd.sock, None)
             others.append(other)
-            message = refused(other.hello(f"sim:///default?rate={1000 + i}"), "InvalidArgument")
+            message = refused(other.say_hello(f"sim:///default?rate={1000 + i}"), "InvalidArgument")
             assert f"rate={1000 + i}" in message and "rate=1000" in message
         for same in ("sim:///default", "sim:///default?rate=1000", "sim:///default?clock=real"):
-            other = Raw(jobd.sock)
+            other = RawClient(jobd.sock, None)
             others.append(other)
-            assert ok(other.hello(same))[2] == "sim:///default?rate=1000"
+            assert ok(other.say_hello(same))[2] == "sim:///default?rate=1000"
             # the same host: its job is there, not in a second host with the same domains
             jobs = ok(other.call("list_jobs", "vm1"))
             assert [j[0] for j in jobs] == [job[0]]
@@ -267,32 +240,32 @@ def test_concurrent_hellos_share_one_host(jobd: Jobd) -> None:
 
 def test_idle_driver_connections_are_closed(jobd: Jobd) -> None:
     for i in range(40):  # more names than driver connection slots
-        rw = Raw(jobd.sock)
+        rw = RawClient(jobd.sock, None)
         try:
-            assert ok(rw.hello(f"sim:///host{i}?rate={1000 + i}"))
+            assert ok(rw.say_hello(f"sim:///host{i}?rate={1000 + i}"))
         finally:
             rw.close()
     # host0 was closed for idleness (or evicted): opening it anew takes a new rate
     time.sleep(0.8)
-    rw = Raw(jobd.sock)
+    rw = RawClient(jobd.sock, None)
     try:
-        assert ok(rw.hello("sim:///host0?rate=5"))[2] == "sim:///host0?rate=5"
+        assert ok(rw.say_hello("sim:///host0?rate=5"))[2] == "sim:///host0?rate=5"
     finally:
         rw.close()
     assert "driver connection idle" in jobd.log()
 
 
 def test_driver_connection_with_a_job_outlives_its_clients(jobd: Jobd) -> None:
-    rw = Raw(jobd.sock)
+    rw = RawClient(jobd.sock, None)
     try:
-        assert ok(rw.hello("sim:///busy?rate=1000"))  # a 512 MiB backup: days
+        assert ok(rw.say_hello("sim:///busy?rate=1000"))  # a 512 MiB backup: days
         job = ok(rw.call("job_begin", "vm1", BACKUP_VDB.format(tag="busy"), 0))
     finally:
         rw.close()
     time.sleep(1.0)  # past driver_idle_timeout (0.3 s)
-    again = Raw(jobd.sock)
+    again = RawClient(jobd.sock, None)
     try:
-        assert ok(again.hello("sim:///busy"))[2] == "sim:///busy?rate=1000"
+        assert ok(again.say_hello("sim:///busy"))[2] == "sim:///busy?rate=1000"
         ref = ok(again.call("lookup_job", job[0]))
         assert ref[3] == "running"
         assert ok(again.call("job_abort", job[0])) is None
@@ -306,10 +279,10 @@ def test_driver_connection_with_a_job_outlives_its_clients(jobd: Jobd) -> None:
 def test_silent_connection_closed_after_hello_timeout(tmp_path: Path) -> None:
     daemon = daemon_with(tmp_path, "hello_timeout = 0.5\n")
     try:
-        silent = Raw(daemon.ro_sock)
+        silent = RawClient(daemon.ro_sock, None)
         started = time.monotonic()
         try:
-            reply = _recv(silent.sock)
+            reply = silent.recv()
             elapsed = time.monotonic() - started
             message = refused(reply, "ProtocolError")
             assert "no successful hello within 0.5 s" in message
@@ -325,12 +298,12 @@ def test_silent_connection_closed_after_hello_timeout(tmp_path: Path) -> None:
 def test_idle_timeout(tmp_path: Path) -> None:
     daemon = daemon_with(tmp_path, "idle_timeout = 0.5\n")
     try:
-        idle, watching = Raw(daemon.sock), Raw(daemon.sock)
+        idle, watching = RawClient(daemon.sock, None), RawClient(daemon.sock, None)
         try:
-            assert ok(idle.hello("sim:///default"))
-            assert ok(watching.hello("sim:///default"))
+            assert ok(idle.say_hello("sim:///default"))
+            assert ok(watching.say_hello("sim:///default"))
             assert ok(watching.call("subscribe", None, None, None, None, 16)) is None
-            message = refused(_recv(idle.sock), "DaemonUnreachable")
+            message = refused(idle.recv(), "DaemonUnreachable")
             assert "idle_timeout" in message
             assert idle.sock.recv(1) == b""
             time.sleep(0.5)  # a subscription is not idleness
@@ -343,7 +316,7 @@ def test_idle_timeout(tmp_path: Path) -> None:
 
 
 def test_silent_readonly_crowd_does_not_lock_out_writers(jobd: Jobd) -> None:
-    crowd = [Raw(jobd.ro_sock) for _ in range(300)]  # never say hello
+    crowd = [RawClient(jobd.ro_sock, None) for _ in range(300)]  # never say hello
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # until jobd has accepted the whole crowd
@@ -370,8 +343,8 @@ def test_busy_is_daemon_busy(tmp_path: Path) -> None:
 
     try:
         for _ in range(50):  # wait_ready's probe may still hold the one place
-            holder = Raw(daemon.sock)
-            if holder.hello("sim:///default")[0] == 1:
+            holder = RawClient(daemon.sock, None)
+            if holder.say_hello("sim:///default")[0] == 1:
                 break
             holder.close()
             time.sleep(0.1)
@@ -428,9 +401,9 @@ async def test_five_mib_xml_gets_the_xml_limit(jobd: Jobd, anyio_backend: str) -
             await dom.backup_begin(huge)
         assert await conn.list_domains()  # the connection goes on
     # jobd checks too: a 2 MiB document sent by hand (under the 4 MiB frame limit)
-    rw = Raw(jobd.sock)
+    rw = RawClient(jobd.sock, None)
     try:
-        assert ok(rw.hello("sim:///default"))
+        assert ok(rw.say_hello("sim:///default"))
         message = refused(rw.call("job_begin", "vm1", huge[: 2 * MiB], 0), "XMLError")
         assert "1 MiB" in message
     finally:

@@ -9,7 +9,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
-from test_jobd import ROOT, Jobd, _frame, _recv
+from jobd_helpers import Jobd, RawClient, frame
 
-from jobcore.jobd import ConfigError, load_config
+from jobcore.daemon.config import ConfigError, load_config
 
 MiB = 1 << 20
 SLOW_PULL = "<job type='blockpull'><disk name='vda'/></job>"  # runs for ages at rate=1
@@ -30,30 +29,9 @@ BIG_BACKUP = (
 )
 
 
-class LimitedJobd(Jobd):
+def limited_jobd(run_dir: Path, nofile: str, *args: str) -> Jobd:
     """A jobd started through ``prlimit --nofile=SOFT:HARD``."""
-
-    def __init__(self, run_dir: Path, nofile: str, *args: str) -> None:
-        self.run_dir = run_dir
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.log_path = run_dir.parent / f"{run_dir.name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [
-                "prlimit",
-                f"--nofile={nofile}",
-                "--",
-                sys.executable,
-                "-m",
-                "jobcore.jobd",
-                "--run-dir",
-                str(run_dir),
-                *args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-            cwd=ROOT,
-        )
+    return Jobd(run_dir, *args, prefix=("prlimit", f"--nofile={nofile}", "--"))
 
 
 def config_file(tmp_path: Path, text: str) -> str:
@@ -69,36 +47,6 @@ def jobd(tmp_path: Path) -> Iterator[Jobd]:
         yield daemon
     finally:
         daemon.stop()
-
-
-class Raw:
-    """A hand-driven client socket."""
-
-    def __init__(self, path: Path, uri: str | None = "sim:///default", timeout: float = 10) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        if uri is not None:
-            reply = self.call(1, "hello", 1, uri)
-            assert reply[0] == 1, reply
-
-    def send(self, msg: list[Any]) -> None:
-        self.sock.sendall(_frame(msgpack.packb(msg, use_bin_type=True)))
-
-    def recv(self) -> list[Any]:
-        msg: list[Any] = _recv(self.sock)
-        return msg
-
-    def call(self, rid: int, method: str, *args: object) -> list[Any]:
-        """Send a request and read until its reply (other frames are dropped)."""
-        self.send([0, rid, method, list(args)])
-        while True:
-            msg = self.recv()
-            if msg[0] in (1, 2) and msg[1] == rid:
-                return msg
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def rss(pid: int) -> int:
@@ -132,8 +80,8 @@ def wait_for_log(daemon: Jobd, text: str, seconds: float = 30) -> bool:
     return False
 
 
-def job_state(client: Raw, rid: int, job: bytes) -> str:
-    reply = client.call(rid, "job_info", job)
+def job_state(client: RawClient, job: bytes) -> str:
+    reply = client.call("job_info", job)
     assert reply[0] == 1, reply
     state: str = reply[2][3]
     return state
@@ -146,11 +94,11 @@ def test_fd_exhaustion_does_not_stop_jobd(tmp_path: Path) -> None:
     """accept() failing with EMFILE is logged and retried: jobd serves on and the job it
     runs goes on (it used to exit, failing every job)."""
     config = config_file(tmp_path, "max_clients = 4\nmax_ro_clients = 4\n")
-    daemon = LimitedJobd(tmp_path / "run", "128:128", "--config", config).wait_ready()
+    daemon = limited_jobd(tmp_path / "run", "128:128", "--config", config).wait_ready()
     crowd: list[socket.socket] = []
     try:
-        holder = Raw(daemon.sock, "sim:///fds?rate=1")
-        job = holder.call(2, "job_begin", "vm1", SLOW_PULL, 0)[2][0]
+        holder = RawClient.ready(daemon.sock, "sim:///fds?rate=1")
+        job = holder.call("job_begin", "vm1", SLOW_PULL, 0)[2][0]
         for _ in range(300):  # far more than jobd has descriptors for
             s = socket.socket(socket.AF_UNIX)
             s.settimeout(5)
@@ -166,10 +114,11 @@ def test_fd_exhaustion_does_not_stop_jobd(tmp_path: Path) -> None:
         for s in crowd:
             s.close()
         crowd.clear()
-        assert job_state(holder, 3, job) == "running"
-        newcomer = Raw(daemon.sock, "sim:///fds")  # served again once descriptors are free
-        assert newcomer.call(2, "list_domains")[0] == 1
-        assert job_state(newcomer, 3, job) == "running"
+        assert job_state(holder, job) == "running"
+        # served again once descriptors are free
+        newcomer = RawClient.ready(daemon.sock, "sim:///fds")
+        assert newcomer.call("list_domains")[0] == 1
+        assert job_state(newcomer, job) == "running"
         assert daemon.proc.poll() is None
         log = daemon.log()
         assert "Too many open files" in log
@@ -181,7 +130,7 @@ def test_fd_exhaustion_does_not_stop_jobd(tmp_path: Path) -> None:
 
 
 def test_soft_fd_limit_raised_to_hard(tmp_path: Path) -> None:
-    daemon = LimitedJobd(tmp_path / "run", "600:4096").wait_ready()
+    daemon = limited_jobd(tmp_path / "run", "600:4096").wait_ready()
     try:
         limits = Path(f"/proc/{daemon.proc.pid}/limits").read_text()
         line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
@@ -191,7 +140,7 @@ def test_soft_fd_limit_raised_to_hard(tmp_path: Path) -> None:
 
 
 def test_clients_beyond_the_fd_limit_are_a_config_error(tmp_path: Path) -> None:
-    daemon = LimitedJobd(tmp_path / "run", "256:256")  # 256 + 256 clients do not fit
+    daemon = limited_jobd(tmp_path / "run", "256:256")  # 256 + 256 clients do not fit
     try:
         try:
             status = daemon.proc.wait(15)
@@ -211,17 +160,17 @@ def test_clients_beyond_the_fd_limit_are_a_config_error(tmp_path: Path) -> None:
 def test_never_reading_clients_pin_bounded_memory(jobd: Jobd) -> None:
     """Tiny requests for a 400 KB reply from clients that never read: jobd holds at most
     its per-client send budget for each (it used to hold 256 encoded replies each)."""
-    rw = Raw(jobd.sock, "sim:///big?rate=1")
-    job = rw.call(2, "job_begin", "vm1", BIG_BACKUP, 0)[2][0]
-    assert len(rw.call(3, "job_xml_desc", job)[2]) > BIG_DESC
+    rw = RawClient.ready(jobd.sock, "sim:///big?rate=1")
+    job = rw.call("job_begin", "vm1", BIG_BACKUP, 0)[2][0]
+    assert len(rw.call("job_xml_desc", job)[2]) > BIG_DESC
     base = rss(jobd.proc.pid)
     stalled = []
     for _ in range(4):
-        client = Raw(jobd.ro_sock, "sim:///big")
+        client = RawClient.ready(jobd.ro_sock, "sim:///big")
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.sock.sendall(
             b"".join(
-                _frame(msgpack.packb([0, 10 + i, "job_xml_desc", [job]], use_bin_type=True))
+                frame(msgpack.packb([0, 10 + i, "job_xml_desc", [job]], use_bin_type=True))
                 for i in range(256)
             )
         )
@@ -229,19 +178,19 @@ def test_never_reading_clients_pin_bounded_memory(jobd: Jobd) -> None:
     limit = 160 * MiB  # 4 x 8 MiB of queued frames, plus a few being encoded
     peak = peak_rss(jobd.proc.pid, 5, base + limit)
     assert peak - base < limit, f"jobd grew by {(peak - base) // MiB} MiB"
-    assert rw.call(4, "list_domains")[0] == 1  # others are served meanwhile
-    assert job_state(rw, 5, job) == "running"
+    assert rw.call("list_domains")[0] == 1  # others are served meanwhile
+    assert job_state(rw, job) == "running"
     for client in stalled:
         client.close()
 
 
 def test_slow_reader_gets_every_reply(jobd: Jobd) -> None:
     """Replies held back by the send budget are all delivered once the client reads."""
-    rw = Raw(jobd.sock, "sim:///big?rate=1")
-    job = rw.call(2, "job_begin", "vm1", BIG_BACKUP, 0)[2][0]
+    rw = RawClient.ready(jobd.sock, "sim:///big?rate=1")
+    job = rw.call("job_begin", "vm1", BIG_BACKUP, 0)[2][0]
     rw.sock.sendall(
         b"".join(
-            _frame(msgpack.packb([0, 100 + i, "job_xml_desc", [job]], use_bin_type=True))
+            frame(msgpack.packb([0, 100 + i, "job_xml_desc", [job]], use_bin_type=True))
             for i in range(64)
         )
     )
@@ -288,15 +237,15 @@ def test_stalled_frames_hold_bounded_memory(jobd: Jobd) -> None:
     """48 clients each send all but the last byte of a 4 MiB frame and stall: jobd reads
     them into at most max_receive_buffer (64 MiB) in all (it used to buffer every one)."""
     body = b"\x00" * ((4 << 20) - 1)
-    holder = Raw(jobd.sock)  # opens sim:///default for the read-only clients
+    holder = RawClient.ready(jobd.sock)  # opens sim:///default for the read-only clients
     base = rss(jobd.proc.pid)
-    stalled = [Raw(jobd.ro_sock) for _ in range(48)]
+    stalled = [RawClient.ready(jobd.ro_sock) for _ in range(48)]
     sent = pump({c.sock: struct.pack(">I", 4 << 20) + body for c in stalled})
     assert all(n > 4 for n in sent.values())
     limit = 110 * MiB
     peak = peak_rss(jobd.proc.pid, 3, base + limit)
     assert peak - base < limit, f"jobd grew by {(peak - base) // MiB} MiB"
-    assert holder.call(2, "list_domains")[0] == 1  # small frames are read meanwhile
+    assert holder.call("list_domains")[0] == 1  # small frames are read meanwhile
     for client in stalled:
         client.close()
 
@@ -305,14 +254,14 @@ def test_stalled_frame_is_closed_after_frame_timeout(tmp_path: Path) -> None:
     config = config_file(tmp_path, "frame_timeout = 0.5\n")
     daemon = Jobd(tmp_path / "run", "--config", config).wait_ready()
     try:
-        holder = Raw(daemon.sock)
-        client = Raw(daemon.ro_sock)
+        holder = RawClient.ready(daemon.sock)
+        client = RawClient.ready(daemon.ro_sock)
         client.sock.sendall(struct.pack(">I", 1000) + b"\x93\x00\x07")  # 3 of 1000 bytes
         error = client.recv()
         assert error[:3] == [2, 0, "ProtocolError"], error
         assert "frame of 1000 bytes" in error[3] and "frame_timeout" in error[3], error
         assert client.sock.recv(10) == b""  # then closed
-        assert holder.call(2, "list_domains")[0] == 1
+        assert holder.call("list_domains")[0] == 1
     finally:
         daemon.stop()
 
@@ -323,18 +272,18 @@ def test_big_frame_waits_for_the_receive_budget(tmp_path: Path) -> None:
     config = config_file(tmp_path, f"frame_timeout = 2\nmax_receive_buffer = {4 * MiB}\n")
     daemon = Jobd(tmp_path / "run", "--config", config).wait_ready()
     try:
-        holder = Raw(daemon.sock)
-        hog = Raw(daemon.ro_sock)
+        holder = RawClient.ready(daemon.sock)
+        hog = RawClient.ready(daemon.ro_sock)
         pump({hog.sock: struct.pack(">I", 4 << 20) + b"\x00" * (1 << 20)}, patience=0.2)
         time.sleep(1)  # the hog's deadline comes a second before the next frame's
         name = "x" * 100_000
-        late = Raw(daemon.ro_sock)
+        late = RawClient.ready(daemon.ro_sock)
         late.send([0, 7, "lookup_domain", [name]])
         reply = late.recv()
         assert reply[:3] == [2, 7, "NoSuchDomain"], reply[:4]
         expelled = hog.recv()
         assert expelled[:3] == [2, 0, "ProtocolError"] and "frame_timeout" in expelled[3]
-        assert holder.call(2, "list_domains")[0] == 1
+        assert holder.call("list_domains")[0] == 1
     finally:
         daemon.stop()
 
@@ -366,8 +315,8 @@ def test_sighup_reopens_the_log_and_keeps_serving(tmp_path: Path) -> None:
     log_file = tmp_path / "jobd.log"
     daemon = Jobd(tmp_path / "run", "--log-file", str(log_file)).wait_ready()
     try:
-        client = Raw(daemon.sock, "sim:///hup?rate=1")
-        job = client.call(2, "job_begin", "vm1", SLOW_PULL, 0)[2][0]
+        client = RawClient.ready(daemon.sock, "sim:///hup?rate=1")
+        job = client.call("job_begin", "vm1", SLOW_PULL, 0)[2][0]
         log_file.rename(tmp_path / "jobd.log.1")  # logrotate, then its postrotate
         daemon.proc.send_signal(signal.SIGHUP)
         end = time.monotonic() + 15
@@ -376,8 +325,8 @@ def test_sighup_reopens_the_log_and_keeps_serving(tmp_path: Path) -> None:
             assert time.monotonic() < end, "no SIGHUP line in the reopened log file"
             time.sleep(0.05)
         assert daemon.proc.poll() is None
-        assert job_state(client, 3, job) == "running"
-        assert Raw(daemon.sock).call(2, "list_domains")[0] == 1
+        assert job_state(client, job) == "running"
+        assert RawClient.ready(daemon.sock).call("list_domains")[0] == 1
         assert daemon.stop() == 0
         assert not (daemon.run_dir / "jobd.pid").exists()
     finally:
@@ -388,8 +337,8 @@ def test_sighup_reopens_the_log_and_keeps_serving(tmp_path: Path) -> None:
 
 
 def test_request_id_in_flight_is_refused(jobd: Jobd) -> None:
-    client = Raw(jobd.sock, "sim:///ids?rate=1", timeout=5)
-    job = client.call(2, "job_begin", "vm1", SLOW_PULL, 0)[2][0]
+    client = RawClient.ready(jobd.sock, "sim:///ids?rate=1", timeout=5)
+    job = client.call("job_begin", "vm1", SLOW_PULL, 0)[2][0]
     client.send([0, 50, "job_wait", [job, None]])
     client.send([0, 50, "job_wait", [job, None]])
     refused = client.recv()  # the first wait blocks: this answers the second

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -17,16 +16,17 @@ from typing import Any
 import anyio
 import msgpack  # type: ignore[import-untyped]
 import pytest
-from test_jobd import ROOT, Jobd, _frame, _recv, jobctl
+from jobd_helpers import ROOT, Jobd, RawClient, daemon_with, jobctl
 
 import jobcore
 import jobcore.protocol
 import jobcore.remote
 from jobcore import JobState, NoSuchJob
 from jobcore.api import Job
+from jobcore.daemon.config import ConfigError, load_config
+from jobcore.daemon.handlers import _page_size
 from jobcore.events import EndReason
 from jobcore.jobctl import ExitCode
-from jobcore.jobd import ConfigError, _page_size, load_config
 from jobcore.protocol import (
     MAX_FRAME,
     Reply,
@@ -42,16 +42,11 @@ PULL = "<job type='blockpull'><disk name='{disk}'/></job>"  # instant at rate=0
 
 @pytest.fixture(scope="module")
 def jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobd]:
-    base = tmp_path_factory.mktemp("limits")
-    config = base / "jobd.toml"
-    config.write_text(
+    config = (
         f"subscriber_lost_limit = {LOST_LIMIT}\nmax_retained_per_domain = 50\nmax_retained = 60\n"
     )
-    daemon = Jobd(base / "run", "--config", str(config)).wait_ready()
-    try:
+    with daemon_with(tmp_path_factory.mktemp("limits"), config) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 async def _instant_jobs(uri: str, domain: str, n: int, disk: str = "vda") -> list[Job]:
@@ -69,28 +64,15 @@ def run_jobs(jobd: Jobd, domain: str, n: int) -> list[Job]:
     return anyio.run(_instant_jobs, jobd.uri("rate=0"), domain, n)
 
 
-def recv(sock: socket.socket) -> list[Any]:
-    msg: list[Any] = _recv(sock)
-    return msg
-
-
-def _request(sock: socket.socket, rid: int, method: str, args: list[Any]) -> None:
-    sock.sendall(_frame(msgpack.packb([0, rid, method, args], use_bin_type=True)))
-
-
 def test_subscriber_that_stops_reading_gets_sub_end_with_its_lost_count(jobd: Jobd) -> None:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(20)
-        s.connect(str(jobd.sock))
-        _request(s, 1, "hello", [1, "sim:///default?rate=0"])
-        assert recv(s)[:2] == [1, 1]
-        _request(s, 2, "subscribe", [None, None, None, None, 4])
-        assert recv(s) == [1, 2, None]
+    with RawClient(jobd.sock, "sim:///default?rate=0", timeout=20) as s:
+        assert s.hello is not None and s.hello[:2] == [1, 1]
+        assert s.call("subscribe", None, None, None, None, 4) == [1, 2, None]
         # from here on the client reads nothing while 1,000 jobs run (3 events each)
         run_jobs(jobd, "vm1", 1000)
         events: list[list[Any]] = []
         while True:
-            msg = recv(s)
+            msg = s.recv()
             if msg[0] != 3:
                 break
             events.append(msg)
@@ -101,8 +83,7 @@ def test_subscriber_that_stops_reading_gets_sub_end_with_its_lost_count(jobd: Jo
         assert sum(ev[2][10] for ev in events) == lost - 1
         assert len(events) < 3000
         # the subscription ended, not the client: it is served as before
-        _request(s, 3, "list_domains", [])
-        reply = recv(s)
+        reply = s.call("list_domains")
         assert reply[:2] == [1, 3] and [d[0] for d in reply[2]] == ["vm1", "vm2"]
     assert "subscriber fell behind" in jobd.log()
 
@@ -203,24 +184,16 @@ def test_retained_jobs_are_capped_and_lists_come_in_pages(
 
 def test_list_page_replies_are_capped_whatever_the_limit(jobd: Jobd) -> None:
     run_jobs(jobd, "vm2", 5)
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(20)
-        s.connect(str(jobd.sock))
-        _request(s, 1, "hello", [1, "sim:///default?rate=0"])
-        recv(s)
-        _request(s, 2, "list_jobs_page", ["vm2", -1, 2])
-        reply = recv(s)
+    with RawClient.ready(jobd.sock, "sim:///default?rate=0", timeout=20) as s:
+        reply = s.call("list_jobs_page", "vm2", -1, 2)
         refs, cursor = reply[2]
         assert len(refs) == 2 and isinstance(cursor, int)
-        _request(s, 3, "list_jobs_page", ["vm2", cursor, 10**9])
-        rest, end = recv(s)[2]
+        rest, end = s.call("list_jobs_page", "vm2", cursor, 10**9)[2]
         assert end is None and 1 <= len(rest) <= 1000
         assert not {bytes(r[0]) for r in refs} & {bytes(r[0]) for r in rest}
-        _request(s, 4, "find_jobs", [uuid.UUID(bytes=bytes(rest[-1][0])).hex[:8], 10**9])
-        found = recv(s)
+        found = s.call("find_jobs", uuid.UUID(bytes=bytes(rest[-1][0])).hex[:8], 10**9)
         assert found[:2] == [1, 4] and [r[0] for r in found[2]] == [rest[-1][0]]
-        _request(s, 5, "find_jobs", ["not-hex", 5])
-        refused = recv(s)
+        refused = s.call("find_jobs", "not-hex", 5)
         assert refused[:3] == [2, 5, "InvalidArgument"], refused
 
 

@@ -11,14 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_jobd import ROOT, Jobd
+from jobd_helpers import ROOT, Jobd
 
-from jobcore.jobd import EXIT_CONFIG, ConfigError, load_config
+from jobcore.daemon.config import ConfigError, load_config
+from jobcore.daemon.main import EXIT_CONFIG
 
 
 def _jobd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "jobcore.jobd", *args],
+        [sys.executable, "-m", "jobcore.daemon", *args],
         capture_output=True,
         text=True,
         timeout=20,
@@ -46,7 +47,7 @@ def test_cli_paths_resolve_against_the_cwd_and_refuse_empty(tmp_path: Path) -> N
     assert done.returncode == EXIT_CONFIG and "--run-dir" in done.stderr, done.stderr
     done = _jobd("--run-dir", str(tmp_path / "run"), "--log-file", "", cwd=tmp_path)
     assert done.returncode == EXIT_CONFIG and "--log-file" in done.stderr, done.stderr
-    from jobcore.jobd import cli_path
+    from jobcore.daemon.config import cli_path
 
     assert cli_path("rel/run", "--run-dir") == Path(os.getcwd(), "rel/run")
 

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from pathlib import Path
 
-import msgpack  # type: ignore[import-untyped]
-from test_jobd import Jobd, _frame, _recv
+from jobd_helpers import Jobd, RawClient
 
 U = uuid.UUID("0b3c0000-0000-4000-8000-000000000001")
 JOB = (
@@ -17,31 +15,22 @@ JOB = (
 )
 
 
-def _client(daemon: Jobd, host: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(str(daemon.sock))
-    s.sendall(_frame(msgpack.packb([0, 1, "hello", [1, f"sim:///{host}?rate=1"]])))
-    assert _recv(s)[0] == 1
-    return s
-
-
-def _call(s: socket.socket, rid: int, method: str, *args: object) -> list[object]:
-    s.sendall(_frame(msgpack.packb([0, rid, method, list(args)])))
-    return _recv(s)
+def _client(daemon: Jobd, host: str) -> RawClient:
+    return RawClient.ready(daemon.sock, f"sim:///{host}?rate=1")
 
 
 def test_one_uuid_names_one_job_across_hosts(tmp_path: Path) -> None:
     daemon = Jobd(tmp_path / "run").wait_ready()
     try:
         with _client(daemon, "hosta") as a, _client(daemon, "hostb") as b:
-            assert _call(a, 2, "job_begin", "vm1", JOB, 0)[0] == 1
-            refused = _call(b, 2, "job_begin", "vm1", JOB, 0)
+            assert a.call("job_begin", "vm1", JOB, 0)[0] == 1
+            refused = b.call("job_begin", "vm1", JOB, 0)
             assert refused[0] == 2 and refused[2] == "InvalidArgument", refused
             assert f"a job with UUID '{U}' already exists (on 'sim:///hosta')" in str(refused[3])
-            assert _call(b, 3, "lookup_job", U.bytes)[2] == "NoSuchJob"
+            assert b.call("lookup_job", U.bytes)[2] == "NoSuchJob"
             # a fresh UUID still begins on hostb; the refused one left no reservation behind
             other = JOB.replace(str(U), str(uuid.uuid4()))
-            assert _call(b, 4, "job_begin", "vm1", other, 0)[0] == 1
-            assert _call(a, 5, "job_abort", U.bytes)[0] == 1
+            assert b.call("job_begin", "vm1", other, 0)[0] == 1
+            assert a.call("job_abort", U.bytes)[0] == 1
     finally:
         daemon.stop()

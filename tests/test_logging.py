@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
-from test_jobd import BACKUP_VDB, ROOT, Jobd, jobctl, write
+from jobd_helpers import BACKUP_VDB, ROOT, Jobd, frame, jobctl, write
 
 # A fake jobd: answers hello, then pushes a REQUEST (which a client never expects: the
 # library logs a warning and goes on), then answers list_domains with no domains.
@@ -106,10 +106,6 @@ def test_library_is_silent_unless_the_application_configures_logging(tmp_path: P
 # ---- jobd's log -------------------------------------------------------------------------
 
 
-def _frame(body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + body
-
-
 def _read_replies(sock: socket.socket, count: int) -> None:
     data = b""
     seen = 0
@@ -149,7 +145,7 @@ def test_malformed_frame_flood_logs_a_few_lines(tmp_path: Path) -> None:
             s.settimeout(30)
             s.connect(str(daemon.sock))
             for _ in range(frames // 100):  # 5-byte frames whose body is not msgpack
-                s.sendall(_frame(b"\xc1") * 100)
+                s.sendall(frame(b"\xc1") * 100)
                 _read_replies(s, 100)
         records = _wait_for(daemon, "malformed frame repeated")  # at disconnect
         logged = len(daemon.log()) - before
@@ -173,7 +169,7 @@ def test_requests_before_hello_are_counted_not_logged_each(tmp_path: Path) -> No
             s.settimeout(30)
             s.connect(str(daemon.sock))
             s.sendall(
-                b"".join(_frame(msgpack.packb([0, i, "list_domains", []])) for i in range(500))
+                b"".join(frame(msgpack.packb([0, i, "list_domains", []])) for i in range(500))
             )
             _read_replies_any(s, 500)
         records = _wait_for(daemon, "request refused repeated")  # at disconnect
@@ -238,7 +234,8 @@ def test_log_file_is_reopened_after_logrotate_moves_it(tmp_path: Path) -> None:
 
 
 def test_noise_limit_logs_the_count_periodically() -> None:
-    from jobcore import jobd
+    from jobcore.daemon.config import NOISE_INTERVAL
+    from jobcore.daemon.sessions import _Noise
 
     lines: list[tuple[str, dict[str, object]]] = []
 
@@ -247,10 +244,10 @@ def test_noise_limit_logs_the_count_periodically() -> None:
             lines.append((event, fields))
 
     now = [100.0]
-    noise = jobd._Noise(Log(), lambda: now[0])
+    noise = _Noise(Log(), lambda: now[0])
     for i in range(5):
         noise.line("warning", "malformed frame", n=i)
-    now[0] += jobd.NOISE_INTERVAL
+    now[0] += NOISE_INTERVAL
     noise.line("warning", "malformed frame", n=5)  # the interval is over: the count so far
     noise.line("warning", "malformed frame", n=6)
     noise.flush()  # at disconnect

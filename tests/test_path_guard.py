@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
-import msgpack  # type: ignore[import-untyped]
 import pytest
+from jobd_helpers import Jobd, RawClient
 from qemu_helpers import create, domain_xml
-from test_jobd import Jobd
 
 import jobcore
 from jobcore.paths import Access, PathKind, PathUse, check_owned, owner_guard
@@ -203,38 +200,16 @@ async def test_driver_that_takes_no_guard_is_refused_one() -> None:
 # ---- through jobd, as another uid ------------------------------------------------------
 
 
-def _call(sock: socket.socket, rid: int, method: str, *args: Any) -> list[Any]:
-    body = msgpack.packb([0, rid, method, list(args)], use_bin_type=True)
-    sock.sendall(struct.pack(">I", len(body)) + body)
-    while True:
-        (n,) = struct.unpack(">I", _exactly(sock, 4))
-        msg: list[Any] = msgpack.unpackb(_exactly(sock, n), raw=False)
-        if msg[0] in (1, 2) and msg[1] == rid:
-            return msg
-
-
-def _exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "jobd closed the connection"
-        data += chunk
-    return data
-
-
-class Session:
+class Session(RawClient):
     """A raw protocol session; ``call`` returns ``[kind, result-or-error-name, text]``."""
 
-    def __init__(self, path: Path, uri: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(60)
-        self.sock.connect(str(path))
-        self.rid = 0
-        self.hello = self.call("hello", 1, uri)
+    hello: list[Any]  # always sent
 
-    def call(self, method: str, *args: Any) -> list[Any]:
-        self.rid += 1
-        msg = _call(self.sock, self.rid, method, *args)
+    def __init__(self, path: Path, uri: str) -> None:
+        super().__init__(path, uri, timeout=60)
+
+    def call(self, method: str, *args: object) -> list[Any]:
+        msg = super().call(method, *args)
         return [msg[0], msg[2], msg[3] if msg[0] == 2 else None]
 
 

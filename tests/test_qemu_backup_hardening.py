@@ -25,9 +25,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+from jobd_helpers import Jobd, jobctl
+from jobd_helpers import write as write_file
 from qemu_helpers import create, domain_xml, free_port, make_job, write
-from test_jobd import Jobd, jobctl
-from test_jobd import write as write_file
 
 import jobcore
 from drivers.qemu import QemuConnection

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobd_helpers import Jobd
 from qemu_helpers import create, domain_xml, make_job, run, write
-from test_jobd import Jobd
 from test_path_guard import OTHER, Session, as_user, needs_root
 from test_qemu_backup_hardening import pull, push
 from test_qemu_driver import session

@@ -9,28 +9,21 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import msgpack  # type: ignore[import-untyped]
+from jobd_helpers import ROOT, RawClient
 from qemu_helpers import create, domain_xml, kill_and_reap
-from test_jobd import ROOT, _frame, _recv
 
-from jobcore.jobd import SHUTDOWN_GRACE
+from jobcore.daemon.config import SHUTDOWN_GRACE
 
 QMP_TIMEOUT = 1.0
 _LAUNCH = (
     "import sys, drivers.qemu.process as p; p.QMP_TIMEOUT = float(sys.argv[1]); "
-    "from jobcore.jobd import main; main(sys.argv[2:], prog_name='jobd')"
+    "from jobcore.daemon.main import main; main(sys.argv[2:], prog_name='jobd')"
 )
-
-
-def _call(s: socket.socket, rid: int, method: str, *args: object) -> list[object]:
-    s.sendall(_frame(msgpack.packb([0, rid, method, list(args)])))
-    return _recv(s)
 
 
 def test_hung_qemu_start_fails_in_time_and_sigterm_ends_jobd(tmp_path: Path) -> None:
@@ -47,12 +40,9 @@ def test_hung_qemu_start_fails_in_time_and_sigterm_ends_jobd(tmp_path: Path) -> 
         deadline = time.monotonic() + 20
         while not (run / "jobd-ro.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(30)
-        s.connect(str(run / "jobd.sock"))
-        assert _call(s, 1, "hello", 1, f"qemu:///session?dir={qdir}")[0] == 1
+        s = RawClient.ready(run / "jobd.sock", f"qemu:///session?dir={qdir}", timeout=30)
         disk = create(tmp_path / "d.qcow2")
-        assert _call(s, 2, "create_domain", domain_xml("d1", {"vda": disk}))[0] == 1
+        assert s.call("create_domain", domain_xml("d1", {"vda": disk}))[0] == 1
         qpid = int(next(qdir.glob("d1.*.pid")).read_text())
         os.kill(qpid, signal.SIGSTOP)
         job = (
@@ -60,7 +50,7 @@ def test_hung_qemu_start_fails_in_time_and_sigterm_ends_jobd(tmp_path: Path) -> 
             f"<target file='{tmp_path}/t.qcow2'/></disk></disks></domainbackup></job>"
         )
         t0 = time.monotonic()
-        s.sendall(_frame(msgpack.packb([0, 3, "job_begin", ["d1", job, 0]])))
+        s.send([0, 3, "job_begin", ["d1", job, 0]])
         time.sleep(0.3)  # the start is under way, waiting for QEMU
         jobd.send_signal(signal.SIGTERM)
         jobd.wait(timeout=SHUTDOWN_GRACE + 4 * QMP_TIMEOUT + 5)  # jobd ended (it closes

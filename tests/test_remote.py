@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from test_jobd import BACKUP_VDA, BACKUP_VDB, PULL_VDA, Jobd
+from jobd_helpers import BACKUP_VDA, BACKUP_VDB, PULL_VDA, Jobd
 
 import jobcore
 from jobcore import LEGACY_DOMAIN_JOB_UUID, JobState, JobType

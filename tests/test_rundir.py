@@ -7,14 +7,17 @@ created 0700.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from jobcore.filelock import FileLock, LockHeld
 from jobcore.rundir import UnsafeRunDir, ensure_private_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +113,7 @@ def test_directory_of_another_uid_is_refused(
 def jobd(
     run_dir: Path | None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    args = [sys.executable, "-m", "jobcore.jobd"]
+    args = [sys.executable, "-m", "jobcore.daemon"]
     if run_dir is not None:
         args += ["--run-dir", str(run_dir)]
     # a refused run directory makes jobd exit at once; before the fix it served (timeout)
@@ -156,3 +159,77 @@ def test_jobd_refuses_a_pre_created_tmp_fallback(tmp_path: Path) -> None:
     res = jobd(None, env)
     assert res.returncode != 0
     assert str(fallback) in res.stderr and "writable by group and others" in res.stderr
+
+
+# ---- one rule for default run directories ----------------------------------------------
+
+
+@pytest.mark.parametrize("xdg", ["", "missing", "a-file"])
+def test_default_run_dirs_fall_back_to_tmp_unless_xdg_runtime_dir_is_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, xdg: str
+) -> None:
+    """jobd's default (jobctl's too) and the qemu driver's follow one rule: an unset,
+    missing or non-directory (or unwritable) XDG_RUNTIME_DIR means ``TMPDIR/NAME-UID``."""
+    from drivers.qemu.rundir import default_run_dir as qemu_default
+    from jobcore.protocol import default_run_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / xdg) if xdg else "")
+    uid = os.getuid()
+    assert default_run_dir() == tmp_path / f"jobcore-{uid}"
+    assert qemu_default() == tmp_path / f"jobcore-qemu-{uid}"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert (default_run_dir(), qemu_default()) == (tmp_path / "jobcore", tmp_path / "jobcore-qemu")
+
+
+# ---- one file lock (jobd.pid, jobcore-qemu.lock, the store's PATH.lock) ------------------
+
+
+def test_file_lock_has_one_owner_and_names_the_holder(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    first, second = FileLock(path), FileLock(path)
+    first.acquire()
+    first.write("4242\nmore\n")
+    with pytest.raises(LockHeld) as held:
+        second.acquire()
+    assert held.value.holder == "4242" and held.value.path == path
+    assert mode(path) == 0o600
+    first.release()
+    second.acquire()  # free again once released
+    assert path.read_text() == "4242\nmore\n"  # content stays for the next owner
+    second.release(remove=True)
+    assert not path.exists()
+    second.release()  # not held: nothing happens
+
+
+def test_file_lock_is_dropped_when_its_owner_dies(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    code = (
+        "import sys, time; from pathlib import Path; from jobcore.filelock import FileLock; "
+        "FileLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+        with pytest.raises(LockHeld):
+            FileLock(path).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    lock = FileLock(path)
+    lock.acquire()
+    lock.release()
+
+
+def test_file_lock_follows_a_symbolic_link_only_when_told(tmp_path: Path) -> None:
+    (tmp_path / "real").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(OSError) as refused:
+        FileLock(tmp_path / "link").acquire()
+    assert refused.value.errno == errno.ELOOP
+    lock = FileLock(tmp_path / "link", follow_symlinks=True)
+    lock.acquire()
+    with pytest.raises(LockHeld):  # the link and its target are one lock
+        FileLock(tmp_path / "real").acquire()
+    lock.release()

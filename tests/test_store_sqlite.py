@@ -19,12 +19,12 @@ from typing import Any
 
 import anyio
 import pytest
-from test_jobd import BACKUP_VDB, Jobd, jobctl, write
+from jobd_helpers import BACKUP_VDB, Jobd, jobctl, write
 
 import jobcore
+from jobcore.daemon.config import ConfigError, load_config
 from jobcore.errors import InvalidArgument, StoreError
 from jobcore.events import EventKind, JobEvent
-from jobcore.jobd import ConfigError, load_config
 from jobcore.lifecycle import JobState
 from jobcore.store_sqlite import SCHEMA_VERSION, UNRECOVERED, parse_store_url
 

@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import math
 import resource
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
-import msgpack  # type: ignore[import-untyped]
 import pytest
-from test_jobd import Jobd, _frame, _recv, jobctl
+from jobd_helpers import Jobd, RawClient, jobctl
 
 import jobcore
 from jobcore import InvalidArgument, InvalidURI, JobState, XMLError
+from jobcore.daemon.config import ConfigError, load_config
+from jobcore.daemon.sessions import _Client
 from jobcore.jobctl import ExitCode
-from jobcore.jobd import ConfigError, _Client, load_config
 from jobcore.protocol import Reply, decode_message
 from jobcore.uri import parse_uri
 from jobcore.xml import format_job, parse_job
@@ -42,28 +40,6 @@ def jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobd]:
         yield daemon
     finally:
         daemon.stop()
-
-
-class RawClient:
-    """A blocking raw-protocol session on jobd's read-write socket."""
-
-    def __init__(self, jobd: Jobd, uri: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(15)
-        self.sock.connect(str(jobd.sock))
-        self.rid = 0
-        self.hello = self.call("hello", 1, uri)
-
-    def call(self, method: str, *args: Any) -> list[Any]:
-        self.rid += 1
-        self.sock.sendall(_frame(msgpack.packb([0, self.rid, method, list(args)])))
-        while True:
-            msg: list[Any] = _recv(self.sock)
-            if msg[0] in (1, 2) and msg[1] == self.rid:
-                return msg
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # ---- M5: bandwidth, downtime, priority, seconds -------------------------------------------
@@ -144,7 +120,7 @@ def test_legacy_bandwidth_in_mib_cannot_overflow() -> None:
 
 
 def test_jobd_refuses_an_overflowing_legacy_bandwidth_and_the_session_lives(jobd: Jobd) -> None:
-    c = RawClient(jobd, "sim:///m5?rate=1000")
+    c = RawClient.ready(jobd.sock, "sim:///m5?rate=1000", timeout=15)
     try:
         reply = c.call("block_pull", "vm1", "vda", 2**63 - 1, 0)
         assert reply[0] == 2 and reply[2] == "InvalidArgument", reply
@@ -210,13 +186,14 @@ def test_sim_rate_zero_is_instant() -> None:
 
 
 def test_jobd_refuses_a_nan_rate_at_hello_and_keeps_serving(jobd: Jobd) -> None:
-    bad = RawClient(jobd, "sim:///m7?rate=nan")
+    bad = RawClient(jobd.sock, "sim:///m7?rate=nan", timeout=15)
     try:
+        assert bad.hello is not None, "no hello sent"
         assert bad.hello[0] == 2 and bad.hello[2] == "InvalidArgument", bad.hello
         assert "rate='nan'" in bad.hello[3]
     finally:
         bad.close()
-    good = RawClient(jobd, "sim:///m7?rate=0")
+    good = RawClient.ready(jobd.sock, "sim:///m7?rate=0", timeout=15)
     try:
         begun = good.call("job_begin", "vm1", PULL.format(disk="vda"), 0)
         assert begun[0] == 1
@@ -255,7 +232,7 @@ def test_config_seconds_must_be_finite(key: str, value: float, tmp_path: Path) -
 def test_jobd_retention_nan_on_the_command_line_is_a_usage_error(tmp_path: Path) -> None:
     run_dir = str(tmp_path / "run")
     done = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobd", "--run-dir", run_dir, "--retention", "nan"],
+        [sys.executable, "-m", "jobcore.daemon", "--run-dir", run_dir, "--retention", "nan"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -298,14 +275,14 @@ def test_sim_needs_a_host_name() -> None:
 
 
 def test_jobd_has_one_host_per_name(jobd: Jobd) -> None:
-    a = RawClient(jobd, "sim:///l4?rate=1000")
+    a = RawClient.ready(jobd.sock, "sim:///l4?rate=1000", timeout=15)
     try:
-        assert a.hello[0] == 1
         begun = a.call("job_begin", "vm1", PULL.format(disk="vda"), 0)
         assert begun[0] == 1
         for spelling in ("sim:////l4?rate=1000", "sim:///l4/?rate=1000"):
-            b = RawClient(jobd, spelling)
+            b = RawClient(jobd.sock, spelling, timeout=15)
             try:
+                assert b.hello is not None, "no hello sent"
                 assert b.hello[0] == 2 and b.hello[2] == "InvalidURI", b.hello
             finally:
                 b.close()
@@ -342,7 +319,8 @@ def test_remote_wait_refuses_nan(jobd: Jobd) -> None:
                 await job.abort()
 
     anyio.run(main)
-    c = RawClient(jobd, "sim:///l6?rate=1000")  # the daemon checks it too (NaN: BadRequest)
+    # the daemon checks it too (NaN: BadRequest)
+    c = RawClient.ready(jobd.sock, "sim:///l6?rate=1000", timeout=15)
     try:
         begun = c.call("job_begin", "vm2", PULL.format(disk="vda"), 0)
         reply = c.call("job_wait", begun[2][0], -1.0)

@@ -1,7 +1,7 @@
 """The run directory: where a connection keeps its sockets, logs and pid files.
 
-One connection owns one run directory at a time, enforced by an ``fcntl`` lock on
-``RUN_DIR/jobcore-qemu.lock``, a file whose first line is ``LOCK_MARKER``. The directory
+One connection owns one run directory at a time, enforced by a lock (``jobcore.filelock``)
+on ``RUN_DIR/jobcore-qemu.lock``, a file whose first line is ``LOCK_MARKER``. The directory
 must be private (``jobcore.rundir``: a real directory, owned by the user, not writable by
 group or others; a missing one is created 0700). Paths go into QEMU option strings with
 ``,`` doubled (``escape_option``), so a comma in the run directory's path is just a comma.
@@ -20,19 +20,18 @@ and this QMP socket. A pid file that points at anything else is just stale.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import signal
 import stat
-import tempfile
 from pathlib import Path
 
 from attrs import define, field
 
 from jobcore.errors import DriverError
+from jobcore.filelock import FileLock, LockHeld
 from jobcore.log import get_logger
-from jobcore.rundir import UnsafeRunDir, ensure_private_dir
+from jobcore.rundir import UnsafeRunDir, ensure_private_dir, user_run_dir
 from jobcore.uri import URI
 
 log = get_logger(__name__)
@@ -76,10 +75,8 @@ def is_driver_socket(name: str) -> bool:
 
 
 def default_run_dir() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
-        return Path(runtime) / "jobcore-qemu"
-    return Path(tempfile.gettempdir()) / f"jobcore-qemu-{os.getuid()}"
+    """``$XDG_RUNTIME_DIR/jobcore-qemu``, else ``/tmp/jobcore-qemu-UID``."""
+    return user_run_dir("jobcore-qemu")
 
 
 def run_dir_of(uri: URI) -> Path:
@@ -99,7 +96,10 @@ class RunDir:
     or when the directory is not private."""
 
     path: Path
-    _fd: int | None = field(default=None, init=False)
+    _lock: FileLock = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._lock = FileLock(self.path / LOCK)
 
     def acquire(self) -> None:
         try:
@@ -110,25 +110,19 @@ class RunDir:
             raise DriverError(f"cannot create qemu run directory {self.path}: {exc}") from None
         # a directory whose lock file lacks the marker never had an owner: nothing in it is ours
         used_before = _is_marked(self.path / LOCK)
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(self.path / LOCK, flags, 0o600)
+            self._lock.acquire()
+        except LockHeld:
+            raise DriverError(
+                f"run directory {self.path} is in use by another qemu driver connection"
+            ) from None
         except OSError as exc:
             raise DriverError(
                 f"cannot open the lock file of qemu run directory {self.path}: {exc}"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DriverError(
-                f"run directory {self.path} is in use by another qemu driver connection"
-            ) from None
-        self._fd = fd
         if not used_before:
             try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, LOCK_MARKER.encode(), 0)
+                self._lock.write(LOCK_MARKER)
             except OSError as exc:
                 self.release()
                 raise DriverError(
@@ -142,10 +136,7 @@ class RunDir:
             raise
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
     def pidfile(self, stem: str) -> Path:
         return pid_file(self.path, stem)

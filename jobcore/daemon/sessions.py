@@ -1,0 +1,204 @@
+"""One client connection's session: its state (``_Client``), its send and receive budgets,
+the rate limit of the log lines it can provoke, and the errors that end it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from anyio.abc import SocketStream, TaskGroup
+from attrs import Factory, define, field
+
+from jobcore.api import Connection, Domain, Job
+from jobcore.daemon.config import (
+    HANDLE_CACHE,
+    MAX_BULKY,
+    MAX_CLIENT_RECEIVE,
+    MAX_QUEUED_SEND,
+    MAX_QUEUED_SEND_TOTAL,
+    NOISE_INTERVAL,
+    SEND_TIMEOUT,
+)
+from jobcore.daemon.drivers import _DriverSlot
+from jobcore.errors import JobError
+from jobcore.events import Subscription
+from jobcore.paths import PathGuard
+from jobcore.protocol import Message, ProtocolError, Reply, encode_message, error_reply
+
+
+class _ClientGone(Exception):
+    """Sending to a client failed or timed out: it is disconnected."""
+
+
+class _FrameLate(Exception):
+    """A client did not complete a frame in time: ``error`` says why it is expelled."""
+
+    def __init__(self, error: JobError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@define(eq=False)
+class _Noise:
+    """Rate limit for the log lines one connection can provoke at will: the first of each
+    kind is logged; later ones are counted, and the count is logged (``"KIND repeated"``,
+    ``count=N``, the last one's fields) once NOISE_INTERVAL has passed since the last line
+    of that kind, and at disconnect (``flush``)."""
+
+    log: Any
+    clock: Callable[[], float] = time.monotonic
+    #: kind -> [level, repeats not yet logged, clock time of the last line, last fields]
+    _kinds: dict[str, list[Any]] = field(factory=dict)
+
+    def line(self, level: str, kind: str, **fields: Any) -> None:
+        now = self.clock()
+        entry = self._kinds.get(kind)
+        if entry is None:
+            self._kinds[kind] = [level, 0, now, fields]
+            getattr(self.log, level)(kind, **fields)
+            return
+        entry[1] += 1
+        entry[3] = fields
+        if now - entry[2] >= NOISE_INTERVAL:
+            self._summary(kind, entry, now)
+
+    def flush(self) -> None:
+        now = self.clock()
+        for kind, entry in self._kinds.items():
+            if entry[1]:
+                self._summary(kind, entry, now)
+
+    def _summary(self, kind: str, entry: list[Any], now: float) -> None:
+        getattr(self.log, entry[0])(f"{kind} repeated", count=entry[1], last=entry[3])
+        entry[1], entry[2] = 0, now
+
+
+@define(eq=False)
+class _ByteBudget:
+    """Bytes held against a limit; waiters are woken whenever some are given back."""
+
+    limit: int
+    used: int = 0
+    _changed: anyio.Event = field(factory=anyio.Event)
+
+    async def reserve(self, n: int) -> None:
+        """Take ``n`` bytes once they fit (at once when nothing is held, so that one
+        frame bigger than the limit still goes through, alone)."""
+        while self.used and self.used + n > self.limit:
+            await self._changed.wait()
+        self.used += n
+
+    async def below_limit(self) -> None:
+        while self.used >= self.limit:
+            await self._changed.wait()
+
+    def add(self, n: int) -> None:
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._changed.set()
+        self._changed = anyio.Event()
+
+
+@define(eq=False)
+class _Client:
+    """One client socket's session state."""
+
+    id: int
+    stream: SocketStream
+    readonly: bool
+    tg: TaskGroup
+    log: Any
+    send_lock: anyio.Lock = field(factory=anyio.Lock)
+    conn: Connection | None = None
+    requests: dict[int, anyio.CancelScope] = field(factory=dict)
+    subs: dict[int, Subscription] = field(factory=dict)
+    jobs: OrderedDict[uuid.UUID, Job] = field(factory=OrderedDict)
+    domains: OrderedDict[str, Domain] = field(factory=OrderedDict)
+    #: the driver connection this session is attached to (after hello)
+    slot: _DriverSlot | None = None
+    #: a hello is being served (it may wait for a driver connection to open)
+    in_hello: bool = False
+    #: set once a hello succeeded
+    hello_done: anyio.Event = field(factory=anyio.Event)
+    #: when the daemon last read a frame from this client (or saw it busy)
+    last_frame: float = field(factory=anyio.current_time)
+    #: the read loop's scope; the watchdog cancels it to expel the client
+    reading: anyio.CancelScope = field(factory=anyio.CancelScope)
+    #: why the watchdog expels the client (sent to it once the read loop stopped)
+    expelled: JobError | None = None
+    #: confines the files this client's requests may make jobd touch (a peer whose uid
+    #: is neither jobd's own nor root: jobcore.paths.owner_guard); None: unconfined
+    guard: PathGuard | None = None
+
+    def expel(self, error: JobError) -> None:
+        self.expelled = error
+        self.reading.cancel()
+
+    noise: _Noise = field(default=Factory(lambda self: _Noise(self.log), takes_self=True))
+    #: bytes of encoded frames waiting for (or in) ``stream.send``: MAX_QUEUED_SEND
+    queued: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_QUEUED_SEND))
+    #: requests of _BULKY methods being served and not yet counted in ``queued``
+    bulky: anyio.Semaphore = field(factory=lambda: anyio.Semaphore(MAX_BULKY))
+    #: the peer's uid (None: unknown)
+    uid: int | None = None
+    #: the socket's budget of queued frames, shared by all its clients
+    socket_queued: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_QUEUED_SEND_TOTAL))
+    #: bytes of received frames this client holds (MAX_CLIENT_RECEIVE)
+    receiving: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_CLIENT_RECEIVE))
+
+    async def drained(self) -> None:
+        """Return once this client's and its socket's queued frames are below limit."""
+        while True:
+            await self.queued.below_limit()
+            await self.socket_queued.below_limit()
+            if self.queued.used < self.queued.limit:
+                return
+
+    async def send(self, msg: Message) -> None:
+        await self.send_frame(self.encode(msg))
+
+    def encode(self, msg: Message) -> bytes:
+        try:
+            return encode_message(msg)
+        except ProtocolError as exc:  # a reply over the frame limit
+            if not isinstance(msg, Reply):
+                raise
+            return encode_message(error_reply(msg.id, exc))
+        except (OverflowError, TypeError, ValueError) as exc:  # a value msgpack cannot encode
+            if not isinstance(msg, Reply):
+                raise
+            self.log.error("reply not encodable", id=msg.id, error=str(exc))
+            return encode_message(
+                error_reply(msg.id, JobError(f"internal error: the reply cannot be encoded: {exc}"))
+            )
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Send one encoded frame, counted in ``queued`` (and the socket's budget) until
+        the client took it."""
+        self.queued.add(len(frame))
+        self.socket_queued.add(len(frame))
+        try:
+            async with self.send_lock:
+                with anyio.fail_after(SEND_TIMEOUT):
+                    await self.stream.send(frame)
+        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self.log.info("client dropped", reason=type(exc).__name__)
+            self.tg.cancel_scope.cancel()
+            raise _ClientGone from None
+        finally:
+            self.queued.release(len(frame))
+            self.socket_queued.release(len(frame))
+
+    def remember(self, job: Job) -> Job:
+        self.jobs[job.uuid] = job
+        self.jobs.move_to_end(job.uuid)
+        if len(self.jobs) > HANDLE_CACHE:
+            self.jobs.popitem(last=False)
+        return job
