@@ -1,7 +1,8 @@
 """The narrow, async protocol between the engine and a hypervisor driver.
 
-A driver never sees XML: it receives typed specs (jobcore.spec) wrapped in a ``DriverJob``
-and reports back through that job's ``JobReporter``. The engine owns every state
+A driver never sees XML: it receives prepared specs (jobcore.types: every chain position,
+default, file and name resolved by the job's type) wrapped in a ``DriverJob``, and reports
+back through that job's ``JobReporter``. It computes none of jobcore's semantics again. The engine owns every state
 transition; a driver only *reports* (progress, ready, completed, failed, cancelled,
 paused-by-error) and *acts* on verbs (start, cancel, pause, resume, complete, set_speed).
 
@@ -15,7 +16,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from attrs import frozen
@@ -26,7 +27,13 @@ from jobcore.spec import JobType
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
+    from jobcore.registry import BuiltinPrepared
+    from jobcore.types.base import JobSpec
     from jobcore.uri import URI
+
+    #: what ``DriverJob.spec`` holds: a built-in type's prepared spec (PreparedBackup,
+    #: PreparedPull, PreparedCommit, MigrationSpec) or a registered type's own
+    PreparedSpec = BuiltinPrepared | JobSpec
 
 
 @frozen
@@ -126,7 +133,7 @@ class DriverJob:
     uuid: uuid.UUID
     type: JobType
     domain: str
-    spec: Any
+    spec: PreparedSpec
     reporter: JobReporter
 
 
@@ -165,6 +172,11 @@ class DriverConnection(Protocol):
 
     uri: str
     clock: Clock
+
+    # Optional: ``job_verbs: Mapping[str, frozenset[Verb]]``, job type -> the verbs this
+    # driver accepts for it, where it accepts fewer than the type does (JobTypeInfo.verbs;
+    # e.g. qemu cannot pause a migration). The engine refuses the others with
+    # OperationInvalid before calling the driver; a type not listed keeps its own set.
 
     def supports(self, job_type: JobType) -> bool: ...
 

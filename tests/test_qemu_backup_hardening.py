@@ -38,8 +38,8 @@ from jobcore.api import Domain, Job
 from jobcore.backup import BackupDef, BackupDisk
 from jobcore.errors import DriverError, InvalidArgument, JobConflict, Unsupported
 from jobcore.jobctl import ExitCode
-from jobcore.scheduler import backup_claims
-from jobcore.spec import BackupJobSpec, JobType
+from jobcore.spec import JobType
+from jobcore.types.backup import BackupJobSpec, backup_claims
 from jobcore.xml import parse_job
 
 REUSE = VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL

@@ -52,14 +52,10 @@ from jobcore.errors import (
     Unsupported,
     XMLError,
 )
-from jobcore.spec import (
-    BackupJobSpec,
-    BlockCommitSpec,
-    BlockPullSpec,
-    ChainRef,
-    JobType,
-    MigrationSpec,
-)
+from jobcore.spec import ChainRef, JobType
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.migration import MigrationSpec
 from jobcore.uri import parse_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]

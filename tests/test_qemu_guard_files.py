@@ -30,7 +30,8 @@ import drivers.qemu.jobs as qjobs
 import jobcore
 from jobcore import VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, JobState
 from jobcore.errors import DriverError, InvalidArgument
-from jobcore.spec import BlockCommitSpec, ChainRef, JobType
+from jobcore.spec import ChainRef, JobType
+from jobcore.types.chain import BlockCommitSpec
 
 REUSE = VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
 pytestmark = pytest.mark.anyio

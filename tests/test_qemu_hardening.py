@@ -50,7 +50,8 @@ from jobcore.backup import (
     StoreType,
 )
 from jobcore.errors import DriverError, InvalidArgument, Unsupported
-from jobcore.spec import BackupJobSpec, JobType
+from jobcore.spec import JobType
+from jobcore.types.backup import BackupJobSpec
 from jobcore.uri import parse_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]

@@ -46,7 +46,10 @@ from jobcore.backup import (
     StoreType,
 )
 from jobcore.errors import DriverError
-from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, JobType, MigrationSpec
+from jobcore.spec import JobType
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.migration import MigrationSpec
 from jobcore.uri import parse_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]

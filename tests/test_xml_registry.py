@@ -16,10 +16,11 @@ from attrs import frozen
 from lxml import etree
 
 from jobcore.errors import XMLError
-from jobcore.registry import JobTypeInfo, Registry, registry
+from jobcore.registry import Registry, registry
 from jobcore.spec import JobOptions, JobType
+from jobcore.types import JobTypeInfo
 from jobcore.xml import format_job, parse_job
-from jobcore.xml.job import build_bandwidth, parse_bandwidth
+from jobcore.xml.common import build_bandwidth, parse_bandwidth
 
 SNAPSHOT = JobType("test-snapshot")
 

@@ -39,7 +39,8 @@ from jobcore.errors import (
 from jobcore.log import get_logger
 from jobcore.paths import Access, PathGuard, PathUse
 from jobcore.rundir import reserve_dir, unreserve_dir
-from jobcore.spec import MAX_INT64, BackupJobSpec, JobType
+from jobcore.spec import MAX_INT64, JobType
+from jobcore.types.backup import BackupJobSpec
 from jobcore.uri import URI, parse_uri
 
 log = get_logger(__name__)

@@ -51,13 +51,10 @@ from jobcore.errors import DriverError, InvalidArgument, OperationInvalid, Unsup
 from jobcore.log import get_logger
 from jobcore.rundir import reserved_dir_holding
 from jobcore.scheduler import normalize_path
-from jobcore.spec import (
-    BackupJobSpec,
-    BlockCommitSpec,
-    BlockPullSpec,
-    ChainRef,
-    MigrationSpec,
-)
+from jobcore.spec import ChainRef
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.migration import MigrationSpec
 
 if TYPE_CHECKING:
     from drivers.qemu.connection import QemuConnection

@@ -60,13 +60,10 @@ from jobcore.errors import (
 )
 from jobcore.log import get_logger
 from jobcore.paths import PathGuard
-from jobcore.spec import (
-    BackupJobSpec,
-    BlockCommitSpec,
-    BlockPullSpec,
-    JobType,
-    MigrationSpec,
-)
+from jobcore.spec import JobType
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.migration import MigrationSpec
 from jobcore.uri import URI, parse_uri
 
 __all__ = ["ManualClock", "SimConnection", "SimDriver"]
