@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import anyio
 from attrs import frozen
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     #: what ``DriverJob.spec`` holds: a built-in type's prepared spec (PreparedBackup,
     #: PreparedPull, PreparedCommit, MigrationSpec) or a registered type's own
-    PreparedSpec = BuiltinPrepared | JobSpec
+    PreparedSpec: TypeAlias = BuiltinPrepared | JobSpec
 
 
 @frozen

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
+from typing import TypeAlias
 
 from jobcore.errors import Unsupported
 from jobcore.types import backup, chain, migration
@@ -18,7 +19,7 @@ from jobcore.types.base import JobTypeInfo
 BUILTIN_TYPES: tuple[JobTypeInfo, ...] = (*backup.INFOS, *chain.INFOS, *migration.INFOS)
 
 #: every prepared spec a built-in type's ``prepare`` returns (what drivers get)
-BuiltinPrepared = (
+BuiltinPrepared: TypeAlias = (
     backup.PreparedBackup | chain.PreparedPull | chain.PreparedCommit | migration.MigrationSpec
 )
 

@@ -17,7 +17,6 @@ import os
 import secrets
 import socket
 import stat
-import time
 import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,7 @@ from drivers.qemu.images import (
 )
 from drivers.qemu.process import Outcome, QemuProcess, QmpTimeout, SubJob
 from drivers.qemu.rundir import migration_socket, nbd_socket
-from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport, StoreType
+from jobcore.backup import ServerTransport, StoreType
 from jobcore.driver import (
     DriverJob,
     JobReporter,
@@ -51,9 +50,8 @@ from jobcore.errors import DriverError, InvalidArgument, OperationInvalid, Unsup
 from jobcore.log import get_logger
 from jobcore.rundir import reserved_dir_holding
 from jobcore.scheduler import normalize_path
-from jobcore.spec import ChainRef
-from jobcore.types.backup import BackupJobSpec
-from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.backup import PreparedBackup, PreparedBackupDisk
+from jobcore.types.chain import PreparedCommit, PreparedPull
 from jobcore.types.migration import MigrationSpec
 
 if TYPE_CHECKING:
@@ -269,22 +267,6 @@ class Runner:
             self.report(lambda r: r.failed(errmsg or "job failed"))
 
 
-def resolve_index(disk: Disk, ref: ChainRef | None, default: int) -> int:
-    if ref is None:
-        return default
-    if ref.index is not None:
-        if ref.index >= len(disk.layers):
-            raise DriverError(
-                f"disk '{disk.name}' has no backing chain index {ref.index} "
-                f"(chain length {len(disk.layers)})"
-            )
-        return ref.index
-    for i, layer in enumerate(disk.layers):
-        if ref.file is not None and os.path.realpath(layer.file) == os.path.realpath(ref.file):
-            return i
-    raise DriverError(f"file '{ref.file}' is not in the backing chain of disk '{disk.name}'")
-
-
 # =============================================================================== backup
 
 
@@ -364,8 +346,8 @@ async def check_backup_stores(
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-def _disk_names(spec: BackupJobSpec) -> str:
-    names = [d.name for d in spec.backup.included_disks()]
+def _disk_names(spec: PreparedBackup) -> str:
+    names = [d.name for d in spec.disks]
     return ("disk " if len(names) == 1 else "disks ") + ", ".join(f"'{n}'" for n in names)
 
 
@@ -391,10 +373,10 @@ def _socket_exists(path: str) -> InvalidArgument:
     )
 
 
-def check_pull_server(conn: QemuConnection, spec: BackupJobSpec) -> None:
+def check_pull_server(conn: QemuConnection, spec: PreparedBackup) -> None:
     """A pull backup's <server>, before anything starts: what the driver cannot serve as
     asked is refused, never served otherwise (TLS in clear text, another address)."""
-    if spec.backup.effective_mode is not BackupMode.PULL:
+    if not spec.pull:
         return
     server = spec.backup.server
     if server is not None and server.tls:
@@ -438,17 +420,15 @@ def export_bitmap_exists(disk: str, bitmap: str) -> InvalidArgument:
     )
 
 
-async def check_export_bitmaps(spec: BackupJobSpec, domain: Domain) -> None:
+async def check_export_bitmaps(spec: PreparedBackup, domain: Domain) -> None:
     """An incremental pull backup's export bitmaps must not exist yet (default
     'backup-<disk>'): the job creates them, and removes only what it created."""
-    if spec.backup.effective_mode is not BackupMode.PULL or not domain.process.alive:
+    if not spec.pull or not domain.process.alive:
         return
     wanted = [
-        (d.name, d.exportbitmap or f"backup-{d.name}")
-        for d in spec.backup.included_disks()
-        if d.name in domain.disks
-        and d.backupmode is not DiskBackupMode.FULL
-        and (d.incremental or spec.backup.incremental)
+        (d.name, d.exportbitmap)
+        for d in spec.disks
+        if d.name in domain.disks and d.exportbitmap is not None
     ]
     if not wanted:
         return
@@ -458,24 +438,23 @@ async def check_export_bitmaps(spec: BackupJobSpec, domain: Domain) -> None:
             raise export_bitmap_exists(name, bitmap)
 
 
-async def check_backup_job(conn: QemuConnection, spec: BackupJobSpec, domain: Domain) -> None:
+async def check_backup_job(conn: QemuConnection, spec: PreparedBackup, domain: Domain) -> None:
     """Before admission: the pull server (check_pull_server), the export bitmaps
     (check_export_bitmaps) and the stores the prepared spec names (check_backup_stores)."""
     check_pull_server(conn, spec)
     await check_export_bitmaps(spec, domain)
     stores = []
-    for d in spec.backup.included_disks():
-        if d.store is None or d.type is StoreType.BLOCK or d.name not in domain.disks:
-            continue  # start() names the default file, or refuses
-        fmt = d.store.format or "qcow2"
-        stores.append((d.name, d.store.path, fmt, domain.disks[d.name].virtual_size))
+    for d in spec.disks:
+        if d.store_type is StoreType.BLOCK or d.name not in domain.disks:
+            continue  # start() refuses
+        stores.append((d.name, d.store, d.format, domain.disks[d.name].virtual_size))
     await check_backup_stores(conn, spec.reuse_external, stores)
 
 
 @define
 class _BackupDisk:
     disk: Disk
-    spec: BackupDisk
+    spec: PreparedBackupDisk
     path: str
     fmt: str
     node: str
@@ -575,39 +554,22 @@ class BackupRunner(Runner):
     server_started: bool = False
 
     @property
-    def spec(self) -> BackupJobSpec:
+    def spec(self) -> PreparedBackup:
         spec = self.job.spec
-        assert isinstance(spec, BackupJobSpec)
+        assert isinstance(spec, PreparedBackup)
         return spec
 
     @property
     def pull(self) -> bool:
-        return self.spec.backup.effective_mode is BackupMode.PULL
-
-    def _suffix(self) -> str:
-        ckpt = self.spec.checkpoint
-        return ckpt.name if ckpt is not None and ckpt.name else str(int(time.time()))
-
-    def _incremental_of(self, d: BackupDisk) -> str | None:
-        if d.backupmode is DiskBackupMode.FULL:
-            return None
-        name = d.incremental or self.spec.backup.incremental
-        if d.backupmode is DiskBackupMode.INCREMENTAL and not name:
-            raise DriverError(f"disk '{d.name}': incremental backup without a checkpoint")
-        return name
+        return self.spec.pull
 
     async def _prepare_disks(self) -> None:
-        suffix = self._suffix()
-        included = self.spec.backup.included_disks()
-        if not included:
-            raise DriverError("the backup includes no disk")
-        stores: list[tuple[BackupDisk, Disk, str, str]] = []
-        for d in included:
+        stores: list[tuple[PreparedBackupDisk, Disk, str, str]] = []
+        for d in self.spec.disks:
             disk = self.domain.disk(d.name)
-            if d.type is StoreType.BLOCK:
+            if d.store_type is StoreType.BLOCK:
                 raise Unsupported(f"disk '{d.name}': block-device backup stores are not supported")
-            path = d.store.path if d.store else f"{disk.active.file}.{suffix}"
-            fmt = (d.store.format if d.store else None) or "qcow2"
+            path, fmt = d.store, d.format
             if self.pull and fmt != "qcow2":
                 raise DriverError(f"pull mode backup for disk '{d.name}' requires qcow2 driver")
             stores.append((d, disk, path, fmt))
@@ -635,7 +597,7 @@ class BackupRunner(Runner):
                 node=self.domain.new_node_name(("s" if self.pull else "t") + self.short),
                 filter=self.domain.new_node_name("f" + self.short),
                 job_id=self.job_id("backup", d.name),
-                incremental=self._incremental_of(d),
+                incremental=d.incremental,
             )
             self.disks.append(bd)
             args = blockdev_args(Layer(bd.node, path, fmt), disk.active.node if self.pull else None)
@@ -656,19 +618,11 @@ class BackupRunner(Runner):
 
     def _checkpoint_actions(self, bitmaps: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """The transaction actions creating the checkpoint's bitmaps, listed in ``bitmaps``."""
-        ckpt = self.spec.checkpoint
-        if ckpt is None:
-            return []
-        name = self._suffix()
-        chosen = {c.name: c for c in ckpt.disks}
         actions = []
         for bd in self.disks:
-            cd = chosen.get(bd.disk.name)
-            if ckpt.disks and cd is None:
+            bitmap = bd.spec.checkpoint_bitmap
+            if bitmap is None:
                 continue
-            if cd is not None and cd.checkpoint is not None and cd.checkpoint.value == "no":
-                continue
-            bitmap = (cd.bitmap if cd is not None else None) or name
             node = bd.disk.active.node
             bitmaps.append((node, bitmap))
             actions.append(
@@ -742,11 +696,11 @@ class BackupRunner(Runner):
                 speed = getattr(self.spec, "bandwidth", None) or self.conn.backup_bandwidth
                 if speed and not self.pull:
                     data["speed"] = speed
-                if bd.incremental and self.pull:
-                    bd.export_bitmap = bd.spec.exportbitmap or f"backup-{bd.disk.name}"
+                if bd.spec.exportbitmap is not None:  # an incremental pull's (prepare)
+                    bd.export_bitmap = bitmap = bd.spec.exportbitmap
                     node = bd.disk.active.node
-                    if bd.export_bitmap in existing.get(node, ()):
-                        raise export_bitmap_exists(bd.disk.name, bd.export_bitmap)
+                    if bitmap in existing.get(node, ()):
+                        raise export_bitmap_exists(bd.disk.name, bitmap)
                     actions += [
                         {
                             "type": "block-dirty-bitmap-add",
@@ -796,7 +750,8 @@ class BackupRunner(Runner):
     async def _add_exports(self) -> None:
         for bd in self.disks:
             bd.export_id = self.domain.new_node_name("e" + self.short)
-            bd.export_name = bd.spec.exportname or bd.disk.name
+            assert bd.spec.exportname is not None  # a pull backup's (prepare names it)
+            bd.export_name = bd.spec.exportname
             args: dict[str, Any] = {
                 "type": "nbd",
                 "id": bd.export_id,
@@ -1006,14 +961,10 @@ class BlockPullRunner(Runner):
 
     async def start(self) -> None:
         spec = self.job.spec
-        assert isinstance(spec, BlockPullSpec)
+        assert isinstance(spec, PreparedPull)
         disk = self.disk = self.domain.disk(spec.disk)
-        self.top = resolve_index(disk, spec.top, 0)
-        self.base = resolve_index(disk, spec.base, -1) if spec.base is not None else None
-        if self.base is not None and self.base <= self.top:
-            raise DriverError(f"base (index {self.base}) must be below top (index {self.top})")
-        last_below = len(disk.layers) - 1
-        if self.top == last_below or self.base == self.top + 1:
+        self.top, self.base = spec.top_index, spec.base_index
+        if not spec.merged:
             self.nothing_to_do = True  # no backing below top, or nothing between
             self.phase = Phase.RUNNING
             return
@@ -1062,9 +1013,9 @@ class BlockCommitRunner(Runner):
     base: int = 0
 
     @property
-    def spec(self) -> BlockCommitSpec:
+    def spec(self) -> PreparedCommit:
         spec = self.job.spec
-        assert isinstance(spec, BlockCommitSpec)
+        assert isinstance(spec, PreparedCommit)
         return spec
 
     @property
@@ -1074,13 +1025,7 @@ class BlockCommitRunner(Runner):
     async def start(self) -> None:
         spec = self.spec
         disk = self.disk = self.domain.disk(spec.disk)
-        if len(disk.layers) < 2:
-            raise DriverError(f"disk '{disk.name}' has no backing chain to commit into")
-        self.top = resolve_index(disk, spec.top, 0)
-        default_base = self.top + 1 if spec.shallow else len(disk.layers) - 1
-        self.base = resolve_index(disk, spec.base, default_base)
-        if self.base <= self.top:
-            raise DriverError(f"base (index {self.base}) must be below top (index {self.top})")
+        self.top, self.base = spec.top_index, spec.base_index
         args: dict[str, Any] = {
             "job-id": self.job_id("commit", disk.name),
             "device": disk.active.node,

@@ -40,7 +40,7 @@ from anyio.abc import TaskGroup
 from attrs import define, field, frozen
 
 from drivers.sim.clock import ManualClock, RealClock
-from jobcore.backup import BackupMode, StoreType
+from jobcore.backup import StoreType
 from jobcore.driver import (
     DiskInfo,
     DomainInfo,
@@ -61,8 +61,8 @@ from jobcore.errors import (
 from jobcore.log import get_logger
 from jobcore.paths import PathGuard
 from jobcore.spec import JobType
-from jobcore.types.backup import BackupJobSpec
-from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.backup import PreparedBackup
+from jobcore.types.chain import PreparedCommit, PreparedPull
 from jobcore.types.migration import MigrationSpec
 from jobcore.uri import URI, parse_uri
 
@@ -355,16 +355,15 @@ class SimConnection:
             return probe_real_file(path)
         return None
 
-    def _check_stores(self, spec: BackupJobSpec, dom: SimDomain) -> list[tuple[str, SimFile]]:
+    def _check_stores(self, spec: PreparedBackup, dom: SimDomain) -> list[tuple[str, SimFile]]:
         """Refuse targets/scratch files as libvirt does; return the files the job creates."""
         host = self._host_of(dom.name)
         creates: list[tuple[str, SimFile]] = []
         named: dict[str, str] = {}
-        for bdisk in spec.backup.included_disks():
-            store = bdisk.store
-            if store is None or bdisk.type is StoreType.BLOCK:
+        for bdisk in spec.disks:
+            if bdisk.store_type is StoreType.BLOCK:
                 continue  # a block device is the caller's (libvirt checks files only)
-            path = store.path
+            path = bdisk.store
             if path in named:
                 raise InvalidArgument(
                     f"store '{path}' is named for disks '{named[path]}' and '{bdisk.name}'"
@@ -373,7 +372,7 @@ class SimConnection:
             owner = self._image_owner(path)
             if owner is not None:
                 raise store_in_use(path, bdisk.name, owner)
-            fmt = store.format or "qcow2"
+            fmt = bdisk.format
             size = dom.disks[bdisk.name].virtual_size
             existing = self._existing(host, path)
             if not spec.reuse_external:
@@ -399,7 +398,7 @@ class SimConnection:
 
     async def check_job(self, spec: Any, dom: DomainInfo) -> None:
         """Before admission: refuse a backup's existing (or unusable reused) files."""
-        if isinstance(spec, BackupJobSpec):
+        if isinstance(spec, PreparedBackup):
             self._check_stores(spec, self._domain(dom.name))
 
     # ---- DriverConnection: jobs ----------------------------------------------------
@@ -409,7 +408,7 @@ class SimConnection:
             raise DriverError("the simulated hypervisor is not running")
         dom = self._domain(job.domain)
         # again: a queued job starts later, and files may have appeared meanwhile
-        creates = self._check_stores(job.spec, dom) if isinstance(job.spec, BackupJobSpec) else []
+        creates = self._check_stores(job.spec, dom) if isinstance(job.spec, PreparedBackup) else []
         total, converges, extra = self._plan(job.spec, dom)
         bandwidth = getattr(job.spec, "bandwidth", None)
         rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
@@ -428,10 +427,7 @@ class SimConnection:
         )
         self._jobs[job.uuid] = sj
         self._host_of(dom.name).files.update(creates)
-        if (
-            isinstance(job.spec, BackupJobSpec)
-            and job.spec.backup.effective_mode is BackupMode.PULL
-        ):
+        if isinstance(job.spec, PreparedBackup) and job.spec.pull:
             sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
         job.reporter.progress(0, total, extra)
         self._schedule(sj)
@@ -446,12 +442,12 @@ class SimConnection:
 
     def _plan(self, spec: Any, dom: SimDomain) -> tuple[int, bool, dict[str, int | str]]:
         """Bytes of work, whether the job converges to ready, and its initial extra stats."""
-        if isinstance(spec, BackupJobSpec):
+        if isinstance(spec, PreparedBackup):
             total = 0
-            for bdisk in spec.backup.included_disks():
+            for bdisk in spec.disks:
                 sim_disk = dom.disks[bdisk.name]
-                incremental = bdisk.incremental or spec.backup.incremental
-                if incremental is not None and bdisk.backupmode != "full":
+                incremental = bdisk.incremental
+                if incremental is not None:
                     if incremental not in dom.checkpoints:
                         raise DriverError(
                             f"Checkpoint '{incremental}' for incremental "
@@ -460,27 +456,15 @@ class SimConnection:
                     total += sim_disk.virtual_size // INCREMENTAL_FRACTION
                 else:
                     total += sim_disk.virtual_size
-            if spec.backup.effective_mode is BackupMode.PULL:
+            if spec.pull:
                 return total, True, {"disk_temp_used": 0, "disk_temp_total": total}
             return total, False, {}
-        if isinstance(spec, BlockPullSpec | BlockCommitSpec):
+        if isinstance(spec, PreparedPull | PreparedCommit):
             disk = dom.disks[spec.disk]
-            top = spec.top.index if spec.top and spec.top.index is not None else 0
-            if isinstance(spec, BlockPullSpec):
-                base = (
-                    spec.base.index
-                    if spec.base and spec.base.index is not None
-                    else len(disk.chain)
-                )
-                layers = base - top - 1
-                return disk.virtual_size * layers // max(1, len(disk.chain)), False, {}
-            base = (
-                spec.base.index
-                if spec.base and spec.base.index is not None
-                else len(disk.chain) - 1
-            )
-            layers = base - top
-            return (disk.virtual_size * layers // max(1, len(disk.chain)), top == 0, {})
+            share = disk.virtual_size // max(1, len(disk.chain))
+            if isinstance(spec, PreparedPull):
+                return share * len(spec.merged), False, {}
+            return share * len(spec.committed), spec.active, {}
         if isinstance(spec, MigrationSpec):
             dest = parse_uri(spec.destination)
             if dest.driver != "sim":
@@ -624,7 +608,7 @@ class SimConnection:
                 sj.job.reporter.progress(sj.total, sj.total, sj.extra)
                 sj.job.reporter.ready()
                 spec = sj.job.spec
-                if isinstance(spec, BlockCommitSpec) and spec.pivot and sj.phase is Phase.READY:
+                if isinstance(spec, PreparedCommit) and spec.pivot and sj.phase is Phase.READY:
                     sj.base_time = now
                     sj.phase, sj.outcome = Phase.FINISH, "completed"
                     self._schedule(sj)
@@ -660,27 +644,18 @@ class SimConnection:
             dom = self._domain(job.domain)
         except NoSuchDomain:
             raise DriverError(f"domain '{job.domain}' vanished") from None
-        if isinstance(spec, BackupJobSpec):
-            if spec.checkpoint is not None and spec.checkpoint.name is not None:
-                dom.checkpoints[spec.checkpoint.name] = tuple(
-                    d.name for d in spec.backup.included_disks()
-                )
+        if isinstance(spec, PreparedBackup):
+            if spec.checkpoint_name is not None:
+                dom.checkpoints[spec.checkpoint_name] = tuple(d.name for d in spec.disks)
             return {}
-        if isinstance(spec, BlockPullSpec):
+        if isinstance(spec, PreparedPull):
             disk = dom.disks[spec.disk]
-            top = spec.top.index if spec.top and spec.top.index is not None else 0
-            base = spec.base.index if spec.base and spec.base.index is not None else None
+            top, base = spec.top_index, spec.base_index
             disk.chain = disk.chain[: top + 1] + ([] if base is None else disk.chain[base:])
             return {}
-        if isinstance(spec, BlockCommitSpec):
+        if isinstance(spec, PreparedCommit):
             disk = dom.disks[spec.disk]
-            top = spec.top.index if spec.top and spec.top.index is not None else 0
-            base = (
-                spec.base.index
-                if spec.base and spec.base.index is not None
-                else len(disk.chain) - 1
-            )
-            disk.chain = disk.chain[:top] + disk.chain[base:]
+            disk.chain = disk.chain[: spec.top_index] + disk.chain[spec.base_index :]
             return {}
         if isinstance(spec, MigrationSpec):
             dest = parse_uri(spec.destination)
@@ -699,11 +674,11 @@ class SimConnection:
 
     def _cleanup(self, sj: SimJob, outcome: str) -> None:
         spec = sj.job.spec
-        if not isinstance(spec, BackupJobSpec):
+        if not isinstance(spec, PreparedBackup):
             return
         # files the job created: scratch files always go, push targets stay only after
         # success; reused files (REUSE_EXTERNAL) are never the job's to remove
-        if spec.backup.effective_mode is BackupMode.PULL or outcome != "completed":
+        if spec.pull or outcome != "completed":
             files = self._host_of(sj.job.domain).files
             for path in sj.created:
                 files.pop(path, None)
