@@ -2,9 +2,10 @@
 
 A driver never sees XML: it receives prepared specs (jobcore.types: every chain position,
 default, file and name resolved by the job's type) wrapped in a ``DriverJob``, and reports
-back through that job's ``JobReporter``. It computes none of jobcore's semantics again. The engine owns every state
-transition; a driver only *reports* (progress, ready, completed, failed, cancelled,
-paused-by-error) and *acts* on verbs (start, cancel, pause, resume, complete, set_speed).
+back through that job's ``JobReporter``. It computes none of jobcore's semantics again.
+The engine owns every state transition; a driver only *reports* (progress, ready,
+completed, failed, cancelled, paused-by-error) and *acts* on verbs (start, cancel, pause,
+resume, complete, set_speed).
 
 Drivers register by URI scheme under the entry-point group ``jobcore.drivers``; the entry
 point names a class with ``scheme`` and an async context manager ``connect(uri, tg)``.
@@ -27,6 +28,7 @@ from jobcore.spec import JobType
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
+    from jobcore.lifecycle import Verb
     from jobcore.registry import BuiltinPrepared
     from jobcore.types.base import JobSpec
     from jobcore.uri import URI
@@ -218,6 +220,13 @@ class DriverConnection(Protocol):
         """Finish a job waiting in 'ready' (pivot, or end a pull backup); report completed."""
 
     async def set_speed(self, job: DriverJob, bandwidth: int | None) -> None: ...
+
+
+def job_verbs(dconn: object, job_type: str, type_verbs: frozenset[Verb]) -> frozenset[Verb]:
+    """The verbs a job of ``job_type`` accepts on ``dconn``: its type's (``type_verbs``),
+    narrowed by the connection's ``job_verbs`` where it has an entry for the type."""
+    narrowed: Mapping[str, frozenset[Verb]] = getattr(dconn, "job_verbs", None) or {}
+    return type_verbs & narrowed.get(job_type, type_verbs)
 
 
 class Driver(Protocol):

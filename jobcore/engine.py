@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from structlog.stdlib import BoundLogger
 
 from jobcore import constants as C
-from jobcore.driver import DriverConnection, DriverJob
+from jobcore.driver import DriverConnection, DriverJob, job_verbs
 from jobcore.errors import (
     AccessDenied,
     DriverError,
@@ -42,7 +42,6 @@ from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscript
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import (
-    ALL_VERBS,
     LEGACY_JOB_TYPE,
     REPORT_TARGET,
     TRANSITIONS,
@@ -445,8 +444,7 @@ class Engine:
     def job_verbs(self, rec: JobRecord) -> frozenset[Verb]:
         """The verbs ``rec`` accepts at all: its type's, narrowed by the driver's
         ``job_verbs`` (lifecycle.check_verb refuses the others before the driver is asked)."""
-        narrowed: Mapping[str, frozenset[Verb]] = getattr(self.dconn, "job_verbs", {})
-        return rec.info.verbs & narrowed.get(rec.type, ALL_VERBS)
+        return job_verbs(self.dconn, rec.type, rec.info.verbs)
 
     async def abort(self, rec: JobRecord) -> None:
         async with self._verb_lock(rec):

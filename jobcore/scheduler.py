@@ -2,8 +2,9 @@
 
 Each prepared spec yields claims (``Claim(resource, mode)``) on a domain, its disks and
 backup target files: its type says which (``JobTypeInfo.claims``, in jobcore.types). Two
-claims on the same resource conflict when the matrix says their modes do. Admission looks only at the claimed resources' holders and waiters, so its cost does
-not grow with the number of jobs.
+claims on the same resource conflict when the matrix says their modes do. Admission looks
+only at the claimed resources' holders and waiters, so its cost does not grow with the
+number of jobs.
 """
 
 from __future__ import annotations
