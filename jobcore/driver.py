@@ -17,25 +17,19 @@ import time
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument
-from jobcore.spec import JobType
+from jobcore.spec import JobSpec, JobType
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from jobcore.lifecycle import Verb
-    from jobcore.registry import BuiltinPrepared
-    from jobcore.types.base import JobSpec
     from jobcore.uri import URI
-
-    #: what ``DriverJob.spec`` holds: a built-in type's prepared spec (PreparedBackup,
-    #: PreparedPull, PreparedCommit, MigrationSpec) or a registered type's own
-    PreparedSpec: TypeAlias = BuiltinPrepared | JobSpec
 
 
 @frozen
@@ -135,7 +129,10 @@ class DriverJob:
     uuid: uuid.UUID
     type: JobType
     domain: str
-    spec: PreparedSpec
+    #: the prepared spec (its type's ``prepare`` ran against the domain): a built-in
+    #: type's is a PreparedBackup, PreparedPull, PreparedCommit or MigrationSpec
+    #: (jobcore.types); a registered type's is whatever its ``prepare`` returns
+    spec: JobSpec
     reporter: JobReporter
 
 

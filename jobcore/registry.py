@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
-from typing import TypeAlias
 
 from jobcore.errors import Unsupported
 from jobcore.types import backup, chain, migration
@@ -17,11 +16,6 @@ from jobcore.types.base import JobTypeInfo
 
 #: the built-in types, in the order they are documented
 BUILTIN_TYPES: tuple[JobTypeInfo, ...] = (*backup.INFOS, *chain.INFOS, *migration.INFOS)
-
-#: every prepared spec a built-in type's ``prepare`` returns (what drivers get)
-BuiltinPrepared: TypeAlias = (
-    backup.PreparedBackup | chain.PreparedPull | chain.PreparedCommit | migration.MigrationSpec
-)
 
 
 class Registry:

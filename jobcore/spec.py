@@ -12,7 +12,8 @@ file, identities as ``uuid.UUID``.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+import uuid
+from typing import Any, ClassVar, Protocol
 
 from attrs import field, frozen, validators
 
@@ -100,3 +101,16 @@ class JobOptions:
     )
     #: seconds an ended job keeps its final info and stats; None = the connection default
     retention: float | None = field(default=None, validator=seconds)
+
+
+class JobSpec(Protocol):
+    """What every spec class offers, built-in or registered, prepared or not (a
+    prepared spec, what a driver gets, keeps its type's TYPE)."""
+
+    TYPE: ClassVar[JobType]
+
+    @property
+    def uuid(self) -> uuid.UUID | None: ...
+
+    @property
+    def options(self) -> JobOptions: ...

@@ -47,6 +47,7 @@ from jobcore.backup import (
 )
 from jobcore.errors import (
     DriverError,
+    InvalidArgument,
     NoSuchDomain,
     OperationInvalid,
     Unsupported,
@@ -444,13 +445,13 @@ async def test_block_commit_active_ready_then_complete_or_auto_pivot(tmp_path: P
         compare(m2, ref2, "-F", "raw")
 
 
-async def test_commit_refused_by_qemu_is_driver_error(tmp_path: Path) -> None:
+async def test_commit_without_backing_is_refused_before_the_driver(tmp_path: Path) -> None:
+    """The type's prepare refuses it (the driver never re-checks the chain positions)."""
     lone = create(tmp_path / "lone.qcow2", "16M")
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": lone}))
-        job, _ = await make_job(conn, "vm1", BlockCommitSpec("vda"))
-        with pytest.raises(DriverError, match="no backing chain"):
-            await conn.start(job)
+        with pytest.raises(InvalidArgument, match="no backing file to commit into"):
+            await make_job(conn, "vm1", BlockCommitSpec("vda"))
 
 
 # ===================================================== killed process, migration

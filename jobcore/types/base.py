@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument
 from jobcore.lifecycle import ALL_VERBS, Verb
 from jobcore.paths import Access, PathUse
-from jobcore.spec import JobOptions, JobType
+from jobcore.spec import JobOptions, JobSpec, JobType
 
 if TYPE_CHECKING:
     import uuid
@@ -25,18 +25,6 @@ if TYPE_CHECKING:
 
     from jobcore.driver import DiskInfo, DomainInfo
     from jobcore.scheduler import Claim
-
-
-class JobSpec(Protocol):
-    """What every spec class offers, built-in or registered."""
-
-    TYPE: ClassVar[JobType]
-
-    @property
-    def uuid(self) -> uuid.UUID | None: ...
-
-    @property
-    def options(self) -> JobOptions: ...
 
 
 class XMLCodec(Protocol):
