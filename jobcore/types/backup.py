@@ -15,6 +15,7 @@ from lxml import etree
 from jobcore import constants as C
 from jobcore.backup import (
     BackupDef,
+    BackupDisk,
     BackupMode,
     CheckpointDef,
     CheckpointKind,
@@ -166,7 +167,7 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> Prepare
 
 
 def _prepared_disk(
-    d: Any, mode: BackupMode, checkpoint: CheckpointDef | None
+    d: BackupDisk, mode: BackupMode, checkpoint: CheckpointDef | None
 ) -> PreparedBackupDisk:
     assert d.store is not None and d.type is not None  # align_backup filled them
     incremental = None if d.backupmode is DiskBackupMode.FULL else d.incremental

@@ -15,7 +15,6 @@ from lxml import etree
 
 from jobcore import constants as C
 from jobcore.errors import InvalidArgument
-from jobcore.lifecycle import ALL_VERBS, Verb
 from jobcore.paths import PathUse
 from jobcore.scheduler import Claim, Mode, disk_resource, domain_resource
 from jobcore.spec import ChainRef, JobOptions, JobType, int64
@@ -275,7 +274,6 @@ BLOCKPULL = JobTypeInfo(
     operation=C.VIR_DOMAIN_JOB_OPERATION_UNKNOWN,
     prepare=prepare_pull,
     paths=pull_paths,
-    verbs=ALL_VERBS - {Verb.COMPLETE},  # a pull never waits in 'ready'
 )
 
 BLOCKCOMMIT = JobTypeInfo(

@@ -14,7 +14,6 @@ from lxml import etree
 
 from jobcore import constants as C
 from jobcore.errors import InvalidArgument, JobError
-from jobcore.lifecycle import ALL_VERBS, Verb
 from jobcore.paths import PathUse
 from jobcore.scheduler import Claim, Mode, domain_resource
 from jobcore.spec import JobOptions, JobType, int64
@@ -124,7 +123,6 @@ MIGRATION = JobTypeInfo(
     progress_keys="data",
     prepare=prepare_migration,
     paths=migration_paths,
-    verbs=ALL_VERBS - {Verb.COMPLETE},  # a migration never waits in 'ready'
 )
 
 INFOS = (MIGRATION,)
