@@ -17,7 +17,7 @@ import anyio
 
 import jobcore
 from jobcore.backup import BackupDef, BackupDisk, BackupStore
-from jobcore.spec import BackupJobSpec
+from jobcore.types.backup import BackupJobSpec
 
 N_THROUGHPUT = 5000
 

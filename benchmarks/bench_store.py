@@ -23,7 +23,7 @@ import anyio
 
 import jobcore
 from jobcore.backup import BackupDef, BackupDisk, BackupStore
-from jobcore.spec import BackupJobSpec
+from jobcore.types.backup import BackupJobSpec
 
 N_JOBS = int(os.environ.get("BENCH_STORE_JOBS", "2000"))
 CLIENTS = 32

@@ -46,15 +46,10 @@ from jobcore.facade import (
 )
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState, Verb
-from jobcore.spec import (
-    BackupJobSpec,
-    BlockCommitSpec,
-    BlockPullSpec,
-    ChainRef,
-    JobOptions,
-    JobType,
-    MigrationSpec,
-)
+from jobcore.spec import ChainRef, JobOptions, JobType
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.migration import MigrationSpec
 
 __all__ = [
     "LEGACY_DOMAIN_JOB_UUID",

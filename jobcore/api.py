@@ -24,14 +24,7 @@ from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.paths import PathGuard
-from jobcore.spec import (
-    MAX_INT64,
-    BackupJobSpec,
-    BlockCommitSpec,
-    BlockPullSpec,
-    ChainRef,
-    JobType,
-)
+from jobcore.spec import MAX_INT64, ChainRef, JobType
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -41,6 +34,8 @@ from jobcore.store import (
     open_store,
 )
 from jobcore.store_sqlite import SQLiteJobStore, parse_store_url
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.uri import parse_uri
 from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
 

@@ -1,5 +1,6 @@
 """Render the lifecycle, conflict and flag tables (the data in jobcore.lifecycle,
-jobcore.scheduler and jobcore.flags) as markdown: ``python -m jobcore.docgen > design/tables.md``.
+jobcore.registry's job types, jobcore.scheduler and jobcore.flags) as markdown, with a
+state diagram drawn from the same tables: ``python -m jobcore.docgen > design/tables.md``.
 A test checks that design/tables.md is exactly this output."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from jobcore import constants as C
 from jobcore.flags import FLAG_NAMES, JOB_BEGIN_TYPE_FLAG_NAMES
 from jobcore.lifecycle import (
+    INITIAL,
     REPORT_TARGET,
     STATE_DOC,
     TERMINAL,
@@ -17,6 +19,7 @@ from jobcore.lifecycle import (
     Report,
     Verb,
 )
+from jobcore.registry import BUILTIN_TYPES
 from jobcore.scheduler import CONFLICTS, Mode
 
 
@@ -26,6 +29,31 @@ def _grid(
     out = [f"| {corner} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         out.append(f"| **{r}** | " + " | ".join(cell.get((r, c), "") for c in cols) + " |")
+    return out
+
+
+def state_diagram() -> list[str]:
+    """A Mermaid ``stateDiagram-v2`` of TRANSITIONS, each edge labelled with the verbs
+    (VERB_TARGET) and driver reports (REPORT_TARGET) that take it; an unlabelled edge is
+    the engine's own (admission, a queue timeout, a closing connection)."""
+    labels: dict[tuple[JobState, JobState], list[str]] = {}
+    for (verb, state), target in VERB_TARGET.items():
+        if target is not state:
+            labels.setdefault((state, target), []).append(verb.value)
+    for (report, state), path in REPORT_TARGET.items():
+        for a, b in zip((state, *path), path, strict=False):
+            names = labels.setdefault((a, b), [])
+            if f"⟨{report.value}⟩" not in names:
+                names.append(f"⟨{report.value}⟩")
+    out = ["```mermaid", "stateDiagram-v2"]
+    out += [f"    [*] --> {s.value}" for s in JobState if s in INITIAL]
+    for a in JobState:
+        for b in JobState:
+            if b in TRANSITIONS[a]:
+                label = ", ".join(labels.get((a, b), []))
+                out.append(f"    {a.value} --> {b.value}" + (f": {label}" if label else ""))
+    out += [f"    {s.value} --> [*]" for s in JobState if s in TERMINAL]
+    out.append("```")
     return out
 
 
@@ -41,6 +69,16 @@ def render() -> str:
     for s in JobState:
         kind = "terminal" if s in TERMINAL else "active"
         lines.append(f"- `{s.value}` ({kind}): {STATE_DOC[s]}")
+    lines += [
+        "",
+        "## State diagram",
+        "",
+        "Drawn from the tables below: an edge is a transition; its label names the verbs",
+        "and the ⟨driver reports⟩ that take it (unlabelled: the engine's own moves —",
+        "admission, a queue timeout, a closing connection).",
+        "",
+        *state_diagram(),
+    ]
     lines += ["", "## Transitions (row: from, column: to)", ""]
     cells = {(a.value, b.value): "✓" for a in JobState for b in TRANSITIONS[a]}
     lines += _grid(states, states, cells, "from \\ to")
@@ -51,7 +89,15 @@ def render() -> str:
             target = VERB_TARGET.get((verb, state), state)
             vcells[(verb.value, state.value)] = "✓" if target == state else f"→ {target.value}"
     lines += _grid([v.value for v in Verb], states, vcells, "verb \\ state")
+    lines += ["", "## Verbs per job type (✓: the type accepts the verb at all)", ""]
+    types = [str(info.type) for info in BUILTIN_TYPES]
+    tcells = {(str(i.type), v.value): "✓" for i in BUILTIN_TYPES for v in i.verbs}
+    lines += _grid(types, [v.value for v in Verb], tcells, "type \\ verb")
     lines += [
+        "",
+        "A driver may accept fewer verbs for a type (`DriverConnection.job_verbs`); the",
+        "engine's one check (`lifecycle.check_verb`) consults the verb table above, the",
+        "type's row here and the driver's narrowing, before the driver is asked.",
         "",
         "A refused verb raises `OperationInvalid`: "
         "`job '<uuid>' in state '<state>' cannot accept verb '<verb>'`. The state changes",

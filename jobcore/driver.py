@@ -1,9 +1,11 @@
 """The narrow, async protocol between the engine and a hypervisor driver.
 
-A driver never sees XML: it receives typed specs (jobcore.spec) wrapped in a ``DriverJob``
-and reports back through that job's ``JobReporter``. The engine owns every state
-transition; a driver only *reports* (progress, ready, completed, failed, cancelled,
-paused-by-error) and *acts* on verbs (start, cancel, pause, resume, complete, set_speed).
+A driver never sees XML: it receives prepared specs (jobcore.types: every chain position,
+default, file and name resolved by the job's type) wrapped in a ``DriverJob``, and reports
+back through that job's ``JobReporter``. It computes none of jobcore's semantics again.
+The engine owns every state transition; a driver only *reports* (progress, ready,
+completed, failed, cancelled, paused-by-error) and *acts* on verbs (start, cancel, pause,
+resume, complete, set_speed).
 
 Drivers register by URI scheme under the entry-point group ``jobcore.drivers``; the entry
 point names a class with ``scheme`` and an async context manager ``connect(uri, tg)``.
@@ -15,17 +17,18 @@ import time
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument
-from jobcore.spec import JobType
+from jobcore.spec import JobSpec, JobType
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
+    from jobcore.lifecycle import Verb
     from jobcore.uri import URI
 
 
@@ -126,7 +129,10 @@ class DriverJob:
     uuid: uuid.UUID
     type: JobType
     domain: str
-    spec: Any
+    #: the prepared spec (its type's ``prepare`` ran against the domain): a built-in
+    #: type's is a PreparedBackup, PreparedPull, PreparedCommit or MigrationSpec
+    #: (jobcore.types); a registered type's is whatever its ``prepare`` returns
+    spec: JobSpec
     reporter: JobReporter
 
 
@@ -165,6 +171,11 @@ class DriverConnection(Protocol):
 
     uri: str
     clock: Clock
+
+    # Optional: ``job_verbs: Mapping[str, frozenset[Verb]]``, job type -> the verbs this
+    # driver accepts for it, where it accepts fewer than the type does (JobTypeInfo.verbs;
+    # e.g. qemu cannot pause a migration). The engine refuses the others with
+    # OperationInvalid before calling the driver; a type not listed keeps its own set.
 
     def supports(self, job_type: JobType) -> bool: ...
 
@@ -206,6 +217,13 @@ class DriverConnection(Protocol):
         """Finish a job waiting in 'ready' (pivot, or end a pull backup); report completed."""
 
     async def set_speed(self, job: DriverJob, bandwidth: int | None) -> None: ...
+
+
+def job_verbs(dconn: object, job_type: str, type_verbs: frozenset[Verb]) -> frozenset[Verb]:
+    """The verbs a job of ``job_type`` accepts on ``dconn``: its type's (``type_verbs``),
+    narrowed by the connection's ``job_verbs`` where it has an entry for the type."""
+    narrowed: Mapping[str, frozenset[Verb]] = getattr(dconn, "job_verbs", None) or {}
+    return type_verbs & narrowed.get(job_type, type_verbs)
 
 
 class Driver(Protocol):

@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from structlog.stdlib import BoundLogger
 
 from jobcore import constants as C
-from jobcore.driver import DriverConnection, DriverJob
+from jobcore.driver import DriverConnection, DriverJob, job_verbs
 from jobcore.errors import (
     AccessDenied,
     DriverError,
@@ -441,10 +441,15 @@ class Engine:
         except Exception as exc:
             raise _as_job_error(exc) from exc
 
+    def job_verbs(self, rec: JobRecord) -> frozenset[Verb]:
+        """The verbs ``rec`` accepts at all: its type's, narrowed by the driver's
+        ``job_verbs`` (lifecycle.check_verb refuses the others before the driver is asked)."""
+        return job_verbs(self.dconn, rec.type, rec.info.verbs)
+
     async def abort(self, rec: JobRecord) -> None:
         async with self._verb_lock(rec):
             await self._started(rec)
-            target = check_verb(rec.uuid, rec.state, Verb.ABORT)
+            target = check_verb(rec.uuid, rec.state, Verb.ABORT, self.job_verbs(rec))
             if target.terminal:  # a queued job ends at once
                 self._finish(rec, target)
                 return
@@ -469,7 +474,7 @@ class Engine:
     async def _verb(self, rec: JobRecord, verb: Verb, method: str) -> None:
         async with self._verb_lock(rec):
             await self._started(rec)
-            check_verb(rec.uuid, rec.state, verb)
+            check_verb(rec.uuid, rec.state, verb, self.job_verbs(rec))
             await self._drive(rec, method)
             self._accepted(rec, verb)
 
@@ -504,7 +509,7 @@ class Engine:
             )
         async with self._verb_lock(rec):
             await self._started(rec)
-            check_verb(rec.uuid, rec.state, Verb.SET_SPEED)
+            check_verb(rec.uuid, rec.state, Verb.SET_SPEED, self.job_verbs(rec))
             if rec.state is S.QUEUED:
                 if hasattr(rec.spec, "bandwidth"):
                     rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)

@@ -1,10 +1,12 @@
-"""Job states, verbs, and the two tables that govern them.
+"""Job states, verbs, and the tables that govern them.
 
 The tables are data: ``TRANSITIONS`` (which state may follow which), ``VERBS`` (which
-user verb each state accepts) and ``REPORT_TARGET`` (what a driver report does in each
-state). The engine's single ``transition()`` consults the first; ``check_verb()`` the
-second; the engine's report handling the third. design/tables.md and the property tests
-are generated from / checked against the same objects.
+user verb each state accepts; a job's type, and its driver, may accept fewer verbs at
+all: ``JobTypeInfo.verbs``, ``DriverConnection.job_verbs``) and ``REPORT_TARGET`` (what a
+driver report does in each state). The engine's single ``transition()`` consults the
+first; ``check_verb()`` the second, with the job's verb set; the engine's report handling
+the third. design/tables.md (tables and state diagram) and the property kit are generated
+from / checked against the same objects.
 """
 
 from __future__ import annotations
@@ -82,7 +84,10 @@ class Verb(enum.StrEnum):
     SET_SPEED = "set-speed"
 
 
-#: verb -> the states that accept it (the job's type may refuse further; see engine).
+#: every verb: what a job type, and a driver, accepts unless it says otherwise
+ALL_VERBS: frozenset[Verb] = frozenset(Verb)
+
+#: verb -> the states that accept it (the job's type may refuse further; see check_verb).
 VERBS: dict[Verb, frozenset[JobState]] = {
     Verb.ABORT: frozenset({S.QUEUED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY}),
     Verb.PAUSE: frozenset({S.RUNNING, S.READY}),
@@ -146,8 +151,24 @@ def transition_allowed(old: JobState, new: JobState) -> bool:
     return new in TRANSITIONS[old]
 
 
-def check_verb(job: uuid.UUID, state: JobState, verb: Verb) -> JobState:
-    """Return the state ``verb`` moves the job to, or raise OperationInvalid."""
+def accepts(state: JobState, verb: Verb, verbs: frozenset[Verb] = ALL_VERBS) -> bool:
+    """Whether a job in ``state`` whose type (and driver) accept ``verbs`` takes ``verb``."""
+    return verb in verbs and state in VERBS[verb]
+
+
+def check_verb(
+    job: uuid.UUID, state: JobState, verb: Verb, verbs: frozenset[Verb] = ALL_VERBS
+) -> JobState:
+    """Return the state ``verb`` moves the job to, or raise OperationInvalid. ``verbs``:
+    the verbs the job accepts at all (its type's, narrowed by its driver's)."""
+    if verb not in verbs:
+        raise OperationInvalid(
+            f"job '{job}' in state '{state}' cannot accept verb '{verb}': its job type "
+            "(on this driver) never does",
+            job=job,
+            state=str(state),
+            verb=str(verb),
+        )
     if state not in VERBS[verb]:
         raise OperationInvalid(
             f"job '{job}' in state '{state}' cannot accept verb '{verb}'",

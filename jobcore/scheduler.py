@@ -1,9 +1,10 @@
 """Admission of jobs: resource claims, the conflict matrix, and FIFO queues.
 
-Each spec yields claims (``Claim(resource, mode)``) on a domain, its disks and backup
-target files. Two claims on the same resource conflict when the matrix says their modes
-do. Admission looks only at the claimed resources' holders and waiters, so its cost does
-not grow with the number of jobs.
+Each prepared spec yields claims (``Claim(resource, mode)``) on a domain, its disks and
+backup target files: its type says which (``JobTypeInfo.claims``, in jobcore.types). Two
+claims on the same resource conflict when the matrix says their modes do. Admission looks
+only at the claimed resources' holders and waiters, so its cost does not grow with the
+number of jobs.
 """
 
 from __future__ import annotations
@@ -14,16 +15,10 @@ import itertools
 import os
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from attrs import define, field, frozen
 
-from jobcore.backup import BackupMode, ServerTransport
 from jobcore.errors import JobConflict
-
-if TYPE_CHECKING:
-    from jobcore.driver import DomainInfo
-    from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, MigrationSpec
 
 
 class Mode(enum.StrEnum):
@@ -79,41 +74,6 @@ def normalize_path(path: str) -> str:
 def file_resource(path: str) -> str:
     """The resource of a file a job writes or creates (target, scratch, NBD socket)."""
     return f"file:{normalize_path(path)}"
-
-
-def backup_socket(spec: BackupJobSpec) -> str | None:
-    """The UNIX socket a pull backup names for its NBD server, if it names one."""
-    server = spec.backup.server
-    if spec.backup.effective_mode is not BackupMode.PULL or server is None:
-        return None
-    if server.transport is not ServerTransport.UNIX or not server.socket:
-        return None
-    return server.socket
-
-
-def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
-    claims = [Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED)]
-    files: dict[str, None] = {}
-    for disk in spec.backup.included_disks():
-        claims.append(Claim(disk_resource(dom.name, disk.name), Mode.READ))
-        if disk.store is not None:
-            files[file_resource(disk.store.path)] = None
-    sock = backup_socket(spec)
-    if sock is not None:  # the NBD server creates it: two jobs must not share it
-        files[file_resource(sock)] = None
-    claims.extend(Claim(name, Mode.WRITE) for name in files)
-    return tuple(claims)
-
-
-def chain_claims(spec: BlockPullSpec | BlockCommitSpec, dom: DomainInfo) -> tuple[Claim, ...]:
-    return (
-        Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED),
-        Claim(disk_resource(dom.name, spec.disk), Mode.CHAIN),
-    )
-
-
-def migration_claims(spec: MigrationSpec, dom: DomainInfo) -> tuple[Claim, ...]:
-    return (Claim(domain_resource(dom.name), Mode.DOMAIN_EXCLUSIVE),)
 
 
 @frozen

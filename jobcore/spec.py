@@ -1,20 +1,21 @@
-"""Typed job descriptions: one frozen value class per job type.
+"""What every job description shares: the type name, the scheduling options, chain
+positions and the value checks.
 
-A spec is what ``JobBegin`` hands the engine and the engine hands a driver; it is what the
-universal ``<job>`` XML parses into and formats from (jobcore.xml). Values are normalised:
-bandwidth in bytes/s whatever unit was written, durations in seconds or milliseconds as
-named, chain positions as an index or a file, identities as ``uuid.UUID``.
+Each job type's own spec class lives with everything else about that type in
+jobcore.types (backup, chain, migration). A spec is what the universal ``<job>`` XML
+parses into and formats from (jobcore.xml); its type's ``prepare`` turns it into the
+prepared spec a driver gets. Values are normalised: bandwidth in bytes/s whatever unit was
+written, durations in seconds or milliseconds as named, chain positions as an index or a
+file, identities as ``uuid.UUID``.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from attrs import field, frozen, validators
-
-from jobcore.backup import BackupDef, CheckpointDef
 
 
 class JobType(str):
@@ -48,28 +49,28 @@ MAX_INT64 = (1 << 63) - 1
 MAX_SECONDS = 1e9
 
 
-def _non_negative(_inst: object, attribute: object, value: Any) -> None:
+def non_negative(_inst: object, attribute: object, value: Any) -> None:
     if value is not None and value < 0:
         raise ValueError(f"{getattr(attribute, 'name', '?')} must not be negative")
 
 
-def _int64(_inst: object, attribute: object, value: Any) -> None:
+def int64(_inst: object, attribute: object, value: Any) -> None:
     """None or an integer in 0…MAX_INT64 (bytes/s, ms)."""
-    _non_negative(_inst, attribute, value)
+    non_negative(_inst, attribute, value)
     if value is not None and value > MAX_INT64:
         raise ValueError(
             f"{getattr(attribute, 'name', '?')} {value} is too large: the maximum is {MAX_INT64}"
         )
 
 
-def _seconds(_inst: object, attribute: object, value: Any) -> None:
+def seconds(_inst: object, attribute: object, value: Any) -> None:
     """None or a finite number of seconds in 0…MAX_SECONDS."""
     name = getattr(attribute, "name", "?")
     if value is None:
         return
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number of seconds, not {value}")
-    _non_negative(_inst, attribute, value)
+    non_negative(_inst, attribute, value)
     if value > MAX_SECONDS:
         raise ValueError(f"{name} {value} s is too long: the maximum is {MAX_SECONDS:.0f} s")
 
@@ -78,7 +79,7 @@ def _seconds(_inst: object, attribute: object, value: Any) -> None:
 class ChainRef:
     """A position in a disk's backing chain: ``index`` (0 = active layer) or ``file``."""
 
-    index: int | None = field(default=None, validator=_non_negative)
+    index: int | None = field(default=None, validator=non_negative)
     file: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -93,76 +94,23 @@ class JobOptions:
     #: wait in a FIFO queue when a resource is busy instead of failing with JobConflict
     queue: bool = False
     #: seconds a queued job waits before it fails with QueueTimeout; None = forever
-    queue_timeout: float | None = field(default=None, validator=_seconds)
+    queue_timeout: float | None = field(default=None, validator=seconds)
     #: higher runs first among queued jobs; FIFO within one priority
     priority: int = field(
         default=0, validator=validators.and_(validators.ge(-1000), validators.le(1000))
     )
     #: seconds an ended job keeps its final info and stats; None = the connection default
-    retention: float | None = field(default=None, validator=_seconds)
+    retention: float | None = field(default=None, validator=seconds)
 
 
-@frozen
-class BackupJobSpec:
-    backup: BackupDef = BackupDef()
-    checkpoint: CheckpointDef | None = None
-    uuid: uuid.UUID | None = None
-    options: JobOptions = JobOptions()
-    #: VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL: targets and scratch files exist already and
-    #: are used as they are (after a format and size check), never created nor removed.
-    #: Set by the engine from JobBegin's flags; not part of the job XML.
-    reuse_external: bool = False
+class JobSpec(Protocol):
+    """What every spec class offers, built-in or registered, prepared or not (a
+    prepared spec, what a driver gets, keeps its type's TYPE)."""
 
-    TYPE: ClassVar[JobType] = JobType.BACKUP
-
-
-@frozen
-class BlockPullSpec:
-    disk: str
-    base: ChainRef | None = None  # None: pull everything below top
-    top: ChainRef | None = None  # None: the active layer (index 0)
-    bandwidth: int | None = field(default=None, validator=_int64)  # bytes/s
-    uuid: uuid.UUID | None = None
-    options: JobOptions = JobOptions()
-
-    TYPE: ClassVar[JobType] = JobType.BLOCKPULL
-
-
-@frozen
-class BlockCommitSpec:
-    disk: str
-    top: ChainRef | None = None  # None: the active layer -> active commit
-    base: ChainRef | None = None  # None: the deepest layer
-    pivot: bool = False  # active commit: pivot once ready instead of waiting in 'ready'
-    delete: bool = False
-    shallow: bool = False
-    bandwidth: int | None = field(default=None, validator=_int64)
-    uuid: uuid.UUID | None = None
-    options: JobOptions = JobOptions()
-
-    TYPE: ClassVar[JobType] = JobType.BLOCKCOMMIT
+    TYPE: ClassVar[JobType]
 
     @property
-    def active(self) -> bool:
-        """True when the commit's top is the active layer (it goes through 'ready')."""
-        return self.top is None or self.top.index == 0
+    def uuid(self) -> uuid.UUID | None: ...
 
-
-@frozen
-class MigrationSpec:
-    destination: str  # a connection URI, e.g. 'sim:///other' or 'qemu:///session'
-    live: bool = False
-    postcopy: bool = False
-    persistent: bool = False
-    undefine_source: bool = False
-    bandwidth: int | None = field(default=None, validator=_int64)  # bytes/s
-    downtime_limit: int | None = field(default=None, validator=_int64)  # ms
-    uuid: uuid.UUID | None = None
-    options: JobOptions = JobOptions()
-
-    TYPE: ClassVar[JobType] = JobType.MIGRATION
-
-
-#: Built-in specs. Registered types bring their own classes, which must have
-#: ``uuid``, ``options`` and a ``TYPE`` class attribute (see jobcore.registry.JobSpec).
-BuiltinSpec = BackupJobSpec | BlockPullSpec | BlockCommitSpec | MigrationSpec
+    @property
+    def options(self) -> JobOptions: ...

@@ -29,8 +29,8 @@ from jobcore.spec import JobType
 if TYPE_CHECKING:
     from structlog.stdlib import BoundLogger
 
-    from jobcore.registry import JobTypeInfo
     from jobcore.scheduler import Ticket
+    from jobcore.types import JobTypeInfo
 
 
 @define(eq=False)

@@ -16,6 +16,10 @@ failures, while checking after every step:
 A driver author subclasses it, sets ``URI`` and ``BACKEND``, overrides ``templates()``
 (and ``advance()`` if time is not a manual sim clock), and runs
 ``TestCase = MyMachine.TestCase``. See tests/test_lifecycle_kit.py for the sim driver.
+
+Tests that drive a driver connection directly give it what the engine would:
+``prepare_spec(spec, dom)`` / ``prepare_job(xml, dom)`` return the prepared spec of a job
+on a domain (its ``DomainInfo``), every position and default resolved by its type.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from hypothesis.stateful import (
 
 from jobcore import constants as C
 from jobcore.api import LEGACY_DOMAIN_JOB_UUID
+from jobcore.driver import DomainInfo, job_verbs
 from jobcore.errors import (
     DriverError,
     InvalidArgument,
@@ -51,7 +56,31 @@ from jobcore.facade import BlockingConnection, BlockingDomain, BlockingJob
 from jobcore.facade import JobBegin as _JobBegin
 from jobcore.facade import JobLookupByUUID as _JobLookupByUUID
 from jobcore.facade import open as _open
-from jobcore.lifecycle import INITIAL, TRANSITIONS, VERBS, JobState, Verb
+from jobcore.lifecycle import INITIAL, TRANSITIONS, JobState, Verb, accepts
+from jobcore.registry import registry
+
+
+def prepare_spec(
+    spec: Any, dom: DomainInfo, *, wall: float | None = None, reuse_external: bool = False
+) -> Any:
+    """``spec`` as the engine hands it to a driver for a job on ``dom``: with a UUID (a
+    new one if it has none), REUSE_EXTERNAL as the flag sets it (backups), and prepared by
+    its type against the domain (``wall``: the Unix time default names use; now)."""
+    info = registry.for_spec(spec)
+    if reuse_external:
+        spec = attrs.evolve(spec, reuse_external=True)
+    if spec.uuid is None:
+        spec = attrs.evolve(spec, uuid=uuid.uuid4())
+    if info.prepare is None:
+        return spec
+    return info.prepare(spec, dom, time.time() if wall is None else wall)
+
+
+def prepare_job(xml: str, dom: DomainInfo, **kw: Any) -> Any:
+    """``prepare_spec`` of a ``<job>`` document."""
+    from jobcore.xml import parse_job
+
+    return prepare_spec(parse_job(xml), dom, **kw)
 
 
 @attrs.frozen
@@ -307,12 +336,18 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             call(seen.job)
         except OperationInvalid as exc:
             if exc.state is not None and exc.verb == str(verb):
-                assert JobState(exc.state) not in VERBS[verb], (
+                assert not accepts(JobState(exc.state), verb, self._job_verbs(seen)), (
                     f"{verb} refused in {exc.state}, which accepts it"
                 )
         except (DriverError, Unsupported):
             pass  # the hypervisor refused: the engine rolled back or failed the job
         self._drain_events()
+
+    def _job_verbs(self, seen: _Seen) -> frozenset[Verb]:
+        """The verbs the job accepts at all: its type's, narrowed by the driver's."""
+        assert seen.job is not None
+        job_type = seen.job.type
+        return job_verbs(self.conn.driver, job_type, registry.get(job_type).verbs)
 
     @rule(data=st.data())
     def abort(self, data: st.DataObject) -> None:

@@ -6,17 +6,16 @@ import os
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from attrs import define, field
 
 from drivers.qemu.rundir import LOCK, LOCK_MARKER, escape_option
-from jobcore.driver import DriverJob
-from jobcore.spec import JobType
+from jobcore.driver import DomainInfo, DriverJob
+from jobcore.testing import prepare_spec
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -83,9 +82,18 @@ class RecordingReporter:
         return self.terminal
 
 
-def make_job(job_type: JobType, domain: str, spec: Any) -> tuple[DriverJob, RecordingReporter]:
+class _Domains(Protocol):
+    async def lookup_domain(self, name: str) -> DomainInfo: ...
+
+
+async def make_job(
+    conn: _Domains, domain: str, spec: Any, **prepare: Any
+) -> tuple[DriverJob, RecordingReporter]:
+    """The job the engine would hand ``conn`` for ``spec`` on ``domain`` (prepared against
+    the domain as it is now; ``prepare``: jobcore.testing.prepare_spec's options)."""
     rep = RecordingReporter()
-    return DriverJob(uuid.uuid4(), job_type, domain, spec, rep), rep
+    prepared = prepare_spec(spec, await conn.lookup_domain(domain), **prepare)
+    return DriverJob(prepared.uuid, prepared.TYPE, domain, prepared, rep), rep
 
 
 def run(*argv: str) -> str:

@@ -20,7 +20,7 @@ import jobcore
 from jobcore.paths import Access, PathKind, PathUse, check_owned, owner_guard
 from jobcore.protocol import AccessDenied
 from jobcore.registry import registry
-from jobcore.spec import BackupJobSpec
+from jobcore.types.backup import BackupJobSpec
 
 ME = os.getuid()
 OTHER = 12345 if ME != 12345 else 12346

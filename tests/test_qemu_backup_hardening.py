@@ -38,8 +38,7 @@ from jobcore.api import Domain, Job
 from jobcore.backup import BackupDef, BackupDisk
 from jobcore.errors import DriverError, InvalidArgument, JobConflict, Unsupported
 from jobcore.jobctl import ExitCode
-from jobcore.scheduler import backup_claims
-from jobcore.spec import BackupJobSpec, JobType
+from jobcore.types.backup import BackupJobSpec, backup_claims
 from jobcore.xml import parse_job
 
 REUSE = VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
@@ -338,7 +337,7 @@ async def test_a_runner_never_takes_over_or_drops_another_jobs_qemu_job(
         spec = BackupJobSpec(BackupDef(disks=(BackupDisk("vda"),)))
         runners = []
         for _ in range(2):
-            job, _rep = make_job(JobType.BACKUP, "vm1", spec)
+            job, _rep = await make_job(dconn, "vm1", spec)
             runners.append(BackupRunner(conn=dconn, job=job, domain=d, proc=d.process))
         one, two = runners
         assert one.job_id("backup", "vda") != two.job_id("backup", "vda")
@@ -398,7 +397,7 @@ async def test_refused_pull_keeps_the_checkpoint_bitmaps(
         # and through the driver directly (a queued job starts without the begin check)
         spec = parse_job(cases[0][1])
         assert isinstance(spec, BackupJobSpec)
-        job, _rep = make_job(JobType.BACKUP, "vm1", spec)
+        job, _rep = await make_job(driver_of(conn), "vm1", spec)
         with pytest.raises(InvalidArgument, match="export bitmap 'c0'"):
             await driver_of(conn).start(job)
         assert await bitmaps(conn) == {"c0", "backup-vda"}

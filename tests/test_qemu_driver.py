@@ -47,19 +47,16 @@ from jobcore.backup import (
 )
 from jobcore.errors import (
     DriverError,
+    InvalidArgument,
     NoSuchDomain,
     OperationInvalid,
     Unsupported,
     XMLError,
 )
-from jobcore.spec import (
-    BackupJobSpec,
-    BlockCommitSpec,
-    BlockPullSpec,
-    ChainRef,
-    JobType,
-    MigrationSpec,
-)
+from jobcore.spec import ChainRef
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.migration import MigrationSpec
 from jobcore.uri import parse_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
@@ -206,7 +203,7 @@ async def test_push_full_then_incremental_from_checkpoint(tmp_path: Path) -> Non
     full, inc = tmp_path / "full.qcow2", tmp_path / "inc.qcow2"
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}))
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": full}, checkpoint="c1"))
+        job, rep = await make_job(conn, "vm1", push_spec({"vda": full}, checkpoint="c1"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         assert rep.progress_calls[-1][:2] == (32 * MiB, 32 * MiB)
@@ -216,8 +213,8 @@ async def test_push_full_then_incremental_from_checkpoint(tmp_path: Path) -> Non
         await conn.guest_io("vm1", "vda", "write -P 0x77 2M 3M")
         await conn.guest_io("vm1", "vda", "write -P 0x78 30M 1M")
         assert differs(src, full)
-        job, rep = make_job(
-            JobType.BACKUP, "vm1", push_spec({"vda": inc}, incremental="c1", checkpoint="c2")
+        job, rep = await make_job(
+            conn, "vm1", push_spec({"vda": inc}, incremental="c1", checkpoint="c2")
         )
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
@@ -235,7 +232,7 @@ async def test_push_cancel_mid_job_removes_target_and_checkpoint(tmp_path: Path)
     target = tmp_path / "t.qcow2"
     async with session(tmp_path, "&backup_bandwidth=1048576") as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}))
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": target}, checkpoint="cx"))
+        job, rep = await make_job(conn, "vm1", push_spec({"vda": target}, checkpoint="cx"))
         await conn.start(job)
         assert target.exists()
         await conn.pause(job)
@@ -260,7 +257,7 @@ async def test_backup_failing_in_qemu_reports_its_error_and_cleans(tmp_path: Pat
     target = tmp_path / "t.qcow2"
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}))
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": target}, checkpoint="c9"))
+        job, rep = await make_job(conn, "vm1", push_spec({"vda": target}, checkpoint="c9"))
         await conn.start(job)
         kind, msg = await rep.wait_end()
         assert kind == "failed"
@@ -275,8 +272,8 @@ async def test_refused_backup_raises_qemu_text(tmp_path: Path) -> None:
     src = create(tmp_path / "src.qcow2")
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}))
-        job, rep = make_job(
-            JobType.BACKUP, "vm1", push_spec({"vda": tmp_path / "i.qcow2"}, incremental="nosuch")
+        job, rep = await make_job(
+            conn, "vm1", push_spec({"vda": tmp_path / "i.qcow2"}, incremental="nosuch")
         )
         with pytest.raises(DriverError, match="nosuch"):
             await conn.start(job)
@@ -294,8 +291,8 @@ async def test_pull_backup_exports_point_in_time_and_dirty_bitmap(tmp_path: Path
     scratch = tmp_path / "scratch.qcow2"
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}))
-        push, prep = make_job(
-            JobType.BACKUP, "vm1", push_spec({"vda": tmp_path / "f.qcow2"}, checkpoint="c1")
+        push, prep = await make_job(
+            conn, "vm1", push_spec({"vda": tmp_path / "f.qcow2"}, checkpoint="c1")
         )
         await conn.start(push)
         assert (await prep.wait_end())[0] == "completed"
@@ -303,9 +300,7 @@ async def test_pull_backup_exports_point_in_time_and_dirty_bitmap(tmp_path: Path
         t0 = tmp_path / "t0.qcow2"
         run("qemu-img", "convert", "-U", "-O", "qcow2", str(src), str(t0))
 
-        job, rep = make_job(
-            JobType.BACKUP, "vm1", pull_spec({"vda": scratch}, sock, incremental="c1")
-        )
+        job, rep = await make_job(conn, "vm1", pull_spec({"vda": scratch}, sock, incremental="c1"))
         await conn.start(job)
         await rep.wait_for("ready")
         assert scratch.exists()
@@ -343,7 +338,7 @@ async def test_pull_backup_cancel_removes_scratch(tmp_path: Path) -> None:
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src, "vdb": a}))
         spec = pull_spec({"vda": b, "vdb": tmp_path / "sb.qcow2"}, tmp_path / "s.sock")
-        job, rep = make_job(JobType.BACKUP, "vm1", spec)
+        job, rep = await make_job(conn, "vm1", spec)
         await conn.start(job)
         await rep.wait_for("ready")
         out = run("qemu-nbd", "-L", "-k", str(tmp_path / "s.sock"))
@@ -378,9 +373,7 @@ async def test_block_pull_with_base_and_whole_chain(tmp_path: Path) -> None:
     lone = create(tmp_path / "lone.qcow2", "16M")
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": top, "vdb": lone}))
-        job, rep = make_job(
-            JobType.BLOCKPULL, "vm1", BlockPullSpec("vda", base=ChainRef(file=str(base)))
-        )
+        job, rep = await make_job(conn, "vm1", BlockPullSpec("vda", base=ChainRef(file=str(base))))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         info = await conn.lookup_domain("vm1")
@@ -389,7 +382,7 @@ async def test_block_pull_with_base_and_whole_chain(tmp_path: Path) -> None:
         assert chain_of(top) == [str(top), str(base)]
         compare(top, ref, "-F", "raw")
 
-        job, rep = make_job(JobType.BLOCKPULL, "vm1", BlockPullSpec("vda"))
+        job, rep = await make_job(conn, "vm1", BlockPullSpec("vda"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         assert (await conn.lookup_domain("vm1")).disks[0].chain == (str(top),)
@@ -398,7 +391,7 @@ async def test_block_pull_with_base_and_whole_chain(tmp_path: Path) -> None:
         compare(top, ref, "-F", "raw")
 
         # a disk with no backing has nothing to pull and completes at once
-        job, rep = make_job(JobType.BLOCKPULL, "vm1", BlockPullSpec("vdb"))
+        job, rep = await make_job(conn, "vm1", BlockPullSpec("vdb"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
 
@@ -408,7 +401,7 @@ async def test_block_commit_intermediate(tmp_path: Path) -> None:
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": top}))
         spec = BlockCommitSpec("vda", top=ChainRef(index=1), base=ChainRef(index=2), delete=True)
-        job, rep = make_job(JobType.BLOCKCOMMIT, "vm1", spec)
+        job, rep = await make_job(conn, "vm1", spec)
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         assert "ready" not in rep.kinds
@@ -426,7 +419,7 @@ async def test_block_commit_active_ready_then_complete_or_auto_pivot(tmp_path: P
     b2, m2, t2, ref2 = three_layers(second)
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": top, "vdb": t2}))
-        job, rep = make_job(JobType.BLOCKCOMMIT, "vm1", BlockCommitSpec("vda"))
+        job, rep = await make_job(conn, "vm1", BlockCommitSpec("vda"))
         await conn.start(job)
         await rep.wait_for("ready")
         await anyio.sleep(0.2)
@@ -441,8 +434,8 @@ async def test_block_commit_active_ready_then_complete_or_auto_pivot(tmp_path: P
         run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 1M", str(ref_after))
         compare(base, ref_after, "-F", "raw")
 
-        job, rep = make_job(
-            JobType.BLOCKCOMMIT, "vm1", BlockCommitSpec("vdb", base=ChainRef(index=1), pivot=True)
+        job, rep = await make_job(
+            conn, "vm1", BlockCommitSpec("vdb", base=ChainRef(index=1), pivot=True)
         )
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
@@ -452,13 +445,13 @@ async def test_block_commit_active_ready_then_complete_or_auto_pivot(tmp_path: P
         compare(m2, ref2, "-F", "raw")
 
 
-async def test_commit_refused_by_qemu_is_driver_error(tmp_path: Path) -> None:
+async def test_commit_without_backing_is_refused_before_the_driver(tmp_path: Path) -> None:
+    """The type's prepare refuses it (the driver never re-checks the chain positions)."""
     lone = create(tmp_path / "lone.qcow2", "16M")
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": lone}))
-        job, _ = make_job(JobType.BLOCKCOMMIT, "vm1", BlockCommitSpec("vda"))
-        with pytest.raises(DriverError, match="no backing chain"):
-            await conn.start(job)
+        with pytest.raises(InvalidArgument, match="no backing file to commit into"):
+            await make_job(conn, "vm1", BlockCommitSpec("vda"))
 
 
 # ===================================================== killed process, migration
@@ -471,8 +464,8 @@ async def test_killed_qemu_fails_its_job_alone(tmp_path: Path) -> None:
     async with session(tmp_path, "&backup_bandwidth=1048576") as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": a}))
         await conn.create_domain(domain_xml("vm2", {"vda": b}))
-        ja, ra = make_job(JobType.BACKUP, "vm1", push_spec({"vda": tmp_path / "ta.qcow2"}))
-        jb, rb = make_job(JobType.BACKUP, "vm2", push_spec({"vda": tmp_path / "tb.qcow2"}))
+        ja, ra = await make_job(conn, "vm1", push_spec({"vda": tmp_path / "ta.qcow2"}))
+        jb, rb = await make_job(conn, "vm2", push_spec({"vda": tmp_path / "tb.qcow2"}))
         await conn.start(ja)
         await conn.start(jb)
         await anyio.sleep(0.2)
@@ -495,13 +488,13 @@ async def test_migration_moves_domain_and_data_still_served(tmp_path: Path) -> N
     async with session(tmp_path) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=32))
         full = tmp_path / "full.qcow2"
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": full}, checkpoint="c1"))
+        job, rep = await make_job(conn, "vm1", push_spec({"vda": full}, checkpoint="c1"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         old_pid = conn.pid("vm1")
         dest = f"qemu:///session?dir={run_dir}"
         spec = MigrationSpec(dest, live=False, bandwidth=2 * 1024 * MiB, downtime_limit=300)
-        job, rep = make_job(JobType.MIGRATION, "vm1", spec)
+        job, rep = await make_job(conn, "vm1", spec)
         await conn.start(job)
         kind, extra = await rep.wait_end()
         assert kind == "completed", extra
@@ -517,7 +510,7 @@ async def test_migration_moves_domain_and_data_still_served(tmp_path: Path) -> N
         assert "c1" in await bitmaps(conn, "vm1", "vda")
         await conn.guest_io("vm1", "vda", "write -P 0x62 8M 1M")
         inc = tmp_path / "inc.qcow2"
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": inc}, incremental="c1"))
+        job, rep = await make_job(conn, "vm1", push_spec({"vda": inc}, incremental="c1"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         run("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(full), "-F", "qcow2", str(inc))
@@ -530,7 +523,7 @@ async def test_migration_cancel_keeps_source_and_reaps_destination(tmp_path: Pat
         await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=64))
         pid = conn.pid("vm1")
         spec = MigrationSpec(f"qemu:///session?dir={tmp_path / 'run'}", bandwidth=16 * 1024)
-        job, rep = make_job(JobType.MIGRATION, "vm1", spec)
+        job, rep = await make_job(conn, "vm1", spec)
         before = qemu_children()
         await conn.start(job)
         (dest_pid,) = qemu_children() - before
@@ -545,7 +538,7 @@ async def test_migration_cancel_keeps_source_and_reaps_destination(tmp_path: Pat
         assert conn.pid("vm1") == pid
         assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
         with pytest.raises(Unsupported):
-            bad, _ = make_job(JobType.MIGRATION, "vm1", MigrationSpec("sim:///other"))
+            bad, _ = await make_job(conn, "vm1", MigrationSpec("sim:///other"))
             await conn.start(bad)
 
 
@@ -555,7 +548,7 @@ async def test_migration_fails_with_qemu_text_when_destination_dies(tmp_path: Pa
         await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=64))
         pid = conn.pid("vm1")
         spec = MigrationSpec(f"qemu:///session?dir={tmp_path / 'run'}", bandwidth=16 * 1024)
-        job, rep = make_job(JobType.MIGRATION, "vm1", spec)
+        job, rep = await make_job(conn, "vm1", spec)
         before = qemu_children()
         await conn.start(job)
         (dest_pid,) = qemu_children() - before
@@ -575,7 +568,7 @@ async def test_closing_the_connection_mid_job_reaps_and_cleans(tmp_path: Path) -
     async with session(tmp_path, "&backup_bandwidth=1048576") as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}))
         pid = conn.pid("vm1")
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec({"vda": target}))
+        job, rep = await make_job(conn, "vm1", push_spec({"vda": target}))
         await conn.start(job)
         assert target.exists()
     assert not alive(pid)
@@ -603,7 +596,7 @@ async def test_pull_backup_over_tcp_loopback(tmp_path: Path) -> None:
             store=BackupStore(str(tmp_path / "sc.qcow2")),
         )
         spec = BackupJobSpec(BackupDef(mode=BackupMode.PULL, server=server, disks=(disk,)))
-        job, rep = make_job(JobType.BACKUP, "vm1", spec)
+        job, rep = await make_job(conn, "vm1", spec)
         await conn.start(job)
         await rep.wait_for("ready")
         compare(f"nbd://127.0.0.1:{port}/disk0", src, "-f", "raw")

@@ -30,7 +30,8 @@ import drivers.qemu.runners.backup as qbackup
 import jobcore
 from jobcore import VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, JobState
 from jobcore.errors import DriverError, InvalidArgument
-from jobcore.spec import BlockCommitSpec, ChainRef, JobType
+from jobcore.spec import ChainRef
+from jobcore.types.chain import BlockCommitSpec
 
 REUSE = VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
 pytestmark = pytest.mark.anyio
@@ -121,7 +122,7 @@ async def test_block_commit_delete_does_not_follow_a_swapped_directory(
         await conn.create_domain(domain_xml("vm1", {"vda": top}))
         moved = swap_for_link(layers, victim_dir)  # QEMU keeps the layers it opened
         spec = BlockCommitSpec("vda", top=ChainRef(index=1), base=ChainRef(index=2), delete=True)
-        job, rep = make_job(JobType.BLOCKCOMMIT, "vm1", spec)
+        job, rep = await make_job(conn, "vm1", spec)
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         assert victim.read_text() == "someone else's file\n"

@@ -50,7 +50,7 @@ from jobcore.backup import (
     StoreType,
 )
 from jobcore.errors import DriverError, InvalidArgument, Unsupported
-from jobcore.spec import BackupJobSpec, JobType
+from jobcore.types.backup import BackupJobSpec
 from jobcore.uri import parse_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
@@ -194,7 +194,7 @@ async def test_every_socket_the_driver_makes_is_one_cleanup_knows(tmp_path: Path
         store = BackupStore(str(scratch), "qcow2")
         disk = BackupDisk("vda", True, StoreType.FILE, DiskBackupMode.FULL, None, store=store)
         spec = BackupJobSpec(BackupDef(mode=BackupMode.PULL, incremental=None, disks=(disk,)))
-        job, rep = make_job(JobType.BACKUP, "vm1", spec)
+        job, rep = await make_job(conn, "vm1", spec)
         await conn.start(job)
         await rep.wait_for("ready")
         sockets = [p.name for p in run.iterdir() if p.is_socket()]
@@ -314,7 +314,7 @@ async def test_corrupt_qcow2_found_during_a_job_is_named(tmp_path: Path) -> None
     corrupt_first_cluster(src)
     async with session(tmp_path / "run") as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}))
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec("vda", tmp_path / "t.qcow2"))
+        job, rep = await make_job(conn, "vm1", push_spec("vda", tmp_path / "t.qcow2"))
         await conn.start(job)
         kind, msg = await rep.wait_end()
         assert kind == "failed"

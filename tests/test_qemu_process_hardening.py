@@ -46,7 +46,9 @@ from jobcore.backup import (
     StoreType,
 )
 from jobcore.errors import DriverError
-from jobcore.spec import BackupJobSpec, BlockCommitSpec, BlockPullSpec, JobType, MigrationSpec
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.migration import MigrationSpec
 from jobcore.uri import parse_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
@@ -280,8 +282,8 @@ async def test_a_stopped_qemu_stalls_neither_others_progress_nor_verbs(
     async with session(tmp_path / "run", "&backup_bandwidth=8388608") as conn:
         await conn.create_domain(domain_xml("A", {"vda": a}))
         await conn.create_domain(domain_xml("B", {"vda": b}))
-        job_a, rep_a = make_job(JobType.BACKUP, "A", push_spec("vda", tmp_path / "a.t"))
-        job_b, rep_b = make_job(JobType.BACKUP, "B", push_spec("vda", tmp_path / "b.t"))
+        job_a, rep_a = await make_job(conn, "A", push_spec("vda", tmp_path / "a.t"))
+        job_b, rep_b = await make_job(conn, "B", push_spec("vda", tmp_path / "b.t"))
         await conn.start(job_a)
         await conn.start(job_b)
 
@@ -355,14 +357,12 @@ async def test_a_run_directory_with_commas_works(tmp_path: Path) -> None:
     run_dir = tmp_path / "run,wait=on,x"
     async with session(run_dir) as conn:
         await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=16))
-        job, rep = make_job(JobType.BACKUP, "vm1", push_spec("vda", tmp_path / "t.qcow2"))
+        job, rep = await make_job(conn, "vm1", push_spec("vda", tmp_path / "t.qcow2"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         compare(src, tmp_path / "t.qcow2")
         # the migration socket is in the run directory too
-        job, rep = make_job(
-            JobType.MIGRATION, "vm1", MigrationSpec(f"qemu:///session?dir={run_dir}")
-        )
+        job, rep = await make_job(conn, "vm1", MigrationSpec(f"qemu:///session?dir={run_dir}"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         assert conn.domains["vm1"].process.alive
@@ -397,11 +397,11 @@ async def test_two_domains_share_a_base_image(tmp_path: Path) -> None:
             active, below = conn.domains[dom].disks["vda"].layers
             assert ro[active.node] is False and ro[below.node] is True, ro
         # committing into the base both read would change B's disk under it: refused
-        job, _ = make_job(JobType.BLOCKCOMMIT, "A", BlockCommitSpec("vda"))
+        job, _ = await make_job(conn, "A", BlockCommitSpec("vda"))
         with pytest.raises(DriverError, match=f"image '{base}' is in use by another process"):
             await conn.start(job)
         # pulling the base into A's overlay only reads it
-        job, rep = make_job(JobType.BLOCKPULL, "A", BlockPullSpec("vda"))
+        job, rep = await make_job(conn, "A", BlockPullSpec("vda"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
         await conn.flush("A")

@@ -16,8 +16,9 @@ from attrs import frozen
 from lxml import etree
 
 from jobcore.errors import JobError, XMLError
-from jobcore.registry import JobTypeInfo, registry
+from jobcore.registry import registry
 from jobcore.spec import JobOptions, JobType
+from jobcore.types import JobTypeInfo
 from jobcore.xml import (
     format_backup,
     format_checkpoint,

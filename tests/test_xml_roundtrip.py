@@ -28,14 +28,10 @@ from jobcore.backup import (
     ServerTransport,
     StoreType,
 )
-from jobcore.spec import (
-    BackupJobSpec,
-    BlockCommitSpec,
-    BlockPullSpec,
-    ChainRef,
-    JobOptions,
-    MigrationSpec,
-)
+from jobcore.spec import ChainRef, JobOptions
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.types.migration import MigrationSpec
 from jobcore.xml import (
     align_backup,
     format_backup,

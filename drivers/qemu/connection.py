@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import anyio.abc
@@ -32,10 +32,12 @@ from jobcore.errors import (
     Unsupported,
     XMLError,
 )
+from jobcore.lifecycle import Verb
 from jobcore.log import get_logger
 from jobcore.paths import Access, PathGuard, PathUse
 from jobcore.rundir import reserve_dir, unreserve_dir
-from jobcore.spec import MAX_INT64, BackupJobSpec, JobType
+from jobcore.spec import MAX_INT64, JobType
+from jobcore.types.backup import PreparedBackup
 from jobcore.uri import URI, parse_uri
 
 log = get_logger(__name__)
@@ -70,6 +72,11 @@ class QemuConnection:
     #: processes with a poll in flight, and those whose last poll timed out
     _polling: set[QemuProcess] = field(factory=set)
     _unresponsive: set[QemuProcess] = field(factory=set)
+    #: fewer verbs than the type accepts (the engine refuses the others): QEMU cannot
+    #: pause a migration
+    job_verbs: ClassVar[Mapping[str, frozenset[Verb]]] = {
+        JobType.MIGRATION: frozenset({Verb.ABORT, Verb.SET_SPEED})
+    }
 
     # ---------------------------------------------------------------- domains
 
@@ -219,7 +226,7 @@ class QemuConnection:
 
     async def check_job(self, spec: Any, dom: DomainInfo) -> None:
         """Before admission: refuse a backup's existing (or unusable reused) files."""
-        if isinstance(spec, BackupJobSpec):
+        if isinstance(spec, PreparedBackup):
             await check_backup_job(self, spec, self._domain(dom.name))
 
     async def start(self, job: DriverJob) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from drivers.sim.job import Behaviour, Plan, SimJob
 from drivers.sim.world import SimDomain, SimFile, SimWorld
-from jobcore.backup import BackupMode, StoreType
+from jobcore.backup import StoreType
 from jobcore.driver import (
     DriverJob,
     store_exists,
@@ -21,21 +21,22 @@ from jobcore.driver import (
     store_unusable,
 )
 from jobcore.errors import DriverError, InvalidArgument
-from jobcore.spec import BackupJobSpec
+from jobcore.types.backup import PreparedBackup
 
 INCREMENTAL_FRACTION = 8  # an incremental backup copies 1/8 of the disk
 
 
-def check_stores(world: SimWorld, spec: BackupJobSpec, dom: SimDomain) -> list[tuple[str, SimFile]]:
+def check_stores(
+    world: SimWorld, spec: PreparedBackup, dom: SimDomain
+) -> list[tuple[str, SimFile]]:
     """Refuse targets/scratch files as libvirt does; return the files the job creates."""
     host = world.host_of(dom.name)
     creates: list[tuple[str, SimFile]] = []
     named: dict[str, str] = {}
-    for bdisk in spec.backup.included_disks():
-        store = bdisk.store
-        if store is None or bdisk.type is StoreType.BLOCK:
+    for bdisk in spec.disks:
+        if bdisk.store_type is StoreType.BLOCK:
             continue  # a block device is the caller's (libvirt checks files only)
-        path = store.path
+        path = bdisk.store
         if path in named:
             raise InvalidArgument(
                 f"store '{path}' is named for disks '{named[path]}' and '{bdisk.name}'"
@@ -44,7 +45,7 @@ def check_stores(world: SimWorld, spec: BackupJobSpec, dom: SimDomain) -> list[t
         owner = world.image_owner(path)
         if owner is not None:
             raise store_in_use(path, bdisk.name, owner)
-        fmt = store.format or "qcow2"
+        fmt = bdisk.format
         size = dom.disks[bdisk.name].virtual_size
         existing = world.existing(host, path)
         if not spec.reuse_external:
@@ -70,12 +71,12 @@ def check_stores(world: SimWorld, spec: BackupJobSpec, dom: SimDomain) -> list[t
 
 
 def plan(world: SimWorld, spec: Any, dom: SimDomain) -> Plan:
-    assert isinstance(spec, BackupJobSpec)
+    assert isinstance(spec, PreparedBackup)
     total = 0
-    for bdisk in spec.backup.included_disks():
+    for bdisk in spec.disks:
         sim_disk = dom.disks[bdisk.name]
-        incremental = bdisk.incremental or spec.backup.incremental
-        if incremental is not None and bdisk.backupmode != "full":
+        incremental = bdisk.incremental
+        if incremental is not None:
             if incremental not in dom.checkpoints:
                 raise DriverError(
                     f"Checkpoint '{incremental}' for incremental "
@@ -84,25 +85,25 @@ def plan(world: SimWorld, spec: Any, dom: SimDomain) -> Plan:
             total += sim_disk.virtual_size // INCREMENTAL_FRACTION
         else:
             total += sim_disk.virtual_size
-    if spec.backup.effective_mode is BackupMode.PULL:
+    if spec.pull:
         return total, True, {"disk_temp_used": 0, "disk_temp_total": total}
     return total, False, {}
 
 
 def apply(world: SimWorld, job: DriverJob, dom: SimDomain) -> Mapping[str, int | str]:
     spec = job.spec
-    assert isinstance(spec, BackupJobSpec)
-    if spec.checkpoint is not None and spec.checkpoint.name is not None:
-        dom.checkpoints[spec.checkpoint.name] = tuple(d.name for d in spec.backup.included_disks())
+    assert isinstance(spec, PreparedBackup)
+    if spec.checkpoint_name is not None:
+        dom.checkpoints[spec.checkpoint_name] = tuple(d.name for d in spec.disks)
     return {}
 
 
 def ended(world: SimWorld, sj: SimJob, outcome: str) -> None:
     spec = sj.job.spec
-    assert isinstance(spec, BackupJobSpec)
+    assert isinstance(spec, PreparedBackup)
     # files the job created: scratch files always go, push targets stay only after
     # success; reused files (REUSE_EXTERNAL) are never the job's to remove
-    if spec.backup.effective_mode is BackupMode.PULL or outcome != "completed":
+    if spec.pull or outcome != "completed":
         files = world.host_of(sj.job.domain).files
         for path in sj.created:
             files.pop(path, None)

@@ -9,35 +9,28 @@ from typing import Any
 from drivers.sim.job import Behaviour, Plan
 from drivers.sim.world import SimDomain, SimWorld
 from jobcore.driver import DriverJob
-from jobcore.spec import BlockCommitSpec, BlockPullSpec
+from jobcore.types.chain import PreparedCommit, PreparedPull
 
 
 def plan(world: SimWorld, spec: Any, dom: SimDomain) -> Plan:
-    assert isinstance(spec, BlockPullSpec | BlockCommitSpec)
+    assert isinstance(spec, PreparedPull | PreparedCommit)
     disk = dom.disks[spec.disk]
-    top = spec.top.index if spec.top and spec.top.index is not None else 0
-    if isinstance(spec, BlockPullSpec):
-        base = spec.base.index if spec.base and spec.base.index is not None else len(disk.chain)
-        layers = base - top - 1
-        return disk.virtual_size * layers // max(1, len(disk.chain)), False, {}
-    base = spec.base.index if spec.base and spec.base.index is not None else len(disk.chain) - 1
-    layers = base - top
-    return (disk.virtual_size * layers // max(1, len(disk.chain)), top == 0, {})
+    share = disk.virtual_size // max(1, len(disk.chain))
+    if isinstance(spec, PreparedPull):
+        return share * len(spec.merged), False, {}
+    return share * len(spec.committed), spec.active, {}
 
 
 def apply(world: SimWorld, job: DriverJob, dom: SimDomain) -> Mapping[str, int | str]:
     spec = job.spec
-    if isinstance(spec, BlockPullSpec):
+    if isinstance(spec, PreparedPull):
         disk = dom.disks[spec.disk]
-        top = spec.top.index if spec.top and spec.top.index is not None else 0
-        base = spec.base.index if spec.base and spec.base.index is not None else None
+        top, base = spec.top_index, spec.base_index
         disk.chain = disk.chain[: top + 1] + ([] if base is None else disk.chain[base:])
         return {}
-    if isinstance(spec, BlockCommitSpec):
+    if isinstance(spec, PreparedCommit):
         disk = dom.disks[spec.disk]
-        top = spec.top.index if spec.top and spec.top.index is not None else 0
-        base = spec.base.index if spec.base and spec.base.index is not None else len(disk.chain) - 1
-        disk.chain = disk.chain[:top] + disk.chain[base:]
+        disk.chain = disk.chain[: spec.top_index] + disk.chain[spec.base_index :]
         return {}
     return {}
 

@@ -26,7 +26,6 @@ from drivers.sim import backup, chain, migration
 from drivers.sim.clock import ManualClock, RealClock
 from drivers.sim.job import Behaviour, Phase, SimJob
 from drivers.sim.world import MiB, SimWorld
-from jobcore.backup import BackupMode
 from jobcore.driver import DomainInfo, DriverJob
 from jobcore.errors import (
     DriverError,
@@ -37,7 +36,9 @@ from jobcore.errors import (
     Unsupported,
 )
 from jobcore.paths import PathGuard
-from jobcore.spec import BackupJobSpec, BlockCommitSpec, JobType
+from jobcore.spec import JobType
+from jobcore.types.backup import PreparedBackup
+from jobcore.types.chain import PreparedCommit
 from jobcore.uri import URI
 
 DEFAULT_RATE = 256 * MiB
@@ -156,7 +157,7 @@ class SimConnection:
 
     async def check_job(self, spec: Any, dom: DomainInfo) -> None:
         """Before admission: refuse a backup's existing (or unusable reused) files."""
-        if isinstance(spec, BackupJobSpec):
+        if isinstance(spec, PreparedBackup):
             backup.check_stores(self.world, spec, self.world.domain(dom.name))
 
     # ---- DriverConnection: jobs ----------------------------------------------------
@@ -168,7 +169,7 @@ class SimConnection:
         # again: a queued job starts later, and files may have appeared meanwhile
         creates = (
             backup.check_stores(self.world, job.spec, dom)
-            if isinstance(job.spec, BackupJobSpec)
+            if isinstance(job.spec, PreparedBackup)
             else []
         )
         total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
@@ -189,10 +190,7 @@ class SimConnection:
         )
         self._jobs[job.uuid] = sj
         self.world.host_of(dom.name).files.update(creates)
-        if (
-            isinstance(job.spec, BackupJobSpec)
-            and job.spec.backup.effective_mode is BackupMode.PULL
-        ):
+        if isinstance(job.spec, PreparedBackup) and job.spec.pull:
             sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
         job.reporter.progress(0, total, extra)
         self._schedule(sj)
@@ -320,7 +318,7 @@ class SimConnection:
                 sj.job.reporter.progress(sj.total, sj.total, sj.extra)
                 sj.job.reporter.ready()
                 spec = sj.job.spec
-                if isinstance(spec, BlockCommitSpec) and spec.pivot and sj.phase is Phase.READY:
+                if isinstance(spec, PreparedCommit) and spec.pivot and sj.phase is Phase.READY:
                     sj.base_time = now
                     sj.phase, sj.outcome = Phase.FINISH, "completed"
                     self._schedule(sj)

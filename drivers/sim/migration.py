@@ -10,7 +10,7 @@ from drivers.sim.job import Behaviour, Plan
 from drivers.sim.world import MAX_HOSTS, SimDomain, SimWorld
 from jobcore.driver import DriverJob
 from jobcore.errors import DriverError, InvalidArgument, InvalidURI
-from jobcore.spec import MigrationSpec
+from jobcore.types.migration import MigrationSpec
 from jobcore.uri import parse_uri
 
 

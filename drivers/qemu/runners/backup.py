@@ -9,7 +9,6 @@ import os
 import secrets
 import socket
 import stat
-import time
 import weakref
 from typing import Any
 
@@ -35,10 +34,10 @@ from drivers.qemu.runners.backup_checks import (
     socket_exists,
 )
 from drivers.qemu.runners.base import CLEANUP_TIMEOUT, Phase, Runner
-from jobcore.backup import BackupDisk, BackupMode, DiskBackupMode, ServerTransport, StoreType
+from jobcore.backup import ServerTransport, StoreType
 from jobcore.driver import store_exists
 from jobcore.errors import DriverError, InvalidArgument, OperationInvalid, Unsupported
-from jobcore.spec import BackupJobSpec
+from jobcore.types.backup import PreparedBackup, PreparedBackupDisk
 
 COPY_CHUNK = 64 << 20
 
@@ -46,7 +45,7 @@ COPY_CHUNK = 64 << 20
 @define
 class _BackupDisk:
     disk: Disk
-    spec: BackupDisk
+    spec: PreparedBackupDisk
     path: str
     fmt: str
     node: str
@@ -146,39 +145,22 @@ class BackupRunner(Runner):
     server_started: bool = False
 
     @property
-    def spec(self) -> BackupJobSpec:
+    def spec(self) -> PreparedBackup:
         spec = self.job.spec
-        assert isinstance(spec, BackupJobSpec)
+        assert isinstance(spec, PreparedBackup)
         return spec
 
     @property
     def pull(self) -> bool:
-        return self.spec.backup.effective_mode is BackupMode.PULL
-
-    def _suffix(self) -> str:
-        ckpt = self.spec.checkpoint
-        return ckpt.name if ckpt is not None and ckpt.name else str(int(time.time()))
-
-    def _incremental_of(self, d: BackupDisk) -> str | None:
-        if d.backupmode is DiskBackupMode.FULL:
-            return None
-        name = d.incremental or self.spec.backup.incremental
-        if d.backupmode is DiskBackupMode.INCREMENTAL and not name:
-            raise DriverError(f"disk '{d.name}': incremental backup without a checkpoint")
-        return name
+        return self.spec.pull
 
     async def _prepare_disks(self) -> None:
-        suffix = self._suffix()
-        included = self.spec.backup.included_disks()
-        if not included:
-            raise DriverError("the backup includes no disk")
-        stores: list[tuple[BackupDisk, Disk, str, str]] = []
-        for d in included:
+        stores: list[tuple[PreparedBackupDisk, Disk, str, str]] = []
+        for d in self.spec.disks:
             disk = self.domain.disk(d.name)
-            if d.type is StoreType.BLOCK:
+            if d.store_type is StoreType.BLOCK:
                 raise Unsupported(f"disk '{d.name}': block-device backup stores are not supported")
-            path = d.store.path if d.store else f"{disk.active.file}.{suffix}"
-            fmt = (d.store.format if d.store else None) or "qcow2"
+            path, fmt = d.store, d.format
             if self.pull and fmt != "qcow2":
                 raise DriverError(f"pull mode backup for disk '{d.name}' requires qcow2 driver")
             stores.append((d, disk, path, fmt))
@@ -206,7 +188,7 @@ class BackupRunner(Runner):
                 node=self.domain.new_node_name(("s" if self.pull else "t") + self.short),
                 filter=self.domain.new_node_name("f" + self.short),
                 job_id=self.job_id("backup", d.name),
-                incremental=self._incremental_of(d),
+                incremental=d.incremental,
             )
             self.disks.append(bd)
             args = blockdev_args(Layer(bd.node, path, fmt), disk.active.node if self.pull else None)
@@ -227,19 +209,11 @@ class BackupRunner(Runner):
 
     def _checkpoint_actions(self, bitmaps: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """The transaction actions creating the checkpoint's bitmaps, listed in ``bitmaps``."""
-        ckpt = self.spec.checkpoint
-        if ckpt is None:
-            return []
-        name = self._suffix()
-        chosen = {c.name: c for c in ckpt.disks}
         actions = []
         for bd in self.disks:
-            cd = chosen.get(bd.disk.name)
-            if ckpt.disks and cd is None:
+            bitmap = bd.spec.checkpoint_bitmap
+            if bitmap is None:
                 continue
-            if cd is not None and cd.checkpoint is not None and cd.checkpoint.value == "no":
-                continue
-            bitmap = (cd.bitmap if cd is not None else None) or name
             node = bd.disk.active.node
             bitmaps.append((node, bitmap))
             actions.append(
@@ -313,11 +287,11 @@ class BackupRunner(Runner):
                 speed = getattr(self.spec, "bandwidth", None) or self.conn.backup_bandwidth
                 if speed and not self.pull:
                     data["speed"] = speed
-                if bd.incremental and self.pull:
-                    bd.export_bitmap = bd.spec.exportbitmap or f"backup-{bd.disk.name}"
+                if bd.spec.exportbitmap is not None:  # an incremental pull's (prepare)
+                    bd.export_bitmap = bitmap = bd.spec.exportbitmap
                     node = bd.disk.active.node
-                    if bd.export_bitmap in existing.get(node, ()):
-                        raise export_bitmap_exists(bd.disk.name, bd.export_bitmap)
+                    if bitmap in existing.get(node, ()):
+                        raise export_bitmap_exists(bd.disk.name, bitmap)
                     actions += [
                         {
                             "type": "block-dirty-bitmap-add",
@@ -367,7 +341,8 @@ class BackupRunner(Runner):
     async def _add_exports(self) -> None:
         for bd in self.disks:
             bd.export_id = self.domain.new_node_name("e" + self.short)
-            bd.export_name = bd.spec.exportname or bd.disk.name
+            assert bd.spec.exportname is not None  # a pull backup's (prepare names it)
+            bd.export_name = bd.spec.exportname
             args: dict[str, Any] = {
                 "type": "nbd",
                 "id": bd.export_id,

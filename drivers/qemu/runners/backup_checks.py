@@ -10,12 +10,12 @@ from drivers.qemu.domain import Domain
 from drivers.qemu.images import image_info
 from drivers.qemu.process import QemuProcess
 from drivers.qemu.runners.host import Host
-from jobcore.backup import BackupMode, DiskBackupMode, ServerTransport, StoreType
+from jobcore.backup import ServerTransport, StoreType
 from jobcore.driver import store_exists, store_in_use, store_missing, store_unusable
 from jobcore.errors import DriverError, InvalidArgument, Unsupported
 from jobcore.rundir import reserved_dir_holding
 from jobcore.scheduler import normalize_path
-from jobcore.spec import BackupJobSpec
+from jobcore.types.backup import PreparedBackup
 
 
 def image_owner(conn: Host, path: str) -> str | None:
@@ -92,8 +92,8 @@ async def check_backup_stores(
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-def _disk_names(spec: BackupJobSpec) -> str:
-    names = [d.name for d in spec.backup.included_disks()]
+def _disk_names(spec: PreparedBackup) -> str:
+    names = [d.name for d in spec.disks]
     return ("disk " if len(names) == 1 else "disks ") + ", ".join(f"'{n}'" for n in names)
 
 
@@ -119,10 +119,10 @@ def socket_exists(path: str) -> InvalidArgument:
     )
 
 
-def check_pull_server(conn: Host, spec: BackupJobSpec) -> None:
+def check_pull_server(conn: Host, spec: PreparedBackup) -> None:
     """A pull backup's <server>, before anything starts: what the driver cannot serve as
     asked is refused, never served otherwise (TLS in clear text, another address)."""
-    if spec.backup.effective_mode is not BackupMode.PULL:
+    if not spec.pull:
         return
     server = spec.backup.server
     if server is not None and server.tls:
@@ -166,17 +166,15 @@ def export_bitmap_exists(disk: str, bitmap: str) -> InvalidArgument:
     )
 
 
-async def check_export_bitmaps(spec: BackupJobSpec, domain: Domain) -> None:
+async def check_export_bitmaps(spec: PreparedBackup, domain: Domain) -> None:
     """An incremental pull backup's export bitmaps must not exist yet (default
     'backup-<disk>'): the job creates them, and removes only what it created."""
-    if spec.backup.effective_mode is not BackupMode.PULL or not domain.process.alive:
+    if not spec.pull or not domain.process.alive:
         return
     wanted = [
-        (d.name, d.exportbitmap or f"backup-{d.name}")
-        for d in spec.backup.included_disks()
-        if d.name in domain.disks
-        and d.backupmode is not DiskBackupMode.FULL
-        and (d.incremental or spec.backup.incremental)
+        (d.name, d.exportbitmap)
+        for d in spec.disks
+        if d.name in domain.disks and d.exportbitmap is not None
     ]
     if not wanted:
         return
@@ -186,15 +184,14 @@ async def check_export_bitmaps(spec: BackupJobSpec, domain: Domain) -> None:
             raise export_bitmap_exists(name, bitmap)
 
 
-async def check_backup_job(conn: Host, spec: BackupJobSpec, domain: Domain) -> None:
+async def check_backup_job(conn: Host, spec: PreparedBackup, domain: Domain) -> None:
     """Before admission: the pull server (check_pull_server), the export bitmaps
     (check_export_bitmaps) and the stores the prepared spec names (check_backup_stores)."""
     check_pull_server(conn, spec)
     await check_export_bitmaps(spec, domain)
     stores = []
-    for d in spec.backup.included_disks():
-        if d.store is None or d.type is StoreType.BLOCK or d.name not in domain.disks:
-            continue  # start() names the default file, or refuses
-        fmt = d.store.format or "qcow2"
-        stores.append((d.name, d.store.path, fmt, domain.disks[d.name].virtual_size))
+    for d in spec.disks:
+        if d.store_type is StoreType.BLOCK or d.name not in domain.disks:
+            continue  # start() refuses
+        stores.append((d.name, d.store, d.format, domain.disks[d.name].virtual_size))
     await check_backup_stores(conn, spec.reuse_external, stores)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import anyio
@@ -14,24 +13,7 @@ from drivers.qemu.images import remove_created
 from drivers.qemu.process import Outcome
 from drivers.qemu.runners.base import Phase, Runner, verb_error
 from jobcore.errors import DriverError, OperationInvalid
-from jobcore.spec import BlockCommitSpec, BlockPullSpec, ChainRef
-
-
-def resolve_index(disk: Disk, ref: ChainRef | None, default: int) -> int:
-    if ref is None:
-        return default
-    if ref.index is not None:
-        if ref.index >= len(disk.layers):
-            raise DriverError(
-                f"disk '{disk.name}' has no backing chain index {ref.index} "
-                f"(chain length {len(disk.layers)})"
-            )
-        return ref.index
-    for i, layer in enumerate(disk.layers):
-        if ref.file is not None and os.path.realpath(layer.file) == os.path.realpath(ref.file):
-            return i
-    raise DriverError(f"file '{ref.file}' is not in the backing chain of disk '{disk.name}'")
-
+from jobcore.types.chain import PreparedCommit, PreparedPull
 
 # ========================================================================= block pull
 
@@ -45,14 +27,10 @@ class BlockPullRunner(Runner):
 
     async def start(self) -> None:
         spec = self.job.spec
-        assert isinstance(spec, BlockPullSpec)
+        assert isinstance(spec, PreparedPull)
         disk = self.disk = self.domain.disk(spec.disk)
-        self.top = resolve_index(disk, spec.top, 0)
-        self.base = resolve_index(disk, spec.base, -1) if spec.base is not None else None
-        if self.base is not None and self.base <= self.top:
-            raise DriverError(f"base (index {self.base}) must be below top (index {self.top})")
-        last_below = len(disk.layers) - 1
-        if self.top == last_below or self.base == self.top + 1:
+        self.top, self.base = spec.top_index, spec.base_index
+        if not spec.merged:
             self.nothing_to_do = True  # no backing below top, or nothing between
             self.phase = Phase.RUNNING
             return
@@ -101,9 +79,9 @@ class BlockCommitRunner(Runner):
     base: int = 0
 
     @property
-    def spec(self) -> BlockCommitSpec:
+    def spec(self) -> PreparedCommit:
         spec = self.job.spec
-        assert isinstance(spec, BlockCommitSpec)
+        assert isinstance(spec, PreparedCommit)
         return spec
 
     @property
@@ -113,13 +91,7 @@ class BlockCommitRunner(Runner):
     async def start(self) -> None:
         spec = self.spec
         disk = self.disk = self.domain.disk(spec.disk)
-        if len(disk.layers) < 2:
-            raise DriverError(f"disk '{disk.name}' has no backing chain to commit into")
-        self.top = resolve_index(disk, spec.top, 0)
-        default_base = self.top + 1 if spec.shallow else len(disk.layers) - 1
-        self.base = resolve_index(disk, spec.base, default_base)
-        if self.base <= self.top:
-            raise DriverError(f"base (index {self.base}) must be below top (index {self.top})")
+        self.top, self.base = spec.top_index, spec.base_index
         args: dict[str, Any] = {
             "job-id": self.job_id("commit", disk.name),
             "device": disk.active.node,

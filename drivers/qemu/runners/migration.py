@@ -12,7 +12,7 @@ from drivers.qemu.process import Outcome, QemuProcess, QmpTimeout
 from drivers.qemu.rundir import migration_socket
 from drivers.qemu.runners.base import CLEANUP_TIMEOUT, Phase, Runner
 from jobcore.errors import DriverError, OperationInvalid, Unsupported
-from jobcore.spec import MigrationSpec
+from jobcore.types.migration import MigrationSpec
 
 #: QEMU's migration default is 32 MiB/s; "no limit" has to be said explicitly.
 UNLIMITED_MIGRATION_BANDWIDTH = 1 << 40

@@ -1,0 +1,133 @@
+"""What every job type's codec shares, below the job types: values of the ``<job>``
+children (bandwidth, chain positions, seconds, downtime), the spec check, and the guards
+every public parse/format function runs in (bad input becomes an XMLError). Knows no
+job type and no registry (jobcore.xml.job resolves types; design/xml.md)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from lxml import etree
+
+from jobcore.errors import JobError, XMLError
+from jobcore.spec import MAX_INT64, MAX_SECONDS, ChainRef
+from jobcore.xml import _types as T
+from jobcore.xml._parse import choice, fail
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+#: bandwidth units -> bytes/s multiplier
+BANDWIDTH_UNITS = {"bytes/s": 1, "B/s": 1, "KiB/s": 1 << 10, "MiB/s": 1 << 20, "GiB/s": 1 << 30}
+_FORMAT_UNITS = (("GiB/s", 1 << 30), ("MiB/s", 1 << 20), ("KiB/s", 1 << 10))
+#: the largest bandwidth after conversion, in bytes/s (QEMU's int64 ``speed``)
+MAX_BANDWIDTH = MAX_INT64
+#: the largest ``<downtime-limit>`` after conversion, in ms
+MAX_DOWNTIME_MS = MAX_INT64
+
+
+def self_checked(text: str, parse: Callable[[str, int | None], object]) -> str:
+    """``text`` if its own parser accepts it: a spec that breaks a rule of the format
+    (e.g. an export name in push mode) fails here, not in whoever reads it back. The input
+    size limit is not applied: formatting may make a document larger than its input."""
+    try:
+        parse(text, None)
+    except XMLError as exc:
+        raise XMLError(f"cannot format: the document would be refused: {exc}") from None
+    return text
+
+
+def guarded(fn: Callable[[_A], _R], arg: _A) -> _R:
+    """Run ``fn(arg)``; the errors bad input causes become an XMLError. Anything else (an
+    AttributeError, an assertion, memory exhaustion) is a bug or a crisis, not bad input,
+    and is raised as it is."""
+    try:
+        return fn(arg)
+    except XMLError:
+        raise
+    except JobError as exc:
+        raise XMLError(str(exc)) from None
+    except (ValueError, etree.LxmlError) as exc:  # a value the spec or lxml refuses
+        raise XMLError(f"refused: {exc}") from None
+
+
+def checked_spec(job: etree._Element, spec_class: type[Any], **values: Any) -> Any:
+    """``spec_class(**values)``, its refusals as an XMLError naming the ``<job>``."""
+    for required in ("disk", "destination"):
+        if required in spec_class.__init__.__annotations__ and required not in values:
+            fail(job, f"a {job.get('type')} job needs a <{required}>")
+    try:
+        return spec_class(**values)
+    except (ValueError, TypeError) as exc:
+        fail(job, str(exc))
+
+
+def build_flag(parent: etree._Element, tag: str, on: bool) -> None:
+    """An empty flag element (``<pivot/>``) when ``on``."""
+    if on:
+        etree.SubElement(parent, tag)
+
+
+def parse_seconds(el: etree._Element, attr: str) -> float:
+    value = float(T.check(el, attr, el.get(attr, ""), "seconds"))
+    if not math.isfinite(value):
+        fail(el, "must be a finite number of seconds", attr)
+    if value > MAX_SECONDS:
+        fail(el, f"{value:g} s is too long: the maximum is {MAX_SECONDS:.0f} s", attr)
+    return value
+
+
+def format_seconds(value: float) -> str:
+    """Shortest text that reads back as the same float: '30', '2.5', '1e-05'."""
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def parse_bandwidth(el: etree._Element) -> int:
+    """``<bandwidth unit='…'>N</bandwidth>`` -> bytes/s."""
+    factor = choice(el, "unit", el.get("unit", "bytes/s"), BANDWIDTH_UNITS)
+    assert factor is not None
+    value = int(el.text or "") * factor
+    if value > MAX_BANDWIDTH:
+        fail(el, f"{value} bytes/s is too large: the maximum is {MAX_BANDWIDTH} bytes/s")
+    return value
+
+
+def parse_downtime(el: etree._Element) -> int:
+    """``<downtime-limit unit='ms|s'>N</downtime-limit>`` -> milliseconds."""
+    factor = 1000 if el.get("unit") == "s" else 1
+    value = int(el.text or "") * factor
+    if value > MAX_DOWNTIME_MS:
+        fail(el, f"{value} ms is too large: the maximum is {MAX_DOWNTIME_MS} ms")
+    return value
+
+
+def build_bandwidth(parent: etree._Element, value: int, tag: str = "bandwidth") -> None:
+    """bytes/s -> ``<bandwidth>`` in the largest unit that holds it exactly."""
+    unit = "bytes/s"
+    number = value
+    for name, factor in _FORMAT_UNITS:
+        if value and value % factor == 0:
+            unit, number = name, value // factor
+            break
+    el = etree.SubElement(parent, tag)
+    el.set("unit", unit)
+    el.text = str(number)
+
+
+def parse_chain_ref(el: etree._Element) -> ChainRef:
+    index = el.get("index")
+    if index is not None:
+        return ChainRef(index=int(index))
+    return ChainRef(file=T.attr(el, "file", "nonEmpty"))
+
+
+def build_chain_ref(parent: etree._Element, tag: str, ref: ChainRef) -> None:
+    el = etree.SubElement(parent, tag)
+    if ref.index is not None:
+        el.set("index", str(ref.index))
+    else:
+        el.set("file", ref.file or "")
