@@ -241,3 +241,17 @@ def uuid_prefix(text: str) -> str:
     if not 1 <= len(digits) <= 32 or any(ch not in "0123456789abcdef" for ch in digits):
         raise InvalidArgument(f"'{text}' is not a UUID prefix (1 to 32 hex digits)")
     return digits
+
+
+def _rewrite_daemon_md(path: str = "design/daemon.md") -> None:
+    """Put ``render_markdown()`` between the generated-list markers of ``path``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("\n", text.index("<!-- generated from jobcore.methods")) + 1
+    end = text.index("<!-- end of generated method list -->")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:start] + render_markdown() + text[end:])
+
+
+if __name__ == "__main__":
+    _rewrite_daemon_md()
