@@ -13,8 +13,9 @@ A frame is a 4-byte big-endian body length followed by a msgpack body of at most
                                                  (reason 'overflow': the client fell behind)
 
 The first request of a connection is ``hello [version, driver_uri]``. UUIDs travel as 16
-raw bytes. Wire values are decoded into the typed messages and values below right at the
-edge (``decode_message``, ``decode_*``); nothing else in jobcore sees wire lists or maps.
+raw bytes. The methods, their argument types and result types are jobcore.methods' table.
+Wire values are decoded into the typed messages and values below right at the edge
+(``decode_message``, ``decode_result``); nothing else in jobcore sees wire lists or maps.
 """
 
 from __future__ import annotations
@@ -455,10 +456,9 @@ class ServerHello:
     uri: str  # the driver URI the daemon opened for this client
 
 
-Scalar: TypeAlias = int | float | str | bool | None
+def _check(kind: type, what: str) -> Callable[[Wire, Any], Any]:
+    """A structure hook taking exactly ``kind`` (a bool is no int here)."""
 
-
-def _check(kind: type | tuple[type, ...], what: str) -> Callable[[Wire, Any], Any]:
     def structure(value: Wire, _: Any) -> Any:
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise ValueError(f"expected {what}, got {type(value).__name__}")
@@ -526,14 +526,15 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_factory(_is_tuple, tuple_of)
     conv.register_unstructure_hook(uuid.UUID, lambda u: u.bytes)
     conv.register_structure_hook(uuid.UUID, _structure_uuid)
-    conv.register_structure_hook(str, _check(str, "a string"))
+    structure_str = _check(str, "a string")
+    conv.register_structure_hook(str, structure_str)
     conv.register_structure_hook(int, _check(int, "an integer"))
     conv.register_structure_hook(bool, _check(bool, "a boolean"))
     conv.register_structure_hook(float, _structure_float)
-    conv.register_structure_hook(JobType, lambda v, _: JobType(_check(str, "a string")(v, _)))
-    for enum_cls in (JobState, EventKind):
-        conv.register_structure_hook(enum_cls, lambda v, t: t(_check(str, "a string")(v, t)))
-    conv.register_unstructure_hook(JobType, str)
+    # states, kinds and types travel as their names
+    for named in (JobType, JobState, EventKind):
+        conv.register_structure_hook(named, lambda v, t: t(structure_str(v, t)))
+        conv.register_unstructure_hook(named, str)
     conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _structure_params)
     return conv
 

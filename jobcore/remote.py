@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup
@@ -65,8 +65,6 @@ from jobcore.protocol import (
     raise_error,
 )
 from jobcore.uri import URI, parse_uri
-
-T = TypeVar("T")
 
 #: Frames queued for the writer before a caller waits (subscribe() never waits).
 OUTGOING_BUFFER = 256
