@@ -200,15 +200,15 @@ def render_markdown() -> str:
     ]
     for m in Method:
         c = m.value
-        args = ", ".join(f"{name}: {kind.value}" for name, kind in c.args) or "–"
-        result = c.result.value + (f" ({c.note})" if c.note else "")
-        ro = "**no**" if c.writes else "yes"
-        blocking = f"`{c.blocking}`" if c.blocking else ""
-        lines.append(
-            f"| `{c.name}` | {c.on.value} | {args} | {result} | {ro} | {blocking} |".replace(
-                "|nil", "\\|nil"
-            )
+        cells = (
+            f"`{c.name}`",
+            c.on.value,
+            ", ".join(f"{name}: {kind.value}" for name, kind in c.args) or "–",
+            c.result.value + (f" ({c.note})" if c.note else ""),
+            "**no**" if c.writes else "yes",
+            f"`{c.blocking}`" if c.blocking else "",
         )
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
