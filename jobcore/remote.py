@@ -65,6 +65,8 @@ from jobcore.protocol import (
     raise_error,
 )
 from jobcore.uri import URI, parse_uri
+from jobcore.xml import format_job
+from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document
 
 #: Frames queued for the writer before a caller waits (subscribe() never waits).
 OUTGOING_BUFFER = 256
@@ -375,8 +377,6 @@ class RemoteConnection:
 def _check_size(xml: str | bytes, root: str) -> None:
     """Refuse a document over the XML size limit here, with the parser's own XMLError,
     rather than let it fail as an oversized frame (jobd checks again)."""
-    from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document
-
     if not isinstance(xml, str | bytes):
         return  # the protocol's argument check names the wrong type
     size = len(xml) if isinstance(xml, bytes) else len(xml.encode("utf-8", "surrogatepass"))
@@ -417,8 +417,6 @@ class RemoteDomain:
 
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> RemoteJob:
         """A typed spec travels as its job XML (jobcore.xml.format_job)."""
-        from jobcore.xml import format_job
-
         return await self.job_begin(format_job(spec), flags)
 
     async def list_jobs(self) -> list[RemoteJob]:
