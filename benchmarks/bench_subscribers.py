@@ -37,10 +37,10 @@ import anyio
 
 import jobcore
 from benchmarks.bench_jobd import _start_jobd
+from jobcore.methods import Method
 from jobcore.protocol import (
     HEADER,
     PROTOCOL_VERSION,
-    Method,
     Reply,
     Request,
     decode_message,

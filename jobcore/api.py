@@ -1,180 +1,66 @@
-"""The async API: connections, domains and job handles (anyio; asyncio and trio)."""
+"""The async API: the connection, domain and job interfaces, and ``connect()``.
+
+Two implementations, neither a subclass of the other nor of these interfaces:
+jobcore.local (in-process: the connection owns its engine and driver connection) and
+jobcore.remote (served by jobd over a UNIX socket). The layers import one way:
+methods/protocol → local, remote → api, so ``connect()`` picks one without a cycle.
+The assignments at the end make mypy prove that each implementation is complete: a
+method one of them lacks, or whose signature differs, fails the type check, not a call
+at run time. Every call of these interfaces is declared once in jobcore.methods.
+"""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
-
-import anyio
-import anyio.to_thread
-import attrs
-from anyio.lowlevel import RunVar
+from typing import Any, Protocol, runtime_checkable
 
 from jobcore import constants as C
-from jobcore.driver import DomainInfo, DriverConnection
-from jobcore.drivers import check_uri_params, load_driver
-from jobcore.engine import DEFAULT_RETENTION, Engine
-from jobcore.errors import AccessDenied, InvalidArgument, NoSuchJob, OperationInvalid
-from jobcore.events import EventFilter, EventHub, EventKind, Subscription
-from jobcore.flags import check_flags
+from jobcore.driver import DomainInfo
+from jobcore.engine import DEFAULT_RETENTION
+from jobcore.errors import InvalidArgument
+from jobcore.events import EventHub, EventKind, Subscription
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
+from jobcore.local import LocalConnection, LocalDomain, LocalJob, connect_local
 from jobcore.paths import PathGuard
-from jobcore.spec import MAX_INT64, ChainRef, JobType
-from jobcore.store import (
-    DEFAULT_MAX_RETAINED,
-    DEFAULT_MAX_RETAINED_PER_DOMAIN,
-    DEFAULT_STORE_URL,
-    JobRecord,
-    JobStore,
-    open_store,
-)
-from jobcore.store_sqlite import SQLiteJobStore, parse_store_url
-from jobcore.types.backup import BackupJobSpec
-from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.remote import RemoteConnection, RemoteDomain, RemoteJob, connect_remote
+from jobcore.spec import JobType
+from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.uri import parse_uri
-from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
 
 LEGACY_DOMAIN_JOB_UUID = C.LEGACY_DOMAIN_JOB_UUID
 
-MiB = 1 << 20
 
-#: XML documents (and specs that format to about as much) larger than this are parsed and
-#: formatted on a worker thread: a 1 MiB document takes a few hundred milliseconds, which
-#: must not stall the event loop (jobd's only one) for every other client.
-XML_THREAD_BYTES = 64 * 1024
-#: at most this many such documents are parsed or formatted at once per event loop, so
-#: the memory their trees take stays bounded; more wait their turn
-XML_THREADS = 2
-_xml_limiter: RunVar[anyio.CapacityLimiter] = RunVar("jobcore_xml_limiter")
+@runtime_checkable
+class Connection(Protocol):
+    """An open connection to a hypervisor driver (in-process or through jobd)."""
 
-_A = TypeVar("_A")
-_R = TypeVar("_R")
+    uri: str
 
+    async def lookup_domain(self, name: str) -> Domain: ...
 
-async def xml_work(fn: Callable[[_A], _R], arg: _A, size: int) -> _R:
-    """``fn(arg)`` (a parse or format of about ``size`` bytes): inline when small, else on
-    a worker thread, at most XML_THREADS at once."""
-    if size <= XML_THREAD_BYTES:
-        return fn(arg)
-    try:
-        limiter = _xml_limiter.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(XML_THREADS)
-        _xml_limiter.set(limiter)
-    return await anyio.to_thread.run_sync(fn, arg, limiter=limiter)
-
-
-def text_weight(value: object, budget: int = XML_THREAD_BYTES) -> int:
-    """About how much text ``value`` (a spec) formats to, counted only until it passes
-    ``budget``: the lengths of its strings plus a little per field and item."""
-    total = 0
-    stack = [value]
-    while stack and total <= budget:
-        item = stack.pop()
-        if isinstance(item, str):
-            total += len(item) + 8
-        elif isinstance(item, tuple | list | frozenset | set):
-            stack.extend(item)
-            total += 8
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-            total += 8 * len(item)
-        elif attrs.has(type(item)):
-            stack.extend(getattr(item, f.name) for f in attrs.fields(type(item)))  # type: ignore[arg-type]
-            total += 16
-        else:
-            total += 8
-    return total
-
-
-def _doc_size(doc: str | bytes | None) -> int:
-    return len(doc) if isinstance(doc, str | bytes | bytearray) else 0
-
-
-def as_uuid(value: str | bytes | uuid.UUID) -> uuid.UUID:
-    """A UUID from its string form, 16 raw bytes, or a uuid.UUID."""
-    try:
-        if isinstance(value, uuid.UUID):
-            return value
-        if isinstance(value, bytes | bytearray):
-            return uuid.UUID(bytes=bytes(value))
-        return uuid.UUID(str(value))
-    except (ValueError, TypeError):
-        raise InvalidArgument(f"invalid job UUID {value!r}") from None
-
-
-def uuid_prefix(text: str) -> str:
-    """The hex digits of a UUID prefix (dashes dropped, lower case); InvalidArgument if
-    it is not 1 to 32 hex digits."""
-    digits = text.replace("-", "").lower()
-    if not 1 <= len(digits) <= 32 or any(ch not in "0123456789abcdef" for ch in digits):
-        raise InvalidArgument(f"'{text}' is not a UUID prefix (1 to 32 hex digits)")
-    return digits
-
-
-class Connection:
-    """An open connection to a hypervisor driver, owning its engine and tasks."""
-
-    def __init__(self, uri: str, dconn: DriverConnection, engine: Engine) -> None:
-        self.uri = uri
-        self.driver = dconn
-        self.engine = engine
-
-    async def lookup_domain(self, name: str) -> Domain:
-        info = await self.driver.lookup_domain(name)
-        return Domain(self, info.name, info.uuid)
-
-    async def list_domains(self) -> list[Domain]:
-        return [Domain(self, d.name, d.uuid) for d in await self.driver.list_domains()]
+    async def list_domains(self) -> Sequence[Domain]: ...
 
     async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> Domain:
-        """Start a domain from its XML; ``path_guard`` (jobcore.paths) sees the files the
-        driver would open (disk images and their backing chains) before it opens them,
-        and a driver that takes no guard is refused one."""
-        create: Any = self.driver.create_domain
-        if path_guard is None:
-            info = await create(xml)
-        else:
-            if "path_guard" not in inspect.signature(create).parameters:
-                raise AccessDenied(
-                    f"driver '{self.driver.uri}' cannot check the files a domain definition "
-                    "names: only jobd's own uid and root may create domains on it"
-                )
-            info = await create(xml, path_guard=path_guard)
-        return Domain(self, info.name, info.uuid)
+        """Start a domain from its XML; ``path_guard`` (jobcore.paths, in-process only)
+        sees the files the driver would open before it opens them."""
+        ...
 
     async def job_lookup_by_uuid(self, dom: Domain, job: str | bytes | uuid.UUID) -> Job:
         """Look a job up by UUID; ``LEGACY_DOMAIN_JOB_UUID`` resolves to the domain's
         legacy job at call time (the handle returned is that concrete job)."""
-        job_id = as_uuid(job)
-        if job_id == LEGACY_DOMAIN_JOB_UUID:
-            rec = self.engine.legacy_job(dom.name)
-            if rec is None:
-                raise NoSuchJob(f"domain '{dom.name}' has no active or retained domain job")
-            return Job(self, rec)
-        rec = self.engine.lookup(job_id)
-        if rec.domain != dom.name:
-            raise NoSuchJob(f"no job with UUID '{job_id}' on domain '{dom.name}'")
-        return Job(self, rec)
+        ...
 
     async def lookup_job(self, job: str | bytes | uuid.UUID) -> Job:
-        """Look a job up by UUID on any domain of the connection (no alias here: the
-        legacy domain job UUID needs a domain, see ``job_lookup_by_uuid``)."""
-        job_id = as_uuid(job)
-        if job_id == LEGACY_DOMAIN_JOB_UUID:
-            raise InvalidArgument("the legacy domain job UUID names no job without a domain")
-        return Job(self, self.engine.lookup(job_id))
+        """A job of any domain by UUID (the legacy alias needs a domain)."""
+        ...
 
-    async def find_jobs(self, prefix: str, limit: int = 16) -> list[Job]:
-        """Up to ``limit`` active or retained jobs whose UUID starts with ``prefix`` (hex
-        digits; dashes ignored), in UUID order, found by an index: how a short form of a
-        UUID is resolved (two results mean it is ambiguous)."""
-        return [Job(self, r) for r in self.engine.find_jobs(uuid_prefix(prefix), limit)]
+    async def find_jobs(self, prefix: str, limit: int = 16) -> Sequence[Job]:
+        """Up to ``limit`` jobs whose UUID starts with ``prefix`` (hex digits), in UUID
+        order: how a short form of a UUID is resolved."""
+        ...
 
     def subscribe(
         self,
@@ -186,295 +72,105 @@ class Connection:
         maxlen: int = EventHub.DEFAULT_BUFFER,
     ) -> Subscription:
         """A bounded, filtered event queue; close it (or use ``with``) when done."""
-        return self.engine.subscribe(EventFilter.of(domain, job, types, kinds), maxlen)
+        ...
 
 
-class Domain:
-    """A domain handle. After a migration it follows the domain (see ``uri``)."""
+@runtime_checkable
+class Domain(Protocol):
+    """A domain handle."""
 
-    def __init__(
-        self,
-        conn: Connection,
-        name: str,
-        dom_uuid: uuid.UUID,
-        *,
-        path_guard: PathGuard | None = None,
-    ) -> None:
-        self.conn = conn
-        self.name = name
-        self.uuid = dom_uuid
-        #: sees the host files of every job this handle begins (jobcore.paths): jobd's
-        #: handles for a client it confines carry that client's guard
-        self.path_guard = path_guard
+    name: str
+    uuid: uuid.UUID
 
-    def __repr__(self) -> str:
-        return f"<Domain {self.name!r} on {self.uri!r}>"
+    @property
+    def conn(self) -> Connection: ...
 
     @property
     def uri(self) -> str:
-        """The URI of the host the domain runs on now."""
-        return self.conn.engine.domain_location.get(self.name, self.conn.uri)
+        """The URI of the host the domain runs on now (remote: the one it was reached by)."""
+        ...
 
-    async def info(self) -> DomainInfo:
-        return await self.conn.driver.lookup_domain(self.name)
+    async def info(self) -> DomainInfo: ...
 
-    async def destroy(self) -> None:
-        await self.conn.driver.destroy_domain(self.name)
+    async def destroy(self) -> None: ...
 
     async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> Job:
         """Parse a ``<job>`` document and begin it (JobBegin)."""
-        check_flags("JobBegin", flags)  # the bits of any type; the engine checks the type's
-        spec = await xml_work(parse_job, job_xml, _doc_size(job_xml))
-        return await self.job_begin_spec(spec, flags)
+        ...
 
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> Job:
-        """Begin a job from a typed spec (what ``job_begin`` does after parsing); the
-        engine refuses flag bits the spec's type does not accept (jobcore.flags). The
-        handle's ``path_guard`` sees the host files the prepared spec names."""
-        rec = await self.conn.engine.begin(self.name, spec, flags, path_guard=self.path_guard)
-        return Job(self.conn, rec)
+        """Begin a job from a typed spec (what ``job_begin`` does after parsing)."""
+        ...
 
-    async def list_jobs(self) -> list[Job]:
+    async def list_jobs(self) -> Sequence[Job]:
         """Active and retained jobs of the domain, in the order they began."""
-        return [Job(self.conn, r) for r in self.conn.engine.domain_jobs(self.name)]
+        ...
 
-    # ---- legacy calls (libvirt-python virDomain methods) -----------------------------
+    # legacy calls (libvirt-python virDomain methods)
+    async def job_info(self) -> list[int]: ...
 
-    def _legacy_active(self) -> JobRecord | None:
-        rec = self.conn.engine.legacy_job(self.name)
-        return rec if rec is not None and rec.state.active else None
+    async def job_stats(self, flags: int = 0) -> dict[str, Any]: ...
 
-    async def job_info(self) -> list[int]:
-        """virDomainGetJobInfo: [type, timeElapsed, timeRemaining, dataTotal,
-        dataProcessed, dataRemaining, memTotal, memProcessed, memRemaining, fileTotal,
-        fileProcessed, fileRemaining]."""
-        rec = self._legacy_active()
-        if rec is None:
-            return [C.VIR_DOMAIN_JOB_NONE] + [0] * 11
-        st = self.conn.engine.stats(rec)
-        mem = [st.get(f"memory_{k}", 0) for k in ("total", "processed", "remaining")]
-        disk = [st.get(f"disk_{k}", 0) for k in ("total", "processed", "remaining")]
-        data = [m + d for m, d in zip(mem, disk, strict=True)]
-        return [st["type"], st["time_elapsed"], 0, *data, *mem, *disk]
-
-    async def job_stats(self, flags: int = 0) -> dict[str, Any]:
-        """virDomainGetJobStats: the legacy job's stats, or with
-        VIR_DOMAIN_JOB_STATS_COMPLETED the last ended one's (read once unless
-        VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)."""
-        check_flags("jobStats", flags)
-        engine = self.conn.engine
-        if not flags & C.VIR_DOMAIN_JOB_STATS_COMPLETED:
-            rec = self._legacy_active()
-            return {"type": C.VIR_DOMAIN_JOB_NONE} if rec is None else engine.stats(rec)
-        rec = engine.legacy_job(self.name)
-        if rec is None or rec.state.active or rec.legacy_stats_read:
-            return {"type": C.VIR_DOMAIN_JOB_NONE}
-        if not flags & C.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED:
-            rec.legacy_stats_read = True
-        return engine.stats(rec)
-
-    async def abort_job(self) -> int:
-        """virDomainAbortJob: abort the legacy job (a pull-mode backup serving its export
-        ends successfully, as in libvirt)."""
-        rec = self._legacy_active()
-        if rec is None:
-            raise OperationInvalid("no job is active on the domain")
-        await self.conn.engine.abort(rec)
-        return 0
+    async def abort_job(self) -> int: ...
 
     async def backup_begin(
         self, backup_xml: str | None, checkpoint_xml: str | None = None, flags: int = 0
-    ) -> int:
-        """virDomainBackupBegin; VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL reuses existing
-        target/scratch files (without it, an existing one is refused)."""
-        check_flags("backupBegin", flags)
-        backup_doc = backup_xml or "<domainbackup/>"
-        backup = await xml_work(parse_backup, backup_doc, _doc_size(backup_doc))
-        checkpoint = (
-            None
-            if checkpoint_xml is None
-            else await xml_work(parse_checkpoint, checkpoint_xml, _doc_size(checkpoint_xml))
-        )
-        await self.job_begin_spec(BackupJobSpec(backup, checkpoint), flags)
-        return 0
+    ) -> int: ...
 
-    async def backup_get_xml_desc(self, flags: int = 0) -> str:
-        check_flags("backupGetXMLDesc", flags)
-        rec = self._legacy_active()
-        if rec is None or not isinstance(rec.spec, BackupJobSpec):
-            raise NoSuchJob("no domain backup job present")
-        backup = rec.spec.backup
-        return await xml_work(format_backup, backup, text_weight(backup))
+    async def backup_get_xml_desc(self, flags: int = 0) -> str: ...
 
-    def _chain_job(self, disk: str) -> JobRecord | None:
-        return self.conn.engine.store.chain_job(self.name, disk)
+    async def block_job_info(self, disk: str, flags: int = 0) -> dict[str, int]: ...
 
-    async def block_job_info(self, disk: str, flags: int = 0) -> dict[str, int]:
-        """virDomainGetBlockJobInfo: {'type', 'bandwidth', 'cur', 'end'}, or {} when the
-        disk has no block job; a disk the domain does not have is an InvalidArgument."""
-        check_flags("blockJobInfo", flags)
-        rec = self._chain_job(disk)
-        if rec is None:
-            await self._require_disk(disk)
-            return {}
-        if isinstance(rec.spec, BlockPullSpec):
-            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL
-        elif isinstance(rec.spec, BlockCommitSpec) and rec.spec.active:
-            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
-        else:
-            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT
-        bandwidth = rec.bandwidth or 0
-        if not flags & C.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES:
-            bandwidth //= MiB
-        cur, end = rec.processed, rec.total
-        if end == 0:  # as libvirt: never show a finished-looking 0/0 for a live job
-            cur, end = (1, 1) if rec.state in (JobState.READY, JobState.STANDBY) else (0, 1)
-        elif cur == end and rec.state not in (JobState.READY, JobState.STANDBY):
-            cur -= 1
-        return {"type": kind, "bandwidth": bandwidth, "cur": cur, "end": end}
+    async def block_job_abort(self, disk: str, flags: int = 0) -> int: ...
 
-    async def _require_disk(self, disk: str) -> None:
-        if (await self.info()).disk(disk) is None:
-            raise InvalidArgument(f"disk '{disk}' not found in domain '{self.name}'")
-
-    async def block_job_abort(self, disk: str, flags: int = 0) -> int:
-        check_flags("blockJobAbort", flags)
-        rec = self._chain_job(disk)
-        if rec is None:
-            await self._require_disk(disk)
-            raise OperationInvalid(f"disk '{disk}' does not have an active block job")
-        engine = self.conn.engine
-        if flags & C.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT:
-            if rec.state not in (JobState.READY, JobState.STANDBY):
-                raise OperationInvalid(
-                    f"block job '{rec.uuid}' not ready for pivot yet",
-                    job=rec.uuid,
-                    state=str(rec.state),
-                    verb="complete",
-                )
-            await engine.complete(rec)
-        else:
-            await engine.abort(rec)
-        if not flags & C.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC:
-            await engine.wait(rec)
-        return 0
-
-    async def block_pull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
-        check_flags("blockPull", flags)
-        await self.job_begin_spec(
-            BlockPullSpec(
-                disk,
-                bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES),
-            )
-        )
-        return 0
+    async def block_pull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int: ...
 
     async def block_commit(
         self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
-    ) -> int:
-        check_flags("blockCommit", flags)
-        info = await self.info()
-        chain = info.disk(disk)
-        top_ref = None if top is None else ChainRef(file=top)
-        if (
-            chain is not None
-            and (top is None or top == chain.source)
-            and not flags & C.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
-        ):
-            raise InvalidArgument(
-                "commit of the active layer requires VIR_DOMAIN_BLOCK_COMMIT_ACTIVE"
-            )
-        await self.job_begin_spec(
-            BlockCommitSpec(
-                disk,
-                top=top_ref,
-                base=None if base is None else ChainRef(file=base),
-                delete=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_DELETE),
-                shallow=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW),
-                bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES),
-            )
-        )
-        return 0
+    ) -> int: ...
 
 
-def _bandwidth(value: int, flags: int, bytes_flag: int) -> int | None:
-    if value < 0:
-        raise InvalidArgument("bandwidth must not be negative")
-    if value == 0:
-        return None
-    if flags & bytes_flag:
-        if value > MAX_INT64:
-            raise InvalidArgument(
-                f"bandwidth {value} bytes/s is too large: the maximum is {MAX_INT64} bytes/s"
-            )
-        return value
-    if value > MAX_INT64 // MiB:
-        raise InvalidArgument(
-            f"bandwidth {value} MiB/s is too large: the maximum is {MAX_INT64 // MiB} MiB/s"
-            " (pass the BANDWIDTH_BYTES flag for bytes/s)"
-        )
-    return value * MiB
+@runtime_checkable
+class Job(Protocol):
+    """A handle on one concrete job. ``uuid``, ``type`` and ``domain`` need no round trip."""
 
+    uuid: uuid.UUID
+    type: JobType
+    domain: str
 
-class Job:
-    """A handle on one concrete job. ``uuid`` and ``type`` need no round trip."""
-
-    def __init__(self, conn: Connection, rec: JobRecord) -> None:
-        self.conn = conn
-        self._rec = rec
-        self.uuid: uuid.UUID = rec.uuid
-        self.type: JobType = rec.type
-        self.domain: str = rec.domain
-
-    def __repr__(self) -> str:
-        return f"<Job {self.uuid} {self.type} on {self.domain!r}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Job) and other.uuid == self.uuid
-
-    def __hash__(self) -> int:
-        return hash(self.uuid)
+    @property
+    def conn(self) -> Connection: ...
 
     @property
     def state(self) -> JobState:
-        return self._rec.state
+        """The job's state (remote: the one last seen by a call on this handle)."""
+        ...
 
-    async def info(self) -> JobInfo:
-        return self.conn.engine.info(self._rec)
+    async def info(self) -> JobInfo: ...
 
-    async def stats(self) -> dict[str, Any]:
-        return self.conn.engine.stats(self._rec)
+    async def stats(self) -> dict[str, Any]: ...
 
     async def wait(self, timeout: float | None = None) -> JobInfo:
         """Until the job ends; returns its final info. TimeoutError after ``timeout``."""
-        return await self.conn.engine.wait(self._rec, timeout)
+        ...
 
-    async def abort(self) -> None:
-        await self.conn.engine.abort(self._rec)
+    async def abort(self) -> None: ...
 
-    async def pause(self) -> None:
-        await self.conn.engine.pause(self._rec)
+    async def pause(self) -> None: ...
 
-    async def resume(self) -> None:
-        await self.conn.engine.resume(self._rec)
+    async def resume(self) -> None: ...
 
-    async def complete(self) -> None:
-        await self.conn.engine.complete(self._rec)
+    async def complete(self) -> None: ...
 
     async def set_speed(self, bandwidth: int | None) -> None:
         """Bandwidth in bytes/s; None or 0 lifts the limit."""
-        await self.conn.engine.set_speed(self._rec, bandwidth or None)
+        ...
 
     async def xml_desc(self) -> str:
-        """The job XML with its UUID, its state and the effective (aligned, defaulted)
-        values; it parses back into the same spec."""
-        rec = self._rec
-        spec = attrs.evolve(rec.spec, uuid=rec.uuid)
-        state = str(rec.state)
-        return await xml_work(lambda s: format_job(s, state=state), spec, text_weight(spec))
+        """The job XML with its UUID, its state and the effective values."""
+        ...
 
-    def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
-        return self.conn.subscribe(job=self.uuid, maxlen=maxlen)
+    def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription: ...
 
 
 @asynccontextmanager
@@ -487,7 +183,8 @@ async def connect(
     store: str | None = None,
 ) -> AsyncIterator[Connection]:
     """Open a connection; everything it started is cancelled when the block exits.
-    ``DRIVER+unix:///PATH?socket=SOCKET`` URIs are served by jobd (jobcore.remote).
+    ``DRIVER+unix:///PATH?socket=SOCKET`` URIs are served by jobd (jobcore.remote),
+    every other URI in-process (jobcore.local).
 
     Ended jobs are kept ``retention`` seconds (unless their XML says otherwise), at most
     ``max_retained_per_domain`` per domain and ``max_retained`` in all: past a cap the
@@ -503,48 +200,23 @@ async def connect(
                 f"'{uri}' is served by jobd, whose job store is the daemon's config "
                 "(jobd --store URL): connect without store="
             )
-        from jobcore.remote import connect_remote
-
         async with connect_remote(parsed, retention=retention) as remote:
             yield remote
         return
-    store_url = DEFAULT_STORE_URL if store is None else store
-    durable = parse_store_url(store_url).kind != "memory"  # InvalidArgument if malformed
-    driver = load_driver(parsed)
-    check_uri_params(driver, parsed)
-    jstore: JobStore | None = None
-    if durable:  # opening checks and loads the file: off the event loop
-        jstore = await anyio.to_thread.run_sync(
-            functools.partial(
-                open_store,
-                store_url,
-                scope=f"{parsed.driver}://{parsed.host}{parsed.path}",
-                max_retained_per_domain=max_retained_per_domain,
-                max_retained=max_retained,
-            )
-        )
-    try:
-        async with anyio.create_task_group() as tg:
-            async with driver.connect(parsed, tg) as dconn:
-                engine = Engine(
-                    dconn,
-                    tg,
-                    store=jstore,
-                    retention=retention,
-                    max_retained_per_domain=max_retained_per_domain,
-                    max_retained=max_retained,
-                )
-                try:
-                    yield Connection(uri, dconn, engine)
-                finally:
-                    engine.close()
-                    await engine.drain()
-            tg.cancel_scope.cancel()
-    except ExceptionGroup as group:
-        # one error (the caller's, or the driver's) comes out as itself, not wrapped
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-    finally:
-        if isinstance(jstore, SQLiteJobStore):
-            jstore.close()
+    async with connect_local(
+        uri,
+        retention=retention,
+        max_retained_per_domain=max_retained_per_domain,
+        max_retained=max_retained,
+        store=store,
+    ) as local:
+        yield local
+
+
+# mypy proves both implementations complete (every member, compatible signatures):
+_local: tuple[type[Connection], type[Domain], type[Job]] = (LocalConnection, LocalDomain, LocalJob)
+_remote: tuple[type[Connection], type[Domain], type[Job]] = (
+    RemoteConnection,
+    RemoteDomain,
+    RemoteJob,
+)

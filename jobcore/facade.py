@@ -20,13 +20,15 @@ from typing import Any, TypeVar, cast
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from jobcore.api import Connection, Domain, Job, as_uuid, connect
+from jobcore.api import Connection, Domain, Job, connect
 from jobcore.driver import DriverConnection
 from jobcore.engine import DEFAULT_RETENTION, check_timeout
 from jobcore.errors import InvalidArgument, JobError
 from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
+from jobcore.local import LocalConnection
+from jobcore.methods import as_uuid
 from jobcore.spec import JobType
 
 T = TypeVar("T")
@@ -126,7 +128,10 @@ class BlockingConnection:
 
     @property
     def driver(self) -> DriverConnection:
-        """The driver connection (e.g. the sim's clock and failure injection)."""
+        """The driver connection (e.g. the sim's clock and failure injection); an
+        in-process connection's only."""
+        if not isinstance(self.aconn, LocalConnection):
+            raise JobError(f"'{self.uri}' is served by jobd: its driver is the daemon's")
         return self.aconn.driver
 
     def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:

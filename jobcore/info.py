@@ -6,26 +6,10 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from attrs import frozen
+from attrs import fields, frozen
 
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobType
-
-_KEYS = (
-    "uuid",
-    "type",
-    "domain",
-    "state",
-    "processed",
-    "total",
-    "progress",
-    "time_elapsed",
-    "created",
-    "started",
-    "ended",
-    "errmsg",
-    "bandwidth",
-)
 
 
 @frozen
@@ -72,3 +56,13 @@ class JobInfo(Mapping[str, Any]):
 
     def as_dict(self) -> dict[str, Any]:
         return {k: self[k] for k in _KEYS}
+
+
+def _mapping_keys() -> tuple[str, ...]:
+    """The mapping's keys: the attrs fields, with ``progress`` after ``total``."""
+    names = [f.name for f in fields(JobInfo)]
+    names.insert(names.index("total") + 1, "progress")
+    return tuple(names)
+
+
+_KEYS = _mapping_keys()

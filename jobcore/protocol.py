@@ -13,8 +13,9 @@ A frame is a 4-byte big-endian body length followed by a msgpack body of at most
                                                  (reason 'overflow': the client fell behind)
 
 The first request of a connection is ``hello [version, driver_uri]``. UUIDs travel as 16
-raw bytes. Wire values are decoded into the typed messages and values below right at the
-edge (``decode_message``, ``decode_*``); nothing else in jobcore sees wire lists or maps.
+raw bytes. The methods, their argument types and result types are jobcore.methods' table.
+Wire values are decoded into the typed messages and values below right at the edge
+(``decode_message``, ``decode_result``); nothing else in jobcore sees wire lists or maps.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ import math
 import os
 import socket
 import struct
+import typing
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
+import attrs
+import cattrs
 import msgpack  # type: ignore[import-untyped]
 from anyio.abc import SocketAttribute, SocketStream
 from attrs import frozen
@@ -40,6 +44,7 @@ from jobcore.errors import JobError
 from jobcore.events import EndReason, EventKind, JobEvent
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
+from jobcore.methods import BY_NAME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
 from jobcore.spec import JobType
 
@@ -110,107 +115,6 @@ class MsgType(enum.IntEnum):
     CANCEL = 4
     SUB_END = 5
 
-
-class Arg(enum.Enum):
-    """The wire type of one request argument (validated and converted on decode)."""
-
-    STR = "str"
-    OPT_STR = "str|nil"
-    TEXT = "str|bin"  # XML documents: str, or bytes as the local API accepts
-    INT = "int"
-    OPT_FLOAT = "float|nil"
-    UUID = "uuid"
-    OPT_UUID = "uuid|nil"
-    OPT_STRS = "[str]|nil"
-
-
-@frozen
-class MethodSpec:
-    args: tuple[Arg, ...]
-    writes: bool  # refused on the read-only socket
-
-
-class Method(enum.StrEnum):
-    HELLO = "hello"
-    # connection
-    LIST_DOMAINS = "list_domains"
-    LOOKUP_DOMAIN = "lookup_domain"
-    CREATE_DOMAIN = "create_domain"
-    JOB_LOOKUP_BY_UUID = "job_lookup_by_uuid"
-    LOOKUP_JOB = "lookup_job"
-    SUBSCRIBE = "subscribe"
-    UNSUBSCRIBE = "unsubscribe"
-    # domain
-    DOMAIN_INFO = "domain_info"
-    DOMAIN_DESTROY = "domain_destroy"
-    JOB_BEGIN = "job_begin"
-    LIST_JOBS = "list_jobs"  # every job in one reply: kept for older clients
-    LIST_JOBS_PAGE = "list_jobs_page"
-    FIND_JOBS = "find_jobs"
-    LEGACY_JOB_INFO = "legacy_job_info"
-    LEGACY_JOB_STATS = "legacy_job_stats"
-    LEGACY_ABORT_JOB = "legacy_abort_job"
-    BACKUP_BEGIN = "backup_begin"
-    BACKUP_GET_XML_DESC = "backup_get_xml_desc"
-    BLOCK_JOB_INFO = "block_job_info"
-    BLOCK_JOB_ABORT = "block_job_abort"
-    BLOCK_PULL = "block_pull"
-    BLOCK_COMMIT = "block_commit"
-    # job
-    JOB_INFO = "job_info"
-    JOB_STATS = "job_stats"
-    JOB_WAIT = "job_wait"
-    JOB_ABORT = "job_abort"
-    JOB_PAUSE = "job_pause"
-    JOB_RESUME = "job_resume"
-    JOB_COMPLETE = "job_complete"
-    JOB_SET_SPEED = "job_set_speed"
-    JOB_XML_DESC = "job_xml_desc"
-
-    @property
-    def spec(self) -> MethodSpec:
-        return METHODS[self]
-
-
-A = Arg
-METHODS: dict[Method, MethodSpec] = {
-    Method.HELLO: MethodSpec((A.INT, A.STR), False),
-    Method.LIST_DOMAINS: MethodSpec((), False),
-    Method.LOOKUP_DOMAIN: MethodSpec((A.STR,), False),
-    Method.CREATE_DOMAIN: MethodSpec((A.TEXT,), True),
-    Method.JOB_LOOKUP_BY_UUID: MethodSpec((A.STR, A.UUID), False),
-    Method.LOOKUP_JOB: MethodSpec((A.UUID,), False),
-    # sub_id is the request id; domain, job, types, kinds, maxlen
-    Method.SUBSCRIBE: MethodSpec((A.OPT_STR, A.OPT_UUID, A.OPT_STRS, A.OPT_STRS, A.INT), False),
-    Method.UNSUBSCRIBE: MethodSpec((A.INT,), False),
-    Method.DOMAIN_INFO: MethodSpec((A.STR,), False),
-    Method.DOMAIN_DESTROY: MethodSpec((A.STR,), True),
-    Method.JOB_BEGIN: MethodSpec((A.STR, A.TEXT, A.INT), True),
-    Method.LIST_JOBS: MethodSpec((A.STR,), False),
-    # domain, cursor (-1: the start), limit -> [[job ref…], next cursor | nil]
-    Method.LIST_JOBS_PAGE: MethodSpec((A.STR, A.INT, A.INT), False),
-    # UUID prefix (hex digits), limit -> [job ref…] in UUID order
-    Method.FIND_JOBS: MethodSpec((A.STR, A.INT), False),
-    Method.LEGACY_JOB_INFO: MethodSpec((A.STR,), False),
-    Method.LEGACY_JOB_STATS: MethodSpec((A.STR, A.INT), False),
-    Method.LEGACY_ABORT_JOB: MethodSpec((A.STR,), True),
-    Method.BACKUP_BEGIN: MethodSpec((A.STR, A.OPT_STR, A.OPT_STR, A.INT), True),
-    Method.BACKUP_GET_XML_DESC: MethodSpec((A.STR, A.INT), False),
-    Method.BLOCK_JOB_INFO: MethodSpec((A.STR, A.STR, A.INT), False),
-    Method.BLOCK_JOB_ABORT: MethodSpec((A.STR, A.STR, A.INT), True),
-    Method.BLOCK_PULL: MethodSpec((A.STR, A.STR, A.INT, A.INT), True),
-    Method.BLOCK_COMMIT: MethodSpec((A.STR, A.STR, A.OPT_STR, A.OPT_STR, A.INT, A.INT), True),
-    Method.JOB_INFO: MethodSpec((A.UUID,), False),
-    Method.JOB_STATS: MethodSpec((A.UUID,), False),
-    Method.JOB_WAIT: MethodSpec((A.UUID, A.OPT_FLOAT), False),
-    Method.JOB_ABORT: MethodSpec((A.UUID,), True),
-    Method.JOB_PAUSE: MethodSpec((A.UUID,), True),
-    Method.JOB_RESUME: MethodSpec((A.UUID,), True),
-    Method.JOB_COMPLETE: MethodSpec((A.UUID,), True),
-    Method.JOB_SET_SPEED: MethodSpec((A.UUID, A.INT), True),
-    Method.JOB_XML_DESC: MethodSpec((A.UUID,), False),
-}
-del A
 
 #: A validated request argument: what ``Arg`` converts a wire value to.
 ArgValue: TypeAlias = str | bytes | int | float | uuid.UUID | tuple[str, ...] | None
@@ -399,8 +303,8 @@ def _decode_by_type(kind: MsgType, rid: int, raw: list[Wire]) -> Message:
         if len(raw) != 4 or not isinstance(raw[2], str) or not isinstance(raw[3], list):
             raise BadRequest("a request is [0, id, method, [args]]", rid)
         try:
-            method = Method(raw[2])
-        except ValueError:
+            method = BY_NAME[raw[2]]
+        except KeyError:
             raise BadRequest(f"unknown method '{raw[2][:64]}'", rid) from None
         return Request(rid, method, _decode_args(method, raw[3], rid))
     if kind is MsgType.REPLY:
@@ -438,12 +342,16 @@ def _is_int(value: Wire) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: every method's argument types, the handle's identity first (computed once)
+_WIRE_ARGS = {m: m.value.wire_args for m in Method}
+
+
 def _decode_args(method: Method, raw: list[Wire], rid: int) -> tuple[ArgValue, ...]:
-    spec = method.spec
-    if len(raw) != len(spec.args):
-        raise BadRequest(f"'{method}' takes {len(spec.args)} arguments, got {len(raw)}", rid)
+    kinds = _WIRE_ARGS[method]
+    if len(raw) != len(kinds):
+        raise BadRequest(f"'{method}' takes {len(kinds)} arguments, got {len(raw)}", rid)
     out: list[ArgValue] = []
-    for i, (kind, value) in enumerate(zip(spec.args, raw, strict=True)):
+    for i, (kind, value) in enumerate(zip(kinds, raw, strict=True)):
         converted = _convert_arg(kind, value)
         if converted is _INVALID:
             raise BadRequest(f"'{method}' argument {i + 1} must be {kind.value}", rid)
@@ -473,7 +381,7 @@ def _convert_arg(kind: Arg, value: Wire) -> ArgValue | object:
     return _INVALID
 
 
-# ---- values ---------------------------------------------------------------------------
+# ---- scalar checks (error fields, subscription ends) ------------------------------------
 
 
 def _uuid(value: Wire) -> uuid.UUID:
@@ -506,70 +414,21 @@ def _opt_int(value: Wire) -> int | None:
     return None if value is None else _int(value)
 
 
-def _float(value: Wire) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ValueError(f"expected a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _opt_float(value: Wire) -> float | None:
-    return None if value is None else _float(value)
-
-
-def _items(value: Wire, n: int) -> list[Wire]:
-    if not isinstance(value, list) or len(value) != n:
-        raise ValueError(f"expected an array of {n} items")
-    return value
-
-
-def encode_job_info(info: JobInfo) -> Wire:
-    return [
-        info.uuid.bytes,
-        str(info.type),
-        info.domain,
-        str(info.state),
-        info.processed,
-        info.total,
-        info.time_elapsed,
-        info.created,
-        info.started,
-        info.ended,
-        info.errmsg,
-        info.bandwidth,
-    ]
-
-
-def decode_job_info(value: Wire) -> JobInfo:
-    v = _items(value, 12)
-    return JobInfo(
-        uuid=_uuid(v[0]),
-        type=JobType(_str(v[1])),
-        domain=_str(v[2]),
-        state=JobState(_str(v[3])),
-        processed=_int(v[4]),
-        total=_int(v[5]),
-        time_elapsed=_int(v[6]),
-        created=_float(v[7]),
-        started=_opt_float(v[8]),
-        ended=_opt_float(v[9]),
-        errmsg=_opt_str(v[10]),
-        bandwidth=_opt_int(v[11]),
-    )
+# ---- values ---------------------------------------------------------------------------
+#
+# Values travel as arrays of their attrs fields in declaration order (JobInfo, JobEvent,
+# DomainInfo with its DiskInfo, the refs, the server hello): the cattrs converter below
+# turns each class into that layout and back from its attrs fields, so no field list is
+# written by hand. Decoding is strict where cattrs is lenient: an array of exactly as many
+# items as the class has fields, every scalar of its declared type (no str() or int()
+# coercion), sequences as arrays only, typed parameters as maps of scalars. Anything else
+# raises ValueError, which the caller turns into BadRequest or ProtocolError.
 
 
 @frozen
 class DomainRef:
     name: str
     uuid: uuid.UUID
-
-
-def encode_domain_ref(name: str, dom_uuid: uuid.UUID) -> Wire:
-    return [name, dom_uuid.bytes]
-
-
-def decode_domain_ref(value: Wire) -> DomainRef:
-    v = _items(value, 2)
-    return DomainRef(_str(v[0]), _uuid(v[1]))
 
 
 @frozen
@@ -582,99 +441,12 @@ class JobRef:
     state: JobState
 
 
-def encode_job_ref(job_uuid: uuid.UUID, job_type: str, domain: str, state: JobState) -> Wire:
-    return [job_uuid.bytes, str(job_type), domain, str(state)]
-
-
-def decode_job_ref(value: Wire) -> JobRef:
-    v = _items(value, 4)
-    return JobRef(_uuid(v[0]), JobType(_str(v[1])), _str(v[2]), JobState(_str(v[3])))
-
-
-def decode_job_page(value: Wire) -> tuple[list[JobRef], int | None]:
+@frozen
+class JobPage:
     """A LIST_JOBS_PAGE reply: the page's job refs and the next page's cursor."""
-    v = _items(value, 2)
-    if not isinstance(v[0], list):
-        raise ValueError("a page is [[job ref…], next cursor | nil]")
-    return [decode_job_ref(r) for r in v[0]], _opt_int(v[1])
 
-
-def encode_domain_info(info: DomainInfo) -> Wire:
-    return [
-        info.name,
-        info.uuid.bytes,
-        [[d.name, list(d.chain), d.format, d.virtual_size] for d in info.disks],
-        info.memory,
-        info.running,
-    ]
-
-
-def decode_domain_info(value: Wire) -> DomainInfo:
-    v = _items(value, 5)
-    if not isinstance(v[2], list) or not isinstance(v[4], bool):
-        raise ValueError("malformed domain info")
-    disks: list[DiskInfo] = []
-    for d in v[2]:
-        dv = _items(d, 4)
-        if not isinstance(dv[1], list):
-            raise ValueError("malformed disk chain")
-        chain: Any = tuple(_str(f) for f in dv[1])  # attrs' tuple converter confuses mypy
-        disks.append(DiskInfo(_str(dv[0]), chain, _str(dv[2]), _int(dv[3])))
-    all_disks: Any = tuple(disks)
-    return DomainInfo(_str(v[0]), _uuid(v[1]), all_disks, _int(v[3]), v[4])
-
-
-Scalar: TypeAlias = int | float | str | bool | None
-
-
-def decode_params(value: Wire) -> dict[str, Any]:
-    """A typed-parameter dict (stats, block job info): string keys, scalar values."""
-    if not isinstance(value, dict):
-        raise ValueError("expected a map of typed parameters")
-    for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, int | float | str | bool | type(None)):
-            raise ValueError(f"bad typed parameter {k!r}")
-    return dict(value)
-
-
-def decode_int_list(value: Wire) -> list[int]:
-    if not isinstance(value, list):
-        raise ValueError("expected an array of integers")
-    return [_int(x) for x in value]
-
-
-def encode_event(ev: JobEvent) -> Wire:
-    return [
-        str(ev.kind),
-        ev.job.bytes,
-        str(ev.type),
-        ev.domain,
-        str(ev.state),
-        None if ev.previous is None else str(ev.previous),
-        ev.processed,
-        ev.total,
-        ev.timestamp,
-        None if ev.stats is None else dict(ev.stats),
-        ev.lost_before,
-    ]
-
-
-def decode_event(value: Wire) -> JobEvent:
-    v = _items(value, 11)
-    prev = _opt_str(v[5])
-    return JobEvent(
-        EventKind(_str(v[0])),
-        _uuid(v[1]),
-        _str(v[2]),
-        _str(v[3]),
-        JobState(_str(v[4])),
-        None if prev is None else JobState(prev),
-        _int(v[6]),
-        _int(v[7]),
-        _float(v[8]),
-        None if v[9] is None else decode_params(v[9]),
-        _int(v[10]),
-    )
+    refs: tuple[JobRef, ...]
+    cursor: int | None
 
 
 @frozen
@@ -684,15 +456,180 @@ class ServerHello:
     uri: str  # the driver URI the daemon opened for this client
 
 
+def _check(kind: type, what: str) -> Callable[[Wire, Any], Any]:
+    """A structure hook taking exactly ``kind`` (a bool is no int here)."""
+
+    def structure(value: Wire, _: Any) -> Any:
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ValueError(f"expected {what}, got {type(value).__name__}")
+        return value
+
+    return structure
+
+
+def _structure_uuid(value: Wire, _: Any) -> uuid.UUID:
+    if not isinstance(value, bytes) or len(value) != 16:
+        raise ValueError("a UUID travels as 16 bytes")
+    return uuid.UUID(bytes=value)
+
+
+def _structure_float(value: Wire, _: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _structure_params(value: Wire, _: Any = None) -> dict[str, Any]:
+    """A typed-parameter map (stats, block job info): string keys, scalar values."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a map of typed parameters")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, int | float | str | bool | type(None)):
+            raise ValueError(f"bad typed parameter {k!r}")
+    return dict(value)
+
+
+def _is_tuple(cls: Any) -> bool:
+    return typing.get_origin(cls) is tuple
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(unstruct_strat=cattrs.UnstructureStrategy.AS_TUPLE)
+    for cls in (JobInfo, JobEvent, DiskInfo, DomainInfo, DomainRef, JobRef, JobPage, ServerHello):
+        attrs.resolve_types(cls)
+
+    def attrs_fromtuple(cls: type) -> Callable[[Wire, Any], Any]:
+        n = len(attrs.fields(cls))
+        name = cls.__name__
+
+        def structure(value: Wire, _: Any) -> Any:
+            if not isinstance(value, list) or len(value) != n:
+                raise ValueError(f"a {name} is an array of {n} items")
+            return conv.structure_attrs_fromtuple(tuple(value), cls)
+
+        return structure
+
+    def tuple_of(cls: Any) -> Callable[[Wire, Any], Any]:
+        (item, _ellipsis) = typing.get_args(cls)
+        hook = conv.get_structure_hook(item)
+
+        def structure(value: Wire, _: Any) -> tuple[Any, ...]:
+            if not isinstance(value, list):
+                raise ValueError("expected an array")
+            return tuple(hook(v, item) for v in value)
+
+        return structure
+
+    conv.register_structure_hook_factory(attrs.has, attrs_fromtuple)
+    # JobInfo is also a Mapping: its attrs fields, not its mapping view, travel
+    conv.register_unstructure_hook_factory(attrs.has, lambda _: conv.unstructure_attrs_astuple)
+    conv.register_structure_hook_factory(_is_tuple, tuple_of)
+    conv.register_unstructure_hook(uuid.UUID, lambda u: u.bytes)
+    conv.register_structure_hook(uuid.UUID, _structure_uuid)
+    structure_str = _check(str, "a string")
+    conv.register_structure_hook(str, structure_str)
+    conv.register_structure_hook(int, _check(int, "an integer"))
+    conv.register_structure_hook(bool, _check(bool, "a boolean"))
+    conv.register_structure_hook(float, _structure_float)
+    # states, kinds and types travel as their names
+    for named in (JobType, JobState, EventKind):
+        conv.register_structure_hook(named, lambda v, t: t(structure_str(v, t)))
+        conv.register_unstructure_hook(named, str)
+    conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _structure_params)
+    return conv
+
+
+#: the one attrs <-> wire converter (see above)
+converter = _make_converter()
+
+T = TypeVar("T")
+
+
+def encode_value(value: object) -> Wire:
+    """The wire form of a value (an attrs class above, or a list of them)."""
+    return converter.unstructure(value)
+
+
+def decode_value(wire: Wire, cls: type[T]) -> T:
+    """A ``cls`` from its wire form; ValueError if it is not one."""
+    try:
+        return converter.structure(wire, cls)
+    except (TypeError, KeyError, IndexError) as exc:
+        raise ValueError(f"malformed {getattr(cls, '__name__', cls)}: {exc}") from None
+
+
+def encode_job_ref(job_uuid: uuid.UUID, job_type: str, domain: str, state: JobState) -> Wire:
+    return encode_value(JobRef(job_uuid, JobType(job_type), domain, state))
+
+
+def encode_event(ev: JobEvent) -> Wire:
+    return encode_value(ev)
+
+
+def decode_event(value: Wire) -> JobEvent:
+    return decode_value(value, JobEvent)
+
+
 def encode_server_hello(hello: ServerHello) -> Wire:
-    return [hello.version, hello.readonly, hello.uri]
+    return encode_value(hello)
 
 
-def decode_server_hello(value: Wire) -> ServerHello:
-    v = _items(value, 3)
-    if not isinstance(v[1], bool):
-        raise ValueError("malformed hello reply")
-    return ServerHello(_int(v[0]), v[1], _str(v[2]))
+#: what the wire form of each Result decodes into
+RESULT_TYPES: dict[Result, Any] = {
+    Result.NONE: type(None),
+    Result.INT: int,
+    Result.TEXT: str,
+    Result.INTS: list[int],
+    Result.PARAMS: Mapping[str, Any],
+    Result.DOMAIN_REF: DomainRef,
+    Result.DOMAIN_REFS: list[DomainRef],
+    Result.DOMAIN_INFO: DomainInfo,
+    Result.JOB_REF: JobRef,
+    Result.JOB_REFS: list[JobRef],
+    Result.JOB_PAGE: JobPage,
+    Result.JOB_INFO: JobInfo,
+    Result.HELLO: ServerHello,
+}
+
+
+def _list_of(item: Any) -> Callable[[Wire], list[Any]]:
+    hook = converter.get_structure_hook(item)
+
+    def decode(value: Wire) -> list[Any]:
+        if not isinstance(value, list):
+            raise ValueError("expected an array")
+        return [hook(v, item) for v in value]
+
+    return decode
+
+
+def _none(value: Wire) -> None:
+    if value is not None:
+        raise ValueError("expected no result")
+
+
+def _decoder(result: Result) -> Callable[[Wire], Any]:
+    cls = RESULT_TYPES[result]
+    if result is Result.NONE:
+        return _none
+    if result is Result.PARAMS:
+        return _structure_params
+    if typing.get_origin(cls) is list:
+        return _list_of(typing.get_args(cls)[0])
+    hook = converter.get_structure_hook(cls)
+    return lambda value: hook(value, cls)
+
+
+#: the decoder of each Result (built once; a reply is decoded with one dict lookup)
+RESULT_DECODERS: dict[Result, Callable[[Wire], Any]] = {r: _decoder(r) for r in Result}
+
+
+def decode_result(method: Method, value: Wire) -> Any:
+    """The typed result of ``method`` from its reply; ValueError if it is not one."""
+    try:
+        return RESULT_DECODERS[method.value.result](value)
+    except (TypeError, KeyError, IndexError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 # ---- errors ---------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 ``jobcore.connect("sim+unix:///default?socket=DIR/jobd.sock")`` yields a
 ``RemoteConnection``; its domains and jobs are ``RemoteDomain`` and ``RemoteJob``. They
-subclass the in-process classes and override every method with a round trip to jobd, so
-the async API and the blocking facade work unchanged. A job handle's ``uuid``, ``type``
+implement jobcore.api's interfaces (as jobcore.local does in-process; neither subclasses
+the other) with one round trip per call, as jobcore.methods declares it: the handle's
+identity, then the call's arguments, and the reply decoded into the call's result type.
+The async API and the blocking facade work unchanged. A job handle's ``uuid``, ``type``
 and ``domain`` are local (no round trip); ``state`` is the state last seen by a call on
 that handle. Engine internals (``conn.engine``, ``conn.driver``) do not exist remotely.
 
@@ -17,16 +19,15 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from jobcore.api import Connection, Domain, Job, as_uuid, uuid_prefix
 from jobcore.driver import DomainInfo
 from jobcore.engine import DEFAULT_RETENTION, check_timeout
 from jobcore.errors import InvalidArgument, InvalidURI, JobError
@@ -35,6 +36,7 @@ from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
+from jobcore.methods import Method, Named, Result, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
 from jobcore.protocol import (
     HEADER,
@@ -44,34 +46,27 @@ from jobcore.protocol import (
     ArgValue,
     Cancel,
     DaemonUnreachable,
-    DomainRef,
     ErrorReply,
     EventPush,
+    JobPage,
     JobRef,
-    Method,
     ProtocolError,
     Reply,
     Request,
+    ServerHello,
     SubscriptionEnd,
     Wire,
     check_daemon_peer,
-    decode_domain_info,
-    decode_domain_ref,
-    decode_int_list,
-    decode_job_info,
-    decode_job_page,
-    decode_job_ref,
     decode_message,
-    decode_params,
-    decode_server_hello,
+    decode_result,
     default_run_dir,
     encode_message,
     frame_length,
     raise_error,
 )
 from jobcore.uri import URI, parse_uri
-
-T = TypeVar("T")
+from jobcore.xml import format_job
+from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document
 
 #: Frames queued for the writer before a caller waits (subscribe() never waits).
 OUTGOING_BUFFER = 256
@@ -179,10 +174,11 @@ class _Session:
             raise pending.error
         return pending.result
 
-    async def call_as(self, decode: Callable[[Wire], T], method: Method, *args: ArgValue) -> T:
+    async def call_as(self, method: Method, *args: ArgValue) -> Any:
+        """``call``, its reply decoded into the method's result type (jobcore.methods)."""
         result = await self.call(method, *args)
         try:
-            return decode(result)
+            return decode_result(method, result)
         except (ValueError, TypeError) as exc:
             raise ProtocolError(f"malformed reply to '{method}': {exc}") from None
 
@@ -315,11 +311,10 @@ class _Session:
         self.lose(DaemonUnreachable("the connection is closed"))
 
 
-class RemoteConnection(Connection):
+class RemoteConnection:
     """A connection served by jobd (see the module docstring)."""
 
     def __init__(self, uri: str, session: _Session, *, readonly: bool, driver_uri: str) -> None:
-        # The engine-side attributes of Connection (engine, driver) do not exist here.
         self.uri = uri
         self._session = session
         #: the socket is the daemon's read-only one: writes raise AccessDenied
@@ -330,45 +325,40 @@ class RemoteConnection(Connection):
     def __repr__(self) -> str:
         return f"<RemoteConnection {self.uri!r}>"
 
-    def _domain(self, ref: DomainRef) -> RemoteDomain:
-        return RemoteDomain(self, ref.name, ref.uuid)
-
-    def _job(self, ref: JobRef) -> RemoteJob:
-        return RemoteJob(self, ref)
+    async def call(self, method: Method, *args: ArgValue) -> Any:
+        """One round trip of ``method`` (arguments after the handle's identity), its
+        reply decoded into the table's result type, refs turned into handles."""
+        result = await self._session.call_as(method, *args)
+        match method.value.result:
+            case Result.DOMAIN_REF:
+                return RemoteDomain(self, result.name, result.uuid)
+            case Result.DOMAIN_REFS:
+                return [RemoteDomain(self, r.name, r.uuid) for r in result]
+            case Result.JOB_REF:
+                return RemoteJob(self, result)
+            case Result.JOB_REFS:
+                return [RemoteJob(self, r) for r in result]
+        return result
 
     async def lookup_domain(self, name: str) -> RemoteDomain:
-        return self._domain(
-            await self._session.call_as(decode_domain_ref, Method.LOOKUP_DOMAIN, name)
-        )
+        return await self.call(Method.LOOKUP_DOMAIN, name)  # type: ignore[no-any-return]
 
-    async def list_domains(self) -> list[Domain]:
-        refs = await self._session.call_as(_list_of(decode_domain_ref), Method.LIST_DOMAINS)
-        return [self._domain(r) for r in refs]
+    async def list_domains(self) -> list[RemoteDomain]:
+        return await self.call(Method.LIST_DOMAINS)  # type: ignore[no-any-return]
 
     async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> RemoteDomain:
         if path_guard is not None:  # the files are on jobd's host: jobd guards them
             raise InvalidArgument("a path guard applies to in-process connections only")
-        return self._domain(
-            await self._session.call_as(decode_domain_ref, Method.CREATE_DOMAIN, xml)
-        )
+        return await self.call(Method.CREATE_DOMAIN, xml)  # type: ignore[no-any-return]
 
-    async def job_lookup_by_uuid(self, dom: Domain, job: str | bytes | uuid.UUID) -> Job:
-        return self._job(
-            await self._session.call_as(
-                decode_job_ref, Method.JOB_LOOKUP_BY_UUID, dom.name, as_uuid(job)
-            )
-        )
+    async def job_lookup_by_uuid(self, dom: Named, job: str | bytes | uuid.UUID) -> RemoteJob:
+        return await self.call(Method.JOB_LOOKUP_BY_UUID, dom.name, as_uuid(job))  # type: ignore[no-any-return]
 
-    async def lookup_job(self, job: str | bytes | uuid.UUID) -> Job:
-        return self._job(
-            await self._session.call_as(decode_job_ref, Method.LOOKUP_JOB, as_uuid(job))
-        )
+    async def lookup_job(self, job: str | bytes | uuid.UUID) -> RemoteJob:
+        return await self.call(Method.LOOKUP_JOB, as_uuid(job))  # type: ignore[no-any-return]
 
-    async def find_jobs(self, prefix: str, limit: int = 16) -> list[Job]:
-        refs = await self._session.call_as(
-            _list_of(decode_job_ref), Method.FIND_JOBS, uuid_prefix(prefix), limit
-        )
-        return [self._job(r) for r in refs]
+    async def find_jobs(self, prefix: str, limit: int = 16) -> list[RemoteJob]:
+        return await self.call(Method.FIND_JOBS, uuid_prefix(prefix), limit)  # type: ignore[no-any-return]
 
     def subscribe(
         self,
@@ -384,37 +374,9 @@ class RemoteConnection(Connection):
         return self._session.subscribe(EventFilter.of(domain, job, types, kinds), maxlen)
 
 
-def _list_of(decode: Callable[[Wire], T]) -> Callable[[Wire], list[T]]:
-    def decode_list(value: Wire) -> list[T]:
-        if not isinstance(value, list):
-            raise ValueError("expected an array")
-        return [decode(v) for v in value]
-
-    return decode_list
-
-
-def _none(value: Wire) -> None:
-    if value is not None:
-        raise ValueError("expected no result")
-
-
-def _int(value: Wire) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError("expected an integer")
-    return value
-
-
-def _text(value: Wire) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expected a string")
-    return value
-
-
 def _check_size(xml: str | bytes, root: str) -> None:
     """Refuse a document over the XML size limit here, with the parser's own XMLError,
     rather than let it fail as an oversized frame (jobd checks again)."""
-    from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document
-
     if not isinstance(xml, str | bytes):
         return  # the protocol's argument check names the wrong type
     size = len(xml) if isinstance(xml, bytes) else len(xml.encode("utf-8", "surrogatepass"))
@@ -422,159 +384,153 @@ def _check_size(xml: str | bytes, root: str) -> None:
         parse_document(xml, root)  # raises the size XMLError before any parsing
 
 
-class RemoteDomain(Domain):
-    """A domain handle served by jobd."""
-
-    conn: RemoteConnection
+class RemoteDomain:
+    """A domain handle served by jobd. Flag masks are checked here too: a bad one never
+    goes on the wire."""
 
     def __init__(self, conn: RemoteConnection, name: str, dom_uuid: uuid.UUID) -> None:
-        super().__init__(conn, name, dom_uuid)
-        self._session = conn._session
+        self.conn = conn
+        self.name = name
+        self.uuid = dom_uuid
+
+    def __repr__(self) -> str:
+        return f"<Domain {self.name!r} on {self.uri!r}>"
 
     @property
     def uri(self) -> str:
         """The URI this handle was reached through."""
         return self.conn.uri
 
+    async def _call(self, method: Method, *args: ArgValue) -> Any:
+        return await self.conn.call(method, self.name, *args)
+
     async def info(self) -> DomainInfo:
-        return await self._session.call_as(decode_domain_info, Method.DOMAIN_INFO, self.name)
+        return await self._call(Method.DOMAIN_INFO)  # type: ignore[no-any-return]
 
     async def destroy(self) -> None:
-        await self._session.call_as(_none, Method.DOMAIN_DESTROY, self.name)
+        await self._call(Method.DOMAIN_DESTROY)
 
-    async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> Job:
-        check_flags("JobBegin", flags)  # here too: a bad mask never goes on the wire
+    async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> RemoteJob:
+        check_flags("JobBegin", flags)
         _check_size(job_xml, "job")
-        return self.conn._job(
-            await self._session.call_as(decode_job_ref, Method.JOB_BEGIN, self.name, job_xml, flags)
-        )
+        return await self._call(Method.JOB_BEGIN, job_xml, flags)  # type: ignore[no-any-return]
 
-    async def job_begin_spec(self, spec: Any, flags: int = 0) -> Job:
+    async def job_begin_spec(self, spec: Any, flags: int = 0) -> RemoteJob:
         """A typed spec travels as its job XML (jobcore.xml.format_job)."""
-        from jobcore.xml import format_job
-
         return await self.job_begin(format_job(spec), flags)
 
-    async def list_jobs(self) -> list[Job]:
+    async def list_jobs(self) -> list[RemoteJob]:
         """Every job of the domain, fetched page by page (no reply outgrows a frame)."""
-        jobs: list[Job] = []
+        jobs: list[RemoteJob] = []
         cursor: int | None = -1
         while cursor is not None:
-            refs, cursor = await self._session.call_as(
-                decode_job_page, Method.LIST_JOBS_PAGE, self.name, cursor, LIST_PAGE
-            )
-            jobs += [self.conn._job(r) for r in refs]
+            page: JobPage = await self._call(Method.LIST_JOBS_PAGE, cursor, LIST_PAGE)
+            jobs += [RemoteJob(self.conn, r) for r in page.refs]
+            cursor = page.cursor
         return jobs
 
     async def job_info(self) -> list[int]:
-        return await self._session.call_as(decode_int_list, Method.LEGACY_JOB_INFO, self.name)
+        return await self._call(Method.LEGACY_JOB_INFO)  # type: ignore[no-any-return]
 
     async def job_stats(self, flags: int = 0) -> dict[str, Any]:
-        check_flags("jobStats", flags)  # here too: a bad mask never goes on the wire
-        return await self._session.call_as(decode_params, Method.LEGACY_JOB_STATS, self.name, flags)
+        check_flags("jobStats", flags)
+        return await self._call(Method.LEGACY_JOB_STATS, flags)  # type: ignore[no-any-return]
 
     async def abort_job(self) -> int:
-        return await self._session.call_as(_int, Method.LEGACY_ABORT_JOB, self.name)
+        return await self._call(Method.LEGACY_ABORT_JOB)  # type: ignore[no-any-return]
 
     async def backup_begin(
         self, backup_xml: str | None, checkpoint_xml: str | None = None, flags: int = 0
     ) -> int:
-        check_flags("backupBegin", flags)  # here too: a bad mask never goes on the wire
+        check_flags("backupBegin", flags)
         if backup_xml is not None:
             _check_size(backup_xml, "domainbackup")
         if checkpoint_xml is not None:
             _check_size(checkpoint_xml, "domaincheckpoint")
-        return await self._session.call_as(
-            _int, Method.BACKUP_BEGIN, self.name, backup_xml, checkpoint_xml, flags
-        )
+        return await self._call(Method.BACKUP_BEGIN, backup_xml, checkpoint_xml, flags)  # type: ignore[no-any-return]
 
     async def backup_get_xml_desc(self, flags: int = 0) -> str:
-        check_flags("backupGetXMLDesc", flags)  # here too: a bad mask never goes on the wire
-        return await self._session.call_as(_text, Method.BACKUP_GET_XML_DESC, self.name, flags)
+        check_flags("backupGetXMLDesc", flags)
+        return await self._call(Method.BACKUP_GET_XML_DESC, flags)  # type: ignore[no-any-return]
 
     async def block_job_info(self, disk: str, flags: int = 0) -> dict[str, int]:
-        check_flags("blockJobInfo", flags)  # here too: a bad mask never goes on the wire
-        return await self._session.call_as(
-            decode_params, Method.BLOCK_JOB_INFO, self.name, disk, flags
-        )
+        check_flags("blockJobInfo", flags)
+        return await self._call(Method.BLOCK_JOB_INFO, disk, flags)  # type: ignore[no-any-return]
 
     async def block_job_abort(self, disk: str, flags: int = 0) -> int:
-        check_flags("blockJobAbort", flags)  # here too: a bad mask never goes on the wire
-        return await self._session.call_as(_int, Method.BLOCK_JOB_ABORT, self.name, disk, flags)
+        check_flags("blockJobAbort", flags)
+        return await self._call(Method.BLOCK_JOB_ABORT, disk, flags)  # type: ignore[no-any-return]
 
     async def block_pull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
-        check_flags("blockPull", flags)  # here too: a bad mask never goes on the wire
-        return await self._session.call_as(
-            _int, Method.BLOCK_PULL, self.name, disk, bandwidth, flags
-        )
+        check_flags("blockPull", flags)
+        return await self._call(Method.BLOCK_PULL, disk, bandwidth, flags)  # type: ignore[no-any-return]
 
     async def block_commit(
         self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
     ) -> int:
-        check_flags("blockCommit", flags)  # here too: a bad mask never goes on the wire
-        return await self._session.call_as(
-            _int, Method.BLOCK_COMMIT, self.name, disk, base, top, bandwidth, flags
-        )
+        check_flags("blockCommit", flags)
+        return await self._call(Method.BLOCK_COMMIT, disk, base, top, bandwidth, flags)  # type: ignore[no-any-return]
 
 
-class RemoteJob(Job):
+class RemoteJob:
     """A job handle served by jobd. ``uuid``, ``type`` and ``domain`` need no round trip;
     ``state`` is the state last seen by a call on this handle."""
 
-    conn: RemoteConnection
-
     def __init__(self, conn: RemoteConnection, ref: JobRef) -> None:
-        # Job.__init__ wants an engine record; a remote handle holds only its identity.
         self.conn = conn
-        self._session = conn._session
         self.uuid = ref.uuid
         self.type = ref.type
         self.domain = ref.domain
         self._state = ref.state
 
+    def __repr__(self) -> str:
+        return f"<Job {self.uuid} {self.type} on {self.domain!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteJob) and other.uuid == self.uuid
+
+    def __hash__(self) -> int:
+        return hash(self.uuid)
+
     @property
     def state(self) -> JobState:
         return self._state
 
-    def _seen(self, info: JobInfo) -> JobInfo:
-        self._state = info.state
-        return info
+    async def _call(self, method: Method, *args: ArgValue) -> Any:
+        result = await self.conn.call(method, self.uuid, *args)
+        if isinstance(result, JobInfo):
+            self._state = result.state
+        return result
 
     async def info(self) -> JobInfo:
-        return self._seen(await self._session.call_as(decode_job_info, Method.JOB_INFO, self.uuid))
+        return await self._call(Method.JOB_INFO)  # type: ignore[no-any-return]
 
     async def stats(self) -> dict[str, Any]:
-        stats = await self._session.call_as(decode_params, Method.JOB_STATS, self.uuid)
+        stats: dict[str, Any] = await self._call(Method.JOB_STATS)
         if isinstance(stats.get("state"), str):
             self._state = JobState(stats["state"])
         return stats
 
     async def wait(self, timeout: float | None = None) -> JobInfo:
-        timeout = check_timeout(timeout)
-        return self._seen(
-            await self._session.call_as(decode_job_info, Method.JOB_WAIT, self.uuid, timeout)
-        )
-
-    async def _verb(self, method: Method, *args: ArgValue) -> None:
-        await self._session.call_as(_none, method, self.uuid, *args)
+        return await self._call(Method.JOB_WAIT, check_timeout(timeout))  # type: ignore[no-any-return]
 
     async def abort(self) -> None:
-        await self._verb(Method.JOB_ABORT)
+        await self._call(Method.JOB_ABORT)
 
     async def pause(self) -> None:
-        await self._verb(Method.JOB_PAUSE)
+        await self._call(Method.JOB_PAUSE)
 
     async def resume(self) -> None:
-        await self._verb(Method.JOB_RESUME)
+        await self._call(Method.JOB_RESUME)
 
     async def complete(self) -> None:
-        await self._verb(Method.JOB_COMPLETE)
+        await self._call(Method.JOB_COMPLETE)
 
     async def set_speed(self, bandwidth: int | None) -> None:
-        await self._verb(Method.JOB_SET_SPEED, bandwidth or 0)
+        await self._call(Method.JOB_SET_SPEED, bandwidth or 0)
 
     async def xml_desc(self) -> str:
-        return await self._session.call_as(_text, Method.JOB_XML_DESC, self.uuid)
+        return await self._call(Method.JOB_XML_DESC)  # type: ignore[no-any-return]
 
     def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
         return self.conn.subscribe(job=self.uuid, maxlen=maxlen)
@@ -613,8 +569,8 @@ async def connect_remote(
         tg.start_soon(session.writer)
         try:
             with anyio.move_on_after(HELLO_TIMEOUT) as hello_scope:
-                hello = await session.call_as(
-                    decode_server_hello, Method.HELLO, PROTOCOL_VERSION, parsed.without_transport()
+                hello: ServerHello = await session.call_as(
+                    Method.HELLO, PROTOCOL_VERSION, parsed.without_transport()
                 )
             if hello_scope.cancelled_caught:
                 raise DaemonUnreachable(

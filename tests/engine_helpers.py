@@ -12,11 +12,11 @@ import anyio
 
 from drivers.sim import SimConnection, SimDriver
 from drivers.sim.clock import ManualClock
-from jobcore.api import Connection
 from jobcore.driver import Clock, DiskInfo, DomainInfo, DriverConnection, DriverJob
 from jobcore.engine import Engine
 from jobcore.errors import DriverError, NoSuchDomain
 from jobcore.events import JobEvent, Subscription
+from jobcore.local import LocalConnection
 from jobcore.spec import JobType
 from jobcore.uri import parse_uri
 
@@ -101,14 +101,16 @@ def _driver_bug(exc: BaseException) -> None:
 
 
 @asynccontextmanager
-async def gated_sim(uri: str = MANUAL) -> AsyncIterator[tuple[Connection, Gated, SimConnection]]:
-    """A Connection whose engine talks to a sim host through ``Gated``."""
+async def gated_sim(
+    uri: str = MANUAL,
+) -> AsyncIterator[tuple[LocalConnection, Gated, SimConnection]]:
+    """A LocalConnection whose engine talks to a sim host through ``Gated``."""
     async with anyio.create_task_group() as tg:
         async with SimDriver().connect(parse_uri(uri), tg) as sim:
             gated = Gated(cast(DriverConnection, sim))
             engine = Engine(gated, tg)
             try:
-                yield Connection(uri, gated, engine), gated, sim
+                yield LocalConnection(uri, gated, engine), gated, sim
             finally:
                 engine.close()
         tg.cancel_scope.cancel()
@@ -166,12 +168,12 @@ class Quiet:
 
 
 @asynccontextmanager
-async def quiet_connection() -> AsyncIterator[tuple[Connection, Quiet]]:
+async def quiet_connection() -> AsyncIterator[tuple[LocalConnection, Quiet]]:
     driver = Quiet()
     async with anyio.create_task_group() as tg:
         engine = Engine(driver, tg)
         try:
-            yield Connection(driver.uri, driver, engine), driver
+            yield LocalConnection(driver.uri, driver, engine), driver
         finally:
             engine.close()
         tg.cancel_scope.cancel()

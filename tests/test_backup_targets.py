@@ -25,6 +25,7 @@ from jobcore import (
     JobState,
 )
 from jobcore.api import Domain, Job
+from jobcore.local import as_local
 
 REUSE = VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
 MiB = 1 << 20
@@ -59,8 +60,9 @@ def snapshot(path: Path) -> tuple[bytes, int, int]:
 
 
 def sim(conn: jobcore.Connection) -> SimConnection:
-    assert isinstance(conn.driver, SimConnection)
-    return conn.driver
+    driver = as_local(conn).driver
+    assert isinstance(driver, SimConnection)
+    return driver
 
 
 async def no_job_left(dom: Domain, before: int) -> None:
@@ -208,10 +210,10 @@ async def test_reuse_external_flag_means_reuse_not_queue(tmp_path: Path) -> None
             await dom.job_begin(push("vda", vda), REUSE)
         queued = await dom.job_begin(push("vda", tmp_path / "new.qcow2"), JOB_BEGIN_QUEUE)
         assert queued.state is JobState.QUEUED
-        assert conn.engine.lookup(queued.uuid).spec.reuse_external is False
+        assert as_local(conn).engine.lookup(queued.uuid).spec.reuse_external is False
         reused = await dom.job_begin(push("vdb", vdb), REUSE)
         assert reused.state is JobState.RUNNING
-        rec = conn.engine.lookup(reused.uuid)
+        rec = as_local(conn).engine.lookup(reused.uuid)
         assert rec.spec.reuse_external is True and rec.driver_job.spec.reuse_external is True
         assert "<reuse" not in await reused.xml_desc()  # a begin flag, not in the XML
     assert JOB_BEGIN_QUEUE & REUSE == 0
@@ -323,7 +325,7 @@ async def test_qemu_failed_or_aborted_push_removes_created_target(
     async with jobcore.connect(
         f"qemu:///session?dir={tmp_path / 'run'}&backup_bandwidth={4 * MiB}"
     ) as conn:
-        assert isinstance(conn.driver, QemuConnection)
+        assert isinstance(as_local(conn).driver, QemuConnection)
         dom = await conn.create_domain(domain_xml("vm1", {"vda": src, "vdb": bad}))
         # aborted: the target it created is gone
         target = tmp_path / "aborted.qcow2"

@@ -15,11 +15,12 @@ from engine_helpers import Point, Quiet, drain, gated_sim, quiet_connection
 
 import jobcore
 from jobcore import JobState
-from jobcore.api import Connection, Domain, Job
+from jobcore.api import Connection, Domain
 from jobcore.engine import CLOSED, _Reporter
 from jobcore.events import EventKind, JobEvent
 from jobcore.lifecycle import REPORT_TARGET, TRANSITIONS, Report
 from jobcore.lifecycle import JobState as S
+from jobcore.local import LocalJob, as_local
 from jobcore.store import JobRecord
 
 pytestmark = pytest.mark.anyio
@@ -52,7 +53,7 @@ def bound(log: logging.LogRecord, key: str) -> object:
 
 
 def record(conn: Connection, job: uuid.UUID) -> JobRecord | None:
-    return conn.engine.store.get(job)
+    return as_local(conn).engine.store.get(job)
 
 
 # ---- 12: a begin cancelled at any await ------------------------------------------------
@@ -97,9 +98,9 @@ async def test_a_begin_cancelled_at_any_await_leaves_no_job_behind() -> None:
             if rec is not None and rec.state.active:
                 # begun: tracked by the engine *and* known to the driver, so abortable
                 assert job_id in sim._jobs, (point, rec.state)
-                await Job(conn, rec).abort()
+                await LocalJob(as_local(conn), rec).abort()
                 await step(conn)
-                assert (await Job(conn, rec).wait(5))["state"] == "cancelled", point
+                assert (await LocalJob(as_local(conn), rec).wait(5))["state"] == "cancelled", point
             # nothing holds the disk's chain now: a conflicting job is admitted
             other = await dom.job_begin(pull())
             assert other.state is JobState.RUNNING, point
@@ -117,7 +118,7 @@ async def test_close_fails_queued_jobs_first_and_starts_nothing() -> None:
         queued = [await dom.job_begin(pull("<queue/>")) for _ in range(3)]
         sub = conn.subscribe()
         gated.calls.clear()
-        conn.engine.close()
+        as_local(conn).engine.close()
         await wait_all_tasks_blocked()
         assert "start" not in gated.calls
         assert sim.job_count() == 1  # only the holder ever reached the hypervisor
@@ -177,7 +178,7 @@ async def test_driver_report_grid(
         rec = await job_in(conn, driver, state)
         # a stale or premature reporter is what a confused driver holds
         reporter = driver.jobs[rec.uuid].reporter if rec.uuid in driver.jobs else None
-        reporter = reporter or _Reporter(conn.engine, rec)
+        reporter = reporter or _Reporter(as_local(conn).engine, rec)
         before = (rec.processed, rec.total, rec.errmsg)
         sub = conn.subscribe(job=rec.uuid)
         caplog.clear()

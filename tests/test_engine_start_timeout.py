@@ -15,6 +15,7 @@ from engine_helpers import Quiet, gated_sim
 from jobcore import JobState
 from jobcore.engine import DEFAULT_START_TIMEOUT, Engine
 from jobcore.errors import DriverError, InvalidArgument
+from jobcore.local import as_local
 
 pytestmark = pytest.mark.anyio
 
@@ -24,7 +25,7 @@ PULL = "<job type='blockpull'><uuid>{u}</uuid><disk name='vda'/></job>"
 async def test_a_hung_start_fails_after_the_engine_bound() -> None:
     assert DEFAULT_START_TIMEOUT == 60.0
     async with gated_sim() as (conn, gated, _):
-        conn.engine.start_timeout = 0.3
+        as_local(conn).engine.start_timeout = 0.3
         dom = await conn.lookup_domain("vm1")
         gated.hold = ("start", "before")  # the driver's start never returns by itself
         job_id = uuid.uuid4()
@@ -32,7 +33,7 @@ async def test_a_hung_start_fails_after_the_engine_bound() -> None:
         with pytest.raises(DriverError, match=r"did not start job .* within 0\.3 s"):
             await dom.job_begin(PULL.format(u=job_id))
         assert time.monotonic() - t0 < 3
-        rec = conn.engine.store.get(job_id)
+        rec = as_local(conn).engine.store.get(job_id)
         assert rec is not None and rec.state is JobState.FAILED
         assert "within 0.3 s" in (rec.errmsg or "")
         assert gated.calls[-1] == "cancel"  # the driver was told to clean up
@@ -44,13 +45,13 @@ async def test_a_hung_start_fails_after_the_engine_bound() -> None:
 async def test_a_cancelled_begin_still_ends_at_the_bound() -> None:
     """The shield keeps the caller's cancellation out of the start, not the deadline."""
     async with gated_sim() as (conn, gated, _):
-        conn.engine.start_timeout = 0.3
+        as_local(conn).engine.start_timeout = 0.3
         dom = await conn.lookup_domain("vm1")
         gated.hold = ("start", "before")
         job_id = uuid.uuid4()
         with anyio.move_on_after(0.05), pytest.raises(DriverError, match=r"within 0\.3 s"):
             await dom.job_begin(PULL.format(u=job_id))  # the client went away at once
-        rec = conn.engine.store.get(job_id)
+        rec = as_local(conn).engine.store.get(job_id)
         assert rec is not None and rec.state is JobState.FAILED
 
 

@@ -22,7 +22,7 @@ from jobcore import (
     InvalidArgument,
 )
 from jobcore.facade import BlockingDomain, BlockingJob
-from jobcore.protocol import Method
+from jobcore.methods import Method
 from jobcore.remote import RemoteConnection
 
 BACKUP = (

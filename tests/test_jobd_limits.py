@@ -27,6 +27,7 @@ from jobcore.daemon.config import ConfigError, load_config
 from jobcore.daemon.handlers import _page_size
 from jobcore.events import EndReason
 from jobcore.jobctl import ExitCode
+from jobcore.methods import Method
 from jobcore.protocol import (
     MAX_FRAME,
     Reply,
@@ -156,15 +157,15 @@ def test_retained_jobs_are_capped_and_lists_come_in_pages(
 ) -> None:
     jobs = run_jobs(jobd, "vm2", 120)
     pages = 0
-    real: Callable[[Any], Any] = jobcore.protocol.decode_job_page
+    real: Callable[[Method, Any], Any] = jobcore.protocol.decode_result
 
-    def counting(value: Any) -> Any:
+    def counting(method: Method, value: Any) -> Any:
         nonlocal pages
-        pages += 1
-        return real(value)
+        pages += method is Method.LIST_JOBS_PAGE
+        return real(method, value)
 
     monkeypatch.setattr(jobcore.remote, "LIST_PAGE", 7)
-    monkeypatch.setattr(jobcore.remote, "decode_job_page", counting)
+    monkeypatch.setattr(jobcore.remote, "decode_result", counting)
 
     async def check() -> None:
         async with jobcore.connect(jobd.uri("rate=0")) as conn:

@@ -17,6 +17,7 @@ from jobd_helpers import Jobd, RawClient
 from qemu_helpers import create, domain_xml
 
 import jobcore
+from jobcore.local import LocalConnection, as_local
 from jobcore.paths import Access, PathKind, PathUse, check_owned, owner_guard
 from jobcore.protocol import AccessDenied
 from jobcore.registry import registry
@@ -116,7 +117,7 @@ BACKUP = (
 @pytest.mark.anyio
 async def test_guard_sees_prepared_paths_before_the_driver() -> None:
     async with jobcore.connect("sim:///guard?rate=0") as conn:
-        dom = await conn.lookup_domain("vm1")
+        dom = await as_local(conn).lookup_domain("vm1")
         seen = Recorder()
         dom.path_guard = seen  # a handle carries its holder's guard (jobd's do)
         job = await dom.job_begin(BACKUP)
@@ -173,7 +174,7 @@ async def test_type_that_lists_no_paths_is_refused_a_guard() -> None:
     registry.register(attrs.evolve(info, paths=None), replace=True)
     try:
         async with jobcore.connect("sim:///guard2?rate=0") as conn:
-            dom = await conn.lookup_domain("vm1")
+            dom = await as_local(conn).lookup_domain("vm1")
             with pytest.raises(AccessDenied, match="does not list the files it touches"):
                 dom.path_guard = Recorder()
                 await dom.job_begin_spec(BackupJobSpec())
@@ -192,7 +193,7 @@ class NoGuardDriver:
 
 @pytest.mark.anyio
 async def test_driver_that_takes_no_guard_is_refused_one() -> None:
-    conn = jobcore.api.Connection("fake:///x", NoGuardDriver(), None)  # type: ignore[arg-type]
+    conn = LocalConnection("fake:///x", NoGuardDriver(), None)  # type: ignore[arg-type]
     with pytest.raises(AccessDenied, match="cannot check the files a domain definition names"):
         await conn.create_domain("<domain/>", path_guard=Recorder())
 

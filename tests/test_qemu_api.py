@@ -105,7 +105,7 @@ def test_blocking_facade_and_legacy_calls(tmp_path: Path) -> None:
         final = jobcore.JobWait(job, timeout=30)
         assert final["state"] == "completed"
         assert conn.run(dom.adom.info).disks[0].chain == (str(top),)
-        driver = conn.aconn.driver
+        driver = conn.driver
         assert isinstance(driver, QemuConnection)
         conn.run(driver.flush, "vm1")
         compare(top, ref, "-F", "raw")

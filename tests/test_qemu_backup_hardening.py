@@ -38,6 +38,7 @@ from jobcore.api import Domain, Job
 from jobcore.backup import BackupDef, BackupDisk
 from jobcore.errors import DriverError, InvalidArgument, JobConflict, Unsupported
 from jobcore.jobctl import ExitCode
+from jobcore.local import as_local
 from jobcore.types.backup import BackupJobSpec, backup_claims
 from jobcore.xml import parse_job
 
@@ -104,7 +105,7 @@ async def domain(conn: jobcore.api.Connection, tmp_path: Path, name: str, patter
 
 
 def driver_of(conn: jobcore.api.Connection) -> QemuConnection:
-    dconn = conn.engine.dconn
+    dconn = as_local(conn).engine.dconn
     assert isinstance(dconn, QemuConnection)
     return dconn
 

@@ -15,6 +15,7 @@ from jobcore import LEGACY_DOMAIN_JOB_UUID, JobState, JobType
 from jobcore.api import Connection, Domain, Job
 from jobcore.events import EventKind, JobEvent
 from jobcore.info import JobInfo
+from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.protocol import AccessDenied, DaemonUnreachable
 from jobcore.remote import RemoteConnection, RemoteDomain, RemoteJob
 
@@ -31,17 +32,26 @@ def jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobd]:
 
 
 @pytest.mark.parametrize(
-    ("local", "remote"), [(Connection, RemoteConnection), (Domain, RemoteDomain), (Job, RemoteJob)]
+    ("interface", "impls"),
+    [
+        (Connection, (LocalConnection, RemoteConnection)),
+        (Domain, (LocalDomain, RemoteDomain)),
+        (Job, (LocalJob, RemoteJob)),
+    ],
 )
-def test_remote_classes_mirror_every_method(local: type, remote: type) -> None:
-    for name, member in vars(local).items():
-        if name.startswith("_") or not (callable(member) or isinstance(member, property)):
-            continue
-        assert name in vars(remote), f"{remote.__name__} does not override {name}"
-        if callable(member):
-            local_sig = inspect.signature(member)
-            remote_sig = inspect.signature(vars(remote)[name])
-            assert list(local_sig.parameters) == list(remote_sig.parameters), name
+def test_both_implementations_define_every_method(interface: type, impls: tuple[type, ...]) -> None:
+    """Each implementation defines every method of the interface itself, with its
+    parameters (mypy checks the types: jobcore.api's assignments); neither inherits."""
+    for impl in impls:
+        assert impl.__mro__ == (impl, object), f"{impl.__name__} subclasses something"
+        for name, member in vars(interface).items():
+            if name.startswith("_") or not (callable(member) or isinstance(member, property)):
+                continue
+            if isinstance(member, property):
+                continue  # an attribute or a property: mypy checks it is there
+            assert name in vars(impl), f"{impl.__name__} does not define {name}"
+            want = list(inspect.signature(member).parameters)
+            assert list(inspect.signature(vars(impl)[name]).parameters) == want, name
 
 
 @pytest.mark.anyio

@@ -12,6 +12,7 @@ import pytest
 import jobcore
 from jobcore import JobState, NoSuchJob
 from jobcore.api import Connection, Job
+from jobcore.local import as_local
 from jobcore.store import MemoryJobStore
 
 pytestmark = pytest.mark.anyio
@@ -49,7 +50,7 @@ async def test_per_domain_cap_evicts_the_oldest_ended_first() -> None:
             assert await conn.find_jobs(gone.uuid.hex) == []
         for kept in (jobs[450], jobs[499]):
             assert (await conn.lookup_job(kept.uuid)).uuid == kept.uuid
-        assert len(conn.engine.store) == 50
+        assert len(as_local(conn).engine.store) == 50
 
 
 async def test_total_cap_evicts_the_oldest_ended_across_domains() -> None:
@@ -62,7 +63,7 @@ async def test_total_cap_evicts_the_oldest_ended_across_domains() -> None:
         vm2 = [j.uuid for j in await (await conn.lookup_domain("vm2")).list_jobs()]
         assert vm2 == [j.uuid for j in second[-50:]]
         assert vm1 == [j.uuid for j in first[-30:]]  # 80 in all: vm1's oldest went
-        assert conn.engine.store.retained_count() == 80
+        assert as_local(conn).engine.store.retained_count() == 80
 
 
 async def test_active_jobs_are_never_evicted() -> None:
@@ -96,7 +97,7 @@ async def test_a_reused_uuid_is_not_purged_by_the_evicted_jobs_deadline() -> Non
     async with jobcore.connect(
         "sim:///default?rate=0&clock=manual", retention=10, max_retained_per_domain=1
     ) as conn:
-        clock: Any = conn.driver.clock  # the sim's ManualClock
+        clock: Any = as_local(conn).driver.clock  # the sim's ManualClock
         chosen = uuid.uuid4()
         mine = f"<job type='blockpull'><uuid>{chosen}</uuid><disk name='vda'/></job>"
         await run_instant(conn, "vm1", 1, mine)  # ends at t=0: deadline t=10
@@ -116,7 +117,7 @@ async def test_a_reused_uuid_is_not_purged_by_the_evicted_jobs_deadline() -> Non
 async def test_pages_follow_begin_order_and_skip_nothing() -> None:
     async with jobcore.connect("sim:///default?rate=0") as conn:
         jobs = await run_instant(conn, "vm1", 23)
-        engine = conn.engine
+        engine = as_local(conn).engine
         seen: list[uuid.UUID] = []
         cursor: int | None = -1
         pages = 0

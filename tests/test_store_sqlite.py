@@ -26,6 +26,7 @@ from jobcore.daemon.config import ConfigError, load_config
 from jobcore.errors import InvalidArgument, StoreError
 from jobcore.events import EventKind, JobEvent
 from jobcore.lifecycle import JobState
+from jobcore.local import as_local
 from jobcore.store_sqlite import SCHEMA_VERSION, UNRECOVERED, parse_store_url
 
 pytestmark = pytest.mark.anyio
@@ -230,9 +231,10 @@ async def test_events_wait_for_the_commit_only_with_a_durable_store(
     async with jobcore.connect(f"sim:///default?rate={MiB}", store=store) as conn:
         dom = await conn.lookup_domain("vm1")
         job = await dom.job_begin(backup("mem"))
-        assert (conn.engine._dstore is not None) is durable
+        assert (as_local(conn).engine._dstore is not None) is durable
         with conn.subscribe(job=job.uuid) as sub:
-            conn.engine._finish(conn.engine.lookup(job.uuid), JobState.FAILED, errmsg="x")
+            engine = as_local(conn).engine
+            engine._finish(engine.lookup(job.uuid), JobState.FAILED, errmsg="x")
             now = sub.get_nowait()  # no await since the state changed
             if durable:
                 assert now is None

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 import jobcore
-from jobcore import api
+from jobcore import local as api
 from jobcore.xml import format_job, parse_job
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES
 from jobcore.xml.job import _parse_job

@@ -15,11 +15,11 @@ import attrs
 from anyio.abc import TaskGroup
 from attrs import define, field, frozen
 
-from jobcore.api import Connection, connect
 from jobcore.daemon.config import DEFAULT_ALLOWED_URIS, DRIVER_IDLE_TIMEOUT, MAX_DRIVER_CONNECTIONS
 from jobcore.driver import Driver
 from jobcore.drivers import check_uri_params, load_driver
 from jobcore.errors import DriverError, InvalidArgument, InvalidURI, JobError, leaf_error
+from jobcore.local import LocalConnection, connect_local
 from jobcore.log import get_logger
 from jobcore.protocol import AccessDenied, DaemonUnreachable
 from jobcore.uri import parse_uri
@@ -103,7 +103,7 @@ class _DriverSlot:
     closing: anyio.Event = field(factory=anyio.Event)
     #: set once the connection is closed and the slot is free
     gone: anyio.Event = field(factory=anyio.Event)
-    conn: Connection | None = None
+    conn: LocalConnection | None = None
     error: JobError | None = None
     #: read-write client sessions attached (hello done, not yet disconnected)
     clients: int = 0
@@ -276,7 +276,7 @@ class DriverConnections:
     async def _hold(self, slot: _DriverSlot) -> None:
         key = slot.target.key
         try:
-            async with connect(
+            async with connect_local(
                 slot.target.uri, retention=self._retention, store=self._store, **self._retained
             ) as conn:
                 slot.conn = conn

@@ -6,19 +6,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from jobcore.api import Connection, Domain, Job, uuid_prefix
 from jobcore.daemon.config import HANDLE_CACHE, MAX_LIST_PAGE
 from jobcore.daemon.sessions import _Client
 from jobcore.errors import JobError
-from jobcore.protocol import (
-    MAX_FRAME,
-    Method,
-    Wire,
-    encode_domain_info,
-    encode_domain_ref,
-    encode_job_info,
-    encode_job_ref,
-)
+from jobcore.local import LocalConnection, LocalDomain, LocalJob
+from jobcore.methods import Method, On, Result, uuid_prefix
+from jobcore.protocol import MAX_FRAME, DomainRef, Wire, encode_job_ref, encode_value
 
 if TYPE_CHECKING:
     from jobcore.daemon.server import Daemon
@@ -29,6 +22,9 @@ _HANDLERS: dict[Method, Handler] = {}
 
 
 def _handles(method: Method) -> Callable[[Handler], Handler]:
+    """Serve ``method`` with the decorated function instead of the handler its entry in
+    jobcore.methods implies (see the request handlers at the end)."""
+
     def register(fn: Handler) -> Handler:
         _HANDLERS[method] = fn
         return fn
@@ -36,15 +32,21 @@ def _handles(method: Method) -> Callable[[Handler], Handler]:
     return register
 
 
-# ---- request handlers (validated arguments: see jobcore.protocol.METHODS) ---------------
+# ---- request handlers (validated arguments: see jobcore.methods) ------------------------
+#
+# Every call of jobcore.methods is served by ``getattr(handle, call.attr)(*args)`` on the
+# session's in-process handle (its connection, a domain by name, a job by UUID), its result
+# encoded by the table's result type. ``@_handles`` overrides that for the calls that need
+# more of jobd (path guards, handle caches, paging within a frame); hello, subscribe and
+# unsubscribe are served by the read loop itself (Daemon._accept).
 
 
-def _conn(client: _Client) -> Connection:
+def _conn(client: _Client) -> LocalConnection:
     assert client.conn is not None
     return client.conn
 
 
-async def _domain(client: _Client, name: str) -> Domain:
+async def _domain(client: _Client, name: str) -> LocalDomain:
     dom = client.domains.get(name)
     if dom is None:
         dom = await _conn(client).lookup_domain(name)
@@ -55,50 +57,75 @@ async def _domain(client: _Client, name: str) -> Domain:
     return dom
 
 
-async def _job(client: _Client, job_id: uuid.UUID) -> Job:
+async def _job(client: _Client, job_id: uuid.UUID) -> LocalJob:
     job = client.jobs.get(job_id)
     return job if job is not None else client.remember(await _conn(client).lookup_job(job_id))
 
 
-def _ref(client: _Client, job: Job) -> Wire:
+def _ref(client: _Client, job: LocalJob) -> Wire:
     client.remember(job)
     return encode_job_ref(job.uuid, job.type, job.domain, job.state)
+
+
+def _dom_ref(dom: LocalDomain) -> Wire:
+    return encode_value(DomainRef(dom.name, dom.uuid))
 
 
 def _text(value: str | bytes) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
-@_handles(Method.LIST_DOMAINS)
-async def _h_list_domains(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return [encode_domain_ref(x.name, x.uuid) for x in await _conn(c).list_domains()]
+def _encoder(result: Result) -> Callable[[_Client, Any], Wire]:
+    """How a handler's result of this type goes on the wire."""
+    if result is Result.DOMAIN_REF:
+        return lambda c, dom: _dom_ref(dom)
+    if result is Result.DOMAIN_REFS:
+        return lambda c, doms: [_dom_ref(x) for x in doms]
+    if result is Result.JOB_REF:
+        return _ref
+    if result is Result.JOB_REFS:
+        return lambda c, jobs: [_ref(c, j) for j in jobs]
+    if result in (Result.JOB_INFO, Result.DOMAIN_INFO):
+        return lambda c, value: encode_value(value)
+    return lambda c, value: value  # already plain: nil, ints, text, typed params
 
 
-@_handles(Method.LOOKUP_DOMAIN)
-async def _h_lookup_domain(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    dom = await _conn(c).lookup_domain(a[0])
-    return encode_domain_ref(dom.name, dom.uuid)
+def _table_handler(method: Method) -> Handler:
+    """The handler the method table implies: the handle's method, its result encoded."""
+    call = method.value
+    assert call.attr is not None, f"'{method}' has no method to call"
+    attr, encode = call.attr, _encoder(call.result)
+    if call.on is On.CONNECTION:
+
+        async def on_connection(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+            return encode(c, await getattr(_conn(c), attr)(*a))
+
+        return on_connection
+    if call.on is On.DOMAIN:
+
+        async def on_domain(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+            return encode(c, await getattr(await _domain(c, a[0]), attr)(*a[1:]))
+
+        return on_domain
+
+    async def on_job(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+        job = await _job(c, a[0])
+        result = await getattr(job, attr)(*a[1:])
+        if call.writes:  # a verb; info lines: begin and end only
+            c.log.debug("job verb", job=str(job.uuid), verb=attr)
+        return encode(c, result)
+
+    return on_job
 
 
 @_handles(Method.CREATE_DOMAIN)
 async def _h_create_domain(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    dom = await _conn(c).create_domain(_text(a[0]), path_guard=c.guard)
-    return encode_domain_ref(dom.name, dom.uuid)
+    return _dom_ref(await _conn(c).create_domain(_text(a[0]), path_guard=c.guard))
 
 
 @_handles(Method.JOB_LOOKUP_BY_UUID)
 async def _h_job_lookup(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
     return _ref(c, await _conn(c).job_lookup_by_uuid(await _domain(c, a[0]), a[1]))
-
-
-@_handles(Method.LOOKUP_JOB)
-async def _h_lookup_job(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return _ref(c, await _conn(c).lookup_job(a[0]))
-
-
-@_handles(Method.DOMAIN_INFO)
-async def _h_domain_info(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return encode_domain_info(await (await _domain(c, a[0])).info())
 
 
 @_handles(Method.DOMAIN_DESTROY)
@@ -145,7 +172,7 @@ async def _h_list_jobs_page(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
     dom = await _domain(c, a[0])
     conn = _conn(c)
     recs, cursor = conn.engine.domain_jobs_page(dom.name, a[1], _page_size(dom.name, a[2]))
-    return [[_ref(c, Job(conn, r)) for r in recs], cursor]
+    return [[_ref(c, LocalJob(conn, r)) for r in recs], cursor]
 
 
 @_handles(Method.FIND_JOBS)
@@ -157,96 +184,20 @@ async def _h_find_jobs(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
         size += _ref_size(rec.domain)
         if refs and size > MAX_FRAME // 2:
             break  # the caller asked for more than a reply holds: it gets the first ones
-        refs.append(_ref(c, Job(conn, rec)))
+        refs.append(_ref(c, LocalJob(conn, rec)))
     return refs
 
 
-def _domain_call(name: str) -> Handler:
-    """A legacy virDomain call: the Domain method ``name`` with the request's other
-    arguments, its plain result sent back as is."""
-
-    async def handler(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-        result: Wire = await getattr(await _domain(c, a[0]), name)(*a[1:])
-        return result
-
-    return handler
-
-
-for _method, _name in (
-    (Method.LEGACY_JOB_INFO, "job_info"),
-    (Method.LEGACY_JOB_STATS, "job_stats"),
-    (Method.LEGACY_ABORT_JOB, "abort_job"),
-    (Method.BACKUP_BEGIN, "backup_begin"),
-    (Method.BACKUP_GET_XML_DESC, "backup_get_xml_desc"),
-    (Method.BLOCK_JOB_INFO, "block_job_info"),
-    (Method.BLOCK_JOB_ABORT, "block_job_abort"),
-    (Method.BLOCK_PULL, "block_pull"),
-    (Method.BLOCK_COMMIT, "block_commit"),
-):
-    _HANDLERS[_method] = _domain_call(_name)
-
-
-@_handles(Method.JOB_INFO)
-async def _h_job_info(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return encode_job_info(await (await _job(c, a[0])).info())
-
-
-@_handles(Method.JOB_STATS)
-async def _h_job_stats(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _job(c, a[0])).stats()
-
-
-@_handles(Method.JOB_WAIT)
-async def _h_job_wait(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return encode_job_info(await (await _job(c, a[0])).wait(a[1]))
-
-
-def _verb(name: str) -> Handler:
-    async def handler(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-        job = await _job(c, a[0])
-        await getattr(job, name)()
-        c.log.debug("job verb", job=str(job.uuid), verb=name)  # info: begin and end only
-        return None
-
-    return handler
-
-
-for _method, _name in (
-    (Method.JOB_ABORT, "abort"),
-    (Method.JOB_PAUSE, "pause"),
-    (Method.JOB_RESUME, "resume"),
-    (Method.JOB_COMPLETE, "complete"),
-):
-    _HANDLERS[_method] = _verb(_name)
-
-
-@_handles(Method.JOB_SET_SPEED)
-async def _h_set_speed(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    await (await _job(c, a[0])).set_speed(a[1] or None)
-    return None
-
-
-@_handles(Method.JOB_XML_DESC)
-async def _h_xml_desc(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
-    return await (await _job(c, a[0])).xml_desc()
-
+for _method in Method:
+    if _method.value.on is not On.SESSION and _method not in _HANDLERS:
+        _HANDLERS[_method] = _table_handler(_method)
 
 #: Methods whose reply may be big (XML, lists, typed parameters): see MAX_BULKY. The others
 #: reply with a few hundred bytes at most (a ref, a job's info, nil).
 _BULKY = frozenset(
-    {
-        Method.LIST_DOMAINS,
-        Method.DOMAIN_INFO,
-        Method.LIST_JOBS,
-        Method.LIST_JOBS_PAGE,
-        Method.FIND_JOBS,
-        Method.LEGACY_JOB_STATS,
-        Method.BACKUP_GET_XML_DESC,
-        Method.BLOCK_JOB_INFO,
-        Method.JOB_STATS,
-        Method.JOB_XML_DESC,
-    }
-)
-
-_MISSING = set(Method) - set(_HANDLERS) - {Method.HELLO, Method.SUBSCRIBE, Method.UNSUBSCRIBE}
-assert not _MISSING, f"methods without a handler: {_MISSING}"
+    m
+    for m in Method
+    if m.value.result
+    in (Result.DOMAIN_REFS, Result.DOMAIN_INFO, Result.JOB_REFS, Result.JOB_PAGE, Result.PARAMS,
+        Result.TEXT)
+)  # fmt: skip

@@ -37,6 +37,7 @@ from jobcore.daemon.sessions import _ByteBudget, _Client, _ClientGone, _FrameLat
 from jobcore.errors import InvalidArgument, JobError, SubscriptionOverflow
 from jobcore.events import EndReason, EventKind, Subscription
 from jobcore.log import get_logger, reopen_log_files
+from jobcore.methods import Method
 from jobcore.paths import owner_guard
 from jobcore.protocol import (
     HEADER,
@@ -53,7 +54,6 @@ from jobcore.protocol import (
     ErrorReply,
     EventPush,
     Message,
-    Method,
     ProtocolError,
     Reply,
     Request,
@@ -523,7 +523,7 @@ class Daemon:
                 return False
             if client.conn is None:
                 raise BadRequest("the first request must be 'hello'", msg.id)
-            if client.readonly and msg.method.spec.writes:
+            if client.readonly and msg.method.value.writes:
                 raise AccessDenied(f"operation forbidden: read-only access prevents '{msg.method}'")
             if msg.method is Method.SUBSCRIBE:
                 self._subscribe(client, msg.id, msg.args)

@@ -14,7 +14,6 @@ import anyio
 from anyio.abc import SocketStream, TaskGroup
 from attrs import Factory, define, field
 
-from jobcore.api import Connection, Domain, Job
 from jobcore.daemon.config import (
     HANDLE_CACHE,
     MAX_BULKY,
@@ -27,6 +26,7 @@ from jobcore.daemon.config import (
 from jobcore.daemon.drivers import _DriverSlot
 from jobcore.errors import JobError
 from jobcore.events import Subscription
+from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.paths import PathGuard
 from jobcore.protocol import Message, ProtocolError, Reply, encode_message, error_reply
 
@@ -116,11 +116,11 @@ class _Client:
     tg: TaskGroup
     log: Any
     send_lock: anyio.Lock = field(factory=anyio.Lock)
-    conn: Connection | None = None
+    conn: LocalConnection | None = None
     requests: dict[int, anyio.CancelScope] = field(factory=dict)
     subs: dict[int, Subscription] = field(factory=dict)
-    jobs: OrderedDict[uuid.UUID, Job] = field(factory=OrderedDict)
-    domains: OrderedDict[str, Domain] = field(factory=OrderedDict)
+    jobs: OrderedDict[uuid.UUID, LocalJob] = field(factory=OrderedDict)
+    domains: OrderedDict[str, LocalDomain] = field(factory=OrderedDict)
     #: the driver connection this session is attached to (after hello)
     slot: _DriverSlot | None = None
     #: a hello is being served (it may wait for a driver connection to open)
@@ -196,7 +196,7 @@ class _Client:
             self.queued.release(len(frame))
             self.socket_queued.release(len(frame))
 
-    def remember(self, job: Job) -> Job:
+    def remember(self, job: LocalJob) -> LocalJob:
         self.jobs[job.uuid] = job
         self.jobs.move_to_end(job.uuid)
         if len(self.jobs) > HANDLE_CACHE:

@@ -1,0 +1,522 @@
+"""The in-process implementation of jobcore.api: connections that own their engine and
+driver connection, and their domain and job handles (anyio; asyncio and trio).
+
+``jobcore.connect(uri)`` yields a ``LocalConnection`` for every URI without a transport;
+jobd serves its clients from these. ``conn.engine`` and ``conn.driver`` exist only here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import attrs
+from anyio.lowlevel import RunVar
+
+from jobcore import constants as C
+from jobcore.driver import DomainInfo, DriverConnection
+from jobcore.drivers import check_uri_params, load_driver
+from jobcore.engine import DEFAULT_RETENTION, Engine
+from jobcore.errors import AccessDenied, InvalidArgument, NoSuchJob, OperationInvalid
+from jobcore.events import EventFilter, EventHub, EventKind, Subscription
+from jobcore.flags import check_flags
+from jobcore.info import JobInfo
+from jobcore.lifecycle import JobState
+from jobcore.methods import Named, as_uuid, uuid_prefix
+from jobcore.paths import PathGuard
+from jobcore.spec import MAX_INT64, ChainRef, JobType
+from jobcore.store import (
+    DEFAULT_MAX_RETAINED,
+    DEFAULT_MAX_RETAINED_PER_DOMAIN,
+    DEFAULT_STORE_URL,
+    JobRecord,
+    JobStore,
+    open_store,
+)
+from jobcore.store_sqlite import SQLiteJobStore, parse_store_url
+from jobcore.types.backup import BackupJobSpec
+from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+from jobcore.uri import parse_uri
+from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
+
+MiB = 1 << 20
+
+#: XML documents (and specs that format to about as much) larger than this are parsed and
+#: formatted on a worker thread: a 1 MiB document takes a few hundred milliseconds, which
+#: must not stall the event loop (jobd's only one) for every other client.
+XML_THREAD_BYTES = 64 * 1024
+#: at most this many such documents are parsed or formatted at once per event loop, so
+#: the memory their trees take stays bounded; more wait their turn
+XML_THREADS = 2
+_xml_limiter: RunVar[anyio.CapacityLimiter] = RunVar("jobcore_xml_limiter")
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+
+async def xml_work(fn: Callable[[_A], _R], arg: _A, size: int) -> _R:
+    """``fn(arg)`` (a parse or format of about ``size`` bytes): inline when small, else on
+    a worker thread, at most XML_THREADS at once."""
+    if size <= XML_THREAD_BYTES:
+        return fn(arg)
+    try:
+        limiter = _xml_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(XML_THREADS)
+        _xml_limiter.set(limiter)
+    return await anyio.to_thread.run_sync(fn, arg, limiter=limiter)
+
+
+def text_weight(value: object, budget: int = XML_THREAD_BYTES) -> int:
+    """About how much text ``value`` (a spec) formats to, counted only until it passes
+    ``budget``: the lengths of its strings plus a little per field and item."""
+    total = 0
+    stack = [value]
+    while stack and total <= budget:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item) + 8
+        elif isinstance(item, tuple | list | frozenset | set):
+            stack.extend(item)
+            total += 8
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+            total += 8 * len(item)
+        elif attrs.has(type(item)):
+            stack.extend(getattr(item, f.name) for f in attrs.fields(type(item)))  # type: ignore[arg-type]
+            total += 16
+        else:
+            total += 8
+    return total
+
+
+def _doc_size(doc: str | bytes | None) -> int:
+    return len(doc) if isinstance(doc, str | bytes | bytearray) else 0
+
+
+class LocalConnection:
+    """An open in-process connection to a hypervisor driver, owning its engine and tasks."""
+
+    def __init__(self, uri: str, dconn: DriverConnection, engine: Engine) -> None:
+        self.uri = uri
+        self.driver = dconn
+        self.engine = engine
+
+    async def lookup_domain(self, name: str) -> LocalDomain:
+        info = await self.driver.lookup_domain(name)
+        return LocalDomain(self, info.name, info.uuid)
+
+    async def list_domains(self) -> list[LocalDomain]:
+        return [LocalDomain(self, d.name, d.uuid) for d in await self.driver.list_domains()]
+
+    async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> LocalDomain:
+        """Start a domain from its XML; ``path_guard`` (jobcore.paths) sees the files the
+        driver would open (disk images and their backing chains) before it opens them,
+        and a driver that takes no guard is refused one."""
+        create: Any = self.driver.create_domain
+        if path_guard is None:
+            info = await create(xml)
+        else:
+            if "path_guard" not in inspect.signature(create).parameters:
+                raise AccessDenied(
+                    f"driver '{self.driver.uri}' cannot check the files a domain definition "
+                    "names: only jobd's own uid and root may create domains on it"
+                )
+            info = await create(xml, path_guard=path_guard)
+        return LocalDomain(self, info.name, info.uuid)
+
+    async def job_lookup_by_uuid(self, dom: Named, job: str | bytes | uuid.UUID) -> LocalJob:
+        """Look a job up by UUID; ``C.LEGACY_DOMAIN_JOB_UUID`` resolves to the domain's
+        legacy job at call time (the handle returned is that concrete job)."""
+        job_id = as_uuid(job)
+        if job_id == C.LEGACY_DOMAIN_JOB_UUID:
+            rec = self.engine.legacy_job(dom.name)
+            if rec is None:
+                raise NoSuchJob(f"domain '{dom.name}' has no active or retained domain job")
+            return LocalJob(self, rec)
+        rec = self.engine.lookup(job_id)
+        if rec.domain != dom.name:
+            raise NoSuchJob(f"no job with UUID '{job_id}' on domain '{dom.name}'")
+        return LocalJob(self, rec)
+
+    async def lookup_job(self, job: str | bytes | uuid.UUID) -> LocalJob:
+        """Look a job up by UUID on any domain of the connection (no alias here: the
+        legacy domain job UUID needs a domain, see ``job_lookup_by_uuid``)."""
+        job_id = as_uuid(job)
+        if job_id == C.LEGACY_DOMAIN_JOB_UUID:
+            raise InvalidArgument("the legacy domain job UUID names no job without a domain")
+        return LocalJob(self, self.engine.lookup(job_id))
+
+    async def find_jobs(self, prefix: str, limit: int = 16) -> list[LocalJob]:
+        """Up to ``limit`` active or retained jobs whose UUID starts with ``prefix`` (hex
+        digits; dashes ignored), in UUID order, found by an index: how a short form of a
+        UUID is resolved (two results mean it is ambiguous)."""
+        return [LocalJob(self, r) for r in self.engine.find_jobs(uuid_prefix(prefix), limit)]
+
+    def subscribe(
+        self,
+        *,
+        domain: str | None = None,
+        job: uuid.UUID | None = None,
+        types: Iterable[str] | None = None,
+        kinds: Iterable[EventKind] | None = None,
+        maxlen: int = EventHub.DEFAULT_BUFFER,
+    ) -> Subscription:
+        """A bounded, filtered event queue; close it (or use ``with``) when done."""
+        return self.engine.subscribe(EventFilter.of(domain, job, types, kinds), maxlen)
+
+
+class LocalDomain:
+    """A domain handle. After a migration it follows the domain (see ``uri``)."""
+
+    def __init__(
+        self,
+        conn: LocalConnection,
+        name: str,
+        dom_uuid: uuid.UUID,
+        *,
+        path_guard: PathGuard | None = None,
+    ) -> None:
+        self.conn = conn
+        self.name = name
+        self.uuid = dom_uuid
+        #: sees the host files of every job this handle begins (jobcore.paths): jobd's
+        #: handles for a client it confines carry that client's guard
+        self.path_guard = path_guard
+
+    def __repr__(self) -> str:
+        return f"<Domain {self.name!r} on {self.uri!r}>"
+
+    @property
+    def uri(self) -> str:
+        """The URI of the host the domain runs on now."""
+        return self.conn.engine.domain_location.get(self.name, self.conn.uri)
+
+    async def info(self) -> DomainInfo:
+        return await self.conn.driver.lookup_domain(self.name)
+
+    async def destroy(self) -> None:
+        await self.conn.driver.destroy_domain(self.name)
+
+    async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> LocalJob:
+        """Parse a ``<job>`` document and begin it (JobBegin)."""
+        check_flags("JobBegin", flags)  # the bits of any type; the engine checks the type's
+        spec = await xml_work(parse_job, job_xml, _doc_size(job_xml))
+        return await self.job_begin_spec(spec, flags)
+
+    async def job_begin_spec(self, spec: Any, flags: int = 0) -> LocalJob:
+        """Begin a job from a typed spec (what ``job_begin`` does after parsing); the
+        engine refuses flag bits the spec's type does not accept (jobcore.flags). The
+        handle's ``path_guard`` sees the host files the prepared spec names."""
+        rec = await self.conn.engine.begin(self.name, spec, flags, path_guard=self.path_guard)
+        return LocalJob(self.conn, rec)
+
+    async def list_jobs(self) -> list[LocalJob]:
+        """Active and retained jobs of the domain, in the order they began."""
+        return [LocalJob(self.conn, r) for r in self.conn.engine.domain_jobs(self.name)]
+
+    # ---- legacy calls (libvirt-python virDomain methods) -----------------------------
+
+    def _legacy_active(self) -> JobRecord | None:
+        rec = self.conn.engine.legacy_job(self.name)
+        return rec if rec is not None and rec.state.active else None
+
+    async def job_info(self) -> list[int]:
+        """virDomainGetJobInfo: [type, timeElapsed, timeRemaining, dataTotal,
+        dataProcessed, dataRemaining, memTotal, memProcessed, memRemaining, fileTotal,
+        fileProcessed, fileRemaining]."""
+        rec = self._legacy_active()
+        if rec is None:
+            return [C.VIR_DOMAIN_JOB_NONE] + [0] * 11
+        st = self.conn.engine.stats(rec)
+        mem = [st.get(f"memory_{k}", 0) for k in ("total", "processed", "remaining")]
+        disk = [st.get(f"disk_{k}", 0) for k in ("total", "processed", "remaining")]
+        data = [m + d for m, d in zip(mem, disk, strict=True)]
+        return [st["type"], st["time_elapsed"], 0, *data, *mem, *disk]
+
+    async def job_stats(self, flags: int = 0) -> dict[str, Any]:
+        """virDomainGetJobStats: the legacy job's stats, or with
+        VIR_DOMAIN_JOB_STATS_COMPLETED the last ended one's (read once unless
+        VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)."""
+        check_flags("jobStats", flags)
+        engine = self.conn.engine
+        if not flags & C.VIR_DOMAIN_JOB_STATS_COMPLETED:
+            rec = self._legacy_active()
+            return {"type": C.VIR_DOMAIN_JOB_NONE} if rec is None else engine.stats(rec)
+        rec = engine.legacy_job(self.name)
+        if rec is None or rec.state.active or rec.legacy_stats_read:
+            return {"type": C.VIR_DOMAIN_JOB_NONE}
+        if not flags & C.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED:
+            rec.legacy_stats_read = True
+        return engine.stats(rec)
+
+    async def abort_job(self) -> int:
+        """virDomainAbortJob: abort the legacy job (a pull-mode backup serving its export
+        ends successfully, as in libvirt)."""
+        rec = self._legacy_active()
+        if rec is None:
+            raise OperationInvalid("no job is active on the domain")
+        await self.conn.engine.abort(rec)
+        return 0
+
+    async def backup_begin(
+        self, backup_xml: str | None, checkpoint_xml: str | None = None, flags: int = 0
+    ) -> int:
+        """virDomainBackupBegin; VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL reuses existing
+        target/scratch files (without it, an existing one is refused)."""
+        check_flags("backupBegin", flags)
+        backup_doc = backup_xml or "<domainbackup/>"
+        backup = await xml_work(parse_backup, backup_doc, _doc_size(backup_doc))
+        checkpoint = (
+            None
+            if checkpoint_xml is None
+            else await xml_work(parse_checkpoint, checkpoint_xml, _doc_size(checkpoint_xml))
+        )
+        await self.job_begin_spec(BackupJobSpec(backup, checkpoint), flags)
+        return 0
+
+    async def backup_get_xml_desc(self, flags: int = 0) -> str:
+        check_flags("backupGetXMLDesc", flags)
+        rec = self._legacy_active()
+        if rec is None or not isinstance(rec.spec, BackupJobSpec):
+            raise NoSuchJob("no domain backup job present")
+        backup = rec.spec.backup
+        return await xml_work(format_backup, backup, text_weight(backup))
+
+    def _chain_job(self, disk: str) -> JobRecord | None:
+        return self.conn.engine.store.chain_job(self.name, disk)
+
+    async def block_job_info(self, disk: str, flags: int = 0) -> dict[str, int]:
+        """virDomainGetBlockJobInfo: {'type', 'bandwidth', 'cur', 'end'}, or {} when the
+        disk has no block job; a disk the domain does not have is an InvalidArgument."""
+        check_flags("blockJobInfo", flags)
+        rec = self._chain_job(disk)
+        if rec is None:
+            await self._require_disk(disk)
+            return {}
+        if isinstance(rec.spec, BlockPullSpec):
+            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL
+        elif isinstance(rec.spec, BlockCommitSpec) and rec.spec.active:
+            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+        else:
+            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT
+        bandwidth = rec.bandwidth or 0
+        if not flags & C.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES:
+            bandwidth //= MiB
+        cur, end = rec.processed, rec.total
+        if end == 0:  # as libvirt: never show a finished-looking 0/0 for a live job
+            cur, end = (1, 1) if rec.state in (JobState.READY, JobState.STANDBY) else (0, 1)
+        elif cur == end and rec.state not in (JobState.READY, JobState.STANDBY):
+            cur -= 1
+        return {"type": kind, "bandwidth": bandwidth, "cur": cur, "end": end}
+
+    async def _require_disk(self, disk: str) -> None:
+        if (await self.info()).disk(disk) is None:
+            raise InvalidArgument(f"disk '{disk}' not found in domain '{self.name}'")
+
+    async def block_job_abort(self, disk: str, flags: int = 0) -> int:
+        check_flags("blockJobAbort", flags)
+        rec = self._chain_job(disk)
+        if rec is None:
+            await self._require_disk(disk)
+            raise OperationInvalid(f"disk '{disk}' does not have an active block job")
+        engine = self.conn.engine
+        if flags & C.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT:
+            if rec.state not in (JobState.READY, JobState.STANDBY):
+                raise OperationInvalid(
+                    f"block job '{rec.uuid}' not ready for pivot yet",
+                    job=rec.uuid,
+                    state=str(rec.state),
+                    verb="complete",
+                )
+            await engine.complete(rec)
+        else:
+            await engine.abort(rec)
+        if not flags & C.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC:
+            await engine.wait(rec)
+        return 0
+
+    async def block_pull(self, disk: str, bandwidth: int = 0, flags: int = 0) -> int:
+        check_flags("blockPull", flags)
+        await self.job_begin_spec(
+            BlockPullSpec(
+                disk,
+                bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES),
+            )
+        )
+        return 0
+
+    async def block_commit(
+        self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
+    ) -> int:
+        check_flags("blockCommit", flags)
+        info = await self.info()
+        chain = info.disk(disk)
+        top_ref = None if top is None else ChainRef(file=top)
+        if (
+            chain is not None
+            and (top is None or top == chain.source)
+            and not flags & C.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+        ):
+            raise InvalidArgument(
+                "commit of the active layer requires VIR_DOMAIN_BLOCK_COMMIT_ACTIVE"
+            )
+        await self.job_begin_spec(
+            BlockCommitSpec(
+                disk,
+                top=top_ref,
+                base=None if base is None else ChainRef(file=base),
+                delete=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_DELETE),
+                shallow=bool(flags & C.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW),
+                bandwidth=_bandwidth(bandwidth, flags, C.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES),
+            )
+        )
+        return 0
+
+
+def _bandwidth(value: int, flags: int, bytes_flag: int) -> int | None:
+    if value < 0:
+        raise InvalidArgument("bandwidth must not be negative")
+    if value == 0:
+        return None
+    if flags & bytes_flag:
+        if value > MAX_INT64:
+            raise InvalidArgument(
+                f"bandwidth {value} bytes/s is too large: the maximum is {MAX_INT64} bytes/s"
+            )
+        return value
+    if value > MAX_INT64 // MiB:
+        raise InvalidArgument(
+            f"bandwidth {value} MiB/s is too large: the maximum is {MAX_INT64 // MiB} MiB/s"
+            " (pass the BANDWIDTH_BYTES flag for bytes/s)"
+        )
+    return value * MiB
+
+
+class LocalJob:
+    """A handle on one concrete job. ``uuid`` and ``type`` need no round trip."""
+
+    def __init__(self, conn: LocalConnection, rec: JobRecord) -> None:
+        self.conn = conn
+        self._rec = rec
+        self.uuid: uuid.UUID = rec.uuid
+        self.type: JobType = rec.type
+        self.domain: str = rec.domain
+
+    def __repr__(self) -> str:
+        return f"<Job {self.uuid} {self.type} on {self.domain!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalJob) and other.uuid == self.uuid
+
+    def __hash__(self) -> int:
+        return hash(self.uuid)
+
+    @property
+    def state(self) -> JobState:
+        return self._rec.state
+
+    async def info(self) -> JobInfo:
+        return self.conn.engine.info(self._rec)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.conn.engine.stats(self._rec)
+
+    async def wait(self, timeout: float | None = None) -> JobInfo:
+        """Until the job ends; returns its final info. TimeoutError after ``timeout``."""
+        return await self.conn.engine.wait(self._rec, timeout)
+
+    async def abort(self) -> None:
+        await self.conn.engine.abort(self._rec)
+
+    async def pause(self) -> None:
+        await self.conn.engine.pause(self._rec)
+
+    async def resume(self) -> None:
+        await self.conn.engine.resume(self._rec)
+
+    async def complete(self) -> None:
+        await self.conn.engine.complete(self._rec)
+
+    async def set_speed(self, bandwidth: int | None) -> None:
+        """Bandwidth in bytes/s; None or 0 lifts the limit."""
+        await self.conn.engine.set_speed(self._rec, bandwidth or None)
+
+    async def xml_desc(self) -> str:
+        """The job XML with its UUID, its state and the effective (aligned, defaulted)
+        values; it parses back into the same spec."""
+        rec = self._rec
+        spec = attrs.evolve(rec.spec, uuid=rec.uuid)
+        state = str(rec.state)
+        return await xml_work(lambda s: format_job(s, state=state), spec, text_weight(spec))
+
+    def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
+        return self.conn.subscribe(job=self.uuid, maxlen=maxlen)
+
+
+@asynccontextmanager
+async def connect_local(
+    uri: str,
+    *,
+    retention: float = DEFAULT_RETENTION,
+    max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
+    max_retained: int = DEFAULT_MAX_RETAINED,
+    store: str | None = None,
+) -> AsyncIterator[LocalConnection]:
+    """Open an in-process connection (``jobcore.connect`` documents the arguments);
+    everything it started is cancelled when the block exits."""
+    parsed = parse_uri(uri)
+    store_url = DEFAULT_STORE_URL if store is None else store
+    durable = parse_store_url(store_url).kind != "memory"  # InvalidArgument if malformed
+    driver = load_driver(parsed)
+    check_uri_params(driver, parsed)
+    jstore: JobStore | None = None
+    if durable:  # opening checks and loads the file: off the event loop
+        jstore = await anyio.to_thread.run_sync(
+            functools.partial(
+                open_store,
+                store_url,
+                scope=f"{parsed.driver}://{parsed.host}{parsed.path}",
+                max_retained_per_domain=max_retained_per_domain,
+                max_retained=max_retained,
+            )
+        )
+    try:
+        async with anyio.create_task_group() as tg:
+            async with driver.connect(parsed, tg) as dconn:
+                engine = Engine(
+                    dconn,
+                    tg,
+                    store=jstore,
+                    retention=retention,
+                    max_retained_per_domain=max_retained_per_domain,
+                    max_retained=max_retained,
+                )
+                try:
+                    yield LocalConnection(uri, dconn, engine)
+                finally:
+                    engine.close()
+                    await engine.drain()
+            tg.cancel_scope.cancel()
+    except ExceptionGroup as group:
+        # one error (the caller's, or the driver's) comes out as itself, not wrapped
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        if isinstance(jstore, SQLiteJobStore):
+            jstore.close()
+
+
+def as_local(conn: object) -> LocalConnection:
+    """``conn`` as the in-process connection it is (its ``engine`` and ``driver``, for
+    tests and tools); TypeError for a connection served by jobd."""
+    if not isinstance(conn, LocalConnection):
+        raise TypeError(f"{conn!r} is not an in-process connection (jobcore.local)")
+    return conn

@@ -1,0 +1,257 @@
+"""The method table: every public call of a connection, domain or job, declared once.
+
+Each ``Method`` member is one call: its wire name, the handle it is a method of, its
+arguments (name and wire type, in order), whether it writes (refused on jobd's read-only
+socket) and its result type. What is derived from it:
+
+- jobcore.protocol validates and converts each request's arguments (``Call.args``) and
+  encodes and decodes its result (``Call.result``);
+- jobd dispatches a request to ``getattr(handle, call.attr)(*args)`` on the session's
+  in-process handle, and refuses ``writes`` calls on the read-only socket;
+- jobcore.remote's handles make the round trip (handle identity first, then ``args``)
+  and turn the reply into the typed result;
+- tests check the interfaces (jobcore.api), both implementations, the blocking facade
+  (``Call.blocking``) and design/daemon.md's method list (``render_markdown``) against it.
+
+How to add a call: design/daemon.md, "How to add a call".
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Protocol
+
+from attrs import frozen
+
+from jobcore.errors import InvalidArgument
+
+
+class Arg(enum.Enum):
+    """The wire type of one request argument (validated and converted on decode)."""
+
+    STR = "str"
+    OPT_STR = "str|nil"
+    TEXT = "str|bin"  # XML documents: str, or bytes as the local API accepts
+    INT = "int"
+    OPT_FLOAT = "float|nil"
+    UUID = "uuid"
+    OPT_UUID = "uuid|nil"
+    OPT_STRS = "[str]|nil"
+
+
+class Result(enum.Enum):
+    """The wire type of a call's result (jobcore.protocol has one codec per member)."""
+
+    NONE = "nil"
+    INT = "int"
+    TEXT = "str"
+    INTS = "[int…]"
+    PARAMS = "typed params"
+    DOMAIN_REF = "domain ref"
+    DOMAIN_REFS = "[domain ref…]"
+    DOMAIN_INFO = "DomainInfo"
+    JOB_REF = "job ref"
+    JOB_REFS = "[job ref…]"
+    JOB_PAGE = "[[job ref…], next cursor|nil]"
+    JOB_INFO = "JobInfo"
+    HELLO = "server hello"
+
+
+class On(enum.Enum):
+    """The handle a call is a method of; its identity goes first on the wire."""
+
+    SESSION = "session"  # the protocol itself (hello, subscriptions): no handle
+    CONNECTION = "connection"  # no identity
+    DOMAIN = "domain"  # the domain's name
+    JOB = "job"  # the job's UUID
+
+
+@frozen
+class Call:
+    """One entry of the method table (see the module docstring)."""
+
+    #: the name on the wire
+    name: str
+    on: On
+    #: the method of the interface (jobcore.api) this call serves; None: wire-only
+    attr: str | None
+    #: (name, wire type) of each argument after the handle's identity
+    args: tuple[tuple[str, Arg], ...]
+    #: begins, changes or ends a job or a domain: refused on the read-only socket
+    writes: bool
+    result: Result
+    #: the blocking facade's name for it (a BlockingConnection/BlockingDomain method, or a
+    #: jobcore module function for job calls)
+    blocking: str | None = None
+    #: one line for design/daemon.md when the name and types do not say it all
+    note: str = ""
+
+    @property
+    def wire_args(self) -> tuple[Arg, ...]:
+        """Every argument's wire type, the handle's identity first."""
+        head = {On.DOMAIN: (Arg.STR,), On.JOB: (Arg.UUID,)}.get(self.on, ())
+        return head + tuple(kind for _, kind in self.args)
+
+
+C, D, J, S = On.CONNECTION, On.DOMAIN, On.JOB, On.SESSION
+A, R = Arg, Result
+
+
+class Method(enum.Enum):
+    """Every call of the jobd protocol; ``method.value`` is its ``Call``."""
+
+    HELLO = Call(
+        "hello", S, None, (("version", A.INT), ("driver_uri", A.STR)), False, R.HELLO,
+        note="first request of a connection; attaches a driver connection",
+    )  # fmt: skip
+    SUBSCRIBE = Call(
+        "subscribe", C, "subscribe",
+        (("domain", A.OPT_STR), ("job", A.OPT_UUID), ("types", A.OPT_STRS),
+         ("kinds", A.OPT_STRS), ("maxlen", A.INT)),
+        False, R.NONE, note="the subscription's id is the request id",
+    )  # fmt: skip
+    UNSUBSCRIBE = Call("unsubscribe", S, None, (("sub_id", A.INT),), False, R.NONE)
+    # connection
+    LIST_DOMAINS = Call("list_domains", C, "list_domains", (), False, R.DOMAIN_REFS,
+                        "listAllDomains")  # fmt: skip
+    LOOKUP_DOMAIN = Call("lookup_domain", C, "lookup_domain", (("name", A.STR),), False,
+                         R.DOMAIN_REF, "lookupByName")  # fmt: skip
+    CREATE_DOMAIN = Call("create_domain", C, "create_domain", (("xml", A.TEXT),), True,
+                         R.DOMAIN_REF, "createXML")  # fmt: skip
+    JOB_LOOKUP_BY_UUID = Call(
+        "job_lookup_by_uuid", C, "job_lookup_by_uuid", (("dom", A.STR), ("job", A.UUID)),
+        False, R.JOB_REF, "JobLookupByUUID",
+        note="the legacy domain job UUID resolves to the domain's legacy job",
+    )  # fmt: skip
+    LOOKUP_JOB = Call("lookup_job", C, "lookup_job", (("job", A.UUID),), False, R.JOB_REF,
+                      note="a job of any domain")  # fmt: skip
+    FIND_JOBS = Call("find_jobs", C, "find_jobs", (("prefix", A.STR), ("limit", A.INT)),
+                     False, R.JOB_REFS, note="UUID prefix (hex digits); in UUID order")  # fmt: skip
+    # domain
+    DOMAIN_INFO = Call("domain_info", D, "info", (), False, R.DOMAIN_INFO)
+    DOMAIN_DESTROY = Call("domain_destroy", D, "destroy", (), True, R.NONE, "destroy")
+    JOB_BEGIN = Call("job_begin", D, "job_begin", (("job_xml", A.TEXT), ("flags", A.INT)),
+                     True, R.JOB_REF, "JobBegin")  # fmt: skip
+    LIST_JOBS_PAGE = Call(
+        "list_jobs_page", D, "list_jobs", (("cursor", A.INT), ("limit", A.INT)), False,
+        R.JOB_PAGE, "listJobs", note="cursor -1: the start; the client asks page by page",
+    )  # fmt: skip
+    LIST_JOBS = Call("list_jobs", D, None, (), False, R.JOB_REFS,
+                     note="older clients; refused past half a frame")  # fmt: skip
+    LEGACY_JOB_INFO = Call("legacy_job_info", D, "job_info", (), False, R.INTS, "jobInfo")
+    LEGACY_JOB_STATS = Call("legacy_job_stats", D, "job_stats", (("flags", A.INT),), False,
+                            R.PARAMS, "jobStats")  # fmt: skip
+    LEGACY_ABORT_JOB = Call("legacy_abort_job", D, "abort_job", (), True, R.INT, "abortJob")
+    BACKUP_BEGIN = Call(
+        "backup_begin", D, "backup_begin",
+        (("backup_xml", A.OPT_STR), ("checkpoint_xml", A.OPT_STR), ("flags", A.INT)),
+        True, R.INT, "backupBegin",
+    )  # fmt: skip
+    BACKUP_GET_XML_DESC = Call("backup_get_xml_desc", D, "backup_get_xml_desc",
+                               (("flags", A.INT),), False, R.TEXT, "backupGetXMLDesc")  # fmt: skip
+    BLOCK_JOB_INFO = Call("block_job_info", D, "block_job_info",
+                          (("disk", A.STR), ("flags", A.INT)), False, R.PARAMS,
+                          "blockJobInfo")  # fmt: skip
+    BLOCK_JOB_ABORT = Call("block_job_abort", D, "block_job_abort",
+                           (("disk", A.STR), ("flags", A.INT)), True, R.INT,
+                           "blockJobAbort")  # fmt: skip
+    BLOCK_PULL = Call("block_pull", D, "block_pull",
+                      (("disk", A.STR), ("bandwidth", A.INT), ("flags", A.INT)), True, R.INT,
+                      "blockPull")  # fmt: skip
+    BLOCK_COMMIT = Call(
+        "block_commit", D, "block_commit",
+        (("disk", A.STR), ("base", A.OPT_STR), ("top", A.OPT_STR), ("bandwidth", A.INT),
+         ("flags", A.INT)),
+        True, R.INT, "blockCommit",
+    )  # fmt: skip
+    # job
+    JOB_INFO = Call("job_info", J, "info", (), False, R.JOB_INFO, "JobGetInfo")
+    JOB_STATS = Call("job_stats", J, "stats", (), False, R.PARAMS, "JobGetStats")
+    JOB_WAIT = Call("job_wait", J, "wait", (("timeout", A.OPT_FLOAT),), False, R.JOB_INFO,
+                    "JobWait")  # fmt: skip
+    JOB_ABORT = Call("job_abort", J, "abort", (), True, R.NONE, "JobAbort")
+    JOB_PAUSE = Call("job_pause", J, "pause", (), True, R.NONE, "JobPause")
+    JOB_RESUME = Call("job_resume", J, "resume", (), True, R.NONE, "JobResume")
+    JOB_COMPLETE = Call("job_complete", J, "complete", (), True, R.NONE, "JobComplete")
+    JOB_SET_SPEED = Call("job_set_speed", J, "set_speed", (("bandwidth", A.INT),), True,
+                         R.NONE, "JobSetSpeed", note="bytes/s; 0 lifts the limit")  # fmt: skip
+    JOB_XML_DESC = Call("job_xml_desc", J, "xml_desc", (), False, R.TEXT, "JobGetXMLDesc")
+
+    def __str__(self) -> str:
+        return self.value.name
+
+    @property
+    def call(self) -> Call:
+        return self.value
+
+
+del A, R
+
+#: each method by its wire name (what a request names)
+BY_NAME: dict[str, Method] = {m.value.name: m for m in Method}
+
+
+def render_markdown() -> str:
+    """design/daemon.md's method list (a test checks that the document holds it)."""
+    lines = [
+        "| method | on | args | result | read-only socket | blocking facade |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in Method:
+        c = m.value
+        cells = (
+            f"`{c.name}`",
+            c.on.value,
+            ", ".join(f"{name}: {kind.value}" for name, kind in c.args) or "–",
+            c.result.value + (f" ({c.note})" if c.note else ""),
+            "**no**" if c.writes else "yes",
+            f"`{c.blocking}`" if c.blocking else "",
+        )
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- argument helpers shared by both implementations ------------------------------------
+
+
+class Named(Protocol):
+    """What a call taking a domain handle needs of it: its name (what goes on the wire)."""
+
+    @property
+    def name(self) -> str: ...
+
+
+def as_uuid(value: str | bytes | uuid.UUID) -> uuid.UUID:
+    """A UUID from its string form, 16 raw bytes, or a uuid.UUID."""
+    try:
+        if isinstance(value, uuid.UUID):
+            return value
+        if isinstance(value, bytes | bytearray):
+            return uuid.UUID(bytes=bytes(value))
+        return uuid.UUID(str(value))
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"invalid job UUID {value!r}") from None
+
+
+def uuid_prefix(text: str) -> str:
+    """The hex digits of a UUID prefix (dashes dropped, lower case); InvalidArgument if
+    it is not 1 to 32 hex digits."""
+    digits = text.replace("-", "").lower()
+    if not 1 <= len(digits) <= 32 or any(ch not in "0123456789abcdef" for ch in digits):
+        raise InvalidArgument(f"'{text}' is not a UUID prefix (1 to 32 hex digits)")
+    return digits
+
+
+def _rewrite_daemon_md(path: str = "design/daemon.md") -> None:
+    """Put ``render_markdown()`` between the generated-list markers of ``path``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("\n", text.index("<!-- generated from jobcore.methods")) + 1
+    end = text.index("<!-- end of generated method list -->")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:start] + render_markdown() + text[end:])
+
+
+if __name__ == "__main__":
+    _rewrite_daemon_md()
