@@ -21,8 +21,8 @@ import pytest
 from qemu_helpers import create, domain_xml
 from test_jobd import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 
-from jobcore import jobctl as cli
-from jobcore.jobctl import ExitCode
+from jobcore.cli.options import parse_bandwidth
+from jobcore.cli import ExitCode
 
 MiB = 1 << 20
 JOBCTL = Path(sys.executable).with_name("jobctl")  # the installed console script
@@ -82,7 +82,7 @@ def _run_on_terminal(argv: list[str], env: dict[str, str], columns: int = 80) ->
 def test_list_never_truncates_uuids_on_80_columns(jobd: Jobd, tmp_path: Path) -> None:
     uri, job = _slow_job(jobd, tmp_path)
     try:
-        shown = _run_on_terminal([sys.executable, "-m", "jobcore.jobctl", "list"], _env(uri))
+        shown = _run_on_terminal([sys.executable, "-m", "jobcore.cli", "list"], _env(uri))
         assert job in shown, shown  # whole, on one line: a copied UUID works
         assert "…" not in shown
     finally:
@@ -94,7 +94,7 @@ def test_closed_stdout_is_quiet_exit_141(jobd: Jobd, tmp_path: Path) -> None:
     try:
         # `jobctl events | head -n 1`: the reader goes away while events keep coming
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobcore.jobctl", "events", "--job", job],
+            [sys.executable, "-m", "jobcore.cli", "events", "--job", job],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=_env(uri),
@@ -111,7 +111,7 @@ def test_closed_stdout_is_quiet_exit_141(jobd: Jobd, tmp_path: Path) -> None:
         read_end, write_end = os.pipe()
         os.close(read_end)
         done = subprocess.run(
-            [sys.executable, "-m", "jobcore.jobctl", "domains"],
+            [sys.executable, "-m", "jobcore.cli", "domains"],
             stdout=write_end,
             stderr=subprocess.PIPE,
             env=_env(uri),
@@ -152,7 +152,7 @@ def test_events_for_an_unknown_domain_fail_at_once(jobd: Jobd) -> None:
 
 def test_version() -> None:
     shown = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobctl", "--version"],
+        [sys.executable, "-m", "jobcore.cli", "--version"],
         capture_output=True,
         text=True,
         check=True,
@@ -183,13 +183,13 @@ def test_version() -> None:
     ],
 )
 def test_bandwidth_units_as_libvirt(text: str, value: int) -> None:
-    assert cli.parse_bandwidth(text) == value
+    assert parse_bandwidth(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "fast", "1.5M", "-1", "10Mbit", "10 MiB/h", "9" * 30])
 def test_bad_bandwidth_is_refused_with_the_units(text: str) -> None:
     with pytest.raises(ValueError, match=r"MiB|too large"):
-        cli.parse_bandwidth(text)
+        parse_bandwidth(text)
 
 
 def test_set_speed(jobd: Jobd, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 import jobcore
-from jobcore.jobctl import ExitCode
+from jobcore.cli import ExitCode
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -121,7 +121,7 @@ def jobctl(
     if uri is not None:
         full_env["JOBCORE_URI"] = uri
     return subprocess.run(
-        [sys.executable, "-m", "jobcore.jobctl", *args],
+        [sys.executable, "-m", "jobcore.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -230,7 +230,7 @@ def test_events_stream(jobd: Jobd, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "jobcore.jobctl",
+            "jobcore.cli",
             "-c",
             uri,
             "events",
@@ -393,7 +393,7 @@ def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
     began = jobctl(uri, "begin", "vm1", write(tmp_path, "b.xml", BACKUP_VDB.format(tag="s")))
     assert began.returncode == 0, began.stderr
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "jobcore.jobctl", "-c", uri, "wait", began.stdout.strip()],
+        [sys.executable, "-m", "jobcore.cli", "-c", uri, "wait", began.stdout.strip()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -16,7 +16,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 from test_jobd import Jobd, _frame, _recv, jobctl
 
-from jobcore.jobctl import ExitCode
+from jobcore.cli import ExitCode
 from jobcore.jobd import ConfigError, load_config
 
 # jobd's defaults (spelled out, so that this file also runs, and fails, against a jobd

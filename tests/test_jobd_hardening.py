@@ -18,7 +18,7 @@ from test_jobd import BACKUP_VDB, Jobd, _frame, _recv, jobctl, one_line_error
 
 import jobcore
 from jobcore.errors import InvalidArgument, XMLError
-from jobcore.jobctl import ExitCode
+from jobcore.cli import ExitCode
 from jobcore.protocol import AccessDenied, DaemonBusy, DaemonUnreachable
 from jobcore.remote import RemoteConnection
 

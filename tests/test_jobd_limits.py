@@ -25,7 +25,7 @@ import jobcore.remote
 from jobcore import JobState, NoSuchJob
 from jobcore.api import Job
 from jobcore.events import EndReason
-from jobcore.jobctl import ExitCode
+from jobcore.cli import ExitCode
 from jobcore.jobd import ConfigError, _page_size, load_config
 from jobcore.protocol import (
     MAX_FRAME,

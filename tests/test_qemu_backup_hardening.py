@@ -37,7 +37,7 @@ from jobcore import JOB_BEGIN_QUEUE, VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, Job
 from jobcore.api import Domain, Job
 from jobcore.backup import BackupDef, BackupDisk
 from jobcore.errors import DriverError, InvalidArgument, JobConflict, Unsupported
-from jobcore.jobctl import ExitCode
+from jobcore.cli import ExitCode
 from jobcore.scheduler import backup_claims
 from jobcore.spec import BackupJobSpec, JobType
 from jobcore.xml import parse_job

@@ -22,7 +22,7 @@ from test_jobd import Jobd, _frame, _recv, jobctl
 
 import jobcore
 from jobcore import InvalidArgument, InvalidURI, JobState, XMLError
-from jobcore.jobctl import ExitCode
+from jobcore.cli import ExitCode
 from jobcore.jobd import ConfigError, _Client, load_config
 from jobcore.protocol import Reply, decode_message
 from jobcore.uri import parse_uri
@@ -368,7 +368,7 @@ def _limit_memory() -> None:
 def test_jobctl_refuses_a_file_over_1_mib_without_reading_it_all(command: list[str]) -> None:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobctl", "-c", "sim:///default", *command, "/dev/zero"],
+        [sys.executable, "-m", "jobcore.cli", "-c", "sim:///default", *command, "/dev/zero"],
         capture_output=True,
         text=True,
         timeout=60,
