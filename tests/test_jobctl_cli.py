@@ -21,8 +21,9 @@ import pytest
 from qemu_helpers import create, domain_xml
 from test_jobd import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 
-from jobcore.cli.options import parse_bandwidth
 from jobcore.cli import ExitCode
+from jobcore.cli.options import parse_bandwidth
+from jobcore.jobd import start_from_options
 
 MiB = 1 << 20
 JOBCTL = Path(sys.executable).with_name("jobctl")  # the installed console script
@@ -163,6 +164,28 @@ def test_version() -> None:
         [sys.executable, "-m", "jobcore.jobd", "--version"], capture_output=True, text=True
     )
     assert jobd.stdout == f"jobd, version {importlib.metadata.version('jobcore')}\n"
+
+
+def test_list_loads_neither_the_daemon_nor_the_progress_bar(jobd: Jobd) -> None:
+    """A remote `jobctl list` imports the commands it runs, not jobd or rich's progress."""
+    daemon_module = start_from_options.__module__  # where `jobctl daemon` gets jobd from
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from jobcore.cli import main\n"
+        f"done = CliRunner().invoke(main, ['-c', {jobd.uri()!r}, 'list', '--all'])\n"
+        "assert done.exit_code == 0, done.output\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    modules = set(loaded.stdout.split())
+    assert "jobcore.cli.commands.jobs" in modules  # what `list` needs is there
+    assert daemon_module not in modules
+    assert "jobcore.cli.commands.daemon" not in modules
+    assert "rich.progress" not in modules
 
 
 @pytest.mark.parametrize(
