@@ -17,8 +17,8 @@ import pytest
 from test_jobd import BACKUP_VDB, Jobd, _frame, _recv, jobctl, one_line_error
 
 import jobcore
-from jobcore.errors import InvalidArgument, XMLError
 from jobcore.cli import ExitCode
+from jobcore.errors import InvalidArgument, XMLError
 from jobcore.protocol import AccessDenied, DaemonBusy, DaemonUnreachable
 from jobcore.remote import RemoteConnection
 

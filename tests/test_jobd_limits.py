@@ -24,8 +24,8 @@ import jobcore.protocol
 import jobcore.remote
 from jobcore import JobState, NoSuchJob
 from jobcore.api import Job
-from jobcore.events import EndReason
 from jobcore.cli import ExitCode
+from jobcore.events import EndReason
 from jobcore.jobd import ConfigError, _page_size, load_config
 from jobcore.protocol import (
     MAX_FRAME,

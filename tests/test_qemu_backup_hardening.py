@@ -36,8 +36,8 @@ from drivers.qemu.process import SubJob
 from jobcore import JOB_BEGIN_QUEUE, VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, JobState
 from jobcore.api import Domain, Job
 from jobcore.backup import BackupDef, BackupDisk
-from jobcore.errors import DriverError, InvalidArgument, JobConflict, Unsupported
 from jobcore.cli import ExitCode
+from jobcore.errors import DriverError, InvalidArgument, JobConflict, Unsupported
 from jobcore.scheduler import backup_claims
 from jobcore.spec import BackupJobSpec, JobType
 from jobcore.xml import parse_job
