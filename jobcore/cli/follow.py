@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import anyio
 import click
 
-from jobcore.api import Connection, Job
 from jobcore.cli.errors import ExitCode, Refusal
 from jobcore.cli.render import capacity, console
 from jobcore.events import EventKind, JobEvent, Subscription
@@ -18,6 +17,8 @@ from jobcore.lifecycle import JobState
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from jobcore.api import Connection, Job
 
 
 async def follow(conn: Connection, job: Job, timeout: float | None, quiet: bool = False) -> JobInfo:

@@ -6,17 +6,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import anyio
 import click
 from click.shell_completion import CompletionItem
 
 import jobcore
-from jobcore.api import Connection
 from jobcore.cli.errors import ExitCode, fail
 from jobcore.cli.session import default_uri
-from jobcore.xml._parse import MAX_DOCUMENT_BYTES
+
+if TYPE_CHECKING:
+    from jobcore.api import Connection
 
 # ---- shell completion -------------------------------------------------------------------
 
@@ -89,6 +90,8 @@ def timeout_option(help_text: str) -> Callable[[Any], Any]:
 def read_xml(file: BinaryIO, root: str) -> bytes:
     """At most the XML size limit of ``file`` (plus one byte, to tell a file over the
     limit, which is refused here: /dev/zero or an endless pipe never fills memory)."""
+    from jobcore.xml._parse import MAX_DOCUMENT_BYTES  # lxml: only for commands reading XML
+
     data = file.read(MAX_DOCUMENT_BYTES + 1)
     if len(data) > MAX_DOCUMENT_BYTES:
         fail(

@@ -7,17 +7,19 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 import click
 from attrs import frozen
 
 import jobcore
-from jobcore.api import Connection, Job
 from jobcore.cli.errors import ExitCode, Refusal, broken_pipe, classify, exit_with, fail, leaf
 from jobcore.errors import NoSuchJob
 from jobcore.protocol import RW_SOCKET, default_run_dir
+
+if TYPE_CHECKING:
+    from jobcore.api import Connection, Job
 
 EMBEDDED_URI = "sim:///default"
 

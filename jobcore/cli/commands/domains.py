@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobcore.api import Connection
 from jobcore.cli.options import complete_domain, json_option, read_xml
 from jobcore.cli.render import domain_lines, note, show
 from jobcore.cli.session import current, run
+
+if TYPE_CHECKING:
+    from jobcore.api import Connection
 
 
 @click.command()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from jobcore.api import Connection
 from jobcore.cli.options import complete_job, domain_filter_option, json_option
 from jobcore.cli.render import event_json, event_line, note, print_json
 from jobcore.cli.session import EMBEDDED_URI, current, resolve_job, run
 from jobcore.events import EventKind
 from jobcore.protocol import DaemonUnreachable
+
+if TYPE_CHECKING:
+    from jobcore.api import Connection
 
 
 @click.command()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from jobcore import constants as C
-from jobcore.api import Connection
 from jobcore.cli.errors import ExitCode, exit_for
 from jobcore.cli.follow import follow
 from jobcore.cli.options import (
@@ -33,6 +32,9 @@ from jobcore.cli.render import (
 )
 from jobcore.cli.session import EMBEDDED_URI, current, resolve_job, run
 from jobcore.info import JobInfo
+
+if TYPE_CHECKING:
+    from jobcore.api import Connection
 
 
 @click.command()
