@@ -5,6 +5,7 @@ create/destroy, shell completion."""
 from __future__ import annotations
 
 import fcntl
+import importlib
 import importlib.metadata
 import json
 import os
@@ -17,11 +18,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from qemu_helpers import create, domain_xml
 from test_jobd import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 
-from jobcore.cli import ExitCode
+from jobcore.cli import ExitCode, main
+from jobcore.cli.app import COMMANDS
 from jobcore.cli.options import parse_bandwidth
 from jobcore.jobd import start_from_options
 
@@ -186,6 +189,24 @@ def test_list_loads_neither_the_daemon_nor_the_progress_bar(jobd: Jobd) -> None:
     assert daemon_module not in modules
     assert "jobcore.cli.commands.daemon" not in modules
     assert "rich.progress" not in modules
+
+
+def test_command_table_names_every_command_once() -> None:
+    """`COMMANDS` (what the root group lists and loads) is exactly the commands defined."""
+    defined: dict[str, str] = {}
+    for module in set(COMMANDS.values()):
+        loaded = importlib.import_module(f"jobcore.cli.commands.{module}")
+        commands = [v for v in vars(loaded).values() if isinstance(v, click.Command)]
+        nested = {
+            id(c) for g in commands if isinstance(g, click.Group) for c in g.commands.values()
+        }
+        for command in commands:
+            if id(command) not in nested:  # `domain create` is the `domain` group's
+                defined[str(command.name)] = module
+    assert defined == COMMANDS
+    with click.Context(main) as ctx:
+        loaded_names = [getattr(main.get_command(ctx, name), "name", None) for name in COMMANDS]
+    assert loaded_names == list(COMMANDS)
 
 
 @pytest.mark.parametrize(
