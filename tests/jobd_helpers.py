@@ -134,7 +134,7 @@ def jobctl(
     if uri is not None:
         full_env["JOBCORE_URI"] = uri
     return subprocess.run(
-        [sys.executable, "-m", "jobcore.jobctl", *args],
+        [sys.executable, "-m", "jobcore.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,

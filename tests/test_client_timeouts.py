@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 import jobcore
 import jobcore.remote
-from jobcore import jobctl
+from jobcore import cli
 from jobcore.protocol import (
     PROTOCOL_VERSION,
     DaemonUnreachable,
@@ -136,13 +136,13 @@ def test_jobctl_exits_unreachable_on_a_silent_socket(
     started = time.monotonic()
     results: list[Result] = []
     runner = threading.Thread(
-        target=lambda: results.append(CliRunner().invoke(jobctl.main, ["-c", fake.uri, "list"])),
+        target=lambda: results.append(CliRunner().invoke(cli.main, ["-c", fake.uri, "list"])),
         daemon=True,
     )
     runner.start()
     runner.join(15)
     assert not runner.is_alive(), "jobctl list still hangs after 15 s"
     (result,) = results
-    assert result.exit_code == jobctl.ExitCode.UNREACHABLE, result.output
+    assert result.exit_code == cli.ExitCode.UNREACHABLE, result.output
     assert "did not answer hello" in result.output
     assert time.monotonic() - started < 10

@@ -5,6 +5,7 @@ create/destroy, shell completion."""
 from __future__ import annotations
 
 import fcntl
+import importlib
 import importlib.metadata
 import json
 import os
@@ -17,12 +18,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from jobd_helpers import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 from qemu_helpers import create, domain_xml
 
-from jobcore import jobctl as cli
-from jobcore.jobctl import ExitCode
+from jobcore.cli import ExitCode, main
+from jobcore.cli.app import COMMANDS
+from jobcore.cli.options import parse_bandwidth
+from jobcore.daemon.main import start_from_options
 
 MiB = 1 << 20
 JOBCTL = Path(sys.executable).with_name("jobctl")  # the installed console script
@@ -82,7 +86,7 @@ def _run_on_terminal(argv: list[str], env: dict[str, str], columns: int = 80) ->
 def test_list_never_truncates_uuids_on_80_columns(jobd: Jobd, tmp_path: Path) -> None:
     uri, job = _slow_job(jobd, tmp_path)
     try:
-        shown = _run_on_terminal([sys.executable, "-m", "jobcore.jobctl", "list"], _env(uri))
+        shown = _run_on_terminal([sys.executable, "-m", "jobcore.cli", "list"], _env(uri))
         assert job in shown, shown  # whole, on one line: a copied UUID works
         assert "…" not in shown
     finally:
@@ -94,7 +98,7 @@ def test_closed_stdout_is_quiet_exit_141(jobd: Jobd, tmp_path: Path) -> None:
     try:
         # `jobctl events | head -n 1`: the reader goes away while events keep coming
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobcore.jobctl", "events", "--job", job],
+            [sys.executable, "-m", "jobcore.cli", "events", "--job", job],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=_env(uri),
@@ -111,7 +115,7 @@ def test_closed_stdout_is_quiet_exit_141(jobd: Jobd, tmp_path: Path) -> None:
         read_end, write_end = os.pipe()
         os.close(read_end)
         done = subprocess.run(
-            [sys.executable, "-m", "jobcore.jobctl", "domains"],
+            [sys.executable, "-m", "jobcore.cli", "domains"],
             stdout=write_end,
             stderr=subprocess.PIPE,
             env=_env(uri),
@@ -152,7 +156,7 @@ def test_events_for_an_unknown_domain_fail_at_once(jobd: Jobd) -> None:
 
 def test_version() -> None:
     shown = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobctl", "--version"],
+        [sys.executable, "-m", "jobcore.cli", "--version"],
         capture_output=True,
         text=True,
         check=True,
@@ -163,6 +167,46 @@ def test_version() -> None:
         [sys.executable, "-m", "jobcore.daemon", "--version"], capture_output=True, text=True
     )
     assert jobd.stdout == f"jobd, version {importlib.metadata.version('jobcore')}\n"
+
+
+def test_list_loads_neither_the_daemon_nor_the_progress_bar(jobd: Jobd) -> None:
+    """A remote `jobctl list` imports the commands it runs, not jobd or rich's progress."""
+    daemon_module = start_from_options.__module__  # where `jobctl daemon` gets jobd from
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from jobcore.cli import main\n"
+        f"done = CliRunner().invoke(main, ['-c', {jobd.uri()!r}, 'list', '--all'])\n"
+        "assert done.exit_code == 0, done.output\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    modules = set(loaded.stdout.split())
+    assert "jobcore.cli.commands.jobs" in modules  # what `list` needs is there
+    assert daemon_module not in modules
+    assert "jobcore.cli.commands.daemon" not in modules
+    assert "rich.progress" not in modules
+
+
+def test_command_table_names_every_command_once() -> None:
+    """`COMMANDS` (what the root group lists and loads) is exactly the commands defined."""
+    defined: dict[str, str] = {}
+    for module in set(COMMANDS.values()):
+        loaded = importlib.import_module(f"jobcore.cli.commands.{module}")
+        commands = [v for v in vars(loaded).values() if isinstance(v, click.Command)]
+        nested = {
+            id(c) for g in commands if isinstance(g, click.Group) for c in g.commands.values()
+        }
+        for command in commands:
+            if id(command) not in nested:  # `domain create` is the `domain` group's
+                defined[str(command.name)] = module
+    assert defined == COMMANDS
+    with click.Context(main) as ctx:
+        loaded_names = [getattr(main.get_command(ctx, name), "name", None) for name in COMMANDS]
+    assert loaded_names == list(COMMANDS)
 
 
 @pytest.mark.parametrize(
@@ -183,13 +227,13 @@ def test_version() -> None:
     ],
 )
 def test_bandwidth_units_as_libvirt(text: str, value: int) -> None:
-    assert cli.parse_bandwidth(text) == value
+    assert parse_bandwidth(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "fast", "1.5M", "-1", "10Mbit", "10 MiB/h", "9" * 30])
 def test_bad_bandwidth_is_refused_with_the_units(text: str) -> None:
     with pytest.raises(ValueError, match=r"MiB|too large"):
-        cli.parse_bandwidth(text)
+        parse_bandwidth(text)
 
 
 def test_set_speed(jobd: Jobd, tmp_path: Path) -> None:

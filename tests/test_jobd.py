@@ -31,7 +31,7 @@ from jobd_helpers import (
 )
 
 import jobcore
-from jobcore.jobctl import ExitCode
+from jobcore.cli import ExitCode
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_events_stream(jobd: Jobd, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "jobcore.jobctl",
+            "jobcore.cli",
             "-c",
             uri,
             "events",
@@ -271,7 +271,7 @@ def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
     began = jobctl(uri, "begin", "vm1", write(tmp_path, "b.xml", BACKUP_VDB.format(tag="s")))
     assert began.returncode == 0, began.stderr
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "jobcore.jobctl", "-c", uri, "wait", began.stdout.strip()],
+        [sys.executable, "-m", "jobcore.cli", "-c", uri, "wait", began.stdout.strip()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

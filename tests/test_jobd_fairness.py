@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from jobd_helpers import Jobd, RawClient, daemon_with, jobctl, ok
 
+from jobcore.cli import ExitCode
 from jobcore.daemon.config import ConfigError, load_config
-from jobcore.jobctl import ExitCode
 
 # jobd's defaults (spelled out, so that this file also runs, and fails, against a jobd
 # without them)

@@ -23,8 +23,8 @@ from jobd_helpers import (
 )
 
 import jobcore
+from jobcore.cli import ExitCode
 from jobcore.errors import InvalidArgument, XMLError
-from jobcore.jobctl import ExitCode
 from jobcore.protocol import AccessDenied, DaemonBusy, DaemonUnreachable
 from jobcore.remote import RemoteConnection
 

@@ -23,10 +23,10 @@ import jobcore.protocol
 import jobcore.remote
 from jobcore import JobState, NoSuchJob
 from jobcore.api import Job
+from jobcore.cli import ExitCode
 from jobcore.daemon.config import ConfigError, load_config
 from jobcore.daemon.handlers import _page_size
 from jobcore.events import EndReason
-from jobcore.jobctl import ExitCode
 from jobcore.methods import Method
 from jobcore.protocol import (
     MAX_FRAME,

@@ -36,8 +36,8 @@ from drivers.qemu.runners.backup import BackupRunner
 from jobcore import JOB_BEGIN_QUEUE, VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, JobState
 from jobcore.api import Domain, Job
 from jobcore.backup import BackupDef, BackupDisk
+from jobcore.cli import ExitCode
 from jobcore.errors import DriverError, InvalidArgument, JobConflict, Unsupported
-from jobcore.jobctl import ExitCode
 from jobcore.local import as_local
 from jobcore.types.backup import BackupJobSpec, backup_claims
 from jobcore.xml import parse_job

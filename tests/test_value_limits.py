@@ -19,9 +19,9 @@ from jobd_helpers import Jobd, RawClient, jobctl
 
 import jobcore
 from jobcore import InvalidArgument, InvalidURI, JobState, XMLError
+from jobcore.cli import ExitCode
 from jobcore.daemon.config import ConfigError, load_config
 from jobcore.daemon.sessions import _Client
-from jobcore.jobctl import ExitCode
 from jobcore.protocol import Reply, decode_message
 from jobcore.uri import parse_uri
 from jobcore.xml import format_job, parse_job
@@ -346,7 +346,7 @@ def _limit_memory() -> None:
 def test_jobctl_refuses_a_file_over_1_mib_without_reading_it_all(command: list[str]) -> None:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "jobcore.jobctl", "-c", "sim:///default", *command, "/dev/zero"],
+        [sys.executable, "-m", "jobcore.cli", "-c", "sim:///default", *command, "/dev/zero"],
         capture_output=True,
         text=True,
         timeout=60,

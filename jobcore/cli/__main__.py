@@ -1,0 +1,6 @@
+"""``python -m jobcore.cli``: the jobctl command."""
+
+from jobcore.cli.app import main
+
+if __name__ == "__main__":
+    main(prog_name="jobctl")

@@ -1,0 +1,130 @@
+"""Waiting for a job to end while showing its progress (``begin --wait``, ``wait``)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+import click
+
+from jobcore.cli.errors import ExitCode, Refusal
+from jobcore.cli.render import capacity, console
+from jobcore.events import EventKind, JobEvent, Subscription
+from jobcore.info import JobInfo
+from jobcore.lifecycle import JobState
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from jobcore.api import Connection, Job
+
+
+async def follow(conn: Connection, job: Job, timeout: float | None, quiet: bool = False) -> JobInfo:
+    """Wait for ``job`` to end, showing live progress (a rich bar on a terminal, plain
+    lines otherwise, nothing when ``quiet``); its final info."""
+    final: JobInfo | None = None
+    with conn.subscribe(job=job.uuid, maxlen=256) as events:
+        info = await job.info()
+        if info.state.terminal:
+            return info
+
+        async def waiter(scope: anyio.CancelScope) -> None:
+            nonlocal final
+            with contextlib.suppress(TimeoutError):  # reported below, with the state
+                final = await job.wait(timeout)
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter, tg.cancel_scope)
+            if not quiet:
+                err = console(stderr=True)
+                if err.is_terminal:
+                    await _bar(err, job, info, events)
+                else:
+                    await _lines(job, info, events)
+    if final is None:
+        state = (await job.info()).state
+        raise Refusal(
+            ExitCode.TIMEOUT,
+            f"job {job.uuid} did not end within {timeout or 0:g} s (state: {state})",
+        )
+    return final
+
+
+async def _next(events: Subscription) -> JobEvent | None:
+    """The next event, or None after a second without one."""
+    with anyio.move_on_after(1.0):
+        try:
+            return await events.get()
+        except anyio.EndOfStream:  # the connection is gone: the waiter reports why
+            await anyio.sleep_forever()
+    return None
+
+
+async def _bar(err: Console, job: Job, info: JobInfo, events: Subscription) -> None:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(
+            f"{job.type} {str(job.uuid)[:8]}",
+            total=info.total or None,
+            completed=info.processed,
+            state=str(info.state),
+        )
+        while True:
+            ev = await _next(events)
+            if ev is None:
+                info = await job.info()
+                progress.update(
+                    task, total=info.total or None, completed=info.processed, state=str(info.state)
+                )
+            elif ev.kind is EventKind.FINAL:
+                progress.update(
+                    task,
+                    total=ev.total or 1,
+                    completed=ev.total or 1 if ev.state is JobState.COMPLETED else ev.processed,
+                    state=str(ev.state),
+                )
+                await anyio.sleep_forever()  # the waiter ends us
+            else:
+                progress.update(
+                    task, total=ev.total or None, completed=ev.processed, state=str(ev.state)
+                )
+
+
+async def _lines(job: Job, info: JobInfo, events: Subscription) -> None:
+    state, last = info.state, 0.0
+
+    def show(text: str) -> None:
+        click.echo(f"{job.uuid} {text}", err=True)
+
+    show(f"{state} {info.progress:5.1f}%")
+    while True:
+        ev = await _next(events)
+        if ev is None or ev.kind is EventKind.FINAL:
+            continue
+        pct = 100.0 * ev.processed / ev.total if ev.total else 0.0
+        if ev.state is not state:
+            state = ev.state
+            show(f"{state} {pct:5.1f}%")
+        elif time.monotonic() - last >= 1.0:
+            last = time.monotonic()
+            show(f"{state} {pct:5.1f}% {capacity(ev.processed)}/{capacity(ev.total)}")

@@ -1,0 +1,108 @@
+"""Which connection a command uses and how it runs on it: the URI, the connection's
+lifetime, errors turned into exit statuses, JOB arguments resolved to jobs."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import anyio
+import click
+from attrs import frozen
+
+import jobcore
+from jobcore.cli.errors import ExitCode, Refusal, broken_pipe, classify, exit_with, fail
+from jobcore.errors import NoSuchJob, leaf_error
+from jobcore.protocol import RW_SOCKET, default_run_dir
+
+if TYPE_CHECKING:
+    from jobcore.api import Connection, Job
+
+EMBEDDED_URI = "sim:///default"
+
+
+@frozen
+class Ctx:
+    """The command line's connection: its URI, and whether it is in-process (embedded)."""
+
+    uri: str
+    embedded: bool
+
+
+def current() -> Ctx:
+    """The running command's ``Ctx`` (the root group puts it in place)."""
+    obj = click.get_current_context().find_object(Ctx)
+    assert obj is not None
+    return obj
+
+
+def _daemon_answers(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def default_uri() -> str:
+    """The local daemon's URI if one answers in the default run directory, else the
+    embedded simulator."""
+    path = default_run_dir() / RW_SOCKET
+    return f"sim+unix:///default?socket={path}" if _daemon_answers(path) else EMBEDDED_URI
+
+
+def run(body: Callable[[Connection], Awaitable[int | None]]) -> NoReturn:
+    """Open the command's connection, run ``body``, exit with its status (or the error's)."""
+    uri = current().uri
+
+    async def main() -> int | None:
+        async with jobcore.connect(uri) as conn:
+            return await body(conn)
+
+    try:
+        code = anyio.run(main)
+    except KeyboardInterrupt:
+        exit_with(ExitCode.INTERRUPTED)
+    except BaseException as exc:
+        error = leaf_error(exc)
+        if isinstance(error, SystemExit | KeyboardInterrupt):
+            raise error from None
+        if isinstance(error, BrokenPipeError):  # socket errors arrive as ConnectionLost
+            broken_pipe()
+        status, message = classify(error)
+        if status is ExitCode.UNREACHABLE and "cannot reach" in message:
+            message += " (is jobd running? start it with 'jobctl daemon')"
+        fail(status, message)
+    exit_with(code or 0)
+
+
+#: Matching UUIDs an ambiguous prefix's error lists.
+_PREFIX_SHOWN = 3
+
+
+async def resolve_job(conn: Connection, text: str) -> Job:
+    """A job from its UUID, or from a unique prefix of one (any domain's)."""
+    try:
+        return await conn.lookup_job(uuid.UUID(text))
+    except ValueError:
+        pass
+    prefix = text.lower().replace("-", "")
+    if len(prefix) < 4 or any(ch not in "0123456789abcdef" for ch in prefix):
+        raise Refusal(ExitCode.USAGE, f"'{text}' is not a job UUID (or a prefix of 4+ hex digits)")
+    found = await conn.find_jobs(prefix, limit=_PREFIX_SHOWN + 1)  # the store's UUID index
+    if not found:
+        raise NoSuchJob(f"no job with a UUID starting with '{text}'")
+    if len(found) > 1:
+        shown = ", ".join(str(j.uuid) for j in found[:_PREFIX_SHOWN])
+        more = " and more" if len(found) > _PREFIX_SHOWN else ""
+        raise Refusal(
+            ExitCode.USAGE, f"'{text}' matches several jobs ({shown}{more}): use more digits"
+        )
+    return found[0]
