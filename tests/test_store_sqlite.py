@@ -381,7 +381,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     async with jobcore.connect("sim:///default", store=url(path)):
         pass
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 98}")
     conn.close()
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 98}, newer"):
