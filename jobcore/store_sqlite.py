@@ -344,14 +344,19 @@ class SQLiteDatabase:
             finally:
                 os.close(self._lock_fd)
 
-    def load(self, scope: str) -> list[tuple[Any, ...]]:
+    def load(self, scope: str) -> list[tuple[tuple[Any, ...], Any]]:
+        """The scope's job rows in begin order, each with its spec parsed from its job
+        XML (the row keeps None in the XML's place: the text is not kept in memory)."""
+        loaded = []
         with self.lock:
-            return self.conn.execute(
+            for row in self.conn.execute(
                 "SELECT uuid, type, domain, state, xml, claims, priority, created, started,"
                 " ended, processed, total, stats, errmsg, bandwidth, retention, expires,"
                 " event_seq, started_after, elapsed FROM jobs WHERE scope = ? ORDER BY rowid",
                 (scope,),
-            ).fetchall()
+            ):
+                loaded.append(((*row[:4], None, *row[5:]), _parse_row_spec(self.path, row)))
+        return loaded
 
     def load_domains(self, scope: str) -> list[tuple[Any, ...]]:
         with self.lock:
@@ -497,7 +502,7 @@ class SQLiteJobStore(MemoryJobStore):
         self.scope = scope
         self.path = db.path
         try:
-            self._rows = [(row, _parse_row_spec(db.path, row)) for row in db.load(scope)]
+            self._rows = db.load(scope)
             self._domains: dict[str, DomainDefinition] = {
                 row[0]: DomainDefinition(row[0], uuid.UUID(row[1]), *row[2:])
                 for row in db.load_domains(scope)
