@@ -565,7 +565,7 @@ async def test_a_job_whose_xml_is_refused_fails_alone(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite"
     async with jobcore.connect("sim:///default?rate=0", store=url(path)) as conn:
         dom = await conn.lookup_domain("vm1")
-        with pytest.raises(StoreError, match="cannot keep job .*only a pull mode backup exports"):
+        with pytest.raises(StoreError, match=r"cannot keep job .*only a pull mode backup exports"):
             await dom.job_begin_spec(spec("bad", exportname="x"))
         assert conn.engine._dstore is not None and conn.engine._dstore.error is None
         job = await dom.job_begin_spec(spec("good"))
