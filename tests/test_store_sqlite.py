@@ -730,3 +730,40 @@ async def test_event_sequence_numbers_are_kept_with_the_state(tmp_path: Path) ->
     async with jobcore.connect("sim:///default", store=url(path)) as conn:
         store = conn.engine._dstore
         assert store is not None and store.last_event_seq(job.uuid) == last
+
+
+async def test_a_later_write_of_a_row_replaces_the_queued_one(tmp_path: Path) -> None:
+    """In the batch being gathered, a state update replaces the job's queued progress
+    write, and a delete replaces its queued update; the committed row is the same."""
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect(f"sim:///default?rate={MiB}", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        store = conn.engine._dstore
+        assert store is not None
+        job = await dom.job_begin(backup("sup"))
+        rec = conn.engine.lookup(job.uuid)
+        await store.sync()
+        # no await from here: all of this is one batch
+        store._progress_at.clear()
+        rec.processed = 4096
+        store.progress(rec)
+        assert [w is None for w in store._pending] == [False]
+        store.changed(rec)  # covers the progress write
+        assert [w is None for w in store._pending] == [True, False]
+        store.progress(rec)  # not written: the update wrote progress just now
+        assert len(store._pending) == 2
+        store._progress_at.clear()
+        store.progress(rec)  # written: not covered by the update before it
+        store._progress_at.clear()
+        store.progress(rec)  # covers the progress before it, not the update
+        assert [w is None for w in store._pending] == [True, False, True, False]
+        await store.sync()
+        assert rows(path)[str(job.uuid)]["processed"] == 4096
+        await job.abort()
+        await job.wait()
+        rec.extra["x"] = 1
+        store.changed(rec)
+        store._remove(rec)  # as a cap would: the delete covers the update
+        assert [w is None for w in store._pending] == [True, False]
+        await store.sync()
+    assert str(job.uuid) not in rows(path)
