@@ -5,8 +5,10 @@ throughput).
 Two shapes: one client beginning and waiting for one job at a time (every job waits for
 two commits: its row before the driver starts it, its end before the waiter learns it),
 and ``CLIENTS`` clients at once (their writes share commits: group commit). The SQLite
-file is on the temporary directory's file system, ``synchronous=FULL`` (the default) and
-``NORMAL``.
+file is on the temporary directory's file system, ``synchronous=NORMAL`` (the default) and
+``FULL``. Besides jobs/s (wall time, which a machine shared with other work disturbs) each
+line gives the process's CPU time per job (both threads: the event loop and the store's
+writer), whose ratio is steadier.
 
     python -m benchmarks.bench_store
     BENCH_STORE_JOBS=5000 python -m benchmarks.bench_store
@@ -35,7 +37,8 @@ def _spec(i: int) -> BackupJobSpec:
     )
 
 
-async def jobs_per_second(n: int, clients: int, store: str | None) -> float:
+async def jobs_per_second(n: int, clients: int, store: str | None) -> tuple[float, float]:
+    """(jobs/s, CPU µs per job)."""
     # retention 0: ended jobs go at once, as in bench_engine (the rows are deleted too)
     async with jobcore.connect("sim:///default?rate=0", retention=0, store=store) as conn:
         dom = await conn.lookup_domain("vm1")
@@ -47,34 +50,37 @@ async def jobs_per_second(n: int, clients: int, store: str | None) -> float:
                 job = await dom.job_begin_spec(spec)
                 await job.wait()
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         async with anyio.create_task_group() as tg:
             for mine in specs:
                 tg.start_soon(client, mine)
-        return per * clients / (time.perf_counter() - start)
+        done = per * clients
+        return done / (time.perf_counter() - start), (time.process_time() - cpu) / done * 1e6
 
 
-def measure(n: int = N_JOBS) -> list[tuple[str, float, float, float]]:
-    """(shape, memory jobs/s, sqlite jobs/s, ratio) for each shape and synchronous mode."""
+def measure(n: int = N_JOBS) -> list[tuple[str, float, float, float, float]]:
+    """(shape, memory jobs/s, sqlite jobs/s, memory CPU µs/job, sqlite CPU µs/job) for
+    each shape and synchronous mode."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         for clients in (1, CLIENTS):
-            memory = anyio.run(jobs_per_second, n, clients, None)
-            for sync in ("full", "normal"):
+            memory, memory_cpu = anyio.run(jobs_per_second, n, clients, None)
+            for sync in ("normal", "full"):
                 path = Path(tmp) / f"jobs-{clients}-{sync}.sqlite"
                 url = f"sqlite://{path}?synchronous={sync}"
-                sqlite = anyio.run(jobs_per_second, n, clients, url)
+                sqlite, sqlite_cpu = anyio.run(jobs_per_second, n, clients, url)
                 shape = f"{clients} client{'s' if clients > 1 else ''}, synchronous={sync}"
-                rows.append((shape, memory, sqlite, sqlite / memory))
+                rows.append((shape, memory, sqlite, memory_cpu, sqlite_cpu))
     return rows
 
 
 def main() -> None:
     print(f"begin→completed of {N_JOBS:,d} instant sim jobs: SQLite store vs memory store")
-    for shape, memory, sqlite, ratio in measure():
+    for shape, memory, sqlite, memory_cpu, sqlite_cpu in measure():
         print(
-            f"  {shape:32s} memory {memory:8,.0f} jobs/s  sqlite {sqlite:8,.0f} jobs/s  "
-            f"ratio {ratio:.2f}× (target ≥ 0.5×)"
+            f"  {shape:32s} memory {memory:7,.0f} jobs/s  sqlite {sqlite:7,.0f} jobs/s  "
+            f"ratio {sqlite / memory:.2f}× (target ≥ 0.5×)  CPU/job {memory_cpu:4.0f} vs "
+            f"{sqlite_cpu:4.0f} µs: {memory_cpu / sqlite_cpu:.2f}×"
         )
 
 

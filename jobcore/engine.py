@@ -243,6 +243,7 @@ class Engine:
         try:
             with anyio.CancelScope(shield=True):
                 await self._dstore.sync()
+            self._dstore.check_inserted(rec)  # its job XML may have been refused
         except StoreError as exc:
             _start_finished(rec)
             self._finish(rec, S.FAILED, errmsg=str(exc))

@@ -1,9 +1,10 @@
 """The durable job store: SQLite (stdlib ``sqlite3``, WAL), behind ``JobStore``.
 
 Reads come from memory: ``SQLiteJobStore`` is a ``MemoryJobStore`` whose changes are also
-written to a database file. Writes are queued on the event loop (cheap, synchronous) and
-committed in batches, one transaction per batch, on a worker thread; the engine awaits a
-write's commit at the durability points (design/store.md):
+written to a database file. Writes are queued on the event loop (cheap, synchronous: plain
+values, no closures) and committed in batches, one transaction per batch, by the file's
+writer thread; the engine awaits a write's commit at the durability points
+(design/store.md):
 
 - a job's row is committed before ``JobBegin`` returns (and before the driver starts it);
 - each state change is committed before its event is emitted (``defer``: callbacks run
@@ -11,17 +12,26 @@ write's commit at the durability points (design/store.md):
 - final stats are written with the terminal state;
 - progress is written at most every ``PROGRESS_INTERVAL`` seconds per job.
 
+A batch being gathered keeps at most one write per row where a later one covers an
+earlier (a state update replaces the job's queued progress or update; a delete replaces
+both), and runs consecutive writes of one statement as one ``executemany``.
+
 One database file serves every driver connection of a process (jobd's connections share
-``RUN_DIR/jobs.sqlite``): each connection's jobs carry its ``scope`` (the driver URI without
-its query), and a scope is served by one connection at a time. The file is locked against
-other processes (``flock`` on ``PATH.lock``) for as long as it is open.
+``RUN_DIR/jobs.sqlite``): each connection's jobs and domain definitions carry its
+``scope`` (the driver URI without its query), and a scope is served by one connection at a
+time. The file is locked against other processes (``flock`` on ``PATH.lock``) for as long
+as it is open.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import functools
 import json
 import math
+import queue
 import sqlite3
 import threading
 import time
@@ -33,8 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.lowlevel
-import anyio.to_thread
+import sniffio
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument, JobError, StoreError
@@ -56,7 +65,8 @@ if TYPE_CHECKING:
 
 _log = get_logger("jobcore.store")
 
-#: seconds between two progress writes of one job (state changes are written at once)
+#: seconds between two progress writes of one job (its insert and state changes count:
+#: they write its progress too)
 PROGRESS_INTERVAL = 2.0
 #: seconds a write nobody waits for (a purge, a progress tick) may wait for a batch
 FLUSH_DELAY = 0.25
@@ -98,6 +108,23 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             "CREATE INDEX jobs_scope ON jobs (scope)",
         ),
     ),
+    (
+        2,
+        (
+            # the domains the daemon owns: their definitions, per driver scope
+            """CREATE TABLE domains (
+                scope TEXT NOT NULL,
+                name TEXT NOT NULL,
+                uuid TEXT NOT NULL,
+                uri TEXT NOT NULL,
+                xml TEXT NOT NULL,
+                created REAL NOT NULL,
+                modified REAL NOT NULL,
+                PRIMARY KEY (scope, name),
+                UNIQUE (scope, uuid)
+            )""",
+        ),
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -106,11 +133,11 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 class StoreURL:
     kind: str  # 'memory' or 'sqlite'
     path: Path | None = None
-    synchronous: str = "FULL"
+    synchronous: str = "NORMAL"
 
 
 def parse_store_url(url: str) -> StoreURL:
-    """``memory:`` or ``sqlite:///ABS/PATH[?synchronous=full|normal]``."""
+    """``memory:`` or ``sqlite:///ABS/PATH[?synchronous=normal|full]``."""
     if not isinstance(url, str):
         raise InvalidArgument(
             f"invalid job store URL {url!r}: use 'memory:' or 'sqlite:///ABS/PATH'"
@@ -127,14 +154,45 @@ def parse_store_url(url: str) -> StoreURL:
             f"invalid job store URL '{url}': the file must be an absolute path after "
             "'sqlite://' (three slashes: 'sqlite:///var/lib/jobs.sqlite')"
         )
-    synchronous = "FULL"
+    synchronous = "NORMAL"
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
         if key != "synchronous" or value.upper() not in ("FULL", "NORMAL"):
             raise InvalidArgument(
-                f"invalid job store URL '{url}': the only parameter is synchronous=full|normal"
+                f"invalid job store URL '{url}': the only parameter is synchronous=normal|full"
             )
         synchronous = value.upper()
     return StoreURL("sqlite", Path(urllib.parse.unquote(parts.path)), synchronous)
+
+
+# ---- what a batch holds -----------------------------------------------------------------
+
+#: one statement of a batch: (sql, parameters, spec). A job's insert carries its prepared
+#: spec: the writer thread formats its job XML (the ``xml`` column, the last parameter).
+Write = tuple[str, tuple[Any, ...], Any]
+#: the outcome of a batch, reported to the store: the error that rolled it back (None:
+#: committed), and the jobs whose insert was left out because their XML was refused
+#: (uuid, why); the rest of the batch is committed
+Outcome = tuple[BaseException | None, list[tuple[str, str]]]
+
+_INSERT_JOB = (
+    "INSERT INTO jobs (uuid, scope, type, domain, state, claims, priority, created,"
+    " processed, total, bandwidth, retention, event_seq, xml)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE_JOB = (
+    "UPDATE jobs SET state = ?, started = ?, started_after = ?, elapsed = ?, ended = ?,"
+    " processed = ?, total = ?, stats = ?, errmsg = ?, bandwidth = ?, expires = ?,"
+    " event_seq = ? WHERE uuid = ?"
+)
+_PROGRESS_JOB = "UPDATE jobs SET processed = ?, total = ?, stats = ? WHERE uuid = ?"
+_DELETE_JOB = "DELETE FROM jobs WHERE uuid = ?"
+_SAVE_DOMAIN = (
+    "INSERT INTO domains (scope, name, uuid, uri, xml, created, modified)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, name) DO UPDATE SET"
+    " uuid = excluded.uuid, uri = excluded.uri, xml = excluded.xml,"
+    " modified = excluded.modified"
+)
+_DELETE_DOMAIN = "DELETE FROM domains WHERE scope = ? AND name = ?"
 
 
 # ---- the database file ----------------------------------------------------------------
@@ -143,7 +201,7 @@ _databases: dict[Path, SQLiteDatabase] = {}
 _databases_lock = threading.Lock()
 
 
-def open_database(path: Path, synchronous: str = "FULL") -> SQLiteDatabase:
+def open_database(path: Path, synchronous: str = "NORMAL") -> SQLiteDatabase:
     """The open database at ``path`` (shared within the process; ``release`` it)."""
     key = path.absolute()
     with _databases_lock:
@@ -155,14 +213,14 @@ def open_database(path: Path, synchronous: str = "FULL") -> SQLiteDatabase:
 
 
 class SQLiteDatabase:
-    """One SQLite file: its lock, its connection (used by one thread at a time), its
-    schema. Opening checks everything and raises StoreError naming the file."""
+    """One SQLite file: its lock, its connection, its schema, its writer thread. Opening
+    checks everything and raises StoreError naming the file."""
 
-    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         self.path = path
         self.refs = 0
         self.scopes: set[str] = set()
-        #: serialises use of ``conn`` (worker threads, maybe of several event loops)
+        #: serialises use of ``conn`` (the loads at open, the writer thread)
         self.lock = threading.Lock()
         self._file_lock = self._take_lock()
         try:
@@ -170,6 +228,14 @@ class SQLiteDatabase:
         except BaseException:
             self._file_lock.release()
             raise
+        # batches to commit, in order, and who to tell (None: stop)
+        self._requests: queue.SimpleQueue[
+            tuple[list[Write | None], Callable[[Outcome], None]] | None
+        ] = queue.SimpleQueue()
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"jobcore store {path.name}", daemon=True
+        )
+        self._writer.start()
 
     def _take_lock(self) -> FileLock:
         lock = FileLock(Path(f"{self.path}.lock"), follow_symlinks=True)
@@ -266,29 +332,91 @@ class SQLiteDatabase:
             if self.refs > 0:
                 return
             _databases.pop(self.path, None)
+        self._requests.put(None)  # the writer ends after the batches before it
+        self._writer.join()
         with self.lock:
             try:
                 self.conn.close()
             finally:
                 self._file_lock.release()
 
-    def load(self, scope: str) -> list[tuple[Any, ...]]:
+    def load(self, scope: str) -> list[tuple[tuple[Any, ...], Any]]:
+        """The scope's job rows in begin order, each with its spec parsed from its job
+        XML (the row keeps None in the XML's place: the text is not kept in memory)."""
+        loaded = []
         with self.lock:
-            return self.conn.execute(
+            for row in self.conn.execute(
                 "SELECT uuid, type, domain, state, xml, claims, priority, created, started,"
                 " ended, processed, total, stats, errmsg, bandwidth, retention, expires,"
                 " event_seq, started_after, elapsed FROM jobs WHERE scope = ? ORDER BY rowid",
                 (scope,),
+            ):
+                loaded.append(((*row[:4], None, *row[5:]), _parse_row_spec(self.path, row)))
+        return loaded
+
+    def load_domains(self, scope: str) -> list[tuple[Any, ...]]:
+        with self.lock:
+            return self.conn.execute(
+                "SELECT name, uuid, uri, xml, created, modified FROM domains"
+                " WHERE scope = ? ORDER BY rowid",
+                (scope,),
             ).fetchall()
 
-    def commit(self, ops: list[Op]) -> None:
-        """Run ``ops`` in one transaction (on a worker thread); raises what sqlite raised."""
+    # ---- the writer thread ------------------------------------------------------------
+
+    def submit(self, writes: list[Write | None], done: Callable[[Outcome], None]) -> None:
+        """Queue a batch for the writer thread; it calls ``done`` (on its own thread) with
+        the outcome once the batch is committed or rolled back. Batches commit in the
+        order they were submitted."""
+        self._requests.put((writes, done))
+
+    def _write_loop(self) -> None:
+        while (request := self._requests.get()) is not None:
+            writes, done = request
+            refused: list[tuple[str, str]] = []
+            error: BaseException | None = None
+            try:
+                self.commit(writes, refused)
+            except BaseException as exc:  # reported to the store, which decides
+                error = exc
+            done((error, refused))
+
+    def commit(self, writes: list[Write | None], refused: list[tuple[str, str]]) -> None:
+        """Run ``writes`` in one transaction (on the writer thread), consecutive writes of
+        one statement as one ``executemany``, a lone statement as its own transaction;
+        raises what sqlite raised. An insert whose job XML cannot be formatted is left
+        out and listed in ``refused``."""
+        from jobcore.xml import format_job
+
+        runs: list[tuple[str, list[tuple[Any, ...]]]] = []
+        for write in writes:
+            if write is None:  # superseded by a later write of the same row
+                continue
+            sql, params, spec = write
+            if spec is not None:
+                try:
+                    params = (*params, format_job(spec))
+                except JobError as exc:
+                    refused.append((params[0], str(exc)))
+                    continue
+            if runs and runs[-1][0] == sql:
+                runs[-1][1].append(params)
+            else:
+                runs.append((sql, [params]))
+        if not runs:
+            return
         with self.lock:
             conn = self.conn
+            if len(runs) == 1 and len(runs[0][1]) == 1:  # autocommit: one statement
+                conn.execute(runs[0][0], runs[0][1][0])
+                return
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for op in ops:
-                    op(conn)
+                for sql, rows in runs:
+                    if len(rows) == 1:
+                        conn.execute(sql, rows[0])
+                    else:
+                        conn.executemany(sql, rows)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -296,7 +424,16 @@ class SQLiteDatabase:
                 raise
 
 
-Op = Callable[[sqlite3.Connection], None]
+def _loop_callers() -> tuple[Callable[[Callable[[], object]], object], ...]:
+    """ "Run this soon on the running event loop" (asyncio or trio): from the loop's own
+    thread, and from any thread (how the writer thread hands a batch's outcome back)."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        return token.run_sync_soon, token.run_sync_soon
+    loop = asyncio.get_running_loop()
+    return loop.call_soon, loop.call_soon_threadsafe
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -324,6 +461,21 @@ def _claims_json(claims: tuple[Claim, ...]) -> str:
     return json.dumps([[c.resource, str(c.mode)] for c in claims])
 
 
+@frozen
+class DomainDefinition:
+    """A domain the daemon owns, as its driver defined it (the ``domains`` table)."""
+
+    name: str
+    uuid: uuid.UUID
+    #: the driver URI it was defined through
+    uri: str
+    #: the driver's definition document
+    xml: str
+    #: wall times of its first definition and of its last change
+    created: float
+    modified: float
+
+
 # ---- the store ------------------------------------------------------------------------
 
 
@@ -346,7 +498,11 @@ class SQLiteJobStore(MemoryJobStore):
         self.scope = scope
         self.path = db.path
         try:
-            self._rows = [(row, _parse_row_spec(db.path, row)) for row in db.load(scope)]
+            self._rows = db.load(scope)
+            self._domains: dict[str, DomainDefinition] = {
+                row[0]: DomainDefinition(row[0], uuid.UUID(row[1]), *row[2:])
+                for row in db.load_domains(scope)
+            }
         except sqlite3.DatabaseError as exc:
             db.unclaim(scope)
             raise StoreError(
@@ -356,19 +512,26 @@ class SQLiteJobStore(MemoryJobStore):
         except BaseException:
             db.unclaim(scope)
             raise
+        self._domain_names = {d.uuid: d.name for d in self._domains.values()}
         self._closed = False
-        # queued writes, and the number of the last one queued / committed
-        self._pending: list[Op] = []
+        # the batch being gathered, and the number of the last write queued / committed
+        self._pending: list[Write | None] = []
         self._queued = 0
         self._committed = 0
+        # job -> (its last write in the batch being gathered, whether it is a state update)
+        self._last: dict[uuid.UUID, tuple[int, bool]] = {}
         # callbacks waiting for the commit of the writes queued before them
         self._outbox: deque[tuple[int, Callable[[], None]]] = deque()
-        self._wake: anyio.Event | None = None
-        self._inflight: anyio.Event | None = None
-        self._changed: anyio.Event | None = None
+        self._inflight = False  # a batch is on the writer thread
+        self._kicked = False  # a _kick is scheduled
+        self._synced: anyio.Event | None = None  # set at the next batch's outcome
+        self._timer: anyio.Event | None = None  # wakes ``run`` for a lone write
+        self._soon: tuple[Callable[[Callable[[], object]], object], ...] | None = None
         #: the last commit failed (full disk, I/O error): new jobs are refused, writes
         #: are kept and retried, events are no longer held back
         self.error: StoreError | None = None
+        # jobs whose insert the writer left out (their job XML was refused): why
+        self._refused: dict[str, StoreError] = {}
         self._progress_at: dict[uuid.UUID, float] = {}
         self._event_seq: dict[uuid.UUID, int] = {}
         #: jobs active in the file when it was opened: presented as failed (UNRECOVERED)
@@ -436,8 +599,8 @@ class SQLiteJobStore(MemoryJobStore):
                 deadline = math.inf
             MemoryJobStore.ended(self, rec, deadline)
             count += 1
-        if expired:
-            self._queue(_delete_many(expired))
+        for job_s in expired:
+            self._queue((_DELETE_JOB, (job_s,), None))
         if self.unrecovered:
             _log.warning(
                 "active jobs in the store are not recovered (no recovery yet): presented "
@@ -447,29 +610,39 @@ class SQLiteJobStore(MemoryJobStore):
             )
         return count
 
-    # ---- writes -----------------------------------------------------------------------
+    # ---- job writes -------------------------------------------------------------------
 
-    def _queue(self, op: Op) -> None:
-        self._pending.append(op)
+    def _queue(self, write: Write) -> None:
+        self._pending.append(write)
         self._queued += 1
-        if len(self._pending) == 1:
-            self._wakeup()
+        if len(self._pending) == 1 and not self._inflight and self._timer is not None:
+            self._timer.set()  # committed within FLUSH_DELAY if nobody waits for it sooner
 
-    def _wakeup(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+    def _supersede(self, job: uuid.UUID, *, update: bool) -> None:
+        """A write of the job's whole row follows: drop its last write from the batch being
+        gathered if that one is covered (a progress write always; a state update only
+        by a later update or a delete, ``update``)."""
+        last = self._last.pop(job, None)
+        if last is not None and (update or not last[1]):
+            self._pending[last[0]] = None
 
     def add(self, rec: JobRecord) -> None:
         super().add(rec)
-        self._event_seq[rec.uuid] = 1
+        self._event_seq[rec.uuid] = 1  # the STATE event of its begin
+        self._progress_at[rec.uuid] = time.monotonic()  # the insert writes its progress
+        self._last.pop(rec.uuid, None)  # a new row: what came before it stays before it
         self._queue(_insert(self.scope, rec))
 
     def changed(self, rec: JobRecord) -> None:
         """The engine changed the record's state: queue its row's update (with the final
         stats and the retention deadline once it ended)."""
-        n = self._event_seq.get(rec.uuid, 0) + 1
+        # one number per STATE event; a terminal state's FINAL event takes the next one
+        # (both are released by this write's commit)
+        n = self._event_seq.get(rec.uuid, 0) + (2 if rec.state.terminal else 1)
         self._event_seq[rec.uuid] = n
-        self._progress_at.pop(rec.uuid, None)
+        self._progress_at[rec.uuid] = time.monotonic()
+        self._supersede(rec.uuid, update=True)
+        self._last[rec.uuid] = (len(self._pending), True)
         self._queue(_update(rec, n))
 
     def progress(self, rec: JobRecord) -> None:
@@ -479,6 +652,8 @@ class SQLiteJobStore(MemoryJobStore):
         if last is not None and now - last < PROGRESS_INTERVAL:
             return
         self._progress_at[rec.uuid] = now
+        self._supersede(rec.uuid, update=False)
+        self._last[rec.uuid] = (len(self._pending), False)
         self._queue(_progress(rec))
 
     def _remove(self, rec: JobRecord) -> None:
@@ -488,7 +663,16 @@ class SQLiteJobStore(MemoryJobStore):
         if rec.uuid in self.unrecovered:
             self.unrecovered.discard(rec.uuid)  # evicted from memory by a cap: row stays
         else:
-            self._queue(_delete_many([str(rec.uuid)]))
+            self._supersede(rec.uuid, update=True)
+            self._queue((_DELETE_JOB, (str(rec.uuid),), None))
+
+    def last_event_seq(self, job: uuid.UUID) -> int | None:
+        """The number of the job's last STATE or FINAL event, as written with its state
+        (None: not a job this store holds). The STATE event of its begin is 1, each state
+        change adds one, and the FINAL event takes the number after its terminal STATE
+        event; PROGRESS events are not numbered. Read from memory; the row's
+        ``event_seq`` holds the same number once the write is committed."""
+        return self._event_seq.get(job)
 
     def check_writable(self) -> None:
         """Raise the store's error while its writes fail (new jobs are refused)."""
@@ -497,6 +681,28 @@ class SQLiteJobStore(MemoryJobStore):
         if self._closed:
             raise StoreError(f"the job store '{self.path}' is closed")
 
+    def check_inserted(self, rec: JobRecord) -> None:
+        """After the ``sync`` that committed the job's insert: StoreError if the writer
+        left the row out (its job XML could not be formatted, so it could not be read
+        back)."""
+        error = self._refused.pop(str(rec.uuid), None)
+        if error is not None:
+            raise error
+
+    # ---- committing -------------------------------------------------------------------
+    #
+    # No task switch per batch: a batch is handed to the writer thread from a loop
+    # callback (``_kick``, scheduled at most once per tick, so what the tick still queues
+    # joins in), and its outcome comes back as a loop callback (``_done``), which releases
+    # the deferred callbacks, wakes ``sync`` waiters and hands over the next batch at once
+    # if writes queued meanwhile (group commit). The ``run`` task only flushes lone writes
+    # within FLUSH_DELAY and retries failed batches every RETRY_INTERVAL.
+
+    def _callers(self) -> tuple[Callable[[Callable[[], object]], object], ...]:
+        if self._soon is None:
+            self._soon = _loop_callers()
+        return self._soon
+
     def defer(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once every write queued so far is committed (at once if none is
         waiting, or while the store's writes fail)."""
@@ -504,7 +710,7 @@ class SQLiteJobStore(MemoryJobStore):
             fn()
             return
         self._outbox.append((self._queued, fn))
-        self._wakeup()
+        self._kick_soon()
 
     async def sync(self, *, raise_errors: bool = True) -> None:
         """Wait until every write queued so far is committed. While commits fail:
@@ -515,13 +721,75 @@ class SQLiteJobStore(MemoryJobStore):
                 if raise_errors:
                     raise self.error
                 return
-            if self._inflight is None and self._pending:
-                await self._commit_once()  # in the caller: no hand-off to the writer task
-                continue
-            if self._changed is None:
-                self._changed = anyio.Event()
-            self._wakeup()
-            await self._changed.wait()
+            await self._next_outcome()
+
+    async def _next_outcome(self) -> None:
+        self._kick_soon()
+        if self._synced is None:
+            self._synced = anyio.Event()
+        await self._synced.wait()
+
+    def _kick_soon(self) -> None:
+        if not self._kicked and not self._inflight:
+            self._kicked = True
+            self._callers()[0](self._kick)
+
+    def _kick(self) -> None:
+        self._kicked = False
+        if not self._inflight and self._pending and self.error is None:
+            self._submit()
+
+    def _submit(self) -> None:
+        writes, upto = self._pending, self._queued
+        self._pending, self._last = [], {}
+        self._inflight = True
+        threadsafe = self._callers()[1]
+
+        def done(outcome: Outcome) -> None:  # on the writer thread
+            # RuntimeError: the event loop is gone, and whoever waited with it
+            with contextlib.suppress(RuntimeError):
+                threadsafe(functools.partial(self._done, writes, upto, outcome))
+
+        self.db.submit(writes, done)
+
+    def _done(self, writes: list[Write | None], upto: int, outcome: Outcome) -> None:
+        """A batch's outcome, on the event loop."""
+        self._inflight = False
+        exc, refused = outcome
+        for job_s, why in refused:
+            _log.error("job XML refused by the store: its row is not written", job=job_s)
+            self._refused[job_s] = StoreError(
+                f"the job store '{self.path}' cannot keep job '{job_s}': {why}"
+            )
+        if exc is not None:
+            self._pending[:0] = writes  # kept in memory, retried in order
+            self._last = {}
+            first = self.error is None
+            if _is_full(exc):
+                self.error = StoreError(f"no space left for the job store at {self.path}")
+            else:
+                self.error = StoreError(f"cannot write the job store '{self.path}': {exc!r}")
+            if first:
+                _log.error(
+                    "job store write failed: new jobs are refused, running jobs go on, "
+                    "writes are kept and retried",
+                    path=str(self.path),
+                    error=str(exc),
+                )
+            self._run_outbox(None)  # events are no longer held back
+            if self._timer is not None:
+                self._timer.set()  # the retry
+        else:
+            if self.error is not None:
+                _log.info("job store writes succeed again", path=str(self.path))
+                self.error = None
+            self._committed = upto
+            self._run_outbox(upto)
+            if self._pending:  # queued while this batch was on the writer
+                self._submit()
+        if self._synced is not None:
+            self._synced.set()
+            self._synced = None
 
     def _run_outbox(self, upto: int | None) -> None:
         while self._outbox and (upto is None or self._outbox[0][0] <= upto):
@@ -532,82 +800,24 @@ class SQLiteJobStore(MemoryJobStore):
                 _log.exception("deferred callback failed")
 
     async def run(self) -> None:
-        """The writer: commit queued writes in batches on a worker thread until
-        cancelled (after ``drain``)."""
+        """Flush lone writes (a purge, a progress tick: nobody waits for them) within
+        FLUSH_DELAY, and retry a failed batch every RETRY_INTERVAL, until cancelled
+        (after ``drain``)."""
+        self._callers()
         while True:
-            # commit at once when someone waits for it (a sync, a held-back event), else
-            # within FLUSH_DELAY (purges, progress): lone writes join the next batch
-            deadline = math.inf
-            while True:
-                if self._pending and (self._changed is not None or self._outbox):
-                    break
-                if self._pending:
-                    if deadline == math.inf:
-                        deadline = anyio.current_time() + FLUSH_DELAY
-                    elif anyio.current_time() >= deadline:
-                        break
-                self._wake = anyio.Event()
-                with anyio.CancelScope(deadline=deadline):
-                    await self._wake.wait()
-                self._wake = None
-            await anyio.lowlevel.checkpoint()  # what this tick still queues joins in
-            await self._commit_once()
-            if self.error is not None:
-                await anyio.sleep(RETRY_INTERVAL)
-
-    async def _commit_once(self) -> None:
-        # one batch in flight at a time: batches commit in queue order
-        while self._inflight is not None:
-            await self._inflight.wait()
-        if not self._pending:
-            return
-        self._inflight = anyio.Event()
-        try:
-            await self._commit_batch()
-        finally:
-            inflight, self._inflight = self._inflight, None
-            inflight.set()
-            if self._pending:  # kept after a failure, or queued meanwhile: the writer's
-                self._wakeup()
-
-    async def _commit_batch(self) -> None:
-        ops, upto = self._pending, self._queued
-        self._pending = []
-        try:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.db.commit, ops)
-        except Exception as exc:
-            self._pending[:0] = ops  # kept in memory, retried in order
-            first = self.error is None
-            if _is_full(exc):
-                self.error = StoreError(f"no space left for the job store at {self.path}")
-            else:
-                self.error = StoreError(f"cannot write the job store '{self.path}': {exc}")
-            if first:
-                _log.error(
-                    "job store write failed: new jobs are refused, running jobs go on, "
-                    "writes are kept and retried",
-                    path=str(self.path),
-                    error=str(exc),
-                )
-            self._run_outbox(None)  # events are no longer held back
-        else:
-            if self.error is not None:
-                _log.info("job store writes succeed again", path=str(self.path))
-                self.error = None
-            self._committed = upto
-            self._run_outbox(upto)
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+            if not self._pending or self._inflight:
+                self._timer = anyio.Event()
+                await self._timer.wait()  # set by the first write queued while idle
+                self._timer = None
+            await anyio.sleep(RETRY_INTERVAL if self.error is not None else FLUSH_DELAY)
+            if not self._inflight and self._pending:
+                self._submit()
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Commit what is queued (the connection is closing); give up after ``timeout``."""
         with anyio.move_on_after(timeout, shield=True):
-            while self._pending:
-                await self._commit_once()
-                if self.error is not None:
-                    break
+            while (self._pending or self._inflight) and self.error is None:
+                await self._next_outcome()
         self._run_outbox(None)
         if self._pending:
             _log.error(
@@ -619,12 +829,70 @@ class SQLiteJobStore(MemoryJobStore):
             self._closed = True
             self.db.release(self.scope)
 
+    # ---- domain definitions -------------------------------------------------------------
+
+    def domains(self) -> list[DomainDefinition]:
+        """The domain definitions of this store's scope, in the order they were first
+        defined (from memory)."""
+        return list(self._domains.values())
+
+    def domain(self, name: str) -> DomainDefinition | None:
+        return self._domains.get(name)
+
+    async def save_domain(
+        self, name: str, domain_uuid: uuid.UUID, uri: str, xml: str
+    ) -> DomainDefinition:
+        """Define a domain, or change its definition (same name, same UUID); returns once
+        the row is committed. InvalidArgument if the name is defined with another UUID or
+        the UUID under another name; StoreError while the store's writes fail (then
+        nothing changed) or if this commit failed (then the write is kept in memory and
+        retried like every write)."""
+        if not name or not isinstance(name, str):
+            raise InvalidArgument("a domain definition needs a name")
+        old = self._domains.get(name)
+        if old is not None and old.uuid != domain_uuid:
+            raise InvalidArgument(
+                f"domain '{name}' is already defined with UUID {old.uuid}, not {domain_uuid}"
+            )
+        other = self._domain_names.get(domain_uuid)
+        if other is not None and other != name:
+            raise InvalidArgument(f"UUID {domain_uuid} is already domain '{other}'")
+        self.check_writable()
+        now = time.time()
+        saved = DomainDefinition(
+            name, domain_uuid, uri, xml, now if old is None else old.created, now
+        )
+        self._domains[name] = saved
+        self._domain_names[domain_uuid] = name
+        self._queue(
+            (
+                _SAVE_DOMAIN,
+                (self.scope, name, str(domain_uuid), uri, xml, saved.created, now),
+                None,
+            )
+        )
+        with anyio.CancelScope(shield=True):
+            await self.sync()
+        return saved
+
+    async def delete_domain(self, name: str) -> bool:
+        """Forget a domain's definition (False: none was saved); returns once the delete
+        is committed. StoreError as for ``save_domain``."""
+        if name not in self._domains:
+            return False
+        self.check_writable()
+        gone = self._domains.pop(name)
+        del self._domain_names[gone.uuid]
+        self._queue((_DELETE_DOMAIN, (self.scope, name), None))
+        with anyio.CancelScope(shield=True):
+            await self.sync()
+        return True
+
 
 # ---- the writes (built on the event loop from the record's values at that moment) -----
 
 
-def _insert(scope: str, rec: JobRecord) -> Op:
-    spec = rec.spec  # frozen: formatted on the writer thread
+def _insert(scope: str, rec: JobRecord) -> Write:
     values = (
         str(rec.uuid),
         scope,
@@ -638,22 +906,12 @@ def _insert(scope: str, rec: JobRecord) -> Op:
         rec.total,
         rec.bandwidth,
         rec.retention,
+        1,
     )
-
-    def op(conn: sqlite3.Connection) -> None:
-        from jobcore.xml import format_job
-
-        conn.execute(
-            "INSERT INTO jobs (uuid, scope, type, domain, state, claims, priority, created,"
-            " processed, total, bandwidth, retention, xml, event_seq)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
-            (*values, format_job(spec)),
-        )
-
-    return op
+    return (_INSERT_JOB, values, rec.spec)  # the spec is frozen: formatted by the writer
 
 
-def _update(rec: JobRecord, event_seq: int) -> Op:
+def _update(rec: JobRecord, event_seq: int) -> Write:
     started = None if rec.started is None else rec.created_wall + (rec.started - rec.created)
     expires = None if rec.ended_wall is None else rec.ended_wall + rec.retention
     values = (
@@ -671,29 +929,8 @@ def _update(rec: JobRecord, event_seq: int) -> Op:
         event_seq,
         str(rec.uuid),
     )
-
-    def op(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "UPDATE jobs SET state = ?, started = ?, started_after = ?, elapsed = ?, ended = ?,"
-            " processed = ?, total = ?, stats = ?, errmsg = ?, bandwidth = ?, expires = ?,"
-            " event_seq = ? WHERE uuid = ?",
-            values,
-        )
-
-    return op
+    return (_UPDATE_JOB, values, None)
 
 
-def _progress(rec: JobRecord) -> Op:
-    values = (rec.processed, rec.total, json.dumps(rec.extra), str(rec.uuid))
-
-    def op(conn: sqlite3.Connection) -> None:
-        conn.execute("UPDATE jobs SET processed = ?, total = ?, stats = ? WHERE uuid = ?", values)
-
-    return op
-
-
-def _delete_many(jobs: list[str]) -> Op:
-    def op(conn: sqlite3.Connection) -> None:
-        conn.executemany("DELETE FROM jobs WHERE uuid = ?", [(j,) for j in jobs])
-
-    return op
+def _progress(rec: JobRecord) -> Write:
+    return (_PROGRESS_JOB, (rec.processed, rec.total, json.dumps(rec.extra), str(rec.uuid)), None)

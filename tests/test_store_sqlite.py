@@ -383,7 +383,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     async with jobcore.connect("sim:///default", store=url(path)):
         pass
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 98}")
     conn.close()
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 98}, newer"):
@@ -548,3 +548,225 @@ def test_jobd_refuses_to_start_on_a_corrupt_store(tmp_path: Path) -> None:
     daemon.stop()
     assert f"jobd: the job store '{path}' is corrupt" in log
     assert not (tmp_path / "run" / "jobd.sock").exists()
+
+
+# ---- a job whose XML cannot be written ------------------------------------------------------
+
+
+async def test_a_job_whose_xml_is_refused_fails_alone(tmp_path: Path) -> None:
+    """A typed spec that breaks a rule of the format (an export name in push mode) cannot
+    be written, so it could not be read back: its JobBegin fails, and the store goes on
+    taking other jobs (the rest of its batch is committed)."""
+    from jobcore.backup import BackupDef, BackupDisk, BackupStore
+    from jobcore.types.backup import BackupJobSpec
+
+    def spec(name: str, **disk: Any) -> BackupJobSpec:
+        store = BackupStore(f"/refused/{name}.qcow2")
+        return BackupJobSpec(BackupDef(disks=(BackupDisk("vdb", type=None, store=store, **disk),)))
+
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect("sim:///default?rate=0", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        with pytest.raises(StoreError, match=r"cannot keep job .*only a pull mode backup exports"):
+            await dom.job_begin_spec(spec("bad", exportname="x"))
+        dstore = as_local(conn).engine._dstore
+        assert dstore is not None and dstore.error is None
+        job = await dom.job_begin_spec(spec("good"))
+        assert (await job.wait()).state is JobState.COMPLETED
+    on_disk = rows(path)
+    assert list(on_disk) == [str(job.uuid)]  # the refused job has no row
+    assert on_disk[str(job.uuid)]["state"] == "completed"
+
+
+# ---- schema versions ------------------------------------------------------------------------
+
+#: a version-1 store written by jobcore 312c38e (before the domains table): three completed
+#: backups, one failed ("disk on fire"), a cancelled blockpull, and a backup still running
+#: when its process was killed; retention 10^9 s, so they are retained until 2057
+V1_STORE = ROOT / "tests" / "data" / "store-v1.sqlite"
+V1_JOBS = {
+    "dce02db9-39d8-4f54-8d7e-31653d0b2a6c": "completed",
+    "88d858f8-a9a0-47b0-b285-49a800801a18": "completed",
+    "975ca12f-d73f-48a1-b741-d61540270fe8": "completed",
+    "e92676ff-e135-4013-a0e1-bfc4ce99d2ae": "failed",
+    "66c0f886-5aa5-4a63-b459-d93610aa130c": "cancelled",
+    "9ab2881b-8df3-4fb2-ab4d-35dbf2bc380d": "running",
+}
+
+
+def _version(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_a_version_1_store_opens_and_migrates(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    path.write_bytes(V1_STORE.read_bytes())
+    assert _version(path) == 1
+    async with jobcore.connect("sim:///default", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        assert [str(j.uuid) for j in await dom.list_jobs()] == list(V1_JOBS)
+        for job_id, state in V1_JOBS.items():
+            info = await (await conn.lookup_job(job_id)).info()
+            if state == "running":  # no recovery yet
+                assert info.state is JobState.FAILED and info.errmsg == UNRECOVERED
+            else:
+                assert str(info.state) == state
+        failed = await (await conn.lookup_job("e92676ff-e135-4013-a0e1-bfc4ce99d2ae")).info()
+        assert failed.errmsg is not None and "disk on fire" in failed.errmsg
+        store = as_local(conn).engine._dstore
+        assert store is not None and store.domains() == []
+        assert store.last_event_seq(uuid.UUID("66c0f886-5aa5-4a63-b459-d93610aa130c")) == 3
+        # the migrated file takes new jobs and domain definitions
+        job = await dom.job_begin(backup("after-v1"))
+        await job.wait()
+        await store.save_domain("vm9", uuid.uuid4(), "sim:///default", "<domain/>")
+    assert _version(path) == SCHEMA_VERSION == 2
+    on_disk = rows(path)
+    assert {u: on_disk[u]["state"] for u in V1_JOBS} == V1_JOBS  # v1 rows as they were
+    assert on_disk[str(job.uuid)]["state"] == "completed"
+    async with jobcore.connect("sim:///default", store=url(path)) as conn:
+        store = as_local(conn).engine._dstore
+        assert store is not None and [d.name for d in store.domains()] == ["vm9"]
+
+
+# ---- domain definitions ---------------------------------------------------------------------
+
+
+async def test_domain_definitions_are_kept_per_scope(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    vm1, vm2, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    async with (
+        jobcore.connect("sim:///default", store=url(path)) as conn,
+        jobcore.connect("sim:///other", store=url(path)) as conn2,
+    ):
+        store, store2 = as_local(conn).engine._dstore, as_local(conn2).engine._dstore
+        assert store is not None and store2 is not None
+        first = await store.save_domain("vm1", vm1, "sim:///default?rate=0", "<domain>1</domain>")
+        # on disk once save_domain returned
+        assert _domain_rows(path) == {("sim:///default", "vm1"): (str(vm1), "<domain>1</domain>")}
+        await store.save_domain("vm2", vm2, "sim:///default", "<domain>2</domain>")
+        await store2.save_domain("vm1", other, "sim:///other", "<domain>other</domain>")
+        await anyio.sleep(0.01)
+        changed = await store.save_domain("vm1", vm1, "sim:///default", "<domain>1b</domain>")
+        assert changed.created == first.created and changed.modified > first.modified
+        with pytest.raises(InvalidArgument, match=f"'vm1' is already defined with UUID {vm1}"):
+            await store.save_domain("vm1", uuid.uuid4(), "sim:///default", "<domain/>")
+        with pytest.raises(InvalidArgument, match=f"UUID {vm2} is already domain 'vm2'"):
+            await store.save_domain("vm3", vm2, "sim:///default", "<domain/>")
+        assert await store.delete_domain("vm2") is True
+        assert await store.delete_domain("vm2") is False
+        assert ("sim:///default", "vm2") not in _domain_rows(path)
+        assert [d.name for d in store.domains()] == ["vm1"]
+        assert store.domain("vm1") == changed
+    async with jobcore.connect("sim:///default", store=url(path)) as conn:
+        store = as_local(conn).engine._dstore
+        assert store is not None
+        assert store.domains() == [changed]  # uri, xml and both timestamps kept
+        assert changed.uri == "sim:///default" and changed.xml == "<domain>1b</domain>"
+        # the UUID freed by the delete is free again
+        await store.save_domain("vm3", vm2, "sim:///default", "<domain>3</domain>")
+    async with jobcore.connect("sim:///other", store=url(path)) as conn2:
+        store2 = as_local(conn2).engine._dstore
+        assert store2 is not None
+        assert [(d.name, d.uuid, d.xml) for d in store2.domains()] == [
+            ("vm1", other, "<domain>other</domain>")
+        ]
+
+
+def _domain_rows(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {
+            (scope, name): (u, xml)
+            for scope, name, u, xml in conn.execute("SELECT scope, name, uuid, xml FROM domains")
+        }
+    finally:
+        conn.close()
+
+
+async def test_domain_definition_is_refused_on_a_failing_store(tmp_path: Path) -> None:
+    async with jobcore.connect("sim:///default", store=url(tmp_path / "jobs.sqlite")) as conn:
+        store = as_local(conn).engine._dstore
+        assert store is not None
+        store.error = StoreError("no space left for the job store at X")
+        with pytest.raises(StoreError, match="no space left"):
+            await store.save_domain("vm1", uuid.uuid4(), "sim:///default", "<domain/>")
+        assert store.domains() == []  # nothing changed
+        store.error = None
+
+
+# ---- event sequence numbers -----------------------------------------------------------------
+
+
+async def test_event_sequence_numbers_are_kept_with_the_state(tmp_path: Path) -> None:
+    """1 is the STATE event of the begin, each state change adds one, the FINAL event takes
+    the number after the terminal STATE event; the row holds it, a reopen reads it."""
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect(f"sim:///default?rate={64 * MiB}", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        store = as_local(conn).engine._dstore
+        assert store is not None
+        job = await dom.job_begin(backup("seq"))
+        numbered: list[EventKind] = []
+        with job.events() as sub:
+            assert store.last_event_seq(job.uuid) == 1
+            assert rows(path)[str(job.uuid)]["event_seq"] == 1
+            await job.pause()
+            await job.resume()
+            await job.abort()
+            async for ev in sub:
+                if ev.kind is not EventKind.PROGRESS:
+                    numbered.append(ev.kind)
+                    # the event's number is on disk once the event is out
+                    assert rows(path)[str(job.uuid)]["event_seq"] >= 1 + len(numbered)
+                if ev.kind is EventKind.FINAL:
+                    break
+        last = 1 + len(numbered)  # the begin's STATE event was before the subscription
+        assert numbered[-2:] == [EventKind.STATE, EventKind.FINAL]
+        assert store.last_event_seq(job.uuid) == last
+        assert store.last_event_seq(uuid.uuid4()) is None
+    assert rows(path)[str(job.uuid)]["event_seq"] == last
+    async with jobcore.connect("sim:///default", store=url(path)) as conn:
+        store = as_local(conn).engine._dstore
+        assert store is not None and store.last_event_seq(job.uuid) == last
+
+
+async def test_a_later_write_of_a_row_replaces_the_queued_one(tmp_path: Path) -> None:
+    """In the batch being gathered, a state update replaces the job's queued progress
+    write, and a delete replaces its queued update; the committed row is the same."""
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect(f"sim:///default?rate={MiB}", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        store = as_local(conn).engine._dstore
+        assert store is not None
+        job = await dom.job_begin(backup("sup"))
+        rec = as_local(conn).engine.lookup(job.uuid)
+        await store.sync()
+        # no await from here: all of this is one batch
+        store._progress_at.clear()
+        rec.processed = 4096
+        store.progress(rec)
+        assert [w is None for w in store._pending] == [False]
+        store.changed(rec)  # covers the progress write
+        assert [w is None for w in store._pending] == [True, False]
+        store.progress(rec)  # not written: the update wrote progress just now
+        assert len(store._pending) == 2
+        store._progress_at.clear()
+        store.progress(rec)  # written: not covered by the update before it
+        store._progress_at.clear()
+        store.progress(rec)  # covers the progress before it, not the update
+        assert [w is None for w in store._pending] == [True, False, True, False]
+        await store.sync()
+        assert rows(path)[str(job.uuid)]["processed"] == 4096
+        await job.abort()
+        await job.wait()
+        rec.extra["x"] = 1
+        store.changed(rec)
+        store._remove(rec)  # as a cap would: the delete covers the update
+        assert [w is None for w in store._pending] == [True, False]
+        await store.sync()
+    assert str(job.uuid) not in rows(path)
