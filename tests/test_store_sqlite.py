@@ -292,15 +292,17 @@ CHILD = textwrap.dedent(
     async def main():
         async with jobcore.connect("sim:///default?rate={rate}", store=sys.argv[1]) as conn:
             dom = await conn.lookup_domain("vm1")
+            begun = 0
             async with anyio.create_task_group() as tg:
                 async def one(i):
+                    nonlocal begun
                     job = await dom.job_begin(XML.replace("TAG", str(i)))
                     print(job.uuid, flush=True)
+                    begun += 1
+                    if begun == int(sys.argv[4]):  # the others are still being begun
+                        os.kill(os.getpid(), signal.SIGKILL)
                 for i in range(int(sys.argv[3])):
                     tg.start_soon(one, i)
-                    if i == int(sys.argv[4]):
-                        await anyio.sleep(0.01)
-                        os.kill(os.getpid(), signal.SIGKILL)
                     await anyio.sleep(0)
     anyio.run(main, backend=sys.argv[5])
     """
@@ -312,7 +314,7 @@ def test_kill_9_keeps_every_begun_job(tmp_path: Path, backend: str) -> None:
     path = tmp_path / "jobs.sqlite"
     xml = backup("k-TAG")
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD.format(rate=64 * MiB), url(path), xml, "400", "300", backend],
+        [sys.executable, "-c", CHILD.format(rate=64 * MiB), url(path), xml, "400", "60", backend],
         capture_output=True,
         text=True,
         cwd=ROOT,
