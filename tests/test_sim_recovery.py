@@ -258,6 +258,26 @@ async def test_a_cancel_requested_before_the_restart_concludes_cancelled() -> No
         assert "/b/cancelled.qcow2" not in conn.host.files
 
 
+async def test_a_cancel_or_completion_the_engine_took_is_carried_out_on_recovery() -> None:
+    state = MemoryState()
+    manual = "sim:///h1?rate=1048576&clock=manual"
+    async with opened(manual, state) as conn:
+        cancelled, _ = await begin(conn, "vm1", backup("/b/taken.qcow2"))
+        completed, rep = await begin(conn, "vm2", ACTIVE_COMMIT)
+        assert isinstance(conn.clock, ManualClock)
+        conn.clock.advance(1000)
+        await rep.wait_for("ready", 5)
+    # the engine wrote ABORTING and COMPLETING, the process died before the driver acted
+    async with opened(manual, state) as conn:
+        got = await conn.recover_job(again(cancelled)[0], JobState.ABORTING)
+        assert got == Concluded(JobState.CANCELLED, None, {})
+        assert "/b/taken.qcow2" not in conn.host.files
+        got = await conn.recover_job(again(completed)[0], JobState.COMPLETING)
+        assert got == Concluded(JobState.COMPLETED, None, {})
+        disk = (await conn.lookup_domain("vm2")).disk("vda")
+        assert disk is not None and disk.chain == ("/var/lib/sim/vm2/vda.2.qcow2",)
+
+
 async def test_a_job_whose_domain_or_record_is_gone_vanished() -> None:
     state = MemoryState()
     async with opened(SLOW, state) as conn:

@@ -45,11 +45,14 @@ from jobcore.errors import (
     Unsupported,
 )
 from jobcore.lifecycle import JobState
+from jobcore.log import get_logger
 from jobcore.paths import PathGuard
 from jobcore.spec import JobType
 from jobcore.types.backup import PreparedBackup
 from jobcore.types.chain import PreparedCommit
 from jobcore.uri import URI
+
+log = get_logger(__name__)
 
 DEFAULT_RATE = 256 * MiB
 _TERMINAL = {
@@ -212,11 +215,11 @@ class SimConnection:
             extra=extra,
             created=tuple(path for path, _ in creates),
         )
-        self._jobs[job.uuid] = sj
-        self.world.add_files(self.world.host_of(dom.name), creates)
         if isinstance(job.spec, PreparedBackup) and job.spec.pull:
             sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
         self._save(sj)
+        self._jobs[job.uuid] = sj
+        self.world.add_files(self.world.host_of(dom.name), creates)
         job.reporter.progress(0, total, extra)
         self._schedule(sj)
 
@@ -432,6 +435,11 @@ class SimConnection:
         now = self.clock.now()
         away = 0.0 if self.clock.manual else max(0.0, self.clock.wall() - float(rec["wall"]))
         sj.base_time = now - away
+        if last_state is JobState.ABORTING and sj.phase is not Phase.FINISH:
+            # the engine took the cancel, the process died before the driver saved it
+            sj.phase, sj.outcome, sj.paused = Phase.FINISH, "cancelled", False
+        elif last_state is JobState.COMPLETING and sj.phase is Phase.READY:
+            sj.phase, sj.outcome = Phase.FINISH, "completed"
         self._jobs[job.uuid] = sj
         ended = self._while_away(sj, now)
         if ended is not None:
@@ -487,7 +495,11 @@ class SimConnection:
             await self._sweep_wakeup.wait()
             self._sweep_wakeup = anyio.Event()
             batch, self._ended = self._ended, []
-            await persist.state.sync()
+            try:
+                await persist.state.sync()
+            except Exception as exc:  # the records stay; the next process drops them
+                log.warning("sim_state_sync_failed", uri=self.uri, error=str(exc))
+                continue
             for job in batch:
                 persist.forget_job(job)
 
