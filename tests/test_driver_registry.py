@@ -54,12 +54,13 @@ class AcmeConnection(SimConnection):
 
 class ThirdPartyDriver(SimDriver):
     scheme = "acme"
+    persistent_state = False  # its connections keep no state
 
     @asynccontextmanager
     async def connect(
         self, uri: URI, tg: TaskGroup, state: DriverState | None = None
     ) -> AsyncIterator[SimConnection]:
-        conn = AcmeConnection(uri, tg, state)
+        conn = AcmeConnection(uri, tg)
         tg.start_soon(conn.run)
         try:
             yield conn

@@ -236,12 +236,13 @@ class NarrowConnection(SimConnection):
 
 class NarrowDriver(SimDriver):
     scheme = "narrow"
+    persistent_state = False  # its connections keep no state
 
     @asynccontextmanager
     async def connect(
         self, uri: URI, tg: TaskGroup, state: DriverState | None = None
     ) -> AsyncIterator[SimConnection]:
-        conn = NarrowConnection(uri, tg, state)
+        conn = NarrowConnection(uri, tg)
         tg.start_soon(conn.run)
         try:
             yield conn
