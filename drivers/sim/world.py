@@ -12,15 +12,12 @@ import os
 import stat
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from attrs import define, field, frozen
 
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.errors import InvalidArgument, NoSuchDomain
-
-if TYPE_CHECKING:
-    from drivers.sim.persist import SimState
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -105,6 +102,16 @@ class SimHost:
     files: dict[str, SimFile] = field(factory=dict)
 
 
+class WorldRecorder(Protocol):
+    """Where a world's changes are saved (drivers.sim.persist.SimState)."""
+
+    def host(self, host: SimHost) -> None: ...
+
+    def file_added(self, host: SimHost, path: str, f: SimFile) -> None: ...
+
+    def file_removed(self, host: SimHost, path: str) -> None: ...
+
+
 class SimWorld:
     """The hosts of one connection's world and where each domain is now."""
 
@@ -114,7 +121,7 @@ class SimWorld:
         home: str,
         *,
         saved: dict[str, SimHost] | None = None,
-        persist: SimState | None = None,
+        persist: WorldRecorder | None = None,
     ) -> None:
         #: the connection's URI (named in messages)
         self.uri = uri
