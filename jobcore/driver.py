@@ -17,12 +17,13 @@ import time
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument
+from jobcore.lifecycle import JobState
 from jobcore.spec import JobSpec, JobType
 
 if TYPE_CHECKING:
@@ -224,6 +225,65 @@ def job_verbs(dconn: object, job_type: str, type_verbs: frozenset[Verb]) -> froz
     narrowed by the connection's ``job_verbs`` where it has an entry for the type."""
     narrowed: Mapping[str, frozenset[Verb]] = getattr(dconn, "job_verbs", None) or {}
     return type_verbs & narrowed.get(job_type, type_verbs)
+
+
+# ---- recovery after a restart (the hook the engine calls; design/README.md) ------------
+
+
+@frozen
+class Reattached:
+    """The job still runs on the hypervisor; reports flow through the new reporter."""
+
+    state: JobState  # RUNNING, PAUSED, READY or STANDBY: where the hypervisor has it
+    processed: int = 0
+    total: int = 0
+
+
+@frozen
+class Concluded:
+    """The job ended while the daemon was away; this is its real outcome."""
+
+    state: JobState  # COMPLETED, FAILED or CANCELLED
+    errmsg: str | None = None
+    extra: Mapping[str, int | str] | None = None  # libvirt-named final stats, as completed(extra)
+
+
+@frozen
+class Vanished:
+    """Nothing left to ask: the guest or its QEMU job is gone without a readable outcome."""
+
+    reason: str  # e.g. "QEMU of domain 'vm1' (pid 123) is gone"
+
+
+Recovered = Reattached | Concluded | Vanished
+
+# Optional DriverConnection method (looked up with getattr, like check_job):
+#   async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered
+# `job` carries the same uuid/type/domain and the same prepared spec the driver got at
+# start() (the engine persists the prepared spec), and a fresh reporter. `last_state` is
+# the state last written to the store (never QUEUED: queued jobs are requeued by the
+# engine, not given to the driver). Called once per job, in begin order, after the driver
+# connection is open and before the engine serves any call. Must not raise for an
+# ordinary vanish (return Vanished); an exception is treated as Vanished(str(exc)).
+# After Reattached the driver keeps reporting as it would for a job it started; verbs
+# (cancel/pause/resume/complete/set_speed) work on it as on any job.
+
+
+class DriverState(Protocol):
+    """A driver connection's own durable records: JSON-able values by key, kept in the job
+    store beside the jobs of the connection's scope (in memory with the memory store)."""
+
+    def load(self) -> Mapping[str, Any]:
+        """Everything saved before (at connect: what the last process left)."""
+
+    def save(self, key: str, value: Any) -> None:
+        """Queue ``value`` (JSON-able) under ``key``; durable at the next store commit, which
+        the engine waits for before a JobBegin returns and before a state change's event."""
+
+    def delete(self, key: str) -> None: ...
+
+    async def sync(self) -> None:
+        """Return once everything saved so far is on disk."""
 
 
 class Driver(Protocol):

@@ -16,7 +16,7 @@ from anyio.abc import TaskGroup
 import jobcore
 from drivers.sim import SimConnection, SimDriver
 from jobcore import drivers as driver_registry
-from jobcore.driver import DriverJob
+from jobcore.driver import DriverJob, DriverState
 from jobcore.registry import registry
 from jobcore.spec import JobType
 from jobcore.uri import URI, parse_uri
@@ -54,9 +54,12 @@ class AcmeConnection(SimConnection):
 
 class ThirdPartyDriver(SimDriver):
     scheme = "acme"
+    persistent_state = False  # its connections keep no state
 
     @asynccontextmanager
-    async def connect(self, uri: URI, tg: TaskGroup) -> AsyncIterator[SimConnection]:
+    async def connect(
+        self, uri: URI, tg: TaskGroup, state: DriverState | None = None
+    ) -> AsyncIterator[SimConnection]:
         conn = AcmeConnection(uri, tg)
         tg.start_soon(conn.run)
         try:

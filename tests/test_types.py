@@ -18,7 +18,7 @@ import jobcore
 from drivers.sim import SimConnection, SimDriver
 from jobcore import drivers as driver_registry
 from jobcore.backup import BackupMode, StoreType
-from jobcore.driver import DiskInfo, DomainInfo
+from jobcore.driver import DiskInfo, DomainInfo, DriverState
 from jobcore.errors import InvalidArgument
 from jobcore.lifecycle import Verb
 from jobcore.registry import BUILTIN_TYPES, registry
@@ -236,9 +236,12 @@ class NarrowConnection(SimConnection):
 
 class NarrowDriver(SimDriver):
     scheme = "narrow"
+    persistent_state = False  # its connections keep no state
 
     @asynccontextmanager
-    async def connect(self, uri: URI, tg: TaskGroup) -> AsyncIterator[SimConnection]:
+    async def connect(
+        self, uri: URI, tg: TaskGroup, state: DriverState | None = None
+    ) -> AsyncIterator[SimConnection]:
         conn = NarrowConnection(uri, tg)
         tg.start_soon(conn.run)
         try:

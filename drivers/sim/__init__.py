@@ -18,7 +18,12 @@ disk's size. The simulation never writes real files: what a job creates goes int
 
 Modules: ``world`` (hosts, domains, chains, checkpoints, files), ``job`` (a job's progress
 over time, the Behaviour a family provides), ``backup``, ``chain``, ``migration`` (what each
-family does to the world), ``clock``, ``connection`` (SimConnection, SimDriver).
+family does to the world), ``clock``, ``persist`` (the world and the jobs in a
+DriverState), ``connection`` (SimConnection, SimDriver).
+
+Given a DriverState (``SimDriver.connect(uri, tg, state)``), a connection's world and jobs
+outlive its process: the next connection with that state finds them, and ``recover_job``
+moves each job on by the wall time since (design/sim.md).
 """
 
 # The public names (the entry point drivers.sim:SimDriver, and what tests and messages name).

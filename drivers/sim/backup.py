@@ -95,6 +95,7 @@ def apply(world: SimWorld, job: DriverJob, dom: SimDomain) -> Mapping[str, int |
     assert isinstance(spec, PreparedBackup)
     if spec.checkpoint_name is not None:
         dom.checkpoints[spec.checkpoint_name] = tuple(d.name for d in spec.disks)
+        world.changed(world.host_of(dom.name))
     return {}
 
 
@@ -104,9 +105,9 @@ def ended(world: SimWorld, sj: SimJob, outcome: str) -> None:
     # files the job created: scratch files always go, push targets stay only after
     # success; reused files (REUSE_EXTERNAL) are never the job's to remove
     if spec.pull or outcome != "completed":
-        files = world.host_of(sj.job.domain).files
+        host = world.host_of(sj.job.domain)
         for path in sj.created:
-            files.pop(path, None)
+            world.remove_file(host, path)
 
 
 BEHAVIOUR = Behaviour(plan=plan, apply=apply, ended=ended)

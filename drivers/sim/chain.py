@@ -27,10 +27,12 @@ def apply(world: SimWorld, job: DriverJob, dom: SimDomain) -> Mapping[str, int |
         disk = dom.disks[spec.disk]
         top, base = spec.top_index, spec.base_index
         disk.chain = disk.chain[: top + 1] + ([] if base is None else disk.chain[base:])
+        world.changed(world.host_of(dom.name))
         return {}
     if isinstance(spec, PreparedCommit):
         disk = dom.disks[spec.disk]
         disk.chain = disk.chain[: spec.top_index] + disk.chain[spec.base_index :]
+        world.changed(world.host_of(dom.name))
         return {}
     return {}
 

@@ -25,8 +25,17 @@ from attrs import define
 from drivers.sim import backup, chain, migration
 from drivers.sim.clock import ManualClock, RealClock
 from drivers.sim.job import Behaviour, Phase, SimJob
+from drivers.sim.persist import SimState, restore_job
 from drivers.sim.world import MiB, SimWorld
-from jobcore.driver import DomainInfo, DriverJob
+from jobcore.driver import (
+    Concluded,
+    DomainInfo,
+    DriverJob,
+    DriverState,
+    Reattached,
+    Recovered,
+    Vanished,
+)
 from jobcore.errors import (
     DriverError,
     InvalidArgument,
@@ -35,13 +44,22 @@ from jobcore.errors import (
     OperationInvalid,
     Unsupported,
 )
+from jobcore.lifecycle import JobState
+from jobcore.log import get_logger
 from jobcore.paths import PathGuard
 from jobcore.spec import JobType
 from jobcore.types.backup import PreparedBackup
 from jobcore.types.chain import PreparedCommit
 from jobcore.uri import URI
 
+log = get_logger(__name__)
+
 DEFAULT_RATE = 256 * MiB
+_TERMINAL = {
+    "completed": JobState.COMPLETED,
+    "failed": JobState.FAILED,
+    "cancelled": JobState.CANCELLED,
+}
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports of a running job
 #: what each job type does to the world
 _BEHAVIOURS: dict[JobType, Behaviour] = {
@@ -77,7 +95,7 @@ class _Injection:
 class SimConnection:
     """A connection to one simulated host (a DriverConnection)."""
 
-    def __init__(self, uri: URI, tg: TaskGroup) -> None:
+    def __init__(self, uri: URI, tg: TaskGroup, state: DriverState | None = None) -> None:
         self.uri = str(uri)
         self._tg = tg
         if not uri.name:
@@ -100,7 +118,10 @@ class SimConnection:
         if isinstance(self.clock, ManualClock):
             self.clock.on_advance(self._poke)
         self.host_name = uri.name or "default"
-        self.world = SimWorld(self.uri, self.host_name)
+        #: where the world and the jobs are saved (None: they live as long as the connection)
+        self._persist = None if state is None else SimState(state)
+        saved_hosts, self._saved_jobs = ({}, {}) if self._persist is None else self._persist.load()
+        self.world = SimWorld(self.uri, self.host_name, saved=saved_hosts, persist=self._persist)
         #: the connection's own host
         self.host = self.world.home
         self.crashed = False
@@ -112,6 +133,9 @@ class SimConnection:
         self._next_progress = math.inf
         self._scope = anyio.CancelScope()
         self._stopped = False
+        #: ended jobs whose records go once the store has the engine's terminal write too
+        self._ended: list[uuid.UUID] = []
+        self._sweep_wakeup = anyio.Event()
 
     # ---- DriverConnection: domains -------------------------------------------------
 
@@ -135,6 +159,7 @@ class SimConnection:
         source = self.world.hosts[self.world.domain_host(name) or self.host_name]
         del source.domains[name]
         self.world.where.pop(name, None)
+        self.world.changed(source)
 
     # ---- failure injection ----------------------------------------------------------
 
@@ -165,6 +190,8 @@ class SimConnection:
     async def start(self, job: DriverJob) -> None:
         if self.crashed:
             raise DriverError("the simulated hypervisor is not running")
+        if self._saved_jobs:
+            self._drop_unclaimed()
         dom = self.world.domain(job.domain)
         # again: a queued job starts later, and files may have appeared meanwhile
         creates = (
@@ -188,10 +215,11 @@ class SimConnection:
             extra=extra,
             created=tuple(path for path, _ in creates),
         )
-        self._jobs[job.uuid] = sj
-        self.world.host_of(dom.name).files.update(creates)
         if isinstance(job.spec, PreparedBackup) and job.spec.pull:
             sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
+        self._save(sj)
+        self._jobs[job.uuid] = sj
+        self.world.add_files(self.world.host_of(dom.name), creates)
         job.reporter.progress(0, total, extra)
         self._schedule(sj)
 
@@ -220,22 +248,30 @@ class SimConnection:
         sj.base_bytes = sj.processed(now)
         sj.base_time = now
 
+    def _save(self, sj: SimJob) -> None:
+        """Save what the job needs to go on after a restart (its progress function)."""
+        if self._persist is not None:
+            self._persist.job(sj, sj.processed(self.clock.now()), self.clock.wall())
+
     async def cancel(self, job: DriverJob) -> None:
         sj = self._job(job)
         self._rebase(sj)
         sj.phase, sj.outcome, sj.paused = Phase.FINISH, "cancelled", False
+        self._save(sj)
         self._schedule(sj)
 
     async def pause(self, job: DriverJob) -> None:
         sj = self._job(job)
         self._rebase(sj)
         sj.paused = True
+        self._save(sj)
         self._schedule(sj)
 
     async def resume(self, job: DriverJob) -> None:
         sj = self._job(job)
         self._rebase(sj)
         sj.paused = False
+        self._save(sj)
         self._schedule(sj)
 
     async def complete(self, job: DriverJob) -> None:
@@ -244,12 +280,14 @@ class SimConnection:
             raise OperationInvalid(f"job '{job.uuid}' is not ready")
         sj.base_time = self.clock.now()
         sj.phase, sj.outcome, sj.paused = Phase.FINISH, "completed", False
+        self._save(sj)
         self._schedule(sj)
 
     async def set_speed(self, job: DriverJob, bandwidth: int | None) -> None:
         sj = self._job(job)
         self._rebase(sj)
         sj.rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
+        self._save(sj)
         self._schedule(sj)
 
     # ---- the scheduler loop ---------------------------------------------------------
@@ -273,7 +311,13 @@ class SimConnection:
 
     async def run(self) -> None:
         with self._scope:
-            if not self._stopped:
+            if self._stopped:
+                return
+            if self._persist is None:
+                await self._loop()
+                return
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._sweep, self._persist)
                 await self._loop()
 
     async def _loop(self) -> None:
@@ -315,12 +359,14 @@ class SimConnection:
             if sj.converges:
                 sj.base_bytes, sj.phase = float(sj.total), Phase.READY
                 self._update_extra(sj, sj.total)
+                self._save(sj)
                 sj.job.reporter.progress(sj.total, sj.total, sj.extra)
                 sj.job.reporter.ready()
                 spec = sj.job.spec
                 if isinstance(spec, PreparedCommit) and spec.pivot and sj.phase is Phase.READY:
                     sj.base_time = now
                     sj.phase, sj.outcome = Phase.FINISH, "completed"
+                    self._save(sj)
                     self._schedule(sj)
             else:
                 self._end(sj, "completed", None)
@@ -329,6 +375,20 @@ class SimConnection:
 
     def _end(self, sj: SimJob, outcome: str, errmsg: str | None) -> None:
         """Apply the job's effect on the simulated host and report how it ended."""
+        outcome, errmsg, extra = self._conclude(sj, outcome, errmsg)
+        job = sj.job
+        if outcome == "completed":
+            job.reporter.completed(extra)
+        elif outcome == "cancelled":
+            job.reporter.cancelled()
+        else:
+            job.reporter.failed(errmsg or "failed")
+
+    def _conclude(
+        self, sj: SimJob, outcome: str, errmsg: str | None
+    ) -> tuple[str, str | None, dict[str, int | str]]:
+        """Apply the job's effect on the simulated host (once: its record says it ended in
+        the same store commit, or an earlier one); its real outcome and final stats."""
         del self._jobs[sj.job.uuid]
         sj.version += 1
         job = sj.job
@@ -347,11 +407,101 @@ class SimConnection:
         if outcome == "completed":
             self._update_extra(sj, sj.total)
             extra.update(sj.extra)
-            job.reporter.completed(extra)
-        elif outcome == "cancelled":
-            job.reporter.cancelled()
+        if self._persist is not None:
+            self._persist.job_ended(job.uuid, outcome, errmsg, extra)
+            self._forget_later(job.uuid)
+        return outcome, errmsg, extra
+
+    # ---- durable state: recovery after a restart (drivers.sim.persist) -------------
+
+    async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered:
+        """The job as the last process left it, moved on by the wall time since: still
+        running (rescheduled to finish on time), or ended meanwhile (its effect applied
+        now, once). A manual clock does not move while no process runs: its jobs go on
+        from their saved progress."""
+        rec = self._saved_jobs.pop(job.uuid, None)
+        if rec is None:
+            return Vanished(f"the simulated host of '{self.uri}' has no record of job '{job.uuid}'")
+        if "ended" in rec:  # ended, and the engine's terminal write did not make it
+            self._forget_later(job.uuid)
+            outcome, errmsg = str(rec["ended"]), rec["errmsg"]
+            return Concluded(_TERMINAL[outcome], errmsg, dict(rec["extra"]))
+        if job.domain not in self.world.where:
+            if self._persist is not None:
+                self._persist.forget_job(job.uuid)
+            return Vanished(f"domain '{job.domain}' is gone from '{self.uri}'")
+        sj = SimJob(job, 0, 0.0, False, None, "")
+        restore_job(sj, rec)
+        now = self.clock.now()
+        away = 0.0 if self.clock.manual else max(0.0, self.clock.wall() - float(rec["wall"]))
+        sj.base_time = now - away
+        if last_state is JobState.ABORTING and sj.phase is not Phase.FINISH:
+            # the engine took the cancel, the process died before the driver saved it
+            sj.phase, sj.outcome, sj.paused = Phase.FINISH, "cancelled", False
+        elif last_state is JobState.COMPLETING and sj.phase is Phase.READY:
+            sj.phase, sj.outcome = Phase.FINISH, "completed"
+        self._jobs[job.uuid] = sj
+        ended = self._while_away(sj, now)
+        if ended is not None:
+            outcome, errmsg, extra = self._conclude(sj, *ended)
+            return Concluded(_TERMINAL[outcome], errmsg if outcome == "failed" else None, extra)
+        self._rebase(sj)
+        done = int(sj.base_bytes)
+        self._update_extra(sj, done)
+        self._save(sj)
+        self._schedule(sj)
+        if sj.phase is Phase.READY:
+            state = JobState.READY
         else:
-            job.reporter.failed(errmsg or "failed")
+            state = JobState.PAUSED if sj.paused else JobState.RUNNING
+        return Reattached(state, done, sj.total)
+
+    def _while_away(self, sj: SimJob, now: float) -> tuple[str, str | None] | None:
+        """How the job ended while no process ran (None: it goes on); a converging job
+        that got there is READY (or, a commit that pivots by itself, completed)."""
+        if sj.phase is Phase.FINISH:
+            return sj.outcome, None
+        if sj.phase is not Phase.COPY or sj.paused:
+            return None
+        done = sj.processed(now)
+        if sj.fail_at is not None and done >= sj.fail_at:
+            return "failed", f"{sj.fail_message} at {sj.fail_at} of {sj.total} bytes"
+        if done < sj.total:
+            return None
+        if not sj.converges:
+            return "completed", None
+        sj.base_bytes, sj.phase = float(sj.total), Phase.READY
+        spec = sj.job.spec
+        if isinstance(spec, PreparedCommit) and spec.pivot:
+            return "completed", None
+        return None
+
+    def _forget_later(self, job: uuid.UUID) -> None:
+        self._ended.append(job)
+        self._sweep_wakeup.set()
+
+    def _drop_unclaimed(self) -> None:
+        """Recovery is over (the engine serves calls): the records no job was recovered
+        from belong to jobs the engine had ended already."""
+        assert self._persist is not None
+        for job in self._saved_jobs:
+            self._persist.forget_job(job)
+        self._saved_jobs.clear()
+
+    async def _sweep(self, persist: SimState) -> None:
+        """Delete ended jobs' records once the store has everything queued with them
+        (the engine queues a job's terminal write when the driver reports its end)."""
+        while True:
+            await self._sweep_wakeup.wait()
+            self._sweep_wakeup = anyio.Event()
+            batch, self._ended = self._ended, []
+            try:
+                await persist.state.sync()
+            except Exception as exc:  # the records stay; the next process drops them
+                log.warning("sim_state_sync_failed", uri=self.uri, error=str(exc))
+                continue
+            for job in batch:
+                persist.forget_job(job)
 
     def job_count(self) -> int:
         return len(self._jobs)
@@ -365,16 +515,22 @@ class SimDriver:
     uri_params = frozenset({"rate", "fail_at", "clock"})
     #: what an absent parameter means (jobd compares a hello's parameters with these)
     uri_defaults = {"rate": str(DEFAULT_RATE), "clock": "real"}
+    #: the world and the jobs persist in the DriverState the engine passes to connect
+    persistent_state = True
 
     def identity(self, uri: URI) -> tuple[tuple[str, str], ...]:
         """None of sim's parameters selects another host: ``sim:///NAME`` is the host."""
         return ()
 
     @asynccontextmanager
-    async def connect(self, uri: URI, tg: TaskGroup) -> AsyncIterator[SimConnection]:
+    async def connect(
+        self, uri: URI, tg: TaskGroup, state: DriverState | None = None
+    ) -> AsyncIterator[SimConnection]:
+        """Open ``uri``'s host; with ``state``, its world and jobs are those the last
+        process left there (see ``recover_job``), and every change is saved in it."""
         if uri.host:
             raise InvalidURI(f"the sim driver is local: no host allowed in '{uri}'")
-        conn = SimConnection(uri, tg)
+        conn = SimConnection(uri, tg, state)
         tg.start_soon(conn.run)
         try:
             yield conn

@@ -61,6 +61,8 @@ def apply(world: SimWorld, job: DriverJob, dom: SimDomain) -> Mapping[str, int |
     del source.domains[dom.name]
     target.domains[dom.name] = dom
     world.where[dom.name] = name
+    world.changed(source)
+    world.changed(target)
     job.reporter.domain_moved(str(dest))
     limit = spec.downtime_limit
     return {"downtime": 30 if limit is None else min(limit, 30)}

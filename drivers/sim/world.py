@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import stat
 import uuid
+from collections.abc import Iterable
+from typing import Protocol
 
 from attrs import define, field, frozen
 
@@ -100,17 +102,42 @@ class SimHost:
     files: dict[str, SimFile] = field(factory=dict)
 
 
+class WorldRecorder(Protocol):
+    """Where a world's changes are saved (drivers.sim.persist.SimState)."""
+
+    def host(self, host: SimHost) -> None: ...
+
+    def file_added(self, host: SimHost, path: str, f: SimFile) -> None: ...
+
+    def file_removed(self, host: SimHost, path: str) -> None: ...
+
+
 class SimWorld:
     """The hosts of one connection's world and where each domain is now."""
 
-    def __init__(self, uri: str, home: str) -> None:
+    def __init__(
+        self,
+        uri: str,
+        home: str,
+        *,
+        saved: dict[str, SimHost] | None = None,
+        persist: WorldRecorder | None = None,
+    ) -> None:
         #: the connection's URI (named in messages)
         self.uri = uri
         self.hosts: dict[str, SimHost] = {}
         #: domain name -> the host holding it (every lookup is O(1), whatever the hosts)
         self.where: dict[str, str] = {}
-        #: the connection's own host, seeded with vm1 and vm2
-        self.home = self.new_host(home, seed=True)
+        #: where every change is saved (None: the world lives as long as the connection)
+        self.persist = persist
+        if saved and home in saved:  # the world a previous process left
+            self.hosts = dict(saved)
+            for host in self.hosts.values():
+                self.where.update((n, host.name) for n in host.domains)
+            self.home = self.hosts[home]
+        else:
+            #: the connection's own host, seeded with vm1 and vm2
+            self.home = self.new_host(home, seed=True)
 
     def new_host(self, name: str, *, seed: bool) -> SimHost:
         host = SimHost(name)
@@ -124,7 +151,23 @@ class SimWorld:
             host.domains = {n: default_domain(n) for n in ("vm1", "vm2")}
             self.where.update((n, name) for n in host.domains)
         self.hosts[name] = host
+        self.changed(host)
         return host
+
+    def changed(self, host: SimHost) -> None:
+        """``host``'s domains changed (created, destroyed, moved, chain or checkpoints)."""
+        if self.persist is not None:
+            self.persist.host(host)
+
+    def add_files(self, host: SimHost, files: Iterable[tuple[str, SimFile]]) -> None:
+        for path, f in files:
+            host.files[path] = f
+            if self.persist is not None:
+                self.persist.file_added(host, path, f)
+
+    def remove_file(self, host: SimHost, path: str) -> None:
+        if host.files.pop(path, None) is not None and self.persist is not None:
+            self.persist.file_removed(host, path)
 
     def domain(self, name: str) -> SimDomain:
         """A domain of this host or, once migrated, of another host of this world: the

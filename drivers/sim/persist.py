@@ -1,0 +1,154 @@
+"""The sim driver's durable records: its world and its jobs, kept in a DriverState.
+
+Keys and values (JSON, one record per key):
+
+* ``host:NAME`` — a simulated host's domains: disks with their chains and sizes, memory,
+  checkpoints. Written when the host is created and whenever one of its domains changes
+  (destroyed, a job's effect applied, moved in or out by a migration).
+* ``file:["HOST","PATH"]`` — a file the simulation created on a host (format, size);
+  deleted when it goes again. One key per file, so a host with many backup targets is not
+  rewritten whole at each backup.
+* ``job:UUID`` — a running job: what it needs to go on after a restart (type, domain,
+  total, ``processed`` bytes at the wall-clock instant ``wall``, rate, phase, pause,
+  converges, fail_at, the files it created, its extra stats). Written at start and at each
+  change of its progress function (pause, resume, set_speed, cancel, complete, ready).
+  When the job ends it becomes ``{"ended": OUTCOME, ...}`` (written together with the
+  job's effect on the world) and is deleted once the store has the engine's terminal write
+  too: a restart in between finds the outcome, never applies the effect twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from drivers.sim.job import Phase, SimJob
+from drivers.sim.world import SimDisk, SimDomain, SimFile, SimHost
+from jobcore.driver import DriverState
+
+HOST = "host:"
+FILE = "file:"
+JOB = "job:"
+
+
+def host_key(name: str) -> str:
+    return HOST + name
+
+
+def file_key(host: str, path: str) -> str:
+    return FILE + json.dumps([host, path])
+
+
+def job_key(job: uuid.UUID) -> str:
+    return JOB + str(job)
+
+
+def dump_host(host: SimHost) -> dict[str, Any]:
+    return {
+        "domains": {
+            name: {
+                "uuid": str(dom.uuid),
+                "memory": dom.memory,
+                "disks": [[d.name, list(d.chain), d.virtual_size] for d in dom.disks.values()],
+                "checkpoints": {c: list(disks) for c, disks in dom.checkpoints.items()},
+            }
+            for name, dom in host.domains.items()
+        }
+    }
+
+
+def load_host(name: str, value: Mapping[str, Any]) -> SimHost:
+    domains = {
+        dname: SimDomain(
+            dname,
+            uuid.UUID(d["uuid"]),
+            {disk: SimDisk(disk, list(chain), size) for disk, chain, size in d["disks"]},
+            d["memory"],
+            {c: tuple(disks) for c, disks in d["checkpoints"].items()},
+        )
+        for dname, d in value["domains"].items()
+    }
+    return SimHost(name, domains)
+
+
+def dump_job(sj: SimJob, processed: int, wall: float) -> dict[str, Any]:
+    return {
+        "type": str(sj.job.type),
+        "domain": sj.job.domain,
+        "total": sj.total,
+        "processed": processed,
+        "wall": wall,
+        "rate": None if math.isinf(sj.rate) else sj.rate,
+        "paused": sj.paused,
+        "phase": sj.phase.value,
+        "outcome": sj.outcome,
+        "converges": sj.converges,
+        "fail_at": sj.fail_at,
+        "fail_message": sj.fail_message,
+        "created": list(sj.created),
+        "extra": dict(sj.extra),
+    }
+
+
+def restore_job(sj: SimJob, rec: Mapping[str, Any]) -> None:
+    """Give ``sj`` (built for the recovered DriverJob) the saved record's progress state;
+    its base point is the saved instant (the caller places it on its clock)."""
+    sj.total = int(rec["total"])
+    sj.rate = math.inf if rec["rate"] is None else float(rec["rate"])
+    sj.paused = bool(rec["paused"])
+    sj.phase = Phase(rec["phase"])
+    sj.outcome = str(rec["outcome"])
+    sj.converges = bool(rec["converges"])
+    sj.fail_at = None if rec["fail_at"] is None else int(rec["fail_at"])
+    sj.fail_message = str(rec["fail_message"])
+    sj.created = tuple(rec["created"])
+    sj.extra = dict(rec["extra"])
+    sj.base_bytes = float(rec["processed"])
+
+
+class SimState:
+    """The world's and jobs' writes to a DriverState (only when a connection has one)."""
+
+    def __init__(self, state: DriverState) -> None:
+        self.state = state
+
+    def load(self) -> tuple[dict[str, SimHost], dict[uuid.UUID, dict[str, Any]]]:
+        """The saved hosts (with their files) and job records."""
+        hosts: dict[str, SimHost] = {}
+        files: list[tuple[str, str, SimFile]] = []
+        jobs: dict[uuid.UUID, dict[str, Any]] = {}
+        for key, value in self.state.load().items():
+            if key.startswith(HOST):
+                hosts[key[len(HOST) :]] = load_host(key[len(HOST) :], value)
+            elif key.startswith(FILE):
+                host, path = json.loads(key[len(FILE) :])
+                files.append((host, path, SimFile(value["format"], value["size"])))
+            elif key.startswith(JOB):
+                jobs[uuid.UUID(key[len(JOB) :])] = dict(value)
+        for host, path, f in files:
+            if host in hosts:
+                hosts[host].files[path] = f
+        return hosts, jobs
+
+    def host(self, host: SimHost) -> None:
+        self.state.save(host_key(host.name), dump_host(host))
+
+    def file_added(self, host: SimHost, path: str, f: SimFile) -> None:
+        self.state.save(file_key(host.name, path), {"format": f.format, "size": f.virtual_size})
+
+    def file_removed(self, host: SimHost, path: str) -> None:
+        self.state.delete(file_key(host.name, path))
+
+    def job(self, sj: SimJob, processed: int, wall: float) -> None:
+        self.state.save(job_key(sj.job.uuid), dump_job(sj, processed, wall))
+
+    def job_ended(
+        self, job: uuid.UUID, outcome: str, errmsg: str | None, extra: Mapping[str, int | str]
+    ) -> None:
+        self.state.save(job_key(job), {"ended": outcome, "errmsg": errmsg, "extra": dict(extra)})
+
+    def forget_job(self, job: uuid.UUID) -> None:
+        self.state.delete(job_key(job))
