@@ -689,7 +689,7 @@ class Daemon:
                 # a client (or socket) that does not take its replies gets no more computed
                 await client.drained()
                 try:
-                    reply = Reply(rid, await _HANDLERS[method](self, client, req.args))
+                    reply = Reply(rid, await _HANDLERS[method](client, req.args))
                 except (JobError, TimeoutError) as exc:
                     reply = error_reply(rid, exc)
                 except Exception as exc:
