@@ -29,6 +29,7 @@ qemu-deps:
 lint: $(STAMP)
 	$(BIN)/ruff check jobcore drivers tests benchmarks
 	$(BIN)/ruff format --check jobcore drivers tests benchmarks
+	$(BIN)/lint-imports --no-cache --no-logo  # the layering: [tool.importlinter] in pyproject.toml
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

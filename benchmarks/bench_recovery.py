@@ -34,7 +34,7 @@ import anyio
 import jobcore
 from benchmarks.bench_store import _spec
 from jobcore.local import as_local
-from jobcore.store import open_store
+from jobcore.store_sqlite import open_store
 
 RETAINED = int(os.environ.get("BENCH_RECOVERY_RETAINED", "10000"))
 ACTIVE = int(os.environ.get("BENCH_RECOVERY_ACTIVE", "1000"))

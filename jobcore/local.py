@@ -37,9 +37,8 @@ from jobcore.store import (
     DEFAULT_STORE_URL,
     JobRecord,
     JobStore,
-    open_store,
 )
-from jobcore.store_sqlite import SQLiteJobStore, parse_store_url
+from jobcore.store_sqlite import SQLiteJobStore, open_store, parse_store_url
 from jobcore.types.backup import BackupJobSpec
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.uri import parse_uri

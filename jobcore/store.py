@@ -268,29 +268,3 @@ def _pop(index: dict[str, dict[uuid.UUID, JobRecord]], domain: str, job: uuid.UU
 
 #: the store a connection uses unless it names one
 DEFAULT_STORE_URL = "memory:"
-
-
-def open_store(
-    url: str = DEFAULT_STORE_URL,
-    *,
-    scope: str = "default",
-    max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
-    max_retained: int = DEFAULT_MAX_RETAINED,
-) -> JobStore:
-    """The store a URL names: ``memory:`` or ``sqlite:///ABS/PATH`` (InvalidArgument for
-    anything else). A durable store keeps the jobs of one ``scope`` (a driver connection)
-    and loads those already in the file; it blocks (open, check, load): call it off the
-    event loop. StoreError when the file is corrupt, locked or of a newer schema."""
-    from jobcore.store_sqlite import SQLiteJobStore, open_database, parse_store_url
-
-    parsed = parse_store_url(url)
-    caps = {"max_retained_per_domain": max_retained_per_domain, "max_retained": max_retained}
-    if parsed.kind == "memory":
-        return MemoryJobStore(**caps)
-    assert parsed.path is not None
-    db = open_database(parsed.path, parsed.synchronous)
-    try:
-        return SQLiteJobStore(db, scope, **caps)
-    except BaseException:
-        db.release()
-        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 from jobcore import docgen
@@ -53,3 +54,15 @@ def test_every_design_page_linked_from_the_overview_exists() -> None:
     for page in ("tables.md", "scheduling.md", "legacy.md", "xml.md", "qemu.md", "daemon.md"):
         assert f"({page})" in overview
         assert (DESIGN / page).exists(), page
+
+
+def test_the_drawn_layers_are_the_import_contracts_layers() -> None:
+    """design/README.md's "Layers" picture is the layers contract `make lint` checks."""
+    contracts = tomllib.loads((DESIGN.parent / "pyproject.toml").read_text())["tool"][
+        "importlinter"
+    ]["contracts"]
+    (layers,) = [c["layers"] for c in contracts if c["id"] == "jobcore-layers"]
+    text = (DESIGN / "README.md").read_text().split("\n## Layers\n", 1)[1]
+    block = text.split("```\n", 2)[1].splitlines()
+    drawn = [line.split("  (", 1)[0].strip() for line in block]
+    assert drawn == layers

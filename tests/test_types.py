@@ -1,6 +1,7 @@
-"""The job types' modules: no import cycles among them and the layers around them, the
-prepared specs drivers get (every position, default and name resolved once), and each
-type's verb set, narrowed by a driver's, checked before the driver is asked."""
+"""The job types' modules: each imports first in a fresh interpreter (their import layering
+is pyproject.toml's [tool.importlinter], checked by `make lint`), the prepared specs drivers
+get (every position, default and name resolved once), and each type's verb set, narrowed
+by a driver's, checked before the driver is asked."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import grimp
 import pytest
 from anyio.abc import TaskGroup
 
@@ -28,70 +28,6 @@ from jobcore.types.backup import PreparedBackup
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec, PreparedCommit, PreparedPull
 from jobcore.uri import URI
 from jobcore.xml import format_job, parse_job
-
-#: the modules this layer consists of (the job types, what they stand on, what reads them)
-LAYER = (
-    "jobcore.spec",
-    "jobcore.backup",
-    "jobcore.lifecycle",
-    "jobcore.scheduler",
-    "jobcore.driver",
-    "jobcore.types",
-    "jobcore.registry",
-    "jobcore.xml",
-    "jobcore.docgen",
-    "jobcore.testing",
-)
-
-
-def _owned(module: str) -> bool:
-    return any(module == m or module.startswith(m + ".") for m in LAYER)
-
-
-def _cycles(graph: grimp.ImportGraph) -> list[set[str]]:
-    """The strongly connected components of more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on: set[str] = set()
-    out: list[set[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in graph.find_modules_directly_imported_by(v):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = set()
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.add(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(comp)
-
-    for m in sorted(graph.modules):
-        if m not in index:
-            visit(m)
-    return out
-
-
-@pytest.mark.parametrize("type_checking", [False, True])
-def test_no_import_cycle_touches_the_types_layer(type_checking: bool) -> None:
-    """Every import counted, function-level and (once) TYPE_CHECKING ones too."""
-    graph = grimp.build_graph(
-        "jobcore", exclude_type_checking_imports=not type_checking, cache_dir=None
-    )
-    assert "jobcore.types.chain" in graph.modules
-    bad = [sorted(c) for c in _cycles(graph) if any(_owned(m) for m in c)]
-    assert bad == []
 
 
 def test_each_module_imports_first_in_a_fresh_interpreter() -> None:

@@ -1,10 +1,11 @@
-"""The request handlers, one per ``jobcore.protocol.Method`` (registered in ``_HANDLERS``)."""
+"""The request handlers, one per ``jobcore.methods.Method`` (registered in ``_HANDLERS``):
+each takes the calling session and the call's validated arguments."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jobcore.daemon.config import HANDLE_CACHE, MAX_LIST_PAGE
 from jobcore.daemon.sessions import _Client
@@ -13,11 +14,7 @@ from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.methods import Method, On, Result, uuid_prefix
 from jobcore.protocol import MAX_FRAME, DomainRef, Wire, encode_job_ref, encode_value
 
-if TYPE_CHECKING:
-    from jobcore.daemon.server import Daemon
-
-
-Handler = Callable[["Daemon", _Client, tuple[Any, ...]], Awaitable[Wire]]
+Handler = Callable[[_Client, tuple[Any, ...]], Awaitable[Wire]]
 _HANDLERS: dict[Method, Handler] = {}
 
 
@@ -97,18 +94,18 @@ def _table_handler(method: Method) -> Handler:
     attr, encode = call.attr, _encoder(call.result)
     if call.on is On.CONNECTION:
 
-        async def on_connection(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+        async def on_connection(c: _Client, a: tuple[Any, ...]) -> Wire:
             return encode(c, await getattr(_conn(c), attr)(*a))
 
         return on_connection
     if call.on is On.DOMAIN:
 
-        async def on_domain(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+        async def on_domain(c: _Client, a: tuple[Any, ...]) -> Wire:
             return encode(c, await getattr(await _domain(c, a[0]), attr)(*a[1:]))
 
         return on_domain
 
-    async def on_job(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+    async def on_job(c: _Client, a: tuple[Any, ...]) -> Wire:
         job = await _job(c, a[0])
         result = await getattr(job, attr)(*a[1:])
         if call.writes:  # a verb; info lines: begin and end only
@@ -119,24 +116,24 @@ def _table_handler(method: Method) -> Handler:
 
 
 @_handles(Method.CREATE_DOMAIN)
-async def _h_create_domain(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+async def _h_create_domain(c: _Client, a: tuple[Any, ...]) -> Wire:
     return _dom_ref(await _conn(c).create_domain(_text(a[0]), path_guard=c.guard))
 
 
 @_handles(Method.JOB_LOOKUP_BY_UUID)
-async def _h_job_lookup(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+async def _h_job_lookup(c: _Client, a: tuple[Any, ...]) -> Wire:
     return _ref(c, await _conn(c).job_lookup_by_uuid(await _domain(c, a[0]), a[1]))
 
 
 @_handles(Method.DOMAIN_DESTROY)
-async def _h_domain_destroy(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+async def _h_domain_destroy(c: _Client, a: tuple[Any, ...]) -> Wire:
     await (await _domain(c, a[0])).destroy()
     c.domains.pop(a[0], None)
     return None
 
 
 @_handles(Method.JOB_BEGIN)
-async def _h_job_begin(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+async def _h_job_begin(c: _Client, a: tuple[Any, ...]) -> Wire:
     job = await (await _domain(c, a[0])).job_begin(a[1], a[2])
     # the engine logs the job's one "job began" info line; this adds who began it
     c.log.debug("job begun", job=str(job.uuid), type=str(job.type), domain=job.domain)
@@ -156,7 +153,7 @@ def _page_size(domain: str, limit: int) -> int:
 
 
 @_handles(Method.LIST_JOBS)
-async def _h_list_jobs(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+async def _h_list_jobs(c: _Client, a: tuple[Any, ...]) -> Wire:
     dom = await _domain(c, a[0])
     jobs = await dom.list_jobs()
     if len(jobs) * _ref_size(dom.name) > MAX_FRAME // 2:
@@ -168,7 +165,7 @@ async def _h_list_jobs(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
 
 
 @_handles(Method.LIST_JOBS_PAGE)
-async def _h_list_jobs_page(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+async def _h_list_jobs_page(c: _Client, a: tuple[Any, ...]) -> Wire:
     dom = await _domain(c, a[0])
     conn = _conn(c)
     recs, cursor = conn.engine.domain_jobs_page(dom.name, a[1], _page_size(dom.name, a[2]))
@@ -176,7 +173,7 @@ async def _h_list_jobs_page(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
 
 
 @_handles(Method.FIND_JOBS)
-async def _h_find_jobs(d: Daemon, c: _Client, a: tuple[Any, ...]) -> Wire:
+async def _h_find_jobs(c: _Client, a: tuple[Any, ...]) -> Wire:
     conn = _conn(c)
     refs: list[Wire] = []
     size = 0

@@ -78,6 +78,14 @@ _ACCEPT_TRANSIENT = frozenset(
 )
 
 
+def _count_down(counts: Counter[int | None], uid: int | None) -> None:
+    """One fewer for ``uid``; a uid whose count reaches 0 leaves (a counter of uids keeps
+    only those with connections or subscriptions)."""
+    counts[uid] -= 1
+    if not counts[uid]:
+        del counts[uid]
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -312,9 +320,7 @@ class Daemon:
     def _unadmit(self, readonly: bool, uid: int | None) -> None:
         self._clients[readonly] -= 1
         if readonly:
-            self._ro_clients_of[uid] -= 1
-            if not self._ro_clients_of[uid]:
-                del self._ro_clients_of[uid]
+            _count_down(self._ro_clients_of, uid)
 
     def _detach(self, client: _Client) -> None:
         """Let go of the client's driver connection (counted for read-write clients)."""
@@ -639,9 +645,7 @@ class Daemon:
     def _subscription_ended(self, readonly: bool, uid: int | None, sub: Subscription) -> None:
         self._subscriptions[readonly] -= 1
         if readonly:
-            self._ro_subscriptions_of[uid] -= 1
-            if not self._ro_subscriptions_of[uid]:
-                del self._ro_subscriptions_of[uid]
+            _count_down(self._ro_subscriptions_of, uid)
 
     async def _forward(self, client: _Client, sub_id: int, sub: Subscription) -> None:
         """Push a subscription's events; a slow client fills its bounded buffer and loses
@@ -689,7 +693,7 @@ class Daemon:
                 # a client (or socket) that does not take its replies gets no more computed
                 await client.drained()
                 try:
-                    reply = Reply(rid, await _HANDLERS[method](self, client, req.args))
+                    reply = Reply(rid, await _HANDLERS[method](client, req.args))
                 except (JobError, TimeoutError) as exc:
                     reply = error_reply(rid, exc)
                 except Exception as exc:

@@ -34,7 +34,7 @@ from jobcore.scheduler import (
     normalize_path,
 )
 from jobcore.spec import JobOptions, JobType
-from jobcore.types.base import JobTypeInfo, chain_uses
+from jobcore.types.base import JobTypeInfo, chain_uses, prepared
 from jobcore.xml import _schema
 from jobcore.xml._parse import once
 from jobcore.xml.backup import align_backup, build_backup_element, parse_backup_element
@@ -154,12 +154,11 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> Prepare
     backup = _normalized_files(backup)
     mode = backup.effective_mode
     disks = tuple(_prepared_disk(d, mode, checkpoint) for d in backup.included_disks())
-    return PreparedBackup(
+    return prepared(
+        PreparedBackup,
+        spec,
         backup=backup,
         checkpoint=checkpoint,
-        uuid=spec.uuid,
-        options=spec.options,
-        reuse_external=spec.reuse_external,
         mode=mode,
         disks=disks,
         checkpoint_name=None if checkpoint is None else checkpoint.name,

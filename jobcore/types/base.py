@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import attrs
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument
@@ -77,6 +78,17 @@ class JobTypeInfo:
 
 
 # ---- helpers the chain-reading types share ---------------------------------------------
+
+
+_Prepared = TypeVar("_Prepared")
+
+
+def prepared(cls: builtins.type[_Prepared], spec: Any, **resolved: Any) -> _Prepared:
+    """The prepared spec ``cls`` (a subclass of the spec's class) of ``spec``: every field
+    of the spec, so one added to a spec class reaches its prepared spec, with the
+    ``resolved`` ones set or replaced."""
+    given = {a.alias: getattr(spec, a.name) for a in attrs.fields(type(spec)) if a.init}
+    return cls(**{**given, **resolved})
 
 
 def domain_disk(dom: DomainInfo, name: str) -> DiskInfo:

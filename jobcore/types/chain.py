@@ -18,7 +18,7 @@ from jobcore.errors import InvalidArgument
 from jobcore.paths import PathUse
 from jobcore.scheduler import Claim, Mode, disk_resource, domain_resource
 from jobcore.spec import ChainRef, JobOptions, JobType, int64
-from jobcore.types.base import JobTypeInfo, chain_uses, domain_disk
+from jobcore.types.base import JobTypeInfo, chain_uses, domain_disk, prepared
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
 from jobcore.xml._parse import once
@@ -202,13 +202,11 @@ def prepare_pull(spec: BlockPullSpec, dom: DomainInfo, wall: float) -> PreparedP
     base = None if spec.base is None else _index(disk, spec.base, "base", 0)
     if base is not None and base <= top:
         raise InvalidArgument(f"base (index {base}) must lie below top (index {top})")
-    return PreparedPull(
-        disk=spec.disk,
+    return prepared(
+        PreparedPull,
+        spec,
         top=ChainRef(index=top),
         base=None if base is None else ChainRef(index=base),
-        bandwidth=spec.bandwidth,
-        uuid=spec.uuid,
-        options=spec.options,
         top_index=top,
         base_index=base,
         chain=disk.chain,
@@ -225,16 +223,11 @@ def prepare_commit(spec: BlockCommitSpec, dom: DomainInfo, wall: float) -> Prepa
     base = _index(disk, spec.base, "base", top + 1 if spec.shallow else len(disk.chain) - 1)
     if base <= top:
         raise InvalidArgument(f"base (index {base}) must lie below top (index {top})")
-    return PreparedCommit(
-        disk=spec.disk,
+    return prepared(
+        PreparedCommit,
+        spec,
         top=ChainRef(index=top),
         base=ChainRef(index=base),
-        pivot=spec.pivot,
-        delete=spec.delete,
-        shallow=spec.shallow,
-        bandwidth=spec.bandwidth,
-        uuid=spec.uuid,
-        options=spec.options,
         top_index=top,
         base_index=base,
         chain=disk.chain,
