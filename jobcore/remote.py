@@ -9,10 +9,12 @@ The async API and the blocking facade work unchanged. A job handle's ``uuid``, `
 and ``domain`` are local (no round trip); ``state`` is the state last seen by a call on
 that handle. Engine internals (``conn.engine``, ``conn.driver``) do not exist remotely.
 
-One connection is one UNIX socket with two tasks in the connection's task group: a writer
+One connection is one UNIX socket at a time (``_Session``) with two tasks: a writer
 draining a bounded queue of frames (so requests go out in call order) and a reader
-dispatching replies to their callers and events to subscriptions. Works on asyncio and
-trio.
+dispatching replies to their callers and events to subscriptions. A lost socket fails the
+calls in flight with ConnectionLost; the ``_Link`` then reconnects with a bounded
+backoff, subscribes again and resumes the subscriptions from the last event seq each saw
+(design/daemon.md, "Reconnecting"). Works on asyncio and trio.
 """
 
 from __future__ import annotations
