@@ -385,7 +385,7 @@ class Engine:
         if rec is None or self._dstore is None:
             return None
         n = self._dstore.last_event_seq(job) or 0
-        if rec.state.terminal and job in self._dstore.unrecovered:
+        if rec.state.terminal and job in getattr(self._dstore, "unrecovered", ()):
             n += 2  # presented as failed at open: its terminal STATE and FINAL come after
         if n <= seen:
             return None

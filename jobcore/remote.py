@@ -484,7 +484,7 @@ class _Link:
             attempts += 1
             try:
                 session = await self.open()
-            except DaemonUnreachable as exc:  # not up yet (or busy): try again
+            except JobError as exc:  # not up yet, busy, not serving that URI yet: again
                 last = exc
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
