@@ -563,7 +563,9 @@ class RemoteConnection:
     async def call(self, method: Method, *args: ArgValue) -> Any:
         """One round trip of ``method`` (arguments after the handle's identity), its
         reply decoded into the table's result type, refs turned into handles."""
-        session = await self._link.current()
+        session = self._link.session
+        if session is None or session.lost is not None or self._link.failed is not None:
+            session = await self._link.current()  # reconnecting (or given up: raises)
         result = await session.call_as(method, *args)
         match method.value.result:
             case Result.DOMAIN_REF:
