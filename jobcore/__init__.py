@@ -8,6 +8,8 @@ from jobcore.api import LEGACY_DOMAIN_JOB_UUID, Connection, Domain, Job, connect
 from jobcore.constants import *  # noqa: F403  (libvirt's names and values)
 from jobcore.errors import (
     AccessDenied,
+    ConnectionLost,
+    DaemonUnreachable,
     DriverError,
     InvalidArgument,
     InvalidURI,
@@ -62,6 +64,8 @@ __all__ = [
     "BlockingJob",
     "ChainRef",
     "Connection",
+    "ConnectionLost",
+    "DaemonUnreachable",
     "Domain",
     "DriverError",
     "EventFilter",

@@ -363,6 +363,35 @@ class Engine:
             rec.total,
             self.clock.wall(),
             self.stats(rec) if kind is EventKind.FINAL else None,
+            0,
+            self._event_seq(rec, kind),
+        )
+
+    def _event_seq(self, rec: JobRecord, kind: EventKind) -> int:
+        """The number of ``rec``'s event of ``kind`` as it is now (JobEvent.seq): the
+        durable store numbers STATE and FINAL events; 0 otherwise."""
+        if self._dstore is None or kind is EventKind.PROGRESS:
+            return 0
+        n = self._dstore.last_event_seq(rec.uuid) or 0
+        return n - 1 if kind is EventKind.STATE and rec.state.terminal else n
+
+    def catch_up(self, job: uuid.UUID, seen: int) -> JobEvent | None:
+        """What a subscriber that last saw the job's event number ``seen`` resumes with
+        (design/daemon.md, "Reconnecting"): the FINAL event if the job ended, else a STATE
+        event of its current state, numbered as the job's last event, its ``lost_before``
+        the numbered events in between (0 when ``seen`` is 0: nothing was seen); None if
+        it saw the last one, the job is unknown, or the store does not number events."""
+        rec = self.store.get(job)
+        if rec is None or self._dstore is None:
+            return None
+        n = self._dstore.last_event_seq(job) or 0
+        if rec.state.terminal and job in getattr(self._dstore, "unrecovered", ()):
+            n += 2  # presented as failed at open: its terminal STATE and FINAL come after
+        if n <= seen:
+            return None
+        kind = EventKind.FINAL if rec.state.terminal else EventKind.STATE
+        return attrs.evolve(
+            self._event(rec, kind), seq=n, lost_before=max(0, n - seen - 1) if seen else 0
         )
 
     def _ended(self, rec: JobRecord) -> None:

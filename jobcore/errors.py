@@ -10,7 +10,9 @@
      ├── QueueTimeout           a queued job was not admitted in time
      ├── SubscriptionOverflow   an event subscriber fell too far behind and was ended
      ├── Unsupported            the driver does not implement that operation
-     └── DriverError            the hypervisor failed; the message carries its text
+     ├── DriverError            the hypervisor failed; the message carries its text
+     └── DaemonUnreachable      no jobd answers at the socket, or the connection was lost
+          └── ConnectionLost    jobd went away while a call was in flight
 
 Cancellation (anyio/trio) is never wrapped into these: it stays a BaseException.
 """
@@ -97,6 +99,17 @@ class Unsupported(JobError):
 
 class DriverError(JobError):
     """The hypervisor reported a failure; the message carries its text."""
+
+
+class DaemonUnreachable(JobError):
+    """No daemon answers at the socket, or the connection to it was lost."""
+
+
+class ConnectionLost(DaemonUnreachable):
+    """The daemon went away (or its connection broke) while the call was in flight: the
+    call fails at once, whatever it waited for. The call may or may not have taken effect
+    on the daemon; the remote client reconnects by itself (design/daemon.md, "Reconnecting")
+    and the handles stay usable."""
 
 
 class InvalidArgument(JobError):

@@ -62,6 +62,11 @@ class JobEvent:
     stats: Mapping[str, Any] | None = None
     #: events this subscriber lost (dropped) just before this one
     lost_before: int = 0
+    #: the job's event number (STATE and FINAL events; 0: PROGRESS, or a store that does
+    #: not number events): 1 for its begin, one more per state change, the FINAL event the
+    #: number after its terminal STATE event. Kept across jobd restarts by a durable store,
+    #: so a subscriber that reconnects resumes from the last one it saw (see ``resume``)
+    seq: int = 0
 
 
 @frozen
@@ -202,6 +207,7 @@ class Subscription:
                 ev.timestamp,
                 ev.stats,
                 ev.lost_before + self._pending_lost,
+                ev.seq,
             )
             self._pending_lost = 0
         return ev
@@ -397,6 +403,13 @@ class EventHub:
                     # closed: ended earlier in this emit, it takes no more events
                     if not sub.closed and sub.filter.matches(ev):
                         sub._push(entry)
+
+    def emit_to(self, sub: Subscription, ev: JobEvent) -> None:
+        """Hand ``ev`` to ``sub`` alone, in order with what the hub emits (a resumed
+        subscription's catch-up event: jobd's ``resume``)."""
+        if not sub.closed and sub.filter.matches(ev):
+            sub._push((self._emitted, ev))
+            self._emitted += 1
 
     def close(self) -> None:
         for sub in list(self._keys):

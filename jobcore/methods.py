@@ -38,6 +38,12 @@ class Arg(enum.Enum):
     UUID = "uuid"
     OPT_UUID = "uuid|nil"
     OPT_STRS = "[str]|nil"
+    #: [[job uuid, event seq]…], at most MAX_RESUME pairs (the resume of a subscription)
+    SEQS = "[[uuid, int]…]"
+
+
+#: Jobs one ``resume`` request names (a client sends several for more).
+MAX_RESUME = 128
 
 
 class Result(enum.Enum):
@@ -112,6 +118,11 @@ class Method(enum.Enum):
         False, R.NONE, note="the subscription's id is the request id",
     )  # fmt: skip
     UNSUBSCRIBE = Call("unsubscribe", S, None, (("sub_id", A.INT),), False, R.NONE)
+    RESUME = Call(
+        "resume", S, None, (("sub_id", A.INT), ("seen", A.SEQS)), False, R.INT,
+        note="after a reconnect: each job's last event seq seen; the subscription gets the "
+        "job's FINAL or current STATE event if newer; the reply counts them",
+    )  # fmt: skip
     # connection
     LIST_DOMAINS = Call("list_domains", C, "list_domains", (), False, R.DOMAIN_REFS,
                         "listAllDomains")  # fmt: skip

@@ -40,11 +40,13 @@ from attrs import frozen
 from jobcore import errors
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.errors import AccessDenied as AccessDenied  # re-exported: part of the protocol
+from jobcore.errors import ConnectionLost as ConnectionLost  # re-exported: part of the protocol
+from jobcore.errors import DaemonUnreachable as DaemonUnreachable  # re-exported: as above
 from jobcore.errors import JobError
 from jobcore.events import EndReason, EventKind, JobEvent
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
-from jobcore.methods import BY_NAME, Arg, Method, Result
+from jobcore.methods import BY_NAME, MAX_RESUME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
 from jobcore.spec import JobType
 
@@ -60,10 +62,6 @@ RO_SOCKET = "jobd-ro.sock"
 
 class ProtocolError(JobError):
     """A peer sent something that is not the jobd protocol (bad frame, bad message)."""
-
-
-class DaemonUnreachable(JobError):
-    """No daemon answers at the socket, or the connection to it was lost."""
 
 
 @frozen
@@ -117,7 +115,16 @@ class MsgType(enum.IntEnum):
 
 
 #: A validated request argument: what ``Arg`` converts a wire value to.
-ArgValue: TypeAlias = str | bytes | int | float | uuid.UUID | tuple[str, ...] | None
+ArgValue: TypeAlias = (
+    str
+    | bytes
+    | int
+    | float
+    | uuid.UUID
+    | tuple[str, ...]
+    | tuple[tuple[uuid.UUID, int], ...]
+    | None
+)
 #: A plain wire value (what msgpack carries).
 Wire: TypeAlias = Any
 
@@ -218,7 +225,9 @@ def _wire_arg(value: ArgValue) -> Wire:
     if isinstance(value, uuid.UUID):
         return value.bytes
     if isinstance(value, tuple):
-        return list(value)
+        return [
+            list(_wire_arg(v) for v in item) if isinstance(item, tuple) else item for item in value
+        ]
     return value
 
 
@@ -376,9 +385,29 @@ def _convert_arg(kind: Arg, value: Wire) -> ArgValue | object:
         return float(value) if ok else _INVALID
     if kind in (Arg.UUID, Arg.OPT_UUID):
         return uuid.UUID(bytes=value) if isinstance(value, bytes) and len(value) == 16 else _INVALID
+    if kind is Arg.SEQS:
+        return _seqs(value)
     if isinstance(value, list) and len(value) <= 64 and all(isinstance(v, str) for v in value):
         return tuple(value)
     return _INVALID
+
+
+def _seqs(value: Wire) -> tuple[tuple[uuid.UUID, int], ...] | object:
+    if not isinstance(value, list) or len(value) > MAX_RESUME:
+        return _INVALID
+    out: list[tuple[uuid.UUID, int]] = []
+    for item in value:
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], bytes)
+            and len(item[0]) == 16
+            and _is_int(item[1])
+            and 0 <= item[1] < 2**63
+        ):
+            return _INVALID
+        out.append((uuid.UUID(bytes=item[0]), int(item[1])))
+    return tuple(out)
 
 
 # ---- scalar checks (error fields, subscription ends) ------------------------------------

@@ -9,34 +9,39 @@ The async API and the blocking facade work unchanged. A job handle's ``uuid``, `
 and ``domain`` are local (no round trip); ``state`` is the state last seen by a call on
 that handle. Engine internals (``conn.engine``, ``conn.driver``) do not exist remotely.
 
-One connection is one UNIX socket with two tasks in the connection's task group: a writer
+One connection is one UNIX socket at a time (``_Session``) with two tasks: a writer
 draining a bounded queue of frames (so requests go out in call order) and a reader
-dispatching replies to their callers and events to subscriptions. Works on asyncio and
-trio.
+dispatching replies to their callers and events to subscriptions. A lost socket fails the
+calls in flight with ConnectionLost; the ``_Link`` then reconnects with a bounded
+backoff, subscribes again and resumes the subscriptions from the last event seq each saw
+(design/daemon.md, "Reconnecting"). Works on asyncio and trio.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from jobcore.driver import DomainInfo
 from jobcore.engine import DEFAULT_RETENTION, check_timeout
-from jobcore.errors import InvalidArgument, InvalidURI, JobError
+from jobcore.errors import ConnectionLost, InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
-from jobcore.methods import Method, Named, Result, as_uuid, uuid_prefix
+from jobcore.methods import MAX_RESUME, Method, Named, Result, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
 from jobcore.protocol import (
     HEADER,
@@ -64,6 +69,7 @@ from jobcore.protocol import (
     frame_length,
     raise_error,
 )
+from jobcore.spec import MAX_SECONDS
 from jobcore.uri import URI, parse_uri
 from jobcore.xml import format_job
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document
@@ -83,6 +89,15 @@ HELLO_TIMEOUT = 30.0
 FRAME_TIMEOUT = 30.0
 #: Jobs asked for per LIST_JOBS_PAGE round trip (jobd may send fewer).
 LIST_PAGE = 1000
+#: Reconnecting after a lost socket (design/daemon.md, "Reconnecting"): the first attempt
+#: this many seconds after the loss, each next one twice as late, at most RECONNECT_MAX
+#: seconds apart, for at most ``?reconnect=SECONDS`` (URI parameter; 0: never) in all.
+RECONNECT_FIRST = 0.1
+RECONNECT_MAX = 5.0
+RECONNECT_TOTAL = 60.0
+RECONNECT_PARAM = "reconnect"
+#: Jobs whose last event seq one subscription remembers to resume from (the most recent).
+RESUME_JOBS = 1024
 
 _log = get_logger("jobcore.remote")
 
@@ -98,20 +113,42 @@ class _Pending:
 
 class _RemoteHub(EventHub):
     """The client end of one daemon-side subscription: a hub with a single subscriber
-    whose buffer (and loss policy) is jobcore.events' own."""
+    whose buffer (and loss policy) is jobcore.events' own. It outlives the socket it was
+    made on: after a reconnect it is subscribed again with the same filter, and resumed
+    from ``seen`` (each job's last numbered event delivered, the most recent jobs)."""
 
-    def __init__(self, session: _Session, sub_id: int) -> None:
+    def __init__(self, link: _Link, sub_id: int, flt: EventFilter, maxlen: int) -> None:
         super().__init__()
-        self._session = session
+        self._link = link
         self.sub_id = sub_id
+        self.flt = flt
+        self.maxlen = maxlen
         #: events the daemon reported lost so far (the lost_before of delivered events)
         self._reported_lost = 0
+        #: job -> the seq of its last STATE or FINAL event delivered (at most RESUME_JOBS)
+        self.seen: OrderedDict[uuid.UUID, int] = OrderedDict()
 
     def deliver(self, ev: JobEvent) -> None:
+        if ev.seq:
+            if ev.seq <= self.seen.get(ev.job, 0):
+                return  # delivered already (a resume's catch-up, then the live event)
+            self.seen[ev.job] = ev.seq
+            self.seen.move_to_end(ev.job)
+            if len(self.seen) > RESUME_JOBS:
+                self.seen.popitem(last=False)
         self._reported_lost += ev.lost_before
         for sub in self._subs:
             sub.lost += ev.lost_before  # events the daemon dropped for this subscriber
         self.emit(ev)
+
+    def resumed(self) -> list[tuple[uuid.UUID, int]]:
+        """What the ``resume`` requests of a new socket name: each job seen with its last
+        seq, and the job the filter names with 0 if none of its events was seen."""
+        self._reported_lost = 0  # the new daemon-side subscription counts from 0
+        pairs = list(self.seen.items())
+        if self.flt.job is not None and self.flt.job not in self.seen:
+            pairs.append((self.flt.job, 0))
+        return pairs
 
     def ended(self, end: SubscriptionEnd) -> None:
         """The daemon ended the subscription: the subscriber ends the same way, with the
@@ -128,24 +165,50 @@ class _RemoteHub(EventHub):
 
     def unsubscribe(self, sub: Subscription) -> None:
         super().unsubscribe(sub)
-        self._session.drop_subscription(self.sub_id)
+        self._link.drop_subscription(self.sub_id)
+
+
+def _subscribe_request(hub: _RemoteHub) -> Request:
+    flt = hub.flt
+    return Request(
+        hub.sub_id,
+        Method.SUBSCRIBE,
+        (
+            flt.domain,
+            flt.job,
+            None if flt.types is None else tuple(sorted(flt.types)),
+            None if flt.kinds is None else tuple(sorted(map(str, flt.kinds))),
+            hub.maxlen,
+        ),
+    )
 
 
 class _Session:
-    """One socket to jobd: request/reply matching, event routing, ordered writes."""
+    """One socket to jobd: request/reply matching, event routing, ordered writes. The
+    request ids and the subscriptions (hubs) belong to the ``_Link``: they outlive the
+    socket."""
 
-    def __init__(self, stream: SocketStream, tg: TaskGroup, where: str = "jobd") -> None:
+    def __init__(self, stream: SocketStream, link: _Link) -> None:
         self._stream = stream
-        self._tg = tg
+        self._link = link
         #: who is at the other end, for messages: "jobd at '/run/…/jobd.sock'"
-        self.where = where
+        self.where = link.where
         self._out_send, self._out_recv = anyio.create_memory_object_stream[bytes](OUTGOING_BUFFER)
-        self._ids = itertools.count(1)
+        self._ids = link.ids
         self._pending: dict[int, _Pending] = {}
-        self._hubs: dict[int, _RemoteHub] = {}
+        self._hubs = link.hubs
         self._slots = anyio.Semaphore(MAX_IN_FLIGHT)
         self._lost: JobError | None = None
+        #: the loss was the socket's (jobd died, a frame stalled): the link reconnects;
+        #: not when jobd said why it dropped us, the protocol broke, or we closed
+        self.retry = False
+        #: set once the socket is lost
+        self.gone = anyio.Event()
         self._reader_done = anyio.Event()
+
+    @property
+    def lost(self) -> JobError | None:
+        return self._lost
 
     # ---- calls ------------------------------------------------------------------------
 
@@ -167,7 +230,7 @@ class _Session:
                     self._send_nowait(Cancel(rid))
                 raise
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                raise self._lost or DaemonUnreachable("the connection to jobd is closed") from None
+                raise self._lost or ConnectionLost("the connection to jobd is closed") from None
             finally:
                 self._pending.pop(rid, None)
         if pending.error is not None:
@@ -191,32 +254,24 @@ class _Session:
 
     # ---- subscriptions ----------------------------------------------------------------
 
-    def subscribe(self, flt: EventFilter, maxlen: int) -> Subscription:
-        """Register at once (the request is queued before any later call, so no event of
-        a job begun afterwards is missed); the daemon filters, the hub buffers."""
-        if self._lost is not None:
-            raise self._lost
-        sub_id = next(self._ids)
-        hub = _RemoteHub(self, sub_id)
-        sub = hub.subscribe(flt, maxlen)
-        request = Request(
-            sub_id,
-            Method.SUBSCRIBE,
-            (
-                flt.domain,
-                flt.job,
-                None if flt.types is None else tuple(sorted(flt.types)),
-                None if flt.kinds is None else tuple(sorted(map(str, flt.kinds))),
-                maxlen,
-            ),
-        )
-        if not self._send_nowait(request):
+    def subscribe(self, hub: _RemoteHub) -> None:
+        """Queue the subscribe request at once (before any later call, so no event of a
+        job begun afterwards is missed); the daemon filters, the hub buffers."""
+        if not self._send_nowait(_subscribe_request(hub)):
             raise JobError("too many requests queued for jobd; subscribe again later")
-        self._hubs[sub_id] = hub
-        return sub
 
-    def drop_subscription(self, sub_id: int) -> None:
-        if self._hubs.pop(sub_id, None) is not None and self._lost is None:
+    async def resubscribe(self, hub: _RemoteHub) -> None:
+        """Subscribe ``hub`` again on this (new) socket, then resume it: the daemon serves
+        both in its read loop, so the catch-up events come before any later event."""
+        await self._out_send.send(encode_message(_subscribe_request(hub)))
+        pairs = hub.resumed()
+        for i in range(0, len(pairs), MAX_RESUME):
+            chunk = tuple(pairs[i : i + MAX_RESUME])
+            request = Request(next(self._ids), Method.RESUME, (hub.sub_id, chunk))
+            await self._out_send.send(encode_message(request))
+
+    def unsubscribe(self, sub_id: int) -> None:
+        if self._lost is None:
             self._send_nowait(Request(next(self._ids), Method.UNSUBSCRIBE, (sub_id,)))
 
     # ---- the two tasks ----------------------------------------------------------------
@@ -231,7 +286,7 @@ class _Session:
             # reader takes that frame first, then the generic loss applies.
             with anyio.move_on_after(READ_AFTER_WRITE_FAILURE):
                 await self._reader_done.wait()
-            self.lose(DaemonUnreachable(f"the connection to jobd was lost: {exc}"))
+            self.lose(ConnectionLost(f"the connection to {self.where} was lost: {exc}"), True)
 
     async def reader(self) -> None:
         receive = BufferedByteReceiveStream(self._stream)
@@ -242,10 +297,11 @@ class _Session:
                     self._dispatch(decode_message(await receive.receive_exactly(length)))
                     continue
                 self.lose(
-                    DaemonUnreachable(
+                    ConnectionLost(
                         f"{self.where} sent the header of a {length}-byte frame but not the "
                         f"rest within {FRAME_TIMEOUT:g} s"
-                    )
+                    ),
+                    True,
                 )
                 return
         except (
@@ -255,7 +311,7 @@ class _Session:
             anyio.ClosedResourceError,
             OSError,
         ):
-            self.lose(DaemonUnreachable("the connection to jobd was lost"))
+            self.lose(ConnectionLost(f"the connection to {self.where} was lost"), True)
         except ProtocolError as exc:
             self.lose(ProtocolError(f"jobd sent an invalid frame: {exc}"))
         finally:
@@ -275,7 +331,7 @@ class _Session:
             elif msg.id in self._hubs:
                 _log.debug("subscription refused", error=msg.error, message=msg.message)
                 error = raise_error(msg)
-                self._hubs[msg.id].refused(
+                self._hubs.pop(msg.id).refused(
                     error if isinstance(error, JobError) else JobError(str(error))
                 )
             else:
@@ -294,41 +350,223 @@ class _Session:
         else:
             _log.warning("unexpected message from jobd", message=type(msg).__name__)
 
-    def lose(self, error: BaseException) -> None:
-        """The connection is gone: fail every call in flight, end every subscription."""
+    def lose(self, error: BaseException, retry: bool = False) -> None:
+        """The socket is gone: fail every call in flight (at once: ConnectionLost when the
+        socket broke); the link decides what becomes of the subscriptions."""
         if self._lost is not None:
             return
         self._lost = error if isinstance(error, JobError) else JobError(str(error))
+        self.retry = retry
         for pending in list(self._pending.values()):
             pending.error = self._lost
             pending.done.set()
-        for hub in list(self._hubs.values()):
-            hub.close()
-        self._hubs.clear()
         self._out_send.close()
+        self.gone.set()
 
     def close(self) -> None:
         self.lose(DaemonUnreachable("the connection is closed"))
 
 
+class _Link:
+    """A connection's link to jobd across sockets: the current ``_Session``, the request
+    ids and subscriptions that outlive it, and the reconnection after a lost socket
+    (design/daemon.md, "Reconnecting"): the first attempt RECONNECT_FIRST s after the
+    loss, each next one twice as late, at most RECONNECT_MAX s apart, for at most
+    ``reconnect`` s in all; each sends hello again, subscribes every live subscription
+    again and resumes it. Calls made meanwhile wait for the outcome."""
+
+    def __init__(self, parsed: URI, path: Path, tg: TaskGroup, reconnect: float) -> None:
+        self.parsed = parsed
+        self.path = path
+        self.where = f"jobd at '{path}'"
+        self.tg = tg
+        self.reconnect = reconnect
+        self.ids = itertools.count(1)
+        self.hubs: dict[int, _RemoteHub] = {}
+        self.session: _Session | None = None
+        self.hello: ServerHello | None = None
+        #: set when the link gave up (or closed): every later call raises it
+        self.failed: JobError | None = None
+        self._changed = anyio.Event()
+        self._closing = False
+
+    def _hello_uri(self) -> str:
+        params = tuple((k, v) for k, v in self.parsed.params if k != RECONNECT_PARAM)
+        return attrs.evolve(self.parsed, params=params).without_transport()
+
+    async def open(self) -> _Session:
+        """A new socket to jobd, hello answered (DaemonUnreachable if it is not)."""
+        try:
+            stream = await anyio.connect_unix(self.path)
+        except OSError as exc:
+            raise DaemonUnreachable(
+                f"cannot reach jobd at '{self.path}': {exc.strerror or exc}"
+            ) from None
+        try:
+            check_daemon_peer(stream, self.path)
+        except AccessDenied:
+            await stream.aclose()
+            raise
+        session = _Session(stream, self)
+        self.tg.start_soon(self._run, stream, session)
+        try:
+            with anyio.move_on_after(HELLO_TIMEOUT) as hello_scope:
+                self.hello = await session.call_as(
+                    Method.HELLO, PROTOCOL_VERSION, self._hello_uri()
+                )
+            if hello_scope.cancelled_caught:
+                raise DaemonUnreachable(
+                    f"jobd at '{self.path}' did not answer hello within {HELLO_TIMEOUT:g} s "
+                    "(is it jobd? is it hung?)"
+                )
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    async def _run(self, stream: SocketStream, session: _Session) -> None:
+        async with stream, anyio.create_task_group() as tg:
+            tg.start_soon(session.reader)
+            tg.start_soon(session.writer)
+            await session.gone.wait()
+            tg.cancel_scope.cancel()
+
+    def start(self, session: _Session) -> None:
+        self.session = session
+        self.tg.start_soon(self._supervise)
+
+    async def current(self) -> _Session:
+        """The live session; while reconnecting, the one that comes (or the error)."""
+        while True:
+            session = self.session
+            if self.failed is not None:
+                raise self.failed
+            if session is not None and session.lost is None:
+                return session
+            await self._changed.wait()
+
+    def _publish(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _supervise(self) -> None:
+        while True:
+            session = self.session
+            assert session is not None
+            await session.gone.wait()
+            lost = session.lost
+            assert lost is not None
+            if self._closing or not session.retry or self.reconnect <= 0:
+                self._give_up(lost)
+                return
+            _log.info("connection to jobd lost: reconnecting", socket=str(self.path))
+            self.session = None
+            try:
+                self.session = await self._reconnect(lost)
+            except JobError as exc:
+                self._give_up(exc)
+                return
+            self._publish()
+
+    async def _reconnect(self, cause: JobError) -> _Session:
+        started = anyio.current_time()
+        deadline = started + self.reconnect
+        delay, attempts, last = RECONNECT_FIRST, 0, cause
+        while True:
+            pause = min(delay, deadline - anyio.current_time())
+            if pause <= 0 or self._closing:
+                raise DaemonUnreachable(
+                    f"the connection to {self.where} was lost and jobd did not come back "
+                    f"within {self.reconnect:g} s ({attempts} attempts; reconnect="
+                    f"{self.reconnect:g} in the URI sets how long): {last}"
+                )
+            await anyio.sleep(pause)
+            attempts += 1
+            try:
+                session = await self.open()
+            except JobError as exc:  # not up yet, busy, not serving that URI yet: again
+                last = exc
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            for hub in sorted(self.hubs.values(), key=lambda h: h.sub_id):
+                await session.resubscribe(hub)
+            _log.info(
+                "reconnected to jobd",
+                socket=str(self.path),
+                attempts=attempts,
+                down_s=round(anyio.current_time() - started, 3),
+                subscriptions=len(self.hubs),
+            )
+            return session
+
+    def _give_up(self, error: JobError) -> None:
+        self.failed = error
+        for hub in list(self.hubs.values()):
+            hub.close()
+        self.hubs.clear()
+        self._publish()
+
+    def subscribe(self, flt: EventFilter, maxlen: int) -> Subscription:
+        """Register at once; on the live socket the request is queued now, while
+        reconnecting it is sent with the others once jobd is back."""
+        if self.failed is not None:
+            raise self.failed
+        sub_id = next(self.ids)
+        hub = _RemoteHub(self, sub_id, flt, maxlen)
+        sub = hub.subscribe(flt, maxlen)
+        session = self.session
+        if session is not None and session.lost is None:
+            session.subscribe(hub)
+        self.hubs[sub_id] = hub
+        return sub
+
+    def drop_subscription(self, sub_id: int) -> None:
+        if self.hubs.pop(sub_id, None) is not None and self.session is not None:
+            self.session.unsubscribe(sub_id)
+
+    def close(self) -> None:
+        self._closing = True
+        if self.session is not None:
+            self.session.close()
+        if self.failed is None:
+            self._give_up(DaemonUnreachable("the connection is closed"))
+
+
 class RemoteConnection:
     """A connection served by jobd (see the module docstring)."""
 
-    def __init__(self, uri: str, session: _Session, *, readonly: bool, driver_uri: str) -> None:
+    def __init__(self, uri: str, link: _Link) -> None:
         self.uri = uri
-        self._session = session
-        #: the socket is the daemon's read-only one: writes raise AccessDenied
-        self.readonly = readonly
-        #: the URI of the driver connection the daemon serves this connection from
-        self.driver_uri = driver_uri
+        self._link = link
 
     def __repr__(self) -> str:
         return f"<RemoteConnection {self.uri!r}>"
 
+    @property
+    def readonly(self) -> bool:
+        """The socket is the daemon's read-only one: writes raise AccessDenied."""
+        assert self._link.hello is not None
+        return self._link.hello.readonly
+
+    @property
+    def driver_uri(self) -> str:
+        """The URI of the driver connection the daemon serves this connection from."""
+        assert self._link.hello is not None
+        return self._link.hello.uri
+
+    @property
+    def _session(self) -> _Session:
+        """The current socket's session (tests send raw requests through it)."""
+        assert self._link.session is not None
+        return self._link.session
+
     async def call(self, method: Method, *args: ArgValue) -> Any:
         """One round trip of ``method`` (arguments after the handle's identity), its
         reply decoded into the table's result type, refs turned into handles."""
-        result = await self._session.call_as(method, *args)
+        session = self._link.session
+        if session is None or session.lost is not None or self._link.failed is not None:
+            session = await self._link.current()  # reconnecting (or given up: raises)
+        result = await session.call_as(method, *args)
         match method.value.result:
             case Result.DOMAIN_REF:
                 return RemoteDomain(self, result.name, result.uuid)
@@ -371,7 +609,7 @@ class RemoteConnection:
     ) -> Subscription:
         if maxlen < 1:
             raise ValueError("an event buffer holds at least one event")
-        return self._session.subscribe(EventFilter.of(domain, job, types, kinds), maxlen)
+        return self._link.subscribe(EventFilter.of(domain, job, types, kinds), maxlen)
 
 
 def _check_size(xml: str | bytes, root: str) -> None:
@@ -543,6 +781,24 @@ def socket_path(uri: URI) -> Path:
     return Path(given) if given else default_run_dir() / RW_SOCKET
 
 
+def reconnect_limit(uri: URI) -> float:
+    """Seconds the client keeps trying to reconnect after a lost socket: the URI's
+    ``reconnect=`` (0: never), else RECONNECT_TOTAL."""
+    given = uri.param(RECONNECT_PARAM)
+    if given is None:
+        return RECONNECT_TOTAL
+    try:
+        value = float(given)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_SECONDS:
+        raise InvalidArgument(
+            f"URI parameter '{RECONNECT_PARAM}' must be a number of seconds within 0 and "
+            f"{MAX_SECONDS:g}, not '{given}'"
+        )
+    return value
+
+
 @asynccontextmanager
 async def connect_remote(
     uri: str | URI, *, retention: float = DEFAULT_RETENTION
@@ -552,34 +808,13 @@ async def connect_remote(
     parsed = parse_uri(uri) if isinstance(uri, str) else uri
     if parsed.transport != "unix":
         raise InvalidURI(f"'{parsed}' is not a DRIVER+unix URI")
-    path = socket_path(parsed)
-    try:
-        stream = await anyio.connect_unix(path)
-    except OSError as exc:
-        raise DaemonUnreachable(f"cannot reach jobd at '{path}': {exc.strerror or exc}") from None
-    try:
-        check_daemon_peer(stream, path)
-    except AccessDenied:
-        await stream.aclose()
-        raise
+    reconnect = reconnect_limit(parsed)
     body_error: Exception | None = None
-    async with stream, anyio.create_task_group() as tg:
-        session = _Session(stream, tg, f"jobd at '{path}'")
-        tg.start_soon(session.reader)
-        tg.start_soon(session.writer)
+    async with anyio.create_task_group() as tg:
+        link = _Link(parsed, socket_path(parsed), tg, reconnect)
         try:
-            with anyio.move_on_after(HELLO_TIMEOUT) as hello_scope:
-                hello: ServerHello = await session.call_as(
-                    Method.HELLO, PROTOCOL_VERSION, parsed.without_transport()
-                )
-            if hello_scope.cancelled_caught:
-                raise DaemonUnreachable(
-                    f"jobd at '{path}' did not answer hello within {HELLO_TIMEOUT:g} s "
-                    "(is it jobd? is it hung?)"
-                )
-            conn = RemoteConnection(
-                str(parsed), session, readonly=hello.readonly, driver_uri=hello.uri
-            )
+            link.start(await link.open())
+            conn = RemoteConnection(str(parsed), link)
         except Exception as exc:  # raised as is below, not wrapped by the task group
             body_error = exc
         else:
@@ -588,7 +823,7 @@ async def connect_remote(
             except Exception as exc:
                 body_error = exc
         finally:
-            session.close()
+            link.close()
             tg.cancel_scope.cancel()
     if body_error is not None:
         raise body_error

@@ -30,7 +30,7 @@ class Probe:
         self._kind = kind
         self.job, self.type, self.domain, self.state = JOB, "backup", "vm1", JobState.RUNNING
         self.previous, self.processed, self.total, self.timestamp = None, processed, 0, 0.0
-        self.stats, self.lost_before = None, 0
+        self.stats, self.lost_before, self.seq = None, 0, 0
 
     @property
     def kind(self) -> EventKind:

@@ -270,8 +270,11 @@ def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
     uri = daemon.uri(f"rate={MiB}")
     began = jobctl(uri, "begin", "vm1", write(tmp_path, "b.xml", BACKUP_VDB.format(tag="s")))
     assert began.returncode == 0, began.stderr
+    # a waiting client reconnects to a jobd that comes back (tests/test_reconnect.py);
+    # this one gives up 2 s after the stop
+    waiting = ["-c", f"{uri}&reconnect=2", "wait", began.stdout.strip()]
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "jobcore.cli", "-c", uri, "wait", began.stdout.strip()],
+        [sys.executable, "-m", "jobcore.cli", *waiting],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -11,6 +11,7 @@ import click
 
 from jobcore.cli.errors import ExitCode, Refusal
 from jobcore.cli.render import capacity, console
+from jobcore.errors import ConnectionLost
 from jobcore.events import EventKind, JobEvent, Subscription
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
@@ -33,7 +34,7 @@ async def follow(conn: Connection, job: Job, timeout: float | None, quiet: bool 
         async def waiter(scope: anyio.CancelScope) -> None:
             nonlocal final
             with contextlib.suppress(TimeoutError):  # reported below, with the state
-                final = await job.wait(timeout)
+                final = await wait_across_restarts(job, timeout)
             scope.cancel()
 
         async with anyio.create_task_group() as tg:
@@ -51,6 +52,29 @@ async def follow(conn: Connection, job: Job, timeout: float | None, quiet: bool 
             f"job {job.uuid} did not end within {timeout or 0:g} s (state: {state})",
         )
     return final
+
+
+async def wait_across_restarts(job: Job, timeout: float | None) -> JobInfo:
+    """``job.wait(timeout)``, asked again when the connection to jobd is lost meanwhile
+    (ConnectionLost): the client reconnects by itself, and the next ``wait`` waits for
+    that (DaemonUnreachable if jobd does not come back in time) and then for the job as
+    the restarted jobd knows it, within what is left of ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return await job.wait(left)
+        except ConnectionLost:
+            continue
+
+
+async def _info(job: Job, info: JobInfo) -> JobInfo:
+    """The job's info for the progress display; the last one while jobd is away (the
+    waiter deals with the lost connection)."""
+    try:
+        return await job.info()
+    except ConnectionLost:
+        return info
 
 
 async def _next(events: Subscription) -> JobEvent | None:
@@ -92,7 +116,7 @@ async def _bar(err: Console, job: Job, info: JobInfo, events: Subscription) -> N
         while True:
             ev = await _next(events)
             if ev is None:
-                info = await job.info()
+                info = await _info(job, info)
                 progress.update(
                     task, total=info.total or None, completed=info.processed, state=str(info.state)
                 )

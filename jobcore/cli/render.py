@@ -217,6 +217,7 @@ def event_json(ev: JobEvent) -> dict[str, Any]:
         "timestamp": ev.timestamp,
         "stats": None if ev.stats is None else dict(ev.stats),
         "lost_before": ev.lost_before,
+        "seq": ev.seq,
     }
 
 

@@ -34,8 +34,8 @@ def _handles(method: Method) -> Callable[[Handler], Handler]:
 # Every call of jobcore.methods is served by ``getattr(handle, call.attr)(*args)`` on the
 # session's in-process handle (its connection, a domain by name, a job by UUID), its result
 # encoded by the table's result type. ``@_handles`` overrides that for the calls that need
-# more of jobd (path guards, handle caches, paging within a frame); hello, subscribe and
-# unsubscribe are served by the read loop itself (Daemon._accept).
+# more of jobd (path guards, handle caches, paging within a frame); hello, subscribe,
+# unsubscribe and resume are served by the read loop itself (Daemon._accept).
 
 
 def _conn(client: _Client) -> LocalConnection:

@@ -535,6 +535,13 @@ class Daemon:
                 self._subscribe(client, msg.id, msg.args)
                 await client.send(Reply(msg.id, None))
                 return False
+            if msg.method is Method.RESUME:
+                sub_id = _arg_int(msg.args[0])
+                sub = client.subs.get(sub_id)
+                if sub is None:
+                    raise InvalidArgument(f"no subscription {sub_id} on this connection")
+                await client.send(Reply(msg.id, self._resume(client, sub, msg.args[1])))
+                return False
             if msg.method is Method.UNSUBSCRIBE:
                 sub = client.subs.pop(_arg_int(msg.args[0]), None)
                 if sub is not None:
@@ -628,7 +635,7 @@ class Daemon:
         sub = client.conn.subscribe(
             domain=domain if isinstance(domain, str) else None,
             job=job if isinstance(job, uuid.UUID) else None,
-            types=types if isinstance(types, tuple) else None,
+            types=[str(t) for t in types] if isinstance(types, tuple) else None,
             kinds=kind_set,
             maxlen=buffer,
         )
@@ -641,6 +648,21 @@ class Daemon:
         sub.on_end = partial(self._subscription_ended, readonly, client.uid)
         client.subs[sub_id] = sub
         client.tg.start_soon(self._forward, client, sub_id, sub)
+
+    def _resume(self, client: _Client, sub: Subscription, seen: ArgValue) -> int:
+        """A resumed subscription (the client reconnected): for each job it names with the
+        last event seq it saw, the job's catch-up event (Engine.catch_up) goes into the
+        subscription before any later event; how many."""
+        assert client.conn is not None and isinstance(seen, tuple)
+        engine, count = client.conn.engine, 0
+        for pair in seen:
+            assert isinstance(pair, tuple)
+            job, seq = pair
+            ev = engine.catch_up(job, seq)
+            if ev is not None and sub.filter.matches(ev):
+                engine.events.emit_to(sub, ev)
+                count += 1
+        return count
 
     def _subscription_ended(self, readonly: bool, uid: int | None, sub: Subscription) -> None:
         self._subscriptions[readonly] -= 1
