@@ -65,6 +65,7 @@ from jobcore.store import (
     MemoryJobStore,
 )
 from jobcore.store_sqlite import SQLiteJobStore
+from jobcore.xml.common import round_trips_as
 
 S = JobState
 
@@ -169,13 +170,13 @@ class Engine:
         info = registry.for_spec(spec)
         check_flags("JobBegin", flags, job_type=info.type)
         if flags & C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL:  # only a backup accepts it
-            spec = attrs.evolve(spec, reuse_external=True)
+            spec = round_trips_as(attrs.evolve(spec, reuse_external=True), spec)  # not in XML
         if not self.dconn.supports(info.type):
             raise Unsupported(f"driver '{self.dconn.uri}' does not support job type '{info.type}'")
         dom = await self.dconn.lookup_domain(domain)
         job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
-        if spec.uuid is None:
-            spec = attrs.evolve(spec, uuid=job_id)
+        if spec.uuid is None:  # any UUID can be written
+            spec = round_trips_as(attrs.evolve(spec, uuid=job_id), spec)
         if info.prepare is not None:
             spec = info.prepare(spec, dom, self.clock.wall())
         if path_guard is not None:

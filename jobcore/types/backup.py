@@ -36,10 +36,11 @@ from jobcore.scheduler import (
 from jobcore.spec import JobOptions, JobType
 from jobcore.types.base import JobTypeInfo, chain_uses
 from jobcore.xml import _schema
+from jobcore.xml import _types as T
 from jobcore.xml._parse import once
 from jobcore.xml.backup import align_backup, build_backup_element, parse_backup_element
 from jobcore.xml.checkpoint import build_checkpoint_element, parse_checkpoint_element
-from jobcore.xml.common import checked_spec
+from jobcore.xml.common import checked_spec, round_trips, round_trips_as
 
 if TYPE_CHECKING:
     from jobcore.driver import DomainInfo
@@ -154,7 +155,7 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> Prepare
     backup = _normalized_files(backup)
     mode = backup.effective_mode
     disks = tuple(_prepared_disk(d, mode, checkpoint) for d in backup.included_disks())
-    return PreparedBackup(
+    prepared = PreparedBackup(
         backup=backup,
         checkpoint=checkpoint,
         uuid=spec.uuid,
@@ -164,6 +165,27 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> Prepare
         disks=disks,
         checkpoint_name=None if checkpoint is None else checkpoint.name,
     )
+    if round_trips(spec) and _outside_values_valid(prepared):
+        round_trips_as(prepared, spec)
+    return prepared
+
+
+def _outside_values_valid(prepared: PreparedBackup) -> bool:
+    """Whether the values prepare took from outside the job's document (the domain's disk
+    names and sources, the time suffix, resolved paths) are ones its parser accepts: then
+    the aligned spec of a spec that round-trips round-trips too (align_backup keeps the
+    format's rules; tests/test_xml_roundtrip.py)."""
+    backup = prepared.backup
+    for disk in backup.disks:
+        if not T.valid(disk.name, "diskTargetDev"):
+            return False
+        if disk.store is not None and not T.valid(disk.store.path, "absFilePath"):
+            return False
+    socket = backup.server.socket if backup.server is not None else None
+    if socket is not None and not T.valid(socket, "absFilePath"):
+        return False
+    name = prepared.checkpoint_name
+    return name is None or T.valid(name, "checkpointName")
 
 
 def _prepared_disk(
