@@ -72,8 +72,9 @@ def normalize_path(path: str) -> str:
 
 
 def file_resource(path: str) -> str:
-    """The resource of a file a job writes or creates (target, scratch, NBD socket)."""
-    return f"file:{normalize_path(path)}"
+    """The resource of a file a job writes or creates (target, scratch, NBD socket), from
+    its path in normalize_path's spelling (a prepared spec's: normalised once, at prepare)."""
+    return f"file:{path}"
 
 
 @frozen

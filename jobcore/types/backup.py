@@ -223,17 +223,20 @@ def _checkpoint_bitmap(checkpoint: CheckpointDef | None, disk: str) -> str | Non
 def _normalized_files(backup: BackupDef) -> BackupDef:
     """Target/scratch files and the NBD socket in one spelling (scheduler.normalize_path):
     the file a job claims is the file its driver checks and writes, however it was
-    written ('/d//t', '/d/./t', a symlinked directory)."""
-    disks = tuple(
-        attrs.evolve(d, store=attrs.evolve(d.store, path=normalize_path(d.store.path)))
-        if d.store is not None
-        else d
-        for d in backup.disks
-    )
+    written ('/d//t', '/d/./t', a symlinked directory). Values already so spelt are kept
+    (no copy)."""
+    disks = list(backup.disks)
+    changed = False
+    for i, d in enumerate(disks):
+        if d.store is not None and (path := normalize_path(d.store.path)) != d.store.path:
+            disks[i] = attrs.evolve(d, store=attrs.evolve(d.store, path=path))
+            changed = True
     server = backup.server
-    if server is not None and server.socket:
-        server = attrs.evolve(server, socket=normalize_path(server.socket))
-    return attrs.evolve(backup, disks=disks, server=server)
+    socket = server.socket if server is not None else None
+    if server is not None and socket and (resolved := normalize_path(socket)) != socket:
+        server = attrs.evolve(server, socket=resolved)
+        changed = True
+    return attrs.evolve(backup, disks=tuple(disks), server=server) if changed else backup
 
 
 def is_pull_backup(spec: BackupJobSpec) -> bool:
@@ -255,13 +258,13 @@ def backup_socket(spec: BackupJobSpec) -> str | None:
 
 def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
     """Shared on the domain, a read of each disk, a write of each target or scratch file
-    and of the NBD socket it names."""
+    and of the NBD socket it names (a prepared backup's: its paths are normalised)."""
+    assert isinstance(spec, PreparedBackup)
     claims = [Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED)]
     files: dict[str, None] = {}
-    for disk in spec.backup.included_disks():
+    for disk in spec.disks:
         claims.append(Claim(disk_resource(dom.name, disk.name), Mode.READ))
-        if disk.store is not None:
-            files[file_resource(disk.store.path)] = None
+        files[file_resource(disk.store)] = None
     sock = backup_socket(spec)
     if sock is not None:  # the NBD server creates it: two jobs must not share it
         files[file_resource(sock)] = None
