@@ -149,12 +149,14 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> Prepare
         suffix = checkpoint.name
     else:
         suffix = f"{int(wall)}" + (f"-{spec.uuid.hex[:8]}" if spec.uuid else "")
-    backup = align_backup(spec.backup, {d.name: d.source for d in dom.disks}, suffix)
-    if not backup.included_disks():
+    backup = _normalized_files(
+        align_backup(spec.backup, {d.name: d.source for d in dom.disks}, suffix)
+    )
+    included = backup.included_disks()
+    if not included:
         raise InvalidArgument("no disks selected for backup")
-    backup = _normalized_files(backup)
     mode = backup.effective_mode
-    disks = tuple(_prepared_disk(d, mode, checkpoint) for d in backup.included_disks())
+    disks = tuple(_prepared_disk(d, mode, checkpoint) for d in included)
     prepared = PreparedBackup(
         backup=backup,
         checkpoint=checkpoint,
