@@ -56,7 +56,7 @@ from jobcore.log import get_logger
 from jobcore.paths import PathGuard
 from jobcore.registry import registry
 from jobcore.scheduler import Scheduler
-from jobcore.spec import MAX_INT64, MAX_SECONDS
+from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -69,8 +69,6 @@ from jobcore.xml.common import round_trips_as
 
 S = JobState
 
-#: Seconds an ended job keeps its final info and stats unless its XML says otherwise.
-DEFAULT_RETENTION = 600.0
 #: Seconds a driver's ``start`` may take before the engine gives up on it (the job fails and
 #: the driver is told to cancel): a bound independent of any driver's own time limits, so a
 #: hung hypervisor cannot hold a (shielded) start, and with it jobd's shutdown, forever.
@@ -91,20 +89,6 @@ def job_log(rec: JobRecord) -> BoundLogger:
 
 class InvalidTransition(AssertionError):
     """The engine (or a driver report) tried a move the transition table forbids: a bug."""
-
-
-def check_timeout(timeout: float | None) -> float | None:
-    """A wait's ``timeout`` in seconds: None or +inf (no limit, returned as None) or a number
-    >= 0; InvalidArgument for NaN, a negative number or anything else."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgument(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise InvalidArgument(
-            f"timeout {timeout} is not a number of seconds >= 0 (None waits without limit)"
-        )
-    return None if math.isinf(timeout) else float(timeout)
 
 
 class Engine:

@@ -29,7 +29,6 @@ from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from jobcore.driver import DomainInfo
-from jobcore.engine import DEFAULT_RETENTION, check_timeout
 from jobcore.errors import InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
@@ -64,6 +63,7 @@ from jobcore.protocol import (
     frame_length,
     raise_error,
 )
+from jobcore.spec import DEFAULT_RETENTION, check_timeout
 from jobcore.uri import URI, parse_uri
 from jobcore.xml import format_job
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document

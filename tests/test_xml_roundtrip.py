@@ -50,7 +50,7 @@ from jobcore.xml import (
     parse_checkpoint,
     parse_job,
 )
-from jobcore.xml.common import round_trips
+from jobcore.xml.common import round_trips, self_checked
 from jobcore.xml.job import _parse_job
 
 settings.register_profile(
@@ -422,7 +422,7 @@ def test_a_job_begun_from_xml_is_stored_without_a_second_parse(
     """The store's writer formats the row of a job begun from XML without re-parsing it
     (the job's spec was parsed and prepared from that XML); a typed spec is still checked."""
     checks: list[str] = []
-    real = jobcore.xml.job.self_checked
+    real = self_checked
 
     def counted(text: str, parse: Any) -> str:
         checks.append(text)
