@@ -17,7 +17,7 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -248,18 +248,13 @@ class Engine:
         # Shielded: a begin cancelled now (its client went away) would leave a job the
         # driver may or may not have. The start completes and the job is tracked; the
         # caller's cancellation takes effect when begin returns. Bounded all the same: the
-        # scope's own deadline still cancels it (one scope for both). A start that returns
-        # without waiting (the sim's) needs neither: it runs until it first waits, and only
-        # then does the rest run in the scope.
-        timed_out = False
+        # scope's own deadline still cancels it (one scope for both).
+        deadline = anyio.current_time() + self.start_timeout
+        bound = anyio.CancelScope(shield=True, deadline=deadline)
         try:
-            waiting = _run_until_it_waits(self.dconn.start(job))
-            if waiting is not None:
-                deadline = anyio.current_time() + self.start_timeout
-                with anyio.CancelScope(shield=True, deadline=deadline) as bound:
-                    await waiting
-                timed_out = bound.cancelled_caught
-            if timed_out:
+            with bound:
+                await self.dconn.start(job)
+            if bound.cancelled_caught:
                 error = DriverError(
                     f"driver '{self.dconn.uri}' did not start job '{rec.uuid}' within "
                     f"{self.start_timeout:g} s (the hypervisor may be stopped or stuck): "
@@ -285,7 +280,7 @@ class Engine:
         if error is not None:
             if rec.state.active:
                 self._finish(rec, S.FAILED, errmsg=str(error))
-            if timed_out:  # failed first: a cancel report cannot change that
+            if bound.cancelled_caught:  # failed first: a cancel report cannot change that
                 with anyio.CancelScope(shield=True):
                     await self._cancel_unstarted(rec, job)
             if raise_errors:
@@ -708,43 +703,6 @@ class _Reporter:
 
     def domain_moved(self, uri: str) -> None:
         self._engine.domain_location[self._rec.domain] = uri
-
-
-class _Rest:
-    """The rest of a coroutine that has waited once (on ``first``): awaiting it goes on
-    where the coroutine left off, with the same task, context and cancellation."""
-
-    __slots__ = ("coro", "first")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
-        self.coro = coro
-        self.first = first
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro, waiting_on = self.coro, self.first
-        while True:
-            try:
-                sent = yield waiting_on
-            except BaseException as exc:  # a cancellation, delivered where it waits
-                try:
-                    waiting_on = coro.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    waiting_on = coro.send(sent)
-                except StopIteration:
-                    return
-
-
-def _run_until_it_waits(coro: Coroutine[Any, Any, None]) -> _Rest | None:
-    """Run ``coro`` in this task until it first waits: None if it returned without
-    waiting, else its rest, to be awaited. Its exceptions are raised here."""
-    try:
-        first = coro.send(None)
-    except StopIteration:
-        return None
-    return _Rest(coro, first)
 
 
 def _start_finished(rec: JobRecord) -> None:
