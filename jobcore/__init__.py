@@ -4,8 +4,11 @@ Async API: ``async with jobcore.connect(uri) as conn``; blocking, libvirt-flavou
 facade: ``jobcore.open(uri)`` and the ``Job*`` functions. See README.md and design/.
 """
 
-from jobcore.api import LEGACY_DOMAIN_JOB_UUID, Connection, Domain, Job, connect
+import importlib as _importlib
+import typing as _typing
+
 from jobcore.constants import *  # noqa: F403  (libvirt's names and values)
+from jobcore.constants import LEGACY_DOMAIN_JOB_UUID
 from jobcore.errors import (
     AccessDenied,
     ConnectionLost,
@@ -24,34 +27,98 @@ from jobcore.errors import (
     Unsupported,
     XMLError,
 )
-from jobcore.events import EventFilter, EventKind, JobEvent, Subscription
-from jobcore.facade import (
-    BlockingConnection,
-    BlockingDomain,
-    BlockingJob,
-    JobAbort,
-    JobBegin,
-    JobComplete,
-    JobFree,
-    JobGetInfo,
-    JobGetStats,
-    JobGetType,
-    JobGetUUID,
-    JobGetUUIDString,
-    JobGetXMLDesc,
-    JobLookupByUUID,
-    JobPause,
-    JobResume,
-    JobSetSpeed,
-    JobWait,
-    open,
-)
-from jobcore.info import JobInfo
-from jobcore.lifecycle import JobState, Verb
-from jobcore.spec import ChainRef, JobOptions, JobType
-from jobcore.types.backup import BackupJobSpec
-from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
-from jobcore.types.migration import MigrationSpec
+
+if _typing.TYPE_CHECKING:
+    from jobcore.api import Connection, Domain, Job, connect
+    from jobcore.events import EventFilter, EventKind, JobEvent, Subscription
+    from jobcore.facade import (
+        BlockingConnection,
+        BlockingDomain,
+        BlockingJob,
+        JobAbort,
+        JobBegin,
+        JobComplete,
+        JobFree,
+        JobGetInfo,
+        JobGetStats,
+        JobGetType,
+        JobGetUUID,
+        JobGetUUIDString,
+        JobGetXMLDesc,
+        JobLookupByUUID,
+        JobPause,
+        JobResume,
+        JobSetSpeed,
+        JobWait,
+        open,
+    )
+    from jobcore.info import JobInfo
+    from jobcore.lifecycle import JobState, Verb
+    from jobcore.spec import ChainRef, JobOptions, JobType
+    from jobcore.types.backup import BackupJobSpec
+    from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
+    from jobcore.types.migration import MigrationSpec
+
+#: the public names that live in heavier modules, imported on first use: ``jobctl
+#: --version`` and a jobd client never load the engine, a driver or the blocking facade
+_LAZY = {
+    "BackupJobSpec": "jobcore.types.backup",
+    "BlockCommitSpec": "jobcore.types.chain",
+    "BlockPullSpec": "jobcore.types.chain",
+    "BlockingConnection": "jobcore.facade",
+    "BlockingDomain": "jobcore.facade",
+    "BlockingJob": "jobcore.facade",
+    "ChainRef": "jobcore.spec",
+    "Connection": "jobcore.api",
+    "Domain": "jobcore.api",
+    "EventFilter": "jobcore.events",
+    "EventKind": "jobcore.events",
+    "Job": "jobcore.api",
+    "JobAbort": "jobcore.facade",
+    "JobBegin": "jobcore.facade",
+    "JobComplete": "jobcore.facade",
+    "JobEvent": "jobcore.events",
+    "JobFree": "jobcore.facade",
+    "JobGetInfo": "jobcore.facade",
+    "JobGetStats": "jobcore.facade",
+    "JobGetType": "jobcore.facade",
+    "JobGetUUID": "jobcore.facade",
+    "JobGetUUIDString": "jobcore.facade",
+    "JobGetXMLDesc": "jobcore.facade",
+    "JobInfo": "jobcore.info",
+    "JobLookupByUUID": "jobcore.facade",
+    "JobOptions": "jobcore.spec",
+    "JobPause": "jobcore.facade",
+    "JobResume": "jobcore.facade",
+    "JobSetSpeed": "jobcore.facade",
+    "JobState": "jobcore.lifecycle",
+    "JobType": "jobcore.spec",
+    "JobWait": "jobcore.facade",
+    "MigrationSpec": "jobcore.types.migration",
+    "Subscription": "jobcore.events",
+    "Verb": "jobcore.lifecycle",
+    "connect": "jobcore.api",
+    "open": "jobcore.facade",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:  # a submodule not imported yet (``jobcore.local``) is found too
+        try:
+            return _importlib.import_module(f"jobcore.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"jobcore.{name}":
+                raise
+        raise AttributeError(f"module 'jobcore' has no attribute '{name}'")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*(n for n in globals() if not n.startswith("_")), *_LAZY})
+
 
 __all__ = [
     "LEGACY_DOMAIN_JOB_UUID",

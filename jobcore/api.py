@@ -3,7 +3,8 @@
 Two implementations, neither a subclass of the other nor of these interfaces:
 jobcore.local (in-process: the connection owns its engine and driver connection) and
 jobcore.remote (served by jobd over a UNIX socket). The layers import one way:
-methods/protocol → local, remote → api, so ``connect()`` picks one without a cycle.
+methods/protocol → local, remote → api, so ``connect()`` picks one without a cycle (and
+imports only the one it picks).
 The assignments at the end make mypy prove that each implementation is complete: a
 method one of them lacks, or whose signature differs, fails the type check, not a call
 at run time. Every call of these interfaces is declared once in jobcore.methods.
@@ -14,21 +15,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from jobcore import constants as C
 from jobcore.driver import DomainInfo
-from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import InvalidArgument
 from jobcore.events import EventHub, EventKind, Subscription
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
-from jobcore.local import LocalConnection, LocalDomain, LocalJob, connect_local
 from jobcore.paths import PathGuard
-from jobcore.remote import RemoteConnection, RemoteDomain, RemoteJob, connect_remote
-from jobcore.spec import JobType
+from jobcore.spec import DEFAULT_RETENTION, JobType
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.uri import parse_uri
+
+if TYPE_CHECKING:
+    from jobcore.local import LocalConnection, LocalDomain, LocalJob
+    from jobcore.remote import RemoteConnection, RemoteDomain, RemoteJob
 
 LEGACY_DOMAIN_JOB_UUID = C.LEGACY_DOMAIN_JOB_UUID
 
@@ -194,15 +196,20 @@ async def connect(
     jobs are written there and the ended jobs already in it are loaded; design/store.md).
     Through jobd the daemon's store is the daemon's config: ``store`` is refused."""
     parsed = parse_uri(uri)
+    # each side imported when used: a jobd client never loads the engine nor a driver
     if parsed.transport == "unix":
         if store is not None:
             raise InvalidArgument(
                 f"'{uri}' is served by jobd, whose job store is the daemon's config "
                 "(jobd --store URL): connect without store="
             )
+        from jobcore.remote import connect_remote
+
         async with connect_remote(parsed, retention=retention) as remote:
             yield remote
         return
+    from jobcore.local import connect_local
+
     async with connect_local(
         uri,
         retention=retention,
@@ -213,10 +220,14 @@ async def connect(
         yield local
 
 
-# mypy proves both implementations complete (every member, compatible signatures):
-_local: tuple[type[Connection], type[Domain], type[Job]] = (LocalConnection, LocalDomain, LocalJob)
-_remote: tuple[type[Connection], type[Domain], type[Job]] = (
-    RemoteConnection,
-    RemoteDomain,
-    RemoteJob,
-)
+if TYPE_CHECKING:  # mypy proves both implementations complete (members, signatures)
+    _local: tuple[type[Connection], type[Domain], type[Job]] = (
+        LocalConnection,
+        LocalDomain,
+        LocalJob,
+    )
+    _remote: tuple[type[Connection], type[Domain], type[Job]] = (
+        RemoteConnection,
+        RemoteDomain,
+        RemoteJob,
+    )

@@ -56,7 +56,7 @@ from jobcore.log import get_logger
 from jobcore.paths import PathGuard
 from jobcore.registry import registry
 from jobcore.scheduler import Scheduler
-from jobcore.spec import MAX_INT64, MAX_SECONDS
+from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -65,11 +65,10 @@ from jobcore.store import (
     MemoryJobStore,
 )
 from jobcore.store_sqlite import SQLiteJobStore
+from jobcore.xml.common import round_trips_as
 
 S = JobState
 
-#: Seconds an ended job keeps its final info and stats unless its XML says otherwise.
-DEFAULT_RETENTION = 600.0
 #: Seconds a driver's ``start`` may take before the engine gives up on it (the job fails and
 #: the driver is told to cancel): a bound independent of any driver's own time limits, so a
 #: hung hypervisor cannot hold a (shielded) start, and with it jobd's shutdown, forever.
@@ -90,20 +89,6 @@ def job_log(rec: JobRecord) -> BoundLogger:
 
 class InvalidTransition(AssertionError):
     """The engine (or a driver report) tried a move the transition table forbids: a bug."""
-
-
-def check_timeout(timeout: float | None) -> float | None:
-    """A wait's ``timeout`` in seconds: None or +inf (no limit, returned as None) or a number
-    >= 0; InvalidArgument for NaN, a negative number or anything else."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgument(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise InvalidArgument(
-            f"timeout {timeout} is not a number of seconds >= 0 (None waits without limit)"
-        )
-    return None if math.isinf(timeout) else float(timeout)
 
 
 class Engine:
@@ -169,13 +154,13 @@ class Engine:
         info = registry.for_spec(spec)
         check_flags("JobBegin", flags, job_type=info.type)
         if flags & C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL:  # only a backup accepts it
-            spec = attrs.evolve(spec, reuse_external=True)
+            spec = round_trips_as(attrs.evolve(spec, reuse_external=True), spec)  # not in XML
         if not self.dconn.supports(info.type):
             raise Unsupported(f"driver '{self.dconn.uri}' does not support job type '{info.type}'")
         dom = await self.dconn.lookup_domain(domain)
         job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
-        if spec.uuid is None:
-            spec = attrs.evolve(spec, uuid=job_id)
+        if spec.uuid is None:  # any UUID can be written
+            spec = round_trips_as(attrs.evolve(spec, uuid=job_id), spec)
         if info.prepare is not None:
             spec = info.prepare(spec, dom, self.clock.wall())
         if path_guard is not None:
@@ -260,20 +245,21 @@ class Engine:
         rec.starting = True
         error: JobError | None = None
         cause: Exception | None = None
-        bound = anyio.CancelScope()  # replaced by the start's deadline scope
+        # Shielded: a begin cancelled now (its client went away) would leave a job the
+        # driver may or may not have. The start completes and the job is tracked; the
+        # caller's cancellation takes effect when begin returns. Bounded all the same: the
+        # scope's own deadline still cancels it (one scope for both).
+        deadline = anyio.current_time() + self.start_timeout
+        bound = anyio.CancelScope(shield=True, deadline=deadline)
         try:
-            # Shielded: a begin cancelled now (its client went away) would leave a job the
-            # driver may or may not have. The start completes and the job is tracked; the
-            # caller's cancellation takes effect when begin returns.
-            with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(self.start_timeout) as bound:
-                    await self.dconn.start(job)
-                if bound.cancelled_caught:
-                    error = DriverError(
-                        f"driver '{self.dconn.uri}' did not start job '{rec.uuid}' within "
-                        f"{self.start_timeout:g} s (the hypervisor may be stopped or stuck): "
-                        "the job failed and the driver was told to cancel it"
-                    )
+            with bound:
+                await self.dconn.start(job)
+            if bound.cancelled_caught:
+                error = DriverError(
+                    f"driver '{self.dconn.uri}' did not start job '{rec.uuid}' within "
+                    f"{self.start_timeout:g} s (the hypervisor may be stopped or stuck): "
+                    "the job failed and the driver was told to cancel it"
+                )
         except JobError as exc:
             error = exc
         except Exception as exc:  # a driver bug must not take the engine down

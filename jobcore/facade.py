@@ -22,14 +22,13 @@ from anyio.from_thread import BlockingPortal
 
 from jobcore.api import Connection, Domain, Job, connect
 from jobcore.driver import DriverConnection
-from jobcore.engine import DEFAULT_RETENTION, check_timeout
 from jobcore.errors import InvalidArgument, JobError
 from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
 from jobcore.local import LocalConnection
 from jobcore.methods import as_uuid
-from jobcore.spec import JobType
+from jobcore.spec import DEFAULT_RETENTION, JobType, check_timeout
 
 T = TypeVar("T")
 

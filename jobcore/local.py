@@ -22,7 +22,7 @@ from anyio.lowlevel import RunVar
 from jobcore import constants as C
 from jobcore.driver import DomainInfo, DriverConnection
 from jobcore.drivers import check_uri_params, load_driver
-from jobcore.engine import DEFAULT_RETENTION, Engine
+from jobcore.engine import Engine
 from jobcore.errors import AccessDenied, InvalidArgument, NoSuchJob, OperationInvalid
 from jobcore.events import EventFilter, EventHub, EventKind, Subscription
 from jobcore.flags import check_flags
@@ -30,7 +30,7 @@ from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
-from jobcore.spec import MAX_INT64, ChainRef, JobType
+from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, ChainRef, JobType
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,

@@ -34,7 +34,6 @@ from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from jobcore.driver import DomainInfo
-from jobcore.engine import DEFAULT_RETENTION, check_timeout
 from jobcore.errors import ConnectionLost, InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
@@ -69,7 +68,7 @@ from jobcore.protocol import (
     frame_length,
     raise_error,
 )
-from jobcore.spec import MAX_SECONDS
+from jobcore.spec import DEFAULT_RETENTION, MAX_SECONDS, check_timeout
 from jobcore.uri import URI, parse_uri
 from jobcore.xml import format_job
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document

@@ -72,8 +72,9 @@ def normalize_path(path: str) -> str:
 
 
 def file_resource(path: str) -> str:
-    """The resource of a file a job writes or creates (target, scratch, NBD socket)."""
-    return f"file:{normalize_path(path)}"
+    """The resource of a file a job writes or creates (target, scratch, NBD socket), from
+    its path in normalize_path's spelling (a prepared spec's: normalised once, at prepare)."""
+    return f"file:{path}"
 
 
 @frozen
@@ -206,9 +207,14 @@ class Scheduler:
                     held.pop(ticket.job, None)
             touched.append(res)
         ticket.waiting = False
-        return self._wake(touched, {claim.resource for claim in ticket.claims})
+        admitted = self._wake(touched) if any(res.waiters for res in touched) else []
+        for claim in ticket.claims:
+            res = self._resources.get(claim.resource)
+            if res is not None and res.empty():
+                del self._resources[claim.resource]
+        return admitted
 
-    def _wake(self, touched: Iterable[_Resource], names: set[str]) -> list[Ticket]:
+    def _wake(self, touched: Iterable[_Resource]) -> list[Ticket]:
         candidates = sorted(
             {id(t): t for res in touched for _, t, _ in res.waiters}.values(), key=lambda t: t.order
         )
@@ -218,10 +224,6 @@ class Scheduler:
                 self._dequeue(ticket)
                 self._hold(ticket)
                 admitted.append(ticket)
-        for name in names:
-            res = self._resources.get(name)
-            if res is not None and res.empty():
-                del self._resources[name]
         return admitted
 
     def _dequeue(self, ticket: Ticket) -> None:

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Protocol
 
 from attrs import field, frozen, validators
 
+from jobcore.errors import InvalidArgument
+
 
 class JobType(str):
     """The name of a job type.
@@ -47,6 +49,22 @@ JobType.MIGRATION = JobType("migration")
 MAX_INT64 = (1 << 63) - 1
 #: the longest queue timeout or retention (seconds): about 31.7 years
 MAX_SECONDS = 1e9
+#: Seconds an ended job keeps its final info and stats unless its XML says otherwise.
+DEFAULT_RETENTION = 600.0
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """A wait's ``timeout`` in seconds: None or +inf (no limit, returned as None) or a number
+    >= 0; InvalidArgument for NaN, a negative number or anything else."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidArgument(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidArgument(
+            f"timeout {timeout} is not a number of seconds >= 0 (None waits without limit)"
+        )
+    return None if math.isinf(timeout) else float(timeout)
 
 
 def non_negative(_inst: object, attribute: object, value: Any) -> None:

@@ -191,6 +191,53 @@ def test_list_loads_neither_the_daemon_nor_the_progress_bar(jobd: Jobd) -> None:
     assert "rich.progress" not in modules
 
 
+#: what an in-process connection needs and a jobd client does not: the engine, the job
+#: stores, the drivers and the blocking facade
+LOCAL_ONLY = ("jobcore.engine", "jobcore.local", "jobcore.store_sqlite", "jobcore.facade")
+
+
+def test_a_remote_list_does_not_load_the_engine(jobd: Jobd) -> None:
+    """`jobctl -c DRIVER+unix://… list` talks to jobd: `import jobcore` and
+    `jobcore.connect` of a `+unix` URI load jobcore.remote, never the engine or a driver."""
+    script = (
+        "import sys\n"
+        "from jobcore.cli.app import main\n"
+        f"sys.argv = ['jobctl', '-c', {jobd.uri()!r}, 'list', '--all']\n"
+        "try:\n"
+        "    main(prog_name='jobctl')\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    modules = set(loaded.stderr.split())
+    assert "jobcore.remote" in modules  # it did talk to jobd
+    assert not modules & {*LOCAL_ONLY, "drivers.sim", "drivers.qemu"}, modules & {*LOCAL_ONLY}
+
+
+def test_jobcore_imports_its_api_on_first_use() -> None:
+    """`import jobcore` is light (`jobctl --version`); every public name still resolves,
+    `dir(jobcore)` lists them, and `from jobcore import X` works."""
+    script = (
+        "import sys, jobcore\n"
+        f"light = not any(m in sys.modules for m in {LOCAL_ONLY!r})\n"
+        "names = set(dir(jobcore))\n"
+        "from jobcore import BackupJobSpec, JobState, connect, open\n"
+        "assert all(getattr(jobcore, n) is not None for n in jobcore.__all__)\n"
+        "assert set(jobcore.__all__) <= names, set(jobcore.__all__) - names\n"
+        "assert jobcore.local.LocalConnection\n"  # a submodule, on first use
+        "print(light)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "True\n"
+
+
 def test_command_table_names_every_command_once() -> None:
     """`COMMANDS` (what the root group lists and loads) is exactly the commands defined."""
     defined: dict[str, str] = {}

@@ -495,6 +495,7 @@ async def test_dangling_symlink_planted_while_queued_is_not_written_through(
 
 def test_claims_use_one_spelling_per_file(tmp_path: Path) -> None:
     from jobcore.driver import DiskInfo, DomainInfo
+    from jobcore.testing import prepare_spec
 
     real = tmp_path / "d"
     real.mkdir()
@@ -503,7 +504,9 @@ def test_claims_use_one_spelling_per_file(tmp_path: Path) -> None:
     spec = parse_job(pull("vda", f"{tmp_path}/d-link//s.qcow2", f"{real}/./nbd.sock"))
     assert isinstance(spec, BackupJobSpec)
     dom = DomainInfo("vm1", uuid.uuid4(), (DiskInfo("vda", ("/x.qcow2",), "qcow2", MiB),), MiB)
-    files = {c.resource for c in backup_claims(spec, dom) if c.resource.startswith("file:")}
+    # the claims of the prepared spec (the engine's): prepare spelt each file once
+    prepared = prepare_spec(spec, dom)
+    files = {c.resource for c in backup_claims(prepared, dom) if c.resource.startswith("file:")}
     assert files == {f"file:{real}/s.qcow2", f"file:{real}/nbd.sock"}
     from jobcore.scheduler import normalize_path
 

@@ -15,10 +15,9 @@ from typing import Any
 import attrs
 from attrs import field, frozen
 
-from jobcore.engine import DEFAULT_RETENTION
 from jobcore.errors import InvalidArgument, JobError
 from jobcore.protocol import MAX_FRAME, default_run_dir
-from jobcore.spec import MAX_SECONDS
+from jobcore.spec import DEFAULT_RETENTION, MAX_SECONDS
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN, DEFAULT_STORE_URL
 from jobcore.store_sqlite import parse_store_url
 

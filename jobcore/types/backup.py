@@ -36,10 +36,11 @@ from jobcore.scheduler import (
 from jobcore.spec import JobOptions, JobType
 from jobcore.types.base import JobTypeInfo, chain_uses, prepared
 from jobcore.xml import _schema
+from jobcore.xml import _types as T
 from jobcore.xml._parse import once
 from jobcore.xml.backup import align_backup, build_backup_element, parse_backup_element
 from jobcore.xml.checkpoint import build_checkpoint_element, parse_checkpoint_element
-from jobcore.xml.common import checked_spec
+from jobcore.xml.common import checked_spec, round_trips, round_trips_as
 
 if TYPE_CHECKING:
     from jobcore.driver import DomainInfo
@@ -148,13 +149,15 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> Prepare
         suffix = checkpoint.name
     else:
         suffix = f"{int(wall)}" + (f"-{spec.uuid.hex[:8]}" if spec.uuid else "")
-    backup = align_backup(spec.backup, {d.name: d.source for d in dom.disks}, suffix)
-    if not backup.included_disks():
+    backup = _normalized_files(
+        align_backup(spec.backup, {d.name: d.source for d in dom.disks}, suffix)
+    )
+    included = backup.included_disks()
+    if not included:
         raise InvalidArgument("no disks selected for backup")
-    backup = _normalized_files(backup)
     mode = backup.effective_mode
-    disks = tuple(_prepared_disk(d, mode, checkpoint) for d in backup.included_disks())
-    return prepared(
+    disks = tuple(_prepared_disk(d, mode, checkpoint) for d in included)
+    result = prepared(
         PreparedBackup,
         spec,
         backup=backup,
@@ -163,6 +166,27 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> Prepare
         disks=disks,
         checkpoint_name=None if checkpoint is None else checkpoint.name,
     )
+    if round_trips(spec) and _outside_values_valid(result):
+        round_trips_as(result, spec)
+    return result
+
+
+def _outside_values_valid(prepared: PreparedBackup) -> bool:
+    """Whether the values prepare took from outside the job's document (the domain's disk
+    names and sources, the time suffix, resolved paths) are ones its parser accepts: then
+    the aligned spec of a spec that round-trips round-trips too (align_backup keeps the
+    format's rules; tests/test_xml_roundtrip.py)."""
+    backup = prepared.backup
+    for disk in backup.disks:
+        if not T.valid(disk.name, "diskTargetDev"):
+            return False
+        if disk.store is not None and not T.valid(disk.store.path, "absFilePath"):
+            return False
+    socket = backup.server.socket if backup.server is not None else None
+    if socket is not None and not T.valid(socket, "absFilePath"):
+        return False
+    name = prepared.checkpoint_name
+    return name is None or T.valid(name, "checkpointName")
 
 
 def _prepared_disk(
@@ -200,17 +224,20 @@ def _checkpoint_bitmap(checkpoint: CheckpointDef | None, disk: str) -> str | Non
 def _normalized_files(backup: BackupDef) -> BackupDef:
     """Target/scratch files and the NBD socket in one spelling (scheduler.normalize_path):
     the file a job claims is the file its driver checks and writes, however it was
-    written ('/d//t', '/d/./t', a symlinked directory)."""
-    disks = tuple(
-        attrs.evolve(d, store=attrs.evolve(d.store, path=normalize_path(d.store.path)))
-        if d.store is not None
-        else d
-        for d in backup.disks
-    )
+    written ('/d//t', '/d/./t', a symlinked directory). Values already so spelt are kept
+    (no copy)."""
+    disks = list(backup.disks)
+    changed = False
+    for i, d in enumerate(disks):
+        if d.store is not None and (path := normalize_path(d.store.path)) != d.store.path:
+            disks[i] = attrs.evolve(d, store=attrs.evolve(d.store, path=path))
+            changed = True
     server = backup.server
-    if server is not None and server.socket:
-        server = attrs.evolve(server, socket=normalize_path(server.socket))
-    return attrs.evolve(backup, disks=disks, server=server)
+    socket = server.socket if server is not None else None
+    if server is not None and socket and (resolved := normalize_path(socket)) != socket:
+        server = attrs.evolve(server, socket=resolved)
+        changed = True
+    return attrs.evolve(backup, disks=tuple(disks), server=server) if changed else backup
 
 
 def is_pull_backup(spec: BackupJobSpec) -> bool:
@@ -232,13 +259,13 @@ def backup_socket(spec: BackupJobSpec) -> str | None:
 
 def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
     """Shared on the domain, a read of each disk, a write of each target or scratch file
-    and of the NBD socket it names."""
+    and of the NBD socket it names (a prepared backup's: its paths are normalised)."""
+    assert isinstance(spec, PreparedBackup)
     claims = [Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED)]
     files: dict[str, None] = {}
-    for disk in spec.backup.included_disks():
+    for disk in spec.disks:
         claims.append(Claim(disk_resource(dom.name, disk.name), Mode.READ))
-        if disk.store is not None:
-            files[file_resource(disk.store.path)] = None
+        files[file_resource(disk.store)] = None
     sock = backup_socket(spec)
     if sock is not None:  # the NBD server creates it: two jobs must not share it
         files[file_resource(sock)] = None

@@ -86,6 +86,11 @@ def check(el: etree._Element, attr: str | None, value: str, *kinds: str) -> str:
     fail(el, f"'{value[:80]}' is not a valid {what}", attr)
 
 
+def valid(value: str, kind: str) -> bool:
+    """Whether ``value`` is a valid ``kind`` (one of RELAXED), as the parsers check it."""
+    return _MATCH[kind](value) is not None
+
+
 def attr(el: etree._Element, name: str, *kinds: str) -> str | None:
     """Attribute ``name`` of ``el``, checked, or None when absent."""
     value = el.get(name)

@@ -1,11 +1,13 @@
 """What every job type's codec shares, below the job types: values of the ``<job>``
-children (bandwidth, chain positions, seconds, downtime), the spec check, and the guards
-every public parse/format function runs in (bad input becomes an XMLError). Knows no
-job type and no registry (jobcore.xml.job resolves types; design/xml.md)."""
+children (bandwidth, chain positions, seconds, downtime), the spec check, the record of
+specs known to round-trip, and the guards every public parse/format function runs in (bad
+input becomes an XMLError). Knows no job type and no registry (jobcore.xml.job resolves
+types; design/xml.md)."""
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,6 +28,40 @@ _FORMAT_UNITS = (("GiB/s", 1 << 30), ("MiB/s", 1 << 20), ("KiB/s", 1 << 10))
 MAX_BANDWIDTH = MAX_INT64
 #: the largest ``<downtime-limit>`` after conversion, in ms
 MAX_DOWNTIME_MS = MAX_INT64
+
+
+#: id(spec) -> a weak reference to it, for the specs whose canonical document is known to
+#: parse again: what parse_job returned (the codecs format a parsed spec as a document their
+#: parser accepts; tests/test_xml_roundtrip.py checks it), and specs derived from
+#: one by a rule that keeps that (round_trips_as). An entry goes with its spec.
+_ROUND_TRIPS: dict[int, weakref.ref[Any]] = {}
+
+
+def _forget(key: int, ref: weakref.ref[Any]) -> None:
+    if _ROUND_TRIPS.get(key) is ref:  # not a newer spec that got the same id
+        del _ROUND_TRIPS[key]
+
+
+def prove_round_trip(spec: Any) -> None:
+    """Record that ``spec``'s canonical document parses again (parse_job's result)."""
+    key = id(spec)
+    _ROUND_TRIPS[key] = weakref.ref(spec, lambda ref: _forget(key, ref))
+
+
+def round_trips(spec: Any) -> bool:
+    """Whether ``spec``'s canonical document is known to parse again (format_job then
+    skips its self-check)."""
+    ref = _ROUND_TRIPS.get(id(spec))
+    return ref is not None and ref() is spec
+
+
+def round_trips_as(derived: Any, source: Any) -> Any:
+    """``derived``, known to round-trip if ``source`` is: for a spec made from ``source``
+    by a change that cannot break the format (a new UUID, a flag outside the document, a
+    job type's prepare that only fills in what its parser accepts). Returns ``derived``."""
+    if round_trips(source):
+        prove_round_trip(derived)
+    return derived
 
 
 def self_checked(text: str, parse: Callable[[str, int | None], object]) -> str:

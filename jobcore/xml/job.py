@@ -24,7 +24,14 @@ from jobcore.xml import _schema
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES, fail, once, parse_document, validate
 from jobcore.xml._types import RELAXED
 from jobcore.xml._write import serialize
-from jobcore.xml.common import format_seconds, guarded, parse_seconds, self_checked
+from jobcore.xml.common import (
+    format_seconds,
+    guarded,
+    parse_seconds,
+    prove_round_trip,
+    round_trips,
+    self_checked,
+)
 
 #: children of <job> that jobcore.xml parses itself, whatever the type
 COMMON_CHILDREN = frozenset({"uuid", "state", "queue", "priority", "retention"})
@@ -125,7 +132,9 @@ def _format_common(
 
 def parse_job(doc: str | bytes) -> Any:
     """A ``<job type='…'>`` document -> the type's spec (e.g. BackupJobSpec)."""
-    return guarded(_parse_job, doc)
+    spec = guarded(_parse_job, doc)
+    prove_round_trip(spec)
+    return spec
 
 
 def _parse_job(doc: str | bytes, max_bytes: int | None = MAX_DOCUMENT_BYTES) -> Any:
@@ -145,7 +154,11 @@ def _parse_job(doc: str | bytes, max_bytes: int | None = MAX_DOCUMENT_BYTES) -> 
 def format_job(spec: Any, *, state: str | None = None) -> str:
     """A spec (or a prepared spec: it formats as the job it describes, with its effective
     values) -> its canonical ``<job>`` document; ``state`` adds the read-only
-    ``<state>`` element of a described job (JobGetXMLDesc)."""
+    ``<state>`` element of a described job (JobGetXMLDesc).
+
+    The document is parsed again before it is returned (a spec built in Python may break
+    a rule of the format, e.g. an export name in push mode), unless the spec is known to
+    round-trip (round_trips)."""
     return guarded(lambda s: _format_job(s, state), spec)
 
 
@@ -158,7 +171,10 @@ def _format_job(spec: Any, state: str | None = None) -> str:
     job.set("type", str(info.type))
     _format_common(job, spec.uuid, spec.options, state)
     info.codec.format(spec, job)
-    return self_checked(serialize(job), _parse_job)
+    text = serialize(job)  # refuses characters XML cannot hold, checked or not
+    if state is None and round_trips(spec):
+        return text
+    return self_checked(text, _parse_job)
 
 
 __all__ = ["COMMON_CHILDREN", "format_job", "job_schema", "parse_job"]
