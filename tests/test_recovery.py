@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
-from jobd_helpers import BACKUP_VDA, BACKUP_VDB
+from jobd_helpers import BACKUP_VDB
 from recovery_helpers import use_recovering_sim
 
 import jobcore
