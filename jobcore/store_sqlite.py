@@ -527,14 +527,16 @@ def spec_to_json(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return {"@u": str(value)}
     if attrs.has(type(value)):
-        return {
-            "@": _class_name(type(value)),
-            "f": {
-                f.alias: spec_to_json(getattr(value, f.name))
-                for f in attrs.fields(type(value))
-                if f.init
-            },
-        }
+        fields: dict[str, Any] = {}
+        for f in attrs.fields(type(value)):
+            if not f.init:
+                continue
+            item = getattr(value, f.name)
+            if not isinstance(f.default, attrs.Factory) and f.default is not attrs.NOTHING:
+                if type(item) is type(f.default) and item == f.default:
+                    continue  # the class's default: rebuilt by the constructor
+            fields[f.alias] = spec_to_json(item)
+        return {"@": _class_name(type(value)), "f": fields}
     if isinstance(value, tuple):
         return {"@t": [spec_to_json(v) for v in value]}
     if isinstance(value, frozenset | set):
@@ -546,6 +548,7 @@ def spec_to_json(value: Any) -> Any:
     raise TypeError(f"cannot keep a {type(value).__name__} of a prepared spec in the store")
 
 
+@functools.cache
 def _named_class(name: str) -> type:
     module_name, _, qualname = name.partition(":")
     obj: Any = importlib.import_module(module_name)

@@ -5,6 +5,7 @@ closing rule of durable connections, a v2 store migrated, one FINAL event per jo
 from __future__ import annotations
 
 import shutil
+import time
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -128,8 +129,8 @@ async def test_a_version_2_store_migrates_and_its_active_job_fails_clearly(
 ) -> None:
     path = tmp_path / "jobs.sqlite"
     shutil.copy(DATA / "store-v2.sqlite", path)
-    use_recovering = None  # any driver: a v2 row has no prepared spec to hand over
-    del use_recovering
+    with sqlite3.connect(path) as db:  # its retention ran out long ago: keep it today
+        db.execute("UPDATE jobs SET expires = ? WHERE uuid = ?", (time.time() + 600, V2_DONE))
     async with jobcore.connect(SLOW, store=url(path)) as conn:
         done = await (await conn.lookup_job(V2_DONE)).info()
         assert done.state is S.CANCELLED and done.total == 512 * MiB
