@@ -151,6 +151,8 @@ class Engine:
         self.scheduler = Scheduler()
         self._seq = itertools.count()
         self._closed = False
+        #: closed with its active jobs kept for the next process: reports are not applied
+        self._kept = False
         #: domain name -> URI of the host a migration moved it to
         self.domain_location: dict[str, str] = {}
         #: where else a job UUID is taken (jobd: its other driver connections), as the
@@ -739,6 +741,8 @@ class Engine:
     ) -> None:
         """Apply a driver report as ``lifecycle.REPORT_TARGET`` says; a report that makes
         no sense in the job's state is logged and ignored (nothing changes, no event)."""
+        if self._kept:  # the driver closing its side: the job's row stays as it was
+            return
         path = REPORT_TARGET.get((report, rec.state))
         if path is None:
             # a late progress tick or a repeated 'ready' is ordinary; anything else is not
@@ -788,7 +792,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        if not (keep_jobs and self._dstore is not None and self.can_recover):
+        self._kept = keep_jobs and self._dstore is not None and self.can_recover
+        if not self._kept:
             active = self.store.active_jobs()
             for rec in [r for r in active if r.state is S.QUEUED] + active:
                 self._finish(rec, S.FAILED, errmsg=CLOSED)

@@ -315,6 +315,22 @@ async def test_queued_jobs_are_requeued_in_order(
         assert len(finals(published, job.uuid)) == 1
 
 
+async def test_reports_after_a_keeping_close_are_not_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver closing its side may report its jobs failed: a kept job's row stays as
+    it was, for the next process to recover."""
+    use_recovering_sim(monkeypatch.setattr)
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect(SLOW, store=url(path)) as conn:
+        job = await (await conn.lookup_domain("vm1")).job_begin(BACKUP_VDB.format(tag="k"))
+        engine = as_local(conn).engine
+        rec = engine.lookup(job.uuid)
+    rec.driver_job.reporter.failed("the driver went away")
+    assert rec.state is S.RUNNING
+    assert rows(path)[str(job.uuid)]["state"] == "running"
+
+
 async def test_closing_with_keep_jobs_false_ends_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
