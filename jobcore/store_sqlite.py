@@ -532,9 +532,13 @@ def spec_to_json(value: Any) -> Any:
             if not f.init:
                 continue
             item = getattr(value, f.name)
-            if not isinstance(f.default, attrs.Factory) and f.default is not attrs.NOTHING:
-                if type(item) is type(f.default) and item == f.default:
-                    continue  # the class's default: rebuilt by the constructor
+            if (
+                not isinstance(f.default, attrs.Factory)
+                and f.default is not attrs.NOTHING
+                and type(item) is type(f.default)
+                and item == f.default
+            ):
+                continue  # the class's default: rebuilt by the constructor
             fields[f.alias] = spec_to_json(item)
         return {"@": _class_name(type(value)), "f": fields}
     if isinstance(value, tuple):

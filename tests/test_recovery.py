@@ -5,8 +5,8 @@ closing rule of durable connections, a v2 store migrated, one FINAL event per jo
 from __future__ import annotations
 
 import shutil
-import time
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
