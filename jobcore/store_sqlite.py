@@ -533,7 +533,7 @@ def spec_to_json(value: Any) -> Any:
                 continue
             item = getattr(value, f.name)
             if (
-                not isinstance(f.default, attrs.Factory)
+                not isinstance(f.default, attrs.Factory)  # type: ignore[arg-type]  # a class at runtime
                 and f.default is not attrs.NOTHING
                 and type(item) is type(f.default)
                 and item == f.default
