@@ -15,7 +15,7 @@ from jobcore import local
 from jobcore.driver import DriverJob, Reattached, Recovered
 from jobcore.drivers import load_driver
 from jobcore.lifecycle import JobState
-from jobcore.uri import URI
+from jobcore.uri import URI, parse_uri
 
 #: what recover_job answers for a UUID: an outcome, an exception to raise, or a function
 #: of the inner connection and the job (async: may act on the simulator first)
@@ -82,5 +82,5 @@ def use_recovering_sim(
         return made[0]
 
     patch(local, "load_driver", load)
-    load(local.parse_uri("sim:///default"))
+    load(parse_uri("sim:///default"))
     return made[0]

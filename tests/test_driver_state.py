@@ -19,7 +19,7 @@ from jobcore.drivers import load_driver
 from jobcore.local import as_local
 from jobcore.store import MemoryDriverState
 from jobcore.store_sqlite import SQLiteJobStore, StoreDriverState
-from jobcore.uri import URI
+from jobcore.uri import URI, parse_uri
 
 pytestmark = pytest.mark.anyio
 
@@ -42,9 +42,9 @@ class StatefulSim:
     persistent_state = True
 
     def __init__(self) -> None:
-        self._inner = load_driver(local.parse_uri("sim:///default"))
+        self._inner: Any = load_driver(parse_uri("sim:///default"))
         self.scheme = "sim"
-        self.uri_params = self._inner.uri_params
+        self.uri_params = getattr(self._inner, "uri_params", None)
         self.states: list[Any] = []
 
     @asynccontextmanager

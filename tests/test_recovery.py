@@ -196,12 +196,13 @@ async def test_recover_job_outcomes_are_applied(
     pull = "<job type='blockpull'><disk name='vda'/></job>"
     async with jobcore.connect(SLOW, store=url(path)) as conn:
         vm1, vm2 = await conn.lookup_domain("vm1"), await conn.lookup_domain("vm2")
-        kept = await vm1.job_begin(BACKUP_VDB.format(tag="kept"))
-        concluded = await vm2.job_begin(BACKUP_VDB.format(tag="concluded"))
-        paused = await vm1.job_begin(pull)
-        await paused.pause()
-        vanished = await vm2.job_begin(pull)
-        jobs = [kept, concluded, paused, vanished]
+        jobs = [
+            await vm1.job_begin(BACKUP_VDB.format(tag="kept")),
+            await vm2.job_begin(BACKUP_VDB.format(tag="concluded")),
+            await vm1.job_begin(pull),
+        ]
+        await jobs[2].pause()
+        jobs.append(await vm2.job_begin(pull))
     # the driver recovers: closing left them active (in memory and on disk)
     assert {r["state"] for r in rows(path).values()} == {"running", "paused"}
     assert not finals(published, jobs[0].uuid)
@@ -278,7 +279,9 @@ async def test_reattached_in_another_state_is_one_transition(
         info = await (await conn.lookup_job(job.uuid)).info()
         assert info.state is S.PAUSED and (info.processed, info.total) == (5, 10)
         assert states(published, job.uuid) == [S.PAUSED]
-        await (await conn.lookup_job(job.uuid)).abort()
+        handle = await conn.lookup_job(job.uuid)
+        await handle.abort()
+        assert (await handle.wait()).state is S.CANCELLED
     assert rows(path)[str(job.uuid)]["state"] == "cancelled"
 
 
