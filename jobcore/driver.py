@@ -137,6 +137,65 @@ class DriverJob:
     reporter: JobReporter
 
 
+# ---- recovery after a restart (design/store.md "Recovery") ---------------------------
+
+
+@frozen
+class Reattached:
+    """The job still runs on the hypervisor; reports flow through the new reporter."""
+
+    state: JobState  # RUNNING, PAUSED, READY or STANDBY: where the hypervisor has it
+    processed: int = 0
+    total: int = 0
+
+
+@frozen
+class Concluded:
+    """The job ended while the daemon was away; this is its real outcome."""
+
+    state: JobState  # COMPLETED, FAILED or CANCELLED
+    errmsg: str | None = None
+    extra: Mapping[str, int | str] | None = None  # libvirt-named final stats, as completed(extra)
+
+
+@frozen
+class Vanished:
+    """Nothing left to ask: the guest or its QEMU job is gone without a readable outcome."""
+
+    reason: str  # e.g. "QEMU of domain 'vm1' (pid 123) is gone"
+
+
+Recovered = Reattached | Concluded | Vanished
+
+# Optional DriverConnection method (looked up with getattr, like check_job):
+#   async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered
+# `job` carries the same uuid/type/domain and the same prepared spec the driver got at
+# start() (the engine persists the prepared spec), and a fresh reporter. `last_state` is
+# the state last written to the store (never QUEUED: queued jobs are requeued by the
+# engine, not given to the driver). Called once per job, in begin order, after the driver
+# connection is open and before the engine serves any call. Must not raise for an
+# ordinary vanish (return Vanished); an exception is treated as Vanished(str(exc)).
+# After Reattached the driver keeps reporting as it would for a job it started; verbs
+# (cancel/pause/resume/complete/set_speed) work on it as on any job.
+
+
+class DriverState(Protocol):
+    """A driver connection's own durable records: JSON-able values by key, kept in the job
+    store beside the jobs of the connection's scope (in memory with the memory store)."""
+
+    def load(self) -> Mapping[str, Any]:
+        """Everything saved before (at connect: what the last process left)."""
+
+    def save(self, key: str, value: Any) -> None:
+        """Queue ``value`` (JSON-able) under ``key``; durable at the next store commit, which
+        the engine waits for before a JobBegin returns and before a state change's event."""
+
+    def delete(self, key: str) -> None: ...
+
+    async def sync(self) -> None:
+        """Return once everything saved so far is on disk."""
+
+
 class Clock(Protocol):
     """The connection's time: the engine's timers (a queue timeout) run on it, so a
     simulated clock moves them as it moves the hypervisor."""
@@ -219,71 +278,22 @@ class DriverConnection(Protocol):
 
     async def set_speed(self, job: DriverJob, bandwidth: int | None) -> None: ...
 
+    # Optional (looked up with getattr, like check_job):
+    #   ``async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered``
+    # ``job`` carries the same uuid/type/domain and the same prepared spec the driver got
+    # at start() (the store keeps the prepared spec), and a fresh reporter. ``last_state``
+    # is the state last written to the store (never QUEUED: the engine requeues those).
+    # Called once per job, in begin order, after the driver connection is open and before
+    # the engine serves any call. Must not raise for an ordinary vanish (return
+    # Vanished); an exception is treated as Vanished(str(exc)). After Reattached the
+    # driver keeps reporting as for a job it started; verbs work on it as on any job.
+
 
 def job_verbs(dconn: object, job_type: str, type_verbs: frozenset[Verb]) -> frozenset[Verb]:
     """The verbs a job of ``job_type`` accepts on ``dconn``: its type's (``type_verbs``),
     narrowed by the connection's ``job_verbs`` where it has an entry for the type."""
     narrowed: Mapping[str, frozenset[Verb]] = getattr(dconn, "job_verbs", None) or {}
     return type_verbs & narrowed.get(job_type, type_verbs)
-
-
-# ---- recovery after a restart (the hook the engine calls; design/README.md) ------------
-
-
-@frozen
-class Reattached:
-    """The job still runs on the hypervisor; reports flow through the new reporter."""
-
-    state: JobState  # RUNNING, PAUSED, READY or STANDBY: where the hypervisor has it
-    processed: int = 0
-    total: int = 0
-
-
-@frozen
-class Concluded:
-    """The job ended while the daemon was away; this is its real outcome."""
-
-    state: JobState  # COMPLETED, FAILED or CANCELLED
-    errmsg: str | None = None
-    extra: Mapping[str, int | str] | None = None  # libvirt-named final stats, as completed(extra)
-
-
-@frozen
-class Vanished:
-    """Nothing left to ask: the guest or its QEMU job is gone without a readable outcome."""
-
-    reason: str  # e.g. "QEMU of domain 'vm1' (pid 123) is gone"
-
-
-Recovered = Reattached | Concluded | Vanished
-
-# Optional DriverConnection method (looked up with getattr, like check_job):
-#   async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered
-# `job` carries the same uuid/type/domain and the same prepared spec the driver got at
-# start() (the engine persists the prepared spec), and a fresh reporter. `last_state` is
-# the state last written to the store (never QUEUED: queued jobs are requeued by the
-# engine, not given to the driver). Called once per job, in begin order, after the driver
-# connection is open and before the engine serves any call. Must not raise for an
-# ordinary vanish (return Vanished); an exception is treated as Vanished(str(exc)).
-# After Reattached the driver keeps reporting as it would for a job it started; verbs
-# (cancel/pause/resume/complete/set_speed) work on it as on any job.
-
-
-class DriverState(Protocol):
-    """A driver connection's own durable records: JSON-able values by key, kept in the job
-    store beside the jobs of the connection's scope (in memory with the memory store)."""
-
-    def load(self) -> Mapping[str, Any]:
-        """Everything saved before (at connect: what the last process left)."""
-
-    def save(self, key: str, value: Any) -> None:
-        """Queue ``value`` (JSON-able) under ``key``; durable at the next store commit, which
-        the engine waits for before a JobBegin returns and before a state change's event."""
-
-    def delete(self, key: str) -> None: ...
-
-    async def sync(self) -> None:
-        """Return once everything saved so far is on disk."""
 
 
 class Driver(Protocol):
@@ -298,6 +308,9 @@ class Driver(Protocol):
     """
 
     scheme: str
+
+    # Optional: ``persistent_state = True``: the engine then calls
+    # ``connect(uri, tg, state=STATE)`` with the connection's DriverState.
 
     def connect(self, uri: URI, tg: TaskGroup) -> AbstractAsyncContextManager[DriverConnection]:
         """Open a connection; its background tasks run in ``tg`` (owned by the engine)."""

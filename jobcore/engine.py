@@ -26,7 +26,15 @@ from anyio.abc import TaskGroup
 from structlog.stdlib import BoundLogger
 
 from jobcore import constants as C
-from jobcore.driver import DriverConnection, DriverJob, job_verbs
+from jobcore.driver import (
+    Concluded,
+    DriverConnection,
+    DriverJob,
+    Reattached,
+    Recovered,
+    Vanished,
+    job_verbs,
+)
 from jobcore.errors import (
     AccessDenied,
     DriverError,
@@ -64,7 +72,7 @@ from jobcore.store import (
     JobStore,
     MemoryJobStore,
 )
-from jobcore.store_sqlite import SQLiteJobStore
+from jobcore.store_sqlite import NO_PREPARED_SPEC, SQLiteJobStore
 from jobcore.xml.common import round_trips_as
 
 S = JobState
@@ -105,6 +113,9 @@ class Engine:
     ) -> None:
         self.dconn = dconn
         self.tg = tg
+        #: the driver keeps a DriverState in this engine's durable store: what it saves
+        #: while starting a job is on disk before JobBegin returns (set by jobcore.local)
+        self.driver_state_durable = False
         self.clock = dconn.clock
         # the caps bound a store made here; a store passed in has its own
         self.store: JobStore = (
@@ -128,6 +139,8 @@ class Engine:
         self.scheduler = Scheduler()
         self._seq = itertools.count()
         self._closed = False
+        #: closed with its active jobs kept for the next process: reports are not applied
+        self._kept = False
         #: domain name -> URI of the host a migration moved it to
         self.domain_location: dict[str, str] = {}
         #: where else a job UUID is taken (jobd: its other driver connections), as the
@@ -135,9 +148,110 @@ class Engine:
         self.uuid_owner: Callable[[uuid.UUID], str | None] | None = None
         # ---- durability (design/store.md): None for the memory store, which pays nothing
         self._dstore = self.store if isinstance(self.store, SQLiteJobStore) else None
+        #: the active jobs the store held at open, for ``recover``
+        self._recovering: list[JobRecord] = []
         if self._dstore is not None:
-            self._dstore.restore(self.clock, self._seq, self.scheduler.ticket)
+            self._recovering = self._dstore.restore(self.clock, self._seq, self.scheduler.ticket)
             tg.start_soon(self._dstore.run)
+
+    @property
+    def can_recover(self) -> bool:
+        """The driver re-attaches jobs after a restart (it has ``recover_job``)."""
+        return getattr(self.dconn, "recover_job", None) is not None
+
+    # ---- recovery after a restart (design/store.md "Recovery") -----------------------
+
+    async def recover(self) -> None:
+        """Take over the active jobs the durable store held at open (call once, before
+        serving): running ones are handed to the driver's ``recover_job`` in begin order
+        (their claims taken again first), then queued ones are queued again in their
+        ticket order. Every outcome is written like any state change, and a job that ends
+        here gets its one FINAL event."""
+        jobs, self._recovering = self._recovering, []
+        if not jobs:
+            return
+        queued = [r for r in jobs if r.state is S.QUEUED]
+        running = [r for r in jobs if r.state is not S.QUEUED]
+        for rec in running:  # what they held before the restart, before anything starts
+            # held as they were: the hypervisor runs them, whatever the queue says
+            self.scheduler._hold(rec.ticket)
+        recover_job = getattr(self.dconn, "recover_job", None)
+        unprepared = self._dstore.unprepared if self._dstore is not None else set()
+        for rec in running:
+            if rec.uuid in unprepared:
+                self._recovered(rec, Vanished(NO_PREPARED_SPEC))
+            elif recover_job is None:
+                self._recovered(
+                    rec,
+                    Vanished(
+                        f"the driver of {self.dconn.uri} cannot re-attach jobs after a restart"
+                    ),
+                )
+            else:
+                self._recovered(rec, await self._recover_one(rec, recover_job))
+        unprepared.clear()
+        for rec in queued:
+            if self.scheduler.admit_or_enqueue(rec.ticket):
+                rec.starting = True  # verbs wait until the driver has it
+                self._transition(rec, S.RUNNING)
+                self.tg.start_soon(self._start_queued, rec)
+            elif rec.spec.options.queue_timeout is not None:
+                self.tg.start_soon(self._expire_queued, rec, rec.spec.options.queue_timeout)
+        if self._dstore is not None:
+            with anyio.CancelScope(shield=True):
+                await self._dstore.sync(raise_errors=False)
+        _log.info(
+            "jobs recovered",
+            driver=self.dconn.uri,
+            running=len(running),
+            queued=len(queued),
+            active=self.store.active_count(),
+        )
+
+    async def _recover_one(self, rec: JobRecord, recover_job: Any) -> Recovered:
+        rec.driver_job = job = DriverJob(
+            rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec)
+        )
+        last = rec.state
+        rec.starting = True
+        try:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(self.start_timeout) as bound:
+                    result: Recovered = await recover_job(job, last)
+            if bound.cancelled_caught:
+                return Vanished(
+                    f"driver '{self.dconn.uri}' did not re-attach job '{rec.uuid}' within "
+                    f"{self.start_timeout:g} s"
+                )
+            return result
+        except Exception as exc:  # a driver bug or a gone hypervisor: the job is lost
+            job_log(rec).warning("driver recover_job raised", error=repr(exc))
+            return Vanished(str(exc) or type(exc).__name__)
+        finally:
+            _start_finished(rec)
+
+    def _recovered(self, rec: JobRecord, result: Recovered) -> None:
+        """Apply what the driver found (recovery_hook: the engine's rules)."""
+        if rec.state.terminal:  # the driver reported the end during recover_job
+            return
+        if isinstance(result, Reattached):
+            if result.processed or result.total:
+                rec.processed, rec.total = result.processed, result.total
+            if result.state is not rec.state:
+                self._transition(rec, result.state, checked=False)
+            job_log(rec).info("job re-attached", state=str(rec.state))
+            return
+        if isinstance(result, Concluded):
+            if result.extra:
+                rec.extra.update(result.extra)
+            if result.state is S.COMPLETED and rec.total:
+                rec.processed = rec.total
+            if result.errmsg is not None:
+                rec.errmsg = result.errmsg
+            self._transition(rec, result.state, checked=False)
+            return
+        rec.errmsg = result.reason
+        self._transition(rec, S.FAILED, checked=False)
 
     # ---- admission -------------------------------------------------------------------
 
@@ -216,6 +330,10 @@ class Engine:
             await self._persisted(rec, admitted)
         if admitted:
             await self._start(rec, raise_errors=True)
+            if self.driver_state_durable:  # durability: what the driver saved at start
+                assert self._dstore is not None
+                with anyio.CancelScope(shield=True):
+                    await self._dstore.sync(raise_errors=False)
         elif options.queue_timeout is not None:
             self.tg.start_soon(self._expire_queued, rec, options.queue_timeout)
         return rec
@@ -311,9 +429,11 @@ class Engine:
 
     # ---- the one transition function -------------------------------------------------
 
-    def _transition(self, rec: JobRecord, new: JobState) -> None:
+    def _transition(self, rec: JobRecord, new: JobState, *, checked: bool = True) -> None:
+        """Move ``rec`` to ``new`` (``checked=False``: recovery, where the hypervisor moved
+        the job while nobody watched, and the table's single steps do not apply)."""
         old = rec.state
-        if new not in TRANSITIONS[old]:
+        if checked and new not in TRANSITIONS[old]:
             raise InvalidTransition(f"job '{rec.uuid}': {old} -> {new} is not allowed")
         rec.state = new
         if new.terminal:
@@ -371,8 +491,6 @@ class Engine:
         if rec is None or self._dstore is None:
             return None
         n = self._dstore.last_event_seq(job) or 0
-        if rec.state.terminal and job in getattr(self._dstore, "unrecovered", ()):
-            n += 2  # presented as failed at open: its terminal STATE and FINAL come after
         if n <= seen:
             return None
         kind = EventKind.FINAL if rec.state.terminal else EventKind.STATE
@@ -643,6 +761,8 @@ class Engine:
     ) -> None:
         """Apply a driver report as ``lifecycle.REPORT_TARGET`` says; a report that makes
         no sense in the job's state is logged and ignored (nothing changes, no event)."""
+        if self._kept:  # the driver closing its side: the job's row stays as it was
+            return
         path = REPORT_TARGET.get((report, rec.state))
         if path is None:
             # a late progress tick or a repeated 'ready' is ordinary; anything else is not
@@ -683,16 +803,20 @@ class Engine:
 
     # ---- shutdown --------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, *, keep_jobs: bool = False) -> None:
         """Fail every job still active (the driver is going away) and end subscriptions.
         Queued jobs fail first, so the resources the others free admit nothing; nothing
-        is started on the driver once this ran."""
+        is started on the driver once this ran. ``keep_jobs`` (a durable store and a
+        driver that recovers, design/store.md "Recovery"): active jobs stay as they are,
+        in memory and in the store, for the next process to recover."""
         if self._closed:
             return
         self._closed = True
-        active = self.store.active_jobs()
-        for rec in [r for r in active if r.state is S.QUEUED] + active:
-            self._finish(rec, S.FAILED, errmsg=CLOSED)
+        self._kept = keep_jobs and self._dstore is not None and self.can_recover
+        if not self._kept:
+            active = self.store.active_jobs()
+            for rec in [r for r in active if r.state is S.QUEUED] + active:
+                self._finish(rec, S.FAILED, errmsg=CLOSED)
         if self._dstore is not None:  # after the events held back for a commit
             self._dstore.defer(self.events.close)
         else:

@@ -20,7 +20,7 @@ import attrs
 from anyio.lowlevel import RunVar
 
 from jobcore import constants as C
-from jobcore.driver import DomainInfo, DriverConnection
+from jobcore.driver import DomainInfo, DriverConnection, DriverState
 from jobcore.drivers import check_uri_params, load_driver
 from jobcore.engine import Engine
 from jobcore.errors import AccessDenied, InvalidArgument, NoSuchJob, OperationInvalid
@@ -37,8 +37,9 @@ from jobcore.store import (
     DEFAULT_STORE_URL,
     JobRecord,
     JobStore,
+    MemoryDriverState,
 )
-from jobcore.store_sqlite import SQLiteJobStore, open_store, parse_store_url
+from jobcore.store_sqlite import SQLiteJobStore, StoreDriverState, open_store, parse_store_url
 from jobcore.types.backup import BackupJobSpec
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.uri import parse_uri
@@ -467,9 +468,12 @@ async def connect_local(
     max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
     max_retained: int = DEFAULT_MAX_RETAINED,
     store: str | None = None,
+    keep_jobs: bool | None = None,
 ) -> AsyncIterator[LocalConnection]:
     """Open an in-process connection (``jobcore.connect`` documents the arguments);
-    everything it started is cancelled when the block exits."""
+    everything it started is cancelled when the block exits. Closing fails the jobs still
+    active, unless ``keep_jobs`` (default: whether the store is durable) and the driver
+    recovers them at the next open (design/store.md "Recovery")."""
     parsed = parse_uri(uri)
     store_url = DEFAULT_STORE_URL if store is None else store
     durable = parse_store_url(store_url).kind != "memory"  # InvalidArgument if malformed
@@ -486,9 +490,19 @@ async def connect_local(
                 max_retained=max_retained,
             )
         )
+    state: DriverState | None = None
+    if getattr(driver, "persistent_state", False):
+        state = jstore.driver_state() if isinstance(jstore, SQLiteJobStore) else MemoryDriverState()
     try:
         async with anyio.create_task_group() as tg:
-            async with driver.connect(parsed, tg) as dconn:
+            opened = (
+                driver.connect(parsed, tg)
+                if state is None
+                else driver.connect(  # type: ignore[call-arg]
+                    parsed, tg, state=state
+                )
+            )
+            async with opened as dconn:
                 engine = Engine(
                     dconn,
                     tg,
@@ -497,10 +511,12 @@ async def connect_local(
                     max_retained_per_domain=max_retained_per_domain,
                     max_retained=max_retained,
                 )
+                engine.driver_state_durable = isinstance(state, StoreDriverState)
                 try:
+                    await engine.recover()  # before anything is served
                     yield LocalConnection(uri, dconn, engine)
                 finally:
-                    engine.close()
+                    engine.close(keep_jobs=durable if keep_jobs is None else keep_jobs)
                     await engine.drain()
             tg.cancel_scope.cancel()
     except ExceptionGroup as group:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import json
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -264,6 +265,27 @@ def _pop(index: dict[str, dict[uuid.UUID, JobRecord]], domain: str, job: uuid.UU
         jobs.pop(job, None)
         if not jobs:
             del index[domain]
+
+
+class MemoryDriverState:
+    """A driver connection's DriverState (jobcore.driver) with the memory store: kept for
+    as long as the connection, like its jobs. Values are copied as JSON, as the durable
+    store does, so a driver sees the same behaviour on both."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+
+    def load(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def save(self, key: str, value: Any) -> None:
+        self._values[key] = json.loads(json.dumps(value))
+
+    def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+
+    async def sync(self) -> None:
+        return None
 
 
 #: the store a connection uses unless it names one

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import functools
+import importlib
 import json
 import math
 import queue
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import attrs
 import sniffio
 from attrs import frozen
 
@@ -74,9 +77,12 @@ PROGRESS_INTERVAL = 2.0
 FLUSH_DELAY = 0.25
 #: seconds between retries of a batch that could not be committed (full disk, I/O error)
 RETRY_INTERVAL = 1.0
-#: errmsg presented for a job that was active in the store when it was opened: recovery
-#: (re-attaching drivers) is not built yet, so nothing knows how it ended
-UNRECOVERED = "jobd restarted without recovery for this driver: the job's outcome is unknown"
+#: errmsg of an active job whose row an older jobcore wrote (schema v2 or before): its
+#: prepared spec was not kept, so no driver can be handed it again
+NO_PREPARED_SPEC = (
+    "the job store row of this job was written by an older jobcore, which did not keep its "
+    "prepared spec: the job cannot be re-attached after the restart"
+)
 
 #: schema version -> the statements that bring a database from the previous version to it
 MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
@@ -124,6 +130,20 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
                 modified REAL NOT NULL,
                 PRIMARY KEY (scope, name),
                 UNIQUE (scope, uuid)
+            )""",
+        ),
+    ),
+    (
+        3,
+        (
+            # the exact prepared spec the driver got (spec_to_json); NULL in older rows
+            "ALTER TABLE jobs ADD COLUMN spec TEXT",
+            # the drivers' own durable records (jobcore.driver.DriverState), per scope
+            """CREATE TABLE driver_state (
+                scope TEXT NOT NULL,
+                key TEXT NOT NULL,
+                value TEXT NOT NULL,
+                PRIMARY KEY (scope, key)
             )""",
         ),
     ),
@@ -193,7 +213,8 @@ def open_store(
 # ---- what a batch holds -----------------------------------------------------------------
 
 #: one statement of a batch: (sql, parameters, spec). A job's insert carries its prepared
-#: spec: the writer thread formats its job XML (the ``xml`` column, the last parameter).
+#: spec: the writer thread formats its job XML and its JSON (the ``xml`` and ``spec``
+#: columns, the last two parameters).
 Write = tuple[str, tuple[Any, ...], Any]
 #: the outcome of a batch, reported to the store: the error that rolled it back (None:
 #: committed), and the jobs whose insert was left out because their XML was refused
@@ -202,8 +223,8 @@ Outcome = tuple[BaseException | None, list[tuple[str, str]]]
 
 _INSERT_JOB = (
     "INSERT INTO jobs (uuid, scope, type, domain, state, claims, priority, created,"
-    " processed, total, bandwidth, retention, event_seq, xml)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " processed, total, bandwidth, retention, event_seq, xml, spec)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_JOB = (
     "UPDATE jobs SET state = ?, started = ?, started_after = ?, elapsed = ?, ended = ?,"
@@ -219,6 +240,11 @@ _SAVE_DOMAIN = (
     " modified = excluded.modified"
 )
 _DELETE_DOMAIN = "DELETE FROM domains WHERE scope = ? AND name = ?"
+_SAVE_STATE = (
+    "INSERT INTO driver_state (scope, key, value) VALUES (?, ?, ?)"
+    " ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value"
+)
+_DELETE_STATE = "DELETE FROM driver_state WHERE scope = ? AND key = ?"
 
 
 # ---- the database file ----------------------------------------------------------------
@@ -366,19 +392,33 @@ class SQLiteDatabase:
             finally:
                 self._file_lock.release()
 
-    def load(self, scope: str) -> list[tuple[tuple[Any, ...], Any]]:
-        """The scope's job rows in begin order, each with its spec parsed from its job
-        XML (the row keeps None in the XML's place: the text is not kept in memory)."""
+    def load(self, scope: str) -> list[tuple[tuple[Any, ...], Any, bool]]:
+        """The scope's job rows in begin order, each with its spec and whether that is the
+        prepared spec (from the ``spec`` column) or, for a row an older jobcore wrote, the
+        spec parsed from its job XML (the row keeps None in place of both texts: they are
+        not kept in memory)."""
         loaded = []
         with self.lock:
             for row in self.conn.execute(
                 "SELECT uuid, type, domain, state, xml, claims, priority, created, started,"
                 " ended, processed, total, stats, errmsg, bandwidth, retention, expires,"
-                " event_seq, started_after, elapsed FROM jobs WHERE scope = ? ORDER BY rowid",
+                " event_seq, started_after, elapsed, spec FROM jobs WHERE scope = ?"
+                " ORDER BY rowid",
                 (scope,),
             ):
-                loaded.append(((*row[:4], None, *row[5:]), _parse_row_spec(self.path, row)))
+                spec, prepared = _row_spec(self.path, row)
+                loaded.append(((*row[:4], None, *row[5:20]), spec, prepared))
         return loaded
+
+    def load_state(self, scope: str) -> dict[str, Any]:
+        with self.lock:
+            return {
+                key: json.loads(value)
+                for key, value in self.conn.execute(
+                    "SELECT key, value FROM driver_state WHERE scope = ? ORDER BY rowid",
+                    (scope,),
+                )
+            }
 
     def load_domains(self, scope: str) -> list[tuple[Any, ...]]:
         with self.lock:
@@ -421,8 +461,8 @@ class SQLiteDatabase:
             sql, params, spec = write
             if spec is not None:
                 try:
-                    params = (*params, format_job(spec))
-                except JobError as exc:
+                    params = (*params, format_job(spec), json.dumps(spec_to_json(spec)))
+                except (JobError, TypeError) as exc:
                     refused.append((params[0], str(exc)))
                     continue
             if runs and runs[-1][0] == sql:
@@ -469,18 +509,112 @@ def _is_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
-def _parse_row_spec(path: Path, row: tuple[Any, ...]) -> Any:
-    """The spec of a loaded row (parsed when the store opens, off the event loop)."""
+def _row_spec(path: Path, row: tuple[Any, ...]) -> tuple[Any, bool]:
+    """The spec of a loaded row, and whether it is the prepared one (read when the store
+    opens, off the event loop): the ``spec`` column, else (a row of schema v2 or before)
+    the job XML parsed."""
     from jobcore.xml import parse_job
 
     try:
         registry.get(row[1])
-        return parse_job(row[4])
-    except JobError as exc:
+        if row[20] is not None:
+            return spec_from_json(json.loads(row[20])), True
+        return parse_job(row[4]), False
+    except (JobError, TypeError, ValueError, ImportError, AttributeError) as exc:
         raise StoreError(
             f"the job store '{path}' holds job '{row[0]}' that this jobcore cannot read "
             f"({exc}): register its job type, or give this one another store"
         ) from None
+
+
+# ---- the prepared spec, as JSON (the ``spec`` column, v3) --------------------------------
+#
+# Tagged, so that a reload rebuilds exactly the objects the driver got (attrs classes,
+# enums, UUIDs, tuples) whatever a type's prepared spec holds: ``{"@": "module:Class",
+# "f": {field: value}}`` for an attrs instance, ``{"@e": "module:Enum", "v": value}``,
+# ``{"@u": "…"}``, ``{"@t": […]}`` (tuple), ``{"@s": […]}`` (frozenset), ``{"@d": […]}``
+# (a dict, as [key, value] pairs); JSON's own types as themselves.
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def spec_to_json(value: Any) -> Any:
+    """``value`` (a prepared spec, or anything in one) as JSON-able data."""
+    if isinstance(value, enum.Enum):
+        return {"@e": _class_name(type(value)), "v": value.value}
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        if type(value) is not str:
+            return {"@e": _class_name(type(value)), "v": str(value)}  # e.g. a JobType
+        return value
+    if isinstance(value, uuid.UUID):
+        return {"@u": str(value)}
+    if attrs.has(type(value)):
+        fields: dict[str, Any] = {}
+        for f in attrs.fields(type(value)):
+            if not f.init:
+                continue
+            item = getattr(value, f.name)
+            if (
+                not isinstance(f.default, attrs.Factory)  # type: ignore[arg-type]  # a class at runtime
+                and f.default is not attrs.NOTHING
+                and type(item) is type(f.default)
+                and item == f.default
+            ):
+                continue  # the class's default: rebuilt by the constructor
+            fields[f.alias] = spec_to_json(item)
+        return {"@": _class_name(type(value)), "f": fields}
+    if isinstance(value, tuple):
+        return {"@t": [spec_to_json(v) for v in value]}
+    if isinstance(value, frozenset | set):
+        return {"@s": [spec_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [spec_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {"@d": [[spec_to_json(k), spec_to_json(v)] for k, v in value.items()]}
+    raise TypeError(f"cannot keep a {type(value).__name__} of a prepared spec in the store")
+
+
+@functools.cache
+def _named_class(name: str) -> type:
+    module_name, _, qualname = name.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise TypeError(f"'{name}' is not a class")
+    return obj
+
+
+def spec_from_json(data: Any) -> Any:
+    """What ``spec_to_json`` made, rebuilt (TypeError, ValueError, ImportError,
+    AttributeError when it names what this process does not have)."""
+    if isinstance(data, list):
+        return [spec_from_json(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if "@" in data:
+        cls = _named_class(data["@"])
+        if not attrs.has(cls):
+            raise TypeError(f"'{data['@']}' is not an attrs class")
+        return cls(**{k: spec_from_json(v) for k, v in data["f"].items()})
+    if "@e" in data:
+        cls = _named_class(data["@e"])
+        if not issubclass(cls, enum.Enum | str):
+            raise TypeError(f"'{data['@e']}' is not an enum")
+        return cls(data["v"])
+    if "@u" in data:
+        return uuid.UUID(data["@u"])
+    if "@t" in data:
+        return tuple(spec_from_json(v) for v in data["@t"])
+    if "@s" in data:
+        return frozenset(spec_from_json(v) for v in data["@s"])
+    if "@d" in data:
+        return {spec_from_json(k): spec_from_json(v) for k, v in data["@d"]}
+    raise ValueError(f"unknown spec data {sorted(data)}")
 
 
 def _claims_json(claims: tuple[Claim, ...]) -> str:
@@ -529,6 +663,7 @@ class SQLiteJobStore(MemoryJobStore):
                 row[0]: DomainDefinition(row[0], uuid.UUID(row[1]), *row[2:])
                 for row in db.load_domains(scope)
             }
+            self._state: dict[str, Any] = db.load_state(scope)
         except sqlite3.DatabaseError as exc:
             db.unclaim(scope)
             raise StoreError(
@@ -560,9 +695,9 @@ class SQLiteJobStore(MemoryJobStore):
         self._refused: dict[str, StoreError] = {}
         self._progress_at: dict[uuid.UUID, float] = {}
         self._event_seq: dict[uuid.UUID, int] = {}
-        #: jobs active in the file when it was opened: presented as failed (UNRECOVERED)
-        #: in memory, their rows left as they are for recovery
-        self.unrecovered: set[uuid.UUID] = set()
+        #: the active jobs loaded whose spec is not the prepared one (an older jobcore's
+        #: rows): the engine fails them at recovery (NO_PREPARED_SPEC)
+        self.unprepared: set[uuid.UUID] = set()
 
     # ---- restore at open --------------------------------------------------------------
 
@@ -571,15 +706,17 @@ class SQLiteJobStore(MemoryJobStore):
         clock: Clock,
         seq: Iterator[int],
         ticket: Callable[[uuid.UUID, tuple[Claim, ...], int], Ticket],
-    ) -> int:
+    ) -> list[JobRecord]:
         """Present the rows loaded at open as records (the engine calls this once, with
-        its clock, seq counter and scheduler); returns how many."""
+        its clock, seq counter and scheduler): ended rows as ended records (expired ones
+        are deleted), and returns the active ones, in begin order, in the state their row
+        has, for the engine to recover (design/store.md "Recovery")."""
         rows, self._rows = self._rows, []
         now_wall, now = clock.wall(), clock.now()
 
         expired: list[str] = []
-        count = 0
-        for row, spec in rows:
+        active: list[JobRecord] = []
+        for row, spec, prepared in rows:
             (job_s, type_s, domain, state_s, _xml, claims_s, priority, created, _started,
              ended, processed, total, stats_s, errmsg, bandwidth, retention, expires,
              event_seq, started_after, elapsed) = row  # fmt: skip
@@ -590,6 +727,10 @@ class SQLiteJobStore(MemoryJobStore):
             info = registry.get(type_s)
             job = uuid.UUID(job_s)
             claims = tuple(Claim(r, Mode(m)) for r, m in json.loads(claims_s))
+            # an ended record's clock readings are offsets from its begin (exact, so
+            # time_elapsed and info.started read as before the restart); an active one's
+            # begin is placed on this process's clock from the wall time it began
+            begun = 0.0 if state.terminal else now - max(0.0, now_wall - created)
             rec = JobRecord(
                 uuid=job,
                 type=info.type,
@@ -601,10 +742,8 @@ class SQLiteJobStore(MemoryJobStore):
                 ticket=ticket(job, claims, priority),
                 retention=retention,
                 created_wall=created,
-                # a loaded record's clock readings are offsets from its begin (exact, so
-                # time_elapsed and info.started read as before the restart)
-                created=0.0,
-                started=started_after,
+                created=begun,
+                started=None if started_after is None else begun + started_after,
                 processed=processed,
                 total=total,
                 extra=json.loads(stats_s),
@@ -617,24 +756,14 @@ class SQLiteJobStore(MemoryJobStore):
                 rec.ended = elapsed
                 rec.ended_wall = ended
                 deadline = math.inf if expires is None else now + (expires - now_wall)
-            else:  # no recovery yet: say so, keep the row as it is for the next jobd
-                self.unrecovered.add(job)
-                rec.state = JobState.FAILED
-                rec.errmsg = UNRECOVERED
-                rec.ended, rec.ended_wall = max(0.0, now_wall - created), now_wall
-                deadline = math.inf
-            MemoryJobStore.ended(self, rec, deadline)
-            count += 1
+                MemoryJobStore.ended(self, rec, deadline)
+            else:
+                if not prepared:
+                    self.unprepared.add(job)
+                active.append(rec)
         for job_s in expired:
             self._queue((_DELETE_JOB, (job_s,), None))
-        if self.unrecovered:
-            _log.warning(
-                "active jobs in the store are not recovered (no recovery yet): presented "
-                "as failed, their rows kept",
-                path=str(self.path),
-                jobs=len(self.unrecovered),
-            )
-        return count
+        return active
 
     # ---- job writes -------------------------------------------------------------------
 
@@ -686,11 +815,8 @@ class SQLiteJobStore(MemoryJobStore):
         super()._remove(rec)
         self._progress_at.pop(rec.uuid, None)
         self._event_seq.pop(rec.uuid, None)
-        if rec.uuid in self.unrecovered:
-            self.unrecovered.discard(rec.uuid)  # evicted from memory by a cap: row stays
-        else:
-            self._supersede(rec.uuid, update=True)
-            self._queue((_DELETE_JOB, (str(rec.uuid),), None))
+        self._supersede(rec.uuid, update=True)
+        self._queue((_DELETE_JOB, (str(rec.uuid),), None))
 
     def last_event_seq(self, job: uuid.UUID) -> int | None:
         """The number of the job's last STATE or FINAL event, as written with its state
@@ -855,6 +981,21 @@ class SQLiteJobStore(MemoryJobStore):
             self._closed = True
             self.db.release(self.scope)
 
+    # ---- the drivers' own records (jobcore.driver.DriverState) ---------------------------
+
+    def driver_state(self) -> StoreDriverState:
+        """The DriverState of this store's scope (its values as loaded at open)."""
+        return StoreDriverState(self)
+
+    def _save_state(self, key: str, value: Any) -> None:
+        text = json.dumps(value)  # copied now: TypeError for what JSON cannot hold
+        self._state[key] = json.loads(text)
+        self._queue((_SAVE_STATE, (self.scope, key, text), None))
+
+    def _delete_state(self, key: str) -> None:
+        if self._state.pop(key, _MISSING) is not _MISSING:
+            self._queue((_DELETE_STATE, (self.scope, key), None))
+
     # ---- domain definitions -------------------------------------------------------------
 
     def domains(self) -> list[DomainDefinition]:
@@ -913,6 +1054,30 @@ class SQLiteJobStore(MemoryJobStore):
         with anyio.CancelScope(shield=True):
             await self.sync()
         return True
+
+
+_MISSING = object()
+
+
+class StoreDriverState:
+    """A driver connection's DriverState in the job store (the ``driver_state`` table):
+    its writes join the store's batches, so they are committed, in order, with the job
+    writes queued before the engine's next durability point."""
+
+    def __init__(self, store: SQLiteJobStore) -> None:
+        self._store = store
+
+    def load(self) -> dict[str, Any]:
+        return dict(self._store._state)
+
+    def save(self, key: str, value: Any) -> None:
+        self._store._save_state(key, value)
+
+    def delete(self, key: str) -> None:
+        self._store._delete_state(key)
+
+    async def sync(self) -> None:
+        await self._store.sync()
 
 
 # ---- the writes (built on the event loop from the record's values at that moment) -----

@@ -51,6 +51,14 @@ async def next_event(sub: Subscription, timeout: float = 20) -> JobEvent:
         return await sub.get()
 
 
+async def next_state(sub: Subscription, timeout: float = 20) -> JobEvent:
+    """The next STATE event (progress reports may come between)."""
+    while True:
+        ev = await next_event(sub, timeout)
+        if ev.kind is EventKind.STATE:
+            return ev
+
+
 async def next_final(sub: Subscription, timeout: float = 20) -> JobEvent:
     """The next FINAL event (a driver that recovers jobs may report states first)."""
     while True:
@@ -210,7 +218,7 @@ async def test_a_resumed_subscription_is_told_what_it_missed(tmp_path: Path) -> 
             with conn.subscribe(job=job.uuid) as sub:
                 await job.info()  # the subscription is in place
                 await job.pause()
-                paused = await next_event(sub)
+                paused = await next_state(sub)
                 assert (paused.state, paused.seq) == (JobState.PAUSED, 2)
                 kill(daemon)
                 await anyio.sleep(0.3)  # the client notices (start() below blocks the loop)

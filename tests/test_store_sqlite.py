@@ -27,7 +27,7 @@ from jobcore.errors import InvalidArgument, StoreError
 from jobcore.events import EventKind, JobEvent
 from jobcore.lifecycle import JobState
 from jobcore.local import as_local
-from jobcore.store_sqlite import SCHEMA_VERSION, UNRECOVERED, parse_store_url
+from jobcore.store_sqlite import NO_PREPARED_SPEC, SCHEMA_VERSION, parse_store_url
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,9 @@ def test_jobd_store_config_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(f"store = '{url(tmp_path / 'j.sqlite')}'\n")
     assert load_config(good).store == url(tmp_path / "j.sqlite")
-    assert load_config(None).store == "memory:"  # interim default (design/store.md)
+    default = load_config(None, run_dir=tmp_path / "run")
+    assert default.store is None  # RUN_DIR/jobs.sqlite (design/store.md)
+    assert default.store_url == url(tmp_path / "run" / "jobs.sqlite")
     bad = tmp_path / "bad.toml"
     bad.write_text("store = 'sqlite://relative.sqlite'\n")
     with pytest.raises(ConfigError, match=r"relative\.sqlite"):
@@ -330,16 +332,21 @@ def test_kill_9_keeps_every_begun_job(tmp_path: Path, backend: str) -> None:
     active = {u for u, r in on_disk.items() if r["state"] == "running"}
     assert active, "the kill came while jobs ran"
     anyio.run(_reopen_after_kill, path, begun, active, backend=backend)
-    # the rows of the jobs that were active are left as they were, for recovery
-    assert {u for u, r in rows(path).items() if r["state"] == "running"} == active
+    # the sim driver re-attached the active jobs whose JobBegin had returned (their start
+    # was on disk): none failed. A job killed between its row and its start fails, saying so.
+    after = rows(path)
+    assert {after[u]["state"] for u in active & set(begun)} <= {"running", "completed"}
+    for u in active - set(begun):
+        assert after[u]["state"] != "failed" or "has no record of job" in after[u]["errmsg"]
 
 
 async def _reopen_after_kill(path: Path, begun: list[str], active: set[str]) -> None:
     async with jobcore.connect("sim:///default", store=url(path)) as conn:
         for job_id in begun:
             info = await (await conn.lookup_job(job_id)).info()
-            if job_id in active:
-                assert info.state is JobState.FAILED and info.errmsg == UNRECOVERED
+            if job_id in active:  # re-attached: running on, or done meanwhile
+                assert info.state in (JobState.RUNNING, JobState.COMPLETED), info
+                assert info.errmsg is None
             else:
                 assert info.state is JobState.COMPLETED, info
 
@@ -385,7 +392,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     async with jobcore.connect("sim:///default", store=url(path)):
         pass
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 98}")
     conn.close()
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 98}, newer"):
@@ -613,8 +620,8 @@ async def test_a_version_1_store_opens_and_migrates(tmp_path: Path) -> None:
         assert [str(j.uuid) for j in await dom.list_jobs()] == list(V1_JOBS)
         for job_id, state in V1_JOBS.items():
             info = await (await conn.lookup_job(job_id)).info()
-            if state == "running":  # no recovery yet
-                assert info.state is JobState.FAILED and info.errmsg == UNRECOVERED
+            if state == "running":  # a v1 row has no prepared spec to hand a driver
+                assert info.state is JobState.FAILED and info.errmsg == NO_PREPARED_SPEC
             else:
                 assert str(info.state) == state
         failed = await (await conn.lookup_job("e92676ff-e135-4013-a0e1-bfc4ce99d2ae")).info()
@@ -626,9 +633,12 @@ async def test_a_version_1_store_opens_and_migrates(tmp_path: Path) -> None:
         job = await dom.job_begin(backup("after-v1"))
         await job.wait()
         await store.save_domain("vm9", uuid.uuid4(), "sim:///default", "<domain/>")
-    assert _version(path) == SCHEMA_VERSION == 2
+    assert _version(path) == SCHEMA_VERSION == 3
     on_disk = rows(path)
-    assert {u: on_disk[u]["state"] for u in V1_JOBS} == V1_JOBS  # v1 rows as they were
+    # v1 rows as they were, but the running one: recovery ended it (failed, written)
+    assert {u: on_disk[u]["state"] for u in V1_JOBS} == V1_JOBS | {
+        "9ab2881b-8df3-4fb2-ab4d-35dbf2bc380d": "failed"
+    }
     assert on_disk[str(job.uuid)]["state"] == "completed"
     async with jobcore.connect("sim:///default", store=url(path)) as conn:
         store = as_local(conn).engine._dstore

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from attrs import field, frozen
 from jobcore.errors import InvalidArgument, JobError
 from jobcore.protocol import MAX_FRAME, default_run_dir
 from jobcore.spec import DEFAULT_RETENTION, MAX_SECONDS
-from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN, DEFAULT_STORE_URL
+from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.store_sqlite import parse_store_url
 
 #: Clients per socket (read-write and read-only are counted separately).
@@ -146,9 +147,12 @@ class DaemonConfig:
     frame_timeout: float = FRAME_TIMEOUT
     #: bytes the partly received frames of all read-write clients may hold at once
     max_receive_buffer: int = MAX_RECEIVE_BUFFER
-    #: the job store: 'memory:' or 'sqlite:///ABS/PATH' (interim default 'memory:' until
-    #: recovery exists: design/store.md)
-    store: str = DEFAULT_STORE_URL
+    #: the job store: 'memory:' or 'sqlite:///ABS/PATH'; None: 'sqlite:///RUN_DIR/jobs.sqlite'
+    #: (``store_url``, design/store.md)
+    store: str | None = None
+    #: SIGTERM (jobd stopping) ends active jobs, as a closing in-process connection does;
+    #: by default they and their guests run on and are recovered at the next start
+    stop_guests: bool = False
     # ---- read-only fairness: the read-only socket's own budgets -------------------------
     #: read-only connections of one uid
     max_ro_clients_per_uid: int = MAX_RO_CLIENTS_PER_UID
@@ -166,6 +170,13 @@ class DaemonConfig:
     max_ro_queued_send: int = MAX_RO_QUEUED_SEND_TOTAL
     #: bytes the partly received frames of all read-only clients may hold at once
     max_ro_receive_buffer: int = MAX_RO_RECEIVE_BUFFER
+
+    @property
+    def store_url(self) -> str:
+        """The job store jobd uses: ``store``, else RUN_DIR/jobs.sqlite."""
+        if self.store is not None:
+            return self.store
+        return "sqlite://" + urllib.parse.quote(str(self.run_dir / "jobs.sqlite"))
 
 
 _CONFIG_KEYS = {
@@ -187,6 +198,7 @@ _CONFIG_KEYS = {
     "frame_timeout",
     "max_receive_buffer",
     "store",
+    "stop_guests",
     "max_ro_clients_per_uid",
     "ro_idle_timeout",
     "max_ro_subscriptions",
@@ -248,6 +260,10 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             except InvalidArgument as exc:
                 raise ConfigError(f"store: {exc}") from None
             config = _evolve(config, store=store)
+        if "stop_guests" in values:
+            if not isinstance(values["stop_guests"], bool):
+                raise ConfigError("stop_guests must be true or false")
+            config = _evolve(config, stop_guests=values["stop_guests"])
         for key, minimum, maximum in _COUNTS:
             if key in values:
                 n = _typed(values, key, int)

@@ -146,6 +146,7 @@ class DriverConnections:
         run_dir: Path | None = None,
         idle_timeout: float = DRIVER_IDLE_TIMEOUT,
         store: str | None = None,
+        keep_jobs: bool = True,
         **retained: int,
     ) -> None:
         self._tg = tg
@@ -155,6 +156,7 @@ class DriverConnections:
         self._idle_timeout = idle_timeout
         self._retained = retained  # max_retained_per_domain, max_retained
         self._store = store  # the job store URL every driver connection uses
+        self._keep_jobs = keep_jobs  # stopping leaves jobs a durable store recovers
         self._slots: dict[str, _DriverSlot] = {}
         self._drivers: dict[str, Driver] = {}
         self._stop = anyio.Event()
@@ -277,7 +279,11 @@ class DriverConnections:
         key = slot.target.key
         try:
             async with connect_local(
-                slot.target.uri, retention=self._retention, store=self._store, **self._retained
+                slot.target.uri,
+                retention=self._retention,
+                store=self._store,
+                keep_jobs=self._keep_jobs,
+                **self._retained,
             ) as conn:
                 slot.conn = conn
                 conn.engine.uuid_owner = self.uuid_owner  # job UUIDs are unique daemon-wide

@@ -161,13 +161,21 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "log_file, frame_timeout, max_receive_buffer, max_ro_clients_per_uid, "
                 "ro_idle_timeout, max_ro_subscriptions, max_ro_subscriptions_per_uid, "
                 "ro_max_event_buffer, ro_subscriber_lost_limit, max_queued_send, "
-                "max_ro_queued_send, max_ro_receive_buffer, store.",
+                "max_ro_queued_send, max_ro_receive_buffer, store, stop_guests.",
             ),
             click.option(
                 "--store",
                 metavar="URL",
-                help="Job store: 'memory:' or 'sqlite:///ABS/PATH' [default: memory:, "
-                "interim until recovery exists].",
+                help="Job store: 'memory:' or 'sqlite:///ABS/PATH' "
+                "[default: sqlite:///RUN_DIR/jobs.sqlite].",
+            ),
+            click.option(
+                "--stop-guests",
+                is_flag=True,
+                default=None,
+                help="On SIGTERM end the active jobs (failed: 'the connection was closed') "
+                "as a closing connection does, instead of leaving them and their guests "
+                "running for the next start to recover [config: stop_guests].",
             ),
             click.option(
                 "--log-level", type=click.Choice(sorted(_LEVELS)), help="Log level [default: info]."
@@ -212,6 +220,7 @@ def start_from_options(
     log_file: str | Path | None = None,
     detach: bool = False,
     store: str | None = None,
+    stop_guests: bool | None = None,
 ) -> int:
     try:
         config = load_config(
@@ -222,6 +231,7 @@ def start_from_options(
             allowed_uris=list(allowed_uris) or None,
             log_file=cli_path(log_file, "--log-file"),
             store=store,
+            stop_guests=stop_guests,
         )
     except ConfigError as exc:
         click.echo(f"jobd: {exc}", err=True)

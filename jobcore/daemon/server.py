@@ -140,7 +140,7 @@ class Daemon:
         store_db = None
         reserve_dir(cfg.run_dir)  # no job may name its files (an NBD socket) among jobd's
         try:
-            store_url = parse_store_url(cfg.store)
+            store_url = parse_store_url(cfg.store_url)
             if store_url.path is not None:  # a bad store stops jobd here, before serving
                 store_db = await anyio.to_thread.run_sync(
                     open_database, store_url.path, store_url.synchronous
@@ -154,7 +154,8 @@ class Daemon:
                     idle_timeout=cfg.driver_idle_timeout,
                     max_retained_per_domain=cfg.max_retained_per_domain,
                     max_retained=cfg.max_retained,
-                    store=cfg.store,
+                    store=cfg.store_url,
+                    keep_jobs=not cfg.stop_guests,
                 )
                 try:
                     self._serving = anyio.CancelScope()
