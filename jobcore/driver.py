@@ -23,6 +23,7 @@ import anyio
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument
+from jobcore.lifecycle import JobState
 from jobcore.spec import JobSpec, JobType
 
 if TYPE_CHECKING:
@@ -134,6 +135,45 @@ class DriverJob:
     #: (jobcore.types); a registered type's is whatever its ``prepare`` returns
     spec: JobSpec
     reporter: JobReporter
+
+
+@frozen
+class Reattached:
+    """The job still runs on the hypervisor; reports flow through the new reporter."""
+
+    state: JobState  # RUNNING, PAUSED, READY or STANDBY: where the hypervisor has it
+    processed: int = 0
+    total: int = 0
+
+
+@frozen
+class Concluded:
+    """The job ended while the daemon was away; this is its real outcome."""
+
+    state: JobState  # COMPLETED, FAILED or CANCELLED
+    errmsg: str | None = None
+    extra: Mapping[str, int | str] | None = None  # libvirt-named final stats, as completed(extra)
+
+
+@frozen
+class Vanished:
+    """Nothing left to ask: the guest or its QEMU job is gone without a readable outcome."""
+
+    reason: str  # e.g. "QEMU of domain 'vm1' (pid 123) is gone"
+
+
+Recovered = Reattached | Concluded | Vanished
+
+# Optional DriverConnection method (looked up with getattr, like check_job):
+#   async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered
+# `job` carries the same uuid/type/domain and the same prepared spec the driver got at
+# start() (the engine persists the prepared spec), and a fresh reporter. `last_state` is
+# the state last written to the store (never QUEUED: queued jobs are requeued by the
+# engine, not given to the driver). Called once per job, in begin order, after the driver
+# connection is open and before the engine serves any call. Must not raise for an
+# ordinary vanish (return Vanished); an exception is treated as Vanished(str(exc)).
+# After Reattached the driver keeps reporting as it would for a job it started; verbs
+# (cancel/pause/resume/complete/set_speed) work on it as on any job.
 
 
 class Clock(Protocol):
