@@ -98,6 +98,8 @@ class AdoptedProcess:
     pid: int
     pidfd: int
     returncode: int | None = None
+    #: one task at a time watches the pidfd; the others wait for it
+    _watching: anyio.Lock = field(factory=anyio.Lock)
 
     @classmethod
     def open(cls, pid: int) -> AdoptedProcess:
@@ -112,14 +114,16 @@ class AdoptedProcess:
             self.returncode = os.waitstatus_to_exitcode(status) if status != -1 else -1
 
     async def wait(self) -> int:
-        while self.returncode is None:
-            await anyio.wait_readable(self.pidfd)
-            self._reap()
-            if self.returncode is None:  # readable means exited; a child may lag a moment
-                await anyio.sleep(0.01)
-        with contextlib.suppress(OSError):
-            os.close(self.pidfd)
-            self.pidfd = -1
+        async with self._watching:
+            while self.returncode is None:
+                await anyio.wait_readable(self.pidfd)
+                self._reap()
+                if self.returncode is None:  # readable means exited; a child may lag
+                    await anyio.sleep(0.01)
+            if self.pidfd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self.pidfd)
+                self.pidfd = -1
         return self.returncode
 
     def kill(self) -> None:
