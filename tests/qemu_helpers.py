@@ -273,37 +273,46 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
         ServerTransport,
         StoreType,
     )
+    from jobcore.spec import ChainRef
     from jobcore.types.backup import BackupJobSpec
     from jobcore.types.chain import BlockCommitSpec
     from jobcore.uri import parse_uri
 
-    async with anyio.create_task_group() as tg:
-        async with QemuDriver().connect(parse_uri(opts["uri"]), tg) as conn:
-            await conn.create_domain(opts["xml"])
-            kind = opts["job"]
-            spec: Any
-            if kind in ("push", "pull"):
-                disk = BackupDisk(
-                    "vda", True, StoreType.FILE, DiskBackupMode.FULL, None,
-                    store=BackupStore(opts["store"], "qcow2"),
-                )  # fmt: skip
-                if kind == "push":
-                    spec = BackupJobSpec(BackupDef(mode=BackupMode.PUSH, disks=(disk,)))
-                else:
-                    server = BackupServer(ServerTransport.UNIX, socket=opts["socket"])
-                    backup = BackupDef(mode=BackupMode.PULL, server=server, disks=(disk,))
-                    spec = BackupJobSpec(backup)
+    async with (
+        anyio.create_task_group() as tg,
+        QemuDriver().connect(parse_uri(opts["uri"]), tg) as conn,
+    ):
+        await conn.create_domain(opts["xml"])
+        kind = opts["job"]
+        spec: Any
+        if kind in ("push", "pull"):
+            disk = BackupDisk(
+                "vda", True, StoreType.FILE, DiskBackupMode.FULL, None,
+                store=BackupStore(opts["store"], "qcow2"),
+            )  # fmt: skip
+            if kind == "push":
+                spec = BackupJobSpec(BackupDef(mode=BackupMode.PUSH, disks=(disk,)))
             else:
-                spec = BlockCommitSpec("vda")
-            job, rep = await make_job(conn, "vm1", spec)
-            await conn.start(job)
-            if opts.get("wait") == "ready":
-                await rep.wait_for("ready")
-            else:
-                with anyio.fail_after(20):
-                    while not any(p > 0 for p, _, _ in rep.progress_calls):
-                        await anyio.sleep(0.05)
-            line = {"pid": conn.pid("vm1"), "spec": pickle.dumps(job.spec).hex()}
-            sys.stdout.write(json.dumps(line) + "\n")
-            sys.stdout.flush()
-            await anyio.sleep_forever()
+                server = BackupServer(ServerTransport.UNIX, socket=opts["socket"])
+                backup = BackupDef(mode=BackupMode.PULL, server=server, disks=(disk,))
+                spec = BackupJobSpec(backup)
+        elif "top" in opts:  # an intermediate commit, slow enough to be killed mid-way
+            spec = BlockCommitSpec(
+                "vda", top=ChainRef(index=opts["top"]), base=ChainRef(index=opts["top"] + 1),
+                bandwidth=opts.get("bandwidth"),
+            )  # fmt: skip
+        else:
+            spec = BlockCommitSpec("vda")
+        job, rep = await make_job(conn, "vm1", spec)
+        await conn.start(job)
+        if opts.get("wait") == "ready":
+            await rep.wait_for("ready")
+        else:
+            for _ in range(400):
+                if any(p > 0 for p, _, _ in rep.progress_calls):
+                    break
+                await anyio.sleep(0.05)
+        line = {"pid": conn.pid("vm1"), "spec": pickle.dumps(job.spec).hex()}
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+        await anyio.sleep_forever()

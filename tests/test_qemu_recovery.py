@@ -23,7 +23,17 @@ from typing import Any
 import anyio
 import pytest
 from qemu.qmp import QMPClient
-from qemu_helpers import RecordingReporter, alive, compare, create, domain_xml, run, write
+from qemu_helpers import (
+    RecordingReporter,
+    alive,
+    compare,
+    create,
+    domain_xml,
+    ended_by,
+    run,
+    start_orphan_qemu,
+    write,
+)
 
 from drivers.qemu import QemuConnection, QemuDriver
 from jobcore.driver import Concluded, DriverJob, Reattached, Vanished
@@ -120,6 +130,19 @@ async def qmp(run_dir: Path, cmd: str, args: dict[str, Any] | None = None) -> An
         await client.disconnect()
 
 
+async def until_concluded(run_dir: Path) -> None:
+    """Wait until vm1's only QEMU job has ended (auto-dismiss off: it stays listed)."""
+    for _ in range(400):
+        if (await qmp(run_dir, "query-jobs"))[0]["status"] == "concluded":
+            return
+        await anyio.sleep(0.05)
+    raise AssertionError("the QEMU job did not end within 20 s")
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "60"])
+
+
 async def test_in_process_keep_guests_close_leaves_the_guest_and_reopen_adopts_it(
     tmp_path: Path,
 ) -> None:
@@ -189,9 +212,7 @@ async def test_job_that_ended_while_nobody_watched_is_concluded(tmp_path: Path) 
         job, rep = driver_job(out)
         qemu_id = f"backup-{job.uuid.hex}-vda"
         await qmp(run_dir, "block-job-set-speed", {"device": qemu_id, "speed": 0})
-        with anyio.fail_after(20):
-            while (await qmp(run_dir, "query-jobs"))[0]["status"] != "concluded":
-                await anyio.sleep(0.05)
+        await until_concluded(run_dir)
         async with reopen(run_dir) as conn:
             got = await conn.recover_job(job, JobState.RUNNING)
             assert got == Concluded(JobState.COMPLETED), got
@@ -213,7 +234,7 @@ async def test_killed_qemu_gives_vanished_and_its_target_is_removed(tmp_path: Pa
         )  # fmt: skip
         pids.add(out["pid"])
         os.kill(out["pid"], signal.SIGKILL)
-        job, rep = driver_job(out)
+        job, _ = driver_job(out)
         async with reopen(run_dir) as conn:
             assert await conn.list_domains() == []
             got = await conn.recover_job(job, JobState.RUNNING)
@@ -268,3 +289,50 @@ async def test_active_commit_ready_before_the_restart_pivots_after_it(tmp_path: 
             assert info.disks[0].chain == (str(base),)
             await conn.flush("vm1")
         compare(base, ref)
+
+
+async def test_intermediate_commit_that_ended_unwatched_updates_the_chain(tmp_path: Path) -> None:
+    base = disk(tmp_path, "write -P 0x11 0 4M")
+    mid = create(tmp_path / "mid.qcow2", "16M", backing=base)
+    write(mid, "write -P 0x22 0 8M")
+    top = create(tmp_path / "top.qcow2", "16M", backing=mid)
+    write(top, "write -P 0x33 6M 1M")
+    ref = tmp_path / "ref.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", str(top), str(ref))
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out = owner(run_dir, domain_xml("vm1", {"vda": top}), "commit", top=1, bandwidth=1 << 20)
+        pids.add(out["pid"])
+        job, _ = driver_job(out)
+        qemu_id = f"commit-{job.uuid.hex}-vda"
+        await qmp(run_dir, "block-job-set-speed", {"device": qemu_id, "speed": 0})
+        await until_concluded(run_dir)
+        async with reopen(run_dir) as conn:
+            # QEMU's graph already has top over base; mid's node is still there
+            assert (await conn.lookup_domain("vm1")).disks[0].chain == (str(top), str(base))
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert got == Concluded(JobState.COMPLETED), got
+            files = {n["file"] for n in await conn.qmp("vm1", "query-named-block-nodes")}
+            assert str(mid) not in files  # the committed layer's node is deleted
+            await conn.flush("vm1")
+            compare(top, ref)  # the guest's view did not change
+        compare(top, ref)
+
+
+async def test_keep_guests_adopts_proven_qemus_and_never_kills_others(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    orphan = start_orphan_qemu(run_dir)  # a QEMU the driver started: proof holds
+    other = sleeper()  # not a QEMU: its pid file is just stale
+    (run_dir / "vm2.0.pid").write_text(f"{other.pid}\n")
+    try:
+        async with reopen(run_dir) as conn:
+            assert [d.name for d in await conn.list_domains()] == ["old"]
+            assert conn.pid("old") == orphan.pid
+            assert other.poll() is None and not (run_dir / "vm2.0.pid").exists()
+        assert ended_by(orphan) == 0  # the adopted one stopped as this connection's own
+        assert other.poll() is None  # never killed
+    finally:
+        other.kill()
+        other.wait()
+        ended_by(orphan)

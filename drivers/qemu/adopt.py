@@ -72,11 +72,11 @@ async def rebuild_domain(proc: QemuProcess) -> Domain:
             chain.append(Layer(node, file, str(info[node].get("drv")), owned_file(file)))
             node = backing.get(node)
         in_chain = {layer.node for layer in chain}
-        orphans = [
-            Layer(n, str(info[n].get("file")), str(info[n].get("drv")))
-            for _, n in sorted(found)
-            if n not in in_chain
-        ]
+        orphans = []
+        for _, n in sorted(found):
+            if n not in in_chain:
+                file = str(info[n].get("file"))
+                orphans.append(Layer(n, file, str(info[n].get("drv")), owned_file(file)))
         size = int((info[chain[0].node].get("image") or {}).get("virtual-size", 0))
         disks[disk_name] = Disk(disk_name, chain, size, orphans=orphans)
     domain = Domain(proc.name, dom_uuid, memory, disks, proc, generation=proc.generation)

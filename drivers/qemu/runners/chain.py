@@ -34,6 +34,7 @@ async def _recover_chain_job(
         return runner.reattached(last_state)
     runner.cancel_requested = last_state is JobState.ABORTING
     outcome, err = runner.outcome()
+    await runner.dismiss()  # an ended job still holds its nodes until dismissed
     if outcome is Outcome.COMPLETED:
         gone = set(left)
         removed = [la for la in disk.layers + disk.orphans if la.file in gone]
@@ -42,7 +43,6 @@ async def _recover_chain_job(
         await runner.del_nodes([la.node for la in removed])
         if delete:
             remove_created(la.owned for la in removed if la.owned is not None)
-    await runner.dismiss()
     runner.phase = Phase.ENDED
     runner.untrack()
     return runner.concluded(outcome, err)
