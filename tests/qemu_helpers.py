@@ -276,6 +276,7 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
     from jobcore.spec import ChainRef
     from jobcore.types.backup import BackupJobSpec
     from jobcore.types.chain import BlockCommitSpec
+    from jobcore.types.migration import MigrationSpec
     from jobcore.uri import parse_uri
 
     async with (
@@ -301,6 +302,8 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
                 "vda", top=ChainRef(index=opts["top"]), base=ChainRef(index=opts["top"] + 1),
                 bandwidth=opts.get("bandwidth"),
             )  # fmt: skip
+        elif kind == "migrate":
+            spec = MigrationSpec(opts["destination"], bandwidth=16 * 1024)
         else:
             spec = BlockCommitSpec("vda")
         job, rep = await make_job(conn, "vm1", spec)

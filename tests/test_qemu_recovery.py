@@ -15,6 +15,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -65,8 +66,6 @@ def guests() -> Iterator[set[int]]:
             for _ in range(100):
                 if not alive(pid):
                     break
-                import time
-
                 time.sleep(0.02)
         assert not {p for p in pids if alive(p)}, "a QEMU survived the test"
 
@@ -336,3 +335,26 @@ async def test_keep_guests_adopts_proven_qemus_and_never_kills_others(tmp_path: 
         other.kill()
         other.wait()
         ended_by(orphan)
+
+
+async def test_migration_under_way_at_the_kill_completes_after_recovery(tmp_path: Path) -> None:
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out = owner(
+            run_dir, domain_xml("vm1", {"vda": src}, memory_mib=64), "migrate",
+            destination=f"qemu:///session?dir={run_dir}",
+        )  # fmt: skip
+        pids.add(out["pid"])
+        job, rep = driver_job(out)
+        async with reopen(run_dir) as conn:
+            assert set(conn.incoming) == {"vm1"}  # the -incoming destination, re-adopted
+            pids.add(conn.incoming["vm1"].pid)
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert isinstance(got, Reattached) and got.state is JobState.RUNNING, got
+            await conn.set_speed(job, None)
+            kind, extra = await rep.wait_end()
+            assert kind == "completed" and extra["memory_total"] >= 32 * MiB, extra
+            assert conn.pid("vm1") != out["pid"] and not alive(out["pid"])
+            assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+            await conn.guest_io("vm1", "vda", "write -P 0x44 0 1M")  # the disks came along
