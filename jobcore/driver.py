@@ -309,6 +309,10 @@ class Driver(Protocol):
 
     scheme: str
 
+    # Optional: ``serve_daemon(keep_guests: bool)``: jobd calls it once when it loads the
+    # driver; with True the driver's connections leave their guests (and the jobs on
+    # them) running when they close, for the next jobd to re-attach (recover_job).
+
     # Optional: ``persistent_state = True``: the engine then calls
     # ``connect(uri, tg, state=STATE)`` with the connection's DriverState.
 

@@ -242,3 +242,80 @@ def ended_by(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
         proc.kill()
         proc.wait()
         return 0
+
+
+# ---- a driver owner in a child process (recovery tests) --------------------------------
+
+
+def owner_main() -> None:
+    """Child process: open a keep-guests connection, create a domain, start a job, print
+    one JSON line ``{"pid": QEMU pid, "spec": pickled prepared spec (hex)}`` once the job
+    is where the test wants it, then wait to be killed (``sys.argv[1]``: JSON options)."""
+    import json
+    import pickle
+    import sys
+
+    opts = json.loads(sys.argv[1])
+    anyio.run(_owner, opts, json, pickle, backend="asyncio")
+
+
+async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
+    import sys
+
+    from drivers.qemu import QemuDriver
+    from jobcore.backup import (
+        BackupDef,
+        BackupDisk,
+        BackupMode,
+        BackupServer,
+        BackupStore,
+        DiskBackupMode,
+        ServerTransport,
+        StoreType,
+    )
+    from jobcore.spec import ChainRef
+    from jobcore.types.backup import BackupJobSpec
+    from jobcore.types.chain import BlockCommitSpec
+    from jobcore.types.migration import MigrationSpec
+    from jobcore.uri import parse_uri
+
+    async with (
+        anyio.create_task_group() as tg,
+        QemuDriver().connect(parse_uri(opts["uri"]), tg) as conn,
+    ):
+        await conn.create_domain(opts["xml"])
+        kind = opts["job"]
+        spec: Any
+        if kind in ("push", "pull"):
+            disk = BackupDisk(
+                "vda", True, StoreType.FILE, DiskBackupMode.FULL, None,
+                store=BackupStore(opts["store"], "qcow2"),
+            )  # fmt: skip
+            if kind == "push":
+                spec = BackupJobSpec(BackupDef(mode=BackupMode.PUSH, disks=(disk,)))
+            else:
+                server = BackupServer(ServerTransport.UNIX, socket=opts["socket"])
+                backup = BackupDef(mode=BackupMode.PULL, server=server, disks=(disk,))
+                spec = BackupJobSpec(backup)
+        elif "top" in opts:  # an intermediate commit, slow enough to be killed mid-way
+            spec = BlockCommitSpec(
+                "vda", top=ChainRef(index=opts["top"]), base=ChainRef(index=opts["top"] + 1),
+                bandwidth=opts.get("bandwidth"),
+            )  # fmt: skip
+        elif kind == "migrate":
+            spec = MigrationSpec(opts["destination"], bandwidth=16 * 1024)
+        else:
+            spec = BlockCommitSpec("vda")
+        job, rep = await make_job(conn, "vm1", spec)
+        await conn.start(job)
+        if opts.get("wait") == "ready":
+            await rep.wait_for("ready")
+        else:
+            for _ in range(400):
+                if any(p > 0 for p, _, _ in rep.progress_calls):
+                    break
+                await anyio.sleep(0.05)
+        line = {"pid": conn.pid("vm1"), "spec": pickle.dumps(job.spec).hex()}
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+        await anyio.sleep_forever()

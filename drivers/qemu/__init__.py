@@ -4,6 +4,6 @@ One QEMU process per domain (``-machine none``), started and owned by the driver
 jobs, NBD pull backups and migrations run for real. asyncio only (qemu.qmp is asyncio).
 """
 
-from drivers.qemu.connection import QemuConnection, QemuDriver
+from drivers.qemu.connection import QemuConnection, QemuDriver, keep_guests_by_default
 
-__all__ = ["QemuConnection", "QemuDriver"]
+__all__ = ["QemuConnection", "QemuDriver", "keep_guests_by_default"]

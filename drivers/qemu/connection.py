@@ -1,4 +1,11 @@
-"""The qemu driver's connection: domains, their processes, jobs and the progress poller."""
+"""The qemu driver's connection: domains, their processes, jobs and the progress poller.
+
+Guest ownership: an in-process connection stops the QEMUs it started when it closes. A
+keep-guests connection (``?keep_guests=yes``, or ``keep_guests_by_default(True)`` in a
+daemon such as jobd, or ``conn.keep_guests`` set before closing) leaves them running,
+and the next keep-guests owner of the run directory re-adopts them (``adopt.py``) and
+recovers their jobs (``recover_job``).
+"""
 
 from __future__ import annotations
 
@@ -13,17 +20,18 @@ import anyio.abc
 import sniffio
 from attrs import define, field
 
+from drivers.qemu.adopt import is_incoming, rebuild_domain
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.domxml import DomainDef, parse_domain
 from drivers.qemu.images import backing_chain, exists, owned_file
 from drivers.qemu.process import QemuProcess, QmpTimeout
-from drivers.qemu.rundir import RunDir, run_dir_of
+from drivers.qemu.rundir import RunDir, Survivor, job_record, read_record, run_dir_of, write_record
 from drivers.qemu.runners.backup import BackupRunner
 from drivers.qemu.runners.backup_checks import check_backup_job
 from drivers.qemu.runners.base import Phase, Runner
 from drivers.qemu.runners.chain import BlockCommitRunner, BlockPullRunner
 from drivers.qemu.runners.migration import MigrationRunner
-from jobcore.driver import DomainInfo, DriverJob, SystemClock
+from jobcore.driver import DomainInfo, DriverJob, Recovered, SystemClock, Vanished
 from jobcore.errors import (
     DriverError,
     InvalidArgument,
@@ -32,7 +40,7 @@ from jobcore.errors import (
     Unsupported,
     XMLError,
 )
-from jobcore.lifecycle import Verb
+from jobcore.lifecycle import JobState, Verb
 from jobcore.log import get_logger
 from jobcore.paths import Access, PathGuard, PathUse
 from jobcore.rundir import reserve_dir, unreserve_dir
@@ -43,6 +51,17 @@ from jobcore.uri import URI, parse_uri
 log = get_logger(__name__)
 
 POLL_INTERVAL = 0.25
+#: the process-wide default of ``keep_guests`` (a URI's ``keep_guests=`` wins)
+_KEEP_GUESTS_DEFAULT = False
+
+
+def keep_guests_by_default(keep: bool) -> None:
+    """Make every qemu connection this process opens keep its guests (a daemon: jobd
+    calls this at start), unless its URI says ``keep_guests=no``."""
+    global _KEEP_GUESTS_DEFAULT
+    _KEEP_GUESTS_DEFAULT = keep
+
+
 #: the runner of each job type (each implements base.Runner; they reach this connection
 #: through runners.host.Host only)
 _RUNNERS: dict[str, type[Runner]] = {
@@ -63,7 +82,16 @@ class QemuConnection:
     clock: SystemClock = field(factory=SystemClock)
     #: default speed limit of push backups in bytes/s (``?backup_bandwidth=``; 0: none)
     backup_bandwidth: int = 0
+    #: the guest ownership switch: True, closing (or dying) leaves every QEMU running for
+    #: the next owner to re-adopt; False, closing stops the QEMUs (may change any time
+    #: before closing: jobd's "stop guests on SIGTERM" sets it False)
+    keep_guests: bool = False
     domains: dict[str, Domain] = field(factory=dict)
+    #: live QEMUs of a previous owner that could not be re-adopted: left alone, their
+    #: names not reused
+    unadopted: dict[str, int] = field(factory=dict)
+    #: re-adopted migration destinations, by domain name (a migration's recovery takes it)
+    incoming: dict[str, QemuProcess] = field(factory=dict)
     runners: dict[uuid.UUID, Runner] = field(factory=dict)
     closed: bool = False
     _work: anyio.Event = field(factory=anyio.Event)
@@ -101,10 +129,15 @@ class QemuConnection:
         old = self.domains.get(ddef.name)
         if ddef.name in self._creating or (old is not None and old.process.alive):
             raise OperationInvalid(f"domain '{ddef.name}' already exists")
+        if ddef.name in self.unadopted:
+            raise OperationInvalid(
+                f"domain '{ddef.name}': QEMU process {self.unadopted[ddef.name]} of a previous "
+                "owner still runs under this name and could not be re-adopted; stop it first"
+            )
         self._creating.add(ddef.name)
         try:
             disks = await self._read_disks(ddef, path_guard)
-            proc = await self._spawn(ddef.name, 0, ddef.memory, incoming=False)
+            proc = await self._spawn(ddef.name, 0, ddef.memory, incoming=False, uuid=str(ddef.uuid))
             domain = Domain(ddef.name, ddef.uuid, ddef.memory, disks, proc)
             try:
                 await self._add_disks(domain, proc)
@@ -152,10 +185,12 @@ class QemuConnection:
                 await proc.execute("blockdev-add", args)
                 below = layer.node
 
-    async def _spawn(self, name: str, gen: int, memory: int, *, incoming: bool) -> QemuProcess:
+    async def _spawn(
+        self, name: str, gen: int, memory: int, *, incoming: bool, uuid: str
+    ) -> QemuProcess:
         extra = ["-m", f"{max(memory >> 20, 1)}M"] if memory else []
         proc = await QemuProcess.spawn(
-            self.run_dir, name, f"{name}.{gen}", extra, incoming=incoming
+            self.run_dir, name, f"{name}.{gen}", extra, incoming=incoming, uuid=uuid
         )
         self.tg.start_soon(self._run_process, proc)
         return proc
@@ -169,6 +204,32 @@ class QemuConnection:
                 yield
             finally:
                 self._scopes.discard(scope)
+
+    async def adopt_survivors(self, survivors: list[Survivor]) -> None:
+        """Re-adopt the live QEMUs a previous owner left (keep-guests mode): QMP again,
+        the domain rebuilt from QEMU. One that cannot be adopted is left running, alone."""
+        for s in sorted(survivors, key=lambda s: s.stem):
+            try:
+                proc = await QemuProcess.adopt(self.run_dir, s.name, s.stem, s.pid)
+            except Exception as exc:
+                log.warning("qemu not re-adopted", domain=s.name, pid=s.pid, error=str(exc))
+                self.unadopted[s.name] = s.pid
+                continue
+            self.tg.start_soon(self._run_process, proc)
+            if is_incoming(s.pid) and s.name in self.domains:
+                self.incoming[s.name] = proc
+                continue
+            try:
+                domain = await rebuild_domain(proc)
+            except Exception as exc:
+                log.warning("domain not rebuilt", domain=s.name, pid=s.pid, error=str(exc))
+                await proc.detach()
+                self.unadopted[s.name] = s.pid
+                continue
+            if s.name in self.domains:  # the source of a migration was found second
+                self.incoming[s.name] = self.domains[s.name].process
+            self.domains[s.name] = domain
+            log.info("domain re-adopted", domain=s.name, pid=s.pid, disks=list(domain.disks))
 
     async def _run_process(self, proc: QemuProcess) -> None:
         with self._background():
@@ -242,9 +303,21 @@ class QemuConnection:
         runner = cls(conn=self, job=job, domain=domain, proc=domain.process)
         runner.log.info("starting")
         await runner.start()
-        self.runners[job.uuid] = runner
+        self._save_record(runner)
+        self._launch(runner)
+
+    def _launch(self, runner: Runner) -> None:
+        self.runners[runner.job.uuid] = runner
         self.tg.start_soon(self._supervise, runner)
         self._work.set()
+
+    def _record_path(self, job: DriverJob) -> Path:
+        return job_record(self.run_dir, job.domain, job.uuid)
+
+    def _save_record(self, runner: Runner) -> None:
+        """Keep-guests mode: what the job created, for whoever recovers it."""
+        if self.keep_guests:
+            write_record(self._record_path(runner.job), runner.record())
 
     async def _supervise(self, runner: Runner) -> None:
         try:
@@ -252,7 +325,43 @@ class QemuConnection:
                 await runner.supervise()
         finally:
             self.runners.pop(runner.job.uuid, None)
-            runner.phase = Phase.ENDED
+            if not runner.detached:
+                runner.phase = Phase.ENDED
+                self._record_path(runner.job).unlink(missing_ok=True)
+
+    async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered:
+        """Reconcile a job a previous owner started with what QEMU says now (see
+        design/qemu.md, "Recovery"): still running → Reattached (this connection
+        supervises it from now on), ended → Concluded, gone → Vanished."""
+        self._check_open()
+        cls = _RUNNERS.get(job.type)
+        if cls is None:
+            return Vanished(f"the qemu driver does not run '{job.type}' jobs")
+        if job.uuid in self.runners:
+            raise OperationInvalid(f"job {job.uuid} is already running", job=job.uuid)
+        domain = self.domains.get(job.domain)
+        record = read_record(self._record_path(job))
+        if domain is None or not domain.process.alive:
+            pid = self.unadopted.get(job.domain)
+            why = f" (pid {pid} could not be re-adopted)" if pid else ""
+            if record is not None:
+                cls.discard_record(record)
+                self._record_path(job).unlink(missing_ok=True)
+            return Vanished(f"QEMU of domain '{job.domain}' is gone{why}")
+        runner = cls(conn=self, job=job, domain=domain, proc=domain.process)
+        runner.recovered = True
+        try:
+            result = await runner.recover(last_state, record)
+        except BaseException:
+            runner.untrack()
+            raise
+        if runner.phase in (Phase.RUNNING, Phase.READY):
+            self._save_record(runner)
+            self._launch(runner)
+        else:
+            self._record_path(job).unlink(missing_ok=True)
+        runner.log.info("job recovered", outcome=type(result).__name__)
+        return result
 
     def _runner(self, job: DriverJob) -> Runner:
         runner = self.runners.get(job.uuid)
@@ -344,9 +453,14 @@ class QemuConnection:
             )
         return destination
 
+    def take_incoming(self, name: str) -> QemuProcess | None:
+        return self.incoming.pop(name, None)
+
     async def spawn_incoming(self, domain: Domain) -> QemuProcess:
         domain.generation += 1
-        proc = await self._spawn(domain.name, domain.generation, domain.memory, incoming=True)
+        proc = await self._spawn(
+            domain.name, domain.generation, domain.memory, incoming=True, uuid=str(domain.uuid)
+        )
         try:
             await self._add_disks(domain, proc)
         except BaseException:
@@ -370,18 +484,24 @@ class QemuConnection:
             raise DriverError("the qemu connection is closed")
 
     async def aclose(self) -> None:
-        """Stop every process this connection started; reap them all."""
+        """Stop every process this connection started and reap them all; with
+        ``keep_guests``, let go of them instead: they and their jobs run on."""
         self.closed = True
         with anyio.CancelScope(shield=True):
-            procs = {d.process for d in self.domains.values()}
+            procs = {d.process for d in self.domains.values()} | set(self.incoming.values())
             for runner in self.runners.values():
                 procs.add(runner.proc)
                 dest = getattr(runner, "dest", None)
                 if isinstance(dest, QemuProcess):
                     procs.add(dest)
+                if self.keep_guests:
+                    runner.detached = True
             async with anyio.create_task_group() as tg:
                 for proc in procs:
-                    tg.start_soon(proc.stop, "was stopped: connection closed")
+                    if self.keep_guests:
+                        tg.start_soon(proc.detach)
+                    else:
+                        tg.start_soon(proc.stop, "was stopped: connection closed")
             for scope in list(self._scopes):
                 scope.cancel()
             self.domains.clear()
@@ -411,12 +531,28 @@ def _backup_bandwidth(uri: URI) -> int:
     return value
 
 
+def _keep_guests(uri: URI) -> bool:
+    """``?keep_guests=yes|no`` (also 1/0, true/false); absent: the process default."""
+    text = uri.param("keep_guests")
+    if text is None:
+        return _KEEP_GUESTS_DEFAULT
+    value = {"yes": True, "1": True, "true": True, "no": False, "0": False, "false": False}
+    if text.lower() not in value:
+        raise InvalidArgument(f"keep_guests={text[:80]!r} in '{uri}': it must be yes or no")
+    return value[text.lower()]
+
+
 class QemuDriver:
     """``qemu:///session[?dir=RUN_DIR]``: real QEMU processes over QMP."""
 
     scheme = "qemu"
     #: the query parameters connect() reads; any other is refused
-    uri_params = frozenset({"dir", "backup_bandwidth"})
+    uri_params = frozenset({"dir", "backup_bandwidth", "keep_guests"})
+
+    def serve_daemon(self, keep_guests: bool) -> None:
+        """jobd loaded this driver (jobcore.driver.Driver): its connections keep their
+        guests when they close, unless jobd runs with --stop-guests."""
+        keep_guests_by_default(keep_guests)
 
     def identity(self, uri: URI) -> tuple[tuple[str, str], ...]:
         """``dir`` selects another run directory (other QEMU processes), resolved."""
@@ -433,15 +569,21 @@ class QemuDriver:
             raise Unsupported(f"the qemu driver serves qemu:///session only, not '{uri}'")
         # every parameter is checked before the run directory is locked
         bandwidth = _backup_bandwidth(uri)
-        run_dir = RunDir(run_dir_of(uri))
+        keep = _keep_guests(uri)
+        run_dir = RunDir(run_dir_of(uri), keep_guests=keep)
         run_dir.acquire()
         reserve_dir(run_dir.path)  # no job of any connection may name its files there
         try:  # and from here on, every way out releases it
             conn = QemuConnection(
-                uri=str(uri), run_dir=run_dir.path, tg=tg, backup_bandwidth=bandwidth
+                uri=str(uri),
+                run_dir=run_dir.path,
+                tg=tg,
+                backup_bandwidth=bandwidth,
+                keep_guests=keep,
             )
             try:
                 tg.start_soon(conn._poller)
+                await conn.adopt_survivors(run_dir.survivors)
                 yield conn
             finally:
                 await conn.aclose()

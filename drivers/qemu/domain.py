@@ -40,6 +40,9 @@ class Disk:
     virtual_size: int
     #: backup filter nodes above the active layer, oldest (outermost) first
     filters: list[str] = field(factory=list)
+    #: re-adopted: layer nodes QEMU still has that left the chain (a stream or commit
+    #: ended while nobody watched; its recovery deletes them)
+    orphans: list[Layer] = field(factory=list)
 
     @property
     def active(self) -> Layer:
@@ -87,6 +90,10 @@ class Domain:
             return self.disks[name]
         except KeyError:
             raise DriverError(f"domain '{self.name}' has no disk '{name}'") from None
+
+    def skip_node_names(self, start: int) -> None:
+        """Number new node names from ``start`` on (a re-adopted QEMU has nodes already)."""
+        self._counter = itertools.count(start)
 
     def new_node_name(self, prefix: str) -> str:
         """A fresh node name (QEMU allows at most 31 characters)."""

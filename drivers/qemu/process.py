@@ -6,7 +6,10 @@ UNIX socket in the run directory and a pid file there. It runs in a session of i
 not QEMU directly) with no inherited file descriptors, and no code runs in the child between
 fork and exec. ``stop()`` always ends in a reaped child: ``quit`` over QMP, then SIGKILL
 after a timeout. A driver killed without cleanup leaves its QEMUs running; the next owner of
-the run directory finds and kills them by their pid files (``rundir.RunDir.reap_stale``).
+the run directory finds them by their pid files (``rundir.RunDir.reap_stale``) and kills
+them, or, in keep-guests mode, re-adopts them (``QemuProcess.adopt``: a process that is
+not the driver's child, watched through a pidfd). ``detach()`` lets go of a process
+without stopping it (a keep-guests connection closing).
 
 QEMU's refusals that name no file (a locked image, a corrupt qcow2 taken offline) are
 rewritten by ``explain`` into texts that name the image and say what to do.
@@ -24,9 +27,10 @@ import contextlib
 import enum
 import os
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from attrs import define, field
@@ -71,6 +75,62 @@ def _open_log(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
 
+class ProcessHandle(Protocol):
+    """What the driver uses of a QEMU's OS process (asyncio's child, or an adopted one)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+@define(eq=False)
+class AdoptedProcess:
+    """A QEMU a previous owner of the run directory started: not this process's child
+    (its exit is seen through a pidfd; its status is unknown unless it was reparented to
+    this process, which then reaps it)."""
+
+    pid: int
+    pidfd: int
+    returncode: int | None = None
+    #: one task at a time watches the pidfd; the others wait for it
+    _watching: anyio.Lock = field(factory=anyio.Lock)
+
+    @classmethod
+    def open(cls, pid: int) -> AdoptedProcess:
+        return cls(pid, os.pidfd_open(pid))
+
+    def _reap(self) -> None:
+        try:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # someone else's child: its status is not ours to read
+            done, status = self.pid, -1
+        if done:
+            self.returncode = os.waitstatus_to_exitcode(status) if status != -1 else -1
+
+    async def wait(self) -> int:
+        async with self._watching:
+            while self.returncode is None:
+                await anyio.wait_readable(self.pidfd)
+                self._reap()
+                if self.returncode is None:  # readable means exited; a child may lag
+                    await anyio.sleep(0.01)
+            if self.pidfd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self.pidfd)
+                self.pidfd = -1
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None and self.pidfd >= 0:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+
 class QmpTimeout(DriverError):
     """QEMU did not answer a QMP command in time (stopped, or stuck in the kernel)."""
 
@@ -108,7 +168,7 @@ class QemuProcess:
     name: str  # the domain's name (``-name``)
     stem: str  # file stem in the run directory: NAME.GEN
     run_dir: Path
-    proc: asyncio.subprocess.Process
+    proc: ProcessHandle
     qmp: QMPClient
     subjobs: dict[str, SubJob] = field(factory=dict)
     on_migration: Callable[[str], None] | None = None
@@ -119,6 +179,8 @@ class QemuProcess:
     node_files: dict[str, str] = field(factory=dict)
     #: node → QEMU's message, for nodes QEMU reported corrupt (``BLOCK_IMAGE_CORRUPTED``)
     corrupt: dict[str, str] = field(factory=dict)
+    #: the driver let go of it (a keep-guests connection closed): it runs on, unwatched
+    detached: bool = False
     _listener: EventListener | None = None
 
     @property
@@ -127,7 +189,11 @@ class QemuProcess:
 
     @property
     def alive(self) -> bool:
-        return self.proc.returncode is None and not self.exited.is_set()
+        return self.proc.returncode is None and not self.exited.is_set() and not self.detached
+
+    @property
+    def generation(self) -> int:
+        return int(self.stem.rsplit(".", 1)[1])
 
     @property
     def log_path(self) -> Path:
@@ -144,7 +210,14 @@ class QemuProcess:
 
     @classmethod
     async def spawn(
-        cls, run_dir: Path, name: str, stem: str, extra: list[str], *, incoming: bool = False
+        cls,
+        run_dir: Path,
+        name: str,
+        stem: str,
+        extra: list[str],
+        *,
+        incoming: bool = False,
+        uuid: str | None = None,
     ) -> QemuProcess:
         qmp_path = qmp_socket(run_dir, stem)
         qmp_path.unlink(missing_ok=True)
@@ -162,6 +235,7 @@ class QemuProcess:
             f"unix:{escape_option(str(qmp_path))},server=on,wait=off",
             "-pidfile",
             str(pid_file(run_dir, stem)),
+            *(["-uuid", uuid] if uuid else []),
             *extra,
         ]
         if incoming:
@@ -193,6 +267,32 @@ class QemuProcess:
                 await self.stop("start failed")
             raise
         return self
+
+    @classmethod
+    async def adopt(cls, run_dir: Path, name: str, stem: str, pid: int) -> QemuProcess:
+        """Take over a running QEMU a previous owner started (the caller proved it is one):
+        connect to its QMP socket, route its events from now on. Never stops it: a failure
+        here leaves the process as it was."""
+        proc = AdoptedProcess.open(pid)
+        self = cls(name=name, stem=stem, run_dir=run_dir, proc=proc, qmp=QMPClient(stem))
+        try:
+            await self._connect(qmp_socket(run_dir, stem))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(proc.pidfd)
+            raise
+        log.info("qemu re-adopted", domain=name, pid=pid)
+        return self
+
+    async def detach(self) -> None:
+        """Let go of the process without stopping it: hang up QMP; it runs on."""
+        if self.detached or not self.alive:
+            return
+        self.detached = True
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            with anyio.move_on_after(1):
+                await self.qmp.disconnect()
+        log.info("qemu left running", domain=self.name, pid=self.pid)
 
     async def _connect(self, path: Path) -> None:
         with anyio.move_on_after(CONNECT_TIMEOUT):
@@ -307,7 +407,7 @@ class QemuProcess:
         on_exit(self)
 
     def _mark_exited(self) -> None:
-        if self.exited.is_set():
+        if self.exited.is_set() or self.detached:
             return
         self.exited.set()
         reason = self.exit_reason or f"exited with status {self.proc.returncode}"

@@ -12,21 +12,31 @@ these shapes (``NAME.GEN.pid``, ``NAME.GEN.qmp``, ``NAME.GEN.mig.sock``,
 files in the directory are never removed, and a directory without that lock file holding
 the marker line (no driver ever owned it; another program's ``lock`` does not count) is
 not cleaned at all. A connection that finds pid files left by a previous owner
-that died (the lock was free) kills a process only when it can prove the driver started
-it: a ``qemu-system-*`` of this user whose command line names this domain, this pid file
-and this QMP socket. A pid file that points at anything else is just stale.
+that died or let go (the lock was free) touches a process only when it can prove the
+driver started it: a ``qemu-system-*`` of this user whose command line names this domain,
+this pid file and this QMP socket. Such a process is killed, or, in keep-guests mode,
+left running and handed back for re-adoption (``Survivor``) with its files. A pid file
+that points at anything else is just stale (removed, the process left alone).
+
+A job that runs on a keep-guests connection has a record, ``NAME.job-<32 hex>.json``
+(``job_record``, 0600): what it created and must remove on failure or abort (targets,
+scratch files, its NBD socket, bitmaps, node names), so that a later owner recovering the
+job removes exactly those.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import stat
+import uuid
 from pathlib import Path
+from typing import Any
 
-from attrs import define, field
+from attrs import define, field, frozen
 
 from jobcore.errors import DriverError
 from jobcore.filelock import FileLock, LockHeld
@@ -46,6 +56,12 @@ _SOCKETS = (
     re.compile(r"^.+\.\d+\.mig\.sock$"),  # migration into one process
     re.compile(r"^.+\.backup-[0-9a-f]{8}\.sock$"),  # default NBD socket of a pull backup
 )
+#: the domain a socket or job record belongs to
+_OWNER = re.compile(
+    r"^(?P<name>.+?)(?:\.\d+\.qmp|\.\d+\.mig\.sock|\.backup-[0-9a-f]{8}\.sock"
+    r"|\.job-[0-9a-f]{32}\.json)$"
+)
+_RECORD = re.compile(r"^.+\.job-[0-9a-f]{32}\.json$")
 
 
 def pid_file(run_dir: Path, stem: str) -> Path:
@@ -67,6 +83,49 @@ def migration_socket(run_dir: Path, stem: str) -> Path:
 def nbd_socket(run_dir: Path, domain: str, short: str) -> Path:
     """A pull backup's NBD socket when its XML names none (``short``: 8 hex digits)."""
     return run_dir / f"{domain}.backup-{short}.sock"
+
+
+def job_record(run_dir: Path, domain: str, job: uuid.UUID) -> Path:
+    """What a job on a keep-guests connection created (see the module docstring)."""
+    return run_dir / f"{domain}.job-{job.hex}.json"
+
+
+def write_record(path: Path, data: dict[str, Any]) -> None:
+    """Write a job record atomically (a temporary name, fsync, rename), mode 0600."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(data, sort_keys=True).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A job record, or None when there is none (or it is not one)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = json.loads(os.read(fd, 1 << 20) or b"null")
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return data if isinstance(data, dict) else None
+
+
+@frozen
+class Survivor:
+    """A QEMU a previous owner started that still runs (proven ours), to re-adopt."""
+
+    name: str
+    stem: str
+    pid: int
 
 
 def is_driver_socket(name: str) -> bool:
@@ -96,6 +155,10 @@ class RunDir:
     or when the directory is not private."""
 
     path: Path
+    #: keep-guests mode: live QEMUs of a previous owner are re-adopted, not killed
+    keep_guests: bool = False
+    #: what ``acquire`` found to re-adopt (keep-guests mode)
+    survivors: list[Survivor] = field(factory=list)
     _lock: FileLock = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -142,24 +205,37 @@ class RunDir:
         return pid_file(self.path, stem)
 
     def reap_stale(self) -> None:
-        """Kill QEMU processes a previous owner started; remove its pid files and sockets.
+        """Kill QEMU processes a previous owner started (keep-guests mode: keep them in
+        ``survivors``); remove the pid files and sockets of the others.
 
-        Only names the driver gives its files are considered; a pid file is removed, and
-        its process killed only when ``_started_by_driver`` proves it is ours.
+        Only names the driver gives its files are considered; a pid file is removed (or
+        kept, for a survivor), and its process killed only when ``_started_by_driver``
+        proves it is ours. In keep-guests mode the sockets and job records of a domain
+        with a survivor stay; job records stay whatever their domain (recovery reads
+        them); otherwise records go too.
         """
         with os.scandir(self.path) as entries:
             names = sorted(entry.name for entry in entries)
         for name in names:
+            pid_match = _PID.match(name)
             path = self.path / name
+            if pid_match and _is_regular(path):
+                self._reap_pidfile(path, pid_match["stem"], pid_match["name"])
+        living = {s.name for s in self.survivors}
+        for name in names:
+            path = self.path / name
+            owner = _OWNER.match(name)
+            if owner is not None and owner["name"] in living:
+                continue
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
                 continue
-            pid_match = _PID.match(name)
-            if pid_match and stat.S_ISREG(st.st_mode):
-                self._reap_pidfile(path, pid_match["stem"], pid_match["name"])
-            elif is_driver_socket(name) and stat.S_ISSOCK(st.st_mode):
+            if is_driver_socket(name) and stat.S_ISSOCK(st.st_mode):
                 log.info("removing stale socket", path=str(path))
+                path.unlink(missing_ok=True)
+            elif _RECORD.match(name) and stat.S_ISREG(st.st_mode) and not self.keep_guests:
+                log.info("removing stale job record", path=str(path))
                 path.unlink(missing_ok=True)
 
     def _reap_pidfile(self, path: Path, stem: str, name: str) -> None:
@@ -168,12 +244,23 @@ class RunDir:
         except (OSError, ValueError):
             pid = 0
         if pid > 0 and _started_by_driver(pid, self.path, stem, name):
+            if self.keep_guests:
+                log.info("leftover qemu kept for re-adoption", pid=pid, pidfile=str(path))
+                self.survivors.append(Survivor(name, stem, pid))
+                return
             log.warning("killing leftover qemu", pid=pid, pidfile=str(path))
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         elif pid > 0:
             log.info("stale pid file: not a process the driver started", pid=pid, pidfile=str(path))
         path.unlink(missing_ok=True)
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _is_marked(lock: Path) -> bool:

@@ -166,6 +166,9 @@ class DriverConnections:
         driver = self._drivers.get(uri.driver)
         if driver is None and uri.transport is None:
             driver = self._drivers[uri.driver] = load_driver(uri)
+            serve = getattr(driver, "serve_daemon", None)
+            if serve is not None:  # guests outlive jobd unless it stops them
+                serve(self._keep_jobs)
         return resolve_driver_uri(uri_text, driver)
 
     def uuid_owner(self, job: uuid.UUID) -> str | None:

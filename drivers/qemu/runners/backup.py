@@ -33,10 +33,11 @@ from drivers.qemu.runners.backup_checks import (
     node_bitmaps,
     socket_exists,
 )
-from drivers.qemu.runners.base import CLEANUP_TIMEOUT, Phase, Runner
+from drivers.qemu.runners.base import CLEANUP_TIMEOUT, KEEP_OUTCOME, Phase, Runner
 from jobcore.backup import ServerTransport, StoreType
-from jobcore.driver import store_exists
+from jobcore.driver import Recovered, store_exists
 from jobcore.errors import DriverError, InvalidArgument, OperationInvalid, Unsupported
+from jobcore.lifecycle import JobState
 from jobcore.types.backup import PreparedBackup, PreparedBackupDisk
 
 COPY_CHUNK = 64 << 20
@@ -122,6 +123,33 @@ def listen_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
         sock.close()
         raise
     return sock, (st.st_dev, st.st_ino)
+
+
+def _owned_to_json(f: OwnedFile | None) -> list[Any] | None:
+    return None if f is None else [f.path, list(f.ident), list(f.dir_ident)]
+
+
+def _owned_from_json(v: Any) -> OwnedFile | None:
+    if not v:
+        return None
+    path, (dev, ino), (dir_dev, dir_ino) = v
+    return OwnedFile(str(path), (int(dev), int(ino)), (int(dir_dev), int(dir_ino)))
+
+
+#: the fields of a _BackupDisk a job record keeps (its disk and spec come from the domain
+#: and the job's prepared spec)
+_RECORDED = (
+    "path",
+    "fmt",
+    "node",
+    "filter",
+    "job_id",
+    "export_id",
+    "export_name",
+    "export_bitmap",
+    "export_bitmap_created",
+    "incremental",
+)
 
 
 def remove_own_socket(path: str, ident: tuple[int, int]) -> None:
@@ -283,6 +311,7 @@ class BackupRunner(Runner):
                     # copy_file_range between the images where the kernel can (block-copy
                     # falls back to read/write by itself), in chunks of up to 64 MiB
                     "x-perf": {"use-copy-range": True, "max-chunk": COPY_CHUNK},
+                    **KEEP_OUTCOME,
                 }
                 speed = getattr(self.spec, "bandwidth", None) or self.conn.backup_bandwidth
                 if speed and not self.pull:
@@ -365,8 +394,9 @@ class BackupRunner(Runner):
         reported = False
         try:
             if self.pull:
+                if not (self.recovered and self.phase is Phase.READY):
+                    self.report(lambda r: r.ready())
                 self.phase = Phase.READY
-                self.report(lambda r: r.ready())
                 async with anyio.create_task_group() as tg:
 
                     async def _watch(sj: SubJob) -> None:
@@ -389,7 +419,7 @@ class BackupRunner(Runner):
                 await self._finish(outcome, err, report=True)
             reported = True
         finally:
-            if not reported:
+            if not reported and not self.detached:
                 with anyio.CancelScope(shield=True):
                     await self._finish(Outcome.CANCELLED, None, report=False)
 
@@ -410,6 +440,7 @@ class BackupRunner(Runner):
         self.phase = Phase.ENDING
         if self.pull:
             await self._teardown_pull()
+        await self.dismiss()
         for bd in self.disks:
             if bd.filter in bd.disk.filters:
                 bd.disk.filters.remove(bd.filter)
@@ -482,6 +513,78 @@ class BackupRunner(Runner):
             self.server_started = False
             if not nodes_only:
                 remove_created(bd.created for bd in self.disks if bd.created is not None)
+
+    # ---------------------------------------------------------------- recovery
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "disks": [
+                {
+                    "disk": bd.disk.name,
+                    "created": _owned_to_json(bd.created),
+                    **{k: getattr(bd, k) for k in _RECORDED},
+                }
+                for bd in self.disks
+            ],
+            "checkpoint_bitmaps": [list(cb) for cb in self.checkpoint_bitmaps],
+            "server_socket": self.server_socket,
+            "server_socket_id": list(self.server_socket_id) if self.server_socket_id else None,
+            "server_started": self.server_started,
+        }
+
+    @classmethod
+    def discard_record(cls, record: dict[str, Any]) -> None:
+        remove_created(
+            f for f in (_owned_from_json(d.get("created")) for d in record["disks"]) if f
+        )
+        sock, ident = record.get("server_socket"), record.get("server_socket_id")
+        if sock and ident:
+            remove_own_socket(sock, (int(ident[0]), int(ident[1])))
+
+    def _restore(self, record: dict[str, Any]) -> None:
+        specs = {d.name: d for d in self.spec.disks}
+        for d in record["disks"]:
+            disk = self.domain.disk(d["disk"])
+            bd = _BackupDisk(
+                disk=disk,
+                spec=specs[d["disk"]],
+                created=_owned_from_json(d.get("created")),
+                **{k: d[k] for k in _RECORDED},
+            )
+            self.disks.append(bd)
+            if bd.filter not in disk.filters:
+                disk.filters.append(bd.filter)
+        self.checkpoint_bitmaps = [(str(n), str(b)) for n, b in record["checkpoint_bitmaps"]]
+        self.server_socket = record.get("server_socket")
+        ident = record.get("server_socket_id")
+        self.server_socket_id = (int(ident[0]), int(ident[1])) if ident else None
+        self.server_started = bool(record.get("server_started"))
+
+    async def recover(self, last_state: JobState, record: dict[str, Any] | None) -> Recovered:
+        if record is None:
+            return self.vanished("the run directory's record")
+        self._restore(record)
+        present = await self.adopt_subjobs([bd.job_id for bd in self.disks])
+        exports_up = True
+        if self.pull and present:
+            exports = await self.proc.execute("query-block-exports")
+            ids = {str(e.get("id")) for e in exports}
+            exports_up = all(bd.export_id in ids for bd in self.disks)
+        if not present or not exports_up:
+            await self._finish(Outcome.FAILED, None, report=False)
+            return self.vanished("a QEMU job" if not present else "the NBD export")
+        self.cancel_requested = last_state is JobState.ABORTING
+        if all(sj.done.is_set() for sj in self.subjobs):
+            outcome, err = self.outcome()
+            if self.pull:  # the fleecing jobs never end by themselves
+                outcome = Outcome.FAILED
+            await self._finish(outcome, err, report=False)
+            return self.concluded(outcome, err)
+        if self.pull:
+            self.phase = Phase.READY
+            return self.reattached(last_state)
+        self.phase = Phase.RUNNING
+        return self.reattached(last_state)
 
     def report_progress(self) -> None:
         if self.phase is not Phase.RUNNING and self.phase is not Phase.READY:

@@ -7,10 +7,17 @@ or the process exiting), updates the driver's view of the backing chains, cleans
 reports exactly one terminal outcome. Verbs (pause, resume, set_speed, cancel, complete)
 are forwarded to QEMU; the *user* paused flag is tracked here, never derived from QEMU's
 status, which flips paused/running on its own whenever the block graph is drained.
+
+QEMU jobs are started with ``auto-dismiss: false``: a job that ends stays in
+``query-jobs`` (status ``concluded``, its ``error`` if it failed) until the runner has read
+its outcome and dismissed it (``dismiss``), so a driver that was away when it ended still
+learns how (``recover``). ``record()`` is what a job created, kept in the run directory on
+a keep-guests connection; ``recover`` rebuilds a runner from it and from QEMU's state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,11 +29,16 @@ from structlog.stdlib import BoundLogger
 from drivers.qemu.domain import Domain
 from drivers.qemu.process import Outcome, QemuProcess, QmpTimeout, SubJob
 from drivers.qemu.runners.host import Host
-from jobcore.driver import DriverJob, JobReporter
+from jobcore.driver import Concluded, DriverJob, JobReporter, Reattached, Recovered, Vanished
 from jobcore.errors import DriverError, OperationInvalid
+from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 
 CLEANUP_TIMEOUT = 10.0
+#: QEMU job arguments: the outcome stays readable until the runner dismisses the job
+KEEP_OUTCOME = {"auto-dismiss": False}
+#: QEMU statuses of a job that has not ended
+_LIVE = frozenset({"created", "running", "paused", "ready", "standby", "waiting", "pending"})
 
 
 class Phase(enum.Enum):
@@ -58,6 +70,10 @@ class Runner:
     cancel_requested: bool = False
     complete_requested: bool = False
     end_requested: anyio.Event = field(factory=anyio.Event)
+    #: a keep-guests connection closed under it: it stops watching, undoes nothing
+    detached: bool = False
+    #: rebuilt by ``recover`` (a previous owner started it): no second ``ready()``
+    recovered: bool = False
     log: BoundLogger = field(init=False)
     short: str = ""
 
@@ -83,6 +99,82 @@ class Runner:
 
     async def poll(self) -> None:
         """Extra polling for runners that are not QEMU jobs (migration)."""
+
+    def record(self) -> dict[str, Any]:
+        """What a later owner needs to recover this job beyond its spec (JSON-able)."""
+        return {}
+
+    @classmethod
+    def discard_record(cls, record: dict[str, Any]) -> None:
+        """The job's domain is gone: remove what the job created (its record says)."""
+
+    async def recover(self, last_state: JobState, record: dict[str, Any] | None) -> Recovered:
+        """Reconcile with QEMU's state: the runner resumes (phase RUNNING/READY, then
+        the connection supervises it), or the job's real outcome, or Vanished."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- recovery
+
+    async def adopt_subjobs(self, ids: list[str]) -> bool:
+        """Track QEMU jobs ``ids`` again, their status and progress from ``query-jobs``
+        (a concluded one with its outcome); False when any of them is gone."""
+        for job_id in ids:
+            self.track(job_id)  # before the query: later events must find it
+        infos = {str(i.get("id")): i for i in await self.proc.execute("query-jobs")}
+        found = True
+        for sj in self.subjobs:
+            info = infos.get(sj.id)
+            if info is None:
+                found = False
+                sj.finish(Outcome.FAILED, "gone")
+                continue
+            sj.current = int(info.get("current-progress", 0))
+            sj.total = int(info.get("total-progress", 0))
+            if sj.done.is_set():  # its event came meanwhile
+                continue
+            sj.status = str(info.get("status"))
+            if sj.status in ("ready", "standby"):
+                sj.ready.set()
+            if sj.status not in _LIVE:
+                error = info.get("error")
+                sj.finish(Outcome.FAILED if error else Outcome.COMPLETED, error)
+        return found
+
+    def vanished(self, what: str) -> Vanished:
+        return Vanished(
+            f"{what} of job {self.job.uuid} on domain '{self.domain.name}' "
+            f"(QEMU process {self.proc.pid}) is gone"
+        )
+
+    def reattached(self, last_state: JobState) -> Reattached:
+        """The job runs on: RUNNING, or where the engine had it when QEMU agrees."""
+        live = [sj for sj in self.subjobs if not sj.done.is_set()]
+        if last_state in (JobState.PAUSED, JobState.STANDBY) and all(
+            sj.status in ("paused", "standby") for sj in live
+        ):
+            self.user_paused = True
+        if self.phase is Phase.READY:
+            state = JobState.STANDBY if self.user_paused else JobState.READY
+        else:
+            state = JobState.PAUSED if self.user_paused else JobState.RUNNING
+        total = sum(sj.total for sj in self.subjobs)
+        return Reattached(state, sum(sj.current for sj in self.subjobs), total)
+
+    @staticmethod
+    def concluded(outcome: Outcome, errmsg: str | None) -> Concluded:
+        state = {
+            Outcome.COMPLETED: JobState.COMPLETED,
+            Outcome.CANCELLED: JobState.CANCELLED,
+            Outcome.FAILED: JobState.FAILED,
+        }[outcome]
+        return Concluded(state, errmsg if outcome is Outcome.FAILED else None)
+
+    async def dismiss(self) -> None:
+        """The outcome is read: let QEMU free its ended jobs (``auto-dismiss`` is off)."""
+        for sj in self.subjobs:
+            if self.proc.alive:
+                with contextlib.suppress(DriverError):
+                    await self.proc.execute("job-dismiss", {"id": sj.id})
 
     # ----------------------------------------------------------------- helpers
 

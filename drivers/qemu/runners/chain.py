@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import anyio
@@ -11,9 +12,41 @@ from attrs import define
 from drivers.qemu.domain import Disk
 from drivers.qemu.images import remove_created
 from drivers.qemu.process import Outcome
-from drivers.qemu.runners.base import Phase, Runner, verb_error
+from drivers.qemu.runners.base import KEEP_OUTCOME, Phase, Runner, verb_error
+from jobcore.driver import Recovered
 from jobcore.errors import DriverError, OperationInvalid
+from jobcore.lifecycle import JobState
 from jobcore.types.chain import PreparedCommit, PreparedPull
+
+
+async def _recover_chain_job(
+    runner: Runner, disk: Disk, job_id: str, last_state: JobState, left: Iterable[str], delete: bool
+) -> Recovered:
+    """A stream or commit a previous owner started: running → reattached (phase set);
+    ended → its outcome, and after a success the chain without the files that ``left``
+    it (found by file: the rebuilt chain may or may not still hold them)."""
+    if not await runner.adopt_subjobs([job_id]):
+        runner.untrack()
+        return runner.vanished(f"QEMU job '{job_id}'")
+    (sj,) = runner.subjobs
+    if not sj.done.is_set():
+        runner.phase = Phase.READY if sj.ready.is_set() else Phase.RUNNING
+        return runner.reattached(last_state)
+    runner.cancel_requested = last_state is JobState.ABORTING
+    outcome, err = runner.outcome()
+    await runner.dismiss()  # an ended job still holds its nodes until dismissed
+    if outcome is Outcome.COMPLETED:
+        gone = set(left)
+        removed = [la for la in disk.layers + disk.orphans if la.file in gone]
+        disk.layers = [la for la in disk.layers if la.file not in gone]
+        disk.orphans = [la for la in disk.orphans if la.file not in gone]
+        await runner.del_nodes([la.node for la in removed])
+        if delete:
+            remove_created(la.owned for la in removed if la.owned is not None)
+    runner.phase = Phase.ENDED
+    runner.untrack()
+    return runner.concluded(outcome, err)
+
 
 # ========================================================================= block pull
 
@@ -37,6 +70,7 @@ class BlockPullRunner(Runner):
         args: dict[str, Any] = {
             "job-id": self.job_id("pull", disk.name),
             "device": disk.layers[self.top].node,
+            **KEEP_OUTCOME,
         }
         if self.base is not None:
             args["base-node"] = disk.layers[self.base].node
@@ -57,6 +91,8 @@ class BlockPullRunner(Runner):
             return
         await self.wait_subjobs()
         outcome, err = self.outcome()
+        with anyio.CancelScope(shield=True):
+            await self.dismiss()
         if outcome is Outcome.COMPLETED:
             assert self.disk is not None
             stop = self.base if self.base is not None else len(self.disk.layers)
@@ -67,6 +103,17 @@ class BlockPullRunner(Runner):
             total = sum(sj.total for sj in self.subjobs)
             self.progress(total, total)
         self.end(outcome, err)
+
+    async def recover(self, last_state: JobState, record: dict[str, Any] | None) -> Recovered:
+        spec = self.job.spec
+        assert isinstance(spec, PreparedPull)
+        disk = self.disk = self.domain.disk(spec.disk)
+        self.top, self.base = spec.top_index, spec.base_index
+        if not spec.merged:  # it ended at once when it started
+            self.phase = Phase.ENDED
+            return self.concluded(Outcome.COMPLETED, None)
+        job_id = self.job_id("pull", disk.name)
+        return await _recover_chain_job(self, disk, job_id, last_state, spec.merged, False)
 
 
 # ======================================================================= block commit
@@ -96,6 +143,7 @@ class BlockCommitRunner(Runner):
             "job-id": self.job_id("commit", disk.name),
             "device": disk.active.node,
             "base-node": disk.layers[self.base].node,
+            **KEEP_OUTCOME,
         }
         if not self.active:
             args["top-node"] = disk.layers[self.top].node
@@ -122,14 +170,18 @@ class BlockCommitRunner(Runner):
                 await sj.ready.wait()
                 tg.cancel_scope.cancel()
             if not sj.done.is_set() and not self.cancel_requested:
+                reported = self.phase is Phase.READY and self.recovered
                 self.phase = Phase.READY
                 self.progress(sj.total, sj.total)
-                self.report(lambda r: r.ready())
-                if self.spec.pivot:
+                if not reported:
+                    self.report(lambda r: r.ready())
+                if self.spec.pivot and not self.complete_requested:
                     with contextlib.suppress(OperationInvalid, DriverError):
                         await self.complete()
         await sj.done.wait()
         outcome, err = self.outcome()
+        with anyio.CancelScope(shield=True):
+            await self.dismiss()
         if outcome is Outcome.COMPLETED:
             assert self.disk is not None
             removed = self.disk.layers[self.top : self.base]
@@ -140,6 +192,16 @@ class BlockCommitRunner(Runner):
                 remove_created(layer.owned for layer in removed if layer.owned is not None)
             self.progress(sj.total, sj.total)
         self.end(outcome, err)
+
+    async def recover(self, last_state: JobState, record: dict[str, Any] | None) -> Recovered:
+        spec = self.spec
+        disk = self.disk = self.domain.disk(spec.disk)
+        self.top, self.base = spec.top_index, spec.base_index
+        job_id = self.job_id("commit", disk.name)
+        self.complete_requested = last_state is JobState.COMPLETING
+        return await _recover_chain_job(
+            self, disk, job_id, last_state, spec.committed, bool(spec.delete)
+        )
 
     async def complete(self) -> None:
         if not self.active:

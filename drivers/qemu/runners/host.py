@@ -37,6 +37,9 @@ class Host(Protocol):
     def check_migration_destination(self, destination: str) -> str:
         """The destination URI a migration may go to, or Unsupported."""
 
+    def take_incoming(self, name: str) -> QemuProcess | None:
+        """A re-adopted migration destination of domain ``name`` (once), if any."""
+
     async def spawn_incoming(self, domain: Domain) -> QemuProcess:
         """Start a destination QEMU for ``domain`` waiting for an incoming migration."""
 

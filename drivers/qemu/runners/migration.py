@@ -11,7 +11,9 @@ from attrs import define, field
 from drivers.qemu.process import Outcome, QemuProcess, QmpTimeout
 from drivers.qemu.rundir import migration_socket
 from drivers.qemu.runners.base import CLEANUP_TIMEOUT, Phase, Runner
+from jobcore.driver import Concluded, Recovered
 from jobcore.errors import DriverError, OperationInvalid, Unsupported
+from jobcore.lifecycle import JobState
 from jobcore.types.migration import MigrationSpec
 
 #: QEMU's migration default is 32 MiB/s; "no limit" has to be said explicitly.
@@ -119,9 +121,45 @@ class MigrationRunner(Runner):
                     )
         finally:
             self.proc.on_migration = None
-            if self.phase is not Phase.ENDED:
+            if self.phase is not Phase.ENDED and not self.detached:
                 with anyio.CancelScope(shield=True):
                     await self.conn.discard_process(dest, "migration abandoned")
+
+    async def recover(self, last_state: JobState, record: dict[str, Any] | None) -> Recovered:
+        """The source's ``query-migrate`` says where it is; the destination is the
+        re-adopted ``-incoming`` process of the domain."""
+        self.dest_uri = self.conn.check_migration_destination(self.spec.destination)
+        self.source_paused = not self.spec.live
+        dest = self.dest = self.conn.take_incoming(self.domain.name)
+        self.proc.on_migration = self._on_status  # before the query: no event is lost
+        self.status = str((await self.proc.execute("query-migrate")).get("status", "none"))
+        if self.status in ("failed", "cancelled", "none") or dest is None:
+            self.proc.on_migration = None
+            if dest is not None:
+                await self.conn.discard_process(dest, "migration ended")
+            await self._resume_source()
+            self.phase = Phase.ENDED
+            if dest is None:
+                return self.vanished("the migration's destination QEMU")
+            if self.status == "none":
+                return self.vanished("the migration")
+            if self.status == "cancelled" or last_state is JobState.ABORTING:
+                return Concluded(JobState.CANCELLED)
+            return Concluded(JobState.FAILED, "migration failed")
+        if self.status == "completed":
+            self.proc.on_migration = None
+            await self.poll()
+            self.phase = Phase.ENDED
+            try:
+                await self._run_destination(dest)
+            except (DriverError, TimeoutError) as exc:
+                await self.conn.discard_process(dest, "did not take over the domain")
+                await self._resume_source()
+                return Concluded(JobState.FAILED, f"the destination did not start: {exc}")
+            await self.conn.adopt_migrated(self.domain, dest)
+            return Concluded(JobState.COMPLETED, None, dict(self.last_stats))
+        self.phase = Phase.RUNNING
+        return self.reattached(last_state)
 
     async def _run_destination(self, dest: QemuProcess) -> None:
         """Wait until the destination has taken over; resume it if the source was paused."""
