@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from jobd_helpers import BACKUP_VDB
+from store_helpers import url
 
 import jobcore
 from jobcore import local
@@ -22,10 +23,6 @@ from jobcore.store_sqlite import SQLiteJobStore, StoreDriverState
 from jobcore.uri import URI, parse_uri
 
 pytestmark = pytest.mark.anyio
-
-
-def url(path: Path) -> str:
-    return f"sqlite://{path}"
 
 
 def table(path: Path) -> dict[tuple[str, str], str]:

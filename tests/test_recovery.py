@@ -17,6 +17,7 @@ import attrs
 import pytest
 from jobd_helpers import BACKUP_VDB
 from recovery_helpers import use_plain_sim, use_recovering_sim
+from store_helpers import rows, url
 
 import jobcore
 from jobcore import constants as C
@@ -37,19 +38,6 @@ SLOW = f"sim:///default?rate={MiB}"  # a 512 MiB backup runs for minutes
 FAST = f"sim:///default?rate={4096 * MiB}"
 PULL = "<job type='blockpull'><disk name='vda'/></job>"
 CANNOT = f"the driver of {SLOW} cannot re-attach jobs after a restart"
-
-
-def url(path: Path) -> str:
-    return f"sqlite://{path}"
-
-
-def rows(path: Path) -> dict[str, dict[str, Any]]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["uuid"]: dict(r) for r in conn.execute("SELECT * FROM jobs")}
-    finally:
-        conn.close()
 
 
 @pytest.fixture

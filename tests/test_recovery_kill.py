@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import collections
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
+from store_helpers import rows
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -80,15 +79,6 @@ def _run(
     )
 
 
-def _rows(path: Path) -> dict[str, dict[str, Any]]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["uuid"]: dict(r) for r in conn.execute("SELECT * FROM jobs")}
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("recovering", [False, True], ids=["plain-sim", "sim"])
 def test_one_final_event_per_job_across_kill_and_two_reopens(
     tmp_path: Path, recovering: bool
@@ -98,7 +88,7 @@ def test_one_final_event_per_job_across_kill_and_two_reopens(
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     begun = killed.stdout.split()
     assert len(begun) == 24
-    at_kill = _rows(store)
+    at_kill = rows(store)
     assert set(begun) <= set(at_kill)  # every begun job is on disk
     ended_before = {u for u in begun if at_kill[u]["state"] == "completed"}
     active = {u for u in begun if at_kill[u]["state"] == "running"}
@@ -121,7 +111,7 @@ def test_one_final_event_per_job_across_kill_and_two_reopens(
     # kill between a commit and its event's release, microseconds, may leave one at 0)
     after_kill = {j for _, j in lines[len(kill_finals) // 2 :]}
     assert not (ended_before & after_kill)
-    end = _rows(store)
+    end = rows(store)
     want = "completed" if recovering else "failed"
     for job in active:
         assert end[job]["state"] == want, end[job]

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import pytest
 from jobd_helpers import BACKUP_VDB, Jobd, jobctl, write
+from store_helpers import rows, url
 
 import jobcore
 from jobcore.daemon.config import ConfigError, load_config
@@ -36,20 +37,6 @@ MiB = 1 << 20
 
 def backup(tag: str) -> str:
     return BACKUP_VDB.format(tag=tag)
-
-
-def url(path: Path) -> str:
-    return f"sqlite://{path}"
-
-
-def rows(path: Path) -> dict[str, dict[str, Any]]:
-    """The jobs table, read with a connection of its own (as another process would)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["uuid"]: dict(r) for r in conn.execute("SELECT * FROM jobs")}
-    finally:
-        conn.close()
 
 
 def same_view(a: dict[str, Any], b: dict[str, Any]) -> None:
