@@ -4,8 +4,7 @@ one module of the same shape as jobcore/types/*.py (tests/acme_snapshot.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import acme_snapshot
@@ -25,8 +24,8 @@ from jobcore.uri import URI, parse_uri
 class AcmeConnection(SimConnection):
     """sim, plus the acme-snapshot type: a snapshot runs until it is aborted."""
 
-    def __init__(self, uri: URI, tg: TaskGroup) -> None:
-        super().__init__(uri, tg)
+    def __init__(self, uri: URI, tg: TaskGroup, state: DriverState | None = None) -> None:
+        super().__init__(uri, tg, state)
         self.snapshots: dict[Any, DriverJob] = {}
         self.calls: list[str] = []
 
@@ -55,17 +54,7 @@ class AcmeConnection(SimConnection):
 class ThirdPartyDriver(SimDriver):
     scheme = "acme"
     persistent_state = False  # its connections keep no state
-
-    @asynccontextmanager
-    async def connect(
-        self, uri: URI, tg: TaskGroup, state: DriverState | None = None
-    ) -> AsyncIterator[SimConnection]:
-        conn = AcmeConnection(uri, tg)
-        tg.start_soon(conn.run)
-        try:
-            yield conn
-        finally:
-            conn.stop()
+    connection_class = AcmeConnection
 
 
 class FakeEntryPoint:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 from anyio.abc import TaskGroup
@@ -161,8 +159,8 @@ class NarrowConnection(SimConnection):
 
     job_verbs = {JobType.MIGRATION: frozenset({Verb.ABORT, Verb.SET_SPEED})}
 
-    def __init__(self, uri: URI, tg: TaskGroup) -> None:
-        super().__init__(uri, tg)
+    def __init__(self, uri: URI, tg: TaskGroup, state: DriverState | None = None) -> None:
+        super().__init__(uri, tg, state)
         self.asked: list[str] = []
 
     async def pause(self, job: jobcore.driver.DriverJob) -> None:
@@ -173,17 +171,7 @@ class NarrowConnection(SimConnection):
 class NarrowDriver(SimDriver):
     scheme = "narrow"
     persistent_state = False  # its connections keep no state
-
-    @asynccontextmanager
-    async def connect(
-        self, uri: URI, tg: TaskGroup, state: DriverState | None = None
-    ) -> AsyncIterator[SimConnection]:
-        conn = NarrowConnection(uri, tg)
-        tg.start_soon(conn.run)
-        try:
-            yield conn
-        finally:
-            conn.stop()
+    connection_class = NarrowConnection
 
 
 class _EntryPoint:

@@ -517,6 +517,8 @@ class SimDriver:
     uri_defaults = {"rate": str(DEFAULT_RATE), "clock": "real"}
     #: the world and the jobs persist in the DriverState the engine passes to connect
     persistent_state = True
+    #: what connect opens (a test driver built on sim names its subclass here)
+    connection_class: type[SimConnection] = SimConnection
 
     def identity(self, uri: URI) -> tuple[tuple[str, str], ...]:
         """None of sim's parameters selects another host: ``sim:///NAME`` is the host."""
@@ -530,7 +532,7 @@ class SimDriver:
         process left there (see ``recover_job``), and every change is saved in it."""
         if uri.host:
             raise InvalidURI(f"the sim driver is local: no host allowed in '{uri}'")
-        conn = SimConnection(uri, tg, state)
+        conn = self.connection_class(uri, tg, state)
         tg.start_soon(conn.run)
         try:
             yield conn
