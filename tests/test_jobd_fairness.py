@@ -141,25 +141,33 @@ def test_readonly_subscription_buffers_are_clamped(jobd: Jobd) -> None:
     ro.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     # a 400 KB reply the client does not read blocks its connection: every event waits
     # in its subscription's buffer
-    ro.request("job_xml_desc", job[0])
+    big = ro.request("job_xml_desc", job[0])
     sub = ro.request("subscribe", None, None, None, None, 4096)
     time.sleep(0.3)
     for i in range(300):  # 3 events per job
         rw.call("job_begin", "vm2" if i % 2 else "vm1", PULL, 0)
     assert ok(rw.call("list_domains"))
-    events = lost = 0
+    events = lost = early = 0
+    replied = False
     ro.sock.settimeout(2)
     try:
         while True:
             msg = ro.recv()
+            if msg[0] == 1 and msg[1] == big:
+                replied = True
             if msg[0] == 3 and msg[1] == sub:
                 events += 1
+                early += not replied  # sent before the reply blocked the connection
                 lost += msg[2][10]
     except TimeoutError:
         pass
-    # the read-only buffer held at most 256 events (4096 were asked for), the others
-    # were counted as lost
-    assert events <= 256 + 2 and events + lost >= 600, (events, lost)
+    # behind the blocking reply, the read-only buffer held about 256 events (4096 were
+    # asked for: the clamp is what this shows), plus the one the forwarder holds and the
+    # few a lost count rides on (seen: 259); the others were counted as lost. On a loaded
+    # machine the 400 KB reply can be formatted after some events went out: those come
+    # before it and were never held back.
+    assert replied
+    assert events - early <= 256 + 8 and events + lost >= 600, (events, early, lost)
 
 
 def test_never_reading_readonly_subscription_is_ended_early(tmp_path: Path) -> None:
