@@ -97,6 +97,19 @@ def owner(run_dir: Path, xml: str, job: str, query: str = "", **opts: Any) -> di
     return out
 
 
+def push_owner(
+    run_dir: Path, src: Path, target: Path, pids: set[int], bandwidth: int
+) -> dict[str, Any]:
+    """An owner of domain vm1 (disk ``src``) killed while its throttled push backup to
+    ``target`` copies; its guest's pid joins ``pids``."""
+    out = owner(
+        run_dir, domain_xml("vm1", {"vda": src}), "push",
+        f"&backup_bandwidth={bandwidth}", store=str(target),
+    )  # fmt: skip
+    pids.add(out["pid"])
+    return out
+
+
 @asynccontextmanager
 async def reopen(run_dir: Path, keep: bool = False) -> AsyncIterator[QemuConnection]:
     async with anyio.create_task_group() as tg:
@@ -180,11 +193,7 @@ async def test_push_backup_survives_a_killed_owner_and_completes(tmp_path: Path)
     target = tmp_path / "backup.qcow2"
     run_dir = tmp_path / "run"
     with guests() as pids:
-        out = owner(
-            run_dir, domain_xml("vm1", {"vda": src}), "push",
-            "&backup_bandwidth=2097152", store=str(target),
-        )  # fmt: skip
-        pids.add(out["pid"])
+        out = push_owner(run_dir, src, target, pids, bandwidth=2097152)
         assert alive(out["pid"]), "the guest died with its owner"
         job, rep = driver_job(out)
         async with reopen(run_dir) as conn:
@@ -203,11 +212,7 @@ async def test_job_that_ended_while_nobody_watched_is_concluded(tmp_path: Path) 
     target = tmp_path / "backup.qcow2"
     run_dir = tmp_path / "run"
     with guests() as pids:
-        out = owner(
-            run_dir, domain_xml("vm1", {"vda": src}), "push",
-            "&backup_bandwidth=1048576", store=str(target),
-        )  # fmt: skip
-        pids.add(out["pid"])
+        out = push_owner(run_dir, src, target, pids, bandwidth=1048576)
         job, rep = driver_job(out)
         qemu_id = f"backup-{job.uuid.hex}-vda"
         await qmp(run_dir, "block-job-set-speed", {"device": qemu_id, "speed": 0})
@@ -227,11 +232,7 @@ async def test_killed_qemu_gives_vanished_and_its_target_is_removed(tmp_path: Pa
     target = tmp_path / "backup.qcow2"
     run_dir = tmp_path / "run"
     with guests() as pids:
-        out = owner(
-            run_dir, domain_xml("vm1", {"vda": src}), "push",
-            "&backup_bandwidth=1048576", store=str(target),
-        )  # fmt: skip
-        pids.add(out["pid"])
+        out = push_owner(run_dir, src, target, pids, bandwidth=1048576)
         os.kill(out["pid"], signal.SIGKILL)
         job, _ = driver_job(out)
         async with reopen(run_dir) as conn:
