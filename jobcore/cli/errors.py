@@ -14,6 +14,7 @@ from jobcore.errors import (
     InvalidURI,
     JobConflict,
     JobError,
+    NoSuchCheckpoint,
     NoSuchDomain,
     NoSuchJob,
 )
@@ -54,6 +55,7 @@ _STATUS: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (DaemonUnreachable, ExitCode.UNREACHABLE),
     (NoSuchDomain, ExitCode.NOT_FOUND),
     (NoSuchJob, ExitCode.NOT_FOUND),
+    (NoSuchCheckpoint, ExitCode.NOT_FOUND),
     (AccessDenied, ExitCode.DENIED),
     (InvalidURI, ExitCode.USAGE),
     (TimeoutError, ExitCode.TIMEOUT),
