@@ -38,7 +38,7 @@ from jobcore.errors import (
 from jobcore.log import get_logger
 from jobcore.scheduler import Scheduler, checkpoint_resource
 from jobcore.types.backup import PreparedBackup
-from jobcore.xml import format_checkpoint
+from jobcore.xml.documents import format_checkpoint
 
 _log = get_logger(__name__)
 
@@ -161,7 +161,7 @@ def align_disks(defn: CheckpointDef, dom: DomainInfo, name: str) -> tuple[Covere
     covered = []
     for d in dom.disks:
         got = listed.get(d.name)
-        if listed and got is None or got is not None and got.checkpoint is CheckpointKind.NO:
+        if (listed and got is None) or (got is not None and got.checkpoint is CheckpointKind.NO):
             covered.append(CoveredDisk(d.name, None))
         else:
             covered.append(CoveredDisk(d.name, name))
@@ -234,9 +234,7 @@ class Checkpoints:
             records = self._topological(domain, records)
         return records
 
-    def _topological(
-        self, domain: str, records: list[CheckpointRecord]
-    ) -> list[CheckpointRecord]:
+    def _topological(self, domain: str, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
         wanted = {r.name for r in records}
         ordered: list[CheckpointRecord] = []
         todo = [r for r in self._of(domain).records.values() if r.parent is None][::-1]
@@ -323,9 +321,7 @@ class Checkpoints:
                 # libvirt ignores <parent>, <creationTime> and <domain> unless redefining
                 name = defn.name if defn.name is not None else str(int(wall))
                 if self.find(dom.name, name) is not None:
-                    raise OperationInvalid(
-                        f"domain '{dom.name}' already has checkpoint '{name}'"
-                    )
+                    raise OperationInvalid(f"domain '{dom.name}' already has checkpoint '{name}'")
                 disks = align_disks(defn, dom, name)
                 await ops.add_bitmaps(
                     dom.name, [(d.name, d.bitmap) for d in disks if d.bitmap is not None]
@@ -364,8 +360,10 @@ class Checkpoints:
             if d.bitmap is None:
                 continue
             info = _bitmap_named(have, d.name, d.bitmap)
-            if info is None or validate and (
-                info.inconsistent or not info.persistent or not info.recording
+            if (
+                info is None
+                or (validate
+                and (info.inconsistent or not info.persistent or not info.recording))
             ):
                 raise InvalidArgument(
                     f"missing or broken bitmap '{d.bitmap}' for disk '{d.name}': a redefined "
@@ -494,9 +492,7 @@ class Checkpoints:
             raise OperationInvalid(f"domain '{dom.name}' already has checkpoint '{name}'")
         for d in spec.disks:
             if d.checkpoint_bitmap not in (None, name):
-                raise Unsupported(
-                    f"bitmap for disk '{d.name}' must match checkpoint name '{name}'"
-                )
+                raise Unsupported(f"bitmap for disk '{d.name}' must match checkpoint name '{name}'")
 
     def backup_started(self, job: uuid.UUID, spec: Any, dom: DomainInfo, wall: float) -> None:
         """The backup's driver created its checkpoint's bitmaps: record the checkpoint

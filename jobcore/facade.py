@@ -325,9 +325,7 @@ class BlockingCheckpoint:
         check_flags("checkpointGetParent", flags)
         parent = self.dom.conn._call(self.acheckpoint.parent)
         if parent is None:
-            raise NoSuchCheckpoint(
-                f"checkpoint '{self.acheckpoint.name}' does not have a parent"
-            )
+            raise NoSuchCheckpoint(f"checkpoint '{self.acheckpoint.name}' does not have a parent")
         return BlockingCheckpoint(self.dom, parent)
 
     def delete(self, flags: int = 0) -> int:

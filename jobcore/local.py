@@ -416,9 +416,9 @@ class LocalCheckpoint:
         return f"<Checkpoint {self._name!r} of {self._dom.name!r}>"
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, LocalCheckpoint)
-            and (other.domain, other.name) == (self.domain, self.name)
+        return isinstance(other, LocalCheckpoint) and (other.domain, other.name) == (
+            self.domain,
+            self.name,
         )
 
     def __hash__(self) -> int:

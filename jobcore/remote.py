@@ -735,9 +735,9 @@ class RemoteCheckpoint:
         return f"<Checkpoint {self._name!r} of {self._dom.name!r}>"
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, RemoteCheckpoint)
-            and (other.domain, other.name) == (self.domain, self.name)
+        return isinstance(other, RemoteCheckpoint) and (other.domain, other.name) == (
+            self.domain,
+            self.name,
         )
 
     def __hash__(self) -> int:

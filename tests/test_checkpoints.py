@@ -59,9 +59,13 @@ async def sim(uri: str = "sim:///ck?rate=0", **kw: str) -> AsyncIterator[Domain]
 
 
 async def ready(job: Job) -> None:
-    with anyio.fail_after(10):
-        while (await job.info()).state is not JobState.READY:
-            await anyio.sleep(0.01)
+    """Until the pull backup serves its export (state 'ready')."""
+    with job.events() as events, anyio.fail_after(30):
+        if (await job.info()).state is JobState.READY:
+            return
+        async for ev in events:
+            if ev.state is JobState.READY:
+                return
 
 
 async def names(dom: Domain, flags: int = 0) -> list[str]:
@@ -102,9 +106,7 @@ async def test_create_lookup_describe_in_libvirts_shape() -> None:
             await dom.checkpoint_lookup("nope")
 
 
-async def test_a_backups_checkpoint_exists_once_begin_returns_and_has_the_current_parent() -> (
-    None
-):
+async def test_a_backups_checkpoint_exists_once_begin_returns_and_has_the_current_parent() -> None:
     async with sim() as dom:
         await dom.checkpoint_create(cp_xml("c0"))
         job = await dom.job_begin(pull("/s/n.sock", inc="c0", checkpoint="c1"))
@@ -188,7 +190,8 @@ async def test_delete_reparents_children_and_honours_its_flags() -> None:
         a = await dom.checkpoint_lookup("a")
         with pytest.raises(InvalidArgument, match="mutually exclusive"):
             await a.delete(
-                C.VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN | C.VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN_ONLY
+                C.VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN
+                | C.VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN_ONLY
             )
         await a.delete(C.VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN_ONLY)
         assert await tree(dom) == {"a": None}
@@ -263,7 +266,9 @@ async def test_list_filters() -> None:
     async with sim() as dom:
         for name in ("a", "b"):
             await dom.checkpoint_create(cp_xml(name))
-        await (await dom.checkpoint_lookup("b")).delete(C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        await (await dom.checkpoint_lookup("b")).delete(
+            C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+        )
         await dom.checkpoint_create(cp_xml("c"))  # a child of 'a'
         # 'b' again, redefined as a second root created earlier than 'a'
         await dom.checkpoint_create(

@@ -11,9 +11,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 from qemu_helpers import compare, create, differs, domain_xml, run, write
+from test_checkpoints import ready
 
 import jobcore
 from jobcore import constants as C
@@ -122,7 +122,9 @@ async def test_a_second_full_backup_reuses_a_deleted_checkpoints_name(tmp_path: 
             await backup(dom, push(tmp_path / f"full{n}.qcow2", checkpoint="virtnbdbackup.0"))
             await backup(
                 dom,
-                push(tmp_path / f"inc{n}.qcow2", inc="virtnbdbackup.0", checkpoint="virtnbdbackup.1"),
+                push(
+                    tmp_path / f"inc{n}.qcow2", inc="virtnbdbackup.0", checkpoint="virtnbdbackup.1"
+                ),
             )
             assert [c.name for c in await dom.list_checkpoints()] == [
                 "virtnbdbackup.0",
@@ -132,7 +134,7 @@ async def test_a_second_full_backup_reuses_a_deleted_checkpoints_name(tmp_path: 
 
 
 async def test_refusals_and_redefine_against_qemus_bitmaps(tmp_path: Path) -> None:
-    async with domain(tmp_path) as (dom, src):
+    async with domain(tmp_path) as (dom, _src):
         with pytest.raises(NoSuchCheckpoint, match="Checkpoint 'c0' for incremental backup"):
             await dom.job_begin(push(tmp_path / "i.qcow2", inc="c0"))
         assert not (tmp_path / "i.qcow2").exists() and await dom.list_jobs() == []
@@ -143,9 +145,7 @@ async def test_refusals_and_redefine_against_qemus_bitmaps(tmp_path: Path) -> No
             f"<server transport='unix' socket='{sock}'/><disks><disk name='vda' type='file'>"
             f"<scratch file='{scratch}'/></disk></disks></domainbackup></job>"
         )
-        with anyio.fail_after(30):
-            while (await job.info()).state is not JobState.READY:
-                await anyio.sleep(0.05)
+        await ready(job)
         with pytest.raises(OperationInvalid, match="base of the running incremental"):
             await c1.delete()
         await job.abort()
@@ -156,7 +156,10 @@ async def test_refusals_and_redefine_against_qemus_bitmaps(tmp_path: Path) -> No
         assert "c1" in await qemu_bitmaps(dom) and await dom.list_checkpoints() == []
         with pytest.raises(jobcore.DriverError, match="already exists"):
             await dom.checkpoint_create(cp_xml("c1"))
-        both = C.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | C.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
+        both = (
+            C.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+            | C.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
+        )
         back = await dom.checkpoint_create(saved, both)
         assert await back.xml_desc() == saved
         await guest_write(dom, "write -P 0x44 0 1M")

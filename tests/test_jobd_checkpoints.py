@@ -45,7 +45,9 @@ def test_remote_calls_jobctl_and_the_read_only_socket(tmp_path: Path) -> None:
             c2 = await dom.checkpoint_lookup("c2")
             assert await c2.parent() == c1 and await c1.parent() is None
             assert [c.name for c in await dom.list_checkpoints()] == ["c1", "c2"]
-            assert [c.name for c in await dom.list_checkpoints(C.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES)] == ["c2"]
+            assert [
+                c.name for c in await dom.list_checkpoints(C.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES)
+            ] == ["c2"]
             assert "size='" in await c2.xml_desc(C.VIR_DOMAIN_CHECKPOINT_XML_SIZE)
             with pytest.raises(NoSuchCheckpoint, match="'nope'"):
                 await dom.checkpoint_lookup("nope")
