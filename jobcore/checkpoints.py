@@ -360,10 +360,8 @@ class Checkpoints:
             if d.bitmap is None:
                 continue
             info = _bitmap_named(have, d.name, d.bitmap)
-            if (
-                info is None
-                or (validate
-                and (info.inconsistent or not info.persistent or not info.recording))
+            if info is None or (
+                validate and (info.inconsistent or not info.persistent or not info.recording)
             ):
                 raise InvalidArgument(
                     f"missing or broken bitmap '{d.bitmap}' for disk '{d.name}': a redefined "
@@ -437,6 +435,13 @@ class Checkpoints:
             while survivor is not None and survivor in gone:
                 survivor = self.get(dom.name, survivor).parent
             keeper = None if survivor is None else self.get(dom.name, survivor)
+            if keeper is not None and self.scheduler.holders(
+                checkpoint_resource(dom.name, keeper.name)
+            ):
+                # a running incremental reads the ancestor's bitmap: QEMU would refuse to
+                # merge into it (busy), and it holds the child's changes already (every
+                # checkpoint's bitmap keeps recording from its creation on)
+                keeper = None
             for d in rec.disks:
                 if d.bitmap is None or _bitmap_named(have, d.name, d.bitmap) is None:
                     continue  # already gone (a QEMU started afresh): nothing to remove
