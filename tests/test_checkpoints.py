@@ -323,6 +323,8 @@ async def test_checkpoints_persist_in_the_store(tmp_path: Path) -> None:
 
 
 def test_blocking_facade() -> None:
+    assert jobcore.NoSuchCheckpoint is NoSuchCheckpoint and "NoSuchCheckpoint" in jobcore.__all__
+    assert jobcore.BlockingCheckpoint.__module__ == "jobcore.facade"
     conn = jobcore.open("sim:///ckf?rate=0")
     try:
         dom = conn.lookupByName("vm1")

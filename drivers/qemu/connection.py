@@ -309,6 +309,7 @@ class QemuConnection:
                     inconsistent=bool(b.get("inconsistent", False)),
                 )
                 for b in on_node.get(disk.active.node, ())
+                if b.get("name")  # a running backup's own copy bitmap has no name
             ]
             for disk in domain.disks.values()
         }
