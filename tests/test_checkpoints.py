@@ -374,3 +374,26 @@ async def test_trio_too() -> None:
             assert await cp.xml_desc()
 
     await anyio.to_thread.run_sync(lambda: anyio.run(body, backend="trio"))
+
+
+CORPUS = Path(__file__).parent.parent / ".." / "shared" / "corpus" / "libvirt"
+
+
+async def test_redefine_accepts_libvirts_own_output() -> None:
+    """libvirt's qemudomaincheckpointxml2xmlout/sample.xml (a child checkpoint with its
+    description, parent and time), redefined over existing bitmaps, describes itself back
+    byte for byte."""
+    text = (CORPUS / "qemudomaincheckpointxml2xmlout" / "sample.xml").read_text()
+    async with sim() as dom:
+        for name in ("1525111885", "1525889631"):  # the bitmaps, then metadata-only delete
+            made = await dom.checkpoint_create(cp_xml(name, "<disks><disk name='vda'/></disks>"))
+            await made.delete(C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        redefine = C.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+        await dom.checkpoint_create(
+            cp_xml("1525111885", "<creationTime>1525111885</creationTime>"
+                   "<disks><disk name='vda'/><disk name='vdb' checkpoint='no'/></disks>"),
+            redefine,
+        )  # fmt: skip
+        cp = await dom.checkpoint_create(text, redefine)
+        assert await cp.xml_desc() == text
+        assert await tree(dom) == {"1525111885": None, "1525889631": "1525111885"}
