@@ -424,6 +424,8 @@ class Engine:
         except JobError as exc:  # gone meanwhile: its checkpoint with it
             job_log(rec).warning("checkpoint not recorded", error=str(exc))
             return
+        if rec.state in (S.FAILED, S.CANCELLED):  # it ended meanwhile: no checkpoint left
+            return
         self.checkpoints.backup_started(rec.uuid, rec.spec, dom, rec.created_wall)
 
     async def _cancel_unstarted(self, rec: JobRecord, job: DriverJob) -> None:
