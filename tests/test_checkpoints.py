@@ -135,6 +135,19 @@ async def test_a_failed_backup_leaves_no_checkpoint() -> None:
         assert await names(dom) == ["c0", "c1"]
 
 
+async def test_a_backup_the_driver_refuses_to_start_leaves_no_checkpoint() -> None:
+    async with sim() as dom:
+        driver = as_local(dom.conn).driver
+        driver.crash()  # type: ignore[attr-defined]
+        with pytest.raises(jobcore.DriverError, match="not running"):
+            await dom.job_begin(push("/b/f.qcow2", checkpoint="c1"))
+        assert await dom.list_checkpoints() == [] and bitmaps(dom) == {}
+        driver.restart()  # type: ignore[attr-defined]
+        job = await dom.job_begin(push("/b/f.qcow2", checkpoint="c1"))
+        assert (await job.wait()).state is JobState.COMPLETED
+        assert await names(dom) == ["c1"]
+
+
 async def test_incremental_from_a_missing_checkpoint_fails_at_begin() -> None:
     async with sim() as dom:
         with pytest.raises(NoSuchCheckpoint, match="Checkpoint 'gone' for incremental backup"):
