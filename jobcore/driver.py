@@ -25,6 +25,7 @@ from attrs import frozen
 from jobcore.errors import InvalidArgument
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobSpec, JobType
+from jobcore.xml.domain import DomainDef
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -41,10 +42,17 @@ class DiskInfo:
     chain: tuple[str, ...]  # file paths, active layer first
     format: str = "qcow2"
     virtual_size: int = 0
+    #: the format of each layer of ``chain`` (empty: every layer is ``format``)
+    formats: tuple[str, ...] = ()
+    #: the bus its definition named (``<target bus>``; shown again by XMLDesc)
+    bus: str = "virtio"
 
     @property
     def source(self) -> str:
         return self.chain[0]
+
+    def layer_format(self, index: int) -> str:
+        return self.formats[index] if index < len(self.formats) else self.format
 
 
 @frozen
@@ -54,6 +62,9 @@ class DomainInfo:
     disks: tuple[DiskInfo, ...]
     memory: int = 0  # bytes
     running: bool = True
+    #: what runs it, as libvirt's ``<domain type>``: 'kvm' or 'qemu' (QEMU with or
+    #: without KVM), 'test' (the sim driver)
+    virt_type: str = "test"
 
     def disk(self, name: str) -> DiskInfo | None:
         for d in self.disks:
@@ -244,8 +255,9 @@ class DriverConnection(Protocol):
     async def lookup_domain(self, name: str) -> DomainInfo:
         """Raise jobcore.errors.NoSuchDomain when there is none."""
 
-    async def create_domain(self, xml: str) -> DomainInfo:
-        """Start a domain from the libvirt-style domain XML subset (optional).
+    async def create_domain(self, definition: DomainDef) -> DomainInfo:
+        """Start a domain from its definition (optional): the core parsed the libvirt
+        domain XML (jobcore.xml.domain.parse_domain), the driver never sees it.
 
         Optional keyword ``path_guard`` (jobcore.paths.PathGuard): a driver that opens
         host files the XML names accepts it and, when given one, calls it with each of
@@ -254,6 +266,12 @@ class DriverConnection(Protocol):
         cannot create domains on it)."""
 
     async def destroy_domain(self, name: str) -> None: ...
+
+    # Optional (looked up with getattr; absent: Unsupported naming the driver):
+    #   ``async def monitor_command(self, name: str, command: str, *, hmp: bool) -> str``
+    # runs an admin's monitor command on domain ``name`` (libvirt-qemu's
+    # qemuMonitorCommand): ``hmp`` True, ``command`` is HMP text and the result its text;
+    # else ``command`` is a QMP command as JSON text and the result the JSON reply text.
 
     # Optional: ``async def check_job(self, spec: Any, dom: DomainInfo) -> None`` refuses a
     # prepared spec before the job exists (raise a JobError; e.g. a backup target that
