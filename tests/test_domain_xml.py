@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from jobd_helpers import Jobd
 from lxml import etree
 
 import jobcore
@@ -17,7 +18,6 @@ from jobcore import constants as C
 from jobcore.errors import InvalidArgument, OperationInvalid, Unsupported, XMLError
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES
 from jobcore.xml.domain import BackingDef, DiskDef, DomainDef, format_domain, parse_domain
-from jobd_helpers import Jobd
 
 DATA = Path(__file__).parent / "data" / "domains"
 MiB = 1 << 20
@@ -70,7 +70,9 @@ def _dom(disks: str, head: str = "<name>vm</name>") -> str:
     return f"<domain type='kvm'>\n{head}\n<devices>\n{disks}\n</devices>\n</domain>"
 
 
-FILE_DISK = "<disk type='file' device='disk'><source file='/i/{t}.qcow2'/><target dev='{t}'/></disk>"
+FILE_DISK = (
+    "<disk type='file' device='disk'><source file='/i/{t}.qcow2'/><target dev='{t}'/></disk>"
+)
 
 
 @pytest.mark.parametrize(
@@ -108,9 +110,7 @@ FILE_DISK = "<disk type='file' device='disk'><source file='/i/{t}.qcow2'/><targe
             4,
         ),
         (
-            _dom(
-                "<disk type='volume'><source pool='p' volume='v'/><target dev='vda'/></disk>"
-            ),
+            _dom("<disk type='volume'><source pool='p' volume='v'/><target dev='vda'/></disk>"),
             ["'volume' disk cannot be run"],
             4,
         ),
@@ -204,17 +204,19 @@ def virtnbdbackup_disks(xml: str) -> list[tuple[str, str, str, list[str]]]:
     backingStore/source files; indexing [0] where it does (an IndexError is its crash)."""
     tree = etree.fromstring(xml.encode())
     out = []
-    for disk in tree.xpath("devices/disk"):
-        dev = disk.xpath("target")[0].get("dev")
-        if disk.xpath("target")[0].get("type") == "block" or disk.get("device") != "disk":
+    for disk in tree.findall("devices/disk"):
+        target = disk.findall("target")[0]
+        dev = str(target.get("dev"))
+        if target.get("type") == "block" or disk.get("device") != "disk":
             continue
-        fmt = disk.xpath("driver")[0].get("type")
+        fmt = str(disk.findall("driver")[0].get("type"))
         assert disk.get("type") == "file"
-        source = disk.xpath("source")[0].get("file")
+        source = disk.findall("source")[0].get("file")
         assert source is not None
-        chain = [s.get("file") for s in disk.xpath(".//backingStore/source")]
+        chain = [str(s.get("file")) for s in disk.findall(".//backingStore/source")]
         out.append((dev, fmt, source, chain))
-    assert tree.find("name").text and tree.find("uuid").text
+    name, dom_uuid = tree.find("name"), tree.find("uuid")
+    assert name is not None and name.text and dom_uuid is not None and dom_uuid.text
     return out
 
 
@@ -278,9 +280,7 @@ async def test_sim_creates_a_domain_from_libvirt_xml_and_describes_its_chains(
             ("vda", "qcow2", "/sim/guest/top.qcow2", ["/sim/guest/base.qcow2"]),
             ("vdb", "raw", str(raw), []),
         ]
-        assert parse_domain(xml).disks[0].backing == (
-            BackingDef("/sim/guest/base.qcow2", "qcow2"),
-        )
+        assert parse_domain(xml).disks[0].backing == (BackingDef("/sim/guest/base.qcow2", "qcow2"),)
         # a block pull merges the base: the chain shown changes
         await (await dom.job_begin("<job type='blockpull'><disk name='vda'/></job>")).wait(10)
         assert virtnbdbackup_disks(await dom.xml_desc())[0][3] == []
