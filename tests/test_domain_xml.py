@@ -142,6 +142,25 @@ FILE_DISK = (
             ["backing layer 1 of disk 'vda' needs <source file="],
             4,
         ),
+        (
+            _dom("<disk type='file'><source file='/a'/><target dev='vda'/><readonly/></disk>"),
+            ["read-only disks are not supported"],
+            4,
+        ),
+        (
+            _dom("<disk type='file'><source file='/a'/><target dev='vda'/><transient/></disk>"),
+            ["transient disks are not supported"],
+            4,
+        ),
+        (
+            _dom(
+                "<disk type='file'><source file='/a'><encryption format='luks'>"
+                "<secret type='passphrase' uuid='0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f'/>"
+                "</encryption></source><target dev='vda'/></disk>"
+            ),
+            ["encrypted images are not supported"],
+            4,
+        ),
         ("<domain type='vbox'><name>vm</name></domain>", ["<domain>", "'type'", "vbox"], 1),
         ("<domainbackup/>", ["expected a <domain> document"], 1),
     ],

@@ -172,8 +172,11 @@ def _parse_disk(el: etree._Element) -> DiskDef | None:
             "(type='file' with <source file='/ABS/PATH'/>)",
             "type",
         )
+    # what would make the guest's writes land elsewhere than the XML says: refused
     if _one(el, "readonly") is not None:
         fail(el, "read-only disks are not supported (every disk is opened read-write)")
+    if _one(el, "transient") is not None:
+        fail(el, "transient disks are not supported (writes go to the image itself)")
     target_el = _one(el, "target")
     if target_el is None:
         fail(el, "a disk needs <target dev='…'/> (e.g. vda)")
@@ -204,6 +207,8 @@ def _file_source(el: etree._Element, what: str) -> str:
     src = _one(el, "source")
     if src is None or not src.get("file"):
         fail(el, f"{what} needs <source file='/ABS/PATH'/>")
+    if _one(src, "encryption") is not None or _one(el, "encryption") is not None:
+        fail(el, f"{what}: encrypted images are not supported (jobcore holds no secrets)")
     path = src.get("file") or ""
     if not path.startswith("/"):
         fail(src, f"'{path[:80]}' is not an absolute path", "file")
