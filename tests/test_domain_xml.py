@@ -161,6 +161,15 @@ FILE_DISK = (
             ["encrypted images are not supported"],
             4,
         ),
+        (
+            _dom(
+                "<disk type='file'><source file='/a'/><backingStore type='file'>"
+                "<source file='/b'/><backingStore><source file='/a'/></backingStore>"
+                "</backingStore><target dev='vda'/></disk>"
+            ),
+            ["<backingStore>", "backing layer 2 of disk 'vda'", "'/a' is in the chain already"],
+            4,
+        ),
         ("<domain type='vbox'><name>vm</name></domain>", ["<domain>", "'type'", "vbox"], 1),
         ("<domainbackup/>", ["expected a <domain> document"], 1),
     ],

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+from jobd_helpers import Jobd
 from qemu_helpers import create, write
 from test_domain_xml import virtnbdbackup_disks
 
@@ -157,3 +158,39 @@ async def _pivot(dom: Any) -> None:
                 break
             await anyio.sleep(0.05)
     await dom.block_job_abort("vda", C.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+
+
+def test_through_jobd_a_client_writes_into_the_guest_with_hmp(tmp_path: Path) -> None:
+    """The libvirt-qemu flow over jobd's socket (blocking facade): createXML from a libvirt
+    XML, XMLDesc, isActive, HMP qemu-io into vdb; the read-only socket refuses the monitor."""
+    qemu_dir = tmp_path / "qemu"
+    top = create(tmp_path / "top.qcow2", "16M")
+    data = create(tmp_path / "data.qcow2", "16M")
+    with Jobd(tmp_path / "run", "--allow-uri", f"qemu:///session?dir={qemu_dir}") as daemon:
+        daemon.wait_ready()
+        uri = f"qemu+unix:///session?socket={daemon.sock}&dir={qemu_dir}"
+        conn = jobcore.open(uri)
+        try:
+            dom = conn.createXML(LIBVIRT_XML.format(top=top, data=data))
+            assert dom.isActive() == 1
+            assert virtnbdbackup_disks(dom.XMLDesc(0))[1] == ("vdb", "qcow2", str(data), [])
+            nodes = json.loads(
+                dom.qemuMonitorCommand(
+                    '{"execute": "query-named-block-nodes", "arguments": {"flat": true}}'
+                )
+            )["return"]
+            vdb = _layer_node(nodes, str(data))
+            out = dom.qemuMonitorCommand(f'qemu-io {vdb} "write -P 0x5c 1M 64k"', HMP)
+            assert "rror" not in out, out
+            ro = jobcore.open(uri.replace(str(daemon.sock), str(daemon.ro_sock)))
+            try:
+                seen = ro.lookupByName("lv1")
+                assert seen.isActive() == 1 and str(data) in seen.XMLDesc()
+                with pytest.raises(jobcore.AccessDenied, match="read-only"):
+                    seen.qemuMonitorCommand("info status", HMP)
+            finally:
+                ro.close()
+            dom.destroy()
+        finally:
+            conn.close()
+    assert _holds(data, "0x5c", 1 << 20) and _holds(data, "0", 0)

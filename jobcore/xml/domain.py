@@ -193,7 +193,7 @@ def _parse_disk(el: etree._Element) -> DiskDef | None:
             fail(drv, f"'{drv.get('name', '')[:80]}' is not 'qemu'", "name")
         fmt = _format(drv, drv.get("type") or "qcow2")
     source = _file_source(el, f"disk '{target}'")
-    backing = _backing_chain(el, target)
+    backing = _backing_chain(el, target, source)
     return DiskDef(target, source, fmt, bus, backing)
 
 
@@ -217,7 +217,7 @@ def _file_source(el: etree._Element, what: str) -> str:
     return path
 
 
-def _backing_chain(disk: etree._Element, target: str) -> tuple[BackingDef, ...]:
+def _backing_chain(disk: etree._Element, target: str, source: str) -> tuple[BackingDef, ...]:
     layers: list[BackingDef] = []
     el = _one(disk, "backingStore")
     while el is not None and len(el):  # <backingStore/> (empty): the chain ends here
@@ -227,7 +227,10 @@ def _backing_chain(disk: etree._Element, target: str) -> tuple[BackingDef, ...]:
         fmt_el = _one(el, "format")
         fmt = "qcow2" if fmt_el is None else _format(fmt_el, fmt_el.get("type") or "qcow2")
         what = f"backing layer {len(layers) + 1} of disk '{target}'"
-        layers.append(BackingDef(_file_source(el, what), fmt))
+        file = _file_source(el, what)
+        if file in (source, *(b.file for b in layers)):
+            fail(el, f"{what}: '{file[:80]}' is in the chain already (a loop)")
+        layers.append(BackingDef(file, fmt))
         el = _one(el, "backingStore")
     return tuple(layers)
 
