@@ -7,6 +7,7 @@ and qemuMonitorCommand refused naming the driver; through jobd as well."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,11 @@ from jobd_helpers import Jobd
 from lxml import etree
 
 import jobcore
+from drivers.sim import SimConnection
 from jobcore import constants as C
 from jobcore.errors import InvalidArgument, OperationInvalid, Unsupported, XMLError
+from jobcore.local import as_local
+from jobcore.paths import Access, PathUse
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES
 from jobcore.xml.domain import BackingDef, DiskDef, DomainDef, format_domain, parse_domain
 
@@ -367,3 +371,31 @@ def test_blocking_facade_and_jobd(tmp_path: Path) -> None:
                 dom.qemuMonitorCommand("info status", C.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
         finally:
             ro.close()
+
+
+@pytest.mark.anyio
+async def test_sim_shows_each_file_to_the_path_guard_before_it_looks_at_it(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "secret.img"
+    secret.write_bytes(b"\0" * 512)
+    seen: list[PathUse] = []
+
+    def guard(uses: Iterable[PathUse]) -> None:
+        for use in uses:
+            seen.append(use)
+            if use.path == str(secret):
+                raise jobcore.AccessDenied(f"refused {use.path}")
+
+    async with jobcore.connect("sim:///guarded") as conn:
+        with pytest.raises(jobcore.AccessDenied, match="refused"):
+            await conn.create_domain(SIM_XML.format(raw=secret), path_guard=guard)
+        assert [(u.path, u.access) for u in seen] == [
+            ("/sim/guest/top.qcow2", Access.WRITE),
+            ("/sim/guest/base.qcow2", Access.READ),
+            (str(secret), Access.WRITE),
+        ]
+        # nothing was made: no domain, no simulated file
+        assert [d.name for d in await conn.list_domains()] == ["vm1", "vm2"]
+        driver = as_local(conn).driver
+        assert isinstance(driver, SimConnection) and driver.host.files == {}
