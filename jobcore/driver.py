@@ -2,7 +2,8 @@
 
 A driver never sees XML: it receives prepared specs (jobcore.types: every chain position,
 default, file and name resolved by the job's type) wrapped in a ``DriverJob``, and reports
-back through that job's ``JobReporter``. It computes none of jobcore's semantics again.
+back through that job's ``JobReporter``, and a domain's definition parsed from libvirt's
+domain XML (jobcore.xml.domain.DomainDef). It computes none of jobcore's semantics again.
 The engine owns every state transition; a driver only *reports* (progress, ready,
 completed, failed, cancelled, paused-by-error) and *acts* on verbs (start, cancel, pause,
 resume, complete, set_speed).
@@ -260,9 +261,9 @@ class DriverConnection(Protocol):
         domain XML (jobcore.xml.domain.parse_domain), the driver never sees it.
 
         Optional keyword ``path_guard`` (jobcore.paths.PathGuard): a driver that opens
-        host files the XML names accepts it and, when given one, calls it with each of
-        them before opening it: the disk sources first, then the backing files found in
-        them. A driver without the parameter is refused a guard (jobd's confined clients
+        host files the definition names accepts it and, when given one, calls it with
+        each of them before opening it: the disk sources first, then the backing files
+        found in them (or, on sim, named by the definition's ``<backingStore>``). A driver without the parameter is refused a guard (jobd's confined clients
         cannot create domains on it)."""
 
     async def destroy_domain(self, name: str) -> None: ...
