@@ -7,6 +7,8 @@ libvirt-qemu flow virtnbdbackup's tests use), the data found in the image afterw
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from test_domain_xml import virtnbdbackup_disks
 
 import jobcore
 from jobcore import constants as C
-from jobcore.errors import InvalidArgument
+from jobcore.errors import InvalidArgument, OperationInvalid
+from jobcore.local import as_local
 from jobcore.xml.domain import parse_domain
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
@@ -131,6 +134,21 @@ async def test_libvirt_xml_describe_chains_and_monitor(tmp_path: Path) -> None:
         assert (desc[2], desc[3]) == (str(base), [])
         assert "backingStore" not in await dom.xml_desc(C.VIR_DOMAIN_XML_INACTIVE)
         await dom.destroy()
+        # a domain whose QEMU died is not active, and has no monitor to talk to
+        other = create(tmp_path / "other.qcow2", "16M")
+        dead = await conn.create_domain(
+            LIBVIRT_XML.format(top=other, data=create(tmp_path / "d2.qcow2", "16M")).replace(
+                "<name>lv1</name>", "<name>lv2</name>"
+            )
+        )
+        os.kill(as_local(conn).driver.pid("lv2"), signal.SIGKILL)  # type: ignore[attr-defined]
+        with anyio.fail_after(30):
+            while True:  # QEMU's exit is noticed by the driver's reaper
+                if not await dead.is_active():
+                    break
+                await anyio.sleep(0.05)
+        with pytest.raises(OperationInvalid, match="'lv2' is not running"):
+            await dead.qemu_monitor_command("info status", HMP)
     # the HMP write landed in the image: 64 KiB of 0xab, the rest untouched
     assert _holds(data, "0xab", 0) and _holds(data, "0", 64 * 1024)
     assert not _holds(data, "0xcd", 0)

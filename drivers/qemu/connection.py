@@ -267,6 +267,8 @@ class QemuConnection:
         the domain tainted instead: a command that changes the block graph or the jobs
         behind jobcore's back leaves its records stale, so each one is logged as such."""
         domain = self._domain(name)
+        if not domain.process.alive:
+            raise OperationInvalid(f"domain '{name}' is not running")
         log.warning(
             "qemu monitor command: jobcore's records of the domain may no longer match QEMU",
             domain=name,
