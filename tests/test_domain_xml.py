@@ -6,6 +6,8 @@ and qemuMonitorCommand refused naming the driver; through jobd as well."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -427,4 +429,51 @@ def test_the_domains_of_libvirts_checkpoint_test_data(name: str) -> None:
     assert [(x.target, x.source, x.format, x.bus) for x in d.disks] == [
         ("vda", "/tmp/data.img", "qcow2", "virtio"),
         ("vdb", "/tmp/logs.img", "qcow2", "virtio"),
+    ]
+
+
+#: Debian's virtnbdbackup reads XMLDesc with this (its own code, run by the system python
+#: it is packaged for; libvirt itself is a stub: getDomainDisks needs no connection)
+VIRTNBDBACKUP_READER = """
+import dataclasses, json, sys, types
+from argparse import Namespace
+libvirt = types.ModuleType("libvirt")
+libvirt.libvirtError = type("libvirtError", (Exception,), {})
+libvirt.registerErrorHandler = lambda f, ctx: 0
+libvirt.__getattr__ = lambda name: type(name, (), {})  # the names its annotations use
+sys.modules["libvirt"] = libvirt
+from libvirtnbdbackup.virt.client import client
+reader = object.__new__(client)
+args = Namespace(exclude=None, include=None, raw=True)
+disks = reader.getDomainDisks(args, sys.stdin.read())
+print(json.dumps([dataclasses.asdict(d) for d in disks]))
+"""
+
+
+def test_virtnbdbackups_own_reader_takes_the_description() -> None:
+    """virtnbdbackup 1.9.15 (the Debian package; the issue's CI installs it) finds every
+    disk, its format, path and backing chain in XMLDesc's output."""
+    res = subprocess.run(
+        ["/usr/bin/python3", "-c", VIRTNBDBACKUP_READER],
+        input=format_domain(LIVE),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [
+        {
+            "target": "vda",
+            "format": "qcow2",
+            "filename": "top.qcow2",
+            "path": "/i/top.qcow2",
+            "backingstores": ["/i/mid.qcow2", "/i/base.img"],
+        },
+        {
+            "target": "vdb",
+            "format": "qcow2",
+            "filename": "data & more.qcow2",
+            "path": "/i/data & more.qcow2",
+            "backingstores": [],
+        },
     ]
