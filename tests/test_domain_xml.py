@@ -65,6 +65,14 @@ def test_an_inactive_qemu_guest_with_ide_scsi_floppy_and_a_namespace() -> None:
     ]
 
 
+def test_a_backing_store_with_only_a_comment_ends_the_chain() -> None:
+    doc = _dom(
+        "<disk type='file'><source file='/a'/><backingStore><!-- end --></backingStore>"
+        "<target dev='vda'/></disk>"
+    )
+    assert parse_domain(doc).disks[0].backing == ()
+
+
 def test_a_minimal_definition_gets_defaults() -> None:
     d = parse_domain((DATA / "minimal-no-uuid.xml").read_text())
     assert d.memory == 64 * MiB  # KiB by default, as libvirt

@@ -220,7 +220,8 @@ def _file_source(el: etree._Element, what: str) -> str:
 def _backing_chain(disk: etree._Element, target: str, source: str) -> tuple[BackingDef, ...]:
     layers: list[BackingDef] = []
     el = _one(disk, "backingStore")
-    while el is not None and len(el):  # <backingStore/> (empty): the chain ends here
+    # <backingStore/> (no element inside): the chain ends here
+    while el is not None and any(isinstance(child.tag, str) for child in el):
         kind = el.get("type") or "file"
         if kind != "file":
             fail(el, f"a '{kind[:80]}' backing store cannot be run: file layers only", "type")
