@@ -263,8 +263,9 @@ class DriverConnection(Protocol):
         Optional keyword ``path_guard`` (jobcore.paths.PathGuard): a driver that opens
         host files the definition names accepts it and, when given one, calls it with
         each of them before opening it: the disk sources first, then the backing files
-        found in them (or, on sim, named by the definition's ``<backingStore>``). A driver without the parameter is refused a guard (jobd's confined clients
-        cannot create domains on it)."""
+        found in them (or, on sim, named by the definition's ``<backingStore>``). A
+        driver without the parameter is refused a guard (jobd's confined clients cannot
+        create domains on it)."""
 
     async def destroy_domain(self, name: str) -> None: ...
 
