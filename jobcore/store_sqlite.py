@@ -695,6 +695,7 @@ class SQLiteJobStore(MemoryJobStore):
         self._refused: dict[str, StoreError] = {}
         self._progress_at: dict[uuid.UUID, float] = {}
         self._event_seq: dict[uuid.UUID, int] = {}
+        self._last_end_wall = 0.0  # the wall time of the latest end (see ``ended``)
         #: the active jobs loaded whose spec is not the prepared one (an older jobcore's
         #: rows): the engine fails them at recovery (NO_PREPARED_SPEC)
         self.unprepared: set[uuid.UUID] = set()
@@ -716,6 +717,7 @@ class SQLiteJobStore(MemoryJobStore):
 
         expired: list[str] = []
         active: list[JobRecord] = []
+        ended_recs: list[tuple[JobRecord, float]] = []
         for row, spec, prepared in rows:
             (job_s, type_s, domain, state_s, _xml, claims_s, priority, created, _started,
              ended, processed, total, stats_s, errmsg, bandwidth, retention, expires,
@@ -756,11 +758,17 @@ class SQLiteJobStore(MemoryJobStore):
                 rec.ended = elapsed
                 rec.ended_wall = ended
                 deadline = math.inf if expires is None else now + (expires - now_wall)
-                MemoryJobStore.ended(self, rec, deadline)
+                ended_recs.append((rec, deadline))
             else:
                 if not prepared:
                     self.unprepared.add(job)
                 active.append(rec)
+        # retained in the order they ended (the alias's last ended job, the caps' oldest)
+        ended_recs.sort(key=lambda e: e[0].ended_wall or 0.0)
+        for rec, deadline in ended_recs:
+            MemoryJobStore.ended(self, rec, deadline)
+        if ended_recs:
+            self._last_end_wall = ended_recs[-1][0].ended_wall or 0.0
         for job_s in expired:
             self._queue((_DELETE_JOB, (job_s,), None))
         return active
@@ -787,6 +795,15 @@ class SQLiteJobStore(MemoryJobStore):
         self._progress_at[rec.uuid] = time.monotonic()  # the insert writes its progress
         self._last.pop(rec.uuid, None)  # a new row: what came before it stays before it
         self._queue(_insert(self.scope, rec))
+
+    def ended(self, rec: JobRecord, expires: float) -> None:
+        # ends get strictly increasing wall times (a tie moves on by the least step), so
+        # the next open, which retains rows in the order of their end, keeps this order
+        if rec.ended_wall is not None:
+            if rec.ended_wall <= self._last_end_wall:
+                rec.ended_wall = math.nextafter(self._last_end_wall, math.inf)
+            self._last_end_wall = rec.ended_wall
+        super().ended(rec, expires)
 
     def changed(self, rec: JobRecord) -> None:
         """The engine changed the record's state: queue its row's update (with the final
@@ -874,6 +891,11 @@ class SQLiteJobStore(MemoryJobStore):
                     raise self.error
                 return
             await self._next_outcome()
+
+    @property
+    def settled(self) -> bool:
+        """Every write queued so far is committed and what waited for it has run."""
+        return self._committed >= self._queued and not self._outbox
 
     async def _next_outcome(self) -> None:
         self._kick_soon()

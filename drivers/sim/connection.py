@@ -112,14 +112,16 @@ class SimConnection:
             raise InvalidArgument(
                 f"clock={str(clock_kind)[:80]!r} in '{uri}': it must be 'real' or 'manual'"
             )
-        self.clock: RealClock | ManualClock = (
-            ManualClock() if clock_kind == "manual" else RealClock()
-        )
-        if isinstance(self.clock, ManualClock):
-            self.clock.on_advance(self._poke)
         self.host_name = uri.name or "default"
         #: where the world and the jobs are saved (None: they live as long as the connection)
         self._persist = None if state is None else SimState(state)
+        self.clock: RealClock | ManualClock = RealClock()
+        if clock_kind == "manual":  # goes on from the reading the last process saved
+            saved = None if self._persist is None else self._persist.saved_clock()
+            self.clock = ManualClock() if saved is None else ManualClock(*saved)
+            self.clock.on_advance(self._poke)
+            if self._persist is not None:
+                self.clock.on_advance(self._save_clock)
         saved_hosts, self._saved_jobs = ({}, {}) if self._persist is None else self._persist.load()
         self.world = SimWorld(self.uri, self.host_name, saved=saved_hosts, persist=self._persist)
         #: the connection's own host
@@ -304,6 +306,10 @@ class SimConnection:
     def _poke(self) -> None:
         self._wakeup.set()
 
+    def _save_clock(self) -> None:
+        assert self._persist is not None
+        self._persist.clock(self.clock.now(), self.clock.wall())
+
     def stop(self) -> None:
         """End the scheduler loop (the connection is closing)."""
         self._stopped = True
@@ -450,8 +456,8 @@ class SimConnection:
         self._update_extra(sj, done)
         self._save(sj)
         self._schedule(sj)
-        if sj.phase is Phase.READY:
-            state = JobState.READY
+        if sj.phase is Phase.READY:  # paused while ready: standby
+            state = JobState.STANDBY if sj.paused else JobState.READY
         else:
             state = JobState.PAUSED if sj.paused else JobState.RUNNING
         return Reattached(state, done, sj.total)
