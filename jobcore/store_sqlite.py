@@ -686,6 +686,8 @@ class SQLiteJobStore(MemoryJobStore):
         self._inflight = False  # a batch is on the writer thread
         self._kicked = False  # a _kick is scheduled
         self._synced: anyio.Event | None = None  # set at the next batch's outcome
+        # sync() waiters in the order of their targets (the count of writes they wait for)
+        self._sync_waiters: deque[tuple[int, anyio.Event]] = deque()
         self._timer: anyio.Event | None = None  # wakes ``run`` for a lone write
         self._soon: tuple[Callable[[Callable[[], object]], object], ...] | None = None
         #: the last commit failed (full disk, I/O error): new jobs are refused, writes
@@ -890,7 +892,12 @@ class SQLiteJobStore(MemoryJobStore):
                 if raise_errors:
                     raise self.error
                 return
-            await self._next_outcome()
+            # woken once its writes are committed (or a commit failed), not by every
+            # batch before: many clients waiting cost a wake-up each, not one per batch
+            self._kick_soon()
+            committed = anyio.Event()
+            self._sync_waiters.append((target, committed))
+            await committed.wait()
 
     @property
     def settled(self) -> bool:
@@ -961,6 +968,9 @@ class SQLiteJobStore(MemoryJobStore):
             self._run_outbox(upto)
             if self._pending:  # queued while this batch was on the writer
                 self._submit()
+        waiters = self._sync_waiters
+        while waiters and (exc is not None or waiters[0][0] <= self._committed):
+            waiters.popleft()[1].set()
         if self._synced is not None:
             self._synced.set()
             self._synced = None
