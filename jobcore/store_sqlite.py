@@ -1021,7 +1021,7 @@ class SQLiteJobStore(MemoryJobStore):
 
     def _save_state(self, key: str, value: Any) -> None:
         text = json.dumps(value)  # copied now: TypeError for what JSON cannot hold
-        self._state[key] = json.loads(text)
+        self._state[key] = _SavedText(text)  # decoded only if load() is asked again
         self._queue((_SAVE_STATE, (self.scope, key, text), None))
 
     def _delete_state(self, key: str) -> None:
@@ -1091,6 +1091,10 @@ class SQLiteJobStore(MemoryJobStore):
 _MISSING = object()
 
 
+class _SavedText(str):
+    """A driver-state value saved since open, kept as its JSON text until ``load``."""
+
+
 class StoreDriverState:
     """A driver connection's DriverState in the job store (the ``driver_state`` table):
     its writes join the store's batches, so they are committed, in order, with the job
@@ -1100,7 +1104,10 @@ class StoreDriverState:
         self._store = store
 
     def load(self) -> dict[str, Any]:
-        return dict(self._store._state)
+        return {
+            key: json.loads(value) if isinstance(value, _SavedText) else value
+            for key, value in self._store._state.items()
+        }
 
     def save(self, key: str, value: Any) -> None:
         self._store._save_state(key, value)

@@ -299,8 +299,12 @@ class SimConnection:
         deadline = sj.deadline()
         if not math.isinf(deadline):
             heapq.heappush(self._heap, (deadline, next(self._seq), sj.version, sj))
+        # progress is due PROGRESS_INTERVAL from now, unless the job gets there first (an
+        # instant job ends at once: no timer for it)
         if math.isinf(self._next_progress):
-            self._next_progress = self.clock.now() + PROGRESS_INTERVAL
+            due = self.clock.now() + PROGRESS_INTERVAL
+            if deadline > due:
+                self._next_progress = due
         self._poke()
 
     def _poke(self) -> None:
