@@ -540,33 +540,63 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+#: types written as themselves (exactly these: a subclass may be an enum or a JobType)
+_JSON_PLAIN = frozenset({type(None), bool, int, float, str})
+_NO_DEFAULT = object()
+
+
+_JsonFields = tuple[str, tuple[tuple[str, str, Any], ...]] | None
+_json_fields_of: dict[type, _JsonFields] = {}
+
+
+def _json_fields(cls: type) -> _JsonFields:
+    """An attrs class's tag and its init fields (name, alias, default or _NO_DEFAULT),
+    worked out once per class (the writer formats every new job's spec); None for
+    another class."""
+    known = _json_fields_of.get(cls, _NO_DEFAULT)
+    if known is not _NO_DEFAULT:
+        return known  # type: ignore[return-value]
+    _json_fields_of[cls] = found = _json_fields_now(cls)
+    return found
+
+
+def _json_fields_now(cls: type) -> _JsonFields:
+    if not attrs.has(cls):
+        return None
+    fields = []
+    for f in attrs.fields(cls):
+        if not f.init:
+            continue
+        default = f.default
+        if isinstance(default, attrs.Factory) or default is attrs.NOTHING:  # type: ignore[arg-type]  # a class at runtime
+            default = _NO_DEFAULT
+        fields.append((f.name, f.alias, default))
+    return _class_name(cls), tuple(fields)
+
+
 def spec_to_json(value: Any) -> Any:
     """``value`` (a prepared spec, or anything in one) as JSON-able data."""
+    cls = type(value)
+    if cls in _JSON_PLAIN:
+        return value
     if isinstance(value, enum.Enum):
-        return {"@e": _class_name(type(value)), "v": value.value}
-    if value is None or isinstance(value, bool | int | float):
+        return {"@e": _class_name(cls), "v": value.value}
+    if isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
-        if type(value) is not str:
-            return {"@e": _class_name(type(value)), "v": str(value)}  # e.g. a JobType
-        return value
+        return {"@e": _class_name(cls), "v": str(value)}  # e.g. a JobType
     if isinstance(value, uuid.UUID):
         return {"@u": str(value)}
-    if attrs.has(type(value)):
-        fields: dict[str, Any] = {}
-        for f in attrs.fields(type(value)):
-            if not f.init:
-                continue
-            item = getattr(value, f.name)
-            if (
-                not isinstance(f.default, attrs.Factory)  # type: ignore[arg-type]  # a class at runtime
-                and f.default is not attrs.NOTHING
-                and type(item) is type(f.default)
-                and item == f.default
-            ):
+    plan = _json_fields(cls)
+    if plan is not None:
+        name, fields = plan
+        out: dict[str, Any] = {}
+        for fname, alias, default in fields:
+            item = getattr(value, fname)
+            if default is not _NO_DEFAULT and type(item) is type(default) and item == default:
                 continue  # the class's default: rebuilt by the constructor
-            fields[f.alias] = spec_to_json(item)
-        return {"@": _class_name(type(value)), "f": fields}
+            out[alias] = spec_to_json(item)
+        return {"@": name, "f": out}
     if isinstance(value, tuple):
         return {"@t": [spec_to_json(v) for v in value]}
     if isinstance(value, frozenset | set):
