@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from drivers.sim import backup, chain, migration
 from drivers.sim.clock import ManualClock, RealClock
 from drivers.sim.job import Behaviour, Phase, SimJob
 from drivers.sim.persist import SimState, restore_job
-from drivers.sim.world import MiB, SimWorld
+from drivers.sim.world import MiB, SimDomain, SimFile, SimWorld
 from jobcore.driver import (
     Concluded,
     DomainInfo,
@@ -61,6 +62,8 @@ _TERMINAL = {
     "cancelled": JobState.CANCELLED,
 }
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports of a running job
+#: seconds a backup's check_job stands for its start, on an unchanged world
+RECHECK_AFTER = 1.0
 #: what each job type does to the world
 _BEHAVIOURS: dict[JobType, Behaviour] = {
     JobType.BACKUP: backup.BEHAVIOUR,
@@ -138,6 +141,8 @@ class SimConnection:
         #: ended jobs whose records go once the store has the engine's terminal write too
         self._ended: list[uuid.UUID] = []
         self._sweep_wakeup = anyio.Event()
+        #: the last check_job of a backup: (spec, world version, monotonic time, creates)
+        self._checked: tuple[PreparedBackup, int, float, list[tuple[str, SimFile]]] | None = None
 
     # ---- DriverConnection: domains -------------------------------------------------
 
@@ -185,7 +190,22 @@ class SimConnection:
     async def check_job(self, spec: Any, dom: DomainInfo) -> None:
         """Before admission: refuse a backup's existing (or unusable reused) files."""
         if isinstance(spec, PreparedBackup):
-            backup.check_stores(self.world, spec, self.world.domain(dom.name))
+            creates = backup.check_stores(self.world, spec, self.world.domain(dom.name))
+            self._checked = (spec, self.world.version, time.monotonic(), creates)
+
+    def _backup_creates(self, spec: PreparedBackup, dom: SimDomain) -> list[tuple[str, SimFile]]:
+        """The files a backup creates, checked again at its start (a queued job starts
+        later, and files may have appeared meanwhile), unless its check_job just ran on
+        the world as it still is (a job admitted at once)."""
+        checked, self._checked = self._checked, None
+        if (
+            checked is not None
+            and checked[0] is spec
+            and checked[1] == self.world.version
+            and time.monotonic() - checked[2] < RECHECK_AFTER
+        ):
+            return checked[3]
+        return backup.check_stores(self.world, spec, dom)
 
     # ---- DriverConnection: jobs ----------------------------------------------------
 
@@ -195,11 +215,8 @@ class SimConnection:
         if self._saved_jobs:
             self._drop_unclaimed()
         dom = self.world.domain(job.domain)
-        # again: a queued job starts later, and files may have appeared meanwhile
         creates = (
-            backup.check_stores(self.world, job.spec, dom)
-            if isinstance(job.spec, PreparedBackup)
-            else []
+            self._backup_creates(job.spec, dom) if isinstance(job.spec, PreparedBackup) else []
         )
         total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
         bandwidth = getattr(job.spec, "bandwidth", None)
