@@ -62,6 +62,8 @@ _TERMINAL = {
     "cancelled": JobState.CANCELLED,
 }
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports of a running job
+#: seconds the sweep of ended jobs' records waits after one round (gathering the next)
+SWEEP_PAUSE = 0.05
 #: seconds a backup's check_job stands for its start, on an unchanged world
 RECHECK_AFTER = 1.0
 #: what each job type does to the world
@@ -529,6 +531,8 @@ class SimConnection:
                 continue
             for job in batch:
                 persist.forget_job(job)
+            # the ends of the next moment are swept together (one wake-up for many)
+            await anyio.sleep(SWEEP_PAUSE)
 
     def job_count(self) -> int:
         return len(self._jobs)
