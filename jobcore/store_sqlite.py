@@ -147,6 +147,20 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             )""",
         ),
     ),
+    (
+        4,
+        (
+            # each scope's driver URI with its configuration parameters: what reopens it
+            # (jobd recovers every stored scope at start); older scopes get their name,
+            # the URI without parameters, which opens them with the driver's defaults
+            "CREATE TABLE scopes (scope TEXT PRIMARY KEY, uri TEXT NOT NULL)",
+            "INSERT OR IGNORE INTO scopes (scope, uri)"
+            " SELECT scope, scope FROM jobs GROUP BY scope ORDER BY min(rowid)",
+            "INSERT OR IGNORE INTO scopes (scope, uri) SELECT DISTINCT scope, scope FROM domains",
+            "INSERT OR IGNORE INTO scopes (scope, uri)"
+            " SELECT DISTINCT scope, scope FROM driver_state",
+        ),
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -190,13 +204,15 @@ def open_store(
     url: str = DEFAULT_STORE_URL,
     *,
     scope: str = "default",
+    uri: str | None = None,
     max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
     max_retained: int = DEFAULT_MAX_RETAINED,
 ) -> JobStore:
     """The store a URL names: ``memory:`` or ``sqlite:///ABS/PATH`` (InvalidArgument for
     anything else). A durable store keeps the jobs of one ``scope`` (a driver connection)
-    and loads those already in the file; it blocks (open, check, load): call it off the
-    event loop. StoreError when the file is corrupt, locked or of a newer schema."""
+    and loads those already in the file, and records ``uri`` (default: ``scope``) as the
+    URI that reopens the scope; it blocks (open, check, load): call it off the event loop.
+    StoreError when the file is corrupt, locked or of a newer schema."""
     parsed = parse_store_url(url)
     caps = {"max_retained_per_domain": max_retained_per_domain, "max_retained": max_retained}
     if parsed.kind == "memory":
@@ -204,7 +220,7 @@ def open_store(
     assert parsed.path is not None
     db = open_database(parsed.path, parsed.synchronous)
     try:
-        return SQLiteJobStore(db, scope, **caps)
+        return SQLiteJobStore(db, scope, uri=uri, **caps)
     except BaseException:
         db.release()
         raise
@@ -245,9 +261,31 @@ _SAVE_STATE = (
     " ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value"
 )
 _DELETE_STATE = "DELETE FROM driver_state WHERE scope = ? AND key = ?"
+_SAVE_SCOPE = (
+    "INSERT INTO scopes (scope, uri) VALUES (?, ?)"
+    " ON CONFLICT (scope) DO UPDATE SET uri = excluded.uri"
+)
+#: the stored scopes worth reopening at a start: active or unexpired jobs, or domains
+_RECOVERABLE_SCOPES = (
+    "SELECT s.scope, s.uri, (SELECT count(*) FROM jobs j WHERE j.scope = s.scope"
+    " AND (j.expires IS NULL OR j.expires > ?)) AS n FROM scopes s"
+    " WHERE n > 0 OR EXISTS (SELECT 1 FROM domains d WHERE d.scope = s.scope)"
+    " ORDER BY s.rowid"
+)
 
 
 # ---- the database file ----------------------------------------------------------------
+
+
+@frozen
+class StoredScope:
+    """A scope of the file (``SQLiteDatabase.stored_scopes``): its name, the URI that
+    reopens it (with its configuration parameters), its active and retained jobs."""
+
+    scope: str
+    uri: str
+    jobs: int
+
 
 _databases: dict[Path, SQLiteDatabase] = {}
 _databases_lock = threading.Lock()
@@ -409,6 +447,13 @@ class SQLiteDatabase:
                 spec, prepared = _row_spec(self.path, row)
                 loaded.append(((*row[:4], None, *row[5:20]), spec, prepared))
         return loaded
+
+    def stored_scopes(self, now: float) -> list[StoredScope]:
+        """The scopes with jobs active or retained at wall time ``now``, or with domain
+        definitions, in the order they were first stored: what a restart reopens."""
+        with self.lock:
+            rows = self.conn.execute(_RECOVERABLE_SCOPES, (now,)).fetchall()
+        return [StoredScope(scope, uri, jobs) for scope, uri, jobs in rows]
 
     def load_state(self, scope: str) -> dict[str, Any]:
         with self.lock:
@@ -649,6 +694,7 @@ class SQLiteJobStore(MemoryJobStore):
         db: SQLiteDatabase,
         scope: str,
         *,
+        uri: str | None = None,
         max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
         max_retained: int = DEFAULT_MAX_RETAINED,
     ) -> None:
@@ -698,6 +744,9 @@ class SQLiteJobStore(MemoryJobStore):
         #: the active jobs loaded whose spec is not the prepared one (an older jobcore's
         #: rows): the engine fails them at recovery (NO_PREPARED_SPEC)
         self.unprepared: set[uuid.UUID] = set()
+        # the URI that reopens the scope: committed with the first batch (before the
+        # first job's insert)
+        self._queue((_SAVE_SCOPE, (scope, scope if uri is None else uri), None))
 
     # ---- restore at open --------------------------------------------------------------
 
