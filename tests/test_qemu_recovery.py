@@ -31,14 +31,18 @@ from qemu_helpers import (
     create,
     domain_xml,
     ended_by,
+    make_job,
     run,
     start_orphan_qemu,
     write,
 )
 
+import drivers.qemu.connection as qconn
 from drivers.qemu import QemuConnection, QemuDriver
+from jobcore.backup import BackupDef, BackupDisk, BackupStore, DiskBackupMode, StoreType
 from jobcore.driver import Concluded, DriverJob, Reattached, Vanished
 from jobcore.lifecycle import JobState
+from jobcore.types.backup import BackupJobSpec
 from jobcore.uri import parse_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
@@ -359,3 +363,40 @@ async def test_migration_under_way_at_the_kill_completes_after_recovery(tmp_path
             assert conn.pid("vm1") != out["pid"] and not alive(out["pid"])
             assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
             await conn.guest_io("vm1", "vda", "write -P 0x44 0 1M")  # the disks came along
+
+
+async def test_job_record_is_written_off_the_loop_and_on_disk_before_start_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record's write and fsync run on a worker thread: the write below runs a call
+    on the event loop and waits for it (``anyio.from_thread``), which only a worker thread
+    of that loop can do (on the loop's own thread it raises and the start fails); and
+    ``start`` returns only once the record is on disk."""
+    loop_ran: list[bool] = []
+    real_write = qconn.write_record
+
+    def write_record(path: Path, data: dict[str, Any]) -> None:
+        anyio.from_thread.run_sync(loop_ran.append, True)
+        real_write(path, data)
+
+    monkeypatch.setattr(qconn, "write_record", write_record)
+    src = disk(tmp_path)
+    target = tmp_path / "backup.qcow2"
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        async with reopen(run_dir) as conn:
+            conn.keep_guests = True  # records are kept in keep-guests mode only
+            await conn.create_domain(domain_xml("vm1", {"vda": src}))
+            pids.add(conn.pid("vm1"))
+            bd = BackupDisk(
+                "vda", True, StoreType.FILE, DiskBackupMode.FULL, None,
+                store=BackupStore(str(target), "qcow2"),
+            )  # fmt: skip
+            job, rep = await make_job(conn, "vm1", BackupJobSpec(BackupDef(disks=(bd,))))
+            await conn.start(job)
+            record = run_dir / f"vm1.job-{job.uuid.hex}.json"
+            assert json.loads(record.read_text())  # on disk once start returned
+            assert loop_ran == [True]
+            assert (await rep.wait_end())[0] == "completed"
+            conn.keep_guests = False
+        assert not record.exists()

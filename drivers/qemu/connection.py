@@ -303,7 +303,7 @@ class QemuConnection:
         runner = cls(conn=self, job=job, domain=domain, proc=domain.process)
         runner.log.info("starting")
         await runner.start()
-        self._save_record(runner)
+        await self._save_record(runner)  # on disk before the start is acknowledged
         self._launch(runner)
 
     def _launch(self, runner: Runner) -> None:
@@ -314,10 +314,13 @@ class QemuConnection:
     def _record_path(self, job: DriverJob) -> Path:
         return job_record(self.run_dir, job.domain, job.uuid)
 
-    def _save_record(self, runner: Runner) -> None:
-        """Keep-guests mode: what the job created, for whoever recovers it."""
+    async def _save_record(self, runner: Runner) -> None:
+        """Keep-guests mode: what the job created, for whoever recovers it; written and
+        fsynced on a worker thread (the record's data is taken now, on the loop)."""
         if self.keep_guests:
-            write_record(self._record_path(runner.job), runner.record())
+            path, data = self._record_path(runner.job), runner.record()
+            with anyio.CancelScope(shield=True):  # a half-saved start is never left
+                await anyio.to_thread.run_sync(write_record, path, data)
 
     async def _supervise(self, runner: Runner) -> None:
         try:
@@ -356,7 +359,7 @@ class QemuConnection:
             runner.untrack()
             raise
         if runner.phase in (Phase.RUNNING, Phase.READY):
-            self._save_record(runner)
+            await self._save_record(runner)
             self._launch(runner)
         else:
             self._record_path(job).unlink(missing_ok=True)
