@@ -400,3 +400,81 @@ async def test_job_record_is_written_off_the_loop_and_on_disk_before_start_retur
             assert (await rep.wait_end())[0] == "completed"
             conn.keep_guests = False
         assert not record.exists()
+
+
+def migrate_owner(run_dir: Path, src: Path, pids: set[int]) -> tuple[dict[str, Any], int]:
+    """An owner of vm1 killed while vm1 migrates (16 KiB/s) into a destination QEMU in
+    the same run dir; the source's and the destination's pids join ``pids``."""
+    out = owner(
+        run_dir, domain_xml("vm1", {"vda": src}, memory_mib=64), "migrate",
+        destination=f"qemu:///session?dir={run_dir}",
+    )  # fmt: skip
+    pids.add(out["pid"])
+    dest = int((run_dir / "vm1.1.pid").read_text())
+    pids.add(dest)
+    return out, dest
+
+
+async def until_migration(run_dir: Path, *statuses: str) -> dict[str, Any]:
+    """Wait until the source's migration reaches one of ``statuses`` (no driver runs)."""
+    for _ in range(600):
+        info: dict[str, Any] = await qmp(run_dir, "query-migrate")
+        if info.get("status") in statuses:
+            return info
+        await anyio.sleep(0.05)
+    raise AssertionError(f"the migration did not reach {statuses} within 30 s")
+
+
+async def test_migration_that_completed_while_nobody_watched_is_concluded(
+    tmp_path: Path,
+) -> None:
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out, dest = migrate_owner(run_dir, src, pids)
+        await qmp(run_dir, "migrate-set-parameters", {"max-bandwidth": 1 << 30})
+        await until_migration(run_dir, "completed")
+        job, rep = driver_job(out)
+        async with reopen(run_dir) as conn:
+            assert conn.incoming["vm1"].pid == dest
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert isinstance(got, Concluded) and got.state is JobState.COMPLETED, got
+            assert got.extra is not None and int(got.extra["memory_total"]) >= 32 * MiB
+            assert conn.pid("vm1") == dest and not alive(out["pid"])  # the source quit
+            assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+            await conn.guest_io("vm1", "vda", "write -P 0x44 0 1M")  # the disks came along
+            assert rep.kinds == ["domain_moved"]
+        assert not list(run_dir.glob("*.job-*.json"))
+
+
+async def test_migration_that_failed_while_nobody_watched_fails_with_qemus_reason(
+    tmp_path: Path,
+) -> None:
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out, dest = migrate_owner(run_dir, src, pids)
+        os.kill(dest, signal.SIGKILL)  # the destination dies: the source's migration fails
+        info = await until_migration(run_dir, "failed")
+        job, _ = driver_job(out)
+        async with reopen(run_dir) as conn:
+            assert "vm1" not in conn.incoming
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert got == Concluded(JobState.FAILED, info["error-desc"]), got
+            assert conn.pid("vm1") == out["pid"]  # the guest stays on the source
+            assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+
+
+async def test_migration_cancelled_while_nobody_watched_is_cancelled(tmp_path: Path) -> None:
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out, dest = migrate_owner(run_dir, src, pids)
+        await qmp(run_dir, "migrate_cancel")
+        await until_migration(run_dir, "cancelled")
+        job, _ = driver_job(out)
+        async with reopen(run_dir) as conn:
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert got == Concluded(JobState.CANCELLED), got
+            assert conn.pid("vm1") == out["pid"] and not alive(dest)  # destination stopped
+            assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
