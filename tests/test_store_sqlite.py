@@ -326,11 +326,10 @@ def test_kill_9_keeps_every_begun_job(tmp_path: Path, backend: str) -> None:
     assert active, "the kill came while jobs ran"
     anyio.run(_reopen_after_kill, path, begun, active, backend=backend)
     # the sim driver re-attached the active jobs whose JobBegin had returned (their start
-    # was on disk): none failed. A job killed between its row and its start fails, saying so.
+    # was on disk), and a job killed between its row and its start's commit was started
+    # again (NotStarted): none failed
     after = rows(path)
-    assert {after[u]["state"] for u in active & set(begun)} <= {"running", "completed"}
-    for u in active - set(begun):
-        assert after[u]["state"] != "failed" or "has no record of job" in after[u]["errmsg"]
+    assert {after[u]["state"] for u in active} <= {"running", "completed"}
 
 
 async def _reopen_after_kill(path: Path, begun: list[str], active: set[str]) -> None:
