@@ -38,9 +38,9 @@ from qemu_helpers import (
 )
 
 import drivers.qemu.connection as qconn
-from drivers.qemu import QemuConnection, QemuDriver
+from drivers.qemu import QemuConnection, QemuDriver, rundir
 from jobcore.backup import BackupDef, BackupDisk, BackupStore, DiskBackupMode, StoreType
-from jobcore.driver import Concluded, DriverJob, Reattached, Vanished
+from jobcore.driver import Concluded, DriverJob, NotStarted, Reattached, Vanished
 from jobcore.lifecycle import JobState
 from jobcore.types.backup import BackupJobSpec
 from jobcore.uri import parse_uri
@@ -373,7 +373,7 @@ async def test_job_record_is_written_off_the_loop_and_on_disk_before_start_retur
     of that loop can do (on the loop's own thread it raises and the start fails); and
     ``start`` returns only once the record is on disk."""
     loop_ran: list[bool] = []
-    real_write = qconn.write_record
+    real_write = rundir.write_record
 
     def write_record(path: Path, data: dict[str, Any]) -> None:
         anyio.from_thread.run_sync(loop_ran.append, True)
@@ -396,7 +396,7 @@ async def test_job_record_is_written_off_the_loop_and_on_disk_before_start_retur
             await conn.start(job)
             record = run_dir / f"vm1.job-{job.uuid.hex}.json"
             assert json.loads(record.read_text())  # on disk once start returned
-            assert loop_ran == [True]
+            assert loop_ran == [True, True]  # before QEMU started its job, and after
             assert (await rep.wait_end())[0] == "completed"
             conn.keep_guests = False
         assert not record.exists()
@@ -478,3 +478,57 @@ async def test_migration_cancelled_while_nobody_watched_is_cancelled(tmp_path: P
             assert got == Concluded(JobState.CANCELLED), got
             assert conn.pid("vm1") == out["pid"] and not alive(dest)  # destination stopped
             assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+
+
+def self_killing_owner(args: dict[str, Any], pids: set[int]) -> dict[str, Any]:
+    """An owner child that kills itself at the point its options name; its line."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import qemu_helpers; qemu_helpers.owner_main()",
+         json.dumps(args)],
+        stdout=subprocess.PIPE, env=env, cwd=TESTS,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        out: dict[str, Any] = json.loads(child.stdout.readline())
+        pids.add(out["pid"])
+        assert child.wait(60) == -signal.SIGKILL  # it killed itself at the point
+    finally:
+        child.kill()
+        child.wait()
+    return out
+
+
+async def test_push_backup_whose_owner_died_before_qemu_started_it_can_start_again(
+    tmp_path: Path,
+) -> None:
+    """The owner is killed right after the record is saved and before QEMU's transaction
+    (the window between the engine's 'running' and the hypervisor's job): recovery finds
+    no QEMU job and a record saying so, undoes what the start created (the target) and
+    answers NotStarted; the job then starts afresh and completes."""
+    src = disk(tmp_path)
+    target = tmp_path / "backup.qcow2"
+    run_dir = tmp_path / "run"
+    args = {
+        "uri": f"qemu:///session?dir={run_dir}&keep_guests=yes",
+        "xml": domain_xml("vm1", {"vda": src}),
+        "job": "push",
+        "store": str(target),
+        "die_before_qemu_jobs": True,
+    }
+    with guests() as pids:
+        out = self_killing_owner(args, pids)
+        record = json.loads(next(run_dir.glob("vm1.job-*.json")).read_text())
+        assert record["started"] is False and target.exists()
+        job, rep = driver_job(out)
+        async with reopen(run_dir) as conn:
+            assert await conn.qmp("vm1", "query-jobs") == []
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert isinstance(got, NotStarted) and "never started" in got.reason, got
+            assert not target.exists()  # the start's target, removed by identity
+            assert not list(run_dir.glob("*.job-*.json"))
+            files = {n["file"] for n in await conn.qmp("vm1", "query-named-block-nodes")}
+            assert str(target) not in files
+            await conn.start(job)  # as the engine does for NotStarted
+            assert await rep.wait_end() == ("completed", {})
+        compare(src, target)

@@ -302,7 +302,11 @@ class QemuConnection:
             raise DriverError(f"domain '{job.domain}' is not running")
         runner = cls(conn=self, job=job, domain=domain, proc=domain.process)
         runner.log.info("starting")
-        await runner.start()
+        try:
+            await runner.start()
+        except BaseException:  # the runner undid its start: a record it saved goes too
+            self._record_path(job).unlink(missing_ok=True)
+            raise
         await self._save_record(runner)  # on disk before the start is acknowledged
         self._launch(runner)
 
@@ -315,12 +319,15 @@ class QemuConnection:
         return job_record(self.run_dir, job.domain, job.uuid)
 
     async def _save_record(self, runner: Runner) -> None:
-        """Keep-guests mode: what the job created, for whoever recovers it; written and
-        fsynced on a worker thread (the record's data is taken now, on the loop)."""
+        """Keep-guests mode: what the job created, for whoever recovers it."""
+        await self.save_record(runner.job, runner.record())
+
+    async def save_record(self, job: DriverJob, record: dict[str, Any]) -> None:
+        """Keep-guests mode: write a job's record, fsynced, on a worker thread (the data
+        was taken on the loop by the caller)."""
         if self.keep_guests:
-            path, data = self._record_path(runner.job), runner.record()
             with anyio.CancelScope(shield=True):  # a half-saved start is never left
-                await anyio.to_thread.run_sync(write_record, path, data)
+                await anyio.to_thread.run_sync(write_record, self._record_path(job), record)
 
     async def _supervise(self, runner: Runner) -> None:
         try:
