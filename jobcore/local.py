@@ -489,11 +489,12 @@ async def connect_local(
                 open_store,
                 store_url,
                 scope=f"{parsed.driver}://{parsed.host}{parsed.path}" if scope is None else scope,
-                uri=uri,
                 max_retained_per_domain=max_retained_per_domain,
                 max_retained=max_retained,
             )
         )
+        if isinstance(jstore, SQLiteJobStore):
+            jstore.save_scope_uri(uri)  # what reopens it
     state: DriverState | None = None
     if getattr(driver, "persistent_state", False):
         state = jstore.driver_state() if isinstance(jstore, SQLiteJobStore) else MemoryDriverState()

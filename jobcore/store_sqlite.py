@@ -204,15 +204,13 @@ def open_store(
     url: str = DEFAULT_STORE_URL,
     *,
     scope: str = "default",
-    uri: str | None = None,
     max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
     max_retained: int = DEFAULT_MAX_RETAINED,
 ) -> JobStore:
     """The store a URL names: ``memory:`` or ``sqlite:///ABS/PATH`` (InvalidArgument for
     anything else). A durable store keeps the jobs of one ``scope`` (a driver connection)
-    and loads those already in the file, and records ``uri`` (default: ``scope``) as the
-    URI that reopens the scope; it blocks (open, check, load): call it off the event loop.
-    StoreError when the file is corrupt, locked or of a newer schema."""
+    and loads those already in the file; it blocks (open, check, load): call it off the
+    event loop. StoreError when the file is corrupt, locked or of a newer schema."""
     parsed = parse_store_url(url)
     caps = {"max_retained_per_domain": max_retained_per_domain, "max_retained": max_retained}
     if parsed.kind == "memory":
@@ -220,7 +218,7 @@ def open_store(
     assert parsed.path is not None
     db = open_database(parsed.path, parsed.synchronous)
     try:
-        return SQLiteJobStore(db, scope, uri=uri, **caps)
+        return SQLiteJobStore(db, scope, **caps)
     except BaseException:
         db.release()
         raise
@@ -694,7 +692,6 @@ class SQLiteJobStore(MemoryJobStore):
         db: SQLiteDatabase,
         scope: str,
         *,
-        uri: str | None = None,
         max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
         max_retained: int = DEFAULT_MAX_RETAINED,
     ) -> None:
@@ -744,9 +741,6 @@ class SQLiteJobStore(MemoryJobStore):
         #: the active jobs loaded whose spec is not the prepared one (an older jobcore's
         #: rows): the engine fails them at recovery (NO_PREPARED_SPEC)
         self.unprepared: set[uuid.UUID] = set()
-        # the URI that reopens the scope: committed with the first batch (before the
-        # first job's insert)
-        self._queue((_SAVE_SCOPE, (scope, scope if uri is None else uri), None))
 
     # ---- restore at open --------------------------------------------------------------
 
@@ -829,6 +823,12 @@ class SQLiteJobStore(MemoryJobStore):
         last = self._last.pop(job, None)
         if last is not None and (update or not last[1]):
             self._pending[last[0]] = None
+
+    def save_scope_uri(self, uri: str) -> None:
+        """Record ``uri`` as what reopens this scope (table ``scopes``; jobd reopens every
+        stored scope at start): committed with the next batch, so called at open, before
+        the first job's row."""
+        self._queue((_SAVE_SCOPE, (self.scope, uri), None))
 
     def add(self, rec: JobRecord) -> None:
         super().add(rec)
