@@ -18,9 +18,10 @@ both), and runs consecutive writes of one statement as one ``executemany``.
 
 One database file serves every driver connection of a process (jobd's connections share
 ``RUN_DIR/jobs.sqlite``): each connection's jobs and domain definitions carry its
-``scope`` (the driver URI without its query), and a scope is served by one connection at a
-time. The file is locked against other processes (``flock`` on ``PATH.lock``) for as long
-as it is open.
+``scope`` (the driver URI without its query; under jobd the connection's identity), and a
+scope is served by one connection at a time; table ``scopes`` keeps the URI that reopens
+each (jobd reopens them at start). The file is locked against other processes (``flock``
+on ``PATH.lock``) for as long as it is open.
 """
 
 from __future__ import annotations
@@ -397,7 +398,13 @@ class SQLiteDatabase:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            _log.info("job store schema migrated", path=str(self.path), version=target)
+        if version < SCHEMA_VERSION:  # one line, however many versions it went through
+            _log.info(
+                "job store schema migrated",
+                path=str(self.path),
+                previous=version,
+                version=SCHEMA_VERSION,
+            )
 
     def claim(self, scope: str) -> None:
         with _databases_lock:

@@ -97,22 +97,23 @@ def test_jobd_recovers_stored_connections_nobody_names(tmp_path: Path) -> None:
         # 512 MiB at 64 MiB/s, slowed to 1 MiB/s at once: runs until sped up again
         long_job = _begin(client("sim:///other", f"rate={64 * MiB}"), "vm1", long_xml)
         assert jobctl(daemon.uri(), "set-speed", long_job, "1MiB").returncode == 0
-        # 512 MiB at 64 MiB/s: ends about 8 s after its start, while jobd is away
-        short_began = time.monotonic()
+        for job in (qjob, long_job):
+            assert _info(daemon.uri(), job)["state"] == "running"
+        # 512 MiB at 64 MiB/s: ends 8 s after its start (before short_began), while jobd
+        # is away (killed at once: its row below says it was running)
         short_job = _begin(
             client("sim:///third", f"rate={64 * MiB}"),
             "vm1",
             write_file(tmp_path, "short.xml", BACKUP_VDB.format(tag="s")),
         )
-        for job in (qjob, long_job, short_job):
-            assert _info(daemon.uri(), job)["state"] == "running"
+        short_began = time.monotonic()
     finally:
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait()
         daemon.stop()
     try:
         assert _row(store, short_job) == ("running", 1)
-        time.sleep(max(0.0, short_began + 10 - time.monotonic()))  # the short job ended
+        time.sleep(max(0.0, short_began + 9 - time.monotonic()))  # the short job ended
         daemon = Jobd(run_dir, *args).wait_ready()
         try:
             # no client names sim:///other, sim:///third or the qemu URI: daemon.uri() is
