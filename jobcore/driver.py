@@ -177,7 +177,16 @@ class Vanished:
     reason: str  # e.g. "QEMU of domain 'vm1' (pid 123) is gone"
 
 
-Recovered = Reattached | Concluded | Vanished
+@frozen
+class NotStarted:
+    """The hypervisor has no trace of the job and nothing of it ran: the process died
+    after the engine wrote 'running' and before the driver's start was durable. The
+    engine starts it again (it had been admitted: its claims are held)."""
+
+    reason: str  # e.g. "the simulated host of 'sim:///default' has no record of job …"
+
+
+Recovered = Reattached | Concluded | Vanished | NotStarted
 
 # Optional DriverConnection method (looked up with getattr, like check_job):
 #   async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered
@@ -187,6 +196,8 @@ Recovered = Reattached | Concluded | Vanished
 # engine, not given to the driver). Called once per job, in begin order, after the driver
 # connection is open and before the engine serves any call. Must not raise for an
 # ordinary vanish (return Vanished); an exception is treated as Vanished(str(exc)).
+# NotStarted only when the driver can tell that the job never ran on the hypervisor (no
+# durable trace of its start, no effect of it): safe to start again from the beginning.
 # After Reattached the driver keeps reporting as it would for a job it started; verbs
 # (cancel/pause/resume/complete/set_speed) work on it as on any job.
 

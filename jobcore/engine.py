@@ -32,6 +32,7 @@ from jobcore.driver import (
     DriverConnection,
     DriverJob,
     DriverState,
+    NotStarted,
     Reattached,
     Recovered,
     Vanished,
@@ -182,6 +183,7 @@ class Engine:
             self.scheduler._hold(rec.ticket)
         recover_job = getattr(self.dconn, "recover_job", None)
         unprepared = self._dstore.unprepared if self._dstore is not None else set()
+        again: list[JobRecord] = []  # never started on the hypervisor: start them again
         for rec in running:
             if rec.uuid in unprepared:
                 self._recovered(rec, Vanished(NO_PREPARED_SPEC))
@@ -193,8 +195,16 @@ class Engine:
                     ),
                 )
             else:
-                self._recovered(rec, await self._recover_one(rec, recover_job))
+                result = await self._recover_one(rec, recover_job)
+                if isinstance(result, NotStarted) and rec.state is S.RUNNING:
+                    again.append(rec)
+                else:
+                    self._recovered(rec, result)
         unprepared.clear()
+        for rec in again:  # admitted before every queued job: ahead of them, as before
+            job_log(rec).info("job started again: the driver had not started it")
+            rec.starting = True  # verbs wait until the driver has it
+            self.tg.start_soon(self._start_queued, rec)
         for rec in queued:
             if self.scheduler.admit_or_enqueue(rec.ticket):
                 rec.starting = True  # verbs wait until the driver has it
@@ -255,7 +265,10 @@ class Engine:
                 rec.errmsg = result.errmsg
             self._transition(rec, result.state, checked=False)
             return
-        rec.errmsg = result.reason
+        if isinstance(result, NotStarted) and rec.state is S.ABORTING:
+            self._transition(rec, S.CANCELLED, checked=False)  # nothing ran: abort taken
+            return
+        rec.errmsg = result.reason  # Vanished; NotStarted of a job the driver had moved
         self._transition(rec, S.FAILED, checked=False)
 
     # ---- admission -------------------------------------------------------------------

@@ -601,11 +601,14 @@ async def connect_local(
     max_retained: int = DEFAULT_MAX_RETAINED,
     store: str | None = None,
     keep_jobs: bool | None = None,
+    scope: str | None = None,
 ) -> AsyncIterator[LocalConnection]:
     """Open an in-process connection (``jobcore.connect`` documents the arguments);
     everything it started is cancelled when the block exits. Closing fails the jobs still
     active, unless ``keep_jobs`` (default: whether the store is durable) and the driver
-    recovers them at the next open (design/store.md "Recovery")."""
+    recovers them at the next open (design/store.md "Recovery"). A durable store keeps
+    the jobs under ``scope`` (default: the URI without its query; jobd names its driver
+    connection's identity) with ``uri`` as what reopens them."""
     parsed = parse_uri(uri)
     store_url = DEFAULT_STORE_URL if store is None else store
     durable = parse_store_url(store_url).kind != "memory"  # InvalidArgument if malformed
@@ -617,11 +620,13 @@ async def connect_local(
             functools.partial(
                 open_store,
                 store_url,
-                scope=f"{parsed.driver}://{parsed.host}{parsed.path}",
+                scope=f"{parsed.driver}://{parsed.host}{parsed.path}" if scope is None else scope,
                 max_retained_per_domain=max_retained_per_domain,
                 max_retained=max_retained,
             )
         )
+        if isinstance(jstore, SQLiteJobStore):
+            jstore.save_scope_uri(uri)  # what reopens it
     state: DriverState | None = None
     if getattr(driver, "persistent_state", False):
         state = jstore.driver_state() if isinstance(jstore, SQLiteJobStore) else MemoryDriverState()

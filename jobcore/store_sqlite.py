@@ -18,9 +18,10 @@ both), and runs consecutive writes of one statement as one ``executemany``.
 
 One database file serves every driver connection of a process (jobd's connections share
 ``RUN_DIR/jobs.sqlite``): each connection's jobs and domain definitions carry its
-``scope`` (the driver URI without its query), and a scope is served by one connection at a
-time. The file is locked against other processes (``flock`` on ``PATH.lock``) for as long
-as it is open.
+``scope`` (the driver URI without its query; under jobd the connection's identity), and a
+scope is served by one connection at a time; table ``scopes`` keeps the URI that reopens
+each (jobd reopens them at start). The file is locked against other processes (``flock``
+on ``PATH.lock``) for as long as it is open.
 """
 
 from __future__ import annotations
@@ -147,6 +148,20 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             )""",
         ),
     ),
+    (
+        4,
+        (
+            # each scope's driver URI with its configuration parameters: what reopens it
+            # (jobd recovers every stored scope at start); older scopes get their name,
+            # the URI without parameters, which opens them with the driver's defaults
+            "CREATE TABLE scopes (scope TEXT PRIMARY KEY, uri TEXT NOT NULL)",
+            "INSERT OR IGNORE INTO scopes (scope, uri)"
+            " SELECT scope, scope FROM jobs GROUP BY scope ORDER BY min(rowid)",
+            "INSERT OR IGNORE INTO scopes (scope, uri) SELECT DISTINCT scope, scope FROM domains",
+            "INSERT OR IGNORE INTO scopes (scope, uri)"
+            " SELECT DISTINCT scope, scope FROM driver_state",
+        ),
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -245,9 +260,31 @@ _SAVE_STATE = (
     " ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value"
 )
 _DELETE_STATE = "DELETE FROM driver_state WHERE scope = ? AND key = ?"
+_SAVE_SCOPE = (
+    "INSERT INTO scopes (scope, uri) VALUES (?, ?)"
+    " ON CONFLICT (scope) DO UPDATE SET uri = excluded.uri"
+)
+#: the stored scopes worth reopening at a start: active or unexpired jobs, or domains
+_RECOVERABLE_SCOPES = (
+    "SELECT s.scope, s.uri, (SELECT count(*) FROM jobs j WHERE j.scope = s.scope"
+    " AND (j.expires IS NULL OR j.expires > ?)) AS n FROM scopes s"
+    " WHERE n > 0 OR EXISTS (SELECT 1 FROM domains d WHERE d.scope = s.scope)"
+    " ORDER BY s.rowid"
+)
 
 
 # ---- the database file ----------------------------------------------------------------
+
+
+@frozen
+class StoredScope:
+    """A scope of the file (``SQLiteDatabase.stored_scopes``): its name, the URI that
+    reopens it (with its configuration parameters), its active and retained jobs."""
+
+    scope: str
+    uri: str
+    jobs: int
+
 
 _databases: dict[Path, SQLiteDatabase] = {}
 _databases_lock = threading.Lock()
@@ -361,7 +398,13 @@ class SQLiteDatabase:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            _log.info("job store schema migrated", path=str(self.path), version=target)
+        if version < SCHEMA_VERSION:  # one line, however many versions it went through
+            _log.info(
+                "job store schema migrated",
+                path=str(self.path),
+                previous=version,
+                version=SCHEMA_VERSION,
+            )
 
     def claim(self, scope: str) -> None:
         with _databases_lock:
@@ -409,6 +452,13 @@ class SQLiteDatabase:
                 spec, prepared = _row_spec(self.path, row)
                 loaded.append(((*row[:4], None, *row[5:20]), spec, prepared))
         return loaded
+
+    def stored_scopes(self, now: float) -> list[StoredScope]:
+        """The scopes with jobs active or retained at wall time ``now``, or with domain
+        definitions, in the order they were first stored: what a restart reopens."""
+        with self.lock:
+            rows = self.conn.execute(_RECOVERABLE_SCOPES, (now,)).fetchall()
+        return [StoredScope(scope, uri, jobs) for scope, uri, jobs in rows]
 
     def load_state(self, scope: str) -> dict[str, Any]:
         with self.lock:
@@ -820,6 +870,12 @@ class SQLiteJobStore(MemoryJobStore):
         last = self._last.pop(job, None)
         if last is not None and (update or not last[1]):
             self._pending[last[0]] = None
+
+    def save_scope_uri(self, uri: str) -> None:
+        """Record ``uri`` as what reopens this scope (table ``scopes``; jobd reopens every
+        stored scope at start): committed with the next batch, so called at open, before
+        the first job's row."""
+        self._queue((_SAVE_SCOPE, (self.scope, uri), None))
 
     def add(self, rec: JobRecord) -> None:
         super().add(rec)

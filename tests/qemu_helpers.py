@@ -308,6 +308,21 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
         else:
             spec = BlockCommitSpec("vda")
         job, rep = await make_job(conn, "vm1", spec)
+        line = {"pid": conn.pid("vm1"), "spec": pickle.dumps(job.spec).hex()}
+        if opts.get("die_before_qemu_jobs"):  # SIGKILLed once the first record is saved
+            import os
+            import signal
+
+            save = type(conn).save_record
+
+            async def save_then_die(self: Any, job: Any, record: dict[str, Any]) -> None:
+                await save(self, job, record)
+                if record.get("started") is False:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            type(conn).save_record = save_then_die  # type: ignore[method-assign]
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
         await conn.start(job)
         if opts.get("wait") == "ready":
             await rep.wait_for("ready")
@@ -316,7 +331,6 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
                 if any(p > 0 for p, _, _ in rep.progress_calls):
                     break
                 await anyio.sleep(0.05)
-        line = {"pid": conn.pid("vm1"), "spec": pickle.dumps(job.spec).hex()}
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         await anyio.sleep_forever()

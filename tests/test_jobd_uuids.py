@@ -27,7 +27,11 @@ def test_one_uuid_names_one_job_across_hosts(tmp_path: Path) -> None:
             refused = b.call("job_begin", "vm1", JOB, 0)
             assert refused[0] == 2 and refused[2] == "InvalidArgument", refused
             assert f"a job with UUID '{U}' already exists (on 'sim:///hosta')" in str(refused[3])
-            assert b.call("lookup_job", U.bytes)[2] == "NoSuchJob"
+            # the refused begin left no job on hostb; the UUID names hosta's job
+            # daemon-wide, so hostb's session finds that one (design/daemon.md)
+            assert b.call("list_jobs", "vm1")[2] == []
+            found = b.call("lookup_job", U.bytes)
+            assert found[0] == 1 and found[2][1:] == ["backup", "vm1", "running"], found
             # a fresh UUID still begins on hostb; the refused one left no reservation behind
             other = JOB.replace(str(U), str(uuid.uuid4()))
             assert b.call("job_begin", "vm1", other, 0)[0] == 1

@@ -31,14 +31,18 @@ from qemu_helpers import (
     create,
     domain_xml,
     ended_by,
+    make_job,
     run,
     start_orphan_qemu,
     write,
 )
 
-from drivers.qemu import QemuConnection, QemuDriver
-from jobcore.driver import Concluded, DriverJob, Reattached, Vanished
+import drivers.qemu.connection as qconn
+from drivers.qemu import QemuConnection, QemuDriver, rundir
+from jobcore.backup import BackupDef, BackupDisk, BackupStore, DiskBackupMode, StoreType
+from jobcore.driver import Concluded, DriverJob, NotStarted, Reattached, Vanished
 from jobcore.lifecycle import JobState
+from jobcore.types.backup import BackupJobSpec
 from jobcore.uri import parse_uri
 from jobcore.xml.domain import parse_domain
 
@@ -360,3 +364,172 @@ async def test_migration_under_way_at_the_kill_completes_after_recovery(tmp_path
             assert conn.pid("vm1") != out["pid"] and not alive(out["pid"])
             assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
             await conn.guest_io("vm1", "vda", "write -P 0x44 0 1M")  # the disks came along
+
+
+async def test_job_record_is_written_off_the_loop_and_on_disk_before_start_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record's write and fsync run on a worker thread: the write below runs a call
+    on the event loop and waits for it (``anyio.from_thread``), which only a worker thread
+    of that loop can do (on the loop's own thread it raises and the start fails); and
+    ``start`` returns only once the record is on disk."""
+    loop_ran: list[bool] = []
+    real_write = rundir.write_record
+
+    def write_record(path: Path, data: dict[str, Any]) -> None:
+        anyio.from_thread.run_sync(loop_ran.append, True)
+        real_write(path, data)
+
+    monkeypatch.setattr(qconn, "write_record", write_record)
+    src = disk(tmp_path)
+    target = tmp_path / "backup.qcow2"
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        async with reopen(run_dir) as conn:
+            conn.keep_guests = True  # records are kept in keep-guests mode only
+            await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
+            pids.add(conn.pid("vm1"))
+            bd = BackupDisk(
+                "vda", True, StoreType.FILE, DiskBackupMode.FULL, None,
+                store=BackupStore(str(target), "qcow2"),
+            )  # fmt: skip
+            job, rep = await make_job(conn, "vm1", BackupJobSpec(BackupDef(disks=(bd,))))
+            await conn.start(job)
+            record = run_dir / f"vm1.job-{job.uuid.hex}.json"
+            assert json.loads(record.read_text())  # on disk once start returned
+            assert loop_ran == [True, True]  # before QEMU started its job, and after
+            assert (await rep.wait_end())[0] == "completed"
+            conn.keep_guests = False
+        assert not record.exists()
+
+
+def migrate_owner(run_dir: Path, src: Path, pids: set[int]) -> tuple[dict[str, Any], int]:
+    """An owner of vm1 killed while vm1 migrates (16 KiB/s) into a destination QEMU in
+    the same run dir; the source's and the destination's pids join ``pids``."""
+    out = owner(
+        run_dir, domain_xml("vm1", {"vda": src}, memory_mib=64), "migrate",
+        destination=f"qemu:///session?dir={run_dir}",
+    )  # fmt: skip
+    pids.add(out["pid"])
+    dest = int((run_dir / "vm1.1.pid").read_text())
+    pids.add(dest)
+    return out, dest
+
+
+async def until_migration(run_dir: Path, *statuses: str) -> dict[str, Any]:
+    """Wait until the source's migration reaches one of ``statuses`` (no driver runs)."""
+    for _ in range(600):
+        info: dict[str, Any] = await qmp(run_dir, "query-migrate")
+        if info.get("status") in statuses:
+            return info
+        await anyio.sleep(0.05)
+    raise AssertionError(f"the migration did not reach {statuses} within 30 s")
+
+
+async def test_migration_that_completed_while_nobody_watched_is_concluded(
+    tmp_path: Path,
+) -> None:
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out, dest = migrate_owner(run_dir, src, pids)
+        await qmp(run_dir, "migrate-set-parameters", {"max-bandwidth": 1 << 30})
+        await until_migration(run_dir, "completed")
+        job, rep = driver_job(out)
+        async with reopen(run_dir) as conn:
+            assert conn.incoming["vm1"].pid == dest
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert isinstance(got, Concluded) and got.state is JobState.COMPLETED, got
+            assert got.extra is not None and int(got.extra["memory_total"]) >= 32 * MiB
+            assert conn.pid("vm1") == dest and not alive(out["pid"])  # the source quit
+            assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+            await conn.guest_io("vm1", "vda", "write -P 0x44 0 1M")  # the disks came along
+            assert rep.kinds == ["domain_moved"]
+        assert not list(run_dir.glob("*.job-*.json"))
+
+
+async def test_migration_that_failed_while_nobody_watched_fails_with_qemus_reason(
+    tmp_path: Path,
+) -> None:
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out, dest = migrate_owner(run_dir, src, pids)
+        os.kill(dest, signal.SIGKILL)  # the destination dies: the source's migration fails
+        info = await until_migration(run_dir, "failed")
+        job, _ = driver_job(out)
+        async with reopen(run_dir) as conn:
+            assert "vm1" not in conn.incoming
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert got == Concluded(JobState.FAILED, info["error-desc"]), got
+            assert conn.pid("vm1") == out["pid"]  # the guest stays on the source
+            assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+
+
+async def test_migration_cancelled_while_nobody_watched_is_cancelled(tmp_path: Path) -> None:
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out, dest = migrate_owner(run_dir, src, pids)
+        await qmp(run_dir, "migrate_cancel")
+        await until_migration(run_dir, "cancelled")
+        job, _ = driver_job(out)
+        async with reopen(run_dir) as conn:
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert got == Concluded(JobState.CANCELLED), got
+            assert conn.pid("vm1") == out["pid"] and not alive(dest)  # destination stopped
+            assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+
+
+def self_killing_owner(args: dict[str, Any], pids: set[int]) -> dict[str, Any]:
+    """An owner child that kills itself at the point its options name; its line."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import qemu_helpers; qemu_helpers.owner_main()",
+         json.dumps(args)],
+        stdout=subprocess.PIPE, env=env, cwd=TESTS,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        out: dict[str, Any] = json.loads(child.stdout.readline())
+        pids.add(out["pid"])
+        assert child.wait(60) == -signal.SIGKILL  # it killed itself at the point
+    finally:
+        child.kill()
+        child.wait()
+    return out
+
+
+async def test_push_backup_whose_owner_died_before_qemu_started_it_can_start_again(
+    tmp_path: Path,
+) -> None:
+    """The owner is killed right after the record is saved and before QEMU's transaction
+    (the window between the engine's 'running' and the hypervisor's job): recovery finds
+    no QEMU job and a record saying so, undoes what the start created (the target) and
+    answers NotStarted; the job then starts afresh and completes."""
+    src = disk(tmp_path)
+    target = tmp_path / "backup.qcow2"
+    run_dir = tmp_path / "run"
+    args = {
+        "uri": f"qemu:///session?dir={run_dir}&keep_guests=yes",
+        "xml": domain_xml("vm1", {"vda": src}),
+        "job": "push",
+        "store": str(target),
+        "die_before_qemu_jobs": True,
+    }
+    with guests() as pids:
+        out = self_killing_owner(args, pids)
+        record = json.loads(next(run_dir.glob("vm1.job-*.json")).read_text())
+        assert record["started"] is False and target.exists()
+        job, rep = driver_job(out)
+        async with reopen(run_dir) as conn:
+            assert await conn.qmp("vm1", "query-jobs") == []
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert isinstance(got, NotStarted) and "never started" in got.reason, got
+            assert not target.exists()  # the start's target, removed by identity
+            assert not list(run_dir.glob("*.job-*.json"))
+            files = {n["file"] for n in await conn.qmp("vm1", "query-named-block-nodes")}
+            assert str(target) not in files
+            await conn.start(job)  # as the engine does for NotStarted
+            assert await rep.wait_end() == ("completed", {})
+        compare(src, target)

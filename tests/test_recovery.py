@@ -136,7 +136,7 @@ async def test_a_version_2_store_migrates_and_its_active_job_fails_clearly(
     assert on_disk[V2_RUNNING]["state"] == "failed" and on_disk[V2_DONE]["spec"] is None
     assert on_disk[str(new.uuid)]["spec"] is not None
     conn2 = sqlite3.connect(path)
-    assert conn2.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn2.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn2.close()
 
 

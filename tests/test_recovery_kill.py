@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -123,3 +124,76 @@ def test_one_final_event_per_job_across_kill_and_two_reopens(
     for job in ended_before:  # retained ended jobs keep their stats across the reopens
         assert (end[job]["state"], end[job]["processed"]) == ("completed", 512 * MiB)
         assert end[job]["event_seq"] == at_kill[job]["event_seq"]
+
+
+#: a blockpull of vm1's vda (slow), then a second blockpull and a backup of vda queued
+#: behind it; the first is aborted, so the second is admitted: its 'running' is
+#: committed, the driver starts it, and the process is killed before the driver's save of
+#: that start is committed (the hook below kills right after the driver's start returns)
+QUEUED_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import anyio, jobcore
+    from drivers.sim.connection import SimConnection
+    store = sys.argv[1]
+    PULL = "<job type='blockpull'><queue/><disk name='vda'/></job>"
+    BACKUP = (
+        "<job type='backup'><queue/><domainbackup><disks>"
+        "<disk name='vda' type='file'><target file='/b/q-vda.qcow2'/></disk>"
+        "<disk name='vdb' backup='no'/></disks></domainbackup></job>"
+    )
+    kill_at = []
+    original = SimConnection.start
+    async def start(self, job):
+        await original(self, job)
+        if job.uuid in kill_at:  # started, its save queued, not committed
+            os.kill(os.getpid(), signal.SIGKILL)
+    SimConnection.start = start
+    async def main():
+        async with jobcore.connect("sim:///default?rate={rate}", store=store) as conn:
+            dom = await conn.lookup_domain("vm1")
+            first = await dom.job_begin(PULL)
+            second = await dom.job_begin(PULL)
+            third = await dom.job_begin(BACKUP)
+            print(first.uuid, second.uuid, third.uuid, flush=True)
+            kill_at.append(second.uuid)
+            await first.abort()
+            await anyio.sleep(30)
+    anyio.run(main)
+    """
+)
+
+
+def test_a_queued_job_killed_before_its_start_was_saved_is_started_again(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "jobs.sqlite"
+    killed = subprocess.run(
+        [sys.executable, "-c", QUEUED_CHILD.format(rate=MiB), f"sqlite://{store}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    first, second, third = killed.stdout.split()
+    at_kill = rows(store)
+    assert [at_kill[j]["state"] for j in (first, second, third)] == [
+        "cancelled",
+        "running",
+        "queued",
+    ]
+    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    saved = {k for (k,) in conn.execute("SELECT key FROM driver_state")}
+    conn.close()
+    assert f"job:{second}" not in saved  # the window: running, the driver's save lost
+    finals = tmp_path / "finals"
+    reopened = _run(store, finals, "reopen", recovering=True)  # waits for every job
+    assert reopened.returncode == 0, reopened.stderr
+    end = rows(store)
+    # started again from the beginning (nothing of it had run), then the queued one
+    assert (end[second]["state"], end[second]["errmsg"]) == ("completed", None)
+    assert (end[third]["state"], end[third]["errmsg"]) == ("completed", None)
+    assert end[third]["started"] >= end[second]["ended"]  # still queued behind it
+    assert sorted(finals.read_text().split()[1::2]) == sorted([second, third])  # one each

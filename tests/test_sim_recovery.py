@@ -27,7 +27,7 @@ from sim_state import BACKUP_XML, JOB_UUID, WALL, FileState, MemoryState
 
 from drivers.sim import ManualClock, SimConnection, SimDriver
 from drivers.sim.job import Phase
-from jobcore.driver import Concluded, DriverJob, DriverState, Reattached, Vanished
+from jobcore.driver import Concluded, DriverJob, DriverState, NotStarted, Reattached, Vanished
 from jobcore.lifecycle import JobState
 from jobcore.testing import prepare_job
 from jobcore.uri import parse_uri
@@ -279,7 +279,7 @@ async def test_a_cancel_or_completion_the_engine_took_is_carried_out_on_recovery
         assert disk is not None and disk.chain == ("/var/lib/sim/vm2/vda.2.qcow2",)
 
 
-async def test_a_job_whose_domain_or_record_is_gone_vanished() -> None:
+async def test_a_job_whose_domain_is_gone_vanished_one_without_record_was_not_started() -> None:
     state = MemoryState()
     async with opened(SLOW, state) as conn:
         job, _ = await begin(conn, "vm2", COMMIT_TOP1)
@@ -289,7 +289,7 @@ async def test_a_job_whose_domain_or_record_is_gone_vanished() -> None:
         assert got == Vanished(f"domain 'vm2' is gone from '{SLOW}'")
         unknown = DriverJob(uuid.uuid4(), job.type, "vm1", job.spec, RecordingReporter())
         got = await conn.recover_job(unknown, JobState.RUNNING)
-        assert isinstance(got, Vanished) and "no record of job" in got.reason
+        assert isinstance(got, NotStarted) and "no record of job" in got.reason
     async with opened(SLOW, state) as conn:
         assert [d.name for d in await conn.list_domains()] == ["vm1"]
 

@@ -404,8 +404,12 @@ class QemuConnection:
             raise DriverError(f"domain '{job.domain}' is not running")
         runner = cls(conn=self, job=job, domain=domain, proc=domain.process)
         runner.log.info("starting")
-        await runner.start()
-        self._save_record(runner)
+        try:
+            await runner.start()
+        except BaseException:  # the runner undid its start: a record it saved goes too
+            self._record_path(job).unlink(missing_ok=True)
+            raise
+        await self._save_record(runner)  # on disk before the start is acknowledged
         self._launch(runner)
 
     def _launch(self, runner: Runner) -> None:
@@ -416,10 +420,16 @@ class QemuConnection:
     def _record_path(self, job: DriverJob) -> Path:
         return job_record(self.run_dir, job.domain, job.uuid)
 
-    def _save_record(self, runner: Runner) -> None:
+    async def _save_record(self, runner: Runner) -> None:
         """Keep-guests mode: what the job created, for whoever recovers it."""
+        await self.save_record(runner.job, runner.record())
+
+    async def save_record(self, job: DriverJob, record: dict[str, Any]) -> None:
+        """Keep-guests mode: write a job's record, fsynced, on a worker thread (the data
+        was taken on the loop by the caller)."""
         if self.keep_guests:
-            write_record(self._record_path(runner.job), runner.record())
+            with anyio.CancelScope(shield=True):  # a half-saved start is never left
+                await anyio.to_thread.run_sync(write_record, self._record_path(job), record)
 
     async def _supervise(self, runner: Runner) -> None:
         try:
@@ -458,7 +468,7 @@ class QemuConnection:
             runner.untrack()
             raise
         if runner.phase in (Phase.RUNNING, Phase.READY):
-            self._save_record(runner)
+            await self._save_record(runner)
             self._launch(runner)
         else:
             self._record_path(job).unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from jobcore.driver import (
     DomainInfo,
     DriverJob,
     DriverState,
+    NotStarted,
     Reattached,
     Recovered,
     Vanished,
@@ -491,7 +492,12 @@ class SimConnection:
         from their saved progress."""
         rec = self._saved_jobs.pop(job.uuid, None)
         if rec is None:
-            return Vanished(f"the simulated host of '{self.uri}' has no record of job '{job.uuid}'")
+            why = f"the simulated host of '{self.uri}' has no record of job '{job.uuid}'"
+            if self._persist is None:  # nothing is saved: the job ran in a world now gone
+                return Vanished(why)
+            # its start's save (committed with the world's changes of that start) was not
+            # committed: nothing of it ran
+            return NotStarted(why)
         if "ended" in rec:  # ended, and the engine's terminal write did not make it
             self._forget_later(job.uuid)
             outcome, errmsg = str(rec["ended"]), rec["errmsg"]

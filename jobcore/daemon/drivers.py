@@ -1,5 +1,6 @@
-"""Driver connections, opened on demand for the clients' hellos and shared by every client
-naming the same identity (``DriverTarget``, ``resolve_driver_uri``), closed once idle.
+"""Driver connections, opened on demand for the clients' hellos (and at start for every
+scope the job store holds jobs of: ``recover``) and shared by every client naming the same
+identity (``DriverTarget``, ``resolve_driver_uri``), closed once idle.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import urllib.parse
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -19,9 +21,10 @@ from jobcore.daemon.config import DEFAULT_ALLOWED_URIS, DRIVER_IDLE_TIMEOUT, MAX
 from jobcore.driver import Driver
 from jobcore.drivers import check_uri_params, load_driver
 from jobcore.errors import DriverError, InvalidArgument, InvalidURI, JobError, leaf_error
-from jobcore.local import LocalConnection, connect_local
+from jobcore.local import LocalConnection, LocalJob, connect_local
 from jobcore.log import get_logger
 from jobcore.protocol import AccessDenied, DaemonUnreachable
+from jobcore.store_sqlite import StoredScope
 from jobcore.uri import parse_uri
 
 _log = get_logger("jobd")
@@ -182,6 +185,18 @@ class DriverConnections:
                 return slot.target.key
         return None
 
+    def lookup_job(self, job: uuid.UUID, *, besides: _DriverSlot | None = None) -> LocalJob | None:
+        """The job ``job`` on any open driver connection but ``besides``, live or retained."""
+        for slot in list(self._slots.values()):
+            if slot is besides or slot.conn is None or slot.closing.is_set():
+                continue
+            engine = slot.conn.engine
+            engine.store.purge(engine.clock.now())
+            rec = engine.store.get(job)
+            if rec is not None:
+                return LocalJob(slot.conn, rec)
+        return None
+
     async def attach(self, uri_text: str, *, readonly: bool, confined: bool = False) -> _DriverSlot:
         """The driver connection a hello names, opened if needed (read-write clients
         only; a ``confined`` one only in the driver's default state directory); a
@@ -208,15 +223,9 @@ class DriverConnections:
                     f"serves, and '{target.key}' is not open: open it on the read-write "
                     "socket first"
                 )
-            if (
-                self._run_dir is not None
-                and target.state_dir is not None
-                and _overlaps(target.state_dir, self._run_dir)
-            ):  # whatever allowed_uris says: the driver would clean up jobd's own files
-                raise AccessDenied(
-                    f"'{target.key}' would use '{target.state_dir}', which overlaps jobd's run "
-                    f"directory '{self._run_dir}': name another directory"
-                )
+            refused = self._refusal(target)
+            if refused is not None:
+                raise refused
             if (
                 confined
                 and target.state_dir is not None
@@ -227,18 +236,12 @@ class DriverConnections:
                     "your uid (neither jobd's own nor root) may not choose: name none, or "
                     "attach to a connection jobd's own user opened"
                 )
-            if not any(fnmatch.fnmatchcase(target.key, p) for p in self._allowed):
-                raise AccessDenied(
-                    f"jobd does not open '{target.key}': it is not in allowed_uris "
-                    f"({', '.join(self._allowed) or 'empty'})"
-                )
             if self._stop.is_set():
                 raise JobError("jobd is shutting down")
             if len(self._slots) >= MAX_DRIVER_CONNECTIONS:
                 await self._evict(target.key)
                 continue  # another hello may have opened this identity meanwhile
-            slot = self._slots[target.key] = _DriverSlot(target, busy_at=anyio.current_time())
-            self._tg.start_soon(self._hold, slot)
+            slot = self._open(target)
             break
         if readonly:
             await slot.ready.wait()
@@ -259,6 +262,68 @@ class DriverConnections:
             self.release(slot)
             raise slot.error
         return slot
+
+    def _refusal(self, target: DriverTarget) -> AccessDenied | None:
+        """Why jobd does not open ``target`` for anyone (None: it may)."""
+        if (
+            self._run_dir is not None
+            and target.state_dir is not None
+            and _overlaps(target.state_dir, self._run_dir)
+        ):  # whatever allowed_uris says: the driver would clean up jobd's own files
+            return AccessDenied(
+                f"'{target.key}' would use '{target.state_dir}', which overlaps jobd's run "
+                f"directory '{self._run_dir}': name another directory"
+            )
+        if not any(fnmatch.fnmatchcase(target.key, p) for p in self._allowed):
+            return AccessDenied(
+                f"jobd does not open '{target.key}': it is not in allowed_uris "
+                f"({', '.join(self._allowed) or 'empty'})"
+            )
+        return None
+
+    def _open(self, target: DriverTarget) -> _DriverSlot:
+        slot = self._slots[target.key] = _DriverSlot(target, busy_at=anyio.current_time())
+        self._tg.start_soon(self._hold, slot)
+        return slot
+
+    async def recover(self, stored: Sequence[StoredScope]) -> None:
+        """Open every driver connection the store holds jobs or domains of, with the URI
+        it was last opened with, and return once each has recovered its jobs (or failed:
+        logged). A scope jobd may no longer open is logged and left as it is in the store
+        (design/daemon.md "Recovery at start")."""
+        opening = []
+        for scope in stored:
+            try:
+                target = self.resolve(scope.uri)
+            except JobError as exc:
+                refused: JobError | None = exc
+            else:
+                refused = self._refusal(target)
+                if refused is None and target.key != scope.scope:
+                    refused = InvalidArgument(f"'{scope.uri}' now names '{target.key}'")
+                if refused is None and len(self._slots) >= MAX_DRIVER_CONNECTIONS:
+                    refused = JobError(
+                        f"jobd serves at most {MAX_DRIVER_CONNECTIONS} driver connections"
+                    )
+            if refused is not None:
+                _log.warning(
+                    "stored driver connection not recovered: its jobs stay as they are in "
+                    "the job store until jobd may open it",
+                    uri=scope.scope,
+                    jobs=scope.jobs,
+                    reason=str(refused),
+                )
+                continue
+            if target.key not in self._slots:
+                opening.append(self._open(target))
+        for slot in opening:
+            await slot.ready.wait()
+        if opening:
+            _log.info(
+                "stored driver connections recovered",
+                uris=[s.target.key for s in opening if s.error is None],
+                failed=[s.target.key for s in opening if s.error is not None],
+            )
 
     def release(self, slot: _DriverSlot) -> None:
         slot.clients -= 1
@@ -286,6 +351,7 @@ class DriverConnections:
                 retention=self._retention,
                 store=self._store,
                 keep_jobs=self._keep_jobs,
+                scope=key,
                 **self._retained,
             ) as conn:
                 slot.conn = conn

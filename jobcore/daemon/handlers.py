@@ -9,7 +9,7 @@ from typing import Any
 
 from jobcore.daemon.config import HANDLE_CACHE, MAX_LIST_PAGE
 from jobcore.daemon.sessions import _Client
-from jobcore.errors import AccessDenied, JobError
+from jobcore.errors import AccessDenied, JobError, NoSuchJob
 from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.methods import Method, On, Result, uuid_prefix
 from jobcore.protocol import MAX_FRAME, DomainRef, Wire, encode_job_ref, encode_value
@@ -55,8 +55,18 @@ async def _domain(client: _Client, name: str) -> LocalDomain:
 
 
 async def _job(client: _Client, job_id: uuid.UUID) -> LocalJob:
+    """The job with that UUID: on the session's driver connection, else on any other
+    jobd serves (job UUIDs are unique daemon-wide; design/daemon.md "Recovery at start")."""
     job = client.jobs.get(job_id)
-    return job if job is not None else client.remember(await _conn(client).lookup_job(job_id))
+    if job is not None:
+        return job
+    try:
+        job = await _conn(client).lookup_job(job_id)
+    except NoSuchJob:
+        job = None if client.elsewhere is None else client.elsewhere(job_id)
+        if job is None:
+            raise
+    return client.remember(job)
 
 
 def _ref(client: _Client, job: LocalJob) -> Wire:
@@ -142,6 +152,11 @@ async def _h_qemu_monitor_command(c: _Client, a: tuple[Any, ...]) -> Wire:
         )
     result: str = await (await _domain(c, a[0])).qemu_monitor_command(a[1], a[2])
     return result
+
+
+@_handles(Method.LOOKUP_JOB)
+async def _h_lookup_job(c: _Client, a: tuple[Any, ...]) -> Wire:
+    return _ref(c, await _job(c, a[0]))  # on any driver connection (see _job)
 
 
 @_handles(Method.JOB_LOOKUP_BY_UUID)

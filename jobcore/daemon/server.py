@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 import uuid
 from collections import Counter
 from functools import partial
@@ -160,6 +161,11 @@ class Daemon:
                 try:
                     self._serving = anyio.CancelScope()
                     with self._serving:
+                        if store_db is not None:  # every stored scope, before serving
+                            stored = await anyio.to_thread.run_sync(
+                                store_db.stored_scopes, time.time()
+                            )
+                            await self.drivers.recover(stored)
                         await self._serve(task_status, handle_signals)
                 finally:
                     self.drivers.close()
@@ -593,6 +599,7 @@ class Daemon:
         finally:
             client.in_hello = False
         client.slot, client.conn = slot, slot.conn
+        client.elsewhere = partial(self.drivers.lookup_job, besides=slot)
         if client.readonly:
             slot.readers.add(client)  # expelled if the connection closes
         client.hello_done.set()

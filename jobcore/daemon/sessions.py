@@ -123,6 +123,8 @@ class _Client:
     domains: OrderedDict[str, LocalDomain] = field(factory=OrderedDict)
     #: the driver connection this session is attached to (after hello)
     slot: _DriverSlot | None = None
+    #: a job by UUID on jobd's other driver connections (after hello; None: not found)
+    elsewhere: Callable[[uuid.UUID], LocalJob | None] | None = None
     #: a hello is being served (it may wait for a driver connection to open)
     in_hello: bool = False
     #: set once a hello succeeded

@@ -35,7 +35,7 @@ from drivers.qemu.runners.backup_checks import (
 )
 from drivers.qemu.runners.base import CLEANUP_TIMEOUT, KEEP_OUTCOME, Phase, Runner
 from jobcore.backup import ServerTransport, StoreType
-from jobcore.driver import Recovered, store_exists
+from jobcore.driver import NotStarted, Recovered, store_exists
 from jobcore.errors import DriverError, InvalidArgument, OperationInvalid, Unsupported
 from jobcore.lifecycle import JobState
 from jobcore.types.backup import PreparedBackup, PreparedBackupDisk
@@ -348,6 +348,9 @@ class BackupRunner(Runner):
                     )
                 self.track(bd.job_id)
                 actions.append({"type": "blockdev-backup", "data": data})
+            # on disk before QEMU starts a job: a later owner finds the jobs it names, or
+            # knows (started false, no such job) that QEMU never started them
+            await self.conn.save_record(self.job, {**self.record(), "started": False})
             # Not completion-mode=grouped: QEMU refuses it next to bitmap actions. A
             # failing disk cancels its siblings in supervise() instead.
             await self.proc.execute("transaction", {"actions": actions})
@@ -565,6 +568,14 @@ class BackupRunner(Runner):
             return self.vanished("the run directory's record")
         self._restore(record)
         present = await self.adopt_subjobs([bd.job_id for bd in self.disks])
+        if not present and record.get("started") is False:
+            # its owner died before QEMU's transaction: no QEMU job ran; undo what the
+            # start created, and the job can be started afresh
+            await self._finish(Outcome.FAILED, None, report=False)
+            return NotStarted(
+                f"QEMU of domain '{self.domain.name}' never started the jobs of job "
+                f"{self.job.uuid}: its owner stopped before"
+            )
         exports_up = True
         if self.pull and present:
             exports = await self.proc.execute("query-block-exports")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from drivers.qemu.domain import Domain
 from drivers.qemu.process import QemuProcess
+from jobcore.driver import DriverJob
 
 
 class Host(Protocol):
@@ -48,3 +49,7 @@ class Host(Protocol):
 
     async def adopt_migrated(self, domain: Domain, dest: QemuProcess) -> None:
         """``dest`` took over: it becomes the domain's process, the source is stopped."""
+
+    async def save_record(self, job: DriverJob, record: dict[str, Any]) -> None:
+        """Keep-guests mode: put the job's record (``Runner.record``) on disk now (a runner
+        whose start creates things writes one before QEMU starts its jobs)."""

@@ -132,20 +132,22 @@ class MigrationRunner(Runner):
         self.source_paused = not self.spec.live
         dest = self.dest = self.conn.take_incoming(self.domain.name)
         self.proc.on_migration = self._on_status  # before the query: no event is lost
-        self.status = str((await self.proc.execute("query-migrate")).get("status", "none"))
+        info = await self.proc.execute("query-migrate")
+        self.status = str(info.get("status", "none"))
         if self.status in ("failed", "cancelled", "none") or dest is None:
             self.proc.on_migration = None
             if dest is not None:
                 await self.conn.discard_process(dest, "migration ended")
             await self._resume_source()
             self.phase = Phase.ENDED
+            # QEMU's own outcome first: a destination that died made the migration fail
+            if self.status == "failed":
+                return Concluded(JobState.FAILED, str(info.get("error-desc") or "migration failed"))
+            if self.status == "cancelled":
+                return Concluded(JobState.CANCELLED)  # as the live runner ends it
             if dest is None:
                 return self.vanished("the migration's destination QEMU")
-            if self.status == "none":
-                return self.vanished("the migration")
-            if self.status == "cancelled" or last_state is JobState.ABORTING:
-                return Concluded(JobState.CANCELLED)
-            return Concluded(JobState.FAILED, "migration failed")
+            return self.vanished("the migration")
         if self.status == "completed":
             self.proc.on_migration = None
             await self.poll()
@@ -157,6 +159,7 @@ class MigrationRunner(Runner):
                 await self._resume_source()
                 return Concluded(JobState.FAILED, f"the destination did not start: {exc}")
             await self.conn.adopt_migrated(self.domain, dest)
+            self.report(lambda r: r.domain_moved(self.dest_uri))
             return Concluded(JobState.COMPLETED, None, dict(self.last_stats))
         self.phase = Phase.RUNNING
         return self.reattached(last_state)
