@@ -31,14 +31,24 @@ from qemu_helpers import (
     create,
     domain_xml,
     ended_by,
+    make_job,
     run,
     start_orphan_qemu,
     write,
 )
 
 from drivers.qemu import QemuConnection, QemuDriver
+from jobcore.backup import (
+    BackupDef,
+    BackupDisk,
+    BackupMode,
+    BackupStore,
+    DiskBackupMode,
+    StoreType,
+)
 from jobcore.driver import Concluded, DriverJob, Reattached, Vanished
 from jobcore.lifecycle import JobState
+from jobcore.types.backup import BackupJobSpec
 from jobcore.uri import parse_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
@@ -205,6 +215,82 @@ async def test_push_backup_survives_a_killed_owner_and_completes(tmp_path: Path)
             assert await rep.wait_end() == ("completed", {})
         compare(src, target)
         assert not list(run_dir.glob("*.job-*.json"))
+
+
+def push_spec(target: Path) -> Any:
+    disk = BackupDisk(
+        "vda", True, StoreType.FILE, DiskBackupMode.FULL, None,
+        store=BackupStore(str(target), "qcow2"),
+    )  # fmt: skip
+    return BackupJobSpec(BackupDef(mode=BackupMode.PUSH, disks=(disk,)))
+
+
+async def test_a_job_ended_before_its_end_was_written_is_concluded_with_its_outcome(
+    tmp_path: Path,
+) -> None:
+    """An owner whose runner saw the job end (and dismissed its QEMU job, so QEMU no
+    longer says how it ended) dies before the engine has written the end: the next owner
+    still concludes it with its real outcome (found by the kill soak: a pivoted commit
+    came back failed, "QEMU job … is gone"), the push backup's target kept."""
+    src = disk(tmp_path)
+    target = tmp_path / "backup.qcow2"
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        job, rep = driver_job(push_owner(run_dir, src, target, pids, bandwidth=1048576))
+        async with reopen(run_dir, keep=True) as conn:  # the owner that dies after the end
+            assert isinstance(await conn.recover_job(job, JobState.RUNNING), Reattached)
+            await conn.set_speed(job, None)
+            assert await rep.wait_end() == ("completed", {})
+            assert await conn.qmp("vm1", "query-jobs") == []  # dismissed
+        async with reopen(run_dir) as conn:
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert got == Concluded(JobState.COMPLETED), got
+            assert not list(run_dir.glob("*.job-*.json"))
+        compare(src, target)
+
+
+async def test_a_noted_outcome_nobody_asks_for_goes_at_the_first_start(tmp_path: Path) -> None:
+    """A keep-guests owner keeps an ended job's record, with its outcome, after the job
+    ends; the next owner's first start removes it when no recover_job read it (the engine
+    had written the end)."""
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        job, rep = driver_job(push_owner(run_dir, src, tmp_path / "t.qcow2", pids, 1048576))
+        async with reopen(run_dir, keep=True) as conn:
+            assert isinstance(await conn.recover_job(job, JobState.RUNNING), Reattached)
+            await conn.set_speed(job, None)
+            assert await rep.wait_end() == ("completed", {})
+        (record,) = run_dir.glob("*.job-*.json")
+        assert json.loads(record.read_text())["ended"]["outcome"] == "completed"
+        async with reopen(run_dir) as conn:
+            again, rep = await make_job(conn, "vm1", push_spec(tmp_path / "again.qcow2"))
+            await conn.start(again)
+            assert not record.exists()
+            assert (await rep.wait_end())[0] == "completed"
+
+
+async def test_a_commit_pivoted_before_its_end_was_written_is_concluded(tmp_path: Path) -> None:
+    base = disk(tmp_path, "write -P 0x11 0 4M")
+    top = create(tmp_path / "top.qcow2", "16M", backing=base)
+    write(top, "write -P 0x22 1M 2M")
+    ref = tmp_path / "ref.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", str(top), str(ref))
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out = owner(run_dir, domain_xml("vm1", {"vda": top}), "commit", wait="ready")
+        pids.add(out["pid"])
+        job, rep = driver_job(out)
+        async with reopen(run_dir, keep=True) as conn:
+            assert isinstance(await conn.recover_job(job, JobState.READY), Reattached)
+            await conn.complete(job)
+            assert (await rep.wait_end())[0] == "completed"
+        async with reopen(run_dir) as conn:
+            assert (await conn.lookup_domain("vm1")).disks[0].chain == (str(base),)
+            got = await conn.recover_job(job, JobState.COMPLETING)
+            assert got == Concluded(JobState.COMPLETED), got
+            await conn.flush("vm1")
+        compare(base, ref)
 
 
 async def test_job_that_ended_while_nobody_watched_is_concluded(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from drivers.qemu.adopt import is_incoming, rebuild_domain
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
 from drivers.qemu.domxml import DomainDef, parse_domain
 from drivers.qemu.images import backing_chain, exists, owned_file
-from drivers.qemu.process import QemuProcess, QmpTimeout
+from drivers.qemu.process import Outcome, QemuProcess, QmpTimeout
 from drivers.qemu.rundir import RunDir, Survivor, job_record, read_record, run_dir_of, write_record
 from drivers.qemu.runners.backup import BackupRunner
 from drivers.qemu.runners.backup_checks import check_backup_job
@@ -94,6 +94,11 @@ class QemuConnection:
     incoming: dict[str, QemuProcess] = field(factory=dict)
     runners: dict[uuid.UUID, Runner] = field(factory=dict)
     closed: bool = False
+    #: records of jobs whose outcome a previous owner noted (``note_outcome``): the ones no
+    #: ``recover_job`` reads (the engine had written their end) go at the first start
+    _ended_records: set[Path] = field(factory=set)
+    #: jobs of this connection whose outcome is noted: their record outlives the runner
+    _noted: set[uuid.UUID] = field(factory=set)
     _work: anyio.Event = field(factory=anyio.Event)
     _scopes: set[anyio.CancelScope] = field(factory=set)
     _creating: set[str] = field(factory=set)
@@ -292,6 +297,9 @@ class QemuConnection:
 
     async def start(self, job: DriverJob) -> None:
         self._check_open()
+        for path in self._ended_records:  # recovery is over: the engine has their ends
+            path.unlink(missing_ok=True)
+        self._ended_records.clear()
         cls = _RUNNERS.get(job.type)
         if cls is None:
             raise Unsupported(f"the qemu driver does not run '{job.type}' jobs")
@@ -319,6 +327,17 @@ class QemuConnection:
         if self.keep_guests:
             write_record(self._record_path(runner.job), runner.record())
 
+    def note_outcome(
+        self, job: DriverJob, outcome: Outcome, errmsg: str | None, *, discard: bool
+    ) -> None:
+        if not self.keep_guests:
+            return
+        path = self._record_path(job)
+        record = read_record(path) or {}
+        record["ended"] = {"outcome": outcome.value, "errmsg": errmsg, "discard": discard}
+        write_record(path, record)
+        self._noted.add(job.uuid)
+
     async def _supervise(self, runner: Runner) -> None:
         try:
             with self._background():
@@ -327,7 +346,10 @@ class QemuConnection:
             self.runners.pop(runner.job.uuid, None)
             if not runner.detached:
                 runner.phase = Phase.ENDED
-                self._record_path(runner.job).unlink(missing_ok=True)
+                if runner.job.uuid in self._noted:  # kept until the engine has the end
+                    self._noted.discard(runner.job.uuid)
+                else:
+                    self._record_path(runner.job).unlink(missing_ok=True)
 
     async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered:
         """Reconcile a job a previous owner started with what QEMU says now (see
@@ -341,6 +363,9 @@ class QemuConnection:
             raise OperationInvalid(f"job {job.uuid} is already running", job=job.uuid)
         domain = self.domains.get(job.domain)
         record = read_record(self._record_path(job))
+        ended = record.get("ended") if record is not None else None
+        if isinstance(ended, dict):  # it ended before the engine wrote so: that outcome
+            return self._noted_outcome(cls, job, record or {}, ended)
         if domain is None or not domain.process.alive:
             pid = self.unadopted.get(job.domain)
             why = f" (pid {pid} could not be re-adopted)" if pid else ""
@@ -358,9 +383,24 @@ class QemuConnection:
         if runner.phase in (Phase.RUNNING, Phase.READY):
             self._save_record(runner)
             self._launch(runner)
+        elif job.uuid in self._noted:  # kept until the engine has written the end
+            self._noted.discard(job.uuid)
         else:
             self._record_path(job).unlink(missing_ok=True)
         runner.log.info("job recovered", outcome=type(result).__name__)
+        return result
+
+    def _noted_outcome(
+        self, cls: type[Runner], job: DriverJob, record: dict[str, Any], ended: dict[str, Any]
+    ) -> Recovered:
+        path = self._record_path(job)
+        self._ended_records.discard(path)
+        if ended.get("discard"):
+            cls.discard_record(record)
+        path.unlink(missing_ok=True)
+        errmsg = ended.get("errmsg")
+        result = Runner.concluded(Outcome(ended["outcome"]), str(errmsg) if errmsg else None)
+        log.info("job recovered from its noted outcome", job=str(job.uuid), state=str(result.state))
         return result
 
     def _runner(self, job: DriverJob) -> Runner:
@@ -584,6 +624,11 @@ class QemuDriver:
             try:
                 tg.start_soon(conn._poller)
                 await conn.adopt_survivors(run_dir.survivors)
+                conn._ended_records = {
+                    p
+                    for p in run_dir.path.glob("*.job-*.json")
+                    if isinstance((read_record(p) or {}).get("ended"), dict)
+                }
                 yield conn
             finally:
                 await conn.aclose()

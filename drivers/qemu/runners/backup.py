@@ -436,11 +436,14 @@ class BackupRunner(Runner):
             for sj in self.subjobs:
                 tg.start_soon(_watch, sj)
 
-    async def _finish(self, outcome: Outcome, err: str | None, *, report: bool) -> None:
+    async def _finish(
+        self, outcome: Outcome, err: str | None, *, report: bool, note: bool = True
+    ) -> None:
         self.phase = Phase.ENDING
         if self.pull:
             await self._teardown_pull()
-        await self.dismiss()
+        kept = outcome is Outcome.COMPLETED and not self.pull  # the target stays
+        await self.dismiss(outcome if note else None, err, discard=not kept)
         for bd in self.disks:
             if bd.filter in bd.disk.filters:
                 bd.disk.filters.remove(bd.filter)
@@ -571,7 +574,7 @@ class BackupRunner(Runner):
             ids = {str(e.get("id")) for e in exports}
             exports_up = all(bd.export_id in ids for bd in self.disks)
         if not present or not exports_up:
-            await self._finish(Outcome.FAILED, None, report=False)
+            await self._finish(Outcome.FAILED, None, report=False, note=False)
             return self.vanished("a QEMU job" if not present else "the NBD export")
         self.cancel_requested = last_state is JobState.ABORTING
         if all(sj.done.is_set() for sj in self.subjobs):

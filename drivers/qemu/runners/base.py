@@ -169,8 +169,15 @@ class Runner:
         }[outcome]
         return Concluded(state, errmsg if outcome is Outcome.FAILED else None)
 
-    async def dismiss(self) -> None:
-        """The outcome is read: let QEMU free its ended jobs (``auto-dismiss`` is off)."""
+    async def dismiss(
+        self, outcome: Outcome | None = None, errmsg: str | None = None, *, discard: bool = False
+    ) -> None:
+        """The outcome is read: let QEMU free its ended jobs (``auto-dismiss`` is off). With
+        ``outcome``, it is first noted in the job's record (``Host.note_outcome``): once
+        dismissed, QEMU no longer says how the job ended, and the engine may not have
+        written it yet."""
+        if outcome is not None:
+            self.conn.note_outcome(self.job, outcome, errmsg, discard=discard)
         for sj in self.subjobs:
             if self.proc.alive:
                 with contextlib.suppress(DriverError):

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from drivers.qemu.domain import Domain
-from drivers.qemu.process import QemuProcess
+from drivers.qemu.process import Outcome, QemuProcess
+from jobcore.driver import DriverJob
 
 
 class Host(Protocol):
@@ -48,3 +49,10 @@ class Host(Protocol):
 
     async def adopt_migrated(self, domain: Domain, dest: QemuProcess) -> None:
         """``dest`` took over: it becomes the domain's process, the source is stopped."""
+
+    def note_outcome(
+        self, job: DriverJob, outcome: Outcome, errmsg: str | None, *, discard: bool
+    ) -> None:
+        """Keep-guests mode: the job's outcome goes into its record before QEMU forgets it
+        (``discard``: what the job created is to be removed), so that an owner dying before
+        the engine has written the end leaves it for the next one's ``recover_job``."""

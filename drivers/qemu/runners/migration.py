@@ -94,6 +94,7 @@ class MigrationRunner(Runner):
                         await self._resume_source()
                         self.end(Outcome.FAILED, f"the destination did not start: {exc}")
                         return
+                    self.conn.note_outcome(self.job, Outcome.COMPLETED, None, discard=False)
                     await self.conn.adopt_migrated(self.domain, dest)
                     self.report(lambda r: r.domain_moved(self.dest_uri))
                     self.end(Outcome.COMPLETED, None, dict(self.last_stats))
@@ -156,6 +157,7 @@ class MigrationRunner(Runner):
                 await self.conn.discard_process(dest, "did not take over the domain")
                 await self._resume_source()
                 return Concluded(JobState.FAILED, f"the destination did not start: {exc}")
+            self.conn.note_outcome(self.job, Outcome.COMPLETED, None, discard=False)
             await self.conn.adopt_migrated(self.domain, dest)
             return Concluded(JobState.COMPLETED, None, dict(self.last_stats))
         self.phase = Phase.RUNNING
