@@ -49,6 +49,7 @@ from jobcore.backup import (
 from jobcore.driver import Concluded, DriverJob, Reattached, Vanished
 from jobcore.lifecycle import JobState
 from jobcore.types.backup import BackupJobSpec
+from jobcore.types.migration import MigrationSpec
 from jobcore.uri import parse_uri
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
@@ -445,3 +446,12 @@ async def test_migration_under_way_at_the_kill_completes_after_recovery(tmp_path
             assert conn.pid("vm1") != out["pid"] and not alive(out["pid"])
             assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
             await conn.guest_io("vm1", "vda", "write -P 0x44 0 1M")  # the disks came along
+            # and it migrates again: the next QEMU is not named after the running one (the
+            # kill soak found "Cannot lock pid file": the re-adopted domain kept the
+            # source's generation)
+            pids.add(conn.pid("vm1"))
+            again, rep = await make_job(
+                conn, "vm1", MigrationSpec(f"qemu:///session?dir={run_dir}")
+            )
+            await conn.start(again)
+            assert (await rep.wait_end())[0] == "completed"

@@ -515,6 +515,9 @@ class QemuConnection:
     async def adopt_migrated(self, domain: Domain, dest: QemuProcess) -> None:
         source = domain.process
         domain.process = dest
+        # a re-adopted domain has its source's generation: the next QEMU must not take the
+        # name (pid file, sockets) of the one running now
+        domain.generation = max(domain.generation, dest.generation)
         await source.stop("was left after migration")
 
     # ----------------------------------------------------------------- closing
