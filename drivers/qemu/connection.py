@@ -363,18 +363,21 @@ class QemuConnection:
             raise OperationInvalid(f"job {job.uuid} is already running", job=job.uuid)
         domain = self.domains.get(job.domain)
         record = read_record(self._record_path(job))
-        ended = record.get("ended") if record is not None else None
-        if isinstance(ended, dict):  # it ended before the engine wrote so: that outcome
-            return self._noted_outcome(cls, job, record or {}, ended)
+        noted = _noted(record)
+        if noted is not None:
+            self._ended_records.discard(self._record_path(job))
         if domain is None or not domain.process.alive:
             pid = self.unadopted.get(job.domain)
             why = f" (pid {pid} could not be re-adopted)" if pid else ""
-            if record is not None:
+            if record is not None and (noted is None or (record.get("ended") or {}).get("discard")):
                 cls.discard_record(record)
-                self._record_path(job).unlink(missing_ok=True)
+            self._record_path(job).unlink(missing_ok=True)
+            if noted is not None:  # it had ended, as noted, before its domain went
+                return Runner.concluded(*noted)
             return Vanished(f"QEMU of domain '{job.domain}' is gone{why}")
         runner = cls(conn=self, job=job, domain=domain, proc=domain.process)
         runner.recovered = True
+        runner.noted = noted
         try:
             result = await runner.recover(last_state, record)
         except BaseException:
@@ -388,19 +391,6 @@ class QemuConnection:
         else:
             self._record_path(job).unlink(missing_ok=True)
         runner.log.info("job recovered", outcome=type(result).__name__)
-        return result
-
-    def _noted_outcome(
-        self, cls: type[Runner], job: DriverJob, record: dict[str, Any], ended: dict[str, Any]
-    ) -> Recovered:
-        path = self._record_path(job)
-        self._ended_records.discard(path)
-        if ended.get("discard"):
-            cls.discard_record(record)
-        path.unlink(missing_ok=True)
-        errmsg = ended.get("errmsg")
-        result = Runner.concluded(Outcome(ended["outcome"]), str(errmsg) if errmsg else None)
-        log.info("job recovered from its noted outcome", job=str(job.uuid), state=str(result.state))
         return result
 
     def _runner(self, job: DriverJob) -> Runner:
@@ -572,6 +562,15 @@ def _backup_bandwidth(uri: URI) -> int:
             f"bytes/s from 0 (no limit) to {MAX_INT64}"
         )
     return value
+
+
+def _noted(record: dict[str, Any] | None) -> tuple[Outcome, str | None] | None:
+    """The outcome a record's owner noted before QEMU forgot the job (``note_outcome``)."""
+    ended = (record or {}).get("ended")
+    if not isinstance(ended, dict):
+        return None
+    errmsg = ended.get("errmsg")
+    return Outcome(ended["outcome"]), str(errmsg) if errmsg else None
 
 
 def _keep_guests(uri: URI) -> bool:

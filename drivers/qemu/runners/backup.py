@@ -569,7 +569,7 @@ class BackupRunner(Runner):
         self._restore(record)
         present = await self.adopt_subjobs([bd.job_id for bd in self.disks])
         exports_up = True
-        if self.pull and present:
+        if self.pull and present and self.noted is None:
             exports = await self.proc.execute("query-block-exports")
             ids = {str(e.get("id")) for e in exports}
             exports_up = all(bd.export_id in ids for bd in self.disks)
@@ -579,7 +579,7 @@ class BackupRunner(Runner):
         self.cancel_requested = last_state is JobState.ABORTING
         if all(sj.done.is_set() for sj in self.subjobs):
             outcome, err = self.outcome()
-            if self.pull:  # the fleecing jobs never end by themselves
+            if self.pull and self.noted is None:  # the fleecing jobs never end by themselves
                 outcome = Outcome.FAILED
             await self._finish(outcome, err, report=False)
             return self.concluded(outcome, err)

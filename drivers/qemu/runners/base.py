@@ -74,6 +74,9 @@ class Runner:
     detached: bool = False
     #: rebuilt by ``recover`` (a previous owner started it): no second ``ready()``
     recovered: bool = False
+    #: the outcome a previous owner noted before QEMU forgot it (``Host.note_outcome``):
+    #: it is the job's outcome, whatever QEMU still lists
+    noted: tuple[Outcome, str | None] | None = None
     log: BoundLogger = field(init=False)
     short: str = ""
 
@@ -124,6 +127,9 @@ class Runner:
         found = True
         for sj in self.subjobs:
             info = infos.get(sj.id)
+            if info is None and self.noted is not None:  # dismissed: it ended as noted
+                sj.finish(*self.noted)
+                continue
             if info is None:
                 found = False
                 sj.finish(Outcome.FAILED, "gone")
@@ -226,7 +232,10 @@ class Runner:
             await sj.done.wait()
 
     def outcome(self) -> tuple[Outcome, str | None]:
-        """Combined outcome of the QEMU jobs: any failure wins, then cancel, then success."""
+        """Combined outcome of the QEMU jobs: any failure wins, then cancel, then success
+        (or the outcome noted before they were dismissed)."""
+        if self.noted is not None:
+            return self.noted
         for sj in self.subjobs:
             if sj.outcome is Outcome.FAILED:
                 return Outcome.FAILED, sj.error or "job failed"

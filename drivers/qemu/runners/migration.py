@@ -134,6 +134,12 @@ class MigrationRunner(Runner):
         dest = self.dest = self.conn.take_incoming(self.domain.name)
         self.proc.on_migration = self._on_status  # before the query: no event is lost
         self.status = str((await self.proc.execute("query-migrate")).get("status", "none"))
+        if self.noted is not None and (dest is None or self.status != "completed"):
+            self.proc.on_migration = None  # it ended as noted; the source may be gone
+            if dest is not None:
+                await self.conn.discard_process(dest, "migration ended")
+            self.phase = Phase.ENDED
+            return self.concluded(*self.noted)
         if self.status in ("failed", "cancelled", "none") or dest is None:
             self.proc.on_migration = None
             if dest is not None:
