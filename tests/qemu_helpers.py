@@ -259,6 +259,25 @@ def owner_main() -> None:
     anyio.run(_owner, opts, json, pickle, backend="asyncio")
 
 
+def die_at(command: str, line: str) -> None:
+    """The owner dies (``os._exit``, as SIGKILL would) when it sends QMP ``command``,
+    after printing ``line``."""
+    import sys
+
+    from drivers.qemu.process import QemuProcess
+
+    execute = QemuProcess.execute
+
+    async def dying(self: QemuProcess, cmd: str, args: Any = None, **kw: Any) -> Any:
+        if cmd == command:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            os._exit(0)
+        return await execute(self, cmd, args, **kw)
+
+    QemuProcess.execute = dying  # type: ignore[method-assign]
+
+
 async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
     import sys
 
@@ -307,6 +326,9 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
         else:
             spec = BlockCommitSpec("vda")
         job, rep = await make_job(conn, "vm1", spec)
+        line = {"pid": conn.pid("vm1"), "spec": pickle.dumps(job.spec).hex()}
+        if "die_at" in opts:  # killed inside start, as the QMP command is sent
+            die_at(opts["die_at"], json.dumps(line))
         await conn.start(job)
         if opts.get("wait") == "ready":
             await rep.wait_for("ready")
@@ -315,7 +337,6 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
                 if any(p > 0 for p, _, _ in rep.progress_calls):
                     break
                 await anyio.sleep(0.05)
-        line = {"pid": conn.pid("vm1"), "spec": pickle.dumps(job.spec).hex()}
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         await anyio.sleep_forever()

@@ -314,6 +314,33 @@ async def test_job_that_ended_while_nobody_watched_is_concluded(tmp_path: Path) 
         assert rep.events == []  # the outcome is the return value, not a report
 
 
+@pytest.mark.parametrize("command", ["blockdev-add", "transaction"])
+async def test_an_owner_killed_inside_start_leaves_nothing_behind(
+    tmp_path: Path, command: str
+) -> None:
+    """An owner killed while it starts a push backup (the kill soak's in-flight JobBegin):
+    the target it created and its node are removed by the next owner's recovery, the job
+    Vanished."""
+    src = disk(tmp_path)
+    target = tmp_path / "backup.qcow2"
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out = owner(
+            run_dir, domain_xml("vm1", {"vda": src}), "push", store=str(target), die_at=command
+        )
+        pids.add(out["pid"])
+        job, _ = driver_job(out)
+        assert target.exists()  # created before it died
+        async with reopen(run_dir) as conn:
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert isinstance(got, Vanished), got
+            files = {n["file"] for n in await conn.qmp("vm1", "query-named-block-nodes")}
+            assert str(target) not in files
+            assert await conn.qmp("vm1", "query-jobs") == []
+        assert not target.exists(), "the target the dying owner created was left behind"
+        assert not list(run_dir.glob("*.job-*.json"))
+
+
 async def test_killed_qemu_gives_vanished_and_its_target_is_removed(tmp_path: Path) -> None:
     src = disk(tmp_path)
     target = tmp_path / "backup.qcow2"

@@ -310,7 +310,11 @@ class QemuConnection:
             raise DriverError(f"domain '{job.domain}' is not running")
         runner = cls(conn=self, job=job, domain=domain, proc=domain.process)
         runner.log.info("starting")
-        await runner.start()
+        try:
+            await runner.start()
+        except BaseException:  # the runner undid what it made: no record of it
+            self._record_path(job).unlink(missing_ok=True)
+            raise
         self._save_record(runner)
         self._launch(runner)
 
@@ -326,6 +330,10 @@ class QemuConnection:
         """Keep-guests mode: what the job created, for whoever recovers it."""
         if self.keep_guests:
             write_record(self._record_path(runner.job), runner.record())
+
+    def keep_record(self, job: DriverJob, record: dict[str, Any]) -> None:
+        if self.keep_guests:
+            write_record(self._record_path(job), record)
 
     def note_outcome(
         self, job: DriverJob, outcome: Outcome, errmsg: str | None, *, discard: bool

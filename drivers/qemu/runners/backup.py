@@ -219,6 +219,7 @@ class BackupRunner(Runner):
                 incremental=d.incremental,
             )
             self.disks.append(bd)
+            self.conn.keep_record(self.job, self.record())  # the file, and its node to come
             args = blockdev_args(Layer(bd.node, path, fmt), disk.active.node if self.pull else None)
             # Like qemu-img convert's destination: no flush per qcow2 metadata update (they
             # halve the throughput); a push target is fsynced once, after it is closed.
@@ -296,6 +297,7 @@ class BackupRunner(Runner):
         try:
             if self.pull:
                 await self._start_server()
+                self.conn.keep_record(self.job, self.record())
             await self._prepare_disks()
             checkpoint_bitmaps: list[tuple[str, str]] = []
             actions = self._checkpoint_actions(checkpoint_bitmaps)

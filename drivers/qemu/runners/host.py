@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from drivers.qemu.domain import Domain
 from drivers.qemu.process import Outcome, QemuProcess
@@ -49,6 +49,11 @@ class Host(Protocol):
 
     async def adopt_migrated(self, domain: Domain, dest: QemuProcess) -> None:
         """``dest`` took over: it becomes the domain's process, the source is stopped."""
+
+    def keep_record(self, job: DriverJob, record: dict[str, Any]) -> None:
+        """Keep-guests mode: write the job's record now, while it starts (before each QMP
+        command that makes something to undo), so that an owner dying inside ``start``
+        leaves a record of what to remove."""
 
     def note_outcome(
         self, job: DriverJob, outcome: Outcome, errmsg: str | None, *, discard: bool
