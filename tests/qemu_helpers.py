@@ -260,13 +260,22 @@ def owner_main() -> None:
 
 
 def die_at(command: str, line: str) -> None:
-    """The owner dies (``os._exit``, as SIGKILL would) when it sends QMP ``command``,
-    after printing ``line``."""
+    """The owner dies (``os._exit``, as SIGKILL would) when it sends QMP ``command`` (or,
+    for "qemu-img", as it runs qemu-img to create an image), after printing ``line``."""
     import sys
 
+    from drivers.qemu import images
     from drivers.qemu.process import QemuProcess
 
     execute = QemuProcess.execute
+
+    async def dying_image(*args: Any) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        os._exit(0)
+
+    if command == "qemu-img":
+        images.create_image = dying_image  # type: ignore[assignment]
 
     async def dying(self: QemuProcess, cmd: str, args: Any = None, **kw: Any) -> Any:
         if cmd == command:

@@ -17,7 +17,7 @@ import re
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -290,11 +290,15 @@ def _open_dir(path: str) -> int:
     return os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-async def create_new_image(path: str, fmt: str, size: int) -> OwnedFile | None:
+async def create_new_image(
+    path: str, fmt: str, size: int, claimed: Callable[[OwnedFile], None] | None = None
+) -> OwnedFile | None:
     """Create an image at ``path`` only if nothing is there (not even a dangling symlink):
     the name is claimed with O_EXCL first, in the directory opened once, so an existing
     file is never opened for writing; qemu-img then writes the claimed file through
     ``/proc/<pid>/fd/<fd>`` (the same inode, whatever happens to the path meanwhile).
+    ``claimed`` is called with the file as soon as it exists (before qemu-img runs: a
+    caller records it, so that a process killed meanwhile left a file it knows of).
     None when something exists; on failure nothing is left behind."""
     try:
         dir_fd = _open_dir(path)
@@ -320,6 +324,8 @@ async def create_new_image(path: str, fmt: str, size: int) -> OwnedFile | None:
             ) from None
         created = OwnedFile(path, _ident(os.fstat(fd)), _ident(os.fstat(dir_fd)))
         try:
+            if claimed is not None:
+                claimed(created)
             await create_image(f"/proc/{os.getpid()}/fd/{fd}", fmt, size)
         except BaseException:
             os.close(fd)

@@ -198,28 +198,32 @@ class BackupRunner(Runner):
             self.conn, reuse, [(d.name, p, f, disk.virtual_size) for d, disk, p, f in stores]
         )
         for d, disk, path, fmt in stores:
-            # libvirt's rule: create unless REUSE_EXTERNAL; only created files are removed
-            created = None
-            if not reuse:
-                created = await create_new_image(path, fmt, disk.virtual_size)
-                if created is None:
-                    raise store_exists(path, d.name)  # appeared since the check
-                ident = created.ident
-            else:
-                ident = file_ident(path, d.name)
             bd = _BackupDisk(
                 disk=disk,
                 spec=d,
                 path=path,
                 fmt=fmt,
-                created=created,
+                created=None,
                 node=self.domain.new_node_name(("s" if self.pull else "t") + self.short),
                 filter=self.domain.new_node_name("f" + self.short),
                 job_id=self.job_id("backup", d.name),
                 incremental=d.incremental,
             )
             self.disks.append(bd)
-            self.conn.keep_record(self.job, self.record())  # the file, and its node to come
+
+            def claimed(created: OwnedFile, bd: _BackupDisk = bd) -> None:
+                bd.created = created  # recorded at once: the file, and its node to come
+                self.conn.keep_record(self.job, self.record())
+
+            # libvirt's rule: create unless REUSE_EXTERNAL; only created files are removed
+            if not reuse:
+                created = await create_new_image(path, fmt, disk.virtual_size, claimed)
+                if created is None:
+                    raise store_exists(path, d.name)  # appeared since the check
+                ident = created.ident
+            else:
+                ident = file_ident(path, d.name)
+                self.conn.keep_record(self.job, self.record())
             args = blockdev_args(Layer(bd.node, path, fmt), disk.active.node if self.pull else None)
             # Like qemu-img convert's destination: no flush per qcow2 metadata update (they
             # halve the throughput); a push target is fsynced once, after it is closed.
