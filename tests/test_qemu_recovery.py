@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -38,6 +39,7 @@ from qemu_helpers import (
 )
 
 from drivers.qemu import QemuConnection, QemuDriver
+from drivers.qemu.rundir import job_record, read_record, write_record
 from jobcore.backup import (
     BackupDef,
     BackupDisk,
@@ -482,3 +484,16 @@ async def test_migration_under_way_at_the_kill_completes_after_recovery(tmp_path
             )
             await conn.start(again)
             assert (await rep.wait_end())[0] == "completed"
+
+
+def test_a_record_whose_writer_died_before_the_rename_is_read(tmp_path: Path) -> None:
+    """A writer killed during write_record's fsync left the whole record under the
+    temporary name (the kill soak's in-flight begins met it): it is the record."""
+    path = job_record(tmp_path, "vm1", uuid.uuid4())
+    write_record(path, {"disks": []})
+    path.rename(path.with_name(f".{path.name}.tmp"))  # as the rename had not happened
+    assert read_record(path) == {"disks": []}
+    assert path.exists()
+    path.with_name(f".{path.name}.tmp").write_text('{"disks": [')  # a torn write: none
+    path.unlink()
+    assert read_record(path) is None
