@@ -331,6 +331,10 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
                 bandwidth=opts.get("bandwidth"),
             )  # fmt: skip
         elif kind == "migrate":
+            for _ in range(opts.get("migrations_before", 0)):  # fast ones, to the same host
+                done, rep = await make_job(conn, "vm1", MigrationSpec(opts["destination"]))
+                await conn.start(done)
+                assert (await rep.wait_end())[0] == "completed"
             spec = MigrationSpec(opts["destination"], bandwidth=16 * 1024)
         else:
             spec = BlockCommitSpec("vda")

@@ -454,6 +454,32 @@ async def test_keep_guests_adopts_proven_qemus_and_never_kills_others(tmp_path: 
         ended_by(orphan)
 
 
+async def test_a_migration_from_a_former_destination_recovers(tmp_path: Path) -> None:
+    """Killed while it migrates from generation 9 to 10 (its source was itself a
+    migration's destination, so both command lines say ``-incoming``): the next owner still
+    takes the older process for the source (the kill soak's 10th migration came back
+    "the destination did not start": survivors were taken in the order of their names,
+    where vm1.10 comes before vm1.9)."""
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out = owner(
+            run_dir, domain_xml("vm1", {"vda": src}, memory_mib=32), "migrate",
+            destination=f"qemu:///session?dir={run_dir}", migrations_before=9,
+        )  # fmt: skip
+        pids.add(out["pid"])
+        job, rep = driver_job(out)
+        async with reopen(run_dir) as conn:
+            assert conn.pid("vm1") == out["pid"]  # the source, vm1.9
+            pids.add(conn.incoming["vm1"].pid)
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert isinstance(got, Reattached) and got.state is JobState.RUNNING, got
+            await conn.set_speed(job, None)
+            assert (await rep.wait_end())[0] == "completed"
+            assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+            assert not alive(out["pid"])
+
+
 async def test_migration_under_way_at_the_kill_completes_after_recovery(tmp_path: Path) -> None:
     src = disk(tmp_path)
     run_dir = tmp_path / "run"

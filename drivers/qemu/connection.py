@@ -213,7 +213,9 @@ class QemuConnection:
     async def adopt_survivors(self, survivors: list[Survivor]) -> None:
         """Re-adopt the live QEMUs a previous owner left (keep-guests mode): QMP again,
         the domain rebuilt from QEMU. One that cannot be adopted is left running, alone."""
-        for s in sorted(survivors, key=lambda s: s.stem):
+        # oldest generation first: a migration's source before its destination (by name,
+        # vm1.10 would come first; and a source that was once a destination says -incoming)
+        for s in sorted(survivors, key=lambda s: (s.name, int(s.stem.rsplit(".", 1)[1]))):
             try:
                 proc = await QemuProcess.adopt(self.run_dir, s.name, s.stem, s.pid)
             except Exception as exc:
