@@ -261,7 +261,8 @@ def owner_main() -> None:
 
 def die_at(command: str, line: str) -> None:
     """The owner dies (``os._exit``, as SIGKILL would) when it sends QMP ``command`` (or,
-    for "qemu-img", as it runs qemu-img to create an image), after printing ``line``."""
+    for "qemu-img", as it runs qemu-img to create an image; for "O_EXCL", once the image's
+    name is claimed, before anything else), after printing ``line``."""
     import sys
 
     from drivers.qemu import images
@@ -276,6 +277,17 @@ def die_at(command: str, line: str) -> None:
 
     if command == "qemu-img":
         images.create_image = dying_image  # type: ignore[assignment]
+    real_open = os.open
+
+    def dying_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        fd = real_open(path, flags, *args, **kw)
+        if command == "O_EXCL" and flags & os.O_EXCL:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            os._exit(0)
+        return fd
+
+    images.os.open = dying_open  # type: ignore[assignment]
 
     async def dying(self: QemuProcess, cmd: str, args: Any = None, **kw: Any) -> Any:
         if cmd == command:

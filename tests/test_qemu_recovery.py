@@ -316,7 +316,7 @@ async def test_job_that_ended_while_nobody_watched_is_concluded(tmp_path: Path) 
         assert rep.events == []  # the outcome is the return value, not a report
 
 
-@pytest.mark.parametrize("command", ["qemu-img", "blockdev-add", "transaction"])
+@pytest.mark.parametrize("command", ["O_EXCL", "qemu-img", "blockdev-add", "transaction"])
 async def test_an_owner_killed_inside_start_leaves_nothing_behind(
     tmp_path: Path, command: str
 ) -> None:

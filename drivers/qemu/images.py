@@ -249,6 +249,19 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
+def claimed_file(path: str) -> OwnedFile | None:
+    """The file a process that died while it created ``path`` left: an empty regular file
+    of this user (``create_new_image`` claims the name with ``O_EXCL`` and records it
+    before writing anything), else None (nothing, or not a file it could have left)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size or st.st_uid != os.getuid():
+        return None
+    return owned_file(path)
+
+
 def owned_file(path: str) -> OwnedFile | None:
     """``path``'s file (lstat: a symbolic link is itself) and directory as they are now;
     None when either cannot be examined."""

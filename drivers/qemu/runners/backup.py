@@ -18,6 +18,7 @@ from attrs import define, field
 from drivers.qemu.domain import Disk, Layer, blockdev_args
 from drivers.qemu.images import (
     OwnedFile,
+    claimed_file,
     create_new_image,
     file_ident,
     fsync_files,
@@ -171,6 +172,9 @@ class BackupRunner(Runner):
     #: (st_dev, st_ino) of the socket file the driver created at ``server_socket``
     server_socket_id: tuple[int, int] | None = None
     server_started: bool = False
+    #: the store path being created, recorded before its name is claimed (an owner dying
+    #: then leaves at most an empty file there: ``claimed_file``)
+    claiming: str | None = None
 
     @property
     def spec(self) -> PreparedBackup:
@@ -213,11 +217,15 @@ class BackupRunner(Runner):
 
             def claimed(created: OwnedFile, bd: _BackupDisk = bd) -> None:
                 bd.created = created  # recorded at once: the file, and its node to come
+                self.claiming = None
                 self.conn.keep_record(self.job, self.record())
 
             # libvirt's rule: create unless REUSE_EXTERNAL; only created files are removed
             if not reuse:
+                self.claiming = path
+                self.conn.keep_record(self.job, self.record())
                 created = await create_new_image(path, fmt, disk.virtual_size, claimed)
+                self.claiming = None
                 if created is None:
                     raise store_exists(path, d.name)  # appeared since the check
                 ident = created.ident
@@ -539,12 +547,19 @@ class BackupRunner(Runner):
             "server_socket": self.server_socket,
             "server_socket_id": list(self.server_socket_id) if self.server_socket_id else None,
             "server_started": self.server_started,
+            "claiming": self.claiming,
         }
 
     @classmethod
     def discard_record(cls, record: dict[str, Any]) -> None:
+        claiming = record.get("claiming")
         remove_created(
-            f for f in (_owned_from_json(d.get("created")) for d in record["disks"]) if f
+            f
+            for f in (
+                *(_owned_from_json(d.get("created")) for d in record["disks"]),
+                claimed_file(claiming) if isinstance(claiming, str) else None,
+            )
+            if f
         )
         sock, ident = record.get("server_socket"), record.get("server_socket_id")
         if sock and ident:
@@ -563,6 +578,10 @@ class BackupRunner(Runner):
             self.disks.append(bd)
             if bd.filter not in disk.filters:
                 disk.filters.append(bd.filter)
+        claiming = record.get("claiming")
+        for bd in self.disks:  # its owner died as it claimed the name: what it left
+            if bd.created is None and isinstance(claiming, str) and bd.path == claiming:
+                bd.created = claimed_file(claiming)
         self.checkpoint_bitmaps = [(str(n), str(b)) for n, b in record["checkpoint_bitmaps"]]
         self.server_socket = record.get("server_socket")
         ident = record.get("server_socket_id")
