@@ -259,6 +259,46 @@ def owner_main() -> None:
     anyio.run(_owner, opts, json, pickle, backend="asyncio")
 
 
+def die_at(command: str, line: str) -> None:
+    """The owner dies (``os._exit``, as SIGKILL would) when it sends QMP ``command`` (or,
+    for "qemu-img", as it runs qemu-img to create an image; for "O_EXCL", once the image's
+    name is claimed, before anything else), after printing ``line``."""
+    import sys
+
+    from drivers.qemu import images
+    from drivers.qemu.process import QemuProcess
+
+    execute = QemuProcess.execute
+
+    async def dying_image(*args: Any) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        os._exit(0)
+
+    if command == "qemu-img":
+        images.create_image = dying_image  # type: ignore[assignment]
+    real_open = os.open
+
+    def dying_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        fd = real_open(path, flags, *args, **kw)
+        if command == "O_EXCL" and flags & os.O_EXCL:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            os._exit(0)
+        return fd
+
+    os.open = dying_open  # the child only: images claims names with os.open
+
+    async def dying(self: QemuProcess, cmd: str, args: Any = None, **kw: Any) -> Any:
+        if cmd == command:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            os._exit(0)
+        return await execute(self, cmd, args, **kw)
+
+    QemuProcess.execute = dying  # type: ignore[method-assign]
+
+
 async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
     import sys
 
@@ -304,25 +344,17 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
                 bandwidth=opts.get("bandwidth"),
             )  # fmt: skip
         elif kind == "migrate":
+            for _ in range(opts.get("migrations_before", 0)):  # fast ones, to the same host
+                done, rep = await make_job(conn, "vm1", MigrationSpec(opts["destination"]))
+                await conn.start(done)
+                assert (await rep.wait_end())[0] == "completed"
             spec = MigrationSpec(opts["destination"], bandwidth=16 * 1024)
         else:
             spec = BlockCommitSpec("vda")
         job, rep = await make_job(conn, "vm1", spec)
         line = {"pid": conn.pid("vm1"), "spec": pickle.dumps(job.spec).hex()}
-        if opts.get("die_before_qemu_jobs"):  # SIGKILLed once the first record is saved
-            import os
-            import signal
-
-            save = type(conn).save_record
-
-            async def save_then_die(self: Any, job: Any, record: dict[str, Any]) -> None:
-                await save(self, job, record)
-                if record.get("started") is False:
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            type(conn).save_record = save_then_die  # type: ignore[method-assign]
-            sys.stdout.write(json.dumps(line) + "\n")
-            sys.stdout.flush()
+        if "die_at" in opts:  # killed inside start, as the QMP command is sent
+            die_at(opts["die_at"], json.dumps(line))
         await conn.start(job)
         if opts.get("wait") == "ready":
             await rep.wait_for("ready")

@@ -164,8 +164,8 @@ async def test_target_swapped_before_qemu_opens_it_is_not_written(
     before = victim.read_bytes()
     real = images.create_new_image
 
-    async def create_then_swap(path: str, fmt: str, size: int) -> Any:
-        created = await real(path, fmt, size)
+    async def create_then_swap(path: str, fmt: str, size: int, *claimed: Any) -> Any:
+        created = await real(path, fmt, size, *claimed)
         swap_for_link(d, victim_dir)  # before the driver's blockdev-add opens the path
         return created
 

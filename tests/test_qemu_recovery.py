@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -39,10 +40,19 @@ from qemu_helpers import (
 
 import drivers.qemu.connection as qconn
 from drivers.qemu import QemuConnection, QemuDriver, rundir
-from jobcore.backup import BackupDef, BackupDisk, BackupStore, DiskBackupMode, StoreType
+from drivers.qemu.rundir import job_record, read_record, write_record
+from jobcore.backup import (
+    BackupDef,
+    BackupDisk,
+    BackupMode,
+    BackupStore,
+    DiskBackupMode,
+    StoreType,
+)
 from jobcore.driver import Concluded, DriverJob, NotStarted, Reattached, Vanished
 from jobcore.lifecycle import JobState
 from jobcore.types.backup import BackupJobSpec
+from jobcore.types.migration import MigrationSpec
 from jobcore.uri import parse_uri
 from jobcore.xml.domain import parse_domain
 
@@ -212,6 +222,82 @@ async def test_push_backup_survives_a_killed_owner_and_completes(tmp_path: Path)
         assert not list(run_dir.glob("*.job-*.json"))
 
 
+def push_spec(target: Path) -> Any:
+    disk = BackupDisk(
+        "vda", True, StoreType.FILE, DiskBackupMode.FULL, None,
+        store=BackupStore(str(target), "qcow2"),
+    )  # fmt: skip
+    return BackupJobSpec(BackupDef(mode=BackupMode.PUSH, disks=(disk,)))
+
+
+async def test_a_job_ended_before_its_end_was_written_is_concluded_with_its_outcome(
+    tmp_path: Path,
+) -> None:
+    """An owner whose runner saw the job end (and dismissed its QEMU job, so QEMU no
+    longer says how it ended) dies before the engine has written the end: the next owner
+    still concludes it with its real outcome (found by the kill soak: a pivoted commit
+    came back failed, "QEMU job … is gone"), the push backup's target kept."""
+    src = disk(tmp_path)
+    target = tmp_path / "backup.qcow2"
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        job, rep = driver_job(push_owner(run_dir, src, target, pids, bandwidth=1048576))
+        async with reopen(run_dir, keep=True) as conn:  # the owner that dies after the end
+            assert isinstance(await conn.recover_job(job, JobState.RUNNING), Reattached)
+            await conn.set_speed(job, None)
+            assert await rep.wait_end() == ("completed", {})
+            assert await conn.qmp("vm1", "query-jobs") == []  # dismissed
+        async with reopen(run_dir) as conn:
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert got == Concluded(JobState.COMPLETED), got
+            assert not list(run_dir.glob("*.job-*.json"))
+        compare(src, target)
+
+
+async def test_a_noted_outcome_nobody_asks_for_goes_at_the_first_start(tmp_path: Path) -> None:
+    """A keep-guests owner keeps an ended job's record, with its outcome, after the job
+    ends; the next owner's first start removes it when no recover_job read it (the engine
+    had written the end)."""
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        job, rep = driver_job(push_owner(run_dir, src, tmp_path / "t.qcow2", pids, 1048576))
+        async with reopen(run_dir, keep=True) as conn:
+            assert isinstance(await conn.recover_job(job, JobState.RUNNING), Reattached)
+            await conn.set_speed(job, None)
+            assert await rep.wait_end() == ("completed", {})
+        (record,) = run_dir.glob("*.job-*.json")
+        assert json.loads(record.read_text())["ended"]["outcome"] == "completed"
+        async with reopen(run_dir) as conn:
+            again, rep = await make_job(conn, "vm1", push_spec(tmp_path / "again.qcow2"))
+            await conn.start(again)
+            assert not record.exists()
+            assert (await rep.wait_end())[0] == "completed"
+
+
+async def test_a_commit_pivoted_before_its_end_was_written_is_concluded(tmp_path: Path) -> None:
+    base = disk(tmp_path, "write -P 0x11 0 4M")
+    top = create(tmp_path / "top.qcow2", "16M", backing=base)
+    write(top, "write -P 0x22 1M 2M")
+    ref = tmp_path / "ref.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", str(top), str(ref))
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out = owner(run_dir, domain_xml("vm1", {"vda": top}), "commit", wait="ready")
+        pids.add(out["pid"])
+        job, rep = driver_job(out)
+        async with reopen(run_dir, keep=True) as conn:
+            assert isinstance(await conn.recover_job(job, JobState.READY), Reattached)
+            await conn.complete(job)
+            assert (await rep.wait_end())[0] == "completed"
+        async with reopen(run_dir) as conn:
+            assert (await conn.lookup_domain("vm1")).disks[0].chain == (str(base),)
+            got = await conn.recover_job(job, JobState.COMPLETING)
+            assert got == Concluded(JobState.COMPLETED), got
+            await conn.flush("vm1")
+        compare(base, ref)
+
+
 async def test_job_that_ended_while_nobody_watched_is_concluded(tmp_path: Path) -> None:
     src = disk(tmp_path)
     target = tmp_path / "backup.qcow2"
@@ -230,6 +316,36 @@ async def test_job_that_ended_while_nobody_watched_is_concluded(tmp_path: Path) 
             assert str(target) not in files  # the target is closed
         compare(src, target)
         assert rep.events == []  # the outcome is the return value, not a report
+
+
+@pytest.mark.parametrize("command", ["O_EXCL", "qemu-img", "blockdev-add", "transaction"])
+async def test_an_owner_killed_inside_start_leaves_nothing_behind(
+    tmp_path: Path, command: str
+) -> None:
+    """An owner killed while it starts a push backup (the kill soak's in-flight JobBegin):
+    its record says QEMU never started the job, so the next owner's recovery removes the
+    target it created and its node and answers NotStarted; the job then starts afresh."""
+    src = disk(tmp_path)
+    target = tmp_path / "backup.qcow2"
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out = owner(
+            run_dir, domain_xml("vm1", {"vda": src}), "push", store=str(target), die_at=command
+        )
+        pids.add(out["pid"])
+        job, rep = driver_job(out)
+        assert target.exists()  # created before it died
+        async with reopen(run_dir) as conn:
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert isinstance(got, NotStarted), got
+            files = {n["file"] for n in await conn.qmp("vm1", "query-named-block-nodes")}
+            assert str(target) not in files
+            assert await conn.qmp("vm1", "query-jobs") == []
+            assert not target.exists(), "the target the dying owner created was left behind"
+            assert not list(run_dir.glob("*.job-*.json"))
+            await conn.start(job)  # as the engine does for NotStarted
+            assert await rep.wait_end() == ("completed", {})
+        compare(src, target)
 
 
 async def test_killed_qemu_gives_vanished_and_its_target_is_removed(tmp_path: Path) -> None:
@@ -343,6 +459,32 @@ async def test_keep_guests_adopts_proven_qemus_and_never_kills_others(tmp_path: 
         ended_by(orphan)
 
 
+async def test_a_migration_from_a_former_destination_recovers(tmp_path: Path) -> None:
+    """Killed while it migrates from generation 9 to 10 (its source was itself a
+    migration's destination, so both command lines say ``-incoming``): the next owner still
+    takes the older process for the source (the kill soak's 10th migration came back
+    "the destination did not start": survivors were taken in the order of their names,
+    where vm1.10 comes before vm1.9)."""
+    src = disk(tmp_path)
+    run_dir = tmp_path / "run"
+    with guests() as pids:
+        out = owner(
+            run_dir, domain_xml("vm1", {"vda": src}, memory_mib=32), "migrate",
+            destination=f"qemu:///session?dir={run_dir}", migrations_before=9,
+        )  # fmt: skip
+        pids.add(out["pid"])
+        job, rep = driver_job(out)
+        async with reopen(run_dir) as conn:
+            assert conn.pid("vm1") == out["pid"]  # the source, vm1.9
+            pids.add(conn.incoming["vm1"].pid)
+            got = await conn.recover_job(job, JobState.RUNNING)
+            assert isinstance(got, Reattached) and got.state is JobState.RUNNING, got
+            await conn.set_speed(job, None)
+            assert (await rep.wait_end())[0] == "completed"
+            assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
+            assert not alive(out["pid"])
+
+
 async def test_migration_under_way_at_the_kill_completes_after_recovery(tmp_path: Path) -> None:
     src = disk(tmp_path)
     run_dir = tmp_path / "run"
@@ -364,6 +506,15 @@ async def test_migration_under_way_at_the_kill_completes_after_recovery(tmp_path
             assert conn.pid("vm1") != out["pid"] and not alive(out["pid"])
             assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
             await conn.guest_io("vm1", "vda", "write -P 0x44 0 1M")  # the disks came along
+            # and it migrates again: the next QEMU is not named after the running one (the
+            # kill soak found "Cannot lock pid file": the re-adopted domain kept the
+            # source's generation)
+            pids.add(conn.pid("vm1"))
+            again, rep = await make_job(
+                conn, "vm1", MigrationSpec(f"qemu:///session?dir={run_dir}")
+            )
+            await conn.start(again)
+            assert (await rep.wait_end())[0] == "completed"
 
 
 async def test_job_record_is_written_off_the_loop_and_on_disk_before_start_returns(
@@ -397,10 +548,14 @@ async def test_job_record_is_written_off_the_loop_and_on_disk_before_start_retur
             await conn.start(job)
             record = run_dir / f"vm1.job-{job.uuid.hex}.json"
             assert json.loads(record.read_text())  # on disk once start returned
-            assert loop_ran == [True, True]  # before QEMU started its job, and after
+            # every write of the start (before the name claim, once claimed, before QEMU's
+            # transaction, after the start) ran on a worker thread
+            assert len(loop_ran) >= 3, loop_ran
             assert (await rep.wait_end())[0] == "completed"
             conn.keep_guests = False
-        assert not record.exists()
+        # the record outlives the job, holding its noted outcome, until the next owner's
+        # first start (the engine may not have written the end)
+        assert json.loads(record.read_text())["ended"]["outcome"] == "completed"
 
 
 def migrate_owner(run_dir: Path, src: Path, pids: set[int]) -> tuple[dict[str, Any], int]:
@@ -481,55 +636,14 @@ async def test_migration_cancelled_while_nobody_watched_is_cancelled(tmp_path: P
             assert (await conn.qmp("vm1", "query-status"))["status"] == "running"
 
 
-def self_killing_owner(args: dict[str, Any], pids: set[int]) -> dict[str, Any]:
-    """An owner child that kills itself at the point its options name; its line."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import qemu_helpers; qemu_helpers.owner_main()",
-         json.dumps(args)],
-        stdout=subprocess.PIPE, env=env, cwd=TESTS,
-    )  # fmt: skip
-    try:
-        assert child.stdout is not None
-        out: dict[str, Any] = json.loads(child.stdout.readline())
-        pids.add(out["pid"])
-        assert child.wait(60) == -signal.SIGKILL  # it killed itself at the point
-    finally:
-        child.kill()
-        child.wait()
-    return out
-
-
-async def test_push_backup_whose_owner_died_before_qemu_started_it_can_start_again(
-    tmp_path: Path,
-) -> None:
-    """The owner is killed right after the record is saved and before QEMU's transaction
-    (the window between the engine's 'running' and the hypervisor's job): recovery finds
-    no QEMU job and a record saying so, undoes what the start created (the target) and
-    answers NotStarted; the job then starts afresh and completes."""
-    src = disk(tmp_path)
-    target = tmp_path / "backup.qcow2"
-    run_dir = tmp_path / "run"
-    args = {
-        "uri": f"qemu:///session?dir={run_dir}&keep_guests=yes",
-        "xml": domain_xml("vm1", {"vda": src}),
-        "job": "push",
-        "store": str(target),
-        "die_before_qemu_jobs": True,
-    }
-    with guests() as pids:
-        out = self_killing_owner(args, pids)
-        record = json.loads(next(run_dir.glob("vm1.job-*.json")).read_text())
-        assert record["started"] is False and target.exists()
-        job, rep = driver_job(out)
-        async with reopen(run_dir) as conn:
-            assert await conn.qmp("vm1", "query-jobs") == []
-            got = await conn.recover_job(job, JobState.RUNNING)
-            assert isinstance(got, NotStarted) and "never started" in got.reason, got
-            assert not target.exists()  # the start's target, removed by identity
-            assert not list(run_dir.glob("*.job-*.json"))
-            files = {n["file"] for n in await conn.qmp("vm1", "query-named-block-nodes")}
-            assert str(target) not in files
-            await conn.start(job)  # as the engine does for NotStarted
-            assert await rep.wait_end() == ("completed", {})
-        compare(src, target)
+def test_a_record_whose_writer_died_before_the_rename_is_read(tmp_path: Path) -> None:
+    """A writer killed during write_record's fsync left the whole record under the
+    temporary name (the kill soak's in-flight begins met it): it is the record."""
+    path = job_record(tmp_path, "vm1", uuid.uuid4())
+    write_record(path, {"disks": []})
+    path.rename(path.with_name(f".{path.name}.tmp"))  # as the rename had not happened
+    assert read_record(path) == {"disks": []}
+    assert path.exists()
+    path.with_name(f".{path.name}.tmp").write_text('{"disks": [')  # a torn write: none
+    path.unlink()
+    assert read_record(path) is None

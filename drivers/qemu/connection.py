@@ -25,7 +25,7 @@ from attrs import define, field
 from drivers.qemu.adopt import is_incoming, rebuild_domain
 from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args, virt_type
 from drivers.qemu.images import backing_chain, exists, owned_file
-from drivers.qemu.process import QemuProcess, QmpRefused, QmpTimeout
+from drivers.qemu.process import Outcome, QemuProcess, QmpRefused, QmpTimeout
 from drivers.qemu.rundir import RunDir, Survivor, job_record, read_record, run_dir_of, write_record
 from drivers.qemu.runners.backup import BackupRunner
 from drivers.qemu.runners.backup_checks import check_backup_job
@@ -103,6 +103,11 @@ class QemuConnection:
     incoming: dict[str, QemuProcess] = field(factory=dict)
     runners: dict[uuid.UUID, Runner] = field(factory=dict)
     closed: bool = False
+    #: records of jobs whose outcome a previous owner noted (``note_outcome``): the ones no
+    #: ``recover_job`` reads (the engine had written their end) go at the first start
+    _ended_records: set[Path] = field(factory=set)
+    #: jobs of this connection whose outcome is noted: their record outlives the runner
+    _noted: set[uuid.UUID] = field(factory=set)
     _work: anyio.Event = field(factory=anyio.Event)
     _scopes: set[anyio.CancelScope] = field(factory=set)
     _creating: set[str] = field(factory=set)
@@ -223,7 +228,9 @@ class QemuConnection:
     async def adopt_survivors(self, survivors: list[Survivor]) -> None:
         """Re-adopt the live QEMUs a previous owner left (keep-guests mode): QMP again,
         the domain rebuilt from QEMU. One that cannot be adopted is left running, alone."""
-        for s in sorted(survivors, key=lambda s: s.stem):
+        # oldest generation first: a migration's source before its destination (by name,
+        # vm1.10 would come first; and a source that was once a destination says -incoming)
+        for s in sorted(survivors, key=lambda s: (s.name, int(s.stem.rsplit(".", 1)[1]))):
             try:
                 proc = await QemuProcess.adopt(self.run_dir, s.name, s.stem, s.pid)
             except Exception as exc:
@@ -394,6 +401,9 @@ class QemuConnection:
 
     async def start(self, job: DriverJob) -> None:
         self._check_open()
+        for path in self._ended_records:  # recovery is over: the engine has their ends
+            path.unlink(missing_ok=True)
+        self._ended_records.clear()
         cls = _RUNNERS.get(job.type)
         if cls is None:
             raise Unsupported(f"the qemu driver does not run '{job.type}' jobs")
@@ -431,6 +441,22 @@ class QemuConnection:
             with anyio.CancelScope(shield=True):  # a half-saved start is never left
                 await anyio.to_thread.run_sync(write_record, self._record_path(job), record)
 
+    async def note_outcome(
+        self, job: DriverJob, outcome: Outcome, errmsg: str | None, *, discard: bool
+    ) -> None:
+        if not self.keep_guests:
+            return
+        path = self._record_path(job)
+
+        def note() -> None:
+            record = read_record(path) or {}
+            record["ended"] = {"outcome": outcome.value, "errmsg": errmsg, "discard": discard}
+            write_record(path, record)
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(note)
+        self._noted.add(job.uuid)
+
     async def _supervise(self, runner: Runner) -> None:
         try:
             with self._background():
@@ -439,7 +465,10 @@ class QemuConnection:
             self.runners.pop(runner.job.uuid, None)
             if not runner.detached:
                 runner.phase = Phase.ENDED
-                self._record_path(runner.job).unlink(missing_ok=True)
+                if runner.job.uuid in self._noted:  # kept until the engine has the end
+                    self._noted.discard(runner.job.uuid)
+                else:
+                    self._record_path(runner.job).unlink(missing_ok=True)
 
     async def recover_job(self, job: DriverJob, last_state: JobState) -> Recovered:
         """Reconcile a job a previous owner started with what QEMU says now (see
@@ -453,15 +482,21 @@ class QemuConnection:
             raise OperationInvalid(f"job {job.uuid} is already running", job=job.uuid)
         domain = self.domains.get(job.domain)
         record = read_record(self._record_path(job))
+        noted = _noted(record)
+        if noted is not None:
+            self._ended_records.discard(self._record_path(job))
         if domain is None or not domain.process.alive:
             pid = self.unadopted.get(job.domain)
             why = f" (pid {pid} could not be re-adopted)" if pid else ""
-            if record is not None:
+            if record is not None and (noted is None or (record.get("ended") or {}).get("discard")):
                 cls.discard_record(record)
-                self._record_path(job).unlink(missing_ok=True)
+            self._record_path(job).unlink(missing_ok=True)
+            if noted is not None:  # it had ended, as noted, before its domain went
+                return Runner.concluded(*noted)
             return Vanished(f"QEMU of domain '{job.domain}' is gone{why}")
         runner = cls(conn=self, job=job, domain=domain, proc=domain.process)
         runner.recovered = True
+        runner.noted = noted
         try:
             result = await runner.recover(last_state, record)
         except BaseException:
@@ -470,6 +505,8 @@ class QemuConnection:
         if runner.phase in (Phase.RUNNING, Phase.READY):
             await self._save_record(runner)
             self._launch(runner)
+        elif job.uuid in self._noted:  # kept until the engine has written the end
+            self._noted.discard(job.uuid)
         else:
             self._record_path(job).unlink(missing_ok=True)
         runner.log.info("job recovered", outcome=type(result).__name__)
@@ -587,6 +624,9 @@ class QemuConnection:
     async def adopt_migrated(self, domain: Domain, dest: QemuProcess) -> None:
         source = domain.process
         domain.process = dest
+        # a re-adopted domain has its source's generation: the next QEMU must not take the
+        # name (pid file, sockets) of the one running now
+        domain.generation = max(domain.generation, dest.generation)
         await source.stop("was left after migration")
 
     # ----------------------------------------------------------------- closing
@@ -664,6 +704,15 @@ def _backup_bandwidth(uri: URI) -> int:
     return value
 
 
+def _noted(record: dict[str, Any] | None) -> tuple[Outcome, str | None] | None:
+    """The outcome a record's owner noted before QEMU forgot the job (``note_outcome``)."""
+    ended = (record or {}).get("ended")
+    if not isinstance(ended, dict):
+        return None
+    errmsg = ended.get("errmsg")
+    return Outcome(ended["outcome"]), str(errmsg) if errmsg else None
+
+
 def _keep_guests(uri: URI) -> bool:
     """``?keep_guests=yes|no`` (also 1/0, true/false); absent: the process default."""
     text = uri.param("keep_guests")
@@ -717,6 +766,11 @@ class QemuDriver:
             try:
                 tg.start_soon(conn._poller)
                 await conn.adopt_survivors(run_dir.survivors)
+                conn._ended_records = {
+                    p
+                    for p in run_dir.path.glob("*.job-*.json")
+                    if isinstance((read_record(p) or {}).get("ended"), dict)
+                }
                 yield conn
             finally:
                 await conn.aclose()

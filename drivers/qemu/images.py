@@ -17,7 +17,7 @@ import re
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +249,19 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
+def claimed_file(path: str) -> OwnedFile | None:
+    """The file a process that died while it created ``path`` left: an empty regular file
+    of this user (``create_new_image`` claims the name with ``O_EXCL`` and records it
+    before writing anything), else None (nothing, or not a file it could have left)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size or st.st_uid != os.getuid():
+        return None
+    return owned_file(path)
+
+
 def owned_file(path: str) -> OwnedFile | None:
     """``path``'s file (lstat: a symbolic link is itself) and directory as they are now;
     None when either cannot be examined."""
@@ -290,11 +303,15 @@ def _open_dir(path: str) -> int:
     return os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-async def create_new_image(path: str, fmt: str, size: int) -> OwnedFile | None:
+async def create_new_image(
+    path: str, fmt: str, size: int, claimed: Callable[[OwnedFile], Awaitable[None]] | None = None
+) -> OwnedFile | None:
     """Create an image at ``path`` only if nothing is there (not even a dangling symlink):
     the name is claimed with O_EXCL first, in the directory opened once, so an existing
     file is never opened for writing; qemu-img then writes the claimed file through
     ``/proc/<pid>/fd/<fd>`` (the same inode, whatever happens to the path meanwhile).
+    ``claimed`` is called with the file as soon as it exists (before qemu-img runs: a
+    caller records it, so that a process killed meanwhile left a file it knows of).
     None when something exists; on failure nothing is left behind."""
     try:
         dir_fd = _open_dir(path)
@@ -320,6 +337,8 @@ async def create_new_image(path: str, fmt: str, size: int) -> OwnedFile | None:
             ) from None
         created = OwnedFile(path, _ident(os.fstat(fd)), _ident(os.fstat(dir_fd)))
         try:
+            if claimed is not None:
+                await claimed(created)
             await create_image(f"/proc/{os.getpid()}/fd/{fd}", fmt, size)
         except BaseException:
             os.close(fd)

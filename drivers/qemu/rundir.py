@@ -90,9 +90,13 @@ def job_record(run_dir: Path, domain: str, job: uuid.UUID) -> Path:
     return run_dir / f"{domain}.job-{job.hex}.json"
 
 
+def _record_tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
 def write_record(path: Path, data: dict[str, Any]) -> None:
     """Write a job record atomically (a temporary name, fsync, rename), mode 0600."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _record_tmp(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, json.dumps(data, sort_keys=True).encode())
@@ -103,7 +107,20 @@ def write_record(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
-    """A job record, or None when there is none (or it is not one)."""
+    """A job record, or None when there is none (or it is not one). A writer killed
+    before its rename (during the fsync) left the newest record, whole, under the
+    temporary name: that one is read then (renamed into place)."""
+    record = _read_record(path)
+    if record is None:
+        tmp = _record_tmp(path)
+        record = _read_record(tmp)
+        if record is not None:
+            with contextlib.suppress(OSError):
+                os.replace(tmp, path)
+    return record
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:

@@ -18,6 +18,7 @@ from attrs import define, field
 from drivers.qemu.domain import Disk, Layer, blockdev_args
 from drivers.qemu.images import (
     OwnedFile,
+    claimed_file,
     create_new_image,
     file_ident,
     fsync_files,
@@ -171,6 +172,9 @@ class BackupRunner(Runner):
     #: (st_dev, st_ino) of the socket file the driver created at ``server_socket``
     server_socket_id: tuple[int, int] | None = None
     server_started: bool = False
+    #: the store path being created, recorded before its name is claimed (an owner dying
+    #: then leaves at most an empty file there: ``claimed_file``)
+    claiming: str | None = None
 
     @property
     def spec(self) -> PreparedBackup:
@@ -198,27 +202,36 @@ class BackupRunner(Runner):
             self.conn, reuse, [(d.name, p, f, disk.virtual_size) for d, disk, p, f in stores]
         )
         for d, disk, path, fmt in stores:
-            # libvirt's rule: create unless REUSE_EXTERNAL; only created files are removed
-            created = None
-            if not reuse:
-                created = await create_new_image(path, fmt, disk.virtual_size)
-                if created is None:
-                    raise store_exists(path, d.name)  # appeared since the check
-                ident = created.ident
-            else:
-                ident = file_ident(path, d.name)
             bd = _BackupDisk(
                 disk=disk,
                 spec=d,
                 path=path,
                 fmt=fmt,
-                created=created,
+                created=None,
                 node=self.domain.new_node_name(("s" if self.pull else "t") + self.short),
                 filter=self.domain.new_node_name("f" + self.short),
                 job_id=self.job_id("backup", d.name),
                 incremental=d.incremental,
             )
             self.disks.append(bd)
+
+            async def claimed(created: OwnedFile, bd: _BackupDisk = bd) -> None:
+                bd.created = created  # recorded at once: the file, and its node to come
+                self.claiming = None
+                await self.conn.save_record(self.job, self.starting_record())
+
+            # libvirt's rule: create unless REUSE_EXTERNAL; only created files are removed
+            if not reuse:
+                self.claiming = path
+                await self.conn.save_record(self.job, self.starting_record())
+                created = await create_new_image(path, fmt, disk.virtual_size, claimed)
+                self.claiming = None
+                if created is None:
+                    raise store_exists(path, d.name)  # appeared since the check
+                ident = created.ident
+            else:
+                ident = file_ident(path, d.name)
+                await self.conn.save_record(self.job, self.starting_record())
             args = blockdev_args(Layer(bd.node, path, fmt), disk.active.node if self.pull else None)
             # Like qemu-img convert's destination: no flush per qcow2 metadata update (they
             # halve the throughput); a push target is fsynced once, after it is closed.
@@ -296,6 +309,7 @@ class BackupRunner(Runner):
         try:
             if self.pull:
                 await self._start_server()
+                await self.conn.save_record(self.job, self.starting_record())
             await self._prepare_disks()
             checkpoint_bitmaps: list[tuple[str, str]] = []
             actions = self._checkpoint_actions(checkpoint_bitmaps)
@@ -350,7 +364,7 @@ class BackupRunner(Runner):
                 actions.append({"type": "blockdev-backup", "data": data})
             # on disk before QEMU starts a job: a later owner finds the jobs it names, or
             # knows (started false, no such job) that QEMU never started them
-            await self.conn.save_record(self.job, {**self.record(), "started": False})
+            await self.conn.save_record(self.job, self.starting_record())
             # Not completion-mode=grouped: QEMU refuses it next to bitmap actions. A
             # failing disk cancels its siblings in supervise() instead.
             await self.proc.execute("transaction", {"actions": actions})
@@ -439,11 +453,14 @@ class BackupRunner(Runner):
             for sj in self.subjobs:
                 tg.start_soon(_watch, sj)
 
-    async def _finish(self, outcome: Outcome, err: str | None, *, report: bool) -> None:
+    async def _finish(
+        self, outcome: Outcome, err: str | None, *, report: bool, note: bool = True
+    ) -> None:
         self.phase = Phase.ENDING
         if self.pull:
             await self._teardown_pull()
-        await self.dismiss()
+        kept = outcome is Outcome.COMPLETED and not self.pull  # the target stays
+        await self.dismiss(outcome if note else None, err, discard=not kept)
         for bd in self.disks:
             if bd.filter in bd.disk.filters:
                 bd.disk.filters.remove(bd.filter)
@@ -519,6 +536,10 @@ class BackupRunner(Runner):
 
     # ---------------------------------------------------------------- recovery
 
+    def starting_record(self) -> dict[str, Any]:
+        """The record while ``start`` runs: QEMU has not started its jobs yet."""
+        return {**self.record(), "started": False}
+
     def record(self) -> dict[str, Any]:
         return {
             "disks": [
@@ -533,12 +554,19 @@ class BackupRunner(Runner):
             "server_socket": self.server_socket,
             "server_socket_id": list(self.server_socket_id) if self.server_socket_id else None,
             "server_started": self.server_started,
+            "claiming": self.claiming,
         }
 
     @classmethod
     def discard_record(cls, record: dict[str, Any]) -> None:
+        claiming = record.get("claiming")
         remove_created(
-            f for f in (_owned_from_json(d.get("created")) for d in record["disks"]) if f
+            f
+            for f in (
+                *(_owned_from_json(d.get("created")) for d in record["disks"]),
+                claimed_file(claiming) if isinstance(claiming, str) else None,
+            )
+            if f
         )
         sock, ident = record.get("server_socket"), record.get("server_socket_id")
         if sock and ident:
@@ -557,6 +585,10 @@ class BackupRunner(Runner):
             self.disks.append(bd)
             if bd.filter not in disk.filters:
                 disk.filters.append(bd.filter)
+        claiming = record.get("claiming")
+        for bd in self.disks:  # its owner died as it claimed the name: what it left
+            if bd.created is None and isinstance(claiming, str) and bd.path == claiming:
+                bd.created = claimed_file(claiming)
         self.checkpoint_bitmaps = [(str(n), str(b)) for n, b in record["checkpoint_bitmaps"]]
         self.server_socket = record.get("server_socket")
         ident = record.get("server_socket_id")
@@ -577,17 +609,17 @@ class BackupRunner(Runner):
                 f"{self.job.uuid}: its owner stopped before"
             )
         exports_up = True
-        if self.pull and present:
+        if self.pull and present and self.noted is None:
             exports = await self.proc.execute("query-block-exports")
             ids = {str(e.get("id")) for e in exports}
             exports_up = all(bd.export_id in ids for bd in self.disks)
         if not present or not exports_up:
-            await self._finish(Outcome.FAILED, None, report=False)
+            await self._finish(Outcome.FAILED, None, report=False, note=False)
             return self.vanished("a QEMU job" if not present else "the NBD export")
         self.cancel_requested = last_state is JobState.ABORTING
         if all(sj.done.is_set() for sj in self.subjobs):
             outcome, err = self.outcome()
-            if self.pull:  # the fleecing jobs never end by themselves
+            if self.pull and self.noted is None:  # the fleecing jobs never end by themselves
                 outcome = Outcome.FAILED
             await self._finish(outcome, err, report=False)
             return self.concluded(outcome, err)

@@ -74,6 +74,9 @@ class Runner:
     detached: bool = False
     #: rebuilt by ``recover`` (a previous owner started it): no second ``ready()``
     recovered: bool = False
+    #: the outcome a previous owner noted before QEMU forgot it (``Host.note_outcome``):
+    #: it is the job's outcome, whatever QEMU still lists
+    noted: tuple[Outcome, str | None] | None = None
     log: BoundLogger = field(init=False)
     short: str = ""
 
@@ -124,6 +127,9 @@ class Runner:
         found = True
         for sj in self.subjobs:
             info = infos.get(sj.id)
+            if info is None and self.noted is not None:  # dismissed: it ended as noted
+                sj.finish(*self.noted)
+                continue
             if info is None:
                 found = False
                 sj.finish(Outcome.FAILED, "gone")
@@ -169,8 +175,15 @@ class Runner:
         }[outcome]
         return Concluded(state, errmsg if outcome is Outcome.FAILED else None)
 
-    async def dismiss(self) -> None:
-        """The outcome is read: let QEMU free its ended jobs (``auto-dismiss`` is off)."""
+    async def dismiss(
+        self, outcome: Outcome | None = None, errmsg: str | None = None, *, discard: bool = False
+    ) -> None:
+        """The outcome is read: let QEMU free its ended jobs (``auto-dismiss`` is off). With
+        ``outcome``, it is first noted in the job's record (``Host.note_outcome``): once
+        dismissed, QEMU no longer says how the job ended, and the engine may not have
+        written it yet."""
+        if outcome is not None:
+            await self.conn.note_outcome(self.job, outcome, errmsg, discard=discard)
         for sj in self.subjobs:
             if self.proc.alive:
                 with contextlib.suppress(DriverError):
@@ -219,7 +232,10 @@ class Runner:
             await sj.done.wait()
 
     def outcome(self) -> tuple[Outcome, str | None]:
-        """Combined outcome of the QEMU jobs: any failure wins, then cancel, then success."""
+        """Combined outcome of the QEMU jobs: any failure wins, then cancel, then success
+        (or the outcome noted before they were dismissed)."""
+        if self.noted is not None:
+            return self.noted
         for sj in self.subjobs:
             if sj.outcome is Outcome.FAILED:
                 return Outcome.FAILED, sj.error or "job failed"

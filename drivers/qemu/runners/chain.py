@@ -34,7 +34,7 @@ async def _recover_chain_job(
         return runner.reattached(last_state)
     runner.cancel_requested = last_state is JobState.ABORTING
     outcome, err = runner.outcome()
-    await runner.dismiss()  # an ended job still holds its nodes until dismissed
+    await runner.dismiss(outcome, err)  # an ended job still holds its nodes until dismissed
     if outcome is Outcome.COMPLETED:
         gone = set(left)
         removed = [la for la in disk.layers + disk.orphans if la.file in gone]
@@ -92,7 +92,7 @@ class BlockPullRunner(Runner):
         await self.wait_subjobs()
         outcome, err = self.outcome()
         with anyio.CancelScope(shield=True):
-            await self.dismiss()
+            await self.dismiss(outcome, err)
         if outcome is Outcome.COMPLETED:
             assert self.disk is not None
             stop = self.base if self.base is not None else len(self.disk.layers)
@@ -181,7 +181,7 @@ class BlockCommitRunner(Runner):
         await sj.done.wait()
         outcome, err = self.outcome()
         with anyio.CancelScope(shield=True):
-            await self.dismiss()
+            await self.dismiss(outcome, err)
         if outcome is Outcome.COMPLETED:
             assert self.disk is not None
             removed = self.disk.layers[self.top : self.base]

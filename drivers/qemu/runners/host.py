@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drivers.qemu.domain import Domain
-from drivers.qemu.process import QemuProcess
+from drivers.qemu.process import Outcome, QemuProcess
 from jobcore.driver import DriverJob
 
 
@@ -53,3 +53,10 @@ class Host(Protocol):
     async def save_record(self, job: DriverJob, record: dict[str, Any]) -> None:
         """Keep-guests mode: put the job's record (``Runner.record``) on disk now (a runner
         whose start creates things writes one before QEMU starts its jobs)."""
+
+    async def note_outcome(
+        self, job: DriverJob, outcome: Outcome, errmsg: str | None, *, discard: bool
+    ) -> None:
+        """Keep-guests mode: the job's outcome goes into its record before QEMU forgets it
+        (``discard``: what the job created is to be removed), so that an owner dying before
+        the engine has written the end leaves it for the next one's ``recover_job``."""

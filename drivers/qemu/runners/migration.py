@@ -94,6 +94,7 @@ class MigrationRunner(Runner):
                         await self._resume_source()
                         self.end(Outcome.FAILED, f"the destination did not start: {exc}")
                         return
+                    await self.conn.note_outcome(self.job, Outcome.COMPLETED, None, discard=False)
                     await self.conn.adopt_migrated(self.domain, dest)
                     self.report(lambda r: r.domain_moved(self.dest_uri))
                     self.end(Outcome.COMPLETED, None, dict(self.last_stats))
@@ -134,6 +135,12 @@ class MigrationRunner(Runner):
         self.proc.on_migration = self._on_status  # before the query: no event is lost
         info = await self.proc.execute("query-migrate")
         self.status = str(info.get("status", "none"))
+        if self.noted is not None and (dest is None or self.status != "completed"):
+            self.proc.on_migration = None  # it ended as noted; the source may be gone
+            if dest is not None:
+                await self.conn.discard_process(dest, "migration ended")
+            self.phase = Phase.ENDED
+            return self.concluded(*self.noted)
         if self.status in ("failed", "cancelled", "none") or dest is None:
             self.proc.on_migration = None
             if dest is not None:
@@ -158,6 +165,7 @@ class MigrationRunner(Runner):
                 await self.conn.discard_process(dest, "did not take over the domain")
                 await self._resume_source()
                 return Concluded(JobState.FAILED, f"the destination did not start: {exc}")
+            await self.conn.note_outcome(self.job, Outcome.COMPLETED, None, discard=False)
             await self.conn.adopt_migrated(self.domain, dest)
             self.report(lambda r: r.domain_moved(self.dest_uri))
             return Concluded(JobState.COMPLETED, None, dict(self.last_stats))
