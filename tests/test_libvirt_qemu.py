@@ -1,0 +1,86 @@
+"""jobcore.libvirt on real QEMU through the jobd of the default run directory: a domain
+created by one libvirt-python program outlives it, the next one finds it and runs a block
+pull with BLOCK_JOB and BLOCK_JOB_2 in libvirt's argument order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jobd_helpers import Jobd, jobctl
+from qemu_helpers import create, domain_xml, write
+
+pytestmark = pytest.mark.qemu
+
+CREATE = """\
+import sys
+import libvirt
+
+conn = libvirt.open("qemu:///session")
+dom = conn.createXML(open(sys.argv[1]).read(), 0)
+print(dom.name(), dom.isActive())
+"""
+
+PULL = """\
+import json
+import libvirt
+
+libvirt.registerErrorHandler(f=lambda ctx, err: None, ctx=None)
+libvirt.virEventRegisterDefaultImpl()
+conn = libvirt.open("qemu:///session")
+dom = conn.lookupByName("lv1")
+events = []
+for event_id in (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2):
+    conn.domainEventRegisterAny(
+        dom, event_id,
+        lambda c, d, disk, type_, status, opaque: events.append(
+            [opaque, d.name(), disk, type_, status]),
+        event_id,
+    )
+dom.blockPull("vda", 0, 0)
+while len(events) < 2:
+    libvirt.virEventRunDefaultImpl()
+try:
+    conn.lookupByName("lv2")
+except libvirt.libvirtError as e:
+    no_domain = [e.get_error_code(), e.get_error_domain()]
+out = {"active": dom.isActive(), "events": events, "no_domain": no_domain,
+       "after": dom.blockJobInfo("vda")}
+dom.destroy()
+print(json.dumps(out))
+"""
+
+
+def run(xdg: Path, *command: str) -> subprocess.CompletedProcess[str]:
+    return jobctl(None, "run", "--", *command, timeout=120, env={"XDG_RUNTIME_DIR": str(xdg)})
+
+
+def test_domain_outlives_its_creator_and_pulls(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    base = create(tmp_path / "base.qcow2", "8M")
+    write(base, "write -P 0x5a 0 1M")
+    top = create(tmp_path / "top.qcow2", "8M", backing=base)
+    vdb = create(tmp_path / "vdb.qcow2", "8M")
+    xml = tmp_path / "lv1.xml"
+    xml.write_text(domain_xml("lv1", {"vda": top, "vdb": vdb}))
+    (tmp_path / "create.py").write_text(CREATE)
+    (tmp_path / "pull.py").write_text(PULL)
+    with Jobd(xdg / "jobcore", "--stop-guests").wait_ready():
+        made = run(xdg, "python3", str(tmp_path / "create.py"), str(xml))
+        assert made.returncode == 0, made.stderr
+        assert made.stdout.split() == ["lv1", "1"]
+        pulled = run(xdg, "python3", str(tmp_path / "pull.py"))
+        assert pulled.returncode == 0, pulled.stderr
+        assert "Traceback" not in pulled.stderr
+        out: dict[str, Any] = json.loads(pulled.stdout)
+    assert out["active"] == 1
+    assert out["no_domain"] == [42, 10]  # VIR_ERR_NO_DOMAIN from VIR_FROM_QEMU
+    by_id = {e[0]: e[1:] for e in out["events"]}
+    pull, completed = 1, 0  # VIR_DOMAIN_BLOCK_JOB_TYPE_PULL, VIR_DOMAIN_BLOCK_JOB_COMPLETED
+    assert by_id[16] == ["lv1", "vda", pull, completed]  # BLOCK_JOB_2: the target
+    assert by_id[8] == ["lv1", str(top), pull, completed]  # BLOCK_JOB: the active layer
+    assert out["after"] == {}
