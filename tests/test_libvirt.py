@@ -303,3 +303,28 @@ def test_job_completed_and_block_job_events(errors: list[Any]) -> None:
         assert code(exc) == libvirt.VIR_ERR_INVALID_ARG
     finally:
         conn.close()
+
+
+def test_conflict_mapping_per_resource(errors: list[Any]) -> None:
+    """libvirt's wording of each kind of conflict (the scheduler's resource names)."""
+    import uuid
+
+    from jobcore.errors import JobConflict
+    from jobcore.libvirt.errors import to_libvirt_error
+
+    holder = uuid.uuid4()
+
+    def mapped(resource: str, api: str) -> libvirt.libvirtError:
+        exc = JobConflict("conflict", holder=holder, resource=resource)
+        return to_libvirt_error(exc, api, libvirt.VIR_FROM_QEMU)
+
+    busy = mapped("domain:vm1", "virDomainBackupBegin")
+    assert busy.get_error_code() == libvirt.VIR_ERR_OPERATION_TIMEOUT
+    assert str(busy) == (
+        f"Timed out during operation: cannot acquire state change lock (held by job {holder})"
+    )
+    assert busy.get_error_domain() == libvirt.VIR_FROM_QEMU
+    disk = mapped("disk:vm1/vdb", "virDomainBlockCommit")
+    assert disk.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
+    assert str(disk) == "Operation not supported: disk 'vdb' already in active block job"
+    assert mapped("file:/b/x", "virDomainBackupBegin").get_error_code() == 55
