@@ -26,7 +26,8 @@ ErrTuple: TypeAlias = tuple[int, int, str, int, str | None, str | None, str | No
 
 
 class libvirtError(Exception):
-    """libvirt-python's exception: ``err`` is the virError tuple (or None)."""
+    """libvirt-python's exception: ``err`` is the virError tuple, or None. As
+    libvirt-python's, one a program makes itself carries the thread's last error."""
 
     def __init__(
         self,
@@ -39,6 +40,8 @@ class libvirtError(Exception):
         *,
         err: ErrTuple | None = None,
     ) -> None:
+        if err is None:
+            err = virGetLastError()
         self.err = err
         super().__init__(err[2] if err is not None else defmsg)
 

@@ -364,7 +364,10 @@ class virConnect:
         self._closed = True
         if self._reader is not None:
             self._reader.stop()
-        self._bconn.close()
+        try:
+            self._bconn.close()
+        except Exception as exc:  # a lost jobd: nothing is left to close
+            raise to_libvirt_error(leaf_error(exc), "virConnectClose", self._from) from exc
         return 0
 
     def registerCloseCallback(self, cb: Callable[..., object], opaque: Any = None) -> int:
@@ -844,6 +847,9 @@ class virDomainCheckpoint:
         return self._dom
 
     def getConnect(self) -> virConnect:
+        return self._dom._conn
+
+    def connect(self) -> virConnect:
         return self._dom._conn
 
     @_api("virDomainCheckpointGetXMLDesc")
