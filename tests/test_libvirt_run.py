@@ -201,3 +201,43 @@ def test_exit_status_and_arguments_pass_through(xdg: Path) -> None:
     assert entries[-1] == "/already/there"
     missing = run(xdg, "no-such-command-anywhere")
     assert missing.returncode == 127 and "command not found" in missing.stderr
+
+
+PROPOSAL_BEGIN = """\
+import libvirt
+from jobcore.libvirt import proposals as P
+
+dom = libvirt.open("sim:///slow?rate=1048576").lookupByName("vm1")
+print(P.BlakeDomain(dom).backupBegin(
+    "<domainbackup><disks><disk name='vda' type='file'><target file='/b/p.qcow2'/></disk>"
+    "<disk name='vdb' backup='no'/></disks></domainbackup>"))
+"""
+
+PROPOSAL_END = """\
+import sys
+import libvirt
+from jobcore.libvirt import proposals as P
+
+ident = int(sys.argv[1])
+dom = libvirt.open("sim:///slow").lookupByName("vm1")
+blake, berrange = P.BlakeDomain(dom), P.BerrangeDomain(dom)
+job = berrange.jobLookupByUUIDString(P.VIR_DOMAIN_JOB_LEGACY_UUID)
+print(blake.jobStats()["id"] == ident, P.job_id(job._job.uuid) == ident,
+      ("id=\\"%d\\"" % ident) in blake.backupGetXMLDesc(ident),
+      blake.backupEnd(ident, P.VIR_DOMAIN_BACKUP_END_ABORT), job.info()[0])
+"""
+
+
+def test_proposal_ids_are_shared_by_every_client_of_jobd(tmp_path: Path, xdg: Path) -> None:
+    """A Blake id one program got names the same job for the next program; Berrangé's
+    legacy alias finds it too."""
+    (tmp_path / "begin.py").write_text(PROPOSAL_BEGIN)
+    (tmp_path / "end.py").write_text(PROPOSAL_END)
+    with Jobd(xdg / "jobcore").wait_ready():
+        began = run(xdg, sys.executable, str(tmp_path / "begin.py"))
+        assert began.returncode == 0, began.stderr
+        ident = int(began.stdout)
+        ended = run(xdg, sys.executable, str(tmp_path / "end.py"), str(ident))
+        assert ended.returncode == 0, ended.stderr
+    # the job ended aborted: backupEnd 0, and the job object then reads CANCELLED (5)
+    assert ended.stdout.split() == ["True", "True", "True", "0", "5"]
