@@ -328,3 +328,45 @@ def test_conflict_mapping_per_resource(errors: list[Any]) -> None:
     assert disk.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
     assert str(disk) == "Operation not supported: disk 'vdb' already in active block job"
     assert mapped("file:/b/x", "virDomainBackupBegin").get_error_code() == 55
+
+
+def test_pull_backup_events(tmp_path: Path, errors: list[Any]) -> None:
+    """A pull backup ends by abortJob: JOB_COMPLETED says success, then BLOCK_JOB_2 says
+    CANCELED for its disk, as libvirt reports them; its ready export sends no READY."""
+    libvirt.virEventRegisterDefaultImpl()
+    conn = libvirt.open("sim:///default")
+    try:
+        dom = conn.lookupByName("vm1")
+        got: list[tuple[Any, ...]] = []
+        conn.domainEventRegisterAny(
+            dom,
+            libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
+            lambda c, d, params, o: got.append(("completed", params["success"])),
+            None,
+        )
+        conn.domainEventRegisterAny(
+            dom,
+            libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
+            lambda c, d, disk, kind, status, o: got.append((disk, kind, status)),
+            None,
+        )
+        pull = (
+            "<domainbackup mode='pull'>"
+            f"<server transport='unix' socket='{tmp_path}/nbd.sock'/><disks>"
+            f"<disk name='vda' type='file'><scratch file='{tmp_path}/s.qcow2'/></disk>"
+            "<disk name='vdb' backup='no'/></disks></domainbackup>"
+        )
+        assert dom.backupBegin(pull, None) == 0
+        assert dom.jobStats()["type"] == libvirt.VIR_DOMAIN_JOB_UNBOUNDED
+        assert dom.abortJob() == 0
+        run_until(lambda: len(got) >= 2)
+        assert got == [
+            ("completed", True),
+            (
+                "vda",
+                libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP,
+                libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED,
+            ),
+        ]
+    finally:
+        conn.close()

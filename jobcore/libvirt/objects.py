@@ -250,6 +250,8 @@ class _EventReader:
             self._jobs.pop(ev.job, None)
         if bj is None:
             return
+        if bj.kind == C.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP and status == C.VIR_DOMAIN_BLOCK_JOB_READY:
+            return  # a backup's block jobs never converge in libvirt (its export is ready)
         if bj.pull_backup and status == C.VIR_DOMAIN_BLOCK_JOB_COMPLETED:
             status = C.VIR_DOMAIN_BLOCK_JOB_CANCELED  # libvirt: a pull backup ends by abort
         dom = dom or self.vconn._event_domain(ev.domain)
