@@ -19,12 +19,16 @@ demo: $(STAMP)
 demo-qemu: $(STAMP) qemu-deps
 	$(BIN)/python -m jobcore.demo --qemu
 
-# QEMU from Debian's packages, installed only when missing (tests never skip for lack of it).
+# QEMU, and virtnbdbackup (with libnbd's Python binding, which it imports) for the drop-in
+# libvirt module's tests, from Debian's packages, installed only when missing (tests never
+# skip for lack of them).
 qemu-deps:
-	@command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null || { \
-	  echo "installing qemu-system-x86 and qemu-utils"; \
+	@command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null \
+	  && command -v qemu-nbd >/dev/null && command -v virtnbdbackup >/dev/null \
+	  && /usr/bin/python3 -c 'import nbd' 2>/dev/null || { \
+	  echo "installing qemu-system-x86, qemu-utils, virtnbdbackup and python3-libnbd"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends qemu-system-x86 qemu-utils; }
+	    --no-install-recommends qemu-system-x86 qemu-utils virtnbdbackup python3-libnbd; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check jobcore drivers tests benchmarks
