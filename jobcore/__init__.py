@@ -18,6 +18,7 @@ from jobcore.errors import (
     InvalidURI,
     JobConflict,
     JobError,
+    NoSuchCheckpoint,
     NoSuchDomain,
     NoSuchJob,
     OperationInvalid,
@@ -29,9 +30,10 @@ from jobcore.errors import (
 )
 
 if _typing.TYPE_CHECKING:
-    from jobcore.api import Connection, Domain, Job, connect
+    from jobcore.api import Checkpoint, Connection, Domain, Job, connect
     from jobcore.events import EventFilter, EventKind, JobEvent, Subscription
     from jobcore.facade import (
+        BlockingCheckpoint,
         BlockingConnection,
         BlockingDomain,
         BlockingJob,
@@ -65,10 +67,12 @@ _LAZY = {
     "BackupJobSpec": "jobcore.types.backup",
     "BlockCommitSpec": "jobcore.types.chain",
     "BlockPullSpec": "jobcore.types.chain",
+    "BlockingCheckpoint": "jobcore.facade",
     "BlockingConnection": "jobcore.facade",
     "BlockingDomain": "jobcore.facade",
     "BlockingJob": "jobcore.facade",
     "ChainRef": "jobcore.spec",
+    "Checkpoint": "jobcore.api",
     "Connection": "jobcore.api",
     "Domain": "jobcore.api",
     "EventFilter": "jobcore.events",
@@ -126,10 +130,12 @@ __all__ = [
     "BackupJobSpec",
     "BlockCommitSpec",
     "BlockPullSpec",
+    "BlockingCheckpoint",
     "BlockingConnection",
     "BlockingDomain",
     "BlockingJob",
     "ChainRef",
+    "Checkpoint",
     "Connection",
     "ConnectionLost",
     "DaemonUnreachable",
@@ -163,6 +169,7 @@ __all__ = [
     "JobType",
     "JobWait",
     "MigrationSpec",
+    "NoSuchCheckpoint",
     "NoSuchDomain",
     "NoSuchJob",
     "OperationInvalid",

@@ -29,8 +29,8 @@ from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.uri import parse_uri
 
 if TYPE_CHECKING:
-    from jobcore.local import LocalConnection, LocalDomain, LocalJob
-    from jobcore.remote import RemoteConnection, RemoteDomain, RemoteJob
+    from jobcore.local import LocalCheckpoint, LocalConnection, LocalDomain, LocalJob
+    from jobcore.remote import RemoteCheckpoint, RemoteConnection, RemoteDomain, RemoteJob
 
 LEGACY_DOMAIN_JOB_UUID = C.LEGACY_DOMAIN_JOB_UUID
 
@@ -130,6 +130,44 @@ class Domain(Protocol):
     async def block_commit(
         self, disk: str, base: str | None, top: str | None, bandwidth: int = 0, flags: int = 0
     ) -> int: ...
+
+    # checkpoints (jobcore.checkpoints; libvirt's virDomainCheckpoint* calls)
+    async def checkpoint_create(self, xml: str, flags: int = 0) -> Checkpoint:
+        """A checkpoint from its ``<domaincheckpoint>`` (flags: VIR_DOMAIN_CHECKPOINT_
+        CREATE_REDEFINE, _REDEFINE_VALIDATE; _QUIESCE is refused: no guest agent)."""
+        ...
+
+    async def list_checkpoints(self, flags: int = 0) -> Sequence[Checkpoint]:
+        """In creation order (VIR_DOMAIN_CHECKPOINT_LIST_* filters)."""
+        ...
+
+    async def checkpoint_lookup(self, name: str) -> Checkpoint:
+        """NoSuchCheckpoint when the domain has none of that name."""
+        ...
+
+
+@runtime_checkable
+class Checkpoint(Protocol):
+    """A handle on one checkpoint of a domain (by name: it needs no round trip)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def domain(self) -> str:
+        """The name of its domain."""
+        ...
+
+    async def xml_desc(self, flags: int = 0) -> str:
+        """libvirt's ``<domaincheckpoint>``; VIR_DOMAIN_CHECKPOINT_XML_SIZE adds each
+        disk's dirty bytes since the checkpoint."""
+        ...
+
+    async def parent(self) -> Checkpoint | None: ...
+
+    async def delete(self, flags: int = 0) -> None:
+        """VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN, _CHILDREN_ONLY, _METADATA_ONLY."""
+        ...
 
 
 @runtime_checkable
@@ -231,3 +269,4 @@ if TYPE_CHECKING:  # mypy proves both implementations complete (members, signatu
         RemoteDomain,
         RemoteJob,
     )
+    _checkpoints: tuple[type[Checkpoint], type[Checkpoint]] = (LocalCheckpoint, RemoteCheckpoint)

@@ -318,3 +318,45 @@ class Driver(Protocol):
 
     def connect(self, uri: URI, tg: TaskGroup) -> AbstractAsyncContextManager[DriverConnection]:
         """Open a connection; its background tasks run in ``tg`` (owned by the engine)."""
+
+
+# ---- checkpoints' bitmaps (jobcore.checkpoints keeps the checkpoints themselves) --------
+
+
+@frozen
+class BitmapInfo:
+    """A persistent dirty bitmap on a disk, as the hypervisor has it (QEMU's
+    ``dirty-bitmaps`` of the disk's format node)."""
+
+    name: str
+    #: bytes marked dirty since the bitmap was created (QEMU's ``count``)
+    count: int
+    persistent: bool = True
+    recording: bool = True
+    #: QEMU found it not written back cleanly (a crash): unusable for a backup
+    inconsistent: bool = False
+
+
+@frozen
+class BitmapRemoval:
+    """Remove ``bitmap`` from ``disk``, first merging it into ``merge_into`` (a bitmap of
+    the same disk) when one is named: how a deleted checkpoint's changes stay in its
+    parent's record."""
+
+    disk: str
+    bitmap: str
+    merge_into: str | None = None
+
+
+# Optional DriverConnection methods for checkpoints (looked up with getattr; a driver
+# without them refuses checkpoint calls with Unsupported):
+#   ``async def bitmaps(self, domain: str) -> Mapping[str, Sequence[BitmapInfo]]``
+#       disk name -> the persistent bitmaps the disk has now;
+#   ``async def add_bitmaps(self, domain: str, bitmaps: Sequence[tuple[str, str]]) -> None``
+#       create persistent bitmaps (disk, name) all at once or none (DriverError naming
+#       one that exists already);
+#   ``async def remove_bitmaps(self, domain: str, removals: Sequence[BitmapRemoval]) -> None``
+#       merge and remove, all at once or none.
+# A backup's checkpoint bitmaps are created by the driver's own start() (atomically with
+# the backup, PreparedBackupDisk.checkpoint_bitmap) and removed again by it when the
+# backup fails or is cancelled.

@@ -26,10 +26,12 @@ from anyio.abc import TaskGroup
 from structlog.stdlib import BoundLogger
 
 from jobcore import constants as C
+from jobcore.checkpoints import Checkpoints
 from jobcore.driver import (
     Concluded,
     DriverConnection,
     DriverJob,
+    DriverState,
     Reattached,
     Recovered,
     Vanished,
@@ -110,6 +112,7 @@ class Engine:
         max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
         max_retained: int = DEFAULT_MAX_RETAINED,
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        checkpoint_state: DriverState | None = None,
     ) -> None:
         self.dconn = dconn
         self.tg = tg
@@ -137,6 +140,8 @@ class Engine:
         self.start_timeout = float(start_timeout)
         self.events = EventHub()
         self.scheduler = Scheduler()
+        #: the domains' checkpoints (jobcore.checkpoints), kept in ``checkpoint_state``
+        self.checkpoints = Checkpoints(dconn, self.scheduler, checkpoint_state)
         self._seq = itertools.count()
         self._closed = False
         #: closed with its active jobs kept for the next process: reports are not applied
@@ -287,6 +292,7 @@ class Engine:
         check_job = getattr(self.dconn, "check_job", None)
         if check_job is not None:  # the driver refuses before the job exists (targets, …)
             await check_job(spec, dom)
+        self.checkpoints.check_backup(spec, dom)  # incremental bases, a new checkpoint
         # no await from here until the record is stored: the UUID check holds
         if self._closed:
             raise JobError("the connection is closed")
@@ -330,6 +336,7 @@ class Engine:
             await self._persisted(rec, admitted)
         if admitted:
             await self._start(rec, raise_errors=True)
+            await self.checkpoints.flush()  # a checkpoint the backup created is durable
             if self.driver_state_durable:  # durability: what the driver saved at start
                 assert self._dstore is not None
                 with anyio.CancelScope(shield=True):
@@ -395,6 +402,8 @@ class Engine:
                     await self.dconn.set_speed(rec.driver_job, rec.bandwidth)
             except JobError as exc:
                 job_log(rec).warning("queued speed not applied", error=str(exc))
+        if error is None and rec.state not in (S.FAILED, S.CANCELLED):
+            await self._checkpoint_started(rec)
         if error is not None:
             if rec.state.active:
                 self._finish(rec, S.FAILED, errmsg=str(error))
@@ -405,6 +414,19 @@ class Engine:
                 if cause is not None:
                     raise error from cause
                 raise error
+
+    async def _checkpoint_started(self, rec: JobRecord) -> None:
+        """A backup that creates a checkpoint started: its record is made now."""
+        if getattr(rec.spec, "checkpoint_name", None) is None:
+            return
+        try:
+            dom = await self.dconn.lookup_domain(rec.domain)
+        except JobError as exc:  # gone meanwhile: its checkpoint with it
+            job_log(rec).warning("checkpoint not recorded", error=str(exc))
+            return
+        if rec.state in (S.FAILED, S.CANCELLED):  # it ended meanwhile: no checkpoint left
+            return
+        self.checkpoints.backup_started(rec.uuid, rec.spec, dom, rec.created_wall)
 
     async def _cancel_unstarted(self, rec: JobRecord, job: DriverJob) -> None:
         """Tell the driver to cancel (and clean up) a job whose start timed out; the cancel
@@ -499,6 +521,7 @@ class Engine:
         )
 
     def _ended(self, rec: JobRecord) -> None:
+        self.checkpoints.backup_ended(rec.uuid, rec.spec, rec.domain, rec.state is S.COMPLETED)
         if self._dstore is not None:  # durability: final event and waiters after commit
             self._dstore.defer(
                 functools.partial(self._final, rec, self._event(rec, EventKind.FINAL))
@@ -526,6 +549,7 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 await self._dstore.sync(raise_errors=False)
         await self._start(rec, raise_errors=False)
+        await self.checkpoints.flush()
 
     def _publish(self, event: JobEvent) -> None:
         """Emit an event held back until its state was committed (durable store)."""

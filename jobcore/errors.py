@@ -5,6 +5,7 @@
      ├── InvalidURI             a connection URI names no driver or is malformed
      ├── NoSuchDomain           no domain of that name on the connection
      ├── NoSuchJob              no active or retained job with that UUID (or alias)
+     ├── NoSuchCheckpoint       no checkpoint of that name on the domain
      ├── JobConflict            admission refused: another job holds a resource
      ├── OperationInvalid       a verb the job's state (or type) does not accept
      ├── QueueTimeout           a queued job was not admitted in time
@@ -47,6 +48,10 @@ class NoSuchDomain(JobError):
 
 class NoSuchJob(JobError):
     """No active or retained job matches."""
+
+
+class NoSuchCheckpoint(JobError):
+    """No checkpoint of that name exists on the domain (or a checkpoint has no parent)."""
 
 
 class JobConflict(JobError):

@@ -20,9 +20,9 @@ from typing import Any, TypeVar, cast
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from jobcore.api import Connection, Domain, Job, connect
+from jobcore.api import Checkpoint, Connection, Domain, Job, connect
 from jobcore.driver import DriverConnection
-from jobcore.errors import InvalidArgument, JobError
+from jobcore.errors import InvalidArgument, JobError, NoSuchCheckpoint
 from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
@@ -280,6 +280,57 @@ class BlockingDomain:
 
     def listJobs(self) -> list[BlockingJob]:
         return [BlockingJob(self.conn, j) for j in self.conn._call(self.adom.list_jobs)]
+
+    # ---- checkpoints (virDomainCheckpoint*) --------------------------------------------
+
+    def checkpointCreateXML(self, xml: str, flags: int = 0) -> BlockingCheckpoint:
+        return BlockingCheckpoint(self, self.conn._call(self.adom.checkpoint_create, xml, flags))
+
+    def listAllCheckpoints(self, flags: int = 0) -> list[BlockingCheckpoint]:
+        found = self.conn._call(self.adom.list_checkpoints, flags)
+        return [BlockingCheckpoint(self, cp) for cp in found]
+
+    def checkpointLookupByName(self, name: str, flags: int = 0) -> BlockingCheckpoint:
+        check_flags("checkpointLookupByName", flags)
+        return BlockingCheckpoint(self, self.conn._call(self.adom.checkpoint_lookup, name))
+
+
+class BlockingCheckpoint:
+    """virDomainCheckpoint-like: libvirt-python's names and return values."""
+
+    def __init__(self, dom: BlockingDomain, checkpoint: Checkpoint) -> None:
+        self.dom = dom
+        self.acheckpoint = checkpoint
+
+    def __repr__(self) -> str:
+        return f"<BlockingCheckpoint {self.acheckpoint.name!r} of {self.dom.name()!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockingCheckpoint) and other.acheckpoint == self.acheckpoint
+
+    def __hash__(self) -> int:
+        return hash(self.acheckpoint)
+
+    def getName(self) -> str:
+        return self.acheckpoint.name
+
+    def domain(self) -> BlockingDomain:
+        return self.dom
+
+    def getXMLDesc(self, flags: int = 0) -> str:
+        return self.dom.conn._call(self.acheckpoint.xml_desc, flags)
+
+    def getParent(self, flags: int = 0) -> BlockingCheckpoint:
+        """The parent; NoSuchCheckpoint when it has none, as libvirt."""
+        check_flags("checkpointGetParent", flags)
+        parent = self.dom.conn._call(self.acheckpoint.parent)
+        if parent is None:
+            raise NoSuchCheckpoint(f"checkpoint '{self.acheckpoint.name}' does not have a parent")
+        return BlockingCheckpoint(self.dom, parent)
+
+    def delete(self, flags: int = 0) -> int:
+        self.dom.conn._call(self.acheckpoint.delete, flags)
+        return 0
 
 
 class BlockingJob:

@@ -49,6 +49,31 @@ FLAG_NAMES: Mapping[str, tuple[str, ...]] = MappingProxyType(
             "VIR_DOMAIN_BLOCK_COMMIT_ACTIVE",
             "VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES",
         ),
+        # checkpoints (virDomainCheckpoint*; QUIESCE is accepted and refused with its own
+        # message: there is no guest agent)
+        "checkpointCreateXML": (
+            "VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE",
+            "VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE",
+            "VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE",
+        ),
+        "listAllCheckpoints": (
+            "VIR_DOMAIN_CHECKPOINT_LIST_ROOTS",
+            "VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL",
+            "VIR_DOMAIN_CHECKPOINT_LIST_LEAVES",
+            "VIR_DOMAIN_CHECKPOINT_LIST_NO_LEAVES",
+        ),
+        "checkpointLookupByName": (),
+        "checkpointGetXMLDesc": (
+            "VIR_DOMAIN_CHECKPOINT_XML_SECURE",
+            "VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN",
+            "VIR_DOMAIN_CHECKPOINT_XML_SIZE",
+        ),
+        "checkpointGetParent": (),
+        "checkpointDelete": (
+            "VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN",
+            "VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY",
+            "VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN_ONLY",
+        ),
         # virConnect calls: no filter or creation flag is implemented
         "listAllDomains": (),
         "createXML": (),

@@ -62,6 +62,10 @@ class Result(enum.Enum):
     JOB_PAGE = "[[job ref…], next cursor|nil]"
     JOB_INFO = "JobInfo"
     HELLO = "server hello"
+    # checkpoints: a checkpoint travels as its name (the domain is the caller's handle's)
+    CHECKPOINT_REF = "checkpoint ref"
+    CHECKPOINT_REFS = "[checkpoint ref…]"
+    OPT_CHECKPOINT_REF = "checkpoint ref|nil"
 
 
 class On(enum.Enum):
@@ -71,6 +75,7 @@ class On(enum.Enum):
     CONNECTION = "connection"  # no identity
     DOMAIN = "domain"  # the domain's name
     JOB = "job"  # the job's UUID
+    CHECKPOINT = "checkpoint"  # its domain's name and its own
 
 
 @frozen
@@ -87,8 +92,8 @@ class Call:
     #: begins, changes or ends a job or a domain: refused on the read-only socket
     writes: bool
     result: Result
-    #: the blocking facade's name for it (a BlockingConnection/BlockingDomain method, or a
-    #: jobcore module function for job calls)
+    #: the blocking facade's name for it (a BlockingConnection, BlockingDomain or
+    #: BlockingCheckpoint method, or a jobcore module function for job calls)
     blocking: str | None = None
     #: one line for design/daemon.md when the name and types do not say it all
     note: str = ""
@@ -96,11 +101,15 @@ class Call:
     @property
     def wire_args(self) -> tuple[Arg, ...]:
         """Every argument's wire type, the handle's identity first."""
-        head = {On.DOMAIN: (Arg.STR,), On.JOB: (Arg.UUID,)}.get(self.on, ())
+        head = {
+            On.DOMAIN: (Arg.STR,),
+            On.JOB: (Arg.UUID,),
+            On.CHECKPOINT: (Arg.STR, Arg.STR),
+        }.get(self.on, ())
         return head + tuple(kind for _, kind in self.args)
 
 
-C, D, J, S = On.CONNECTION, On.DOMAIN, On.JOB, On.SESSION
+C, D, J, S, K = On.CONNECTION, On.DOMAIN, On.JOB, On.SESSION, On.CHECKPOINT
 A, R = Arg, Result
 
 
@@ -188,6 +197,21 @@ class Method(enum.Enum):
     JOB_SET_SPEED = Call("job_set_speed", J, "set_speed", (("bandwidth", A.INT),), True,
                          R.NONE, "JobSetSpeed", note="bytes/s; 0 lifts the limit")  # fmt: skip
     JOB_XML_DESC = Call("job_xml_desc", J, "xml_desc", (), False, R.TEXT, "JobGetXMLDesc")
+    # checkpoints (jobcore.checkpoints): a domain's, then one checkpoint's
+    CHECKPOINT_CREATE = Call("checkpoint_create", D, "checkpoint_create",
+                             (("xml", A.TEXT), ("flags", A.INT)), True, R.CHECKPOINT_REF,
+                             "checkpointCreateXML")  # fmt: skip
+    LIST_CHECKPOINTS = Call("list_checkpoints", D, "list_checkpoints", (("flags", A.INT),),
+                            False, R.CHECKPOINT_REFS, "listAllCheckpoints",
+                            note="in creation order")  # fmt: skip
+    CHECKPOINT_LOOKUP = Call("checkpoint_lookup", D, "checkpoint_lookup", (("name", A.STR),),
+                             False, R.CHECKPOINT_REF, "checkpointLookupByName")  # fmt: skip
+    CHECKPOINT_XML_DESC = Call("checkpoint_xml_desc", K, "xml_desc", (("flags", A.INT),),
+                               False, R.TEXT, "getXMLDesc")  # fmt: skip
+    CHECKPOINT_PARENT = Call("checkpoint_parent", K, "parent", (), False,
+                             R.OPT_CHECKPOINT_REF, "getParent")  # fmt: skip
+    CHECKPOINT_DELETE = Call("checkpoint_delete", K, "delete", (("flags", A.INT),), True,
+                             R.NONE, "delete")  # fmt: skip
 
     def __str__(self) -> str:
         return self.value.name

@@ -618,6 +618,9 @@ RESULT_TYPES: dict[Result, Any] = {
     Result.JOB_PAGE: JobPage,
     Result.JOB_INFO: JobInfo,
     Result.HELLO: ServerHello,
+    Result.CHECKPOINT_REF: str,
+    Result.CHECKPOINT_REFS: list[str],
+    Result.OPT_CHECKPOINT_REF: str | None,
 }
 
 

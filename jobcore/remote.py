@@ -708,6 +708,64 @@ class RemoteDomain:
         check_flags("blockCommit", flags)
         return await self._call(Method.BLOCK_COMMIT, disk, base, top, bandwidth, flags)  # type: ignore[no-any-return]
 
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    async def checkpoint_create(self, xml: str, flags: int = 0) -> RemoteCheckpoint:
+        check_flags("checkpointCreateXML", flags)
+        _check_size(xml, "domaincheckpoint")
+        return RemoteCheckpoint(self, await self._call(Method.CHECKPOINT_CREATE, xml, flags))
+
+    async def list_checkpoints(self, flags: int = 0) -> list[RemoteCheckpoint]:
+        check_flags("listAllCheckpoints", flags)
+        names: list[str] = await self._call(Method.LIST_CHECKPOINTS, flags)
+        return [RemoteCheckpoint(self, n) for n in names]
+
+    async def checkpoint_lookup(self, name: str) -> RemoteCheckpoint:
+        return RemoteCheckpoint(self, await self._call(Method.CHECKPOINT_LOOKUP, name))
+
+
+class RemoteCheckpoint:
+    """A checkpoint handle served by jobd: its domain's name and its own."""
+
+    def __init__(self, dom: RemoteDomain, name: str) -> None:
+        self._dom = dom
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self._name!r} of {self._dom.name!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteCheckpoint) and (other.domain, other.name) == (
+            self.domain,
+            self.name,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.domain, self._name))
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def domain(self) -> str:
+        return self._dom.name
+
+    async def _call(self, method: Method, *args: ArgValue) -> Any:
+        return await self._dom.conn.call(method, self._dom.name, self._name, *args)
+
+    async def xml_desc(self, flags: int = 0) -> str:
+        check_flags("checkpointGetXMLDesc", flags)
+        return await self._call(Method.CHECKPOINT_XML_DESC, flags)  # type: ignore[no-any-return]
+
+    async def parent(self) -> RemoteCheckpoint | None:
+        name = await self._call(Method.CHECKPOINT_PARENT)
+        return None if name is None else RemoteCheckpoint(self._dom, name)
+
+    async def delete(self, flags: int = 0) -> None:
+        check_flags("checkpointDelete", flags)
+        await self._call(Method.CHECKPOINT_DELETE, flags)
+
 
 class RemoteJob:
     """A job handle served by jobd. ``uuid``, ``type`` and ``domain`` need no round trip;

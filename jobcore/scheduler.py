@@ -59,6 +59,12 @@ def disk_resource(domain: str, disk: str) -> str:
     return f"disk:{domain}/{disk}"
 
 
+def checkpoint_resource(domain: str, checkpoint: str) -> str:
+    """What an incremental backup reads from (its base checkpoint): a checkpoint delete
+    is refused while it has holders."""
+    return f"checkpoint:{domain}/{checkpoint}"
+
+
 def normalize_path(path: str) -> str:
     """One spelling per file: the directory resolved (``//``, ``.``, ``..`` and symbolic
     links, as the kernel would), the last component kept as written (a symbolic link there

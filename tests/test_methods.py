@@ -16,13 +16,23 @@ from jobcore.methods import Method, On, Result, render_markdown
 
 DAEMON_MD = Path(__file__).parent.parent / "design" / "daemon.md"
 
-INTERFACE = {On.CONNECTION: api.Connection, On.DOMAIN: api.Domain, On.JOB: api.Job}
+INTERFACE = {
+    On.CONNECTION: api.Connection,
+    On.DOMAIN: api.Domain,
+    On.JOB: api.Job,
+    On.CHECKPOINT: api.Checkpoint,
+}
 IMPLS = {
     On.CONNECTION: (local.LocalConnection, remote.RemoteConnection),
     On.DOMAIN: (local.LocalDomain, remote.RemoteDomain),
     On.JOB: (local.LocalJob, remote.RemoteJob),
+    On.CHECKPOINT: (local.LocalCheckpoint, remote.RemoteCheckpoint),
 }
-BLOCKING = {On.CONNECTION: facade.BlockingConnection, On.DOMAIN: facade.BlockingDomain}
+BLOCKING = {
+    On.CONNECTION: facade.BlockingConnection,
+    On.DOMAIN: facade.BlockingDomain,
+    On.CHECKPOINT: facade.BlockingCheckpoint,
+}
 #: interface methods that are no call of their own: a typed spec travels as its job XML
 #: (job_begin), a job's events are a subscription filtered on it (subscribe)
 NOT_CALLS = {"job_begin_spec", "events"}
@@ -98,6 +108,8 @@ def test_jobd_serves_every_call_and_refuses_writes_read_only() -> None:
     writes = {str(m) for m in Method if m.value.writes}
     assert "job_abort" in writes and "job_info" not in writes
     assert {"job_begin", "create_domain", "domain_destroy"} <= writes
+    assert {"checkpoint_create", "checkpoint_delete"} <= writes
+    assert "checkpoint_xml_desc" not in writes and "list_checkpoints" not in writes
 
 
 def test_daemon_md_lists_the_table() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +31,15 @@ from drivers.qemu.runners.backup_checks import check_backup_job
 from drivers.qemu.runners.base import Phase, Runner
 from drivers.qemu.runners.chain import BlockCommitRunner, BlockPullRunner
 from drivers.qemu.runners.migration import MigrationRunner
-from jobcore.driver import DomainInfo, DriverJob, Recovered, SystemClock, Vanished
+from jobcore.driver import (
+    BitmapInfo,
+    BitmapRemoval,
+    DomainInfo,
+    DriverJob,
+    Recovered,
+    SystemClock,
+    Vanished,
+)
 from jobcore.errors import (
     DriverError,
     InvalidArgument,
@@ -282,6 +290,65 @@ class QemuConnection:
     async def qmp(self, name: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """A raw QMP command on the domain's process (diagnostics and tests)."""
         return await self._domain(name).process.execute(cmd, args)
+
+    # ------------------------------------------------------------- checkpoints
+
+    async def bitmaps(self, name: str) -> dict[str, list[BitmapInfo]]:
+        """Each disk's dirty bitmaps, on its active layer's format node (where a
+        checkpoint's bitmap lives), as QEMU has them now."""
+        domain = self._domain(name)
+        nodes = await domain.process.execute("query-named-block-nodes", {"flat": True})
+        on_node = {str(n.get("node-name")): n.get("dirty-bitmaps") or () for n in nodes}
+        return {
+            disk.name: [
+                BitmapInfo(
+                    str(b.get("name")),
+                    int(b.get("count", 0)),
+                    persistent=bool(b.get("persistent", False)),
+                    recording=bool(b.get("recording", True)),
+                    inconsistent=bool(b.get("inconsistent", False)),
+                )
+                for b in on_node.get(disk.active.node, ())
+                if b.get("name")  # a running backup's own copy bitmap has no name
+            ]
+            for disk in domain.disks.values()
+        }
+
+    async def add_bitmaps(self, name: str, bitmaps: Sequence[tuple[str, str]]) -> None:
+        """Persistent bitmaps (disk, bitmap), in one transaction: all or none."""
+        self._check_open()
+        domain = self._domain(name)
+        actions = [
+            {
+                "type": "block-dirty-bitmap-add",
+                "data": {"node": domain.disk(disk).active.node, "name": bitmap,
+                         "persistent": True},
+            }
+            for disk, bitmap in bitmaps
+        ]  # fmt: skip
+        if actions:
+            await domain.process.execute("transaction", {"actions": actions})
+
+    async def remove_bitmaps(self, name: str, removals: Sequence[BitmapRemoval]) -> None:
+        """Each bitmap merged into its ``merge_into`` (if named), then removed: one
+        transaction, so the parent's bitmap never misses the changes."""
+        self._check_open()
+        domain = self._domain(name)
+        actions: list[dict[str, Any]] = []
+        for r in removals:
+            node = domain.disk(r.disk).active.node
+            if r.merge_into is not None:
+                actions.append(
+                    {
+                        "type": "block-dirty-bitmap-merge",
+                        "data": {"node": node, "target": r.merge_into, "bitmaps": [r.bitmap]},
+                    }
+                )
+            actions.append(
+                {"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": r.bitmap}}
+            )
+        if actions:
+            await domain.process.execute("transaction", {"actions": actions})
 
     # ------------------------------------------------------------------- jobs
 

@@ -1,5 +1,8 @@
 """Backup in the simulation: push and pull, incremental from a checkpoint, the checkpoint
 a backup creates, and libvirt's rules for its target and scratch files (design/xml.md).
+A domain's ``checkpoints`` are its simulated persistent bitmaps (bitmap name -> the disks
+that have one): a backup creates its checkpoint's at start and removes them again unless
+it completes; jobcore.checkpoints keeps the checkpoints themselves.
 
 The simulation never writes real files: what a backup creates goes into its host's
 ``files``, and leaves it again when the job fails or is aborted (scratch files always).
@@ -77,7 +80,7 @@ def plan(world: SimWorld, spec: Any, dom: SimDomain) -> Plan:
         sim_disk = dom.disks[bdisk.name]
         incremental = bdisk.incremental
         if incremental is not None:
-            if incremental not in dom.checkpoints:
+            if bdisk.name not in dom.checkpoints.get(incremental, ()):
                 raise DriverError(
                     f"Checkpoint '{incremental}' for incremental "
                     f"backup of disk '{bdisk.name}' not found"
@@ -90,13 +93,36 @@ def plan(world: SimWorld, spec: Any, dom: SimDomain) -> Plan:
     return total, False, {}
 
 
+def checkpoint_bitmaps(spec: PreparedBackup) -> list[tuple[str, str]]:
+    """(disk, bitmap) of the checkpoint the backup creates."""
+    return [(d.name, d.checkpoint_bitmap) for d in spec.disks if d.checkpoint_bitmap]
+
+
+def add_bitmaps(world: SimWorld, dom: SimDomain, bitmaps: list[tuple[str, str]]) -> None:
+    """Create persistent bitmaps (disk, name), all or none, as QEMU's transaction does."""
+    for disk, name in bitmaps:
+        if disk not in dom.disks:
+            raise DriverError(f"domain '{dom.name}' has no disk '{disk}'")
+        if disk in dom.checkpoints.get(name, ()):
+            raise DriverError(f"Bitmap already exists: {name} (disk '{disk}')")
+    for disk, name in bitmaps:
+        dom.checkpoints[name] = (*dom.checkpoints.get(name, ()), disk)
+    world.changed(world.host_of(dom.name))
+
+
+def remove_bitmaps(world: SimWorld, dom: SimDomain, bitmaps: list[tuple[str, str]]) -> None:
+    """Remove bitmaps (disk, name) that exist; a merge changes nothing simulated."""
+    for disk, name in bitmaps:
+        left = tuple(d for d in dom.checkpoints.get(name, ()) if d != disk)
+        if left:
+            dom.checkpoints[name] = left
+        else:
+            dom.checkpoints.pop(name, None)
+    world.changed(world.host_of(dom.name))
+
+
 def apply(world: SimWorld, job: DriverJob, dom: SimDomain) -> Mapping[str, int | str]:
-    spec = job.spec
-    assert isinstance(spec, PreparedBackup)
-    if spec.checkpoint_name is not None:
-        dom.checkpoints[spec.checkpoint_name] = tuple(d.name for d in spec.disks)
-        world.changed(world.host_of(dom.name))
-    return {}
+    return {}  # the checkpoint's bitmaps exist since the start
 
 
 def ended(world: SimWorld, sj: SimJob, outcome: str) -> None:
@@ -108,6 +134,11 @@ def ended(world: SimWorld, sj: SimJob, outcome: str) -> None:
         host = world.host_of(sj.job.domain)
         for path in sj.created:
             world.remove_file(host, path)
+    # a backup that did not complete leaves no checkpoint (as the qemu driver)
+    if outcome != "completed" and spec.checkpoint_name is not None:
+        dom = world.host_of(sj.job.domain).domains.get(sj.job.domain)
+        if dom is not None:
+            remove_bitmaps(world, dom, checkpoint_bitmaps(spec))
 
 
 BEHAVIOUR = Behaviour(plan=plan, apply=apply, ended=ended)

@@ -14,7 +14,7 @@ import heapq
 import itertools
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,6 +28,8 @@ from drivers.sim.job import Behaviour, Phase, SimJob
 from drivers.sim.persist import SimState, restore_job
 from drivers.sim.world import MiB, SimWorld
 from jobcore.driver import (
+    BitmapInfo,
+    BitmapRemoval,
     Concluded,
     DomainInfo,
     DriverJob,
@@ -161,6 +163,30 @@ class SimConnection:
         self.world.where.pop(name, None)
         self.world.changed(source)
 
+    # ---- checkpoints' bitmaps (jobcore.driver; jobcore.checkpoints keeps the rest) ------
+
+    async def bitmaps(self, domain: str) -> dict[str, list[BitmapInfo]]:
+        """Each disk's simulated bitmaps; a bitmap's dirty bytes are what an incremental
+        backup from it copies (1/INCREMENTAL_FRACTION of the disk)."""
+        dom = self.world.domain(domain)
+        found: dict[str, list[BitmapInfo]] = {d: [] for d in dom.disks}
+        for name, disks in dom.checkpoints.items():
+            for disk in disks:
+                size = dom.disks[disk].virtual_size // backup.INCREMENTAL_FRACTION
+                found[disk].append(BitmapInfo(name, size))
+        return found
+
+    async def add_bitmaps(self, domain: str, bitmaps: Sequence[tuple[str, str]]) -> None:
+        if self.crashed:
+            raise DriverError("the simulated hypervisor is not running")
+        backup.add_bitmaps(self.world, self.world.domain(domain), list(bitmaps))
+
+    async def remove_bitmaps(self, domain: str, removals: Sequence[BitmapRemoval]) -> None:
+        if self.crashed:
+            raise DriverError("the simulated hypervisor is not running")
+        dom = self.world.domain(domain)
+        backup.remove_bitmaps(self.world, dom, [(r.disk, r.bitmap) for r in removals])
+
     # ---- failure injection ----------------------------------------------------------
 
     def inject_failure(
@@ -200,6 +226,8 @@ class SimConnection:
             else []
         )
         total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
+        if isinstance(job.spec, PreparedBackup):  # its checkpoint, atomically with it
+            backup.add_bitmaps(self.world, dom, backup.checkpoint_bitmaps(job.spec))
         bandwidth = getattr(job.spec, "bandwidth", None)
         rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
         fail = self._take_injection(str(job.type))

@@ -41,7 +41,8 @@ class SimDomain:
     uuid: uuid.UUID
     disks: dict[str, SimDisk]
     memory: int
-    checkpoints: dict[str, tuple[str, ...]] = field(factory=dict)  # name -> disks
+    #: the simulated persistent dirty bitmaps: bitmap name -> the disks that have one
+    checkpoints: dict[str, tuple[str, ...]] = field(factory=dict)
 
     def info(self) -> DomainInfo:
         return DomainInfo(

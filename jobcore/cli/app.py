@@ -19,6 +19,7 @@ from jobcore.uri import parse_uri
 COMMANDS = {
     "abort": "jobs",
     "begin": "jobs",
+    "checkpoint": "checkpoints",
     "complete": "jobs",
     "daemon": "daemon",
     "domain": "domains",

@@ -14,6 +14,7 @@ from jobcore.errors import (
     InvalidURI,
     JobConflict,
     JobError,
+    NoSuchCheckpoint,
     NoSuchDomain,
     NoSuchJob,
 )
@@ -32,7 +33,7 @@ class ExitCode(enum.IntEnum):
     JOB_CANCELLED = 4  # the job waited for ended in 'cancelled'
     CONFLICT = 5  # JobBegin refused: another job holds a resource (JobConflict)
     UNREACHABLE = 6  # no jobd answers at the socket, or the connection was lost
-    NOT_FOUND = 7  # no such domain or job
+    NOT_FOUND = 7  # no such domain, job or checkpoint
     DENIED = 8  # read-only socket, or uid not allowed
     DAEMON_RUNNING = 9  # `jobctl daemon`: another jobd serves the run directory
     TIMEOUT = 10  # `wait --timeout` / `begin --wait --timeout` expired
@@ -54,6 +55,7 @@ _STATUS: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (DaemonUnreachable, ExitCode.UNREACHABLE),
     (NoSuchDomain, ExitCode.NOT_FOUND),
     (NoSuchJob, ExitCode.NOT_FOUND),
+    (NoSuchCheckpoint, ExitCode.NOT_FOUND),
     (AccessDenied, ExitCode.DENIED),
     (InvalidURI, ExitCode.USAGE),
     (TimeoutError, ExitCode.TIMEOUT),

@@ -82,6 +82,10 @@ def _encoder(result: Result) -> Callable[[_Client, Any], Wire]:
         return _ref
     if result is Result.JOB_REFS:
         return lambda c, jobs: [_ref(c, j) for j in jobs]
+    if result in (Result.CHECKPOINT_REF, Result.OPT_CHECKPOINT_REF):
+        return lambda c, cp: None if cp is None else cp.name
+    if result is Result.CHECKPOINT_REFS:
+        return lambda c, cps: [cp.name for cp in cps]
     if result in (Result.JOB_INFO, Result.DOMAIN_INFO):
         return lambda c, value: encode_value(value)
     return lambda c, value: value  # already plain: nil, ints, text, typed params
@@ -104,6 +108,13 @@ def _table_handler(method: Method) -> Handler:
             return encode(c, await getattr(await _domain(c, a[0]), attr)(*a[1:]))
 
         return on_domain
+    if call.on is On.CHECKPOINT:
+
+        async def on_checkpoint(c: _Client, a: tuple[Any, ...]) -> Wire:
+            checkpoint = await (await _domain(c, a[0])).checkpoint_lookup(a[1])
+            return encode(c, await getattr(checkpoint, attr)(*a[2:]))
+
+        return on_checkpoint
 
     async def on_job(c: _Client, a: tuple[Any, ...]) -> Wire:
         job = await _job(c, a[0])
@@ -196,5 +207,5 @@ _BULKY = frozenset(
     for m in Method
     if m.value.result
     in (Result.DOMAIN_REFS, Result.DOMAIN_INFO, Result.JOB_REFS, Result.JOB_PAGE, Result.PARAMS,
-        Result.TEXT)
+        Result.TEXT, Result.CHECKPOINT_REFS)
 )  # fmt: skip

@@ -28,6 +28,7 @@ from jobcore.paths import Access, PathKind, PathUse
 from jobcore.scheduler import (
     Claim,
     Mode,
+    checkpoint_resource,
     disk_resource,
     domain_resource,
     file_resource,
@@ -258,14 +259,19 @@ def backup_socket(spec: BackupJobSpec) -> str | None:
 
 
 def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
-    """Shared on the domain, a read of each disk, a write of each target or scratch file
-    and of the NBD socket it names (a prepared backup's: its paths are normalised)."""
+    """Shared on the domain, a read of each disk and of each checkpoint an incremental
+    starts from (deleting it is refused meanwhile), a write of each target or scratch
+    file and of the NBD socket it names (a prepared backup's: its paths are normalised)."""
     assert isinstance(spec, PreparedBackup)
     claims = [Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED)]
     files: dict[str, None] = {}
+    bases: dict[str, None] = {}
     for disk in spec.disks:
         claims.append(Claim(disk_resource(dom.name, disk.name), Mode.READ))
         files[file_resource(disk.store)] = None
+        if disk.incremental is not None:
+            bases[checkpoint_resource(dom.name, disk.incremental)] = None
+    claims.extend(Claim(name, Mode.READ) for name in bases)
     sock = backup_socket(spec)
     if sock is not None:  # the NBD server creates it: two jobs must not share it
         files[file_resource(sock)] = None
