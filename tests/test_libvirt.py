@@ -370,3 +370,48 @@ def test_pull_backup_events(tmp_path: Path, errors: list[Any]) -> None:
         ]
     finally:
         conn.close()
+
+
+def test_checkpoints(errors: list[Any]) -> None:
+    """Checkpoints made with backups, looked up, described, parents and children,
+    redefined from their own XML, deleted; a missing one is libvirt's 103."""
+    libvirt_conn = libvirt.open("sim:///default?rate=0")  # instant backups
+    try:
+        dom = libvirt_conn.lookupByName("vm1")
+        assert dom.listAllCheckpoints() == []
+        with pytest.raises(libvirt.libvirtError) as exc:
+            dom.checkpointLookupByName("virtnbdbackup.0")
+        assert code(exc) == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT == 103
+        assert exc.value.get_error_domain() == libvirt.VIR_FROM_DOMAIN_CHECKPOINT
+        assert str(exc.value).startswith("Domain checkpoint not found: ")
+        for n, incremental in ((0, ""), (1, "<incremental>cp0</incremental>")):
+            backup = BACKUP_VDA.format(tag=f"cp{n}").replace("</disks>", f"</disks>{incremental}")
+            checkpoint = f"<domaincheckpoint><name>cp{n}</name></domaincheckpoint>"
+            assert dom.backupBegin(backup, checkpoint) == 0
+            assert dom.checkpointLookupByName(f"cp{n}").getName() == f"cp{n}"
+        cp0, cp1 = dom.listAllCheckpoints()
+        assert (cp0.getName(), cp1.getName()) == ("cp0", "cp1")
+        assert cp1.getParent() == cp0 and cp1.domain() == dom and cp1.getConnect() is libvirt_conn
+        with pytest.raises(libvirt.libvirtError) as exc:
+            cp0.getParent()
+        assert code(exc) == 103
+        assert cp0.listAllChildren() == [cp1]
+        assert cp0.listAllChildren(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_DESCENDANTS) == [cp1]
+        roots = dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_ROOTS)
+        assert [c.getName() for c in roots] == ["cp0"]
+        sized = cp1.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE)
+        assert "<name>cp1</name>" in sized and "size=" in sized
+        saved = cp1.getXMLDesc()
+        assert cp1.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY) == 0
+        with pytest.raises(libvirt.libvirtError) as exc:
+            dom.checkpointLookupByName("cp1")
+        assert code(exc) == 103
+        again = dom.checkpointCreateXML(saved, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+        assert again.getName() == "cp1" and again.getParent() == cp0
+        assert [c.getName() for c in dom.listAllCheckpoints()] == ["cp0", "cp1"]
+        assert cp0.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN) == 0
+        assert dom.listAllCheckpoints() == []
+        has = libvirt.VIR_CONNECT_LIST_DOMAINS_HAS_CHECKPOINT
+        assert libvirt_conn.listAllDomains(has) == []
+    finally:
+        libvirt_conn.close()

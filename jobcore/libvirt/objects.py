@@ -26,7 +26,7 @@ import structlog
 from attrs import frozen
 
 from jobcore import facade
-from jobcore.errors import InvalidArgument, JobError, leaf_error
+from jobcore.errors import InvalidArgument, JobError, NoSuchCheckpoint, leaf_error
 from jobcore.events import EventKind, JobEvent
 from jobcore.libvirt import constants as C
 from jobcore.libvirt.errors import libvirtError, make_error, to_libvirt_error
@@ -786,19 +786,19 @@ class virDomain:
             self._conn._from,
         )
 
-    # -- checkpoints (jobcore/facade.py's BlockingDomain checkpoint calls)
+    # -- checkpoints
 
     @_api("virDomainCheckpointCreateXML", writes=True)
     def checkpointCreateXML(self, xmlDesc: str, flags: int = 0) -> virDomainCheckpoint:
-        return virDomainCheckpoint(self, self._bx.checkpointCreateXML(xmlDesc, flags))
+        return virDomainCheckpoint(self, self._b.checkpointCreateXML(xmlDesc, flags))
 
     @_api("virDomainListAllCheckpoints")
     def listAllCheckpoints(self, flags: int = 0) -> list[virDomainCheckpoint]:
-        return [virDomainCheckpoint(self, c) for c in self._bx.listAllCheckpoints(flags)]
+        return [virDomainCheckpoint(self, c) for c in self._b.listAllCheckpoints(flags)]
 
     @_api("virDomainCheckpointLookupByName")
     def checkpointLookupByName(self, name: str, flags: int = 0) -> virDomainCheckpoint:
-        return virDomainCheckpoint(self, self._bx.checkpointLookupByName(name, flags))
+        return virDomainCheckpoint(self, self._b.checkpointLookupByName(name, flags))
 
     # -- libvirt_qemu
 
@@ -821,7 +821,7 @@ class virDomain:
 class virDomainCheckpoint:
     """A checkpoint of a domain (jobcore's persistent checkpoints)."""
 
-    def __init__(self, dom: virDomain, bcp: Any) -> None:
+    def __init__(self, dom: virDomain, bcp: facade.BlockingCheckpoint) -> None:
         self._dom = dom
         self._b = bcp
 
@@ -843,7 +843,7 @@ class virDomainCheckpoint:
         return hash((self._dom, self.getName()))
 
     def getName(self) -> str:
-        return str(self._b.getName())
+        return self._b.getName()
 
     def domain(self) -> virDomain:
         return self._dom
@@ -856,7 +856,7 @@ class virDomainCheckpoint:
 
     @_api("virDomainCheckpointGetXMLDesc")
     def getXMLDesc(self, flags: int = 0) -> str:
-        return str(self._b.getXMLDesc(flags))
+        return self._b.getXMLDesc(flags)
 
     @_api("virDomainCheckpointGetParent")
     def getParent(self, flags: int = 0) -> virDomainCheckpoint:
@@ -864,7 +864,7 @@ class virDomainCheckpoint:
 
     @_api("virDomainCheckpointDelete", writes=True)
     def delete(self, flags: int = 0) -> int:
-        return int(self._b.delete(flags))
+        return self._b.delete(flags)
 
     @_api("virDomainCheckpointListAllChildren")
     def listAllChildren(self, flags: int = 0) -> list[virDomainCheckpoint]:
@@ -879,7 +879,7 @@ class virDomainCheckpoint:
         for cp in every:
             try:
                 parents[cp.getName()] = cp._b.getParent(0).getName()
-            except Exception:  # a root: libvirt's getParent raises
+            except NoSuchCheckpoint:  # a root: libvirt's getParent raises
                 parents[cp.getName()] = None
         wanted = {self.getName()}
         found: list[virDomainCheckpoint] = []
