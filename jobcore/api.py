@@ -100,6 +100,18 @@ class Domain(Protocol):
         """Parse a ``<job>`` document and begin it (JobBegin)."""
         ...
 
+    # domain description and the QEMU monitor (slice domxml)
+    async def xml_desc(self, flags: int = 0) -> str:
+        """libvirt's domain XML of the domain now, with each disk's backing chain."""
+        ...
+
+    async def is_active(self) -> bool: ...
+
+    async def qemu_monitor_command(self, cmd: str, flags: int = 0) -> str:
+        """An HMP line (flags VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP) or QMP JSON straight to
+        the domain's QEMU (qemu driver only); its reply text."""
+        ...
+
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> Job:
         """Begin a job from a typed spec (what ``job_begin`` does after parsing)."""
         ...

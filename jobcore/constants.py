@@ -90,6 +90,16 @@ VIR_DOMAIN_EVENT_ID_BLOCK_JOB = 8
 VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2 = 16
 VIR_DOMAIN_EVENT_ID_JOB_COMPLETED = 21
 
+# virDomainXMLFlags (virDomainGetXMLDesc)
+VIR_DOMAIN_XML_SECURE = 1 << 0
+VIR_DOMAIN_XML_INACTIVE = 1 << 1
+VIR_DOMAIN_XML_UPDATE_CPU = 1 << 2
+VIR_DOMAIN_XML_MIGRATABLE = 1 << 3
+
+# virDomainQemuMonitorCommandFlags (libvirt-qemu)
+VIR_DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT = 0
+VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP = 1 << 0
+
 # jobcore's own JobBegin flags (no libvirt counterpart). They live from bit 16 up, out of
 # the space of libvirt's per-call flags, because JobBegin also takes those (a backup job
 # takes VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL = 1 << 0); see jobcore.flags.

@@ -2,7 +2,8 @@
 
 A driver never sees XML: it receives prepared specs (jobcore.types: every chain position,
 default, file and name resolved by the job's type) wrapped in a ``DriverJob``, and reports
-back through that job's ``JobReporter``. It computes none of jobcore's semantics again.
+back through that job's ``JobReporter``, and a domain's definition parsed from libvirt's
+domain XML (jobcore.xml.domain.DomainDef). It computes none of jobcore's semantics again.
 The engine owns every state transition; a driver only *reports* (progress, ready,
 completed, failed, cancelled, paused-by-error) and *acts* on verbs (start, cancel, pause,
 resume, complete, set_speed).
@@ -25,6 +26,7 @@ from attrs import frozen
 from jobcore.errors import InvalidArgument
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobSpec, JobType
+from jobcore.xml.domain import DomainDef
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -41,10 +43,17 @@ class DiskInfo:
     chain: tuple[str, ...]  # file paths, active layer first
     format: str = "qcow2"
     virtual_size: int = 0
+    #: the format of each layer of ``chain`` (empty: every layer is ``format``)
+    formats: tuple[str, ...] = ()
+    #: the bus its definition named (``<target bus>``; shown again by XMLDesc)
+    bus: str = "virtio"
 
     @property
     def source(self) -> str:
         return self.chain[0]
+
+    def layer_format(self, index: int) -> str:
+        return self.formats[index] if index < len(self.formats) else self.format
 
 
 @frozen
@@ -54,6 +63,9 @@ class DomainInfo:
     disks: tuple[DiskInfo, ...]
     memory: int = 0  # bytes
     running: bool = True
+    #: what runs it, as libvirt's ``<domain type>``: 'kvm' or 'qemu' (QEMU with or
+    #: without KVM), 'test' (the sim driver)
+    virt_type: str = "test"
 
     def disk(self, name: str) -> DiskInfo | None:
         for d in self.disks:
@@ -244,16 +256,24 @@ class DriverConnection(Protocol):
     async def lookup_domain(self, name: str) -> DomainInfo:
         """Raise jobcore.errors.NoSuchDomain when there is none."""
 
-    async def create_domain(self, xml: str) -> DomainInfo:
-        """Start a domain from the libvirt-style domain XML subset (optional).
+    async def create_domain(self, definition: DomainDef) -> DomainInfo:
+        """Start a domain from its definition (optional): the core parsed the libvirt
+        domain XML (jobcore.xml.domain.parse_domain), the driver never sees it.
 
         Optional keyword ``path_guard`` (jobcore.paths.PathGuard): a driver that opens
-        host files the XML names accepts it and, when given one, calls it with each of
-        them before opening it: the disk sources first, then the backing files found in
-        them. A driver without the parameter is refused a guard (jobd's confined clients
-        cannot create domains on it)."""
+        host files the definition names accepts it and, when given one, calls it with
+        each of them before opening it: the disk sources first, then the backing files
+        found in them (or, on sim, named by the definition's ``<backingStore>``). A
+        driver without the parameter is refused a guard (jobd's confined clients cannot
+        create domains on it)."""
 
     async def destroy_domain(self, name: str) -> None: ...
+
+    # Optional (looked up with getattr; absent: Unsupported naming the driver):
+    #   ``async def monitor_command(self, name: str, command: str, *, hmp: bool) -> str``
+    # runs an admin's monitor command on domain ``name`` (libvirt-qemu's
+    # qemuMonitorCommand): ``hmp`` True, ``command`` is HMP text and the result its text;
+    # else ``command`` is a QMP command as JSON text and the result the JSON reply text.
 
     # Optional: ``async def check_job(self, spec: Any, dom: DomainInfo) -> None`` refuses a
     # prepared spec before the job exists (raise a JobError; e.g. a backup target that

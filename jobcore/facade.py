@@ -247,6 +247,16 @@ class BlockingDomain:
         self.conn._call(self.adom.destroy)
         return 0
 
+    # domain description and the QEMU monitor (slice domxml)
+    def XMLDesc(self, flags: int = 0) -> str:
+        return self.conn._call(self.adom.xml_desc, flags)
+
+    def isActive(self) -> int:
+        return 1 if self.conn._call(self.adom.is_active) else 0
+
+    def qemuMonitorCommand(self, cmd: str, flags: int = 0) -> str:
+        return self.conn._call(self.adom.qemu_monitor_command, cmd, flags)
+
     def jobInfo(self) -> list[int]:
         return self.conn._call(self.adom.job_info)
 

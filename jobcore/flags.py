@@ -74,6 +74,11 @@ FLAG_NAMES: Mapping[str, tuple[str, ...]] = MappingProxyType(
             "VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY",
             "VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN_ONLY",
         ),
+        # domain description and the QEMU monitor (design/xml.md "Domain XML"): SECURE
+        # and INACTIVE accepted (jobcore keeps no secrets; INACTIVE drops the live
+        # backing chains); UPDATE_CPU and MIGRATABLE refused, there being no <cpu>
+        "XMLDesc": ("VIR_DOMAIN_XML_SECURE", "VIR_DOMAIN_XML_INACTIVE"),
+        "qemuMonitorCommand": ("VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP",),
         # virConnect calls: no filter or creation flag is implemented
         "listAllDomains": (),
         "createXML": (),

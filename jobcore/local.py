@@ -23,7 +23,13 @@ from jobcore import constants as C
 from jobcore.driver import DomainInfo, DriverConnection, DriverState
 from jobcore.drivers import check_uri_params, load_driver
 from jobcore.engine import Engine
-from jobcore.errors import AccessDenied, InvalidArgument, NoSuchJob, OperationInvalid
+from jobcore.errors import (
+    AccessDenied,
+    InvalidArgument,
+    NoSuchJob,
+    OperationInvalid,
+    Unsupported,
+)
 from jobcore.events import EventFilter, EventHub, EventKind, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import JobInfo
@@ -44,6 +50,7 @@ from jobcore.types.backup import BackupJobSpec
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.uri import parse_uri
 from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
+from jobcore.xml.domain import BackingDef, DiskDef, DomainDef, format_domain, parse_domain
 
 MiB = 1 << 20
 
@@ -120,15 +127,18 @@ class LocalConnection:
         driver would open (disk images and their backing chains) before it opens them,
         and a driver that takes no guard is refused one."""
         create: Any = self.driver.create_domain
+        if path_guard is not None and "path_guard" not in inspect.signature(create).parameters:
+            raise AccessDenied(
+                f"driver '{self.driver.uri}' cannot check the files a domain definition "
+                "names: only jobd's own uid and root may create domains on it"
+            )
+        # the core parses (libvirt's domain XML, jobcore.xml.domain); the driver gets
+        # the checked definition
+        ddef = await xml_work(parse_domain, xml, _doc_size(xml))
         if path_guard is None:
-            info = await create(xml)
+            info = await create(ddef)
         else:
-            if "path_guard" not in inspect.signature(create).parameters:
-                raise AccessDenied(
-                    f"driver '{self.driver.uri}' cannot check the files a domain definition "
-                    "names: only jobd's own uid and root may create domains on it"
-                )
-            info = await create(xml, path_guard=path_guard)
+            info = await create(ddef, path_guard=path_guard)
         return LocalDomain(self, info.name, info.uuid)
 
     async def job_lookup_by_uuid(self, dom: Named, job: str | bytes | uuid.UUID) -> LocalJob:
@@ -203,6 +213,45 @@ class LocalDomain:
 
     async def destroy(self) -> None:
         await self.conn.driver.destroy_domain(self.name)
+
+    # ---- domain description and the QEMU monitor (slice domxml) -----------------------
+
+    async def xml_desc(self, flags: int = 0) -> str:
+        """virDomainGetXMLDesc: libvirt's domain XML of the domain as it is now, each
+        disk's current backing chain nested as ``<backingStore>`` (VIR_DOMAIN_XML_INACTIVE:
+        without the chains; VIR_DOMAIN_XML_SECURE changes nothing, jobcore keeps no
+        secrets)."""
+        check_flags("XMLDesc", flags)
+        info = await self.info()
+        ddef = description(info)
+        inactive = bool(flags & C.VIR_DOMAIN_XML_INACTIVE)
+        return await xml_work(
+            lambda d: format_domain(d, inactive=inactive), ddef, text_weight(ddef)
+        )
+
+    async def is_active(self) -> bool:
+        """virDomainIsActive: whether the domain runs (its hypervisor process is alive)."""
+        return (await self.info()).running
+
+    async def qemu_monitor_command(self, cmd: str, flags: int = 0) -> str:
+        """libvirt-qemu's virDomainQemuMonitorCommand (design/qemu.md, "Monitor
+        passthrough"): VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP, ``cmd`` is an HMP command line
+        and the result its text; else ``cmd`` is a QMP command as JSON text and the result
+        QEMU's JSON reply text. Drivers without a monitor raise Unsupported."""
+        check_flags("qemuMonitorCommand", flags)
+        if not isinstance(cmd, str) or not cmd.strip():
+            raise InvalidArgument("a monitor command is a non-empty string")
+        run = getattr(self.conn.driver, "monitor_command", None)
+        if run is None:
+            scheme = self.conn.uri.split(":", 1)[0]
+            raise Unsupported(
+                f"the {scheme} driver has no QEMU monitor: qemuMonitorCommand needs a "
+                "qemu:/// connection"
+            )
+        result: str = await run(
+            self.name, cmd, hmp=bool(flags & C.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        )
+        return result
 
     async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> LocalJob:
         """Parse a ``<job>`` document and begin it (JobBegin)."""
@@ -446,6 +495,21 @@ class LocalCheckpoint:
         check_flags("checkpointDelete", flags)
         checkpoints = self._dom.conn.engine.checkpoints
         await checkpoints.delete(await self._dom.info(), self._name, flags)
+
+
+def description(info: DomainInfo) -> DomainDef:
+    """The definition a domain's XMLDesc shows: what its driver says of it now."""
+    disks = tuple(
+        DiskDef(
+            d.name,
+            d.source,
+            d.format,
+            d.bus,
+            tuple(BackingDef(f, d.layer_format(i)) for i, f in enumerate(d.chain[1:], 1)),
+        )
+        for d in info.disks
+    )
+    return DomainDef(info.name, info.uuid, info.memory, disks, info.virt_type)
 
 
 def _bandwidth(value: int, flags: int, bytes_flag: int) -> int | None:

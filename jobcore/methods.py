@@ -51,6 +51,7 @@ class Result(enum.Enum):
 
     NONE = "nil"
     INT = "int"
+    BOOL = "bool"
     TEXT = "str"
     INTS = "[int…]"
     PARAMS = "typed params"
@@ -151,6 +152,15 @@ class Method(enum.Enum):
     # domain
     DOMAIN_INFO = Call("domain_info", D, "info", (), False, R.DOMAIN_INFO)
     DOMAIN_DESTROY = Call("domain_destroy", D, "destroy", (), True, R.NONE, "destroy")
+    # domain description and the QEMU monitor (slice domxml)
+    DOMAIN_XML_DESC = Call("domain_xml_desc", D, "xml_desc", (("flags", A.INT),), False,
+                           R.TEXT, "XMLDesc", note="libvirt's domain XML, live chains")  # fmt: skip
+    DOMAIN_IS_ACTIVE = Call("domain_is_active", D, "is_active", (), False, R.BOOL, "isActive")
+    QEMU_MONITOR_COMMAND = Call(
+        "qemu_monitor_command", D, "qemu_monitor_command", (("cmd", A.STR), ("flags", A.INT)),
+        True, R.TEXT, "qemuMonitorCommand",
+        note="qemu only; flags HMP: an HMP line, else QMP JSON; refused to confined clients",
+    )  # fmt: skip
     JOB_BEGIN = Call("job_begin", D, "job_begin", (("job_xml", A.TEXT), ("flags", A.INT)),
                      True, R.JOB_REF, "JobBegin")  # fmt: skip
     LIST_JOBS_PAGE = Call(

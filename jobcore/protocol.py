@@ -607,6 +607,7 @@ def encode_server_hello(hello: ServerHello) -> Wire:
 RESULT_TYPES: dict[Result, Any] = {
     Result.NONE: type(None),
     Result.INT: int,
+    Result.BOOL: bool,
     Result.TEXT: str,
     Result.INTS: list[int],
     Result.PARAMS: Mapping[str, Any],

@@ -647,6 +647,18 @@ class RemoteDomain:
     async def destroy(self) -> None:
         await self._call(Method.DOMAIN_DESTROY)
 
+    # domain description and the QEMU monitor (slice domxml)
+    async def xml_desc(self, flags: int = 0) -> str:
+        check_flags("XMLDesc", flags)
+        return await self._call(Method.DOMAIN_XML_DESC, flags)  # type: ignore[no-any-return]
+
+    async def is_active(self) -> bool:
+        return await self._call(Method.DOMAIN_IS_ACTIVE)  # type: ignore[no-any-return]
+
+    async def qemu_monitor_command(self, cmd: str, flags: int = 0) -> str:
+        check_flags("qemuMonitorCommand", flags)
+        return await self._call(Method.QEMU_MONITOR_COMMAND, cmd, flags)  # type: ignore[no-any-return]
+
     async def job_begin(self, job_xml: str | bytes, flags: int = 0) -> RemoteJob:
         check_flags("JobBegin", flags)
         _check_size(job_xml, "job")

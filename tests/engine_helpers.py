@@ -19,6 +19,7 @@ from jobcore.events import JobEvent, Subscription
 from jobcore.local import LocalConnection
 from jobcore.spec import JobType
 from jobcore.uri import parse_uri
+from jobcore.xml.domain import DomainDef
 
 MANUAL = "sim:///default?clock=manual"
 
@@ -68,8 +69,8 @@ class Gated:
         result: DomainInfo = await self._call("lookup_domain", name)
         return result
 
-    async def create_domain(self, xml: str) -> DomainInfo:
-        result: DomainInfo = await self._call("create_domain", xml)
+    async def create_domain(self, definition: DomainDef) -> DomainInfo:
+        result: DomainInfo = await self._call("create_domain", definition)
         return result
 
     async def destroy_domain(self, name: str) -> None:
@@ -142,7 +143,7 @@ class Quiet:
             raise NoSuchDomain(f"domain '{name}' not found")
         return self.dom
 
-    async def create_domain(self, xml: str) -> DomainInfo:
+    async def create_domain(self, definition: DomainDef) -> DomainInfo:
         raise DriverError("no")
 
     async def destroy_domain(self, name: str) -> None:

@@ -278,12 +278,13 @@ async def _owner(opts: dict[str, Any], json: Any, pickle: Any) -> None:
     from jobcore.types.chain import BlockCommitSpec
     from jobcore.types.migration import MigrationSpec
     from jobcore.uri import parse_uri
+    from jobcore.xml.domain import parse_domain
 
     async with (
         anyio.create_task_group() as tg,
         QemuDriver().connect(parse_uri(opts["uri"]), tg) as conn,
     ):
-        await conn.create_domain(opts["xml"])
+        await conn.create_domain(parse_domain(opts["xml"]))
         kind = opts["job"]
         spec: Any
         if kind in ("push", "pull"):

@@ -320,6 +320,9 @@ def test_foreign_uid_cannot_reach_root_files_through_jobd(world: dict[str, Path]
         out["mine"] = s.call("job_wait", began[1][0], 60.0)[1][3]
         began = s.call("job_begin", "own", _backup(None), 0)  # default: next to its image
         out["default"] = s.call("job_wait", began[1][0], 60.0)[1][3]
+        # HMP/QMP could open root's files as jobd's uid: refused to a confined client
+        out["monitor"] = s.call("qemu_monitor_command", "own", "info block", 1)
+        out["qmp"] = s.call("qemu_monitor_command", "own", '{"execute": "query-status"}', 0)
         s.call("domain_destroy", "own")
         return out
 
@@ -328,6 +331,8 @@ def test_foreign_uid_cannot_reach_root_files_through_jobd(world: dict[str, Path]
         assert out["hello"][0] == 1
         assert out["dir"][:2] == [2, "AccessDenied"] and "may not choose" in out["dir"][2]
         assert out["secret"][:2] == [2, "AccessDenied"]
+        for key in ("monitor", "qmp"):
+            assert out[key][:2] == [2, "AccessDenied"] and "jobd's own uid" in out[key][2]
         assert f"source of disk 'vda' '{secret}'" in out["secret"][2]
         assert "is owned by uid 0" in out["secret"][2]
         assert out["chain"][:2] == [2, "AccessDenied"]

@@ -58,6 +58,7 @@ from jobcore.types.backup import BackupJobSpec
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.types.migration import MigrationSpec
 from jobcore.uri import parse_uri
+from jobcore.xml.domain import parse_domain
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
 MiB = 1 << 20
@@ -137,7 +138,9 @@ async def test_domain_lifecycle_chain_and_refusals(tmp_path: Path) -> None:
     top = create(tmp_path / "top.qcow2", backing=base)
     other = create(tmp_path / "other.qcow2", "16M")
     async with session(tmp_path) as conn:
-        info = await conn.create_domain(domain_xml("vm1", {"vda": top, "vdb": other}, 16))
+        info = await conn.create_domain(
+            parse_domain(domain_xml("vm1", {"vda": top, "vdb": other}, 16))
+        )
         assert [d.chain for d in info.disks] == [(str(top), str(base)), (str(other),)]
         assert info.disks[0].virtual_size == 32 * MiB
         pid = conn.pid("vm1")
@@ -145,14 +148,14 @@ async def test_domain_lifecycle_chain_and_refusals(tmp_path: Path) -> None:
         assert argv[argv.index(b"-name") + 1] == b"vm1"
         assert [d.name for d in await conn.list_domains()] == ["vm1"]
         with pytest.raises(OperationInvalid):
-            await conn.create_domain(domain_xml("vm1", {"vda": other}))
+            await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": other})))
         for bad in (
             "<domain><name>x</name>",
             "<!DOCTYPE d [<!ENTITY e 'x'>]><domain/>",
             domain_xml("x", {"vda": tmp_path / "missing.qcow2"}),
         ):
             with pytest.raises(XMLError):
-                await conn.create_domain(bad)
+                await conn.create_domain(parse_domain(bad))
         with pytest.raises(NoSuchDomain):
             await conn.lookup_domain("nope")
         # the run directory is locked while this connection owns it
@@ -202,7 +205,7 @@ async def test_push_full_then_incremental_from_checkpoint(tmp_path: Path) -> Non
     write(src, "write -P 0x5a 0 8M", "write -P 0x17 20M 4M")
     full, inc = tmp_path / "full.qcow2", tmp_path / "inc.qcow2"
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         job, rep = await make_job(conn, "vm1", push_spec({"vda": full}, checkpoint="c1"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
@@ -231,7 +234,7 @@ async def test_push_cancel_mid_job_removes_target_and_checkpoint(tmp_path: Path)
     write(src, "write -P 0x42 0 24M")
     target = tmp_path / "t.qcow2"
     async with session(tmp_path, "&backup_bandwidth=1048576") as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         job, rep = await make_job(conn, "vm1", push_spec({"vda": target}, checkpoint="cx"))
         await conn.start(job)
         assert target.exists()
@@ -256,7 +259,7 @@ async def test_backup_failing_in_qemu_reports_its_error_and_cleans(tmp_path: Pat
     corrupt_first_cluster(src)
     target = tmp_path / "t.qcow2"
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         job, rep = await make_job(conn, "vm1", push_spec({"vda": target}, checkpoint="c9"))
         await conn.start(job)
         kind, msg = await rep.wait_end()
@@ -271,7 +274,7 @@ async def test_backup_failing_in_qemu_reports_its_error_and_cleans(tmp_path: Pat
 async def test_refused_backup_raises_qemu_text(tmp_path: Path) -> None:
     src = create(tmp_path / "src.qcow2")
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         job, rep = await make_job(
             conn, "vm1", push_spec({"vda": tmp_path / "i.qcow2"}, incremental="nosuch")
         )
@@ -290,7 +293,7 @@ async def test_pull_backup_exports_point_in_time_and_dirty_bitmap(tmp_path: Path
     sock = tmp_path / "nbd.sock"
     scratch = tmp_path / "scratch.qcow2"
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         push, prep = await make_job(
             conn, "vm1", push_spec({"vda": tmp_path / "f.qcow2"}, checkpoint="c1")
         )
@@ -336,7 +339,7 @@ async def test_pull_backup_cancel_removes_scratch(tmp_path: Path) -> None:
     src = create(tmp_path / "src.qcow2")
     a, b = create(tmp_path / "b.qcow2", "16M"), tmp_path / "sa.qcow2"
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src, "vdb": a}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src, "vdb": a})))
         spec = pull_spec({"vda": b, "vdb": tmp_path / "sb.qcow2"}, tmp_path / "s.sock")
         job, rep = await make_job(conn, "vm1", spec)
         await conn.start(job)
@@ -372,7 +375,7 @@ async def test_block_pull_with_base_and_whole_chain(tmp_path: Path) -> None:
     base, _mid, top, ref = three_layers(tmp_path)
     lone = create(tmp_path / "lone.qcow2", "16M")
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": top, "vdb": lone}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": top, "vdb": lone})))
         job, rep = await make_job(conn, "vm1", BlockPullSpec("vda", base=ChainRef(file=str(base))))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
@@ -399,7 +402,7 @@ async def test_block_pull_with_base_and_whole_chain(tmp_path: Path) -> None:
 async def test_block_commit_intermediate(tmp_path: Path) -> None:
     base, mid, top, ref = three_layers(tmp_path)
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": top}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": top})))
         spec = BlockCommitSpec("vda", top=ChainRef(index=1), base=ChainRef(index=2), delete=True)
         job, rep = await make_job(conn, "vm1", spec)
         await conn.start(job)
@@ -418,7 +421,7 @@ async def test_block_commit_active_ready_then_complete_or_auto_pivot(tmp_path: P
     second.mkdir()
     b2, m2, t2, ref2 = three_layers(second)
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": top, "vdb": t2}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": top, "vdb": t2})))
         job, rep = await make_job(conn, "vm1", BlockCommitSpec("vda"))
         await conn.start(job)
         await rep.wait_for("ready")
@@ -449,7 +452,7 @@ async def test_commit_without_backing_is_refused_before_the_driver(tmp_path: Pat
     """The type's prepare refuses it (the driver never re-checks the chain positions)."""
     lone = create(tmp_path / "lone.qcow2", "16M")
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": lone}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": lone})))
         with pytest.raises(InvalidArgument, match="no backing file to commit into"):
             await make_job(conn, "vm1", BlockCommitSpec("vda"))
 
@@ -462,8 +465,8 @@ async def test_killed_qemu_fails_its_job_alone(tmp_path: Path) -> None:
     write(a, "write -P 1 0 16M")
     write(b, "write -P 2 0 16M")
     async with session(tmp_path, "&backup_bandwidth=1048576") as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": a}))
-        await conn.create_domain(domain_xml("vm2", {"vda": b}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": a})))
+        await conn.create_domain(parse_domain(domain_xml("vm2", {"vda": b})))
         ja, ra = await make_job(conn, "vm1", push_spec({"vda": tmp_path / "ta.qcow2"}))
         jb, rb = await make_job(conn, "vm2", push_spec({"vda": tmp_path / "tb.qcow2"}))
         await conn.start(ja)
@@ -486,7 +489,7 @@ async def test_migration_moves_domain_and_data_still_served(tmp_path: Path) -> N
     write(src, "write -P 0x61 0 6M")
     run_dir = tmp_path / "run"
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=32))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src}, memory_mib=32)))
         full = tmp_path / "full.qcow2"
         job, rep = await make_job(conn, "vm1", push_spec({"vda": full}, checkpoint="c1"))
         await conn.start(job)
@@ -520,7 +523,7 @@ async def test_migration_moves_domain_and_data_still_served(tmp_path: Path) -> N
 async def test_migration_cancel_keeps_source_and_reaps_destination(tmp_path: Path) -> None:
     src = create(tmp_path / "src.qcow2")
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=64))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src}, memory_mib=64)))
         pid = conn.pid("vm1")
         spec = MigrationSpec(f"qemu:///session?dir={tmp_path / 'run'}", bandwidth=16 * 1024)
         job, rep = await make_job(conn, "vm1", spec)
@@ -545,7 +548,7 @@ async def test_migration_cancel_keeps_source_and_reaps_destination(tmp_path: Pat
 async def test_migration_fails_with_qemu_text_when_destination_dies(tmp_path: Path) -> None:
     src = create(tmp_path / "src.qcow2")
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=64))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src}, memory_mib=64)))
         pid = conn.pid("vm1")
         spec = MigrationSpec(f"qemu:///session?dir={tmp_path / 'run'}", bandwidth=16 * 1024)
         job, rep = await make_job(conn, "vm1", spec)
@@ -566,7 +569,7 @@ async def test_closing_the_connection_mid_job_reaps_and_cleans(tmp_path: Path) -
     write(src, "write -P 0x42 0 16M")
     target = tmp_path / "t.qcow2"
     async with session(tmp_path, "&backup_bandwidth=1048576") as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         pid = conn.pid("vm1")
         job, rep = await make_job(conn, "vm1", push_spec({"vda": target}))
         await conn.start(job)
@@ -585,7 +588,7 @@ async def test_pull_backup_over_tcp_loopback(tmp_path: Path) -> None:
     write(src, "write -P 0x5c 1M 3M")
     port = free_port()
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         server = BackupServer(ServerTransport.TCP, name="127.0.0.1", port=port)
         disk = BackupDisk(
             "vda",

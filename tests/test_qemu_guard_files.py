@@ -32,6 +32,7 @@ from jobcore import VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL, JobState
 from jobcore.errors import DriverError, InvalidArgument
 from jobcore.spec import ChainRef
 from jobcore.types.chain import BlockCommitSpec
+from jobcore.xml.domain import parse_domain
 
 REUSE = VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
 pytestmark = pytest.mark.anyio
@@ -119,7 +120,7 @@ async def test_block_commit_delete_does_not_follow_a_swapped_directory(
     # QEMU reopens the base read-write by its name: the same inode is found through the link
     os.link(base, victim_dir / "base.qcow2")
     async with session(tmp_path) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": top}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": top})))
         moved = swap_for_link(layers, victim_dir)  # QEMU keeps the layers it opened
         spec = BlockCommitSpec("vda", top=ChainRef(index=1), base=ChainRef(index=2), delete=True)
         job, rep = await make_job(conn, "vm1", spec)

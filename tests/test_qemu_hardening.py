@@ -52,6 +52,7 @@ from jobcore.backup import (
 from jobcore.errors import DriverError, InvalidArgument, Unsupported
 from jobcore.types.backup import BackupJobSpec
 from jobcore.uri import parse_uri
+from jobcore.xml.domain import parse_domain
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
 OTHER_UID = 12345
@@ -189,7 +190,7 @@ async def test_every_socket_the_driver_makes_is_one_cleanup_knows(tmp_path: Path
     src = create(tmp_path / "src.qcow2")
     run = tmp_path / "run"
     async with session(run) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         scratch = tmp_path / "scratch.qcow2"
         store = BackupStore(str(scratch), "qcow2")
         disk = BackupDisk("vda", True, StoreType.FILE, DiskBackupMode.FULL, None, store=store)
@@ -264,7 +265,7 @@ async def test_qemu_is_spawned_without_preexec_fn_in_its_own_session(
     monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
     src = create(tmp_path / "src.qcow2")
     async with session(tmp_path / "run") as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         pid = conn.pid("vm1")
         assert os.getsid(pid) == pid  # a session of its own: a terminal's ^C is not its
         assert os.getpgid(pid) != os.getpgid(0)
@@ -302,7 +303,7 @@ async def test_missing_backing_file_is_named_as_such(tmp_path: Path) -> None:
     base.unlink()
     async with session(tmp_path / "run") as conn:
         with pytest.raises(DriverError) as err:
-            await conn.create_domain(domain_xml("vm1", {"vda": top}))
+            await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": top})))
     msg = str(err.value)
     assert f"the backing chain of image '{top}' cannot be opened" in msg
     assert str(base) in msg and "No such file" in msg
@@ -313,7 +314,7 @@ async def test_corrupt_qcow2_found_during_a_job_is_named(tmp_path: Path) -> None
     write(src, "write -P 0x42 0 8M")
     corrupt_first_cluster(src)
     async with session(tmp_path / "run") as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
         job, rep = await make_job(conn, "vm1", push_spec("vda", tmp_path / "t.qcow2"))
         await conn.start(job)
         kind, msg = await rep.wait_end()
@@ -324,7 +325,7 @@ async def test_corrupt_qcow2_found_during_a_job_is_named(tmp_path: Path) -> None
     # QEMU flagged it corrupt in its header: the next open is refused, and says why
     async with session(tmp_path / "run") as conn:
         with pytest.raises(DriverError) as err:
-            await conn.create_domain(domain_xml("vm2", {"vda": src}))
+            await conn.create_domain(parse_domain(domain_xml("vm2", {"vda": src})))
         assert f"image '{src}' is not a valid qcow2 image" in str(err.value)
         assert "Image is corrupt" in str(err.value)
 
@@ -333,9 +334,9 @@ async def test_image_locked_by_another_process_is_named(tmp_path: Path) -> None:
     shared = create(tmp_path / "shared.qcow2")
     other = create(tmp_path / "other.qcow2")
     async with session(tmp_path / "run") as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": shared}))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": shared})))
         with pytest.raises(DriverError) as err:  # a second QEMU process wants it too
-            await conn.create_domain(domain_xml("vm2", {"vdb": other, "vda": shared}))
+            await conn.create_domain(parse_domain(domain_xml("vm2", {"vdb": other, "vda": shared})))
         msg = str(err.value)
         assert f"image '{shared}' is in use by another process" in msg
         assert 'Failed to get "write" lock' in msg
@@ -347,7 +348,7 @@ async def test_image_locked_by_another_process_is_named(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline and nbd.poll() is None
                 await anyio.sleep(0.02)
             with pytest.raises(DriverError, match=f"image '{other}' is in use by another"):
-                await conn.create_domain(domain_xml("vm3", {"vda": other}))
+                await conn.create_domain(parse_domain(domain_xml("vm3", {"vda": other})))
         finally:
             nbd.kill()
             nbd.wait()

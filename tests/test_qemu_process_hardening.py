@@ -50,6 +50,7 @@ from jobcore.types.backup import BackupJobSpec
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.types.migration import MigrationSpec
 from jobcore.uri import parse_uri
+from jobcore.xml.domain import parse_domain
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
 MiB = 1 << 20
@@ -120,19 +121,19 @@ async def test_a_fifo_disk_source_is_refused_at_once_and_frees_the_name(tmp_path
             for source, named in ((fifo, fifo), (link, link), (Path("/dev/null"), None)):
                 with anyio.fail_after(10):  # before: qemu-img blocked opening the FIFO
                     with pytest.raises(DriverError) as err:
-                        await conn.create_domain(domain_xml("vm1", {"vda": source}))
+                        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": source})))
                 msg = str(err.value)
                 assert f"'{source}'" in msg and "must be a regular file" in msg, msg
                 if named is not None:
                     assert "is a FIFO" in msg, msg
             with anyio.fail_after(10):
                 with pytest.raises(DriverError) as err:
-                    await conn.create_domain(domain_xml("vm1", {"vda": top}))
+                    await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": top})))
             msg = str(err.value)
             assert f"backing file '{fifo}' is a FIFO" in msg and f"image '{top}'" in msg, msg
             assert not qemu_img_on(fifo)
             # the failed creations released the name
-            info = await conn.create_domain(domain_xml("vm1", {"vda": good}))
+            info = await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": good})))
             assert info.running and info.name == "vm1"
     finally:
         unblock(fifo)
@@ -225,11 +226,11 @@ async def test_backing_file_protocol_names_never_make_the_driver_connect(tmp_pat
         async with session(tmp_path / "run") as conn:
             for path, name in evil:
                 with pytest.raises(DriverError) as err:
-                    await conn.create_domain(domain_xml("vm1", {"vda": path}))
+                    await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": path})))
                 msg = str(err.value)
                 assert f"names backing file '{name}', a protocol name" in msg, msg
             with pytest.raises(DriverError, match=f"external file \\('{nbd_url}'\\)"):
-                await conn.create_domain(domain_xml("vm1", {"vda": data_file}))
+                await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": data_file})))
             assert not conn.domains
     assert hits == [], f"the driver connected to 127.0.0.1:{port} {len(hits)} times"
 
@@ -251,7 +252,7 @@ async def test_chains_are_read_layer_by_layer_relative_names_loops_depth(
         run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(below), "-F", "qcow2",
             str(path), "32M")  # fmt: skip
     async with session(tmp_path / "run") as conn:
-        info = await conn.create_domain(domain_xml("vm1", {"vda": top}))
+        info = await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": top})))
         (disk,) = info.disks
         assert disk.chain == (str(top), str(images_dir / "mid.qcow2"), str(base))
         # every layer is its own node, each linked to the node below by the driver: QEMU
@@ -264,10 +265,10 @@ async def test_chains_are_read_layer_by_layer_relative_names_loops_depth(
         layers = [layer.node for layer in conn.domains["vm1"].disks["vda"].layers]
         assert backing == {layers[0]: layers[1], layers[1]: layers[2]}
         with pytest.raises(DriverError, match="loops at"):
-            await conn.create_domain(domain_xml("vm2", {"vda": loop_a}))
+            await conn.create_domain(parse_domain(domain_xml("vm2", {"vda": loop_a})))
         monkeypatch.setattr(images, "MAX_CHAIN", 2)
         with pytest.raises(DriverError, match="longer than 2 layers"):
-            await conn.create_domain(domain_xml("vm2", {"vda": top}))
+            await conn.create_domain(parse_domain(domain_xml("vm2", {"vda": top})))
 
 
 # ==================================================== M12: a QEMU that stops answering
@@ -280,8 +281,8 @@ async def test_a_stopped_qemu_stalls_neither_others_progress_nor_verbs(
     a = create(tmp_path / "a.qcow2", "256M")
     b = create(tmp_path / "b.qcow2", "256M")
     async with session(tmp_path / "run", "&backup_bandwidth=8388608") as conn:
-        await conn.create_domain(domain_xml("A", {"vda": a}))
-        await conn.create_domain(domain_xml("B", {"vda": b}))
+        await conn.create_domain(parse_domain(domain_xml("A", {"vda": a})))
+        await conn.create_domain(parse_domain(domain_xml("B", {"vda": b})))
         job_a, rep_a = await make_job(conn, "A", push_spec("vda", tmp_path / "a.t"))
         job_b, rep_b = await make_job(conn, "B", push_spec("vda", tmp_path / "b.t"))
         await conn.start(job_a)
@@ -356,7 +357,7 @@ async def test_a_run_directory_with_commas_works(tmp_path: Path) -> None:
     write(src, "write -P 0x5a 0 4M")
     run_dir = tmp_path / "run,wait=on,x"
     async with session(run_dir) as conn:
-        await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=16))
+        await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src}, memory_mib=16)))
         job, rep = await make_job(conn, "vm1", push_spec("vda", tmp_path / "t.qcow2"))
         await conn.start(job)
         assert (await rep.wait_end())[0] == "completed"
@@ -389,8 +390,10 @@ async def test_two_domains_share_a_base_image(tmp_path: Path) -> None:
     expected = tmp_path / "a-expected.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", str(a), str(expected))
     async with session(tmp_path / "run") as conn:
-        await conn.create_domain(domain_xml("A", {"vda": a}))
-        await conn.create_domain(domain_xml("B", {"vda": b}))  # before: write lock refused
+        await conn.create_domain(parse_domain(domain_xml("A", {"vda": a})))
+        await conn.create_domain(
+            parse_domain(domain_xml("B", {"vda": b}))
+        )  # before: write lock refused
         for dom in ("A", "B"):
             nodes = await conn.qmp(dom, "query-named-block-nodes", {"flat": True})
             ro = {n["node-name"]: n["ro"] for n in nodes}

@@ -40,6 +40,7 @@ from drivers.qemu import QemuConnection, QemuDriver
 from jobcore.driver import Concluded, DriverJob, Reattached, Vanished
 from jobcore.lifecycle import JobState
 from jobcore.uri import parse_uri
+from jobcore.xml.domain import parse_domain
 
 pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
 MiB = 1 << 20
@@ -162,7 +163,7 @@ async def test_in_process_keep_guests_close_leaves_the_guest_and_reopen_adopts_i
     run_dir = tmp_path / "run"
     with guests() as pids:
         async with reopen(run_dir, keep=True) as conn:
-            await conn.create_domain(domain_xml("vm1", {"vda": src}, memory_mib=64))
+            await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src}, memory_mib=64)))
             pid = conn.pid("vm1")
             pids.add(pid)
             before = await conn.lookup_domain("vm1")
@@ -182,7 +183,7 @@ async def test_a_connection_without_keep_guests_still_stops_its_guests(tmp_path:
         uri = parse_uri(f"qemu:///session?dir={run_dir}")
         async with QemuDriver().connect(uri, tg) as conn:
             assert not conn.keep_guests
-            await conn.create_domain(domain_xml("vm1", {"vda": src}))
+            await conn.create_domain(parse_domain(domain_xml("vm1", {"vda": src})))
             pid = conn.pid("vm1")
         tg.cancel_scope.cancel()
     assert not alive(pid)

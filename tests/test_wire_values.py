@@ -44,7 +44,9 @@ def wire(value: object) -> Any:
 
 def test_values_travel_as_their_fields_in_order() -> None:
     assert wire(INFO) == [U.bytes, "backup", "vm1", "running", 1, 2, 3, 4.0, None, 5.5, None, 7]
-    assert wire(DOMAIN) == ["vm1", U.bytes, [["vda", ["/a", "/b"], "qcow2", 1 << 30]], 512, True]
+    assert wire(DOMAIN) == [
+        "vm1", U.bytes, [["vda", ["/a", "/b"], "qcow2", 1 << 30, [], "virtio"]], 512, True, "test"
+    ]  # fmt: skip
     assert decode_result(Method.JOB_INFO, wire(INFO)) == INFO
     assert type(decode_result(Method.JOB_INFO, wire(INFO)).type) is JobType
     assert decode_result(Method.DOMAIN_INFO, wire(DOMAIN)) == DOMAIN
@@ -55,13 +57,13 @@ def test_values_travel_as_their_fields_in_order() -> None:
 
 
 BAD_DOMAINS = {
-    "short": ["vm1", U.bytes, [], 512],
-    "long": ["vm1", U.bytes, [], 512, True, "extra"],
-    "chain-as-string": ["vm1", U.bytes, [["vda", "/a", "qcow2", 1]], 512, True],
-    "bool-as-int": ["vm1", U.bytes, [], True, True],
-    "int-as-bool": ["vm1", U.bytes, [], 512, 1],
-    "name-not-str": [7, U.bytes, [], 512, True],
-    "uuid-as-str": ["vm1", str(U), [], 512, True],
+    "short": ["vm1", U.bytes, [], 512, True],
+    "long": ["vm1", U.bytes, [], 512, True, "test", "extra"],
+    "chain-as-string": ["vm1", U.bytes, [["vda", "/a", "qcow2", 1, [], "virtio"]], 512, True, "t"],
+    "bool-as-int": ["vm1", U.bytes, [], True, True, "test"],
+    "int-as-bool": ["vm1", U.bytes, [], 512, 1, "test"],
+    "name-not-str": [7, U.bytes, [], 512, True, "test"],
+    "uuid-as-str": ["vm1", str(U), [], 512, True, "test"],
     "map": {"name": "vm1"},
 }
 

@@ -28,11 +28,12 @@ from jobcore.xml import (
     parse_job,
 )
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES
+from jobcore.xml.domain import parse_domain
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "libvirt"
 
 Parser = Callable[[str | bytes], object]
-PARSERS: list[Parser] = [parse_job, parse_backup, parse_checkpoint]
+PARSERS: list[Parser] = [parse_job, parse_backup, parse_checkpoint, parse_domain]
 
 
 def refused(doc: str | bytes, parser: Parser = parse_job) -> XMLError:

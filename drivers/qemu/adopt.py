@@ -15,7 +15,7 @@ import re
 import uuid
 from pathlib import Path
 
-from drivers.qemu.domain import Disk, Domain, Layer
+from drivers.qemu.domain import Disk, Domain, Layer, virt_type
 from drivers.qemu.images import owned_file
 from drivers.qemu.process import QemuProcess
 from drivers.qemu.rundir import _argument
@@ -80,5 +80,6 @@ async def rebuild_domain(proc: QemuProcess) -> Domain:
         size = int((info[chain[0].node].get("image") or {}).get("virtual-size", 0))
         disks[disk_name] = Disk(disk_name, chain, size, orphans=orphans)
     domain = Domain(proc.name, dom_uuid, memory, disks, proc, generation=proc.generation)
+    domain.virt_type = await virt_type(proc)
     domain.skip_node_names(top)
     return domain

@@ -10,6 +10,8 @@ recovers their jobs (``recover_job``).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,10 +23,9 @@ import sniffio
 from attrs import define, field
 
 from drivers.qemu.adopt import is_incoming, rebuild_domain
-from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args
-from drivers.qemu.domxml import DomainDef, parse_domain
+from drivers.qemu.domain import Disk, Domain, Layer, blockdev_args, virt_type
 from drivers.qemu.images import backing_chain, exists, owned_file
-from drivers.qemu.process import QemuProcess, QmpTimeout
+from drivers.qemu.process import QemuProcess, QmpRefused, QmpTimeout
 from drivers.qemu.rundir import RunDir, Survivor, job_record, read_record, run_dir_of, write_record
 from drivers.qemu.runners.backup import BackupRunner
 from drivers.qemu.runners.backup_checks import check_backup_job
@@ -46,7 +47,6 @@ from jobcore.errors import (
     NoSuchDomain,
     OperationInvalid,
     Unsupported,
-    XMLError,
 )
 from jobcore.lifecycle import JobState, Verb
 from jobcore.log import get_logger
@@ -55,6 +55,7 @@ from jobcore.rundir import reserve_dir, unreserve_dir
 from jobcore.spec import MAX_INT64, JobType
 from jobcore.types.backup import PreparedBackup
 from jobcore.uri import URI, parse_uri
+from jobcore.xml.domain import DomainDef, domain_error
 
 log = get_logger(__name__)
 
@@ -105,6 +106,8 @@ class QemuConnection:
     _work: anyio.Event = field(factory=anyio.Event)
     _scopes: set[anyio.CancelScope] = field(factory=set)
     _creating: set[str] = field(factory=set)
+    #: ids of monitor passthrough commands that came without one
+    _monitor_ids: Iterator[int] = field(factory=itertools.count)
     #: processes with a poll in flight, and those whose last poll timed out
     _polling: set[QemuProcess] = field(factory=set)
     _unresponsive: set[QemuProcess] = field(factory=set)
@@ -131,9 +134,12 @@ class QemuConnection:
     async def lookup_domain(self, name: str) -> DomainInfo:
         return self._domain(name).info()
 
-    async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> DomainInfo:
+    async def create_domain(
+        self, ddef: DomainDef, *, path_guard: PathGuard | None = None
+    ) -> DomainInfo:
+        """Start a QEMU for ``ddef`` (parsed by the core); the backing chains come from
+        the images' own headers (a ``<backingStore>`` in the XML is not trusted)."""
         self._check_open()
-        ddef = parse_domain(xml)
         old = self.domains.get(ddef.name)
         if ddef.name in self._creating or (old is not None and old.process.alive):
             raise OperationInvalid(f"domain '{ddef.name}' already exists")
@@ -148,6 +154,7 @@ class QemuConnection:
             proc = await self._spawn(ddef.name, 0, ddef.memory, incoming=False, uuid=str(ddef.uuid))
             domain = Domain(ddef.name, ddef.uuid, ddef.memory, disks, proc)
             try:
+                domain.virt_type = await virt_type(proc)
                 await self._add_disks(domain, proc)
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -167,7 +174,7 @@ class QemuConnection:
             if guard is not None:  # before qemu-img reads a byte of it
                 guard([PathUse(d.source, Access.WRITE, what)])
             if not exists(d.source):
-                raise XMLError(f"domain XML: disk '{d.target}' source '{d.source}' does not exist")
+                raise domain_error(f"disk '{d.target}' source '{d.source}' does not exist")
             chain = await backing_chain(d.source, d.format)
             if guard is not None:  # qemu-img read their headers; QEMU has opened nothing
                 guard(
@@ -182,7 +189,7 @@ class QemuConnection:
                     )
                 )
                 counter += 1
-            disks[d.target] = Disk(d.target, layers, chain[0].virtual_size)
+            disks[d.target] = Disk(d.target, layers, chain[0].virtual_size, bus=d.bus)
         return disks
 
     async def _add_disks(self, domain: Domain, proc: QemuProcess) -> None:
@@ -259,6 +266,34 @@ class QemuConnection:
         domain = self._domain(name)
         await domain.process.stop("was destroyed")
         del self.domains[name]
+
+    async def monitor_command(self, name: str, command: str, *, hmp: bool) -> str:
+        """libvirt-qemu's qemuMonitorCommand: ``command`` straight to the domain's QEMU,
+        HMP text (through ``human-monitor-command``) or a QMP command as JSON text, whose
+        reply comes back as JSON text (``{"return": …, "id": …}``, or QEMU's
+        ``{"error": …}`` as it sent it). Nothing is refused, as in libvirt, which marks
+        the domain tainted instead: a command that changes the block graph or the jobs
+        behind jobcore's back leaves its records stale, so each one is logged as such."""
+        domain = self._domain(name)
+        if not domain.process.alive:
+            raise OperationInvalid(f"domain '{name}' is not running")
+        log.warning(
+            "qemu monitor command: jobcore's records of the domain may no longer match QEMU",
+            domain=name,
+            hmp=hmp,
+            command=command[:200],
+        )
+        domain.tainted = True
+        if hmp:
+            return await domain.process.hmp(command)
+        cmd, args, msg_id = _qmp_command(command)
+        reply: dict[str, Any] = {}
+        try:
+            reply["return"] = await domain.process.execute(cmd, args)
+        except QmpRefused as exc:
+            reply["error"] = exc.error
+        reply["id"] = msg_id if msg_id is not None else f"jobcore-{next(self._monitor_ids)}"
+        return json.dumps(reply)
 
     # ------------------------------------------------------- test/admin hooks
 
@@ -572,6 +607,27 @@ class QemuConnection:
             for scope in list(self._scopes):
                 scope.cancel()
             self.domains.clear()
+
+
+def _qmp_command(text: str) -> tuple[str, dict[str, Any] | None, Any]:
+    """``{"execute": NAME, "arguments": {…}?, "id": …?}`` as text → its parts;
+    InvalidArgument saying what is wrong otherwise."""
+    try:
+        msg = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"QMP command is not JSON ({exc}): {text[:80]!r}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("execute"), str):
+        raise InvalidArgument(
+            'a QMP command is a JSON object {"execute": NAME, "arguments": {...}}; pass '
+            "VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP for an HMP command line"
+        )
+    extra = sorted(set(msg) - {"execute", "arguments", "id"})
+    if extra:
+        raise InvalidArgument(f"QMP command has unknown members {extra}")
+    args = msg.get("arguments")
+    if args is not None and not isinstance(args, dict):
+        raise InvalidArgument("QMP command 'arguments' must be a JSON object")
+    return msg["execute"], args, msg.get("id")
 
 
 def _require_asyncio() -> None:

@@ -43,6 +43,8 @@ class Disk:
     #: re-adopted: layer nodes QEMU still has that left the chain (a stream or commit
     #: ended while nobody watched; its recovery deletes them)
     orphans: list[Layer] = field(factory=list)
+    #: the definition's ``<target bus>`` (QEMU attaches no guest device; XMLDesc shows it)
+    bus: str = "virtio"
 
     @property
     def active(self) -> Layer:
@@ -60,6 +62,8 @@ class Disk:
             chain=chain,
             format=self.active.format,
             virtual_size=self.virtual_size,
+            formats=tuple(layer.format for layer in self.layers),
+            bus=self.bus,
         )
 
 
@@ -71,6 +75,11 @@ class Domain:
     disks: dict[str, Disk]
     process: QemuProcess
     generation: int = 0
+    #: libvirt's ``<domain type>`` of what the process runs: 'kvm' when QEMU has KVM
+    #: enabled (``query-kvm``), else 'qemu' (TCG)
+    virt_type: str = "qemu"
+    #: an admin's monitor command ran on it (libvirt's "custom-monitor" taint)
+    tainted: bool = False
     _counter: itertools.count[int] = field(factory=itertools.count)
 
     def info(self) -> DomainInfo:
@@ -81,6 +90,7 @@ class Domain:
             disks=disks,
             memory=self.memory,
             running=self.process.alive,
+            virt_type=self.virt_type,
         )
 
     def disk(self, name: str) -> Disk:
@@ -113,3 +123,9 @@ def blockdev_args(layer: Layer, backing: str | None, *, read_only: bool = False)
     if layer.format == "qcow2":
         args["backing"] = backing
     return args
+
+
+async def virt_type(proc: QemuProcess) -> str:
+    """libvirt's ``<domain type>`` for what ``proc`` runs: 'kvm' or 'qemu' (TCG)."""
+    kvm = await proc.execute("query-kvm")
+    return "kvm" if isinstance(kvm, dict) and kvm.get("enabled") else "qemu"

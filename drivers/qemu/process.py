@@ -135,6 +135,15 @@ class QmpTimeout(DriverError):
     """QEMU did not answer a QMP command in time (stopped, or stuck in the kernel)."""
 
 
+class QmpRefused(DriverError):
+    """QEMU refused a QMP command; ``error`` is its reply's ``error`` member as it came
+    (``class``, ``desc``), which a monitor passthrough returns as QEMU sent it."""
+
+    def __init__(self, message: str, *, error: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.error = error
+
+
 class Outcome(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
@@ -330,7 +339,11 @@ class QemuProcess:
             with anyio.move_on_after(limit) as scope:
                 result = await self.qmp.execute(cmd, args)
         except ExecuteError as exc:
-            raise DriverError(self.explain(str(exc), self._file_of(cmd, args))) from None
+            error = exc.received.get("error")
+            raise QmpRefused(
+                self.explain(str(exc), self._file_of(cmd, args)),
+                error=dict(error) if isinstance(error, dict) else {"desc": str(exc)},
+            ) from None
         except (ExecInterruptedError, ConnectError) as exc:
             raise DriverError(f"QEMU process of domain '{self.name}' went away: {exc}") from None
         except Exception as exc:  # StateError and other connection-level failures

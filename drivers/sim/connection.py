@@ -26,7 +26,7 @@ from drivers.sim import backup, chain, migration
 from drivers.sim.clock import ManualClock, RealClock
 from drivers.sim.job import Behaviour, Phase, SimJob
 from drivers.sim.persist import SimState, restore_job
-from drivers.sim.world import MiB, SimWorld
+from drivers.sim.world import MiB, SimWorld, define_domain
 from jobcore.driver import (
     BitmapInfo,
     BitmapRemoval,
@@ -53,6 +53,7 @@ from jobcore.spec import JobType
 from jobcore.types.backup import PreparedBackup
 from jobcore.types.chain import PreparedCommit
 from jobcore.uri import URI
+from jobcore.xml.domain import DomainDef
 
 log = get_logger(__name__)
 
@@ -150,8 +151,20 @@ class SimConnection:
     async def lookup_domain(self, name: str) -> DomainInfo:
         return self.world.domain(name).info()
 
-    async def create_domain(self, xml: str, *, path_guard: PathGuard | None = None) -> DomainInfo:
-        raise Unsupported("the sim driver's domains are built in; createXML is for qemu")
+    async def create_domain(
+        self, ddef: DomainDef, *, path_guard: PathGuard | None = None
+    ) -> DomainInfo:
+        """A simulated domain on this host whose disks are the files ``ddef`` names
+        (drivers.sim.world.define_domain says which files and how)."""
+        if self.crashed:
+            raise DriverError("the simulated hypervisor is not running")
+        dom, created = define_domain(self.world, self.host, ddef, path_guard)
+        self.world.add_files(self.host, created)
+        self.host.domains[dom.name] = dom
+        self.world.where[dom.name] = self.host.name
+        self.world.changed(self.host)
+        log.info("domain created", domain=dom.name, disks=list(dom.disks))
+        return dom.info()
 
     async def destroy_domain(self, name: str) -> None:
         self.world.domain(name)

@@ -52,7 +52,7 @@ def dump_host(host: SimHost) -> dict[str, Any]:
             name: {
                 "uuid": str(dom.uuid),
                 "memory": dom.memory,
-                "disks": [[d.name, list(d.chain), d.virtual_size] for d in dom.disks.values()],
+                "disks": [_dump_disk(d) for d in dom.disks.values()],
                 "checkpoints": {c: list(disks) for c, disks in dom.checkpoints.items()},
             }
             for name, dom in host.domains.items()
@@ -60,12 +60,25 @@ def dump_host(host: SimHost) -> dict[str, Any]:
     }
 
 
+def _dump_disk(d: SimDisk) -> list[Any]:
+    """[name, chain, size], then (a created domain's disk) its layers' formats and bus."""
+    if not d.formats and d.bus == "virtio":
+        return [d.name, list(d.chain), d.virtual_size]
+    return [d.name, list(d.chain), d.virtual_size, dict(d.formats), d.bus]
+
+
+def _load_disk(rec: list[Any]) -> SimDisk:
+    name, chain, size, *more = rec
+    formats, bus = more if more else ({}, "virtio")
+    return SimDisk(name, list(chain), size, dict(formats), bus)
+
+
 def load_host(name: str, value: Mapping[str, Any]) -> SimHost:
     domains = {
         dname: SimDomain(
             dname,
             uuid.UUID(d["uuid"]),
-            {disk: SimDisk(disk, list(chain), size) for disk, chain, size in d["disks"]},
+            {disk[0]: _load_disk(disk) for disk in d["disks"]},
             d["memory"],
             {c: tuple(disks) for c, disks in d["checkpoints"].items()},
         )

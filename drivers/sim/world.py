@@ -17,7 +17,9 @@ from typing import Protocol
 from attrs import define, field, frozen
 
 from jobcore.driver import DiskInfo, DomainInfo
-from jobcore.errors import InvalidArgument, NoSuchDomain
+from jobcore.errors import InvalidArgument, NoSuchDomain, OperationInvalid
+from jobcore.paths import Access, PathGuard, PathUse
+from jobcore.xml.domain import DiskDef, DomainDef, domain_error
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -30,9 +32,15 @@ class SimDisk:
     name: str
     chain: list[str]
     virtual_size: int
+    #: the format of each layer by path (absent: qcow2, as the seeded disks' layers)
+    formats: dict[str, str] = field(factory=dict)
+    bus: str = "virtio"
 
     def info(self) -> DiskInfo:
-        return DiskInfo(self.name, tuple(self.chain), "qcow2", self.virtual_size)
+        formats = tuple(self.formats.get(path, "qcow2") for path in self.chain)
+        return DiskInfo(
+            self.name, tuple(self.chain), formats[0], self.virtual_size, formats, self.bus
+        )
 
 
 @define
@@ -46,7 +54,11 @@ class SimDomain:
 
     def info(self) -> DomainInfo:
         return DomainInfo(
-            self.name, self.uuid, tuple(d.info() for d in self.disks.values()), self.memory
+            self.name,
+            self.uuid,
+            tuple(d.info() for d in self.disks.values()),
+            self.memory,
+            virt_type="test",
         )
 
 
@@ -203,3 +215,62 @@ class SimWorld:
         if os.path.lexists(path):  # a dangling symlink exists too
             return probe_real_file(path)
         return None
+
+
+#: the virtual size of a simulated image a created domain's XML names and no host has
+NEW_IMAGE_SIZE = GiB
+
+
+def define_domain(
+    world: SimWorld, host: SimHost, ddef: DomainDef, guard: PathGuard | None
+) -> tuple[SimDomain, list[tuple[str, SimFile]]]:
+    """The simulated domain ``ddef`` defines on ``host``, and the simulated files to add.
+
+    Each disk's chain is its ``<source>`` then its ``<backingStore>`` layers (simulated
+    images have no headers to read a backing file from). Each file is the host's
+    simulated file of that path, else a real file of this machine (probed read-only, its
+    format and size), else a new simulated image of the XML's format (NEW_IMAGE_SIZE).
+    ``guard`` sees every file first: the sources as written, the backing layers as read.
+    """
+    if world.domain_host(ddef.name) is not None:
+        raise OperationInvalid(f"domain '{ddef.name}' already exists on '{world.uri}'")
+    created: dict[str, SimFile] = {}
+    disks: dict[str, SimDisk] = {}
+    for d in ddef.disks:
+        if guard is not None:
+            guard([PathUse(d.source, Access.WRITE, f"source of disk '{d.target}'")])
+            guard(
+                PathUse(b.file, Access.READ, f"backing file {i} of disk '{d.target}'")
+                for i, b in enumerate(d.backing, 1)
+            )
+        owner = world.image_owner(d.source)
+        if owner is not None or any(d.source in x.chain for x in disks.values()):
+            raise InvalidArgument(
+                f"source '{d.source}' of disk '{d.target}' is "
+                f"{owner or 'another disk of this domain'}: name an image no disk runs on"
+            )
+        formats: dict[str, str] = {}
+        sizes: list[int] = []
+        for path, fmt in zip(d.chain, (d.format, *(b.format for b in d.backing)), strict=True):
+            f = created.get(path) or _image(world, host, d, path, fmt)
+            formats[path] = f.format
+            sizes.append(f.virtual_size)
+            if path not in host.files and not os.path.lexists(path):
+                created[path] = f
+        disks[d.target] = SimDisk(d.target, list(d.chain), sizes[0], formats, d.bus)
+    dom = SimDomain(ddef.name, ddef.uuid, disks, ddef.memory)
+    return dom, list(created.items())
+
+
+def _image(world: SimWorld, host: SimHost, d: DiskDef, path: str, fmt: str) -> SimFile:
+    found = world.existing(host, path)
+    if found is None:
+        return SimFile(fmt, NEW_IMAGE_SIZE)
+    if isinstance(found, str):
+        raise domain_error(f"image '{path}' of disk '{d.target}' cannot be used: {found}")
+    if found.format != fmt:
+        raise domain_error(
+            f"image '{path}' of disk '{d.target}' is {found.format}, not {fmt}: "
+            "name its format in <driver type> (or <format type> of a backing store)"
+        )
+    return found

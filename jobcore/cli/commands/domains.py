@@ -49,7 +49,7 @@ def domains(as_json: bool) -> None:
 
 @click.group()
 def domain() -> None:
-    """Create and destroy domains (qemu:///session; sim's domains are built in)."""
+    """Create and destroy domains (from libvirt's domain XML; qemu:///session, sim:///NAME)."""
 
 
 @domain.command(name="create")
