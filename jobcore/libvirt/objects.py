@@ -566,8 +566,6 @@ class virDomain:
     def __init__(self, conn: virConnect, bdom: facade.BlockingDomain) -> None:
         self._conn = conn
         self._b = bdom
-        #: the calls the checkpoint and domain-XML facade adds (jobcore/facade.py)
-        self._bx: Any = bdom
 
     @property
     def _vconn(self) -> virConnect:
@@ -596,10 +594,7 @@ class virDomain:
 
     @_api("virDomainIsActive")
     def isActive(self) -> int:
-        facade_call = getattr(self._bx, "isActive", None)
-        if facade_call is not None:
-            return int(facade_call())
-        return int(self._conn._bconn.run(self._b.adom.info).running)
+        return self._b.isActive()
 
     def isPersistent(self) -> int:
         return 0  # jobcore's domains are transient (createXML)
@@ -623,7 +618,7 @@ class virDomain:
 
     @_api("virDomainGetXMLDesc")
     def XMLDesc(self, flags: int = 0) -> str:
-        return str(self._bx.XMLDesc(flags))
+        return self._b.XMLDesc(flags)
 
     @_api("virDomainDestroy", writes=True)
     def destroy(self) -> int:
@@ -808,7 +803,7 @@ class virDomain:
         overrides={"Unsupported": C.VIR_ERR_NO_SUPPORT},
     )
     def _qemu_monitor_command(self, cmd: str, flags: int = 0) -> str:
-        return str(self._bx.qemuMonitorCommand(cmd, flags))
+        return self._b.qemuMonitorCommand(cmd, flags)
 
     @_api("virDomainQemuAgentCommand", writes=True)
     def _qemu_agent_command(self, cmd: str, timeout: int, flags: int) -> str:
