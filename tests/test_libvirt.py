@@ -415,3 +415,20 @@ def test_checkpoints(errors: list[Any]) -> None:
         assert libvirt_conn.listAllDomains(has) == []
     finally:
         libvirt_conn.close()
+
+
+def test_domain_xml_and_monitor_on_sim(conn: libvirt.virConnect) -> None:
+    from jobcore.libvirt import qemu as libvirt_qemu
+
+    dom = conn.lookupByName("vm1")
+    xml = dom.XMLDesc(0).replace('"', "'")
+    assert xml.startswith("<domain") and "<target dev='vda'" in xml and "<name>vm1</name>" in xml
+    with pytest.raises(libvirt.libvirtError) as exc:
+        libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-status"}', 0)
+    assert code(exc) == libvirt.VIR_ERR_NO_SUPPORT
+    assert str(exc.value) == (
+        "this function is not supported by the connection driver: virDomainQemuMonitorCommand"
+    )
+    with pytest.raises(libvirt.libvirtError) as exc:
+        libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-ping"}', -1, 0)
+    assert code(exc) == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED

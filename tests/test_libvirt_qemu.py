@@ -29,11 +29,18 @@ print(dom.name(), dom.isActive())
 PULL = """\
 import json
 import libvirt
+import libvirt_qemu
 
 libvirt.registerErrorHandler(f=lambda ctx, err: None, ctx=None)
 libvirt.virEventRegisterDefaultImpl()
 conn = libvirt.open("qemu:///session")
 dom = conn.lookupByName("lv1")
+before = {
+    "xml": dom.XMLDesc(0),
+    "qmp": json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-status"}', 0)),
+    "hmp": libvirt_qemu.qemuMonitorCommand(
+        dom, "info status", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP),
+}
 events = []
 for event_id in (libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2):
     conn.domainEventRegisterAny(
@@ -50,7 +57,7 @@ try:
 except libvirt.libvirtError as e:
     no_domain = [e.get_error_code(), e.get_error_domain()]
 out = {"active": dom.isActive(), "events": events, "no_domain": no_domain,
-       "after": dom.blockJobInfo("vda")}
+       "after": dom.blockJobInfo("vda"), "after_xml": dom.XMLDesc(0), **before}
 dom.destroy()
 print(json.dumps(out))
 """
@@ -86,6 +93,12 @@ def test_domain_outlives_its_creator_and_pulls(tmp_path: Path) -> None:
     assert by_id[16] == ["lv1", "vda", pull, completed]  # BLOCK_JOB_2: the target
     assert by_id[8] == ["lv1", str(top), pull, completed]  # BLOCK_JOB: the active layer
     assert out["after"] == {}
+    # libvirt's domain XML: the chain as <backingStore>, gone once pulled
+    assert f"<source file='{top}'/>" in out["xml"].replace('"', "'")
+    assert f"<source file='{base}'/>" in out["xml"].replace('"', "'")
+    assert str(base) not in out["after_xml"]
+    assert "return" in out["qmp"] and "status" in out["qmp"]["return"]
+    assert "VM status" in out["hmp"]
 
 
 PARALLEL = """\
