@@ -112,3 +112,35 @@ def test_full_incremental_restore(tmp_path: Path) -> None:
         for disk, image in expected.items():
             compare(target / disks[disk].name, image)
     assert sorted(os.listdir(out / "checkpoints")) == ["virtnbdbackup.0.xml", "virtnbdbackup.1.xml"]
+
+
+CHECK_SIM = """\
+import libvirt
+
+dom = libvirt.open("sim:///default").lookupByName("vm1")
+print([c.getName() for c in dom.listAllCheckpoints()], dom.jobStats()["type"])
+"""
+
+
+def test_on_sim_as_far_as_sim_serves_nbd(tmp_path: Path) -> None:
+    """sim serves no NBD: on sim:///default virtnbdbackup makes every libvirt call of a full
+    backup (checkpoints, XMLDesc, a pull backupBegin with its checkpoint, abortJob) and
+    fails only when it connects to the export."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    (tmp_path / "check.py").write_text(CHECK_SIM)
+    env = {"XDG_RUNTIME_DIR": str(xdg), "HOME": str(tmp_path)}
+    with Jobd(xdg / "jobcore").wait_ready():
+        argv = ["virtnbdbackup", "-U", "sim:///default", "-d", "vm1", "-l", "full"]
+        proc = jobctl(None, "run", "--", *argv, "-o", str(tmp_path / "out"), env=env, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "Unable to connect nbd server" in proc.stderr
+        before = proc.stderr.split("Unable to connect nbd server")[0].splitlines()[:-1]
+        complaints = [line for line in before if " ERROR " in line or " WARNING " in line]
+        # the one warning before NBD: fsFreeze without a guest agent, as with libvirt
+        assert len(complaints) == 1 and "QEMU guest agent is not configured" in complaints[0]
+        check = jobctl(None, "run", "--", "python3", str(tmp_path / "check.py"), env=env)
+    assert check.returncode == 0, check.stderr
+    # the checkpoint was made with the backup; abortJob ended the backup
+    assert check.stdout.split() == ["['virtnbdbackup.0']", "0"]
