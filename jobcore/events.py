@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import anyio
+import attrs
 from attrs import define, field, frozen
 
 from jobcore.errors import JobError, SubscriptionOverflow
@@ -195,20 +196,7 @@ class Subscription:
         if not self._size:
             self._lost_since_empty = 0
         if self._pending_lost:
-            ev = JobEvent(
-                ev.kind,
-                ev.job,
-                ev.type,
-                ev.domain,
-                ev.state,
-                ev.previous,
-                ev.processed,
-                ev.total,
-                ev.timestamp,
-                ev.stats,
-                ev.lost_before + self._pending_lost,
-                ev.seq,
-            )
+            ev = attrs.evolve(ev, lost_before=ev.lost_before + self._pending_lost)
             self._pending_lost = 0
         return ev
 

@@ -273,13 +273,13 @@ class MemoryDriverState:
     store does, so a driver sees the same behaviour on both."""
 
     def __init__(self) -> None:
-        self._values: dict[str, Any] = {}
+        self._values: dict[str, str] = {}  # key -> the value's JSON text
 
     def load(self) -> dict[str, Any]:
-        return dict(self._values)
+        return {key: json.loads(text) for key, text in self._values.items()}
 
     def save(self, key: str, value: Any) -> None:
-        self._values[key] = json.loads(json.dumps(value))
+        self._values[key] = json.dumps(value)
 
     def delete(self, key: str) -> None:
         self._values.pop(key, None)

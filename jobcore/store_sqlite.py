@@ -540,33 +540,63 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+#: types written as themselves (exactly these: a subclass may be an enum or a JobType)
+_JSON_PLAIN = frozenset({type(None), bool, int, float, str})
+_NO_DEFAULT = object()
+
+
+_JsonFields = tuple[str, tuple[tuple[str, str, Any], ...]] | None
+_json_fields_of: dict[type, _JsonFields] = {}
+
+
+def _json_fields(cls: type) -> _JsonFields:
+    """An attrs class's tag and its init fields (name, alias, default or _NO_DEFAULT),
+    worked out once per class (the writer formats every new job's spec); None for
+    another class."""
+    known = _json_fields_of.get(cls, _NO_DEFAULT)
+    if known is not _NO_DEFAULT:
+        return known  # type: ignore[return-value]
+    _json_fields_of[cls] = found = _json_fields_now(cls)
+    return found
+
+
+def _json_fields_now(cls: type) -> _JsonFields:
+    if not attrs.has(cls):
+        return None
+    fields = []
+    for f in attrs.fields(cls):
+        if not f.init:
+            continue
+        default = f.default
+        if isinstance(default, attrs.Factory) or default is attrs.NOTHING:  # type: ignore[arg-type]  # a class at runtime
+            default = _NO_DEFAULT
+        fields.append((f.name, f.alias, default))
+    return _class_name(cls), tuple(fields)
+
+
 def spec_to_json(value: Any) -> Any:
     """``value`` (a prepared spec, or anything in one) as JSON-able data."""
+    cls = type(value)
+    if cls in _JSON_PLAIN:
+        return value
     if isinstance(value, enum.Enum):
-        return {"@e": _class_name(type(value)), "v": value.value}
-    if value is None or isinstance(value, bool | int | float):
+        return {"@e": _class_name(cls), "v": value.value}
+    if isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
-        if type(value) is not str:
-            return {"@e": _class_name(type(value)), "v": str(value)}  # e.g. a JobType
-        return value
+        return {"@e": _class_name(cls), "v": str(value)}  # e.g. a JobType
     if isinstance(value, uuid.UUID):
         return {"@u": str(value)}
-    if attrs.has(type(value)):
-        fields: dict[str, Any] = {}
-        for f in attrs.fields(type(value)):
-            if not f.init:
-                continue
-            item = getattr(value, f.name)
-            if (
-                not isinstance(f.default, attrs.Factory)  # type: ignore[arg-type]  # a class at runtime
-                and f.default is not attrs.NOTHING
-                and type(item) is type(f.default)
-                and item == f.default
-            ):
+    plan = _json_fields(cls)
+    if plan is not None:
+        name, fields = plan
+        out: dict[str, Any] = {}
+        for fname, alias, default in fields:
+            item = getattr(value, fname)
+            if default is not _NO_DEFAULT and type(item) is type(default) and item == default:
                 continue  # the class's default: rebuilt by the constructor
-            fields[f.alias] = spec_to_json(item)
-        return {"@": _class_name(type(value)), "f": fields}
+            out[alias] = spec_to_json(item)
+        return {"@": name, "f": out}
     if isinstance(value, tuple):
         return {"@t": [spec_to_json(v) for v in value]}
     if isinstance(value, frozenset | set):
@@ -686,6 +716,8 @@ class SQLiteJobStore(MemoryJobStore):
         self._inflight = False  # a batch is on the writer thread
         self._kicked = False  # a _kick is scheduled
         self._synced: anyio.Event | None = None  # set at the next batch's outcome
+        # sync() waiters in the order of their targets (the count of writes they wait for)
+        self._sync_waiters: deque[tuple[int, anyio.Event]] = deque()
         self._timer: anyio.Event | None = None  # wakes ``run`` for a lone write
         self._soon: tuple[Callable[[Callable[[], object]], object], ...] | None = None
         #: the last commit failed (full disk, I/O error): new jobs are refused, writes
@@ -695,6 +727,7 @@ class SQLiteJobStore(MemoryJobStore):
         self._refused: dict[str, StoreError] = {}
         self._progress_at: dict[uuid.UUID, float] = {}
         self._event_seq: dict[uuid.UUID, int] = {}
+        self._last_end_wall = 0.0  # the wall time of the latest end (see ``ended``)
         #: the active jobs loaded whose spec is not the prepared one (an older jobcore's
         #: rows): the engine fails them at recovery (NO_PREPARED_SPEC)
         self.unprepared: set[uuid.UUID] = set()
@@ -716,6 +749,7 @@ class SQLiteJobStore(MemoryJobStore):
 
         expired: list[str] = []
         active: list[JobRecord] = []
+        ended_recs: list[tuple[JobRecord, float]] = []
         for row, spec, prepared in rows:
             (job_s, type_s, domain, state_s, _xml, claims_s, priority, created, _started,
              ended, processed, total, stats_s, errmsg, bandwidth, retention, expires,
@@ -756,11 +790,17 @@ class SQLiteJobStore(MemoryJobStore):
                 rec.ended = elapsed
                 rec.ended_wall = ended
                 deadline = math.inf if expires is None else now + (expires - now_wall)
-                MemoryJobStore.ended(self, rec, deadline)
+                ended_recs.append((rec, deadline))
             else:
                 if not prepared:
                     self.unprepared.add(job)
                 active.append(rec)
+        # retained in the order they ended (the alias's last ended job, the caps' oldest)
+        ended_recs.sort(key=lambda e: e[0].ended_wall or 0.0)
+        for rec, deadline in ended_recs:
+            MemoryJobStore.ended(self, rec, deadline)
+        if ended_recs:
+            self._last_end_wall = ended_recs[-1][0].ended_wall or 0.0
         for job_s in expired:
             self._queue((_DELETE_JOB, (job_s,), None))
         return active
@@ -787,6 +827,15 @@ class SQLiteJobStore(MemoryJobStore):
         self._progress_at[rec.uuid] = time.monotonic()  # the insert writes its progress
         self._last.pop(rec.uuid, None)  # a new row: what came before it stays before it
         self._queue(_insert(self.scope, rec))
+
+    def ended(self, rec: JobRecord, expires: float) -> None:
+        # ends get strictly increasing wall times (a tie moves on by the least step), so
+        # the next open, which retains rows in the order of their end, keeps this order
+        if rec.ended_wall is not None:
+            if rec.ended_wall <= self._last_end_wall:
+                rec.ended_wall = math.nextafter(self._last_end_wall, math.inf)
+            self._last_end_wall = rec.ended_wall
+        super().ended(rec, expires)
 
     def changed(self, rec: JobRecord) -> None:
         """The engine changed the record's state: queue its row's update (with the final
@@ -873,7 +922,17 @@ class SQLiteJobStore(MemoryJobStore):
                 if raise_errors:
                     raise self.error
                 return
-            await self._next_outcome()
+            # woken once its writes are committed (or a commit failed), not by every
+            # batch before: many clients waiting cost a wake-up each, not one per batch
+            self._kick_soon()
+            committed = anyio.Event()
+            self._sync_waiters.append((target, committed))
+            await committed.wait()
+
+    @property
+    def settled(self) -> bool:
+        """Every write queued so far is committed and what waited for it has run."""
+        return self._committed >= self._queued and not self._outbox
 
     async def _next_outcome(self) -> None:
         self._kick_soon()
@@ -939,6 +998,9 @@ class SQLiteJobStore(MemoryJobStore):
             self._run_outbox(upto)
             if self._pending:  # queued while this batch was on the writer
                 self._submit()
+        waiters = self._sync_waiters
+        while waiters and (exc is not None or waiters[0][0] <= self._committed):
+            waiters.popleft()[1].set()
         if self._synced is not None:
             self._synced.set()
             self._synced = None
@@ -989,7 +1051,7 @@ class SQLiteJobStore(MemoryJobStore):
 
     def _save_state(self, key: str, value: Any) -> None:
         text = json.dumps(value)  # copied now: TypeError for what JSON cannot hold
-        self._state[key] = json.loads(text)
+        self._state[key] = _SavedText(text)  # decoded only if load() is asked again
         self._queue((_SAVE_STATE, (self.scope, key, text), None))
 
     def _delete_state(self, key: str) -> None:
@@ -1059,6 +1121,10 @@ class SQLiteJobStore(MemoryJobStore):
 _MISSING = object()
 
 
+class _SavedText(str):
+    """A driver-state value saved since open, kept as its JSON text until ``load``."""
+
+
 class StoreDriverState:
     """A driver connection's DriverState in the job store (the ``driver_state`` table):
     its writes join the store's batches, so they are committed, in order, with the job
@@ -1068,7 +1134,10 @@ class StoreDriverState:
         self._store = store
 
     def load(self) -> dict[str, Any]:
-        return dict(self._store._state)
+        return {
+            key: json.loads(value) if isinstance(value, _SavedText) else value
+            for key, value in self._store._state.items()
+        }
 
     def save(self, key: str, value: Any) -> None:
         self._store._save_state(key, value)

@@ -13,8 +13,30 @@ failures, while checking after every step:
 * queued jobs of equal priority contending for one resource start in FIFO order;
 * no job is lost: every begun job can be looked up and, at teardown, ends.
 
-A driver author subclasses it, sets ``URI`` and ``BACKEND``, overrides ``templates()``
-(and ``advance()`` if time is not a manual sim clock), and runs
+With ``DURABLE = True`` the machine runs on a durable store (an SQLite file in a temporary
+directory it owns and removes at teardown), and if the driver recovers jobs after a
+restart (its connection has ``recover_job``) it gains a ``restart`` step: the connection
+is closed leaving its jobs active (``keep_jobs``, as jobd's kill or stop does) and opened
+again on the same store, and then:
+
+* every begun job is found by UUID, in the state recovery gave it;
+* a job's state moved across the restart only along ``TRANSITIONS``: the numbered events
+  (``JobEvent.seq``) it missed are a path of the table from the state last seen;
+* an ended job keeps its state and final stats;
+* a job queued before the restart is still queued, or started in FIFO order (the
+  FIFO check above spans restarts);
+* on a manual sim clock, whose time stands still across a restart, only a job the
+  hypervisor was finishing (aborting, completing) or a queued one changes state;
+* across restarts every job gets exactly one FINAL event, ever: the new subscription is
+  opened together with each job's catch-up event (``Engine.catch_up``, what a resuming
+  subscriber gets), so an end recovery applied, or one released while the old connection
+  closed, is counted once and none twice; with a durable store numbered events arrive
+  without gaps.
+
+A driver without ``recover_job``, or a machine on the memory store, has no restart step.
+
+A driver author subclasses it, sets ``URI`` and ``BACKEND`` (and ``DURABLE``), overrides
+``templates()`` (and ``advance()`` if time is not a manual sim clock), and runs
 ``TestCase = MyMachine.TestCase``. See tests/test_lifecycle_kit.py for the sim driver.
 
 Tests that drive a driver connection directly give it what the engine would:
@@ -25,11 +47,14 @@ on a domain (its ``DomainInfo``), every position and default resolved by its typ
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import anyio
 import attrs
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -57,7 +82,9 @@ from jobcore.facade import JobBegin as _JobBegin
 from jobcore.facade import JobLookupByUUID as _JobLookupByUUID
 from jobcore.facade import open as _open
 from jobcore.lifecycle import INITIAL, TRANSITIONS, JobState, Verb, accepts
+from jobcore.local import LocalConnection
 from jobcore.registry import registry
+from jobcore.store_sqlite import SQLiteJobStore
 
 
 def prepare_spec(
@@ -189,6 +216,22 @@ class _Seen:
     finals: int = 0
     ended_order: int | None = None
     started_order: int | None = None
+    #: the number of the job's last STATE or FINAL event seen (durable stores number them)
+    seq: int = 0
+    #: numbered events up to this one were covered by a catch-up after a restart
+    caught_up: int = 0
+
+
+#: the states a restart with time standing still may move on from (see ``restart``)
+_FINISHING_OR_QUEUED = frozenset({JobState.ABORTING, JobState.COMPLETING, JobState.QUEUED})
+
+
+def path_of_length(start: JobState, end: JobState, steps: int) -> bool:
+    """Whether ``TRANSITIONS`` leads from ``start`` to ``end`` in exactly ``steps`` moves."""
+    reach = {start}
+    for _ in range(steps):
+        reach = {n for s in reach for n in TRANSITIONS[s]}
+    return end in reach
 
 
 class JobLifecycleMachine(RuleBasedStateMachine):
@@ -196,6 +239,9 @@ class JobLifecycleMachine(RuleBasedStateMachine):
     BACKEND: ClassVar[str] = "asyncio"
     #: seconds an ended job is retained; long, so the alias model needs no expiry
     RETENTION: ClassVar[float] = 1e9
+    #: run on a durable store (an SQLite file in a temporary directory the machine owns):
+    #: with a driver that recovers jobs, the machine gains the ``restart`` step
+    DURABLE: ClassVar[bool] = False
 
     def templates(self) -> list[JobTemplate]:
         return sim_templates()
@@ -219,9 +265,12 @@ class JobLifecycleMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conn: BlockingConnection = _open(
-            self.URI, backend=self.BACKEND, retention=self.RETENTION
-        )
+        self._store_dir = tempfile.mkdtemp(prefix="jobcore-kit-store-") if self.DURABLE else None
+        try:
+            self.conn: BlockingConnection = self._connect()
+        except BaseException:
+            self._remove_store()
+            raise
         self.sub: Subscription = self.conn.run_sync(
             lambda: self.conn.aconn.subscribe(maxlen=1 << 20)
         )
@@ -231,6 +280,22 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         self._ends = 0
         self._starts = 0
         self.tmpl = self.templates()
+        #: restarts this machine made (the restart step's precondition: can_restart)
+        self.restarts = 0
+        aconn = self.conn.aconn
+        self.can_restart = (
+            self._store_dir is not None
+            and isinstance(aconn, LocalConnection)
+            and aconn.engine.can_recover
+        )
+
+    def _connect(self) -> BlockingConnection:
+        store = None if self._store_dir is None else f"sqlite://{self._store_dir}/jobs.sqlite"
+        return _open(self.URI, backend=self.BACKEND, retention=self.RETENTION, store=store)
+
+    def _remove_store(self) -> None:
+        if self._store_dir is not None:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
 
     @initialize()
     def _lookup_domains(self) -> None:
@@ -242,14 +307,41 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         try:
             self._drain_all()
         finally:
-            self.conn.close()
+            try:
+                self.conn.close()
+            finally:
+                self._remove_store()
 
     def _drain_events(self) -> None:
-        events: list[JobEvent] = self.conn.run_sync(self._take_events)
+        if self._store_dir is not None:
+            self.conn.run(self._settle)
+        self._absorb(self.conn.run_sync(self._take_events))
+
+    async def _settle(self) -> None:
+        """A durable store releases events once their writes are committed on its writer
+        thread: wait until it has nothing left to commit or release (and the loop has run
+        what that woke), so each step sees the same events whatever the thread's timing."""
+        aconn = self.conn.aconn
+        store = aconn.engine.store if isinstance(aconn, LocalConnection) else None
+        if not isinstance(store, SQLiteJobStore):
+            return
+        for _ in range(1000):
+            await store.sync(raise_errors=False)
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
+            if store.settled:
+                return
+
+    def _absorb(self, events: list[JobEvent]) -> None:
         for ev in events:
             seen = self.seen.get(ev.job)
             assert seen is not None, f"event for a job never begun: {ev}"
             assert ev.lost_before == 0, "the kit's subscription must not lose events"
+            if ev.seq:  # numbered (a durable store): in order, without gaps
+                if ev.seq <= seen.caught_up:
+                    continue  # released after a restart's catch-up, which counted it
+                assert ev.seq == seen.seq + 1, f"event #{ev.seq} after #{seen.seq}: {ev}"
+                seen.seq = ev.seq
             if ev.kind is EventKind.STATE:
                 last = seen.states[-1] if seen.states else None
                 assert ev.previous == last, (ev, seen.states)
@@ -389,6 +481,80 @@ class JobLifecycleMachine(RuleBasedStateMachine):
     @rule(at=st.sampled_from([0.0, 0.3, 0.9]))
     def failure(self, at: float) -> None:
         self.inject_failure(at)
+
+    @precondition(lambda self: self.can_restart)
+    @rule()
+    def restart(self) -> None:
+        """Close the connection leaving its jobs (as jobd's kill or stop does) and open it
+        again on the same store; then check what recovery made of every job."""
+        self._drain_events()
+        before = {
+            job_id: (self._state(s), self.conn.run(s.job.ajob.stats) if s.finals else None)
+            for job_id, s in self.seen.items()
+            if s.job is not None
+        }
+        self.conn.close()  # a durable store and a driver that recovers: keep_jobs
+        self._absorb(self._take_events())  # what the close's drain released
+        self.restarts += 1
+        self.conn = self._connect()
+        self.domains = {name: self.conn.lookupByName(name) for name in self.domains}
+        caught: dict[uuid.UUID, JobEvent | None] = self.conn.run_sync(
+            self._resubscribe, list(before)
+        )
+        for job_id, (state, stats) in before.items():
+            self._recovered(job_id, state, stats, caught[job_id])
+
+    def _resubscribe(self, jobs: list[uuid.UUID]) -> dict[uuid.UUID, JobEvent | None]:
+        """Subscribe and take each job's catch-up event in one step on the loop, so every
+        numbered event after the catch-up reaches the new subscription."""
+        aconn = self.conn.aconn
+        assert isinstance(aconn, LocalConnection)
+        self.sub = aconn.subscribe(maxlen=1 << 20)
+        return {job: aconn.engine.catch_up(job, 0) for job in jobs}
+
+    def _recovered(
+        self,
+        job_id: uuid.UUID,
+        state: JobState | None,
+        stats: dict[str, Any] | None,
+        ev: JobEvent | None,
+    ) -> None:
+        seen = self.seen[job_id]
+        assert ev is not None, f"job {job_id} ({state}) was lost across the restart"
+        assert state is not None
+        seen.job = _JobLookupByUUID(self.domains[seen.template.domain], job_id)
+        if seen.finals:  # ended before the restart: as it was, stats and all
+            assert ev.kind is EventKind.FINAL and ev.state is state and ev.seq == seen.seq, (
+                f"ended job {job_id} ({state}, #{seen.seq}) came back as {ev}"
+            )
+            got = self.conn.run(seen.job.ajob.stats)
+            assert got == stats, f"ended job {job_id} lost its stats: {stats} -> {got}"
+            return
+        moves = ev.seq - seen.seq - (1 if ev.kind is EventKind.FINAL else 0)
+        assert moves >= 0, f"job {job_id}: event #{ev.seq} after #{seen.seq} was seen"
+        assert path_of_length(state, ev.state, moves), (
+            f"job {job_id}: {state} -> {ev.state} in {moves} moves across a restart "
+            "is no path of the lifecycle table"
+        )
+        if self._manual() and state not in _FINISHING_OR_QUEUED:
+            # no time passes across the restart of a manual clock: only what the
+            # hypervisor was already finishing ends, only queued jobs may start
+            assert moves == 0, (
+                f"job {job_id}: {state} -> {ev.state} across a restart, with time standing still"
+            )
+        if state is JobState.QUEUED and (moves >= 2 or ev.state.active) and moves:
+            assert seen.started_order is None
+            self._starts += 1  # started at recovery: in begin (= ticket) order
+            seen.started_order = self._starts
+        if moves:
+            seen.states.append(ev.state)
+        if ev.kind is EventKind.FINAL:
+            assert ev.stats is not None and ev.stats["state"] == str(ev.state)
+            seen.finals += 1
+            assert seen.finals == 1, f"job {job_id}: more than one FINAL event"
+            self._ends += 1
+            seen.ended_order = self._ends
+        seen.seq = seen.caught_up = ev.seq
 
     # ---- invariants ------------------------------------------------------------------
 

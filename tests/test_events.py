@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, ClassVar, cast
 
 import anyio
+import attrs
 import pytest
 
 import jobcore
@@ -20,17 +22,26 @@ def event(kind: EventKind, n: int = 0) -> JobEvent:
     return JobEvent(kind, JOB, "backup", "vm1", JobState.RUNNING, processed=n)
 
 
+@attrs.define
 class Probe:
     """Stands in for a JobEvent in a buffer and counts how often its kind is read:
-    a drop that scans the buffer reads the kind of every event it passes."""
+    a drop that scans the buffer reads the kind of every event it passes. (An attrs class
+    with JobEvent's fields, so a subscription hands it out the way it hands out events.)"""
 
-    reads = 0
+    reads: ClassVar[int] = 0
 
-    def __init__(self, kind: EventKind, processed: int) -> None:
-        self._kind = kind
-        self.job, self.type, self.domain, self.state = JOB, "backup", "vm1", JobState.RUNNING
-        self.previous, self.processed, self.total, self.timestamp = None, processed, 0, 0.0
-        self.stats, self.lost_before, self.seq = None, 0, 0
+    _kind: EventKind
+    processed: int
+    job: uuid.UUID = JOB
+    type: str = "backup"
+    domain: str = "vm1"
+    state: JobState = JobState.RUNNING
+    previous: JobState | None = None
+    total: int = 0
+    timestamp: float = 0.0
+    stats: Mapping[str, Any] | None = None
+    lost_before: int = 0
+    seq: int = 0
 
     @property
     def kind(self) -> EventKind:
@@ -164,3 +175,29 @@ async def test_engine_subscriber_over_its_limit_ends_and_jobs_go_on() -> None:
                     held.append(ev)
         assert len(held) == 8 and ended.value.lost == 51
         assert sum(e.lost_before for e in held) == 50  # the last loss came after them
+
+
+def test_an_event_handed_out_after_a_loss_keeps_every_other_field() -> None:
+    """The event that carries ``lost_before`` is the buffered one with that count added:
+    every other field of JobEvent (whatever fields it gains) comes out as it went in."""
+    values: dict[str, Any] = {
+        "kind": EventKind.FINAL,
+        "job": JOB,
+        "type": "backup",
+        "domain": "vm1",
+        "state": JobState.COMPLETED,
+        "previous": JobState.RUNNING,
+        "processed": 7,
+        "total": 9,
+        "timestamp": 12.5,
+        "stats": {"state": "completed"},
+        "lost_before": 2,
+        "seq": 4,
+    }
+    assert set(values) == {f.name for f in attrs.fields(JobEvent)}, "name the new field here"
+    hub = EventHub()
+    sub = hub.subscribe(maxlen=1)
+    hub.emit(event(EventKind.PROGRESS))
+    hub.emit(JobEvent(**values))  # drops the PROGRESS event
+    got = sub.get_nowait()
+    assert got == JobEvent(**{**values, "lost_before": 3})

@@ -360,3 +360,26 @@ async def test_queue_flag_survives(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         for job in (first, second):
             with anyio.fail_after(30):
                 assert (await (await conn.lookup_job(job.uuid)).wait()).state is S.COMPLETED
+
+
+def test_retained_jobs_come_back_in_the_order_they_ended(tmp_path: Path) -> None:
+    """The legacy alias names the domain's last ended job after a reopen too: rows are
+    retained again in the order their jobs ended (not begun), ties included (a manual
+    clock ends both at one instant)."""
+    store = url(tmp_path / "jobs.sqlite")
+    vdb = BACKUP_VDB.format(tag="second")
+    vda = BACKUP_VDB.format(tag="first").replace("vdb", "vda")
+    with jobcore.open("sim:///default?clock=manual", store=store, retention=1e9) as conn:
+        dom = conn.lookupByName("vm1")
+        first = jobcore.JobBegin(dom, vda)
+        second = jobcore.JobBegin(dom, vdb)
+        jobcore.JobAbort(second)  # ends first, at the same clock reading as the other
+        jobcore.JobWait(second, timeout=10)
+        jobcore.JobAbort(first)
+        jobcore.JobWait(first, timeout=10)
+        alias = jobcore.JobLookupByUUID(dom, C.LEGACY_DOMAIN_JOB_UUID)
+        assert alias.uuid == first.uuid
+    with jobcore.open("sim:///default?clock=manual", store=store, retention=1e9) as conn:
+        dom = conn.lookupByName("vm1")
+        alias = jobcore.JobLookupByUUID(dom, C.LEGACY_DOMAIN_JOB_UUID)
+        assert alias.uuid == first.uuid

@@ -437,3 +437,31 @@ async def _progress_scenario(rate: int, elapsed: float, verbs: list[tuple[str, i
         if not paused:  # rescheduled to end when the remaining bytes are copied
             left = (total - got.processed) / effective
             assert abs(sj.deadline() - conn.clock.now() - left) <= 0.25
+
+
+async def test_a_job_paused_while_ready_comes_back_standby() -> None:
+    state = MemoryState()
+    async with opened("sim:///h1?clock=manual", state) as conn:
+        job, rep = await begin(conn, "vm1", ACTIVE_COMMIT)
+        assert isinstance(conn.clock, ManualClock)
+        conn.clock.advance(1000)
+        await rep.wait_for("ready", 5)
+        await conn.pause(job)
+    async with opened("sim:///h1?clock=manual", state) as conn:
+        got = await conn.recover_job(again(job)[0], JobState.STANDBY)
+        assert isinstance(got, Reattached) and got.state is JobState.STANDBY
+
+
+async def test_a_manual_clock_goes_on_from_its_saved_reading() -> None:
+    """Time stands still while no process runs: the next connection's manual clock reads
+    what the last one's did, so wall times never go back across a restart."""
+    state = MemoryState()
+    uri = "sim:///h1?clock=manual"
+    async with opened(uri, state) as conn:
+        assert isinstance(conn.clock, ManualClock)
+        start, wall = conn.clock.now(), conn.clock.wall()
+        conn.clock.advance(25)
+    async with opened(uri, state) as conn:
+        assert (conn.clock.now(), conn.clock.wall()) == (start + 25, wall + 25)
+    async with opened(uri, None) as conn:  # without a state: a fresh clock
+        assert (conn.clock.now(), conn.clock.wall()) == (start, wall)

@@ -27,7 +27,10 @@ class RealClock:
         delay = deadline - self.now()
         if delay <= 0:
             return
-        with anyio.move_on_after(None if math.isinf(delay) else delay):
+        if math.isinf(delay):  # nothing due: no timer (a cancel scope) to arm
+            await wakeup.wait()
+            return
+        with anyio.move_on_after(delay):
             await wakeup.wait()
 
     async def wait_until(self, deadline: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from drivers.sim import backup, chain, migration
 from drivers.sim.clock import ManualClock, RealClock
 from drivers.sim.job import Behaviour, Phase, SimJob
 from drivers.sim.persist import SimState, restore_job
-from drivers.sim.world import MiB, SimWorld, define_domain
+from drivers.sim.world import MiB, SimDomain, SimFile, SimWorld, define_domain
 from jobcore.driver import (
     BitmapInfo,
     BitmapRemoval,
@@ -64,6 +65,10 @@ _TERMINAL = {
     "cancelled": JobState.CANCELLED,
 }
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports of a running job
+#: seconds the sweep of ended jobs' records waits after one round (gathering the next)
+SWEEP_PAUSE = 0.05
+#: seconds a backup's check_job stands for its start, on an unchanged world
+RECHECK_AFTER = 1.0
 #: what each job type does to the world
 _BEHAVIOURS: dict[JobType, Behaviour] = {
     JobType.BACKUP: backup.BEHAVIOUR,
@@ -115,14 +120,16 @@ class SimConnection:
             raise InvalidArgument(
                 f"clock={str(clock_kind)[:80]!r} in '{uri}': it must be 'real' or 'manual'"
             )
-        self.clock: RealClock | ManualClock = (
-            ManualClock() if clock_kind == "manual" else RealClock()
-        )
-        if isinstance(self.clock, ManualClock):
-            self.clock.on_advance(self._poke)
         self.host_name = uri.name or "default"
         #: where the world and the jobs are saved (None: they live as long as the connection)
         self._persist = None if state is None else SimState(state)
+        self.clock: RealClock | ManualClock = RealClock()
+        if clock_kind == "manual":  # goes on from the reading the last process saved
+            saved = None if self._persist is None else self._persist.saved_clock()
+            self.clock = ManualClock() if saved is None else ManualClock(*saved)
+            self.clock.on_advance(self._poke)
+            if self._persist is not None:
+                self.clock.on_advance(self._save_clock)
         saved_hosts, self._saved_jobs = ({}, {}) if self._persist is None else self._persist.load()
         self.world = SimWorld(self.uri, self.host_name, saved=saved_hosts, persist=self._persist)
         #: the connection's own host
@@ -139,6 +146,8 @@ class SimConnection:
         #: ended jobs whose records go once the store has the engine's terminal write too
         self._ended: list[uuid.UUID] = []
         self._sweep_wakeup = anyio.Event()
+        #: the last check_job of a backup: (spec, world version, monotonic time, creates)
+        self._checked: tuple[PreparedBackup, int, float, list[tuple[str, SimFile]]] | None = None
 
     # ---- DriverConnection: domains -------------------------------------------------
 
@@ -222,7 +231,22 @@ class SimConnection:
     async def check_job(self, spec: Any, dom: DomainInfo) -> None:
         """Before admission: refuse a backup's existing (or unusable reused) files."""
         if isinstance(spec, PreparedBackup):
-            backup.check_stores(self.world, spec, self.world.domain(dom.name))
+            creates = backup.check_stores(self.world, spec, self.world.domain(dom.name))
+            self._checked = (spec, self.world.version, time.monotonic(), creates)
+
+    def _backup_creates(self, spec: PreparedBackup, dom: SimDomain) -> list[tuple[str, SimFile]]:
+        """The files a backup creates, checked again at its start (a queued job starts
+        later, and files may have appeared meanwhile), unless its check_job just ran on
+        the world as it still is (a job admitted at once)."""
+        checked, self._checked = self._checked, None
+        if (
+            checked is not None
+            and checked[0] is spec
+            and checked[1] == self.world.version
+            and time.monotonic() - checked[2] < RECHECK_AFTER
+        ):
+            return checked[3]
+        return backup.check_stores(self.world, spec, dom)
 
     # ---- DriverConnection: jobs ----------------------------------------------------
 
@@ -232,11 +256,8 @@ class SimConnection:
         if self._saved_jobs:
             self._drop_unclaimed()
         dom = self.world.domain(job.domain)
-        # again: a queued job starts later, and files may have appeared meanwhile
         creates = (
-            backup.check_stores(self.world, job.spec, dom)
-            if isinstance(job.spec, PreparedBackup)
-            else []
+            self._backup_creates(job.spec, dom) if isinstance(job.spec, PreparedBackup) else []
         )
         total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
         if isinstance(job.spec, PreparedBackup):  # its checkpoint, atomically with it
@@ -338,12 +359,20 @@ class SimConnection:
         deadline = sj.deadline()
         if not math.isinf(deadline):
             heapq.heappush(self._heap, (deadline, next(self._seq), sj.version, sj))
+        # progress is due PROGRESS_INTERVAL from now, unless the job gets there first (an
+        # instant job ends at once: no timer for it)
         if math.isinf(self._next_progress):
-            self._next_progress = self.clock.now() + PROGRESS_INTERVAL
+            due = self.clock.now() + PROGRESS_INTERVAL
+            if deadline > due:
+                self._next_progress = due
         self._poke()
 
     def _poke(self) -> None:
         self._wakeup.set()
+
+    def _save_clock(self) -> None:
+        assert self._persist is not None
+        self._persist.clock(self.clock.now(), self.clock.wall())
 
     def stop(self) -> None:
         """End the scheduler loop (the connection is closing)."""
@@ -491,8 +520,8 @@ class SimConnection:
         self._update_extra(sj, done)
         self._save(sj)
         self._schedule(sj)
-        if sj.phase is Phase.READY:
-            state = JobState.READY
+        if sj.phase is Phase.READY:  # paused while ready: standby
+            state = JobState.STANDBY if sj.paused else JobState.READY
         else:
             state = JobState.PAUSED if sj.paused else JobState.RUNNING
         return Reattached(state, done, sj.total)
@@ -543,6 +572,8 @@ class SimConnection:
                 continue
             for job in batch:
                 persist.forget_job(job)
+            # the ends of the next moment are swept together (one wake-up for many)
+            await anyio.sleep(SWEEP_PAUSE)
 
     def job_count(self) -> int:
         return len(self._jobs)

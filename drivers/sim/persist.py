@@ -15,6 +15,9 @@ Keys and values (JSON, one record per key):
   When the job ends it becomes ``{"ended": OUTCOME, ...}`` (written together with the
   job's effect on the world) and is deleted once the store has the engine's terminal write
   too: a restart in between finds the outcome, never applies the effect twice.
+* ``clock`` — a manual clock's reading (``now``, ``wall``), written at each ``advance``: a
+  restarted connection's manual clock goes on from there (its time stood still while no
+  process ran), so wall times never go back across a restart.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from jobcore.driver import DriverState
 HOST = "host:"
 FILE = "file:"
 JOB = "job:"
+CLOCK = "clock"
 
 
 def host_key(name: str) -> str:
@@ -145,6 +149,14 @@ class SimState:
             if host in hosts:
                 hosts[host].files[path] = f
         return hosts, jobs
+
+    def saved_clock(self) -> tuple[float, float] | None:
+        """A manual clock's last reading (now, wall), if one was saved."""
+        value = self.state.load().get(CLOCK)
+        return None if value is None else (float(value["now"]), float(value["wall"]))
+
+    def clock(self, now: float, wall: float) -> None:
+        self.state.save(CLOCK, {"now": now, "wall": wall})
 
     def host(self, host: SimHost) -> None:
         self.state.save(host_key(host.name), dump_host(host))

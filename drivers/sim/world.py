@@ -143,6 +143,9 @@ class SimWorld:
         self.where: dict[str, str] = {}
         #: where every change is saved (None: the world lives as long as the connection)
         self.persist = persist
+        #: counts the changes of domains and files (``changed``, ``add_files``,
+        #: ``remove_file``): a check against the world stands while it is unchanged
+        self.version = 0
         if saved and home in saved:  # the world a previous process left
             self.hosts = dict(saved)
             for host in self.hosts.values():
@@ -169,18 +172,22 @@ class SimWorld:
 
     def changed(self, host: SimHost) -> None:
         """``host``'s domains changed (created, destroyed, moved, chain or checkpoints)."""
+        self.version += 1
         if self.persist is not None:
             self.persist.host(host)
 
     def add_files(self, host: SimHost, files: Iterable[tuple[str, SimFile]]) -> None:
         for path, f in files:
+            self.version += 1
             host.files[path] = f
             if self.persist is not None:
                 self.persist.file_added(host, path, f)
 
     def remove_file(self, host: SimHost, path: str) -> None:
-        if host.files.pop(path, None) is not None and self.persist is not None:
-            self.persist.file_removed(host, path)
+        if host.files.pop(path, None) is not None:
+            self.version += 1
+            if self.persist is not None:
+                self.persist.file_removed(host, path)
 
     def domain(self, name: str) -> SimDomain:
         """A domain of this host or, once migrated, of another host of this world: the
