@@ -30,6 +30,7 @@ COMMANDS = {
     "list": "jobs",
     "pause": "jobs",
     "resume": "jobs",
+    "run": "run",
     "set-speed": "jobs",
     "stats": "jobs",
     "wait": "jobs",
@@ -84,7 +85,7 @@ def main(click_ctx: click.Context, uri: str | None) -> None:
       zsh:  eval "$(_JOBCTL_COMPLETE=zsh_source jobctl)"    in ~/.zshrc
       fish: _JOBCTL_COMPLETE=fish_source jobctl | source    in config.fish
     """
-    if click_ctx.invoked_subcommand == "daemon":
+    if click_ctx.invoked_subcommand in ("daemon", "run"):  # they use no connection
         return
     resolved = uri or default_uri()
     try:
