@@ -32,6 +32,7 @@ from jobcore.errors import (
 )
 from jobcore.events import EventFilter, EventHub, EventKind, Subscription
 from jobcore.flags import check_flags
+from jobcore.handles import CheckpointHandle
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
@@ -454,32 +455,13 @@ class LocalDomain:
         return LocalCheckpoint(self, self.conn.engine.checkpoints.get(self.name, name).name)
 
 
-class LocalCheckpoint:
+class LocalCheckpoint(CheckpointHandle):
     """A handle on a checkpoint of a domain (its name: the record is looked up per call)."""
 
+    _dom: LocalDomain
+
     def __init__(self, dom: LocalDomain, name: str) -> None:
-        self._dom = dom
-        self._name = name
-
-    def __repr__(self) -> str:
-        return f"<Checkpoint {self._name!r} of {self._dom.name!r}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LocalCheckpoint) and (other.domain, other.name) == (
-            self.domain,
-            self.name,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.domain, self._name))
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def domain(self) -> str:
-        return self._dom.name
+        super().__init__(dom, name)
 
     async def xml_desc(self, flags: int = 0) -> str:
         check_flags("checkpointGetXMLDesc", flags)

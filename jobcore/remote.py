@@ -37,6 +37,7 @@ from jobcore.driver import DomainInfo
 from jobcore.errors import ConnectionLost, InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
+from jobcore.handles import CheckpointHandle
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
@@ -736,32 +737,13 @@ class RemoteDomain:
         return RemoteCheckpoint(self, await self._call(Method.CHECKPOINT_LOOKUP, name))
 
 
-class RemoteCheckpoint:
+class RemoteCheckpoint(CheckpointHandle):
     """A checkpoint handle served by jobd: its domain's name and its own."""
 
+    _dom: RemoteDomain
+
     def __init__(self, dom: RemoteDomain, name: str) -> None:
-        self._dom = dom
-        self._name = name
-
-    def __repr__(self) -> str:
-        return f"<Checkpoint {self._name!r} of {self._dom.name!r}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RemoteCheckpoint) and (other.domain, other.name) == (
-            self.domain,
-            self.name,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.domain, self._name))
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def domain(self) -> str:
-        return self._dom.name
+        super().__init__(dom, name)
 
     async def _call(self, method: Method, *args: ArgValue) -> Any:
         return await self._dom.conn.call(method, self._dom.name, self._name, *args)
