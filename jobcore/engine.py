@@ -200,7 +200,9 @@ class Engine:
                     again.append(rec)
                 else:
                     self._recovered(rec, result)
+                    await self._checkpoint_recovered(rec)
         unprepared.clear()
+        await self.checkpoints.flush()
         for rec in again:  # admitted before every queued job: ahead of them, as before
             job_log(rec).info("job started again: the driver had not started it")
             rec.starting = True  # verbs wait until the driver has it
@@ -440,6 +442,21 @@ class Engine:
         if rec.state in (S.FAILED, S.CANCELLED):  # it ended meanwhile: no checkpoint left
             return
         self.checkpoints.backup_started(rec.uuid, rec.spec, dom, rec.created_wall)
+
+    async def _checkpoint_recovered(self, rec: JobRecord) -> None:
+        """A recovered backup's checkpoint: killed after the driver made its bitmaps and
+        before their record was committed, the record is made now (if the bitmaps are
+        there: the hypervisor has the checkpoint)."""
+        if getattr(rec.spec, "checkpoint_name", None) is None or rec.state in (
+            S.FAILED,
+            S.CANCELLED,
+        ):
+            return
+        try:
+            dom = await self.dconn.lookup_domain(rec.domain)
+            await self.checkpoints.backup_recovered(rec.uuid, rec.spec, dom, rec.created_wall)
+        except JobError as exc:
+            job_log(rec).warning("checkpoint not recovered", error=str(exc))
 
     async def _cancel_unstarted(self, rec: JobRecord, job: DriverJob) -> None:
         """Tell the driver to cancel (and clean up) a job whose start timed out; the cancel
