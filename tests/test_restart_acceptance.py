@@ -49,7 +49,8 @@ def killed_after_checkpoint_start(opts_json: str) -> None:
             dom = await conn.create_domain(opts["xml"])
 
             async def die(self: Engine, rec: Any) -> None:
-                sys.stdout.write(f"{as_local(conn).driver.pid('vm1')}\n")
+                driver: Any = as_local(conn).driver
+                sys.stdout.write(f"{driver.pid('vm1')}\n")
                 sys.stdout.flush()
                 os._exit(0)
 
