@@ -341,6 +341,7 @@ class Engine:
             retention=self.retention if options.retention is None else options.retention,
             created_wall=self.clock.wall(),
             created=now,
+            started=now if admitted else None,  # in its row: it reads the same after a restart
             bandwidth=getattr(spec, "bandwidth", None),
         )
         self.store.add(rec)
@@ -378,7 +379,8 @@ class Engine:
         if self._closed or rec.state.terminal:  # never start a job on a closing engine
             _start_finished(rec)
             return
-        rec.started = self.clock.now()
+        if rec.started is None:  # set when admitted (written with that state)
+            rec.started = self.clock.now()
         rec.driver_job = job = DriverJob(
             rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec)
         )
@@ -488,6 +490,8 @@ class Engine:
         if checked and new not in TRANSITIONS[old]:
             raise InvalidTransition(f"job '{rec.uuid}': {old} -> {new} is not allowed")
         rec.state = new
+        if new is S.RUNNING and rec.started is None:  # admitted: written with this state
+            rec.started = self.clock.now()
         if new.terminal:
             rec.ended = self.clock.now()
             rec.ended_wall = self.clock.wall()

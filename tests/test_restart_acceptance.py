@@ -21,6 +21,8 @@ from jobcore.local import as_local
 
 TESTS = Path(__file__).parent
 JOB = "6a0c1b8e-0000-4000-8000-000000000001"
+#: a child runs the same jobcore as this process (tests/ first, for this module)
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
 
 
 def push(target: Path, *, inc: str | None = None, checkpoint: str | None = None) -> str:
@@ -80,7 +82,7 @@ def test_a_backups_checkpoint_survives_a_kill_before_its_record(tmp_path: Path) 
     child = subprocess.run(
         [sys.executable, "-c", code, json.dumps(opts)],
         capture_output=True, text=True, cwd=TESTS, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(TESTS)},
+        env=CHILD_ENV,
     )  # fmt: skip
     assert child.stdout.strip(), child.stderr
     qpid = int(child.stdout.strip())
@@ -107,3 +109,47 @@ def test_a_backups_checkpoint_survives_a_kill_before_its_record(tmp_path: Path) 
     finally:
         if alive(qpid):
             kill_and_reap({qpid})
+
+
+SIM_JOB = "6a0c1b8e-0000-4000-8000-000000000002"
+SIM_BACKUP = (
+    f"<job type='backup'><uuid>{SIM_JOB}</uuid><domainbackup><disks>"
+    "<disk name='vda' type='file'><target file='/b/x.qcow2'/></disk>"
+    "<disk name='vdb' backup='no'/></disks></domainbackup></job>"
+)
+
+
+def killed_while_running(store: str) -> None:
+    """Child: a sim backup at 1 MiB/s, killed (os._exit) 0.3 s in; prints info.started."""
+
+    async def main() -> None:
+        async with jobcore.connect("sim:///default?rate=1048576", store=store) as conn:
+            job = await (await conn.lookup_domain("vm1")).job_begin(SIM_BACKUP)
+            await anyio.sleep(0.3)
+            sys.stdout.write(f"{(await job.info()).started!r}\n")
+            sys.stdout.flush()
+            os._exit(0)
+
+    anyio.run(main)
+
+
+def test_a_running_jobs_start_time_survives_a_kill(tmp_path: Path) -> None:
+    """info.started of a job that ran is the same after a kill and a reopen. Before: None
+    (its row got a start time only with a later state change)."""
+    store = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    code = "import sys, test_restart_acceptance as t; t.killed_while_running(sys.argv[1])"
+    child = subprocess.run(
+        [sys.executable, "-c", code, store],
+        capture_output=True, text=True, cwd=TESTS, timeout=60,
+        env=CHILD_ENV,
+    )  # fmt: skip
+    started = float(child.stdout.strip() or "nan")
+    assert started > 0, child.stderr
+
+    async def after() -> None:
+        async with jobcore.connect("sim:///default?rate=1048576", store=store) as conn:
+            info = await (await conn.lookup_job(SIM_JOB)).info()
+            assert info.state is JobState.RUNNING
+            assert info.started == started
+
+    anyio.run(after)
