@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from jobd_helpers import Jobd, jobctl
+from jobd_helpers import write as write_file
 from qemu_helpers import alive, create, domain_xml, kill_and_reap, write
 
 import jobcore
+import jobcore.remote
+from jobcore.errors import ConnectionLost
 from jobcore.lifecycle import JobState
 from jobcore.local import as_local
 
@@ -153,3 +159,61 @@ def test_a_running_jobs_start_time_survives_a_kill(tmp_path: Path) -> None:
             assert info.started == started
 
     anyio.run(after)
+
+
+def _stopped(tmp_path: Path) -> tuple[Jobd, str, str]:
+    """A jobd running a 1 GiB sim backup at 1 MiB/s; the URI and the job's UUID."""
+    daemon = Jobd(tmp_path / "run").wait_ready()
+    uri = daemon.uri("rate=1048576")
+    began = jobctl(uri, "begin", "vm1", write_file(tmp_path, "b.xml", SIM_BACKUP))
+    assert began.returncode == 0, began.stderr
+    return daemon, uri, began.stdout.strip()
+
+
+def test_jobctl_wait_keeps_its_timeout_when_jobd_is_stopped(tmp_path: Path) -> None:
+    """SIGSTOP of jobd while `jobctl wait --timeout 2` waits: it ends after its timeout,
+    exit 10, saying jobd did not answer. Before: it hung (its wait's reply never came, and
+    the state shown after a timeout was asked of the stopped jobd too)."""
+    daemon, uri, job = _stopped(tmp_path)
+    try:
+        waiter = subprocess.Popen(
+            [sys.executable, "-m", "jobcore.cli", "wait", job, "--timeout", "2"],
+            env={**os.environ, "JOBCORE_URI": uri}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(0.5)  # its wait is in flight
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            _, err = waiter.communicate(timeout=20)
+        finally:
+            waiter.kill()
+            daemon.proc.send_signal(signal.SIGCONT)
+        assert waiter.returncode == 10, err
+        assert "did not end within 2 s (state: unknown: jobd did not answer)" in err
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.anyio
+async def test_a_call_to_a_stopped_jobd_is_lost_not_hung(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose jobd is SIGSTOPped mid-call gets ConnectionLost once jobd was silent
+    KEEPALIVE_TIMEOUT s (libvirt's keepalive closes such a connection); a healthy jobd
+    answers the pings, so a long wait is not cut. Before: the call hung for ever."""
+    monkeypatch.setattr(jobcore.remote, "KEEPALIVE_INTERVAL", 0.2, raising=False)
+    monkeypatch.setattr(jobcore.remote, "KEEPALIVE_TIMEOUT", 1.5, raising=False)
+    daemon, uri, job = _stopped(tmp_path)
+    try:
+        async with jobcore.connect(uri + "&reconnect=0") as conn:
+            handle = await conn.lookup_job(job)
+            with pytest.raises(TimeoutError):  # 2 s of a healthy jobd, pinged: not lost
+                await handle.wait(2.5)
+            daemon.proc.send_signal(signal.SIGSTOP)
+            try:
+                with anyio.fail_after(15), pytest.raises(ConnectionLost, match="answered nothing"):
+                    await handle.wait()
+            finally:
+                daemon.proc.send_signal(signal.SIGCONT)
+    finally:
+        daemon.stop()
