@@ -217,3 +217,46 @@ async def test_a_call_to_a_stopped_jobd_is_lost_not_hung(
                 daemon.proc.send_signal(signal.SIGCONT)
     finally:
         daemon.stop()
+
+
+@pytest.mark.qemu
+def test_a_restart_on_another_store_names_the_job_it_leaves_running(tmp_path: Path) -> None:
+    """jobd killed during a qemu backup, restarted with ``--store memory:``: the guest is
+    re-adopted, the job is unknown (NoSuchJob), and the first start logs a warning naming
+    its record (its QEMU job still runs). Before: nothing said so."""
+    run_dir, qdir = tmp_path / "run", tmp_path / "qemu"
+    allow = ("--allow-uri", f"qemu:///session?dir={qdir}")
+    uri = f"qemu+unix:///session?dir={qdir}&socket={run_dir / 'jobd.sock'}"
+    disk = create(tmp_path / "d.qcow2", "16M")
+    write(disk, "write -P 0x5a 0 12M")
+    job_xml = (
+        "<job type='backup'><domainbackup><disks><disk name='vda' type='file'>"
+        "<target file='{}'/></disk></disks></domainbackup></job>"
+    )
+    daemon = Jobd(run_dir, *allow).wait_ready()
+    qpid = 0
+    try:
+        made = jobctl(
+            uri + f"&backup_bandwidth={1 << 20}", "domain", "create",
+            write_file(tmp_path, "d.xml", domain_xml("d1", {"vda": disk})),
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        qpid = int(next(qdir.glob("d1.*.pid")).read_text())
+        began = jobctl(
+            uri, "begin", "d1", write_file(tmp_path, "a.xml", job_xml.format(tmp_path / "a.q"))
+        )
+        assert began.returncode == 0, began.stderr
+        job = began.stdout.strip()
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait()
+        daemon.stop()
+        with Jobd(run_dir, *allow, "--store", "memory:").wait_ready() as daemon:
+            assert jobctl(uri, "info", job).returncode == 7  # not this store's
+            other = write_file(tmp_path, "b.xml", job_xml.format(tmp_path / "b.q"))
+            assert jobctl(uri, "begin", "d1", other).returncode == 0
+            assert jobctl(uri, "domain", "destroy", "d1").returncode == 0
+        warned = [line for line in daemon.log().splitlines() if "does not know" in line]
+        assert len(warned) == 1 and job.replace("-", "") in warned[0], daemon.log()
+    finally:
+        if qpid and alive(qpid):
+            kill_and_reap({qpid})
