@@ -523,6 +523,22 @@ class Checkpoints:
             )
         )
 
+    async def backup_recovered(
+        self, job: uuid.UUID, spec: Any, dom: DomainInfo, wall: float
+    ) -> None:
+        """A backup recovered after a restart: if its checkpoint's record was lost (the
+        owner died between the driver's start and the record's commit) while the disks
+        have its bitmaps, it is recorded now, as ``backup_started`` would have."""
+        if not isinstance(spec, PreparedBackup) or spec.checkpoint_name is None:
+            return
+        if self.find(dom.name, spec.checkpoint_name) is not None:
+            return
+        have = await _bitmap_ops(self.dconn, dom.name).bitmaps(dom.name)
+        wanted = [(d.name, d.checkpoint_bitmap) for d in spec.disks if d.checkpoint_bitmap]
+        if all(_bitmap_named(have, disk, name) is not None for disk, name in wanted):
+            self.backup_started(job, spec, dom, wall)
+            _log.info("checkpoint recovered", domain=dom.name, checkpoint=spec.checkpoint_name)
+
     def backup_ended(self, job: uuid.UUID, spec: Any, domain: str, completed: bool) -> None:
         """A backup that failed or was cancelled leaves no checkpoint (its driver removed
         the bitmaps): the record goes too, its children re-parented."""

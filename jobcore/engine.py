@@ -200,7 +200,9 @@ class Engine:
                     again.append(rec)
                 else:
                     self._recovered(rec, result)
+                    await self._checkpoint_recovered(rec)
         unprepared.clear()
+        await self.checkpoints.flush()
         for rec in again:  # admitted before every queued job: ahead of them, as before
             job_log(rec).info("job started again: the driver had not started it")
             rec.starting = True  # verbs wait until the driver has it
@@ -339,6 +341,7 @@ class Engine:
             retention=self.retention if options.retention is None else options.retention,
             created_wall=self.clock.wall(),
             created=now,
+            started=now if admitted else None,  # in its row: it reads the same after a restart
             bandwidth=getattr(spec, "bandwidth", None),
         )
         self.store.add(rec)
@@ -376,7 +379,8 @@ class Engine:
         if self._closed or rec.state.terminal:  # never start a job on a closing engine
             _start_finished(rec)
             return
-        rec.started = self.clock.now()
+        if rec.started is None:  # set when admitted (written with that state)
+            rec.started = self.clock.now()
         rec.driver_job = job = DriverJob(
             rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec)
         )
@@ -441,6 +445,21 @@ class Engine:
             return
         self.checkpoints.backup_started(rec.uuid, rec.spec, dom, rec.created_wall)
 
+    async def _checkpoint_recovered(self, rec: JobRecord) -> None:
+        """A recovered backup's checkpoint: killed after the driver made its bitmaps and
+        before their record was committed, the record is made now (if the bitmaps are
+        there: the hypervisor has the checkpoint)."""
+        if getattr(rec.spec, "checkpoint_name", None) is None or rec.state in (
+            S.FAILED,
+            S.CANCELLED,
+        ):
+            return
+        try:
+            dom = await self.dconn.lookup_domain(rec.domain)
+            await self.checkpoints.backup_recovered(rec.uuid, rec.spec, dom, rec.created_wall)
+        except JobError as exc:
+            job_log(rec).warning("checkpoint not recovered", error=str(exc))
+
     async def _cancel_unstarted(self, rec: JobRecord, job: DriverJob) -> None:
         """Tell the driver to cancel (and clean up) a job whose start timed out; the cancel
         has the same bound (called shielded, from ``_start``)."""
@@ -471,6 +490,8 @@ class Engine:
         if checked and new not in TRANSITIONS[old]:
             raise InvalidTransition(f"job '{rec.uuid}': {old} -> {new} is not allowed")
         rec.state = new
+        if new is S.RUNNING and rec.started is None:  # admitted: written with this state
+            rec.started = self.clock.now()
         if new.terminal:
             rec.ended = self.clock.now()
             rec.ended_wall = self.clock.wall()

@@ -87,6 +87,11 @@ HELLO_TIMEOUT = 30.0
 #: Seconds jobd has to send the rest of a frame once its header arrived; then the
 #: connection is lost (DaemonUnreachable). Waiting *between* frames has no limit.
 FRAME_TIMEOUT = 30.0
+#: A hung jobd (SIGSTOP, a deadlock) is noticed as libvirt's keepalive notices one: while
+#: a call waits, a jobd silent for KEEPALIVE_INTERVAL s is pinged (a list_domains request),
+#: and one silent for KEEPALIVE_TIMEOUT s is lost (ConnectionLost; the link reconnects).
+KEEPALIVE_INTERVAL = 5.0
+KEEPALIVE_TIMEOUT = 30.0
 #: Jobs asked for per LIST_JOBS_PAGE round trip (jobd may send fewer).
 LIST_PAGE = 1000
 #: Reconnecting after a lost socket (design/daemon.md, "Reconnecting"): the first attempt
@@ -205,6 +210,9 @@ class _Session:
         #: set once the socket is lost
         self.gone = anyio.Event()
         self._reader_done = anyio.Event()
+        #: hello was answered (no ping before: jobd takes nothing else first)
+        self.greeted = False
+        self._heard = anyio.current_time()  # the last frame from jobd
 
     @property
     def lost(self) -> JobError | None:
@@ -293,6 +301,7 @@ class _Session:
         try:
             while True:
                 length = frame_length(await receive.receive_exactly(HEADER.size))
+                self._heard = anyio.current_time()
                 with anyio.move_on_after(FRAME_TIMEOUT):
                     self._dispatch(decode_message(await receive.receive_exactly(length)))
                     continue
@@ -316,6 +325,26 @@ class _Session:
             self.lose(ProtocolError(f"jobd sent an invalid frame: {exc}"))
         finally:
             self._reader_done.set()
+
+    async def keepalive(self) -> None:
+        """Ping a jobd that is silent while a call waits; lose one silent too long."""
+        while True:
+            await anyio.sleep(KEEPALIVE_INTERVAL)
+            if not self._pending or not self.greeted:  # silence is fine: nothing awaited
+                self._heard = anyio.current_time()
+                continue
+            silent = anyio.current_time() - self._heard
+            if silent >= KEEPALIVE_TIMEOUT:
+                self.lose(
+                    ConnectionLost(
+                        f"{self.where} answered nothing for {silent:.0f} s while a call "
+                        "waited (is it stopped or hung?)"
+                    ),
+                    True,
+                )
+                return
+            if silent >= KEEPALIVE_INTERVAL:  # its reply (or any frame) proves it alive
+                self._send_nowait(Request(next(self._ids), Method.LIST_DOMAINS, ()))
 
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, Reply):
@@ -422,12 +451,14 @@ class _Link:
         except BaseException:
             session.close()
             raise
+        session.greeted = True
         return session
 
     async def _run(self, stream: SocketStream, session: _Session) -> None:
         async with stream, anyio.create_task_group() as tg:
             tg.start_soon(session.reader)
             tg.start_soon(session.writer)
+            tg.start_soon(session.keepalive)
             await session.gone.wait()
             tg.cancel_scope.cancel()
 

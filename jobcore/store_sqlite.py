@@ -238,8 +238,8 @@ Outcome = tuple[BaseException | None, list[tuple[str, str]]]
 
 _INSERT_JOB = (
     "INSERT INTO jobs (uuid, scope, type, domain, state, claims, priority, created,"
-    " processed, total, bandwidth, retention, event_seq, xml, spec)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " started, started_after, processed, total, bandwidth, retention, event_seq, xml, spec)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_JOB = (
     "UPDATE jobs SET state = ?, started = ?, started_after = ?, elapsed = ?, ended = ?,"
@@ -1218,6 +1218,8 @@ def _insert(scope: str, rec: JobRecord) -> Write:
         _claims_json(rec.ticket.claims),
         rec.ticket.priority,
         rec.created_wall,
+        None if rec.started is None else rec.created_wall + (rec.started - rec.created),
+        None if rec.started is None else rec.started - rec.created,
         rec.processed,
         rec.total,
         rec.bandwidth,

@@ -106,6 +106,10 @@ class QemuConnection:
     #: records of jobs whose outcome a previous owner noted (``note_outcome``): the ones no
     #: ``recover_job`` reads (the engine had written their end) go at the first start
     _ended_records: set[Path] = field(factory=set)
+    #: records of jobs a previous owner left running: the ones no ``recover_job`` reads (the
+    #: engine's store does not know them, e.g. jobd restarted on another store) are named
+    #: in a warning at the first start, since their QEMU jobs may still run
+    _unknown_records: set[Path] = field(factory=set)
     #: jobs of this connection whose outcome is noted: their record outlives the runner
     _noted: set[uuid.UUID] = field(factory=set)
     _work: anyio.Event = field(factory=anyio.Event)
@@ -404,6 +408,15 @@ class QemuConnection:
         for path in self._ended_records:  # recovery is over: the engine has their ends
             path.unlink(missing_ok=True)
         self._ended_records.clear()
+        for path in sorted(self._unknown_records):  # recovery is over and did not ask
+            if path.exists():
+                log.warning(
+                    "a job this connection's store does not know was left running by a "
+                    "previous owner: its QEMU jobs may still run (restart jobd on the store "
+                    "that began it to recover it)",
+                    record=str(path),
+                )
+        self._unknown_records.clear()
         cls = _RUNNERS.get(job.type)
         if cls is None:
             raise Unsupported(f"the qemu driver does not run '{job.type}' jobs")
@@ -483,6 +496,7 @@ class QemuConnection:
         domain = self.domains.get(job.domain)
         record = read_record(self._record_path(job))
         noted = _noted(record)
+        self._unknown_records.discard(self._record_path(job))
         if noted is not None:
             self._ended_records.discard(self._record_path(job))
         if domain is None or not domain.process.alive:
@@ -766,10 +780,14 @@ class QemuDriver:
             try:
                 tg.start_soon(conn._poller)
                 await conn.adopt_survivors(run_dir.survivors)
+                records = {p: read_record(p) or {} for p in run_dir.path.glob("*.job-*.json")}
                 conn._ended_records = {
+                    p for p, r in records.items() if isinstance(r.get("ended"), dict)
+                }
+                conn._unknown_records = {  # of a guest that runs on
                     p
-                    for p in run_dir.path.glob("*.job-*.json")
-                    if isinstance((read_record(p) or {}).get("ended"), dict)
+                    for p in set(records) - conn._ended_records
+                    if p.name.partition(".job-")[0] in conn.domains
                 }
                 yield conn
             finally:

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from jobcore.api import Connection, Job
 
 
+#: Seconds the state shown after a timeout may take (jobd may be the reason it passed).
+INFO_AFTER_TIMEOUT = 5.0
+
+
 async def follow(conn: Connection, job: Job, timeout: float | None, quiet: bool = False) -> JobInfo:
     """Wait for ``job`` to end, showing live progress (a rich bar on a terminal, plain
     lines otherwise, nothing when ``quiet``); its final info."""
@@ -46,7 +50,9 @@ async def follow(conn: Connection, job: Job, timeout: float | None, quiet: bool 
                 else:
                     await _lines(job, info, events)
     if final is None:
-        state = (await job.info()).state
+        state = "unknown: jobd did not answer"  # a stopped jobd must not hang the timeout
+        with anyio.move_on_after(INFO_AFTER_TIMEOUT):
+            state = str((await job.info()).state)
         raise Refusal(
             ExitCode.TIMEOUT,
             f"job {job.uuid} did not end within {timeout or 0:g} s (state: {state})",
@@ -60,12 +66,14 @@ async def wait_across_restarts(job: Job, timeout: float | None) -> JobInfo:
     that (DaemonUnreachable if jobd does not come back in time) and then for the job as
     the restarted jobd knows it, within what is left of ``timeout``."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            return await job.wait(left)
-        except ConnectionLost:
-            continue
+    # the timeout bounds it all, a jobd that stopped answering (SIGSTOP) included
+    with anyio.fail_after(timeout):
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await job.wait(left)
+            except ConnectionLost:
+                continue
 
 
 async def _info(job: Job, info: JobInfo) -> JobInfo:
