@@ -19,7 +19,6 @@ import threading
 import traceback
 import uuid as _uuid
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import structlog
@@ -32,19 +31,17 @@ from jobcore.libvirt import constants as C
 from jobcore.libvirt.errors import libvirtError, make_error, to_libvirt_error
 from jobcore.libvirt.eventloop import LOOP
 from jobcore.lifecycle import JobState
-from jobcore.protocol import RO_SOCKET, RW_SOCKET, default_run_dir
+from jobcore.protocol import resolve_default_daemon
 from jobcore.registry import registry
 from jobcore.spec import ChainRef, JobType
 from jobcore.types.backup import BackupJobSpec
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
-from jobcore.uri import URI, parse_uri
+from jobcore.uri import parse_uri
 from jobcore.xml import parse_job
 
 log = structlog.get_logger("jobcore.libvirt")
 
 MiB = 1 << 20
-#: drivers whose plain URIs reach the default jobd when one runs
-DAEMON_DRIVERS = ("qemu", "sim")
 #: stats keys jobcore adds that libvirt's job stats do not have
 _JOBCORE_KEYS = ("uuid", "state")
 
@@ -92,30 +89,10 @@ def _api(
 # ---- URIs -------------------------------------------------------------------------------
 
 
-def _answers(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def resolve_uri(uri: str, readonly: bool = False) -> tuple[str, bool]:
-    """The jobcore URI that serves libvirt URI ``uri``, and whether it is jobd's: a plain
-    ``qemu:///…`` or ``sim:///…`` goes to the default run directory's jobd (its read-only
-    socket for a read-only connection) when it answers, everything else as it is."""
-    parsed = parse_uri(uri)
-    if parsed.transport is not None or parsed.driver not in DAEMON_DRIVERS:
-        return uri, parsed.transport is not None
-    sock = default_run_dir() / (RO_SOCKET if readonly else RW_SOCKET)
-    if not _answers(sock):
-        return uri, False
-    params = (*parsed.params, ("socket", str(sock)))
-    return str(URI(parsed.driver, "unix", parsed.host, parsed.path, params)), True
+    """The jobcore URI that serves libvirt URI ``uri``, and whether it is jobd's
+    (jobcore.protocol.resolve_default_daemon: the rule jobctl follows too)."""
+    return resolve_default_daemon(uri, readonly=readonly)
 
 
 def _driver_domain(uri: str) -> int:
