@@ -67,6 +67,8 @@ def _api(
     def wrap(fn: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
         def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
             conn = self._vconn
+            if conn._closed:  # libvirt-python: the handle is gone, libvirt sees NULL
+                raise make_error(C.VIR_ERR_INVALID_CONN, name, _api_source(name))
             if writes and conn._readonly:
                 raise make_error(C.VIR_ERR_OPERATION_DENIED, f"read only access prevents {name}")
             try:
@@ -84,6 +86,18 @@ def _api(
         return call
 
     return wrap
+
+
+def _api_source(name: str) -> int:
+    """The error domain of libvirt's source file that holds API ``name``."""
+    for part, domain in (
+        ("Checkpoint", C.VIR_FROM_DOMAIN_CHECKPOINT),  # libvirt-domain-checkpoint.c
+        ("Storage", C.VIR_FROM_STORAGE),  # libvirt-storage.c
+        ("Domain", C.VIR_FROM_DOMAIN),  # libvirt-domain.c
+    ):
+        if part in name:
+            return domain
+    return C.VIR_FROM_NONE  # libvirt-host.c
 
 
 # ---- URIs -------------------------------------------------------------------------------
@@ -317,12 +331,15 @@ class virConnect:
     def getType(self) -> str:
         return "QEMU" if self._from == C.VIR_FROM_QEMU else "Test"
 
+    @_api("virConnectGetLibVersion")
     def getLibVersion(self) -> int:
         return C.LIB_VERSION
 
+    @_api("virConnectGetVersion")
     def getVersion(self) -> int:
         return C.LIB_VERSION
 
+    @_api("virConnectGetHostname")
     def getHostname(self) -> str:
         """This host's name (jobd runs here), so that programs stay in local mode."""
         return socket.gethostname()
@@ -680,7 +697,35 @@ class virDomain:
 
     @_api("virDomainGetBlockJobInfo")
     def blockJobInfo(self, path: str, flags: int = 0) -> dict[str, int]:
-        return self._b.blockJobInfo(path, flags)
+        """The disk's block job: a pull or commit, or else (as libvirt, which gives each
+        disk of a backup a block job of type BACKUP) a running backup that reads it, so
+        that virtnbdbackup's "active backup operation" check sees a backup left running
+        by a killed run. A backup of other disks leaves this disk's entry ``{}``."""
+        found = self._b.blockJobInfo(path, flags)
+        if found:
+            return found
+        for job in self._b.listJobs():
+            if job.ajob.type != JobType.BACKUP:
+                continue
+            info = facade.JobGetInfo(job)
+            if not info.state.active:
+                continue
+            spec = parse_job(facade.JobGetXMLDesc(job))
+            if isinstance(spec, BackupJobSpec) and path in self._backup_disks(spec):
+                cur, end = info.processed, max(info.total, 1)
+                return {
+                    "type": C.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP,
+                    "bandwidth": 0,
+                    "cur": min(cur, end - 1),  # a live job never looks finished
+                    "end": end,
+                }
+        return found
+
+    def _backup_disks(self, spec: BackupJobSpec) -> set[str]:
+        """The disks a backup reads: those it lists (unlisted: backup='no'), else all."""
+        if spec.backup.disks:
+            return {d.name for d in spec.backup.included_disks()}
+        return {d.name for d in self._conn._bconn.run(self._b.adom.info).disks}
 
     @_api("virDomainBlockJobAbort", writes=True)
     def blockJobAbort(self, disk: str, flags: int = 0) -> int:
