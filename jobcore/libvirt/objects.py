@@ -18,6 +18,7 @@ import sys
 import threading
 import traceback
 import uuid as _uuid
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -31,7 +32,7 @@ from jobcore.libvirt import constants as C
 from jobcore.libvirt.errors import libvirtError, make_error, to_libvirt_error
 from jobcore.libvirt.eventloop import LOOP
 from jobcore.lifecycle import JobState
-from jobcore.protocol import resolve_default_daemon
+from jobcore.protocol import RW_SOCKET, default_run_dir, resolve_default_daemon
 from jobcore.registry import registry
 from jobcore.spec import ChainRef, JobType
 from jobcore.types.backup import BackupJobSpec
@@ -98,6 +99,10 @@ def _api_source(name: str) -> int:
         if part in name:
             return domain
     return C.VIR_FROM_NONE  # libvirt-host.c
+
+
+class InProcessDomainWarning(RuntimeWarning):
+    """A qemu domain was created without jobd: it lives only as long as this process."""
 
 
 # ---- URIs -------------------------------------------------------------------------------
@@ -450,7 +455,17 @@ class virConnect:
     def createXML(self, xmlDesc: str, flags: int = 0) -> virDomain:
         """Start a transient domain from libvirt's domain XML (what jobcore does not model
         is ignored: design/libvirt.md)."""
-        return self._wrap(self._bconn.createXML(xmlDesc, flags))
+        dom = self._wrap(self._bconn.createXML(xmlDesc, flags))
+        if not self.via_jobd and self._from == C.VIR_FROM_QEMU:
+            warnings.warn(
+                f"domain '{dom.name()}' runs in this process only: no jobd answers at "
+                f"{default_run_dir() / RW_SOCKET}, so its QEMU stops when this process "
+                "exits (libvirt would have started its session daemon; start jobd with "
+                "'jobctl daemon --daemon')",
+                InProcessDomainWarning,
+                stacklevel=3,
+            )
+        return dom
 
     @_api("virDomainDefineXML", writes=True, overrides={"Unsupported": C.VIR_ERR_NO_SUPPORT})
     def defineXML(self, xml: str) -> virDomain:
