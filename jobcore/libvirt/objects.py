@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
+import attrs
 import structlog
 from attrs import frozen
 
@@ -34,6 +35,7 @@ from jobcore.libvirt.eventloop import LOOP
 from jobcore.lifecycle import JobState
 from jobcore.protocol import RW_SOCKET, default_run_dir, resolve_default_daemon
 from jobcore.registry import registry
+from jobcore.remote import RECONNECT_PARAM
 from jobcore.spec import ChainRef, JobType
 from jobcore.types.backup import BackupJobSpec
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
@@ -114,6 +116,15 @@ def resolve_uri(uri: str, readonly: bool = False) -> tuple[str, bool]:
     return resolve_default_daemon(uri, readonly=readonly)
 
 
+def _without_reconnect(uri: str) -> str:
+    """A jobd URI whose client does not reconnect (unless ``uri`` says ``reconnect=``):
+    as libvirt's, a connection whose daemon went away fails at once and stays dead."""
+    parsed = parse_uri(uri)
+    if parsed.param(RECONNECT_PARAM) is not None:
+        return uri
+    return str(attrs.evolve(parsed, params=(*parsed.params, (RECONNECT_PARAM, "0"))))
+
+
 def _driver_domain(uri: str) -> int:
     try:
         driver = parse_uri(uri).driver
@@ -179,7 +190,9 @@ class _EventReader:
                 ev = self.sub.get(timeout=0.5)
             except TimeoutError:
                 continue
-            except Exception:  # closed connection, end of stream
+            except Exception as exc:  # closed connection, end of stream
+                if not self._stop.is_set():
+                    self.vconn._failed(leaf_error(exc))
                 return
             try:
                 self._dispatch(ev)
@@ -298,6 +311,7 @@ class virConnect:
         self._readonly = readonly
         self._from = _driver_domain(self._uri)
         self._closed = False
+        self._lost = False
         self._lock = threading.Lock()
         self._callbacks: dict[int, _Registration] = {}
         self._next_callback = 1
@@ -306,7 +320,7 @@ class virConnect:
         self._domains: dict[str, virDomain] = {}
         try:
             target, self.via_jobd = resolve_uri(self._uri, readonly)
-            self._bconn = facade.open(target)
+            self._bconn = facade.open(_without_reconnect(target) if self.via_jobd else target)
         except Exception as exc:
             error = leaf_error(exc)
             detail = f"{self._uri}: {error}" if str(error) else self._uri
@@ -322,10 +336,13 @@ class virConnect:
         return f"<libvirt.virConnect {self._uri!r}>"
 
     def _failed(self, error: BaseException) -> None:
-        """A call failed: a lost jobd connection tells the close callback (reason EOF)."""
+        """A call failed: a lost jobd connection is dead (isAlive 0, as libvirt's) and
+        tells the close callback once (reason EOF)."""
         if type(error).__name__ in ("ConnectionLost", "DaemonUnreachable"):
+            with self._lock:
+                first, self._lost = not self._lost, True
             cb = self._close_callback
-            if cb is not None:
+            if cb is not None and first:
                 _post(cb[0], self, C.VIR_CONNECT_CLOSE_REASON_EOF, cb[1])
 
     # -- the connection
@@ -350,7 +367,7 @@ class virConnect:
         return socket.gethostname()
 
     def isAlive(self) -> int:
-        return 0 if self._closed else 1
+        return 0 if self._closed or self._lost else 1
 
     def isSecure(self) -> int:
         return 1
