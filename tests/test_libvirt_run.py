@@ -281,8 +281,8 @@ def test_a_client_whose_jobd_dies_fails_at_once_as_libvirt(tmp_path: Path, xdg: 
     (tmp_path / "dies.py").write_text(JOBD_DIES)
     with Jobd(xdg / "jobcore") as jobd:
         jobd.wait_ready()
-        proc = run(xdg, sys.executable, str(tmp_path / "dies.py"), str(xdg / "jobcore" / "jobd.pid"),
-                   timeout=30)  # fmt: skip
+        pid_file = str(xdg / "jobcore" / "jobd.pid")
+        proc = run(xdg, sys.executable, str(tmp_path / "dies.py"), pid_file, timeout=30)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert [e[:2] for e in out["errors"]] == [[38, 7], [38, 7]]
