@@ -49,6 +49,7 @@ from jobcore.lifecycle import JobState
 from jobcore.methods import BY_NAME, MAX_RESUME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
 from jobcore.spec import JobType
+from jobcore.uri import URI, parse_uri
 
 #: Bumped on any incompatible change; a daemon refuses a client of another version.
 PROTOCOL_VERSION = 1
@@ -746,3 +747,40 @@ def default_run_dir() -> Path:
     """Where jobd and jobctl look by default: ``$XDG_RUNTIME_DIR/jobcore``, else
     ``/tmp/jobcore-UID`` (``jobcore.rundir.user_run_dir``)."""
     return user_run_dir("jobcore")
+
+
+#: drivers whose plain URIs (``qemu:///session``, ``sim:///NAME``) reach the default jobd
+DAEMON_DRIVERS = ("qemu", "sim")
+#: how long a probe of jobd's socket may take
+PROBE_TIMEOUT = 1.0
+
+
+def daemon_answers(path: Path) -> bool:
+    """Whether a jobd accepts connections on socket ``path`` now."""
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(PROBE_TIMEOUT)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def resolve_default_daemon(uri: str, *, readonly: bool = False) -> tuple[str, bool]:
+    """The URI that serves ``uri``, and whether it is a jobd's: the one rule jobctl and
+    jobcore.libvirt share, as libvirt clients reach libvirtd. A plain ``qemu:///…`` or
+    ``sim:///…`` becomes ``DRIVER+unix:///…?socket=RUN/jobd.sock`` (``jobd-ro.sock`` when
+    ``readonly``) when the default run directory's jobd answers there; any other URI, or
+    no jobd, is returned as it is (in-process). InvalidURI for a malformed one."""
+    parsed = parse_uri(uri)
+    if parsed.transport is not None:
+        return uri, True
+    if parsed.driver not in DAEMON_DRIVERS:
+        return uri, False
+    sock = default_run_dir() / (RO_SOCKET if readonly else RW_SOCKET)
+    if not daemon_answers(sock):
+        return uri, False
+    params = (*parsed.params, ("socket", str(sock)))
+    return str(URI(parsed.driver, "unix", parsed.host, parsed.path, params)), True

@@ -432,3 +432,47 @@ def test_domain_xml_and_monitor_on_sim(conn: libvirt.virConnect) -> None:
     with pytest.raises(libvirt.libvirtError) as exc:
         libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-ping"}', -1, 0)
     assert code(exc) == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED
+
+
+def test_block_job_info_shows_a_running_backup_of_the_disk(tmp_path: Path) -> None:
+    """As libvirt gives each disk of a backup a block job of type BACKUP, blockJobInfo of
+    a disk a running backup reads says so (virtnbdbackup's "active backup operation" check,
+    after a killed run left its pull backup running); other disks stay ``{}``."""
+    conn = libvirt.open("sim:///default?rate=1048576")  # jobs stay running
+    try:
+        dom = conn.lookupByName("vm1")
+        pull = (
+            "<domainbackup mode='pull'>"
+            f"<server transport='unix' socket='{tmp_path}/nbd.sock'/><disks>"
+            f"<disk name='vda' type='file'><scratch file='{tmp_path}/s.qcow2'/></disk>"
+            "</disks></domainbackup>"
+        )
+        assert dom.backupBegin(pull, None) == 0
+        info = dom.blockJobInfo("vda")
+        assert info["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP
+        assert set(info) == {"type", "bandwidth", "cur", "end"} and info["cur"] < info["end"]
+        assert dom.blockJobInfo("vdb") == {}  # unlisted: backup='no'
+        assert dom.blockPull("vdb") == 0  # and free for a block job
+        assert dom.abortJob() == 0
+        assert dom.blockJobInfo("vda") == {}
+    finally:
+        conn.close()
+
+
+def test_calls_on_a_closed_connection(errors: list[Any]) -> None:
+    """libvirt-python drops a closed connection's handle: its calls fail with
+    VIR_ERR_INVALID_CONN "invalid connection pointer in virX", not an internal error."""
+    conn = libvirt.open("sim:///default")
+    dom = conn.lookupByName("vm1")
+    assert conn.close() == 0
+    for call, name, domain in (
+        (lambda: conn.lookupByName("vm1"), "virDomainLookupByName", libvirt.VIR_FROM_DOMAIN),
+        (conn.listAllDomains, "virConnectListAllDomains", libvirt.VIR_FROM_DOMAIN),
+        (conn.getLibVersion, "virConnectGetLibVersion", libvirt.VIR_FROM_NONE),
+        (dom.info, "virDomainGetInfo", libvirt.VIR_FROM_DOMAIN),
+    ):
+        with pytest.raises(libvirt.libvirtError) as exc:
+            call()
+        assert code(exc) == libvirt.VIR_ERR_INVALID_CONN == 6
+        assert str(exc.value) == f"invalid connection pointer in {name}"
+        assert exc.value.get_error_domain() == domain

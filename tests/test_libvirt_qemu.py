@@ -67,6 +67,25 @@ def run(xdg: Path, *command: str) -> subprocess.CompletedProcess[str]:
     return jobctl(None, "run", "--", *command, timeout=120, env={"XDG_RUNTIME_DIR": str(xdg)})
 
 
+def test_a_domain_created_without_jobd_warns_that_it_dies_with_the_process(
+    tmp_path: Path,
+) -> None:
+    """No jobd: createXML on qemu:///session starts QEMU in-process, which stops when the
+    program exits (libvirt would have spawned its session daemon): said on stderr, as a
+    warning at the program's own line, and the next program finds no such domain."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    xml = tmp_path / "lv0.xml"
+    xml.write_text(domain_xml("lv0", {"vda": create(tmp_path / "vda.qcow2", "8M")}))
+    script = tmp_path / "create.py"
+    script.write_text(CREATE)
+    made = run(xdg, "python3", str(script), str(xml))
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.split() == ["lv0", "1"]
+    assert f"{script}:" in made.stderr and "InProcessDomainWarning" in made.stderr
+    assert "runs in this process only" in made.stderr and "jobctl daemon" in made.stderr
+
+
 def test_domain_outlives_its_creator_and_pulls(tmp_path: Path) -> None:
     xdg = tmp_path / "xdg"
     xdg.mkdir(mode=0o700)
@@ -82,6 +101,7 @@ def test_domain_outlives_its_creator_and_pulls(tmp_path: Path) -> None:
         made = run(xdg, "python3", str(tmp_path / "create.py"), str(xml))
         assert made.returncode == 0, made.stderr
         assert made.stdout.split() == ["lv1", "1"]
+        assert "InProcessDomainWarning" not in made.stderr  # jobd's: it lives on
         pulled = run(xdg, "python3", str(tmp_path / "pull.py"))
         assert pulled.returncode == 0, pulled.stderr
         assert "Traceback" not in pulled.stderr

@@ -241,3 +241,50 @@ def test_proposal_ids_are_shared_by_every_client_of_jobd(tmp_path: Path, xdg: Pa
         assert ended.returncode == 0, ended.stderr
     # the job ended aborted: backupEnd 0, and the job object then reads CANCELLED (5)
     assert ended.stdout.split() == ["True", "True", "True", "0", "5"]
+
+
+#: jobd dies under a client: libvirt's client fails at once and stays dead
+JOBD_DIES = """\
+import json
+import os
+import signal
+import sys
+
+import libvirt
+
+libvirt.registerErrorHandler(f=lambda ctx, err: None, ctx=None)
+libvirt.virEventRegisterDefaultImpl()
+conn = libvirt.open("sim:///default")
+closed = []
+conn.registerCloseCallback(lambda c, reason, opaque: closed.append([reason, opaque]), "o")
+dom = conn.lookupByName("vm1")
+os.kill(int(open(sys.argv[1]).read().split()[0]), signal.SIGKILL)
+errors = []
+for call in (dom.info, lambda: conn.lookupByName("vm1")):
+    while True:
+        try:
+            call()  # until the socket is seen closed (the kill is asynchronous)
+        except libvirt.libvirtError as e:
+            errors.append([e.get_error_code(), e.get_error_domain(), str(e)])
+            break
+libvirt.virEventAddTimeout(0, lambda timer, opaque: None, None)
+while not closed:
+    libvirt.virEventRunDefaultImpl()
+print(json.dumps({"errors": errors, "closed": closed, "alive": conn.isAlive()}))
+"""
+
+
+def test_a_client_whose_jobd_dies_fails_at_once_as_libvirt(tmp_path: Path, xdg: Path) -> None:
+    """libvirt's client neither waits nor reconnects when its daemon goes away: every call
+    fails with VIR_ERR_SYSTEM_ERROR from VIR_FROM_RPC, the close callback hears EOF once
+    and isAlive() is 0 (jobcore's own clients reconnect for up to 60 s; this one not)."""
+    (tmp_path / "dies.py").write_text(JOBD_DIES)
+    with Jobd(xdg / "jobcore") as jobd:
+        jobd.wait_ready()
+        pid_file = str(xdg / "jobcore" / "jobd.pid")
+        proc = run(xdg, sys.executable, str(tmp_path / "dies.py"), pid_file, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [e[:2] for e in out["errors"]] == [[38, 7], [38, 7]]
+    assert not any("did not come back" in e[2] for e in out["errors"]), out
+    assert out["closed"] == [[1, "o"]] and out["alive"] == 0  # VIR_CONNECT_CLOSE_REASON_EOF

@@ -144,3 +144,47 @@ def test_on_sim_as_far_as_sim_serves_nbd(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stderr
     # the checkpoint was made with the backup; abortJob ended the backup
     assert check.stdout.split() == ["['virtnbdbackup.0']", "0"]
+
+
+#: what a virtnbdbackup killed (SIGKILL) right after backupBegin leaves: a running pull
+LEFT_RUNNING = """\
+import sys
+import libvirt
+
+dom = libvirt.open("qemu:///session").lookupByName(sys.argv[1])
+dom.backupBegin(
+    "<domainbackup mode='pull'><server transport='unix' socket='" + sys.argv[2] + "'/>"
+    "<disks><disk name='vda'><scratch file='" + sys.argv[3] + "'/></disk></disks>"
+    "</domainbackup>", None)
+"""
+
+
+def test_a_backup_left_running_is_detected_then_killed(tmp_path: Path) -> None:
+    """A pull backup left running (its virtnbdbackup was killed): the next run sees it in
+    blockJobInfo and exits 1 with "Detected an active backup operation", as with libvirt
+    (not a failing backupBegin); ``virtnbdbackup -k`` ends it and a full backup runs."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    env = {"XDG_RUNTIME_DIR": str(xdg), "HOME": str(tmp_path)}
+    disks = {"vda": create(tmp_path / "vda.qcow2", "16M")}
+    xml = tmp_path / "lv4.xml"
+    xml.write_text(domain_xml("lv4", disks))
+    for name, text in (("create.py", CREATE), ("left.py", LEFT_RUNNING)):
+        (tmp_path / name).write_text(text)
+    backup = ["virtnbdbackup", "-U", "qemu:///session", "-d", "lv4", "-o"]
+    with Jobd(xdg / "jobcore", "--stop-guests").wait_ready():
+        for argv in (
+            ("python3", str(tmp_path / "create.py"), str(xml)),
+            ("python3", str(tmp_path / "left.py"), "lv4", str(tmp_path / "nbd.sock"),
+             str(tmp_path / "scratch.qcow2")),
+        ):  # fmt: skip
+            made = jobctl(None, "run", "--", *argv, env=env, timeout=120)
+            assert made.returncode == 0, made.stderr
+        again = jobctl(None, "run", "--", *backup, str(tmp_path / "b1"), "-l", "full",
+                       env=env, timeout=120)  # fmt: skip
+        assert again.returncode == 1, again.stderr
+        assert "Detected an active backup operation" in again.stderr, again.stderr
+        assert "Failed to start backup" not in again.stderr
+        tool(xdg, *backup, str(tmp_path / "b2"), "-k")
+        tool(xdg, *backup, str(tmp_path / "b3"), "-l", "full")
+    assert (tmp_path / "b3" / "vda.full.data").exists()

@@ -10,7 +10,7 @@ import importlib
 
 import click
 
-from jobcore.cli.session import Ctx, default_uri
+from jobcore.cli.session import Ctx, default_uri, resolve_uri
 from jobcore.errors import InvalidURI
 from jobcore.uri import parse_uri
 
@@ -87,8 +87,8 @@ def main(click_ctx: click.Context, uri: str | None) -> None:
     """
     if click_ctx.invoked_subcommand in ("daemon", "run"):  # they use no connection
         return
-    resolved = uri or default_uri()
     try:
+        resolved = resolve_uri(uri) if uri else default_uri()
         embedded = parse_uri(resolved).transport is None
     except InvalidURI as exc:
         raise click.BadParameter(str(exc), param_hint="-c/--connect") from None

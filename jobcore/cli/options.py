@@ -14,7 +14,7 @@ from click.shell_completion import CompletionItem
 
 import jobcore
 from jobcore.cli.errors import ExitCode, fail
-from jobcore.cli.session import default_uri
+from jobcore.cli.session import default_uri, resolve_uri
 
 if TYPE_CHECKING:
     from jobcore.api import Connection
@@ -27,9 +27,10 @@ def _completions(
 ) -> list[str]:
     """Names ``fetch`` gets from the command line's connection within 3 s; nothing on any
     error (completion must never print or hang)."""
-    uri = click_ctx.find_root().params.get("uri") or default_uri()
+    given = click_ctx.find_root().params.get("uri")
 
     async def main() -> list[str]:
+        uri = resolve_uri(given) if given else default_uri()
         with anyio.move_on_after(3.0):
             async with jobcore.connect(uri) as conn:
                 return await fetch(conn)

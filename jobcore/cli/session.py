@@ -3,10 +3,8 @@ lifetime, errors turned into exit statuses, JOB arguments resolved to jobs."""
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import anyio
@@ -16,7 +14,7 @@ from attrs import frozen
 import jobcore
 from jobcore.cli.errors import ExitCode, Refusal, broken_pipe, classify, exit_with, fail
 from jobcore.errors import NoSuchJob, leaf_error
-from jobcore.protocol import RW_SOCKET, default_run_dir
+from jobcore.protocol import resolve_default_daemon
 
 if TYPE_CHECKING:
     from jobcore.api import Connection, Job
@@ -39,23 +37,17 @@ def current() -> Ctx:
     return obj
 
 
-def _daemon_answers(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def default_uri() -> str:
     """The local daemon's URI if one answers in the default run directory, else the
     embedded simulator."""
-    path = default_run_dir() / RW_SOCKET
-    return f"sim+unix:///default?socket={path}" if _daemon_answers(path) else EMBEDDED_URI
+    return resolve_uri(EMBEDDED_URI)
+
+
+def resolve_uri(uri: str) -> str:
+    """The URI a command connects to: a plain ``qemu:///…``/``sim:///…`` reaches the
+    default run directory's jobd when one answers (jobcore.protocol.resolve_default_daemon,
+    the rule jobcore.libvirt follows), anything else is used as it is."""
+    return resolve_default_daemon(uri)[0]
 
 
 def run(body: Callable[[Connection], Awaitable[int | None]]) -> NoReturn:

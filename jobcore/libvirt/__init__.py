@@ -38,6 +38,7 @@ from jobcore.libvirt.eventloop import (
     virEventUpdateTimeout,
 )
 from jobcore.libvirt.objects import (
+    InProcessDomainWarning,
     resolve_uri,
     virConnect,
     virDomain,
@@ -80,6 +81,7 @@ def virInitialize() -> int:
 
 __all__ = [
     *(n for n in dir(constants) if n.startswith(("VIR_", "VIR_WAR_"))),
+    "InProcessDomainWarning",
     "getVersion",
     "libvirtError",
     "open",

@@ -79,6 +79,7 @@ _FORMATS: dict[int, str] = {
     C.VIR_ERR_INTERNAL_ERROR: "internal error: %s",
     C.VIR_ERR_NO_SUPPORT: "this function is not supported by the connection driver: %s",
     C.VIR_ERR_NO_CONNECT: "no connection driver available for %s",
+    C.VIR_ERR_INVALID_CONN: "invalid connection pointer in %s",
     C.VIR_ERR_INVALID_ARG: "invalid argument: %s",
     C.VIR_ERR_OPERATION_FAILED: "operation failed: %s",
     C.VIR_ERR_XML_ERROR: "XML error: %s",

@@ -18,10 +18,11 @@ import sys
 import threading
 import traceback
 import uuid as _uuid
+import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
+import attrs
 import structlog
 from attrs import frozen
 
@@ -32,19 +33,18 @@ from jobcore.libvirt import constants as C
 from jobcore.libvirt.errors import libvirtError, make_error, to_libvirt_error
 from jobcore.libvirt.eventloop import LOOP
 from jobcore.lifecycle import JobState
-from jobcore.protocol import RO_SOCKET, RW_SOCKET, default_run_dir
+from jobcore.protocol import RW_SOCKET, default_run_dir, resolve_default_daemon
 from jobcore.registry import registry
+from jobcore.remote import RECONNECT_PARAM
 from jobcore.spec import ChainRef, JobType
 from jobcore.types.backup import BackupJobSpec
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
-from jobcore.uri import URI, parse_uri
+from jobcore.uri import parse_uri
 from jobcore.xml import parse_job
 
 log = structlog.get_logger("jobcore.libvirt")
 
 MiB = 1 << 20
-#: drivers whose plain URIs reach the default jobd when one runs
-DAEMON_DRIVERS = ("qemu", "sim")
 #: stats keys jobcore adds that libvirt's job stats do not have
 _JOBCORE_KEYS = ("uuid", "state")
 
@@ -70,6 +70,8 @@ def _api(
     def wrap(fn: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
         def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
             conn = self._vconn
+            if conn._closed:  # libvirt-python: the handle is gone, libvirt sees NULL
+                raise make_error(C.VIR_ERR_INVALID_CONN, name, _api_source(name))
             if writes and conn._readonly:
                 raise make_error(C.VIR_ERR_OPERATION_DENIED, f"read only access prevents {name}")
             try:
@@ -89,33 +91,38 @@ def _api(
     return wrap
 
 
+def _api_source(name: str) -> int:
+    """The error domain of libvirt's source file that holds API ``name``."""
+    for part, domain in (
+        ("Checkpoint", C.VIR_FROM_DOMAIN_CHECKPOINT),  # libvirt-domain-checkpoint.c
+        ("Storage", C.VIR_FROM_STORAGE),  # libvirt-storage.c
+        ("Domain", C.VIR_FROM_DOMAIN),  # libvirt-domain.c
+    ):
+        if part in name:
+            return domain
+    return C.VIR_FROM_NONE  # libvirt-host.c
+
+
+class InProcessDomainWarning(RuntimeWarning):
+    """A qemu domain was created without jobd: it lives only as long as this process."""
+
+
 # ---- URIs -------------------------------------------------------------------------------
 
 
-def _answers(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def resolve_uri(uri: str, readonly: bool = False) -> tuple[str, bool]:
-    """The jobcore URI that serves libvirt URI ``uri``, and whether it is jobd's: a plain
-    ``qemu:///…`` or ``sim:///…`` goes to the default run directory's jobd (its read-only
-    socket for a read-only connection) when it answers, everything else as it is."""
+    """The jobcore URI that serves libvirt URI ``uri``, and whether it is jobd's
+    (jobcore.protocol.resolve_default_daemon: the rule jobctl follows too)."""
+    return resolve_default_daemon(uri, readonly=readonly)
+
+
+def _without_reconnect(uri: str) -> str:
+    """A jobd URI whose client does not reconnect (unless ``uri`` says ``reconnect=``):
+    as libvirt's, a connection whose daemon went away fails at once and stays dead."""
     parsed = parse_uri(uri)
-    if parsed.transport is not None or parsed.driver not in DAEMON_DRIVERS:
-        return uri, parsed.transport is not None
-    sock = default_run_dir() / (RO_SOCKET if readonly else RW_SOCKET)
-    if not _answers(sock):
-        return uri, False
-    params = (*parsed.params, ("socket", str(sock)))
-    return str(URI(parsed.driver, "unix", parsed.host, parsed.path, params)), True
+    if parsed.param(RECONNECT_PARAM) is not None:
+        return uri
+    return str(attrs.evolve(parsed, params=(*parsed.params, (RECONNECT_PARAM, "0"))))
 
 
 def _driver_domain(uri: str) -> int:
@@ -183,7 +190,9 @@ class _EventReader:
                 ev = self.sub.get(timeout=0.5)
             except TimeoutError:
                 continue
-            except Exception:  # closed connection, end of stream
+            except Exception as exc:  # closed connection, end of stream
+                if not self._stop.is_set():
+                    self.vconn._failed(leaf_error(exc))
                 return
             try:
                 self._dispatch(ev)
@@ -302,6 +311,7 @@ class virConnect:
         self._readonly = readonly
         self._from = _driver_domain(self._uri)
         self._closed = False
+        self._lost = False
         self._lock = threading.Lock()
         self._callbacks: dict[int, _Registration] = {}
         self._next_callback = 1
@@ -310,7 +320,7 @@ class virConnect:
         self._domains: dict[str, virDomain] = {}
         try:
             target, self.via_jobd = resolve_uri(self._uri, readonly)
-            self._bconn = facade.open(target)
+            self._bconn = facade.open(_without_reconnect(target) if self.via_jobd else target)
         except Exception as exc:
             error = leaf_error(exc)
             detail = f"{self._uri}: {error}" if str(error) else self._uri
@@ -326,10 +336,13 @@ class virConnect:
         return f"<libvirt.virConnect {self._uri!r}>"
 
     def _failed(self, error: BaseException) -> None:
-        """A call failed: a lost jobd connection tells the close callback (reason EOF)."""
+        """A call failed: a lost jobd connection is dead (isAlive 0, as libvirt's) and
+        tells the close callback once (reason EOF)."""
         if type(error).__name__ in ("ConnectionLost", "DaemonUnreachable"):
+            with self._lock:
+                first, self._lost = not self._lost, True
             cb = self._close_callback
-            if cb is not None:
+            if cb is not None and first:
                 _post(cb[0], self, C.VIR_CONNECT_CLOSE_REASON_EOF, cb[1])
 
     # -- the connection
@@ -340,18 +353,21 @@ class virConnect:
     def getType(self) -> str:
         return "QEMU" if self._from == C.VIR_FROM_QEMU else "Test"
 
+    @_api("virConnectGetLibVersion")
     def getLibVersion(self) -> int:
         return C.LIB_VERSION
 
+    @_api("virConnectGetVersion")
     def getVersion(self) -> int:
         return C.LIB_VERSION
 
+    @_api("virConnectGetHostname")
     def getHostname(self) -> str:
         """This host's name (jobd runs here), so that programs stay in local mode."""
         return socket.gethostname()
 
     def isAlive(self) -> int:
-        return 0 if self._closed else 1
+        return 0 if self._closed or self._lost else 1
 
     def isSecure(self) -> int:
         return 1
@@ -456,7 +472,17 @@ class virConnect:
     def createXML(self, xmlDesc: str, flags: int = 0) -> virDomain:
         """Start a transient domain from libvirt's domain XML (what jobcore does not model
         is ignored: design/libvirt.md)."""
-        return self._wrap(self._bconn.createXML(xmlDesc, flags))
+        dom = self._wrap(self._bconn.createXML(xmlDesc, flags))
+        if not self.via_jobd and self._from == C.VIR_FROM_QEMU:
+            warnings.warn(
+                f"domain '{dom.name()}' runs in this process only: no jobd answers at "
+                f"{default_run_dir() / RW_SOCKET}, so its QEMU stops when this process "
+                "exits (libvirt would have started its session daemon; start jobd with "
+                "'jobctl daemon --daemon')",
+                InProcessDomainWarning,
+                stacklevel=3,
+            )
+        return dom
 
     @_api("virDomainDefineXML", writes=True, overrides={"Unsupported": C.VIR_ERR_NO_SUPPORT})
     def defineXML(self, xml: str) -> virDomain:
@@ -703,7 +729,35 @@ class virDomain:
 
     @_api("virDomainGetBlockJobInfo")
     def blockJobInfo(self, path: str, flags: int = 0) -> dict[str, int]:
-        return self._b.blockJobInfo(path, flags)
+        """The disk's block job: a pull or commit, or else (as libvirt, which gives each
+        disk of a backup a block job of type BACKUP) a running backup that reads it, so
+        that virtnbdbackup's "active backup operation" check sees a backup left running
+        by a killed run. A backup of other disks leaves this disk's entry ``{}``."""
+        found = self._b.blockJobInfo(path, flags)
+        if found:
+            return found
+        for job in self._b.listJobs():
+            if job.ajob.type != JobType.BACKUP:
+                continue
+            info = facade.JobGetInfo(job)
+            if not info.state.active:
+                continue
+            spec = parse_job(facade.JobGetXMLDesc(job))
+            if isinstance(spec, BackupJobSpec) and path in self._backup_disks(spec):
+                cur, end = info.processed, max(info.total, 1)
+                return {
+                    "type": C.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP,
+                    "bandwidth": 0,
+                    "cur": min(cur, end - 1),  # a live job never looks finished
+                    "end": end,
+                }
+        return found
+
+    def _backup_disks(self, spec: BackupJobSpec) -> set[str]:
+        """The disks a backup reads: those it lists (unlisted: backup='no'), else all."""
+        if spec.backup.disks:
+            return {d.name for d in spec.backup.included_disks()}
+        return {d.name for d in self._conn._bconn.run(self._b.adom.info).disks}
 
     @_api("virDomainBlockJobAbort", writes=True)
     def blockJobAbort(self, disk: str, flags: int = 0) -> int:
