@@ -10,6 +10,7 @@ design/store.md "PostgreSQL", design/fleet.md.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import urllib.parse
@@ -236,7 +237,6 @@ class PostgresDatabase:
     StoreError naming the database (its URL without the password)."""
 
     def __init__(self, dsn: str, host: str) -> None:
-        import psycopg
         from psycopg_pool import ConnectionPool
 
         if not host:
@@ -275,6 +275,7 @@ class PostgresDatabase:
         """The connection that holds the host's advisory lock, after it checked and
         migrated the schema."""
         import psycopg
+
         what = f"the job store '{self.path}'"
         try:
             conn: psycopg.Connection[Any] = psycopg.connect(
@@ -282,7 +283,7 @@ class PostgresDatabase:
             )
         except psycopg.Error as exc:
             raise StoreError(
-                f"cannot reach {what}: {str(exc).strip()}: start the server, or give this "
+                f"cannot reach {what}: {_said(exc)}: start the server, or give this "
                 "jobd another store"
             ) from None
         try:
@@ -297,7 +298,7 @@ class PostgresDatabase:
             self._migrate(conn)
         except psycopg.Error as exc:
             conn.close()
-            raise StoreError(f"cannot open {what}: {str(exc).strip()}") from None
+            raise StoreError(f"cannot open {what}: {_said(exc)}") from None
         except BaseException:
             conn.close()
             raise
@@ -372,7 +373,13 @@ class PostgresDatabase:
         self._requests.put(None)  # the writer ends after the batches before it
         self._writer.join()
         self.pool.close()
-        self._lock_conn.close()  # the host's advisory lock goes with it
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error):  # gone with the connection anyway
+            self._lock_conn.execute(
+                "SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LOCK_CLASS, self.host)
+            )
+        self._lock_conn.close()
 
     # ---- loads (at open, on the opener's thread) ----------------------------------------
 
@@ -448,6 +455,7 @@ class PostgresDatabase:
         if not runs:
             return
         import psycopg
+
         try:
             with self.pool.connection(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
                 cur = conn.cursor()
@@ -461,7 +469,7 @@ class PostgresDatabase:
             raise StoreError(f"no space left for the job store at {self.path}") from None
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise StoreError(
-                f"the job store '{self.path}' is unreachable ({str(exc).strip()}): new jobs "
+                f"the job store '{self.path}' is unreachable ({_said(exc)}): new jobs "
                 "are refused until it is back"
             ) from None
         except psycopg.Error as exc:
@@ -473,6 +481,11 @@ class PostgresDatabase:
                 f"the job store '{self.path}' is unreachable (no connection within "
                 f"{CONNECT_TIMEOUT:.0f} s): new jobs are refused until it is back"
             ) from None
+
+
+def _said(exc: BaseException) -> str:
+    """What libpq said, on one line."""
+    return " ".join(str(exc).split())
 
 
 _pg_sql_of: dict[str, bytes] = {}
