@@ -46,7 +46,8 @@ def pg_bin(name: str) -> str:
 class PgServer:
     """One server in its own directory, listening only on a unix socket there."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fsync: bool = False) -> None:
+        self.fsync = fsync  # off for tests: a commit survives a kill, not a power loss
         self.dir = Path(tempfile.mkdtemp(prefix="jobcore-pg-"))
         self.data = self.dir / "data"
         self._as: dict[str, Any] = {}
@@ -78,8 +79,10 @@ class PgServer:
             raise RuntimeError(f"{Path(argv[0]).name} failed: {done.stdout}{done.stderr}")
 
     def start(self) -> None:
-        # no TCP (listen_addresses empty), the socket in our directory, no fsync (tests)
-        options = f"-c listen_addresses='' -k {self.dir} -c fsync=off -c max_connections=200"
+        # no TCP (listen_addresses empty), the socket in our directory
+        options = f"-c listen_addresses='' -k {self.dir} -c max_connections=200"
+        if not self.fsync:
+            options += " -c fsync=off"
         self._run(
             pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), "-w",
             "-o", options, "start",
