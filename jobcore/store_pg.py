@@ -448,6 +448,15 @@ class PostgresDatabase:
                 error = exc
             done((error, refused))
 
+    def _statement(
+        self, sql: str, rows: list[tuple[Any, ...]]
+    ) -> tuple[bytes, list[tuple[Any, ...]]]:
+        """One of the store's statements as PostgreSQL runs it, with its parameters."""
+        host_sql = _HOST_SQL.get(sql)
+        if host_sql is not None:
+            return host_sql.encode(), [(self.host, *r) for r in rows]
+        return _pg_sql(sql), rows
+
     def commit(self, writes: list[Write | None], refused: list[tuple[str, str]]) -> None:
         """Run ``writes`` in one transaction; StoreError saying what failed (the store
         keeps the writes and retries them)."""
@@ -456,15 +465,16 @@ class PostgresDatabase:
             return
         import psycopg
 
+        statements = [self._statement(sql, rows) for sql, rows in runs]
         try:
-            with self.pool.connection(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
-                cur = conn.cursor()
-                for sql, rows in runs:
-                    host_sql = _HOST_SQL.get(sql)
-                    if host_sql is not None:
-                        cur.executemany(host_sql.encode(), [(self.host, *r) for r in rows])
-                    else:
-                        cur.executemany(_pg_sql(sql), rows)
+            with self.pool.connection(timeout=CONNECT_TIMEOUT) as conn:
+                if len(statements) == 1 and len(statements[0][1]) == 1:  # autocommit
+                    conn.execute(statements[0][0], statements[0][1][0])
+                    return
+                with conn.transaction():
+                    cur = conn.cursor()
+                    for sql_b, rows in statements:
+                        cur.executemany(sql_b, rows)
         except psycopg.errors.DiskFull:
             raise StoreError(f"no space left for the job store at {self.path}") from None
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
