@@ -263,6 +263,8 @@ class PostgresDatabase:
             if isinstance(exc, Exception) and not isinstance(exc, StoreError):
                 raise StoreError(f"cannot reach the job store '{self.path}': {exc}") from None
             raise
+        #: the writer thread's pooled connection, taken at its first batch
+        self._wconn: psycopg.Connection[Any] | None = None
         self._requests: queue.SimpleQueue[
             tuple[list[Write | None], Callable[[Outcome], None]] | None
         ] = queue.SimpleQueue()
@@ -372,6 +374,8 @@ class PostgresDatabase:
             _databases.pop((self.dsn, self.host or ""), None)
         self._requests.put(None)  # the writer ends after the batches before it
         self._writer.join()
+        if self._wconn is not None:
+            self.pool.putconn(self._wconn)
         self.pool.close()
         import psycopg
 
@@ -467,7 +471,10 @@ class PostgresDatabase:
 
         statements = [self._statement(sql, rows) for sql, rows in runs]
         try:
-            with self.pool.connection(timeout=CONNECT_TIMEOUT) as conn:
+            if self._wconn is None:  # held while it works: no check, no hand-off per batch
+                self._wconn = self.pool.getconn(timeout=CONNECT_TIMEOUT)
+            conn = self._wconn
+            try:
                 if len(statements) == 1 and len(statements[0][1]) == 1:  # autocommit
                     conn.execute(statements[0][0], statements[0][1][0])
                     return
@@ -475,6 +482,11 @@ class PostgresDatabase:
                     cur = conn.cursor()
                     for sql_b, rows in statements:
                         cur.executemany(sql_b, rows)
+            except BaseException:
+                # back to the pool, which replaces it if it is broken; the retry takes one
+                self._wconn = None
+                self.pool.putconn(conn)
+                raise
         except psycopg.errors.DiskFull:
             raise StoreError(f"no space left for the job store at {self.path}") from None
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
