@@ -20,6 +20,7 @@ from pg_helpers import PgServer
 from store_helpers import pg_rows, url
 
 import jobcore
+from jobcore.daemon.config import ConfigError, load_config
 from jobcore.errors import StoreError
 from jobcore.lifecycle import JobState
 from jobcore.local import as_local, connect_local
@@ -32,6 +33,17 @@ MiB = 1 << 20
 
 def backup(tag: str) -> str:
     return BACKUP_VDB.format(tag=tag)
+
+
+def test_jobd_host_config_key(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("host = 'hv1'\nstore = 'postgresql://jobcore@db.example/jobs'\n")
+    config = load_config(good)
+    assert (config.host, config.store) == ("hv1", "postgresql://jobcore@db.example/jobs")
+    assert load_config(None).host is None  # the machine's hostname (Server.host)
+    for bad in ("", "a/b", "x" * 256, "tab\there"):
+        with pytest.raises(ConfigError, match="host must be a printable name"):
+            load_config(None, host=bad)
 
 
 def test_postgresql_urls_parse_and_hide_their_password() -> None:
@@ -176,6 +188,7 @@ def test_jobd_on_postgresql_kill_9_and_restart_finds_every_job(tmp_path: Path, p
         running = began.stdout.strip()
         before = json.loads(jobctl(uri, "info", ended, "--json").stdout)
         assert before["host"] == "member-1"
+        assert "Host:          member-1" in jobctl(uri, "info", ended).stdout
     finally:
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait()
