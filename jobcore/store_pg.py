@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,8 @@ _log = get_logger("jobcore.store")
 POOL_SIZE = 3
 #: seconds to wait for a connection (at open: the server's answer; a commit: the pool's)
 CONNECT_TIMEOUT = 3.0
+#: seconds to wait at open for the host's lock to be released by a holder that died
+LOCK_WAIT = 2.0
 
 #: schema version -> the statements that bring a database from the previous version to
 #: it. A PostgreSQL store starts at the SQLite store's version 4 (the same tables, each
@@ -289,10 +292,7 @@ class PostgresDatabase:
                 "jobd another store"
             ) from None
         try:
-            got = conn.execute(
-                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_LOCK_CLASS, self.host)
-            ).fetchone()
-            if not (got and got[0]):
+            if not self._lock_host(conn):
                 raise StoreError(
                     f"host '{self.host}' of {what} is served by another process (it holds "
                     "the host's advisory lock): stop it, or give this one another --host"
@@ -305,6 +305,21 @@ class PostgresDatabase:
             conn.close()
             raise
         return conn
+
+    def _lock_host(self, conn: psycopg.Connection[Any]) -> bool:
+        """Take the host's session advisory lock, waiting up to LOCK_WAIT for a holder
+        that just died (the server ends a killed process's session when it sees its
+        socket close: a jobd restarted right after kill -9 may find it still there)."""
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            got = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_LOCK_CLASS, self.host)
+            ).fetchone()
+            if got and got[0]:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
         what = f"the job store '{self.path}'"

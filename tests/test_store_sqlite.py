@@ -303,11 +303,10 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_kill_9_keeps_every_begun_job(tmp_path: Path, backend: str) -> None:
-    path = tmp_path / "jobs.sqlite"
+def test_kill_9_keeps_every_begun_job(durable: Durable, backend: str) -> None:
     xml = backup("k-TAG")
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD.format(rate=64 * MiB), url(path), xml, "400", "60", backend],
+        [sys.executable, "-c", CHILD.format(rate=64 * MiB), durable.url, xml, "400", "60", backend],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -317,21 +316,21 @@ def test_kill_9_keeps_every_begun_job(tmp_path: Path, backend: str) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     begun = proc.stdout.split()
     assert len(begun) > 50, proc.stdout
-    on_disk = rows(path)
+    on_disk = durable.rows()
     missing = [u for u in begun if u not in on_disk]
     assert not missing, f"{len(missing)} of {len(begun)} begun jobs are not in the store"
     active = {u for u, r in on_disk.items() if r["state"] == "running"}
     assert active, "the kill came while jobs ran"
-    anyio.run(_reopen_after_kill, path, begun, active, backend=backend)
+    anyio.run(_reopen_after_kill, durable.url, begun, active, backend=backend)
     # the sim driver re-attached the active jobs whose JobBegin had returned (their start
     # was on disk), and a job killed between its row and its start's commit was started
     # again (NotStarted): none failed
-    after = rows(path)
+    after = durable.rows()
     assert {after[u]["state"] for u in active} <= {"running", "completed"}
 
 
-async def _reopen_after_kill(path: Path, begun: list[str], active: set[str]) -> None:
-    async with jobcore.connect("sim:///default", store=url(path)) as conn:
+async def _reopen_after_kill(store: str, begun: list[str], active: set[str]) -> None:
+    async with jobcore.connect("sim:///default", store=store) as conn:
         for job_id in begun:
             info = await (await conn.lookup_job(job_id)).info()
             if job_id in active:  # re-attached: running on, or done meanwhile
