@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from jobd_helpers import BACKUP_VDB, Jobd, jobctl, write
 from pg_helpers import PgServer
-from store_helpers import pg_rows, url
+from store_helpers import pg_rows, rows, url
 
 import jobcore
 from jobcore.daemon.config import ConfigError, load_config
@@ -115,6 +115,13 @@ async def test_job_info_carries_the_host_on_every_store(tmp_path: Path) -> None:
             info = await (await (await conn.lookup_domain("vm1")).job_begin(backup("h"))).wait()
             assert info.host == socket.gethostname()
             assert info["host"] == socket.gethostname()
+    store = url(tmp_path / "named.sqlite")  # jobd --host NAME on SQLite
+    async with connect_local("sim:///default?rate=0", store=store, host="hv9") as conn:
+        job = await (await conn.lookup_domain("vm1")).job_begin(backup("n"))
+        assert (await job.wait()).host == "hv9"
+    assert rows(tmp_path / "named.sqlite")[str(job.uuid)]["host"] == "hv9"
+    async with connect_local("sim:///default", store=store, host="renamed") as conn:
+        assert (await (await conn.lookup_job(job.uuid)).info()).host == "hv9"  # its row's
 
 
 async def test_connections_of_a_process_share_one_bounded_pool(pg_url: str) -> None:
