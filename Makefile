@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo demo-qemu test lint typecheck unit bench clean qemu-deps
+.PHONY: demo demo-qemu test lint typecheck unit bench clean qemu-deps pg-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,16 @@ qemu-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends qemu-system-x86 qemu-utils virtnbdbackup python3-libnbd; }
 
+# PostgreSQL's server binaries (Debian's postgresql package; /usr/lib/postgresql/*/bin),
+# installed only when missing: the tests start a private server of their own in a
+# temporary directory (tests/pg_helpers.py), never the system service.
+pg-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  && ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  echo "installing postgresql"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends postgresql; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check jobcore drivers tests benchmarks
 	$(BIN)/ruff format --check jobcore drivers tests benchmarks
@@ -41,9 +51,9 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: $(STAMP) qemu-deps lint typecheck unit
+test: $(STAMP) qemu-deps pg-deps lint typecheck unit
 
-bench: $(STAMP)
+bench: $(STAMP) pg-deps
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -41,7 +41,10 @@ from jobcore.store_sqlite import open_store
 RETAINED = int(os.environ.get("BENCH_RECOVERY_RETAINED", "10000"))
 ACTIVE = int(os.environ.get("BENCH_RECOVERY_ACTIVE", "1000"))
 CLIENTS = 32
-CAPS = {"max_retained_per_domain": RETAINED + ACTIVE, "max_retained": RETAINED + ACTIVE}
+CAPS: dict[str, Any] = {
+    "max_retained_per_domain": RETAINED + ACTIVE,
+    "max_retained": RETAINED + ACTIVE,
+}
 
 
 def rss_kib() -> int:

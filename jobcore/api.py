@@ -242,8 +242,9 @@ async def connect(
     ``max_retained_per_domain`` per domain and ``max_retained`` in all: past a cap the
     oldest ended go first. Through jobd, the daemon's configuration decides these.
 
-    ``store`` names the job store (``memory:``, the default, or ``sqlite:///ABS/PATH``:
-    jobs are written there and the ended jobs already in it are loaded; design/store.md).
+    ``store`` names the job store (``memory:``, the default, ``sqlite:///ABS/PATH`` or
+    ``postgresql://…``: jobs are written there and the ended jobs already in it are
+    loaded; design/store.md). Job records carry the machine's hostname as their host.
     Through jobd the daemon's store is the daemon's config: ``store`` is refused."""
     parsed = parse_uri(uri)
     # each side imported when used: a jobd client never loads the engine nor a driver

@@ -74,6 +74,7 @@ from jobcore.store import (
     JobRecord,
     JobStore,
     MemoryJobStore,
+    default_host,
 )
 from jobcore.store_sqlite import NO_PREPARED_SPEC, SQLiteJobStore
 from jobcore.xml.common import round_trips_as
@@ -114,9 +115,12 @@ class Engine:
         max_retained: int = DEFAULT_MAX_RETAINED,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         checkpoint_state: DriverState | None = None,
+        host: str | None = None,
     ) -> None:
         self.dconn = dconn
         self.tg = tg
+        #: the fleet member its jobs carry (a durable store's own host wins)
+        self.host = getattr(store, "host", None) or host or default_host()
         #: the driver keeps a DriverState in this engine's durable store: what it saves
         #: while starting a job is on disk before JobBegin returns (set by jobcore.local)
         self.driver_state_durable = False
@@ -343,6 +347,7 @@ class Engine:
             created=now,
             started=now if admitted else None,  # in its row: it reads the same after a restart
             bandwidth=getattr(spec, "bandwidth", None),
+            host=self.host,
         )
         self.store.add(rec)
         if _stdlib_log.isEnabledFor(logging.INFO):
@@ -760,6 +765,7 @@ class Engine:
             ended=rec.ended_wall,
             errmsg=rec.errmsg,
             bandwidth=rec.bandwidth,
+            host=rec.host,
         )
 
     def _elapsed_ms(self, rec: JobRecord) -> int:

@@ -33,6 +33,8 @@ class JobInfo(Mapping[str, Any]):
     ended: float | None
     errmsg: str | None
     bandwidth: int | None
+    #: the fleet member that owns the job (``jobd --host``; in-process: the hostname)
+    host: str = ""
 
     @property
     def progress(self) -> float:

@@ -46,7 +46,8 @@ from jobcore.store import (
     JobStore,
     MemoryDriverState,
 )
-from jobcore.store_sqlite import SQLiteJobStore, StoreDriverState, open_store, parse_store_url
+from jobcore.store_pg import open_store
+from jobcore.store_sqlite import SQLiteJobStore, StoreDriverState, parse_store_url
 from jobcore.types.backup import BackupJobSpec
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.uri import parse_uri
@@ -584,6 +585,7 @@ async def connect_local(
     store: str | None = None,
     keep_jobs: bool | None = None,
     scope: str | None = None,
+    host: str | None = None,
 ) -> AsyncIterator[LocalConnection]:
     """Open an in-process connection (``jobcore.connect`` documents the arguments);
     everything it started is cancelled when the block exits. Closing fails the jobs still
@@ -605,6 +607,7 @@ async def connect_local(
                 scope=f"{parsed.driver}://{parsed.host}{parsed.path}" if scope is None else scope,
                 max_retained_per_domain=max_retained_per_domain,
                 max_retained=max_retained,
+                host=host,
             )
         )
         if isinstance(jstore, SQLiteJobStore):
@@ -634,6 +637,7 @@ async def connect_local(
                     max_retained_per_domain=max_retained_per_domain,
                     max_retained=max_retained,
                     checkpoint_state=checkpoint_state,
+                    host=host,
                 )
                 engine.driver_state_durable = isinstance(state, StoreDriverState)
                 try:

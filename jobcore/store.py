@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import json
+import socket
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -55,6 +56,8 @@ class JobRecord:
     extra: dict[str, int | str] = field(factory=dict)
     errmsg: str | None = None
     bandwidth: int | None = None
+    #: the fleet member (jobd --host) that owns the job
+    host: str = ""
     #: driver.start() is under way
     starting: bool = False
     #: set once driver.start() returned (or failed); verbs wait for it
@@ -290,3 +293,9 @@ class MemoryDriverState:
 
 #: the store a connection uses unless it names one
 DEFAULT_STORE_URL = "memory:"
+
+
+def default_host() -> str:
+    """The host a job record carries unless one is named (``jobd --host``): the
+    machine's hostname."""
+    return socket.gethostname() or "localhost"

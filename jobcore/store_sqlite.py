@@ -43,7 +43,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import attrs
@@ -63,6 +63,7 @@ from jobcore.store import (
     JobRecord,
     JobStore,
     MemoryJobStore,
+    default_host,
 )
 
 if TYPE_CHECKING:
@@ -168,24 +169,28 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 @frozen
 class StoreURL:
-    kind: str  # 'memory' or 'sqlite'
+    kind: str  # 'memory', 'sqlite' or 'postgresql'
     path: Path | None = None
     synchronous: str = "NORMAL"
+    #: a PostgreSQL store's URL (libpq's connection URI), as given
+    dsn: str | None = None
+
+
+_STORE_URLS = "use 'memory:', 'sqlite:///ABS/PATH' or 'postgresql://…'"
 
 
 def parse_store_url(url: str) -> StoreURL:
-    """``memory:`` or ``sqlite:///ABS/PATH[?synchronous=normal|full]``."""
+    """``memory:``, ``sqlite:///ABS/PATH[?synchronous=normal|full]`` or
+    ``postgresql://…`` (libpq's connection URI, checked when it is opened)."""
     if not isinstance(url, str):
-        raise InvalidArgument(
-            f"invalid job store URL {url!r}: use 'memory:' or 'sqlite:///ABS/PATH'"
-        )
+        raise InvalidArgument(f"invalid job store URL {url!r}: {_STORE_URLS}")
     if url == "memory:":
         return StoreURL("memory")
     parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("postgresql", "postgres") and url.startswith(f"{parts.scheme}://"):
+        return StoreURL("postgresql", dsn=url)
     if parts.scheme != "sqlite" or not url.startswith("sqlite://"):
-        raise InvalidArgument(
-            f"invalid job store URL '{url}': use 'memory:' or 'sqlite:///ABS/PATH'"
-        )
+        raise InvalidArgument(f"invalid job store URL '{url}': {_STORE_URLS}")
     if parts.netloc or not parts.path.startswith("/") or parts.path.endswith("/"):
         raise InvalidArgument(
             f"invalid job store URL '{url}': the file must be an absolute path after "
@@ -207,19 +212,22 @@ def open_store(
     scope: str = "default",
     max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
     max_retained: int = DEFAULT_MAX_RETAINED,
+    host: str | None = None,
 ) -> JobStore:
     """The store a URL names: ``memory:`` or ``sqlite:///ABS/PATH`` (InvalidArgument for
-    anything else). A durable store keeps the jobs of one ``scope`` (a driver connection)
-    and loads those already in the file; it blocks (open, check, load): call it off the
-    event loop. StoreError when the file is corrupt, locked or of a newer schema."""
+    anything else; ``jobcore.store_pg.open_store`` opens ``postgresql://…`` too). A
+    durable store keeps the jobs of one ``scope`` (a driver connection) and loads those
+    already in the file; it blocks (open, check, load): call it off the event loop.
+    StoreError when the file is corrupt, locked or of a newer schema."""
     parsed = parse_store_url(url)
     caps = {"max_retained_per_domain": max_retained_per_domain, "max_retained": max_retained}
     if parsed.kind == "memory":
         return MemoryJobStore(**caps)
-    assert parsed.path is not None
+    if parsed.path is None:
+        raise InvalidArgument(f"the job store '{url}' is opened by jobcore.store_pg.open_store")
     db = open_database(parsed.path, parsed.synchronous)
     try:
-        return SQLiteJobStore(db, scope, **caps)
+        return SQLiteJobStore(db, scope, host=host, **caps)
     except BaseException:
         db.release()
         raise
@@ -238,8 +246,8 @@ Outcome = tuple[BaseException | None, list[tuple[str, str]]]
 
 _INSERT_JOB = (
     "INSERT INTO jobs (uuid, scope, type, domain, state, claims, priority, created,"
-    " started, started_after, processed, total, bandwidth, retention, event_seq, xml, spec)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " started, started_after, processed, total, bandwidth, retention, event_seq, host, xml,"
+    " spec) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_JOB = (
     "UPDATE jobs SET state = ?, started = ?, started_after = ?, elapsed = ?, ended = ?,"
@@ -304,6 +312,9 @@ def open_database(path: Path, synchronous: str = "NORMAL") -> SQLiteDatabase:
 class SQLiteDatabase:
     """One SQLite file: its lock, its connection, its schema, its writer thread. Opening
     checks everything and raises StoreError naming the file."""
+
+    #: the rows of every host are loaded by scope alone (one file is one machine's)
+    host: str | None = None
 
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         self.path = path
@@ -445,12 +456,12 @@ class SQLiteDatabase:
             for row in self.conn.execute(
                 "SELECT uuid, type, domain, state, xml, claims, priority, created, started,"
                 " ended, processed, total, stats, errmsg, bandwidth, retention, expires,"
-                " event_seq, started_after, elapsed, spec FROM jobs WHERE scope = ?"
+                " event_seq, started_after, elapsed, spec, host FROM jobs WHERE scope = ?"
                 " ORDER BY rowid",
                 (scope,),
             ):
                 spec, prepared = _row_spec(self.path, row)
-                loaded.append(((*row[:4], None, *row[5:20]), spec, prepared))
+                loaded.append((_loaded_row(row), spec, prepared))
         return loaded
 
     def stored_scopes(self, now: float) -> list[StoredScope]:
@@ -502,23 +513,7 @@ class SQLiteDatabase:
         one statement as one ``executemany``, a lone statement as its own transaction;
         raises what sqlite raised. An insert whose job XML cannot be formatted is left
         out and listed in ``refused``."""
-        from jobcore.xml import format_job
-
-        runs: list[tuple[str, list[tuple[Any, ...]]]] = []
-        for write in writes:
-            if write is None:  # superseded by a later write of the same row
-                continue
-            sql, params, spec = write
-            if spec is not None:
-                try:
-                    params = (*params, format_job(spec), json.dumps(spec_to_json(spec)))
-                except (JobError, TypeError) as exc:
-                    refused.append((params[0], str(exc)))
-                    continue
-            if runs and runs[-1][0] == sql:
-                runs[-1][1].append(params)
-            else:
-                runs.append((sql, [params]))
+        runs = batch_runs(writes, refused)
         if not runs:
             return
         with self.lock:
@@ -540,6 +535,39 @@ class SQLiteDatabase:
                 raise
 
 
+def batch_runs(
+    writes: list[Write | None], refused: list[tuple[str, str]]
+) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """A batch as runs of one statement each with their parameters, in order (what every
+    durable store commits; on its writer thread): superseded writes dropped, each
+    insert's job XML and spec JSON formatted (an insert whose XML cannot be formatted is
+    left out and listed in ``refused``)."""
+    from jobcore.xml import format_job
+
+    runs: list[tuple[str, list[tuple[Any, ...]]]] = []
+    for write in writes:
+        if write is None:  # superseded by a later write of the same row
+            continue
+        sql, params, spec = write
+        if spec is not None:
+            try:
+                params = (*params, format_job(spec), json.dumps(spec_to_json(spec)))
+            except (JobError, TypeError) as exc:
+                refused.append((params[0], str(exc)))
+                continue
+        if runs and runs[-1][0] == sql:
+            runs[-1][1].append(params)
+        else:
+            runs.append((sql, [params]))
+    return runs
+
+
+def _loaded_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A loaded job row as ``restore`` takes it (from ``SELECT uuid … spec, host``): the
+    XML and spec texts left out, the host last."""
+    return (*row[:4], None, *row[5:20], row[21])
+
+
 def _loop_callers() -> tuple[Callable[[Callable[[], object]], object], ...]:
     """ "Run this soon on the running event loop" (asyncio or trio): from the loop's own
     thread, and from any thread (how the writer thread hands a batch's outcome back)."""
@@ -559,7 +587,7 @@ def _is_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
-def _row_spec(path: Path, row: tuple[Any, ...]) -> tuple[Any, bool]:
+def _row_spec(path: Path | str, row: tuple[Any, ...]) -> tuple[Any, bool]:
     """The spec of a loaded row, and whether it is the prepared one (read when the store
     opens, off the event loop): the ``spec`` column, else (a row of schema v2 or before)
     the job XML parsed."""
@@ -719,24 +747,52 @@ class DomainDefinition:
 # ---- the store ------------------------------------------------------------------------
 
 
+class StoreDatabase(Protocol):
+    """What a durable job store keeps its rows in: an SQLite file (``SQLiteDatabase``) or
+    a PostgreSQL database (``jobcore.store_pg.PostgresDatabase``). Writes are this
+    module's statements (``Write``, ``?`` parameters); a database that speaks another
+    dialect translates them."""
+
+    @property
+    def path(self) -> Path | str:
+        """What messages name: the file, or the database's URL without its password."""
+
+    @property
+    def host(self) -> str | None:
+        """The fleet member whose rows it serves (None: the one each store names)."""
+
+    def claim(self, scope: str) -> None: ...
+    def unclaim(self, scope: str) -> None: ...
+    def release(self, scope: str | None = None) -> None: ...
+    def load(self, scope: str) -> list[tuple[tuple[Any, ...], Any, bool]]: ...
+    def load_domains(self, scope: str) -> list[tuple[Any, ...]]: ...
+    def load_state(self, scope: str) -> dict[str, Any]: ...
+    def stored_scopes(self, now: float) -> list[StoredScope]: ...
+    def submit(self, writes: list[Write | None], done: Callable[[Outcome], None]) -> None: ...
+
+
 class SQLiteJobStore(MemoryJobStore):
-    """A MemoryJobStore whose records are also kept in an SQLite file (see the module)."""
+    """A MemoryJobStore whose records are also kept in a database (an SQLite file, or
+    PostgreSQL through ``jobcore.store_pg``; see the module)."""
 
     durable = True
 
     def __init__(
         self,
-        db: SQLiteDatabase,
+        db: StoreDatabase,
         scope: str,
         *,
         max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
         max_retained: int = DEFAULT_MAX_RETAINED,
+        host: str | None = None,
     ) -> None:
         super().__init__(max_retained_per_domain=max_retained_per_domain, max_retained=max_retained)
         db.claim(scope)
         self.db = db
         self.scope = scope
         self.path = db.path
+        #: the fleet member whose jobs these are (the database's, else the one named)
+        self.host = db.host or host or default_host()
         try:
             self._rows = db.load(scope)
             self._domains: dict[str, DomainDefinition] = {
@@ -803,7 +859,7 @@ class SQLiteJobStore(MemoryJobStore):
         for row, spec, prepared in rows:
             (job_s, type_s, domain, state_s, _xml, claims_s, priority, created, _started,
              ended, processed, total, stats_s, errmsg, bandwidth, retention, expires,
-             event_seq, started_after, elapsed) = row  # fmt: skip
+             event_seq, started_after, elapsed, host) = row  # fmt: skip
             state = JobState(state_s)
             if state.terminal and expires is not None and expires <= now_wall:
                 expired.append(job_s)
@@ -833,6 +889,7 @@ class SQLiteJobStore(MemoryJobStore):
                 extra=json.loads(stats_s),
                 errmsg=errmsg,
                 bandwidth=bandwidth,
+                host=host or self.host,  # NULL in rows written before hosts
             )
             self._event_seq[job] = event_seq
             MemoryJobStore.add(self, rec)
@@ -1032,7 +1089,9 @@ class SQLiteJobStore(MemoryJobStore):
             self._pending[:0] = writes  # kept in memory, retried in order
             self._last = {}
             first = self.error is None
-            if _is_full(exc):
+            if isinstance(exc, StoreError):  # the database's own words (PostgreSQL)
+                self.error = exc
+            elif _is_full(exc):
                 self.error = StoreError(f"no space left for the job store at {self.path}")
             else:
                 self.error = StoreError(f"cannot write the job store '{self.path}': {exc!r}")
@@ -1225,6 +1284,7 @@ def _insert(scope: str, rec: JobRecord) -> Write:
         rec.bandwidth,
         rec.retention,
         1,
+        rec.host,
     )
     return (_INSERT_JOB, values, rec.spec)  # the spec is frozen: formatted by the writer
 

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import pytest
 from jobd_helpers import BACKUP_VDB, Jobd, jobctl, write
-from store_helpers import rows, url
+from store_helpers import Durable, rows, url
 
 import jobcore
 from jobcore.daemon.config import ConfigError, load_config
@@ -53,7 +53,7 @@ def same_view(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["sqlite://rel/jobs.sqlite", "sqlite:jobs.sqlite", "sqlite:///", "postgres://x/y", ""]
+    "bad", ["sqlite://rel/jobs.sqlite", "sqlite:jobs.sqlite", "sqlite:///", "mysql://x/y", ""]
 )
 def test_bad_store_url_is_refused_by_name(bad: str) -> None:
     with pytest.raises(InvalidArgument, match=f"'{bad}'" if bad else "store URL"):
@@ -95,8 +95,8 @@ def test_jobd_store_config_key(tmp_path: Path) -> None:
 # ---- round trips --------------------------------------------------------------------------
 
 
-async def test_ended_jobs_survive_close_and_reopen(tmp_path: Path) -> None:
-    store = url(tmp_path / "jobs.sqlite")
+async def test_ended_jobs_survive_close_and_reopen(durable: Durable) -> None:
+    store = durable.url
     before: dict[uuid.UUID, tuple[Any, Any, str]] = {}
     async with jobcore.connect(f"sim:///default?rate={4096 * MiB}", store=store) as conn:
         dom = await conn.lookup_domain("vm1")
@@ -127,8 +127,8 @@ async def test_ended_jobs_survive_close_and_reopen(tmp_path: Path) -> None:
         assert failed.errmsg is not None and "disk on fire" in failed.errmsg
 
 
-async def test_retention_expiry_survives_reopen(tmp_path: Path) -> None:
-    store = url(tmp_path / "jobs.sqlite")
+async def test_retention_expiry_survives_reopen(durable: Durable) -> None:
+    store = durable.url
     async with jobcore.connect("sim:///default?rate=0", store=store, retention=0.3) as conn:
         dom = await conn.lookup_domain("vm1")
         job = await dom.job_begin(backup("exp"))
@@ -144,11 +144,11 @@ async def test_retention_expiry_survives_reopen(tmp_path: Path) -> None:
         with pytest.raises(jobcore.NoSuchJob):
             await conn.lookup_job(gone)
         assert (await (await conn.lookup_job(kept.uuid)).info()).state is JobState.COMPLETED
-    assert str(gone) not in rows(tmp_path / "jobs.sqlite")  # the expired row was deleted
+    assert str(gone) not in durable.rows()  # the expired row was deleted
 
 
-def test_facade_round_trip(tmp_path: Path) -> None:
-    store = url(tmp_path / "jobs.sqlite")
+def test_facade_round_trip(durable: Durable) -> None:
+    store = durable.url
     conn = jobcore.open("sim:///default?rate=0", store=store)
     try:
         dom = conn.lookupByName("vm1")
@@ -170,22 +170,21 @@ def test_facade_round_trip(tmp_path: Path) -> None:
 # ---- durability points --------------------------------------------------------------------
 
 
-async def test_state_is_on_disk_before_its_event(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite"
+async def test_state_is_on_disk_before_its_event(durable: Durable) -> None:
     seen: list[tuple[str, str, str, int]] = []  # kind, job, state, on-disk event_seq
-    async with jobcore.connect(f"sim:///default?rate={256 * MiB}", store=url(path)) as conn:
+    async with jobcore.connect(f"sim:///default?rate={256 * MiB}", store=durable.url) as conn:
         dom = await conn.lookup_domain("vm1")
         with conn.subscribe() as sub:
             jobs = [await dom.job_begin(backup(f"dp{i}")) for i in range(3)]
             # every job is on disk once JobBegin returned
-            assert {str(j.uuid) for j in jobs} <= set(rows(path))
+            assert {str(j.uuid) for j in jobs} <= set(durable.rows())
             await jobs[1].pause()
             await jobs[1].resume()
             await jobs[2].abort()
             finals = 0
             counts: dict[str, int] = {}
             async for ev in sub:
-                row = rows(path)[str(ev.job)]
+                row = durable.rows()[str(ev.job)]
                 if ev.kind is EventKind.STATE:
                     counts[str(ev.job)] = counts.get(str(ev.job), 0) + 1
                     # the state change this event reports is written already
@@ -206,14 +205,13 @@ async def test_state_is_on_disk_before_its_event(tmp_path: Path) -> None:
     assert sum(1 for k, *_ in seen if k == "state") >= 3 + 2 + 3  # begin, pause/resume, ends
 
 
-async def test_wait_returns_only_once_the_end_is_on_disk(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite"
-    async with jobcore.connect("sim:///default?rate=0", store=url(path)) as conn:
+async def test_wait_returns_only_once_the_end_is_on_disk(durable: Durable) -> None:
+    async with jobcore.connect("sim:///default?rate=0", store=durable.url) as conn:
         dom = await conn.lookup_domain("vm1")
         for i in range(20):
             job = await dom.job_begin(backup(f"w{i}"))
             info = await job.wait()
-            assert rows(path)[str(job.uuid)]["state"] == str(info.state) == "completed"
+            assert durable.rows()[str(job.uuid)]["state"] == str(info.state) == "completed"
 
 
 @pytest.mark.parametrize("durable", [False, True])
@@ -305,11 +303,10 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_kill_9_keeps_every_begun_job(tmp_path: Path, backend: str) -> None:
-    path = tmp_path / "jobs.sqlite"
+def test_kill_9_keeps_every_begun_job(durable: Durable, backend: str) -> None:
     xml = backup("k-TAG")
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD.format(rate=64 * MiB), url(path), xml, "400", "60", backend],
+        [sys.executable, "-c", CHILD.format(rate=64 * MiB), durable.url, xml, "400", "60", backend],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -319,21 +316,21 @@ def test_kill_9_keeps_every_begun_job(tmp_path: Path, backend: str) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     begun = proc.stdout.split()
     assert len(begun) > 50, proc.stdout
-    on_disk = rows(path)
+    on_disk = durable.rows()
     missing = [u for u in begun if u not in on_disk]
     assert not missing, f"{len(missing)} of {len(begun)} begun jobs are not in the store"
     active = {u for u, r in on_disk.items() if r["state"] == "running"}
     assert active, "the kill came while jobs ran"
-    anyio.run(_reopen_after_kill, path, begun, active, backend=backend)
+    anyio.run(_reopen_after_kill, durable.url, begun, active, backend=backend)
     # the sim driver re-attached the active jobs whose JobBegin had returned (their start
     # was on disk), and a job killed between its row and its start's commit was started
     # again (NotStarted): none failed
-    after = rows(path)
+    after = durable.rows()
     assert {after[u]["state"] for u in active} <= {"running", "completed"}
 
 
-async def _reopen_after_kill(path: Path, begun: list[str], active: set[str]) -> None:
-    async with jobcore.connect("sim:///default", store=url(path)) as conn:
+async def _reopen_after_kill(store: str, begun: list[str], active: set[str]) -> None:
+    async with jobcore.connect("sim:///default", store=store) as conn:
         for job_id in begun:
             info = await (await conn.lookup_job(job_id)).info()
             if job_id in active:  # re-attached: running on, or done meanwhile
@@ -422,8 +419,8 @@ def test_store_locked_by_another_process_is_refused(tmp_path: Path) -> None:
     anyio.run(_open_with_store, url(path))  # free again
 
 
-async def test_same_scope_twice_in_one_process_is_refused(tmp_path: Path) -> None:
-    store = url(tmp_path / "jobs.sqlite")
+async def test_same_scope_twice_in_one_process_is_refused(durable: Durable) -> None:
+    store = durable.url
     async with jobcore.connect("sim:///default", store=store):
         with pytest.raises(StoreError, match="already serves a connection to 'sim:///default'"):
             async with jobcore.connect("sim:///default", store=store):
@@ -749,11 +746,10 @@ async def test_domain_definition_is_refused_on_a_failing_store(tmp_path: Path) -
 # ---- event sequence numbers -----------------------------------------------------------------
 
 
-async def test_event_sequence_numbers_are_kept_with_the_state(tmp_path: Path) -> None:
+async def test_event_sequence_numbers_are_kept_with_the_state(durable: Durable) -> None:
     """1 is the STATE event of the begin, each state change adds one, the FINAL event takes
     the number after the terminal STATE event; the row holds it, a reopen reads it."""
-    path = tmp_path / "jobs.sqlite"
-    async with jobcore.connect(f"sim:///default?rate={64 * MiB}", store=url(path)) as conn:
+    async with jobcore.connect(f"sim:///default?rate={64 * MiB}", store=durable.url) as conn:
         dom = await conn.lookup_domain("vm1")
         store = as_local(conn).engine._dstore
         assert store is not None
@@ -761,7 +757,7 @@ async def test_event_sequence_numbers_are_kept_with_the_state(tmp_path: Path) ->
         numbered: list[EventKind] = []
         with job.events() as sub:
             assert store.last_event_seq(job.uuid) == 1
-            assert rows(path)[str(job.uuid)]["event_seq"] == 1
+            assert durable.rows()[str(job.uuid)]["event_seq"] == 1
             await job.pause()
             await job.resume()
             await job.abort()
@@ -769,15 +765,15 @@ async def test_event_sequence_numbers_are_kept_with_the_state(tmp_path: Path) ->
                 if ev.kind is not EventKind.PROGRESS:
                     numbered.append(ev.kind)
                     # the event's number is on disk once the event is out
-                    assert rows(path)[str(job.uuid)]["event_seq"] >= 1 + len(numbered)
+                    assert durable.rows()[str(job.uuid)]["event_seq"] >= 1 + len(numbered)
                 if ev.kind is EventKind.FINAL:
                     break
         last = 1 + len(numbered)  # the begin's STATE event was before the subscription
         assert numbered[-2:] == [EventKind.STATE, EventKind.FINAL]
         assert store.last_event_seq(job.uuid) == last
         assert store.last_event_seq(uuid.uuid4()) is None
-    assert rows(path)[str(job.uuid)]["event_seq"] == last
-    async with jobcore.connect("sim:///default", store=url(path)) as conn:
+    assert durable.rows()[str(job.uuid)]["event_seq"] == last
+    async with jobcore.connect("sim:///default", store=durable.url) as conn:
         store = as_local(conn).engine._dstore
         assert store is not None and store.last_event_seq(job.uuid) == last
 

@@ -29,7 +29,9 @@ from jobcore.protocol import (
 from jobcore.spec import JobType
 
 U = uuid.UUID(int=7)
-INFO = JobInfo(U, JobType("backup"), "vm1", JobState.RUNNING, 1, 2, 3, 4.0, None, 5.5, None, 7)
+INFO = JobInfo(
+    U, JobType("backup"), "vm1", JobState.RUNNING, 1, 2, 3, 4.0, None, 5.5, None, 7, "hv1"
+)
 DOMAIN = DomainInfo("vm1", U, (DiskInfo("vda", ("/a", "/b"), "qcow2", 1 << 30),), 512, True)
 EVENT = JobEvent(
     EventKind.FINAL, U, "backup", "vm1", JobState.COMPLETED, JobState.RUNNING, 2, 2, 9.0,
@@ -43,7 +45,9 @@ def wire(value: object) -> Any:
 
 
 def test_values_travel_as_their_fields_in_order() -> None:
-    assert wire(INFO) == [U.bytes, "backup", "vm1", "running", 1, 2, 3, 4.0, None, 5.5, None, 7]
+    assert wire(INFO) == [
+        U.bytes, "backup", "vm1", "running", 1, 2, 3, 4.0, None, 5.5, None, 7, "hv1"
+    ]  # fmt: skip
     assert wire(DOMAIN) == [
         "vm1", U.bytes, [["vda", ["/a", "/b"], "qcow2", 1 << 30, [], "virtio"]], 512, True, "test"
     ]  # fmt: skip

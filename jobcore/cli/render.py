@@ -136,6 +136,7 @@ def info_lines(info: JobInfo) -> Iterator[str]:
         ("UUID:", str(info.uuid)),
         ("Type:", str(info.type)),
         ("Domain:", info.domain),
+        ("Host:", info.host),
         ("State:", str(info.state)),
         (
             "Progress:",

@@ -147,9 +147,11 @@ class DaemonConfig:
     frame_timeout: float = FRAME_TIMEOUT
     #: bytes the partly received frames of all read-write clients may hold at once
     max_receive_buffer: int = MAX_RECEIVE_BUFFER
-    #: the job store: 'memory:' or 'sqlite:///ABS/PATH'; None: 'sqlite:///RUN_DIR/jobs.sqlite'
-    #: (``store_url``, design/store.md)
+    #: the job store: 'memory:', 'sqlite:///ABS/PATH' or 'postgresql://…'; None:
+    #: 'sqlite:///RUN_DIR/jobs.sqlite' (``store_url``, design/store.md)
     store: str | None = None
+    #: the fleet member jobd is (every job record carries it); None: the machine's hostname
+    host: str | None = None
     #: SIGTERM (jobd stopping) ends active jobs, as a closing in-process connection does;
     #: by default they and their guests run on and are recovered at the next start
     stop_guests: bool = False
@@ -198,6 +200,7 @@ _CONFIG_KEYS = {
     "frame_timeout",
     "max_receive_buffer",
     "store",
+    "host",
     "stop_guests",
     "max_ro_clients_per_uid",
     "ro_idle_timeout",
@@ -260,6 +263,14 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             except InvalidArgument as exc:
                 raise ConfigError(f"store: {exc}") from None
             config = _evolve(config, store=store)
+        if "host" in values:
+            host = _typed(values, "host", str)
+            if not host or len(host) > 255 or not host.isprintable() or "/" in host:
+                raise ConfigError(
+                    "host must be a printable name of 1 to 255 characters without '/', "
+                    f"not {host!r}"
+                )
+            config = _evolve(config, host=host)
         if "stop_guests" in values:
             if not isinstance(values["stop_guests"], bool):
                 raise ConfigError("stop_guests must be true or false")

@@ -150,6 +150,7 @@ class DriverConnections:
         idle_timeout: float = DRIVER_IDLE_TIMEOUT,
         store: str | None = None,
         keep_jobs: bool = True,
+        host: str | None = None,
         **retained: int,
     ) -> None:
         self._tg = tg
@@ -160,6 +161,7 @@ class DriverConnections:
         self._retained = retained  # max_retained_per_domain, max_retained
         self._store = store  # the job store URL every driver connection uses
         self._keep_jobs = keep_jobs  # stopping leaves jobs a durable store recovers
+        self._host = host  # the fleet member every job record carries
         self._slots: dict[str, _DriverSlot] = {}
         self._drivers: dict[str, Driver] = {}
         self._stop = anyio.Event()
@@ -352,6 +354,7 @@ class DriverConnections:
                 store=self._store,
                 keep_jobs=self._keep_jobs,
                 scope=key,
+                host=self._host,
                 **self._retained,
             ) as conn:
                 slot.conn = conn

@@ -161,13 +161,19 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "log_file, frame_timeout, max_receive_buffer, max_ro_clients_per_uid, "
                 "ro_idle_timeout, max_ro_subscriptions, max_ro_subscriptions_per_uid, "
                 "ro_max_event_buffer, ro_subscriber_lost_limit, max_queued_send, "
-                "max_ro_queued_send, max_ro_receive_buffer, store, stop_guests.",
+                "max_ro_queued_send, max_ro_receive_buffer, store, host, stop_guests.",
             ),
             click.option(
                 "--store",
                 metavar="URL",
-                help="Job store: 'memory:' or 'sqlite:///ABS/PATH' "
+                help="Job store: 'memory:', 'sqlite:///ABS/PATH' or 'postgresql://…' "
                 "[default: sqlite:///RUN_DIR/jobs.sqlite].",
+            ),
+            click.option(
+                "--host",
+                metavar="NAME",
+                help="This jobd's name in its fleet, carried by every job record "
+                "[config: host; default: the machine's hostname].",
             ),
             click.option(
                 "--stop-guests",
@@ -221,6 +227,7 @@ def start_from_options(
     detach: bool = False,
     store: str | None = None,
     stop_guests: bool | None = None,
+    host: str | None = None,
 ) -> int:
     try:
         config = load_config(
@@ -232,6 +239,7 @@ def start_from_options(
             log_file=cli_path(log_file, "--log-file"),
             store=store,
             stop_guests=stop_guests,
+            host=host,
         )
     except ConfigError as exc:
         click.echo(f"jobd: {exc}", err=True)

@@ -68,7 +68,9 @@ from jobcore.protocol import (
     peer_credentials,
 )
 from jobcore.rundir import ensure_private_dir, reserve_dir, unreserve_dir
-from jobcore.store_sqlite import open_database, parse_store_url
+from jobcore.store import default_host
+from jobcore.store_pg import open_store_database
+from jobcore.store_sqlite import parse_store_url
 
 _log = get_logger("jobd")
 
@@ -90,6 +92,8 @@ def _count_down(counts: Counter[int | None], uid: int | None) -> None:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        #: the fleet member this jobd is: every job record carries it
+        self.host = config.host or default_host()
         self._client_ids = 0
         #: connected clients per socket (readonly flag)
         self._clients = {False: 0, True: 0}
@@ -142,10 +146,8 @@ class Daemon:
         reserve_dir(cfg.run_dir)  # no job may name its files (an NBD socket) among jobd's
         try:
             store_url = parse_store_url(cfg.store_url)
-            if store_url.path is not None:  # a bad store stops jobd here, before serving
-                store_db = await anyio.to_thread.run_sync(
-                    open_database, store_url.path, store_url.synchronous
-                )
+            # a bad or unreachable store stops jobd here, before serving
+            store_db = await anyio.to_thread.run_sync(open_store_database, store_url, self.host)
             async with anyio.create_task_group() as drivers_tg:
                 self.drivers = DriverConnections(
                     drivers_tg,
@@ -157,6 +159,7 @@ class Daemon:
                     max_retained=cfg.max_retained,
                     store=cfg.store_url,
                     keep_jobs=not cfg.stop_guests,
+                    host=self.host,
                 )
                 try:
                     self._serving = anyio.CancelScope()

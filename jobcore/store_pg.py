@@ -1,0 +1,536 @@
+"""The durable job store on PostgreSQL (psycopg 3 with a connection pool), for fleets.
+
+It is the SQLite store's job store (``jobcore.store_sqlite.SQLiteJobStore``: reads from
+memory, writes queued on the event loop and committed in batches by a writer thread, the
+same durability points) on another database: ``PostgresDatabase`` holds a pool of
+connections and its writer thread, and commits the store's statements translated to
+PostgreSQL's dialect, each member's rows under its host (``jobd --host``). Design:
+design/store.md "PostgreSQL", design/fleet.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from jobcore.errors import StoreError
+from jobcore.log import get_logger
+from jobcore.store import (
+    DEFAULT_MAX_RETAINED,
+    DEFAULT_MAX_RETAINED_PER_DOMAIN,
+    DEFAULT_STORE_URL,
+    JobStore,
+    default_host,
+)
+from jobcore.store_sqlite import (
+    _DELETE_DOMAIN,
+    _DELETE_STATE,
+    _SAVE_DOMAIN,
+    _SAVE_SCOPE,
+    _SAVE_STATE,
+    SCHEMA_VERSION,
+    Outcome,
+    SQLiteJobStore,
+    StoreDatabase,
+    StoredScope,
+    StoreURL,
+    Write,
+    _loaded_row,
+    _row_spec,
+    batch_runs,
+    open_database,
+    parse_store_url,
+)
+from jobcore.store_sqlite import open_store as open_sqlite_store
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import ConnectionPool
+
+_log = get_logger("jobcore.store")
+
+#: connections the pool keeps at most (the writer thread, the loads at open, a spare)
+POOL_SIZE = 3
+#: seconds to wait for a connection (at open: the server's answer; a commit: the pool's)
+CONNECT_TIMEOUT = 3.0
+#: seconds to wait at open for the host's lock to be released by a holder that died
+LOCK_WAIT = 2.0
+
+#: schema version -> the statements that bring a database from the previous version to
+#: it. A PostgreSQL store starts at the SQLite store's version 4 (the same tables, each
+#: also keyed by its host; the same version number means the same rows); a later version
+#: of one store's schema is a version of the other's.
+PG_MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
+    (
+        4,
+        (
+            """CREATE TABLE jobs (
+                uuid TEXT PRIMARY KEY,
+                scope TEXT NOT NULL,
+                type TEXT NOT NULL,
+                domain TEXT NOT NULL,
+                host TEXT NOT NULL,
+                state TEXT NOT NULL,
+                xml TEXT NOT NULL,
+                claims TEXT NOT NULL,
+                priority INTEGER NOT NULL DEFAULT 0,
+                created DOUBLE PRECISION NOT NULL,
+                started DOUBLE PRECISION,
+                ended DOUBLE PRECISION,
+                processed BIGINT NOT NULL DEFAULT 0,
+                total BIGINT NOT NULL DEFAULT 0,
+                stats TEXT NOT NULL DEFAULT '{}',
+                errmsg TEXT,
+                bandwidth BIGINT,
+                retention DOUBLE PRECISION NOT NULL,
+                expires DOUBLE PRECISION,
+                event_seq INTEGER NOT NULL DEFAULT 0,
+                started_after DOUBLE PRECISION,
+                elapsed DOUBLE PRECISION,
+                spec TEXT,
+                seq BIGINT GENERATED ALWAYS AS IDENTITY
+            )""",
+            "CREATE INDEX jobs_host_scope ON jobs (host, scope, seq)",
+            """CREATE TABLE domains (
+                host TEXT NOT NULL,
+                scope TEXT NOT NULL,
+                name TEXT NOT NULL,
+                uuid TEXT NOT NULL,
+                uri TEXT NOT NULL,
+                xml TEXT NOT NULL,
+                created DOUBLE PRECISION NOT NULL,
+                modified DOUBLE PRECISION NOT NULL,
+                seq BIGINT GENERATED ALWAYS AS IDENTITY,
+                PRIMARY KEY (host, scope, name),
+                UNIQUE (host, scope, uuid)
+            )""",
+            """CREATE TABLE driver_state (
+                host TEXT NOT NULL,
+                scope TEXT NOT NULL,
+                key TEXT NOT NULL,
+                value TEXT NOT NULL,
+                seq BIGINT GENERATED ALWAYS AS IDENTITY,
+                PRIMARY KEY (host, scope, key)
+            )""",
+            """CREATE TABLE scopes (
+                host TEXT NOT NULL,
+                scope TEXT NOT NULL,
+                uri TEXT NOT NULL,
+                seq BIGINT GENERATED ALWAYS AS IDENTITY,
+                PRIMARY KEY (host, scope)
+            )""",
+        ),
+    ),
+]
+PG_SCHEMA_VERSION = PG_MIGRATIONS[-1][0]
+assert PG_SCHEMA_VERSION == SCHEMA_VERSION, "the two stores' schemas move together"
+
+#: the tables a job store has (a database holding one of them without a schema version
+#: is not a job store)
+_TABLES = ("jobs", "domains", "driver_state", "scopes")
+#: the store's statements that name a scope's rows, as PostgreSQL runs them: the host
+#: comes first (the other statements name a job by its UUID, unique in the fleet)
+_HOST_SQL = {
+    _SAVE_DOMAIN: (
+        "INSERT INTO domains (host, scope, name, uuid, uri, xml, created, modified)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (host, scope, name) DO UPDATE"
+        " SET uuid = excluded.uuid, uri = excluded.uri, xml = excluded.xml,"
+        " modified = excluded.modified"
+    ),
+    _DELETE_DOMAIN: "DELETE FROM domains WHERE host = %s AND scope = %s AND name = %s",
+    _SAVE_STATE: (
+        "INSERT INTO driver_state (host, scope, key, value) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (host, scope, key) DO UPDATE SET value = excluded.value"
+    ),
+    _DELETE_STATE: "DELETE FROM driver_state WHERE host = %s AND scope = %s AND key = %s",
+    _SAVE_SCOPE: (
+        "INSERT INTO scopes (host, scope, uri) VALUES (%s, %s, %s)"
+        " ON CONFLICT (host, scope) DO UPDATE SET uri = excluded.uri"
+    ),
+}
+_RECOVERABLE_SCOPES = (
+    "SELECT scope, uri, n FROM (SELECT s.scope, s.uri, s.seq, (SELECT count(*) FROM jobs j"
+    " WHERE j.host = s.host AND j.scope = s.scope AND (j.expires IS NULL OR j.expires > %s))"
+    " AS n, EXISTS (SELECT 1 FROM domains d WHERE d.host = s.host AND d.scope = s.scope)"
+    " AS defined FROM scopes s WHERE s.host = %s) AS t WHERE n > 0 OR defined ORDER BY seq"
+)
+#: the advisory lock key space of jobcore (pg_advisory_lock's first int4)
+_LOCK_CLASS = 0x6A6F62  # "job"
+#: the key of the schema migration's lock (its second int4); a host's is its hashtext
+_MIGRATION_LOCK = 0
+
+
+def display_url(dsn: str) -> str:
+    """The URL as messages name it: without its password."""
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = urllib.parse.quote(parts.username or "", safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+_databases: dict[tuple[str, str], PostgresDatabase] = {}
+_databases_lock = threading.Lock()
+
+
+def open_pg_database(dsn: str, host: str) -> PostgresDatabase:
+    """The open database at ``dsn`` serving ``host`` (shared within the process;
+    ``release`` it). Blocks: call it off the event loop."""
+    key = (dsn, host)
+    with _databases_lock:
+        db = _databases.get(key)
+        if db is None:
+            db = _databases[key] = PostgresDatabase(dsn, host)
+        db.refs += 1
+        return db
+
+
+def open_store_database(url: StoreURL, host: str | None = None) -> StoreDatabase | None:
+    """The database a parsed store URL names, opened (None for ``memory:``): what jobd
+    opens before it serves, so that a bad store stops it at start."""
+    if url.kind == "postgresql":
+        assert url.dsn is not None
+        return open_pg_database(url.dsn, host or default_host())
+    if url.path is not None:
+        return open_database(url.path, url.synchronous)
+    return None
+
+
+def open_store(
+    url: str = DEFAULT_STORE_URL,
+    *,
+    scope: str = "default",
+    max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
+    max_retained: int = DEFAULT_MAX_RETAINED,
+    host: str | None = None,
+) -> JobStore:
+    """The store a URL names: ``memory:``, ``sqlite:///ABS/PATH`` or ``postgresql://…``
+    (``jobcore.store_sqlite.open_store`` says the rest). A PostgreSQL store keeps the jobs
+    of ``host`` (default: the machine's hostname) and ``scope``."""
+    parsed = parse_store_url(url)
+    if parsed.kind != "postgresql":
+        return open_sqlite_store(
+            url,
+            scope=scope,
+            host=host,
+            max_retained_per_domain=max_retained_per_domain,
+            max_retained=max_retained,
+        )
+    assert parsed.dsn is not None
+    db = open_pg_database(parsed.dsn, host or default_host())
+    try:
+        return SQLiteJobStore(
+            db, scope, max_retained_per_domain=max_retained_per_domain, max_retained=max_retained
+        )
+    except BaseException:
+        db.release()
+        raise
+
+
+class PostgresDatabase:
+    """One PostgreSQL database as a host's job store: a pool of connections, a writer
+    thread, the schema checked and migrated at open, and a session advisory lock that
+    keeps the host to one process (as the SQLite file's ``flock``). Opening raises
+    StoreError naming the database (its URL without the password)."""
+
+    def __init__(self, dsn: str, host: str) -> None:
+        from psycopg_pool import ConnectionPool
+
+        if not host:
+            raise StoreError("a PostgreSQL job store needs a host name (jobd --host)")
+        self.dsn = dsn
+        self.path = display_url(dsn)
+        self.host: str | None = host
+        self.refs = 0
+        self.scopes: set[str] = set()
+        self._lock_conn = self._connect_and_lock()
+        try:
+            self.pool: ConnectionPool[Any] = ConnectionPool(
+                dsn,
+                min_size=1,
+                max_size=POOL_SIZE,
+                kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
+                check=ConnectionPool.check_connection,
+                name=f"jobcore store {host}",
+                open=False,
+            )
+            self.pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        except BaseException as exc:
+            self._lock_conn.close()
+            if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+                raise StoreError(f"cannot reach the job store '{self.path}': {exc}") from None
+            raise
+        #: the writer thread's pooled connection, taken at its first batch
+        self._wconn: psycopg.Connection[Any] | None = None
+        self._requests: queue.SimpleQueue[
+            tuple[list[Write | None], Callable[[Outcome], None]] | None
+        ] = queue.SimpleQueue()
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"jobcore store {host}", daemon=True
+        )
+        self._writer.start()
+
+    def _connect_and_lock(self) -> psycopg.Connection[Any]:
+        """The connection that holds the host's advisory lock, after it checked and
+        migrated the schema."""
+        import psycopg
+
+        what = f"the job store '{self.path}'"
+        try:
+            conn: psycopg.Connection[Any] = psycopg.connect(
+                self.dsn, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT)
+            )
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot reach {what}: {_said(exc)}: start the server, or give this "
+                "jobd another store"
+            ) from None
+        try:
+            if not self._lock_host(conn):
+                raise StoreError(
+                    f"host '{self.host}' of {what} is served by another process (it holds "
+                    "the host's advisory lock): stop it, or give this one another --host"
+                )
+            self._migrate(conn)
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot open {what}: {_said(exc)}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _lock_host(self, conn: psycopg.Connection[Any]) -> bool:
+        """Take the host's session advisory lock, waiting up to LOCK_WAIT for a holder
+        that just died (the server ends a killed process's session when it sees its
+        socket close: a jobd restarted right after kill -9 may find it still there)."""
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            got = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_LOCK_CLASS, self.host)
+            ).fetchone()
+            if got and got[0]:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        what = f"the job store '{self.path}'"
+        with conn.transaction():
+            # one member migrates at a time; the others then find it done
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _MIGRATION_LOCK))
+            found = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT table_name FROM information_schema.tables"
+                    " WHERE table_schema = current_schema()"
+                )
+            }
+            if "jobcore_schema" in found:
+                row = conn.execute("SELECT version FROM jobcore_schema").fetchone()
+                version = 0 if row is None else int(row[0])
+            elif found & set(_TABLES):
+                named = ", ".join(sorted(found & set(_TABLES)))
+                raise StoreError(
+                    f"{what} has tables named like a job store's ({named}) and no schema "
+                    "version: name another database"
+                )
+            else:
+                conn.execute("CREATE TABLE jobcore_schema (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO jobcore_schema (version) VALUES (0)")
+                version = 0
+            if version > PG_SCHEMA_VERSION:
+                raise StoreError(
+                    f"{what} has schema version {version}, newer than this jobcore's "
+                    f"({PG_SCHEMA_VERSION}): run the jobcore that wrote it, or give this one "
+                    "another store"
+                )
+            for target, statements in PG_MIGRATIONS:
+                if target <= version:
+                    continue
+                for sql in statements:
+                    conn.execute(sql.encode())
+                conn.execute("UPDATE jobcore_schema SET version = %s", (target,))
+        if version < PG_SCHEMA_VERSION:
+            _log.info(
+                "job store schema migrated",
+                path=self.path,
+                previous=version,
+                version=PG_SCHEMA_VERSION,
+            )
+
+    def claim(self, scope: str) -> None:
+        with _databases_lock:
+            if scope in self.scopes:
+                raise StoreError(
+                    f"the job store '{self.path}' already serves a connection to '{scope}' "
+                    f"of host '{self.host}': close it first, or give this one another store"
+                )
+            self.scopes.add(scope)
+
+    def unclaim(self, scope: str) -> None:
+        with _databases_lock:
+            self.scopes.discard(scope)
+
+    def release(self, scope: str | None = None) -> None:
+        with _databases_lock:
+            if scope is not None:
+                self.scopes.discard(scope)
+            self.refs -= 1
+            if self.refs > 0:
+                return
+            _databases.pop((self.dsn, self.host or ""), None)
+        self._requests.put(None)  # the writer ends after the batches before it
+        self._writer.join()
+        if self._wconn is not None:
+            self.pool.putconn(self._wconn)
+        self.pool.close()
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error):  # gone with the connection anyway
+            self._lock_conn.execute(
+                "SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LOCK_CLASS, self.host)
+            )
+        self._lock_conn.close()
+
+    # ---- loads (at open, on the opener's thread) ----------------------------------------
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        try:
+            with self.pool.connection(timeout=CONNECT_TIMEOUT) as conn:
+                rows: list[tuple[Any, ...]] = conn.execute(sql.encode(), params).fetchall()
+                return rows
+        except (psycopg.Error, OSError) as exc:
+            raise StoreError(f"cannot read the job store '{self.path}': {exc}") from None
+        except Exception as exc:  # the pool's timeout
+            raise StoreError(f"cannot reach the job store '{self.path}': {exc}") from None
+
+    def load(self, scope: str) -> list[tuple[tuple[Any, ...], Any, bool]]:
+        """The scope's job rows in begin order (as ``SQLiteDatabase.load``)."""
+        rows = self._rows(
+            "SELECT uuid, type, domain, state, xml, claims, priority, created, started,"
+            " ended, processed, total, stats, errmsg, bandwidth, retention, expires,"
+            " event_seq, started_after, elapsed, spec, host FROM jobs"
+            " WHERE host = %s AND scope = %s ORDER BY seq",
+            (self.host, scope),
+        )
+        loaded = []
+        for row in rows:
+            spec, prepared = _row_spec(self.path, row)
+            loaded.append((_loaded_row(row), spec, prepared))
+        return loaded
+
+    def load_domains(self, scope: str) -> list[tuple[Any, ...]]:
+        return self._rows(
+            "SELECT name, uuid, uri, xml, created, modified FROM domains"
+            " WHERE host = %s AND scope = %s ORDER BY seq",
+            (self.host, scope),
+        )
+
+    def load_state(self, scope: str) -> dict[str, Any]:
+        import json
+
+        rows = self._rows(
+            "SELECT key, value FROM driver_state WHERE host = %s AND scope = %s ORDER BY seq",
+            (self.host, scope),
+        )
+        return {key: json.loads(value) for key, value in rows}
+
+    def stored_scopes(self, now: float) -> list[StoredScope]:
+        """The host's scopes worth reopening (as ``SQLiteDatabase.stored_scopes``)."""
+        rows = self._rows(_RECOVERABLE_SCOPES, (now, self.host))
+        return [StoredScope(scope, uri, int(n)) for scope, uri, n in rows]
+
+    # ---- the writer thread ------------------------------------------------------------
+
+    def submit(self, writes: list[Write | None], done: Callable[[Outcome], None]) -> None:
+        """Queue a batch for the writer thread (as ``SQLiteDatabase.submit``)."""
+        self._requests.put((writes, done))
+
+    def _write_loop(self) -> None:
+        while (request := self._requests.get()) is not None:
+            writes, done = request
+            refused: list[tuple[str, str]] = []
+            error: BaseException | None = None
+            try:
+                self.commit(writes, refused)
+            except BaseException as exc:  # reported to the store, which decides
+                error = exc
+            done((error, refused))
+
+    def _statement(
+        self, sql: str, rows: list[tuple[Any, ...]]
+    ) -> tuple[bytes, list[tuple[Any, ...]]]:
+        """One of the store's statements as PostgreSQL runs it, with its parameters."""
+        host_sql = _HOST_SQL.get(sql)
+        if host_sql is not None:
+            return host_sql.encode(), [(self.host, *r) for r in rows]
+        return _pg_sql(sql), rows
+
+    def commit(self, writes: list[Write | None], refused: list[tuple[str, str]]) -> None:
+        """Run ``writes`` in one transaction; StoreError saying what failed (the store
+        keeps the writes and retries them)."""
+        runs = batch_runs(writes, refused)
+        if not runs:
+            return
+        import psycopg
+
+        statements = [self._statement(sql, rows) for sql, rows in runs]
+        try:
+            if self._wconn is None:  # held while it works: no check, no hand-off per batch
+                self._wconn = self.pool.getconn(timeout=CONNECT_TIMEOUT)
+            conn = self._wconn
+            try:
+                if len(statements) == 1 and len(statements[0][1]) == 1:  # autocommit
+                    conn.execute(statements[0][0], statements[0][1][0])
+                    return
+                with conn.transaction():
+                    cur = conn.cursor()
+                    for sql_b, rows in statements:
+                        cur.executemany(sql_b, rows)
+            except BaseException:
+                # back to the pool, which replaces it if it is broken; the retry takes one
+                self._wconn = None
+                self.pool.putconn(conn)
+                raise
+        except psycopg.errors.DiskFull:
+            raise StoreError(f"no space left for the job store at {self.path}") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise StoreError(
+                f"the job store '{self.path}' is unreachable ({_said(exc)}): new jobs "
+                "are refused until it is back"
+            ) from None
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot write the job store '{self.path}': {exc}") from None
+        except Exception as exc:  # the pool's timeout: no connection could be made
+            if type(exc).__name__ != "PoolTimeout":
+                raise
+            raise StoreError(
+                f"the job store '{self.path}' is unreachable (no connection within "
+                f"{CONNECT_TIMEOUT:.0f} s): new jobs are refused until it is back"
+            ) from None
+
+
+def _said(exc: BaseException) -> str:
+    """What libpq said, on one line."""
+    return " ".join(str(exc).split())
+
+
+_pg_sql_of: dict[str, bytes] = {}
+
+
+def _pg_sql(sql: str) -> bytes:
+    """One of the store's statements (``?`` parameters) in psycopg's form (``%s``)."""
+    found = _pg_sql_of.get(sql)
+    if found is None:
+        found = _pg_sql_of[sql] = sql.replace("?", "%s").encode()
+    return found
