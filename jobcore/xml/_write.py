@@ -65,15 +65,20 @@ def _start(el: etree._Element, declare_all: bool) -> str:
     tag = el.tag
     assert isinstance(tag, str)
     parts = [f"<{_qname(el, tag)}"]
-    parent = el.getparent()
-    inherited = {} if declare_all or parent is None else parent.nsmap
-    for prefix, uri in el.nsmap.items():
-        if inherited.get(prefix) != uri:
-            name = f"xmlns:{prefix}" if prefix else "xmlns"
-            parts.append(f" {name}='{esc_attr(uri)}'")
-    for key, value in el.attrib.items():
+    nsmap = el.nsmap
+    if nsmap:  # (no namespace in scope: nothing to declare, the parent's map unread)
+        parent = el.getparent()
+        inherited = {} if declare_all or parent is None else parent.nsmap
+        for prefix, uri in nsmap.items():
+            if inherited.get(prefix) != uri:
+                name = f"xmlns:{prefix}" if prefix else "xmlns"
+                parts.append(f" {name}='{esc_attr(uri)}'")
+    for key, value in el.items():
         name = _qname(el, str(key))
-        parts.append(f" {name}='{esc_attr(str(value), f'<{tag}> attribute {name!r}')}'")
+        value = str(value)
+        if _NOT_XML.search(value) is not None:  # the error names where
+            esc_attr(value, f"<{tag}> attribute {name!r}")
+        parts.append(f" {name}='{value.translate(_ATTR)}'")
     return "".join(parts)
 
 
@@ -122,8 +127,11 @@ def _pretty(el: etree._Element, level: int, out: list[str]) -> None:
         return
     if len(el) == 0:
         out.append(indent + _start(el, level == 0))
-        if el.text:
-            out.append(f">{esc_text(el.text, f'<{el.tag}>')}</{_qname(el, el.tag)}>\n")
+        text = el.text
+        if text:
+            if _NOT_XML.search(text) is not None:  # the error names where
+                esc_text(text, f"<{el.tag}>")
+            out.append(f">{text.translate(_TEXT)}</{_qname(el, el.tag)}>\n")
         else:
             out.append("/>\n")
         return
