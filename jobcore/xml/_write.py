@@ -113,37 +113,35 @@ def _raw(el: etree._Element, out: list[str], top: bool) -> None:
     out.append(f"</{_qname(el, tag)}>")
 
 
-def _mixed(el: etree._Element) -> bool:
-    """Text between child elements is content: such an element is written as it is."""
-    return not _blank(el.text) or any(not _blank(child.tail) for child in el)
-
-
 def _pretty(el: etree._Element, level: int, out: list[str]) -> None:
     indent = "  " * level
-    if not isinstance(el.tag, str):  # comment or PI
+    tag = el.tag
+    if not isinstance(tag, str):  # comment or PI
         out.append(indent)
         _raw(el, out, False)
         out.append("\n")
         return
-    if len(el) == 0:
+    children = list(el)  # (each child's proxy made once)
+    if not children:
         out.append(indent + _start(el, level == 0))
         text = el.text
         if text:
             if _NOT_XML.search(text) is not None:  # the error names where
-                esc_text(text, f"<{el.tag}>")
-            out.append(f">{text.translate(_TEXT)}</{_qname(el, el.tag)}>\n")
+                esc_text(text, f"<{tag}>")
+            out.append(f">{text.translate(_TEXT)}</{_qname(el, tag)}>\n")
         else:
             out.append("/>\n")
         return
-    if _mixed(el):
+    if not _blank(el.text) or any(not _blank(child.tail) for child in children):
+        # text between child elements is content (mixed): written as it is
         out.append(indent)
         _raw(el, out, level == 0)
         out.append("\n")
         return
     out.append(indent + _start(el, level == 0) + ">\n")
-    for child in el:
+    for child in children:
         _pretty(child, level + 1, out)
-    out.append(f"{indent}</{_qname(el, el.tag)}>\n")
+    out.append(f"{indent}</{_qname(el, tag)}>\n")
 
 
 def serialize(el: etree._Element) -> str:
