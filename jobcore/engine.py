@@ -562,9 +562,12 @@ class Engine:
     def _ended(self, rec: JobRecord) -> None:
         self.checkpoints.backup_ended(rec.uuid, rec.spec, rec.domain, rec.state is S.COMPLETED)
         if self._dstore is not None:  # durability: final event and waiters after commit
-            self._dstore.defer(
-                functools.partial(self._final, rec, self._event(rec, EventKind.FINAL))
-            )
+            if self.events.active:
+                self._dstore.defer(
+                    functools.partial(self._final, rec, self._event(rec, EventKind.FINAL))
+                )
+            elif rec.done is not None:  # a wait() began before the end: woken after it
+                self._dstore.defer(rec.done.set)
         elif self.events.active:
             self.events.emit(self._event(rec, EventKind.FINAL))
         if rec.done is not None and self._dstore is None:
@@ -604,9 +607,10 @@ class Engine:
         if _stdlib_log.isEnabledFor(logging.DEBUG):
             job_log(rec).debug("state", previous=str(old), state=str(rec.state))
         if self._dstore is not None:  # durability: the event after the commit
-            self._dstore.defer(
-                functools.partial(self._publish, self._event(rec, EventKind.STATE, old))
-            )
+            if self.events.active:  # (nobody subscribed: no event, nothing held back)
+                self._dstore.defer(
+                    functools.partial(self._publish, self._event(rec, EventKind.STATE, old))
+                )
         elif self.events.active:
             self.events.emit(self._event(rec, EventKind.STATE, old))
 
@@ -858,9 +862,10 @@ class Engine:
     def _progress(self, rec: JobRecord) -> None:
         if self._dstore is not None:  # written at most every PROGRESS_INTERVAL per job
             # after the writes before it, not its own: progress is no durability point
-            self._dstore.defer(
-                functools.partial(self._publish, self._event(rec, EventKind.PROGRESS))
-            )
+            if self.events.active:
+                self._dstore.defer(
+                    functools.partial(self._publish, self._event(rec, EventKind.PROGRESS))
+                )
             self._dstore.progress(rec)
         elif self.events.active:
             self.events.emit(self._event(rec, EventKind.PROGRESS))

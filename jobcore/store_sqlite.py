@@ -657,15 +657,19 @@ def spec_to_json(value: Any) -> Any:
     cls = type(value)
     if cls in _JSON_PLAIN:
         return value
-    if isinstance(value, enum.Enum):
-        return {"@e": _class_name(cls), "v": value.value}
-    if isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, str):
-        return {"@e": _class_name(cls), "v": str(value)}  # e.g. a JobType
-    if isinstance(value, uuid.UUID):
-        return {"@u": str(value)}
-    plan = _json_fields(cls)
+    known = _json_fields_of.get(cls, _NO_DEFAULT)  # an attrs class seen before: at once
+    if known is not _NO_DEFAULT:
+        plan: _JsonFields = known  # type: ignore[assignment]
+    else:
+        if isinstance(value, enum.Enum):
+            return {"@e": _class_name(cls), "v": value.value}
+        if isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str):
+            return {"@e": _class_name(cls), "v": str(value)}  # e.g. a JobType
+        if isinstance(value, uuid.UUID):
+            return {"@u": str(value)}
+        plan = _json_fields(cls)
     if plan is not None:
         name, fields = plan
         out: dict[str, Any] = {}
@@ -823,7 +827,9 @@ class SQLiteJobStore(MemoryJobStore):
         self._kicked = False  # a _kick is scheduled
         self._synced: anyio.Event | None = None  # set at the next batch's outcome
         # sync() waiters in the order of their targets (the count of writes they wait for)
-        self._sync_waiters: deque[tuple[int, anyio.Event]] = deque()
+        # (waiters whose writes the next batch commits share one: [target, event])
+        self._sync_waiters: deque[list[Any]] = deque()
+        self._inflight_upto = 0  # the count of writes the batch on the writer covers
         self._timer: anyio.Event | None = None  # wakes ``run`` for a lone write
         self._soon: tuple[Callable[[Callable[[], object]], object], ...] | None = None
         #: the last commit failed (full disk, I/O error): new jobs are refused, writes
@@ -1038,8 +1044,15 @@ class SQLiteJobStore(MemoryJobStore):
             # woken once its writes are committed (or a commit failed), not by every
             # batch before: many clients waiting cost a wake-up each, not one per batch
             self._kick_soon()
-            committed = anyio.Event()
-            self._sync_waiters.append((target, committed))
+            waiters = self._sync_waiters
+            last = waiters[-1] if waiters else None
+            if last is not None and (not self._inflight or last[0] > self._inflight_upto):
+                # both wait for the next batch (it takes every pending write): one event
+                last[0] = max(last[0], target)
+                committed = last[1]
+            else:
+                committed = anyio.Event()
+                waiters.append([target, committed])
             await committed.wait()
 
     @property
@@ -1067,6 +1080,7 @@ class SQLiteJobStore(MemoryJobStore):
         writes, upto = self._pending, self._queued
         self._pending, self._last = [], {}
         self._inflight = True
+        self._inflight_upto = upto
         threadsafe = self._callers()[1]
 
         def done(outcome: Outcome) -> None:  # on the writer thread

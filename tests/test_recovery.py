@@ -23,7 +23,7 @@ import jobcore
 from jobcore import constants as C
 from jobcore.driver import Concluded, Reattached, Vanished
 from jobcore.engine import CLOSED, Engine
-from jobcore.events import EventKind, JobEvent
+from jobcore.events import EventHub, EventKind, JobEvent
 from jobcore.lifecycle import JobState
 from jobcore.local import as_local
 from jobcore.spec import JobOptions
@@ -43,7 +43,8 @@ CANNOT = f"the driver of {SLOW} cannot re-attach jobs after a restart"
 @pytest.fixture
 def published(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[JobEvent]]:
     """Every STATE/FINAL/PROGRESS event a durable engine releases, in order (whether or
-    not anyone subscribed: recovery runs before anyone can)."""
+    not anyone subscribed: recovery runs before anyone can; an engine builds no event
+    nobody listens to, so the hub says someone does)."""
     seen: list[JobEvent] = []
     original = Engine._publish
 
@@ -52,6 +53,7 @@ def published(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[JobEvent]]:
         original(self, event)
 
     monkeypatch.setattr(Engine, "_publish", publish)
+    monkeypatch.setattr(EventHub, "active", property(lambda self: True))
     yield seen
 
 

@@ -24,6 +24,7 @@ from store_helpers import Durable, rows, url
 
 import jobcore
 from jobcore.daemon.config import ConfigError, load_config
+from jobcore.engine import Engine
 from jobcore.errors import InvalidArgument, StoreError
 from jobcore.events import EventKind, JobEvent
 from jobcore.lifecycle import JobState
@@ -31,6 +32,7 @@ from jobcore.local import as_local
 from jobcore.store_sqlite import (
     NO_PREPARED_SPEC,
     SCHEMA_VERSION,
+    SQLiteJobStore,
     StoredScope,
     open_database,
     parse_store_url,
@@ -168,6 +170,73 @@ def test_facade_round_trip(durable: Durable) -> None:
 
 
 # ---- durability points --------------------------------------------------------------------
+
+
+async def test_no_event_is_built_or_held_back_while_nobody_subscribed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nobody subscribed a durable engine builds no event (nothing would receive it)
+    and its waiters still learn each end only once it is committed; a subscriber gets
+    every event of the jobs begun after it subscribed."""
+    built: list[EventKind] = []
+    original = Engine._event
+
+    def event(self: Engine, rec: Any, kind: EventKind, previous: Any = None) -> JobEvent:
+        built.append(kind)
+        return original(self, rec, kind, previous)
+
+    monkeypatch.setattr(Engine, "_event", event)
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect("sim:///default?rate=0", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        quiet = await dom.job_begin(backup("quiet"))
+        assert (await quiet.wait()).state is JobState.COMPLETED
+        assert rows(path)[str(quiet.uuid)]["state"] == "completed"  # committed already
+        assert built == []
+        with conn.subscribe() as sub:
+            heard = await dom.job_begin(backup("heard"))
+            await heard.wait()
+            kinds = []
+            with anyio.fail_after(10):
+                async for ev in sub:
+                    kinds.append((ev.kind, ev.state))
+                    if ev.kind is EventKind.FINAL:
+                        break
+    assert kinds == [
+        (EventKind.STATE, JobState.RUNNING),
+        (EventKind.PROGRESS, JobState.RUNNING),  # the sim's start reports 0 of its total
+        (EventKind.STATE, JobState.COMPLETED),
+        (EventKind.FINAL, JobState.COMPLETED),
+    ]
+    assert built == [kind for kind, _ in kinds]
+
+
+async def test_a_backup_without_a_checkpoint_leaves_the_sim_host_record_alone(
+    tmp_path: Path,
+) -> None:
+    """The sim saves its host's record when a backup adds bitmaps (its checkpoint), not
+    for every backup."""
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect("sim:///default?rate=0", store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        store = as_local(conn).engine.store
+        assert isinstance(store, SQLiteJobStore)
+        saved: list[str] = []
+        original = store._save_state
+
+        def save_state(key: str, value: Any) -> None:
+            saved.append(key)
+            original(key, value)
+
+        store._save_state = save_state  # type: ignore[method-assign]
+        await (await dom.job_begin(backup("plain"))).wait()
+        assert saved and not [k for k in saved if k.startswith("host:")], saved
+        saved.clear()
+        with_checkpoint = backup("cp").replace(
+            "</job>", "<domaincheckpoint><name>cp1</name></domaincheckpoint></job>"
+        )
+        await (await dom.job_begin(with_checkpoint)).wait()
+        assert "host:default" in saved, saved
 
 
 async def test_state_is_on_disk_before_its_event(durable: Durable) -> None:

@@ -262,7 +262,9 @@ class SimConnection:
         )
         total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
         if isinstance(job.spec, PreparedBackup):  # its checkpoint, atomically with it
-            backup.add_bitmaps(self.world, dom, backup.checkpoint_bitmaps(job.spec))
+            bitmaps = backup.checkpoint_bitmaps(job.spec)
+            if bitmaps:  # none: the host is unchanged (not saved again)
+                backup.add_bitmaps(self.world, dom, bitmaps)
         bandwidth = getattr(job.spec, "bandwidth", None)
         rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
         fail = self._take_injection(str(job.type))

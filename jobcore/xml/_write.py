@@ -65,15 +65,20 @@ def _start(el: etree._Element, declare_all: bool) -> str:
     tag = el.tag
     assert isinstance(tag, str)
     parts = [f"<{_qname(el, tag)}"]
-    parent = el.getparent()
-    inherited = {} if declare_all or parent is None else parent.nsmap
-    for prefix, uri in el.nsmap.items():
-        if inherited.get(prefix) != uri:
-            name = f"xmlns:{prefix}" if prefix else "xmlns"
-            parts.append(f" {name}='{esc_attr(uri)}'")
-    for key, value in el.attrib.items():
+    nsmap = el.nsmap
+    if nsmap:  # (no namespace in scope: nothing to declare, the parent's map unread)
+        parent = el.getparent()
+        inherited = {} if declare_all or parent is None else parent.nsmap
+        for prefix, uri in nsmap.items():
+            if inherited.get(prefix) != uri:
+                name = f"xmlns:{prefix}" if prefix else "xmlns"
+                parts.append(f" {name}='{esc_attr(uri)}'")
+    for key, value in el.items():
         name = _qname(el, str(key))
-        parts.append(f" {name}='{esc_attr(str(value), f'<{tag}> attribute {name!r}')}'")
+        value = str(value)
+        if _NOT_XML.search(value) is not None:  # the error names where
+            esc_attr(value, f"<{tag}> attribute {name!r}")
+        parts.append(f" {name}='{value.translate(_ATTR)}'")
     return "".join(parts)
 
 
@@ -108,34 +113,35 @@ def _raw(el: etree._Element, out: list[str], top: bool) -> None:
     out.append(f"</{_qname(el, tag)}>")
 
 
-def _mixed(el: etree._Element) -> bool:
-    """Text between child elements is content: such an element is written as it is."""
-    return not _blank(el.text) or any(not _blank(child.tail) for child in el)
-
-
 def _pretty(el: etree._Element, level: int, out: list[str]) -> None:
     indent = "  " * level
-    if not isinstance(el.tag, str):  # comment or PI
+    tag = el.tag
+    if not isinstance(tag, str):  # comment or PI
         out.append(indent)
         _raw(el, out, False)
         out.append("\n")
         return
-    if len(el) == 0:
+    children = list(el)  # (each child's proxy made once)
+    if not children:
         out.append(indent + _start(el, level == 0))
-        if el.text:
-            out.append(f">{esc_text(el.text, f'<{el.tag}>')}</{_qname(el, el.tag)}>\n")
+        text = el.text
+        if text:
+            if _NOT_XML.search(text) is not None:  # the error names where
+                esc_text(text, f"<{tag}>")
+            out.append(f">{text.translate(_TEXT)}</{_qname(el, tag)}>\n")
         else:
             out.append("/>\n")
         return
-    if _mixed(el):
+    if not _blank(el.text) or any(not _blank(child.tail) for child in children):
+        # text between child elements is content (mixed): written as it is
         out.append(indent)
         _raw(el, out, level == 0)
         out.append("\n")
         return
     out.append(indent + _start(el, level == 0) + ">\n")
-    for child in el:
+    for child in children:
         _pretty(child, level + 1, out)
-    out.append(f"{indent}</{_qname(el, el.tag)}>\n")
+    out.append(f"{indent}</{_qname(el, tag)}>\n")
 
 
 def serialize(el: etree._Element) -> str:
