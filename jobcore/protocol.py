@@ -52,7 +52,7 @@ from jobcore.spec import JobType
 from jobcore.uri import URI, parse_uri
 
 #: Bumped on any incompatible change; a daemon refuses a client of another version.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 1
 #: Largest frame body either side accepts (a bigger length prefix ends the connection).
 MAX_FRAME = 4 << 20
 HEADER = struct.Struct(">I")
