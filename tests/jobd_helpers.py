@@ -41,7 +41,13 @@ class Jobd:
     """A jobd process on its own run directory (``prefix``: a command to run it under, e.g.
     ``prlimit``). As a context manager: stopped on exit."""
 
-    def __init__(self, run_dir: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *args: str,
+        prefix: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_path = run_dir.parent / f"{run_dir.name}.log"
@@ -51,6 +57,7 @@ class Jobd:
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             cwd=ROOT,
+            env=None if env is None else {**os.environ, **env},
         )
 
     @property

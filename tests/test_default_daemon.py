@@ -80,7 +80,7 @@ def test_jobctl_with_a_plain_uri_reaches_the_default_jobd(tmp_path: Path, xdg: P
     one that refused: "run directory … is in use by another qemu driver connection")."""
     env = {"XDG_RUNTIME_DIR": str(xdg)}
     (tmp_path / "job.xml").write_text(BACKUP_VDB.format(tag="dd"))
-    with Jobd(xdg / "jobcore") as jobd:
+    with Jobd(xdg / "jobcore", env={"XDG_RUNTIME_DIR": str(xdg)}) as jobd:
         jobd.wait_ready()
         begun = jobctl(jobd.uri("rate=1"), "begin", "vm1", str(tmp_path / "job.xml"), env=env)
         assert begun.returncode == 0, begun.stderr

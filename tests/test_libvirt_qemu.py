@@ -97,7 +97,7 @@ def test_domain_outlives_its_creator_and_pulls(tmp_path: Path) -> None:
     xml.write_text(domain_xml("lv1", {"vda": top, "vdb": vdb}))
     (tmp_path / "create.py").write_text(CREATE)
     (tmp_path / "pull.py").write_text(PULL)
-    with Jobd(xdg / "jobcore", "--stop-guests").wait_ready():
+    with Jobd(xdg / "jobcore", "--stop-guests", env={"XDG_RUNTIME_DIR": str(xdg)}).wait_ready():
         made = run(xdg, "python3", str(tmp_path / "create.py"), str(xml))
         assert made.returncode == 0, made.stderr
         assert made.stdout.split() == ["lv1", "1"]
@@ -170,7 +170,7 @@ def test_pull_backup_of_vda_beside_a_block_pull_of_vdb(tmp_path: Path) -> None:
     (tmp_path / "create.py").write_text(CREATE)
     (tmp_path / "parallel.py").write_text(PARALLEL)
     sock, scratch = tmp_path / "nbd.sock", tmp_path / "scratch.vda.qcow2"
-    with Jobd(xdg / "jobcore", "--stop-guests").wait_ready():
+    with Jobd(xdg / "jobcore", "--stop-guests", env={"XDG_RUNTIME_DIR": str(xdg)}).wait_ready():
         made = run(xdg, "python3", str(tmp_path / "create.py"), str(xml))
         assert made.returncode == 0, made.stderr
         proc = subprocess.Popen(

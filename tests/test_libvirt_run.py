@@ -157,7 +157,7 @@ def test_client_in_process(tmp_path: Path, xdg: Path) -> None:
 def test_client_through_jobd(tmp_path: Path, xdg: Path) -> None:
     """A jobd in the default run directory: sim:///default reaches it, and the jobs the
     program began are the daemon's (jobctl sees them after the program exited)."""
-    with Jobd(xdg / "jobcore").wait_ready() as jobd:
+    with Jobd(xdg / "jobcore", env={"XDG_RUNTIME_DIR": str(xdg)}).wait_ready() as jobd:
         check_client_output(run(xdg, sys.executable, client(tmp_path), "sim:///default", "d1"))
         listed = jobctl(jobd.uri(), "list", "-d", "vm1", "--all", "--json")
         assert listed.returncode == 0, listed.stderr
@@ -233,7 +233,7 @@ def test_proposal_ids_are_shared_by_every_client_of_jobd(tmp_path: Path, xdg: Pa
     legacy alias finds it too."""
     (tmp_path / "begin.py").write_text(PROPOSAL_BEGIN)
     (tmp_path / "end.py").write_text(PROPOSAL_END)
-    with Jobd(xdg / "jobcore").wait_ready():
+    with Jobd(xdg / "jobcore", env={"XDG_RUNTIME_DIR": str(xdg)}).wait_ready():
         began = run(xdg, sys.executable, str(tmp_path / "begin.py"))
         assert began.returncode == 0, began.stderr
         ident = int(began.stdout)
@@ -279,7 +279,7 @@ def test_a_client_whose_jobd_dies_fails_at_once_as_libvirt(tmp_path: Path, xdg: 
     fails with VIR_ERR_SYSTEM_ERROR from VIR_FROM_RPC, the close callback hears EOF once
     and isAlive() is 0 (jobcore's own clients reconnect for up to 60 s; this one not)."""
     (tmp_path / "dies.py").write_text(JOBD_DIES)
-    with Jobd(xdg / "jobcore") as jobd:
+    with Jobd(xdg / "jobcore", env={"XDG_RUNTIME_DIR": str(xdg)}) as jobd:
         jobd.wait_ready()
         pid_file = str(xdg / "jobcore" / "jobd.pid")
         proc = run(xdg, sys.executable, str(tmp_path / "dies.py"), pid_file, timeout=30)

@@ -81,7 +81,7 @@ def test_full_incremental_restore(tmp_path: Path) -> None:
     for name, text in (("create.py", CREATE), ("write.py", WRITE)):
         (tmp_path / name).write_text(text)
     out = tmp_path / "backup"
-    with Jobd(xdg / "jobcore", "--stop-guests").wait_ready():
+    with Jobd(xdg / "jobcore", "--stop-guests", env={"XDG_RUNTIME_DIR": str(xdg)}).wait_ready():
         made = jobctl(None, "run", "--", "python3", str(tmp_path / "create.py"), str(xml),
                       env={"XDG_RUNTIME_DIR": str(xdg)})  # fmt: skip
         assert made.returncode == 0, made.stderr
@@ -130,7 +130,7 @@ def test_on_sim_as_far_as_sim_serves_nbd(tmp_path: Path) -> None:
     xdg.mkdir(mode=0o700)
     (tmp_path / "check.py").write_text(CHECK_SIM)
     env = {"XDG_RUNTIME_DIR": str(xdg), "HOME": str(tmp_path)}
-    with Jobd(xdg / "jobcore").wait_ready():
+    with Jobd(xdg / "jobcore", env={"XDG_RUNTIME_DIR": str(xdg)}).wait_ready():
         argv = ["virtnbdbackup", "-U", "sim:///default", "-d", "vm1", "-l", "full"]
         proc = jobctl(None, "run", "--", *argv, "-o", str(tmp_path / "out"), env=env, timeout=120)
         assert proc.returncode == 1, proc.stderr
@@ -172,7 +172,7 @@ def test_a_backup_left_running_is_detected_then_killed(tmp_path: Path) -> None:
     for name, text in (("create.py", CREATE), ("left.py", LEFT_RUNNING)):
         (tmp_path / name).write_text(text)
     backup = ["virtnbdbackup", "-U", "qemu:///session", "-d", "lv4", "-o"]
-    with Jobd(xdg / "jobcore", "--stop-guests").wait_ready():
+    with Jobd(xdg / "jobcore", "--stop-guests", env={"XDG_RUNTIME_DIR": str(xdg)}).wait_ready():
         for argv in (
             ("python3", str(tmp_path / "create.py"), str(xml)),
             ("python3", str(tmp_path / "left.py"), "lv4", str(tmp_path / "nbd.sock"),
