@@ -35,6 +35,7 @@ from jobcore.store_sqlite import (
     _SAVE_STATE,
     SCHEMA_VERSION,
     Outcome,
+    SharedDatabase,
     SQLiteJobStore,
     StoreDatabase,
     StoredScope,
@@ -44,6 +45,7 @@ from jobcore.store_sqlite import (
     _row_spec,
     batch_runs,
     open_database,
+    open_shared,
     parse_store_url,
 )
 from jobcore.store_sqlite import open_store as open_sqlite_store
@@ -175,20 +177,10 @@ def display_url(dsn: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-_databases: dict[tuple[str, str], PostgresDatabase] = {}
-_databases_lock = threading.Lock()
-
-
 def open_pg_database(dsn: str, host: str) -> PostgresDatabase:
     """The open database at ``dsn`` serving ``host`` (shared within the process;
     ``release`` it). Blocks: call it off the event loop."""
-    key = (dsn, host)
-    with _databases_lock:
-        db = _databases.get(key)
-        if db is None:
-            db = _databases[key] = PostgresDatabase(dsn, host)
-        db.refs += 1
-        return db
+    return open_shared((dsn, host), PostgresDatabase, lambda: PostgresDatabase(dsn, host))
 
 
 def open_store_database(url: StoreURL, host: str | None = None) -> StoreDatabase | None:
@@ -233,7 +225,7 @@ def open_store(
         raise
 
 
-class PostgresDatabase:
+class PostgresDatabase(SharedDatabase):
     """One PostgreSQL database as a host's job store: a pool of connections, a writer
     thread, the schema checked and migrated at open, and a session advisory lock that
     keeps the host to one process (as the SQLite file's ``flock``). Opening raises
@@ -246,9 +238,8 @@ class PostgresDatabase:
             raise StoreError("a PostgreSQL job store needs a host name (jobd --host)")
         self.dsn = dsn
         self.path = display_url(dsn)
+        super().__init__((dsn, host), self.path, f" of host '{host}'")
         self.host: str | None = host
-        self.refs = 0
-        self.scopes: set[str] = set()
         self._lock_conn = self._connect_and_lock()
         try:
             self.pool: ConnectionPool[Any] = ConnectionPool(
@@ -366,27 +357,7 @@ class PostgresDatabase:
                 version=PG_SCHEMA_VERSION,
             )
 
-    def claim(self, scope: str) -> None:
-        with _databases_lock:
-            if scope in self.scopes:
-                raise StoreError(
-                    f"the job store '{self.path}' already serves a connection to '{scope}' "
-                    f"of host '{self.host}': close it first, or give this one another store"
-                )
-            self.scopes.add(scope)
-
-    def unclaim(self, scope: str) -> None:
-        with _databases_lock:
-            self.scopes.discard(scope)
-
-    def release(self, scope: str | None = None) -> None:
-        with _databases_lock:
-            if scope is not None:
-                self.scopes.discard(scope)
-            self.refs -= 1
-            if self.refs > 0:
-                return
-            _databases.pop((self.dsn, self.host or ""), None)
+    def _close(self) -> None:
         self._requests.put(None)  # the writer ends after the batches before it
         self._writer.join()
         if self._wconn is not None:

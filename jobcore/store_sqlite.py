@@ -26,6 +26,7 @@ on ``PATH.lock``) for as long as it is open.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import enum
@@ -41,9 +42,9 @@ import time
 import urllib.parse
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 import attrs
@@ -294,22 +295,71 @@ class StoredScope:
     jobs: int
 
 
-_databases: dict[Path, SQLiteDatabase] = {}
+class SharedDatabase(abc.ABC):
+    """A store's database, open once per process and shared by its openers (one driver
+    connection each, its scope): which scopes it serves, how many openers hold it. The last
+    ``release`` closes it (``_close``)."""
+
+    def __init__(self, key: Hashable, name: str, whose: str = "") -> None:
+        self.key = key  # in ``_databases``
+        self.refs = 0
+        self.scopes: set[str] = set()
+        self._name = name  # for messages: the file, or the URL without its password
+        self._whose = whose  # e.g. " of host 'h1'"
+
+    def claim(self, scope: str) -> None:
+        with _databases_lock:
+            if scope in self.scopes:
+                raise StoreError(
+                    f"the job store '{self._name}' already serves a connection to "
+                    f"'{scope}'{self._whose}: close it first, or give this one another store"
+                )
+            self.scopes.add(scope)
+
+    def unclaim(self, scope: str) -> None:
+        with _databases_lock:
+            self.scopes.discard(scope)
+
+    def release(self, scope: str | None = None) -> None:
+        with _databases_lock:
+            if scope is not None:
+                self.scopes.discard(scope)
+            self.refs -= 1
+            if self.refs > 0:
+                return
+            _databases.pop(self.key, None)
+        self._close()
+
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """The last opener is gone: end the writer, close the connections and locks."""
+
+
+_databases: dict[Hashable, SharedDatabase] = {}
 _databases_lock = threading.Lock()
+
+_D = TypeVar("_D", bound=SharedDatabase)
+
+
+def open_shared(key: Hashable, kind: type[_D], make: Callable[[], _D]) -> _D:
+    """The database open under ``key`` in this process, made by ``make`` if none is (shared
+    within the process; ``release`` it)."""
+    with _databases_lock:
+        db = _databases.get(key)
+        if not isinstance(db, kind):
+            db = make()
+            _databases[key] = db
+        db.refs += 1
+        return db
 
 
 def open_database(path: Path, synchronous: str = "NORMAL") -> SQLiteDatabase:
     """The open database at ``path`` (shared within the process; ``release`` it)."""
     key = path.absolute()
-    with _databases_lock:
-        db = _databases.get(key)
-        if db is None:
-            db = _databases[key] = SQLiteDatabase(key, synchronous)
-        db.refs += 1
-        return db
+    return open_shared(key, SQLiteDatabase, lambda: SQLiteDatabase(key, synchronous))
 
 
-class SQLiteDatabase:
+class SQLiteDatabase(SharedDatabase):
     """One SQLite file: its lock, its connection, its schema, its writer thread. Opening
     checks everything and raises StoreError naming the file."""
 
@@ -317,9 +367,8 @@ class SQLiteDatabase:
     host: str | None = None
 
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+        super().__init__(path, str(path))
         self.path = path
-        self.refs = 0
-        self.scopes: set[str] = set()
         #: serialises use of ``conn`` (the loads at open, the writer thread)
         self.lock = threading.Lock()
         self._file_lock = self._take_lock()
@@ -417,27 +466,7 @@ class SQLiteDatabase:
                 version=SCHEMA_VERSION,
             )
 
-    def claim(self, scope: str) -> None:
-        with _databases_lock:
-            if scope in self.scopes:
-                raise StoreError(
-                    f"the job store '{self.path}' already serves a connection to '{scope}': "
-                    "close it first, or give this one another store"
-                )
-            self.scopes.add(scope)
-
-    def unclaim(self, scope: str) -> None:
-        with _databases_lock:
-            self.scopes.discard(scope)
-
-    def release(self, scope: str | None = None) -> None:
-        with _databases_lock:
-            if scope is not None:
-                self.scopes.discard(scope)
-            self.refs -= 1
-            if self.refs > 0:
-                return
-            _databases.pop(self.path, None)
+    def _close(self) -> None:
         self._requests.put(None)  # the writer ends after the batches before it
         self._writer.join()
         with self.lock:
