@@ -107,8 +107,9 @@ def refusal(member: Member, domain: str, xml: str) -> str:
     return done.stderr
 
 
-def fleet_list(member: Member) -> dict[str, dict[str, Any]]:
-    listed = member.json("list", "--fleet")
+def fleet_list(member: Member, *options: str) -> dict[str, dict[str, Any]]:
+    """``jobctl list --fleet --json`` through ``member``, by UUID."""
+    listed = member.json("list", "--fleet", *options)
     by_uuid = {j["uuid"]: j for j in listed}
     assert len(by_uuid) == len(listed), listed  # each job once
     return by_uuid
@@ -167,15 +168,21 @@ def test_list_fleet_is_complete_from_every_member(jobd_fleet: JobdFleet) -> None
     active = {u: h for u, (h, s) in rows.items() if s not in TERMINAL}
     assert len(active) == 6
     for member in members:
-        listed = fleet_list(member)
-        # every active job of every host, with its host, none lost
-        assert {u: j["host"] for u, j in listed.items() if j["state"] not in TERMINAL} == active
+        # every job of every host, with its host and state, none lost
+        listed = fleet_list(member, "--all")
+        assert {u: (j["host"], j["state"]) for u, j in listed.items()} == rows
         assert all(j["host_lost"] is False for j in listed.values())
+        # without --all: the active ones
+        assert {u: j["host"] for u, j in fleet_list(member).items()} == active
         # its own `list` stays its own
         own = member.json("list")
         assert {j["uuid"] for j in own} == {u for u, h in active.items() if h == member.name}
         assert {j["host"] for j in own} == {member.name}
-        assert "HOST" in member.ok("list", "--fleet").splitlines()[0]
+        assert member.ok("list", "--fleet").splitlines()[0].split()[:3] == [
+            "UUID",
+            "Domain",
+            "Host",
+        ]
 
     async def paged(via: Member) -> list[tuple[str, str]]:
         """Every job of the fleet through list_fleet_jobs, two at a time."""
@@ -250,6 +257,9 @@ def test_a_killed_member_is_lost_recovers_and_once_fenced_releases_everything(
         assert (info["state"], info["host"], info["host_lost"]) == ("running", "hv3", True)
     listed = fleet_list(hv2)
     assert listed[local]["host_lost"] is True and listed[shared]["host_lost"] is True
+    assert {j["host_lost"] for u, j in listed.items() if u not in (local, shared)} <= {False}
+    table = {line.split()[0]: line.split() for line in hv2.ok("list", "--fleet").splitlines()}
+    assert "LOST" in table[local] and "LOST" in table[shared], table
     # the host may still be writing: its claims stay, a conflicting job elsewhere is refused
     assert jobd_fleet.claims("hv3") == held
     said = refusal(hv1, "s-hv1", backup("hv1"))
@@ -276,7 +286,9 @@ def test_a_killed_member_is_lost_recovers_and_once_fenced_releases_everything(
     hv3.kill()
     wait_until(partial(seen_as, hv2, "hv3", "lost"), "hv2 sees hv3 lost again")
     reason = "its storage path was cut; node powered off"
-    fenced = hv2.json("host", "fence", "hv3", "--reason", reason)
+    said = hv2.json("host", "fence", "hv3", "--reason", reason)
+    fenced = said["host"]
+    assert said["jobs_failed"] == 1, said  # the shared pull (the local one was aborted)
     assert (fenced["name"], fenced["state"], fenced["fenced_by"], fenced["fence_reason"]) == (
         "hv3",
         "fenced",
