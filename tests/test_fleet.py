@@ -345,3 +345,25 @@ def _log_events(member: Member) -> list[dict[str, Any]]:
         if isinstance(event, dict):
             events.append(event)
     return events
+
+
+def test_after_a_postgresql_restart_members_renew_and_forward_again(
+    jobd_fleet: JobdFleet,
+) -> None:
+    hv1, hv2, hv3 = jobd_fleet.members
+    running = hv1.begin("vm1", PULL_VDA)
+    jobd_fleet.stop_pg()
+    jobd_fleet.start_pg()
+    for member in jobd_fleet:  # each renews its lease again (and sees the others do)
+        for other in jobd_fleet:
+            wait_until(partial(seen_as, member, other.name, "live"), f"{member} sees {other}")
+    assert hv2.json("info", running)["state"] == "running"
+    # a verb still reaches the owner through the database, and new jobs are written
+    hv3.ok("abort", running)
+    assert wait_until(partial(ended, hv2, running), "aborted")["state"] == "cancelled"
+    again = {m.name: m.begin("vm2", PULL_VDA) for m in jobd_fleet}
+    assert {u: r for u, r in jobd_fleet.job_rows().items() if u != running} == {
+        u: (h, "running") for h, u in again.items()
+    }
+    for member in jobd_fleet:
+        assert member.running()
