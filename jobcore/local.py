@@ -12,7 +12,7 @@ import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -53,6 +53,9 @@ from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.uri import parse_uri
 from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
 from jobcore.xml.domain import BackingDef, DiskDef, DomainDef, format_domain, parse_domain
+
+if TYPE_CHECKING:
+    from jobcore.fleet import FleetView
 
 MiB = 1 << 20
 
@@ -116,6 +119,9 @@ class LocalConnection:
         self.uri = uri
         self.driver = dconn
         self.engine = engine
+        #: the fleet this connection's host is a member of (jobd on a PostgreSQL store
+        #: sets it: jobcore.daemon.fleet.FleetService); None in-process and without one
+        self.fleet: FleetView | None = None
 
     async def lookup_domain(self, name: str) -> LocalDomain:
         info = await self.driver.lookup_domain(name)
