@@ -507,8 +507,9 @@ class FleetCommands:
         if remote is None:
             raise NoSuchJob(f"no job with UUID '{job}' in the fleet")
         owner = remote.info.host
-        if owner != self.host:
-            await self._require_live(job, owner, verb)
+        if owner != self.host and remote.host_state is not HostState.LIVE:
+            info = await self.host_info(owner)
+            raise OperationInvalid(refusal(job, owner, info), job=job, verb=verb)
         cmd_id = await anyio.to_thread.run_sync(self._insert, owner, job, verb, args, timeout)
         answered = False
         try:
@@ -554,16 +555,16 @@ class FleetCommands:
     ) -> None:
         """OperationInvalid unless ``owner`` is live; ``pending``: the command waiting for
         it, taken back if the owner has not picked it up."""
-        found = await self.host_info(owner)
-        if found is not None and found.state is HostState.LIVE:
+        if await self.fleet.host_state(owner) is HostState.LIVE:
             return
-        why = refusal(job, owner, found)
+        why = refusal(job, owner, await self.host_info(owner))
         if pending is not None and not await anyio.to_thread.run_sync(self._withdraw, pending):
             why += f"; it had picked up '{verb}', which may or may not have taken effect"
         raise OperationInvalid(why, job=job, verb=verb)
 
     async def host_info(self, name: str) -> HostInfo | None:
-        """The member ``name`` (None: not a member)."""
+        """The member ``name`` (None: not a member); only when a refusal names it (it
+        counts every member's jobs)."""
         for info in await self.fleet.hosts():
             if info.name == name:
                 return info
@@ -668,16 +669,16 @@ class FleetCommands:
             await self._hosts_wakeup.wait(self.fleet.lease_ttl / 2)
             if not self._watches:
                 continue
+            names = {w.host for ws in self._watches.values() for w in ws if w.host is not None}
             try:
-                hosts = {h.name: h for h in await self.fleet.hosts()}
+                states = {name: await self.fleet.host_state(name) for name in sorted(names)}
             except StoreError:
                 continue
             for watches in list(self._watches.values()):
                 for watch in watches:
-                    if watch.host is None or watch.ended or watch.state is None:
-                        continue
-                    found = hosts.get(watch.host)
-                    live = found is not None and found.state is HostState.LIVE
+                    if watch.host not in states or watch.ended or watch.state is None:
+                        continue  # (a watch that began meanwhile: at the next look)
+                    live = states[watch.host] is HostState.LIVE
                     if not live and not watch.lost_reported and watch.state.active:
                         watch.lost_reported = True
                         watch.hub.emit(

@@ -22,6 +22,7 @@ from jobcore.errors import AccessDenied, NoSuchJob, OperationInvalid
 from jobcore.events import EventKind, JobEvent, Subscription
 from jobcore.fleet import Fleet
 from jobcore.fleet_commands import FleetCommands
+from jobcore.info import HostState
 from jobcore.lifecycle import JobState
 from jobcore.store_pg import open_pg_database
 
@@ -138,8 +139,9 @@ async def test_a_job_of_another_member_is_found_and_steered(
         final = waited[0]
         assert getattr(final, "state", None) is JobState.CANCELLED
         assert getattr(final, "host", None) == "hv1"
-        got, want = await events_until(ours, EventKind.FINAL), await events_until(
-            theirs, EventKind.FINAL
+        got, want = (
+            await events_until(ours, EventKind.FINAL),
+            await events_until(theirs, EventKind.FINAL),
         )
         assert numbered(got)[-2:] == numbered(want)[-2:]
         assert numbered(got)[-1] == (EventKind.FINAL, JobState.CANCELLED, want[-1].seq)
@@ -217,6 +219,23 @@ async def test_an_unknown_job_is_no_such_job_on_every_member(fleet2: tuple[Jobd,
     async with jobcore.connect(hv2.uri()) as c2:
         with pytest.raises(NoSuchJob):
             await c2.lookup_job(uuid.uuid4())
+
+
+async def test_a_fenced_member_stops_and_a_clean_stop_leaves(
+    pg_url: str, fleet2: tuple[Jobd, Jobd], job_on_hv1: uuid.UUID
+) -> None:
+    hv1, hv2 = fleet2
+    db = open_pg_database(pg_url, "operator")
+    try:
+        fenced = await Fleet(db).fence("hv1", "power lost", force=True)
+        assert fenced.name == "hv1"
+        assert hv1.proc.wait(15) == 1  # it saw the fence at its next renewal
+        assert "jobd: host 'hv1' was fenced by 'operator': power lost: jobd stopped" in hv1.log()
+        assert hv2.stop() == 0
+        states = {h.name: h.state for h in await Fleet(db).hosts()}
+        assert states == {"hv1": HostState.FENCED, "hv2": HostState.STOPPED}
+    finally:
+        db.release()
 
 
 def _pending(pg_url: str) -> list[tuple[object, ...]]:
