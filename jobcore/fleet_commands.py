@@ -195,7 +195,7 @@ class FleetCommands:
                 if conn is None:
                     try:
                         conn = psycopg.connect(
-                            self.fleet.db.dsn, autocommit=True, connect_timeout=3
+                            self.fleet.db.dsn, autocommit=True, connect_timeout=2
                         )
                         for channel in _CHANNELS:
                             conn.execute(f"LISTEN {channel}".encode())
