@@ -40,6 +40,7 @@ from jobcore.events import EventHub, EventKind, JobEvent
 from jobcore.info import HostInfo, HostState
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
+from jobcore.spec import MAX_SECONDS
 
 if TYPE_CHECKING:
     import psycopg
@@ -112,6 +113,9 @@ class _Watch:
     host: str | None = None
     type: str = ""
     domain: str = ""
+    #: its progress when its row was last read (a HOST_LOST event carries it)
+    processed: int = 0
+    total: int = 0
     #: a HOST_LOST was given since its host was last seen live
     lost_reported: bool = False
     ended: bool = False
@@ -133,7 +137,6 @@ class FleetCommands:
         self._watches: dict[uuid.UUID, list[_Watch]] = {}
         #: watched jobs whose row is to be read again
         self._dirty: set[uuid.UUID] = set()
-        self._listening = False
 
     # ---- this member's side -------------------------------------------------------------
 
@@ -146,7 +149,10 @@ class FleetCommands:
         """Listen for notifications, run the commands addressed to this host through
         ``execute(job, verb, args)`` (the owner's engine) and answer them, and feed the
         watchers; until cancelled."""
-        await anyio.to_thread.run_sync(self._abandon_stale)
+        try:
+            await anyio.to_thread.run_sync(self._abandon_stale)
+        except StoreError as exc:  # their askers time out; the clean-up deletes them
+            _log.warning("fleet commands of a previous process left", error=str(exc))
         stop = threading.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._stop_on_cancel, stop)
@@ -295,11 +301,13 @@ class FleetCommands:
         try:
             if verb not in VERBS:
                 raise InvalidArgument(f"'{verb}' is not a verb another member may ask for")
-            result = json.dumps(await execute(job, verb, args))
+            value = await execute(job, verb, args)
+            try:
+                result = json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise JobError(f"internal error on host '{self.host}': {exc}") from None
         except JobError as exc:
             kind, message = _error_kind(exc), str(exc)
-        except (TypeError, ValueError) as exc:  # a result that is not JSON
-            kind, message = "JobError", f"internal error on host '{self.host}': {exc}"
         except Exception as exc:
             _log.exception("fleet command failed", host=self.host, job=str(job), verb=verb)
             kind = "JobError"
@@ -501,8 +509,13 @@ class FleetCommands:
             raise InvalidArgument(
                 f"'{verb}' is not a verb another member may ask for ({', '.join(sorted(VERBS))})"
             )
-        if not timeout > 0:
-            raise InvalidArgument(f"a fleet call's timeout must be positive, not {timeout!r}")
+        if isinstance(timeout, bool) or not (
+            isinstance(timeout, int | float) and 0 < timeout <= MAX_SECONDS
+        ):
+            raise InvalidArgument(
+                f"a fleet call's timeout is a number of seconds in 0…{MAX_SECONDS:g}, "
+                f"not {timeout!r}"
+            )
         remote = await self.fleet.job(job)
         if remote is None:
             raise NoSuchJob(f"no job with UUID '{job}' in the fleet")
@@ -517,9 +530,10 @@ class FleetCommands:
                 checked = time.monotonic()
                 while True:
                     waiter = self._replies[cmd_id] = anyio.Event()
-                    answered, result, kind, message = await anyio.to_thread.run_sync(
-                        self._take_answer, cmd_id
-                    )
+                    with anyio.CancelScope(shield=True):  # an answer taken is not dropped
+                        answered, result, kind, message = await anyio.to_thread.run_sync(
+                            self._take_answer, cmd_id
+                        )
                     if answered:
                         break
                     now = time.monotonic()
@@ -624,6 +638,7 @@ class FleetCommands:
         if info.host == self.host:
             return
         watch.host, watch.type, watch.domain = info.host, str(info.type), info.domain
+        watch.processed, watch.total = info.processed, info.total
         n = remote.event_seq
         if watch.seen is None:
             watch.seen, watch.state = n, info.state
@@ -689,7 +704,9 @@ class FleetCommands:
                                 watch.domain,
                                 watch.state,
                                 watch.state,
-                                timestamp=time.time(),
+                                watch.processed,
+                                watch.total,
+                                time.time(),
                             )
                         )
                     elif live and watch.lost_reported:

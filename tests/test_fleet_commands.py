@@ -18,9 +18,10 @@ import pytest
 from jobd_helpers import Jobd
 
 import jobcore
+from jobcore.daemon.config import ConfigError, load_config
 from jobcore.errors import AccessDenied, NoSuchJob, OperationInvalid
 from jobcore.events import EventKind, JobEvent, Subscription
-from jobcore.fleet import Fleet
+from jobcore.fleet import Fleet, SharedRoot
 from jobcore.fleet_commands import FleetCommands
 from jobcore.info import HostState
 from jobcore.lifecycle import JobState
@@ -326,3 +327,38 @@ async def test_a_forwarded_command_is_one_row_until_its_answer_is_taken(
         for speed in range(1, 6):
             await remote.set_speed(speed * 1000)
     assert _pending(pg_url) == []
+
+
+# ---- jobd's fleet options ------------------------------------------------------------------
+
+
+def test_shared_roots_and_the_lease_ttl_are_configured_and_checked(tmp_path: Path) -> None:
+    config = tmp_path / "jobd.toml"
+    config.write_text('shared_roots = ["nfs1=/srv/nfs", "/srv/b"]\nlease_ttl = 2.5\n')
+    loaded = load_config(config)
+    assert loaded.shared_roots == (SharedRoot("nfs1", "/srv/nfs"), SharedRoot("/srv/b", "/srv/b"))
+    assert loaded.lease_ttl == 2.5
+    # the command line replaces the file's list
+    again = load_config(config, shared_roots=["/srv/c"], lease_ttl=4)
+    assert again.shared_roots == (SharedRoot("/srv/c", "/srv/c"),) and again.lease_ttl == 4.0
+    assert load_config(None).lease_ttl == 10.0 and load_config(None).shared_roots == ()
+    for bad, named in (
+        ('shared_roots = "/srv/nfs"', "shared_roots must be a list"),
+        ('shared_roots = ["relative/path"]', "shared_roots: invalid shared root"),
+        ("lease_ttl = 0", "lease_ttl must be between"),
+        ("lease_ttl = nan", "lease_ttl must be between"),
+    ):
+        config.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=named):
+            load_config(config)
+
+
+def test_jobd_refuses_a_bad_fleet_option_at_start(tmp_path: Path) -> None:
+    for args, named in (
+        (("--lease-ttl", "-1"), "lease_ttl must be between"),
+        (("--shared-root", "nfs1=relative"), "invalid shared root 'nfs1=relative'"),
+    ):
+        daemon = Jobd(tmp_path / "run", *args)
+        assert daemon.proc.wait(30) == 2
+        daemon.stop()
+        assert named in daemon.log()
