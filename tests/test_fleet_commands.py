@@ -193,9 +193,24 @@ async def test_a_lost_owner_is_refused_by_name_and_answers_again_once_back(
         assert lost[-1].job == u and lost[-1].state is JobState.RUNNING
         info = await remote.info()
         assert info.host_lost and info.state is JobState.RUNNING
+        # a command the killed process had picked and not answered (as if it died
+        # running it): its successor answers it and never runs it
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            row = conn.execute(
+                "INSERT INTO commands (target, asker, job, verb, args, deadline, picked)"
+                " VALUES ('hv1', 'hv2', %s, 'abort', '[]', now() + interval '1 hour', now())"
+                " RETURNING id",
+                (str(u),),
+            ).fetchone()
+        assert row is not None
         # hv1 comes back: it recovers its job, takes its lease again and answers
         again = member(tmp_path, "hv1", pg_url, run="hv1-again")
         try:
+            assert _command(pg_url, row[0])[:2] == (
+                "JobError",
+                "jobd on host 'hv1' restarted while it ran this command: it may or may not "
+                "have taken effect; look at the job and ask again",
+            )
 
             async def answers() -> bool:
                 try:
@@ -239,6 +254,17 @@ async def test_a_fenced_member_stops_and_a_clean_stop_leaves(
         db.release()
 
 
+def _command(pg_url: str, cmd_id: int) -> tuple[object, ...]:
+    """(error kind, error, result) of an answered command."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT error_kind, error, result FROM commands WHERE id = %s AND done IS NOT NULL",
+            (cmd_id,),
+        ).fetchone()
+    assert row is not None, f"command {cmd_id} is not answered"
+    return tuple(row)
+
+
 def _pending(pg_url: str) -> list[tuple[object, ...]]:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         return conn.execute("SELECT id, target, picked, done FROM commands").fetchall()
@@ -270,6 +296,23 @@ async def test_a_command_past_its_deadline_is_answered_and_never_run(
             return True
 
         await until("hv1 answers the expired command", answered)
+        # rows nobody takes go after a minute: an answer its asker never took, a command
+        # for a host that never came
+        conn.execute(
+            "INSERT INTO commands (target, asker, job, verb, args, created, deadline, picked,"
+            " done, error_kind, error) VALUES ('hv1', 'gone', %s, 'stats', '[]',"
+            " now() - interval '3 minutes', now() - interval '2 minutes',"
+            " now() - interval '2 minutes', now() - interval '2 minutes', 'JobError', 'x'),"
+            " ('nowhere', 'gone', %s, 'stats', '[]', now() - interval '3 minutes',"
+            " now() - interval '2 minutes', NULL, NULL, NULL, NULL)",
+            (str(job_on_hv1), str(job_on_hv1)),
+        )
+
+        async def cleaned() -> bool:
+            rows = conn.execute("SELECT asker FROM commands WHERE asker = 'gone'").fetchall()
+            return not rows
+
+        await until("the members delete stale commands", cleaned, timeout=30)
     async with jobcore.connect(hv1.uri()) as c1:
         assert (await (await c1.lookup_job(job_on_hv1)).info()).state is JobState.RUNNING
 
