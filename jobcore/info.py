@@ -1,7 +1,9 @@
-"""JobInfo: a snapshot of one job, typed and also readable as a mapping."""
+"""JobInfo: a snapshot of one job; HostInfo: one fleet member's; typed and also readable
+as mappings."""
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -35,6 +37,8 @@ class JobInfo(Mapping[str, Any]):
     bandwidth: int | None
     #: the fleet member that owns the job (``jobd --host``; in-process: the hostname)
     host: str = ""
+    #: the job is active and its host's state is not LIVE (rows of other hosts only)
+    host_lost: bool = False
 
     @property
     def progress(self) -> float:
@@ -68,3 +72,48 @@ def _mapping_keys() -> tuple[str, ...]:
 
 
 _KEYS = _mapping_keys()
+
+
+class HostState(enum.StrEnum):
+    """A fleet member's state, from its lease row (design/fleet.md)."""
+
+    LIVE = "live"  # lease renewed within its ttl
+    STOPPED = "stopped"  # left cleanly (jobd stopped); its jobs may still be active
+    LOST = "lost"  # lease older than its ttl, not left, not fenced
+    FENCED = "fenced"  # an operator fenced it; cleared when it rejoins
+
+
+@frozen
+class HostInfo(Mapping[str, Any]):
+    """One fleet member (``jobctl hosts``). As a mapping: its fields, the state as a string."""
+
+    name: str
+    state: HostState
+    #: seconds since its last renewal, by the database's clock
+    lease_age: float
+    lease_ttl: float
+    #: its jobs in an active state
+    active_jobs: int
+    #: all its job rows (retained ended ones too)
+    jobs: int
+    pid: int
+    fenced_by: str | None = None
+    fence_reason: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _HOST_KEYS:
+            raise KeyError(key)
+        value = getattr(self, key)
+        return str(value) if key == "state" else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_HOST_KEYS)
+
+    def __len__(self) -> int:
+        return len(_HOST_KEYS)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: self[k] for k in _HOST_KEYS}
+
+
+_HOST_KEYS = tuple(f.name for f in fields(HostInfo))

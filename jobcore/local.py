@@ -12,7 +12,7 @@ import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -33,7 +33,7 @@ from jobcore.errors import (
 from jobcore.events import EventFilter, EventHub, EventKind, Subscription
 from jobcore.flags import check_flags
 from jobcore.handles import CheckpointHandle
-from jobcore.info import JobInfo
+from jobcore.info import HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
@@ -109,6 +109,19 @@ def _doc_size(doc: str | bytes | None) -> int:
     return len(doc) if isinstance(doc, str | bytes | bytearray) else 0
 
 
+class FleetView(Protocol):
+    """What a connection's fleet calls need of the fleet (jobd's FleetService)."""
+
+    @property
+    def host(self) -> str: ...
+
+    async def hosts(self) -> list[HostInfo]: ...
+
+    async def fence(self, name: str, reason: str | None, *, force: bool = False) -> HostInfo: ...
+
+    async def jobs_page(self, after: int, limit: int) -> tuple[list[JobInfo], int | None]: ...
+
+
 class LocalConnection:
     """An open in-process connection to a hypervisor driver, owning its engine and tasks."""
 
@@ -116,6 +129,9 @@ class LocalConnection:
         self.uri = uri
         self.driver = dconn
         self.engine = engine
+        #: the fleet this connection's jobd is a member of (jobd sets it on a postgresql://
+        #: store); None in-process and on other stores: the fleet calls are Unsupported
+        self.fleet: FleetView | None = None
 
     async def lookup_domain(self, name: str) -> LocalDomain:
         info = await self.driver.lookup_domain(name)
@@ -170,6 +186,38 @@ class LocalConnection:
         digits; dashes ignored), in UUID order, found by an index: how a short form of a
         UUID is resolved (two results mean it is ambiguous)."""
         return [LocalJob(self, r) for r in self.engine.find_jobs(uuid_prefix(prefix), limit)]
+
+    # ---- the fleet (design/fleet.md) --------------------------------------------------
+
+    def _fleet(self) -> FleetView:
+        if self.fleet is None:
+            raise Unsupported(
+                f"connection '{self.uri}' is not a fleet member: start jobd with "
+                "--store postgresql://… (every jobd sharing that database is one)"
+            )
+        return self.fleet
+
+    async def list_fleet_jobs(
+        self, cursor: int = -1, limit: int = 1000
+    ) -> tuple[list[JobInfo], int | None]:
+        """One page of every fleet member's jobs in begin order, after ``cursor`` (-1: the
+        start), and the next page's cursor (None: this was the last)."""
+        if cursor < -1:
+            raise InvalidArgument(f"a job page cursor is -1 (the start) or more, not {cursor}")
+        if limit < 1:
+            raise InvalidArgument(f"a job page holds at least one job: limit {limit}")
+        return await self._fleet().jobs_page(cursor, limit)
+
+    async def fleet_hosts(self) -> list[HostInfo]:
+        """The fleet's members by name: state, lease age, job counts."""
+        return await self._fleet().hosts()
+
+    async def fence_host(self, name: str, reason: str | None = None, flags: int = 0) -> HostInfo:
+        """Fence member ``name`` (refused for a LIVE one unless ``JOB_FENCE_FORCE``): its
+        shared claims are released and its active jobs fail with ``reason``."""
+        check_flags("fenceHost", flags)
+        fleet = self._fleet()
+        return await fleet.fence(name, reason, force=bool(flags & C.JOB_FENCE_FORCE))
 
     def subscribe(
         self,
