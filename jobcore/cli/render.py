@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
@@ -163,25 +163,25 @@ def stats_lines(stats: dict[str, Any]) -> Iterator[str]:
 
 def _job_row(i: JobInfo, fleet: bool) -> list[str]:
     row = [str(i.uuid), i.domain, i.host, str(i.type), str(i.state)]
-    if fleet:
-        row.append("LOST" if i.host_lost else "-")
+    if fleet:  # another host's elapsed time is as old as its row: Lost instead
+        return [*row, "LOST" if i.host_lost else "-", f"{i.progress:.1f}%"]
     return [*row, f"{i.progress:.1f}%", f"{i.time_elapsed / 1000:.1f}s"]
 
 
 def jobs_table(infos: Sequence[JobInfo], *, fleet: bool = False) -> None:
     """``jobctl list``: a rich table on a terminal (UUIDs never cut), else fixed columns.
-    ``fleet`` (``list --fleet``) adds the Lost column: LOST for an active job whose host
-    is not live (its state is the last its host wrote)."""
-    cols = ["Domain", "Host", "Type", "State", *(["Lost"] if fleet else []), "Progress"]
-    cols.append("Elapsed")
+    ``fleet`` (``list --fleet``): the Lost column (LOST: an active job whose host is not
+    live; its state is the last its host wrote) instead of the elapsed time."""
+    cols = ["Domain", "Host", "Type", "State", *(["Lost", "Done"] if fleet else ["Done", "Time"])]
     out = console()
     if out.is_terminal:
         from rich.table import Table
 
         table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
         table.add_column("UUID", no_wrap=True, min_width=36, overflow="fold")  # never cut
-        for col in cols:
-            table.add_column(col, justify="right" if col in ("Progress", "Elapsed") else "left")
+        for col in cols:  # a narrow terminal wraps a cell, never cuts it
+            justify: Literal["left", "right"] = "right" if col in ("Done", "Time") else "left"
+            table.add_column(col, justify=justify, overflow="fold")
         for i in infos:
             row = _job_row(i, fleet)
             if fleet and i.host_lost:
@@ -190,7 +190,7 @@ def jobs_table(infos: Sequence[JobInfo], *, fleet: bool = False) -> None:
         out.print(table)
         return
     widths = {"Domain": 10, "Host": 10, "Type": 11, "State": 10, "Lost": 4}
-    rights = {"Progress": 8, "Elapsed": 9}
+    rights = {"Done": 8, "Time": 9}
 
     def line(cells: Sequence[str]) -> str:
         parts = [f"{cells[0]:<36}"]

@@ -1,0 +1,201 @@
+"""The fleet calls (list_fleet_jobs, fleet_hosts, fence_host) and their jobctl commands
+(list --fleet, hosts, host fence), protocol version 2, and the HOST column of jobctl
+list: refused with Unsupported where there is no fleet (in-process, jobd on SQLite),
+served by jobd members sharing one PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+import pytest
+from jobd_helpers import PULL_VDA, Jobd, RawClient, jobctl, one_line_error, write
+
+import jobcore
+from jobcore import constants as C
+from jobcore.cli import ExitCode
+from jobcore.daemon import handlers
+from jobcore.errors import InvalidArgument, Unsupported
+from jobcore.info import HostInfo, HostState, JobInfo
+from jobcore.lifecycle import JobState
+from jobcore.local import as_local
+from jobcore.methods import Method
+from jobcore.protocol import MAX_FRAME, PROTOCOL_VERSION, InfoPage, decode_result
+from jobcore.spec import JobType
+
+MiB = 1 << 20
+NOT_A_MEMBER = "is not a fleet member: start jobd with --store postgresql://"
+
+
+@pytest.fixture(scope="module")
+def sqlite_jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobd]:
+    base = tmp_path_factory.mktemp("fleetless")
+    store = f"sqlite:///{base / 'jobs.db'}"
+    daemon = Jobd(base / "run", "--store", store, "--host", "hv-solo").wait_ready()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+# ---- protocol version 2 -----------------------------------------------------------------
+
+
+def test_a_version_1_client_is_refused_at_its_hello(sqlite_jobd: Jobd) -> None:
+    assert PROTOCOL_VERSION == 2
+    with RawClient(sqlite_jobd.sock, None) as old:
+        reply = old.call("hello", 1, "sim:///default")
+        assert reply[0] == 2 and reply[2] == "ProtocolError", reply
+        assert reply[3] == "protocol version 1 is not supported (jobd speaks 2)"
+    with RawClient.ready(sqlite_jobd.sock) as new:
+        assert new.hello is not None and new.hello[2][0] == PROTOCOL_VERSION
+
+
+# ---- no fleet: Unsupported --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_in_process_connections_are_no_fleet_members() -> None:
+    async with jobcore.connect("sim:///default") as conn:
+        for call in (
+            conn.list_fleet_jobs(),
+            conn.fleet_hosts(),
+            conn.fence_host("hv2", "gone", C.JOB_FENCE_FORCE),
+        ):
+            with pytest.raises(Unsupported, match=NOT_A_MEMBER):
+                await call
+        with pytest.raises(InvalidArgument, match="unsupported flags"):
+            await conn.fence_host("hv2", None, 2)  # a bit fenceHost does not know
+    with jobcore.open("sim:///default") as blocking, pytest.raises(Unsupported):
+        blocking.fleetHosts()
+
+
+@pytest.mark.anyio
+async def test_jobd_on_sqlite_refuses_the_fleet_calls(sqlite_jobd: Jobd) -> None:
+    async with jobcore.connect(sqlite_jobd.uri()) as conn:
+        for call in (
+            conn.list_fleet_jobs(-1, 10),
+            conn.fleet_hosts(),
+            conn.fence_host("hv2", None, 0),
+        ):
+            with pytest.raises(Unsupported, match=NOT_A_MEMBER):
+                await call
+    async with jobcore.connect(sqlite_jobd.uri(readonly=True)) as ro:
+        with pytest.raises(jobcore.AccessDenied, match="read-only access prevents 'fence_host'"):
+            await ro.fence_host("hv2", None, 0)
+        with pytest.raises(Unsupported):
+            await ro.fleet_hosts()  # a read: allowed, and refused for want of a fleet
+
+
+def test_jobctl_fleet_commands_without_a_fleet(sqlite_jobd: Jobd) -> None:
+    uri = sqlite_jobd.uri()
+    for argv in (
+        ("hosts",),
+        ("hosts", "--json"),
+        ("list", "--fleet"),
+        ("list", "--fleet", "--json"),
+        ("host", "fence", "hv2", "--reason", "gone", "--force"),
+    ):
+        done = jobctl(uri, *argv)
+        assert done.returncode == ExitCode.ERROR, (argv, done)
+        assert NOT_A_MEMBER in one_line_error(done), argv
+        assert done.stdout == ""
+    # read-only and no fleet: no fleet is what the user must hear of first (the read-only
+    # refusal of a fleet's fence: test_fence_on_a_fleet below)
+    ro = jobctl(sqlite_jobd.uri(readonly=True), "host", "fence", "hv2")
+    assert ro.returncode == ExitCode.ERROR and NOT_A_MEMBER in one_line_error(ro)
+
+
+def test_jobctl_list_shows_each_jobs_host(sqlite_jobd: Jobd, tmp_path: Path) -> None:
+    uri = sqlite_jobd.uri(f"rate={MiB}", host="slow")
+    began = jobctl(uri, "begin", "vm1", write(tmp_path, "pull.xml", PULL_VDA))
+    assert began.returncode == 0, began.stderr
+    job = began.stdout.strip()
+    try:
+        listed = jobctl(uri, "list").stdout.splitlines()
+        assert listed[0].split()[:4] == ["UUID", "Domain", "Host", "Type"], listed
+        row = next(line for line in listed if line.startswith(job))
+        assert row.split()[:5] == [job, "vm1", "hv-solo", "blockpull", "running"], row
+        assert json.loads(jobctl(uri, "list", "--json").stdout)[0]["host"] == "hv-solo"
+    finally:
+        jobctl(uri, "abort", job)
+
+
+# ---- jobd's side, on a fleet that answers as told ----------------------------------------
+
+
+def _info(n: int, host: str, errmsg: str | None = None, lost: bool = False) -> JobInfo:
+    return JobInfo(
+        uuid.UUID(int=n), JobType("backup"), f"vm{n}", JobState.RUNNING, 0, 0, 0, 1.0, 1.0,
+        None, errmsg, None, host, lost,
+    )  # fmt: skip
+
+
+class ToldFleet:
+    """A FleetView over fixed rows (jobd's FleetService over PostgreSQL is tested below):
+    the seq of job ``n`` is ``n``."""
+
+    host = "hv1"
+
+    def __init__(self, infos: list[JobInfo]) -> None:
+        self.infos = infos
+        self.asked: list[tuple[int, int]] = []
+        self.fenced: list[tuple[str, str | None, bool]] = []
+
+    async def jobs_page(self, after: int, limit: int) -> tuple[list[JobInfo], int | None]:
+        self.asked.append((after, limit))
+        rest = [i for i in self.infos if i.uuid.int > after]
+        page = rest[:limit]
+        return page, (page[-1].uuid.int if len(rest) > limit else None)
+
+    async def hosts(self) -> list[HostInfo]:
+        return [HostInfo("hv1", HostState.LIVE, 0.5, 10.0, 1, 2, 11)]
+
+    async def fence(self, name: str, reason: str | None, *, force: bool = False) -> HostInfo:
+        self.fenced.append((name, reason, force))
+        return HostInfo(name, HostState.FENCED, 12.0, 10.0, 0, 4, 12, "hv1", reason)
+
+
+def _wire(value: Any) -> Any:
+    """What the client receives (the handler's reply through msgpack)."""
+    return msgpack.unpackb(msgpack.packb(value, use_bin_type=True), raw=False)
+
+
+@pytest.mark.anyio
+async def test_jobd_serves_the_fleet_calls_and_keeps_a_page_within_a_frame() -> None:
+    big = "é" * (MAX_FRAME // 40)  # ~200 KiB of UTF-8 each: ten fill half a frame
+    infos = [_info(n, "hv2", big if 3 <= n < 40 else None, lost=n == 1) for n in range(1, 60)]
+    fleet = ToldFleet(infos)
+    async with jobcore.connect("sim:///default") as conn:
+        local = as_local(conn)
+        local.fleet = fleet
+        client: Any = SimpleNamespace(conn=local)  # what a handler reads of a session
+        serve = handlers._HANDLERS
+        pages: list[InfoPage] = []
+        cursor: int | None = -1
+        while cursor is not None:
+            wire = await serve[Method.LIST_FLEET_JOBS](client, (cursor, 5000))
+            assert len(msgpack.packb(wire, use_bin_type=True)) <= MAX_FRAME // 2
+            pages.append(decode_result(Method.LIST_FLEET_JOBS, _wire(wire)))
+            cursor = pages[-1].cursor
+        got = [i for p in pages for i in p.infos]
+        assert got == infos  # every job once, in order, host_lost kept
+        assert got[0].host_lost and not got[1].host_lost
+        assert fleet.asked[0] == (-1, 1000)  # the page limit, as list_jobs_page's
+        assert len(pages) > 6  # the long errors made smaller pages
+        hosts = decode_result(
+            Method.FLEET_HOSTS, _wire(await serve[Method.FLEET_HOSTS](client, ()))
+        )
+        assert hosts == await fleet.hosts()
+        fenced = await serve[Method.FENCE_HOST](client, ("hv2", "disk died", C.JOB_FENCE_FORCE))
+        assert decode_result(Method.FENCE_HOST, _wire(fenced)).fence_reason == "disk died"
+        await local.fence_host("hv3")
+        assert fleet.fenced == [("hv2", "disk died", True), ("hv3", None, False)]
+        with pytest.raises(InvalidArgument, match="cursor"):
+            await local.list_fleet_jobs(-2, 10)
+    assert Method.LIST_FLEET_JOBS in handlers._BULKY and Method.FLEET_HOSTS in handlers._BULKY
