@@ -6,6 +6,7 @@ served by jobd members sharing one PostgreSQL."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,3 +200,165 @@ async def test_jobd_serves_the_fleet_calls_and_keeps_a_page_within_a_frame() -> 
         with pytest.raises(InvalidArgument, match="cursor"):
             await local.list_fleet_jobs(-2, 10)
     assert Method.LIST_FLEET_JOBS in handlers._BULKY and Method.FLEET_HOSTS in handlers._BULKY
+
+
+# ---- a fleet: two jobd members on one PostgreSQL -----------------------------------------
+
+#: what a member's plain URI for slow jobs names: a block pull at 1 MiB/s takes minutes
+SLOW = f"rate={MiB}"
+
+
+@pytest.fixture
+def members(tmp_path: Path, pg_url: str) -> Iterator[tuple[Jobd, Jobd]]:
+    started: list[Jobd] = []
+    try:
+        for name in ("hv1", "hv2"):
+            args = ("--store", pg_url, "--host", name, "--lease-ttl", "1")
+            started.append(Jobd(tmp_path / name, *args).wait_ready())
+        yield started[0], started[1]
+    finally:
+        for daemon in started:
+            daemon.stop()
+
+
+def _begin_slow(member: Jobd, tmp_path: Path) -> str:
+    uri = member.uri(SLOW, host="slow")
+    began = jobctl(uri, "begin", "vm1", write(tmp_path, "pull.xml", PULL_VDA))
+    assert began.returncode == 0, began.stderr
+    return began.stdout.strip()
+
+
+def _json(member: Jobd, *argv: str) -> Any:
+    done = jobctl(member.uri(), *argv, "--json")
+    assert done.returncode == 0, (argv, done.stderr)
+    return json.loads(done.stdout)
+
+
+def _host(member: Jobd, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(h for h in _json(member, "hosts") if h["name"] == name)
+    return found
+
+
+def _until_state(member: Jobd, name: str, state: str) -> dict[str, Any]:
+    """``name``'s row as ``member`` lists it, once it is in ``state`` (asked every 0.2 s
+    for up to 30 s: the lease ttl is 1 s)."""
+    for _ in range(150):
+        row = _host(member, name)
+        if row["state"] == state:
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"{name} never became {state}: {row}")
+
+
+def test_list_fleet_and_hosts_show_both_members(members: tuple[Jobd, Jobd], tmp_path: Path) -> None:
+    hv1, hv2 = members
+    jobs = {"hv1": _begin_slow(hv1, tmp_path), "hv2": _begin_slow(hv2, tmp_path)}
+    try:
+        for member in members:  # either member answers for the whole fleet
+            listed = {j["uuid"]: j for j in _json(member, "list", "--fleet")}
+            assert {listed[u]["host"] for u in jobs.values()} == {"hv1", "hv2"}
+            assert {listed[jobs[h]]["host"] for h in jobs} == set(jobs)
+            assert all(listed[u]["state"] == "running" for u in jobs.values())
+            assert not any(listed[u]["host_lost"] for u in jobs.values())
+            hosts = {h["name"]: h for h in _json(member, "hosts")}
+            assert {n: h["state"] for n, h in hosts.items()} == {"hv1": "live", "hv2": "live"}
+            assert hosts["hv2"]["active_jobs"] == 1 and hosts["hv2"]["pid"] == hv2.proc.pid
+        plain = jobctl(hv1.uri(), "list", "--fleet").stdout.splitlines()
+        assert plain[0].split() == ["UUID", "Domain", "Host", "Type", "State", "Lost", "Done"]
+        for host, job in jobs.items():
+            row = next(line for line in plain if line.startswith(job)).split()
+            assert row[1:6] == ["vm1", host, "blockpull", "running", "-"], row
+        own = jobctl(hv1.uri(), "list").stdout  # a member's own jobs only
+        assert jobs["hv1"] in own and jobs["hv2"] not in own
+        shown = jobctl(hv2.uri(), "hosts").stdout.splitlines()
+        assert shown[0].split() == ["Name", "State", "Lease", "TTL", "Active", "Jobs", "PID"]
+        assert [line.split()[:2] for line in shown[1:]] == [["hv1", "live"], ["hv2", "live"]]
+    finally:
+        for host, job in jobs.items():
+            jobctl(dict(zip(("hv1", "hv2"), members, strict=True))[host].uri(), "abort", job)
+
+
+@pytest.mark.anyio
+async def test_fleet_pages_through_the_client_api(
+    members: tuple[Jobd, Jobd], tmp_path: Path
+) -> None:
+    hv1, hv2 = members
+    began = [_begin_slow(m, tmp_path) for m in (hv1, hv2, hv1, hv2, hv1)]
+    try:
+        async with jobcore.connect(hv2.uri()) as conn:
+            seen: list[str] = []
+            cursor: int | None = -1
+            while cursor is not None:  # one job a page: the cursor runs across hosts
+                page, cursor = await conn.list_fleet_jobs(cursor, 1)
+                assert len(page) <= 1
+                seen += [str(i.uuid) for i in page]
+            assert seen == began  # begin order, every host's, each once
+            whole, last = await conn.list_fleet_jobs()
+            assert [str(i.uuid) for i in whole] == began and last is None
+            assert [h.name for h in await conn.fleet_hosts()] == ["hv1", "hv2"]
+        with jobcore.open(hv1.uri()) as blocking:
+            assert [h.state for h in blocking.fleetHosts()] == [HostState.LIVE] * 2
+            assert len(blocking.listFleetJobs(-1, 2)[0]) == 2
+    finally:
+        for job in began:
+            jobctl(hv1.uri(), "abort", job)
+
+
+def test_a_killed_member_is_lost_then_fenced(members: tuple[Jobd, Jobd], tmp_path: Path) -> None:
+    hv1, hv2 = members
+    job = _begin_slow(hv2, tmp_path)
+    hv2.proc.kill()  # kill -9: no leave, its lease just stops
+    hv2.proc.wait()
+    lost = _until_state(hv1, "hv2", "lost")
+    assert lost["lease_age"] > lost["lease_ttl"] == 1.0 and lost["active_jobs"] == 1
+    (row,) = [j for j in _json(hv1, "list", "--fleet") if j["uuid"] == job]
+    assert (row["state"], row["host"], row["host_lost"]) == ("running", "hv2", True)
+    line = next(x for x in jobctl(hv1.uri(), "list", "--fleet").stdout.splitlines() if job in x)
+    assert line.split()[2:6] == ["hv2", "blockpull", "running", "LOST"], line
+    # the read-only socket may look, never fence; a member never fences itself
+    ro = jobctl(hv1.uri(readonly=True), "host", "fence", "hv2", "--reason", "power cut")
+    assert ro.returncode == ExitCode.DENIED
+    assert "read-only access prevents 'fence_host'" in one_line_error(ro)
+    itself = jobctl(hv1.uri(), "host", "fence", "hv1")
+    assert itself.returncode == ExitCode.ERROR and "hv1" in one_line_error(itself)
+    assert _host(hv1, "hv2")["state"] == "lost"  # neither refusal fenced anything
+    fenced = jobctl(hv1.uri(), "host", "fence", "hv2", "--reason", "power cut")
+    assert fenced.returncode == 0, fenced.stderr
+    assert fenced.stdout.splitlines()[0] == (
+        "Host 'hv2' fenced by 'hv1' (power cut): 1 active job failed, "
+        "its shared-storage claims released"
+    )
+    assert fenced.stdout.splitlines()[2].split()[:2] == ["hv2", "fenced"]
+    (after,) = [j for j in _json(hv1, "list", "--fleet", "--all") if j["uuid"] == job]
+    assert after["state"] == "failed" and not after["host_lost"]
+    assert after["errmsg"] == "host 'hv2' was fenced by 'hv1': power cut"
+    assert not [j for j in _json(hv1, "list", "--fleet") if j["uuid"] == job]  # not active
+    host = _host(hv1, "hv2")
+    assert (host["state"], host["fenced_by"], host["fence_reason"]) == (
+        "fenced",
+        "hv1",
+        "power cut",
+    )
+    assert host["active_jobs"] == 0
+    shown = jobctl(hv1.uri(), "hosts").stdout
+    assert "Fenced" in shown.splitlines()[0] and "by hv1: power cut" in shown
+    again = _json(hv1, "host", "fence", "hv2")  # fenced already: nothing left to fail
+    assert again["jobs_failed"] == 0 and again["host"]["state"] == "fenced"
+
+
+def test_fencing_a_live_member_takes_force(members: tuple[Jobd, Jobd], tmp_path: Path) -> None:
+    hv1, hv2 = members
+    job = _begin_slow(hv2, tmp_path)
+    refused = jobctl(hv1.uri(), "host", "fence", "hv2")
+    assert refused.returncode == ExitCode.ERROR
+    assert "--force" in one_line_error(refused)
+    assert _host(hv1, "hv2")["state"] == "live"
+    forced = _json(hv1, "host", "fence", "hv2", "--force", "--reason", "maintenance")
+    assert forced["jobs_failed"] == 1
+    assert (forced["host"]["state"], forced["host"]["fenced_by"]) == ("fenced", "hv1")
+    (row,) = [j for j in _json(hv1, "list", "--fleet", "--all") if j["uuid"] == job]
+    assert (row["state"], row["errmsg"]) == (
+        "failed",
+        "host 'hv2' was fenced by 'hv1': maintenance",
+    )
+    assert hv2.proc.wait(30) == 1  # a fenced member stops (its writes would be refused)
