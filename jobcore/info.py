@@ -1,5 +1,4 @@
-"""JobInfo: a snapshot of one job; HostInfo: one fleet member's; typed and also readable
-as mappings."""
+"""JobInfo: a snapshot of one job, typed and also readable as a mapping."""
 
 from __future__ import annotations
 
@@ -37,7 +36,8 @@ class JobInfo(Mapping[str, Any]):
     bandwidth: int | None
     #: the fleet member that owns the job (``jobd --host``; in-process: the hostname)
     host: str = ""
-    #: the job is active and its host's state is not LIVE (rows of other hosts only)
+    #: the job is active and its host is not LIVE (a row of another fleet member whose
+    #: lease expired, or which stopped or was fenced); always False for a member's own
     host_lost: bool = False
 
     @property
@@ -75,24 +75,28 @@ _KEYS = _mapping_keys()
 
 
 class HostState(enum.StrEnum):
-    """A fleet member's state, from its lease row (design/fleet.md)."""
+    """A fleet member's state, from its ``hosts`` row (design/fleet.md "Leases")."""
 
-    LIVE = "live"  # lease renewed within its ttl
-    STOPPED = "stopped"  # left cleanly (jobd stopped); its jobs may still be active
-    LOST = "lost"  # lease older than its ttl, not left, not fenced
-    FENCED = "fenced"  # an operator fenced it; cleared when it rejoins
+    #: its lease was renewed within its ttl
+    LIVE = "live"
+    #: it left cleanly (jobd stopped); its jobs may still be active (kept guests)
+    STOPPED = "stopped"
+    #: its lease is older than its ttl, and it neither left nor was fenced
+    LOST = "lost"
+    #: an operator fenced it; cleared when it rejoins
+    FENCED = "fenced"
 
 
 @frozen
 class HostInfo(Mapping[str, Any]):
-    """One fleet member (``jobctl hosts``). As a mapping: its fields, the state as a string."""
+    """A fleet member as ``jobctl hosts`` lists it; as a mapping, its state as a string."""
 
     name: str
     state: HostState
     #: seconds since its last renewal, by the database's clock
     lease_age: float
     lease_ttl: float
-    #: its jobs in an active state
+    #: its jobs in an active state (queued, running, paused, ready, …)
     active_jobs: int
     #: all its job rows (retained ended ones too)
     jobs: int
