@@ -12,7 +12,7 @@ import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -53,6 +53,9 @@ from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.uri import parse_uri
 from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
 from jobcore.xml.domain import BackingDef, DiskDef, DomainDef, format_domain, parse_domain
+
+if TYPE_CHECKING:
+    from jobcore.fleet import FleetView
 
 MiB = 1 << 20
 
@@ -109,19 +112,6 @@ def _doc_size(doc: str | bytes | None) -> int:
     return len(doc) if isinstance(doc, str | bytes | bytearray) else 0
 
 
-class FleetView(Protocol):
-    """What a connection's fleet calls need of the fleet (jobd's FleetService)."""
-
-    @property
-    def host(self) -> str: ...
-
-    async def hosts(self) -> list[HostInfo]: ...
-
-    async def fence(self, name: str, reason: str | None, *, force: bool = False) -> HostInfo: ...
-
-    async def jobs_page(self, after: int, limit: int) -> tuple[list[JobInfo], int | None]: ...
-
-
 class LocalConnection:
     """An open in-process connection to a hypervisor driver, owning its engine and tasks."""
 
@@ -129,8 +119,9 @@ class LocalConnection:
         self.uri = uri
         self.driver = dconn
         self.engine = engine
-        #: the fleet this connection's jobd is a member of (jobd sets it on a postgresql://
-        #: store); None in-process and on other stores: the fleet calls are Unsupported
+        #: the fleet this connection's host is a member of (jobd on a PostgreSQL store
+        #: sets it: jobcore.daemon.fleet.FleetService); None in-process and on other
+        #: stores: the fleet calls are Unsupported
         self.fleet: FleetView | None = None
 
     async def lookup_domain(self, name: str) -> LocalDomain:

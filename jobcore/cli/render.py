@@ -289,6 +289,8 @@ def event_line(ev: JobEvent) -> str:
     if ev.kind is EventKind.FINAL:
         err = (ev.stats or {}).get("errmsg")
         return f"{head} final {ev.state}" + (f": {err}" if err else "") + lost
+    if ev.kind is EventKind.HOST_LOST:
+        return f"{head} host-lost {ev.state} (its host's lease expired){lost}"
     prev = "-" if ev.previous is None else str(ev.previous)
     return f"{head} state {prev} -> {ev.state}{lost}"
 

@@ -7,9 +7,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from jobcore import constants as C
 from jobcore.daemon.config import HANDLE_CACHE, MAX_LIST_PAGE
+from jobcore.daemon.fleet import FleetJob
 from jobcore.daemon.sessions import _Client
-from jobcore.errors import AccessDenied, JobError, NoSuchJob
+from jobcore.errors import AccessDenied, JobError, NoSuchDomain, NoSuchJob
 from jobcore.info import JobInfo
 from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.methods import Method, On, Result, uuid_prefix
@@ -55,10 +57,11 @@ async def _domain(client: _Client, name: str) -> LocalDomain:
     return dom
 
 
-async def _job(client: _Client, job_id: uuid.UUID) -> LocalJob:
+async def _job(client: _Client, job_id: uuid.UUID) -> LocalJob | FleetJob:
     """The job with that UUID: on the session's driver connection, else on any other
-    jobd serves (job UUIDs are unique daemon-wide; design/daemon.md "Recovery at start")."""
-    job = client.jobs.get(job_id)
+    jobd serves (job UUIDs are unique daemon-wide; design/daemon.md "Recovery at start"),
+    else, in a fleet, on another host (a FleetJob: design/fleet.md "Commands")."""
+    job: LocalJob | FleetJob | None = client.jobs.get(job_id)
     if job is not None:
         return job
     try:
@@ -66,11 +69,20 @@ async def _job(client: _Client, job_id: uuid.UUID) -> LocalJob:
     except NoSuchJob:
         job = None if client.elsewhere is None else client.elsewhere(job_id)
         if job is None:
+            job = await _fleet_job(client, job_id)
+        if job is None:
             raise
     return client.remember(job)
 
 
-def _ref(client: _Client, job: LocalJob) -> Wire:
+async def _fleet_job(client: _Client, job_id: uuid.UUID) -> FleetJob | None:
+    """Another host's job ``job_id`` (None: not in a fleet, or no other host has it)."""
+    if client.fleet is None or job_id == C.LEGACY_DOMAIN_JOB_UUID:
+        return None
+    return await client.fleet.lookup(job_id)
+
+
+def _ref(client: _Client, job: LocalJob | FleetJob) -> Wire:
     client.remember(job)
     return encode_job_ref(job.uuid, job.type, job.domain, job.state)
 
@@ -162,7 +174,14 @@ async def _h_lookup_job(c: _Client, a: tuple[Any, ...]) -> Wire:
 
 @_handles(Method.JOB_LOOKUP_BY_UUID)
 async def _h_job_lookup(c: _Client, a: tuple[Any, ...]) -> Wire:
-    return _ref(c, await _conn(c).job_lookup_by_uuid(await _domain(c, a[0]), a[1]))
+    try:
+        return _ref(c, await _conn(c).job_lookup_by_uuid(await _domain(c, a[0]), a[1]))
+    except (NoSuchJob, NoSuchDomain):
+        # in a fleet: a job of the domain of that name on another host
+        remote = await _fleet_job(c, a[1])
+        if remote is None or remote.domain != a[0]:
+            raise
+        return _ref(c, remote)
 
 
 @_handles(Method.DOMAIN_DESTROY)
@@ -215,13 +234,20 @@ async def _h_list_jobs_page(c: _Client, a: tuple[Any, ...]) -> Wire:
 @_handles(Method.FIND_JOBS)
 async def _h_find_jobs(c: _Client, a: tuple[Any, ...]) -> Wire:
     conn = _conn(c)
+    digits, limit = uuid_prefix(a[0]), max(1, min(a[1], MAX_LIST_PAGE))
+    found: list[LocalJob | FleetJob] = [
+        LocalJob(conn, r) for r in conn.engine.find_jobs(digits, limit)
+    ]
+    if c.fleet is not None:  # and other hosts' jobs, in one UUID order
+        found += await c.fleet.find(digits, limit)
+        found = sorted({j.uuid: j for j in reversed(found)}.values(), key=lambda j: j.uuid.hex)
     refs: list[Wire] = []
     size = 0
-    for rec in conn.engine.find_jobs(uuid_prefix(a[0]), max(1, min(a[1], MAX_LIST_PAGE))):
-        size += _ref_size(rec.domain)
+    for job in found[:limit]:
+        size += _ref_size(job.domain)
         if refs and size > MAX_FRAME // 2:
             break  # the caller asked for more than a reply holds: it gets the first ones
-        refs.append(_ref(c, LocalJob(conn, rec)))
+        refs.append(_ref(c, job))
     return refs
 
 
