@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
-from jobd_helpers import PULL_VDA, Jobd, RawClient, jobctl, one_line_error, write
+from jobd_helpers import BACKUP_VDB, PULL_VDA, Jobd, RawClient, jobctl, one_line_error, write
 
 import jobcore
 from jobcore import constants as C
@@ -221,9 +221,9 @@ def members(tmp_path: Path, pg_url: str) -> Iterator[tuple[Jobd, Jobd]]:
             daemon.stop()
 
 
-def _begin_slow(member: Jobd, tmp_path: Path) -> str:
+def _begin_slow(member: Jobd, tmp_path: Path, domain: str = "vm1", xml: str = PULL_VDA) -> str:
     uri = member.uri(SLOW, host="slow")
-    began = jobctl(uri, "begin", "vm1", write(tmp_path, "pull.xml", PULL_VDA))
+    began = jobctl(uri, "begin", domain, write(tmp_path, "job.xml", xml))
     assert began.returncode == 0, began.stderr
     return began.stdout.strip()
 
@@ -268,7 +268,7 @@ def test_list_fleet_and_hosts_show_both_members(members: tuple[Jobd, Jobd], tmp_
         for host, job in jobs.items():
             row = next(line for line in plain if line.startswith(job)).split()
             assert row[1:6] == ["vm1", host, "blockpull", "running", "-"], row
-        own = jobctl(hv1.uri(), "list").stdout  # a member's own jobs only
+        own = jobctl(hv1.uri(SLOW, host="slow"), "list").stdout  # a member's own jobs only
         assert jobs["hv1"] in own and jobs["hv2"] not in own
         shown = jobctl(hv2.uri(), "hosts").stdout.splitlines()
         assert shown[0].split() == ["Name", "State", "Lease", "TTL", "Active", "Jobs", "PID"]
@@ -283,7 +283,17 @@ async def test_fleet_pages_through_the_client_api(
     members: tuple[Jobd, Jobd], tmp_path: Path
 ) -> None:
     hv1, hv2 = members
-    began = [_begin_slow(m, tmp_path) for m in (hv1, hv2, hv1, hv2, hv1)]
+    backup = BACKUP_VDB.format(tag="paged")
+    began = [
+        _begin_slow(member, tmp_path, domain, xml)
+        for member, domain, xml in (
+            (hv1, "vm1", PULL_VDA),
+            (hv2, "vm1", PULL_VDA),
+            (hv1, "vm2", PULL_VDA),
+            (hv2, "vm2", PULL_VDA),
+            (hv1, "vm1", backup),
+        )
+    ]
     try:
         async with jobcore.connect(hv2.uri()) as conn:
             seen: list[str] = []
@@ -300,7 +310,7 @@ async def test_fleet_pages_through_the_client_api(
             assert [h.state for h in blocking.fleetHosts()] == [HostState.LIVE] * 2
             assert len(blocking.listFleetJobs(-1, 2)[0]) == 2
     finally:
-        for job in began:
+        for job in began:  # a member forwards a verb on another's job to its owner
             jobctl(hv1.uri(), "abort", job)
 
 
