@@ -6,6 +6,9 @@ served by jobd members sharing one PostgreSQL."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -250,6 +253,25 @@ def _until_state(member: Jobd, name: str, state: str) -> dict[str, Any]:
     raise AssertionError(f"{name} never became {state}: {row}")
 
 
+def _complete(member: Jobd, *words: str) -> list[str]:
+    """What shell completion offers after ``jobctl WORDS`` (click's bash protocol)."""
+    env = {
+        "_JOBCTL_COMPLETE": "bash_complete",
+        "COMP_WORDS": " ".join(["jobctl", *words]),
+        "COMP_CWORD": str(len(words)),
+        "JOBCORE_URI": member.uri(),
+    }
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("jobctl"))],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=30,
+        check=True,
+    )
+    return [line for line in done.stdout.splitlines() if line]
+
+
 def test_list_fleet_and_hosts_show_both_members(members: tuple[Jobd, Jobd], tmp_path: Path) -> None:
     hv1, hv2 = members
     jobs = {"hv1": _begin_slow(hv1, tmp_path), "hv2": _begin_slow(hv2, tmp_path)}
@@ -325,6 +347,9 @@ def test_a_killed_member_is_lost_then_fenced(members: tuple[Jobd, Jobd], tmp_pat
     assert (row["state"], row["host"], row["host_lost"]) == ("running", "hv2", True)
     line = next(x for x in jobctl(hv1.uri(), "list", "--fleet").stdout.splitlines() if job in x)
     assert line.split()[2:6] == ["hv2", "blockpull", "running", "LOST"], line
+    shown = jobctl(hv1.uri(), "info", job).stdout
+    assert "Host:          hv2 (not live: stopped or lease expired)" in shown, shown
+    assert _complete(hv1, "host", "fence", "hv") == ["plain,hv1", "plain,hv2"]
     # the read-only socket may look, never fence; a member never fences itself
     ro = jobctl(hv1.uri(readonly=True), "host", "fence", "hv2", "--reason", "power cut")
     assert ro.returncode == ExitCode.DENIED

@@ -136,7 +136,7 @@ def info_lines(info: JobInfo) -> Iterator[str]:
         ("UUID:", str(info.uuid)),
         ("Type:", str(info.type)),
         ("Domain:", info.domain),
-        ("Host:", info.host),
+        ("Host:", info.host + (" (not live: stopped or lease expired)" if info.host_lost else "")),
         ("State:", str(info.state)),
         (
             "Progress:",

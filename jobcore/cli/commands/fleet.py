@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from jobcore import constants as C
-from jobcore.cli.options import json_option
+from jobcore.cli.options import complete_host, json_option
 from jobcore.cli.render import hosts_table, print_json
 from jobcore.cli.session import run
 
@@ -36,7 +36,7 @@ def host() -> None:
 
 
 @host.command(name="fence")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_host)
 @click.option("--reason", metavar="TEXT", help="Why: the error its failed jobs carry.")
 @click.option(
     "--force",
