@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -165,17 +166,21 @@ class FleetCommands:
     async def _listen(
         self, stop: threading.Event, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        ready = threading.Event()
-
-        def started() -> None:
-            if not ready.is_set():
-                ready.set()
-                task_status.started()
-
-        # a thread of its own (not one of the default limiter's): it runs as long as jobd
-        await anyio.to_thread.run_sync(
-            self._listen_thread, stop, started, limiter=anyio.CapacityLimiter(1)
-        )
+        """The listener thread, started once it listens (or found the database away)."""
+        ready = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            # a thread of its own (not one of the default limiter's): it runs as long as jobd
+            tg.start_soon(
+                partial(
+                    anyio.to_thread.run_sync,
+                    self._listen_thread,
+                    stop,
+                    ready.set,
+                    limiter=anyio.CapacityLimiter(1),
+                )
+            )
+            await ready.wait()
+            task_status.started()
 
     def _listen_thread(self, stop: threading.Event, started: Callable[[], None]) -> None:
         """LISTEN on a connection of its own; hand each notification to the event loop.
@@ -502,8 +507,9 @@ class FleetCommands:
         if remote is None:
             raise NoSuchJob(f"no job with UUID '{job}' in the fleet")
         owner = remote.info.host
-        if owner != self.host:
-            await self._require_live(job, owner, verb)
+        if owner != self.host and remote.host_state is not HostState.LIVE:
+            info = await self.host_info(owner)
+            raise OperationInvalid(refusal(job, owner, info), job=job, verb=verb)
         cmd_id = await anyio.to_thread.run_sync(self._insert, owner, job, verb, args, timeout)
         answered = False
         try:
@@ -549,16 +555,16 @@ class FleetCommands:
     ) -> None:
         """OperationInvalid unless ``owner`` is live; ``pending``: the command waiting for
         it, taken back if the owner has not picked it up."""
-        found = await self.host_info(owner)
-        if found is not None and found.state is HostState.LIVE:
+        if await self.fleet.host_state(owner) is HostState.LIVE:
             return
-        why = refusal(job, owner, found)
+        why = refusal(job, owner, await self.host_info(owner))
         if pending is not None and not await anyio.to_thread.run_sync(self._withdraw, pending):
             why += f"; it had picked up '{verb}', which may or may not have taken effect"
         raise OperationInvalid(why, job=job, verb=verb)
 
     async def host_info(self, name: str) -> HostInfo | None:
-        """The member ``name`` (None: not a member)."""
+        """The member ``name`` (None: not a member); only when a refusal names it (it
+        counts every member's jobs)."""
         for info in await self.fleet.hosts():
             if info.name == name:
                 return info
@@ -624,6 +630,8 @@ class FleetCommands:
             watch.ended = info.state.terminal
             return
         if n <= watch.seen:
+            if watch.state is None:  # what the watcher knew (``since``) is the row's state
+                watch.state = info.state
             return
         seen = watch.seen
 
@@ -661,16 +669,16 @@ class FleetCommands:
             await self._hosts_wakeup.wait(self.fleet.lease_ttl / 2)
             if not self._watches:
                 continue
+            names = {w.host for ws in self._watches.values() for w in ws if w.host is not None}
             try:
-                hosts = {h.name: h for h in await self.fleet.hosts()}
+                states = {name: await self.fleet.host_state(name) for name in sorted(names)}
             except StoreError:
                 continue
             for watches in list(self._watches.values()):
                 for watch in watches:
-                    if watch.host is None or watch.ended or watch.state is None:
-                        continue
-                    found = hosts.get(watch.host)
-                    live = found is not None and found.state is HostState.LIVE
+                    if watch.host not in states or watch.ended or watch.state is None:
+                        continue  # (a watch that began meanwhile: at the next look)
+                    live = states[watch.host] is HostState.LIVE
                     if not live and not watch.lost_reported and watch.state.active:
                         watch.lost_reported = True
                         watch.hub.emit(
