@@ -35,6 +35,13 @@ BACKUP_VDA_TO = """<job type='backup'>
     <disk name='vda' type='file'><target file='/b/{tag}-vda.qcow2'/></disk>
   </disks></domainbackup>
 </job>"""
+#: a backup of vm1's vdb alone (beside a pull of its vda)
+BACKUP_VDB_ONLY = """<job type='backup'>
+  <domainbackup><disks>
+    <disk name='vdb' type='file'><target file='/b/{tag}-vdb.qcow2'/></disk>
+    <disk name='vda' backup='no'/>
+  </disks></domainbackup>
+</job>"""
 TERMINAL = ("completed", "failed", "cancelled")
 
 
@@ -160,7 +167,7 @@ def test_list_fleet_is_complete_from_every_member(jobd_fleet: JobdFleet) -> None
     for member in members:
         member.begin("vm1", PULL_VDA)
         member.begin("vm2", PULL_VDA)
-        done = member.begin("vm1", backup(f"{member.name}-done"))
+        done = member.begin("vm1", BACKUP_VDB_ONLY.format(tag=member.name))
         member.ok("abort", done)
         wait_until(partial(ended, member, done), f"{done} ended")
     rows = jobd_fleet.job_rows()
