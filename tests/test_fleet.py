@@ -75,7 +75,6 @@ def on_shared_storage(fleet: JobdFleet) -> tuple[str, str]:
     """Every member gets a domain ``s-NAME`` on one shared chain; the shared resource
     names of its top and base layers, as every member spells them."""
     from jobcore.fleet import SharedRoot, shared_resource
-
     from jobcore.scheduler import image_resource
 
     top, base = shared_chain(fleet)
