@@ -230,6 +230,38 @@ async def test_a_lost_owner_is_refused_by_name_and_answers_again_once_back(
             again.stop()
 
 
+async def test_a_subscriber_resumes_another_hosts_job_across_its_members_restart(
+    tmp_path: Path, pg_url: str, fleet2: tuple[Jobd, Jobd], job_on_hv1: uuid.UUID
+) -> None:
+    """The job ends while the subscriber's member is away: once it is back, the
+    resumed subscription gets the job's FINAL event from its row, once."""
+    hv1, hv2 = fleet2
+    u = job_on_hv1
+    async with jobcore.connect(hv2.uri()) as c2, jobcore.connect(hv1.uri()) as c1:
+        remote = await c2.lookup_job(u)
+        sub = c2.subscribe(job=u)
+        await c2.list_domains()
+        await remote.pause()
+        paused = await events_until(sub, EventKind.STATE)
+        assert paused[-1].state is JobState.PAUSED
+        hv2.proc.send_signal(signal.SIGKILL)
+        hv2.proc.wait(10)
+        hv2.stop()
+        theirs = c1.subscribe(job=u)
+        await (await c1.lookup_job(u)).abort()
+        want = await events_until(theirs, EventKind.FINAL)
+        back = member(tmp_path, "hv2", pg_url)
+        try:
+            got = await events_until(sub, EventKind.FINAL, timeout=90)  # reconnect included
+            assert numbered(got)[-1] == numbered(want)[-1]
+            assert [e.kind for e in got].count(EventKind.FINAL) == 1
+            assert got[-1].stats is not None and got[-1].stats["state"] == "cancelled"
+        finally:
+            sub.close()
+            theirs.close()
+            back.stop()
+
+
 async def test_an_unknown_job_is_no_such_job_on_every_member(fleet2: tuple[Jobd, Jobd]) -> None:
     _, hv2 = fleet2
     async with jobcore.connect(hv2.uri()) as c2:
