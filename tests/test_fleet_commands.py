@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -20,7 +20,7 @@ from jobd_helpers import Jobd
 import jobcore
 from jobcore.daemon.config import ConfigError, load_config
 from jobcore.errors import AccessDenied, NoSuchJob, OperationInvalid
-from jobcore.events import EventKind, JobEvent, Subscription
+from jobcore.events import EventHub, EventKind, JobEvent, Subscription
 from jobcore.fleet import Fleet, SharedRoot
 from jobcore.fleet_commands import FleetCommands
 from jobcore.info import HostState
@@ -60,10 +60,10 @@ def fleet2(tmp_path: Path, pg_url: str) -> Iterator[tuple[Jobd, Jobd]]:
         hv2.stop()
 
 
-async def until(what: str, check: object, timeout: float = 20.0) -> None:
-    """Poll the async ``check`` until it returns true (at most ``timeout`` s)."""
+async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Poll ``check`` until it returns true (at most ``timeout`` s)."""
     deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
+    while not await check():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         await anyio.sleep(0.1)
@@ -437,3 +437,78 @@ def test_jobd_refuses_a_bad_fleet_option_at_start(tmp_path: Path) -> None:
         assert daemon.proc.wait(30) == 2
         daemon.stop()
         assert named in daemon.log()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_watch_numbers_another_hosts_row_changes_and_reports_its_loss(
+    pg_url: str,
+) -> None:
+    """In-process: rows of a host 'ghost' changed by hand (with the notification its
+    commits send) become events numbered as the owner numbers them; its lease expiring
+    brings HOST_LOST; unwatching lets go."""
+    first, second = uuid.uuid4(), uuid.uuid4()
+    db = open_pg_database(pg_url, "watcher")
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO hosts (host, pid, joined, renewed, lease_ttl)"
+                " VALUES ('ghost', 1, now(), now(), 3600)"
+            )
+            for job in (first, second):
+                conn.execute(
+                    "INSERT INTO jobs (uuid, scope, type, domain, host, state, xml, claims,"
+                    " created, retention, event_seq) VALUES (%s, 'sim:///default', 'backup',"
+                    " 'vm1', 'ghost', 'running', %s, '[]', 0, 600, 1)",
+                    (str(job), backup(job)),
+                )
+
+            def change(job: uuid.UUID, state: str, seq: int) -> None:
+                conn.execute(
+                    "UPDATE jobs SET state = %s, event_seq = %s WHERE uuid = %s",
+                    (state, seq, str(job)),
+                )
+                conn.execute("SELECT pg_notify('jobcore_jobs', %s)", (f"{job} ghost {seq}",))
+
+            fleet = Fleet(db, lease_ttl=0.4)  # its watches look at hosts every 0.2 s
+            await anyio.to_thread.run_sync(fleet.join)
+            commands = FleetCommands(fleet)
+
+            async def execute(*args: object) -> None:
+                raise AssertionError(args)
+
+            hub = EventHub()
+            sub = hub.subscribe()
+            async with anyio.create_task_group() as tg:
+                await tg.start(commands.run, execute)
+                watch = commands.watch(first, hub, since=1)
+                change(first, "paused", 2)
+                ev = await _next(sub)
+                # (its previous state: what the watch read before, if it read in time)
+                assert (ev.kind, ev.state, ev.seq) == (EventKind.STATE, JobState.PAUSED, 2)
+                change(first, "cancelled", 4)  # its terminal STATE is 3, its FINAL 4
+                ended = [await _next(sub), await _next(sub)]
+                assert [(e.kind, e.state, e.previous, e.seq) for e in ended] == [
+                    (EventKind.STATE, JobState.CANCELLED, JobState.PAUSED, 3),
+                    (EventKind.FINAL, JobState.CANCELLED, None, 4),
+                ]
+                assert ended[1].stats is not None and ended[1].stats["state"] == "cancelled"
+                other = commands.watch(second, hub, since=1)
+                conn.execute("UPDATE hosts SET lease_ttl = 0.05 WHERE host = 'ghost'")
+                lost = await _next(sub)
+                assert (lost.kind, lost.job, lost.state) == (
+                    EventKind.HOST_LOST,
+                    second,
+                    JobState.RUNNING,
+                )
+                assert commands.watching == 2
+                watch()
+                other()
+                assert commands.watching == 0
+                tg.cancel_scope.cancel()
+    finally:
+        db.release()
+
+
+async def _next(sub: Subscription, timeout: float = 10) -> JobEvent:
+    with anyio.fail_after(timeout):
+        return await sub.get()
