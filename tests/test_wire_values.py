@@ -46,7 +46,7 @@ def wire(value: object) -> Any:
 
 def test_values_travel_as_their_fields_in_order() -> None:
     assert wire(INFO) == [
-        U.bytes, "backup", "vm1", "running", 1, 2, 3, 4.0, None, 5.5, None, 7, "hv1"
+        U.bytes, "backup", "vm1", "running", 1, 2, 3, 4.0, None, 5.5, None, 7, "hv1", False
     ]  # fmt: skip
     assert wire(DOMAIN) == [
         "vm1", U.bytes, [["vda", ["/a", "/b"], "qcow2", 1 << 30, [], "virtio"]], 512, True, "test"
