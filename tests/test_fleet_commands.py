@@ -123,6 +123,8 @@ async def test_a_job_of_another_member_is_found_and_steered(
         assert str(refused.value) == str(same.value)
         await remote.resume()
         assert (await local.info()).state is JobState.RUNNING
+        with pytest.raises(TimeoutError):  # as a local wait
+            await remote.wait(0.3)
         # a subscription on hv2 gets hv1's events of the job, numbered as hv1's own
         theirs = c1.subscribe(job=u)
         ours = c2.subscribe(job=u)
