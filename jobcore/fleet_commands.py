@@ -121,6 +121,29 @@ class _Watch:
     ended: bool = False
 
 
+@define(eq=False)
+class WatchHandle:
+    """One watch (``FleetCommands.watch``): calling it ends the watch."""
+
+    _commands: FleetCommands
+    _watch: _Watch
+
+    @property
+    def job(self) -> uuid.UUID:
+        return self._watch.job
+
+    def __call__(self) -> None:
+        self._commands._unwatch(self._watch)
+
+    def resume(self, seen: int) -> None:
+        """The watcher (a subscriber that reconnected) last saw event number ``seen``:
+        the job's newer events come again from its row (its FINAL if it ended meanwhile;
+        older ones are not repeated by a client that saw them)."""
+        watch = self._watch
+        watch.seen, watch.ended = seen, False
+        self._commands._look_again(watch.job)
+
+
 class FleetCommands:
     """The command and event paths between the members of one fleet (see the module's
     text). ``run`` serves this member's side; ``call`` and ``watch`` need it running."""
@@ -586,27 +609,27 @@ class FleetCommands:
 
     # ---- events of other hosts' jobs ----------------------------------------------------
 
-    def watch(
-        self, job: uuid.UUID, hub: EventHub, *, since: int | None = None
-    ) -> Callable[[], None]:
+    def watch(self, job: uuid.UUID, hub: EventHub, *, since: int | None = None) -> WatchHandle:
         """Events of another host's job into ``hub`` (``hub.emit``): STATE and FINAL as
         its row changes, HOST_LOST when its host's lease expires. ``since``: the last
         event number the watcher knows (None: the row's number when it is first read);
         nothing comes for a job of this host (its engine emits those). Returns the
-        function that ends the watch."""
+        function that ends the watch (a ``WatchHandle``)."""
         watch = _Watch(job, hub, since)
         self._watches.setdefault(job, []).append(watch)
+        self._look_again(job)
+        return WatchHandle(self, watch)
+
+    def _look_again(self, job: uuid.UUID) -> None:
         self._dirty.add(job)
         self._watch_wakeup.set()
 
-        def unwatch() -> None:
-            watches = self._watches.get(job)
-            if watches is not None and watch in watches:
-                watches.remove(watch)
-                if not watches:
-                    del self._watches[job]
-
-        return unwatch
+    def _unwatch(self, watch: _Watch) -> None:
+        watches = self._watches.get(watch.job)
+        if watches is not None and watch in watches:
+            watches.remove(watch)
+            if not watches:
+                del self._watches[watch.job]
 
     @property
     def watching(self) -> int:
@@ -614,8 +637,8 @@ class FleetCommands:
         return sum(map(len, self._watches.values()))
 
     async def _watch_loop(self) -> None:
-        while True:
-            await self._watch_wakeup.wait()
+        while True:  # (rows that could not be read are read again after POLL_INTERVAL)
+            await self._watch_wakeup.wait(POLL_INTERVAL if self._dirty else None)
             jobs, self._dirty = self._dirty, set()
             for job in jobs:
                 if job not in self._watches:
@@ -627,8 +650,6 @@ class FleetCommands:
                     continue
                 for watch in list(self._watches.get(job, ())):
                     self._apply(watch, remote)
-            if self._dirty:
-                await anyio.sleep(POLL_INTERVAL)
 
     def _apply(self, watch: _Watch, remote: RemoteJob | None) -> None:
         """The events ``watch`` gets from its job's row as it is now."""

@@ -9,18 +9,19 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
 import psycopg
 import pytest
 from jobd_helpers import Jobd
+from pg_helpers import PgServer
 
 import jobcore
 from jobcore.daemon.config import ConfigError, load_config
-from jobcore.errors import AccessDenied, NoSuchJob, OperationInvalid
-from jobcore.events import EventKind, JobEvent, Subscription
+from jobcore.errors import AccessDenied, NoSuchJob, OperationInvalid, StoreError
+from jobcore.events import EventHub, EventKind, JobEvent, Subscription
 from jobcore.fleet import Fleet, SharedRoot
 from jobcore.fleet_commands import FleetCommands
 from jobcore.info import HostState
@@ -60,10 +61,10 @@ def fleet2(tmp_path: Path, pg_url: str) -> Iterator[tuple[Jobd, Jobd]]:
         hv2.stop()
 
 
-async def until(what: str, check: object, timeout: float = 20.0) -> None:
-    """Poll the async ``check`` until it returns true (at most ``timeout`` s)."""
+async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Poll ``check`` until it returns true (at most ``timeout`` s)."""
     deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
+    while not await check():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         await anyio.sleep(0.1)
@@ -123,6 +124,8 @@ async def test_a_job_of_another_member_is_found_and_steered(
         assert str(refused.value) == str(same.value)
         await remote.resume()
         assert (await local.info()).state is JobState.RUNNING
+        with pytest.raises(TimeoutError):  # as a local wait
+            await remote.wait(0.3)
         # a subscription on hv2 gets hv1's events of the job, numbered as hv1's own
         theirs = c1.subscribe(job=u)
         ours = c2.subscribe(job=u)
@@ -228,6 +231,73 @@ async def test_a_lost_owner_is_refused_by_name_and_answers_again_once_back(
         finally:
             sub.close()
             again.stop()
+
+
+async def test_a_subscriber_resumes_another_hosts_job_across_its_members_restart(
+    tmp_path: Path, pg_url: str, fleet2: tuple[Jobd, Jobd], job_on_hv1: uuid.UUID
+) -> None:
+    """The job ends while the subscriber's member is away: once it is back, the
+    resumed subscription gets the job's FINAL event from its row, once."""
+    hv1, hv2 = fleet2
+    u = job_on_hv1
+    async with jobcore.connect(hv2.uri()) as c2, jobcore.connect(hv1.uri()) as c1:
+        remote = await c2.lookup_job(u)
+        sub = c2.subscribe(job=u)
+        await c2.list_domains()
+        await remote.pause()
+        paused = await events_until(sub, EventKind.STATE)
+        assert paused[-1].state is JobState.PAUSED
+        hv2.proc.send_signal(signal.SIGKILL)
+        hv2.proc.wait(10)
+        hv2.stop()
+        theirs = c1.subscribe(job=u)
+        await (await c1.lookup_job(u)).abort()
+        want = await events_until(theirs, EventKind.FINAL)
+        back = member(tmp_path, "hv2", pg_url)
+        try:
+            got = await events_until(sub, EventKind.FINAL, timeout=90)  # reconnect included
+            assert numbered(got)[-1] == numbered(want)[-1]
+            assert [e.kind for e in got].count(EventKind.FINAL) == 1
+            assert got[-1].stats is not None and got[-1].stats["state"] == "cancelled"
+        finally:
+            sub.close()
+            theirs.close()
+            back.stop()
+
+
+async def test_commands_and_events_carry_on_after_the_database_restarts(
+    tmp_path: Path, private_pg: PgServer
+) -> None:
+    """Each member's listener connects again by itself (its polls meanwhile)."""
+    url = private_pg.create_database()
+    hv1, hv2 = member(tmp_path, "hv1", url), member(tmp_path, "hv2", url)
+    try:
+        u = uuid.uuid4()
+        async with jobcore.connect(hv1.uri(SLOW)) as c1:
+            await (await c1.lookup_domain("vm1")).job_begin(backup(u))
+            private_pg.stop()
+            await anyio.sleep(1.5)  # an outage the listeners notice (they look every 0.5 s)
+            private_pg.start()
+            async with jobcore.connect(hv2.uri()) as c2:
+
+                async def steered() -> bool:
+                    try:
+                        await (await c2.lookup_job(u)).pause()
+                    except (OperationInvalid, StoreError):  # hv1 not renewed yet; the pool
+                        return False
+                    return True
+
+                await until("a verb through hv2 after the restart", steered, timeout=60)
+                sub = c2.subscribe(job=u)
+                await c2.list_domains()
+                await (await c1.lookup_job(u)).abort()  # on hv1 itself: hv2 hears of it
+                final = await events_until(sub, EventKind.FINAL)
+                assert final[-1].state is JobState.CANCELLED
+                sub.close()
+        assert "fleet notifications lost" in hv2.log() and "fleet notifications back" in hv2.log()
+    finally:
+        hv1.stop()
+        hv2.stop()
 
 
 async def test_an_unknown_job_is_no_such_job_on_every_member(fleet2: tuple[Jobd, Jobd]) -> None:
@@ -405,3 +475,78 @@ def test_jobd_refuses_a_bad_fleet_option_at_start(tmp_path: Path) -> None:
         assert daemon.proc.wait(30) == 2
         daemon.stop()
         assert named in daemon.log()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_watch_numbers_another_hosts_row_changes_and_reports_its_loss(
+    pg_url: str,
+) -> None:
+    """In-process: rows of a host 'ghost' changed by hand (with the notification its
+    commits send) become events numbered as the owner numbers them; its lease expiring
+    brings HOST_LOST; unwatching lets go."""
+    first, second = uuid.uuid4(), uuid.uuid4()
+    db = open_pg_database(pg_url, "watcher")
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO hosts (host, pid, joined, renewed, lease_ttl)"
+                " VALUES ('ghost', 1, now(), now(), 3600)"
+            )
+            for job in (first, second):
+                conn.execute(
+                    "INSERT INTO jobs (uuid, scope, type, domain, host, state, xml, claims,"
+                    " created, retention, event_seq) VALUES (%s, 'sim:///default', 'backup',"
+                    " 'vm1', 'ghost', 'running', %s, '[]', 0, 600, 1)",
+                    (str(job), backup(job)),
+                )
+
+            def change(job: uuid.UUID, state: str, seq: int) -> None:
+                conn.execute(
+                    "UPDATE jobs SET state = %s, event_seq = %s WHERE uuid = %s",
+                    (state, seq, str(job)),
+                )
+                conn.execute("SELECT pg_notify('jobcore_jobs', %s)", (f"{job} ghost {seq}",))
+
+            fleet = Fleet(db, lease_ttl=0.4)  # its watches look at hosts every 0.2 s
+            await anyio.to_thread.run_sync(fleet.join)
+            commands = FleetCommands(fleet)
+
+            async def execute(*args: object) -> None:
+                raise AssertionError(args)
+
+            hub = EventHub()
+            sub = hub.subscribe()
+            async with anyio.create_task_group() as tg:
+                await tg.start(commands.run, execute)
+                watch = commands.watch(first, hub, since=1)
+                change(first, "paused", 2)
+                ev = await _next(sub)
+                # (its previous state: what the watch read before, if it read in time)
+                assert (ev.kind, ev.state, ev.seq) == (EventKind.STATE, JobState.PAUSED, 2)
+                change(first, "cancelled", 4)  # its terminal STATE is 3, its FINAL 4
+                ended = [await _next(sub), await _next(sub)]
+                assert [(e.kind, e.state, e.previous, e.seq) for e in ended] == [
+                    (EventKind.STATE, JobState.CANCELLED, JobState.PAUSED, 3),
+                    (EventKind.FINAL, JobState.CANCELLED, None, 4),
+                ]
+                assert ended[1].stats is not None and ended[1].stats["state"] == "cancelled"
+                other = commands.watch(second, hub, since=1)
+                conn.execute("UPDATE hosts SET lease_ttl = 0.05 WHERE host = 'ghost'")
+                lost = await _next(sub)
+                assert (lost.kind, lost.job, lost.state) == (
+                    EventKind.HOST_LOST,
+                    second,
+                    JobState.RUNNING,
+                )
+                assert commands.watching == 2
+                watch()
+                other()
+                assert commands.watching == 0
+                tg.cancel_scope.cancel()
+    finally:
+        db.release()
+
+
+async def _next(sub: Subscription, timeout: float = 10) -> JobEvent:
+    with anyio.fail_after(timeout):
+        return await sub.get()
