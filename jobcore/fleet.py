@@ -297,7 +297,8 @@ class Fleet:
 
     async def fence(self, name: str, reason: str | None, *, force: bool = False) -> HostInfo:
         """Fence a lost member, in one transaction: its shared claims released, its
-        active jobs failed with the reason (event_seq + 1, notified). Refused for this
+        active jobs failed with the reason (event_seq + 2: the terminal STATE event and
+        the FINAL one, as a member numbers its own end; notified). Refused for this
         member itself or a name that is no member (InvalidArgument), and for a LIVE one
         unless ``force`` (OperationInvalid). The operator makes sure the host is down."""
         if not isinstance(name, str) or not name:
@@ -335,7 +336,7 @@ class Fleet:
                 " ended = extract(epoch FROM clock_timestamp()),"
                 " elapsed = extract(epoch FROM clock_timestamp()) - created,"
                 " expires = extract(epoch FROM clock_timestamp()) + retention,"
-                " event_seq = event_seq + 1 WHERE host = %s AND state = ANY(%s)"
+                " event_seq = event_seq + 2 WHERE host = %s AND state = ANY(%s)"
                 " RETURNING uuid, event_seq",
                 (why, name, _ACTIVE),
             ).fetchall()
