@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 from attrs import frozen
 
+from jobcore.driver import FleetPeers
 from jobcore.errors import InvalidArgument, JobError, OperationInvalid, StoreError
 from jobcore.info import HostInfo, HostState, JobInfo
 from jobcore.lifecycle import LEGACY_JOB_TYPE, JobState
@@ -97,6 +98,10 @@ class FleetView(Protocol):
     async def fence(self, name: str, reason: str | None, *, force: bool = False) -> HostInfo: ...
 
     async def jobs_page(self, after: int, limit: int) -> tuple[list[JobInfo], int | None]: ...
+
+    def peers(self) -> FleetPeers:
+        """What this member's driver connections get as ``fleet_peers``."""
+        ...
 
 
 def _host_state(left: bool, fenced: bool, age: float, ttl: float) -> HostState:
