@@ -1,0 +1,462 @@
+"""Issue 12's soak: members of one PostgreSQL fleet and PostgreSQL itself killed at random
+moments, cycle after cycle, while sim jobs are begun and aborted from every member
+(design/fleet.md "Property kit and soak").
+
+Each cycle does random work on the members (begins of sim backups and block pulls, on
+domains whose images are on a shared root of every member in the fleet variant, so their
+claims meet; aborts; a begin whose reply is never read), then kills, at a random moment,
+one member (SIGKILL), PostgreSQL (``pg_ctl stop -m immediate``: every backend dies at
+once, no checkpoint) or both, and starts them again on the same directories. After each
+cycle:
+
+- no record is lost: every job whose begin returned is found by UUID (on some member), in
+  a state its last known one can lead to; a begin refused with an error left no job, or
+  a failed one that never ran; an in-flight begin left a whole job or none;
+- in the fleet variant, a thread samples the ``claims`` table (joined with ``jobs``, one
+  snapshot per query) many times a second through the whole run, outages included: no
+  two jobs ever hold conflicting modes (``jobcore.scheduler.CONFLICTS``) on one resource,
+  no claim belongs to a job without a row or to an ended job; and in the end, every job
+  ended, no claim is left.
+
+Knobs: ``JOBCORE_FLEET_SOAK_CYCLES`` (default 6), ``JOBCORE_FLEET_SOAK_SEED`` (default
+random; every failure message names it)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from jobd_helpers import Jobd
+from pg_helpers import PgServer, pg_bin
+from test_kill_soak import LATER, CallFailed, Client
+
+from jobcore.info import JobInfo
+from jobcore.lifecycle import TRANSITIONS, JobState
+from jobcore.methods import Method
+from jobcore.scheduler import CONFLICTS, Mode
+
+S = JobState
+MiB = 1 << 20
+CYCLES = int(os.environ.get("JOBCORE_FLEET_SOAK_CYCLES", "6"))
+SEED = int(os.environ.get("JOBCORE_FLEET_SOAK_SEED") or random.SystemRandom().randrange(1 << 32))
+#: sim jobs run a few seconds (a backup of vdb, 512 MiB: 4 s; a pull of vda: longer)
+RATE = 128 * MiB
+WORLD = "soak"
+#: where the sim driver keeps its domains' images (drivers/sim/world.py)
+SIM_IMAGES = "/var/lib/sim"
+
+
+def _reachable(state: JobState) -> frozenset[JobState]:
+    """Every state ``TRANSITIONS`` leads to from ``state`` (itself included)."""
+    seen, todo = {state}, [state]
+    while todo:
+        for nxt in TRANSITIONS[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return frozenset(seen)
+
+
+def _kill_pg(server: PgServer) -> None:
+    """Every backend of the server killed at once, no shutdown checkpoint (crash recovery
+    at the next start)."""
+    server._run(pg_bin("pg_ctl"), "-D", str(server.data), "-m", "immediate", "-w", "stop")
+
+
+class Member:
+    """One jobd of the fleet, on its own run directory, with its own ``--host``."""
+
+    def __init__(self, soak: Soak, name: str) -> None:
+        self.soak, self.name = soak, name
+        self.run_dir = soak.tmp / name
+        self.jobd: Jobd | None = None
+        self.client: Client | None = None
+        self.incarnation = 0
+
+    @property
+    def uri(self) -> str:
+        return f"sim:///{WORLD}?rate={RATE}"
+
+    def start(self) -> None:
+        self.incarnation += 1
+        self.jobd = Jobd(
+            self.run_dir,
+            "--store", self.soak.url, "--host", self.name, "--allow-uri", "sim:///*",
+            *self.soak.member_args,
+        )  # fmt: skip
+        self.jobd.wait_ready(30)
+        self.client = Client(self.jobd.sock, self.uri)
+
+    def kill(self) -> None:
+        assert self.jobd is not None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.jobd.proc.send_signal(signal.SIGKILL)
+        self.jobd.proc.wait(10)
+        self.jobd.stop()
+        self._keep_log()
+
+    def _keep_log(self) -> None:
+        assert self.jobd is not None
+        log = self.soak.logs / f"{self.name}-{self.incarnation:02d}.log"
+        with contextlib.suppress(OSError):
+            log.write_bytes(self.jobd.log_path.read_bytes())
+
+    def stop(self) -> int:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.jobd is None:
+            return 0
+        code = self.jobd.stop()
+        self._keep_log()
+        return code
+
+    def c(self) -> Client:
+        assert self.client is not None, f"member {self.name} is down"
+        return self.client
+
+
+class ClaimSampler:
+    """A thread reading the ``claims`` table (with each claim's job row) over and over,
+    through outages (it reconnects), recording what must never be seen."""
+
+    QUERY = (
+        "SELECT c.resource, c.mode, c.job, c.host, j.state "
+        "FROM claims c LEFT JOIN jobs j ON j.uuid = c.job"
+    )
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.samples = 0
+        self.held = 0  # samples in which some shared claim was held
+        self.violations: list[str] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="claim sampler")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
+                rows = conn.execute(self.QUERY).fetchall()
+            except psycopg.Error:  # the server is down (killed): sample again once it is up
+                if conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.close()
+                conn = None
+                self._stop.wait(0.05)
+                continue
+            self.samples += 1
+            self.held += bool(rows)
+            self.check(rows)
+            self._stop.wait(0.01)
+        if conn is not None:
+            conn.close()
+
+    def check(self, rows: list[tuple[str, str, str, str, str | None]]) -> None:
+        by_resource: dict[str, list[tuple[str, Mode, str]]] = {}
+        for resource, mode, job, host, state in rows:
+            if state is None:
+                self.violations.append(f"{resource} held ({mode}) by {job} on {host}: no row")
+            elif JobState(state).terminal:
+                self.violations.append(f"{resource} held ({mode}) by {job} on {host}: {state}")
+            by_resource.setdefault(resource, []).append((job, Mode(mode), host))
+        for resource, holders in by_resource.items():
+            for i, (job_a, mode_a, host_a) in enumerate(holders):
+                for job_b, mode_b, host_b in holders[i + 1 :]:
+                    if job_a != job_b and mode_b in CONFLICTS[mode_a]:
+                        self.violations.append(
+                            f"{resource}: {job_a} on {host_a} holds {mode_a}, "
+                            f"{job_b} on {host_b} holds {mode_b}"
+                        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+
+BACKUP = (
+    "<job type='backup'><uuid>{job}</uuid><domainbackup><disks>"
+    "<disk name='{disk}' type='file'><target file='/b/{job}.{disk}'/></disk>"
+    "{other}</disks></domainbackup></job>"
+)
+BLOCKPULL = "<job type='blockpull'><uuid>{job}</uuid><disk name='vda'/></job>"
+
+
+class Soak:
+    def __init__(self, tmp: Path, server: PgServer, *, members: int, fleet: bool) -> None:
+        self.tmp, self.server, self.fleet = tmp, server, fleet
+        self.rng = random.Random(SEED)
+        self.url = server.create_database()
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+        #: the fleet variant: the sim images are on a root every member shares
+        self.member_args: tuple[str, ...] = (
+            ("--shared-root", f"sim={SIM_IMAGES}", "--lease-ttl", "2") if fleet else ()
+        )
+        self.members = [Member(self, f"hv{i + 1}") for i in range(members)]
+        #: every job whose begin returned: its member and its last state seen
+        self.jobs: dict[uuid.UUID, tuple[Member, JobInfo]] = {}
+        #: jobs with a verb whose answer was lost: any state their last one leads to
+        self.uncertain: set[uuid.UUID] = set()
+        #: begins refused with an error: no job, or a failed one that never ran
+        self.refused: dict[uuid.UUID, Member] = {}
+        #: begins whose answer was lost (a kill): a whole job or none
+        self.in_flight: dict[uuid.UUID, Member] = {}
+        self.sampler = ClaimSampler(self.url) if fleet else None
+        self.cycle = 0
+        self.what = "setup"
+        self.counts: Counter[str] = Counter()
+
+    def where(self) -> str:
+        return (
+            f"seed {SEED} (JOBCORE_FLEET_SOAK_SEED={SEED}), cycle {self.cycle}, {self.what}; "
+            f"logs in {self.logs}"
+        )
+
+    def check(self, cond: object, what: str) -> None:
+        if not cond:
+            raise AssertionError(f"{what} [{self.where()}]")
+
+    def up(self) -> list[Member]:
+        return [m for m in self.members if m.client is not None]
+
+    # ---- work -----------------------------------------------------------------------
+
+    def xml(self, job: uuid.UUID) -> tuple[str, str]:
+        domain = self.rng.choice(("vm1", "vm2"))
+        kind = self.rng.random()
+        if kind < 0.3:
+            return domain, BLOCKPULL.format(job=job)
+        disk, other = ("vda", "vdb") if kind < 0.6 else ("vdb", "vda")
+        return domain, BACKUP.format(job=job, disk=disk, other=f"<disk name='{other}' backup='no'/>")
+
+    def begin(self, member: Member) -> None:
+        job = uuid.uuid4()
+        domain, xml = self.xml(job)
+        try:
+            member.c().begin(domain, xml)
+        except CallFailed as exc:
+            self.counts[f"begin refused: {exc.name}"] += 1
+            self.refused[job] = member
+            if exc.name == "JobConflict" and self.fleet:
+                self.check(" on host '" in str(exc), f"a conflict names no host: {exc}")
+            return
+        self.jobs[job] = (member, member.c().info(job))
+        self.counts["begun"] += 1
+
+    def abort(self, member: Member) -> None:
+        active = [j for j, (m, info) in self.jobs.items() if info.state.active and m is member]
+        if not active:
+            return
+        job = self.rng.choice(active)
+        try:
+            member.c().call(Method.JOB_ABORT, job)
+            self.counts["aborted"] += 1
+        except CallFailed:
+            self.counts["abort refused"] += 1
+        self.jobs[job] = (member, member.c().info(job))
+
+    def work(self, steps: int) -> None:
+        for _ in range(steps):
+            up = self.up()
+            if not up:
+                return
+            member = self.rng.choice(up)
+            if self.rng.random() < 0.7:
+                self.begin(member)
+            else:
+                self.abort(member)
+            time.sleep(self.rng.uniform(0, 0.05))
+
+    def begin_unanswered(self, member: Member) -> None:
+        """A begin sent and its answer never read (the kill follows)."""
+        job = uuid.uuid4()
+        domain, xml = self.xml(job)
+        member.c().raw.request("job_begin", domain, xml, 0)
+        self.in_flight[job] = member
+
+    # ---- kills ------------------------------------------------------------------------
+
+    def kill_cycle(self) -> None:
+        what = self.rng.choice(("member", "postgresql", "both"))
+        victim = self.rng.choice(self.members)
+        self.what = f"kill {what}" + (f" ({victim.name})" if what != "postgresql" else "")
+        self.counts[self.what.split(" (")[0]] += 1
+        self.work(self.rng.randrange(2, 8))
+        if what != "postgresql" and self.rng.random() < 0.5:
+            self.begin_unanswered(victim)
+            time.sleep(self.rng.uniform(0, 0.03))
+        if what != "member":
+            _kill_pg(self.server)
+            self.work(self.rng.randrange(0, 4))  # members without their database
+        if what != "postgresql":
+            victim.kill()
+            self.work(self.rng.randrange(0, 3))  # the others go on
+        if what != "member":
+            time.sleep(self.rng.uniform(0, 0.3))
+            self.server.start()
+        if what != "postgresql":
+            victim.start()
+        self.settle()
+        self.verify()
+
+    def settle(self) -> None:
+        """Until every member begins jobs again (its pool has reconnected)."""
+        deadline = time.monotonic() + 30
+        for member in self.members:
+            while True:
+                try:
+                    member.c().call(Method.LOOKUP_DOMAIN, "vm1")
+                    job = uuid.uuid4()
+                    member.c().begin("vm2", BACKUP.format(job=job, disk="vdb", other=""))
+                except CallFailed as exc:
+                    self.check(time.monotonic() < deadline, f"{member.name} stays refusing: {exc}")
+                    time.sleep(0.1)
+                    continue
+                self.jobs[job] = (member, member.c().info(job))
+                member.c().call(Method.JOB_ABORT, job)
+                self.jobs[job] = (member, member.c().info(job))
+                break
+
+    # ---- checks -----------------------------------------------------------------------
+
+    def find(self, job: uuid.UUID, owner: Member) -> JobInfo | None:
+        """The job's info from its owner, and (fleet) from another member too."""
+        try:
+            info = owner.c().info(job)
+        except CallFailed as exc:
+            self.check(exc.name == "NoSuchJob", f"job {job}: {exc}")
+            return None
+        if self.fleet:
+            for other in self.members:
+                if other is not owner:
+                    there = other.c().info(job)
+                    self.check(
+                        there.host == owner.name and there.state.terminal == info.state.terminal
+                        or there.state.active,
+                        f"job {job} of {owner.name}: {other.name} says {there}, owner {info}",
+                    )
+        return info
+
+    def verify(self) -> None:
+        for job, (member, before) in list(self.jobs.items()):
+            now = self.find(job, member)
+            self.check(now is not None, f"job {job} ({before.type}, was {before.state}) lost")
+            assert now is not None
+            if before.state.terminal:
+                self.check(
+                    (now.state, now.errmsg) == (before.state, before.errmsg),
+                    f"ended job {job} changed: {before} -> {now}",
+                )
+            elif job in self.uncertain:
+                self.check(now.state in _reachable(before.state), f"job {job}: {before} -> {now}")
+            else:
+                self.check(
+                    now.state in LATER[before.state] or now.state is S.FAILED and self._lost_db(now),
+                    f"job {job} ({now.type} on {member.name}) was {before.state}, now "
+                    f"{now.state} ({now.errmsg})",
+                )
+            self.jobs[job] = (member, now)
+        for job, member in list(self.refused.items()):
+            info = self.find(job, member)
+            self.check(
+                info is None or info.state is S.FAILED and not info.processed,
+                f"a refused begin left job {job}: {info}",
+            )
+            self.counts["refused: none" if info is None else "refused: failed"] += 1
+            del self.refused[job]
+        for job, member in list(self.in_flight.items()):
+            info = self.find(job, member)
+            self.counts[f"in flight: {'none' if info is None else info.state}"] += 1
+            if info is not None:
+                self.check(
+                    info.state in LATER[S.RUNNING] or info.state is S.FAILED,
+                    f"in-flight begin {job}: {info}",
+                )
+                self.jobs[job] = (member, info)
+            del self.in_flight[job]
+        if self.sampler is not None:
+            self.check(not self.sampler.violations, f"claims: {self.sampler.violations[:5]}")
+
+    def _lost_db(self, info: JobInfo) -> bool:
+        """A job may fail when the database's loss kept its state from being written."""
+        return "job store" in (info.errmsg or "")
+
+    def finish(self) -> None:
+        """Every job ends; their claims go with them."""
+        self.what = "the end"
+        for job, (member, info) in list(self.jobs.items()):
+            if info.state.active:
+                with contextlib.suppress(CallFailed):
+                    member.c().call(Method.JOB_ABORT, job)
+            done = member.c().wait(job, 60)
+            self.check(done.state.terminal, f"job {job} did not end: {done}")
+            self.jobs[job] = (member, done)
+        self.verify()
+        if self.sampler is not None:
+            deadline = time.monotonic() + 10
+            while True:
+                with psycopg.connect(self.url, autocommit=True) as conn:
+                    left = conn.execute(ClaimSampler.QUERY).fetchall()
+                if not left or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            self.check(not left, f"claims left after every job ended: {left}")
+
+
+@pytest.fixture
+def server() -> Iterator[PgServer]:
+    pg = PgServer()
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+def _soak(tmp: Path, server: PgServer, *, members: int, fleet: bool) -> Soak:
+    soak = Soak(tmp, server, members=members, fleet=fleet)
+    started = time.monotonic()
+    try:
+        for m in soak.members:
+            m.start()
+        if soak.sampler is not None:
+            soak.sampler.start()
+        for cycle in range(1, CYCLES + 1):
+            soak.cycle = cycle
+            soak.kill_cycle()
+        soak.finish()
+        for m in soak.members:
+            soak.check(m.stop() == 0, f"{m.name} did not stop cleanly")
+    finally:
+        if soak.sampler is not None:
+            soak.sampler.stop()
+        for m in soak.members:
+            with contextlib.suppress(Exception):
+                m.stop()
+    print(f"fleet soak: {CYCLES} cycles, seed {SEED}, {time.monotonic() - started:.1f} s")
+    for what, count in sorted(soak.counts.items()):
+        print(f"  {what:32} {count}")
+    return soak
+
+
+def test_members_and_postgresql_killed_lose_no_record(tmp_path: Path, server: PgServer) -> None:
+    soak = _soak(tmp_path, server, members=2, fleet=False)
+    assert soak.counts["begun"] > 0
