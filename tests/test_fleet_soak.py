@@ -31,10 +31,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 from jobd_helpers import Jobd
@@ -129,6 +130,20 @@ class Member:
         return self.client
 
 
+@attrs.define
+class Record:
+    """A job whose begin returned: what was last seen of it, and the last of that which a
+    later commit on its member covers (``durable``: a kill of the member may take it back
+    there, as what it wrote since may not have landed)."""
+
+    member: Member
+    latest: JobInfo
+    durable: JobState = S.RUNNING  # its row as the begin inserted it
+    durable_info: JobInfo | None = None
+    #: a verb was sent since ``durable``: any state it leads to may come back
+    verb: bool = False
+
+
 class ClaimSampler:
     """A thread reading the ``claims`` table (with each claim's job row) over and over,
     through outages (it reconnects), recording what must never be seen."""
@@ -212,10 +227,8 @@ class Soak:
             ("--shared-root", f"sim={SIM_IMAGES}", "--lease-ttl", "2") if fleet else ()
         )
         self.members = [Member(self, f"hv{i + 1}") for i in range(members)]
-        #: every job whose begin returned: its member and its last state seen
-        self.jobs: dict[uuid.UUID, tuple[Member, JobInfo]] = {}
-        #: jobs with a verb whose answer was lost: any state their last one leads to
-        self.uncertain: set[uuid.UUID] = set()
+        #: every job whose begin returned
+        self.jobs: dict[uuid.UUID, Record] = {}
         #: begins refused with an error: no job, or a failed one that never ran
         self.refused: dict[uuid.UUID, Member] = {}
         #: begins whose answer was lost (a kill): a whole job or none
@@ -246,11 +259,16 @@ class Soak:
         if kind < 0.3:
             return domain, BLOCKPULL.format(job=job)
         disk, other = ("vda", "vdb") if kind < 0.6 else ("vdb", "vda")
-        return domain, BACKUP.format(job=job, disk=disk, other=f"<disk name='{other}' backup='no'/>")
+        return domain, BACKUP.format(
+            job=job, disk=disk, other=f"<disk name='{other}' backup='no'/>"
+        )
 
     def begin(self, member: Member) -> None:
         job = uuid.uuid4()
         domain, xml = self.xml(job)
+        # everything seen before this begin was committed when it returns: its insert
+        # commits after every write its member queued before (design/store.md)
+        seen = {j: r.latest for j, r in self.jobs.items() if r.member is member}
         try:
             member.c().begin(domain, xml)
         except CallFailed as exc:
@@ -259,20 +277,24 @@ class Soak:
             if exc.name == "JobConflict" and self.fleet:
                 self.check(" on host '" in str(exc), f"a conflict names no host: {exc}")
             return
-        self.jobs[job] = (member, member.c().info(job))
+        for j, latest in seen.items():
+            rec = self.jobs[j]
+            rec.durable, rec.durable_info, rec.verb = latest.state, latest, False
+        self.jobs[job] = Record(member, member.c().info(job))
         self.counts["begun"] += 1
 
     def abort(self, member: Member) -> None:
-        active = [j for j, (m, info) in self.jobs.items() if info.state.active and m is member]
+        active = [j for j, r in self.jobs.items() if r.latest.state.active and r.member is member]
         if not active:
             return
         job = self.rng.choice(active)
+        self.jobs[job].verb = True
         try:
             member.c().call(Method.JOB_ABORT, job)
             self.counts["aborted"] += 1
         except CallFailed:
             self.counts["abort refused"] += 1
-        self.jobs[job] = (member, member.c().info(job))
+        self.jobs[job].latest = member.c().info(job)
 
     def work(self, steps: int) -> None:
         for _ in range(steps):
@@ -307,7 +329,9 @@ class Soak:
         if what != "member":
             _kill_pg(self.server)
             self.work(self.rng.randrange(0, 4))  # members without their database
+        killed: set[str] = set()
         if what != "postgresql":
+            killed.add(victim.name)
             victim.kill()
             self.work(self.rng.randrange(0, 3))  # the others go on
         if what != "member":
@@ -316,7 +340,7 @@ class Soak:
         if what != "postgresql":
             victim.start()
         self.settle()
-        self.verify()
+        self.verify(killed)
 
     def settle(self) -> None:
         """Until every member begins jobs again (its pool has reconnected)."""
@@ -331,9 +355,8 @@ class Soak:
                     self.check(time.monotonic() < deadline, f"{member.name} stays refusing: {exc}")
                     time.sleep(0.1)
                     continue
-                self.jobs[job] = (member, member.c().info(job))
                 member.c().call(Method.JOB_ABORT, job)
-                self.jobs[job] = (member, member.c().info(job))
+                self.jobs[job] = Record(member, member.c().info(job), verb=True)
                 break
 
     # ---- checks -----------------------------------------------------------------------
@@ -348,37 +371,46 @@ class Soak:
         if self.fleet:
             for other in self.members:
                 if other is not owner:
-                    there = other.c().info(job)
+                    there = other.c().info(job)  # from its row: it may lag behind
                     self.check(
-                        there.host == owner.name and there.state.terminal == info.state.terminal
-                        or there.state.active,
+                        there.host == owner.name and info.state in _reachable(there.state),
                         f"job {job} of {owner.name}: {other.name} says {there}, owner {info}",
                     )
         return info
 
-    def verify(self) -> None:
-        for job, (member, before) in list(self.jobs.items()):
-            now = self.find(job, member)
-            self.check(now is not None, f"job {job} ({before.type}, was {before.state}) lost")
+    def verify(self, killed: Collection[str] = ()) -> None:
+        """Each job's state now against what was seen of it: the last state seen on a
+        member that lived on (which kept its writes through an outage), the last
+        committed one on a member that was killed."""
+        for job, rec in self.jobs.items():
+            now = self.find(job, rec.member)
+            self.check(now is not None, f"job {job} ({rec.latest.type}, {rec}) lost")
             assert now is not None
-            if before.state.terminal:
-                self.check(
-                    (now.state, now.errmsg) == (before.state, before.errmsg),
-                    f"ended job {job} changed: {before} -> {now}",
-                )
-            elif job in self.uncertain:
-                self.check(now.state in _reachable(before.state), f"job {job}: {before} -> {now}")
+            if rec.member.name in killed:
+                before, info, verb = rec.durable, rec.durable_info, rec.verb
             else:
+                before, info, verb = rec.latest.state, rec.latest, False
+            if before.terminal:
+                assert info is not None
                 self.check(
-                    now.state in LATER[before.state] or now.state is S.FAILED and self._lost_db(now),
-                    f"job {job} ({now.type} on {member.name}) was {before.state}, now "
+                    (now.state, now.errmsg) == (info.state, info.errmsg),
+                    f"ended job {job} changed: {info} -> {now}",
+                )
+            else:
+                allowed = _reachable(before) if verb else LATER[before]
+                self.check(
+                    now.state in allowed,
+                    f"job {job} ({now.type} on {rec.member.name}) was {before} "
+                    f"({'a verb since, ' if verb else ''}last seen {rec.latest.state}), now "
                     f"{now.state} ({now.errmsg})",
                 )
-            self.jobs[job] = (member, now)
+            if rec.latest.state is not now.state:
+                self.counts[f"{rec.latest.state} -> {now.state}"] += 1
+            rec.latest = now
         for job, member in list(self.refused.items()):
             info = self.find(job, member)
             self.check(
-                info is None or info.state is S.FAILED and not info.processed,
+                info is None or (info.state is S.FAILED and not info.processed),
                 f"a refused begin left job {job}: {info}",
             )
             self.counts["refused: none" if info is None else "refused: failed"] += 1
@@ -391,25 +423,20 @@ class Soak:
                     info.state in LATER[S.RUNNING] or info.state is S.FAILED,
                     f"in-flight begin {job}: {info}",
                 )
-                self.jobs[job] = (member, info)
+                self.jobs[job] = Record(member, info, info.state)
             del self.in_flight[job]
         if self.sampler is not None:
             self.check(not self.sampler.violations, f"claims: {self.sampler.violations[:5]}")
 
-    def _lost_db(self, info: JobInfo) -> bool:
-        """A job may fail when the database's loss kept its state from being written."""
-        return "job store" in (info.errmsg or "")
-
     def finish(self) -> None:
         """Every job ends; their claims go with them."""
         self.what = "the end"
-        for job, (member, info) in list(self.jobs.items()):
-            if info.state.active:
+        for job, rec in self.jobs.items():
+            if rec.latest.state.active:
                 with contextlib.suppress(CallFailed):
-                    member.c().call(Method.JOB_ABORT, job)
-            done = member.c().wait(job, 60)
-            self.check(done.state.terminal, f"job {job} did not end: {done}")
-            self.jobs[job] = (member, done)
+                    rec.member.c().call(Method.JOB_ABORT, job)
+            rec.latest = rec.member.c().wait(job, 60)
+            self.check(rec.latest.state.terminal, f"job {job} did not end: {rec.latest}")
         self.verify()
         if self.sampler is not None:
             deadline = time.monotonic() + 10
