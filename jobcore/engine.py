@@ -46,7 +46,6 @@ from jobcore.errors import (
     NoSuchJob,
     OperationInvalid,
     QueueTimeout,
-    StoreError,
     Unsupported,
 )
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
@@ -368,14 +367,15 @@ class Engine:
 
     async def _persisted(self, rec: JobRecord, admitted: bool) -> None:
         """Wait (shielded) until the new job's row is committed; if the store cannot
-        write it, the job fails unstarted and begin raises the StoreError."""
+        write it, the job fails unstarted and begin raises the StoreError (or the
+        database's refusal: a PostgreSQL store's JobConflict on a shared claim)."""
         assert self._dstore is not None
         rec.starting = admitted  # verbs wait for the start meanwhile
         try:
             with anyio.CancelScope(shield=True):
                 await self._dstore.sync()
-            self._dstore.check_inserted(rec)  # its job XML may have been refused
-        except StoreError as exc:
+            self._dstore.check_inserted(rec)  # its job XML, or its claims, may be refused
+        except JobError as exc:
             _start_finished(rec)
             self._finish(rec, S.FAILED, errmsg=str(exc))
             raise

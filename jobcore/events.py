@@ -2,6 +2,8 @@
 
 Every state change emits a ``STATE`` event; progress reports emit ``PROGRESS``; the end of
 a job emits exactly one ``FINAL`` event carrying its final stats (libvirt's JOB_COMPLETED).
+A fleet member watching another host's job (``jobcore.fleet_commands``) also emits
+``HOST_LOST`` when that host's lease expires (the job's state unchanged).
 
 Each subscriber has its own bounded buffer. The engine never waits for a subscriber: when
 a buffer is full, the oldest PROGRESS event in it is dropped (progress is superseded by
@@ -42,6 +44,9 @@ class EventKind(enum.StrEnum):
     STATE = "state"
     PROGRESS = "progress"
     FINAL = "final"
+    #: a fleet member found the job's host lost (its lease expired, not left, not fenced):
+    #: the job's state is unchanged, it may still run there (design/fleet.md); not numbered
+    HOST_LOST = "host-lost"
 
 
 #: which events a full buffer gives up first
@@ -113,8 +118,13 @@ class EndReason(enum.StrEnum):
     REFUSED = "refused"
 
 
-#: buffer slot of each kind, in the order a full buffer gives them up
-_SLOT = {kind: i for i, kind in enumerate((*_DROP_ORDER, EventKind.FINAL))}
+#: buffer slot of each kind, in the order a full buffer gives them up (HOST_LOST, a
+#: remark on the job's state, shares the STATE events' slot)
+_SLOT = {
+    **{kind: i for i, kind in enumerate((*_DROP_ORDER, EventKind.FINAL))},
+    EventKind.HOST_LOST: _DROP_ORDER.index(EventKind.STATE),
+}
+_SLOTS = len(set(_SLOT.values()))
 #: (the hub's emission number, the event): made once per emit, shared by every buffer
 _Entry: TypeAlias = tuple[int, JobEvent]
 
@@ -141,7 +151,7 @@ class Subscription:
     #: called once when the subscription ends (closed or overflow), after the hub let it
     #: go; jobd counts its subscriptions with it
     on_end: Callable[[Subscription], None] | None = None
-    _fifos: tuple[deque[_Entry], ...] = field(factory=lambda: tuple(deque() for _ in _SLOT))
+    _fifos: tuple[deque[_Entry], ...] = field(factory=lambda: tuple(deque() for _ in range(_SLOTS)))
     _size: int = 0
     _wakeup: anyio.Event | None = None
     #: events dropped (or refused once ended by overflow) over the subscription's life

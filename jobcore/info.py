@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -35,6 +36,9 @@ class JobInfo(Mapping[str, Any]):
     bandwidth: int | None
     #: the fleet member that owns the job (``jobd --host``; in-process: the hostname)
     host: str = ""
+    #: the job is active and its host is not LIVE (a row of another fleet member whose
+    #: lease expired, or which stopped or was fenced); always False for a member's own
+    host_lost: bool = False
 
     @property
     def progress(self) -> float:
@@ -68,3 +72,52 @@ def _mapping_keys() -> tuple[str, ...]:
 
 
 _KEYS = _mapping_keys()
+
+
+class HostState(enum.StrEnum):
+    """A fleet member's state, from its ``hosts`` row (design/fleet.md "Leases")."""
+
+    #: its lease was renewed within its ttl
+    LIVE = "live"
+    #: it left cleanly (jobd stopped); its jobs may still be active (kept guests)
+    STOPPED = "stopped"
+    #: its lease is older than its ttl, and it neither left nor was fenced
+    LOST = "lost"
+    #: an operator fenced it; cleared when it rejoins
+    FENCED = "fenced"
+
+
+@frozen
+class HostInfo(Mapping[str, Any]):
+    """A fleet member as ``jobctl hosts`` lists it; as a mapping, its state as a string."""
+
+    name: str
+    state: HostState
+    #: seconds since its last renewal, by the database's clock
+    lease_age: float
+    lease_ttl: float
+    #: its jobs in an active state (queued, running, paused, ready, …)
+    active_jobs: int
+    #: all its job rows (retained ended ones too)
+    jobs: int
+    pid: int
+    fenced_by: str | None = None
+    fence_reason: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _HOST_KEYS:
+            raise KeyError(key)
+        value = getattr(self, key)
+        return str(value) if key == "state" else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_HOST_KEYS)
+
+    def __len__(self) -> int:
+        return len(_HOST_KEYS)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: self[k] for k in _HOST_KEYS}
+
+
+_HOST_KEYS = tuple(f.name for f in fields(HostInfo))

@@ -1,8 +1,9 @@
 """Admission of jobs: resource claims, the conflict matrix, and FIFO queues.
 
-Each prepared spec yields claims (``Claim(resource, mode)``) on a domain, its disks and
-backup target files: its type says which (``JobTypeInfo.claims``, in jobcore.types). Two
-claims on the same resource conflict when the matrix says their modes do. Admission looks
+Each prepared spec yields claims (``Claim(resource, mode)``) on a domain, its disks, the
+images of their chains and backup target files: its type says which
+(``JobTypeInfo.claims``, in jobcore.types). Two claims on the same resource conflict when
+the matrix says their modes do. Admission looks
 only at the claimed resources' holders and waiters, so its cost does not grow with the
 number of jobs.
 """
@@ -47,7 +48,7 @@ assert all(a in CONFLICTS[b] for a in Mode for b in CONFLICTS[a]), "matrix must 
 
 @frozen
 class Claim:
-    resource: str  # 'domain:vm1', 'disk:vm1/vda', 'file:/path'
+    resource: str  # 'domain:vm1', 'disk:vm1/vda', 'file:/path', 'image:/path'
     mode: Mode
 
 
@@ -81,6 +82,13 @@ def file_resource(path: str) -> str:
     """The resource of a file a job writes or creates (target, scratch, NBD socket), from
     its path in normalize_path's spelling (a prepared spec's: normalised once, at prepare)."""
     return f"file:{path}"
+
+
+def image_resource(path: str) -> str:
+    """The resource of a disk image (a layer of a backing chain) a job reads or rewrites:
+    two domains on one image (a shared base, or a copy on shared storage) contend for it.
+    The path in normalize_path's spelling."""
+    return f"image:{normalize_path(path)}"
 
 
 @frozen

@@ -11,15 +11,21 @@ design/store.md "PostgreSQL", design/fleet.md.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import queue
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from jobcore.errors import StoreError
+from attrs import frozen
+
+from jobcore.errors import InvalidArgument, JobConflict, JobError, StoreError
+from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
+from jobcore.scheduler import CONFLICTS, Mode
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -29,12 +35,16 @@ from jobcore.store import (
 )
 from jobcore.store_sqlite import (
     _DELETE_DOMAIN,
+    _DELETE_JOB,
     _DELETE_STATE,
+    _INSERT_JOB,
+    _PROGRESS_JOB,
     _SAVE_DOMAIN,
     _SAVE_SCOPE,
     _SAVE_STATE,
-    SCHEMA_VERSION,
+    _UPDATE_JOB,
     Outcome,
+    Refusal,
     SharedDatabase,
     SQLiteJobStore,
     StoreDatabase,
@@ -64,9 +74,9 @@ CONNECT_TIMEOUT = 3.0
 LOCK_WAIT = 2.0
 
 #: schema version -> the statements that bring a database from the previous version to
-#: it. A PostgreSQL store starts at the SQLite store's version 4 (the same tables, each
-#: also keyed by its host; the same version number means the same rows); a later version
-#: of one store's schema is a version of the other's.
+#: it. A PostgreSQL store started at the SQLite store's version 4 (the same tables, each
+#: also keyed by its host); from version 5 (the fleet's tables) its versions are its own:
+#: the SQLite store has no fleet.
 PG_MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
     (
         4,
@@ -128,9 +138,71 @@ PG_MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
             )""",
         ),
     ),
+    (
+        5,
+        (
+            # the fleet's members and their leases (times by the server's clock)
+            """CREATE TABLE hosts (
+                host TEXT PRIMARY KEY,
+                pid INTEGER NOT NULL,
+                joined TIMESTAMPTZ NOT NULL,
+                renewed TIMESTAMPTZ NOT NULL,
+                lease_ttl DOUBLE PRECISION NOT NULL,
+                left_at TIMESTAMPTZ,
+                fenced_at TIMESTAMPTZ,
+                fenced_by TEXT,
+                fence_reason TEXT
+            )""",
+            # the shared-storage claims of active jobs, fleet-wide
+            """CREATE TABLE claims (
+                resource TEXT NOT NULL,
+                mode TEXT NOT NULL,
+                job TEXT NOT NULL,
+                host TEXT NOT NULL,
+                PRIMARY KEY (resource, job, mode)
+            )""",
+            "CREATE INDEX claims_job ON claims (job)",
+            "CREATE INDEX claims_host ON claims (host)",
+            # verbs on another member's jobs, and their answers (jobcore.fleet_commands)
+            """CREATE TABLE commands (
+                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                target TEXT NOT NULL,
+                asker TEXT NOT NULL,
+                job TEXT NOT NULL,
+                verb TEXT NOT NULL,
+                args TEXT NOT NULL,
+                created TIMESTAMPTZ NOT NULL DEFAULT now(),
+                deadline TIMESTAMPTZ NOT NULL,
+                picked TIMESTAMPTZ,
+                done TIMESTAMPTZ,
+                result TEXT,
+                error_kind TEXT,
+                error TEXT
+            )""",
+            "CREATE INDEX commands_pending ON commands (target) WHERE done IS NULL",
+            # the fleet-wide list in begin order, and UUID prefix lookups (byte order)
+            "CREATE INDEX jobs_seq ON jobs (seq)",
+            "CREATE INDEX jobs_uuid_pattern ON jobs (uuid text_pattern_ops)",
+            # what every commit transaction of a member runs first: its hosts row locked
+            # against a fence (which takes it FOR UPDATE), and refused once fenced
+            """CREATE FUNCTION jobcore_check_fenced(member TEXT) RETURNS void
+            LANGUAGE plpgsql AS $$
+            DECLARE
+                r RECORD;
+            BEGIN
+                SELECT fenced_at, fenced_by, fence_reason INTO r FROM hosts
+                    WHERE host = member FOR KEY SHARE;
+                IF FOUND AND r.fenced_at IS NOT NULL THEN
+                    RAISE EXCEPTION USING ERRCODE = 'JCF01', MESSAGE = format(
+                        'host ''%s'' was fenced by ''%s''%s: its writes are refused '
+                        '(restart its jobd to rejoin the fleet)',
+                        member, r.fenced_by, coalesce(': ' || r.fence_reason, ''));
+                END IF;
+            END $$""",
+        ),
+    ),
 ]
 PG_SCHEMA_VERSION = PG_MIGRATIONS[-1][0]
-assert PG_SCHEMA_VERSION == SCHEMA_VERSION, "the two stores' schemas move together"
 
 #: the tables a job store has (a database holding one of them without a schema version
 #: is not a job store)
@@ -165,6 +237,85 @@ _RECOVERABLE_SCOPES = (
 _LOCK_CLASS = 0x6A6F62  # "job"
 #: the key of the schema migration's lock (its second int4); a host's is its hashtext
 _MIGRATION_LOCK = 0
+#: the advisory lock key space of shared resources (a resource's key: its hashtext)
+_CLAIM_CLASS = 0x6A6F63  # "joc"
+
+#: the job statements as a member runs them: on its own rows only (``host`` last), an
+#: insert never failing its batch on a UUID another host has (the commit refuses it)
+_JOB_SQL = {
+    _INSERT_JOB: _INSERT_JOB.replace("?", "%s") + " ON CONFLICT (uuid) DO NOTHING",
+    _UPDATE_JOB: _UPDATE_JOB.replace("?", "%s") + " AND host = %s",
+    _PROGRESS_JOB: _PROGRESS_JOB.replace("?", "%s") + " AND host = %s",
+    _DELETE_JOB: _DELETE_JOB.replace("?", "%s") + " AND host = %s",
+}
+#: the fenced check every commit transaction starts with (``jobcore_check_fenced``: its
+#: hosts row FOR KEY SHARE, so a renewal, which updates no key, does not wait for it and
+#: a fence's FOR UPDATE does; raises SQLSTATE FENCED_STATE once fenced)
+_FENCED = b"SELECT jobcore_check_fenced(%s)"
+FENCED_STATE = "JCF01"
+_CLAIMS_HELD = b"SELECT resource, mode, job, host FROM claims WHERE resource = ANY(%s)"
+_CLAIM_LOCK = b"SELECT pg_advisory_xact_lock(%s)"
+_CLAIM_INSERT = (
+    b"INSERT INTO claims (resource, mode, job, host) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+)
+_CLAIMS_RELEASE = b"DELETE FROM claims WHERE host = %s AND job = ANY(%s)"
+_OTHER_HOSTS_JOBS = b"SELECT uuid, host FROM jobs WHERE uuid = ANY(%s) AND host <> %s"
+_NOTIFY_JOBS = b"SELECT pg_notify('jobcore_jobs', p) FROM unnest(%s::text[]) AS p"
+_ACTIVE_STATES = [str(s) for s in JobState if s.active]
+
+
+# ---- shared storage (design/fleet.md "Shared-storage claims") ----------------------------
+
+
+@frozen
+class SharedRoot:
+    """A directory on storage that several hosts mount (``jobd --shared-root [ID=]PATH``):
+    the claims on files and images below it are arbitrated fleet-wide, by ``storage`` (its
+    id) and the path relative to it, so hosts mounting it at different paths agree."""
+
+    storage: str
+    path: str
+
+
+def parse_shared_root(text: str) -> SharedRoot:
+    """``PATH`` (its storage id: the normalised path) or ``ID=PATH``; PATH absolute.
+    InvalidArgument for anything else."""
+    if not isinstance(text, str) or not text:
+        raise InvalidArgument(f"invalid shared root {text!r}: give [ID=]PATH, PATH absolute")
+    storage, path = (None, text) if text.startswith("/") else text.partition("=")[::2]
+    if storage is not None and (not storage or any(c in storage for c in ": \t\n/")):
+        raise InvalidArgument(
+            f"invalid shared root '{text}': give [ID=]PATH (ID a name without ':', '/' or "
+            "spaces, PATH absolute)"
+        )
+    if not path.startswith("/"):
+        raise InvalidArgument(
+            f"invalid shared root '{text}': its path must be absolute ('/srv/images' or "
+            "'nfs1=/srv/images')"
+        )
+    normal = os.path.realpath(path)  # the spelling jobs' paths have (normalize_path)
+    return SharedRoot(normal if storage is None else storage, normal)
+
+
+def shared_resource(resource: str, roots: Iterable[SharedRoot]) -> str | None:
+    """``file:P`` or ``image:P`` with P at or below a root's path (the deepest root
+    holding it) as ``KIND:STORAGE:RELPATH`` (RELPATH from the root, starting with '/');
+    None for any other resource."""
+    kind, sep, path = resource.partition(":")
+    if not sep or kind not in ("file", "image") or not path.startswith("/"):
+        return None
+    path = os.path.normpath(path)
+    best: SharedRoot | None = None
+    for root in roots:
+        top = root.path.rstrip("/")
+        if (path == root.path or path.startswith(top + "/")) and (
+            best is None or len(root.path) > len(best.path)
+        ):
+            best = root
+    if best is None:
+        return None
+    rel = path[len(best.path.rstrip("/")) :] or "/"
+    return f"{kind}:{best.storage}:{rel}"
 
 
 def display_url(dsn: str) -> str:
@@ -240,6 +391,9 @@ class PostgresDatabase(SharedDatabase):
         self.path = display_url(dsn)
         super().__init__((dsn, host), self.path, f" of host '{host}'")
         self.host: str | None = host
+        #: the roots of shared storage (jobcore.fleet.Fleet sets them): claims on files and
+        #: images below them are taken fleet-wide in the transaction of the job's insert
+        self.shared_roots: tuple[SharedRoot, ...] = ()
         self._lock_conn = self._connect_and_lock()
         try:
             self.pool: ConnectionPool[Any] = ConnectionPool(
@@ -430,7 +584,7 @@ class PostgresDatabase(SharedDatabase):
     def _write_loop(self) -> None:
         while (request := self._requests.get()) is not None:
             writes, done = request
-            refused: list[tuple[str, str]] = []
+            refused: list[Refusal] = []
             error: BaseException | None = None
             try:
                 self.commit(writes, refused)
@@ -445,30 +599,34 @@ class PostgresDatabase(SharedDatabase):
         host_sql = _HOST_SQL.get(sql)
         if host_sql is not None:
             return host_sql.encode(), [(self.host, *r) for r in rows]
+        job_sql = _JOB_SQL.get(sql)
+        if job_sql is not None:
+            if sql == _INSERT_JOB:
+                return job_sql.encode(), rows
+            return job_sql.encode(), [(*r, self.host) for r in rows]
         return _pg_sql(sql), rows
 
-    def commit(self, writes: list[Write | None], refused: list[tuple[str, str]]) -> None:
+    def commit(self, writes: list[Write | None], refused: list[Refusal]) -> None:
         """Run ``writes`` in one transaction; StoreError saying what failed (the store
-        keeps the writes and retries them)."""
+        keeps the writes and retries them). The transaction first checks that the host
+        is not fenced (else StoreError, nothing written), releases the shared claims of
+        the jobs it ends, takes those of the jobs it inserts (a conflict, or a UUID
+        another host has, leaves that insert out: listed in ``refused`` with the error
+        to raise) and notifies ``jobcore_jobs`` of each job row written."""
         runs = batch_runs(writes, refused)
         if not runs:
             return
         import psycopg
 
-        statements = [self._statement(sql, rows) for sql, rows in runs]
+        mine = len(refused)  # what this attempt adds: dropped if it fails
         try:
             if self._wconn is None:  # held while it works: no check, no hand-off per batch
                 self._wconn = self.pool.getconn(timeout=CONNECT_TIMEOUT)
             conn = self._wconn
             try:
-                if len(statements) == 1 and len(statements[0][1]) == 1:  # autocommit
-                    conn.execute(statements[0][0], statements[0][1][0])
-                    return
-                with conn.transaction():
-                    cur = conn.cursor()
-                    for sql_b, rows in statements:
-                        cur.executemany(sql_b, rows)
+                self._commit_runs(conn, runs, refused)
             except BaseException:
+                del refused[mine:]
                 # back to the pool, which replaces it if it is broken; the retry takes one
                 self._wconn = None
                 self.pool.putconn(conn)
@@ -481,6 +639,8 @@ class PostgresDatabase(SharedDatabase):
                 "are refused until it is back"
             ) from None
         except psycopg.Error as exc:
+            if exc.sqlstate == FENCED_STATE:
+                raise StoreError(exc.diag.message_primary or _said(exc)) from None
             raise StoreError(f"cannot write the job store '{self.path}': {exc}") from None
         except Exception as exc:  # the pool's timeout: no connection could be made
             if type(exc).__name__ != "PoolTimeout":
@@ -489,6 +649,129 @@ class PostgresDatabase(SharedDatabase):
                 f"the job store '{self.path}' is unreachable (no connection within "
                 f"{CONNECT_TIMEOUT:.0f} s): new jobs are refused until it is back"
             ) from None
+
+    def _commit_runs(
+        self,
+        conn: psycopg.Connection[Any],
+        runs: list[tuple[str, list[tuple[Any, ...]]]],
+        refused: list[Refusal],
+    ) -> None:
+        host = self.host
+        inserts = [row for sql, rows in runs if sql == _INSERT_JOB for row in rows]
+        ending: dict[str, None] = {}  # jobs whose claims this batch releases
+        for sql, rows in runs:
+            if sql == _UPDATE_JOB:
+                ending.update((r[-1], None) for r in rows if JobState(r[0]).terminal)
+            elif sql == _DELETE_JOB:
+                ending.update((r[0], None) for r in rows)
+        wanted = self._shared_claims(inserts) if self.shared_roots else {}
+        out: dict[str, JobError] = {}  # inserts left out, and why
+        # pipelined: the statements go out without waiting for each answer; only the
+        # claims held and a check of the inserted UUIDs are waited for
+        with conn.pipeline(), conn.transaction():
+            cur = conn.cursor()
+            cur.execute(_FENCED, (host,))  # raises at the first sync if fenced
+            if ending:
+                cur.execute(_CLAIMS_RELEASE, (host, list(ending)))
+            if wanted:
+                self._take_claims(cur, wanted, ending, out)
+            for sql, rows in runs:
+                if sql == _INSERT_JOB and out:
+                    rows = [r for r in rows if r[0] not in out]
+                if rows:
+                    cur.executemany(*self._statement(sql, rows))
+            inserted = [r[0] for r in inserts if r[0] not in out]
+            if inserted:
+                cur.execute(_OTHER_HOSTS_JOBS, (inserted, host))
+                taken = cur.fetchall()
+                for job_s, other in taken:
+                    out[job_s] = InvalidArgument(
+                        f"a job with UUID '{job_s}' already exists (on host '{other}'): "
+                        "choose another UUID"
+                    )
+                if taken and wanted:  # the claims just taken for them
+                    cur.execute(_CLAIMS_RELEASE, (host, [t[0] for t in taken]))
+            notes = [f"{r[0]} {host} {r[14]}" for r in inserts if r[0] not in out]
+            for sql, rows in runs:
+                if sql == _UPDATE_JOB:
+                    notes.extend(f"{r[-1]} {host} {r[11]}" for r in rows if r[-1] not in out)
+            if notes:
+                cur.execute(_NOTIFY_JOBS, (notes,))
+        refused.extend(out.items())
+
+    def _shared_claims(self, inserts: list[tuple[Any, ...]]) -> dict[str, list[tuple[str, Mode]]]:
+        """job -> its claims on shared resources (``shared_resource``), of the inserts."""
+        wanted: dict[str, list[tuple[str, Mode]]] = {}
+        for row in inserts:
+            found: dict[tuple[str, Mode], None] = {}
+            for resource, mode in json.loads(row[5]):
+                shared = shared_resource(resource, self.shared_roots)
+                if shared is not None:
+                    found[(shared, Mode(mode))] = None
+            if found:
+                wanted[row[0]] = list(found)
+        return wanted
+
+    def _take_claims(
+        self,
+        cur: psycopg.Cursor[Any],
+        wanted: dict[str, list[tuple[str, Mode]]],
+        ending: dict[str, None],
+        out: dict[str, JobError],
+    ) -> None:
+        """Arbitrate the inserts' shared claims against every host's (in the batch's
+        transaction): each resource's advisory lock, in one order for every member, then
+        the claims held; a job whose claim conflicts goes to ``out``."""
+        resources = sorted({r for claims in wanted.values() for r, _ in claims})
+        cur.executemany(_CLAIM_LOCK, [(k,) for k in sorted({_lock_key(r) for r in resources})])
+        cur.execute(_CLAIMS_HELD, (resources,))
+        held: dict[str, list[tuple[Mode, str, str]]] = {}
+        for resource, mode, job, host in cur.fetchall():
+            held.setdefault(resource, []).append((Mode(mode), job, host))
+        rows: list[tuple[str, str, str, str]] = []
+        for job, claims in wanted.items():
+            conflict = _conflict(job, self.host or "", claims, held)
+            if conflict is not None:
+                out[job] = conflict
+                continue
+            for resource, mode in claims:
+                held.setdefault(resource, []).append((mode, job, self.host or ""))
+                if job not in ending:  # a job begun and ended in one batch holds nothing
+                    rows.append((resource, str(mode), job, self.host or ""))
+        if rows:
+            cur.executemany(_CLAIM_INSERT, rows)
+
+
+def _conflict(
+    job: str,
+    host: str,
+    claims: list[tuple[str, Mode]],
+    held: dict[str, list[tuple[Mode, str, str]]],
+) -> JobConflict | None:
+    """The refusal of ``job``'s shared claims by a claim another job holds, if any."""
+    import uuid
+
+    for resource, mode in claims:
+        for other_mode, other, other_host in held.get(resource, ()):
+            if other == job and other_host == host:
+                continue
+            if other_mode in CONFLICTS[mode]:
+                return JobConflict(
+                    f"job '{job}' conflicts with job '{other}' on host '{other_host}' "
+                    f"holding '{resource}' ({other_mode.value} excludes {mode.value})",
+                    holder=uuid.UUID(other),
+                    resource=resource,
+                )
+    return None
+
+
+def _lock_key(resource: str) -> int:
+    """The advisory lock key of a shared resource: 63 bits of its BLAKE2b digest (every
+    member computes the same; locks are taken in key order, so two never deadlock)."""
+    import hashlib
+
+    digest = hashlib.blake2b(resource.encode(), digest_size=8, person=b"jobcore").digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def _said(exc: BaseException) -> str:

@@ -240,10 +240,14 @@ def open_store(
 #: spec: the writer thread formats its job XML and its JSON (the ``xml`` and ``spec``
 #: columns, the last two parameters).
 Write = tuple[str, tuple[Any, ...], Any]
+#: a job whose insert was left out of a committed batch: (uuid, why), why being the text
+#: of a refused job XML (raised as StoreError) or the error to raise (a PostgreSQL store's
+#: JobConflict on a shared claim, InvalidArgument for a UUID another host has)
+Refusal = tuple[str, str | JobError]
 #: the outcome of a batch, reported to the store: the error that rolled it back (None:
-#: committed), and the jobs whose insert was left out because their XML was refused
-#: (uuid, why); the rest of the batch is committed
-Outcome = tuple[BaseException | None, list[tuple[str, str]]]
+#: committed), and the jobs whose insert was left out (``Refusal``); the rest of the
+#: batch is committed
+Outcome = tuple[BaseException | None, list[Refusal]]
 
 _INSERT_JOB = (
     "INSERT INTO jobs (uuid, scope, type, domain, state, claims, priority, created,"
@@ -529,7 +533,7 @@ class SQLiteDatabase(SharedDatabase):
     def _write_loop(self) -> None:
         while (request := self._requests.get()) is not None:
             writes, done = request
-            refused: list[tuple[str, str]] = []
+            refused: list[Refusal] = []
             error: BaseException | None = None
             try:
                 self.commit(writes, refused)
@@ -537,7 +541,7 @@ class SQLiteDatabase(SharedDatabase):
                 error = exc
             done((error, refused))
 
-    def commit(self, writes: list[Write | None], refused: list[tuple[str, str]]) -> None:
+    def commit(self, writes: list[Write | None], refused: list[Refusal]) -> None:
         """Run ``writes`` in one transaction (on the writer thread), consecutive writes of
         one statement as one ``executemany``, a lone statement as its own transaction;
         raises what sqlite raised. An insert whose job XML cannot be formatted is left
@@ -565,7 +569,7 @@ class SQLiteDatabase(SharedDatabase):
 
 
 def batch_runs(
-    writes: list[Write | None], refused: list[tuple[str, str]]
+    writes: list[Write | None], refused: list[Refusal]
 ) -> list[tuple[str, list[tuple[Any, ...]]]]:
     """A batch as runs of one statement each with their parameters, in order (what every
     durable store commits; on its writer thread): superseded writes dropped, each
@@ -864,8 +868,9 @@ class SQLiteJobStore(MemoryJobStore):
         #: the last commit failed (full disk, I/O error): new jobs are refused, writes
         #: are kept and retried, events are no longer held back
         self.error: StoreError | None = None
-        # jobs whose insert the writer left out (their job XML was refused): why
-        self._refused: dict[str, StoreError] = {}
+        # jobs whose insert the writer left out (their job XML was refused, or the
+        # database refused it): the error their begin raises
+        self._refused: dict[str, JobError] = {}
         self._progress_at: dict[uuid.UUID, float] = {}
         self._event_seq: dict[uuid.UUID, int] = {}
         self._last_end_wall = 0.0  # the wall time of the latest end (see ``ended``)
@@ -1032,8 +1037,9 @@ class SQLiteJobStore(MemoryJobStore):
 
     def check_inserted(self, rec: JobRecord) -> None:
         """After the ``sync`` that committed the job's insert: StoreError if the writer
-        left the row out (its job XML could not be formatted, so it could not be read
-        back)."""
+        left the row out because its job XML could not be formatted (it could not be read
+        back); the database's own refusal if it left it out (a PostgreSQL store: a
+        JobConflict on a shared claim, InvalidArgument for a UUID another host has)."""
         error = self._refused.pop(str(rec.uuid), None)
         if error is not None:
             raise error
@@ -1124,6 +1130,9 @@ class SQLiteJobStore(MemoryJobStore):
         self._inflight = False
         exc, refused = outcome
         for job_s, why in refused:
+            if isinstance(why, JobError):  # the database refused it (PostgreSQL's claims)
+                self._refused[job_s] = why
+                continue
             _log.error("job XML refused by the store: its row is not written", job=job_s)
             self._refused[job_s] = StoreError(
                 f"the job store '{self.path}' cannot keep job '{job_s}': {why}"

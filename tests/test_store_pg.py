@@ -24,8 +24,14 @@ from jobcore.daemon.config import ConfigError, load_config
 from jobcore.errors import StoreError
 from jobcore.lifecycle import JobState
 from jobcore.local import as_local, connect_local
-from jobcore.store_pg import POOL_SIZE, PostgresDatabase, display_url, open_pg_database
-from jobcore.store_sqlite import SCHEMA_VERSION, parse_store_url
+from jobcore.store_pg import (
+    PG_SCHEMA_VERSION,
+    POOL_SIZE,
+    PostgresDatabase,
+    display_url,
+    open_pg_database,
+)
+from jobcore.store_sqlite import parse_store_url
 
 pytestmark = pytest.mark.anyio
 MiB = 1 << 20
@@ -66,9 +72,9 @@ async def test_a_newer_schema_is_refused(pg_url: str) -> None:
     async with jobcore.connect("sim:///default?rate=0", store=pg_url) as conn:
         await (await (await conn.lookup_domain("vm1")).job_begin(backup("n"))).wait()
     with psycopg.connect(pg_url, autocommit=True) as c:
-        assert c.execute("SELECT version FROM jobcore_schema").fetchone() == (SCHEMA_VERSION,)
+        assert c.execute("SELECT version FROM jobcore_schema").fetchone() == (PG_SCHEMA_VERSION,)
         c.execute("UPDATE jobcore_schema SET version = 99")
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this jobcore's \(4\)"):
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this jobcore's \(5\)"):
         async with jobcore.connect("sim:///default", store=pg_url):
             pass
     assert len(pg_rows(pg_url)) == 1  # nothing was touched

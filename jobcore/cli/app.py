@@ -26,6 +26,8 @@ COMMANDS = {
     "domains": "domains",
     "dumpxml": "jobs",
     "events": "events",
+    "host": "fleet",
+    "hosts": "fleet",
     "info": "jobs",
     "list": "jobs",
     "pause": "jobs",

@@ -17,6 +17,7 @@ import attrs
 from attrs import field, frozen
 
 from jobcore.errors import InvalidArgument, JobError
+from jobcore.fleet import LEASE_TTL, SharedRoot, parse_shared_root
 from jobcore.protocol import MAX_FRAME, default_run_dir
 from jobcore.spec import DEFAULT_RETENTION, MAX_SECONDS
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
@@ -155,6 +156,11 @@ class DaemonConfig:
     #: SIGTERM (jobd stopping) ends active jobs, as a closing in-process connection does;
     #: by default they and their guests run on and are recovered at the next start
     stop_guests: bool = False
+    #: storage shared by the fleet's hosts (``--shared-root [ID=]PATH``): claims on image
+    #: files below them are taken fleet-wide (design/fleet.md "Shared-storage claims")
+    shared_roots: tuple[SharedRoot, ...] = ()
+    #: seconds a fleet member's lease lasts unless renewed (renewed every quarter of it)
+    lease_ttl: float = LEASE_TTL
     # ---- read-only fairness: the read-only socket's own budgets -------------------------
     #: read-only connections of one uid
     max_ro_clients_per_uid: int = MAX_RO_CLIENTS_PER_UID
@@ -202,6 +208,8 @@ _CONFIG_KEYS = {
     "store",
     "host",
     "stop_guests",
+    "shared_roots",
+    "lease_ttl",
     "max_ro_clients_per_uid",
     "ro_idle_timeout",
     "max_ro_subscriptions",
@@ -275,6 +283,14 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
             if not isinstance(values["stop_guests"], bool):
                 raise ConfigError("stop_guests must be true or false")
             config = _evolve(config, stop_guests=values["stop_guests"])
+        if "shared_roots" in values:
+            roots = values["shared_roots"]
+            if not isinstance(roots, list | tuple) or not all(isinstance(r, str) for r in roots):
+                raise ConfigError("shared_roots must be a list of '[ID=]PATH' strings")
+            try:
+                config = _evolve(config, shared_roots=tuple(parse_shared_root(r) for r in roots))
+            except InvalidArgument as exc:
+                raise ConfigError(f"shared_roots: {exc}") from None
         for key, minimum, maximum in _COUNTS:
             if key in values:
                 n = _typed(values, key, int)
@@ -342,6 +358,7 @@ _SECONDS = (
     ("driver_idle_timeout", 0.0, MAX_SECONDS),
     ("frame_timeout", 0.01, 86400.0),
     ("ro_idle_timeout", 0.0, 86400.0),
+    ("lease_ttl", 0.2, 86400.0),
 )
 
 

@@ -10,7 +10,7 @@ import urllib.parse
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import attrs
@@ -26,6 +26,9 @@ from jobcore.log import get_logger
 from jobcore.protocol import AccessDenied, DaemonUnreachable
 from jobcore.store_sqlite import StoredScope
 from jobcore.uri import parse_uri
+
+if TYPE_CHECKING:
+    from jobcore.fleet import FleetView
 
 _log = get_logger("jobd")
 
@@ -161,6 +164,8 @@ class DriverConnections:
         self._retained = retained  # max_retained_per_domain, max_retained
         self._store = store  # the job store URL every driver connection uses
         self._keep_jobs = keep_jobs  # stopping leaves jobs a durable store recovers
+        #: the fleet jobd is a member of: every driver connection's ``fleet``
+        self.fleet: FleetView | None = None
         self._host = host  # the fleet member every job record carries
         self._slots: dict[str, _DriverSlot] = {}
         self._drivers: dict[str, Driver] = {}
@@ -359,6 +364,7 @@ class DriverConnections:
             ) as conn:
                 slot.conn = conn
                 conn.engine.uuid_owner = self.uuid_owner  # job UUIDs are unique daemon-wide
+                conn.fleet = self.fleet
                 slot.ready.set()
                 _log.info("driver connection opened", uri=slot.target.uri)
                 await self._until_idle(slot)

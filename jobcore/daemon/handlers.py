@@ -7,9 +7,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from jobcore import constants as C
 from jobcore.daemon.config import HANDLE_CACHE, MAX_LIST_PAGE
+from jobcore.daemon.fleet import FleetJob
 from jobcore.daemon.sessions import _Client
-from jobcore.errors import AccessDenied, JobError, NoSuchJob
+from jobcore.errors import AccessDenied, JobError, NoSuchDomain, NoSuchJob
+from jobcore.info import JobInfo
 from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.methods import Method, On, Result, uuid_prefix
 from jobcore.protocol import MAX_FRAME, DomainRef, Wire, encode_job_ref, encode_value
@@ -54,10 +57,11 @@ async def _domain(client: _Client, name: str) -> LocalDomain:
     return dom
 
 
-async def _job(client: _Client, job_id: uuid.UUID) -> LocalJob:
+async def _job(client: _Client, job_id: uuid.UUID) -> LocalJob | FleetJob:
     """The job with that UUID: on the session's driver connection, else on any other
-    jobd serves (job UUIDs are unique daemon-wide; design/daemon.md "Recovery at start")."""
-    job = client.jobs.get(job_id)
+    jobd serves (job UUIDs are unique daemon-wide; design/daemon.md "Recovery at start"),
+    else, in a fleet, on another host (a FleetJob: design/fleet.md "Commands")."""
+    job: LocalJob | FleetJob | None = client.jobs.get(job_id)
     if job is not None:
         return job
     try:
@@ -65,11 +69,20 @@ async def _job(client: _Client, job_id: uuid.UUID) -> LocalJob:
     except NoSuchJob:
         job = None if client.elsewhere is None else client.elsewhere(job_id)
         if job is None:
+            job = await _fleet_job(client, job_id)
+        if job is None:
             raise
     return client.remember(job)
 
 
-def _ref(client: _Client, job: LocalJob) -> Wire:
+async def _fleet_job(client: _Client, job_id: uuid.UUID) -> FleetJob | None:
+    """Another host's job ``job_id`` (None: not in a fleet, or no other host has it)."""
+    if client.fleet is None or job_id == C.LEGACY_DOMAIN_JOB_UUID:
+        return None
+    return await client.fleet.lookup(job_id)
+
+
+def _ref(client: _Client, job: LocalJob | FleetJob) -> Wire:
     client.remember(job)
     return encode_job_ref(job.uuid, job.type, job.domain, job.state)
 
@@ -96,7 +109,7 @@ def _encoder(result: Result) -> Callable[[_Client, Any], Wire]:
         return lambda c, cp: None if cp is None else cp.name
     if result is Result.CHECKPOINT_REFS:
         return lambda c, cps: [cp.name for cp in cps]
-    if result in (Result.JOB_INFO, Result.DOMAIN_INFO):
+    if result in (Result.JOB_INFO, Result.DOMAIN_INFO, Result.HOST_INFO, Result.HOST_INFOS):
         return lambda c, value: encode_value(value)
     return lambda c, value: value  # already plain: nil, ints, text, typed params
 
@@ -161,7 +174,14 @@ async def _h_lookup_job(c: _Client, a: tuple[Any, ...]) -> Wire:
 
 @_handles(Method.JOB_LOOKUP_BY_UUID)
 async def _h_job_lookup(c: _Client, a: tuple[Any, ...]) -> Wire:
-    return _ref(c, await _conn(c).job_lookup_by_uuid(await _domain(c, a[0]), a[1]))
+    try:
+        return _ref(c, await _conn(c).job_lookup_by_uuid(await _domain(c, a[0]), a[1]))
+    except (NoSuchJob, NoSuchDomain):
+        # in a fleet: a job of the domain of that name on another host
+        remote = await _fleet_job(c, a[1])
+        if remote is None or remote.domain != a[0]:
+            raise
+        return _ref(c, remote)
 
 
 @_handles(Method.DOMAIN_DESTROY)
@@ -214,14 +234,47 @@ async def _h_list_jobs_page(c: _Client, a: tuple[Any, ...]) -> Wire:
 @_handles(Method.FIND_JOBS)
 async def _h_find_jobs(c: _Client, a: tuple[Any, ...]) -> Wire:
     conn = _conn(c)
+    digits, limit = uuid_prefix(a[0]), max(1, min(a[1], MAX_LIST_PAGE))
+    found: list[LocalJob | FleetJob] = [
+        LocalJob(conn, r) for r in conn.engine.find_jobs(digits, limit)
+    ]
+    if c.fleet is not None:  # and other hosts' jobs, in one UUID order
+        found += await c.fleet.find(digits, limit)
+        found = sorted({j.uuid: j for j in reversed(found)}.values(), key=lambda j: j.uuid.hex)
     refs: list[Wire] = []
     size = 0
-    for rec in conn.engine.find_jobs(uuid_prefix(a[0]), max(1, min(a[1], MAX_LIST_PAGE))):
-        size += _ref_size(rec.domain)
+    for job in found[:limit]:
+        size += _ref_size(job.domain)
         if refs and size > MAX_FRAME // 2:
             break  # the caller asked for more than a reply holds: it gets the first ones
-        refs.append(_ref(c, LocalJob(conn, rec)))
+        refs.append(_ref(c, job))
     return refs
+
+
+def _info_size(info: JobInfo) -> int:
+    """An upper bound of one JobInfo's wire size (its numbers, UUID, names and error)."""
+    text = len(info.domain) + len(info.host) + len(info.errmsg or "")
+    return 160 + 4 * text  # a character is at most 4 bytes of UTF-8
+
+
+@_handles(Method.LIST_FLEET_JOBS)
+async def _h_list_fleet_jobs(c: _Client, a: tuple[Any, ...]) -> Wire:
+    """A page of every member's jobs within half a frame: a page whose infos (long
+    error messages) would not fit is asked again for as many as fit, so the cursor
+    stays the fleet's own (the seq of the page's last job)."""
+    conn = _conn(c)
+    limit = max(1, min(a[1], MAX_LIST_PAGE))
+    while True:
+        infos, cursor = await conn.list_fleet_jobs(a[0], limit)
+        fit, size = 0, 0
+        for info in infos:
+            size += _info_size(info)
+            if size > MAX_FRAME // 2:
+                break
+            fit += 1
+        if fit == len(infos) or limit == 1:
+            return [[encode_value(i) for i in infos], cursor]
+        limit = max(1, min(fit, limit - 1))
 
 
 for _method in Method:
@@ -235,5 +288,5 @@ _BULKY = frozenset(
     for m in Method
     if m.value.result
     in (Result.DOMAIN_REFS, Result.DOMAIN_INFO, Result.JOB_REFS, Result.JOB_PAGE, Result.PARAMS,
-        Result.TEXT, Result.CHECKPOINT_REFS)
+        Result.TEXT, Result.CHECKPOINT_REFS, Result.INFO_PAGE, Result.HOST_INFOS)
 )  # fmt: skip

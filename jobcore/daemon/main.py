@@ -29,6 +29,7 @@ from jobcore.daemon.config import (
 from jobcore.daemon.rundir import DaemonAlreadyRunning
 from jobcore.daemon.server import Daemon
 from jobcore.errors import JobError, StoreError, leaf_error
+from jobcore.fleet import LEASE_TTL
 from jobcore.log import configure
 from jobcore.protocol import default_run_dir
 
@@ -161,7 +162,8 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "log_file, frame_timeout, max_receive_buffer, max_ro_clients_per_uid, "
                 "ro_idle_timeout, max_ro_subscriptions, max_ro_subscriptions_per_uid, "
                 "ro_max_event_buffer, ro_subscriber_lost_limit, max_queued_send, "
-                "max_ro_queued_send, max_ro_receive_buffer, store, host, stop_guests.",
+                "max_ro_queued_send, max_ro_receive_buffer, store, host, stop_guests, "
+                "shared_roots, lease_ttl.",
             ),
             click.option(
                 "--store",
@@ -174,6 +176,22 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 metavar="NAME",
                 help="This jobd's name in its fleet, carried by every job record "
                 "[config: host; default: the machine's hostname].",
+            ),
+            click.option(
+                "--shared-root",
+                "shared_roots",
+                multiple=True,
+                metavar="[ID=]PATH",
+                help="Storage the fleet's hosts share (repeatable; replaces the config's "
+                "shared_roots): claims on images below PATH are taken fleet-wide, under the "
+                "storage ID (default: PATH itself) [PostgreSQL stores].",
+            ),
+            click.option(
+                "--lease-ttl",
+                type=float,
+                metavar="SECONDS",
+                help="Seconds this fleet member's lease lasts unless renewed; other members "
+                f"report it lost after that [config: lease_ttl; default: {LEASE_TTL:g}].",
             ),
             click.option(
                 "--stop-guests",
@@ -228,6 +246,8 @@ def start_from_options(
     store: str | None = None,
     stop_guests: bool | None = None,
     host: str | None = None,
+    shared_roots: tuple[str, ...] = (),
+    lease_ttl: float | None = None,
 ) -> int:
     try:
         config = load_config(
@@ -240,6 +260,8 @@ def start_from_options(
             store=store,
             stop_guests=stop_guests,
             host=host,
+            shared_roots=list(shared_roots) or None,
+            lease_ttl=lease_ttl,
         )
     except ConfigError as exc:
         click.echo(f"jobd: {exc}", err=True)

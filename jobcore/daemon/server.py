@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -32,11 +33,14 @@ from jobcore.daemon.config import (
     DaemonConfig,
 )
 from jobcore.daemon.drivers import DriverConnections
+from jobcore.daemon.fleet import FleetJob, FleetService
 from jobcore.daemon.handlers import _BULKY, _HANDLERS
 from jobcore.daemon.rundir import RunDirLock
 from jobcore.daemon.sessions import _ByteBudget, _Client, _ClientGone, _FrameLate, _Noise
-from jobcore.errors import InvalidArgument, JobError, SubscriptionOverflow
+from jobcore.errors import InvalidArgument, JobError, StoreError, SubscriptionOverflow
 from jobcore.events import EndReason, EventKind, Subscription
+from jobcore.fleet import Fleet
+from jobcore.fleet_commands import FleetCommands
 from jobcore.log import get_logger, reopen_log_files
 from jobcore.methods import Method
 from jobcore.paths import owner_guard
@@ -69,7 +73,7 @@ from jobcore.protocol import (
 )
 from jobcore.rundir import ensure_private_dir, reserve_dir, unreserve_dir
 from jobcore.store import default_host
-from jobcore.store_pg import open_store_database
+from jobcore.store_pg import PostgresDatabase, open_store_database
 from jobcore.store_sqlite import parse_store_url
 
 _log = get_logger("jobd")
@@ -103,6 +107,10 @@ class Daemon:
         self._ro_clients_of: Counter[int | None] = Counter()
         self._ro_subscriptions_of: Counter[int | None] = Counter()
         self.drivers: DriverConnections | None = None
+        #: the fleet jobd is a member of (a PostgreSQL store; design/fleet.md)
+        self.fleet: FleetService | None = None
+        #: why the fleet fenced this host (jobd then stops, exit status 1)
+        self._fenced: str | None = None
         self._serving: anyio.CancelScope | None = None
         #: bytes of the frames being received, per socket (max_receive_buffer,
         #: max_ro_receive_buffer)
@@ -148,31 +156,53 @@ class Daemon:
             store_url = parse_store_url(cfg.store_url)
             # a bad or unreachable store stops jobd here, before serving
             store_db = await anyio.to_thread.run_sync(open_store_database, store_url, self.host)
-            async with anyio.create_task_group() as drivers_tg:
-                self.drivers = DriverConnections(
-                    drivers_tg,
-                    cfg.retention,
-                    allowed=cfg.allowed_uris,
-                    run_dir=cfg.run_dir,
-                    idle_timeout=cfg.driver_idle_timeout,
-                    max_retained_per_domain=cfg.max_retained_per_domain,
-                    max_retained=cfg.max_retained,
-                    store=cfg.store_url,
-                    keep_jobs=not cfg.stop_guests,
-                    host=self.host,
-                )
-                try:
-                    self._serving = anyio.CancelScope()
-                    with self._serving:
-                        if store_db is not None:  # every stored scope, before serving
-                            stored = await anyio.to_thread.run_sync(
-                                store_db.stored_scopes, time.time()
-                            )
-                            await self.drivers.recover(stored)
-                        await self._serve(task_status, handle_signals)
-                finally:
-                    self.drivers.close()
-                    drivers_tg.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_GRACE
+            fleet = None
+            if isinstance(store_db, PostgresDatabase):  # a fleet member: joined before recovery
+                fleet = Fleet(store_db, lease_ttl=cfg.lease_ttl, shared_roots=cfg.shared_roots)
+                warning = await anyio.to_thread.run_sync(fleet.join)
+                if warning is not None:
+                    _log.warning("fleet member rejoins after a fence", host=self.host, note=warning)
+                _log.info("fleet joined", host=self.host, lease_ttl=cfg.lease_ttl)
+            async with anyio.create_task_group() as fleet_tg:  # the lease outlives the drivers
+                if fleet is not None:
+                    fleet_tg.start_soon(partial(fleet.run, on_fenced=self._on_fenced))
+                async with anyio.create_task_group() as drivers_tg:
+                    self.drivers = DriverConnections(
+                        drivers_tg,
+                        cfg.retention,
+                        allowed=cfg.allowed_uris,
+                        run_dir=cfg.run_dir,
+                        idle_timeout=cfg.driver_idle_timeout,
+                        max_retained_per_domain=cfg.max_retained_per_domain,
+                        max_retained=cfg.max_retained,
+                        store=cfg.store_url,
+                        keep_jobs=not cfg.stop_guests,
+                        host=self.host,
+                    )
+                    if fleet is not None:
+                        self.fleet = FleetService(fleet, FleetCommands(fleet), self.drivers)
+                        self.drivers.fleet = self.fleet
+                    commands = anyio.CancelScope()
+                    try:
+                        self._serving = anyio.CancelScope()
+                        with self._serving:
+                            if store_db is not None:  # every stored scope, before serving
+                                stored = await anyio.to_thread.run_sync(
+                                    store_db.stored_scopes, time.time()
+                                )
+                                await self.drivers.recover(stored)
+                            if self.fleet is not None:  # other members' verbs, once recovered
+                                await drivers_tg.start(self._fleet_commands, self.fleet, commands)
+                            await self._serve(task_status, handle_signals)
+                    finally:
+                        commands.cancel()
+                        self.drivers.close()
+                        drivers_tg.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_GRACE
+                fleet_tg.cancel_scope.cancel()
+            if self._fenced is not None:
+                raise StoreError(f"{self._fenced}: jobd stopped")
+            if fleet is not None:  # a clean stop: the others see it stopped, not lost
+                await anyio.to_thread.run_sync(fleet.leave)
         finally:
             if store_db is not None:
                 store_db.release()
@@ -181,6 +211,23 @@ class Daemon:
             unreserve_dir(cfg.run_dir)
             lock.release()
             _log.info("jobd stopped")
+
+    @staticmethod
+    async def _fleet_commands(
+        service: FleetService,
+        scope: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:  # cancelled as jobd stops, before its driver connections close
+            await service.commands.run(service.execute, task_status=task_status)
+
+    def _on_fenced(self, message: str) -> None:
+        """An operator fenced this host (its lease row says so): its writes are refused,
+        its jobs were failed elsewhere; jobd stops (exit status 1)."""
+        _log.error("this host was fenced: jobd stops", host=self.host, reason=message)
+        self._fenced = message
+        self.stop()
 
     async def _serve(self, task_status: anyio.abc.TaskStatus[None], handle_signals: bool) -> None:
         others = self.config.allowed_uids - {os.getuid(), 0}
@@ -602,6 +649,7 @@ class Daemon:
         finally:
             client.in_hello = False
         client.slot, client.conn = slot, slot.conn
+        client.fleet = self.fleet
         client.elsewhere = partial(self.drivers.lookup_job, besides=slot)
         if client.readonly:
             slot.readers.add(client)  # expelled if the connection closes
@@ -643,9 +691,10 @@ class Daemon:
         buffer = min(
             max(1, _arg_int(maxlen)), cfg.ro_max_event_buffer if readonly else MAX_EVENT_BUFFER
         )
+        job_id = job if isinstance(job, uuid.UUID) else None
         sub = client.conn.subscribe(
             domain=domain if isinstance(domain, str) else None,
-            job=job if isinstance(job, uuid.UUID) else None,
+            job=job_id,
             types=[str(t) for t in types] if isinstance(types, tuple) else None,
             kinds=kind_set,
             maxlen=buffer,
@@ -656,7 +705,13 @@ class Daemon:
         self._subscriptions[readonly] += 1
         if readonly:
             self._ro_subscriptions_of[client.uid] += 1
-        sub.on_end = partial(self._subscription_ended, readonly, client.uid)
+        sub.on_end = partial(self._subscription_ended, readonly, client.uid, None)
+        if job_id is not None and self.fleet is not None and not self._is_local(job_id):
+            # another host's job (or none yet): its row's changes, for this subscription
+            known = client.jobs.get(job_id)
+            since = known.event_seq if isinstance(known, FleetJob) else None
+            unwatch = self.fleet.watch_for(job_id, client.conn.engine.events, sub, since=since)
+            sub.on_end = partial(self._subscription_ended, readonly, client.uid, unwatch)
         client.subs[sub_id] = sub
         client.tg.start_soon(self._forward, client, sub_id, sub)
 
@@ -675,7 +730,19 @@ class Daemon:
                 count += 1
         return count
 
-    def _subscription_ended(self, readonly: bool, uid: int | None, sub: Subscription) -> None:
+    def _is_local(self, job: uuid.UUID) -> bool:
+        """Whether one of jobd's driver connections has the job."""
+        return self.drivers is not None and self.drivers.lookup_job(job) is not None
+
+    def _subscription_ended(
+        self,
+        readonly: bool,
+        uid: int | None,
+        unwatch: Callable[[], None] | None,
+        sub: Subscription,
+    ) -> None:
+        if unwatch is not None:  # the watch of another host's job goes with it
+            unwatch()
         self._subscriptions[readonly] -= 1
         if readonly:
             _count_down(self._ro_subscriptions_of, uid)

@@ -24,6 +24,7 @@ from jobcore.daemon.config import (
     SEND_TIMEOUT,
 )
 from jobcore.daemon.drivers import _DriverSlot
+from jobcore.daemon.fleet import FleetJob, FleetService
 from jobcore.errors import JobError
 from jobcore.events import Subscription
 from jobcore.local import LocalConnection, LocalDomain, LocalJob
@@ -119,12 +120,15 @@ class _Client:
     conn: LocalConnection | None = None
     requests: dict[int, anyio.CancelScope] = field(factory=dict)
     subs: dict[int, Subscription] = field(factory=dict)
-    jobs: OrderedDict[uuid.UUID, LocalJob] = field(factory=OrderedDict)
+    #: job handles it has seen: its host's, and other hosts' (FleetJob) in a fleet
+    jobs: OrderedDict[uuid.UUID, LocalJob | FleetJob] = field(factory=OrderedDict)
     domains: OrderedDict[str, LocalDomain] = field(factory=OrderedDict)
     #: the driver connection this session is attached to (after hello)
     slot: _DriverSlot | None = None
     #: a job by UUID on jobd's other driver connections (after hello; None: not found)
     elsewhere: Callable[[uuid.UUID], LocalJob | None] | None = None
+    #: the fleet jobd is a member of (a PostgreSQL store), for other hosts' jobs
+    fleet: FleetService | None = None
     #: a hello is being served (it may wait for a driver connection to open)
     in_hello: bool = False
     #: set once a hello succeeded
@@ -198,7 +202,7 @@ class _Client:
             self.queued.release(len(frame))
             self.socket_queued.release(len(frame))
 
-    def remember(self, job: LocalJob) -> LocalJob:
+    def remember(self, job: LocalJob | FleetJob) -> LocalJob | FleetJob:
         self.jobs[job.uuid] = job
         self.jobs.move_to_end(job.uuid)
         if len(self.jobs) > HANDLE_CACHE:

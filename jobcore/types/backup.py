@@ -35,7 +35,7 @@ from jobcore.scheduler import (
     normalize_path,
 )
 from jobcore.spec import JobOptions, JobType
-from jobcore.types.base import JobTypeInfo, chain_uses, prepared
+from jobcore.types.base import JobTypeInfo, chain_uses, image_claims, prepared
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
 from jobcore.xml._parse import once
@@ -259,18 +259,25 @@ def backup_socket(spec: BackupJobSpec) -> str | None:
 
 
 def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
-    """Shared on the domain, a read of each disk and of each checkpoint an incremental
-    starts from (deleting it is refused meanwhile), a write of each target or scratch
-    file and of the NBD socket it names (a prepared backup's: its paths are normalised)."""
+    """Shared on the domain, a read of each disk, of each image of its chain (as its
+    paths name them: another domain may share one) and of each checkpoint an
+    incremental starts from (deleting it is refused meanwhile), a write of each target
+    or scratch file and of the NBD socket it names (a prepared backup's: its paths are
+    normalised)."""
     assert isinstance(spec, PreparedBackup)
     claims = [Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED)]
     files: dict[str, None] = {}
     bases: dict[str, None] = {}
+    images: dict[Claim, None] = {}
     for disk in spec.disks:
         claims.append(Claim(disk_resource(dom.name, disk.name), Mode.READ))
         files[file_resource(disk.store)] = None
         if disk.incremental is not None:
             bases[checkpoint_resource(dom.name, disk.incremental)] = None
+        found = dom.disk(disk.name)
+        if found is not None:
+            images.update(dict.fromkeys(image_claims(chain_uses(found, set()))))
+    claims.extend(images)
     claims.extend(Claim(name, Mode.READ) for name in bases)
     sock = backup_socket(spec)
     if sock is not None:  # the NBD server creates it: two jobs must not share it

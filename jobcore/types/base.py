@@ -17,6 +17,7 @@ from attrs import frozen
 from jobcore.errors import InvalidArgument
 from jobcore.lifecycle import ALL_VERBS, Verb
 from jobcore.paths import Access, PathUse
+from jobcore.scheduler import Claim, Mode, image_resource
 from jobcore.spec import JobOptions, JobSpec, JobType
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from lxml import etree
 
     from jobcore.driver import DiskInfo, DomainInfo
-    from jobcore.scheduler import Claim
 
 
 class XMLCodec(Protocol):
@@ -96,6 +96,15 @@ def domain_disk(dom: DomainInfo, name: str) -> DiskInfo:
     if disk is None:
         raise InvalidArgument(f"disk '{name}' not found in domain '{dom.name}'")
     return disk
+
+
+def image_claims(uses: Iterable[PathUse]) -> list[Claim]:
+    """A claim on each image of ``uses`` (layers from ``chain_uses``): CHAIN on a layer
+    written, READ on one only read."""
+    return [
+        Claim(image_resource(u.path), Mode.CHAIN if u.access is Access.WRITE else Mode.READ)
+        for u in uses
+    ]
 
 
 def chain_uses(disk: DiskInfo, writes: set[int]) -> list[PathUse]:

@@ -18,7 +18,7 @@ from jobcore.errors import InvalidArgument
 from jobcore.paths import PathUse
 from jobcore.scheduler import Claim, Mode, disk_resource, domain_resource
 from jobcore.spec import ChainRef, JobOptions, JobType, int64
-from jobcore.types.base import JobTypeInfo, chain_uses, domain_disk, prepared
+from jobcore.types.base import JobTypeInfo, chain_uses, domain_disk, image_claims, prepared
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
 from jobcore.xml._parse import once
@@ -238,11 +238,18 @@ def prepare_commit(spec: BlockCommitSpec, dom: DomainInfo, wall: float) -> Prepa
 
 
 def chain_claims(spec: BlockPullSpec | BlockCommitSpec, dom: DomainInfo) -> tuple[Claim, ...]:
-    """Shared on the domain, the disk's chain alone."""
-    return (
+    """Shared on the domain, the disk's chain alone, and each image of the chain its
+    paths name: CHAIN on a layer it writes, READ on one it reads (another domain may
+    share it: a common base image, or one on shared storage)."""
+    claims = [
         Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED),
         Claim(disk_resource(dom.name, spec.disk), Mode.CHAIN),
-    )
+    ]
+    if isinstance(spec, PreparedPull):
+        claims.extend(image_claims(pull_paths(spec, dom)))
+    elif isinstance(spec, PreparedCommit):
+        claims.extend(image_claims(commit_paths(spec, dom)))
+    return tuple(claims)
 
 
 def pull_paths(spec: PreparedPull, dom: DomainInfo) -> Iterable[PathUse]:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 @domain_filter_option
 @click.option("--job", "job_filter", shell_complete=complete_job, help="Only this job (UUID).")
 @click.option("--count", "-n", type=click.IntRange(min=1), help="Stop after N events.")
-@click.option("--no-progress", is_flag=True, help="Only state changes and final events.")
+@click.option("--no-progress", is_flag=True, help="Only state changes, final and host-lost events.")
 @json_option
 def events(
     domain: str | None, job_filter: str | None, count: int | None, no_progress: bool, as_json: bool
@@ -39,7 +39,7 @@ def events(
             await conn.lookup_domain(domain)  # NoSuchDomain: exit 7, not a silent wait
         if job_filter is not None:
             job_id = (await resolve_job(conn, job_filter)).uuid
-        kinds = [EventKind.STATE, EventKind.FINAL] if no_progress else None
+        kinds = [EventKind.STATE, EventKind.FINAL, EventKind.HOST_LOST] if no_progress else None
         seen = 0
         with conn.subscribe(domain=domain, job=job_id, kinds=kinds) as sub:
             await conn.list_domains()  # one round trip: the subscription is in place
