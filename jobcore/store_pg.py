@@ -253,7 +253,12 @@ _JOB_SQL = {
 #: a fence's FOR UPDATE does; raises SQLSTATE FENCED_STATE once fenced)
 _FENCED = b"SELECT jobcore_check_fenced(%s)"
 FENCED_STATE = "JCF01"
-_CLAIMS_HELD = b"SELECT resource, mode, job, host FROM claims WHERE resource = ANY(%s)"
+#: the claims held on some resources, with their job's scope (a job's own engine
+#: arbitrates it against the other jobs of its scope: those are not checked again)
+_CLAIMS_HELD = (
+    b"SELECT c.resource, c.mode, c.job, c.host, j.scope FROM claims c"
+    b" LEFT JOIN jobs j ON j.uuid = c.job AND j.host = c.host WHERE c.resource = ANY(%s)"
+)
 _CLAIM_LOCK = b"SELECT pg_advisory_xact_lock(%s)"
 _CLAIM_INSERT = (
     b"INSERT INTO claims (resource, mode, job, host) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
@@ -699,9 +704,10 @@ class PostgresDatabase(SharedDatabase):
                 cur.execute(_NOTIFY_JOBS, (notes,))
         refused.extend(out.items())
 
-    def _shared_claims(self, inserts: list[tuple[Any, ...]]) -> dict[str, list[tuple[str, Mode]]]:
-        """job -> its claims on shared resources (``shared_resource``), of the inserts."""
-        wanted: dict[str, list[tuple[str, Mode]]] = {}
+    def _shared_claims(self, inserts: list[tuple[Any, ...]]) -> dict[str, _Wanted]:
+        """job -> its scope and its claims on shared resources (``shared_resource``), of
+        the inserts that have some."""
+        wanted: dict[str, _Wanted] = {}
         for row in inserts:
             found: dict[tuple[str, Mode], None] = {}
             for resource, mode in json.loads(row[5]):
@@ -709,51 +715,60 @@ class PostgresDatabase(SharedDatabase):
                 if shared is not None:
                     found[(shared, Mode(mode))] = None
             if found:
-                wanted[row[0]] = list(found)
+                wanted[row[0]] = (row[1], list(found))
         return wanted
 
     def _take_claims(
         self,
         cur: psycopg.Cursor[Any],
-        wanted: dict[str, list[tuple[str, Mode]]],
+        wanted: dict[str, _Wanted],
         ending: dict[str, None],
         out: dict[str, JobError],
     ) -> None:
         """Arbitrate the inserts' shared claims against every host's (in the batch's
         transaction): each resource's advisory lock, in one order for every member, then
         the claims held; a job whose claim conflicts goes to ``out``."""
-        resources = sorted({r for claims in wanted.values() for r, _ in claims})
+        host = self.host or ""
+        resources = sorted({r for _, claims in wanted.values() for r, _ in claims})
         cur.executemany(_CLAIM_LOCK, [(k,) for k in sorted({_lock_key(r) for r in resources})])
         cur.execute(_CLAIMS_HELD, (resources,))
-        held: dict[str, list[tuple[Mode, str, str]]] = {}
-        for resource, mode, job, host in cur.fetchall():
-            held.setdefault(resource, []).append((Mode(mode), job, host))
+        held: dict[str, list[_Held]] = {}
+        for resource, mode, job, other_host, scope in cur.fetchall():
+            held.setdefault(resource, []).append((Mode(mode), job, other_host, scope))
         rows: list[tuple[str, str, str, str]] = []
-        for job, claims in wanted.items():
-            conflict = _conflict(job, self.host or "", claims, held)
+        for job, (scope, claims) in wanted.items():
+            conflict = _conflict(job, host, scope, claims, held)
             if conflict is not None:
                 out[job] = conflict
                 continue
             for resource, mode in claims:
-                held.setdefault(resource, []).append((mode, job, self.host or ""))
+                held.setdefault(resource, []).append((mode, job, host, scope))
                 if job not in ending:  # a job begun and ended in one batch holds nothing
-                    rows.append((resource, str(mode), job, self.host or ""))
+                    rows.append((resource, str(mode), job, host))
         if rows:
             cur.executemany(_CLAIM_INSERT, rows)
+
+
+#: an insert's shared claims: its scope, (resource, mode) each
+_Wanted = tuple[str, list[tuple[str, Mode]]]
+#: a claim held: (mode, job, host, the job's scope)
+_Held = tuple[Mode, str, str, str | None]
 
 
 def _conflict(
     job: str,
     host: str,
+    scope: str,
     claims: list[tuple[str, Mode]],
-    held: dict[str, list[tuple[Mode, str, str]]],
+    held: dict[str, list[_Held]],
 ) -> JobConflict | None:
-    """The refusal of ``job``'s shared claims by a claim another job holds, if any."""
+    """The refusal of ``job``'s shared claims by a claim another job holds, if any (not
+    one of a job of its own scope: its engine arbitrated those, queueing it or not)."""
     import uuid
 
     for resource, mode in claims:
-        for other_mode, other, other_host in held.get(resource, ()):
-            if other == job and other_host == host:
+        for other_mode, other, other_host, other_scope in held.get(resource, ()):
+            if other_host == host and (other == job or other_scope == scope):
                 continue
             if other_mode in CONFLICTS[mode]:
                 return JobConflict(
