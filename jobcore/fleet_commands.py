@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -165,17 +166,21 @@ class FleetCommands:
     async def _listen(
         self, stop: threading.Event, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        ready = threading.Event()
-
-        def started() -> None:
-            if not ready.is_set():
-                ready.set()
-                task_status.started()
-
-        # a thread of its own (not one of the default limiter's): it runs as long as jobd
-        await anyio.to_thread.run_sync(
-            self._listen_thread, stop, started, limiter=anyio.CapacityLimiter(1)
-        )
+        """The listener thread, started once it listens (or found the database away)."""
+        ready = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            # a thread of its own (not one of the default limiter's): it runs as long as jobd
+            tg.start_soon(
+                partial(
+                    anyio.to_thread.run_sync,
+                    self._listen_thread,
+                    stop,
+                    ready.set,
+                    limiter=anyio.CapacityLimiter(1),
+                )
+            )
+            await ready.wait()
+            task_status.started()
 
     def _listen_thread(self, stop: threading.Event, started: Callable[[], None]) -> None:
         """LISTEN on a connection of its own; hand each notification to the event loop.
@@ -624,6 +629,8 @@ class FleetCommands:
             watch.ended = info.state.terminal
             return
         if n <= watch.seen:
+            if watch.state is None:  # what the watcher knew (``since``) is the row's state
+                watch.state = info.state
             return
         seen = watch.seen
 
