@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -275,14 +276,29 @@ class Soak:
         except CallFailed as exc:
             self.counts[f"begin refused: {exc.name}"] += 1
             self.refused[job] = member
-            if exc.name == "JobConflict" and self.fleet:
-                self.check(" on host '" in str(exc), f"a conflict names no host: {exc}")
+            if exc.name == "JobConflict":
+                self.conflict(member, str(exc))
             return
         for j, latest in seen.items():
             rec = self.jobs[j]
             rec.durable, rec.durable_info, rec.verb = latest.state, latest, False
         self.jobs[job] = Record(member, member.c().info(job))
         self.counts["begun"] += 1
+
+    def conflict(self, member: Member, said: str) -> None:
+        """A refusal names its holder, a job begun here; one of another member with that
+        member's host."""
+        found = re.search(r"conflicts with job '([0-9a-f-]{36})'", said)
+        self.check(found, f"a conflict names no holder: {said}")
+        assert found is not None
+        job = uuid.UUID(found.group(1))
+        rec = self.jobs.get(job)
+        owner = rec.member if rec is not None else self.in_flight.get(job)
+        self.check(owner is not None, f"a conflict names an unknown holder: {said}")
+        assert owner is not None
+        if owner is not member:
+            self.check(f"on host '{owner.name}'" in said, f"a conflict names no host: {said}")
+            self.counts["refused by another member's job"] += 1
 
     def abort(self, member: Member) -> None:
         """An abort of one of ``member``'s jobs, in the fleet variant sent through any
@@ -365,8 +381,9 @@ class Soak:
 
     # ---- checks -----------------------------------------------------------------------
 
-    def find(self, job: uuid.UUID, owner: Member) -> JobInfo | None:
-        """The job's info from its owner, and (fleet) from another member too."""
+    def find(self, job: uuid.UUID, owner: Member, *, begun: bool = True) -> JobInfo | None:
+        """The job's info from its owner, and (fleet) from every other member too: found
+        there if its begin returned (its row was committed), else there or not."""
         try:
             info = owner.c().info(job)
         except CallFailed as exc:
@@ -375,7 +392,15 @@ class Soak:
         if self.fleet:
             for other in self.members:
                 if other is not owner:
-                    there = other.c().info(job)  # from its row: it may lag behind
+                    try:
+                        there = other.c().info(job)  # from its row: it may lag behind
+                    except CallFailed as exc:
+                        self.check(
+                            not begun and exc.name == "NoSuchJob",
+                            f"job {job} of {owner.name} ({info.state}): {other.name}: {exc}",
+                        )
+                        self.counts["on its owner only"] += 1
+                        continue
                     self.check(
                         there.host == owner.name and info.state in _reachable(there.state),
                         f"job {job} of {owner.name}: {other.name} says {there}, owner {info}",
@@ -412,7 +437,7 @@ class Soak:
                 self.counts[f"{rec.latest.state} -> {now.state}"] += 1
             rec.latest = now
         for job, member in list(self.refused.items()):
-            info = self.find(job, member)
+            info = self.find(job, member, begun=False)
             self.check(
                 info is None or (info.state is S.FAILED and not info.processed),
                 f"a refused begin left job {job}: {info}",
@@ -420,7 +445,7 @@ class Soak:
             self.counts["refused: none" if info is None else "refused: failed"] += 1
             del self.refused[job]
         for job, member in list(self.in_flight.items()):
-            info = self.find(job, member)
+            info = self.find(job, member, begun=False)
             self.counts[f"in flight: {'none' if info is None else info.state}"] += 1
             if info is not None:
                 self.check(
@@ -488,7 +513,9 @@ def _soak(tmp: Path, server: PgServer, *, members: int, fleet: bool) -> Soak:
     return soak
 
 
-def test_members_and_postgresql_killed_lose_no_record_without_fleet(tmp_path: Path, server: PgServer) -> None:
+def test_members_and_postgresql_killed_lose_no_record_without_fleet(
+    tmp_path: Path, server: PgServer
+) -> None:
     soak = _soak(tmp_path, server, members=2, fleet=False)
     assert soak.counts["begun"] > 0
 
