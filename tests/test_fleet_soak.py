@@ -2,23 +2,23 @@
 moments, cycle after cycle, while sim jobs are begun and aborted from every member
 (design/fleet.md "Property kit and soak").
 
-Each cycle does random work on the members (begins of sim backups and block pulls, on
-domains whose images are on a shared root of every member in the fleet variant, so their
-claims meet; aborts; a begin whose reply is never read), then kills, at a random moment,
-one member (SIGKILL), PostgreSQL (``pg_ctl stop -m immediate``: every backend dies at
-once, no checkpoint) or both, and starts them again on the same directories. After each
-cycle:
+Each cycle does random work on the members (begins of sim backups and block pulls on
+domains whose images are under a shared root of every member, so their claims meet;
+aborts, through any member; a begin whose reply is never read), then kills, at a random
+moment, one member (SIGKILL), PostgreSQL (``pg_ctl stop -m immediate``: every backend
+dies at once, no checkpoint) or both, and starts them again on the same directories.
+After each cycle:
 
 - no record is lost: every job whose begin returned is found by UUID (on some member), in
   a state its last known one can lead to; a begin refused with an error left no job, or
   a failed one that never ran; an in-flight begin left a whole job or none;
-- in the fleet variant, a thread samples the ``claims`` table (joined with ``jobs``, one
+- a thread samples the ``claims`` table (joined with ``jobs``, one
   snapshot per query) many times a second through the whole run, outages included: no
   two jobs ever hold conflicting modes (``jobcore.scheduler.CONFLICTS``) on one resource,
   no claim belongs to a job without a row or to an ended job; and in the end, every job
   ended, no claim is left.
 
-Knobs: ``JOBCORE_FLEET_SOAK_CYCLES`` (default 6), ``JOBCORE_FLEET_SOAK_SEED`` (default
+Knobs: ``JOBCORE_FLEET_SOAK_CYCLES`` (default 10), ``JOBCORE_FLEET_SOAK_SEED`` (default
 random; every failure message names it)."""
 
 from __future__ import annotations
@@ -27,19 +27,18 @@ import contextlib
 import os
 import random
 import re
-import signal
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import attrs
 import psycopg
-import pytest
-from jobd_helpers import Jobd
+from fleet_helpers import JobdFleet
+from fleet_helpers import Member as FleetMember
 from pg_helpers import PgServer, pg_bin
 from test_kill_soak import LATER, CallFailed, Client
 
@@ -50,7 +49,9 @@ from jobcore.scheduler import CONFLICTS, Mode
 
 S = JobState
 MiB = 1 << 20
-CYCLES = int(os.environ.get("JOBCORE_FLEET_SOAK_CYCLES", "6"))
+CYCLES = int(os.environ.get("JOBCORE_FLEET_SOAK_CYCLES", "10"))
+#: the members' lease (s): a killed member is reported lost while it is down
+LEASE_TTL = 2.0
 SEED = int(os.environ.get("JOBCORE_FLEET_SOAK_SEED") or random.SystemRandom().randrange(1 << 32))
 #: sim jobs run a few seconds (a backup of vdb, 512 MiB: 4 s; a pull of vda: longer)
 RATE = 128 * MiB
@@ -76,55 +77,36 @@ def _kill_pg(server: PgServer) -> None:
     server._run(pg_bin("pg_ctl"), "-D", str(server.data), "-m", "immediate", "-w", "stop")
 
 
-class Member:
-    """One jobd of the fleet, on its own run directory, with its own ``--host``."""
+class SoakMember(FleetMember):
+    """A member of tests/fleet_helpers.py's fleet whose shared root also holds the sim
+    domains' images (so its vm1 and vm2 are every member's), with a client of the
+    soak's sim host while it runs."""
 
-    def __init__(self, soak: Soak, name: str) -> None:
-        self.soak, self.name = soak, name
-        self.run_dir = soak.tmp / name
-        self.jobd: Jobd | None = None
+    def __init__(self, fleet: JobdFleet, name: str) -> None:
+        super().__init__(fleet, name)
         self.client: Client | None = None
-        self.incarnation = 0
 
-    @property
-    def uri(self) -> str:
-        return f"sim:///{WORLD}?rate={RATE}"
+    def args(self) -> tuple[str, ...]:
+        return (*super().args(), "--shared-root", f"sim={SIM_IMAGES}")
 
-    def start(self) -> None:
-        self.incarnation += 1
-        self.jobd = Jobd(
-            self.run_dir,
-            "--store", self.soak.url, "--host", self.name, "--allow-uri", "sim:///*",
-            *self.soak.member_args,
-        )  # fmt: skip
-        self.jobd.wait_ready(30)
-        self.client = Client(self.jobd.sock, self.uri)
+    def start(self) -> SoakMember:
+        super().start()
+        assert self.jobd is not None
+        self.client = Client(self.jobd.sock, f"sim:///{WORLD}?rate={RATE}")
+        return self
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
     def kill(self) -> None:
-        assert self.jobd is not None
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        self.jobd.proc.send_signal(signal.SIGKILL)
-        self.jobd.proc.wait(10)
-        self.jobd.stop()
-        self._keep_log()
+        self._drop_client()
+        super().kill()
 
-    def _keep_log(self) -> None:
-        assert self.jobd is not None
-        log = self.soak.logs / f"{self.name}-{self.incarnation:02d}.log"
-        with contextlib.suppress(OSError):
-            log.write_bytes(self.jobd.log_path.read_bytes())
-
-    def stop(self) -> int:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self.jobd is None:
-            return 0
-        code = self.jobd.stop()
-        self._keep_log()
-        return code
+    def stop(self) -> int | None:
+        self._drop_client()
+        return super().stop()
 
     def c(self) -> Client:
         assert self.client is not None, f"member {self.name} is down"
@@ -137,7 +119,7 @@ class Record:
     later commit on its member covers (``durable``: a kill of the member may take it back
     there, as what it wrote since may not have landed)."""
 
-    member: Member
+    member: SoakMember
     latest: JobInfo
     durable: JobState = S.RUNNING  # its row as the begin inserted it
     durable_info: JobInfo | None = None
@@ -218,24 +200,20 @@ BLOCKPULL = "<job type='blockpull'><uuid>{job}</uuid><disk name='vda'/></job>"
 
 
 class Soak:
-    def __init__(self, tmp: Path, server: PgServer, *, members: int, fleet: bool) -> None:
-        self.tmp, self.server, self.fleet = tmp, server, fleet
+    def __init__(self, tmp: Path, server: PgServer, *, members: int) -> None:
+        self.server = server
         self.rng = random.Random(SEED)
-        self.url = server.create_database()
-        self.logs = tmp / "logs"
-        self.logs.mkdir()
-        #: the fleet variant: the sim images are on a root every member shares
-        self.member_args: tuple[str, ...] = (
-            ("--shared-root", f"sim={SIM_IMAGES}", "--lease-ttl", "2") if fleet else ()
-        )
-        self.members = [Member(self, f"hv{i + 1}") for i in range(members)]
+        self.fleet = JobdFleet(tmp, server, members, lease_ttl=LEASE_TTL)
+        self.url = self.fleet.url
+        self.members = [SoakMember(self.fleet, f"hv{i + 1}") for i in range(members)]
+        self.fleet.members = list(self.members)
         #: every job whose begin returned
         self.jobs: dict[uuid.UUID, Record] = {}
         #: begins refused with an error: no job, or a failed one that never ran
-        self.refused: dict[uuid.UUID, Member] = {}
+        self.refused: dict[uuid.UUID, SoakMember] = {}
         #: begins whose answer was lost (a kill): a whole job or none
-        self.in_flight: dict[uuid.UUID, Member] = {}
-        self.sampler = ClaimSampler(self.url) if fleet else None
+        self.in_flight: dict[uuid.UUID, SoakMember] = {}
+        self.sampler = ClaimSampler(self.url)
         self.cycle = 0
         self.what = "setup"
         self.counts: Counter[str] = Counter()
@@ -243,14 +221,14 @@ class Soak:
     def where(self) -> str:
         return (
             f"seed {SEED} (JOBCORE_FLEET_SOAK_SEED={SEED}), cycle {self.cycle}, {self.what}; "
-            f"logs in {self.logs}"
+            f"logs in {self.fleet.base}/hv*/run.log*"
         )
 
     def check(self, cond: object, what: str) -> None:
         if not cond:
             raise AssertionError(f"{what} [{self.where()}]")
 
-    def up(self) -> list[Member]:
+    def up(self) -> list[SoakMember]:
         return [m for m in self.members if m.client is not None]
 
     # ---- work -----------------------------------------------------------------------
@@ -265,7 +243,7 @@ class Soak:
             job=job, disk=disk, other=f"<disk name='{other}' backup='no'/>"
         )
 
-    def begin(self, member: Member) -> None:
+    def begin(self, member: SoakMember) -> None:
         job = uuid.uuid4()
         domain, xml = self.xml(job)
         # everything seen before this begin was committed when it returns: its insert
@@ -285,7 +263,7 @@ class Soak:
         self.jobs[job] = Record(member, member.c().info(job))
         self.counts["begun"] += 1
 
-    def conflict(self, member: Member, said: str) -> None:
+    def conflict(self, member: SoakMember, said: str) -> None:
         """A refusal names its holder, a job begun here; one of another member with that
         member's host."""
         found = re.search(r"conflicts with job '([0-9a-f-]{36})'", said)
@@ -300,14 +278,14 @@ class Soak:
             self.check(f"on host '{owner.name}'" in said, f"a conflict names no host: {said}")
             self.counts["refused by another member's job"] += 1
 
-    def abort(self, member: Member) -> None:
-        """An abort of one of ``member``'s jobs, in the fleet variant sent through any
-        member that runs (forwarded to the owner)."""
+    def abort(self, member: SoakMember) -> None:
+        """An abort of one of ``member``'s jobs, sent through any member that runs
+        (forwarded to the owner from another)."""
         active = [j for j, r in self.jobs.items() if r.latest.state.active and r.member is member]
         if not active:
             return
         job = self.rng.choice(active)
-        via = self.rng.choice(self.up()) if self.fleet else member
+        via = self.rng.choice(self.up())
         self.jobs[job].verb = True
         try:
             via.c().call(Method.JOB_ABORT, job)
@@ -328,7 +306,7 @@ class Soak:
                 self.abort(member)
             time.sleep(self.rng.uniform(0, 0.05))
 
-    def begin_unanswered(self, member: Member) -> None:
+    def begin_unanswered(self, member: SoakMember) -> None:
         """A begin sent and its answer never read (the kill follows)."""
         job = uuid.uuid4()
         domain, xml = self.xml(job)
@@ -381,30 +359,29 @@ class Soak:
 
     # ---- checks -----------------------------------------------------------------------
 
-    def find(self, job: uuid.UUID, owner: Member, *, begun: bool = True) -> JobInfo | None:
-        """The job's info from its owner, and (fleet) from every other member too: found
-        there if its begin returned (its row was committed), else there or not."""
+    def find(self, job: uuid.UUID, owner: SoakMember, *, begun: bool = True) -> JobInfo | None:
+        """The job's info from its owner, and from every other member too: found there if
+        its begin returned (its row was committed), else there or not."""
         try:
             info = owner.c().info(job)
         except CallFailed as exc:
             self.check(exc.name == "NoSuchJob", f"job {job}: {exc}")
             return None
-        if self.fleet:
-            for other in self.members:
-                if other is not owner:
-                    try:
-                        there = other.c().info(job)  # from its row: it may lag behind
-                    except CallFailed as exc:
-                        self.check(
-                            not begun and exc.name == "NoSuchJob",
-                            f"job {job} of {owner.name} ({info.state}): {other.name}: {exc}",
-                        )
-                        self.counts["on its owner only"] += 1
-                        continue
+        for other in self.members:
+            if other is not owner:
+                try:
+                    there = other.c().info(job)  # from its row: it may lag behind
+                except CallFailed as exc:
                     self.check(
-                        there.host == owner.name and info.state in _reachable(there.state),
-                        f"job {job} of {owner.name}: {other.name} says {there}, owner {info}",
+                        not begun and exc.name == "NoSuchJob",
+                        f"job {job} of {owner.name} ({info.state}): {other.name}: {exc}",
                     )
+                    self.counts["on its owner only"] += 1
+                    continue
+                self.check(
+                    there.host == owner.name and info.state in _reachable(there.state),
+                    f"job {job} of {owner.name}: {other.name} says {there}, owner {info}",
+                )
         return info
 
     def verify(self, killed: Collection[str] = ()) -> None:
@@ -454,8 +431,7 @@ class Soak:
                 )
                 self.jobs[job] = Record(member, info, info.state)
             del self.in_flight[job]
-        if self.sampler is not None:
-            self.check(not self.sampler.violations, f"claims: {self.sampler.violations[:5]}")
+        self.check(not self.sampler.violations, f"claims: {self.sampler.violations[:5]}")
 
     def finish(self) -> None:
         """Every job ends; their claims go with them."""
@@ -467,34 +443,25 @@ class Soak:
             rec.latest = rec.member.c().wait(job, 60)
             self.check(rec.latest.state.terminal, f"job {job} did not end: {rec.latest}")
         self.verify()
-        if self.sampler is not None:
-            deadline = time.monotonic() + 10
-            while True:
-                with psycopg.connect(self.url, autocommit=True) as conn:
-                    left = conn.execute(ClaimSampler.QUERY).fetchall()
-                if not left or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-            self.check(not left, f"claims left after every job ended: {left}")
+        deadline = time.monotonic() + 10
+        while True:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                left = conn.execute(ClaimSampler.QUERY).fetchall()
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.check(not left, f"claims left after every job ended: {left}")
 
 
-@pytest.fixture
-def server() -> Iterator[PgServer]:
-    pg = PgServer()
-    try:
-        yield pg
-    finally:
-        pg.close()
-
-
-def _soak(tmp: Path, server: PgServer, *, members: int, fleet: bool) -> Soak:
-    soak = Soak(tmp, server, members=members, fleet=fleet)
+def test_members_and_postgresql_killed_lose_no_record_nor_hold_conflicting_claims(
+    tmp_path: Path, private_pg: PgServer
+) -> None:
+    soak = Soak(tmp_path, private_pg, members=2)
     started = time.monotonic()
     try:
         for m in soak.members:
             m.start()
-        if soak.sampler is not None:
-            soak.sampler.start()
+        soak.sampler.start()
         for cycle in range(1, CYCLES + 1):
             soak.cycle = cycle
             soak.kill_cycle()
@@ -502,29 +469,14 @@ def _soak(tmp: Path, server: PgServer, *, members: int, fleet: bool) -> Soak:
         for m in soak.members:
             soak.check(m.stop() == 0, f"{m.name} did not stop cleanly")
     finally:
-        if soak.sampler is not None:
-            soak.sampler.stop()
-        for m in soak.members:
-            with contextlib.suppress(Exception):
-                m.stop()
-    print(f"fleet soak: {CYCLES} cycles, seed {SEED}, {time.monotonic() - started:.1f} s")
+        soak.sampler.stop()
+        soak.fleet.close()
+    print(
+        f"fleet soak: {CYCLES} cycles, seed {SEED}, {time.monotonic() - started:.1f} s, "
+        f"{soak.sampler.samples} samples of the claims ({soak.sampler.held} with some held)"
+    )
     for what, count in sorted(soak.counts.items()):
         print(f"  {what:32} {count}")
-    return soak
-
-
-def test_members_and_postgresql_killed_lose_no_record_without_fleet(
-    tmp_path: Path, server: PgServer
-) -> None:
-    soak = _soak(tmp_path, server, members=2, fleet=False)
     assert soak.counts["begun"] > 0
-
-
-def test_fleet_members_and_postgresql_killed_never_hold_conflicting_claims(
-    tmp_path: Path, server: PgServer
-) -> None:
-    soak = _soak(tmp_path, server, members=2, fleet=True)
-    assert soak.counts["begun"] > 0
-    assert soak.sampler is not None
     assert soak.sampler.held > 0, "no sample saw a shared claim held"
-    assert soak.counts["begin refused: JobConflict"] > 0
+    assert soak.counts["refused by another member's job"] > 0, "no claims met"
