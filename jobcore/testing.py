@@ -82,7 +82,7 @@ from jobcore.facade import JobBegin as _JobBegin
 from jobcore.facade import JobGetInfo as _JobGetInfo
 from jobcore.facade import JobLookupByUUID as _JobLookupByUUID
 from jobcore.facade import open as _open
-from jobcore.lifecycle import INITIAL, TRANSITIONS, JobState, Verb, accepts
+from jobcore.lifecycle import INITIAL, TRANSITIONS, VERB_TARGET, JobState, Verb, accepts
 from jobcore.local import LocalConnection
 from jobcore.registry import registry
 from jobcore.store_sqlite import SQLiteJobStore
@@ -715,8 +715,10 @@ class FleetLifecycleMachine(JobLifecycleMachine):
       most), so an event that never reaches its subscriber fails the step;
     * each job is also watched by a per-job subscription on a member other than the one
       it was begun on (another host's when there is one): what that watch sees is the
-      owner's numbered events (same number, same state), in order, at most one FINAL,
-      and, if the job was active when the watch was registered, its FINAL.
+      owner's numbered events (same number, same state), in order, at most one FINAL;
+      a watch that got any event of the job gets its FINAL, and so does one registered
+      while the job was active (``WATCH_FROM_SUBSCRIBE``: a member that starts a watch
+      after its subscribe call answered, as jobd's fleet watch does, sets it False).
 
     Time is the members' real clock (``TIME_SCALE``: real seconds per step second); there
     is no failure injection and no restart step (jobd's kill is the soak's business).
@@ -726,6 +728,8 @@ class FleetLifecycleMachine(JobLifecycleMachine):
     #: seconds a step waits for events to agree with the owner's answer
     EVENT_WAIT: ClassVar[float] = 10.0
     TIME_SCALE: ClassVar[float] = 0.02
+    #: a watch gets every change after its subscribe call answered (see the class doc)
+    WATCH_FROM_SUBSCRIBE: ClassVar[bool] = True
     #: the driver's ``DriverConnection.job_verbs`` (jobd's connection is out of reach)
     JOB_VERBS: ClassVar[dict[str, frozenset[Verb]]] = {}
 
@@ -836,7 +840,27 @@ class FleetLifecycleMachine(JobLifecycleMachine):
         # a round trip after the subscribe request: jobd has registered it
         conn.run(conn.aconn.lookup_job, job_id)
         active = JobState(_JobGetInfo(seen.job)["state"]).active
-        self.mirrors[job_id] = _Mirror(sub, active)
+        self.mirrors[job_id] = _Mirror(sub, active and self.WATCH_FROM_SUBSCRIBE)
+
+    def _verb(self, data: st.DataObject, verb: Verb, call: Callable[[BlockingJob], Any]) -> None:
+        """The kit's verb step; a verb that answered without an error (through whichever
+        member) moved its job to the verb's target state (``VERB_TARGET``)."""
+        answered: list[BlockingJob] = []
+        marks = {job_id: len(s.states) for job_id, s in self.seen.items()}
+
+        def tracked(job: BlockingJob) -> None:
+            call(job)
+            answered.append(job)
+
+        super()._verb(data, verb, tracked)
+        targets = {target for (v, _), target in VERB_TARGET.items() if v is verb}
+        if answered and targets:
+            job_id = answered[0].uuid
+            moved = self.seen[job_id].states[marks[job_id] :]
+            assert targets & set(moved), (
+                f"{verb} of job {job_id} through {answered[0].conn.uri} answered, but the "
+                f"job moved {moved}, to none of {sorted(targets)}"
+            )
 
     # ---- events ----------------------------------------------------------------------
 
@@ -884,6 +908,8 @@ class FleetLifecycleMachine(JobLifecycleMachine):
 
     def _check_mirror(self, mirror: _Mirror, *, final: bool) -> None:
         events = mirror.events
+        if events:
+            mirror.expect_final = True  # the watch runs: the job's end reaches it
         if not events:
             assert not (final and mirror.expect_final), "a watch got no event of an active job"
             return

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from fleet_helpers import JobdFleet
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 from jobd_helpers import Jobd
+from pg_helpers import PgServer
 
 from jobcore.testing import FleetLifecycleMachine, Member
 
@@ -73,3 +75,28 @@ def test_the_kit_over_two_connections_to_one_jobd(one_jobd: Jobd) -> None:
     run_state_machine_as_test(TwoConnections, settings=KIT_SETTINGS)
     assert TwoConnections.begun.get("hv", 0) > 0
     assert TwoConnections.watched_ends > 0
+
+
+class TwoMembers(Counted):
+    # jobd's watch of another host's job takes its baseline from the job's row after the
+    # subscribe call answered: a job that ends in between ends before its watch begins
+    WATCH_FROM_SUBSCRIBE = False
+
+
+def test_the_kit_over_two_members_of_one_fleet(tmp_path: Path, private_pg: PgServer) -> None:
+    fleet = JobdFleet(tmp_path, private_pg, 2)
+    try:
+        fleet.start()
+        hv1, hv2 = fleet.members
+        assert hv1.jobd is not None and hv2.jobd is not None
+        TwoMembers.MEMBERS = (
+            Member("hv1", _member_uri(hv1.jobd)),
+            Member("hv2", _member_uri(hv2.jobd)),
+        )
+        TwoMembers.begun, TwoMembers.forwarded_verbs, TwoMembers.watched_ends = {}, 0, 0
+        run_state_machine_as_test(TwoMembers, settings=KIT_SETTINGS)
+    finally:
+        fleet.close()
+    assert TwoMembers.begun.get("hv1", 0) > 0 and TwoMembers.begun.get("hv2", 0) > 0
+    assert TwoMembers.forwarded_verbs > 0
+    assert TwoMembers.watched_ends > 0
