@@ -132,7 +132,7 @@ class ClaimSampler:
     through outages (it reconnects), recording what must never be seen."""
 
     QUERY = (
-        "SELECT c.resource, c.mode, c.job, c.host, j.state "
+        "SELECT c.resource, c.mode, c.job, c.host, j.state, j.host "
         "FROM claims c LEFT JOIN jobs j ON j.uuid = c.job"
     )
 
@@ -168,22 +168,28 @@ class ClaimSampler:
         if conn is not None:
             conn.close()
 
-    def check(self, rows: list[tuple[str, str, str, str, str | None]]) -> None:
+    def check(self, rows: list[tuple[str, str, str, str, str | None, str | None]]) -> None:
         by_resource: dict[str, list[tuple[str, Mode, str]]] = {}
-        for resource, mode, job, host, state in rows:
+        for resource, mode, job, host, state, row_host in rows:
             if state is None:
-                self.violations.append(f"{resource} held ({mode}) by {job} on {host}: no row")
+                self.violate(f"{resource} held ({mode}) by {job} on {host}: no row")
             elif JobState(state).terminal:
-                self.violations.append(f"{resource} held ({mode}) by {job} on {host}: {state}")
+                self.violate(f"{resource} held ({mode}) by {job} on {host}: {state}")
+            elif row_host != host:
+                self.violate(f"{resource} held ({mode}) by {job} on {host}: a job of {row_host}")
             by_resource.setdefault(resource, []).append((job, Mode(mode), host))
         for resource, holders in by_resource.items():
             for i, (job_a, mode_a, host_a) in enumerate(holders):
                 for job_b, mode_b, host_b in holders[i + 1 :]:
                     if job_a != job_b and mode_b in CONFLICTS[mode_a]:
-                        self.violations.append(
+                        self.violate(
                             f"{resource}: {job_a} on {host_a} holds {mode_a}, "
                             f"{job_b} on {host_b} holds {mode_b}"
                         )
+
+    def violate(self, what: str) -> None:
+        if what not in self.violations:
+            self.violations.append(what)
 
     def stop(self) -> None:
         self._stop.set()
