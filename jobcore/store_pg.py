@@ -265,7 +265,17 @@ _CLAIM_INSERT = (
 )
 _CLAIMS_RELEASE = b"DELETE FROM claims WHERE host = %s AND job = ANY(%s)"
 _OTHER_HOSTS_JOBS = b"SELECT uuid, host FROM jobs WHERE uuid = ANY(%s) AND host <> %s"
-_NOTIFY_JOBS = b"SELECT pg_notify('jobcore_jobs', p) FROM unnest(%s::text[]) AS p"
+#: the job row statements that notify ``jobcore_jobs`` of each row they write ("UUID HOST
+#: EVENT_SEQ", delivered at commit); the insert returns the UUIDs it wrote
+_NOTIFY = "SELECT uuid, pg_notify('jobcore_jobs', uuid || ' ' || host || ' ' || event_seq)"
+_INSERT_NOTIFY = (
+    f"WITH written AS ({_JOB_SQL[_INSERT_JOB]} RETURNING uuid, host, event_seq)"
+    f" {_NOTIFY} FROM written"
+).encode()
+_JOB_SQL[_UPDATE_JOB] = (
+    f"WITH written AS ({_JOB_SQL[_UPDATE_JOB]} RETURNING uuid, host, event_seq)"
+    f" {_NOTIFY} FROM written"
+)
 _ACTIVE_STATES = [str(s) for s in JobState if s.active]
 
 
@@ -605,9 +615,7 @@ class PostgresDatabase(SharedDatabase):
         if host_sql is not None:
             return host_sql.encode(), [(self.host, *r) for r in rows]
         job_sql = _JOB_SQL.get(sql)
-        if job_sql is not None:
-            if sql == _INSERT_JOB:
-                return job_sql.encode(), rows
+        if job_sql is not None:  # not an insert: the commit runs those itself
             return job_sql.encode(), [(*r, self.host) for r in rows]
         return _pg_sql(sql), rows
 
@@ -671,38 +679,91 @@ class PostgresDatabase(SharedDatabase):
                 ending.update((r[0], None) for r in rows)
         wanted = self._shared_claims(inserts) if self.shared_roots else {}
         out: dict[str, JobError] = {}  # inserts left out, and why
-        # pipelined: the statements go out without waiting for each answer; only the
-        # claims held and a check of the inserted UUIDs are waited for
+        if wanted:
+            inserted = self._commit_claiming(conn, runs, wanted, ending, out)
+        else:
+            inserted = self._commit_at_once(conn, runs, ending)
+        missing = [r[0] for r in inserts if r[0] not in out and r[0] not in inserted]
+        if missing:  # a UUID already in the table: another host's (or its own, retried)
+            taken = conn.execute(_OTHER_HOSTS_JOBS, (missing, host)).fetchall()
+            for job_s, other in taken:
+                out[job_s] = InvalidArgument(
+                    f"a job with UUID '{job_s}' already exists (on host '{other}'): "
+                    "choose another UUID"
+                )
+            if taken and wanted:  # inserted at the same time as this one's: its claims go
+                conn.execute(_CLAIMS_RELEASE, (host, [t[0] for t in taken]))
+        refused.extend(out.items())
+
+    def _commit_at_once(
+        self,
+        conn: psycopg.Connection[Any],
+        runs: list[tuple[str, list[tuple[Any, ...]]]],
+        ending: dict[str, None],
+    ) -> set[str]:
+        """A batch that takes no shared claims: its statements as one query (one round
+        trip; the server runs them as one transaction, the fenced check first); returns
+        the UUIDs inserted."""
+        import psycopg
+
+        host = self.host
+        cur = psycopg.ClientCursor(conn)
+        parts = [cur.mogrify(_FENCED.decode(), (host,))]
+        if ending:
+            parts.append(cur.mogrify(_CLAIMS_RELEASE.decode(), (host, list(ending))))
+        inserts_at: list[int] = []  # the results of the inserts, by position
+        for sql, rows in runs:
+            if sql == _INSERT_JOB:
+                for row in rows:
+                    inserts_at.append(len(parts))
+                    parts.append(cur.mogrify(_INSERT_NOTIFY.decode(), row))
+                continue
+            stmt, params = self._statement(sql, rows)
+            text = stmt.decode()
+            parts.extend(cur.mogrify(text, p) for p in params)
+        cur.execute(";".join(parts).encode())
+        inserted: set[str] = set()
+        at = 0
+        for i in inserts_at:
+            while at < i:
+                cur.nextset()
+                at += 1
+            inserted.update(row[0] for row in cur.fetchall())
+        return inserted
+
+    def _commit_claiming(
+        self,
+        conn: psycopg.Connection[Any],
+        runs: list[tuple[str, list[tuple[Any, ...]]]],
+        wanted: dict[str, _Wanted],
+        ending: dict[str, None],
+        out: dict[str, JobError],
+    ) -> set[str]:
+        """A batch that takes shared claims, in one transaction, pipelined: only the
+        claims held are waited for before the rest goes out; returns the UUIDs
+        inserted."""
+        written: list[psycopg.Cursor[Any]] = []  # the inserts' cursors
         with conn.pipeline(), conn.transaction():
             cur = conn.cursor()
-            cur.execute(_FENCED, (host,))  # raises at the first sync if fenced
+            cur.execute(_FENCED, (self.host,))  # fails the transaction if fenced
             if ending:
-                cur.execute(_CLAIMS_RELEASE, (host, list(ending)))
-            if wanted:
-                self._take_claims(cur, wanted, ending, out)
+                cur.execute(_CLAIMS_RELEASE, (self.host, list(ending)))
+            self._take_claims(conn, wanted, ending, out)
             for sql, rows in runs:
-                if sql == _INSERT_JOB and out:
+                if sql == _INSERT_JOB:
                     rows = [r for r in rows if r[0] not in out]
-                if rows:
+                    if rows:
+                        written.append(conn.cursor())
+                        written[-1].executemany(_INSERT_NOTIFY, rows, returning=True)
+                elif rows:
                     cur.executemany(*self._statement(sql, rows))
-            inserted = [r[0] for r in inserts if r[0] not in out]
-            if inserted:
-                cur.execute(_OTHER_HOSTS_JOBS, (inserted, host))
-                taken = cur.fetchall()
-                for job_s, other in taken:
-                    out[job_s] = InvalidArgument(
-                        f"a job with UUID '{job_s}' already exists (on host '{other}'): "
-                        "choose another UUID"
-                    )
-                if taken and wanted:  # the claims just taken for them
-                    cur.execute(_CLAIMS_RELEASE, (host, [t[0] for t in taken]))
-            notes = [f"{r[0]} {host} {r[14]}" for r in inserts if r[0] not in out]
-            for sql, rows in runs:
-                if sql == _UPDATE_JOB:
-                    notes.extend(f"{r[-1]} {host} {r[11]}" for r in rows if r[-1] not in out)
-            if notes:
-                cur.execute(_NOTIFY_JOBS, (notes,))
-        refused.extend(out.items())
+        inserted: set[str] = set()
+        for wcur in written:
+            while True:
+                inserted.update(row[0] for row in wcur.fetchall())
+                if not wcur.nextset():
+                    break
+        return inserted
 
     def _shared_claims(self, inserts: list[tuple[Any, ...]]) -> dict[str, _Wanted]:
         """job -> its scope and its claims on shared resources (``shared_resource``), of
@@ -720,23 +781,33 @@ class PostgresDatabase(SharedDatabase):
 
     def _take_claims(
         self,
-        cur: psycopg.Cursor[Any],
+        conn: psycopg.Connection[Any],
         wanted: dict[str, _Wanted],
         ending: dict[str, None],
         out: dict[str, JobError],
     ) -> None:
         """Arbitrate the inserts' shared claims against every host's (in the batch's
         transaction): each resource's advisory lock, in one order for every member, then
-        the claims held; a job whose claim conflicts goes to ``out``."""
+        the claims held; a job whose claim conflicts, or whose UUID another host has,
+        goes to ``out``."""
         host = self.host or ""
+        other_hosts = conn.cursor()
+        other_hosts.execute(_OTHER_HOSTS_JOBS, (list(wanted), host))
+        cur = conn.cursor()
         resources = sorted({r for _, claims in wanted.values() for r, _ in claims})
         cur.executemany(_CLAIM_LOCK, [(k,) for k in sorted({_lock_key(r) for r in resources})])
         cur.execute(_CLAIMS_HELD, (resources,))
         held: dict[str, list[_Held]] = {}
         for resource, mode, job, other_host, scope in cur.fetchall():
             held.setdefault(resource, []).append((Mode(mode), job, other_host, scope))
+        for job_s, other in other_hosts.fetchall():
+            out[job_s] = InvalidArgument(
+                f"a job with UUID '{job_s}' already exists (on host '{other}'): choose another UUID"
+            )
         rows: list[tuple[str, str, str, str]] = []
         for job, (scope, claims) in wanted.items():
+            if job in out:
+                continue
             conflict = _conflict(job, host, scope, claims, held)
             if conflict is not None:
                 out[job] = conflict

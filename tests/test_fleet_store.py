@@ -5,6 +5,7 @@ process: two in-process connections with different hosts on one database, each w
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -55,12 +56,14 @@ async def member(
     roots: tuple[SharedRoot, ...] = NFS,
     ttl: float = 30.0,
     rate: float = MiB,
+    fenced: bool = False,
 ) -> AsyncIterator[tuple[LocalConnection, Fleet]]:
     """A member: an in-process sim connection on the fleet's database as ``host``, its
-    Fleet joined."""
+    Fleet joined (told it had been fenced: ``fenced``)."""
     async with connect_local(f"sim:///default?rate={rate}", store=pg_url, host=host) as conn:
         fleet = Fleet(_db(conn), lease_ttl=ttl, shared_roots=roots)
-        assert await anyio.to_thread.run_sync(fleet.join) is None
+        warning = await anyio.to_thread.run_sync(fleet.join)
+        assert (warning is not None) == fenced, warning
         yield conn, fleet
 
 
@@ -412,3 +415,46 @@ async def test_every_hosts_jobs_are_read_with_host_lost_for_a_lost_host(pg_url: 
         for job in (run1, run2):
             await job.abort()
             await job.wait()
+
+
+async def test_a_fence_and_a_members_commit_exclude_each_other(pg_url: str) -> None:
+    """A commit in flight ends before the fence takes the host's row; a commit that
+    starts while a fence holds it waits, then is refused: no write lands after it. A
+    lease renewal waits for neither."""
+    async with (
+        member(pg_url, "hv1") as (_, f1),
+        member(pg_url, "hv2") as (_, f2),
+    ):
+        with psycopg.connect(pg_url) as inflight:  # a commit of hv2's, begun, not ended
+            inflight.execute("SELECT jobcore_check_fenced('hv2')")
+            await anyio.to_thread.run_sync(f2._renew)  # not blocked by it
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(f1.fence, "hv2", "gone", force=True))
+                await until(lambda: _waiting_for_a_lock(pg_url))  # the fence waits
+                assert await f1.host_state("hv2") is HostState.LIVE
+                inflight.commit()
+            assert await f1.host_state("hv2") is HostState.FENCED
+    async with member(pg_url, "hv2", fenced=True) as (c2, f2):  # rejoined: mark cleared
+        job = await (await c2.lookup_domain("vm1")).job_begin(backup(uuid.uuid4(), "vdb"))
+        with psycopg.connect(pg_url) as fence:  # an operator's fence, in flight
+            fence.execute("SELECT 1 FROM hosts WHERE host = 'hv2' FOR UPDATE")
+            fence.execute("UPDATE hosts SET fenced_at = now(), fenced_by = 'op' WHERE host = 'hv2'")
+            await job.abort()  # its end's commit waits for the fence
+            await until(lambda: _waiting_for_a_lock(pg_url))
+            fence.commit()
+            with pytest.raises(StoreError, match="host 'hv2' was fenced by 'op'"):
+                await _store(c2).sync()
+        assert pg_rows(pg_url)[str(job.uuid)]["state"] == "running"  # its end never landed
+        assert await anyio.to_thread.run_sync(f2.join) is not None
+
+
+async def _waiting_for_a_lock(pg_url: str) -> bool:
+    def probe() -> bool:
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            row = c.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            ).fetchone()
+            return row is not None and row[0] > 0
+
+    return await anyio.to_thread.run_sync(probe)
