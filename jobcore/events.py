@@ -133,10 +133,10 @@ _Entry: TypeAlias = tuple[int, JobEvent]
 class Subscription:
     """A filtered, bounded event queue. Iterate it (async) or call ``get()``.
 
-    The buffer is one FIFO per event kind, each entry tagged with the hub's emission
-    number: a push appends, a drop pops the head of the first non-empty FIFO in drop
-    order, and a read pops the oldest of the (at most three) heads, so every operation is
-    O(1) whatever the buffer's size.
+    The buffer is one FIFO per event kind (HOST_LOST shares STATE's), each entry tagged
+    with the hub's emission number: a push appends, a drop pops the head of the first
+    non-empty FIFO in drop order, and a read pops the oldest of the (at most three) heads,
+    so every operation is O(1) whatever the buffer's size.
 
     ``lost_limit``: once the consumer has lost more than this many events since its
     buffer was last empty, the subscription ends (``end_reason`` is OVERFLOW): it takes

@@ -40,6 +40,7 @@ from jobcore.events import EventHub, EventKind, JobEvent
 from jobcore.info import HostInfo, HostState
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
+from jobcore.spec import MAX_SECONDS
 
 if TYPE_CHECKING:
     import psycopg
@@ -112,9 +113,35 @@ class _Watch:
     host: str | None = None
     type: str = ""
     domain: str = ""
+    #: its progress when its row was last read (a HOST_LOST event carries it)
+    processed: int = 0
+    total: int = 0
     #: a HOST_LOST was given since its host was last seen live
     lost_reported: bool = False
     ended: bool = False
+
+
+@define(eq=False)
+class WatchHandle:
+    """One watch (``FleetCommands.watch``): calling it ends the watch."""
+
+    _commands: FleetCommands
+    _watch: _Watch
+
+    @property
+    def job(self) -> uuid.UUID:
+        return self._watch.job
+
+    def __call__(self) -> None:
+        self._commands._unwatch(self._watch)
+
+    def resume(self, seen: int) -> None:
+        """The watcher (a subscriber that reconnected) last saw event number ``seen``:
+        the job's newer events come again from its row (its FINAL if it ended meanwhile;
+        older ones are not repeated by a client that saw them)."""
+        watch = self._watch
+        watch.seen, watch.ended = seen, False
+        self._commands._look_again(watch.job)
 
 
 class FleetCommands:
@@ -133,7 +160,6 @@ class FleetCommands:
         self._watches: dict[uuid.UUID, list[_Watch]] = {}
         #: watched jobs whose row is to be read again
         self._dirty: set[uuid.UUID] = set()
-        self._listening = False
 
     # ---- this member's side -------------------------------------------------------------
 
@@ -146,7 +172,10 @@ class FleetCommands:
         """Listen for notifications, run the commands addressed to this host through
         ``execute(job, verb, args)`` (the owner's engine) and answer them, and feed the
         watchers; until cancelled."""
-        await anyio.to_thread.run_sync(self._abandon_stale)
+        try:
+            await anyio.to_thread.run_sync(self._abandon_stale)
+        except StoreError as exc:  # their askers time out; the clean-up deletes them
+            _log.warning("fleet commands of a previous process left", error=str(exc))
         stop = threading.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._stop_on_cancel, stop)
@@ -195,7 +224,7 @@ class FleetCommands:
                 if conn is None:
                     try:
                         conn = psycopg.connect(
-                            self.fleet.db.dsn, autocommit=True, connect_timeout=3
+                            self.fleet.db.dsn, autocommit=True, connect_timeout=2
                         )
                         for channel in _CHANNELS:
                             conn.execute(f"LISTEN {channel}".encode())
@@ -295,11 +324,13 @@ class FleetCommands:
         try:
             if verb not in VERBS:
                 raise InvalidArgument(f"'{verb}' is not a verb another member may ask for")
-            result = json.dumps(await execute(job, verb, args))
+            value = await execute(job, verb, args)
+            try:
+                result = json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise JobError(f"internal error on host '{self.host}': {exc}") from None
         except JobError as exc:
             kind, message = _error_kind(exc), str(exc)
-        except (TypeError, ValueError) as exc:  # a result that is not JSON
-            kind, message = "JobError", f"internal error on host '{self.host}': {exc}"
         except Exception as exc:
             _log.exception("fleet command failed", host=self.host, job=str(job), verb=verb)
             kind = "JobError"
@@ -501,14 +532,20 @@ class FleetCommands:
             raise InvalidArgument(
                 f"'{verb}' is not a verb another member may ask for ({', '.join(sorted(VERBS))})"
             )
-        if not timeout > 0:
-            raise InvalidArgument(f"a fleet call's timeout must be positive, not {timeout!r}")
+        if isinstance(timeout, bool) or not (
+            isinstance(timeout, int | float) and 0 < timeout <= MAX_SECONDS
+        ):
+            raise InvalidArgument(
+                f"a fleet call's timeout is a number of seconds in 0…{MAX_SECONDS:g}, "
+                f"not {timeout!r}"
+            )
         remote = await self.fleet.job(job)
         if remote is None:
             raise NoSuchJob(f"no job with UUID '{job}' in the fleet")
         owner = remote.info.host
-        if owner != self.host:
-            await self._require_live(job, owner, verb)
+        if owner != self.host and remote.host_state is not HostState.LIVE:
+            info = await self.host_info(owner)
+            raise OperationInvalid(refusal(job, owner, info), job=job, verb=verb)
         cmd_id = await anyio.to_thread.run_sync(self._insert, owner, job, verb, args, timeout)
         answered = False
         try:
@@ -516,9 +553,10 @@ class FleetCommands:
                 checked = time.monotonic()
                 while True:
                     waiter = self._replies[cmd_id] = anyio.Event()
-                    answered, result, kind, message = await anyio.to_thread.run_sync(
-                        self._take_answer, cmd_id
-                    )
+                    with anyio.CancelScope(shield=True):  # an answer taken is not dropped
+                        answered, result, kind, message = await anyio.to_thread.run_sync(
+                            self._take_answer, cmd_id
+                        )
                     if answered:
                         break
                     now = time.monotonic()
@@ -554,16 +592,16 @@ class FleetCommands:
     ) -> None:
         """OperationInvalid unless ``owner`` is live; ``pending``: the command waiting for
         it, taken back if the owner has not picked it up."""
-        found = await self.host_info(owner)
-        if found is not None and found.state is HostState.LIVE:
+        if await self.fleet.host_state(owner) is HostState.LIVE:
             return
-        why = refusal(job, owner, found)
+        why = refusal(job, owner, await self.host_info(owner))
         if pending is not None and not await anyio.to_thread.run_sync(self._withdraw, pending):
             why += f"; it had picked up '{verb}', which may or may not have taken effect"
         raise OperationInvalid(why, job=job, verb=verb)
 
     async def host_info(self, name: str) -> HostInfo | None:
-        """The member ``name`` (None: not a member)."""
+        """The member ``name`` (None: not a member); only when a refusal names it (it
+        counts every member's jobs)."""
         for info in await self.fleet.hosts():
             if info.name == name:
                 return info
@@ -571,27 +609,27 @@ class FleetCommands:
 
     # ---- events of other hosts' jobs ----------------------------------------------------
 
-    def watch(
-        self, job: uuid.UUID, hub: EventHub, *, since: int | None = None
-    ) -> Callable[[], None]:
+    def watch(self, job: uuid.UUID, hub: EventHub, *, since: int | None = None) -> WatchHandle:
         """Events of another host's job into ``hub`` (``hub.emit``): STATE and FINAL as
         its row changes, HOST_LOST when its host's lease expires. ``since``: the last
         event number the watcher knows (None: the row's number when it is first read);
         nothing comes for a job of this host (its engine emits those). Returns the
-        function that ends the watch."""
+        function that ends the watch (a ``WatchHandle``)."""
         watch = _Watch(job, hub, since)
         self._watches.setdefault(job, []).append(watch)
+        self._look_again(job)
+        return WatchHandle(self, watch)
+
+    def _look_again(self, job: uuid.UUID) -> None:
         self._dirty.add(job)
         self._watch_wakeup.set()
 
-        def unwatch() -> None:
-            watches = self._watches.get(job)
-            if watches is not None and watch in watches:
-                watches.remove(watch)
-                if not watches:
-                    del self._watches[job]
-
-        return unwatch
+    def _unwatch(self, watch: _Watch) -> None:
+        watches = self._watches.get(watch.job)
+        if watches is not None and watch in watches:
+            watches.remove(watch)
+            if not watches:
+                del self._watches[watch.job]
 
     @property
     def watching(self) -> int:
@@ -623,6 +661,7 @@ class FleetCommands:
         if info.host == self.host:
             return
         watch.host, watch.type, watch.domain = info.host, str(info.type), info.domain
+        watch.processed, watch.total = info.processed, info.total
         n = remote.event_seq
         if watch.seen is None:
             watch.seen, watch.state = n, info.state
@@ -668,16 +707,16 @@ class FleetCommands:
             await self._hosts_wakeup.wait(self.fleet.lease_ttl / 2)
             if not self._watches:
                 continue
+            names = {w.host for ws in self._watches.values() for w in ws if w.host is not None}
             try:
-                hosts = {h.name: h for h in await self.fleet.hosts()}
+                states = {name: await self.fleet.host_state(name) for name in sorted(names)}
             except StoreError:
                 continue
             for watches in list(self._watches.values()):
                 for watch in watches:
-                    if watch.host is None or watch.ended or watch.state is None:
-                        continue
-                    found = hosts.get(watch.host)
-                    live = found is not None and found.state is HostState.LIVE
+                    if watch.host not in states or watch.ended or watch.state is None:
+                        continue  # (a watch that began meanwhile: at the next look)
+                    live = states[watch.host] is HostState.LIVE
                     if not live and not watch.lost_reported and watch.state.active:
                         watch.lost_reported = True
                         watch.hub.emit(
@@ -688,7 +727,9 @@ class FleetCommands:
                                 watch.domain,
                                 watch.state,
                                 watch.state,
-                                timestamp=time.time(),
+                                watch.processed,
+                                watch.total,
+                                time.time(),
                             )
                         )
                     elif live and watch.lost_reported:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -18,10 +18,12 @@ import pytest
 from jobd_helpers import Jobd
 
 import jobcore
+from jobcore.daemon.config import ConfigError, load_config
 from jobcore.errors import AccessDenied, NoSuchJob, OperationInvalid
-from jobcore.events import EventKind, JobEvent, Subscription
-from jobcore.fleet import Fleet
+from jobcore.events import EventHub, EventKind, JobEvent, Subscription
+from jobcore.fleet import Fleet, SharedRoot
 from jobcore.fleet_commands import FleetCommands
+from jobcore.info import HostState
 from jobcore.lifecycle import JobState
 from jobcore.store_pg import open_pg_database
 
@@ -58,10 +60,10 @@ def fleet2(tmp_path: Path, pg_url: str) -> Iterator[tuple[Jobd, Jobd]]:
         hv2.stop()
 
 
-async def until(what: str, check: object, timeout: float = 20.0) -> None:
-    """Poll the async ``check`` until it returns true (at most ``timeout`` s)."""
+async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Poll ``check`` until it returns true (at most ``timeout`` s)."""
     deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
+    while not await check():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         await anyio.sleep(0.1)
@@ -138,8 +140,9 @@ async def test_a_job_of_another_member_is_found_and_steered(
         final = waited[0]
         assert getattr(final, "state", None) is JobState.CANCELLED
         assert getattr(final, "host", None) == "hv1"
-        got, want = await events_until(ours, EventKind.FINAL), await events_until(
-            theirs, EventKind.FINAL
+        got, want = (
+            await events_until(ours, EventKind.FINAL),
+            await events_until(theirs, EventKind.FINAL),
         )
         assert numbered(got)[-2:] == numbered(want)[-2:]
         assert numbered(got)[-1] == (EventKind.FINAL, JobState.CANCELLED, want[-1].seq)
@@ -190,9 +193,24 @@ async def test_a_lost_owner_is_refused_by_name_and_answers_again_once_back(
         assert lost[-1].job == u and lost[-1].state is JobState.RUNNING
         info = await remote.info()
         assert info.host_lost and info.state is JobState.RUNNING
+        # a command the killed process had picked and not answered (as if it died
+        # running it): its successor answers it and never runs it
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            row = conn.execute(
+                "INSERT INTO commands (target, asker, job, verb, args, deadline, picked)"
+                " VALUES ('hv1', 'hv2', %s, 'abort', '[]', now() + interval '1 hour', now())"
+                " RETURNING id",
+                (str(u),),
+            ).fetchone()
+        assert row is not None
         # hv1 comes back: it recovers its job, takes its lease again and answers
         again = member(tmp_path, "hv1", pg_url, run="hv1-again")
         try:
+            assert _command(pg_url, row[0])[:2] == (
+                "JobError",
+                "jobd on host 'hv1' restarted while it ran this command: it may or may not "
+                "have taken effect; look at the job and ask again",
+            )
 
             async def answers() -> bool:
                 try:
@@ -212,11 +230,71 @@ async def test_a_lost_owner_is_refused_by_name_and_answers_again_once_back(
             again.stop()
 
 
+async def test_a_subscriber_resumes_another_hosts_job_across_its_members_restart(
+    tmp_path: Path, pg_url: str, fleet2: tuple[Jobd, Jobd], job_on_hv1: uuid.UUID
+) -> None:
+    """The job ends while the subscriber's member is away: once it is back, the
+    resumed subscription gets the job's FINAL event from its row, once."""
+    hv1, hv2 = fleet2
+    u = job_on_hv1
+    async with jobcore.connect(hv2.uri()) as c2, jobcore.connect(hv1.uri()) as c1:
+        remote = await c2.lookup_job(u)
+        sub = c2.subscribe(job=u)
+        await c2.list_domains()
+        await remote.pause()
+        paused = await events_until(sub, EventKind.STATE)
+        assert paused[-1].state is JobState.PAUSED
+        hv2.proc.send_signal(signal.SIGKILL)
+        hv2.proc.wait(10)
+        hv2.stop()
+        theirs = c1.subscribe(job=u)
+        await (await c1.lookup_job(u)).abort()
+        want = await events_until(theirs, EventKind.FINAL)
+        back = member(tmp_path, "hv2", pg_url)
+        try:
+            got = await events_until(sub, EventKind.FINAL, timeout=90)  # reconnect included
+            assert numbered(got)[-1] == numbered(want)[-1]
+            assert [e.kind for e in got].count(EventKind.FINAL) == 1
+            assert got[-1].stats is not None and got[-1].stats["state"] == "cancelled"
+        finally:
+            sub.close()
+            theirs.close()
+            back.stop()
+
+
 async def test_an_unknown_job_is_no_such_job_on_every_member(fleet2: tuple[Jobd, Jobd]) -> None:
     _, hv2 = fleet2
     async with jobcore.connect(hv2.uri()) as c2:
         with pytest.raises(NoSuchJob):
             await c2.lookup_job(uuid.uuid4())
+
+
+async def test_a_fenced_member_stops_and_a_clean_stop_leaves(
+    pg_url: str, fleet2: tuple[Jobd, Jobd], job_on_hv1: uuid.UUID
+) -> None:
+    hv1, hv2 = fleet2
+    db = open_pg_database(pg_url, "operator")
+    try:
+        fenced = await Fleet(db).fence("hv1", "power lost", force=True)
+        assert fenced.name == "hv1"
+        assert hv1.proc.wait(15) == 1  # it saw the fence at its next renewal
+        assert "jobd: host 'hv1' was fenced by 'operator': power lost: jobd stopped" in hv1.log()
+        assert hv2.stop() == 0
+        states = {h.name: h.state for h in await Fleet(db).hosts()}
+        assert states == {"hv1": HostState.FENCED, "hv2": HostState.STOPPED}
+    finally:
+        db.release()
+
+
+def _command(pg_url: str, cmd_id: int) -> tuple[object, ...]:
+    """(error kind, error, result) of an answered command."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT error_kind, error, result FROM commands WHERE id = %s AND done IS NOT NULL",
+            (cmd_id,),
+        ).fetchone()
+    assert row is not None, f"command {cmd_id} is not answered"
+    return tuple(row)
 
 
 def _pending(pg_url: str) -> list[tuple[object, ...]]:
@@ -250,6 +328,23 @@ async def test_a_command_past_its_deadline_is_answered_and_never_run(
             return True
 
         await until("hv1 answers the expired command", answered)
+        # rows nobody takes go after a minute: an answer its asker never took, a command
+        # for a host that never came
+        conn.execute(
+            "INSERT INTO commands (target, asker, job, verb, args, created, deadline, picked,"
+            " done, error_kind, error) VALUES ('hv1', 'gone', %s, 'stats', '[]',"
+            " now() - interval '3 minutes', now() - interval '2 minutes',"
+            " now() - interval '2 minutes', now() - interval '2 minutes', 'JobError', 'x'),"
+            " ('nowhere', 'gone', %s, 'stats', '[]', now() - interval '3 minutes',"
+            " now() - interval '2 minutes', NULL, NULL, NULL, NULL)",
+            (str(job_on_hv1), str(job_on_hv1)),
+        )
+
+        async def cleaned() -> bool:
+            rows = conn.execute("SELECT asker FROM commands WHERE asker = 'gone'").fetchall()
+            return not rows
+
+        await until("the members delete stale commands", cleaned, timeout=30)
     async with jobcore.connect(hv1.uri()) as c1:
         assert (await (await c1.lookup_job(job_on_hv1)).info()).state is JobState.RUNNING
 
@@ -307,3 +402,113 @@ async def test_a_forwarded_command_is_one_row_until_its_answer_is_taken(
         for speed in range(1, 6):
             await remote.set_speed(speed * 1000)
     assert _pending(pg_url) == []
+
+
+# ---- jobd's fleet options ------------------------------------------------------------------
+
+
+def test_shared_roots_and_the_lease_ttl_are_configured_and_checked(tmp_path: Path) -> None:
+    config = tmp_path / "jobd.toml"
+    config.write_text('shared_roots = ["nfs1=/srv/nfs", "/srv/b"]\nlease_ttl = 2.5\n')
+    loaded = load_config(config)
+    assert loaded.shared_roots == (SharedRoot("nfs1", "/srv/nfs"), SharedRoot("/srv/b", "/srv/b"))
+    assert loaded.lease_ttl == 2.5
+    # the command line replaces the file's list
+    again = load_config(config, shared_roots=["/srv/c"], lease_ttl=4)
+    assert again.shared_roots == (SharedRoot("/srv/c", "/srv/c"),) and again.lease_ttl == 4.0
+    assert load_config(None).lease_ttl == 10.0 and load_config(None).shared_roots == ()
+    for bad, named in (
+        ('shared_roots = "/srv/nfs"', "shared_roots must be a list"),
+        ('shared_roots = ["relative/path"]', "shared_roots: invalid shared root"),
+        ("lease_ttl = 0", "lease_ttl must be between"),
+        ("lease_ttl = nan", "lease_ttl must be between"),
+    ):
+        config.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=named):
+            load_config(config)
+
+
+def test_jobd_refuses_a_bad_fleet_option_at_start(tmp_path: Path) -> None:
+    for args, named in (
+        (("--lease-ttl", "-1"), "lease_ttl must be between"),
+        (("--shared-root", "nfs1=relative"), "invalid shared root 'nfs1=relative'"),
+    ):
+        daemon = Jobd(tmp_path / "run", *args)
+        assert daemon.proc.wait(30) == 2
+        daemon.stop()
+        assert named in daemon.log()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_watch_numbers_another_hosts_row_changes_and_reports_its_loss(
+    pg_url: str,
+) -> None:
+    """In-process: rows of a host 'ghost' changed by hand (with the notification its
+    commits send) become events numbered as the owner numbers them; its lease expiring
+    brings HOST_LOST; unwatching lets go."""
+    first, second = uuid.uuid4(), uuid.uuid4()
+    db = open_pg_database(pg_url, "watcher")
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO hosts (host, pid, joined, renewed, lease_ttl)"
+                " VALUES ('ghost', 1, now(), now(), 3600)"
+            )
+            for job in (first, second):
+                conn.execute(
+                    "INSERT INTO jobs (uuid, scope, type, domain, host, state, xml, claims,"
+                    " created, retention, event_seq) VALUES (%s, 'sim:///default', 'backup',"
+                    " 'vm1', 'ghost', 'running', %s, '[]', 0, 600, 1)",
+                    (str(job), backup(job)),
+                )
+
+            def change(job: uuid.UUID, state: str, seq: int) -> None:
+                conn.execute(
+                    "UPDATE jobs SET state = %s, event_seq = %s WHERE uuid = %s",
+                    (state, seq, str(job)),
+                )
+                conn.execute("SELECT pg_notify('jobcore_jobs', %s)", (f"{job} ghost {seq}",))
+
+            fleet = Fleet(db, lease_ttl=0.4)  # its watches look at hosts every 0.2 s
+            await anyio.to_thread.run_sync(fleet.join)
+            commands = FleetCommands(fleet)
+
+            async def execute(*args: object) -> None:
+                raise AssertionError(args)
+
+            hub = EventHub()
+            sub = hub.subscribe()
+            async with anyio.create_task_group() as tg:
+                await tg.start(commands.run, execute)
+                watch = commands.watch(first, hub, since=1)
+                change(first, "paused", 2)
+                ev = await _next(sub)
+                # (its previous state: what the watch read before, if it read in time)
+                assert (ev.kind, ev.state, ev.seq) == (EventKind.STATE, JobState.PAUSED, 2)
+                change(first, "cancelled", 4)  # its terminal STATE is 3, its FINAL 4
+                ended = [await _next(sub), await _next(sub)]
+                assert [(e.kind, e.state, e.previous, e.seq) for e in ended] == [
+                    (EventKind.STATE, JobState.CANCELLED, JobState.PAUSED, 3),
+                    (EventKind.FINAL, JobState.CANCELLED, None, 4),
+                ]
+                assert ended[1].stats is not None and ended[1].stats["state"] == "cancelled"
+                other = commands.watch(second, hub, since=1)
+                conn.execute("UPDATE hosts SET lease_ttl = 0.05 WHERE host = 'ghost'")
+                lost = await _next(sub)
+                assert (lost.kind, lost.job, lost.state) == (
+                    EventKind.HOST_LOST,
+                    second,
+                    JobState.RUNNING,
+                )
+                assert commands.watching == 2
+                watch()
+                other()
+                assert commands.watching == 0
+                tg.cancel_scope.cancel()
+    finally:
+        db.release()
+
+
+async def _next(sub: Subscription, timeout: float = 10) -> JobEvent:
+    with anyio.fail_after(timeout):
+        return await sub.get()

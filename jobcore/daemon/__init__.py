@@ -12,5 +12,6 @@ have had no client and no job for ``driver_idle_timeout`` seconds.
 Where things are: ``config`` (every limit, ``DaemonConfig``, ``load_config``), ``rundir``
 (the run directory's lock), ``drivers`` (driver connections), ``sessions`` (one client's
 state and budgets), ``server`` (``Daemon``: sockets, accept loop, framing, dispatch),
-``handlers`` (one function per request method), ``main`` (``jobd``'s command line).
+``handlers`` (one function per request method), ``fleet`` (jobd as a fleet member:
+``FleetService``, ``FleetJob``), ``main`` (``jobd``'s command line).
 """

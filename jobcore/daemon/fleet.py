@@ -7,7 +7,6 @@ design/fleet.md "Commands").
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -15,7 +14,7 @@ import anyio
 from jobcore.errors import InvalidArgument, NoSuchJob
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.fleet import Fleet, RemoteJob
-from jobcore.fleet_commands import VERBS, FleetCommands
+from jobcore.fleet_commands import VERBS, FleetCommands, WatchHandle
 from jobcore.info import HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobType, check_timeout
@@ -61,7 +60,7 @@ class FleetService:
 
     def watch_for(
         self, job: uuid.UUID, hub: EventHub, sub: Subscription, *, since: int | None = None
-    ) -> Callable[[], None]:
+    ) -> WatchHandle:
         """Events of ``job``, if another host owns it, for ``sub`` alone (a subscription
         of ``hub``, an engine's); the function that ends the watch."""
         return self.commands.watch(job, _ToSubscription(hub, sub), since=since)

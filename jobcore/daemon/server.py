@@ -10,7 +10,6 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from jobcore.daemon.sessions import _ByteBudget, _Client, _ClientGone, _FrameLat
 from jobcore.errors import InvalidArgument, JobError, StoreError, SubscriptionOverflow
 from jobcore.events import EndReason, EventKind, Subscription
 from jobcore.fleet import Fleet
-from jobcore.fleet_commands import FleetCommands
+from jobcore.fleet_commands import FleetCommands, WatchHandle
 from jobcore.log import get_logger, reopen_log_files
 from jobcore.methods import Method
 from jobcore.paths import owner_guard
@@ -109,6 +108,8 @@ class Daemon:
         self.drivers: DriverConnections | None = None
         #: the fleet jobd is a member of (a PostgreSQL store; design/fleet.md)
         self.fleet: FleetService | None = None
+        #: the watches of other hosts' jobs, by the subscription they feed
+        self._fleet_watches: dict[Subscription, WatchHandle] = {}
         #: why the fleet fenced this host (jobd then stops, exit status 1)
         self._fenced: str | None = None
         self._serving: anyio.CancelScope | None = None
@@ -705,13 +706,13 @@ class Daemon:
         self._subscriptions[readonly] += 1
         if readonly:
             self._ro_subscriptions_of[client.uid] += 1
-        sub.on_end = partial(self._subscription_ended, readonly, client.uid, None)
+        sub.on_end = partial(self._subscription_ended, readonly, client.uid)
         if job_id is not None and self.fleet is not None and not self._is_local(job_id):
             # another host's job (or none yet): its row's changes, for this subscription
             known = client.jobs.get(job_id)
             since = known.event_seq if isinstance(known, FleetJob) else None
-            unwatch = self.fleet.watch_for(job_id, client.conn.engine.events, sub, since=since)
-            sub.on_end = partial(self._subscription_ended, readonly, client.uid, unwatch)
+            watch = self.fleet.watch_for(job_id, client.conn.engine.events, sub, since=since)
+            self._fleet_watches[sub] = watch
         client.subs[sub_id] = sub
         client.tg.start_soon(self._forward, client, sub_id, sub)
 
@@ -728,21 +729,18 @@ class Daemon:
             if ev is not None and sub.filter.matches(ev):
                 engine.events.emit_to(sub, ev)
                 count += 1
+            elif ev is None and (watch := self._fleet_watches.get(sub)) and watch.job == job:
+                watch.resume(seq)  # another host's job: caught up from its row (not counted)
         return count
 
     def _is_local(self, job: uuid.UUID) -> bool:
         """Whether one of jobd's driver connections has the job."""
         return self.drivers is not None and self.drivers.lookup_job(job) is not None
 
-    def _subscription_ended(
-        self,
-        readonly: bool,
-        uid: int | None,
-        unwatch: Callable[[], None] | None,
-        sub: Subscription,
-    ) -> None:
-        if unwatch is not None:  # the watch of another host's job goes with it
-            unwatch()
+    def _subscription_ended(self, readonly: bool, uid: int | None, sub: Subscription) -> None:
+        watch = self._fleet_watches.pop(sub, None)
+        if watch is not None:  # the watch of another host's job goes with it
+            watch()
         self._subscriptions[readonly] -= 1
         if readonly:
             _count_down(self._ro_subscriptions_of, uid)
