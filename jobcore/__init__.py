@@ -54,7 +54,7 @@ if _typing.TYPE_CHECKING:
         JobWait,
         open,
     )
-    from jobcore.info import JobInfo
+    from jobcore.info import HostInfo, HostState, JobInfo
     from jobcore.lifecycle import JobState, Verb
     from jobcore.spec import ChainRef, JobOptions, JobType
     from jobcore.types.backup import BackupJobSpec
@@ -77,6 +77,8 @@ _LAZY = {
     "Domain": "jobcore.api",
     "EventFilter": "jobcore.events",
     "EventKind": "jobcore.events",
+    "HostInfo": "jobcore.info",
+    "HostState": "jobcore.info",
     "Job": "jobcore.api",
     "JobAbort": "jobcore.facade",
     "JobBegin": "jobcore.facade",
@@ -143,6 +145,8 @@ __all__ = [
     "DriverError",
     "EventFilter",
     "EventKind",
+    "HostInfo",
+    "HostState",
     "InvalidArgument",
     "InvalidURI",
     "Job",
