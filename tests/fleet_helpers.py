@@ -14,8 +14,12 @@ fixture ``jobd_fleet`` stops every member at teardown (the server goes with priv
 from __future__ import annotations
 
 import json
+import os
+import queue
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +27,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
-from jobd_helpers import Jobd, jobctl
+from jobd_helpers import ROOT, Jobd, jobctl
 from pg_helpers import PgServer
 
 MiB = 1 << 20
@@ -49,6 +53,56 @@ def wait_until(probe: Callable[[], T | None], what: str, timeout: float = 60.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         time.sleep(0.1)
+
+
+class EventStream:
+    """``jobctl events --json ARGS`` running against a member; its events, one per line,
+    read by a thread into a queue. ``close`` stops it."""
+
+    def __init__(self, uri: str, *args: str) -> None:
+        env = {**os.environ, "JOBCORE_URI": uri}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jobcore.cli", "events", "--json", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def next(self, wanted: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+        """The first event that is ``wanted`` (others are skipped); AssertionError if none
+        comes within ``timeout`` or the command ends."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"jobctl events ended ({self.proc.wait()})")
+            event: dict[str, Any] = json.loads(line)
+            if wanted(event):
+                return event
+        raise AssertionError(f"no such event within {timeout} s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+        self._reader.join(15)
 
 
 class Member:
@@ -113,17 +167,21 @@ class Member:
         assert self.jobd is not None
         return self.jobd.log()
 
-    def uri(self, query: str = f"rate={SLOW_RATE}") -> str:
+    def uri(self, query: str = f"rate={SLOW_RATE}", *, sim_host: str = "default") -> str:
+        """A client URI of this member (read-write socket), on simulated host
+        ``sim_host`` (its rate is set by the first hello that opens it)."""
         assert self.jobd is not None
-        return self.jobd.uri(query)
+        return self.jobd.uri(query, host=sim_host)
 
-    def jobctl(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-        """jobctl against this member (its read-write socket)."""
-        return jobctl(self.uri(), *args, timeout=timeout)
+    def jobctl(
+        self, *args: str, uri: str | None = None, timeout: float = 90
+    ) -> subprocess.CompletedProcess[str]:
+        """jobctl against this member (``uri``: another of its client URIs)."""
+        return jobctl(uri or self.uri(), *args, timeout=timeout)
 
-    def ok(self, *args: str) -> str:
+    def ok(self, *args: str, uri: str | None = None) -> str:
         """jobctl's stdout, once checked that it succeeded."""
-        done = self.jobctl(*args)
+        done = self.jobctl(*args, uri=uri)
         assert done.returncode == 0, (self.name, args, done.returncode, done.stderr)
         return done.stdout
 
@@ -131,10 +189,14 @@ class Member:
         """jobctl ARGS --json, decoded."""
         return json.loads(self.ok(*args, "--json"))
 
-    def begin(self, domain: str, xml: str) -> str:
+    def begin(self, domain: str, xml: str, *, uri: str | None = None) -> str:
         """A job begun on this member from job XML text; its UUID."""
         path = self.fleet.write(f"job-{self.name}-{time.monotonic_ns()}.xml", xml)
-        return self.ok("begin", domain, path).strip()
+        return self.ok("begin", domain, path, uri=uri).strip()
+
+    def events(self, *args: str) -> EventStream:
+        """``jobctl events --json ARGS`` through this member, running."""
+        return EventStream(self.uri(), *args)
 
     def create_domain(self, xml: str) -> None:
         path = self.fleet.write(f"domain-{self.name}-{time.monotonic_ns()}.xml", xml)

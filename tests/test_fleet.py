@@ -35,7 +35,16 @@ BACKUP_VDA_TO = """<job type='backup'>
     <disk name='vda' type='file'><target file='/b/{tag}-vda.qcow2'/></disk>
   </disks></domainbackup>
 </job>"""
+#: a backup of vm1's vdb alone (beside a pull of its vda)
+BACKUP_VDB_ONLY = """<job type='backup'>
+  <domainbackup><disks>
+    <disk name='vdb' type='file'><target file='/b/{tag}-vdb.qcow2'/></disk>
+    <disk name='vda' backup='no'/>
+  </disks></domainbackup>
+</job>"""
 TERMINAL = ("completed", "failed", "cancelled")
+#: a simulated host where vm2's vdb (512 MiB) is backed up in 16 s
+FAST = f"rate={32 << 20}"
 
 
 def backup(tag: str) -> str:
@@ -68,7 +77,6 @@ def on_shared_storage(fleet: JobdFleet) -> tuple[str, str]:
     """Every member gets a domain ``s-NAME`` on one shared chain; the shared resource
     names of its top and base layers, as every member spells them."""
     from jobcore.fleet import SharedRoot, shared_resource
-
     from jobcore.scheduler import image_resource
 
     top, base = shared_chain(fleet)
@@ -160,7 +168,7 @@ def test_list_fleet_is_complete_from_every_member(jobd_fleet: JobdFleet) -> None
     for member in members:
         member.begin("vm1", PULL_VDA)
         member.begin("vm2", PULL_VDA)
-        done = member.begin("vm1", backup(f"{member.name}-done"))
+        done = member.begin("vm1", BACKUP_VDB_ONLY.format(tag=member.name))
         member.ok("abort", done)
         wait_until(partial(ended, member, done), f"{done} ended")
     rows = jobd_fleet.job_rows()
@@ -245,43 +253,70 @@ def test_a_killed_member_is_lost_recovers_and_once_fenced_releases_everything(
     shared = hv3.begin("s-hv3", PULL_VDA)  # chain on the shared top
     held = jobd_fleet.claims("hv3")
     assert held and {j for _, _, j, _ in held} == {shared}
-    before = hv3.json("info", local)
+    # hv1 follows hv3's job: a paused and resumed (through hv2) shows the stream is on
+    watching = hv1.events("--job", local, "--no-progress")
+    try:
+        hv2.ok("pause", local)
+        assert watching.next(lambda e: e["state"] == "paused")["uuid"] == local
+        hv2.ok("resume", local)
+        watching.next(lambda e: e["state"] == "running")
+        before = hv3.json("info", local)
+        # and one that ends on its own, seconds from now (another simulated host, faster)
+        quick = hv3.begin(
+            "vm2", BACKUP_VDB_ONLY.format(tag="quick"), uri=hv3.uri(FAST, sim_host="fast")
+        )
 
-    hv3.kill()
-    for member in (hv1, hv2):
-        lost = wait_until(partial(seen_as, member, "hv3", "lost"), f"{member} sees hv3 lost")
-        assert lost["active_jobs"] == 2 and lost["lease_age"] >= lost["lease_ttl"], lost
-        assert seen_as(member, member.name, "live") is not None
-    for job in (local, shared):
-        info = hv1.json("info", job)
-        assert (info["state"], info["host"], info["host_lost"]) == ("running", "hv3", True)
-    listed = fleet_list(hv2)
-    assert listed[local]["host_lost"] is True and listed[shared]["host_lost"] is True
-    assert {j["host_lost"] for u, j in listed.items() if u not in (local, shared)} <= {False}
-    table = {line.split()[0]: line.split() for line in hv2.ok("list", "--fleet").splitlines()}
-    assert "LOST" in table[local] and "LOST" in table[shared], table
-    # the host may still be writing: its claims stay, a conflicting job elsewhere is refused
-    assert jobd_fleet.claims("hv3") == held
-    said = refusal(hv1, "s-hv1", backup("hv1"))
-    assert f"job '{shared}' on host 'hv3'" in said and top in said, said
-    # a verb on its job cannot reach it: refused, saying what to do
-    refused = hv2.jobctl("abort", local)
-    assert refused.returncode == ExitCode.ERROR, refused.stderr
-    assert "which is lost" in refused.stderr and "jobctl host fence hv3" in refused.stderr
+        hv3.kill()
+        for member in (hv1, hv2):
+            lost = wait_until(partial(seen_as, member, "hv3", "lost"), f"{member} sees hv3 lost")
+            active = [
+                u
+                for u, (h, st) in jobd_fleet.job_rows().items()
+                if h == "hv3" and st not in TERMINAL
+            ]
+            assert {local, shared} <= set(active) <= {local, shared, quick}
+            assert lost["active_jobs"] == len(active) and lost["lease_age"] >= lost["lease_ttl"], (
+                lost
+            )
+            assert seen_as(member, member.name, "live") is not None
+        event = watching.next(lambda e: e["kind"] == "host-lost")
+        assert (event["uuid"], event["state"]) == (local, "running"), event
+        for job in (local, shared):
+            info = hv1.json("info", job)
+            assert (info["state"], info["host"], info["host_lost"]) == ("running", "hv3", True)
+        listed = fleet_list(hv2)
+        assert listed[local]["host_lost"] is True and listed[shared]["host_lost"] is True
+        assert {j["host_lost"] for j in listed.values() if j["host"] != "hv3"} <= {False}
+        table = {line.split()[0]: line.split() for line in hv2.ok("list", "--fleet").splitlines()}
+        assert "LOST" in table[local] and "LOST" in table[shared], table
+        # the host may still be writing: its claims stay, a conflicting job elsewhere is refused
+        assert jobd_fleet.claims("hv3") == held
+        said = refusal(hv1, "s-hv1", backup("hv1"))
+        assert f"job '{shared}' on host 'hv3'" in said and top in said, said
+        # a verb on its job cannot reach it: refused, saying what to do
+        refused = hv2.jobctl("abort", local)
+        assert refused.returncode == ExitCode.ERROR, refused.stderr
+        assert "which is lost" in refused.stderr and "jobctl host fence hv3" in refused.stderr
 
-    # back: it recovers its jobs (they ran on while it was away) and takes back its lease
-    hv3.start()
-    for member in (hv1, hv2):
-        wait_until(partial(seen_as, member, "hv3", "live"), f"{member} sees hv3 back")
-    again = hv1.json("info", local)
-    assert (again["state"], again["host_lost"]) == ("running", False), again
-    mine = hv3.json("info", local)  # its owner's progress: it ran on while hv3 was away
-    assert mine["processed"] > before["processed"] and mine["started"] == before["started"]
-    assert hv3.json("info", shared)["state"] == "running"
-    assert jobd_fleet.claims("hv3") == held and jobd_fleet.orphan_claims() == []
-    assert refusal(hv2, "s-hv2", backup("hv2"))  # still held by the recovered job
-    hv1.ok("abort", local)  # a verb on a recovered job, through another member
-    assert wait_until(partial(ended, hv2, local), "local ended")["state"] == "cancelled"
+        # back: it recovers its jobs (they ran on while it was away), takes back its lease
+        hv3.start()
+        for member in (hv1, hv2):
+            wait_until(partial(seen_as, member, "hv3", "live"), f"{member} sees hv3 back")
+        again = hv1.json("info", local)
+        assert (again["state"], again["host_lost"]) == ("running", False), again
+        mine = hv3.json("info", local)  # its owner's progress: it ran on while hv3 was away
+        assert mine["processed"] > before["processed"] and mine["started"] == before["started"]
+        assert hv3.json("info", shared)["state"] == "running"
+        assert jobd_fleet.claims("hv3") == held and jobd_fleet.orphan_claims() == []
+        assert refusal(hv2, "s-hv2", backup("hv2"))  # still held by the recovered job
+        # the quick one ends normally, whether its end fell in the outage or after
+        assert wait_until(partial(ended, hv2, quick), "quick ended")["state"] == "completed"
+        hv1.ok("abort", local)  # a verb on a recovered job, through another member
+        assert wait_until(partial(ended, hv2, local), "local ended")["state"] == "cancelled"
+        # hv1's stream followed hv3's job across hv3's restart to its end
+        assert watching.next(lambda e: e["state"] == "cancelled")["uuid"] == local
+    finally:
+        watching.close()
 
     # lost again, and fenced by an operator through another member
     hv3.kill()
