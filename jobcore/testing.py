@@ -35,6 +35,12 @@ again on the same store, and then:
 
 A driver without ``recover_job``, or a machine on the memory store, has no restart step.
 
+``FleetLifecycleMachine`` spreads the kit over several jobd connections (``MEMBERS``: the
+members of one PostgreSQL fleet, or connections to one jobd): each template on every
+host, begins through one of its host's members, verbs through any member (forwarded to
+another host's job), events from one subscription per host, each job also watched from
+another member; design/fleet.md "Property kit and soak".
+
 A driver author subclasses it, sets ``URI`` and ``BACKEND`` (and ``DURABLE``), overrides
 ``templates()`` (and ``advance()`` if time is not a manual sim clock), and runs
 ``TestCase = MyMachine.TestCase``. See tests/test_lifecycle_kit.py for the sim driver.
