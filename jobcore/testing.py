@@ -691,9 +691,7 @@ class JobLifecycleMachine(RuleBasedStateMachine):
 @attrs.frozen
 class Member:
     """One connection of a ``FleetLifecycleMachine``: ``uri`` reaches a jobd serving
-    ``host``; ``{world}`` in it becomes a fresh name for each example (a sim host of the
-    example's own, so no example sees another's domains). Members naming one host are
-    connections to one jobd."""
+    ``host``. Members naming one host are connections to one jobd."""
 
     host: str
     uri: str
@@ -726,6 +724,11 @@ class FleetLifecycleMachine(JobLifecycleMachine):
       while the job was active (``WATCH_FROM_SUBSCRIBE``: a member that starts a watch
       after its subscribe call answered, as jobd's fleet watch does, sets it False).
 
+    Each example creates domains of its own on every host (``domain_xml``: the
+    templates' domain names with a suffix of the example's), on one driver URI per
+    member for all examples (jobd keeps a driver connection while it retains jobs, and
+    serves a bounded number of them).
+
     Time is the members' real clock (``TIME_SCALE``: real seconds per step second); there
     is no failure injection and no restart step (jobd's kill is the soak's business).
     """
@@ -743,6 +746,31 @@ class FleetLifecycleMachine(JobLifecycleMachine):
         """The jobs of one host (each is begun on every host)."""
         return sim_templates()
 
+    def domain_xml(self, name: str, template_domain: str) -> str:
+        """The XML of the domain ``name`` each example creates on every host for the
+        templates' ``template_domain``: a sim domain like the sim's seeded ones (a
+        three-layer ``vda``, a plain ``vdb``) on images of the example's own."""
+        base = f"/kit/{name}"
+
+        def disk(dev: str, layers: int) -> str:
+            chain = "<backingStore/>"
+            for i in range(layers - 1):
+                source = f"{base}/{dev}.{i}.qcow2" if i else f"{base}/{dev}.qcow2"
+                chain = (
+                    f"<backingStore type='file'><format type='qcow2'/>"
+                    f"<source file='{source}'/>{chain}</backingStore>"
+                )
+            top = f"{base}/{dev}.{layers - 1}.qcow2" if layers > 1 else f"{base}/{dev}.qcow2"
+            return (
+                f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                f"<source file='{top}'/>{chain}<target dev='{dev}'/></disk>"
+            )
+
+        return (
+            f"<domain><name>{name}</name><memory unit='MiB'>512</memory><devices>"
+            f"{disk('vda', 3)}{disk('vdb', 1)}</devices></domain>"
+        )
+
     def templates(self) -> list[JobTemplate]:
         return [
             attrs.evolve(t, name=f"{t.name}@{host}", domain=f"{host}/{t.domain}")
@@ -753,7 +781,9 @@ class FleetLifecycleMachine(JobLifecycleMachine):
     def __init__(self) -> None:
         if len(self.MEMBERS) < 2:
             raise InvalidArgument("a FleetLifecycleMachine needs at least two MEMBERS")
-        self.world = f"kit{uuid.uuid4().hex[:12]}"
+        #: this example's domains are named ``NAME-TAG`` (on one sim host for all
+        #: examples: jobd keeps a driver connection while it retains jobs)
+        self.tag = uuid.uuid4().hex[:12]
         self.hosts = list(dict.fromkeys(m.host for m in self.MEMBERS))
         self.members: list[BlockingConnection] = []
         self.mirrors: dict[uuid.UUID, _Mirror] = {}
@@ -765,6 +795,10 @@ class FleetLifecycleMachine(JobLifecycleMachine):
         self.forwarded = 0
         super().__init__()
         try:
+            for host in self.hosts:
+                for name in dict.fromkeys(t.domain for t in self.host_templates()):
+                    conn = self.members[self._primary(host)]
+                    conn.createXML(self.domain_xml(f"{name}-{self.tag}", name))
             self.subs: dict[str, Subscription] = {self.MEMBERS[0].host: self.sub}
             for host in self.hosts[1:]:
                 conn = self.members[self._primary(host)]
@@ -776,8 +810,7 @@ class FleetLifecycleMachine(JobLifecycleMachine):
     def _connect(self) -> BlockingConnection:
         try:
             for m in self.MEMBERS:
-                uri = m.uri.replace("{world}", self.world)
-                self.members.append(_open(uri, backend=self.BACKEND, retention=self.RETENTION))
+                self.members.append(_open(m.uri, backend=self.BACKEND, retention=self.RETENTION))
         except BaseException:
             self._close_members()
             raise
@@ -802,13 +835,13 @@ class FleetLifecycleMachine(JobLifecycleMachine):
 
     def _domain(self, name: str) -> BlockingDomain:
         host, dom = name.split("/", 1)
-        return self._member_domain(self._primary(host), dom)
+        return self._member_domain(self._primary(host), f"{dom}-{self.tag}")
 
     def _begin_domain(self, data: st.DataObject, tmpl: JobTemplate) -> BlockingDomain:
         host, dom = tmpl.domain.split("/", 1)
         serving = [i for i, m in enumerate(self.MEMBERS) if m.host == host]
         i = serving[0] if len(serving) == 1 else data.draw(st.sampled_from(serving), "member")
-        return self._member_domain(i, dom)
+        return self._member_domain(i, f"{dom}-{self.tag}")
 
     def _verb_handle(self, data: st.DataObject, seen: _Seen) -> BlockingJob:
         assert seen.job is not None

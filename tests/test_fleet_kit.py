@@ -55,7 +55,7 @@ class Counted(FleetLifecycleMachine):
 
 
 def _member_uri(jobd: Jobd) -> str:
-    return f"sim+unix:///{{world}}?socket={jobd.sock}&rate={RATE}"
+    return f"sim+unix:///kit?socket={jobd.sock}&rate={RATE}"
 
 
 @pytest.fixture
