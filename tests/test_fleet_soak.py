@@ -15,8 +15,9 @@ After each cycle:
 - a thread samples the ``claims`` table (joined with ``jobs``, one
   snapshot per query) many times a second through the whole run, outages included: no
   two jobs ever hold conflicting modes (``jobcore.scheduler.CONFLICTS``) on one resource,
-  no claim belongs to a job without a row or to an ended job; and in the end, every job
-  ended, no claim is left.
+  no claim belongs to a job without a row or to an ended job; a killed member's claims
+  stay exactly as they were while it is away, its lease expiring (it may still be
+  writing); and in the end, every job ended, no claim is left.
 
 Knobs: ``JOBCORE_FLEET_SOAK_CYCLES`` (default 10), ``JOBCORE_FLEET_SOAK_SEED`` (default
 random; every failure message names it)."""
@@ -354,7 +355,15 @@ class Soak:
         if what != "postgresql":
             killed.add(victim.name)
             victim.kill()
+            held = self.claims_of(victim) if what == "member" else None
             self.work(self.rng.randrange(0, 3))  # the others go on
+            if held is not None:  # nobody releases them while it is away (it may write)
+                time.sleep(self.rng.uniform(0, LEASE_TTL * 1.5))  # its lease expires
+                now = self.claims_of(victim)
+                self.check(
+                    now == held, f"{victim.name}'s claims while it was down: {held} -> {now}"
+                )
+                self.counts["claims kept while down"] += bool(held)
         if what != "member":
             time.sleep(self.rng.uniform(0, 0.3))
             self.server.start()
@@ -362,6 +371,13 @@ class Soak:
             victim.start()
         self.settle()
         self.verify(killed)
+
+    def claims_of(self, member: SoakMember) -> set[tuple[str, str, str]]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT resource, mode, job FROM claims WHERE host = %s", (member.name,)
+            ).fetchall()
+        return {(r, m, j) for r, m, j in rows}
 
     def settle(self) -> None:
         """Until every member begins jobs again (its pool has reconnected)."""
