@@ -46,6 +46,7 @@ from jobcore.errors import (
     NoSuchJob,
     OperationInvalid,
     QueueTimeout,
+    StoreError,
     Unsupported,
 )
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
@@ -376,6 +377,8 @@ class Engine:
                 await self._dstore.sync()
             self._dstore.check_inserted(rec)  # its job XML, or its claims, may be refused
         except JobError as exc:
+            if not isinstance(exc, StoreError):  # the database refused it: not retained
+                rec.retention = 0.0
             _start_finished(rec)
             self._finish(rec, S.FAILED, errmsg=str(exc))
             raise

@@ -4,7 +4,10 @@ It is the SQLite store's job store (``jobcore.store_sqlite.SQLiteJobStore``: rea
 memory, writes queued on the event loop and committed in batches by a writer thread, the
 same durability points) on another database: ``PostgresDatabase`` holds a pool of
 connections and its writer thread, and commits the store's statements translated to
-PostgreSQL's dialect, each member's rows under its host (``jobd --host``). Design:
+PostgreSQL's dialect, each member's rows under its host (``jobd --host``). Each commit
+is also a fleet member's (design/fleet.md): refused once the host is fenced, the shared
+claims of the jobs it inserts arbitrated and those of the jobs it ends released in its
+transaction, ``jobcore_jobs`` notified of each job row it writes. Design:
 design/store.md "PostgreSQL", design/fleet.md.
 """
 
@@ -237,8 +240,6 @@ _RECOVERABLE_SCOPES = (
 _LOCK_CLASS = 0x6A6F62  # "job"
 #: the key of the schema migration's lock (its second int4); a host's is its hashtext
 _MIGRATION_LOCK = 0
-#: the advisory lock key space of shared resources (a resource's key: its hashtext)
-_CLAIM_CLASS = 0x6A6F63  # "joc"
 
 #: the job statements as a member runs them: on its own rows only (``host`` last), an
 #: insert never failing its batch on a UUID another host has (the commit refuses it)
@@ -276,7 +277,6 @@ _JOB_SQL[_UPDATE_JOB] = (
     f"WITH written AS ({_JOB_SQL[_UPDATE_JOB]} RETURNING uuid, host, event_seq)"
     f" {_NOTIFY} FROM written"
 )
-_ACTIVE_STATES = [str(s) for s in JobState if s.active]
 
 
 # ---- shared storage (design/fleet.md "Shared-storage claims") ----------------------------

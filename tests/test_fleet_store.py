@@ -172,6 +172,8 @@ async def test_a_conflict_on_a_shared_image_across_hosts_names_the_holder(pg_url
             "'image:nfs1:/vm1/vda.qcow2' (chain excludes read)"
         )
         assert str(refused) not in pg_rows(pg_url)  # its insert was left out
+        with pytest.raises(jobcore.NoSuchJob):
+            await c2.lookup_job(refused)
         assert all(c[2] != str(refused) for c in claims(pg_url))
         other = await dom2.job_begin(backup(uuid.uuid4(), "vdb"))  # another image: admitted
         assert (await other.info()).state is JobState.RUNNING
@@ -255,6 +257,8 @@ async def test_a_uuid_another_host_has_is_refused_and_its_row_kept(pg_url: str) 
         await _store(c2).sync()  # hv2's own writes of it (its failure) touch no row
         assert _store(c2).error is None  # never a failed batch
         assert pg_rows(pg_url)[str(job)] == before
+        with pytest.raises(jobcore.NoSuchJob):  # hv2 keeps no record of it
+            await c2.lookup_job(job)
         fine = await (await c2.lookup_domain("vm1")).job_begin(backup(uuid.uuid4()))
         assert (await fine.wait()).state is JobState.COMPLETED
 
