@@ -637,8 +637,8 @@ class FleetCommands:
         return sum(map(len, self._watches.values()))
 
     async def _watch_loop(self) -> None:
-        while True:
-            await self._watch_wakeup.wait()
+        while True:  # (rows that could not be read are read again after POLL_INTERVAL)
+            await self._watch_wakeup.wait(POLL_INTERVAL if self._dirty else None)
             jobs, self._dirty = self._dirty, set()
             for job in jobs:
                 if job not in self._watches:
@@ -650,8 +650,6 @@ class FleetCommands:
                     continue
                 for watch in list(self._watches.get(job, ())):
                     self._apply(watch, remote)
-            if self._dirty:
-                await anyio.sleep(POLL_INTERVAL)
 
     def _apply(self, watch: _Watch, remote: RemoteJob | None) -> None:
         """The events ``watch`` gets from its job's row as it is now."""

@@ -16,10 +16,11 @@ import anyio
 import psycopg
 import pytest
 from jobd_helpers import Jobd
+from pg_helpers import PgServer
 
 import jobcore
 from jobcore.daemon.config import ConfigError, load_config
-from jobcore.errors import AccessDenied, NoSuchJob, OperationInvalid
+from jobcore.errors import AccessDenied, NoSuchJob, OperationInvalid, StoreError
 from jobcore.events import EventHub, EventKind, JobEvent, Subscription
 from jobcore.fleet import Fleet, SharedRoot
 from jobcore.fleet_commands import FleetCommands
@@ -123,6 +124,8 @@ async def test_a_job_of_another_member_is_found_and_steered(
         assert str(refused.value) == str(same.value)
         await remote.resume()
         assert (await local.info()).state is JobState.RUNNING
+        with pytest.raises(TimeoutError):  # as a local wait
+            await remote.wait(0.3)
         # a subscription on hv2 gets hv1's events of the job, numbered as hv1's own
         theirs = c1.subscribe(job=u)
         ours = c2.subscribe(job=u)
@@ -260,6 +263,41 @@ async def test_a_subscriber_resumes_another_hosts_job_across_its_members_restart
             sub.close()
             theirs.close()
             back.stop()
+
+
+async def test_commands_and_events_carry_on_after_the_database_restarts(
+    tmp_path: Path, private_pg: PgServer
+) -> None:
+    """Each member's listener connects again by itself (its polls meanwhile)."""
+    url = private_pg.create_database()
+    hv1, hv2 = member(tmp_path, "hv1", url), member(tmp_path, "hv2", url)
+    try:
+        u = uuid.uuid4()
+        async with jobcore.connect(hv1.uri(SLOW)) as c1:
+            await (await c1.lookup_domain("vm1")).job_begin(backup(u))
+            private_pg.stop()
+            await anyio.sleep(1.5)  # an outage the listeners notice (they look every 0.5 s)
+            private_pg.start()
+            async with jobcore.connect(hv2.uri()) as c2:
+
+                async def steered() -> bool:
+                    try:
+                        await (await c2.lookup_job(u)).pause()
+                    except (OperationInvalid, StoreError):  # hv1 not renewed yet; the pool
+                        return False
+                    return True
+
+                await until("a verb through hv2 after the restart", steered, timeout=60)
+                sub = c2.subscribe(job=u)
+                await c2.list_domains()
+                await (await c1.lookup_job(u)).abort()  # on hv1 itself: hv2 hears of it
+                final = await events_until(sub, EventKind.FINAL)
+                assert final[-1].state is JobState.CANCELLED
+                sub.close()
+        assert "fleet notifications lost" in hv2.log() and "fleet notifications back" in hv2.log()
+    finally:
+        hv1.stop()
+        hv2.stop()
 
 
 async def test_an_unknown_job_is_no_such_job_on_every_member(fleet2: tuple[Jobd, Jobd]) -> None:

@@ -203,7 +203,10 @@ class Daemon:
             if self._fenced is not None:
                 raise StoreError(f"{self._fenced}: jobd stopped")
             if fleet is not None:  # a clean stop: the others see it stopped, not lost
-                await anyio.to_thread.run_sync(fleet.leave)
+                try:
+                    await anyio.to_thread.run_sync(fleet.leave)
+                except StoreError as exc:  # they see its lease expire instead
+                    _log.warning("fleet not told of the stop", host=self.host, error=str(exc))
         finally:
             if store_db is not None:
                 store_db.release()
