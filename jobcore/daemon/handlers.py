@@ -253,7 +253,7 @@ async def _h_find_jobs(c: _Client, a: tuple[Any, ...]) -> Wire:
 
 def _info_size(info: JobInfo) -> int:
     """An upper bound of one JobInfo's wire size (its numbers, UUID, names and error)."""
-    text = len(info.domain) + len(info.host) + len(info.errmsg or "")
+    text = len(info.domain) + len(info.host) + len(info.type) + len(info.errmsg or "")
     return 160 + 4 * text  # a character is at most 4 bytes of UTF-8
 
 
