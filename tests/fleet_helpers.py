@@ -34,7 +34,7 @@ MiB = 1 << 20
 #: the simulated hosts' rate: a 1 GiB layer takes minutes, so jobs stay active
 SLOW_RATE = MiB
 #: the lease the tests' members take (seconds; renewed every ttl/4)
-TEST_LEASE_TTL = 3.0
+TEST_LEASE_TTL = 4.0
 #: the storage id every member gives the shared directory
 STORAGE = "nfs1"
 
