@@ -691,7 +691,8 @@ class JobLifecycleMachine(RuleBasedStateMachine):
 @attrs.frozen
 class Member:
     """One connection of a ``FleetLifecycleMachine``: ``uri`` reaches a jobd serving
-    ``host``. Members naming one host are connections to one jobd."""
+    ``host`` (its ``--host``: every job begun there says so, on every member). Members
+    naming one host are connections to one jobd."""
 
     host: str
     uri: str
@@ -877,8 +878,14 @@ class FleetLifecycleMachine(JobLifecycleMachine):
         conn = self.members[others[0]]
         sub = conn.run_sync(lambda: conn.aconn.subscribe(job=job_id, maxlen=1 << 16))
         # a round trip after the subscribe request: jobd has registered it
-        conn.run(conn.aconn.lookup_job, job_id)
-        active = JobState(_JobGetInfo(seen.job)["state"]).active
+        there = conn.run(conn.aconn.lookup_job, job_id)
+        info = _JobGetInfo(seen.job)
+        assert info["host"] == host, f"job {job_id} begun on {host} says host {info['host']}"
+        elsewhere = conn.run(there.info)
+        assert elsewhere.host == host and not elsewhere.host_lost, (
+            f"job {job_id} of {host} through {conn.uri}: {elsewhere}"
+        )
+        active = JobState(info["state"]).active
         self.mirrors[job_id] = _Mirror(sub, active and self.WATCH_FROM_SUBSCRIBE)
 
     def _verb(self, data: st.DataObject, verb: Verb, call: Callable[[BlockingJob], Any]) -> None:

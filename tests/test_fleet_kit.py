@@ -19,6 +19,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from jobd_helpers import Jobd
 from pg_helpers import PgServer
 
+from jobcore.store import default_host
 from jobcore.testing import FleetLifecycleMachine, Member
 
 EXAMPLES = int(os.environ.get("JOBCORE_FLEET_KIT_EXAMPLES", "8"))
@@ -70,10 +71,11 @@ class TwoConnections(Counted):
 
 def test_the_kit_over_two_connections_to_one_jobd(one_jobd: Jobd) -> None:
     uri = _member_uri(one_jobd)
-    TwoConnections.MEMBERS = (Member("hv", uri), Member("hv", uri))
+    host = default_host()  # jobd's --host by default
+    TwoConnections.MEMBERS = (Member(host, uri), Member(host, uri))
     TwoConnections.begun, TwoConnections.watched_ends = {}, 0
     run_state_machine_as_test(TwoConnections, settings=KIT_SETTINGS)
-    assert TwoConnections.begun.get("hv", 0) > 0
+    assert TwoConnections.begun.get(host, 0) > 0
     assert TwoConnections.watched_ends > 0
 
 
