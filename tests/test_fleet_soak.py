@@ -4,7 +4,8 @@ moments, cycle after cycle, while sim jobs are begun and aborted from every memb
 
 Each cycle does random work on the members (begins of sim backups and block pulls on
 domains whose images are under a shared root of every member, so their claims meet;
-aborts, through any member; a begin whose reply is never read), then kills, at a random
+aborts, through any member; a begin, or an abort through another member, whose reply
+is never read), then kills, at a random
 moment, one member (SIGKILL), PostgreSQL (``pg_ctl stop -m immediate``: every backend
 dies at once, no checkpoint) or both, and starts them again on the same directories.
 After each cycle:
@@ -19,8 +20,9 @@ After each cycle:
   stay exactly as they were while it is away, its lease expiring (it may still be
   writing); and in the end, every job ended, no claim is left.
 
-Knobs: ``JOBCORE_FLEET_SOAK_CYCLES`` (default 10), ``JOBCORE_FLEET_SOAK_SEED`` (default
-random; every failure message names it)."""
+Knobs: ``JOBCORE_FLEET_SOAK_CYCLES`` (default 10), ``JOBCORE_FLEET_SOAK_MEMBERS``
+(default 2), ``JOBCORE_FLEET_SOAK_SEED`` (default random; every failure message names
+it)."""
 
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ from jobcore.scheduler import CONFLICTS, Mode
 S = JobState
 MiB = 1 << 20
 CYCLES = int(os.environ.get("JOBCORE_FLEET_SOAK_CYCLES", "10"))
+MEMBERS = int(os.environ.get("JOBCORE_FLEET_SOAK_MEMBERS", "2"))
 #: the members' lease (s): a killed member is reported lost while it is down
 LEASE_TTL = 2.0
 SEED = int(os.environ.get("JOBCORE_FLEET_SOAK_SEED") or random.SystemRandom().randrange(1 << 32))
@@ -337,6 +340,18 @@ class Soak:
         member.c().raw.request("job_begin", domain, xml, 0)
         self.in_flight[job] = member
 
+    def abort_unanswered(self, owner: SoakMember) -> None:
+        """An abort of one of ``owner``'s jobs sent through another member, its answer
+        never read (the owner's kill follows): the job may end aborted or go on."""
+        active = [j for j, r in self.jobs.items() if r.latest.state.active and r.member is owner]
+        via = [m for m in self.up() if m is not owner]
+        if not active or not via:
+            return
+        job = self.rng.choice(active)
+        self.jobs[job].verb = True
+        self.rng.choice(via).c().raw.request("job_abort", job.bytes)
+        self.counts["forwarded abort in flight"] += 1
+
     # ---- kills ------------------------------------------------------------------------
 
     def kill_cycle(self) -> None:
@@ -347,6 +362,9 @@ class Soak:
         self.work(self.rng.randrange(2, 8))
         if what != "postgresql" and self.rng.random() < 0.5:
             self.begin_unanswered(victim)
+            time.sleep(self.rng.uniform(0, 0.03))
+        if what != "postgresql" and self.rng.random() < 0.3:
+            self.abort_unanswered(victim)
             time.sleep(self.rng.uniform(0, 0.03))
         if what != "member":
             _kill_pg(self.server)
@@ -509,7 +527,7 @@ class Soak:
 def test_members_and_postgresql_killed_lose_no_record_nor_hold_conflicting_claims(
     tmp_path: Path, private_pg: PgServer
 ) -> None:
-    soak = Soak(tmp_path, private_pg, members=2)
+    soak = Soak(tmp_path, private_pg, members=MEMBERS)
     started = time.monotonic()
     try:
         for m in soak.members:
