@@ -33,7 +33,7 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,7 @@ class Soak:
         self.cycle = 0
         self.what = "setup"
         self.counts: Counter[str] = Counter()
+        self.seconds: dict[str, float] = defaultdict(float)
 
     def where(self) -> str:
         return (
@@ -385,10 +386,16 @@ class Soak:
         if what != "member":
             time.sleep(self.rng.uniform(0, 0.3))
             self.server.start()
+        started = time.monotonic()
         if what != "postgresql":
             victim.start()
+        self.seconds["member restart"] += time.monotonic() - started
+        started = time.monotonic()
         self.settle()
+        self.seconds["until every member begins jobs again"] += time.monotonic() - started
+        started = time.monotonic()
         self.verify(killed)
+        self.seconds["checks"] += time.monotonic() - started
 
     def claims_of(self, member: SoakMember) -> set[tuple[str, str, str]]:
         with psycopg.connect(self.url, autocommit=True) as conn:
@@ -549,6 +556,8 @@ def test_members_and_postgresql_killed_lose_no_record_nor_hold_conflicting_claim
     )
     for what, count in sorted(soak.counts.items()):
         print(f"  {what:32} {count}")
+    for what, seconds in sorted(soak.seconds.items()):
+        print(f"  {what:40} {seconds:.1f} s")
     assert soak.counts["begun"] > 0
     assert soak.sampler.held > 0, "no sample saw a shared claim held"
     assert soak.counts["refused by another member's job"] > 0
