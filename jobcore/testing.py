@@ -720,10 +720,10 @@ class FleetLifecycleMachine(JobLifecycleMachine):
       most), so an event that never reaches its subscriber fails the step;
     * each job is also watched by a per-job subscription on a member other than the one
       it was begun on (another host's when there is one): what that watch sees is the
-      owner's numbered events (same number, same state), in order, at most one FINAL;
-      a watch that got any event of the job gets its FINAL, and so does one registered
-      while the job was active (``WATCH_FROM_SUBSCRIBE``: a member that starts a watch
-      after its subscribe call answered, as jobd's fleet watch does, sets it False).
+      owner's numbered events (same number, same state), in order, at most one FINAL,
+      and its FINAL if the job was still active when the watch began (another host's
+      job is looked up through that member first, then subscribed to: jobd starts the
+      watch from the row the lookup read).
 
     Each example creates domains of its own on every host (``domain_xml``: the
     templates' domain names with a suffix of the example's), on one driver URI per
@@ -738,8 +738,6 @@ class FleetLifecycleMachine(JobLifecycleMachine):
     #: seconds a step waits for events to agree with the owner's answer
     EVENT_WAIT: ClassVar[float] = 10.0
     TIME_SCALE: ClassVar[float] = 0.02
-    #: a watch gets every change after its subscribe call answered (see the class doc)
-    WATCH_FROM_SUBSCRIBE: ClassVar[bool] = True
     #: the driver's ``DriverConnection.job_verbs`` (jobd's connection is out of reach)
     JOB_VERBS: ClassVar[dict[str, frozenset[Verb]]] = {}
 
@@ -876,17 +874,28 @@ class FleetLifecycleMachine(JobLifecycleMachine):
             i for i, c in enumerate(self.members) if c is not seen.job.conn
         ]
         conn = self.members[others[0]]
-        sub = conn.run_sync(lambda: conn.aconn.subscribe(job=job_id, maxlen=1 << 16))
-        # a round trip after the subscribe request: jobd has registered it
-        there = conn.run(conn.aconn.lookup_job, job_id)
+
+        def subscribe() -> Subscription:
+            return conn.run_sync(lambda: conn.aconn.subscribe(job=job_id, maxlen=1 << 16))
+
+        if self.MEMBERS[others[0]].host != host:
+            # another host's job: looked up first, so the watch starts from the row the
+            # lookup read (jobd's session knows the handle), and every change after it
+            # reaches the subscription
+            there = conn.run(conn.aconn.lookup_job, job_id)
+            active = there.state.active
+            sub = subscribe()
+        else:  # the round trip after the subscribe request: jobd has registered it
+            sub = subscribe()
+            there = conn.run(conn.aconn.lookup_job, job_id)
+            active = JobState(_JobGetInfo(seen.job)["state"]).active
         info = _JobGetInfo(seen.job)
         assert info["host"] == host, f"job {job_id} begun on {host} says host {info['host']}"
         elsewhere = conn.run(there.info)
         assert elsewhere.host == host and not elsewhere.host_lost, (
             f"job {job_id} of {host} through {conn.uri}: {elsewhere}"
         )
-        active = JobState(info["state"]).active
-        self.mirrors[job_id] = _Mirror(sub, active and self.WATCH_FROM_SUBSCRIBE)
+        self.mirrors[job_id] = _Mirror(sub, active)
 
     def _verb(self, data: st.DataObject, verb: Verb, call: Callable[[BlockingJob], Any]) -> None:
         """The kit's verb step; a verb that answered without an error (through whichever
@@ -954,8 +963,6 @@ class FleetLifecycleMachine(JobLifecycleMachine):
 
     def _check_mirror(self, mirror: _Mirror, *, final: bool) -> None:
         events = mirror.events
-        if events:
-            mirror.expect_final = True  # the watch runs: the job's end reaches it
         if not events:
             assert not (final and mirror.expect_final), "a watch got no event of an active job"
             return

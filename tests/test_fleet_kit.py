@@ -80,9 +80,7 @@ def test_the_kit_over_two_connections_to_one_jobd(one_jobd: Jobd) -> None:
 
 
 class TwoMembers(Counted):
-    # jobd's watch of another host's job takes its baseline from the job's row after the
-    # subscribe call answered: a job that ends in between ends before its watch begins
-    WATCH_FROM_SUBSCRIBE = False
+    pass
 
 
 def test_the_kit_over_two_members_of_one_fleet(tmp_path: Path, private_pg: PgServer) -> None:
