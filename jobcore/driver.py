@@ -219,6 +219,25 @@ class DriverState(Protocol):
         """Return once everything saved so far is on disk."""
 
 
+class FleetPeers(Protocol):
+    """What jobd gives a driver connection when it is a fleet member (design/fleet.md
+    "Cross-host migration"): set as ``dconn.fleet_peers`` after connect, on a connection
+    that has that attribute (None otherwise)."""
+
+    #: this member's host name
+    host: str
+
+    async def members(self) -> frozenset[str]:
+        """The names of the fleet's other members (live or not; not fenced ones)."""
+
+    async def adopt(self, host: str, uri: str, domain: str, record: Mapping[str, Any]) -> None:
+        """Hand domain ``domain`` (the driver's JSON-able ``record`` of it) to member
+        ``host``, whose connection of the same ``uri`` takes it in (its driver's
+        ``adopt_domain(domain, record)``, durable before this returns). Raises JobError:
+        StoreError or OperationInvalid when the host or the database cannot be reached
+        now (retry later), another one when it refused the domain."""
+
+
 class Clock(Protocol):
     """The connection's time: the engine's timers (a queue timeout) run on it, so a
     simulated clock moves them as it moves the hypervisor."""

@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 from attrs import frozen
 
+from jobcore.driver import FleetPeers
 from jobcore.errors import InvalidArgument, JobError, OperationInvalid, StoreError
 from jobcore.info import HostInfo, HostState, JobInfo
 from jobcore.lifecycle import LEGACY_JOB_TYPE, JobState
@@ -97,6 +98,10 @@ class FleetView(Protocol):
     async def fence(self, name: str, reason: str | None, *, force: bool = False) -> HostInfo: ...
 
     async def jobs_page(self, after: int, limit: int) -> tuple[list[JobInfo], int | None]: ...
+
+    def peers(self) -> FleetPeers:
+        """What this member's driver connections get as ``fleet_peers``."""
+        ...
 
 
 def _host_state(left: bool, fenced: bool, age: float, ttl: float) -> HostState:
@@ -297,7 +302,8 @@ class Fleet:
 
     async def fence(self, name: str, reason: str | None, *, force: bool = False) -> HostInfo:
         """Fence a lost member, in one transaction: its shared claims released, its
-        active jobs failed with the reason (event_seq + 1, notified). Refused for this
+        active jobs failed with the reason (event_seq + 2: the terminal STATE event and
+        the FINAL one, as a member numbers its own end; notified). Refused for this
         member itself or a name that is no member (InvalidArgument), and for a LIVE one
         unless ``force`` (OperationInvalid). The operator makes sure the host is down."""
         if not isinstance(name, str) or not name:
@@ -335,7 +341,7 @@ class Fleet:
                 " ended = extract(epoch FROM clock_timestamp()),"
                 " elapsed = extract(epoch FROM clock_timestamp()) - created,"
                 " expires = extract(epoch FROM clock_timestamp()) + retention,"
-                " event_seq = event_seq + 1 WHERE host = %s AND state = ANY(%s)"
+                " event_seq = event_seq + 2 WHERE host = %s AND state = ANY(%s)"
                 " RETURNING uuid, event_seq",
                 (why, name, _ACTIVE),
             ).fetchall()

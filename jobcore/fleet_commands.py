@@ -60,6 +60,11 @@ _CHANNELS = (CMD_CHANNEL, REPLY_CHANNEL, JOBS_CHANNEL, HOSTS_CHANNEL)
 
 #: the verbs another member may ask of a job (its handle's methods of the same names)
 VERBS = frozenset({"abort", "pause", "resume", "complete", "set_speed", "stats", "xml_desc"})
+#: what a member may ask another member itself (not one of its jobs): a domain handed
+#: over by a migration to it (jobcore.driver.FleetPeers.adopt)
+HOST_VERBS = frozenset({"adopt_domain"})
+#: the job a host command names (none)
+NO_JOB = uuid.UUID(int=0)
 #: seconds a call waits for the owner's answer by default
 CALL_TIMEOUT = 30.0
 #: the listener thread looks at its stop flag at least this often (seconds)
@@ -322,7 +327,7 @@ class FleetCommands:
         kind: str | None = None
         message: str | None = None
         try:
-            if verb not in VERBS:
+            if verb not in (HOST_VERBS if job == NO_JOB else VERBS):
                 raise InvalidArgument(f"'{verb}' is not a verb another member may ask for")
             value = await execute(job, verb, args)
             try:
@@ -532,13 +537,7 @@ class FleetCommands:
             raise InvalidArgument(
                 f"'{verb}' is not a verb another member may ask for ({', '.join(sorted(VERBS))})"
             )
-        if isinstance(timeout, bool) or not (
-            isinstance(timeout, int | float) and 0 < timeout <= MAX_SECONDS
-        ):
-            raise InvalidArgument(
-                f"a fleet call's timeout is a number of seconds in 0…{MAX_SECONDS:g}, "
-                f"not {timeout!r}"
-            )
+        _check_timeout(timeout)
         remote = await self.fleet.job(job)
         if remote is None:
             raise NoSuchJob(f"no job with UUID '{job}' in the fleet")
@@ -546,6 +545,26 @@ class FleetCommands:
         if owner != self.host and remote.host_state is not HostState.LIVE:
             info = await self.host_info(owner)
             raise OperationInvalid(refusal(job, owner, info), job=job, verb=verb)
+        return await self._ask(owner, job, verb, args, timeout)
+
+    async def call_host(
+        self, host: str, verb: str, args: tuple[Any, ...] = (), *, timeout: float = CALL_TIMEOUT
+    ) -> Any:
+        """Member ``host`` itself runs ``verb(*args)`` (one of HOST_VERBS): its result or
+        its JobError, as ``call``. Refused at once when it is not live."""
+        if verb not in HOST_VERBS:
+            raise InvalidArgument(f"'{verb}' is not a command another member may run")
+        _check_timeout(timeout)
+        if host != self.host and await self.fleet.host_state(host) is not HostState.LIVE:
+            raise OperationInvalid(
+                f"host '{host}' is not a live member of the fleet: it cannot run '{verb}' now"
+            )
+        return await self._ask(host, NO_JOB, verb, args, timeout)
+
+    async def _ask(
+        self, owner: str, job: uuid.UUID, verb: str, args: tuple[Any, ...], timeout: float
+    ) -> Any:
+        """Insert the command for ``owner`` and wait for its answer (``call``'s rest)."""
         cmd_id = await anyio.to_thread.run_sync(self._insert, owner, job, verb, args, timeout)
         answered = False
         try:
@@ -560,7 +579,7 @@ class FleetCommands:
                     if answered:
                         break
                     now = time.monotonic()
-                    if owner != self.host and now - checked >= self._check_every:
+                    if owner != self.host and now - checked >= self._check_every and job != NO_JOB:
                         checked = now  # an owner lost meanwhile: no use waiting for it
                         await self._require_live(job, owner, verb, pending=cmd_id)
                     with anyio.move_on_after(REPLY_POLL):
@@ -573,7 +592,9 @@ class FleetCommands:
                         await anyio.to_thread.run_sync(self._withdraw, cmd_id)
         if not answered:
             raise OperationInvalid(
-                f"host '{owner}' did not answer '{verb}' on job '{job}' within {timeout:g} s "
+                f"host '{owner}' did not answer '{verb}'"
+                + ("" if job == NO_JOB else f" on job '{job}'")
+                + f" within {timeout:g} s "
                 "(its jobd may be stuck, or its database connection slow): the command was "
                 "withdrawn if it had not been picked up; look at the job and ask again",
                 job=job,
@@ -759,6 +780,15 @@ def _error_kind(exc: JobError) -> str:
         if getattr(errors, cls.__name__, None) is cls:
             return str(cls.__name__)
     return "JobError"
+
+
+def _check_timeout(timeout: float) -> None:
+    if isinstance(timeout, bool) or not (
+        isinstance(timeout, int | float) and 0 < timeout <= MAX_SECONDS
+    ):
+        raise InvalidArgument(
+            f"a fleet call's timeout is a number of seconds in 0…{MAX_SECONDS:g}, not {timeout!r}"
+        )
 
 
 def _rebuild(kind: str, message: str, job: uuid.UUID, verb: str) -> JobError:

@@ -324,11 +324,11 @@ async def test_fence_releases_claims_fails_jobs_and_stops_the_fenced_members_wri
             assert fenced.active_jobs == 0 and fenced.jobs == 1
             assert claims(pg_url) == set()
             row = pg_rows(pg_url)[str(running.uuid)]
-            assert row["state"] == "failed" and row["event_seq"] == seq + 1
+            assert row["state"] == "failed" and row["event_seq"] == seq + 2
             assert row["errmsg"] == "host 'hv2' was fenced by 'hv1': powered off"
             assert row["ended"] is not None
             heard = _drain(listener)
-            assert ("jobcore_jobs", f"{running.uuid} hv2 {seq + 1}") in heard
+            assert ("jobcore_jobs", f"{running.uuid} hv2 {seq + 2}") in heard
             assert ("jobcore_hosts", "hv2") in heard
             # the fenced member's next commit is refused: nothing of it is written
             await running.abort()

@@ -26,7 +26,7 @@ from attrs import define
 from drivers.sim import backup, chain, migration
 from drivers.sim.clock import ManualClock, RealClock
 from drivers.sim.job import Behaviour, Phase, SimJob
-from drivers.sim.persist import SimState, restore_job
+from drivers.sim.persist import SimState, dump_domain, load_domain, restore_job
 from drivers.sim.world import MiB, SimDomain, SimFile, SimWorld, define_domain
 from jobcore.driver import (
     BitmapInfo,
@@ -35,6 +35,7 @@ from jobcore.driver import (
     DomainInfo,
     DriverJob,
     DriverState,
+    FleetPeers,
     NotStarted,
     Reattached,
     Recovered,
@@ -44,8 +45,10 @@ from jobcore.errors import (
     DriverError,
     InvalidArgument,
     InvalidURI,
+    JobError,
     NoSuchDomain,
     OperationInvalid,
+    StoreError,
     Unsupported,
 )
 from jobcore.lifecycle import JobState
@@ -54,7 +57,8 @@ from jobcore.paths import PathGuard
 from jobcore.spec import JobType
 from jobcore.types.backup import PreparedBackup
 from jobcore.types.chain import PreparedCommit
-from jobcore.uri import URI
+from jobcore.types.migration import MigrationSpec
+from jobcore.uri import URI, parse_uri
 from jobcore.xml.domain import DomainDef
 
 log = get_logger(__name__)
@@ -66,6 +70,9 @@ _TERMINAL = {
     "cancelled": JobState.CANCELLED,
 }
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports of a running job
+#: seconds between attempts to hand a migrated domain to its member (doubling up to MAX)
+HANDOVER_RETRY = 0.5
+HANDOVER_RETRY_MAX = 5.0
 #: seconds the sweep of ended jobs' records waits after one round (gathering the next)
 SWEEP_PAUSE = 0.05
 #: seconds a backup's check_job stands for its start, on an unchanged world
@@ -149,6 +156,110 @@ class SimConnection:
         self._sweep_wakeup = anyio.Event()
         #: the last check_job of a backup: (spec, world version, monotonic time, creates)
         self._checked: tuple[PreparedBackup, int, float, list[tuple[str, SimFile]]] | None = None
+        #: domains handed to other fleet members and not yet taken in, by name
+        self._handovers: dict[str, dict[str, Any]] = (
+            {} if self._persist is None else self._persist.handovers()
+        )
+        self._delivering: set[str] = set()
+        self._peers: FleetPeers | None = None
+
+    # ---- the fleet: migrations to another member (design/sim.md "Fleets") -----------
+
+    @property
+    def fleet_peers(self) -> FleetPeers | None:
+        """The fleet's other members (jobd sets it when it is a member): a migration to
+        ``sim:///NAME`` where NAME is one of them hands the domain over to it."""
+        return self._peers
+
+    @fleet_peers.setter
+    def fleet_peers(self, peers: FleetPeers | None) -> None:
+        self._peers = peers
+        for name in list(self._handovers):  # the hand-overs a previous process left
+            self._deliver_soon(name)
+
+    async def _handover_target(self, spec: MigrationSpec) -> str | None:
+        """The fleet member a migration goes to (None: a simulated host of this world)."""
+        if self._peers is None:
+            return None
+        dest = parse_uri(spec.destination)
+        if dest.driver != "sim" or not dest.name or dest.host or dest.transport:
+            return None  # plan says what is wrong with it
+        return dest.name if dest.name in await self._peers.members() else None
+
+    def _hand_over(self, sj: SimJob, dom: SimDomain, host: str) -> dict[str, int | str]:
+        """A completed migration to member ``host``: the domain leaves this world (saved
+        with the job's end) and a hand-over record goes to ``host`` until it has it."""
+        source = self.world.host_of(dom.name)
+        del source.domains[dom.name]
+        self.world.where.pop(dom.name, None)
+        self.world.changed(source)
+        self._handovers[dom.name] = value = {
+            "host": host,
+            "uri": self.uri,
+            "domain": dom.name,
+            "record": dump_domain(dom),
+        }
+        if self._persist is not None:
+            self._persist.handover(dom.name, value)
+        self._deliver_soon(dom.name)
+        sj.job.reporter.domain_moved(f"sim:///{host}")
+        assert isinstance(sj.job.spec, MigrationSpec)
+        limit = sj.job.spec.downtime_limit
+        return {"downtime": 30 if limit is None else min(limit, 30)}
+
+    def _deliver_soon(self, name: str) -> None:
+        if self._peers is not None and name not in self._delivering and not self._stopped:
+            self._delivering.add(name)
+            self._tg.start_soon(self._deliver, name)
+
+    async def _deliver(self, name: str) -> None:
+        """Hand the domain to its member, retrying while it or the database cannot be
+        reached; a refusal is logged and the record kept (an operator decides)."""
+        delay = HANDOVER_RETRY
+        try:
+            while (value := self._handovers.get(name)) is not None and self._peers is not None:
+                host = value["host"]
+                try:
+                    await self._peers.adopt(host, value["uri"], value["domain"], value["record"])
+                except (StoreError, OperationInvalid) as exc:
+                    log.info(
+                        "domain hand-over waits", domain=name, host=value["host"], error=str(exc)
+                    )
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, HANDOVER_RETRY_MAX)
+                    continue
+                except JobError as exc:
+                    log.error(
+                        "domain hand-over refused", domain=name, host=value["host"], error=str(exc)
+                    )
+                    return
+                log.info("domain handed over", domain=name, host=host)
+                del self._handovers[name]
+                if self._persist is not None:
+                    self._persist.handover_done(name)
+                return
+        finally:
+            self._delivering.discard(name)
+
+    async def adopt_domain(self, name: str, record: dict[str, Any]) -> None:
+        """Take in a domain another member's migration handed over (on this
+        connection's own host), durable before it returns; again for the same domain is
+        a no-op."""
+        try:
+            dom = load_domain(name, record)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise InvalidArgument(f"not a simulated domain's record: {exc}") from None
+        held = self.world.where.get(name)
+        if held is not None:
+            if self.world.domain(name).uuid == dom.uuid:
+                return  # taken in before (its answer was lost)
+            raise DriverError(f"domain '{name}' already exists on '{self.uri}'")
+        self.host.domains[name] = dom
+        self.world.where[name] = self.host.name
+        self.world.changed(self.host)
+        log.info("domain taken in from another member", domain=name)
+        if self._persist is not None:
+            await self._persist.state.sync()
 
     # ---- DriverConnection: domains -------------------------------------------------
 
@@ -260,7 +371,13 @@ class SimConnection:
         creates = (
             self._backup_creates(job.spec, dom) if isinstance(job.spec, PreparedBackup) else []
         )
-        total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
+        handover_to = (
+            await self._handover_target(job.spec) if isinstance(job.spec, MigrationSpec) else None
+        )
+        if handover_to is None:
+            total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
+        else:
+            total, converges, extra = migration.plan_handover(dom)
         if isinstance(job.spec, PreparedBackup):  # its checkpoint, atomically with it
             bitmaps = backup.checkpoint_bitmaps(job.spec)
             if bitmaps:  # none: the host is unchanged (not saved again)
@@ -279,6 +396,7 @@ class SimConnection:
             base_time=self.clock.now(),
             extra=extra,
             created=tuple(path for path, _ in creates),
+            handover_to=handover_to,
         )
         if isinstance(job.spec, PreparedBackup) and job.spec.pull:
             sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
@@ -473,7 +591,10 @@ class SimConnection:
                     dom = self.world.domain(job.domain)
                 except NoSuchDomain:
                     raise DriverError(f"domain '{job.domain}' vanished") from None
-                extra.update(behaviour.apply(self.world, job, dom))
+                if sj.handover_to is not None:
+                    extra.update(self._hand_over(sj, dom, sj.handover_to))
+                else:
+                    extra.update(behaviour.apply(self.world, job, dom))
             except DriverError as exc:
                 outcome, errmsg = "failed", str(exc)
         behaviour.ended(self.world, sj, outcome)

@@ -42,6 +42,9 @@ class SimJob:
     extra: dict[str, int | str] = field(factory=dict)
     #: target/scratch files this job created (removed again unless a push completes)
     created: tuple[str, ...] = ()
+    #: a migration's destination that is another fleet member (the domain is handed over
+    #: to it when the job completes; None: a simulated host of this world)
+    handover_to: str | None = None
 
     def processed(self, now: float) -> int:
         if self.paused or self.phase is not Phase.COPY:

@@ -35,6 +35,12 @@ def plan(world: SimWorld, spec: Any, dom: SimDomain) -> Plan:
             f"has {len(world.hosts)} simulated hosts, the limit (drivers.sim.MAX_HOSTS);"
             " migrate to a host it has"
         )
+    return plan_handover(dom)
+
+
+def plan_handover(dom: SimDomain) -> Plan:
+    """A migration to another fleet member: the same memory copy, the domain handed over
+    at the end (SimConnection._hand_over)."""
     return (
         dom.memory,
         False,

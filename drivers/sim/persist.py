@@ -15,6 +15,9 @@ Keys and values (JSON, one record per key):
   When the job ends it becomes ``{"ended": OUTCOME, ...}`` (written together with the
   job's effect on the world) and is deleted once the store has the engine's terminal write
   too: a restart in between finds the outcome, never applies the effect twice.
+* ``handover:NAME`` — a domain a completed migration handed to another fleet member
+  (``host``, ``uri``, ``domain``, ``record``: what ``adopt_domain`` takes): written with the
+  migration's effect (the domain gone from this world), deleted once that member has it.
 * ``clock`` — a manual clock's reading (``now``, ``wall``), written at each ``advance``: a
   restarted connection's manual clock goes on from there (its time stood still while no
   process ran), so wall times never go back across a restart.
@@ -35,6 +38,7 @@ from jobcore.driver import DriverState
 HOST = "host:"
 FILE = "file:"
 JOB = "job:"
+HANDOVER = "handover:"
 CLOCK = "clock"
 
 
@@ -51,16 +55,16 @@ def job_key(job: uuid.UUID) -> str:
 
 
 def dump_host(host: SimHost) -> dict[str, Any]:
+    return {"domains": {name: dump_domain(dom) for name, dom in host.domains.items()}}
+
+
+def dump_domain(dom: SimDomain) -> dict[str, Any]:
+    """A domain's record (in its host's, and in a hand-over to another member)."""
     return {
-        "domains": {
-            name: {
-                "uuid": str(dom.uuid),
-                "memory": dom.memory,
-                "disks": [_dump_disk(d) for d in dom.disks.values()],
-                "checkpoints": {c: list(disks) for c, disks in dom.checkpoints.items()},
-            }
-            for name, dom in host.domains.items()
-        }
+        "uuid": str(dom.uuid),
+        "memory": dom.memory,
+        "disks": [_dump_disk(d) for d in dom.disks.values()],
+        "checkpoints": {c: list(disks) for c, disks in dom.checkpoints.items()},
     }
 
 
@@ -78,17 +82,17 @@ def _load_disk(rec: list[Any]) -> SimDisk:
 
 
 def load_host(name: str, value: Mapping[str, Any]) -> SimHost:
-    domains = {
-        dname: SimDomain(
-            dname,
-            uuid.UUID(d["uuid"]),
-            {disk[0]: _load_disk(disk) for disk in d["disks"]},
-            d["memory"],
-            {c: tuple(disks) for c, disks in d["checkpoints"].items()},
-        )
-        for dname, d in value["domains"].items()
-    }
-    return SimHost(name, domains)
+    return SimHost(name, {d: load_domain(d, rec) for d, rec in value["domains"].items()})
+
+
+def load_domain(name: str, d: Mapping[str, Any]) -> SimDomain:
+    return SimDomain(
+        name,
+        uuid.UUID(d["uuid"]),
+        {disk[0]: _load_disk(disk) for disk in d["disks"]},
+        d["memory"],
+        {c: tuple(disks) for c, disks in d["checkpoints"].items()},
+    )
 
 
 def dump_job(sj: SimJob, processed: int, wall: float) -> dict[str, Any]:
@@ -107,6 +111,7 @@ def dump_job(sj: SimJob, processed: int, wall: float) -> dict[str, Any]:
         "fail_message": sj.fail_message,
         "created": list(sj.created),
         "extra": dict(sj.extra),
+        "handover_to": sj.handover_to,
     }
 
 
@@ -124,6 +129,7 @@ def restore_job(sj: SimJob, rec: Mapping[str, Any]) -> None:
     sj.created = tuple(rec["created"])
     sj.extra = dict(rec["extra"])
     sj.base_bytes = float(rec["processed"])
+    sj.handover_to = rec.get("handover_to")
 
 
 class SimState:
@@ -174,6 +180,20 @@ class SimState:
         self, job: uuid.UUID, outcome: str, errmsg: str | None, extra: Mapping[str, int | str]
     ) -> None:
         self.state.save(job_key(job), {"ended": outcome, "errmsg": errmsg, "extra": dict(extra)})
+
+    def handovers(self) -> dict[str, dict[str, Any]]:
+        """The hand-overs not yet taken in by their member, by domain name."""
+        return {
+            key[len(HANDOVER) :]: dict(value)
+            for key, value in self.state.load().items()
+            if key.startswith(HANDOVER)
+        }
+
+    def handover(self, domain: str, value: Mapping[str, Any]) -> None:
+        self.state.save(HANDOVER + domain, dict(value))
+
+    def handover_done(self, domain: str) -> None:
+        self.state.delete(HANDOVER + domain)
 
     def forget_job(self, job: uuid.UUID) -> None:
         self.state.delete(job_key(job))

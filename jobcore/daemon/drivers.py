@@ -365,6 +365,9 @@ class DriverConnections:
                 slot.conn = conn
                 conn.engine.uuid_owner = self.uuid_owner  # job UUIDs are unique daemon-wide
                 conn.fleet = self.fleet
+                dconn = conn.engine.dconn
+                if self.fleet is not None and hasattr(dconn, "fleet_peers"):
+                    dconn.fleet_peers = self.fleet.peers()  # cross-host migration
                 slot.ready.set()
                 _log.info("driver connection opened", uri=slot.target.uri)
                 await self._until_idle(slot)

@@ -7,15 +7,16 @@ design/fleet.md "Commands").
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from jobcore.errors import InvalidArgument, NoSuchJob
+from jobcore.errors import InvalidArgument, NoSuchJob, Unsupported
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.fleet import Fleet, RemoteJob
-from jobcore.fleet_commands import VERBS, FleetCommands, WatchHandle
-from jobcore.info import HostInfo, JobInfo
+from jobcore.fleet_commands import NO_JOB, VERBS, FleetCommands, WatchHandle
+from jobcore.info import HostInfo, HostState, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobType, check_timeout
 
@@ -67,7 +68,14 @@ class FleetService:
 
     async def execute(self, job: uuid.UUID, verb: str, args: tuple[Any, ...]) -> Any:
         """Another member's command, on this host's job (FleetCommands.run's ``execute``):
-        the job on any of jobd's driver connections, the verb as a local call makes it."""
+        the job on any of jobd's driver connections, the verb as a local call makes it;
+        or on this host itself (``NO_JOB``: a domain a migration hands over)."""
+        if job == NO_JOB and verb == "adopt_domain":
+            kinds = (str, str, dict)
+            if len(args) != 3 or not all(map(isinstance, args, kinds)):
+                raise InvalidArgument(f"adopt_domain takes a URI, a name, a record: not {args!r}")
+            await self.adopt_domain(*args)
+            return None
         found = self.drivers.lookup_job(job)
         if found is None:
             raise NoSuchJob(f"no job with UUID '{job}' on host '{self.host}'")
@@ -81,6 +89,41 @@ class FleetService:
         elif args:
             raise InvalidArgument(f"{verb} takes no arguments, not {args!r}")
         return await getattr(found, verb)(*args)
+
+    async def adopt_domain(self, uri: str, domain: str, record: dict[str, Any]) -> None:
+        """Take in a domain another member's migration handed over: on this jobd's
+        connection of ``uri`` (opened as a client's hello would), through its driver's
+        ``adopt_domain``, durable before it returns."""
+        # its identity alone: the parameters that configure it (a rate) are the source's
+        slot = await self.drivers.attach(self.drivers.resolve(uri).key, readonly=False)
+        try:
+            assert slot.conn is not None
+            dconn = slot.conn.engine.dconn
+            adopt = getattr(dconn, "adopt_domain", None)
+            if adopt is None:
+                raise Unsupported(f"driver '{uri}' cannot take in a migrated domain")
+            await adopt(domain, record)
+        finally:
+            self.drivers.release(slot)
+
+    def peers(self) -> _Peers:
+        """What a driver connection of this jobd gets as ``fleet_peers``."""
+        return _Peers(self)
+
+
+class _Peers:
+    """jobcore.driver.FleetPeers for jobd's driver connections."""
+
+    def __init__(self, service: FleetService) -> None:
+        self._service = service
+        self.host = service.host
+
+    async def members(self) -> frozenset[str]:
+        hosts = await self._service.hosts()
+        return frozenset(h.name for h in hosts if h.state is HostState.LIVE and h.name != self.host)
+
+    async def adopt(self, host: str, uri: str, domain: str, record: Mapping[str, Any]) -> None:
+        await self._service.commands.call_host(host, "adopt_domain", (uri, domain, dict(record)))
 
 
 class _ToSubscription(EventHub):
