@@ -24,6 +24,7 @@ import jobcore
 from jobcore import constants as C
 from jobcore.cli import ExitCode
 from jobcore.daemon import handlers
+from jobcore.driver import FleetPeers
 from jobcore.errors import InvalidArgument, Unsupported
 from jobcore.info import HostInfo, HostState, JobInfo
 from jobcore.lifecycle import JobState
@@ -163,6 +164,9 @@ class ToldFleet:
     async def fence(self, name: str, reason: str | None, *, force: bool = False) -> HostInfo:
         self.fenced.append((name, reason, force))
         return HostInfo(name, HostState.FENCED, 12.0, 10.0, 0, 4, 12, "hv1", reason)
+
+    def peers(self) -> FleetPeers:
+        raise AssertionError("the fleet calls never ask for the member's peers")
 
 
 def _wire(value: Any) -> Any:
