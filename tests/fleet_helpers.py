@@ -158,8 +158,18 @@ class Member:
         self.jobd.proc.wait()
         self.jobd.stop()  # closes the log
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process stands still (a host cut off, or hung), holding its
+        database sessions; ``thaw`` lets it go on where it was."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> int | None:
         """SIGTERM (a clean stop: it leaves the fleet); its exit status."""
+        if self.running():
+            self.thaw()  # a frozen one would hold SIGTERM pending
         return None if self.jobd is None else self.jobd.stop()
 
     def log(self) -> str:

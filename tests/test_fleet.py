@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -45,6 +46,9 @@ BACKUP_VDB_ONLY = """<job type='backup'>
 TERMINAL = ("completed", "failed", "cancelled")
 #: a simulated host where vm2's vdb (512 MiB) is backed up in 16 s
 FAST = f"rate={32 << 20}"
+#: and one where it takes 4 s
+FASTER_SECONDS = 4
+FASTER = f"rate={(512 << 20) // FASTER_SECONDS}"
 
 
 def backup(tag: str) -> str:
@@ -351,6 +355,47 @@ def test_a_killed_member_is_lost_recovers_and_once_fenced_releases_everything(
     row = jobd_fleet.host_rows()["hv3"]
     assert row["fenced"] is False and row["pid"] == hv3.pid
     assert jobd_fleet.orphan_claims() == [] and jobd_fleet.conflicting_holders() == []
+    hv1.ok("abort", admitted)
+
+
+def test_a_frozen_member_fenced_meanwhile_writes_nothing_once_it_thaws(
+    jobd_fleet: JobdFleet,
+) -> None:
+    """Split brain: a member that stood still (SIGSTOP) past its lease is fenced by an
+    operator; when it goes on, it must not write over the fence, and it stops."""
+    hv1, hv2, hv3 = jobd_fleet.members
+    top, _ = on_shared_storage(jobd_fleet)
+    shared = hv3.begin("s-hv3", PULL_VDA)
+    # this one's end falls while hv3 stands still: on thawing it has a completion to write
+    quick = hv3.begin("vm2", BACKUP_VDB_ONLY.format(tag="q"), uri=hv3.uri(FASTER, sim_host="f"))
+    hv3.freeze()
+    wait_until(partial(seen_as, hv1, "hv3", "lost"), "hv1 sees hv3 lost")
+    reason = "hung: fenced from its PDU"
+    said = hv1.json("host", "fence", "hv3", "--reason", reason)
+    assert said["host"]["state"] == "fenced" and said["jobs_failed"] == 2, said
+    fenced_rows = jobd_fleet.sql("SELECT uuid, state, errmsg, ended FROM jobs WHERE host = 'hv3'")
+    message = f"host 'hv3' was fenced by 'hv1': {reason}"
+    assert {(u, st, e) for u, st, e, _ in fenced_rows} == {
+        (shared, "failed", message),
+        (quick, "failed", message),
+    }
+    admitted = hv2.begin("s-hv2", backup("hv2"))  # the fenced claims are free
+    time.sleep(FASTER_SECONDS)  # make sure quick's end has passed by hv3's clock
+
+    hv3.thaw()
+    status = wait_until(hv3.proc.poll, "hv3 stopped once it saw its fence")
+    assert status == 1, hv3.log()
+    assert any("fenced" in json.dumps(e) for e in _log_events(hv3)), hv3.log()
+    # nothing it did after the fence landed: the rows are the fence's, its claims gone
+    after = jobd_fleet.sql("SELECT uuid, state, errmsg, ended FROM jobs WHERE host = 'hv3'")
+    assert sorted(after) == sorted(fenced_rows)
+    assert jobd_fleet.claims("hv3") == set()
+    assert jobd_fleet.conflicting_holders() == [] and jobd_fleet.orphan_claims() == []
+    assert (top, "read", admitted, "hv2") in jobd_fleet.claims()
+    # restarted, it rejoins (its fenced jobs stay failed)
+    hv3.start()
+    wait_until(partial(seen_as, hv2, "hv3", "live"), "hv2 sees hv3 rejoin")
+    assert hv3.json("info", quick)["errmsg"] == message
     hv1.ok("abort", admitted)
 
 
