@@ -128,7 +128,10 @@ def _parse_group(doc: str | bytes, max_bytes: int | None = MAX_DOCUMENT_BYTES) -
 
 def _parse_member(el: etree._Element, index: int) -> GroupMember:
     domain = el.get("domain", "")
-    job = etree.Element("job", {k: v for k, v in el.attrib.items() if k != "domain"})
+    job = etree.Element("job")
+    for key, value in el.attrib.items():
+        if key != "domain":
+            job.set(key, value)
     job.text = el.text
     for sub in el:
         job.append(_copy(sub))
