@@ -102,7 +102,7 @@ def group_state(kinds: Iterable[Member]) -> GroupState:
 
 def render_state_table() -> str:
     """design/scheduling.md's group state table (a test checks the document holds it)."""
-    lines = ["| group state | some member is | and no member is |", "|---|---|---|"]
+    lines = ["| group state | when one of these is present | and none of these |", "|---|---|---|"]
     for rule in GROUP_STATE_TABLE:
         cells = (
             f"`{rule.state}`",
