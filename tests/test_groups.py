@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -47,6 +48,17 @@ def group(*members: str, mode: str = "all-or-nothing", extra: str = "") -> str:
 
 async def checkpoints(conn: Connection, domain: str) -> list[str]:
     return [c.name for c in await (await conn.lookup_domain(domain)).list_checkpoints()]
+
+
+def inject(conn: Connection, at: float) -> None:
+    """The next backup the sim starts fails at fraction ``at`` (design/sim.md)."""
+    driver: Any = as_local(conn).driver
+    driver.inject_failure("backup", at)
+
+
+def advance(conn: Connection, seconds: float) -> None:
+    clock: Any = as_local(conn).driver.clock
+    clock.advance(seconds)
 
 
 @asynccontextmanager
@@ -136,7 +148,7 @@ async def test_two_domain_backup_keeps_both_checkpoints(tmp_path: Path) -> None:
 
 async def test_a_failed_member_cancels_the_other_and_leaves_no_checkpoint(tmp_path: Path) -> None:
     async with sim() as conn:
-        as_local(conn).driver.inject_failure("backup", 0.5)  # vm1's: it starts first
+        inject(conn, 0.5)  # vm1's: it starts first
         g = await conn.job_group_begin(
             group(backup("vm1", f"{tmp_path}/1", "c1"), backup("vm2", f"{tmp_path}/2", "c2"))
         )
@@ -150,22 +162,21 @@ async def test_a_member_done_first_waits_and_is_undone_when_the_other_fails(
     tmp_path: Path,
 ) -> None:
     async with sim("rate=1073741824&clock=manual") as conn:
-        clock = as_local(conn).driver.clock  # type: ignore[attr-defined]
         # vm1 backs up two disks (more work than vm2's one) and fails at its very end
-        as_local(conn).driver.inject_failure("backup", 1.0)  # type: ignore[attr-defined]
+        inject(conn, 1.0)
         g = await conn.job_group_begin(
             group(
                 backup("vm1", f"{tmp_path}/1", "c1", vdb=True), backup("vm2", f"{tmp_path}/2", "c2")
             )
         )
         vm2 = (await g.jobs())[1]
-        clock.advance(1.0)  # vm2's 1 GiB is done; vm1 is not
+        advance(conn, 1.0)  # vm2's 1 GiB is done; vm1 is not
         await anyio.sleep(0.05)
         held = await vm2.info()
         assert held.processed == held.total and held.state is JobState.RUNNING  # held
         assert (await g.info())["state"] == "running"
         assert await checkpoints(conn, "vm2") == ["c2"]  # not yet decided
-        clock.advance(100.0)
+        advance(conn, 100.0)
         info = await g.wait(30)
         assert info["states"] == ["failed", "cancelled"], info
         final = await vm2.info()
@@ -175,7 +186,7 @@ async def test_a_member_done_first_waits_and_is_undone_when_the_other_fails(
 
 async def test_independent_members_run_on_their_own(tmp_path: Path) -> None:
     async with sim() as conn:
-        as_local(conn).driver.inject_failure("backup", 0.5)
+        inject(conn, 0.5)
         g = await conn.job_group_begin(
             group(
                 backup("vm1", f"{tmp_path}/1", "c1"),
@@ -234,12 +245,11 @@ async def test_queued_members_are_admitted_together(tmp_path: Path) -> None:
         info = await g.info()
         assert info["states"] == ["queued", "queued"] and info["state"] == "queued"
         await pull.abort()  # frees vm2's disk: both are admitted at once
-        clock = as_local(conn).driver.clock  # type: ignore[attr-defined]
-        clock.advance(0.5)
+        advance(conn, 0.5)
         await anyio.sleep(0.05)
         assert (await pull.info()).state.terminal
         assert (await g.info())["states"] == ["running", "running"]
-        clock.advance(10_000)
+        advance(conn, 10_000)
         assert (await g.wait(30))["state"] == "completed"
 
 
@@ -288,7 +298,7 @@ def test_all_or_nothing_never_ends_with_completed_and_failed(
     async def run() -> list[str]:
         async with jobcore.connect("sim:///prop?rate=17179869184") as conn:
             for at in fails:
-                as_local(conn).driver.inject_failure("backup", at)  # type: ignore[attr-defined]
+                inject(conn, at)
             members = [
                 backup(f"vm{i % 2 + 1}", f"{tmp_path}/{uuid.uuid4()}", f"c{uuid.uuid4().hex}")
                 for i in range(size)
