@@ -1,0 +1,93 @@
+"""Job groups through jobd (design/scheduling.md "Job groups"): begun, listed, waited for
+and aborted over the wire; a refused member named across it; writes refused on the
+read-only socket; the blocking facade on a jobd URI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from jobd_helpers import PULL_VDA, Jobd
+
+import jobcore
+from jobcore.errors import AccessDenied, JobConflict, NoSuchJob
+from jobcore.info import GroupInfo
+from jobcore.lifecycle import JobState
+
+
+def backup(domain: str, target: str, checkpoint: str) -> str:
+    return (
+        f"<job type='backup' domain='{domain}'><domainbackup><disks><disk name='vda' "
+        f"type='file'><target file='{target}'/></disk><disk name='vdb' backup='no'/></disks>"
+        f"</domainbackup><domaincheckpoint><name>{checkpoint}</name></domaincheckpoint></job>"
+    )
+
+
+def two_domains(tmp_path: Path, tag: str, extra: str = "", mode: str = "all-or-nothing") -> str:
+    return (
+        f"<jobgroup mode='{mode}'>{extra}{backup('vm1', f'{tmp_path}/{tag}1', f'{tag}1')}"
+        f"{backup('vm2', f'{tmp_path}/{tag}2', f'{tag}2')}</jobgroup>"
+    )
+
+
+def test_groups_through_jobd(tmp_path: Path) -> None:
+    async def remote(daemon: Jobd) -> None:
+        async with jobcore.connect(daemon.uri("rate=0")) as conn:
+            g = await conn.job_group_begin(two_domains(tmp_path, "a"))
+            info = await g.wait(30)
+            assert isinstance(info, GroupInfo)
+            assert info["state"] == "completed" and info["states"] == ["completed"] * 2
+            jobs = await g.jobs()
+            assert [str(j.uuid) for j in jobs] == info["jobs"]
+            assert [j.domain for j in jobs] == ["vm1", "vm2"]
+            for j in jobs:
+                assert (await j.info()).state is JobState.COMPLETED
+            for dom, name in (("vm1", "a1"), ("vm2", "a2")):
+                cps = await (await conn.lookup_domain(dom)).list_checkpoints()
+                assert [c.name for c in cps] == [name]
+            assert await (await conn.job_group_lookup(g.uuid)).info() == info
+            with pytest.raises(NoSuchJob, match="no job group"):
+                await conn.job_group_lookup(jobs[0].uuid)
+        async with jobcore.connect(daemon.uri("rate=0", readonly=True)) as ro:
+            seen = await ro.job_group_lookup(g.uuid)
+            assert (await seen.info())["jobs"] == info["jobs"]  # reading is allowed
+            with pytest.raises(AccessDenied):
+                await ro.job_group_begin(two_domains(tmp_path, "r"))
+            with pytest.raises(AccessDenied):
+                await seen.abort()
+
+    with Jobd(tmp_path / "run").wait_ready() as daemon:
+        anyio.run(remote, daemon)
+
+
+def test_refusal_queue_and_abort_through_jobd(tmp_path: Path) -> None:
+    async def remote(daemon: Jobd) -> None:
+        async with jobcore.connect(daemon.uri("clock=manual", host="grp")) as conn:
+            pull = await (await conn.lookup_domain("vm2")).job_begin(PULL_VDA)
+            with pytest.raises(JobConflict) as err:
+                await conn.job_group_begin(two_domains(tmp_path, "c"))
+            assert err.value.holder == pull.uuid and err.value.resource == "disk:vm2/vda"
+            assert "group member job" in str(err.value)
+            assert await (await conn.lookup_domain("vm1")).list_jobs() == []
+            queued = await conn.job_group_begin(two_domains(tmp_path, "q", "<queue/>"))
+            assert (await queued.info())["states"] == ["queued", "queued"]
+            await queued.abort()
+            final = await queued.wait(30)
+            assert final["state"] == "cancelled" and final["cancelled"] == 2
+            await pull.abort()
+
+    with Jobd(tmp_path / "run").wait_ready() as daemon:
+        anyio.run(remote, daemon)
+
+
+def test_blocking_facade_on_jobd(tmp_path: Path) -> None:
+    with (
+        Jobd(tmp_path / "run").wait_ready() as daemon,
+        jobcore.open(daemon.uri("rate=0")) as conn,
+    ):
+        g = jobcore.JobGroupBegin(conn, two_domains(tmp_path, "f", mode="independent"))
+        info = jobcore.JobGroupWait(g, 30)
+        assert info["mode"] == "independent" and info["state"] == "completed"
+        assert [jobcore.JobGetUUIDString(j) for j in jobcore.JobGroupGetJobs(g)] == info["jobs"]
+        assert jobcore.JobGroupGetInfo(g) == info
