@@ -393,6 +393,11 @@ class Engine:
 
     # ---- job groups (jobcore.groups; design/scheduling.md "Job groups") ---------------
 
+    @property
+    def closing(self) -> bool:
+        """``close`` ran: nothing more is started."""
+        return self._closed
+
     async def begin_all(
         self,
         members: Sequence[tuple[str, Any]],

@@ -124,18 +124,22 @@ def _kind(state: JobState) -> Member:
 class JobGroup:
     """One group of a connection: its members' records, its mode, the rules of its mode."""
 
-    def __init__(self, engine: Engine, group_id: uuid.UUID, mode: GroupMode) -> None:
+    def __init__(
+        self, engine: Engine, group_id: uuid.UUID, mode: GroupMode, created: float | None = None
+    ) -> None:
         self.engine = engine
         self.uuid = group_id
         self.mode = mode
         self.records: list[JobRecord] = []
-        self.created_wall = engine.clock.wall()
+        self.created_wall = engine.clock.wall() if created is None else float(created)
         self.ended_wall: float | None = None
         #: all-or-nothing: completions held back, by job (their reports' extra stats)
         self._held: dict[uuid.UUID, Mapping[str, int | str] | None] = {}
         #: members being rolled back or aborted by the group (tasks not yet done)
         self._pending = 0
         self._aborting = False
+        #: an all-or-nothing group's mixed end was undone (its checkpoints: _mixed_end)
+        self._undone_completed = False
         self._settled = anyio.Event()
 
     def __repr__(self) -> str:
@@ -143,12 +147,30 @@ class JobGroup:
 
     # ---- hooks (Engine.begin_all's on_created, then the engine's member hooks) --------
 
-    def attach(self, records: list[JobRecord]) -> None:
+    def attach(self, records: list[JobRecord], *, only_active: bool = False) -> None:
         self.records = records
         for rec in records:
+            if only_active and rec.state.terminal:
+                continue
             self.engine.member_ended[rec.uuid] = self._member_ended
             if self.mode is GroupMode.ALL_OR_NOTHING:
                 self.engine.completion_gate[rec.uuid] = self._gate
+
+    def record(self) -> dict[str, object]:
+        """What the store keeps of the group (JSON)."""
+        return {
+            "mode": str(self.mode),
+            "jobs": [str(r.uuid) for r in self.records],
+            "created": self.created_wall,
+        }
+
+    def restored(self) -> None:
+        """Read again after a restart: what ended meanwhile decides, as it would have."""
+        ended_badly = [r for r in self.records if r.state in (S.FAILED, S.CANCELLED)]
+        if self.mode is GroupMode.ALL_OR_NOTHING and ended_badly:
+            rec = ended_badly[0]
+            self._abort_others(f"group member '{rec.uuid}' on '{rec.domain}' {rec.state}")
+        self._check_settled()
 
     def _gate(self, rec: JobRecord, extra: Mapping[str, int | str] | None) -> bool:
         """The driver reports ``rec`` completed: hold it until every member is done."""
@@ -157,8 +179,10 @@ class JobGroup:
         if self._aborting:  # a sibling already failed: undo this one
             self._spawn(self._roll_back, rec)
             return True
-        if all(r.uuid in self._held for r in self.records):
-            for member in self.records:  # all done: all complete, in document order
+        if all(r.uuid in self._held or r.state is S.COMPLETED for r in self.records):
+            # all done: all complete, in document order (a member may have completed
+            # already: at the recovery after a restart)
+            for member in [r for r in self.records if r.uuid in self._held]:
                 self.engine.release_completion(member, self._held.pop(member.uuid))
         return True
 
@@ -183,6 +207,8 @@ class JobGroup:
                 self._spawn(self._abort_member, rec)
 
     def _spawn(self, fn: object, rec: JobRecord) -> None:
+        if self.engine.closing:  # it ends every active job itself, and starts nothing
+            return
         self._pending += 1
         self.engine.tg.start_soon(self._run_pending, fn, rec)
 
@@ -207,15 +233,7 @@ class JobGroup:
         merged into the parent's, as a checkpoint delete does), then it ends cancelled."""
         if self._held.pop(rec.uuid, 0) == 0 or rec.state.terminal:
             return
-        name = getattr(rec.spec, "checkpoint_name", None)
-        checkpoints = self.engine.checkpoints
-        cp = None if name is None else checkpoints.find(rec.domain, name)
-        if cp is not None and cp.job == rec.uuid:
-            try:
-                dom = await self.engine.dconn.lookup_domain(rec.domain)
-                await checkpoints.delete(dom, cp.name)
-            except JobError as exc:
-                _log.warning("group member's checkpoint kept", job=str(rec.uuid), error=str(exc))
+        await self._drop_checkpoint(rec)
         self.engine.end_held(rec, "a member of its all-or-nothing group did not complete")
 
     async def abort(self) -> None:
@@ -230,9 +248,38 @@ class JobGroup:
     def _check_settled(self) -> None:
         done = self._pending == 0 and not self._held
         if done and not self._settled.is_set() and all(r.state.terminal for r in self.records):
+            if self._mixed_end():
+                return  # settled once the completed members' checkpoints are gone
             self.ended_wall = self.engine.clock.wall()
             self._settled.set()
             _log.info("job group ended", group=str(self.uuid), state=str(self.state))
+
+    def _mixed_end(self) -> bool:
+        """An all-or-nothing group that ended with some members completed and others
+        not — only when a restart came between (a held completion is not kept): the
+        completed members' checkpoints go all the same (once; True while it runs)."""
+        if self.mode is not GroupMode.ALL_OR_NOTHING or self._undone_completed:
+            return False
+        states = {r.state for r in self.records}
+        if S.COMPLETED not in states or states == {S.COMPLETED}:
+            return False
+        self._undone_completed = True
+        for rec in self.records:
+            if rec.state is S.COMPLETED:
+                self._spawn(self._drop_checkpoint, rec)
+        return self._pending > 0
+
+    async def _drop_checkpoint(self, rec: JobRecord) -> None:
+        name = getattr(rec.spec, "checkpoint_name", None)
+        checkpoints = self.engine.checkpoints
+        cp = None if name is None else checkpoints.find(rec.domain, name)
+        if cp is None or cp.job != rec.uuid:
+            return
+        try:
+            dom = await self.engine.dconn.lookup_domain(rec.domain)
+            await checkpoints.delete(dom, cp.name)
+        except JobError as exc:
+            _log.warning("group member's checkpoint kept", job=str(rec.uuid), error=str(exc))
 
     @property
     def state(self) -> GroupState:
@@ -274,11 +321,18 @@ class JobGroup:
 
 class JobGroups:
     """The groups of one connection, by UUID; a group is forgotten once none of its
-    members is retained any more (their retention, the store's caps)."""
+    members is retained any more (their retention, the store's caps). Each group's UUID,
+    mode and members are kept in the store (a ``group:UUID`` record of the connection's
+    DriverState, the one its checkpoints use): written with the members' rows, read
+    again at the next open (``restore``)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine | None) -> None:
         self._groups: dict[uuid.UUID, JobGroup] = {}
+        if engine is None:  # a connection without an engine (a test's stand-in)
+            return
+        self.engine = engine
+        self._state = engine.checkpoints.state
+        self._restore()
 
     async def begin(
         self, spec: JobGroupSpec, flags: int = 0, *, path_guard: PathGuard | None = None
@@ -289,6 +343,12 @@ class JobGroups:
         if group_id in self._groups:
             raise InvalidArgument(f"a job group with UUID '{group_id}' already exists")
         group = self._groups[group_id] = JobGroup(self.engine, group_id, spec.mode)
+
+        def created(records: list[JobRecord]) -> None:
+            group.attach(records)
+            if self._state is not None:  # committed with the members' rows
+                self._state.save(_KEY + str(group_id), group.record())
+
         try:
             await self.engine.begin_all(
                 [(m.domain, m.spec) for m in spec.members],
@@ -296,7 +356,7 @@ class JobGroups:
                 queue=spec.queue,
                 together=spec.mode is GroupMode.ALL_OR_NOTHING,
                 path_guard=path_guard,
-                on_created=group.attach,
+                on_created=created,
             )
         except BaseException:
             if not group.records:  # nothing begun: no group
@@ -329,3 +389,39 @@ class JobGroups:
             ):
                 return
             del self._groups[group.uuid]
+            if self._state is not None:
+                self._state.delete(_KEY + str(group.uuid))
+
+    def _restore(self) -> None:
+        """The groups the store kept (after the engine recovered their members): each
+        with its retained members, the rules of its mode applied again to the active
+        ones (design/scheduling.md "Job groups", "A restart")."""
+        if self._state is None:
+            return
+        saved = sorted(
+            (v.get("created", 0.0), k, v)
+            for k, v in self._state.load().items()
+            if k.startswith(_KEY) and isinstance(v, dict)
+        )
+        for _, key, value in saved:
+            try:
+                group_id = uuid.UUID(key[len(_KEY) :])
+                mode = GroupMode(value["mode"])
+                members = [self.engine.store.get(uuid.UUID(j)) for j in value["jobs"]]
+            except (KeyError, ValueError, TypeError):
+                _log.warning("job group record not understood: dropped", key=key)
+                self._state.delete(key)
+                continue
+            records = [r for r in members if r is not None]
+            if not records:
+                self._state.delete(key)
+                continue
+            group = JobGroup(self.engine, group_id, mode, created=value.get("created"))
+            group.attach(records, only_active=True)
+            self._groups[group_id] = group
+            group.restored()
+        if saved:
+            _log.info("job groups restored", groups=len(self._groups))
+
+
+_KEY = "group:"

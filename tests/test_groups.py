@@ -318,3 +318,55 @@ def test_all_or_nothing_never_ends_with_completed_and_failed(
     assert not ("completed" in states and set(states) - {"completed"}), states
     if fails:
         assert "completed" not in states
+
+
+# ---- a restart ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end", ["complete", "abort"])
+async def test_a_group_survives_a_restart_with_the_sqlite_store(tmp_path: Path, end: str) -> None:
+    store = f"sqlite:///{tmp_path}/jobs.sqlite"
+    uri = "sim:///durable?clock=manual"
+    async with jobcore.connect(uri, store=store) as conn:
+        g = await conn.job_group_begin(
+            group(backup("vm1", f"{tmp_path}/1", "c1"), backup("vm2", f"{tmp_path}/2", "c2"))
+        )
+        before = await g.info()
+        assert before["states"] == ["running", "running"]
+    async with jobcore.connect(uri, store=store) as conn:  # the members were kept running
+        again = await conn.job_group_lookup(g.uuid)
+        info = await again.info()
+        assert info["jobs"] == before["jobs"] and info["mode"] == "all-or-nothing"
+        assert info["created"] == before["created"] and info["states"] == ["running"] * 2
+        if end == "complete":
+            advance(conn, 10_000)
+            assert (await again.wait(30))["state"] == "completed"
+            assert await checkpoints(conn, "vm1") == ["c1"]
+        else:
+            await again.abort()
+            assert (await again.wait(30))["state"] == "cancelled"
+            assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
+    async with jobcore.connect(uri, store=store) as conn:  # ended: still there, retained
+        assert (await (await conn.job_group_lookup(g.uuid)).info())["state"] in (
+            "completed",
+            "cancelled",
+        )
+
+
+async def test_a_restart_that_finds_a_member_failed_cancels_the_others(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/jobs.sqlite"
+    uri = "sim:///durable?clock=manual"
+    async with jobcore.connect(uri, store=store) as conn:
+        g = await conn.job_group_begin(
+            group(backup("vm1", f"{tmp_path}/1", "c1"), backup("vm2", f"{tmp_path}/2", "c2"))
+        )
+        first = (await g.jobs())[0]
+        engine = as_local(conn).engine
+        engine.member_ended.pop(first.uuid)  # as if the process died as it failed
+        rec = engine.lookup(first.uuid)
+        engine._finish(rec, JobState.FAILED, errmsg="died with the process")
+        await engine.wait(rec)
+    async with jobcore.connect(uri, store=store) as conn:
+        info = await (await conn.job_group_lookup(g.uuid)).wait(30)
+        assert info["states"] == ["failed", "cancelled"] and info["state"] == "failed"
+        assert await checkpoints(conn, "vm2") == []
