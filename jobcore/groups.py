@@ -113,7 +113,8 @@ def render_state_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _kind(state: JobState) -> Member:
+def member_kind(state: JobState) -> Member:
+    """The kind of a member's state the state table looks at."""
     if state is S.QUEUED:
         return Member.QUEUED
     if state.active:
@@ -283,7 +284,7 @@ class JobGroup:
 
     @property
     def state(self) -> GroupState:
-        kinds = {_kind(r.state) for r in self.records}
+        kinds = {member_kind(r.state) for r in self.records}
         if self._aborting and any(r.state.active for r in self.records):
             kinds.add(Member.ABORT)
         return group_state(kinds)

@@ -21,6 +21,7 @@ from jobcore.errors import JobConflict, NoSuchJob, XMLError
 from jobcore.groups import GROUP_STATE_TABLE, GroupState, Member, group_state, render_state_table
 from jobcore.lifecycle import JobState
 from jobcore.local import as_local
+from jobcore.testing import JobGroupMachine
 from jobcore.xml import parse_job
 from jobcore.xml.group import MAX_GROUP_MEMBERS, GroupMode, format_group, parse_group
 
@@ -370,3 +371,14 @@ async def test_a_restart_that_finds_a_member_failed_cancels_the_others(tmp_path:
         info = await (await conn.job_group_lookup(g.uuid)).wait(30)
         assert info["states"] == ["failed", "cancelled"] and info["state"] == "failed"
         assert await checkpoints(conn, "vm2") == []
+
+
+# ---- the kit's group machine (jobcore.testing.JobGroupMachine) on sim -------------------
+
+
+class SimGroupMachine(JobGroupMachine):
+    URI = "sim:///kitgroups?clock=manual"
+
+
+SimGroupMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=12, deadline=None)
+TestSimGroupKit = SimGroupMachine.TestCase
