@@ -4,13 +4,16 @@ read-only socket; the blocking facade on a jobd URI."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import Path
 
 import anyio
 import pytest
-from jobd_helpers import PULL_VDA, Jobd
+from jobd_helpers import PULL_VDA, Jobd, jobctl, write
 
 import jobcore
+from jobcore.cli.errors import ExitCode
 from jobcore.errors import AccessDenied, JobConflict, NoSuchJob
 from jobcore.info import GroupInfo
 from jobcore.lifecycle import JobState
@@ -91,3 +94,31 @@ def test_blocking_facade_on_jobd(tmp_path: Path) -> None:
         assert info["mode"] == "independent" and info["state"] == "completed"
         assert [jobcore.JobGetUUIDString(j) for j in jobcore.JobGroupGetJobs(g)] == info["jobs"]
         assert jobcore.JobGroupGetInfo(g) == info
+
+
+def test_jobctl_group(tmp_path: Path) -> None:
+    doc = write(tmp_path, "group.xml", two_domains(tmp_path, "j"))
+    with Jobd(tmp_path / "run").wait_ready() as daemon:
+        uri = daemon.uri("rate=0")
+        began = jobctl(uri, "group", "begin", doc, "--wait")
+        assert began.returncode == 0, began.stderr
+        lines = began.stdout.splitlines()
+        gid = lines[0].split()[-1]
+        assert lines[1:3] == ["Mode:     all-or-nothing", "State:    completed"]
+        assert len([ln for ln in lines if ln.startswith("Member:")]) == 2
+        shown = jobctl(uri, "group", "info", gid, "--json")
+        assert shown.returncode == 0, shown.stderr
+        info = json.loads(shown.stdout)
+        assert info["uuid"] == gid and info["states"] == ["completed", "completed"]
+        assert info["domains"] == ["vm1", "vm2"]
+        assert jobctl(uri, "group", "wait", gid).returncode == 0
+        ro = daemon.uri("rate=0", readonly=True)
+        assert jobctl(ro, "group", "info", gid).returncode == 0
+        assert jobctl(ro, "group", "abort", gid).returncode == ExitCode.DENIED
+        missing = jobctl(uri, "group", "info", str(uuid.uuid4()))
+        assert missing.returncode == ExitCode.NOT_FOUND, missing.stderr
+        bad = jobctl(uri, "group", "info", "nope")
+        assert bad.returncode == ExitCode.USAGE and "not a job group UUID" in bad.stderr
+        failing = write(tmp_path, "bad.xml", "<jobgroup mode='independent'/>")
+        refused = jobctl(uri, "group", "begin", failing)
+        assert refused.returncode == ExitCode.ERROR and "at least one member" in refused.stderr
