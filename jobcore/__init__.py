@@ -59,7 +59,7 @@ if _typing.TYPE_CHECKING:
         JobWait,
         open,
     )
-    from jobcore.info import GroupInfo, JobInfo
+    from jobcore.info import GroupInfo, HostInfo, HostState, JobInfo
     from jobcore.lifecycle import JobState, Verb
     from jobcore.spec import ChainRef, JobOptions, JobType
     from jobcore.types.backup import BackupJobSpec
@@ -82,6 +82,8 @@ _LAZY = {
     "Domain": "jobcore.api",
     "EventFilter": "jobcore.events",
     "EventKind": "jobcore.events",
+    "HostInfo": "jobcore.info",
+    "HostState": "jobcore.info",
     "Job": "jobcore.api",
     "JobAbort": "jobcore.facade",
     "JobBegin": "jobcore.facade",
@@ -156,6 +158,8 @@ __all__ = [
     "EventFilter",
     "EventKind",
     "GroupInfo",
+    "HostInfo",
+    "HostState",
     "InvalidArgument",
     "InvalidURI",
     "Job",

@@ -27,6 +27,8 @@ COMMANDS = {
     "dumpxml": "jobs",
     "events": "events",
     "group": "groups",
+    "host": "fleet",
+    "hosts": "fleet",
     "info": "jobs",
     "list": "jobs",
     "pause": "jobs",
