@@ -5,7 +5,7 @@ member completed, abort, wait, info, the blocking facade, and the all-or-nothing
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 
 import jobcore
 from jobcore.api import Connection
-from jobcore.errors import JobConflict, NoSuchJob, XMLError
+from jobcore.errors import AccessDenied, JobConflict, NoSuchJob, XMLError
 from jobcore.groups import GROUP_STATE_TABLE, GroupState, Member, group_state, render_state_table
 from jobcore.lifecycle import JobState
 from jobcore.local import as_local
+from jobcore.paths import PathUse
 from jobcore.testing import JobGroupMachine
 from jobcore.xml import parse_job
 from jobcore.xml.group import MAX_GROUP_MEMBERS, GroupMode, format_group, parse_group
@@ -382,3 +383,21 @@ class SimGroupMachine(JobGroupMachine):
 
 SimGroupMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=12, deadline=None)
 TestSimGroupKit = SimGroupMachine.TestCase
+
+
+async def test_the_path_guard_sees_every_member_before_anything_begins(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def guard(uses: Iterable[PathUse]) -> None:
+        for use in uses:
+            seen.append(use.path)
+            if use.path.endswith("/forbidden"):
+                raise AccessDenied(f"{use.what} '{use.path}' refused")
+
+    async with sim() as conn:
+        doc = group(backup("vm1", f"{tmp_path}/fine"), backup("vm2", f"{tmp_path}/forbidden"))
+        with pytest.raises(AccessDenied, match="forbidden"):
+            await as_local(conn).job_group_begin(doc, path_guard=guard)
+        assert f"{tmp_path}/fine" in seen  # the first member was checked, and not begun
+        assert await (await conn.lookup_domain("vm1")).list_jobs() == []
+        assert not (tmp_path / "fine").exists()
