@@ -527,8 +527,9 @@ class Engine:
         if rec.state.terminal:
             return
         rec.errmsg = errmsg
-        if S.ABORTING in TRANSITIONS[rec.state]:
+        if rec.state is not S.ABORTING and S.ABORTING in TRANSITIONS[rec.state]:
             self._transition(rec, S.ABORTING)
+        if rec.state is S.ABORTING:
             self._transition(rec, S.CANCELLED)
         else:  # completing: it cannot be aborted any more
             self._transition(rec, S.FAILED)

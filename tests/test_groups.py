@@ -14,6 +14,7 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_checkpoints import ready
 
 import jobcore
 from jobcore.api import Connection
@@ -173,7 +174,7 @@ async def test_a_member_done_first_waits_and_is_undone_when_the_other_fails(
         )
         vm2 = (await g.jobs())[1]
         advance(conn, 1.0)  # vm2's 1 GiB is done; vm1 is not
-        await anyio.sleep(0.05)
+        await anyio.wait_all_tasks_blocked()
         held = await vm2.info()
         assert held.processed == held.total and held.state is JobState.RUNNING  # held
         assert (await g.info())["state"] == "running"
@@ -248,7 +249,7 @@ async def test_queued_members_are_admitted_together(tmp_path: Path) -> None:
         assert info["states"] == ["queued", "queued"] and info["state"] == "queued"
         await pull.abort()  # frees vm2's disk: both are admitted at once
         advance(conn, 0.5)
-        await anyio.sleep(0.05)
+        await anyio.wait_all_tasks_blocked()
         assert (await pull.info()).state.terminal
         assert (await g.info())["states"] == ["running", "running"]
         advance(conn, 10_000)
@@ -401,3 +402,41 @@ async def test_the_path_guard_sees_every_member_before_anything_begins(tmp_path:
         assert f"{tmp_path}/fine" in seen  # the first member was checked, and not begun
         assert await (await conn.lookup_domain("vm1")).list_jobs() == []
         assert not (tmp_path / "fine").exists()
+
+
+def pull_backup(domain: str, sock: str, checkpoint: str) -> str:
+    return (
+        f"<job type='backup' domain='{domain}'><domainbackup mode='pull'>"
+        f"<server transport='unix' socket='{sock}'/><disks><disk name='vda' type='file'>"
+        f"<scratch file='{sock}.scratch'/></disk><disk name='vdb' backup='no'/></disks>"
+        f"</domainbackup><domaincheckpoint><name>{checkpoint}</name></domaincheckpoint></job>"
+    )
+
+
+@pytest.mark.parametrize("end", ["consumer-done", "group-abort"])
+async def test_a_push_member_waits_for_a_pull_member(tmp_path: Path, end: str) -> None:
+    """A pull backup is READY until its consumer is done (abort, as in libvirt, completes
+    it); the push member, done first, is held meanwhile. Aborting the group instead
+    cancels both: the pull member's completion is undone like any held one."""
+    async with sim("clock=manual") as conn:
+        g = await conn.job_group_begin(
+            group(backup("vm1", f"{tmp_path}/1", "c1"), pull_backup("vm2", f"{tmp_path}/s", "c2"))
+        )
+        push, pull = await g.jobs()
+        await ready(pull)
+        advance(conn, 100.0)  # the push member's work is done
+        await anyio.wait_all_tasks_blocked()
+        done = await push.info()
+        assert done.total and done.processed == done.total
+        assert (await push.info()).state is JobState.RUNNING  # held
+        if end == "consumer-done":
+            await pull.abort()
+            info = await g.wait(30)
+            assert info["states"] == ["completed", "completed"]
+            assert await checkpoints(conn, "vm1") == ["c1"]
+            assert await checkpoints(conn, "vm2") == ["c2"]
+        else:
+            await g.abort()
+            info = await g.wait(30)
+            assert info["states"] == ["cancelled", "cancelled"], info
+            assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
