@@ -470,10 +470,22 @@ class Engine:
                     self._finish(rec, S.FAILED, errmsg=str(exc))
                 raise
         for rec, adm in zip(recs, admitted, strict=True):
-            if adm:  # a start that fails fails its member; its group's mode decides
-                await self._start(rec, raise_errors=False)
-            elif rec.spec.options.queue_timeout is not None:
+            if not adm and rec.spec.options.queue_timeout is not None:
                 self.tg.start_soon(self._expire_queued, rec, rec.spec.options.queue_timeout)
+        # a start that fails fails its member (its group's mode decides); members of one
+        # domain go to the driver's start_all together, if it has one (qemu: one QMP
+        # transaction), else one by one, in document order
+        start_all = getattr(self.dconn, "start_all", None)
+        by_domain: dict[str, list[JobRecord]] = {}
+        for rec, adm in zip(recs, admitted, strict=True):
+            if adm:
+                by_domain.setdefault(rec.domain, []).append(rec)
+        for same in by_domain.values():
+            if start_all is not None and len(same) > 1:
+                await self._start_together(same, start_all)
+            else:
+                for rec in same:
+                    await self._start(rec, raise_errors=False)
         if any(admitted):
             await self.checkpoints.flush()
             if self.driver_state_durable:
@@ -481,6 +493,59 @@ class Engine:
                 with anyio.CancelScope(shield=True):
                     await self._dstore.sync(raise_errors=False)
         return recs
+
+    async def _start_together(
+        self, recs: list[JobRecord], start_all: Callable[[list[DriverJob]], Any]
+    ) -> None:
+        """``_start`` for jobs of one domain the driver starts together (``start_all``):
+        shielded and bounded as one start; if it fails, every one of them fails."""
+        live = [r for r in recs if not (self._closed or r.state.terminal)]
+        for rec in recs:
+            if rec not in live:
+                _start_finished(rec)
+        if not live:
+            return
+        jobs = []
+        for rec in live:
+            if rec.started is None:
+                rec.started = self.clock.now()
+            rec.driver_job = DriverJob(
+                rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec)
+            )
+            rec.starting = True
+            jobs.append(rec.driver_job)
+        error: JobError | None = None
+        cause: Exception | None = None
+        bound = anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.start_timeout)
+        try:
+            with bound:
+                await start_all(jobs)
+            if bound.cancelled_caught:
+                error = DriverError(
+                    f"driver '{self.dconn.uri}' did not start jobs {[str(r.uuid) for r in live]} "
+                    f"within {self.start_timeout:g} s: they failed and the driver was told to "
+                    "cancel them"
+                )
+        except JobError as exc:
+            error = exc
+        except Exception as exc:  # a driver bug must not take the engine down
+            job_log(live[0]).exception("driver start_all raised", driver=self.dconn.uri)
+            error, cause = DriverError(f"{type(exc).__name__}: {exc}"), exc
+        finally:
+            for rec in live:
+                _start_finished(rec)
+        if error is not None and cause is not None:
+            error.__cause__ = cause
+        for rec, job in zip(live, jobs, strict=True):
+            if error is None:
+                if rec.state not in (S.FAILED, S.CANCELLED):
+                    await self._checkpoint_started(rec)
+                continue
+            if rec.state.active:
+                self._finish(rec, S.FAILED, errmsg=str(error))
+            if bound.cancelled_caught:
+                with anyio.CancelScope(shield=True):
+                    await self._cancel_unstarted(rec, job)
 
     def _new_record(
         self,

@@ -17,6 +17,7 @@ from qemu_helpers import compare, create, domain_xml, write
 from test_checkpoints import ready
 
 import jobcore
+from drivers.qemu.process import QemuProcess, QmpRefused
 from jobcore.api import Connection
 from jobcore.errors import JobError
 from jobcore.lifecycle import JobState
@@ -139,3 +140,93 @@ async def test_a_member_qemu_refuses_begins_nothing(tmp_path: Path) -> None:
             assert await (await conn.lookup_domain(name)).list_jobs() == []
             assert await checkpoints(conn, name) == []
         assert not (tmp_path / "vm1.bak.qcow2").exists()
+
+
+def disk_push(domain: str, disk: str, target: Path, checkpoint: str) -> str:
+    """A backup of one of the domain's two disks (vda or vdb), the other left out."""
+    other = "vdb" if disk == "vda" else "vda"
+    return (
+        f"<job type='backup' domain='{domain}'><domainbackup><disks><disk name='{disk}' "
+        f"type='file'><target file='{target}'/></disk><disk name='{other}' backup='no'/>"
+        f"</disks></domainbackup><domaincheckpoint><name>{checkpoint}</name>"
+        f"<disks><disk name='{disk}' checkpoint='bitmap'/><disk name='{other}' "
+        "checkpoint='no'/></disks></domaincheckpoint></job>"
+    )
+
+
+class Transactions:
+    """Records the QMP transactions a domain's QEMU is given (``fail``: refuse them)."""
+
+    def __init__(
+        self, conn: Connection, domain: str, monkeypatch: pytest.MonkeyPatch, fail: bool = False
+    ) -> None:
+        proc = as_local(conn).driver.domains[domain].process  # type: ignore[attr-defined]
+        real = QemuProcess.execute
+        self.seen: list[list[str]] = []
+
+        async def execute(
+            self_: QemuProcess, cmd: str, args: dict[str, Any] | None = None, **kw: Any
+        ) -> Any:
+            if self_ is proc and cmd == "transaction":
+                assert args is not None
+                self.seen.append([a["type"] for a in args["actions"]])
+                if fail:
+                    raise QmpRefused("refused by the test", error={"class": "GenericError"})
+            return await real(self_, cmd, args, **kw)
+
+        monkeypatch.setattr(QemuProcess, "execute", execute)
+
+
+async def test_members_on_one_qemu_start_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with two_domains(tmp_path) as (conn, sources):
+        qmp = Transactions(conn, "vm1", monkeypatch)
+        g = await conn.job_group_begin(
+            group(
+                disk_push("vm1", "vda", tmp_path / "vda.bak.qcow2", "ca"),
+                disk_push("vm1", "vdb", tmp_path / "vdb.bak.qcow2", "cb"),
+                push("vm2", tmp_path / "vm2.bak.qcow2", "c2"),
+            )
+        )
+        # both of vm1's members: their bitmaps and backups in one transaction
+        assert len(qmp.seen) == 1
+        assert sorted(qmp.seen[0]) == sorted(["block-dirty-bitmap-add", "blockdev-backup"] * 2), (
+            qmp.seen
+        )
+        info = await g.wait(60)
+        assert info["states"] == ["completed"] * 3, info
+        compare(sources["vm1"], tmp_path / "vda.bak.qcow2")
+        assert {"ca", "cb"} <= await bitmaps(conn, "vm1") | await vdb_bitmaps(conn, "vm1")
+
+
+async def test_a_refused_transaction_fails_every_member_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with two_domains(tmp_path) as (conn, _):
+        Transactions(conn, "vm1", monkeypatch, fail=True)
+        g = await conn.job_group_begin(
+            group(
+                disk_push("vm1", "vda", tmp_path / "vda.bak.qcow2", "ca"),
+                disk_push("vm1", "vdb", tmp_path / "vdb.bak.qcow2", "cb"),
+            )
+        )
+        info = await g.wait(60)
+        assert info["states"] == ["failed", "failed"] and info["state"] == "failed"
+        assert await checkpoints(conn, "vm1") == []
+        assert not {"ca", "cb"} & (await bitmaps(conn, "vm1") | await vdb_bitmaps(conn, "vm1"))
+        assert as_local(conn).driver.runners == {}  # type: ignore[attr-defined]
+        assert not (tmp_path / "vda.bak.qcow2").exists()
+
+
+async def vdb_bitmaps(conn: Connection, domain: str) -> set[str]:
+    driver: Any = as_local(conn).driver
+    node = driver.domains[domain].disks["vdb"].active.node
+    nodes = await driver.qmp(domain, "query-named-block-nodes", {"flat": True})
+    return {
+        b["name"]
+        for n in nodes
+        if n["node-name"] == node
+        for b in n.get("dirty-bitmaps", [])
+        if "name" in b
+    }
