@@ -108,9 +108,12 @@ class Connection(Protocol):
 
     # groups
 
-    async def job_group_begin(self, group_xml: str | bytes, flags: int = 0) -> JobGroup:
+    async def job_group_begin(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> JobGroup:
         """Begin a ``<jobgroup>``'s members as one: all admitted (or all queued) or none
-        (design/scheduling.md "Job groups")."""
+        (design/scheduling.md "Job groups"); ``path_guard`` (in-process only) sees every
+        member's files first."""
         ...
 
     async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> JobGroup:

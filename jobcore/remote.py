@@ -647,7 +647,11 @@ class RemoteConnection:
 
     # groups
 
-    async def job_group_begin(self, group_xml: str | bytes, flags: int = 0) -> RemoteJobGroup:
+    async def job_group_begin(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> RemoteJobGroup:
+        if path_guard is not None:  # the files are on jobd's host: jobd guards them
+            raise InvalidArgument("a path guard applies to in-process connections only")
         return await self.call(Method.JOB_GROUP_BEGIN, group_xml, flags)  # type: ignore[no-any-return]
 
     async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> RemoteJobGroup:
