@@ -5,6 +5,7 @@ read-only socket; the blocking facade on a jobd URI."""
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from pathlib import Path
 
@@ -122,3 +123,36 @@ def test_jobctl_group(tmp_path: Path) -> None:
         failing = write(tmp_path, "bad.xml", "<jobgroup mode='independent'/>")
         refused = jobctl(uri, "group", "begin", failing)
         assert refused.returncode == ExitCode.ERROR and "at least one member" in refused.stderr
+
+
+def test_a_group_outlives_a_killed_jobd(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    slow = "rate=1"  # a byte a second: still running when jobd is killed
+
+    async def make(daemon: Jobd) -> tuple[str, list[str]]:
+        async with jobcore.connect(daemon.uri(slow)) as conn:
+            g = await conn.job_group_begin(two_domains(tmp_path, "k"))
+            info = await g.info()
+            assert info["states"] == ["running", "running"]
+            return str(g.uuid), list(info["jobs"])
+
+    async def check(daemon: Jobd, gid: str, jobs: list[str]) -> None:
+        async with jobcore.connect(daemon.uri(slow)) as conn:
+            g = await conn.job_group_lookup(gid)
+            info = await g.info()
+            assert info["jobs"] == jobs and info["states"] == ["running", "running"], info
+            await g.abort()
+            final = await g.wait(30)
+            assert final["states"] == ["cancelled", "cancelled"], final
+            for dom in ("vm1", "vm2"):
+                assert await (await conn.lookup_domain(dom)).list_checkpoints() == []
+
+    daemon = Jobd(run_dir).wait_ready()
+    try:
+        gid, jobs = anyio.run(make, daemon)
+    finally:
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait()
+        daemon.stop()
+    with Jobd(run_dir).wait_ready() as daemon:
+        anyio.run(check, daemon, gid, jobs)
