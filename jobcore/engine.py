@@ -167,6 +167,9 @@ class Engine:
         self.completion_gate: dict[
             uuid.UUID, Callable[[JobRecord, Mapping[str, int | str] | None], bool]
         ] = {}
+        #: job -> what aborting it does while its group holds its completion (the
+        #: driver is done with it: the group undoes it)
+        self.held_abort: dict[uuid.UUID, Callable[[JobRecord], None]] = {}
         # ---- durability (design/store.md): None for the memory store, which pays nothing
         self._dstore = self.store if isinstance(self.store, SQLiteJobStore) else None
         #: the active jobs the store held at open, for ``recover``
@@ -583,12 +586,14 @@ class Engine:
     def release_completion(self, rec: JobRecord, extra: Mapping[str, int | str] | None) -> None:
         """Apply a completion a group held back (completion_gate): the job completes."""
         self.completion_gate.pop(rec.uuid, None)
+        self.held_abort.pop(rec.uuid, None)
         self._report(rec, Report.COMPLETED, extra=extra)
 
     def end_held(self, rec: JobRecord, errmsg: str) -> None:
         """End a job whose completion a group held back and will not apply (a sibling
         failed): cancelled, as the group undid its effect (its checkpoint)."""
         self.completion_gate.pop(rec.uuid, None)
+        self.held_abort.pop(rec.uuid, None)
         if rec.state.terminal:
             return
         rec.errmsg = errmsg
@@ -887,6 +892,10 @@ class Engine:
         return job_verbs(self.dconn, rec.type, rec.info.verbs)
 
     async def abort(self, rec: JobRecord) -> None:
+        held = self.held_abort.get(rec.uuid)
+        if held is not None:  # a group holds its completion: the driver is done with it
+            held(rec)
+            return
         async with self._verb_lock(rec):
             await self._started(rec)
             target = check_verb(rec.uuid, rec.state, Verb.ABORT, self.job_verbs(rec))

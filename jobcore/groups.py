@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import anyio
 from attrs import frozen
@@ -176,6 +176,7 @@ class JobGroup:
     def _gate(self, rec: JobRecord, extra: Mapping[str, int | str] | None) -> bool:
         """The driver reports ``rec`` completed: hold it until every member is done."""
         self._held[rec.uuid] = extra
+        self.engine.held_abort[rec.uuid] = self._abort_held
         rec.processed = rec.total or rec.processed  # its work is done (info shows it)
         if self._aborting:  # a sibling already failed: undo this one
             self._spawn(self._roll_back, rec)
@@ -207,18 +208,25 @@ class JobGroup:
             elif first:
                 self._spawn(self._abort_member, rec)
 
-    def _spawn(self, fn: object, rec: JobRecord) -> None:
+    def _spawn(self, fn: Callable[[JobRecord], Awaitable[None]], rec: JobRecord) -> None:
         if self.engine.closing:  # it ends every active job itself, and starts nothing
             return
         self._pending += 1
         self.engine.tg.start_soon(self._run_pending, fn, rec)
 
-    async def _run_pending(self, fn: object, rec: JobRecord) -> None:
+    async def _run_pending(
+        self, fn: Callable[[JobRecord], Awaitable[None]], rec: JobRecord
+    ) -> None:
         try:
-            await fn(rec)  # type: ignore[operator]
+            await fn(rec)
         finally:
             self._pending -= 1
             self._check_settled()
+
+    def _abort_held(self, rec: JobRecord) -> None:
+        """A held member is aborted: as a member that did not complete, it cancels the
+        others; it is undone (its checkpoint deleted) and ends cancelled."""
+        self._abort_others(f"group member '{rec.uuid}' on '{rec.domain}' was aborted")
 
     async def _abort_member(self, rec: JobRecord) -> None:
         if rec.state.terminal or rec.uuid in self._held:
@@ -232,7 +240,10 @@ class JobGroup:
     async def _roll_back(self, rec: JobRecord) -> None:
         """A held member whose group will not complete: its checkpoint goes (the bitmaps
         merged into the parent's, as a checkpoint delete does), then it ends cancelled."""
-        if self._held.pop(rec.uuid, 0) == 0 or rec.state.terminal:
+        if rec.uuid not in self._held:  # rolled back already
+            return
+        del self._held[rec.uuid]
+        if rec.state.terminal:
             return
         await self._drop_checkpoint(rec)
         self.engine.end_held(rec, "a member of its all-or-nothing group did not complete")

@@ -440,3 +440,19 @@ async def test_a_push_member_waits_for_a_pull_member(tmp_path: Path, end: str) -
             info = await g.wait(30)
             assert info["states"] == ["cancelled", "cancelled"], info
             assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
+
+
+async def test_aborting_a_held_member_cancels_the_group(tmp_path: Path) -> None:
+    async with sim("rate=1073741824&clock=manual") as conn:
+        g = await conn.job_group_begin(
+            group(
+                backup("vm1", f"{tmp_path}/1", "c1", vdb=True), backup("vm2", f"{tmp_path}/2", "c2")
+            )
+        )
+        vm2 = (await g.jobs())[1]
+        advance(conn, 1.0)  # vm2 is done, and held
+        await anyio.wait_all_tasks_blocked()
+        await vm2.abort()  # the driver is done with it: the group undoes it
+        info = await g.wait(30)
+        assert info["states"] == ["cancelled", "cancelled"], info
+        assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
