@@ -24,8 +24,8 @@ from attrs import frozen
 
 from jobcore.driver import FleetPeers
 from jobcore.errors import InvalidArgument, JobError, OperationInvalid, StoreError
-from jobcore.info import HostInfo, HostState, JobInfo
-from jobcore.lifecycle import LEGACY_JOB_TYPE, JobState
+from jobcore.info import HostInfo, HostState, JobInfo, job_stats
+from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.registry import registry
 from jobcore.spec import JobType
@@ -153,13 +153,19 @@ class Fleet:
 
     # ---- SQL on the pool ------------------------------------------------------------
 
-    def _run(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-        """``work`` on a pooled connection, in one transaction (blocking)."""
+    def run_sql(
+        self, work: Callable[[psycopg.Connection[Any]], _T], *, transaction: bool = True
+    ) -> _T:
+        """``work`` on a pooled connection, in one transaction unless told otherwise
+        (blocking); StoreError when the database cannot be reached."""
         import psycopg
 
         try:
-            with self.db.pool.connection(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
-                return work(conn)
+            with self.db.pool.connection(timeout=CONNECT_TIMEOUT) as conn:
+                if not transaction:
+                    return work(conn)
+                with conn.transaction():
+                    return work(conn)
         except JobError:
             raise
         except (psycopg.Error, OSError) as exc:
@@ -175,7 +181,7 @@ class Fleet:
             ) from None
 
     async def _call(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-        return await anyio.to_thread.run_sync(functools.partial(self._run, work))
+        return await anyio.to_thread.run_sync(functools.partial(self.run_sql, work))
 
     # ---- membership -----------------------------------------------------------------
 
@@ -213,7 +219,7 @@ class Fleet:
                 "fleet now"
             )
 
-        return self._run(work)
+        return self.run_sql(work)
 
     def leave(self) -> None:
         """Mark this member's lease left (a clean stop). Blocking."""
@@ -226,7 +232,7 @@ class Fleet:
             )
             conn.execute("SELECT pg_notify('jobcore_hosts', %s)", (self.host,))
 
-        self._run(work)
+        self.run_sql(work)
 
     def _renew(self) -> str | None:
         """Renew the lease; the fence message if this member was fenced."""
@@ -249,7 +255,7 @@ class Fleet:
                 return None
             return _fenced_message(self.host, row[1], row[2])
 
-        return self._run(work)
+        return self.run_sql(work)
 
     async def run(
         self,
@@ -471,22 +477,7 @@ def _stats(info: JobInfo, stats_s: str) -> dict[str, Any]:
         operation, prefix = type_info.operation, type_info.progress_keys
     except JobError:  # a type this member does not have
         operation, prefix = 0, "disk"
-    st: dict[str, Any] = {
-        "type": LEGACY_JOB_TYPE[info.state],
-        "operation": operation,
-        "time_elapsed": info.time_elapsed,
-        f"{prefix}_total": info.total,
-        f"{prefix}_processed": info.processed,
-        f"{prefix}_remaining": max(0, info.total - info.processed),
-    }
-    st.update(json.loads(stats_s))
-    if info.state.terminal:
-        st["success"] = info.state is JobState.COMPLETED
-    if info.errmsg is not None:
-        st["errmsg"] = info.errmsg
-    st["uuid"] = str(info.uuid)
-    st["state"] = str(info.state)
-    return st
+    return job_stats(info, operation, prefix, json.loads(stats_s))
 
 
 def _said(exc: BaseException) -> str:
