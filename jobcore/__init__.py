@@ -32,7 +32,7 @@ from jobcore.errors import (
 if _typing.TYPE_CHECKING:
     from jobcore.api import Checkpoint, Connection, Domain, Job, connect
     from jobcore.events import EventFilter, EventKind, JobEvent, Subscription
-    from jobcore.facade import (
+    from jobcore.facade import (  # groups
         BlockingCheckpoint,
         BlockingConnection,
         BlockingDomain,
@@ -47,6 +47,11 @@ if _typing.TYPE_CHECKING:
         JobGetUUID,
         JobGetUUIDString,
         JobGetXMLDesc,
+        JobGroupAbort,
+        JobGroupBegin,
+        JobGroupGetInfo,
+        JobGroupGetJobs,
+        JobGroupWait,
         JobLookupByUUID,
         JobPause,
         JobResume,
@@ -54,7 +59,7 @@ if _typing.TYPE_CHECKING:
         JobWait,
         open,
     )
-    from jobcore.info import HostInfo, HostState, JobInfo
+    from jobcore.info import GroupInfo, HostInfo, HostState, JobInfo
     from jobcore.lifecycle import JobState, Verb
     from jobcore.spec import ChainRef, JobOptions, JobType
     from jobcore.types.backup import BackupJobSpec
@@ -100,6 +105,13 @@ _LAZY = {
     "JobState": "jobcore.lifecycle",
     "JobType": "jobcore.spec",
     "JobWait": "jobcore.facade",
+    # groups
+    "JobGroupAbort": "jobcore.facade",
+    "JobGroupBegin": "jobcore.facade",
+    "JobGroupGetInfo": "jobcore.facade",
+    "JobGroupGetJobs": "jobcore.facade",
+    "JobGroupWait": "jobcore.facade",
+    "GroupInfo": "jobcore.info",
     "MigrationSpec": "jobcore.types.migration",
     "Subscription": "jobcore.events",
     "Verb": "jobcore.lifecycle",
@@ -145,6 +157,7 @@ __all__ = [
     "DriverError",
     "EventFilter",
     "EventKind",
+    "GroupInfo",
     "HostInfo",
     "HostState",
     "InvalidArgument",
@@ -163,6 +176,11 @@ __all__ = [
     "JobGetUUID",
     "JobGetUUIDString",
     "JobGetXMLDesc",
+    "JobGroupAbort",
+    "JobGroupBegin",
+    "JobGroupGetInfo",
+    "JobGroupGetJobs",
+    "JobGroupWait",
     "JobInfo",
     "JobLookupByUUID",
     "JobOptions",

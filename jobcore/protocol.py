@@ -44,7 +44,7 @@ from jobcore.errors import ConnectionLost as ConnectionLost  # re-exported: part
 from jobcore.errors import DaemonUnreachable as DaemonUnreachable  # re-exported: as above
 from jobcore.errors import JobError
 from jobcore.events import EndReason, EventKind, JobEvent
-from jobcore.info import HostInfo, HostState, JobInfo
+from jobcore.info import GroupInfo, HostInfo, HostState, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import BY_NAME, MAX_RESUME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
@@ -550,6 +550,7 @@ def _make_converter() -> cattrs.Converter:
         ServerHello,
     ):
         attrs.resolve_types(cls)
+    attrs.resolve_types(GroupInfo)  # groups
 
     def attrs_fromtuple(cls: type) -> Callable[[Wire, Any], Any]:
         n = len(attrs.fields(cls))
@@ -649,6 +650,9 @@ RESULT_TYPES: dict[Result, Any] = {
     Result.CHECKPOINT_REF: str,
     Result.CHECKPOINT_REFS: list[str],
     Result.OPT_CHECKPOINT_REF: str | None,
+    # groups
+    Result.GROUP_REF: uuid.UUID,
+    Result.GROUP_INFO: GroupInfo,
 }
 
 

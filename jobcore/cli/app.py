@@ -26,6 +26,7 @@ COMMANDS = {
     "domains": "domains",
     "dumpxml": "jobs",
     "events": "events",
+    "group": "groups",
     "host": "fleet",
     "hosts": "fleet",
     "info": "jobs",
