@@ -17,6 +17,7 @@ from jobd_helpers import Jobd, RawClient, daemon_with, jobctl, ok
 
 from jobcore.cli import ExitCode
 from jobcore.daemon.config import ConfigError, load_config
+from jobcore.protocol import PROTOCOL_VERSION
 
 # jobd's defaults (spelled out, so that this file also runs, and fails, against a jobd
 # without them)
@@ -299,7 +300,7 @@ def test_one_uid_cannot_hold_every_readonly_slot(jobd: Jobd) -> None:
 
 
 def ok_hello(readonly: bool) -> list[Any]:
-    return [1, 1, [1, readonly, "sim:///default"]]
+    return [1, 1, [PROTOCOL_VERSION, readonly, "sim:///default"]]
 
 
 def test_idle_readonly_clients_are_closed(tmp_path: Path) -> None:
