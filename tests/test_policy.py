@@ -1,0 +1,195 @@
+"""Conflict policy per pair, preemption, aging and explain on the sim driver (manual
+clock): design/scheduling.md "Policy", "Preemption", "Fairness", "Explain"."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import jobcore
+from jobcore import JobState
+from jobcore.api import Connection
+from jobcore.events import EventKind, JobEvent
+from jobcore.lifecycle import Verb
+from jobcore.local import as_local
+from jobcore.scheduler import KUBEVIRT_POLICY
+
+pytestmark = pytest.mark.anyio
+
+MANUAL = "sim:///default?clock=manual"
+S = JobState
+
+
+@pytest.fixture
+async def conn() -> AsyncIterator[Connection]:
+    async with jobcore.connect(MANUAL) as c:
+        yield c
+
+
+async def step(conn: Connection, seconds: float = 0.0) -> None:
+    conn.driver.clock.advance(seconds)  # type: ignore[attr-defined]
+    for _ in range(5):
+        await anyio.lowlevel.checkpoint()
+
+
+def backup(extra: str = "", disk: str = "vda") -> str:
+    return (
+        f"<job type='backup'>{extra}<domainbackup mode='push'><disks>"
+        f"<disk name='{disk}' type='file'><target file='/backups/{uuid.uuid4()}.qcow2'/></disk>"
+        "</disks></domainbackup></job>"
+    )
+
+
+def pull(extra: str = "") -> str:
+    return f"<job type='blockpull'>{extra}<disk name='vda'/></job>"
+
+
+def migration(extra: str = "") -> str:
+    return f"<job type='migration'>{extra}<destination uri='sim:///other'/></job>"
+
+
+def drain(sub: jobcore.Subscription) -> list[JobEvent]:
+    out = []
+    while (ev := sub.get_nowait()) is not None:
+        out.append(ev)
+    return out
+
+
+async def test_the_default_table_keeps_fail_fast_and_queue_on_request(conn: Connection) -> None:
+    dom = await conn.lookup_domain("vm1")
+    holder = await dom.job_begin(backup())
+    with pytest.raises(jobcore.JobConflict) as err:
+        await dom.job_begin(pull("<priority>9</priority>"))
+    assert err.value.holder == holder.uuid
+    queued = await dom.job_begin(pull("<queue/>"))
+    assert queued.state is S.QUEUED and holder.state is S.RUNNING
+
+
+async def test_a_jobs_policy_queue_or_reject_overrides_its_queue_choice(conn: Connection) -> None:
+    dom = await conn.lookup_domain("vm1")
+    await dom.job_begin(backup())
+    queued = await dom.job_begin(pull("<policy conflict='queue'/>"))
+    assert queued.state is S.QUEUED
+    with pytest.raises(jobcore.JobConflict):  # asked to queue, but its policy rejects
+        await dom.job_begin(pull("<queue/><policy conflict='reject'/>"))
+
+
+async def test_preemption_pauses_the_victim_and_resumes_it_after(conn: Connection) -> None:
+    dom = await conn.lookup_domain("vm1")
+    with conn.subscribe(domain="vm1") as sub:
+        victim = await dom.job_begin(backup())
+        await step(conn, 1.0)
+        boss = await dom.job_begin(pull("<priority>5</priority><policy conflict='preempt'/>"))
+        assert boss.state is S.RUNNING and victim.state is S.PAUSED
+        assert (await victim.stats())["preempted_by"] == str(boss.uuid)
+        assert (await boss.stats())["preempted"] == str(victim.uuid)
+        with pytest.raises(jobcore.OperationInvalid, match="preempted by"):
+            await victim.resume()  # it waits for the preemptor, not for the user
+        await step(conn, 100.0)
+        assert (await boss.wait(1))["state"] == "completed"
+        await step(conn)
+        assert victim.state is S.RUNNING
+        await step(conn, 100.0)
+        assert (await victim.wait(1))["state"] == "completed"
+        events = drain(sub)
+    pre = [e for e in events if e.kind is EventKind.PREEMPTED]
+    assert [(e.job, (e.stats or {})["preempted_by"], (e.stats or {})["preempt"]) for e in pre] == [
+        (victim.uuid, str(boss.uuid), "pause")
+    ]
+    vstates = [e.state for e in events if e.job == victim.uuid and e.kind is EventKind.STATE]
+    assert vstates == [S.RUNNING, S.PAUSED, S.RUNNING, S.COMPLETED]
+    assert [e for e in events if e.job == victim.uuid][-1].kind is EventKind.FINAL
+
+
+async def test_preemption_needs_a_higher_priority(conn: Connection) -> None:
+    dom = await conn.lookup_domain("vm1")
+    holder = await dom.job_begin(backup("<priority>5</priority>"))
+    with pytest.raises(jobcore.JobConflict):
+        await dom.job_begin(pull("<priority>5</priority><policy conflict='preempt'/>"))
+    queued = await dom.job_begin(pull("<queue/><priority>5</priority><policy conflict='preempt'/>"))
+    assert queued.state is S.QUEUED and holder.state is S.RUNNING
+
+
+async def test_kubevirt_table_a_migration_cancels_a_backup_and_requeues_it() -> None:
+    async with jobcore.connect(MANUAL) as conn:
+        as_local(conn).engine.scheduler.policy = KUBEVIRT_POLICY
+        dom = await conn.lookup_domain("vm1")
+        with conn.subscribe(domain="vm1") as sub:
+            victim = await dom.job_begin(backup("<policy requeue='yes'/>"))
+            await step(conn, 1.0)
+            mig = await dom.job_begin(migration("<priority>10</priority>"))
+            assert mig.state is S.RUNNING
+            info = await victim.wait(1)
+            assert info["state"] == "cancelled"
+            assert info["errmsg"] == f"preempted by job '{mig.uuid}'"
+            stats = await victim.stats()
+            assert stats["preempted_by"] == str(mig.uuid)
+            again = await conn.lookup_job(stats["requeued_as"])
+            assert again.state is S.QUEUED
+            assert (await again.stats())["requeued_from"] == str(victim.uuid)
+            events = drain(sub)
+        kinds = [e.kind for e in events if e.job == victim.uuid]
+        assert EventKind.PREEMPTED in kinds and kinds[-1] is EventKind.FINAL
+        # a backup never waits for a migration in that table unless it asks to queue
+        with pytest.raises(jobcore.JobConflict):
+            await dom.job_begin(backup())
+
+
+async def test_a_victim_that_cannot_pause_is_cancelled(conn: Connection) -> None:
+    conn.driver.job_verbs = {"backup": frozenset({Verb.ABORT})}  # type: ignore[attr-defined]
+    dom = await conn.lookup_domain("vm1")
+    victim = await dom.job_begin(backup())
+    boss = await dom.job_begin(pull("<priority>1</priority><policy conflict='preempt'/>"))
+    assert boss.state is S.RUNNING
+    info = await victim.wait(1)
+    assert info["state"] == "cancelled"
+    assert "requeued_as" not in await victim.stats()  # it did not ask
+
+
+async def test_aging_lets_a_starved_low_priority_job_through(conn: Connection) -> None:
+    """A steady stream of priority-3 backups, each queued while the one before runs,
+    would keep a priority-0 pull waiting forever without aging; with AGING_BOOST 1 it is
+    admitted after at most 3 + 1 overtakes."""
+    dom = await conn.lookup_domain("vm1")
+    current = await dom.job_begin(backup())
+    low = await dom.job_begin(pull("<queue/>"))
+    overtakes = 0
+    for _ in range(20):
+        nxt = await dom.job_begin(backup("<queue/><priority>3</priority>"))
+        await current.abort()
+        await step(conn)
+        if low.state is not S.QUEUED:
+            break
+        overtakes += 1
+        current = nxt
+    assert low.state is S.RUNNING
+    assert overtakes <= 4
+
+
+async def test_explain_admit_conflict_queue_preempt(conn: Connection) -> None:
+    dom = await conn.lookup_domain("vm1")
+    ex = await dom.job_explain(backup())
+    assert ex["decision"] == "admit" and ex["blockers"] == []
+    assert {"resource": "disk:vm1/vda", "mode": "read"} in ex["claims"]
+    holder = await dom.job_begin(backup())
+    ex = await dom.job_explain(pull())
+    assert ex["decision"] == "conflict"
+    (b,) = ex["blockers"]
+    assert b["uuid"] == str(holder.uuid) and b["resource"] == "disk:vm1/vda"
+    assert "read (held) excludes chain: reject (default: fail fast)" == b["rule"]
+    assert (await dom.job_explain(pull("<queue/>")))["decision"] == "queue"
+    assert (await dom.job_explain(pull(), jobcore.JOB_BEGIN_QUEUE))["decision"] == "queue"
+    ex = await dom.job_explain(pull("<priority>2</priority><policy conflict='preempt'/>"))
+    assert ex["decision"] == "preempt"
+    assert holder.state is S.RUNNING  # explain changed nothing
+    queued = await dom.job_begin(pull("<queue/>"))
+    second = await dom.job_begin(pull("<queue/>"))
+    mine = await second.explain()
+    assert mine["decision"] == "queue" and mine["position"] == 2
+    assert {b["uuid"] for b in mine["blockers"]} == {str(holder.uuid), str(queued.uuid)}
+    assert (await queued.explain())["position"] == 1
+    assert (await holder.explain())["decision"] == "admit"
