@@ -40,6 +40,7 @@ if _typing.TYPE_CHECKING:
         JobAbort,
         JobBegin,
         JobComplete,
+        JobExplain,
         JobFree,
         JobGetInfo,
         JobGetStats,
@@ -54,7 +55,7 @@ if _typing.TYPE_CHECKING:
         JobWait,
         open,
     )
-    from jobcore.info import JobInfo
+    from jobcore.info import Explanation, JobInfo
     from jobcore.lifecycle import JobState, Verb
     from jobcore.spec import ChainRef, JobOptions, JobType
     from jobcore.types.backup import BackupJobSpec
@@ -77,11 +78,13 @@ _LAZY = {
     "Domain": "jobcore.api",
     "EventFilter": "jobcore.events",
     "EventKind": "jobcore.events",
+    "Explanation": "jobcore.info",
     "Job": "jobcore.api",
     "JobAbort": "jobcore.facade",
     "JobBegin": "jobcore.facade",
     "JobComplete": "jobcore.facade",
     "JobEvent": "jobcore.events",
+    "JobExplain": "jobcore.facade",
     "JobFree": "jobcore.facade",
     "JobGetInfo": "jobcore.facade",
     "JobGetStats": "jobcore.facade",
@@ -143,6 +146,7 @@ __all__ = [
     "DriverError",
     "EventFilter",
     "EventKind",
+    "Explanation",
     "InvalidArgument",
     "InvalidURI",
     "Job",
@@ -152,6 +156,7 @@ __all__ = [
     "JobConflict",
     "JobError",
     "JobEvent",
+    "JobExplain",
     "JobFree",
     "JobGetInfo",
     "JobGetStats",

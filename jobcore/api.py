@@ -21,7 +21,7 @@ from jobcore import constants as C
 from jobcore.driver import DomainInfo
 from jobcore.errors import InvalidArgument
 from jobcore.events import EventHub, EventKind, Subscription
-from jobcore.info import JobInfo
+from jobcore.info import Explanation, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.paths import PathGuard
 from jobcore.spec import DEFAULT_RETENTION, JobType
@@ -114,6 +114,12 @@ class Domain(Protocol):
 
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> Job:
         """Begin a job from a typed spec (what ``job_begin`` does after parsing)."""
+        ...
+
+    # explain
+    async def job_explain(self, job_xml: str | bytes, flags: int = 0) -> Explanation:
+        """What ``job_begin(job_xml, flags)`` would do now (admit, queue, conflict,
+        preempt), its claims and blockers; changes nothing."""
         ...
 
     async def list_jobs(self) -> Sequence[Job]:
@@ -223,6 +229,11 @@ class Job(Protocol):
         ...
 
     def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription: ...
+
+    # explain
+    async def explain(self) -> Explanation:
+        """A queued job: what it waits for and its position (an admitted one: ``admit``)."""
+        ...
 
 
 @asynccontextmanager

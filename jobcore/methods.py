@@ -67,6 +67,8 @@ class Result(enum.Enum):
     CHECKPOINT_REF = "checkpoint ref"
     CHECKPOINT_REFS = "[checkpoint ref…]"
     OPT_CHECKPOINT_REF = "checkpoint ref|nil"
+    # explain
+    EXPLANATION = "Explanation"
 
 
 class On(enum.Enum):
@@ -222,6 +224,16 @@ class Method(enum.Enum):
                              R.OPT_CHECKPOINT_REF, "getParent")  # fmt: skip
     CHECKPOINT_DELETE = Call("checkpoint_delete", K, "delete", (("flags", A.INT),), True,
                              R.NONE, "delete")  # fmt: skip
+    # explain
+    JOB_EXPLAIN = Call(
+        "job_explain", D, "job_explain", (("job_xml", A.TEXT), ("flags", A.INT)), False,
+        R.EXPLANATION, "JobExplain",
+        note="what JobBegin would do now (admit, queue, conflict, preempt); changes nothing",
+    )  # fmt: skip
+    JOB_EXPLAIN_QUEUED = Call(
+        "job_explain_queued", J, "explain", (), False, R.EXPLANATION,
+        note="a queued job: what it waits for, its position; blocking: JobExplain(job)",
+    )  # fmt: skip
 
     def __str__(self) -> str:
         return self.value.name

@@ -44,7 +44,7 @@ from jobcore.errors import ConnectionLost as ConnectionLost  # re-exported: part
 from jobcore.errors import DaemonUnreachable as DaemonUnreachable  # re-exported: as above
 from jobcore.errors import JobError
 from jobcore.events import EndReason, EventKind, JobEvent
-from jobcore.info import JobInfo
+from jobcore.info import Explanation, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import BY_NAME, MAX_RESUME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
@@ -623,6 +623,8 @@ RESULT_TYPES: dict[Result, Any] = {
     Result.CHECKPOINT_REF: str,
     Result.CHECKPOINT_REFS: list[str],
     Result.OPT_CHECKPOINT_REF: str | None,
+    # explain
+    Result.EXPLANATION: Explanation,
 }
 
 

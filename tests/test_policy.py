@@ -92,7 +92,7 @@ async def test_preemption_pauses_the_victim_and_resumes_it_after(conn: Connectio
         await step(conn, 100.0)
         assert (await boss.wait(1))["state"] == "completed"
         await step(conn)
-        assert victim.state is S.RUNNING
+        assert (await victim.info())["state"] == "running"
         await step(conn, 100.0)
         assert (await victim.wait(1))["state"] == "completed"
         events = drain(sub)
