@@ -108,7 +108,7 @@ def _encoder(result: Result) -> Callable[[_Client, Any], Wire]:
         return lambda c, cp: None if cp is None else cp.name
     if result is Result.CHECKPOINT_REFS:
         return lambda c, cps: [cp.name for cp in cps]
-    if result in (Result.JOB_INFO, Result.DOMAIN_INFO):
+    if result in (Result.JOB_INFO, Result.DOMAIN_INFO, Result.EXPLANATION):
         return lambda c, value: encode_value(value)
     return lambda c, value: value  # already plain: nil, ints, text, typed params
 
