@@ -188,9 +188,16 @@ class Engine:
             return
         queued = [r for r in jobs if r.state is S.QUEUED]
         running = [r for r in jobs if r.state is not S.QUEUED]
+        active = {r.uuid for r in jobs}
+        suspended = [r for r in running if _still_preempted(r, active)]
         for rec in running:  # what they held before the restart, before anything starts
             # held as they were: the hypervisor runs them, whatever the queue says
-            self.scheduler._hold(rec.ticket)
+            if rec not in suspended:
+                self.scheduler._hold(rec.ticket)
+        for rec in suspended:  # paused by a preemptor still active: waiting again
+            rec.preempt = str(rec.extra.get("preempt", "pause"))
+            rec.ticket.preempted = True
+            self.scheduler._enqueue(rec.ticket)
         recover_job = getattr(self.dconn, "recover_job", None)
         unprepared = self._dstore.unprepared if self._dstore is not None else set()
         again: list[JobRecord] = []  # never started on the hypervisor: start them again
@@ -462,6 +469,7 @@ class Engine:
         victim.extra["preempted_by"] = str(rec.uuid)
         await self._started(victim)
         how = "cancel"
+        victim.extra["preempt"] = "pause"  # written with the pause; corrected below
         # a preemptor that takes the whole domain (a migration moves it away) cancels:
         # a paused job could not follow its domain
         whole = any(c.mode is Mode.DOMAIN_EXCLUSIVE for c in rec.ticket.claims)
@@ -476,6 +484,7 @@ class Engine:
             except JobError as exc:  # the driver refused: cancel it instead
                 job_log(victim).info("preemption: pause refused, cancelling", error=str(exc))
         victim.preempt = how
+        victim.extra["preempt"] = how
         self._emit_preempted(victim, rec, how)
         job_log(victim).info("job preempted", by=str(rec.uuid), preempt=how)
         if victim.state.terminal:
@@ -1137,6 +1146,18 @@ class _Reporter:
 
     def domain_moved(self, uri: str) -> None:
         self._engine.domain_location[self._rec.domain] = uri
+
+
+def _still_preempted(rec: JobRecord, active: set[uuid.UUID]) -> bool:
+    """A recovered job a preemptor paused, waiting for it still (design/scheduling.md
+    "Preemption"): paused, its preemptor among the active jobs."""
+    by = rec.extra.get("preempted_by")
+    return (
+        rec.state in (S.PAUSED, S.STANDBY)
+        and rec.extra.get("preempt") != "cancel"
+        and by is not None
+        and uuid.UUID(str(by)) in active
+    )
 
 
 def _explanation(ticket: Ticket, verdict: Verdict, position: int | None) -> Explanation:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -193,3 +194,25 @@ async def test_explain_admit_conflict_queue_preempt(conn: Connection) -> None:
     assert {b["uuid"] for b in mine["blockers"]} == {str(holder.uuid), str(queued.uuid)}
     assert (await queued.explain())["position"] == 1
     assert (await holder.explain())["decision"] == "admit"
+
+
+async def test_a_paused_victim_still_waits_for_its_preemptor_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    store = f"sqlite://{tmp_path}/jobs.sqlite"
+    async with jobcore.connect(MANUAL, store=store) as conn:
+        dom = await conn.lookup_domain("vm1")
+        victim = await dom.job_begin(backup())
+        boss = await dom.job_begin(pull("<priority>5</priority><policy conflict='preempt'/>"))
+        assert victim.state is S.PAUSED and boss.state is S.RUNNING
+    async with jobcore.connect(MANUAL, store=store) as conn:  # recovered
+        victim2 = await conn.lookup_job(victim.uuid)
+        boss2 = await conn.lookup_job(boss.uuid)
+        assert victim2.state is S.PAUSED and boss2.state is S.RUNNING
+        assert (await victim2.explain())["decision"] == "queue"  # waits, not held
+        with pytest.raises(jobcore.OperationInvalid, match="preempted by"):
+            await victim2.resume()
+        await boss2.abort()
+        await step(conn)
+        assert (await victim2.info())["state"] == "running"  # resumed once it let go
+        await victim2.abort()
