@@ -3,6 +3,7 @@ clock): design/scheduling.md "Policy", "Preemption", "Fairness", "Explain"."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jobcore
 from jobcore import JobState
@@ -216,3 +219,84 @@ async def test_a_paused_victim_still_waits_for_its_preemptor_after_a_restart(
         await step(conn)
         assert (await victim2.info())["state"] == "running"  # resumed once it let go
         await victim2.abort()
+
+
+# ---- explain's decision is what begin does (hypothesis, random job mixes on sim) -------
+
+KINDS = {
+    "backup-vda": lambda extra: backup(extra, "vda"),
+    "backup-vdb": lambda extra: backup(extra, "vdb"),
+    "pull-vda": pull,
+    "commit-vda": lambda extra: (
+        f"<job type='blockcommit'>{extra}<disk name='vda'/><top index='1'/></job>"
+    ),
+    "migration": migration,
+}
+job_mix = st.lists(
+    st.tuples(
+        st.sampled_from(sorted(KINDS)),
+        st.integers(0, 3),  # priority
+        st.sampled_from(
+            [
+                "",
+                "<queue/>",
+                "<policy conflict='preempt'/>",
+                "<queue/><policy conflict='preempt'/>",
+                "<policy conflict='preempt' requeue='yes'/>",
+                "<policy conflict='queue'/>",
+                "<policy conflict='reject'/>",
+            ]
+        ),
+        st.booleans(),  # abort a random active job first
+        st.integers(0, 1000),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+async def _explain_then_begin(mix: list[tuple[str, int, str, bool, int]], kubevirt: bool) -> None:
+    async with jobcore.connect(MANUAL) as conn:
+        if kubevirt:
+            as_local(conn).engine.scheduler.policy = KUBEVIRT_POLICY
+        dom = await conn.lookup_domain("vm1")
+        jobs: list[jobcore.Job] = []
+        for kind, priority, extra, abort_first, pick in mix:
+            active = [j for j in jobs if j.state.active]
+            if abort_first and active:
+                with contextlib.suppress(jobcore.OperationInvalid):
+                    await active[pick % len(active)].abort()
+                await step(conn)
+            xml = KINDS[kind](f"<priority>{priority}</priority>{extra}")
+            ex = await dom.job_explain(xml)
+            before = {j.uuid: j.state for j in jobs}
+            try:
+                job = await dom.job_begin(xml)
+            except jobcore.JobConflict as exc:
+                assert ex["decision"] == "conflict", ex
+                assert str(exc.holder) in {b["uuid"] for b in ex["blockers"]}
+                continue
+            jobs.append(job)
+            decision = ex["decision"]
+            assert decision != "conflict", ex
+            if decision == "admit":
+                assert job.state is S.RUNNING
+            elif decision == "queue":
+                assert job.state is S.QUEUED
+            else:  # preempt: it runs, each blocker was paused or cancelled for it
+                assert job.state is S.RUNNING
+                for b in ex["blockers"]:
+                    victim = await conn.lookup_job(b["uuid"])
+                    assert before[victim.uuid].active
+                    stats = await victim.stats()
+                    assert stats["preempted_by"] == str(job.uuid)
+                    assert victim.state in (S.PAUSED, S.STANDBY, S.ABORTING, S.CANCELLED)
+            await step(conn)
+
+
+@settings(max_examples=100, deadline=None)
+@given(mix=job_mix, kubevirt=st.booleans())
+def test_explain_decides_what_begin_then_does(
+    mix: list[tuple[str, int, str, bool, int]], kubevirt: bool
+) -> None:
+    anyio.run(_explain_then_begin, mix, kubevirt)
