@@ -399,7 +399,7 @@ class Engine:
         options = spec.options
         ticket = self._new_ticket(info, spec, dom, job_id, flags)
         self.scheduler.number(ticket)  # in begin order
-        verdict = self.scheduler.verdict(ticket)
+        verdict = self.scheduler.verdict(ticket, every_blocker=False)
         self.scheduler.apply(ticket, verdict)  # raises JobConflict
         admitted = verdict.decision is Decision.ADMIT
         rec = JobRecord(

@@ -356,10 +356,19 @@ class Scheduler:
         text = f"{c.mode.value} ({role}) excludes {c.claim.mode.value}: {policy} ({source})"
         return Conflict(c.holder, c.mode, c.claim, c.waiting, text, policy)
 
-    def verdict(self, ticket: Ticket) -> Verdict:
+    def verdict(self, ticket: Ticket, *, every_blocker: bool = True) -> Verdict:
         """The admission decision for ``ticket`` now (changes nothing): ADMIT with no
         blocker; else CONFLICT if a blocker's policy is reject, QUEUE if one's is queue,
-        PREEMPT if every blocker is a holder it may preempt."""
+        PREEMPT if every blocker is a holder it may preempt. Without ``every_blocker``
+        (begin), when no rule can tell blockers apart (an empty table, no policy of the
+        job's own: every blocker gets the job's own choice) only the first is looked
+        for, so a refusal costs what it did before policies."""
+        if not every_blocker and not self.policy and ticket.policy is None:
+            first = self.conflict(ticket)
+            if first is None:
+                return Verdict(Decision.ADMIT)
+            c = self._decide(ticket, first, None)
+            return Verdict(Decision.QUEUE if ticket.queue else Decision.CONFLICT, (c,))
         found = tuple(self._decide(ticket, c, t) for c, t in self._blockers(ticket))
         if not found:
             return Verdict(Decision.ADMIT)

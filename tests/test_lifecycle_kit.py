@@ -83,6 +83,8 @@ def test_the_sim_kit_with_preemption() -> None:
     PreemptingSim.preemptions = 0
     run_state_machine_as_test(PreemptingSim, settings=KIT_SETTINGS)
     assert PreemptingSim.preemptions > 0  # the step preempted jobs, and they were checked
+
+
 TestSimOnTrio.settings = KIT_SETTINGS
 
 

@@ -269,7 +269,7 @@ async def _explain_then_begin(mix: list[tuple[str, int, str, bool, int]], kubevi
                 await step(conn)
             xml = KINDS[kind](f"<priority>{priority}</priority>{extra}")
             ex = await dom.job_explain(xml)
-            before = {j.uuid: j.state for j in jobs}
+            before = {j.uuid: j.state for j in await dom.list_jobs()}  # requeued too
             try:
                 job = await dom.job_begin(xml)
             except jobcore.JobConflict as exc:
