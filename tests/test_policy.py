@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -223,7 +223,7 @@ async def test_a_paused_victim_still_waits_for_its_preemptor_after_a_restart(
 
 # ---- explain's decision is what begin does (hypothesis, random job mixes on sim) -------
 
-KINDS = {
+KINDS: dict[str, Callable[[str], str]] = {
     "backup-vda": lambda extra: backup(extra, "vda"),
     "backup-vdb": lambda extra: backup(extra, "vdb"),
     "pull-vda": pull,

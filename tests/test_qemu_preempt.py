@@ -45,15 +45,17 @@ async def test_a_pull_preempts_a_slow_backup_of_its_disk(tmp_path: Path) -> None
             assert (await victim.stats())["preempted_by"] == str(boss.uuid)
             with anyio.fail_after(30):
                 assert (await boss.wait()).state is S.COMPLETED
+            events: list[JobEvent] = []
             with anyio.fail_after(10):
-                while (await victim.info()).state is not S.RUNNING:  # resumed by the engine
-                    await anyio.sleep(0.05)
+                async for ev in sub:  # until the engine resumed it
+                    events.append(ev)
+                    if ev.job == victim.uuid and ev.state is S.RUNNING and len(events) > 1:
+                        break
             await victim.set_speed(None)  # now let it finish
             with anyio.fail_after(30):
                 assert (await victim.wait()).state is S.COMPLETED
-            events: list[JobEvent] = []
-            while (ev := sub.get_nowait()) is not None:
-                events.append(ev)
+            while (rest := sub.get_nowait()) is not None:
+                events.append(rest)
         mine = [
             (e.kind, e.state)
             for e in events
