@@ -55,7 +55,7 @@ if _typing.TYPE_CHECKING:
         JobWait,
         open,
     )
-    from jobcore.info import Explanation, JobInfo
+    from jobcore.info import Explanation, HostInfo, HostState, JobInfo
     from jobcore.lifecycle import JobState, Verb
     from jobcore.spec import ChainRef, JobOptions, JobType
     from jobcore.types.backup import BackupJobSpec
@@ -79,6 +79,8 @@ _LAZY = {
     "EventFilter": "jobcore.events",
     "EventKind": "jobcore.events",
     "Explanation": "jobcore.info",
+    "HostInfo": "jobcore.info",
+    "HostState": "jobcore.info",
     "Job": "jobcore.api",
     "JobAbort": "jobcore.facade",
     "JobBegin": "jobcore.facade",
@@ -147,6 +149,8 @@ __all__ = [
     "EventFilter",
     "EventKind",
     "Explanation",
+    "HostInfo",
+    "HostState",
     "InvalidArgument",
     "InvalidURI",
     "Job",

@@ -21,7 +21,7 @@ from jobcore import constants as C
 from jobcore.driver import DomainInfo
 from jobcore.errors import InvalidArgument
 from jobcore.events import EventHub, EventKind, Subscription
-from jobcore.info import Explanation, JobInfo
+from jobcore.info import Explanation, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.paths import PathGuard
 from jobcore.spec import DEFAULT_RETENTION, JobType
@@ -62,6 +62,24 @@ class Connection(Protocol):
     async def find_jobs(self, prefix: str, limit: int = 16) -> Sequence[Job]:
         """Up to ``limit`` jobs whose UUID starts with ``prefix`` (hex digits), in UUID
         order: how a short form of a UUID is resolved."""
+        ...
+
+    # the fleet (jobd on a postgresql:// store; design/fleet.md): Unsupported elsewhere
+    async def list_fleet_jobs(
+        self, cursor: int = -1, limit: int = 1000
+    ) -> tuple[list[JobInfo], int | None]:
+        """One page of every fleet member's jobs in begin order, after ``cursor`` (-1: the
+        start), and the next page's cursor (None: this was the last). A page may hold
+        fewer than ``limit`` (jobd keeps a reply within a frame)."""
+        ...
+
+    async def fleet_hosts(self) -> list[HostInfo]:
+        """The fleet's members by name: state, lease age, job counts."""
+        ...
+
+    async def fence_host(self, name: str, reason: str | None = None, flags: int = 0) -> HostInfo:
+        """Fence a member that is not LIVE (``JOB_FENCE_FORCE``: even a LIVE one): its
+        shared claims are released and its active jobs fail with ``reason``."""
         ...
 
     def subscribe(

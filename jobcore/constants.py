@@ -105,6 +105,9 @@ VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP = 1 << 0
 # takes VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL = 1 << 0); see jobcore.flags.
 JOB_BEGIN_QUEUE = 1 << 16  # wait in a FIFO queue instead of failing with JobConflict
 
+# fenceHost's flags (a fleet call: no libvirt counterpart, no per-call space to share)
+JOB_FENCE_FORCE = 1 << 0  # fence a host whose lease is still LIVE
+
 #: The reserved UUID of "the domain job" (design/legacy.md), fixed forever:
 #: uuid5(NAMESPACE_URL, 'jobcore:legacy-domain-job'). No job is ever given it.
 LEGACY_DOMAIN_JOB_UUID = _uuid.UUID("352d1551-dd56-5c91-9f5e-66d1a79be98c")

@@ -51,9 +51,8 @@ from jobcore.errors import (
 )
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
-from jobcore.info import Blocker, ClaimView, Explanation, JobInfo
+from jobcore.info import Blocker, ClaimView, Explanation, JobInfo, job_stats
 from jobcore.lifecycle import (
-    LEGACY_JOB_TYPE,
     REPORT_TARGET,
     TRANSITIONS,
     VERB_TARGET,
@@ -999,23 +998,7 @@ class Engine:
 
     def stats(self, rec: JobRecord) -> dict[str, Any]:
         """libvirt-named stats (virDomainGetJobStats keys) plus 'uuid' and 'state'."""
-        st: dict[str, Any] = {
-            "type": LEGACY_JOB_TYPE[rec.state],
-            "operation": rec.info.operation,
-            "time_elapsed": self._elapsed_ms(rec),
-        }
-        prefix = rec.info.progress_keys
-        st[f"{prefix}_total"] = rec.total
-        st[f"{prefix}_processed"] = rec.processed
-        st[f"{prefix}_remaining"] = max(0, rec.total - rec.processed)
-        st.update(rec.extra)
-        if rec.state.terminal:
-            st["success"] = rec.state is S.COMPLETED
-        if rec.errmsg is not None:
-            st["errmsg"] = rec.errmsg
-        st["uuid"] = str(rec.uuid)
-        st["state"] = str(rec.state)
-        return st
+        return job_stats(self.info(rec), rec.info.operation, rec.info.progress_keys, rec.extra)
 
     async def wait(self, rec: JobRecord, timeout: float | None = None) -> JobInfo:
         timeout = check_timeout(timeout)

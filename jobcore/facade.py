@@ -25,7 +25,7 @@ from jobcore.driver import DriverConnection
 from jobcore.errors import InvalidArgument, JobError, NoSuchCheckpoint
 from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.flags import check_flags
-from jobcore.info import Explanation, JobInfo
+from jobcore.info import Explanation, HostInfo, JobInfo
 from jobcore.local import LocalConnection
 from jobcore.methods import as_uuid
 from jobcore.spec import DEFAULT_RETENTION, JobType, check_timeout
@@ -156,6 +156,20 @@ class BlockingConnection:
 
     def getURI(self) -> str:
         return self.uri
+
+    # the fleet (jobd on a postgresql:// store): Unsupported on any other connection
+    def listFleetJobs(
+        self, cursor: int = -1, limit: int = 1000
+    ) -> tuple[list[JobInfo], int | None]:
+        """One page of every fleet member's jobs and the next page's cursor (None: the last)."""
+        return self._call(self.aconn.list_fleet_jobs, cursor, limit)
+
+    def fleetHosts(self) -> list[HostInfo]:
+        return self._call(self.aconn.fleet_hosts)
+
+    def fenceHost(self, name: str, reason: str | None = None, flags: int = 0) -> HostInfo:
+        """Fence a lost member (flags JOB_FENCE_FORCE: even a LIVE one)."""
+        return self._call(self.aconn.fence_host, name, reason, flags)
 
     def subscribe(
         self,

@@ -82,6 +82,8 @@ FLAG_NAMES: Mapping[str, tuple[str, ...]] = MappingProxyType(
         # virConnect calls: no filter or creation flag is implemented
         "listAllDomains": (),
         "createXML": (),
+        # the fleet (jobd on PostgreSQL): fencing a LIVE host takes FORCE
+        "fenceHost": ("JOB_FENCE_FORCE",),
     }
 )
 

@@ -24,8 +24,8 @@ from attrs import frozen
 
 from jobcore.driver import FleetPeers
 from jobcore.errors import InvalidArgument, JobError, OperationInvalid, StoreError
-from jobcore.info import HostInfo, HostState, JobInfo
-from jobcore.lifecycle import LEGACY_JOB_TYPE, JobState
+from jobcore.info import HostInfo, HostState, JobInfo, job_stats
+from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.registry import registry
 from jobcore.spec import JobType
@@ -471,22 +471,7 @@ def _stats(info: JobInfo, stats_s: str) -> dict[str, Any]:
         operation, prefix = type_info.operation, type_info.progress_keys
     except JobError:  # a type this member does not have
         operation, prefix = 0, "disk"
-    st: dict[str, Any] = {
-        "type": LEGACY_JOB_TYPE[info.state],
-        "operation": operation,
-        "time_elapsed": info.time_elapsed,
-        f"{prefix}_total": info.total,
-        f"{prefix}_processed": info.processed,
-        f"{prefix}_remaining": max(0, info.total - info.processed),
-    }
-    st.update(json.loads(stats_s))
-    if info.state.terminal:
-        st["success"] = info.state is JobState.COMPLETED
-    if info.errmsg is not None:
-        st["errmsg"] = info.errmsg
-    st["uuid"] = str(info.uuid)
-    st["state"] = str(info.state)
-    return st
+    return job_stats(info, operation, prefix, json.loads(stats_s))
 
 
 def _said(exc: BaseException) -> str:

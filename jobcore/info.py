@@ -10,7 +10,7 @@ from typing import Any
 
 from attrs import fields, frozen
 
-from jobcore.lifecycle import JobState
+from jobcore.lifecycle import LEGACY_JOB_TYPE, JobState
 from jobcore.scheduler import Decision
 from jobcore.spec import JobType
 
@@ -123,6 +123,30 @@ class HostInfo(Mapping[str, Any]):
 
 
 _HOST_KEYS = tuple(f.name for f in fields(HostInfo))
+
+
+def job_stats(
+    info: JobInfo, operation: int, progress_keys: str, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A job's libvirt-named stats (virDomainGetJobStats keys, ``progress_keys`` naming
+    its ``*_total/processed/remaining``) plus its ``extra`` stats, 'uuid' and 'state':
+    what ``JobGetStats`` returns, from the engine's record or a fleet member's row."""
+    st: dict[str, Any] = {
+        "type": LEGACY_JOB_TYPE[info.state],
+        "operation": operation,
+        "time_elapsed": info.time_elapsed,
+        f"{progress_keys}_total": info.total,
+        f"{progress_keys}_processed": info.processed,
+        f"{progress_keys}_remaining": max(0, info.total - info.processed),
+    }
+    st.update(extra)
+    if info.state.terminal:
+        st["success"] = info.state is JobState.COMPLETED
+    if info.errmsg is not None:
+        st["errmsg"] = info.errmsg
+    st["uuid"] = str(info.uuid)
+    st["state"] = str(info.state)
+    return st
 
 
 @frozen

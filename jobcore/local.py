@@ -33,7 +33,7 @@ from jobcore.errors import (
 from jobcore.events import EventFilter, EventHub, EventKind, Subscription
 from jobcore.flags import check_flags
 from jobcore.handles import CheckpointHandle
-from jobcore.info import Explanation, JobInfo
+from jobcore.info import Explanation, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
@@ -120,7 +120,8 @@ class LocalConnection:
         self.driver = dconn
         self.engine = engine
         #: the fleet this connection's host is a member of (jobd on a PostgreSQL store
-        #: sets it: jobcore.daemon.fleet.FleetService); None in-process and without one
+        #: sets it: jobcore.daemon.fleet.FleetService); None in-process and on other
+        #: stores: the fleet calls are Unsupported
         self.fleet: FleetView | None = None
 
     async def lookup_domain(self, name: str) -> LocalDomain:
@@ -176,6 +177,38 @@ class LocalConnection:
         digits; dashes ignored), in UUID order, found by an index: how a short form of a
         UUID is resolved (two results mean it is ambiguous)."""
         return [LocalJob(self, r) for r in self.engine.find_jobs(uuid_prefix(prefix), limit)]
+
+    # ---- the fleet (design/fleet.md) --------------------------------------------------
+
+    def _fleet(self) -> FleetView:
+        if self.fleet is None:
+            raise Unsupported(
+                f"connection '{self.uri}' is not a fleet member: start jobd with "
+                "--store postgresql://… (every jobd sharing that database is one)"
+            )
+        return self.fleet
+
+    async def list_fleet_jobs(
+        self, cursor: int = -1, limit: int = 1000
+    ) -> tuple[list[JobInfo], int | None]:
+        """One page of every fleet member's jobs in begin order, after ``cursor`` (-1: the
+        start), and the next page's cursor (None: this was the last)."""
+        if cursor < -1:
+            raise InvalidArgument(f"a job page cursor is -1 (the start) or more, not {cursor}")
+        if limit < 1:
+            raise InvalidArgument(f"a job page holds at least one job: limit {limit}")
+        return await self._fleet().jobs_page(cursor, limit)
+
+    async def fleet_hosts(self) -> list[HostInfo]:
+        """The fleet's members by name: state, lease age, job counts."""
+        return await self._fleet().hosts()
+
+    async def fence_host(self, name: str, reason: str | None = None, flags: int = 0) -> HostInfo:
+        """Fence member ``name`` (refused for a LIVE one unless ``JOB_FENCE_FORCE``): its
+        shared claims are released and its active jobs fail with ``reason``."""
+        check_flags("fenceHost", flags)
+        fleet = self._fleet()
+        return await fleet.fence(name, reason, force=bool(flags & C.JOB_FENCE_FORCE))
 
     def subscribe(
         self,

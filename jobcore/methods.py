@@ -62,6 +62,10 @@ class Result(enum.Enum):
     JOB_REFS = "[job ref…]"
     JOB_PAGE = "[[job ref…], next cursor|nil]"
     JOB_INFO = "JobInfo"
+    #: a page of every fleet member's jobs (jobd bounds it to a frame) and the next cursor
+    INFO_PAGE = "[[JobInfo…], next cursor|nil]"
+    HOST_INFOS = "[HostInfo…]"
+    HOST_INFO = "HostInfo"
     HELLO = "server hello"
     # checkpoints: a checkpoint travels as its name (the domain is the caller's handle's)
     CHECKPOINT_REF = "checkpoint ref"
@@ -151,6 +155,19 @@ class Method(enum.Enum):
                       note="a job of any domain")  # fmt: skip
     FIND_JOBS = Call("find_jobs", C, "find_jobs", (("prefix", A.STR), ("limit", A.INT)),
                      False, R.JOB_REFS, note="UUID prefix (hex digits); in UUID order")  # fmt: skip
+    # the fleet (jobd on a postgresql:// store; design/fleet.md): every member's jobs and hosts
+    LIST_FLEET_JOBS = Call(
+        "list_fleet_jobs", C, "list_fleet_jobs", (("cursor", A.INT), ("limit", A.INT)), False,
+        R.INFO_PAGE, "listFleetJobs",
+        note="every host's jobs in begin order; cursor -1: the start; the client asks page by page",
+    )  # fmt: skip
+    FLEET_HOSTS = Call("fleet_hosts", C, "fleet_hosts", (), False, R.HOST_INFOS, "fleetHosts",
+                       note="the fleet's members, by name")  # fmt: skip
+    FENCE_HOST = Call(
+        "fence_host", C, "fence_host", (("name", A.STR), ("reason", A.OPT_STR), ("flags", A.INT)),
+        True, R.HOST_INFO, "fenceHost",
+        note="releases the host's claims, fails its active jobs; a LIVE one needs JOB_FENCE_FORCE",
+    )  # fmt: skip
     # domain
     DOMAIN_INFO = Call("domain_info", D, "info", (), False, R.DOMAIN_INFO)
     DOMAIN_DESTROY = Call("domain_destroy", D, "destroy", (), True, R.NONE, "destroy")

@@ -44,7 +44,7 @@ from jobcore.errors import ConnectionLost as ConnectionLost  # re-exported: part
 from jobcore.errors import DaemonUnreachable as DaemonUnreachable  # re-exported: as above
 from jobcore.errors import JobError
 from jobcore.events import EndReason, EventKind, JobEvent
-from jobcore.info import Blocker, ClaimView, Explanation, JobInfo
+from jobcore.info import Blocker, ClaimView, Explanation, HostInfo, HostState, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import BY_NAME, MAX_RESUME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
@@ -53,7 +53,9 @@ from jobcore.spec import JobType
 from jobcore.uri import URI, parse_uri
 
 #: Bumped on any incompatible change; a daemon refuses a client of another version.
-PROTOCOL_VERSION = 1
+#: 2: JobInfo gained host and host_lost, DomainInfo its layers' formats, bus and virt_type
+#: (design/daemon.md, "Versioning").
+PROTOCOL_VERSION = 2
 #: Largest frame body either side accepts (a bigger length prefix ends the connection).
 MAX_FRAME = 4 << 20
 HEADER = struct.Struct(">I")
@@ -447,13 +449,14 @@ def _opt_int(value: Wire) -> int | None:
 
 # ---- values ---------------------------------------------------------------------------
 #
-# Values travel as arrays of their attrs fields in declaration order (JobInfo, JobEvent,
-# DomainInfo with its DiskInfo, the refs, the server hello): the cattrs converter below
-# turns each class into that layout and back from its attrs fields, so no field list is
-# written by hand. Decoding is strict where cattrs is lenient: an array of exactly as many
-# items as the class has fields, every scalar of its declared type (no str() or int()
-# coercion), sequences as arrays only, typed parameters as maps of scalars. Anything else
-# raises ValueError, which the caller turns into BadRequest or ProtocolError.
+# Values travel as arrays of their attrs fields in declaration order (JobInfo, HostInfo,
+# JobEvent, DomainInfo with its DiskInfo, the refs, the pages, the server hello): the
+# cattrs converter below turns each class into that layout and back from its attrs
+# fields, so no field list is written by hand. Decoding is strict where cattrs is
+# lenient: an array of exactly as many items as the class has fields, every scalar of its
+# declared type (no str() or int() coercion), sequences as arrays only, typed parameters
+# as maps of scalars. Anything else raises ValueError, which the caller turns into
+# BadRequest or ProtocolError.
 
 
 @frozen
@@ -477,6 +480,15 @@ class JobPage:
     """A LIST_JOBS_PAGE reply: the page's job refs and the next page's cursor."""
 
     refs: tuple[JobRef, ...]
+    cursor: int | None
+
+
+@frozen
+class InfoPage:
+    """A LIST_FLEET_JOBS reply: the infos of the page's jobs (every host's) and the next
+    page's cursor (None: the last page)."""
+
+    infos: tuple[JobInfo, ...]
     cursor: int | None
 
 
@@ -526,7 +538,18 @@ def _is_tuple(cls: Any) -> bool:
 
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(unstruct_strat=cattrs.UnstructureStrategy.AS_TUPLE)
-    for cls in (JobInfo, JobEvent, DiskInfo, DomainInfo, DomainRef, JobRef, JobPage, ServerHello):
+    for cls in (
+        JobInfo,
+        HostInfo,
+        JobEvent,
+        DiskInfo,
+        DomainInfo,
+        DomainRef,
+        JobRef,
+        JobPage,
+        InfoPage,
+        ServerHello,
+    ):
         attrs.resolve_types(cls)
     for explain_cls in (Explanation, ClaimView, Blocker):  # explain
         attrs.resolve_types(explain_cls)
@@ -554,7 +577,7 @@ def _make_converter() -> cattrs.Converter:
         return structure
 
     conv.register_structure_hook_factory(attrs.has, attrs_fromtuple)
-    # JobInfo is also a Mapping: its attrs fields, not its mapping view, travel
+    # JobInfo and HostInfo are also Mappings: their attrs fields, not its mapping view, travel
     conv.register_unstructure_hook_factory(attrs.has, lambda _: conv.unstructure_attrs_astuple)
     conv.register_structure_hook_factory(_is_tuple, tuple_of)
     conv.register_unstructure_hook(uuid.UUID, lambda u: u.bytes)
@@ -565,7 +588,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(bool, _check(bool, "a boolean"))
     conv.register_structure_hook(float, _structure_float)
     # states, kinds and types travel as their names
-    for named in (JobType, JobState, EventKind, Decision):
+    for named in (JobType, JobState, EventKind, HostState, Decision):
         conv.register_structure_hook(named, lambda v, t: t(structure_str(v, t)))
         conv.register_unstructure_hook(named, str)
     conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _structure_params)
@@ -622,6 +645,9 @@ RESULT_TYPES: dict[Result, Any] = {
     Result.JOB_REFS: list[JobRef],
     Result.JOB_PAGE: JobPage,
     Result.JOB_INFO: JobInfo,
+    Result.INFO_PAGE: InfoPage,
+    Result.HOST_INFOS: list[HostInfo],
+    Result.HOST_INFO: HostInfo,
     Result.HELLO: ServerHello,
     Result.CHECKPOINT_REF: str,
     Result.CHECKPOINT_REFS: list[str],

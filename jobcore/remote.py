@@ -38,7 +38,7 @@ from jobcore.errors import ConnectionLost, InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.handles import CheckpointHandle
-from jobcore.info import Explanation, JobInfo
+from jobcore.info import Explanation, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.methods import MAX_RESUME, Method, Named, Result, as_uuid, uuid_prefix
@@ -53,6 +53,7 @@ from jobcore.protocol import (
     DaemonUnreachable,
     ErrorReply,
     EventPush,
+    InfoPage,
     JobPage,
     JobRef,
     ProtocolError,
@@ -628,6 +629,19 @@ class RemoteConnection:
 
     async def find_jobs(self, prefix: str, limit: int = 16) -> list[RemoteJob]:
         return await self.call(Method.FIND_JOBS, uuid_prefix(prefix), limit)  # type: ignore[no-any-return]
+
+    async def list_fleet_jobs(
+        self, cursor: int = -1, limit: int = LIST_PAGE
+    ) -> tuple[list[JobInfo], int | None]:
+        page: InfoPage = await self.call(Method.LIST_FLEET_JOBS, cursor, limit)
+        return list(page.infos), page.cursor
+
+    async def fleet_hosts(self) -> list[HostInfo]:
+        return await self.call(Method.FLEET_HOSTS)  # type: ignore[no-any-return]
+
+    async def fence_host(self, name: str, reason: str | None = None, flags: int = 0) -> HostInfo:
+        check_flags("fenceHost", flags)
+        return await self.call(Method.FENCE_HOST, name, reason, flags)  # type: ignore[no-any-return]
 
     def subscribe(
         self,

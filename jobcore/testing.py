@@ -46,6 +46,12 @@ again on the same store, and then:
 
 A driver without ``recover_job``, or a machine on the memory store, has no restart step.
 
+``FleetLifecycleMachine`` spreads the kit over several jobd connections (``MEMBERS``: the
+members of one PostgreSQL fleet, or connections to one jobd): each template on every
+host, begins through one of its host's members, verbs through any member (forwarded to
+another host's job), events from one subscription per host, each job also watched from
+another member; design/fleet.md "Property kit and soak".
+
 A driver author subclasses it, sets ``URI`` and ``BACKEND`` (and ``DURABLE``), overrides
 ``templates()`` (and ``advance()`` if time is not a manual sim clock), and runs
 ``TestCase = MyMachine.TestCase``. See tests/test_lifecycle_kit.py for the sim driver.
@@ -92,9 +98,10 @@ from jobcore.events import EventKind, JobEvent, Subscription
 from jobcore.facade import BlockingConnection, BlockingDomain, BlockingJob
 from jobcore.facade import JobBegin as _JobBegin
 from jobcore.facade import JobExplain as _JobExplain
+from jobcore.facade import JobGetInfo as _JobGetInfo
 from jobcore.facade import JobLookupByUUID as _JobLookupByUUID
 from jobcore.facade import open as _open
-from jobcore.lifecycle import INITIAL, TRANSITIONS, JobState, Verb, accepts
+from jobcore.lifecycle import INITIAL, TRANSITIONS, VERB_TARGET, JobState, Verb, accepts
 from jobcore.local import LocalConnection
 from jobcore.registry import registry
 from jobcore.store_sqlite import SQLiteJobStore
@@ -261,6 +268,8 @@ class JobLifecycleMachine(RuleBasedStateMachine):
     DURABLE: ClassVar[bool] = False
     #: also begin preempting jobs (the ``preempt`` step; see the module docstring)
     PREEMPT: ClassVar[bool] = False
+    #: check each begin against the explain made just before it
+    EXPLAIN: ClassVar[bool] = True
 
     def templates(self) -> list[JobTemplate]:
         return sim_templates()
@@ -316,11 +325,24 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         if self._store_dir is not None:
             shutil.rmtree(self._store_dir, ignore_errors=True)
 
+    def _domain(self, name: str) -> BlockingDomain:
+        """The handle of the domain a template names (``JobTemplate.domain``)."""
+        return self.conn.lookupByName(name)
+
+    def _begin_domain(self, data: st.DataObject, tmpl: JobTemplate) -> BlockingDomain:
+        """The domain handle a begin of ``tmpl`` goes through."""
+        return self.domains[tmpl.domain]
+
+    def _verb_handle(self, data: st.DataObject, seen: _Seen) -> BlockingJob:
+        """The job handle a verb on ``seen`` goes through."""
+        assert seen.job is not None
+        return seen.job
+
     @initialize()
     def _lookup_domains(self) -> None:
         for t in self.tmpl:
             if t.domain not in self.domains:
-                self.domains[t.domain] = self.conn.lookupByName(t.domain)
+                self.domains[t.domain] = self._domain(t.domain)
 
     def teardown(self) -> None:
         try:
@@ -410,7 +432,7 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         self._order += 1
         seen = _Seen(tmpl, None, self._order)
         self.seen[job_id] = seen
-        dom = self.domains[tmpl.domain]
+        dom = self._begin_domain(data, tmpl)
         xml = tmpl.make(job_id, queue)
         self._drain_events()
         moves_before = (self._ends, self._starts)
@@ -458,7 +480,10 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         return (self._ends, self._starts)
 
     def _explain(self, dom: BlockingDomain, xml: str) -> tuple[Any, type[JobError] | None]:
-        """JobExplain's answer for ``xml`` now, or the class of the error it raised."""
+        """JobExplain's answer for ``xml`` now, or the class of the error it raised
+        (nothing without ``EXPLAIN``)."""
+        if not self.EXPLAIN:
+            return None, None
         try:
             return _JobExplain(dom, xml), None
         except JobError as exc:
@@ -498,7 +523,7 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         xml = tmpl.make(job_id, False).replace(
             "</uuid>", "</uuid><priority>1000</priority><policy conflict='preempt'/>", 1
         )
-        dom = self.domains[tmpl.domain]
+        dom = self._begin_domain(data, tmpl)
         self._order += 1
         seen = _Seen(tmpl, None, self._order, preemptor=True)
         self.seen[job_id] = seen
@@ -530,7 +555,7 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         seen = data.draw(st.sampled_from(live), label="job")
         assert seen.job is not None
         try:
-            call(seen.job)
+            call(self._verb_handle(data, seen))
         except OperationInvalid as exc:
             if exc.state is not None and exc.verb == str(verb):
                 assert not accepts(JobState(exc.state), verb, self._job_verbs(seen)), (
@@ -602,7 +627,7 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         self._absorb(self._take_events())  # what the close's drain released
         self.restarts += 1
         self.conn = self._connect()
-        self.domains = {name: self.conn.lookupByName(name) for name in self.domains}
+        self.domains = {name: self._domain(name) for name in self.domains}
         caught: dict[uuid.UUID, JobEvent | None] = self.conn.run_sync(
             self._resubscribe, list(before)
         )
@@ -772,7 +797,7 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             info = JobGetInfo(seen.job)
             assert JobState(info["state"]).terminal, f"job {job_id} never ended: {info['state']}"
             assert seen.finals == 1, f"job {job_id} got {seen.finals} FINAL events"
-            stats = self.conn.run(seen.job.ajob.stats)
+            stats = seen.job.conn.run(seen.job.ajob.stats)
             if seen.preempted_by:  # a preempted job's stats say who preempted it
                 assert stats.get("preempted_by") == str(seen.preempted_by[-1]), stats
             assert stats["type"] in (
@@ -784,3 +809,348 @@ class JobLifecycleMachine(RuleBasedStateMachine):
     def _manual(self) -> bool:
         clock = getattr(self.conn.driver, "clock", None)
         return bool(getattr(clock, "manual", False))
+
+
+# ---- the kit over several connections (a fleet's members) ------------------------------
+
+
+@attrs.frozen
+class Member:
+    """One connection of a ``FleetLifecycleMachine``: ``uri`` reaches a jobd serving
+    ``host`` (its ``--host``: every job begun there says so, on every member). Members
+    naming one host are connections to one jobd."""
+
+    host: str
+    uri: str
+
+
+@attrs.define
+class _Mirror:
+    """A per-job subscription on a member that is not the job's own connection."""
+
+    sub: Subscription
+    #: the job was active once the subscription was registered: its end must reach it
+    expect_final: bool
+    events: list[JobEvent] = attrs.field(factory=list)
+
+
+class FleetLifecycleMachine(JobLifecycleMachine):
+    """The kit with its jobs spread over several connections (``MEMBERS``), e.g. the
+    members of one PostgreSQL fleet: each template is instantiated on every host (its
+    domain key ``HOST/NAME``), a begin goes through one of the host's members, a verb
+    through any member (to another host's job it is forwarded to the owner). Every
+    invariant of the kit holds, with these additions:
+
+    * events come from one subscription per host, on its first member; each step waits
+      until they agree with what the job's owner says of it (``EVENT_WAIT`` seconds at
+      most), so an event that never reaches its subscriber fails the step;
+    * each job is also watched by a per-job subscription on a member other than the one
+      it was begun on (another host's when there is one): what that watch sees is the
+      owner's numbered events (same number, same state), in order, at most one FINAL,
+      and its FINAL if the job was still active when the watch began (another host's
+      job is looked up through that member first, then subscribed to: jobd starts the
+      watch from the row the lookup read).
+
+    Each example creates domains of its own on every host (``domain_xml``: the
+    templates' domain names with a suffix of the example's), on one driver URI per
+    member for all examples (jobd keeps a driver connection while it retains jobs, and
+    serves a bounded number of them).
+
+    Time is the members' real clock (``TIME_SCALE``: real seconds per step second); there
+    is no failure injection and no restart step (jobd's kill is the soak's business).
+    """
+
+    MEMBERS: ClassVar[tuple[Member, ...]] = ()
+    #: explain sees one member's claims, not the shared claims the database arbitrates
+    EXPLAIN = False
+    #: seconds a step waits for events to agree with the owner's answer
+    EVENT_WAIT: ClassVar[float] = 10.0
+    TIME_SCALE: ClassVar[float] = 0.02
+    #: the driver's ``DriverConnection.job_verbs`` (jobd's connection is out of reach)
+    JOB_VERBS: ClassVar[dict[str, frozenset[Verb]]] = {}
+
+    def host_templates(self) -> list[JobTemplate]:
+        """The jobs of one host (each is begun on every host)."""
+        return sim_templates()
+
+    def domain_xml(self, name: str, template_domain: str) -> str:
+        """The XML of the domain ``name`` each example creates on every host for the
+        templates' ``template_domain``: a sim domain like the sim's seeded ones (a
+        three-layer ``vda``, a plain ``vdb``) on images of the example's own."""
+        base = f"/kit/{name}"
+
+        def disk(dev: str, layers: int) -> str:
+            chain = "<backingStore/>"
+            for i in range(layers - 1):
+                source = f"{base}/{dev}.{i}.qcow2" if i else f"{base}/{dev}.qcow2"
+                chain = (
+                    f"<backingStore type='file'><format type='qcow2'/>"
+                    f"<source file='{source}'/>{chain}</backingStore>"
+                )
+            top = f"{base}/{dev}.{layers - 1}.qcow2" if layers > 1 else f"{base}/{dev}.qcow2"
+            return (
+                f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                f"<source file='{top}'/>{chain}<target dev='{dev}'/></disk>"
+            )
+
+        return (
+            f"<domain><name>{name}</name><memory unit='MiB'>512</memory><devices>"
+            f"{disk('vda', 3)}{disk('vdb', 1)}</devices></domain>"
+        )
+
+    def templates(self) -> list[JobTemplate]:
+        return [
+            attrs.evolve(t, name=f"{t.name}@{host}", domain=f"{host}/{t.domain}")
+            for host in self.hosts
+            for t in self.host_templates()
+        ]
+
+    def __init__(self) -> None:
+        if len(self.MEMBERS) < 2:
+            raise InvalidArgument("a FleetLifecycleMachine needs at least two MEMBERS")
+        #: this example's domains are named ``NAME-TAG`` (on one sim host for all
+        #: examples: jobd keeps a driver connection while it retains jobs)
+        self.tag = uuid.uuid4().hex[:12]
+        self.hosts = list(dict.fromkeys(m.host for m in self.MEMBERS))
+        self.members: list[BlockingConnection] = []
+        self.mirrors: dict[uuid.UUID, _Mirror] = {}
+        #: each job's owner events by number: (kind, state)
+        self.numbered: dict[uuid.UUID, dict[int, tuple[EventKind, JobState]]] = {}
+        self._handles: dict[tuple[int, uuid.UUID], BlockingJob] = {}
+        self._doms: dict[tuple[int, str], BlockingDomain] = {}
+        #: verbs sent through a member of another host than the job's (forwarded)
+        self.forwarded = 0
+        super().__init__()
+        try:
+            for host in self.hosts:
+                for name in dict.fromkeys(t.domain for t in self.host_templates()):
+                    conn = self.members[self._primary(host)]
+                    conn.createXML(self.domain_xml(f"{name}-{self.tag}", name))
+            self.subs: dict[str, Subscription] = {self.MEMBERS[0].host: self.sub}
+            for host in self.hosts[1:]:
+                conn = self.members[self._primary(host)]
+                self.subs[host] = conn.run_sync(lambda c=conn: c.aconn.subscribe(maxlen=1 << 20))
+        except BaseException:
+            self._close_members()
+            raise
+
+    def _connect(self) -> BlockingConnection:
+        try:
+            for m in self.MEMBERS:
+                self.members.append(_open(m.uri, backend=self.BACKEND, retention=self.RETENTION))
+        except BaseException:
+            self._close_members()
+            raise
+        return self.members[0]
+
+    def _close_members(self) -> None:
+        for conn in self.members:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _primary(self, host: str) -> int:
+        return next(i for i, m in enumerate(self.MEMBERS) if m.host == host)
+
+    def _host_of(self, seen: _Seen) -> str:
+        return seen.template.domain.split("/", 1)[0]
+
+    def _member_domain(self, i: int, name: str) -> BlockingDomain:
+        dom = self._doms.get((i, name))
+        if dom is None:
+            dom = self._doms[(i, name)] = self.members[i].lookupByName(name)
+        return dom
+
+    def _domain(self, name: str) -> BlockingDomain:
+        host, dom = name.split("/", 1)
+        return self._member_domain(self._primary(host), f"{dom}-{self.tag}")
+
+    def _begin_domain(self, data: st.DataObject, tmpl: JobTemplate) -> BlockingDomain:
+        host, dom = tmpl.domain.split("/", 1)
+        serving = [i for i, m in enumerate(self.MEMBERS) if m.host == host]
+        i = serving[0] if len(serving) == 1 else data.draw(st.sampled_from(serving), "member")
+        return self._member_domain(i, f"{dom}-{self.tag}")
+
+    def _verb_handle(self, data: st.DataObject, seen: _Seen) -> BlockingJob:
+        assert seen.job is not None
+        i = data.draw(st.sampled_from(range(len(self.MEMBERS))), label="member")
+        conn = self.members[i]
+        if seen.job.conn is conn:
+            return seen.job
+        if self.MEMBERS[i].host != self._host_of(seen):
+            self.forwarded += 1
+        key = (i, seen.job.uuid)
+        handle = self._handles.get(key)
+        if handle is None:
+            handle = self._handles[key] = BlockingJob(
+                conn, conn.run(conn.aconn.lookup_job, seen.job.uuid)
+            )
+        return handle
+
+    @rule(data=st.data(), queue=st.booleans())
+    def begin(self, data: st.DataObject, queue: bool) -> None:
+        known = set(self.seen)
+        super().begin(data, queue)
+        for job_id in set(self.seen) - known:
+            self._watch(job_id)
+
+    def _watch(self, job_id: uuid.UUID) -> None:
+        """A per-job subscription on a member of another host (or another connection)."""
+        seen = self.seen[job_id]
+        assert seen.job is not None
+        host = self._host_of(seen)
+        others = [i for i, m in enumerate(self.MEMBERS) if m.host != host] or [
+            i for i, c in enumerate(self.members) if c is not seen.job.conn
+        ]
+        conn = self.members[others[0]]
+
+        def subscribe() -> Subscription:
+            return conn.run_sync(lambda: conn.aconn.subscribe(job=job_id, maxlen=1 << 16))
+
+        if self.MEMBERS[others[0]].host != host:
+            # another host's job: looked up first, so the watch starts from the row the
+            # lookup read (jobd's session knows the handle), and every change after it
+            # reaches the subscription
+            there = conn.run(conn.aconn.lookup_job, job_id)
+            active = there.state.active
+            sub = subscribe()
+        else:  # the round trip after the subscribe request: jobd has registered it
+            sub = subscribe()
+            there = conn.run(conn.aconn.lookup_job, job_id)
+            active = JobState(_JobGetInfo(seen.job)["state"]).active
+        info = _JobGetInfo(seen.job)
+        assert info["host"] == host, f"job {job_id} begun on {host} says host {info['host']}"
+        elsewhere = conn.run(there.info)
+        assert elsewhere.host == host and not elsewhere.host_lost, (
+            f"job {job_id} of {host} through {conn.uri}: {elsewhere}"
+        )
+        self.mirrors[job_id] = _Mirror(sub, active)
+
+    def _verb(self, data: st.DataObject, verb: Verb, call: Callable[[BlockingJob], Any]) -> None:
+        """The kit's verb step; a verb that answered without an error (through whichever
+        member) moved its job to the verb's target state (``VERB_TARGET``)."""
+        answered: list[BlockingJob] = []
+        marks = {job_id: len(s.states) for job_id, s in self.seen.items()}
+
+        def tracked(job: BlockingJob) -> None:
+            call(job)
+            answered.append(job)
+
+        super()._verb(data, verb, tracked)
+        targets = {target for (v, _), target in VERB_TARGET.items() if v is verb}
+        if answered and targets:
+            job_id = answered[0].uuid
+            moved = self.seen[job_id].states[marks[job_id] :]
+            assert targets & set(moved), (
+                f"{verb} of job {job_id} through {answered[0].conn.uri} answered, but the "
+                f"job moved {moved}, to none of {sorted(targets)}"
+            )
+
+    # ---- events ----------------------------------------------------------------------
+
+    def _drain_events(self) -> None:
+        deadline = time.monotonic() + self.EVENT_WAIT
+        while True:
+            self._take_all()
+            behind = self._behind()
+            if behind is None:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the events of job {behind[0]} did not reach its host's subscriber "
+                    f"within {self.EVENT_WAIT} s: its owner says {behind[1]}, the events "
+                    f"{self.seen[behind[0]].states} ({self.seen[behind[0]].finals} FINAL)"
+                )
+            time.sleep(0.005)
+
+    def _take_all(self) -> None:
+        for host, sub in self.subs.items():
+            events = []
+            while (ev := sub.get_nowait()) is not None:
+                seen = self.seen.get(ev.job)
+                if seen is not None and self._host_of(seen) != host:
+                    continue  # another host's job: its own host's subscription has it
+                if ev.seq and ev.kind in (EventKind.STATE, EventKind.FINAL):
+                    self.numbered.setdefault(ev.job, {})[ev.seq] = (ev.kind, ev.state)
+                events.append(ev)
+            self._absorb(events)
+        for mirror in self.mirrors.values():
+            while (ev := mirror.sub.get_nowait()) is not None:
+                if ev.kind in (EventKind.STATE, EventKind.FINAL):
+                    mirror.events.append(ev)
+            self._check_mirror(mirror, final=False)
+
+    def _behind(self) -> tuple[uuid.UUID, JobState] | None:
+        """A job whose events lag behind its owner's answer, if any."""
+        for job_id, seen in self.seen.items():
+            if seen.job is None or seen.finals:
+                continue
+            state = JobState(_JobGetInfo(seen.job)["state"])
+            if self._state(seen) is not state or (state.terminal and not seen.finals):
+                return job_id, state
+        return None
+
+    def _check_mirror(self, mirror: _Mirror, *, final: bool) -> None:
+        events = mirror.events
+        if not events:
+            assert not (final and mirror.expect_final), "a watch got no event of an active job"
+            return
+        job_id = events[0].job
+        finals = [ev for ev in events if ev.kind is EventKind.FINAL]
+        assert len(finals) <= 1, f"job {job_id}: its watch got {len(finals)} FINAL events"
+        assert not finals or finals[0] is events[-1], f"job {job_id}: events after its FINAL"
+        numbers = [ev.seq for ev in events if ev.seq]
+        assert numbers == sorted(set(numbers)), f"job {job_id}: its watch got #{numbers}"
+        owner = self.numbered.get(job_id, {})
+        for ev in events:
+            assert ev.job == job_id, f"a watch of job {job_id} got {ev}"
+            if ev.seq and ev.seq in owner:
+                assert owner[ev.seq] == (ev.kind, ev.state), (
+                    f"job {job_id}: its watch's #{ev.seq} is {ev.kind} {ev.state}, "
+                    f"its owner's {owner[ev.seq]}"
+                )
+        if final:
+            seen = self.seen[job_id]
+            states = iter(seen.states)  # the watch's states: a subsequence of the owner's
+            assert all(ev.state in states for ev in events if ev.kind is EventKind.STATE), (
+                f"job {job_id}: its watch saw {[ev.state for ev in events]}, "
+                f"its owner {seen.states}"
+            )
+            if mirror.expect_final:
+                assert finals and finals[0].state is self._state(seen), (
+                    f"job {job_id} ended {self._state(seen)}: its watch got {finals}"
+                )
+
+    # ---- the members' real time --------------------------------------------------------
+
+    def advance(self, seconds: float) -> None:
+        time.sleep(seconds * self.TIME_SCALE)
+
+    def inject_failure(self, at: float) -> bool:
+        return False
+
+    def _manual(self) -> bool:
+        return False
+
+    def _job_verbs(self, seen: _Seen) -> frozenset[Verb]:
+        assert seen.job is not None
+        job_type = seen.job.type
+        narrowed = self.JOB_VERBS.get(job_type)
+        verbs = registry.get(job_type).verbs
+        return verbs if narrowed is None else verbs & narrowed
+
+    def teardown(self) -> None:
+        try:
+            self._drain_all()
+            deadline = time.monotonic() + self.EVENT_WAIT
+            for mirror in self.mirrors.values():
+                # its FINAL may still be on its way (another member's notification)
+                while (
+                    mirror.expect_final
+                    and not any(ev.kind is EventKind.FINAL for ev in mirror.events)
+                    and time.monotonic() < deadline
+                ):
+                    time.sleep(0.01)
+                    self._take_all()
+                self._check_mirror(mirror, final=True)
+        finally:
+            self._close_members()

@@ -18,6 +18,8 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from jobcore.protocol import PROTOCOL_VERSION
+
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 BACKUP_VDB = """<job type='backup'>
@@ -211,7 +213,7 @@ class RawClient:
 
     def say_hello(self, uri: str) -> list[Any]:
         """Send ``hello`` for ``uri`` (again, after a refused one, say): its reply."""
-        return self.call("hello", 1, uri)
+        return self.call("hello", PROTOCOL_VERSION, uri)
 
     def send(self, msg: list[Any]) -> None:
         """Send any message as it is (a request with an id of the caller's, a CANCEL…)."""

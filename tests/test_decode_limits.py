@@ -18,6 +18,7 @@ from test_jobd_io import peak_rss, rss
 from jobcore.lifecycle import JobState
 from jobcore.protocol import (
     MAX_FRAME,
+    PROTOCOL_VERSION,
     REQUEST_LIMITS,
     BadRequest,
     Reply,
@@ -67,7 +68,7 @@ def test_jobd_memory_stays_bounded_on_an_amplifying_frame(tmp_path: Path) -> Non
         before = rss(daemon.proc.pid)
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(daemon.sock))
-            s.sendall(frame(msgpack.packb([0, 1, "hello", [1, "sim:///default"]])))
+            s.sendall(frame(msgpack.packb([0, 1, "hello", [PROTOCOL_VERSION, "sim:///default"]])))
             assert read_msg(s)[0] == 1
             for i in range(3):
                 body = _EMPTY_MAPS[:2] + bytes([2 + i]) + _EMPTY_MAPS[3:]  # request id 2+i

@@ -32,6 +32,7 @@ from jobd_helpers import (
 
 import jobcore
 from jobcore.cli import ExitCode
+from jobcore.protocol import PROTOCOL_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,9 @@ def test_read_only_socket_refuses_writes(jobd: Jobd, tmp_path: Path) -> None:
 def test_malformed_frames_get_error_replies(jobd: Jobd) -> None:
     with socket.socket(socket.AF_UNIX) as bystander, socket.socket(socket.AF_UNIX) as s:
         bystander.connect(str(jobd.sock))
-        bystander.sendall(frame(msgpack.packb([0, 1, "hello", [1, "sim:///default"]])))
+        bystander.sendall(
+            frame(msgpack.packb([0, 1, "hello", [PROTOCOL_VERSION, "sim:///default"]]))
+        )
         assert read_msg(bystander)[:2] == [1, 1]
         s.settimeout(10)
         s.connect(str(jobd.sock))
@@ -203,7 +206,7 @@ def test_malformed_frames_get_error_replies(jobd: Jobd) -> None:
             reply = read_msg(s)
             assert reply[0] == 2 and reply[2] == "BadRequest", reply
         assert call_raw(s, [0, 8, "lookup_domain", ["vm1"]])[0] == 2  # hello first
-        assert call_raw(s, [0, 10, "hello", [1, "sim:///default"]])[:2] == [1, 10]
+        assert call_raw(s, [0, 10, "hello", [PROTOCOL_VERSION, "sim:///default"]])[:2] == [1, 10]
         reply = call_raw(s, [0, 11, "lookup_domain", ["vm1"]])
         assert reply[:2] == [1, 11] and reply[2][0] == "vm1"
         s.sendall(struct.pack(">I", 64 << 20))  # over the frame limit: answered, hung up
@@ -221,7 +224,7 @@ def call_raw(sock: socket.socket, msg: list[object]) -> list[Any]:
 def test_vanishing_client_affects_nobody(jobd: Jobd) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(jobd.sock))
-        s.sendall(frame(msgpack.packb([0, 1, "hello", [1, "sim:///default"]])))
+        s.sendall(frame(msgpack.packb([0, 1, "hello", [PROTOCOL_VERSION, "sim:///default"]])))
         read_msg(s)
         s.sendall(frame(msgpack.packb([0, 2, "subscribe", [None, None, None, None, 16]])))
         s.sendall(frame(msgpack.packb([0, 3, "list_domains", []]))[:5])  # half a frame

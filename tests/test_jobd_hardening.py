@@ -25,7 +25,7 @@ from jobd_helpers import (
 import jobcore
 from jobcore.cli import ExitCode
 from jobcore.errors import InvalidArgument, XMLError
-from jobcore.protocol import AccessDenied, DaemonBusy, DaemonUnreachable
+from jobcore.protocol import PROTOCOL_VERSION, AccessDenied, DaemonBusy, DaemonUnreachable
 from jobcore.remote import RemoteConnection
 
 MiB = 1 << 20
@@ -104,11 +104,15 @@ def test_readonly_attaches_only_to_open_connections(jobd: Jobd) -> None:
         message = refused(ro.say_hello("sim:///default"), "AccessDenied")
         assert "'sim:///default' is not open" in message
         assert ok(rw.say_hello(f"sim:///default?rate={8 * MiB}")) == [
-            1,
+            PROTOCOL_VERSION,
             False,
             f"sim:///default?rate={8 * MiB}",
         ]
-        assert ok(ro.say_hello("sim:///default")) == [1, True, f"sim:///default?rate={8 * MiB}"]
+        assert ok(ro.say_hello("sim:///default")) == [
+            PROTOCOL_VERSION,
+            True,
+            f"sim:///default?rate={8 * MiB}",
+        ]
         assert ok(ro.call("lookup_domain", "vm1"))[0] == "vm1"
     finally:
         ro.close()

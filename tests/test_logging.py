@@ -18,6 +18,7 @@ from jobd_helpers import BACKUP_VDB, ROOT, Jobd, frame, jobctl, write
 # library logs a warning and goes on), then answers list_domains with no domains.
 _FAKE_DAEMON = """
 import socket, struct, sys, threading, msgpack
+from jobcore.protocol import PROTOCOL_VERSION
 
 def frame(msg):
     body = msgpack.packb(msg)
@@ -40,7 +41,7 @@ server.listen()
 def serve():
     conn, _ = server.accept()
     hello = recv(conn)
-    conn.sendall(frame([1, hello[1], [1, False, "sim:///default"]]))
+    conn.sendall(frame([1, hello[1], [PROTOCOL_VERSION, False, "sim:///default"]]))
     request = recv(conn)
     conn.sendall(frame([0, 99, "list_domains", []]))
     conn.sendall(frame([1, request[1], []]))

@@ -8,17 +8,19 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import attrs
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.events import EventKind, JobEvent
-from jobcore.info import JobInfo
+from jobcore.info import HostInfo, HostState, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Method
 from jobcore.protocol import (
     BadRequest,
     EventPush,
+    InfoPage,
     JobPage,
     JobRef,
     decode_message,
@@ -58,6 +60,47 @@ def test_values_travel_as_their_fields_in_order() -> None:
     assert decode_result(Method.LIST_JOBS_PAGE, wire(page)) == page
     frame = encode_message(EventPush(3, EVENT))
     assert decode_message(frame[4:]) == EventPush(3, EVENT)
+
+
+LOST_INFO = attrs.evolve(INFO, host="hv2", host_lost=True, errmsg="é" * 10)
+HOSTS = [
+    HostInfo("hv1", HostState.LIVE, 0.25, 10.0, 2, 5, 4242),
+    HostInfo("hv2", HostState.FENCED, 31.5, 1.0, 0, 3, 77, "hv1", "its disk died"),
+]
+
+
+def test_fleet_values_travel_as_their_fields_in_order() -> None:
+    assert wire(HOSTS[1]) == ["hv2", "fenced", 31.5, 1.0, 0, 3, 77, "hv1", "its disk died"]
+    assert decode_result(Method.FLEET_HOSTS, wire(HOSTS)) == HOSTS
+    fenced = decode_result(Method.FENCE_HOST, wire(HOSTS[1]))
+    assert fenced == HOSTS[1] and type(fenced.state) is HostState
+    assert dict(fenced) == fenced.as_dict() and fenced["state"] == "fenced"
+    page = InfoPage((INFO, LOST_INFO), 41)
+    assert wire(page)[1] == 41 and wire(page)[0][1][-2:] == ["hv2", True]
+    back = decode_result(Method.LIST_FLEET_JOBS, wire(page))
+    assert back == page and back.infos[1].host_lost
+    last = InfoPage((), None)
+    assert decode_result(Method.LIST_FLEET_JOBS, wire(last)) == last
+
+
+BAD_FLEET = {
+    "host-state-unknown": (Method.FENCE_HOST, ["hv2", "gone", 1.0, 1.0, 0, 0, 1, None, None]),
+    "host-short": (Method.FENCE_HOST, ["hv2", "lost", 1.0, 1.0, 0, 0, 1, None]),
+    "host-age-as-str": (Method.FENCE_HOST, ["hv2", "lost", "1", 1.0, 0, 0, 1, None, None]),
+    "host-jobs-as-bool": (Method.FENCE_HOST, ["hv2", "lost", 1.0, 1.0, True, 0, 1, None, None]),
+    "hosts-not-a-list": (Method.FLEET_HOSTS, {"hv1": 1}),
+    "page-no-cursor": (Method.LIST_FLEET_JOBS, [[]]),
+    "page-cursor-as-str": (Method.LIST_FLEET_JOBS, [[], "41"]),
+    "page-of-refs": (Method.LIST_FLEET_JOBS, [[[U.bytes, "backup", "vm1", "running"]], None]),
+    "info-lost-as-int": (Method.LIST_FLEET_JOBS, [[[*wire(INFO)[:-1], 1]], None]),
+    "info-version-1": (Method.JOB_INFO, wire(INFO)[:-2]),
+}
+
+
+@pytest.mark.parametrize(("method", "value"), BAD_FLEET.values(), ids=BAD_FLEET.keys())
+def test_malformed_fleet_results_are_refused(method: Method, value: Any) -> None:
+    with pytest.raises(ValueError):
+        decode_result(method, value)
 
 
 BAD_DOMAINS = {

@@ -27,6 +27,8 @@ COMMANDS = {
     "dumpxml": "jobs",
     "events": "events",
     "explain": "explain",
+    "host": "fleet",
+    "hosts": "fleet",
     "info": "jobs",
     "list": "jobs",
     "pause": "jobs",

@@ -68,6 +68,18 @@ def complete_job(
     return [CompletionItem(n) for n in names if n.startswith(incomplete.lower())]
 
 
+async def _host_names(conn: Connection) -> list[str]:
+    return [h.name for h in await conn.fleet_hosts()]
+
+
+def complete_host(
+    click_ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """A fleet member's name (nothing where the connection is no fleet member)."""
+    names = _completions(click_ctx, _host_names)
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
 # ---- shared arguments and options -------------------------------------------------------
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")

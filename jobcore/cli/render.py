@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
 from jobcore import constants as C
 from jobcore.events import EventKind, JobEvent
-from jobcore.info import JobInfo
+from jobcore.info import HostInfo, HostState, JobInfo
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -136,7 +136,7 @@ def info_lines(info: JobInfo) -> Iterator[str]:
         ("UUID:", str(info.uuid)),
         ("Type:", str(info.type)),
         ("Domain:", info.domain),
-        ("Host:", info.host),
+        ("Host:", info.host + (" (not live: stopped or lease expired)" if info.host_lost else "")),
         ("State:", str(info.state)),
         (
             "Progress:",
@@ -161,35 +161,91 @@ def stats_lines(stats: dict[str, Any]) -> Iterator[str]:
         yield f"{key + ':':<20} {value}"
 
 
-def jobs_table(infos: Sequence[JobInfo]) -> None:
-    """``jobctl list``: a rich table on a terminal (UUIDs never cut), else fixed columns."""
+def _job_row(i: JobInfo, fleet: bool) -> list[str]:
+    row = [str(i.uuid), i.domain, i.host, str(i.type), str(i.state)]
+    if fleet:  # another host's elapsed time is as old as its row: Lost instead
+        return [*row, "LOST" if i.host_lost else "-", f"{i.progress:.1f}%"]
+    return [*row, f"{i.progress:.1f}%", f"{i.time_elapsed / 1000:.1f}s"]
+
+
+def jobs_table(infos: Sequence[JobInfo], *, fleet: bool = False) -> None:
+    """``jobctl list``: a rich table on a terminal (UUIDs never cut), else fixed columns.
+    ``fleet`` (``list --fleet``): the Lost column (LOST: an active job whose host is not
+    live; its state is the last its host wrote) instead of the elapsed time."""
+    cols = ["Domain", "Host", "Type", "State", *(["Lost", "Done"] if fleet else ["Done", "Time"])]
     out = console()
     if out.is_terminal:
         from rich.table import Table
 
         table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
         table.add_column("UUID", no_wrap=True, min_width=36, overflow="fold")  # never cut
-        for col in ("Domain", "Type", "State", "Progress", "Elapsed"):
-            table.add_column(col, justify="right" if col in ("Progress", "Elapsed") else "left")
+        for col in cols:  # a narrow terminal wraps a cell, never cuts it
+            justify: Literal["left", "right"] = "right" if col in ("Done", "Time") else "left"
+            table.add_column(col, justify=justify, overflow="fold")
         for i in infos:
-            table.add_row(
-                str(i.uuid),
-                i.domain,
-                str(i.type),
-                str(i.state),
-                f"{i.progress:.1f}%",
-                f"{i.time_elapsed / 1000:.1f}s",
-            )
+            row = _job_row(i, fleet)
+            if fleet and i.host_lost:
+                row[cols.index("Lost") + 1] = "[bold red]LOST[/]"
+            table.add_row(*row)
         out.print(table)
         return
-    click.echo(
-        f"{'UUID':<36} {'Domain':<10} {'Type':<11} {'State':<10} {'Progress':>8} {'Elapsed':>9}"
-    )
+    widths = {"Domain": 10, "Host": 10, "Type": 11, "State": 10, "Lost": 4}
+    rights = {"Done": 8, "Time": 9}
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [f"{cells[0]:<36}"]
+        for col, cell in zip(cols, cells[1:], strict=True):
+            parts.append(f"{cell:>{rights[col]}}" if col in rights else f"{cell:<{widths[col]}}")
+        return " ".join(parts)
+
+    click.echo(line(["UUID", *cols]))
     for i in infos:
+        click.echo(line(_job_row(i, fleet)))
+
+
+def hosts_table(hosts: Sequence[HostInfo]) -> None:
+    """``jobctl hosts``: one row per member; Fenced (by whom, why) when one is fenced."""
+    fenced = any(h.state is HostState.FENCED for h in hosts)
+    cols = ["Name", "State", "Lease", "TTL", "Active", "Jobs", "PID"]
+    if fenced:
+        cols.append("Fenced")
+
+    def row(h: HostInfo) -> list[str]:
+        cells = [h.name, str(h.state), f"{h.lease_age:.1f}s", f"{h.lease_ttl:g}s"]
+        cells += [str(h.active_jobs), str(h.jobs), str(h.pid)]
+        if fenced:
+            cells.append(fence_text(h) if h.state is HostState.FENCED else "-")
+        return cells
+
+    out = console()
+    if out.is_terminal:
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
+        for col in cols:
+            table.add_column(col, justify="right" if col in _NUMERIC else "left")
+        for h in hosts:
+            table.add_row(*row(h), style=None if h.state is HostState.LIVE else "bold")
+        out.print(table)
+        return
+    for cells in [cols, *(row(h) for h in hosts)]:
         click.echo(
-            f"{i.uuid!s:<36} {i.domain:<10} {i.type:<11} {i.state:<10} "
-            f"{i.progress:>7.1f}% {i.time_elapsed / 1000:>8.1f}s"
+            " ".join(
+                f"{c:>{_HOST_WIDTHS[col]}}" if col in _NUMERIC else f"{c:<{_HOST_WIDTHS[col]}}"
+                for col, c in zip(cols, cells, strict=True)
+            ).rstrip()
         )
+
+
+_NUMERIC = ("Lease", "TTL", "Active", "Jobs", "PID")
+_HOST_WIDTHS = {"Name": 12, "State": 8, "Lease": 8, "TTL": 6, "Active": 6, "Jobs": 6}
+_HOST_WIDTHS |= {"PID": 8, "Fenced": 0}
+
+
+def fence_text(h: HostInfo) -> str:
+    """``by M: REASON`` of a fenced host (``by M`` when no reason was given)."""
+    text = f"by {h.fenced_by or '?'}"
+    return text + (f": {h.fence_reason}" if h.fence_reason else "")
 
 
 def domain_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:

@@ -12,6 +12,7 @@ from jobcore.daemon.config import HANDLE_CACHE, MAX_LIST_PAGE
 from jobcore.daemon.fleet import FleetJob
 from jobcore.daemon.sessions import _Client
 from jobcore.errors import AccessDenied, JobError, NoSuchDomain, NoSuchJob
+from jobcore.info import JobInfo
 from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.methods import Method, On, Result, uuid_prefix
 from jobcore.protocol import MAX_FRAME, DomainRef, Wire, encode_job_ref, encode_value
@@ -108,7 +109,13 @@ def _encoder(result: Result) -> Callable[[_Client, Any], Wire]:
         return lambda c, cp: None if cp is None else cp.name
     if result is Result.CHECKPOINT_REFS:
         return lambda c, cps: [cp.name for cp in cps]
-    if result in (Result.JOB_INFO, Result.DOMAIN_INFO, Result.EXPLANATION):
+    if result in (
+        Result.JOB_INFO,
+        Result.DOMAIN_INFO,
+        Result.HOST_INFO,
+        Result.HOST_INFOS,
+        Result.EXPLANATION,
+    ):
         return lambda c, value: encode_value(value)
     return lambda c, value: value  # already plain: nil, ints, text, typed params
 
@@ -250,6 +257,32 @@ async def _h_find_jobs(c: _Client, a: tuple[Any, ...]) -> Wire:
     return refs
 
 
+def _info_size(info: JobInfo) -> int:
+    """An upper bound of one JobInfo's wire size (its numbers, UUID, names and error)."""
+    text = len(info.domain) + len(info.host) + len(info.type) + len(info.errmsg or "")
+    return 160 + 4 * text  # a character is at most 4 bytes of UTF-8
+
+
+@_handles(Method.LIST_FLEET_JOBS)
+async def _h_list_fleet_jobs(c: _Client, a: tuple[Any, ...]) -> Wire:
+    """A page of every member's jobs within half a frame: a page whose infos (long
+    error messages) would not fit is asked again for as many as fit, so the cursor
+    stays the fleet's own (the seq of the page's last job)."""
+    conn = _conn(c)
+    limit = max(1, min(a[1], MAX_LIST_PAGE))
+    while True:
+        infos, cursor = await conn.list_fleet_jobs(a[0], limit)
+        fit, size = 0, 0
+        for info in infos:
+            size += _info_size(info)
+            if size > MAX_FRAME // 2:
+                break
+            fit += 1
+        if fit == len(infos) or limit == 1:
+            return [[encode_value(i) for i in infos], cursor]
+        limit = max(1, min(fit, limit - 1))
+
+
 for _method in Method:
     if _method.value.on is not On.SESSION and _method not in _HANDLERS:
         _HANDLERS[_method] = _table_handler(_method)
@@ -261,5 +294,5 @@ _BULKY = frozenset(
     for m in Method
     if m.value.result
     in (Result.DOMAIN_REFS, Result.DOMAIN_INFO, Result.JOB_REFS, Result.JOB_PAGE, Result.PARAMS,
-        Result.TEXT, Result.CHECKPOINT_REFS)
+        Result.TEXT, Result.CHECKPOINT_REFS, Result.INFO_PAGE, Result.HOST_INFOS)
 )  # fmt: skip

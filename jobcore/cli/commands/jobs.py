@@ -1,4 +1,5 @@
-"""Commands on jobs: begin, list, info, stats, dumpxml, wait, the verbs, set-speed."""
+"""Commands on jobs: begin, list (--fleet too), info, stats, dumpxml, wait, the verbs,
+set-speed."""
 
 from __future__ import annotations
 
@@ -81,18 +82,23 @@ def begin(
 @click.command(name="list")
 @domain_filter_option
 @click.option("--all", "-a", "show_all", is_flag=True, help="Also ended jobs still retained.")
+@click.option(
+    "--fleet",
+    is_flag=True,
+    help="Every fleet member's jobs (jobd on a postgresql:// store), LOST where the job's "
+    "host is not live.",
+)
 @json_option
-def list_(domain: str | None, show_all: bool, as_json: bool) -> None:
-    """List active jobs (with --all also retained ended ones)."""
+def list_(domain: str | None, show_all: bool, fleet: bool, as_json: bool) -> None:
+    """List active jobs (with --all also retained ended ones; --fleet: of every host)."""
 
     async def body(conn: Connection) -> None:
-        doms = [await conn.lookup_domain(domain)] if domain else await conn.list_domains()
-        infos: list[JobInfo] = []
-        for dom in doms:
-            for job in await dom.list_jobs():
-                info = await job.info()
-                if show_all or info.state.active:
-                    infos.append(info)
+        infos = await (_fleet_infos(conn) if fleet else _local_infos(conn, domain))
+        infos = [
+            i
+            for i in infos
+            if (show_all or i.state.active) and (domain is None or i.domain == domain)
+        ]
         if as_json:
             print_json([i.as_dict() for i in infos])
         elif not infos:
@@ -100,9 +106,24 @@ def list_(domain: str | None, show_all: bool, as_json: bool) -> None:
                 "no jobs" + ("" if show_all else " active (--all shows ended ones)"), err=True
             )
         else:
-            jobs_table(infos)
+            jobs_table(infos, fleet=fleet)
 
     run(body)
+
+
+async def _local_infos(conn: Connection, domain: str | None) -> list[JobInfo]:
+    doms = [await conn.lookup_domain(domain)] if domain else await conn.list_domains()
+    return [await job.info() for dom in doms for job in await dom.list_jobs()]
+
+
+async def _fleet_infos(conn: Connection) -> list[JobInfo]:
+    """Every host's jobs, page by page (jobd bounds each page to a frame)."""
+    infos: list[JobInfo] = []
+    cursor: int | None = -1
+    while cursor is not None:
+        page, cursor = await conn.list_fleet_jobs(cursor)
+        infos += page
+    return infos
 
 
 @click.command()
