@@ -17,6 +17,9 @@ failures, while checking after every step:
   ``preempt`` takes its blockers' resources (unless a job started or ended in between,
   which a real driver's own pace may do), and an error explain raises, begin raises too.
 
+(``EXPLAIN = False`` leaves that check out: the fleet machine's, whose members' explain
+cannot see the claims the database shares among them.)
+
 With ``PREEMPT = True`` the machine also begins jobs of priority 1000 with
 ``<policy conflict='preempt'/>`` (the ``preempt`` step), and checks that a preempted
 job always gets its events: a PREEMPTED event naming its preemptor (also in its stats,
