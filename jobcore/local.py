@@ -37,7 +37,6 @@ from jobcore.info import Explanation, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
-from jobcore.scheduler import PolicyTable
 from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, ChainRef, JobType
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
@@ -639,15 +638,13 @@ async def connect_local(
     keep_jobs: bool | None = None,
     scope: str | None = None,
     host: str | None = None,
-    policy: PolicyTable | None = None,
 ) -> AsyncIterator[LocalConnection]:
     """Open an in-process connection (``jobcore.connect`` documents the arguments);
     everything it started is cancelled when the block exits. Closing fails the jobs still
     active, unless ``keep_jobs`` (default: whether the store is durable) and the driver
     recovers them at the next open (design/store.md "Recovery"). A durable store keeps
     the jobs under ``scope`` (default: the URI without its query; jobd names its driver
-    connection's identity) with ``uri`` as what reopens them. ``policy``: the conflict
-    policy table (jobcore.scheduler; default: no rule, design/scheduling.md "Policy")."""
+    connection's identity) with ``uri`` as what reopens them."""
     parsed = parse_uri(uri)
     store_url = DEFAULT_STORE_URL if store is None else store
     durable = parse_store_url(store_url).kind != "memory"  # InvalidArgument if malformed
@@ -693,7 +690,6 @@ async def connect_local(
                     max_retained=max_retained,
                     checkpoint_state=checkpoint_state,
                     host=host,
-                    policy=policy,
                 )
                 engine.driver_state_durable = isinstance(state, StoreDriverState)
                 try:

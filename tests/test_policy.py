@@ -19,7 +19,7 @@ from jobcore import JobState
 from jobcore.api import Connection
 from jobcore.events import EventKind, JobEvent
 from jobcore.lifecycle import Verb
-from jobcore.local import as_local, connect_local
+from jobcore.local import as_local
 from jobcore.scheduler import KUBEVIRT_POLICY
 
 pytestmark = pytest.mark.anyio
@@ -119,7 +119,8 @@ async def test_preemption_needs_a_higher_priority(conn: Connection) -> None:
 
 
 async def test_kubevirt_table_a_migration_cancels_a_backup_and_requeues_it() -> None:
-    async with connect_local(MANUAL, policy=KUBEVIRT_POLICY) as conn:
+    async with jobcore.connect(MANUAL) as conn:
+        as_local(conn).engine.scheduler.policy = KUBEVIRT_POLICY
         dom = await conn.lookup_domain("vm1")
         with conn.subscribe(domain="vm1") as sub:
             victim = await dom.job_begin(backup("<policy requeue='yes'/>"))
