@@ -424,7 +424,10 @@ class Engine:
         if self._dstore is not None:  # durability: on disk before the driver starts it
             await self._persisted(rec, admitted)
         if verdict.decision is Decision.PREEMPT:
-            admitted = await self._preempt(rec, verdict.victims)
+            # shielded (bounded by the start timeout inside): a begin cancelled meanwhile
+            # still leaves its job started once admitted, or queued and started later
+            with anyio.CancelScope(shield=True):
+                admitted = await self._preempt(rec, verdict.victims)
         if admitted:
             await self._start(rec, raise_errors=True)
             await self.checkpoints.flush()  # a checkpoint the backup created is durable
@@ -787,6 +790,8 @@ class Engine:
         if rec.done is not None and self._dstore is None:
             rec.done.set()
         rec.driver_job = None
+        if rec.admitted is not None:  # a preemptor's begin waits no longer: it ended
+            rec.admitted.set()
         self._readmit(self.scheduler.release(rec.ticket))
         if (
             rec.preempt == "cancel"

@@ -300,3 +300,33 @@ def test_explain_decides_what_begin_then_does(
     mix: list[tuple[str, int, str, bool, int]], kubevirt: bool
 ) -> None:
     anyio.run(_explain_then_begin, mix, kubevirt)
+
+
+async def test_a_closing_connection_ends_a_waiting_preemptor_at_once() -> None:
+    """A preemptor waiting for a victim that does not let go (the hypervisor took the
+    cancel and never ends the job) fails when the connection closes, and its begin
+    returns then, not a start timeout later."""
+    async with jobcore.connect(MANUAL) as conn:
+        engine = as_local(conn).engine
+        engine.start_timeout = 1e6  # only the close can end the wait
+        conn.driver.job_verbs = {"backup": frozenset({Verb.ABORT})}  # type: ignore[attr-defined]
+        dom = await conn.lookup_domain("vm1")
+        victim = await dom.job_begin(backup())
+
+        async def cancel_taken_never_done(job: object) -> None:
+            return None
+
+        conn.driver.cancel = cancel_taken_never_done  # type: ignore[attr-defined,method-assign]
+        began: list[S] = []
+
+        async def preempt() -> None:
+            job = await dom.job_begin(pull("<priority>1</priority><policy conflict='preempt'/>"))
+            began.append(job.state)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(preempt)
+                await step(conn)
+                assert not began and victim.state is S.ABORTING  # waiting for the victim
+                engine.close()
+    assert began == [S.FAILED]
