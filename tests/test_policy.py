@@ -316,7 +316,7 @@ async def test_a_closing_connection_ends_a_waiting_preemptor_at_once() -> None:
         async def cancel_taken_never_done(job: object) -> None:
             return None
 
-        conn.driver.cancel = cancel_taken_never_done  # type: ignore[attr-defined,method-assign]
+        conn.driver.cancel = cancel_taken_never_done  # type: ignore[attr-defined]
         began: list[S] = []
 
         async def preempt() -> None:
