@@ -516,12 +516,15 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             assert explained["decision"] != "conflict", "explain said conflict, begin admitted"
         return job
 
-    @precondition(lambda self: self.PREEMPT)
+    @precondition(lambda self: self.PREEMPT and bool(self._live()))
     @rule(data=st.data())
     def preempt(self, data: st.DataObject) -> None:
         """Begin a job of priority 1000 whose policy preempts; explain's blockers then
-        are its victims: each gets a PREEMPTED event naming it."""
-        tmpl = data.draw(st.sampled_from(self.tmpl), label="template")
+        are its victims: each gets a PREEMPTED event naming it. A template in conflict
+        with a live job is drawn when there is one."""
+        live = [s.template for s in self._live()]
+        rivals = [t for t in self.tmpl if any(contract_conflict(t, o) for o in live)]
+        tmpl = data.draw(st.sampled_from(rivals or self.tmpl), label="template")
         job_id = uuid.uuid4()
         xml = tmpl.make(job_id, False).replace(
             "</uuid>", "</uuid><priority>1000</priority><policy conflict='preempt'/>", 1
@@ -560,7 +563,9 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         try:
             call(self._verb_handle(data, seen))
         except OperationInvalid as exc:
-            if exc.state is not None and exc.verb == str(verb):
+            if verb is Verb.RESUME and self._waits_preempted(seen):
+                pass  # paused by a preemptor: it resumes when that one ends, not before
+            elif exc.state is not None and exc.verb == str(verb):
                 assert not accepts(JobState(exc.state), verb, self._job_verbs(seen)), (
                     f"{verb} refused in {exc.state}, which accepts it"
                 )
