@@ -327,6 +327,17 @@ class Scheduler:
                 return rule
         return None
 
+    def decide(self, ticket: Ticket, c: Conflict) -> Conflict:
+        """``c`` (a blocker ``conflict`` or ``blockers`` found for ``ticket``) with the
+        policy that applies to it and the rule that says so (group admission uses it)."""
+        other = self._held.get(c.holder)
+        if c.waiting:
+            other = next(
+                (w for _, w, _ in self._resources[c.claim.resource].waiters if w.job == c.holder),
+                None,
+            )
+        return self._decide(ticket, c, other)
+
     def _decide(self, ticket: Ticket, c: Conflict, other: Ticket | None) -> Conflict:
         """``c`` (blocker ``other``'s) with the policy that applies and the rule saying so."""
         holder = None if c.waiting else other

@@ -258,3 +258,22 @@ def test_aging_bounds_how_often_a_queued_job_is_overtaken(low: int, stream: list
     while holders and waiter.waiting:  # once the stream stops, it runs
         s.release(holders.pop(0))
     assert not waiter.waiting
+
+
+def test_decide_gives_a_found_blocker_its_policy_and_rule() -> None:
+    from jobcore.scheduler import KUBEVIRT_POLICY, Policy
+
+    s = Scheduler(KUBEVIRT_POLICY)
+    b = s.ticket(uuid.uuid4(), backup(VDA), type="backup")
+    s.try_admit(b)
+    waiter = s.ticket(uuid.uuid4(), chain(VDA), type="blockpull", queue=True)
+    assert not s.admit_or_enqueue(waiter)
+    mig = s.ticket(uuid.uuid4(), MIGRATION, 1, type="migration")
+    found = s.conflict(mig)
+    assert found is not None and found.rule == ""  # conflict(): the first blocker, raw
+    decided = s.decide(mig, found)
+    assert decided.policy is Policy.PREEMPT and "policy table: backup vs migration" in decided.rule
+    pull = s.ticket(uuid.uuid4(), chain(VDA), type="blockpull")
+    (held, queued) = s.blockers(pull)
+    assert s.decide(pull, held).policy is Policy.REJECT
+    assert queued.waiting and "queued before it" in s.decide(pull, queued).rule
