@@ -506,7 +506,11 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         except JobError as exc:
             if refusal is not None:
                 assert isinstance(exc, refusal), f"explain raised {refusal}, begin {exc!r}"
-            elif isinstance(exc, JobConflict) and self._moves() == moves_before:
+            elif (
+                explained is not None
+                and isinstance(exc, JobConflict)
+                and self._moves() == moves_before
+            ):
                 assert explained["decision"] == "conflict", f"explain said {explained}"
                 assert str(exc.holder) in {b["uuid"] for b in explained["blockers"]}
             raise
