@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobcore.errors import JobConflict
-from jobcore.scheduler import CONFLICTS, Claim, Mode, Scheduler, Ticket
+from jobcore.scheduler import CONFLICTS, Claim, Decision, Mode, Scheduler, Ticket
 
 DOM = "domain:vm1"
 VDA = "disk:vm1/vda"
@@ -277,3 +277,27 @@ def test_decide_gives_a_found_blocker_its_policy_and_rule() -> None:
     (held, queued) = s.blockers(pull)
     assert s.decide(pull, held).policy is Policy.REJECT
     assert queued.waiting and "queued before it" in s.decide(pull, queued).rule
+
+
+CLAIM_SETS = [backup(VDA, target="/a"), backup(VDB), chain(VDA), chain(VDB), MIGRATION]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, len(CLAIM_SETS) - 1), st.integers(-2, 2), st.booleans()),
+        min_size=1,
+        max_size=15,
+    )
+)
+def test_begins_short_verdict_decides_as_the_full_one(steps: list[tuple[int, int, bool]]) -> None:
+    """Property: with no policy table and no job policy, begin's verdict (the first
+    blocker only) decides as explain's (every blocker), naming one of its blockers."""
+    s = Scheduler()
+    for which, priority, queue in steps:
+        t = s.ticket(uuid.uuid4(), CLAIM_SETS[which], priority, queue=queue)
+        full, short = s.verdict(t), s.verdict(t, every_blocker=False)
+        assert short.decision is full.decision
+        assert {c.holder for c in short.blockers} <= {c.holder for c in full.blockers}
+        if full.decision is not Decision.CONFLICT:
+            s.apply(t, short)
