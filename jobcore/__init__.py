@@ -32,7 +32,7 @@ from jobcore.errors import (
 if _typing.TYPE_CHECKING:
     from jobcore.api import Checkpoint, Connection, Domain, Job, connect
     from jobcore.events import EventFilter, EventKind, JobEvent, Subscription
-    from jobcore.facade import (
+    from jobcore.facade import (  # groups
         BlockingCheckpoint,
         BlockingConnection,
         BlockingDomain,
@@ -48,6 +48,11 @@ if _typing.TYPE_CHECKING:
         JobGetUUID,
         JobGetUUIDString,
         JobGetXMLDesc,
+        JobGroupAbort,
+        JobGroupBegin,
+        JobGroupGetInfo,
+        JobGroupGetJobs,
+        JobGroupWait,
         JobLookupByUUID,
         JobPause,
         JobResume,
@@ -55,7 +60,7 @@ if _typing.TYPE_CHECKING:
         JobWait,
         open,
     )
-    from jobcore.info import Explanation, HostInfo, HostState, JobInfo
+    from jobcore.info import Explanation, GroupInfo, HostInfo, HostState, JobInfo
     from jobcore.lifecycle import JobState, Verb
     from jobcore.spec import ChainRef, JobOptions, JobType
     from jobcore.types.backup import BackupJobSpec
@@ -103,6 +108,13 @@ _LAZY = {
     "JobState": "jobcore.lifecycle",
     "JobType": "jobcore.spec",
     "JobWait": "jobcore.facade",
+    # groups
+    "JobGroupAbort": "jobcore.facade",
+    "JobGroupBegin": "jobcore.facade",
+    "JobGroupGetInfo": "jobcore.facade",
+    "JobGroupGetJobs": "jobcore.facade",
+    "JobGroupWait": "jobcore.facade",
+    "GroupInfo": "jobcore.info",
     "MigrationSpec": "jobcore.types.migration",
     "Subscription": "jobcore.events",
     "Verb": "jobcore.lifecycle",
@@ -149,6 +161,7 @@ __all__ = [
     "EventFilter",
     "EventKind",
     "Explanation",
+    "GroupInfo",
     "HostInfo",
     "HostState",
     "InvalidArgument",
@@ -168,6 +181,11 @@ __all__ = [
     "JobGetUUID",
     "JobGetUUIDString",
     "JobGetXMLDesc",
+    "JobGroupAbort",
+    "JobGroupBegin",
+    "JobGroupGetInfo",
+    "JobGroupGetJobs",
+    "JobGroupWait",
     "JobInfo",
     "JobLookupByUUID",
     "JobOptions",

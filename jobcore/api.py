@@ -21,7 +21,7 @@ from jobcore import constants as C
 from jobcore.driver import DomainInfo
 from jobcore.errors import InvalidArgument
 from jobcore.events import EventHub, EventKind, Subscription
-from jobcore.info import Explanation, HostInfo, JobInfo
+from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.paths import PathGuard
 from jobcore.spec import DEFAULT_RETENTION, JobType
@@ -29,8 +29,20 @@ from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.uri import parse_uri
 
 if TYPE_CHECKING:
-    from jobcore.local import LocalCheckpoint, LocalConnection, LocalDomain, LocalJob
-    from jobcore.remote import RemoteCheckpoint, RemoteConnection, RemoteDomain, RemoteJob
+    from jobcore.local import (
+        LocalCheckpoint,
+        LocalConnection,
+        LocalDomain,
+        LocalJob,
+        LocalJobGroup,
+    )
+    from jobcore.remote import (
+        RemoteCheckpoint,
+        RemoteConnection,
+        RemoteDomain,
+        RemoteJob,
+        RemoteJobGroup,
+    )
 
 LEGACY_DOMAIN_JOB_UUID = C.LEGACY_DOMAIN_JOB_UUID
 
@@ -92,6 +104,20 @@ class Connection(Protocol):
         maxlen: int = EventHub.DEFAULT_BUFFER,
     ) -> Subscription:
         """A bounded, filtered event queue; close it (or use ``with``) when done."""
+        ...
+
+    # groups
+
+    async def job_group_begin(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> JobGroup:
+        """Begin a ``<jobgroup>``'s members as one: all admitted (or all queued) or none
+        (design/scheduling.md "Job groups"); ``path_guard`` (in-process only) sees every
+        member's files first."""
+        ...
+
+    async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> JobGroup:
+        """A job group of this connection by UUID."""
         ...
 
 
@@ -254,6 +280,31 @@ class Job(Protocol):
         ...
 
 
+# groups
+
+
+@runtime_checkable
+class JobGroup(Protocol):
+    """A handle on a job group of one connection. ``uuid`` needs no round trip."""
+
+    uuid: uuid.UUID
+
+    async def jobs(self) -> Sequence[Job]:
+        """The member jobs, in document order."""
+        ...
+
+    async def info(self) -> GroupInfo: ...
+
+    async def wait(self, timeout: float | None = None) -> GroupInfo:
+        """Until every member ended (and the group's rollback is done); TimeoutError
+        after ``timeout``."""
+        ...
+
+    async def abort(self) -> None:
+        """Abort every active member."""
+        ...
+
+
 @asynccontextmanager
 async def connect(
     uri: str = "sim:///default",
@@ -312,3 +363,4 @@ if TYPE_CHECKING:  # mypy proves both implementations complete (members, signatu
         RemoteJob,
     )
     _checkpoints: tuple[type[Checkpoint], type[Checkpoint]] = (LocalCheckpoint, RemoteCheckpoint)
+    _groups: tuple[type[JobGroup], type[JobGroup]] = (LocalJobGroup, RemoteJobGroup)

@@ -337,6 +337,12 @@ class DriverConnection(Protocol):
     # the engine serves any call. Must not raise for an ordinary vanish (return
     # Vanished); an exception is treated as Vanished(str(exc)). After Reattached the
     # driver keeps reporting as for a job it started; verbs work on it as on any job.
+    #
+    # Optional (job groups, design/scheduling.md "Job groups"):
+    #   ``async def start_all(self, jobs: Sequence[DriverJob]) -> None``
+    # Start jobs of one domain, a group's members, together where the hypervisor can
+    # (qemu: push backups in one QMP transaction), as start() each otherwise; if it
+    # raises, every one of them fails and none may be left started.
 
 
 def job_verbs(dconn: object, job_type: str, type_verbs: frozenset[Verb]) -> frozenset[Verb]:

@@ -17,7 +17,7 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -29,6 +29,7 @@ from jobcore import constants as C
 from jobcore.checkpoints import Checkpoints
 from jobcore.driver import (
     Concluded,
+    DomainInfo,
     DriverConnection,
     DriverJob,
     DriverState,
@@ -42,6 +43,7 @@ from jobcore.errors import (
     AccessDenied,
     DriverError,
     InvalidArgument,
+    JobConflict,
     JobError,
     NoSuchJob,
     OperationInvalid,
@@ -157,6 +159,17 @@ class Engine:
         #: where else a job UUID is taken (jobd: its other driver connections), as the
         #: name of the place that has it, or None: begin refuses those UUIDs too
         self.uuid_owner: Callable[[uuid.UUID], str | None] | None = None
+        # ---- job groups (jobcore.groups): hooks of the jobs that are group members
+        #: job -> called once the job ended (after its claims were released)
+        self.member_ended: dict[uuid.UUID, Callable[[JobRecord], None]] = {}
+        #: job -> asked when the driver reports the job completed; True: the group holds
+        #: the completion back (it applies or undoes it later: hold_completion, end_held)
+        self.completion_gate: dict[
+            uuid.UUID, Callable[[JobRecord, Mapping[str, int | str] | None], bool]
+        ] = {}
+        #: job -> what aborting it does while its group holds its completion (the
+        #: driver is done with it: the group undoes it)
+        self.held_abort: dict[uuid.UUID, Callable[[JobRecord], None]] = {}
         # ---- durability (design/store.md): None for the memory store, which pays nothing
         self._dstore = self.store if isinstance(self.store, SQLiteJobStore) else None
         #: the active jobs the store held at open, for ``recover``
@@ -291,13 +304,16 @@ class Engine:
 
     # ---- admission -------------------------------------------------------------------
 
-    async def _admission(
+    async def _prepare(
         self, domain: str, spec: Any, flags: int, path_guard: PathGuard | None
-    ) -> tuple[JobTypeInfo, Any, Any, uuid.UUID]:
-        """Everything begin checks before the scheduler decides (explain runs it too):
-        the type, flags, domain, prepared spec, path guard, the driver's and the
-        checkpoints' checks. Returns the type's info, the prepared spec, the domain and
-        the job's UUID."""
+    ) -> tuple[JobTypeInfo, Any, DomainInfo, uuid.UUID]:
+        """What begin checks before the job exists (shared with begin_all): the type, its
+        flags, the domain, the UUID, the prepared spec, the path guard, the driver's and
+        the checkpoints' checks."""
+        if self._closed:
+            raise JobError("the connection is closed")
+        if self._dstore is not None:
+            self._dstore.check_writable()  # a full disk refuses new jobs
         info = registry.for_spec(spec)
         check_flags("JobBegin", flags, job_type=info.type)
         if flags & C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL:  # only a backup accepts it
@@ -324,6 +340,8 @@ class Engine:
         return info, spec, dom, job_id
 
     def _check_new_uuid(self, job_id: uuid.UUID) -> None:
+        """Refuse a UUID taken here or elsewhere (call with no await before the record is
+        stored: the check holds)."""
         if self.store.get(job_id) is not None:
             raise InvalidArgument(f"a job with UUID '{job_id}' already exists")
         owner = None if self.uuid_owner is None else self.uuid_owner(job_id)
@@ -354,7 +372,7 @@ class Engine:
         checks (their errors raised as begin raises them) and the scheduler's verdict."""
         if self._closed:
             raise JobError("the connection is closed")
-        info, spec, dom, job_id = await self._admission(domain, spec, flags, path_guard)
+        info, spec, dom, job_id = await self._prepare(domain, spec, flags, path_guard)
         self._purge()
         self._check_new_uuid(job_id)
         ticket = self.scheduler.probe(self._new_ticket(info, spec, dom, job_id, flags))
@@ -384,11 +402,7 @@ class Engine:
         """Admit and start a job; return once it runs (or is queued, when asked).
         ``path_guard`` sees the host files the prepared spec names (its type's ``paths``)
         before the driver looks at any of them."""
-        if self._closed:
-            raise JobError("the connection is closed")
-        if self._dstore is not None:
-            self._dstore.check_writable()  # a full disk refuses new jobs
-        info, spec, dom, job_id = await self._admission(domain, spec, flags, path_guard)
+        info, spec, dom, job_id = await self._prepare(domain, spec, flags, path_guard)
         # no await from here until the record is stored: the UUID check holds
         if self._closed:
             raise JobError("the connection is closed")
@@ -438,6 +452,216 @@ class Engine:
         elif options.queue_timeout is not None:
             self.tg.start_soon(self._expire_queued, rec, options.queue_timeout)
         return rec
+
+    # ---- job groups (jobcore.groups; design/scheduling.md "Job groups") ---------------
+
+    @property
+    def closing(self) -> bool:
+        """``close`` ran: nothing more is started."""
+        return self._closed
+
+    async def begin_all(
+        self,
+        members: Sequence[tuple[str, Any]],
+        flags: int = 0,
+        *,
+        queue: bool = False,
+        together: bool = True,
+        path_guard: PathGuard | None = None,
+        on_created: Callable[[list[JobRecord]], None] | None = None,
+    ) -> list[JobRecord]:
+        """Begin every member (domain, spec) or none. Each is prepared and checked as
+        ``begin`` does (any refusal: nothing begun); then, with no await, all are admitted
+        at once, or (``queue`` or JOB_BEGIN_QUEUE) all queued — ``together``: admitted
+        later all at once, else each on its own — or JobConflict names the member and its
+        blocker. ``on_created`` sees the records before any starts (a group's hooks)."""
+        prepared = []
+        for i, (domain, spec) in enumerate(members, 1):
+            try:
+                prepared.append(await self._prepare(domain, spec, flags, path_guard))
+            except JobError as exc:
+                raise _member_error(exc, i, domain) from exc
+        if self._closed:
+            raise JobError("the connection is closed")
+        now = self.clock.now()
+        self._purge(now)
+        tickets: list[Ticket] = []
+        probe = Scheduler()  # the members among themselves
+        for i, (info, spec, dom, job_id) in enumerate(prepared, 1):
+            self._check_new_uuid(job_id)
+            if any(t.job == job_id for t in tickets):
+                raise InvalidArgument(f"group member {i}: job UUID '{job_id}' is given twice")
+            ticket = self.scheduler.ticket(job_id, info.claims(spec, dom), spec.options.priority)
+            clash = probe.conflict(ticket)
+            if clash is not None:
+                raise JobConflict(
+                    f"group member {i}, job '{job_id}', conflicts with member job "
+                    f"'{clash.holder}' on '{clash.claim.resource}' ({clash.mode.value} "
+                    f"excludes {clash.claim.mode.value}): no member was begun",
+                    holder=clash.holder,
+                    resource=clash.claim.resource,
+                )
+            probe._hold(ticket)
+            tickets.append(ticket)
+        if not (queue or flags & C.JOB_BEGIN_QUEUE):
+            self.scheduler.admit_all(tickets)  # raises JobConflict
+            admitted = [True] * len(tickets)
+        elif together:
+            admitted = [self.scheduler.admit_or_enqueue_all(tickets)] * len(tickets)
+        else:
+            admitted = [self.scheduler.admit_or_enqueue(t) for t in tickets]
+        recs = [
+            self._new_record(info, spec, dom, ticket, adm, now)
+            for (info, spec, dom, _), ticket, adm in zip(prepared, tickets, admitted, strict=True)
+        ]
+        for rec, adm in zip(recs, admitted, strict=True):
+            rec.starting = adm  # verbs wait for the start meanwhile
+        if on_created is not None:
+            on_created(recs)
+        if self._dstore is not None:  # durability: every row on disk before any starts
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._dstore.sync()
+                for rec in recs:
+                    self._dstore.check_inserted(rec)
+            except JobError as exc:
+                for rec in recs:
+                    if not isinstance(exc, StoreError):
+                        rec.retention = 0.0
+                    _start_finished(rec)
+                    self._finish(rec, S.FAILED, errmsg=str(exc))
+                raise
+        for rec, adm in zip(recs, admitted, strict=True):
+            if not adm and rec.spec.options.queue_timeout is not None:
+                self.tg.start_soon(self._expire_queued, rec, rec.spec.options.queue_timeout)
+        # a start that fails fails its member (its group's mode decides); members of one
+        # domain go to the driver's start_all together, if it has one (qemu: one QMP
+        # transaction), else one by one, in document order
+        start_all = getattr(self.dconn, "start_all", None)
+        by_domain: dict[str, list[JobRecord]] = {}
+        for rec, adm in zip(recs, admitted, strict=True):
+            if adm:
+                by_domain.setdefault(rec.domain, []).append(rec)
+        for same in by_domain.values():
+            if start_all is not None and len(same) > 1:
+                await self._start_together(same, start_all)
+            else:
+                for rec in same:
+                    await self._start(rec, raise_errors=False)
+        if any(admitted):
+            await self.checkpoints.flush()
+            if self.driver_state_durable:
+                assert self._dstore is not None
+                with anyio.CancelScope(shield=True):
+                    await self._dstore.sync(raise_errors=False)
+        return recs
+
+    async def _start_together(
+        self, recs: list[JobRecord], start_all: Callable[[list[DriverJob]], Any]
+    ) -> None:
+        """``_start`` for jobs of one domain the driver starts together (``start_all``):
+        shielded and bounded as one start; if it fails, every one of them fails."""
+        live = [r for r in recs if not (self._closed or r.state.terminal)]
+        for rec in recs:
+            if rec not in live:
+                _start_finished(rec)
+        if not live:
+            return
+        jobs = []
+        for rec in live:
+            if rec.started is None:
+                rec.started = self.clock.now()
+            rec.driver_job = DriverJob(
+                rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec)
+            )
+            rec.starting = True
+            jobs.append(rec.driver_job)
+        error: JobError | None = None
+        cause: Exception | None = None
+        bound = anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.start_timeout)
+        try:
+            with bound:
+                await start_all(jobs)
+            if bound.cancelled_caught:
+                error = DriverError(
+                    f"driver '{self.dconn.uri}' did not start jobs {[str(r.uuid) for r in live]} "
+                    f"within {self.start_timeout:g} s: they failed and the driver was told to "
+                    "cancel them"
+                )
+        except JobError as exc:
+            error = exc
+        except Exception as exc:  # a driver bug must not take the engine down
+            job_log(live[0]).exception("driver start_all raised", driver=self.dconn.uri)
+            error, cause = DriverError(f"{type(exc).__name__}: {exc}"), exc
+        finally:
+            for rec in live:
+                _start_finished(rec)
+        if error is not None and cause is not None:
+            error.__cause__ = cause
+        for rec, job in zip(live, jobs, strict=True):
+            if error is None:
+                if rec.state not in (S.FAILED, S.CANCELLED):
+                    await self._checkpoint_started(rec)
+                continue
+            if rec.state.active:
+                self._finish(rec, S.FAILED, errmsg=str(error))
+            if bound.cancelled_caught:
+                with anyio.CancelScope(shield=True):
+                    await self._cancel_unstarted(rec, job)
+
+    def _new_record(
+        self,
+        info: JobTypeInfo,
+        spec: Any,
+        dom: DomainInfo,
+        ticket: Ticket,
+        admitted: bool,
+        now: float,
+    ) -> JobRecord:
+        """A group member's record, stored, its first STATE event emitted (as begin's)."""
+        options = spec.options
+        rec = JobRecord(
+            uuid=ticket.job,
+            type=info.type,
+            info=info,
+            domain=dom.name,
+            spec=spec,
+            state=S.RUNNING if admitted else S.QUEUED,
+            seq=next(self._seq),
+            ticket=ticket,
+            retention=self.retention if options.retention is None else options.retention,
+            created_wall=self.clock.wall(),
+            created=now,
+            started=now if admitted else None,
+            bandwidth=getattr(spec, "bandwidth", None),
+            host=self.host,
+        )
+        self.store.add(rec)
+        if _stdlib_log.isEnabledFor(logging.INFO):
+            job_log(rec).info("job began", state=str(rec.state), group_member=True)
+        self._emit_state(rec, None)
+        return rec
+
+    def release_completion(self, rec: JobRecord, extra: Mapping[str, int | str] | None) -> None:
+        """Apply a completion a group held back (completion_gate): the job completes."""
+        self.completion_gate.pop(rec.uuid, None)
+        self.held_abort.pop(rec.uuid, None)
+        self._report(rec, Report.COMPLETED, extra=extra)
+
+    def end_held(self, rec: JobRecord, errmsg: str) -> None:
+        """End a job whose completion a group held back and will not apply (a sibling
+        failed): cancelled, as the group undid its effect (its checkpoint)."""
+        self.completion_gate.pop(rec.uuid, None)
+        self.held_abort.pop(rec.uuid, None)
+        if rec.state.terminal:
+            return
+        rec.errmsg = errmsg
+        if rec.state is not S.ABORTING and S.ABORTING in TRANSITIONS[rec.state]:
+            self._transition(rec, S.ABORTING)
+        if rec.state is S.ABORTING:
+            self._transition(rec, S.CANCELLED)
+        else:  # completing: it cannot be aborted any more
+            self._transition(rec, S.FAILED)
 
     # ---- preemption (design/scheduling.md "Preemption") -------------------------------
 
@@ -802,6 +1026,9 @@ class Engine:
             self._requeue(rec)
         if _stdlib_log.isEnabledFor(logging.INFO):
             job_log(rec).info("job ended", state=str(rec.state), errmsg=rec.errmsg)
+        member_ended = self.member_ended.pop(rec.uuid, None)
+        if member_ended is not None:  # a group member: its group decides what follows
+            member_ended(rec)
 
     async def _start_queued(self, rec: JobRecord) -> None:
         if self._dstore is not None:  # durability: 'running' on disk before the start
@@ -865,6 +1092,10 @@ class Engine:
         return job_verbs(self.dconn, rec.type, rec.info.verbs)
 
     async def abort(self, rec: JobRecord) -> None:
+        held = self.held_abort.get(rec.uuid)
+        if held is not None:  # a group holds its completion: the driver is done with it
+            held(rec)
+            return
         async with self._verb_lock(rec):
             await self._started(rec)
             target = check_verb(rec.uuid, rec.state, Verb.ABORT, self.job_verbs(rec))
@@ -1052,6 +1283,9 @@ class Engine:
                     level, "driver report ignored", report=str(report), state=str(rec.state)
                 )
             return
+        gate = self.completion_gate.get(rec.uuid) if report is Report.COMPLETED else None
+        if gate is not None and gate(rec, extra):  # a group member: held back
+            return
         if extra:
             rec.extra.update(extra)
         if progress is not None:
@@ -1163,6 +1397,17 @@ def _start_finished(rec: JobRecord) -> None:
     if rec.start_done is not None:
         rec.start_done.set()
         rec.start_done = None
+
+
+def _member_error(exc: JobError, index: int, domain: str) -> JobError:
+    """``exc`` of a group member's begin, its message naming the member (same class)."""
+    try:
+        named = type(exc)(f"group member {index} on '{domain}': {exc}")
+    except TypeError:  # a class with required fields (JobConflict): as it is
+        return exc
+    for key, value in vars(exc).items():
+        setattr(named, key, value)
+    return named
 
 
 def _as_job_error(exc: BaseException) -> JobError:

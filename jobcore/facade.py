@@ -20,12 +20,12 @@ from typing import Any, TypeVar, cast
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from jobcore.api import Checkpoint, Connection, Domain, Job, connect
+from jobcore.api import Checkpoint, Connection, Domain, Job, JobGroup, connect
 from jobcore.driver import DriverConnection
 from jobcore.errors import InvalidArgument, JobError, NoSuchCheckpoint
 from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.flags import check_flags
-from jobcore.info import Explanation, HostInfo, JobInfo
+from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.local import LocalConnection
 from jobcore.methods import as_uuid
 from jobcore.spec import DEFAULT_RETENTION, JobType, check_timeout
@@ -145,6 +145,10 @@ class BlockingConnection:
 
     def lookupByName(self, name: str) -> BlockingDomain:
         return BlockingDomain(self, self._call(self.aconn.lookup_domain, name))
+
+    def JobGroupBegin(self, group_xml: str | bytes, flags: int = 0) -> BlockingJobGroup:
+        """jobcore.JobGroupBegin(conn, group_xml, flags) (groups)."""
+        return BlockingJobGroup(self, self._call(self.aconn.job_group_begin, group_xml, flags))
 
     def listAllDomains(self, flags: int = 0) -> list[BlockingDomain]:
         check_flags("listAllDomains", flags)
@@ -489,6 +493,54 @@ def JobWait(job: BlockingJob, timeout: float | None = None) -> JobInfo:
 
 def JobFree(job: BlockingJob) -> int:
     job.freed = True
+    return 0
+
+
+# groups
+
+
+class BlockingJobGroup:
+    """A job group handle; use the module functions (JobGroupGetJobs, …) on it."""
+
+    def __init__(self, conn: BlockingConnection, group: JobGroup) -> None:
+        self.conn = conn
+        self.agroup = group
+
+    def __repr__(self) -> str:
+        return f"<BlockingJobGroup {self.agroup.uuid}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockingJobGroup) and other.agroup == self.agroup
+
+    def __hash__(self) -> int:
+        return hash(self.agroup)
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        return self.agroup.uuid
+
+
+def JobGroupBegin(
+    conn: BlockingConnection, group_xml: str | bytes, flags: int = 0
+) -> BlockingJobGroup:
+    """Begin a ``<jobgroup>``'s members as one: all admitted (or queued) or none."""
+    return conn.JobGroupBegin(group_xml, flags)
+
+
+def JobGroupGetJobs(group: BlockingJobGroup) -> list[BlockingJob]:
+    return [BlockingJob(group.conn, j) for j in group.conn._call(group.agroup.jobs)]
+
+
+def JobGroupGetInfo(group: BlockingJobGroup) -> GroupInfo:
+    return group.conn._call(group.agroup.info)
+
+
+def JobGroupWait(group: BlockingJobGroup, timeout: float | None = None) -> GroupInfo:
+    return group.conn._call(group.agroup.wait, timeout)
+
+
+def JobGroupAbort(group: BlockingJobGroup) -> int:
+    group.conn._call(group.agroup.abort)
     return 0
 
 

@@ -27,6 +27,7 @@ FLAG_NAMES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         # the universal job API (JobBegin: plus JOB_BEGIN_TYPE_FLAGS of the job's type)
         "JobBegin": ("JOB_BEGIN_QUEUE",),
+        "JobGroupBegin": ("JOB_BEGIN_QUEUE",),
         "JobGetXMLDesc": (),
         "JobGetStats": (),
         "JobAbort": (),

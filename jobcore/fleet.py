@@ -153,13 +153,19 @@ class Fleet:
 
     # ---- SQL on the pool ------------------------------------------------------------
 
-    def _run(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-        """``work`` on a pooled connection, in one transaction (blocking)."""
+    def run_sql(
+        self, work: Callable[[psycopg.Connection[Any]], _T], *, transaction: bool = True
+    ) -> _T:
+        """``work`` on a pooled connection, in one transaction unless told otherwise
+        (blocking); StoreError when the database cannot be reached."""
         import psycopg
 
         try:
-            with self.db.pool.connection(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
-                return work(conn)
+            with self.db.pool.connection(timeout=CONNECT_TIMEOUT) as conn:
+                if not transaction:
+                    return work(conn)
+                with conn.transaction():
+                    return work(conn)
         except JobError:
             raise
         except (psycopg.Error, OSError) as exc:
@@ -175,7 +181,7 @@ class Fleet:
             ) from None
 
     async def _call(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-        return await anyio.to_thread.run_sync(functools.partial(self._run, work))
+        return await anyio.to_thread.run_sync(functools.partial(self.run_sql, work))
 
     # ---- membership -----------------------------------------------------------------
 
@@ -213,7 +219,7 @@ class Fleet:
                 "fleet now"
             )
 
-        return self._run(work)
+        return self.run_sql(work)
 
     def leave(self) -> None:
         """Mark this member's lease left (a clean stop). Blocking."""
@@ -226,7 +232,7 @@ class Fleet:
             )
             conn.execute("SELECT pg_notify('jobcore_hosts', %s)", (self.host,))
 
-        self._run(work)
+        self.run_sql(work)
 
     def _renew(self) -> str | None:
         """Renew the lease; the fence message if this member was fenced."""
@@ -249,7 +255,7 @@ class Fleet:
                 return None
             return _fenced_message(self.host, row[1], row[2])
 
-        return self._run(work)
+        return self.run_sql(work)
 
     async def run(
         self,

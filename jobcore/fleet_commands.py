@@ -81,7 +81,6 @@ CLEANUP_INTERVAL = 10.0
 #: commands one pick takes at most
 MAX_PICK = 64
 #: seconds to wait for a pooled connection
-_POOL_TIMEOUT = 3.0
 
 Execute = Callable[[uuid.UUID, str, tuple[Any, ...]], Awaitable[Any]]
 #: a command picked to run: (id, job, verb, arguments)
@@ -355,25 +354,7 @@ class FleetCommands:
     # ---- SQL (on worker threads, on the database's pool) --------------------------------
 
     def _sql(self, work: Callable[[psycopg.Connection[Any]], Any]) -> Any:
-        import psycopg
-
-        try:
-            with self.fleet.db.pool.connection(timeout=_POOL_TIMEOUT) as conn:
-                return work(conn)
-        except (psycopg.Error, OSError) as exc:
-            raise StoreError(
-                f"the fleet database '{self.fleet.db.path}' is unreachable: "
-                f"{' '.join(str(exc).split())}"
-            ) from None
-        except StoreError:
-            raise
-        except Exception as exc:  # the pool's timeout
-            if type(exc).__name__ != "PoolTimeout":
-                raise
-            raise StoreError(
-                f"the fleet database '{self.fleet.db.path}' is unreachable (no connection "
-                f"within {_POOL_TIMEOUT:g} s)"
-            ) from None
+        return self.fleet.run_sql(work, transaction=False)
 
     def _abandon_stale(self) -> None:
         """Commands a previous process of this host picked and never answered (it was

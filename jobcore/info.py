@@ -205,3 +205,56 @@ class Explanation(Mapping[str, Any]):
 
 
 _EXPLAIN_KEYS = ("decision", "claims", "blockers", "position")
+
+
+# groups
+
+_UUID = uuid.UUID
+
+
+@frozen
+class GroupInfo(Mapping[str, Any]):
+    """What ``group.info()``, ``JobGroupGetInfo`` and ``JobGroupWait`` return: the group
+    and its members in document order (``jobs[i]`` runs on ``domains[i]``, is in
+    ``states[i]``), and its final stats once it ended (sums over the members, counts).
+    As a mapping, UUIDs and states are strings and the member tuples are lists."""
+
+    uuid: uuid.UUID
+    #: 'all-or-nothing' or 'independent'
+    mode: str
+    #: jobcore.groups.GroupState, derived from the members' states (GROUP_STATE_TABLE)
+    state: str
+    jobs: tuple[_UUID, ...]
+    domains: tuple[str, ...]
+    types: tuple[str, ...]
+    states: tuple[str, ...]
+    processed: int
+    total: int
+    completed: int
+    failed: int
+    cancelled: int
+    #: seconds since the epoch; ``ended``: when its last member ended (None until then)
+    created: float
+    ended: float | None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _GROUP_KEYS:
+            raise KeyError(key)
+        value = getattr(self, key)
+        if key == "uuid":
+            return str(value)
+        if key == "jobs":
+            return [str(j) for j in value]
+        return list(value) if isinstance(value, tuple) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_GROUP_KEYS)
+
+    def __len__(self) -> int:
+        return len(_GROUP_KEYS)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: self[k] for k in _GROUP_KEYS}
+
+
+_GROUP_KEYS = tuple(f.name for f in fields(GroupInfo))

@@ -32,8 +32,9 @@ from jobcore.errors import (
 )
 from jobcore.events import EventFilter, EventHub, EventKind, Subscription
 from jobcore.flags import check_flags
+from jobcore.groups import JobGroup, JobGroups
 from jobcore.handles import CheckpointHandle
-from jobcore.info import Explanation, HostInfo, JobInfo
+from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
@@ -53,6 +54,7 @@ from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.uri import parse_uri
 from jobcore.xml import format_backup, format_job, parse_backup, parse_checkpoint, parse_job
 from jobcore.xml.domain import BackingDef, DiskDef, DomainDef, format_domain, parse_domain
+from jobcore.xml.group import parse_group
 
 if TYPE_CHECKING:
     from jobcore.fleet import FleetView
@@ -123,6 +125,8 @@ class LocalConnection:
         #: sets it: jobcore.daemon.fleet.FleetService); None in-process and on other
         #: stores: the fleet calls are Unsupported
         self.fleet: FleetView | None = None
+        #: the connection's job groups (jobcore.groups)
+        self.groups = JobGroups(engine)
 
     async def lookup_domain(self, name: str) -> LocalDomain:
         info = await self.driver.lookup_domain(name)
@@ -221,6 +225,21 @@ class LocalConnection:
     ) -> Subscription:
         """A bounded, filtered event queue; close it (or use ``with``) when done."""
         return self.engine.subscribe(EventFilter.of(domain, job, types, kinds), maxlen)
+
+    # groups
+
+    async def job_group_begin(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> LocalJobGroup:
+        """Begin a ``<jobgroup>``'s members as one (jobcore.groups); ``path_guard`` sees
+        every member's host files, as a domain handle's guard does for JobBegin."""
+        spec = await xml_work(parse_group, group_xml, _doc_size(group_xml))
+        return LocalJobGroup(self, await self.groups.begin(spec, flags, path_guard=path_guard))
+
+    async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> LocalJobGroup:
+        """A group of this connection by UUID (NoSuchJob once none of its members is
+        retained)."""
+        return LocalJobGroup(self, self.groups.lookup(as_uuid(group)))
 
 
 class LocalDomain:
@@ -625,6 +644,39 @@ class LocalJob:
     async def explain(self) -> Explanation:
         """A queued job: what it waits for and its position; an admitted one: ``admit``."""
         return self.conn.engine.explain_job(self._rec)
+
+
+# groups
+
+
+class LocalJobGroup:
+    """A handle on a job group (jobcore.groups.JobGroup). ``uuid`` needs no round trip."""
+
+    def __init__(self, conn: LocalConnection, group: JobGroup) -> None:
+        self.conn = conn
+        self._group = group
+        self.uuid: uuid.UUID = group.uuid
+
+    def __repr__(self) -> str:
+        return f"<JobGroup {self.uuid} {self._group.mode}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalJobGroup) and other.uuid == self.uuid
+
+    def __hash__(self) -> int:
+        return hash(self.uuid)
+
+    async def jobs(self) -> list[LocalJob]:
+        return [LocalJob(self.conn, rec) for rec in self._group.records]
+
+    async def info(self) -> GroupInfo:
+        return self._group.info()
+
+    async def wait(self, timeout: float | None = None) -> GroupInfo:
+        return await self._group.wait(timeout)
+
+    async def abort(self) -> None:
+        await self._group.abort()
 
 
 @asynccontextmanager

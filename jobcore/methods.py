@@ -71,6 +71,9 @@ class Result(enum.Enum):
     CHECKPOINT_REF = "checkpoint ref"
     CHECKPOINT_REFS = "[checkpoint ref…]"
     OPT_CHECKPOINT_REF = "checkpoint ref|nil"
+    # groups
+    GROUP_REF = "group ref"
+    GROUP_INFO = "GroupInfo"
     # explain
     EXPLANATION = "Explanation"
 
@@ -83,6 +86,7 @@ class On(enum.Enum):
     DOMAIN = "domain"  # the domain's name
     JOB = "job"  # the job's UUID
     CHECKPOINT = "checkpoint"  # its domain's name and its own
+    GROUP = "group"  # the job group's UUID
 
 
 @frozen
@@ -112,11 +116,12 @@ class Call:
             On.DOMAIN: (Arg.STR,),
             On.JOB: (Arg.UUID,),
             On.CHECKPOINT: (Arg.STR, Arg.STR),
+            On.GROUP: (Arg.UUID,),
         }.get(self.on, ())
         return head + tuple(kind for _, kind in self.args)
 
 
-C, D, J, S, K = On.CONNECTION, On.DOMAIN, On.JOB, On.SESSION, On.CHECKPOINT
+C, D, J, S, K, G = On.CONNECTION, On.DOMAIN, On.JOB, On.SESSION, On.CHECKPOINT, On.GROUP
 A, R = Arg, Result
 
 
@@ -241,6 +246,21 @@ class Method(enum.Enum):
                              R.OPT_CHECKPOINT_REF, "getParent")  # fmt: skip
     CHECKPOINT_DELETE = Call("checkpoint_delete", K, "delete", (("flags", A.INT),), True,
                              R.NONE, "delete")  # fmt: skip
+    # groups (jobcore.groups): begun on a connection, then the group's own calls
+    JOB_GROUP_BEGIN = Call("job_group_begin", C, "job_group_begin",
+                           (("group_xml", A.TEXT), ("flags", A.INT)), True, R.GROUP_REF,
+                           "JobGroupBegin",
+                           note="all members admitted (or queued) or none")  # fmt: skip
+    JOB_GROUP_LOOKUP = Call("job_group_lookup", C, "job_group_lookup", (("group", A.UUID),),
+                            False, R.GROUP_REF)  # fmt: skip
+    JOB_GROUP_JOBS = Call("job_group_jobs", G, "jobs", (), False, R.JOB_REFS,
+                          "JobGroupGetJobs", note="in document order")  # fmt: skip
+    JOB_GROUP_INFO = Call("job_group_info", G, "info", (), False, R.GROUP_INFO,
+                          "JobGroupGetInfo")  # fmt: skip
+    JOB_GROUP_WAIT = Call("job_group_wait", G, "wait", (("timeout", A.OPT_FLOAT),), False,
+                          R.GROUP_INFO, "JobGroupWait")  # fmt: skip
+    JOB_GROUP_ABORT = Call("job_group_abort", G, "abort", (), True, R.NONE, "JobGroupAbort",
+                           note="aborts every active member")  # fmt: skip
     # explain
     JOB_EXPLAIN = Call(
         "job_explain", D, "job_explain", (("job_xml", A.TEXT), ("flags", A.INT)), False,

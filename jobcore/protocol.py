@@ -44,7 +44,7 @@ from jobcore.errors import ConnectionLost as ConnectionLost  # re-exported: part
 from jobcore.errors import DaemonUnreachable as DaemonUnreachable  # re-exported: as above
 from jobcore.errors import JobError
 from jobcore.events import EndReason, EventKind, JobEvent
-from jobcore.info import Blocker, ClaimView, Explanation, HostInfo, HostState, JobInfo
+from jobcore.info import Blocker, ClaimView, Explanation, GroupInfo, HostInfo, HostState, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import BY_NAME, MAX_RESUME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
@@ -551,6 +551,7 @@ def _make_converter() -> cattrs.Converter:
         ServerHello,
     ):
         attrs.resolve_types(cls)
+    attrs.resolve_types(GroupInfo)  # groups
     for explain_cls in (Explanation, ClaimView, Blocker):  # explain
         attrs.resolve_types(explain_cls)
 
@@ -652,6 +653,9 @@ RESULT_TYPES: dict[Result, Any] = {
     Result.CHECKPOINT_REF: str,
     Result.CHECKPOINT_REFS: list[str],
     Result.OPT_CHECKPOINT_REF: str | None,
+    # groups
+    Result.GROUP_REF: uuid.UUID,
+    Result.GROUP_INFO: GroupInfo,
     # explain
     Result.EXPLANATION: Explanation,
 }

@@ -38,7 +38,7 @@ from jobcore.errors import ConnectionLost, InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.handles import CheckpointHandle
-from jobcore.info import Explanation, HostInfo, JobInfo
+from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.methods import MAX_RESUME, Method, Named, Result, as_uuid, uuid_prefix
@@ -608,6 +608,8 @@ class RemoteConnection:
                 return RemoteJob(self, result)
             case Result.JOB_REFS:
                 return [RemoteJob(self, r) for r in result]
+            case Result.GROUP_REF:  # groups
+                return RemoteJobGroup(self, result)
         return result
 
     async def lookup_domain(self, name: str) -> RemoteDomain:
@@ -642,6 +644,18 @@ class RemoteConnection:
     async def fence_host(self, name: str, reason: str | None = None, flags: int = 0) -> HostInfo:
         check_flags("fenceHost", flags)
         return await self.call(Method.FENCE_HOST, name, reason, flags)  # type: ignore[no-any-return]
+
+    # groups
+
+    async def job_group_begin(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> RemoteJobGroup:
+        if path_guard is not None:  # the files are on jobd's host: jobd guards them
+            raise InvalidArgument("a path guard applies to in-process connections only")
+        return await self.call(Method.JOB_GROUP_BEGIN, group_xml, flags)  # type: ignore[no-any-return]
+
+    async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> RemoteJobGroup:
+        return await self.call(Method.JOB_GROUP_LOOKUP, as_uuid(group))  # type: ignore[no-any-return]
 
     def subscribe(
         self,
@@ -933,3 +947,35 @@ async def connect_remote(
             tg.cancel_scope.cancel()
     if body_error is not None:
         raise body_error
+
+
+# groups
+
+
+class RemoteJobGroup:
+    """A job group served by jobd. ``uuid`` needs no round trip."""
+
+    def __init__(self, conn: RemoteConnection, group_id: uuid.UUID) -> None:
+        self.conn = conn
+        self.uuid = group_id
+
+    def __repr__(self) -> str:
+        return f"<JobGroup {self.uuid}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteJobGroup) and other.uuid == self.uuid
+
+    def __hash__(self) -> int:
+        return hash(self.uuid)
+
+    async def jobs(self) -> list[RemoteJob]:
+        return await self.conn.call(Method.JOB_GROUP_JOBS, self.uuid)  # type: ignore[no-any-return]
+
+    async def info(self) -> GroupInfo:
+        return await self.conn.call(Method.JOB_GROUP_INFO, self.uuid)  # type: ignore[no-any-return]
+
+    async def wait(self, timeout: float | None = None) -> GroupInfo:
+        return await self.conn.call(Method.JOB_GROUP_WAIT, self.uuid, check_timeout(timeout))  # type: ignore[no-any-return]
+
+    async def abort(self) -> None:
+        await self.conn.call(Method.JOB_GROUP_ABORT, self.uuid)

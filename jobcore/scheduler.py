@@ -193,6 +193,9 @@ class Ticket:
     boost: int = 0
     #: a preemptor took its resources (paused and waiting, or being cancelled)
     preempted: bool = False
+    #: the tickets admitted only together with this one (an all-or-nothing job group's,
+    #: queued: design/scheduling.md "Job groups"); None for a job on its own
+    together: tuple[Ticket, ...] | None = None
 
     @property
     def order(self) -> tuple[int, int]:
@@ -491,11 +494,73 @@ class Scheduler:
         )
         admitted: list[Ticket] = []
         for ticket in candidates:
+            if ticket.together is not None:  # a queued group: all its tickets or none
+                if ticket.waiting:
+                    admitted.extend(self._wake_together(ticket.together))
+                continue
             if ticket.waiting and self.conflict(ticket) is None:
                 self._dequeue(ticket)
                 self._admit(ticket)
                 admitted.append(ticket)
         return admitted
+
+    # ---- job groups (design/scheduling.md "Job groups") --------------------------------
+
+    def _first_conflict(self, tickets: Iterable[Ticket]) -> tuple[Ticket, Conflict] | None:
+        for ticket in tickets:
+            found = self.conflict(ticket)
+            if found is not None:
+                return ticket, found
+        return None
+
+    def admit_all(self, tickets: Iterable[Ticket]) -> None:
+        """Admit every ticket now, or none: JobConflict naming the first member that
+        cannot be admitted and its blocker (the tickets must not conflict among
+        themselves: the engine checks that first)."""
+        tickets = list(tickets)
+        found = self._first_conflict(tickets)
+        if found is not None:
+            ticket, c = found
+            role = "queued before it for" if c.waiting else "holding"
+            raise JobConflict(
+                f"group member job '{ticket.job}' conflicts with job '{c.holder}' {role} "
+                f"'{c.claim.resource}' ({c.mode.value} excludes {c.claim.mode.value}): "
+                "no member was begun",
+                holder=c.holder,
+                resource=c.claim.resource,
+            )
+        for ticket in tickets:
+            self._hold(ticket)
+
+    def admit_or_enqueue_all(self, tickets: Iterable[Ticket]) -> bool:
+        """Admit every ticket now (True) or queue every one (False); queued, they are
+        admitted all at once, when none of them conflicts (an all-or-nothing group)."""
+        tickets = list(tickets)
+        if self._first_conflict(tickets) is None:
+            for ticket in tickets:
+                self._hold(ticket)
+            return True
+        group = tuple(tickets)
+        for ticket in tickets:
+            ticket.together = group
+            ticket.waiting = True
+            for claim in ticket.claims:
+                bisect.insort(
+                    self._res(claim.resource).waiters,
+                    (ticket.order, ticket, claim.mode),
+                    key=lambda w: w[0],
+                )
+        return False
+
+    def _wake_together(self, tickets: tuple[Ticket, ...]) -> list[Ticket]:
+        """Admit a queued group's tickets if every one is still queued and none
+        conflicts; else none of them."""
+        if not all(t.waiting for t in tickets) or self._first_conflict(tickets) is not None:
+            return []
+        for ticket in tickets:  # ``together`` stays: the siblings later in _wake are skipped
+            self._dequeue(ticket)
+            self._hold(ticket)
+        return list(tickets)
 
     def _dequeue(self, ticket: Ticket) -> None:
         for claim in ticket.claims:

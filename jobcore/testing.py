@@ -98,12 +98,19 @@ from jobcore.errors import (
     Unsupported,
 )
 from jobcore.events import EventKind, JobEvent, Subscription
-from jobcore.facade import BlockingConnection, BlockingDomain, BlockingJob
+from jobcore.facade import BlockingConnection, BlockingDomain, BlockingJob, BlockingJobGroup
+from jobcore.facade import JobAbort as _JobAbort
 from jobcore.facade import JobBegin as _JobBegin
 from jobcore.facade import JobExplain as _JobExplain
 from jobcore.facade import JobGetInfo as _JobGetInfo
+from jobcore.facade import JobGroupAbort as _JobGroupAbort
+from jobcore.facade import JobGroupBegin as _JobGroupBegin
+from jobcore.facade import JobGroupGetInfo as _JobGroupGetInfo
+from jobcore.facade import JobGroupGetJobs as _JobGroupGetJobs
+from jobcore.facade import JobGroupWait as _JobGroupWait
 from jobcore.facade import JobLookupByUUID as _JobLookupByUUID
 from jobcore.facade import open as _open
+from jobcore.groups import group_state, member_kind
 from jobcore.lifecycle import INITIAL, TRANSITIONS, VERB_TARGET, JobState, Verb, accepts
 from jobcore.local import LocalConnection
 from jobcore.registry import registry
@@ -1166,3 +1173,170 @@ class FleetLifecycleMachine(JobLifecycleMachine):
                 self._check_mirror(mirror, final=True)
         finally:
             self._close_members()
+
+
+# ---- groups -----------------------------------------------------------------------------
+
+
+#: a member of a group the machine begins: its domain, and its ``<job type='…'
+#: domain='…'>`` text for a unique tag (target files, the checkpoint it creates)
+GroupMemberTemplate = tuple[str, Callable[[str], str]]
+
+
+def sim_group_members(store_dir: str) -> list[GroupMemberTemplate]:
+    """Backups of vm1's and vm2's vda, and of vm1's vda and vdb, each creating a
+    checkpoint named by its tag (the sim's default domains), writing under ``store_dir``."""
+
+    def member(domain: str, both: bool = False) -> Callable[[str], str]:
+        def make(tag: str) -> str:
+            vdb = (
+                f"<disk name='vdb' type='file'><target file='{store_dir}/{tag}.vdb'/></disk>"
+                if both
+                else "<disk name='vdb' backup='no'/>"
+            )
+            return (
+                f"<job type='backup' domain='{domain}'><domainbackup><disks>"
+                f"<disk name='vda' type='file'><target file='{store_dir}/{tag}.qcow2'/></disk>"
+                f"{vdb}</disks></domainbackup>"
+                f"<domaincheckpoint><name>{tag}</name></domaincheckpoint></job>"
+            )
+
+        return make
+
+    # two sizes of work: a member may be done while another still runs (and fails)
+    return [("vm1", member("vm1")), ("vm2", member("vm2")), ("vm1", member("vm1", both=True))]
+
+
+@attrs.define
+class _Group:
+    handle: BlockingJobGroup
+    mode: str
+    #: (domain, tag) of each member: the tag names the checkpoint it creates
+    members: list[tuple[str, str]]
+
+
+class JobGroupMachine(RuleBasedStateMachine):
+    """The kit's job group checks (design/scheduling.md "Job groups"): groups of members
+    from ``members()`` are begun, all-or-nothing or independent, queued or not, while
+    time passes, failures are injected and groups or single members are aborted; after
+    every step:
+
+    * a group's state is ``jobcore.groups.group_state`` of its members' kinds of state
+      (``aborting`` while an abort it took is under way);
+    * an all-or-nothing group never ends with some members completed and others failed
+      or cancelled; the checkpoints its members create exist once it ended only if every
+      member completed;
+    * a refused group begin left no job on any domain.
+
+    At teardown every group ends. Subclass it like JobLifecycleMachine (``URI``,
+    ``BACKEND``, ``members()`` whose jobs each create the checkpoint named by the tag,
+    ``advance()``)."""
+
+    URI: ClassVar[str] = "sim:///groups?clock=manual"
+    BACKEND: ClassVar[str] = "asyncio"
+
+    def members(self) -> list[GroupMemberTemplate]:
+        return sim_group_members(self.dir)
+
+    def advance(self, seconds: float) -> None:
+        clock = getattr(self.conn.driver, "clock", None)
+        if clock is not None and getattr(clock, "manual", False):
+            self.conn.run_sync(clock.advance, seconds)
+        else:
+            time.sleep(min(seconds, 0.2) / 10)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="jobcore-kit-groups-")
+        self.conn: BlockingConnection = _open(self.URI, backend=self.BACKEND, retention=1e9)
+        self.groups: list[_Group] = []
+        self._tags = 0
+
+    def teardown(self) -> None:
+        try:
+            for g in self.groups:
+                _JobGroupAbort(g.handle)
+            for g in self.groups:
+                info = _JobGroupWait(g.handle, 30)
+                assert all(JobState(s).terminal for s in info["states"]), info
+            self.groups_follow_their_rules()
+        finally:
+            try:
+                self.conn.close()
+            finally:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _jobs_per_domain(self) -> dict[str, int]:
+        return {d: len(self.conn.lookupByName(d).listJobs()) for d, _ in self.members()}
+
+    @rule(
+        data=st.data(),
+        mode=st.sampled_from(["all-or-nothing", "independent"]),
+        queue=st.booleans(),
+        fail_first=st.sampled_from([None, 0.3, 0.9, 1.0]),
+    )
+    def begin_group(
+        self, data: st.DataObject, mode: str, queue: bool, fail_first: float | None
+    ) -> None:
+        """``fail_first``: the first member the driver starts fails at that fraction."""
+        if fail_first is not None:
+            self.failure(fail_first)
+        picks = data.draw(
+            st.lists(st.sampled_from(self.members()), min_size=1, max_size=3), label="members"
+        )
+        members = []
+        for domain, _ in picks:
+            self._tags += 1
+            members.append((domain, f"k{self._tags}x{uuid.uuid4().hex[:8]}"))
+        body = "".join(make(tag) for (_, make), (_, tag) in zip(picks, members, strict=True))
+        doc = f"<jobgroup mode='{mode}'>{'<queue/>' if queue else ''}{body}</jobgroup>"
+        before = self._jobs_per_domain()
+        try:
+            handle = _JobGroupBegin(self.conn, doc)
+        except JobConflict:  # refused whole: nothing begun anywhere
+            assert self._jobs_per_domain() == before
+            return
+        self.groups.append(_Group(handle, mode, members))
+
+    @rule(data=st.data())
+    def abort_group(self, data: st.DataObject) -> None:
+        if self.groups:
+            g = data.draw(st.sampled_from(self.groups), label="group")
+            _JobGroupAbort(g.handle)
+
+    @rule(data=st.data())
+    def abort_member(self, data: st.DataObject) -> None:
+        if self.groups:
+            g = data.draw(st.sampled_from(self.groups), label="group")
+            job = data.draw(st.sampled_from(_JobGroupGetJobs(g.handle)), label="member")
+            with contextlib.suppress(OperationInvalid):  # it ended already
+                _JobAbort(job)
+
+    @rule(seconds=st.sampled_from([0.0, 0.5, 2.0, 5.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.advance(seconds)
+
+    @rule(at=st.sampled_from([0.0, 0.3, 0.9, 1.0]))
+    def failure(self, at: float) -> None:
+        inject = getattr(self.conn.driver, "inject_failure", None)
+        if inject is not None:
+            self.conn.run_sync(inject, None, at, "kit-injected failure")
+
+    @invariant()
+    def groups_follow_their_rules(self) -> None:
+        for g in self.groups:
+            info = _JobGroupGetInfo(g.handle)
+            states = [JobState(s) for s in info["states"]]
+            ended = all(s.terminal for s in states)
+            if info["state"] != "aborting" or ended:
+                want = group_state({member_kind(s) for s in states})
+                assert info["state"] == str(want), info
+            if g.mode != "all-or-nothing" or not ended:
+                continue
+            assert set(states) == {JobState.COMPLETED} or JobState.COMPLETED not in states, (
+                f"an all-or-nothing group ended mixed: {info}"
+            )
+            complete = info["state"] == "completed"
+            for domain, tag in g.members:
+                names = {c.getName() for c in self.conn.lookupByName(domain).listAllCheckpoints()}
+                assert (tag in names) is complete, (info, domain, tag, sorted(names))

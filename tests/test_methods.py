@@ -21,12 +21,14 @@ INTERFACE = {
     On.DOMAIN: api.Domain,
     On.JOB: api.Job,
     On.CHECKPOINT: api.Checkpoint,
+    On.GROUP: api.JobGroup,
 }
 IMPLS = {
     On.CONNECTION: (local.LocalConnection, remote.RemoteConnection),
     On.DOMAIN: (local.LocalDomain, remote.RemoteDomain),
     On.JOB: (local.LocalJob, remote.RemoteJob),
     On.CHECKPOINT: (local.LocalCheckpoint, remote.RemoteCheckpoint),
+    On.GROUP: (local.LocalJobGroup, remote.RemoteJobGroup),
 }
 BLOCKING = {
     On.CONNECTION: facade.BlockingConnection,

@@ -12,12 +12,12 @@ from jobd_helpers import BACKUP_VDA, BACKUP_VDB, PULL_VDA, Jobd
 
 import jobcore
 from jobcore import LEGACY_DOMAIN_JOB_UUID, JobState, JobType
-from jobcore.api import Connection, Domain, Job
+from jobcore.api import Connection, Domain, Job, JobGroup
 from jobcore.events import EventKind, JobEvent
 from jobcore.info import JobInfo
-from jobcore.local import LocalConnection, LocalDomain, LocalJob
+from jobcore.local import LocalConnection, LocalDomain, LocalJob, LocalJobGroup
 from jobcore.protocol import AccessDenied, DaemonUnreachable
-from jobcore.remote import RemoteConnection, RemoteDomain, RemoteJob
+from jobcore.remote import RemoteConnection, RemoteDomain, RemoteJob, RemoteJobGroup
 
 MiB = 1 << 20
 
@@ -37,6 +37,7 @@ def jobd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobd]:
         (Connection, (LocalConnection, RemoteConnection)),
         (Domain, (LocalDomain, RemoteDomain)),
         (Job, (LocalJob, RemoteJob)),
+        (JobGroup, (LocalJobGroup, RemoteJobGroup)),
     ],
 )
 def test_both_implementations_define_every_method(interface: type, impls: tuple[type, ...]) -> None:

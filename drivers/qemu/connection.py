@@ -405,18 +405,7 @@ class QemuConnection:
 
     async def start(self, job: DriverJob) -> None:
         self._check_open()
-        for path in self._ended_records:  # recovery is over: the engine has their ends
-            path.unlink(missing_ok=True)
-        self._ended_records.clear()
-        for path in sorted(self._unknown_records):  # recovery is over and did not ask
-            if path.exists():
-                log.warning(
-                    "a job this connection's store does not know was left running by a "
-                    "previous owner: its QEMU jobs may still run (restart jobd on the store "
-                    "that began it to recover it)",
-                    record=str(path),
-                )
-        self._unknown_records.clear()
+        self._recovery_over()
         cls = _RUNNERS.get(job.type)
         if cls is None:
             raise Unsupported(f"the qemu driver does not run '{job.type}' jobs")
@@ -434,6 +423,69 @@ class QemuConnection:
             raise
         await self._save_record(runner)  # on disk before the start is acknowledged
         self._launch(runner)
+
+    def _recovery_over(self) -> None:
+        """A job starts: recovery is over (its leftover records are dealt with)."""
+        for path in self._ended_records:  # recovery is over: the engine has their ends
+            path.unlink(missing_ok=True)
+        self._ended_records.clear()
+        for path in sorted(self._unknown_records):  # recovery is over and did not ask
+            if path.exists():
+                log.warning(
+                    "a job this connection's store does not know was left running by a "
+                    "previous owner: its QEMU jobs may still run (restart jobd on the store "
+                    "that began it to recover it)",
+                    record=str(path),
+                )
+        self._unknown_records.clear()
+
+    async def start_all(self, jobs: Sequence[DriverJob]) -> None:
+        """Start jobs of one domain (a job group's members on one QEMU process) together:
+        push backups in one QMP ``transaction`` (every disk's ``blockdev-backup`` and
+        checkpoint bitmaps at one instant: one point in time for all of them); any other
+        job is started on its own, first. All or none: a refused transaction undoes every
+        job's preparation and raises."""
+        together = [j for j in jobs if isinstance(j.spec, PreparedBackup) and not j.spec.pull]
+        if len(together) < 2:
+            for job in jobs:
+                await self.start(job)
+            return
+        for job in jobs:
+            if job not in together:
+                await self.start(job)
+        self._check_open()
+        self._recovery_over()
+        domains = {j.domain for j in together}
+        if len(domains) != 1:
+            raise InvalidArgument(f"start_all takes jobs of one domain, not {sorted(domains)}")
+        domain = self._domain(together[0].domain)
+        if not domain.process.alive:
+            raise DriverError(f"domain '{domain.name}' is not running")
+        for job in together:
+            if job.uuid in self.runners:
+                raise OperationInvalid(f"job {job.uuid} is already running", job=job.uuid)
+        runners = [
+            BackupRunner(conn=self, job=j, domain=domain, proc=domain.process) for j in together
+        ]
+        prepared: list[BackupRunner] = []
+        try:
+            actions: list[dict[str, Any]] = []
+            for runner in runners:
+                runner.log.info("starting", together=len(runners))
+                actions += await runner.start_actions()
+                prepared.append(runner)
+            await domain.process.execute("transaction", {"actions": actions})
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for runner in prepared:  # a runner that failed its own part undid it
+                    await runner.undo_start()
+            for runner in runners:
+                self._record_path(runner.job).unlink(missing_ok=True)
+            raise
+        for runner in runners:
+            await runner.started()
+            await self._save_record(runner)
+            self._launch(runner)
 
     def _launch(self, runner: Runner) -> None:
         self.runners[runner.job.uuid] = runner

@@ -27,6 +27,7 @@ COMMANDS = {
     "dumpxml": "jobs",
     "events": "events",
     "explain": "explain",
+    "group": "groups",
     "host": "fleet",
     "hosts": "fleet",
     "info": "jobs",

@@ -115,8 +115,11 @@ def _encoder(result: Result) -> Callable[[_Client, Any], Wire]:
         Result.HOST_INFO,
         Result.HOST_INFOS,
         Result.EXPLANATION,
+        Result.GROUP_INFO,
     ):
         return lambda c, value: encode_value(value)
+    if result is Result.GROUP_REF:  # groups: a group travels as its UUID
+        return lambda c, group: group.uuid.bytes
     return lambda c, value: value  # already plain: nil, ints, text, typed params
 
 
@@ -144,6 +147,14 @@ def _table_handler(method: Method) -> Handler:
             return encode(c, await getattr(checkpoint, attr)(*a[2:]))
 
         return on_checkpoint
+
+    if call.on is On.GROUP:  # groups: a group of the session's driver connection
+
+        async def on_group(c: _Client, a: tuple[Any, ...]) -> Wire:
+            group = await _conn(c).job_group_lookup(a[0])
+            return encode(c, await getattr(group, attr)(*a[1:]))
+
+        return on_group
 
     async def on_job(c: _Client, a: tuple[Any, ...]) -> Wire:
         job = await _job(c, a[0])
@@ -281,6 +292,17 @@ async def _h_list_fleet_jobs(c: _Client, a: tuple[Any, ...]) -> Wire:
         if fit == len(infos) or limit == 1:
             return [[encode_value(i) for i in infos], cursor]
         limit = max(1, min(fit, limit - 1))
+
+
+# groups
+
+
+@_handles(Method.JOB_GROUP_BEGIN)
+async def _h_job_group_begin(c: _Client, a: tuple[Any, ...]) -> Wire:
+    # the session's path guard sees every member's files, as JobBegin's domain handles do
+    group = await _conn(c).job_group_begin(a[0], a[1], path_guard=c.guard)
+    c.log.debug("job group begun", group=str(group.uuid))
+    return group.uuid.bytes
 
 
 for _method in Method:

@@ -175,6 +175,8 @@ class BackupRunner(Runner):
     #: the store path being created, recorded before its name is claimed (an owner dying
     #: then leaves at most an empty file there: ``claimed_file``)
     claiming: str | None = None
+    #: the checkpoint bitmaps the transaction of start_actions creates, once it ran
+    transaction_bitmaps: list[tuple[str, str]] = field(factory=list)
 
     @property
     def spec(self) -> PreparedBackup:
@@ -306,6 +308,21 @@ class BackupRunner(Runner):
             listener.close()  # QEMU holds its own copy
 
     async def start(self) -> None:
+        actions = await self.start_actions()
+        try:
+            # Not completion-mode=grouped: QEMU refuses it next to bitmap actions. A
+            # failing disk cancels its siblings in supervise() instead.
+            await self.proc.execute("transaction", {"actions": actions})
+        except BaseException:
+            await self.undo_start()
+            raise
+        await self.started()
+
+    async def start_actions(self) -> list[dict[str, Any]]:
+        """Everything before QEMU's transaction (the target nodes, the server, the record
+        that names the QEMU jobs), and the transaction's actions: QEMU starts the job when
+        they run, alone (``start``) or in one transaction with other jobs' (the
+        connection's ``start_all``). Undone by ``undo_start`` if the transaction fails."""
         try:
             if self.pull:
                 await self._start_server()
@@ -365,17 +382,23 @@ class BackupRunner(Runner):
             # on disk before QEMU starts a job: a later owner finds the jobs it names, or
             # knows (started false, no such job) that QEMU never started them
             await self.conn.save_record(self.job, self.starting_record())
-            # Not completion-mode=grouped: QEMU refuses it next to bitmap actions. A
-            # failing disk cancels its siblings in supervise() instead.
-            await self.proc.execute("transaction", {"actions": actions})
         except BaseException:
-            self.untrack()
-            with anyio.CancelScope(shield=True):
-                # the transaction did not happen: no bitmap is this job's to remove
-                await self._cleanup(keep_checkpoint=False, nodes_only=False)
+            await self.undo_start()
             raise
+        self.transaction_bitmaps = checkpoint_bitmaps
+        return actions
+
+    async def undo_start(self) -> None:
+        """The transaction did not happen: undo what ``start_actions`` did (no bitmap is
+        this job's to remove)."""
+        self.untrack()
+        with anyio.CancelScope(shield=True):
+            await self._cleanup(keep_checkpoint=False, nodes_only=False)
+
+    async def started(self) -> None:
+        """QEMU ran the transaction: the job runs (a pull backup's exports are added)."""
         # from here on, the bitmaps the transaction created are this job's
-        self.checkpoint_bitmaps = checkpoint_bitmaps
+        self.checkpoint_bitmaps = self.transaction_bitmaps
         for bd in self.disks:
             bd.export_bitmap_created = bd.export_bitmap is not None
         for bd in self.disks:
