@@ -453,11 +453,18 @@ class Scheduler:
             for _, waiter, wmode in res.waiters:
                 if waiter.seq < ticket.seq and wmode in CONFLICTS[claim.mode]:
                     aged[id(waiter)] = waiter
+        if not aged:
+            return
+        touched: dict[int, _Resource] = {}
         for waiter in aged.values():
-            for claim in waiter.claims:
-                self._resources[claim.resource].remove_waiter(waiter)
             waiter.boost += AGING_BOOST
-            self._enqueue(waiter)
+            for claim in waiter.claims:
+                res = self._resources[claim.resource]
+                touched[id(res)] = res
+        for res in touched.values():  # each queue sorted again once, in its new order
+            res.waiters = sorted(
+                ((t.order, t, mode) for _, t, mode in res.waiters), key=lambda w: w[0]
+            )
 
     def _hold(self, ticket: Ticket) -> None:
         for claim in ticket.claims:
