@@ -21,10 +21,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import psycopg
 import pytest
 from jobd_helpers import ROOT, Jobd, jobctl
@@ -332,3 +333,33 @@ def jobd_fleet(tmp_path: Path, private_pg: PgServer) -> Iterator[JobdFleet]:
         yield fleet.start()
     finally:
         fleet.close()
+
+
+# ---- two members on the session's server (pg_url: a fresh database per test) ----------------
+
+
+def fleet_member(tmp_path: Path, name: str, pg_url: str, run: str | None = None) -> Jobd:
+    """A ready jobd member ``name`` on ``pg_url`` (run dir ``tmp_path/(run or name)``), its
+    lease 1 s: a killed member is lost soon."""
+    args = ("--store", pg_url, "--host", name, "--lease-ttl", "1")
+    return Jobd(tmp_path / (run or name), *args).wait_ready()
+
+
+@pytest.fixture
+def fleet2(tmp_path: Path, pg_url: str) -> Iterator[tuple[Jobd, Jobd]]:
+    """Members hv1 and hv2, stopped after the test."""
+    hv1, hv2 = fleet_member(tmp_path, "hv1", pg_url), fleet_member(tmp_path, "hv2", pg_url)
+    try:
+        yield hv1, hv2
+    finally:
+        hv1.stop()
+        hv2.stop()
+
+
+async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Poll ``check`` until it returns true (at most ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await anyio.sleep(0.1)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import psycopg
 import pytest
+from fleet_helpers import fleet_member as member
+from fleet_helpers import until
 from jobd_helpers import Jobd
 from pg_helpers import PgServer
 
@@ -30,7 +32,6 @@ from jobcore.store_pg import open_pg_database
 
 pytestmark = pytest.mark.anyio
 
-TTL = "1"  # seconds: a killed member is lost soon
 SLOW = "rate=1"  # a backup that runs for ever (its bytes at 1 B/s)
 
 
@@ -44,30 +45,6 @@ def backup(job: uuid.UUID) -> str:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # the members are processes: one event loop kind suffices here
-
-
-def member(tmp_path: Path, name: str, pg_url: str, run: str | None = None) -> Jobd:
-    args = ("--store", pg_url, "--host", name, "--lease-ttl", TTL)
-    return Jobd(tmp_path / (run or name), *args).wait_ready()
-
-
-@pytest.fixture
-def fleet2(tmp_path: Path, pg_url: str) -> Iterator[tuple[Jobd, Jobd]]:
-    hv1, hv2 = member(tmp_path, "hv1", pg_url), member(tmp_path, "hv2", pg_url)
-    try:
-        yield hv1, hv2
-    finally:
-        hv1.stop()
-        hv2.stop()
-
-
-async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Poll ``check`` until it returns true (at most ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await anyio.sleep(0.1)
 
 
 async def events_until(sub: Subscription, kind: EventKind, timeout: float = 20) -> list[JobEvent]:

@@ -6,13 +6,12 @@ takes it once it is back, and the domain is never on both hosts nor on neither."
 from __future__ import annotations
 
 import signal
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
-import anyio
 import pytest
+from fleet_helpers import fleet_member as member
+from fleet_helpers import until
 from jobd_helpers import Jobd
 
 import jobcore
@@ -34,28 +33,6 @@ GUEST = """<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid>
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def member(tmp_path: Path, name: str, pg_url: str) -> Jobd:
-    return Jobd(tmp_path / name, "--store", pg_url, "--host", name, "--lease-ttl", "1").wait_ready()
-
-
-@pytest.fixture
-def fleet2(tmp_path: Path, pg_url: str) -> Iterator[tuple[Jobd, Jobd]]:
-    hv1, hv2 = member(tmp_path, "hv1", pg_url), member(tmp_path, "hv2", pg_url)
-    try:
-        yield hv1, hv2
-    finally:
-        hv1.stop()
-        hv2.stop()
-
-
-async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await anyio.sleep(0.1)
 
 
 def kill(jobd: Jobd) -> None:
