@@ -40,6 +40,7 @@ if _typing.TYPE_CHECKING:
         JobAbort,
         JobBegin,
         JobComplete,
+        JobExplain,
         JobFree,
         JobGetInfo,
         JobGetStats,
@@ -59,7 +60,7 @@ if _typing.TYPE_CHECKING:
         JobWait,
         open,
     )
-    from jobcore.info import GroupInfo, HostInfo, HostState, JobInfo
+    from jobcore.info import Explanation, GroupInfo, HostInfo, HostState, JobInfo
     from jobcore.lifecycle import JobState, Verb
     from jobcore.spec import ChainRef, JobOptions, JobType
     from jobcore.types.backup import BackupJobSpec
@@ -82,6 +83,7 @@ _LAZY = {
     "Domain": "jobcore.api",
     "EventFilter": "jobcore.events",
     "EventKind": "jobcore.events",
+    "Explanation": "jobcore.info",
     "HostInfo": "jobcore.info",
     "HostState": "jobcore.info",
     "Job": "jobcore.api",
@@ -89,6 +91,7 @@ _LAZY = {
     "JobBegin": "jobcore.facade",
     "JobComplete": "jobcore.facade",
     "JobEvent": "jobcore.events",
+    "JobExplain": "jobcore.facade",
     "JobFree": "jobcore.facade",
     "JobGetInfo": "jobcore.facade",
     "JobGetStats": "jobcore.facade",
@@ -157,6 +160,7 @@ __all__ = [
     "DriverError",
     "EventFilter",
     "EventKind",
+    "Explanation",
     "GroupInfo",
     "HostInfo",
     "HostState",
@@ -169,6 +173,7 @@ __all__ = [
     "JobConflict",
     "JobError",
     "JobEvent",
+    "JobExplain",
     "JobFree",
     "JobGetInfo",
     "JobGetStats",

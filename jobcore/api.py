@@ -21,7 +21,7 @@ from jobcore import constants as C
 from jobcore.driver import DomainInfo
 from jobcore.errors import InvalidArgument
 from jobcore.events import EventHub, EventKind, Subscription
-from jobcore.info import GroupInfo, HostInfo, JobInfo
+from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.paths import PathGuard
 from jobcore.spec import DEFAULT_RETENTION, JobType
@@ -160,6 +160,12 @@ class Domain(Protocol):
         """Begin a job from a typed spec (what ``job_begin`` does after parsing)."""
         ...
 
+    # explain
+    async def job_explain(self, job_xml: str | bytes, flags: int = 0) -> Explanation:
+        """What ``job_begin(job_xml, flags)`` would do now (admit, queue, conflict,
+        preempt), its claims and blockers; changes nothing."""
+        ...
+
     async def list_jobs(self) -> Sequence[Job]:
         """Active and retained jobs of the domain, in the order they began."""
         ...
@@ -267,6 +273,11 @@ class Job(Protocol):
         ...
 
     def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription: ...
+
+    # explain
+    async def explain(self) -> Explanation:
+        """A queued job: what it waits for and its position (an admitted one: ``admit``)."""
+        ...
 
 
 # groups

@@ -20,7 +20,28 @@ from jobcore.lifecycle import (
     Verb,
 )
 from jobcore.registry import BUILTIN_TYPES
-from jobcore.scheduler import CONFLICTS, Mode
+from jobcore.scheduler import (
+    AGING_BOOST,
+    ANY,
+    CONFLICTS,
+    DEFAULT_POLICY,
+    KUBEVIRT_POLICY,
+    Mode,
+    PolicyTable,
+)
+
+
+def policy_table(table: PolicyTable) -> list[str]:
+    """A policy table as a grid: row the holder's job type, column the incoming one's."""
+    types = [str(info.type) for info in BUILTIN_TYPES]
+    named = {t for pair in table for t in pair} - set(types) - {ANY}
+    keys = [*types, *sorted(named), ANY]
+    rows = [k for k in keys if any(h == k for h, _ in table)] or types
+    out = ["| holder \\ incoming | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in rows:
+        cells = [table[(r, c)].value if (r, c) in table else "" for c in keys]
+        out.append(f"| `{r}` | " + " | ".join(cells) + " |")
+    return out
 
 
 def _grid(
@@ -122,6 +143,28 @@ def render() -> str:
     modes = [m.value for m in Mode]
     ccells = {(a.value, b.value): "✗" for a in Mode for b in CONFLICTS[a]}
     lines += _grid(modes, modes, ccells, "mode")
+    lines += [
+        "",
+        '## Conflict policy (jobcore.scheduler; design/scheduling.md "Policy")',
+        "",
+        "Per pair in conflict: the holder's job type (row) and the incoming job's (column);",
+        f"`{ANY}` matches any type. An empty cell: no rule, so the incoming job's own choice",
+        "(`queue` if it asked to queue, else `reject`). A job's `<policy conflict='…'/>` wins",
+        "over the table; `preempt` needs a priority above the holder's (else the job's own",
+        "choice). The default table (`DEFAULT_POLICY`) has no rule"
+        + (":" if DEFAULT_POLICY else ": today's fail-fast, or the queue when asked."),
+        "",
+    ]
+    if DEFAULT_POLICY:
+        lines += [*policy_table(DEFAULT_POLICY), ""]
+    lines += [
+        "The example `KUBEVIRT_POLICY` (KubeVirt's rule: a migration preempts a backup):",
+        "",
+        *policy_table(KUBEVIRT_POLICY),
+        "",
+        f"Aging: each overtake raises a queued job's queue priority by {AGING_BOOST}"
+        " (`AGING_BOOST`).",
+    ]
     lines += [
         "",
         "## Accepted flags (jobcore.flags)",

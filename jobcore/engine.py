@@ -53,7 +53,7 @@ from jobcore.errors import (
 )
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
-from jobcore.info import JobInfo, job_stats
+from jobcore.info import Blocker, ClaimView, Explanation, JobInfo, job_stats
 from jobcore.lifecycle import (
     REPORT_TARGET,
     TRANSITIONS,
@@ -67,7 +67,7 @@ from jobcore.lifecycle import (
 from jobcore.log import get_logger
 from jobcore.paths import PathGuard
 from jobcore.registry import registry
-from jobcore.scheduler import Scheduler, Ticket
+from jobcore.scheduler import Decision, Mode, PolicyTable, Scheduler, Ticket, Verdict
 from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
@@ -118,6 +118,7 @@ class Engine:
         start_timeout: float = DEFAULT_START_TIMEOUT,
         checkpoint_state: DriverState | None = None,
         host: str | None = None,
+        policy: PolicyTable | None = None,
     ) -> None:
         self.dconn = dconn
         self.tg = tg
@@ -146,7 +147,7 @@ class Engine:
             )
         self.start_timeout = float(start_timeout)
         self.events = EventHub()
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler() if policy is None else Scheduler(policy)
         #: the domains' checkpoints (jobcore.checkpoints), kept in ``checkpoint_state``
         self.checkpoints = Checkpoints(dconn, self.scheduler, checkpoint_state)
         self._seq = itertools.count()
@@ -175,6 +176,10 @@ class Engine:
         self._recovering: list[JobRecord] = []
         if self._dstore is not None:
             self._recovering = self._dstore.restore(self.clock, self._seq, self.scheduler.ticket)
+            for rec in self._recovering:  # what the policy table and the job's XML say
+                options = rec.spec.options
+                rec.ticket.type, rec.ticket.policy = str(rec.type), options.conflict
+                rec.ticket.queue = options.queue
             tg.start_soon(self._dstore.run)
 
     @property
@@ -195,9 +200,16 @@ class Engine:
             return
         queued = [r for r in jobs if r.state is S.QUEUED]
         running = [r for r in jobs if r.state is not S.QUEUED]
+        active = {r.uuid for r in jobs}
+        suspended = [r for r in running if _still_preempted(r, active)]
         for rec in running:  # what they held before the restart, before anything starts
             # held as they were: the hypervisor runs them, whatever the queue says
-            self.scheduler._hold(rec.ticket)
+            if rec not in suspended:
+                self.scheduler._hold(rec.ticket)
+        for rec in suspended:  # paused by a preemptor still active: waiting again
+            rec.preempt = str(rec.extra.get("preempt", "pause"))
+            rec.ticket.preempted = True
+            self.scheduler._enqueue(rec.ticket)
         recover_job = getattr(self.dconn, "recover_job", None)
         unprepared = self._dstore.unprepared if self._dstore is not None else set()
         again: list[JobRecord] = []  # never started on the hypervisor: start them again
@@ -340,6 +352,50 @@ class Engine:
         if job_id == C.LEGACY_DOMAIN_JOB_UUID:
             raise InvalidArgument(f"'{job_id}' is reserved for the legacy domain job alias")
 
+    def _new_ticket(
+        self, info: JobTypeInfo, spec: Any, dom: Any, job_id: uuid.UUID, flags: int
+    ) -> Ticket:
+        options = spec.options
+        return Ticket(
+            job_id,
+            info.claims(spec, dom),
+            options.priority,
+            type=str(info.type),
+            policy=options.conflict,
+            queue=bool(options.queue or flags & C.JOB_BEGIN_QUEUE),
+        )
+
+    async def explain(
+        self, domain: str, spec: Any, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> Explanation:
+        """What ``begin(domain, spec, flags)`` would do now, changing nothing: the same
+        checks (their errors raised as begin raises them) and the scheduler's verdict."""
+        if self._closed:
+            raise JobError("the connection is closed")
+        info, spec, dom, job_id = await self._prepare(domain, spec, flags, path_guard)
+        self._purge()
+        self._check_new_uuid(job_id)
+        ticket = self.scheduler.probe(self._new_ticket(info, spec, dom, job_id, flags))
+        return _explanation(ticket, self.scheduler.verdict(ticket), None)
+
+    def explain_job(self, rec: JobRecord) -> Explanation:
+        """A job's admission as it stands: a waiting one's blockers and queue position;
+        an admitted one holds its claims (``admit``)."""
+        if rec.state.terminal:
+            raise OperationInvalid(
+                f"job '{rec.uuid}' has ended ('{rec.state}'): it waits for nothing",
+                job=rec.uuid,
+                state=str(rec.state),
+                verb="explain",
+            )
+        ticket = rec.ticket
+        if not ticket.waiting:
+            return _explanation(ticket, Verdict(Decision.ADMIT), None)
+        found = self.scheduler.verdict(ticket)
+        return _explanation(
+            ticket, Verdict(Decision.QUEUE, found.blockers), self.scheduler.position(ticket)
+        )
+
     async def begin(
         self, domain: str, spec: Any, flags: int = 0, *, path_guard: PathGuard | None = None
     ) -> JobRecord:
@@ -354,12 +410,11 @@ class Engine:
         self._purge(now)
         self._check_new_uuid(job_id)
         options = spec.options
-        ticket = self.scheduler.ticket(job_id, info.claims(spec, dom), options.priority)
-        if options.queue or flags & C.JOB_BEGIN_QUEUE:
-            admitted = self.scheduler.admit_or_enqueue(ticket)
-        else:
-            self.scheduler.try_admit(ticket)  # raises JobConflict
-            admitted = True
+        ticket = self._new_ticket(info, spec, dom, job_id, flags)
+        self.scheduler.number(ticket)  # in begin order
+        verdict = self.scheduler.verdict(ticket, every_blocker=False)
+        self.scheduler.apply(ticket, verdict)  # raises JobConflict
+        admitted = verdict.decision is Decision.ADMIT
         rec = JobRecord(
             uuid=job_id,
             type=info.type,
@@ -382,6 +437,11 @@ class Engine:
         self._emit_state(rec, None)
         if self._dstore is not None:  # durability: on disk before the driver starts it
             await self._persisted(rec, admitted)
+        if verdict.decision is Decision.PREEMPT:
+            # shielded (bounded by the start timeout inside): a begin cancelled meanwhile
+            # still leaves its job started once admitted, or queued and started later
+            with anyio.CancelScope(shield=True):
+                admitted = await self._preempt(rec, verdict.victims)
         if admitted:
             await self._start(rec, raise_errors=True)
             await self.checkpoints.flush()  # a checkpoint the backup created is durable
@@ -603,6 +663,147 @@ class Engine:
         else:  # completing: it cannot be aborted any more
             self._transition(rec, S.FAILED)
 
+    # ---- preemption (design/scheduling.md "Preemption") -------------------------------
+
+    async def _preempt(self, rec: JobRecord, victims: tuple[uuid.UUID, ...]) -> bool:
+        """Take ``rec``'s resources from ``victims`` (its ticket waits ahead of theirs):
+        each is paused where its type and driver can pause it (it waits, paused, for its
+        resources and is resumed once readmitted), else cancelled (and, if it asked,
+        begun again as a new queued job). True once ``rec`` is admitted (RUNNING: begin
+        starts it); False if it is still queued (a victim did not let go within the
+        start timeout, or an earlier waiter came first)."""
+        rec.admitted = admitted = anyio.Event()
+        rec.extra["preempted"] = ",".join(map(str, victims))
+        for victim_id in victims:
+            victim = self.store.get(victim_id)
+            if victim is None or victim.state.terminal or rec.state is not S.QUEUED:
+                continue
+            await self._take_from(rec, victim)
+        if rec.state is S.QUEUED:
+            with anyio.move_on_after(self.start_timeout):
+                await admitted.wait()
+        rec.admitted = None
+        if rec.state is not S.RUNNING:
+            return False
+        if self._dstore is not None:  # durability: 'running' on disk before the start
+            with anyio.CancelScope(shield=True):
+                await self._dstore.sync(raise_errors=False)
+        return True
+
+    async def _take_from(self, rec: JobRecord, victim: JobRecord) -> None:
+        victim.ticket.preempted = True
+        victim.extra["preempted_by"] = str(rec.uuid)
+        await self._started(victim)
+        how = "cancel"
+        victim.extra["preempt"] = "pause"  # written with the pause; corrected below
+        # a preemptor that takes the whole domain (a migration moves it away) cancels:
+        # a paused job could not follow its domain
+        whole = any(c.mode is Mode.DOMAIN_EXCLUSIVE for c in rec.ticket.claims)
+        if whole:
+            pass
+        elif victim.state in (S.PAUSED, S.STANDBY):
+            how = "paused"  # the user paused it: it gives its resources up as it is
+        elif Verb.PAUSE in self.job_verbs(victim) and victim.state in VERBS[Verb.PAUSE]:
+            try:
+                await self._verb(victim, Verb.PAUSE, "pause")
+                how = "pause"
+            except JobError as exc:  # the driver refused: cancel it instead
+                job_log(victim).info("preemption: pause refused, cancelling", error=str(exc))
+        victim.preempt = how
+        victim.extra["preempt"] = how
+        self._emit_preempted(victim, rec, how)
+        job_log(victim).info("job preempted", by=str(rec.uuid), preempt=how)
+        if victim.state.terminal:
+            return
+        if how == "cancel":
+            victim.errmsg = f"preempted by job '{rec.uuid}'"
+            try:
+                await self.abort(victim)
+            except JobError as exc:
+                job_log(victim).warning("preemption: cancel refused", error=str(exc))
+            return
+        self._readmit(self.scheduler.suspend(victim.ticket))
+
+    def _emit_preempted(self, victim: JobRecord, by: JobRecord, how: str) -> None:
+        if not self.events.active:
+            return
+        event = attrs.evolve(
+            self._event(victim, EventKind.PREEMPTED),
+            stats={"preempted_by": str(by.uuid), "preempt": how},
+            seq=0,
+        )
+        if self._dstore is not None:  # after the state changes before it are committed
+            self._dstore.defer(functools.partial(self._publish, event))
+        else:
+            self.events.emit(event)
+
+    def _readmit(self, tickets: list[Ticket]) -> None:
+        """Act on the waiting tickets the scheduler just admitted: a queued job starts
+        (a preemptor's begin starts its own), a preempted paused one is resumed."""
+        for ticket in tickets:
+            waiting = self.store.get(ticket.job)
+            if waiting is None or waiting.state.terminal:
+                continue
+            if waiting.state is not S.QUEUED:  # a preempted job has its resources back
+                ticket.preempted = False
+                how, waiting.preempt = waiting.preempt, None
+                if how == "pause" and not self._closed:
+                    self.tg.start_soon(self._resume_preempted, waiting)
+                continue
+            if self._closed:  # a closing engine starts nothing
+                self._finish(waiting, S.FAILED, errmsg=CLOSED)
+            elif waiting.admitted is not None:  # its begin starts it
+                self._transition(waiting, S.RUNNING)
+                waiting.admitted.set()
+            else:
+                waiting.starting = True  # verbs wait until the driver has it
+                self._transition(waiting, S.RUNNING)
+                self.tg.start_soon(self._start_queued, waiting)
+
+    async def _resume_preempted(self, rec: JobRecord) -> None:
+        try:
+            await self._verb(rec, Verb.RESUME, "resume")
+        except JobError as exc:  # e.g. it was aborted meanwhile
+            job_log(rec).info("preempted job not resumed", error=str(exc))
+
+    def _requeue(self, rec: JobRecord) -> None:
+        """A cancelled victim that asked for it begins again: a new queued job, same
+        XML, a new UUID (``requeued_as`` / ``requeued_from`` in the two jobs' stats)."""
+        job_id = uuid.uuid4()
+        spec = attrs.evolve(
+            rec.spec, uuid=job_id, options=attrs.evolve(rec.spec.options, queue=True)
+        )
+        old = rec.ticket
+        ticket = self.scheduler.ticket(
+            job_id, old.claims, old.priority, type=old.type, policy=old.policy, queue=True
+        )
+        admitted = self.scheduler.admit_or_enqueue(ticket)
+        now = self.clock.now()
+        new = JobRecord(
+            uuid=job_id,
+            type=rec.type,
+            info=rec.info,
+            domain=rec.domain,
+            spec=spec,
+            state=S.RUNNING if admitted else S.QUEUED,
+            seq=next(self._seq),
+            ticket=ticket,
+            retention=rec.retention,
+            created_wall=self.clock.wall(),
+            created=now,
+            started=now if admitted else None,
+            bandwidth=rec.bandwidth,
+            host=self.host,
+            extra={"requeued_from": str(rec.uuid)},
+        )
+        rec.extra["requeued_as"] = str(job_id)
+        self.store.add(new)
+        job_log(new).info("preempted job requeued", previous=str(rec.uuid))
+        self._emit_state(new, None)
+        if admitted:
+            new.starting = True
+            self.tg.start_soon(self._start_queued, new)
+
     async def _persisted(self, rec: JobRecord, admitted: bool) -> None:
         """Wait (shielded) until the new job's row is committed; if the store cannot
         write it, the job fails unstarted and begin raises the StoreError (or the
@@ -813,16 +1014,16 @@ class Engine:
         if rec.done is not None and self._dstore is None:
             rec.done.set()
         rec.driver_job = None
-        for ticket in self.scheduler.release(rec.ticket):
-            waiting = self.store.get(ticket.job)
-            if waiting is None or waiting.state is not S.QUEUED:
-                continue
-            if self._closed:  # a closing engine starts nothing
-                self._finish(waiting, S.FAILED, errmsg=CLOSED)
-            else:
-                waiting.starting = True  # verbs wait until the driver has it
-                self._transition(waiting, S.RUNNING)
-                self.tg.start_soon(self._start_queued, waiting)
+        if rec.admitted is not None:  # a preemptor's begin waits no longer: it ended
+            rec.admitted.set()
+        self._readmit(self.scheduler.release(rec.ticket))
+        if (
+            rec.preempt == "cancel"
+            and rec.state is S.CANCELLED
+            and rec.spec.options.requeue
+            and not self._closed
+        ):
+            self._requeue(rec)
         if _stdlib_log.isEnabledFor(logging.INFO):
             job_log(rec).info("job ended", state=str(rec.state), errmsg=rec.errmsg)
         member_ended = self.member_ended.pop(rec.uuid, None)
@@ -914,6 +1115,14 @@ class Engine:
         await self._verb(rec, Verb.PAUSE, "pause")
 
     async def resume(self, rec: JobRecord) -> None:
+        if rec.preempt is not None and rec.ticket.waiting:
+            raise OperationInvalid(
+                f"job '{rec.uuid}' was preempted by job '{rec.extra.get('preempted_by')}': "
+                "it resumes once that job ends",
+                job=rec.uuid,
+                state=str(rec.state),
+                verb=str(Verb.RESUME),
+            )
         await self._verb(rec, Verb.RESUME, "resume")
 
     async def complete(self, rec: JobRecord) -> None:
@@ -1159,6 +1368,27 @@ class _Reporter:
 
     def domain_moved(self, uri: str) -> None:
         self._engine.domain_location[self._rec.domain] = uri
+
+
+def _still_preempted(rec: JobRecord, active: set[uuid.UUID]) -> bool:
+    """A recovered job a preemptor paused, waiting for it still (design/scheduling.md
+    "Preemption"): paused, its preemptor among the active jobs."""
+    by = rec.extra.get("preempted_by")
+    return (
+        rec.state in (S.PAUSED, S.STANDBY)
+        and rec.extra.get("preempt") != "cancel"
+        and by is not None
+        and uuid.UUID(str(by)) in active
+    )
+
+
+def _explanation(ticket: Ticket, verdict: Verdict, position: int | None) -> Explanation:
+    return Explanation(
+        decision=verdict.decision,
+        claims=tuple(ClaimView(c.resource, str(c.mode)) for c in ticket.claims),
+        blockers=tuple(Blocker(c.holder, c.claim.resource, c.rule) for c in verdict.blockers),
+        position=position,
+    )
 
 
 def _start_finished(rec: JobRecord) -> None:

@@ -47,6 +47,9 @@ class EventKind(enum.StrEnum):
     #: a fleet member found the job's host lost (its lease expired, not left, not fenced):
     #: the job's state is unchanged, it may still run there (design/fleet.md); not numbered
     HOST_LOST = "host-lost"
+    #: a preemptor took the job's resources (jobcore.engine): ``stats`` names it
+    #: (``preempted_by``) and what it did (``preempt``: pause or cancel); not numbered
+    PREEMPTED = "preempted"
 
 
 #: which events a full buffer gives up first
@@ -123,6 +126,7 @@ class EndReason(enum.StrEnum):
 _SLOT = {
     **{kind: i for i, kind in enumerate((*_DROP_ORDER, EventKind.FINAL))},
     EventKind.HOST_LOST: _DROP_ORDER.index(EventKind.STATE),
+    EventKind.PREEMPTED: _DROP_ORDER.index(EventKind.STATE),
 }
 _SLOTS = len(set(_SLOT.values()))
 #: (the hub's emission number, the event): made once per emit, shared by every buffer
@@ -133,7 +137,7 @@ _Entry: TypeAlias = tuple[int, JobEvent]
 class Subscription:
     """A filtered, bounded event queue. Iterate it (async) or call ``get()``.
 
-    The buffer is one FIFO per event kind (HOST_LOST shares STATE's), each entry tagged
+    The buffer is one FIFO per event kind (HOST_LOST and PREEMPTED share STATE's), each entry tagged
     with the hub's emission number: a push appends, a drop pops the head of the first
     non-empty FIFO in drop order, and a read pops the oldest of the (at most three) heads,
     so every operation is O(1) whatever the buffer's size.

@@ -25,7 +25,7 @@ from jobcore.driver import DriverConnection
 from jobcore.errors import InvalidArgument, JobError, NoSuchCheckpoint
 from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.flags import check_flags
-from jobcore.info import GroupInfo, HostInfo, JobInfo
+from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.local import LocalConnection
 from jobcore.methods import as_uuid
 from jobcore.spec import DEFAULT_RETENTION, JobType, check_timeout
@@ -406,6 +406,23 @@ def open(
 
 def JobBegin(dom: BlockingDomain, job_xml: str | bytes, flags: int = 0) -> BlockingJob:
     return BlockingJob(dom.conn, dom.conn._call(dom.adom.job_begin, job_xml, flags))
+
+
+# explain
+
+
+def JobExplain(
+    target: BlockingDomain | BlockingJob, job_xml: str | bytes | None = None, flags: int = 0
+) -> Explanation:
+    """What ``JobBegin(dom, job_xml, flags)`` would do now (changes nothing); or, given
+    a job, where that queued job stands (what it waits for, its position)."""
+    if isinstance(target, BlockingJob):
+        if job_xml is not None or flags:
+            raise InvalidArgument("JobExplain(job) takes no job XML and no flags")
+        return target.conn._call(target._live().explain)
+    if job_xml is None:
+        raise InvalidArgument("JobExplain(dom, job_xml): the job XML is missing")
+    return target.conn._call(target.adom.job_explain, job_xml, flags)
 
 
 def JobLookupByUUID(dom: BlockingDomain, job_uuid: str | bytes | uuid.UUID) -> BlockingJob:

@@ -1,4 +1,5 @@
-"""JobInfo: a snapshot of one job, typed and also readable as a mapping."""
+"""JobInfo: a snapshot of one job, typed and also readable as a mapping; Explanation:
+an admission dry run's answer (``dom.job_explain``, ``job.explain``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from attrs import fields, frozen
 
 from jobcore.lifecycle import LEGACY_JOB_TYPE, JobState
+from jobcore.scheduler import Decision
 from jobcore.spec import JobType
 
 
@@ -145,6 +147,64 @@ def job_stats(
     st["uuid"] = str(info.uuid)
     st["state"] = str(info.state)
     return st
+
+
+@frozen
+class ClaimView:
+    """One claim a job takes (or would take): the resource and the mode."""
+
+    resource: str
+    mode: str
+
+
+@frozen
+class Blocker:
+    """A job in the way: its UUID, the contested resource, and the rule that decides."""
+
+    uuid: uuid.UUID
+    resource: str
+    rule: str
+
+
+@frozen
+class Explanation(Mapping[str, Any]):
+    """What admission would do with a job XML now (``dom.job_explain``), or where a
+    queued job stands (``job.explain``); nothing is changed by asking.
+
+    As a mapping: ``decision`` (``admit``, ``queue``, ``conflict`` or ``preempt``),
+    ``claims`` (a list of ``{"resource", "mode"}``), ``blockers`` (a list of ``{"uuid",
+    "resource", "rule"}``, UUIDs as strings) and ``position`` (a queued job's place in
+    its queues, 1 = next; None otherwise)."""
+
+    decision: Decision
+    claims: tuple[ClaimView, ...] = ()
+    blockers: tuple[Blocker, ...] = ()
+    position: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "decision":
+            return str(self.decision)
+        if key == "claims":
+            return [{"resource": c.resource, "mode": c.mode} for c in self.claims]
+        if key == "blockers":
+            return [
+                {"uuid": str(b.uuid), "resource": b.resource, "rule": b.rule} for b in self.blockers
+            ]
+        if key == "position":
+            return self.position
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_EXPLAIN_KEYS)
+
+    def __len__(self) -> int:
+        return len(_EXPLAIN_KEYS)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: self[k] for k in _EXPLAIN_KEYS}
+
+
+_EXPLAIN_KEYS = ("decision", "claims", "blockers", "position")
 
 
 # groups

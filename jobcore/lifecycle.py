@@ -45,7 +45,8 @@ TERMINAL: frozenset[JobState] = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
 STATE_DOC: dict[JobState, str] = {
     S.QUEUED: "waiting for a contested resource (only when the caller asked to queue)",
     S.RUNNING: "doing its work",
-    S.PAUSED: "stopped by the user; `resume` returns it to running",
+    S.PAUSED: "stopped by the user (or by a preemptor, until it ends); `resume` returns it "
+    "to running",
     S.READY: "converged, waiting for `complete` (active commit, pull backup)",
     S.STANDBY: "paused while ready; `resume` returns it to ready",
     S.COMPLETING: "`complete` was accepted: pivoting or finishing",

@@ -34,7 +34,7 @@ from jobcore.events import EventFilter, EventHub, EventKind, Subscription
 from jobcore.flags import check_flags
 from jobcore.groups import JobGroup, JobGroups
 from jobcore.handles import CheckpointHandle
-from jobcore.info import GroupInfo, HostInfo, JobInfo
+from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
@@ -325,6 +325,14 @@ class LocalDomain:
         handle's ``path_guard`` sees the host files the prepared spec names."""
         rec = await self.conn.engine.begin(self.name, spec, flags, path_guard=self.path_guard)
         return LocalJob(self.conn, rec)
+
+    # explain
+    async def job_explain(self, job_xml: str | bytes, flags: int = 0) -> Explanation:
+        """What ``job_begin(job_xml, flags)`` would do now; changes nothing (the same
+        checks as begin, the handle's path guard included, and the scheduler's verdict)."""
+        check_flags("JobBegin", flags)
+        spec = await xml_work(parse_job, job_xml, _doc_size(job_xml))
+        return await self.conn.engine.explain(self.name, spec, flags, path_guard=self.path_guard)
 
     async def list_jobs(self) -> list[LocalJob]:
         """Active and retained jobs of the domain, in the order they began."""
@@ -631,6 +639,11 @@ class LocalJob:
 
     def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
         return self.conn.subscribe(job=self.uuid, maxlen=maxlen)
+
+    # explain
+    async def explain(self) -> Explanation:
+        """A queued job: what it waits for and its position; an admitted one: ``admit``."""
+        return self.conn.engine.explain_job(self._rec)
 
 
 # groups

@@ -74,6 +74,8 @@ class Result(enum.Enum):
     # groups
     GROUP_REF = "group ref"
     GROUP_INFO = "GroupInfo"
+    # explain
+    EXPLANATION = "Explanation"
 
 
 class On(enum.Enum):
@@ -259,6 +261,16 @@ class Method(enum.Enum):
                           R.GROUP_INFO, "JobGroupWait")  # fmt: skip
     JOB_GROUP_ABORT = Call("job_group_abort", G, "abort", (), True, R.NONE, "JobGroupAbort",
                            note="aborts every active member")  # fmt: skip
+    # explain
+    JOB_EXPLAIN = Call(
+        "job_explain", D, "job_explain", (("job_xml", A.TEXT), ("flags", A.INT)), False,
+        R.EXPLANATION, "JobExplain",
+        note="what JobBegin would do now (admit, queue, conflict, preempt); changes nothing",
+    )  # fmt: skip
+    JOB_EXPLAIN_QUEUED = Call(
+        "job_explain_queued", J, "explain", (), False, R.EXPLANATION,
+        note="a queued job: what it waits for, its position; blocking: JobExplain(job)",
+    )  # fmt: skip
 
     def __str__(self) -> str:
         return self.value.name

@@ -44,10 +44,11 @@ from jobcore.errors import ConnectionLost as ConnectionLost  # re-exported: part
 from jobcore.errors import DaemonUnreachable as DaemonUnreachable  # re-exported: as above
 from jobcore.errors import JobError
 from jobcore.events import EndReason, EventKind, JobEvent
-from jobcore.info import GroupInfo, HostInfo, HostState, JobInfo
+from jobcore.info import Blocker, ClaimView, Explanation, GroupInfo, HostInfo, HostState, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import BY_NAME, MAX_RESUME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
+from jobcore.scheduler import Decision
 from jobcore.spec import JobType
 from jobcore.uri import URI, parse_uri
 
@@ -551,6 +552,8 @@ def _make_converter() -> cattrs.Converter:
     ):
         attrs.resolve_types(cls)
     attrs.resolve_types(GroupInfo)  # groups
+    for explain_cls in (Explanation, ClaimView, Blocker):  # explain
+        attrs.resolve_types(explain_cls)
 
     def attrs_fromtuple(cls: type) -> Callable[[Wire, Any], Any]:
         n = len(attrs.fields(cls))
@@ -586,7 +589,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(bool, _check(bool, "a boolean"))
     conv.register_structure_hook(float, _structure_float)
     # states, kinds and types travel as their names
-    for named in (JobType, JobState, EventKind, HostState):
+    for named in (JobType, JobState, EventKind, HostState, Decision):
         conv.register_structure_hook(named, lambda v, t: t(structure_str(v, t)))
         conv.register_unstructure_hook(named, str)
     conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _structure_params)
@@ -653,6 +656,8 @@ RESULT_TYPES: dict[Result, Any] = {
     # groups
     Result.GROUP_REF: uuid.UUID,
     Result.GROUP_INFO: GroupInfo,
+    # explain
+    Result.EXPLANATION: Explanation,
 }
 
 

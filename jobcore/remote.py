@@ -38,7 +38,7 @@ from jobcore.errors import ConnectionLost, InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.handles import CheckpointHandle
-from jobcore.info import GroupInfo, HostInfo, JobInfo
+from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.methods import MAX_RESUME, Method, Named, Result, as_uuid, uuid_prefix
@@ -724,6 +724,12 @@ class RemoteDomain:
         _check_size(job_xml, "job")
         return await self._call(Method.JOB_BEGIN, job_xml, flags)  # type: ignore[no-any-return]
 
+    # explain
+    async def job_explain(self, job_xml: str | bytes, flags: int = 0) -> Explanation:
+        check_flags("JobBegin", flags)
+        _check_size(job_xml, "job")
+        return await self._call(Method.JOB_EXPLAIN, job_xml, flags)  # type: ignore[no-any-return]
+
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> RemoteJob:
         """A typed spec travels as its job XML (jobcore.xml.format_job)."""
         return await self.job_begin(format_job(spec), flags)
@@ -882,6 +888,10 @@ class RemoteJob:
 
     def events(self, maxlen: int = EventHub.DEFAULT_BUFFER) -> Subscription:
         return self.conn.subscribe(job=self.uuid, maxlen=maxlen)
+
+    # explain
+    async def explain(self) -> Explanation:
+        return await self._call(Method.JOB_EXPLAIN_QUEUED)  # type: ignore[no-any-return]
 
 
 def socket_path(uri: URI) -> Path:

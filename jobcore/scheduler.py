@@ -6,6 +6,13 @@ images of their chains and backup target files: its type says which
 the matrix says their modes do. Admission looks
 only at the claimed resources' holders and waiters, so its cost does not grow with the
 number of jobs.
+
+What a job does about a conflict is a policy (``Policy``: reject, queue, preempt), looked
+up per pair in conflict in a table that is data (``PolicyTable``, keyed by the holder's
+job type and the incoming job's; design/scheduling.md "Policy"). ``verdict`` is the one
+admission decision: begin applies it, explain reports it. Queued jobs age: each time a
+later job is admitted ahead of a waiter it blocks, the waiter's queue priority rises by
+``AGING_BOOST``, so a steady stream of higher-priority jobs cannot starve it.
 """
 
 from __future__ import annotations
@@ -15,11 +22,29 @@ import enum
 import itertools
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from attrs import define, field, frozen
 
 from jobcore.errors import JobConflict
+from jobcore.spec import Policy
+
+__all__ = [
+    "AGING_BOOST",
+    "ANY",
+    "CONFLICTS",
+    "DEFAULT_POLICY",
+    "KUBEVIRT_POLICY",
+    "Claim",
+    "Conflict",
+    "Decision",
+    "Mode",
+    "Policy",
+    "PolicyTable",
+    "Scheduler",
+    "Ticket",
+    "Verdict",
+]
 
 
 class Mode(enum.StrEnum):
@@ -91,12 +116,62 @@ def image_resource(path: str) -> str:
     return f"image:{normalize_path(path)}"
 
 
+class Decision(enum.StrEnum):
+    """What admission does with a job (``Scheduler.verdict``)."""
+
+    ADMIT = "admit"  # no conflict: it runs now
+    QUEUE = "queue"  # it waits in the FIFO queues
+    CONFLICT = "conflict"  # JobConflict
+    PREEMPT = "preempt"  # its holders are paused or cancelled; it runs once they let go
+
+
+#: a wildcard job type in a policy table key
+ANY = "*"
+
+#: (holder's job type, incoming job's type) -> the policy for that pair in conflict; ANY
+#: matches every type. Looked up most specific first: (holder, incoming), (holder, ANY),
+#: (ANY, incoming), (ANY, ANY). No rule: the incoming job's choice (queue if it asked,
+#: else reject). The modes are not in the key: a type's claims fix them.
+PolicyTable = Mapping[tuple[str, str], Policy]
+
+#: the default table: no rule, so today's behaviour (fail fast unless the job asks to queue)
+DEFAULT_POLICY: PolicyTable = {}
+
+#: KubeVirt's rule as data: a migration preempts a backup of its domain (given a higher
+#: priority: preemption always needs one); a backup never waits for a migration.
+KUBEVIRT_POLICY: PolicyTable = {
+    ("backup", "migration"): Policy.PREEMPT,
+}
+
+#: queue levels a waiter gains each time a later job is admitted ahead of it on a
+#: resource where it blocks that waiter (aging, design/scheduling.md "Fairness")
+AGING_BOOST = 1
+
+
 @frozen
 class Conflict:
     holder: uuid.UUID
     mode: Mode  # the holder's (or earlier waiter's) mode
     claim: Claim  # the claim it blocks
     waiting: bool  # the blocker is queued, not holding
+    #: the rule that decides: the modes in conflict, the policy and where it comes from
+    rule: str = ""
+    #: the policy that applies to this blocker (after the priority check of a preempt)
+    policy: Policy = Policy.REJECT
+
+
+@frozen
+class Verdict:
+    """The admission decision for one ticket in the scheduler's current state."""
+
+    decision: Decision
+    #: every job in the way, one entry per job (its first contested claim), in claim order
+    blockers: tuple[Conflict, ...] = ()
+
+    @property
+    def victims(self) -> tuple[uuid.UUID, ...]:
+        """The holders a PREEMPT takes the resources from."""
+        return tuple(c.holder for c in self.blockers) if self.decision is Decision.PREEMPT else ()
 
 
 @define(eq=False)
@@ -108,13 +183,23 @@ class Ticket:
     priority: int = 0
     seq: int = 0
     waiting: bool = False
+    #: the job's type (the policy table's key); "" for a bare ticket
+    type: str = ""
+    #: the job's own ``<policy conflict='…'/>``, or None
+    policy: Policy | None = None
+    #: it asked to queue (``<queue/>`` or the QUEUE flag)
+    queue: bool = False
+    #: queue levels gained by aging (AGING_BOOST per overtake)
+    boost: int = 0
+    #: a preemptor took its resources (paused and waiting, or being cancelled)
+    preempted: bool = False
     #: the tickets admitted only together with this one (an all-or-nothing job group's,
     #: queued: design/scheduling.md "Job groups"); None for a job on its own
     together: tuple[Ticket, ...] | None = None
 
     @property
     def order(self) -> tuple[int, int]:
-        return (-self.priority, self.seq)
+        return (-(self.priority + self.boost), self.seq)
 
 
 @define(eq=False)
@@ -150,9 +235,13 @@ class _Resource:
 class Scheduler:
     """Holds the claims of admitted jobs and the queues of waiting ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: PolicyTable = DEFAULT_POLICY) -> None:
         self._resources: dict[str, _Resource] = {}
         self._seq = itertools.count()
+        #: the policy table (data; design/scheduling.md "Policy")
+        self.policy: PolicyTable = policy
+        #: the tickets that hold claims, by job
+        self._held: dict[uuid.UUID, Ticket] = {}
 
     def _res(self, name: str) -> _Resource:
         res = self._resources.get(name)
@@ -160,8 +249,36 @@ class Scheduler:
             res = self._resources[name] = _Resource()
         return res
 
-    def ticket(self, job: uuid.UUID, claims: tuple[Claim, ...], priority: int = 0) -> Ticket:
-        return Ticket(job, claims, priority, next(self._seq))
+    def ticket(
+        self,
+        job: uuid.UUID,
+        claims: tuple[Claim, ...],
+        priority: int = 0,
+        *,
+        type: str = "",
+        policy: Policy | None = None,
+        queue: bool = False,
+    ) -> Ticket:
+        return Ticket(job, claims, priority, next(self._seq), type=type, policy=policy, queue=queue)
+
+    def number(self, ticket: Ticket) -> None:
+        """Give a ticket built elsewhere its place in arrival order."""
+        ticket.seq = next(self._seq)
+
+    def probe(self, ticket: Ticket) -> Ticket:
+        """A copy of ``ticket`` numbered as the next ticket would be, numbering nothing:
+        what explain asks ``verdict`` about."""
+        seq = next(self._seq)
+        self._seq = itertools.count(seq)
+        return Ticket(
+            ticket.job,
+            ticket.claims,
+            ticket.priority,
+            seq,
+            type=ticket.type,
+            policy=ticket.policy,
+            queue=ticket.queue,
+        )
 
     def conflict(self, ticket: Ticket) -> Conflict | None:
         """The first holder, or earlier waiter, that keeps ``ticket`` out, if any."""
@@ -177,25 +294,135 @@ class Scheduler:
                 return Conflict(found[0], found[1], claim, waiting)
         return None
 
+    def blockers(self, ticket: Ticket) -> list[Conflict]:
+        """Every job that keeps ``ticket`` out (holders, and earlier waiters), one entry
+        per job: its first contested claim, in claim order."""
+        return [c for c, _ in self._blockers(ticket)]
+
+    def _blockers(self, ticket: Ticket) -> list[tuple[Conflict, Ticket | None]]:
+        found: dict[uuid.UUID, tuple[Conflict, Ticket | None]] = {}
+        for claim in ticket.claims:
+            res = self._resources.get(claim.resource)
+            if res is None:
+                continue
+            for other in CONFLICTS[claim.mode]:
+                for job in res.holders.get(other, ()):
+                    if job != ticket.job and job not in found:
+                        found[job] = (Conflict(job, other, claim, False), self._held.get(job))
+            for order, waiter, wmode in res.waiters:
+                if order >= ticket.order:
+                    break
+                if wmode in CONFLICTS[claim.mode] and waiter.job != ticket.job:
+                    found.setdefault(waiter.job, (Conflict(waiter.job, wmode, claim, True), waiter))
+        return list(found.values())
+
+    def rule_for(self, holder_type: str, incoming_type: str) -> Policy | None:
+        """The policy table's rule for a pair of job types, most specific first."""
+        table = self.policy
+        for key in (
+            (holder_type, incoming_type),
+            (holder_type, ANY),
+            (ANY, incoming_type),
+            (ANY, ANY),
+        ):
+            rule = table.get(key)
+            if rule is not None:
+                return rule
+        return None
+
+    def decide(self, ticket: Ticket, c: Conflict) -> Conflict:
+        """``c`` (a blocker ``conflict`` or ``blockers`` found for ``ticket``) with the
+        policy that applies to it and the rule that says so (group admission uses it)."""
+        other = self._held.get(c.holder)
+        if c.waiting:
+            other = next(
+                (w for _, w, _ in self._resources[c.claim.resource].waiters if w.job == c.holder),
+                None,
+            )
+        return self._decide(ticket, c, other)
+
+    def _decide(self, ticket: Ticket, c: Conflict, other: Ticket | None) -> Conflict:
+        """``c`` (blocker ``other``'s) with the policy that applies and the rule saying so."""
+        holder = None if c.waiting else other
+        holder_type = "" if other is None else other.type
+        if ticket.policy is not None:
+            policy, source = ticket.policy, f"the job's <policy conflict='{ticket.policy}'/>"
+        else:
+            rule = self.rule_for(holder_type, ticket.type) if holder_type else None
+            if rule is not None:
+                policy, source = rule, f"policy table: {holder_type} vs {ticket.type}"
+            elif ticket.queue:
+                policy, source = Policy.QUEUE, "the job asked to queue"
+            else:
+                policy, source = Policy.REJECT, "default: fail fast"
+        if policy is Policy.PREEMPT:
+            why = None
+            if holder is None:
+                why = "an earlier waiter is never preempted"
+            elif holder.preempted:
+                why = "the holder is already being preempted"
+            elif ticket.priority <= holder.priority:
+                why = f"priority {ticket.priority} is not above the holder's {holder.priority}"
+            if why is not None:
+                policy = Policy.QUEUE if ticket.queue else Policy.REJECT
+                source = f"{source}; cannot preempt ({why}), so {policy}"
+        role = "queued before it" if c.waiting else "held"
+        text = f"{c.mode.value} ({role}) excludes {c.claim.mode.value}: {policy} ({source})"
+        return Conflict(c.holder, c.mode, c.claim, c.waiting, text, policy)
+
+    def verdict(self, ticket: Ticket, *, every_blocker: bool = True) -> Verdict:
+        """The admission decision for ``ticket`` now (changes nothing): ADMIT with no
+        blocker; else CONFLICT if a blocker's policy is reject, QUEUE if one's is queue,
+        PREEMPT if every blocker is a holder it may preempt. Without ``every_blocker``
+        (begin), when no rule can tell blockers apart (an empty table, no policy of the
+        job's own: every blocker gets the job's own choice) only the first is looked
+        for, so a refusal costs what it did before policies."""
+        if not every_blocker and not self.policy and ticket.policy is None:
+            first = self.conflict(ticket)
+            if first is None:
+                return Verdict(Decision.ADMIT)
+            c = self._decide(ticket, first, None)
+            return Verdict(Decision.QUEUE if ticket.queue else Decision.CONFLICT, (c,))
+        found = tuple(self._decide(ticket, c, t) for c, t in self._blockers(ticket))
+        if not found:
+            return Verdict(Decision.ADMIT)
+        policies = {c.policy for c in found}
+        if Policy.REJECT in policies:
+            decision = Decision.CONFLICT
+        elif Policy.QUEUE in policies:
+            decision = Decision.QUEUE
+        else:
+            decision = Decision.PREEMPT
+        return Verdict(decision, found)
+
+    def apply(self, ticket: Ticket, verdict: Verdict) -> None:
+        """Do what ``verdict`` (of ``ticket``, in this state) says: hold (ADMIT), queue
+        (QUEUE, and PREEMPT: the preemptor waits ahead until its victims let go, see
+        ``suspend``), or raise JobConflict naming the blocker whose policy refuses."""
+        if verdict.decision is Decision.ADMIT:
+            self._admit(ticket)
+        elif verdict.decision is Decision.CONFLICT:
+            refusing = [c for c in verdict.blockers if c.policy is Policy.REJECT]
+            raise _conflict_error(ticket, refusing[0])
+        else:
+            self._enqueue(ticket)
+
     def try_admit(self, ticket: Ticket) -> None:
         """Admit now or raise JobConflict naming the holder and the resource."""
         found = self.conflict(ticket)
         if found is not None:
-            role = "queued before it for" if found.waiting else "holding"
-            raise JobConflict(
-                f"job '{ticket.job}' conflicts with job '{found.holder}' {role} "
-                f"'{found.claim.resource}' ({found.mode.value} excludes "
-                f"{found.claim.mode.value})",
-                holder=found.holder,
-                resource=found.claim.resource,
-            )
-        self._hold(ticket)
+            raise _conflict_error(ticket, found)
+        self._admit(ticket)
 
     def admit_or_enqueue(self, ticket: Ticket) -> bool:
         """Admit now (True) or put the ticket in the FIFO queues (False)."""
         if self.conflict(ticket) is None:
-            self._hold(ticket)
+            self._admit(ticket)
             return True
+        self._enqueue(ticket)
+        return False
+
+    def _enqueue(self, ticket: Ticket) -> None:
         ticket.waiting = True
         for claim in ticket.claims:
             bisect.insort(
@@ -203,11 +430,46 @@ class Scheduler:
                 (ticket.order, ticket, claim.mode),
                 key=lambda w: w[0],
             )
-        return False
+
+    def suspend(self, ticket: Ticket) -> list[Ticket]:
+        """A preempted holder (paused) gives its resources up and waits for them again
+        in its queue place; returns the waiting tickets admitted as a result."""
+        ticket.preempted = True
+        admitted = self.release(ticket)
+        self._enqueue(ticket)
+        return admitted
+
+    def _admit(self, ticket: Ticket) -> None:
+        """Hold ``ticket``'s claims, and age the waiters it overtakes."""
+        self._hold(ticket)
+        self._age_overtaken(ticket)
+
+    def _age_overtaken(self, ticket: Ticket) -> None:
+        """Each waiter that arrived before ``ticket`` and that one of its claims blocks
+        gains AGING_BOOST queue levels (once per admission)."""
+        aged: dict[int, Ticket] = {}
+        for claim in ticket.claims:
+            res = self._resources[claim.resource]
+            for _, waiter, wmode in res.waiters:
+                if waiter.seq < ticket.seq and wmode in CONFLICTS[claim.mode]:
+                    aged[id(waiter)] = waiter
+        if not aged:
+            return
+        touched: dict[int, _Resource] = {}
+        for waiter in aged.values():
+            waiter.boost += AGING_BOOST
+            for claim in waiter.claims:
+                res = self._resources[claim.resource]
+                touched[id(res)] = res
+        for res in touched.values():  # each queue sorted again once, in its new order
+            res.waiters = sorted(
+                ((t.order, t, mode) for _, t, mode in res.waiters), key=lambda w: w[0]
+            )
 
     def _hold(self, ticket: Ticket) -> None:
         for claim in ticket.claims:
             self._res(claim.resource).holders.setdefault(claim.mode, {})[ticket.job] = None
+        self._held[ticket.job] = ticket
 
     def release(self, ticket: Ticket) -> list[Ticket]:
         """Drop a ticket (held or waiting); return waiting tickets admitted as a result."""
@@ -223,6 +485,8 @@ class Scheduler:
                 if held is not None:
                     held.pop(ticket.job, None)
             touched.append(res)
+        if not ticket.waiting:
+            self._held.pop(ticket.job, None)
         ticket.waiting = False
         admitted = self._wake(touched) if any(res.waiters for res in touched) else []
         for claim in ticket.claims:
@@ -241,9 +505,9 @@ class Scheduler:
                 if ticket.waiting:
                     admitted.extend(self._wake_together(ticket.together))
                 continue
-            if self.conflict(ticket) is None:
+            if ticket.waiting and self.conflict(ticket) is None:
                 self._dequeue(ticket)
-                self._hold(ticket)
+                self._admit(ticket)
                 admitted.append(ticket)
         return admitted
 
@@ -316,3 +580,34 @@ class Scheduler:
 
     def resource_count(self) -> int:
         return len(self._resources)
+
+    def position(self, ticket: Ticket) -> int | None:
+        """A waiting ticket's place: 1 + the waiters ahead of it on any of its resources
+        (each counted once); None if it does not wait."""
+        if not ticket.waiting:
+            return None
+        ahead: set[int] = set()
+        for claim in ticket.claims:
+            res = self._resources.get(claim.resource)
+            if res is None:
+                continue
+            for order, waiter, _ in res.waiters:
+                if waiter is ticket or order >= ticket.order:
+                    break
+                ahead.add(id(waiter))
+        return len(ahead) + 1
+
+    def held(self, job: uuid.UUID) -> Ticket | None:
+        """The ticket ``job`` holds claims with, if any."""
+        return self._held.get(job)
+
+
+def _conflict_error(ticket: Ticket, found: Conflict) -> JobConflict:
+    role = "queued before it for" if found.waiting else "holding"
+    return JobConflict(
+        f"job '{ticket.job}' conflicts with job '{found.holder}' {role} "
+        f"'{found.claim.resource}' ({found.mode.value} excludes "
+        f"{found.claim.mode.value})",
+        holder=found.holder,
+        resource=found.claim.resource,
+    )

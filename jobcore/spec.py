@@ -11,6 +11,7 @@ file, identities as ``uuid.UUID``.
 
 from __future__ import annotations
 
+import enum
 import math
 import uuid
 from typing import Any, ClassVar, Protocol
@@ -105,6 +106,18 @@ class ChainRef:
             raise ValueError("a chain position names exactly one of index or file")
 
 
+class Policy(enum.StrEnum):
+    """What a job does about a job in its way (jobcore.scheduler's policy table; a job's
+    ``<policy conflict='…'/>``). Defined here, below the scheduler, for JobOptions."""
+
+    #: fail at once with JobConflict (today's fail-fast)
+    REJECT = "reject"
+    #: wait in the FIFO queues
+    QUEUE = "queue"
+    #: a job of higher priority takes the resource from the holder
+    PREEMPT = "preempt"
+
+
 @frozen
 class JobOptions:
     """Scheduling options common to every job type (jobcore's additions to the job XML)."""
@@ -119,6 +132,12 @@ class JobOptions:
     )
     #: seconds an ended job keeps its final info and stats; None = the connection default
     retention: float | None = field(default=None, validator=seconds)
+    #: ``<policy conflict='…'/>``: what this job does about a conflict, whatever the
+    #: connection's policy table says; None = the table, else ``queue``'s choice
+    conflict: Policy | None = None
+    #: ``<policy requeue='yes'/>``: if preempted and cancelled, begin again as a new queued
+    #: job (same XML, a new UUID)
+    requeue: bool = False
 
 
 class JobSpec(Protocol):

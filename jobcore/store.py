@@ -70,6 +70,12 @@ class JobRecord:
     legacy_stats_read: bool = False
     driver_job: Any = None
     log: BoundLogger | None = None
+    #: how a preemptor took this job's resources (jobcore.engine): "pause" (paused; resumed
+    #: once readmitted), "paused" (the user had paused it: readmitted, left paused),
+    #: "cancel" (cancelled; requeued as a new job if it asked); None: not preempted
+    preempt: str | None = None
+    #: a preemptor's begin waits on it: set once the scheduler admitted the job
+    admitted: anyio.Event | None = None
 
     @property
     def domain_level(self) -> bool:

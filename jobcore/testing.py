@@ -11,7 +11,21 @@ failures, while checking after every step:
 * jobs holding conflicting claims are never admitted together;
 * ``LEGACY_DOMAIN_JOB_UUID`` resolves per the alias rule;
 * queued jobs of equal priority contending for one resource start in FIFO order;
-* no job is lost: every begun job can be looked up and, at teardown, ends.
+* no job is lost: every begun job can be looked up and, at teardown, ends;
+* explain's decision is what ``JobBegin`` then does in the same state: ``admit`` begins
+  it, ``queue`` queues it, ``conflict`` raises JobConflict naming one of its blockers,
+  ``preempt`` takes its blockers' resources (unless a job started or ended in between,
+  which a real driver's own pace may do), and an error explain raises, begin raises too.
+
+(``EXPLAIN = False`` leaves that check out: the fleet machine's, whose members' explain
+cannot see the claims the database shares among them.)
+
+With ``PREEMPT = True`` the machine also begins jobs of priority 1000 with
+``<policy conflict='preempt'/>`` (the ``preempt`` step), and checks that a preempted
+job always gets its events: a PREEMPTED event naming its preemptor (also in its stats,
+``preempted_by``), then its own states to exactly one FINAL; a job a preemptor paused
+waits for its resources (explain says ``queue``), so it never counts as running beside
+its preemptor.
 
 With ``DURABLE = True`` the machine runs on a durable store (an SQLite file in a temporary
 directory it owns and removes at teardown), and if the driver recovers jobs after a
@@ -78,6 +92,7 @@ from jobcore.errors import (
     DriverError,
     InvalidArgument,
     JobConflict,
+    JobError,
     NoSuchJob,
     OperationInvalid,
     Unsupported,
@@ -86,6 +101,7 @@ from jobcore.events import EventKind, JobEvent, Subscription
 from jobcore.facade import BlockingConnection, BlockingDomain, BlockingJob, BlockingJobGroup
 from jobcore.facade import JobAbort as _JobAbort
 from jobcore.facade import JobBegin as _JobBegin
+from jobcore.facade import JobExplain as _JobExplain
 from jobcore.facade import JobGetInfo as _JobGetInfo
 from jobcore.facade import JobGroupAbort as _JobGroupAbort
 from jobcore.facade import JobGroupBegin as _JobGroupBegin
@@ -234,6 +250,10 @@ class _Seen:
     seq: int = 0
     #: numbered events up to this one were covered by a catch-up after a restart
     caught_up: int = 0
+    #: the preemptors named by this job's PREEMPTED events
+    preempted_by: list[uuid.UUID] = attrs.field(factory=list)
+    #: begun by the ``preempt`` step (priority 1000, policy preempt)
+    preemptor: bool = False
 
 
 #: the states a restart with time standing still may move on from (see ``restart``)
@@ -256,6 +276,10 @@ class JobLifecycleMachine(RuleBasedStateMachine):
     #: run on a durable store (an SQLite file in a temporary directory the machine owns):
     #: with a driver that recovers jobs, the machine gains the ``restart`` step
     DURABLE: ClassVar[bool] = False
+    #: also begin preempting jobs (the ``preempt`` step; see the module docstring)
+    PREEMPT: ClassVar[bool] = False
+    #: check each begin against the explain made just before it
+    EXPLAIN: ClassVar[bool] = True
 
     def templates(self) -> list[JobTemplate]:
         return sim_templates()
@@ -380,6 +404,11 @@ class JobLifecycleMachine(RuleBasedStateMachine):
                 if ev.state is JobState.RUNNING and seen.started_order is None:
                     self._starts += 1
                     seen.started_order = self._starts
+            elif ev.kind is EventKind.PREEMPTED:
+                assert seen.finals == 0, "PREEMPTED after the job's FINAL event"
+                by = uuid.UUID(str((ev.stats or {})["preempted_by"]))
+                assert by in self.seen, f"preempted by a job never begun: {ev}"
+                seen.preempted_by.append(by)
             elif ev.kind is EventKind.FINAL:
                 assert seen.states and seen.states[-1].terminal, "FINAL before terminal state"
                 assert ev.stats is not None and ev.stats["state"] == str(seen.states[-1])
@@ -414,10 +443,13 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         seen = _Seen(tmpl, None, self._order)
         self.seen[job_id] = seen
         dom = self._begin_domain(data, tmpl)
+        xml = tmpl.make(job_id, queue)
         self._drain_events()
+        moves_before = (self._ends, self._starts)
+        explained, refusal = self._explain(dom, xml)
         ends_before = self._ends  # a holder may end on its own right after the refusal
         try:
-            job = _JobBegin(dom, tmpl.make(job_id, queue))
+            job = self._begin_as_explained(dom, xml, explained, refusal, moves_before)
         except JobConflict as exc:
             assert not queue, "a queueing begin must not fail with JobConflict"
             holder = self.seen.get(exc.holder)
@@ -444,6 +476,94 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         seen.queued_at_begin = state is JobState.QUEUED
         if state is JobState.QUEUED:
             assert queue, "only a caller asking to queue sees 'queued'"
+        if explained is not None and self._moves() == moves_before:
+            want = {"admit": "admitted", "queue": "queued"}.get(explained["decision"])
+            got = "queued" if state is JobState.QUEUED else "admitted"
+            assert want is None or want == got, f"explain said {explained['decision']}: {got}"
+
+    # ---- explain, then begin ------------------------------------------------------------
+
+    def _moves(self) -> tuple[int, int]:
+        """Jobs ended and started so far (drained): what may make a begin differ from
+        the explain just before it on a driver whose jobs move on their own."""
+        self._drain_events()
+        return (self._ends, self._starts)
+
+    def _explain(self, dom: BlockingDomain, xml: str) -> tuple[Any, type[JobError] | None]:
+        """JobExplain's answer for ``xml`` now, or the class of the error it raised
+        (nothing without ``EXPLAIN``)."""
+        if not self.EXPLAIN:
+            return None, None
+        try:
+            return _JobExplain(dom, xml), None
+        except JobError as exc:
+            return None, type(exc)
+
+    def _begin_as_explained(
+        self,
+        dom: BlockingDomain,
+        xml: str,
+        explained: Any,
+        refusal: type[JobError] | None,
+        moves_before: tuple[int, int],
+    ) -> BlockingJob:
+        """JobBegin, checked against the explain made just before it."""
+        try:
+            job = _JobBegin(dom, xml)
+        except JobError as exc:
+            if refusal is not None:
+                assert isinstance(exc, refusal), f"explain raised {refusal}, begin {exc!r}"
+            elif (
+                explained is not None
+                and isinstance(exc, JobConflict)
+                and self._moves() == moves_before
+            ):
+                assert explained["decision"] == "conflict", f"explain said {explained}"
+                assert str(exc.holder) in {b["uuid"] for b in explained["blockers"]}
+            raise
+        if refusal is not None and refusal is not DriverError:
+            assert self._moves() != moves_before, f"explain raised {refusal}, begin did not"
+        elif explained is not None and self._moves() == moves_before:
+            assert explained["decision"] != "conflict", "explain said conflict, begin admitted"
+        return job
+
+    @precondition(lambda self: self.PREEMPT and bool(self._live()))
+    @rule(data=st.data())
+    def preempt(self, data: st.DataObject) -> None:
+        """Begin a job of priority 1000 whose policy preempts; explain's blockers then
+        are its victims: each gets a PREEMPTED event naming it. A template in conflict
+        with a live job is drawn when there is one."""
+        live = [s.template for s in self._live()]
+        rivals = [t for t in self.tmpl if any(contract_conflict(t, o) for o in live)]
+        tmpl = data.draw(st.sampled_from(rivals or self.tmpl), label="template")
+        job_id = uuid.uuid4()
+        xml = tmpl.make(job_id, False).replace(
+            "</uuid>", "</uuid><priority>1000</priority><policy conflict='preempt'/>", 1
+        )
+        dom = self._begin_domain(data, tmpl)
+        self._order += 1
+        seen = _Seen(tmpl, None, self._order, preemptor=True)
+        self.seen[job_id] = seen
+        self._drain_events()
+        explained, refusal = self._explain(dom, xml)
+        try:
+            job = _JobBegin(dom, xml)
+        except (JobConflict, InvalidArgument) as exc:
+            if refusal is not None:
+                assert isinstance(exc, refusal), f"explain raised {refusal}, begin {exc!r}"
+            del self.seen[job_id]
+            return
+        except DriverError:
+            job = _JobLookupByUUID(dom, job_id)
+        seen.job = job
+        self._drain_events()
+        if explained is not None and explained["decision"] == "preempt":
+            for b in explained["blockers"]:
+                victim = self.seen.get(uuid.UUID(b["uuid"]))
+                assert victim is not None, f"explain named a job never begun: {b}"
+                assert job_id in victim.preempted_by or (
+                    victim.states and victim.states[-1].terminal
+                ), f"{victim.template.name} was not told it was preempted"
 
     def _verb(self, data: st.DataObject, verb: Verb, call: Callable[[BlockingJob], Any]) -> None:
         live = self._live()
@@ -454,7 +574,9 @@ class JobLifecycleMachine(RuleBasedStateMachine):
         try:
             call(self._verb_handle(data, seen))
         except OperationInvalid as exc:
-            if exc.state is not None and exc.verb == str(verb):
+            if verb is Verb.RESUME and self._waits_preempted(seen):
+                pass  # paused by a preemptor: it resumes when that one ends, not before
+            elif exc.state is not None and exc.verb == str(verb):
                 assert not accepts(JobState(exc.state), verb, self._job_verbs(seen)), (
                     f"{verb} refused in {exc.state}, which accepts it"
                 )
@@ -596,12 +718,24 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             if s.job is not None
             and self._state(s) not in (None, JobState.QUEUED)
             and (self._state(s) or JobState.RUNNING).active
+            and not self._waits_preempted(s)
         ]
         for i, a in enumerate(admitted):
             for b in admitted[i + 1 :]:
                 assert not contract_conflict(a.template, b.template), (
                     f"{a.template.name} and {b.template.name} run together"
                 )
+
+    def _waits_preempted(self, seen: _Seen) -> bool:
+        """A preempted job paused and waiting for its resources again (explain: queue)."""
+        if not seen.preempted_by or seen.job is None:
+            return False
+        from jobcore.facade import JobExplain
+
+        try:
+            return bool(JobExplain(seen.job)["decision"] == "queue")
+        except OperationInvalid:  # it ended meanwhile
+            return False
 
     @invariant()
     def legacy_alias_follows_the_rule(self) -> None:
@@ -649,6 +783,8 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             for b in queued:
                 if a.order >= b.order or a.started_order is None or b.started_order is None:
                     continue
+                if any(p.preemptor and p.order > a.order for p in self.seen.values()):
+                    continue  # a higher priority overtook them: aging may reorder them
                 if contract_conflict(a.template, b.template):
                     assert a.started_order < b.started_order, (
                         f"{b.template.name} #{b.order} started before earlier queued "
@@ -681,6 +817,8 @@ class JobLifecycleMachine(RuleBasedStateMachine):
             assert JobState(info["state"]).terminal, f"job {job_id} never ended: {info['state']}"
             assert seen.finals == 1, f"job {job_id} got {seen.finals} FINAL events"
             stats = seen.job.conn.run(seen.job.ajob.stats)
+            if seen.preempted_by:  # a preempted job's stats say who preempted it
+                assert stats.get("preempted_by") == str(seen.preempted_by[-1]), stats
             assert stats["type"] in (
                 C.VIR_DOMAIN_JOB_COMPLETED,
                 C.VIR_DOMAIN_JOB_FAILED,
@@ -742,6 +880,8 @@ class FleetLifecycleMachine(JobLifecycleMachine):
     """
 
     MEMBERS: ClassVar[tuple[Member, ...]] = ()
+    #: explain sees one member's claims, not the shared claims the database arbitrates
+    EXPLAIN = False
     #: seconds a step waits for events to agree with the owner's answer
     EVENT_WAIT: ClassVar[float] = 10.0
     TIME_SCALE: ClassVar[float] = 0.02

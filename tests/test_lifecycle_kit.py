@@ -64,6 +64,27 @@ class DurableSimOnTrio(Counted):
 TestSimOnAsyncio = SimOnAsyncio.TestCase
 TestSimOnAsyncio.settings = KIT_SETTINGS
 TestSimOnTrio = SimOnTrio.TestCase
+
+
+class PreemptingSim(JobLifecycleMachine):
+    """The kit with its preempt step: preemptors of priority 1000 among the jobs."""
+
+    URI = "sim:///default?clock=manual"
+    BACKEND = "asyncio"
+    PREEMPT = True
+    preemptions: ClassVar[int] = 0
+
+    def teardown(self) -> None:
+        type(self).preemptions += sum(len(s.preempted_by) for s in self.seen.values())
+        super().teardown()
+
+
+def test_the_sim_kit_with_preemption() -> None:
+    PreemptingSim.preemptions = 0
+    run_state_machine_as_test(PreemptingSim, settings=KIT_SETTINGS)
+    assert PreemptingSim.preemptions > 0  # the step preempted jobs, and they were checked
+
+
 TestSimOnTrio.settings = KIT_SETTINGS
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobcore.errors import JobConflict
-from jobcore.scheduler import CONFLICTS, Claim, Mode, Scheduler, Ticket
+from jobcore.scheduler import CONFLICTS, Claim, Decision, Mode, Scheduler, Ticket
 
 DOM = "domain:vm1"
 VDA = "disk:vm1/vda"
@@ -188,3 +188,116 @@ def test_conflicting_tickets_are_never_held_together(
             held.append(t)
     assert queued == []
     assert s.resource_count() == 0
+
+
+# ---- policy, preemption verdicts, aging (design/scheduling.md) -------------------------
+
+
+def test_verdict_follows_the_policy_table_and_the_jobs_own_policy() -> None:
+    from jobcore.scheduler import KUBEVIRT_POLICY, Decision, Policy
+
+    s = Scheduler(KUBEVIRT_POLICY)
+    b = s.ticket(uuid.uuid4(), backup(VDA, target="/t"), type="backup")
+    s.try_admit(b)
+    mig = s.ticket(uuid.uuid4(), MIGRATION, 1, type="migration")
+    v = s.verdict(mig)
+    assert v.decision is Decision.PREEMPT and v.victims == (b.job,)
+    assert "policy table: backup vs migration" in v.blockers[0].rule
+    same = s.ticket(uuid.uuid4(), MIGRATION, 0, type="migration", queue=True)
+    assert s.verdict(same).decision is Decision.QUEUE  # no higher priority: its own choice
+    pull = s.ticket(uuid.uuid4(), chain(VDA), 3, type="blockpull", policy=Policy.PREEMPT)
+    assert s.verdict(pull).decision is Decision.PREEMPT
+    pull2 = s.ticket(uuid.uuid4(), chain(VDA), 3, type="blockpull")
+    assert s.verdict(pull2).decision is Decision.CONFLICT
+    assert s.verdict(s.ticket(uuid.uuid4(), backup(VDB))).decision is Decision.ADMIT
+
+
+def test_a_suspended_victim_waits_and_comes_back_after_its_preemptor() -> None:
+    from jobcore.scheduler import Decision, Policy
+
+    s = Scheduler()
+    victim = admit(s, backup(VDA))
+    boss = s.ticket(uuid.uuid4(), chain(VDA), 5, policy=Policy.PREEMPT)
+    verdict = s.verdict(boss)
+    assert verdict.decision is Decision.PREEMPT
+    s.apply(boss, verdict)
+    assert boss.waiting
+    assert s.suspend(victim) == [boss] and victim.waiting
+    assert s.release(boss) == [victim] and not victim.waiting
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    low=st.integers(-1000, 1000),
+    stream=st.lists(st.integers(-1000, 1000), min_size=1, max_size=60),
+)
+def test_aging_bounds_how_often_a_queued_job_is_overtaken(low: int, stream: list[int]) -> None:
+    """Property: a queued job is overtaken at most (p - low) / AGING_BOOST times by jobs
+    of priority <= p, however they arrive: here a new conflicting job queues each time
+    the holder ends (the worst steady stream)."""
+    from jobcore.scheduler import AGING_BOOST
+
+    s = Scheduler()
+    holders = [admit(s, backup(VDA))]
+    waiter = s.ticket(uuid.uuid4(), chain(VDA), low)
+    assert not s.admit_or_enqueue(waiter)
+    top = max(stream)
+    overtaken = 0
+    for prio in stream:
+        nxt = s.ticket(uuid.uuid4(), backup(VDA), prio)
+        if s.admit_or_enqueue(nxt):  # admitted beside the holders, ahead of the waiter
+            holders.append(nxt)
+            overtaken += 1
+        admitted = s.release(holders.pop(0))
+        if waiter in admitted or not waiter.waiting:
+            break
+        overtaken += len(admitted)
+        holders += admitted
+    assert overtaken <= max(0, top - low) // AGING_BOOST + 1
+    assert waiter.boost == overtaken * AGING_BOOST
+    while holders and waiter.waiting:  # once the stream stops, it runs
+        s.release(holders.pop(0))
+    assert not waiter.waiting
+
+
+def test_decide_gives_a_found_blocker_its_policy_and_rule() -> None:
+    from jobcore.scheduler import KUBEVIRT_POLICY, Policy
+
+    s = Scheduler(KUBEVIRT_POLICY)
+    b = s.ticket(uuid.uuid4(), backup(VDA), type="backup")
+    s.try_admit(b)
+    waiter = s.ticket(uuid.uuid4(), chain(VDA), type="blockpull", queue=True)
+    assert not s.admit_or_enqueue(waiter)
+    mig = s.ticket(uuid.uuid4(), MIGRATION, 1, type="migration")
+    found = s.conflict(mig)
+    assert found is not None and found.rule == ""  # conflict(): the first blocker, raw
+    decided = s.decide(mig, found)
+    assert decided.policy is Policy.PREEMPT and "policy table: backup vs migration" in decided.rule
+    pull = s.ticket(uuid.uuid4(), chain(VDA), type="blockpull")
+    (held, queued) = s.blockers(pull)
+    assert s.decide(pull, held).policy is Policy.REJECT
+    assert queued.waiting and "queued before it" in s.decide(pull, queued).rule
+
+
+CLAIM_SETS = [backup(VDA, target="/a"), backup(VDB), chain(VDA), chain(VDB), MIGRATION]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, len(CLAIM_SETS) - 1), st.integers(-2, 2), st.booleans()),
+        min_size=1,
+        max_size=15,
+    )
+)
+def test_begins_short_verdict_decides_as_the_full_one(steps: list[tuple[int, int, bool]]) -> None:
+    """Property: with no policy table and no job policy, begin's verdict (the first
+    blocker only) decides as explain's (every blocker), naming one of its blockers."""
+    s = Scheduler()
+    for which, priority, queue in steps:
+        t = s.ticket(uuid.uuid4(), CLAIM_SETS[which], priority, queue=queue)
+        full, short = s.verdict(t), s.verdict(t, every_blocker=False)
+        assert short.decision is full.decision
+        assert {c.holder for c in short.blockers} <= {c.holder for c in full.blockers}
+        if full.decision is not Decision.CONFLICT:
+            s.apply(t, short)

@@ -36,7 +36,7 @@ from jobcore.backup import (
 )
 from jobcore.driver import DiskInfo, DomainInfo
 from jobcore.errors import InvalidArgument, XMLError
-from jobcore.spec import ChainRef, JobOptions
+from jobcore.spec import ChainRef, JobOptions, Policy
 from jobcore.testing import prepare_spec
 from jobcore.types.backup import BackupJobSpec, _outside_values_valid
 from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
@@ -76,16 +76,20 @@ seconds = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinit
 PUSH_FORMATS = ["raw", "qcow2", "qed", "vmdk", "luks", "dir", "vpc"]
 
 options = st.builds(
-    lambda queue, timeout, priority, retention: JobOptions(
+    lambda queue, timeout, priority, retention, conflict, requeue: JobOptions(
         queue=queue,
         queue_timeout=timeout if queue else None,
         priority=priority,
         retention=retention,
+        conflict=conflict,
+        requeue=requeue,
     ),
     st.booleans(),
     st.none() | seconds,
     st.integers(-1000, 1000),
     st.none() | seconds,
+    st.none() | st.sampled_from(Policy),
+    st.booleans(),
 )
 chain_refs = st.builds(ChainRef, index=u32) | st.builds(ChainRef, file=text)
 

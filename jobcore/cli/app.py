@@ -26,6 +26,7 @@ COMMANDS = {
     "domains": "domains",
     "dumpxml": "jobs",
     "events": "events",
+    "explain": "explain",
     "group": "groups",
     "host": "fleet",
     "hosts": "fleet",

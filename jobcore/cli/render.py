@@ -291,6 +291,9 @@ def event_line(ev: JobEvent) -> str:
         return f"{head} final {ev.state}" + (f": {err}" if err else "") + lost
     if ev.kind is EventKind.HOST_LOST:
         return f"{head} host-lost {ev.state} (its host's lease expired){lost}"
+    if ev.kind is EventKind.PREEMPTED:
+        st = ev.stats or {}
+        return f"{head} preempted by {st.get('preempted_by')} ({st.get('preempt')}){lost}"
     prev = "-" if ev.previous is None else str(ev.previous)
     return f"{head} state {prev} -> {ev.state}{lost}"
 

@@ -16,7 +16,7 @@ from jobcore.errors import InvalidArgument, NoSuchJob, Unsupported
 from jobcore.events import EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.fleet import Fleet, RemoteJob
 from jobcore.fleet_commands import NO_JOB, VERBS, FleetCommands, WatchHandle
-from jobcore.info import HostInfo, HostState, JobInfo
+from jobcore.info import Explanation, HostInfo, HostState, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobType, check_timeout
 
@@ -230,3 +230,11 @@ class FleetJob:
     async def xml_desc(self) -> str:
         result: str = await self._call("xml_desc")
         return result
+
+    # explain
+    async def explain(self) -> Explanation:
+        """Refused: a job's queue place lives in its owner's scheduler."""
+        raise Unsupported(
+            f"job '{self.uuid}' runs on host '{self.host}': explain it there "
+            "(a queued job's blockers and position are its owner's)"
+        )

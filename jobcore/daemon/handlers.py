@@ -114,6 +114,7 @@ def _encoder(result: Result) -> Callable[[_Client, Any], Wire]:
         Result.DOMAIN_INFO,
         Result.HOST_INFO,
         Result.HOST_INFOS,
+        Result.EXPLANATION,
         Result.GROUP_INFO,
     ):
         return lambda c, value: encode_value(value)

@@ -3,7 +3,7 @@
 ``parse_job`` reads the type, looks it up in ``jobcore.registry.registry``, validates the
 document once against that type's compiled grammar (common children interleaved with the
 type's ``job-TYPE`` define; compiled per thread and rebuilt when the type's registration
-changes), parses the common children (uuid, queue, priority, retention) and hands the
+changes), parses the common children (uuid, queue, priority, retention, policy) and hands the
 element to the type's codec. This module sits above the registry (and so above every job
 type); the helpers the types' codecs use are in jobcore.xml.common, below them.
 """
@@ -18,7 +18,7 @@ from lxml import etree
 
 from jobcore.errors import JobError, XMLError
 from jobcore.registry import registry
-from jobcore.spec import JobOptions
+from jobcore.spec import JobOptions, Policy
 from jobcore.types.base import JobTypeInfo
 from jobcore.xml import _schema
 from jobcore.xml._parse import MAX_DOCUMENT_BYTES, fail, once, parse_document, validate
@@ -34,7 +34,7 @@ from jobcore.xml.common import (
 )
 
 #: children of <job> that jobcore.xml parses itself, whatever the type
-COMMON_CHILDREN = frozenset({"uuid", "state", "queue", "priority", "retention"})
+COMMON_CHILDREN = frozenset({"uuid", "state", "queue", "priority", "retention", "policy"})
 
 
 # --- the <job> grammar -----------------------------------------------------------------
@@ -80,6 +80,8 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
     queue = False
     timeout = retention = None
     priority = 0
+    conflict: Policy | None = None
+    requeue = False
     seen: set[str] = set()
     for child in job.iterchildren(*COMMON_CHILDREN):
         once(seen, child)
@@ -97,11 +99,21 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
             pass  # read-only: a described job's state, as JobGetXMLDesc writes it
         elif tag == "priority":
             priority = int(child.text or "")
+        elif tag == "policy":
+            written = child.get("conflict")
+            if written is not None:
+                conflict = Policy(written)
+            requeue = child.get("requeue") == "yes"
         else:
             retention = parse_seconds(child, "seconds")
     try:
         options = JobOptions(
-            queue=queue, queue_timeout=timeout, priority=priority, retention=retention
+            queue=queue,
+            queue_timeout=timeout,
+            priority=priority,
+            retention=retention,
+            conflict=conflict,
+            requeue=requeue,
         )
     except ValueError as exc:
         fail(job, str(exc))
@@ -125,6 +137,12 @@ def _format_common(
         etree.SubElement(job, "priority").text = str(options.priority)
     if options.retention is not None:
         etree.SubElement(job, "retention").set("seconds", format_seconds(options.retention))
+    if options.conflict is not None or options.requeue:
+        policy = etree.SubElement(job, "policy")
+        if options.conflict is not None:
+            policy.set("conflict", str(options.conflict))
+        if options.requeue:
+            policy.set("requeue", "yes")
 
 
 # --- <job> ---------------------------------------------------------------------------------
