@@ -72,6 +72,12 @@ _JOB_COLUMNS = (
     " extract(epoch FROM clock_timestamp())"
 )
 _JOBS_FROM = "FROM jobs j"
+#: a job's row with its host's lease (the host's columns NULL when it is no member)
+_JOB_WITH_HOST = (
+    f"SELECT {_JOB_COLUMNS}, j.xml, extract(epoch FROM clock_timestamp() - h.renewed),"
+    " h.lease_ttl, h.left_at IS NOT NULL, h.fenced_at IS NOT NULL"
+    f" {_JOBS_FROM} LEFT JOIN hosts h ON h.host = j.host WHERE j.uuid = %s"
+).encode()
 
 _T = TypeVar("_T")
 
@@ -374,17 +380,19 @@ class Fleet:
         """The job's row, whichever host owns it (None: no such row)."""
 
         def work(conn: psycopg.Connection[Any]) -> RemoteJob | None:
-            row = conn.execute(
-                f"SELECT {_JOB_COLUMNS}, j.xml {_JOBS_FROM} WHERE j.uuid = %s".encode(),
-                (str(job),),
-            ).fetchone()
+            row = conn.execute(_JOB_WITH_HOST, (str(job),)).fetchone()
             if row is None:
                 return None
-            state = _states(conn, [row[12]]).get(row[12])
+            age, ttl, left, fenced = row[17:]
+            state = None if ttl is None else _host_state(left, fenced, float(age), ttl)
             info = self._info(row, state)
             return RemoteJob(info, row[16], _stats(info, row[13]), int(row[14]), state)
 
-        return await self._call(work)
+        # one statement, one snapshot: no transaction of its own (a round trip less each
+        # way; the lookup benchmark of design/fleet.md measures it)
+        return await anyio.to_thread.run_sync(
+            functools.partial(self.run_sql, work, transaction=False)
+        )
 
     async def jobs_page(self, after: int, limit: int) -> tuple[list[JobInfo], int | None]:
         """Every host's jobs in begin order after cursor ``after`` (-1: the start), at most
