@@ -415,26 +415,7 @@ class Engine:
         verdict = self.scheduler.verdict(ticket, every_blocker=False)
         self.scheduler.apply(ticket, verdict)  # raises JobConflict
         admitted = verdict.decision is Decision.ADMIT
-        rec = JobRecord(
-            uuid=job_id,
-            type=info.type,
-            info=info,
-            domain=dom.name,
-            spec=spec,
-            state=S.RUNNING if admitted else S.QUEUED,
-            seq=next(self._seq),
-            ticket=ticket,
-            retention=self.retention if options.retention is None else options.retention,
-            created_wall=self.clock.wall(),
-            created=now,
-            started=now if admitted else None,  # in its row: it reads the same after a restart
-            bandwidth=getattr(spec, "bandwidth", None),
-            host=self.host,
-        )
-        self.store.add(rec)
-        if _stdlib_log.isEnabledFor(logging.INFO):
-            job_log(rec).info("job began", state=str(rec.state))
-        self._emit_state(rec, None)
+        rec = self._new_record(info, spec, dom, ticket, admitted, now)
         if self._dstore is not None:  # durability: on disk before the driver starts it
             await self._persisted(rec, admitted)
         if verdict.decision is Decision.PREEMPT:
@@ -618,7 +599,8 @@ class Engine:
         admitted: bool,
         now: float,
     ) -> JobRecord:
-        """A group member's record, stored, its first STATE event emitted (as begin's)."""
+        """A new job's record (begin's, or a group member's), stored, its first STATE
+        event emitted."""
         options = spec.options
         rec = JobRecord(
             uuid=ticket.job,
@@ -632,13 +614,13 @@ class Engine:
             retention=self.retention if options.retention is None else options.retention,
             created_wall=self.clock.wall(),
             created=now,
-            started=now if admitted else None,
+            started=now if admitted else None,  # in its row: it reads the same after a restart
             bandwidth=getattr(spec, "bandwidth", None),
             host=self.host,
         )
         self.store.add(rec)
         if _stdlib_log.isEnabledFor(logging.INFO):
-            job_log(rec).info("job began", state=str(rec.state), group_member=True)
+            job_log(rec).info("job began", state=str(rec.state))
         self._emit_state(rec, None)
         return rec
 

@@ -550,13 +550,7 @@ class Scheduler:
         group = tuple(tickets)
         for ticket in tickets:
             ticket.together = group
-            ticket.waiting = True
-            for claim in ticket.claims:
-                bisect.insort(
-                    self._res(claim.resource).waiters,
-                    (ticket.order, ticket, claim.mode),
-                    key=lambda w: w[0],
-                )
+            self._enqueue(ticket)
         return False
 
     def _wake_together(self, tickets: tuple[Ticket, ...]) -> list[Ticket]:
