@@ -16,11 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
-import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
@@ -46,7 +44,6 @@ from jobcore.store_sqlite import (
     _SAVE_SCOPE,
     _SAVE_STATE,
     _UPDATE_JOB,
-    Outcome,
     Refusal,
     SharedDatabase,
     SQLiteJobStore,
@@ -428,13 +425,7 @@ class PostgresDatabase(SharedDatabase):
             raise
         #: the writer thread's pooled connection, taken at its first batch
         self._wconn: psycopg.Connection[Any] | None = None
-        self._requests: queue.SimpleQueue[
-            tuple[list[Write | None], Callable[[Outcome], None]] | None
-        ] = queue.SimpleQueue()
-        self._writer = threading.Thread(
-            target=self._write_loop, name=f"jobcore store {host}", daemon=True
-        )
-        self._writer.start()
+        self._start_writer(host)
 
     def _connect_and_lock(self) -> psycopg.Connection[Any]:
         """The connection that holds the host's advisory lock, after it checked and
@@ -527,8 +518,7 @@ class PostgresDatabase(SharedDatabase):
             )
 
     def _close(self) -> None:
-        self._requests.put(None)  # the writer ends after the batches before it
-        self._writer.join()
+        self._stop_writer()
         if self._wconn is not None:
             self.pool.putconn(self._wconn)
         self.pool.close()
@@ -590,22 +580,7 @@ class PostgresDatabase(SharedDatabase):
         rows = self._rows(_RECOVERABLE_SCOPES, (now, self.host))
         return [StoredScope(scope, uri, int(n)) for scope, uri, n in rows]
 
-    # ---- the writer thread ------------------------------------------------------------
-
-    def submit(self, writes: list[Write | None], done: Callable[[Outcome], None]) -> None:
-        """Queue a batch for the writer thread (as ``SQLiteDatabase.submit``)."""
-        self._requests.put((writes, done))
-
-    def _write_loop(self) -> None:
-        while (request := self._requests.get()) is not None:
-            writes, done = request
-            refused: list[Refusal] = []
-            error: BaseException | None = None
-            try:
-                self.commit(writes, refused)
-            except BaseException as exc:  # reported to the store, which decides
-                error = exc
-            done((error, refused))
+    # ---- the writer thread's commits (SharedDatabase runs the thread) ----------------
 
     def _statement(
         self, sql: str, rows: list[tuple[Any, ...]]

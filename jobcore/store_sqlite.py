@@ -338,6 +338,43 @@ class SharedDatabase(abc.ABC):
     def _close(self) -> None:
         """The last opener is gone: end the writer, close the connections and locks."""
 
+    # ---- the writer thread: batches committed in the order they were submitted --------
+
+    def _start_writer(self, name: str) -> None:
+        # batches to commit, in order, and who to tell (None: stop)
+        self._requests: queue.SimpleQueue[
+            tuple[list[Write | None], Callable[[Outcome], None]] | None
+        ] = queue.SimpleQueue()
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"jobcore store {name}", daemon=True
+        )
+        self._writer.start()
+
+    def _stop_writer(self) -> None:
+        self._requests.put(None)  # the writer ends after the batches before it
+        self._writer.join()
+
+    def submit(self, writes: list[Write | None], done: Callable[[Outcome], None]) -> None:
+        """Queue a batch for the writer thread; it calls ``done`` (on its own thread) with
+        the outcome once the batch is committed or rolled back. Batches commit in the
+        order they were submitted."""
+        self._requests.put((writes, done))
+
+    def _write_loop(self) -> None:
+        while (request := self._requests.get()) is not None:
+            writes, done = request
+            refused: list[Refusal] = []
+            error: BaseException | None = None
+            try:
+                self.commit(writes, refused)
+            except BaseException as exc:  # reported to the store, which decides
+                error = exc
+            done((error, refused))
+
+    @abc.abstractmethod
+    def commit(self, writes: list[Write | None], refused: list[Refusal]) -> None:
+        """Run ``writes`` in one transaction (on the writer thread)."""
+
 
 _databases: dict[Hashable, SharedDatabase] = {}
 _databases_lock = threading.Lock()
@@ -381,14 +418,7 @@ class SQLiteDatabase(SharedDatabase):
         except BaseException:
             self._file_lock.release()
             raise
-        # batches to commit, in order, and who to tell (None: stop)
-        self._requests: queue.SimpleQueue[
-            tuple[list[Write | None], Callable[[Outcome], None]] | None
-        ] = queue.SimpleQueue()
-        self._writer = threading.Thread(
-            target=self._write_loop, name=f"jobcore store {path.name}", daemon=True
-        )
-        self._writer.start()
+        self._start_writer(path.name)
 
     def _take_lock(self) -> FileLock:
         lock = FileLock(Path(f"{self.path}.lock"), follow_symlinks=True)
@@ -471,8 +501,7 @@ class SQLiteDatabase(SharedDatabase):
             )
 
     def _close(self) -> None:
-        self._requests.put(None)  # the writer ends after the batches before it
-        self._writer.join()
+        self._stop_writer()
         with self.lock:
             try:
                 self.conn.close()
@@ -522,24 +551,7 @@ class SQLiteDatabase(SharedDatabase):
                 (scope,),
             ).fetchall()
 
-    # ---- the writer thread ------------------------------------------------------------
-
-    def submit(self, writes: list[Write | None], done: Callable[[Outcome], None]) -> None:
-        """Queue a batch for the writer thread; it calls ``done`` (on its own thread) with
-        the outcome once the batch is committed or rolled back. Batches commit in the
-        order they were submitted."""
-        self._requests.put((writes, done))
-
-    def _write_loop(self) -> None:
-        while (request := self._requests.get()) is not None:
-            writes, done = request
-            refused: list[Refusal] = []
-            error: BaseException | None = None
-            try:
-                self.commit(writes, refused)
-            except BaseException as exc:  # reported to the store, which decides
-                error = exc
-            done((error, refused))
+    # ---- the writer thread's commits ---------------------------------------------------
 
     def commit(self, writes: list[Write | None], refused: list[Refusal]) -> None:
         """Run ``writes`` in one transaction (on the writer thread), consecutive writes of
