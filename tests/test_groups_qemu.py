@@ -65,10 +65,10 @@ async def two_domains(tmp_path: Path) -> AsyncIterator[tuple[Connection, dict[st
         yield conn, sources
 
 
-async def bitmaps(conn: Connection, domain: str) -> set[str]:
-    """vda's named bitmaps as its QEMU has them."""
+async def bitmaps(conn: Connection, domain: str, disk: str = "vda") -> set[str]:
+    """A disk's named bitmaps as its QEMU has them."""
     driver: Any = as_local(conn).driver
-    node = driver.domains[domain].disks["vda"].active.node
+    node = driver.domains[domain].disks[disk].active.node
     nodes = await driver.qmp(domain, "query-named-block-nodes", {"flat": True})
     return {
         b["name"]
@@ -197,7 +197,7 @@ async def test_members_on_one_qemu_start_in_one_transaction(
         info = await g.wait(60)
         assert info["states"] == ["completed"] * 3, info
         compare(sources["vm1"], tmp_path / "vda.bak.qcow2")
-        assert {"ca", "cb"} <= await bitmaps(conn, "vm1") | await vdb_bitmaps(conn, "vm1")
+        assert {"ca", "cb"} <= await bitmaps(conn, "vm1") | await bitmaps(conn, "vm1", "vdb")
 
 
 async def test_a_refused_transaction_fails_every_member_and_leaves_nothing(
@@ -214,19 +214,6 @@ async def test_a_refused_transaction_fails_every_member_and_leaves_nothing(
         info = await g.wait(60)
         assert info["states"] == ["failed", "failed"] and info["state"] == "failed"
         assert await checkpoints(conn, "vm1") == []
-        assert not {"ca", "cb"} & (await bitmaps(conn, "vm1") | await vdb_bitmaps(conn, "vm1"))
+        assert not {"ca", "cb"} & (await bitmaps(conn, "vm1") | await bitmaps(conn, "vm1", "vdb"))
         assert as_local(conn).driver.runners == {}  # type: ignore[attr-defined]
         assert not (tmp_path / "vda.bak.qcow2").exists()
-
-
-async def vdb_bitmaps(conn: Connection, domain: str) -> set[str]:
-    driver: Any = as_local(conn).driver
-    node = driver.domains[domain].disks["vdb"].active.node
-    nodes = await driver.qmp(domain, "query-named-block-nodes", {"flat": True})
-    return {
-        b["name"]
-        for n in nodes
-        if n["node-name"] == node
-        for b in n.get("dirty-bitmaps", [])
-        if "name" in b
-    }
