@@ -26,13 +26,13 @@ from attrs import frozen
 from jobcore.errors import InvalidArgument
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobSpec, JobType
-from jobcore.xml.domain import DomainDef
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from jobcore.lifecycle import Verb
     from jobcore.uri import URI
+    from jobcore.xml.domain import DomainDef  # the XML layer: not for a jobd client
 
 
 @frozen

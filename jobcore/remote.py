@@ -72,8 +72,6 @@ from jobcore.protocol import (
 )
 from jobcore.spec import DEFAULT_RETENTION, MAX_SECONDS, check_timeout
 from jobcore.uri import URI, parse_uri
-from jobcore.xml import format_job
-from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document
 
 #: Frames queued for the writer before a caller waits (subscribe() never waits).
 OUTGOING_BUFFER = 256
@@ -676,6 +674,8 @@ def _check_size(xml: str | bytes, root: str) -> None:
     rather than let it fail as an oversized frame (jobd checks again)."""
     if not isinstance(xml, str | bytes):
         return  # the protocol's argument check names the wrong type
+    from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document  # lxml: only to write
+
     size = len(xml) if isinstance(xml, bytes) else len(xml.encode("utf-8", "surrogatepass"))
     if size > MAX_DOCUMENT_BYTES:
         parse_document(xml, root)  # raises the size XMLError before any parsing
@@ -732,6 +732,8 @@ class RemoteDomain:
 
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> RemoteJob:
         """A typed spec travels as its job XML (jobcore.xml.format_job)."""
+        from jobcore.xml import format_job  # the registry and the job types: only here
+
         return await self.job_begin(format_job(spec), flags)
 
     async def list_jobs(self) -> list[RemoteJob]:
