@@ -208,7 +208,9 @@ class BenchDomain:
 
 
 @contextmanager
-def bench_domain(lv: Libvirtd, *, disk_mib: int = 1024, data_mib: int = 512) -> Iterator[BenchDomain]:
+def bench_domain(
+    lv: Libvirtd, *, disk_mib: int = 1024, data_mib: int = 512
+) -> Iterator[BenchDomain]:
     """A transient TCG domain (128 MiB, one vCPU, no network) on a fresh qcow2 of
     ``disk_mib`` with ``data_mib`` written (what a push backup copies); destroyed and its
     directory deleted on leaving."""
@@ -237,7 +239,8 @@ def bench_domain(lv: Libvirtd, *, disk_mib: int = 1024, data_mib: int = 512) -> 
 _MEASURE = r"""
 import json, sys, time
 import libvirt
-uri, name, mode, n, backup_xml = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+uri, name, mode, n, backup_xml = sys.argv[1:6]
+n = int(n)
 conn = libvirt.open(uri)
 dom = conn.lookupByName(name)
 ACTIVE = libvirt.VIR_DOMAIN_JOB_UNBOUNDED
@@ -308,7 +311,9 @@ def main() -> None:
         with libvirtd() as lv, bench_domain(lv) as dom:
             for mode in ("idle", "copying"):
                 rate = measure(lv, dom, mode, 3000)
-                print(f"libvirtd jobStats {mode}: {rate.per_second:8.0f} calls/s ({rate.calls} calls)")
+                print(
+                    f"libvirtd jobStats {mode}: {rate.per_second:8.0f} calls/s ({rate.calls} calls)"
+                )
     except LibvirtdUnavailable as exc:
         print(loud(exc), file=sys.stderr)
         raise SystemExit(1) from None

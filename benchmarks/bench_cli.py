@@ -58,7 +58,7 @@ def main() -> None:
             conn = jobcore.open(uri)
             try:
                 conn.lookupByName("vm1").backupBegin(BACKUP, None)
-                job = str(conn.lookupByName("vm1").listJobs()[0].UUIDString())
+                job = str(conn.lookupByName("vm1").listJobs()[0].uuid)
                 measure(uri, job)
             finally:
                 conn.close()
