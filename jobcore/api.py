@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from jobcore import constants as C
-from jobcore.driver import DomainInfo
+from jobcore.domaininfo import DomainInfo
 from jobcore.errors import InvalidArgument
 from jobcore.events import EventHub, EventKind, Subscription
 from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo

@@ -33,7 +33,7 @@ import attrs
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from jobcore.driver import DomainInfo
+from jobcore.domaininfo import DomainInfo
 from jobcore.errors import ConnectionLost, InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags

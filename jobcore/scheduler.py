@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from attrs import define, field, frozen
 
 from jobcore.errors import JobConflict
+from jobcore.spec import Decision as Decision  # defined below the scheduler, named here too
 from jobcore.spec import Policy
 
 __all__ = [
@@ -114,15 +115,6 @@ def image_resource(path: str) -> str:
     two domains on one image (a shared base, or a copy on shared storage) contend for it.
     The path in normalize_path's spelling."""
     return f"image:{normalize_path(path)}"
-
-
-class Decision(enum.StrEnum):
-    """What admission does with a job (``Scheduler.verdict``)."""
-
-    ADMIT = "admit"  # no conflict: it runs now
-    QUEUE = "queue"  # it waits in the FIFO queues
-    CONFLICT = "conflict"  # JobConflict
-    PREEMPT = "preempt"  # its holders are paused or cancelled; it runs once they let go
 
 
 #: a wildcard job type in a policy table key

@@ -118,6 +118,17 @@ class Policy(enum.StrEnum):
     PREEMPT = "preempt"
 
 
+class Decision(enum.StrEnum):
+    """What admission does with a job (``Scheduler.verdict``). Defined here, below the
+    scheduler, for the values that carry it (jobcore.info's Explanation, the wire), so
+    neither loads the scheduler."""
+
+    ADMIT = "admit"  # no conflict: it runs now
+    QUEUE = "queue"  # it waits in the FIFO queues
+    CONFLICT = "conflict"  # JobConflict
+    PREEMPT = "preempt"  # its holders are paused or cancelled; it runs once they let go
+
+
 @frozen
 class JobOptions:
     """Scheduling options common to every job type (jobcore's additions to the job XML)."""
