@@ -23,9 +23,12 @@ from jobcore.errors import InvalidArgument
 from jobcore.events import EventHub, EventKind, Subscription
 from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
-from jobcore.paths import PathGuard
-from jobcore.spec import DEFAULT_RETENTION, JobType
-from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
+from jobcore.spec import (
+    DEFAULT_MAX_RETAINED,
+    DEFAULT_MAX_RETAINED_PER_DOMAIN,
+    DEFAULT_RETENTION,
+    JobType,
+)
 from jobcore.uri import parse_uri
 
 if TYPE_CHECKING:
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
         LocalJob,
         LocalJobGroup,
     )
+    from jobcore.paths import PathGuard
     from jobcore.remote import (
         RemoteCheckpoint,
         RemoteConnection,

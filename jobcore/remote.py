@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
@@ -42,7 +42,6 @@ from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.methods import MAX_RESUME, Method, Named, Result, as_uuid, uuid_prefix
-from jobcore.paths import PathGuard
 from jobcore.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -72,6 +71,9 @@ from jobcore.protocol import (
 )
 from jobcore.spec import DEFAULT_RETENTION, MAX_SECONDS, check_timeout
 from jobcore.uri import URI, parse_uri
+
+if TYPE_CHECKING:
+    from jobcore.paths import PathGuard
 
 #: Frames queued for the writer before a caller waits (subscribe() never waits).
 OUTGOING_BUFFER = 256

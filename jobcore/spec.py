@@ -52,6 +52,10 @@ MAX_INT64 = (1 << 63) - 1
 MAX_SECONDS = 1e9
 #: Seconds an ended job keeps its final info and stats unless its XML says otherwise.
 DEFAULT_RETENTION = 600.0
+#: Ended jobs a domain's store keeps at most (the oldest ended go first; jobcore.store).
+DEFAULT_MAX_RETAINED_PER_DOMAIN = 1000
+#: Ended jobs a store keeps at most over all domains (the oldest ended go first).
+DEFAULT_MAX_RETAINED = 10_000
 
 
 def check_timeout(timeout: float | None) -> float | None:
