@@ -468,11 +468,14 @@ class Engine:
         self._purge(now)
         tickets: list[Ticket] = []
         probe = Scheduler()  # the members among themselves
+        asked = bool(queue or flags & C.JOB_BEGIN_QUEUE)  # the group's queue choice
         for i, (info, spec, dom, job_id) in enumerate(prepared, 1):
             self._check_new_uuid(job_id)
             if any(t.job == job_id for t in tickets):
                 raise InvalidArgument(f"group member {i}: job UUID '{job_id}' is given twice")
-            ticket = self.scheduler.ticket(job_id, info.claims(spec, dom), spec.options.priority)
+            ticket = self._new_ticket(info, spec, dom, job_id, 0)
+            ticket.queue = asked  # the group queues or not; a member's <policy> still decides
+            self.scheduler.number(ticket)  # in document order
             clash = probe.conflict(ticket)
             if clash is not None:
                 raise JobConflict(
@@ -484,13 +487,9 @@ class Engine:
                 )
             probe._hold(ticket)
             tickets.append(ticket)
-        if not (queue or flags & C.JOB_BEGIN_QUEUE):
-            self.scheduler.admit_all(tickets)  # raises JobConflict
-            admitted = [True] * len(tickets)
-        elif together:
-            admitted = [self.scheduler.admit_or_enqueue_all(tickets)] * len(tickets)
-        else:
-            admitted = [self.scheduler.admit_or_enqueue(t) for t in tickets]
+        # the pair policies, as for a job of its own (design/scheduling.md "Job groups")
+        verdict = self.scheduler.verdict_all(tickets)
+        admitted = self.scheduler.apply_all(tickets, verdict, together=together)  # JobConflict
         recs = [
             self._new_record(info, spec, dom, ticket, adm, now)
             for (info, spec, dom, _), ticket, adm in zip(prepared, tickets, admitted, strict=True)
@@ -512,6 +511,16 @@ class Engine:
                     _start_finished(rec)
                     self._finish(rec, S.FAILED, errmsg=str(exc))
                 raise
+        preempting = [
+            (rec, victims)
+            for i, rec in enumerate(recs)
+            if (victims := verdict.victims(i, together=together))
+        ]
+        if preempting:  # shielded, bounded by the start timeout, as begin's _preempt
+            waiting = recs if together else [rec for rec, _ in preempting]
+            with anyio.CancelScope(shield=True):
+                held = await self._preempt_all(preempting, waiting)
+            admitted = [adm or rec in held for rec, adm in zip(recs, admitted, strict=True)]
         for rec, adm in zip(recs, admitted, strict=True):
             if not adm and rec.spec.options.queue_timeout is not None:
                 self.tg.start_soon(self._expire_queued, rec, rec.spec.options.queue_timeout)
@@ -671,6 +680,38 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 await self._dstore.sync(raise_errors=False)
         return True
+
+    async def _preempt_all(
+        self, preempting: list[tuple[JobRecord, tuple[uuid.UUID, ...]]], waiting: list[JobRecord]
+    ) -> set[JobRecord]:
+        """A job group's ``_preempt``: each member in ``preempting`` takes its resources
+        from its victims (a victim of two members once, by the first); then the members
+        in ``waiting`` (an all-or-nothing group: all, admitted at once) are waited for
+        until admitted, within the start timeout. The members admitted (RUNNING: begin_all
+        starts them); the others stay queued and start when admitted."""
+        for rec in waiting:
+            rec.admitted = anyio.Event()
+        taken: set[uuid.UUID] = set()
+        for rec, victims in preempting:
+            rec.extra["preempted"] = ",".join(map(str, victims))
+            for victim_id in victims:
+                victim = self.store.get(victim_id)
+                if victim_id in taken or victim is None or victim.state.terminal:
+                    continue
+                taken.add(victim_id)
+                if rec.state is S.QUEUED:
+                    await self._take_from(rec, victim)
+        with anyio.move_on_after(self.start_timeout):
+            for rec in waiting:
+                event = rec.admitted
+                if rec.state is S.QUEUED and event is not None:
+                    await event.wait()
+        for rec in waiting:
+            rec.admitted = None
+        held = {rec for rec in waiting if rec.state is S.RUNNING}
+        if held and self._dstore is not None:  # durability: 'running' on disk before starts
+            await self._dstore.sync(raise_errors=False)
+        return held
 
     async def _take_from(self, rec: JobRecord, victim: JobRecord) -> None:
         victim.ticket.preempted = True
