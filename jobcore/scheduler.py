@@ -178,6 +178,7 @@ def table_name(table: PolicyTable) -> str | None:
     """The name ``table`` has in ``POLICY_TABLES`` (by identity), if any."""
     return next((name for name, t in POLICY_TABLES.items() if t is table), None)
 
+
 #: queue levels a waiter gains each time a later job is admitted ahead of it on a
 #: resource where it blocks that waiter (aging, design/scheduling.md "Fairness")
 AGING_BOOST = 1

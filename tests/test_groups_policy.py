@@ -227,7 +227,9 @@ async def test_a_migration_preempts_a_groups_backup_and_the_group_cancels(
     use(conn, KUBEVIRT_POLICY)
     g = await conn.job_group_begin(group(backup("vm1"), backup("vm2")))
     await step(conn, 0.5)
-    mig = await (await conn.lookup_domain("vm1")).job_begin(migration(extra="<priority>1</priority>"))
+    mig = await (await conn.lookup_domain("vm1")).job_begin(
+        migration(extra="<priority>1</priority>")
+    )
     assert mig.state is S.RUNNING
     info = await g.wait(5)
     assert info["states"] == ["cancelled", "cancelled"], info
