@@ -170,6 +170,10 @@ class Engine:
         #: job -> what aborting it does while its group holds its completion (the
         #: driver is done with it: the group undoes it)
         self.held_abort: dict[uuid.UUID, Callable[[JobRecord], None]] = {}
+        #: job -> its recovery's outcome, known without asking the driver (a group member
+        #: whose completion was held when the last process went: the driver may have
+        #: forgotten the job it finished); set before ``recover``
+        self.recovered_as: dict[uuid.UUID, Recovered] = {}
         # ---- durability (design/store.md): None for the memory store, which pays nothing
         self._dstore = self.store if isinstance(self.store, SQLiteJobStore) else None
         #: the active jobs the store held at open, for ``recover``
@@ -224,7 +228,8 @@ class Engine:
                     ),
                 )
             else:
-                result = await self._recover_one(rec, recover_job)
+                known = self.recovered_as.pop(rec.uuid, None)
+                result = await self._recover_one(rec, recover_job) if known is None else known
                 if isinstance(result, NotStarted) and rec.state is S.RUNNING:
                     again.append(rec)
                 else:
@@ -288,6 +293,14 @@ class Engine:
             job_log(rec).info("job re-attached", state=str(rec.state))
             return
         if isinstance(result, Concluded):
+            gate = self.completion_gate.get(rec.uuid) if result.state is S.COMPLETED else None
+            held = (
+                gate is not None
+                and (Report.COMPLETED, rec.state) in REPORT_TARGET
+                and gate(rec, result.extra or None)
+            )
+            if held:  # a group member (jobcore.groups): its completion is held back again
+                return
             if result.extra:
                 rec.extra.update(result.extra)
             if result.state is S.COMPLETED and rec.total:

@@ -117,7 +117,9 @@ def _doc_size(doc: str | bytes | None) -> int:
 class LocalConnection:
     """An open in-process connection to a hypervisor driver, owning its engine and tasks."""
 
-    def __init__(self, uri: str, dconn: DriverConnection, engine: Engine) -> None:
+    def __init__(
+        self, uri: str, dconn: DriverConnection, engine: Engine, groups: JobGroups | None = None
+    ) -> None:
         self.uri = uri
         self.driver = dconn
         self.engine = engine
@@ -126,7 +128,7 @@ class LocalConnection:
         #: stores: the fleet calls are Unsupported
         self.fleet: FleetView | None = None
         #: the connection's job groups (jobcore.groups)
-        self.groups = JobGroups(engine)
+        self.groups = JobGroups(engine) if groups is None else groups
 
     async def lookup_domain(self, name: str) -> LocalDomain:
         info = await self.driver.lookup_domain(name)
@@ -745,8 +747,11 @@ async def connect_local(
                 )
                 engine.driver_state_durable = isinstance(state, StoreDriverState)
                 try:
+                    # the groups' hooks first: a member's recovery may hold its completion
+                    groups = JobGroups(engine, before_recovery=True)
                     await engine.recover()  # before anything is served
-                    yield LocalConnection(uri, dconn, engine)
+                    groups.restored()
+                    yield LocalConnection(uri, dconn, engine, groups)
                 finally:
                     engine.close(keep_jobs=durable if keep_jobs is None else keep_jobs)
                     await engine.drain()

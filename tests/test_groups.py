@@ -456,3 +456,39 @@ async def test_aborting_a_held_member_cancels_the_group(tmp_path: Path) -> None:
         info = await g.wait(30)
         assert info["states"] == ["cancelled", "cancelled"], info
         assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
+
+
+@pytest.mark.parametrize("end", ["complete", "abort-the-other"])
+async def test_a_held_completion_survives_a_restart(tmp_path: Path, end: str) -> None:
+    """vm2's member is done and held when the process goes; after the restart it is held
+    again (not completed), so the group still ends all completed or all undone."""
+    store = f"sqlite:///{tmp_path}/jobs.sqlite"
+    uri = "sim:///durable?rate=1073741824&clock=manual"
+    async with jobcore.connect(uri, store=store) as conn:
+        g = await conn.job_group_begin(
+            group(
+                backup("vm1", f"{tmp_path}/1", "c1", vdb=True), backup("vm2", f"{tmp_path}/2", "c2")
+            )
+        )
+        advance(conn, 1.0)  # vm2's 1 GiB is done; vm1's two disks are not
+        await anyio.wait_all_tasks_blocked()
+        held = await (await g.jobs())[1].info()
+        assert held.state is JobState.RUNNING and held.processed == held.total
+    async with jobcore.connect(uri, store=store) as conn:
+        again = await conn.job_group_lookup(g.uuid)
+        vm1, vm2 = await again.jobs()
+        info = await vm2.info()
+        assert info.state is JobState.RUNNING and info.processed == info.total, info  # held
+        assert (await again.info())["state"] == "running"
+        if end == "complete":
+            advance(conn, 100.0)
+            final = await again.wait(30)
+            assert final["states"] == ["completed", "completed"], (final, (await vm2.info()).errmsg)
+            assert await checkpoints(conn, "vm1") == ["c1"]
+            assert await checkpoints(conn, "vm2") == ["c2"]
+        else:
+            await vm1.abort()
+            final = await again.wait(30)
+            assert final["states"] == ["cancelled", "cancelled"], final
+            assert "did not complete" in ((await vm2.info()).errmsg or "")
+            assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
