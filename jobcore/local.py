@@ -38,6 +38,7 @@ from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
+from jobcore.scheduler import PolicyTable, policy_table
 from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, ChainRef, JobType
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
@@ -692,13 +693,16 @@ async def connect_local(
     keep_jobs: bool | None = None,
     scope: str | None = None,
     host: str | None = None,
+    policy: str | PolicyTable | None = None,
 ) -> AsyncIterator[LocalConnection]:
     """Open an in-process connection (``jobcore.connect`` documents the arguments);
     everything it started is cancelled when the block exits. Closing fails the jobs still
     active, unless ``keep_jobs`` (default: whether the store is durable) and the driver
     recovers them at the next open (design/store.md "Recovery"). A durable store keeps
     the jobs under ``scope`` (default: the URI without its query; jobd names its driver
-    connection's identity) with ``uri`` as what reopens them."""
+    connection's identity) with ``uri`` as what reopens them. ``policy``: the conflict
+    policy table, by name (``scheduler.POLICY_TABLES``) or as one (default: no rule)."""
+    table = None if policy is None else policy_table(policy)  # InvalidArgument if bad
     parsed = parse_uri(uri)
     store_url = DEFAULT_STORE_URL if store is None else store
     durable = parse_store_url(store_url).kind != "memory"  # InvalidArgument if malformed
@@ -744,6 +748,7 @@ async def connect_local(
                     max_retained=max_retained,
                     checkpoint_state=checkpoint_state,
                     host=host,
+                    policy=table,
                 )
                 engine.driver_state_durable = isinstance(state, StoreDriverState)
                 try:
