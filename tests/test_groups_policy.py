@@ -141,7 +141,7 @@ async def test_a_preempting_member_pauses_its_victim_and_the_group_runs(conn: Co
         await step(conn, 10_000)
         assert (await g.wait(5))["state"] == "completed"
         await step(conn)
-        assert victim.state is S.RUNNING  # resumed once the preemptor ended
+        assert (await victim.info()).state is S.RUNNING  # resumed once the preemptor ended
         await step(conn, 10_000)
         assert (await victim.wait(5))["state"] == "completed"
         events = drain(sub)
