@@ -492,3 +492,28 @@ async def test_a_held_completion_survives_a_restart(tmp_path: Path, end: str) ->
             assert final["states"] == ["cancelled", "cancelled"], final
             assert "did not complete" in ((await vm2.info()).errmsg or "")
             assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
+
+
+async def test_a_member_that_finished_while_no_process_ran_is_held(tmp_path: Path) -> None:
+    """vm1's member reaches its end while the process is away (the sim's wall clock moved
+    on): its recovery's completion goes through the group's gate (held, not completed), so
+    aborting vm2's afterwards undoes it too."""
+    store = f"sqlite:///{tmp_path}/jobs.sqlite"
+    uri = "sim:///away?rate=1073741824"  # 1 GiB/s: vm1's disk in one second of wall time
+    async with jobcore.connect(uri, store=store) as conn:
+        g = await conn.job_group_begin(
+            group(backup("vm1", f"{tmp_path}/1", "c1"), backup("vm2", f"{tmp_path}/2", "c2"))
+        )
+        vm1, vm2 = await g.jobs()
+        await vm2.set_speed(1)  # a byte a second: vm2 runs on
+        assert (await vm1.info()).processed < (await vm1.info()).total
+    await anyio.sleep(2.0)  # no process: vm1's copy ends meanwhile, in simulated wall time
+    async with jobcore.connect(uri, store=store) as conn:
+        again = await conn.job_group_lookup(g.uuid)
+        vm1, vm2 = await again.jobs()
+        info = await vm1.info()
+        assert info.state is JobState.RUNNING and info.processed == info.total, info  # held
+        await vm2.abort()
+        final = await again.wait(30)
+        assert final["states"] == ["cancelled", "cancelled"], final
+        assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
