@@ -52,7 +52,8 @@ class GroupState(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    #: ended with some members completed and others not (independent groups only)
+    #: ended with some members completed and others not (independent groups; an
+    #: all-or-nothing one only from a store an earlier version wrote)
     PARTIAL = "partial"
 
 
@@ -297,8 +298,9 @@ class JobGroup:
 
     def _mixed_end(self) -> bool:
         """An all-or-nothing group that ended with some members completed and others
-        not — only when a restart came between (a held completion is not kept): the
-        completed members' checkpoints go all the same (once; True while it runs)."""
+        not — only from a store an earlier version wrote (its held completions not in the
+        group's record): the completed members' checkpoints go all the same (once; True
+        while it runs)."""
         if self.mode is not GroupMode.ALL_OR_NOTHING or self._undone_completed:
             return False
         states = {r.state for r in self.records}
