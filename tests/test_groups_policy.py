@@ -6,12 +6,15 @@ then does; a job of its own takes the pair policies against a group's members.""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import jobcore
 from jobcore import JobState
@@ -235,3 +238,111 @@ async def test_a_migration_preempts_a_groups_backup_and_the_group_cancels(
     assert info["states"] == ["cancelled", "cancelled"], info
     first = (await g.jobs())[0]
     assert (await first.stats())["preempted_by"] == str(mig.uuid)
+
+
+# ---- a member's explain decides what the group then does (hypothesis, random mixes) ----
+
+KINDS = {
+    "backup": lambda domain, extra: backup(domain, extra),
+    "pull": lambda domain, extra: pull(domain, extra),
+    "migration": lambda domain, extra: migration(domain, extra),
+}
+EXTRAS = [
+    "",
+    "<policy conflict='preempt'/>",
+    "<policy conflict='preempt' requeue='yes'/>",
+    "<policy conflict='queue'/>",
+    "<policy conflict='reject'/>",
+]
+job_spec = st.tuples(st.sampled_from(sorted(KINDS)), st.integers(0, 3), st.sampled_from(EXTRAS))
+STRENGTH = ["conflict", "queue", "preempt", "admit"]
+
+
+async def _explain_then_group(
+    holders: list[tuple[str, int, str, int]],
+    groups: list[tuple[bool, bool, list[tuple[str, int, str]]]],
+    kubevirt: bool,
+) -> None:
+    async with jobcore.connect(MANUAL) as conn:
+        if kubevirt:
+            use(conn, KUBEVIRT_POLICY)
+        domains = ["vm1", "vm2"]
+        for kind, priority, extra, d in holders:  # jobs of their own, begun if they can be
+            dom = await conn.lookup_domain(domains[d % 2])
+            xml = KINDS[kind]("", f"<priority>{priority}</priority>{extra}<queue/>")
+            with contextlib.suppress(jobcore.JobConflict):
+                await dom.job_begin(xml)
+            await step(conn)
+        for independent, queued, members in groups:
+            docs = [
+                (domains[i], KINDS[kind](domains[i], f"<priority>{p}</priority>{extra}"))
+                for i, (kind, p, extra) in enumerate(members)
+            ]
+            flags = jobcore.JOB_BEGIN_QUEUE if queued else 0
+            explains = [
+                await (await conn.lookup_domain(d)).job_explain(
+                    doc.replace(f" domain='{d}'", ""), flags
+                )
+                for d, doc in docs
+            ]
+            decisions = [str(ex["decision"]) for ex in explains]
+            expected = min(decisions, key=STRENGTH.index)
+            event(f"{'independent' if independent else 'all-or-nothing'} group: {expected}")
+            mode = "independent" if independent else "all-or-nothing"
+            before = {
+                j.uuid for d in domains for j in await (await conn.lookup_domain(d)).list_jobs()
+            }
+            try:
+                g = await conn.job_group_begin(group(*(doc for _, doc in docs), mode=mode), flags)
+            except jobcore.JobConflict as exc:
+                assert expected == "conflict", decisions
+                refused = explains[decisions.index("conflict")]
+                assert str(exc.holder) in {b["uuid"] for b in refused["blockers"]}
+                after = {
+                    j.uuid for d in domains for j in await (await conn.lookup_domain(d)).list_jobs()
+                }
+                assert after == before  # nothing begun
+                continue
+            assert expected != "conflict", decisions
+            jobs = await g.jobs()
+            got = [j.state for j in jobs]
+            for job, decision, ex in zip(jobs, decisions, explains, strict=True):
+                if not independent:
+                    decision = expected  # the group's
+                if decision == "queue":
+                    assert job.state is S.QUEUED, (decisions, got)
+                else:
+                    assert job.state is S.RUNNING, (decisions, got)
+                if decision == "preempt":
+                    for b in ex["blockers"]:
+                        victim = await conn.lookup_job(b["uuid"])
+                        by = (await victim.stats())["preempted_by"]
+                        assert by in {str(j.uuid) for j in jobs}
+                        assert victim.state in (S.PAUSED, S.STANDBY, S.ABORTING, S.CANCELLED)
+            await step(conn)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    holders=st.lists(
+        st.tuples(
+            st.sampled_from(sorted(KINDS)),
+            st.integers(0, 3),
+            st.sampled_from(["", "<policy requeue='yes'/>"]),
+            st.integers(0, 1),
+        ),
+        max_size=4,
+    ),
+    groups=st.lists(
+        st.tuples(st.booleans(), st.booleans(), st.lists(job_spec, min_size=2, max_size=2)),
+        min_size=1,
+        max_size=3,
+    ),
+    kubevirt=st.booleans(),
+)
+def test_members_explain_decides_what_the_group_then_does(
+    holders: list[tuple[str, int, str, int]],
+    groups: list[tuple[bool, bool, list[tuple[str, int, str]]]],
+    kubevirt: bool,
+) -> None:
+    anyio.run(_explain_then_group, holders, groups, kubevirt)
