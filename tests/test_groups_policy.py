@@ -346,3 +346,28 @@ def test_members_explain_decides_what_the_group_then_does(
     kubevirt: bool,
 ) -> None:
     anyio.run(_explain_then_group, holders, groups, kubevirt)
+
+
+async def test_a_migration_preempts_a_held_member_and_the_group_is_undone() -> None:
+    """vm1's member is done and held (its sibling still runs) when a migration of vm1
+    preempts it under the KubeVirt table: the held member is undone (cancelled, as an
+    abort of a held member is), its sibling cancelled, the migration runs."""
+    async with jobcore.connect("sim:///gheld?rate=1073741824&clock=manual") as conn:
+        use(conn, KUBEVIRT_POLICY)
+        slow = backup("vm2").replace(
+            "<disk name='vdb' backup='no'/>",
+            f"<disk name='vdb' type='file'><target file='/backups/{uuid.uuid4()}'/></disk>",
+        )
+        g = await conn.job_group_begin(group(backup("vm1"), slow))
+        await step(conn, 1.0)  # vm1's 1 GiB is done; vm2's two disks are not
+        vm1 = (await g.jobs())[0]
+        held = await vm1.info()
+        assert held.state is S.RUNNING and held.processed == held.total
+        mig = await (await conn.lookup_domain("vm1")).job_begin(
+            migration(extra="<priority>1</priority>")
+        )
+        await step(conn)
+        assert mig.state is S.RUNNING
+        info = await g.wait(5)
+        assert info["states"] == ["cancelled", "cancelled"], info
+        assert (await vm1.stats())["preempted_by"] == str(mig.uuid)
