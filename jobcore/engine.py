@@ -241,13 +241,27 @@ class Engine:
             job_log(rec).info("job started again: the driver had not started it")
             rec.starting = True  # verbs wait until the driver has it
             self.tg.start_soon(self._start_queued, rec)
+        by_ticket = {id(r.ticket): r for r in queued}
+        linked: set[int] = set()
         for rec in queued:
-            if self.scheduler.admit_or_enqueue(rec.ticket):
-                rec.starting = True  # verbs wait until the driver has it
-                self._transition(rec, S.RUNNING)
-                self.tg.start_soon(self._start_queued, rec)
-            elif rec.spec.options.queue_timeout is not None:
-                self.tg.start_soon(self._expire_queued, rec, rec.spec.options.queue_timeout)
+            together = rec.ticket.together  # a queued all-or-nothing group (jobcore.groups)
+            if together is None:
+                batch = [rec]
+                admitted = self.scheduler.admit_or_enqueue(rec.ticket)
+            elif id(together) in linked:
+                continue  # admitted or queued with the first of its group
+            else:  # all its queued members or none, as before the restart
+                linked.add(id(together))
+                batch = [by_ticket[id(t)] for t in together if id(t) in by_ticket]
+                admitted = self.scheduler.admit_or_enqueue_together([r.ticket for r in batch])
+            for member in batch:
+                if admitted:
+                    member.starting = True  # verbs wait until the driver has it
+                    self._transition(member, S.RUNNING)
+                    self.tg.start_soon(self._start_queued, member)
+                elif member.spec.options.queue_timeout is not None:
+                    timeout = member.spec.options.queue_timeout
+                    self.tg.start_soon(self._expire_queued, member, timeout)
         if self._dstore is not None:
             with anyio.CancelScope(shield=True):
                 await self._dstore.sync(raise_errors=False)

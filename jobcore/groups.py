@@ -480,6 +480,10 @@ class JobGroups:
             group._restoring = True
             group.attach(records, only_active=True)
             self._groups[group_id] = group
+            queued = tuple(r.ticket for r in records if r.state is S.QUEUED)
+            if mode is GroupMode.ALL_OR_NOTHING and queued:  # admitted together, as before
+                for ticket in queued:
+                    ticket.together = queued
             for rec in records:  # done when the last process went: held again, as it was
                 if rec.uuid in held and rec.state.active and mode is GroupMode.ALL_OR_NOTHING:
                     extra = held[rec.uuid]

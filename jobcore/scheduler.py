@@ -635,6 +635,17 @@ class Scheduler:
             held.append(member.decision is Decision.ADMIT)
         return held
 
+    def admit_or_enqueue_together(self, tickets: Sequence[Ticket]) -> bool:
+        """Admit every ticket now (True) or queue every one (False): the linked tickets
+        (``together``) of a queued all-or-nothing group, queued again after a restart."""
+        if self._first_conflict(tickets) is None:
+            for ticket in tickets:
+                self._hold(ticket)
+            return True
+        for ticket in tickets:
+            self._enqueue(ticket)
+        return False
+
     def _wake_together(self, tickets: tuple[Ticket, ...]) -> list[Ticket]:
         """Admit a queued group's tickets if every one is still queued and none
         conflicts; else none of them."""

@@ -517,3 +517,31 @@ async def test_a_member_that_finished_while_no_process_ran_is_held(tmp_path: Pat
         final = await again.wait(30)
         assert final["states"] == ["cancelled", "cancelled"], final
         assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
+
+
+async def test_a_queued_group_is_admitted_whole_after_a_restart(tmp_path: Path) -> None:
+    """An all-or-nothing group queued behind a pull on vm2 stays queued whole across a
+    restart (vm1's member is not admitted alone), and both are admitted once it ends."""
+    store = f"sqlite:///{tmp_path}/jobs.sqlite"
+    uri = "sim:///durable?clock=manual"
+    async with jobcore.connect(uri, store=store) as conn:
+        pull = await (await conn.lookup_domain("vm2")).job_begin(PULL)
+        g = await conn.job_group_begin(
+            group(
+                backup("vm1", f"{tmp_path}/1", "c1"),
+                backup("vm2", f"{tmp_path}/2", "c2"),
+                extra="<queue/>",
+            )
+        )
+        assert (await g.info())["states"] == ["queued", "queued"]
+    async with jobcore.connect(uri, store=store) as conn:
+        again = await conn.job_group_lookup(g.uuid)
+        assert (await again.info())["states"] == ["queued", "queued"]
+        await (await conn.lookup_job(pull.uuid)).abort()
+        advance(conn, 0.5)
+        await anyio.wait_all_tasks_blocked()
+        assert (await again.info())["states"] == ["running", "running"]
+        for member in await again.jobs():  # a verb waits until the driver started it
+            await member.set_speed(None)
+        advance(conn, 10_000)
+        assert (await again.wait(30))["state"] == "completed"
