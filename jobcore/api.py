@@ -117,6 +117,13 @@ class Connection(Protocol):
         member's files first."""
         ...
 
+    async def job_group_explain(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> Explanation:
+        """What ``job_group_begin(group_xml, flags)`` would do now (admit, queue, conflict,
+        preempt; every member's claims and blockers), changing nothing."""
+        ...
+
     async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> JobGroup:
         """A job group of this connection by UUID."""
         ...

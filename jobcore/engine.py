@@ -483,37 +483,12 @@ class Engine:
         at once, or (``queue`` or JOB_BEGIN_QUEUE) all queued — ``together``: admitted
         later all at once, else each on its own — or JobConflict names the member and its
         blocker. ``on_created`` sees the records before any starts (a group's hooks)."""
-        prepared = []
-        for i, (domain, spec) in enumerate(members, 1):
-            try:
-                prepared.append(await self._prepare(domain, spec, flags, path_guard))
-            except JobError as exc:
-                raise _member_error(exc, i, domain) from exc
-        if self._closed:
-            raise JobError("the connection is closed")
+        prepared = await self._prepare_all(members, flags, path_guard)
         now = self.clock.now()
         self._purge(now)
-        tickets: list[Ticket] = []
-        probe = Scheduler()  # the members among themselves
-        asked = bool(queue or flags & C.JOB_BEGIN_QUEUE)  # the group's queue choice
-        for i, (info, spec, dom, job_id) in enumerate(prepared, 1):
-            self._check_new_uuid(job_id)
-            if any(t.job == job_id for t in tickets):
-                raise InvalidArgument(f"group member {i}: job UUID '{job_id}' is given twice")
-            ticket = self._new_ticket(info, spec, dom, job_id, 0)
-            ticket.queue = asked  # the group queues or not; a member's <policy> still decides
+        tickets = self._group_tickets(prepared, bool(queue or flags & C.JOB_BEGIN_QUEUE))
+        for ticket in tickets:
             self.scheduler.number(ticket)  # in document order
-            clash = probe.conflict(ticket)
-            if clash is not None:
-                raise JobConflict(
-                    f"group member {i}, job '{job_id}', conflicts with member job "
-                    f"'{clash.holder}' on '{clash.claim.resource}' ({clash.mode.value} "
-                    f"excludes {clash.claim.mode.value}): no member was begun",
-                    holder=clash.holder,
-                    resource=clash.claim.resource,
-                )
-            probe._hold(ticket)
-            tickets.append(ticket)
         # the pair policies, as for a job of its own (design/scheduling.md "Job groups")
         verdict = self.scheduler.verdict_all(tickets)
         admitted = self.scheduler.apply_all(tickets, verdict, together=together)  # JobConflict
@@ -572,6 +547,77 @@ class Engine:
                 with anyio.CancelScope(shield=True):
                     await self._dstore.sync(raise_errors=False)
         return recs
+
+    async def _prepare_all(
+        self, members: Sequence[tuple[str, Any]], flags: int, path_guard: PathGuard | None
+    ) -> list[tuple[JobTypeInfo, Any, DomainInfo, uuid.UUID]]:
+        """Each member (domain, spec) prepared and checked as ``begin`` does, its errors
+        naming the member (begin_all's and explain_all's)."""
+        prepared = []
+        for i, (domain, spec) in enumerate(members, 1):
+            try:
+                prepared.append(await self._prepare(domain, spec, flags, path_guard))
+            except JobError as exc:
+                raise _member_error(exc, i, domain) from exc
+        if self._closed:
+            raise JobError("the connection is closed")
+        return prepared
+
+    def _group_tickets(
+        self, prepared: list[tuple[JobTypeInfo, Any, DomainInfo, uuid.UUID]], queue: bool
+    ) -> list[Ticket]:
+        """The members' tickets (unnumbered), with the group's queue choice (a member's
+        own ``<policy>`` still decides for it); their UUIDs checked, and JobConflict if
+        two members conflict with each other (call with no await before they are used)."""
+        tickets: list[Ticket] = []
+        probe = Scheduler()  # the members among themselves
+        for i, (info, spec, dom, job_id) in enumerate(prepared, 1):
+            self._check_new_uuid(job_id)
+            if any(t.job == job_id for t in tickets):
+                raise InvalidArgument(f"group member {i}: job UUID '{job_id}' is given twice")
+            ticket = self._new_ticket(info, spec, dom, job_id, 0)
+            ticket.queue = queue
+            clash = probe.conflict(ticket)
+            if clash is not None:
+                raise JobConflict(
+                    f"group member {i}, job '{job_id}', conflicts with member job "
+                    f"'{clash.holder}' on '{clash.claim.resource}' ({clash.mode.value} "
+                    f"excludes {clash.claim.mode.value}): no member was begun",
+                    holder=clash.holder,
+                    resource=clash.claim.resource,
+                )
+            probe._hold(ticket)
+            tickets.append(ticket)
+        return tickets
+
+    async def explain_all(
+        self,
+        members: Sequence[tuple[str, Any]],
+        flags: int = 0,
+        *,
+        queue: bool = False,
+        path_guard: PathGuard | None = None,
+    ) -> Explanation:
+        """What ``begin_all`` would do now, changing nothing (its checks, their errors as
+        it raises them, and ``Scheduler.verdict_all``): the group's decision, every
+        member's claims, and every member's blockers, each rule naming the member and
+        its own decision."""
+        prepared = await self._prepare_all(members, flags, path_guard)
+        self._purge()
+        tickets = self._group_tickets(prepared, bool(queue or flags & C.JOB_BEGIN_QUEUE))
+        tickets = [self.scheduler.probe(t) for t in tickets]
+        verdict = self.scheduler.verdict_all(tickets, every_blocker=True)
+        blockers = []
+        for i, (ticket, member) in enumerate(zip(tickets, verdict.members, strict=True), 1):
+            for c in member.blockers:
+                rule = f"member {i} (job '{ticket.job}', {member.decision}): {c.rule}"
+                blockers.append(Blocker(c.holder, c.claim.resource, rule))
+        return Explanation(
+            decision=verdict.decision,
+            claims=tuple(ClaimView(c.resource, str(c.mode)) for t in tickets for c in t.claims),
+            blockers=tuple(blockers),
+            position=None,
+        )
 
     async def _start_together(
         self, recs: list[JobRecord], start_all: Callable[[list[DriverJob]], Any]

@@ -33,7 +33,7 @@ from jobcore.driver import Concluded
 from jobcore.engine import Engine
 from jobcore.errors import InvalidArgument, JobError, NoSuchJob
 from jobcore.flags import check_flags
-from jobcore.info import GroupInfo
+from jobcore.info import Explanation, GroupInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.paths import PathGuard
@@ -423,6 +423,20 @@ class JobGroups:
         )
         group._check_settled()  # every member may have ended already (a failed start)
         return group
+
+    async def explain(
+        self, spec: JobGroupSpec, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> Explanation:
+        """What ``begin(spec, flags)`` would do now, changing nothing
+        (``Engine.explain_all``): the group's decision (an independent group's members
+        each do as their own rule's decision says)."""
+        check_flags("JobGroupBegin", flags)
+        return await self.engine.explain_all(
+            [(m.domain, m.spec) for m in spec.members],
+            flags,
+            queue=spec.queue,
+            path_guard=path_guard,
+        )
 
     def _save(self, group: JobGroup) -> None:
         if self._state is not None:

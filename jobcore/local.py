@@ -239,6 +239,13 @@ class LocalConnection:
         spec = await xml_work(parse_group, group_xml, _doc_size(group_xml))
         return LocalJobGroup(self, await self.groups.begin(spec, flags, path_guard=path_guard))
 
+    async def job_group_explain(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> Explanation:
+        """What ``job_group_begin(group_xml, flags)`` would do now; changes nothing."""
+        spec = await xml_work(parse_group, group_xml, _doc_size(group_xml))
+        return await self.groups.explain(spec, flags, path_guard=path_guard)
+
     async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> LocalJobGroup:
         """A group of this connection by UUID (NoSuchJob once none of its members is
         retained)."""

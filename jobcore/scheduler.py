@@ -584,13 +584,16 @@ class Scheduler:
                 return ticket, found
         return None
 
-    def verdict_all(self, tickets: Sequence[Ticket]) -> GroupVerdict:
+    def verdict_all(
+        self, tickets: Sequence[Ticket], *, every_blocker: bool = False
+    ) -> GroupVerdict:
         """The admission decision for a job group's tickets now (changes nothing): each
         member's own ``verdict`` (begin's: its policy per blocker, from the table, its own
         ``<policy>`` and its queue choice), and the group's: CONFLICT if a member's is,
         else QUEUE if one's is, else PREEMPT if one's is, else ADMIT (the tickets must not
-        conflict among themselves: the engine checks that first)."""
-        members = tuple(self.verdict(t, every_blocker=False) for t in tickets)
+        conflict among themselves: the engine checks that first). ``every_blocker`` as
+        for ``verdict`` (explain lists them all; the decisions are the same)."""
+        members = tuple(self.verdict(t, every_blocker=every_blocker) for t in tickets)
         found = {v.decision for v in members}
         for decision in (Decision.CONFLICT, Decision.QUEUE, Decision.PREEMPT):
             if decision in found:

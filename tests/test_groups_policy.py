@@ -289,11 +289,17 @@ async def _explain_then_group(
             expected = min(decisions, key=STRENGTH.index)
             event(f"{'independent' if independent else 'all-or-nothing'} group: {expected}")
             mode = "independent" if independent else "all-or-nothing"
+            doc = group(*(doc for _, doc in docs), mode=mode)
+            whole = await conn.job_group_explain(doc, flags)  # the group's own explain
+            assert whole["decision"] == expected, (whole, decisions)
+            assert {b["uuid"] for b in whole["blockers"]} == {
+                b["uuid"] for ex in explains for b in ex["blockers"]
+            }
             before = {
                 j.uuid for d in domains for j in await (await conn.lookup_domain(d)).list_jobs()
             }
             try:
-                g = await conn.job_group_begin(group(*(doc for _, doc in docs), mode=mode), flags)
+                g = await conn.job_group_begin(doc, flags)
             except jobcore.JobConflict as exc:
                 assert expected == "conflict", decisions
                 refused = explains[decisions.index("conflict")]
@@ -371,3 +377,32 @@ async def test_a_migration_preempts_a_held_member_and_the_group_is_undone() -> N
         info = await g.wait(5)
         assert info["states"] == ["cancelled", "cancelled"], info
         assert (await vm1.stats())["preempted_by"] == str(mig.uuid)
+
+
+async def test_group_explain_names_the_member_and_changes_nothing(conn: Connection) -> None:
+    holder = await (await conn.lookup_domain("vm2")).job_begin(pull())
+    doc = group(backup("vm1"), backup("vm2"))
+    ex = await conn.job_group_explain(doc)
+    assert ex["decision"] == "conflict" and ex["position"] is None
+    assert {"resource": "disk:vm1/vda", "mode": "read"} in ex["claims"]
+    assert {"resource": "disk:vm2/vda", "mode": "read"} in ex["claims"]
+    (b,) = ex["blockers"]
+    assert b["uuid"] == str(holder.uuid) and b["resource"] == "disk:vm2/vda"
+    assert b["rule"].startswith("member 2 (job '") and b["rule"].endswith(
+        "conflict): chain (held) excludes read: reject (default: fail fast)"
+    )
+    assert (await conn.job_group_explain(doc, jobcore.JOB_BEGIN_QUEUE))["decision"] == "queue"
+    assert await (await conn.lookup_domain("vm1")).list_jobs() == []  # nothing begun
+    with pytest.raises(jobcore.JobConflict, match="group member 2"):  # as begin refuses
+        await conn.job_group_explain(group(pull("vm1"), pull("vm1")))
+    with pytest.raises(jobcore.XMLError):
+        await conn.job_group_explain("<jobgroup mode='independent'/>")
+
+
+def test_the_blocking_facade_explains_a_group() -> None:
+    with jobcore.open("sim:///gfacade?clock=manual") as conn:
+        dom = conn.lookupByName("vm2")
+        holder = jobcore.JobBegin(dom, pull())
+        ex = jobcore.JobGroupExplain(conn, group(backup("vm1"), backup("vm2")))
+        assert ex["decision"] == "conflict"
+        assert ex["blockers"][0]["uuid"] == jobcore.JobGetUUIDString(holder)

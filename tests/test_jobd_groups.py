@@ -210,3 +210,34 @@ def test_a_held_completion_outlives_a_killed_jobd(tmp_path: Path, end: str) -> N
         daemon.stop()
     with Jobd(run_dir).wait_ready() as daemon:
         anyio.run(check, daemon, gid, jobs)
+
+
+def test_group_explain_through_jobd_and_jobctl(tmp_path: Path) -> None:
+    doc = write(tmp_path, "group.xml", two_domains(tmp_path, "x"))
+
+    async def remote(daemon: Jobd) -> str:
+        async with jobcore.connect(daemon.uri("clock=manual", host="gx")) as conn:
+            pull = await (await conn.lookup_domain("vm2")).job_begin(PULL_VDA)
+        async with jobcore.connect(daemon.uri("clock=manual", readonly=True, host="gx")) as ro:
+            ex = await ro.job_group_explain(two_domains(tmp_path, "x"))  # read-only: allowed
+            assert ex["decision"] == "conflict"
+            (b,) = ex["blockers"]
+            assert b["uuid"] == str(pull.uuid) and b["resource"] == "disk:vm2/vda"
+            assert b["rule"].startswith("member 2 (job '")
+            queued = await ro.job_group_explain(two_domains(tmp_path, "x"), jobcore.JOB_BEGIN_QUEUE)
+            assert queued["decision"] == "queue"
+            assert await (await ro.lookup_domain("vm1")).list_jobs() == []  # nothing begun
+        return str(pull.uuid)
+
+    with Jobd(tmp_path / "run").wait_ready() as daemon:
+        holder = anyio.run(remote, daemon)
+        ro = daemon.uri("clock=manual", readonly=True, host="gx")
+        out = jobctl(ro, "group", "explain", doc, "--json")
+        assert out.returncode == 0, out.stderr
+        ex = json.loads(out.stdout)
+        assert ex["decision"] == "conflict" and ex["blockers"][0]["uuid"] == holder
+        human = jobctl(ro, "group", "explain", doc, "--queue")
+        assert human.returncode == 0, human.stderr
+        lines = human.stdout.splitlines()
+        assert lines[0] == "Decision: queue"
+        assert any(ln.startswith(f"Blocker:  {holder} on disk:vm2/vda: member 2") for ln in lines)
