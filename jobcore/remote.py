@@ -654,6 +654,13 @@ class RemoteConnection:
             raise InvalidArgument("a path guard applies to in-process connections only")
         return await self.call(Method.JOB_GROUP_BEGIN, group_xml, flags)  # type: ignore[no-any-return]
 
+    async def job_group_explain(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> Explanation:
+        if path_guard is not None:  # the files are on jobd's host: jobd guards them
+            raise InvalidArgument("a path guard applies to in-process connections only")
+        return await self.call(Method.JOB_GROUP_EXPLAIN, group_xml, flags)  # type: ignore[no-any-return]
+
     async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> RemoteJobGroup:
         return await self.call(Method.JOB_GROUP_LOOKUP, as_uuid(group))  # type: ignore[no-any-return]
 
