@@ -9,6 +9,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -17,6 +18,7 @@ import jobcore
 from jobcore.constants import LEGACY_DOMAIN_JOB_UUID
 from jobcore.facade import BlockingConnection, BlockingDomain, BlockingJob
 from jobcore.lifecycle import LEGACY_JOB_TYPE, JobState
+from jobcore.scheduler import KUBEVIRT_POLICY
 
 T = TypeVar("T")
 S = JobState
@@ -46,8 +48,11 @@ def pull_job() -> str:
 
 @pytest.fixture
 def conn() -> Iterator[BlockingConnection]:
+    """A connection whose snapshots are on (its first snapshot query hops once to start
+    them), so every change below is published as it happens."""
     c = jobcore.open("sim:///default?clock=manual")
     try:
+        c.lookupByName("vm1").jobStats()
         yield c
     finally:
         c.close()
@@ -178,7 +183,7 @@ def check_same(
     loop's; returns the job's state. With ``action`` (a coroutine function), in one step
     of the loop: the action, then both answers (a state the next step leaves is seen)."""
     disk = _block_disk(conn, job)
-    jobcore.JobGetInfo(job)  # the first query may hop once: snapshots start, or publish it
+    dom.jobStats()  # the first query of a connection hops once: the snapshots start
 
     async def step() -> tuple[dict[str, Any], dict[str, Any], JobState]:
         if action is not None:
@@ -321,14 +326,17 @@ def test_snapshot_answers_equal_the_loops_while_aborting_and_completing(
     assert check_same(conn, dom, ready, ready.ajob.complete) is S.COMPLETING
 
 
-def test_a_job_ended_before_snapshots_started_is_published_when_read(
-    conn: BlockingConnection,
-) -> None:
-    dom = conn.lookupByName("vm1")
-    job = _completed(conn, dom)  # no snapshot query yet: nothing published
-    assert not job.ajob.published  # type: ignore[attr-defined]
-    assert check_same(conn, dom, job) is S.COMPLETED
-    assert job.ajob.published  # type: ignore[attr-defined]
+def test_jobs_from_before_the_snapshots_started() -> None:
+    with jobcore.open("sim:///default?clock=manual") as conn:
+        dom = conn.lookupByName("vm1")
+        ended = _completed(conn, dom)  # no snapshot query yet: nothing published
+        running = _running(conn, dom)
+        dom.jobStats()  # start: every active job is published at once
+        assert running.ajob.published and not ended.ajob.published  # type: ignore[attr-defined]
+        assert check_same(conn, dom, running) is S.RUNNING
+        assert jobcore.JobGetInfo(ended) == conn._call(ended.ajob.info)  # one hop publishes
+        assert ended.ajob.published  # type: ignore[attr-defined]
+        assert check_same(conn, dom, ended) is S.COMPLETED
 
 
 # ---- every kind of change shows at once (a missing publication fails here) --------------
@@ -381,6 +389,7 @@ def test_block_job_changes_are_visible_to_the_next_query(conn: BlockingConnectio
 def test_retention_and_purge_are_as_on_the_loop() -> None:
     with jobcore.open("sim:///default?clock=manual", retention=5) as conn:
         dom = conn.lookupByName("vm1")
+        dom.jobStats()  # snapshots on
         job = _completed(conn, dom)
         assert check_same(conn, dom, job) is S.COMPLETED
         # an ended job: the lookups ask the loop, which purges as before
@@ -494,7 +503,7 @@ def test_readers_hammering_while_jobs_begin_end_and_are_purged() -> None:
         for t in threads:
             t.start()
         try:
-            for i in range(150):
+            for i in range(60):
                 job = jobcore.JobBegin(dom, push_job())
                 jobs.append(job)
                 conn._call(job.ajob.info)  # a hop: the readers read meanwhile
@@ -515,3 +524,64 @@ def test_readers_hammering_while_jobs_begin_end_and_are_purged() -> None:
         assert dom.jobStats() == {"type": jobcore.VIR_DOMAIN_JOB_NONE}
         assert dom.listJobs() == []
         assert jobcore.JobGetInfo(jobs[-1]) == conn._call(jobs[-1].ajob.info)
+
+
+# ---- preemption, requeue and groups publish what they change ------------------------------
+
+
+def test_preemption_and_requeue_are_published(conn: BlockingConnection) -> None:
+    def kubevirt() -> None:
+        conn.aconn.engine.scheduler.policy = KUBEVIRT_POLICY  # type: ignore[attr-defined]
+
+    conn.run_sync(kubevirt)
+    dom = conn.lookupByName("vm1")
+    victim = jobcore.JobBegin(dom, push_job("vda").replace("<domainbackup", _REQUEUE, 1))
+    advance(conn, 1)
+    mig = jobcore.JobBegin(
+        dom, "<job type='migration'><priority>10</priority><destination uri='sim:///other'/></job>"
+    )
+    settle(conn)
+    assert check_same(conn, dom, mig) is S.RUNNING
+    jobcore.JobWait(victim, timeout=10)
+    assert check_same(conn, dom, victim) is S.CANCELLED
+    stats = jobcore.JobGetStats(victim)
+    assert stats["preempted_by"] == str(mig.uuid) and stats["preempt"] == "cancel"
+    again = jobcore.JobLookupByUUID(dom, stats["requeued_as"])
+    assert check_same(conn, dom, again) is S.QUEUED
+    assert jobcore.JobGetStats(again)["requeued_from"] == str(victim.uuid)
+
+
+_REQUEUE = "<policy requeue='yes'/><domainbackup"
+
+
+def test_a_held_group_member_is_published(conn: BlockingConnection, tmp_path: Path) -> None:
+    conn.close()
+    with jobcore.open("sim:///default?rate=1073741824&clock=manual") as conn:
+        conn.driver.inject_failure("backup", 1.0)  # type: ignore[attr-defined]
+        conn.lookupByName("vm1").jobStats()  # snapshots on
+
+        def member(domain: str, vdb: bool) -> str:
+            second = (
+                f"<disk name='vdb' type='file'><target file='{tmp_path}/{domain}.vdb'/></disk>"
+                if vdb
+                else "<disk name='vdb' backup='no'/>"
+            )
+            return (
+                f"<job type='backup' domain='{domain}'><domainbackup><disks><disk name='vda' "
+                f"type='file'><target file='{tmp_path}/{domain}'/></disk>{second}</disks>"
+                "</domainbackup></job>"
+            )
+
+        group = jobcore.JobGroupBegin(
+            conn,
+            f"<jobgroup mode='all-or-nothing'>{member('vm1', True)}{member('vm2', False)}"
+            "</jobgroup>",
+        )
+        vm2 = jobcore.JobGroupGetJobs(group)[1]
+        advance(conn, 1.0)  # vm2's disk is done: its completion is held
+        assert check_same(conn, conn.lookupByName("vm2"), vm2) is S.RUNNING
+        held = jobcore.JobGetInfo(vm2)
+        assert held.processed == held.total > 0
+        advance(conn, 100.0)
+        jobcore.JobGroupWait(group, timeout=30)
+        assert check_same(conn, conn.lookupByName("vm2"), vm2) is S.CANCELLED
