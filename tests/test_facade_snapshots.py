@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 
 import jobcore
@@ -196,9 +197,29 @@ def check_same(
         return fast, loop, state
 
     fast, loop, state = conn.run(step)
+    if not getattr(
+        conn.driver.clock, "manual", False
+    ):  # real time passed between the two: only that differs
+        fast_ms, loop_ms = _elapsed(fast), _elapsed(loop)
+        assert all(f >= m for f, m in zip(fast_ms, loop_ms, strict=True)), (fast_ms, loop_ms)
+        fast, loop = _without_elapsed(fast), _without_elapsed(loop)
     assert fast == loop
     assert JobState(fast["JobGetInfo"].state) is state
     return state
+
+
+def _elapsed(answers: dict[str, Any]) -> list[int]:
+    found = [answers["jobInfo"][1], answers["JobGetInfo"].time_elapsed]
+    return found + [answers[k].get("time_elapsed", 0) for k in ("jobStats", "JobGetStats")]
+
+
+def _without_elapsed(answers: dict[str, Any]) -> dict[str, Any]:
+    out = dict(answers)
+    out["jobInfo"] = [answers["jobInfo"][0], 0, *answers["jobInfo"][2:]]
+    out["JobGetInfo"] = attrs.evolve(answers["JobGetInfo"], time_elapsed=0)
+    for key in ("jobStats", "JobGetStats"):
+        out[key] = {k: v for k, v in answers[key].items() if k != "time_elapsed"}
+    return out
 
 
 def on_thread(fn: Callable[[], T]) -> T:
@@ -585,3 +606,36 @@ def test_a_held_group_member_is_published(conn: BlockingConnection, tmp_path: Pa
         advance(conn, 100.0)
         jobcore.JobGroupWait(group, timeout=30)
         assert check_same(conn, conn.lookupByName("vm2"), vm2) is S.CANCELLED
+
+
+# ---- on qemu: the same answers for what a real QEMU job shows ------------------------------
+
+
+@pytest.mark.qemu
+def test_snapshot_answers_equal_the_loops_on_qemu(tmp_path: Path) -> None:
+    from qemu_helpers import create, domain_xml, write
+
+    base = create(tmp_path / "base.qcow2")
+    write(base, "write -P 0x11 0 8M")
+    top = create(tmp_path / "top.qcow2", backing=base)
+    with jobcore.open(f"qemu:///session?dir={tmp_path / 'run'}") as conn:
+        dom = conn.createXML(domain_xml("vm1", {"vda": top}))
+        dom.jobStats()  # snapshots on
+        dom.blockPull("vda", 1)  # 1 MiB/s: running for seconds
+        pull = jobcore.JobLookupByUUID(dom, dom.listJobs()[0].uuid)
+        assert check_same(conn, dom, pull) is S.RUNNING
+        assert without_loop(conn, lambda: dom.blockJobInfo("vda"))["bandwidth"] == 1
+        jobcore.JobSetSpeed(pull, 0)
+        check_same(conn, dom, pull)  # running or done by now: the same either way
+        assert jobcore.JobWait(pull, timeout=30)["state"] == "completed"
+        assert check_same(conn, dom, pull) is S.COMPLETED
+        target = tmp_path / "backup.qcow2"
+        dom.backupBegin(
+            "<domainbackup><disks><disk name='vda' type='file'>"
+            f"<target file='{target}'/></disk></disks></domainbackup>"
+        )
+        backup = jobcore.JobLookupByUUID(dom, LEGACY_DOMAIN_JOB_UUID)
+        check_same(conn, dom, backup)
+        assert jobcore.JobWait(backup, timeout=30)["state"] == "completed"
+        assert check_same(conn, dom, backup) is S.COMPLETED
+        dom.destroy()
