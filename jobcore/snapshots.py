@@ -22,9 +22,9 @@ Why a reader on another thread sees exactly what the loop would answer:
   shows less than the snapshot's own elapsed time (taken on the loop when it was
   published). The result is then what the loop would have answered at one instant of the
   call: at the clock read if the snapshot was already published then, else at the
-  publication. The clocks are safe to read from any thread: ``RealClock.now`` is
-  ``time.monotonic()``; the sim's ``ManualClock.now`` loads one float that ``advance``
-  (on the loop) replaces.
+  publication. The clocks are safe to read from any thread (``Clock.now`` says so): the
+  qemu driver's ``SystemClock`` and the sim's ``RealClock`` call ``time.monotonic()``;
+  the sim's ``ManualClock.now`` loads one float that ``advance`` (on the loop) replaces.
 
 What may write, or needs the driver or the store's purge, keeps the hop (design/legacy.md).
 Nothing is published until a reader asks (``Engine.start_snapshots``): jobd's connections
