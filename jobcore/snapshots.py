@@ -1,16 +1,16 @@
 """Immutable snapshots of job records, published by the engine for readers on other threads.
 
 The blocking facade answers its read-only queries (``jobStats``, ``jobInfo``,
-``blockJobInfo``, ``JobGetInfo``, ``JobGetStats``, ``JobGetXMLDesc``) on the caller's
-thread from these, without the hop to the event loop's thread (design/legacy.md, "Queries
-without a thread hop").
+``blockJobInfo``, ``JobGetInfo``, ``JobGetStats``, ``JobGetXMLDesc``, ``JobLookupByUUID``
+of an active job) on the caller's thread from these, without the hop to the event loop's
+thread (design/legacy.md, "Queries without a thread hop").
 
 Why a reader on another thread sees exactly what the loop would answer:
 
 - Only the loop thread writes. Each time a record's visible fields change, the engine
   builds a new frozen ``JobSnapshot`` of all of them and publishes it by single reference
-  stores: ``JobRecord.snapshot``, and the domain's entry in ``Snapshots.legacy`` or the
-  disk's in ``Snapshots.chain``. A reader loads a reference once and reads only that
+  stores: ``JobRecord.snapshot``, and its entries in ``Snapshots.active``, ``.legacy``
+  (the domain's) and ``.chain`` (the disk's). A reader loads a reference once and reads only that
   frozen value: it sees one whole publication, never a record half-changed, and never
   the live store (no purge, no iteration of a structure the loop changes).
 - A reference load or store, ``dict.get`` and a one-key ``dict`` store or pop are atomic
