@@ -206,7 +206,8 @@ class Clock(Protocol):
     simulated clock moves them as it moves the hypervisor."""
 
     def now(self) -> float:
-        """Monotonic seconds."""
+        """Monotonic seconds; safe to call from any thread (the blocking facade's
+        snapshot readers call it on theirs: jobcore.snapshots)."""
 
     def wall(self) -> float:
         """Seconds since the epoch."""

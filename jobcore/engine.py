@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -68,6 +67,7 @@ from jobcore.log import get_logger
 from jobcore.paths import PathGuard
 from jobcore.registry import registry
 from jobcore.scheduler import Decision, Mode, PolicyTable, Scheduler, Ticket, Verdict
+from jobcore.snapshots import JobSnapshot, Snapshots, elapsed_ms
 from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
@@ -147,6 +147,8 @@ class Engine:
             )
         self.start_timeout = float(start_timeout)
         self.events = EventHub()
+        #: what readers on other threads see (jobcore.snapshots; off until one asks)
+        self.snapshots = Snapshots()
         self.scheduler = Scheduler() if policy is None else Scheduler(policy)
         #: the domains' checkpoints (jobcore.checkpoints), kept in ``checkpoint_state``
         self.checkpoints = Checkpoints(dconn, self.scheduler, checkpoint_state)
@@ -304,6 +306,8 @@ class Engine:
                 rec.processed, rec.total = result.processed, result.total
             if result.state is not rec.state:
                 self._transition(rec, result.state, checked=False)
+            else:
+                self._snapshot(rec)
             job_log(rec).info("job re-attached", state=str(rec.state))
             return
         if isinstance(result, Concluded):
@@ -634,6 +638,7 @@ class Engine:
         for rec in live:
             if rec.started is None:
                 rec.started = self.clock.now()
+                self._snapshot(rec)
             rec.driver_job = DriverJob(
                 rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec)
             )
@@ -701,6 +706,7 @@ class Engine:
             host=self.host,
         )
         self.store.add(rec)
+        self._snapshot(rec)
         if _stdlib_log.isEnabledFor(logging.INFO):
             job_log(rec).info("job began", state=str(rec.state))
         self._emit_state(rec, None)
@@ -738,6 +744,7 @@ class Engine:
         start timeout, or an earlier waiter came first)."""
         rec.admitted = admitted = anyio.Event()
         rec.extra["preempted"] = ",".join(map(str, victims))
+        self._snapshot(rec)
         for victim_id in victims:
             victim = self.store.get(victim_id)
             if victim is None or victim.state.terminal or rec.state is not S.QUEUED:
@@ -789,9 +796,10 @@ class Engine:
     async def _take_from(self, rec: JobRecord, victim: JobRecord) -> None:
         victim.ticket.preempted = True
         victim.extra["preempted_by"] = str(rec.uuid)
+        victim.extra["preempt"] = "pause"  # written with the pause; corrected below
+        self._snapshot(victim)
         await self._started(victim)
         how = "cancel"
-        victim.extra["preempt"] = "pause"  # written with the pause; corrected below
         # a preemptor that takes the whole domain (a migration moves it away) cancels:
         # a paused job could not follow its domain
         whole = any(c.mode is Mode.DOMAIN_EXCLUSIVE for c in rec.ticket.claims)
@@ -807,12 +815,14 @@ class Engine:
                 job_log(victim).info("preemption: pause refused, cancelling", error=str(exc))
         victim.preempt = how
         victim.extra["preempt"] = how
+        self._snapshot(victim)
         self._emit_preempted(victim, rec, how)
         job_log(victim).info("job preempted", by=str(rec.uuid), preempt=how)
         if victim.state.terminal:
             return
         if how == "cancel":
             victim.errmsg = f"preempted by job '{rec.uuid}'"
+            self._snapshot(victim)
             try:
                 await self.abort(victim)
             except JobError as exc:
@@ -893,7 +903,9 @@ class Engine:
             extra={"requeued_from": str(rec.uuid)},
         )
         rec.extra["requeued_as"] = str(job_id)
+        self._snapshot(rec)
         self.store.add(new)
+        self._snapshot(new)
         job_log(new).info("preempted job requeued", previous=str(rec.uuid))
         self._emit_state(new, None)
         if admitted:
@@ -923,6 +935,7 @@ class Engine:
             return
         if rec.started is None:  # set when admitted (written with that state)
             rec.started = self.clock.now()
+            self._snapshot(rec)
         rec.driver_job = job = DriverJob(
             rec.uuid, rec.type, rec.domain, rec.spec, _Reporter(self, rec)
         )
@@ -1040,6 +1053,7 @@ class Engine:
             self.store.ended(rec, rec.ended + rec.retention)
         if self._dstore is not None:  # durability: the row follows (event after commit)
             self._dstore.changed(rec)
+        self._snapshot(rec)
         self._emit_state(rec, old)
         if new.terminal:
             self._ended(rec)
@@ -1270,6 +1284,31 @@ class Engine:
             else:
                 await self._drive(rec, "set_speed", bandwidth)
             rec.bandwidth = bandwidth
+            self._snapshot(rec)
+
+    # ---- snapshots for readers on other threads (jobcore.snapshots) -------------------
+
+    def _snapshot(self, rec: JobRecord) -> None:
+        """Publish ``rec`` as it is now: call once wherever its visible fields changed."""
+        if self.snapshots.on:
+            self.snapshots.publish(rec, self.info(rec), self.store)
+
+    def start_snapshots(self) -> None:
+        """Publish snapshots from now on (on the loop thread): every active job's now,
+        every later change as it happens; ``on`` is set once all are published."""
+        snaps = self.snapshots
+        if not snaps.on:
+            for rec in self.store.active_jobs():
+                snaps.publish(rec, self.info(rec), self.store)
+            snaps.on = True
+
+    def snapshot(self, rec: JobRecord) -> JobSnapshot | None:
+        """``rec``'s published snapshot (on the loop thread), published now if it has
+        none yet (an ended job nobody read since snapshots started); None while off."""
+        if self.snapshots.on and rec.snapshot is None:
+            self.snapshots.publish(rec, self.info(rec), self.store)
+        snap: JobSnapshot | None = rec.snapshot
+        return snap
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -1325,8 +1364,7 @@ class Engine:
         )
 
     def _elapsed_ms(self, rec: JobRecord) -> int:
-        end = rec.ended if rec.ended is not None else self.clock.now()
-        return max(0, math.floor((end - rec.created) * 1000))
+        return elapsed_ms(rec.created, rec.ended, self.clock.now())
 
     def stats(self, rec: JobRecord) -> dict[str, Any]:
         """libvirt-named stats (virDomainGetJobStats keys) plus 'uuid' and 'state'."""
@@ -1381,12 +1419,14 @@ class Engine:
             return
         gate = self.completion_gate.get(rec.uuid) if report is Report.COMPLETED else None
         if gate is not None and gate(rec, extra):  # a group member: held back
+            self._snapshot(rec)  # (the group may have set its progress)
             return
         if extra:
             rec.extra.update(extra)
         if progress is not None:
             rec.processed, rec.total = progress
         if report is Report.PROGRESS:
+            self._snapshot(rec)
             self._progress(rec)
             return
         if report is Report.COMPLETED and rec.total:

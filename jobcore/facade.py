@@ -4,6 +4,13 @@
 there through an anyio blocking portal; nothing here re-implements behaviour. An unclosed
 connection never keeps the process alive: the thread is a daemon, and an ``atexit`` hook
 closes what is still open (so drivers can reap their processes).
+
+On an in-process connection the read-only queries (``jobStats`` without COMPLETED,
+``jobInfo``, ``blockJobInfo`` of a disk with a block job, ``JobGetInfo``, ``JobGetStats``,
+``JobGetXMLDesc``, ``JobLookupByUUID`` of an active job) are answered on the caller's
+thread from the immutable snapshots the engine publishes (jobcore.snapshots says why
+that is safe and gives the loop's answer); the first such query starts the publishing
+with one hop. Everything else, and every call on a jobd connection, hops.
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from jobcore.api import Checkpoint, Connection, Domain, Job, JobGroup, connect
+from jobcore.constants import LEGACY_DOMAIN_JOB_UUID
 from jobcore.driver import DriverConnection
 from jobcore.errors import InvalidArgument, JobError, NoSuchCheckpoint
 from jobcore.events import EventHub, JobEvent, Subscription
 from jobcore.flags import check_flags
 from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
-from jobcore.local import LocalConnection
+from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.methods import as_uuid
 from jobcore.spec import DEFAULT_RETENTION, JobType, check_timeout
 
@@ -200,6 +208,20 @@ class BlockingConnection:
         self.close()
 
 
+_H = TypeVar("_H", LocalDomain, LocalJob)
+
+
+def _published(conn: BlockingConnection, handle: object, kind: type[_H]) -> _H | None:
+    """``handle`` if it is an in-process ``kind`` of an open connection, its engine
+    publishing snapshots (started on first use: one hop); else None."""
+    if not isinstance(handle, kind) or not conn.isAlive():
+        return None
+    engine = handle.conn.engine
+    if not engine.snapshots.on:
+        conn.run_sync(engine.start_snapshots)
+    return handle
+
+
 def _sync_to_async(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
     async def wrapper(*args: Any) -> T:
         return fn(*args)
@@ -279,10 +301,23 @@ class BlockingDomain:
     def qemuMonitorCommand(self, cmd: str, flags: int = 0) -> str:
         return self.conn._call(self.adom.qemu_monitor_command, cmd, flags)
 
+    def _published(self) -> LocalDomain | None:
+        """The in-process domain, its engine publishing snapshots (started here on first
+        use: one hop); None on a jobd connection or a closed one (the hop says so)."""
+        return _published(self.conn, self.adom, LocalDomain)
+
     def jobInfo(self) -> list[int]:
+        local = self._published()
+        if local is not None:
+            return local.job_info_now() or self.conn._call(self.adom.job_info)
         return self.conn._call(self.adom.job_info)
 
     def jobStats(self, flags: int = 0) -> dict[str, Any]:
+        local = self._published()
+        if local is not None:
+            stats = local.job_stats_now(flags)
+            if stats is not None:
+                return stats
         return self.conn._call(self.adom.job_stats, flags)
 
     def abortJob(self) -> int:
@@ -297,6 +332,11 @@ class BlockingDomain:
         return self.conn._call(self.adom.backup_get_xml_desc, flags)
 
     def blockJobInfo(self, disk: str, flags: int = 0) -> dict[str, int]:
+        local = self._published()
+        if local is not None:
+            found = local.block_job_info_now(disk, flags)
+            if found is not None:
+                return found
         return self.conn._call(self.adom.block_job_info, disk, flags)
 
     def blockJobAbort(self, disk: str, flags: int = 0) -> int:
@@ -430,9 +470,35 @@ def JobExplain(
 
 
 def JobLookupByUUID(dom: BlockingDomain, job_uuid: str | bytes | uuid.UUID) -> BlockingJob:
+    job_id = as_uuid(job_uuid)
+    local = dom._published()
+    if local is not None:
+        found = _lookup_now(local, job_id)
+        if found is not None:
+            return BlockingJob(dom.conn, found)
     return BlockingJob(
-        dom.conn, dom.conn._call(dom.conn.aconn.job_lookup_by_uuid, dom.adom, as_uuid(job_uuid))
+        dom.conn, dom.conn._call(dom.conn.aconn.job_lookup_by_uuid, dom.adom, job_id)
     )
+
+
+def _lookup_now(dom: LocalDomain, job_id: uuid.UUID) -> LocalJob | None:
+    """An active job's handle from the published snapshots (an ended one may be purged:
+    the loop decides), else None."""
+    if job_id == LEGACY_DOMAIN_JOB_UUID:
+        return dom.legacy_job_now()
+    snap = dom.conn.engine.snapshots.active.get(job_id)
+    if snap is None or snap.record.domain != dom.name:
+        return None
+    return LocalJob(dom.conn, snap.record)
+
+
+def _published_job(job: BlockingJob) -> LocalJob | None:
+    """The in-process job (see ``_published``) with its snapshot published (one hop the
+    first time an ended job is read); None: ask the loop."""
+    local = _published(job.conn, job._live(), LocalJob)
+    if local is not None and not local.published:
+        job.conn._call(local.publish)
+    return local
 
 
 def JobGetType(job: BlockingJob) -> JobType:
@@ -449,16 +515,22 @@ def JobGetUUIDString(job: BlockingJob) -> str:
 
 def JobGetXMLDesc(job: BlockingJob, flags: int = 0) -> str:
     check_flags("JobGetXMLDesc", flags)
-    return job.conn._call(job._live().xml_desc)
+    local = _published_job(job)
+    xml = None if local is None else local.xml_desc_now()
+    return job.conn._call(job._live().xml_desc) if xml is None else xml
 
 
 def JobGetInfo(job: BlockingJob) -> JobInfo:
-    return job.conn._call(job._live().info)
+    local = _published_job(job)
+    info = None if local is None else local.info_now()
+    return job.conn._call(job._live().info) if info is None else info
 
 
 def JobGetStats(job: BlockingJob, flags: int = 0) -> dict[str, Any]:
     check_flags("JobGetStats", flags)
-    return job.conn._call(job._live().stats)
+    local = _published_job(job)
+    stats = None if local is None else local.stats_now()
+    return job.conn._call(job._live().stats) if stats is None else stats
 
 
 def JobAbort(job: BlockingJob, flags: int = 0) -> int:

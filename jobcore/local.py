@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +39,7 @@ from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
 from jobcore.scheduler import PolicyTable, policy_table
+from jobcore.snapshots import JobSnapshot
 from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, ChainRef, JobType
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
@@ -359,13 +360,7 @@ class LocalDomain:
         dataProcessed, dataRemaining, memTotal, memProcessed, memRemaining, fileTotal,
         fileProcessed, fileRemaining]."""
         rec = self._legacy_active()
-        if rec is None:
-            return [C.VIR_DOMAIN_JOB_NONE] + [0] * 11
-        st = self.conn.engine.stats(rec)
-        mem = [st.get(f"memory_{k}", 0) for k in ("total", "processed", "remaining")]
-        disk = [st.get(f"disk_{k}", 0) for k in ("total", "processed", "remaining")]
-        data = [m + d for m, d in zip(mem, disk, strict=True)]
-        return [st["type"], st["time_elapsed"], 0, *data, *mem, *disk]
+        return legacy_job_info(None if rec is None else self.conn.engine.stats(rec))
 
     async def job_stats(self, flags: int = 0) -> dict[str, Any]:
         """virDomainGetJobStats: the legacy job's stats, or with
@@ -427,21 +422,55 @@ class LocalDomain:
         if rec is None:
             await self._require_disk(disk)
             return {}
-        if isinstance(rec.spec, BlockPullSpec):
-            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL
-        elif isinstance(rec.spec, BlockCommitSpec) and rec.spec.active:
-            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
-        else:
-            kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT
-        bandwidth = rec.bandwidth or 0
-        if not flags & C.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES:
-            bandwidth //= MiB
-        cur, end = rec.processed, rec.total
-        if end == 0:  # as libvirt: never show a finished-looking 0/0 for a live job
-            cur, end = (1, 1) if rec.state in (JobState.READY, JobState.STANDBY) else (0, 1)
-        elif cur == end and rec.state not in (JobState.READY, JobState.STANDBY):
-            cur -= 1
-        return {"type": kind, "bandwidth": bandwidth, "cur": cur, "end": end}
+        return block_job_values(rec.spec, rec.bandwidth, rec.processed, rec.total, rec.state, flags)
+
+    # ---- the read-only legacy queries from published snapshots (jobcore.snapshots) -----
+    #
+    # Plain functions, safe on any thread: each answers as its coroutine above would, or
+    # returns None where only the loop can (snapshots off, a write, the driver needed).
+
+    def job_info_now(self) -> list[int] | None:
+        """``job_info()`` from the published snapshots."""
+        engine = self.conn.engine
+        if not engine.snapshots.on:
+            return None
+        now = engine.clock.now()  # before the snapshot: see jobcore.snapshots
+        snap = engine.snapshots.legacy.get(self.name)
+        return legacy_job_info(None if snap is None else snap.stats_at(now))
+
+    def job_stats_now(self, flags: int = 0) -> dict[str, Any] | None:
+        """``job_stats(flags)`` from the published snapshots; None with
+        VIR_DOMAIN_JOB_STATS_COMPLETED (it may mark the stats read, and it reads ended
+        jobs, which the store's purge decides about)."""
+        check_flags("jobStats", flags)
+        engine = self.conn.engine
+        if flags & C.VIR_DOMAIN_JOB_STATS_COMPLETED or not engine.snapshots.on:
+            return None
+        now = engine.clock.now()
+        snap = engine.snapshots.legacy.get(self.name)
+        return {"type": C.VIR_DOMAIN_JOB_NONE} if snap is None else snap.stats_at(now)
+
+    def block_job_info_now(self, disk: str, flags: int = 0) -> dict[str, int] | None:
+        """``block_job_info(disk, flags)`` from the published snapshots; None when the
+        disk has no block job (whether the domain has the disk is the driver's to say)."""
+        check_flags("blockJobInfo", flags)
+        engine = self.conn.engine
+        if not engine.snapshots.on:
+            return None
+        snap = engine.snapshots.chain.get((self.name, disk))
+        if snap is None:
+            return None
+        info = snap.info
+        return block_job_values(
+            snap.spec, info.bandwidth, info.processed, info.total, info.state, flags
+        )
+
+    def legacy_job_now(self) -> LocalJob | None:
+        """The handle ``job_lookup_by_uuid(LEGACY_DOMAIN_JOB_UUID)`` returns while the
+        domain has an active domain job, from the published snapshots; else None."""
+        engine = self.conn.engine
+        snap = engine.snapshots.legacy.get(self.name) if engine.snapshots.on else None
+        return None if snap is None else LocalJob(self.conn, snap.record)
 
     async def _require_disk(self, disk: str) -> None:
         if (await self.info()).disk(disk) is None:
@@ -571,6 +600,37 @@ def description(info: DomainInfo) -> DomainDef:
     return DomainDef(info.name, info.uuid, info.memory, disks, info.virt_type)
 
 
+def legacy_job_info(st: Mapping[str, Any] | None) -> list[int]:
+    """virDomainGetJobInfo's 12 numbers from the legacy job's stats (None: no job)."""
+    if st is None:
+        return [C.VIR_DOMAIN_JOB_NONE] + [0] * 11
+    mem = [st.get(f"memory_{k}", 0) for k in ("total", "processed", "remaining")]
+    disk = [st.get(f"disk_{k}", 0) for k in ("total", "processed", "remaining")]
+    data = [m + d for m, d in zip(mem, disk, strict=True)]
+    return [st["type"], st["time_elapsed"], 0, *data, *mem, *disk]
+
+
+def block_job_values(
+    spec: Any, bandwidth: int | None, processed: int, total: int, state: JobState, flags: int
+) -> dict[str, int]:
+    """virDomainGetBlockJobInfo's {'type', 'bandwidth', 'cur', 'end'} of a block job."""
+    if isinstance(spec, BlockPullSpec):
+        kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL
+    elif isinstance(spec, BlockCommitSpec) and spec.active:
+        kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT
+    else:
+        kind = C.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT
+    bandwidth = bandwidth or 0
+    if not flags & C.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES:
+        bandwidth //= MiB
+    cur, end = processed, total
+    if end == 0:  # as libvirt: never show a finished-looking 0/0 for a live job
+        cur, end = (1, 1) if state in (JobState.READY, JobState.STANDBY) else (0, 1)
+    elif cur == end and state not in (JobState.READY, JobState.STANDBY):
+        cur -= 1
+    return {"type": kind, "bandwidth": bandwidth, "cur": cur, "end": end}
+
+
 def _bandwidth(value: int, flags: int, bytes_flag: int) -> int | None:
     if value < 0:
         raise InvalidArgument("bandwidth must not be negative")
@@ -618,6 +678,45 @@ class LocalJob:
 
     async def stats(self) -> dict[str, Any]:
         return self.conn.engine.stats(self._rec)
+
+    # the read-only queries from the published snapshot, on any thread (jobcore.snapshots);
+    # None until the job has one (``publish``)
+
+    def _now_and_snapshot(self) -> tuple[float, JobSnapshot | None]:
+        engine = self.conn.engine
+        if not engine.snapshots.on:
+            return 0.0, None
+        now = engine.clock.now()  # before the snapshot: see jobcore.snapshots
+        snap: JobSnapshot | None = self._rec.snapshot
+        return now, snap
+
+    def info_now(self) -> JobInfo | None:
+        """``info()`` from the published snapshot."""
+        now, snap = self._now_and_snapshot()
+        return None if snap is None else snap.info_at(now)
+
+    def stats_now(self) -> dict[str, Any] | None:
+        """``stats()`` from the published snapshot."""
+        now, snap = self._now_and_snapshot()
+        return None if snap is None else snap.stats_at(now)
+
+    def xml_desc_now(self) -> str | None:
+        """``xml_desc()`` from the published snapshot (formatted on the calling thread)."""
+        _, snap = self._now_and_snapshot()
+        if snap is None:
+            return None
+        spec = attrs.evolve(snap.spec, uuid=self.uuid)
+        return format_job(spec, state=str(snap.info.state))
+
+    @property
+    def published(self) -> bool:
+        """The job has a published snapshot (then the ``*_now`` calls answer)."""
+        return self._rec.snapshot is not None
+
+    async def publish(self) -> None:
+        """Give the job a published snapshot if it has none (an ended job nobody read
+        since the snapshots started); nothing while they are off."""
+        self.conn.engine.snapshot(self._rec)
 
     async def wait(self, timeout: float | None = None) -> JobInfo:
         """Until the job ends; returns its final info. TimeoutError after ``timeout``."""

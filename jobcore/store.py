@@ -78,6 +78,8 @@ class JobRecord:
     preempt: str | None = None
     #: a preemptor's begin waits on it: set once the scheduler admitted the job
     admitted: anyio.Event | None = None
+    #: the jobcore.snapshots.JobSnapshot the engine last published of it (None: none yet)
+    snapshot: Any = None
 
     @property
     def domain_level(self) -> bool:

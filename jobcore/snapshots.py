@@ -1,0 +1,145 @@
+"""Immutable snapshots of job records, published by the engine for readers on other threads.
+
+The blocking facade answers its read-only queries (``jobStats``, ``jobInfo``,
+``blockJobInfo``, ``JobGetInfo``, ``JobGetStats``, ``JobGetXMLDesc``, ``JobLookupByUUID``
+of an active job) on the caller's thread from these, without the hop to the event loop's
+thread (design/legacy.md, "Queries without a thread hop").
+
+Why a reader on another thread sees exactly what the loop would answer:
+
+- Only the loop thread writes. Each time a record's visible fields change, the engine
+  builds a new frozen ``JobSnapshot`` of all of them and publishes it by single reference
+  stores: ``JobRecord.snapshot``, and its entries in ``Snapshots.active``, ``.legacy``
+  (the domain's) and ``.chain`` (the disk's). A reader loads a reference once and reads only that
+  frozen value: it sees one whole publication, never a record half-changed, and never
+  the live store (no purge, no iteration of a structure the loop changes).
+- A reference load or store, ``dict.get`` and a one-key ``dict`` store or pop are atomic
+  under CPython's GIL (and under the free-threaded build's per-object locks).
+- Publication happens in the same synchronous step as the change, before any event is
+  emitted or waiter woken: whoever learns of a change (an event, a verb's return, a
+  ``JobWait``) and then reads finds it published.
+- Elapsed time: the reader reads the engine's clock *before* the snapshot, and never
+  shows less than the snapshot's own elapsed time (taken on the loop when it was
+  published). The result is then what the loop would have answered at one instant of the
+  call: at the clock read if the snapshot was already published then, else at the
+  publication. The clocks are safe to read from any thread (``Clock.now`` says so): the
+  qemu driver's ``SystemClock`` and the sim's ``RealClock`` call ``time.monotonic()``;
+  the sim's ``ManualClock.now`` loads one float that ``advance`` (on the loop) replaces.
+
+What may write, or needs the driver or the store's purge, keeps the hop (design/legacy.md).
+Nothing is published until a reader asks (``Engine.start_snapshots``): jobd's connections
+and the async API pay one attribute test per change.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from attrs import frozen
+
+from jobcore.info import JobInfo, job_stats
+
+if TYPE_CHECKING:
+    from jobcore.store import JobRecord, JobStore
+
+
+def elapsed_ms(created: float, ended: float | None, now: float) -> int:
+    """A job's ``time_elapsed``: milliseconds from its begin to its end, or to ``now``."""
+    end = ended if ended is not None else now
+    return max(0, math.floor((end - created) * 1000))
+
+
+@frozen(eq=False)
+class JobSnapshot:
+    """A record's visible fields at one publication (every field a value or frozen)."""
+
+    #: the record, only for making handles (its uuid, type and domain never change)
+    record: JobRecord
+    #: ``engine.info(record)`` at publication (final once the job ended)
+    info: JobInfo
+    #: ``clock.now()`` at begin and at the end (None while active)
+    created: float
+    ended: float | None
+    operation: int
+    progress_keys: str
+    #: a copy of the record's extra stats, never changed
+    extra: Mapping[str, int | str]
+    spec: Any
+    domain_level: bool
+
+    def info_at(self, now: float) -> JobInfo:
+        """The job's info as the loop answers it at clock reading ``now`` (or later)."""
+        elapsed = elapsed_ms(self.created, self.ended, now)
+        if elapsed <= self.info.time_elapsed:  # ended, or no later than the publication
+            return self.info
+        return attrs.evolve(self.info, time_elapsed=elapsed)
+
+    def stats_at(self, now: float) -> dict[str, Any]:
+        """``engine.stats(record)`` at ``now`` (a new dict each call, as the loop's)."""
+        return job_stats(self.info_at(now), self.operation, self.progress_keys, self.extra)
+
+
+def _disk(rec: JobRecord) -> str | None:
+    disk = getattr(rec.spec, "disk", None)
+    return disk if isinstance(disk, str) else None
+
+
+class Snapshots:
+    """One engine's published snapshots; written on the loop thread only."""
+
+    def __init__(self) -> None:
+        #: publishing (set once by ``Engine.start_snapshots``, never cleared)
+        self.on = False
+        #: domain -> snapshot of its legacy active job (the store's earliest-begun active
+        #: domain-level job); no entry: none is active
+        self.legacy: dict[str, JobSnapshot] = {}
+        #: (domain, disk) -> snapshot of the disk's active block job (``store.chain_job``)
+        self.chain: dict[tuple[str, str], JobSnapshot] = {}
+        #: job -> snapshot of every active job (an ended one may be purged: not here)
+        self.active: dict[uuid.UUID, JobSnapshot] = {}
+
+    def publish(self, rec: JobRecord, info: JobInfo, store: JobStore) -> None:
+        """Publish ``rec`` as it is now (``info``: ``engine.info(rec)``), after the store
+        saw the change (its active/ended indexes say who is the domain's or disk's job)."""
+        previous = rec.snapshot
+        snap = JobSnapshot(
+            rec,
+            info,
+            rec.created,
+            rec.ended,
+            rec.info.operation,
+            rec.info.progress_keys,
+            dict(rec.extra),
+            rec.spec,
+            rec.domain_level,
+        )
+        rec.snapshot = snap
+        if info.state.active:
+            self.active[rec.uuid] = snap
+        elif previous is not None and self.active.get(rec.uuid) is previous:
+            del self.active[rec.uuid]  # (not a later job that reuses a purged UUID)
+        if rec.domain_level:
+            first = store.active_domain_job(rec.domain)
+            if first is None:
+                self.legacy.pop(rec.domain, None)
+            elif first.snapshot is not None:
+                self.legacy[rec.domain] = first.snapshot
+            return
+        disk = _disk(rec)
+        if disk is None:
+            return
+        key = (rec.domain, disk)
+        current = self.chain.get(key)
+        moved = previous is None or previous.info.state.active != info.state.active
+        if moved:  # a block job began or ended: the store says whose the disk is now
+            holder = store.chain_job(rec.domain, disk)
+            if holder is None:
+                self.chain.pop(key, None)
+            elif holder.snapshot is not None:
+                self.chain[key] = holder.snapshot
+        elif current is not None and current.record is rec:
+            self.chain[key] = snap

@@ -1,0 +1,641 @@
+"""The blocking facade's read-only queries from published snapshots (jobcore.snapshots):
+answered on the caller's thread, without the event loop, and equal to the loop's answers
+in every job state and after every kind of change."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import pytest
+
+import jobcore
+from jobcore.constants import LEGACY_DOMAIN_JOB_UUID
+from jobcore.facade import BlockingConnection, BlockingDomain, BlockingJob
+from jobcore.lifecycle import LEGACY_JOB_TYPE, JobState
+from jobcore.scheduler import KUBEVIRT_POLICY
+
+T = TypeVar("T")
+S = JobState
+
+#: how long a query may wait before it counts as waiting for the held loop (a hang
+#: guard, not a measure: a query without a hop returns in microseconds)
+HANG_GUARD = 30.0
+
+PUSH = (
+    "<domainbackup><disks><disk name='{disk}' type='file'>"
+    "<target file='/b/{name}.qcow2'/></disk></disks></domainbackup>"
+)
+PULL = (
+    "<domainbackup mode='pull'><server transport='unix' socket='/tmp/snap-{name}'/><disks>"
+    "<disk name='vdb' type='file'><scratch file='/s/{name}'/></disk></disks>"
+    "</domainbackup>"
+)
+
+
+def push_job(disk: str = "vdb") -> str:
+    return f"<job type='backup'>{PUSH.format(disk=disk, name=uuid.uuid4())}</job>"
+
+
+def pull_job() -> str:
+    return f"<job type='backup'>{PULL.format(name=uuid.uuid4())}</job>"
+
+
+@pytest.fixture
+def conn() -> Iterator[BlockingConnection]:
+    """A connection whose snapshots are on (its first snapshot query hops once to start
+    them), so every change below is published as it happens."""
+    c = jobcore.open("sim:///default?clock=manual")
+    try:
+        c.lookupByName("vm1").jobStats()
+        yield c
+    finally:
+        c.close()
+
+
+def settle(conn: BlockingConnection) -> None:
+    """Let the loop run what the last change woke (the sim's steps)."""
+    for _ in range(5):
+        conn.run_sync(lambda: None)
+
+
+def advance(conn: BlockingConnection, seconds: float) -> None:
+    conn.run_sync(conn.driver.clock.advance, seconds)  # type: ignore[attr-defined]
+    settle(conn)
+
+
+@contextmanager
+def loop_held(conn: BlockingConnection) -> Iterator[None]:
+    """The event loop's thread is busy inside: a call that hops waits until the end."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait()
+
+    holder = threading.Thread(target=conn.run_sync, args=(hold,), daemon=True)
+    holder.start()
+    entered.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+def without_loop(conn: BlockingConnection, fn: Callable[[], T]) -> T:
+    """``fn()`` on another thread while the loop is held: it must finish all the same."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("ok", fn()))
+        except BaseException as exc:
+            outcome.append(("error", exc))
+
+    with loop_held(conn):
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(HANG_GUARD)
+        waited = worker.is_alive()
+    worker.join()
+    assert not waited, "the query waited for the event loop's thread (it hopped)"
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def _block_disk(conn: BlockingConnection, job: BlockingJob) -> str | None:
+    """The disk of an active block job (the disks blockJobInfo answers without the loop)."""
+    spec = conn.run_sync(lambda: job.ajob._rec.spec)  # type: ignore[attr-defined]
+    disk = getattr(spec, "disk", None)
+    return disk if job.type in (jobcore.JobType.BLOCKPULL, jobcore.JobType.BLOCKCOMMIT) else None
+
+
+def fast_answers(
+    dom: BlockingDomain, job: BlockingJob, disk: str | None, active: bool, legacy: bool
+) -> dict[str, Any]:
+    """Every query the facade answers from snapshots, through the facade."""
+    answers: dict[str, Any] = {
+        "jobStats": dom.jobStats(),
+        "jobInfo": dom.jobInfo(),
+        "JobGetInfo": jobcore.JobGetInfo(job),
+        "JobGetStats": jobcore.JobGetStats(job),
+        "JobGetXMLDesc": jobcore.JobGetXMLDesc(job),
+    }
+    if disk is not None and active:
+        answers["blockJobInfo"] = dom.blockJobInfo(disk)
+        answers["blockJobInfo bytes"] = dom.blockJobInfo(
+            disk, jobcore.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
+        )
+    if active:
+        answers["JobLookupByUUID"] = jobcore.JobLookupByUUID(dom, job.uuid).uuid
+    if legacy:
+        answers["JobLookupByUUID legacy"] = jobcore.JobLookupByUUID(
+            dom, LEGACY_DOMAIN_JOB_UUID
+        ).uuid
+    return answers
+
+
+async def loop_answers(
+    conn: BlockingConnection,
+    dom: BlockingDomain,
+    job: BlockingJob,
+    disk: str | None,
+    active: bool,
+    legacy: bool,
+) -> dict[str, Any]:
+    """The same queries answered on the loop (the in-process API's coroutines)."""
+    adom, ajob = dom.adom, job.ajob
+    answers: dict[str, Any] = {
+        "jobStats": await adom.job_stats(0),
+        "jobInfo": await adom.job_info(),
+        "JobGetInfo": await ajob.info(),
+        "JobGetStats": await ajob.stats(),
+        "JobGetXMLDesc": await ajob.xml_desc(),
+    }
+    if disk is not None and active:
+        answers["blockJobInfo"] = await adom.block_job_info(disk, 0)
+        answers["blockJobInfo bytes"] = await adom.block_job_info(
+            disk, jobcore.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
+        )
+    lookup = conn.aconn.job_lookup_by_uuid
+    if active:
+        answers["JobLookupByUUID"] = (await lookup(adom, job.uuid)).uuid
+    if legacy:
+        answers["JobLookupByUUID legacy"] = (await lookup(adom, LEGACY_DOMAIN_JOB_UUID)).uuid
+    return answers
+
+
+def check_same(
+    conn: BlockingConnection,
+    dom: BlockingDomain,
+    job: BlockingJob,
+    action: Callable[[], Awaitable[object]] | None = None,
+) -> JobState:
+    """The facade's answers, given while the loop is held (so from snapshots), equal the
+    loop's; returns the job's state. With ``action`` (a coroutine function), in one step
+    of the loop: the action, then both answers (a state the next step leaves is seen)."""
+    disk = _block_disk(conn, job)
+    dom.jobStats()  # the first query of a connection hops once: the snapshots start
+
+    async def step() -> tuple[dict[str, Any], dict[str, Any], JobState]:
+        if action is not None:
+            await action()
+        # nothing else runs on the loop until this returns
+        state = JobState((await job.ajob.info()).state)
+        legacy = (await dom.adom.job_stats(0))["type"] != jobcore.VIR_DOMAIN_JOB_NONE
+        loop = await loop_answers(conn, dom, job, disk, state.active, legacy)
+        fast = on_thread(lambda: fast_answers(dom, job, disk, state.active, legacy))
+        return fast, loop, state
+
+    fast, loop, state = conn.run(step)
+    if not getattr(
+        conn.driver.clock, "manual", False
+    ):  # real time passed between the two: only that differs
+        fast_ms, loop_ms = _elapsed(fast), _elapsed(loop)
+        assert all(f >= m for f, m in zip(fast_ms, loop_ms, strict=True)), (fast_ms, loop_ms)
+        fast, loop = _without_elapsed(fast), _without_elapsed(loop)
+    assert fast == loop
+    assert JobState(fast["JobGetInfo"].state) is state
+    return state
+
+
+def _elapsed(answers: dict[str, Any]) -> list[int]:
+    found = [answers["jobInfo"][1], answers["JobGetInfo"].time_elapsed]
+    return found + [answers[k].get("time_elapsed", 0) for k in ("jobStats", "JobGetStats")]
+
+
+def _without_elapsed(answers: dict[str, Any]) -> dict[str, Any]:
+    out = dict(answers)
+    out["jobInfo"] = [answers["jobInfo"][0], 0, *answers["jobInfo"][2:]]
+    out["JobGetInfo"] = attrs.evolve(answers["JobGetInfo"], time_elapsed=0)
+    for key in ("jobStats", "JobGetStats"):
+        out[key] = {k: v for k, v in answers[key].items() if k != "time_elapsed"}
+    return out
+
+
+def on_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on another thread while this one (the loop's) waits: it must finish
+    without the loop."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("ok", fn()))
+        except BaseException as exc:
+            outcome.append(("error", exc))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(HANG_GUARD)
+    assert not worker.is_alive(), "the query waited for the event loop's thread (it hopped)"
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+# ---- every state, on sim ---------------------------------------------------------------
+
+
+def _queued(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    dom.blockPull("vda")  # a backup of vda waits for it
+    return jobcore.JobBegin(dom, push_job("vda"), jobcore.JOB_BEGIN_QUEUE)
+
+
+def _running(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    job = jobcore.JobBegin(dom, push_job())
+    advance(conn, 0.5)
+    return job
+
+
+def _paused(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    job = _running(conn, dom)
+    jobcore.JobPause(job)
+    return job
+
+
+def _ready(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    job = jobcore.JobBegin(dom, pull_job())
+    advance(conn, 0)
+    return job
+
+
+def _standby(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    job = _ready(conn, dom)
+    jobcore.JobPause(job)
+    return job
+
+
+def _cancelled(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    job = _running(conn, dom)
+    jobcore.JobAbort(job)
+    advance(conn, 0)
+    jobcore.JobWait(job, timeout=10)
+    return job
+
+
+def _completed(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    job = _running(conn, dom)
+    advance(conn, 60)
+    jobcore.JobWait(job, timeout=10)
+    return job
+
+
+def _failed(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    conn.driver.inject_failure("backup", 0.5, "disk on fire")  # type: ignore[attr-defined]
+    job = _running(conn, dom)
+    advance(conn, 60)
+    jobcore.JobWait(job, timeout=10)
+    return job
+
+
+def _pull_running(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    dom.blockPull("vda", 100)
+    advance(conn, 0.5)
+    return jobcore.JobLookupByUUID(dom, conn._call(dom.adom.list_jobs)[-1].uuid)
+
+
+def _commit_ready(conn: BlockingConnection, dom: BlockingDomain) -> BlockingJob:
+    dom.blockCommit(
+        "vda", None, "/var/lib/sim/vm1/vda.qcow2", 0, jobcore.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+    )
+    advance(conn, 60)
+    return jobcore.JobLookupByUUID(dom, conn._call(dom.adom.list_jobs)[-1].uuid)
+
+
+STATES: dict[str, tuple[Callable[[BlockingConnection, BlockingDomain], BlockingJob], S]] = {
+    "queued": (_queued, S.QUEUED),
+    "running": (_running, S.RUNNING),
+    "paused": (_paused, S.PAUSED),
+    "ready": (_ready, S.READY),
+    "standby": (_standby, S.STANDBY),
+    "completed": (_completed, S.COMPLETED),
+    "failed": (_failed, S.FAILED),
+    "cancelled": (_cancelled, S.CANCELLED),
+    "blockpull running": (_pull_running, S.RUNNING),
+    "active commit ready": (_commit_ready, S.READY),
+}
+
+
+@pytest.mark.parametrize("name", list(STATES))
+def test_snapshot_answers_equal_the_loops_in_every_state(
+    conn: BlockingConnection, name: str
+) -> None:
+    make, state = STATES[name]
+    dom = conn.lookupByName("vm1")
+    job = make(conn, dom)
+    assert check_same(conn, dom, job) is state
+
+
+def test_snapshot_answers_equal_the_loops_while_aborting_and_completing(
+    conn: BlockingConnection,
+) -> None:
+    # states the sim leaves at its next step: seen in the step of the verb
+    dom = conn.lookupByName("vm1")
+    running = _running(conn, dom)
+    assert check_same(conn, dom, running, running.ajob.abort) is S.ABORTING
+    ready = _ready(conn, dom)
+    assert check_same(conn, dom, ready, ready.ajob.complete) is S.COMPLETING
+
+
+def test_jobs_from_before_the_snapshots_started() -> None:
+    with jobcore.open("sim:///default?clock=manual") as conn:
+        dom = conn.lookupByName("vm1")
+        ended = _completed(conn, dom)  # no snapshot query yet: nothing published
+        running = _running(conn, dom)
+        dom.jobStats()  # start: every active job is published at once
+        assert running.ajob.published and not ended.ajob.published  # type: ignore[attr-defined]
+        assert check_same(conn, dom, running) is S.RUNNING
+        assert jobcore.JobGetInfo(ended) == conn._call(ended.ajob.info)  # one hop publishes
+        assert ended.ajob.published  # type: ignore[attr-defined]
+        assert check_same(conn, dom, ended) is S.COMPLETED
+
+
+# ---- every kind of change shows at once (a missing publication fails here) --------------
+
+
+def test_each_change_is_visible_to_the_next_query(conn: BlockingConnection) -> None:
+    dom = conn.lookupByName("vm1")
+    first = jobcore.JobBegin(dom, push_job())
+    assert check_same(conn, dom, first) is S.RUNNING
+    before = dom.jobStats()
+    advance(conn, 1)  # progress reports
+    assert check_same(conn, dom, first) is S.RUNNING
+    after = dom.jobStats()
+    assert after["disk_processed"] > before["disk_processed"]
+    assert after["time_elapsed"] == before["time_elapsed"] + 1000
+    jobcore.JobSetSpeed(first, 1 << 20)  # bandwidth
+    assert check_same(conn, dom, first) is S.RUNNING
+    assert jobcore.JobGetInfo(first).bandwidth == 1 << 20
+    second = jobcore.JobBegin(dom, push_job())  # the alias stays on the first
+    assert check_same(conn, dom, second) is S.RUNNING
+    assert dom.jobStats()["uuid"] == str(first.uuid)
+    jobcore.JobPause(first)
+    assert check_same(conn, dom, first) is S.PAUSED
+    jobcore.JobResume(first)
+    assert check_same(conn, dom, first) is S.RUNNING
+    assert check_same(conn, dom, first, first.ajob.abort) is S.ABORTING
+    advance(conn, 0)  # the first ends; the legacy alias moves to the second
+    assert check_same(conn, dom, first) is S.CANCELLED
+    assert check_same(conn, dom, second) is S.RUNNING
+    assert dom.jobStats()["uuid"] == str(second.uuid)
+    assert jobcore.JobLookupByUUID(dom, LEGACY_DOMAIN_JOB_UUID) == second
+    advance(conn, 120)
+    jobcore.JobWait(second, timeout=10)
+    assert check_same(conn, dom, second) is S.COMPLETED
+    assert dom.jobStats() == {"type": jobcore.VIR_DOMAIN_JOB_NONE}
+
+
+def test_block_job_changes_are_visible_to_the_next_query(conn: BlockingConnection) -> None:
+    dom = conn.lookupByName("vm1")
+    pull = _pull_running(conn, dom)
+    assert without_loop(conn, lambda: dom.blockJobInfo("vda"))["bandwidth"] == 100
+    jobcore.JobSetSpeed(pull, 7 << 20)
+    assert without_loop(conn, lambda: dom.blockJobInfo("vda"))["bandwidth"] == 7
+    assert check_same(conn, dom, pull) is S.RUNNING
+    dom.blockJobAbort("vda")  # waits for the end
+    assert dom.blockJobInfo("vda") == {} == conn._call(dom.adom.block_job_info, "vda", 0)
+    assert check_same(conn, dom, pull) is S.CANCELLED
+
+
+def test_retention_and_purge_are_as_on_the_loop() -> None:
+    with jobcore.open("sim:///default?clock=manual", retention=5) as conn:
+        dom = conn.lookupByName("vm1")
+        dom.jobStats()  # snapshots on
+        job = _completed(conn, dom)
+        assert check_same(conn, dom, job) is S.COMPLETED
+        # an ended job: the lookups ask the loop, which purges as before
+        assert jobcore.JobLookupByUUID(dom, job.uuid) == job
+        assert jobcore.JobLookupByUUID(dom, LEGACY_DOMAIN_JOB_UUID) == job
+        advance(conn, 6)
+        with pytest.raises(jobcore.NoSuchJob):
+            jobcore.JobLookupByUUID(dom, job.uuid)
+        with pytest.raises(jobcore.NoSuchJob):
+            jobcore.JobLookupByUUID(dom, LEGACY_DOMAIN_JOB_UUID)
+        # a handle still reads its job's final info, as on the loop
+        assert jobcore.JobGetInfo(job) == conn._call(job.ajob.info)
+        assert dom.listJobs() == []
+
+
+def test_completed_stats_still_are_read_once(conn: BlockingConnection) -> None:
+    dom = conn.lookupByName("vm1")
+    _completed(conn, dom)
+    keep = jobcore.VIR_DOMAIN_JOB_STATS_COMPLETED | jobcore.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
+    assert dom.jobStats() == {"type": jobcore.VIR_DOMAIN_JOB_NONE}
+    assert dom.jobStats(keep)["type"] == jobcore.VIR_DOMAIN_JOB_COMPLETED
+    assert dom.jobStats(jobcore.VIR_DOMAIN_JOB_STATS_COMPLETED)["success"] is True
+    assert dom.jobStats(jobcore.VIR_DOMAIN_JOB_STATS_COMPLETED) == {
+        "type": jobcore.VIR_DOMAIN_JOB_NONE
+    }
+
+
+def test_bad_flags_and_closed_connections_fail_as_before(conn: BlockingConnection) -> None:
+    dom = conn.lookupByName("vm1")
+    job = jobcore.JobBegin(dom, push_job())
+    dom.jobStats()  # snapshots on
+    with pytest.raises(jobcore.InvalidArgument, match="unsupported flags"):
+        without_loop(conn, lambda: dom.jobStats(1 << 40))
+    with pytest.raises(jobcore.InvalidArgument, match="unsupported flags"):
+        without_loop(conn, lambda: dom.blockJobInfo("vda", 1 << 40))
+    jobcore.JobFree(job)
+    with pytest.raises(jobcore.JobError, match="freed"):
+        jobcore.JobGetInfo(job)
+    conn.close()
+    for query in (dom.jobStats, dom.jobInfo, lambda: dom.blockJobInfo("vda")):
+        with pytest.raises(jobcore.JobError, match="closed"):
+            query()
+
+
+# ---- a reader thread hammering while jobs begin, end and are purged ---------------------
+
+
+class Reader:
+    """Reads without a pause and checks each answer on its own and against the last
+    answer about the same job (time never goes back; an end is final)."""
+
+    def __init__(self, dom: BlockingDomain, jobs: list[BlockingJob]) -> None:
+        self.dom, self.jobs = dom, jobs
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.seen: dict[uuid.UUID, Any] = {}
+        self.active_reads = 0
+        self.reads = 0
+
+    def check_stats(self, st: dict[str, Any]) -> None:
+        state = JobState(st["state"])
+        assert st["type"] == LEGACY_JOB_TYPE[state]
+        assert st["disk_remaining"] == max(0, st["disk_total"] - st["disk_processed"])
+        assert ("success" in st) is state.terminal
+        if state.terminal:
+            assert st["success"] is (state is S.COMPLETED)
+
+    def check_order(self, info: Any) -> None:
+        last = self.seen.get(info.uuid)
+        if last is not None:
+            assert info.time_elapsed >= last.time_elapsed
+            assert info.processed >= last.processed
+            if last.state.terminal:
+                assert info == last  # the final info, for good
+        self.seen[info.uuid] = info
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                st = self.dom.jobStats()
+                if st != {"type": jobcore.VIR_DOMAIN_JOB_NONE}:
+                    self.check_stats(st)
+                    assert JobState(st["state"]).active  # jobStats(0): the active job only
+                    self.active_reads += 1
+                numbers = self.dom.jobInfo()
+                assert len(numbers) == 12
+                if numbers[0] == jobcore.VIR_DOMAIN_JOB_NONE:
+                    assert numbers[1:] == [0] * 11
+                else:
+                    assert numbers[0] == jobcore.VIR_DOMAIN_JOB_UNBOUNDED
+                if self.jobs:
+                    job = self.jobs[-1]
+                    info = jobcore.JobGetInfo(job)
+                    self.check_order(info)
+                    stats = jobcore.JobGetStats(job)
+                    self.check_stats(stats)
+                    assert stats["uuid"] == str(job.uuid)
+                self.reads += 1
+        except BaseException as exc:
+            self.errors.append(exc)
+
+
+def test_readers_hammering_while_jobs_begin_end_and_are_purged() -> None:
+    # real clock, jobs of a few milliseconds, nothing retained: purges all the time
+    with jobcore.open("sim:///default?rate=200000000000", retention=0) as conn:
+        dom = conn.lookupByName("vm1")
+        jobs: list[BlockingJob] = []
+        dom.jobStats()  # snapshots on
+        readers = [Reader(dom, jobs) for _ in range(2)]
+        threads = [threading.Thread(target=r.run) for r in readers]
+        for t in threads:
+            t.start()
+        try:
+            for i in range(60):
+                job = jobcore.JobBegin(dom, push_job())
+                jobs.append(job)
+                conn._call(job.ajob.info)  # a hop: the readers read meanwhile
+                if i % 3 == 0:
+                    with contextlib.suppress(jobcore.OperationInvalid):  # (ended already)
+                        jobcore.JobAbort(job)
+                jobcore.JobWait(job, timeout=30)
+                dom.listJobs()  # purges the ended ones
+                dom.jobStats(jobcore.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        finally:
+            for r in readers:
+                r.stop.set()
+            for t in threads:
+                t.join()
+        for r in readers:
+            assert not r.errors, r.errors
+            assert r.reads > 0 and r.active_reads > 0
+        assert dom.jobStats() == {"type": jobcore.VIR_DOMAIN_JOB_NONE}
+        assert dom.listJobs() == []
+        assert jobcore.JobGetInfo(jobs[-1]) == conn._call(jobs[-1].ajob.info)
+
+
+# ---- preemption, requeue and groups publish what they change ------------------------------
+
+
+def test_preemption_and_requeue_are_published(conn: BlockingConnection) -> None:
+    def kubevirt() -> None:
+        conn.aconn.engine.scheduler.policy = KUBEVIRT_POLICY  # type: ignore[attr-defined]
+
+    conn.run_sync(kubevirt)
+    dom = conn.lookupByName("vm1")
+    victim = jobcore.JobBegin(dom, push_job("vda").replace("<domainbackup", _REQUEUE, 1))
+    advance(conn, 1)
+    mig = jobcore.JobBegin(
+        dom, "<job type='migration'><priority>10</priority><destination uri='sim:///other'/></job>"
+    )
+    settle(conn)
+    assert check_same(conn, dom, mig) is S.RUNNING
+    jobcore.JobWait(victim, timeout=10)
+    assert check_same(conn, dom, victim) is S.CANCELLED
+    stats = jobcore.JobGetStats(victim)
+    assert stats["preempted_by"] == str(mig.uuid) and stats["preempt"] == "cancel"
+    again = jobcore.JobLookupByUUID(dom, stats["requeued_as"])
+    assert check_same(conn, dom, again) is S.QUEUED
+    assert jobcore.JobGetStats(again)["requeued_from"] == str(victim.uuid)
+
+
+_REQUEUE = "<policy requeue='yes'/><domainbackup"
+
+
+def test_a_held_group_member_is_published(conn: BlockingConnection, tmp_path: Path) -> None:
+    conn.close()
+    with jobcore.open("sim:///default?rate=1073741824&clock=manual") as conn:
+        conn.driver.inject_failure("backup", 1.0)  # type: ignore[attr-defined]
+        conn.lookupByName("vm1").jobStats()  # snapshots on
+
+        def member(domain: str, vdb: bool) -> str:
+            second = (
+                f"<disk name='vdb' type='file'><target file='{tmp_path}/{domain}.vdb'/></disk>"
+                if vdb
+                else "<disk name='vdb' backup='no'/>"
+            )
+            return (
+                f"<job type='backup' domain='{domain}'><domainbackup><disks><disk name='vda' "
+                f"type='file'><target file='{tmp_path}/{domain}'/></disk>{second}</disks>"
+                "</domainbackup></job>"
+            )
+
+        group = jobcore.JobGroupBegin(
+            conn,
+            f"<jobgroup mode='all-or-nothing'>{member('vm1', True)}{member('vm2', False)}"
+            "</jobgroup>",
+        )
+        vm2 = jobcore.JobGroupGetJobs(group)[1]
+        advance(conn, 1.0)  # vm2's disk is done: its completion is held
+        assert check_same(conn, conn.lookupByName("vm2"), vm2) is S.RUNNING
+        held = jobcore.JobGetInfo(vm2)
+        assert held.processed == held.total > 0
+        advance(conn, 100.0)
+        jobcore.JobGroupWait(group, timeout=30)
+        assert check_same(conn, conn.lookupByName("vm2"), vm2) is S.CANCELLED
+
+
+# ---- on qemu: the same answers for what a real QEMU job shows ------------------------------
+
+
+@pytest.mark.qemu
+def test_snapshot_answers_equal_the_loops_on_qemu(tmp_path: Path) -> None:
+    from qemu_helpers import create, domain_xml, write
+
+    base = create(tmp_path / "base.qcow2")
+    write(base, "write -P 0x11 0 8M")
+    top = create(tmp_path / "top.qcow2", backing=base)
+    with jobcore.open(f"qemu:///session?dir={tmp_path / 'run'}") as conn:
+        dom = conn.createXML(domain_xml("vm1", {"vda": top}))
+        dom.jobStats()  # snapshots on
+        dom.blockPull("vda", 1)  # 1 MiB/s: running for seconds
+        pull = jobcore.JobLookupByUUID(dom, dom.listJobs()[0].uuid)
+        assert check_same(conn, dom, pull) is S.RUNNING
+        assert without_loop(conn, lambda: dom.blockJobInfo("vda"))["bandwidth"] == 1
+        jobcore.JobSetSpeed(pull, 0)
+        check_same(conn, dom, pull)  # running or done by now: the same either way
+        assert jobcore.JobWait(pull, timeout=30)["state"] == "completed"
+        assert check_same(conn, dom, pull) is S.COMPLETED
+        target = tmp_path / "backup.qcow2"
+        dom.backupBegin(
+            "<domainbackup><disks><disk name='vda' type='file'>"
+            f"<target file='{target}'/></disk></disks></domainbackup>"
+        )
+        backup = jobcore.JobLookupByUUID(dom, LEGACY_DOMAIN_JOB_UUID)
+        check_same(conn, dom, backup)
+        assert jobcore.JobWait(backup, timeout=30)["state"] == "completed"
+        assert check_same(conn, dom, backup) is S.COMPLETED
+        dom.destroy()
