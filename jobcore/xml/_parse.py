@@ -91,8 +91,13 @@ def once(seen: set[str], child: etree._Element) -> None:
     tag = child.tag
     assert isinstance(tag, str)
     if tag in seen:
-        fail(child, f"<{tag}> may appear only once here")
+        repeated(child)
     seen.add(tag)
+
+
+def repeated(child: etree._Element) -> NoReturn:
+    """Refuse ``child``: an earlier sibling has its tag (what ``once`` says)."""
+    fail(child, f"<{child.tag}> may appear only once here")
 
 
 def parse_document(
