@@ -60,7 +60,8 @@ def parse_backup_element(el: etree._Element) -> BackupDef:
     incremental: str | None = None
     server: BackupServer | None = None
     disks: list[BackupDisk] = []
-    disk_els: list[etree._Element] = []
+    #: disks whose incremental backup needs the top-level <incremental>
+    needs_incremental: list[etree._Element] = []
     top: set[object] = set()
     for child in el:
         tag = child.tag
@@ -77,22 +78,21 @@ def parse_backup_element(el: etree._Element) -> BackupDef:
                     fail(disk_el, f"disk '{disk.name}' is named twice")
                 names.add(disk.name)
                 disks.append(disk)
-                disk_els.append(disk_el)
+                if disk.backupmode is DiskBackupMode.INCREMENTAL and disk.incremental is None:
+                    needs_incremental.append(disk_el)
         elif tag == "incremental":
             incremental = _text(child)
         elif tag == "server":
             if not pull:
                 fail(child, "use of <server> requires pull mode backup")
             server = _parse_server(child)
-    if incremental is None:
-        for disk, disk_el in zip(disks, disk_els, strict=True):
-            if disk.backupmode is DiskBackupMode.INCREMENTAL and disk.incremental is None:
-                fail(
-                    disk_el,
-                    "backupmode='incremental' needs a checkpoint: set the disk's "
-                    "'incremental' attribute or the backup's <incremental>",
-                    "backupmode",
-                )
+    if incremental is None and needs_incremental:
+        fail(
+            needs_incremental[0],
+            "backupmode='incremental' needs a checkpoint: set the disk's "
+            "'incremental' attribute or the backup's <incremental>",
+            "backupmode",
+        )
     return BackupDef(mode, incremental, server, disks)
 
 
@@ -111,27 +111,32 @@ def _parse_server(el: etree._Element) -> BackupServer:
     needs = _NEEDS[kind]
     if get(needs) is None:
         fail(el, f"transport '{kind}' needs attribute '{needs}'")
-    for other in ("name", "port", "socket", "fdgroup"):
+    name = get("name")
+    port_attr = get("port")
+    socket = get("socket")
+    fdgroup = get("fdgroup")
+    for other, value in (
+        ("name", name),
+        ("port", port_attr),
+        ("socket", socket),
+        ("fdgroup", fdgroup),
+    ):
         if (
-            other != needs
-            and get(other) is not None
+            value is not None
+            and other != needs
             and not (other == "port" and kind is ServerTransport.TCP)
         ):
             fail(el, f"not allowed with transport '{kind}'", other)
-    port_attr = get("port")
     port = None
     if port_attr is not None:
         port = int(port_attr)
         if not 0 < port < 65536:
             fail(el, f"port {port} is out of range 1..65535", "port")
     tls = choice(el, "tls", get("tls"), _YES_NO)
-    name = get("name")
     if name is not None and T.host_name(name) is None:
         T.check(el, "name", name, "hostName")
-    socket = get("socket")
     if socket is not None and T.abs_path(socket) is None:
         T.check(el, "socket", socket, "absFilePath")
-    fdgroup = get("fdgroup")
     if fdgroup == "":
         T.check(el, "fdgroup", fdgroup, "nonEmpty")
     return BackupServer(transport, name, port, socket, fdgroup, tls)
@@ -205,7 +210,18 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
                 mode_name = "pull" if pull else "push"
                 fail(child, f"a {mode_name} mode backup writes to <{want}>, not <{tag}>")
         if store_el is not None:
-            store = _parse_store(store_el, store_type or StoreType.FILE, driver)
+            if store_type is StoreType.BLOCK:
+                path = store_el.get("dev")
+                if path is None or T.abs_path(path) is None or len(store_el):
+                    store = _parse_store(store_el, store_type, driver)
+                else:
+                    store = BackupStore(path, driver)
+            else:
+                path = store_el.get("file")
+                if path is None or T.abs_path(path) is None or len(store_el):
+                    store = _parse_store(store_el, StoreType.FILE, driver)
+                else:
+                    store = BackupStore(path, driver)
             driver = None
     if exportname == "":
         T.check(el, "exportname", exportname, "nonEmpty")
@@ -229,6 +245,7 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
 
 
 def _parse_store(el: etree._Element, store_type: StoreType, fmt: str | None) -> BackupStore:
+    """The target or scratch of a disk (_parse_disk reads a plain one itself)."""
     want, other = ("dev", "file") if store_type is StoreType.BLOCK else ("file", "dev")
     path = el.get(want)
     if path is None:
