@@ -35,9 +35,10 @@ def parse_checkpoint_element(el: etree._Element) -> CheckpointDef:
                 if disk_el.tag != "disk":
                     continue  # a comment (the grammar admits no other child)
                 disk = _parse_disk(disk_el)
-                if disk.name in names:
-                    fail(disk_el, f"disk '{disk.name}' is named twice")
-                names.add(disk.name)
+                disk_name = disk.name
+                if disk_name in names:
+                    fail(disk_el, f"disk '{disk_name}' is named twice")
+                names.add(disk_name)
                 disks.append(disk)
         elif tag == "name":
             name = child.text or ""
@@ -59,7 +60,12 @@ _KINDS = {k.value: k for k in CheckpointKind}
 
 def _parse_disk(el: etree._Element) -> CheckpointDisk:
     get = el.get
-    kind = choice(el, "checkpoint", get("checkpoint"), _KINDS)
+    value = get("checkpoint")
+    kind = None
+    if value is not None:
+        kind = _KINDS.get(value)
+        if kind is None:
+            choice(el, "checkpoint", value, _KINDS)  # raises
     bitmap = get("bitmap")
     size = get("size")
     if kind is CheckpointKind.NO:
