@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import timeit
 from collections.abc import Callable
+from functools import partial
 
 from lxml import etree
 
@@ -148,15 +149,16 @@ def main() -> None:
         f"parse_job within 4.0x -> {'met' if full / raw <= 4.0 else 'NOT met'}"
     )
     print("other documents (parse/raw):")
-    for name, doc, parse in (
+    others: list[tuple[str, bytes, Callable[[bytes], object]]] = [
         ("blockpull", BLOCKPULL, parse_job),
         ("blockcommit", BLOCKCOMMIT, parse_job),
         ("migration", MIGRATION, parse_job),
         ("jobgroup of 2 backups", GROUP, parse_group),
-    ):
+    ]
+    for name, doc, parse in others:
         parse(doc)
         raw, full = _best_per_call_us(
-            [lambda d=doc: etree.fromstring(d), lambda d=doc, p=parse: p(d)], number, runs
+            [partial(etree.fromstring, doc), partial(parse, doc)], number, runs
         )
         print(
             f"  {name:22s} {len(doc):5d} bytes: raw {raw:7.2f} us, "
