@@ -28,12 +28,12 @@ _KEPT = {"domain", "parent"}
 
 def _with_comments(doc: str) -> str:
     """``doc`` with a comment and a processing instruction at the start and end of every
-    element that holds no text (outside a checkpoint's kept ``<domain>``)."""
+    element but those that hold text (outside a checkpoint's kept ``<domain>``)."""
     root = etree.fromstring(doc.encode())
 
     def visit(el: etree._Element) -> None:
-        if el.tag in _KEPT or (el.text or "").strip():
-            return
+        if el.tag in _KEPT or (len(el) == 0 and el.text is not None):
+            return  # text, even blank, is content
         for child in list(el):
             visit(child)
         el.insert(0, etree.Comment(" c "))
