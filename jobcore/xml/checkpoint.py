@@ -47,7 +47,8 @@ def parse_checkpoint_element(el: etree._Element) -> CheckpointDef:
         elif tag == "description":
             description = child.text or None
         elif tag == "parent":
-            parent = T.text(child[0], "checkpointName")
+            # its one <name> (the grammar's), not a comment before it
+            parent = T.text(next(child.iterchildren("name")), "checkpointName")
         elif tag == "creationTime":
             creation_time = int(child.text or "")
         elif tag == "domain":
