@@ -38,10 +38,10 @@ from jobcore.spec import JobOptions, JobType
 from jobcore.types.base import JobTypeInfo, chain_uses, image_claims, prepared
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
-from jobcore.xml._parse import once
+from jobcore.xml._parse import fail, repeated
 from jobcore.xml.backup import align_backup, build_backup_element, parse_backup_element
 from jobcore.xml.checkpoint import build_checkpoint_element, parse_checkpoint_element
-from jobcore.xml.common import checked_spec, round_trips, round_trips_as
+from jobcore.xml.common import round_trips, round_trips_as
 
 if TYPE_CHECKING:
     from jobcore.driver import DomainInfo
@@ -107,22 +107,23 @@ class BackupCodec:
     def parse(
         self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
     ) -> BackupJobSpec:
-        seen: set[str] = set()
-        for child in job.iterchildren("domainbackup", "domaincheckpoint"):
-            once(seen, child)
-        backup_el = job.find("domainbackup")
-        checkpoint_el = job.find("domaincheckpoint")
-        backup = parse_backup_element(backup_el) if backup_el is not None else None
+        backup_el = checkpoint_el = None
+        for child in job:
+            tag = child.tag
+            if tag == "domainbackup":
+                if backup_el is not None:
+                    repeated(child)
+                backup_el = child
+            elif tag == "domaincheckpoint":
+                if checkpoint_el is not None:
+                    repeated(child)
+                checkpoint_el = child
+        backup = parse_backup_element(backup_el) if backup_el is not None else BackupDef()
         checkpoint = parse_checkpoint_element(checkpoint_el) if checkpoint_el is not None else None
-        spec: BackupJobSpec = checked_spec(
-            job,
-            BackupJobSpec,
-            checkpoint=checkpoint,
-            uuid=uuid,
-            options=options,
-            **({"backup": backup} if backup is not None else {}),
-        )
-        return spec
+        try:
+            return BackupJobSpec(backup, checkpoint, uuid, options)
+        except (ValueError, TypeError) as exc:
+            fail(job, str(exc))
 
     def format(self, spec: Any, job: etree._Element) -> None:
         assert isinstance(spec, BackupJobSpec)

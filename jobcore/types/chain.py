@@ -21,7 +21,7 @@ from jobcore.spec import ChainRef, JobOptions, JobType, int64
 from jobcore.types.base import JobTypeInfo, chain_uses, domain_disk, image_claims, prepared
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
-from jobcore.xml._parse import once
+from jobcore.xml._parse import repeated
 from jobcore.xml.common import (
     build_bandwidth,
     build_chain_ref,
@@ -135,18 +135,30 @@ class ChainJobCodec:
     checks_datatypes: ClassVar[bool] = True
 
     def parse(self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions) -> Any:
+        # one walk of the children; the common ones (parsed, and refused twice, by
+        # jobcore.xml.job before) and comments match no branch
         values: dict[str, Any] = {}
-        seen: set[str] = set()
-        for child in job.iterchildren(etree.Element):
-            once(seen, child)
+        refs, flags = self.refs, self.flags
+        for child in job:
             tag = child.tag
             if tag == "disk":
-                values["disk"] = T.attr(child, "name", "nonEmpty")
-            elif tag in self.refs:
+                if "disk" in values:
+                    repeated(child)
+                name = child.get("name")
+                if name == "":
+                    T.check(child, "name", name, "nonEmpty")
+                values["disk"] = name
+            elif tag in refs:
+                if tag in values:
+                    repeated(child)
                 values[tag] = parse_chain_ref(child)
-            elif tag in self.flags:
+            elif tag in flags:
+                if tag in values:
+                    repeated(child)
                 values[tag] = True
             elif tag == "bandwidth":
+                if "bandwidth" in values:
+                    repeated(child)
                 values["bandwidth"] = parse_bandwidth(child)
         return checked_spec(job, self.spec_class, uuid=uuid, options=options, **values)
 

@@ -21,7 +21,7 @@ from jobcore.types.base import JobTypeInfo, chain_uses
 from jobcore.uri import parse_uri
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
-from jobcore.xml._parse import once
+from jobcore.xml._parse import repeated
 from jobcore.xml.common import (
     build_bandwidth,
     build_flag,
@@ -49,6 +49,18 @@ class MigrationSpec:
     TYPE: ClassVar[JobType] = JobType.MIGRATION
 
 
+#: the migration's children of <job> -> the MigrationSpec field each sets
+_FIELDS = {
+    "destination": "destination",
+    "live": "live",
+    "postcopy": "postcopy",
+    "persistent": "persistent",
+    "undefine-source": "undefine_source",
+    "bandwidth": "bandwidth",
+    "downtime-limit": "downtime_limit",
+}
+
+
 @attrs.define
 class MigrationCodec:
     schema: str
@@ -57,21 +69,27 @@ class MigrationCodec:
     def parse(
         self, job: etree._Element, uuid: uuid.UUID | None, options: JobOptions
     ) -> MigrationSpec:
+        # one walk of the children; the common ones (parsed, and refused twice, by
+        # jobcore.xml.job before) and comments match no branch
         values: dict[str, Any] = {}
-        seen: set[str] = set()
-        for child in job.iterchildren(etree.Element):
-            once(seen, child)
+        for child in job:
             tag = child.tag
+            key = _FIELDS.get(tag)  # None for the others and for a comment
+            if key is None:
+                continue
+            if key in values:
+                repeated(child)
             if tag == "destination":
-                values["destination"] = T.attr(child, "uri", "nonEmpty")
-            elif tag in ("live", "postcopy", "persistent"):
-                values[tag] = True
-            elif tag == "undefine-source":
-                values["undefine_source"] = True
+                uri = child.get("uri")
+                if uri == "":
+                    T.check(child, "uri", uri, "nonEmpty")
+                values["destination"] = uri
             elif tag == "bandwidth":
                 values["bandwidth"] = parse_bandwidth(child)
             elif tag == "downtime-limit":
                 values["downtime_limit"] = parse_downtime(child)
+            else:
+                values[key] = True
         spec: MigrationSpec = checked_spec(job, MigrationSpec, uuid=uuid, options=options, **values)
         return spec
 

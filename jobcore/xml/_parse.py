@@ -30,7 +30,7 @@ _V = TypeVar("_V")
 def _parser(forced_utf8: bool) -> etree.XMLParser:
     """The per-thread parser (lxml parsers must not be shared between threads)."""
     name = "utf8_parser" if forced_utf8 else "parser"
-    parser: etree.XMLParser | None = getattr(_local, name, None)
+    parser: etree.XMLParser | None = _local.__dict__.get(name)
     if parser is None:
         parser = etree.XMLParser(
             encoding="utf-8" if forced_utf8 else None,
@@ -91,8 +91,13 @@ def once(seen: set[str], child: etree._Element) -> None:
     tag = child.tag
     assert isinstance(tag, str)
     if tag in seen:
-        fail(child, f"<{tag}> may appear only once here")
+        repeated(child)
     seen.add(tag)
+
+
+def repeated(child: etree._Element) -> NoReturn:
+    """Refuse ``child``: an earlier sibling has its tag (what ``once`` says)."""
+    fail(child, f"<{child.tag}> may appear only once here")
 
 
 def parse_document(
@@ -149,7 +154,7 @@ def parse_document(
     # a BOM or NUL, anything else declares its encoding). str input was scanned as UTF-8.
     if (
         not forced_utf8
-        and (data[:1] != b"<" or b"encoding" in data[:256])
+        and (not data.startswith(b"<") or data.find(b"encoding", 0, 256) >= 0)
         and getattr(el.getroottree().docinfo, "doctype", None)
     ):
         raise XMLError(f"<{root}> document: DOCTYPE declarations are refused", line=1)

@@ -68,6 +68,10 @@ class Schema:
     interleave" on the parent. The twin reads every interleave as ``zeroOrMore(choice)``,
     which libxml2 validates child by child, so after a failure it names the element (and
     line) at fault; it is never used to accept a document.
+
+    libxml2 tries the ``<value>``s of a ``<choice>`` one by one, in order; the twin lists
+    the values of ``COMMON_VALUES`` first (a choice is unordered: the same documents are
+    accepted). A driver type ``qcow2`` was the 15th of 17 formats: 0.4 µs a ``<driver>``.
     """
 
     def __init__(self, grammar: etree._Element, fast: bool = False) -> None:
@@ -82,6 +86,8 @@ class Schema:
         if self._diagnostic is None:
             grammar = etree.fromstring(etree.tostring(self._grammar))
             defines = {d.get("name", ""): d for d in grammar.iter(f"{_R}define")}
+            for choice in grammar.iter(f"{_R}choice"):
+                _common_values_first(choice)
             for node in list(grammar.iter(f"{_R}interleave")):
                 if _has_attributes(node, defines, set()):
                     continue  # attributes may not repeat: leave attribute interleaves
@@ -113,6 +119,20 @@ class Schema:
                         values += listed
             found = self._allowed[key] = tuple(dict.fromkeys(values))
         return found
+
+
+#: values most documents use, tried first by a compiled grammar's choices (see Schema)
+COMMON_VALUES = ("qcow2", "raw")
+
+
+def _common_values_first(choice: etree._Element) -> None:
+    """Move the ``<value>``s of ``choice`` that are COMMON_VALUES to its front."""
+    if not all(child.tag == f"{_R}value" for child in choice):
+        return
+    common = [v for v in choice if (v.text or "").strip() in COMMON_VALUES]
+    common.sort(key=lambda v: COMMON_VALUES.index((v.text or "").strip()))
+    for at, value in enumerate(common):
+        choice.insert(at, value)
 
 
 def _own(

@@ -76,6 +76,14 @@ def _xsd_to_python(pattern: str) -> str:
 
 _MATCH = {kind: _regex(kind).fullmatch for kind in RELAXED}
 
+# The bare matchers (a match, or None) of the datatypes the parsers meet on every job, for
+# their hot paths: a value that does not match goes through ``check``, which says why.
+# ``nonEmpty`` needs none: it is ``value != ""``.
+disk_dev = _MATCH["diskTargetDev"]
+abs_path = _MATCH["absFilePath"]
+host_name = _MATCH["hostName"]
+checkpoint_name = _MATCH["checkpointName"]
+
 
 def check(el: etree._Element, attr: str | None, value: str, *kinds: str) -> str:
     """``value`` (of ``attr``, or of the element's text) if it matches one of ``kinds``."""

@@ -32,7 +32,7 @@ from jobcore.backup import (
 )
 from jobcore.errors import InvalidArgument, XMLError
 from jobcore.xml import _types as T
-from jobcore.xml._parse import choice, fail, once
+from jobcore.xml._parse import choice, fail, once, repeated
 
 _YES_NO = {"yes": True, "no": False}
 _ELEMENT = etree.Element  # tag filter: elements only, no comments
@@ -44,6 +44,12 @@ def _text(el: etree._Element) -> str | None:
 
 
 # --- parse ---------------------------------------------------------------------------
+#
+# These parsers run on every job begun, so their happy path is lean: children are walked
+# once without a tag filter (comments and processing instructions, whose tag is not a
+# string, match no branch), attributes read once, enumerations looked up in their tables
+# and datatypes checked with the bare matchers of jobcore.xml._types. A value that fails
+# goes through the checking function (``choice``, ``T.check``), which raises the error.
 
 
 def parse_backup_element(el: etree._Element) -> BackupDef:
@@ -54,74 +60,86 @@ def parse_backup_element(el: etree._Element) -> BackupDef:
     incremental: str | None = None
     server: BackupServer | None = None
     disks: list[BackupDisk] = []
-    disk_els: list[etree._Element] = []
-    top: set[str] = set()
-    for child in el.iterchildren(_ELEMENT):
-        once(top, child)
+    #: disks whose incremental backup needs the top-level <incremental>
+    needs_incremental: list[etree._Element] = []
+    top: set[object] = set()
+    for child in el:
         tag = child.tag
-        if tag == "incremental":
+        if tag in top and isinstance(tag, str):
+            repeated(child)
+        top.add(tag)
+        if tag == "disks":
+            names: set[str] = set()
+            for disk_el in child:
+                if disk_el.tag != "disk":
+                    continue  # a comment (the grammar admits no other child)
+                disk = _parse_disk(disk_el, pull)
+                if disk.name in names:
+                    fail(disk_el, f"disk '{disk.name}' is named twice")
+                names.add(disk.name)
+                disks.append(disk)
+                if disk.backupmode is DiskBackupMode.INCREMENTAL and disk.incremental is None:
+                    needs_incremental.append(disk_el)
+        elif tag == "incremental":
             incremental = _text(child)
         elif tag == "server":
             if not pull:
                 fail(child, "use of <server> requires pull mode backup")
             server = _parse_server(child)
-        elif tag == "disks":
-            seen: set[str] = set()
-            for disk_el in child.iterchildren(_ELEMENT):
-                disk = _parse_disk(disk_el, pull)
-                if disk.name in seen:
-                    fail(disk_el, f"disk '{disk.name}' is named twice")
-                seen.add(disk.name)
-                disks.append(disk)
-                disk_els.append(disk_el)
-    for disk, disk_el in zip(disks, disk_els, strict=True):
-        if (
-            disk.backupmode is DiskBackupMode.INCREMENTAL
-            and disk.incremental is None
-            and incremental is None
-        ):
-            fail(
-                disk_el,
-                "backupmode='incremental' needs a checkpoint: set the disk's "
-                "'incremental' attribute or the backup's <incremental>",
-                "backupmode",
-            )
-    return BackupDef(mode=mode, incremental=incremental, server=server, disks=tuple(disks))
+    if incremental is None and needs_incremental:
+        fail(
+            needs_incremental[0],
+            "backupmode='incremental' needs a checkpoint: set the disk's "
+            "'incremental' attribute or the backup's <incremental>",
+            "backupmode",
+        )
+    return BackupDef(mode, incremental, server, disks)
+
+
+#: the attribute a server of each transport needs
+_NEEDS = {
+    ServerTransport.TCP: "name",
+    ServerTransport.UNIX: "socket",
+    ServerTransport.FD: "fdgroup",
+}
 
 
 def _parse_server(el: etree._Element) -> BackupServer:
-    get = el.get
+    get = cast("dict[str, str]", dict(el.items())).get
     transport = choice(el, "transport", get("transport"), _TRANSPORTS)
     kind = transport or ServerTransport.TCP
-    needs = {
-        ServerTransport.TCP: "name",
-        ServerTransport.UNIX: "socket",
-        ServerTransport.FD: "fdgroup",
-    }[kind]
+    needs = _NEEDS[kind]
     if get(needs) is None:
         fail(el, f"transport '{kind}' needs attribute '{needs}'")
-    for other in ("name", "port", "socket", "fdgroup"):
+    name = get("name")
+    port_attr = get("port")
+    socket = get("socket")
+    fdgroup = get("fdgroup")
+    for other, value in (
+        ("name", name),
+        ("port", port_attr),
+        ("socket", socket),
+        ("fdgroup", fdgroup),
+    ):
         if (
-            other != needs
-            and get(other) is not None
+            value is not None
+            and other != needs
             and not (other == "port" and kind is ServerTransport.TCP)
         ):
             fail(el, f"not allowed with transport '{kind}'", other)
-    port_attr = get("port")
     port = None
     if port_attr is not None:
         port = int(port_attr)
         if not 0 < port < 65536:
             fail(el, f"port {port} is out of range 1..65535", "port")
     tls = choice(el, "tls", get("tls"), _YES_NO)
-    return BackupServer(
-        transport=transport,
-        name=T.attr(el, "name", "hostName"),
-        port=port,
-        socket=T.attr(el, "socket", "absFilePath"),
-        fdgroup=T.attr(el, "fdgroup", "nonEmpty"),
-        tls=tls,
-    )
+    if name is not None and T.host_name(name) is None:
+        T.check(el, "name", name, "hostName")
+    if socket is not None and T.abs_path(socket) is None:
+        T.check(el, "socket", socket, "absFilePath")
+    if fdgroup == "":
+        T.check(el, "fdgroup", fdgroup, "nonEmpty")
+    return BackupServer(transport, name, port, socket, fdgroup, tls)
 
 
 _STORE_TYPES = {t.value: t for t in StoreType}
@@ -133,73 +151,109 @@ _TRANSPORTS = {t.value: t for t in ServerTransport}
 def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
     # one call into lxml for all attributes (str keys and values: no bytes from a parse)
     get = cast("dict[str, str]", dict(el.items())).get
-    name = T.check(el, "name", get("name", ""), "diskTargetDev")
-    backup_attr = get("backup")
-    included = choice(el, "backup", backup_attr, _YES_NO)
-    if included is False:  # libvirt ignores every other setting of an excluded disk
-        return BackupDisk(name=name, backup=False)
+    name = get("name", "")
+    if T.disk_dev(name) is None:
+        T.check(el, "name", name, "diskTargetDev")
+    value = get("backup")
+    included = None
+    if value is not None:
+        included = _YES_NO.get(value)
+        if included is None:
+            choice(el, "backup", value, _YES_NO)  # raises
+        if included is False:  # libvirt ignores every other setting of an excluded disk
+            return BackupDisk(name, False)
+    exportname = get("exportname")
+    exportbitmap = get("exportbitmap")
     if not pull:
-        for attr in ("exportname", "exportbitmap"):
-            if get(attr) is not None:
+        for attr, written in (("exportname", exportname), ("exportbitmap", exportbitmap)):
+            if written is not None:
                 fail(el, "only a pull mode backup exports disks", attr)
-    store_type = choice(el, "type", get("type"), _STORE_TYPES)
-    backupmode = choice(el, "backupmode", get("backupmode"), _DISK_MODES)
+    value = get("type")
+    store_type = None
+    if value is not None:
+        store_type = _STORE_TYPES.get(value)
+        if store_type is None:
+            choice(el, "type", value, _STORE_TYPES)  # raises
+    value = get("backupmode")
+    backupmode = None
+    if value is not None:
+        backupmode = _DISK_MODES.get(value)
+        if backupmode is None:
+            choice(el, "backupmode", value, _DISK_MODES)  # raises
     incremental = get("incremental")
     if incremental is not None:
-        T.check(el, "incremental", incremental, "nonEmpty")
-    if backupmode is DiskBackupMode.FULL and incremental is not None:
-        fail(el, "a disk with backupmode='full' takes no checkpoint", "incremental")
+        if not incremental:
+            T.check(el, "incremental", incremental, "nonEmpty")
+        if backupmode is DiskBackupMode.FULL:
+            fail(el, "a disk with backupmode='full' takes no checkpoint", "incremental")
     index_attr = get("index")
     driver: str | None = None
-    store_el: etree._Element | None = None
-    seen: set[str] = set()
-    for child in el.iterchildren(_ELEMENT):
-        once(seen, child)
-        if child.tag == "driver":
-            driver = child.get("type")
-            if pull and driver != "qcow2":
-                fail(child, f"pull mode backup for disk '{name}' requires qcow2 driver", "type")
-        else:
-            want = "scratch" if pull else "target"
-            if child.tag != want or store_el is not None:
-                fail(
-                    child,
-                    f"a {'pull' if pull else 'push'} mode backup writes to "
-                    f"<{want}>, not <{child.tag}>",
-                )
-            store_el = child
     store = None
-    if store_el is not None:
-        store = _parse_store(store_el, store_type or StoreType.FILE, driver)
-        driver = None
-    exportname = get("exportname")
-    if exportname is not None:
+    if len(el):
+        store_el: etree._Element | None = None
+        driver_el: etree._Element | None = None
+        want = "scratch" if pull else "target"
+        for child in el:
+            tag = child.tag
+            if tag == "driver":
+                if driver_el is not None:
+                    repeated(child)
+                driver_el = child
+                driver = child.get("type")
+                if pull and driver != "qcow2":
+                    fail(child, f"pull mode backup for disk '{name}' requires qcow2 driver", "type")
+            elif tag == want:
+                if store_el is not None:
+                    repeated(child)
+                store_el = child
+            elif isinstance(tag, str):  # not a comment
+                mode_name = "pull" if pull else "push"
+                fail(child, f"a {mode_name} mode backup writes to <{want}>, not <{tag}>")
+        if store_el is not None:
+            if store_type is StoreType.BLOCK:
+                path = store_el.get("dev")
+                if path is None or T.abs_path(path) is None or len(store_el):
+                    store = _parse_store(store_el, store_type, driver)
+                else:
+                    store = BackupStore(path, driver)
+            else:
+                path = store_el.get("file")
+                if path is None or T.abs_path(path) is None or len(store_el):
+                    store = _parse_store(store_el, StoreType.FILE, driver)
+                else:
+                    store = BackupStore(path, driver)
+            driver = None
+    if exportname == "":
         T.check(el, "exportname", exportname, "nonEmpty")
-    exportbitmap = get("exportbitmap")
-    if exportbitmap is not None:
+    if exportbitmap == "":
         T.check(el, "exportbitmap", exportbitmap, "nonEmpty")
     try:
         return BackupDisk(
-            name=name,
-            backup=included,
-            type=store_type,
-            backupmode=backupmode,
-            incremental=incremental,
-            exportname=exportname,
-            exportbitmap=exportbitmap,
-            store=store,
-            driver=driver,
-            index=int(index_attr) if index_attr is not None else None,
+            name,
+            included,
+            store_type,
+            backupmode,
+            incremental,
+            exportname,
+            exportbitmap,
+            store,
+            driver,
+            None if index_attr is None else int(index_attr),
         )
     except ValueError as exc:
         fail(el, str(exc))
 
 
 def _parse_store(el: etree._Element, store_type: StoreType, fmt: str | None) -> BackupStore:
+    """The target or scratch of a disk (_parse_disk reads a plain one itself)."""
     want, other = ("dev", "file") if store_type is StoreType.BLOCK else ("file", "dev")
-    path = T.attr(el, want, "absFilePath")
+    path = el.get(want)
     if path is None:
         fail(el, f"a disk of type '{store_type}' names its {el.tag} with '{want}'", other)
+    if T.abs_path(path) is None:
+        T.check(el, want, path, "absFilePath")
+    if not len(el):
+        return BackupStore(path, fmt)
     seclabels: list[SecLabel] = []
     encryption: Encryption | None = None
     for child in el.iterchildren(_ELEMENT):

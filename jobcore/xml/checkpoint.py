@@ -12,7 +12,7 @@ from lxml import etree
 
 from jobcore.backup import CheckpointDef, CheckpointDisk, CheckpointKind
 from jobcore.xml import _types as T
-from jobcore.xml._parse import check_depth, choice, fail, once, parse_document
+from jobcore.xml._parse import check_depth, choice, fail, parse_document, repeated
 from jobcore.xml._write import serialize
 
 _ELEMENT = etree.Element
@@ -23,54 +23,62 @@ def parse_checkpoint_element(el: etree._Element) -> CheckpointDef:
     name = description = parent = domain = None
     creation_time: int | None = None
     disks: list[CheckpointDisk] = []
-    top: set[str] = set()
-    for child in el.iterchildren(_ELEMENT):
-        once(top, child)
+    top: set[object] = set()
+    for child in el:  # comments and processing instructions match no branch
         tag = child.tag
-        if tag == "name":
-            name = T.text(child, "checkpointName")
+        if tag in top and isinstance(tag, str):
+            repeated(child)
+        top.add(tag)
+        if tag == "disks":
+            names: set[str] = set()
+            for disk_el in child:
+                if disk_el.tag != "disk":
+                    continue  # a comment (the grammar admits no other child)
+                disk = _parse_disk(disk_el)
+                disk_name = disk.name
+                if disk_name in names:
+                    fail(disk_el, f"disk '{disk_name}' is named twice")
+                names.add(disk_name)
+                disks.append(disk)
+        elif tag == "name":
+            name = child.text or ""
+            if T.checkpoint_name(name) is None:
+                T.check(child, None, name, "checkpointName")
         elif tag == "description":
             description = child.text or None
         elif tag == "parent":
-            parent = T.text(child[0], "checkpointName")
+            # its one <name> (the grammar's), not a comment before it
+            parent = T.text(next(child.iterchildren("name")), "checkpointName")
         elif tag == "creationTime":
             creation_time = int(child.text or "")
-        elif tag == "disks":
-            seen: set[str] = set()
-            for disk_el in child.iterchildren(_ELEMENT):
-                disk = _parse_disk(disk_el)
-                if disk.name in seen:
-                    fail(disk_el, f"disk '{disk.name}' is named twice")
-                seen.add(disk.name)
-                disks.append(disk)
         elif tag == "domain":
             domain = _domain_text(child)
-    return CheckpointDef(
-        name=name,
-        description=description,
-        disks=tuple(disks),
-        creation_time=creation_time,
-        parent=parent,
-        domain=domain,
-    )
+    return CheckpointDef(name, description, disks, creation_time, parent, domain)
 
 
 _KINDS = {k.value: k for k in CheckpointKind}
 
 
 def _parse_disk(el: etree._Element) -> CheckpointDisk:
-    kind = choice(el, "checkpoint", el.get("checkpoint"), _KINDS)
+    get = el.get
+    value = get("checkpoint")
+    kind = None
+    if value is not None:
+        kind = _KINDS.get(value)
+        if kind is None:
+            choice(el, "checkpoint", value, _KINDS)  # raises
+    bitmap = get("bitmap")
+    size = get("size")
     if kind is CheckpointKind.NO:
-        for attr in ("bitmap", "size"):
-            if el.get(attr) is not None:
+        for attr, value in (("bitmap", bitmap), ("size", size)):
+            if value is not None:
                 fail(el, "only a disk with checkpoint='bitmap' has a bitmap", attr)
-    size = el.get("size")
-    return CheckpointDisk(
-        name=T.check(el, "name", el.get("name", ""), "diskTargetDev", "absFilePath"),
-        checkpoint=kind,
-        bitmap=T.attr(el, "bitmap", "nonEmpty"),
-        size=int(size) if size is not None else None,
-    )
+    name = get("name", "")
+    if T.disk_dev(name) is None and T.abs_path(name) is None:
+        T.check(el, "name", name, "diskTargetDev", "absFilePath")
+    if bitmap == "":
+        T.check(el, "bitmap", bitmap, "nonEmpty")
+    return CheckpointDisk(name, kind, bitmap, int(size) if size is not None else None)
 
 
 def _domain_text(el: etree._Element) -> str:

@@ -89,11 +89,21 @@ def guarded(fn: Callable[[_A], _R], arg: _A) -> _R:
         raise XMLError(f"refused: {exc}") from None
 
 
+#: spec class -> which of <disk>, <destination> it requires (looked up once per class)
+_REQUIRED: dict[type[Any], tuple[str, ...]] = {}
+
+
 def checked_spec(job: etree._Element, spec_class: type[Any], **values: Any) -> Any:
     """``spec_class(**values)``, its refusals as an XMLError naming the ``<job>``."""
-    for required in ("disk", "destination"):
-        if required in spec_class.__init__.__annotations__ and required not in values:
-            fail(job, f"a {job.get('type')} job needs a <{required}>")
+    required = _REQUIRED.get(spec_class)
+    if required is None:
+        fields = spec_class.__init__.__annotations__
+        required = _REQUIRED[spec_class] = tuple(
+            name for name in ("disk", "destination") if name in fields
+        )
+    for name in required:
+        if name not in values:
+            fail(job, f"a {job.get('type')} job needs a <{name}>")
     try:
         return spec_class(**values)
     except (ValueError, TypeError) as exc:

@@ -21,7 +21,7 @@ from jobcore.registry import registry
 from jobcore.spec import JobOptions, Policy
 from jobcore.types.base import JobTypeInfo
 from jobcore.xml import _schema
-from jobcore.xml._parse import MAX_DOCUMENT_BYTES, fail, once, parse_document, validate
+from jobcore.xml._parse import MAX_DOCUMENT_BYTES, fail, parse_document, repeated, validate
 from jobcore.xml._types import RELAXED
 from jobcore.xml._write import serialize
 from jobcore.xml.common import (
@@ -75,6 +75,10 @@ def job_schema(info: JobTypeInfo) -> _schema.Schema:
 # --- common children -------------------------------------------------------------------
 
 
+#: the options of a job that writes none (JobOptions is frozen: one value serves all)
+_NO_OPTIONS = JobOptions()
+
+
 def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
     job_uuid = None
     queue = False
@@ -83,20 +87,27 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
     conflict: Policy | None = None
     requeue = False
     seen: set[str] = set()
-    for child in job.iterchildren(*COMMON_CHILDREN):
-        once(seen, child)
+    options_written = False
+    for child in job:
         tag = child.tag
+        if tag not in COMMON_CHILDREN:
+            continue  # the type's child, or a comment
+        if tag in seen:
+            repeated(child)
+        seen.add(tag)
         if tag == "uuid":
             try:
                 job_uuid = uuid.UUID((child.text or "").strip())
             except ValueError:
                 fail(child, f"'{child.text}' is not a UUID")
-        elif tag == "queue":
+            continue
+        if tag == "state":
+            continue  # read-only: a described job's state, as JobGetXMLDesc writes it
+        options_written = True
+        if tag == "queue":
             queue = True
             if child.get("timeout") is not None:
                 timeout = parse_seconds(child, "timeout")
-        elif tag == "state":
-            pass  # read-only: a described job's state, as JobGetXMLDesc writes it
         elif tag == "priority":
             priority = int(child.text or "")
         elif tag == "policy":
@@ -106,6 +117,8 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
             requeue = child.get("requeue") == "yes"
         else:
             retention = parse_seconds(child, "seconds")
+    if not options_written:
+        return job_uuid, _NO_OPTIONS
     try:
         options = JobOptions(
             queue=queue,
