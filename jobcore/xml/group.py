@@ -136,7 +136,7 @@ def _parse_member(el: etree._Element, index: int) -> GroupMember:
     for sub in el:
         job.append(_copy(sub))
     try:
-        spec = parse_job(serialize(job))
+        spec = parse_job(etree.tostring(job))
     except XMLError as exc:
         # the member's own line numbers count from its <job>: the group's line is given
         message = str(exc) if exc.line is None else str(exc).removesuffix(f" (line {exc.line})")
