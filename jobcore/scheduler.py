@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import bisect
 import enum
+import errno
 import itertools
 import os
+import stat
 import uuid
 from collections.abc import Iterable, Mapping
 
@@ -97,10 +99,40 @@ def normalize_path(path: str) -> str:
     is the caller's business: drivers refuse an existing name). A few ``lstat`` calls."""
     if not os.path.isabs(path):
         path = os.path.join(os.getcwd(), path)
+    cut = path.rfind("/")
+    plain = 0 < cut and path[cut - 1] != "/" and path[cut + 1 :] not in ("", ".", "..")
+    if plain and _plain_dir(path[:cut]):
+        return path  # what realpath(head) + tail gives: head is its own resolution
     head, tail = os.path.split(path)
     if tail in ("", ".", ".."):
         return os.path.realpath(path)
     return os.path.join(os.path.realpath(head), tail)
+
+
+#: lstat errors of a path that every path below it gets too
+_FAILS_BELOW = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES})
+
+
+def _plain_dir(head: str) -> bool:
+    """Whether ``os.path.realpath(head)`` is ``head`` itself, found with realpath's lstat
+    calls (one per component, from the root): ``head`` is absolute, spelt without ``//``,
+    ``.`` or ``..``, and no component is a symbolic link. A component that cannot be
+    lstat'ed is kept as written, as realpath keeps it; one that does not exist, or whose
+    directory cannot be searched, ends the walk (every one below fails the same way: the
+    lookup of each passes through it). False: let realpath say."""
+    if not head.startswith("/") or "//" in head or "/." in head:
+        return False  # (a component starting with '.' goes the long way: rare)
+    end = head.find("/", 1)
+    while True:
+        try:
+            if stat.S_ISLNK(os.lstat(head if end < 0 else head[:end]).st_mode):
+                return False
+        except OSError as exc:
+            if exc.errno in _FAILS_BELOW:
+                return True
+        if end < 0:
+            return True
+        end = head.find("/", end + 1)
 
 
 def file_resource(path: str) -> str:

@@ -278,17 +278,20 @@ def _pop(index: dict[str, dict[uuid.UUID, JobRecord]], domain: str, job: uuid.UU
 
 class MemoryDriverState:
     """A driver connection's DriverState (jobcore.driver) with the memory store: kept for
-    as long as the connection, like its jobs. Values are copied as JSON, as the durable
-    store does, so a driver sees the same behaviour on both."""
+    as long as the connection, like its jobs. What ``load`` returns is a JSON copy, as the
+    durable store's, so a driver sees the same values on both. The copy is made when
+    loaded, not when saved (nothing loads what this connection saved but a test, and a
+    save is on a job's hot path): a value saved is the driver's to leave alone — the
+    drivers save records they build for the save."""
 
     def __init__(self) -> None:
-        self._values: dict[str, str] = {}  # key -> the value's JSON text
+        self._values: dict[str, Any] = {}  # key -> the value as saved
 
     def load(self) -> dict[str, Any]:
-        return {key: json.loads(text) for key, text in self._values.items()}
+        return {key: json.loads(json.dumps(value)) for key, value in self._values.items()}
 
     def save(self, key: str, value: Any) -> None:
-        self._values[key] = json.dumps(value)
+        self._values[key] = value
 
     def delete(self, key: str) -> None:
         self._values.pop(key, None)
