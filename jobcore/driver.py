@@ -310,6 +310,12 @@ class DriverConnection(Protocol):
     # exists). The engine calls it, when the driver has it, before admission; ``start``
     # must still re-check what may have changed since (a queued job starts later).
 
+    # Optional: ``def start_inline(self, job: DriverJob) -> bool``: True promises that
+    # ``start(job)`` runs to its end without waiting for anything (no await suspends it):
+    # the engine then runs it without the shielded, bounded cancel scope a start that
+    # waits gets (design/README.md "Fast paths"). A start that waits after all is
+    # awaited in that scope from where it first waited, and logged.
+
     async def start(self, job: DriverJob) -> None:
         """Begin the work; return once it is under way. Raise DriverError if refused.
 

@@ -16,8 +16,9 @@ import functools
 import itertools
 import logging
 import math
+import types
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -815,16 +816,21 @@ class Engine:
         rec.starting = True
         error: JobError | None = None
         cause: Exception | None = None
-        # Shielded: a begin cancelled now (its client went away) would leave a job the
-        # driver may or may not have. The start completes and the job is tracked; the
-        # caller's cancellation takes effect when begin returns. Bounded all the same: the
-        # scope's own deadline still cancels it (one scope for both).
-        deadline = anyio.current_time() + self.start_timeout
-        bound = anyio.CancelScope(shield=True, deadline=deadline)
+        timed_out = False
+        inline = getattr(self.dconn, "start_inline", None)
         try:
-            with bound:
-                await self.dconn.start(job)
-            if bound.cancelled_caught:
+            if inline is not None and inline(job):
+                # the driver's start does not wait for anything: nothing can cancel it
+                # or make it late, so it needs no shield and no bound (the cancel scope
+                # costs as much as the rest of an instant job's start)
+                start = self.dconn.start(job)
+                waiting = _first_step(start)
+                if waiting is not _DONE:  # it waits after all: as any start, from here
+                    job_log(rec).warning("driver start said to run inline waits")
+                    timed_out = await self._start_bounded(_go_on(start, waiting))
+            else:
+                timed_out = await self._start_bounded(self.dconn.start(job))
+            if timed_out:
                 error = DriverError(
                     f"driver '{self.dconn.uri}' did not start job '{rec.uuid}' within "
                     f"{self.start_timeout:g} s (the hypervisor may be stopped or stuck): "
@@ -852,13 +858,26 @@ class Engine:
         if error is not None:
             if rec.state.active:
                 self._finish(rec, S.FAILED, errmsg=str(error))
-            if bound.cancelled_caught:  # failed first: a cancel report cannot change that
+            if timed_out:  # failed first: a cancel report cannot change that
                 with anyio.CancelScope(shield=True):
                     await self._cancel_unstarted(rec, job)
             if raise_errors:
                 if cause is not None:
                     raise error from cause
                 raise error
+
+    async def _start_bounded(self, start: Awaitable[None]) -> bool:
+        """The driver's ``start``, shielded and bounded; True if the bound cut it short.
+
+        Shielded: a begin cancelled now (its client went away) would leave a job the
+        driver may or may not have. The start completes and the job is tracked; the
+        caller's cancellation takes effect when begin returns. Bounded all the same: the
+        scope's own deadline still cancels it (one scope for both)."""
+        deadline = anyio.current_time() + self.start_timeout
+        bound = anyio.CancelScope(shield=True, deadline=deadline)
+        with bound:
+            await start
+        return bound.cancelled_caught
 
     async def _checkpoint_started(self, rec: JobRecord) -> None:
         """A backup that creates a checkpoint started: its record is made now."""
@@ -1371,6 +1390,39 @@ def _explanation(ticket: Ticket, verdict: Verdict, position: int | None) -> Expl
         blockers=tuple(Blocker(c.holder, c.claim.resource, c.rule) for c in verdict.blockers),
         position=position,
     )
+
+
+#: what _first_step returns for a coroutine that finished
+_DONE = object()
+
+
+def _first_step(start: Coroutine[Any, Any, None]) -> Any:
+    """Run ``start`` up to where it first waits: what it yields there, or _DONE."""
+    try:
+        return start.send(None)
+    except StopIteration:
+        return _DONE
+
+
+@types.coroutine
+def _go_on(start: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
+    """Await the rest of a coroutine whose first step yielded ``waiting``."""
+    while True:
+        try:
+            sent = yield waiting
+        except GeneratorExit:
+            start.close()
+            raise
+        except BaseException as exc:  # delivered to the coroutine, as an await would
+            try:
+                waiting = start.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting = start.send(sent)
+            except StopIteration:
+                return
 
 
 def _start_finished(rec: JobRecord) -> None:

@@ -26,7 +26,7 @@ import stat
 import uuid
 from collections.abc import Iterable, Mapping
 
-from attrs import define, field, frozen
+from attrs import define, frozen
 
 from jobcore.errors import JobConflict
 from jobcore.spec import Policy
@@ -206,6 +206,10 @@ class Verdict:
         return tuple(c.holder for c in self.blockers) if self.decision is Decision.PREEMPT else ()
 
 
+#: the verdict of every ticket nothing blocks (a frozen value: one is enough)
+_ADMIT = Verdict(Decision.ADMIT)
+
+
 @define(eq=False)
 class Ticket:
     """A job's claims, as held or waited on in the scheduler."""
@@ -234,17 +238,20 @@ class Ticket:
         return (-(self.priority + self.boost), self.seq)
 
 
-@define(eq=False)
 class _Resource:
-    holders: dict[Mode, dict[uuid.UUID, None]] = field(factory=dict)
-    #: (order, seq-unique ticket, mode), kept sorted: the FIFO queue of this resource
-    waiters: list[tuple[tuple[int, int], Ticket, Mode]] = field(factory=list)
+    __slots__ = ("holders", "waiters")
+
+    def __init__(self) -> None:
+        #: mode -> the tickets holding the resource in it (by identity, in admission order)
+        self.holders: dict[Mode, dict[Ticket, None]] = {}
+        #: (order, seq-unique ticket, mode), kept sorted: the FIFO queue of this resource
+        self.waiters: list[tuple[tuple[int, int], Ticket, Mode]] = []
 
     def conflicting_holder(self, mode: Mode) -> tuple[uuid.UUID, Mode] | None:
         for other in CONFLICTS[mode]:
             held = self.holders.get(other)
             if held:
-                return next(iter(held)), other
+                return next(iter(held)).job, other
         return None
 
     def earlier_conflicting_waiter(
@@ -272,8 +279,8 @@ class Scheduler:
         self._seq = itertools.count()
         #: the policy table (data; design/scheduling.md "Policy")
         self.policy: PolicyTable = policy
-        #: the tickets that hold claims, by job
-        self._held: dict[uuid.UUID, Ticket] = {}
+        #: the tickets that hold claims, by job (its UUID as an int: a cheaper hash)
+        self._held: dict[int, Ticket] = {}
 
     def _res(self, name: str) -> _Resource:
         res = self._resources.get(name)
@@ -338,9 +345,10 @@ class Scheduler:
             if res is None:
                 continue
             for other in CONFLICTS[claim.mode]:
-                for job in res.holders.get(other, ()):
+                for holder in res.holders.get(other, ()):
+                    job = holder.job
                     if job != ticket.job and job not in found:
-                        found[job] = (Conflict(job, other, claim, False), self._held.get(job))
+                        found[job] = (Conflict(job, other, claim, False), holder)
             for order, waiter, wmode in res.waiters:
                 if order >= ticket.order:
                     break
@@ -365,7 +373,7 @@ class Scheduler:
     def decide(self, ticket: Ticket, c: Conflict) -> Conflict:
         """``c`` (a blocker ``conflict`` or ``blockers`` found for ``ticket``) with the
         policy that applies to it and the rule that says so (group admission uses it)."""
-        other = self._held.get(c.holder)
+        other = self._held.get(c.holder.int)
         if c.waiting:
             other = next(
                 (w for _, w, _ in self._resources[c.claim.resource].waiters if w.job == c.holder),
@@ -412,12 +420,12 @@ class Scheduler:
         if not every_blocker and not self.policy and ticket.policy is None:
             first = self.conflict(ticket)
             if first is None:
-                return Verdict(Decision.ADMIT)
+                return _ADMIT
             c = self._decide(ticket, first, None)
             return Verdict(Decision.QUEUE if ticket.queue else Decision.CONFLICT, (c,))
         found = tuple(self._decide(ticket, c, t) for c, t in self._blockers(ticket))
         if not found:
-            return Verdict(Decision.ADMIT)
+            return _ADMIT
         policies = {c.policy for c in found}
         if Policy.REJECT in policies:
             decision = Decision.CONFLICT
@@ -499,9 +507,17 @@ class Scheduler:
             )
 
     def _hold(self, ticket: Ticket) -> None:
+        resources = self._resources
         for claim in ticket.claims:
-            self._res(claim.resource).holders.setdefault(claim.mode, {})[ticket.job] = None
-        self._held[ticket.job] = ticket
+            res = resources.get(claim.resource)
+            if res is None:
+                res = resources[claim.resource] = _Resource()
+            held = res.holders.get(claim.mode)
+            if held is None:
+                res.holders[claim.mode] = {ticket: None}
+            else:
+                held[ticket] = None
+        self._held[ticket.job.int] = ticket
 
     def release(self, ticket: Ticket) -> list[Ticket]:
         """Drop a ticket (held or waiting); return waiting tickets admitted as a result."""
@@ -515,10 +531,10 @@ class Scheduler:
             else:
                 held = res.holders.get(claim.mode)
                 if held is not None:
-                    held.pop(ticket.job, None)
+                    held.pop(ticket, None)
             touched.append(res)
         if not ticket.waiting:
-            self._held.pop(ticket.job, None)
+            self._held.pop(ticket.job.int, None)
         ticket.waiting = False
         admitted = self._wake(touched) if any(res.waiters for res in touched) else []
         for claim in ticket.claims:
@@ -602,7 +618,7 @@ class Scheduler:
 
     def holders(self, resource: str) -> dict[Mode, list[uuid.UUID]]:
         res = self._resources.get(resource)
-        return {} if res is None else {m: list(h) for m, h in res.holders.items() if h}
+        return {} if res is None else {m: [t.job for t in h] for m, h in res.holders.items() if h}
 
     def resource_count(self) -> int:
         return len(self._resources)
@@ -625,7 +641,7 @@ class Scheduler:
 
     def held(self, job: uuid.UUID) -> Ticket | None:
         """The ticket ``job`` holds claims with, if any."""
-        return self._held.get(job)
+        return self._held.get(job.int)
 
 
 def _conflict_error(ticket: Ticket, found: Conflict) -> JobConflict:

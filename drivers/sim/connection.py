@@ -362,6 +362,12 @@ class SimConnection:
 
     # ---- DriverConnection: jobs ----------------------------------------------------
 
+    def start_inline(self, job: DriverJob) -> bool:
+        """Whether ``start(job)`` runs to its end without waiting (the engine runs it
+        without a cancel scope): every start but a migration's while fleet peers are
+        set (it asks them whether its destination is a member)."""
+        return self._peers is None or not isinstance(job.spec, MigrationSpec)
+
     async def start(self, job: DriverJob) -> None:
         if self.crashed:
             raise DriverError("the simulated hypervisor is not running")
