@@ -16,9 +16,8 @@ import functools
 import itertools
 import logging
 import math
-import types
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -79,7 +78,7 @@ from jobcore.store import (
     default_host,
 )
 from jobcore.store_sqlite import NO_PREPARED_SPEC, SQLiteJobStore
-from jobcore.types.base import JobTypeInfo
+from jobcore.types.base import JobTypeInfo, evolved
 from jobcore.xml.common import round_trips_as
 
 S = JobState
@@ -324,7 +323,7 @@ class Engine:
         dom = await self.dconn.lookup_domain(domain)
         job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
         if spec.uuid is None:  # any UUID can be written
-            spec = round_trips_as(attrs.evolve(spec, uuid=job_id), spec)
+            spec = round_trips_as(evolved(spec, uuid=job_id), spec)
         if info.prepare is not None:
             spec = info.prepare(spec, dom, self.clock.wall())
         if path_guard is not None:
@@ -816,7 +815,7 @@ class Engine:
         rec.starting = True
         error: JobError | None = None
         cause: Exception | None = None
-        timed_out = False
+        timed_out = broke_promise = False
         inline = getattr(self.dconn, "start_inline", None)
         try:
             if inline is not None and inline(job):
@@ -824,12 +823,18 @@ class Engine:
                 # or make it late, so it needs no shield and no bound (the cancel scope
                 # costs as much as the rest of an instant job's start)
                 start = self.dconn.start(job)
-                waiting = _first_step(start)
-                if waiting is not _DONE:  # it waits after all: as any start, from here
-                    job_log(rec).warning("driver start said to run inline waits")
-                    timed_out = await self._start_bounded(_go_on(start, waiting))
+                if _first_step(start) is not _DONE:
+                    # it waits after all, perhaps inside a cancel scope of its own that
+                    # no scope of the engine's may now enclose: a driver bug, stopped here
+                    start.close()
+                    broke_promise = True
+                    raise DriverError(
+                        f"driver '{self.dconn.uri}' started job '{rec.uuid}' inline "
+                        "(start_inline) but its start waited: the job failed and the "
+                        "driver was told to cancel it"
+                    )
             else:
-                timed_out = await self._start_bounded(self.dconn.start(job))
+                timed_out = await self._start_bounded(job)
             if timed_out:
                 error = DriverError(
                     f"driver '{self.dconn.uri}' did not start job '{rec.uuid}' within "
@@ -858,7 +863,7 @@ class Engine:
         if error is not None:
             if rec.state.active:
                 self._finish(rec, S.FAILED, errmsg=str(error))
-            if timed_out:  # failed first: a cancel report cannot change that
+            if timed_out or broke_promise:  # failed first: a cancel report cannot change it
                 with anyio.CancelScope(shield=True):
                     await self._cancel_unstarted(rec, job)
             if raise_errors:
@@ -866,8 +871,8 @@ class Engine:
                     raise error from cause
                 raise error
 
-    async def _start_bounded(self, start: Awaitable[None]) -> bool:
-        """The driver's ``start``, shielded and bounded; True if the bound cut it short.
+    async def _start_bounded(self, job: DriverJob) -> bool:
+        """The driver's start, shielded and bounded; True if the bound cut it short.
 
         Shielded: a begin cancelled now (its client went away) would leave a job the
         driver may or may not have. The start completes and the job is tracked; the
@@ -876,7 +881,7 @@ class Engine:
         deadline = anyio.current_time() + self.start_timeout
         bound = anyio.CancelScope(shield=True, deadline=deadline)
         with bound:
-            await start
+            await self.dconn.start(job)
         return bound.cancelled_caught
 
     async def _checkpoint_started(self, rec: JobRecord) -> None:
@@ -1402,27 +1407,6 @@ def _first_step(start: Coroutine[Any, Any, None]) -> Any:
         return start.send(None)
     except StopIteration:
         return _DONE
-
-
-@types.coroutine
-def _go_on(start: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
-    """Await the rest of a coroutine whose first step yielded ``waiting``."""
-    while True:
-        try:
-            sent = yield waiting
-        except GeneratorExit:
-            start.close()
-            raise
-        except BaseException as exc:  # delivered to the coroutine, as an await would
-            try:
-                waiting = start.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                waiting = start.send(sent)
-            except StopIteration:
-                return
 
 
 def _start_finished(rec: JobRecord) -> None:

@@ -97,7 +97,7 @@ def normalize_path(path: str) -> str:
     """One spelling per file: the directory resolved (``//``, ``.``, ``..`` and symbolic
     links, as the kernel would), the last component kept as written (a symbolic link there
     is the caller's business: drivers refuse an existing name). A few ``lstat`` calls."""
-    if not os.path.isabs(path):
+    if not path.startswith("/"):  # (os.path.isabs, without its calls)
         path = os.path.join(os.getcwd(), path)
     cut = path.rfind("/")
     plain = 0 < cut and path[cut - 1] != "/" and path[cut + 1 :] not in ("", ".", "..")

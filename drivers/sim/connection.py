@@ -270,7 +270,7 @@ class SimConnection:
         return [d.info() for d in self.host.domains.values()]
 
     async def lookup_domain(self, name: str) -> DomainInfo:
-        return self.world.domain(name).info()
+        return self.world.domain_info(name)
 
     async def create_domain(
         self, ddef: DomainDef, *, path_guard: PathGuard | None = None
