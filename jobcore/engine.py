@@ -68,7 +68,7 @@ from jobcore.log import get_logger
 from jobcore.paths import PathGuard
 from jobcore.registry import registry
 from jobcore.scheduler import Decision, Mode, PolicyTable, Scheduler, Ticket, Verdict
-from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout
+from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout, evolved
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -78,7 +78,7 @@ from jobcore.store import (
     default_host,
 )
 from jobcore.store_sqlite import NO_PREPARED_SPEC, SQLiteJobStore
-from jobcore.types.base import JobTypeInfo, evolved
+from jobcore.types.base import JobTypeInfo
 from jobcore.xml.common import round_trips_as
 
 S = JobState

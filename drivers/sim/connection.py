@@ -26,7 +26,14 @@ from attrs import define
 from drivers.sim import backup, chain, migration
 from drivers.sim.clock import ManualClock, RealClock
 from drivers.sim.job import Behaviour, Phase, SimJob
-from drivers.sim.persist import SimState, dump_domain, load_domain, restore_job
+from drivers.sim.persist import (
+    SimState,
+    dump_domain,
+    job_key,
+    load_domain,
+    restore_job,
+    sim_job_key,
+)
 from drivers.sim.world import MiB, SimDomain, SimFile, SimWorld, define_domain
 from jobcore.driver import (
     BitmapInfo,
@@ -152,7 +159,8 @@ class SimConnection:
         self._scope = anyio.CancelScope()
         self._stopped = False
         #: ended jobs whose records go once the store has the engine's terminal write too
-        self._ended: list[uuid.UUID] = []
+        #: (their records' keys)
+        self._ended: list[str] = []
         self._sweep_wakeup = anyio.Event()
         #: the last check_job of a backup: (spec, world version, monotonic time, creates)
         self._checked: tuple[PreparedBackup, int, float, list[tuple[str, SimFile]]] | None = None
@@ -608,8 +616,8 @@ class SimConnection:
             self._update_extra(sj, sj.total)
             extra.update(sj.extra)
         if self._persist is not None:
-            self._persist.job_ended(job.uuid, outcome, errmsg, extra)
-            self._forget_later(job.uuid)
+            self._persist.job_ended(sj, outcome, errmsg, extra)
+            self._forget_later(sim_job_key(sj))
         return outcome, errmsg, extra
 
     # ---- durable state: recovery after a restart (drivers.sim.persist) -------------
@@ -628,7 +636,7 @@ class SimConnection:
             # committed: nothing of it ran
             return NotStarted(why)
         if "ended" in rec:  # ended, and the engine's terminal write did not make it
-            self._forget_later(job.uuid)
+            self._forget_later(job_key(job.uuid))
             outcome, errmsg = str(rec["ended"]), rec["errmsg"]
             return Concluded(_TERMINAL[outcome], errmsg, dict(rec["extra"]))
         if job.domain not in self.world.where:
@@ -681,8 +689,9 @@ class SimConnection:
             return "completed", None
         return None
 
-    def _forget_later(self, job: uuid.UUID) -> None:
-        self._ended.append(job)
+    def _forget_later(self, key: str) -> None:
+        """Delete a job's record (by its key: persist.sim_job_key) in the next sweep."""
+        self._ended.append(key)
         self._sweep_wakeup.set()
 
     def _drop_unclaimed(self) -> None:
@@ -705,8 +714,8 @@ class SimConnection:
             except Exception as exc:  # the records stay; the next process drops them
                 log.warning("sim_state_sync_failed", uri=self.uri, error=str(exc))
                 continue
-            for job in batch:
-                persist.forget_job(job)
+            for key in batch:
+                persist.forget_key(key)
             # the ends of the next moment are swept together (one wake-up for many)
             await anyio.sleep(SWEEP_PAUSE)
 

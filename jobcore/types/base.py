@@ -11,14 +11,13 @@ import builtins
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import attrs
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument
 from jobcore.lifecycle import ALL_VERBS, Verb
 from jobcore.paths import Access, PathUse
 from jobcore.scheduler import Claim, Mode, image_resource
-from jobcore.spec import JobOptions, JobSpec, JobType
+from jobcore.spec import JobOptions, JobSpec, JobType, init_fields
 
 if TYPE_CHECKING:
     import uuid
@@ -81,36 +80,14 @@ class JobTypeInfo:
 
 
 _Prepared = TypeVar("_Prepared")
-_Value = TypeVar("_Value")
 
 
 def prepared(cls: builtins.type[_Prepared], spec: Any, **resolved: Any) -> _Prepared:
     """The prepared spec ``cls`` (a subclass of the spec's class) of ``spec``: every field
     of the spec, so one added to a spec class reaches its prepared spec, with the
     ``resolved`` ones set or replaced."""
-    given = {alias: getattr(spec, name) for alias, name in _init_fields(type(spec))}
+    given = {alias: getattr(spec, name) for alias, name in init_fields(type(spec))}
     return cls(**{**given, **resolved})
-
-
-def evolved(inst: _Value, **changes: Any) -> _Value:
-    """``attrs.evolve(inst, **changes)`` (an attrs instance with ``changes`` applied by
-    init argument), with the class's fields looked up once per class, not per call."""
-    cls = type(inst)
-    given = {alias: getattr(inst, name) for alias, name in _init_fields(cls)}
-    given.update(changes)
-    return cls(**given)
-
-
-def _init_fields(cls: builtins.type[Any]) -> tuple[tuple[str, str], ...]:
-    """(init argument, attribute) of each field ``cls.__init__`` takes (an attrs class's
-    fields are fixed once the class exists)."""
-    found = _INIT_FIELDS.get(cls)
-    if found is None:
-        found = _INIT_FIELDS[cls] = tuple((a.alias, a.name) for a in attrs.fields(cls) if a.init)
-    return found
-
-
-_INIT_FIELDS: dict[builtins.type[Any], tuple[tuple[str, str], ...]] = {}
 
 
 def domain_disk(dom: DomainInfo, name: str) -> DiskInfo:
