@@ -4,6 +4,7 @@ per change of its domains, and a driver start run inline (``start_inline``)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ import pytest
 
 import jobcore
 from drivers.sim import SimConnection, SimDriver
+from drivers.sim.persist import file_key
 from jobcore import JobState
 from jobcore.driver import DiskInfo, DomainInfo, DriverConnection
 from jobcore.engine import Engine
@@ -207,3 +209,12 @@ async def test_a_start_said_inline_that_waits_fails_its_job_and_is_cancelled(
         monkeypatch.setattr(SimConnection, "start", original)
         second = await dom.job_begin(pull.format(u=uuid.uuid4()))
         assert second.state is JobState.RUNNING
+
+
+def test_a_sim_file_key_is_the_json_of_its_host_and_path() -> None:
+    for host, path in [
+        ("default", "/b/1.qcow2"),
+        ("h\u00e9", '/q"uo\\te/\n\t\x00\x7f/\u2603/\U0001f600'),
+        ("", ""),
+    ]:
+        assert file_key(host, path) == "file:" + json.dumps([host, path])
