@@ -91,6 +91,8 @@ DEFAULT_START_TIMEOUT = 60.0
 CLOSED = "the connection was closed"
 
 _log = get_logger("jobcore.engine")
+#: the legacy domain job alias's UUID as an int (compared without UUID.__eq__'s call)
+_LEGACY_UUID_INT = C.LEGACY_DOMAIN_JOB_UUID.int
 _stdlib_log = logging.getLogger("jobcore.engine")
 
 
@@ -349,7 +351,7 @@ class Engine:
             raise InvalidArgument(
                 f"a job with UUID '{job_id}' already exists (on '{owner}'): choose another UUID"
             )
-        if job_id == C.LEGACY_DOMAIN_JOB_UUID:
+        if job_id.int == _LEGACY_UUID_INT:
             raise InvalidArgument(f"'{job_id}' is reserved for the legacy domain job alias")
 
     def _new_ticket(
@@ -1022,7 +1024,9 @@ class Engine:
         rec.driver_job = None
         if rec.admitted is not None:  # a preemptor's begin waits no longer: it ended
             rec.admitted.set()
-        self._readmit(self.scheduler.release(rec.ticket))
+        readmitted = self.scheduler.release(rec.ticket)
+        if readmitted:
+            self._readmit(readmitted)
         if (
             rec.preempt == "cancel"
             and rec.state is S.CANCELLED
@@ -1032,7 +1036,7 @@ class Engine:
             self._requeue(rec)
         if _stdlib_log.isEnabledFor(logging.INFO):
             job_log(rec).info("job ended", state=str(rec.state), errmsg=rec.errmsg)
-        member_ended = self.member_ended.pop(rec.uuid, None)
+        member_ended = self.member_ended.pop(rec.uuid, None) if self.member_ended else None
         if member_ended is not None:  # a group member: its group decides what follows
             member_ended(rec)
 
@@ -1289,7 +1293,11 @@ class Engine:
                     level, "driver report ignored", report=str(report), state=str(rec.state)
                 )
             return
-        gate = self.completion_gate.get(rec.uuid) if report is Report.COMPLETED else None
+        gate = (  # (a UUID's hash is a Python call: not asked of an empty table)
+            self.completion_gate.get(rec.uuid)
+            if report is Report.COMPLETED and self.completion_gate
+            else None
+        )
         if gate is not None and gate(rec, extra):  # a group member: held back
             return
         if extra:

@@ -268,7 +268,9 @@ class _Resource:
         self.waiters = [w for w in self.waiters if w[1] is not ticket]
 
     def empty(self) -> bool:
-        return not self.waiters and not any(self.holders.values())
+        if self.waiters:
+            return False
+        return not any(self.holders.values())
 
 
 class Scheduler:
@@ -521,26 +523,31 @@ class Scheduler:
 
     def release(self, ticket: Ticket) -> list[Ticket]:
         """Drop a ticket (held or waiting); return waiting tickets admitted as a result."""
+        resources = self._resources
+        waiting = ticket.waiting
         touched: list[_Resource] = []
+        queued = False  # a touched resource has waiters
         for claim in ticket.claims:
-            res = self._resources.get(claim.resource)
+            res = resources.get(claim.resource)
             if res is None:
                 continue
-            if ticket.waiting:
+            if waiting:
                 res.remove_waiter(ticket)
             else:
                 held = res.holders.get(claim.mode)
                 if held is not None:
                     held.pop(ticket, None)
             touched.append(res)
-        if not ticket.waiting:
+            if res.waiters:
+                queued = True
+        if not waiting:
             self._held.pop(ticket.job.int, None)
         ticket.waiting = False
-        admitted = self._wake(touched) if any(res.waiters for res in touched) else []
+        admitted = self._wake(touched) if queued else []
         for claim in ticket.claims:
-            res = self._resources.get(claim.resource)
+            res = resources.get(claim.resource)
             if res is not None and res.empty():
-                del self._resources[claim.resource]
+                del resources[claim.resource]
         return admitted
 
     def _wake(self, touched: Iterable[_Resource]) -> list[Ticket]:
