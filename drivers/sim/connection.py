@@ -381,24 +381,26 @@ class SimConnection:
             raise DriverError("the simulated hypervisor is not running")
         if self._saved_jobs:
             self._drop_unclaimed()
+        spec = job.spec
         dom = self.world.domain(job.domain)
-        creates = (
-            self._backup_creates(job.spec, dom) if isinstance(job.spec, PreparedBackup) else []
-        )
-        handover_to = (
-            await self._handover_target(job.spec) if isinstance(job.spec, MigrationSpec) else None
-        )
+        backup_spec = spec if isinstance(spec, PreparedBackup) else None
+        creates = self._backup_creates(backup_spec, dom) if backup_spec is not None else []
+        handover_to = await self._handover_target(spec) if isinstance(spec, MigrationSpec) else None
         if handover_to is None:
-            total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
+            total, converges, extra = self._behaviour(job.type).plan(self.world, spec, dom)
         else:
             total, converges, extra = migration.plan_handover(dom)
-        if isinstance(job.spec, PreparedBackup):  # its checkpoint, atomically with it
-            bitmaps = backup.checkpoint_bitmaps(job.spec)
+        if backup_spec is not None:  # its checkpoint, atomically with it
+            bitmaps = backup.checkpoint_bitmaps(backup_spec)
             if bitmaps:  # none: the host is unchanged (not saved again)
                 backup.add_bitmaps(self.world, dom, bitmaps)
-        bandwidth = getattr(job.spec, "bandwidth", None)
+        bandwidth = getattr(spec, "bandwidth", None)
         rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
-        fail = self._take_injection(str(job.type))
+        fail = (
+            self._take_injection(str(job.type))
+            if self._injections or self._fail_at is not None
+            else None
+        )
         fail_at = None if fail is None else int(total * fail.at)
         sj = SimJob(
             job,
@@ -412,11 +414,12 @@ class SimConnection:
             created=tuple(path for path, _ in creates),
             handover_to=handover_to,
         )
-        if isinstance(job.spec, PreparedBackup) and job.spec.pull:
+        if backup_spec is not None and backup_spec.pull:
             sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
         self._save(sj)
         self._jobs[job.uuid] = sj
-        self.world.add_files(self.world.host_of(dom.name), creates)
+        if creates:
+            self.world.add_files(self.world.host_of(dom.name), creates)
         job.reporter.progress(0, total, extra)
         self._schedule(sj)
 
