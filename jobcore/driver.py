@@ -313,9 +313,9 @@ class DriverConnection(Protocol):
     # Optional: ``def start_inline(self, job: DriverJob) -> bool``: True promises that
     # ``start(job)`` runs to its end without waiting for anything (no await suspends it):
     # the engine then runs it without the shielded, bounded cancel scope a start that
-    # waits gets (design/README.md "Fast paths"). A start that waits after all is a
-    # driver bug: it is closed where it first waited, the job fails (DriverError) and
-    # the driver is told to cancel it, as after a start that timed out.
+    # waits gets (design/scheduling.md "Fast paths of an instant job"). A start that
+    # waits after all is a driver bug: it is closed where it first waited, the job fails
+    # (DriverError) and the driver is told to cancel it, as after a start timeout.
 
     async def start(self, job: DriverJob) -> None:
         """Begin the work; return once it is under way. Raise DriverError if refused.
