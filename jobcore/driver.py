@@ -204,7 +204,11 @@ Recovered = Reattached | Concluded | Vanished | NotStarted
 
 class DriverState(Protocol):
     """A driver connection's own durable records: JSON-able values by key, kept in the job
-    store beside the jobs of the connection's scope (in memory with the memory store)."""
+    store beside the jobs of the connection's scope (in memory with the memory store).
+
+    Optional attribute ``durable``: False when nothing saved can outlive the connection
+    (the memory store's: no later process ever loads it), so a driver may skip records
+    that only a restart would read (looked up with getattr; absent: durable)."""
 
     def load(self) -> Mapping[str, Any]:
         """Everything saved before (at connect: what the last process left)."""

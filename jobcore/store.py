@@ -313,6 +313,9 @@ class MemoryDriverState:
     save is on a job's hot path): a value saved is the driver's to leave alone — the
     drivers save records they build for the save."""
 
+    #: nothing saved here outlives the connection (jobcore.driver.DriverState)
+    durable = False
+
     def __init__(self) -> None:
         self._values: dict[str, Any] = {}  # key -> the value as saved
 

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import anyio
 import pytest
+from sim_state import MemoryState
 
 import jobcore
 from drivers.sim import SimConnection, SimDriver
@@ -218,3 +219,25 @@ def test_a_sim_file_key_is_the_json_of_its_host_and_path() -> None:
         ("", ""),
     ]:
         assert file_key(host, path) == "file:" + json.dumps([host, path])
+
+
+async def test_the_memory_stores_sim_saves_nothing_and_runs_as_a_saving_one() -> None:
+    """The memory store's DriverState is not durable: the sim keeps no records in it
+    (none could be read: no later process loads it), and its jobs run as those of a sim
+    that saves every record (a durable state)."""
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        sim = as_local(conn).driver
+        assert isinstance(sim, SimConnection) and sim._persist is None
+        unsaved = await run_jobs(conn)
+    state = MemoryState()
+    async with anyio.create_task_group() as tg:
+        async with SimDriver().connect(parse_uri("sim:///default?rate=0"), tg, state=state) as sim:
+            dconn = cast(DriverConnection, sim)
+            engine = Engine(dconn, tg)
+            try:
+                saved = await run_jobs(LocalConnection("sim:///default?rate=0", dconn, engine))
+            finally:
+                engine.close()
+        tg.cancel_scope.cancel()
+    assert saved == unsaved
+    assert state.keys("host:") and state.keys("file:")  # the durable one saved its world

@@ -136,8 +136,11 @@ class SimConnection:
                 f"clock={str(clock_kind)[:80]!r} in '{uri}': it must be 'real' or 'manual'"
             )
         self.host_name = uri.name or "default"
-        #: where the world and the jobs are saved (None: they live as long as the connection)
-        self._persist = None if state is None else SimState(state)
+        #: where the world and the jobs are saved (None: they live as long as the
+        #: connection; so with a state that is not durable, the memory store's: its
+        #: records could only be read by a later process, and none will read them)
+        durable = state is not None and getattr(state, "durable", True) is not False
+        self._persist = SimState(state) if durable and state is not None else None
         self.clock: RealClock | ManualClock = RealClock()
         if clock_kind == "manual":  # goes on from the reading the last process saved
             saved = None if self._persist is None else self._persist.saved_clock()
