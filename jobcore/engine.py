@@ -860,7 +860,11 @@ class Engine:
                     await self.dconn.set_speed(rec.driver_job, rec.bandwidth)
             except JobError as exc:
                 job_log(rec).warning("queued speed not applied", error=str(exc))
-        if error is None and rec.state not in (S.FAILED, S.CANCELLED):
+        if (
+            error is None
+            and rec.state not in (S.FAILED, S.CANCELLED)
+            and getattr(rec.spec, "checkpoint_name", None) is not None
+        ):
             await self._checkpoint_started(rec)
         if error is not None:
             if rec.state.active:
