@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo demo-qemu test lint typecheck unit bench clean qemu-deps pg-deps
+.PHONY: demo demo-qemu test lint typecheck unit bench clean qemu-deps pg-deps libvirt-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,19 @@ pg-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends postgresql; }
 
+# A real libvirtd (Debian's monolithic daemon, its QEMU driver, virsh, libvirt-python for
+# /usr/bin/python3) for the benchmarks only, which measure it beside jobcore in the same run
+# (benchmarks/_libvirtd.py sets it up without systemd and cleans up after); installed only
+# when missing. The tests never use it.
+libvirt-deps: qemu-deps
+	@command -v libvirtd >/dev/null && command -v virtlogd >/dev/null \
+	  && command -v virsh >/dev/null && dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1 \
+	  && /usr/bin/python3 -c 'import libvirt' 2>/dev/null || { \
+	  echo "installing libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients and python3-libvirt"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+	    python3-libvirt; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check jobcore drivers tests benchmarks
 	$(BIN)/ruff format --check jobcore drivers tests benchmarks
@@ -53,7 +66,7 @@ unit: $(STAMP)
 
 test: $(STAMP) qemu-deps pg-deps lint typecheck unit
 
-bench: $(STAMP) pg-deps
+bench: $(STAMP) pg-deps libvirt-deps
 	$(BIN)/python -m benchmarks
 
 clean:

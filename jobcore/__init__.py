@@ -50,6 +50,7 @@ if _typing.TYPE_CHECKING:
         JobGetXMLDesc,
         JobGroupAbort,
         JobGroupBegin,
+        JobGroupExplain,
         JobGroupGetInfo,
         JobGroupGetJobs,
         JobGroupWait,
@@ -111,6 +112,7 @@ _LAZY = {
     # groups
     "JobGroupAbort": "jobcore.facade",
     "JobGroupBegin": "jobcore.facade",
+    "JobGroupExplain": "jobcore.facade",
     "JobGroupGetInfo": "jobcore.facade",
     "JobGroupGetJobs": "jobcore.facade",
     "JobGroupWait": "jobcore.facade",
@@ -183,6 +185,7 @@ __all__ = [
     "JobGetXMLDesc",
     "JobGroupAbort",
     "JobGroupBegin",
+    "JobGroupExplain",
     "JobGroupGetInfo",
     "JobGroupGetJobs",
     "JobGroupWait",

@@ -18,14 +18,17 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from jobcore import constants as C
-from jobcore.driver import DomainInfo
+from jobcore.domaininfo import DomainInfo
 from jobcore.errors import InvalidArgument
 from jobcore.events import EventHub, EventKind, Subscription
 from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
-from jobcore.paths import PathGuard
-from jobcore.spec import DEFAULT_RETENTION, JobType
-from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
+from jobcore.spec import (
+    DEFAULT_MAX_RETAINED,
+    DEFAULT_MAX_RETAINED_PER_DOMAIN,
+    DEFAULT_RETENTION,
+    JobType,
+)
 from jobcore.uri import parse_uri
 
 if TYPE_CHECKING:
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
         LocalJob,
         LocalJobGroup,
     )
+    from jobcore.paths import PathGuard
     from jobcore.remote import (
         RemoteCheckpoint,
         RemoteConnection,
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
         RemoteJob,
         RemoteJobGroup,
     )
+    from jobcore.scheduler import PolicyTable
 
 LEGACY_DOMAIN_JOB_UUID = C.LEGACY_DOMAIN_JOB_UUID
 
@@ -114,6 +119,13 @@ class Connection(Protocol):
         """Begin a ``<jobgroup>``'s members as one: all admitted (or all queued) or none
         (design/scheduling.md "Job groups"); ``path_guard`` (in-process only) sees every
         member's files first."""
+        ...
+
+    async def job_group_explain(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> Explanation:
+        """What ``job_group_begin(group_xml, flags)`` would do now (admit, queue, conflict,
+        preempt; every member's claims and blockers), changing nothing."""
         ...
 
     async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> JobGroup:
@@ -313,6 +325,7 @@ async def connect(
     max_retained_per_domain: int = DEFAULT_MAX_RETAINED_PER_DOMAIN,
     max_retained: int = DEFAULT_MAX_RETAINED,
     store: str | None = None,
+    policy: str | PolicyTable | None = None,
 ) -> AsyncIterator[Connection]:
     """Open a connection; everything it started is cancelled when the block exits.
     ``DRIVER+unix:///PATH?socket=SOCKET`` URIs are served by jobd (jobcore.remote),
@@ -325,7 +338,11 @@ async def connect(
     ``store`` names the job store (``memory:``, the default, ``sqlite:///ABS/PATH`` or
     ``postgresql://…``: jobs are written there and the ended jobs already in it are
     loaded; design/store.md). Job records carry the machine's hostname as their host.
-    Through jobd the daemon's store is the daemon's config: ``store`` is refused."""
+    Through jobd the daemon's store is the daemon's config: ``store`` is refused.
+
+    ``policy`` is the conflict policy table (design/scheduling.md "Policy"), by name
+    (``"default"``, ``"kubevirt"``: ``jobcore.scheduler.POLICY_TABLES``) or as a
+    ``PolicyTable``; through jobd it is the daemon's (``jobd --policy``): refused."""
     parsed = parse_uri(uri)
     # each side imported when used: a jobd client never loads the engine nor a driver
     if parsed.transport == "unix":
@@ -333,6 +350,11 @@ async def connect(
             raise InvalidArgument(
                 f"'{uri}' is served by jobd, whose job store is the daemon's config "
                 "(jobd --store URL): connect without store="
+            )
+        if policy is not None:
+            raise InvalidArgument(
+                f"'{uri}' is served by jobd, whose conflict policy is the daemon's config "
+                "(jobd --policy NAME): connect without policy="
             )
         from jobcore.remote import connect_remote
 
@@ -347,6 +369,7 @@ async def connect(
         max_retained_per_domain=max_retained_per_domain,
         max_retained=max_retained,
         store=store,
+        policy=policy,
     ) as local:
         yield local
 

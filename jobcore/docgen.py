@@ -28,6 +28,7 @@ from jobcore.scheduler import (
     KUBEVIRT_POLICY,
     Mode,
     PolicyTable,
+    table_name,
 )
 
 
@@ -158,7 +159,9 @@ def render() -> str:
     if DEFAULT_POLICY:
         lines += [*policy_table(DEFAULT_POLICY), ""]
     lines += [
-        "The example `KUBEVIRT_POLICY` (KubeVirt's rule: a migration preempts a backup):",
+        "The example `KUBEVIRT_POLICY` (KubeVirt's rule: a migration preempts a backup),",
+        f"named `{table_name(KUBEVIRT_POLICY)}` (`jobd --policy {table_name(KUBEVIRT_POLICY)}`,"
+        f' `jobcore.connect(…, policy="{table_name(KUBEVIRT_POLICY)}")`):',
         "",
         *policy_table(KUBEVIRT_POLICY),
         "",

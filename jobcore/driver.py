@@ -23,55 +23,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from attrs import frozen
 
+from jobcore.domaininfo import DiskInfo as DiskInfo  # defined below the driver protocol
+from jobcore.domaininfo import DomainInfo as DomainInfo
 from jobcore.errors import InvalidArgument
 from jobcore.lifecycle import JobState
 from jobcore.spec import JobSpec, JobType
-from jobcore.xml.domain import DomainDef
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from jobcore.lifecycle import Verb
     from jobcore.uri import URI
-
-
-@frozen
-class DiskInfo:
-    """One disk of a domain: its target name and backing chain (index 0 = active layer)."""
-
-    name: str
-    chain: tuple[str, ...]  # file paths, active layer first
-    format: str = "qcow2"
-    virtual_size: int = 0
-    #: the format of each layer of ``chain`` (empty: every layer is ``format``)
-    formats: tuple[str, ...] = ()
-    #: the bus its definition named (``<target bus>``; shown again by XMLDesc)
-    bus: str = "virtio"
-
-    @property
-    def source(self) -> str:
-        return self.chain[0]
-
-    def layer_format(self, index: int) -> str:
-        return self.formats[index] if index < len(self.formats) else self.format
-
-
-@frozen
-class DomainInfo:
-    name: str
-    uuid: uuid.UUID
-    disks: tuple[DiskInfo, ...]
-    memory: int = 0  # bytes
-    running: bool = True
-    #: what runs it, as libvirt's ``<domain type>``: 'kvm' or 'qemu' (QEMU with or
-    #: without KVM), 'test' (the sim driver)
-    virt_type: str = "test"
-
-    def disk(self, name: str) -> DiskInfo | None:
-        for d in self.disks:
-            if d.name == name:
-                return d
-        return None
+    from jobcore.xml.domain import DomainDef  # the XML layer: not for a jobd client
 
 
 # ---- backup targets and scratch files (libvirt's rule, the same text on every driver) --

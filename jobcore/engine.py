@@ -172,6 +172,10 @@ class Engine:
         #: job -> what aborting it does while its group holds its completion (the
         #: driver is done with it: the group undoes it)
         self.held_abort: dict[uuid.UUID, Callable[[JobRecord], None]] = {}
+        #: job -> its recovery's outcome, known without asking the driver (a group member
+        #: whose completion was held when the last process went: the driver may have
+        #: forgotten the job it finished); set before ``recover``
+        self.recovered_as: dict[uuid.UUID, Recovered] = {}
         # ---- durability (design/store.md): None for the memory store, which pays nothing
         self._dstore = self.store if isinstance(self.store, SQLiteJobStore) else None
         #: the active jobs the store held at open, for ``recover``
@@ -226,7 +230,8 @@ class Engine:
                     ),
                 )
             else:
-                result = await self._recover_one(rec, recover_job)
+                known = self.recovered_as.pop(rec.uuid, None)
+                result = await self._recover_one(rec, recover_job) if known is None else known
                 if isinstance(result, NotStarted) and rec.state is S.RUNNING:
                     again.append(rec)
                 else:
@@ -238,13 +243,27 @@ class Engine:
             job_log(rec).info("job started again: the driver had not started it")
             rec.starting = True  # verbs wait until the driver has it
             self.tg.start_soon(self._start_queued, rec)
+        by_ticket = {id(r.ticket): r for r in queued}
+        linked: set[int] = set()
         for rec in queued:
-            if self.scheduler.admit_or_enqueue(rec.ticket):
-                rec.starting = True  # verbs wait until the driver has it
-                self._transition(rec, S.RUNNING)
-                self.tg.start_soon(self._start_queued, rec)
-            elif rec.spec.options.queue_timeout is not None:
-                self.tg.start_soon(self._expire_queued, rec, rec.spec.options.queue_timeout)
+            together = rec.ticket.together  # a queued all-or-nothing group (jobcore.groups)
+            if together is None:
+                batch = [rec]
+                admitted = self.scheduler.admit_or_enqueue(rec.ticket)
+            elif id(together) in linked:
+                continue  # admitted or queued with the first of its group
+            else:  # all its queued members or none, as before the restart
+                linked.add(id(together))
+                batch = [by_ticket[id(t)] for t in together if id(t) in by_ticket]
+                admitted = self.scheduler.admit_or_enqueue_together([r.ticket for r in batch])
+            for member in batch:
+                if admitted:
+                    member.starting = True  # verbs wait until the driver has it
+                    self._transition(member, S.RUNNING)
+                    self.tg.start_soon(self._start_queued, member)
+                elif member.spec.options.queue_timeout is not None:
+                    timeout = member.spec.options.queue_timeout
+                    self.tg.start_soon(self._expire_queued, member, timeout)
         if self._dstore is not None:
             with anyio.CancelScope(shield=True):
                 await self._dstore.sync(raise_errors=False)
@@ -290,6 +309,14 @@ class Engine:
             job_log(rec).info("job re-attached", state=str(rec.state))
             return
         if isinstance(result, Concluded):
+            gate = self.completion_gate.get(rec.uuid) if result.state is S.COMPLETED else None
+            held = (
+                gate is not None
+                and (Report.COMPLETED, rec.state) in REPORT_TARGET
+                and gate(rec, result.extra or None)
+            )
+            if held:  # a group member (jobcore.groups): its completion is held back again
+                return
             if result.extra:
                 rec.extra.update(result.extra)
             if result.state is S.COMPLETED and rec.total:
@@ -458,41 +485,15 @@ class Engine:
         at once, or (``queue`` or JOB_BEGIN_QUEUE) all queued — ``together``: admitted
         later all at once, else each on its own — or JobConflict names the member and its
         blocker. ``on_created`` sees the records before any starts (a group's hooks)."""
-        prepared = []
-        for i, (domain, spec) in enumerate(members, 1):
-            try:
-                prepared.append(await self._prepare(domain, spec, flags, path_guard))
-            except JobError as exc:
-                raise _member_error(exc, i, domain) from exc
-        if self._closed:
-            raise JobError("the connection is closed")
+        prepared = await self._prepare_all(members, flags, path_guard)
         now = self.clock.now()
         self._purge(now)
-        tickets: list[Ticket] = []
-        probe = Scheduler()  # the members among themselves
-        for i, (info, spec, dom, job_id) in enumerate(prepared, 1):
-            self._check_new_uuid(job_id)
-            if any(t.job == job_id for t in tickets):
-                raise InvalidArgument(f"group member {i}: job UUID '{job_id}' is given twice")
-            ticket = self.scheduler.ticket(job_id, info.claims(spec, dom), spec.options.priority)
-            clash = probe.conflict(ticket)
-            if clash is not None:
-                raise JobConflict(
-                    f"group member {i}, job '{job_id}', conflicts with member job "
-                    f"'{clash.holder}' on '{clash.claim.resource}' ({clash.mode.value} "
-                    f"excludes {clash.claim.mode.value}): no member was begun",
-                    holder=clash.holder,
-                    resource=clash.claim.resource,
-                )
-            probe._hold(ticket)
-            tickets.append(ticket)
-        if not (queue or flags & C.JOB_BEGIN_QUEUE):
-            self.scheduler.admit_all(tickets)  # raises JobConflict
-            admitted = [True] * len(tickets)
-        elif together:
-            admitted = [self.scheduler.admit_or_enqueue_all(tickets)] * len(tickets)
-        else:
-            admitted = [self.scheduler.admit_or_enqueue(t) for t in tickets]
+        tickets = self._group_tickets(prepared, bool(queue or flags & C.JOB_BEGIN_QUEUE))
+        for ticket in tickets:
+            self.scheduler.number(ticket)  # in document order
+        # the pair policies, as for a job of its own (design/scheduling.md "Job groups")
+        verdict = self.scheduler.verdict_all(tickets)
+        admitted = self.scheduler.apply_all(tickets, verdict, together=together)  # JobConflict
         recs = [
             self._new_record(info, spec, dom, ticket, adm, now)
             for (info, spec, dom, _), ticket, adm in zip(prepared, tickets, admitted, strict=True)
@@ -514,6 +515,16 @@ class Engine:
                     _start_finished(rec)
                     self._finish(rec, S.FAILED, errmsg=str(exc))
                 raise
+        preempting = [
+            (rec, victims)
+            for i, rec in enumerate(recs)
+            if (victims := verdict.victims(i, together=together))
+        ]
+        if preempting:  # shielded, bounded by the start timeout, as begin's _preempt
+            waiting = recs if together else [rec for rec, _ in preempting]
+            with anyio.CancelScope(shield=True):
+                held = await self._preempt_all(preempting, waiting)
+            admitted = [adm or rec in held for rec, adm in zip(recs, admitted, strict=True)]
         for rec, adm in zip(recs, admitted, strict=True):
             if not adm and rec.spec.options.queue_timeout is not None:
                 self.tg.start_soon(self._expire_queued, rec, rec.spec.options.queue_timeout)
@@ -538,6 +549,77 @@ class Engine:
                 with anyio.CancelScope(shield=True):
                     await self._dstore.sync(raise_errors=False)
         return recs
+
+    async def _prepare_all(
+        self, members: Sequence[tuple[str, Any]], flags: int, path_guard: PathGuard | None
+    ) -> list[tuple[JobTypeInfo, Any, DomainInfo, uuid.UUID]]:
+        """Each member (domain, spec) prepared and checked as ``begin`` does, its errors
+        naming the member (begin_all's and explain_all's)."""
+        prepared = []
+        for i, (domain, spec) in enumerate(members, 1):
+            try:
+                prepared.append(await self._prepare(domain, spec, flags, path_guard))
+            except JobError as exc:
+                raise _member_error(exc, i, domain) from exc
+        if self._closed:
+            raise JobError("the connection is closed")
+        return prepared
+
+    def _group_tickets(
+        self, prepared: list[tuple[JobTypeInfo, Any, DomainInfo, uuid.UUID]], queue: bool
+    ) -> list[Ticket]:
+        """The members' tickets (unnumbered), with the group's queue choice (a member's
+        own ``<policy>`` still decides for it); their UUIDs checked, and JobConflict if
+        two members conflict with each other (call with no await before they are used)."""
+        tickets: list[Ticket] = []
+        probe = Scheduler()  # the members among themselves
+        for i, (info, spec, dom, job_id) in enumerate(prepared, 1):
+            self._check_new_uuid(job_id)
+            if any(t.job == job_id for t in tickets):
+                raise InvalidArgument(f"group member {i}: job UUID '{job_id}' is given twice")
+            ticket = self._new_ticket(info, spec, dom, job_id, 0)
+            ticket.queue = queue
+            clash = probe.conflict(ticket)
+            if clash is not None:
+                raise JobConflict(
+                    f"group member {i}, job '{job_id}', conflicts with member job "
+                    f"'{clash.holder}' on '{clash.claim.resource}' ({clash.mode.value} "
+                    f"excludes {clash.claim.mode.value}): no member was begun",
+                    holder=clash.holder,
+                    resource=clash.claim.resource,
+                )
+            probe._hold(ticket)
+            tickets.append(ticket)
+        return tickets
+
+    async def explain_all(
+        self,
+        members: Sequence[tuple[str, Any]],
+        flags: int = 0,
+        *,
+        queue: bool = False,
+        path_guard: PathGuard | None = None,
+    ) -> Explanation:
+        """What ``begin_all`` would do now, changing nothing (its checks, their errors as
+        it raises them, and ``Scheduler.verdict_all``): the group's decision, every
+        member's claims, and every member's blockers, each rule naming the member and
+        its own decision."""
+        prepared = await self._prepare_all(members, flags, path_guard)
+        self._purge()
+        tickets = self._group_tickets(prepared, bool(queue or flags & C.JOB_BEGIN_QUEUE))
+        tickets = [self.scheduler.probe(t) for t in tickets]
+        verdict = self.scheduler.verdict_all(tickets, every_blocker=True)
+        blockers = []
+        for i, (ticket, member) in enumerate(zip(tickets, verdict.members, strict=True), 1):
+            for c in member.blockers:
+                rule = f"member {i} (job '{ticket.job}', {member.decision}): {c.rule}"
+                blockers.append(Blocker(c.holder, c.claim.resource, rule))
+        return Explanation(
+            decision=verdict.decision,
+            claims=tuple(ClaimView(c.resource, str(c.mode)) for t in tickets for c in t.claims),
+            blockers=tuple(blockers),
+            position=None,
+        )
 
     async def _start_together(
         self, recs: list[JobRecord], start_all: Callable[[list[DriverJob]], Any]
@@ -673,6 +755,38 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 await self._dstore.sync(raise_errors=False)
         return True
+
+    async def _preempt_all(
+        self, preempting: list[tuple[JobRecord, tuple[uuid.UUID, ...]]], waiting: list[JobRecord]
+    ) -> set[JobRecord]:
+        """A job group's ``_preempt``: each member in ``preempting`` takes its resources
+        from its victims (a victim of two members once, by the first); then the members
+        in ``waiting`` (an all-or-nothing group: all, admitted at once) are waited for
+        until admitted, within the start timeout. The members admitted (RUNNING: begin_all
+        starts them); the others stay queued and start when admitted."""
+        for rec in waiting:
+            rec.admitted = anyio.Event()
+        taken: set[uuid.UUID] = set()
+        for rec, victims in preempting:
+            rec.extra["preempted"] = ",".join(map(str, victims))
+            for victim_id in victims:
+                victim = self.store.get(victim_id)
+                if victim_id in taken or victim is None or victim.state.terminal:
+                    continue
+                taken.add(victim_id)
+                if rec.state is S.QUEUED:
+                    await self._take_from(rec, victim)
+        with anyio.move_on_after(self.start_timeout):
+            for rec in waiting:
+                event = rec.admitted
+                if rec.state is S.QUEUED and event is not None:
+                    await event.wait()
+        for rec in waiting:
+            rec.admitted = None
+        held = {rec for rec in waiting if rec.state is S.RUNNING}
+        if held and self._dstore is not None:  # durability: 'running' on disk before starts
+            await self._dstore.sync(raise_errors=False)
+        return held
 
     async def _take_from(self, rec: JobRecord, victim: JobRecord) -> None:
         victim.ticket.preempted = True

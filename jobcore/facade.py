@@ -150,6 +150,10 @@ class BlockingConnection:
         """jobcore.JobGroupBegin(conn, group_xml, flags) (groups)."""
         return BlockingJobGroup(self, self._call(self.aconn.job_group_begin, group_xml, flags))
 
+    def JobGroupExplain(self, group_xml: str | bytes, flags: int = 0) -> Explanation:
+        """jobcore.JobGroupExplain(conn, group_xml, flags) (groups)."""
+        return self._call(self.aconn.job_group_explain, group_xml, flags)
+
     def listAllDomains(self, flags: int = 0) -> list[BlockingDomain]:
         check_flags("listAllDomains", flags)
         return [BlockingDomain(self, d) for d in self._call(self.aconn.list_domains)]
@@ -525,6 +529,13 @@ def JobGroupBegin(
 ) -> BlockingJobGroup:
     """Begin a ``<jobgroup>``'s members as one: all admitted (or queued) or none."""
     return conn.JobGroupBegin(group_xml, flags)
+
+
+def JobGroupExplain(
+    conn: BlockingConnection, group_xml: str | bytes, flags: int = 0
+) -> Explanation:
+    """What ``JobGroupBegin(conn, group_xml, flags)`` would do now; changes nothing."""
+    return conn.JobGroupExplain(group_xml, flags)
 
 
 def JobGroupGetJobs(group: BlockingJobGroup) -> list[BlockingJob]:

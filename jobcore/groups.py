@@ -15,8 +15,9 @@ none (JobConflict naming the member and the holder). Then, by its mode:
 - ``independent``: members run on their own once begun.
 
 The group's state is derived from its members' states by ``GROUP_STATE_TABLE`` (data).
-Groups live in memory, beside the connection's engine; their members are ordinary jobs
-(durable, recovered after a restart as any job, but no longer as a group).
+Groups live beside the connection's engine; a durable store keeps each group's record
+(``JobGroups``), read back at the next open before the engine recovers the members, so
+a member whose completion was held is held again (design/scheduling.md "A restart").
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 import anyio
 from attrs import frozen
 
+from jobcore.driver import Concluded
 from jobcore.engine import Engine
 from jobcore.errors import InvalidArgument, JobError, NoSuchJob
 from jobcore.flags import check_flags
-from jobcore.info import GroupInfo
+from jobcore.info import Explanation, GroupInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.paths import PathGuard
@@ -50,7 +52,8 @@ class GroupState(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    #: ended with some members completed and others not (independent groups only)
+    #: ended with some members completed and others not (independent groups; an
+    #: all-or-nothing one only from a store an earlier version wrote)
     PARTIAL = "partial"
 
 
@@ -126,9 +129,16 @@ class JobGroup:
     """One group of a connection: its members' records, its mode, the rules of its mode."""
 
     def __init__(
-        self, engine: Engine, group_id: uuid.UUID, mode: GroupMode, created: float | None = None
+        self,
+        engine: Engine,
+        group_id: uuid.UUID,
+        mode: GroupMode,
+        created: float | None = None,
+        save: Callable[[JobGroup], None] | None = None,
     ) -> None:
         self.engine = engine
+        #: writes the group's record to the store (a durable one), or None
+        self._save = save
         self.uuid = group_id
         self.mode = mode
         self.records: list[JobRecord] = []
@@ -141,6 +151,9 @@ class JobGroup:
         self._aborting = False
         #: an all-or-nothing group's mixed end was undone (its checkpoints: _mixed_end)
         self._undone_completed = False
+        #: read back from the store, its members being recovered: the hooks only record
+        #: what happens (held completions, ends) until ``restored`` applies the rules
+        self._restoring = False
         self._settled = anyio.Event()
 
     def __repr__(self) -> str:
@@ -163,14 +176,22 @@ class JobGroup:
             "mode": str(self.mode),
             "jobs": [str(r.uuid) for r in self.records],
             "created": self.created_wall,
+            # completions held back (their reports' extra stats): held again after a restart
+            "held": {str(k): dict(v or {}) for k, v in self._held.items()},
         }
 
     def restored(self) -> None:
-        """Read again after a restart: what ended meanwhile decides, as it would have."""
+        """Read again after a restart, its members recovered: what ended meanwhile
+        decides, as it would have. A member the driver found done was held again by the
+        gate (``Engine._recovered``): all complete now if every member is done, or the
+        held ones are undone if one failed or was cancelled."""
+        self._restoring = False
         ended_badly = [r for r in self.records if r.state in (S.FAILED, S.CANCELLED)]
         if self.mode is GroupMode.ALL_OR_NOTHING and ended_badly:
             rec = ended_badly[0]
             self._abort_others(f"group member '{rec.uuid}' on '{rec.domain}' {rec.state}")
+        elif self._held:
+            self._release_if_all_done()
         self._check_settled()
 
     def _gate(self, rec: JobRecord, extra: Mapping[str, int | str] | None) -> bool:
@@ -178,17 +199,26 @@ class JobGroup:
         self._held[rec.uuid] = extra
         self.engine.held_abort[rec.uuid] = self._abort_held
         rec.processed = rec.total or rec.processed  # its work is done (info shows it)
+        if self._save is not None and not self._restoring:  # with the report's writes
+            self._save(self)
+        if self._restoring:  # recovered after a restart: ``restored`` decides
+            return True
         if self._aborting:  # a sibling already failed: undo this one
             self._spawn(self._roll_back, rec)
             return True
-        if all(r.uuid in self._held or r.state is S.COMPLETED for r in self.records):
-            # all done: all complete, in document order (a member may have completed
-            # already: at the recovery after a restart)
-            for member in [r for r in self.records if r.uuid in self._held]:
-                self.engine.release_completion(member, self._held.pop(member.uuid))
+        self._release_if_all_done()
         return True
 
+    def _release_if_all_done(self) -> None:
+        if all(r.uuid in self._held or r.state is S.COMPLETED for r in self.records):
+            # all done: all complete, in document order (a member may have completed
+            # already: released before a restart, its siblings' commits not)
+            for member in [r for r in self.records if r.uuid in self._held]:
+                self.engine.release_completion(member, self._held.pop(member.uuid))
+
     def _member_ended(self, rec: JobRecord) -> None:
+        if self._restoring:  # recovered after a restart: ``restored`` decides
+            return
         if self.mode is GroupMode.ALL_OR_NOTHING and rec.state is not S.COMPLETED:
             self._abort_others(f"group member '{rec.uuid}' on '{rec.domain}' {rec.state}")
         self._check_settled()
@@ -268,8 +298,9 @@ class JobGroup:
 
     def _mixed_end(self) -> bool:
         """An all-or-nothing group that ended with some members completed and others
-        not — only when a restart came between (a held completion is not kept): the
-        completed members' checkpoints go all the same (once; True while it runs)."""
+        not — only from a store an earlier version wrote (its held completions not in the
+        group's record): the completed members' checkpoints go all the same (once; True
+        while it runs)."""
         if self.mode is not GroupMode.ALL_OR_NOTHING or self._undone_completed:
             return False
         states = {r.state for r in self.records}
@@ -338,13 +369,24 @@ class JobGroups:
     DriverState, the one its checkpoints use): written with the members' rows, read
     again at the next open (``restore``)."""
 
-    def __init__(self, engine: Engine | None) -> None:
+    def __init__(self, engine: Engine | None, *, before_recovery: bool = False) -> None:
+        """``before_recovery``: made before ``engine.recover()`` (jobcore.local), so a
+        restored group's hooks see what its members' recovery finds (a member the driver
+        found done is held again); ``restored()`` after it applies the groups' rules."""
         self._groups: dict[uuid.UUID, JobGroup] = {}
         if engine is None:  # a connection without an engine (a test's stand-in)
             return
         self.engine = engine
         self._state = engine.checkpoints.state
         self._restore()
+        if not before_recovery:
+            self.restored()
+
+    def restored(self) -> None:
+        """The engine recovered the members: each restored group applies its rules."""
+        for group in list(self._groups.values()):
+            if group._restoring:
+                group.restored()
 
     async def begin(
         self, spec: JobGroupSpec, flags: int = 0, *, path_guard: PathGuard | None = None
@@ -354,12 +396,11 @@ class JobGroups:
         group_id = spec.uuid if spec.uuid is not None else uuid.uuid4()
         if group_id in self._groups:
             raise InvalidArgument(f"a job group with UUID '{group_id}' already exists")
-        group = self._groups[group_id] = JobGroup(self.engine, group_id, spec.mode)
+        group = self._groups[group_id] = JobGroup(self.engine, group_id, spec.mode, save=self._save)
 
         def created(records: list[JobRecord]) -> None:
             group.attach(records)
-            if self._state is not None:  # committed with the members' rows
-                self._state.save(_KEY + str(group_id), group.record())
+            self._save(group)  # committed with the members' rows
 
         try:
             await self.engine.begin_all(
@@ -382,6 +423,24 @@ class JobGroups:
         )
         group._check_settled()  # every member may have ended already (a failed start)
         return group
+
+    async def explain(
+        self, spec: JobGroupSpec, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> Explanation:
+        """What ``begin(spec, flags)`` would do now, changing nothing
+        (``Engine.explain_all``): the group's decision (an independent group's members
+        each do as their own rule's decision says)."""
+        check_flags("JobGroupBegin", flags)
+        return await self.engine.explain_all(
+            [(m.domain, m.spec) for m in spec.members],
+            flags,
+            queue=spec.queue,
+            path_guard=path_guard,
+        )
+
+    def _save(self, group: JobGroup) -> None:
+        if self._state is not None:
+            self._state.save(_KEY + str(group.uuid), group.record())
 
     def lookup(self, group_id: uuid.UUID) -> JobGroup:
         self._forget_gone()
@@ -420,6 +479,7 @@ class JobGroups:
                 group_id = uuid.UUID(key[len(_KEY) :])
                 mode = GroupMode(value["mode"])
                 members = [self.engine.store.get(uuid.UUID(j)) for j in value["jobs"]]
+                held = {uuid.UUID(k): dict(v) for k, v in value.get("held", {}).items()}
             except (KeyError, ValueError, TypeError):
                 _log.warning("job group record not understood: dropped", key=key)
                 self._state.delete(key)
@@ -428,10 +488,20 @@ class JobGroups:
             if not records:
                 self._state.delete(key)
                 continue
-            group = JobGroup(self.engine, group_id, mode, created=value.get("created"))
+            group = JobGroup(
+                self.engine, group_id, mode, created=value.get("created"), save=self._save
+            )
+            group._restoring = True
             group.attach(records, only_active=True)
             self._groups[group_id] = group
-            group.restored()
+            queued = tuple(r.ticket for r in records if r.state is S.QUEUED)
+            if mode is GroupMode.ALL_OR_NOTHING and queued:  # admitted together, as before
+                for ticket in queued:
+                    ticket.together = queued
+            for rec in records:  # done when the last process went: held again, as it was
+                if rec.uuid in held and rec.state.active and mode is GroupMode.ALL_OR_NOTHING:
+                    extra = held[rec.uuid]
+                    self.engine.recovered_as[rec.uuid] = Concluded(S.COMPLETED, None, extra)
         if saved:
             _log.info("job groups restored", groups=len(self._groups))
 

@@ -11,8 +11,7 @@ from typing import Any
 from attrs import fields, frozen
 
 from jobcore.lifecycle import LEGACY_JOB_TYPE, JobState
-from jobcore.scheduler import Decision
-from jobcore.spec import JobType
+from jobcore.spec import Decision, JobType
 
 
 @frozen

@@ -38,6 +38,7 @@ from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
+from jobcore.scheduler import PolicyTable, policy_table
 from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, ChainRef, JobType
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
@@ -117,7 +118,9 @@ def _doc_size(doc: str | bytes | None) -> int:
 class LocalConnection:
     """An open in-process connection to a hypervisor driver, owning its engine and tasks."""
 
-    def __init__(self, uri: str, dconn: DriverConnection, engine: Engine) -> None:
+    def __init__(
+        self, uri: str, dconn: DriverConnection, engine: Engine, groups: JobGroups | None = None
+    ) -> None:
         self.uri = uri
         self.driver = dconn
         self.engine = engine
@@ -126,7 +129,7 @@ class LocalConnection:
         #: stores: the fleet calls are Unsupported
         self.fleet: FleetView | None = None
         #: the connection's job groups (jobcore.groups)
-        self.groups = JobGroups(engine)
+        self.groups = JobGroups(engine) if groups is None else groups
 
     async def lookup_domain(self, name: str) -> LocalDomain:
         info = await self.driver.lookup_domain(name)
@@ -235,6 +238,13 @@ class LocalConnection:
         every member's host files, as a domain handle's guard does for JobBegin."""
         spec = await xml_work(parse_group, group_xml, _doc_size(group_xml))
         return LocalJobGroup(self, await self.groups.begin(spec, flags, path_guard=path_guard))
+
+    async def job_group_explain(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> Explanation:
+        """What ``job_group_begin(group_xml, flags)`` would do now; changes nothing."""
+        spec = await xml_work(parse_group, group_xml, _doc_size(group_xml))
+        return await self.groups.explain(spec, flags, path_guard=path_guard)
 
     async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> LocalJobGroup:
         """A group of this connection by UUID (NoSuchJob once none of its members is
@@ -690,13 +700,16 @@ async def connect_local(
     keep_jobs: bool | None = None,
     scope: str | None = None,
     host: str | None = None,
+    policy: str | PolicyTable | None = None,
 ) -> AsyncIterator[LocalConnection]:
     """Open an in-process connection (``jobcore.connect`` documents the arguments);
     everything it started is cancelled when the block exits. Closing fails the jobs still
     active, unless ``keep_jobs`` (default: whether the store is durable) and the driver
     recovers them at the next open (design/store.md "Recovery"). A durable store keeps
     the jobs under ``scope`` (default: the URI without its query; jobd names its driver
-    connection's identity) with ``uri`` as what reopens them."""
+    connection's identity) with ``uri`` as what reopens them. ``policy``: the conflict
+    policy table, by name (``scheduler.POLICY_TABLES``) or as one (default: no rule)."""
+    table = None if policy is None else policy_table(policy)  # InvalidArgument if bad
     parsed = parse_uri(uri)
     store_url = DEFAULT_STORE_URL if store is None else store
     durable = parse_store_url(store_url).kind != "memory"  # InvalidArgument if malformed
@@ -742,11 +755,15 @@ async def connect_local(
                     max_retained=max_retained,
                     checkpoint_state=checkpoint_state,
                     host=host,
+                    policy=table,
                 )
                 engine.driver_state_durable = isinstance(state, StoreDriverState)
                 try:
+                    # the groups' hooks first: a member's recovery may hold its completion
+                    groups = JobGroups(engine, before_recovery=True)
                     await engine.recover()  # before anything is served
-                    yield LocalConnection(uri, dconn, engine)
+                    groups.restored()
+                    yield LocalConnection(uri, dconn, engine, groups)
                 finally:
                     engine.close(keep_jobs=durable if keep_jobs is None else keep_jobs)
                     await engine.drain()

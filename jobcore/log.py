@@ -23,9 +23,10 @@ import sys
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-import structlog
+if TYPE_CHECKING:
+    from structlog.stdlib import BoundLogger
 
 #: The stdlib loggers jobcore logs under; each gets a NullHandler at import.
 LIBRARY_LOGGERS = ("jobcore", "drivers")
@@ -59,16 +60,62 @@ def _to_stdlib(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> A
     return (LogEvent(event),), kwargs
 
 
-_PROCESSORS: list[Any] = [structlog.stdlib.filter_by_level, _to_stdlib]
+#: structlog's method names and the stdlib level each logs at (as filter_by_level maps them).
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
 
 
-def get_logger(name: str = "jobcore", **bound: Any) -> structlog.stdlib.BoundLogger:
+def _dropped(*_args: Any, **_kwargs: Any) -> None:
+    """A log call below its logger's level: what filter_by_level's DropEvent amounts to."""
+
+
+class _LazyLogger:
+    """A structlog logger made on the first call its stdlib logger's level lets through:
+    structlog (which imports asyncio, and rich where installed) is not loaded by a process
+    that never logs, such as a jobctl command. A call below the level returns at once, as
+    structlog's filter_by_level would have dropped it; ``bind`` stays lazy."""
+
+    __slots__ = ("_bound", "_real", "_stdlib")
+
+    def __init__(self, stdlib: logging.Logger, bound: dict[str, Any]) -> None:
+        self._stdlib = stdlib
+        self._bound = bound
+        self._real: BoundLogger | None = None
+
+    def bind(self, **values: Any) -> _LazyLogger:
+        return _LazyLogger(self._stdlib, {**self._bound, **values})
+
+    def _structlog(self) -> BoundLogger:
+        if self._real is None:
+            import structlog
+
+            real: BoundLogger = structlog.wrap_logger(
+                self._stdlib,
+                processors=[structlog.stdlib.filter_by_level, _to_stdlib],
+                wrapper_class=structlog.stdlib.BoundLogger,
+            )
+            self._real = real.bind(**self._bound) if self._bound else real
+        return self._real
+
+    def __getattr__(self, name: str) -> Any:
+        level = _LEVELS.get(name)
+        if level is not None and not self._stdlib.isEnabledFor(level):
+            return _dropped
+        return getattr(self._structlog(), name)
+
+
+def get_logger(name: str = "jobcore", **bound: Any) -> BoundLogger:
     """A structlog logger over the stdlib logger ``name``, independent of any global
-    structlog configuration."""
-    logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
-        logging.getLogger(name), processors=_PROCESSORS, wrapper_class=structlog.stdlib.BoundLogger
-    )
-    return logger.bind(**bound) if bound else logger
+    structlog configuration (made on its first call that logs: ``_LazyLogger``)."""
+    return cast("BoundLogger", _LazyLogger(logging.getLogger(name), bound))
 
 
 class EventFormatter(logging.Formatter):
@@ -77,11 +124,14 @@ class EventFormatter(logging.Formatter):
 
     def __init__(self, *, json: bool) -> None:
         super().__init__()
+        import structlog  # only where jobcore renders its own logs (jobd)
+
         self._renderer: Any = (
             structlog.processors.JSONRenderer()
             if json
             else structlog.dev.ConsoleRenderer(colors=False)
         )
+        self._format_exc_info: Any = structlog.processors.format_exc_info
 
     def format(self, record: logging.LogRecord) -> str:
         event: dict[str, Any]
@@ -95,7 +145,7 @@ class EventFormatter(logging.Formatter):
         )
         if record.exc_info:
             event["exc_info"] = record.exc_info
-            event = dict(structlog.processors.format_exc_info(None, "", event))
+            event = dict(self._format_exc_info(None, "", event))
         return str(self._renderer(None, record.levelname.lower(), event))
 
 

@@ -251,6 +251,10 @@ class Method(enum.Enum):
                            (("group_xml", A.TEXT), ("flags", A.INT)), True, R.GROUP_REF,
                            "JobGroupBegin",
                            note="all members admitted (or queued) or none")  # fmt: skip
+    JOB_GROUP_EXPLAIN = Call("job_group_explain", C, "job_group_explain",
+                             (("group_xml", A.TEXT), ("flags", A.INT)), False, R.EXPLANATION,
+                             "JobGroupExplain",
+                             note="what JobGroupBegin would do now; changes nothing")  # fmt: skip
     JOB_GROUP_LOOKUP = Call("job_group_lookup", C, "job_group_lookup", (("group", A.UUID),),
                             False, R.GROUP_REF)  # fmt: skip
     JOB_GROUP_JOBS = Call("job_group_jobs", G, "jobs", (), False, R.JOB_REFS,

@@ -38,7 +38,7 @@ from anyio.abc import SocketAttribute, SocketStream
 from attrs import frozen
 
 from jobcore import errors
-from jobcore.driver import DiskInfo, DomainInfo
+from jobcore.domaininfo import DiskInfo, DomainInfo
 from jobcore.errors import AccessDenied as AccessDenied  # re-exported: part of the protocol
 from jobcore.errors import ConnectionLost as ConnectionLost  # re-exported: part of the protocol
 from jobcore.errors import DaemonUnreachable as DaemonUnreachable  # re-exported: as above
@@ -48,8 +48,7 @@ from jobcore.info import Blocker, ClaimView, Explanation, GroupInfo, HostInfo, H
 from jobcore.lifecycle import JobState
 from jobcore.methods import BY_NAME, MAX_RESUME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
-from jobcore.scheduler import Decision
-from jobcore.spec import JobType
+from jobcore.spec import Decision, JobType
 from jobcore.uri import URI, parse_uri
 
 #: Bumped on any incompatible change; a daemon refuses a client of another version.

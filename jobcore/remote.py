@@ -26,14 +26,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from jobcore.driver import DomainInfo
+from jobcore.domaininfo import DomainInfo
 from jobcore.errors import ConnectionLost, InvalidArgument, InvalidURI, JobError
 from jobcore.events import EndReason, EventFilter, EventHub, EventKind, JobEvent, Subscription
 from jobcore.flags import check_flags
@@ -42,7 +42,6 @@ from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.log import get_logger
 from jobcore.methods import MAX_RESUME, Method, Named, Result, as_uuid, uuid_prefix
-from jobcore.paths import PathGuard
 from jobcore.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -72,8 +71,9 @@ from jobcore.protocol import (
 )
 from jobcore.spec import DEFAULT_RETENTION, MAX_SECONDS, check_timeout
 from jobcore.uri import URI, parse_uri
-from jobcore.xml import format_job
-from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document
+
+if TYPE_CHECKING:
+    from jobcore.paths import PathGuard
 
 #: Frames queued for the writer before a caller waits (subscribe() never waits).
 OUTGOING_BUFFER = 256
@@ -654,6 +654,13 @@ class RemoteConnection:
             raise InvalidArgument("a path guard applies to in-process connections only")
         return await self.call(Method.JOB_GROUP_BEGIN, group_xml, flags)  # type: ignore[no-any-return]
 
+    async def job_group_explain(
+        self, group_xml: str | bytes, flags: int = 0, *, path_guard: PathGuard | None = None
+    ) -> Explanation:
+        if path_guard is not None:  # the files are on jobd's host: jobd guards them
+            raise InvalidArgument("a path guard applies to in-process connections only")
+        return await self.call(Method.JOB_GROUP_EXPLAIN, group_xml, flags)  # type: ignore[no-any-return]
+
     async def job_group_lookup(self, group: str | bytes | uuid.UUID) -> RemoteJobGroup:
         return await self.call(Method.JOB_GROUP_LOOKUP, as_uuid(group))  # type: ignore[no-any-return]
 
@@ -676,6 +683,8 @@ def _check_size(xml: str | bytes, root: str) -> None:
     rather than let it fail as an oversized frame (jobd checks again)."""
     if not isinstance(xml, str | bytes):
         return  # the protocol's argument check names the wrong type
+    from jobcore.xml._parse import MAX_DOCUMENT_BYTES, parse_document  # lxml: only to write
+
     size = len(xml) if isinstance(xml, bytes) else len(xml.encode("utf-8", "surrogatepass"))
     if size > MAX_DOCUMENT_BYTES:
         parse_document(xml, root)  # raises the size XMLError before any parsing
@@ -732,6 +741,8 @@ class RemoteDomain:
 
     async def job_begin_spec(self, spec: Any, flags: int = 0) -> RemoteJob:
         """A typed spec travels as its job XML (jobcore.xml.format_job)."""
+        from jobcore.xml import format_job  # the registry and the job types: only here
+
         return await self.job_begin(format_job(spec), flags)
 
     async def list_jobs(self) -> list[RemoteJob]:

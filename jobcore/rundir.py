@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 import threading
 from pathlib import Path
 
@@ -29,6 +28,8 @@ def user_run_dir(name: str) -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
         return Path(runtime) / name
+    import tempfile  # random and hashlib: only where XDG_RUNTIME_DIR does not serve
+
     return Path(tempfile.gettempdir()) / f"{name}-{os.getuid()}"
 
 

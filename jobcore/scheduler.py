@@ -24,11 +24,12 @@ import itertools
 import os
 import stat
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from attrs import define, frozen
 
-from jobcore.errors import JobConflict
+from jobcore.errors import InvalidArgument, JobConflict
+from jobcore.spec import Decision as Decision  # defined below the scheduler, named here too
 from jobcore.spec import Policy
 
 __all__ = [
@@ -37,15 +38,19 @@ __all__ = [
     "CONFLICTS",
     "DEFAULT_POLICY",
     "KUBEVIRT_POLICY",
+    "POLICY_TABLES",
     "Claim",
     "Conflict",
     "Decision",
+    "GroupVerdict",
     "Mode",
     "Policy",
     "PolicyTable",
     "Scheduler",
     "Ticket",
     "Verdict",
+    "policy_table",
+    "table_name",
 ]
 
 
@@ -148,15 +153,6 @@ def image_resource(path: str) -> str:
     return f"image:{normalize_path(path)}"
 
 
-class Decision(enum.StrEnum):
-    """What admission does with a job (``Scheduler.verdict``)."""
-
-    ADMIT = "admit"  # no conflict: it runs now
-    QUEUE = "queue"  # it waits in the FIFO queues
-    CONFLICT = "conflict"  # JobConflict
-    PREEMPT = "preempt"  # its holders are paused or cancelled; it runs once they let go
-
-
 #: a wildcard job type in a policy table key
 ANY = "*"
 
@@ -174,6 +170,38 @@ DEFAULT_POLICY: PolicyTable = {}
 KUBEVIRT_POLICY: PolicyTable = {
     ("backup", "migration"): Policy.PREEMPT,
 }
+
+#: the tables by name (jobd's ``--policy NAME``, ``jobcore.connect(policy=NAME)``); a
+#: rule of a named table says its name in explain's rule text
+POLICY_TABLES: Mapping[str, PolicyTable] = {"default": DEFAULT_POLICY, "kubevirt": KUBEVIRT_POLICY}
+
+
+def policy_table(policy: str | PolicyTable) -> PolicyTable:
+    """A policy table given by name (``POLICY_TABLES``) or as one (its keys pairs of job
+    type names or ``ANY``, its values ``Policy``); InvalidArgument naming what is wrong."""
+    if isinstance(policy, str):
+        table = POLICY_TABLES.get(policy)
+        if table is None:
+            raise InvalidArgument(
+                f"unknown policy table '{policy}': one of {', '.join(sorted(POLICY_TABLES))}"
+            )
+        return table
+    if not isinstance(policy, Mapping):
+        raise InvalidArgument(f"a policy table is a name or a mapping, not {policy!r}")
+    for key, value in policy.items():
+        if not (
+            isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) and k for k in key)
+        ):
+            raise InvalidArgument(f"policy table key {key!r} is not (holder type, incoming type)")
+        if not isinstance(value, Policy):
+            raise InvalidArgument(f"policy table rule {key!r}: {value!r} is not a Policy")
+    return policy
+
+
+def table_name(table: PolicyTable) -> str | None:
+    """The name ``table`` has in ``POLICY_TABLES`` (by identity), if any."""
+    return next((name for name, t in POLICY_TABLES.items() if t is table), None)
+
 
 #: queue levels a waiter gains each time a later job is admitted ahead of it on a
 #: resource where it blocks that waiter (aging, design/scheduling.md "Fairness")
@@ -208,6 +236,31 @@ class Verdict:
 
 #: the verdict of every ticket nothing blocks (a frozen value: one is enough)
 _ADMIT = Verdict(Decision.ADMIT)
+
+
+@frozen
+class GroupVerdict:
+    """The admission decision for a job group's tickets (``Scheduler.verdict_all``)."""
+
+    #: the group's: conflict, queue, preempt or admit (design/scheduling.md "Job groups")
+    decision: Decision
+    #: each member's own verdict, in document order
+    members: tuple[Verdict, ...]
+
+    def refusal(self, tickets: Sequence[Ticket]) -> tuple[Ticket, Conflict]:
+        """The first member refused (CONFLICT) and its first blocker whose policy rejects."""
+        for ticket, member in zip(tickets, self.members, strict=True):
+            if member.decision is Decision.CONFLICT:
+                return ticket, next(c for c in member.blockers if c.policy is Policy.REJECT)
+        raise ValueError("no member of the group is refused")
+
+    def victims(self, index: int, *, together: bool) -> tuple[uuid.UUID, ...]:
+        """The holders member ``index`` takes its resources from: ``together`` (an
+        all-or-nothing group) only when the group's decision is PREEMPT (a group that
+        queues preempts nobody), else as the member's own verdict says."""
+        if together and self.decision is not Decision.PREEMPT:
+            return ()
+        return self.members[index].victims
 
 
 @define(eq=False)
@@ -393,6 +446,9 @@ class Scheduler:
             rule = self.rule_for(holder_type, ticket.type) if holder_type else None
             if rule is not None:
                 policy, source = rule, f"policy table: {holder_type} vs {ticket.type}"
+                name = table_name(self.policy)
+                if name is not None:
+                    source += f", table '{name}'"
             elif ticket.queue:
                 policy, source = Policy.QUEUE, "the job asked to queue"
             else:
@@ -575,14 +631,33 @@ class Scheduler:
                 return ticket, found
         return None
 
-    def admit_all(self, tickets: Iterable[Ticket]) -> None:
-        """Admit every ticket now, or none: JobConflict naming the first member that
-        cannot be admitted and its blocker (the tickets must not conflict among
-        themselves: the engine checks that first)."""
-        tickets = list(tickets)
-        found = self._first_conflict(tickets)
-        if found is not None:
-            ticket, c = found
+    def verdict_all(
+        self, tickets: Sequence[Ticket], *, every_blocker: bool = False
+    ) -> GroupVerdict:
+        """The admission decision for a job group's tickets now (changes nothing): each
+        member's own ``verdict`` (begin's: its policy per blocker, from the table, its own
+        ``<policy>`` and its queue choice), and the group's: CONFLICT if a member's is,
+        else QUEUE if one's is, else PREEMPT if one's is, else ADMIT (the tickets must not
+        conflict among themselves: the engine checks that first). ``every_blocker`` as
+        for ``verdict`` (explain lists them all; the decisions are the same)."""
+        members = tuple(self.verdict(t, every_blocker=every_blocker) for t in tickets)
+        found = {v.decision for v in members}
+        for decision in (Decision.CONFLICT, Decision.QUEUE, Decision.PREEMPT):
+            if decision in found:
+                return GroupVerdict(decision, members)
+        return GroupVerdict(Decision.ADMIT, members)
+
+    def apply_all(
+        self, tickets: Sequence[Ticket], verdict: GroupVerdict, *, together: bool
+    ) -> list[bool]:
+        """Do what ``verdict_all`` said, for every ticket or none: CONFLICT raises
+        JobConflict naming the first member refused and its blocker; ADMIT holds every
+        ticket; otherwise ``together`` (an all-or-nothing group) queues every ticket,
+        linked, to be admitted all at once when none conflicts (a PREEMPT group: once
+        its victims let go), and an independent group's members each do as their own
+        verdict says (held, or queued). Which tickets are held, in order."""
+        if verdict.decision is Decision.CONFLICT:
+            ticket, c = verdict.refusal(tickets)
             role = "queued before it for" if c.waiting else "holding"
             raise JobConflict(
                 f"group member job '{ticket.job}' conflicts with job '{c.holder}' {role} "
@@ -591,20 +666,33 @@ class Scheduler:
                 holder=c.holder,
                 resource=c.claim.resource,
             )
-        for ticket in tickets:
-            self._hold(ticket)
+        if verdict.decision is Decision.ADMIT:
+            for ticket in tickets:
+                self._hold(ticket)
+            return [True] * len(tickets)
+        if together:
+            group = tuple(tickets)
+            for ticket in tickets:
+                ticket.together = group
+                self._enqueue(ticket)
+            return [False] * len(tickets)
+        held = []
+        for ticket, member in zip(tickets, verdict.members, strict=True):
+            if member.decision is Decision.ADMIT:
+                self._hold(ticket)
+            else:
+                self._enqueue(ticket)
+            held.append(member.decision is Decision.ADMIT)
+        return held
 
-    def admit_or_enqueue_all(self, tickets: Iterable[Ticket]) -> bool:
-        """Admit every ticket now (True) or queue every one (False); queued, they are
-        admitted all at once, when none of them conflicts (an all-or-nothing group)."""
-        tickets = list(tickets)
+    def admit_or_enqueue_together(self, tickets: Sequence[Ticket]) -> bool:
+        """Admit every ticket now (True) or queue every one (False): the linked tickets
+        (``together``) of a queued all-or-nothing group, queued again after a restart."""
         if self._first_conflict(tickets) is None:
             for ticket in tickets:
                 self._hold(ticket)
             return True
-        group = tuple(tickets)
         for ticket in tickets:
-            ticket.together = group
             self._enqueue(ticket)
         return False
 

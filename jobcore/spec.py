@@ -53,6 +53,10 @@ MAX_INT64 = (1 << 63) - 1
 MAX_SECONDS = 1e9
 #: Seconds an ended job keeps its final info and stats unless its XML says otherwise.
 DEFAULT_RETENTION = 600.0
+#: Ended jobs a domain's store keeps at most (the oldest ended go first; jobcore.store).
+DEFAULT_MAX_RETAINED_PER_DOMAIN = 1000
+#: Ended jobs a store keeps at most over all domains (the oldest ended go first).
+DEFAULT_MAX_RETAINED = 10_000
 
 
 def check_timeout(timeout: float | None) -> float | None:
@@ -117,6 +121,17 @@ class Policy(enum.StrEnum):
     QUEUE = "queue"
     #: a job of higher priority takes the resource from the holder
     PREEMPT = "preempt"
+
+
+class Decision(enum.StrEnum):
+    """What admission does with a job (``Scheduler.verdict``). Defined here, below the
+    scheduler, for the values that carry it (jobcore.info's Explanation, the wire), so
+    neither loads the scheduler."""
+
+    ADMIT = "admit"  # no conflict: it runs now
+    QUEUE = "queue"  # it waits in the FIFO queues
+    CONFLICT = "conflict"  # JobConflict
+    PREEMPT = "preempt"  # its holders are paused or cancelled; it runs once they let go
 
 
 @frozen

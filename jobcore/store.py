@@ -25,6 +25,8 @@ import anyio
 from attrs import define, field
 
 from jobcore.lifecycle import JobState
+from jobcore.spec import DEFAULT_MAX_RETAINED as DEFAULT_MAX_RETAINED  # with the retention
+from jobcore.spec import DEFAULT_MAX_RETAINED_PER_DOMAIN as DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.spec import JobType
 
 if TYPE_CHECKING:
@@ -79,12 +81,6 @@ class JobRecord:
     @property
     def domain_level(self) -> bool:
         return self.info.domain_level
-
-
-#: Ended jobs a domain keeps at most (the oldest ended go first).
-DEFAULT_MAX_RETAINED_PER_DOMAIN = 1000
-#: Ended jobs a store keeps at most over all domains (the oldest ended go first).
-DEFAULT_MAX_RETAINED = 10_000
 
 
 class JobStore(Protocol):

@@ -76,6 +76,7 @@ from typing import Any, ClassVar
 
 import anyio
 import attrs
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -103,6 +104,7 @@ from jobcore.facade import JobAbort as _JobAbort
 from jobcore.facade import JobBegin as _JobBegin
 from jobcore.facade import JobExplain as _JobExplain
 from jobcore.facade import JobGetInfo as _JobGetInfo
+from jobcore.facade import JobGetStats as _JobGetStats
 from jobcore.facade import JobGroupAbort as _JobGroupAbort
 from jobcore.facade import JobGroupBegin as _JobGroupBegin
 from jobcore.facade import JobGroupGetInfo as _JobGroupGetInfo
@@ -1207,6 +1209,22 @@ def sim_group_members(store_dir: str) -> list[GroupMemberTemplate]:
     return [("vm1", member("vm1")), ("vm2", member("vm2")), ("vm1", member("vm1", both=True))]
 
 
+def sim_preempting_members() -> list[GroupMemberTemplate]:
+    """Block pulls of vm1's and vm2's vda at priority 5 that preempt what is in their
+    way (the backups of ``sim_group_members``: paused, or cancelled where they cannot)."""
+
+    def member(domain: str) -> Callable[[str], str]:
+        def make(tag: str) -> str:
+            return (
+                f"<job type='blockpull' domain='{domain}'><priority>5</priority>"
+                "<policy conflict='preempt'/><disk name='vda'/></job>"
+            )
+
+        return make
+
+    return [("vm1", member("vm1")), ("vm2", member("vm2"))]
+
+
 @attrs.define
 class _Group:
     handle: BlockingJobGroup
@@ -1226,7 +1244,11 @@ class JobGroupMachine(RuleBasedStateMachine):
     * an all-or-nothing group never ends with some members completed and others failed
       or cancelled; the checkpoints its members create exist once it ended only if every
       member completed;
-    * a refused group begin left no job on any domain.
+    * a refused group begin left no job on any domain;
+    * a group of ``preempting_members()`` (higher priority, ``<policy
+      conflict='preempt'/>``) that was begun took resources only from victims that name
+      one of its members (``preempted_by``); the groups it preempted still follow the
+      rules above (a cancelled member cancels its all-or-nothing siblings).
 
     At teardown every group ends. Subclass it like JobLifecycleMachine (``URI``,
     ``BACKEND``, ``members()`` whose jobs each create the checkpoint named by the tag,
@@ -1237,6 +1259,12 @@ class JobGroupMachine(RuleBasedStateMachine):
 
     def members(self) -> list[GroupMemberTemplate]:
         return sim_group_members(self.dir)
+
+    def preempting_members(self) -> list[GroupMemberTemplate]:
+        """Members that preempt the backups of ``members()`` (a higher priority and
+        ``<policy conflict='preempt'/>``): block pulls of vm1's and vm2's vda on the sim;
+        none (the rule does nothing) for a driver that has no such job."""
+        return sim_preempting_members()
 
     def advance(self, seconds: float) -> None:
         clock = getattr(self.conn.driver, "clock", None)
@@ -1297,6 +1325,41 @@ class JobGroupMachine(RuleBasedStateMachine):
             assert self._jobs_per_domain() == before
             return
         self.groups.append(_Group(handle, mode, members))
+
+    @rule(
+        data=st.data(),
+        mode=st.sampled_from(["all-or-nothing", "independent"]),
+        queue=st.booleans(),
+    )
+    def begin_preempting_group(self, data: st.DataObject, mode: str, queue: bool) -> None:
+        """A group whose members preempt (design/scheduling.md "Job groups"): begun, or
+        refused whole; each victim it took resources from names the member that did."""
+        templates = self.preempting_members()
+        if not templates:
+            return
+        picks = data.draw(
+            st.lists(st.sampled_from(templates), min_size=1, max_size=2, unique_by=lambda t: t[0]),
+            label="preempting members",
+        )
+        body = "".join(make("") for _, make in picks)
+        doc = f"<jobgroup mode='{mode}'>{'<queue/>' if queue else ''}{body}</jobgroup>"
+        before = self._jobs_per_domain()
+        try:
+            handle = _JobGroupBegin(self.conn, doc)
+        except (JobConflict, InvalidArgument):  # refused whole (or a chain too short to pull)
+            assert self._jobs_per_domain() == before
+            return
+        self.groups.append(_Group(handle, mode, []))  # they create no checkpoint
+        jobs = _JobGroupGetJobs(handle)
+        mine = {str(j.uuid) for j in jobs}
+        for job, (domain, _) in zip(jobs, picks, strict=True):
+            victims = _JobGetStats(job).get("preempted", "")
+            if victims:
+                event("a preempting group member took resources")
+            for victim in filter(None, str(victims).split(",")):
+                dom = self.conn.lookupByName(domain)  # the victims hold its disk
+                stats = _JobGetStats(_JobLookupByUUID(dom, victim))
+                assert stats.get("preempted_by") in mine, (victim, stats)
 
     @rule(data=st.data())
     def abort_group(self, data: st.DataObject) -> None:

@@ -456,3 +456,92 @@ async def test_aborting_a_held_member_cancels_the_group(tmp_path: Path) -> None:
         info = await g.wait(30)
         assert info["states"] == ["cancelled", "cancelled"], info
         assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
+
+
+@pytest.mark.parametrize("end", ["complete", "abort-the-other"])
+async def test_a_held_completion_survives_a_restart(tmp_path: Path, end: str) -> None:
+    """vm2's member is done and held when the process goes; after the restart it is held
+    again (not completed), so the group still ends all completed or all undone."""
+    store = f"sqlite:///{tmp_path}/jobs.sqlite"
+    uri = "sim:///durable?rate=1073741824&clock=manual"
+    async with jobcore.connect(uri, store=store) as conn:
+        g = await conn.job_group_begin(
+            group(
+                backup("vm1", f"{tmp_path}/1", "c1", vdb=True), backup("vm2", f"{tmp_path}/2", "c2")
+            )
+        )
+        advance(conn, 1.0)  # vm2's 1 GiB is done; vm1's two disks are not
+        await anyio.wait_all_tasks_blocked()
+        held = await (await g.jobs())[1].info()
+        assert held.state is JobState.RUNNING and held.processed == held.total
+    async with jobcore.connect(uri, store=store) as conn:
+        again = await conn.job_group_lookup(g.uuid)
+        vm1, vm2 = await again.jobs()
+        info = await vm2.info()
+        assert info.state is JobState.RUNNING and info.processed == info.total, info  # held
+        assert (await again.info())["state"] == "running"
+        if end == "complete":
+            advance(conn, 100.0)
+            final = await again.wait(30)
+            assert final["states"] == ["completed", "completed"], (final, (await vm2.info()).errmsg)
+            assert await checkpoints(conn, "vm1") == ["c1"]
+            assert await checkpoints(conn, "vm2") == ["c2"]
+        else:
+            await vm1.abort()
+            final = await again.wait(30)
+            assert final["states"] == ["cancelled", "cancelled"], final
+            assert "did not complete" in ((await vm2.info()).errmsg or "")
+            assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
+
+
+async def test_a_member_that_finished_while_no_process_ran_is_held(tmp_path: Path) -> None:
+    """vm1's member reaches its end while the process is away (the sim's wall clock moved
+    on): its recovery's completion goes through the group's gate (held, not completed), so
+    aborting vm2's afterwards undoes it too."""
+    store = f"sqlite:///{tmp_path}/jobs.sqlite"
+    uri = "sim:///away?rate=1073741824"  # 1 GiB/s: vm1's disk in one second of wall time
+    async with jobcore.connect(uri, store=store) as conn:
+        g = await conn.job_group_begin(
+            group(backup("vm1", f"{tmp_path}/1", "c1"), backup("vm2", f"{tmp_path}/2", "c2"))
+        )
+        vm1, vm2 = await g.jobs()
+        await vm2.set_speed(1)  # a byte a second: vm2 runs on
+        assert (await vm1.info()).processed < (await vm1.info()).total
+    await anyio.sleep(2.0)  # no process: vm1's copy ends meanwhile, in simulated wall time
+    async with jobcore.connect(uri, store=store) as conn:
+        again = await conn.job_group_lookup(g.uuid)
+        vm1, vm2 = await again.jobs()
+        info = await vm1.info()
+        assert info.state is JobState.RUNNING and info.processed == info.total, info  # held
+        await vm2.abort()
+        final = await again.wait(30)
+        assert final["states"] == ["cancelled", "cancelled"], final
+        assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
+
+
+async def test_a_queued_group_is_admitted_whole_after_a_restart(tmp_path: Path) -> None:
+    """An all-or-nothing group queued behind a pull on vm2 stays queued whole across a
+    restart (vm1's member is not admitted alone), and both are admitted once it ends."""
+    store = f"sqlite:///{tmp_path}/jobs.sqlite"
+    uri = "sim:///durable?clock=manual"
+    async with jobcore.connect(uri, store=store) as conn:
+        pull = await (await conn.lookup_domain("vm2")).job_begin(PULL)
+        g = await conn.job_group_begin(
+            group(
+                backup("vm1", f"{tmp_path}/1", "c1"),
+                backup("vm2", f"{tmp_path}/2", "c2"),
+                extra="<queue/>",
+            )
+        )
+        assert (await g.info())["states"] == ["queued", "queued"]
+    async with jobcore.connect(uri, store=store) as conn:
+        again = await conn.job_group_lookup(g.uuid)
+        assert (await again.info())["states"] == ["queued", "queued"]
+        await (await conn.lookup_job(pull.uuid)).abort()
+        advance(conn, 0.5)
+        await anyio.wait_all_tasks_blocked()
+        assert (await again.info())["states"] == ["running", "running"]
+        for member in await again.jobs():  # a verb waits until the driver started it
+            await member.set_speed(None)
+        advance(conn, 10_000)
+        assert (await again.wait(30))["state"] == "completed"

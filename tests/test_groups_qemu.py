@@ -217,3 +217,45 @@ async def test_a_refused_transaction_fails_every_member_and_leaves_nothing(
         assert not {"ca", "cb"} & (await bitmaps(conn, "vm1") | await bitmaps(conn, "vm1", "vdb"))
         assert as_local(conn).driver.runners == {}  # type: ignore[attr-defined]
         assert not (tmp_path / "vda.bak.qcow2").exists()
+
+
+async def test_a_group_of_pulls_preempts_two_domains_backups(tmp_path: Path) -> None:
+    """Two QEMU processes each run a slow backup; an all-or-nothing group of block pulls
+    at a higher priority with ``<policy conflict='preempt'/>`` pauses both (QEMU pauses
+    the backup jobs), runs, and once it completed the backups are resumed and finish as
+    correct point-in-time copies."""
+    uri = f"qemu:///session?dir={tmp_path / 'run'}&backup_bandwidth=65536"  # slow backups
+    bases = {}
+    async with jobcore.connect(uri) as conn:
+        victims = {}
+        for name, pattern in (("vm1", "0x3c"), ("vm2", "0xc3")):
+            base = create(tmp_path / f"{name}-base.qcow2")
+            write(base, f"write -P {pattern} 0 8M")
+            top = create(tmp_path / f"{name}-top.qcow2", backing=base)
+            dom = await conn.create_domain(domain_xml(name, {"vda": top}, memory_mib=16))
+            bases[name] = base
+            victims[name] = await dom.job_begin(
+                "<job type='backup'><domainbackup><disks><disk name='vda' type='file'>"
+                f"<target file='{tmp_path / name}.full.qcow2'/></disk></disks></domainbackup>"
+                "</job>"
+            )
+        boss = "<priority>5</priority><policy conflict='preempt'/><disk name='vda'/>"
+        g = await conn.job_group_begin(
+            "<jobgroup mode='all-or-nothing'>"
+            + "".join(f"<job type='blockpull' domain='{n}'>{boss}</job>" for n in ("vm1", "vm2"))
+            + "</jobgroup>"
+        )
+        members = await g.jobs()
+        assert (await g.info())["states"] == ["running", "running"]
+        for victim, member in zip(victims.values(), members, strict=True):
+            assert victim.state is JobState.PAUSED  # QEMU paused it
+            assert (await victim.stats())["preempted_by"] == str(member.uuid)
+        assert (await g.wait(60))["state"] == "completed"
+        for name, victim in victims.items():
+            with anyio.fail_after(30):
+                while (await victim.info()).state is JobState.PAUSED:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)  # until the engine resumed it
+            await victim.set_speed(None)  # now let it finish
+            with anyio.fail_after(60):
+                assert (await victim.wait()).state is JobState.COMPLETED
+            compare(bases[name], tmp_path / f"{name}.full.qcow2")  # the pull changed no data

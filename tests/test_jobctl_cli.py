@@ -218,6 +218,45 @@ def test_a_remote_list_does_not_load_the_engine(jobd: Jobd) -> None:
     assert not modules & {*LOCAL_ONLY, "drivers.sim", "drivers.qemu"}, modules & {*LOCAL_ONLY}
 
 
+#: what a remote `jobctl list` piped to a file does not need: structlog (its dev renderer
+#: pulls rich and asyncio) while nothing logs, rich while nothing renders on a terminal,
+#: and the XML layer (lxml, the job type registry) while no XML is read or written
+REMOTE_LIST_NEEDS_NOT = ("structlog", "rich", "lxml", "jobcore.xml", "jobcore.registry")
+
+
+def test_a_remote_list_loads_no_logging_renderer_rich_or_xml(jobd: Jobd, tmp_path: Path) -> None:
+    """`jobctl -c DRIVER+unix://… list > file` imports only what it runs (issue 14)."""
+    script = (
+        "import sys\n"
+        "from jobcore.cli.app import main\n"
+        f"sys.argv = ['jobctl', '-c', {jobd.uri()!r}, 'list', '--all']\n"
+        "try:\n"
+        "    main(prog_name='jobctl')\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    begun = jobctl(
+        jobd.uri(), "begin", "vm1", write(tmp_path, "b.xml", BACKUP_VDB.format(tag="il"))
+    )
+    assert begun.returncode == 0, begun.stderr  # a row to render
+    loaded = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")},
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert begun.stdout.strip() in loaded.stdout  # the row was printed
+    modules = set(loaded.stderr.split())
+    assert "jobcore.remote" in modules
+    heavy = {m for m in modules if m.split(".")[0] in REMOTE_LIST_NEEDS_NOT}
+    heavy |= {m for m in modules if m.startswith(REMOTE_LIST_NEEDS_NOT[3:])}
+    assert not heavy, sorted(heavy)
+
+
 def test_jobcore_imports_its_api_on_first_use() -> None:
     """`import jobcore` is light (`jobctl --version`); every public name still resolves,
     `dir(jobcore)` lists them, and `from jobcore import X` works."""

@@ -258,3 +258,46 @@ def test_noise_limit_logs_the_count_periodically() -> None:
         ("malformed frame repeated", {"count": 5, "last": {"n": 5}}),
         ("malformed frame repeated", {"count": 1, "last": {"n": 6}}),
     ]
+
+
+_LAZY = """
+import logging, sys
+from jobcore.log import LogEvent, get_logger
+
+log = get_logger("jobcore.lazy", job="j1").bind(domain="vm1")
+log.info("dropped", n=1)  # no handler configured: below the level, nothing is made
+log.debug("dropped too")
+print("structlog" in sys.modules, "rich" in sys.modules)
+records = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record)
+
+logging.getLogger("jobcore").addHandler(Keep())
+logging.getLogger("jobcore").setLevel(logging.INFO)
+log.debug("below info")
+log.info("kept", n=2)
+log.bind(extra=3).warning("bound later")
+print("structlog" in sys.modules)
+for r in records:
+    print(r.name, r.levelname, type(r.msg) is LogEvent, sorted(r.msg.items()))
+"""
+
+
+def test_loggers_load_structlog_only_when_a_call_gets_through(tmp_path: Path) -> None:
+    """A process that never logs (a jobctl command) loads no structlog, and so no rich;
+    once a call passes its logger's level, the record is what structlog made before."""
+    script = tmp_path / "lazy.py"
+    script.write_text(_LAZY)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "False False",
+        "True",
+        "jobcore.lazy INFO True [('domain', 'vm1'), ('event', 'kept'), ('job', 'j1'), ('n', 2)]",
+        "jobcore.lazy WARNING True "
+        "[('domain', 'vm1'), ('event', 'bound later'), ('extra', 3), ('job', 'j1')]",
+    ]

@@ -1,7 +1,8 @@
 """The ``jobctl`` root group: ``-c URI``, ``--version``, and where each command lives.
 
 A command's module is imported only when that command runs (or ``--help`` lists it), so
-``jobctl list`` never loads the daemon and ``jobctl --version`` loads no command at all.
+``jobctl list`` never loads the daemon and ``jobctl --version`` loads no command at all
+(nor the wire protocol: the root group imports the session only to open a connection).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import importlib
 
 import click
 
-from jobcore.cli.session import Ctx, default_uri, resolve_uri
 from jobcore.errors import InvalidURI
 from jobcore.uri import parse_uri
 
@@ -91,6 +91,8 @@ def main(click_ctx: click.Context, uri: str | None) -> None:
     """
     if click_ctx.invoked_subcommand in ("daemon", "run"):  # they use no connection
         return
+    from jobcore.cli.session import Ctx, default_uri, resolve_uri  # the wire: not for --version
+
     try:
         resolved = resolve_uri(uri) if uri else default_uri()
         embedded = parse_uri(resolved).transport is None

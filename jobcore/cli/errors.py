@@ -5,12 +5,13 @@ from __future__ import annotations
 import enum
 import os
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from jobcore.errors import (
     AccessDenied,
+    DaemonUnreachable,
     InvalidURI,
     JobConflict,
     JobError,
@@ -18,9 +19,10 @@ from jobcore.errors import (
     NoSuchDomain,
     NoSuchJob,
 )
-from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
-from jobcore.protocol import DaemonUnreachable
+
+if TYPE_CHECKING:
+    from jobcore.info import JobInfo
 
 
 class ExitCode(enum.IntEnum):

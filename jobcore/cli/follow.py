@@ -10,7 +10,7 @@ import anyio
 import click
 
 from jobcore.cli.errors import ExitCode, Refusal
-from jobcore.cli.render import capacity, console
+from jobcore.cli.render import capacity, terminal_console
 from jobcore.errors import ConnectionLost
 from jobcore.events import EventKind, JobEvent, Subscription
 from jobcore.info import JobInfo
@@ -44,8 +44,8 @@ async def follow(conn: Connection, job: Job, timeout: float | None, quiet: bool 
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter, tg.cancel_scope)
             if not quiet:
-                err = console(stderr=True)
-                if err.is_terminal:
+                err = terminal_console(stderr=True)
+                if err is not None:
                     await _bar(err, job, info, events)
                 else:
                     await _lines(job, info, events)

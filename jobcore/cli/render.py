@@ -1,10 +1,13 @@
 """What jobctl prints: virsh-style sizes and layouts, tables, event lines, JSON.
 
-rich is imported only where a terminal gets a rich table or bar (``console``)."""
+rich is imported only where a terminal gets a rich table or bar (``terminal_console``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +43,21 @@ def console(*, stderr: bool = False) -> Console:
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False)
+
+
+def terminal_console(*, stderr: bool = False) -> Console | None:
+    """``console()`` where rich finds a terminal behind it, else None. rich is not even
+    imported where it could not find one: the stream is no tty and neither of the variables
+    that make rich call anything a terminal (TTY_COMPATIBLE, FORCE_COLOR) is set."""
+    stream = sys.stderr if stderr else sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    tty = False
+    with contextlib.suppress(ValueError):  # a closed stream
+        tty = bool(isatty()) if isatty is not None else False
+    if not tty and "TTY_COMPATIBLE" not in os.environ and "FORCE_COLOR" not in os.environ:
+        return None
+    out = console(stderr=stderr)
+    return out if out.is_terminal else None
 
 
 def print_json(value: Any) -> None:
@@ -173,8 +191,8 @@ def jobs_table(infos: Sequence[JobInfo], *, fleet: bool = False) -> None:
     ``fleet`` (``list --fleet``): the Lost column (LOST: an active job whose host is not
     live; its state is the last its host wrote) instead of the elapsed time."""
     cols = ["Domain", "Host", "Type", "State", *(["Lost", "Done"] if fleet else ["Done", "Time"])]
-    out = console()
-    if out.is_terminal:
+    out = terminal_console()
+    if out is not None:
         from rich.table import Table
 
         table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
@@ -217,8 +235,8 @@ def hosts_table(hosts: Sequence[HostInfo]) -> None:
             cells.append(fence_text(h) if h.state is HostState.FENCED else "-")
         return cells
 
-    out = console()
-    if out.is_terminal:
+    out = terminal_console()
+    if out is not None:
         from rich.table import Table
 
         table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)

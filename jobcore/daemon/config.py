@@ -19,6 +19,7 @@ from attrs import field, frozen
 from jobcore.errors import InvalidArgument, JobError
 from jobcore.fleet import LEASE_TTL, SharedRoot, parse_shared_root
 from jobcore.protocol import MAX_FRAME, default_run_dir
+from jobcore.scheduler import POLICY_TABLES
 from jobcore.spec import DEFAULT_RETENTION, MAX_SECONDS
 from jobcore.store import DEFAULT_MAX_RETAINED, DEFAULT_MAX_RETAINED_PER_DOMAIN
 from jobcore.store_sqlite import parse_store_url
@@ -161,6 +162,9 @@ class DaemonConfig:
     shared_roots: tuple[SharedRoot, ...] = ()
     #: seconds a fleet member's lease lasts unless renewed (renewed every quarter of it)
     lease_ttl: float = LEASE_TTL
+    #: the conflict policy table every driver connection's scheduler uses, by name
+    #: (``jobcore.scheduler.POLICY_TABLES``: default, kubevirt; design/scheduling.md "Policy")
+    policy: str = "default"
     # ---- read-only fairness: the read-only socket's own budgets -------------------------
     #: read-only connections of one uid
     max_ro_clients_per_uid: int = MAX_RO_CLIENTS_PER_UID
@@ -210,6 +214,7 @@ _CONFIG_KEYS = {
     "stop_guests",
     "shared_roots",
     "lease_ttl",
+    "policy",
     "max_ro_clients_per_uid",
     "ro_idle_timeout",
     "max_ro_subscriptions",
@@ -279,6 +284,13 @@ def load_config(path: Path | None, **overrides: Any) -> DaemonConfig:
                     f"not {host!r}"
                 )
             config = _evolve(config, host=host)
+        if "policy" in values:
+            policy = _typed(values, "policy", str)
+            if policy not in POLICY_TABLES:
+                raise ConfigError(
+                    f"policy must be one of {', '.join(sorted(POLICY_TABLES))}, not {policy!r}"
+                )
+            config = _evolve(config, policy=policy)
         if "stop_guests" in values:
             if not isinstance(values["stop_guests"], bool):
                 raise ConfigError("stop_guests must be true or false")

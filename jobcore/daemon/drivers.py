@@ -154,6 +154,7 @@ class DriverConnections:
         store: str | None = None,
         keep_jobs: bool = True,
         host: str | None = None,
+        policy: str = "default",
         **retained: int,
     ) -> None:
         self._tg = tg
@@ -167,6 +168,7 @@ class DriverConnections:
         #: the fleet jobd is a member of: every driver connection's ``fleet``
         self.fleet: FleetView | None = None
         self._host = host  # the fleet member every job record carries
+        self._policy = policy  # every driver connection's conflict policy table, by name
         self._slots: dict[str, _DriverSlot] = {}
         self._drivers: dict[str, Driver] = {}
         self._stop = anyio.Event()
@@ -360,6 +362,7 @@ class DriverConnections:
                 keep_jobs=self._keep_jobs,
                 scope=key,
                 host=self._host,
+                policy=self._policy,
                 **self._retained,
             ) as conn:
                 slot.conn = conn

@@ -305,6 +305,13 @@ async def _h_job_group_begin(c: _Client, a: tuple[Any, ...]) -> Wire:
     return group.uuid.bytes
 
 
+@_handles(Method.JOB_GROUP_EXPLAIN)
+async def _h_job_group_explain(c: _Client, a: tuple[Any, ...]) -> Wire:
+    # explain runs begin's checks: the session's path guard sees every member's files
+    ex = await _conn(c).job_group_explain(a[0], a[1], path_guard=c.guard)
+    return encode_value(ex)
+
+
 for _method in Method:
     if _method.value.on is not On.SESSION and _method not in _HANDLERS:
         _HANDLERS[_method] = _table_handler(_method)

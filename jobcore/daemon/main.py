@@ -32,6 +32,7 @@ from jobcore.errors import JobError, StoreError, leaf_error
 from jobcore.fleet import LEASE_TTL
 from jobcore.log import configure
 from jobcore.protocol import default_run_dir
+from jobcore.scheduler import POLICY_TABLES
 
 #: jobd's exit status when another daemon holds the run directory.
 EXIT_ALREADY_RUNNING = 9
@@ -163,7 +164,7 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "ro_idle_timeout, max_ro_subscriptions, max_ro_subscriptions_per_uid, "
                 "ro_max_event_buffer, ro_subscriber_lost_limit, max_queued_send, "
                 "max_ro_queued_send, max_ro_receive_buffer, store, host, stop_guests, "
-                "shared_roots, lease_ttl.",
+                "shared_roots, lease_ttl, policy.",
             ),
             click.option(
                 "--store",
@@ -192,6 +193,14 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 metavar="SECONDS",
                 help="Seconds this fleet member's lease lasts unless renewed; other members "
                 f"report it lost after that [config: lease_ttl; default: {LEASE_TTL:g}].",
+            ),
+            click.option(
+                "--policy",
+                type=click.Choice(sorted(POLICY_TABLES)),
+                help="The conflict policy table of every driver connection: what a job does "
+                "about a job in its way, per pair of job types; 'kubevirt': a migration "
+                "preempts a backup of its domain (given a higher priority). A job's own "
+                "<policy> still wins [config: policy; default: default].",
             ),
             click.option(
                 "--stop-guests",
@@ -248,6 +257,7 @@ def start_from_options(
     host: str | None = None,
     shared_roots: tuple[str, ...] = (),
     lease_ttl: float | None = None,
+    policy: str | None = None,
 ) -> int:
     try:
         config = load_config(
@@ -262,6 +272,7 @@ def start_from_options(
             host=host,
             shared_roots=list(shared_roots) or None,
             lease_ttl=lease_ttl,
+            policy=policy,
         )
     except ConfigError as exc:
         click.echo(f"jobd: {exc}", err=True)

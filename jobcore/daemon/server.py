@@ -179,6 +179,7 @@ class Daemon:
                         store=cfg.store_url,
                         keep_jobs=not cfg.stop_guests,
                         host=self.host,
+                        policy=cfg.policy,
                     )
                     if fleet is not None:
                         self.fleet = FleetService(fleet, FleetCommands(fleet), self.drivers)

@@ -1,5 +1,5 @@
 """Commands on job groups (design/scheduling.md "Job groups"): group begin, group info,
-group wait, group abort. GROUP arguments are a group's full UUID."""
+group wait, group abort, group explain. GROUP arguments are a group's full UUID."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from jobcore import constants as C
+from jobcore.cli.commands.explain import explain_lines
 from jobcore.cli.errors import ExitCode, fail
 from jobcore.cli.options import json_option, read_xml, timeout_option
 from jobcore.cli.render import note, show
@@ -130,5 +131,22 @@ def group_abort(group_id: str) -> None:
     async def body(conn: Connection) -> None:
         await (await conn.job_group_lookup(gid)).abort()
         click.echo(f"Job group {gid} aborted")
+
+    run(body)
+
+
+@group.command(name="explain")
+@click.argument("file", type=click.File("rb"))
+@click.option("--queue", is_flag=True, help="As group begin --queue would.")
+@json_option
+def group_explain(file: Any, queue: bool, as_json: bool) -> None:
+    """What `group begin FILE` would do now, changing nothing: the group's decision
+    (admit, queue, conflict, preempt), every member's claims, and each blocker with the
+    rule that decides, naming the member."""
+    xml = read_xml(file, "jobgroup")
+
+    async def body(conn: Connection) -> None:
+        ex = await conn.job_group_explain(xml, C.JOB_BEGIN_QUEUE if queue else 0)
+        show(as_json, ex.as_dict(), explain_lines(ex))
 
     run(body)

@@ -9,7 +9,6 @@ import click
 
 from jobcore import constants as C
 from jobcore.cli.errors import ExitCode, exit_for
-from jobcore.cli.follow import follow
 from jobcore.cli.options import (
     bandwidth_arg,
     complete_domain,
@@ -72,6 +71,8 @@ def begin(
                 f"no jobd: the job runs on the embedded {EMBEDDED_URI} and "
                 "lives only as long as this command, so waiting for it"
             )
+        from jobcore.cli.follow import follow  # waiting: events, progress (rich on a tty)
+
         final = await follow(conn, job, timeout)
         report_final(final)
         return exit_for(final)
@@ -192,6 +193,8 @@ def wait(job: str, timeout: float | None, as_json: bool) -> None:
     """Wait for a job to end, with live progress; exit 0 completed, 3 failed, 4 cancelled."""
 
     async def body(conn: Connection) -> int:
+        from jobcore.cli.follow import follow
+
         final = await follow(conn, await resolve_job(conn, job), timeout, quiet=as_json)
         if as_json:
             print_json(final.as_dict())
