@@ -167,7 +167,11 @@ Recovered = Reattached | Concluded | Vanished | NotStarted
 
 class DriverState(Protocol):
     """A driver connection's own durable records: JSON-able values by key, kept in the job
-    store beside the jobs of the connection's scope (in memory with the memory store)."""
+    store beside the jobs of the connection's scope (in memory with the memory store).
+
+    Optional attribute ``durable``: False when nothing saved can outlive the connection
+    (the memory store's: no later process ever loads it), so a driver may skip records
+    that only a restart would read (looked up with getattr; absent: durable)."""
 
     def load(self) -> Mapping[str, Any]:
         """Everything saved before (at connect: what the last process left)."""
@@ -273,6 +277,13 @@ class DriverConnection(Protocol):
     # prepared spec before the job exists (raise a JobError; e.g. a backup target that
     # exists). The engine calls it, when the driver has it, before admission; ``start``
     # must still re-check what may have changed since (a queued job starts later).
+
+    # Optional: ``def start_inline(self, job: DriverJob) -> bool``: True promises that
+    # ``start(job)`` runs to its end without waiting for anything (no await suspends it):
+    # the engine then runs it without the shielded, bounded cancel scope a start that
+    # waits gets (design/scheduling.md "Fast paths of an instant job"). A start that
+    # waits after all is a driver bug: it is closed where it first waited, the job fails
+    # (DriverError) and the driver is told to cancel it, as after a start timeout.
 
     async def start(self, job: DriverJob) -> None:
         """Begin the work; return once it is under way. Raise DriverError if refused.

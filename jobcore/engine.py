@@ -16,7 +16,7 @@ import functools
 import itertools
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -68,7 +68,7 @@ from jobcore.paths import PathGuard
 from jobcore.registry import registry
 from jobcore.scheduler import Decision, Mode, PolicyTable, Scheduler, Ticket, Verdict
 from jobcore.snapshots import JobSnapshot, Snapshots, elapsed_ms
-from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout
+from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout, evolved
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -91,6 +91,8 @@ DEFAULT_START_TIMEOUT = 60.0
 CLOSED = "the connection was closed"
 
 _log = get_logger("jobcore.engine")
+#: the legacy domain job alias's UUID as an int (compared without UUID.__eq__'s call)
+_LEGACY_UUID_INT = C.LEGACY_DOMAIN_JOB_UUID.int
 _stdlib_log = logging.getLogger("jobcore.engine")
 
 
@@ -354,7 +356,7 @@ class Engine:
         dom = await self.dconn.lookup_domain(domain)
         job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
         if spec.uuid is None:  # any UUID can be written
-            spec = round_trips_as(attrs.evolve(spec, uuid=job_id), spec)
+            spec = round_trips_as(evolved(spec, uuid=job_id), spec)
         if info.prepare is not None:
             spec = info.prepare(spec, dom, self.clock.wall())
         if path_guard is not None:
@@ -380,7 +382,7 @@ class Engine:
             raise InvalidArgument(
                 f"a job with UUID '{job_id}' already exists (on '{owner}'): choose another UUID"
             )
-        if job_id == C.LEGACY_DOMAIN_JOB_UUID:
+        if job_id.int == _LEGACY_UUID_INT:
             raise InvalidArgument(f"'{job_id}' is reserved for the legacy domain job alias")
 
     def _new_ticket(
@@ -942,16 +944,27 @@ class Engine:
         rec.starting = True
         error: JobError | None = None
         cause: Exception | None = None
-        # Shielded: a begin cancelled now (its client went away) would leave a job the
-        # driver may or may not have. The start completes and the job is tracked; the
-        # caller's cancellation takes effect when begin returns. Bounded all the same: the
-        # scope's own deadline still cancels it (one scope for both).
-        deadline = anyio.current_time() + self.start_timeout
-        bound = anyio.CancelScope(shield=True, deadline=deadline)
+        timed_out = broke_promise = False
+        inline = getattr(self.dconn, "start_inline", None)
         try:
-            with bound:
-                await self.dconn.start(job)
-            if bound.cancelled_caught:
+            if inline is not None and inline(job):
+                # the driver's start does not wait for anything: nothing can cancel it
+                # or make it late, so it needs no shield and no bound (the cancel scope
+                # costs as much as the rest of an instant job's start)
+                start = self.dconn.start(job)
+                if _first_step(start) is not _DONE:
+                    # it waits after all, perhaps inside a cancel scope of its own that
+                    # no scope of the engine's may now enclose: a driver bug, stopped here
+                    start.close()
+                    broke_promise = True
+                    raise DriverError(
+                        f"driver '{self.dconn.uri}' started job '{rec.uuid}' inline "
+                        "(start_inline) but its start waited: the job failed and the "
+                        "driver was told to cancel it"
+                    )
+            else:
+                timed_out = await self._start_bounded(job)
+            if timed_out:
                 error = DriverError(
                     f"driver '{self.dconn.uri}' did not start job '{rec.uuid}' within "
                     f"{self.start_timeout:g} s (the hypervisor may be stopped or stuck): "
@@ -974,18 +987,35 @@ class Engine:
                     await self.dconn.set_speed(rec.driver_job, rec.bandwidth)
             except JobError as exc:
                 job_log(rec).warning("queued speed not applied", error=str(exc))
-        if error is None and rec.state not in (S.FAILED, S.CANCELLED):
+        if (
+            error is None
+            and rec.state not in (S.FAILED, S.CANCELLED)
+            and getattr(rec.spec, "checkpoint_name", None) is not None
+        ):
             await self._checkpoint_started(rec)
         if error is not None:
             if rec.state.active:
                 self._finish(rec, S.FAILED, errmsg=str(error))
-            if bound.cancelled_caught:  # failed first: a cancel report cannot change that
+            if timed_out or broke_promise:  # failed first: a cancel report cannot change it
                 with anyio.CancelScope(shield=True):
                     await self._cancel_unstarted(rec, job)
             if raise_errors:
                 if cause is not None:
                     raise error from cause
                 raise error
+
+    async def _start_bounded(self, job: DriverJob) -> bool:
+        """The driver's start, shielded and bounded; True if the bound cut it short.
+
+        Shielded: a begin cancelled now (its client went away) would leave a job the
+        driver may or may not have. The start completes and the job is tracked; the
+        caller's cancellation takes effect when begin returns. Bounded all the same: the
+        scope's own deadline still cancels it (one scope for both)."""
+        deadline = anyio.current_time() + self.start_timeout
+        bound = anyio.CancelScope(shield=True, deadline=deadline)
+        with bound:
+            await self.dconn.start(job)
+        return bound.cancelled_caught
 
     async def _checkpoint_started(self, rec: JobRecord) -> None:
         """A backup that creates a checkpoint started: its record is made now."""
@@ -1126,7 +1156,9 @@ class Engine:
         rec.driver_job = None
         if rec.admitted is not None:  # a preemptor's begin waits no longer: it ended
             rec.admitted.set()
-        self._readmit(self.scheduler.release(rec.ticket))
+        readmitted = self.scheduler.release(rec.ticket)
+        if readmitted:
+            self._readmit(readmitted)
         if (
             rec.preempt == "cancel"
             and rec.state is S.CANCELLED
@@ -1136,7 +1168,7 @@ class Engine:
             self._requeue(rec)
         if _stdlib_log.isEnabledFor(logging.INFO):
             job_log(rec).info("job ended", state=str(rec.state), errmsg=rec.errmsg)
-        member_ended = self.member_ended.pop(rec.uuid, None)
+        member_ended = self.member_ended.pop(rec.uuid, None) if self.member_ended else None
         if member_ended is not None:  # a group member: its group decides what follows
             member_ended(rec)
 
@@ -1417,7 +1449,11 @@ class Engine:
                     level, "driver report ignored", report=str(report), state=str(rec.state)
                 )
             return
-        gate = self.completion_gate.get(rec.uuid) if report is Report.COMPLETED else None
+        gate = (  # (a UUID's hash is a Python call: not asked of an empty table)
+            self.completion_gate.get(rec.uuid)
+            if report is Report.COMPLETED and self.completion_gate
+            else None
+        )
         if gate is not None and gate(rec, extra):  # a group member: held back
             self._snapshot(rec)  # (the group may have set its progress)
             return
@@ -1525,6 +1561,18 @@ def _explanation(ticket: Ticket, verdict: Verdict, position: int | None) -> Expl
         blockers=tuple(Blocker(c.holder, c.claim.resource, c.rule) for c in verdict.blockers),
         position=position,
     )
+
+
+#: what _first_step returns for a coroutine that finished
+_DONE = object()
+
+
+def _first_step(start: Coroutine[Any, Any, None]) -> Any:
+    """Run ``start`` up to where it first waits: what it yields there, or _DONE."""
+    try:
+        return start.send(None)
+    except StopIteration:
+        return _DONE
 
 
 def _start_finished(rec: JobRecord) -> None:

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import bisect
 import enum
+import errno
 import itertools
 import os
+import stat
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
-from attrs import define, field, frozen
+from attrs import define, frozen
 
 from jobcore.errors import InvalidArgument, JobConflict
 from jobcore.spec import Decision as Decision  # defined below the scheduler, named here too
@@ -100,12 +102,42 @@ def normalize_path(path: str) -> str:
     """One spelling per file: the directory resolved (``//``, ``.``, ``..`` and symbolic
     links, as the kernel would), the last component kept as written (a symbolic link there
     is the caller's business: drivers refuse an existing name). A few ``lstat`` calls."""
-    if not os.path.isabs(path):
+    if not path.startswith("/"):  # (os.path.isabs, without its calls)
         path = os.path.join(os.getcwd(), path)
+    cut = path.rfind("/")
+    plain = 0 < cut and path[cut - 1] != "/" and path[cut + 1 :] not in ("", ".", "..")
+    if plain and _plain_dir(path[:cut]):
+        return path  # what realpath(head) + tail gives: head is its own resolution
     head, tail = os.path.split(path)
     if tail in ("", ".", ".."):
         return os.path.realpath(path)
     return os.path.join(os.path.realpath(head), tail)
+
+
+#: lstat errors of a path that every path below it gets too
+_FAILS_BELOW = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES})
+
+
+def _plain_dir(head: str) -> bool:
+    """Whether ``os.path.realpath(head)`` is ``head`` itself, found with realpath's lstat
+    calls (one per component, from the root): ``head`` is absolute, spelt without ``//``,
+    ``.`` or ``..``, and no component is a symbolic link. A component that cannot be
+    lstat'ed is kept as written, as realpath keeps it; one that does not exist, or whose
+    directory cannot be searched, ends the walk (every one below fails the same way: the
+    lookup of each passes through it). False: let realpath say."""
+    if not head.startswith("/") or "//" in head or "/." in head:
+        return False  # (a component starting with '.' goes the long way: rare)
+    end = head.find("/", 1)
+    while True:
+        try:
+            if stat.S_ISLNK(os.lstat(head if end < 0 else head[:end]).st_mode):
+                return False
+        except OSError as exc:
+            if exc.errno in _FAILS_BELOW:
+                return True
+        if end < 0:
+            return True
+        end = head.find("/", end + 1)
 
 
 def file_resource(path: str) -> str:
@@ -202,6 +234,10 @@ class Verdict:
         return tuple(c.holder for c in self.blockers) if self.decision is Decision.PREEMPT else ()
 
 
+#: the verdict of every ticket nothing blocks (a frozen value: one is enough)
+_ADMIT = Verdict(Decision.ADMIT)
+
+
 @frozen
 class GroupVerdict:
     """The admission decision for a job group's tickets (``Scheduler.verdict_all``)."""
@@ -255,17 +291,20 @@ class Ticket:
         return (-(self.priority + self.boost), self.seq)
 
 
-@define(eq=False)
 class _Resource:
-    holders: dict[Mode, dict[uuid.UUID, None]] = field(factory=dict)
-    #: (order, seq-unique ticket, mode), kept sorted: the FIFO queue of this resource
-    waiters: list[tuple[tuple[int, int], Ticket, Mode]] = field(factory=list)
+    __slots__ = ("holders", "waiters")
+
+    def __init__(self) -> None:
+        #: mode -> the tickets holding the resource in it (by identity, in admission order)
+        self.holders: dict[Mode, dict[Ticket, None]] = {}
+        #: (order, seq-unique ticket, mode), kept sorted: the FIFO queue of this resource
+        self.waiters: list[tuple[tuple[int, int], Ticket, Mode]] = []
 
     def conflicting_holder(self, mode: Mode) -> tuple[uuid.UUID, Mode] | None:
         for other in CONFLICTS[mode]:
             held = self.holders.get(other)
             if held:
-                return next(iter(held)), other
+                return next(iter(held)).job, other
         return None
 
     def earlier_conflicting_waiter(
@@ -282,7 +321,9 @@ class _Resource:
         self.waiters = [w for w in self.waiters if w[1] is not ticket]
 
     def empty(self) -> bool:
-        return not self.waiters and not any(self.holders.values())
+        if self.waiters:
+            return False
+        return not any(self.holders.values())
 
 
 class Scheduler:
@@ -293,8 +334,8 @@ class Scheduler:
         self._seq = itertools.count()
         #: the policy table (data; design/scheduling.md "Policy")
         self.policy: PolicyTable = policy
-        #: the tickets that hold claims, by job
-        self._held: dict[uuid.UUID, Ticket] = {}
+        #: the tickets that hold claims, by job (its UUID as an int: a cheaper hash)
+        self._held: dict[int, Ticket] = {}
 
     def _res(self, name: str) -> _Resource:
         res = self._resources.get(name)
@@ -359,9 +400,10 @@ class Scheduler:
             if res is None:
                 continue
             for other in CONFLICTS[claim.mode]:
-                for job in res.holders.get(other, ()):
+                for holder in res.holders.get(other, ()):
+                    job = holder.job
                     if job != ticket.job and job not in found:
-                        found[job] = (Conflict(job, other, claim, False), self._held.get(job))
+                        found[job] = (Conflict(job, other, claim, False), holder)
             for order, waiter, wmode in res.waiters:
                 if order >= ticket.order:
                     break
@@ -386,7 +428,7 @@ class Scheduler:
     def decide(self, ticket: Ticket, c: Conflict) -> Conflict:
         """``c`` (a blocker ``conflict`` or ``blockers`` found for ``ticket``) with the
         policy that applies to it and the rule that says so (group admission uses it)."""
-        other = self._held.get(c.holder)
+        other = self._held.get(c.holder.int)
         if c.waiting:
             other = next(
                 (w for _, w, _ in self._resources[c.claim.resource].waiters if w.job == c.holder),
@@ -436,12 +478,12 @@ class Scheduler:
         if not every_blocker and not self.policy and ticket.policy is None:
             first = self.conflict(ticket)
             if first is None:
-                return Verdict(Decision.ADMIT)
+                return _ADMIT
             c = self._decide(ticket, first, None)
             return Verdict(Decision.QUEUE if ticket.queue else Decision.CONFLICT, (c,))
         found = tuple(self._decide(ticket, c, t) for c, t in self._blockers(ticket))
         if not found:
-            return Verdict(Decision.ADMIT)
+            return _ADMIT
         policies = {c.policy for c in found}
         if Policy.REJECT in policies:
             decision = Decision.CONFLICT
@@ -523,32 +565,45 @@ class Scheduler:
             )
 
     def _hold(self, ticket: Ticket) -> None:
+        resources = self._resources
         for claim in ticket.claims:
-            self._res(claim.resource).holders.setdefault(claim.mode, {})[ticket.job] = None
-        self._held[ticket.job] = ticket
+            res = resources.get(claim.resource)
+            if res is None:
+                res = resources[claim.resource] = _Resource()
+            held = res.holders.get(claim.mode)
+            if held is None:
+                res.holders[claim.mode] = {ticket: None}
+            else:
+                held[ticket] = None
+        self._held[ticket.job.int] = ticket
 
     def release(self, ticket: Ticket) -> list[Ticket]:
         """Drop a ticket (held or waiting); return waiting tickets admitted as a result."""
+        resources = self._resources
+        waiting = ticket.waiting
         touched: list[_Resource] = []
+        queued = False  # a touched resource has waiters
         for claim in ticket.claims:
-            res = self._resources.get(claim.resource)
+            res = resources.get(claim.resource)
             if res is None:
                 continue
-            if ticket.waiting:
+            if waiting:
                 res.remove_waiter(ticket)
             else:
                 held = res.holders.get(claim.mode)
                 if held is not None:
-                    held.pop(ticket.job, None)
+                    held.pop(ticket, None)
             touched.append(res)
-        if not ticket.waiting:
-            self._held.pop(ticket.job, None)
+            if res.waiters:
+                queued = True
+        if not waiting:
+            self._held.pop(ticket.job.int, None)
         ticket.waiting = False
-        admitted = self._wake(touched) if any(res.waiters for res in touched) else []
+        admitted = self._wake(touched) if queued else []
         for claim in ticket.claims:
-            res = self._resources.get(claim.resource)
+            res = resources.get(claim.resource)
             if res is not None and res.empty():
-                del self._resources[claim.resource]
+                del resources[claim.resource]
         return admitted
 
     def _wake(self, touched: Iterable[_Resource]) -> list[Ticket]:
@@ -658,7 +713,7 @@ class Scheduler:
 
     def holders(self, resource: str) -> dict[Mode, list[uuid.UUID]]:
         res = self._resources.get(resource)
-        return {} if res is None else {m: list(h) for m, h in res.holders.items() if h}
+        return {} if res is None else {m: [t.job for t in h] for m, h in res.holders.items() if h}
 
     def resource_count(self) -> int:
         return len(self._resources)
@@ -681,7 +736,7 @@ class Scheduler:
 
     def held(self, job: uuid.UUID) -> Ticket | None:
         """The ticket ``job`` holds claims with, if any."""
-        return self._held.get(job)
+        return self._held.get(job.int)
 
 
 def _conflict_error(ticket: Ticket, found: Conflict) -> JobConflict:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import enum
 import math
 import uuid
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
+import attrs
 from attrs import field, frozen, validators
 
 from jobcore.errors import InvalidArgument
@@ -166,3 +167,29 @@ class JobSpec(Protocol):
 
     @property
     def options(self) -> JobOptions: ...
+
+
+# ---- attrs values, changed fast (hot paths: a job's begin) --------------------------
+
+_Value = TypeVar("_Value")
+
+
+def evolved(inst: _Value, **changes: Any) -> _Value:
+    """``attrs.evolve(inst, **changes)`` (an attrs instance with ``changes`` applied by
+    init argument), with the class's fields looked up once per class, not per call."""
+    cls = type(inst)
+    given = {alias: getattr(inst, name) for alias, name in init_fields(cls)}
+    given.update(changes)
+    return cls(**given)
+
+
+def init_fields(cls: type[Any]) -> tuple[tuple[str, str], ...]:
+    """(init argument, attribute) of each field ``cls.__init__`` takes (an attrs class's
+    fields are fixed once the class exists)."""
+    found = _INIT_FIELDS.get(cls)
+    if found is None:
+        found = _INIT_FIELDS[cls] = tuple((a.alias, a.name) for a in attrs.fields(cls) if a.init)
+    return found
+
+
+_INIT_FIELDS: dict[type[Any], tuple[tuple[str, str], ...]] = {}

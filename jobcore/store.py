@@ -18,7 +18,6 @@ import heapq
 import json
 import socket
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -106,7 +105,10 @@ class JobStore(Protocol):
 
 
 class MemoryJobStore:
-    """Records in dicts; ended records expire by a heap of deadlines and by the caps."""
+    """Records in dicts; ended records expire by a heap of deadlines and by the caps.
+    The dicts are keyed by a job's UUID as an int (``uuid.int``): hashing an int is
+    CPython's own, a UUID's hash is a Python method, and a job's way through the store
+    hashes its key a dozen times."""
 
     def __init__(
         self,
@@ -118,22 +120,22 @@ class MemoryJobStore:
             raise ValueError("retained-job caps must be >= 0")
         self.max_retained_per_domain = max_retained_per_domain
         self.max_retained = max_retained
-        self._jobs: dict[uuid.UUID, JobRecord] = {}
-        self._by_domain: dict[str, dict[uuid.UUID, JobRecord]] = {}
+        self._jobs: dict[int, JobRecord] = {}
+        self._by_domain: dict[str, dict[int, JobRecord]] = {}
         # domain -> the seqs of its jobs, ascending (begin order); seq -> record
         self._domain_seqs: dict[str, list[int]] = {}
         self._by_seq: dict[int, JobRecord] = {}
         # every job's UUID as an int, ascending: prefix lookups bisect it
         self._uuid_ints: list[int] = []
         # domain -> active domain-level jobs in begin order
-        self._active_dl: dict[str, dict[uuid.UUID, JobRecord]] = {}
+        self._active_dl: dict[str, dict[int, JobRecord]] = {}
         # domain -> retained domain-level jobs in end order
-        self._ended_dl: dict[str, dict[uuid.UUID, JobRecord]] = {}
+        self._ended_dl: dict[str, dict[int, JobRecord]] = {}
         # retained ended jobs in end order, in all and per domain (the caps evict the first)
-        self._retained: OrderedDict[uuid.UUID, JobRecord] = OrderedDict()
-        self._retained_by_domain: dict[str, OrderedDict[uuid.UUID, JobRecord]] = {}
-        self._expiry: list[tuple[float, int, uuid.UUID]] = []
-        self._active: dict[uuid.UUID, JobRecord] = {}
+        self._retained: dict[int, JobRecord] = {}
+        self._retained_by_domain: dict[str, dict[int, JobRecord]] = {}
+        self._expiry: list[tuple[float, int, int]] = []
+        self._active: dict[int, JobRecord] = {}
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -148,49 +150,71 @@ class MemoryJobStore:
         return list(self._active.values())
 
     def add(self, rec: JobRecord) -> None:
-        self._jobs[rec.uuid] = rec
-        self._by_domain.setdefault(rec.domain, {})[rec.uuid] = rec
-        seqs = self._domain_seqs.setdefault(rec.domain, [])
+        key = rec.uuid.int
+        self._jobs[key] = rec
+        domain = rec.domain
+        in_domain = self._by_domain.get(domain)
+        if in_domain is None:
+            in_domain = self._by_domain[domain] = {}
+        in_domain[key] = rec
+        seqs = self._domain_seqs.get(domain)
+        if seqs is None:
+            seqs = self._domain_seqs[domain] = []
         if seqs and seqs[-1] > rec.seq:
             bisect.insort(seqs, rec.seq)
         else:
             seqs.append(rec.seq)  # the usual case: seqs grow
         self._by_seq[rec.seq] = rec
-        bisect.insort(self._uuid_ints, rec.uuid.int)
-        self._active[rec.uuid] = rec
-        if rec.domain_level:
-            self._active_dl.setdefault(rec.domain, {})[rec.uuid] = rec
+        ints = self._uuid_ints
+        if ints and ints[-1] > key:
+            ints.insert(bisect.bisect_left(ints, key), key)
+        else:
+            ints.append(key)
+        self._active[key] = rec
+        if rec.info.domain_level:
+            self._active_dl.setdefault(domain, {})[key] = rec
 
     def get(self, job: uuid.UUID) -> JobRecord | None:
-        return self._jobs.get(job)
+        return self._jobs.get(job.int)
 
     def ended(self, rec: JobRecord, expires: float) -> None:
-        self._active.pop(rec.uuid, None)
-        if rec.domain_level:
-            _pop(self._active_dl, rec.domain, rec.uuid)
-            self._ended_dl.setdefault(rec.domain, {})[rec.uuid] = rec
-        self._retained[rec.uuid] = rec
-        in_domain = self._retained_by_domain.setdefault(rec.domain, OrderedDict())
-        in_domain[rec.uuid] = rec
-        heapq.heappush(self._expiry, (expires, rec.seq, rec.uuid))
+        key = rec.uuid.int
+        domain = rec.domain
+        self._active.pop(key, None)
+        if rec.info.domain_level:
+            _pop(self._active_dl, domain, key)
+            ended_dl = self._ended_dl.get(domain)
+            if ended_dl is None:
+                ended_dl = self._ended_dl[domain] = {}
+            ended_dl[key] = rec
+        retained = self._retained
+        retained[key] = rec
+        in_domain = self._retained_by_domain.get(domain)
+        if in_domain is None:
+            in_domain = self._retained_by_domain[domain] = {}
+        in_domain[key] = rec
+        heapq.heappush(self._expiry, (expires, rec.seq, key))
         while len(in_domain) > self.max_retained_per_domain:
             self._remove(next(iter(in_domain.values())))
-        while len(self._retained) > self.max_retained:
-            self._remove(next(iter(self._retained.values())))
-        if len(self._expiry) > 2 * len(self._retained) + 1024:
+        while len(retained) > self.max_retained:
+            self._remove(next(iter(retained.values())))
+        if len(self._expiry) > 2 * len(retained) + 1024:
             # deadlines of evicted records: drop them before they pile up
             self._expiry = [e for e in self._expiry if self._is_current(e[2], e[1])]
             heapq.heapify(self._expiry)
 
-    def _is_current(self, job: uuid.UUID, seq: int) -> bool:
-        rec = self._jobs.get(job)
+    def _is_current(self, key: int, seq: int) -> bool:
+        rec = self._jobs.get(key)
         return rec is not None and rec.seq == seq
 
     def purge(self, now: float) -> list[JobRecord]:
+        expiry = self._expiry
+        if not expiry or expiry[0][0] > now:
+            return []
         gone: list[JobRecord] = []
-        while self._expiry and self._expiry[0][0] <= now:
-            _, seq, job = heapq.heappop(self._expiry)
-            rec = self._jobs.get(job)
+        while expiry and expiry[0][0] <= now:
+            _, seq, key = heapq.heappop(expiry)
+            rec = self._jobs.get(key)
             if rec is None or rec.seq != seq:  # evicted already (the UUID may be reused)
                 continue
             self._remove(rec)
@@ -199,23 +223,28 @@ class MemoryJobStore:
 
     def _remove(self, rec: JobRecord) -> None:
         """Forget an ended record everywhere."""
-        job = rec.uuid
-        del self._jobs[job]
-        _pop(self._by_domain, rec.domain, job)
-        seqs = self._domain_seqs[rec.domain]
-        del seqs[bisect.bisect_left(seqs, rec.seq)]
+        key = rec.uuid.int
+        domain = rec.domain
+        del self._jobs[key]
+        _pop(self._by_domain, domain, key)
+        seqs = self._domain_seqs[domain]
+        if seqs[0] == rec.seq:
+            del seqs[0]
+        else:
+            del seqs[bisect.bisect_left(seqs, rec.seq)]
         if not seqs:
-            del self._domain_seqs[rec.domain]
+            del self._domain_seqs[domain]
         del self._by_seq[rec.seq]
-        del self._uuid_ints[bisect.bisect_left(self._uuid_ints, job.int)]
-        if rec.domain_level:
-            _pop(self._ended_dl, rec.domain, job)
-        self._retained.pop(job, None)
-        in_domain = self._retained_by_domain.get(rec.domain)
+        ints = self._uuid_ints
+        del ints[bisect.bisect_left(ints, key)]
+        if rec.info.domain_level:
+            _pop(self._ended_dl, domain, key)
+        self._retained.pop(key, None)
+        in_domain = self._retained_by_domain.get(domain)
         if in_domain is not None:
-            in_domain.pop(job, None)
+            in_domain.pop(key, None)
             if not in_domain:
-                del self._retained_by_domain[rec.domain]
+                del self._retained_by_domain[domain]
 
     def domain_jobs(self, domain: str) -> Iterator[JobRecord]:
         return iter(list(self._by_domain.get(domain, {}).values()))
@@ -243,7 +272,7 @@ class MemoryJobStore:
         found: list[JobRecord] = []
         i = bisect.bisect_left(self._uuid_ints, low)
         while i < len(self._uuid_ints) and self._uuid_ints[i] < high and len(found) < limit:
-            found.append(self._jobs[uuid.UUID(int=self._uuid_ints[i])])
+            found.append(self._jobs[self._uuid_ints[i]])
             i += 1
         return found
 
@@ -266,27 +295,33 @@ class MemoryJobStore:
         return None
 
 
-def _pop(index: dict[str, dict[uuid.UUID, JobRecord]], domain: str, job: uuid.UUID) -> None:
+def _pop(index: dict[str, dict[int, JobRecord]], domain: str, key: int) -> None:
     jobs = index.get(domain)
     if jobs is not None:
-        jobs.pop(job, None)
+        jobs.pop(key, None)
         if not jobs:
             del index[domain]
 
 
 class MemoryDriverState:
     """A driver connection's DriverState (jobcore.driver) with the memory store: kept for
-    as long as the connection, like its jobs. Values are copied as JSON, as the durable
-    store does, so a driver sees the same behaviour on both."""
+    as long as the connection, like its jobs. What ``load`` returns is a JSON copy, as the
+    durable store's, so a driver sees the same values on both. The copy is made when
+    loaded, not when saved (nothing loads what this connection saved but a test, and a
+    save is on a job's hot path): a value saved is the driver's to leave alone — the
+    drivers save records they build for the save."""
+
+    #: nothing saved here outlives the connection (jobcore.driver.DriverState)
+    durable = False
 
     def __init__(self) -> None:
-        self._values: dict[str, str] = {}  # key -> the value's JSON text
+        self._values: dict[str, Any] = {}  # key -> the value as saved
 
     def load(self) -> dict[str, Any]:
-        return {key: json.loads(text) for key, text in self._values.items()}
+        return {key: json.loads(json.dumps(value)) for key, value in self._values.items()}
 
     def save(self, key: str, value: Any) -> None:
-        self._values[key] = json.dumps(value)
+        self._values[key] = value
 
     def delete(self, key: str) -> None:
         self._values.pop(key, None)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import uuid
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobcore.errors import JobConflict
-from jobcore.scheduler import CONFLICTS, Claim, Decision, Mode, Scheduler, Ticket
+from jobcore.scheduler import CONFLICTS, Claim, Decision, Mode, Scheduler, Ticket, normalize_path
 
 DOM = "domain:vm1"
 VDA = "disk:vm1/vda"
@@ -301,3 +304,47 @@ def test_begins_short_verdict_decides_as_the_full_one(steps: list[tuple[int, int
         assert {c.holder for c in short.blockers} <= {c.holder for c in full.blockers}
         if full.decision is not Decision.CONFLICT:
             s.apply(t, short)
+
+
+def _realpath_spelling(path: str) -> str:
+    """normalize_path's rule in its plain form: realpath of the directory, the last
+    component as written."""
+    if not os.path.isabs(path):
+        path = os.path.join(os.getcwd(), path)
+    head, tail = os.path.split(path)
+    if tail in ("", ".", ".."):
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(head), tail)
+
+
+def test_normalize_path_spells_as_realpath_through_links_and_odd_spellings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk that skips realpath when no component is a link gives realpath's answer:
+    symbolic links (absolute, relative, dangling, looping) anywhere in the directory,
+    missing components, a file where a directory should be, '.', '..', '//', relative
+    paths; and a link made after a first call is seen at the next (nothing is cached)."""
+    root = tmp_path / "r"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "file").write_text("")
+    (root / "l").symlink_to(root / "a")
+    (root / "a" / "lb").symlink_to("b")
+    (root / "dang").symlink_to("nowhere")
+    (root / "loop1").symlink_to(root / "loop2")
+    (root / "loop2").symlink_to(root / "loop1")
+    parts = ["a", "b", "l", "lb", "dang", "file", "x", ".", "..", "", ".hid", "loop1"]
+    monkeypatch.chdir(root)
+    checked = 0
+    for depth in (1, 2, 3):
+        for combo in itertools.product(parts, repeat=depth):
+            for lead in (str(root), "/", "", "rel"):
+                for end in ("/t.qcow2", "", "/"):
+                    path = (lead + "/" if lead else "") + "/".join(combo) + end
+                    if path:
+                        assert normalize_path(path) == _realpath_spelling(path), path
+                        checked += 1
+    assert checked > 5000
+    later = root / "a" / "b" / "later"
+    assert normalize_path(f"{later}/t") == f"{later}/t"
+    later.symlink_to(root)
+    assert normalize_path(f"{later}/t") == f"{root}/t"

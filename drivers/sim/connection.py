@@ -26,7 +26,14 @@ from attrs import define
 from drivers.sim import backup, chain, migration
 from drivers.sim.clock import ManualClock, RealClock
 from drivers.sim.job import Behaviour, Phase, SimJob
-from drivers.sim.persist import SimState, dump_domain, load_domain, restore_job
+from drivers.sim.persist import (
+    SimState,
+    dump_domain,
+    job_key,
+    load_domain,
+    restore_job,
+    sim_job_key,
+)
 from drivers.sim.world import MiB, SimDomain, SimFile, SimWorld, define_domain
 from jobcore.driver import (
     BitmapInfo,
@@ -129,8 +136,11 @@ class SimConnection:
                 f"clock={str(clock_kind)[:80]!r} in '{uri}': it must be 'real' or 'manual'"
             )
         self.host_name = uri.name or "default"
-        #: where the world and the jobs are saved (None: they live as long as the connection)
-        self._persist = None if state is None else SimState(state)
+        #: where the world and the jobs are saved (None: they live as long as the
+        #: connection; so with a state that is not durable, the memory store's: its
+        #: records could only be read by a later process, and none will read them)
+        durable = state is not None and getattr(state, "durable", True) is not False
+        self._persist = SimState(state) if durable and state is not None else None
         self.clock: RealClock | ManualClock = RealClock()
         if clock_kind == "manual":  # goes on from the reading the last process saved
             saved = None if self._persist is None else self._persist.saved_clock()
@@ -152,7 +162,8 @@ class SimConnection:
         self._scope = anyio.CancelScope()
         self._stopped = False
         #: ended jobs whose records go once the store has the engine's terminal write too
-        self._ended: list[uuid.UUID] = []
+        #: (their records' keys)
+        self._ended: list[str] = []
         self._sweep_wakeup = anyio.Event()
         #: the last check_job of a backup: (spec, world version, monotonic time, creates)
         self._checked: tuple[PreparedBackup, int, float, list[tuple[str, SimFile]]] | None = None
@@ -270,7 +281,7 @@ class SimConnection:
         return [d.info() for d in self.host.domains.values()]
 
     async def lookup_domain(self, name: str) -> DomainInfo:
-        return self.world.domain(name).info()
+        return self.world.domain_info(name)
 
     async def create_domain(
         self, ddef: DomainDef, *, path_guard: PathGuard | None = None
@@ -362,29 +373,37 @@ class SimConnection:
 
     # ---- DriverConnection: jobs ----------------------------------------------------
 
+    def start_inline(self, job: DriverJob) -> bool:
+        """Whether ``start(job)`` runs to its end without waiting (the engine runs it
+        without a cancel scope): every start but a migration's while fleet peers are
+        set (it asks them whether its destination is a member)."""
+        return self._peers is None or not isinstance(job.spec, MigrationSpec)
+
     async def start(self, job: DriverJob) -> None:
         if self.crashed:
             raise DriverError("the simulated hypervisor is not running")
         if self._saved_jobs:
             self._drop_unclaimed()
+        spec = job.spec
         dom = self.world.domain(job.domain)
-        creates = (
-            self._backup_creates(job.spec, dom) if isinstance(job.spec, PreparedBackup) else []
-        )
-        handover_to = (
-            await self._handover_target(job.spec) if isinstance(job.spec, MigrationSpec) else None
-        )
+        backup_spec = spec if isinstance(spec, PreparedBackup) else None
+        creates = self._backup_creates(backup_spec, dom) if backup_spec is not None else []
+        handover_to = await self._handover_target(spec) if isinstance(spec, MigrationSpec) else None
         if handover_to is None:
-            total, converges, extra = self._behaviour(job.type).plan(self.world, job.spec, dom)
+            total, converges, extra = self._behaviour(job.type).plan(self.world, spec, dom)
         else:
             total, converges, extra = migration.plan_handover(dom)
-        if isinstance(job.spec, PreparedBackup):  # its checkpoint, atomically with it
-            bitmaps = backup.checkpoint_bitmaps(job.spec)
+        if backup_spec is not None:  # its checkpoint, atomically with it
+            bitmaps = backup.checkpoint_bitmaps(backup_spec)
             if bitmaps:  # none: the host is unchanged (not saved again)
                 backup.add_bitmaps(self.world, dom, bitmaps)
-        bandwidth = getattr(job.spec, "bandwidth", None)
+        bandwidth = getattr(spec, "bandwidth", None)
         rate = self.rate if not bandwidth else min(self.rate, float(bandwidth))
-        fail = self._take_injection(str(job.type))
+        fail = (
+            self._take_injection(str(job.type))
+            if self._injections or self._fail_at is not None
+            else None
+        )
         fail_at = None if fail is None else int(total * fail.at)
         sj = SimJob(
             job,
@@ -398,11 +417,12 @@ class SimConnection:
             created=tuple(path for path, _ in creates),
             handover_to=handover_to,
         )
-        if isinstance(job.spec, PreparedBackup) and job.spec.pull:
+        if backup_spec is not None and backup_spec.pull:
             sj.rate = math.inf  # the NBD export is up at once; its consumer reads at will
         self._save(sj)
         self._jobs[job.uuid] = sj
-        self.world.add_files(self.world.host_of(dom.name), creates)
+        if creates:
+            self.world.add_files(self.world.host_of(dom.name), creates)
         job.reporter.progress(0, total, extra)
         self._schedule(sj)
 
@@ -602,8 +622,8 @@ class SimConnection:
             self._update_extra(sj, sj.total)
             extra.update(sj.extra)
         if self._persist is not None:
-            self._persist.job_ended(job.uuid, outcome, errmsg, extra)
-            self._forget_later(job.uuid)
+            self._persist.job_ended(sj, outcome, errmsg, extra)
+            self._forget_later(sim_job_key(sj))
         return outcome, errmsg, extra
 
     # ---- durable state: recovery after a restart (drivers.sim.persist) -------------
@@ -622,7 +642,7 @@ class SimConnection:
             # committed: nothing of it ran
             return NotStarted(why)
         if "ended" in rec:  # ended, and the engine's terminal write did not make it
-            self._forget_later(job.uuid)
+            self._forget_later(job_key(job.uuid))
             outcome, errmsg = str(rec["ended"]), rec["errmsg"]
             return Concluded(_TERMINAL[outcome], errmsg, dict(rec["extra"]))
         if job.domain not in self.world.where:
@@ -675,8 +695,9 @@ class SimConnection:
             return "completed", None
         return None
 
-    def _forget_later(self, job: uuid.UUID) -> None:
-        self._ended.append(job)
+    def _forget_later(self, key: str) -> None:
+        """Delete a job's record (by its key: persist.sim_job_key) in the next sweep."""
+        self._ended.append(key)
         self._sweep_wakeup.set()
 
     def _drop_unclaimed(self) -> None:
@@ -699,8 +720,8 @@ class SimConnection:
             except Exception as exc:  # the records stay; the next process drops them
                 log.warning("sim_state_sync_failed", uri=self.uri, error=str(exc))
                 continue
-            for job in batch:
-                persist.forget_job(job)
+            for key in batch:
+                persist.forget_key(key)
             # the ends of the next moment are swept together (one wake-up for many)
             await anyio.sleep(SWEEP_PAUSE)
 

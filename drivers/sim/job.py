@@ -45,6 +45,8 @@ class SimJob:
     #: a migration's destination that is another fleet member (the domain is handed over
     #: to it when the job completes; None: a simulated host of this world)
     handover_to: str | None = None
+    #: its record's DriverState key (drivers.sim.persist.job_key), made at its first save
+    state_key: str = ""
 
     def processed(self, now: float) -> int:
         if self.paused or self.phase is not Phase.COPY:

@@ -47,11 +47,24 @@ def host_key(name: str) -> str:
 
 
 def file_key(host: str, path: str) -> str:
-    return FILE + json.dumps([host, path])
+    """``FILE + json.dumps([host, path])``, each string escaped by json's own encoder."""
+    return f"{FILE}[{_json_str(host)}, {_json_str(path)}]"
+
+
+#: a str as json.dumps writes it (ensure_ascii, as its defaults)
+_json_str = json.encoder.encode_basestring_ascii
 
 
 def job_key(job: uuid.UUID) -> str:
     return JOB + str(job)
+
+
+def sim_job_key(sj: SimJob) -> str:
+    """``job_key`` of a running job's UUID, made once per job."""
+    key = sj.state_key
+    if not key:
+        key = sj.state_key = job_key(sj.job.uuid)
+    return key
 
 
 def dump_host(host: SimHost) -> dict[str, Any]:
@@ -174,12 +187,16 @@ class SimState:
         self.state.delete(file_key(host.name, path))
 
     def job(self, sj: SimJob, processed: int, wall: float) -> None:
-        self.state.save(job_key(sj.job.uuid), dump_job(sj, processed, wall))
+        self.state.save(sim_job_key(sj), dump_job(sj, processed, wall))
 
     def job_ended(
-        self, job: uuid.UUID, outcome: str, errmsg: str | None, extra: Mapping[str, int | str]
+        self, sj: SimJob, outcome: str, errmsg: str | None, extra: Mapping[str, int | str]
     ) -> None:
-        self.state.save(job_key(job), {"ended": outcome, "errmsg": errmsg, "extra": dict(extra)})
+        self.state.save(sim_job_key(sj), {"ended": outcome, "errmsg": errmsg, "extra": dict(extra)})
+
+    def forget_key(self, key: str) -> None:
+        """``forget_job`` by the record's key (``sim_job_key``)."""
+        self.state.delete(key)
 
     def handovers(self) -> dict[str, dict[str, Any]]:
         """The hand-overs not yet taken in by their member, by domain name."""

@@ -146,6 +146,11 @@ class SimWorld:
         #: counts the changes of domains and files (``changed``, ``add_files``,
         #: ``remove_file``): a check against the world stands while it is unchanged
         self.version = 0
+        #: counts the changes of domains only (``changed``): a domain's DomainInfo is
+        #: made again once it moved (every change of a domain is followed by ``changed``)
+        self.domains_version = 0
+        #: domain name -> (domains_version, the SimDomain, its DomainInfo then)
+        self._infos: dict[str, tuple[int, SimDomain, DomainInfo]] = {}
         if saved and home in saved:  # the world a previous process left
             self.hosts = dict(saved)
             for host in self.hosts.values():
@@ -173,6 +178,7 @@ class SimWorld:
     def changed(self, host: SimHost) -> None:
         """``host``'s domains changed (created, destroyed, moved, chain or checkpoints)."""
         self.version += 1
+        self.domains_version += 1
         if self.persist is not None:
             self.persist.host(host)
 
@@ -197,6 +203,17 @@ class SimWorld:
         if dom is None:
             raise NoSuchDomain(f"domain '{name}' not found on '{self.uri}'")
         return dom
+
+    def domain_info(self, name: str) -> DomainInfo:
+        """``domain(name).info()``, made once per change of the world's domains (a
+        DomainInfo is a frozen value)."""
+        dom = self.domain(name)
+        cached = self._infos.get(name)
+        if cached is not None and cached[0] == self.domains_version and cached[1] is dom:
+            return cached[2]
+        info = dom.info()
+        self._infos[name] = (self.domains_version, dom, info)
+        return info
 
     def domain_host(self, name: str) -> str | None:
         """The name of the host in this world that holds domain ``name`` now."""

@@ -32,10 +32,11 @@ from jobcore.scheduler import (
     disk_resource,
     domain_resource,
     file_resource,
+    image_resource,
     normalize_path,
 )
 from jobcore.spec import JobOptions, JobType
-from jobcore.types.base import JobTypeInfo, chain_uses, image_claims, prepared
+from jobcore.types.base import JobTypeInfo, chain_uses, prepared
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
 from jobcore.xml._parse import fail, repeated
@@ -269,16 +270,16 @@ def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
     claims = [Claim(domain_resource(dom.name), Mode.DOMAIN_SHARED)]
     files: dict[str, None] = {}
     bases: dict[str, None] = {}
-    images: dict[Claim, None] = {}
+    images: dict[str, None] = {}
     for disk in spec.disks:
         claims.append(Claim(disk_resource(dom.name, disk.name), Mode.READ))
         files[file_resource(disk.store)] = None
         if disk.incremental is not None:
             bases[checkpoint_resource(dom.name, disk.incremental)] = None
         found = dom.disk(disk.name)
-        if found is not None:
-            images.update(dict.fromkeys(image_claims(chain_uses(found, set()))))
-    claims.extend(images)
+        if found is not None:  # every layer read: image_claims(chain_uses(found, set()))
+            images.update(dict.fromkeys(image_resource(path) for path in found.chain))
+    claims.extend(Claim(name, Mode.READ) for name in images)
     claims.extend(Claim(name, Mode.READ) for name in bases)
     sock = backup_socket(spec)
     if sock is not None:  # the NBD server creates it: two jobs must not share it

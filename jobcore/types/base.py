@@ -11,14 +11,13 @@ import builtins
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import attrs
 from attrs import frozen
 
 from jobcore.errors import InvalidArgument
 from jobcore.lifecycle import ALL_VERBS, Verb
 from jobcore.paths import Access, PathUse
 from jobcore.scheduler import Claim, Mode, image_resource
-from jobcore.spec import JobOptions, JobSpec, JobType
+from jobcore.spec import JobOptions, JobSpec, JobType, init_fields
 
 if TYPE_CHECKING:
     import uuid
@@ -87,7 +86,7 @@ def prepared(cls: builtins.type[_Prepared], spec: Any, **resolved: Any) -> _Prep
     """The prepared spec ``cls`` (a subclass of the spec's class) of ``spec``: every field
     of the spec, so one added to a spec class reaches its prepared spec, with the
     ``resolved`` ones set or replaced."""
-    given = {a.alias: getattr(spec, a.name) for a in attrs.fields(type(spec)) if a.init}
+    given = {alias: getattr(spec, name) for alias, name in init_fields(type(spec))}
     return cls(**{**given, **resolved})
 
 

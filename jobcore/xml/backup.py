@@ -31,6 +31,7 @@ from jobcore.backup import (
     StoreType,
 )
 from jobcore.errors import InvalidArgument, XMLError
+from jobcore.spec import evolved
 from jobcore.xml import _types as T
 from jobcore.xml._parse import choice, fail, once, repeated
 
@@ -458,7 +459,7 @@ def align_backup(spec: BackupDef, disks: Mapping[str, str], suffix: str) -> Back
     server = spec.server
     if server is not None and server.transport is None:
         server = attrs.evolve(server, transport=ServerTransport.TCP)
-    return attrs.evolve(spec, mode=spec.effective_mode, server=server, disks=tuple(out))
+    return evolved(spec, mode=spec.effective_mode, server=server, disks=tuple(out))
 
 
 def _align_disk(spec: BackupDef, disk: BackupDisk, source: str, suffix: str) -> BackupDisk:
@@ -481,7 +482,7 @@ def _align_disk(spec: BackupDef, disk: BackupDisk, source: str, suffix: str) -> 
         if store_type is StoreType.BLOCK:
             raise InvalidArgument(f"refusing to generate a file name for block disk '{disk.name}'")
         store = BackupStore(path=f"{source}.{suffix}", format=disk.driver)
-    return attrs.evolve(
+    return evolved(
         disk,
         backup=True,
         type=store_type,
