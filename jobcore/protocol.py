@@ -75,18 +75,18 @@ class PeerCred:
     gid: int
 
 
-def peer_credentials(stream: SocketStream) -> PeerCred | None:
+def peer_credentials(stream: SocketStream | socket.socket) -> PeerCred | None:
     """The process at the other end of a UNIX socket: pid/uid/gid (SO_PEERCRED; Linux)."""
     so_peercred = getattr(socket, "SO_PEERCRED", None)
     if so_peercred is None:
         return None
-    sock = stream.extra(SocketAttribute.raw_socket)
+    sock = stream if isinstance(stream, socket.socket) else stream.extra(SocketAttribute.raw_socket)
     raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return PeerCred(pid, uid, gid)
 
 
-def check_daemon_peer(stream: SocketStream, path: Path) -> None:
+def check_daemon_peer(stream: SocketStream | socket.socket, path: Path) -> None:
     """Refuse a daemon socket served by another user than us or root: whoever could create
     the socket (a pre-made run directory, a shared /tmp) could otherwise read our requests
     and answer them."""
