@@ -16,7 +16,6 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 from anyio.abc import SocketListener, SocketStream, TaskGroup
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from jobcore.daemon.config import (
     ACCEPT_BACKOFF,
@@ -35,7 +34,14 @@ from jobcore.daemon.drivers import DriverConnections
 from jobcore.daemon.fleet import FleetJob, FleetService
 from jobcore.daemon.handlers import _BULKY, _HANDLERS
 from jobcore.daemon.rundir import RunDirLock
-from jobcore.daemon.sessions import _ByteBudget, _Client, _ClientGone, _FrameLate, _Noise
+from jobcore.daemon.sessions import (
+    _ByteBudget,
+    _Client,
+    _ClientGone,
+    _FrameLate,
+    _Noise,
+    _Receiver,
+)
 from jobcore.errors import InvalidArgument, JobError, StoreError, SubscriptionOverflow
 from jobcore.events import EndReason, EventKind, Subscription
 from jobcore.fleet import Fleet
@@ -453,7 +459,7 @@ class Daemon:
             return
 
     async def _read_loop(self, client: _Client) -> None:
-        receive = BufferedByteReceiveStream(client.stream)
+        receive = _Receiver(client.stream)
         slots = anyio.Semaphore(MAX_IN_FLIGHT)
         try:
             while True:
@@ -504,7 +510,7 @@ class Daemon:
             client.subs.clear()
 
     async def _receive_body(
-        self, client: _Client, receive: BufferedByteReceiveStream, length: int
+        self, client: _Client, receive: _Receiver, length: int
     ) -> tuple[Message | None, int]:
         """A frame's body, decoded (None if it was malformed: the client was answered),
         read within ``frame_timeout`` in chunks as the bytes arrive, and the share of
@@ -512,6 +518,8 @@ class Daemon:
         bytes of it, waiting (within the same deadline) while the frames of others hold
         it; the caller gives the share back once the request is served."""
         cfg = self.config
+        if length <= len(receive.buffer):  # read with its header already (a small frame)
+            return await self._decode_body(client, receive.take(length)), 0
         share = length if length > SMALL_FRAME else 0
         reserved = False
         kept = False
@@ -534,11 +542,8 @@ class Daemon:
                     remaining -= len(chunk)
             body = b"".join(chunks)
             del chunks
-            try:
-                msg = decode_message(body, REQUEST_LIMITS)
-            except BadRequest as exc:
-                client.noise.line("warning", "malformed frame", error=str(exc))
-                await client.send(error_reply(exc.request_id, exc))
+            msg = await self._decode_body(client, body)
+            if msg is None:
                 return None, 0
             kept = True
             return msg, share
@@ -561,6 +566,16 @@ class Daemon:
         finally:
             if reserved and not kept:
                 self._release_received(client, share)
+
+    async def _decode_body(self, client: _Client, body: bytes) -> Message | None:
+        """The message a frame body holds; None if it is malformed (the client was
+        answered)."""
+        try:
+            return decode_message(body, REQUEST_LIMITS)
+        except BadRequest as exc:
+            client.noise.line("warning", "malformed frame", error=str(exc))
+            await client.send(error_reply(exc.request_id, exc))
+            return None
 
     def _release_received(self, client: _Client, share: int) -> None:
         client.receiving.release(share)
@@ -631,7 +646,10 @@ class Daemon:
                 )
             )
             return False
-        await slots.acquire()
+        try:
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await slots.acquire()
         client.requests[msg.id] = scope = anyio.CancelScope()  # a CANCEL finds it at once
         client.tg.start_soon(self._run_request, client, msg, scope, slots, share)
         return True
@@ -790,7 +808,8 @@ class Daemon:
                     if client.readonly:
                         await self._ro_bulky.acquire()
                         ro_bulky = True
-                await anyio.lowlevel.checkpoint()  # a CANCEL that came first stops it here
+                if scope.cancel_called:  # a CANCEL read before the request's task began
+                    await anyio.lowlevel.checkpoint()  # ends it here, as the scope says
                 # a client (or socket) that does not take its replies gets no more computed
                 await client.drained()
                 try:
