@@ -646,6 +646,9 @@ class Daemon:
                 )
             )
             return False
+        if msg.method in _INLINE and not share and client.fleet is None:
+            await self._serve_inline(client, msg)
+            return False
         try:
             slots.acquire_nowait()
         except anyio.WouldBlock:
@@ -786,6 +789,37 @@ class Daemon:
         finally:
             sub.close()
 
+    async def _serve_inline(self, client: _Client, req: Request) -> None:
+        """Serve a read answered from the engine's records (``_INLINE``) in the read loop
+        itself: no task, no cancel scope, no slot. It waits for nothing, so the client's
+        next frame is read as soon as it would be with a task; one at a time holds the
+        bulky bound by itself (the read-only socket's shared one is still taken)."""
+        ro_bulky = client.readonly and req.method in _BULKY
+        if ro_bulky:
+            await self._ro_bulky.acquire()
+        try:
+            await client.drained()
+            reply = await self._reply(client, req)
+            frame = client.encode(reply)
+        finally:
+            if ro_bulky:
+                self._ro_bulky.release()
+        del req, reply
+        await client.send_frame(frame)
+
+    @staticmethod
+    async def _reply(client: _Client, req: Request) -> Message:
+        """The handler's reply to ``req``, or the error reply it raised."""
+        try:
+            return Reply(req.id, await _HANDLERS[req.method](client, req.args))
+        except (JobError, TimeoutError) as exc:
+            return error_reply(req.id, exc)
+        except Exception as exc:
+            client.log.exception("request failed", method=str(req.method))
+            return error_reply(
+                req.id, JobError(f"internal error in jobd: {type(exc).__name__}: {exc}")
+            )
+
     async def _run_request(
         self,
         client: _Client,
@@ -812,15 +846,7 @@ class Daemon:
                     await anyio.lowlevel.checkpoint()  # ends it here, as the scope says
                 # a client (or socket) that does not take its replies gets no more computed
                 await client.drained()
-                try:
-                    reply = Reply(rid, await _HANDLERS[method](client, req.args))
-                except (JobError, TimeoutError) as exc:
-                    reply = error_reply(rid, exc)
-                except Exception as exc:
-                    client.log.exception("request failed", method=str(method))
-                    reply = error_reply(
-                        rid, JobError(f"internal error in jobd: {type(exc).__name__}: {exc}")
-                    )
+                reply = await self._reply(client, req)
             del req  # its arguments (an XML document, say) are not needed any more
             if share:
                 self._release_received(client, share)
@@ -846,6 +872,24 @@ class Daemon:
                 self._release_received(client, share)
             client.requests.pop(rid, None)
             slots.release()
+
+
+#: Reads answered from the engine's records, waiting for no driver, store or timer: jobd
+#: serves them in the client's read loop (``Daemon._serve_inline``); every other request
+#: gets a task of its own (it may wait: a job's end, QEMU, the store, another host).
+_INLINE = frozenset(
+    {
+        Method.LOOKUP_DOMAIN,
+        Method.LOOKUP_JOB,
+        Method.JOB_LOOKUP_BY_UUID,
+        Method.LIST_JOBS_PAGE,
+        Method.LEGACY_JOB_INFO,
+        Method.LEGACY_JOB_STATS,
+        Method.BLOCK_JOB_INFO,
+        Method.JOB_INFO,
+        Method.JOB_STATS,
+    }
+)
 
 
 def _arg_int(value: ArgValue) -> int:

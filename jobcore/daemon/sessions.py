@@ -163,11 +163,10 @@ class _Receiver:
             return
 
     async def receive_exactly(self, n: int) -> bytes:
-        if len(self.buffer) >= n:
-            self._unyielded += 1
-            if self._unyielded >= READS_BEFORE_YIELD:
-                self._unyielded = 0
-                await anyio.lowlevel.checkpoint()
+        self._unyielded += 1
+        if self._unyielded >= READS_BEFORE_YIELD:  # frames came without a wait: let others run
+            self._unyielded = 0
+            await anyio.lowlevel.checkpoint()
         while len(self.buffer) < n:
             await self._fill(n - len(self.buffer))
         return self.take(n)
