@@ -24,6 +24,7 @@ import jobcore
 import jobcore.remote
 from jobcore.errors import ConnectionLost, InvalidArgument, JobConflict, NoSuchDomain, XMLError
 from jobcore.protocol import AccessDenied, DaemonUnreachable
+from jobcore.remote import RemoteConnection
 
 MANUAL = "clock=manual"  # nothing moves: both clients see the same values
 
@@ -250,7 +251,7 @@ def test_the_read_only_socket_refuses_writes_on_the_blocking_path(jobd: Jobd) ->
         assert dom.jobStats() == {"type": jobcore.VIR_DOMAIN_JOB_NONE}
         with pytest.raises(AccessDenied, match="read-only access prevents 'job_begin'"):
             jobcore.JobBegin(dom, BACKUP_VDB.format(tag="ro"))
-        assert conn.aconn.readonly
+        assert isinstance(conn.aconn, RemoteConnection) and conn.aconn.readonly
 
 
 def test_a_blocking_connection_reconnects_after_jobd_restarts(tmp_path: Path) -> None:
