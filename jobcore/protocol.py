@@ -278,7 +278,13 @@ class _ItemBudget:
 def decode_message(body: bytes, limits: DecodeLimits = REPLY_LIMITS) -> Message:
     """A typed message from a frame body; BadRequest if it is not one or if it decodes
     into more than ``limits`` allow (jobd passes ``REQUEST_LIMITS``)."""
-    budget = _ItemBudget(limits.max_items)
+    # Every item takes a byte at least, and the budget counts each array or map once and
+    # each of its items once more: a body of n bytes counts at most 2n, so one of at most
+    # max_items/2 bytes cannot exceed it and is decoded without the counting hooks.
+    hooks: dict[str, Any] = {}
+    if 2 * len(body) > limits.max_items:
+        budget = _ItemBudget(limits.max_items)
+        hooks = {"list_hook": budget.array, "object_hook": budget.map}
     try:
         raw = msgpack.unpackb(
             body,
@@ -290,8 +296,7 @@ def decode_message(body: bytes, limits: DecodeLimits = REPLY_LIMITS) -> Message:
             max_ext_len=0,
             max_array_len=limits.max_array_len,
             max_map_len=limits.max_map_len,
-            list_hook=budget.array,
-            object_hook=budget.map,
+            **hooks,
         )
     except Exception as exc:  # msgpack raises several unrelated types
         raise BadRequest(

@@ -229,6 +229,8 @@ class _Client:
     socket_queued: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_QUEUED_SEND_TOTAL))
     #: bytes of received frames this client holds (MAX_CLIENT_RECEIVE)
     receiving: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_CLIENT_RECEIVE))
+    #: the stream's socket (looked up once: anyio's ``extra`` builds a mapping per call)
+    _raw: socket.socket | None = None
 
     async def drained(self) -> None:
         """Return once this client's and its socket's queued frames are below limit."""
@@ -279,7 +281,9 @@ class _Client:
 
     def _send_now(self, frame: bytes) -> int:
         """Write what the socket takes of ``frame`` without waiting; the bytes written."""
-        sock: socket.socket = self.stream.extra(SocketAttribute.raw_socket)
+        sock = self._raw
+        if sock is None:
+            sock = self._raw = self.stream.extra(SocketAttribute.raw_socket)
         try:
             return sock.send(frame, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
