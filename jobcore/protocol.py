@@ -541,6 +541,28 @@ def _is_tuple(cls: Any) -> bool:
     return typing.get_origin(cls) is tuple
 
 
+def _same(value: Wire, _: Any) -> Wire:
+    return value
+
+
+def _field_hooks(conv: cattrs.Converter, cls: type) -> list[tuple[Callable[[Wire, Any], Any], Any]]:
+    """The structure hook of each attrs field of ``cls`` and its type, in order: what
+    cattrs' ``structure_attrs_fromtuple`` looks up per field and per value (a field
+    without a type, or without a hook but with an attrs converter, takes the value)."""
+    plan: list[tuple[Callable[[Wire, Any], Any], Any]] = []
+    for a in attrs.fields(cls):
+        if a.type is None:
+            plan.append((_same, None))
+            continue
+        try:
+            plan.append((conv.get_structure_hook(a.type), a.type))
+        except cattrs.errors.StructureHandlerNotFoundError:
+            if a.converter is None:
+                raise
+            plan.append((_same, None))
+    return plan
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(unstruct_strat=cattrs.UnstructureStrategy.AS_TUPLE)
     for cls in (
@@ -563,11 +585,14 @@ def _make_converter() -> cattrs.Converter:
     def attrs_fromtuple(cls: type) -> Callable[[Wire, Any], Any]:
         n = len(attrs.fields(cls))
         name = cls.__name__
+        plan: list[tuple[Callable[[Wire, Any], Any], Any]] = []
 
         def structure(value: Wire, _: Any) -> Any:
             if not isinstance(value, list) or len(value) != n:
                 raise ValueError(f"a {name} is an array of {n} items")
-            return conv.structure_attrs_fromtuple(tuple(value), cls)
+            if not plan:  # each field's hook, looked up once (on first use: no recursion)
+                plan.extend(_field_hooks(conv, cls))
+            return cls(*[hook(v, t) for (hook, t), v in zip(plan, value, strict=True)])
 
         return structure
 
