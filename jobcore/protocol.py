@@ -607,9 +607,28 @@ def _make_converter() -> cattrs.Converter:
 
         return structure
 
+    def attrs_astuple(cls: type) -> Callable[[Any], tuple[Any, ...]]:
+        plan: list[tuple[str, Callable[[Any], Any] | None]] = []
+
+        def unstructure(obj: Any) -> tuple[Any, ...]:
+            if obj.__class__ is not cls:
+                return conv.unstructure_attrs_astuple(obj)
+            if not plan:  # each field's hook, looked up once (on first use: no recursion)
+                plan.extend(
+                    (a.name, None if a.type is None else conv.get_unstructure_hook(a.type))
+                    for a in attrs.fields(cls)
+                )
+            return tuple(
+                conv.unstructure(v) if hook is None else hook(v)
+                for name, hook in plan
+                for v in (getattr(obj, name),)
+            )
+
+        return unstructure
+
     conv.register_structure_hook_factory(attrs.has, attrs_fromtuple)
     # JobInfo and HostInfo are also Mappings: their attrs fields, not its mapping view, travel
-    conv.register_unstructure_hook_factory(attrs.has, lambda _: conv.unstructure_attrs_astuple)
+    conv.register_unstructure_hook_factory(attrs.has, attrs_astuple)
     conv.register_structure_hook_factory(_is_tuple, tuple_of)
     conv.register_unstructure_hook(uuid.UUID, lambda u: u.bytes)
     conv.register_structure_hook(uuid.UUID, _structure_uuid)
