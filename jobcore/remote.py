@@ -15,6 +15,11 @@ dispatching replies to their callers and events to subscriptions. A lost socket 
 calls in flight with ConnectionLost; the ``_Link`` then reconnects with a bounded
 backoff, subscribes again and resumes the subscriptions from the last event seq each saw
 (design/daemon.md, "Reconnecting"). Works on asyncio and trio.
+
+The blocking facade's jobd connections use the same ``RemoteConnection`` over a blocking
+socket instead (``connect_blocking``: ``_BlockingLink``, ``_BlockingSession``): each call
+runs on its caller's thread, several threads' requests in flight together, and the handle
+coroutines complete without suspending (design/daemon.md, "The lean remote path").
 """
 
 from __future__ import annotations
@@ -1048,6 +1053,8 @@ class _BlockingSession:
         #: request id -> its reply once read (only ids some thread waits for)
         self._replies: dict[int, Reply | ErrorReply] = {}
         self._waiting: set[int] = set()
+        #: calls in flight on this socket (more wait for a slot, as ``_Session``'s)
+        self._slots = threading.Semaphore(MAX_IN_FLIGHT)
         self._reading = False
         self._buffer = bytearray()
         self._lost: JobError | None = None
@@ -1069,9 +1076,8 @@ class _BlockingSession:
             frame = encode_message(Request(rid, method, args))
         except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int >= 2**64
             raise InvalidArgument(f"{method}: an argument cannot be sent: {exc}") from None
+        self._slots.acquire()
         with self._cond:
-            if len(self._waiting) >= MAX_IN_FLIGHT:
-                raise JobError(f"more than {MAX_IN_FLIGHT} calls in flight on one connection")
             self._waiting.add(rid)
         try:
             self._send(frame)
@@ -1085,6 +1091,7 @@ class _BlockingSession:
         finally:
             with self._cond:
                 self._waiting.discard(rid)
+            self._slots.release()
         if isinstance(reply, ErrorReply):
             raise raise_error(reply)
         return reply.result
@@ -1110,6 +1117,9 @@ class _BlockingSession:
                 self._read_farewell()
                 self.lose(ConnectionLost(f"the connection to {self.where} was lost: {exc}"), True)
                 raise self._lost or ConnectionLost(str(exc)) from None
+            except BaseException:  # interrupted mid-frame: the framing cannot be trusted
+                self.lose(ConnectionLost(f"the connection to {self.where} was interrupted"), True)
+                raise
 
     def _send_nowait(self, msg: Request | Cancel) -> None:
         if not self._send_lock.acquire(blocking=False):
