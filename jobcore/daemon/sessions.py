@@ -174,7 +174,7 @@ class _Receiver:
     async def receive(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes``: what is buffered, else what one read brings."""
         if not self.buffer:
-            await self._fill(0)
+            await self._fill(max_bytes)
         return self.take(min(max_bytes, len(self.buffer)))
 
 
