@@ -1057,6 +1057,9 @@ class _BlockingSession:
         self._slots = threading.Semaphore(MAX_IN_FLIGHT)
         self._reading = False
         self._buffer = bytearray()
+        #: only the reader polls (one thread at a time)
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self._lost: JobError | None = None
         #: the loss was the socket's: the link reconnects (as ``_Session.retry``)
         self.retry = False
@@ -1257,8 +1260,9 @@ class _BlockingSession:
         return data
 
     def _readable(self, timeout: float | None) -> bool:
-        ready, _, _ = select.select([self._sock], [], [], timeout)
-        return bool(ready)
+        # poll, not select: a process with over 1024 descriptors may hand us a higher one
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        return bool(self._poll.poll(ms))
 
     def _keepalive(self) -> None:
         silent = time.monotonic() - self._heard

@@ -5,7 +5,9 @@ in flight together; jobd's reads served in the read loop; reconnects, keepalive,
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import signal
 import threading
 import time
@@ -349,3 +351,28 @@ def test_a_blocking_frame_that_never_completes_loses_the_connection(
             conn.listAllDomains()
     finally:
         fake.close()
+
+
+def test_a_blocking_connection_works_on_a_descriptor_above_1024(jobd: Jobd) -> None:
+    """A process with many files open (vdsm, a backup tool) gets a socket numbered over
+    FD_SETSIZE: the blocking path waits with poll, which takes any descriptor (select
+    raises ValueError there)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.fail(f"the descriptor limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers: list[int] = []
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        fillers.append(null)
+        while len(fillers) < 1100:
+            fillers.append(os.dup(null))
+        with jobcore.open(jobd.uri("rate=0", host="highfd")) as conn:
+            assert isinstance(conn.aconn, RemoteConnection)
+            sock = conn.aconn._blocking.session._sock  # type: ignore[union-attr]
+            assert sock.fileno() > 1024
+            assert conn.lookupByName("vm1").jobStats() == {"type": jobcore.VIR_DOMAIN_JOB_NONE}
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
