@@ -1373,11 +1373,15 @@ class _BlockingLink:
                 raise lost
             _log.info("connection to jobd lost: reconnecting", socket=str(self.path))
             try:
-                self.session = self._reconnect(lost)
+                session = self._reconnect(lost)
             except JobError as exc:
                 self.failed = exc
                 raise
-            return self.session
+            if self._closing:  # closed while the attempt was connecting
+                session.close()
+                raise self.failed or DaemonUnreachable("the connection is closed")
+            self.session = session
+            return session
 
     def _reconnect(self, cause: JobError) -> _BlockingSession:
         started = time.monotonic()
