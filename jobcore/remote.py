@@ -1081,6 +1081,8 @@ class _BlockingSession:
             raise InvalidArgument(f"{method}: an argument cannot be sent: {exc}") from None
         self._slots.acquire()
         with self._cond:
+            if not self._waiting:  # idle until now: silence counts from this call on
+                self._heard = time.monotonic()
             self._waiting.add(rid)
         try:
             self._send(frame)

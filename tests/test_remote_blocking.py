@@ -321,6 +321,22 @@ def test_a_blocking_call_to_a_stopped_jobd_is_lost_not_hung(
                 daemon.proc.send_signal(signal.SIGCONT)
 
 
+def test_an_idle_blocking_connection_is_not_lost_by_its_next_long_call(
+    jobd: Jobd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Silence while no call waits is fine: a call made after an idle spell longer than
+    KEEPALIVE_TIMEOUT, that jobd takes longer than KEEPALIVE_INTERVAL to answer, is
+    answered (jobd answers the pings), not lost."""
+    monkeypatch.setattr(jobcore.remote, "KEEPALIVE_INTERVAL", 0.2)
+    monkeypatch.setattr(jobcore.remote, "KEEPALIVE_TIMEOUT", 1.0)
+    with jobcore.open(jobd.uri("rate=1&reconnect=0", host="idle")) as conn:
+        job = jobcore.JobBegin(conn.lookupByName("vm1"), BACKUP_VDB.format(tag="idle"))
+        time.sleep(1.5)  # idle: nothing in flight
+        with pytest.raises(TimeoutError):
+            jobcore.JobWait(job, 1.2)
+        jobcore.JobAbort(job)
+
+
 @pytest.mark.parametrize("mode", ["silent", "slowframe"])
 def test_blocking_open_gives_up_when_hello_is_not_answered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
