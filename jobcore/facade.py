@@ -1,16 +1,18 @@
 """The blocking, libvirt-flavoured facade: a thin synchronous wrapper over the async API.
 
-``open()`` starts one event loop on a daemon thread per connection and runs every call
-there through an anyio blocking portal; nothing here re-implements behaviour. An unclosed
-connection never keeps the process alive: the thread is a daemon, and an ``atexit`` hook
-closes what is still open (so drivers can reap their processes).
+``open()`` starts one event loop on a daemon thread per in-process connection and runs
+every call there through an anyio blocking portal; a jobd connection runs its calls on the
+caller's thread over a blocking socket and starts its loop only for events. Nothing here
+re-implements behaviour. An unclosed connection never keeps the process alive: the
+thread is a daemon, and an ``atexit`` hook closes what is still open (so drivers can reap
+their processes).
 
 On an in-process connection the read-only queries (``jobStats`` without COMPLETED,
 ``jobInfo``, ``blockJobInfo`` of a disk with a block job, ``JobGetInfo``, ``JobGetStats``,
 ``JobGetXMLDesc``, ``JobLookupByUUID`` of an active job) are answered on the caller's
 thread from the immutable snapshots the engine publishes (jobcore.snapshots says why
 that is safe and gives the loop's answer); the first such query starts the publishing
-with one hop. Everything else, and every call on a jobd connection, hops.
+with one hop. Every other call of an in-process connection hops to its loop.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.methods import as_uuid
 from jobcore.spec import DEFAULT_RETENTION, JobType, check_timeout
+from jobcore.uri import parse_uri
 
 T = TypeVar("T")
 
@@ -47,7 +50,15 @@ BACKENDS = ("asyncio", "trio")
 
 
 class BlockingConnection:
-    """virConnect-like. Create with ``jobcore.open(uri)``."""
+    """virConnect-like. Create with ``jobcore.open(uri)``.
+
+    In-process URIs run on an event loop on the connection's own daemon thread, every
+    call hopping there through an anyio blocking portal. A jobd URI
+    (``DRIVER+unix:///…?socket=…``) talks to jobd on the caller's thread over a blocking
+    socket (jobcore.remote.connect_blocking: the same frames, method table, typed errors
+    and results); its event loop starts only when something needs one: events
+    (``subscribe``), ``run`` of a coroutine that is no remote handle's call, ``run_sync``.
+    """
 
     def __init__(
         self,
@@ -63,8 +74,44 @@ class BlockingConnection:
                 + ", ".join(repr(b) for b in BACKENDS)
             )
         self.uri = uri
+        self._backend = backend
+        self._retention = retention
         self._portal: BlockingPortal | None = None
+        self._thread: threading.Thread | None = None
         self._cm: AbstractContextManager[Connection] | None = None
+        self._loop_lock = threading.Lock()
+        self._open = False
+        #: handle types whose calls run on the caller's thread (a jobd URI's)
+        self._inline: frozenset[type] = frozenset()
+        if parse_uri(uri).transport == "unix":
+            if store is not None:
+                raise InvalidArgument(
+                    f"'{uri}' is served by jobd, whose job store is the daemon's config "
+                    "(jobd --store URL): connect without store="
+                )
+            from jobcore import remote
+
+            self._remote: Any = remote.connect_blocking(uri)
+            self.aconn: Connection = self._remote
+            self._inline = remote.INLINE_HANDLES
+        else:
+            self._remote = None
+            self._start_loop()
+            try:
+                assert self._portal is not None
+                self._cm = self._portal.wrap_async_context_manager(
+                    connect(uri, retention=retention, store=store)
+                )
+                self.aconn = self._cm.__enter__()
+            except BaseException:
+                self._cm = None
+                self._stop_loop()
+                raise
+        self._open = True
+        _open_connections.add(self)
+
+    def _start_loop(self) -> None:
+        backend, uri = self._backend, self.uri
         started = threading.Event()
         failure: list[BaseException] = []
 
@@ -96,42 +143,66 @@ class BlockingConnection:
                 f"cannot start the {backend} event loop for '{uri}'"
                 + (f": {type(cause).__name__}: {cause}" if cause is not None else "")
             ) from cause
-        try:
-            self._cm = self._portal.wrap_async_context_manager(
-                connect(uri, retention=retention, store=store)
-            )
-            self.aconn: Connection = self._cm.__enter__()
-        except BaseException:
-            self._cm = None
-            self._stop_loop()
-            raise
-        _open_connections.add(self)
+
+    def _loop(self) -> BlockingPortal:
+        """The event loop's portal, started now if this (jobd) connection had none yet:
+        its calls made there, and its subscriptions, go over a second socket."""
+        portal = self._portal
+        if portal is not None:
+            return portal
+        with self._loop_lock:
+            if not self._open:
+                raise JobError("the connection is closed")
+            if self._portal is None:
+                self._start_loop()
+                assert self._portal is not None and self._thread is not None
+                try:
+                    cm = self._portal.wrap_async_context_manager(
+                        connect(self.uri, retention=self._retention)
+                    )
+                    events_conn = cm.__enter__()
+                except BaseException:
+                    self._stop_loop()
+                    raise
+                self._cm = cm
+                assert self._thread.ident is not None
+                self._remote.attach_link(events_conn, self._thread.ident)
+            return self._portal
 
     def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
-        if self._portal is None or self._cm is None:
+        if not self._open:
             raise JobError("the connection is closed")
-        return cast(T, self._portal.call(fn, *args))
+        if type(getattr(fn, "__self__", None)) in self._inline:
+            return _run_inline(fn(*args))
+        return cast(T, self._loop().call(fn, *args))
 
     def _stop_loop(self) -> None:
         if self._portal is not None:
             with contextlib.suppress(RuntimeError):
                 self._portal.call(self._portal.stop, True)
-            self._thread.join(timeout=10)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
             self._portal = None
 
     def close(self) -> int:
         """Close the connection: jobs it runs end, drivers clean up. Idempotent."""
+        with self._loop_lock:
+            was_open, self._open = self._open, False
+        if not was_open:
+            return 0
         cm, self._cm = self._cm, None
-        if cm is not None:
-            try:
+        try:
+            if self._remote is not None:
+                self._remote.close_blocking()
+            if cm is not None:
                 cm.__exit__(None, None, None)
-            finally:
-                self._stop_loop()
-                _open_connections.discard(self)
+        finally:
+            self._stop_loop()
+            _open_connections.discard(self)
         return 0
 
     def isAlive(self) -> bool:
-        return self._cm is not None
+        return self._open
 
     @property
     def driver(self) -> DriverConnection:
@@ -142,14 +213,15 @@ class BlockingConnection:
         return self.aconn.driver
 
     def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
-        """Run a coroutine function on this connection's event loop."""
+        """Run a coroutine function on this connection's event loop (a remote handle's
+        call on a jobd connection: on this thread, as every call of the facade)."""
         return self._call(fn, *args)
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a plain function on the event loop's thread (for driver helpers)."""
-        if self._portal is None:
+        if not self._open:
             raise JobError("the connection is closed")
-        return cast(T, self._portal.call(_sync_to_async(fn), *args))
+        return cast(T, self._loop().call(_sync_to_async(fn), *args))
 
     def lookupByName(self, name: str) -> BlockingDomain:
         return BlockingDomain(self, self._call(self.aconn.lookup_domain, name))
@@ -199,6 +271,8 @@ class BlockingConnection:
         sub = self.run_sync(
             lambda: self.aconn.subscribe(domain=domain, job=job, types=types, maxlen=maxlen)
         )
+        if self._remote is not None:  # jobd took it before any later call of this thread
+            self._loop().call(self._remote.events_barrier)
         return BlockingSubscription(self, sub)
 
     def __enter__(self) -> BlockingConnection:
@@ -220,6 +294,17 @@ def _published(conn: BlockingConnection, handle: object, kind: type[_H]) -> _H |
     if not engine.snapshots.on:
         conn.run_sync(engine.start_snapshots)
     return handle
+
+
+def _run_inline(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that completes without suspending (a remote handle's call on a
+    blocking connection) on this thread."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coro.close()
+    raise JobError("internal error: a remote call suspended on a blocking connection")
 
 
 def _sync_to_async(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:

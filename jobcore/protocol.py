@@ -74,18 +74,18 @@ class PeerCred:
     gid: int
 
 
-def peer_credentials(stream: SocketStream) -> PeerCred | None:
+def peer_credentials(stream: SocketStream | socket.socket) -> PeerCred | None:
     """The process at the other end of a UNIX socket: pid/uid/gid (SO_PEERCRED; Linux)."""
     so_peercred = getattr(socket, "SO_PEERCRED", None)
     if so_peercred is None:
         return None
-    sock = stream.extra(SocketAttribute.raw_socket)
+    sock = stream if isinstance(stream, socket.socket) else stream.extra(SocketAttribute.raw_socket)
     raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return PeerCred(pid, uid, gid)
 
 
-def check_daemon_peer(stream: SocketStream, path: Path) -> None:
+def check_daemon_peer(stream: SocketStream | socket.socket, path: Path) -> None:
     """Refuse a daemon socket served by another user than us or root: whoever could create
     the socket (a pre-made run directory, a shared /tmp) could otherwise read our requests
     and answer them."""
@@ -277,7 +277,13 @@ class _ItemBudget:
 def decode_message(body: bytes, limits: DecodeLimits = REPLY_LIMITS) -> Message:
     """A typed message from a frame body; BadRequest if it is not one or if it decodes
     into more than ``limits`` allow (jobd passes ``REQUEST_LIMITS``)."""
-    budget = _ItemBudget(limits.max_items)
+    # Every item takes a byte at least, and the budget counts each array or map once and
+    # each of its items once more: a body of n bytes counts at most 2n, so one of at most
+    # max_items/2 bytes cannot exceed it and is decoded without the counting hooks.
+    hooks: dict[str, Any] = {}
+    if 2 * len(body) > limits.max_items:
+        budget = _ItemBudget(limits.max_items)
+        hooks = {"list_hook": budget.array, "object_hook": budget.map}
     try:
         raw = msgpack.unpackb(
             body,
@@ -289,8 +295,7 @@ def decode_message(body: bytes, limits: DecodeLimits = REPLY_LIMITS) -> Message:
             max_ext_len=0,
             max_array_len=limits.max_array_len,
             max_map_len=limits.max_map_len,
-            list_hook=budget.array,
-            object_hook=budget.map,
+            **hooks,
         )
     except Exception as exc:  # msgpack raises several unrelated types
         raise BadRequest(
@@ -535,6 +540,28 @@ def _is_tuple(cls: Any) -> bool:
     return typing.get_origin(cls) is tuple
 
 
+def _same(value: Wire, _: Any) -> Wire:
+    return value
+
+
+def _field_hooks(conv: cattrs.Converter, cls: type) -> list[tuple[Callable[[Wire, Any], Any], Any]]:
+    """The structure hook of each attrs field of ``cls`` and its type, in order: what
+    cattrs' ``structure_attrs_fromtuple`` looks up per field and per value (a field
+    without a type, or without a hook but with an attrs converter, takes the value)."""
+    plan: list[tuple[Callable[[Wire, Any], Any], Any]] = []
+    for a in attrs.fields(cls):
+        if a.type is None:
+            plan.append((_same, None))
+            continue
+        try:
+            plan.append((conv.get_structure_hook(a.type), a.type))
+        except cattrs.errors.StructureHandlerNotFoundError:
+            if a.converter is None:
+                raise
+            plan.append((_same, None))
+    return plan
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(unstruct_strat=cattrs.UnstructureStrategy.AS_TUPLE)
     for cls in (
@@ -557,11 +584,14 @@ def _make_converter() -> cattrs.Converter:
     def attrs_fromtuple(cls: type) -> Callable[[Wire, Any], Any]:
         n = len(attrs.fields(cls))
         name = cls.__name__
+        plan: list[tuple[Callable[[Wire, Any], Any], Any]] = []
 
         def structure(value: Wire, _: Any) -> Any:
             if not isinstance(value, list) or len(value) != n:
                 raise ValueError(f"a {name} is an array of {n} items")
-            return conv.structure_attrs_fromtuple(tuple(value), cls)
+            if not plan:  # each field's hook, looked up once (on first use: no recursion)
+                plan.extend(_field_hooks(conv, cls))
+            return cls(*[hook(v, t) for (hook, t), v in zip(plan, value, strict=True)])
 
         return structure
 
@@ -576,9 +606,28 @@ def _make_converter() -> cattrs.Converter:
 
         return structure
 
+    def attrs_astuple(cls: type) -> Callable[[Any], tuple[Any, ...]]:
+        plan: list[tuple[str, Callable[[Any], Any] | None]] = []
+
+        def unstructure(obj: Any) -> tuple[Any, ...]:
+            if obj.__class__ is not cls:
+                return conv.unstructure_attrs_astuple(obj)
+            if not plan:  # each field's hook, looked up once (on first use: no recursion)
+                plan.extend(
+                    (a.name, None if a.type is None else conv.get_unstructure_hook(a.type))
+                    for a in attrs.fields(cls)
+                )
+            return tuple(
+                conv.unstructure(v) if hook is None else hook(v)
+                for name, hook in plan
+                for v in (getattr(obj, name),)
+            )
+
+        return unstructure
+
     conv.register_structure_hook_factory(attrs.has, attrs_fromtuple)
     # JobInfo and HostInfo are also Mappings: their attrs fields, not its mapping view, travel
-    conv.register_unstructure_hook_factory(attrs.has, lambda _: conv.unstructure_attrs_astuple)
+    conv.register_unstructure_hook_factory(attrs.has, attrs_astuple)
     conv.register_structure_hook_factory(_is_tuple, tuple_of)
     conv.register_unstructure_hook(uuid.UUID, lambda u: u.bytes)
     conv.register_structure_hook(uuid.UUID, _structure_uuid)

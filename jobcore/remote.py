@@ -15,12 +15,22 @@ dispatching replies to their callers and events to subscriptions. A lost socket 
 calls in flight with ConnectionLost; the ``_Link`` then reconnects with a bounded
 backoff, subscribes again and resumes the subscriptions from the last event seq each saw
 (design/daemon.md, "Reconnecting"). Works on asyncio and trio.
+
+The blocking facade's jobd connections use the same ``RemoteConnection`` over a blocking
+socket instead (``connect_blocking``: ``_BlockingLink``, ``_BlockingSession``): each call
+runs on its caller's thread, several threads' requests in flight together, and the handle
+coroutines complete without suspending (design/daemon.md, "The lean remote path").
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import select
+import socket
+import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
@@ -55,6 +65,7 @@ from jobcore.protocol import (
     InfoPage,
     JobPage,
     JobRef,
+    Message,
     ProtocolError,
     Reply,
     Request,
@@ -397,6 +408,12 @@ class _Session:
         self.lose(DaemonUnreachable("the connection is closed"))
 
 
+def _hello_uri(parsed: URI) -> str:
+    """The driver URI hello names: the client's URI without transport, socket, reconnect."""
+    params = tuple((k, v) for k, v in parsed.params if k != RECONNECT_PARAM)
+    return attrs.evolve(parsed, params=params).without_transport()
+
+
 class _Link:
     """A connection's link to jobd across sockets: the current ``_Session``, the request
     ids and subscriptions that outlive it, and the reconnection after a lost socket
@@ -420,10 +437,6 @@ class _Link:
         self._changed = anyio.Event()
         self._closing = False
 
-    def _hello_uri(self) -> str:
-        params = tuple((k, v) for k, v in self.parsed.params if k != RECONNECT_PARAM)
-        return attrs.evolve(self.parsed, params=params).without_transport()
-
     async def open(self) -> _Session:
         """A new socket to jobd, hello answered (DaemonUnreachable if it is not)."""
         try:
@@ -442,7 +455,7 @@ class _Link:
         try:
             with anyio.move_on_after(HELLO_TIMEOUT) as hello_scope:
                 self.hello = await session.call_as(
-                    Method.HELLO, PROTOCOL_VERSION, self._hello_uri()
+                    Method.HELLO, PROTOCOL_VERSION, _hello_uri(self.parsed)
                 )
             if hello_scope.cancelled_caught:
                 raise DaemonUnreachable(
@@ -567,38 +580,64 @@ class _Link:
 class RemoteConnection:
     """A connection served by jobd (see the module docstring)."""
 
-    def __init__(self, uri: str, link: _Link) -> None:
+    def __init__(self, uri: str, link: _Link | None, blocking: _BlockingLink | None = None) -> None:
         self.uri = uri
         self._link = link
+        #: the blocking transport (connect_blocking): calls from any thread but the event
+        #: loop's run on it, without suspending
+        self._blocking = blocking
+        self._loop_thread: int | None = None
 
     def __repr__(self) -> str:
         return f"<RemoteConnection {self.uri!r}>"
 
     @property
+    def _hello(self) -> ServerHello:
+        hello = self._blocking.hello if self._blocking is not None else None
+        if hello is None and self._link is not None:
+            hello = self._link.hello
+        assert hello is not None
+        return hello
+
+    @property
     def readonly(self) -> bool:
         """The socket is the daemon's read-only one: writes raise AccessDenied."""
-        assert self._link.hello is not None
-        return self._link.hello.readonly
+        return self._hello.readonly
 
     @property
     def driver_uri(self) -> str:
         """The URI of the driver connection the daemon serves this connection from."""
-        assert self._link.hello is not None
-        return self._link.hello.uri
+        return self._hello.uri
 
     @property
     def _session(self) -> _Session:
         """The current socket's session (tests send raw requests through it)."""
-        assert self._link.session is not None
+        assert self._link is not None and self._link.session is not None
         return self._link.session
+
+    def attach_link(self, other: RemoteConnection, loop_thread: int) -> None:
+        """Serve this (blocking) connection's calls made on the event loop's thread, and
+        its subscriptions, by ``other``'s link (a second socket, opened on that loop)."""
+        self._link = other._link
+        self._loop_thread = loop_thread
+
+    def close_blocking(self) -> None:
+        """Close the blocking transport (the event loop's link closes with its loop)."""
+        if self._blocking is not None:
+            self._blocking.close()
 
     async def call(self, method: Method, *args: ArgValue) -> Any:
         """One round trip of ``method`` (arguments after the handle's identity), its
         reply decoded into the table's result type, refs turned into handles."""
-        session = self._link.session
-        if session is None or session.lost is not None or self._link.failed is not None:
-            session = await self._link.current()  # reconnecting (or given up: raises)
-        result = await session.call_as(method, *args)
+        blocking, link = self._blocking, self._link
+        if blocking is not None and (link is None or threading.get_ident() != self._loop_thread):
+            result = blocking.call_as(method, *args)  # on this thread, never suspends
+        else:
+            assert link is not None
+            session = link.session
+            if session is None or session.lost is not None or link.failed is not None:
+                session = await link.current()  # reconnecting (or given up: raises)
+            result = await session.call_as(method, *args)
         match method.value.result:
             case Result.DOMAIN_REF:
                 return RemoteDomain(self, result.name, result.uuid)
@@ -675,7 +714,20 @@ class RemoteConnection:
     ) -> Subscription:
         if maxlen < 1:
             raise ValueError("an event buffer holds at least one event")
+        if self._link is None:
+            raise JobError(
+                "this blocking connection's events need its event loop: subscribe through "
+                "BlockingConnection.subscribe (or run_sync)"
+            )
         return self._link.subscribe(EventFilter.of(domain, job, types, kinds), maxlen)
+
+    async def events_barrier(self) -> None:
+        """One round trip on the events' socket: every subscription sent on it before is
+        registered by jobd once this returns (it serves both in its read loop, in order;
+        UNSUBSCRIBE of id 0, which no subscription has, changes nothing)."""
+        assert self._link is not None
+        session = await self._link.current()
+        await session.call(Method.UNSUBSCRIBE, 0)
 
 
 def _check_size(xml: str | bytes, root: str) -> None:
@@ -990,3 +1042,412 @@ class RemoteJobGroup:
 
     async def abort(self) -> None:
         await self.conn.call(Method.JOB_GROUP_ABORT, self.uuid)
+
+
+# ---- the blocking transport (the blocking facade's calls, no event loop) ------------------
+
+
+class _BlockingSession:
+    """One blocking socket to jobd, shared by the threads of a blocking connection: the
+    same frames, requests and replies as ``_Session``, on the caller's thread. Requests
+    are pipelined: each thread writes its whole frame (under the send lock) and waits for
+    its reply; whichever waiting thread holds the reader's role reads frames and hands
+    every reply to the thread that waits for it, then gives the role to another waiter
+    once its own reply came. No thread is started; nothing needs an event loop."""
+
+    def __init__(self, sock: socket.socket, link: _BlockingLink) -> None:
+        self._sock = sock
+        self._ids = link.ids
+        self.where = link.where
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        #: request id -> its reply once read (only ids some thread waits for)
+        self._replies: dict[int, Reply | ErrorReply] = {}
+        self._waiting: set[int] = set()
+        #: calls in flight on this socket (more wait for a slot, as ``_Session``'s)
+        self._slots = threading.Semaphore(MAX_IN_FLIGHT)
+        self._reading = False
+        self._buffer = bytearray()
+        #: only the reader polls (one thread at a time)
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._lost: JobError | None = None
+        #: the loss was the socket's: the link reconnects (as ``_Session.retry``)
+        self.retry = False
+        self.greeted = False
+        self._heard = time.monotonic()
+
+    @property
+    def lost(self) -> JobError | None:
+        return self._lost
+
+    def call(self, method: Method, *args: ArgValue, timeout: float | None = None) -> Wire:
+        """One round trip: the reply's wire result, or the error it stands for."""
+        if self._lost is not None:
+            raise self._lost
+        rid = next(self._ids)
+        try:
+            frame = encode_message(Request(rid, method, args))
+        except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int >= 2**64
+            raise InvalidArgument(f"{method}: an argument cannot be sent: {exc}") from None
+        self._slots.acquire()
+        with self._cond:
+            if not self._waiting:  # idle until now: silence counts from this call on
+                self._heard = time.monotonic()
+            self._waiting.add(rid)
+        try:
+            self._send(frame)
+            reply = self._wait(rid, timeout)
+        except BaseException:
+            with self._cond:
+                answered = self._replies.pop(rid, None) is not None
+            if self._lost is None and not answered:
+                self._send_nowait(Cancel(rid))  # interrupted (KeyboardInterrupt): jobd stops
+            raise
+        finally:
+            with self._cond:
+                self._waiting.discard(rid)
+            self._slots.release()
+        if isinstance(reply, ErrorReply):
+            raise raise_error(reply)
+        return reply.result
+
+    def call_as(self, method: Method, *args: ArgValue) -> Any:
+        """``call``, its reply decoded into the method's result type (jobcore.methods)."""
+        result = self.call(method, *args)
+        try:
+            return decode_result(method, result)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"malformed reply to '{method}': {exc}") from None
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def _send(self, frame: bytes) -> None:
+        with self._send_lock:
+            if self._lost is not None:
+                raise self._lost
+            try:
+                self._sock.sendall(frame)
+            except OSError as exc:  # a timeout too: jobd took nothing for KEEPALIVE_TIMEOUT s
+                # jobd may have said why before it closed (a refusal): read that first
+                self._read_farewell()
+                self.lose(ConnectionLost(f"the connection to {self.where} was lost: {exc}"), True)
+                raise self._lost or ConnectionLost(str(exc)) from None
+            except BaseException:  # interrupted mid-frame: the framing cannot be trusted
+                self.lose(ConnectionLost(f"the connection to {self.where} was interrupted"), True)
+                raise
+
+    def _send_nowait(self, msg: Request | Cancel) -> None:
+        if not self._send_lock.acquire(blocking=False):
+            return  # a frame is going out: this best-effort one (a ping, a cancel) is skipped
+        try:
+            self._sock.sendall(encode_message(msg))
+        except OSError:
+            pass  # the reader sees the loss
+        finally:
+            self._send_lock.release()
+
+    def _read_farewell(self) -> None:
+        """After a failed write: take an error frame jobd sent before closing, if any."""
+        with self._cond:
+            if self._reading:
+                return  # the reader takes it
+            self._reading = True
+        try:
+            deadline = time.monotonic() + READ_AFTER_WRITE_FAILURE
+            while self._lost is None:
+                msg = self._read_message(deadline)
+                if msg is None:
+                    return
+                with self._cond:
+                    self._route(msg)
+        except (OSError, ProtocolError, ConnectionLost, TimeoutError):
+            pass
+        finally:
+            with self._cond:
+                self._reading = False
+                self._cond.notify_all()
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def _wait(self, rid: int, timeout: float | None) -> Reply | ErrorReply:
+        """Wait for the reply to ``rid``, reading frames while no other thread does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                reply = self._replies.pop(rid, None)
+                if reply is not None:
+                    return reply
+                if self._lost is not None:
+                    raise self._lost
+                if not self._reading:
+                    self._reading = True
+                    break
+                self._cond.wait()
+        try:
+            while True:
+                msg = self._read_message(deadline)
+                if msg is None:  # only hello has a deadline: the link says why
+                    raise TimeoutError(f"{self.where} did not answer within {timeout:g} s")
+                with self._cond:
+                    self._route(msg)
+                    reply = self._replies.pop(rid, None)
+                    if reply is not None:
+                        return reply
+        except ProtocolError as exc:
+            self.lose(ProtocolError(f"jobd sent an invalid frame: {exc}"))
+            raise self._lost from None  # type: ignore[misc]
+        except BaseException:
+            if self._lost is None:  # interrupted mid-frame: the framing cannot be trusted
+                self.lose(ConnectionLost(f"the connection to {self.where} was interrupted"), True)
+            raise
+        finally:
+            with self._cond:
+                self._reading = False
+                self._cond.notify_all()
+
+    def _route(self, msg: Message) -> None:
+        """Hand one message to the thread waiting for it (the condition is held)."""
+        if isinstance(msg, Reply | ErrorReply):
+            if msg.id in self._waiting:
+                self._replies[msg.id] = msg
+                self._cond.notify_all()
+            elif isinstance(msg, ErrorReply) and msg.id == 0:  # jobd is dropping us
+                self.lose(raise_error(msg), locked=True)
+            # else: the reply to a ping or a cancelled call
+        else:  # no subscription lives on this socket (they are the event loop's)
+            _log.warning("unexpected message from jobd", message=type(msg).__name__)
+
+    def _read_message(self, deadline: float | None) -> Message | None:
+        """The next message (None: ``deadline`` passed first). A silent jobd is pinged
+        while a call waits and lost after KEEPALIVE_TIMEOUT s, as ``_Session.keepalive``."""
+        header = self._read_exactly(HEADER.size, deadline, keepalive=True)
+        if header is None:
+            return None
+        length = frame_length(header)
+        frame_deadline = time.monotonic() + FRAME_TIMEOUT
+        if deadline is not None and deadline < frame_deadline:
+            body = self._read_exactly(length, deadline, keepalive=False)
+            if body is None:
+                return None
+        else:
+            body = self._read_exactly(length, frame_deadline, keepalive=False)
+        if body is None:
+            self.lose(
+                ConnectionLost(
+                    f"{self.where} sent the header of a {length}-byte frame but not the "
+                    f"rest within {FRAME_TIMEOUT:g} s"
+                ),
+                True,
+            )
+            raise self._lost  # type: ignore[misc]
+        return decode_message(body)
+
+    def _read_exactly(self, n: int, deadline: float | None, *, keepalive: bool) -> bytes | None:
+        buf = self._buffer
+        while len(buf) < n:
+            wait = KEEPALIVE_INTERVAL if keepalive and self.greeted else None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                wait = left if wait is None else min(wait, left)
+            if not self._readable(wait):
+                if keepalive and self.greeted:
+                    self._keepalive()
+                continue
+            try:
+                chunk = self._sock.recv(max(n - len(buf), 65536))
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                self.lose(ConnectionLost(f"the connection to {self.where} was lost: {exc}"), True)
+                raise self._lost from None  # type: ignore[misc]
+            if not chunk:
+                self.lose(ConnectionLost(f"the connection to {self.where} was lost"), True)
+                raise self._lost  # type: ignore[misc]
+            self._heard = time.monotonic()
+            buf += chunk
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
+
+    def _readable(self, timeout: float | None) -> bool:
+        # poll, not select: a process with over 1024 descriptors may hand us a higher one
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        return bool(self._poll.poll(ms))
+
+    def _keepalive(self) -> None:
+        silent = time.monotonic() - self._heard
+        if silent >= KEEPALIVE_TIMEOUT:
+            self.lose(
+                ConnectionLost(
+                    f"{self.where} answered nothing for {silent:.0f} s while a call "
+                    "waited (is it stopped or hung?)"
+                ),
+                True,
+            )
+            raise self._lost  # type: ignore[misc]
+        if silent >= KEEPALIVE_INTERVAL:  # its reply (or any frame) proves it alive
+            self._send_nowait(Request(next(self._ids), Method.LIST_DOMAINS, ()))
+
+    # ---- the end --------------------------------------------------------------------------
+
+    def lose(self, error: BaseException, retry: bool = False, *, locked: bool = False) -> None:
+        """The socket is gone: every waiting call fails with ``error`` (the link decides
+        whether to reconnect for the next call)."""
+        if self._lost is not None:
+            return
+        self._lost = error if isinstance(error, JobError) else JobError(str(error))
+        self.retry = retry
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if locked:
+            self._cond.notify_all()
+        else:
+            with self._cond:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        self.lose(DaemonUnreachable("the connection is closed"))
+        with self._send_lock:  # no thread is writing to it any more
+            self._sock.close()
+
+
+class _BlockingLink:
+    """The blocking connection's link to jobd across sockets, as ``_Link``: a lost socket
+    fails the calls in flight; the next call reconnects (RECONNECT_FIRST s after the loss,
+    each attempt twice as late, at most RECONNECT_MAX s apart, for at most ``reconnect``
+    s in all) while the other threads' calls wait for the outcome."""
+
+    def __init__(self, parsed: URI, path: Path, reconnect: float) -> None:
+        self.parsed = parsed
+        self.path = path
+        self.where = f"jobd at '{path}'"
+        self.reconnect = reconnect
+        self.ids = itertools.count(1)
+        self.hello: ServerHello | None = None
+        self.failed: JobError | None = None
+        self._lock = threading.Lock()
+        self._closing = False
+        self.session = self.open()
+
+    def open(self) -> _BlockingSession:
+        """A new socket to jobd, hello answered (DaemonUnreachable if it is not)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(KEEPALIVE_TIMEOUT)  # a write jobd takes nothing of: lost
+            sock.connect(str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnreachable(
+                f"cannot reach jobd at '{self.path}': {exc.strerror or exc}"
+            ) from None
+        try:
+            check_daemon_peer(sock, self.path)
+        except AccessDenied:
+            sock.close()
+            raise
+        session = _BlockingSession(sock, self)
+        try:
+            wire = session.call(
+                Method.HELLO, PROTOCOL_VERSION, _hello_uri(self.parsed), timeout=HELLO_TIMEOUT
+            )
+            try:
+                self.hello = decode_result(Method.HELLO, wire)
+            except (ValueError, TypeError) as exc:
+                raise ProtocolError(f"malformed reply to '{Method.HELLO}': {exc}") from None
+        except TimeoutError:
+            session.close()
+            raise DaemonUnreachable(
+                f"jobd at '{self.path}' did not answer hello within {HELLO_TIMEOUT:g} s "
+                "(is it jobd? is it hung?)"
+            ) from None
+        except BaseException:
+            session.close()
+            raise
+        session.greeted = True
+        return session
+
+    def current(self) -> _BlockingSession:
+        """The live session; after a loss, a new one (or the error that ended the link)."""
+        session = self.session
+        if session.lost is None and self.failed is None:
+            return session
+        with self._lock:
+            if self.failed is not None:
+                raise self.failed
+            session = self.session
+            if session.lost is None:
+                return session
+            lost = session.lost
+            if self._closing or not session.retry or self.reconnect <= 0:
+                self.failed = lost
+                raise lost
+            _log.info("connection to jobd lost: reconnecting", socket=str(self.path))
+            try:
+                session = self._reconnect(lost)
+            except JobError as exc:
+                self.failed = exc
+                raise
+            if self._closing:  # closed while the attempt was connecting
+                session.close()
+                raise self.failed or DaemonUnreachable("the connection is closed")
+            self.session = session
+            return session
+
+    def _reconnect(self, cause: JobError) -> _BlockingSession:
+        started = time.monotonic()
+        deadline = started + self.reconnect
+        delay, attempts, last = RECONNECT_FIRST, 0, cause
+        while True:
+            pause = min(delay, deadline - time.monotonic())
+            if pause <= 0 or self._closing:
+                raise DaemonUnreachable(
+                    f"the connection to {self.where} was lost and jobd did not come back "
+                    f"within {self.reconnect:g} s ({attempts} attempts; reconnect="
+                    f"{self.reconnect:g} in the URI sets how long): {last}"
+                )
+            time.sleep(pause)
+            attempts += 1
+            try:
+                session = self.open()
+            except JobError as exc:  # not up yet, busy, not serving that URI yet: again
+                last = exc
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            _log.info(
+                "reconnected to jobd",
+                socket=str(self.path),
+                attempts=attempts,
+                down_s=round(time.monotonic() - started, 3),
+            )
+            return session
+
+    def call_as(self, method: Method, *args: ArgValue) -> Any:
+        return self.current().call_as(method, *args)
+
+    def close(self) -> None:
+        self._closing = True
+        self.session.close()
+        if self.failed is None:
+            self.failed = DaemonUnreachable("the connection is closed")
+
+
+def connect_blocking(uri: str | URI) -> RemoteConnection:
+    """A connection to jobd whose calls run on the calling thread over a blocking socket
+    (the blocking facade's): its handles' coroutines complete without suspending, so
+    ``coro.send(None)`` runs one call. Its events need an event loop: ``attach_link``
+    gives it one (a second socket, served there). Close it with ``close_blocking``."""
+    parsed = parse_uri(uri) if isinstance(uri, str) else uri
+    if parsed.transport != "unix":
+        raise InvalidURI(f"'{parsed}' is not a DRIVER+unix URI")
+    link = _BlockingLink(parsed, socket_path(parsed), reconnect_limit(parsed))
+    return RemoteConnection(str(parsed), None, link)
+
+
+#: Handles whose coroutine methods complete without suspending on a blocking connection
+#: (connect_blocking): the blocking facade runs them on the caller's thread.
+INLINE_HANDLES: frozenset[type] = frozenset(
+    {RemoteConnection, RemoteDomain, RemoteJob, RemoteCheckpoint, RemoteJobGroup}
+)

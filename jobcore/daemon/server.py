@@ -16,7 +16,6 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 from anyio.abc import SocketListener, SocketStream, TaskGroup
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from jobcore.daemon.config import (
     ACCEPT_BACKOFF,
@@ -35,7 +34,14 @@ from jobcore.daemon.drivers import DriverConnections
 from jobcore.daemon.fleet import FleetJob, FleetService
 from jobcore.daemon.handlers import _BULKY, _HANDLERS
 from jobcore.daemon.rundir import RunDirLock
-from jobcore.daemon.sessions import _ByteBudget, _Client, _ClientGone, _FrameLate, _Noise
+from jobcore.daemon.sessions import (
+    _ByteBudget,
+    _Client,
+    _ClientGone,
+    _FrameLate,
+    _Noise,
+    _Receiver,
+)
 from jobcore.errors import InvalidArgument, JobError, StoreError, SubscriptionOverflow
 from jobcore.events import EndReason, EventKind, Subscription
 from jobcore.fleet import Fleet
@@ -454,7 +460,7 @@ class Daemon:
             return
 
     async def _read_loop(self, client: _Client) -> None:
-        receive = BufferedByteReceiveStream(client.stream)
+        receive = _Receiver(client.stream)
         slots = anyio.Semaphore(MAX_IN_FLIGHT)
         try:
             while True:
@@ -505,7 +511,7 @@ class Daemon:
             client.subs.clear()
 
     async def _receive_body(
-        self, client: _Client, receive: BufferedByteReceiveStream, length: int
+        self, client: _Client, receive: _Receiver, length: int
     ) -> tuple[Message | None, int]:
         """A frame's body, decoded (None if it was malformed: the client was answered),
         read within ``frame_timeout`` in chunks as the bytes arrive, and the share of
@@ -513,6 +519,8 @@ class Daemon:
         bytes of it, waiting (within the same deadline) while the frames of others hold
         it; the caller gives the share back once the request is served."""
         cfg = self.config
+        if length <= len(receive.buffer):  # read with its header already (a small frame)
+            return await self._decode_body(client, receive.take(length)), 0
         share = length if length > SMALL_FRAME else 0
         reserved = False
         kept = False
@@ -535,11 +543,8 @@ class Daemon:
                     remaining -= len(chunk)
             body = b"".join(chunks)
             del chunks
-            try:
-                msg = decode_message(body, REQUEST_LIMITS)
-            except BadRequest as exc:
-                client.noise.line("warning", "malformed frame", error=str(exc))
-                await client.send(error_reply(exc.request_id, exc))
+            msg = await self._decode_body(client, body)
+            if msg is None:
                 return None, 0
             kept = True
             return msg, share
@@ -562,6 +567,16 @@ class Daemon:
         finally:
             if reserved and not kept:
                 self._release_received(client, share)
+
+    async def _decode_body(self, client: _Client, body: bytes) -> Message | None:
+        """The message a frame body holds; None if it is malformed (the client was
+        answered)."""
+        try:
+            return decode_message(body, REQUEST_LIMITS)
+        except BadRequest as exc:
+            client.noise.line("warning", "malformed frame", error=str(exc))
+            await client.send(error_reply(exc.request_id, exc))
+            return None
 
     def _release_received(self, client: _Client, share: int) -> None:
         client.receiving.release(share)
@@ -632,7 +647,13 @@ class Daemon:
                 )
             )
             return False
-        await slots.acquire()
+        if msg.method in _INLINE and not share and client.fleet is None:
+            await self._serve_inline(client, msg)
+            return False
+        try:
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await slots.acquire()
         client.requests[msg.id] = scope = anyio.CancelScope()  # a CANCEL finds it at once
         client.tg.start_soon(self._run_request, client, msg, scope, slots, share)
         return True
@@ -769,6 +790,37 @@ class Daemon:
         finally:
             sub.close()
 
+    async def _serve_inline(self, client: _Client, req: Request) -> None:
+        """Serve a read answered from the engine's records (``_INLINE``) in the read loop
+        itself: no task, no cancel scope, no slot. It waits for nothing, so the client's
+        next frame is read as soon as it would be with a task; one at a time holds the
+        bulky bound by itself (the read-only socket's shared one is still taken)."""
+        ro_bulky = client.readonly and req.method in _BULKY
+        if ro_bulky:
+            await self._ro_bulky.acquire()
+        try:
+            await client.drained()
+            reply = await self._reply(client, req)
+            frame = client.encode(reply)
+        finally:
+            if ro_bulky:
+                self._ro_bulky.release()
+        del req, reply
+        await client.send_frame(frame)
+
+    @staticmethod
+    async def _reply(client: _Client, req: Request) -> Message:
+        """The handler's reply to ``req``, or the error reply it raised."""
+        try:
+            return Reply(req.id, await _HANDLERS[req.method](client, req.args))
+        except (JobError, TimeoutError) as exc:
+            return error_reply(req.id, exc)
+        except Exception as exc:
+            client.log.exception("request failed", method=str(req.method))
+            return error_reply(
+                req.id, JobError(f"internal error in jobd: {type(exc).__name__}: {exc}")
+            )
+
     async def _run_request(
         self,
         client: _Client,
@@ -791,18 +843,11 @@ class Daemon:
                     if client.readonly:
                         await self._ro_bulky.acquire()
                         ro_bulky = True
-                await anyio.lowlevel.checkpoint()  # a CANCEL that came first stops it here
+                if scope.cancel_called:  # a CANCEL read before the request's task began
+                    await anyio.lowlevel.checkpoint()  # ends it here, as the scope says
                 # a client (or socket) that does not take its replies gets no more computed
                 await client.drained()
-                try:
-                    reply = Reply(rid, await _HANDLERS[method](client, req.args))
-                except (JobError, TimeoutError) as exc:
-                    reply = error_reply(rid, exc)
-                except Exception as exc:
-                    client.log.exception("request failed", method=str(method))
-                    reply = error_reply(
-                        rid, JobError(f"internal error in jobd: {type(exc).__name__}: {exc}")
-                    )
+                reply = await self._reply(client, req)
             del req  # its arguments (an XML document, say) are not needed any more
             if share:
                 self._release_received(client, share)
@@ -828,6 +873,24 @@ class Daemon:
                 self._release_received(client, share)
             client.requests.pop(rid, None)
             slots.release()
+
+
+#: Reads answered from the engine's records, waiting for no driver, store or timer: jobd
+#: serves them in the client's read loop (``Daemon._serve_inline``); every other request
+#: gets a task of its own (it may wait: a job's end, QEMU, the store, another host).
+_INLINE = frozenset(
+    {
+        Method.LOOKUP_DOMAIN,
+        Method.LOOKUP_JOB,
+        Method.JOB_LOOKUP_BY_UUID,
+        Method.LIST_JOBS_PAGE,
+        Method.LEGACY_JOB_INFO,
+        Method.LEGACY_JOB_STATS,
+        Method.BLOCK_JOB_INFO,
+        Method.JOB_INFO,
+        Method.JOB_STATS,
+    }
+)
 
 
 def _arg_int(value: ArgValue) -> int:
