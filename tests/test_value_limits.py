@@ -129,12 +129,22 @@ def test_jobd_refuses_an_overflowing_legacy_bandwidth_and_the_session_lives(jobd
         c.close()
 
 
+class _FullSocket:
+    """A raw socket that takes nothing now: every frame goes out through the stream."""
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        raise BlockingIOError
+
+
 class _FakeStream:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
 
     async def send(self, data: bytes) -> None:
         self.sent.append(data)
+
+    def extra(self, attribute: object) -> _FullSocket:
+        return _FullSocket()
 
 
 async def _send_unencodable() -> list[bytes]:
