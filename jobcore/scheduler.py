@@ -536,9 +536,10 @@ class Scheduler:
         return admitted
 
     def _admit(self, ticket: Ticket) -> None:
-        """Hold ``ticket``'s claims, and age the waiters it overtakes."""
-        self._hold(ticket)
-        self._age_overtaken(ticket)
+        """Hold ``ticket``'s claims, and age the waiters it overtakes (if a resource it
+        holds has waiters: none can be overtaken otherwise)."""
+        if self._hold(ticket):
+            self._age_overtaken(ticket)
 
     def _age_overtaken(self, ticket: Ticket) -> None:
         """Each waiter that arrived before ``ticket`` and that one of its claims blocks
@@ -562,18 +563,23 @@ class Scheduler:
                 ((t.order, t, mode) for _, t, mode in res.waiters), key=lambda w: w[0]
             )
 
-    def _hold(self, ticket: Ticket) -> None:
+    def _hold(self, ticket: Ticket) -> bool:
+        """Hold ``ticket``'s claims; whether a resource it now holds has waiters."""
         resources = self._resources
+        queued = False
         for claim in ticket.claims:
             res = resources.get(claim.resource)
             if res is None:
                 res = resources[claim.resource] = _Resource()
+            elif res.waiters:
+                queued = True
             held = res.holders.get(claim.mode)
             if held is None:
                 res.holders[claim.mode] = {ticket: None}
             else:
                 held[ticket] = None
         self._held[ticket.job.int] = ticket
+        return queued
 
     def release(self, ticket: Ticket) -> list[Ticket]:
         """Drop a ticket (held or waiting); return waiting tickets admitted as a result."""

@@ -354,8 +354,13 @@ def test_normalize_path_spells_as_realpath_through_links_and_odd_spellings(
 # ---- release's one pass (design/scheduling.md "Fast paths of an instant job") -----------
 
 
-class ReleaseAsBefore(Scheduler):
-    """``release`` as it was written before its one-pass fast path: the reference."""
+class AsBefore(Scheduler):
+    """``release`` and ``_admit`` as they were written before their fast paths (one
+    pass; aging looked for only where a held resource has waiters): the reference."""
+
+    def _admit(self, ticket: Ticket) -> None:
+        Scheduler._hold(self, ticket)
+        self._age_overtaken(ticket)
 
     def release(self, ticket: Ticket) -> list[Ticket]:
         resources = self._resources
@@ -388,11 +393,11 @@ class ReleaseAsBefore(Scheduler):
 
 def scheduler_state(s: Scheduler) -> dict[str, Any]:
     """What a scheduler holds, by job numbers: each resource's holders per mode (modes
-    held by nobody left out) and its queue."""
+    held by nobody left out) and its queue (with each waiter's aging)."""
     return {
         name: (
             {m: [t.seq for t in h] for m, h in res.holders.items() if h},
-            [(t.seq, m) for _, t, m in res.waiters],
+            [(t.seq, m, t.boost) for _, t, m in res.waiters],
         )
         for name, res in s._resources.items()
     }
@@ -405,10 +410,10 @@ def scheduler_state(s: Scheduler) -> dict[str, Any]:
         max_size=40,
     )
 )
-def test_release_in_one_pass_leaves_what_the_two_passes_left(
+def test_admission_and_release_fast_paths_leave_what_the_slow_ones_left(
     ops: list[tuple[bool, tuple[Claim, ...], int, int]],
 ) -> None:
-    fast, slow = Scheduler(), ReleaseAsBefore()
+    fast, slow = Scheduler(), AsBefore()
     tickets: list[tuple[Ticket, Ticket]] = []  # (fast's, slow's), held or waiting
     for queue, claims, prio, pick in ops:
         if tickets and pick % 3 == 0:  # drop one, held or waiting
