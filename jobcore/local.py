@@ -442,12 +442,16 @@ class LocalDomain:
         """``job_stats(flags)`` from the published snapshots; None with
         VIR_DOMAIN_JOB_STATS_COMPLETED (it may mark the stats read, and it reads ended
         jobs, which the store's purge decides about)."""
-        check_flags("jobStats", flags)
+        if flags:
+            check_flags("jobStats", flags)
+            if flags & C.VIR_DOMAIN_JOB_STATS_COMPLETED:
+                return None
         engine = self.conn.engine
-        if flags & C.VIR_DOMAIN_JOB_STATS_COMPLETED or not engine.snapshots.on:
+        snapshots = engine.snapshots
+        if not snapshots.on:
             return None
-        now = engine.clock.now()
-        snap = engine.snapshots.legacy.get(self.name)
+        now = engine.clock.now()  # before the snapshot: see jobcore.snapshots
+        snap = snapshots.legacy.get(self.name)
         return {"type": C.VIR_DOMAIN_JOB_NONE} if snap is None else snap.stats_at(now)
 
     def block_job_info_now(self, disk: str, flags: int = 0) -> dict[str, int] | None:

@@ -53,34 +53,60 @@ def elapsed_ms(created: float, ended: float | None, now: float) -> int:
     return max(0, math.floor((end - created) * 1000))
 
 
+#: JobInfo's fields in ``__init__`` order, and where ``time_elapsed`` is among them
+_INFO_FIELDS = tuple(f.name for f in attrs.fields(JobInfo))
+_ELAPSED = _INFO_FIELDS.index("time_elapsed")
+
+
 @frozen(eq=False)
 class JobSnapshot:
-    """A record's visible fields at one publication (every field a value or frozen)."""
+    """A record's visible fields at one publication (every field a value or frozen).
+
+    The reader's work is kept to what must be done at call time: the live elapsed time
+    and a new result; everything else was computed on the loop when it was published
+    (``info``, its field values, the stats dict), never later."""
 
     #: the record, only for making handles (its uuid, type and domain never change)
     record: JobRecord
     #: ``engine.info(record)`` at publication (final once the job ended)
     info: JobInfo
+    #: ``info``'s field values in JobInfo's ``__init__`` order
+    info_values: tuple[Any, ...]
+    #: ``engine.stats(record)`` at publication: never changed (readers copy it)
+    stats: Mapping[str, Any]
+    #: the stats' "time_elapsed" is the job's elapsed time (not an extra stat's)
+    stats_elapsed: bool
     #: ``clock.now()`` at begin and at the end (None while active)
     created: float
     ended: float | None
-    operation: int
-    progress_keys: str
-    #: a copy of the record's extra stats, never changed
-    extra: Mapping[str, int | str]
+    #: when the store's purge forgets the ended job (``ended`` + its retention)
+    expires: float | None
     spec: Any
     domain_level: bool
 
+    def _elapsed_now(self, now: float) -> int | None:
+        """The elapsed time at ``now`` if it is later than the published one, else None."""
+        if self.ended is not None:  # final: the published value
+            return None
+        elapsed = math.floor((now - self.created) * 1000)
+        return elapsed if elapsed > self.info.time_elapsed else None
+
     def info_at(self, now: float) -> JobInfo:
         """The job's info as the loop answers it at clock reading ``now`` (or later)."""
-        elapsed = elapsed_ms(self.created, self.ended, now)
-        if elapsed <= self.info.time_elapsed:  # ended, or no later than the publication
+        elapsed = self._elapsed_now(now)
+        if elapsed is None:  # ended, or no later than the publication
             return self.info
-        return attrs.evolve(self.info, time_elapsed=elapsed)
+        values = list(self.info_values)
+        values[_ELAPSED] = elapsed
+        return JobInfo(*values)
 
     def stats_at(self, now: float) -> dict[str, Any]:
         """``engine.stats(record)`` at ``now`` (a new dict each call, as the loop's)."""
-        return job_stats(self.info_at(now), self.operation, self.progress_keys, self.extra)
+        stats = dict(self.stats)
+        elapsed = self._elapsed_now(now)
+        if elapsed is not None and self.stats_elapsed:
+            stats["time_elapsed"] = elapsed
+        return stats
 
 
 def _disk(rec: JobRecord) -> str | None:
@@ -109,11 +135,12 @@ class Snapshots:
         snap = JobSnapshot(
             rec,
             info,
+            tuple(getattr(info, name) for name in _INFO_FIELDS),
+            job_stats(info, rec.info.operation, rec.info.progress_keys, rec.extra),
+            "time_elapsed" not in rec.extra,
             rec.created,
             rec.ended,
-            rec.info.operation,
-            rec.info.progress_keys,
-            dict(rec.extra),
+            None if rec.ended is None else rec.ended + rec.retention,
             rec.spec,
             rec.domain_level,
         )
