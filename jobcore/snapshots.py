@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from attrs import frozen
 
 from jobcore.info import JobInfo, job_stats
+from jobcore.store import MemoryJobStore
 
 if TYPE_CHECKING:
     from jobcore.store import JobRecord, JobStore
@@ -79,7 +80,7 @@ class JobSnapshot:
     #: ``clock.now()`` at begin and at the end (None while active)
     created: float
     ended: float | None
-    #: when the store's purge forgets the ended job (``ended`` + its retention)
+    #: when the store's purge forgets the ended job (``JobRecord.expires``)
     expires: float | None
     spec: Any
     domain_level: bool
@@ -114,12 +115,34 @@ def _disk(rec: JobRecord) -> str | None:
     return disk if isinstance(disk, str) else None
 
 
+@frozen(eq=False)
+class DomainJobs:
+    """A domain's jobs as the store holds them at one publication (purge aside: a
+    reader drops those whose ``expires`` has passed, as the loop's purge would)."""
+
+    #: ``store.domain_jobs(domain)``: active and retained, in the order they began
+    jobs: tuple[JobRecord, ...]
+    #: ``store.last_ended_domain_job(domain)``: the legacy job when none is active
+    last_ended: JobRecord | None
+
+
+def kept(rec: JobRecord, now: float) -> bool | None:
+    """Whether the loop's purge at ``now`` keeps ``rec`` (None: it has no snapshot)."""
+    snap: JobSnapshot | None = rec.snapshot
+    if snap is None:
+        return None
+    return snap.expires is None or snap.expires > now
+
+
 class Snapshots:
     """One engine's published snapshots; written on the loop thread only."""
 
     def __init__(self) -> None:
         #: publishing (set once by ``Engine.start_snapshots``, never cleared)
         self.on = False
+        #: the store tells us what it forgets (``MemoryJobStore.removed``): then the
+        #: lists and lookups of ended jobs are published too
+        self.lists = False
         #: domain -> snapshot of its legacy active job (the store's earliest-begun active
         #: domain-level job); no entry: none is active
         self.legacy: dict[str, JobSnapshot] = {}
@@ -127,6 +150,21 @@ class Snapshots:
         self.chain: dict[tuple[str, str], JobSnapshot] = {}
         #: job -> snapshot of every active job (an ended one may be purged: not here)
         self.active: dict[uuid.UUID, JobSnapshot] = {}
+        #: job -> every published record the store still holds (``lists`` only; an
+        #: entry leaves when the store forgets the record)
+        self.jobs: dict[uuid.UUID, JobRecord] = {}
+        #: domain -> its jobs (``lists`` only; a domain enters on its first list query,
+        #: ``publish_domain``, and is then kept current)
+        self.domains: dict[str, DomainJobs] = {}
+        self._store: JobStore | None = None
+
+    def start(self, store: JobStore) -> None:
+        """Before the first publication: learn from ``store`` what it forgets, if it can
+        say (the memory store and its durable subclasses)."""
+        if isinstance(store, MemoryJobStore):
+            self._store = store
+            store.removed = self._removed
+            self.lists = True
 
     def publish(self, rec: JobRecord, info: JobInfo, store: JobStore) -> None:
         """Publish ``rec`` as it is now (``info``: ``engine.info(rec)``), after the store
@@ -140,15 +178,21 @@ class Snapshots:
             "time_elapsed" not in rec.extra,
             rec.created,
             rec.ended,
-            None if rec.ended is None else rec.ended + rec.retention,
+            None if rec.ended is None else rec.expires,
             rec.spec,
             rec.domain_level,
         )
         rec.snapshot = snap
+        moved = previous is None or previous.info.state.active != info.state.active
         if info.state.active:
             self.active[rec.uuid] = snap
         elif previous is not None and self.active.get(rec.uuid) is previous:
             del self.active[rec.uuid]  # (not a later job that reuses a purged UUID)
+        if self.lists and moved:  # a new record, or one that ended
+            if previous is None and store.get(rec.uuid) is rec:  # (not one purged)
+                self.jobs[rec.uuid] = rec
+            if rec.domain in self.domains:
+                self._publish_domain(rec.domain)
         if rec.domain_level:
             first = store.active_domain_job(rec.domain)
             if first is None:
@@ -161,7 +205,6 @@ class Snapshots:
             return
         key = (rec.domain, disk)
         current = self.chain.get(key)
-        moved = previous is None or previous.info.state.active != info.state.active
         if moved:  # a block job began or ended: the store says whose the disk is now
             holder = store.chain_job(rec.domain, disk)
             if holder is None:
@@ -170,3 +213,28 @@ class Snapshots:
                 self.chain[key] = holder.snapshot
         elif current is not None and current.record is rec:
             self.chain[key] = snap
+
+    def publish_domain(self, domain: str, publish: Callable[[JobRecord], None]) -> None:
+        """Publish ``domain``'s jobs from now on (``publish``: the engine's, for a record
+        without a snapshot yet: an ended one nobody read since the snapshots started)."""
+        if not self.lists or self._store is None or domain in self.domains:
+            return
+        for rec in self._store.domain_jobs(domain):
+            if rec.snapshot is None:
+                publish(rec)  # (its domain is not in ``domains`` yet: no rebuild)
+            self.jobs[rec.uuid] = rec
+        self._publish_domain(domain)
+
+    def _publish_domain(self, domain: str) -> None:
+        store = self._store
+        assert store is not None
+        self.domains[domain] = DomainJobs(
+            tuple(store.domain_jobs(domain)), store.last_ended_domain_job(domain)
+        )
+
+    def _removed(self, rec: JobRecord) -> None:
+        """The store forgot ``rec`` (purged, or evicted by a cap)."""
+        if self.jobs.get(rec.uuid) is rec:
+            del self.jobs[rec.uuid]
+        if rec.domain in self.domains:
+            self._publish_domain(rec.domain)

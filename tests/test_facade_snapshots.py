@@ -639,3 +639,142 @@ def test_snapshot_answers_equal_the_loops_on_qemu(tmp_path: Path) -> None:
         assert jobcore.JobWait(backup, timeout=30)["state"] == "completed"
         assert check_same(conn, dom, backup) is S.COMPLETED
         dom.destroy()
+
+
+# ---- lists and lookups: the domain's published jobs, purged as the loop purges ------------
+
+
+def _with_retention(job_xml: str, seconds: float) -> str:
+    return job_xml.replace(
+        "<job type='backup'>", f"<job type='backup'><retention seconds='{seconds}'/>", 1
+    )
+
+
+def check_lists_same(
+    conn: BlockingConnection,
+    doms: list[BlockingDomain],
+    jobs: list[BlockingJob],
+    advance_by: float = 0.0,
+) -> list[list[uuid.UUID]]:
+    """In one step of the loop: the manual clock moves on by ``advance_by`` (nothing is
+    purged yet: the published lists still hold what expired), the facade's listJobs and
+    JobLookupByUUID answer on another thread, then the loop answers the same queries (and
+    purges); both equal. Returns the listed UUIDs per domain."""
+    for dom in doms:
+        dom.listJobs()  # the first list query of a domain publishes its list (one hop)
+
+    def fast() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for dom in doms:
+            out[f"{dom.name()} list"] = [j.uuid for j in dom.listJobs()]
+            for job in jobs:
+                out[f"{dom.name()} {job.uuid}"] = _fast_lookup(dom, job.uuid)
+            out[f"{dom.name()} legacy"] = _fast_lookup(dom, LEGACY_DOMAIN_JOB_UUID)
+        return out
+
+    async def step() -> tuple[dict[str, Any], dict[str, Any]]:
+        conn.driver.clock.advance(advance_by)  # type: ignore[attr-defined]
+        got = on_thread(fast)
+        lookup = conn.aconn.job_lookup_by_uuid
+        loop: dict[str, Any] = {}
+        for dom in doms:
+            loop[f"{dom.name()} list"] = [j.uuid for j in await dom.adom.list_jobs()]
+            for job in [*jobs, None]:
+                job_id = LEGACY_DOMAIN_JOB_UUID if job is None else job.uuid
+                try:
+                    found: Any = (await lookup(dom.adom, job_id)).uuid
+                except jobcore.NoSuchJob:
+                    found = "NoSuchJob"
+                loop[f"{dom.name()} {'legacy' if job is None else job.uuid}"] = found
+        return got, loop
+
+    got, loop = conn.run(step)
+    settle(conn)
+    # where the snapshots cannot answer, the facade asks the loop: nothing to compare
+    asked = {k for k, v in got.items() if v == "ask the loop"}
+    assert {k: v for k, v in got.items() if k not in asked} == {
+        k: v for k, v in loop.items() if k not in asked
+    }
+    assert all(not k.endswith(" list") for k in asked)  # lists always answer
+    return [got[f"{dom.name()} list"] for dom in doms]
+
+
+def _fast_lookup(dom: BlockingDomain, job_id: uuid.UUID) -> Any:
+    """JobLookupByUUID from the snapshots only (the loop may be busy: a hop would hang)."""
+    local = dom._published()
+    assert local is not None
+    found = jobcore.facade._lookup_now(local, job_id)
+    return "ask the loop" if found is None else found.uuid
+
+
+def test_lists_and_lookups_equal_the_loops_through_retention_and_purge() -> None:
+    with jobcore.open("sim:///default?clock=manual", retention=1000) as conn:
+        vm1, vm2 = conn.lookupByName("vm1"), conn.lookupByName("vm2")
+        vm1.jobStats()  # snapshots on
+        failed = _failed(conn, vm2)
+        done = _completed(conn, vm1)
+        short = jobcore.JobBegin(vm1, _with_retention(push_job(), 5))
+        advance(conn, 60)
+        jobcore.JobWait(short, timeout=10)  # its deadline: 5 s after its end
+        running = _running(conn, vm2)
+        queued = _queued(conn, vm2)
+        jobs = [short, done, failed, running, queued]
+        lists = check_lists_same(conn, [vm1, vm2], jobs)
+        assert lists[0] == [done.uuid, short.uuid]
+        assert lists[1][0] == failed.uuid and running.uuid in lists[1] and queued.uuid in lists[1]
+        assert _fast_lookup(vm1, LEGACY_DOMAIN_JOB_UUID) == short.uuid  # the last ended
+        assert _fast_lookup(vm1, done.uuid) == done.uuid  # an ended job, from snapshots
+        assert _fast_lookup(vm2, failed.uuid) == failed.uuid
+        assert _fast_lookup(vm2, done.uuid) == "ask the loop"  # another domain's
+        with pytest.raises(jobcore.NoSuchJob):
+            jobcore.JobLookupByUUID(vm2, done.uuid)
+        # the clock passes the short job's deadline: answered as the loop's purge would
+        # (the store still holds it when the snapshots answer)
+        lists = check_lists_same(conn, [vm1, vm2], jobs, advance_by=10.0)
+        assert lists[0] == [done.uuid]
+        assert _fast_lookup(vm1, short.uuid) == "ask the loop"  # (it raises NoSuchJob)
+        with pytest.raises(jobcore.NoSuchJob):
+            jobcore.JobLookupByUUID(vm1, short.uuid)
+        # the last ended job is gone: whether an earlier one is kept, the loop says
+        assert jobcore.JobLookupByUUID(vm1, LEGACY_DOMAIN_JOB_UUID) == done
+        later = jobcore.JobBegin(vm1, push_job())  # a new job shows at once
+        assert check_lists_same(conn, [vm1, vm2], [*jobs, later])[0] == [done.uuid, later.uuid]
+        assert _fast_lookup(vm1, LEGACY_DOMAIN_JOB_UUID) == later.uuid  # the active one
+        jobcore.JobAbort(later)
+        jobcore.JobWait(later, timeout=10)
+        # every ended job's deadline passes: the lists empty out, the alias fails
+        lists = check_lists_same(conn, [vm1, vm2], [*jobs, later], advance_by=2000.0)
+        assert lists[0] == [] and failed.uuid not in lists[1] and queued.uuid in lists[1]
+        assert vm1.listJobs() == [] and conn._call(vm1.adom.list_jobs) == []
+
+
+def test_lists_follow_the_stores_caps() -> None:
+    # a cap evicts the oldest ended job when another ends: the published list follows
+    with jobcore.open("sim:///default?clock=manual") as conn:
+        vm1, vm2 = conn.lookupByName("vm1"), conn.lookupByName("vm2")
+        vm1.jobStats()  # snapshots on
+
+        def caps() -> None:
+            conn.aconn.engine.store.max_retained_per_domain = 2  # type: ignore[attr-defined]
+            conn.aconn.engine.store.max_retained = 3  # type: ignore[attr-defined]
+
+        conn.run_sync(caps)
+        jobs = [_completed(conn, vm1), _completed(conn, vm1)]
+        assert check_lists_same(conn, [vm1, vm2], jobs)[0] == [j.uuid for j in jobs]
+        jobs.append(_completed(conn, vm1))  # evicts vm1's first
+        assert check_lists_same(conn, [vm1, vm2], jobs)[0] == [j.uuid for j in jobs[1:]]
+        jobs += [_completed(conn, vm2), _completed(conn, vm2)]  # evicts vm1's oldest
+        lists = check_lists_same(conn, [vm1, vm2], jobs)
+        assert lists == [[jobs[2].uuid], [jobs[3].uuid, jobs[4].uuid]]
+
+
+def test_lists_of_jobs_from_before_the_snapshots_started() -> None:
+    with jobcore.open("sim:///default?clock=manual") as conn:
+        vm1 = conn.lookupByName("vm1")
+        ended = _completed(conn, vm1)  # no snapshot query yet: nothing published
+        running = _running(conn, vm1)
+        vm1.jobStats()  # start: the active job is published, the ended one is not
+        assert not ended.ajob.published  # type: ignore[attr-defined]
+        lists = check_lists_same(conn, [vm1], [ended, running])  # its list: all of them
+        assert lists == [[ended.uuid, running.uuid]]
+        assert ended.ajob.published  # type: ignore[attr-defined]
