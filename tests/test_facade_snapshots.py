@@ -469,6 +469,7 @@ class Reader:
         self.seen: dict[uuid.UUID, Any] = {}
         self.active_reads = 0
         self.reads = 0
+        self.listed = 0
 
     def check_stats(self, st: dict[str, Any]) -> None:
         state = JobState(st["state"])
@@ -477,6 +478,14 @@ class Reader:
         assert ("success" in st) is state.terminal
         if state.terminal:
             assert st["success"] is (state is S.COMPLETED)
+
+    def check_list(self, listed: list[BlockingJob]) -> None:
+        """Jobs this test began, each once, in the order they began (retention=0: at
+        most the active one and those that ended since the last purge)."""
+        order = {job.uuid: i for i, job in enumerate(list(self.jobs))}
+        places = [order.get(job.uuid, len(order)) for job in listed]  # (begun, not yet appended)
+        assert places == sorted(set(places)), places
+        self.listed += len(listed)
 
     def check_order(self, info: Any) -> None:
         last = self.seen.get(info.uuid)
@@ -501,8 +510,11 @@ class Reader:
                     assert numbers[1:] == [0] * 11
                 else:
                     assert numbers[0] == jobcore.VIR_DOMAIN_JOB_UNBOUNDED
+                self.check_list(self.dom.listJobs())
                 if self.jobs:
                     job = self.jobs[-1]
+                    with contextlib.suppress(jobcore.NoSuchJob):  # (purged already)
+                        assert jobcore.JobLookupByUUID(self.dom, job.uuid) == job
                     info = jobcore.JobGetInfo(job)
                     self.check_order(info)
                     stats = jobcore.JobGetStats(job)
@@ -541,7 +553,7 @@ def test_readers_hammering_while_jobs_begin_end_and_are_purged() -> None:
                 t.join()
         for r in readers:
             assert not r.errors, r.errors
-            assert r.reads > 0 and r.active_reads > 0
+            assert r.reads > 0 and r.active_reads > 0 and r.listed > 0
         assert dom.jobStats() == {"type": jobcore.VIR_DOMAIN_JOB_NONE}
         assert dom.listJobs() == []
         assert jobcore.JobGetInfo(jobs[-1]) == conn._call(jobs[-1].ajob.info)
