@@ -790,3 +790,34 @@ def test_lists_of_jobs_from_before_the_snapshots_started() -> None:
         lists = check_lists_same(conn, [vm1], [ended, running])  # its list: all of them
         assert lists == [[ended.uuid, running.uuid]]
         assert ended.ajob.published  # type: ignore[attr-defined]
+
+
+def test_elapsed_time_is_live_between_publications(conn: BlockingConnection) -> None:
+    # a paused job publishes nothing while the clock runs: its elapsed time still moves
+    dom = conn.lookupByName("vm1")
+    job = _paused(conn, dom)
+    before = without_loop(conn, dom.jobStats)["time_elapsed"]
+    conn.run_sync(conn.driver.clock.advance, 7)  # type: ignore[attr-defined]
+    assert without_loop(conn, dom.jobStats)["time_elapsed"] == before + 7000
+    assert without_loop(conn, lambda: jobcore.JobGetInfo(job)).time_elapsed == before + 7000
+    assert without_loop(conn, dom.jobInfo)[1] == before + 7000
+    assert check_same(conn, dom, job) is S.PAUSED
+
+
+def test_a_job_the_store_forgot_before_it_was_published_is_not_found() -> None:
+    with jobcore.open("sim:///default?clock=manual") as conn:
+        vm1 = conn.lookupByName("vm1")
+
+        def cap() -> None:
+            conn.aconn.engine.store.max_retained_per_domain = 1  # type: ignore[attr-defined]
+
+        conn.run_sync(cap)
+        first = _completed(conn, vm1)  # snapshots off: nothing published
+        second = _completed(conn, vm1)  # evicts the first
+        vm1.jobStats()  # snapshots on
+        jobcore.JobGetInfo(first)  # the handle's final info: published now, one hop
+        assert first.ajob.published  # type: ignore[attr-defined]
+        assert _fast_lookup(vm1, first.uuid) == "ask the loop"
+        with pytest.raises(jobcore.NoSuchJob):
+            jobcore.JobLookupByUUID(vm1, first.uuid)
+        assert check_lists_same(conn, [vm1], [first, second]) == [[second.uuid]]
