@@ -821,3 +821,19 @@ def test_a_job_the_store_forgot_before_it_was_published_is_not_found() -> None:
         with pytest.raises(jobcore.NoSuchJob):
             jobcore.JobLookupByUUID(vm1, first.uuid)
         assert check_lists_same(conn, [vm1], [first, second]) == [[second.uuid]]
+
+
+def test_lists_of_jobs_a_durable_store_recovered(tmp_path: Path) -> None:
+    # a recovered job's deadline is the store's (its wall-clock deadline on the new
+    # connection's clock), not its end plus its retention
+    store = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with jobcore.open("sim:///default?clock=manual", retention=100, store=store) as conn:
+        first = _completed(conn, conn.lookupByName("vm1"))
+    with jobcore.open("sim:///default?clock=manual", retention=100, store=store) as conn:
+        vm1 = conn.lookupByName("vm1")
+        vm1.jobStats()  # snapshots on
+        again = jobcore.JobLookupByUUID(vm1, first.uuid)  # (a hop: not published yet)
+        assert check_lists_same(conn, [vm1], [again]) == [[first.uuid]]
+        assert _fast_lookup(vm1, first.uuid) == first.uuid
+        assert check_lists_same(conn, [vm1], [again], advance_by=90) == [[first.uuid]]
+        assert check_lists_same(conn, [vm1], [again], advance_by=20) == [[]]
