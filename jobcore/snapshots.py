@@ -34,6 +34,7 @@ and the async API pay one attribute test per change.
 from __future__ import annotations
 
 import math
+import operator
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ def elapsed_ms(created: float, ended: float | None, now: float) -> int:
 #: JobInfo's fields in ``__init__`` order, and where ``time_elapsed`` is among them
 _INFO_FIELDS = tuple(f.name for f in attrs.fields(JobInfo))
 _ELAPSED = _INFO_FIELDS.index("time_elapsed")
+_info_values = operator.attrgetter(*_INFO_FIELDS)
 
 
 @frozen(eq=False)
@@ -173,7 +175,7 @@ class Snapshots:
         snap = JobSnapshot(
             rec,
             info,
-            tuple(getattr(info, name) for name in _INFO_FIELDS),
+            _info_values(info),
             job_stats(info, rec.info.operation, rec.info.progress_keys, rec.extra),
             "time_elapsed" not in rec.extra,
             rec.created,
