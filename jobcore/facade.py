@@ -9,10 +9,11 @@ their processes).
 
 On an in-process connection the read-only queries (``jobStats`` without COMPLETED,
 ``jobInfo``, ``blockJobInfo`` of a disk with a block job, ``JobGetInfo``, ``JobGetStats``,
-``JobGetXMLDesc``, ``JobLookupByUUID`` of an active job) are answered on the caller's
-thread from the immutable snapshots the engine publishes (jobcore.snapshots says why
-that is safe and gives the loop's answer); the first such query starts the publishing
-with one hop. Every other call of an in-process connection hops to its loop.
+``JobGetXMLDesc``, ``JobLookupByUUID`` of a job the store holds, ``listJobs``) are
+answered on the caller's thread from the immutable snapshots the engine publishes
+(jobcore.snapshots says why that is safe and gives the loop's answer); the first such
+query starts the publishing with one hop (and a domain's first ``listJobs`` publishes its
+list with another). Every other call of an in-process connection hops to its loop.
 """
 
 from __future__ import annotations

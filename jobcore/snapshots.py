@@ -2,7 +2,7 @@
 
 The blocking facade answers its read-only queries (``jobStats``, ``jobInfo``,
 ``blockJobInfo``, ``JobGetInfo``, ``JobGetStats``, ``JobGetXMLDesc``, ``JobLookupByUUID``
-of an active job) on the caller's thread from these, without the hop to the event loop's
+of a job the store holds, ``listJobs``) on the caller's thread from these, without the hop to the event loop's
 thread (design/legacy.md, "Queries without a thread hop").
 
 Why a reader on another thread sees exactly what the loop would answer:
@@ -26,7 +26,12 @@ Why a reader on another thread sees exactly what the loop would answer:
   qemu driver's ``SystemClock`` and the sim's ``RealClock`` call ``time.monotonic()``;
   the sim's ``ManualClock.now`` loads one float that ``advance`` (on the loop) replaces.
 
-What may write, or needs the driver or the store's purge, keeps the hop (design/legacy.md).
+Lists and ended jobs: the store forgets ended jobs lazily (a purge at a query, by each
+one's deadline ``JobRecord.expires``) and by its caps; it tells ``Snapshots`` what it
+forgets, so ``jobs`` and each listed domain's ``DomainJobs`` hold what the store holds,
+and a reader drops what the purge at its clock reading would (``kept``).
+
+What may write, or needs the driver, keeps the hop (design/legacy.md).
 Nothing is published until a reader asks (``Engine.start_snapshots``): jobd's connections
 and the async API pay one attribute test per change.
 """
