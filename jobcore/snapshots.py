@@ -2,8 +2,8 @@
 
 The blocking facade answers its read-only queries (``jobStats``, ``jobInfo``,
 ``blockJobInfo``, ``JobGetInfo``, ``JobGetStats``, ``JobGetXMLDesc``, ``JobLookupByUUID``
-of a job the store holds, ``listJobs``) on the caller's thread from these, without the hop to the event loop's
-thread (design/legacy.md, "Queries without a thread hop").
+of a job the store holds, ``listJobs``) on the caller's thread from these, without the
+hop to the event loop's thread (design/legacy.md, "Queries without a thread hop").
 
 Why a reader on another thread sees exactly what the loop would answer:
 

@@ -837,3 +837,60 @@ def test_lists_of_jobs_a_durable_store_recovered(tmp_path: Path) -> None:
         assert _fast_lookup(vm1, first.uuid) == first.uuid
         assert check_lists_same(conn, [vm1], [again], advance_by=90) == [[first.uuid]]
         assert check_lists_same(conn, [vm1], [again], advance_by=20) == [[]]
+
+
+def test_readers_listing_while_jobs_end_expire_and_are_evicted() -> None:
+    # real clock, retention of 20 ms and a cap of 3 per domain: the published lists
+    # change by deadlines passing, purges and evictions while two threads read them
+    with jobcore.open("sim:///default?rate=200000000000", retention=0.02) as conn:
+        dom = conn.lookupByName("vm1")
+
+        def cap() -> None:
+            conn.aconn.engine.store.max_retained_per_domain = 3  # type: ignore[attr-defined]
+
+        conn.run_sync(cap)
+        jobs: list[BlockingJob] = []
+        dom.jobStats()  # snapshots on
+        dom.listJobs()  # its list published
+        readers = [Reader(dom, jobs) for _ in range(2)]
+        longest: list[int] = []
+
+        def run(reader: Reader) -> None:
+            try:
+                while not reader.stop.is_set():
+                    listed = dom.listJobs()
+                    reader.check_list(listed)
+                    longest.append(len(listed))
+                    assert len(listed) <= 3 + 1  # the cap, and the one active job
+                    for job in listed:
+                        with contextlib.suppress(jobcore.NoSuchJob):  # (expired since)
+                            assert jobcore.JobLookupByUUID(dom, job.uuid) == job
+            except BaseException as exc:
+                reader.errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in readers]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(60):
+                job = jobcore.JobBegin(dom, push_job())
+                jobs.append(job)
+                jobcore.JobWait(job, timeout=30)
+                if len(jobs) % 10 == 0:
+                    conn._call(dom.adom.list_jobs)  # a purge on the loop now and then
+        finally:
+            for r in readers:
+                r.stop.set()
+            for t in threads:
+                t.join()
+        for r in readers:
+            assert not r.errors, r.errors
+            assert r.listed > 0
+        assert max(longest) > 1  # ended jobs were listed beside others
+        loop = [j.uuid for j in conn._call(dom.adom.list_jobs)]
+        fast = [j.uuid for j in dom.listJobs()]  # later: jobs may have expired since
+        assert fast == [u for u in loop if u in fast] and set(fast) <= set(jobs_uuids(jobs))
+
+
+def jobs_uuids(jobs: list[BlockingJob]) -> list[uuid.UUID]:
+    return [j.uuid for j in jobs]
