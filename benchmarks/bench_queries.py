@@ -3,7 +3,8 @@ published snapshots (the facade's call, as any caller makes it) against the same
 hopping to the event loop's thread (the in-process API's coroutine through the portal,
 as every call went before), in the same run, with jobs running that change all the time
 (a push backup and a block pull copy at 1 MiB/s, real clock: each call computes live
-stats of a job whose snapshot the engine keeps replacing).
+stats of a job whose snapshot the engine keeps replacing); the lists and the lookup of an
+ended job on a domain with 10 retained ended jobs and a running block pull.
 
     python -m benchmarks.bench_queries
 """
@@ -18,6 +19,7 @@ import jobcore
 from jobcore.facade import BlockingConnection
 
 N_CALLS = 5000
+ENDED_JOBS = 10
 REPEATS = 3
 BACKUP = (
     "<domainbackup><disks><disk name='vdb' type='file'>"
@@ -42,6 +44,13 @@ def queries(conn: BlockingConnection) -> dict[str, tuple[Callable[[], Any], Call
     vm1.backupBegin(BACKUP, None)
     vm2.blockPull("vda", 1)
     backup = jobcore.JobLookupByUUID(vm1, jobcore.LEGACY_DOMAIN_JOB_UUID)
+    # vm2: its running block pull and ENDED_JOBS ended backups (the default retention)
+    for i in range(ENDED_JOBS):
+        target = BACKUP.replace("bench-queries", f"bench-queries-{i}")
+        small = jobcore.JobBegin(vm2, f"<job type='backup'>{target}</job>")
+        jobcore.JobAbort(small)
+        jobcore.JobWait(small, timeout=30)
+    ended = small
     bps = jobcore.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES
     hop = conn._call
     return {
@@ -57,6 +66,11 @@ def queries(conn: BlockingConnection) -> dict[str, tuple[Callable[[], Any], Call
             lambda: jobcore.JobLookupByUUID(vm1, backup.uuid),
             lambda: hop(conn.aconn.job_lookup_by_uuid, vm1.adom, backup.uuid),
         ),
+        "lookup (ended)": (
+            lambda: jobcore.JobLookupByUUID(vm2, ended.uuid),
+            lambda: hop(conn.aconn.job_lookup_by_uuid, vm2.adom, ended.uuid),
+        ),
+        "listJobs": (vm2.listJobs, lambda: hop(vm2.adom.list_jobs)),
     }
 
 

@@ -1330,6 +1330,7 @@ class Engine:
         every later change as it happens; ``on`` is set once all are published."""
         snaps = self.snapshots
         if not snaps.on:
+            snaps.start(self.store)
             for rec in self.store.active_jobs():
                 snaps.publish(rec, self.info(rec), self.store)
             snaps.on = True
@@ -1341,6 +1342,14 @@ class Engine:
             self.snapshots.publish(rec, self.info(rec), self.store)
         snap: JobSnapshot | None = rec.snapshot
         return snap
+
+    def publish_domain(self, domain: str) -> None:
+        """Publish ``domain``'s job list from now on (on the loop thread), purged as a
+        list query purges; nothing while snapshots are off or the store cannot say what
+        it forgets."""
+        if self.snapshots.on:
+            self._purge()
+            self.snapshots.publish_domain(domain, self._snapshot)
 
     # ---- queries ---------------------------------------------------------------------
 

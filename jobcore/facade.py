@@ -9,10 +9,11 @@ their processes).
 
 On an in-process connection the read-only queries (``jobStats`` without COMPLETED,
 ``jobInfo``, ``blockJobInfo`` of a disk with a block job, ``JobGetInfo``, ``JobGetStats``,
-``JobGetXMLDesc``, ``JobLookupByUUID`` of an active job) are answered on the caller's
-thread from the immutable snapshots the engine publishes (jobcore.snapshots says why
-that is safe and gives the loop's answer); the first such query starts the publishing
-with one hop. Every other call of an in-process connection hops to its loop.
+``JobGetXMLDesc``, ``JobLookupByUUID`` of a job the store holds, ``listJobs``) are
+answered on the caller's thread from the immutable snapshots the engine publishes
+(jobcore.snapshots says why that is safe and gives the loop's answer); the first such
+query starts the publishing with one hop (and a domain's first ``listJobs`` publishes its
+list with another). Every other call of an in-process connection hops to its loop.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from jobcore.flags import check_flags
 from jobcore.info import Explanation, GroupInfo, HostInfo, JobInfo
 from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.methods import as_uuid
+from jobcore.snapshots import kept
 from jobcore.spec import DEFAULT_RETENTION, JobType, check_timeout
 from jobcore.uri import parse_uri
 
@@ -436,6 +438,14 @@ class BlockingDomain:
         return self.conn._call(self.adom.block_commit, disk, base, top, bandwidth, flags)
 
     def listJobs(self) -> list[BlockingJob]:
+        local = self._published()
+        if local is not None:
+            jobs = local.list_jobs_now()
+            if jobs is None and local.conn.engine.snapshots.lists:
+                self.conn._call(local.publish_jobs)  # the first time: one hop
+                jobs = local.list_jobs_now()
+            if jobs is not None:
+                return [BlockingJob(self.conn, j) for j in jobs]
         return [BlockingJob(self.conn, j) for j in self.conn._call(self.adom.list_jobs)]
 
     # ---- checkpoints (virDomainCheckpoint*) --------------------------------------------
@@ -567,14 +577,20 @@ def JobLookupByUUID(dom: BlockingDomain, job_uuid: str | bytes | uuid.UUID) -> B
 
 
 def _lookup_now(dom: LocalDomain, job_id: uuid.UUID) -> LocalJob | None:
-    """An active job's handle from the published snapshots (an ended one may be purged:
-    the loop decides), else None."""
+    """The job's handle from the published snapshots: an active job, or an ended one
+    the store still holds and the purge keeps at the clock reading; else None (the loop
+    answers, or raises NoSuchJob)."""
     if job_id == LEGACY_DOMAIN_JOB_UUID:
         return dom.legacy_job_now()
-    snap = dom.conn.engine.snapshots.active.get(job_id)
-    if snap is None or snap.record.domain != dom.name:
+    engine = dom.conn.engine
+    snaps = engine.snapshots
+    snap = snaps.active.get(job_id)
+    if snap is not None:
+        return LocalJob(dom.conn, snap.record) if snap.record.domain == dom.name else None
+    rec = snaps.jobs.get(job_id)  # before the clock: the store held it then
+    if rec is None or rec.domain != dom.name or not kept(rec, engine.clock.now()):
         return None
-    return LocalJob(dom.conn, snap.record)
+    return LocalJob(dom.conn, rec)
 
 
 def _published_job(job: BlockingJob) -> LocalJob | None:

@@ -39,7 +39,7 @@ from jobcore.lifecycle import JobState
 from jobcore.methods import Named, as_uuid, uuid_prefix
 from jobcore.paths import PathGuard
 from jobcore.scheduler import PolicyTable, policy_table
-from jobcore.snapshots import JobSnapshot
+from jobcore.snapshots import JobSnapshot, kept
 from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, ChainRef, JobType
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
@@ -442,12 +442,16 @@ class LocalDomain:
         """``job_stats(flags)`` from the published snapshots; None with
         VIR_DOMAIN_JOB_STATS_COMPLETED (it may mark the stats read, and it reads ended
         jobs, which the store's purge decides about)."""
-        check_flags("jobStats", flags)
+        if flags:
+            check_flags("jobStats", flags)
+            if flags & C.VIR_DOMAIN_JOB_STATS_COMPLETED:
+                return None
         engine = self.conn.engine
-        if flags & C.VIR_DOMAIN_JOB_STATS_COMPLETED or not engine.snapshots.on:
+        snapshots = engine.snapshots
+        if not snapshots.on:
             return None
-        now = engine.clock.now()
-        snap = engine.snapshots.legacy.get(self.name)
+        now = engine.clock.now()  # before the snapshot: see jobcore.snapshots
+        snap = snapshots.legacy.get(self.name)
         return {"type": C.VIR_DOMAIN_JOB_NONE} if snap is None else snap.stats_at(now)
 
     def block_job_info_now(self, disk: str, flags: int = 0) -> dict[str, int] | None:
@@ -466,11 +470,53 @@ class LocalDomain:
         )
 
     def legacy_job_now(self) -> LocalJob | None:
-        """The handle ``job_lookup_by_uuid(LEGACY_DOMAIN_JOB_UUID)`` returns while the
-        domain has an active domain job, from the published snapshots; else None."""
+        """The handle ``job_lookup_by_uuid(LEGACY_DOMAIN_JOB_UUID)`` returns, from the
+        published snapshots: the active domain job, else (the domain's list published)
+        the last ended one while the purge keeps it; None: ask the loop."""
         engine = self.conn.engine
-        snap = engine.snapshots.legacy.get(self.name) if engine.snapshots.on else None
-        return None if snap is None else LocalJob(self.conn, snap.record)
+        snaps = engine.snapshots
+        if not snaps.on:
+            return None
+        listed = snaps.domains.get(self.name)  # before the alias: see list_jobs_now
+        snap = snaps.legacy.get(self.name)
+        if snap is not None:
+            return LocalJob(self.conn, snap.record)
+        if listed is None or listed.last_ended is None:
+            return None
+        now = engine.clock.now()
+        if snaps.domains.get(self.name) is not listed or not kept(listed.last_ended, now):
+            return None  # it changed meanwhile, or the purge forgets it: the loop says
+        return LocalJob(self.conn, listed.last_ended)
+
+    def list_jobs_now(self) -> list[LocalJob] | None:
+        """``list_jobs()`` from the published snapshots; None until the domain's list is
+        published (``publish_jobs``) or when it changed during the call.
+
+        The list is read before and after the clock: the same publication both times
+        means the store held exactly its jobs at the clock reading, and the loop's
+        purge at that reading keeps those whose deadline is later."""
+        engine = self.conn.engine
+        snaps = engine.snapshots
+        if not snaps.on:
+            return None
+        listed = snaps.domains.get(self.name)
+        if listed is None:
+            return None
+        now = engine.clock.now()
+        if snaps.domains.get(self.name) is not listed:
+            return None
+        jobs: list[LocalJob] = []
+        for rec in listed.jobs:
+            keep = kept(rec, now)
+            if keep is None:
+                return None
+            if keep:
+                jobs.append(LocalJob(self.conn, rec))
+        return jobs
+
+    async def publish_jobs(self) -> None:
+        """Publish the domain's job list from now on (then ``list_jobs_now`` answers)."""
+        self.conn.engine.publish_domain(self.name)
 
     async def _require_disk(self, disk: str) -> None:
         if (await self.info()).disk(disk) is None:

@@ -321,9 +321,7 @@ class _Resource:
         self.waiters = [w for w in self.waiters if w[1] is not ticket]
 
     def empty(self) -> bool:
-        if self.waiters:
-            return False
-        return not any(self.holders.values())
+        return not self.waiters and not any(self.holders.values())
 
 
 class Scheduler:
@@ -538,9 +536,10 @@ class Scheduler:
         return admitted
 
     def _admit(self, ticket: Ticket) -> None:
-        """Hold ``ticket``'s claims, and age the waiters it overtakes."""
-        self._hold(ticket)
-        self._age_overtaken(ticket)
+        """Hold ``ticket``'s claims, and age the waiters it overtakes (if a resource it
+        holds has waiters: none can be overtaken otherwise)."""
+        if self._hold(ticket):
+            self._age_overtaken(ticket)
 
     def _age_overtaken(self, ticket: Ticket) -> None:
         """Each waiter that arrived before ``ticket`` and that one of its claims blocks
@@ -564,42 +563,53 @@ class Scheduler:
                 ((t.order, t, mode) for _, t, mode in res.waiters), key=lambda w: w[0]
             )
 
-    def _hold(self, ticket: Ticket) -> None:
+    def _hold(self, ticket: Ticket) -> bool:
+        """Hold ``ticket``'s claims; whether a resource it now holds has waiters."""
         resources = self._resources
+        queued = False
         for claim in ticket.claims:
             res = resources.get(claim.resource)
             if res is None:
                 res = resources[claim.resource] = _Resource()
+            elif res.waiters:
+                queued = True
             held = res.holders.get(claim.mode)
             if held is None:
                 res.holders[claim.mode] = {ticket: None}
             else:
                 held[ticket] = None
         self._held[ticket.job.int] = ticket
+        return queued
 
     def release(self, ticket: Ticket) -> list[Ticket]:
         """Drop a ticket (held or waiting); return waiting tickets admitted as a result."""
         resources = self._resources
         waiting = ticket.waiting
-        touched: list[_Resource] = []
-        queued = False  # a touched resource has waiters
+        queued: list[_Resource] = []  # touched resources with waiters
         for claim in ticket.claims:
-            res = resources.get(claim.resource)
+            name = claim.resource
+            res = resources.get(name)
             if res is None:
                 continue
+            holders = res.holders
             if waiting:
                 res.remove_waiter(ticket)
             else:
-                held = res.holders.get(claim.mode)
+                held = holders.get(claim.mode)
                 if held is not None:
                     held.pop(ticket, None)
-            touched.append(res)
+                    if not held:  # (a mode nobody holds has no entry: empty() is cheap)
+                        del holders[claim.mode]
             if res.waiters:
-                queued = True
+                queued.append(res)
+            elif not holders:  # nobody holds or waits: forgotten in the same pass
+                del resources[name]
         if not waiting:
             self._held.pop(ticket.job.int, None)
         ticket.waiting = False
-        admitted = self._wake(touched) if queued else []
+        if not queued:
+            return []
+        admitted = self._wake(queued)
         for claim in ticket.claims:
             res = resources.get(claim.resource)
             if res is not None and res.empty():

@@ -2,8 +2,8 @@
 
 The blocking facade answers its read-only queries (``jobStats``, ``jobInfo``,
 ``blockJobInfo``, ``JobGetInfo``, ``JobGetStats``, ``JobGetXMLDesc``, ``JobLookupByUUID``
-of an active job) on the caller's thread from these, without the hop to the event loop's
-thread (design/legacy.md, "Queries without a thread hop").
+of a job the store holds, ``listJobs``) on the caller's thread from these, without the
+hop to the event loop's thread (design/legacy.md, "Queries without a thread hop").
 
 Why a reader on another thread sees exactly what the loop would answer:
 
@@ -26,7 +26,12 @@ Why a reader on another thread sees exactly what the loop would answer:
   qemu driver's ``SystemClock`` and the sim's ``RealClock`` call ``time.monotonic()``;
   the sim's ``ManualClock.now`` loads one float that ``advance`` (on the loop) replaces.
 
-What may write, or needs the driver or the store's purge, keeps the hop (design/legacy.md).
+Lists and ended jobs: the store forgets ended jobs lazily (a purge at a query, by each
+one's deadline ``JobRecord.expires``) and by its caps; it tells ``Snapshots`` what it
+forgets, so ``jobs`` and each listed domain's ``DomainJobs`` hold what the store holds,
+and a reader drops what the purge at its clock reading would (``kept``).
+
+What may write, or needs the driver, keeps the hop (design/legacy.md).
 Nothing is published until a reader asks (``Engine.start_snapshots``): jobd's connections
 and the async API pay one attribute test per change.
 """
@@ -34,14 +39,16 @@ and the async API pay one attribute test per change.
 from __future__ import annotations
 
 import math
+import operator
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from attrs import frozen
 
 from jobcore.info import JobInfo, job_stats
+from jobcore.store import MemoryJobStore
 
 if TYPE_CHECKING:
     from jobcore.store import JobRecord, JobStore
@@ -53,39 +60,85 @@ def elapsed_ms(created: float, ended: float | None, now: float) -> int:
     return max(0, math.floor((end - created) * 1000))
 
 
+#: JobInfo's fields in ``__init__`` order, and where ``time_elapsed`` is among them
+_INFO_FIELDS = tuple(f.name for f in attrs.fields(JobInfo))
+_ELAPSED = _INFO_FIELDS.index("time_elapsed")
+_info_values = operator.attrgetter(*_INFO_FIELDS)
+
+
 @frozen(eq=False)
 class JobSnapshot:
-    """A record's visible fields at one publication (every field a value or frozen)."""
+    """A record's visible fields at one publication (every field a value or frozen).
+
+    The reader's work is kept to what must be done at call time: the live elapsed time
+    and a new result; everything else was computed on the loop when it was published
+    (``info``, its field values, the stats dict), never later."""
 
     #: the record, only for making handles (its uuid, type and domain never change)
     record: JobRecord
     #: ``engine.info(record)`` at publication (final once the job ended)
     info: JobInfo
+    #: ``info``'s field values in JobInfo's ``__init__`` order
+    info_values: tuple[Any, ...]
+    #: ``engine.stats(record)`` at publication: never changed (readers copy it)
+    stats: Mapping[str, Any]
+    #: the stats' "time_elapsed" is the job's elapsed time (not an extra stat's)
+    stats_elapsed: bool
     #: ``clock.now()`` at begin and at the end (None while active)
     created: float
     ended: float | None
-    operation: int
-    progress_keys: str
-    #: a copy of the record's extra stats, never changed
-    extra: Mapping[str, int | str]
+    #: when the store's purge forgets the ended job (``JobRecord.expires``)
+    expires: float | None
     spec: Any
     domain_level: bool
 
+    def _elapsed_now(self, now: float) -> int | None:
+        """The elapsed time at ``now`` if it is later than the published one, else None."""
+        if self.ended is not None:  # final: the published value
+            return None
+        elapsed = math.floor((now - self.created) * 1000)
+        return elapsed if elapsed > self.info.time_elapsed else None
+
     def info_at(self, now: float) -> JobInfo:
         """The job's info as the loop answers it at clock reading ``now`` (or later)."""
-        elapsed = elapsed_ms(self.created, self.ended, now)
-        if elapsed <= self.info.time_elapsed:  # ended, or no later than the publication
+        elapsed = self._elapsed_now(now)
+        if elapsed is None:  # ended, or no later than the publication
             return self.info
-        return attrs.evolve(self.info, time_elapsed=elapsed)
+        values = list(self.info_values)
+        values[_ELAPSED] = elapsed
+        return JobInfo(*values)
 
     def stats_at(self, now: float) -> dict[str, Any]:
         """``engine.stats(record)`` at ``now`` (a new dict each call, as the loop's)."""
-        return job_stats(self.info_at(now), self.operation, self.progress_keys, self.extra)
+        stats = dict(self.stats)
+        elapsed = self._elapsed_now(now)
+        if elapsed is not None and self.stats_elapsed:
+            stats["time_elapsed"] = elapsed
+        return stats
 
 
 def _disk(rec: JobRecord) -> str | None:
     disk = getattr(rec.spec, "disk", None)
     return disk if isinstance(disk, str) else None
+
+
+@frozen(eq=False)
+class DomainJobs:
+    """A domain's jobs as the store holds them at one publication (purge aside: a
+    reader drops those whose ``expires`` has passed, as the loop's purge would)."""
+
+    #: ``store.domain_jobs(domain)``: active and retained, in the order they began
+    jobs: tuple[JobRecord, ...]
+    #: ``store.last_ended_domain_job(domain)``: the legacy job when none is active
+    last_ended: JobRecord | None
+
+
+def kept(rec: JobRecord, now: float) -> bool | None:
+    """Whether the loop's purge at ``now`` keeps ``rec`` (None: it has no snapshot)."""
+    snap: JobSnapshot | None = rec.snapshot
+    if snap is None:
+        return None
+    return snap.expires is None or snap.expires > now
 
 
 class Snapshots:
@@ -94,6 +147,9 @@ class Snapshots:
     def __init__(self) -> None:
         #: publishing (set once by ``Engine.start_snapshots``, never cleared)
         self.on = False
+        #: the store tells us what it forgets (``MemoryJobStore.removed``): then the
+        #: lists and lookups of ended jobs are published too
+        self.lists = False
         #: domain -> snapshot of its legacy active job (the store's earliest-begun active
         #: domain-level job); no entry: none is active
         self.legacy: dict[str, JobSnapshot] = {}
@@ -101,6 +157,21 @@ class Snapshots:
         self.chain: dict[tuple[str, str], JobSnapshot] = {}
         #: job -> snapshot of every active job (an ended one may be purged: not here)
         self.active: dict[uuid.UUID, JobSnapshot] = {}
+        #: job -> every published record the store still holds (``lists`` only; an
+        #: entry leaves when the store forgets the record)
+        self.jobs: dict[uuid.UUID, JobRecord] = {}
+        #: domain -> its jobs (``lists`` only; a domain enters on its first list query,
+        #: ``publish_domain``, and is then kept current)
+        self.domains: dict[str, DomainJobs] = {}
+        self._store: JobStore | None = None
+
+    def start(self, store: JobStore) -> None:
+        """Before the first publication: learn from ``store`` what it forgets, if it can
+        say (the memory store and its durable subclasses)."""
+        if isinstance(store, MemoryJobStore):
+            self._store = store
+            store.removed = self._removed
+            self.lists = True
 
     def publish(self, rec: JobRecord, info: JobInfo, store: JobStore) -> None:
         """Publish ``rec`` as it is now (``info``: ``engine.info(rec)``), after the store
@@ -109,19 +180,26 @@ class Snapshots:
         snap = JobSnapshot(
             rec,
             info,
+            _info_values(info),
+            job_stats(info, rec.info.operation, rec.info.progress_keys, rec.extra),
+            "time_elapsed" not in rec.extra,
             rec.created,
             rec.ended,
-            rec.info.operation,
-            rec.info.progress_keys,
-            dict(rec.extra),
+            None if rec.ended is None else rec.expires,
             rec.spec,
             rec.domain_level,
         )
         rec.snapshot = snap
+        moved = previous is None or previous.info.state.active != info.state.active
         if info.state.active:
             self.active[rec.uuid] = snap
         elif previous is not None and self.active.get(rec.uuid) is previous:
             del self.active[rec.uuid]  # (not a later job that reuses a purged UUID)
+        if self.lists and moved:  # a new record, or one that ended
+            if previous is None and store.get(rec.uuid) is rec:  # (not one purged)
+                self.jobs[rec.uuid] = rec
+            if rec.domain in self.domains:
+                self._publish_domain(rec.domain)
         if rec.domain_level:
             first = store.active_domain_job(rec.domain)
             if first is None:
@@ -134,7 +212,6 @@ class Snapshots:
             return
         key = (rec.domain, disk)
         current = self.chain.get(key)
-        moved = previous is None or previous.info.state.active != info.state.active
         if moved:  # a block job began or ended: the store says whose the disk is now
             holder = store.chain_job(rec.domain, disk)
             if holder is None:
@@ -143,3 +220,28 @@ class Snapshots:
                 self.chain[key] = holder.snapshot
         elif current is not None and current.record is rec:
             self.chain[key] = snap
+
+    def publish_domain(self, domain: str, publish: Callable[[JobRecord], None]) -> None:
+        """Publish ``domain``'s jobs from now on (``publish``: the engine's, for a record
+        without a snapshot yet: an ended one nobody read since the snapshots started)."""
+        if not self.lists or self._store is None or domain in self.domains:
+            return
+        for rec in self._store.domain_jobs(domain):
+            if rec.snapshot is None:
+                publish(rec)  # (its domain is not in ``domains`` yet: no rebuild)
+            self.jobs[rec.uuid] = rec
+        self._publish_domain(domain)
+
+    def _publish_domain(self, domain: str) -> None:
+        store = self._store
+        assert store is not None
+        self.domains[domain] = DomainJobs(
+            tuple(store.domain_jobs(domain)), store.last_ended_domain_job(domain)
+        )
+
+    def _removed(self, rec: JobRecord) -> None:
+        """The store forgot ``rec`` (purged, or evicted by a cap)."""
+        if self.jobs.get(rec.uuid) is rec:
+            del self.jobs[rec.uuid]
+        if rec.domain in self.domains:
+            self._publish_domain(rec.domain)

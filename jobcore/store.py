@@ -18,7 +18,7 @@ import heapq
 import json
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -79,6 +79,8 @@ class JobRecord:
     admitted: anyio.Event | None = None
     #: the jobcore.snapshots.JobSnapshot the engine last published of it (None: none yet)
     snapshot: Any = None
+    #: once ended: the deadline the store's purge forgets it at (clock.now() scale)
+    expires: float | None = None
 
     @property
     def domain_level(self) -> bool:
@@ -136,6 +138,8 @@ class MemoryJobStore:
         self._retained_by_domain: dict[str, dict[int, JobRecord]] = {}
         self._expiry: list[tuple[float, int, int]] = []
         self._active: dict[int, JobRecord] = {}
+        #: told of each record the store forgets (jobcore.snapshots sets it)
+        self.removed: Callable[[JobRecord], None] | None = None
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -178,6 +182,7 @@ class MemoryJobStore:
         return self._jobs.get(job.int)
 
     def ended(self, rec: JobRecord, expires: float) -> None:
+        rec.expires = expires
         key = rec.uuid.int
         domain = rec.domain
         self._active.pop(key, None)
@@ -245,6 +250,8 @@ class MemoryJobStore:
             in_domain.pop(key, None)
             if not in_domain:
                 del self._retained_by_domain[domain]
+        if self.removed is not None:
+            self.removed(rec)
 
     def domain_jobs(self, domain: str) -> Iterator[JobRecord]:
         return iter(list(self._by_domain.get(domain, {}).values()))

@@ -469,6 +469,7 @@ class Reader:
         self.seen: dict[uuid.UUID, Any] = {}
         self.active_reads = 0
         self.reads = 0
+        self.listed = 0
 
     def check_stats(self, st: dict[str, Any]) -> None:
         state = JobState(st["state"])
@@ -477,6 +478,14 @@ class Reader:
         assert ("success" in st) is state.terminal
         if state.terminal:
             assert st["success"] is (state is S.COMPLETED)
+
+    def check_list(self, listed: list[BlockingJob]) -> None:
+        """Jobs this test began, each once, in the order they began (retention=0: at
+        most the active one and those that ended since the last purge)."""
+        order = {job.uuid: i for i, job in enumerate(list(self.jobs))}
+        places = [order.get(job.uuid, len(order)) for job in listed]  # (begun, not yet appended)
+        assert places == sorted(set(places)), places
+        self.listed += len(listed)
 
     def check_order(self, info: Any) -> None:
         last = self.seen.get(info.uuid)
@@ -501,8 +510,11 @@ class Reader:
                     assert numbers[1:] == [0] * 11
                 else:
                     assert numbers[0] == jobcore.VIR_DOMAIN_JOB_UNBOUNDED
+                self.check_list(self.dom.listJobs())
                 if self.jobs:
                     job = self.jobs[-1]
+                    with contextlib.suppress(jobcore.NoSuchJob):  # (purged already)
+                        assert jobcore.JobLookupByUUID(self.dom, job.uuid) == job
                     info = jobcore.JobGetInfo(job)
                     self.check_order(info)
                     stats = jobcore.JobGetStats(job)
@@ -541,7 +553,7 @@ def test_readers_hammering_while_jobs_begin_end_and_are_purged() -> None:
                 t.join()
         for r in readers:
             assert not r.errors, r.errors
-            assert r.reads > 0 and r.active_reads > 0
+            assert r.reads > 0 and r.active_reads > 0 and r.listed > 0
         assert dom.jobStats() == {"type": jobcore.VIR_DOMAIN_JOB_NONE}
         assert dom.listJobs() == []
         assert jobcore.JobGetInfo(jobs[-1]) == conn._call(jobs[-1].ajob.info)
@@ -639,3 +651,246 @@ def test_snapshot_answers_equal_the_loops_on_qemu(tmp_path: Path) -> None:
         assert jobcore.JobWait(backup, timeout=30)["state"] == "completed"
         assert check_same(conn, dom, backup) is S.COMPLETED
         dom.destroy()
+
+
+# ---- lists and lookups: the domain's published jobs, purged as the loop purges ------------
+
+
+def _with_retention(job_xml: str, seconds: float) -> str:
+    return job_xml.replace(
+        "<job type='backup'>", f"<job type='backup'><retention seconds='{seconds}'/>", 1
+    )
+
+
+def check_lists_same(
+    conn: BlockingConnection,
+    doms: list[BlockingDomain],
+    jobs: list[BlockingJob],
+    advance_by: float = 0.0,
+) -> list[list[uuid.UUID]]:
+    """In one step of the loop: the manual clock moves on by ``advance_by`` (nothing is
+    purged yet: the published lists still hold what expired), the facade's listJobs and
+    JobLookupByUUID answer on another thread, then the loop answers the same queries (and
+    purges); both equal. Returns the listed UUIDs per domain."""
+    for dom in doms:
+        dom.listJobs()  # the first list query of a domain publishes its list (one hop)
+
+    def fast() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for dom in doms:
+            out[f"{dom.name()} list"] = [j.uuid for j in dom.listJobs()]
+            for job in jobs:
+                out[f"{dom.name()} {job.uuid}"] = _fast_lookup(dom, job.uuid)
+            out[f"{dom.name()} legacy"] = _fast_lookup(dom, LEGACY_DOMAIN_JOB_UUID)
+        return out
+
+    async def step() -> tuple[dict[str, Any], dict[str, Any]]:
+        conn.driver.clock.advance(advance_by)  # type: ignore[attr-defined]
+        got = on_thread(fast)
+        lookup = conn.aconn.job_lookup_by_uuid
+        loop: dict[str, Any] = {}
+        for dom in doms:
+            loop[f"{dom.name()} list"] = [j.uuid for j in await dom.adom.list_jobs()]
+            for job in [*jobs, None]:
+                job_id = LEGACY_DOMAIN_JOB_UUID if job is None else job.uuid
+                try:
+                    found: Any = (await lookup(dom.adom, job_id)).uuid
+                except jobcore.NoSuchJob:
+                    found = "NoSuchJob"
+                loop[f"{dom.name()} {'legacy' if job is None else job.uuid}"] = found
+        return got, loop
+
+    got, loop = conn.run(step)
+    settle(conn)
+    # where the snapshots cannot answer, the facade asks the loop: nothing to compare
+    asked = {k for k, v in got.items() if v == "ask the loop"}
+    assert {k: v for k, v in got.items() if k not in asked} == {
+        k: v for k, v in loop.items() if k not in asked
+    }
+    assert all(not k.endswith(" list") for k in asked)  # lists always answer
+    return [got[f"{dom.name()} list"] for dom in doms]
+
+
+def _fast_lookup(dom: BlockingDomain, job_id: uuid.UUID) -> Any:
+    """JobLookupByUUID from the snapshots only (the loop may be busy: a hop would hang)."""
+    local = dom._published()
+    assert local is not None
+    found = jobcore.facade._lookup_now(local, job_id)
+    return "ask the loop" if found is None else found.uuid
+
+
+def test_lists_and_lookups_equal_the_loops_through_retention_and_purge() -> None:
+    with jobcore.open("sim:///default?clock=manual", retention=1000) as conn:
+        vm1, vm2 = conn.lookupByName("vm1"), conn.lookupByName("vm2")
+        vm1.jobStats()  # snapshots on
+        failed = _failed(conn, vm2)
+        done = _completed(conn, vm1)
+        short = jobcore.JobBegin(vm1, _with_retention(push_job(), 5))
+        advance(conn, 60)
+        jobcore.JobWait(short, timeout=10)  # its deadline: 5 s after its end
+        running = _running(conn, vm2)
+        queued = _queued(conn, vm2)
+        jobs = [short, done, failed, running, queued]
+        lists = check_lists_same(conn, [vm1, vm2], jobs)
+        assert lists[0] == [done.uuid, short.uuid]
+        assert lists[1][0] == failed.uuid and running.uuid in lists[1] and queued.uuid in lists[1]
+        assert _fast_lookup(vm1, LEGACY_DOMAIN_JOB_UUID) == short.uuid  # the last ended
+        assert _fast_lookup(vm1, done.uuid) == done.uuid  # an ended job, from snapshots
+        assert _fast_lookup(vm2, failed.uuid) == failed.uuid
+        assert _fast_lookup(vm2, done.uuid) == "ask the loop"  # another domain's
+        with pytest.raises(jobcore.NoSuchJob):
+            jobcore.JobLookupByUUID(vm2, done.uuid)
+        # the clock passes the short job's deadline: answered as the loop's purge would
+        # (the store still holds it when the snapshots answer)
+        lists = check_lists_same(conn, [vm1, vm2], jobs, advance_by=10.0)
+        assert lists[0] == [done.uuid]
+        assert _fast_lookup(vm1, short.uuid) == "ask the loop"  # (it raises NoSuchJob)
+        with pytest.raises(jobcore.NoSuchJob):
+            jobcore.JobLookupByUUID(vm1, short.uuid)
+        # the last ended job is gone: whether an earlier one is kept, the loop says
+        assert jobcore.JobLookupByUUID(vm1, LEGACY_DOMAIN_JOB_UUID) == done
+        later = jobcore.JobBegin(vm1, push_job())  # a new job shows at once
+        assert check_lists_same(conn, [vm1, vm2], [*jobs, later])[0] == [done.uuid, later.uuid]
+        assert _fast_lookup(vm1, LEGACY_DOMAIN_JOB_UUID) == later.uuid  # the active one
+        jobcore.JobAbort(later)
+        jobcore.JobWait(later, timeout=10)
+        # every ended job's deadline passes: the lists empty out, the alias fails
+        lists = check_lists_same(conn, [vm1, vm2], [*jobs, later], advance_by=2000.0)
+        assert lists[0] == [] and failed.uuid not in lists[1] and queued.uuid in lists[1]
+        assert vm1.listJobs() == [] and conn._call(vm1.adom.list_jobs) == []
+
+
+def test_lists_follow_the_stores_caps() -> None:
+    # a cap evicts the oldest ended job when another ends: the published list follows
+    with jobcore.open("sim:///default?clock=manual") as conn:
+        vm1, vm2 = conn.lookupByName("vm1"), conn.lookupByName("vm2")
+        vm1.jobStats()  # snapshots on
+
+        def caps() -> None:
+            conn.aconn.engine.store.max_retained_per_domain = 2  # type: ignore[attr-defined]
+            conn.aconn.engine.store.max_retained = 3  # type: ignore[attr-defined]
+
+        conn.run_sync(caps)
+        jobs = [_completed(conn, vm1), _completed(conn, vm1)]
+        assert check_lists_same(conn, [vm1, vm2], jobs)[0] == [j.uuid for j in jobs]
+        jobs.append(_completed(conn, vm1))  # evicts vm1's first
+        assert check_lists_same(conn, [vm1, vm2], jobs)[0] == [j.uuid for j in jobs[1:]]
+        jobs += [_completed(conn, vm2), _completed(conn, vm2)]  # evicts vm1's oldest
+        lists = check_lists_same(conn, [vm1, vm2], jobs)
+        assert lists == [[jobs[2].uuid], [jobs[3].uuid, jobs[4].uuid]]
+
+
+def test_lists_of_jobs_from_before_the_snapshots_started() -> None:
+    with jobcore.open("sim:///default?clock=manual") as conn:
+        vm1 = conn.lookupByName("vm1")
+        ended = _completed(conn, vm1)  # no snapshot query yet: nothing published
+        running = _running(conn, vm1)
+        vm1.jobStats()  # start: the active job is published, the ended one is not
+        assert not ended.ajob.published  # type: ignore[attr-defined]
+        lists = check_lists_same(conn, [vm1], [ended, running])  # its list: all of them
+        assert lists == [[ended.uuid, running.uuid]]
+        assert ended.ajob.published  # type: ignore[attr-defined]
+
+
+def test_elapsed_time_is_live_between_publications(conn: BlockingConnection) -> None:
+    # a paused job publishes nothing while the clock runs: its elapsed time still moves
+    dom = conn.lookupByName("vm1")
+    job = _paused(conn, dom)
+    before = without_loop(conn, dom.jobStats)["time_elapsed"]
+    conn.run_sync(conn.driver.clock.advance, 7)  # type: ignore[attr-defined]
+    assert without_loop(conn, dom.jobStats)["time_elapsed"] == before + 7000
+    assert without_loop(conn, lambda: jobcore.JobGetInfo(job)).time_elapsed == before + 7000
+    assert without_loop(conn, dom.jobInfo)[1] == before + 7000
+    assert check_same(conn, dom, job) is S.PAUSED
+
+
+def test_a_job_the_store_forgot_before_it_was_published_is_not_found() -> None:
+    with jobcore.open("sim:///default?clock=manual") as conn:
+        vm1 = conn.lookupByName("vm1")
+
+        def cap() -> None:
+            conn.aconn.engine.store.max_retained_per_domain = 1  # type: ignore[attr-defined]
+
+        conn.run_sync(cap)
+        first = _completed(conn, vm1)  # snapshots off: nothing published
+        second = _completed(conn, vm1)  # evicts the first
+        vm1.jobStats()  # snapshots on
+        jobcore.JobGetInfo(first)  # the handle's final info: published now, one hop
+        assert first.ajob.published  # type: ignore[attr-defined]
+        assert _fast_lookup(vm1, first.uuid) == "ask the loop"
+        with pytest.raises(jobcore.NoSuchJob):
+            jobcore.JobLookupByUUID(vm1, first.uuid)
+        assert check_lists_same(conn, [vm1], [first, second]) == [[second.uuid]]
+
+
+def test_lists_of_jobs_a_durable_store_recovered(tmp_path: Path) -> None:
+    # a recovered job's deadline is the store's (its wall-clock deadline on the new
+    # connection's clock), not its end plus its retention
+    store = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with jobcore.open("sim:///default?clock=manual", retention=100, store=store) as conn:
+        first = _completed(conn, conn.lookupByName("vm1"))
+    with jobcore.open("sim:///default?clock=manual", retention=100, store=store) as conn:
+        vm1 = conn.lookupByName("vm1")
+        vm1.jobStats()  # snapshots on
+        again = jobcore.JobLookupByUUID(vm1, first.uuid)  # (a hop: not published yet)
+        assert check_lists_same(conn, [vm1], [again]) == [[first.uuid]]
+        assert _fast_lookup(vm1, first.uuid) == first.uuid
+        assert check_lists_same(conn, [vm1], [again], advance_by=90) == [[first.uuid]]
+        assert check_lists_same(conn, [vm1], [again], advance_by=20) == [[]]
+
+
+def test_readers_listing_while_jobs_end_expire_and_are_evicted() -> None:
+    # real clock, retention of 20 ms and a cap of 3 per domain: the published lists
+    # change by deadlines passing, purges and evictions while two threads read them
+    with jobcore.open("sim:///default?rate=200000000000", retention=0.02) as conn:
+        dom = conn.lookupByName("vm1")
+
+        def cap() -> None:
+            conn.aconn.engine.store.max_retained_per_domain = 3  # type: ignore[attr-defined]
+
+        conn.run_sync(cap)
+        jobs: list[BlockingJob] = []
+        dom.jobStats()  # snapshots on
+        dom.listJobs()  # its list published
+        readers = [Reader(dom, jobs) for _ in range(2)]
+        longest: list[int] = []
+
+        def run(reader: Reader) -> None:
+            try:
+                while not reader.stop.is_set():
+                    listed = dom.listJobs()
+                    reader.check_list(listed)
+                    longest.append(len(listed))
+                    assert len(listed) <= 3 + 1  # the cap, and the one active job
+                    for job in listed:
+                        with contextlib.suppress(jobcore.NoSuchJob):  # (expired since)
+                            assert jobcore.JobLookupByUUID(dom, job.uuid) == job
+            except BaseException as exc:
+                reader.errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in readers]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(60):
+                job = jobcore.JobBegin(dom, push_job())
+                jobs.append(job)
+                jobcore.JobWait(job, timeout=30)
+                if len(jobs) % 10 == 0:
+                    conn._call(dom.adom.list_jobs)  # a purge on the loop now and then
+        finally:
+            for r in readers:
+                r.stop.set()
+            for t in threads:
+                t.join()
+        for r in readers:
+            assert not r.errors, r.errors
+            assert r.listed > 0
+        assert max(longest) > 1  # ended jobs were listed beside others
+        loop = [j.uuid for j in conn._call(dom.adom.list_jobs)]
+        fast = [j.uuid for j in dom.listJobs()]  # later: jobs may have expired since
+        assert fast == [u for u in loop if u in fast] and set(fast) <= set(jobs_uuids(jobs))
+
+
+def jobs_uuids(jobs: list[BlockingJob]) -> list[uuid.UUID]:
+    return [j.uuid for j in jobs]

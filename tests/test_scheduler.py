@@ -6,6 +6,7 @@ import itertools
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -348,3 +349,90 @@ def test_normalize_path_spells_as_realpath_through_links_and_odd_spellings(
     assert normalize_path(f"{later}/t") == f"{later}/t"
     later.symlink_to(root)
     assert normalize_path(f"{later}/t") == f"{root}/t"
+
+
+# ---- release's one pass (design/scheduling.md "Fast paths of an instant job") -----------
+
+
+class AsBefore(Scheduler):
+    """``release`` and ``_admit`` as they were written before their fast paths (one
+    pass; aging looked for only where a held resource has waiters): the reference."""
+
+    def _admit(self, ticket: Ticket) -> None:
+        Scheduler._hold(self, ticket)
+        self._age_overtaken(ticket)
+
+    def release(self, ticket: Ticket) -> list[Ticket]:
+        resources = self._resources
+        waiting = ticket.waiting
+        touched = []
+        queued = False
+        for claim in ticket.claims:
+            res = resources.get(claim.resource)
+            if res is None:
+                continue
+            if waiting:
+                res.remove_waiter(ticket)
+            else:
+                held = res.holders.get(claim.mode)
+                if held is not None:
+                    held.pop(ticket, None)
+            touched.append(res)
+            if res.waiters:
+                queued = True
+        if not waiting:
+            self._held.pop(ticket.job.int, None)
+        ticket.waiting = False
+        admitted = self._wake(touched) if queued else []
+        for claim in ticket.claims:
+            res = resources.get(claim.resource)
+            if res is not None and res.empty():
+                del resources[claim.resource]
+        return admitted
+
+
+def scheduler_state(s: Scheduler) -> dict[str, Any]:
+    """What a scheduler holds, by job numbers: each resource's holders per mode (modes
+    held by nobody left out) and its queue (with each waiter's aging)."""
+    return {
+        name: (
+            {m: [t.seq for t in h] for m, h in res.holders.items() if h},
+            [(t.seq, m, t.boost) for _, t, m in res.waiters],
+        )
+        for name, res in s._resources.items()
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), claims_strategy, st.integers(0, 2), st.integers(0, 30)),
+        max_size=40,
+    )
+)
+def test_admission_and_release_fast_paths_leave_what_the_slow_ones_left(
+    ops: list[tuple[bool, tuple[Claim, ...], int, int]],
+) -> None:
+    fast, slow = Scheduler(), AsBefore()
+    tickets: list[tuple[Ticket, Ticket]] = []  # (fast's, slow's), held or waiting
+    for queue, claims, prio, pick in ops:
+        if tickets and pick % 3 == 0:  # drop one, held or waiting
+            tf, ts = tickets.pop(pick % len(tickets))
+            assert [t.seq for t in fast.release(tf)] == [t.seq for t in slow.release(ts)]
+        job = uuid.uuid4()
+        tf, ts = fast.ticket(job, claims, prio), slow.ticket(job, claims, prio)
+        if queue:
+            assert fast.admit_or_enqueue(tf) == slow.admit_or_enqueue(ts)
+            tickets.append((tf, ts))
+        elif fast.conflict(tf) is None:
+            assert slow.conflict(ts) is None
+            fast.try_admit(tf)
+            slow.try_admit(ts)
+            tickets.append((tf, ts))
+        assert scheduler_state(fast) == scheduler_state(slow)
+        assert fast.resource_count() == slow.resource_count()
+    while tickets:
+        tf, ts = tickets.pop(0)
+        assert [t.seq for t in fast.release(tf)] == [t.seq for t in slow.release(ts)]
+        assert scheduler_state(fast) == scheduler_state(slow)
+    assert fast.resource_count() == slow.resource_count() == 0

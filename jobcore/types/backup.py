@@ -278,7 +278,8 @@ def backup_claims(spec: BackupJobSpec, dom: DomainInfo) -> tuple[Claim, ...]:
             bases[checkpoint_resource(dom.name, disk.incremental)] = None
         found = dom.disk(disk.name)
         if found is not None:  # every layer read: image_claims(chain_uses(found, set()))
-            images.update(dict.fromkeys(image_resource(path) for path in found.chain))
+            for path in found.chain:
+                images[image_resource(path)] = None
     claims.extend(Claim(name, Mode.READ) for name in images)
     claims.extend(Claim(name, Mode.READ) for name in bases)
     sock = backup_socket(spec)

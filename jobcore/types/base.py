@@ -87,7 +87,8 @@ def prepared(cls: builtins.type[_Prepared], spec: Any, **resolved: Any) -> _Prep
     of the spec, so one added to a spec class reaches its prepared spec, with the
     ``resolved`` ones set or replaced."""
     given = {alias: getattr(spec, name) for alias, name in init_fields(type(spec))}
-    return cls(**{**given, **resolved})
+    given.update(resolved)
+    return cls(**given)
 
 
 def domain_disk(dom: DomainInfo, name: str) -> DiskInfo:
