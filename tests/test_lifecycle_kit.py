@@ -81,7 +81,8 @@ class PreemptingSim(JobLifecycleMachine):
 
 def test_the_sim_kit_with_preemption() -> None:
     PreemptingSim.preemptions = 0
-    run_state_machine_as_test(PreemptingSim, settings=KIT_SETTINGS)
+    # derandomized: a fixed set of examples, so "some step preempted" cannot miss by luck
+    run_state_machine_as_test(PreemptingSim, settings=settings(KIT_SETTINGS, derandomize=True))
     assert PreemptingSim.preemptions > 0  # the step preempted jobs, and they were checked
 
 
