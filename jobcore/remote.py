@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -414,6 +414,35 @@ def _hello_uri(parsed: URI) -> str:
     return attrs.evolve(parsed, params=params).without_transport()
 
 
+def _reconnect_pauses(reconnect: float, now: Callable[[], float]) -> Iterator[float]:
+    """The pauses before each reconnect attempt: RECONNECT_FIRST s, each next one twice
+    as long, at most RECONNECT_MAX s, until ``reconnect`` s from now are spent."""
+    deadline = now() + reconnect
+    delay = RECONNECT_FIRST
+    while (pause := min(delay, deadline - now())) > 0:
+        yield pause
+        delay = min(delay * 2, RECONNECT_MAX)
+
+
+def _gave_up(where: str, reconnect: float, attempts: int, last: JobError) -> DaemonUnreachable:
+    return DaemonUnreachable(
+        f"the connection to {where} was lost and jobd did not come back "
+        f"within {reconnect:g} s ({attempts} attempts; reconnect="
+        f"{reconnect:g} in the URI sets how long): {last}"
+    )
+
+
+def _unreachable(path: Path, exc: OSError) -> DaemonUnreachable:
+    return DaemonUnreachable(f"cannot reach jobd at '{path}': {exc.strerror or exc}")
+
+
+def _no_hello(path: Path) -> DaemonUnreachable:
+    return DaemonUnreachable(
+        f"jobd at '{path}' did not answer hello within {HELLO_TIMEOUT:g} s "
+        "(is it jobd? is it hung?)"
+    )
+
+
 class _Link:
     """A connection's link to jobd across sockets: the current ``_Session``, the request
     ids and subscriptions that outlive it, and the reconnection after a lost socket
@@ -442,9 +471,7 @@ class _Link:
         try:
             stream = await anyio.connect_unix(self.path)
         except OSError as exc:
-            raise DaemonUnreachable(
-                f"cannot reach jobd at '{self.path}': {exc.strerror or exc}"
-            ) from None
+            raise _unreachable(self.path, exc) from None
         try:
             check_daemon_peer(stream, self.path)
         except AccessDenied:
@@ -458,10 +485,7 @@ class _Link:
                     Method.HELLO, PROTOCOL_VERSION, _hello_uri(self.parsed)
                 )
             if hello_scope.cancelled_caught:
-                raise DaemonUnreachable(
-                    f"jobd at '{self.path}' did not answer hello within {HELLO_TIMEOUT:g} s "
-                    "(is it jobd? is it hung?)"
-                )
+                raise _no_hello(self.path)
         except BaseException:
             session.close()
             raise
@@ -515,23 +539,16 @@ class _Link:
 
     async def _reconnect(self, cause: JobError) -> _Session:
         started = anyio.current_time()
-        deadline = started + self.reconnect
-        delay, attempts, last = RECONNECT_FIRST, 0, cause
-        while True:
-            pause = min(delay, deadline - anyio.current_time())
-            if pause <= 0 or self._closing:
-                raise DaemonUnreachable(
-                    f"the connection to {self.where} was lost and jobd did not come back "
-                    f"within {self.reconnect:g} s ({attempts} attempts; reconnect="
-                    f"{self.reconnect:g} in the URI sets how long): {last}"
-                )
+        attempts, last = 0, cause
+        for pause in _reconnect_pauses(self.reconnect, anyio.current_time):
+            if self._closing:
+                break
             await anyio.sleep(pause)
             attempts += 1
             try:
                 session = await self.open()
             except JobError as exc:  # not up yet, busy, not serving that URI yet: again
                 last = exc
-                delay = min(delay * 2, RECONNECT_MAX)
                 continue
             for hub in sorted(self.hubs.values(), key=lambda h: h.sub_id):
                 await session.resubscribe(hub)
@@ -543,6 +560,7 @@ class _Link:
                 subscriptions=len(self.hubs),
             )
             return session
+        raise _gave_up(self.where, self.reconnect, attempts, last)
 
     def _give_up(self, error: JobError) -> None:
         self.failed = error
@@ -1340,9 +1358,7 @@ class _BlockingLink:
             sock.connect(str(self.path))
         except OSError as exc:
             sock.close()
-            raise DaemonUnreachable(
-                f"cannot reach jobd at '{self.path}': {exc.strerror or exc}"
-            ) from None
+            raise _unreachable(self.path, exc) from None
         try:
             check_daemon_peer(sock, self.path)
         except AccessDenied:
@@ -1359,10 +1375,7 @@ class _BlockingLink:
                 raise ProtocolError(f"malformed reply to '{Method.HELLO}': {exc}") from None
         except TimeoutError:
             session.close()
-            raise DaemonUnreachable(
-                f"jobd at '{self.path}' did not answer hello within {HELLO_TIMEOUT:g} s "
-                "(is it jobd? is it hung?)"
-            ) from None
+            raise _no_hello(self.path) from None
         except BaseException:
             session.close()
             raise
@@ -1398,23 +1411,16 @@ class _BlockingLink:
 
     def _reconnect(self, cause: JobError) -> _BlockingSession:
         started = time.monotonic()
-        deadline = started + self.reconnect
-        delay, attempts, last = RECONNECT_FIRST, 0, cause
-        while True:
-            pause = min(delay, deadline - time.monotonic())
-            if pause <= 0 or self._closing:
-                raise DaemonUnreachable(
-                    f"the connection to {self.where} was lost and jobd did not come back "
-                    f"within {self.reconnect:g} s ({attempts} attempts; reconnect="
-                    f"{self.reconnect:g} in the URI sets how long): {last}"
-                )
+        attempts, last = 0, cause
+        for pause in _reconnect_pauses(self.reconnect, time.monotonic):
+            if self._closing:
+                break
             time.sleep(pause)
             attempts += 1
             try:
                 session = self.open()
             except JobError as exc:  # not up yet, busy, not serving that URI yet: again
                 last = exc
-                delay = min(delay * 2, RECONNECT_MAX)
                 continue
             _log.info(
                 "reconnected to jobd",
@@ -1423,6 +1429,7 @@ class _BlockingLink:
                 down_s=round(time.monotonic() - started, 3),
             )
             return session
+        raise _gave_up(self.where, self.reconnect, attempts, last)
 
     def call_as(self, method: Method, *args: ArgValue) -> Any:
         return self.current().call_as(method, *args)
