@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Iterable, Mapping
-from typing import NoReturn, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import NoReturn, Protocol, TypeVar
 
 from lxml import etree
 
@@ -98,6 +98,46 @@ def once(seen: set[str], child: etree._Element) -> None:
 def repeated(child: etree._Element) -> NoReturn:
     """Refuse ``child``: an earlier sibling has its tag (what ``once`` says)."""
     fail(child, f"<{child.tag}> may appear only once here")
+
+
+def children_once(el: etree._Element) -> Iterator[tuple[str, etree._Element]]:
+    """``el``'s element children with their tags, each tag at most once (a repeated one
+    is refused where it is met); comments and processing instructions are passed over."""
+    seen: set[str] = set()
+    for child in el:
+        tag = child.tag
+        if not isinstance(tag, str):
+            continue
+        if tag in seen:
+            repeated(child)
+        seen.add(tag)
+        yield tag, child
+
+
+class _HasName(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_D = TypeVar("_D", bound=_HasName)
+
+
+def parse_disks(
+    el: etree._Element, parse: Callable[[etree._Element], _D]
+) -> list[tuple[etree._Element, _D]]:
+    """Each ``<disk>`` child of a ``<disks>`` parsed by ``parse``, with its element; a
+    second disk of the same name is refused."""
+    names: set[str] = set()
+    disks: list[tuple[etree._Element, _D]] = []
+    for disk_el in el:
+        if disk_el.tag != "disk":
+            continue  # a comment (the grammar admits no other child)
+        disk = parse(disk_el)
+        if disk.name in names:
+            fail(disk_el, f"disk '{disk.name}' is named twice")
+        names.add(disk.name)
+        disks.append((disk_el, disk))
+    return disks
 
 
 def parse_document(

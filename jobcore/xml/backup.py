@@ -33,7 +33,7 @@ from jobcore.backup import (
 from jobcore.errors import InvalidArgument, XMLError
 from jobcore.spec import evolved
 from jobcore.xml import _types as T
-from jobcore.xml._parse import choice, fail, once, repeated
+from jobcore.xml._parse import children_once, choice, fail, once, parse_disks, repeated
 
 _YES_NO = {"yes": True, "no": False}
 _ELEMENT = etree.Element  # tag filter: elements only, no comments
@@ -63,21 +63,9 @@ def parse_backup_element(el: etree._Element) -> BackupDef:
     disks: list[BackupDisk] = []
     #: disks whose incremental backup needs the top-level <incremental>
     needs_incremental: list[etree._Element] = []
-    top: set[object] = set()
-    for child in el:
-        tag = child.tag
-        if tag in top and isinstance(tag, str):
-            repeated(child)
-        top.add(tag)
+    for tag, child in children_once(el):
         if tag == "disks":
-            names: set[str] = set()
-            for disk_el in child:
-                if disk_el.tag != "disk":
-                    continue  # a comment (the grammar admits no other child)
-                disk = _parse_disk(disk_el, pull)
-                if disk.name in names:
-                    fail(disk_el, f"disk '{disk.name}' is named twice")
-                names.add(disk.name)
+            for disk_el, disk in parse_disks(child, lambda d: _parse_disk(d, pull)):
                 disks.append(disk)
                 if disk.backupmode is DiskBackupMode.INCREMENTAL and disk.incremental is None:
                     needs_incremental.append(disk_el)

@@ -12,7 +12,14 @@ from lxml import etree
 
 from jobcore.backup import CheckpointDef, CheckpointDisk, CheckpointKind
 from jobcore.xml import _types as T
-from jobcore.xml._parse import check_depth, choice, fail, parse_document, repeated
+from jobcore.xml._parse import (
+    check_depth,
+    children_once,
+    choice,
+    fail,
+    parse_disks,
+    parse_document,
+)
 from jobcore.xml._write import serialize
 
 _ELEMENT = etree.Element
@@ -23,23 +30,9 @@ def parse_checkpoint_element(el: etree._Element) -> CheckpointDef:
     name = description = parent = domain = None
     creation_time: int | None = None
     disks: list[CheckpointDisk] = []
-    top: set[object] = set()
-    for child in el:  # comments and processing instructions match no branch
-        tag = child.tag
-        if tag in top and isinstance(tag, str):
-            repeated(child)
-        top.add(tag)
+    for tag, child in children_once(el):  # comments and PIs match no branch
         if tag == "disks":
-            names: set[str] = set()
-            for disk_el in child:
-                if disk_el.tag != "disk":
-                    continue  # a comment (the grammar admits no other child)
-                disk = _parse_disk(disk_el)
-                disk_name = disk.name
-                if disk_name in names:
-                    fail(disk_el, f"disk '{disk_name}' is named twice")
-                names.add(disk_name)
-                disks.append(disk)
+            disks.extend(disk for _, disk in parse_disks(child, _parse_disk))
         elif tag == "name":
             name = child.text or ""
             if T.checkpoint_name(name) is None:
