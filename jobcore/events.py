@@ -30,14 +30,16 @@ import enum
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-import anyio
 import attrs
 from attrs import define, field, frozen
 
 from jobcore.errors import JobError, SubscriptionOverflow
 from jobcore.lifecycle import JobState
+
+if TYPE_CHECKING:
+    import anyio  # imported where a subscription waits: a loop-free client never loads it
 
 
 class EventKind(enum.StrEnum):
@@ -217,6 +219,8 @@ class Subscription:
     async def get(self) -> JobEvent:
         """The next event; at the end ``anyio.EndOfStream`` (closed) or
         ``SubscriptionOverflow`` (ended by its ``lost_limit``)."""
+        import anyio
+
         while True:
             ev = self.get_nowait()
             if ev is not None:
@@ -241,6 +245,8 @@ class Subscription:
         return self
 
     async def __anext__(self) -> JobEvent:
+        import anyio
+
         try:
             return await self.get()
         except anyio.EndOfStream:

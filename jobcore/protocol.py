@@ -29,12 +29,11 @@ import typing
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import attrs
 import cattrs
 import msgpack  # type: ignore[import-untyped]
-from anyio.abc import SocketAttribute, SocketStream
 from attrs import frozen
 
 from jobcore import errors
@@ -50,6 +49,9 @@ from jobcore.methods import BY_NAME, MAX_RESUME, Arg, Method, Result
 from jobcore.rundir import user_run_dir
 from jobcore.spec import Decision, JobType
 from jobcore.uri import URI, parse_uri
+
+if TYPE_CHECKING:
+    from anyio.abc import SocketStream  # anyio only for a stream: a loop-free client never loads it
 
 #: Bumped on any incompatible change; a daemon refuses a client of another version.
 #: 2: JobInfo gained host and host_lost, DomainInfo its layers' formats, bus and virt_type
@@ -79,7 +81,12 @@ def peer_credentials(stream: SocketStream | socket.socket) -> PeerCred | None:
     so_peercred = getattr(socket, "SO_PEERCRED", None)
     if so_peercred is None:
         return None
-    sock = stream if isinstance(stream, socket.socket) else stream.extra(SocketAttribute.raw_socket)
+    if isinstance(stream, socket.socket):
+        sock = stream
+    else:
+        from anyio.abc import SocketAttribute
+
+        sock = stream.extra(SocketAttribute.raw_socket)
     raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return PeerCred(pid, uid, gid)

@@ -38,10 +38,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import attrs
-from anyio.abc import SocketStream, TaskGroup
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from jobcore.domaininfo import DomainInfo
 from jobcore.errors import ConnectionLost, InvalidArgument, InvalidURI, JobError
@@ -84,6 +81,9 @@ from jobcore.spec import DEFAULT_RETENTION, MAX_SECONDS, check_timeout
 from jobcore.uri import URI, parse_uri
 
 if TYPE_CHECKING:
+    # anyio only where the async client runs: a loop-free (blocking) client never loads it
+    from anyio.abc import SocketStream, TaskGroup
+
     from jobcore.paths import PathGuard
 
 #: Frames queued for the writer before a caller waits (subscribe() never waits).
@@ -123,6 +123,8 @@ class _Pending:
     __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
+        import anyio
+
         self.done = anyio.Event()
         self.result: Wire = None
         self.error: BaseException | None = None
@@ -206,6 +208,8 @@ class _Session:
     socket."""
 
     def __init__(self, stream: SocketStream, link: _Link) -> None:
+        import anyio
+
         self._stream = stream
         self._link = link
         #: who is at the other end, for messages: "jobd at '/run/…/jobd.sock'"
@@ -233,6 +237,8 @@ class _Session:
     # ---- calls ------------------------------------------------------------------------
 
     async def call(self, method: Method, *args: ArgValue) -> Wire:
+        import anyio
+
         if self._lost is not None:
             raise self._lost
         async with self._slots:
@@ -266,6 +272,8 @@ class _Session:
             raise ProtocolError(f"malformed reply to '{method}': {exc}") from None
 
     def _send_nowait(self, msg: Request | Cancel) -> bool:
+        import anyio
+
         try:
             self._out_send.send_nowait(encode_message(msg))
         except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -297,6 +305,8 @@ class _Session:
     # ---- the two tasks ----------------------------------------------------------------
 
     async def writer(self) -> None:
+        import anyio
+
         try:
             async with self._out_recv:
                 async for frame in self._out_recv:
@@ -309,6 +319,9 @@ class _Session:
             self.lose(ConnectionLost(f"the connection to {self.where} was lost: {exc}"), True)
 
     async def reader(self) -> None:
+        import anyio
+        from anyio.streams.buffered import BufferedByteReceiveStream
+
         receive = BufferedByteReceiveStream(self._stream)
         try:
             while True:
@@ -340,6 +353,8 @@ class _Session:
 
     async def keepalive(self) -> None:
         """Ping a jobd that is silent while a call waits; lose one silent too long."""
+        import anyio
+
         while True:
             await anyio.sleep(KEEPALIVE_INTERVAL)
             if not self._pending or not self.greeted:  # silence is fine: nothing awaited
@@ -452,6 +467,8 @@ class _Link:
     again and resumes it. Calls made meanwhile wait for the outcome."""
 
     def __init__(self, parsed: URI, path: Path, tg: TaskGroup, reconnect: float) -> None:
+        import anyio
+
         self.parsed = parsed
         self.path = path
         self.where = f"jobd at '{path}'"
@@ -468,6 +485,8 @@ class _Link:
 
     async def open(self) -> _Session:
         """A new socket to jobd, hello answered (DaemonUnreachable if it is not)."""
+        import anyio
+
         try:
             stream = await anyio.connect_unix(self.path)
         except OSError as exc:
@@ -493,6 +512,8 @@ class _Link:
         return session
 
     async def _run(self, stream: SocketStream, session: _Session) -> None:
+        import anyio
+
         async with stream, anyio.create_task_group() as tg:
             tg.start_soon(session.reader)
             tg.start_soon(session.writer)
@@ -515,6 +536,8 @@ class _Link:
             await self._changed.wait()
 
     def _publish(self) -> None:
+        import anyio
+
         self._changed.set()
         self._changed = anyio.Event()
 
@@ -538,6 +561,8 @@ class _Link:
             self._publish()
 
     async def _reconnect(self, cause: JobError) -> _Session:
+        import anyio
+
         started = anyio.current_time()
         attempts, last = 0, cause
         for pause in _reconnect_pauses(self.reconnect, anyio.current_time):
@@ -1006,6 +1031,8 @@ async def connect_remote(
 ) -> AsyncIterator[RemoteConnection]:
     """Open a connection to jobd. ``retention`` is the daemon's business (its config);
     it is accepted for signature compatibility with ``jobcore.connect``."""
+    import anyio
+
     parsed = parse_uri(uri) if isinstance(uri, str) else uri
     if parsed.transport != "unix":
         raise InvalidURI(f"'{parsed}' is not a DRIVER+unix URI")

@@ -257,6 +257,94 @@ def test_a_remote_list_loads_no_logging_renderer_rich_or_xml(jobd: Jobd, tmp_pat
     assert not heavy, sorted(heavy)
 
 
+#: what the event loop brings: a remote command that needs no events starts none
+EVENT_LOOP = ("anyio", "asyncio", "sniffio", "trio")
+
+
+@pytest.mark.parametrize(
+    ("tag", "command"),
+    [("nl1", ["list", "--all"]), ("nl2", ["list", "--json"]), ("nl3", ["domains"])],
+)
+def test_a_remote_command_without_events_runs_no_event_loop(
+    jobd: Jobd, tmp_path: Path, tag: str, command: list[str]
+) -> None:
+    """A remote `jobctl list` (or any command needing no events) runs on the loop-free
+    blocking client (design/daemon.md "Starting at once"): no anyio, no asyncio, no thread."""
+    uri = jobd.uri("rate=1048576")  # as _slow_job's (the module's jobd opens sim once)
+    begun = jobctl(uri, "begin", "vm1", write(tmp_path, "b.xml", BACKUP_VDB.format(tag=tag)))
+    assert begun.returncode == 0, begun.stderr
+    script = (
+        "import sys, threading\n"
+        "from jobcore.cli.app import main\n"
+        f"sys.argv = ['jobctl', '-c', {uri!r}, *{command!r}]\n"
+        "try:\n"
+        "    main(prog_name='jobctl')\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print(threading.active_count(), *sorted(sys.modules), file=sys.stderr)\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    threads, *modules = loaded.stderr.split()
+    assert "jobcore.remote" in modules  # it did talk to jobd
+    if command[0] == "list":
+        assert begun.stdout.strip() in loaded.stdout
+    else:
+        assert "vm1" in loaded.stdout
+    assert sorted(m for m in modules if m.split(".")[0] in EVENT_LOOP) == []
+    assert threads == "1"
+
+
+#: what a running job's row changes between two calls
+MOVING = ("processed", "progress", "time_elapsed")
+
+
+def _both_ways(monkeypatch: pytest.MonkeyPatch, uri: str, *args: str) -> list[tuple[int, str]]:
+    """``jobctl ARGS`` on the blocking client, then on the event loop's async client."""
+    from click.testing import CliRunner
+
+    from jobcore.cli import session
+
+    runs = []
+    for way in (session._on_blocking_client, session._on_event_loop):
+        monkeypatch.setattr(session, "_on_blocking_client", way)
+        done = CliRunner().invoke(main, ["-c", uri, *args])
+        runs.append((done.exit_code, done.output))
+    return runs
+
+
+def test_the_blocking_client_answers_as_the_event_loop_does(
+    jobd: Jobd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every remote command that runs without a loop prints and exits as it did on one."""
+    uri, job = _slow_job(jobd, tmp_path)
+    cases = [
+        ["domains", "--json"],
+        ["dumpxml", job],
+        ["explain", job, "--json"],
+        ["checkpoint", "list", "vm1"],
+        ["info", "ffffffff"],  # no such job: exit 7 and its message
+        ["info", "nonsense"],  # not a UUID: exit 2
+        ["group", "info", "00000000-0000-0000-0000-000000000000"],
+        ["set-speed", job, "2M"],
+        ["hosts"],  # not a fleet: refused the same way
+    ]
+    for args in cases:
+        blocking, looped = _both_ways(monkeypatch, uri, *args)
+        assert blocking == looped, args
+    listed = [
+        (code, [{k: v for k, v in row.items() if k not in MOVING} for row in json.loads(out)])
+        for code, out in _both_ways(monkeypatch, uri, "list", "--json")
+    ]
+    assert listed[0] == listed[1] and listed[0][1], listed
+    assert any(row["uuid"] == job for row in listed[0][1])
+    aborted = _both_ways(monkeypatch, uri, "abort", job)
+    assert aborted[0][0] == 0 and aborted[1][0] != 0  # the second finds it ended
+    assert aborted[1] == _both_ways(monkeypatch, uri, "abort", job)[0]
+
+
 def test_jobcore_imports_its_api_on_first_use() -> None:
     """`import jobcore` is light (`jobctl --version`); every public name still resolves,
     `dir(jobcore)` lists them, and `from jobcore import X` works."""

@@ -8,7 +8,6 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-import anyio
 import click
 from click.shell_completion import CompletionItem
 
@@ -27,6 +26,8 @@ def _completions(
 ) -> list[str]:
     """Names ``fetch`` gets from the command line's connection within 3 s; nothing on any
     error (completion must never print or hang)."""
+    import anyio
+
     given = click_ctx.find_root().params.get("uri")
 
     async def main() -> list[str]:

@@ -4,17 +4,17 @@ lifetime, errors turned into exit statuses, JOB arguments resolved to jobs."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-import anyio
 import click
 from attrs import frozen
 
 import jobcore
 from jobcore.cli.errors import ExitCode, Refusal, broken_pipe, classify, exit_with, fail
-from jobcore.errors import NoSuchJob, leaf_error
+from jobcore.errors import JobError, NoSuchJob, leaf_error
 from jobcore.protocol import resolve_default_daemon
+from jobcore.uri import parse_uri
 
 if TYPE_CHECKING:
     from jobcore.api import Connection, Job
@@ -50,16 +50,21 @@ def resolve_uri(uri: str) -> str:
     return resolve_default_daemon(uri)[0]
 
 
-def run(body: Callable[[Connection], Awaitable[int | None]]) -> NoReturn:
-    """Open the command's connection, run ``body``, exit with its status (or the error's)."""
+def run(
+    body: Callable[[Connection], Coroutine[Any, Any, int | None]], *, events: bool = False
+) -> NoReturn:
+    """Open the command's connection, run ``body``, exit with its status (or the error's).
+
+    On a jobd URI ``body`` runs on the loop-free blocking client (jobcore.remote
+    ``connect_blocking``): each of its calls completes without suspending, so no event
+    loop (nor anyio) is started. A body that needs events (``events``: subscriptions,
+    progress) and the embedded connection run on an event loop as before."""
     uri = current().uri
-
-    async def main() -> int | None:
-        async with jobcore.connect(uri) as conn:
-            return await body(conn)
-
     try:
-        code = anyio.run(main)
+        if events or parse_uri(uri).transport != "unix":
+            code = _on_event_loop(uri, body)
+        else:
+            code = _on_blocking_client(uri, body)
     except KeyboardInterrupt:
         exit_with(ExitCode.INTERRUPTED)
     except BaseException as exc:
@@ -73,6 +78,36 @@ def run(body: Callable[[Connection], Awaitable[int | None]]) -> NoReturn:
             message += " (is jobd running? start it with 'jobctl daemon')"
         fail(status, message)
     exit_with(code or 0)
+
+
+def _on_event_loop(
+    uri: str, body: Callable[[Connection], Coroutine[Any, Any, int | None]]
+) -> int | None:
+    import anyio
+
+    async def main() -> int | None:
+        async with jobcore.connect(uri) as conn:
+            return await body(conn)
+
+    return anyio.run(main)
+
+
+def _on_blocking_client(
+    uri: str, body: Callable[[Connection], Coroutine[Any, Any, int | None]]
+) -> int | None:
+    from jobcore.remote import connect_blocking
+
+    conn = connect_blocking(uri)
+    try:
+        coro = body(conn)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return cast("int | None", done.value)
+        coro.close()
+        raise JobError("internal error: a jobctl command waited for an event loop it has not")
+    finally:
+        conn.close_blocking()
 
 
 #: Matching UUIDs an ambiguous prefix's error lists.

@@ -56,4 +56,4 @@ def events(
                     return
         raise DaemonUnreachable("the event stream ended: the connection was closed")
 
-    run(body)
+    run(body, events=True)

@@ -77,7 +77,7 @@ def begin(
         report_final(final)
         return exit_for(final)
 
-    run(body)
+    run(body, events=wait_)  # --wait follows the job's events
 
 
 @click.command(name="list")
@@ -202,7 +202,7 @@ def wait(job: str, timeout: float | None, as_json: bool) -> None:
             report_final(final)
         return exit_for(final)
 
-    run(body)
+    run(body, events=True)
 
 
 def _verb_command(name: str, doc: str) -> click.Command:
