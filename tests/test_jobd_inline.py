@@ -77,7 +77,10 @@ async def test_inline_reads_reply_as_their_tasks_do(
     assert kinds.count(1) >= 10 and kinds.count(2) >= 6  # replies and errors both compared
 
 
-def _wait_behind_full_slots(path: Path) -> list[Any]:
+SLOTS = 2  # the requests in flight per client (MAX_IN_FLIGHT) in the next test
+
+
+def _wait_behind_full_slots(path: Path) -> tuple[list[Any], list[Any]]:
     """Fill every request slot with waits of a running job, then wait for an ended one:
     its reply comes at once (the read loop serves it); with a task it would queue for
     a slot until the running job ends."""
@@ -87,7 +90,7 @@ def _wait_behind_full_slots(path: Path) -> list[Any]:
         assert raw.call("job_abort", ended)[0] == 1
         first = raw.call("job_wait", ended, None)  # its outcome is on disk once it returns
         assert first[0] == 1, first
-        blocked = [raw.request("job_wait", running, None) for _ in range(server.MAX_IN_FLIGHT)]
+        blocked = [raw.request("job_wait", running, None) for _ in range(SLOTS)]
         rid = raw.request("job_wait", ended, None)
         reply = raw.recv()  # the only frame jobd can send: the ended job's wait's reply
         assert reply[1] == rid, (reply, blocked)
@@ -103,7 +106,7 @@ def _wait_behind_full_slots(path: Path) -> list[Any]:
 async def test_wait_of_an_ended_job_needs_no_slot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str, store: str
 ) -> None:
-    monkeypatch.setattr(server, "MAX_IN_FLIGHT", 2)
+    monkeypatch.setattr(server, "MAX_IN_FLIGHT", SLOTS)
     url = f"sqlite:///{tmp_path}/jobs.sqlite" if store == "sqlite" else store
     daemon = server.Daemon(DaemonConfig(run_dir=tmp_path / "run", store=url))
     async with anyio.create_task_group() as tg:

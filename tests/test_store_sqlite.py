@@ -359,6 +359,7 @@ CHILD = textwrap.dedent(
                 async def one(i):
                     nonlocal begun
                     job = await dom.job_begin(XML.replace("TAG", str(i)))
+                    print(job.uuid, flush=True)
                     begun += 1
                     if begun == int(sys.argv[4]):  # the others are still being begun
                         os.kill(os.getpid(), signal.SIGKILL)
@@ -462,6 +463,7 @@ HOLDER = textwrap.dedent(
     import sys, anyio, jobcore
     async def main():
         async with jobcore.connect("sim:///default", store=sys.argv[1]):
+            print("open", flush=True)
             await anyio.to_thread.run_sync(sys.stdin.read)
     anyio.run(main)
     """
