@@ -1423,8 +1423,13 @@ class Engine:
                 with anyio.fail_after(timeout):
                     await done.wait()
         if self._dstore is not None:  # the outcome is on disk before a waiter learns it
-            await self._dstore.sync(raise_errors=False)
+            await self._dstore.sync_job(rec.uuid, raise_errors=False)
         return self.info(rec)
+
+    def wait_ready(self, rec: JobRecord) -> bool:
+        """``wait(rec)`` would return without suspending: the job ended and its outcome
+        is on disk (jobd serves such a wait in the client's read loop)."""
+        return not rec.state.active and (self._dstore is None or self._dstore.job_synced(rec.uuid))
 
     def subscribe(
         self, flt: EventFilter | None = None, maxlen: int = EventHub.DEFAULT_BUFFER

@@ -864,6 +864,8 @@ class SQLiteJobStore(MemoryJobStore):
         self._pending: list[Write | None] = []
         self._queued = 0
         self._committed = 0
+        # job -> the number of its last insert or state update (what its waiters wait for)
+        self._state_at: dict[uuid.UUID, int] = {}
         # job -> (its last write in the batch being gathered, whether it is a state update)
         self._last: dict[uuid.UUID, tuple[int, bool]] = {}
         # callbacks waiting for the commit of the writes queued before them
@@ -992,6 +994,7 @@ class SQLiteJobStore(MemoryJobStore):
         self._progress_at[rec.uuid] = time.monotonic()  # the insert writes its progress
         self._last.pop(rec.uuid, None)  # a new row: what came before it stays before it
         self._queue(_insert(self.scope, rec))
+        self._state_at[rec.uuid] = self._queued
 
     def ended(self, rec: JobRecord, expires: float) -> None:
         # ends get strictly increasing wall times (a tie moves on by the least step), so
@@ -1013,6 +1016,7 @@ class SQLiteJobStore(MemoryJobStore):
         self._supersede(rec.uuid, update=True)
         self._last[rec.uuid] = (len(self._pending), True)
         self._queue(_update(rec, n))
+        self._state_at[rec.uuid] = self._queued
 
     def progress(self, rec: JobRecord) -> None:
         """A progress report: written if the job's last write is PROGRESS_INTERVAL old."""
@@ -1029,6 +1033,7 @@ class SQLiteJobStore(MemoryJobStore):
         super()._remove(rec)
         self._progress_at.pop(rec.uuid, None)
         self._event_seq.pop(rec.uuid, None)
+        self._state_at.pop(rec.uuid, None)  # its waiters wait for everything queued
         self._supersede(rec.uuid, update=True)
         self._queue((_DELETE_JOB, (str(rec.uuid),), None))
 
@@ -1079,15 +1084,18 @@ class SQLiteJobStore(MemoryJobStore):
         self._outbox.append((self._queued, fn))
         self._kick_soon()
 
-    async def sync(self, *, raise_errors: bool = True) -> None:
-        """Wait until every write queued so far is committed. While commits fail:
-        StoreError (or return at once, without ``raise_errors``)."""
-        target = self._queued
+    async def sync(self, *, raise_errors: bool = True, upto: int | None = None) -> None:
+        """Wait until every write queued so far (or the first ``upto``) is committed.
+        While commits fail: StoreError (or return at once, without ``raise_errors``)."""
+        target = self._queued if upto is None else upto
         while self._committed < target:
             if self.error is not None:
                 if raise_errors:
                     raise self.error
                 return
+            if self._inflight and target <= self._inflight_upto:
+                await self._next_outcome()  # the batch on the writer commits it
+                continue
             # woken once its writes are committed (or a commit failed), not by every
             # batch before: many clients waiting cost a wake-up each, not one per batch
             self._kick_soon()
@@ -1101,6 +1109,22 @@ class SQLiteJobStore(MemoryJobStore):
                 committed = anyio.Event()
                 waiters.append([target, committed])
             await committed.wait()
+
+    def _job_upto(self, job: uuid.UUID) -> int:
+        """The writes a job's outcome needs committed: up to its last insert or state
+        update (every write queued so far for a job this store no longer holds)."""
+        return self._state_at.get(job, self._queued)
+
+    def job_synced(self, job: uuid.UUID) -> bool:
+        """The job's last insert or state update is committed (and so is every write
+        queued before it), or the store's writes fail (``sync_job`` returns at once)."""
+        return self._committed >= self._job_upto(job) or self.error is not None
+
+    async def sync_job(self, job: uuid.UUID, *, raise_errors: bool = True) -> None:
+        """Wait until the job's last insert or state update is committed, with every
+        write queued before it (batches commit in queue order), not for the writes
+        other jobs queued since: a waiter learns its job's outcome once that is on disk."""
+        await self.sync(raise_errors=raise_errors, upto=self._job_upto(job))
 
     @property
     def settled(self) -> bool:

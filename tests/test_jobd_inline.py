@@ -75,3 +75,42 @@ async def test_inline_reads_reply_as_their_tasks_do(
     assert inline == tasks
     kinds = [reply[0] for reply in inline]
     assert kinds.count(1) >= 10 and kinds.count(2) >= 6  # replies and errors both compared
+
+
+SLOTS = 2  # the requests in flight per client (MAX_IN_FLIGHT) in the next test
+
+
+def _wait_behind_full_slots(path: Path) -> tuple[list[Any], list[Any]]:
+    """Fill every request slot with waits of a running job, then wait for an ended one:
+    its reply comes at once (the read loop serves it); with a task it would queue for
+    a slot until the running job ends."""
+    with RawClient.ready(path, "sim:///inline?clock=manual") as raw:
+        running = raw.call("job_begin", "vm1", BACKUP_VDA.format(tag="run"), 0)[2][0]
+        ended = raw.call("job_begin", "vm2", BACKUP_VDA.format(tag="end"), 0)[2][0]
+        assert raw.call("job_abort", ended)[0] == 1
+        first = raw.call("job_wait", ended, None)  # its outcome is on disk once it returns
+        assert first[0] == 1, first
+        blocked = [raw.request("job_wait", running, None) for _ in range(SLOTS)]
+        rid = raw.request("job_wait", ended, None)
+        reply = raw.recv()  # the only frame jobd can send: the ended job's wait's reply
+        assert reply[1] == rid, (reply, blocked)
+        with RawClient.ready(path, "sim:///inline?clock=manual") as other:  # a slot of its own
+            assert other.call("job_abort", running)[0] == 1
+        finals = {raw.recv()[1] for _ in blocked}
+        assert finals == set(blocked)
+        return [first[0], *first[2:]], [reply[0], *reply[2:]]
+
+
+@pytest.mark.parametrize("store", ["memory:", "sqlite"])
+@pytest.mark.anyio
+async def test_wait_of_an_ended_job_needs_no_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str, store: str
+) -> None:
+    monkeypatch.setattr(server, "MAX_IN_FLIGHT", SLOTS)
+    url = f"sqlite:///{tmp_path}/jobs.sqlite" if store == "sqlite" else store
+    daemon = server.Daemon(DaemonConfig(run_dir=tmp_path / "run", store=url))
+    async with anyio.create_task_group() as tg:
+        await tg.start(partial(daemon.run, handle_signals=False))
+        first, again = await anyio.to_thread.run_sync(_wait_behind_full_slots, daemon.rw_path)
+        daemon.stop()
+    assert first == again  # the same final info, inline as from its task

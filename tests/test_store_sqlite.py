@@ -882,3 +882,60 @@ async def test_a_later_write_of_a_row_replaces_the_queued_one(tmp_path: Path) ->
         assert [w is None for w in store._pending] == [True, False]
         await store.sync()
     assert str(job.uuid) not in rows(path)
+
+
+@pytest.mark.anyio
+async def test_wait_waits_for_its_own_outcome_not_later_writes(durable: Durable) -> None:
+    """A waiter learns its job's outcome once that job's write is committed (with every
+    write queued before it), and not only once later writes of other jobs are."""
+    async with jobcore.connect(f"sim:///default?rate={MiB}", store=durable.url) as conn:
+        store = as_local(conn).engine._dstore
+        assert store is not None
+        held: list[tuple[Any, Any]] = []
+        hold = False
+        batch_held = anyio.Event()
+        submit = store.db.submit
+
+        def gated(writes: Any, done: Any) -> None:  # batches wait while ``hold``
+            if hold:
+                held.append((writes, done))
+                batch_held.set()
+            else:
+                submit(writes, done)
+
+        def release() -> None:
+            nonlocal hold
+            hold = False
+            for writes, done in held:
+                submit(writes, done)
+            held.clear()
+
+        store.db.submit = gated  # type: ignore[method-assign]
+        vm1, vm2 = await conn.lookup_domain("vm1"), await conn.lookup_domain("vm2")
+        ended = await vm1.job_begin(backup("ended"))
+        running = await vm2.job_begin(backup("running"))
+        await ended.abort()
+        assert (await ended.wait()).state is JobState.CANCELLED
+        async with anyio.create_task_group() as tg:
+            try:
+                hold = True
+                tg.start_soon(vm2.job_begin, backup("later"))  # its insert is held
+                with anyio.fail_after(10):  # a batch after the ended job's outcome
+                    await batch_held.wait()
+                with anyio.fail_after(10):  # the ended job's waiter does not wait for it
+                    assert (await ended.wait()).state is JobState.CANCELLED
+                waited: list[Any] = []
+
+                async def end_running() -> None:  # its outcome is queued behind the held batch
+                    await running.abort()
+                    waited.append(await running.wait())
+
+                tg.start_soon(end_running)
+                await anyio.wait_all_tasks_blocked()
+                assert not waited  # not before its outcome is on disk
+                assert not store.job_synced(running.uuid)
+            finally:
+                release()
+        assert waited[0].state is JobState.CANCELLED
+        assert store.job_synced(running.uuid)
+        assert durable.rows()[str(running.uuid)]["state"] == "cancelled"

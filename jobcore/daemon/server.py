@@ -46,6 +46,7 @@ from jobcore.errors import InvalidArgument, JobError, StoreError, SubscriptionOv
 from jobcore.events import EndReason, EventKind, Subscription
 from jobcore.fleet import Fleet
 from jobcore.fleet_commands import FleetCommands, WatchHandle
+from jobcore.local import LocalJob
 from jobcore.log import get_logger, reopen_log_files
 from jobcore.methods import Method
 from jobcore.paths import owner_guard
@@ -647,7 +648,11 @@ class Daemon:
                 )
             )
             return False
-        if msg.method in _INLINE and not share and client.fleet is None:
+        if (
+            not share
+            and client.fleet is None
+            and (msg.method in _INLINE or (msg.method is Method.JOB_WAIT and _ended(client, msg)))
+        ):
             await self._serve_inline(client, msg)
             return False
         try:
@@ -891,6 +896,13 @@ _INLINE = frozenset(
         Method.JOB_STATS,
     }
 )
+
+
+def _ended(client: _Client, req: Request) -> bool:
+    """A ``JobWait`` of a job this session knows that has ended with its outcome on
+    disk: it waits for nothing (``Engine.wait_ready``), so the read loop serves it."""
+    job = client.jobs.get(req.args[0]) if isinstance(req.args[0], uuid.UUID) else None
+    return isinstance(job, LocalJob) and job.conn.engine.wait_ready(job._rec)
 
 
 def _arg_int(value: ArgValue) -> int:
