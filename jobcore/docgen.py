@@ -161,7 +161,8 @@ def render() -> str:
     lines += [
         "The example `KUBEVIRT_POLICY` (KubeVirt's rule: a migration preempts a backup),",
         f"named `{table_name(KUBEVIRT_POLICY)}` (`jobd --policy {table_name(KUBEVIRT_POLICY)}`,"
-        f' `jobcore.connect(…, policy="{table_name(KUBEVIRT_POLICY)}")`):',
+        f' `jobcore.connect(…, policy="{table_name(KUBEVIRT_POLICY)}")`,'
+        f' `jobcore.open(…, policy="{table_name(KUBEVIRT_POLICY)}")`):',
         "",
         *policy_table(KUBEVIRT_POLICY),
         "",

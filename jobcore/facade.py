@@ -69,6 +69,7 @@ class BlockingConnection:
         backend: str = "asyncio",
         retention: float = DEFAULT_RETENTION,
         store: str | None = None,
+        policy: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidArgument(
@@ -91,6 +92,11 @@ class BlockingConnection:
                     f"'{uri}' is served by jobd, whose job store is the daemon's config "
                     "(jobd --store URL): connect without store="
                 )
+            if policy is not None:
+                raise InvalidArgument(
+                    f"'{uri}' is served by jobd, whose conflict policy is the daemon's config "
+                    "(jobd --policy NAME): connect without policy="
+                )
             from jobcore import remote
 
             self._remote: Any = remote.connect_blocking(uri)
@@ -102,7 +108,7 @@ class BlockingConnection:
             try:
                 assert self._portal is not None
                 self._cm = self._portal.wrap_async_context_manager(
-                    connect(uri, retention=retention, store=store)
+                    connect(uri, retention=retention, store=store, policy=policy)
                 )
                 self.aconn = self._cm.__enter__()
             except BaseException:
@@ -537,10 +543,15 @@ def open(
     backend: str = "asyncio",
     retention: float = DEFAULT_RETENTION,
     store: str | None = None,
+    policy: str | None = None,
 ) -> BlockingConnection:
-    """Open a blocking connection (its event loop runs on its own daemon thread);
-    ``store``: the job store URL (``memory:`` by default, or ``sqlite:///ABS/PATH``)."""
-    return BlockingConnection(uri, backend=backend, retention=retention, store=store)
+    """Open a blocking connection (an in-process one's event loop runs on its own daemon
+    thread); ``store``: the job store URL (``memory:`` by default, or
+    ``sqlite:///ABS/PATH``); ``policy``: the conflict policy table by name (``default``,
+    ``kubevirt``; in-process only: jobd's is ``jobd --policy``)."""
+    return BlockingConnection(
+        uri, backend=backend, retention=retention, store=store, policy=policy
+    )
 
 
 def JobBegin(dom: BlockingDomain, job_xml: str | bytes, flags: int = 0) -> BlockingJob:

@@ -125,6 +125,22 @@ def test_in_process_connect_takes_a_policy_by_name_and_jobd_uris_refuse_it() -> 
     anyio.run(run)
 
 
+def test_the_blocking_open_takes_a_policy_by_name_and_jobd_uris_refuse_it() -> None:
+    with jobcore.open("sim:///p?clock=manual", policy="kubevirt") as conn:
+        dom = conn.lookupByName("vm1")
+        jobcore.JobBegin(dom, BACKUP_VDA.format(tag="ip"))
+        ex = jobcore.JobExplain(dom, MIGRATION)
+        assert ex["decision"] == "preempt" and "table 'kubevirt'" in ex["blockers"][0]["rule"]
+    with jobcore.open("sim:///p?clock=manual") as conn:  # the default table: fail fast
+        dom = conn.lookupByName("vm1")
+        jobcore.JobBegin(dom, BACKUP_VDA.format(tag="ip"))
+        assert jobcore.JobExplain(dom, MIGRATION)["decision"] == "conflict"
+    with pytest.raises(jobcore.InvalidArgument, match="unknown policy table 'nope'"):
+        jobcore.open("sim:///p", policy="nope")
+    with pytest.raises(jobcore.InvalidArgument, match="jobd --policy"):
+        jobcore.open("sim+unix:///x?socket=/nonexistent", policy="kubevirt")
+
+
 def test_json_explain_of_kubevirt_names_the_table(tmp_path: Path) -> None:
     with Jobd(tmp_path / "run", "--policy", "kubevirt").wait_ready() as daemon:
         uri = daemon.uri("rate=1")
