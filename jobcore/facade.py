@@ -549,9 +549,7 @@ def open(
     thread); ``store``: the job store URL (``memory:`` by default, or
     ``sqlite:///ABS/PATH``); ``policy``: the conflict policy table by name (``default``,
     ``kubevirt``; in-process only: jobd's is ``jobd --policy``)."""
-    return BlockingConnection(
-        uri, backend=backend, retention=retention, store=store, policy=policy
-    )
+    return BlockingConnection(uri, backend=backend, retention=retention, store=store, policy=policy)
 
 
 def JobBegin(dom: BlockingDomain, job_xml: str | bytes, flags: int = 0) -> BlockingJob:
