@@ -174,11 +174,26 @@ async def _timed_jobs(sock: Path, n: int, tag: str, warm: int = 200) -> float:
         return time.perf_counter() - start
 
 
+def _idle_config(idle: int) -> str:
+    """jobd limits that admit ``idle`` read-only subscriptions of one uid (jobd's defaults
+    bound a uid's read-only clients and subscriptions far below this benchmark's load)."""
+    clients = -(-idle // PER_CLIENT) + 1
+    return (
+        f"max_ro_clients = {max(clients, 1)}\n"
+        f"max_ro_clients_per_uid = {max(clients, 1)}\n"
+        f"max_ro_subscriptions = {max(idle, 1)}\n"
+        f"max_ro_subscriptions_per_uid = {max(idle, 1)}\n"
+        f"max_subscriptions = {max(idle, 1) + 64}\n"
+    )
+
+
 def measure_idle(n: int, *, idle: int) -> float:
     """Seconds for n jobs through a fresh jobd holding ``idle`` idle subscriptions."""
     with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp:
         run_dir = Path(tmp) / "run"
-        proc = _start_jobd(run_dir)
+        config = Path(tmp) / "jobd.toml"
+        config.write_text(_idle_config(idle))
+        proc = _start_jobd(run_dir, "--config", str(config))
         clients: list[socket.socket] = []
         try:
             # a read-write hello opens the driver connection the read-only clients join
