@@ -840,9 +840,10 @@ def test_lists_of_jobs_a_durable_store_recovered(tmp_path: Path) -> None:
 
 
 def test_readers_listing_while_jobs_end_expire_and_are_evicted() -> None:
-    # real clock, retention of 20 ms and a cap of 3 per domain: the published lists
-    # change by deadlines passing, purges and evictions while two threads read them
-    with jobcore.open("sim:///default?rate=200000000000", retention=0.02) as conn:
+    # real clock, retention of 200 ms and a cap of 3 per domain: the published lists
+    # change by deadlines passing, purges and evictions while two threads read them (a
+    # retention long enough that a loaded machine still lists ended jobs beside others)
+    with jobcore.open("sim:///default?rate=200000000000", retention=0.2) as conn:
         dom = conn.lookupByName("vm1")
 
         def cap() -> None:
