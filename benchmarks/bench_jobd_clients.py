@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
+from benchmarks.bench_jobd import _start_jobd
+
 CLIENTS = 20
 WINDOW = 2.0  # seconds each client keeps beginning and waiting jobs
 REPEATS = 2  # the best window of these is reported (the machine is shared)
 STORES = {"SQLite (default)": (), "memory": ("--store", "memory:")}
-JOBD_ARGS = ("--log-level", "error")
 TARGET = 3000.0  # jobs/s with 20 clients (issue 14)
 URI = "sim+unix:///default?socket={sock}&rate=0"
 DOMAIN = (
@@ -83,28 +81,6 @@ def jobs_per_second(sock: Path, clients: int, run: int) -> float:
         if proc.exitcode != 0:
             raise RuntimeError(f"a client exited with status {proc.exitcode}")
     return total / elapsed
-
-
-def _start_jobd(run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobcore.daemon", "--run-dir", str(run_dir), *JOBD_ARGS, *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    sock = run_dir / "jobd.sock"
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"jobd exited with status {proc.returncode}")
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(str(sock))
-                return proc
-            except OSError:
-                pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("jobd did not start")
 
 
 def main() -> None:

@@ -197,5 +197,9 @@ def test_a_queued_job_killed_before_its_start_was_saved_is_started_again(
     # started again from the beginning (nothing of it had run), then the queued one
     assert (end[second]["state"], end[second]["errmsg"]) == ("completed", None)
     assert (end[third]["state"], end[third]["errmsg"]) == ("completed", None)
-    assert end[third]["started"] >= end[second]["ended"]  # still queued behind it
+    # still queued behind it: its start after the other's end, both read on one clock
+    # (``started`` is its begin's wall time plus a monotonic offset, while ``ended`` is a
+    # wall-clock reading, which a VM's clock sync may step by milliseconds meanwhile)
+    second_ended = end[second]["created"] + end[second]["elapsed"]
+    assert end[third]["started"] >= second_ended
     assert sorted(finals.read_text().split()[1::2]) == sorted([second, third])  # one each

@@ -876,6 +876,7 @@ async def test_a_later_write_of_a_row_replaces_the_queued_one(tmp_path: Path) ->
         assert rows(path)[str(job.uuid)]["processed"] == 4096
         await job.abort()
         await job.wait()
+        await store.sync()  # (a wait syncs its own job's outcome, not every write)
         rec.extra["x"] = 1
         store.changed(rec)
         store._remove(rec)  # as a cap would: the delete covers the update
