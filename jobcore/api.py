@@ -317,6 +317,20 @@ class JobGroup(Protocol):
         ...
 
 
+def refuse_daemon_settings(uri: str, *, store: object, policy: object) -> None:
+    """A jobd URI's store and policy are the daemon's config: InvalidArgument if given."""
+    if store is not None:
+        raise InvalidArgument(
+            f"'{uri}' is served by jobd, whose job store is the daemon's config "
+            "(jobd --store URL): connect without store="
+        )
+    if policy is not None:
+        raise InvalidArgument(
+            f"'{uri}' is served by jobd, whose conflict policy is the daemon's config "
+            "(jobd --policy NAME): connect without policy="
+        )
+
+
 @asynccontextmanager
 async def connect(
     uri: str = "sim:///default",
@@ -346,16 +360,7 @@ async def connect(
     parsed = parse_uri(uri)
     # each side imported when used: a jobd client never loads the engine nor a driver
     if parsed.transport == "unix":
-        if store is not None:
-            raise InvalidArgument(
-                f"'{uri}' is served by jobd, whose job store is the daemon's config "
-                "(jobd --store URL): connect without store="
-            )
-        if policy is not None:
-            raise InvalidArgument(
-                f"'{uri}' is served by jobd, whose conflict policy is the daemon's config "
-                "(jobd --policy NAME): connect without policy="
-            )
+        refuse_daemon_settings(uri, store=store, policy=policy)
         from jobcore.remote import connect_remote
 
         async with connect_remote(parsed, retention=retention) as remote:

@@ -30,7 +30,15 @@ from typing import Any, TypeVar, cast
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from jobcore.api import Checkpoint, Connection, Domain, Job, JobGroup, connect
+from jobcore.api import (
+    Checkpoint,
+    Connection,
+    Domain,
+    Job,
+    JobGroup,
+    connect,
+    refuse_daemon_settings,
+)
 from jobcore.constants import LEGACY_DOMAIN_JOB_UUID
 from jobcore.driver import DriverConnection
 from jobcore.errors import InvalidArgument, JobError, NoSuchCheckpoint
@@ -87,16 +95,7 @@ class BlockingConnection:
         #: handle types whose calls run on the caller's thread (a jobd URI's)
         self._inline: frozenset[type] = frozenset()
         if parse_uri(uri).transport == "unix":
-            if store is not None:
-                raise InvalidArgument(
-                    f"'{uri}' is served by jobd, whose job store is the daemon's config "
-                    "(jobd --store URL): connect without store="
-                )
-            if policy is not None:
-                raise InvalidArgument(
-                    f"'{uri}' is served by jobd, whose conflict policy is the daemon's config "
-                    "(jobd --policy NAME): connect without policy="
-                )
+            refuse_daemon_settings(uri, store=store, policy=policy)
             from jobcore import remote
 
             self._remote: Any = remote.connect_blocking(uri)
