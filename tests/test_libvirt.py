@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -476,3 +477,42 @@ def test_calls_on_a_closed_connection(errors: list[Any]) -> None:
         assert code(exc) == libvirt.VIR_ERR_INVALID_CONN == 6
         assert str(exc.value) == f"invalid connection pointer in {name}"
         assert exc.value.get_error_domain() == domain
+
+
+def test_event_dispatch_failure_is_logged_not_printed(
+    errors: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A failure in the events thread goes to the stdlib logger ``jobcore.libvirt`` (silent
+    unless the application configures logging), never to stdout as structlog's default
+    configuration would print it; the thread keeps reading events."""
+    from jobcore.libvirt import objects
+
+    calls: list[str] = []
+
+    def broken(self: Any, ev: Any) -> None:
+        calls.append(ev.kind)
+        raise RuntimeError("dispatch broke")
+
+    monkeypatch.setattr(objects._EventReader, "_dispatch", broken)
+    libvirt.virEventRegisterDefaultImpl()
+    conn = libvirt.open("sim:///default")
+    caplog.set_level("WARNING", logger="jobcore.libvirt")
+    try:
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, lambda *a: None, None
+        )
+        dom = conn.lookupByName("vm1")
+        assert dom.backupBegin(BACKUP_VDA.format(tag="broken"), None) == 0
+        deadline = time.monotonic() + 30  # nothing reaches the event loop: poll
+        while len(calls) < 2 and time.monotonic() < deadline:  # on after the first failure
+            time.sleep(0.01)
+        assert len(calls) >= 2
+    finally:
+        conn.close()
+    failures = [r for r in caplog.records if r.name == "jobcore.libvirt"]
+    assert failures and "domain event dispatch failed" in str(failures[0].msg)
+    assert failures[0].exc_info is not None and "dispatch broke" in str(failures[0].exc_info[1])
+    assert "dispatch" not in capsys.readouterr().out

@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import attrs
-import structlog
 from attrs import frozen
 
 from jobcore import facade
@@ -33,6 +32,7 @@ from jobcore.libvirt import constants as C
 from jobcore.libvirt.errors import libvirtError, make_error, to_libvirt_error
 from jobcore.libvirt.eventloop import LOOP
 from jobcore.lifecycle import JobState
+from jobcore.log import get_logger
 from jobcore.protocol import RW_SOCKET, default_run_dir, resolve_default_daemon
 from jobcore.registry import registry
 from jobcore.remote import RECONNECT_PARAM
@@ -42,7 +42,7 @@ from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
 from jobcore.uri import parse_uri
 from jobcore.xml import parse_job
 
-log = structlog.get_logger("jobcore.libvirt")
+log = get_logger("jobcore.libvirt")
 
 MiB = 1 << 20
 #: stats keys jobcore adds that libvirt's job stats do not have
