@@ -1274,8 +1274,22 @@ class Engine:
         async with self._verb_lock(rec):
             await self._started(rec)
             check_verb(rec.uuid, rec.state, verb, self.job_verbs(rec))
+            self._refuse_if_held(rec, verb)
             await self._drive(rec, method)
             self._accepted(rec, verb)
+
+    def _refuse_if_held(self, rec: JobRecord, verb: Verb) -> None:
+        """A job whose completion a group holds back is done in the driver: only an
+        abort (which undoes it) still means something."""
+        if rec.uuid in self.held_abort:
+            raise OperationInvalid(
+                f"job '{rec.uuid}' has done its work and its completion is held until the "
+                f"other members of its all-or-nothing group are done: it cannot {verb} "
+                "(abort undoes it)",
+                job=rec.uuid,
+                state=str(rec.state),
+                verb=str(verb),
+            )
 
     def _accepted(self, rec: JobRecord, verb: Verb) -> None:
         """The driver accepted ``verb``: move the job to the verb's target from the state
@@ -1309,6 +1323,7 @@ class Engine:
         async with self._verb_lock(rec):
             await self._started(rec)
             check_verb(rec.uuid, rec.state, Verb.SET_SPEED, self.job_verbs(rec))
+            self._refuse_if_held(rec, Verb.SET_SPEED)
             if rec.state is S.QUEUED:
                 if hasattr(rec.spec, "bandwidth"):
                     rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)

@@ -458,6 +458,30 @@ async def test_aborting_a_held_member_cancels_the_group(tmp_path: Path) -> None:
         assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
 
 
+async def test_a_held_member_refuses_pause_and_speed_and_the_group_completes(
+    tmp_path: Path,
+) -> None:
+    """A held member is done in the driver: pause and set_speed say so (typed,
+    naming the hold) instead of the driver's "not running", and change nothing."""
+    async with sim("rate=1073741824&clock=manual") as conn:
+        g = await conn.job_group_begin(
+            group(
+                backup("vm1", f"{tmp_path}/1", "c1", vdb=True), backup("vm2", f"{tmp_path}/2", "c2")
+            )
+        )
+        vm2 = (await g.jobs())[1]
+        advance(conn, 1.0)  # vm2 is done, and held
+        await anyio.wait_all_tasks_blocked()
+        for verb in (vm2.pause, lambda: vm2.set_speed(1)):
+            with pytest.raises(jobcore.OperationInvalid, match="its completion is held"):
+                await verb()
+        info = await vm2.info()
+        assert info.state is JobState.RUNNING and info.processed == info.total
+        advance(conn, 100.0)
+        final = await g.wait(30)
+        assert final["states"] == ["completed", "completed"], final
+
+
 @pytest.mark.parametrize("end", ["complete", "abort-the-other"])
 async def test_a_held_completion_survives_a_restart(tmp_path: Path, end: str) -> None:
     """vm2's member is done and held when the process goes; after the restart it is held
