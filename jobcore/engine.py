@@ -207,6 +207,8 @@ class Engine:
         if not jobs:
             return
         queued = [r for r in jobs if r.state is S.QUEUED]
+        for rec in queued:  # a speed set while it waited (the row has it, the spec not)
+            _speed_into_spec(rec, rec.bandwidth)
         running = [r for r in jobs if r.state is not S.QUEUED]
         active = {r.uuid for r in jobs}
         suspended = [r for r in running if _still_preempted(r, active)]
@@ -1325,13 +1327,16 @@ class Engine:
             check_verb(rec.uuid, rec.state, Verb.SET_SPEED, self.job_verbs(rec))
             self._refuse_if_held(rec, Verb.SET_SPEED)
             if rec.state is S.QUEUED:
-                if hasattr(rec.spec, "bandwidth"):
-                    rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)
+                _speed_into_spec(rec, bandwidth)
                 # other specs get it from the driver's set_speed once started (_start)
             else:
                 await self._drive(rec, "set_speed", bandwidth)
             rec.bandwidth = bandwidth
             self._snapshot(rec)
+            if self._dstore is not None:  # durability: on disk when the call returns
+                self._dstore.speed_changed(rec)
+                with anyio.CancelScope(shield=True):
+                    await self._dstore.sync(raise_errors=False)
 
     # ---- snapshots for readers on other threads (jobcore.snapshots) -------------------
 
@@ -1602,6 +1607,13 @@ def _first_step(start: Coroutine[Any, Any, None]) -> Any:
         return start.send(None)
     except StopIteration:
         return _DONE
+
+
+def _speed_into_spec(rec: JobRecord, bandwidth: int | None) -> None:
+    """A queued job's speed goes into its spec where the spec has one (it starts at it)."""
+    if hasattr(rec.spec, "bandwidth") and rec.spec.bandwidth != bandwidth:
+        rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)
+
 
 
 def _start_finished(rec: JobRecord) -> None:

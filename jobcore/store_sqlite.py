@@ -259,7 +259,9 @@ _UPDATE_JOB = (
     " processed = ?, total = ?, stats = ?, errmsg = ?, bandwidth = ?, expires = ?,"
     " event_seq = ? WHERE uuid = ?"
 )
-_PROGRESS_JOB = "UPDATE jobs SET processed = ?, total = ?, stats = ? WHERE uuid = ?"
+_PROGRESS_JOB = (
+    "UPDATE jobs SET processed = ?, total = ?, stats = ?, bandwidth = ? WHERE uuid = ?"
+)
 _DELETE_JOB = "DELETE FROM jobs WHERE uuid = ?"
 _SAVE_DOMAIN = (
     "INSERT INTO domains (scope, name, uuid, uri, xml, created, modified)"
@@ -1024,7 +1026,11 @@ class SQLiteJobStore(MemoryJobStore):
         last = self._progress_at.get(rec.uuid)
         if last is not None and now - last < PROGRESS_INTERVAL:
             return
-        self._progress_at[rec.uuid] = now
+        self.speed_changed(rec)
+
+    def speed_changed(self, rec: JobRecord) -> None:
+        """Its progress and speed, written now (a speed set: ``sync_job`` waits for it)."""
+        self._progress_at[rec.uuid] = time.monotonic()
         self._supersede(rec.uuid, update=False)
         self._last[rec.uuid] = (len(self._pending), False)
         self._queue(_progress(rec))
@@ -1399,4 +1405,5 @@ def _update(rec: JobRecord, event_seq: int) -> Write:
 
 
 def _progress(rec: JobRecord) -> Write:
-    return (_PROGRESS_JOB, (rec.processed, rec.total, json.dumps(rec.extra), str(rec.uuid)), None)
+    values = (rec.processed, rec.total, json.dumps(rec.extra), rec.bandwidth, str(rec.uuid))
+    return (_PROGRESS_JOB, values, None)

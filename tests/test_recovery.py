@@ -385,3 +385,34 @@ def test_retained_jobs_come_back_in_the_order_they_ended(tmp_path: Path) -> None
         dom = conn.lookupByName("vm1")
         alias = jobcore.JobLookupByUUID(dom, C.LEGACY_DOMAIN_JOB_UUID)
         assert alias.uuid == first.uuid
+
+
+async def test_a_speed_set_survives_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """set_speed is on disk when it returns: a running job and a queued one come back with
+    the speed last set, and the queued one starts at it."""
+    use_recovering_sim(monkeypatch.setattr)
+    path = tmp_path / "jobs.sqlite"
+    base = parse_job(PULL)
+    async with jobcore.connect(SLOW, store=url(path)) as conn:
+        dom = await conn.lookup_domain("vm1")
+        holder = await dom.job_begin_spec(base)
+        queued = await dom.job_begin_spec(attrs.evolve(base, options=JobOptions(queue=True)))
+        assert (await queued.info()).state is S.QUEUED
+        await holder.set_speed(7 * MiB)
+        await queued.set_speed(3 * MiB)
+    async with jobcore.connect(SLOW, store=url(path)) as conn:
+        again = await conn.lookup_job(holder.uuid)
+        waiting = await conn.lookup_job(queued.uuid)
+        assert (await again.info()).bandwidth == 7 * MiB
+        info = await waiting.info()
+        assert info.state is S.QUEUED and info.bandwidth == 3 * MiB
+        await again.abort()
+        await again.wait()
+        await anyio.wait_all_tasks_blocked()  # admitted as the holder let go, and started
+        info = await waiting.info()
+        assert info.state is S.RUNNING and info.bandwidth == 3 * MiB
+        engine = as_local(conn).engine
+        assert engine.lookup(queued.uuid).spec.bandwidth == 3 * MiB  # it started at it
+        await waiting.abort()
