@@ -1615,7 +1615,6 @@ def _speed_into_spec(rec: JobRecord, bandwidth: int | None) -> None:
         rec.spec = attrs.evolve(rec.spec, bandwidth=bandwidth)
 
 
-
 def _start_finished(rec: JobRecord) -> None:
     """The driver start is over (or will not happen): verbs waiting for it may go on."""
     rec.starting = False

@@ -259,9 +259,7 @@ _UPDATE_JOB = (
     " processed = ?, total = ?, stats = ?, errmsg = ?, bandwidth = ?, expires = ?,"
     " event_seq = ? WHERE uuid = ?"
 )
-_PROGRESS_JOB = (
-    "UPDATE jobs SET processed = ?, total = ?, stats = ?, bandwidth = ? WHERE uuid = ?"
-)
+_PROGRESS_JOB = "UPDATE jobs SET processed = ?, total = ?, stats = ?, bandwidth = ? WHERE uuid = ?"
 _DELETE_JOB = "DELETE FROM jobs WHERE uuid = ?"
 _SAVE_DOMAIN = (
     "INSERT INTO domains (scope, name, uuid, uri, xml, created, modified)"
