@@ -1267,9 +1267,8 @@ class SQLiteJobStore(MemoryJobStore):
     def _queue_state(self, write: Write, key: str) -> None:
         """Queue a save or delete of a driver-state key, dropping the key's previous one
         from the batch being gathered: the batch commits as one transaction, so the last
-        write of a key is all a reader (or a reopened store) can see. A driver that saves
-        a job's state at its start and at its end, then deletes it (the sim's instant
-        jobs), costs one statement, not three."""
+        write of a key is all a reader (or a reopened store) can see: the sim's instant
+        job, saved at its start and at its end in one batch, costs one upsert, not two."""
         last = self._state_last.get(key)
         if last is not None:
             self._pending[last] = None
