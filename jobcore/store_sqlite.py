@@ -868,6 +868,9 @@ class SQLiteJobStore(MemoryJobStore):
         self._state_at: dict[uuid.UUID, int] = {}
         # job -> (its last write in the batch being gathered, whether it is a state update)
         self._last: dict[uuid.UUID, tuple[int, bool]] = {}
+        # driver-state key -> its last save or delete in the batch being gathered (a later
+        # one of the same key covers it: one transaction, so only the last is seen)
+        self._state_last: dict[str, int] = {}
         # callbacks waiting for the commit of the writes queued before them
         self._outbox: deque[tuple[int, Callable[[], None]]] = deque()
         self._inflight = False  # a batch is on the writer thread
@@ -1153,7 +1156,7 @@ class SQLiteJobStore(MemoryJobStore):
 
     def _submit(self) -> None:
         writes, upto = self._pending, self._queued
-        self._pending, self._last = [], {}
+        self._pending, self._last, self._state_last = [], {}, {}
         self._inflight = True
         self._inflight_upto = upto
         threadsafe = self._callers()[1]
@@ -1179,7 +1182,7 @@ class SQLiteJobStore(MemoryJobStore):
             )
         if exc is not None:
             self._pending[:0] = writes  # kept in memory, retried in order
-            self._last = {}
+            self._last, self._state_last = {}, {}
             first = self.error is None
             if isinstance(exc, StoreError):  # the database's own words (PostgreSQL)
                 self.error = exc
@@ -1259,11 +1262,22 @@ class SQLiteJobStore(MemoryJobStore):
     def _save_state(self, key: str, value: Any) -> None:
         text = json.dumps(value)  # copied now: TypeError for what JSON cannot hold
         self._state[key] = _SavedText(text)  # decoded only if load() is asked again
-        self._queue((_SAVE_STATE, (self.scope, key, text), None))
+        self._queue_state((_SAVE_STATE, (self.scope, key, text), None), key)
 
     def _delete_state(self, key: str) -> None:
         if self._state.pop(key, _MISSING) is not _MISSING:
-            self._queue((_DELETE_STATE, (self.scope, key), None))
+            self._queue_state((_DELETE_STATE, (self.scope, key), None), key)
+
+    def _queue_state(self, write: Write, key: str) -> None:
+        """Queue a save or delete of a driver-state key, dropping the key's previous one
+        from the batch being gathered: the batch commits as one transaction, so the last
+        write of a key is all a reader (or a reopened store) can see: the sim's instant
+        job, saved at its start and at its end in one batch, costs one upsert, not two."""
+        last = self._state_last.get(key)
+        if last is not None:
+            self._pending[last] = None
+        self._state_last[key] = len(self._pending)
+        self._queue(write)
 
     # ---- domain definitions -------------------------------------------------------------
 

@@ -119,3 +119,50 @@ async def test_drivers_without_persistent_state_are_called_as_before(tmp_path: P
     # the built-in sim driver takes no state: connect would fail if it got one
     async with jobcore.connect("sim:///default", store=url(tmp_path / "jobs.sqlite")) as conn:
         assert await conn.list_domains()
+
+
+async def test_a_key_written_again_in_one_batch_costs_one_statement(
+    tmp_path: Path, stateful: StatefulSim
+) -> None:
+    """Saves and deletes of one key gathered in one batch (one transaction): only the last
+    is committed, and the table ends as if every one had been; across batches each
+    batch's last write of the key is committed."""
+    path = tmp_path / "jobs.sqlite"
+    async with jobcore.connect("sim:///default", store=url(path)) as conn:
+        store = as_local(conn).engine.store
+        assert isinstance(store, SQLiteJobStore)
+        state = stateful.states[-1]
+        await state.sync()
+        state.save("committed", 1)
+        await state.sync()
+
+        def gathered() -> list[tuple[str, tuple[Any, ...]]]:
+            return [(w[0], w[1]) for w in store._pending if w is not None]
+
+        state.save("job", {"n": 1})
+        state.save("job", {"n": 2})
+        state.save("kept", "a")
+        state.save("job", {"ended": True})
+        state.delete("job")  # saved three times, then deleted: only the delete remains
+        state.save("committed", 2)
+        state.delete("committed")  # committed before: its delete must be committed
+        state.save("again", 1)
+        state.delete("again")
+        state.save("again", 2)  # deleted, then saved: the last save wins
+        writes = gathered()
+        keys = [params[1] for _, params in writes]
+        assert sorted(keys) == ["again", "committed", "job", "kept"]  # one write per key
+        assert dict(zip(keys, (sql.split()[0] for sql, _ in writes), strict=True)) == {
+            "job": "DELETE",
+            "kept": "INSERT",
+            "committed": "DELETE",
+            "again": "INSERT",
+        }
+        await state.sync()
+        assert table(path) == {("sim:///default", "kept"): '"a"', ("sim:///default", "again"): "2"}
+        assert state.load() == {"kept": "a", "again": 2}
+        state.save("kept", "b")  # a new batch: its write is committed too
+        await state.sync()
+        assert table(path)[("sim:///default", "kept")] == '"b"'
+    async with jobcore.connect("sim:///default", store=url(path)):
+        assert stateful.states[-1].load() == {"kept": "b", "again": 2}
