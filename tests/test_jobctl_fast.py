@@ -22,8 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jobd_helpers import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 
-from jobcore import protocol, remote
-from jobcore.cli import declare, fast
+from jobcore import protocol, remote, rundir
+from jobcore.cli import declare, fast, session
 from jobcore.cli.app import main as group
 from jobcore.cli.commands.jobs import list_
 from jobcore.info import JobInfo
@@ -169,6 +169,23 @@ def test_what_the_fast_start_leaves_to_click_ends_as_before(
     assert fast_run[0] != 0 or "--help" in args
 
 
+def test_the_default_daemon_is_listed_as_before(tmp_path: Path) -> None:
+    """No -c: the default run directory's jobd (XDG_RUNTIME_DIR/jobcore here), reached by
+    the fast start; a plain sim:///default too; with none running, the embedded one."""
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    assert _run(None, "list", "--all", env=env) == _click("list", "--all", env=env)
+    with Jobd(runtime / "jobcore", env=env).wait_ready() as daemon:
+        began = jobctl(daemon.uri(), "begin", "vm2", write(tmp_path, "p.xml", PULL_VDA), "--wait")
+        assert began.returncode == 0, began.stderr
+        for args in (["list", "-a"], ["-c", "sim:///default", "list", "-a", "--json"]):
+            status, out, err = _run(FAST_MODULES, *args, env=env)
+            assert status == 0 and began.stdout.strip() in out, err
+            assert "click" not in err.split()
+            assert (status, out) == _click(*args, env=env)[:2]
+
+
 def test_an_unreachable_daemon_ends_as_before(tmp_path: Path) -> None:
     uri = f"sim+unix:///default?socket={tmp_path}/none.sock"
     fast_run = _run(None, "-c", uri, "list")
@@ -181,6 +198,10 @@ def test_the_fast_start_reads_what_the_protocol_declares() -> None:
     assert fast.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
     assert fast.MAX_FRAME == protocol.MAX_FRAME
     assert fast.LIST_PAGE == remote.LIST_PAGE
+    assert fast.RW_SOCKET == protocol.RW_SOCKET
+    assert fast.DAEMON_DRIVERS == protocol.DAEMON_DRIVERS
+    assert fast.EMBEDDED_URI == session.EMBEDDED_URI
+    assert rundir.user_run_dir(fast.RUN_DIR) == protocol.default_run_dir()
     calls = {
         fast.HELLO: (Method.HELLO, On.SESSION, (Arg.INT, Arg.STR)),
         fast.LIST_DOMAINS: (Method.LIST_DOMAINS, On.CONNECTION, ()),

@@ -32,6 +32,10 @@ MAX_FRAME = 4 << 20
 LIST_PAGE = 1000
 HELLO, LIST_DOMAINS, LOOKUP_DOMAIN = "hello", "list_domains", "lookup_domain"
 LIST_JOBS_PAGE, JOB_INFO = "list_jobs_page", "job_info"
+RUN_DIR, RW_SOCKET = "jobcore", "jobd.sock"
+DAEMON_DRIVERS = ("qemu", "sim")
+#: jobctl's connection without -c and $JOBCORE_URI (jobcore.cli.session.EMBEDDED_URI)
+EMBEDDED_URI = "sim:///default"
 #: seconds any one reply may take before the click command is left to deal with it
 REPLY_TIMEOUT = 30.0
 #: exit status of an interrupted command (jobcore.cli.errors.ExitCode.INTERRUPTED)
@@ -128,11 +132,18 @@ def _parse(argv: list[str]) -> dict[str, object]:
 
 def _list(opts: dict[str, object]) -> tuple[list[str], bool]:
     """``jobctl list``'s lines, and whether they go to stderr (no jobs)."""
-    uri = opts[declare.CONNECT.dest]
-    if not isinstance(uri, str) or not uri:
-        raise _NotHere  # the default connection: click's
+    uri = opts[declare.CONNECT.dest] or EMBEDDED_URI
+    if not isinstance(uri, str):
+        raise _NotHere
     driver, transport, host, path, params = split_uri(uri)
     keys = [k for k, _ in params]
+    if transport is None and driver in DAEMON_DRIVERS and "socket" not in keys:
+        # the default run directory's jobd, where one answers (else click's embedded
+        # connection): jobcore.protocol.resolve_default_daemon's rule
+        from jobcore.rundir import user_run_dir
+
+        params = (*params, ("socket", str(user_run_dir(RUN_DIR) / RW_SOCKET)))
+        transport, keys = "unix", [*keys, "socket"]
     if transport != "unix" or "reconnect" in keys or "socket" not in keys:
         raise _NotHere
     sock_path = dict(reversed(params))["socket"]  # the first one, as URI.param
