@@ -336,3 +336,18 @@ def test_the_lean_decoder_refuses_what_the_protocol_refuses(
 def test_uuid_text_is_uuids() -> None:
     u = uuid.uuid4()
     assert fast._uuid_text(u.bytes) == str(u)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_pages_and_batches_give_the_same_list(
+    ended: str, batch: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One job per page, a few requests per batch: the same rows as the click command."""
+    monkeypatch.setattr(fast, "LIST_PAGE", 1)
+    monkeypatch.setattr(fast._Client, "BATCH", batch)
+    for args in (["list", "--all"], ["list", "--all", "--json"]):
+        monkeypatch.setattr(sys, "argv", ["jobctl", "-c", ended, *args])
+        assert fast._fast(sys.argv[1:]) == 0
+        out = capsys.readouterr().out
+        assert out.count("\n") == (1 if "--json" in args else 4)
+        assert out == _click("-c", ended, *args)[1]

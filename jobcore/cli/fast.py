@@ -12,7 +12,6 @@ compares them). design/daemon.md "Starting at once".
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 from jobcore.cli import declare
@@ -68,7 +67,16 @@ def _fast(argv: list[str]) -> int | None:
     try:
         opts = _parse(argv)
         lines, to_stderr = _list(opts)
-    except (_NotHere, OSError, JobError, ValueError, TypeError, KeyError, IndexError):
+    except (
+        _NotHere,
+        OSError,
+        JobError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ):
         return None
     text = "".join(f"{line}\n" for line in lines)
     if not text.isascii() or "\x1b" in text:  # click.echo's own handling: leave it to click
@@ -153,16 +161,16 @@ def _list(opts: dict[str, object]) -> tuple[list[str], bool]:
     if not sock_path:
         raise _NotHere
     with _Client(sock_path) as client:
-        client.call(HELLO, [PROTOCOL_VERSION, driver_uri(driver, host, path, params)])
+        # pipelined, in the click command's order: hello (jobd reads no frame past a hello
+        # until it is answered) with the domains, every domain's jobs, every job's info
+        hello = (HELLO, [PROTOCOL_VERSION, driver_uri(driver, host, path, params)])
         if domain:
-            names = [_domain_ref(client.call(LOOKUP_DOMAIN, [domain]))]
+            names = [_domain_ref(client.calls([hello, (LOOKUP_DOMAIN, [domain])])[1])]
         else:
-            found = client.call(LIST_DOMAINS, [])
+            found = client.calls([hello, (LIST_DOMAINS, [])])[1]
             names = [_domain_ref(ref) for ref in _array(found)]
-        infos = []
-        for name in names:
-            for job in _job_uuids(client, name):
-                infos.append(_job_info(client.call(JOB_INFO, [job])))
+        jobs = _job_uuids(client, names)
+        infos = [_job_info(w) for w in client.calls([(JOB_INFO, [job]) for job in jobs])]
     infos = [
         i
         for i in infos
@@ -178,20 +186,27 @@ def _list(opts: dict[str, object]) -> tuple[list[str], bool]:
     return list(job_lines(infos, False)), False
 
 
-def _job_uuids(client: _Client, domain: str) -> list[bytes]:
-    jobs: list[bytes] = []
-    cursor: object = -1
-    while cursor is not None:
-        page = _array(client.call(LIST_JOBS_PAGE, [domain, cursor, LIST_PAGE]), 2)
-        refs, cursor = _array(page[0]), page[1]
-        if cursor is not None and not _is_int(cursor):
-            raise _NotHere
-        for ref in refs:
-            uuid, job_type, dom, state = _array(ref, 4)
-            _check(_uuid_bytes(uuid) and isinstance(job_type, str) and isinstance(dom, str))
-            JobState(state)
-            jobs.append(uuid)
-    return jobs
+def _job_uuids(client: _Client, domains: list[str]) -> list[bytes]:
+    """Every job of each of ``domains``, page by page, in order."""
+    jobs: dict[str, list[bytes]] = {name: [] for name in domains}
+    cursors: dict[str, object] = dict.fromkeys(domains, -1)
+    while cursors:
+        asked = list(cursors)
+        pages = client.calls([(LIST_JOBS_PAGE, [name, cursors[name], LIST_PAGE]) for name in asked])
+        for name, wire in zip(asked, pages, strict=True):
+            page = _array(wire, 2)
+            refs, cursor = _array(page[0]), page[1]
+            if cursor is None:
+                del cursors[name]
+            else:
+                _check(_is_int(cursor))
+                cursors[name] = cursor
+            for ref in refs:
+                uuid, job_type, dom, state = _array(ref, 4)
+                _check(_uuid_bytes(uuid) and isinstance(job_type, str) and isinstance(dom, str))
+                JobState(state)
+                jobs[name].append(uuid)
+    return [job for name in domains for job in jobs[name]]
 
 
 def _domain_ref(wire: object) -> str:
@@ -284,20 +299,27 @@ def _check(ok: bool) -> None:
 
 
 class _Client:
-    """One socket to jobd, one request at a time; anything but the reply expected:
+    """One socket to jobd (``_socket``'s: the socket module's enums cost a start more
+    than all of this), requests pipelined in batches; anything but the replies expected:
     _NotHere (the click command then meets it and says what it is)."""
 
+    #: requests written before their replies are read: few enough that their replies fit
+    #: the socket's buffers (jobd reads no more of a client that does not drain)
+    BATCH = 64
+
     def __init__(self, path: str) -> None:
+        import _socket
+
         import msgpack  # type: ignore[import-untyped]
 
         self._msgpack = msgpack
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self._sock.settimeout(REPLY_TIMEOUT)
         self._ids = 0
         self._buffer = b""
         try:
             self._sock.connect(path)
-            self._check_peer()
+            self._check_peer(_socket.SOL_SOCKET, _socket.SO_PEERCRED)
         except BaseException:
             self._sock.close()
             raise
@@ -308,24 +330,35 @@ class _Client:
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
 
-    def _check_peer(self) -> None:
+    def _check_peer(self, level: int, option: int) -> None:
         """jobd runs as us or root (jobcore.protocol.check_daemon_peer's rule)."""
         import struct
 
-        raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", raw)
+        _pid, uid, _gid = struct.unpack("3i", self._sock.getsockopt(level, option, 12))
         _check(uid in (os.getuid(), 0))
 
-    def call(self, method: str, args: list[object]) -> object:
-        self._ids += 1
-        body = self._msgpack.packb([0, self._ids, method, args], use_bin_type=True)
-        self._sock.sendall(len(body).to_bytes(4, "big") + body)
-        length = int.from_bytes(self._read(4), "big")
-        _check(length <= MAX_FRAME)
-        reply = self._msgpack.unpackb(self._read(length), raw=False, strict_map_key=True)
-        rid = self._ids
-        _check(isinstance(reply, list) and len(reply) == 3 and reply[:2] == [1, rid])
-        return reply[2]
+    def calls(self, requests: list[tuple[str, list[object]]]) -> list[Any]:
+        """Each request's result, in order."""
+        results: list[Any] = []
+        for start in range(0, len(requests), self.BATCH):
+            batch = requests[start : start + self.BATCH]
+            first = self._ids + 1
+            frames = []
+            for method, args in batch:
+                self._ids += 1
+                body = self._msgpack.packb([0, self._ids, method, args], use_bin_type=True)
+                frames.append(len(body).to_bytes(4, "big") + body)
+            self._sock.sendall(b"".join(frames))
+            replies: dict[int, Any] = {}
+            while len(replies) < len(batch):
+                length = int.from_bytes(self._read(4), "big")
+                _check(length <= MAX_FRAME)
+                reply = self._msgpack.unpackb(self._read(length), raw=False, strict_map_key=True)
+                _check(isinstance(reply, list) and len(reply) == 3 and reply[0] == 1)
+                _check(_is_int(reply[1]) and first <= reply[1] <= self._ids)
+                replies[reply[1]] = reply[2]
+            results += [replies[rid] for rid in range(first, self._ids + 1)]
+        return results
 
     def _read(self, n: int) -> bytes:
         while len(self._buffer) < n:
