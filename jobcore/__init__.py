@@ -7,7 +7,6 @@ facade: ``jobcore.open(uri)`` and the ``Job*`` functions. See README.md and desi
 import importlib as _importlib
 
 from jobcore.constants import *  # noqa: F403  (libvirt's names and values)
-from jobcore.constants import LEGACY_DOMAIN_JOB_UUID
 from jobcore.errors import (
     AccessDenied,
     ConnectionLost,
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     import typing as _typing
 
     from jobcore.api import Checkpoint, Connection, Domain, Job, connect
+    from jobcore.constants import LEGACY_DOMAIN_JOB_UUID
     from jobcore.events import EventFilter, EventKind, JobEvent, Subscription
     from jobcore.facade import (  # groups
         BlockingCheckpoint,
@@ -74,6 +74,7 @@ del TYPE_CHECKING
 #: the public names that live in heavier modules, imported on first use: ``jobctl
 #: --version`` and a jobd client never load the engine, a driver or the blocking facade
 _LAZY = {
+    "LEGACY_DOMAIN_JOB_UUID": "jobcore.constants",  # uuid: on first use
     "BackupJobSpec": "jobcore.types.backup",
     "BlockCommitSpec": "jobcore.types.chain",
     "BlockPullSpec": "jobcore.types.chain",

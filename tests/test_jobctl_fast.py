@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -22,10 +23,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jobd_helpers import BACKUP_VDB, PULL_VDA, ROOT, Jobd, jobctl, write
 
-from jobcore import protocol, remote, rundir
+from jobcore import protocol, remote, rundir, urisplit
 from jobcore.cli import declare, fast, session
 from jobcore.cli.app import main as group
 from jobcore.cli.commands.jobs import list_
+from jobcore.errors import InvalidURI
 from jobcore.info import JobInfo
 from jobcore.lifecycle import JobState
 from jobcore.methods import Arg, Method, On
@@ -199,6 +201,8 @@ def test_the_fast_start_reads_what_the_protocol_declares() -> None:
     assert fast.MAX_FRAME == protocol.MAX_FRAME
     assert fast.LIST_PAGE == remote.LIST_PAGE
     assert fast.RW_SOCKET == protocol.RW_SOCKET
+    assert fast.JOB_STATES == {str(s) for s in JobState}
+    assert fast.ENDED == {str(s) for s in JobState if s.terminal}
     assert fast.DAEMON_DRIVERS == protocol.DAEMON_DRIVERS
     assert fast.EMBEDDED_URI == session.EMBEDDED_URI
     assert rundir.user_run_dir(fast.RUN_DIR) == protocol.default_run_dir()
@@ -351,3 +355,46 @@ def test_pages_and_batches_give_the_same_list(
         out = capsys.readouterr().out
         assert out.count("\n") == (1 if "--json" in args else 4)
         assert out == _click("-c", ended, *args)[1]
+
+
+_SCHEMES = st.sampled_from(
+    ["sim", "sim+unix", "qemu+unix", "a1", "Sim", "s+", "+u", "s+u+v", "1s", "s-u", ""]
+)
+_URIS = st.builds(
+    "{}://{}{}{}".format,
+    _SCHEMES,
+    st.text(alphabet="ab.-_~:@[", max_size=4),
+    st.text(alphabet="ab/.-%~ :", max_size=10),
+    st.lists(st.text(alphabet="ab/=+%-.~ #;", max_size=6), max_size=3).map(
+        lambda pairs: ("?" + "&".join(pairs)) if pairs else ""
+    ),
+)  # fmt: skip
+
+
+@given(_URIS | st.text(alphabet="ab09_.-~/:+?=&%# \t;[]@S", max_size=30))
+def test_the_plain_split_is_urllibs(text: str) -> None:
+    """A URI split without urllib has the parts urllib's split gives it (and is a URI)."""
+    plain = urisplit._split_plain(text)
+    try:
+        full: object = urisplit._split(text)
+    except (InvalidURI, ValueError):  # urlsplit's own ValueError ('sim://['): not a URI
+        full = None
+    if plain is not None:
+        assert plain == full
+
+
+_KEYS = st.sampled_from(["socket", "rate"]) | st.text("ab/%+ ~._-=", max_size=4)
+
+
+@given(st.lists(st.tuples(_KEYS, st.text("ab/%+ ~._-", max_size=4))))
+def test_the_plain_driver_uri_is_urlencodes(params: list[tuple[str, str]]) -> None:
+    kept = [(k, v) for k, v in params if k != "socket"]
+    query = urllib.parse.urlencode(kept)
+    expected = "sim://h/p" + (f"?{query}" if query else "")
+    assert urisplit.driver_uri("sim", "h", "/p", tuple(params)) == expected
+
+
+def test_a_socket_uri_is_split_without_urllib() -> None:
+    text = "sim+unix:///default?socket=/tmp/pytest-of-x/run-1/jobd.sock&rate=1048576"
+    assert urisplit._split_plain(text) == urisplit._split(text)
+    assert urisplit._split_plain(text) is not None

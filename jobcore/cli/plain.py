@@ -4,7 +4,6 @@ once stdout's reader has gone."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -27,9 +26,10 @@ def may_be_terminal(stream: TextIO) -> bool:
     variables that make rich call anything a terminal (TTY_COMPATIBLE, FORCE_COLOR) is
     set. Where this is False, rich is not even imported."""
     isatty = getattr(stream, "isatty", None)
-    tty = False
-    with contextlib.suppress(ValueError):  # a closed stream
+    try:
         tty = bool(isatty()) if isatty is not None else False
+    except ValueError:  # a closed stream
+        tty = False
     return tty or "TTY_COMPATIBLE" in os.environ or "FORCE_COLOR" in os.environ
 
 
