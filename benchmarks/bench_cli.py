@@ -6,7 +6,7 @@ libvirtd one transient TCG domain (benchmarks/_libvirtd.py). Each command runs `
 times in turn with the other; the best and the median of each are reported, with the
 ratio against issue 14's target (jobctl list ≤ 3× virsh list). The interpreter's own start
 (``python -c pass``) is shown for scale, and so is the floor of the fast start's libraries
-(an interpreter that only imports msgpack and socket: the ``jobctl`` script answers a
+(an interpreter that only imports msgpack and _socket: the ``jobctl`` script answers a
 remote ``list`` without click, attrs or cattrs, design/daemon.md "Starting at once"), and
 the same ``list`` through the click command, as every other command runs.
 
@@ -81,7 +81,7 @@ def main() -> None:
 def measure(uri: str, job: str, pycache: Path) -> None:
     jobctl = [_jobctl(), "-c", uri, "list"]
     python = [sys.executable, "-c", "pass"]
-    libraries = [sys.executable, "-c", "import msgpack, socket"]
+    libraries = [sys.executable, "-c", "import msgpack, _socket"]
     click_list = [
         sys.executable,
         "-c",
@@ -122,7 +122,7 @@ def measure(uri: str, job: str, pycache: Path) -> None:
     print(_row("virsh list (libvirtd)", times["virsh"]))
     print(_row("jobctl list, no jobcore .pyc", times["uncached"]))
     print(_row("python -c pass", times["python"]))
-    print(_row("python: msgpack+socket", times["libraries"]))
+    print(_row("python: msgpack+_socket", times["libraries"]))
     print(_row("jobctl list, click command", times["click"]))
     best = min(times["jobctl"]) / min(times["virsh"])
     median = statistics.median(times["jobctl"]) / statistics.median(times["virsh"])
