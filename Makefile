@@ -6,10 +6,13 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: demo demo-qemu test lint typecheck unit bench clean qemu-deps pg-deps libvirt-deps
 
+# The editable install is a plain path in a .pth file (editable_mode=compat), not
+# setuptools' import finder, which costs every start of Python here ~12 ms (pathlib,
+# importlib.util, fnmatch, re: jobctl's fast start needs none of them; bench_cli).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: $(STAMP)

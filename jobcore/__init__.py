@@ -5,10 +5,8 @@ facade: ``jobcore.open(uri)`` and the ``Job*`` functions. See README.md and desi
 """
 
 import importlib as _importlib
-import typing as _typing
 
 from jobcore.constants import *  # noqa: F403  (libvirt's names and values)
-from jobcore.constants import LEGACY_DOMAIN_JOB_UUID
 from jobcore.errors import (
     AccessDenied,
     ConnectionLost,
@@ -29,8 +27,12 @@ from jobcore.errors import (
     XMLError,
 )
 
-if _typing.TYPE_CHECKING:
+TYPE_CHECKING = False  # typing itself is not loaded for this (jobctl's fast start)
+if TYPE_CHECKING:
+    import typing as _typing
+
     from jobcore.api import Checkpoint, Connection, Domain, Job, connect
+    from jobcore.constants import LEGACY_DOMAIN_JOB_UUID
     from jobcore.events import EventFilter, EventKind, JobEvent, Subscription
     from jobcore.facade import (  # groups
         BlockingCheckpoint,
@@ -67,10 +69,12 @@ if _typing.TYPE_CHECKING:
     from jobcore.types.backup import BackupJobSpec
     from jobcore.types.chain import BlockCommitSpec, BlockPullSpec
     from jobcore.types.migration import MigrationSpec
+del TYPE_CHECKING
 
 #: the public names that live in heavier modules, imported on first use: ``jobctl
 #: --version`` and a jobd client never load the engine, a driver or the blocking facade
 _LAZY = {
+    "LEGACY_DOMAIN_JOB_UUID": "jobcore.constants",  # uuid: on first use
     "BackupJobSpec": "jobcore.types.backup",
     "BlockCommitSpec": "jobcore.types.chain",
     "BlockPullSpec": "jobcore.types.chain",
@@ -125,7 +129,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> _typing.Any:
+def __getattr__(name: str) -> "_typing.Any":
     module = _LAZY.get(name)
     if module is None:  # a submodule not imported yet (``jobcore.local``) is found too
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import uuid as _uuid
+TYPE_CHECKING = False  # neither typing nor uuid is loaded for this: see the end
+if TYPE_CHECKING:
+    import uuid as _uuid
 
 # virDomainJobType
 VIR_DOMAIN_JOB_NONE = 0
@@ -109,5 +111,19 @@ JOB_BEGIN_QUEUE = 1 << 16  # wait in a FIFO queue instead of failing with JobCon
 JOB_FENCE_FORCE = 1 << 0  # fence a host whose lease is still LIVE
 
 #: The reserved UUID of "the domain job" (design/legacy.md), fixed forever:
-#: uuid5(NAMESPACE_URL, 'jobcore:legacy-domain-job'). No job is ever given it.
-LEGACY_DOMAIN_JOB_UUID = _uuid.UUID("352d1551-dd56-5c91-9f5e-66d1a79be98c")
+#: uuid5(NAMESPACE_URL, 'jobcore:legacy-domain-job'). No job is ever given it. Made on
+#: first use: importing uuid (platform, re) would cost jobctl's fast start a few ms.
+if TYPE_CHECKING:
+    LEGACY_DOMAIN_JOB_UUID: _uuid.UUID
+else:
+
+    def __getattr__(name: str) -> object:
+        if name != "LEGACY_DOMAIN_JOB_UUID":
+            raise AttributeError(f"module 'jobcore.constants' has no attribute '{name}'")
+        import uuid
+
+        value = globals()[name] = uuid.UUID("352d1551-dd56-5c91-9f5e-66d1a79be98c")
+        return value
+
+
+del TYPE_CHECKING

@@ -20,7 +20,9 @@ Cancellation (anyio/trio) is never wrapped into these: it stays a BaseException.
 
 from __future__ import annotations
 
-import uuid
+TYPE_CHECKING = False  # typing and uuid are not loaded for this (jobctl's fast start)
+if TYPE_CHECKING:
+    import uuid
 
 
 class JobError(Exception):

@@ -12,10 +12,13 @@ from / checked against the same objects.
 from __future__ import annotations
 
 import enum
-import uuid
 
 from jobcore import constants as C
 from jobcore.errors import OperationInvalid
+
+TYPE_CHECKING = False  # typing and uuid are not loaded for this (jobctl's fast start)
+if TYPE_CHECKING:
+    import uuid
 
 
 class JobState(enum.StrEnum):

@@ -6,9 +6,8 @@ import urllib.parse
 
 from attrs import frozen
 
-from jobcore.errors import InvalidURI
-
-MAX_URI_LENGTH = 4096
+from jobcore.urisplit import MAX_URI_LENGTH as MAX_URI_LENGTH  # re-exported
+from jobcore.urisplit import driver_uri, split_uri
 
 
 @frozen
@@ -32,8 +31,7 @@ class URI:
 
     def without_transport(self) -> str:
         """The URI a daemon opens for a remote client: transport and socket dropped."""
-        query = urllib.parse.urlencode([(k, v) for k, v in self.params if k != "socket"])
-        return f"{self.driver}://{self.host}{self.path}" + (f"?{query}" if query else "")
+        return driver_uri(self.driver, self.host, self.path, self.params)
 
     def __str__(self) -> str:
         scheme = self.driver + (f"+{self.transport}" if self.transport else "")
@@ -42,45 +40,4 @@ class URI:
 
 
 def parse_uri(text: str) -> URI:
-    if not isinstance(text, str) or not text or len(text) > MAX_URI_LENGTH:
-        raise InvalidURI(f"invalid connection URI {text!r}")
-    parts = urllib.parse.urlsplit(text)
-    if not parts.scheme or "://" not in text:
-        raise InvalidURI(f"invalid connection URI '{text}': expected DRIVER:///PATH")
-    driver, _, transport = parts.scheme.partition("+")
-    if not driver.isidentifier():
-        raise InvalidURI(f"invalid driver name in URI '{text}'")
-    try:
-        params = urllib.parse.parse_qsl(
-            parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)
-        )
-    except ValueError:
-        raise InvalidURI(f"invalid query in URI '{text}'") from None
-    path = parts.path or "/"
-    odd = _odd_path(path)
-    if odd is not None:
-        raise InvalidURI(
-            f"invalid path '{path[:200]}' in URI '{text[:200]}': {odd}; write it as "
-            "DRIVER:///NAME (one leading slash, no empty, '.' or '..' segments, no trailing "
-            "slash, no percent-encoding)"
-        )
-    return URI(driver, transport or None, parts.netloc, path, tuple(params))
-
-
-def _odd_path(path: str) -> str | None:
-    """Why ``path`` is not in its one canonical spelling (None if it is): two spellings of
-    one name would otherwise open two connections (two simulated hosts) with one name."""
-    if path == "/":
-        return None
-    if not path.startswith("/"):
-        return "it must start with '/'"
-    if "%" in path:
-        return "percent-encoding is refused"
-    if path.endswith("/"):
-        return "a trailing '/' is refused"
-    segments = path[1:].split("/")
-    if "" in segments:
-        return "an empty segment ('//') is refused"
-    if "." in segments or ".." in segments:
-        return "'.' and '..' segments are refused"
-    return None
+    return URI(*split_uri(text))

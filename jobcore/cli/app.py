@@ -11,6 +11,7 @@ import importlib
 
 import click
 
+from jobcore.cli import declare
 from jobcore.errors import InvalidURI
 from jobcore.uri import parse_uri
 
@@ -63,16 +64,7 @@ class _CommandTable(click.Group):
 
 
 @click.group(cls=_CommandTable, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "-c",
-    "--connect",
-    "uri",
-    envvar="JOBCORE_URI",
-    metavar="URI",
-    help="Connection URI, e.g. sim+unix:///default?socket=DIR/jobd.sock "
-    "[env JOBCORE_URI; default: the local jobd if running, else the "
-    "embedded sim:///default].",
-)
+@declare.CONNECT.click_option()
 @click.version_option(package_name="jobcore", prog_name="jobctl")
 @click.pass_context
 def main(click_ctx: click.Context, uri: str | None) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import enum
-import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
 import click
 
+from jobcore.cli.plain import broken_pipe as broken_pipe  # re-exported
 from jobcore.errors import (
     AccessDenied,
     DaemonUnreachable,
@@ -99,10 +99,3 @@ def exit_with(status: int, message: str | None = None) -> NoReturn:
 def fail(status: ExitCode, message: str) -> NoReturn:
     """Exit with ``status`` and ``jobctl: error: MESSAGE`` on stderr."""
     exit_with(status, f"jobctl: error: {message}")
-
-
-def broken_pipe() -> NoReturn:
-    """Exit BROKEN_PIPE, quietly: stdout's reader is gone."""
-    with open(os.devnull, "wb") as null:  # nothing left to flush at interpreter exit
-        os.dup2(null.fileno(), sys.stdout.fileno())
-    sys.exit(ExitCode.BROKEN_PIPE)

@@ -12,6 +12,7 @@ import click
 from click.shell_completion import CompletionItem
 
 import jobcore
+from jobcore.cli import declare
 from jobcore.cli.errors import ExitCode, fail
 from jobcore.cli.session import default_uri, resolve_uri
 
@@ -83,11 +84,9 @@ def complete_host(
 
 # ---- shared arguments and options -------------------------------------------------------
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+json_option = declare.JSON.click_option()
 job_argument = click.argument("job", shell_complete=complete_job)
-domain_filter_option = click.option(
-    "--domain", "-d", shell_complete=complete_domain, help="Only this domain's jobs."
-)
+domain_filter_option = declare.DOMAIN_FILTER.click_option(shell_complete=complete_domain)
 
 
 def _check_timeout(_ctx: click.Context, _param: click.Parameter, value: float | None) -> Any:

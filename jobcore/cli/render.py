@@ -4,9 +4,7 @@ rich is imported only where a terminal gets a rich table or bar (``terminal_cons
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 
 from jobcore import constants as C
+from jobcore.cli.plain import FLEET_COLUMNS, JOB_COLUMNS, job_lines, job_row, may_be_terminal
 from jobcore.events import EventKind, JobEvent
 from jobcore.info import HostInfo, HostState, JobInfo
 
@@ -47,14 +46,8 @@ def console(*, stderr: bool = False) -> Console:
 
 def terminal_console(*, stderr: bool = False) -> Console | None:
     """``console()`` where rich finds a terminal behind it, else None. rich is not even
-    imported where it could not find one: the stream is no tty and neither of the variables
-    that make rich call anything a terminal (TTY_COMPATIBLE, FORCE_COLOR) is set."""
-    stream = sys.stderr if stderr else sys.stdout
-    isatty = getattr(stream, "isatty", None)
-    tty = False
-    with contextlib.suppress(ValueError):  # a closed stream
-        tty = bool(isatty()) if isatty is not None else False
-    if not tty and "TTY_COMPATIBLE" not in os.environ and "FORCE_COLOR" not in os.environ:
+    imported where it could not find one (``plain.may_be_terminal``)."""
+    if not may_be_terminal(sys.stderr if stderr else sys.stdout):
         return None
     out = console(stderr=stderr)
     return out if out.is_terminal else None
@@ -179,46 +172,29 @@ def stats_lines(stats: dict[str, Any]) -> Iterator[str]:
         yield f"{key + ':':<20} {value}"
 
 
-def _job_row(i: JobInfo, fleet: bool) -> list[str]:
-    row = [str(i.uuid), i.domain, i.host, str(i.type), str(i.state)]
-    if fleet:  # another host's elapsed time is as old as its row: Lost instead
-        return [*row, "LOST" if i.host_lost else "-", f"{i.progress:.1f}%"]
-    return [*row, f"{i.progress:.1f}%", f"{i.time_elapsed / 1000:.1f}s"]
-
-
 def jobs_table(infos: Sequence[JobInfo], *, fleet: bool = False) -> None:
     """``jobctl list``: a rich table on a terminal (UUIDs never cut), else fixed columns.
     ``fleet`` (``list --fleet``): the Lost column (LOST: an active job whose host is not
     live; its state is the last its host wrote) instead of the elapsed time."""
-    cols = ["Domain", "Host", "Type", "State", *(["Lost", "Done"] if fleet else ["Done", "Time"])]
     out = terminal_console()
-    if out is not None:
-        from rich.table import Table
-
-        table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
-        table.add_column("UUID", no_wrap=True, min_width=36, overflow="fold")  # never cut
-        for col in cols:  # a narrow terminal wraps a cell, never cuts it
-            justify: Literal["left", "right"] = "right" if col in ("Done", "Time") else "left"
-            table.add_column(col, justify=justify, overflow="fold")
-        for i in infos:
-            row = _job_row(i, fleet)
-            if fleet and i.host_lost:
-                row[cols.index("Lost") + 1] = "[bold red]LOST[/]"
-            table.add_row(*row)
-        out.print(table)
+    if out is None:
+        for text in job_lines(infos, fleet):
+            click.echo(text)
         return
-    widths = {"Domain": 10, "Host": 10, "Type": 11, "State": 10, "Lost": 4}
-    rights = {"Done": 8, "Time": 9}
+    from rich.table import Table
 
-    def line(cells: Sequence[str]) -> str:
-        parts = [f"{cells[0]:<36}"]
-        for col, cell in zip(cols, cells[1:], strict=True):
-            parts.append(f"{cell:>{rights[col]}}" if col in rights else f"{cell:<{widths[col]}}")
-        return " ".join(parts)
-
-    click.echo(line(["UUID", *cols]))
+    cols = FLEET_COLUMNS if fleet else JOB_COLUMNS
+    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
+    table.add_column("UUID", no_wrap=True, min_width=36, overflow="fold")  # never cut
+    for col in cols:  # a narrow terminal wraps a cell, never cuts it
+        justify: Literal["left", "right"] = "right" if col in ("Done", "Time") else "left"
+        table.add_column(col, justify=justify, overflow="fold")
     for i in infos:
-        click.echo(line(_job_row(i, fleet)))
+        row = job_row(i, fleet)
+        if fleet and i.host_lost:
+            row[cols.index("Lost") + 1] = "[bold red]LOST[/]"
+        table.add_row(*row)
+    out.print(table)
 
 
 def hosts_table(hosts: Sequence[HostInfo]) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from jobcore import constants as C
+from jobcore.cli import declare
 from jobcore.cli.errors import ExitCode, exit_for
 from jobcore.cli.options import (
     bandwidth_arg,
@@ -82,13 +83,8 @@ def begin(
 
 @click.command(name="list")
 @domain_filter_option
-@click.option("--all", "-a", "show_all", is_flag=True, help="Also ended jobs still retained.")
-@click.option(
-    "--fleet",
-    is_flag=True,
-    help="Every fleet member's jobs (jobd on a postgresql:// store), LOST where the job's "
-    "host is not live.",
-)
+@declare.ALL.click_option()
+@declare.FLEET.click_option()
 @json_option
 def list_(domain: str | None, show_all: bool, fleet: bool, as_json: bool) -> None:
     """List active jobs (with --all also retained ended ones; --fleet: of every host)."""
