@@ -137,6 +137,23 @@ def test_the_fast_start_answers_without_click_attrs_or_cattrs(jobd: Jobd, ended:
     )
 
 
+@pytest.mark.parametrize("force", ["FORCE_COLOR", "TTY_COMPATIBLE"])
+def test_on_a_terminal_the_fast_start_draws_the_click_commands_table(
+    ended: str, force: str
+) -> None:
+    """Where rich finds a terminal, the fast start draws the same rich table, bytes for
+    bytes, loading rich (once the answer is in) but not click."""
+    env = {force: "1", "COLUMNS": "160"}
+    fast_run = _run(None, "-c", ended, "list", "--all", env=env)
+    assert fast_run == _click("-c", ended, "list", "--all", env=env)
+    status, out, _err = fast_run
+    assert status == 0 and "\x1b[" in out and "UUID" in out  # rich's bold header
+    status, out, err = _run(FAST_MODULES, "-c", ended, "list", "--all", env=env)
+    modules = set(err.split())
+    assert status == 0 and out == fast_run[1]
+    assert "rich.table" in modules and "click" not in modules and "cattrs" not in modules
+
+
 def test_a_running_job_is_listed_the_same_way(jobd: Jobd, tmp_path: Path) -> None:
     uri = jobd.uri("rate=1048576", host="moving")
     began = jobctl(uri, "begin", "vm1", write(tmp_path, "b.xml", BACKUP_VDB.format(tag="mv")))

@@ -1,9 +1,10 @@
 """jobctl's fast start (the ``jobctl`` script, ``python -m jobcore.cli``): a remote
-``jobctl -c DRIVER+unix:///…?socket=… list [--all] [--json] [--domain NAME]`` piped
-or redirected is answered without click, attrs, cattrs or jobcore.remote, from the
-option declarations click's commands are built from (jobcore.cli.declare). Every other
-command line, and this one wherever anything is not as expected (no daemon, an error
-reply, a terminal, an odd value), runs the click command as before, which then does
+``jobctl -c DRIVER+unix:///…?socket=… list [--all] [--json] [--domain NAME]`` is
+answered without click, attrs, cattrs or jobcore.remote (rich only to draw its table on
+a terminal, once the answer is in), from the option declarations click's commands are
+built from (jobcore.cli.declare). Every other command line, and this one wherever
+anything is not as expected (no daemon, an error reply, an odd value), runs the click
+command as before, which then does
 everything again and reports what it finds: the fast start prints only once it holds a
 whole answer, the same bytes as the click command prints (tests/test_jobctl_fast.py
 compares them). design/daemon.md "Starting at once".
@@ -15,7 +16,13 @@ import os
 import sys
 
 from jobcore.cli import declare
-from jobcore.cli.plain import broken_pipe, job_lines, may_be_terminal
+from jobcore.cli.plain import (
+    broken_pipe,
+    job_lines,
+    may_be_terminal,
+    rich_jobs_table,
+    terminal_console,
+)
 from jobcore.errors import JobError
 from jobcore.urisplit import driver_uri, split_uri
 
@@ -145,7 +152,9 @@ def _parse(argv: list[str]) -> dict[str, object]:
 
 
 def _list(opts: dict[str, object]) -> tuple[list[str], bool]:
-    """``jobctl list``'s lines, and whether they go to stderr (no jobs)."""
+    """``jobctl list``'s lines, and whether they go to stderr (no jobs); on a terminal
+    the jobs are drawn in rich's table here and no line is left (as the click command:
+    ``render.jobs_table``)."""
     uri = opts[declare.CONNECT.dest] or EMBEDDED_URI
     if not isinstance(uri, str):
         raise _NotHere
@@ -162,8 +171,8 @@ def _list(opts: dict[str, object]) -> tuple[list[str], bool]:
         raise _NotHere
     sock_path = dict(reversed(params))["socket"]  # the first one, as URI.param
     as_json, domain, show_all = opts["as_json"], opts["domain"], opts["show_all"]
-    if sys.stdout.encoding is None or (not as_json and may_be_terminal(sys.stdout)):
-        raise _NotHere  # rich's table
+    if sys.stdout.encoding is None:
+        raise _NotHere
     if not sock_path:
         raise _NotHere
     with _Client(sock_path) as client:
@@ -188,6 +197,11 @@ def _list(opts: dict[str, object]) -> tuple[list[str], bool]:
         return [json.dumps(infos, indent=None, sort_keys=False, default=str)], False
     if not infos:
         return ["no jobs" + ("" if show_all else " active (--all shows ended ones)")], True
+    if may_be_terminal(sys.stdout):
+        out = terminal_console()
+        if out is not None:  # rich is imported only now, with the whole answer in
+            rich_jobs_table(out, infos, False)
+            return [], False
     return list(job_lines(infos, False)), False
 
 

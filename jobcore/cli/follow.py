@@ -10,7 +10,8 @@ import anyio
 import click
 
 from jobcore.cli.errors import ExitCode, Refusal
-from jobcore.cli.render import capacity, terminal_console
+from jobcore.cli.plain import terminal_console
+from jobcore.cli.render import capacity
 from jobcore.errors import ConnectionLost
 from jobcore.events import EventKind, JobEvent, Subscription
 from jobcore.info import JobInfo

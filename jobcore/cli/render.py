@@ -5,20 +5,20 @@ rich is imported only where a terminal gets a rich table or bar (``terminal_cons
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import click
 
 from jobcore import constants as C
-from jobcore.cli.plain import FLEET_COLUMNS, JOB_COLUMNS, job_lines, job_row, may_be_terminal
+from jobcore.cli.plain import (
+    job_lines,
+    rich_jobs_table,
+    terminal_console,
+)
 from jobcore.events import EventKind, JobEvent
 from jobcore.info import HostInfo, HostState, JobInfo
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 JOB_TYPE_NAMES = ("None", "Bounded", "Unbounded", "Completed", "Failed", "Cancelled")
@@ -35,22 +35,6 @@ OPERATION_NAMES = (
     "Backup",
     "Snapshot delete",
 )
-
-
-def console(*, stderr: bool = False) -> Console:
-    """A rich console on stdout (or stderr), as jobctl uses them: no highlighting."""
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
-
-
-def terminal_console(*, stderr: bool = False) -> Console | None:
-    """``console()`` where rich finds a terminal behind it, else None. rich is not even
-    imported where it could not find one (``plain.may_be_terminal``)."""
-    if not may_be_terminal(sys.stderr if stderr else sys.stdout):
-        return None
-    out = console(stderr=stderr)
-    return out if out.is_terminal else None
 
 
 def print_json(value: Any) -> None:
@@ -181,20 +165,7 @@ def jobs_table(infos: Sequence[JobInfo], *, fleet: bool = False) -> None:
         for text in job_lines(infos, fleet):
             click.echo(text)
         return
-    from rich.table import Table
-
-    cols = FLEET_COLUMNS if fleet else JOB_COLUMNS
-    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
-    table.add_column("UUID", no_wrap=True, min_width=36, overflow="fold")  # never cut
-    for col in cols:  # a narrow terminal wraps a cell, never cuts it
-        justify: Literal["left", "right"] = "right" if col in ("Done", "Time") else "left"
-        table.add_column(col, justify=justify, overflow="fold")
-    for i in infos:
-        row = job_row(i, fleet)
-        if fleet and i.host_lost:
-            row[cols.index("Lost") + 1] = "[bold red]LOST[/]"
-        table.add_row(*row)
-    out.print(table)
+    rich_jobs_table(out, infos, fleet)
 
 
 def hosts_table(hosts: Sequence[HostInfo]) -> None:
