@@ -56,7 +56,7 @@ def _text(el: etree._Element) -> str | None:
 def parse_backup_element(el: etree._Element) -> BackupDef:
     """A schema-valid ``<domainbackup>`` element -> BackupDef, with libvirt's semantic
     checks (which the schema cannot express) reported at the offending element."""
-    value = el.get("mode")
+    value = el.get(b"mode")
     mode = None
     if value is not None:
         mode = _MODES.get(value)
@@ -135,7 +135,7 @@ _NEEDS = {
 
 def _parse_server(el: etree._Element) -> BackupServer:
     get = el.get
-    value = get("transport")
+    value = get(b"transport")
     transport = None
     if value is not None:
         transport = _TRANSPORTS.get(value)
@@ -143,10 +143,10 @@ def _parse_server(el: etree._Element) -> BackupServer:
             choice(el, "transport", value, _TRANSPORTS)  # raises
     kind = transport or ServerTransport.TCP
     needs = _NEEDS[kind]
-    name = get("name")
-    port_attr = get("port")
-    socket = get("socket")
-    fdgroup = get("fdgroup")
+    name = get(b"name")
+    port_attr = get(b"port")
+    socket = get(b"socket")
+    fdgroup = get(b"fdgroup")
     if kind is ServerTransport.TCP and name is not None and socket is None and fdgroup is None:
         pass  # the common server: a host name and maybe a port
     else:
@@ -169,7 +169,7 @@ def _parse_server(el: etree._Element) -> BackupServer:
         port = int(port_attr)
         if not 0 < port < 65536:
             fail(el, f"port {port} is out of range 1..65535", "port")
-    value = get("tls")
+    value = get(b"tls")
     tls = None
     if value is not None:
         tls = _YES_NO.get(value)
@@ -203,10 +203,10 @@ _new_server = trusted(BackupServer)
 
 def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
     get = el.get
-    name = get("name", "")
+    name = get(b"name", "")
     if disk_dev(name) is None:
         T.check(el, "name", name, "diskTargetDev")
-    value = get("backup")
+    value = get(b"backup")
     included = None
     if value is not None:
         included = _YES_NO.get(value)
@@ -214,31 +214,31 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
             choice(el, "backup", value, _YES_NO)  # raises
         if included is False:  # libvirt ignores every other setting of an excluded disk
             return _new_disk(name, False, None, None, None, None, None, None, None, None)
-    exportname = get("exportname")
-    exportbitmap = get("exportbitmap")
+    exportname = get(b"exportname")
+    exportbitmap = get(b"exportbitmap")
     if not pull:
         for attr, written in (("exportname", exportname), ("exportbitmap", exportbitmap)):
             if written is not None:
                 fail(el, "only a pull mode backup exports disks", attr)
-    value = get("type")
+    value = get(b"type")
     store_type = None
     if value is not None:
         store_type = _STORE_TYPES.get(value)
         if store_type is None:
             choice(el, "type", value, _STORE_TYPES)  # raises
-    value = get("backupmode")
+    value = get(b"backupmode")
     backupmode = None
     if value is not None:
         backupmode = _DISK_MODES.get(value)
         if backupmode is None:
             choice(el, "backupmode", value, _DISK_MODES)  # raises
-    incremental = get("incremental")
+    incremental = get(b"incremental")
     if incremental is not None:
         if not incremental:
             T.check(el, "incremental", incremental, "nonEmpty")
         if backupmode is _FULL:
             fail(el, "a disk with backupmode='full' takes no checkpoint", "incremental")
-    index_attr = get("index")
+    index_attr = get(b"index")
     driver: str | None = None
     store = None
     if len(el):
@@ -251,7 +251,7 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
                 if driver_el is not None:
                     repeated(child)
                 driver_el = child
-                driver = child.get("type")
+                driver = child.get(b"type")
                 if pull and driver != "qcow2":
                     fail(child, f"pull mode backup for disk '{name}' requires qcow2 driver", "type")
             elif tag == want:
@@ -263,13 +263,13 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
                 fail(child, f"a {mode_name} mode backup writes to <{want}>, not <{tag}>")
         if store_el is not None:
             if store_type is _BLOCK:
-                path = store_el.get("dev")
+                path = store_el.get(b"dev")
                 if path is None or abs_path(path) is None or len(store_el):
                     store = _parse_store(store_el, store_type, driver)
                 else:
                     store = _new_store(path, driver, (), None)
             else:
-                path = store_el.get("file")
+                path = store_el.get(b"file")
                 if path is None or abs_path(path) is None or len(store_el):
                     store = _parse_store(store_el, _FILE, driver)
                 else:

@@ -75,19 +75,19 @@ def _parse_disks(el: etree._Element) -> tuple[CheckpointDisk, ...]:
 
 def _parse_disk(el: etree._Element) -> CheckpointDisk:
     get = el.get
-    value = get("checkpoint")
+    value = get(b"checkpoint")
     kind = None
     if value is not None:
         kind = _KINDS.get(value)
         if kind is None:
             choice(el, "checkpoint", value, _KINDS)  # raises
-    bitmap = get("bitmap")
-    size = get("size")
+    bitmap = get(b"bitmap")
+    size = get(b"size")
     if kind is _NO:
         for attr, value in (("bitmap", bitmap), ("size", size)):
             if value is not None:
                 fail(el, "only a disk with checkpoint='bitmap' has a bitmap", attr)
-    name = get("name", "")
+    name = get(b"name", "")
     if disk_dev(name) is None and abs_path(name) is None:
         T.check(el, "name", name, "diskTargetDev", "absFilePath")
     if bitmap == "":

@@ -106,15 +106,15 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
         options_written = True
         if tag == "queue":
             queue = True
-            if child.get("timeout") is not None:
+            if child.get(b"timeout") is not None:
                 timeout = parse_seconds(child, "timeout")
         elif tag == "priority":
             priority = int(child.text or "")
         elif tag == "policy":
-            written = child.get("conflict")
+            written = child.get(b"conflict")
             if written is not None:
                 conflict = Policy(written)
-            requeue = child.get("requeue") == "yes"
+            requeue = child.get(b"requeue") == "yes"
         else:
             retention = parse_seconds(child, "seconds")
     if not options_written:
@@ -170,7 +170,7 @@ def parse_job(doc: str | bytes) -> Any:
 
 def _parse_job(doc: str | bytes, max_bytes: int | None = MAX_DOCUMENT_BYTES) -> Any:
     job = parse_document(doc, "job", max_bytes)
-    type_name = job.get("type")
+    type_name = job.get(b"type")
     if type_name is None:
         fail(job, "the job type is missing", "type")
     try:
