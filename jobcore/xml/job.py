@@ -21,7 +21,14 @@ from jobcore.registry import registry
 from jobcore.spec import JobOptions, Policy
 from jobcore.types.base import JobTypeInfo
 from jobcore.xml import _schema
-from jobcore.xml._parse import MAX_DOCUMENT_BYTES, fail, parse_document, repeated, validate
+from jobcore.xml._parse import (
+    MAX_DOCUMENT_BYTES,
+    fail,
+    parse_document,
+    repeated,
+    trusted,
+    validate,
+)
 from jobcore.xml._types import RELAXED
 from jobcore.xml._write import serialize
 from jobcore.xml.common import (
@@ -77,6 +84,7 @@ def job_schema(info: JobTypeInfo) -> _schema.Schema:
 
 #: the options of a job that writes none (JobOptions is frozen: one value serves all)
 _NO_OPTIONS = JobOptions()
+_new_options = trusted(JobOptions)
 
 
 def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
@@ -119,18 +127,9 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
             retention = parse_seconds(child, "seconds")
     if not options_written:
         return job_uuid, _NO_OPTIONS
-    try:
-        options = JobOptions(
-            queue=queue,
-            queue_timeout=timeout,
-            priority=priority,
-            retention=retention,
-            conflict=conflict,
-            requeue=requeue,
-        )
-    except ValueError as exc:
-        fail(job, str(exc))
-    return job_uuid, options
+    # JobOptions' validators hold already: the grammar bounds the priority, parse_seconds
+    # the seconds (finite, 0 to MAX_SECONDS)
+    return job_uuid, _new_options(queue, timeout, priority, retention, conflict, requeue)
 
 
 def _format_common(
