@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given
 from lxml import etree
 from test_xml_roundtrip import backups, checkpoints, job_specs
 
+from jobcore.backup import BackupDisk, BackupStore, StoreType
 from jobcore.errors import XMLError
 from jobcore.registry import registry
 from jobcore.xml import format_backup, format_checkpoint, format_job, parse_job
-from jobcore.xml._parse import parse_document, validate
+from jobcore.xml._parse import parse_document, trusted, validate
 from jobcore.xml._schema import RNG_NS, module_defines
 from jobcore.xml.documents import parse_backup, parse_checkpoint
 from jobcore.xml.job import job_schema
@@ -171,3 +173,54 @@ def test_common_values_first_accept_and_refuse_the_same_values() -> None:
             validate(schema, _driver_job(bad), "job")
     # messages list the allowed values in the grammar's own order
     assert schema.allowed_values("driver", "type") == tuple(formats)
+
+
+def _rebuilt(value: Any) -> Any:
+    """``value`` rebuilt through its classes' ``__init__`` (converters, validators and
+    ``__attrs_post_init__`` run), bottom up."""
+    cls = type(value)
+    if attrs.has(cls):
+        fields = attrs.fields(cls)
+        return cls(**{f.alias: _rebuilt(getattr(value, f.name)) for f in fields if f.init})
+    if isinstance(value, tuple):
+        return tuple(_rebuilt(v) for v in value)
+    return value
+
+
+def _assert_built_by_their_classes(parsed: Any, source: Any) -> None:
+    """``parsed`` is ``source`` (field types too) and what its classes' __init__ build."""
+    rebuilt = _rebuilt(parsed)
+    assert rebuilt == parsed == source
+    # repr tells a StrEnum from its string and a tuple from a list, which == does not
+    assert repr(rebuilt) == repr(parsed) == repr(source)
+    assert hash(rebuilt) == hash(parsed)
+
+
+@given(job_specs)
+def test_parsed_jobs_are_what_their_classes_build(spec: Any) -> None:
+    # the parsers build values without attrs' __init__ (jobcore.xml._parse.trusted)
+    _assert_built_by_their_classes(parse_job(format_job(spec)), spec)
+
+
+@given(backups())
+def test_parsed_backups_are_what_their_classes_build(defn: Any) -> None:
+    _assert_built_by_their_classes(parse_backup(format_backup(defn)), defn)
+
+
+@given(checkpoints)
+def test_parsed_checkpoints_are_what_their_classes_build(defn: Any) -> None:
+    _assert_built_by_their_classes(parse_checkpoint(format_checkpoint(defn)), defn)
+
+
+def test_trusted_stores_the_fields_as_given() -> None:
+    make = trusted(BackupDisk)
+    store = BackupStore("/b/vda.qcow2", "qcow2")
+    made = make("vda", True, StoreType.FILE, None, None, "e", None, store, None, 3)
+    assert made == BackupDisk("vda", True, StoreType.FILE, exportname="e", store=store, index=3)
+    assert repr(made) == repr(
+        BackupDisk("vda", True, StoreType.FILE, None, None, "e", None, store, None, 3)
+    )
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.name = "vdb"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        make("vda")  # every field, positionally

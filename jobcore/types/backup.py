@@ -39,7 +39,7 @@ from jobcore.spec import JobOptions, JobType
 from jobcore.types.base import JobTypeInfo, chain_uses, prepared
 from jobcore.xml import _schema
 from jobcore.xml import _types as T
-from jobcore.xml._parse import fail, repeated
+from jobcore.xml._parse import repeated, trusted
 from jobcore.xml.backup import align_backup, build_backup_element, parse_backup_element
 from jobcore.xml.checkpoint import build_checkpoint_element, parse_checkpoint_element
 from jobcore.xml.common import round_trips, round_trips_as
@@ -119,12 +119,9 @@ class BackupCodec:
                 if checkpoint_el is not None:
                     repeated(child)
                 checkpoint_el = child
-        backup = parse_backup_element(backup_el) if backup_el is not None else BackupDef()
+        backup = parse_backup_element(backup_el) if backup_el is not None else _NO_BACKUP
         checkpoint = parse_checkpoint_element(checkpoint_el) if checkpoint_el is not None else None
-        try:
-            return BackupJobSpec(backup, checkpoint, uuid, options)
-        except (ValueError, TypeError) as exc:
-            fail(job, str(exc))
+        return _new_backup_spec(backup, checkpoint, uuid, options, False)
 
     def format(self, spec: Any, job: etree._Element) -> None:
         assert isinstance(spec, BackupJobSpec)
@@ -132,6 +129,11 @@ class BackupCodec:
         if spec.checkpoint is not None:
             build_checkpoint_element(spec.checkpoint, job)
 
+
+#: a job without <domainbackup> (BackupDef is frozen: one value serves all)
+_NO_BACKUP = BackupDef()
+#: BackupJobSpec without attrs' __init__ (it has no validator, converter or post-init)
+_new_backup_spec = trusted(BackupJobSpec)
 
 BACKUP_CODEC = BackupCodec(
     _schema.defines_text("jobtypes.rng", only=("job-backup",))

@@ -144,7 +144,7 @@ class ChainJobCodec:
             if tag == "disk":
                 if "disk" in values:
                     repeated(child)
-                name = child.get("name")
+                name = child.get(b"name")
                 if name == "":
                     T.check(child, "name", name, "nonEmpty")
                 values["disk"] = name

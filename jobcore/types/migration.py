@@ -80,7 +80,7 @@ class MigrationCodec:
             if key in values:
                 repeated(child)
             if tag == "destination":
-                uri = child.get("uri")
+                uri = child.get(b"uri")
                 if uri == "":
                     T.check(child, "uri", uri, "nonEmpty")
                 values["destination"] = uri

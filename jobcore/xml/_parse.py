@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import NoReturn, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NoReturn, TypeVar
 
+import attrs
 from lxml import etree
 
 from jobcore.errors import XMLError
@@ -25,6 +26,25 @@ MAX_DEPTH = 64
 
 _local = threading.local()
 _V = TypeVar("_V")
+_C = TypeVar("_C")
+
+
+def trusted(cls: type[_C]) -> Callable[..., _C]:
+    """A constructor of the frozen, slotted attrs class ``cls`` that takes every field
+    positionally, in order, and stores it as given: no converter, validator or
+    ``__attrs_post_init__`` runs. For the parsers' hot paths only, where each value has
+    passed checks at least as strict (a tuple where a converter would make one); the
+    instance is the one ``cls(...)`` would build, so it compares, hashes and prints the same.
+    """
+    names = [a.name for a in attrs.fields(cls)]  # type: ignore[arg-type]
+    setters: dict[str, Any] = {f"_set_{n}": getattr(cls, n).__set__ for n in names}
+    body = "".join(f"    _set_{n}(o, {n})\n" for n in names)
+    source = f"def make({', '.join(names)}):\n    o = _new(_cls)\n{body}    return o\n"
+    scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls, **setters}
+    exec(source, scope)  # field names are identifiers attrs accepted
+    make: Callable[..., _C] = scope["make"]
+    make.__qualname__ = make.__name__ = f"trusted_{cls.__name__}"
+    return make
 
 
 def _parser(forced_utf8: bool) -> etree.XMLParser:
@@ -98,46 +118,6 @@ def once(seen: set[str], child: etree._Element) -> None:
 def repeated(child: etree._Element) -> NoReturn:
     """Refuse ``child``: an earlier sibling has its tag (what ``once`` says)."""
     fail(child, f"<{child.tag}> may appear only once here")
-
-
-def children_once(el: etree._Element) -> Iterator[tuple[str, etree._Element]]:
-    """``el``'s element children with their tags, each tag at most once (a repeated one
-    is refused where it is met); comments and processing instructions are passed over."""
-    seen: set[str] = set()
-    for child in el:
-        tag = child.tag
-        if not isinstance(tag, str):
-            continue
-        if tag in seen:
-            repeated(child)
-        seen.add(tag)
-        yield tag, child
-
-
-class _HasName(Protocol):
-    @property
-    def name(self) -> str: ...
-
-
-_D = TypeVar("_D", bound=_HasName)
-
-
-def parse_disks(
-    el: etree._Element, parse: Callable[[etree._Element], _D]
-) -> list[tuple[etree._Element, _D]]:
-    """Each ``<disk>`` child of a ``<disks>`` parsed by ``parse``, with its element; a
-    second disk of the same name is refused."""
-    names: set[str] = set()
-    disks: list[tuple[etree._Element, _D]] = []
-    for disk_el in el:
-        if disk_el.tag != "disk":
-            continue  # a comment (the grammar admits no other child)
-        disk = parse(disk_el)
-        if disk.name in names:
-            fail(disk_el, f"disk '{disk.name}' is named twice")
-        names.add(disk.name)
-        disks.append((disk_el, disk))
-    return disks
 
 
 def parse_document(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import cast
 
 import attrs
 from lxml import etree
@@ -33,7 +32,8 @@ from jobcore.backup import (
 from jobcore.errors import InvalidArgument, XMLError
 from jobcore.spec import evolved
 from jobcore.xml import _types as T
-from jobcore.xml._parse import children_once, choice, fail, once, parse_disks, repeated
+from jobcore.xml._parse import choice, fail, once, repeated, trusted
+from jobcore.xml._types import abs_path, disk_dev, host_name
 
 _YES_NO = {"yes": True, "no": False}
 _ELEMENT = etree.Element  # tag filter: elements only, no comments
@@ -56,33 +56,73 @@ def _text(el: etree._Element) -> str | None:
 def parse_backup_element(el: etree._Element) -> BackupDef:
     """A schema-valid ``<domainbackup>`` element -> BackupDef, with libvirt's semantic
     checks (which the schema cannot express) reported at the offending element."""
-    mode = choice(el, "mode", el.get("mode"), _MODES)
+    value = el.get(b"mode")
+    mode = None
+    if value is not None:
+        mode = _MODES.get(value)
+        if mode is None:
+            choice(el, "mode", value, _MODES)  # raises
     pull = mode is BackupMode.PULL
     incremental: str | None = None
     server: BackupServer | None = None
-    disks: list[BackupDisk] = []
-    #: disks whose incremental backup needs the top-level <incremental>
-    needs_incremental: list[etree._Element] = []
-    for tag, child in children_once(el):
+    disks: tuple[BackupDisk, ...] = ()
+    #: the first disk whose incremental backup needs the top-level <incremental>
+    needs_incremental: etree._Element | None = None
+    seen_disks = seen_incremental = seen_server = False
+    # the grammar admits these three children (and comments, whose tag is no string)
+    for child in el:
+        tag = child.tag
         if tag == "disks":
-            for disk_el, disk in parse_disks(child, lambda d: _parse_disk(d, pull)):
-                disks.append(disk)
-                if disk.backupmode is DiskBackupMode.INCREMENTAL and disk.incremental is None:
-                    needs_incremental.append(disk_el)
+            if seen_disks:
+                repeated(child)
+            seen_disks = True
+            disks, needs_incremental = _parse_disks(child, pull)
         elif tag == "incremental":
+            if seen_incremental:
+                repeated(child)
+            seen_incremental = True
             incremental = _text(child)
         elif tag == "server":
+            if seen_server:
+                repeated(child)
+            seen_server = True
             if not pull:
                 fail(child, "use of <server> requires pull mode backup")
             server = _parse_server(child)
-    if incremental is None and needs_incremental:
+    if incremental is None and needs_incremental is not None:
         fail(
-            needs_incremental[0],
+            needs_incremental,
             "backupmode='incremental' needs a checkpoint: set the disk's "
             "'incremental' attribute or the backup's <incremental>",
             "backupmode",
         )
-    return BackupDef(mode, incremental, server, disks)
+    return _new_def(mode, incremental, server, disks)
+
+
+def _parse_disks(
+    el: etree._Element, pull: bool
+) -> tuple[tuple[BackupDisk, ...], etree._Element | None]:
+    """The ``<disk>``s of ``<disks>`` (a name twice is refused where it is met), and the
+    first whose incremental backup names no checkpoint."""
+    names: set[str] = set()
+    disks: list[BackupDisk] = []
+    needs_incremental: etree._Element | None = None
+    for disk_el in el:
+        if disk_el.tag != "disk":
+            continue  # a comment (the grammar admits no other child)
+        disk = _parse_disk(disk_el, pull)
+        name = disk.name
+        if name in names:
+            fail(disk_el, f"disk '{name}' is named twice")
+        names.add(name)
+        disks.append(disk)
+        if (
+            needs_incremental is None
+            and disk.backupmode is DiskBackupMode.INCREMENTAL
+            and disk.incremental is None
+        ):
+            needs_incremental = disk_el
+    return tuple(disks), needs_incremental
 
 
 #: the attribute a server of each transport needs
@@ -94,88 +134,111 @@ _NEEDS = {
 
 
 def _parse_server(el: etree._Element) -> BackupServer:
-    get = cast("dict[str, str]", dict(el.items())).get
-    transport = choice(el, "transport", get("transport"), _TRANSPORTS)
+    get = el.get
+    value = get(b"transport")
+    transport = None
+    if value is not None:
+        transport = _TRANSPORTS.get(value)
+        if transport is None:
+            choice(el, "transport", value, _TRANSPORTS)  # raises
     kind = transport or ServerTransport.TCP
     needs = _NEEDS[kind]
-    if get(needs) is None:
-        fail(el, f"transport '{kind}' needs attribute '{needs}'")
-    name = get("name")
-    port_attr = get("port")
-    socket = get("socket")
-    fdgroup = get("fdgroup")
-    for other, value in (
-        ("name", name),
-        ("port", port_attr),
-        ("socket", socket),
-        ("fdgroup", fdgroup),
-    ):
-        if (
-            value is not None
-            and other != needs
-            and not (other == "port" and kind is ServerTransport.TCP)
+    name = get(b"name")
+    port_attr = get(b"port")
+    socket = get(b"socket")
+    fdgroup = get(b"fdgroup")
+    if kind is ServerTransport.TCP and name is not None and socket is None and fdgroup is None:
+        pass  # the common server: a host name and maybe a port
+    else:
+        if get(needs) is None:
+            fail(el, f"transport '{kind}' needs attribute '{needs}'")
+        for other, written in (
+            ("name", name),
+            ("port", port_attr),
+            ("socket", socket),
+            ("fdgroup", fdgroup),
         ):
-            fail(el, f"not allowed with transport '{kind}'", other)
+            if (
+                written is not None
+                and other != needs
+                and not (other == "port" and kind is ServerTransport.TCP)
+            ):
+                fail(el, f"not allowed with transport '{kind}'", other)
     port = None
     if port_attr is not None:
         port = int(port_attr)
         if not 0 < port < 65536:
             fail(el, f"port {port} is out of range 1..65535", "port")
-    tls = choice(el, "tls", get("tls"), _YES_NO)
-    if name is not None and T.host_name(name) is None:
+    value = get(b"tls")
+    tls = None
+    if value is not None:
+        tls = _YES_NO.get(value)
+        if tls is None:
+            choice(el, "tls", value, _YES_NO)  # raises
+    if name is not None and host_name(name) is None:
         T.check(el, "name", name, "hostName")
-    if socket is not None and T.abs_path(socket) is None:
+    if socket is not None and abs_path(socket) is None:
         T.check(el, "socket", socket, "absFilePath")
     if fdgroup == "":
         T.check(el, "fdgroup", fdgroup, "nonEmpty")
-    return BackupServer(transport, name, port, socket, fdgroup, tls)
+    return _new_server(transport, name, port, socket, fdgroup, tls)
 
 
 _STORE_TYPES = {t.value: t for t in StoreType}
 _DISK_MODES = {m.value: m for m in DiskBackupMode}
 _MODES = {m.value: m for m in BackupMode}
 _TRANSPORTS = {t.value: t for t in ServerTransport}
+_FILE, _BLOCK = StoreType.FILE, StoreType.BLOCK
+_FULL = DiskBackupMode.FULL
+
+# The values the parsers build, made without attrs' __init__: each value has passed the
+# checks of the class's __attrs_post_init__ (a disk with a store has no driver; a disk
+# with backup='no' is returned before any other setting is read) and its converters'
+# tuples are passed as tuples.
+_new_def = trusted(BackupDef)
+_new_disk = trusted(BackupDisk)
+_new_store = trusted(BackupStore)
+_new_server = trusted(BackupServer)
 
 
 def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
-    # one call into lxml for all attributes (str keys and values: no bytes from a parse)
-    get = cast("dict[str, str]", dict(el.items())).get
-    name = get("name", "")
-    if T.disk_dev(name) is None:
+    get = el.get
+    name = get(b"name", "")
+    if disk_dev(name) is None:
         T.check(el, "name", name, "diskTargetDev")
-    value = get("backup")
+    value = get(b"backup")
     included = None
     if value is not None:
         included = _YES_NO.get(value)
         if included is None:
             choice(el, "backup", value, _YES_NO)  # raises
         if included is False:  # libvirt ignores every other setting of an excluded disk
-            return BackupDisk(name, False)
-    exportname = get("exportname")
-    exportbitmap = get("exportbitmap")
+            return _new_disk(name, False, None, None, None, None, None, None, None, None)
+    exportname = get(b"exportname")
+    exportbitmap = get(b"exportbitmap")
     if not pull:
         for attr, written in (("exportname", exportname), ("exportbitmap", exportbitmap)):
             if written is not None:
                 fail(el, "only a pull mode backup exports disks", attr)
-    value = get("type")
+    value = get(b"type")
     store_type = None
     if value is not None:
         store_type = _STORE_TYPES.get(value)
         if store_type is None:
             choice(el, "type", value, _STORE_TYPES)  # raises
-    value = get("backupmode")
+    value = get(b"backupmode")
     backupmode = None
     if value is not None:
         backupmode = _DISK_MODES.get(value)
         if backupmode is None:
             choice(el, "backupmode", value, _DISK_MODES)  # raises
-    incremental = get("incremental")
+    incremental = get(b"incremental")
     if incremental is not None:
         if not incremental:
             T.check(el, "incremental", incremental, "nonEmpty")
-        if backupmode is DiskBackupMode.FULL:
+        if backupmode is _FULL:
             fail(el, "a disk with backupmode='full' takes no checkpoint", "incremental")
-    index_attr = get("index")
+    index_attr = get(b"index")
     driver: str | None = None
     store = None
     if len(el):
@@ -188,7 +251,7 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
                 if driver_el is not None:
                     repeated(child)
                 driver_el = child
-                driver = child.get("type")
+                driver = child.get(b"type")
                 if pull and driver != "qcow2":
                     fail(child, f"pull mode backup for disk '{name}' requires qcow2 driver", "type")
             elif tag == want:
@@ -199,38 +262,39 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
                 mode_name = "pull" if pull else "push"
                 fail(child, f"a {mode_name} mode backup writes to <{want}>, not <{tag}>")
         if store_el is not None:
-            if store_type is StoreType.BLOCK:
-                path = store_el.get("dev")
-                if path is None or T.abs_path(path) is None or len(store_el):
+            if store_type is _BLOCK:
+                path = store_el.get(b"dev")
+                if path is None or abs_path(path) is None or len(store_el):
                     store = _parse_store(store_el, store_type, driver)
                 else:
-                    store = BackupStore(path, driver)
+                    store = _new_store(path, driver, (), None)
             else:
-                path = store_el.get("file")
-                if path is None or T.abs_path(path) is None or len(store_el):
-                    store = _parse_store(store_el, StoreType.FILE, driver)
+                path = store_el.get(b"file")
+                if path is None or abs_path(path) is None or len(store_el):
+                    store = _parse_store(store_el, _FILE, driver)
                 else:
-                    store = BackupStore(path, driver)
+                    store = _new_store(path, driver, (), None)
             driver = None
     if exportname == "":
         T.check(el, "exportname", exportname, "nonEmpty")
     if exportbitmap == "":
         T.check(el, "exportbitmap", exportbitmap, "nonEmpty")
     try:
-        return BackupDisk(
-            name,
-            included,
-            store_type,
-            backupmode,
-            incremental,
-            exportname,
-            exportbitmap,
-            store,
-            driver,
-            None if index_attr is None else int(index_attr),
-        )
+        index = None if index_attr is None else int(index_attr)
     except ValueError as exc:
         fail(el, str(exc))
+    return _new_disk(
+        name,
+        included,
+        store_type,
+        backupmode,
+        incremental,
+        exportname,
+        exportbitmap,
+        store,
+        driver,
+        index,
+    )
 
 
 def _parse_store(el: etree._Element, store_type: StoreType, fmt: str | None) -> BackupStore:

@@ -12,14 +12,8 @@ from lxml import etree
 
 from jobcore.backup import CheckpointDef, CheckpointDisk, CheckpointKind
 from jobcore.xml import _types as T
-from jobcore.xml._parse import (
-    check_depth,
-    children_once,
-    choice,
-    fail,
-    parse_disks,
-    parse_document,
-)
+from jobcore.xml._parse import check_depth, choice, fail, parse_document, repeated, trusted
+from jobcore.xml._types import abs_path, checkpoint_name, disk_dev
 from jobcore.xml._write import serialize
 
 _ELEMENT = etree.Element
@@ -29,13 +23,20 @@ def parse_checkpoint_element(el: etree._Element) -> CheckpointDef:
     """A schema-valid ``<domaincheckpoint>`` element -> CheckpointDef."""
     name = description = parent = domain = None
     creation_time: int | None = None
-    disks: list[CheckpointDisk] = []
-    for tag, child in children_once(el):  # comments and PIs match no branch
+    disks: tuple[CheckpointDisk, ...] = ()
+    seen: set[str] = set()
+    for child in el:  # comments and PIs match no branch
+        tag = child.tag
+        if not isinstance(tag, str):
+            continue
+        if tag in seen:
+            repeated(child)
+        seen.add(tag)
         if tag == "disks":
-            disks.extend(disk for _, disk in parse_disks(child, _parse_disk))
+            disks = _parse_disks(child)
         elif tag == "name":
             name = child.text or ""
-            if T.checkpoint_name(name) is None:
+            if checkpoint_name(name) is None:
                 T.check(child, None, name, "checkpointName")
         elif tag == "description":
             description = child.text or None
@@ -46,32 +47,52 @@ def parse_checkpoint_element(el: etree._Element) -> CheckpointDef:
             creation_time = int(child.text or "")
         elif tag == "domain":
             domain = _domain_text(child)
-    return CheckpointDef(name, description, disks, creation_time, parent, domain)
+    return _new_def(name, description, disks, creation_time, parent, domain)
 
 
 _KINDS = {k.value: k for k in CheckpointKind}
+_NO = CheckpointKind.NO
+# made without attrs' __init__ (CheckpointDef's converter: the disks come as a tuple)
+_new_def = trusted(CheckpointDef)
+_new_disk = trusted(CheckpointDisk)
+
+
+def _parse_disks(el: etree._Element) -> tuple[CheckpointDisk, ...]:
+    """The ``<disk>``s of ``<disks>``; a name twice is refused where it is met."""
+    names: set[str] = set()
+    disks: list[CheckpointDisk] = []
+    for disk_el in el:
+        if disk_el.tag != "disk":
+            continue  # a comment (the grammar admits no other child)
+        disk = _parse_disk(disk_el)
+        name = disk.name
+        if name in names:
+            fail(disk_el, f"disk '{name}' is named twice")
+        names.add(name)
+        disks.append(disk)
+    return tuple(disks)
 
 
 def _parse_disk(el: etree._Element) -> CheckpointDisk:
     get = el.get
-    value = get("checkpoint")
+    value = get(b"checkpoint")
     kind = None
     if value is not None:
         kind = _KINDS.get(value)
         if kind is None:
             choice(el, "checkpoint", value, _KINDS)  # raises
-    bitmap = get("bitmap")
-    size = get("size")
-    if kind is CheckpointKind.NO:
+    bitmap = get(b"bitmap")
+    size = get(b"size")
+    if kind is _NO:
         for attr, value in (("bitmap", bitmap), ("size", size)):
             if value is not None:
                 fail(el, "only a disk with checkpoint='bitmap' has a bitmap", attr)
-    name = get("name", "")
-    if T.disk_dev(name) is None and T.abs_path(name) is None:
+    name = get(b"name", "")
+    if disk_dev(name) is None and abs_path(name) is None:
         T.check(el, "name", name, "diskTargetDev", "absFilePath")
     if bitmap == "":
         T.check(el, "bitmap", bitmap, "nonEmpty")
-    return CheckpointDisk(name, kind, bitmap, int(size) if size is not None else None)
+    return _new_disk(name, kind, bitmap, int(size) if size is not None else None)
 
 
 def _domain_text(el: etree._Element) -> str:

@@ -134,7 +134,7 @@ def format_seconds(value: float) -> str:
 
 def parse_bandwidth(el: etree._Element) -> int:
     """``<bandwidth unit='…'>N</bandwidth>`` -> bytes/s."""
-    factor = choice(el, "unit", el.get("unit", "bytes/s"), BANDWIDTH_UNITS)
+    factor = choice(el, "unit", el.get(b"unit", "bytes/s"), BANDWIDTH_UNITS)
     assert factor is not None
     value = int(el.text or "") * factor
     if value > MAX_BANDWIDTH:
@@ -144,7 +144,7 @@ def parse_bandwidth(el: etree._Element) -> int:
 
 def parse_downtime(el: etree._Element) -> int:
     """``<downtime-limit unit='ms|s'>N</downtime-limit>`` -> milliseconds."""
-    factor = 1000 if el.get("unit") == "s" else 1
+    factor = 1000 if el.get(b"unit") == "s" else 1
     value = int(el.text or "") * factor
     if value > MAX_DOWNTIME_MS:
         fail(el, f"{value} ms is too large: the maximum is {MAX_DOWNTIME_MS} ms")
@@ -165,7 +165,7 @@ def build_bandwidth(parent: etree._Element, value: int, tag: str = "bandwidth") 
 
 
 def parse_chain_ref(el: etree._Element) -> ChainRef:
-    index = el.get("index")
+    index = el.get(b"index")
     if index is not None:
         return ChainRef(index=int(index))
     return ChainRef(file=T.attr(el, "file", "nonEmpty"))

@@ -21,7 +21,14 @@ from jobcore.registry import registry
 from jobcore.spec import JobOptions, Policy
 from jobcore.types.base import JobTypeInfo
 from jobcore.xml import _schema
-from jobcore.xml._parse import MAX_DOCUMENT_BYTES, fail, parse_document, repeated, validate
+from jobcore.xml._parse import (
+    MAX_DOCUMENT_BYTES,
+    fail,
+    parse_document,
+    repeated,
+    trusted,
+    validate,
+)
 from jobcore.xml._types import RELAXED
 from jobcore.xml._write import serialize
 from jobcore.xml.common import (
@@ -77,6 +84,7 @@ def job_schema(info: JobTypeInfo) -> _schema.Schema:
 
 #: the options of a job that writes none (JobOptions is frozen: one value serves all)
 _NO_OPTIONS = JobOptions()
+_new_options = trusted(JobOptions)
 
 
 def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
@@ -106,31 +114,22 @@ def _parse_common(job: etree._Element) -> tuple[uuid.UUID | None, JobOptions]:
         options_written = True
         if tag == "queue":
             queue = True
-            if child.get("timeout") is not None:
+            if child.get(b"timeout") is not None:
                 timeout = parse_seconds(child, "timeout")
         elif tag == "priority":
             priority = int(child.text or "")
         elif tag == "policy":
-            written = child.get("conflict")
+            written = child.get(b"conflict")
             if written is not None:
                 conflict = Policy(written)
-            requeue = child.get("requeue") == "yes"
+            requeue = child.get(b"requeue") == "yes"
         else:
             retention = parse_seconds(child, "seconds")
     if not options_written:
         return job_uuid, _NO_OPTIONS
-    try:
-        options = JobOptions(
-            queue=queue,
-            queue_timeout=timeout,
-            priority=priority,
-            retention=retention,
-            conflict=conflict,
-            requeue=requeue,
-        )
-    except ValueError as exc:
-        fail(job, str(exc))
-    return job_uuid, options
+    # JobOptions' validators hold already: the grammar bounds the priority, parse_seconds
+    # the seconds (finite, 0 to MAX_SECONDS)
+    return job_uuid, _new_options(queue, timeout, priority, retention, conflict, requeue)
 
 
 def _format_common(
@@ -170,7 +169,7 @@ def parse_job(doc: str | bytes) -> Any:
 
 def _parse_job(doc: str | bytes, max_bytes: int | None = MAX_DOCUMENT_BYTES) -> Any:
     job = parse_document(doc, "job", max_bytes)
-    type_name = job.get("type")
+    type_name = job.get(b"type")
     if type_name is None:
         fail(job, "the job type is missing", "type")
     try:
