@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import select
 import socket
 import threading
@@ -36,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 
@@ -115,6 +116,12 @@ RECONNECT_TOTAL = 60.0
 RECONNECT_PARAM = "reconnect"
 #: Jobs whose last event seq one subscription remembers to resume from (the most recent).
 RESUME_JOBS = 1024
+#: Microseconds the blocking transport polls its socket without blocking, having sent a
+#: request, before it sleeps in poll() (design/daemon.md "Busy-poll"; 0: never). Read when
+#: a socket opens; adaptive (``_SpinBudget``): after polls that missed it polls less often.
+BUSY_POLL_US = 50
+#: After this many misses in a row, the blocking transport polls once every 2**N waits.
+BUSY_POLL_BACKOFF = 6
 
 _log = get_logger("jobcore.remote")
 
@@ -1121,6 +1128,12 @@ class _BlockingSession:
         self.retry = False
         self.greeted = False
         self._heard = time.monotonic()
+        # non-blocking: each recv and send is one syscall (a socket with a timeout polls
+        # before each); the waits are our own polls, with the same timeouts
+        sock.setblocking(False)
+        self._wpoll = select.poll()  # only a sender polls it (under the send lock)
+        self._wpoll.register(sock, select.POLLOUT)
+        self._spin = _SpinBudget(BUSY_POLL_US)
 
     @property
     def lost(self) -> JobError | None:
@@ -1172,7 +1185,7 @@ class _BlockingSession:
             if self._lost is not None:
                 raise self._lost
             try:
-                self._sock.sendall(frame)
+                self._send_all(frame)
             except OSError as exc:  # a timeout too: jobd took nothing for KEEPALIVE_TIMEOUT s
                 # jobd may have said why before it closed (a refusal): read that first
                 self._read_farewell()
@@ -1182,11 +1195,31 @@ class _BlockingSession:
                 self.lose(ConnectionLost(f"the connection to {self.where} was interrupted"), True)
                 raise
 
+    def _send_all(self, frame: bytes) -> None:
+        """``sendall`` on the non-blocking socket (the send lock is held): TimeoutError if
+        jobd takes nothing for KEEPALIVE_TIMEOUT s."""
+        sock = self._sock
+        try:
+            sent = sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(frame):
+            return
+        view = memoryview(frame)[sent:]
+        while view:
+            ms = math.ceil(KEEPALIVE_TIMEOUT * 1000)
+            if not self._wpoll.poll(ms):
+                raise TimeoutError("timed out")
+            try:
+                view = view[sock.send(view) :]
+            except (BlockingIOError, InterruptedError):
+                continue
+
     def _send_nowait(self, msg: Request | Cancel) -> None:
         if not self._send_lock.acquire(blocking=False):
             return  # a frame is going out: this best-effort one (a ping, a cancel) is skipped
         try:
-            self._sock.sendall(encode_message(msg))
+            self._send_all(encode_message(msg))
         except OSError:
             pass  # the reader sees the loss
         finally:
@@ -1266,7 +1299,7 @@ class _BlockingSession:
     def _read_message(self, deadline: float | None) -> Message | None:
         """The next message (None: ``deadline`` passed first). A silent jobd is pinged
         while a call waits and lost after KEEPALIVE_TIMEOUT s, as ``_Session.keepalive``."""
-        header = self._read_exactly(HEADER.size, deadline, keepalive=True)
+        header = self._read_exactly(HEADER.size, deadline, keepalive=True, spin=True)
         if header is None:
             return None
         length = frame_length(header)
@@ -1288,26 +1321,38 @@ class _BlockingSession:
             raise self._lost  # type: ignore[misc]
         return decode_message(body)
 
-    def _read_exactly(self, n: int, deadline: float | None, *, keepalive: bool) -> bytes | None:
+    def _read_exactly(
+        self, n: int, deadline: float | None, *, keepalive: bool, spin: bool = False
+    ) -> bytes | None:
+        """``n`` bytes (None: ``deadline`` passed first). With ``spin``, the first time the
+        socket has nothing it is polled without blocking for the spin budget, if that
+        paid lately (``_SpinBudget``), before the thread sleeps in poll()."""
         buf = self._buffer
+        sock = self._sock
         while len(buf) < n:
-            wait = KEEPALIVE_INTERVAL if keepalive and self.greeted else None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                wait = left if wait is None else min(wait, left)
-            if not self._readable(wait):
-                if keepalive and self.greeted:
+            chunk: bytes | None
+            try:
+                chunk = sock.recv(max(n - len(buf), 65536))
+            except (BlockingIOError, InterruptedError):
+                chunk = None
+            except OSError as exc:
+                self._lose_reading(exc)
+            if chunk is None and spin:
+                spin = False
+                try:
+                    chunk = self._spin.poll(sock)
+                except OSError as exc:
+                    self._lose_reading(exc)
+            if chunk is None:
+                wait = KEEPALIVE_INTERVAL if keepalive and self.greeted else None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = left if wait is None else min(wait, left)
+                if not self._readable(wait) and keepalive and self.greeted:
                     self._keepalive()
                 continue
-            try:
-                chunk = self._sock.recv(max(n - len(buf), 65536))
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                self.lose(ConnectionLost(f"the connection to {self.where} was lost: {exc}"), True)
-                raise self._lost from None  # type: ignore[misc]
             if not chunk:
                 self.lose(ConnectionLost(f"the connection to {self.where} was lost"), True)
                 raise self._lost  # type: ignore[misc]
@@ -1316,6 +1361,10 @@ class _BlockingSession:
         data = bytes(buf[:n])
         del buf[:n]
         return data
+
+    def _lose_reading(self, exc: OSError) -> NoReturn:
+        self.lose(ConnectionLost(f"the connection to {self.where} was lost: {exc}"), True)
+        raise self._lost from None  # type: ignore[misc]
 
     def _readable(self, timeout: float | None) -> bool:
         # poll, not select: a process with over 1024 descriptors may hand us a higher one
@@ -1357,6 +1406,51 @@ class _BlockingSession:
         self.lose(DaemonUnreachable("the connection is closed"))
         with self._send_lock:  # no thread is writing to it any more
             self._sock.close()
+
+
+class _SpinBudget:
+    """Bounded, adaptive busy-polling of one socket (design/daemon.md "Busy-poll"): on a
+    VM, waking a halted CPU costs more than a small request's whole round trip, so a
+    waiter that polls a few dozen µs gets a quick reply without that wake (for itself, and
+    for the peer, whose reply then wakes nobody). Bounded by ``budget_us`` per wait;
+    adaptive: each wait whose poll missed halves how often the next waits poll (down to
+    once every 2**BUSY_POLL_BACKOFF), a hit polls every wait again; never on one CPU."""
+
+    __slots__ = ("_budget", "_misses", "_skip")
+
+    def __init__(self, budget_us: int) -> None:
+        self._budget = budget_us / 1e6 if budget_us > 0 and _spare_cpu() else 0.0
+        self._misses = 0
+        self._skip = 0
+
+    def poll(self, sock: socket.socket) -> bytes | None:
+        """What ``recv`` brought within the budget (b"": the peer closed), or None."""
+        if not self._budget:
+            return None
+        if self._skip:
+            self._skip -= 1
+            return None
+        clock = time.perf_counter
+        end = clock() + self._budget
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                if clock() < end:
+                    continue
+                self._misses = min(self._misses + 1, BUSY_POLL_BACKOFF)
+                self._skip = (1 << self._misses) - 1
+                return None
+            self._misses = 0
+            return chunk
+
+
+def _spare_cpu() -> bool:
+    """More than one CPU to run on (polling on one only delays the peer)."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) > 1
 
 
 class _BlockingLink:

@@ -35,6 +35,7 @@ from jobcore.daemon.fleet import FleetJob, FleetService
 from jobcore.daemon.handlers import _BULKY, _HANDLERS
 from jobcore.daemon.rundir import RunDirLock
 from jobcore.daemon.sessions import (
+    _BusyPoll,
     _ByteBudget,
     _Client,
     _ClientGone,
@@ -134,6 +135,8 @@ class Daemon:
         #: bulky requests computing for all read-only clients together
         self._ro_bulky = anyio.Semaphore(MAX_RO_BULKY)
         self._accept_noise = _Noise(_log)
+        #: the read loops' busy-poll (busy_poll_us), shared: only while one client is busy
+        self._busy_poll = _BusyPoll(config.busy_poll_us)
 
     @property
     def rw_path(self) -> Path:
@@ -461,7 +464,8 @@ class Daemon:
             return
 
     async def _read_loop(self, client: _Client) -> None:
-        receive = _Receiver(client.stream)
+        receive = _Receiver(client.stream, self._busy_poll)
+        spin = self._busy_poll if self._busy_poll.budget else None
         slots = anyio.Semaphore(MAX_IN_FLIGHT)
         try:
             while True:
@@ -490,6 +494,8 @@ class Daemon:
                     client.expelled = late.error
                     return
                 client.last_frame = anyio.current_time()
+                if spin is not None:
+                    spin.frame(client.id)
                 held = share
                 try:
                     if msg is not None and await self._accept(client, msg, slots, share):

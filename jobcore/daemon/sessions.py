@@ -4,6 +4,9 @@ the rate limit of the log lines it can provoke, and the errors that end it.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import math
 import socket
 import time
 import uuid
@@ -125,15 +128,69 @@ READ_AHEAD = 4096
 READS_BEFORE_YIELD = 16
 
 
+#: A frame from another client within this many seconds of one from a client means
+#: several clients are busy: then no read loop busy-polls (for SHARED_WINDOW after).
+SHARED_WINDOW = 0.01
+#: After this many misses in a row, a client's read loop busy-polls once every 2**N waits.
+BUSY_POLL_BACKOFF = 6
+
+
+class _BusyPoll:
+    """jobd's bounded, adaptive busy-poll (``busy_poll_us``; design/daemon.md "Busy-poll"):
+    a read loop that answered a frame and finds its socket empty polls it without
+    blocking for up to ``budget_us`` before it waits for the event loop, so a client that
+    asks again at once is read without waking a halted CPU. Only while one client is
+    busy (``frame``: no other's frame within SHARED_WINDOW s) and no other task is ready
+    to run (``_others_ready``); each ``_Receiver`` backs off after misses."""
+
+    __slots__ = ("_last_client", "_last_frame", "_shared_until", "budget")
+
+    def __init__(self, budget_us: int) -> None:
+        self.budget = budget_us / 1e6
+        self._last_client = 0
+        self._last_frame = -math.inf
+        self._shared_until = -math.inf
+
+    def frame(self, client_id: int) -> None:
+        """A frame came from ``client_id``."""
+        now = time.monotonic()
+        if client_id != self._last_client:
+            if now - self._last_frame < SHARED_WINDOW:
+                self._shared_until = now + SHARED_WINDOW
+            self._last_client = client_id
+        self._last_frame = now
+
+    def allowed(self) -> bool:
+        return self.budget > 0 and time.monotonic() >= self._shared_until and not _others_ready()
+
+
+def _others_ready() -> bool:
+    """Another task (or callback) of the event loop is ready to run; True when unknown."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        try:
+            import trio.lowlevel  # only jobd's tests run it on trio
+        except ImportError:
+            return True
+        return trio.lowlevel.current_statistics().tasks_runnable > 0
+    ready = getattr(loop, "_ready", None)  # asyncio's queue of ready callbacks
+    return not isinstance(ready, collections.deque) or bool(ready)
+
+
 class _Receiver:
     """Reads a client's socket without a scheduling round per read: ``recv`` straight
     from the non-blocking socket, waiting for it only when it has nothing (anyio's
-    buffered stream takes one checkpoint and one recv per header and per body)."""
+    buffered stream takes one checkpoint and one recv per header and per body); at a
+    frame boundary, first busy-polling it when ``spin`` allows (``_BusyPoll``)."""
 
-    def __init__(self, stream: SocketStream) -> None:
+    def __init__(self, stream: SocketStream, spin: _BusyPoll | None = None) -> None:
         self._sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
         self.buffer = bytearray()
         self._unyielded = 0
+        self._spin = spin if spin is not None and spin.budget > 0 else None
+        self._misses = 0
+        self._skip = 0
 
     def take(self, n: int) -> bytes:
         """``n`` bytes the buffer holds already."""
@@ -141,13 +198,21 @@ class _Receiver:
         del self.buffer[:n]
         return data
 
-    async def _fill(self, want: int) -> None:
-        """Read at least one chunk of at most ``want`` bytes (READ_AHEAD at least)."""
+    async def _fill(self, want: int, spin: bool = False) -> None:
+        """Read at least one chunk of at most ``want`` bytes (READ_AHEAD at least); with
+        ``spin`` (a frame boundary), busy-poll first if the socket has nothing."""
+        spin = spin and self._spin is not None
         while True:
             try:
                 chunk = self._sock.recv(max(want, READ_AHEAD))
             except BlockingIOError:
                 self._unyielded = 0
+                if spin:
+                    spin = False
+                    got = self._poll(max(want, READ_AHEAD))
+                    if got is not None:
+                        chunk = got
+                        break
                 try:
                     await anyio.wait_readable(self._sock)
                 except OSError as exc:  # closed meanwhile
@@ -155,20 +220,49 @@ class _Receiver:
                 continue
             except OSError as exc:
                 raise anyio.BrokenResourceError from exc
-            if not chunk:
-                if self.buffer:
-                    raise anyio.IncompleteRead
-                raise anyio.EndOfStream
-            self.buffer += chunk
-            return
+            break
+        if not chunk:
+            if self.buffer:
+                raise anyio.IncompleteRead
+            raise anyio.EndOfStream
+        self.buffer += chunk
+
+    def _poll(self, want: int) -> bytes | None:
+        """What ``recv`` brings within the busy-poll budget (b"": end of stream), or None
+        (not allowed now, backing off after misses, or nothing came)."""
+        spin = self._spin
+        assert spin is not None
+        if self._skip:
+            self._skip -= 1
+            return None
+        if not spin.allowed():
+            return None
+        sock = self._sock
+        clock = time.perf_counter
+        end = clock() + spin.budget
+        while True:
+            try:
+                chunk = sock.recv(want)
+            except BlockingIOError:
+                if clock() < end:
+                    continue
+                self._misses = min(self._misses + 1, BUSY_POLL_BACKOFF)
+                self._skip = (1 << self._misses) - 1
+                return None
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+            self._misses = 0
+            return chunk
 
     async def receive_exactly(self, n: int) -> bytes:
         self._unyielded += 1
         if self._unyielded >= READS_BEFORE_YIELD:  # frames came without a wait: let others run
             self._unyielded = 0
             await anyio.lowlevel.checkpoint()
+        spin = not self.buffer  # a header after the last frame: the client may ask again
         while len(self.buffer) < n:
-            await self._fill(n - len(self.buffer))
+            await self._fill(n - len(self.buffer), spin)
+            spin = False
         return self.take(n)
 
     async def receive(self, max_bytes: int) -> bytes:
