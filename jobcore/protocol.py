@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import struct
+import time
 import typing
 import uuid
 from collections.abc import Callable, Mapping
@@ -191,6 +192,71 @@ class BadRequest(ProtocolError):
     def __init__(self, message: str, request_id: int = 0) -> None:
         self.request_id = request_id
         super().__init__(message)
+
+
+# ---- busy-polling a socket (design/daemon.md "Busy-poll") ----------------------------
+
+#: A busy-poll that caught nothing keeps the next BUSY_POLL_COOL << (misses in a row, at
+#: most BUSY_POLL_MAX_SHIFT) waits from polling: polling did not pay (the peer was slow,
+#: or the CPUs are oversubscribed and the poll kept the peer from running).
+BUSY_POLL_COOL = 64
+BUSY_POLL_MAX_SHIFT = 4
+
+
+class BusyPoll:
+    """Bounded, adaptive busy-polling of a non-blocking socket, the technique of
+    SO_BUSY_POLL and the haltpoll cpuidle governor: on a VM, waking a halted CPU costs
+    more than a small request's whole round trip, so a waiter that polls ``budget_us``
+    µs gets a prompt frame without that wake, and its peer's send wakes nobody.
+    Adaptive: a wait polls only while polling pays — the last wait took at most the
+    budget (``waited``: a poll would have caught it) — and not for BUSY_POLL_COOL waits
+    (doubling with each miss in a row) after a poll that caught nothing; never with a
+    budget of 0 or on one CPU (polling there only delays the peer)."""
+
+    __slots__ = ("_cool", "_misses", "_pays", "budget")
+
+    def __init__(self, budget_us: int) -> None:
+        self.budget = budget_us / 1e6 if budget_us > 0 and _spare_cpu() else 0.0
+        self._pays = True
+        self._cool = 0
+        self._misses = 0
+
+    def due(self) -> bool:
+        """Whether the wait that starts now should poll first."""
+        if self._cool:
+            self._cool -= 1
+            return False
+        return self._pays and self.budget > 0
+
+    def waited(self, seconds: float) -> None:
+        """The wait took ``seconds`` until its first bytes came."""
+        self._pays = seconds <= self.budget
+
+    def poll(self, sock: socket.socket, size: int) -> bytes | None:
+        """What ``recv(size)`` brings within the budget (b"": the peer closed), or None;
+        an OSError of ``recv`` is raised."""
+        clock = time.perf_counter
+        end = clock() + self.budget
+        recv = sock.recv
+        while True:
+            try:
+                chunk = recv(size)
+            except (BlockingIOError, InterruptedError):
+                if clock() < end:
+                    continue
+                self._cool = BUSY_POLL_COOL << self._misses
+                self._misses = min(self._misses + 1, BUSY_POLL_MAX_SHIFT)
+                return None
+            self._misses = 0
+            return chunk
+
+
+def _spare_cpu() -> bool:
+    """More than one CPU to run on."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):  # not Linux
+        return (os.cpu_count() or 1) > 1
 
 
 # ---- frames ---------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import select
 import socket
 import threading
@@ -56,6 +55,7 @@ from jobcore.protocol import (
     RW_SOCKET,
     AccessDenied,
     ArgValue,
+    BusyPoll,
     Cancel,
     DaemonUnreachable,
     ErrorReply,
@@ -118,10 +118,8 @@ RECONNECT_PARAM = "reconnect"
 RESUME_JOBS = 1024
 #: Microseconds the blocking transport polls its socket without blocking, having sent a
 #: request, before it sleeps in poll() (design/daemon.md "Busy-poll"; 0: never). Read when
-#: a socket opens; adaptive (``_SpinBudget``): after polls that missed it polls less often.
-BUSY_POLL_US = 50
-#: After this many misses in a row, the blocking transport polls once every 2**N waits.
-BUSY_POLL_BACKOFF = 6
+#: a socket opens; adaptive (``jobcore.protocol.BusyPoll``).
+BUSY_POLL_US = 200
 
 _log = get_logger("jobcore.remote")
 
@@ -1112,12 +1110,15 @@ class _BlockingSession:
         self._ids = link.ids
         self.where = link.where
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        #: guards what follows; waits go through ``_cond`` (``_sleep``), and it is
+        #: notified only while a thread sleeps in it (``_notify``)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0
         #: request id -> its reply once read (only ids some thread waits for)
         self._replies: dict[int, Reply | ErrorReply] = {}
+        #: calls in flight on this socket (at most MAX_IN_FLIGHT, as ``_Session``'s)
         self._waiting: set[int] = set()
-        #: calls in flight on this socket (more wait for a slot, as ``_Session``'s)
-        self._slots = threading.Semaphore(MAX_IN_FLIGHT)
         self._reading = False
         self._buffer = bytearray()
         #: only the reader polls (one thread at a time)
@@ -1133,7 +1134,7 @@ class _BlockingSession:
         sock.setblocking(False)
         self._wpoll = select.poll()  # only a sender polls it (under the send lock)
         self._wpoll.register(sock, select.POLLOUT)
-        self._spin = _SpinBudget(BUSY_POLL_US)
+        self._spin = BusyPoll(BUSY_POLL_US)
 
     @property
     def lost(self) -> JobError | None:
@@ -1148,8 +1149,10 @@ class _BlockingSession:
             frame = encode_message(Request(rid, method, args))
         except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int >= 2**64
             raise InvalidArgument(f"{method}: an argument cannot be sent: {exc}") from None
-        self._slots.acquire()
-        with self._cond:
+        lock = self._lock
+        with lock:
+            while len(self._waiting) >= MAX_IN_FLIGHT:  # a slot first
+                self._sleep()
             if not self._waiting:  # idle until now: silence counts from this call on
                 self._heard = time.monotonic()
             self._waiting.add(rid)
@@ -1157,15 +1160,15 @@ class _BlockingSession:
             self._send(frame)
             reply = self._wait(rid, timeout)
         except BaseException:
-            with self._cond:
+            with lock:
                 answered = self._replies.pop(rid, None) is not None
             if self._lost is None and not answered:
                 self._send_nowait(Cancel(rid))  # interrupted (KeyboardInterrupt): jobd stops
             raise
         finally:
-            with self._cond:
+            with lock:
                 self._waiting.discard(rid)
-            self._slots.release()
+                self._notify()  # its slot is free
         if isinstance(reply, ErrorReply):
             raise raise_error(reply)
         return reply.result
@@ -1227,7 +1230,7 @@ class _BlockingSession:
 
     def _read_farewell(self) -> None:
         """After a failed write: take an error frame jobd sent before closing, if any."""
-        with self._cond:
+        with self._lock:
             if self._reading:
                 return  # the reader takes it
             self._reading = True
@@ -1237,21 +1240,21 @@ class _BlockingSession:
                 msg = self._read_message(deadline)
                 if msg is None:
                     return
-                with self._cond:
+                with self._lock:
                     self._route(msg)
         except (OSError, ProtocolError, ConnectionLost, TimeoutError):
             pass
         finally:
-            with self._cond:
+            with self._lock:
                 self._reading = False
-                self._cond.notify_all()
+                self._notify()
 
     # ---- reading ------------------------------------------------------------------------
 
     def _wait(self, rid: int, timeout: float | None) -> Reply | ErrorReply:
         """Wait for the reply to ``rid``, reading frames while no other thread does."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             while True:
                 reply = self._replies.pop(rid, None)
                 if reply is not None:
@@ -1261,13 +1264,15 @@ class _BlockingSession:
                 if not self._reading:
                     self._reading = True
                     break
-                self._cond.wait()
+                self._sleep()
         try:
             while True:
                 msg = self._read_message(deadline)
                 if msg is None:  # only hello has a deadline: the link says why
                     raise TimeoutError(f"{self.where} did not answer within {timeout:g} s")
-                with self._cond:
+                if isinstance(msg, Reply | ErrorReply) and msg.id == rid:
+                    return msg  # its own reply (what _route would hand it)
+                with self._lock:
                     self._route(msg)
                     reply = self._replies.pop(rid, None)
                     if reply is not None:
@@ -1280,16 +1285,29 @@ class _BlockingSession:
                 self.lose(ConnectionLost(f"the connection to {self.where} was interrupted"), True)
             raise
         finally:
-            with self._cond:
+            with self._lock:
                 self._reading = False
-                self._cond.notify_all()
+                self._notify()
+
+    def _sleep(self) -> None:
+        """Wait for a notification (the lock is held)."""
+        self._sleepers += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._sleepers -= 1
+
+    def _notify(self) -> None:
+        """Wake the sleeping threads, if any (the lock is held)."""
+        if self._sleepers:
+            self._cond.notify_all()
 
     def _route(self, msg: Message) -> None:
-        """Hand one message to the thread waiting for it (the condition is held)."""
+        """Hand one message to the thread waiting for it (the lock is held)."""
         if isinstance(msg, Reply | ErrorReply):
             if msg.id in self._waiting:
                 self._replies[msg.id] = msg
-                self._cond.notify_all()
+                self._notify()
             elif isinstance(msg, ErrorReply) and msg.id == 0:  # jobd is dropping us
                 self.lose(raise_error(msg), locked=True)
             # else: the reply to a ping or a cancelled call
@@ -1325,10 +1343,11 @@ class _BlockingSession:
         self, n: int, deadline: float | None, *, keepalive: bool, spin: bool = False
     ) -> bytes | None:
         """``n`` bytes (None: ``deadline`` passed first). With ``spin``, the first time the
-        socket has nothing it is polled without blocking for the spin budget, if that
-        paid lately (``_SpinBudget``), before the thread sleeps in poll()."""
+        socket has nothing it is polled without blocking for the busy-poll budget when
+        ``BusyPoll`` says it pays, before the thread sleeps in poll()."""
         buf = self._buffer
         sock = self._sock
+        waiting = 0.0  # when the first wait for this frame began (with spin)
         while len(buf) < n:
             chunk: bytes | None
             try:
@@ -1337,12 +1356,16 @@ class _BlockingSession:
                 chunk = None
             except OSError as exc:
                 self._lose_reading(exc)
-            if chunk is None and spin:
-                spin = False
-                try:
-                    chunk = self._spin.poll(sock)
-                except OSError as exc:
-                    self._lose_reading(exc)
+            if chunk is None and spin and not waiting:
+                waiting = time.perf_counter()
+                if self._spin.due():
+                    try:
+                        chunk = self._spin.poll(sock, 65536)
+                    except OSError as exc:
+                        self._lose_reading(exc)
+            if waiting and chunk is not None:
+                self._spin.waited(time.perf_counter() - waiting)
+                waiting, spin = 0.0, False
             if chunk is None:
                 wait = KEEPALIVE_INTERVAL if keepalive and self.greeted else None
                 if deadline is not None:
@@ -1399,58 +1422,13 @@ class _BlockingSession:
         if locked:
             self._cond.notify_all()
         else:
-            with self._cond:
+            with self._lock:
                 self._cond.notify_all()
 
     def close(self) -> None:
         self.lose(DaemonUnreachable("the connection is closed"))
         with self._send_lock:  # no thread is writing to it any more
             self._sock.close()
-
-
-class _SpinBudget:
-    """Bounded, adaptive busy-polling of one socket (design/daemon.md "Busy-poll"): on a
-    VM, waking a halted CPU costs more than a small request's whole round trip, so a
-    waiter that polls a few dozen µs gets a quick reply without that wake (for itself, and
-    for the peer, whose reply then wakes nobody). Bounded by ``budget_us`` per wait;
-    adaptive: each wait whose poll missed halves how often the next waits poll (down to
-    once every 2**BUSY_POLL_BACKOFF), a hit polls every wait again; never on one CPU."""
-
-    __slots__ = ("_budget", "_misses", "_skip")
-
-    def __init__(self, budget_us: int) -> None:
-        self._budget = budget_us / 1e6 if budget_us > 0 and _spare_cpu() else 0.0
-        self._misses = 0
-        self._skip = 0
-
-    def poll(self, sock: socket.socket) -> bytes | None:
-        """What ``recv`` brought within the budget (b"": the peer closed), or None."""
-        if not self._budget:
-            return None
-        if self._skip:
-            self._skip -= 1
-            return None
-        clock = time.perf_counter
-        end = clock() + self._budget
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                if clock() < end:
-                    continue
-                self._misses = min(self._misses + 1, BUSY_POLL_BACKOFF)
-                self._skip = (1 << self._misses) - 1
-                return None
-            self._misses = 0
-            return chunk
-
-
-def _spare_cpu() -> bool:
-    """More than one CPU to run on (polling on one only delays the peer)."""
-    try:
-        return len(os.sched_getaffinity(0)) > 1
-    except (AttributeError, OSError):
-        return (os.cpu_count() or 1) > 1
 
 
 class _BlockingLink:

@@ -35,7 +35,7 @@ from jobcore.daemon.fleet import FleetJob, FleetService
 from jobcore.daemon.handlers import _BULKY, _HANDLERS
 from jobcore.daemon.rundir import RunDirLock
 from jobcore.daemon.sessions import (
-    _BusyPoll,
+    _BusyPollGate,
     _ByteBudget,
     _Client,
     _ClientGone,
@@ -136,7 +136,7 @@ class Daemon:
         self._ro_bulky = anyio.Semaphore(MAX_RO_BULKY)
         self._accept_noise = _Noise(_log)
         #: the read loops' busy-poll (busy_poll_us), shared: only while one client is busy
-        self._busy_poll = _BusyPoll(config.busy_poll_us)
+        self._busy_poll = _BusyPollGate(config.busy_poll_us)
 
     @property
     def rw_path(self) -> Path:
@@ -465,7 +465,7 @@ class Daemon:
 
     async def _read_loop(self, client: _Client) -> None:
         receive = _Receiver(client.stream, self._busy_poll)
-        spin = self._busy_poll if self._busy_poll.budget else None
+        spin = self._busy_poll if self._busy_poll.budget_us else None
         slots = anyio.Semaphore(MAX_IN_FLIGHT)
         try:
             while True:

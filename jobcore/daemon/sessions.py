@@ -34,7 +34,14 @@ from jobcore.errors import JobError
 from jobcore.events import Subscription
 from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.paths import PathGuard
-from jobcore.protocol import Message, ProtocolError, Reply, encode_message, error_reply
+from jobcore.protocol import (
+    BusyPoll,
+    Message,
+    ProtocolError,
+    Reply,
+    encode_message,
+    error_reply,
+)
 
 
 class _ClientGone(Exception):
@@ -129,24 +136,20 @@ READS_BEFORE_YIELD = 16
 
 
 #: A frame from another client within this many seconds of one from a client means
-#: several clients are busy: then no read loop busy-polls (for SHARED_WINDOW after).
+#: several clients are busy: then no read loop busy-polls (for SHARED_WINDOW s after).
 SHARED_WINDOW = 0.01
-#: After this many misses in a row, a client's read loop busy-polls once every 2**N waits.
-BUSY_POLL_BACKOFF = 6
 
 
-class _BusyPoll:
-    """jobd's bounded, adaptive busy-poll (``busy_poll_us``; design/daemon.md "Busy-poll"):
-    a read loop that answered a frame and finds its socket empty polls it without
-    blocking for up to ``budget_us`` before it waits for the event loop, so a client that
-    asks again at once is read without waking a halted CPU. Only while one client is
-    busy (``frame``: no other's frame within SHARED_WINDOW s) and no other task is ready
-    to run (``_others_ready``); each ``_Receiver`` backs off after misses."""
+class _BusyPollGate:
+    """Whether jobd's read loops may busy-poll now (``busy_poll_us``; design/daemon.md
+    "Busy-poll"): only while one client is busy (``frame``: no other client's frame came
+    within SHARED_WINDOW s) and no other task is ready to run (``_others_ready``), so a
+    poll delays nobody; each ``_Receiver``'s ``BusyPoll`` decides whether it pays."""
 
-    __slots__ = ("_last_client", "_last_frame", "_shared_until", "budget")
+    __slots__ = ("_last_client", "_last_frame", "_shared_until", "budget_us")
 
     def __init__(self, budget_us: int) -> None:
-        self.budget = budget_us / 1e6
+        self.budget_us = budget_us
         self._last_client = 0
         self._last_frame = -math.inf
         self._shared_until = -math.inf
@@ -160,8 +163,8 @@ class _BusyPoll:
             self._last_client = client_id
         self._last_frame = now
 
-    def allowed(self) -> bool:
-        return self.budget > 0 and time.monotonic() >= self._shared_until and not _others_ready()
+    def open(self) -> bool:
+        return time.monotonic() >= self._shared_until and not _others_ready()
 
 
 def _others_ready() -> bool:
@@ -182,15 +185,14 @@ class _Receiver:
     """Reads a client's socket without a scheduling round per read: ``recv`` straight
     from the non-blocking socket, waiting for it only when it has nothing (anyio's
     buffered stream takes one checkpoint and one recv per header and per body); at a
-    frame boundary, first busy-polling it when ``spin`` allows (``_BusyPoll``)."""
+    frame boundary, first busy-polling it (``_BusyPollGate``, ``BusyPoll``)."""
 
-    def __init__(self, stream: SocketStream, spin: _BusyPoll | None = None) -> None:
+    def __init__(self, stream: SocketStream, gate: _BusyPollGate | None = None) -> None:
         self._sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
         self.buffer = bytearray()
         self._unyielded = 0
-        self._spin = spin if spin is not None and spin.budget > 0 else None
-        self._misses = 0
-        self._skip = 0
+        self._gate = gate if gate is not None and gate.budget_us > 0 else None
+        self._spin = BusyPoll(self._gate.budget_us if self._gate is not None else 0)
 
     def take(self, n: int) -> bytes:
         """``n`` bytes the buffer holds already."""
@@ -200,19 +202,25 @@ class _Receiver:
 
     async def _fill(self, want: int, spin: bool = False) -> None:
         """Read at least one chunk of at most ``want`` bytes (READ_AHEAD at least); with
-        ``spin`` (a frame boundary), busy-poll first if the socket has nothing."""
-        spin = spin and self._spin is not None
+        ``spin`` (a frame boundary), busy-poll first if the socket has nothing and the
+        gate and ``BusyPoll`` allow."""
+        size = max(want, READ_AHEAD)
+        waiting = 0.0  # when the wait for the next frame began (with spin)
         while True:
             try:
-                chunk = self._sock.recv(max(want, READ_AHEAD))
+                chunk = self._sock.recv(size)
             except BlockingIOError:
                 self._unyielded = 0
-                if spin:
-                    spin = False
-                    got = self._poll(max(want, READ_AHEAD))
-                    if got is not None:
-                        chunk = got
-                        break
+                if spin and not waiting and self._gate is not None:
+                    waiting = time.perf_counter()
+                    if self._spin.due() and self._gate.open():
+                        try:
+                            got = self._spin.poll(self._sock, size)
+                        except OSError as exc:
+                            raise anyio.BrokenResourceError from exc
+                        if got is not None:
+                            chunk = got
+                            break
                 try:
                     await anyio.wait_readable(self._sock)
                 except OSError as exc:  # closed meanwhile
@@ -221,38 +229,13 @@ class _Receiver:
             except OSError as exc:
                 raise anyio.BrokenResourceError from exc
             break
+        if waiting:
+            self._spin.waited(time.perf_counter() - waiting)
         if not chunk:
             if self.buffer:
                 raise anyio.IncompleteRead
             raise anyio.EndOfStream
         self.buffer += chunk
-
-    def _poll(self, want: int) -> bytes | None:
-        """What ``recv`` brings within the busy-poll budget (b"": end of stream), or None
-        (not allowed now, backing off after misses, or nothing came)."""
-        spin = self._spin
-        assert spin is not None
-        if self._skip:
-            self._skip -= 1
-            return None
-        if not spin.allowed():
-            return None
-        sock = self._sock
-        clock = time.perf_counter
-        end = clock() + spin.budget
-        while True:
-            try:
-                chunk = sock.recv(want)
-            except BlockingIOError:
-                if clock() < end:
-                    continue
-                self._misses = min(self._misses + 1, BUSY_POLL_BACKOFF)
-                self._skip = (1 << self._misses) - 1
-                return None
-            except OSError as exc:
-                raise anyio.BrokenResourceError from exc
-            self._misses = 0
-            return chunk
 
     async def receive_exactly(self, n: int) -> bytes:
         self._unyielded += 1
