@@ -495,7 +495,7 @@ class Daemon:
                     return
                 client.last_frame = anyio.current_time()
                 if spin is not None:
-                    spin.frame(client.id)
+                    spin.frame(client.id, time.monotonic())
                 held = share
                 try:
                     if msg is not None and await self._accept(client, msg, slots, share):

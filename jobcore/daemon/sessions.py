@@ -154,17 +154,20 @@ class _BusyPollGate:
         self._last_frame = -math.inf
         self._shared_until = -math.inf
 
-    def frame(self, client_id: int) -> None:
-        """A frame came from ``client_id``."""
-        now = time.monotonic()
+    def frame(self, client_id: int, now: float) -> None:
+        """A frame came from ``client_id`` at ``now`` (time.monotonic)."""
         if client_id != self._last_client:
             if now - self._last_frame < SHARED_WINDOW:
                 self._shared_until = now + SHARED_WINDOW
             self._last_client = client_id
         self._last_frame = now
 
-    def open(self) -> bool:
-        return time.monotonic() >= self._shared_until and not _others_ready()
+    def shared(self, now: float) -> bool:
+        """Several clients are busy at ``now``."""
+        return now < self._shared_until
+
+    def open(self, now: float) -> bool:
+        return now >= self._shared_until and not _others_ready()
 
 
 def _others_ready() -> bool:
@@ -176,7 +179,10 @@ def _others_ready() -> bool:
             import trio.lowlevel  # only jobd's tests run it on trio
         except ImportError:
             return True
-        return trio.lowlevel.current_statistics().tasks_runnable > 0
+        try:
+            return trio.lowlevel.current_statistics().tasks_runnable > 0
+        except RuntimeError:  # no event loop at all
+            return True
     ready = getattr(loop, "_ready", None)  # asyncio's queue of ready callbacks
     return not isinstance(ready, collections.deque) or bool(ready)
 
@@ -213,7 +219,7 @@ class _Receiver:
                 self._unyielded = 0
                 if spin and not waiting and self._gate is not None:
                     waiting = time.perf_counter()
-                    if self._spin.due() and self._gate.open():
+                    if self._spin.due() and self._gate.open(time.monotonic()):
                         try:
                             got = self._spin.poll(self._sock, size)
                         except OSError as exc:
