@@ -112,7 +112,7 @@ PRE_HELLO_FRAME = 64 << 10
 
 #: Microseconds a client's read loop busy-polls its socket after answering a frame before
 #: it waits for the event loop (``busy_poll_us``; 0: never; design/daemon.md "Busy-poll").
-BUSY_POLL_US = 50
+BUSY_POLL_US = 200
 MAX_BUSY_POLL_US = 10_000
 
 
