@@ -472,7 +472,7 @@ class Daemon:
                 # replies first: the client (and, once it said hello, its socket) must drain
                 if client.conn is None:
                     await client.queued.below_limit()
-                else:
+                elif not client.is_drained():
                     await client.drained()
                 header = await receive.receive_exactly(HEADER.size)
                 try:
@@ -810,7 +810,8 @@ class Daemon:
         if ro_bulky:
             await self._ro_bulky.acquire()
         try:
-            await client.drained()
+            if not client.is_drained():
+                await client.drained()
             reply = await self._reply(client, req)
             frame = client.encode(reply)
         finally:

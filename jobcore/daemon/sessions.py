@@ -315,6 +315,14 @@ class _Client:
     #: the stream's socket (looked up once: anyio's ``extra`` builds a mapping per call)
     _raw: socket.socket | None = None
 
+    def is_drained(self) -> bool:
+        """This client's and its socket's queued frames are below limit (``drained``
+        would return at once: the read loop's common case, without its coroutines)."""
+        return (
+            self.queued.used < self.queued.limit
+            and self.socket_queued.used < self.socket_queued.limit
+        )
+
     async def drained(self) -> None:
         """Return once this client's and its socket's queued frames are below limit."""
         while True:
