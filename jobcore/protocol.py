@@ -238,11 +238,13 @@ class BusyPoll:
         clock = time.perf_counter
         end = clock() + self.budget
         recv = sock.recv
+        yield_cpu = os.sched_yield
         while True:
             try:
                 chunk = recv(size)
             except (BlockingIOError, InterruptedError):
                 if clock() < end:
+                    yield_cpu()
                     continue
                 self._cool = BUSY_POLL_COOL << self._misses
                 self._misses = min(self._misses + 1, BUSY_POLL_MAX_SHIFT)
