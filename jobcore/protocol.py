@@ -211,7 +211,8 @@ class BusyPoll:
     Adaptive: a wait polls only while polling pays — the last wait took at most the
     budget (``waited``: a poll would have caught it) — and not for BUSY_POLL_COOL waits
     (doubling with each miss in a row) after a poll that caught nothing; never with a
-    budget of 0 or on one CPU (polling there only delays the peer)."""
+    budget of 0 or on one CPU (polling there only delays the peer). It yields the CPU
+    between polls: a busy kernel queues the woken peer on its waker's CPU."""
 
     __slots__ = ("_cool", "_misses", "_pays", "budget")
 
