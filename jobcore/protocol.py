@@ -197,41 +197,58 @@ class BadRequest(ProtocolError):
 # ---- busy-polling a socket (design/daemon.md "Busy-poll") ----------------------------
 
 #: A busy-poll that caught nothing keeps the next BUSY_POLL_COOL << (misses in a row, at
-#: most BUSY_POLL_MAX_SHIFT) waits from polling: polling did not pay (the peer was slow,
-#: or the CPUs are oversubscribed and the poll kept the peer from running).
+#: most BUSY_POLL_MAX_SHIFT) waits from polling (a job_wait, a client that calls once a
+#: second).
 BUSY_POLL_COOL = 64
 BUSY_POLL_MAX_SHIFT = 4
+#: Every this many waits, one takes the way not preferred, so both averages stay fresh.
+BUSY_POLL_EXPLORE = 32
 
 
 class BusyPoll:
     """Bounded, adaptive busy-polling of a non-blocking socket, the technique of
-    SO_BUSY_POLL and the haltpoll cpuidle governor: on a VM, waking a halted CPU costs
-    more than a small request's whole round trip, so a waiter that polls ``budget_us``
-    µs gets a prompt frame without that wake, and its peer's send wakes nobody.
-    Adaptive: a wait polls only while polling pays — the last wait took at most the
-    budget (``waited``: a poll would have caught it) — and not for BUSY_POLL_COOL waits
-    (doubling with each miss in a row) after a poll that caught nothing; never with a
-    budget of 0 or on one CPU (polling there only delays the peer). It yields the CPU
-    between polls: a busy kernel queues the woken peer on its waker's CPU."""
+    SO_BUSY_POLL and the haltpoll cpuidle governor: on an idle VM, waking a halted CPU
+    costs more than a small request's whole round trip, so a waiter that polls up to
+    ``budget_us`` µs gets a prompt frame without that wake, and its peer's send wakes
+    nobody; on a busy machine no CPU halts and polling only costs. So it measures: the
+    average wait (until the first bytes, each counted up to twice the budget) of the
+    waits that polled first and of those that slept at once, and polls while polling's
+    is the smaller (unknown sleeping: polls), one wait in BUSY_POLL_EXPLORE taking the
+    other way; after a poll that caught nothing it does not poll for BUSY_POLL_COOL waits
+    (twice as many after each further miss in a row). Never with a budget of 0 or on one
+    CPU (polling there only delays the peer). It yields the CPU between polls: a busy
+    kernel queues the woken peer on its waker's CPU."""
 
-    __slots__ = ("_cool", "_misses", "_pays", "budget")
+    __slots__ = ("_cool", "_misses", "_polled", "_slept", "_waits", "budget")
 
     def __init__(self, budget_us: int) -> None:
         self.budget = budget_us / 1e6 if budget_us > 0 and _spare_cpu() else 0.0
-        self._pays = True
+        self._polled = 0.0  # average wait that polled first (seconds)
+        self._slept = math.inf  # average wait that slept at once (unknown yet)
         self._cool = 0
         self._misses = 0
+        self._waits = 0
 
     def due(self) -> bool:
         """Whether the wait that starts now should poll first."""
+        if not self.budget:
+            return False
         if self._cool:
             self._cool -= 1
             return False
-        return self._pays and self.budget > 0
+        self._waits += 1
+        prefer = self._polled <= self._slept
+        return prefer if self._waits % BUSY_POLL_EXPLORE else not prefer
 
-    def waited(self, seconds: float) -> None:
-        """The wait took ``seconds`` until its first bytes came."""
-        self._pays = seconds <= self.budget
+    def waited(self, seconds: float, polled: bool) -> None:
+        """The wait took ``seconds`` until its first bytes came; it polled first or not."""
+        sample = min(seconds, 2 * self.budget)
+        if polled:
+            self._polled += (sample - self._polled) / 8
+        elif self._slept == math.inf:
+            self._slept = sample
+        else:
+            self._slept += (sample - self._slept) / 8
 
     def poll(self, sock: socket.socket, size: int) -> bytes | None:
         """What ``recv(size)`` brings within the budget (b"": the peer closed), or None;

@@ -1348,6 +1348,7 @@ class _BlockingSession:
         buf = self._buffer
         sock = self._sock
         waiting = 0.0  # when the first wait for this frame began (with spin)
+        polled = False
         while len(buf) < n:
             chunk: bytes | None
             try:
@@ -1358,13 +1359,14 @@ class _BlockingSession:
                 self._lose_reading(exc)
             if chunk is None and spin and not waiting:
                 waiting = time.perf_counter()
-                if self._spin.due():
+                polled = self._spin.due()
+                if polled:
                     try:
                         chunk = self._spin.poll(sock, 65536)
                     except OSError as exc:
                         self._lose_reading(exc)
             if waiting and chunk is not None:
-                self._spin.waited(time.perf_counter() - waiting)
+                self._spin.waited(time.perf_counter() - waiting, polled)
                 waiting, spin = 0.0, False
             if chunk is None:
                 wait = KEEPALIVE_INTERVAL if keepalive and self.greeted else None

@@ -55,25 +55,32 @@ def polls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 # ---- the policy ----------------------------------------------------------------------
 
 
-def test_busy_poll_polls_while_it_pays_and_cools_down_after_a_miss() -> None:
+def test_busy_poll_polls_while_polling_waits_less_and_cools_down_after_a_miss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(protocol, "BUSY_POLL_EXPLORE", 4)
     a, b = socket.socketpair()
     with a, b:
         a.setblocking(False)
         spin = BusyPoll(1000)
-        assert spin.budget == pytest.approx(0.001) and spin.due()
+        assert spin.budget == pytest.approx(0.001)
+        assert [spin.due() for _ in range(4)] == [True, True, True, False]  # explores sleeping
         b.send(b"ping")
         assert spin.poll(a, 64) == b"ping"
-        assert spin.due()  # a hit keeps polling
-        assert spin.poll(a, 64) is None  # nothing came within 1 ms
+        spin.waited(0.0001, polled=True)
+        spin.waited(0.0002, polled=False)  # sleeping waited longer: polling is preferred
+        assert [spin.due() for _ in range(4)] == [True, True, True, False]
+        for _ in range(60):
+            spin.waited(0.00001, polled=False)  # now sleeping waits less: it sleeps
+        assert [spin.due() for _ in range(4)] == [False, False, False, True]  # explores polling
+        for _ in range(30):
+            spin.waited(0.009, polled=False)  # counted as at most twice the budget
+        assert spin.due()
+        assert spin.poll(a, 64) is None  # nothing came within 1 ms: it cools down
         assert [spin.due() for _ in range(BUSY_POLL_COOL)] == [False] * BUSY_POLL_COOL
         assert spin.due()
         assert spin.poll(a, 64) is None  # a second miss in a row: twice as long
         assert not any(spin.due() for _ in range(2 * BUSY_POLL_COOL))
-        assert spin.due()
-        spin.waited(0.002)  # a sleep longer than the budget: polling would not have paid
-        assert not spin.due()
-        spin.waited(0.0005)
-        assert spin.due()
         b.close()
         assert spin.poll(a, 64) == b""  # the peer closed: the end of the stream
     assert not BusyPoll(0).due()
@@ -147,6 +154,7 @@ async def test_jobd_replies_the_same_polling_or_not(
     miss not cooling it down: the client's next request, 1 ms later, is read by a poll)
     as from one with busy_poll_us = 0, which never polls."""
     monkeypatch.setattr(protocol, "BUSY_POLL_COOL", 0)
+    monkeypatch.setattr(protocol, "BUSY_POLL_EXPLORE", 1 << 30)  # polls every time
     plain = await _replies(tmp_path / "plain", 0)
     assert not polls
     polled = await _replies(tmp_path / "polled", MAX_BUSY_POLL_US)
@@ -174,6 +182,7 @@ def test_the_client_gets_the_same_replies_polling_or_not(
     clock: nothing moves), gives the same results with BUSY_POLL_US 0 (never polls) and
     100 ms (every reply is caught by a poll)."""
     monkeypatch.setattr(protocol, "BUSY_POLL_COOL", 0)
+    monkeypatch.setattr(protocol, "BUSY_POLL_EXPLORE", 1 << 30)  # polls every time
     uri = jobd.uri("clock=manual", host="polling")
     with jobcore.open(uri) as conn:
         dom = conn.lookupByName("vm1")
@@ -213,6 +222,7 @@ def test_a_jobd_that_dies_during_a_poll_fails_the_call_as_during_a_sleep(
     tmp_path: Path, polls: Counter[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(jobcore.remote, "BUSY_POLL_US", 0)  # restored after the test
+    monkeypatch.setattr(protocol, "BUSY_POLL_EXPLORE", 1 << 30)  # polls every time
     slept = _lost_during_a_wait(tmp_path / "slept", 0)
     assert not polls
     polled = _lost_during_a_wait(tmp_path / "polled", 20_000_000)  # polls for 20 s

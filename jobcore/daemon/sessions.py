@@ -212,6 +212,7 @@ class _Receiver:
         gate and ``BusyPoll`` allow."""
         size = max(want, READ_AHEAD)
         waiting = 0.0  # when the wait for the next frame began (with spin)
+        polled = False
         while True:
             try:
                 chunk = self._sock.recv(size)
@@ -219,7 +220,8 @@ class _Receiver:
                 self._unyielded = 0
                 if spin and not waiting and self._gate is not None:
                     waiting = time.perf_counter()
-                    if self._spin.due() and self._gate.open(time.monotonic()):
+                    polled = self._gate.open(time.monotonic()) and self._spin.due()
+                    if polled:
                         try:
                             got = self._spin.poll(self._sock, size)
                         except OSError as exc:
@@ -236,7 +238,7 @@ class _Receiver:
                 raise anyio.BrokenResourceError from exc
             break
         if waiting:
-            self._spin.waited(time.perf_counter() - waiting)
+            self._spin.waited(time.perf_counter() - waiting, polled)
         if not chunk:
             if self.buffer:
                 raise anyio.IncompleteRead
