@@ -196,9 +196,9 @@ class BadRequest(ProtocolError):
 
 # ---- busy-polling a socket (design/daemon.md "Busy-poll") ----------------------------
 
-#: A busy-poll that caught nothing keeps the next BUSY_POLL_COOL << (misses in a row, at
-#: most BUSY_POLL_MAX_SHIFT) waits from polling (a job_wait, a client that calls once a
-#: second).
+#: The second busy-poll in a row that caught nothing keeps the next BUSY_POLL_COOL waits
+#: from polling, each further one twice as many (up to << BUSY_POLL_MAX_SHIFT): a job_wait,
+#: a client that calls once a second.
 BUSY_POLL_COOL = 64
 BUSY_POLL_MAX_SHIFT = 4
 #: Every this many waits, one takes the way not preferred, so both averages stay fresh.
@@ -214,10 +214,10 @@ class BusyPoll:
     average wait (until the first bytes, each counted up to twice the budget) of the
     waits that polled first and of those that slept at once, and polls while polling's
     is the smaller (unknown sleeping: polls), one wait in BUSY_POLL_EXPLORE taking the
-    other way; after a poll that caught nothing it does not poll for BUSY_POLL_COOL waits
-    (twice as many after each further miss in a row). Never with a budget of 0 or on one
-    CPU (polling there only delays the peer). It yields the CPU between polls: a busy
-    kernel queues the woken peer on its waker's CPU."""
+    other way; after two polls in a row that caught nothing it does not poll for
+    BUSY_POLL_COOL waits (twice as many after each further miss in a row). Never with a
+    budget of 0 or on one CPU (polling there only delays the peer). It yields the CPU
+    between polls: a busy kernel queues the woken peer on its waker's CPU."""
 
     __slots__ = ("_cool", "_misses", "_polled", "_slept", "_waits", "budget")
 
@@ -264,8 +264,9 @@ class BusyPoll:
                 if clock() < end:
                     yield_cpu()
                     continue
-                self._cool = BUSY_POLL_COOL << self._misses
-                self._misses = min(self._misses + 1, BUSY_POLL_MAX_SHIFT)
+                if self._misses:  # a second miss in a row (one alone: a hiccup)
+                    self._cool = BUSY_POLL_COOL << (self._misses - 1)
+                self._misses = min(self._misses + 1, BUSY_POLL_MAX_SHIFT + 1)
                 return None
             self._misses = 0
             return chunk

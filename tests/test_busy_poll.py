@@ -76,10 +76,12 @@ def test_busy_poll_polls_while_polling_waits_less_and_cools_down_after_a_miss(
         for _ in range(30):
             spin.waited(0.009, polled=False)  # counted as at most twice the budget
         assert spin.due()
-        assert spin.poll(a, 64) is None  # nothing came within 1 ms: it cools down
+        assert spin.poll(a, 64) is None  # nothing came within 1 ms: a hiccup
+        assert spin.due()
+        assert spin.poll(a, 64) is None  # a second miss in a row: it cools down
         assert [spin.due() for _ in range(BUSY_POLL_COOL)] == [False] * BUSY_POLL_COOL
         assert spin.due()
-        assert spin.poll(a, 64) is None  # a second miss in a row: twice as long
+        assert spin.poll(a, 64) is None  # a third: twice as long
         assert not any(spin.due() for _ in range(2 * BUSY_POLL_COOL))
         b.close()
         assert spin.poll(a, 64) == b""  # the peer closed: the end of the stream
