@@ -7,8 +7,11 @@ UNIX socket. libvirtd is a real one with a TCG domain (benchmarks/_libvirtd.py; 
 bench`` installs it), measured with libvirt-python under /usr/bin/python3: idle (no job:
 libvirtd answers from its own state) and while a push backup copies (it asks QEMU). Each
 rate is the best of ``REPEATS`` rounds, the sides taking turns. The ratios are issue 14's
-targets: in-process >= 12x libvirtd idle, jobd >= 1.8x libvirtd idle. If libvirtd cannot
-run, the benchmark says so loudly and reports jobcore alone.
+targets: in-process >= 12x libvirtd idle, jobd >= 1.8x libvirtd idle. jobd is measured
+twice: as shipped (busy-poll on both sides: design/daemon.md "Busy-poll") and with
+busy-polling off on both (``--busy-poll-us 0``, ``jobcore.remote.BUSY_POLL_US = 0``),
+the path before it. If libvirtd cannot run, the benchmark says so loudly and reports
+jobcore alone.
 
     python -m benchmarks.bench_jobd
 """
@@ -25,6 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import jobcore
+import jobcore.remote
 from benchmarks import _libvirtd
 from jobcore.facade import BlockingConnection
 
@@ -108,7 +112,10 @@ def main() -> None:
             lv_error = exc
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-jobd-"))
         run_dir = Path(tmp) / "run"
+        plain_dir = Path(tmp) / "plain"
         proc = _start_jobd(run_dir)
+        plain = _start_jobd(plain_dir, "--busy-poll-us", "0")
+        polling = jobcore.remote.BUSY_POLL_US
         try:
             for _ in range(REPEATS):
                 if lv_error is None:
@@ -128,6 +135,17 @@ def main() -> None:
                     keep("jobd", calls_per_second(remote_conn))
                 finally:
                     remote_conn.close()
+                jobcore.remote.BUSY_POLL_US = 0  # read when the socket opens
+                try:
+                    plain_conn = jobcore.open(
+                        f"sim+unix:///default?socket={plain_dir}/jobd.sock&{SLOW}"
+                    )
+                finally:
+                    jobcore.remote.BUSY_POLL_US = polling
+                try:
+                    keep("jobd, no busy-poll", calls_per_second(plain_conn))
+                finally:
+                    plain_conn.close()
             if lv_error is None:
                 try:  # once: each round copies the whole disk
                     keep(
@@ -137,11 +155,16 @@ def main() -> None:
                 except _libvirtd.LibvirtdUnavailable as exc:
                     print(_libvirtd.loud(f"the copying figure: {exc}"))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
+            for daemon in (proc, plain):
+                daemon.send_signal(signal.SIGTERM)
+                daemon.wait(15)
     local, remote = best["in-process"], best["jobd"]
     print(f"jobStats in-process:   {local:10.0f} calls/s ({1e6 / local:7.1f} µs/call)")
     print(f"jobStats through jobd: {remote:10.0f} calls/s ({1e6 / remote:7.1f} µs/call)")
+    off = best["jobd, no busy-poll"]
+    us = 1e6 / off
+    gain = remote / off
+    print(f"  busy-poll off:       {off:10.0f} calls/s ({us:7.1f} µs/call; on/off {gain:.2f}x)")
     print(f"in-process / jobd:     {local / remote:10.1f}x")
     if lv_error is not None:
         print(_libvirtd.loud(lv_error))

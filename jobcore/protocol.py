@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import struct
+import time
 import typing
 import uuid
 from collections.abc import Callable, Mapping
@@ -191,6 +192,92 @@ class BadRequest(ProtocolError):
     def __init__(self, message: str, request_id: int = 0) -> None:
         self.request_id = request_id
         super().__init__(message)
+
+
+# ---- busy-polling a socket (design/daemon.md "Busy-poll") ----------------------------
+
+#: The second busy-poll in a row that caught nothing keeps the next BUSY_POLL_COOL waits
+#: from polling, each further one twice as many (up to << BUSY_POLL_MAX_SHIFT): a job_wait,
+#: a client that calls once a second.
+BUSY_POLL_COOL = 64
+BUSY_POLL_MAX_SHIFT = 4
+#: Every this many waits, one takes the way not preferred, so both averages stay fresh.
+BUSY_POLL_EXPLORE = 32
+
+
+class BusyPoll:
+    """Bounded, adaptive busy-polling of a non-blocking socket, the technique of
+    SO_BUSY_POLL and the haltpoll cpuidle governor: on an idle VM, waking a halted CPU
+    costs more than a small request's whole round trip, so a waiter that polls up to
+    ``budget_us`` µs gets a prompt frame without that wake, and its peer's send wakes
+    nobody; on a busy machine no CPU halts and polling only costs. So it measures: the
+    average wait (until the first bytes, each counted up to twice the budget) of the
+    waits that polled first and of those that slept at once, and polls while polling's
+    is the smaller (unknown sleeping: polls), one wait in BUSY_POLL_EXPLORE taking the
+    other way; after two polls in a row that caught nothing it does not poll for
+    BUSY_POLL_COOL waits (twice as many after each further miss in a row). Never with a
+    budget of 0 or on one CPU (polling there only delays the peer). It yields the CPU
+    between polls: a busy kernel queues the woken peer on its waker's CPU."""
+
+    __slots__ = ("_cool", "_misses", "_polled", "_slept", "_waits", "budget")
+
+    def __init__(self, budget_us: int) -> None:
+        self.budget = budget_us / 1e6 if budget_us > 0 and _spare_cpu() else 0.0
+        self._polled = 0.0  # average wait that polled first (seconds)
+        self._slept = math.inf  # average wait that slept at once (unknown yet)
+        self._cool = 0
+        self._misses = 0
+        self._waits = 0
+
+    def due(self) -> bool:
+        """Whether the wait that starts now should poll first."""
+        if not self.budget:
+            return False
+        if self._cool:
+            self._cool -= 1
+            return False
+        self._waits += 1
+        prefer = self._polled <= self._slept
+        return prefer if self._waits % BUSY_POLL_EXPLORE else not prefer
+
+    def waited(self, seconds: float, polled: bool) -> None:
+        """The wait took ``seconds`` until its first bytes came; it polled first or not."""
+        sample = min(seconds, 2 * self.budget)
+        if polled:
+            self._polled += (sample - self._polled) / 8
+        elif self._slept == math.inf:
+            self._slept = sample
+        else:
+            self._slept += (sample - self._slept) / 8
+
+    def poll(self, sock: socket.socket, size: int) -> bytes | None:
+        """What ``recv(size)`` brings within the budget (b"": the peer closed), or None;
+        an OSError of ``recv`` is raised."""
+        clock = time.perf_counter
+        end = clock() + self.budget
+        recv = sock.recv
+        yield_cpu = os.sched_yield
+        while True:
+            try:
+                chunk = recv(size)
+            except (BlockingIOError, InterruptedError):
+                if clock() < end:
+                    yield_cpu()
+                    continue
+                if self._misses:  # a second miss in a row (one alone: a hiccup)
+                    self._cool = BUSY_POLL_COOL << (self._misses - 1)
+                self._misses = min(self._misses + 1, BUSY_POLL_MAX_SHIFT + 1)
+                return None
+            self._misses = 0
+            return chunk
+
+
+def _spare_cpu() -> bool:
+    """More than one CPU to run on."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):  # not Linux
+        return (os.cpu_count() or 1) > 1
 
 
 # ---- frames ---------------------------------------------------------------------------

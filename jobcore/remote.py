@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 
@@ -55,6 +55,7 @@ from jobcore.protocol import (
     RW_SOCKET,
     AccessDenied,
     ArgValue,
+    BusyPoll,
     Cancel,
     DaemonUnreachable,
     ErrorReply,
@@ -115,6 +116,10 @@ RECONNECT_TOTAL = 60.0
 RECONNECT_PARAM = "reconnect"
 #: Jobs whose last event seq one subscription remembers to resume from (the most recent).
 RESUME_JOBS = 1024
+#: Microseconds the blocking transport polls its socket without blocking, having sent a
+#: request, before it sleeps in poll() (design/daemon.md "Busy-poll"; 0: never). Read when
+#: a socket opens; adaptive (``jobcore.protocol.BusyPoll``).
+BUSY_POLL_US = 200
 
 _log = get_logger("jobcore.remote")
 
@@ -1105,12 +1110,15 @@ class _BlockingSession:
         self._ids = link.ids
         self.where = link.where
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        #: guards what follows; waits go through ``_cond`` (``_sleep``), and it is
+        #: notified only while a thread sleeps in it (``_notify``)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0
         #: request id -> its reply once read (only ids some thread waits for)
         self._replies: dict[int, Reply | ErrorReply] = {}
+        #: calls in flight on this socket (at most MAX_IN_FLIGHT, as ``_Session``'s)
         self._waiting: set[int] = set()
-        #: calls in flight on this socket (more wait for a slot, as ``_Session``'s)
-        self._slots = threading.Semaphore(MAX_IN_FLIGHT)
         self._reading = False
         self._buffer = bytearray()
         #: only the reader polls (one thread at a time)
@@ -1121,6 +1129,12 @@ class _BlockingSession:
         self.retry = False
         self.greeted = False
         self._heard = time.monotonic()
+        # non-blocking: each recv and send is one syscall (a socket with a timeout polls
+        # before each); the waits are our own polls, with the same timeouts
+        sock.setblocking(False)
+        self._wpoll = select.poll()  # only a sender polls it (under the send lock)
+        self._wpoll.register(sock, select.POLLOUT)
+        self._spin = BusyPoll(BUSY_POLL_US)
 
     @property
     def lost(self) -> JobError | None:
@@ -1135,8 +1149,10 @@ class _BlockingSession:
             frame = encode_message(Request(rid, method, args))
         except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int >= 2**64
             raise InvalidArgument(f"{method}: an argument cannot be sent: {exc}") from None
-        self._slots.acquire()
-        with self._cond:
+        lock = self._lock
+        with lock:
+            while len(self._waiting) >= MAX_IN_FLIGHT:  # a slot first
+                self._sleep()
             if not self._waiting:  # idle until now: silence counts from this call on
                 self._heard = time.monotonic()
             self._waiting.add(rid)
@@ -1144,15 +1160,15 @@ class _BlockingSession:
             self._send(frame)
             reply = self._wait(rid, timeout)
         except BaseException:
-            with self._cond:
+            with lock:
                 answered = self._replies.pop(rid, None) is not None
             if self._lost is None and not answered:
                 self._send_nowait(Cancel(rid))  # interrupted (KeyboardInterrupt): jobd stops
             raise
         finally:
-            with self._cond:
+            with lock:
                 self._waiting.discard(rid)
-            self._slots.release()
+                self._notify()  # its slot is free
         if isinstance(reply, ErrorReply):
             raise raise_error(reply)
         return reply.result
@@ -1172,7 +1188,7 @@ class _BlockingSession:
             if self._lost is not None:
                 raise self._lost
             try:
-                self._sock.sendall(frame)
+                self._send_all(frame)
             except OSError as exc:  # a timeout too: jobd took nothing for KEEPALIVE_TIMEOUT s
                 # jobd may have said why before it closed (a refusal): read that first
                 self._read_farewell()
@@ -1182,11 +1198,31 @@ class _BlockingSession:
                 self.lose(ConnectionLost(f"the connection to {self.where} was interrupted"), True)
                 raise
 
+    def _send_all(self, frame: bytes) -> None:
+        """``sendall`` on the non-blocking socket (the send lock is held): TimeoutError if
+        jobd takes nothing for KEEPALIVE_TIMEOUT s."""
+        sock = self._sock
+        try:
+            sent = sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(frame):
+            return
+        view = memoryview(frame)[sent:]
+        while view:
+            ms = math.ceil(KEEPALIVE_TIMEOUT * 1000)
+            if not self._wpoll.poll(ms):
+                raise TimeoutError("timed out")
+            try:
+                view = view[sock.send(view) :]
+            except (BlockingIOError, InterruptedError):
+                continue
+
     def _send_nowait(self, msg: Request | Cancel) -> None:
         if not self._send_lock.acquire(blocking=False):
             return  # a frame is going out: this best-effort one (a ping, a cancel) is skipped
         try:
-            self._sock.sendall(encode_message(msg))
+            self._send_all(encode_message(msg))
         except OSError:
             pass  # the reader sees the loss
         finally:
@@ -1194,7 +1230,7 @@ class _BlockingSession:
 
     def _read_farewell(self) -> None:
         """After a failed write: take an error frame jobd sent before closing, if any."""
-        with self._cond:
+        with self._lock:
             if self._reading:
                 return  # the reader takes it
             self._reading = True
@@ -1204,21 +1240,21 @@ class _BlockingSession:
                 msg = self._read_message(deadline)
                 if msg is None:
                     return
-                with self._cond:
+                with self._lock:
                     self._route(msg)
         except (OSError, ProtocolError, ConnectionLost, TimeoutError):
             pass
         finally:
-            with self._cond:
+            with self._lock:
                 self._reading = False
-                self._cond.notify_all()
+                self._notify()
 
     # ---- reading ------------------------------------------------------------------------
 
     def _wait(self, rid: int, timeout: float | None) -> Reply | ErrorReply:
         """Wait for the reply to ``rid``, reading frames while no other thread does."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             while True:
                 reply = self._replies.pop(rid, None)
                 if reply is not None:
@@ -1228,13 +1264,15 @@ class _BlockingSession:
                 if not self._reading:
                     self._reading = True
                     break
-                self._cond.wait()
+                self._sleep()
         try:
             while True:
                 msg = self._read_message(deadline)
                 if msg is None:  # only hello has a deadline: the link says why
                     raise TimeoutError(f"{self.where} did not answer within {timeout:g} s")
-                with self._cond:
+                if isinstance(msg, Reply | ErrorReply) and msg.id == rid:
+                    return msg  # its own reply (what _route would hand it)
+                with self._lock:
                     self._route(msg)
                     reply = self._replies.pop(rid, None)
                     if reply is not None:
@@ -1247,16 +1285,29 @@ class _BlockingSession:
                 self.lose(ConnectionLost(f"the connection to {self.where} was interrupted"), True)
             raise
         finally:
-            with self._cond:
+            with self._lock:
                 self._reading = False
-                self._cond.notify_all()
+                self._notify()
+
+    def _sleep(self) -> None:
+        """Wait for a notification (the lock is held)."""
+        self._sleepers += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._sleepers -= 1
+
+    def _notify(self) -> None:
+        """Wake the sleeping threads, if any (the lock is held)."""
+        if self._sleepers:
+            self._cond.notify_all()
 
     def _route(self, msg: Message) -> None:
-        """Hand one message to the thread waiting for it (the condition is held)."""
+        """Hand one message to the thread waiting for it (the lock is held)."""
         if isinstance(msg, Reply | ErrorReply):
             if msg.id in self._waiting:
                 self._replies[msg.id] = msg
-                self._cond.notify_all()
+                self._notify()
             elif isinstance(msg, ErrorReply) and msg.id == 0:  # jobd is dropping us
                 self.lose(raise_error(msg), locked=True)
             # else: the reply to a ping or a cancelled call
@@ -1266,7 +1317,7 @@ class _BlockingSession:
     def _read_message(self, deadline: float | None) -> Message | None:
         """The next message (None: ``deadline`` passed first). A silent jobd is pinged
         while a call waits and lost after KEEPALIVE_TIMEOUT s, as ``_Session.keepalive``."""
-        header = self._read_exactly(HEADER.size, deadline, keepalive=True)
+        header = self._read_exactly(HEADER.size, deadline, keepalive=True, spin=True)
         if header is None:
             return None
         length = frame_length(header)
@@ -1288,26 +1339,45 @@ class _BlockingSession:
             raise self._lost  # type: ignore[misc]
         return decode_message(body)
 
-    def _read_exactly(self, n: int, deadline: float | None, *, keepalive: bool) -> bytes | None:
+    def _read_exactly(
+        self, n: int, deadline: float | None, *, keepalive: bool, spin: bool = False
+    ) -> bytes | None:
+        """``n`` bytes (None: ``deadline`` passed first). With ``spin``, the first time the
+        socket has nothing it is polled without blocking for the busy-poll budget when
+        ``BusyPoll`` says it pays, before the thread sleeps in poll()."""
         buf = self._buffer
+        sock = self._sock
+        waiting = 0.0  # when the first wait for this frame began (with spin)
+        polled = False
         while len(buf) < n:
-            wait = KEEPALIVE_INTERVAL if keepalive and self.greeted else None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                wait = left if wait is None else min(wait, left)
-            if not self._readable(wait):
-                if keepalive and self.greeted:
+            chunk: bytes | None
+            try:
+                chunk = sock.recv(max(n - len(buf), 65536))
+            except (BlockingIOError, InterruptedError):
+                chunk = None
+            except OSError as exc:
+                self._lose_reading(exc)
+            if chunk is None and spin and not waiting:
+                waiting = time.perf_counter()
+                polled = self._spin.due()
+                if polled:
+                    try:
+                        chunk = self._spin.poll(sock, 65536)
+                    except OSError as exc:
+                        self._lose_reading(exc)
+            if waiting and chunk is not None:
+                self._spin.waited(time.perf_counter() - waiting, polled)
+                waiting, spin = 0.0, False
+            if chunk is None:
+                wait = KEEPALIVE_INTERVAL if keepalive and self.greeted else None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = left if wait is None else min(wait, left)
+                if not self._readable(wait) and keepalive and self.greeted:
                     self._keepalive()
                 continue
-            try:
-                chunk = self._sock.recv(max(n - len(buf), 65536))
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                self.lose(ConnectionLost(f"the connection to {self.where} was lost: {exc}"), True)
-                raise self._lost from None  # type: ignore[misc]
             if not chunk:
                 self.lose(ConnectionLost(f"the connection to {self.where} was lost"), True)
                 raise self._lost  # type: ignore[misc]
@@ -1316,6 +1386,10 @@ class _BlockingSession:
         data = bytes(buf[:n])
         del buf[:n]
         return data
+
+    def _lose_reading(self, exc: OSError) -> NoReturn:
+        self.lose(ConnectionLost(f"the connection to {self.where} was lost: {exc}"), True)
+        raise self._lost from None  # type: ignore[misc]
 
     def _readable(self, timeout: float | None) -> bool:
         # poll, not select: a process with over 1024 descriptors may hand us a higher one
@@ -1350,7 +1424,7 @@ class _BlockingSession:
         if locked:
             self._cond.notify_all()
         else:
-            with self._cond:
+            with self._lock:
                 self._cond.notify_all()
 
     def close(self) -> None:

@@ -110,6 +110,12 @@ MAX_CLIENT_RECEIVE = 2 * MAX_FRAME
 PRE_HELLO_FRAME = 64 << 10
 
 
+#: Microseconds a client's read loop busy-polls its socket after answering a frame before
+#: it waits for the event loop (``busy_poll_us``; 0: never; design/daemon.md "Busy-poll").
+BUSY_POLL_US = 200
+MAX_BUSY_POLL_US = 10_000
+
+
 class ConfigError(JobError):
     """The configuration file is unreadable or has an unknown key or a bad value."""
 
@@ -182,6 +188,8 @@ class DaemonConfig:
     max_ro_queued_send: int = MAX_RO_QUEUED_SEND_TOTAL
     #: bytes the partly received frames of all read-only clients may hold at once
     max_ro_receive_buffer: int = MAX_RO_RECEIVE_BUFFER
+    #: µs a read loop busy-polls its client's socket after a reply (0: never)
+    busy_poll_us: int = BUSY_POLL_US
 
     @property
     def store_url(self) -> str:
@@ -224,6 +232,7 @@ _CONFIG_KEYS = {
     "max_queued_send",
     "max_ro_queued_send",
     "max_ro_receive_buffer",
+    "busy_poll_us",
 }
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -361,6 +370,7 @@ _COUNTS = (
     ("max_queued_send", MAX_QUEUED_SEND, 1 << 40),
     ("max_ro_queued_send", MAX_QUEUED_SEND, 1 << 40),
     ("max_ro_receive_buffer", MAX_FRAME, 1 << 40),
+    ("busy_poll_us", 0, MAX_BUSY_POLL_US),  # 0: never busy-poll
 )
 #: config keys that are seconds: (key, minimum, maximum)
 _SECONDS = (

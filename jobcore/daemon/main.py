@@ -19,8 +19,10 @@ import click
 
 from jobcore.daemon.config import (
     _LEVELS,
+    BUSY_POLL_US,
     DEFAULT_ALLOWED_URIS,
     FD_HEADROOM,
+    MAX_BUSY_POLL_US,
     ConfigError,
     DaemonConfig,
     cli_path,
@@ -164,7 +166,7 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "ro_idle_timeout, max_ro_subscriptions, max_ro_subscriptions_per_uid, "
                 "ro_max_event_buffer, ro_subscriber_lost_limit, max_queued_send, "
                 "max_ro_queued_send, max_ro_receive_buffer, store, host, stop_guests, "
-                "shared_roots, lease_ttl, policy.",
+                "shared_roots, lease_ttl, policy, busy_poll_us.",
             ),
             click.option(
                 "--store",
@@ -231,6 +233,14 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 f"allowed_uris) [default: {' '.join(DEFAULT_ALLOWED_URIS)}].",
             ),
             click.option(
+                "--busy-poll-us",
+                type=int,
+                metavar="US",
+                help="Microseconds a client's read loop polls its socket after a reply before "
+                "it sleeps, while one client is busy (0: never; at most "
+                f"{MAX_BUSY_POLL_US}) [default: {BUSY_POLL_US}].",
+            ),
+            click.option(
                 "-d",
                 "--daemon",
                 "detach",
@@ -258,6 +268,7 @@ def start_from_options(
     shared_roots: tuple[str, ...] = (),
     lease_ttl: float | None = None,
     policy: str | None = None,
+    busy_poll_us: int | None = None,
 ) -> int:
     try:
         config = load_config(
@@ -273,6 +284,7 @@ def start_from_options(
             shared_roots=list(shared_roots) or None,
             lease_ttl=lease_ttl,
             policy=policy,
+            busy_poll_us=busy_poll_us,
         )
     except ConfigError as exc:
         click.echo(f"jobd: {exc}", err=True)

@@ -35,6 +35,7 @@ from jobcore.daemon.fleet import FleetJob, FleetService
 from jobcore.daemon.handlers import _BULKY, _HANDLERS
 from jobcore.daemon.rundir import RunDirLock
 from jobcore.daemon.sessions import (
+    _BusyPollGate,
     _ByteBudget,
     _Client,
     _ClientGone,
@@ -134,6 +135,8 @@ class Daemon:
         #: bulky requests computing for all read-only clients together
         self._ro_bulky = anyio.Semaphore(MAX_RO_BULKY)
         self._accept_noise = _Noise(_log)
+        #: the read loops' busy-poll (busy_poll_us), shared: only while one client is busy
+        self._busy_poll = _BusyPollGate(config.busy_poll_us)
 
     @property
     def rw_path(self) -> Path:
@@ -461,14 +464,15 @@ class Daemon:
             return
 
     async def _read_loop(self, client: _Client) -> None:
-        receive = _Receiver(client.stream)
+        receive = _Receiver(client.stream, self._busy_poll)
+        spin = self._busy_poll if self._busy_poll.budget_us else None
         slots = anyio.Semaphore(MAX_IN_FLIGHT)
         try:
             while True:
                 # replies first: the client (and, once it said hello, its socket) must drain
                 if client.conn is None:
                     await client.queued.below_limit()
-                else:
+                elif not client.is_drained():
                     await client.drained()
                 header = await receive.receive_exactly(HEADER.size)
                 try:
@@ -490,6 +494,8 @@ class Daemon:
                     client.expelled = late.error
                     return
                 client.last_frame = anyio.current_time()
+                if spin is not None:
+                    spin.frame(client.id, time.monotonic())
                 held = share
                 try:
                     if msg is not None and await self._accept(client, msg, slots, share):
@@ -804,7 +810,8 @@ class Daemon:
         if ro_bulky:
             await self._ro_bulky.acquire()
         try:
-            await client.drained()
+            if not client.is_drained():
+                await client.drained()
             reply = await self._reply(client, req)
             frame = client.encode(reply)
         finally:

@@ -4,6 +4,9 @@ the rate limit of the log lines it can provoke, and the errors that end it.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import math
 import socket
 import time
 import uuid
@@ -31,7 +34,14 @@ from jobcore.errors import JobError
 from jobcore.events import Subscription
 from jobcore.local import LocalConnection, LocalDomain, LocalJob
 from jobcore.paths import PathGuard
-from jobcore.protocol import Message, ProtocolError, Reply, encode_message, error_reply
+from jobcore.protocol import (
+    BusyPoll,
+    Message,
+    ProtocolError,
+    Reply,
+    encode_message,
+    error_reply,
+)
 
 
 class _ClientGone(Exception):
@@ -125,15 +135,70 @@ READ_AHEAD = 4096
 READS_BEFORE_YIELD = 16
 
 
+#: A frame from another client within this many seconds of one from a client means
+#: several clients are busy: then no read loop busy-polls (for SHARED_WINDOW s after).
+SHARED_WINDOW = 0.01
+
+
+class _BusyPollGate:
+    """Whether jobd's read loops may busy-poll now (``busy_poll_us``; design/daemon.md
+    "Busy-poll"): only while one client is busy (``frame``: no other client's frame came
+    within SHARED_WINDOW s) and no other task is ready to run (``_others_ready``), so a
+    poll delays nobody; each ``_Receiver``'s ``BusyPoll`` decides whether it pays."""
+
+    __slots__ = ("_last_client", "_last_frame", "_shared_until", "budget_us")
+
+    def __init__(self, budget_us: int) -> None:
+        self.budget_us = budget_us
+        self._last_client = 0
+        self._last_frame = -math.inf
+        self._shared_until = -math.inf
+
+    def frame(self, client_id: int, now: float) -> None:
+        """A frame came from ``client_id`` at ``now`` (time.monotonic)."""
+        if client_id != self._last_client:
+            if now - self._last_frame < SHARED_WINDOW:
+                self._shared_until = now + SHARED_WINDOW
+            self._last_client = client_id
+        self._last_frame = now
+
+    def shared(self, now: float) -> bool:
+        """Several clients are busy at ``now``."""
+        return now < self._shared_until
+
+    def open(self, now: float) -> bool:
+        return now >= self._shared_until and not _others_ready()
+
+
+def _others_ready() -> bool:
+    """Another task (or callback) of the event loop is ready to run; True when unknown."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        try:
+            import trio.lowlevel  # only jobd's tests run it on trio
+        except ImportError:
+            return True
+        try:
+            return trio.lowlevel.current_statistics().tasks_runnable > 0
+        except RuntimeError:  # no event loop at all
+            return True
+    ready = getattr(loop, "_ready", None)  # asyncio's queue of ready callbacks
+    return not isinstance(ready, collections.deque) or bool(ready)
+
+
 class _Receiver:
     """Reads a client's socket without a scheduling round per read: ``recv`` straight
     from the non-blocking socket, waiting for it only when it has nothing (anyio's
-    buffered stream takes one checkpoint and one recv per header and per body)."""
+    buffered stream takes one checkpoint and one recv per header and per body); at a
+    frame boundary, first busy-polling it (``_BusyPollGate``, ``BusyPoll``)."""
 
-    def __init__(self, stream: SocketStream) -> None:
+    def __init__(self, stream: SocketStream, gate: _BusyPollGate | None = None) -> None:
         self._sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
         self.buffer = bytearray()
         self._unyielded = 0
+        self._gate = gate if gate is not None and gate.budget_us > 0 else None
+        self._spin = BusyPoll(self._gate.budget_us if self._gate is not None else 0)
 
     def take(self, n: int) -> bytes:
         """``n`` bytes the buffer holds already."""
@@ -141,13 +206,29 @@ class _Receiver:
         del self.buffer[:n]
         return data
 
-    async def _fill(self, want: int) -> None:
-        """Read at least one chunk of at most ``want`` bytes (READ_AHEAD at least)."""
+    async def _fill(self, want: int, spin: bool = False) -> None:
+        """Read at least one chunk of at most ``want`` bytes (READ_AHEAD at least); with
+        ``spin`` (a frame boundary), busy-poll first if the socket has nothing and the
+        gate and ``BusyPoll`` allow."""
+        size = max(want, READ_AHEAD)
+        waiting = 0.0  # when the wait for the next frame began (with spin)
+        polled = False
         while True:
             try:
-                chunk = self._sock.recv(max(want, READ_AHEAD))
+                chunk = self._sock.recv(size)
             except BlockingIOError:
                 self._unyielded = 0
+                if spin and not waiting and self._gate is not None:
+                    waiting = time.perf_counter()
+                    polled = self._gate.open(time.monotonic()) and self._spin.due()
+                    if polled:
+                        try:
+                            got = self._spin.poll(self._sock, size)
+                        except OSError as exc:
+                            raise anyio.BrokenResourceError from exc
+                        if got is not None:
+                            chunk = got
+                            break
                 try:
                     await anyio.wait_readable(self._sock)
                 except OSError as exc:  # closed meanwhile
@@ -155,20 +236,24 @@ class _Receiver:
                 continue
             except OSError as exc:
                 raise anyio.BrokenResourceError from exc
-            if not chunk:
-                if self.buffer:
-                    raise anyio.IncompleteRead
-                raise anyio.EndOfStream
-            self.buffer += chunk
-            return
+            break
+        if waiting:
+            self._spin.waited(time.perf_counter() - waiting, polled)
+        if not chunk:
+            if self.buffer:
+                raise anyio.IncompleteRead
+            raise anyio.EndOfStream
+        self.buffer += chunk
 
     async def receive_exactly(self, n: int) -> bytes:
         self._unyielded += 1
         if self._unyielded >= READS_BEFORE_YIELD:  # frames came without a wait: let others run
             self._unyielded = 0
             await anyio.lowlevel.checkpoint()
+        spin = not self.buffer  # a header after the last frame: the client may ask again
         while len(self.buffer) < n:
-            await self._fill(n - len(self.buffer))
+            await self._fill(n - len(self.buffer), spin)
+            spin = False
         return self.take(n)
 
     async def receive(self, max_bytes: int) -> bytes:
@@ -231,6 +316,14 @@ class _Client:
     receiving: _ByteBudget = field(factory=lambda: _ByteBudget(MAX_CLIENT_RECEIVE))
     #: the stream's socket (looked up once: anyio's ``extra`` builds a mapping per call)
     _raw: socket.socket | None = None
+
+    def is_drained(self) -> bool:
+        """This client's and its socket's queued frames are below limit (``drained``
+        would return at once: the read loop's common case, without its coroutines)."""
+        return (
+            self.queued.used < self.queued.limit
+            and self.socket_queued.used < self.socket_queued.limit
+        )
 
     async def drained(self) -> None:
         """Return once this client's and its socket's queued frames are below limit."""
