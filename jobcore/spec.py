@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import attrs
@@ -178,18 +180,30 @@ def evolved(inst: _Value, **changes: Any) -> _Value:
     """``attrs.evolve(inst, **changes)`` (an attrs instance with ``changes`` applied by
     init argument), with the class's fields looked up once per class, not per call."""
     cls = type(inst)
-    given = {alias: getattr(inst, name) for alias, name in init_fields(cls)}
+    aliases, read = init_fields(cls)
+    given = dict(zip(aliases, read(inst), strict=True))
     given.update(changes)
     return cls(**given)
 
 
-def init_fields(cls: type[Any]) -> tuple[tuple[str, str], ...]:
-    """(init argument, attribute) of each field ``cls.__init__`` takes (an attrs class's
-    fields are fixed once the class exists)."""
+def init_fields(cls: type[Any]) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]:
+    """The init argument of each field ``cls.__init__`` takes, and a reader of those
+    fields' values of an instance, in the same order (an attrs class's fields are fixed
+    once the class exists; one ``attrgetter`` call reads them all)."""
     found = _INIT_FIELDS.get(cls)
     if found is None:
-        found = _INIT_FIELDS[cls] = tuple((a.alias, a.name) for a in attrs.fields(cls) if a.init)
+        fields = [a for a in attrs.fields(cls) if a.init]
+        names = [a.name for a in fields]
+        read: Callable[[Any], tuple[Any, ...]]
+        if len(names) > 1:
+            read = operator.attrgetter(*names)
+        elif names:
+            one = operator.attrgetter(names[0])
+            read = lambda inst: (one(inst),)  # noqa: E731
+        else:
+            read = lambda inst: ()  # noqa: E731
+        found = _INIT_FIELDS[cls] = (tuple(a.alias for a in fields), read)
     return found
 
 
-_INIT_FIELDS: dict[type[Any], tuple[tuple[str, str], ...]] = {}
+_INIT_FIELDS: dict[type[Any], tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}

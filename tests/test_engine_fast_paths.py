@@ -241,3 +241,45 @@ async def test_the_memory_stores_sim_saves_nothing_and_runs_as_a_saving_one() ->
         tg.cancel_scope.cancel()
     assert saved == unsaved
     assert state.keys("host:") and state.keys("file:")  # the durable one saved its world
+
+
+async def test_a_job_due_at_once_ends_in_a_callback_as_the_loop_task_ended_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sim runs a job due at once (an instant job's end) in one loop callback, not
+    through its deadline heap and a wake-up of its loop task: the same jobs, events and
+    outcomes as through the heap."""
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        callback = await run_jobs(conn)
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(_instant_backup("/due-now/x.qcow2"))
+        assert job.state is JobState.RUNNING  # ends at the loop's next step, not in begin
+        assert (await job.wait()).state is JobState.COMPLETED
+    monkeypatch.setattr(SimConnection, "due_now_callback", False)
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        heap = await run_jobs(conn)
+    assert callback == heap
+    assert len(callback) > 10
+
+
+async def test_a_job_rescheduled_before_its_due_now_callback_runs_as_rescheduled() -> None:
+    """A job rescheduled between its start (due at once) and the callback is left to its
+    new schedule, as the heap's version check did: the stale entry does nothing."""
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        sim = as_local(conn).driver
+        assert isinstance(sim, SimConnection)
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin("<job type='blockpull'><disk name='vda'/></job>")
+        sj = sim._jobs[job.uuid]
+        sj.version += 1  # rescheduled meanwhile: the queued entry is stale
+        await anyio.sleep(0.01)
+        assert job.state is JobState.RUNNING
+        sim._schedule(sj)
+        assert (await job.wait()).state is JobState.COMPLETED
+
+
+def _instant_backup(target: str) -> str:
+    return (
+        "<job type='backup'><domainbackup><disks><disk name='vdb' type='file'>"
+        f"<target file='{target}'/></disk></disks></domainbackup></job>"
+    )
