@@ -521,9 +521,9 @@ class SimConnection:
         deadline = sj.deadline()
         now = self.clock.now()
         if deadline <= now and self.due_now_callback:  # at the loop's next step, by a callback
-            due = self._due_now
-            due.append((sj.version, sj))
-            if len(due) == 1:
+            soon = self._due_now
+            soon.append((sj.version, sj))
+            if len(soon) == 1:
                 self._call_soon(self._run_due_now)
             return
         if not math.isinf(deadline):
