@@ -68,7 +68,14 @@ from jobcore.paths import PathGuard
 from jobcore.registry import registry
 from jobcore.scheduler import Decision, Mode, PolicyTable, Scheduler, Ticket, Verdict
 from jobcore.snapshots import JobSnapshot, Snapshots, elapsed_ms
-from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout, evolved
+from jobcore.spec import (
+    DEFAULT_RETENTION,
+    MAX_INT64,
+    MAX_SECONDS,
+    check_timeout,
+    evolved,
+    random_uuid,
+)
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -348,14 +355,16 @@ class Engine:
         if self._dstore is not None:
             self._dstore.check_writable()  # a full disk refuses new jobs
         info = registry.for_spec(spec)
-        check_flags("JobBegin", flags, job_type=info.type)
-        if flags & C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL:  # only a backup accepts it
-            spec = round_trips_as(attrs.evolve(spec, reuse_external=True), spec)  # not in XML
+        if type(flags) is not int or flags:  # (no flags: nothing to check)
+            check_flags("JobBegin", flags, job_type=info.type)
+            if flags & C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL:  # only a backup accepts it
+                spec = round_trips_as(attrs.evolve(spec, reuse_external=True), spec)  # not in XML
         if not self.dconn.supports(info.type):
             raise Unsupported(f"driver '{self.dconn.uri}' does not support job type '{info.type}'")
         dom = await self.dconn.lookup_domain(domain)
-        job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
-        if spec.uuid is None:  # any UUID can be written
+        job_id: uuid.UUID | None = spec.uuid
+        if job_id is None:  # any UUID can be written
+            job_id = random_uuid()
             spec = round_trips_as(evolved(spec, uuid=job_id), spec)
         if info.prepare is not None:
             spec = info.prepare(spec, dom, self.clock.wall())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import math
 import operator
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -169,6 +170,22 @@ class JobSpec(Protocol):
 
     @property
     def options(self) -> JobOptions: ...
+
+
+def random_uuid() -> uuid.UUID:
+    """``uuid.uuid4()``: a version 4 UUID from 16 bytes of ``os.urandom``."""
+    return uuid4_of(os.urandom(16))
+
+
+def uuid4_of(random: bytes) -> uuid.UUID:
+    """``uuid.UUID(bytes=random, version=4)``, built without UUID.__init__'s argument
+    checks (the same bits: variant RFC 4122, version 4; a job's begin makes one)."""
+    n = int.from_bytes(random, "big")
+    n = (n & ~(0xC000 << 48) | (0x8000 << 48)) & ~(0xF000 << 64) | (4 << 76)
+    made = object.__new__(uuid.UUID)
+    object.__setattr__(made, "int", n)
+    object.__setattr__(made, "is_safe", uuid.SafeUUID.unknown)
+    return made
 
 
 # ---- attrs values, changed fast (hot paths: a job's begin) --------------------------

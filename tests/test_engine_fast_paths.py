@@ -5,6 +5,7 @@ per change of its domains, and a driver start run inline (``start_inline``)."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from jobcore.scheduler import (
     domain_resource,
     file_resource,
 )
+from jobcore.spec import random_uuid, uuid4_of
 from jobcore.testing import prepare_job
 from jobcore.types.backup import backup_claims, backup_socket
 from jobcore.types.base import chain_uses, image_claims
@@ -283,3 +285,17 @@ def _instant_backup(target: str) -> str:
         "<job type='backup'><domainbackup><disks><disk name='vdb' type='file'>"
         f"<target file='{target}'/></disk></disks></domainbackup></job>"
     )
+
+
+def test_a_begins_uuid_is_what_uuid4_makes_of_the_same_bytes() -> None:
+    """begin's UUIDs are built without UUID.__init__: the same value, version, variant
+    and text as ``uuid.UUID(bytes=..., version=4)`` of the same random bytes."""
+    for _ in range(2000):
+        random = os.urandom(16)
+        made, reference = uuid4_of(random), uuid.UUID(bytes=random, version=4)
+        assert made == reference and made.int == reference.int
+        assert (made.version, made.variant, str(made)) == (4, uuid.RFC_4122, str(reference))
+        assert hash(made) == hash(reference) and made.is_safe is reference.is_safe
+    for edge in (b"\x00" * 16, b"\xff" * 16):
+        assert uuid4_of(edge) == uuid.UUID(bytes=edge, version=4)
+    assert random_uuid().version == 4 and random_uuid() != random_uuid()

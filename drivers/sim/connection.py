@@ -435,7 +435,7 @@ class SimConnection:
             "" if fail is None else fail.message,
             base_time=self.clock.now(),
             extra=extra,
-            created=tuple(path for path, _ in creates),
+            created=tuple([path for path, _ in creates]) if creates else (),
             handover_to=handover_to,
         )
         if backup_spec is not None and backup_spec.pull:
