@@ -12,6 +12,7 @@ the store's commit, and each event is emitted once the state it reports is commi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 
 import anyio
 import attrs
+import sniffio
 from anyio.abc import TaskGroup
 from structlog.stdlib import BoundLogger
 
@@ -162,6 +164,8 @@ class Engine:
         #: the domains' checkpoints (jobcore.checkpoints), kept in ``checkpoint_state``
         self.checkpoints = Checkpoints(dconn, self.scheduler, checkpoint_state)
         self._seq = itertools.count()
+        #: the class of ``rec.done`` events (``_ended_event``), chosen at the first wait
+        self._make_ended: Callable[[], anyio.Event | asyncio.Event] | None = None
         self._closed = False
         #: closed with its active jobs kept for the next process: reports are not applied
         self._kept = False
@@ -1423,9 +1427,9 @@ class Engine:
     async def wait(self, rec: JobRecord, timeout: float | None = None) -> JobInfo:
         timeout = check_timeout(timeout)
         if rec.state.active:
-            if rec.done is None:
-                rec.done = anyio.Event()
             done = rec.done
+            if done is None:
+                done = rec.done = self._ended_event()
             if timeout is None:
                 await done.wait()
             else:
@@ -1434,6 +1438,16 @@ class Engine:
         if self._dstore is not None:  # the outcome is on disk before a waiter learns it
             await self._dstore.sync_job(rec.uuid, raise_errors=False)
         return self.info(rec)
+
+    def _ended_event(self) -> anyio.Event | asyncio.Event:
+        """A new event for ``rec.done``: on asyncio its own Event (what anyio's wraps, without
+        the wrapper's backend dispatch at each event made: wait() makes one per job that
+        has not ended), on trio anyio's."""
+        make = self._make_ended
+        if make is None:
+            make = asyncio.Event if sniffio.current_async_library() == "asyncio" else anyio.Event
+            self._make_ended = make
+        return make()
 
     def wait_ready(self, rec: JobRecord) -> bool:
         """``wait(rec)`` would return without suspending: the job ended and its outcome
