@@ -299,3 +299,24 @@ def test_a_begins_uuid_is_what_uuid4_makes_of_the_same_bytes() -> None:
     for edge in (b"\x00" * 16, b"\xff" * 16):
         assert uuid4_of(edge) == uuid.UUID(bytes=edge, version=4)
     assert random_uuid().version == 4 and random_uuid() != random_uuid()
+
+
+async def test_waiters_of_one_job_each_get_its_end_when_one_gave_up() -> None:
+    """wait()'s event (asyncio's own on asyncio): a waiter whose timeout ran out leaves
+    the others waiting, and each of them gets the job's final info when it ends."""
+    async with jobcore.connect(MANUAL) as conn:
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin("<job type='blockpull'><disk name='vda'/></job>")
+        got: list[Any] = []
+
+        async def waits() -> None:
+            got.append(await job.wait())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waits)
+            tg.start_soon(waits)
+            with pytest.raises(TimeoutError):
+                await job.wait(timeout=0.01)
+            await job.abort()
+        assert [info.state for info in got] == [JobState.CANCELLED] * 2
+        assert (await job.wait(timeout=0)).state is JobState.CANCELLED
