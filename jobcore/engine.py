@@ -1426,6 +1426,10 @@ class Engine:
 
     async def wait(self, rec: JobRecord, timeout: float | None = None) -> JobInfo:
         timeout = check_timeout(timeout)
+        if rec.state.active and rec.driver_job is not None and not rec.starting:
+            settle = getattr(self.dconn, "settle", None)
+            if settle is not None:  # what is due at the loop's next step happens now
+                settle(rec.driver_job)
         if rec.state.active:
             done = rec.done
             if done is None:

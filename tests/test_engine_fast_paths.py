@@ -320,3 +320,25 @@ async def test_waiters_of_one_job_each_get_its_end_when_one_gave_up() -> None:
             await job.abort()
         assert [info.state for info in got] == [JobState.CANCELLED] * 2
         assert (await job.wait(timeout=0)).state is JobState.CANCELLED
+
+
+async def test_a_wait_settles_an_instant_jobs_end_as_the_loop_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """wait() asks the driver to settle what is due at once (the sim: an instant job's
+    end) before it waits: it returns without suspending, and every job, event and
+    outcome is what waiting for the loop's next step gave."""
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        settled = await run_jobs(conn)
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(_instant_backup("/settle/x.qcow2"))
+        assert job.state is JobState.RUNNING
+        waiting = job.wait()
+        with pytest.raises(StopIteration) as ended:  # no suspension: it ended here
+            waiting.send(None)
+        assert ended.value.value.state is JobState.COMPLETED
+    monkeypatch.delattr(SimConnection, "settle")
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        unsettled = await run_jobs(conn)
+    assert settled == unsettled
+    assert len(settled) > 10

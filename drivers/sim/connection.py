@@ -539,6 +539,13 @@ class SimConnection:
     def _poke(self) -> None:
         self._wakeup.set()
 
+    def settle(self, job: DriverJob) -> None:
+        """What is due at once runs now if ``job`` is among it (an instant job's end: the
+        engine's wait asks before it waits), not at the loop's next step; the callback
+        then finds nothing left to run."""
+        if any(sj.job is job for _, sj in self._due_now):
+            self._run_due_now()
+
     def _run_due_now(self) -> None:
         """The jobs due at once, as the loop would have run them at its next step (each
         only if nothing rescheduled or ended it meanwhile); what one raises fails the
