@@ -1426,10 +1426,7 @@ class Engine:
 
     async def wait(self, rec: JobRecord, timeout: float | None = None) -> JobInfo:
         timeout = check_timeout(timeout)
-        if rec.state.active and rec.driver_job is not None and not rec.starting:
-            settle = getattr(self.dconn, "settle", None)
-            if settle is not None:  # what is due at the loop's next step happens now
-                settle(rec.driver_job)
+        self._settle(rec)
         if rec.state.active:
             done = rec.done
             if done is None:
@@ -1453,9 +1450,19 @@ class Engine:
             self._make_ended = make
         return make()
 
+    def _settle(self, rec: JobRecord) -> None:
+        """What the driver would apply to ``rec`` at the loop's next step anyway (an
+        instant job's end) happens now (its optional ``settle``)."""
+        if rec.state.active and rec.driver_job is not None and not rec.starting:
+            settle = getattr(self.dconn, "settle", None)
+            if settle is not None:
+                settle(rec.driver_job)
+
     def wait_ready(self, rec: JobRecord) -> bool:
-        """``wait(rec)`` would return without suspending: the job ended and its outcome
-        is on disk (jobd serves such a wait in the client's read loop)."""
+        """``wait(rec)`` would return without suspending: the job ended (once the driver
+        settled it) and its outcome is on disk (jobd serves such a wait in the client's
+        read loop)."""
+        self._settle(rec)
         return not rec.state.active and (self._dstore is None or self._dstore.job_synced(rec.uuid))
 
     def subscribe(

@@ -342,3 +342,23 @@ async def test_a_wait_settles_an_instant_jobs_end_as_the_loop_would(
         unsettled = await run_jobs(conn)
     assert settled == unsettled
     assert len(settled) > 10
+
+
+async def test_wait_ready_settles_an_instant_job_first() -> None:
+    """jobd serves a JobWait in the client's read loop when ``wait_ready`` says it waits
+    for nothing: an instant job's end is settled first, so its wait is one of those; a
+    job still copying is not."""
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        engine = as_local(conn).engine
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(_instant_backup("/ready/x.qcow2"))
+        rec = engine.store.get(job.uuid)
+        assert rec is not None and rec.state is JobState.RUNNING
+        assert engine.wait_ready(rec) and job.state is JobState.COMPLETED
+    async with jobcore.connect(MANUAL) as conn:
+        engine = as_local(conn).engine
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(_instant_backup("/ready/y.qcow2"))
+        rec = engine.store.get(job.uuid)
+        assert rec is not None and not engine.wait_ready(rec)
+        assert rec.state is JobState.RUNNING
