@@ -175,6 +175,8 @@ class SimConnection:
         #: jobs due at once (an instant job's end, a verb's effect), with their versions:
         #: run by one loop callback, not by a wake-up of the scheduler loop's task
         self._due_now: list[tuple[int, SimJob]] = []
+        #: a callback that runs ``_due_now`` is queued on the loop
+        self._due_now_called = False
         self._call_soon = _loop_call_soon()
         #: what a callback of ``_due_now`` raised: the scheduler loop raises it
         self._failure: BaseException | None = None
@@ -521,10 +523,10 @@ class SimConnection:
         deadline = sj.deadline()
         now = self.clock.now()
         if deadline <= now and self.due_now_callback:  # at the loop's next step, by a callback
-            soon = self._due_now
-            soon.append((sj.version, sj))
-            if len(soon) == 1:
-                self._call_soon(self._run_due_now)
+            self._due_now.append((sj.version, sj))
+            if not self._due_now_called:  # one callback at a time runs them all
+                self._due_now_called = True
+                self._call_soon(self._on_due_now)
             return
         if not math.isinf(deadline):
             heapq.heappush(self._heap, (deadline, next(self._seq), sj.version, sj))
@@ -545,6 +547,10 @@ class SimConnection:
         then finds nothing left to run."""
         if any(sj.job is job for _, sj in self._due_now):
             self._run_due_now()
+
+    def _on_due_now(self) -> None:
+        self._due_now_called = False
+        self._run_due_now()
 
     def _run_due_now(self) -> None:
         """The jobs due at once, as the loop would have run them at its next step (each
