@@ -333,10 +333,16 @@ async def test_a_wait_settles_an_instant_jobs_end_as_the_loop_would(
         dom = await conn.lookup_domain("vm1")
         job = await dom.job_begin(_instant_backup("/settle/x.qcow2"))
         assert job.state is JobState.RUNNING
-        waiting = job.wait()
-        with pytest.raises(StopIteration) as ended:  # no suspension: it ended here
-            waiting.send(None)
-        assert ended.value.value.state is JobState.COMPLETED
+        others: list[str] = []
+
+        async def another_task() -> None:
+            others.append("ran")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(another_task)
+            ended = await job.wait()
+            assert others == []  # the wait did not yield to the loop: it ended the job
+        assert ended.state is JobState.COMPLETED and others == ["ran"]
     monkeypatch.delattr(SimConnection, "settle")
     async with jobcore.connect("sim:///default?rate=0") as conn:
         unsettled = await run_jobs(conn)
