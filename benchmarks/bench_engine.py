@@ -23,15 +23,20 @@ from jobcore.types.backup import BackupJobSpec
 N_THROUGHPUT = 5000
 
 
+#: what the loops below are timed by (time.perf_counter; ``cpu_times`` switches to the
+#: thread's CPU time, which leaves out the moments another process had the CPU)
+_clock = time.perf_counter
+
+
 async def baseline_tasks(n: int) -> float:
     """n × (spawn a task that sets an event; await the event)."""
-    start = time.perf_counter()
+    start = _clock()
     async with anyio.create_task_group() as tg:
         for _ in range(n):
             done = anyio.Event()
             tg.start_soon(_set, done)
             await done.wait()
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 async def _set(ev: anyio.Event) -> None:
@@ -48,11 +53,26 @@ async def instant_jobs(n: int) -> float:
     async with jobcore.connect("sim:///default?rate=0", retention=0) as conn:
         dom = await conn.lookup_domain("vm1")
         specs = [_backup_spec(i) for i in range(n)]
-        start = time.perf_counter()
+        start = _clock()
         for spec in specs:
             job = await dom.job_begin_spec(spec)
             await job.wait()
-        return time.perf_counter() - start
+        return _clock() - start
+
+
+async def cpu_ratio() -> float:
+    """The throughput ratio in the thread's CPU time (best of five each, interleaved):
+    on a machine shared with other processes, wall time also counts their turns."""
+    global _clock
+    _clock = time.thread_time
+    try:
+        bases, runs = [], []
+        for _ in range(5):
+            bases.append(await baseline_tasks(N_THROUGHPUT))
+            runs.append(await instant_jobs(N_THROUGHPUT))
+    finally:
+        _clock = time.perf_counter
+    return min(runs) / min(bases)
 
 
 async def instant_jobs_from_xml(n: int) -> float:
@@ -119,6 +139,7 @@ async def run() -> dict[str, float]:
         bases.append(await baseline_tasks(N_THROUGHPUT))
         runs.append(await instant_jobs(N_THROUGHPUT))
     base, jobs = min(bases), min(runs)
+    cpu = await cpu_ratio()
     xml_jobs = min([await instant_jobs_from_xml(N_THROUGHPUT) for _ in range(2)])
     small, big, mem = await begin_ratio(freeze=True)
     small_gc, big_gc, _ = await begin_ratio(freeze=False)
@@ -126,6 +147,7 @@ async def run() -> dict[str, float]:
         "baseline_per_s": N_THROUGHPUT / base,
         "jobs_per_s": N_THROUGHPUT / jobs,
         "throughput_ratio": jobs / base,
+        "throughput_cpu_ratio": cpu,
         "xml_jobs_per_s": N_THROUGHPUT / xml_jobs,
         "xml_throughput_ratio": xml_jobs / base,
         "begin_us_100": small * 1e6,
@@ -143,6 +165,7 @@ def main() -> None:
         f"instant sim jobs      : {r['jobs_per_s']:10.0f} /s  "
         f"ratio {r['throughput_ratio']:.2f}x (target <= 2x)"
     )
+    print(f"  same, in CPU time   : ratio {r['throughput_cpu_ratio']:.2f}x (informative)")
     print(
         f"  same, begun from XML: {r['xml_jobs_per_s']:10.0f} /s  "
         f"ratio {r['xml_throughput_ratio']:.2f}x (parse+validate each job; informative)"

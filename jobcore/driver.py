@@ -285,6 +285,11 @@ class DriverConnection(Protocol):
     # waits after all is a driver bug: it is closed where it first waited, the job fails
     # (DriverError) and the driver is told to cancel it, as after a start timeout.
 
+    # Optional: ``def settle(self, job: DriverJob) -> None``: if the driver would apply
+    # something to ``job`` at the event loop's next step anyway (an instant job's end),
+    # apply it now, with its usual reports (what is due with it may come along). The
+    # engine's wait calls it before it waits (design/scheduling.md "Fast paths…").
+
     async def start(self, job: DriverJob) -> None:
         """Begin the work; return once it is under way. Raise DriverError if refused.
 

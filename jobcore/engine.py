@@ -12,6 +12,7 @@ the store's commit, and each event is emitted once the state it reports is commi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 
 import anyio
 import attrs
+import sniffio
 from anyio.abc import TaskGroup
 from structlog.stdlib import BoundLogger
 
@@ -68,7 +70,14 @@ from jobcore.paths import PathGuard
 from jobcore.registry import registry
 from jobcore.scheduler import Decision, Mode, PolicyTable, Scheduler, Ticket, Verdict
 from jobcore.snapshots import JobSnapshot, Snapshots, elapsed_ms
-from jobcore.spec import DEFAULT_RETENTION, MAX_INT64, MAX_SECONDS, check_timeout, evolved
+from jobcore.spec import (
+    DEFAULT_RETENTION,
+    MAX_INT64,
+    MAX_SECONDS,
+    check_timeout,
+    evolved,
+    random_uuid,
+)
 from jobcore.store import (
     DEFAULT_MAX_RETAINED,
     DEFAULT_MAX_RETAINED_PER_DOMAIN,
@@ -155,6 +164,8 @@ class Engine:
         #: the domains' checkpoints (jobcore.checkpoints), kept in ``checkpoint_state``
         self.checkpoints = Checkpoints(dconn, self.scheduler, checkpoint_state)
         self._seq = itertools.count()
+        #: the class of ``rec.done`` events (``_ended_event``), chosen at the first wait
+        self._make_ended: Callable[[], anyio.Event | asyncio.Event] | None = None
         self._closed = False
         #: closed with its active jobs kept for the next process: reports are not applied
         self._kept = False
@@ -350,14 +361,16 @@ class Engine:
         if self._dstore is not None:
             self._dstore.check_writable()  # a full disk refuses new jobs
         info = registry.for_spec(spec)
-        check_flags("JobBegin", flags, job_type=info.type)
-        if flags & C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL:  # only a backup accepts it
-            spec = round_trips_as(attrs.evolve(spec, reuse_external=True), spec)  # not in XML
+        if type(flags) is not int or flags:  # (no flags: nothing to check)
+            check_flags("JobBegin", flags, job_type=info.type)
+            if flags & C.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL:  # only a backup accepts it
+                spec = round_trips_as(attrs.evolve(spec, reuse_external=True), spec)  # not in XML
         if not self.dconn.supports(info.type):
             raise Unsupported(f"driver '{self.dconn.uri}' does not support job type '{info.type}'")
         dom = await self.dconn.lookup_domain(domain)
-        job_id: uuid.UUID = spec.uuid if spec.uuid is not None else uuid.uuid4()
-        if spec.uuid is None:  # any UUID can be written
+        job_id: uuid.UUID | None = spec.uuid
+        if job_id is None:  # any UUID can be written
+            job_id = random_uuid()
             spec = round_trips_as(evolved(spec, uuid=job_id), spec)
         if info.prepare is not None:
             spec = info.prepare(spec, dom, self.clock.wall())
@@ -1433,10 +1446,11 @@ class Engine:
 
     async def wait(self, rec: JobRecord, timeout: float | None = None) -> JobInfo:
         timeout = check_timeout(timeout)
+        self._settle(rec)
         if rec.state.active:
-            if rec.done is None:
-                rec.done = anyio.Event()
             done = rec.done
+            if done is None:
+                done = rec.done = self._ended_event()
             if timeout is None:
                 await done.wait()
             else:
@@ -1446,9 +1460,29 @@ class Engine:
             await self._dstore.sync_job(rec.uuid, raise_errors=False)
         return self.info(rec)
 
+    def _ended_event(self) -> anyio.Event | asyncio.Event:
+        """A new event for ``rec.done``: on asyncio its own Event (what anyio's wraps, without
+        the wrapper's backend dispatch at each event made: wait() makes one per job that
+        has not ended), on trio anyio's."""
+        make = self._make_ended
+        if make is None:
+            make = asyncio.Event if sniffio.current_async_library() == "asyncio" else anyio.Event
+            self._make_ended = make
+        return make()
+
+    def _settle(self, rec: JobRecord) -> None:
+        """What the driver would apply to ``rec`` at the loop's next step anyway (an
+        instant job's end) happens now (its optional ``settle``)."""
+        if rec.state.active and rec.driver_job is not None and not rec.starting:
+            settle = getattr(self.dconn, "settle", None)
+            if settle is not None:
+                settle(rec.driver_job)
+
     def wait_ready(self, rec: JobRecord) -> bool:
-        """``wait(rec)`` would return without suspending: the job ended and its outcome
-        is on disk (jobd serves such a wait in the client's read loop)."""
+        """``wait(rec)`` would return without suspending: the job ended (once the driver
+        settled it) and its outcome is on disk (jobd serves such a wait in the client's
+        read loop)."""
+        self._settle(rec)
         return not rec.state.active and (self._dstore is None or self._dstore.job_synced(rec.uuid))
 
     def subscribe(

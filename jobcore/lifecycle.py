@@ -33,17 +33,19 @@ class JobState(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-    @property
-    def active(self) -> bool:
-        return self not in TERMINAL
+    #: the job has ended (one of TERMINAL); set on each member below, a plain attribute
+    #: (the engine asks it at every step of a job: no property call, no set lookup)
+    terminal: bool
+    #: the job has not ended
+    active: bool
 
 
 S = JobState
 TERMINAL: frozenset[JobState] = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
+for _state in JobState:
+    _state.terminal = _state in TERMINAL
+    _state.active = _state not in TERMINAL
+del _state
 
 STATE_DOC: dict[JobState, str] = {
     S.QUEUED: "waiting for a contested resource (only when the caller asked to queue)",

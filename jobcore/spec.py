@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
+import os
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import attrs
@@ -169,6 +172,22 @@ class JobSpec(Protocol):
     def options(self) -> JobOptions: ...
 
 
+def random_uuid() -> uuid.UUID:
+    """``uuid.uuid4()``: a version 4 UUID from 16 bytes of ``os.urandom``."""
+    return uuid4_of(os.urandom(16))
+
+
+def uuid4_of(random: bytes) -> uuid.UUID:
+    """``uuid.UUID(bytes=random, version=4)``, built without UUID.__init__'s argument
+    checks (the same bits: variant RFC 4122, version 4; a job's begin makes one)."""
+    n = int.from_bytes(random, "big")
+    n = (n & ~(0xC000 << 48) | (0x8000 << 48)) & ~(0xF000 << 64) | (4 << 76)
+    made = object.__new__(uuid.UUID)
+    object.__setattr__(made, "int", n)
+    object.__setattr__(made, "is_safe", uuid.SafeUUID.unknown)
+    return made
+
+
 # ---- attrs values, changed fast (hot paths: a job's begin) --------------------------
 
 _Value = TypeVar("_Value")
@@ -178,18 +197,30 @@ def evolved(inst: _Value, **changes: Any) -> _Value:
     """``attrs.evolve(inst, **changes)`` (an attrs instance with ``changes`` applied by
     init argument), with the class's fields looked up once per class, not per call."""
     cls = type(inst)
-    given = {alias: getattr(inst, name) for alias, name in init_fields(cls)}
+    aliases, read = init_fields(cls)
+    given = dict(zip(aliases, read(inst), strict=True))
     given.update(changes)
     return cls(**given)
 
 
-def init_fields(cls: type[Any]) -> tuple[tuple[str, str], ...]:
-    """(init argument, attribute) of each field ``cls.__init__`` takes (an attrs class's
-    fields are fixed once the class exists)."""
+def init_fields(cls: type[Any]) -> tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]:
+    """The init argument of each field ``cls.__init__`` takes, and a reader of those
+    fields' values of an instance, in the same order (an attrs class's fields are fixed
+    once the class exists; one ``attrgetter`` call reads them all)."""
     found = _INIT_FIELDS.get(cls)
     if found is None:
-        found = _INIT_FIELDS[cls] = tuple((a.alias, a.name) for a in attrs.fields(cls) if a.init)
+        fields = [a for a in attrs.fields(cls) if a.init]
+        names = [a.name for a in fields]
+        read: Callable[[Any], tuple[Any, ...]]
+        if len(names) > 1:
+            read = operator.attrgetter(*names)
+        elif names:
+            one = operator.attrgetter(names[0])
+            read = lambda inst: (one(inst),)  # noqa: E731
+        else:
+            read = lambda inst: ()  # noqa: E731
+        found = _INIT_FIELDS[cls] = (tuple(a.alias for a in fields), read)
     return found
 
 
-_INIT_FIELDS: dict[type[Any], tuple[tuple[str, str], ...]] = {}
+_INIT_FIELDS: dict[type[Any], tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {}

@@ -30,6 +30,8 @@ from jobcore.spec import DEFAULT_MAX_RETAINED_PER_DOMAIN as DEFAULT_MAX_RETAINED
 from jobcore.spec import JobType
 
 if TYPE_CHECKING:
+    import asyncio
+
     from structlog.stdlib import BoundLogger
 
     from jobcore.scheduler import Ticket
@@ -63,8 +65,8 @@ class JobRecord:
     starting: bool = False
     #: set once driver.start() returned (or failed); verbs wait for it
     start_done: anyio.Event | None = None
-    #: set when the job reaches a terminal state
-    done: anyio.Event | None = None
+    #: set when the job reaches a terminal state (the engine's ``_ended_event``)
+    done: anyio.Event | asyncio.Event | None = None
     #: held while a verb is under way: verbs on one job run one at a time
     verb_lock: anyio.Lock | None = None
     #: the legacy jobStats(COMPLETED) without KEEP_COMPLETED consumed this job's stats

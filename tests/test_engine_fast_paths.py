@@ -5,6 +5,7 @@ per change of its domains, and a driver start run inline (``start_inline``)."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from jobcore.scheduler import (
     domain_resource,
     file_resource,
 )
+from jobcore.spec import random_uuid, uuid4_of
 from jobcore.testing import prepare_job
 from jobcore.types.backup import backup_claims, backup_socket
 from jobcore.types.base import chain_uses, image_claims
@@ -241,3 +243,128 @@ async def test_the_memory_stores_sim_saves_nothing_and_runs_as_a_saving_one() ->
         tg.cancel_scope.cancel()
     assert saved == unsaved
     assert state.keys("host:") and state.keys("file:")  # the durable one saved its world
+
+
+async def test_a_job_due_at_once_ends_in_a_callback_as_the_loop_task_ended_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sim runs a job due at once (an instant job's end) in one loop callback, not
+    through its deadline heap and a wake-up of its loop task: the same jobs, events and
+    outcomes as through the heap."""
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        callback = await run_jobs(conn)
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(_instant_backup("/due-now/x.qcow2"))
+        assert job.state is JobState.RUNNING  # ends at the loop's next step, not in begin
+        assert (await job.wait()).state is JobState.COMPLETED
+    monkeypatch.setattr(SimConnection, "due_now_callback", False)
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        heap = await run_jobs(conn)
+    assert callback == heap
+    assert len(callback) > 10
+
+
+async def test_a_job_rescheduled_before_its_due_now_callback_runs_as_rescheduled() -> None:
+    """A job rescheduled between its start (due at once) and the callback is left to its
+    new schedule, as the heap's version check did: the stale entry does nothing."""
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        sim = as_local(conn).driver
+        assert isinstance(sim, SimConnection)
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin("<job type='blockpull'><disk name='vda'/></job>")
+        sj = sim._jobs[job.uuid]
+        sj.version += 1  # rescheduled meanwhile: the queued entry is stale
+        await anyio.sleep(0.01)
+        assert job.state is JobState.RUNNING
+        sim._schedule(sj)
+        assert (await job.wait()).state is JobState.COMPLETED
+
+
+def _instant_backup(target: str) -> str:
+    return (
+        "<job type='backup'><domainbackup><disks><disk name='vdb' type='file'>"
+        f"<target file='{target}'/></disk></disks></domainbackup></job>"
+    )
+
+
+def test_a_begins_uuid_is_what_uuid4_makes_of_the_same_bytes() -> None:
+    """begin's UUIDs are built without UUID.__init__: the same value, version, variant
+    and text as ``uuid.UUID(bytes=..., version=4)`` of the same random bytes."""
+    for _ in range(2000):
+        random = os.urandom(16)
+        made, reference = uuid4_of(random), uuid.UUID(bytes=random, version=4)
+        assert made == reference and made.int == reference.int
+        assert (made.version, made.variant, str(made)) == (4, uuid.RFC_4122, str(reference))
+        assert hash(made) == hash(reference) and made.is_safe is reference.is_safe
+    for edge in (b"\x00" * 16, b"\xff" * 16):
+        assert uuid4_of(edge) == uuid.UUID(bytes=edge, version=4)
+    assert random_uuid().version == 4 and random_uuid() != random_uuid()
+
+
+async def test_waiters_of_one_job_each_get_its_end_when_one_gave_up() -> None:
+    """wait()'s event (asyncio's own on asyncio): a waiter whose timeout ran out leaves
+    the others waiting, and each of them gets the job's final info when it ends."""
+    async with jobcore.connect(MANUAL) as conn:
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin("<job type='blockpull'><disk name='vda'/></job>")
+        got: list[Any] = []
+
+        async def waits() -> None:
+            got.append(await job.wait())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waits)
+            tg.start_soon(waits)
+            with pytest.raises(TimeoutError):
+                await job.wait(timeout=0.01)
+            await job.abort()
+        assert [info.state for info in got] == [JobState.CANCELLED] * 2
+        assert (await job.wait(timeout=0)).state is JobState.CANCELLED
+
+
+async def test_a_wait_settles_an_instant_jobs_end_as_the_loop_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """wait() asks the driver to settle what is due at once (the sim: an instant job's
+    end) before it waits: it returns without suspending, and every job, event and
+    outcome is what waiting for the loop's next step gave."""
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        settled = await run_jobs(conn)
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(_instant_backup("/settle/x.qcow2"))
+        assert job.state is JobState.RUNNING
+        others: list[str] = []
+
+        async def another_task() -> None:
+            others.append("ran")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(another_task)
+            ended = await job.wait()
+            assert others == []  # the wait did not yield to the loop: it ended the job
+        assert ended.state is JobState.COMPLETED and others == ["ran"]
+    monkeypatch.delattr(SimConnection, "settle")
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        unsettled = await run_jobs(conn)
+    assert settled == unsettled
+    assert len(settled) > 10
+
+
+async def test_wait_ready_settles_an_instant_job_first() -> None:
+    """jobd serves a JobWait in the client's read loop when ``wait_ready`` says it waits
+    for nothing: an instant job's end is settled first, so its wait is one of those; a
+    job still copying is not."""
+    async with jobcore.connect("sim:///default?rate=0") as conn:
+        engine = as_local(conn).engine
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(_instant_backup("/ready/x.qcow2"))
+        rec = engine.store.get(job.uuid)
+        assert rec is not None and rec.state is JobState.RUNNING
+        assert engine.wait_ready(rec) and job.state is JobState.COMPLETED
+    async with jobcore.connect(MANUAL) as conn:
+        engine = as_local(conn).engine
+        dom = await conn.lookup_domain("vm1")
+        job = await dom.job_begin(_instant_backup("/ready/y.qcow2"))
+        rec = engine.store.get(job.uuid)
+        assert rec is not None and not engine.wait_ready(rec)
+        assert rec.state is JobState.RUNNING

@@ -10,16 +10,18 @@ as a hypervisor that died would.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import sniffio
 from anyio.abc import TaskGroup
 from attrs import define
 
@@ -115,8 +117,21 @@ class _Injection:
     message: str
 
 
+def _loop_call_soon() -> Callable[[Callable[[], object]], object]:
+    """Run a callback soon on the running event loop (asyncio or trio), from its thread."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    return asyncio.get_running_loop().call_soon
+
+
 class SimConnection:
     """A connection to one simulated host (a DriverConnection)."""
+
+    #: a job due at once runs in a loop callback (False: through the deadline heap and a
+    #: wake-up of the scheduler loop's task, as every job did before; tests compare both)
+    due_now_callback = True
 
     def __init__(self, uri: URI, tg: TaskGroup, state: DriverState | None = None) -> None:
         self.uri = str(uri)
@@ -157,6 +172,14 @@ class SimConnection:
         self._heap: list[tuple[float, int, int, SimJob]] = []
         self._seq = itertools.count()
         self._wakeup = anyio.Event()
+        #: jobs due at once (an instant job's end, a verb's effect), with their versions:
+        #: run by one loop callback, not by a wake-up of the scheduler loop's task
+        self._due_now: list[tuple[int, SimJob]] = []
+        #: a callback that runs ``_due_now`` is queued on the loop
+        self._due_now_called = False
+        self._call_soon = _loop_call_soon()
+        #: what a callback of ``_due_now`` raised: the scheduler loop raises it
+        self._failure: BaseException | None = None
         self._injections: list[_Injection] = []
         self._next_progress = math.inf
         self._scope = anyio.CancelScope()
@@ -414,7 +437,7 @@ class SimConnection:
             "" if fail is None else fail.message,
             base_time=self.clock.now(),
             extra=extra,
-            created=tuple(path for path, _ in creates),
+            created=tuple([path for path, _ in creates]) if creates else (),
             handover_to=handover_to,
         )
         if backup_spec is not None and backup_spec.pull:
@@ -498,18 +521,53 @@ class SimConnection:
     def _schedule(self, sj: SimJob) -> None:
         sj.version += 1
         deadline = sj.deadline()
+        now = self.clock.now()
+        if deadline <= now and self.due_now_callback:  # at the loop's next step, by a callback
+            self._due_now.append((sj.version, sj))
+            if not self._due_now_called:  # one callback at a time runs them all
+                self._due_now_called = True
+                self._call_soon(self._on_due_now)
+            return
         if not math.isinf(deadline):
             heapq.heappush(self._heap, (deadline, next(self._seq), sj.version, sj))
         # progress is due PROGRESS_INTERVAL from now, unless the job gets there first (an
         # instant job ends at once: no timer for it)
         if math.isinf(self._next_progress):
-            due = self.clock.now() + PROGRESS_INTERVAL
+            due = now + PROGRESS_INTERVAL
             if deadline > due:
                 self._next_progress = due
         self._poke()
 
     def _poke(self) -> None:
         self._wakeup.set()
+
+    def settle(self, job: DriverJob) -> None:
+        """What is due at once runs now if ``job`` is among it (an instant job's end: the
+        engine's wait asks before it waits), not at the loop's next step; the callback
+        then finds nothing left to run."""
+        if any(sj.job is job for _, sj in self._due_now):
+            self._run_due_now()
+
+    def _on_due_now(self) -> None:
+        self._due_now_called = False
+        self._run_due_now()
+
+    def _run_due_now(self) -> None:
+        """The jobs due at once, as the loop would have run them at its next step (each
+        only if nothing rescheduled or ended it meanwhile); what one raises fails the
+        scheduler loop, as it would have there."""
+        due, self._due_now = self._due_now, []
+        if self._stopped or self._failure is not None:
+            return
+        now = self.clock.now()
+        for version, sj in due:
+            if version == sj.version and sj.job.uuid in self._jobs:
+                try:
+                    self._due(sj, now)
+                except BaseException as exc:  # the loop's task raises it (a bug)
+                    self._failure = exc
+                    self._poke()
+                    return
 
     def _save_clock(self) -> None:
         assert self._persist is not None
@@ -534,6 +592,8 @@ class SimConnection:
     async def _loop(self) -> None:
         while True:
             self._wakeup = anyio.Event()
+            if self._failure is not None:
+                raise self._failure
             now = self.clock.now()
             while self._heap and self._heap[0][0] <= now:
                 _, _, version, sj = heapq.heappop(self._heap)

@@ -153,15 +153,15 @@ def prepare_backup(spec: BackupJobSpec, dom: DomainInfo, wall: float) -> Prepare
     if checkpoint is not None and checkpoint.name:
         suffix = checkpoint.name
     else:
-        suffix = f"{int(wall)}" + (f"-{spec.uuid.hex[:8]}" if spec.uuid else "")
+        suffix = f"{int(wall)}-{spec.uuid.hex[:8]}" if spec.uuid else f"{int(wall)}"
     backup = _normalized_files(
         align_backup(spec.backup, {d.name: d.source for d in dom.disks}, suffix)
     )
-    included = backup.included_disks()
+    included = [d for d in backup.disks if d.backup is not False]  # (included_disks())
     if not included:
         raise InvalidArgument("no disks selected for backup")
     mode = backup.effective_mode
-    disks = tuple(_prepared_disk(d, mode, checkpoint) for d in included)
+    disks = tuple([_prepared_disk(d, mode, checkpoint) for d in included])
     result = prepared(
         PreparedBackup,
         spec,
@@ -231,18 +231,22 @@ def _normalized_files(backup: BackupDef) -> BackupDef:
     the file a job claims is the file its driver checks and writes, however it was
     written ('/d//t', '/d/./t', a symlinked directory). Values already so spelt are kept
     (no copy)."""
-    disks = list(backup.disks)
-    changed = False
-    for i, d in enumerate(disks):
-        if d.store is not None and (path := normalize_path(d.store.path)) != d.store.path:
-            disks[i] = attrs.evolve(d, store=attrs.evolve(d.store, path=path))
-            changed = True
+    disks: list[BackupDisk] | None = None  # a copy once a path changes
+    for i, d in enumerate(backup.disks):
+        store = d.store
+        if store is not None and (path := normalize_path(store.path)) != store.path:
+            if disks is None:
+                disks = list(backup.disks)
+            disks[i] = attrs.evolve(d, store=attrs.evolve(store, path=path))
     server = backup.server
     socket = server.socket if server is not None else None
     if server is not None and socket and (resolved := normalize_path(socket)) != socket:
         server = attrs.evolve(server, socket=resolved)
-        changed = True
-    return attrs.evolve(backup, disks=tuple(disks), server=server) if changed else backup
+    elif disks is None:
+        return backup
+    return attrs.evolve(
+        backup, disks=tuple(backup.disks if disks is None else disks), server=server
+    )
 
 
 def is_pull_backup(spec: BackupJobSpec) -> bool:

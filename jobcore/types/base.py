@@ -86,7 +86,8 @@ def prepared(cls: builtins.type[_Prepared], spec: Any, **resolved: Any) -> _Prep
     """The prepared spec ``cls`` (a subclass of the spec's class) of ``spec``: every field
     of the spec, so one added to a spec class reaches its prepared spec, with the
     ``resolved`` ones set or replaced."""
-    given = {alias: getattr(spec, name) for alias, name in init_fields(type(spec))}
+    aliases, read = init_fields(type(spec))
+    given = dict(zip(aliases, read(spec), strict=True))
     given.update(resolved)
     return cls(**given)
 
