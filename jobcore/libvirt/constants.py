@@ -6,6 +6,9 @@ libvirt-domain-checkpoint.h and libvirt-host.h."""
 from __future__ import annotations
 
 from jobcore.constants import *  # noqa: F403 (libvirt's job, block job and event numbers)
+from jobcore.constants import (  # made on first use: * finds it only once it was
+    LEGACY_DOMAIN_JOB_UUID as LEGACY_DOMAIN_JOB_UUID,
+)
 from jobcore.constants import (  # the names used below
     VIR_DOMAIN_EVENT_ID_BLOCK_JOB,
     VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
