@@ -772,6 +772,7 @@ class Engine:
                 await admitted.wait()
         rec.admitted = None
         if rec.state is not S.RUNNING:
+            self.scheduler.end_lead(rec.ticket)
             return False
         if self._dstore is not None:  # durability: 'running' on disk before the start
             with anyio.CancelScope(shield=True):
@@ -805,6 +806,8 @@ class Engine:
                     await event.wait()
         for rec in waiting:
             rec.admitted = None
+            if rec.state is S.QUEUED:
+                self.scheduler.end_lead(rec.ticket)
         held = {rec for rec in waiting if rec.state is S.RUNNING}
         if held and self._dstore is not None:  # durability: 'running' on disk before starts
             await self._dstore.sync(raise_errors=False)

@@ -285,10 +285,13 @@ class Ticket:
     #: the tickets admitted only together with this one (an all-or-nothing job group's,
     #: queued: design/scheduling.md "Job groups"); None for a job on its own
     together: tuple[Ticket, ...] | None = None
+    #: it preempts: until its victims let go it waits ahead of every waiter (admitting
+    #: others meanwhile ages none past it), as the verdict that let it preempt promised
+    leading: bool = False
 
     @property
-    def order(self) -> tuple[int, int]:
-        return (-(self.priority + self.boost), self.seq)
+    def order(self) -> tuple[int, int, int]:
+        return (0 if self.leading else 1, -(self.priority + self.boost), self.seq)
 
 
 class _Resource:
@@ -298,7 +301,7 @@ class _Resource:
         #: mode -> the tickets holding the resource in it (by identity, in admission order)
         self.holders: dict[Mode, dict[Ticket, None]] = {}
         #: (order, seq-unique ticket, mode), kept sorted: the FIFO queue of this resource
-        self.waiters: list[tuple[tuple[int, int], Ticket, Mode]] = []
+        self.waiters: list[tuple[tuple[int, int, int], Ticket, Mode]] = []
 
     def conflicting_holder(self, mode: Mode) -> tuple[uuid.UUID, Mode] | None:
         for other in CONFLICTS[mode]:
@@ -501,7 +504,17 @@ class Scheduler:
             refusing = [c for c in verdict.blockers if c.policy is Policy.REJECT]
             raise _conflict_error(ticket, refusing[0])
         else:
+            ticket.leading = verdict.decision is Decision.PREEMPT
             self._enqueue(ticket)
+
+    def end_lead(self, ticket: Ticket) -> None:
+        """A preemptor still waiting once its victims had their time: it waits in its
+        own place from now on."""
+        if not ticket.leading:
+            return
+        ticket.leading = False
+        if ticket.waiting:
+            self._resort(self._resources[c.resource] for c in ticket.claims)
 
     def try_admit(self, ticket: Ticket) -> None:
         """Admit now or raise JobConflict naming the holder and the resource."""
@@ -558,7 +571,11 @@ class Scheduler:
             for claim in waiter.claims:
                 res = self._resources[claim.resource]
                 touched[id(res)] = res
-        for res in touched.values():  # each queue sorted again once, in its new order
+        self._resort(touched.values())
+
+    @staticmethod
+    def _resort(touched: Iterable[_Resource]) -> None:
+        for res in touched:  # each queue sorted again once, in its new order
             res.waiters = sorted(
                 ((t.order, t, mode) for _, t, mode in res.waiters), key=lambda w: w[0]
             )
@@ -684,6 +701,7 @@ class Scheduler:
             group = tuple(tickets)
             for ticket in tickets:
                 ticket.together = group
+                ticket.leading = verdict.decision is Decision.PREEMPT
                 self._enqueue(ticket)
             return [False] * len(tickets)
         held = []
@@ -691,6 +709,7 @@ class Scheduler:
             if member.decision is Decision.ADMIT:
                 self._hold(ticket)
             else:
+                ticket.leading = member.decision is Decision.PREEMPT
                 self._enqueue(ticket)
             held.append(member.decision is Decision.ADMIT)
         return held
@@ -719,7 +738,7 @@ class Scheduler:
     def _dequeue(self, ticket: Ticket) -> None:
         for claim in ticket.claims:
             self._resources[claim.resource].remove_waiter(ticket)
-        ticket.waiting = False
+        ticket.waiting = ticket.leading = False
 
     def holders(self, resource: str) -> dict[Mode, list[uuid.UUID]]:
         res = self._resources.get(resource)

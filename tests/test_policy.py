@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import jobcore
@@ -296,6 +296,19 @@ async def _explain_then_begin(mix: list[tuple[str, int, str, bool, int]], kubevi
 
 @settings(max_examples=100, deadline=None)
 @given(mix=job_mix, kubevirt=st.booleans())
+@example(  # a preemptor's victim let go, the waiter admitted first aged a migration past it
+    mix=[
+        ("backup-vda", 0, "", True, 201),
+        ("backup-vda", 0, "<policy conflict='preempt' requeue='yes'/>", False, 619),
+        ("backup-vdb", 3, "<policy conflict='preempt'/>", True, 123),
+        ("commit-vda", 0, "<queue/><policy conflict='preempt'/>", False, 20),
+        ("commit-vda", 1, "<queue/><policy conflict='preempt'/>", False, 491),
+        ("migration", 1, "<policy conflict='queue'/>", False, 499),
+        ("backup-vda", 2, "<queue/>", False, 124),
+        ("backup-vda", 2, "<policy conflict='preempt'/>", False, 69),
+    ],
+    kubevirt=False,
+)
 def test_explain_decides_what_begin_then_does(
     mix: list[tuple[str, int, str, bool, int]], kubevirt: bool
 ) -> None:
