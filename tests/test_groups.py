@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_checkpoints import ready
 
 import jobcore
-from jobcore.api import Connection
+from jobcore.api import Connection, JobGroup
 from jobcore.errors import AccessDenied, JobConflict, NoSuchJob, XMLError
 from jobcore.groups import GROUP_STATE_TABLE, GroupState, Member, group_state, render_state_table
 from jobcore.lifecycle import JobState
@@ -442,16 +442,21 @@ async def test_a_push_member_waits_for_a_pull_member(tmp_path: Path, end: str) -
             assert await checkpoints(conn, "vm1") == [] and await checkpoints(conn, "vm2") == []
 
 
+async def _vm2_held(conn: Connection, tmp_path: Path) -> tuple[JobGroup, jobcore.Job]:
+    """An all-or-nothing group of two backups whose vm2 member is done, and held (vm1's
+    two disks are not done)."""
+    g = await conn.job_group_begin(
+        group(backup("vm1", f"{tmp_path}/1", "c1", vdb=True), backup("vm2", f"{tmp_path}/2", "c2"))
+    )
+    vm2 = (await g.jobs())[1]
+    advance(conn, 1.0)
+    await anyio.wait_all_tasks_blocked()
+    return g, vm2
+
+
 async def test_aborting_a_held_member_cancels_the_group(tmp_path: Path) -> None:
     async with sim("rate=1073741824&clock=manual") as conn:
-        g = await conn.job_group_begin(
-            group(
-                backup("vm1", f"{tmp_path}/1", "c1", vdb=True), backup("vm2", f"{tmp_path}/2", "c2")
-            )
-        )
-        vm2 = (await g.jobs())[1]
-        advance(conn, 1.0)  # vm2 is done, and held
-        await anyio.wait_all_tasks_blocked()
+        g, vm2 = await _vm2_held(conn, tmp_path)
         await vm2.abort()  # the driver is done with it: the group undoes it
         info = await g.wait(30)
         assert info["states"] == ["cancelled", "cancelled"], info
@@ -464,14 +469,7 @@ async def test_a_held_member_refuses_pause_and_speed_and_the_group_completes(
     """A held member is done in the driver: pause and set_speed say so (typed,
     naming the hold) instead of the driver's "not running", and change nothing."""
     async with sim("rate=1073741824&clock=manual") as conn:
-        g = await conn.job_group_begin(
-            group(
-                backup("vm1", f"{tmp_path}/1", "c1", vdb=True), backup("vm2", f"{tmp_path}/2", "c2")
-            )
-        )
-        vm2 = (await g.jobs())[1]
-        advance(conn, 1.0)  # vm2 is done, and held
-        await anyio.wait_all_tasks_blocked()
+        g, vm2 = await _vm2_held(conn, tmp_path)
         for verb in (vm2.pause, lambda: vm2.set_speed(1)):
             with pytest.raises(jobcore.OperationInvalid, match="its completion is held"):
                 await verb()

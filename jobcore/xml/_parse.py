@@ -93,6 +93,18 @@ def one_of(values: Iterable[str]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
 
+def attr_choice(el: etree._Element, key: bytes, allowed: Mapping[str, _V]) -> _V | None:
+    """Attribute ``key`` (bytes: lxml encodes a str key at every read) as one of
+    ``allowed``, as ``choice`` reads it; None when absent."""
+    value = el.get(key)
+    if value is None:
+        return None
+    found = allowed.get(value)
+    if found is None:
+        return choice(el, key.decode(), value, allowed)  # raises
+    return found
+
+
 def choice(
     el: etree._Element, attr: str, value: str | None, allowed: Mapping[str, _V]
 ) -> _V | None:

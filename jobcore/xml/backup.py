@@ -32,7 +32,7 @@ from jobcore.backup import (
 from jobcore.errors import InvalidArgument, XMLError
 from jobcore.spec import evolved
 from jobcore.xml import _types as T
-from jobcore.xml._parse import choice, fail, once, repeated, trusted
+from jobcore.xml._parse import attr_choice, fail, once, repeated, trusted
 from jobcore.xml._types import abs_path, disk_dev, host_name
 
 _YES_NO = {"yes": True, "no": False}
@@ -56,12 +56,7 @@ def _text(el: etree._Element) -> str | None:
 def parse_backup_element(el: etree._Element) -> BackupDef:
     """A schema-valid ``<domainbackup>`` element -> BackupDef, with libvirt's semantic
     checks (which the schema cannot express) reported at the offending element."""
-    value = el.get(b"mode")
-    mode = None
-    if value is not None:
-        mode = _MODES.get(value)
-        if mode is None:
-            choice(el, "mode", value, _MODES)  # raises
+    mode = attr_choice(el, b"mode", _MODES)
     pull = mode is BackupMode.PULL
     incremental: str | None = None
     server: BackupServer | None = None
@@ -135,12 +130,7 @@ _NEEDS = {
 
 def _parse_server(el: etree._Element) -> BackupServer:
     get = el.get
-    value = get(b"transport")
-    transport = None
-    if value is not None:
-        transport = _TRANSPORTS.get(value)
-        if transport is None:
-            choice(el, "transport", value, _TRANSPORTS)  # raises
+    transport = attr_choice(el, b"transport", _TRANSPORTS)
     kind = transport or ServerTransport.TCP
     needs = _NEEDS[kind]
     name = get(b"name")
@@ -169,12 +159,7 @@ def _parse_server(el: etree._Element) -> BackupServer:
         port = int(port_attr)
         if not 0 < port < 65536:
             fail(el, f"port {port} is out of range 1..65535", "port")
-    value = get(b"tls")
-    tls = None
-    if value is not None:
-        tls = _YES_NO.get(value)
-        if tls is None:
-            choice(el, "tls", value, _YES_NO)  # raises
+    tls = attr_choice(el, b"tls", _YES_NO)
     if name is not None and host_name(name) is None:
         T.check(el, "name", name, "hostName")
     if socket is not None and abs_path(socket) is None:
@@ -206,32 +191,17 @@ def _parse_disk(el: etree._Element, pull: bool) -> BackupDisk:
     name = get(b"name", "")
     if disk_dev(name) is None:
         T.check(el, "name", name, "diskTargetDev")
-    value = get(b"backup")
-    included = None
-    if value is not None:
-        included = _YES_NO.get(value)
-        if included is None:
-            choice(el, "backup", value, _YES_NO)  # raises
-        if included is False:  # libvirt ignores every other setting of an excluded disk
-            return _new_disk(name, False, None, None, None, None, None, None, None, None)
+    included = attr_choice(el, b"backup", _YES_NO)
+    if included is False:  # libvirt ignores every other setting of an excluded disk
+        return _new_disk(name, False, None, None, None, None, None, None, None, None)
     exportname = get(b"exportname")
     exportbitmap = get(b"exportbitmap")
     if not pull:
         for attr, written in (("exportname", exportname), ("exportbitmap", exportbitmap)):
             if written is not None:
                 fail(el, "only a pull mode backup exports disks", attr)
-    value = get(b"type")
-    store_type = None
-    if value is not None:
-        store_type = _STORE_TYPES.get(value)
-        if store_type is None:
-            choice(el, "type", value, _STORE_TYPES)  # raises
-    value = get(b"backupmode")
-    backupmode = None
-    if value is not None:
-        backupmode = _DISK_MODES.get(value)
-        if backupmode is None:
-            choice(el, "backupmode", value, _DISK_MODES)  # raises
+    store_type = attr_choice(el, b"type", _STORE_TYPES)
+    backupmode = attr_choice(el, b"backupmode", _DISK_MODES)
     incremental = get(b"incremental")
     if incremental is not None:
         if not incremental:

@@ -12,7 +12,14 @@ from lxml import etree
 
 from jobcore.backup import CheckpointDef, CheckpointDisk, CheckpointKind
 from jobcore.xml import _types as T
-from jobcore.xml._parse import check_depth, choice, fail, parse_document, repeated, trusted
+from jobcore.xml._parse import (
+    attr_choice,
+    check_depth,
+    fail,
+    parse_document,
+    repeated,
+    trusted,
+)
 from jobcore.xml._types import abs_path, checkpoint_name, disk_dev
 from jobcore.xml._write import serialize
 
@@ -75,12 +82,7 @@ def _parse_disks(el: etree._Element) -> tuple[CheckpointDisk, ...]:
 
 def _parse_disk(el: etree._Element) -> CheckpointDisk:
     get = el.get
-    value = get(b"checkpoint")
-    kind = None
-    if value is not None:
-        kind = _KINDS.get(value)
-        if kind is None:
-            choice(el, "checkpoint", value, _KINDS)  # raises
+    kind = attr_choice(el, b"checkpoint", _KINDS)
     bitmap = get(b"bitmap")
     size = get(b"size")
     if kind is _NO:
