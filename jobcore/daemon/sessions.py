@@ -167,7 +167,8 @@ class _BusyPollGate:
         return now < self._shared_until
 
     def open(self, now: float) -> bool:
-        return now >= self._shared_until and not _others_ready()
+        """A read loop may poll at ``now``: one client busy, no other task ready."""
+        return not self.shared(now) and not _others_ready()
 
 
 def _others_ready() -> bool:
